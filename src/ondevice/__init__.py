@@ -1,0 +1,41 @@
+"""ondevice: fit language models to the device in hand.
+
+    >>> import ondevice
+    >>> model = ondevice.load()                       # the embedded SmolLM2-135M-Instruct
+    >>> for g in model.stream("Hello!", temp=0): print(g.text, end="")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine import Generation, Model, Result, Sampling, load
+from .errors import OndeviceError
+
+
+def generate(prompt, model: str | None = None, **kw) -> Result:
+    """One-shot: load ``model`` (default model if None) and generate."""
+    return load(model).generate(prompt, **kw)
+
+
+def stream(prompt, model: str | None = None, **kw):
+    """One-shot streaming with a freshly loaded model."""
+    yield from load(model).stream(prompt, **kw)
+
+
+def bench(*args, **kw):
+    """Run benchmark configurations and return their records (see :func:`ondevice.bench.api.bench`)."""
+    from .bench.api import bench as _bench
+
+    return _bench(*args, **kw)
+
+
+def evaluate(*args, **kw):
+    """Perplexity / KLD / task suites (see :func:`ondevice.eval.api.evaluate`)."""
+    from .eval.api import evaluate as _evaluate
+
+    return _evaluate(*args, **kw)
+
+
+__all__ = ["Generation", "Model", "OndeviceError", "Result", "Sampling", "bench", "evaluate", "generate",
+           "load", "stream", "__version__"]

@@ -1,0 +1,66 @@
+"""The ``ondevice`` command: dispatch only. Each verb lives in its capability's package.
+
+A verb module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when
+its verb is used, so ``ondevice --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import OndeviceError
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "run": ("ondevice.engine.cli_run", "generate from a prompt and print timings"),
+    "chat": ("ondevice.engine.cli_chat", "interactive multi-turn chat"),
+    "models": ("ondevice.models.cli", "list embedded, stored and local models"),
+    "pull": ("ondevice.models.cli_pull", "download a GGUF (hf://owner/repo/file.gguf or https://...)"),
+    "bench": ("ondevice.bench.cli", "measure speed, memory, energy and %% of roofline"),
+    "report": ("ondevice.report.cli", "tables, exports, HTML report and comparisons of stored runs"),
+    "quantize": ("ondevice.quant.cli", "make a quantized variant of a model"),
+    "eval": ("ondevice.eval.cli", "perplexity, KL divergence and task suites"),
+    "serve": ("ondevice.serve.cli", "OpenAI-compatible local server"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ondevice", description="Fit language models to the device in hand.")
+    parser.add_argument("--version", action="version", version=f"ondevice {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_) in VERBS.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == verb:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    verb = verb if verb in VERBS else None
+    parser = build_parser(verb)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(VERBS[args.verb][0])
+    try:
+        return int(module.run(args) or 0)
+    except OndeviceError as e:
+        print(f"ondevice {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Flags shared by the verbs that generate (run, chat, eval, bench): one declaration each."""
+
+from __future__ import annotations
+
+import argparse
+
+from .records import Sampling
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
+    p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    d = Sampling()
+    p.add_argument("--temp", type=float, default=d.temp, help="temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--min-p", type=float, default=d.min_p)
+    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed; default: random")
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+
+
+def sampling_from(args: argparse.Namespace, **over) -> Sampling:
+    kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+              repeat_penalty=args.repeat_penalty, max_tokens=args.max_tokens)
+    if args.seed is not None:
+        kw["seed"] = args.seed
+    kw.update(over)
+    return Sampling(**kw)
+
+
+def load_from(args: argparse.Namespace, **config):
+    """Load the model named by the flags, validating them first (errors name the flag)."""
+    from ..errors import InvalidArgument
+    from .model import load
+
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgument(f"--threads {args.threads} must be >= 1")
+    if args.ctx < 0:
+        raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
+    return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

@@ -1,0 +1,67 @@
+"""``ondevice run``: stream a completion to stdout, timings to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .args import add_model_args, add_sampling_args, load_from, sampling_from
+from .model import peak_rss_bytes
+from .records import Generation
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or nothing reads stdin")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
+    p.add_argument("--timings", choices=["text", "json", "none"], default="text",
+                   help="timings on stderr: a line, the last record as JSON, or nothing")
+
+
+def read_prompt(arg: str | None) -> str:
+    from ..errors import InvalidArgument
+
+    if arg is None or arg == "-":
+        if sys.stdin.isatty():
+            raise InvalidArgument("no prompt: give one as an argument or pipe it on stdin")
+        arg = sys.stdin.read()
+    if not arg.strip():
+        raise InvalidArgument("the prompt is empty; give some text")
+    return arg
+
+
+def format_timings(last: Generation | None, peak_rss: int, load_time: float | None = None) -> str:
+    if last is None:
+        return "no tokens generated"
+    parts = [f"prompt {last.prompt_tokens} tok"]
+    if last.cached_tokens:
+        parts.append(f"{last.cached_tokens} cached")
+    parts += [f"TTFT {last.ttft * 1000:.0f} ms", f"prompt {last.prompt_tps:.1f} tok/s",
+              f"decode {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s",
+              f"peak RSS {peak_rss / 2**20:.0f} MiB"]
+    if load_time is not None:
+        parts.insert(0, f"load {load_time * 1000:.0f} ms")
+    return " | ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = sampling_from(args, ignore_eos=args.ignore_eos)  # validate flags before the model loads
+    prompt = read_prompt(args.prompt)
+    model = load_from(args)
+    last = None
+    out = sys.stdout
+    for g in model.stream(prompt, sampling=sampling, chat_template=False if args.raw else None):
+        out.write(g.text)
+        out.flush()
+        last = g
+    out.write("\n")
+    if args.timings == "text":
+        print(format_timings(last, peak_rss_bytes(), model.engine.load_time), file=sys.stderr)
+    elif args.timings == "json":
+        rec = dict(last.to_dict() if last else {}, load_time=model.engine.load_time, peak_rss_bytes=peak_rss_bytes())
+        rec.pop("text", None)
+        print(json.dumps(rec), file=sys.stderr)
+    return 0

@@ -1,0 +1,367 @@
+"""llama.cpp backend over llama-cpp-python's low-level ctypes API.
+
+The high-level ``llama_cpp.Llama`` class adds Python work per token (numpy copies of the whole logits
+row, Python-side sampling); here each step is one ``llama_decode`` plus llama.cpp's native sampler
+chain, so the per-token Python cost is a few ctypes calls.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ContextOverflow, InvalidArgument, OndeviceError
+from .base import Engine, EngineConfig
+from .records import Generation, Sampling
+
+_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+_init_lock = threading.Lock()
+_backend_ready = False
+
+
+def _lib():
+    """Import llama_cpp once, initialise the backend and silence its logs unless ONDEVICE_VERBOSE=1."""
+    global _backend_ready
+    import llama_cpp
+
+    with _init_lock:
+        if not _backend_ready:
+            from llama_cpp import _logger
+
+            _logger.set_verbose(os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (llama.cpp's default thread count)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil missing or unable to tell
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))
+
+
+def build_info() -> str:
+    """llama-cpp-python version and llama.cpp's system info line."""
+    ll = _lib()
+    info = ll.llama_print_system_info().decode(errors="replace").strip()
+    return f"llama-cpp-python {ll.__version__}; {info}"
+
+
+class LlamaEngine(Engine):
+    """One model and one context; up to ``config.n_seq_max`` sequences share the KV cache."""
+
+    def __init__(self, path: str | Path, config: EngineConfig | None = None):
+        self.ll = ll = _lib()
+        self.config = cfg = config or EngineConfig()
+        self.path = Path(path)
+        for name, v in (("type_k", cfg.type_k), ("type_v", cfg.type_v)):
+            if v not in _KV_TYPES:
+                raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
+                                      f"{', '.join(_KV_TYPES)}")
+        mparams = ll.llama_model_default_params()
+        mparams.use_mmap = cfg.use_mmap
+        mparams.n_gpu_layers = 0
+        t0 = time.perf_counter()
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise OndeviceError(f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
+        n_ctx = cfg.n_ctx or min(self.n_ctx_train, 4096)
+        if n_ctx < 16:
+            raise InvalidArgument(f"--ctx {cfg.n_ctx} is too small; use at least 16")
+        threads = cfg.n_threads or physical_cores()
+        if threads < 1:
+            raise InvalidArgument(f"--threads {threads} must be >= 1")
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
+        cparams.n_ubatch = min(cfg.n_ubatch, cparams.n_batch)
+        cparams.n_seq_max = cfg.n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = cfg.n_threads_batch or threads
+        cparams.type_k = _KV_TYPES[cfg.type_k]
+        cparams.type_v = _KV_TYPES[cfg.type_v]
+        cparams.flash_attn_type = 1 if cfg.flash_attn else 0
+        cparams.embeddings = cfg.embeddings
+        cparams.no_perf = True
+        if cfg.n_seq_max > 1:
+            cparams.kv_unified = True  # all slots share one cache of n_ctx cells
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise OndeviceError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller --ctx")
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_batch = cparams.n_batch
+        self.n_threads = threads
+        self.mem = ll.llama_get_memory(self.ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, max(1, cfg.n_seq_max))
+        self._n_past: dict[int, int] = {}
+        self._n_rows = 0  # logits rows produced by the last decode
+        self.eos_tokens = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t))
+        self._piece_buf = ctypes.create_string_buffer(256)
+        if cfg.warmup and not cfg.embeddings:
+            bos = ll.llama_vocab_bos(self.vocab)
+            self.decode(bos if bos >= 0 else 0)
+            self.reset()
+        self.load_time = time.perf_counter() - t0
+
+    # -- text <-> tokens -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self.ll.llama_token * n_max)()
+        n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (self.ll.llama_token * n_max)()
+            n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        n = self.ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    @property
+    def bos_token(self) -> int:
+        return self.ll.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos_token(self) -> int:
+        return self.ll.llama_vocab_eos(self.vocab)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.ll.llama_vocab_get_add_bos(self.vocab))
+
+    def chat_template(self) -> str | None:
+        raw = self.ll.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = self.ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    # -- the KV cache --------------------------------------------------------------------------
+    def decode_batch(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` over ``(token, pos, seq, want_logits)`` items (at most ``n_batch``).
+
+        Rows with ``want_logits`` are numbered in order; read them with :meth:`logits`.
+        """
+        b = self._batch
+        n = len(items)
+        if n > self.n_batch:
+            raise ValueError(f"batch of {n} exceeds n_batch={self.n_batch}")
+        n_rows = 0
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+            n_rows += bool(want)
+        b.n_tokens = n
+        rc = self.ll.llama_decode(self.ctx, b)
+        if rc == 1:
+            raise ContextOverflow(max(self._n_past.values(), default=0) + n, self.n_ctx, "KV cache content")
+        if rc != 0:
+            raise OndeviceError(f"llama_decode failed with code {rc}")
+        self._n_rows = n_rows
+
+    def prefill(self, tokens: Sequence[int], seq: int = 0, logits_all: bool = False) -> None:
+        pos = self._n_past.get(seq, 0)
+        if pos + len(tokens) > self.n_ctx:
+            raise ContextOverflow(pos + len(tokens), self.n_ctx)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            self.decode_batch([(t, pos + start + j, seq, logits_all or (last and j == len(chunk) - 1))
+                               for j, t in enumerate(chunk)])
+        self._n_past[seq] = pos + len(tokens)
+
+    def decode(self, token: int, seq: int = 0) -> None:
+        pos = self._n_past.get(seq, 0)
+        if pos >= self.n_ctx:
+            raise ContextOverflow(pos + 1, self.n_ctx, "conversation")
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = token, pos, 1, 1
+        b.seq_id[0][0] = seq
+        b.n_tokens = 1
+        rc = self.ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise OndeviceError(f"llama_decode failed with code {rc} at position {pos}")
+        self._n_rows = 1
+        self._n_past[seq] = pos + 1
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise IndexError(f"no logits for row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def all_logits(self) -> np.ndarray:
+        """Every logits row of the last decode, ``(n_rows, n_vocab)`` float32 (a copy)."""
+        ptr = self.ll.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_rows, self.n_vocab)).copy()
+
+    def n_past(self, seq: int = 0) -> int:
+        return self._n_past.get(seq, 0)
+
+    def truncate(self, n: int, seq: int = 0) -> None:
+        if n < self._n_past.get(seq, 0):
+            self.ll.llama_memory_seq_rm(self.mem, seq, n, -1)
+            self._n_past[seq] = n
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Share the KV of ``src`` with ``dst`` (prefix cache between slots)."""
+        self.ll.llama_memory_seq_rm(self.mem, dst, 0, -1)
+        self.ll.llama_memory_seq_cp(self.mem, src, dst, 0, -1)
+        self._n_past[dst] = self._n_past.get(src, 0)
+
+    def reset(self) -> None:
+        self.ll.llama_memory_clear(self.mem, True)
+        self._n_past.clear()
+
+    def save_state(self, seq: int = 0) -> bytes:
+        """The KV of ``seq`` as bytes (8-byte position header + llama.cpp's sequence state)."""
+        size = self.ll.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = self.ll.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return struct.pack("<q", self._n_past.get(seq, 0)) + bytes(buf[:n])
+
+    def load_state(self, state: bytes, seq: int = 0) -> None:
+        (n_past,) = struct.unpack_from("<q", state)
+        data = state[8:]
+        self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self.ll.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
+            raise OndeviceError("the saved KV state does not fit this model/context")
+        self._n_past[seq] = n_past
+
+    # -- sampling ------------------------------------------------------------------------------
+    def make_sampler(self, sampling: Sampling) -> Sampler:
+        return Sampler(self, sampling)
+
+    def sample(self, sampler: object, i: int = -1) -> int:
+        assert isinstance(sampler, Sampler)
+        return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token
+
+    def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:
+        """Prefill ``tokens`` after what ``seq`` already holds, then decode; one record per token.
+
+        The last record has ``finish_reason``: "length" on the max_tokens-th token, or, when an
+        end-of-generation token is sampled, an extra record with ``token=-1`` and "stop".
+        """
+        t0 = time.perf_counter()
+        n_prompt = len(tokens)
+        if self.n_past(seq) + n_prompt > self.n_ctx:
+            raise ContextOverflow(self.n_past(seq) + n_prompt, self.n_ctx)
+        sampler = self.make_sampler(sampling)
+        try:
+            if n_prompt:
+                self.prefill(tokens, seq)
+            t_prompt = time.perf_counter() - t0
+            if sampling.max_tokens == 0:
+                return
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            ttft = 0.0
+            n = 0
+            while True:
+                tok = self.sample(sampler)
+                t = time.perf_counter() - t0
+                if n == 0:
+                    ttft = t
+                stop = tok in self.eos_tokens and not sampling.ignore_eos
+                if stop:
+                    text, finish = utf8.decode(b"", final=True), "stop"
+                    tok_out = -1
+                else:
+                    n += 1
+                    text = utf8.decode(self.token_bytes(tok))
+                    full = self.n_past(seq) + 1 >= self.n_ctx
+                    finish = "length" if (n >= sampling.max_tokens or full) else None
+                    tok_out = tok
+                tps = (n - 1) / (t - ttft) if n > 1 and t > ttft else 0.0
+                yield Generation(text=text, token=tok_out, index=n - 1 if not stop else n, t=t, ttft=ttft,
+                                 prompt_tokens=n_prompt, prompt_time=t_prompt,
+                                 prompt_tps=n_prompt / t_prompt if t_prompt > 0 else 0.0,
+                                 generation_tokens=n, generation_tps=tps, finish_reason=finish)
+                if finish:
+                    return
+                self.decode(tok, seq)
+        finally:
+            sampler.close()
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.ll.llama_batch_free(self._batch)
+            self.ll.llama_free(self.ctx)
+            self.ll.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Sampler:
+    """llama.cpp's native sampler chain built from :class:`Sampling`."""
+
+    def __init__(self, engine: LlamaEngine, s: Sampling):
+        ll = self.ll = engine.ll
+        self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)  # noqa: E731 — chain owns each sampler
+        if s.grammar:
+            g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
+            if not g:
+                ll.llama_sampler_free(self.ptr)
+                raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
+            add(g)
+        if s.repeat_penalty != 1.0:
+            add(ll.llama_sampler_init_penalties(engine.n_vocab, 64, s.repeat_penalty, 0.0, 0.0))
+        if s.temp == 0:
+            add(ll.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                add(ll.llama_sampler_init_top_k(s.top_k))
+            add(ll.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0:
+                add(ll.llama_sampler_init_min_p(s.min_p, 1))
+            add(ll.llama_sampler_init_temp(s.temp))
+            add(ll.llama_sampler_init_dist(s.seed))
+
+    def close(self) -> None:
+        if self.ptr:
+            self.ll.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""The typed records every verb consumes (modelled on mlx-lm's ``GenerationResponse``).
+
+Streaming yields one :class:`Generation` per token; it carries its own timings so the CLI, bench,
+eval and server need nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from ..errors import InvalidArgument
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One generated token and the timings of the stream so far.
+
+    Times are seconds from the start of the call (``stream()`` entry), measured with
+    ``time.perf_counter``. ``finish_reason`` is ``None`` except on the last record.
+    """
+
+    text: str  # the text this token adds (may be "" while a UTF-8 sequence is incomplete)
+    token: int  # token id; -1 on a final record that carries no token
+    index: int  # 0-based position among generated tokens
+    t: float  # seconds since start when this token was ready
+    ttft: float  # seconds from start to the first generated token
+    prompt_tokens: int
+    prompt_time: float  # seconds spent in prefill (tokenize excluded)
+    prompt_tps: float  # prompt tokens / prompt_time
+    generation_tokens: int  # tokens generated so far, this one included
+    generation_tps: float  # decode tokens/s so far: (generation_tokens - 1) / (t - ttft)
+    finish_reason: FinishReason | None = None
+    logprob: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What ``generate`` returns: the whole text and the timings of its last record."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    last: Generation | None  # None when nothing was generated (max_tokens=0)
+    peak_rss_bytes: int = 0
+
+    @property
+    def timings(self) -> dict:
+        if self.last is None:
+            return {}
+        d = self.last.to_dict()
+        for k in ("text", "token", "index", "logprob"):
+            d.pop(k)
+        d["peak_rss_bytes"] = self.peak_rss_bytes
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling settings; ``temp == 0`` is greedy. Validated on construction."""
+
+    temp: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+    max_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: str | None = None  # GBNF text, enforced by llama.cpp's grammar sampler
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be >= 0 (0 = greedy)"),
+            ("top-p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top-k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repeat-penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),
+            ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1]"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                value = getattr(self, name.replace("-", "_"))
+                raise InvalidArgument(f"--{name} {value!r} {why}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))

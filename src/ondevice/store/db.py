@@ -1,0 +1,119 @@
+"""One SQLite file for bench and eval records, so that speed and quality join on the model variant.
+
+A record is a JSON object; the columns next to it are what we filter and join on. WAL mode, one
+transaction per record: a process killed mid-sweep loses at most the record in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,              -- 'bench' | 'eval'
+    session     TEXT NOT NULL,              -- one sweep / one eval invocation
+    config_key  TEXT NOT NULL,              -- stable hash of the configuration (resume skips it)
+    model       TEXT NOT NULL,              -- the name the user gave
+    model_sha256 TEXT NOT NULL,             -- the variant: joins speed and quality
+    test        TEXT NOT NULL,              -- 'pp512', 'tg128', 'ppl:lee', 'suite:assistant-en', ...
+    status      TEXT NOT NULL,              -- 'ok' | 'oom' | 'error'
+    created     REAL NOT NULL,
+    record      TEXT NOT NULL               -- the full record, JSON
+);
+CREATE INDEX IF NOT EXISTS records_key ON records(kind, config_key);
+CREATE INDEX IF NOT EXISTS records_model ON records(model_sha256);
+CREATE INDEX IF NOT EXISTS records_session ON records(session);
+"""
+
+
+def default_path() -> Path:
+    from ..models.store import data_dir
+
+    return data_dir() / "ondevice.sqlite"
+
+
+class Store:
+    """The records file. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def add(self, kind: str, record: dict, *, session: str, config_key: str, model: str, model_sha256: str,
+            test: str, status: str = "ok") -> int:
+        """Write one record (committed before returning)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO records(kind, session, config_key, model, model_sha256, test, status, created, record)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (kind, session, config_key, model, model_sha256, test, status, time.time(),
+                 json.dumps(record, sort_keys=True, default=str)))
+            return int(cur.lastrowid)
+
+    def done_keys(self, kind: str, session: str | None = None) -> set[str]:
+        """Configuration keys already recorded (any status), for ``--resume``."""
+        q, args = "SELECT config_key FROM records WHERE kind=?", [kind]
+        if session:
+            q += " AND session=?"
+            args.append(session)
+        return {r[0] for r in self.db.execute(q, args)}
+
+    def sessions(self, kind: str | None = None) -> list[tuple[str, float, int]]:
+        """(session, first created, number of records), newest first."""
+        q = "SELECT session, MIN(created), COUNT(*) FROM records"
+        args: list = []
+        if kind:
+            q += " WHERE kind=?"
+            args.append(kind)
+        q += " GROUP BY session ORDER BY MIN(created) DESC"
+        return [(s, c, n) for s, c, n in self.db.execute(q, args)]
+
+    def records(self, kind: str | None = None, session: str | None = None,
+                model_sha256: str | None = None) -> list[dict]:
+        """Records as dicts (the JSON record plus ``_id``, ``_session``, ``_status``, ``_created``)."""
+        q = "SELECT id, session, status, created, record FROM records WHERE 1=1"
+        args: list = []
+        for col, val in (("kind", kind), ("session", session), ("model_sha256", model_sha256)):
+            if val is not None:
+                q += f" AND {col}=?"
+                args.append(val)
+        q += " ORDER BY id"
+        out = []
+        for rid, sess, status, created, rec in self.db.execute(q, args):
+            d = json.loads(rec)
+            d.update(_id=rid, _session=sess, _status=status, _created=created)
+            out.append(d)
+        return out
+
+    def add_many(self, kind: str, rows: Iterable[tuple[dict, dict]]) -> None:
+        for record, cols in rows:
+            self.add(kind, record, **cols)

@@ -1,0 +1,144 @@
+"""The engine and Model on the real embedded SmolLM2 (llama.cpp backend)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from ondevice import Sampling
+from ondevice.errors import ContextOverflow, InvalidArgument
+
+GREEDY = dict(temp=0, max_tokens=24)
+
+
+def test_greedy_is_deterministic_across_runs(smol):
+    a = smol.generate("List three fruits.", **GREEDY)
+    smol.reset()
+    b = smol.generate("List three fruits.", **GREEDY)
+    assert a.tokens == b.tokens and a.text == b.text
+    assert len(a.tokens) > 0 and a.text.strip()
+
+
+def test_stream_records_are_consistent(smol):
+    smol.reset()
+    recs = list(smol.stream("Count from one to ten in words.", temp=0, max_tokens=16))
+    tokens = [g for g in recs if g.token >= 0]
+    assert [g.index for g in tokens] == list(range(len(tokens)))
+    assert [g.generation_tokens for g in tokens] == list(range(1, len(tokens) + 1))
+    times = [g.t for g in recs]
+    assert times == sorted(times)
+    assert all(g.ttft == recs[0].ttft and g.ttft <= g.t for g in recs)
+    assert all(g.finish_reason is None for g in recs[:-1])
+    assert recs[-1].finish_reason in ("stop", "length")
+    if recs[-1].finish_reason == "length":
+        assert len(tokens) == 16
+    assert all(g.prompt_tokens == recs[0].prompt_tokens > 5 for g in recs)
+    assert recs[-1].prompt_tps > 0 and recs[-1].generation_tps > 0
+    # the record's text is exactly the detokenized stream
+    assert "".join(g.text for g in recs) == smol.engine.detokenize([g.token for g in tokens])
+
+
+def test_chat_template_rendering_matches_chatml(smol):
+    text, add_special = smol.render([{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert add_special is False
+    # no system message: SmolLM2's template inserts its default one
+    text, _ = smol.render("Hi")
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    raw, add_special = smol.render("Hi", chat_template=False)
+    assert raw == "Hi" and add_special is True
+
+
+def test_kv_save_restore_reproduces_continuation(smol):
+    eng = smol.engine
+    smol.reset()
+    prompt = eng.tokenize("The quick brown fox jumps over the lazy dog. Then the fox", add_special=True)
+    eng.prefill(prompt)
+    state = eng.save_state()
+    first = [g.token for g in eng.stream_tokens([], Sampling(temp=0, max_tokens=12))]
+    eng.reset()
+    eng.prefill(eng.tokenize("Something unrelated entirely.", add_special=True))  # dirty the cache
+    eng.reset()
+    eng.load_state(state)
+    assert eng.n_past() == len(prompt)
+    # logits are not part of the state: drop the last position and recompute it from the restored KV
+    eng.truncate(len(prompt) - 1)
+    second = [g.token for g in eng.stream_tokens([prompt[-1]], Sampling(temp=0, max_tokens=12))]
+    assert first == second
+    smol.reset()
+
+
+def test_prefix_reuse_gives_the_same_answer(smol):
+    smol.reset()
+    msgs = [{"role": "user", "content": "What colour is the sky on a clear day?"}]
+    cold = list(smol.stream(msgs, temp=0, max_tokens=12))
+    warm = list(smol.stream(msgs, temp=0, max_tokens=12))
+    assert [g.token for g in cold] == [g.token for g in warm]
+    assert cold[0].cached_tokens == 0
+    assert warm[0].cached_tokens == warm[0].prompt_tokens - 1
+
+
+def test_raw_logits_are_finite_and_match_greedy(smol):
+    smol.reset()
+    eng = smol.engine
+    toks = eng.tokenize("Paris is the capital of", add_special=True)
+    eng.prefill(toks)
+    logits = eng.logits()
+    assert logits.shape == (eng.n_vocab,) and np.isfinite(logits).all()
+    g = next(iter(eng.stream_tokens([], Sampling(temp=0, max_tokens=1))))
+    assert g.token == int(np.argmax(logits))
+    smol.reset()
+
+
+def test_prompt_longer_than_context_is_a_clear_error(smol):
+    smol.reset()
+    long = "word " * 2000
+    with pytest.raises(ContextOverflow) as e:
+        smol.generate(long, chat_template=False, max_tokens=4)
+    msg = str(e.value)
+    assert "1024" in msg and str(e.value.n_prompt) in msg and e.value.n_prompt > 1024
+
+
+def test_stop_strings_are_cut(smol):
+    smol.reset()
+    full = smol.generate("Count: one, two, three, four, five, six", chat_template=False, temp=0, max_tokens=20).text
+    assert "," in full
+    cut = smol.generate("Count: one, two, three, four, five, six", chat_template=False, temp=0, max_tokens=20,
+                        stop=[","])
+    assert cut.finish_reason == "stop" and "," not in cut.text
+    assert full.startswith(cut.text)
+
+
+@pytest.mark.parametrize("kw, flag", [(dict(temp=-1), "--temp"), (dict(top_p=0), "--top-p"),
+                                      (dict(top_k=-3), "--top-k"), (dict(max_tokens=-1), "--max-tokens")])
+def test_invalid_sampling_names_the_flag(kw, flag):
+    with pytest.raises(InvalidArgument, match=flag):
+        Sampling(**kw)
+
+
+def test_seeded_sampling_is_reproducible(smol):
+    a = smol.generate("Tell me a word.", temp=1.0, seed=42, max_tokens=12)
+    b = smol.generate("Tell me a word.", temp=1.0, seed=42, max_tokens=12)
+    assert a.tokens == b.tokens
+
+
+def test_base_model_chat_warns_and_falls_back():
+    import ondevice
+    from ondevice.engine.model import BaseModelWarning
+
+    try:
+        model = ondevice.load("gemma3-270m", n_ctx=256, n_threads=2)
+    except ondevice.OndeviceError as e:
+        pytest.skip(f"gemma3-270m not installed: {e}")  # the [models] extra is installed by `make test`
+    assert not model.is_chat
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = model.generate([{"role": "user", "content": "Hello"}], temp=0, max_tokens=4)
+    assert any(issubclass(x.category, BaseModelWarning) for x in w)
+    assert r.last is not None
+    model.close()

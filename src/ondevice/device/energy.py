@@ -1,0 +1,146 @@
+"""Energy meters: RAPL counters when the kernel exposes them, else an estimate that says it is one.
+
+``method="rapl"`` reads ``/sys/class/powercap/intel-rapl:N/energy_uj`` (also used by AMD's RAPL driver) for
+each top-level package domain; subdomains (``intel-rapl:N:M``, core/uncore/dram) are inside the package
+figure, so they are not added. It is a *measurement* of the whole package, including other processes.
+
+``method="estimated"`` is ``CPU seconds × watts per busy core``: CPU seconds are this process's user+system
+time plus that of children it has waited for (``resource.getrusage``), so a child run by a bench must be
+reaped inside the ``with`` block. The watts per core come from, in order: the ``watts_per_core`` argument
+(the device profile), ``ONDEVICE_CPU_WATTS_PER_CORE``, then ``DEFAULT_WATTS_PER_CORE``. It ignores idle,
+uncore and DRAM power, so it is a rough, labelled figure, never reported as measured.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import InvalidArgument, OndeviceError
+
+# A server core under full load: e.g. a 64-core 280 W EPYC 7763 gives ~4.4 W/core, a 16-core 125 W desktop
+# part ~7.8 W/core, a phone big core 1-3 W. 5 W sits in the middle of the x86 figures; override it for
+# other hardware with the env var or the profile.
+DEFAULT_WATTS_PER_CORE = 5.0
+WATTS_ENV = "ONDEVICE_CPU_WATTS_PER_CORE"
+POWERCAP = Path("/sys/class/powercap")
+
+
+@dataclass(frozen=True, slots=True)
+class _RaplDomain:
+    name: str
+    energy_path: Path
+    max_range_uj: int
+
+
+def rapl_domains(root: Path = POWERCAP) -> list[_RaplDomain]:
+    """Readable top-level RAPL package domains (empty when there are none or they are root-only)."""
+    out = []
+    for d in sorted(root.glob("intel-rapl:*")):
+        if d.name.count(":") != 1:  # intel-rapl:0:1 is a subdomain, already inside intel-rapl:0
+            continue
+        energy = d / "energy_uj"
+        try:
+            int(energy.read_text())
+            max_range = int((d / "max_energy_range_uj").read_text())
+            name = (d / "name").read_text().strip() if (d / "name").exists() else d.name
+        except (OSError, ValueError):
+            continue  # unreadable (kernels since 5.10 make energy_uj root-only) or malformed
+        out.append(_RaplDomain(name=f"{d.name}/{name}", energy_path=energy, max_range_uj=max_range))
+    return out
+
+
+def counter_delta(start: int, end: int, max_range: int) -> int:
+    """Counter increase from ``start`` to ``end`` allowing one wrap at ``max_range`` (undetectable beyond)."""
+    return end - start if end >= start else end + max_range - start
+
+
+def resolve_watts_per_core(watts_per_core: float | None = None) -> float:
+    """Watts per busy core: the argument, else ``ONDEVICE_CPU_WATTS_PER_CORE``, else the default."""
+    if watts_per_core is not None:
+        value, source = watts_per_core, "argument"
+    elif os.environ.get(WATTS_ENV):
+        try:
+            value, source = float(os.environ[WATTS_ENV]), WATTS_ENV
+        except ValueError:
+            raise InvalidArgument(
+                f"{WATTS_ENV}={os.environ[WATTS_ENV]!r} is not a number; set it to watts per busy core, e.g. 5"
+            ) from None
+    else:
+        return DEFAULT_WATTS_PER_CORE
+    if not (0 < value < 1000):
+        raise InvalidArgument(f"watts per core from {source} is {value}; it must be in (0, 1000), e.g. 5")
+    return value
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class EnergyMeter:
+    """Context manager measuring (RAPL) or estimating (CPU time) the energy of the block it wraps.
+
+    Example:
+        with EnergyMeter(watts_per_core=profile.watts_per_core) as meter:
+            run()
+        meter.result  # {"joules": ..., "method": "rapl"|"estimated", ...}
+
+    Args:
+        watts_per_core: power of a busy core for the estimate (see module docstring for the fallbacks).
+        method: "auto" (RAPL when readable), "rapl" (error if unreadable) or "estimated".
+    """
+
+    def __init__(self, watts_per_core: float | None = None, method: str = "auto"):
+        if method not in ("auto", "rapl", "estimated"):
+            raise InvalidArgument(f"energy method {method!r} is unknown; use auto, rapl or estimated")
+        self.watts_per_core = resolve_watts_per_core(watts_per_core)
+        self._domains = rapl_domains() if method in ("auto", "rapl") else []
+        if method == "rapl" and not self._domains:
+            raise OndeviceError(
+                "RAPL energy counters are not readable here (no /sys/class/powercap/intel-rapl:*/energy_uj, "
+                "or it is root-only); run as root, or use method='estimated'"
+            )
+        self.method = "rapl" if self._domains else "estimated"
+        self.result: dict | None = None
+
+    def __enter__(self) -> EnergyMeter:
+        self._t0 = time.perf_counter()
+        self._cpu0 = _cpu_seconds()
+        self._e0 = [int(d.energy_path.read_text()) for d in self._domains]
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        e1 = [int(d.energy_path.read_text()) for d in self._domains]
+        seconds = time.perf_counter() - self._t0
+        cpu_seconds = _cpu_seconds() - self._cpu0
+        result: dict = {"method": self.method, "seconds": seconds, "cpu_seconds": cpu_seconds}
+        if self.method == "rapl":
+            uj = sum(counter_delta(a, b, d.max_range_uj) for a, b, d in zip(self._e0, e1, self._domains))
+            result.update(
+                joules=uj / 1e6,
+                watts_per_core=None,
+                scope="cpu packages (whole machine, all processes)",
+                domains=[d.name for d in self._domains],
+            )
+        else:
+            result.update(
+                joules=cpu_seconds * self.watts_per_core,
+                watts_per_core=self.watts_per_core,
+                scope="this process and its reaped children (estimate: CPU seconds x watts per core)",
+            )
+        result["avg_watts"] = result["joules"] / seconds if seconds > 0 else None
+        self.result = result
+
+    @property
+    def joules(self) -> float:
+        if self.result is None:
+            raise RuntimeError("EnergyMeter.joules is only known after the with-block ends")
+        return self.result["joules"]

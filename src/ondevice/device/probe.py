@@ -1,0 +1,243 @@
+"""Built-in hardware probe: measured memory bandwidth (GB/s) and peak float32 compute (GFLOP/s).
+
+These are the two roofs of the roofline (``roofline.py``). Both run in a fresh subprocess per thread count,
+so the BLAS thread count is set (``OPENBLAS_NUM_THREADS`` & co.) before numpy loads:
+
+* bandwidth: ``n`` threads each ``np.sum`` a slice of a float32 array several times larger than the last
+  level cache (numpy releases the GIL inside the reduction); bytes read / wall time, best of N passes.
+* compute: ``a @ b`` on float32 ``(n, n)`` matrices through numpy's BLAS; ``2 n^3`` / time, best of N.
+
+numpy's sum is not a tuned streaming kernel, so the bandwidth is a lower bound on what the memory system
+can do, and a BLAS sgemm roughly matches the fp32 peak llama.cpp's kernels can reach; the method strings
+say exactly what was run. Results are cached per machine (CPU model, cores, memory, kernel) and thread
+count in ``<data dir>/device/probe.json``; ``refresh=True`` measures again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+from .info import device_info, l3_cache_bytes, machine_key
+
+_BLAS_ENV = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+TIMEOUT_S = 14.0  # the whole probe must stay under 15 s
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Measured roofs of this machine at ``threads`` threads."""
+
+    threads: int
+    bandwidth_gbs: float  # 1e9 bytes/s read
+    peak_gflops: float  # 1e9 float32 FLOP/s
+    measured_at: str  # ISO 8601, UTC
+    bandwidth_method: str
+    compute_method: str
+    machine_key: str
+    load_avg_1m: float | None = None  # machine load when measured: a busy machine measures low
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def data_dir() -> Path:
+    """ondevice's data dir: the models store's rule when that package exists, else the same rule here."""
+    try:
+        from ..models.store import data_dir as store_data_dir  # owned by the models package
+
+        return Path(store_data_dir())
+    except ImportError:
+        pass
+    # Same rule as models.store: home is $ONDEVICE_HOME, else $XDG_CACHE_HOME/ondevice; data lives in home/data.
+    if os.environ.get("ONDEVICE_HOME"):
+        return Path(os.environ["ONDEVICE_HOME"]).expanduser() / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ondevice" / "data"
+
+
+def cache_path() -> Path:
+    return data_dir() / "device" / "probe.json"
+
+
+def _bandwidth_bytes() -> int:
+    """Array size: 8x the last-level cache, at least 256 MiB, at most 1 GiB and a quarter of free RAM."""
+    llc = l3_cache_bytes() or (32 << 20)
+    size = min(max(8 * llc, 256 << 20), 1 << 30)
+    try:
+        import psutil
+
+        size = min(size, int(psutil.virtual_memory().available) // 4)
+    except ImportError:
+        pass
+    return max(size, 64 << 20)
+
+
+# Runs in the child: numpy is imported only after the BLAS env vars are set by the parent.
+_WORKER = r"""
+import json, sys, threading, time
+import numpy as np
+threads, nbytes, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+t_start = time.perf_counter()
+out = {}
+
+# ---- bandwidth: threads over slices; np.sum releases the GIL on float arrays
+x = np.ones(nbytes // 4, dtype=np.float32)  # np.ones writes every page; zeros would read the shared zero page
+chunks = np.array_split(x, threads)
+sink = [0.0] * threads
+def work(i):
+    sink[i] = float(chunks[i].sum())
+best = float("inf")
+passes = 0
+while passes < 8 and (passes < 3 or time.perf_counter() - t_start < budget * 0.45):
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts: t.start()
+    for t in ts: t.join()
+    best = min(best, time.perf_counter() - t0)
+    passes += 1
+assert abs(sum(sink) - x.size) < x.size * 1e-3, "sum check failed"  # the reduction really read the data
+out["bandwidth_gbs"] = x.nbytes / best / 1e9
+out["bandwidth_method"] = (f"numpy float32 sum over {x.nbytes / 2**30:.2f} GiB split across {threads} "
+                           f"threads, best of {passes} passes")
+del x, chunks
+
+# ---- compute: grow n until one sgemm takes >= 50 ms, then best of N
+rng = np.random.default_rng(0)
+n = 256
+while True:
+    a = rng.standard_normal((n, n), dtype=np.float32); b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: BLAS thread pool start, page faults
+    t0 = time.perf_counter(); a @ b; dt = time.perf_counter() - t0
+    if dt >= 0.05 or n >= 4096:
+        break
+    n *= 2
+best = dt
+reps = 1
+t_c = time.perf_counter()
+while reps < 10 and (reps < 3 or time.perf_counter() - t_c < budget * 0.3):
+    t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
+    reps += 1
+blas = "numpy BLAS"
+try:
+    from threadpoolctl import threadpool_info
+    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if infos:
+        blas = f"{infos[0].get('internal_api')} {infos[0].get('version')} ({infos[0].get('num_threads')} threads)"
+except ImportError:
+    try:  # numpy >= 1.25 records which BLAS it was built against
+        dep = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{dep.get('name')} {dep.get('version')}"
+    except Exception:
+        pass
+out["peak_gflops"] = 2 * n**3 / best / 1e9
+out["compute_method"] = f"numpy float32 matmul n={n} via {blas}, BLAS threads={threads}, best of {reps}"
+print(json.dumps(out))
+"""
+
+
+def _measure(threads: int, timeout: float = TIMEOUT_S) -> dict:
+    env = dict(os.environ)
+    for k in _BLAS_ENV:
+        env[k] = str(threads)
+    cmd = [sys.executable, "-c", _WORKER, str(threads), str(_bandwidth_bytes()), str(timeout * 0.7)]
+    try:
+        res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise OndeviceError(
+            f"the hardware probe took over {timeout:.0f} s at {threads} threads (a busy machine?); "
+            "retry when the machine is idle"
+        ) from None
+    if res.returncode != 0:
+        raise OndeviceError(
+            f"the hardware probe failed (exit {res.returncode}): {res.stderr.strip()[-600:]}; "
+            "check that numpy is installed in this Python"
+        )
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("bandwidth_gbs", "peak_gflops"):
+        if not (math.isfinite(out[key]) and out[key] > 0):
+            raise OndeviceError(f"the hardware probe measured {key}={out[key]}; rerun with refresh=True")
+    return out
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measure again
+
+
+def probe(threads: int | None = None, refresh: bool = False) -> Probe:
+    """Measured bandwidth and peak compute at ``threads`` threads (default: all usable CPUs), cached."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(threads, int) or threads < 1:
+        raise InvalidArgument(f"probe threads={threads!r} must be a whole number >= 1")
+    key = machine_key(device_info(include_llama=False))
+    path = cache_path()
+    entry = _read_cache(path).get(key, {}).get(str(threads))
+    if entry and not refresh:
+        return Probe(**entry, cached=True)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    out = _measure(threads)
+    result = Probe(
+        threads=threads,
+        bandwidth_gbs=out["bandwidth_gbs"],
+        peak_gflops=out["peak_gflops"],
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        bandwidth_method=out["bandwidth_method"],
+        compute_method=out["compute_method"],
+        machine_key=key,
+        load_avg_1m=load,
+    )
+    _store(path, key, threads, result)
+    return result
+
+
+def _store(path: Path, key: str, threads: int, result: Probe) -> None:
+    """Read-modify-write the cache under a lock, then replace the file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read_cache(path)
+        entry = result.to_dict()
+        entry.pop("cached")
+        data.setdefault(key, {})[str(threads)] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Measure memory bandwidth and peak float32 compute.")
+    p.add_argument("--threads", "-t", type=int, action="append", help="thread count (repeatable)")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    args = p.parse_args(argv)
+    for t in args.threads or [None]:
+        r = probe(t, refresh=args.refresh)
+        print(json.dumps(r.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

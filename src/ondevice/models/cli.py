@@ -1,0 +1,90 @@
+"""``ondevice models [--json] [--prepare]``: list embedded, stored and local models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..errors import OndeviceError
+from .catalog import ModelListing, list_models, resolve
+from .gguf_check import validate_gguf
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", help="also describe these local .gguf files")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--prepare", action="store_true",
+                   help="assemble installed catalog models that are assembled on first use (hundreds of MB)")
+
+
+def _row(m: ModelListing) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "name": m.name, "source": m.source, "status": m.status, "path": str(m.path) if m.path else None,
+        "description": m.description, "licence": m.licence, "is_instruct": m.is_instruct,
+        "install": m.install_hint if m.path is None else None,
+    }
+    if m.path is None:
+        return row
+    try:
+        info = validate_gguf(m.path)
+    except OndeviceError as e:
+        row["status"] = f"invalid: {e}"
+        return row
+    row.update(
+        architecture=info.architecture, parameters=info.parameters, params=info.params_label,
+        quant=info.quant_summary, quant_mix={k: round(v, 4) for k, v in info.quant_mix.items()},
+        size_bytes=info.file_size, context_length=info.context_length,
+        chat_template=info.chat_template is not None, licence=m.licence or info.license,
+        n_layers=info.n_layers, n_embd=info.n_embd, n_vocab=info.n_vocab, gguf_name=info.name,
+    )
+    return row
+
+
+def rows(paths: list[str] | None = None, prepare: bool = False) -> list[dict[str, Any]]:
+    """The listing as dicts (what ``--json`` prints)."""
+    listing = list_models()
+    if prepare:
+        listing = [ModelListing(m.name, m.source, resolve(m.name).path, "ready", m.description, m.licence,
+                                m.is_instruct, m.install_hint)
+                   if m.path is None and m.status.startswith("installed") else m for m in listing]
+    out = [_row(m) for m in listing]
+    for p in paths or []:
+        ref = resolve(p if ("/" in p or p.endswith(".gguf")) else f"./{p}")
+        out.append(_row(ModelListing(ref.name, "local", ref.path, "ready")))
+    return out
+
+
+def _table(data: list[dict[str, Any]]) -> str:
+    cols = [("name", "NAME"), ("architecture", "ARCH"), ("params", "PARAMS"), ("quant", "QUANT MIX"),
+            ("size", "SIZE"), ("context_length", "CTX"), ("chat", "CHAT"), ("licence", "LICENCE"),
+            ("where", "PATH")]
+    lines = []
+    for r in data:
+        ready = "architecture" in r
+        lines.append({
+            "name": r["name"], "architecture": r.get("architecture", "-"), "params": r.get("params", "-"),
+            "quant": r.get("quant", "-"),
+            "size": f"{r['size_bytes'] / 1e6:.1f} MB" if ready else "-",
+            "context_length": str(r.get("context_length") or "-"),
+            "chat": ("yes" if r.get("chat_template") else "no") if ready else "-",
+            "licence": r.get("licence") or "-",
+            "where": r["path"] if ready else r["status"],
+        })
+    widths = {k: max(len(h), *(len(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
+    out = ["  ".join(h.ljust(widths[k]) for k, h in cols).rstrip()]
+    out += ["  ".join(str(x[k]).ljust(widths[k]) for k, _ in cols).rstrip() for x in lines]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = rows(args.paths, prepare=args.prepare)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(_table(data))
+    from .store import models_dir
+
+    print(f"\nstore: {models_dir()}  (add models with `ondevice pull URL` or `ondevice quantize`; "
+          f"any .gguf path also works with -m)")
+    return 0

@@ -1,0 +1,33 @@
+"""``ondevice pull URL [--name N] [--sha256 H]``: download a GGUF into the store."""
+
+from __future__ import annotations
+
+import argparse
+
+from .hub import pull
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="hf://owner/repo[@revision]/path/file.gguf or an http(s):// URL")
+    p.add_argument("--name", help="name in the store (default: the file name without .gguf)")
+    p.add_argument("--sha256", help="expected sha256; else the server's (HF X-Linked-Etag, ETag, URL.sha256)")
+    p.add_argument("--force", action="store_true", help="download again even if the store has it")
+    p.add_argument("--retries", type=int, default=3, help="automatic resumes after a dropped connection")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = pull(args.url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
+                progress=not args.quiet)
+    from .catalog import read_provenance
+    from .gguf_check import validate_gguf
+
+    info = validate_gguf(path)
+    prov = read_provenance(path) or {}
+    check = prov.get("sha256_verified_against")
+    print(f"{path.stem}: {path}")
+    print(f"  {info.architecture}, {info.params_label} params, {info.quant_summary}, {info.size_mb:.1f} MB")
+    print(f"  sha256 {prov.get('sha256', '?')} "
+          f"({'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'})")
+    print(f"  use it with: ondevice run -m {path.stem} ...")
+    return 0

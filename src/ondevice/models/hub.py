@@ -1,0 +1,351 @@
+"""Download a GGUF into the store: resumable, verified, and never visible until it is complete and valid.
+
+``hf://owner/repo/path/file.gguf`` (or ``hf://owner/repo@revision/...``) maps to
+``{HF_ENDPOINT or https://huggingface.co}/owner/repo/resolve/{revision or main}/path/file.gguf``, with
+``HF_TOKEN`` sent as a bearer token to that host only (never to the CDN it redirects to). Plain
+http(s) URLs work too. Bytes go to ``<name>.gguf.part`` with HTTP Range resume; the file is renamed to
+``<name>.gguf`` only after its sha256 (when known) and GGUF structure check out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgument, InvalidModelFile, OndeviceError
+from .catalog import _ALIASES, _NAME_RE, CATALOG, _stamp, read_provenance
+from .gguf_check import validate_gguf
+from .store import models_dir, sha256_file, write_json
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError)
+
+
+class DownloadInterrupted(OndeviceError):
+    """The connection dropped or stalled; the partial file is kept so a rerun resumes."""
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def parse_source(url: str) -> tuple[str, str]:
+    """``(http_url, default_name)`` for an ``hf://`` or http(s) URL."""
+    if url.startswith("hf://"):
+        parts = url[len("hf://"):].strip("/").split("/")
+        if len(parts) < 3 or not all(parts):
+            raise InvalidArgument(f"{url!r} is not an hf:// model URL; use hf://owner/repo/path/file.gguf "
+                                  f"(optionally hf://owner/repo@revision/file.gguf)")
+        owner, repo, path = parts[0], parts[1], parts[2:]
+        repo, _, revision = repo.partition("@")
+        quoted = "/".join(urllib.parse.quote(p) for p in path)
+        http_url = f"{hf_endpoint()}/{owner}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/{quoted}"
+        filename = path[-1]
+    elif url.startswith(("http://", "https://")):
+        http_url = url
+        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    else:
+        raise InvalidArgument(f"cannot download {url!r}: use hf://owner/repo/file.gguf or an http(s):// URL "
+                              f"(for a local file, pass its path to the command directly)")
+    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "model"
+    return http_url, name
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, remembering HF's X-Linked-* headers and dropping credentials on a host change."""
+
+    def __init__(self) -> None:
+        self.linked: dict[str, str] = {}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        for k in ("X-Linked-Etag", "X-Linked-Size"):
+            if headers.get(k):
+                self.linked[k] = headers[k]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.headers.pop("Authorization", None)
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+def _sha_from_etag(value: str | None) -> str | None:
+    if not value:
+        return None
+    v = value.strip()
+    v = v.removeprefix("W/")
+    v = v.strip('"').lower()
+    return v if _SHA_RE.match(v) else None
+
+
+def _open(url: str, headers: dict[str, str], timeout: float) -> tuple[http.client.HTTPResponse, dict[str, str]]:
+    redirects = _Redirects()
+    opener = urllib.request.build_opener(redirects)
+    req = urllib.request.Request(url, headers={"User-Agent": "ondevice", **headers})
+    resp = opener.open(req, timeout=timeout)
+    return resp, redirects.linked
+
+
+def _auth_headers(url: str) -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN")
+    if token and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(hf_endpoint()).netloc:
+        return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def _fetch_sidecar_sha(url: str, timeout: float) -> str | None:
+    """sha256 from ``<url>.sha256`` if the server has one (``sha256sum`` format or a bare hash)."""
+    try:
+        resp, _ = _open(url + ".sha256", _auth_headers(url), timeout)
+        with resp:
+            text = resp.read(4096).decode("ascii", errors="replace")
+    except (*_NETWORK_ERRORS, ValueError):
+        return None
+    token = text.split()[0].lower() if text.split() else ""
+    return token if _SHA_RE.match(token) else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock so two pulls of the same name do not interleave bytes in one .part file."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent pulls of one name are the user's risk
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OndeviceError(f"another `ondevice pull` is downloading {path.name[:-5]} right now; wait for it "
+                                f"to finish") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held, so a newcomer creates (and locks) a fresh file
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class _Progress:
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.monotonic()
+        self.start_bytes = 0
+
+    def __call__(self, done: int, total: int | None, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < (0.25 if self.tty else 5.0):
+            return
+        self.last = now
+        rate = (done - self.start_bytes) / max(now - self.t0, 1e-6) / 1e6
+        of = f"/{total / 1e6:.1f} MB ({done / total:.0%})" if total else " MB"
+        line = f"{self.label}: {done / 1e6:.1f}{of} {rate:.1f} MB/s"
+        print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "",
+              file=sys.stderr, flush=True)
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000)."""
+    m = re.match(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", value or "")
+    if not m:
+        return None, None
+    return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)) if m.group(2) != "*" else None)
+
+
+def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progress) -> dict[str, Any]:
+    """One attempt: resume or start ``part``; returns what the server said (total, sha hints).
+
+    Raises DownloadInterrupted (resumable) on network trouble, OndeviceError on a definite failure.
+    """
+    state = json.loads(meta.read_text()) if meta.is_file() else {}
+    if state.get("url") != url:  # a .part from another URL is not ours to resume
+        part.unlink(missing_ok=True)
+        state = {"url": url}
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = _auth_headers(url)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if state.get("validator"):
+            headers["If-Range"] = state["validator"]  # the server sends the whole file if it changed
+    try:
+        resp, linked = _open(url, headers, timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            _, total = _content_range(e.headers.get("Content-Range"))
+            if total == offset:  # the .part is already complete
+                return {**state, "total": total}
+            part.unlink(missing_ok=True)
+            raise DownloadInterrupted(f"the server rejected resuming at byte {offset}; restarting") from e
+        hint = {401: "the repository may be gated or private: set HF_TOKEN to a token with access",
+                403: "access denied: for a gated Hugging Face repository accept its licence and set HF_TOKEN",
+                404: "check the owner, repository and file name (and the revision after @)"}.get(
+                    e.code, "check the URL, or retry later")
+        raise OndeviceError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from e
+    except _NETWORK_ERRORS as e:
+        raise DownloadInterrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({e})") from e
+    with resp:
+        status = resp.status
+        if status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink(missing_ok=True)
+                raise DownloadInterrupted(f"the server resumed at byte {start}, not {offset}; restarting")
+            mode = "ab"
+        elif status == 200:
+            # No range support (or the file changed, via If-Range): start over from this response.
+            offset, mode = 0, "wb"
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        else:
+            raise OndeviceError(f"download of {url} failed: unexpected HTTP {status}; retry later")
+        etag = resp.headers.get("ETag")
+        state.update(
+            total=total,
+            validator=etag or resp.headers.get("Last-Modified") or state.get("validator"),
+            linked_sha=_sha_from_etag(linked.get("X-Linked-Etag")) or state.get("linked_sha"),
+            etag_sha=_sha_from_etag(etag) or state.get("etag_sha"),
+        )
+        write_json(meta, state)
+        done = offset
+        progress.start_bytes = offset
+        try:
+            with open(part, mode) as f:
+                # read1: whatever has arrived (up to 1 MiB), so a stall loses nothing already received
+                while chunk := resp.read1(_CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    progress(done, total)
+                f.flush()
+                os.fsync(f.fileno())
+        except _NETWORK_ERRORS as e:
+            raise DownloadInterrupted(f"connection lost at {done} of {total or '?'} bytes ({e})") from e
+    progress(done, total, final=True)
+    if total is not None and done < total:
+        # http.client returns b"" (no error) when the peer closes before Content-Length.
+        raise DownloadInterrupted(f"connection closed at {done} of {total} bytes")
+    if total is not None and done > total:
+        part.unlink(missing_ok=True)
+        raise OndeviceError(f"download of {url}: received {done} bytes, more than the announced {total}; "
+                            f"the partial file was removed: retry")
+    return {**state, "total": done}
+
+
+def _is_valid(path: Path) -> bool:
+    try:
+        validate_gguf(path)
+    except InvalidModelFile:
+        return False
+    return True
+
+
+def pull(url: str, name: str | None = None, sha256: str | None = None, *, force: bool = False,
+         retries: int = 3, timeout: float = 30.0, progress: bool = True) -> Path:
+    """Download a GGUF into the store and return its path (``models_dir()/<name>.gguf``).
+
+    Args:
+        url: ``hf://owner/repo[@rev]/path/file.gguf`` or an http(s) URL.
+        name: store name (default: the file name without .gguf); ``resolve(name)`` finds it afterwards.
+        sha256: expected hex digest. Otherwise HF's X-Linked-Etag, a sha256-shaped ETag, or a
+            ``<url>.sha256`` file is used when present; with none, only the GGUF structure is checked.
+        force: download again even if the store already holds a valid file under ``name``.
+        retries: automatic resumes after a dropped connection within this call.
+        timeout: seconds without data before a connection counts as stalled.
+        progress: print progress to stderr.
+
+    Raises:
+        DownloadInterrupted: still incomplete after ``retries``; run the same pull again to resume.
+        InvalidModelFile: checksum mismatch or not a valid GGUF (nothing is left under the final name).
+    """
+    http_url, default_name = parse_source(url)
+    name = name or default_name
+    if not _NAME_RE.match(name) or name in CATALOG or name in _ALIASES:
+        raise InvalidArgument(f"cannot store the download as {name!r}: use letters, digits and . _ + - and a "
+                              f"name that is not a catalog model (pass --name)")
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
+        if not _SHA_RE.match(sha256):
+            raise InvalidArgument(f"--sha256 {sha256!r} is not a sha256 hex digest (64 hex characters)")
+    dest = models_dir() / f"{name}.gguf"
+    part = dest.with_name(dest.name + ".part")
+    meta = dest.with_name(dest.name + ".part.json")
+    lock = dest.with_name(dest.name + ".lock")
+
+    with _locked(lock):
+        if dest.is_file() and not force:
+            prov = read_provenance(dest) or {}
+            have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
+            have = have or sha256_file(dest)
+            if (sha256 is None or have == sha256) and _is_valid(dest):
+                if progress:
+                    print(f"ondevice: {name} is already in the store ({dest}); pass --force to download again",
+                          file=sys.stderr)
+                return dest
+        bar = _Progress(name, progress)
+        state: dict[str, Any] = {}
+        for attempt in range(retries + 1):
+            try:
+                state = _download(http_url, part, meta, timeout, bar)
+                break
+            except DownloadInterrupted as e:
+                if attempt == retries:
+                    have = part.stat().st_size if part.exists() else 0
+                    if not have:
+                        raise DownloadInterrupted(
+                            f"download of {url} failed: {e}; check the URL and the network (HF_ENDPOINT selects "
+                            f"a Hugging Face mirror), then run it again") from e
+                    raise DownloadInterrupted(
+                        f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
+                        f"`ondevice pull` again to resume") from e
+                if progress:
+                    print(f"\nondevice: {e}; resuming (attempt {attempt + 2} of {retries + 1})", file=sys.stderr)
+                time.sleep(min(2.0 ** attempt, 10.0) * 0.5)
+
+        source = "given"
+        expected = sha256
+        if expected is None:
+            for source, expected in (("X-Linked-Etag", state.get("linked_sha")), ("ETag", state.get("etag_sha"))):
+                if expected:
+                    break
+            else:
+                source, expected = ".sha256 file", _fetch_sidecar_sha(http_url, timeout)
+        actual = sha256_file(part)
+        if expected is not None and actual != expected:
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise InvalidModelFile(f"download of {url}: sha256 {actual} does not match the expected {expected} "
+                                   f"({source}); the file was corrupted in transit or changed upstream, and was "
+                                   f"deleted: run `ondevice pull` again (check --sha256 if you gave one)")
+        try:
+            info = validate_gguf(part)
+        except InvalidModelFile as e:
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise InvalidModelFile(f"download of {url} is not a usable GGUF model and was deleted: {e}") from e
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+        meta.unlink(missing_ok=True)
+        write_json(dest.with_suffix(".json"), {
+            "name": name, "source": "pull", "url": url, "resolved_url": http_url, "sha256": actual,
+            "sha256_verified_against": source if expected else None, "stamp": _stamp(dest),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary,
+        })
+    return dest

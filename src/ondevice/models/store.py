@@ -1,0 +1,110 @@
+"""Where ondevice keeps things, and how it writes them (atomically).
+
+Layout under :func:`home` (``$ONDEVICE_HOME``, else ``$XDG_CACHE_HOME/ondevice``, else ``~/.cache/ondevice``)::
+
+    models/<name>.gguf        assembled, pulled, quantized... variants (resolve("<name>") finds them)
+    models/<name>.json        provenance sidecar: where the file came from, its sha256, what made it
+    data/                     the SQLite database and other records
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def home() -> Path:
+    """The ondevice home directory (not created)."""
+    if env := os.environ.get("ONDEVICE_HOME"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ondevice"
+
+
+def models_dir() -> Path:
+    """``home()/models``, created on first use."""
+    d = home() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def data_dir() -> Path:
+    """``home()/data`` (SQLite database etc.), created on first use."""
+    d = home() / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _fsync_dir(d: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
+
+    For writers that want a path rather than a file object (e.g. llama.cpp's quantizer). If the body
+    raises, the temporary file is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    with contextlib.suppress(OSError):
+        tmp.chmod(0o644)  # mkstemp makes it 0600; a model in a shared cache should stay readable
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(dest: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``dest`` for writing; on success fsync it and ``os.replace`` it onto ``dest``.
+
+    Readers never see a half-written ``dest``: they see the old file or the complete new one. If the
+    body raises, the temporary file is removed and ``dest`` is untouched.
+
+        with atomic_write(path, "w") as f:
+            json.dump(obj, f)
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_write needs a write mode ('w' or 'wb'), got {mode!r}")
+    with atomic_path(dest) as tmp, open(tmp, mode, encoding=encoding if "b" not in mode else None) as f:
+        yield f
+        f.flush()
+
+
+def write_json(dest: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    with atomic_write(dest, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,328 @@
+"""ondevice.models.pull against a real HTTP server on 127.0.0.1 (Range, drops, redirects, checksums)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from ondevice.errors import InvalidArgument, InvalidModelFile, OndeviceError
+from ondevice.models import DownloadInterrupted, models_dir, pull, resolve
+from ondevice.models.hub import parse_source
+
+
+def make_gguf(path: Path, n_tensors: int = 8, seed: int = 0) -> Path:
+    """A valid GGUF of ~70 KB written by gguf's own writer (big enough to cut mid-way)."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"served-{seed}")
+    w.add_context_length(128)
+    for i in range(n_tensors):
+        w.add_tensor(f"blk.{i}.w", rng.standard_normal((64, 32)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+class Server:
+    """Serves ``files`` (url path -> bytes) with optional Range support, drops, ETags and redirects."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.range = True  # honour Range (206) or ignore it (200)
+        self.drop_after: int | None = None  # close the connection after this many body bytes...
+        self.drops_left = 0  # ...this many times
+        self.stall_after: int | None = None  # send this many bytes, then go silent for 3 s (once)
+        self.etags: dict[str, str] = {}  # url path -> ETag header value
+        self.redirects: dict[str, tuple[str, dict[str, str]]] = {}  # path -> (location, extra headers)
+        self.log: list[dict] = []
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                path = self.path
+                entry = {"path": path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range"),
+                         "auth": self.headers.get("Authorization"), "sent": 0, "status": None}
+                srv.log.append(entry)
+                if path in srv.redirects:
+                    location, extra = srv.redirects[path]
+                    entry["status"] = 302
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    for k, v in extra.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = srv.files.get(path)
+                if body is None:
+                    entry["status"] = 404
+                    self.send_error(404)
+                    return
+                etag = srv.etags.get(path)
+                start = 0
+                rng = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                if srv.range and rng and (if_range is None or if_range == etag):
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        entry["status"] = 416
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    entry["status"] = 206
+                else:
+                    self.send_response(200)
+                    entry["status"] = 200
+                chunk = body[start:]
+                self.send_header("Content-Length", str(len(chunk)))
+                if etag:
+                    self.send_header("ETag", etag)
+                self.end_headers()
+                if srv.drop_after is not None and srv.drops_left > 0:
+                    srv.drops_left -= 1
+                    self.wfile.write(chunk[: srv.drop_after])
+                    self.wfile.flush()
+                    entry["sent"] = min(len(chunk), srv.drop_after)
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if srv.stall_after is not None:
+                    srv.stall_after, k = None, srv.stall_after
+                    self.wfile.write(chunk[:k])
+                    self.wfile.flush()
+                    entry["sent"] = k
+                    time.sleep(3)
+                    return
+                self.wfile.write(chunk)
+                entry["sent"] = len(chunk)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def gets(self, path: str) -> list[dict]:
+        return [e for e in self.log if e["path"] == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+
+
+@pytest.fixture()
+def model_bytes(tmp_path) -> bytes:
+    return make_gguf(tmp_path / "served.gguf").read_bytes()
+
+
+def _leftovers() -> list[str]:
+    return sorted(p.name for p in models_dir().iterdir())
+
+
+def test_pull_plain_http(server, model_bytes):
+    server.files["/m/tiny.gguf"] = model_bytes
+    path = pull(f"{server.base}/m/tiny.gguf", progress=False)
+    assert path == models_dir() / "tiny.gguf" and path.read_bytes() == model_bytes
+    assert _leftovers() == ["tiny.gguf", "tiny.json"]  # no .part, .part.json or lock left
+    prov = json.loads((models_dir() / "tiny.json").read_text())
+    assert prov["sha256"] == hashlib.sha256(model_bytes).hexdigest()
+    assert prov["sha256_verified_against"] is None  # nothing to check against: said so, not faked
+    ref = resolve("tiny")
+    assert ref.source == "store" and ref.info.name == "served-0"
+
+
+def test_drop_then_rerun_resumes_with_range(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    server.drop_after, server.drops_left = 30_000, 1
+    with pytest.raises(DownloadInterrupted, match="run the same `ondevice pull` again to resume"):
+        pull(f"{server.base}/tiny.gguf", name="t", retries=0, progress=False)
+    part = models_dir() / "t.gguf.part"
+    assert part.read_bytes() == model_bytes[:30_000]  # the partial is kept...
+    assert not (models_dir() / "t.gguf").exists()  # ...but never under the final name
+    path = pull(f"{server.base}/tiny.gguf", name="t", retries=0, progress=False)
+    assert path.read_bytes() == model_bytes
+    second = server.gets("/tiny.gguf")[-1]
+    assert second["range"] == "bytes=30000-" and second["status"] == 206
+    assert second["sent"] == len(model_bytes) - 30_000
+    assert not part.exists()
+
+
+def test_automatic_resume_within_one_call(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    server.drop_after, server.drops_left = 20_000, 2
+    path = pull(f"{server.base}/tiny.gguf", retries=3, progress=False)
+    assert path.read_bytes() == model_bytes
+    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, "bytes=20000-", "bytes=40000-"]
+
+
+def test_stalled_server_times_out_and_resumes(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    server.stall_after = 10_000
+    path = pull(f"{server.base}/tiny.gguf", timeout=0.5, retries=1, progress=False)
+    assert path.read_bytes() == model_bytes
+    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, "bytes=10000-"]
+
+
+def test_server_ignoring_range_restarts_cleanly(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    server.drop_after, server.drops_left = 25_000, 1
+    with pytest.raises(DownloadInterrupted):
+        pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    server.range = False  # now answers 200 with the whole file to a Range request
+    path = pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    assert path.read_bytes() == model_bytes  # not the first 25 KB twice
+    assert server.gets("/tiny.gguf")[-1]["status"] == 200
+
+
+def test_changed_upstream_between_attempts_is_not_spliced(server, tmp_path, model_bytes):
+    newer = make_gguf(tmp_path / "newer.gguf", seed=1).read_bytes()
+    server.files["/tiny.gguf"] = model_bytes
+    server.etags["/tiny.gguf"] = '"v1"'
+    server.drop_after, server.drops_left = 25_000, 1
+    with pytest.raises(DownloadInterrupted):
+        pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    server.files["/tiny.gguf"], server.etags["/tiny.gguf"] = newer, '"v2"'
+    path = pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    assert server.gets("/tiny.gguf")[-1]["if_range"] == '"v1"'
+    assert path.read_bytes() == newer
+
+
+def test_complete_part_gets_416_and_finishes(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    server.drop_after, server.drops_left = len(model_bytes), 1  # all bytes sent, then the socket is cut
+    server.etags["/tiny.gguf"] = '"v1"'
+    path = pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    assert path.read_bytes() == model_bytes
+
+
+def test_sha256_mismatch_rejected_and_nothing_kept(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    with pytest.raises(InvalidModelFile, match="does not match the expected 0{64} \\(given\\)"):
+        pull(f"{server.base}/tiny.gguf", sha256="0" * 64, progress=False)
+    assert _leftovers() == []
+    good = hashlib.sha256(model_bytes).hexdigest()
+    path = pull(f"{server.base}/tiny.gguf", sha256=good.upper(), progress=False)
+    assert json.loads(path.with_suffix(".json").read_text())["sha256_verified_against"] == "given"
+    with pytest.raises(InvalidArgument, match="not a sha256"):
+        pull(f"{server.base}/tiny.gguf", name="other", sha256="abc", progress=False)
+
+
+def test_sha256_from_etag_and_sidecar(server, model_bytes):
+    good = hashlib.sha256(model_bytes).hexdigest()
+    server.files["/a.gguf"] = model_bytes
+    server.etags["/a.gguf"] = f'"{"f" * 64}"'  # a sha256-shaped ETag that disagrees: corrupted in transit
+    with pytest.raises(InvalidModelFile, match=r"\(ETag\)"):
+        pull(f"{server.base}/a.gguf", progress=False)
+    assert _leftovers() == []
+    server.etags["/a.gguf"] = f'"{good}"'
+    p = pull(f"{server.base}/a.gguf", progress=False)
+    assert json.loads(p.with_suffix(".json").read_text())["sha256_verified_against"] == "ETag"
+
+    server.files["/b.gguf"] = model_bytes
+    server.files["/b.gguf.sha256"] = f"{'1' * 64}  b.gguf\n".encode()
+    with pytest.raises(InvalidModelFile, match=r"\(\.sha256 file\)"):
+        pull(f"{server.base}/b.gguf", progress=False)
+    server.files["/b.gguf.sha256"] = f"{good}  b.gguf\n".encode()
+    p = pull(f"{server.base}/b.gguf", progress=False)
+    assert json.loads(p.with_suffix(".json").read_text())["sha256_verified_against"] == ".sha256 file"
+
+
+def test_hf_url_redirect_linked_etag_and_token(server, model_bytes, monkeypatch):
+    good = hashlib.sha256(model_bytes).hexdigest()
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setenv("HF_TOKEN", "secret-token")
+    # HF answers the resolve URL with a redirect to its CDN and the LFS sha256 in X-Linked-Etag.
+    cdn = f"http://localhost:{server.port}/cdn/blob"  # another host name: credentials must not follow
+    server.redirects["/org/repo/resolve/main/sub/tiny.gguf"] = (cdn, {"X-Linked-Etag": f'"{good}"'})
+    server.files["/cdn/blob"] = model_bytes
+    path = pull("hf://org/repo/sub/tiny.gguf", progress=False)
+    assert path.name == "tiny.gguf" and path.read_bytes() == model_bytes
+    first, = server.gets("/org/repo/resolve/main/sub/tiny.gguf")
+    assert first["auth"] == "Bearer secret-token"
+    assert all(e["auth"] is None for e in server.gets("/cdn/blob"))
+    prov = json.loads(path.with_suffix(".json").read_text())
+    assert prov["sha256_verified_against"] == "X-Linked-Etag" and prov["url"] == "hf://org/repo/sub/tiny.gguf"
+
+    server.redirects["/org/repo/resolve/main/bad.gguf"] = (cdn, {"X-Linked-Etag": f'"{"e" * 64}"'})
+    with pytest.raises(InvalidModelFile, match="X-Linked-Etag"):
+        pull("hf://org/repo/bad.gguf", progress=False)
+    assert not (models_dir() / "bad.gguf").exists()
+
+
+def test_not_a_gguf_is_rejected(server):
+    server.files["/fake.gguf"] = b"<html>rate limited</html>" * 100
+    with pytest.raises(InvalidModelFile, match="not a usable GGUF model and was deleted.*bad magic"):
+        pull(f"{server.base}/fake.gguf", progress=False)
+    assert _leftovers() == []
+
+
+def test_http_errors_and_unreachable(server):
+    with pytest.raises(OndeviceError, match="HTTP 404"):
+        pull(f"{server.base}/missing.gguf", progress=False)
+    port = server.port
+    server.close()
+    with pytest.raises(DownloadInterrupted, match="cannot reach"):
+        pull(f"http://127.0.0.1:{port}/x.gguf", retries=0, progress=False)
+
+
+def test_already_present_is_not_downloaded_again(server, model_bytes):
+    server.files["/tiny.gguf"] = model_bytes
+    pull(f"{server.base}/tiny.gguf", progress=False)
+    pull(f"{server.base}/tiny.gguf", progress=False)
+    assert len(server.gets("/tiny.gguf")) == 1
+    pull(f"{server.base}/tiny.gguf", progress=False, force=True)
+    assert len(server.gets("/tiny.gguf")) == 2
+
+
+def test_parse_source(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    assert parse_source("hf://o/r/dir/f.Q4_0.gguf") == ("https://mirror.example/o/r/resolve/main/dir/f.Q4_0.gguf",
+                                                        "f.Q4_0")
+    assert parse_source("hf://o/r@v1.0/f.gguf")[0] == "https://mirror.example/o/r/resolve/v1.0/f.gguf"
+    assert parse_source("https://x.test/a/My%20Model.gguf?download=1")[1] == "My-Model"
+    for bad in ("hf://o/f.gguf", "ftp://x/f.gguf", "/local/file.gguf"):
+        with pytest.raises(InvalidArgument):
+            parse_source(bad)
+    with pytest.raises(InvalidArgument, match="catalog"):
+        pull("https://x.test/smollm2-135m-instruct.gguf", progress=False)
+
+
+def test_cli_pull(server, model_bytes, cli):
+    server.files["/tiny.gguf"] = model_bytes
+    r = cli("pull", f"{server.base}/tiny.gguf", "--name", "via-cli")
+    assert r.returncode == 0, r.stderr
+    assert "via-cli" in r.stdout and "not verified" in r.stdout
+    r = cli("pull", f"{server.base}/tiny.gguf", "--name", "bad", "--sha256", "0" * 64)
+    assert r.returncode == 2 and "does not match" in r.stderr

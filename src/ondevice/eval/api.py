@@ -1,0 +1,185 @@
+"""``ondevice.evaluate``: perplexity, KL divergence against a reference variant, and task suites.
+
+Every summary is returned as a record and written to the SQLite store (``kind="eval"``) with the model's
+sha256, so quality joins speed (``kind="bench"``) on the exact file. Record fields the report reads:
+``ppl``, ``ppl_err`` (``ppl:<corpus>``); ``kld_mean``, ``kld_p99``, ``top1_agree``, ``dppl`` (``kld:<corpus>``);
+``score`` in 0..1 (``suite:<name>``); and on every record ``model``, ``model_sha256``, ``file_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(ref) -> str:
+    """sha256 of a resolved model's file: from its provenance sidecar when the file is unchanged, else hashed."""
+    from ..models.store import sha256_file
+
+    st = ref.path.stat()
+    key = (str(ref.path), st.st_size, st.st_mtime_ns)
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    prov = ref.provenance or {}
+    stamp = prov.get("stamp") or {}
+    if prov.get("sha256") and stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+        sha = prov["sha256"]
+    else:
+        sha = sha256_file(ref.path)
+    _SHA_CACHE[key] = sha
+    return sha
+
+
+def _config_key(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _base(ref, sha: str) -> dict:
+    import llama_cpp
+
+    from .. import __version__
+
+    return {"model": ref.name, "model_path": str(ref.path), "model_sha256": sha,
+            "file_size": ref.path.stat().st_size, "ondevice": __version__,
+            "llama_cpp_python": llama_cpp.__version__, "created": time.time()}
+
+
+def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, corpus: str | None = None,
+             text: str | os.PathLike[str] | None = None, ctx: int = 512, chunks: int | None = None,
+             ref: str | os.PathLike[str] | None = None, topk: int = 256, suite: str | None = None,
+             limit: int | None = None, seed: int = 0, max_tokens: int = 256, temp: float = 0.0,
+             judge: str | None = None, judge_model: str | None = None, judge_key: str | None = None,
+             threads: int | None = None, store: bool | str | os.PathLike[str] = True, session: str | None = None,
+             log_dir: str | os.PathLike[str] | None = None,
+             progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Evaluate ``model``; one summary record per measurement (also written to the store).
+
+    Args:
+        ppl: measure perplexity on ``corpus`` (``lee``, ``pydoc``) or the file ``text``.
+        ctx, chunks: llama-perplexity's chunk size and number of chunks (None: all the text holds).
+        ref: a reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL against it.
+            Implies ``ppl``. The reference's compact logits are cached in the data dir.
+        topk: reference log-probs kept per token in the cache (see :mod:`ondevice.eval.ppl`).
+        suite: a suite name (``assistant-en``, ``smartbench``, ``humaneval``) or a JSONL path.
+        limit, seed: a stratified subset of the suite (and the sampling seed when ``temp > 0``).
+        judge, judge_model, judge_key: an OpenAI-compatible endpoint that also grades the answers.
+        store: True (the default store), a path to another SQLite file, or False (do not record).
+        log_dir: where per-sample suite logs go (default: ``<data dir>/eval-logs``).
+    """
+    from ..errors import InvalidArgument
+    from ..models.catalog import resolve
+
+    if not (ppl or ref or suite):
+        raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
+    say = progress or (lambda msg: None)
+    mref = resolve(model)
+    _ = mref.info  # validate before llama.cpp sees the file
+    sha = model_sha256(mref)
+    session = session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    base = _base(mref, sha)
+    records: list[dict] = []
+    if ppl or ref:
+        records += _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
+    if suite:
+        records.append(_suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge,
+                                     judge_model, judge_key, threads, log_dir, say))
+    for r in records:
+        r["session"] = session
+    if store:
+        from ..store import Store
+
+        with Store(None if store is True else store) as db:
+            for r in records:
+                cfg = {k: r.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
+                                             "limit", "seed", "max_tokens", "temp")}
+                cfg["corpus_sha256"] = (r.get("corpus") or {}).get("sha256")
+                db.add("eval", r, session=session, config_key=_config_key(cfg), model=r["model"],
+                       model_sha256=r["model_sha256"], test=r["test"])
+    return records
+
+
+def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say) -> list[dict]:
+    from ..engine.base import EngineConfig
+    from ..engine.llama import LlamaEngine
+    from ..errors import InvalidArgument
+    from ..models.catalog import resolve
+    from ..models.store import data_dir
+    from . import ppl as P
+    from .corpora import load_corpus
+
+    if topk < 1:
+        raise InvalidArgument(f"--topk {topk} must be >= 1")
+    text_corpus = load_corpus(corpus, text)
+    cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False)  # timings are not measured here
+    say(f"corpus {text_corpus.name}: {text_corpus.chars} chars, sha256 {text_corpus.sha256[:12]}")
+    if not ref:
+        eng = LlamaEngine(mref.path, cfg)
+        try:
+            res = P.perplexity(eng, text_corpus, ctx, chunks)
+        finally:
+            eng.close()
+        return [{**base, "test": f"ppl:{text_corpus.name}", **res, "threads": eng.n_threads}]
+    rref = resolve(ref)
+    _ = rref.info  # validate
+    rsha = model_sha256(rref)
+    cache = P.cache_path(data_dir() / "eval-cache", rsha, text_corpus, ctx, topk)
+    reng = None
+    try:
+        # The reference is only loaded when the cache cannot answer.
+        probe = LlamaEngine(mref.path, cfg)
+        try:
+            tokens = P.corpus_tokens(probe, text_corpus)
+            n_chunks = len(P.make_chunks(tokens, ctx, chunks, None))
+            per = ctx - 1 - ctx // 2
+            hit = P.load_ref(cache, n_chunks, per)
+            if hit is not None and list(hit[1]) == list(tokens):
+                ref_rows, ref_tokens, cached = hit[0], list(hit[1]), True
+            else:
+                say(f"computing reference logits of {rref.name} ({n_chunks} chunks of {ctx})")
+                reng = LlamaEngine(rref.path, cfg)
+                ref_rows, ref_tokens, n_chunks, cached = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
+                                                                          cache)
+                reng.close()
+                reng = None
+            say(f"scoring {mref.name} against {rref.name}" + (" (cached reference)" if cached else ""))
+            res = P.kl_divergence(probe, ref_rows, ref_tokens, text_corpus, ctx, n_chunks)
+            threads_used = probe.n_threads
+        finally:
+            probe.close()
+    finally:
+        if reng is not None:
+            reng.close()
+    ref_fields = {"ref_model": rref.name, "ref_sha256": rsha, "ref_file_size": rref.path.stat().st_size,
+                  "ref_cache": str(cache), "ref_cached": cached, "threads": threads_used}
+    ppl_keys = ("ppl", "ppl_err", "nll_mean", "n_scored", "corpus", "corpus_tokens", "n_ctx", "n_chunks", "time_s")
+    return [{**base, "test": f"ppl:{text_corpus.name}", **{k: res[k] for k in ppl_keys}, "threads": threads_used},
+            {**base, "test": f"kld:{text_corpus.name}", **res, **ref_fields}]
+
+
+def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge, judge_model, judge_key,
+                  threads, log_dir, say) -> dict:
+    from ..engine import load
+    from ..models.store import data_dir
+    from .runner import run_suite
+    from .suites import load_suite
+
+    s = load_suite(suite, limit=limit, seed=seed)
+    log_path = Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
+    model = load(str(mref.path), n_threads=threads)
+    n_threads = model.engine.n_threads
+    try:
+        say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'})")
+        summary = run_suite(model, s, max_tokens=max_tokens, temp=temp, seed=seed, log_path=log_path, judge=judge,
+                            judge_model=judge_model, judge_key=judge_key,
+                            progress=lambda i, n, row: say(f"  [{i}/{n}] {row['id']}: {row['score']:.3f}"))
+    finally:
+        model.close()
+    return {**base, "test": f"suite:{s.name}", **summary, "limit": limit, "seed": seed, "max_tokens": max_tokens,
+            "temp": temp, "chat_template": model.is_chat, "threads": n_threads}

@@ -1,0 +1,92 @@
+"""``ondevice eval -m MODEL [--ppl ...] [--ref MODEL] [--suite NAME]``: quality next to speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None, help="catalog name, stored variant or .gguf path")
+    g = p.add_argument_group("perplexity and KL divergence (llama-perplexity conventions)")
+    g.add_argument("--ppl", action="store_true", help="measure perplexity")
+    g.add_argument("--corpus", default=None, help="built-in text: pydoc (default, always available) or lee "
+                                                  "(needs gensim installed)")
+    g.add_argument("--text", default=None, metavar="FILE", help="measure on this UTF-8 text file instead")
+    g.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (the second half is scored)")
+    g.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
+    g.add_argument("--ref", default=None, metavar="MODEL",
+                   help="reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL; implies --ppl")
+    g.add_argument("--topk", type=int, default=256, help="reference log-probs cached per token")
+    s = p.add_argument_group("task suites")
+    s.add_argument("--suite", default=None, help="assistant-en, smartbench, humaneval, or a JSONL file")
+    s.add_argument("--limit", type=int, default=None, help="a stratified subset of N items")
+    s.add_argument("--seed", type=int, default=0, help="subset (and sampling) seed")
+    s.add_argument("--max-tokens", type=int, default=256, help="tokens generated per item at most")
+    s.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    s.add_argument("--judge", default=None, metavar="URL", help="OpenAI-compatible endpoint that also grades answers")
+    s.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
+    s.add_argument("--judge-key", default=None, help="API key for the judge (or set ONDEVICE_JUDGE_KEY)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
+    p.add_argument("--no-store", action="store_true", help="do not record the results in the store")
+    p.add_argument("--json", action="store_true", help="print the records as JSON lines")
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_record(r: dict, out=sys.stdout) -> None:
+    test = r["test"]
+    head = f"{r['model']} ({r['file_size'] / 1e6:.1f} MB, sha256 {r['model_sha256'][:12]})  {test}"
+    print(head, file=out)
+    if "corpus" in r:
+        c = r["corpus"]
+        print(f"  text: {c['name']} sha256 {c['sha256'][:12]} {c['chars']} chars, {r['corpus_tokens']} tokens; "
+              f"{r['n_chunks']} chunks x {r['n_ctx']} ctx, {r['n_scored']} tokens scored", file=out)
+    if test.startswith("ppl:"):
+        print(f"  PPL = {r['ppl']:.4f} ± {r['ppl_err']:.4f}", file=out)
+    elif test.startswith("kld:"):
+        print(f"  vs {r['ref_model']} (PPL {r['ppl_ref']:.4f} ± {r['ppl_ref_err']:.4f})"
+              f"{' [cached reference]' if r.get('ref_cached') else ''}", file=out)
+        print(f"  ΔPPL = {r['dppl']:+.4f} ± {r['dppl_err']:.4f}   KLD = {r['kld_mean']:.6f} ± {r['kld_err']:.6f}"
+              f"   median {r['kld_median']:.6f}   p99 {r['kld_p99']:.6f}   max {r['kld_max']:.4f}", file=out)
+        print(f"  same top-1 = {100 * r['top1_agree']:.2f} ± {100 * r['top1_err']:.2f} %   "
+              f"Δp RMS = {100 * r['dp_rms']:.3f} %", file=out)
+        print(f"  (KLD from the reference's top-{r['topk']}: a lower bound; mean reference mass outside it "
+              f"{r['ref_tail_mass_mean']:.4f}, worst-case upper bound {r['kld_upper_mean']:.4f})", file=out)
+    elif test.startswith("suite:"):
+        limit = "" if r.get("limit") is None else f" (--limit {r['limit']})"
+        print(f"  score = {_fmt(r['score'])} over {r['n_items']} items{limit}"
+              f"   decode {_fmt(r.get('decode_tps_mean'), '.1f')} tok/s, TTFT median "
+              f"{_fmt(r.get('ttft_s_median'), '.3f')} s", file=out)
+        for name, t in r["tasks"].items():
+            j = f"  judge {t['judge']:.2f}" if t.get("judge") is not None else ""
+            print(f"    {name:24s} {t['category']:14s} {t['metric']:16s} n={t['n']:<4d} {_fmt(t['mean'])}{j}",
+                  file=out)
+        if r.get("log"):
+            print(f"  per-sample log: {r['log']}", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from .api import evaluate
+
+    records = evaluate(args.model, ppl=args.ppl, corpus=args.corpus, text=args.text, ctx=args.ctx, chunks=args.chunks,
+                       ref=args.ref, topk=args.topk, suite=args.suite, limit=args.limit, seed=args.seed,
+                       max_tokens=args.max_tokens, temp=args.temp, judge=args.judge, judge_model=args.judge_model,
+                       judge_key=args.judge_key or os.environ.get("ONDEVICE_JUDGE_KEY"), threads=args.threads,
+                       store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
+    for r in records:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False, default=str))
+        else:
+            print_record(r)
+    if args.output:
+        with open(args.output, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    return 0

@@ -1,0 +1,405 @@
+"""Perplexity and KL divergence with llama-perplexity's conventions, on raw logits, in numpy float64.
+
+Conventions (llama.cpp ``tools/perplexity/perplexity.cpp``, ``perplexity()`` and ``kl_divergence()``):
+
+- the whole text is tokenized once with special tokens (BOS when the model adds one), then cut into
+  ``len(tokens) // n_ctx`` chunks of exactly ``n_ctx`` tokens (at least 2 chunks' worth of text);
+- the first token of each chunk is *replaced* by BOS when the model adds BOS, and the KV cache is
+  cleared between chunks;
+- only the second half of each chunk is scored: the logits at positions ``first = n_ctx // 2`` ..
+  ``n_ctx - 2`` predict tokens ``first + 1`` .. ``n_ctx - 1`` (``n_ctx - first - 1`` tokens per chunk);
+- PPL = exp(mean NLL), its uncertainty ``ppl * sqrt(var(NLL) / (count - 1))``; KLD, Δp and "same top p"
+  with ``mean_and_uncertainty``; percentiles by linear interpolation on the sorted per-token values.
+
+Logits come from ``llama_decode`` with output rows requested only for the scored positions (as
+llama-perplexity does), read with ``engine.all_logits()``. llama-cpp-python's ``echo`` logprobs are not
+used: they are wrong.
+
+The reference for KLD is stored compactly (see :class:`RefRows`): per scored token, the top-k token ids of
+the reference, their log-probs, the log-sum-exp of the raw logits and the log-prob of the actual next
+token. llama.cpp instead stores *every* vocabulary entry as a uint16 log-prob clipped 16 nats below the
+maximum. From the compact form, KLD(P_ref || Q) is split into the top-k part, which is exact, and the tail
+(the tokens outside the reference's top-k), which is unknown token by token. We report
+
+- ``kld``: the top-k part plus ``P_tail * log(P_tail / Q_tail)``: the exact KLD between the two
+  distributions coarse-grained to (top-k tokens, "everything else"). By the log-sum inequality this is a
+  *lower bound* on the true KLD, and it is exact when the reference puts no mass outside its top-k;
+- ``kld_upper``: an upper bound: the tail term maximised over every tail distribution allowed by what we
+  know (total mass ``P_tail``, each token at most the k-th largest reference probability). The objective
+  is convex, so the maximum sits at a vertex: full steps of that cap on the tokens Q finds least likely.
+  It is loose (it assumes the worst), but it is a bound;
+- ``tail_mass``: the mean ``P_tail``, to show how much the approximation has to cover.
+
+With ``k >= n_vocab`` the compact form is the whole distribution and ``kld`` is the exact KLD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgument, OndeviceError
+from .corpora import Corpus
+
+CACHE_VERSION = 1
+ROW_BLOCK = 32  # rows converted to float64 at a time: bounds memory for large vocabularies (Gemma: 262k)
+
+
+# --- the math (plain numpy, float64) -------------------------------------------------------------------
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``(n, V)`` raw logits -> ``(n, V)`` float64 log-probabilities."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error as llama-perplexity computes them (0 below 11 values)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n < 1:
+        return 0.0, 0.0
+    f = v.sum() / n
+    df = (v * v).sum() / n - f * f
+    return float(f), float(np.sqrt(df / (n - 1))) if df > 0 and n > 10 else 0.0
+
+
+def covariance(a: np.ndarray, b: np.ndarray) -> float:
+    """llama-perplexity's covariance of the *means* of ``a`` and ``b`` (0 below 10 values)."""
+    n = a.size
+    if n < 10:
+        return 0.0
+    return float(((a * b).sum() / n - (a.sum() / n) * (b.sum() / n)) / (n - 1))
+
+
+def ppl_stats(nll: np.ndarray) -> dict:
+    """PPL and its uncertainty from per-token negative log-likelihoods (llama-perplexity's final estimate)."""
+    nll = np.asarray(nll, dtype=np.float64)
+    count = nll.size
+    mean = nll.sum() / count
+    var = (nll * nll).sum() / count - mean * mean
+    ppl = float(np.exp(mean))
+    err = float(np.sqrt(var / (count - 1)) * ppl) if var > 0 and count > 1 else 0.0
+    return {"ppl": ppl, "ppl_err": err, "nll_mean": float(mean), "n_scored": int(count)}
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """llama-perplexity's percentile: linear interpolation on sorted values."""
+    v = sorted_values
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    p = fraction * (v.size - 1)
+    ip = int(p)
+    p -= ip
+    return float((1 - p) * v[ip] + p * v[min(ip + 1, v.size - 1)])
+
+
+@dataclass
+class RefRows:
+    """The compact reference: per scored token, ``(n,)`` or ``(n, k)`` arrays."""
+
+    ids: np.ndarray  # (n, k) int32: the reference's top-k token ids, most likely first
+    logp: np.ndarray  # (n, k) float64: their log-probs
+    lse: np.ndarray  # (n,) float64: log-sum-exp of the raw logits (raw logit = logp + lse)
+    target_logp: np.ndarray  # (n,) float64: log-prob of the actual next token
+
+    @staticmethod
+    def from_logp(logp: np.ndarray, targets: np.ndarray, k: int, lse: np.ndarray | None = None) -> RefRows:
+        n, v = logp.shape
+        k = min(k, v)
+        part = np.argpartition(-logp, k - 1, axis=1)[:, :k] if k < v else np.tile(np.arange(v), (n, 1))
+        top = np.take_along_axis(logp, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        ids = np.take_along_axis(part, order, axis=1).astype(np.int32)
+        return RefRows(ids, np.take_along_axis(top, order, axis=1), np.zeros(n) if lse is None else lse,
+                       logp[np.arange(n), targets])
+
+    @staticmethod
+    def concat(parts: Sequence[RefRows]) -> RefRows:
+        return RefRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logp", "lse",
+                                                                                   "target_logp")))
+
+    def slice(self, a: int, b: int) -> RefRows:
+        return RefRows(self.ids[a:b], self.logp[a:b], self.lse[a:b], self.target_logp[a:b])
+
+
+def kld_full(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """Exact per-token KLD(P || Q) from full ``(n, V)`` log-probs (the reference path)."""
+    return (np.exp(logp) * (logp - logq)).sum(axis=1)
+
+
+def kld_compact(ref: RefRows, logq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token (coarse-grained KLD = lower bound, upper bound, reference tail mass); see module doc."""
+    n, v = logq.shape
+    p_top = np.exp(ref.logp)  # (n, k)
+    q_logtop = np.take_along_axis(logq, ref.ids, axis=1)  # (n, k)
+    head = (p_top * (ref.logp - q_logtop)).sum(axis=1)
+    p_tail = np.clip(1.0 - p_top.sum(axis=1), 0.0, 1.0)
+    q_tail = np.clip(1.0 - np.exp(q_logtop).sum(axis=1), 0.0, 1.0)
+    k = ref.ids.shape[1]
+    tiny = 1e-12  # below this the tail is rounding noise of 1 - sum(top-k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(p_tail > tiny, p_tail * (np.log(p_tail) - np.log(np.maximum(q_tail, 1e-300))), 0.0)
+    if k >= v:
+        return head, head.copy(), np.zeros(n)
+    upper = head.copy()
+    cap = p_top[:, -1]  # no tail token can be more likely than the k-th
+    for i in np.flatnonzero(p_tail > tiny):
+        upper[i] += _tail_upper(p_tail[i], cap[i], logq[i], ref.ids[i])
+    return head + tail, upper, p_tail
+
+
+def _tail_upper(mass: float, cap: float, logq_row: np.ndarray, top_ids: np.ndarray) -> float:
+    """max of sum p_i log(p_i / q_i) over the tail, with sum p_i = mass and 0 <= p_i <= cap."""
+    mask = np.ones(logq_row.size, dtype=bool)
+    mask[top_ids] = False
+    lq = logq_row[mask]
+    m = int(np.floor(mass / cap)) if cap > 0 else lq.size
+    m = min(m, lq.size)
+    r = mass - m * cap
+    take = min(m + (r > 0), lq.size)
+    if take == 0:
+        return 0.0
+    smallest = np.sort(np.partition(lq, take - 1)[:take]) if take < lq.size else np.sort(lq)
+    total = cap * (np.log(cap) - smallest[:m]).sum() if m else 0.0
+    if r > 0 and take > m:
+        total += r * (np.log(r) - smallest[m])
+    return float(total)
+
+
+# --- running a model over a corpus ---------------------------------------------------------------------
+
+
+def make_chunks(tokens: Sequence[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:
+    """llama-perplexity's chunks: ``n_ctx`` tokens each, the first replaced by ``bos`` when given."""
+    if n_ctx < 8:
+        raise InvalidArgument(f"--ctx {n_ctx} is too small for perplexity; use at least 8 (512 is usual)")
+    if len(tokens) < 2 * n_ctx:
+        raise InvalidArgument(f"the text has {len(tokens)} tokens but perplexity with --ctx {n_ctx} needs at "
+                              f"least {2 * n_ctx}; use a longer text or a smaller --ctx")
+    n_max = len(tokens) // n_ctx
+    if n_chunks is not None and n_chunks < 1:
+        raise InvalidArgument(f"--chunks {n_chunks} must be >= 1")
+    n = n_max if n_chunks is None else min(n_chunks, n_max)
+    chunks = [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(n)]
+    if bos is not None:
+        for c in chunks:
+            c[0] = bos
+    return chunks
+
+
+def corpus_tokens(engine, corpus: Corpus) -> list[int]:
+    """The whole text tokenized as llama-perplexity does (special tokens added, none parsed)."""
+    return engine.tokenize(corpus.text, add_special=True, parse_special=False)
+
+
+def chunk_logits(engine, chunk: Sequence[int], first: int) -> np.ndarray:
+    """Raw logits ``(n_ctx - 1 - first, V)`` float32 of the scored positions of one chunk (KV cleared)."""
+    n_ctx = len(chunk)
+    if engine.n_ctx < n_ctx:
+        raise InvalidArgument(f"the model was loaded with a context of {engine.n_ctx}, smaller than "
+                              f"--ctx {n_ctx}; load it with n_ctx >= {n_ctx}")
+    engine.reset()
+    rows = []
+    try:
+        for start in range(0, n_ctx, engine.n_batch):
+            items = [(t, p, 0, first <= p <= n_ctx - 2)
+                     for p, t in enumerate(chunk[start:start + engine.n_batch], start)]
+            engine.decode_batch(items)
+            if any(w for *_, w in items):
+                rows.append(engine.all_logits())
+    finally:
+        engine.reset()  # decode_batch does not track positions: leave the engine empty and consistent
+    return np.concatenate(rows) if len(rows) > 1 else rows[0]
+
+
+@dataclass
+class ChunkScores:
+    nll: np.ndarray  # (n,) float64
+    argmax: np.ndarray  # (n,) int: the model's top-1 token
+    kld: np.ndarray | None = None  # (n,) coarse-grained KLD vs the reference
+    kld_upper: np.ndarray | None = None
+    tail_mass: np.ndarray | None = None
+    ref: RefRows | None = None  # this model's compact rows when asked for (building a reference)
+
+
+def score_chunk(logits: np.ndarray, targets: np.ndarray, *, ref: RefRows | None = None,
+                keep_k: int | None = None) -> ChunkScores:
+    """NLL, top-1 and (against ``ref``) KLD of one chunk's ``(n, V)`` logits, in row blocks of float64."""
+    out: dict[str, list] = {k: [] for k in ("nll", "argmax", "kld", "kld_upper", "tail_mass", "ref")}
+    n = logits.shape[0]
+    for a in range(0, n, ROW_BLOCK):
+        b = min(a + ROW_BLOCK, n)
+        x = np.asarray(logits[a:b], dtype=np.float64)
+        m = x.max(axis=1, keepdims=True)
+        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+        lp = x - lse  # (rows, V)
+        t = targets[a:b]
+        out["nll"].append(-lp[np.arange(b - a), t])
+        out["argmax"].append(lp.argmax(axis=1))
+        if ref is not None:
+            kl, up, tm = kld_compact(ref.slice(a, b), lp)
+            out["kld"].append(kl)
+            out["kld_upper"].append(up)
+            out["tail_mass"].append(tm)
+        if keep_k:
+            out["ref"].append(RefRows.from_logp(lp, t, keep_k, lse[:, 0]))
+    cat = lambda k: np.concatenate(out[k]) if out[k] else None
+    return ChunkScores(nll=cat("nll"), argmax=cat("argmax"), kld=cat("kld"), kld_upper=cat("kld_upper"),
+                       tail_mass=cat("tail_mass"), ref=RefRows.concat(out["ref"]) if out["ref"] else None)
+
+
+def iter_scores(engine, chunks: list[list[int]], *, ref: RefRows | None = None,
+                keep_k: int | None = None) -> Iterator[ChunkScores]:
+    """One :class:`ChunkScores` per chunk (the reference rows are sliced chunk by chunk)."""
+    n_ctx = len(chunks[0])
+    first = n_ctx // 2
+    per = n_ctx - 1 - first
+    for i, chunk in enumerate(chunks):
+        logits = chunk_logits(engine, chunk, first)
+        targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+        r = ref.slice(i * per, (i + 1) * per) if ref is not None else None
+        yield score_chunk(logits, targets, ref=r, keep_k=keep_k)
+
+
+# --- the compact reference cache -----------------------------------------------------------------------
+
+
+def cache_path(cache_dir: Path, ref_sha256: str, corpus: Corpus, n_ctx: int, k: int) -> Path:
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{ref_sha256}|{corpus.sha256}|{n_ctx}|{k}".encode()).hexdigest()
+    return cache_dir / f"ref-{ref_sha256[:12]}-{corpus.sha256[:12]}-c{n_ctx}-k{k}-{key[:8]}.npz"
+
+
+def save_ref(path: Path, ref: RefRows, tokens: Sequence[int], n_chunks: int) -> None:
+    """Write the compact reference atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ids=ref.ids, logp=ref.logp, lse=ref.lse, target_logp=ref.target_logp,
+                        tokens=np.asarray(tokens, dtype=np.int32), n_chunks=np.int64(n_chunks),
+                        version=np.int64(CACHE_VERSION))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_ref(path: Path, n_chunks: int, per_chunk: int) -> tuple[RefRows, np.ndarray] | None:
+    """The first ``n_chunks`` chunks of a cached reference; None when absent, stale or too short."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if int(z["version"]) != CACHE_VERSION or int(z["n_chunks"]) < n_chunks:
+                return None
+            n = n_chunks * per_chunk
+            ref = RefRows(z["ids"][:n], z["logp"][:n], z["lse"][:n], z["target_logp"][:n])
+            return ref, z["tokens"]
+    except (OSError, ValueError, KeyError):
+        return None  # a corrupt cache file is recomputed, not trusted
+
+
+# --- the two measurements ------------------------------------------------------------------------------
+
+
+def perplexity(engine, corpus: Corpus, n_ctx: int = 512, n_chunks: int | None = None) -> dict:
+    """PPL of ``engine``'s model on ``corpus`` (llama-perplexity conventions; see module doc)."""
+    t0 = time.perf_counter()
+    tokens = corpus_tokens(engine, corpus)
+    chunks = make_chunks(tokens, n_ctx, n_chunks, engine.bos_token if engine.add_bos else None)
+    scores = list(iter_scores(engine, chunks))
+    nll = np.concatenate([s.nll for s in scores])
+    return {**ppl_stats(nll), **_text_fields(corpus, tokens, n_ctx, len(chunks)),
+            "time_s": time.perf_counter() - t0}
+
+
+def reference_rows(ref_engine, corpus: Corpus, n_ctx: int, n_chunks: int | None, k: int,
+                   cache_file: Path | None) -> tuple[RefRows, list[int], int, bool]:
+    """The compact reference rows (from the cache when it holds enough chunks): (rows, tokens, chunks, hit)."""
+    tokens = corpus_tokens(ref_engine, corpus)
+    chunks = make_chunks(tokens, n_ctx, n_chunks, ref_engine.bos_token if ref_engine.add_bos else None)
+    per = n_ctx - 1 - n_ctx // 2
+    if cache_file is not None:
+        hit = load_ref(cache_file, len(chunks), per)
+        if hit is not None and np.array_equal(hit[1], np.asarray(tokens, dtype=np.int32)):
+            return hit[0], tokens, len(chunks), True
+    ref = RefRows.concat([s.ref for s in iter_scores(ref_engine, chunks, keep_k=k)])
+    if cache_file is not None:
+        save_ref(cache_file, ref, tokens, len(chunks))
+    return ref, tokens, len(chunks), False
+
+
+def kl_divergence(engine, ref: RefRows, ref_tokens: Sequence[int], corpus: Corpus, n_ctx: int,
+                  n_chunks: int) -> dict:
+    """PPL of ``engine``'s model and its divergence from the compact reference ``ref``."""
+    t0 = time.perf_counter()
+    if engine.n_vocab <= int(ref.ids.max(initial=0)):
+        raise InvalidArgument("the model and the reference have different vocabularies; KLD needs two "
+                              "variants of the same model (same tokenizer)")
+    tokens = corpus_tokens(engine, corpus)
+    if list(tokens) != list(ref_tokens):
+        raise InvalidArgument("the model and the reference tokenize the text differently; KLD needs two "
+                              "variants of the same model (same tokenizer)")
+    chunks = make_chunks(tokens, n_ctx, n_chunks, engine.bos_token if engine.add_bos else None)
+    scores = list(iter_scores(engine, chunks, ref=ref))
+    nll = np.concatenate([s.nll for s in scores])
+    top = np.concatenate([s.argmax for s in scores])
+    kld = np.concatenate([s.kld for s in scores])
+    if nll.size != ref.target_logp.size:
+        raise OndeviceError(f"internal: {nll.size} scored tokens but {ref.target_logp.size} reference rows")
+    return {**ppl_stats(nll), **kld_stats(nll, -ref.target_logp, kld, top == ref.ids[:, 0],
+                                          np.concatenate([s.kld_upper for s in scores]),
+                                          np.concatenate([s.tail_mass for s in scores])),
+            **_text_fields(corpus, tokens, n_ctx, len(chunks)), "topk": int(ref.ids.shape[1]),
+            "time_s": time.perf_counter() - t0}
+
+
+def kld_stats(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top: np.ndarray,
+              kld_upper: np.ndarray | None = None, tail_mass: np.ndarray | None = None) -> dict:
+    """llama-perplexity's KLD summary: ΔPPL, KLD mean ± err, median, p99, max, same-top, Δp RMS."""
+    lp, lp_err = mean_and_uncertainty(nll)
+    lb, lb_err = mean_and_uncertainty(nll_base)
+    ppl, ppl_base = float(np.exp(lp)), float(np.exp(lb))
+    cov = covariance(nll, nll_base)
+    ppl_err, base_err = ppl * lp_err, ppl_base * lb_err
+    k_mean, k_err = mean_and_uncertainty(kld)
+    s = np.sort(kld)
+    top1 = float(same_top.mean())
+    n = same_top.size
+    p_diff = np.exp(-nll) - np.exp(-nll_base)
+    mse, mse_err = mean_and_uncertainty(p_diff * p_diff)
+    rms = float(np.sqrt(mse))
+    out = {
+        "ppl_ref": ppl_base, "ppl_ref_err": base_err,
+        "dppl": ppl - ppl_base, "dppl_err": float(np.sqrt(max(ppl_err ** 2 + base_err ** 2 - 2 * ppl * ppl_base * cov,
+                                                              0.0))),
+        "ln_ppl_ratio": lp - lb, "ln_ppl_ratio_err": float(np.sqrt(max(lp_err ** 2 + lb_err ** 2 - 2 * cov, 0.0))),
+        "kld_mean": k_mean, "kld_err": k_err, "kld_median": percentile(s, 0.5), "kld_p99": percentile(s, 0.99),
+        "kld_max": float(s[-1]),
+        "top1_agree": top1, "top1_err": float(np.sqrt(top1 * (1 - top1) / (n - 1))) if n > 1 else 0.0,
+        "dp_rms": rms, "dp_rms_err": 0.5 / rms * mse_err if rms > 0 else 0.0,
+    }
+    if kld_upper is not None:
+        out["kld_upper_mean"] = float(kld_upper.mean())
+    if tail_mass is not None:
+        out["ref_tail_mass_mean"] = float(tail_mass.mean())
+    return out
+
+
+def _text_fields(corpus: Corpus, tokens: Sequence[int], n_ctx: int, n_chunks: int) -> dict:
+    return {"corpus": corpus.describe(), "corpus_tokens": len(tokens), "n_ctx": n_ctx, "n_chunks": n_chunks}

@@ -1,0 +1,150 @@
+"""Run a task suite over a loaded model: one generation per item, scored, logged, summarised.
+
+Instruct models get their chat template; base models get the plain prompt (``Model.render`` decides).
+Generation is greedy unless ``temp > 0``. Each sample is one JSONL line (input, prediction, target,
+metric, scores, and the timings of its last :class:`~ondevice.engine.records.Generation` record); the
+summary has per-task and per-category means and one primary ``score`` in 0..1:
+
+- the mean over tasks of each task's mean primary metric (every task weighs the same, whatever its size);
+- Kendall's tau, the one metric that can be negative, enters that mean as ``(tau + 1) / 2`` (the raw
+  mean is in the task's row);
+- HumanEval items are scored pass@1 by running the tests in ``sandbox`` (via ``suites.score``).
+
+With a judge endpoint, each answer is also graded by ``suites.judge_score``; its 1-10 grade is reported
+beside the metric (``judge``, and ``judge_score`` = mean grade / 10), never instead of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..engine.records import Sampling
+from .suites import Item, Suite, judge_score, score
+
+# A judge prompt for items that have no SmartBench one, with SmartBench's placeholders and score line.
+GENERIC_JUDGE = (
+    "You are grading an AI assistant's answer against a reference answer.\n\n"
+    "Task given to the assistant:\nspecific_task\n\nReference answer:\nrefer_answer\n\n"
+    "Assistant's answer:\nai_answer\n\n"
+    "Judge correctness, completeness and whether the answer follows the task's instructions. Give a short "
+    "justification, then end with one line exactly of the form\n'overall score': N\nwhere N is an integer "
+    "from 1 (useless) to 10 (as good as the reference)."
+)
+
+
+def _unit(metric: str, value: float) -> float:
+    """A primary metric value on 0..1 (Kendall's tau is -1..1)."""
+    return (value + 1.0) / 2.0 if metric == "kendall_tau" else value
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def generate_one(model, item: Item, sampling: Sampling) -> tuple[str, dict]:
+    """The prediction for one item and the timings of its generation."""
+    prompt = item.input if isinstance(item.input, str) else item.messages()
+    parts: list[str] = []
+    last = None
+    for g in model.stream(prompt, sampling=sampling):
+        parts.append(g.text)
+        last = g
+    timings = {}
+    if last is not None:
+        timings = {"ttft_s": last.ttft, "decode_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens,
+                   "prompt_tps": last.prompt_tps, "generated_tokens": last.generation_tokens,
+                   "total_s": last.t, "finish_reason": last.finish_reason, "cached_tokens": last.cached_tokens}
+    return "".join(parts), timings
+
+
+def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, seed: int = 0,
+              log_path: str | Path | None = None, judge: str | None = None, judge_model: str | None = None,
+              judge_key: str | None = None, timeout: float = 5.0,
+              progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Generate, score and log every item of ``suite``; the summary (see module doc).
+
+    ``log_path`` receives one JSON line per sample, written to a temp file and renamed at the end (a
+    partial log is left beside it with a ``.partial`` suffix if the run dies, so finished samples are not lost).
+    """
+    if not suite.items:
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument(f"the suite {suite.name!r} has no items; check the file or --limit")
+    if judge and not judge_model:
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("--judge needs --judge-model (the model name the judge endpoint serves)")
+    sampling = Sampling(temp=temp, seed=seed, max_tokens=max_tokens)
+    log_file = Path(log_path) if log_path else None
+    partial = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=log_file.parent, prefix=log_file.name + ".", suffix=".partial")
+        partial = os.fdopen(fd, "w", encoding="utf-8")
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        for i, item in enumerate(suite.items):
+            prediction, timings = generate_one(model, item, sampling)
+            scores = score(item, prediction, timeout=timeout)
+            row = {"id": item.id, "task": item.task, "category": item.category, "input": item.input,
+                   "prediction": prediction, "target": item.target, "metric": item.metric,
+                   "score": scores[item.metric], "scores": scores, **timings}
+            if judge:
+                question = item.input if isinstance(item.input, str) else json.dumps(item.input, ensure_ascii=False)
+                grade = judge_score(judge, judge_model, judge_key, item.meta.get("judge_prompt", GENERIC_JUDGE),
+                                    question, prediction, item.target)
+                row["judge"] = grade
+            rows.append(row)
+            if partial is not None:
+                partial.write(json.dumps(row, ensure_ascii=False) + "\n")
+                partial.flush()
+            if progress:
+                progress(i + 1, len(suite.items), row)
+    finally:
+        if partial is not None:
+            partial.close()
+            if len(rows) == len(suite.items):
+                os.replace(tmp, log_file)
+    return summarize(suite.name, rows, time.perf_counter() - t0, log_file)
+
+
+def summarize(name: str, rows: list[dict], elapsed: float, log_file: Path | None = None) -> dict:
+    """Per-task and per-category means and the suite score (see module doc)."""
+    tasks: dict[str, dict] = {}
+    for r in rows:
+        t = tasks.setdefault(r["task"], {"category": r["category"], "metric": r["metric"], "raw": [], "unit": [],
+                                         "judge": []})
+        t["raw"].append(r["score"])
+        t["unit"].append(_unit(r["metric"], r["score"]))
+        if r.get("judge") is not None:
+            t["judge"].append(r["judge"])
+    per_task = {k: {"category": v["category"], "metric": v["metric"], "n": len(v["raw"]), "mean": _mean(v["raw"]),
+                    "score": _mean(v["unit"]), "judge": _mean(v["judge"])} for k, v in tasks.items()}
+    cats: dict[str, list[float]] = {}
+    for v in per_task.values():
+        cats.setdefault(v["category"], []).append(v["score"])
+    tps = [r["decode_tps"] for r in rows if r.get("decode_tps")]
+    ttft = [r["ttft_s"] for r in rows if r.get("ttft_s")]
+    judged = [r["judge"] for r in rows if r.get("judge") is not None]
+    out = {
+        "suite": name, "n_items": len(rows),
+        "score": _mean([v["score"] for v in per_task.values()]),
+        "score_micro": _mean([_unit(r["metric"], r["score"]) for r in rows]),
+        "tasks": per_task, "categories": {c: _mean(v) for c, v in cats.items()},
+        "decode_tps_mean": _mean(tps), "ttft_s_median": statistics.median(ttft) if ttft else None,
+        "generated_tokens": sum(r.get("generated_tokens", 0) for r in rows), "time_s": elapsed,
+    }
+    if judged:
+        out["judge_mean"] = _mean(judged)
+        out["judge_score"] = out["judge_mean"] / 10.0
+        out["judge_missing"] = sum(1 for r in rows if "judge" in r and r["judge"] is None)
+    if log_file is not None:
+        out["log"] = str(log_file)
+    return out

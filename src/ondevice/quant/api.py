@@ -1,0 +1,85 @@
+"""``ondevice.quant.quantize``: make a quantized (or F16 reference) variant and register it in the store."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+from .quantize import (
+    check_requantize,
+    default_name,
+    ftype_id,
+    parse_overrides,
+    run_worker,
+    verify,
+    weight_types,
+)
+
+_UNQUANTIZED_TARGETS = {"F32", "F16", "BF16"}
+
+
+def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None = None,
+             overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
+             threads: int | None = None, force: bool = False, timeout: float | None = None):
+    """Quantize ``model`` to ``type`` (a ``LLAMA_FTYPE_MOSTLY_*`` name) and store it as variant ``name``.
+
+    ``overrides`` are ``"REGEX=GGML_TYPE"`` strings (or a ``{regex: type}`` dict) applied to tensor names.
+    Returns the :class:`~ondevice.models.catalog.ModelRef` of the new variant; its provenance (source
+    sha256, type, overrides, llama.cpp version, the tensor types read back) is in ``ref.provenance``.
+    """
+    from ..engine.llama import physical_cores
+    from ..eval.api import model_sha256
+    from ..models.catalog import register_variant, resolve, store_variants
+    from ..models.store import models_dir
+
+    type_name = type.strip().upper()
+    ftype = ftype_id(type_name)
+    ovr = parse_overrides(overrides)
+    if ovr and type_name in _UNQUANTIZED_TARGETS:
+        raise InvalidArgument(f"--override has no effect with --type {type_name}: llama.cpp applies per-tensor "
+                              f"overrides only when the target type is quantized; drop them or pick a "
+                              f"quantized --type")
+    src = resolve(model)
+    src_info = src.info  # validates the source before llama.cpp reads it
+    src_types = weight_types(src.path)
+    requantized_from = check_requantize(src_types, allow_requantize)
+    name = name or default_name(src.name, type_name)
+    if name in store_variants() and not force:
+        raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
+                              f"or --force to replace it")
+    n_threads = threads or physical_cores()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".gguf.tmp", dir=models_dir())
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout)
+        types = weight_types(tmp)
+        check = verify(types, type_name, ovr)
+        import llama_cpp
+
+        provenance = {
+            "made_by": "ondevice quantize", "source": src.name, "source_path": str(src.path),
+            "source_sha256": model_sha256(src), "source_quant": src_info.quant_summary,
+            "type": type_name, "ftype": ftype, "overrides": [f"{p}={t}" for p, t in ovr],
+            "allow_requantize": allow_requantize, "requantized_from": requantized_from,
+            "llama_cpp_python": llama_cpp.__version__, "llama_cpp": "vendored in llama-cpp-python "
+            f"{llama_cpp.__version__}", "threads": n_threads, "seconds": round(seconds, 3),
+            "tensor_types": check, "file_size": tmp.stat().st_size,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if requantized_from and type_name in _UNQUANTIZED_TARGETS:
+            provenance["note"] = (f"dequantized from {', '.join(requantized_from)}: a reference for the source "
+                                  f"file, not the original unquantized weights")
+        ref = register_variant(name, tmp, provenance)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    if not ref.path.is_file():
+        raise OndeviceError(f"the variant {name} was not written to {ref.path}")
+    return ref
+

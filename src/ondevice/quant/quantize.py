@@ -1,0 +1,180 @@
+"""``quantize(model, type)``: a thin wrapper over llama.cpp's ``llama_model_quantize``.
+
+What it adds to the C call, and nothing more:
+
+- names: ``type`` is a ``LLAMA_FTYPE_MOSTLY_*`` suffix (``Q8_0``, ``Q4_K_M``, ``F16``...; ``F32`` is
+  ``LLAMA_FTYPE_ALL_F32``), per-tensor overrides are ``REGEX=GGML_TYPE`` strings;
+- per-tensor overrides go through ``llama_model_quantize_params.tt_overrides``: a C array of
+  ``llama_model_tensor_override {const char *pattern; enum ggml_type type;}`` ended by a NULL pattern.
+  llama.cpp (src/llama-quant.cpp) compiles each pattern with ``std::regex`` and applies the first one
+  that ``regex_search``-es the tensor name, *only when the target type is a quantized one*: with F16,
+  BF16 or F32 targets it ignores them, so we refuse overrides there rather than silently drop them;
+- requantization: a source whose weights are already quantized needs ``allow_requantize`` (quality loss
+  compounds; llama.cpp refuses otherwise). Making an F16 "reference" from a Q4_1 file is allowed this way
+  too: it dequantizes exactly what Q4_1 holds, so it is a reference *for that file*, not the original;
+- safety: the C call runs in a child process (``python -m ondevice.quant.worker``), because llama.cpp
+  may ``abort()`` on input it does not expect; the CLI then prints an error instead of dying;
+- the output is written to a temporary file next to its destination, read back with ``gguf.GGUFReader``
+  (the reference reader) to confirm the tensor types, and only then renamed into the model store and
+  registered as a named variant with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+_SUFFIX = re.compile(r"[-._](?:i?q\d\w*|f16|f32|bf16|tq\d_\d|mxfp4\w*)$", re.IGNORECASE)
+
+
+def ftypes() -> dict[str, int]:
+    """Quantization type name -> ``LLAMA_FTYPE`` value, as this llama-cpp-python build exposes them."""
+    import llama_cpp as ll
+
+    out = {n.removeprefix("LLAMA_FTYPE_MOSTLY_"): getattr(ll, n) for n in dir(ll)
+           if n.startswith("LLAMA_FTYPE_MOSTLY_")}
+    out["F32"] = ll.LLAMA_FTYPE_ALL_F32
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def ggml_types() -> dict[str, int]:
+    """ggml tensor type name -> id (from gguf-py, which tracks ggml's enum)."""
+    import gguf
+
+    return {t.name: int(t) for t in gguf.GGMLQuantizationType}
+
+
+def ftype_id(type_name: str) -> int:
+    """``LLAMA_FTYPE`` value of ``type_name`` (case-insensitive), or an error listing the valid names."""
+    table = ftypes()
+    key = type_name.strip().upper()
+    if key not in table:
+        raise InvalidArgument(f"--type {type_name!r} is not a llama.cpp quantization type; use one of "
+                              f"{', '.join(table)}")
+    return table[key]
+
+
+def main_type(type_name: str) -> str:
+    """The ggml type most weights get under a file type: Q4_K_M -> Q4_K, Q2_K_S -> Q2_K, Q8_0 -> Q8_0."""
+    key = type_name.upper()
+    m = re.fullmatch(r"(Q\d_K)_(?:S|M|L)", key)
+    if m:
+        return m.group(1)
+    m = re.fullmatch(r"(IQ\d)_(?:S|M)", key)  # IQ3_M / IQ2_M mix around IQ3_S / IQ2_S
+    return f"{m.group(1)}_S" if m else key
+
+
+def parse_overrides(overrides: list[str] | dict[str, str] | None) -> list[tuple[str, str]]:
+    """``["REGEX=TYPE", ...]`` or ``{REGEX: TYPE}`` -> validated ``[(regex, GGML_TYPE), ...]`` in order."""
+    if not overrides:
+        return []
+    pairs = list(overrides.items()) if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        for o in overrides:
+            pat, sep, typ = str(o).rpartition("=")
+            if not sep or not pat or not typ:
+                raise InvalidArgument(f"--override {o!r} is not REGEX=TYPE; e.g. --override 'ffn_down=Q8_0'")
+            pairs.append((pat, typ))
+    table = ggml_types()
+    out = []
+    for pat, typ in pairs:
+        t = typ.strip().upper()
+        if t not in table:
+            raise InvalidArgument(f"--override {pat}={typ}: {typ!r} is not a ggml tensor type; use one of "
+                                  f"{', '.join(table)}")
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise InvalidArgument(f"--override {pat}={typ}: the pattern is not a valid regex ({e}); fix it "
+                                  f"(it is searched in tensor names such as blk.0.ffn_down.weight)") from None
+        out.append((pat, t))
+    return out
+
+
+def default_name(source_name: str, type_name: str) -> str:
+    """``smollm2-135m-instruct-q4_1`` + Q8_0 -> ``smollm2-135m-instruct-q8_0``."""
+    base = Path(source_name).name.removesuffix(".gguf")
+    base = _SUFFIX.sub("", base).lower().replace(".", "-") or "model"
+    return f"{base}-{type_name.lower()}"
+
+
+def weight_types(path: str | Path) -> dict[str, str]:
+    """Matrix name -> ggml type name (tensors of 2+ dims: the ones quantization touches), read with
+    gguf-py's reference ``GGUFReader`` rather than our own header walk, as an independent check."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2 and min(t.shape[:2]) > 1}
+
+
+def check_requantize(source_types: dict[str, str], allow_requantize: bool) -> list[str]:
+    """The quantized types in the source; an error when there are some and requantizing is not allowed."""
+    quantized = sorted({t for t in source_types.values() if t not in _FLOAT_TYPES})
+    if quantized and not allow_requantize:
+        raise InvalidArgument(
+            f"the source model is already quantized ({', '.join(quantized)}); requantizing compounds the "
+            f"error, so it must be asked for: pass --allow-requantize (allow_requantize=True), or quantize "
+            f"from an F16/F32 file")
+    return quantized
+
+
+def verify(weights: dict[str, str], type_name: str, overrides: list[tuple[str, str]]) -> dict:
+    """Check the written matrix types against the request; what was found (and any mismatch)."""
+    mix = Counter(weights.values())
+    expected = main_type(type_name)
+    problems = []
+    override_hits: dict[str, dict] = {}
+    for pat, typ in overrides:
+        rx = re.compile(pat)
+        # llama.cpp applies the first matching pattern; mirror that to know which tensors each one owns
+        owned = [n for n in weights if rx.search(n) and next(p for p, _ in overrides if re.search(p, n)) == pat]
+        got = Counter(weights[n] for n in owned)
+        override_hits[pat] = {"type": typ, "tensors": len(owned), "got": dict(got)}
+        if not owned:
+            problems.append(f"override {pat}={typ} matched no tensor")
+        elif set(got) != {typ}:
+            problems.append(f"override {pat}={typ}: tensors got {dict(got)} (llama.cpp falls back when a "
+                            f"tensor's row size does not fit the type's block size)")
+    if expected in ggml_types() and expected not in mix:
+        problems.append(f"no weight tensor is {expected} (got {dict(mix)}): llama.cpp fell back to other types "
+                        f"for every tensor (row sizes that do not fit {expected}'s block size)")
+    return {"quant_mix": dict(mix.most_common()), "main_type": expected, "overrides": override_hits,
+            "warnings": problems}
+
+
+def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]], allow_requantize: bool,
+               threads: int, timeout: float | None = None) -> float:
+    """Run ``llama_model_quantize`` in a child process; seconds taken, or an error naming llama.cpp's reason."""
+    job = {"src": str(src), "dst": str(dst), "ftype": ftype, "allow_requantize": allow_requantize,
+           "nthread": threads, "overrides": [[p, ggml_types()[t]] for p, t in overrides]}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise OndeviceError(f"quantizing took longer than {timeout:.0f} s and was stopped; retry with more time")
+    elapsed = time.perf_counter() - t0
+    log = proc.stderr.splitlines()
+    reason = next((ln.split("failed to quantize:", 1)[1].strip() for ln in reversed(log)
+                   if "failed to quantize:" in ln), None)
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        tail = " | ".join(log[-3:])
+        raise OndeviceError(f"llama.cpp crashed ({sig}) while quantizing {src.name}: {tail or 'no output'}; "
+                            f"check that the model file is valid and the type suits its architecture")
+    if proc.returncode != 0 or reason:
+        why = reason or " | ".join(log[-3:]) or f"exit code {proc.returncode}"
+        hint = ""
+        if "importance matrix" in why or "imatrix" in why:
+            hint = "; this type needs an importance matrix (not supported here): pick a K-quant or Q4_0/Q8_0"
+        raise OndeviceError(f"llama.cpp could not quantize {src.name}: {why}{hint}")
+    return elapsed

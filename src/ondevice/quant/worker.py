@@ -1,0 +1,41 @@
+"""Child process for ``llama_model_quantize`` (llama.cpp may abort(); the parent survives and explains).
+
+Usage: ``python -m ondevice.quant.worker JOB_JSON``. llama.cpp's log goes to stderr (the parent reads the
+"failed to quantize: ..." line from it); the exit code is llama_model_quantize's return value.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(argv[0])
+    import llama_cpp as ll
+    from llama_cpp import _logger
+
+    _logger.set_verbose(True)  # the parent needs llama.cpp's reason when it fails
+    ll.llama_backend_init()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = job["ftype"]
+    params.allow_requantize = bool(job["allow_requantize"])
+    params.nthread = int(job["nthread"])
+    overrides = job["overrides"]
+    keep = []  # the pattern bytes must outlive the call
+    if overrides:
+        arr = (ll.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, ggml_type) in enumerate(overrides):
+            keep.append(pattern.encode())
+            arr[i].pattern = keep[-1]
+            arr[i].type = int(ggml_type)
+        arr[len(overrides)].pattern = None  # the list ends at a NULL pattern (llama-quant.cpp)
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(ll.llama_model_tensor_override))
+    rc = ll.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
+    sys.stderr.flush()
+    return int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""Task suites over the real model: per-sample log, summary, store record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ondevice.eval.runner import summarize
+
+
+def test_summary_is_a_macro_mean_with_tau_on_0_1():
+    rows = [
+        {"task": "a", "category": "x", "metric": "exact_match", "score": 1.0},
+        {"task": "a", "category": "x", "metric": "exact_match", "score": 0.0},
+        {"task": "a", "category": "x", "metric": "exact_match", "score": 1.0},
+        {"task": "b", "category": "y", "metric": "kendall_tau", "score": -1.0},
+    ]
+    s = summarize("t", rows, 1.0)
+    assert s["tasks"]["a"]["mean"] == pytest.approx(2 / 3)
+    assert s["tasks"]["b"]["mean"] == -1.0 and s["tasks"]["b"]["score"] == 0.0
+    assert s["score"] == pytest.approx((2 / 3 + 0.0) / 2)
+    assert s["score_micro"] == pytest.approx(2 / 4)
+    assert s["categories"] == {"x": pytest.approx(2 / 3), "y": 0.0}
+
+
+def test_runner_on_a_tiny_user_suite(smol_path, tmp_path, monkeypatch):
+    from ondevice.eval.api import evaluate, model_sha256
+    from ondevice.models import resolve
+    from ondevice.store import Store
+
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    suite = tmp_path / "tiny.jsonl"
+    items = [
+        {"id": "cap", "input": "What is the capital of France? Answer with one word.", "target": "Paris",
+         "metric": "exact_match", "task": "qa", "category": "knowledge"},
+        {"id": "num", "input": "Reply with the number 4 only.", "target": "4", "metric": "exact_match",
+         "task": "count", "category": "format"},
+    ]
+    suite.write_text("".join(json.dumps(i) + "\n" for i in items))
+    db = tmp_path / "db.sqlite"
+    (rec,) = evaluate(smol_path, suite=str(suite), max_tokens=8, store=db, log_dir=tmp_path / "logs", threads=2)
+    assert rec["test"] == "suite:tiny" and rec["n_items"] == 2
+    assert 0.0 <= rec["score"] <= 1.0
+    log = [json.loads(x) for x in Path(rec["log"]).read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in log] == ["cap", "num"]
+    for r in log:
+        assert {"input", "prediction", "target", "metric", "score", "ttft_s", "decode_tps"} <= set(r)
+        assert r["score"] in (0.0, 1.0) and r["generated_tokens"] <= 8
+    assert rec["score"] == pytest.approx(sum(r["score"] for r in log) / 2)
+    with Store(db) as s:
+        (stored,) = s.records("eval")
+    assert stored["test"] == "suite:tiny" and stored["score"] == rec["score"]
+    assert stored["model_sha256"] == model_sha256(resolve(str(smol_path)))
+    assert stored["file_size"] == smol_path.stat().st_size

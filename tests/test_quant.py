@@ -1,0 +1,75 @@
+"""``ondevice quantize``: real llama.cpp quantization, read back with gguf-py, loaded and run."""
+
+from __future__ import annotations
+
+import pytest
+
+from ondevice.errors import InvalidArgument, OndeviceError
+from ondevice.quant import quantize, weight_types
+from ondevice.quant.quantize import default_name, main_type, parse_overrides, run_worker
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_names_and_parsing():
+    assert default_name("smollm2-135m-instruct", "Q8_0") == "smollm2-135m-instruct-q8_0"
+    assert default_name("SmolLM2-135M-Instruct.Q4_1", "F16") == "smollm2-135m-instruct-f16"
+    assert main_type("Q4_K_M") == "Q4_K" and main_type("Q8_0") == "Q8_0"
+    assert parse_overrides(["ffn_down=q8_0", "a=b=F16"]) == [("ffn_down", "Q8_0"), ("a=b", "F16")]
+    with pytest.raises(InvalidArgument, match="not a ggml tensor type"):
+        parse_overrides(["ffn_down=Q9"])
+    with pytest.raises(InvalidArgument, match="not a valid regex"):
+        parse_overrides(["ffn_down[=Q8_0"])
+    with pytest.raises(InvalidArgument, match="REGEX=TYPE"):
+        parse_overrides(["ffn_down"])
+
+
+def test_invalid_type_is_a_clear_error(home, cli):
+    with pytest.raises(InvalidArgument, match="not a llama.cpp quantization type.*Q8_0"):
+        quantize(None, "Q9_9")
+    r = cli("quantize", "smollm2", "--type", "Q9_9")
+    assert r.returncode == 2
+    assert "not a llama.cpp quantization type" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_requantize_must_be_asked_for(home):
+    with pytest.raises(InvalidArgument, match="--allow-requantize"):
+        quantize(None, "Q8_0")  # the shipped file is Q4_1
+    with pytest.raises(InvalidArgument, match="only when the target type is quantized"):
+        quantize(None, "F16", overrides=["ffn_down=Q8_0"], allow_requantize=True)
+
+
+def test_f16_then_q8_0_with_override_is_loadable_and_typed(home):
+    import ondevice
+
+    f16 = quantize(None, "F16", allow_requantize=True, threads=2)  # dequantize the shipped Q4_1
+    assert f16.name == "smollm2-135m-instruct-f16"
+    assert set(weight_types(f16.path).values()) == {"F16"}
+    q8 = quantize(f16.name, "Q8_0", name="smol-q8-mixed", overrides=["ffn_down=Q4_0"], threads=2)
+    types = weight_types(q8.path)  # read back by gguf-py's GGUFReader
+    assert {t for n, t in types.items() if "ffn_down" in n} == {"Q4_0"}
+    assert {t for n, t in types.items() if "ffn_down" not in n} == {"Q8_0"}
+    prov = q8.provenance["provenance"]
+    assert prov["type"] == "Q8_0" and prov["overrides"] == ["ffn_down=Q4_0"]
+    assert prov["source_sha256"] == f16.provenance["sha256"]
+    assert prov["tensor_types"]["warnings"] == []
+    assert ondevice.models.resolve("smol-q8-mixed").path == q8.path
+    m = ondevice.load("smol-q8-mixed", n_ctx=64, n_threads=2)
+    try:
+        res = m.generate("Hi", temp=0, max_tokens=4)
+        assert len(res.tokens) >= 1
+    finally:
+        m.close()
+    with pytest.raises(InvalidArgument, match="already exists"):
+        quantize(f16.name, "Q8_0", name="smol-q8-mixed")
+
+
+def test_llama_cpp_failure_is_reported_not_fatal(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(OndeviceError, match="could not quantize|crashed"):
+        run_worker(bad, tmp_path / "out.gguf", 7, [], False, 1, timeout=60)

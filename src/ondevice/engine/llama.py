@@ -22,9 +22,11 @@ from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .base import Engine, EngineConfig
 from .records import Generation, Sampling
 
+_POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 _init_lock = threading.Lock()
 _backend_ready = False
+_log_callback = None
 
 
 def _lib():
@@ -34,12 +36,34 @@ def _lib():
 
     with _init_lock:
         if not _backend_ready:
-            from llama_cpp import _logger
-
-            _logger.set_verbose(os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"))
+            global _log_callback
+            _log_callback = _make_log_callback()  # kept referenced: llama.cpp holds the pointer
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
+
+
+def _make_log_callback():
+    """llama.cpp's log, shown only with ONDEVICE_VERBOSE=1 (errors always).
+
+    Our own callback because llama-cpp-python's maps an older ggml level enum (its filter lets
+    warnings through). ggml today: 1 debug, 2 info, 3 warn, 4 error, 5 continuation.
+    """
+    import sys
+
+    import llama_cpp
+
+    state = {"last": 0}
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        level = state["last"] if level == 5 else level
+        state["last"] = level
+        if level >= 4 or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+    return callback
 
 
 def physical_cores() -> int:
@@ -99,6 +123,11 @@ class LlamaEngine(Engine):
         cparams.type_v = _KV_TYPES[cfg.type_v]
         cparams.flash_attn_type = 1 if cfg.flash_attn else 0
         cparams.embeddings = cfg.embeddings
+        if cfg.pooling is not None:
+            if cfg.pooling not in _POOLING:
+                raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; "
+                                      f"use one of {', '.join(_POOLING)}")
+            cparams.pooling_type = _POOLING[cfg.pooling]
         cparams.no_perf = True
         if cfg.n_seq_max > 1:
             cparams.kv_unified = True  # all slots share one cache of n_ctx cells
@@ -193,6 +222,28 @@ class LlamaEngine(Engine):
         if rc != 0:
             raise OndeviceError(f"llama_decode failed with code {rc}")
         self._n_rows = n_rows
+        for _, pos, seq, _ in items:  # keep n_past current for sequences fed only through decode_batch
+            if pos >= self._n_past.get(seq, 0):
+                self._n_past[seq] = pos + 1
+
+    def embed(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
+        """Pooled embedding ``(n_embd,)`` of ``tokens`` (needs ``embeddings=True`` and a pooling type)."""
+        if not self.config.embeddings:
+            raise InvalidArgument("this engine was created without embeddings; use EngineConfig(embeddings=True)")
+        if not 0 < len(tokens) <= min(self.n_batch, self.n_ctx):
+            raise ContextOverflow(len(tokens), min(self.n_batch, self.n_ctx), "input")
+        self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
+        self._n_past[seq] = 0
+        try:
+            self.decode_batch([(t, i, seq, True) for i, t in enumerate(tokens)])
+            ptr = self.ll.llama_get_embeddings_seq(self.ctx, seq)
+            if not ptr:
+                raise OndeviceError("llama.cpp returned no pooled embedding; set a pooling type (e.g. 'mean')")
+            n_embd = self.ll.llama_model_n_embd(self.model)
+            return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
+        finally:
+            self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
+            self._n_past[seq] = 0
 
     def prefill(self, tokens: Sequence[int], seq: int = 0, logits_all: bool = False) -> None:
         pos = self._n_past.get(seq, 0)
@@ -345,6 +396,10 @@ class Sampler:
                 ll.llama_sampler_free(self.ptr)
                 raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
             add(g)
+        if s.ignore_eos:  # end-of-generation tokens can never be sampled (fixed-length runs)
+            eog = sorted(engine.eos_tokens)
+            bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
+            add(ll.llama_sampler_init_logit_bias(engine.n_vocab, len(eog), bias))
         if s.repeat_penalty != 1.0:
             add(ll.llama_sampler_init_penalties(engine.n_vocab, 64, s.repeat_penalty, 0.0, 0.0))
         if s.temp == 0:

@@ -4,7 +4,7 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= server,eval,models,test,plot
+EXTRAS ?= server,eval,models,test
 
 .PHONY: demo test install install-dev bench-peers clean
 

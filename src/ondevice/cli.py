@@ -26,6 +26,16 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when it says something: not None/False, and not already in the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "default" in help_ or action.default in (None, False, argparse.SUPPRESS) or not help_:
+            return help_
+        return super()._get_help_string(action)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
@@ -34,7 +44,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_) in VERBS.items():
         p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_Help)
         if name == verb:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -1,0 +1,125 @@
+"""What a bench record knows about the model and the hardware: identity, sha256 (cached), roofline."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bytes per KV element for llama.cpp's cache types (block size 32 for the quantized ones).
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+            "q5_0": 22 / 32, "q5_1": 24 / 32}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """A model as the bench sees it."""
+
+    name: str  # the resolved name: catalog/variant name, or the file's stem for a path
+    path: str
+    sha256: str
+    file_size: int
+    parameters: int
+    architecture: str
+    quant: str  # e.g. "Q4_1 69%, Q8_0 31%"
+    info: object  # GGUFInfo (tensors and hyper-parameters for the roofline)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "file_size": self.file_size,
+                "parameters": self.parameters, "architecture": self.architecture, "quant": self.quant}
+
+
+def _hash_cache_path() -> Path:
+    from ..models.store import data_dir
+
+    return data_dir() / "sha256-cache.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, cached per (real path, size, mtime) so a sweep does not re-read the model."""
+    from ..models.store import sha256_file, write_json
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}  # missing or corrupt: rebuild
+    if key in cache:
+        return cache[key]
+    digest = sha256_file(p)
+    with open(cache_file.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two sweeps hashing at once must not drop each other's entries
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}  # stale entries of this file
+        cache[key] = digest
+        write_json(cache_file, cache)
+    return digest
+
+
+def model_meta(name: str | None) -> ModelMeta:
+    """Resolve a model name/path, validate it and hash it."""
+    from ..models import resolve
+
+    ref = resolve(name)
+    info = ref.info
+    return ModelMeta(name=ref.name, path=str(Path(ref.path).resolve()), sha256=file_sha256(ref.path),
+                     file_size=info.file_size, parameters=info.parameters, architecture=info.architecture,
+                     quant=info.quant_summary, info=info)
+
+
+def config_key(settings: dict, model_sha256: str) -> str:
+    """Stable hash of a configuration (settings + model variant): what ``--resume`` skips."""
+    blob = json.dumps({"settings": settings, "model_sha256": model_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def roofline_for(meta: ModelMeta, phases: list[tuple[str, int, int]], time_s: float | None,
+                 n_ubatch: int, type_k: str, type_v: str, roofs) -> dict | None:
+    """% of the roofline for a timed span made of ``phases`` (prefill/decode, tokens, start depth).
+
+    The bound time is the sum over phases of tokens / bound tok/s; ``pct`` = bound time / measured time.
+    Each phase also gets its own roofline (binding roof, memory/compute tok/s).
+    """
+    from ..device import decode_cost, prefill_cost, roofline
+
+    info = meta.info
+    if roofs is None or not phases or not time_s:
+        return None
+    hp = {"n_layers": info.n_layers, "n_embd": info.n_embd, "n_head": info.n_head,
+          "n_head_kv": info.n_head_kv or info.n_head}
+    if None in hp.values():
+        return None
+    kvb = (KV_BYTES.get(type_k, 2.0) + KV_BYTES.get(type_v, 2.0)) / 2
+    out_phases, bound_time = [], 0.0
+    for phase, n, depth in phases:
+        if n <= 0:
+            continue
+        if phase == "prefill":
+            cost = prefill_cost(info.tensors, n_prompt=n, depth=depth, n_ubatch=n_ubatch, kv_bytes_per_elem=kvb,
+                                **hp)
+        else:  # decode cost is linear in depth: the mean depth gives the mean cost
+            cost = decode_cost(info.tensors, depth=round(depth + (n - 1) / 2), kv_bytes_per_elem=kvb, **hp)
+        r = roofline(0.0, cost.bytes_per_token, cost.flops_per_token, roofs.bandwidth_gbs, roofs.peak_gflops)
+        bound_time += n / r["bound_tps"]
+        out_phases.append({"phase": phase, "tokens": n, "depth": depth, "bound": r["bound"],
+                           "bound_tps": r["bound_tps"], "memory_tps": r["memory_tps"],
+                           "compute_tps": r["compute_tps"], "bytes_per_token": cost.bytes_per_token,
+                           "flops_per_token": cost.flops_per_token,
+                           "intensity_flop_per_byte": r["intensity_flop_per_byte"]})
+    if not out_phases:
+        return None
+    main = max(out_phases, key=lambda p: p["tokens"] / p["bound_tps"])
+    total = sum(p["tokens"] for p in out_phases)
+    return {"pct": 100.0 * bound_time / time_s, "bound": main["bound"], "bound_time_s": bound_time,
+            "bound_tps": total / bound_time, "phases": out_phases,
+            "bandwidth_gbs": roofs.bandwidth_gbs, "peak_gflops": roofs.peak_gflops,
+            "probe": {"threads": roofs.threads, "cached": roofs.cached, "measured_at": roofs.measured_at,
+                      "bandwidth_method": roofs.bandwidth_method, "compute_method": roofs.compute_method}}

@@ -1,0 +1,386 @@
+"""Sweeps: expand comma lists into configurations, run each in its own worker process, store each record.
+
+One worker per configuration (model x threads x batch x ubatch x ctx x KV types x flash-attn x profile)
+runs every test of that configuration on one loaded model; each (configuration, test) is one record
+with its own ``config_key``. Records are committed to the store as the worker reports them, so a
+``kill -9`` of the sweep loses only the test in flight, and ``--resume`` skips what is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ..errors import InvalidArgument
+from .meta import ModelMeta, config_key, model_meta, roofline_for
+from .workloads import WORKLOADS, TestSpec
+
+DONE_STATUSES = ("ok", "oom")  # what --resume skips; errors are retried
+
+# Keys of every record, whatever its status; units are in the names (_s seconds, _ms, _bytes, _j, tps).
+RECORD_FIELDS = ("schema", "kind", "session", "config_key", "status", "error", "created", "model", "model_path",
+                 "model_sha256", "model_size_bytes", "model_params", "model_arch", "model_quant", "test",
+                 "workload", "n_prompt", "n_gen", "n_depth", "threads", "n_batch", "n_ubatch", "n_ctx",
+                 "n_ctx_requested", "type_k", "type_v", "flash_attn", "profile", "repetitions", "load_time_s",
+                 "load_peak_rss_bytes", "roofline_pct", "roofline_bound", "roofline", "settings", "meta")
+# ...and of every "ok" record.
+METRIC_FIELDS = ("tps_mean", "tps_std", "tps_samples", "avg_s", "time_s_samples", "ttft_s_mean", "ttft_s_std",
+                 "ttft_s_samples", "prefill_tps_mean", "prefill_tps_std", "decode_tps_mean", "decode_tps_std",
+                 "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "itl_ms_mean", "peak_rss_bytes", "rss_file_bytes",
+                 "rss_anon_bytes", "process_max_rss_bytes", "cpu_time_s", "cpu_user_s", "cpu_sys_s",
+                 "cpu_utilisation", "measured_wall_s", "energy_j", "energy_j_per_token", "energy_method",
+                 "energy_scope", "energy_watts_per_core", "tokens_note")
+
+
+@dataclass
+class SweepParams:
+    """Every list is a sweep axis; the cartesian product is the set of configurations."""
+
+    models: list[str | None]
+    tests: list[TestSpec]
+    threads: list[int | None] = field(default_factory=lambda: [None])
+    n_batch: list[int] = field(default_factory=lambda: [2048])
+    n_ubatch: list[int] = field(default_factory=lambda: [512])
+    n_ctx: list[int] = field(default_factory=lambda: [0])  # 0: just enough for the tests
+    type_k: list[str] = field(default_factory=lambda: ["f16"])
+    type_v: list[str] = field(default_factory=lambda: ["f16"])
+    flash_attn: list[bool] = field(default_factory=lambda: [False])
+    profiles: list[str | None] = field(default_factory=lambda: [None])
+    repetitions: int = 5
+    warmup: bool = True
+    seed: int = 42
+
+    def validate(self) -> None:
+        if not self.tests:
+            raise InvalidArgument("no tests to run; give e.g. -p 512 -n 128 or --tests pp512,tg128")
+        if self.repetitions < 1:
+            raise InvalidArgument(f"-r {self.repetitions} must be >= 1")
+        for name, vals, lo in (("-t", self.threads, 1), ("-b", self.n_batch, 1), ("-ub", self.n_ubatch, 1),
+                               ("-c", self.n_ctx, 0)):
+            bad = [v for v in vals if v is not None and v < lo]
+            if bad:
+                raise InvalidArgument(f"{name} {bad[0]} must be >= {lo}")
+        from ..engine.llama import _KV_TYPES
+
+        for name, vals in (("-ctk", self.type_k), ("-ctv", self.type_v)):
+            bad = [v for v in vals if v not in _KV_TYPES]
+            if bad:
+                raise InvalidArgument(f"{name} {bad[0]!r} is not a KV cache type; use {', '.join(_KV_TYPES)}")
+
+
+@dataclass
+class Config:
+    model: ModelMeta
+    settings: dict  # threads, n_batch, n_ubatch, n_ctx, type_k, type_v, flash_attn, profile, repetitions
+    tests: list[TestSpec]
+
+    def key(self, test: TestSpec) -> str:
+        return config_key({**self.settings, "test": test.name, "params": test.params}, self.model.sha256)
+
+
+class BenchResult(list):
+    """The records of a sweep (a list), plus ``session``, ``interrupted`` and ``report_path``."""
+
+    session: str = ""
+    interrupted: bool = False
+    report_path: str | None = None
+
+
+def _resolve_threads(threads: int | None, profile: str | None) -> int:
+    from ..device import parse_profile
+    from ..engine.llama import physical_cores
+
+    if threads:
+        return threads
+    prof = parse_profile(profile)
+    if prof.threads or prof.cpu_affinity:
+        return prof.resolved_threads()
+    return physical_cores()
+
+
+def expand(params: SweepParams) -> list[Config]:
+    """Configurations in llama-bench order (model outermost)."""
+    params.validate()
+    metas = {}
+    for m in params.models:
+        if m not in metas:
+            metas[m] = model_meta(m)
+    out = []
+    for m, t, b, ub, c, tk, tv, fa, prof in itertools.product(
+            params.models, params.threads, params.n_batch, params.n_ubatch, params.n_ctx, params.type_k,
+            params.type_v, params.flash_attn, params.profiles):
+        settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
+                    "type_k": tk, "type_v": tv, "flash_attn": bool(fa), "profile": prof or "host",
+                    "repetitions": params.repetitions}
+        out.append(Config(metas[m], settings, list(params.tests)))
+    return out
+
+
+def new_session_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.n, self.enabled = total, 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def show(self, label: str) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        fill = int(width * self.n / max(1, self.total))
+        line = f"[{'#' * fill}{'.' * (width - fill)}] {self.n}/{self.total} {time.perf_counter() - self.t0:5.0f}s {label}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line[:120])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def step(self, label: str) -> None:
+        self.n += 1
+        self.show(label)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "ondevice.bench.worker"]
+
+
+def _worker_env(settings: dict) -> dict:
+    env = dict(os.environ)
+    # numpy's BLAS is idle in the worker; one BLAS thread keeps it from competing with llama.cpp's
+    # threads, and two malloc arenas keep the address space small (RLIMIT_AS counts reserved arenas).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(settings["threads"]))  # llama.cpp's OpenMP pool size
+    env.setdefault("MALLOC_ARENA_MAX", "2")
+    return env
+
+
+def _oom_like(rc: int, stderr: str) -> bool:
+    if rc < 0 and -rc in (signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+        return True  # the OOM killer (cgroup), std::bad_alloc -> abort, or a failed allocation dereferenced
+    return any(s in stderr for s in ("MemoryError", "bad_alloc", "Cannot allocate memory", "failed to allocate"))
+
+
+def run_worker(cfg: dict, settings: dict, on_event, capped: bool) -> tuple[int, str]:
+    """Start a worker, feed it ``cfg``, call ``on_event(dict)`` per JSON line; returns (rc, stderr tail).
+
+    The worker is in its own session (Ctrl-C reaches only the parent, which stops it) and dies with the
+    parent (PR_SET_PDEATHSIG), so a killed sweep leaves no orphan measuring in the background.
+    """
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=_worker_env(settings), start_new_session=True,
+                                # the sweep is single-threaded, so preexec_fn is safe here
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # noqa: PLW1509
+        try:
+            proc.stdin.write(json.dumps(cfg))
+            proc.stdin.close()
+            for line in proc.stdout:
+                line = line.strip()
+                if line.startswith("{"):
+                    on_event(json.loads(line))
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()  # Ctrl-C or a store failure: stop measuring now
+            proc.wait()
+            raise
+        err.seek(0)
+        tail = err.read()[-3000:]
+    return rc, tail
+
+
+def _flat(res: dict) -> dict:
+    """Worker result -> the record's flat metric columns."""
+    mem, cpu, en = res.get("memory") or {}, res.get("cpu") or {}, res.get("energy") or {}
+    ttft = res.get("ttft_s") or {}
+    return {
+        "tps_mean": res["tps"]["mean"], "tps_std": res["tps"]["std"], "tps_samples": res["tps"]["samples"],
+        "avg_s": res["time_s"]["mean"], "time_s_samples": res["time_s"]["samples"],
+        "ttft_s_mean": ttft.get("mean"), "ttft_s_std": ttft.get("std"), "ttft_s_samples": ttft.get("samples"),
+        "prefill_tps_mean": res["prefill_tps"]["mean"], "prefill_tps_std": res["prefill_tps"]["std"],
+        "decode_tps_mean": res["decode_tps"]["mean"], "decode_tps_std": res["decode_tps"]["std"],
+        "itl_ms_p50": res["itl_ms"]["p50"], "itl_ms_p90": res["itl_ms"]["p90"],
+        "itl_ms_p99": res["itl_ms"]["p99"], "itl_ms_mean": res["itl_ms"]["mean"],
+        "peak_rss_bytes": mem.get("peak_rss_bytes"), "rss_file_bytes": mem.get("rss_file_at_peak_bytes"),
+        "rss_anon_bytes": mem.get("rss_anon_at_peak_bytes"), "process_max_rss_bytes": mem.get("process_max_rss_bytes"),
+        "cpu_time_s": cpu.get("total_s"), "cpu_user_s": cpu.get("user_s"), "cpu_sys_s": cpu.get("sys_s"),
+        "cpu_utilisation": cpu.get("utilisation"), "measured_wall_s": res.get("measured_wall_s"),
+        "energy_j": en.get("joules"), "energy_j_per_token": en.get("j_per_token"),
+        "energy_method": en.get("method"), "energy_scope": en.get("scope"),
+        "energy_watts_per_core": en.get("watts_per_core"),
+        "tokens_note": res.get("tokens_note"),
+    }
+
+
+def _timed_phases(spec: TestSpec, res: dict) -> list[tuple[str, int, int]]:
+    if spec.kind == "chat":  # time_s is the decode after each conversation's first token
+        return [("decode", spec.n_gen - 1, n + 1) for n in res.get("prompt_lengths", [])]
+    return WORKLOADS[spec.kind].phases(spec)
+
+
+def _probe(threads: int, cache: dict, notes: list[str]):
+    if threads not in cache:
+        from ..device import probe
+
+        try:
+            cache[threads] = probe(threads)
+        except Exception as e:  # noqa: BLE001 — no roofline is a note, not a failed sweep
+            cache[threads] = None
+            notes.append(f"roofline unavailable at {threads} threads: {e}")
+    return cache[threads]
+
+
+def run_sweep(params: SweepParams, *, store=None, session: str | None = None, resume: bool = False,
+              progress: bool = False, roofline: bool = True, on_record=None) -> BenchResult:
+    """Run every configuration; returns the records (previously stored ones too when resuming)."""
+    from .. import __version__
+    from ..device import device_info, parse_profile
+
+    configs = expand(params)
+    if resume and store is not None and session is None:
+        prev = store.sessions("bench")
+        session = prev[0][0] if prev else None
+    session = session or new_session_id()
+    done: dict[str, dict] = {}
+    if resume and store is not None:
+        for r in store.records("bench", session):
+            if r.get("status") in DONE_STATUSES:
+                done[r["config_key"]] = r
+    result = BenchResult()
+    result.session = session
+    n_total = sum(len(c.tests) for c in configs)
+    bar = Progress(n_total, progress)
+    roofs: dict[int, object] = {}
+    notes: list[str] = []
+    try:
+        for cfg in configs:
+            todo = [t for t in cfg.tests if cfg.key(t) not in done]
+            for t in cfg.tests:
+                if t not in todo:
+                    result.append(done[cfg.key(t)])
+                    bar.step(f"{t.name}: stored (resume)")
+            if not todo:
+                continue
+            _run_config(cfg, todo, params, store, session, result, bar, roofs if roofline else None, notes,
+                        __version__, device_info, parse_profile, on_record)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        bar.close()
+    for n in notes:
+        print(f"ondevice bench: note: {n}", file=sys.stderr)
+    return result
+
+
+def worker_config(cfg: Config, todo: list[TestSpec], params: SweepParams) -> dict:
+    """The JSON a worker reads for ``todo`` tests of ``cfg`` (n_ctx 0: just enough, in steps of 256)."""
+    s = cfg.settings
+    n_ctx = s["n_ctx"] or -(-max(WORKLOADS[t.kind].ctx_needed(t) for t in todo) // 256) * 256
+    return {"model_path": cfg.model.path, "model": cfg.model.name,
+            "profile": None if s["profile"] == "host" else s["profile"],
+            "engine": {"n_ctx": n_ctx, "n_threads": s["threads"], "n_batch": s["n_batch"],
+                       "n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
+                       "flash_attn": s["flash_attn"]},
+            "tests": [t.to_dict() for t in todo], "repetitions": params.repetitions,
+            "warmup": params.warmup, "seed": params.seed}
+
+
+def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, session: str,
+                result: BenchResult, bar: Progress, roofs: dict | None, notes: list[str], version: str,
+                device_info, parse_profile, on_record) -> None:
+    s = cfg.settings
+    wcfg = worker_config(cfg, todo, params)
+    n_ctx = wcfg["engine"]["n_ctx"]
+    prof_spec = wcfg["profile"]
+    capped = parse_profile(prof_spec).mem_limit_bytes is not None
+    probe = _probe(s["threads"], roofs, notes) if roofs is not None else None
+    info = device_info()  # load average *before* this configuration runs
+    by_name = {t.name: t for t in todo}
+    state: dict = {"loaded": {}, "limits": None}
+    bar.show(f"{cfg.model.name} t={s['threads']} {todo[0].name} ...")
+
+    def record(spec: TestSpec, status: str, error: str | None, res: dict | None) -> None:
+        loaded = state["loaded"]
+        rec = {
+            "schema": 1, "kind": "bench", "session": session, "config_key": cfg.key(spec), "status": status,
+            "error": error, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": cfg.model.name, "model_path": cfg.model.path, "model_sha256": cfg.model.sha256,
+            "model_size_bytes": cfg.model.file_size, "model_params": cfg.model.parameters,
+            "model_arch": cfg.model.architecture, "model_quant": cfg.model.quant,
+            "test": spec.name, "workload": spec.kind, "n_prompt": spec.n_prompt, "n_gen": spec.n_gen,
+            "n_depth": spec.n_depth, **{k: v for k, v in s.items()},
+            "n_ctx": loaded.get("n_ctx", n_ctx), "n_ctx_requested": s["n_ctx"],
+            "load_time_s": loaded.get("load_time_s"), "load_peak_rss_bytes": loaded.get("load_peak_rss_bytes"),
+            "roofline_pct": None, "roofline_bound": None, "roofline": None,
+            "settings": {**s, "test": spec.name, "params": spec.params, "warmup": params.warmup,
+                         "seed": params.seed},
+            "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or info.get("llama_cpp"),
+                     "cpu_model": info.get("cpu_model"), "cpu_flags": info.get("cpu_flags"),
+                     "governor": info.get("governor"), "load_avg_before": info.get("load_avg"),
+                     "kernel": info.get("kernel"), "os": info.get("os"), "arch": info.get("arch"),
+                     "physical_cores": info.get("physical_cores"), "logical_cores": info.get("logical_cores"),
+                     "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
+                     "limits": state["limits"]},
+        }
+        if res is not None:
+            rec.update(_flat(res))
+            if res.get("prompt_lengths"):
+                rec["prompt_lengths"] = res["prompt_lengths"]
+            roof = roofline_for(cfg.model, _timed_phases(spec, res), res["time_s"]["mean"], s["n_ubatch"],
+                                s["type_k"], s["type_v"], probe)
+            if roof:
+                rec.update(roofline_pct=roof["pct"], roofline_bound=roof["bound"], roofline=roof)
+        if store is not None:
+            store.add("bench", rec, session=session, config_key=rec["config_key"], model=cfg.model.name,
+                      model_sha256=cfg.model.sha256, test=spec.name, status=status)
+        result.append(rec)
+        seen.add(spec.name)
+        if on_record:
+            on_record(rec)
+        bar.step(f"{spec.name}: {status}" + (f" {rec['tps_mean']:.1f} t/s" if res else ""))
+
+    seen: set[str] = set()
+
+    def on_event(ev: dict) -> None:
+        kind = ev.get("type")
+        if kind == "limits":
+            state["limits"] = ev.get("limits")
+        elif kind == "loaded":
+            state["loaded"] = ev
+        elif kind == "result" and ev.get("test") in by_name:
+            ok = ev["status"] == "ok"
+            record(by_name[ev["test"]], ev["status"], ev.get("error"), ev if ok else None)
+
+    rc, tail = run_worker(wcfg, s, on_event, capped)
+    missing = [t for t in todo if t.name not in seen]
+    if missing:
+        oom = capped and _oom_like(rc, tail)
+        why = (f"the worker died (exit {rc}{', signal ' + signal.Signals(-rc).name if rc < 0 else ''})"
+               + (" under the memory cap" if oom else "") + (f": {tail.strip()[-400:]}" if tail.strip() else ""))
+        for t in missing:
+            record(t, "oom" if oom else "error", why, None)

@@ -1,0 +1,47 @@
+"""``ondevice report``: the HTML report, exports and comparisons of stored bench runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--session", help="session id or unique prefix (default: the latest bench session)")
+    p.add_argument("--all", action="store_true", help="every stored bench session")
+    p.add_argument("--list", action="store_true", help="list stored bench sessions and exit")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="speedup of B over A per test; A, B: session ids or model sha256 prefixes")
+    p.add_argument("-o", "--output", choices=("html", "md", "csv", "json", "jsonl", "sql"), default="html",
+                   help="html writes the report file and prints its path; the others print records to stdout")
+    p.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
+    p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..store import Store
+    from .compare import compare
+    from .formats import export
+    from .write import load_records, write_html
+
+    with Store(args.db) as store:
+        if args.list:
+            sessions = store.sessions("bench")
+            if not sessions:
+                print("no bench sessions stored yet; run `ondevice bench`")
+            for s, created, n in sessions:
+                print(f"{s}  {datetime.fromtimestamp(created):%Y-%m-%d %H:%M:%S}  {n} records")
+            return 0
+        if args.compare:
+            _, table = compare(store, *args.compare)
+            sys.stdout.write(table)
+            return 0
+        records, sessions = load_records(store, args.session, args.all)
+        if args.output != "html":
+            sys.stdout.write(export(records, args.output))
+            return 0
+        sys.stdout.write(export(records, "md"))
+        path = write_html(records, store, args.html_path, sessions)
+        print(f"\nreport: {path}")
+    return 0

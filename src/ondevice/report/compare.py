@@ -1,0 +1,77 @@
+"""``ondevice report --compare A B``: speedup of B over A per test, like llama.cpp's compare-llama-bench.
+
+A and B are session ids or model sha256 prefixes (a unique prefix of either is enough). Two sessions are
+matched on model variant + test + settings; two model variants on test + settings (so one file's
+speed is set against the other's on the same workload).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import InvalidArgument
+
+MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
+
+
+def select(store, ref: str) -> tuple[str, str, list[dict]]:
+    """(``session``|``model``, the full id, its ok bench records) for a session id or sha256 prefix."""
+    sessions = [s for s, _, _ in store.sessions("bench")]
+    hits = [s for s in sessions if s == ref] or [s for s in sessions if s.startswith(ref)]
+    if len(hits) == 1:
+        return "session", hits[0], [r for r in store.records("bench", hits[0]) if r.get("_status") == "ok"]
+    all_ok = [r for r in store.records("bench") if r.get("_status") == "ok"]
+    shas = sorted({r["model_sha256"] for r in all_ok if r.get("model_sha256", "").startswith(ref.lower())})
+    if len(hits) > 1 or len(shas) > 1:
+        raise InvalidArgument(f"{ref!r} matches several sessions or models ({', '.join((hits + shas)[:4])}...); "
+                              "give a longer prefix")
+    if not shas:
+        raise InvalidArgument(f"{ref!r} is neither a bench session nor a model sha256 prefix in the store; "
+                              "list them with `ondevice report --list`")
+    return "model", shas[0], [r for r in all_ok if r["model_sha256"] == shas[0]]
+
+
+def _latest_by(records: Sequence[dict], fields: Sequence[str]) -> dict[tuple, dict]:
+    out: dict[tuple, dict] = {}
+    for r in records:  # records come in id order: later ones replace earlier ones
+        out[tuple(r.get(f) for f in fields)] = r
+    return out
+
+
+def compare_records(a: Sequence[dict], b: Sequence[dict], by_model: bool) -> list[dict]:
+    """Rows {model, key fields, tps_a, tps_b, std_a, std_b, speedup} for configurations in both sets."""
+    fields = list(MATCH) if by_model else ["model_sha256", *MATCH]
+    la, lb = _latest_by(a, fields), _latest_by(b, fields)
+    rows = []
+    for key, ra in la.items():
+        rb = lb.get(key)
+        if rb is None or not ra.get("tps_mean") or rb.get("tps_mean") is None:
+            continue
+        same = not by_model or ra.get("model") == rb.get("model")
+        rows.append({"model": ra.get("model") if same else f"{ra.get('model')} -> {rb.get('model')}",
+                     **dict(zip(fields, key)), "tps_a": ra["tps_mean"], "std_a": ra.get("tps_std"),
+                     "tps_b": rb["tps_mean"], "std_b": rb.get("tps_std"), "speedup": rb["tps_mean"] / ra["tps_mean"]})
+    return rows
+
+
+def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
+    """A markdown table with the speedup column (B t/s / A t/s; > 1 means B is faster)."""
+    if not rows:
+        return "(no configuration was measured in both; nothing to compare)\n"
+    head = ["model", "threads", "test", f"t/s {label_a[:20]}", f"t/s {label_b[:20]}", "speedup"]
+    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}",
+             f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}", f"{r['speedup']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) if i else c.ljust(w)
+                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(head), sep, *(line(b) for b in body)]) + "\n"
+
+
+def compare(store, a: str, b: str) -> tuple[list[dict], str]:
+    """Rows and the printable table for ``--compare a b``."""
+    kind_a, id_a, recs_a = select(store, a)
+    kind_b, id_b, recs_b = select(store, b)
+    by_model = kind_a == "model" or kind_b == "model"
+    rows = compare_records(recs_a, recs_b, by_model)
+    return rows, format_compare(rows, id_a[:16], id_b[:16])

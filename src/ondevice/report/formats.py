@@ -1,0 +1,211 @@
+"""Bench records as text: a llama-bench-style table (md), csv, json, jsonl and sql, and readers back.
+
+Every exporter writes whole records; ``read(text, fmt)`` parses csv/json/jsonl back to the same dicts
+(csv cells hold JSON for anything but plain strings, so types survive the trip). The md table is for
+people: ``parse_md`` gives its cells back, which is what its round trip can promise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+
+from ..errors import InvalidArgument
+
+FORMATS = ("md", "csv", "json", "jsonl", "sql")
+MiB = 1 << 20
+
+# setting -> default; a setting gets a column when any record differs from the default (llama-bench does this)
+OPTIONAL = {"n_batch": 2048, "n_ubatch": 512, "type_k": "f16", "type_v": "f16", "flash_attn": False,
+            "profile": "host"}
+HEAD = {"n_batch": "n_batch", "n_ubatch": "n_ubatch", "type_k": "type_k", "type_v": "type_v",
+        "flash_attn": "fa", "profile": "profile"}
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _tps(r: dict) -> str:
+    if r.get("status") != "ok":
+        return (r.get("status") or "?").upper()
+    return f"{_num(r.get('tps_mean'), '.2f')} ± {_num(r.get('tps_std'), '.2f')}"
+
+
+def _energy(r: dict) -> str:
+    v = r.get("energy_j_per_token")
+    if v is None:
+        return "-"
+    return f"{v:.4f}" + (" (est.)" if r.get("energy_method") == "estimated" else "")
+
+
+def _params(n) -> str:
+    if not n:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def columns(records: Sequence[dict]) -> list[tuple[str, Callable[[dict], str], str]]:
+    """(header, cell, align) for the table; optional setting columns only when they are not default."""
+    cols: list[tuple[str, Callable[[dict], str], str]] = [
+        ("model", lambda r: str(r.get("model")), "l"),
+        ("size", lambda r: f"{r['model_size_bytes'] / MiB:.2f} MiB" if r.get("model_size_bytes") else "-", "r"),
+        ("params", lambda r: _params(r.get("model_params")), "r"),
+        ("threads", lambda r: str(r.get("threads")), "r"),
+    ]
+    for key, default in OPTIONAL.items():
+        vals = {json.dumps(r.get(key)) for r in records}
+        if vals != {json.dumps(default)}:
+            cols.append((HEAD[key], lambda r, k=key: str(r.get(k)), "r"))
+    if {r.get("n_ctx_requested") for r in records} - {0, None}:
+        cols.append(("n_ctx", lambda r: str(r.get("n_ctx")), "r"))
+    cols += [
+        ("test", lambda r: str(r.get("test")), "r"),
+        ("t/s", _tps, "r"),
+        ("TTFT ms", lambda r: _num(None if r.get("ttft_s_mean") is None else r["ttft_s_mean"] * 1000, ".1f"), "r"),
+        ("ITL p50/p99 ms", lambda r: "-" if r.get("itl_ms_p50") is None else
+         f"{r['itl_ms_p50']:.2f}/{r['itl_ms_p99']:.2f}", "r"),
+        ("peak RSS MiB", lambda r: _num(None if r.get("peak_rss_bytes") is None else r["peak_rss_bytes"] / MiB,
+                                        ".1f"), "r"),
+        ("J/tok", _energy, "r"),
+        ("% roofline", lambda r: "-" if r.get("roofline_pct") is None else
+         f"{r['roofline_pct']:.1f} ({r.get('roofline_bound') or '?'})", "r"),
+    ]
+    return cols
+
+
+def to_md(records: Sequence[dict]) -> str:
+    """The terminal table (GitHub markdown, padded like llama-bench's)."""
+    if not records:
+        return "(no records)\n"
+    cols = columns(records)
+    rows = [[c[1](r) for c in cols] for r in records]
+    widths = [max(len(c[0]), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(s.ljust(w) if c[2] == "l" else s.rjust(w)
+                                 for s, w, c in zip(cells, widths, cols)) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if c[2] == "r" else ("-" * w)
+                           for w, c in zip(widths, cols)) + " |"
+    out = [line([c[0] for c in cols]), sep, *(line(r) for r in rows)]
+    notes = []
+    if any(r.get("energy_method") == "estimated" for r in records):
+        notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
+    if any(r.get("workload") in ("pp", "tg", "pg") for r in records):
+        notes.append("pp/tg use random token ids, as llama-bench does")
+    return "\n".join(out) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
+
+
+def parse_md(text: str) -> list[dict[str, str]]:
+    """The table's rows as {header: cell} (notes after the table are ignored)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(lines) < 2:
+        return []
+    split = lambda ln: [c.strip() for c in ln.strip("|").split(" | ")]
+    head = split(lines[0])
+    return [dict(zip(head, split(ln))) for ln in lines[2:]]
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "null"  # "" means the record has no such key
+    if isinstance(v, str):
+        try:  # a string that would read back as JSON (or as empty) is written quoted
+            json.loads(v)
+        except ValueError:
+            return v if v else '""'
+        return json.dumps(v)
+    return json.dumps(v, sort_keys=True)
+
+
+def _uncell(s: str):
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+def _keys(records: Sequence[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    return keys
+
+
+def to_csv(records: Sequence[dict]) -> str:
+    keys = _keys(records)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys)
+    for r in records:
+        w.writerow([_cell(r.get(k)) if k in r else "" for k in keys])
+    return buf.getvalue()
+
+
+def to_sql(records: Sequence[dict]) -> str:
+    """``CREATE TABLE`` + ``INSERT`` statements (sqlite3 dialect), as llama-bench's ``-o sql``."""
+    keys = _keys(records)
+
+    def typ(k: str) -> str:
+        vals = [r.get(k) for r in records if r.get(k) is not None]
+        if vals and all(isinstance(v, (bool, int)) for v in vals):
+            return "INTEGER"
+        if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            return "REAL"
+        return "TEXT"
+
+    def lit(v) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, bool):
+            return str(int(v))
+        if isinstance(v, (int, float)):
+            return repr(v) if math.isfinite(v) else "NULL"
+        s = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        return "'" + s.replace("'", "''") + "'"
+
+    out = ["CREATE TABLE IF NOT EXISTS bench (\n" + ",\n".join(f"  \"{k}\" {typ(k)}" for k in keys) + "\n);"]
+    for r in records:
+        out.append(f"INSERT INTO bench ({', '.join(chr(34) + k + chr(34) for k in keys)}) VALUES "
+                   f"({', '.join(lit(r.get(k)) for k in keys)});")
+    return "\n".join(out) + "\n"
+
+
+def export(records: Sequence[dict], fmt: str) -> str:
+    """Records in ``fmt`` (md, csv, json, jsonl or sql)."""
+    recs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]  # store bookkeeping
+    if fmt == "md":
+        return to_md(recs)
+    if fmt == "csv":
+        return to_csv(recs)
+    if fmt == "json":
+        return json.dumps(recs, indent=2, sort_keys=True, default=str) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in recs)
+    if fmt == "sql":
+        return to_sql(recs)
+    raise InvalidArgument(f"-o {fmt!r} is not an output format; use one of {', '.join(FORMATS)}")
+
+
+def read(text: str, fmt: str) -> list[dict]:
+    """Parse an export back into records (csv, json, jsonl) or table rows (md)."""
+    if fmt == "json":
+        return json.loads(text)
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return []
+        head = rows[0]
+        return [{k: _uncell(v) for k, v in zip(head, row) if v != ""} for row in rows[1:]]
+    if fmt == "md":
+        return parse_md(text)
+    raise InvalidArgument(f"cannot read format {fmt!r}; use csv, json, jsonl or md")

@@ -1,0 +1,55 @@
+"""Pick records from the store (latest session, a session, or all) and write the HTML report atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InvalidArgument
+
+
+def resolve_session(store, ref: str) -> str:
+    """A bench session id from an id or a unique prefix."""
+    sessions = [s for s, _, _ in store.sessions("bench")]
+    hits = [s for s in sessions if s == ref] or [s for s in sessions if s.startswith(ref)]
+    if len(hits) != 1:
+        what = "no bench session" if not hits else f"{len(hits)} sessions"
+        raise InvalidArgument(f"{what} matches {ref!r}; list them with `ondevice report --list`")
+    return hits[0]
+
+
+def load_records(store, session: str | None = None, all_sessions: bool = False) -> tuple[list[dict], list[str]]:
+    """Bench records of ``session`` (default: the latest) or of every session; and the sessions used."""
+    if all_sessions:
+        recs = store.records("bench")
+        return recs, sorted({r["_session"] for r in recs})
+    if session is None:
+        sessions = store.sessions("bench")
+        if not sessions:
+            raise InvalidArgument("the store has no bench records yet; run `ondevice bench` first")
+        session = sessions[0][0]
+    else:
+        session = resolve_session(store, session)
+    return store.records("bench", session), [session]
+
+
+def default_report_path(sessions: list[str]) -> Path:
+    from ..models.store import home
+
+    name = sessions[0] if len(sessions) == 1 else f"all-{len(sessions)}-sessions"
+    return home() / "reports" / f"bench-{name}.html"
+
+
+def write_html(records: list[dict], store=None, path: str | Path | None = None,
+               sessions: list[str] | None = None) -> Path:
+    """Write the HTML report of ``records`` (plus the store's eval records, for quality vs speed)."""
+    from ..models.store import atomic_write
+    from .html import build_html
+
+    sessions = sessions or sorted({r.get("session") or r.get("_session") for r in records} - {None})
+    shas = {r.get("model_sha256") for r in records}
+    evals = [e for e in (store.records("eval") if store is not None else []) if e.get("model_sha256") in shas]
+    out = Path(path) if path else default_report_path(sessions or ["unsaved"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "w", encoding="utf-8") as f:
+        f.write(build_html(records, evals, sessions=sessions))
+    return out

@@ -1,0 +1,295 @@
+"""Tests for ondevice.bench: workload specs, records from real runs, OOM under a cap, resume after kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ondevice.bench import WORKLOADS, Sample, TestSpec, Workload, parse_tests, workload
+from ondevice.bench.measure import mean_std, percentile
+from ondevice.bench.sweep import METRIC_FIELDS, RECORD_FIELDS
+from ondevice.errors import InvalidArgument
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# ---------------------------------------------------------------- specs and registry
+def test_parse_tests_llama_bench_names():
+    specs = parse_tests("pp512,tg128,pg512,128,tg128@d1024,pp64+tg8@d16,chat,chat64x2")
+    assert [s.name for s in specs] == ["pp512", "tg128", "pp512+tg128", "tg128@d1024", "pp64+tg8@d16", "chat",
+                                       "chat64x2"]
+    pg = specs[2]
+    assert (pg.kind, pg.n_prompt, pg.n_gen, pg.n_depth) == ("pg", 512, 128, 0)
+    assert (specs[3].n_gen, specs[3].n_depth) == (128, 1024)
+    assert specs[5].n_gen == 32 and specs[6].n_gen == 64 and specs[6].params == {"conversations": 2}
+    assert TestSpec.from_dict(specs[4].to_dict()) == specs[4]
+
+
+@pytest.mark.parametrize("bad", ["pp", "xx12", "tg0", "pp0", "pg512", "tg128@1024", "chat8x0"])
+def test_parse_tests_rejects_with_a_fix(bad):
+    with pytest.raises(InvalidArgument, match="use|no tokens|must be"):
+        parse_tests(bad)
+
+
+def test_workload_registry_is_extensible():
+    @workload
+    class Echo(Workload):
+        kind = "echo"
+        help = "echoN"
+
+        @classmethod
+        def parse(cls, text):
+            return TestSpec(text, cls.kind, n_gen=int(text[4:])) if text.startswith("echo") else None
+
+    try:
+        assert WORKLOADS["echo"] is Echo
+        assert parse_tests("echo3")[0].kind == "echo"
+    finally:
+        WORKLOADS.pop("echo")
+    with pytest.raises(InvalidArgument):
+        parse_tests("echo3")
+
+
+def test_stats_match_numpy():
+    np = pytest.importorskip("numpy")
+    xs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    m, s = mean_std(xs)
+    assert m == pytest.approx(np.mean(xs)) and s == pytest.approx(np.std(xs, ddof=1))
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+    assert mean_std([2.0]) == (2.0, 0.0) and mean_std([]) == (None, None) and percentile([], 50) is None
+    assert Sample(time_s=1.0, n_tokens=4).itl_s == []
+
+
+# ---------------------------------------------------------------- real runs (one small sweep, shared)
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One ONDEVICE_HOME for the module, so the hardware probe runs (and is cached) once."""
+    h = tmp_path_factory.mktemp("home")
+    old = os.environ.get("ONDEVICE_HOME")
+    os.environ["ONDEVICE_HOME"] = str(h)
+    yield h
+    if old is None:
+        os.environ.pop("ONDEVICE_HOME", None)
+    else:
+        os.environ["ONDEVICE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def sweep(home, smol_path):
+    import ondevice
+    from ondevice.errors import OndeviceError
+
+    try:
+        from ondevice.device import probe
+
+        probe(1)
+        probe_ok = True
+    except OndeviceError:  # a very busy machine: the probe times out; roofline checks are skipped
+        probe_ok = False
+    # one thread: llama.cpp's spinning thread barrier collapses on a shared, oversubscribed CI machine
+    recs = ondevice.bench([str(smol_path)], "pp16,tg8,pg16,8,tg8@d16,chat8x1", threads=1, repetitions=2)
+    return recs, probe_ok
+
+
+def test_records_have_all_fields_and_consistent_units(sweep, smol_path):
+    recs, _ = sweep
+    assert [r["test"] for r in recs] == ["pp16", "tg8", "pp16+tg8", "tg8@d16", "chat8x1"]
+    sha = hashlib.sha256(Path(smol_path).read_bytes()).hexdigest()
+    for r in recs:
+        assert r["status"] == "ok", r.get("error")
+        missing = [k for k in (*RECORD_FIELDS, *METRIC_FIELDS) if k not in r]
+        assert not missing, missing
+        assert r["model_sha256"] == sha and r["model_size_bytes"] == Path(smol_path).stat().st_size
+        assert r["threads"] == 1 and r["repetitions"] == 2 and len(r["tps_samples"]) == 2
+        # t/s of each repetition is its tokens over its time (llama-bench's avg_ts)
+        n_tok = {"pp": r["n_prompt"], "tg": r["n_gen"], "pg": r["n_prompt"] + r["n_gen"]}.get(r["workload"])
+        for tps, t in zip(r["tps_samples"], r["time_s_samples"]):
+            assert t > 0 and tps > 0
+            if n_tok:
+                assert tps == pytest.approx(n_tok / t)
+        assert r["tps_mean"] == pytest.approx(sum(r["tps_samples"]) / 2)
+        assert r["ttft_s_mean"] > 0 and r["load_time_s"] > 0
+        if r["workload"] != "pp":
+            assert 0 < r["itl_ms_p50"] <= r["itl_ms_p90"] <= r["itl_ms_p99"]
+            assert r["decode_tps_mean"] > 0
+        if r["workload"] in ("pp", "pg", "chat"):
+            assert r["prefill_tps_mean"] > 0
+        # memory: the peak covers the split sampled at its largest RSS; the mmapped model is file-backed
+        assert r["peak_rss_bytes"] >= r["rss_file_bytes"] + r["rss_anon_bytes"] - (1 << 20)
+        assert r["rss_file_bytes"] >= 0.8 * r["model_size_bytes"]
+        assert r["cpu_time_s"] > 0 and r["cpu_user_s"] + r["cpu_sys_s"] == pytest.approx(r["cpu_time_s"])
+        assert r["energy_method"] in ("rapl", "estimated") and r["energy_j"] > 0
+        counted = 2 * (n_tok if n_tok else r["n_gen"] * len(r["prompt_lengths"]))  # chat: every generated token
+        assert r["energy_j_per_token"] == pytest.approx(r["energy_j"] / counted)
+        meta = r["meta"]
+        for k in ("ondevice", "llama_build", "cpu_model", "cpu_flags", "governor", "load_avg_before", "kernel"):
+            assert k in meta, k
+        assert "llama-cpp-python" in meta["llama_build"]
+        assert r["settings"]["test"] == r["test"]
+    assert len({r["config_key"] for r in recs}) == len(recs)
+    # the tg at depth really ran at depth: its n_ctx holds depth + tokens
+    assert recs[3]["n_ctx"] >= 16 + 8 + 1
+    chat = recs[4]
+    assert len(chat["prompt_lengths"]) == 1 and chat["prompt_lengths"][0] > 20
+
+
+def test_records_are_in_the_store(sweep, home):
+    from ondevice.store import Store
+
+    recs, _ = sweep
+    with Store() as st:
+        stored = st.records("bench", recs.session)
+    assert [r["config_key"] for r in stored] == [r["config_key"] for r in recs]
+    assert all(r["_status"] == "ok" for r in stored)
+
+
+def test_roofline_figures_present(sweep):
+    recs, probe_ok = sweep
+    if not probe_ok:
+        pytest.skip("the hardware probe timed out on this busy machine; no roofs to compare against")
+    for r in recs:
+        roof = r["roofline"]
+        assert r["roofline_pct"] > 0 and r["roofline_bound"] in ("memory", "compute")
+        assert roof["bandwidth_gbs"] > 0 and roof["peak_gflops"] > 0 and roof["phases"]
+        # % = time at the bound / measured mean time
+        assert r["roofline_pct"] == pytest.approx(100 * roof["bound_time_s"] / r["avg_s"])
+    decode = recs[1]["roofline"]["phases"][0]
+    assert decode["phase"] == "decode" and decode["tokens"] == 8 and decode["depth"] == 0
+
+
+def test_roofline_arithmetic_against_device_roofline(smol_path):
+    from ondevice.bench.meta import model_meta, roofline_for
+    from ondevice.device import Probe, decode_cost, prefill_cost, roofline
+
+    meta = model_meta(str(smol_path))
+    roofs = Probe(threads=2, bandwidth_gbs=10.0, peak_gflops=50.0, measured_at="x", bandwidth_method="m",
+                  compute_method="c", machine_key="k")
+    info = meta.info
+    hp = {"n_layers": info.n_layers, "n_embd": info.n_embd, "n_head": info.n_head, "n_head_kv": info.n_head_kv}
+    got = roofline_for(meta, [("prefill", 64, 0), ("decode", 9, 64)], 2.0, 512, "f16", "f16", roofs)
+    pc = prefill_cost(info.tensors, n_prompt=64, n_ubatch=512, **hp)
+    dc = decode_cost(info.tensors, depth=68, **hp)
+    t_pre = 64 / roofline(1, pc.bytes_per_token, pc.flops_per_token, 10.0, 50.0)["bound_tps"]
+    t_dec = 9 / roofline(1, dc.bytes_per_token, dc.flops_per_token, 10.0, 50.0)["bound_tps"]
+    assert got["bound_time_s"] == pytest.approx(t_pre + t_dec)
+    assert got["pct"] == pytest.approx(100 * (t_pre + t_dec) / 2.0)
+
+
+def test_memory_cap_below_model_size_is_an_oom_record(home, smol_path):
+    import ondevice
+
+    size = Path(smol_path).stat().st_size
+    cap = 64 << 20
+    assert cap < size
+    recs = ondevice.bench([str(smol_path)], "tg4", profile=[f"mem={cap}", "threads=1"], repetitions=1,
+                          roofline=False, store=False)
+    assert [r["status"] for r in recs] == ["oom", "ok"]  # the sweep went on after the OOM
+    assert "memory" in recs[0]["error"] and "tps_mean" not in recs[0]
+    assert recs[1]["threads"] == 1
+
+
+def _env(home: Path) -> dict:
+    return dict(os.environ, ONDEVICE_HOME=str(home), PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            return c.execute("SELECT COUNT(*) FROM records WHERE kind='bench'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _wait_records(proc, db: Path, n: int, timeout: float = 240) -> None:
+    t0 = time.time()
+    while _count(db) < n:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "sweep exited early"
+        assert time.time() - t0 < timeout, "no record landed"
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_9_skips_finished_configs(tmp_path, smol_path):
+    psutil = pytest.importorskip("psutil")
+    db = tmp_path / "runs.sqlite"
+    args = [sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "--tests", "pp16,tg4",
+            "-t", "1", "-ub", "512,256", "-r", "1", "--db", str(db), "--session", "s1", "--no-roofline", "--no-report",
+            "--no-progress"]
+    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_records(proc, db, 1)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=15)  # the worker dies with the sweep (PR_SET_PDEATHSIG)
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive if p.is_running()), "an orphan worker survived"
+    with sqlite3.connect(db) as c:
+        before = dict(c.execute("SELECT config_key, id FROM records"))
+    assert 1 <= len(before) < 4
+    res = subprocess.run([*args, "--resume", "-o", "json"], env=_env(tmp_path), check=False, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [(r["n_ubatch"], r["test"]) for r in out] == [(512, "pp16"), (512, "tg4"), (256, "pp16"), (256, "tg4")]
+    with sqlite3.connect(db) as c:
+        after = c.execute("SELECT config_key, id, session FROM records").fetchall()
+    keys = [k for k, _, _ in after]
+    assert len(keys) == len(set(keys)) == 4  # nothing measured twice
+    ids = {k: i for k, i, _ in after}
+    assert all(ids[k] == i for k, i in before.items())  # the records stored before the kill are untouched
+    assert {s for _, _, s in after} == {"s1"}
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_records(tmp_path, smol_path):
+    db = tmp_path / "runs.sqlite"
+    args = [sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "--tests", "pp16,tg4,tg64@d256",
+            "-r", "2", "-t", "1", "--db", str(db), "--no-roofline", "--no-report", "--no-progress"]
+    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_records(proc, db, 1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    n = _count(db)
+    if n == 3:
+        pytest.skip("the sweep finished before the interrupt landed")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert "pp16" in out  # the table of what was measured is printed
+
+
+def test_cli_bench_llama_bench_flags_and_csv(tmp_path, smol_path):
+    from ondevice.report.formats import read
+
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "-p", "16", "-n", "4",
+                          "-r", "1", "-t", "1", "-o", "csv", "--no-roofline", "--no-progress",
+                          "--db", str(tmp_path / "r.sqlite"), "--html", str(tmp_path / "r.html")],
+                         env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = read(res.stdout, "csv")
+    assert [r["test"] for r in rows] == ["pp16", "tg4"]
+    assert all(isinstance(r["tps_mean"], float) and r["tps_mean"] > 0 for r in rows)
+    assert (tmp_path / "r.html").read_text().count("<svg") >= 2
+    assert "report:" in res.stderr
+
+
+def test_bad_flags_name_the_fix(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "--tests", "pp512,zz1", "--no-store"],
+                         env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown test 'zz1'" in res.stderr and "ppN" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-ctk", "q9", "--no-store"],
+                         env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "KV cache type" in res.stderr
+
+
+def test_library_door_is_callable_after_import():
+    import ondevice
+    import ondevice.bench.api
+
+    assert callable(ondevice.bench)

@@ -1,0 +1,188 @@
+"""Tests for ondevice.report: export round trips, the HTML page and its plots, compare, quality vs speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ondevice.report import build_html, export, pareto, quality_vs_speed, read
+from ondevice.report.compare import compare, compare_records
+from ondevice.report.formats import columns, parse_md
+from ondevice.store import Store
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def real_records(tmp_path_factory, smol_path):
+    """A tiny real sweep (two tests, two repetitions, one thread), stored in a module-local home."""
+    import ondevice
+
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("ONDEVICE_HOME")
+    os.environ["ONDEVICE_HOME"] = str(home)
+    try:
+        recs = ondevice.bench([str(smol_path)], "pp16,tg4", threads=1, repetitions=2, roofline=False,
+                              store=home / "r.sqlite")
+    finally:
+        if old is None:
+            os.environ.pop("ONDEVICE_HOME", None)
+        else:
+            os.environ["ONDEVICE_HOME"] = old
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    return recs
+
+
+def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> dict:
+    """A bench record with the fields the report reads (the shape of a real one)."""
+    wl = re.match(r"[a-z]+", test).group(0)
+    n = int(re.search(r"\d+", test).group(0))
+    rec = {"kind": "bench", "status": "ok", "model": model, "model_sha256": sha, "test": test, "workload": wl,
+           "n_prompt": n if wl == "pp" else 0, "n_gen": n if wl == "tg" else 0, "n_depth": 0, "threads": threads,
+           "n_batch": 2048, "n_ubatch": 512, "n_ctx": 768, "n_ctx_requested": 0, "type_k": "f16", "type_v": "f16",
+           "flash_attn": False, "profile": "host", "model_size_bytes": 100 << 20, "model_params": 134_000_000,
+           "tps_mean": tps, "tps_std": tps * 0.01, "ttft_s_mean": 0.05, "itl_ms_p50": 8.0, "itl_ms_p99": 9.0,
+           "peak_rss_bytes": 200 << 20, "rss_file_bytes": 120 << 20, "rss_anon_bytes": 80 << 20,
+           "energy_j_per_token": 0.01, "energy_method": "estimated", "roofline_pct": 40.0,
+           "roofline_bound": "memory", "prefill_tps_mean": tps if wl == "pp" else None, "prefill_tps_std": 1.0,
+           "created": "2026-01-01T00:00:00+00:00"}
+    rec.update(kw)
+    return rec
+
+
+# ---------------------------------------------------------------- exports
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_exports_round_trip(real_records, fmt):
+    text = export(real_records, fmt)
+    back = read(text, fmt)
+    assert back == [json.loads(json.dumps(r)) for r in real_records]  # every field, every type
+
+
+def test_csv_keeps_tricky_strings_and_none():
+    recs = [{"a": "null", "b": "", "c": None, "d": "123", "e": [1, "x"], "f": 'he said "hi", ok'}, {"a": "x"}]
+    assert read(export(recs, "csv"), "csv") == recs
+
+
+def test_md_table_round_trips_its_cells(real_records):
+    text = export(real_records, "md")
+    rows = parse_md(text)
+    cols = columns(real_records)
+    assert rows == [{c[0]: c[1](r) for c in cols} for r in real_records]
+    assert rows[0]["test"] == "pp16" and rows[1]["test"] == "tg4"
+    mean, _std = rows[1]["t/s"].split(" ± ")
+    assert float(mean) == pytest.approx(real_records[1]["tps_mean"], abs=0.006)
+    for head in ("model", "size", "params", "threads", "TTFT ms", "ITL p50/p99 ms", "peak RSS MiB", "J/tok",
+                 "% roofline"):
+        assert head in rows[0]
+    if real_records[0]["energy_method"] == "estimated":  # an estimate is labelled in the table itself
+        assert rows[0]["J/tok"].endswith("(est.)") and "estimated" in text
+
+
+def test_sql_export_loads_into_sqlite(real_records):
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    db.executescript(export(real_records, "sql"))
+    got = db.execute("SELECT test, tps_mean FROM bench ORDER BY rowid").fetchall()
+    assert got == [(r["test"], r["tps_mean"]) for r in real_records]
+
+
+def test_non_default_settings_get_columns():
+    recs = [fake("m", "a" * 64, "tg128", 1, 10.0), fake("m", "a" * 64, "tg128", 1, 12.0, type_k="q8_0")]
+    heads = [c[0] for c in columns(recs)]
+    assert "type_k" in heads and "n_batch" not in heads
+    oom = fake("m", "a" * 64, "tg128", 1, 0.0, status="oom")
+    assert parse_md(export([oom], "md"))[0]["t/s"] == "OOM"
+
+
+# ---------------------------------------------------------------- HTML
+def test_html_report_has_plots_and_is_self_contained(tmp_path, real_records):
+    recs = [fake("m1", "a" * 64, f"pp{n}", t, 100.0 * t + n / 10) for t in (1, 2) for n in (64, 256, 512)]
+    recs += [fake("m2", "b" * 64, "tg128", t, 20.0 * t) for t in (1, 2)]
+    html = build_html([*recs, *real_records], sessions=["s"])
+    assert html.count("<svg") >= 4
+    for title in ("Prefill throughput vs prompt length", "Thread scaling", "Memory per model",
+                  "Share of the roofline bound achieved"):
+        assert title in html
+    assert "<polyline" in html and "<rect" in html
+    assert not re.search(r'(src|href)="https?://', html)  # nothing loaded from elsewhere
+    assert "estimated" in html and "Quality vs speed" in html
+
+
+def test_report_cli_writes_html_for_latest_session(tmp_path, real_records):
+    store_path = tmp_path / "x.sqlite"
+    with Store(store_path) as st:
+        for r in real_records:
+            st.add("bench", r, session=r["session"], config_key=r["config_key"], model=r["model"],
+                   model_sha256=r["model_sha256"], test=r["test"], status=r["status"])
+    out_html = tmp_path / "rep.html"
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "report", "--db", str(store_path), "--html",
+                          str(out_html)], check=False, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, ONDEVICE_HOME=str(tmp_path / "h"), PYTHONPATH=SRC))
+    assert res.returncode == 0, res.stderr
+    assert f"report: {out_html}" in res.stdout and "| model" in res.stdout
+    assert out_html.read_text().count("<svg") >= 2
+
+
+# ---------------------------------------------------------------- compare
+def test_compare_sessions_prints_speedups(tmp_path):
+    with Store(tmp_path / "c.sqlite") as st:
+        for sess, scale in (("20260101-000000-aaaa", 1.0), ("20260102-000000-bbbb", 1.5)):
+            for test, tps in (("pp512", 300.0), ("tg128", 120.0)):
+                r = fake("smol", "c" * 64, test, 2, tps * scale)
+                st.add("bench", r, session=sess, config_key=f"{test}", model="smol", model_sha256="c" * 64,
+                       test=test)
+        rows, table = compare(st, "20260101", "20260102-000000-bbbb")
+    assert [r["test"] for r in rows] == ["pp512", "tg128"]
+    assert all(r["speedup"] == pytest.approx(1.5) for r in rows)
+    assert "speedup" in table and "1.50" in table
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "report", "--db", str(tmp_path / "c.sqlite"),
+                          "--compare", "20260101", "20260102"], check=False, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=SRC))
+    assert res.returncode == 0 and res.stdout.count("1.50") == 2, res.stderr
+
+
+def test_compare_two_model_variants_by_sha_prefix():
+    a = [fake("q8", "aa" + "0" * 62, "tg128", 2, 100.0), fake("q8", "aa" + "0" * 62, "pp512", 2, 400.0)]
+    b = [fake("q4", "bb" + "0" * 62, "tg128", 2, 150.0), fake("q4", "bb" + "0" * 62, "pp64", 2, 1.0)]
+    rows = compare_records(a, b, by_model=True)
+    assert len(rows) == 1 and rows[0]["speedup"] == pytest.approx(1.5) and rows[0]["model"] == "q8 -> q4"
+
+
+def test_compare_unknown_ref_names_the_fix(tmp_path):
+    from ondevice.errors import InvalidArgument
+
+    with Store(tmp_path / "e.sqlite") as st, pytest.raises(InvalidArgument, match="report --list"):
+        compare(st, "nope", "nada")
+
+
+# ---------------------------------------------------------------- quality vs speed
+def test_pareto_front():
+    pts = [(10, 0.5), (20, 0.4), (5, 0.6), (8, 0.45), (20, 0.4)]
+    assert pareto(pts) == [True, True, True, False, True]
+    assert pareto([(10, 8.0), (20, 7.5), (5, 9.0), (4, 7.0)], higher_y_better=False) == [False, True, False, True]
+
+
+def test_quality_vs_speed_joins_on_sha_and_marks_front():
+    bench = [fake("q8", "a" * 64, "tg128", 2, 80.0), fake("q4", "b" * 64, "tg128", 2, 120.0),
+             fake("q2", "c" * 64, "tg128", 2, 100.0), fake("q4", "b" * 64, "pp512", 2, 500.0)]
+    evals = [{"kind": "eval", "model": "q8", "model_sha256": "a" * 64, "test": "ppl:lee", "ppl": 10.0},
+             {"kind": "eval", "model": "q4", "model_sha256": "b" * 64, "test": "ppl:lee", "ppl": 11.0},
+             {"kind": "eval", "model": "q2", "model_sha256": "c" * 64, "test": "ppl:lee", "ppl": 15.0},
+             {"kind": "eval", "model": "q4", "model_sha256": "b" * 64, "test": "suite:assistant-en", "score": 0.3},
+             {"kind": "eval", "model": "zz", "model_sha256": "d" * 64, "test": "ppl:lee", "ppl": 9.0}]
+    pts = quality_vs_speed([*bench, *evals])
+    by = {(p["eval_test"], p["model"]): p for p in pts}
+    assert ("ppl:lee", "zz") not in by  # no bench run of that file: nothing to plot it against
+    assert by[("ppl:lee", "q4")]["tps"] == 120.0 and by[("ppl:lee", "q4")]["metric"] == "ppl"
+    assert by[("ppl:lee", "q8")]["pareto"] and by[("ppl:lee", "q4")]["pareto"]
+    assert not by[("ppl:lee", "q2")]["pareto"]  # slower than q4 and worse perplexity
+    assert by[("suite:assistant-en", "q4")]["higher_is_better"]
+    html = build_html(bench, evals)
+    assert "Quality vs speed: ppl:lee" in html and "Pareto front" in html

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..models.store import cached_sha256
 
 # Bytes per KV element for llama.cpp's cache types (block size 32 for the quantized ones).
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -31,46 +32,13 @@ class ModelMeta:
                 "parameters": self.parameters, "architecture": self.architecture, "quant": self.quant}
 
 
-def _hash_cache_path() -> Path:
-    from ..models.store import data_dir
-
-    return data_dir() / "sha256-cache.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, cached per (real path, size, mtime) so a sweep does not re-read the model."""
-    from ..models.store import sha256_file, write_json
-
-    p = Path(path).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _hash_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}  # missing or corrupt: rebuild
-    if key in cache:
-        return cache[key]
-    digest = sha256_file(p)
-    with open(cache_file.with_suffix(".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sweeps hashing at once must not drop each other's entries
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}  # stale entries of this file
-        cache[key] = digest
-        write_json(cache_file, cache)
-    return digest
-
-
 def model_meta(name: str | None) -> ModelMeta:
     """Resolve a model name/path, validate it and hash it."""
     from ..models import resolve
 
     ref = resolve(name)
     info = ref.info
-    return ModelMeta(name=ref.name, path=str(Path(ref.path).resolve()), sha256=file_sha256(ref.path),
+    return ModelMeta(name=ref.name, path=str(Path(ref.path).resolve()), sha256=cached_sha256(ref.path),
                      file_size=info.file_size, parameters=info.parameters, architecture=info.architecture,
                      quant=info.quant_summary, info=info)
 

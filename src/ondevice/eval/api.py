@@ -16,25 +16,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
 
 def model_sha256(ref) -> str:
-    """sha256 of a resolved model's file: from its provenance sidecar when the file is unchanged, else hashed."""
-    from ..models.store import sha256_file
+    """sha256 of a resolved model's file (cached per path, size and mtime)."""
+    from ..models.store import cached_sha256
 
-    st = ref.path.stat()
-    key = (str(ref.path), st.st_size, st.st_mtime_ns)
-    if key in _SHA_CACHE:
-        return _SHA_CACHE[key]
-    prov = ref.provenance or {}
-    stamp = prov.get("stamp") or {}
-    if prov.get("sha256") and stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
-        sha = prov["sha256"]
-    else:
-        sha = sha256_file(ref.path)
-    _SHA_CACHE[key] = sha
-    return sha
+    return cached_sha256(ref.path)
 
 
 def _config_key(config: dict) -> str:

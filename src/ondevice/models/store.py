@@ -10,6 +10,7 @@ Layout under :func:`home` (``$ONDEVICE_HOME``, else ``$XDG_CACHE_HOME/ondevice``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -108,3 +109,32 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    return data_dir() / "sha256-cache.json"
+
+
+def cached_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, cached per (real path, size, mtime) so a sweep does not re-read the model."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}  # missing or corrupt: rebuild
+    if key in cache:
+        return cache[key]
+    digest = sha256_file(p)
+    with open(cache_file.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two sweeps hashing at once must not drop each other's entries
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}  # stale entries of this file
+        cache[key] = digest
+        write_json(cache_file, cache)
+    return digest

@@ -5,10 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .records import Generation, Sampling
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,7 @@ class EngineConfig:
     flash_attn: bool = False
     use_mmap: bool = True
     embeddings: bool = False
+    pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)
     seed: int = 0xFFFFFFFF
     warmup: bool = True  # one tiny decode at load, as llama.cpp's own tools do (pages weights in, sizes buffers)
 

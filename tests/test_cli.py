@@ -57,3 +57,18 @@ def test_chat_multi_turn_with_reset_and_bye(cli):
     assert r.returncode == 0, r.stderr
     assert "(conversation cleared)" in r.stderr
     assert r.stderr.count("TTFT") == 2  # two answers, then /bye
+
+
+def test_every_verb_has_working_help():
+    import contextlib
+    import io
+
+    import pytest
+
+    from ondevice.cli import VERBS, main
+
+    for verb in VERBS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0 and "usage: ondevice " + verb in out.getvalue(), verb

@@ -43,7 +43,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ondevice {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_) in VERBS.items():
-        p = sub.add_parser(name, help=help_, description=help_,
+        p = sub.add_parser(name, help=help_, description=help_.replace("%%", "%"),
                            formatter_class=_Help)
         if name == verb:
             importlib.import_module(module).add_arguments(p)

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--resume", action="store_true", help="skip configurations already stored in the session")
     o.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
     o.add_argument("--no-report", action="store_true", help="do not write the HTML report")
-    o.add_argument("--no-roofline", action="store_true", help="skip the hardware probe and % of roofline")
+    o.add_argument("--no-roofline", action="store_true", help="skip the hardware probe and %% of roofline")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -5,9 +5,10 @@ Goal (issue 2): ondevice >= 0.97x llama-bench on prompt (pp128) and decode (tg12
 llama-bench: `-p 128 -n 128 -r R -t T` (it warms up, then R repetitions; random tokens).
 ondevice:   R separate `ondevice run` processes with a 128-token raw prompt, `-n 128 --ignore-eos --temp 0`;
             prompt tok/s and decode tok/s are read from each run's last Generation record (`--timings json`).
-The two run interleaved-free, one after the other, on an otherwise idle machine; both use mmap.
+Both use llama.cpp's defaults otherwise (mmap, flash attention "auto"). To spread machine drift evenly the
+two alternate in ``--rounds`` rounds; the figures are the mean ± std over all samples of all rounds.
 
-    python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 5]
+    python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -38,17 +39,13 @@ def prompt_of(n_tokens: int, model_path: Path) -> tuple[str, int]:
     return text, n
 
 
-def llama_bench(model: Path, threads: int, reps: int) -> dict[str, tuple[float, float]]:
+def llama_bench(model: Path, threads: int, reps: int) -> dict[str, list[float]]:
     out = subprocess.run([str(ensure_tool("llama-bench")), "-m", str(model), "-t", str(threads), "-p", "128",
                           "-n", "128", "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
-    res = {}
-    for row in json.loads(out.stdout):
-        key = "pp" if row["n_prompt"] else "tg"
-        res[key] = (row["avg_ts"], row["stddev_ts"])
-    return res
+    return {("pp" if row["n_prompt"] else "tg"): list(row["samples_ts"]) for row in json.loads(out.stdout)}
 
 
-def ondevice_run(model: Path, threads: int, reps: int, prompt: str) -> dict[str, tuple[float, float]]:
+def ondevice_run(model: Path, threads: int, reps: int, prompt: str) -> dict[str, list[float]]:
     pp, tg = [], []
     for _ in range(reps):
         out = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-m", str(model), "-t", str(threads),
@@ -58,7 +55,7 @@ def ondevice_run(model: Path, threads: int, reps: int, prompt: str) -> dict[str,
         assert rec["generation_tokens"] == 128, rec
         pp.append(rec["prompt_tps"])
         tg.append(rec["generation_tps"])
-    return {"pp": (statistics.mean(pp), statistics.stdev(pp)), "tg": (statistics.mean(tg), statistics.stdev(tg))}
+    return {"pp": pp, "tg": tg}
 
 
 def main() -> int:
@@ -66,17 +63,25 @@ def main() -> int:
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     from ondevice.models import resolve
 
     model = resolve(a.model).path
     prompt, n_prompt = prompt_of(128, model)
-    ours = ondevice_run(model, a.threads, a.reps, prompt)
-    peer = llama_bench(model, a.threads, a.reps)
-    print(f"model {model.name}, {a.threads} threads, {a.reps} repetitions; ondevice prompt = {n_prompt} tokens")
+    ours: dict[str, list[float]] = {"pp": [], "tg": []}
+    peer: dict[str, list[float]] = {"pp": [], "tg": []}
+    for _ in range(a.rounds):
+        for acc, res in ((peer, llama_bench(model, a.threads, a.reps)),
+                         (ours, ondevice_run(model, a.threads, a.reps, prompt))):
+            for k in acc:
+                acc[k] += res[k]
+    print(f"model {model.name}, {a.threads} threads, {a.rounds} rounds x {a.reps} repetitions; "
+          f"ondevice prompt = {n_prompt} tokens")
     print(f"{'test':6} {'llama-bench t/s':>18} {'ondevice run t/s':>18} {'ratio':>7}")
     for key, name in (("pp", "pp128"), ("tg", "tg128")):
-        (pm, ps), (om, os_) = peer[key], ours[key]
+        pm, ps = statistics.mean(peer[key]), statistics.stdev(peer[key])
+        om, os_ = statistics.mean(ours[key]), statistics.stdev(ours[key])
         print(f"{name:6} {pm:>10.1f} ± {ps:<5.1f} {om:>10.1f} ± {os_:<5.1f} {om / pm:>7.3f}")
     return 0
 

@@ -25,7 +25,7 @@ class EngineConfig:
     n_seq_max: int = 1  # sequences sharing the KV cache (the server's slots)
     type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0, f32
     type_v: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp's 'auto' (its own default)
     use_mmap: bool = True
     embeddings: bool = False
     pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)

@@ -121,7 +121,7 @@ class LlamaEngine(Engine):
         cparams.n_threads_batch = cfg.n_threads_batch or threads
         cparams.type_k = _KV_TYPES[cfg.type_k]
         cparams.type_v = _KV_TYPES[cfg.type_v]
-        cparams.flash_attn_type = 1 if cfg.flash_attn else 0
+        cparams.flash_attn_type = -1 if cfg.flash_attn is None else int(bool(cfg.flash_attn))
         cparams.embeddings = cfg.embeddings
         if cfg.pooling is not None:
             if cfg.pooling not in _POOLING:

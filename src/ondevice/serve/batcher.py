@@ -1,0 +1,363 @@
+"""Continuous batching: one thread owns the engine and decodes every active sequence in one llama_decode.
+
+Each step carries the next token of every decoding slot plus a chunk of prompt tokens from slots that are
+still prefilling (chunked prefill, so a long prompt never stalls the running streams). Requests join
+between steps. Each slot keeps the tokens whose KV it holds; a new request takes the idle slot with the
+longest common prefix (or copies a longer one from another slot) and only computes the rest: the prefix
+cache of llama-server's ``--cache-reuse``-less slot selection, plus a cross-slot copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine.records import Sampling
+
+ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
+COPY_MIN_GAIN = 16  # copy another slot's KV only when it saves at least this many tokens
+
+# events sent to a job's asyncio queue (tuples: cheap to build on the hot path)
+#   ("tok", token, text, logprob)      logprob: None or (lp, [(token, lp), ...top])
+#   ("prompt", [(token, lp | None, top | None), ...])   echo logprobs of prompt tokens, in order
+#   ("end", finish_reason, {"prompt_tokens", "cached_tokens", "completion_tokens"})
+#   ("err", exception)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"all slots are busy and the wait queue is full; retry after {retry_after} s")
+
+
+class JobTimeout(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request as the batcher sees it."""
+
+    tokens: list[int]
+    sampling: Sampling
+    sampler: object  # engine Sampler (built by the caller so a bad grammar is a 400 before queueing)
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    timeout: float
+    logprobs: int | None = None  # top-k logprobs of generated tokens (0: only the chosen one)
+    prompt_logprobs: int | None = None  # echo: logprobs of every prompt token (forces recompute)
+    t_arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Called from the event loop (disconnect, timeout): the batcher frees the slot next step."""
+        self.cancelled = True
+
+
+class Slot:
+    def __init__(self, i: int):
+        self.id = i
+        self.cached: list[int] = []  # tokens whose KV sequence ``id`` holds, position by position
+        self.job: Job | None = None
+        self.last_used = 0.0
+
+    def start(self, job: Job, n_reuse: int) -> None:
+        self.job = job
+        self.n_cached = n_reuse
+        self.prompt_i = n_reuse  # next prompt token to prefill
+        self.next_tok: int | None = None  # sampled, to be decoded next step
+        self.row = -1
+        self.n_gen = 0
+        self.held = ""  # text that may be the start of a stop string
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.t_last = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64)
+    i = int(np.argmax(diff))
+    return i if diff[i] else n
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + math.log(np.exp(x - m).sum()))
+
+
+def top_k(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    idx = np.argpartition(-lp, k - 1)[:k]
+    idx = idx[np.argsort(-lp[idx], kind="stable")]
+    return [(int(i), float(lp[i])) for i in idx]
+
+
+def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could start a stop string."""
+    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
+        if any(x.startswith(text[-k:]) for x in stops):
+            return k
+    return 0
+
+
+class Batcher:
+    """Owns a LlamaEngine with ``parallel`` sequences; call :meth:`submit` from any thread."""
+
+    def __init__(self, engine, *, parallel: int, slot_ctx: int, prefill_chunk: int, max_queue: int,
+                 metrics, vocab_bytes: list[bytes]):
+        self.eng = engine
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.slot_ctx = slot_ctx
+        self.n_batch = engine.n_batch
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.vocab_bytes = vocab_bytes
+        self.eos = engine.eos_tokens
+        self.cv = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.mean_job_s = 1.0  # running mean of job durations, for Retry-After
+        self._stop = False
+        self._out: list[tuple[Job, tuple]] = []
+        self.thread = threading.Thread(target=self._run, name="ondevice-batcher", daemon=True)
+
+    # -- called from other threads -----------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify_all()
+        self.thread.join(timeout=30)
+
+    @property
+    def busy(self) -> int:
+        return sum(s.job is not None for s in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise :class:`QueueFull` when every slot is busy and the queue is full."""
+        with self.cv:
+            free = len(self.slots) - self.busy
+            if len(self.waiting) >= self.max_queue + free:
+                wait = self.mean_job_s * (len(self.waiting) + 1) / len(self.slots)
+                raise QueueFull(max(1, min(60, math.ceil(wait))))
+            self.waiting.append(job)
+            self.cv.notify()
+
+    # -- the batcher thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.waiting and not self.busy:
+                    self.cv.wait()
+                if self._stop:
+                    break
+                admit = []
+                while self.waiting and len(admit) < len(self.slots) - self.busy:
+                    job = self.waiting.popleft()
+                    if not job.cancelled:
+                        admit.append(job)
+            for job in admit:
+                self._admit(job)
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 — a failed decode fails the jobs in it, never the server
+                for s in self.slots:
+                    if s.job is not None:
+                        self._emit(s.job, ("err", e))
+                        self._release(s, clear=True)
+            self._flush()
+        for s in self.slots:
+            if s.job is not None:
+                self._emit(s.job, ("err", RuntimeError("the server is shutting down")))
+                self._release(s, clear=True)
+        for job in self.waiting:
+            self._emit(job, ("err", RuntimeError("the server is shutting down")))
+        self._flush()
+
+    def _admit(self, job: Job) -> None:
+        """Put ``job`` in the idle slot whose cached tokens share the longest prefix with its prompt."""
+        toks = job.tokens
+        cap = 0 if job.prompt_logprobs is not None else len(toks) - 1  # the last token is always recomputed
+        free = [s for s in self.slots if s.job is None]
+        scored = [(min(common_prefix(s.cached, toks), cap), s) for s in self.slots]
+        n, dst = max(((n, s) for n, s in scored if s.job is None), key=lambda x: (x[0], -x[1].last_used))
+        n_src, src = max(scored, key=lambda x: x[0])
+        if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
+            self.eng.copy_seq(src.id, dst.id)  # shares the cells: no recompute, no extra KV
+            dst.cached = list(src.cached)
+            n = n_src
+        self.eng.truncate(n, dst.id)
+        del dst.cached[n:]
+        dst.start(job, n)
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += len(toks)
+            self.metrics.cached_tokens += n
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for s in self.slots:
+            j = s.job
+            if j is not None and (j.cancelled or now - j.t_arrival > j.timeout):
+                if not j.cancelled:
+                    self._emit(j, ("err", JobTimeout(f"the request took longer than {j.timeout:g} s")))
+                with self.metrics.lock:
+                    self.metrics.cancelled += 1
+                self._release(s)
+        items: list[tuple[int, int, int, bool]] = []
+        decoding = [s for s in self.slots if s.job is not None and s.next_tok is not None]
+        for s in decoding:
+            s.row = len(items)
+            items.append((s.next_tok, len(s.cached), s.id, True))
+        budget = self.n_batch - len(items)
+        if decoding:
+            budget = min(budget, self.prefill_chunk)
+        chunks = []
+        for s in sorted((s for s in self.slots if s.job is not None and s.next_tok is None),
+                        key=lambda s: s.job.t_arrival):
+            if budget <= 0:
+                break
+            job = s.job
+            n = min(budget, len(job.tokens) - s.prompt_i)
+            echo = job.prompt_logprobs is not None
+            if echo:
+                n = min(n, ECHO_CHUNK)
+            start, pos0 = len(items), len(s.cached)
+            last = s.prompt_i + n == len(job.tokens)
+            for j, t in enumerate(job.tokens[s.prompt_i:s.prompt_i + n]):
+                items.append((t, pos0 + j, s.id, echo or (last and j == n - 1)))
+            chunks.append((s, start, n, last))
+            budget -= n
+        if not items:
+            return
+        self.eng.decode_batch(items)
+        with self.metrics.lock:
+            self.metrics.decode_steps += 1
+            self.metrics.batch_tokens.observe(len(items))
+        for s in decoding:
+            s.cached.append(s.next_tok)
+        rows = None
+        ready = list(decoding)
+        for s, start, n, last in chunks:
+            job = s.job
+            if job.prompt_logprobs is not None:
+                if rows is None:  # logits rows are numbered over the items that asked for logits
+                    rows = np.cumsum([it[3] for it in items]) - 1
+                    logits = self.eng.all_logits()  # (n_rows, n_vocab)
+                self._prompt_logprobs(s, logits[rows[start]:rows[start + n - 1] + 1])
+            s.cached.extend(job.tokens[s.prompt_i:s.prompt_i + n])
+            s.prompt_i += n
+            if last:
+                s.row = start + n - 1
+                ready.append(s)
+        for s in ready:
+            self._sample(s)
+
+    def _prompt_logprobs(self, s: Slot, logits: np.ndarray) -> None:
+        """Logprob of each prompt token given the ones before it (the first has none)."""
+        job, toks, k = s.job, s.job.tokens, s.job.prompt_logprobs
+        out = [(toks[0], None, None)] if s.prompt_i == 0 else []
+        for r in range(logits.shape[0]):
+            p = s.prompt_i + r + 1  # the token these logits predict
+            if p >= len(toks):
+                break
+            lp = log_softmax(logits[r])
+            out.append((toks[p], float(lp[toks[p]]), top_k(lp, k)))
+        self._emit(job, ("prompt", out))
+
+    def _sample(self, s: Slot) -> None:
+        job = s.job
+        if job.sampling.max_tokens == 0:
+            self._finish(s, "length")
+            return
+        tok = self.eng.sample(job.sampler, s.row)
+        lp = None
+        if job.logprobs is not None:
+            lps = log_softmax(self.eng.logits(s.row))
+            lp = (float(lps[tok]), top_k(lps, job.logprobs))
+        now = time.perf_counter()
+        with self.metrics.lock:
+            (self.metrics.ttft.observe(now - job.t_arrival) if s.n_gen == 0
+             else self.metrics.itl.observe(now - s.t_last))
+        s.t_last = now
+        stops = job.sampling.stop
+        if tok in self.eos and not job.sampling.ignore_eos:
+            text = s.held + s.utf8.decode(b"", final=True)
+            if text:
+                self._emit(job, ("tok", -1, text, None))
+            self._finish(s, "stop")
+            return
+        s.n_gen += 1
+        with self.metrics.lock:
+            self.metrics.generation_tokens += 1
+        text = s.held + s.utf8.decode(self.vocab_bytes[tok])
+        if stops:
+            hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                self._emit(job, ("tok", tok, text[:hit], lp))
+                self._finish(s, "stop")
+                return
+        if s.n_gen >= job.sampling.max_tokens or len(s.cached) >= self.slot_ctx:
+            self._emit(job, ("tok", tok, text + s.utf8.decode(b"", final=True), lp))
+            self._finish(s, "length")
+            return
+        keep = _stop_hold(text, stops) if stops else 0
+        s.held = text[len(text) - keep:] if keep else ""
+        self._emit(job, ("tok", tok, text[:len(text) - keep], lp))
+        s.next_tok = tok
+
+    def _finish(self, s: Slot, reason: str) -> None:
+        job = s.job
+        self._emit(job, ("end", reason, {"prompt_tokens": len(job.tokens), "cached_tokens": s.n_cached,
+                                         "completion_tokens": s.n_gen}))
+        self._release(s)
+
+    def _release(self, s: Slot, clear: bool = False) -> None:
+        job = s.job
+        close = getattr(job.sampler, "close", None)
+        if close:
+            close()
+        now = time.perf_counter()
+        self.mean_job_s += 0.1 * ((now - job.t_arrival) - self.mean_job_s)
+        s.job, s.next_tok, s.last_used = None, None, now
+        if clear:  # the KV of a failed step is unknown: forget it
+            self.eng.truncate(0, s.id)
+            s.cached = []
+
+    def _emit(self, job: Job, event: tuple) -> None:
+        self._out.append((job, event))
+
+    def _flush(self) -> None:
+        """Deliver this step's events with one wake-up per event loop."""
+        if not self._out:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, ev in self._out:
+            by_loop.setdefault(job.loop, []).append((job.queue, ev))
+        self._out = []
+        for loop, evs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, evs)
+            except RuntimeError:  # the loop is closed (server shutting down)
+                pass
+
+
+def _deliver(evs: list) -> None:
+    for q, ev in evs:
+        q.put_nowait(ev)

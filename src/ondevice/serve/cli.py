@@ -1,0 +1,22 @@
+"""``ondevice serve``: flags come from :class:`ServeSettings` (one declaration: flag, env var, help)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .settings import add_settings_arguments
+
+    parser.epilog = ("Every flag can also be set with its ONDEVICE_* environment variable; a flag wins over "
+                     "the environment. Routes: /v1/chat/completions, /v1/completions, /v1/models, "
+                     "/v1/embeddings, /health, /metrics, /tokenize, /detokenize.")
+    add_settings_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .server import serve
+    from .settings import settings_from_args
+
+    serve(settings_from_args(args))
+    return 0

@@ -1,0 +1,86 @@
+"""Run the app with uvicorn, in the foreground (the CLI) or in a background thread (tests, notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+
+from ..errors import OndeviceError
+from .settings import ServeSettings
+
+
+def _check_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise OndeviceError(f"the server needs {e.name}; install it with: pip install 'ondevice[server]'") from e
+
+
+def build_app(settings: ServeSettings):
+    """(app, state): the model is loaded here; the batcher starts with the app's lifespan."""
+    _check_extra()
+    from .app import create_app
+    from .state import ServerState
+
+    state = ServerState(settings)
+    return create_app(state), state
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a busy port is a clear error, not a traceback from uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OndeviceError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+                            f"or stop what is using it") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: ServeSettings) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    sock = _bind(settings.host, settings.port)
+    app, state = build_app(settings)
+    host, port = sock.getsockname()[:2]
+    print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
+          f"{settings.ctx} ctx; key {'required' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """Run a server in a daemon thread: ``with BackgroundServer(settings) as srv: srv.base_url``."""
+
+    def __init__(self, settings: ServeSettings):
+        import uvicorn
+
+        self.sock = _bind(settings.host, settings.port)
+        self.app, self.state = build_app(settings)
+        host, port = self.sock.getsockname()[:2]
+        self.base_url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise OndeviceError("the background server did not start; run with ONDEVICE_VERBOSE=1")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

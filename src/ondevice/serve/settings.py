@@ -1,0 +1,88 @@
+"""Server settings: one declaration gives the flag, the ``ONDEVICE_*`` env var, the validation and the help.
+
+Modelled on llama-cpp-python's ``server/settings.py``. Precedence: command-line flag > environment > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..errors import InvalidArgument
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``ondevice serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="ONDEVICE_", extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(None, description="catalog name, stored variant or path to a .gguf "
+                                                "(None: the default model)")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
+    parallel: int = Field(4, ge=1, le=256, description="slots: sequences decoded together in one batch")
+    ctx: int = Field(2048, ge=64, description="context tokens per slot (the KV cache holds ctx * parallel)")
+    threads: int | None = Field(None, ge=1, description="CPU threads (None: physical cores)")
+    kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
+        "f16", description="KV cache type (f32: results independent of where a sequence sits in the cache)")
+    batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
+    prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
+                                                       "so a long prompt does not stall running streams")
+    max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted (0: ctx - 1); longer is a 400")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it a 429 with Retry-After")
+    timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue wait included (504 after)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (401 without it)")
+    embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
+    embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
+    alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if self.max_prompt_tokens >= self.ctx:
+            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} must be below ctx {self.ctx} "
+                             f"(room is needed for the reply); lower it or raise --ctx")
+        return self
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_tokens or self.ctx - 1
+
+
+# flags with a short alias
+_SHORT = {"model": "-m", "threads": "-t", "parallel": "-np", "ctx": "-c"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; absent flags fall through to the env var, then the default."""
+    for name, field in ServeSettings.model_fields.items():
+        env = f"ONDEVICE_{name.upper()}"
+        help_ = f"{field.description} (default: {field.default}; env {env})".replace("%", "%%")
+        flags = [_SHORT[name], _flag(name)] if name in _SHORT else [_flag(name)]
+        if field.annotation is bool:
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
+
+
+def settings_from_args(args: argparse.Namespace | None = None, **over: Any) -> ServeSettings:
+    """Settings from given flags (strings are validated by pydantic) over env vars; errors name the flag."""
+    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if k in ServeSettings.model_fields}
+    given.update(over)
+    try:
+        return ServeSettings(**given)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = err["loc"][0] if err["loc"] else ""
+            where = f"{_flag(str(loc))} / ONDEVICE_{str(loc).upper()}" if loc else "settings"
+            msgs.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"])
+        raise InvalidArgument("invalid server settings: " + "; ".join(msgs) + "; see `ondevice serve --help`") from e

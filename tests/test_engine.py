@@ -142,3 +142,23 @@ def test_base_model_chat_warns_and_falls_back():
     assert any(issubclass(x.category, BaseModelWarning) for x in w)
     assert r.last is not None
     model.close()
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_greedy_argmax_path_matches_the_native_chain(smol, ignore_eos):
+    eng = smol.engine
+    smol.reset()
+    for text in ("The capital of France is", "1, 2, 3, 4,", "<|im_start|>user\nHi<|im_end|>\n"):
+        eng.reset()
+        eng.prefill(eng.tokenize(text, add_special=True))
+        fast = eng.make_sampler(Sampling(temp=0, ignore_eos=ignore_eos))
+        native = eng.make_sampler(Sampling(temp=0, ignore_eos=ignore_eos))
+        native.argmax_ok = False  # force llama.cpp's greedy sampler chain
+        assert fast.argmax_ok
+        assert eng.sample(fast) == eng.sample(native)
+    # at an end-of-text position, ignore_eos must never return an EOS token
+    eng.reset()
+    eng.prefill(eng.tokenize("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\nOK.", add_special=True))
+    if ignore_eos:
+        assert eng.sample(eng.make_sampler(Sampling(temp=0, ignore_eos=True))) not in eng.eos_tokens
+    smol.reset()

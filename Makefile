@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install ondevice, benchmark the embedded default model
 #   make test   - create .venv, install ondevice with its test extras, run the test suite
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= server,eval,models,test
@@ -9,7 +9,7 @@ EXTRAS ?= server,eval,models,test
 .PHONY: demo test install install-dev bench-peers clean
 
 $(BIN)/python:
-	$(shell command -v $(PY) >/dev/null 2>&1 || echo python3) -m venv $(VENV)
+	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python

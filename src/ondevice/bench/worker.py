@@ -104,6 +104,9 @@ def run_test(model, spec, cfg: dict, watts_per_core: float | None) -> dict:
 def _is_oom(exc: BaseException, capped: bool) -> bool:
     if isinstance(exc, MemoryError):
         return True
+    # under RLIMIT_AS a shared library (numpy's, llama.cpp's) can fail to map: an ImportError/OSError
+    if capped and any(s in str(exc) for s in ("failed to map segment", "Cannot allocate memory")):
+        return True
     # under a memory cap llama.cpp reports a failed mmap/alloc as a failed load or context
     return capped and isinstance(exc, OndeviceError) and not isinstance(exc, (InvalidArgument, ContextOverflow))
 
@@ -159,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
-        return fail_all("oom" if _is_oom(e, capped) else "error", f"model load failed: {type(e).__name__}: {e}")
+        oom = _is_oom(e, capped)
+        why = str(e).strip().splitlines()[-1] if str(e).strip() else ""  # numpy's ImportError is a page long
+        return fail_all("oom" if oom else "error", f"model load failed{' (out of memory under the cap)' if oom else ''}"
+                        f": {type(e).__name__}: {why}")
     load_mem = proc_status()
     emit({"type": "loaded", "load_time_s": load_s, "engine_load_time_s": engine.load_time,
           "n_ctx": engine.n_ctx, "n_threads": engine.n_threads, "n_batch": engine.n_batch,

@@ -401,7 +401,7 @@ class Sampler:
         self.argmax_ok = s.temp == 0 and not s.grammar and s.repeat_penalty == 1.0
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)  # noqa: E731 — chain owns each sampler
+        add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
         if s.grammar:
             g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
             if not g:

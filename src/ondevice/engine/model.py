@@ -110,7 +110,6 @@ class Model:
             yield from eng.stream_tokens(tokens, s)
             return
         held = ""  # text that may be the start of a stop string
-        longest = max(map(len, s.stop))
         for g in eng.stream_tokens(tokens, s):
             held += g.text
             hit = min((i for i in (held.find(x) for x in s.stop) if i >= 0), default=-1)
@@ -120,7 +119,7 @@ class Model:
             if g.finish_reason:
                 yield dataclasses.replace(g, text=held)
                 return
-            keep = _stop_prefix_len(held, s.stop, longest)
+            keep = stop_hold(held, s.stop)
             out, held = held[:len(held) - keep], held[len(held) - keep:]
             yield dataclasses.replace(g, text=out)
 
@@ -139,9 +138,9 @@ class Model:
         self.engine.close()
 
 
-def _stop_prefix_len(text: str, stops: Sequence[str], longest: int) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    for k in range(min(longest - 1, len(text)), 0, -1):
+def stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back)."""
+    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
         tail = text[-k:]
         if any(x.startswith(tail) for x in stops):
             return k
@@ -157,6 +156,6 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     from .llama import LlamaEngine
 
     ref = resolve(name)
-    ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
+    _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
     engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config))
     return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template())

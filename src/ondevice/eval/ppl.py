@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.logprobs import log_softmax
 from ..errors import InvalidArgument, OndeviceError
 from .corpora import Corpus
 
@@ -54,13 +55,6 @@ ROW_BLOCK = 32  # rows converted to float64 at a time: bounds memory for large v
 
 
 # --- the math (plain numpy, float64) -------------------------------------------------------------------
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """``(n, V)`` raw logits -> ``(n, V)`` float64 log-probabilities."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..engine.logprobs import log_softmax, top_k
+from ..engine.model import stop_hold
 from ..engine.records import Sampling
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
@@ -87,28 +89,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     diff = np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64)
     i = int(np.argmax(diff))
     return i if diff[i] else n
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max()
-    return x - (m + math.log(np.exp(x - m).sum()))
-
-
-def top_k(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
-    if k <= 0:
-        return []
-    idx = np.argpartition(-lp, k - 1)[:k]
-    idx = idx[np.argsort(-lp[idx], kind="stable")]
-    return [(int(i), float(lp[i])) for i in idx]
-
-
-def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that could start a stop string."""
-    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
-        if any(x.startswith(text[-k:]) for x in stops):
-            return k
-    return 0
 
 
 class Batcher:
@@ -317,7 +297,7 @@ class Batcher:
             self._emit(job, ("tok", tok, text + s.utf8.decode(b"", final=True), lp))
             self._finish(s, "length")
             return
-        keep = _stop_hold(text, stops) if stops else 0
+        keep = stop_hold(text, stops) if stops else 0
         s.held = text[len(text) - keep:] if keep else ""
         self._emit(job, ("tok", tok, text[:len(text) - keep], lp))
         s.next_tok = tok

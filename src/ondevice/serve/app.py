@@ -156,7 +156,11 @@ class Runner:
                 if left <= 0:
                     raise JobTimeout(f"the request took longer than {job.timeout:g} s")
                 try:
-                    ev = await asyncio.wait_for(job.queue.get(), timeout=min(left, 1.0))
+                    if job.queue.empty():  # asyncio.timeout, not wait_for: no extra task per token
+                        async with asyncio.timeout(min(left, 1.0)):
+                            ev = await job.queue.get()
+                    else:
+                        ev = job.queue.get_nowait()
                 except TimeoutError:
                     if poll_disconnect and await request.is_disconnected():
                         return

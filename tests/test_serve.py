@@ -319,3 +319,20 @@ def test_parallel_greedy_equals_sequential(srv, client):
     assert exact >= 1
     tokens = sum(r.usage.completion_tokens for r in parallel)
     assert steps < tokens  # several streams shared each llama_decode
+
+
+def test_presserialised_token_event_equals_the_model_serialisation():
+    import json as _json
+
+    from ondevice.serve import schemas as S
+    from ondevice.serve.app import _sse, _text_sse
+
+    def make(t):
+        return S.ChatCompletionChunk(id="c1", created=1, model="m",
+                                     choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))])
+
+    fast = _text_sse(make)
+    for text in ["", "plain", 'quote " and \\ backslash', "new\nline\ttab", "é中文🙂", "\x00\x1f"]:
+        a, b = fast(text), _sse(make(text))
+        assert a.startswith(b"data: ") and a.endswith(b"\n\n")
+        assert _json.loads(a[6:]) == _json.loads(b[6:])

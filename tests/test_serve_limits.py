@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: E402, F401 — [server] extra, installed by `make test`
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 from test_serve import _log_softmax, _model_path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import resource
 from collections.abc import Sequence
-from pathlib import Path
 
 _STATUS_KEYS = {"VmHWM": "peak_rss", "VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file",
                 "RssShmem": "rss_shmem", "VmSize": "vm_size"}
@@ -35,16 +34,9 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
 
 def proc_status() -> dict[str, int]:
     """Memory figures of this process in bytes (peak_rss, rss, rss_anon, rss_file, ...); {} off Linux."""
-    out: dict[str, int] = {}
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in _STATUS_KEYS:
-            out[_STATUS_KEYS[key]] = int(value.split()[0]) * 1024  # "kB" in the kernel is KiB
-    return out
+    from ..device.info import proc_kib_fields
+
+    return {_STATUS_KEYS[k]: v for k, v in proc_kib_fields().items() if k in _STATUS_KEYS}
 
 
 def reset_peak_rss() -> bool:

@@ -80,13 +80,24 @@ def physical_cores() -> int | None:
     return len(pairs) or None
 
 
-def total_memory_bytes() -> int | None:
+def proc_kib_fields(path: str = "/proc/self/status") -> dict[str, int]:
+    """The ``Key:  N kB`` lines of a /proc file (status, meminfo) in bytes; {} where unreadable."""
+    out: dict[str, int] = {}
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
+        text = Path(path).read_text()
     except OSError:
-        pass
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            out[key] = int(parts[0]) * 1024  # "kB" in the kernel is KiB
+    return out
+
+
+def total_memory_bytes() -> int | None:
+    if (mem := proc_kib_fields("/proc/meminfo").get("MemTotal")) is not None:
+        return mem
     try:
         import psutil
 

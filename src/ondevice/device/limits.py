@@ -120,13 +120,9 @@ def set_rlimit_as(limit: int) -> None:
 
 
 def _vm_size() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .info import proc_kib_fields
+
+    return proc_kib_fields().get("VmSize")
 
 
 def apply_profile(

@@ -337,11 +337,14 @@ class LlamaEngine(Engine):
 
         The last record has ``finish_reason``: "length" on the max_tokens-th token, or, when an
         end-of-generation token is sampled, an extra record with ``token=-1`` and "stop".
+        ``prompt_tokens`` counts the whole context before generation, ``cached_tokens`` the part
+        that ``seq`` already held; ``prompt_tps`` is over the tokens actually computed.
         """
         t0 = time.perf_counter()
         n_prompt = len(tokens)
-        if self.n_past(seq) + n_prompt > self.n_ctx:
-            raise ContextOverflow(self.n_past(seq) + n_prompt, self.n_ctx)
+        n_cached = self.n_past(seq)
+        if n_cached + n_prompt > self.n_ctx:
+            raise ContextOverflow(n_cached + n_prompt, self.n_ctx)
         sampler = self.make_sampler(sampling)
         try:
             if n_prompt:
@@ -369,9 +372,10 @@ class LlamaEngine(Engine):
                     tok_out = tok
                 tps = (n - 1) / (t - ttft) if n > 1 and t > ttft else 0.0
                 yield Generation(text=text, token=tok_out, index=n - 1 if not stop else n, t=t, ttft=ttft,
-                                 prompt_tokens=n_prompt, prompt_time=t_prompt,
+                                 prompt_tokens=n_cached + n_prompt, prompt_time=t_prompt,
                                  prompt_tps=n_prompt / t_prompt if t_prompt > 0 else 0.0,
-                                 generation_tokens=n, generation_tps=tps, finish_reason=finish)
+                                 generation_tokens=n, generation_tps=tps, finish_reason=finish,
+                                 cached_tokens=n_cached)
                 if finish:
                     return
                 self.decode(tok, seq)

@@ -81,7 +81,8 @@ class Model:
         """Reuse the KV of the longest common prefix with the previous call, then stream.
 
         Stop strings are cut here and never shown. ``prompt_tokens`` in the records counts the
-        whole prompt; ``cached_tokens`` how many of them were reused rather than recomputed.
+        whole prompt; ``cached_tokens`` how many of them were reused rather than recomputed (the
+        engine fills both from the KV it holds).
         """
         eng = self.engine
         p = 0
@@ -95,7 +96,7 @@ class Model:
             for g in self._stream_stops(tokens[p:], s):
                 if g.token >= 0:
                     generated.append(g.token)
-                yield dataclasses.replace(g, prompt_tokens=len(tokens), cached_tokens=p)
+                yield g
         finally:
             self._cached = (tokens + generated)[:eng.n_past()]
 

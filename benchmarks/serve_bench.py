@@ -7,6 +7,8 @@ In one run, over loopback, same model file and thread count:
   * TTFT with a repeated long system prompt (prefix cache) vs a cold one.
 
 Usage: python benchmarks/serve_bench.py [--model PATH] [--threads 2] [--streams 1,2,4,8,16] [--tokens 128]
+                                        [--rounds 3] [--skip llama-cpp-python]
+All servers run at once (idle ones cost nothing) and take turns, round by round, so host drift hits each alike.
 Peers are optional: a peer that cannot start is reported as missing, not faked.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -115,6 +118,11 @@ async def load(srv: Server, n: int, tokens: int) -> dict:
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several rounds of one load: the median round by aggregate tok/s (its latencies come with it)."""
+    return sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+
+
 async def prefix_ttft(srv: Server, reps: int = 3) -> tuple[float, float]:
     """Median TTFT with a fresh ~600-token system prompt (cold) vs the same one again (warm)."""
     system = " ".join(f"Rule {i}: answer politely and cite the store policy number {i}." for i in range(50))
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per stream count (median is shown)")
     ap.add_argument("--skip", default="", help="comma list of servers to skip: ondevice,llama-cpp-python,llama-server")
     args = ap.parse_args(argv)
     model = args.model or default_model()
@@ -178,19 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, dict[int, dict]] = {}
     prefix: dict[str, tuple[float, float]] = {}
-    for srv in servers:
-        if srv.name in skip:
-            continue
-        try:
-            with srv:
-                results[srv.name] = {}
-                for n in streams:
-                    results[srv.name][n] = asyncio.run(load(srv, n, args.tokens))
-                    r = results[srv.name][n]
-                    print(f"  {srv.name:17s} n={n:2d} {r['tok_s']:7.1f} tok/s", file=sys.stderr, flush=True)
-                prefix[srv.name] = asyncio.run(prefix_ttft(srv))
-        except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
-            print(f"{srv.name}: {e}", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        running = []
+        for srv in servers:  # all start first, then take turns: a host whose speed drifts hits each alike
+            if srv.name in skip:
+                continue
+            try:
+                running.append(stack.enter_context(srv))
+            except Exception as e:  # noqa: BLE001 — a peer that cannot start is reported, not faked
+                print(f"{srv.name}: {e}", file=sys.stderr)
+        for n in streams:
+            for rnd in range(args.rounds):
+                for srv in running:
+                    try:
+                        r = asyncio.run(load(srv, n, args.tokens))
+                    except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
+                        print(f"{srv.name}: {e}", file=sys.stderr)
+                        continue
+                    results.setdefault(srv.name, {}).setdefault(n, []).append(r)
+                    print(f"  {srv.name:17s} n={n:2d} round {rnd + 1}: {r['tok_s']:7.1f} tok/s", file=sys.stderr,
+                          flush=True)
+        for srv in running:
+            prefix[srv.name] = asyncio.run(prefix_ttft(srv))
+    results = {name: {n: merge(runs) for n, runs in rows.items()} for name, rows in results.items()}
     kernel = batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens) if bb else {}
 
     print(f"\nmodel {Path(model).name}, {args.threads} threads, {args.tokens} tokens per stream, "

@@ -91,6 +91,13 @@ def test_health_models_tokenize(srv, client, ref_engine):
     assert httpx.post(srv.base_url + "/detokenize", json={"tokens": r["tokens"]}).json()["content"] == text
 
 
+def test_listener_disables_nagle(srv):
+    """Accepted connections inherit TCP_NODELAY: a token is sent at once, not held ~40 ms behind the headers."""
+    import socket
+
+    assert srv.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_chat_matches_library_and_usage(srv, client, ref_engine):
     from ondevice.engine.model import Model
 
@@ -103,6 +110,13 @@ def test_chat_matches_library_and_usage(srv, client, ref_engine):
     assert r.usage.prompt_tokens == len(ref_engine.tokenize(rendered, add_special=False))
     assert r.usage.completion_tokens == len(ch.logprobs.content)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # llama-server's timings extension, from the engine's last per-token record
+    tm = r.model_extra["timings"]
+    assert tm["prompt_n"] + tm["cache_n"] == r.usage.prompt_tokens
+    assert tm["cache_n"] == r.usage.prompt_tokens_details.cached_tokens
+    assert tm["predicted_n"] == r.usage.completion_tokens
+    assert 0 < tm["ttft_ms"] and 0 < tm["prompt_ms"] <= tm["ttft_ms"]
+    assert r.usage.completion_tokens < 2 or tm["predicted_per_second"] > 0
     # the batched server and the single-sequence library agree on greedy text
     lib = Model(name="ref", path=srv.state.path, engine=ref_engine, template=ref_engine.chat_template())
     lib.reset()
@@ -121,6 +135,8 @@ def test_stream_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert final.model_extra["timings"]["predicted_n"] == full.usage.completion_tokens
 
 
 def test_stop_strings_are_cut(client):
@@ -144,6 +160,36 @@ def test_prefix_cache_reuses_system_prompt(client):
     assert b.usage.prompt_tokens_details.cached_tokens >= 80  # the shared system prompt was not recomputed
     assert b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
     assert a.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens_details.cached_tokens
+
+
+def test_prefix_copied_from_a_busy_slot_gives_the_same_text(srv, client, ref_engine):
+    """A prompt whose prefix sits in a slot that is still generating gets that KV copied into its own slot
+    (split KV: a buffer copy between streams) and answers exactly as if computed from scratch."""
+    import threading
+    import uuid
+
+    from ondevice.engine.model import Model
+
+    system = f"[{uuid.uuid4().hex}] You are a terse assistant for a hardware store. " * 6
+    msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
+    started = threading.Event()
+
+    def long_request():
+        for _ in client.chat.completions.create(model="m", messages=msgs("List every tool you sell."), stream=True,
+                                                 max_tokens=200, temperature=0, extra_body={"ignore_eos": True}):
+            started.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    assert started.wait(60)
+    r = client.chat.completions.create(model="m", messages=msgs("Do you sell nails?"), max_tokens=16, temperature=0)
+    busy = srv.state.batcher.busy
+    t.join()
+    assert busy >= 1, "the long request finished too early to test a copy from a busy slot"
+    assert r.usage.prompt_tokens_details.cached_tokens >= 80
+    lib = Model(name="ref", path=srv.state.path, engine=ref_engine, template=ref_engine.chat_template())
+    lib.reset()
+    assert r.choices[0].message.content == lib.generate(msgs("Do you sell nails?"), temp=0, max_tokens=16).text
 
 
 # -- structured output ----------------------------------------------------------------------------------

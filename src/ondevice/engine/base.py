@@ -22,7 +22,8 @@ class EngineConfig:
     n_threads_batch: int | None = None  # None: same as n_threads
     n_batch: int = 2048
     n_ubatch: int = 512
-    n_seq_max: int = 1  # sequences sharing the KV cache (the server's slots)
+    n_seq_max: int = 1  # sequences in the KV cache (the server's slots), n_ctx / n_seq_max cells each
+    kv_unified: bool = False  # one pool of n_ctx cells for all sequences (attention then spans all of them)
     type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0, f32
     type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp's 'auto' (its own default)

@@ -86,7 +86,7 @@ def build_info() -> str:
 
 
 class LlamaEngine(Engine):
-    """One model and one context; up to ``config.n_seq_max`` sequences share the KV cache."""
+    """One model and one context; up to ``config.n_seq_max`` sequences, each with its share of the KV cache."""
 
     def __init__(self, path: str | Path, config: EngineConfig | None = None):
         self.ll = ll = _lib()
@@ -129,8 +129,9 @@ class LlamaEngine(Engine):
                                       f"use one of {', '.join(_POOLING)}")
             cparams.pooling_type = _POOLING[cfg.pooling]
         cparams.no_perf = True
-        if cfg.n_seq_max > 1:
-            cparams.kv_unified = True  # all slots share one cache of n_ctx cells
+        # split (the default, as llama-server with -np N): each sequence has its own n_ctx / n_seq_max cells and
+        # attends over those only; unified: one pool, and every sequence's attention spans all cells in use
+        cparams.kv_unified = cfg.kv_unified
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)
@@ -144,11 +145,22 @@ class LlamaEngine(Engine):
         self._n_rows = 0  # logits rows produced by the last decode
         self.eos_tokens = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t))
         self._piece_buf = ctypes.create_string_buffer(256)
-        if cfg.warmup and not cfg.embeddings:
-            bos = ll.llama_vocab_bos(self.vocab)
-            self.decode(bos if bos >= 0 else 0)
-            self.reset()
+        if cfg.warmup:
+            self.warmup()
         self.load_time = time.perf_counter() - t0
+
+    def warmup(self) -> None:
+        """One tiny decode (pages the weights in, sizes the buffers), then an empty cache.
+
+        Decode from one thread only, and warm up on that thread: llama.cpp's OpenMP build keeps a worker
+        team per calling thread, and a second team anywhere in the process slows every later decode
+        (by about 30% on 2 cores here, see benchmarks/serve_bench.py).
+        """
+        if self.config.embeddings:
+            return
+        bos = self.ll.llama_vocab_bos(self.vocab)
+        self.decode(bos if bos >= 0 else 0)
+        self.reset()
 
     # -- text <-> tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -290,7 +302,10 @@ class LlamaEngine(Engine):
             self._n_past[seq] = n
 
     def copy_seq(self, src: int, dst: int) -> None:
-        """Share the KV of ``src`` with ``dst`` (prefix cache between slots)."""
+        """Give ``dst`` the KV of ``src`` (prefix cache between slots).
+
+        Split KV: llama.cpp copies the whole stream before the next decode; unified: the cells are shared.
+        """
         self.ll.llama_memory_seq_rm(self.mem, dst, 0, -1)
         self.ll.llama_memory_seq_cp(self.mem, src, dst, 0, -1)
         self._n_past[dst] = self._n_past.get(src, 0)
@@ -325,9 +340,10 @@ class LlamaEngine(Engine):
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
             # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
             row = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-            if sampler.banned is None:
-                return int(row.argmax())
-            masked = row.copy()
+            tok = int(row.argmax())
+            if sampler.banned is None or tok not in self.eos_tokens:
+                return tok
+            masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
             masked[sampler.banned] = -np.inf
             return int(masked.argmax())
         return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token

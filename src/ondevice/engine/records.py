@@ -36,6 +36,7 @@ class Generation:
     finish_reason: FinishReason | None = None
     logprob: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token, logprob), best first, when asked for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +57,7 @@ class Result:
         if self.last is None:
             return {}
         d = self.last.to_dict()
-        for k in ("text", "token", "index", "logprob"):
+        for k in ("text", "token", "index", "logprob", "top_logprobs"):
             d.pop(k)
         d["peak_rss_bytes"] = self.peak_rss_bytes
         return d

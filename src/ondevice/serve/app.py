@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.records import Sampling
+from ..engine.records import Generation, Sampling
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
@@ -81,7 +81,7 @@ def create_app(state: ServerState) -> FastAPI:
         data, n_tok = [], 0
         for i, toks in enumerate(token_lists):
             state.check_prompt(toks) if toks else None
-            vec = await run_in_threadpool(state.embed, toks)
+            vec = await asyncio.wrap_future(state.embed(toks))
             if req.dimensions is not None:
                 if req.dimensions > vec.shape[0]:
                     raise InvalidArgument(f"dimensions {req.dimensions} exceeds the model's {vec.shape[0]}")
@@ -120,10 +120,24 @@ def _sampling(req, max_tokens: int, grammar: str | None = None) -> Sampling:
     return Sampling(**kw)
 
 
-def _usage(end: dict) -> S.Usage:
-    return S.Usage(prompt_tokens=end["prompt_tokens"], completion_tokens=end["completion_tokens"],
-                   total_tokens=end["prompt_tokens"] + end["completion_tokens"],
-                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=end["cached_tokens"]))
+def _usage(*last: Generation) -> S.Usage:
+    """Usage summed over the last records of one or more generations."""
+    prompt = sum(g.prompt_tokens for g in last)
+    completion = sum(g.generation_tokens for g in last)
+    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=sum(g.cached_tokens for g in last)))
+
+
+def _timings(g: Generation) -> S.Timings:
+    decode_s = g.t - g.ttft
+    return S.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
+                     prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
+                     predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3)
+
+
+def _lp_entry(g: Generation) -> tuple:
+    """(token, logprob, top) of a record, as the legacy completions logprobs take them."""
+    return g.token, g.logprob, list(g.top_logprobs) if g.top_logprobs is not None else None
 
 
 def _sse(obj) -> bytes:
@@ -164,7 +178,7 @@ class Runner:
         return Job(tokens=tokens, sampling=sampling, sampler=sampler, loop=loop,
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
 
-    async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[tuple]:
+    async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[Generation | tuple]:
         """The job's events until its end; a timeout or a gone client cancels it and frees the slot."""
         finished = False
         try:
@@ -182,11 +196,11 @@ class Runner:
                     if poll_disconnect and await request.is_disconnected():
                         return
                     continue
-                if ev[0] == "err":
+                if isinstance(ev, Generation):
+                    finished = ev.finish_reason is not None
+                elif ev[0] == "err":
                     finished = True
                     raise ev[1]
-                if ev[0] == "end":
-                    finished = True
                 yield ev
                 if finished:
                     return
@@ -216,39 +230,38 @@ class Runner:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(job, req, request, plan, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts, lps, end = [], [], None
-        async for ev in self.events(job, request, poll_disconnect=True):
-            if ev[0] == "tok":
-                parts.append(ev[2])
-                if ev[3] is not None:
-                    lps.append(self._chat_lp(ev[1], ev[3]))
-            elif ev[0] == "end":
-                end = ev
-        if end is None:  # client gone: nobody reads this
+        parts, lps, last = [], [], None
+        async for g in self.events(job, request, poll_disconnect=True):
+            parts.append(g.text)
+            if g.logprob is not None:
+                lps.append(self._chat_lp(g))
+            last = g
+        if last is None or last.finish_reason is None:  # client gone: nobody reads this
             return JSONResponse({}, status_code=499)
         text = "".join(parts)
-        finish = end[1]
+        finish = last.finish_reason
         calls = structured.parse_tool_call(text, plan) if plan.tools else None
         msg = S.AssistantMessage(content=None if calls else text, tool_calls=calls)
         if calls:
             finish = "tool_calls"
         choice = S.ChatChoice(message=msg, finish_reason=finish,
                               logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None)
-        return S.ChatCompletion(model=st.model_id, choices=[choice], usage=_usage(end[2]))
+        return S.ChatCompletion(model=st.model_id, choices=[choice], usage=_usage(last), timings=_timings(last))
 
-    def _chat_lp(self, tok: int, lp: tuple) -> S.TokenLogprob:
+    def _chat_lp(self, g: Generation) -> S.TokenLogprob:
         pieces = self.state.pieces
-        return S.TokenLogprob(token=pieces[tok], logprob=lp[0], bytes=list(pieces[tok].encode()),
+        return S.TokenLogprob(token=pieces[g.token], logprob=g.logprob, bytes=list(pieces[g.token].encode()),
                               top_logprobs=[S.TopLogprob(token=pieces[t], logprob=v, bytes=list(pieces[t].encode()))
-                                            for t, v in lp[1]])
+                                            for t, v in g.top_logprobs or ()])
 
     async def _chat_stream(self, job: Job, req, request: Request, plan, include_usage: bool):
         st = self.state
         cid, created = S._id("chatcmpl"), int(time.time())
 
-        def chunk(delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True):
+        def chunk(delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None):
             ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
-            return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage))
+            return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+                                              timings=timings))
 
         text_chunk = _text_sse(lambda t: S.ChatCompletionChunk(
             id=cid, created=created, model=st.model_id, choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))]))
@@ -258,22 +271,21 @@ class Runner:
         held: list[str] = []
         try:
             yield chunk(S.ChatDelta(role="assistant", content=""))
-            async for ev in self.events(job, request, poll_disconnect=False):
-                if ev[0] == "tok":
-                    text, lp = ev[2], ev[3]
-                    if hold:
-                        held.append(text)
-                        if plan.tool_mode == "auto" and "".join(held).lstrip()[:1] not in ("", "{"):
-                            hold, text = False, "".join(held)  # free text after all: stream it
-                        else:
-                            continue
-                    if lp is not None:
-                        logprobs = S.ChoiceLogprobs(content=[self._chat_lp(ev[1], lp)])
-                        yield chunk(S.ChatDelta(content=text), logprobs=logprobs)
+            async for g in self.events(job, request, poll_disconnect=False):
+                text: str | None = g.text
+                if hold:
+                    held.append(text)
+                    if plan.tool_mode == "auto" and "".join(held).lstrip()[:1] not in ("", "{"):
+                        hold, text = False, "".join(held)  # free text after all: stream it
+                    else:
+                        text = None
+                if text is not None:
+                    if g.logprob is not None:
+                        yield chunk(S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
                     elif text:
                         yield text_chunk(text)
-                elif ev[0] == "end":
-                    finish = ev[1]
+                if g.finish_reason:
+                    finish = g.finish_reason
                     if hold:
                         text = "".join(held)
                         calls = structured.parse_tool_call(text, plan)
@@ -283,9 +295,9 @@ class Runner:
                                 index=0, id=calls[0].id, type="function", function=calls[0].function)]))
                         elif text:
                             yield chunk(S.ChatDelta(content=text))
-                    yield chunk(S.ChatDelta(), finish=finish)
+                    yield chunk(S.ChatDelta(), finish=finish, timings=_timings(g))
                     if include_usage:
-                        yield chunk(S.ChatDelta(), usage=_usage(ev[2]), choices=False)
+                        yield chunk(S.ChatDelta(), usage=_usage(g), choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
             yield _sse(error_payload(e)[1])
@@ -331,30 +343,30 @@ class Runner:
                 raise r
         if any(r is None for r in results):
             return JSONResponse({}, status_code=499)
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-        for i, (job, x, (prompt_lp, gen, end)) in enumerate(zip(jobs, prompts, results)):
+        choices = []
+        for i, (job, x, (prompt_lp, gen)) in enumerate(zip(jobs, prompts, results)):
             prompt_text = (x if isinstance(x, str) else st.detokenize(job.tokens)) if req.echo else ""
-            text = prompt_text + "".join(g[2] for g in gen)
+            text = prompt_text + "".join(g.text for g in gen)
             logprobs = None
             if k is not None:
                 base = 0 if req.echo else len(x if isinstance(x, str) else st.detokenize(job.tokens))
-                entries = (prompt_lp if req.echo else []) + [(g[1], g[3][0], g[3][1]) for g in gen if g[1] >= 0]
+                entries = (prompt_lp if req.echo else []) + [_lp_entry(g) for g in gen if g.token >= 0]
                 logprobs, _ = self._completion_lp(entries, base)
-            choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=end[1]))
-            for key in usage:
-                usage[key] += end[2][key]
-        return S.Completion(model=st.model_id, choices=choices, usage=_usage(usage))
+            choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                              finish_reason=gen[-1].finish_reason))
+        lasts = [gen[-1] for _, gen in results]
+        return S.Completion(model=st.model_id, choices=choices, usage=_usage(*lasts),
+                            timings=_timings(lasts[0]) if len(lasts) == 1 else None)
 
-    async def _collect(self, job: Job, request: Request):
-        prompt_lp, gen, end = [], [], None
+    async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
+        """Echo logprobs and the records of one job; None when the client went away."""
+        prompt_lp, gen = [], []
         async for ev in self.events(job, request, poll_disconnect=True):
-            if ev[0] == "prompt":
-                prompt_lp.extend(ev[1])
-            elif ev[0] == "tok":
+            if isinstance(ev, Generation):
                 gen.append(ev)
-            elif ev[0] == "end":
-                end = ev
-        return None if end is None else (prompt_lp, gen, end)
+            else:
+                prompt_lp.extend(ev[1])
+        return (prompt_lp, gen) if gen and gen[-1].finish_reason else None
 
     def _completion_lp(self, entries: list, offset: int) -> tuple[S.CompletionLogprobs, int]:
         """Legacy completions logprobs: entries are (token, logprob | None, top [(token, lp)] | None)."""
@@ -375,9 +387,10 @@ class Runner:
         prompt_text = (prompt if isinstance(prompt, str) else st.detokenize(job.tokens)) if req.echo else ""
         offset = 0 if req.echo else len(prompt if isinstance(prompt, str) else st.detokenize(job.tokens))
 
-        def chunk(text: str, lp=None, finish=None, usage=None, choices=True):
+        def chunk(text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
             ch = [S.CompletionChoice(text=text, logprobs=lp, finish_reason=finish)] if choices else []
-            return _sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage))
+            return _sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+                                     timings=timings))
 
         text_chunk = _text_sse(lambda t: S.Completion(id=cid, created=created, model=st.model_id,
                                                       choices=[S.CompletionChoice(text=t)]))
@@ -386,18 +399,19 @@ class Runner:
             if prompt_text and not (req.echo and req.logprobs is not None):
                 yield chunk(prompt_text)
             async for ev in self.events(job, request, poll_disconnect=False):
-                if ev[0] == "prompt":
+                if not isinstance(ev, Generation):  # echo logprobs of the prompt
                     lp, offset = self._completion_lp(ev[1], offset)
                     yield chunk(st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
-                elif ev[0] == "tok":
-                    lp = None
-                    if ev[3] is not None and ev[1] >= 0:
-                        lp, offset = self._completion_lp([(ev[1], ev[3][0], ev[3][1])], offset)
-                    yield chunk(ev[2], lp=lp) if lp is not None else text_chunk(ev[2])
-                elif ev[0] == "end":
-                    yield chunk("", finish=ev[1])
+                    continue
+                if ev.logprob is not None:
+                    lp, offset = self._completion_lp([_lp_entry(ev)], offset)
+                    yield chunk(ev.text, lp=lp)
+                elif ev.text:
+                    yield text_chunk(ev.text)
+                if ev.finish_reason:
+                    yield chunk("", finish=ev.finish_reason, timings=_timings(ev))
                     if include_usage:
-                        yield chunk("", usage=_usage(ev[2]), choices=False)
+                        yield chunk("", usage=_usage(ev), choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
             yield _sse(error_payload(e)[1])

@@ -1,5 +1,8 @@
 """Continuous batching: one thread owns the engine and decodes every active sequence in one llama_decode.
 
+All llama.cpp compute of the server runs on this thread (embeddings too, via :meth:`Batcher.call`): with
+llama.cpp's OpenMP build a second computing thread anywhere in the process slows every decode by ~30%.
+
 Each step carries the next token of every decoding slot plus a chunk of prompt tokens from slots that are
 still prefilling (chunked prefill, so a long prompt never stalls the running streams). Requests join
 between steps. Each slot keeps the tokens whose KV it holds; a new request takes the idle slot with the
@@ -11,26 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..engine.logprobs import log_softmax, top_k
 from ..engine.model import stop_hold
-from ..engine.records import Sampling
+from ..engine.records import Generation, Sampling
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
-COPY_MIN_GAIN = 16  # copy another slot's KV only when it saves at least this many tokens
+COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
 
-# events sent to a job's asyncio queue (tuples: cheap to build on the hot path)
-#   ("tok", token, text, logprob)      logprob: None or (lp, [(token, lp), ...top])
-#   ("prompt", [(token, lp | None, top | None), ...])   echo logprobs of prompt tokens, in order
-#   ("end", finish_reason, {"prompt_tokens", "cached_tokens", "completion_tokens"})
-#   ("err", exception)
+# what a job's asyncio queue receives, in order:
+#   ("prompt", [(token, lp | None, top | None), ...])   echo logprobs of prompt tokens (only when asked for)
+#   Generation                                         one per token, the engine's record; the last one has
+#                                                      finish_reason set (token -1 when it carries no token)
+#   ("err", exception)                                 instead of the rest, when the job fails
 
 
 class QueueFull(Exception):
@@ -79,6 +85,8 @@ class Slot:
         self.n_gen = 0
         self.held = ""  # text that may be the start of a stop string
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.t_admit = time.perf_counter()
+        self.t_first = 0.0  # when the first token was sampled (prefill done)
         self.t_last = 0.0
 
 
@@ -107,6 +115,7 @@ class Batcher:
         self.eos = engine.eos_tokens
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
+        self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self.mean_job_s = 1.0  # running mean of job durations, for Retry-After
         self._stop = False
         self._out: list[tuple[Job, tuple]] = []
@@ -140,19 +149,37 @@ class Batcher:
             self.waiting.append(job)
             self.cv.notify()
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the batcher thread between two steps (other llama.cpp compute, e.g. embeddings)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cv:
+            if self._stop:
+                raise RuntimeError("the server is shutting down")
+            self.calls.append((fn, fut))
+            self.cv.notify()
+        return fut
+
     # -- the batcher thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        self.eng.warmup()  # on this thread: see the module docstring
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.busy:
+                while not self._stop and not self.waiting and not self.busy and not self.calls:
                     self.cv.wait()
                 if self._stop:
                     break
+                calls, self.calls = self.calls, deque()
                 admit = []
                 while self.waiting and len(admit) < len(self.slots) - self.busy:
                     job = self.waiting.popleft()
                     if not job.cancelled:
                         admit.append(job)
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 — the caller gets it
+                        fut.set_exception(e)
             for job in admit:
                 self._admit(job)
             try:
@@ -169,6 +196,8 @@ class Batcher:
                 self._release(s, clear=True)
         for job in self.waiting:
             self._emit(job, ("err", RuntimeError("the server is shutting down")))
+        for _, fut in self.calls:
+            fut.cancel()
         self._flush()
 
     def _admit(self, job: Job) -> None:
@@ -180,7 +209,7 @@ class Batcher:
         n, dst = max(((n, s) for n, s in scored if s.job is None), key=lambda x: (x[0], -x[1].last_used))
         n_src, src = max(scored, key=lambda x: x[0])
         if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
-            self.eng.copy_seq(src.id, dst.id)  # shares the cells: no recompute, no extra KV
+            self.eng.copy_seq(src.id, dst.id)  # a buffer copy, far cheaper than recomputing
             dst.cached = list(src.cached)
             n = n_src
         self.eng.truncate(n, dst.id)
@@ -264,49 +293,61 @@ class Batcher:
     def _sample(self, s: Slot) -> None:
         job = s.job
         if job.sampling.max_tokens == 0:
-            self._finish(s, "length")
+            s.t_first = s.t_last = time.perf_counter()
+            self._emit(job, self._record(s, -1, "", "length"))
+            self._release(s)
             return
         tok = self.eng.sample(job.sampler, s.row)
-        lp = None
+        lp = top = None
         if job.logprobs is not None:
             lps = log_softmax(self.eng.logits(s.row))
-            lp = (float(lps[tok]), top_k(lps, job.logprobs))
+            lp, top = float(lps[tok]), tuple(top_k(lps, job.logprobs))
         now = time.perf_counter()
         with self.metrics.lock:
             (self.metrics.ttft.observe(now - job.t_arrival) if s.n_gen == 0
              else self.metrics.itl.observe(now - s.t_last))
+        if s.n_gen == 0:
+            s.t_first = now
         s.t_last = now
         stops = job.sampling.stop
         if tok in self.eos and not job.sampling.ignore_eos:
-            text = s.held + s.utf8.decode(b"", final=True)
-            if text:
-                self._emit(job, ("tok", -1, text, None))
-            self._finish(s, "stop")
+            self._emit(job, self._record(s, -1, s.held + s.utf8.decode(b"", final=True), "stop"))
+            self._release(s)
             return
         s.n_gen += 1
         with self.metrics.lock:
             self.metrics.generation_tokens += 1
         text = s.held + s.utf8.decode(self.vocab_bytes[tok])
+        finish = None
         if stops:
             hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
             if hit >= 0:
-                self._emit(job, ("tok", tok, text[:hit], lp))
-                self._finish(s, "stop")
-                return
-        if s.n_gen >= job.sampling.max_tokens or len(s.cached) >= self.slot_ctx:
-            self._emit(job, ("tok", tok, text + s.utf8.decode(b"", final=True), lp))
-            self._finish(s, "length")
-            return
-        keep = stop_hold(text, stops) if stops else 0
-        s.held = text[len(text) - keep:] if keep else ""
-        self._emit(job, ("tok", tok, text[:len(text) - keep], lp))
-        s.next_tok = tok
+                text, finish = text[:hit], "stop"
+        if finish is None and (s.n_gen >= job.sampling.max_tokens or len(s.cached) >= self.slot_ctx):
+            text, finish = text + s.utf8.decode(b"", final=True), "length"
+        if finish is None:
+            keep = stop_hold(text, stops) if stops else 0
+            text, s.held = (text[:len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
+        self._emit(job, self._record(s, tok, text, finish, lp, top))
+        if finish:
+            self._release(s)
+        else:
+            s.next_tok = tok
 
-    def _finish(self, s: Slot, reason: str) -> None:
+    def _record(self, s: Slot, tok: int, text: str, finish: str | None, lp: float | None = None,
+                top: tuple | None = None) -> Generation:
+        """The engine's per-token record; times count from the request's arrival (queueing included)."""
         job = s.job
-        self._emit(job, ("end", reason, {"prompt_tokens": len(job.tokens), "cached_tokens": s.n_cached,
-                                         "completion_tokens": s.n_gen}))
-        self._release(s)
+        t0 = job.t_arrival
+        prompt_time = s.t_first - s.t_admit
+        n_computed = len(job.tokens) - s.n_cached
+        gen_time = s.t_last - s.t_first
+        return Generation(text=text, token=tok, index=s.n_gen - 1 if tok >= 0 else s.n_gen, t=s.t_last - t0,
+                          ttft=s.t_first - t0, prompt_tokens=len(job.tokens), prompt_time=prompt_time,
+                          prompt_tps=n_computed / prompt_time if prompt_time > 0 else 0.0,
+                          generation_tokens=s.n_gen,
+                          generation_tps=(s.n_gen - 1) / gen_time if s.n_gen > 1 and gen_time > 0 else 0.0,
+                          finish_reason=finish, logprob=lp, cached_tokens=s.n_cached, top_logprobs=top)
 
     def _release(self, s: Slot, clear: bool = False) -> None:
         job = s.job

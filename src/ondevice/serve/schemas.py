@@ -160,6 +160,19 @@ class Usage(_Resp):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class Timings(_Resp):
+    """llama-server's ``timings`` object (an extension to the OpenAI wire format), from the last record."""
+
+    prompt_n: int  # prompt tokens computed (cache_n more were reused)
+    prompt_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_second: float
+    cache_n: int
+    ttft_ms: float  # from the request's arrival, queueing included
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -172,6 +185,7 @@ class ChatCompletion(_Resp):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    timings: Timings | None = None
 
 
 class ToolCallDelta(_Resp):
@@ -201,6 +215,7 @@ class ChatCompletionChunk(_Resp):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    timings: Timings | None = None
 
 
 # -- completions -----------------------------------------------------------------------------------------
@@ -234,6 +249,7 @@ class Completion(_Resp):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    timings: Timings | None = None  # only for a single prompt
 
 
 # -- embeddings, models, tokenize ------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -44,7 +44,7 @@ class ServerState:
         parallel = s.parallel
         self.engine = LlamaEngine(self.path, EngineConfig(
             n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
-            type_k=s.kv_type, type_v=s.kv_type))
+            type_k=s.kv_type, type_v=s.kv_type, warmup=False))  # the batcher warms it up on its own thread
         eng = self.engine
         self.template = eng.chat_template()
         self.template_has_tools = bool(self.template and "tools" in self.template)
@@ -58,7 +58,6 @@ class ServerState:
         self.batcher = Batcher(eng, parallel=parallel, slot_ctx=s.ctx, prefill_chunk=s.prefill_chunk,
                                max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes)
         self.embedder = None
-        self.embed_lock = threading.Lock()
         if s.embeddings:
             self.embedder = LlamaEngine(self.path, EngineConfig(
                 n_ctx=s.embeddings_ctx, n_threads=s.threads, n_batch=s.embeddings_ctx,
@@ -114,7 +113,8 @@ class ServerState:
             raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{n - 1})")
         return b"".join(self.vocab_bytes[t] for t in tokens).decode("utf-8", errors="replace")
 
-    def embed(self, tokens: list[int]):
+    def embed(self, tokens: list[int]) -> concurrent.futures.Future:
+        """The pooled embedding of ``tokens``, computed on the batcher thread (the one computing thread)."""
         if self.embedder is None:
             raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
         limit = self.settings.embeddings_ctx
@@ -123,11 +123,14 @@ class ServerState:
                                 f"shorten it or restart the server with a larger --embeddings-ctx")
         if not tokens:
             raise InvalidArgument("the input is empty; give some text")
-        with self.embed_lock:
+
+        def run():
             try:
                 return self.embedder.embed(tokens)
             except ContextOverflow as e:
                 raise PromptTooLong(str(e)) from e
+
+        return self.batcher.call(run)
 
     def model_meta(self) -> dict:
         eng = self.engine

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
         for srv in running:
             prefix[srv.name] = asyncio.run(prefix_ttft(srv))
-    results = {name: {n: merge(runs) for n, runs in rows.items()} for name, rows in results.items()}
+    rounds, results = results, {name: {n: merge(runs) for n, runs in rows.items()} for name, rows in results.items()}
     kernel = batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens) if bb else {}
 
     print(f"\nmodel {Path(model).name}, {args.threads} threads, {args.tokens} tokens per stream, "
@@ -223,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     if kernel:
         print("\nllama-batched-bench S_TG (kernel limit): " + ", ".join(f"B={b}: {v:.1f} tok/s" for b, v in kernel.items()))
     ours = results.get("ondevice", {})
-    print("\nratios (ondevice / peer, aggregate tok/s):")
+    print("\nratios (ondevice / peer, aggregate tok/s; vs a server: median [min, max] of the per-round ratios):")
     for n in streams:
         parts = []
         for peer in ("llama-server", "llama-cpp-python"):
             if n in ours and n in results.get(peer, {}):
-                parts.append(f"vs {peer} {ours[n]['tok_s'] / results[peer][n]['tok_s']:.2f}x")
+                pr = [a["tok_s"] / b["tok_s"] for a, b in zip(rounds["ondevice"][n], rounds[peer][n])]
+                parts.append(f"vs {peer} {statistics.median(pr):.2f}x [{min(pr):.2f}, {max(pr):.2f}]")
         if n in ours and n in kernel:
             parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")
         if parts:

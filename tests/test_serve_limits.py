@@ -215,3 +215,23 @@ def test_cli_help_shows_defaults_and_env():
     assert out.returncode == 0
     assert "default: 127.0.0.1; env ONDEVICE_HOST" in out.stdout and "ONDEVICE_PARALLEL" in out.stdout
     assert "--api-key" in out.stdout and "default: 8080" in out.stdout
+
+
+def test_request_timeout_is_504_and_frees_the_slot():
+    """--timeout bounds a request (queue wait included): 504 without streaming, an error event with it."""
+    settings = ServeSettings(model=str(_model_path()), port=0, parallel=1, ctx=1024, threads=2, timeout=0.5,
+                             embeddings=False)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000,
+            "ignore_eos": True}
+    with BackgroundServer(settings) as s:
+        r = httpx.post(s.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 504 and _error(r)["code"] == "timeout"
+        with httpx.stream("POST", s.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as resp:
+            assert resp.status_code == 200  # headers went out before the time ran out
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert "timeout" in events[-1] and "[DONE]" not in events
+        assert _wait_health(s, "slots_processing", 0)["slots_processing"] == 0
+        short = httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert short.status_code == 200

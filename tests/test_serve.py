@@ -182,14 +182,19 @@ def test_prefix_copied_from_a_busy_slot_gives_the_same_text(srv, client, ref_eng
     t = threading.Thread(target=long_request)
     t.start()
     assert started.wait(60)
-    r = client.chat.completions.create(model="m", messages=msgs("Do you sell nails?"), max_tokens=16, temperature=0)
+    r = client.chat.completions.create(model="m", messages=msgs("Do you sell nails?"), max_tokens=16, temperature=0,
+                                       logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True})
     busy = srv.state.batcher.busy
     t.join()
     assert busy >= 1, "the long request finished too early to test a copy from a busy slot"
     assert r.usage.prompt_tokens_details.cached_tokens >= 80
     lib = Model(name="ref", path=srv.state.path, engine=ref_engine, template=ref_engine.chat_template())
     lib.reset()
-    assert r.choices[0].message.content == lib.generate(msgs("Do you sell nails?"), temp=0, max_tokens=16).text
+    ref = lib.generate(msgs("Do you sell nails?"), temp=0, max_tokens=16, ignore_eos=True)
+    # batched with the other slot's token, the matmuls take another kernel path: near-ties may flip (see below)
+    pieces = [srv.state.pieces[t] for t in ref.tokens]
+    if _agree_or_near_tie(pieces, r.choices[0].logprobs.content, "copied prefix"):
+        assert r.choices[0].message.content == ref.text
 
 
 # -- structured output ----------------------------------------------------------------------------------
@@ -334,6 +339,19 @@ def _steps(srv) -> float:
     raise AssertionError("no decode_steps metric")
 
 
+def _agree_or_near_tie(ref: list[str], got: list, what: str = "") -> bool:
+    """True when the greedy tokens ``got`` (a reply's logprobs.content) equal ``ref`` (token strings).
+    Otherwise the first difference must be a near-tie: the reference token is the runner-up within 0.5 nats
+    in ``got``'s own distribution (a stream that stopped early has no distribution to check: a failure)."""
+    tb = [e.token for e in got]
+    if ref == tb:
+        return True
+    i = next(k for k, (x, y) in enumerate(zip(ref, tb)) if x != y)
+    alt = {t.token: t.logprob for t in got[i].top_logprobs}
+    assert ref[i] in alt and got[i].logprob - alt[ref[i]] < 0.5, (what, i, ref[i], tb[i], alt)
+    return False
+
+
 def test_parallel_greedy_equals_sequential(srv, client):
     """8 parallel greedy requests reproduce the same requests sent one at a time.
 
@@ -352,15 +370,9 @@ def test_parallel_greedy_equals_sequential(srv, client):
     exact = 0
     for p, a, b in zip(PROMPTS, sequential, parallel):
         ta = [e.token for e in a.choices[0].logprobs.content]
-        lb = b.choices[0].logprobs.content
-        tb = [e.token for e in lb]
-        if ta == tb:
+        if _agree_or_near_tie(ta, b.choices[0].logprobs.content, p):
             exact += 1
             assert a.choices[0].message.content == b.choices[0].message.content
-            continue
-        i = next(k for k, (x, y) in enumerate(zip(ta, tb)) if x != y)
-        alt = {t.token: t.logprob for t in lb[i].top_logprobs}
-        assert ta[i] in alt and lb[i].logprob - alt[ta[i]] < 0.5, (p, i, ta[i], tb[i], alt)
     print(f"{exact}/8 parallel greedy replies identical to sequential; the rest diverge at near-ties")
     assert exact >= 1
     tokens = sum(r.usage.completion_tokens for r in parallel)

@@ -44,6 +44,13 @@ def _lib():
     return llama_cpp
 
 
+def llama_cpp_lib() -> ctypes.CDLL:
+    """The loaded libllama, for bindings of our own (``lib[name]`` gives a fresh function object)."""
+    import llama_cpp.llama_cpp
+
+    return llama_cpp.llama_cpp._lib
+
+
 def _make_log_callback():
     """llama.cpp's log, shown only with ONDEVICE_VERBOSE=1 (errors always).
 
@@ -145,6 +152,12 @@ class LlamaEngine(Engine):
         self._n_rows = 0  # logits rows produced by the last decode
         self.eos_tokens = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t))
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
+        # our own binding of llama_get_logits_ith returning the address (llama_cpp's returns a ctypes pointer,
+        # which costs ~60 us per token to turn into an array), and numpy views kept per address
+        self._logits_ith = llama_cpp_lib()["llama_get_logits_ith"]
+        self._logits_ith.argtypes, self._logits_ith.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
+        self._views: dict[int, np.ndarray] = {}
         if cfg.warmup:
             self.warmup()
         self.load_time = time.perf_counter() - t0
@@ -175,12 +188,18 @@ class LlamaEngine(Engine):
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        if not special and token in self._pieces:
+            return self._pieces[token]
         n = self.ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self.ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+            piece = buf.raw[:n]
+        else:
+            piece = self._piece_buf.raw[:n]
+        if not special:
+            self._pieces[token] = piece
+        return piece
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
@@ -283,10 +302,20 @@ class LlamaEngine(Engine):
         self._n_past[seq] = pos + 1
 
     def logits(self, i: int = -1) -> np.ndarray:
-        ptr = self.ll.llama_get_logits_ith(self.ctx, i)
-        if not ptr:
+        return self._row(i).copy()
+
+    def _row(self, i: int) -> np.ndarray:
+        """Logits row ``i`` of the last decode as a view into llama.cpp's buffer (valid until the next decode)."""
+        addr = self._logits_ith(self.ctx, i)
+        if not addr:
             raise IndexError(f"no logits for row {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        view = self._views.get(addr)
+        if view is None:
+            if len(self._views) >= 4096:  # rows of many batch shapes: start over rather than grow
+                self._views.clear()
+            view = np.frombuffer((ctypes.c_float * self.n_vocab).from_address(addr), dtype=np.float32)
+            self._views[addr] = view
+        return view
 
     def all_logits(self) -> np.ndarray:
         """Every logits row of the last decode, ``(n_rows, n_vocab)`` float32 (a copy)."""
@@ -339,7 +368,7 @@ class LlamaEngine(Engine):
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
             # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
-            row = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+            row = self._row(i)
             tok = int(row.argmax())
             if sampler.banned is None or tok not in self.eos_tokens:
                 return tok

@@ -279,6 +279,24 @@ def test_cli_bench_llama_bench_flags_and_csv(tmp_path, smol_path):
     assert "report:" in res.stderr
 
 
+def test_cli_bench_reprobe_then_cached_probe_is_named(tmp_path, smol_path):
+    """% of roofline depends on the probe: a cached one is named with its date; --reprobe measures anew."""
+    def bench(*extra):
+        return subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "-p", "0", "-n", "4",
+                               "-r", "1", "-t", "1", "-o", "json", "--no-store", "--no-report", "--no-progress",
+                               *extra], env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=300)
+
+    fresh = bench("--reprobe")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "uses the probe measured" not in fresh.stderr
+    again = bench()
+    assert again.returncode == 0, again.stderr
+    note = next(line for line in again.stderr.splitlines() if "uses the probe measured" in line)
+    assert "--reprobe" in note
+    measured_again = bench("--reprobe")  # a probe is cached now: --reprobe replaces it rather than naming it
+    assert measured_again.returncode == 0 and "uses the probe measured" not in measured_again.stderr
+
+
 def test_bad_flags_name_the_fix(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "--tests", "pp512,zz1", "--no-store"],
                          env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)

@@ -297,3 +297,18 @@ def test_device_info_fields():
     assert isinstance(info["cpu_flags"], list) and info["kernel"]
     assert info["governor"]  # a real governor name or "unknown"
     assert "llama_cpp" not in info
+
+
+def test_device_verb_probes_and_shows_the_probe_date(cli):
+    r = cli("device", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"]["logical_cores"] >= 1 and out["energy"]  # "rapl" or labelled "estimated"
+    r = cli("device", "--probe", "-t", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["probes"]["1"]
+    assert p["bandwidth_gbs"] > 0 and p["peak_gflops"] > 0 and p["measured_at"]
+    text = cli("device")
+    assert text.returncode == 0 and "1 threads:" in text.stdout and p["measured_at"] in text.stdout
+    bad = cli("device", "-t", "2")
+    assert bad.returncode == 2 and "--probe" in bad.stderr

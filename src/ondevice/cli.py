@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "quantize": ("ondevice.quant.cli", "make a quantized variant of a model"),
     "eval": ("ondevice.eval.cli", "perplexity, KL divergence and task suites"),
     "serve": ("ondevice.serve.cli", "OpenAI-compatible local server"),
+    "device": ("ondevice.device.cli", "this machine: CPU, memory, energy counters and measured roofs"),
 }
 
 

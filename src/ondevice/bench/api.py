@@ -40,7 +40,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           warmup: bool = True,
           seed: int = 42,
           progress: bool = False,
-          roofline: bool = True) -> BenchResult:
+          roofline: bool = True,
+          reprobe: bool = False) -> BenchResult:
     """Benchmark models on this device and return one record (a dict) per configuration and test.
 
     Args:
@@ -54,6 +55,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         session: the session id to record under (default: a new one; with ``resume``: the latest).
         resume: skip configurations already recorded (status ok/oom) in ``session``.
         roofline: compute % of roofline (probes the machine once per thread count, then cached).
+        reprobe: measure the machine again instead of using the cached probe (after a change of hardware,
+            power settings or background load).
 
     Returns:
         A list of records (``BenchResult``, with ``.session`` and ``.interrupted``).
@@ -87,7 +90,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     else:
         st = store
     try:
-        return run_sweep(params, store=st, session=session, resume=resume, progress=progress, roofline=roofline)
+        return run_sweep(params, store=st, session=session, resume=resume, progress=progress, roofline=roofline,
+                         reprobe=reprobe)
     finally:
         if own is not None:
             own.close()

@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
     o.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     o.add_argument("--no-roofline", action="store_true", help="skip the hardware probe and %% of roofline")
+    o.add_argument("--reprobe", action="store_true",
+                   help="measure bandwidth and compute again instead of the cached probe (its date is in the notes)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                         flash_attn=[bool(x) for x in args.flash_attn] if args.flash_attn else None,
                         profile=args.profile, store=st if st is not None else False, session=args.session,
                         resume=args.resume, warmup=not args.no_warmup, seed=args.seed,
-                        progress=not args.no_progress, roofline=not args.no_roofline)
+                        progress=not args.no_progress, roofline=not args.no_roofline, reprobe=args.reprobe)
         sys.stdout.write(export(records, args.output))
         sys.stdout.flush()
         msg_out = sys.stdout if args.output == "md" else sys.stderr

@@ -243,20 +243,24 @@ def _timed_phases(spec: TestSpec, res: dict) -> list[tuple[str, int, int]]:
     return WORKLOADS[spec.kind].phases(spec)
 
 
-def _probe(threads: int, cache: dict, notes: list[str]):
+def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
     if threads not in cache:
         from ..device import probe
 
         try:
-            cache[threads] = probe(threads)
+            cache[threads] = p = probe(threads, refresh=refresh)
         except Exception as e:  # noqa: BLE001 — no roofline is a note, not a failed sweep
             cache[threads] = None
             notes.append(f"roofline unavailable at {threads} threads: {e}")
+        else:
+            if p.cached:  # a probe from another day or load can skew every % of roofline: say which one
+                notes.append(f"% of roofline at {threads} threads uses the probe measured {p.measured_at} "
+                             f"({p.bandwidth_gbs:.1f} GB/s, {p.peak_gflops:.0f} GFLOP/s); --reprobe measures again")
     return cache[threads]
 
 
 def run_sweep(params: SweepParams, *, store=None, session: str | None = None, resume: bool = False,
-              progress: bool = False, roofline: bool = True, on_record=None) -> BenchResult:
+              progress: bool = False, roofline: bool = True, reprobe: bool = False, on_record=None) -> BenchResult:
     """Run every configuration; returns the records (previously stored ones too when resuming)."""
     from .. import __version__
     from ..device import device_info, parse_profile
@@ -277,6 +281,9 @@ def run_sweep(params: SweepParams, *, store=None, session: str | None = None, re
     bar = Progress(n_total, progress)
     roofs: dict[int, object] = {}
     notes: list[str] = []
+    if roofline and reprobe:  # measure the machine again first, once per thread count
+        for t in sorted({c.settings["threads"] for c in configs}):
+            _probe(t, roofs, notes, refresh=True)
     try:
         for cfg in configs:
             todo = [t for t in cfg.tests if cfg.key(t) not in done]

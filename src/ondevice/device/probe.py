@@ -226,18 +226,6 @@ def _store(path: Path, key: str, threads: int, result: Probe) -> None:
         os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Measure memory bandwidth and peak float32 compute.")
-    p.add_argument("--threads", "-t", type=int, action="append", help="thread count (repeatable)")
-    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
-    args = p.parse_args(argv)
-    for t in args.threads or [None]:
-        r = probe(t, refresh=args.refresh)
-        print(json.dumps(r.to_dict(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def cached_probes() -> dict[str, dict]:
+    """This machine's cached probes by thread count (as stored), for display."""
+    return _read_cache(cache_path()).get(machine_key(device_info(include_llama=False)), {})

@@ -187,6 +187,56 @@ def test_rlimit_as_cap_turns_big_allocation_into_memory_error():
     assert out["outcome"] == "MemoryError"
 
 
+def _cgroup_mechanism() -> str | None:
+    from ondevice.device.limits import _try_cgroup1, _try_cgroup2
+
+    for mech, attempt in (("cgroup2", _try_cgroup2), ("cgroup1", _try_cgroup1)):
+        # a probe in a throwaway child process: moving this test process into a cgroup would cap it
+        res = _run_child(f"""
+            import os
+            from ondevice.device.limits import {attempt.__name__}
+            path, why = {attempt.__name__}(1 << 40, os.getpid())
+            print("ok " + path if path else "no " + why)
+            """)
+        word, _, path = res.stdout.strip().partition(" ")
+        if word == "ok":
+            from ondevice.device import remove_cgroup
+
+            assert remove_cgroup(path)
+            return mech
+    return None
+
+
+def test_cgroup_memory_cap_kills_a_process_that_goes_over():
+    """Where this machine lets us make a memory cgroup (v2, or v1 on hybrid hosts), the cap is real RAM:
+    a process that touches more than it is killed by the kernel's OOM killer (as on a phone)."""
+    mech = _cgroup_mechanism()
+    if mech is None:
+        pytest.skip("no writable cgroup memory controller here (the RLIMIT_AS fallback is tested above)")
+    res = _run_child(
+        f"""
+        import json, sys
+        from ondevice.device.limits import apply_profile
+        applied = apply_profile("mem=96M", mem_mechanism="{mech}")
+        limit_file = "memory.max" if "{mech}" == "cgroup2" else "memory.limit_in_bytes"
+        limit = int(open(applied.cgroup_path + "/" + limit_file).read())
+        print(json.dumps({{"mech": applied.mem_mechanism, "path": applied.cgroup_path, "limit": limit}}), flush=True)
+        chunks = [bytearray(16 << 20) for _ in range(4)]  # 64 MiB: fits
+        print("fits", flush=True)
+        more = [bytearray(16 << 20) for _ in range(16)]  # 256 MiB more, touched: over the cap
+        print("allocated", flush=True)
+        """
+    )
+    lines = res.stdout.strip().splitlines()
+    out = json.loads(lines[0])
+    assert out["mech"] == mech and out["limit"] == 96 << 20
+    assert "fits" in lines and "allocated" not in lines
+    assert res.returncode == -9  # SIGKILL from the OOM killer, not a Python error
+    from ondevice.device import remove_cgroup
+
+    assert remove_cgroup(out["path"])  # the parent removes the empty cgroup after the child exits
+
+
 def test_rlimit_cap_below_current_usage_is_refused():
     res = _run_child(
         """

@@ -384,6 +384,10 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
             record(by_name[ev["test"]], ev["status"], ev.get("error"), ev if ok else None)
 
     rc, tail = run_worker(wcfg, s, on_event, capped)
+    if state["limits"] and state["limits"].get("cgroup_path"):
+        from ..device import remove_cgroup
+
+        remove_cgroup(state["limits"]["cgroup_path"])  # the worker made it and has exited: it is empty
     missing = [t for t in todo if t.name not in seen]
     if missing:
         oom = capped and _oom_like(rc, tail)

@@ -11,6 +11,11 @@ Memory caps, in order of preference:
   SIGKILL) rather than a Python ``MemoryError``. Used only where the v2 hierarchy has the memory
   controller and we may write to it; the empty cgroup is left behind for the parent to remove with
   ``remove_cgroup`` after the child exits.
+  Page cache is charged to the cgroup that first read a page: a model file already cached by another
+  process does not count against the cap until the kernel drops it (``echo 1 > /proc/sys/vm/drop_caches``
+  as root makes the capped process read, and pay for, the weights itself).
+* ``cgroup1``: the same with a v1 memory hierarchy (hybrid systems, older container hosts):
+  ``memory.limit_in_bytes``, and ``memory.memsw.limit_in_bytes`` where swap is accounted.
 * ``rlimit_as``: ``setrlimit(RLIMIT_AS)``. It caps *virtual address space*, not RAM: an mmapped model file
   counts in full even if never paged in, and so do thread stacks (8 MiB each), glibc malloc arenas
   (up to 64 MiB reserved per thread; set ``MALLOC_ARENA_MAX=2`` to shrink them) and BLAS buffers. So the
@@ -38,7 +43,7 @@ class AppliedLimits:
     cpu_affinity: list[int] | None = None
     affinity_mechanism: str = "none"  # "sched_setaffinity" | "none"
     mem_limit_bytes: int | None = None
-    mem_mechanism: str = "none"  # "cgroup2" | "rlimit_as" | "none"
+    mem_mechanism: str = "none"  # "cgroup2" | "cgroup1" | "rlimit_as" | "none"
     cgroup_path: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -46,28 +51,57 @@ class AppliedLimits:
         return asdict(self)
 
 
-def _cgroup2_dir() -> Path | None:
-    """This process's cgroup v2 directory, or None when there is no v2 mount (or we are v1-only)."""
-    mount = None
+def _cgroup_dir(v1_controller: str | None = None) -> Path | None:
+    """This process's cgroup directory: in the v2 hierarchy (None) or in the v1 hierarchy of a controller."""
     try:
+        mount = root = None
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             left, _, right = line.partition(" - ")
-            if right.split(" ", 1)[0] == "cgroup2":
-                mount = left.split()[4]
+            fstype, _source, opts = (right.split(" ") + ["", ""])[:3]
+            if (fstype == "cgroup2" and v1_controller is None) or \
+                    (fstype == "cgroup" and v1_controller in opts.split(",")):
+                root, mount = left.split()[3:5]
                 break
-        rel = next(
-            ln[3:] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")
-        )
-    except (OSError, StopIteration):
+        if mount is None:
+            return None
+        for ln in Path("/proc/self/cgroup").read_text().splitlines():
+            hid, ctrls, rel = ln.split(":", 2)
+            if (hid == "0" and v1_controller is None) or (v1_controller in ctrls.split(",")):
+                break
+        else:
+            return None
+    except (OSError, ValueError):
         return None
-    if mount is None:
-        return None
+    if root != "/" and (rel + "/").startswith(root.rstrip("/") + "/"):  # a mount of a sub-tree (namespaces)
+        rel = rel[len(root.rstrip("/")):]
     return Path(mount) / rel.lstrip("/")
 
 
+def _enter_child(here: Path, pid: int, limits: dict[str, str], what: str) -> tuple[str | None, str]:
+    """Make ``here/ondevice-<pid>``, write ``limits`` (file -> value, in order; missing optional files, marked
+    with a leading '?', are skipped) and move ``pid`` in; returns (path or None, why not)."""
+    child = here / f"ondevice-{pid}"
+    try:
+        child.mkdir(exist_ok=True)
+        for name, value in limits.items():
+            if name.startswith("?"):
+                name = name[1:]
+                if not (child / name).exists():
+                    continue
+            (child / name).write_text(value)
+        (child / "cgroup.procs").write_text(str(pid))
+    except OSError as e:
+        try:
+            child.rmdir()
+        except OSError:
+            pass
+        return None, f"{what} setup at {here} failed ({e.strerror or e})"
+    return str(child), ""
+
+
 def _try_cgroup2(limit: int, pid: int) -> tuple[str | None, str]:
-    """Create ``ondevice-<pid>`` with memory.max and move ``pid`` in; returns (path or None, why not)."""
-    here = _cgroup2_dir()
+    """A child cgroup with memory.max (and no swap), ``pid`` moved in; returns (path or None, why not)."""
+    here = _cgroup_dir()
     if here is None:
         return None, "no cgroup v2 hierarchy for this process"
     try:
@@ -78,24 +112,26 @@ def _try_cgroup2(limit: int, pid: int) -> tuple[str | None, str]:
         return None, f"cgroup v2 at {here} lacks the memory controller"
     if not os.access(here, os.W_OK):
         return None, f"cgroup v2 at {here} is not writable"
-    child = here / f"ondevice-{pid}"
     try:
-        subtree = (here / "cgroup.subtree_control").read_text().split()
-        if "memory" not in subtree:
+        if "memory" not in (here / "cgroup.subtree_control").read_text().split():
             # Fails with EBUSY when `here` holds processes (no-internal-process rule); then fall back.
             (here / "cgroup.subtree_control").write_text("+memory")
-        child.mkdir(exist_ok=True)
-        (child / "memory.max").write_text(str(limit))
-        if (child / "memory.swap.max").exists():
-            (child / "memory.swap.max").write_text("0")  # a device without swap: no escape hatch
-        (child / "cgroup.procs").write_text(str(pid))
     except OSError as e:
-        try:
-            child.rmdir()
-        except OSError:
-            pass
-        return None, f"cgroup v2 setup at {here} failed ({e.strerror or e})"
-    return str(child), ""
+        return None, f"cannot enable the memory controller below {here} ({e.strerror or e})"
+    # a device without swap: no escape hatch
+    return _enter_child(here, pid, {"memory.max": str(limit), "?memory.swap.max": "0"}, "cgroup v2")
+
+
+def _try_cgroup1(limit: int, pid: int) -> tuple[str | None, str]:
+    """The same in a v1 memory hierarchy (hybrid systems): memory.limit_in_bytes, and memsw (memory + swap)
+    at the same value where swap accounting is on."""
+    here = _cgroup_dir("memory")
+    if here is None:
+        return None, "no cgroup v1 memory hierarchy for this process"
+    if not os.access(here, os.W_OK):
+        return None, f"cgroup v1 memory at {here} is not writable"
+    return _enter_child(here, pid, {"memory.limit_in_bytes": str(limit), "?memory.memsw.limit_in_bytes": str(limit)},
+                        "cgroup v1")
 
 
 def remove_cgroup(path: str | None) -> bool:
@@ -132,13 +168,14 @@ def apply_profile(
 
     Args:
         profile: a ``DeviceProfile`` or a spec string (see ``parse_profile``).
-        mem_mechanism: "auto" (cgroup2, else rlimit_as), "cgroup2" (error if unavailable) or "rlimit_as".
+        mem_mechanism: "auto" (cgroup2, else cgroup1, else rlimit_as), or one of those (an error when a
+            cgroup one is unavailable).
         pid: the process to move into the cgroup (default: this one). RLIMIT_AS and affinity always apply
             to the calling process.
     """
     prof = parse_profile(profile)
-    if mem_mechanism not in ("auto", "cgroup2", "rlimit_as"):
-        raise InvalidArgument(f"mem_mechanism {mem_mechanism!r} is unknown; use auto, cgroup2 or rlimit_as")
+    if mem_mechanism not in ("auto", "cgroup2", "cgroup1", "rlimit_as"):
+        raise InvalidArgument(f"mem_mechanism {mem_mechanism!r} is unknown; use auto, cgroup2, cgroup1 or rlimit_as")
     out = AppliedLimits(
         profile=prof.name, threads=prof.resolved_threads(), mem_limit_bytes=prof.mem_limit_bytes
     )
@@ -163,15 +200,17 @@ def apply_profile(
 
     limit = prof.mem_limit_bytes
     if limit is not None:
-        why = ""
-        if mem_mechanism in ("auto", "cgroup2"):
-            path, why = _try_cgroup2(limit, pid or os.getpid())
+        whys = []
+        for mech, attempt in (("cgroup2", _try_cgroup2), ("cgroup1", _try_cgroup1)):
+            if mem_mechanism not in ("auto", mech):
+                continue
+            path, why = attempt(limit, pid or os.getpid())
             if path is not None:
-                out.mem_mechanism, out.cgroup_path = "cgroup2", path
-            elif mem_mechanism == "cgroup2":
-                raise InvalidArgument(
-                    f"cannot cap memory with cgroup v2: {why}; use mem_mechanism='rlimit_as'"
-                )
+                out.mem_mechanism, out.cgroup_path = mech, path
+                break
+            if mem_mechanism == mech:
+                raise InvalidArgument(f"cannot cap memory with {mech}: {why}; use mem_mechanism='auto'")
+            whys.append(why)
         if out.mem_mechanism == "none":
             vm = _vm_size()
             if vm is not None and vm >= limit:
@@ -181,8 +220,7 @@ def apply_profile(
                 )
             set_rlimit_as(limit)
             out.mem_mechanism = "rlimit_as"
-            if why:
-                out.notes.append(f"cgroup2 unavailable: {why}")
+            out.notes += [f"no cgroup memory cap: {w}" for w in whys]
             out.notes.append(
                 "RLIMIT_AS caps virtual address space (mmapped model files, thread stacks and malloc arenas "
                 "count), so it is stricter than the same RAM budget"

@@ -239,6 +239,56 @@ def test_tools_required_named_and_streamed(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 
+def _grammar_accepts(eng, grammar: str, text: str) -> bool:
+    """Walk ``text``'s tokens through llama.cpp's own grammar sampler: is each one allowed in turn?"""
+    import ctypes
+
+    ll = eng.ll
+    smpl = ll.llama_sampler_init_grammar(eng.vocab, grammar.encode(), b"root")
+    assert smpl, "the grammar does not parse"
+    cand = np.zeros(eng.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+    data = cand.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
+    try:
+        for t in eng.tokenize(text, add_special=False):
+            cand["id"], cand["logit"] = np.arange(eng.n_vocab), 0.0
+            arr = ll.llama_token_data_array(data, eng.n_vocab, -1, False)
+            ll.llama_sampler_apply(smpl, ctypes.byref(arr))
+            if not np.isfinite(cand["logit"][t]):
+                return False
+            ll.llama_sampler_accept(smpl, t)
+        return True
+    finally:
+        ll.llama_sampler_free(smpl)
+
+
+def test_parallel_tool_calls_grammar_and_parsing(ref_engine):
+    from ondevice.serve import schemas as S
+    from ondevice.serve import structured
+
+    one = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    two = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    msgs = [{"role": "user", "content": "x"}]
+    for parallel in (None, True, False):  # OpenAI's default (None) is parallel
+        for choice in ("required", "auto"):
+            p = structured.plan(S.ChatCompletionRequest(messages=msgs, tools=TOOLS, tool_choice=choice,
+                                                        parallel_tool_calls=parallel))
+            assert _grammar_accepts(ref_engine, p.grammar, one)
+            assert _grammar_accepts(ref_engine, p.grammar, two) == (parallel is not False)
+            assert not _grammar_accepts(ref_engine, p.grammar, '{"name": "rm", "arguments": {}}')  # no such tool
+            assert _grammar_accepts(ref_engine, p.grammar, "It is sunny.") == (choice == "auto")
+    calls = structured.parse_tool_call(two, p)
+    assert [c.function.name for c in calls] == ["get_weather", "add"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"} and calls[0].id != calls[1].id
+    assert structured.parse_tool_call('[{"name": "add", "arguments": {"a": 1', p) is None  # cut short: text
+
+
+def test_parallel_tool_calls_off_gives_one_call(client):
+    r = _chat(client, "What is the weather in Paris and in Rome?", max_tokens=80, tools=TOOLS,
+              tool_choice="required", parallel_tool_calls=False)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+
+
 # -- logprobs -------------------------------------------------------------------------------------------
 def test_chat_logprobs(client):
     r = _chat(client, "Say something about the sea.", max_tokens=12, logprobs=True, top_logprobs=3)

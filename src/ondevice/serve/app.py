@@ -275,7 +275,8 @@ class Runner:
                 text: str | None = g.text
                 if hold:
                     held.append(text)
-                    if plan.tool_mode == "auto" and "".join(held).lstrip()[:1] not in ("", "{"):
+                    start = "".join(held).lstrip()[:1]
+                    if plan.tool_mode == "auto" and start and start not in structured.TOOL_CALL_START:
                         hold, text = False, "".join(held)  # free text after all: stream it
                     else:
                         text = None
@@ -291,8 +292,9 @@ class Runner:
                         calls = structured.parse_tool_call(text, plan)
                         if calls:
                             finish = "tool_calls"
-                            yield chunk(S.ChatDelta(tool_calls=[S.ToolCallDelta(
-                                index=0, id=calls[0].id, type="function", function=calls[0].function)]))
+                            yield chunk(S.ChatDelta(tool_calls=[
+                                S.ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
+                                for i, c in enumerate(calls)]))
                         elif text:
                             yield chunk(S.ChatDelta(content=text))
                     yield chunk(S.ChatDelta(), finish=finish, timings=_timings(g))

@@ -2,7 +2,8 @@
 
 JSON schema -> GBNF uses llama-cpp-python's converter (``llama_cpp.llama_grammar``), the same one its
 server uses. A tool call is the JSON object ``{"name": ..., "arguments": {...}}`` constrained to the
-given tools' parameter schemas; the reply is parsed back into OpenAI ``tool_calls``.
+given tools' parameter schemas; with ``parallel_tool_calls`` (OpenAI's default) a JSON array of such objects
+is allowed too. The reply is parsed back into OpenAI ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ def json_object_grammar() -> str:
     return JSON_GBNF  # root ::= object
 
 
-def _tool_schema(tools: list) -> dict:
+def _tool_schema(tools: list, parallel: bool) -> dict:
     calls = [{"type": "object",
               "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
               "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    return calls[0] if len(calls) == 1 else {"oneOf": calls}
+    one = calls[0] if len(calls) == 1 else {"oneOf": calls}
+    return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one
 
 
-def _tools_note(tools: list) -> str:
+def _tools_note(tools: list, parallel: bool) -> str:
     lines = [("You can call these tools. To call one, reply with only a JSON object "
-              '{"name": <tool name>, "arguments": <arguments object>}.')]
+              '{"name": <tool name>, "arguments": <arguments object>}'
+              + ("; to call several at once, a JSON array of such objects." if parallel else "."))]
     for t in tools:
         f = t.function
         lines.append(json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters}))
@@ -76,15 +79,16 @@ def plan(req: ChatCompletionRequest) -> Plan:
             mode, use = "required", chosen
         else:
             mode, use = (choice or "auto"), tools
-        call = schema_grammar(_tool_schema(use), "tools[].function.parameters")
+        parallel = req.parallel_tool_calls is not False
+        call = schema_grammar(_tool_schema(use, parallel), "tools[].function.parameters")
         if mode == "auto":
-            # either a tool call (starts with "{") or free text that does not start with "{"
+            # either tool calls (start with "{" or "[") or free text that does not start with either
             call = re.sub(r"(?m)^root ::=", "ondevice-tool-call ::=", call, count=1)
-            grammar = call + "\nroot ::= ondevice-tool-call | [^{] .*\n"
+            grammar = call + "\nroot ::= ondevice-tool-call | [^{[] .*\n"
         else:
             grammar = call
         return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode,
-                    system_note=_tools_note(tools))
+                    system_note=_tools_note(tools, parallel))
     if fmt is None or fmt.type == "text":
         return Plan()
     if fmt.type == "json_schema":
@@ -96,16 +100,20 @@ def plan(req: ChatCompletionRequest) -> Plan:
     return Plan(grammar=json_object_grammar())
 
 
+TOOL_CALL_START = ("{", "[")  # how a reply that is tool calls begins
+
+
 def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
-    """OpenAI tool_calls when ``text`` is a call to one of the plan's tools, else None (a text reply)."""
-    if not plan_.tools or not text.lstrip().startswith("{"):
+    """OpenAI tool_calls when ``text`` is one call or an array of calls to the plan's tools, else None."""
+    if not plan_.tools or not text.lstrip().startswith(TOOL_CALL_START):
         return None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return None  # cut short (max_tokens): not a complete call
-    if not isinstance(obj, dict) or obj.get("name") not in plan_.tools:
+    objs = obj if isinstance(obj, list) else [obj]
+    if not objs or not all(isinstance(o, dict) and o.get("name") in plan_.tools for o in objs):
         return None
-    args = obj.get("arguments", {})
     return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                     function=FunctionCall(name=obj["name"], arguments=json.dumps(args)))]
+                     function=FunctionCall(name=o["name"], arguments=json.dumps(o.get("arguments", {}))))
+            for o in objs]

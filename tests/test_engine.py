@@ -115,7 +115,9 @@ def test_stop_strings_are_cut(smol):
 
 
 @pytest.mark.parametrize("kw, flag", [(dict(temp=-1), "--temp"), (dict(top_p=0), "--top-p"),
-                                      (dict(top_k=-3), "--top-k"), (dict(max_tokens=-1), "--max-tokens")])
+                                      (dict(top_k=-3), "--top-k"), (dict(max_tokens=-1), "--max-tokens"),
+                                      (dict(presence_penalty=3), "--presence-penalty"),
+                                      (dict(frequency_penalty=-2.5), "--frequency-penalty")])
 def test_invalid_sampling_names_the_flag(kw, flag):
     with pytest.raises(InvalidArgument, match=flag):
         Sampling(**kw)
@@ -162,3 +164,26 @@ def test_greedy_argmax_path_matches_the_native_chain(smol, ignore_eos):
     if ignore_eos:
         assert eng.sample(eng.make_sampler(Sampling(temp=0, ignore_eos=True))) not in eng.eos_tokens
     smol.reset()
+
+
+def test_logit_bias_bans_and_forces_tokens(smol):
+    eng = smol.engine
+    eng.reset()
+    eng.prefill(eng.tokenize("The capital of France is", add_special=True))
+    top = eng.sample(eng.make_sampler(Sampling(temp=0)))
+    banned = eng.sample(eng.make_sampler(Sampling(temp=0, logit_bias=((top, float("-inf")),))))
+    assert banned != top
+    forced = eng.sample(eng.make_sampler(Sampling(temp=0, logit_bias=((1234, 100.0),))))
+    assert forced == 1234
+    with pytest.raises(InvalidArgument, match="logit_bias"):
+        eng.make_sampler(Sampling(temp=0, logit_bias=((eng.n_vocab + 5, 1.0),)))
+    smol.reset()
+
+
+def test_presence_and_frequency_penalties_curb_repetition(smol):
+    prompt = "la la la la la la la la la la la la"
+    plain = smol.generate(prompt, chat_template=False, temp=0, max_tokens=24, ignore_eos=True)
+    for kw in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
+        pen = smol.generate(prompt, chat_template=False, temp=0, max_tokens=24, ignore_eos=True, **kw)
+        most = max(plain.tokens, key=plain.tokens.count)
+        assert pen.tokens.count(most) < plain.tokens.count(most), (kw, plain.text, pen.text)

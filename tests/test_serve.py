@@ -289,6 +289,21 @@ def test_parallel_tool_calls_off_gives_one_call(client):
     assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
 
 
+def test_logit_bias_and_penalties(srv, client):
+    base = _chat(client, "Name a fruit.", max_tokens=8, logprobs=True)
+    first = base.choices[0].logprobs.content[0].token
+    ids = httpx.post(srv.base_url + "/tokenize", json={"content": first, "parse_special": False}).json()["tokens"]
+    assert len(ids) == 1
+    banned = _chat(client, "Name a fruit.", max_tokens=8, logprobs=True, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != first
+    pen = _chat(client, "Name a fruit.", max_tokens=8, presence_penalty=1.5, frequency_penalty=0.5)
+    assert pen.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        _chat(client, "Name a fruit.", max_tokens=2, logit_bias={"5": 200})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        _chat(client, "Name a fruit.", max_tokens=2, logit_bias={"99999999": 5})
+
+
 # -- logprobs -------------------------------------------------------------------------------------------
 def test_chat_logprobs(client):
     r = _chat(client, "Say something about the sea.", max_tokens=12, logprobs=True, top_logprobs=3)

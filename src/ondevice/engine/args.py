@@ -21,13 +21,16 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     p.add_argument("--min-p", type=float, default=d.min_p, help="drop tokens below this share of the top one")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed; default: random")
     p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
 
 
 def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-              repeat_penalty=args.repeat_penalty, max_tokens=args.max_tokens)
+              repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens)
     if args.seed is not None:
         kw["seed"] = args.seed
     kw.update(over)

@@ -447,22 +447,29 @@ class Sampler:
     def __init__(self, engine: LlamaEngine, s: Sampling):
         ll = self.ll = engine.ll
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
-        self.argmax_ok = s.temp == 0 and not s.grammar and s.repeat_penalty == 1.0
+        self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
         if s.grammar:
             g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
             if not g:
-                ll.llama_sampler_free(self.ptr)
+                self.close()  # frees the chain once (and __del__ will not again)
                 raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
             add(g)
+        biases = dict(s.logit_bias)
+        for t, _ in s.logit_bias:
+            if not 0 <= t < engine.n_vocab:
+                self.close()
+                raise InvalidArgument(f"logit_bias names token {t}, but the vocabulary has ids 0..{engine.n_vocab - 1}")
         if s.ignore_eos:  # end-of-generation tokens can never be sampled (fixed-length runs)
-            eog = sorted(engine.eos_tokens)
-            bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
-            add(ll.llama_sampler_init_logit_bias(engine.n_vocab, len(eog), bias))
-        if s.repeat_penalty != 1.0:
-            add(ll.llama_sampler_init_penalties(engine.n_vocab, 64, s.repeat_penalty, 0.0, 0.0))
+            biases.update((t, float("-inf")) for t in engine.eos_tokens)
+        if biases:
+            arr = (ll.llama_logit_bias * len(biases))(*[ll.llama_logit_bias(t, b) for t, b in sorted(biases.items())])
+            add(ll.llama_sampler_init_logit_bias(engine.n_vocab, len(biases), arr))
+        if s.penalized:  # over the last 64 generated tokens, as llama.cpp's default
+            add(ll.llama_sampler_init_penalties(engine.n_vocab, 64, s.repeat_penalty, s.frequency_penalty,
+                                                s.presence_penalty))
         if s.temp == 0:
             add(ll.llama_sampler_init_greedy())
         else:

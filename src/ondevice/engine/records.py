@@ -72,11 +72,18 @@ class Sampling:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from any token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
     seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
     grammar: str | None = None  # GBNF text, enforced by llama.cpp's grammar sampler
     ignore_eos: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,6 +92,8 @@ class Sampling:
             ("top-k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repeat-penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),
+            ("presence-penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2] (0 = off)"),
+            ("frequency-penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2] (0 = off)"),
             ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
             ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1]"),
         ]
@@ -92,6 +101,7 @@ class Sampling:
             if not ok:
                 value = getattr(self, name.replace("-", "_"))
                 raise InvalidArgument(f"--{name} {value!r} {why}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:

@@ -106,15 +106,18 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _sampling(req, max_tokens: int, grammar: str | None = None) -> Sampling:
-    if req.presence_penalty or req.frequency_penalty:
-        raise InvalidArgument("presence_penalty and frequency_penalty are not supported; use repeat_penalty "
-                              "(1 = off) instead")
+    bias = req.logit_bias or {}
+    if any(not -100 <= b <= 100 for b in bias.values()):
+        raise InvalidArgument("logit_bias values must be in [-100, 100]; -100 bans a token, 100 forces it")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise InvalidArgument("stop contains an empty string; remove it")
     kw = dict(temp=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-              repeat_penalty=req.repeat_penalty, max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
-              ignore_eos=req.ignore_eos)
+              repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
+              frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
+              ignore_eos=req.ignore_eos,
+              # OpenAI's -100 bans a token: make it certain (a finite bias may not beat a large logit)
+              logit_bias=tuple((t, float("-inf") if b <= -100 else b) for t, b in bias.items()))
     if req.seed is not None:
         kw["seed"] = req.seed
     return Sampling(**kw)

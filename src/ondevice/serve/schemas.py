@@ -48,6 +48,7 @@ class _Sampling(_Req):
     repeat_penalty: float = Field(1.0, gt=0)  # extension
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)
     n: int = Field(1, ge=1, le=1)  # one choice per request: send more requests, they batch together
     seed: int | None = Field(None, ge=0, le=0xFFFFFFFF)
     stop: str | list[str] | None = None

@@ -9,7 +9,8 @@ ondevice:   R separate `ondevice run` processes with a 128-token raw prompt, `-n
             the text goes to a file, as llama-bench prints none (a pipe read per token costs ~2.5% on 2 cores).
 Both use llama.cpp's defaults otherwise (mmap, flash attention "auto"). To spread machine drift evenly the
 two alternate in ``--rounds`` short rounds; printed: mean ± std over all samples, their ratio, and the
-median of the per-round (paired) ratios, which a host whose speed drifts over minutes distorts least.
+median of the per-round (paired) ratios, which a host whose speed drifts over minutes distorts least; the
+order within a round alternates.
 
     python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 2] [--rounds 10]
 """
@@ -84,9 +85,13 @@ def main() -> int:
     ours: dict[str, list[float]] = {"pp": [], "tg": []}
     peer: dict[str, list[float]] = {"pp": [], "tg": []}
     paired: dict[str, list[float]] = {"pp": [], "tg": []}  # per-round ratio: immune to slow drift of the host
-    for _ in range(a.rounds):
-        p_res = llama_bench(model, a.threads, a.reps, depth=n_prompt)
-        o_res = ondevice_run(model, a.threads, a.reps, prompt)
+    for rnd in range(a.rounds):
+        if rnd % 2:  # alternate who goes first: no side gains from the order (a warm cache, a frequency step)
+            o_res = ondevice_run(model, a.threads, a.reps, prompt)
+            p_res = llama_bench(model, a.threads, a.reps, depth=n_prompt)
+        else:
+            p_res = llama_bench(model, a.threads, a.reps, depth=n_prompt)
+            o_res = ondevice_run(model, a.threads, a.reps, prompt)
         for k in ours:
             peer[k] += p_res[k]
             ours[k] += o_res[k]

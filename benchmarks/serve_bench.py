@@ -199,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in streams:
             for rnd in range(args.rounds):
                 for srv in running:
-                    try:
-                        r = asyncio.run(load(srv, n, args.tokens))
-                    except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
-                        print(f"{srv.name}: {e}", file=sys.stderr)
+                    for attempt in (1, 2):  # a dropped connection gets one retry; then the round is missing
+                        try:
+                            r = asyncio.run(load(srv, n, args.tokens))
+                            break
+                        except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
+                            print(f"{srv.name}: n={n} round {rnd + 1} attempt {attempt}: {e}", file=sys.stderr)
+                    else:
                         continue
+                    r["round"] = rnd
                     results.setdefault(srv.name, {}).setdefault(n, []).append(r)
                     print(f"  {srv.name:17s} n={n:2d} round {rnd + 1}: {r['tok_s']:7.1f} tok/s", file=sys.stderr,
                           flush=True)
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = []
         for peer in ("llama-server", "llama-cpp-python"):
             if n in ours and n in results.get(peer, {}):
-                pr = [a["tok_s"] / b["tok_s"] for a, b in zip(rounds["ondevice"][n], rounds[peer][n])]
+                theirs = {r["round"]: r["tok_s"] for r in rounds[peer][n]}
+                pr = [a["tok_s"] / theirs[a["round"]] for a in rounds["ondevice"][n] if a["round"] in theirs]
                 parts.append(f"vs {peer} {statistics.median(pr):.2f}x [{min(pr):.2f}, {max(pr):.2f}]")
         if n in ours and n in kernel:
             parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")

@@ -12,7 +12,7 @@ two alternate in ``--rounds`` short rounds; printed: mean ± std over all sample
 median of the per-round (paired) ratios, which a host whose speed drifts over minutes distorts least; the
 order within a round alternates.
 
-    python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 2] [--rounds 10]
+    python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 2] [--rounds 10] [--bare]
 """
 
 from __future__ import annotations
@@ -71,12 +71,37 @@ def ondevice_run(model: Path, threads: int, reps: int, prompt: str) -> dict[str,
     return {"pp": pp, "tg": tg}
 
 
+def bare_decode(model: Path, threads: int, reps: int, prompt: str) -> list[float]:
+    """tok/s of a bare loop of 128 one-token ``llama_decode`` calls after the prompt, in this Python process:
+    no sampling, no records. What is left between it and llama-bench is the cost of libllama as llama-cpp-python
+    builds and loads it; what is left between it and `ondevice run` is ours."""
+    import time
+
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+
+    eng = LlamaEngine(model, EngineConfig(n_threads=threads))
+    toks = eng.tokenize(prompt)
+    out = []
+    for _ in range(reps):
+        eng.reset()
+        eng.prefill(toks)
+        t0 = time.perf_counter()
+        for _ in range(128):
+            eng.decode(toks[-1])
+        out.append(128 / (time.perf_counter() - t0))
+    eng.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--bare", action="store_true",
+                    help="also time a bare llama_decode loop in this process (where the remaining gap sits)")
     a = ap.parse_args()
     from ondevice.models import resolve
 
@@ -85,6 +110,7 @@ def main() -> int:
     ours: dict[str, list[float]] = {"pp": [], "tg": []}
     peer: dict[str, list[float]] = {"pp": [], "tg": []}
     paired: dict[str, list[float]] = {"pp": [], "tg": []}  # per-round ratio: immune to slow drift of the host
+    bare: list[float] = []
     for rnd in range(a.rounds):
         if rnd % 2:  # alternate who goes first: no side gains from the order (a warm cache, a frequency step)
             o_res = ondevice_run(model, a.threads, a.reps, prompt)
@@ -92,6 +118,8 @@ def main() -> int:
         else:
             p_res = llama_bench(model, a.threads, a.reps, depth=n_prompt)
             o_res = ondevice_run(model, a.threads, a.reps, prompt)
+        if a.bare:
+            bare.append(statistics.mean(bare_decode(model, a.threads, a.reps, prompt)) / statistics.mean(p_res["tg"]))
         for k in ours:
             peer[k] += p_res[k]
             ours[k] += o_res[k]
@@ -105,6 +133,9 @@ def main() -> int:
         pr = paired[key]
         print(f"{name:11} {pm:>10.1f} ± {ps:<5.1f} {om:>10.1f} ± {os_:<5.1f} {om / pm:>7.3f} "
               f"{statistics.median(pr):>14.3f} [{min(pr):.3f}, {max(pr):.3f}]")
+    if bare:
+        print(f"bare llama_decode loop in this process / llama-bench tg: median {statistics.median(bare):.3f} "
+              f"[{min(bare):.3f}, {max(bare):.3f}] (no sampling, no records)")
     return 0
 
 

@@ -5,8 +5,6 @@ Real subprocesses, no mocks. Timeouts here are limits on the child, never assert
 
 from __future__ import annotations
 
-import pytest
-
 from ondevice.eval.sandbox import clean_completion, humaneval_program, run_humaneval_sample, run_python
 
 ADD = {

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.logprobs import log_softmax
+from ..engine.logprobs import log_softmax  # noqa: F401 — re-exported: ppl.log_softmax
 from ..errors import InvalidArgument, OndeviceError
 from .corpora import Corpus
 

@@ -187,3 +187,34 @@ def test_presence_and_frequency_penalties_curb_repetition(smol):
         pen = smol.generate(prompt, chat_template=False, temp=0, max_tokens=24, ignore_eos=True, **kw)
         most = max(plain.tokens, key=plain.tokens.count)
         assert pen.tokens.count(most) < plain.tokens.count(most), (kw, plain.text, pen.text)
+
+
+def test_use_mmap_false_reads_the_weights_into_anonymous_memory(smol):
+    """use_mmap chooses llama.cpp's load mode: the weights are file-backed pages, or a private copy."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ondevice.engine.base import EngineConfig; from ondevice.engine.llama import LlamaEngine; "
+            "from ondevice.device.info import proc_kib_fields; "
+            "e = LlamaEngine(sys.argv[1], EngineConfig(n_ctx=64, n_threads=1, use_mmap=sys.argv[2] == '1')); "
+            "f = proc_kib_fields(); print(f['RssFile'], f['RssAnon'])")
+    size_kib = smol.path.stat().st_size / 1024
+    out = {}
+    for mmap in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", code, str(smol.path), mmap], capture_output=True, text=True,
+                           timeout=120, check=True)
+        out[mmap] = [int(x) for x in r.stdout.split()]
+    assert out["1"][0] > 0.8 * size_kib  # mapped: the weights count as file-backed
+    assert out["0"][1] > out["1"][1] + 0.8 * size_kib  # read: they moved to anonymous memory
+
+
+def test_params_refuses_a_field_the_struct_lacks():
+    import llama_cpp
+
+    from ondevice.engine.llama import _params
+    from ondevice.errors import OndeviceError
+
+    p = _params(llama_cpp.llama_context_default_params(), n_ctx=123)
+    assert p.n_ctx == 123
+    with pytest.raises(OndeviceError, match="use_mmap"):  # the field an older llama-cpp-python had
+        _params(llama_cpp.llama_model_default_params(), use_mmap=True)

@@ -44,6 +44,18 @@ def _lib():
     return llama_cpp
 
 
+def _params(st, **values):
+    """Set fields of a llama.cpp params struct and return it. ctypes takes any attribute name silently, so a
+    field that llama-cpp-python's struct lacks (a version skew) is an error here rather than a no-op."""
+    missing = sorted(set(values) - {f[0] for f in type(st)._fields_})
+    if missing:
+        raise OndeviceError(f"llama-cpp-python's {type(st).__name__} has no field {', '.join(missing)}; "
+                            f"install the version ondevice pins: pip install 'llama-cpp-python==0.3.36'")
+    for k, v in values.items():
+        setattr(st, k, v)
+    return st
+
+
 def llama_cpp_lib() -> ctypes.CDLL:
     """The loaded libllama, for bindings of our own (``lib[name]`` gives a fresh function object)."""
     import llama_cpp.llama_cpp
@@ -103,9 +115,8 @@ class LlamaEngine(Engine):
             if v not in _KV_TYPES:
                 raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
                                       f"{', '.join(_KV_TYPES)}")
-        mparams = ll.llama_model_default_params()
-        mparams.use_mmap = cfg.use_mmap
-        mparams.n_gpu_layers = 0
+        # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into anonymous memory
+        mparams = _params(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0, n_gpu_layers=0)
         t0 = time.perf_counter()
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
@@ -119,26 +130,19 @@ class LlamaEngine(Engine):
         threads = cfg.n_threads or physical_cores()
         if threads < 1:
             raise InvalidArgument(f"--threads {threads} must be >= 1")
-        cparams = ll.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
-        cparams.n_ubatch = min(cfg.n_ubatch, cparams.n_batch)
-        cparams.n_seq_max = cfg.n_seq_max
-        cparams.n_threads = threads
-        cparams.n_threads_batch = cfg.n_threads_batch or threads
-        cparams.type_k = _KV_TYPES[cfg.type_k]
-        cparams.type_v = _KV_TYPES[cfg.type_v]
-        cparams.flash_attn_type = -1 if cfg.flash_attn is None else int(bool(cfg.flash_attn))
-        cparams.embeddings = cfg.embeddings
-        if cfg.pooling is not None:
-            if cfg.pooling not in _POOLING:
-                raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; "
-                                      f"use one of {', '.join(_POOLING)}")
-            cparams.pooling_type = _POOLING[cfg.pooling]
-        cparams.no_perf = True
-        # split (the default, as llama-server with -np N): each sequence has its own n_ctx / n_seq_max cells and
-        # attends over those only; unified: one pool, and every sequence's attention spans all cells in use
-        cparams.kv_unified = cfg.kv_unified
+        if cfg.pooling is not None and cfg.pooling not in _POOLING:
+            raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; use one of {', '.join(_POOLING)}")
+        n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
+        cparams = _params(
+            ll.llama_context_default_params(), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(cfg.n_ubatch, n_batch),
+            n_seq_max=cfg.n_seq_max, n_threads=threads, n_threads_batch=cfg.n_threads_batch or threads,
+            type_k=_KV_TYPES[cfg.type_k], type_v=_KV_TYPES[cfg.type_v],
+            flash_attn_type=-1 if cfg.flash_attn is None else int(bool(cfg.flash_attn)),
+            embeddings=cfg.embeddings, no_perf=True,
+            # split (the default, as llama-server with -np N): each sequence has its own n_ctx / n_seq_max cells
+            # and attends over those only; unified: one pool, and every sequence's attention spans all cells
+            kv_unified=cfg.kv_unified,
+            **({"pooling_type": _POOLING[cfg.pooling]} if cfg.pooling is not None else {}))
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)

@@ -211,10 +211,10 @@ def test_use_mmap_false_reads_the_weights_into_anonymous_memory(smol):
 def test_params_refuses_a_field_the_struct_lacks():
     import llama_cpp
 
-    from ondevice.engine.llama import _params
+    from ondevice.engine.llama import set_fields
     from ondevice.errors import OndeviceError
 
-    p = _params(llama_cpp.llama_context_default_params(), n_ctx=123)
+    p = set_fields(llama_cpp.llama_context_default_params(), n_ctx=123)
     assert p.n_ctx == 123
     with pytest.raises(OndeviceError, match="use_mmap"):  # the field an older llama-cpp-python had
-        _params(llama_cpp.llama_model_default_params(), use_mmap=True)
+        set_fields(llama_cpp.llama_model_default_params(), use_mmap=True)

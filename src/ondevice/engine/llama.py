@@ -44,7 +44,7 @@ def _lib():
     return llama_cpp
 
 
-def _params(st, **values):
+def set_fields(st, **values):
     """Set fields of a llama.cpp params struct and return it. ctypes takes any attribute name silently, so a
     field that llama-cpp-python's struct lacks (a version skew) is an error here rather than a no-op."""
     missing = sorted(set(values) - {f[0] for f in type(st)._fields_})
@@ -116,7 +116,7 @@ class LlamaEngine(Engine):
                 raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
                                       f"{', '.join(_KV_TYPES)}")
         # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into anonymous memory
-        mparams = _params(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0, n_gpu_layers=0)
+        mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0, n_gpu_layers=0)
         t0 = time.perf_counter()
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
@@ -133,7 +133,7 @@ class LlamaEngine(Engine):
         if cfg.pooling is not None and cfg.pooling not in _POOLING:
             raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; use one of {', '.join(_POOLING)}")
         n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
-        cparams = _params(
+        cparams = set_fields(
             ll.llama_context_default_params(), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(cfg.n_ubatch, n_batch),
             n_seq_max=cfg.n_seq_max, n_threads=threads, n_threads_batch=cfg.n_threads_batch or threads,
             type_k=_KV_TYPES[cfg.type_k], type_v=_KV_TYPES[cfg.type_v],

@@ -18,10 +18,10 @@ def main(argv: list[str]) -> int:
 
     _logger.set_verbose(True)  # the parent needs llama.cpp's reason when it fails
     ll.llama_backend_init()
-    params = ll.llama_model_quantize_default_params()
-    params.ftype = job["ftype"]
-    params.allow_requantize = bool(job["allow_requantize"])
-    params.nthread = int(job["nthread"])
+    from ..engine.llama import set_fields
+
+    params = set_fields(ll.llama_model_quantize_default_params(), ftype=job["ftype"],
+                     allow_requantize=bool(job["allow_requantize"]), nthread=int(job["nthread"]))
     overrides = job["overrides"]
     keep = []  # the pattern bytes must outlive the call
     if overrides:
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
             arr[i].pattern = keep[-1]
             arr[i].type = int(ggml_type)
         arr[len(overrides)].pattern = None  # the list ends at a NULL pattern (llama-quant.cpp)
-        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(ll.llama_model_tensor_override))
+        set_fields(params, tt_overrides=ctypes.cast(arr, ctypes.POINTER(ll.llama_model_tensor_override)))
     rc = ll.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
     sys.stderr.flush()
     return int(rc)

@@ -304,6 +304,24 @@ def test_logit_bias_and_penalties(srv, client):
         _chat(client, "Name a fruit.", max_tokens=2, logit_bias={"99999999": 5})
 
 
+def test_n_choices(client):
+    one = _chat(client, "Name a color.", max_tokens=8)
+    greedy = _chat(client, "Name a color.", max_tokens=8, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.message.content for c in greedy.choices} == {one.choices[0].message.content}
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once, as OpenAI counts it
+    assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+    sampled = _chat(client, "Name a color.", max_tokens=8, n=3, temperature=1.0, seed=7)
+    again = _chat(client, "Name a color.", max_tokens=8, n=3, temperature=1.0, seed=7)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in sampled.choices}) > 1  # seeds 7, 8, 9: different samples
+    cmp = client.completions.create(model="m", prompt=["One, two,", "A, B,"], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in cmp.choices] == [0, 1, 2, 3]
+    assert cmp.choices[0].text == cmp.choices[1].text and cmp.choices[2].text == cmp.choices[3].text
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        list(_chat(client, "Hi", max_tokens=2, n=2, stream=True))
+
+
 # -- logprobs -------------------------------------------------------------------------------------------
 def test_chat_logprobs(client):
     r = _chat(client, "Say something about the sea.", max_tokens=12, logprobs=True, top_logprobs=3)

@@ -123,12 +123,23 @@ def _sampling(req, max_tokens: int, grammar: str | None = None) -> Sampling:
     return Sampling(**kw)
 
 
-def _usage(*last: Generation) -> S.Usage:
-    """Usage summed over the last records of one or more generations."""
-    prompt = sum(g.prompt_tokens for g in last)
+def _usage(*last: Generation, n: int = 1) -> S.Usage:
+    """Usage over the last records of one or more generations; with ``n`` choices per prompt (records in
+    prompt-major order) each prompt counts once, as OpenAI counts it."""
+    prompt = sum(g.prompt_tokens for g in last[::n])
     completion = sum(g.generation_tokens for g in last)
+    cached = sum(g.cached_tokens for g in last[::n])
     return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=sum(g.cached_tokens for g in last)))
+                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+
+
+def _choices(req, sampling: Sampling) -> list[Sampling]:
+    """One Sampling per requested choice (``n``); with a seed, choice i samples with seed + i."""
+    if req.stream and req.n > 1:
+        raise InvalidArgument(f"n={req.n} with stream is not supported; stream with n=1, or drop stream")
+    if req.seed is None:
+        return [sampling] * req.n  # unseeded: each job draws its own random seed
+    return [dataclasses.replace(sampling, seed=(req.seed + i) % 2**32) for i in range(req.n)]
 
 
 def _timings(g: Generation) -> S.Timings:
@@ -225,31 +236,55 @@ class Runner:
             max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar)
             lp = (req.top_logprobs or 0) if req.logprobs else None
-            return self._job(loop, toks, sampling, logprobs=lp)
+            return [self._job(loop, toks, s, logprobs=lp) for s in _choices(req, sampling)]
 
-        job = await run_in_threadpool(prepare)
-        st.batcher.submit(job)
+        jobs = await run_in_threadpool(prepare)
+        self._submit(jobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._chat_stream(job, req, request, plan, include_usage),
+            return StreamingResponse(self._chat_stream(jobs[0], req, request, plan, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts, lps, last = [], [], None
-        async for g in self.events(job, request, poll_disconnect=True):
-            parts.append(g.text)
-            if g.logprob is not None:
-                lps.append(self._chat_lp(g))
-            last = g
-        if last is None or last.finish_reason is None:  # client gone: nobody reads this
+        results = await self._gather(jobs, request)
+        if results is None:  # client gone: nobody reads this
             return JSONResponse({}, status_code=499)
-        text = "".join(parts)
-        finish = last.finish_reason
-        calls = structured.parse_tool_call(text, plan) if plan.tools else None
-        msg = S.AssistantMessage(content=None if calls else text, tool_calls=calls)
-        if calls:
-            finish = "tool_calls"
-        choice = S.ChatChoice(message=msg, finish_reason=finish,
-                              logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None)
-        return S.ChatCompletion(model=st.model_id, choices=[choice], usage=_usage(last), timings=_timings(last))
+        choices = []
+        for i, (_, gen) in enumerate(results):
+            text = "".join(g.text for g in gen)
+            finish = gen[-1].finish_reason
+            calls = structured.parse_tool_call(text, plan) if plan.tools else None
+            msg = S.AssistantMessage(content=None if calls else text, tool_calls=calls)
+            if calls:
+                finish = "tool_calls"
+            lps = [self._chat_lp(g) for g in gen if g.logprob is not None]
+            choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
+                                        logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
+        lasts = [gen[-1] for _, gen in results]
+        return S.ChatCompletion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
+                                timings=_timings(lasts[0]) if len(lasts) == 1 else None)
+
+    def _submit(self, jobs: list[Job]) -> None:
+        """Queue every job, or none: a full queue cancels those already queued."""
+        room = self.state.settings.parallel + self.state.settings.max_queue
+        if len(jobs) > room:
+            raise InvalidArgument(f"the request asks for {len(jobs)} generations (prompts x n) but the server holds "
+                                  f"at most {room} (--parallel + --max-queue); ask for fewer")
+        try:
+            for job in jobs:
+                self.state.batcher.submit(job)
+        except Exception:
+            for job in jobs:
+                job.cancel()
+            raise
+
+    async def _gather(self, jobs: list[Job], request: Request) -> list[tuple[list, list[Generation]]] | None:
+        """Every job's (echo logprobs, records); a failure cancels them all; None when the client went away."""
+        results = await asyncio.gather(*(self._collect(job, request) for job in jobs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                for job in jobs:
+                    job.cancel()
+                raise r
+        return None if any(r is None for r in results) else results
 
     def _chat_lp(self, g: Generation) -> S.TokenLogprob:
         pieces = self.state.pieces
@@ -323,33 +358,23 @@ class Runner:
 
         def prepare():
             jobs = []
-            for x in prompts:
+            for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
                 toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
-                jobs.append(self._job(loop, toks, _sampling(req, req.max_tokens), logprobs=k,
-                                      prompt_logprobs=k if (req.echo and k is not None) else None))
+                jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
+                                   else None) for s in _choices(req, _sampling(req, req.max_tokens))]
             return jobs
 
         jobs = await run_in_threadpool(prepare)
-        try:
-            for job in jobs:
-                st.batcher.submit(job)
-        except Exception:
-            for job in jobs:
-                job.cancel()
-            raise
+        self._submit(jobs)
         if req.stream:
             return StreamingResponse(self._completion_stream(jobs[0], prompts[0], req, request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(self._collect(job, request) for job in jobs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                for job in jobs:
-                    job.cancel()
-                raise r
-        if any(r is None for r in results):
+        results = await self._gather(jobs, request)
+        if results is None:
             return JSONResponse({}, status_code=499)
         choices = []
-        for i, (job, x, (prompt_lp, gen)) in enumerate(zip(jobs, prompts, results)):
+        per_choice = [x for x in prompts for _ in range(req.n)]
+        for i, (job, x, (prompt_lp, gen)) in enumerate(zip(jobs, per_choice, results)):
             prompt_text = (x if isinstance(x, str) else st.detokenize(job.tokens)) if req.echo else ""
             text = prompt_text + "".join(g.text for g in gen)
             logprobs = None
@@ -360,7 +385,7 @@ class Runner:
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]
-        return S.Completion(model=st.model_id, choices=choices, usage=_usage(*lasts),
+        return S.Completion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
                             timings=_timings(lasts[0]) if len(lasts) == 1 else None)
 
     async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:

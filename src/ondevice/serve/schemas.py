@@ -49,7 +49,7 @@ class _Sampling(_Req):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)
-    n: int = Field(1, ge=1, le=1)  # one choice per request: send more requests, they batch together
+    n: int = Field(1, ge=1, le=64)  # choices per prompt: one batcher job each, decoded together
     seed: int | None = Field(None, ge=0, le=0xFFFFFFFF)
     stop: str | list[str] | None = None
     stream: bool = False

@@ -130,8 +130,9 @@ def _try_cgroup1(limit: int, pid: int) -> tuple[str | None, str]:
         return None, "no cgroup v1 memory hierarchy for this process"
     if not os.access(here, os.W_OK):
         return None, f"cgroup v1 memory at {here} is not writable"
-    return _enter_child(here, pid, {"memory.limit_in_bytes": str(limit), "?memory.memsw.limit_in_bytes": str(limit)},
-                        "cgroup v1")
+    # the OOM killer on (a child inherits its parent's oom_kill_disable): over the cap is a kill, not a stall
+    return _enter_child(here, pid, {"memory.limit_in_bytes": str(limit), "?memory.memsw.limit_in_bytes": str(limit),
+                                    "?memory.oom_control": "0"}, "cgroup v1")
 
 
 def remove_cgroup(path: str | None) -> bool:

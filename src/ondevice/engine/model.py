@@ -112,16 +112,13 @@ class Model:
             return
         held = ""  # text that may be the start of a stop string
         for g in eng.stream_tokens(tokens, s):
-            held += g.text
-            hit = min((i for i in (held.find(x) for x in s.stop) if i >= 0), default=-1)
-            if hit >= 0:
-                yield dataclasses.replace(g, text=held[:hit], finish_reason="stop")
+            out, held, stopped = split_stop(held + g.text, s.stop)
+            if stopped:
+                yield dataclasses.replace(g, text=out, finish_reason="stop")
                 return
             if g.finish_reason:
-                yield dataclasses.replace(g, text=held)
+                yield dataclasses.replace(g, text=out + held)
                 return
-            keep = stop_hold(held, s.stop)
-            out, held = held[:len(held) - keep], held[len(held) - keep:]
             yield dataclasses.replace(g, text=out)
 
     def generate(self, prompt: Prompt, **kw) -> Result:
@@ -137,6 +134,19 @@ class Model:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
+    else hold back the longest suffix that may still grow into one. The one stop-string rule of the library
+    and the server."""
+    if not stops:
+        return text, "", False
+    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if hit >= 0:
+        return text[:hit], "", True
+    keep = stop_hold(text, stops)
+    return text[:len(text) - keep], text[len(text) - keep:], False
 
 
 def stop_hold(text: str, stops: Sequence[str]) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.logprobs import log_softmax, top_k
-from ..engine.model import stop_hold
+from ..engine.model import split_stop
 from ..engine.records import Generation, Sampling
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
@@ -303,31 +303,23 @@ class Batcher:
             lps = log_softmax(self.eng.logits(s.row))
             lp, top = float(lps[tok]), tuple(top_k(lps, job.logprobs))
         now = time.perf_counter()
-        with self.metrics.lock:
+        eos = tok in self.eos and not job.sampling.ignore_eos
+        with self.metrics.lock:  # once per token
             (self.metrics.ttft.observe(now - job.t_arrival) if s.n_gen == 0
              else self.metrics.itl.observe(now - s.t_last))
+            self.metrics.generation_tokens += not eos
         if s.n_gen == 0:
             s.t_first = now
         s.t_last = now
-        stops = job.sampling.stop
-        if tok in self.eos and not job.sampling.ignore_eos:
+        if eos:
             self._emit(job, self._record(s, -1, s.held + s.utf8.decode(b"", final=True), "stop"))
             self._release(s)
             return
         s.n_gen += 1
-        with self.metrics.lock:
-            self.metrics.generation_tokens += 1
-        text = s.held + s.utf8.decode(self.vocab_bytes[tok])
-        finish = None
-        if stops:
-            hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
+        text, s.held, stopped = split_stop(s.held + s.utf8.decode(self.vocab_bytes[tok]), job.sampling.stop)
+        finish = "stop" if stopped else None
         if finish is None and (s.n_gen >= job.sampling.max_tokens or len(s.cached) >= self.slot_ctx):
-            text, finish = text + s.utf8.decode(b"", final=True), "length"
-        if finish is None:
-            keep = stop_hold(text, stops) if stops else 0
-            text, s.held = (text[:len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
+            text, s.held, finish = text + s.held + s.utf8.decode(b"", final=True), "", "length"
         self._emit(job, self._record(s, tok, text, finish, lp, top))
         if finish:
             self._release(s)

@@ -171,7 +171,7 @@ class LlamaEngine(Engine):
 
         Decode from one thread only, and warm up on that thread: llama.cpp's OpenMP build keeps a worker
         team per calling thread, and a second team anywhere in the process slows every later decode
-        (by about 30% on 2 cores here, see benchmarks/serve_bench.py).
+        (by about 30% on 2 cores here). The server therefore warms up and decodes on its batcher thread.
         """
         if self.config.embeddings:
             return

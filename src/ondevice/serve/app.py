@@ -375,11 +375,11 @@ class Runner:
         choices = []
         per_choice = [x for x in prompts for _ in range(req.n)]
         for i, (job, x, (prompt_lp, gen)) in enumerate(zip(jobs, per_choice, results)):
-            prompt_text = (x if isinstance(x, str) else st.detokenize(job.tokens)) if req.echo else ""
-            text = prompt_text + "".join(g.text for g in gen)
+            source = x if isinstance(x, str) else st.detokenize(job.tokens)
+            text = (source if req.echo else "") + "".join(g.text for g in gen)
             logprobs = None
             if k is not None:
-                base = 0 if req.echo else len(x if isinstance(x, str) else st.detokenize(job.tokens))
+                base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
                 entries = (prompt_lp if req.echo else []) + [_lp_entry(g) for g in gen if g.token >= 0]
                 logprobs, _ = self._completion_lp(entries, base)
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
@@ -414,8 +414,9 @@ class Runner:
         st = self.state
         cid, created = S._id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        prompt_text = (prompt if isinstance(prompt, str) else st.detokenize(job.tokens)) if req.echo else ""
-        offset = 0 if req.echo else len(prompt if isinstance(prompt, str) else st.detokenize(job.tokens))
+        source = prompt if isinstance(prompt, str) else st.detokenize(job.tokens)
+        prompt_text = source if req.echo else ""
+        offset = 0 if req.echo else len(source)
 
         def chunk(text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
             ch = [S.CompletionChoice(text=text, logprobs=lp, finish_reason=finish)] if choices else []

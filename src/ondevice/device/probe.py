@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+from ..models.store import data_dir, write_json  # one rule for where and how ondevice writes data
 from .info import device_info, l3_cache_bytes, machine_key
 
 _BLAS_ENV = (
@@ -55,20 +56,6 @@ class Probe:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def data_dir() -> Path:
-    """ondevice's data dir: the models store's rule when that package exists, else the same rule here."""
-    try:
-        from ..models.store import data_dir as store_data_dir  # owned by the models package
-
-        return Path(store_data_dir())
-    except ImportError:
-        pass
-    # Same rule as models.store: home is $ONDEVICE_HOME, else $XDG_CACHE_HOME/ondevice; data lives in home/data.
-    if os.environ.get("ONDEVICE_HOME"):
-        return Path(os.environ["ONDEVICE_HOME"]).expanduser() / "data"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ondevice" / "data"
 
 
 def cache_path() -> Path:
@@ -221,9 +208,7 @@ def _store(path: Path, key: str, threads: int, result: Probe) -> None:
         entry = result.to_dict()
         entry.pop("cached")
         data.setdefault(key, {})[str(threads)] = entry
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_json(path, data)
 
 
 def cached_probes() -> dict[str, dict]:

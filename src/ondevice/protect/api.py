@@ -1,0 +1,70 @@
+"""The library door of ``ondevice protect``: keygen, encrypt, info, verify, and a container's GGUF summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from .container import DEFAULT_CHUNK, Header, decrypt_error, encrypt_file, read_header, require_crypto
+from .keys import load_key, new_key, store_in_keyring
+
+
+def keygen(keyring_name: str | None = None) -> str:
+    """A new random key (64 hex digits); also stored in the OS keyring under ``keyring_name`` if given."""
+    key = new_key()
+    if keyring_name:
+        store_in_keyring(keyring_name, key)
+    return key
+
+
+def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], key_source: str | None, *,
+            chunk_size: int = DEFAULT_CHUNK) -> Header:
+    """Encrypt a model (any name :func:`ondevice.models.resolve` knows) into the container ``out``.
+
+    The GGUF is validated first, so a container always holds a well-formed file (its tags then prove it
+    is still that file).
+    """
+    from ..models import resolve, validate_gguf
+
+    ref = resolve(model)
+    info = validate_gguf(ref.path)
+    dst = Path(out).expanduser()
+    if dst.exists() and dst.resolve() == Path(ref.path).resolve():
+        raise InvalidArgument(f"-o {dst} is the model itself; write the container to another path")
+    return encrypt_file(ref.path, dst, load_key(key_source), meta_size=info.data_offset, chunk_size=chunk_size)
+
+
+def info(path: str | os.PathLike[str]) -> dict:
+    """What a container says without its key: format version, algorithm and sizes."""
+    return {"path": str(path), **read_header(path).to_dict()}
+
+
+def _decrypt_range(path, h: Header, key: bytes, chunks: range, sink) -> None:
+    gcm = require_crypto().AESGCM(h.file_key(key))
+    with open(path, "rb") as f:
+        for i in chunks:
+            f.seek(h.chunk_offset(i))
+            try:
+                sink(gcm.decrypt(h.nonce(i), f.read(h.chunk_len(i) + 16), h.aad(i)))
+            except Exception:
+                raise decrypt_error(path, i) from None
+
+
+def verify(path: str | os.PathLike[str], key_source: str | None) -> dict:
+    """Authenticate every chunk (nothing is kept); the header's summary and the time it took."""
+    h = read_header(path)
+    t0 = time.perf_counter()
+    _decrypt_range(path, h, load_key(key_source), range(h.n_chunks), lambda _b: None)
+    return {**info(path), "verified": True, "verify_s": time.perf_counter() - t0}
+
+
+def model_info(path: str | os.PathLike[str], key_source: str | None):
+    """The :class:`GGUFInfo` of the model inside a container, from its metadata chunks (decrypted in memory)."""
+    from ..models.gguf_check import _walk
+
+    h = read_header(path)
+    parts: list[bytes] = []
+    _decrypt_range(path, h, load_key(key_source), range(-(-h.meta_size // h.chunk_size)), parts.append)
+    return _walk(Path(path), b"".join(parts)[:h.meta_size], h.plain_size)

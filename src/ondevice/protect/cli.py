@@ -1,0 +1,54 @@
+"""``ondevice protect keygen|encrypt|info|verify``: encrypted model files, decrypted only in memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .keys import add_key_args
+
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = sub.add_parser("keygen", help="print a new random 256-bit key (its last line)")
+    k.add_argument("--keyring", metavar="NAME", help="also store it in the OS keyring under NAME")
+    e = sub.add_parser("encrypt", help="write an encrypted container of a model")
+    e.add_argument("model", help="catalog name, stored variant or .gguf path")
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="the container to write")
+    e.add_argument("--chunk-size", type=int, default=1 << 20, help="plaintext bytes per authenticated chunk")
+    add_key_args(e)
+    i = sub.add_parser("info", help="format version and sizes of a container (no key needed)")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="one JSON object")
+    v = sub.add_parser("verify", help="authenticate every chunk of a container with its key")
+    v.add_argument("file")
+    add_key_args(v)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+    from .keys import key_source_from
+
+    if args.action == "keygen":
+        key = api.keygen(args.keyring)
+        if args.keyring:
+            print(f"stored in the OS keyring as '{args.keyring}' (use --key-keyring {args.keyring}); the key:")
+        print(key)
+        return 0
+    if args.action == "encrypt":
+        h = api.encrypt(args.model, args.output, key_source_from(args), chunk_size=args.chunk_size)
+        print(f"{args.output}: {h.plain_size / 1e6:.1f} MB in {h.n_chunks} AES-256-GCM chunks "
+              f"(format {h.version}); load it with: ondevice run -m {args.output} --key-env NAME")
+        return 0
+    if args.action == "info":
+        d = api.info(args.file)
+        if args.json:
+            print(json.dumps(d))
+        else:
+            print(f"{d['path']}: ondevice encrypted model, format {d['format_version']}, {d['algorithm']}")
+            print(f"  model {d['plaintext_size']} bytes in {d['chunks']} chunks of {d['chunk_size']}; "
+                  f"metadata {d['metadata_size']} bytes; container {d['container_size']} bytes")
+        return 0
+    d = api.verify(args.file, key_source_from(args))
+    print(f"{d['path']}: all {d['chunks']} chunks authentic ({d['verify_s']:.2f} s)")
+    return 0

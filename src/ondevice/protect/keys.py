@@ -1,0 +1,122 @@
+"""Where a model key comes from: an environment variable, a file, or the OS keyring — never argv.
+
+A *key source* is a short spec that names where the key is, not the key: ``env:NAME``, ``file:PATH`` or
+``keyring:NAME``. Specs are safe to keep in settings, records and a bench worker's JSON config; the key
+itself is read only in the process that loads the model (a bench worker inherits the environment, so
+``env:`` and ``file:`` reach it without the key ever being on a command line).
+
+Key text is 64 hex digits (what ``ondevice protect keygen`` prints) or 32 bytes in base64; a key file may
+also hold the 32 raw bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import os
+import secrets
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+
+DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # used when a container is opened with no key source given
+KEYRING_SERVICE = "ondevice"
+_FIX_FLAGS = "give its key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
+
+
+def add_key_args(p: argparse.ArgumentParser) -> None:
+    """The key flags of every verb that loads a model (one declaration)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--key-env", metavar="NAME", default=None,
+                   help="encrypted model: the environment variable that holds its key")
+    g.add_argument("--key-file", metavar="PATH", default=None, help="encrypted model: a file that holds its key")
+    g.add_argument("--key-keyring", metavar="NAME", default=None,
+                   help="encrypted model: its key's name in the OS keyring (service 'ondevice')")
+
+
+def key_source_from(args: argparse.Namespace) -> str | None:
+    """The key source spec named by the flags of :func:`add_key_args` (None: none given)."""
+    for kind in ("env", "file", "keyring"):
+        v = getattr(args, f"key_{kind}", None)
+        if v:
+            return f"{kind}:{os.path.abspath(os.path.expanduser(v)) if kind == 'file' else v}"
+    return None
+
+
+def parse_key(text: str | bytes, where: str) -> bytes:
+    """32 key bytes from hex, base64 or (bytes only) raw form."""
+    if isinstance(text, bytes):
+        if len(text) == 32:
+            return text
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{where} does not hold a key: expected 32 raw bytes, 64 hex digits or base64 "
+                                  f"(make one with `ondevice protect keygen`)") from None
+    t = text.strip()
+    try:
+        key = bytes.fromhex(t) if len(t) == 64 else base64.b64decode(t + "=" * (-len(t) % 4),
+                                                                     altchars=b"-_" if "-" in t or "_" in t else None,
+                                                                     validate=True)
+    except (ValueError, binascii.Error):
+        key = b""
+    if len(key) != 32:
+        raise InvalidArgument(f"{where} does not hold a 256-bit key: expected 64 hex digits or base64 of 32 "
+                              f"bytes (make one with `ondevice protect keygen`)")
+    return key
+
+
+def new_key() -> str:
+    """A fresh random 256-bit key as 64 hex digits."""
+    return secrets.token_hex(32)
+
+
+def _keyring():
+    try:
+        import keyring
+        from keyring.backends import fail
+    except ImportError:
+        raise OndeviceError("the OS keyring needs the 'keyring' package: pip install 'ondevice[protect]'") from None
+    kr = keyring.get_keyring()
+    if isinstance(kr, fail.Keyring) or type(kr).__name__ == "ChainerBackend" and not getattr(kr, "backends", None):
+        raise OndeviceError("no OS keyring backend is available on this machine (keyring found none: no Secret "
+                            "Service, KWallet or macOS Keychain); use --key-env NAME or --key-file PATH instead")
+    return keyring
+
+
+def store_in_keyring(name: str, key_text: str) -> None:
+    _keyring().set_password(KEYRING_SERVICE, name, key_text)
+
+
+def load_key(source: str | None) -> bytes:
+    """The key named by a source spec (None: the ``ONDEVICE_MODEL_KEY`` environment variable).
+
+    Raises:
+        OndeviceError: no source and no default, an unset variable, a missing file, no keyring, a malformed key.
+    """
+    if source is None:
+        if os.environ.get(DEFAULT_ENV):
+            source = f"env:{DEFAULT_ENV}"
+        else:
+            raise OndeviceError(f"this model is encrypted; {_FIX_FLAGS}")
+    kind, _, name = source.partition(":")
+    if kind == "env":
+        val = os.environ.get(name)
+        if not val:
+            raise OndeviceError(f"--key-env {name}: the environment variable {name} is not set (or empty); "
+                                f"export it with the model's key")
+        return parse_key(val, f"environment variable {name}")
+    if kind == "file":
+        try:
+            data = Path(name).read_bytes()
+        except OSError as e:
+            raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
+        return parse_key(data if len(data) == 32 else data.strip(), f"key file {name}")
+    if kind == "keyring":
+        val = _keyring().get_password(KEYRING_SERVICE, name)
+        if val is None:
+            raise OndeviceError(f"--key-keyring {name}: no such key in the OS keyring (service "
+                                f"'{KEYRING_SERVICE}'); store one with `ondevice protect keygen --keyring {name}`")
+        return parse_key(val, f"keyring entry {name}")
+    raise InvalidArgument(f"key source {source!r} is not env:NAME, file:PATH or keyring:NAME")

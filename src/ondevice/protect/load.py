@@ -1,0 +1,113 @@
+"""Load an encrypted container into llama.cpp without its plaintext touching any filesystem.
+
+The engine calls :func:`begin` and :func:`finish` instead of ``llama_model_load_from_file`` when its
+file is a container. The restore runs in the background (see :mod:`.restore`); llama.cpp's progress callback,
+which it calls before it reads or maps each tensor's data, waits for the restore to finish and aborts the
+load if any chunk failed authentication. So nothing computed, and no model handed back, ever saw an
+unauthenticated byte; on failure the memfd is wiped and closed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+from pathlib import Path
+
+from ..errors import OndeviceError
+from .keys import load_key
+from .restore import Restored, restore
+
+# MODE_STRAWMAN (decrypt all on one thread, then load) is kept as the measured baseline of pipelining
+MODE_PIPELINED, MODE_STRAWMAN = "pipelined", "strawman"
+
+
+def _vm_locked_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def can_lock(n_bytes: int) -> bool:
+    """Whether ``mlock`` of ``n_bytes`` more is likely allowed (the limit, or root's CAP_IPC_LOCK)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft == resource.RLIM_INFINITY or soft >= _vm_locked_bytes() + n_bytes or os.geteuid() == 0
+
+
+def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = MODE_PIPELINED,
+          threads: int = 2) -> Restored:
+    """Start restoring a container; returns once its GGUF metadata is restored and verified.
+
+    ``Restored.path`` is then a readable GGUF header (enough for ``validate_gguf`` and kernel choice);
+    the weights follow in the background (``mode`` pipelined) or are all there (strawman).
+    """
+    if mode not in (MODE_PIPELINED, MODE_STRAWMAN):
+        raise OndeviceError(f"restore mode {mode!r} is not {MODE_PIPELINED} or {MODE_STRAWMAN}")
+    key = load_key(key_source)
+    return restore(path, key, threads=threads if mode == MODE_PIPELINED else 1, overlap=mode == MODE_PIPELINED)
+
+
+def finish(ll, r: Restored, mparams) -> object:
+    """Load the restored model into llama.cpp (``mparams``: its model params); the llama_model pointer.
+
+    llama.cpp's progress callback waits for the last chunk before any tensor's data is read or mapped,
+    and aborts the load on a failed chunk. On any failure the memfd is wiped and closed.
+
+    Raises:
+        OndeviceError: a chunk failed authentication, or llama.cpp could not load the model.
+    """
+    failure: list[BaseException] = []
+
+    @ll.llama_progress_callback
+    def barrier(progress: float, _user: ctypes.c_void_p) -> bool:
+        try:
+            r.wait()
+            return True
+        except BaseException as e:  # never raise through C: abort the load and report it afterwards
+            failure.append(e)
+            return False
+
+    want_lock = mparams.load_mode in (-1, 1) and can_lock(r.size)
+    mparams.progress_callback = barrier
+    if want_lock:
+        mparams.load_mode = 3  # mmap + mlock: the plaintext is kept out of swap (llama.cpp warns if refused)
+    try:
+        model = ll.llama_model_load_from_file(r.path.encode(), mparams)
+        try:
+            r.wait()  # the barrier again, should llama.cpp not have called its progress callback
+        except BaseException:
+            if model:
+                ll.llama_model_free(model)
+            raise
+        if failure:
+            raise failure[0]
+        if not model:
+            raise OndeviceError(f"llama.cpp could not load the model inside {r.source}; run with "
+                                f"ONDEVICE_VERBOSE=1 to see why")
+    except BaseException:
+        r.close()
+        raise
+    r.locked_bytes = _vm_locked_bytes() if want_lock else 0
+    return model
+
+
+def kernel_path(r: Restored) -> str:
+    """The path to choose CPU kernels by (device/kernels.py): the memfd as other processes can open it.
+
+    Choosing may self-test the model in a child process (once per weight type and machine); the child
+    must then see every weight, so in that case this waits for the whole restore first.
+    """
+    try:
+        from ..device import kernels
+
+        if kernels.cached().get("families", {}).get(kernels.family_of(r.path)) is None:
+            r.wait()
+    except ImportError:
+        pass
+    except Exception:  # whatever kernels needs, a complete file is always safe to give it
+        r.wait()
+    return r.shared_path

@@ -1,0 +1,209 @@
+"""The encrypted container on small synthetic files: round trips, keys, and every kind of bad input.
+
+Fast (no model is loaded): the restore path here is the very one the engine uses (memfd, threads).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+pytest.importorskip("cryptography")
+
+from ondevice.errors import OndeviceError  # noqa: E402
+from ondevice.protect import keys  # noqa: E402
+from ondevice.protect.container import HEADER_SIZE, TAG, ProtectError, encrypt_file, read_header  # noqa: E402
+from ondevice.protect.restore import restore  # noqa: E402
+
+CHUNK = 4096
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    """A 61 KiB plaintext (15 chunks, the last one short) in a container; (plain, container path, key)."""
+    d = tmp_path_factory.mktemp("protect")
+    plain = random.Random(1).randbytes(15 * CHUNK - 1234)
+    (d / "plain.bin").write_bytes(plain)
+    key = keys.parse_key(keys.new_key(), "test key")
+    encrypt_file(d / "plain.bin", d / "model.enc", key, meta_size=5000, chunk_size=CHUNK)
+    return plain, d / "model.enc", key
+
+
+def _restored_bytes(path, key, **kw) -> bytes:
+    r = restore(path, key, **kw)
+    try:
+        r.wait()
+        with open(r.path, "rb") as f:
+            return f.read()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("threads,overlap", [(1, False), (2, False), (2, True), (3, True)])
+def test_restore_gives_back_the_plaintext(box, threads, overlap):
+    plain, path, key = box
+    assert _restored_bytes(path, key, threads=threads, overlap=overlap) == plain
+
+
+def test_header_readable_without_key_and_sizes_add_up(box):
+    plain, path, _ = box
+    h = read_header(path)
+    assert (h.version, h.plain_size, h.n_chunks, h.meta_size) == (1, len(plain), 15, 5000)
+    assert os.path.getsize(path) == HEADER_SIZE + len(plain) + 15 * TAG == h.file_size
+    assert plain[:64] not in path.read_bytes()  # the ciphertext does not carry the plaintext
+
+
+def test_same_plaintext_encrypts_differently_each_time(box, tmp_path):
+    _, path, key = box
+    plain_path = path.parent / "plain.bin"
+    encrypt_file(plain_path, tmp_path / "again.enc", key, meta_size=5000, chunk_size=CHUNK)
+    assert (tmp_path / "again.enc").read_bytes()[HEADER_SIZE:HEADER_SIZE + 64] != path.read_bytes()[HEADER_SIZE:
+                                                                                                    HEADER_SIZE + 64]
+
+
+def test_wrong_key_is_named_before_any_chunk(box):
+    _, path, _ = box
+    with pytest.raises(ProtectError, match="the key does not open this container"):
+        restore(path, bytes(32))
+
+
+def test_truncated_and_extended_files(box, tmp_path):
+    _, path, key = box
+    data = path.read_bytes()
+    for n, what in ((len(data) - 1, "truncated"), (len(data) - CHUNK - TAG, "truncated"), (50, "truncated"),
+                    (HEADER_SIZE, "truncated")):
+        (tmp_path / "t.enc").write_bytes(data[:n])
+        with pytest.raises(ProtectError, match=what):
+            restore(tmp_path / "t.enc", key)
+    (tmp_path / "t.enc").write_bytes(data + b"\0")
+    with pytest.raises(ProtectError, match="bytes after its last chunk"):
+        restore(tmp_path / "t.enc", key)
+
+
+def test_newer_format_version_is_named(box, tmp_path):
+    _, path, key = box
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 8, 2)
+    (tmp_path / "v2.enc").write_bytes(bytes(data))
+    with pytest.raises(ProtectError, match="format version 2, newer than this ondevice reads"):
+        restore(tmp_path / "v2.enc", key)
+
+
+def test_chunks_cannot_be_swapped_or_spliced_from_another_file(box, tmp_path):
+    plain, path, key = box
+    data = bytearray(path.read_bytes())
+    h = read_header(path)
+    a, b = h.chunk_offset(3), h.chunk_offset(4)
+    size = CHUNK + TAG
+    swapped = data[:a] + data[b:b + size] + data[a:a + size] + data[b + size:]
+    (tmp_path / "s.enc").write_bytes(bytes(swapped))
+    with pytest.raises(ProtectError, match="chunk 3 failed authentication"):
+        _restored_bytes(tmp_path / "s.enc", key, threads=1, overlap=False)
+    # same key, same plaintext, another file: its chunk 3 does not belong here (per-file key and header AAD)
+    (path.parent / "plain2.bin").write_bytes(plain)
+    encrypt_file(path.parent / "plain2.bin", tmp_path / "other.enc", key, meta_size=5000, chunk_size=CHUNK)
+    other = (tmp_path / "other.enc").read_bytes()
+    spliced = data[:a] + other[a:a + size] + data[a + size:]
+    (tmp_path / "x.enc").write_bytes(bytes(spliced))
+    with pytest.raises(ProtectError, match="chunk 3 failed authentication"):
+        _restored_bytes(tmp_path / "x.enc", key, threads=1, overlap=False)
+
+
+def _flip_rejected(data: bytes, pos: int, tmp, key, **kw) -> bool:
+    bad = bytearray(data)
+    bad[pos] ^= random.Random(pos).randrange(1, 256)
+    tmp.write_bytes(bytes(bad))
+    try:
+        _restored_bytes(tmp, key, **kw)
+    except ProtectError:
+        return True
+    return False
+
+
+def test_every_header_byte_flip_is_rejected(box, tmp_path):
+    _, path, key = box
+    data = path.read_bytes()
+    missed = [p for p in range(HEADER_SIZE) if not _flip_rejected(data, p, tmp_path / "f.enc", key,
+                                                                  threads=1, overlap=False)]
+    assert missed == []
+
+
+def test_single_byte_flips_at_1000_random_positions_are_rejected(box, tmp_path):
+    _, path, key = box
+    data = path.read_bytes()
+    positions = random.Random(7).sample(range(len(data)), 1000)
+    missed = [p for p in positions if not _flip_rejected(data, p, tmp_path / "f.enc", key, threads=1, overlap=False)]
+    assert missed == []
+    # the pipelined path (background threads) rejects them too
+    missed = [p for p in positions[:100] if not _flip_rejected(data, p, tmp_path / "f.enc", key, threads=2)]
+    assert missed == []
+
+
+def test_a_failed_restore_leaves_no_memfd_open(box, tmp_path):
+    _, path, key = box
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1  # the last chunk's tag: found last, after the metadata was already handed out
+    (tmp_path / "late.enc").write_bytes(bytes(data))
+    before = _memfds()
+    r = restore(tmp_path / "late.enc", key, threads=2)
+    with pytest.raises(ProtectError, match="failed authentication"):
+        r.wait()
+    r.close()
+    assert _memfds() == before
+
+
+def _memfds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:ondevice-model" in target:
+            out.add(fd)
+    return out
+
+
+# -- key sources -----------------------------------------------------------------------------------------
+
+def test_key_from_env_file_and_forms(tmp_path, monkeypatch):
+    hexkey = keys.new_key()
+    raw = bytes.fromhex(hexkey)
+    monkeypatch.setenv("T_KEY", hexkey)
+    assert keys.load_key("env:T_KEY") == raw
+    (tmp_path / "k.txt").write_text(hexkey + "\n")
+    assert keys.load_key(f"file:{tmp_path / 'k.txt'}") == raw
+    (tmp_path / "k.bin").write_bytes(raw)
+    assert keys.load_key(f"file:{tmp_path / 'k.bin'}") == raw
+    import base64
+
+    monkeypatch.setenv("T_KEY", base64.b64encode(raw).decode())
+    assert keys.load_key("env:T_KEY") == raw
+    monkeypatch.setenv("ONDEVICE_MODEL_KEY", hexkey)
+    assert keys.load_key(None) == raw
+
+
+def test_key_errors_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONDEVICE_MODEL_KEY", raising=False)
+    monkeypatch.delenv("T_NOPE", raising=False)
+    cases = [(None, "this model is encrypted; give its key with --key-env"),
+             ("env:T_NOPE", "T_NOPE is not set"),
+             (f"file:{tmp_path / 'missing'}", "cannot read it"),
+             ("env:T_SHORT", "does not hold a 256-bit key")]
+    monkeypatch.setenv("T_SHORT", "abcd")
+    for source, msg in cases:
+        with pytest.raises(OndeviceError, match=msg) as e:
+            keys.load_key(source)
+        assert "\n" not in str(e.value)
+
+
+def test_keyring_without_backend_says_so(monkeypatch):
+    keyring = pytest.importorskip("keyring")
+    from keyring.backends import fail
+
+    monkeypatch.setattr(keyring, "get_keyring", lambda: fail.Keyring())
+    with pytest.raises(OndeviceError, match="no OS keyring backend is available"):
+        keys.load_key("keyring:model")

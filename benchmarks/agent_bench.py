@@ -1,0 +1,225 @@
+"""Agent figures: the function-calling suite constrained vs unconstrained, tool retrieval, the task graph.
+
+1. suite: every request of ondevice's function-calling suite (``ondevice.agent.fcsuite``: single, choose,
+   parallel, none) with its own offered tools, decoded under the tool-call grammar and without it. Per
+   category and mode: accuracy (name + normalised arguments), parsed (a call or a plain answer could be
+   read) and valid (calls validate against the offered schemas). Goal: 100% of constrained calls parse and
+   validate.
+2. retrieval: the 109-tool catalog indexed by BM25, by the model's own mean-pooled embeddings and by the
+   hybrid of both (``ToolIndex``); top-k recall of the expected tools over the requests that need a call,
+   then accuracy (constrained) with the top-k offered vs all 109 tools offered. Goals: top-5 recall >= 90%,
+   accuracy with retrieval >= with all tools.
+3. graph: multi-step tasks whose independent branches call tools that take real time (sleeps standing for
+   I/O), run by the task graph in parallel and one step at a time, same results; once with given
+   arguments and once with the actor model writing every step's arguments (model steps serialised on the
+   one engine). Goal: parallel wall time <= 0.7x sequential.
+
+    python benchmarks/agent_bench.py                                   # all parts, the default model
+    python benchmarks/agent_bench.py --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct
+    python benchmarks/agent_bench.py --parts suite --limit 20          # a stratified quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import ondevice
+from ondevice.agent import Agent, Embedder, Node, ToolIndex, Toolbox, run_graph
+from ondevice.agent import fcsuite
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def subset(items, limit: int | None):
+    if not limit or limit >= len(items):
+        return list(items)
+    by_cat: dict[str, list] = {}
+    for it in items:
+        by_cat.setdefault(it["category"], []).append(it)
+    per = max(1, limit // len(by_cat))
+    return [it for cat in by_cat.values() for it in cat[:per]]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+# -- 1. the suite ------------------------------------------------------------------------------------------
+
+def part_suite(model, items) -> dict:
+    rows = []
+    for mode in fcsuite.MODES:
+        t0 = time.perf_counter()
+        for it in items:
+            rows.append(fcsuite.run_item(model, it, constrained=mode == "constrained"))
+        say(f"  {mode}: {len(items)} items in {time.perf_counter() - t0:.0f} s")
+    s = fcsuite.summarize(rows)
+    print(f"\n  {'category':10s} {'mode':14s} {'n':>4s} {'accuracy':>9s} {'parsed':>8s} {'valid':>8s}")
+    for cat in [*fcsuite.CATEGORIES, "all"]:
+        for mode in fcsuite.MODES:
+            r = s.get(mode, {}).get(cat)
+            if r:
+                print(f"  {cat:10s} {mode:14s} {r['n']:4d} {pct(r['accuracy']):>9s} {pct(r['parsed']):>8s} "
+                      f"{pct(r['valid']):>8s}")
+    con = [r for r in rows if r["mode"] == "constrained" and r["calls"]]
+    ok = sum(1 for r in con if r["valid"])
+    print(f"  constrained replies that are calls: {len(con)}, parse and validate: {ok} ({pct(ok / max(1, len(con)))})")
+    bad = [r for r in rows if r["mode"] == "constrained" and not r["valid"]]
+    for r in bad[:5]:
+        print(f"    not valid: {r['id']}: {r['problem']}: {r['text'][:120]!r}")
+    return {"summary": s, "constrained_calls": len(con), "constrained_calls_valid": ok}
+
+
+# -- 2. retrieval --------------------------------------------------------------------------------------------
+
+def part_retrieval(model, items, k: int, threads: int | None) -> dict:
+    tools = list(fcsuite.catalog().values())
+    need = [it for it in items if it["expected"]]
+    t0 = time.perf_counter()
+    emb = Embedder(model.path, n_threads=threads)
+    try:
+        index = ToolIndex(tools, emb)
+        say(f"  indexed {len(tools)} tools in {time.perf_counter() - t0:.1f} s")
+        out: dict = {"n_tools": len(tools), "n_items": len(need), "k": k, "recall": {}}
+        print(f"\n  top-{k} recall over {len(need)} requests that need a call, {len(tools)} tools:")
+        for mode in ("lexical", "embedding", "hybrid"):
+            rec, full = [], 0
+            for it in need:
+                want = {e["name"] for e in it["expected"]}
+                got = {t.name for t in index.search(it["query"], k, mode)}
+                rec.append(len(want & got) / len(want))
+                full += want <= got
+            out["recall"][mode] = {"recall": statistics.fmean(rec), "all_found": full / len(need)}
+            print(f"    {mode:9s} recall {pct(statistics.fmean(rec))}   every expected tool found {pct(full / len(need))}")
+        acc = {}
+        for label in ("retrieved", "all"):
+            t1 = time.perf_counter()
+            correct = valid = 0
+            for it in need:
+                offered = index.search(it["query"], k) if label == "retrieved" else tools
+                r = fcsuite.run_item(model, it, constrained=True, tools=offered)
+                correct += r["correct"]
+                valid += r["valid"]
+            acc[label] = {"accuracy": correct / len(need), "valid": valid / len(need),
+                          "seconds": time.perf_counter() - t1}
+        print(f"  constrained accuracy with the top-{k} (hybrid) offered: {pct(acc['retrieved']['accuracy'])} "
+              f"({acc['retrieved']['seconds']:.0f} s); with all {len(tools)} tools offered: "
+              f"{pct(acc['all']['accuracy'])} ({acc['all']['seconds']:.0f} s)")
+        out["accuracy"] = acc
+        return out
+    finally:
+        emb.close()
+
+
+# -- 3. the task graph ----------------------------------------------------------------------------------------
+
+def _box() -> Toolbox:
+    def fetch_weather(city: str) -> dict:
+        """Weather in a city (a slow web service)."""
+        time.sleep(0.4)
+        return {"city": city, "temp_c": 10 + len(city)}
+
+    def fetch_calendar(date: str) -> dict:
+        """Events on a date (a slow calendar server)."""
+        time.sleep(0.4)
+        return {"date": date, "events": 3}
+
+    def fetch_news(topic: str) -> dict:
+        """Headlines on a topic (a slow news service)."""
+        time.sleep(0.4)
+        return {"topic": topic, "headlines": 5}
+
+    def summarize(weather_c: int, events: int, headlines: int) -> str:
+        """Combine the morning brief."""
+        time.sleep(0.05)
+        return f"{weather_c} C, {events} events, {headlines} headlines"
+
+    return Toolbox([fetch_weather, fetch_calendar, fetch_news, summarize])
+
+
+TASKS = [("Oslo", "2026-03-14", "science"), ("Lima", "2026-04-01", "sports"), ("Rome", "2026-05-20", "music"),
+         ("Kyiv", "2026-06-30", "tech"), ("Pune", "2026-07-04", "food")]
+
+
+def graph_nodes(city: str, date: str, topic: str, given: bool) -> list[Node]:
+    """A morning brief: three independent fetches, then a join fed by their typed outputs."""
+    def n(i, tool, args, task, deps=()):
+        return Node(i, tool, args if given else None, task=task, depends_on=deps)
+    return [n("w", "fetch_weather", {"city": city}, f"Get the weather in {city}."),
+            n("c", "fetch_calendar", {"date": date}, f"Get my calendar for {date}."),
+            n("h", "fetch_news", {"topic": topic}, f"Get the news about {topic}."),
+            Node("s", "summarize", {"weather_c": "${w.temp_c}", "events": "${c.events}",
+                                    "headlines": "${h.headlines}"}, depends_on=("w", "c", "h"))]
+
+
+def part_graph(model) -> dict:
+    box = _box()
+    out = {}
+    for label, given in (("given arguments", True), ("arguments written by the model", False)):
+        walls = {"parallel": [], "sequential": []}
+        same = True
+        for city, date, topic in TASKS:
+            results = {}
+            for mode in ("sequential", "parallel"):
+                agent = Agent(box, actor=model)
+                fill = None if given else agent.fill(f"Morning brief for {city}", [])
+                g = run_graph(graph_nodes(city, date, topic, given), box, fill=fill, parallel=mode == "parallel")
+                walls[mode].append(g.seconds)
+                results[mode] = g.outputs()
+            same &= results["parallel"] == results["sequential"]
+        par, seq = sum(walls["parallel"]), sum(walls["sequential"])
+        print(f"  {label}: {len(TASKS)} tasks x 4 steps, parallel {par:.2f} s vs sequential {seq:.2f} s: "
+              f"ratio {par / seq:.2f}x; same results: {same}")
+        out[label] = {"parallel_s": par, "sequential_s": seq, "ratio": par / seq, "same_results": same}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2-135m-instruct")
+    ap.add_argument("--parts", default="suite,retrieval,graph")
+    ap.add_argument("--limit", type=int, default=None, help="a stratified subset of the suite")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ctx", type=int, default=8192, help="context (all 109 tools need ~6k tokens)")
+    ap.add_argument("--json", default=None, metavar="OUT.json")
+    a = ap.parse_args()
+    parts = set(a.parts.split(","))
+    items = subset(fcsuite.items(), a.limit)
+    report: dict = {"load_avg_start": os.getloadavg(), "items": len(items)}
+    for name in a.models.split(","):
+        t0 = time.perf_counter()
+        model = ondevice.load(name, n_ctx=a.ctx, n_threads=a.threads)
+        print(f"\n== {model.name} ({model.path.stat().st_size / 1e6:.0f} MB, {model.engine.n_threads} threads, "
+              f"load avg {os.getloadavg()[0]:.2f})")
+        rep: dict = {}
+        try:
+            if "suite" in parts:
+                rep["suite"] = part_suite(model, items)
+            if "retrieval" in parts:
+                rep["retrieval"] = part_retrieval(model, items, a.k, a.threads)
+            if "graph" in parts:
+                rep["graph"] = part_graph(model)
+        finally:
+            model.close()
+        rep["seconds"] = time.perf_counter() - t0
+        report[name] = rep
+    report["load_avg_end"] = os.getloadavg()
+    print(f"\nload average at start {report['load_avg_start'][0]:.2f}, at end {report['load_avg_end'][0]:.2f}")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        os.replace(tmp, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Planner -> actions (Octo-planner): a plan model splits the request into subtasks, an action model turns
+each into one constrained function call, and the task graph runs them.
+
+The planner writes ``{"subtasks": [{"id", "task", "tool", "depends_on"}]}`` under a grammar built from a
+JSON schema whose ``tool`` is an enum of the offered tools, so every plan parses and names real tools. The
+actor (the same model or another: ``planner=``, ``actor=``) writes each subtask's arguments as one call to
+that subtask's tool, under the tool's grammar, with the outputs of the subtasks it depends on in view.
+Standard operating procedures (MobileAgent's SOPs) are prompt fragments added to both models' system
+prompts. With a :class:`~ondevice.agent.retrieval.ToolIndex`, only the top-k tools are offered.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.grammar import schema_grammar
+from ..engine.records import Sampling
+from ..errors import InvalidArgument, OndeviceError
+from .calls import Turn, call_turn, check_calls
+from .graph import GraphRun, Node, Replan, run_graph
+from .retrieval import ToolIndex
+from .tools import Confirm, Tool, Toolbox
+
+
+@dataclass(frozen=True)
+class SOP:
+    """A standard operating procedure: a named, reusable prompt fragment."""
+
+    name: str
+    text: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> SOP:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidArgument(f"no SOP file at {p}; give a text file with the procedure")
+        return cls(p.stem, p.read_text(encoding="utf-8").strip())
+
+
+def sop_prompt(sops: Sequence[SOP]) -> str:
+    return "\n\n".join(f"Procedure '{s.name}':\n{s.text}" for s in sops)
+
+
+PLANNER_SYSTEM = (
+    "You plan how to do the user's request with tools. Split it into the fewest subtasks; each subtask is "
+    "one call to one tool. A subtask that needs another subtask's result lists that subtask's id in "
+    "depends_on; subtasks that do not need each other have no dependency, so they can run at the same time. "
+    'Reply with JSON only: {"subtasks": [{"id": 1, "task": "...", "tool": "...", "depends_on": []}]}.'
+)
+
+
+def plan_schema(tool_names: Sequence[str], max_subtasks: int = 6) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": ["subtasks"], "properties": {
+        "subtasks": {"type": "array", "minItems": 1, "maxItems": max_subtasks, "items": {
+            "type": "object", "additionalProperties": False, "required": ["id", "task", "tool", "depends_on"],
+            "properties": {"id": {"type": "integer", "minimum": 1, "maximum": max_subtasks},
+                           "task": {"type": "string", "maxLength": 160},
+                           "tool": {"enum": list(tool_names)},
+                           "depends_on": {"type": "array", "maxItems": max_subtasks,
+                                          "items": {"type": "integer", "minimum": 1, "maximum": max_subtasks}}}}}}}
+
+
+def plan_nodes(plan: dict) -> list[Node]:
+    """Graph nodes from a plan; ids become ``s<id>``; a dependency on itself or a later id is dropped."""
+    seen: set[int] = set()
+    nodes = []
+    for st in plan["subtasks"]:
+        i = int(st["id"])
+        if i in seen:
+            raise InvalidArgument(f"the plan has subtask id {i} twice")
+        seen.add(i)
+        deps = tuple(f"s{d}" for d in dict.fromkeys(st.get("depends_on", [])) if d in seen and d != i)
+        nodes.append(Node(id=f"s{i}", tool=st["tool"], task=st["task"], depends_on=deps))
+    return nodes
+
+
+@dataclass
+class AgentRun:
+    """What one request did: the plan, the graph run (steps, timings) and every model turn."""
+
+    request: str
+    nodes: list[Node]
+    graph: GraphRun | None
+    turns: list[dict] = field(default_factory=list)
+    answer: str | None = None  # a plain answer when no tool was called
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.graph.ok if self.graph is not None else self.answer is not None
+
+    def to_dict(self) -> dict:
+        nodes = [{"id": n.id, "tool": n.tool, "task": n.task, "depends_on": list(n.depends_on), "status": n.status,
+                  "args": n.attempts[-1]["args"] if n.attempts else n.args, "output": n.output, "error": n.error,
+                  "attempts": n.attempts} for n in self.nodes]
+        return {"request": self.request, "ok": self.ok, "answer": self.answer, "seconds": round(self.seconds, 4),
+                "nodes": nodes, "turns": self.turns, "log": self.graph.log if self.graph else []}
+
+
+class Agent:
+    """Tools, a planner and an actor model (the same one unless given), retrieval, SOPs and confirmation."""
+
+    def __init__(self, toolbox: Toolbox, *, planner=None, actor=None, index: ToolIndex | None = None,
+                 top_k: int = 5, sops: Sequence[SOP] = (), confirm: Confirm | None = None, max_retries: int = 2,
+                 parallel: bool = True, max_workers: int = 4, replan: Replan | None = None,
+                 on_event: Callable[[dict], None] | None = None):
+        if planner is None and actor is None:
+            raise InvalidArgument("an agent needs a model: give planner= and/or actor=")
+        self.toolbox, self.index, self.top_k = toolbox, index, top_k
+        self.planner, self.actor = planner or actor, actor or planner
+        self.sops = list(sops)
+        self.confirm, self.max_retries = confirm, max_retries
+        self.parallel, self.max_workers, self.replan, self.on_event = parallel, max_workers, replan, on_event
+
+    def offered(self, request: str) -> list[Tool]:
+        """The tools shown to the models for ``request``: the top-k retrieved, or all of them."""
+        if self.index is not None and len(self.toolbox) > self.top_k:
+            return self.index.search(request, self.top_k)
+        return list(self.toolbox)
+
+    # -- the plan step ---------------------------------------------------------------------------
+    def plan(self, request: str, tools: Sequence[Tool] | None = None, turns: list | None = None) -> list[Node]:
+        tools = list(tools or self.offered(request))
+        catalog = "\n".join(f"- {t.name}: {t.description}" for t in tools)
+        system = "\n\n".join(x for x in (PLANNER_SYSTEM, f"Tools:\n{catalog}", sop_prompt(self.sops)) if x)
+        grammar = schema_grammar(plan_schema([t.name for t in tools]), "the plan schema")
+        t0 = time.perf_counter()
+        text = "".join(g.text for g in self.planner.stream(
+            [{"role": "system", "content": system}, {"role": "user", "content": request}],
+            sampling=Sampling(temp=0.0, max_tokens=400, grammar=grammar)))
+        if turns is not None:
+            turns.append({"step": "plan", "text": text, "seconds": round(time.perf_counter() - t0, 4)})
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OndeviceError(f"the planner's reply was cut short ({e.msg}); raise max tokens or simplify") from e
+        return plan_nodes(plan)
+
+    # -- the action step -------------------------------------------------------------------------
+    def fill(self, request: str, turns: list) -> Callable[[Node, dict], dict]:
+        """The graph's fill callback: one constrained call to the node's tool (Octo-planner's action step)."""
+        def fill(node: Node, outputs: dict) -> dict:
+            lines = [f"Request: {request}", f"Your subtask: {node.task}"]
+            for d in node.depends_on:
+                lines.append(f"Result of {d}: {json.dumps(outputs.get(d), ensure_ascii=False, default=str)}")
+            msgs = [{"role": "user", "content": "\n".join(lines)}]
+            for a in node.attempts:  # reflection: the failed tries and why, before the next one
+                msgs += [{"role": "assistant", "content": json.dumps({"name": node.tool, "arguments": a["args"]})},
+                         {"role": "user", "content": f"That call failed: {a['error']}. Write a corrected call."}]
+            tool = self.toolbox.get(node.tool)
+            turn = call_turn(self.actor, msgs, [tool], constrained=True, system=sop_prompt(self.sops))
+            turns.append(_turn_record(f"act:{node.id}", turn))
+            if not turn.calls:
+                raise OndeviceError(f"the actor wrote no call for {node.id}: {turn.parse_error}")
+            return turn.calls[0].arguments
+        return fill
+
+    def run(self, request: str, *, plan: bool = True) -> AgentRun:
+        """Do ``request``: plan, then act through the task graph (``plan=False``: one call turn, which may
+        hold several parallel calls or a plain answer)."""
+        t0 = time.perf_counter()
+        turns: list[dict] = []
+        tools = self.offered(request)
+        if plan:
+            nodes = self.plan(request, tools, turns)
+            g = run_graph(nodes, self.toolbox, fill=self.fill(request, turns), parallel=self.parallel,
+                          max_workers=self.max_workers, max_retries=self.max_retries, confirm=self.confirm,
+                          replan=self.replan, on_event=self.on_event)
+            return AgentRun(request, list(g.nodes.values()), g, turns, seconds=time.perf_counter() - t0)
+        return self._direct(request, tools, turns, t0)
+
+    def _direct(self, request: str, tools: list[Tool], turns: list, t0: float) -> AgentRun:
+        msgs = [{"role": "user", "content": request}]
+        for attempt in range(self.max_retries + 1):
+            turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
+                             system=sop_prompt(self.sops))
+            turns.append(_turn_record(f"call:{attempt + 1}", turn))
+            if turn.calls is None:
+                return AgentRun(request, [], None, turns, answer=turn.text.strip(), seconds=time.perf_counter() - t0)
+            problem = check_calls(turn.calls, tools)
+            if problem is None:
+                nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments) for i, c in enumerate(turn.calls)]
+                g = run_graph(nodes, self.toolbox, parallel=self.parallel, max_workers=self.max_workers,
+                              confirm=self.confirm, on_event=self.on_event)
+                failed = [n for n in g.nodes.values() if n.status == "failed" and n.result.kind == "failed"]
+                if not failed or attempt == self.max_retries:
+                    return AgentRun(request, list(g.nodes.values()), g, turns, seconds=time.perf_counter() - t0)
+                problem = "; ".join(n.error for n in failed)
+            msgs += [{"role": "assistant", "content": turn.text},
+                     {"role": "user", "content": f"That call failed: {problem}. Write a corrected call."}]
+        raise AssertionError("unreachable")
+
+
+def _turn_record(step: str, turn: Turn) -> dict:
+    return {"step": step, "text": turn.text, "calls": [c.__dict__ for c in turn.calls] if turn.calls else None,
+            "prompt_tokens": turn.prompt_tokens, "generated_tokens": turn.generated_tokens,
+            "seconds": round(turn.seconds, 4)}
+
+
+def cli_confirm(tool: Tool, args: dict) -> bool:
+    """Ask on the terminal before a sensitive tool runs; without a terminal the answer is no."""
+    prompt = f"ondevice agent: run sensitive tool {tool.name}({json.dumps(args, default=str)})? [y/N] "
+    try:
+        with open("/dev/tty", "r+", encoding="utf-8") as tty:
+            tty.write(prompt)
+            tty.flush()
+            return tty.readline().strip().lower() in ("y", "yes")
+    except OSError:
+        if sys.stdin is not None and sys.stdin.isatty():
+            print(prompt, end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline().strip().lower() in ("y", "yes")
+        print(f"ondevice agent: {tool.name} is sensitive and there is no terminal to confirm it; not run "
+              "(pass --yes to allow sensitive tools)", file=sys.stderr)
+        return False

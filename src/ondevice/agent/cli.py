@@ -1,0 +1,129 @@
+"""``ondevice agent "REQUEST" --tools my_tools.py``: plan, call tools, report every step.
+
+Tools come from Python files or modules (``--tools``), MCP servers over stdio (``--mcp "command args"``)
+and ondevice's own (``--builtin``). ``--serve-mcp`` serves the loaded tools as an MCP server on stdio instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("request", nargs="?", help="what to do (or - to read it from stdin)")
+    p.add_argument("--tools", action="append", default=[], metavar="FILE.py[:ATTR]",
+                   help="tools from a Python file or module (its TOOLS list, an attribute, or every @tool)")
+    p.add_argument("--mcp", action="append", default=[], metavar="'COMMAND ARGS'",
+                   help="tools from an MCP server started with this command (stdio)")
+    p.add_argument("--builtin", action="store_true", help="also offer ondevice's own tools (models, device, generate)")
+    p.add_argument("-m", "--model", default=None, help="model for planning and acting (default: the embedded one)")
+    p.add_argument("--planner-model", default=None, help="model that writes the plan (default: --model)")
+    p.add_argument("--actor-model", default=None, help="model that writes each call (default: --model)")
+    p.add_argument("--no-plan", action="store_true", help="one call turn (parallel calls allowed), no plan step")
+    p.add_argument("--retrieve", type=int, default=0, metavar="K",
+                   help="offer only the K tools most relevant to the request (0: all)")
+    p.add_argument("--sop", action="append", default=[], metavar="FILE", help="a standard operating procedure "
+                                                                            "(text added to the prompts)")
+    p.add_argument("--yes", action="store_true", help="run sensitive tools without asking")
+    p.add_argument("--sequential", action="store_true", help="run independent subtasks one by one")
+    p.add_argument("--retries", type=int, default=2, help="corrected tries after a failed or invalid call")
+    p.add_argument("--ctx", type=int, default=4096, help="context window of the models")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append the run (steps, timings) here")
+    p.add_argument("--json", action="store_true", help="print the run as JSON")
+    p.add_argument("--serve-mcp", action="store_true", help="serve the tools as an MCP server on stdio and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidArgument
+    from .builtin import builtin_toolbox, load_tools
+    from .tools import Toolbox
+
+    box = builtin_toolbox() if (args.builtin or (args.serve_mcp and not args.tools)) else Toolbox()
+    for spec in args.tools:
+        for t in load_tools(spec):
+            box.add(t)
+    if args.serve_mcp:
+        from .mcptools import serve_stdio
+
+        serve_stdio(box, confirm=(lambda t, a: True) if args.yes else None)
+        return 0
+    if args.retries < 0:
+        raise InvalidArgument(f"--retries {args.retries} must be >= 0")
+    request = sys.stdin.read() if args.request in (None, "-") else args.request
+    if not request.strip():
+        raise InvalidArgument("no request; give one as an argument or on stdin")
+    clients = []
+    try:
+        from .mcptools import MCPClient
+
+        for cmd in args.mcp:
+            parts = shlex.split(cmd)
+            if not parts:
+                raise InvalidArgument("--mcp needs a command, e.g. --mcp 'python -m my_server'")
+            c = MCPClient(parts[0], parts[1:])
+            clients.append(c)
+            c.start()
+            for t in c.tools():
+                box.add(t)
+        if not len(box):
+            raise InvalidArgument("no tools; give --tools FILE.py, --mcp 'COMMAND' or --builtin")
+        return _run_agent(args, box, request.strip())
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _run_agent(args, box, request: str) -> int:
+    from ..engine import load
+    from .agent import SOP, Agent, cli_confirm
+    from .retrieval import Embedder, ToolIndex
+
+    models: dict[str | None, object] = {}
+
+    def model(name):
+        if name not in models:
+            models[name] = load(name, n_ctx=args.ctx, n_threads=args.threads)
+        return models[name]
+
+    planner = model(args.planner_model or args.model)
+    actor = model(args.actor_model or args.model)
+    index = embedder = None
+    try:
+        if args.retrieve and len(box) > args.retrieve:
+            embedder = Embedder(actor.path, n_threads=args.threads)
+            index = ToolIndex(list(box), embedder)
+
+        def show(ev: dict) -> None:
+            if not args.json:
+                extra = {k: v for k, v in ev.items() if k not in ("t", "event", "node", "tool")}
+                print(f"[{ev['t']:8.3f}s] {ev['event']:9s} {ev['node']} {ev['tool']} "
+                      f"{json.dumps(extra, default=str)}", file=sys.stderr)
+
+        agent = Agent(box, planner=planner, actor=actor, index=index, top_k=args.retrieve or 5,
+                      sops=[SOP.load(p) for p in args.sop], confirm=(lambda t, a: True) if args.yes else cli_confirm,
+                      max_retries=args.retries, parallel=not args.sequential, on_event=show)
+        result = agent.run(request, plan=not args.no_plan)
+        rec = result.to_dict()
+        if args.log:
+            with open(args.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, default=str) + "\n")
+        if args.json:
+            print(json.dumps(rec, indent=2, default=str))
+        elif result.answer is not None:
+            print(result.answer)
+        else:
+            for n in rec["nodes"]:
+                out = json.dumps(n["output"], ensure_ascii=False, default=str) if n["status"] == "done" else n["error"]
+                print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "
+                      f"-> {n['status']}: {out}")
+            print(f"{'ok' if result.ok else 'not all subtasks finished'} in {result.seconds:.2f} s")
+        return 0 if result.ok else 1
+    finally:
+        if embedder is not None:
+            embedder.close()
+        for m in models.values():
+            m.close()

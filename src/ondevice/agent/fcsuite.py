@@ -1,0 +1,204 @@
+"""The function-calling suite written for ondevice (``ondevice eval --suite function-calling``).
+
+``data/function_calling_tools.jsonl`` is a catalog of 109 phone-assistant tools (OpenAI function objects);
+``data/function_calling.jsonl`` holds 100 requests in four categories: ``single`` (one tool offered, call
+it), ``choose`` (pick the right one of four), ``parallel`` (two calls in one reply) and ``none`` (nothing
+offered fits: the model must not call). Each request lists the tools offered and the expected calls as
+allowed values per argument (``null`` among them: the argument may be absent; an argument not listed must
+be absent). A reply scores 1 when its calls match the expected ones in any order: same names, every
+argument one of its allowed values after normalisation (case, spaces, trailing punctuation; numbers by
+value). Every item is run twice, constrained by the tool-call grammar and unconstrained (free text, the
+first JSON in it read as the call), so the summary compares the two per category.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from .calls import Call, check_calls, read_calls, system_prompt, with_system
+from .tools import Tool, ToolError
+
+CATEGORIES = ("single", "choose", "parallel", "none")
+MODES = ("constrained", "unconstrained")
+
+
+def _schema_only(name: str):
+    def fn(**_: Any) -> Any:
+        raise ToolError(f"{name} is a suite tool (a schema only); it does not run", "failed")
+    return fn
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, Tool]:
+    """The suite's tools by name (schemas only: the suite scores calls, it never runs them)."""
+    text = (resources.files("ondevice") / "data" / "function_calling_tools.jsonl").read_text(encoding="utf-8")
+    out = {}
+    for line in text.splitlines():
+        if line.strip():
+            f = json.loads(line)
+            out[f["name"]] = Tool(f["name"], f["description"], f["parameters"], _schema_only(f["name"]))
+    return out
+
+
+@lru_cache(maxsize=1)
+def items() -> tuple[dict, ...]:
+    text = (resources.files("ondevice") / "data" / "function_calling.jsonl").read_text(encoding="utf-8")
+    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
+
+
+# -- scoring --------------------------------------------------------------------------------------------
+
+def norm(v: Any) -> Any:
+    """A value for comparison: numbers (and numeric strings) as floats, strings folded, lists element-wise."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        s = re.sub(r"\s+", " ", v.strip().lower()).strip(" .!?\"'")
+        if s in ("true", "false"):
+            return s == "true"
+        try:
+            return float(s)
+        except ValueError:
+            return s
+    if isinstance(v, list):
+        return [norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: norm(x) for k, x in v.items()}
+    return v
+
+
+def call_matches(call: Call, expected: dict) -> bool:
+    if call.name != expected["name"]:
+        return False
+    allowed = expected["arguments"]
+    if any(k not in allowed for k in call.arguments):
+        return False
+    for k, options in allowed.items():
+        if k not in call.arguments:
+            if None not in options:
+                return False
+        elif norm(call.arguments[k]) not in [norm(o) for o in options if o is not None]:
+            return False
+    return True
+
+
+def calls_match(calls: list[Call] | None, expected: list[dict]) -> bool:
+    """Every expected call matched by exactly one predicted call (any order); no call when none expected."""
+    if not expected:
+        return not calls
+    if not calls or len(calls) != len(expected):
+        return False
+    left = list(calls)
+    for e in expected:
+        hit = next((c for c in left if call_matches(c, e)), None)
+        if hit is None:
+            return False
+        left.remove(hit)
+    return True
+
+
+def score_reply(text: str, item: dict, constrained: bool, offered: list[Tool] | None = None) -> dict:
+    """``correct`` (1/0), ``parsed`` (a call could be read, or a plain answer), ``valid`` (calls validate
+    against the offered tools' schemas) for a reply to ``item``."""
+    calls, why = read_calls(text, lenient=not constrained)
+    tools = offered if offered is not None else [catalog()[n] for n in item["tools"]]
+    looks_like_call = text.lstrip().startswith(("{", "[")) or (not constrained and calls is not None)
+    parsed = calls is not None or not looks_like_call
+    problem = check_calls(calls, tools) if calls else None
+    return {"correct": float(calls_match(calls, item["expected"])), "parsed": float(parsed),
+            "valid": float(parsed and problem is None), "calls": [c.__dict__ for c in calls] if calls else None,
+            "problem": problem or (why if looks_like_call and calls is None else None)}
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+def messages(item: dict, tools: list[Tool]) -> list[dict]:
+    return with_system([{"role": "user", "content": item["query"]}],
+                       system_prompt(tools, parallel=True, allow_text=True))
+
+
+def grammar(tools: list[Tool]) -> str:
+    from ..engine.grammar import tool_call_grammar
+
+    return tool_call_grammar([(t.name, t.parameters) for t in tools], parallel=True, mode="auto")
+
+
+def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None = None,
+             max_tokens: int = 200) -> dict:
+    """One reply to ``item`` (with ``tools`` offered instead of the item's own, e.g. retrieved) and its scores."""
+    from ..engine.records import Sampling
+
+    tools = tools if tools is not None else [catalog()[n] for n in item["tools"]]
+    s = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar(tools) if constrained else None)
+    parts, last = [], None
+    for g in model.stream(messages(item, tools), sampling=s):
+        parts.append(g.text)
+        last = g
+    text = "".join(parts)
+    return {"id": item["id"], "category": item["category"], "mode": "constrained" if constrained else "unconstrained",
+            "text": text, **score_reply(text, item, constrained, tools),
+            "prompt_tokens": last.prompt_tokens if last else 0, "seconds": last.t if last else 0.0}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Accuracy, parse and validity rates per mode and category (and over all items of a mode)."""
+    out: dict[str, dict] = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        rs = [r for r in rows if r["mode"] == mode]
+        per = {}
+        for cat in [*CATEGORIES, "all"]:
+            sel = rs if cat == "all" else [r for r in rs if r["category"] == cat]
+            if sel:
+                per[cat] = {"n": len(sel), "accuracy": sum(r["correct"] for r in sel) / len(sel),
+                            "parsed": sum(r["parsed"] for r in sel) / len(sel),
+                            "valid": sum(r["valid"] for r in sel) / len(sel)}
+        out[mode] = per
+    return out
+
+
+# -- as an eval suite -----------------------------------------------------------------------------------
+
+def eval_items() -> list:
+    """The suite as ``eval`` items: each request twice (task ``<category>/<mode>``, category = the mode).
+
+    The constrained items carry their grammar in ``meta["grammar"]`` (the runner samples under it); the
+    target is the item as JSON, scored by the ``function_call`` metric (``call_valid`` beside it).
+    """
+    from ..eval.suites import Item
+
+    register_metrics()
+    out = []
+    for it in items():
+        tools = [catalog()[n] for n in it["tools"]]
+        for mode in MODES:
+            constrained = mode == "constrained"
+            out.append(Item(id=f"{it['id']}/{mode}", input=messages(it, tools),
+                            target=json.dumps({**it, "constrained": constrained}), metric="function_call",
+                            category=mode, task=f"{it['category']}/{mode}",
+                            provenance="ondevice function-calling suite (data/function_calling.jsonl)",
+                            extra_metrics=("call_valid",),
+                            meta={"grammar": grammar(tools) if constrained else None}))
+    return out
+
+
+def register_metrics() -> None:
+    from ..eval.metrics import METRICS, metric
+
+    if "function_call" in METRICS:
+        return
+
+    @metric("function_call")
+    def function_call(prediction: str, target: str) -> float:
+        t = json.loads(target)
+        return score_reply(prediction, t, t["constrained"])["correct"]
+
+    @metric("call_valid")
+    def call_valid(prediction: str, target: str) -> float:
+        t = json.loads(target)
+        return score_reply(prediction, t, t["constrained"])["valid"]

@@ -1,0 +1,225 @@
+"""A task graph (UFO³'s TaskConstellation): subtasks with typed dependencies, run in parallel where they can.
+
+Each :class:`Node` calls one tool. Its arguments are given (and may refer to earlier outputs with
+``"${s1}"`` or ``"${s1.field.0}"``: a whole-string reference becomes the referred value with its own type,
+so typed outputs feed typed parameters) or are filled by a model from the node's natural-language
+``task`` when it becomes ready (the ``fill`` callback: Octo-planner's action step). The executor runs on the
+calling thread: model steps (``fill``) run there one at a time — one engine, one decoding thread — while
+tool calls run in a thread pool, so independent branches whose tools wait on I/O overlap. A failed node
+marks every node that depends on it ``blocked``; a ``replan`` hook may repair the graph first. A node whose
+call failed or was invalid is refilled with the error in view up to ``max_retries`` times (MobileUse's
+reflection), each attempt logged. Every event is logged with its time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgument
+from .tools import Confirm, ToolResult, Toolbox
+
+_REF = re.compile(r"\$\{(\w+)((?:\.[\w-]+)*)\}")
+
+
+@dataclass
+class Node:
+    """One subtask: a tool, its arguments (or a task for a model to turn into them) and what it waits for."""
+
+    id: str
+    tool: str
+    args: dict | None = None  # None: the fill callback writes them from ``task``
+    task: str = ""
+    depends_on: tuple[str, ...] = ()
+    status: str = "pending"  # pending | running | done | failed | blocked
+    result: ToolResult | None = None
+    attempts: list[dict] = field(default_factory=list)  # one per try: args, ok, error, seconds
+    error: str | None = None
+    filled: dict | None = None  # the arguments the model wrote last (when ``args`` is None)
+    replanned: bool = False
+
+    @property
+    def output(self) -> Any:
+        return self.result.value if self.result is not None and self.result.ok else None
+
+
+@dataclass
+class GraphRun:
+    nodes: dict[str, Node]
+    log: list[dict]
+    seconds: float
+    replans: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return all(n.status == "done" for n in self.nodes.values())
+
+    def outputs(self) -> dict[str, Any]:
+        return {k: n.output for k, n in self.nodes.items() if n.status == "done"}
+
+
+def check_graph(nodes: dict[str, Node]) -> None:
+    """Unknown dependencies and cycles are errors (named), before anything runs."""
+    for n in nodes.values():
+        missing = [d for d in n.depends_on if d not in nodes]
+        if missing:
+            raise InvalidArgument(f"subtask {n.id} depends on unknown {', '.join(missing)}; "
+                                  f"the subtasks are {', '.join(nodes)}")
+    state: dict[str, int] = {}
+
+    def visit(k: str, path: list[str]) -> None:
+        if state.get(k) == 2:
+            return
+        if state.get(k) == 1:
+            raise InvalidArgument(f"the subtasks form a cycle ({' -> '.join([*path, k])}); remove a dependency")
+        state[k] = 1
+        for d in nodes[k].depends_on:
+            visit(d, [*path, k])
+        state[k] = 2
+
+    for k in nodes:
+        visit(k, [])
+
+
+def resolve_refs(value: Any, outputs: dict[str, Any]) -> Any:
+    """``value`` with ``${id.path}`` references replaced by earlier outputs (typed when a whole string)."""
+    if isinstance(value, dict):
+        return {k: resolve_refs(v, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_refs(v, outputs) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _REF.fullmatch(value.strip())
+    if whole:
+        return _lookup(whole.group(1), whole.group(2), outputs)
+    return _REF.sub(lambda m: str(_lookup(m.group(1), m.group(2), outputs)), value)
+
+
+def _lookup(node_id: str, path: str, outputs: dict[str, Any]) -> Any:
+    if node_id not in outputs:
+        raise InvalidArgument(f"${{{node_id}{path}}} refers to {node_id}, which has no output yet; "
+                              f"list it in depends_on")
+    v = outputs[node_id]
+    for part in filter(None, path.split(".")):
+        if isinstance(v, dict) and part in v:
+            v = v[part]
+        elif isinstance(v, list) and part.isdigit() and int(part) < len(v):
+            v = v[int(part)]
+        else:
+            raise InvalidArgument(f"${{{node_id}{path}}}: the output of {node_id} has no {part!r}")
+    return v
+
+
+Fill = Callable[[Node, dict[str, Any]], dict]  # (node, outputs of finished nodes) -> arguments
+Replan = Callable[[dict[str, Node], Node], list[Node] | None]  # (graph, failed node) -> nodes to add/replace
+
+
+def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fill | None = None,
+              parallel: bool = True, max_workers: int = 4, max_retries: int = 1, confirm: Confirm | None = None,
+              replan: Replan | None = None, max_replans: int = 1,
+              on_event: Callable[[dict], None] | None = None) -> GraphRun:
+    """Run the graph to the end; every node ends ``done``, ``failed`` or ``blocked``."""
+    graph = {n.id: n for n in nodes} if isinstance(nodes, list) else dict(nodes)
+    check_graph(graph)
+    t0 = time.perf_counter()
+    log: list[dict] = []
+    replans = 0
+
+    def event(name: str, node: Node, at: float | None = None, **kw) -> None:
+        """Log an event at ``at`` (a perf_counter time; default now), in seconds from the start of the run."""
+        rec = {"t": round((time.perf_counter() if at is None else at) - t0, 6), "event": name, "node": node.id,
+               "tool": node.tool, **kw}
+        log.append(rec)
+        if on_event:
+            on_event(rec)
+
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="ondevice-tool")
+    running: dict[cf.Future, Node] = {}
+    try:
+        while True:
+            outputs = {k: n.output for k, n in graph.items() if n.status == "done"}
+            for n in graph.values():  # a node waiting on a failure can never run
+                if n.status == "pending" and any(graph[d].status in ("failed", "blocked") for d in n.depends_on):
+                    bad = [d for d in n.depends_on if graph[d].status in ("failed", "blocked")]
+                    n.status, n.error = "blocked", f"blocked by {', '.join(bad)}"
+                    event("blocked", n, by=bad)
+            ready = [n for n in graph.values()
+                     if n.status == "pending" and all(graph[d].status == "done" for d in n.depends_on)]
+            for n in ready:
+                n.status = "running"
+                try:
+                    args = n.args
+                    if args is None:
+                        if fill is None:
+                            raise InvalidArgument(f"subtask {n.id} has no arguments and no model to write them")
+                        args = n.filled = fill(n, outputs)
+                        event("filled", n, args=args, attempt=len(n.attempts) + 1)
+                    args = resolve_refs(args, outputs)
+                except Exception as e:  # a model step or a reference that cannot be resolved
+                    result = ToolResult(n.tool, {}, False, error=f"{type(e).__name__}: {e}", kind="invalid",
+                                        started=time.perf_counter())
+                    _finish(n, result, graph, event, max_retries, fill)
+                    continue
+                event("start", n, args=args, attempt=len(n.attempts) + 1)
+                fut = pool.submit(toolbox.call, n.tool, args, confirm=confirm)
+                if parallel:
+                    running[fut] = n
+                else:  # the sequential baseline: each call ends before the next starts
+                    _finish(n, fut.result(), graph, event, max_retries, fill)
+            if not running:
+                failed = [n for n in graph.values() if n.status == "failed" and not n.replanned]
+                if replan and failed and replans < max_replans:
+                    for f in failed:
+                        f.replanned = True
+                        new = replan(graph, f) or []
+                        if new:
+                            replans += 1
+                            _apply_replan(graph, f, new, event)
+                    check_graph(graph)
+                    if any(n.status == "pending" for n in graph.values()):
+                        continue
+                if not any(n.status == "pending" for n in graph.values()):
+                    break
+                continue
+            done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                n = running.pop(fut)
+                _finish(n, fut.result(), graph, event, max_retries, fill)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return GraphRun(graph, log, time.perf_counter() - t0, replans)
+
+
+def _finish(n: Node, result: ToolResult, graph: dict[str, Node], event, max_retries: int, fill: Fill | None) -> None:
+    n.attempts.append({"args": result.args, "ok": result.ok, "error": result.error, "kind": result.kind,
+                       "seconds": round(result.seconds, 6)})
+    event("end", n, at=result.started + result.seconds, ok=result.ok, seconds=round(result.seconds, 6),
+          error=result.error, kind=result.kind)
+    if result.ok:
+        n.status, n.result, n.error = "done", result, None
+        return
+    # reflection: a model-filled node gets another try with its errors in view (never an unconfirmed one)
+    retry = n.args is None and fill is not None and result.kind in ("invalid", "failed") \
+        and len(n.attempts) <= max_retries
+    if retry:
+        n.status = "pending"
+        event("retry", n, attempt=len(n.attempts) + 1, error=result.error)
+        return
+    n.status, n.result, n.error = "failed", result, result.error
+
+
+def _apply_replan(graph: dict[str, Node], failed: Node, new: list[Node], event) -> None:
+    """Nodes from the re-plan hook: one with the failed node's id replaces it; the rest are added. Nodes
+    blocked behind the failure wait again."""
+    for n in new:
+        if n.id in graph and n.id != failed.id and graph[n.id].status == "done":
+            raise InvalidArgument(f"the re-plan replaces {n.id}, which already finished; give it a new id")
+        graph[n.id] = n
+        event("replanned", n, replaces=failed.id if n.id == failed.id else None)
+    for n in graph.values():
+        if n.status == "blocked":
+            n.status, n.error = "pending", None

@@ -1,0 +1,191 @@
+"""Model Context Protocol over stdio, through the official ``mcp`` package (2.x): tools from MCP servers,
+and a toolbox served as an MCP server (``ondevice agent --serve-mcp``).
+
+The client keeps one session open on an event loop in a background thread (the MCP SDK is asyncio) and
+wraps each server tool as a :class:`~ondevice.agent.tools.Tool` whose code is "call this tool on that
+server": it is known by its JSON schema and validated against it before the request leaves. A server
+tool whose annotations say it may be destructive is ``sensitive`` (needs confirmation) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import OndeviceError
+from .tools import Confirm, Tool, Toolbox
+
+
+def _mcp():
+    try:
+        import mcp
+    except ModuleNotFoundError:
+        raise OndeviceError("MCP needs the mcp package; install the agent extra: pip install 'ondevice[agent]'") \
+            from None
+    return mcp
+
+
+class MCPClient:
+    """A stdio MCP server process and an open session to it; ``tools()`` wraps its tools."""
+
+    def __init__(self, command: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
+                 name: str | None = None, timeout: float = 60.0):
+        self.command, self.args, self.env = command, list(args), env
+        self.name = name or command.rsplit("/", 1)[-1]
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{self.name}", daemon=True)
+        self._stop: asyncio.Event | None = None
+        self._session = None
+        self._listed: list = []
+        self._main: asyncio.Future | None = None
+
+    def __enter__(self) -> MCPClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        mcp = _mcp()
+        from mcp.client.stdio import stdio_client
+
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            try:
+                params = mcp.StdioServerParameters(command=self.command, args=self.args, env=self.env)
+                async with stdio_client(params) as (read, write), mcp.ClientSession(read, write) as session:
+                    await session.initialize()
+                    self._listed = (await session.list_tools()).tools
+                    self._session = session
+                    ready.set()
+                    await self._stop.wait()
+            except BaseException as e:  # reported to the caller of start(), never lost in the loop thread
+                failure.append(e)
+            finally:
+                ready.set()
+
+        self._thread.start()
+        self._main = asyncio.run_coroutine_threadsafe(main(), self._loop)
+        ready.wait(self.timeout)
+        if self._session is None:
+            why = failure[0] if failure else TimeoutError(f"no answer in {self.timeout:.0f} s")
+            while isinstance(why, BaseExceptionGroup) and why.exceptions:  # anyio's task groups wrap the cause
+                why = why.exceptions[0]
+            self.close()
+            raise OndeviceError(f"could not start the MCP server {self.command} {' '.join(self.args)} ({why}); "
+                                "check the command runs and speaks MCP on stdio") from None
+
+    def call(self, name: str, arguments: dict) -> Any:
+        """Call a server tool; its structured content (or text) — an error raises (fed back to the model)."""
+        fut = asyncio.run_coroutine_threadsafe(self._session.call_tool(name, arguments), self._loop)
+        res = fut.result(self.timeout)
+        text = "\n".join(getattr(c, "text", "") for c in res.content if getattr(c, "type", "") == "text")
+        if res.is_error:
+            raise RuntimeError(text or f"{name} failed on the MCP server")
+        if res.structured_content is not None:
+            return res.structured_content
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, ValueError):
+            return text
+
+    def tools(self, *, sensitive: bool | Sequence[str] | None = None) -> list[Tool]:
+        """The server's tools. ``sensitive``: True/False for all, a list of names, or None (annotations)."""
+        out = []
+        for t in self._listed:
+            ann = t.annotations
+            if sensitive is None:
+                flag = bool(ann and ann.destructive_hint and not ann.read_only_hint)
+            elif isinstance(sensitive, bool):
+                flag = sensitive
+            else:
+                flag = t.name in sensitive
+            schema = dict(t.input_schema or {"type": "object", "properties": {}})
+            schema.setdefault("type", "object")
+            out.append(Tool(name=t.name, description=t.description or "", parameters=schema,
+                            fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag,
+                            output_schema=t.output_schema, source=f"mcp:{self.name}"))
+        return out
+
+    def close(self) -> None:
+        if self._stop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._main is not None:
+            try:
+                self._main.result(10)
+            except Exception:
+                pass
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._session = None
+
+
+def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | None = None) -> None:
+    """Serve ``toolbox`` as an MCP server on stdin/stdout until the client hangs up.
+
+    Calls go through :meth:`Toolbox.call` (validation, and confirmation: without ``confirm`` a sensitive
+    tool refuses, since stdio belongs to the protocol and no one can be asked).
+    """
+    mcp = _mcp()
+    import anyio
+    from mcp.server.lowlevel import Server
+    from mcp.server.stdio import stdio_server
+
+    types = mcp.types
+
+    async def list_tools(ctx, params) -> Any:
+        return types.ListToolsResult(tools=[
+            types.Tool(name=t.name, description=t.description, input_schema=t.parameters,
+                       output_schema=t.output_schema if (t.output_schema or {}).get("type") == "object" else None,
+                       annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=False)
+                       if t.sensitive else None)
+            for t in toolbox])
+
+    async def call_tool(ctx, params) -> Any:
+        r = await anyio.to_thread.run_sync(lambda: toolbox.call(params.name, params.arguments or {},
+                                                                confirm=confirm))
+        text = r.message()
+        structured = r.value if r.ok and isinstance(r.value, dict) else None
+        return types.CallToolResult(content=[types.TextContent(text=text)], structured_content=structured,
+                                    is_error=not r.ok)
+
+    server = Server(name, on_list_tools=list_tools, on_call_tool=call_tool)
+
+    async def main() -> None:
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+    anyio.run(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ondevice.agent.mcptools [--tools module:attr ...]``: serve ondevice's tools over stdio."""
+    import argparse
+
+    from .builtin import builtin_toolbox, load_tools
+
+    p = argparse.ArgumentParser(prog="python -m ondevice.agent.mcptools")
+    p.add_argument("--tools", action="append", default=[], help="module or file.py[:attr] with tools to serve")
+    p.add_argument("--no-builtin", action="store_true", help="serve only --tools, not ondevice's own tools")
+    a = p.parse_args(argv)
+    box = Toolbox() if a.no_builtin else builtin_toolbox()
+    for spec in a.tools:
+        for t in load_tools(spec):
+            box.add(t)
+    serve_stdio(box)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""ondevice.agent: tool schemas and validation, confirmation of sensitive tools, the task graph, MCP over
+stdio (a real server process through the official client), retrieval, the function-calling suite, and
+real constrained calls with the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Literal
+
+import pytest
+
+pytest.importorskip("pydantic")
+
+from ondevice.agent import Agent, Node, Tool, Toolbox, call_turn, run_graph, tool  # noqa: E402
+from ondevice.agent import fcsuite  # noqa: E402
+from ondevice.agent.calls import Call, read_calls  # noqa: E402
+from ondevice.agent.graph import resolve_refs  # noqa: E402
+from ondevice.agent.retrieval import Embedder, ToolIndex  # noqa: E402
+from ondevice.errors import InvalidArgument  # noqa: E402
+
+
+def book_table(restaurant: str, people: int, time: str = "19:00",
+               seating: Literal["inside", "outside"] = "inside", tags: list[str] | None = None) -> dict:
+    """Reserve a table at a restaurant.
+
+    Args:
+        restaurant: name of the restaurant.
+        people: party size,
+            at least one.
+        time: time of day, HH:MM.
+        seating: where to sit.
+        tags: notes for the staff.
+    """
+    return {"restaurant": restaurant, "people": people, "time": time}
+
+
+# -- schemas and validation -------------------------------------------------------------------------------
+
+def test_schema_from_a_typed_function():
+    t = Tool.from_function(book_table)
+    assert t.name == "book_table" and t.description == "Reserve a table at a restaurant."
+    p = t.parameters
+    assert p["type"] == "object" and p["required"] == ["restaurant", "people"]
+    assert p["additionalProperties"] is False
+    props = p["properties"]
+    assert props["people"]["type"] == "integer"
+    assert props["people"]["description"] == "party size, at least one."  # continuation lines joined
+    assert props["time"]["default"] == "19:00"
+    assert props["seating"]["enum"] == ["inside", "outside"]
+    assert "title" not in props["restaurant"]
+    assert t.output_schema["type"] == "object"
+    with pytest.raises(InvalidArgument, match=r"\*a cannot be described"):
+        Tool.from_function(lambda *a: None, name="bad")
+    with pytest.raises(InvalidArgument, match="name"):
+        Tool.from_function(book_table, name="has space")
+
+
+def test_arguments_are_validated_before_the_call_and_errors_come_back_as_results():
+    calls = []
+
+    def add(a: int, b: int = 0) -> int:
+        """Add two numbers."""
+        calls.append((a, b))
+        if a < 0:
+            raise ValueError("negative")
+        return a + b
+
+    box = Toolbox([add])
+    ok = box.call("add", {"a": "2", "b": 3})  # pydantic's lax mode: "2" is an int
+    assert ok.ok and ok.value == 5 and ok.args == {"a": 2, "b": 3}
+    for args, fragment in (({"b": 1}, "a: Field required"), ({"a": "x"}, "a: Input should be a valid integer"),
+                           ({"a": 1, "c": 2}, "c: Extra inputs are not permitted"), ([1], "must be a JSON object")):
+        r = box.call("add", args)
+        assert not r.ok and r.kind == "invalid" and fragment in r.error, r.error
+    assert calls == [(2, 3)]  # no invalid call reached the function
+    r = box.call("sub", {"a": 1})
+    assert r.kind == "unknown" and "add" in r.error
+    r = box.call("add", {"a": -1})
+    assert r.kind == "failed" and "ValueError: negative" in r.error and "error (failed)" in r.message()
+
+
+def test_schema_only_tools_validate_with_json_schema():
+    t = Tool("echo", "Echo.", {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}},
+                               "required": ["n"]}, fn=lambda n: n)
+    box = Toolbox([t])
+    assert box.call("echo", {"n": 2}).value == 2
+    r = box.call("echo", {"n": 9})
+    assert r.kind == "invalid" and "n: 9 is greater than the maximum of 3" in r.error
+
+
+# -- sensitive tools -------------------------------------------------------------------------------------
+
+def _sensitive_box():
+    ran = []
+
+    @tool(sensitive=True)
+    def wipe(target: str) -> str:
+        """Erase a target."""
+        ran.append(target)
+        return "wiped"
+
+    def slow(x: int) -> int:
+        """Sleep a little and echo."""
+        time.sleep(0.05)
+        return x
+
+    return Toolbox([wipe, slow]), ran
+
+
+def test_a_sensitive_tool_never_runs_without_confirmation():
+    box, ran = _sensitive_box()
+    r = box.call("wipe", {"target": "disk"})  # no one to ask
+    assert r.kind == "unconfirmed" and ran == []
+    asked = []
+    r = box.call("wipe", {"target": "disk"}, confirm=lambda t, a: asked.append((t.name, a)) or False)
+    assert r.kind == "unconfirmed" and ran == [] and asked == [("wipe", {"target": "disk"})]
+    r = box.call("wipe", {"target": "disk"}, confirm=lambda t, a: 1 / 0)  # a broken confirmer is a no
+    assert r.kind == "unconfirmed" and ran == []
+    assert box.call("wipe", {"target": "tmp"}, confirm=lambda t, a: True).ok and ran == ["tmp"]
+    assert box.call("slow", {"x": 1}).ok  # not sensitive: no confirmation needed
+
+
+def test_sensitive_tools_under_parallel_execution_ask_one_at_a_time_and_refusals_block_dependants():
+    box, ran = _sensitive_box()
+    active, most, seen = [0], [0], []
+    lock = threading.Lock()
+
+    def confirm(t, args):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # a slow human: another branch must not ask meanwhile
+        seen.append(args["target"])
+        with lock:
+            active[0] -= 1
+        return args["target"] == "tmp"
+
+    nodes = [Node("w1", "wipe", {"target": "disk"}), Node("w2", "wipe", {"target": "home"}),
+             Node("w3", "wipe", {"target": "tmp"}), Node("s1", "slow", {"x": 1}), Node("s2", "slow", {"x": 2}),
+             Node("after", "slow", {"x": 3}, depends_on=("w1", "s1"))]
+    g = run_graph(nodes, box, confirm=confirm, max_workers=6)
+    st = {k: n.status for k, n in g.nodes.items()}
+    assert st == {"w1": "failed", "w2": "failed", "w3": "done", "s1": "done", "s2": "done", "after": "blocked"}
+    assert ran == ["tmp"] and sorted(seen) == ["disk", "home", "tmp"] and most[0] == 1
+    assert g.nodes["w1"].result.kind == "unconfirmed" and "blocked by w1" in g.nodes["after"].error
+
+
+# -- the task graph ----------------------------------------------------------------------------------------
+
+def test_typed_outputs_feed_later_arguments():
+    out = {"s1": {"temp_c": 18, "tags": ["a", "b"]}}
+    assert resolve_refs({"t": "${s1.temp_c}", "msg": "it is ${s1.temp_c} C", "tag": "${s1.tags.1}"}, out) == \
+        {"t": 18, "msg": "it is 18 C", "tag": "b"}
+    with pytest.raises(InvalidArgument, match="no 'rain'"):
+        resolve_refs("${s1.rain}", out)
+
+    def weather(city: str) -> dict:
+        """Weather."""
+        return {"city": city, "temp_c": len(city)}
+
+    def double(x: int) -> int:
+        """Twice x."""
+        return 2 * x
+
+    g = run_graph([Node("s1", "weather", {"city": "Oslo"}),
+                   Node("s2", "double", {"x": "${s1.temp_c}"}, depends_on=("s1",))], Toolbox([weather, double]))
+    assert g.ok and g.outputs()["s2"] == 8
+
+
+def test_independent_branches_overlap_and_a_failure_marks_its_dependants():
+    def sleep(ms: int, fail: bool = False) -> int:
+        """Sleep ms milliseconds."""
+        time.sleep(ms / 1000)
+        if fail:
+            raise RuntimeError("boom")
+        return ms
+
+    box = Toolbox([sleep])
+    nodes = [Node("a", "sleep", {"ms": 150}), Node("b", "sleep", {"ms": 150}),
+             Node("bad", "sleep", {"ms": 10, "fail": True}),
+             Node("c", "sleep", {"ms": 1}, depends_on=("a", "b")),
+             Node("d", "sleep", {"ms": 1}, depends_on=("bad",)), Node("e", "sleep", {"ms": 1}, depends_on=("d",))]
+    g = run_graph(nodes, box)
+    st = {k: n.status for k, n in g.nodes.items()}
+    assert st == {"a": "done", "b": "done", "bad": "failed", "c": "done", "d": "blocked", "e": "blocked"}
+    assert "RuntimeError: boom" in g.nodes["bad"].error and g.nodes["e"].error == "blocked by d"
+    t = {(e["node"], e["event"]): e["t"] for e in g.log}
+    assert t[("a", "start")] < t[("b", "end")] and t[("b", "start")] < t[("a", "end")]  # the two ran together
+    assert t[("c", "start")] >= max(t[("a", "end")], t[("b", "end")])
+    seq = run_graph([Node("a", "sleep", {"ms": 30}), Node("b", "sleep", {"ms": 30})], box, parallel=False)
+    ts = {(e["node"], e["event"]): e["t"] for e in seq.log}
+    assert ts[("b", "start")] >= ts[("a", "end")]  # one by one when asked
+
+
+def test_a_replan_hook_repairs_the_graph():
+    def fetch(url: str) -> str:
+        """Fetch a URL."""
+        if "bad" in url:
+            raise OSError("unreachable")
+        return url.upper()
+
+    def length(s: str) -> int:
+        """Length of a string."""
+        return len(s)
+
+    seen = []
+
+    def replan(graph, failed):
+        seen.append(failed.id)
+        return [Node(failed.id, "fetch", {"url": "good.example"})]
+
+    nodes = [Node("f", "fetch", {"url": "bad.example"}), Node("n", "length", {"s": "${f}"}, depends_on=("f",))]
+    g = run_graph(nodes, Toolbox([fetch, length]), replan=replan)
+    assert seen == ["f"] and g.ok and g.outputs()["n"] == len("good.example") and g.replans == 1
+    assert [e["event"] for e in g.log if e["node"] == "f"].count("replanned") == 1
+    with pytest.raises(InvalidArgument, match="cycle"):
+        run_graph([Node("x", "length", {"s": "a"}, depends_on=("y",)),
+                   Node("y", "length", {"s": "a"}, depends_on=("x",))], Toolbox([length]))
+    with pytest.raises(InvalidArgument, match="unknown z"):
+        run_graph([Node("x", "length", {"s": "a"}, depends_on=("z",))], Toolbox([length]))
+
+
+def test_model_filled_nodes_are_retried_with_the_error_in_view():
+    def div(a: int, b: int) -> float:
+        """a / b."""
+        return a / b
+
+    tries = []
+
+    def fill(node, outputs):  # a stand-in for the actor: wrong first, corrected after seeing the error
+        tries.append([a["error"] for a in node.attempts])
+        return {"a": 1, "b": 0} if not node.attempts else {"a": 1, "b": 2}
+
+    g = run_graph([Node("q", "div", task="halve one")], Toolbox([div]), fill=fill, max_retries=2)
+    assert g.ok and g.outputs()["q"] == 0.5
+    assert tries[0] == [] and "ZeroDivisionError" in tries[1][0]
+    assert [a["ok"] for a in g.nodes["q"].attempts] == [False, True]
+    assert [e["event"] for e in g.log].count("retry") == 1
+
+
+# -- MCP ----------------------------------------------------------------------------------------------------
+
+MCP_TOOLS = '''
+from ondevice.agent import tool
+
+@tool
+def word_count(text: str) -> dict:
+    """Count the words in a text."""
+    return {"words": len(text.split())}
+
+@tool(sensitive=True)
+def shutdown(minutes: int) -> str:
+    """Shut the machine down."""
+    raise SystemExit("must never run in a test")
+'''
+
+
+def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
+    pytest.importorskip("mcp")
+    from ondevice.agent.mcptools import MCPClient
+
+    f = tmp_path / "mytools.py"
+    f.write_text(MCP_TOOLS)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the server imports what this process does
+    with MCPClient(sys.executable, ["-m", "ondevice.agent.mcptools", "--no-builtin", "--tools", str(f)],
+                   env=env) as c:
+        tools = {t.name: t for t in c.tools()}
+        assert set(tools) == {"word_count", "shutdown"}
+        assert tools["word_count"].parameters["required"] == ["text"] and tools["word_count"].source.startswith("mcp:")
+        assert tools["shutdown"].sensitive and not tools["word_count"].sensitive  # from the server's annotations
+        box = Toolbox(tools.values())
+        r = box.call("word_count", {"text": "one two three"})
+        assert r.ok and r.value == {"words": 3}
+        assert box.call("word_count", {"txt": "x"}).kind == "invalid"  # caught before the request is sent
+        assert box.call("shutdown", {"minutes": 1}).kind == "unconfirmed"  # refused on this side
+        # confirmed here, the server still refuses: it has no one to ask over stdio
+        r = box.call("shutdown", {"minutes": 1}, confirm=lambda t, a: True)
+        assert not r.ok and "not confirmed" in r.error
+        with pytest.raises(RuntimeError, match="invalid arguments"):
+            c.call("word_count", {"text": 3})  # the server validates too
+
+
+# -- retrieval and the suite ------------------------------------------------------------------------------
+
+def test_function_calling_suite_data_and_scoring():
+    items, cat = fcsuite.items(), fcsuite.catalog()
+    assert len(cat) >= 100 and 80 <= len(items) <= 120
+    assert {i["category"] for i in items} == set(fcsuite.CATEGORIES)
+    for it in items:
+        assert all(n in cat for n in it["tools"]) and all(e["name"] in it["tools"] for e in it["expected"])
+    item = {"tools": ["set_alarm"], "expected": [{"name": "set_alarm",
+                                                  "arguments": {"time": ["07:30"], "label": [None, "gym"]}}]}
+    ok = fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "07:30", "label": " GYM."}}', item, True)
+    assert ok["correct"] == ok["valid"] == 1.0
+    assert fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "07:30"}}', item, True)["correct"] == 1
+    assert fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "7:31"}}', item, True)["correct"] == 0
+    bad = fcsuite.score_reply('{"name": "set_alarm", "arguments": {}}', item, True)
+    assert bad["valid"] == 0 and "time" in bad["problem"]
+    free = fcsuite.score_reply('Sure! <tool_call>{"name": "set_alarm", "arguments": {"time": "07:30"}}</tool_call>',
+                               item, False)
+    assert free["correct"] == 1  # unconstrained replies: the first JSON in the text
+    two = [Call("f", {"x": 1}), Call("f", {"x": 2.0})]
+    exp = [{"name": "f", "arguments": {"x": [2]}}, {"name": "f", "arguments": {"x": ["1"]}}]
+    assert fcsuite.calls_match(two, exp) and not fcsuite.calls_match(two[:1], exp)
+    assert fcsuite.calls_match(None, []) and not fcsuite.calls_match(two, [])
+    assert read_calls("I cannot do that.", lenient=False) == (None, "a plain answer (no call)")
+
+
+def test_function_calling_is_an_eval_suite_with_both_modes():
+    from ondevice.eval.suites import load_suite, score
+
+    s = load_suite("function-calling")
+    assert len(s.items) == 2 * len(fcsuite.items())
+    assert {i.category for i in s.items} == {"constrained", "unconstrained"}
+    con = next(i for i in s.items if i.id == "single-001/constrained")
+    assert con.meta["grammar"] and "ondevice-tool-call" in con.meta["grammar"]
+    assert next(i for i in s.items if i.id == "single-001/unconstrained").meta["grammar"] is None
+    assert score(con, '{"name": "set_alarm", "arguments": {"time": "06:45"}}') == \
+        {"function_call": 1.0, "call_valid": 1.0}
+
+
+def test_lexical_retrieval_finds_the_tool():
+    idx = ToolIndex(list(fcsuite.catalog().values()))
+    names = [t.name for t in idx.search("Set the thermostat to 21 degrees", 5)]
+    assert names[0] == "set_thermostat"
+    assert "track_package" in [t.name for t in idx.search("Where is my parcel 1Z999?", 5)]
+
+
+# -- the real model ---------------------------------------------------------------------------------------
+
+def test_model_embeddings_for_retrieval(smol_path):
+    emb = Embedder(smol_path, n_threads=2)
+    try:
+        v = emb(["set an alarm", "set an alarm", "weather in Oslo"])
+        assert v.shape[0] == 3 and abs(float(v[0] @ v[0]) - 1) < 1e-4 and abs(float(v[0] @ v[1]) - 1) < 1e-4
+        idx = ToolIndex(list(fcsuite.catalog().values()), emb)
+        assert idx.mode == "hybrid" and len(idx.search("Set an alarm for 06:45", 5)) == 5
+    finally:
+        emb.close()
+
+
+def test_constrained_call_with_the_small_model_parses_and_validates(smol):
+    t = Tool.from_function(book_table)
+    turn = call_turn(smol, [{"role": "user", "content": "Book a table for 4 at Luigi's at 20:00."}], [t],
+                     constrained=True, max_tokens=120)
+    assert turn.calls and turn.calls[0].name == "book_table", turn.text
+    t.validate(turn.calls[0].arguments)  # raises if the grammar let anything invalid through
+    r = fcsuite.run_item(smol, fcsuite.items()[0], constrained=True)
+    assert r["parsed"] == r["valid"] == 1.0, r
+
+
+def test_agent_plans_and_acts_with_the_small_model(smol):
+    log = []
+
+    def get_weather(city: str) -> dict:
+        """Current weather in a city."""
+        return {"city": city, "temp_c": 18}
+
+    agent = Agent(Toolbox([get_weather]), actor=smol, on_event=log.append)
+    run = agent.run("What's the weather in Oslo?")
+    d = run.to_dict()
+    assert d["turns"][0]["step"] == "plan" and json.loads(d["turns"][0]["text"])["subtasks"]
+    assert all(n["tool"] == "get_weather" for n in d["nodes"])  # the plan's grammar allows only real tools
+    assert run.ok, d
+    assert {e["event"] for e in log} >= {"filled", "start", "end"} and all("t" in e for e in log)

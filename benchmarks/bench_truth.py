@@ -5,7 +5,8 @@ One run on the default model at 2 threads (``--threads`` to change):
 1. speed: ``ondevice bench`` pp512/tg128 vs ``llama-bench -p 512 -n 128`` built from the same vendored
    llama.cpp (benchmarks/peers.py), interleaved over ``--rounds`` rounds; ratio ours / theirs (goal: within 5%).
    Same settings on both sides: n_batch 2048, n_ubatch 512, f16 KV, flash attention off (llama-bench's
-   default is "auto", which turns it on for CPU; ondevice's default is off).
+   default is "auto", which turns it on for CPU; ondevice's default is off), and the same extra CPU kernels
+   (``peers.kernel_match``: llama-bench ``--repack`` and ONDEVICE_AMX/ONDEVICE_REPACK).
 2. memory: a bench worker run under ``/usr/bin/time -v`` on tg128; its own peak-RSS figures vs time's
    "Maximum resident set size" (goal: within 5%).
 3. overhead: wall time of the ``ondevice.bench(...)`` call vs the time inside its timed repetitions
@@ -34,9 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def llama_bench(tool: Path, model: str, threads: int, reps: int) -> dict[str, dict]:
+def llama_bench(tool: Path, model: str, threads: int, reps: int, repack: int) -> dict[str, dict]:
     out = subprocess.run([str(tool), "-m", model, "-p", "512", "-n", "128", "-t", str(threads), "-r", str(reps),
-                          "-fa", "off", "-o", "json"], check=True, capture_output=True, text=True, timeout=900)
+                          "-fa", "off", "--repack", str(repack), "-o", "json"],
+                         check=True, capture_output=True, text=True, timeout=900)
     rows = json.loads(out.stdout)
     res = {}
     for r in rows:
@@ -89,15 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-r", "--repetitions", type=int, default=5)
     args = ap.parse_args(argv)
 
-    from peers import ensure_tool
+    from peers import ensure_tool, kernel_match
 
     from ondevice.device import probe
     from ondevice.models import resolve
 
     model = str(resolve(None).path)
     tool = ensure_tool("llama-bench")
+    km = kernel_match(model)
+    km.apply()  # the bench workers read ONDEVICE_AMX / ONDEVICE_REPACK: the same kernels as llama-bench
     print(f"model: {model}\nllama-bench: {tool}\nthreads: {args.threads}, repetitions: {args.repetitions}, "
           f"rounds: {args.rounds}")
+    print(km.describe())
     print(f"load average before: {os.getloadavg()}")
     probe(args.threads)  # warm the per-machine cache so the overhead figure is the harness, not a first probe
 
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
             mine, wall, recs = ours(model, args.threads, args.repetitions, Path(tmp) / "truth.sqlite")
-            theirs = llama_bench(tool, model, args.threads, args.repetitions)
+            theirs = llama_bench(tool, model, args.threads, args.repetitions, km.repack)
             measured = sum(r["measured_wall_s"] for r in recs)
             overheads.append(wall / measured)
             tg = next(r for r in recs if r["test"] == "tg128")

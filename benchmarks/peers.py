@@ -18,7 +18,8 @@ Usage::
     python benchmarks/peers.py info
     python benchmarks/peers.py path llama-bench
 
-Library use: ``ensure_tool("llama-bench") -> Path`` (builds once; later calls return at once).
+Library use: ``ensure_tool("llama-bench") -> Path`` (builds once; later calls return at once), and
+``kernel_match(model)``: the one CPU-kernel choice both sides of a comparison use (see its docstring).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -303,6 +305,52 @@ def llama_cpp_build_info() -> dict:
         "commit": None,
         "note": "peer sources not fetched yet; run `python benchmarks/peers.py build`",
     }
+
+
+@dataclass(frozen=True)
+class KernelMatch:
+    """One extra-CPU-kernel choice for ondevice and the llama.cpp peers of a comparison."""
+
+    repack: int  # llama-bench --repack N; llama-server / llama-batched-bench --repack / --no-repack (LLAMA_ARG_REPACK)
+    env: dict  # ONDEVICE_AMX / ONDEVICE_REPACK that give ondevice the same kernels
+    kernels: str  # the extra buffer types both sides load ("none": plain CPU)
+    note: str | None  # why the choice differs from ondevice's own, when it does
+
+    def apply(self) -> None:
+        """ondevice in this process and in the processes it starts uses the matched kernels."""
+        os.environ.update(self.env)
+
+    @property
+    def server_flag(self) -> str:
+        return "--repack" if self.repack else "--no-repack"
+
+    def describe(self) -> str:
+        return f"kernels: {self.kernels} on both sides (peers --repack {self.repack})" + (
+            f"; {self.note}" if self.note else "")
+
+
+def kernel_match(model: str | Path, amx: str | None = None, repack: str | None = None) -> KernelMatch:
+    """ondevice's kernel choice for ``model`` here (flags, ONDEVICE_* env, self-test cache), made expressible by
+    the peers. llama.cpp's tools have one switch, ``--repack 0|1`` (``use_extra_bufts``): all of the build's
+    extra buffer types or none. When ondevice's choice is all or none, both sides use it; when it is a part
+    (CPU_REPACK without AMX on an AMX Xeon, where the tools' --repack 1 would load the crashing AMX kernels),
+    both sides run without extra kernels and the note says so. The peers are built from the same sources with
+    GGML_NATIVE, so they offer the same buffer types as llama-cpp-python's build on this machine."""
+    from ondevice.device.kernels import label, resolve
+    from ondevice.engine.bufts import offered
+
+    choice, names = resolve(amx, repack, model), offered()
+    note = None
+    if choice.bufts and choice.bufts != names:
+        note = (f"ondevice would use {label(choice.bufts)}, which llama.cpp's tools cannot select (their --repack 1 "
+                f"also loads {label(tuple(n for n in names if n not in choice.bufts))})")
+        choice_bufts: tuple[str, ...] = ()
+    else:
+        choice_bufts = choice.bufts
+    on = bool(choice_bufts)
+    env = {"ONDEVICE_AMX": "on" if on and "AMX" in names else "off",
+           "ONDEVICE_REPACK": "on" if on and any(n != "AMX" for n in names) else "off"}
+    return KernelMatch(repack=int(on), env=env, kernels=label(choice_bufts), note=note)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ llama-bench: pp128, and tg128 at KV depth 127 (`-d`): decode after the prompt, w
 ondevice:   R separate `ondevice run` processes with a 128-token raw prompt, `-n 128 --ignore-eos --temp 0`;
             prompt tok/s and decode tok/s are read from each run's last Generation record (`--timings json`);
             the text goes to a file, as llama-bench prints none (a pipe read per token costs ~2.5% on 2 cores).
-Both use llama.cpp's defaults otherwise (mmap, flash attention "auto"). To spread machine drift evenly the
+Both use the same extra CPU kernels (``peers.kernel_match``: ondevice's choice where llama-bench's ``--repack``
+can express it, else none on both sides) and llama.cpp's defaults otherwise (mmap, flash attention "auto"). To spread machine drift evenly the
 two alternate in ``--rounds`` short rounds; printed: mean ± std over all samples, their ratio, and the
 median of the per-round (paired) ratios, which a host whose speed drifts over minutes distorts least; the
 order within a round alternates.
@@ -26,7 +27,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import ensure_tool  # noqa: E402
+from peers import ensure_tool, kernel_match  # noqa: E402
+
+REPACK = 1  # llama-bench --repack, set by main() from kernel_match
 
 
 def prompt_of(n_tokens: int, model_path: Path) -> tuple[str, int]:
@@ -49,7 +52,8 @@ def llama_bench(model: Path, threads: int, reps: int, depth: int) -> dict[str, l
     res = {}
     for key, args in (("pp", ["-p", "128", "-n", "0"]), ("tg", ["-p", "0", "-n", "128", "-d", str(depth)])):
         out = subprocess.run([str(ensure_tool("llama-bench")), "-m", str(model), "-t", str(threads), *args,
-                              "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+                              "-r", str(reps), "--repack", str(REPACK), "-o", "json"],
+                             capture_output=True, text=True, check=True)
         res[key] = list(json.loads(out.stdout)[0]["samples_ts"])
     return res
 
@@ -105,7 +109,11 @@ def main() -> int:
     a = ap.parse_args()
     from ondevice.models import resolve
 
+    global REPACK
     model = resolve(a.model).path
+    km = kernel_match(model)
+    km.apply()  # ondevice run (a child) and the in-process engines read ONDEVICE_AMX / ONDEVICE_REPACK
+    REPACK = km.repack
     prompt, n_prompt = prompt_of(128, model)
     ours: dict[str, list[float]] = {"pp": [], "tg": []}
     peer: dict[str, list[float]] = {"pp": [], "tg": []}
@@ -126,6 +134,7 @@ def main() -> int:
             paired[k].append(statistics.mean(o_res[k]) / statistics.mean(p_res[k]))
     print(f"model {model.name}, {a.threads} threads, {a.rounds} rounds x {a.reps} repetitions; "
           f"ondevice prompt = {n_prompt} tokens")
+    print(km.describe())
     print(f"{'test':11} {'llama-bench t/s':>18} {'ondevice run t/s':>18} {'ratio':>7} {'paired ratio: median [min, max]':>34}")
     for key, name in (("pp", "pp128"), ("tg", f"tg128@d{n_prompt}")):
         pm, ps = statistics.mean(peer[key]), statistics.stdev(peer[key])

@@ -9,7 +9,9 @@ In one run, over loopback, same model file and thread count:
 Usage: python benchmarks/serve_bench.py [--model PATH] [--threads 2] [--streams 1,2,4,8,16] [--tokens 128]
                                         [--rounds 3] [--skip llama-cpp-python]
 All servers run at once (idle ones cost nothing) and take turns, round by round, so host drift hits each alike.
-Peers are optional: a peer that cannot start is reported as missing, not faked.
+Peers are optional: a peer that cannot start is reported as missing, not faked. ondevice, llama-server and
+llama-batched-bench use the same extra CPU kernels (``peers.kernel_match``); llama-cpp-python's server has no
+switch for them, so it is skipped where it would load unproven AMX kernels, and noted where its kernels differ.
 """
 
 from __future__ import annotations
@@ -136,9 +138,10 @@ async def prefix_ttft(srv: Server, reps: int = 3) -> tuple[float, float]:
     return statistics.median(cold), statistics.median(warm)
 
 
-def batched_bench(tool: Path, model: str, threads: int, npl: list[int], tokens: int) -> dict[int, float]:
+def batched_bench(tool: Path, model: str, threads: int, npl: list[int], tokens: int,
+                  repack_flag: str = "--repack") -> dict[int, float]:
     cmd = [str(tool), "-m", model, "-c", str(max(npl) * (tokens + 160)), "-b", "2048", "-ub", "512",
-           "-npp", "128", "-ntg", str(tokens), "-npl", ",".join(map(str, npl)), "-t", str(threads)]
+           "-npp", "128", "-ntg", str(tokens), "-npl", ",".join(map(str, npl)), "-t", str(threads), repack_flag]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False).stdout
     res = {}
     for line in out.splitlines():
@@ -161,11 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     streams = [int(x) for x in args.streams.split(",")]
     par, t = max(streams), str(args.threads)
     sys.path.insert(0, str(HERE))
+    from peers import kernel_match
+
+    from ondevice.engine.bufts import offered
+
+    km = kernel_match(model)
+    km.apply()  # ondevice serve (a child) reads ONDEVICE_AMX / ONDEVICE_REPACK
+    print(km.describe(), file=sys.stderr)
     servers = []
     p = free_port()
     servers.append(Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port", str(p),
                                        "-np", str(par), "-c", "1024", "-t", t, "--no-embeddings"], p,
                           {"ignore_eos": True}))
+    # llama-cpp-python's Llama has no switch for extra kernels: it loads all the build offers
+    lcp_kernels = "+".join(offered()) or "none"
+    if "AMX" in offered() and "AMX" not in km.kernels:
+        print("llama-cpp-python: skipped; it would load the AMX kernels, which are not proven safe here", file=sys.stderr)
+        skip_lcp = True
+    else:
+        skip_lcp = False
+        if lcp_kernels != km.kernels:
+            print(f"llama-cpp-python: note: it uses {lcp_kernels} (no switch), the others {km.kernels}", file=sys.stderr)
     p = free_port()
     servers.append(Server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port",
                                                str(p), "--n_threads", t, "--n_threads_batch", t, "--n_ctx", "2048",
@@ -182,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if ls:
         p = free_port()
         servers.append(Server("llama-server", [str(ls), "-m", model, "--port", str(p), "-np", str(par), "-c",
-                                               str(par * 1024), "-cb", "-t", t, "-tb", t], p, {"ignore_eos": True}))
-    skip = set(filter(None, args.skip.split(",")))
+                                               str(par * 1024), "-cb", "-t", t, "-tb", t, km.server_flag], p,
+                              {"ignore_eos": True}))
+    skip = set(filter(None, args.skip.split(","))) | ({"llama-cpp-python"} if skip_lcp else set())
     results: dict[str, dict[int, dict]] = {}
     prefix: dict[str, tuple[float, float]] = {}
     with contextlib.ExitStack() as stack:
@@ -213,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         for srv in running:
             prefix[srv.name] = asyncio.run(prefix_ttft(srv))
     rounds, results = results, {name: {n: merge(runs) for n, runs in rows.items()} for name, rows in results.items()}
-    kernel = batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens) if bb else {}
+    kernel = (batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens, km.server_flag)
+              if bb else {})
 
     print(f"\nmodel {Path(model).name}, {args.threads} threads, {args.tokens} tokens per stream, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other load distorts these figures)\n")

@@ -9,6 +9,12 @@ import sys
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_cache(tmp_path_factory):
+    """One kernel self-test cache for the session: it is per machine, and tests give each CLI run its own store."""
+    os.environ.setdefault("ONDEVICE_KERNELS_CACHE", str(tmp_path_factory.mktemp("kernels") / "kernels.json"))
+
+
 @pytest.fixture(scope="session")
 def smol_path():
     from ondevice.models import resolve

@@ -53,9 +53,14 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     verb = verb if verb in VERBS else None
+    from . import supervise
+
+    if console and supervise.wanted(verb):  # llama.cpp runs in a child: a native crash becomes a clear line
+        return supervise.run_supervised(verb, argv)
+    supervise.crash_test_hook()
     parser = build_parser(verb)
     args = parser.parse_args(argv)
     if args.verb is None:

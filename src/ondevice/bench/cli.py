@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engine.args import add_kernel_args, apply_kernel_args
 from ..errors import InvalidArgument
 
 
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
     g.add_argument("--seed", type=int, default=42, help="seed of the random prompt tokens")
+    add_kernel_args(p)
     o = p.add_argument_group("output and storage")
     o.add_argument("-o", "--output", choices=("md", "csv", "json", "jsonl", "sql"), default="md")
     o.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import bench
 
     tests = tests_from_args(args)
+    apply_kernel_args(args)  # the workers read ONDEVICE_AMX / ONDEVICE_REPACK; each record names what they used
     store = False if args.no_store else (args.db or True)
     if args.no_store and args.resume:
         raise InvalidArgument("--resume needs the store; drop --no-store")

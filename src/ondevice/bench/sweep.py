@@ -32,7 +32,7 @@ DONE_STATUSES = ("ok", "oom")  # what --resume skips; errors are retried
 RECORD_FIELDS = ("schema", "kind", "session", "config_key", "status", "error", "created", "model", "model_path",
                  "model_sha256", "model_size_bytes", "model_params", "model_arch", "model_quant", "test",
                  "workload", "n_prompt", "n_gen", "n_depth", "threads", "n_batch", "n_ubatch", "n_ctx",
-                 "n_ctx_requested", "type_k", "type_v", "flash_attn", "profile", "repetitions", "load_time_s",
+                 "n_ctx_requested", "type_k", "type_v", "flash_attn", "profile", "repetitions", "kernels", "load_time_s",
                  "load_peak_rss_bytes", "roofline_pct", "roofline_bound", "roofline", "settings", "meta")
 # ...and of every "ok" record.
 METRIC_FIELDS = ("tps_mean", "tps_std", "tps_samples", "avg_s", "time_s_samples", "ttft_s_mean", "ttft_s_std",
@@ -111,7 +111,10 @@ def _resolve_threads(threads: int | None, profile: str | None) -> int:
 
 def expand(params: SweepParams) -> list[Config]:
     """Configurations in llama-bench order (model outermost)."""
+    from ..device.kernels import requested
+
     params.validate()
+    amx, repack = requested()  # ONDEVICE_AMX / ONDEVICE_REPACK (the --amx/--repack flags set them)
     metas = {}
     for m in params.models:
         if m not in metas:
@@ -122,7 +125,7 @@ def expand(params: SweepParams) -> list[Config]:
             params.type_v, params.flash_attn, params.profiles):
         settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
                     "type_k": tk, "type_v": tv, "flash_attn": bool(fa), "profile": prof or "host",
-                    "repetitions": params.repetitions}
+                    "repetitions": params.repetitions, "amx": amx, "repack": repack}
         out.append(Config(metas[m], settings, list(params.tests)))
     return out
 
@@ -312,7 +315,7 @@ def worker_config(cfg: Config, todo: list[TestSpec], params: SweepParams) -> dic
             "profile": None if s["profile"] == "host" else s["profile"],
             "engine": {"n_ctx": n_ctx, "n_threads": s["threads"], "n_batch": s["n_batch"],
                        "n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
-                       "flash_attn": s["flash_attn"]},
+                       "flash_attn": s["flash_attn"], "amx": s["amx"], "repack": s["repack"]},
             "tests": [t.to_dict() for t in todo], "repetitions": params.repetitions,
             "warmup": params.warmup, "seed": params.seed}
 
@@ -342,6 +345,7 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
             "test": spec.name, "workload": spec.kind, "n_prompt": spec.n_prompt, "n_gen": spec.n_gen,
             "n_depth": spec.n_depth, **{k: v for k, v in s.items()},
             "n_ctx": loaded.get("n_ctx", n_ctx), "n_ctx_requested": s["n_ctx"],
+            "kernels": loaded.get("kernels"),  # the extra CPU buffer types the load really used ("none": plain CPU)
             "load_time_s": loaded.get("load_time_s"), "load_peak_rss_bytes": loaded.get("load_peak_rss_bytes"),
             "roofline_pct": None, "roofline_bound": None, "roofline": None,
             "settings": {**s, "test": spec.name, "params": spec.params, "warmup": params.warmup,
@@ -352,7 +356,8 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
                      "kernel": info.get("kernel"), "os": info.get("os"), "arch": info.get("arch"),
                      "physical_cores": info.get("physical_cores"), "logical_cores": info.get("logical_cores"),
                      "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
-                     "limits": state["limits"]},
+                     "limits": state["limits"],
+                     "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice")},
         }
         if res is not None:
             rec.update(_flat(res))

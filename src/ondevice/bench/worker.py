@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     load_mem = proc_status()
     emit({"type": "loaded", "load_time_s": load_s, "engine_load_time_s": engine.load_time,
           "n_ctx": engine.n_ctx, "n_threads": engine.n_threads, "n_batch": engine.n_batch,
-          "load_peak_rss_bytes": load_mem.get("peak_rss"), "llama_build": build_info()})
+          "load_peak_rss_bytes": load_mem.get("peak_rss"), "llama_build": build_info(),
+          "kernels": engine.kernels_used, "buffer_types": engine.buffer_types,
+          "kernel_choice": engine.kernels.to_dict()})
     for i, spec in enumerate(tests):
         try:
             res = run_test(model, spec, cfg, prof.watts_per_core)

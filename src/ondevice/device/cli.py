@@ -1,4 +1,5 @@
-"""``ondevice device``: what this machine is, how energy is measured, and its measured roofs (the probe)."""
+"""``ondevice device``: what this machine is, how energy is measured, its measured roofs (the probe) and
+which extra CPU kernels (AMX, CPU_REPACK) models use here, with their self-test."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from datetime import UTC, datetime
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true",
-                   help="measure memory bandwidth and peak compute now (replaces the cached probe; ~10 s)")
+                   help="measure memory bandwidth and peak compute, and self-test and time every CPU kernel "
+                        "configuration (AMX, CPU_REPACK) on Q4_0/Q4_1/Q8_0/Q4_K_M; replaces the cached results")
     p.add_argument("-t", "--threads", type=int, action="append",
                    help="thread count for --probe (repeatable; default: all usable CPUs)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -27,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgument
     from .energy import rapl_domains
     from .info import device_info
+    from .kernels import kernels_summary, probe_kernels
     from .probe import cached_probes, probe
 
     if args.threads and not args.probe:
@@ -34,11 +37,13 @@ def run(args: argparse.Namespace) -> int:
     if args.probe:
         for t in args.threads or [None]:
             probe(t, refresh=True)
+        probe_kernels((args.threads or [None])[0])
     info = device_info()
     energy = "rapl" if rapl_domains() else "estimated (no readable RAPL counters)"
     probes = cached_probes()
+    kern = kernels_summary()
     if args.json:
-        print(json.dumps({"device": info, "energy": energy, "probes": probes}, indent=2))
+        print(json.dumps({"device": info, "energy": energy, "probes": probes, "kernels": kern}, indent=2))
         return 0
     mem = info["memory_total_bytes"] / 2**30
     print(f"cpu       {info['cpu_model']} ({info['arch']}), {info['physical_cores']} cores / "
@@ -54,4 +59,14 @@ def run(args: argparse.Namespace) -> int:
     for t, p in sorted(probes.items(), key=lambda kv: int(kv[0])):
         print(f"probe     {t} threads: {p['bandwidth_gbs']:.1f} GB/s, {p['peak_gflops']:.0f} GFLOP/s, measured "
               f"{p['measured_at']} ({_age(p['measured_at'])}; load {p.get('load_avg_1m') or 0:.2f} then)")
+    print(f"kernels   this build offers {', '.join(kern['offered']) or 'no extra CPU kernels'}; "
+          f"default choice: {kern['default']['label']} ({kern['default']['reason']})")
+    if not kern["families"]:
+        print("kernels   not self-tested yet: `ondevice device --probe` (or the first load of a model) tests them")
+    for fam, e in kern["families"].items():
+        res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else "ok"
+                                   if r.get("ok") else f"FAILED ({r.get('error')})")
+                        for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
+        print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
+              f"{', pp/tg timed' if e.get('measured') else ', not timed'})")
     return 0

@@ -12,6 +12,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
+    add_kernel_args(p)
+
+
+def add_kernel_args(p: argparse.ArgumentParser) -> None:
+    """``--amx`` and ``--repack``: the extra CPU kernels (see ``ondevice device``); flag > env var > auto."""
+    g = p.add_argument_group("CPU kernels (auto: what the self-test proved safe on this machine)")
+    g.add_argument("--amx", choices=("auto", "on", "off"), default=None,
+                   help="Intel AMX matmul kernels (env ONDEVICE_AMX; default auto: off unless proven safe and "
+                        "faster by `ondevice device --probe`)")
+    g.add_argument("--repack", choices=("auto", "on", "off"), default=None,
+                   help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
+                        "its self-test failed here)")
+
+
+def apply_kernel_args(args: argparse.Namespace) -> None:
+    """Make the flags the process's ``ONDEVICE_AMX``/``ONDEVICE_REPACK``, so every load in it (and in its
+    workers) uses them, including loads deep inside eval."""
+    import os
+
+    for name in ("amx", "repack"):
+        v = getattr(args, name, None)
+        if v is not None:
+            os.environ[f"ONDEVICE_{name.upper()}"] = v
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -46,4 +69,5 @@ def load_from(args: argparse.Namespace, **config):
         raise InvalidArgument(f"--threads {args.threads} must be >= 1")
     if args.ctx < 0:
         raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
+    apply_kernel_args(args)
     return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

@@ -32,6 +32,9 @@ class EngineConfig:
     pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)
     seed: int = 0xFFFFFFFF
     warmup: bool = True  # one tiny decode at load, as llama.cpp's own tools do (pages weights in, sizes buffers)
+    # extra CPU kernels (device/kernels.py): "auto", "on" or "off"; None reads ONDEVICE_AMX / ONDEVICE_REPACK
+    amx: str | None = None  # AMX tiles (Sapphire Rapids+): auto = only where a self-test here proved it safe and faster
+    repack: str | None = None  # CPU_REPACK interleaved weights: auto = on unless its self-test failed here
 
 
 class Engine(ABC):

@@ -27,6 +27,7 @@ _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8
 _init_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None
+_log_capture: list[str] | None = None  # llama.cpp's log lines during a model load (which buffer types it used)
 
 
 def _lib():
@@ -79,6 +80,8 @@ def _make_log_callback():
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         level = state["last"] if level == 5 else level
         state["last"] = level
+        if _log_capture is not None:
+            _log_capture.append(text.decode("utf-8", errors="replace"))
         if level >= 4 or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
             print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
 
@@ -115,10 +118,8 @@ class LlamaEngine(Engine):
             if v not in _KV_TYPES:
                 raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
                                       f"{', '.join(_KV_TYPES)}")
-        # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into anonymous memory
-        mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0, n_gpu_layers=0)
         t0 = time.perf_counter()
-        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self.kernels, self.buffer_types, self.model = self._load_model(ll, cfg)
         if not self.model:
             raise OndeviceError(f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
         self.vocab = ll.llama_model_get_vocab(self.model)
@@ -165,6 +166,38 @@ class LlamaEngine(Engine):
         if cfg.warmup:
             self.warmup()
         self.load_time = time.perf_counter() - t0
+
+    @property
+    def kernels_used(self) -> str:
+        """The extra CPU buffer types the weights really sit in, '+'-joined in the build's order ('none': plain CPU)."""
+        from . import bufts
+
+        return "+".join(b for b in bufts.offered() if b in self.buffer_types) or "none"
+
+    def _load_model(self, ll, cfg: EngineConfig):
+        """Load the weights with the extra CPU kernels chosen for this machine (device/kernels.py).
+
+        Returns (the choice, ``{buffer type: MiB}`` the load really used, the model pointer or NULL).
+        """
+        global _log_capture
+        from ..device import kernels
+        from ..supervise import note_loaded
+        from . import bufts
+
+        choice = kernels.resolve(cfg.amx, cfg.repack, self.path)
+        lines: list[str] = []
+        with bufts.offering(choice.bufts) as use_extra:
+            # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
+            mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,
+                                 n_gpu_layers=0, use_extra_bufts=use_extra)
+            _log_capture = lines
+            try:
+                model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+            finally:
+                _log_capture = None
+        used = bufts.parse_buffers("".join(lines).splitlines())
+        note_loaded(choice.to_dict(), used)
+        return choice, used, model
 
     def warmup(self) -> None:
         """One tiny decode (pages the weights in, sizes the buffers), then an empty cache.

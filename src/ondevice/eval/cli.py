@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     s.add_argument("--judge-key", default=None, help="API key for the judge (or set ONDEVICE_JUDGE_KEY)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    from ..engine.args import add_kernel_args
+
+    add_kernel_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
     p.add_argument("--no-store", action="store_true", help="do not record the results in the store")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines")
@@ -73,7 +76,10 @@ def print_record(r: dict, out=sys.stdout) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from ..engine.args import apply_kernel_args
     from .api import evaluate
+
+    apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
     records = evaluate(args.model, ppl=args.ppl, corpus=args.corpus, text=args.text, ctx=args.ctx, chunks=args.chunks,
                        ref=args.ref, topk=args.topk, suite=args.suite, limit=args.limit, seed=args.seed,

@@ -2,7 +2,9 @@
 
 A and B are session ids or model sha256 prefixes (a unique prefix of either is enough). Two sessions are
 matched on model variant + test + settings; two model variants on test + settings (so one file's
-speed is set against the other's on the same workload).
+speed is set against the other's on the same workload). The kernels column names the extra CPU buffer
+types each side's weights really used (CPU_REPACK, AMX, none; '?' for records made before they were
+recorded), so a speedup that comes from different kernels is never read as the same configuration's.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def compare_records(a: Sequence[dict], b: Sequence[dict], by_model: bool) -> lis
         same = not by_model or ra.get("model") == rb.get("model")
         rows.append({"model": ra.get("model") if same else f"{ra.get('model')} -> {rb.get('model')}",
                      **dict(zip(fields, key)), "tps_a": ra["tps_mean"], "std_a": ra.get("tps_std"),
+                     "kernels_a": ra.get("kernels") or "?", "kernels_b": rb.get("kernels") or "?",
                      "tps_b": rb["tps_mean"], "std_b": rb.get("tps_std"), "speedup": rb["tps_mean"] / ra["tps_mean"]})
     return rows
 
@@ -58,8 +61,9 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
     """A markdown table with the speedup column (B t/s / A t/s; > 1 means B is faster)."""
     if not rows:
         return "(no configuration was measured in both; nothing to compare)\n"
-    head = ["model", "threads", "test", f"t/s {label_a[:20]}", f"t/s {label_b[:20]}", "speedup"]
-    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}",
+    head = ["model", "threads", "test", "kernels", f"t/s {label_a[:20]}", f"t/s {label_b[:20]}", "speedup"]
+    kern = lambda r: r["kernels_a"] if r["kernels_a"] == r["kernels_b"] else f"{r['kernels_a']} -> {r['kernels_b']}"
+    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r), f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}",
              f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}", f"{r['speedup']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) if i else c.ljust(w)

@@ -39,6 +39,10 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+    amx: Literal["auto", "on", "off"] = Field(
+        "auto", description="Intel AMX kernels (auto: off unless proven safe and faster here; see `ondevice device`)")
+    repack: Literal["auto", "on", "off"] = Field(
+        "auto", description="CPU_REPACK interleaved-weight kernels (auto: on unless its self-test failed here)")
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

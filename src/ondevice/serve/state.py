@@ -44,7 +44,8 @@ class ServerState:
         parallel = s.parallel
         self.engine = LlamaEngine(self.path, EngineConfig(
             n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
-            type_k=s.kv_type, type_v=s.kv_type, warmup=False))  # the batcher warms it up on its own thread
+            type_k=s.kv_type, type_v=s.kv_type, warmup=False,  # the batcher warms it up on its own thread
+            amx=s.amx, repack=s.repack))
         eng = self.engine
         self.template = eng.chat_template()
         self.template_has_tools = bool(self.template and "tools" in self.template)
@@ -61,7 +62,7 @@ class ServerState:
         if s.embeddings:
             self.embedder = LlamaEngine(self.path, EngineConfig(
                 n_ctx=s.embeddings_ctx, n_threads=s.threads, n_batch=s.embeddings_ctx,
-                n_ubatch=s.embeddings_ctx, embeddings=True, pooling="mean"))
+                n_ubatch=s.embeddings_ctx, embeddings=True, pooling="mean", amx=s.amx, repack=s.repack))
         self.created = int(time.time())
         m = self.metrics
         m.gauge("queue_depth", "Requests waiting for a slot.", lambda: self.batcher.queue_depth)

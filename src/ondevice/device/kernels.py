@@ -1,0 +1,411 @@
+"""Which extra CPU kernels a model uses on this machine: chosen safely, proved by a self-test, cached.
+
+llama.cpp's CPU backend can put weights in extra buffer types with their own matmul kernels: CPU_REPACK
+(Q4_0/Q4_K/IQ4_NL/Q8_0 rows interleaved for AVX2/AVX-512/NEON; faster prompts) and, on Xeons with AMX,
+AMX. The AMX one crashes (SIGSEGV in ``ggml_backend_amx_mul_mat``) on the first decode on some machines
+(llama.cpp issue 20824), so it is never on by default:
+
+* ``--amx auto`` (the default) turns AMX on only when this machine and llama.cpp build passed the self-test
+  with it *and* it measured faster; ``--repack auto`` keeps repack on unless its self-test failed here.
+* the self-test (:func:`selftest`) loads a model and decodes a few tokens in a child process per kernel
+  configuration (a crash kills only the child), checks the logits agree with the no-extra-kernels run and,
+  for ``ondevice device --probe``, measures a short pp/tg. Results are cached per machine and llama.cpp
+  build and weight type in ``<data dir>/device/kernels.json`` (``ONDEVICE_KERNELS_CACHE`` overrides).
+* the first load of a weight type on an unseen machine/build runs a quick self-test of the default
+  configuration (no timing; about a second); ``ondevice device --probe`` tests every configuration for
+  Q4_0, Q4_1, Q8_0 and Q4_K_M variants of the default model and times them.
+
+Flags: ``--amx``/``--repack`` ``auto|on|off`` (env ``ONDEVICE_AMX``/``ONDEVICE_REPACK``); ``on`` and ``off``
+skip the self-test. The mechanism that applies a choice is in ``engine/bufts.py``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import InvalidArgument
+
+MODES = ("auto", "on", "off")
+AMX = "AMX"
+AMX_FLAGS = ("amx_tile", "amx_int8")
+FAMILIES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")  # what --probe tests (variants of the default model)
+FASTER = 1.05  # another safe configuration must beat the default by 5% to be chosen (noise is not a reason)
+CHILD_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The kernels one load uses: AMX on/off, repack on/off, the buffer types that gives, and why."""
+
+    amx: bool
+    repack: bool
+    bufts: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def requested(amx: str | None = None, repack: str | None = None) -> tuple[str, str]:
+    """(amx, repack) modes: the given ones, else ``ONDEVICE_AMX``/``ONDEVICE_REPACK``, else auto; validated."""
+    out = []
+    for name, v in (("amx", amx), ("repack", repack)):
+        v = v if v is not None else os.environ.get(f"ONDEVICE_{name.upper()}") or "auto"
+        v = {"1": "on", "true": "on", "0": "off", "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower())
+        if v not in MODES:
+            raise InvalidArgument(f"--{name} / ONDEVICE_{name.upper()} {v!r} is not one of auto, on, off")
+        out.append(v)
+    return out[0], out[1]
+
+
+def label(bufts: tuple[str, ...] | list[str]) -> str:
+    """A configuration's name: its buffer types joined by '+', or 'none'."""
+    return "+".join(bufts) or "none"
+
+
+def configs(offered: tuple[str, ...], cpu_flags: list[str] | tuple[str, ...]) -> list[tuple[bool, bool]]:
+    """The (amx, repack) configurations worth testing here, the no-extra-kernels one first."""
+    from ..engine.bufts import wanted
+
+    amx_ok = AMX in offered and set(AMX_FLAGS) <= set(cpu_flags)
+    out, seen = [], set()
+    for a in (False, True) if amx_ok else (False,):
+        for r in (False, True):
+            key = wanted(offered, a, r)
+            if key not in seen and (not a or AMX in key):
+                seen.add(key)
+                out.append((a, r))
+    return out
+
+
+def _score(res: dict | None) -> float | None:
+    """Geometric mean of a measured configuration's pp and tg tok/s (None when not measured or failed)."""
+    if not res or not res.get("ok") or not res.get("pp_tps") or not res.get("tg_tps"):
+        return None
+    return math.sqrt(res["pp_tps"] * res["tg_tps"])
+
+
+def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str] | tuple[str, ...],
+           results: dict[str, dict] | None) -> Choice:
+    """The kernels to use, from the requested modes, what the build offers, the CPU's flags and the
+    self-test ``results`` for this weight type (``{label: {"ok", "pp_tps", "tg_tps", "error"}}`` or None).
+
+    AMX in auto needs a passed *and* measured self-test that beats the safe default by :data:`FASTER`;
+    repack in auto is on where offered unless its self-test failed. ``on`` is obeyed (an error where the
+    build or CPU cannot), ``off`` always.
+    """
+    from ..engine.bufts import wanted
+
+    amx_possible = AMX in offered and set(AMX_FLAGS) <= set(cpu_flags)
+    repack_possible = any(n != AMX for n in offered)
+    if amx == "on" and not amx_possible:
+        why = "this CPU has no AMX (amx_tile, amx_int8)" if AMX in offered else "this llama.cpp build has no AMX kernels"
+        raise InvalidArgument(f"--amx on: {why}; use --amx auto or off")
+    if repack == "on" and not repack_possible:
+        raise InvalidArgument("--repack on: this llama.cpp build offers no repacked CPU kernels (built with "
+                              "GGML_CPU_REPACK=OFF?); use --repack auto or off")
+    results = results or {}
+    if "none" in results and not results["none"].get("ok"):
+        results = {}  # the model failed even without extra kernels: the test says nothing about them
+    amx_opts = [amx == "on"] if amx != "auto" else ([False, True] if amx_possible else [False])
+    repack_opts = [repack == "on"] if repack != "auto" else ([True, False] if repack_possible else [False])
+    cands = []
+    for a in amx_opts:
+        for r in repack_opts:
+            res = results.get(label(wanted(offered, a, r)))
+            if amx == "auto" and a and _score(res) is None:
+                continue  # AMX only on proof: passed and measured here
+            if res is not None and not res.get("ok") and (a and amx == "auto" or r and repack == "auto"):
+                continue  # failed its self-test on this machine: auto never picks it
+            cands.append((a, r))
+    if not cands:
+        cands = [(False, False)]  # auto found nothing proven: the safe minimum
+    default = next((c for c in cands if not c[0]), cands[0])  # no AMX; repack where allowed (listed first)
+    best = max(cands, key=lambda c: _score(results.get(label(wanted(offered, *c)))) or 0.0)
+    s_best, s_def = (_score(results.get(label(wanted(offered, *c)))) for c in (best, default))
+    pick = best if s_best and (not s_def or s_best > FASTER * s_def) else default
+    bufts = wanted(offered, *pick)
+    if amx != "auto" and repack != "auto":
+        why = f"--amx {amx} --repack {repack}"
+    elif not results:
+        why = "auto, not self-tested here"
+    else:
+        failed = [k for k, v in results.items() if not v.get("ok")]
+        why = ("auto, measured fastest" if pick == best and s_best and pick != default else "auto, self-tested")
+        if failed:
+            why += "; failed here: " + ", ".join(f"{k} ({results[k].get('error')})" for k in failed)
+    return Choice(amx=pick[0], repack=pick[1], bufts=bufts, reason=why)
+
+
+# ---- cache ------------------------------------------------------------------------------------------------
+
+def cache_path() -> Path:
+    if os.environ.get("ONDEVICE_KERNELS_CACHE"):
+        return Path(os.environ["ONDEVICE_KERNELS_CACHE"]).expanduser()
+    from ..models.store import data_dir
+
+    return data_dir() / "device" / "kernels.json"
+
+
+def build_id() -> str:
+    """This llama.cpp build: llama-cpp-python's version, its system info line and its library files."""
+    from .info import llama_cpp_info
+
+    info = llama_cpp_info()
+    parts = [str(info.get("version")), str(info.get("system_info"))]
+    try:
+        import llama_cpp
+
+        for f in sorted((Path(llama_cpp.__file__).parent / "lib").glob("lib*")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    except (ImportError, OSError):
+        pass
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _key() -> str:
+    from .info import machine_key
+
+    return f"{machine_key()}|{build_id()}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached() -> dict:
+    """This machine and build's entry: ``{"offered", "build", "families": {type: {"tested_at", "results", ...}}}``."""
+    return _read(cache_path()).get(_key(), {})
+
+
+def _store(family: str, entry: dict, offered: tuple[str, ...]) -> None:
+    from ..models.store import write_json
+    from .info import llama_cpp_info
+
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read(path)
+        mine = data.setdefault(_key(), {})
+        mine.update(offered=list(offered), build=(llama_cpp_info().get("system_info") or "")[:300])
+        mine.setdefault("families", {})[family] = entry
+        write_json(path, data)
+
+
+def family_of(model_path: str | Path) -> str:
+    """The weight type that dominates a GGUF file (by bytes), e.g. 'Q4_1': the self-test's unit."""
+    from ..models.gguf_check import validate_gguf
+
+    mix = validate_gguf(model_path).quant_mix
+    return next(iter(mix), "unknown")
+
+
+# ---- the self-test -------------------------------------------------------------------------------------
+
+def selftest(model_path: str | Path, configs_: list[tuple[bool, bool]], measure: bool = False,
+             threads: int | None = None) -> dict[str, dict]:
+    """Load ``model_path`` and decode under each (amx, repack) configuration, in child processes.
+
+    One child runs the configurations in order and reports each as a JSON line; when it dies (a signal, a
+    timeout), the configuration in flight is recorded as failed and a new child takes the rest. A
+    configuration also fails when its logits disagree with the first (no extra kernels) one.
+    """
+    from ..engine.bufts import offered, wanted
+
+    todo = list(configs_)
+    results: dict[str, dict] = {}
+    names = offered()
+    from ..supervise import STATE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != STATE_ENV}  # the child's crash is not the user's
+    while todo:
+        job = {"model": str(model_path), "configs": todo, "measure": measure, "threads": threads}
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "ondevice.device.kernels", json.dumps(job)],
+                                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
+            try:
+                out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                rc = None
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-1:] or [""]
+        for line in out.splitlines():
+            if line.startswith("{"):
+                res = json.loads(line)
+                results[label(wanted(names, res.pop("amx"), res.pop("repack")))] = res
+                todo.pop(0)
+        if todo:  # the child died during todo[0]
+            what = ("timeout" if rc is None else signal.Signals(-rc).name if rc < 0
+                    else f"exit {rc}: {tail[0][-200:]}")
+            results[label(wanted(names, *todo[0]))] = {"ok": False, "error": what}
+            todo.pop(0)
+    base = results.get("none")
+    for k, r in results.items():
+        if k != "none" and r.get("ok") and base and base.get("ok"):
+            cos = _cosine(r.pop("probe"), base["probe"])
+            r["agreement"] = round(cos, 5)
+            if cos < 0.99:
+                r.update(ok=False, error=f"wrong logits (cosine {cos:.3f} with no extra kernels)")
+    for r in results.values():
+        r.pop("probe", None)
+    return results
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def _child(job: dict) -> int:
+    """In the child: each configuration in turn; one JSON line each (stdout is ours alone)."""
+    import time
+
+    import numpy as np
+
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # llama.cpp printing to fd 1 lands on stderr
+    from ..engine.base import EngineConfig
+    from ..engine.llama import LlamaEngine
+
+    ids = None
+    for amx, repack in job["configs"]:
+        eng = LlamaEngine(job["model"], EngineConfig(n_ctx=256, n_threads=job.get("threads"), warmup=False,
+                                                     amx="on" if amx else "off", repack="on" if repack else "off"))
+        rng = np.random.default_rng(0)
+        toks = [int(t) for t in rng.integers(100, min(eng.n_vocab, 30000), 64)]
+        ids = ids if ids is not None else rng.choice(eng.n_vocab, 256, replace=False)
+        pp = tg = None
+        reps = 3 if job["measure"] else 1
+        for _ in range(reps):
+            eng.reset()
+            t0 = time.perf_counter()
+            eng.prefill(toks)
+            dt = time.perf_counter() - t0
+            pp = max(pp or 0.0, len(toks) / dt)
+        row = eng.logits()
+        probe = [float(x) for x in row[ids]]
+        n_tg = 32 if job["measure"] else 4
+        tok = int(row.argmax())
+        t0 = time.perf_counter()
+        for _ in range(n_tg):
+            eng.decode(tok)
+            tok = int(eng._row(-1).argmax())
+        tg = n_tg / (time.perf_counter() - t0)
+        ok = bool(np.isfinite(row).all())
+        out.write(json.dumps({"amx": amx, "repack": repack, "ok": ok, "error": None if ok else "non-finite logits",
+                              "buffers": eng.buffer_types, "probe": probe,
+                              **({"pp_tps": round(pp, 1), "tg_tps": round(tg, 1)} if job["measure"] else {})}) + "\n")
+        eng.close()
+    return 0
+
+
+# ---- what the engine calls -----------------------------------------------------------------------------
+
+def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choice:
+    """The kernels for loading ``model_path`` here; runs the quick self-test on a first load when auto needs it."""
+    from ..engine.bufts import offered
+    from .info import cpu_flags
+
+    amx, repack = requested(amx, repack)
+    names = offered()
+    flags = cpu_flags()
+    if not names or (amx != "auto" and repack != "auto"):
+        return choose(amx, repack, names, flags, None)
+    family = family_of(model_path)
+    entry = cached().get("families", {}).get(family)
+    if entry is None:
+        cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)
+        results = selftest(model_path, cands)
+        entry = {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_path),
+                 "measured": False, "results": results}
+        _store(family, entry, names)
+    return choose(amx, repack, names, flags, entry["results"])
+
+
+def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:
+    """Q4_0, Q4_1, Q8_0 and Q4_K_M files of the default model (requantized from its Q4_1 once by ondevice's
+    quantize worker, cached in the data dir)."""
+    from ..engine.llama import physical_cores
+    from ..models import resolve as resolve_model
+    from ..models.store import data_dir
+    from ..quant.quantize import ftype_id, run_worker
+
+    src = Path(resolve_model(None).path)
+    out: dict[str, Path] = {}
+    d = data_dir() / "device" / "kernel-models"
+    d.mkdir(parents=True, exist_ok=True)
+    for fam in families:
+        if fam == "Q4_1":
+            out[fam] = src
+            continue
+        dst = d / f"{src.stem}-{fam}.gguf"
+        if not dst.exists():
+            tmp = dst.with_suffix(".tmp")
+            run_worker(src, tmp, ftype_id(fam), [], True, threads or physical_cores(), 600)
+            os.replace(tmp, dst)
+        out[fam] = dst
+    return out
+
+
+def probe_kernels(threads: int | None = None, families: dict[str, Path] | None = None) -> dict:
+    """The full self-test: every configuration for each weight type, measured; stored and returned."""
+    from ..engine.bufts import offered
+    from .info import cpu_flags
+
+    names = offered()
+    if not names:
+        return cached()
+    cands = configs(names, cpu_flags())
+    for variant, path in (families or variants(threads)).items():
+        results = selftest(path, cands, measure=True, threads=threads)
+        _store(family_of(path), {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(path),
+                                 "variant": variant, "measured": True, "threads": threads, "results": results}, names)
+    return cached()
+
+
+def kernels_summary() -> dict:
+    """What ``ondevice device`` shows: the build's extra kernels, the untested default and each tested weight type."""
+    from ..engine.bufts import offered
+    from .info import cpu_flags
+
+    names, flags = offered(), cpu_flags()
+    amx, repack = requested()
+    fams = {}
+    for fam, e in sorted(cached().get("families", {}).items()):
+        c = choose(amx, repack, names, flags, e["results"])
+        fams[fam] = {**e, "choice": label(c.bufts), "reason": c.reason}
+    d = choose(amx, repack, names, flags, None)
+    return {"offered": list(names), "requested": {"amx": amx, "repack": repack},
+            "default": {"label": label(d.bufts), "reason": d.reason}, "families": fams, "cache": str(cache_path())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m ondevice.device.kernels JOB_JSON (the self-test's child)")
+    return _child(json.loads(argv[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

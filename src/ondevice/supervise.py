@@ -1,0 +1,121 @@
+"""Run a verb in a child process, so a native crash in llama.cpp reaches the user as one clear line.
+
+A SIGSEGV or SIGABRT inside llama.cpp cannot be caught in the process it kills. The ``ondevice`` command
+therefore runs the verbs that load llama.cpp (:data:`VERBS`) as ``python -m ondevice.cli ...`` in a child
+with the same stdin, stdout, stderr and process group (so the terminal, pipes and Ctrl-C behave as
+before). The parent only waits: it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to it alone (what a
+terminal sends, Ctrl-C included, reaches the child directly), passes the child's exit status through, and when the child dies of
+a signal prints what died, the likely cause and the flag that avoids it, then exits 128 + the signal.
+
+The child leaves the kernels it loaded in a small file (``ONDEVICE_CRASH_STATE``, written by
+:func:`note_loaded`) so the message can name AMX or CPU_REPACK. ``ONDEVICE_SUPERVISED=1``
+in the environment runs a verb in-process (what the child sees; also a way to opt out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VERBS = frozenset({"run", "chat", "serve", "eval", "quantize"})
+MARK_ENV = "ONDEVICE_SUPERVISED"
+STATE_ENV = "ONDEVICE_CRASH_STATE"
+CRASH_TEST_ENV = "ONDEVICE_TEST_CRASH"  # test hook: the child raises this signal at itself before its verb
+_SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent (a terminal's Ctrl-C), as opposed to kill()
+_FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def wanted(verb: str | None) -> bool:
+    return verb in VERBS and not os.environ.get(MARK_ENV) and sys.platform.startswith("linux")
+
+
+def crash_message(verb: str, sig: int, state: dict | None) -> str:
+    """The one line for a child that died of signal ``sig`` (``state``: the kernels it had loaded)."""
+    name = signal.Signals(sig).name
+    state = state or {}
+    kernels = ", ".join(state.get("bufts") or [])
+    head = f"ondevice {verb}: error: llama.cpp crashed ({name})"
+    if sig == signal.SIGKILL:
+        return (f"ondevice {verb}: error: killed (SIGKILL), most likely by the out-of-memory killer; try a smaller "
+                f"model, a smaller --ctx, or free some memory")
+    if sig == signal.SIGILL:
+        return (f"{head}: this llama.cpp build uses instructions this CPU lacks (built on another machine?); rebuild "
+                f"it here: pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "
+                f"'llama-cpp-python==0.3.36'")
+    if sig == signal.SIGBUS:
+        return f"{head} reading the model file: was it changed, truncated or on a vanished disk while in use?"
+    if state.get("amx"):
+        return (f"{head} while using its AMX kernels, a known llama.cpp bug on some Xeons (llama.cpp issue "
+                f"20824); run again with --amx off (or set ONDEVICE_AMX=off)")
+    if state.get("repack") and state.get("bufts"):
+        return (f"{head} with the repacked CPU kernels ({kernels}); run again with --repack off (or set "
+                f"ONDEVICE_REPACK=off), and see its log with ONDEVICE_VERBOSE=1")
+    where = "before loading a model" if not state else "with no extra CPU kernels"
+    return (f"{head} {where}, a bug in native code; see its log with ONDEVICE_VERBOSE=1"
+            + ("" if verb == "quantize" else ", and try --repack off and --amx off"))
+
+
+def run_supervised(verb: str, argv: list[str]) -> int:
+    """Run ``ondevice argv`` in a child; its exit code, or 128 + signal with a clear line when it crashed."""
+    fd, state_path = tempfile.mkstemp(prefix="ondevice-crash-", suffix=".json")
+    os.close(fd)
+    env = dict(os.environ, **{MARK_ENV: "1", STATE_ENV: state_path})
+    forwarded = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env)
+        # wait with our signals blocked and read them synchronously: no handler runs in the parent
+        mask = {*_FORWARD, signal.SIGCHLD}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+        try:
+            while proc.poll() is None:
+                info = signal.sigtimedwait(mask, 1.0)
+                if info is None or info.si_signo == signal.SIGCHLD:
+                    continue
+                if info.si_code == _SI_KERNEL:
+                    continue  # from the terminal (Ctrl-C, Ctrl-\, hang-up) to our whole group: the child has it
+                forwarded = info.si_signo
+                proc.send_signal(forwarded)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        rc = proc.returncode
+        if rc >= 0:
+            return rc
+        sig = -rc
+        if sig == signal.SIGINT:
+            return 130
+        if sig == signal.SIGPIPE:
+            return 0  # the reader went away (`ondevice run | head`), as in-process
+        if sig == forwarded or sig in (signal.SIGTERM, signal.SIGHUP):
+            return 128 + sig  # it was told to stop: not a crash
+        try:
+            state = json.loads(Path(state_path).read_text() or "{}")
+        except (OSError, ValueError):
+            state = {}
+        print(crash_message(verb, sig, state), file=sys.stderr)
+        return 128 + sig
+    finally:
+        Path(state_path).unlink(missing_ok=True)
+
+
+def note_loaded(kernels: dict, buffers: dict[str, float]) -> None:
+    """In a supervised child: leave which kernels a load used (the crash message names them)."""
+    path = os.environ.get(STATE_ENV)
+    if path:
+        try:
+            Path(path).write_text(json.dumps({**kernels, "buffers": sorted(buffers)}))
+        except OSError:
+            pass
+    crash_test_hook("loaded")
+
+
+def crash_test_hook(when: str = "start") -> None:
+    """Test hook of the message path: in a supervised child, ``ONDEVICE_TEST_CRASH=SIGSEGV`` raises the
+    signal before the verb runs, ``SIGSEGV:loaded`` right after a model load."""
+    sig, _, at = os.environ.get(CRASH_TEST_ENV, "").partition(":")
+    if sig and os.environ.get(MARK_ENV) and (at or "start") == when:
+        os.kill(os.getpid(), signal.Signals[sig])

@@ -1,0 +1,207 @@
+"""Extra CPU kernels (AMX, CPU_REPACK): the choice on faked CPUs, a real self-test and decode here, and the
+supervisor that turns a native crash into one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ondevice.device import kernels as K
+from ondevice.errors import InvalidArgument
+from ondevice.supervise import crash_message
+
+# What /proc/cpuinfo says and what a GGML_NATIVE build of llama.cpp offers on each kind of machine.
+AMX_XEON = (("AMX", "CPU_REPACK"), ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"])
+AVX2_ONLY = (("CPU_REPACK",), ["sse3", "avx", "avx2", "fma", "f16c"])
+AVX512_NO_AMX = (("CPU_REPACK",), ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"])
+ARM_I8MM = (("CPU_REPACK",), ["neon", "asimd", "asimddp", "i8mm"])
+ARM_KLEIDIAI = (("CPU_KLEIDIAI", "CPU_REPACK"), ["neon", "asimd", "asimddp", "i8mm", "sme"])
+
+
+def ok(pp=None, tg=None):
+    return {"ok": True, "error": None, **({"pp_tps": pp, "tg_tps": tg} if pp else {})}
+
+
+def failed(why="SIGSEGV"):
+    return {"ok": False, "error": why}
+
+
+@pytest.mark.parametrize("machine", [AMX_XEON, AVX2_ONLY, AVX512_NO_AMX, ARM_I8MM, ARM_KLEIDIAI],
+                         ids=["amx-xeon", "avx2", "avx512-no-amx", "arm-i8mm", "arm-kleidiai"])
+def test_auto_untested_is_the_safe_set(machine):
+    offered, flags = machine
+    c = K.choose("auto", "auto", offered, flags, None)
+    assert not c.amx and "AMX" not in c.bufts  # never AMX without proof
+    assert c.repack and c.bufts == tuple(n for n in offered if n != "AMX")  # repacked kernels stay on
+    assert "not self-tested" in c.reason
+
+
+def test_amx_xeon_amx_only_when_proven_safe_and_faster():
+    offered, flags = AMX_XEON
+    crashed = {"none": ok(), "CPU_REPACK": ok(), "AMX": failed(), "AMX+CPU_REPACK": failed()}
+    c = K.choose("auto", "auto", offered, flags, crashed)
+    assert (c.amx, c.repack, c.bufts) == (False, True, ("CPU_REPACK",))
+    assert "AMX+CPU_REPACK (SIGSEGV)" in c.reason
+    untimed = {"none": ok(), "CPU_REPACK": ok(), "AMX": ok(), "AMX+CPU_REPACK": ok()}  # passed, never timed
+    assert K.choose("auto", "auto", offered, flags, untimed).bufts == ("CPU_REPACK",)
+    timed = {"none": ok(100, 50), "CPU_REPACK": ok(150, 50), "AMX": ok(200, 52), "AMX+CPU_REPACK": ok(300, 60)}
+    c = K.choose("auto", "auto", offered, flags, timed)
+    assert (c.amx, c.bufts) == (True, ("AMX", "CPU_REPACK")) and "fastest" in c.reason
+    barely = {**timed, "AMX": ok(120, 50), "AMX+CPU_REPACK": ok(152, 51)}  # 2% better: noise; the default stays
+    assert K.choose("auto", "auto", offered, flags, barely).bufts == ("CPU_REPACK",)
+    # explicit flags are obeyed without a self-test; --amx off always wins
+    assert K.choose("on", "auto", offered, flags, crashed).amx
+    assert K.choose("off", "auto", offered, flags, timed).bufts == ("CPU_REPACK",)
+    assert K.choose("off", "off", offered, flags, timed).bufts == ()
+
+
+def test_amx_needs_the_cpu_and_the_build():
+    offered, flags = AVX2_ONLY
+    with pytest.raises(InvalidArgument, match="build has no AMX"):
+        K.choose("on", "auto", offered, flags, None)
+    # a build with AMX kernels on an AVX-512 CPU without AMX: never used, even if a stale cache says faster
+    stale = {"none": ok(100, 50), "CPU_REPACK": ok(150, 50), "AMX+CPU_REPACK": ok(900, 90)}
+    c = K.choose("auto", "auto", ("AMX", "CPU_REPACK"), AVX512_NO_AMX[1], stale)
+    assert not c.amx and c.bufts == ("CPU_REPACK",)
+    with pytest.raises(InvalidArgument, match="CPU has no AMX"):
+        K.choose("on", "auto", ("AMX", "CPU_REPACK"), AVX512_NO_AMX[1], None)
+    with pytest.raises(InvalidArgument, match="offers no repacked"):
+        K.choose("auto", "on", (), ARM_I8MM[1], None)
+
+
+def test_repack_off_where_its_self_test_failed():
+    offered, flags = ARM_I8MM
+    res = {"none": ok(), "CPU_REPACK": failed("wrong logits (cosine 0.412 with no extra kernels)")}
+    c = K.choose("auto", "auto", offered, flags, res)
+    assert c.bufts == () and "wrong logits" in c.reason
+    assert K.choose("auto", "on", offered, flags, res).bufts == ("CPU_REPACK",)  # asked for: obeyed
+
+
+def test_configs_and_requested(monkeypatch):
+    assert K.configs(*AMX_XEON) == [(False, False), (False, True), (True, False), (True, True)]
+    assert K.configs(*AVX2_ONLY) == [(False, False), (False, True)]
+    assert K.configs(("AMX", "CPU_REPACK"), AVX512_NO_AMX[1]) == [(False, False), (False, True)]
+    monkeypatch.setenv("ONDEVICE_AMX", "0")
+    monkeypatch.setenv("ONDEVICE_REPACK", "ON")
+    assert K.requested() == ("off", "on")
+    assert K.requested("auto", None) == ("auto", "on")  # a flag beats the env var
+    monkeypatch.setenv("ONDEVICE_REPACK", "sometimes")
+    with pytest.raises(InvalidArgument, match="ONDEVICE_REPACK 'sometimes'"):
+        K.requested()
+
+
+# ---- on this machine, with the real llama.cpp ----------------------------------------------------------
+
+@pytest.fixture()
+def kcache(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(path))
+    monkeypatch.delenv("ONDEVICE_AMX", raising=False)
+    monkeypatch.delenv("ONDEVICE_REPACK", raising=False)
+    return path
+
+
+def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache):
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.bufts import offered, wanted
+    from ondevice.engine.llama import LlamaEngine
+
+    names = offered()
+    eng = LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=2))  # auto: the quick self-test runs first
+    entry = K.cached()["families"][K.family_of(smol_path)]
+    assert set(entry["results"]) == {K.label(wanted(names, *c)) for c in K.configs(names, []) if not c[0]}
+    assert all(r["ok"] for r in entry["results"].values()), entry  # nothing here crashes
+    assert "AMX" not in eng.kernels.bufts and eng.kernels.reason.startswith("auto")
+    assert set(eng.kernels_used.split("+")) <= set(eng.kernels.bufts) | {"none"}
+    toks = eng.tokenize("The capital of France is")
+    eng.prefill(toks)
+    auto_row = eng.logits()
+    out = []
+    for _ in range(8):  # a real greedy decode under the chosen kernels
+        out.append(int(eng.logits().argmax()))
+        eng.decode(out[-1])
+    assert eng.detokenize(out).strip()
+    eng.close()
+    plain = LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=2, amx="off", repack="off"))
+    assert plain.kernels_used == "none" and "CPU_REPACK" not in plain.buffer_types
+    plain.prefill(toks)
+    row = plain.logits()
+    plain.close()
+    cos = float(auto_row @ row / np.linalg.norm(auto_row) / np.linalg.norm(row))
+    assert cos > 0.99 and int(auto_row.argmax()) == int(row.argmax())
+
+
+def test_repack_on_puts_repackable_weights_in_cpu_repack(tmp_path, smol_path, kcache):
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.bufts import offered
+    from ondevice.engine.llama import LlamaEngine
+
+    if "CPU_REPACK" not in offered():
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    q4_0 = K.variants(families=("Q4_0",))["Q4_0"]  # repack interleaves Q4_0 on AVX2, AVX-512 and NEON
+    eng = LlamaEngine(q4_0, EngineConfig(n_ctx=128, n_threads=2, repack="on", amx="off"))
+    assert eng.buffer_types.get("CPU_REPACK", 0) > 0 and eng.kernels_used == "CPU_REPACK"
+    eng.close()
+
+
+# ---- the supervisor: no bare native crash --------------------------------------------------------------
+
+def test_crash_message_names_the_cause_and_the_flag():
+    amx = crash_message("run", signal.SIGSEGV, {"amx": True, "repack": True, "bufts": ["AMX", "CPU_REPACK"]})
+    assert "AMX" in amx and "--amx off" in amx and "ONDEVICE_AMX=off" in amx and "\n" not in amx
+    rep = crash_message("serve", signal.SIGABRT, {"amx": False, "repack": True, "bufts": ["CPU_REPACK"]})
+    assert rep.startswith("ondevice serve: error: llama.cpp crashed (SIGABRT)") and "--repack off" in rep
+    assert "out-of-memory" in crash_message("eval", signal.SIGKILL, {})
+    assert "--repack" not in crash_message("quantize", signal.SIGSEGV, {})
+
+
+def test_a_child_killed_by_a_signal_gives_one_clear_line(cli):
+    res = cli("run", "--temp", "0", "-n", "4", "Hi", env={"ONDEVICE_TEST_CRASH": "SIGSEGV"})
+    assert res.returncode == 128 + signal.SIGSEGV
+    lines = res.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[-1].startswith("ondevice run: error: llama.cpp crashed (SIGSEGV)")
+
+
+def test_a_crash_after_load_names_the_kernels_in_use(cli):
+    res = cli("run", "--temp", "0", "-n", "4", "--repack", "on", "--amx", "off", "Hi",
+              env={"ONDEVICE_TEST_CRASH": "SIGABRT:loaded"})
+    assert res.returncode == 128 + signal.SIGABRT, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "crashed (SIGABRT)" in last and "--repack off" in last and "Traceback" not in res.stderr
+
+
+def test_supervised_exit_codes_and_output_pass_through(cli):
+    res = cli("run", "--temp", "0", "-n", "3", "--timings", "json", "Say hi")
+    assert res.returncode == 0 and res.stdout.strip()
+    assert json.loads(res.stderr.strip().splitlines()[-1])["generation_tokens"] == 3
+    bad = cli("run", "--threads", "0", "Hi")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ondevice run: error:")
+
+
+def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
+    import psutil
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
+                             "-np", "1", "-c", "256"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()  # "ondevice serve: NAME on http://127.0.0.1:PORT/v1 ..." once it listens
+        assert "on http://" in line, line
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 1  # the supervised child does the serving
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
+    assert not children[0].is_running()

@@ -23,6 +23,13 @@ def stream(prompt, model: str | None = None, **kw):
     yield from load(model).stream(prompt, **kw)
 
 
+def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # noqa: N802 — a class, imported lazily
+    """A device -> cloud cascade (see :class:`ondevice.cascade.Cascade`)."""
+    from .cascade import Cascade as _Cascade
+
+    return _Cascade(device_model, cloud_url, **kw)
+
+
 def bench(*args, **kw):
     """Run benchmark configurations and return their records (see :func:`ondevice.bench.api.bench`)."""
     from .bench.api import bench as _bench
@@ -37,5 +44,5 @@ def evaluate(*args, **kw):
     return _evaluate(*args, **kw)
 
 
-__all__ = ["Generation", "Model", "OndeviceError", "Result", "Sampling", "bench", "evaluate", "generate",
+__all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "bench", "evaluate", "generate",
            "load", "stream", "__version__"]

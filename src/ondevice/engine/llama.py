@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .base import Engine, EngineConfig
+from .logprobs import token_stats
 from .records import Generation, Sampling
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -453,11 +454,14 @@ class LlamaEngine(Engine):
                     finish = "length" if (n >= sampling.max_tokens or full) else None
                     tok_out = tok
                 tps = (n - 1) / (t - ttft) if n > 1 and t > ttft else 0.0
+                lp = ent = None
+                if sampling.token_stats and not stop:
+                    lp, ent = token_stats(self._row(-1), tok)
                 yield Generation(text=text, token=tok_out, index=n - 1 if not stop else n, t=t, ttft=ttft,
                                  prompt_tokens=n_cached + n_prompt, prompt_time=t_prompt,
                                  prompt_tps=n_prompt / t_prompt if t_prompt > 0 else 0.0,
                                  generation_tokens=n, generation_tps=tps, finish_reason=finish,
-                                 cached_tokens=n_cached)
+                                 cached_tokens=n_cached, logprob=lp, entropy=ent)
                 if finish:
                     return
                 self.decode(tok, seq)

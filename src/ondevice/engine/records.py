@@ -37,6 +37,7 @@ class Generation:
     logprob: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token, logprob), best first, when asked for
+    entropy: float | None = None  # nats, of the distribution the token came from (Sampling.token_stats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,7 @@ class Result:
         if self.last is None:
             return {}
         d = self.last.to_dict()
-        for k in ("text", "token", "index", "logprob", "top_logprobs"):
+        for k in ("text", "token", "index", "logprob", "top_logprobs", "entropy"):
             d.pop(k)
         d["peak_rss_bytes"] = self.peak_rss_bytes
         return d
@@ -80,6 +81,7 @@ class Sampling:
     stop: tuple[str, ...] = field(default_factory=tuple)
     grammar: str | None = None  # GBNF text, enforced by llama.cpp's grammar sampler
     ignore_eos: bool = False
+    token_stats: bool = False  # record each token's logprob and entropy (raw logits; the cascade's confidence)
 
     @property
     def penalized(self) -> bool:

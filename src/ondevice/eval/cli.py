@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
     p.add_argument("--no-store", action="store_true", help="do not record the results in the store")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    from .cascade_curve import add_cascade_arguments
+
+    add_cascade_arguments(p)
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -80,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from .api import evaluate
 
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
+
+    if args.cascade:
+        from .cascade_curve import run_cli
+
+        return run_cli(args)
 
     records = evaluate(args.model, ppl=args.ppl, corpus=args.corpus, text=args.text, ctx=args.ctx, chunks=args.chunks,
                        ref=args.ref, topk=args.topk, suite=args.suite, limit=args.limit, seed=args.seed,

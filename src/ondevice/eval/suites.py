@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ondevice.errors import InvalidArgument, OndeviceError
+from ondevice.eval import rewrite_metric  # noqa: F401 — registers the rewrite_check metric
 from ondevice.eval.metrics import METRICS, get_metric
 
 Messages = list[dict[str, str]]
@@ -297,6 +298,14 @@ def load_assistant_en() -> list[Item]:
     """The English on-device assistant suite authored for ondevice (data/assistant_en.jsonl)."""
     text = (_DATA / "assistant_en.jsonl").read_text(encoding="utf-8")
     return parse_jsonl_items(text, "assistant_en.jsonl", default_task="assistant-en")
+
+
+@suite("rewrite")
+def load_rewrite() -> list[Item]:
+    """Message rewrites by instruction (formal, friendly, polite, shorter, fix grammar), authored for ondevice
+    (data/rewrite.jsonl); scored by ``rewrite_check`` (see eval/rewrite_metric.py) or exact match."""
+    text = (_DATA / "rewrite.jsonl").read_text(encoding="utf-8")
+    return parse_jsonl_items(text, "rewrite.jsonl", default_task="rewrite")
 
 
 @suite("humaneval")

@@ -32,6 +32,12 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 256  # llama.cpp caps tensor names at 64; be lenient but bounded
 MAX_NESTING = 3  # arrays of arrays are legal in the spec but never that deep in practice
 KEEP_ARRAY = 1024  # arrays up to this length keep their values in GGUFInfo.metadata
+VOCAB_KEY = "tokenizer.ggml.tokens"
+MIN_ALIGNMENT = 32  # ggml's CPU buffers are 32-byte aligned: a smaller GGUF alignment trips an assert
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
+# tokenizer.ggml.model values llama.cpp builds a tokenizer for ("none"/"no_vocab" leave it without one)
+TOKENIZER_MODELS = ("llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv", "plamo2", "gemma4")
 
 # GGUF value type id -> (struct format, size); 8 = string and 9 = array are handled separately.
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -181,11 +187,15 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
     if count > (cur.size - cur.pos) // 8:
         raise _invalid(cur.path, f"truncated: array '{key}' claims {count} items at byte {cur.pos} but the "
                                  f"file has {cur.size} bytes", _FIX_TRUNCATED)
+    start_items = cur.pos
     if itype == _STRING:
-        if keep:
+        vocab = key == VOCAB_KEY and depth == 0
+        if keep and not vocab:
             return [cur.string(f"item {i} of '{key}'") for i in range(count)], count
-        # The hot loop for vocabularies (50k-250k strings): skip without decoding.
+        # The hot loop for vocabularies (50k-250k strings): skip without decoding, but find duplicates, which
+        # llama.cpp asserts on (it maps an empty entry to "[EMPTY_<i>]", so that is what counts)
         buf, pos, limit, unpack = cur.buf, cur.pos, cur.limit, struct.unpack_from
+        seen: dict[bytes, int] | None = {} if vocab else None
         for i in range(count):
             if pos + 8 > limit:
                 cur.pos = pos
@@ -194,8 +204,17 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
             if pos + 8 + n > limit:
                 cur.pos = pos + 8
                 cur.need(n, f"item {i} of '{key}'")
+            if seen is not None:
+                word = bytes(buf[pos + 8:pos + 8 + n]) or f"[EMPTY_{i}]".encode()
+                first = seen.setdefault(word, i)
+                if first != i:
+                    raise _invalid(cur.path, f"corrupt vocabulary: tokens {first} and {i} are both {word[:40]!r} "
+                                             f"in '{key}'")
             pos += 8 + n
         cur.pos = pos
+        if keep:
+            cur.pos = start_items
+            return [cur.string(f"item {i} of '{key}'") for i in range(count)], count
         return None, count
     values = [_read_value(cur, itype, f"{key}[{i}]", depth + 1)[0] for i in range(count)]
     return (values if keep else None), count
@@ -227,11 +246,13 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
 
     metadata: dict[str, Any] = {}
     array_lengths: dict[str, int] = {}
+    types: dict[str, int] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}") or ""
-        if key in metadata or key in array_lengths:
+        if key in types:
             raise _invalid(path, f"corrupt metadata: duplicate key '{key}'")
         vtype = cur.u32(f"the type of '{key}'")
+        types[key] = vtype
         value, length = _read_value(cur, vtype, key)
         if length is not None:
             array_lengths[key] = length
@@ -239,8 +260,10 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
             metadata[key] = value
 
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise _invalid(path, f"corrupt metadata: general.alignment is {alignment!r}, not a power of two")
+    if ("general.alignment" in types and types["general.alignment"] != 4) or not isinstance(alignment, int) \
+            or alignment < MIN_ALIGNMENT or alignment & (alignment - 1):
+        raise _invalid(path, f"corrupt metadata: general.alignment is {alignment!r}; llama.cpp needs a uint32 "
+                             f"power of two of at least {MIN_ALIGNMENT}")
 
     raw: list[tuple[str, tuple[int, ...], int, int]] = []
     for i in range(n_tensors):
@@ -292,6 +315,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
     if not isinstance(arch, str) or not arch:
         raise _invalid(path, "missing general.architecture, so no runtime knows how to run it",
                        "re-convert it with a current llama.cpp")
+    _check_hparams(path, arch, metadata, types, array_lengths)
 
     def num(key: str) -> int | None:
         v = metadata.get(f"{arch}.{key}")
@@ -324,6 +348,59 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
         alignment=alignment, data_offset=data_offset, tensor_bytes=total, tensors=tuple(tensors),
         tensor_shapes=shapes, tensor_offsets=offsets, metadata=metadata, array_lengths=array_lengths,
     )
+
+
+def _check_hparams(path: Path, arch: str, metadata: dict[str, Any], types: dict[str, int],
+                   array_lengths: dict[str, int]) -> None:
+    """Values llama.cpp asserts on (an abort, not an error it reports) get a clear error here instead."""
+    def bad(what: str) -> InvalidModelFile:
+        return _invalid(path, f"corrupt metadata: {what}")
+
+    def integer(key: str) -> int | None:
+        v = metadata.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.model"):
+        if key in types and types[key] != (_ARRAY if key == VOCAB_KEY else _STRING):
+            raise bad(f"'{key}' has GGUF type {types[key]}, not a {'array' if key == VOCAB_KEY else 'string'}")
+    blocks = f"{arch}.block_count"
+    if blocks in types:
+        n = integer(blocks)
+        if n is None or not 1 <= n <= MAX_LAYERS:
+            raise bad(f"{blocks} is {metadata.get(blocks, '(an array)')!r}; llama.cpp runs 1 to {MAX_LAYERS} layers")
+        nextn = integer(f"{arch}.nextn_predict_layers")
+        if nextn is not None and not 0 <= nextn <= n:
+            raise bad(f"{arch}.nextn_predict_layers is {nextn}, more than the {n} layers")
+    experts, used = integer(f"{arch}.expert_count"), integer(f"{arch}.expert_used_count")
+    if experts is not None and not 0 <= experts <= MAX_EXPERTS:
+        raise bad(f"{arch}.expert_count is {experts}; llama.cpp allows 0 to {MAX_EXPERTS}")
+    if used is not None and not 0 <= used <= (experts or 0):
+        raise bad(f"{arch}.expert_used_count is {used} but the model has {experts or 0} experts")
+    for key, v in metadata.items():
+        if key.startswith(f"{arch}.") and key.endswith("_epsilon"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            if not ok:
+                raise bad(f"{key} is {v!r}; a norm epsilon must be a finite number >= 0")
+    for key in (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv",
+                f"{arch}.context_length", f"{arch}.feed_forward_length"):
+        v = metadata.get(key)
+        vals = v if isinstance(v, list) else [v]
+        if key in metadata and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 or x >= 1 << 31
+                                   for x in vals):
+            raise bad(f"{key} is {v!r}; it must be a non-negative 32-bit integer")
+    model = metadata.get("tokenizer.ggml.model")
+    if isinstance(model, str) and model not in TOKENIZER_MODELS:
+        what = "no tokenizer" if model in ("none", "no_vocab") else "a tokenizer llama.cpp does not know"
+        raise bad(f"tokenizer.ggml.model is {model!r}, {what}; ondevice needs a model with a vocabulary "
+                  f"({', '.join(TOKENIZER_MODELS)})")
+    n_vocab = array_lengths.get(VOCAB_KEY)
+    if model is not None and not n_vocab:
+        raise bad(f"the model names tokenizer {model!r} but has no {VOCAB_KEY}")
+    if n_vocab:
+        for key, v in metadata.items():
+            if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and (
+                    not isinstance(v, int) or isinstance(v, bool) or not -1 <= v < n_vocab):
+                raise bad(f"{key} is {v!r}, outside the vocabulary of {n_vocab} tokens")
 
 
 def _deep_check(info: GGUFInfo) -> None:

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=("html", "md", "csv", "json", "jsonl", "sql"), default="html",
                    help="html writes the report file and prints its path; the others print records to stdout")
     p.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
+    p.add_argument("--cascade", action="store_true",
+                   help="the device -> cloud cascade's deferral curves (from `ondevice eval --cascade`): a table "
+                        "on stdout and an HTML page")
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
@@ -33,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
             for s, created, n in sessions:
                 print(f"{s}  {datetime.fromtimestamp(created):%Y-%m-%d %H:%M:%S}  {n} records")
             return 0
+        if args.cascade:
+            from .cascade import run_report
+
+            return run_report(store, args)
         if args.compare:
             _, table = compare(store, *args.compare)
             sys.stdout.write(table)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from html import escape
 
 from . import svg
+from .cascade import html as cascade_html
 from .formats import columns
 from .quality import quality_vs_speed
 
@@ -138,6 +139,7 @@ def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title
                + "</div>") if qplots else (
         "<h2>Quality vs speed</h2><p class='note'>No eval records share a model sha256 with these bench runs; "
         "run <code>ondevice eval</code> on the same model files to fill this view.</p>")
+    quality += cascade_html(eval_records)
     when = datetime.now(UTC).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{CSS}</style></head>

@@ -47,7 +47,8 @@ def write_html(records: list[dict], store=None, path: str | Path | None = None,
 
     sessions = sessions or sorted({r.get("session") or r.get("_session") for r in records} - {None})
     shas = {r.get("model_sha256") for r in records}
-    evals = [e for e in (store.records("eval") if store is not None else []) if e.get("model_sha256") in shas]
+    evals = [e for e in (store.records("eval") if store is not None else [])
+             if e.get("model_sha256") in shas or str(e.get("test", "")).startswith("cascade:")]
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "w", encoding="utf-8") as f:

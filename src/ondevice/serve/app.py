@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..cascade.serve import server_cascade
 from ..engine.records import Generation, Sampling
 from ..errors import InvalidArgument
 from . import schemas as S
@@ -36,6 +37,8 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            if state.cascade is not None:
+                await state.cascade.aclose()
             await run_in_threadpool(state.close)
 
     app = FastAPI(title="ondevice", lifespan=lifespan)
@@ -43,6 +46,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
                        metrics=state.metrics, routes=ROUTES)
     app.state.ondevice = state
+    state.cascade = server_cascade(state)  # None unless --cascade URL
     runner = Runner(state)
 
     @app.get("/health")
@@ -229,12 +233,15 @@ class Runner:
         messages = message_dicts(req.messages)
         tools = [t.model_dump() for t in req.tools] if req.tools else None
         loop = asyncio.get_running_loop()
+        cascade = st.cascade if st.cascade is not None and st.cascade.applies(req, plan) else None
 
         def prepare():
             text = st.render_chat(messages, tools, plan.system_note)
             toks = st.tokenize(text, add_special=st.template is None, parse_special=True)
             max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar)
+            if cascade is not None:
+                sampling = cascade.sampling(sampling)
             lp = (req.top_logprobs or 0) if req.logprobs else None
             return [self._job(loop, toks, s, logprobs=lp) for s in _choices(req, sampling)]
 
@@ -242,6 +249,8 @@ class Runner:
         self._submit(jobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            if cascade is not None:
+                return await cascade.stream(self, jobs[0], req, request, messages, include_usage)
             return StreamingResponse(self._chat_stream(jobs[0], req, request, plan, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await self._gather(jobs, request)
@@ -255,12 +264,17 @@ class Runner:
             msg = S.AssistantMessage(content=None if calls else text, tool_calls=calls)
             if calls:
                 finish = "tool_calls"
-            lps = [self._chat_lp(g) for g in gen if g.logprob is not None]
+            lps = [self._chat_lp(g) for g in gen if g.logprob is not None] if req.logprobs else None
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
-        return S.ChatCompletion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
+        resp = S.ChatCompletion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
                                 timings=_timings(lasts[0]) if len(lasts) == 1 else None)
+        if st.cascade is not None:
+            if cascade is None:
+                return st.cascade.not_applicable(resp)
+            return await cascade.finish(req, resp, results[0][1], messages)
+        return resp
 
     def _submit(self, jobs: list[Job]) -> None:
         """Queue every job, or none: a full queue cancels those already queued."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.logprobs import log_softmax, top_k
+from ..engine.logprobs import log_softmax, token_stats, top_k
 from ..engine.model import split_stop
 from ..engine.records import Generation, Sampling
 
@@ -302,6 +302,10 @@ class Batcher:
         if job.logprobs is not None:
             lps = log_softmax(self.eng.logits(s.row))
             lp, top = float(lps[tok]), tuple(top_k(lps, job.logprobs))
+        ent = None
+        if job.sampling.token_stats and tok >= 0:  # the cascade's confidence: one exp pass over the row
+            lp_row, ent = token_stats(self.eng.logits(s.row), tok)
+            lp = lp_row if lp is None else lp
         now = time.perf_counter()
         eos = tok in self.eos and not job.sampling.ignore_eos
         with self.metrics.lock:  # once per token
@@ -320,14 +324,14 @@ class Batcher:
         finish = "stop" if stopped else None
         if finish is None and (s.n_gen >= job.sampling.max_tokens or len(s.cached) >= self.slot_ctx):
             text, s.held, finish = text + s.held + s.utf8.decode(b"", final=True), "", "length"
-        self._emit(job, self._record(s, tok, text, finish, lp, top))
+        self._emit(job, self._record(s, tok, text, finish, lp, top, ent))
         if finish:
             self._release(s)
         else:
             s.next_tok = tok
 
     def _record(self, s: Slot, tok: int, text: str, finish: str | None, lp: float | None = None,
-                top: tuple | None = None) -> Generation:
+                top: tuple | None = None, ent: float | None = None) -> Generation:
         """The engine's per-token record; times count from the request's arrival (queueing included)."""
         job = s.job
         t0 = job.t_arrival
@@ -339,7 +343,8 @@ class Batcher:
                           prompt_tps=n_computed / prompt_time if prompt_time > 0 else 0.0,
                           generation_tokens=s.n_gen,
                           generation_tps=(s.n_gen - 1) / gen_time if s.n_gen > 1 and gen_time > 0 else 0.0,
-                          finish_reason=finish, logprob=lp, cached_tokens=s.n_cached, top_logprobs=top)
+                          finish_reason=finish, logprob=lp, cached_tokens=s.n_cached, top_logprobs=top,
+                          entropy=ent)
 
     def _release(self, s: Slot, clear: bool = False) -> None:
         job = s.job

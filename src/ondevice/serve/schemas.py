@@ -111,8 +111,19 @@ class ResponseFormat(_Req):
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-cpp-python's json_object + schema
 
 
+class CascadeOptions(_Req):
+    """Per-request cascade policy (extension; see ondevice.cascade.policy.RequestPolicy)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt policy must not pass silently
+    never_defer: bool = False  # private: never leaves the device, never stored
+    always_defer: bool = False
+    threshold: float | None = Field(None, ge=0, le=1)
+    keep: bool | None = None  # keep as a hard sample if deferred (None: the server's --cascade-keep-hard)
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    cascade: CascadeOptions | None = None  # extension: with `ondevice serve --cascade URL`
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
@@ -187,6 +198,7 @@ class ChatCompletion(_Resp):
     usage: Usage
     system_fingerprint: str | None = None
     timings: Timings | None = None
+    cascade: dict[str, Any] | None = None  # with --cascade: tier, confidence, per-tier latency, reason
 
 
 class ToolCallDelta(_Resp):
@@ -217,6 +229,7 @@ class ChatCompletionChunk(_Resp):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     timings: Timings | None = None
+    cascade: dict[str, Any] | None = None  # on the last chunk, with --cascade
 
 
 # -- completions -----------------------------------------------------------------------------------------

@@ -39,6 +39,23 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+    # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint
+    cascade: str | None = Field(None, description="OpenAI-compatible cloud endpoint to defer unsure answers to "
+                                                  "(None: no cascade)")
+    cascade_model: str | None = Field(None, description="model name at the cloud (None: the first it lists)")
+    cascade_threshold: float = Field(0.5, ge=0, le=1, description="defer when the confidence is below this")
+    cascade_budget: float = Field(1.0, ge=0, le=1, description="most share of requests deferred per window")
+    cascade_window: float = Field(60.0, gt=0, description="seconds of the deferral budget's sliding window")
+    cascade_timeout: float = Field(10.0, gt=0, description="seconds the cloud may take (streaming: to its first "
+                                                           "token, then per token) before the device answers")
+    cascade_key_env: str = Field("ONDEVICE_CLOUD_KEY", description="name of the env var holding the cloud's "
+                                                                   "API key (the key is never logged)")
+    cascade_prefix_tokens: int = Field(16, ge=0, description="streaming: decide after this many device tokens "
+                                                             "(0: buffer the whole answer, then decide)")
+    cascade_keep_hard: bool = Field(False, description="keep deferred inputs with the cloud's answers in the "
+                                                       "store (export: ondevice cascade export)")
+    cascade_combiner: str | None = Field(None, description="confidence combiner file (None: the one fitted for "
+                                                           "this model by `ondevice cascade fit`, if any)")
     amx: Literal["auto", "on", "off"] = Field(
         "auto", description="Intel AMX kernels (auto: off unless proven safe and faster here; see `ondevice device`)")
     repack: Literal["auto", "on", "off"] = Field(

@@ -29,6 +29,20 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_key ON records(kind, config_key);
 CREATE INDEX IF NOT EXISTS records_model ON records(model_sha256);
 CREATE INDEX IF NOT EXISTS records_session ON records(session);
+-- inputs the device was unsure of, with the cloud's answer: data for adapting the device model later
+CREATE TABLE IF NOT EXISTS hard_samples (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    created     REAL NOT NULL,
+    source      TEXT NOT NULL,              -- 'serve' | 'library' | 'eval'
+    device_model TEXT NOT NULL,
+    device_sha256 TEXT,
+    cloud_model TEXT,
+    confidence  REAL,
+    messages    TEXT NOT NULL,              -- the input, JSON chat messages
+    device_answer TEXT,
+    cloud_answer TEXT NOT NULL,
+    extra       TEXT                        -- JSON: the reply's cascade object (features, latencies, reason)
+);
 """
 
 
@@ -111,6 +125,38 @@ class Store:
         for rid, sess, status, created, rec in self.db.execute(q, args):
             d = json.loads(rec)
             d.update(_id=rid, _session=sess, _status=status, _created=created)
+            out.append(d)
+        return out
+
+    def add_hard_sample(self, *, source: str, device_model: str, device_sha256: str | None, cloud_model: str | None,
+                        confidence: float | None, messages: list[dict], device_answer: str | None,
+                        cloud_answer: str, extra: dict | None = None) -> int:
+        """Keep one deferred input with the cloud's answer (committed before returning)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO hard_samples(created, source, device_model, device_sha256, cloud_model, confidence,"
+                " messages, device_answer, cloud_answer, extra) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (time.time(), source, device_model, device_sha256, cloud_model, confidence,
+                 json.dumps(messages, ensure_ascii=False), device_answer, cloud_answer,
+                 json.dumps(extra or {}, sort_keys=True, default=str)))
+            return int(cur.lastrowid)
+
+    def hard_samples(self, since: float | None = None, device_sha256: str | None = None) -> list[dict]:
+        """Kept hard samples, oldest first (``messages`` and ``extra`` decoded)."""
+        q, args = "SELECT * FROM hard_samples WHERE 1=1", []
+        if since is not None:
+            q += " AND created >= ?"
+            args.append(since)
+        if device_sha256:
+            q += " AND device_sha256 LIKE ?"
+            args.append(device_sha256 + "%")
+        cur = self.db.execute(q + " ORDER BY id", args)
+        cols = [c[0] for c in cur.description]
+        out = []
+        for row in cur:
+            d = dict(zip(cols, row))
+            d["messages"] = json.loads(d["messages"])
+            d["extra"] = json.loads(d["extra"] or "{}")
             out.append(d)
         return out
 

@@ -1,0 +1,67 @@
+"""``ondevice cascade fit|export``: fit the confidence combiner on a dev split; export hard samples."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = sub.add_parser("fit", help="fit the confidence combiner on a suite's dev split (both tiers answer it)")
+    f.add_argument("-m", "--model", default=None, help="device model: catalog name, stored variant or .gguf path")
+    f.add_argument("--cascade", required=True, metavar="URL", help="OpenAI-compatible cloud endpoint")
+    f.add_argument("--cloud-model", default=None, help="model name at the cloud (default: the first it lists)")
+    f.add_argument("--cloud-key-env", default=None, metavar="VAR", help="env var with the cloud's API key")
+    f.add_argument("--suite", default="rewrite", help="comma-separated suites (default: rewrite)")
+    f.add_argument("--tasks", default=None, help="comma-separated task names to keep")
+    f.add_argument("--limit", type=int, default=None, help="a stratified subset of N dev items")
+    f.add_argument("--max-tokens", type=int, default=128, help="tokens per answer at most")
+    f.add_argument("--threads", type=int, default=None, help="device threads (default: physical cores)")
+    f.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="where to write the combiner (default: the data dir, found by serve/eval for this model)")
+    e = sub.add_parser("export", help="write kept hard samples as JSONL {\"messages\": [...]} for fine-tuning")
+    e.add_argument("-o", "--output", default="-", metavar="FILE", help="output file (default: stdout)")
+    e.add_argument("--model-sha", default=None, help="only samples of the device model with this sha256 prefix")
+    e.add_argument("--since", type=float, default=None, metavar="EPOCH", help="only samples kept since this time")
+    e.add_argument("--db", default=None, metavar="PATH", help="the store (default: <ONDEVICE_HOME>/data)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        from .samples import export_hard_samples
+
+        n = export_hard_samples(None if args.output == "-" else args.output, store=args.db, since=args.since,
+                                device_sha256=args.model_sha)
+        print(f"{n} hard samples written" + ("" if args.output == "-" else f" to {args.output}"), file=sys.stderr)
+        return 0
+    return _fit(args)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from ..engine import load
+    from ..eval.api import model_sha256
+    from ..eval.cascade_curve import collect, fit_combiner, load_items
+    from ..models.catalog import resolve
+    from .cloud import DEFAULT_KEY_ENV, CloudClient
+    from .confidence import combiner_path
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    items = load_items(args.suite, "dev", args.tasks.split(",") if args.tasks else None, args.limit)
+    model = load(args.model, n_threads=args.threads)
+    sha = model_sha256(resolve(str(model.path)))
+    cloud = CloudClient(args.cascade, model=args.cloud_model, key_env=args.cloud_key_env or DEFAULT_KEY_ENV,
+                        timeout=120.0)
+    try:
+        say(f"fitting on {len(items)} dev items: device {model.name}, cloud {cloud.model_id()}")
+        rows = collect(model, cloud, items, max_tokens=args.max_tokens, progress=say)
+    finally:
+        cloud.close()
+        model.close()
+    comb = fit_combiner(rows, meta={"model": model.name, "model_sha256": sha, "cloud_model": cloud.model,
+                                    "suite": args.suite, "split": "dev", "max_tokens": args.max_tokens})
+    path = comb.save(args.output or combiner_path(sha))
+    good = sum(r["device_score"] >= r["cloud_score"] for r in rows if r["cloud_score"] is not None)
+    print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "
+          f"dev ROC AUC {comb.meta['dev_auc']:.3f}\n{path}")
+    return 0

@@ -1,0 +1,184 @@
+"""The cloud tier: any OpenAI-compatible endpoint (another ``ondevice serve``, llama-server, vLLM, a hosted
+API), reached with the official ``openai`` client.
+
+The key comes from an environment variable whose *name* is configured (``ONDEVICE_CLOUD_KEY`` by default);
+the key itself is never printed or stored. No retries: a cascade that waits for retries is slower than its
+own device fallback. Every failure becomes a :class:`CloudError` with a short ``kind`` (``timeout``,
+``unreachable``, ``http_503``, ``bad_reply``) that the reply reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import OndeviceError
+
+DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_KEY"
+# sampling fields passed through to the cloud as they are (OpenAI names)
+PASS_THROUGH = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty")
+
+
+class CloudError(OndeviceError):
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class CloudAnswer:
+    text: str
+    model: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+def _openai():
+    try:
+        import openai
+    except ImportError as e:
+        raise OndeviceError("the cascade's cloud client needs the openai package; install it with "
+                            "pip install 'ondevice[cascade]'") from e
+    return openai
+
+
+def base_url(url: str) -> str:
+    """``http://host:port``, ``.../v1`` or ``.../v1/chat/completions`` -> the ``.../v1`` the client wants."""
+    u = url.rstrip("/")
+    for tail in ("/chat/completions", "/completions"):
+        if u.endswith(tail):
+            u = u[: -len(tail)]
+    if not u.startswith(("http://", "https://")):
+        raise OndeviceError(f"--cascade {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8081/v1")
+    return u if u.endswith("/v1") else u + "/v1"
+
+
+def _classify(e: BaseException, url: str, timeout: float) -> CloudError:
+    openai = _openai()
+    if isinstance(e, CloudError):
+        return e
+    if isinstance(e, (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError)):
+        return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s")
+    if isinstance(e, openai.APIConnectionError):
+        return CloudError("unreachable", f"cannot reach the cloud at {url}")
+    if isinstance(e, openai.APIStatusError):
+        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}")
+    return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})")
+
+
+def _params(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k in PASS_THROUGH and v is not None}
+
+
+class CloudClient:
+    """Sync and async chat calls to one endpoint; one connection pool each, closed by :meth:`close`/:meth:`aclose`."""
+
+    def __init__(self, url: str, *, model: str | None = None, key_env: str = DEFAULT_KEY_ENV,
+                 timeout: float = 10.0):
+        self.url = base_url(url)
+        self.model = model
+        self.key_env = key_env
+        self.timeout = timeout
+        self._sync = None
+        self._async = None
+
+    def _key(self) -> str:
+        return os.environ.get(self.key_env) or "none"  # local servers take any key; the client needs one
+
+    @property
+    def sync_client(self):
+        if self._sync is None:
+            self._sync = _openai().OpenAI(base_url=self.url, api_key=self._key(), timeout=self.timeout,
+                                          max_retries=0)
+        return self._sync
+
+    @property
+    def async_client(self):
+        if self._async is None:
+            self._async = _openai().AsyncOpenAI(base_url=self.url, api_key=self._key(), timeout=self.timeout,
+                                                max_retries=0)
+        return self._async
+
+    # -- sync (library, eval) ----------------------------------------------------------------------------
+    def model_id(self) -> str:
+        if self.model is None:
+            try:
+                self.model = self.sync_client.models.list().data[0].id
+            except Exception as e:  # noqa: BLE001 — classified
+                raise _classify(e, self.url, self.timeout) from e
+        return self.model
+
+    def chat(self, messages: list[dict], **params) -> CloudAnswer:
+        t0 = time.perf_counter()
+        try:
+            r = self.sync_client.chat.completions.create(model=self.model_id(), messages=messages, **_params(params))
+            return _answer(r, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 — classified
+            raise _classify(e, self.url, self.timeout) from e
+
+    # -- async (server) ----------------------------------------------------------------------------------
+    async def amodel_id(self) -> str:
+        if self.model is None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self.model = (await self.async_client.models.list()).data[0].id
+            except Exception as e:  # noqa: BLE001 — classified
+                raise _classify(e, self.url, self.timeout) from e
+        return self.model
+
+    async def achat(self, messages: list[dict], **params) -> CloudAnswer:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                r = await self.async_client.chat.completions.create(model=await self.amodel_id(), messages=messages,
+                                                                    **_params(params))
+            return _answer(r, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 — classified
+            raise _classify(e, self.url, self.timeout) from e
+
+    async def astream(self, messages: list[dict], **params) -> AsyncIterator[str]:
+        """Text deltas of a streamed answer; waits at most ``timeout`` for each (the first included)."""
+        stream = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                stream = await self.async_client.chat.completions.create(
+                    model=await self.amodel_id(), messages=messages, stream=True, **_params(params))
+            it = stream.__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except Exception as e:  # noqa: BLE001 — classified
+            raise _classify(e, self.url, self.timeout) from e
+        finally:
+            if stream is not None:
+                await stream.close()  # returns the connection to the pool (or drops it) at once
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
+        self.close()
+
+
+def _answer(r, latency: float) -> CloudAnswer:
+    if not r.choices or r.choices[0].message is None:
+        raise CloudError("bad_reply", "the cloud's reply has no choices[0].message")
+    u = r.usage
+    return CloudAnswer(text=r.choices[0].message.content or "", model=r.model or "", latency_s=latency,
+                       prompt_tokens=u.prompt_tokens if u else 0, completion_tokens=u.completion_tokens if u else 0,
+                       finish_reason=r.choices[0].finish_reason)

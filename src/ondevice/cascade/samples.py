@@ -1,0 +1,34 @@
+"""Hard samples: deferred inputs with the cloud's answers, exported as chat fine-tuning data.
+
+One JSON object a line, ``{"messages": [...the input..., {"role": "assistant", "content": cloud answer}]}``,
+the format most fine-tuning tools read (and ``ondevice adapt`` will): the device model can later learn from
+exactly the inputs it was unsure of ("Cloud-device collaborative adaptation").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def training_rows(samples: list[dict]) -> list[dict]:
+    return [{"messages": [*s["messages"], {"role": "assistant", "content": s["cloud_answer"]}]} for s in samples]
+
+
+def export_hard_samples(out: str | Path | None = None, *, store: str | Path | None = None,
+                        since: float | None = None, device_sha256: str | None = None) -> int:
+    """Write the kept hard samples as JSONL to ``out`` (atomically; None: stdout); the number written."""
+    from ..models.store import atomic_write
+    from ..store import Store
+
+    with Store(store) as db:
+        rows = training_rows(db.hard_samples(since=since, device_sha256=device_sha256))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out is None or str(out) == "-":
+        sys.stdout.write(text)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out, "w", encoding="utf-8") as f:
+            f.write(text)
+    return len(rows)

@@ -1,0 +1,236 @@
+"""``ondevice serve --cascade URL``: the server's cascade tier, called from two small hooks in serve/app.py.
+
+Non-streaming: the device's whole answer is scored; an unsure one is sent to the cloud (the device's slot is
+already free by then) and the client gets the cloud's answer, or the device's marked as a fallback when the
+cloud fails, is slow or the budget is spent.
+
+Streaming has to decide before the first byte goes out (the tier is in the response headers): the first
+``--cascade-prefix-tokens`` device tokens are buffered and scored (an answer that ends sooner is scored
+whole); then either the device stream continues, or the cloud's stream is relayed. While the cloud's first
+token is awaited the device keeps generating, so a cloud that fails before its first token costs nothing
+but the wait: the device's answer streams on, marked as a fallback. Once cloud text has been sent, a cloud
+failure ends the stream with an error event (text from two models is not spliced). The trade-off: a larger
+prefix decides better (more tokens scored) but delays the first token by that many decode steps; 0 buffers
+the whole answer (best decision, no streaming benefit). ``benchmarks/cascade_bench.py`` measures both.
+
+Requests the cascade does not apply to (tools, response_format, logprobs, n > 1) are served by the device as
+usual, with ``cascade.reason = "not_applicable"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from ..engine.records import Generation, Sampling
+from ..serve import schemas as S
+from .cloud import CloudAnswer, CloudClient, CloudError
+from .confidence import TokenStats, find_combiner
+from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
+from .policy import Budget, Policy, decide
+
+
+class ServerCascade:
+    """Policy, budget, combiner and cloud client of one server; counters for /metrics."""
+
+    def __init__(self, state):
+        from ..models.store import cached_sha256
+
+        s = state.settings
+        self.state = state
+        self.policy = Policy(threshold=s.cascade_threshold, budget=s.cascade_budget, window_s=s.cascade_window,
+                             timeout_s=s.cascade_timeout, keep_hard=s.cascade_keep_hard)
+        self.budget = Budget(self.policy.budget, self.policy.window_s)
+        self.cloud = CloudClient(s.cascade, model=s.cascade_model, key_env=s.cascade_key_env,
+                                 timeout=s.cascade_timeout)
+        self.sha256 = cached_sha256(state.path)
+        self.combiner = find_combiner(self.sha256, s.cascade_combiner)
+        self.prefix_tokens = s.cascade_prefix_tokens
+        self.counts = {"device": 0, "cloud": 0, "fallback": 0}
+        m = state.metrics
+        m.gauge("cascade_device_answers", "Cascade replies the device wrote.", lambda: self.counts["device"])
+        m.gauge("cascade_cloud_answers", "Cascade replies the cloud wrote.", lambda: self.counts["cloud"])
+        m.gauge("cascade_fallbacks", "Deferred requests the cloud failed (device answered).",
+                lambda: self.counts["fallback"])
+
+    @staticmethod
+    def applies(req, plan) -> bool:
+        return req.n == 1 and not plan.tools and not plan.grammar and not req.logprobs
+
+    def sampling(self, s: Sampling) -> Sampling:
+        return dataclasses.replace(s, token_stats=True)
+
+    async def aclose(self) -> None:
+        await self.cloud.aclose()
+
+    # -- shared -------------------------------------------------------------------------------------------
+    def _decide(self, req, stats: TokenStats):
+        rp = request_policy(req.cascade.model_dump() if req.cascade is not None else None)
+        feats = stats.features()
+        conf = self.combiner.predict(feats)
+        return rp, conf, feats, decide(conf, self.policy, rp, self.budget)
+
+    @staticmethod
+    def _cloud_params(req) -> dict:
+        max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return dict(temperature=req.temperature, top_p=req.top_p, max_tokens=max_t, stop=req.stop, seed=req.seed,
+                    presence_penalty=req.presence_penalty or None, frequency_penalty=req.frequency_penalty or None)
+
+    def _count(self, r: CascadeResult) -> None:
+        self.counts[r.tier] += 1
+        self.counts["fallback"] += r.fallback is not None
+
+    def _keep_task(self, rp, result: CascadeResult, messages: list[dict]) -> BackgroundTask | None:
+        if not should_keep(self.policy, rp, result):
+            return None
+        return BackgroundTask(run_in_threadpool, keep_sample, None, "serve", self.state.model_id, self.sha256,
+                              messages, result)
+
+    @staticmethod
+    def not_applicable(resp) -> JSONResponse:
+        info = {"tier": "device", "reason": "not_applicable", "confidence": None}
+        resp.cascade = info
+        return JSONResponse(resp.model_dump(mode="json"), headers={"X-Ondevice-Tier": "device",
+                                                                   "X-Ondevice-Cascade": "not_applicable"})
+
+    # -- non-streaming ------------------------------------------------------------------------------------
+    async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict]) -> JSONResponse:
+        """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer."""
+        stats = TokenStats()
+        for g in gen:
+            stats.add(g)
+        rp, conf, feats, decision = self._decide(req, stats)
+        cloud = None
+        if decision.defer:
+            try:
+                cloud = await self.cloud.achat(messages, **self._cloud_params(req))
+            except CloudError as e:
+                self.budget.refund()
+                cloud = e
+        device_text = resp.choices[0].message.content or ""
+        result = finish(decision, conf, self.combiner.calibrated, feats, device_text, gen[-1].t,
+                        gen[-1].finish_reason, cloud)
+        self._count(result)
+        if result.tier == "cloud":
+            resp.choices[0].message.content = result.text
+            resp.choices[0].finish_reason = result.finish_reason or "stop"
+        info = result.info()
+        resp.cascade = info
+        return JSONResponse(resp.model_dump(mode="json"), headers=headers(info),
+                            background=self._keep_task(rp, result, messages))
+
+    # -- streaming ----------------------------------------------------------------------------------------
+    async def stream(self, runner, job, req, request, messages: list[dict], include_usage: bool):
+        """Buffer a prefix, decide, then stream the device's answer or relay the cloud's (see module doc)."""
+        from ..serve.app import _sse, _timings, _usage
+
+        st = self.state
+        cid, created = S._id("chatcmpl"), int(time.time())
+        t0 = time.perf_counter()
+        events = runner.events(job, request, poll_disconnect=True)
+        stats, buffered, last = TokenStats(), [], None
+        async for g in events:
+            stats.add(g)
+            buffered.append(g.text)
+            last = g
+            if g.finish_reason or (self.prefix_tokens and len(stats.logprobs) >= self.prefix_tokens):
+                break
+        if last is None:  # the client went away (the job is cancelled)
+            await events.aclose()
+            return JSONResponse({}, status_code=499)
+        rp, conf, feats, decision = self._decide(req, stats)
+        device_s = time.perf_counter() - t0
+        cloud_stream = first = None
+        fallback: CloudError | None = None
+        t_cloud = time.perf_counter()
+        if decision.defer:
+            cloud_stream = self.cloud.astream(messages, **self._cloud_params(req))
+            try:
+                first = await anext(cloud_stream, "")
+            except CloudError as e:
+                self.budget.refund()
+                fallback, cloud_stream = e, None
+
+        def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None) -> bytes:
+            ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
+            return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+                                              timings=timings, cascade=cascade))
+
+        def result_of(device_text: str, device_s: float, cloud=None, cloud_s=None) -> CascadeResult:
+            return finish(decision, conf, self.combiner.calibrated, feats, device_text, device_s, None,
+                          cloud if cloud is not None else fallback, cloud_s=cloud_s)
+
+        if cloud_stream is not None:  # the cloud answers: drop the device's job
+            await events.aclose()
+            device_text = "".join(buffered)
+            head = result_of(device_text, device_s).info() | {
+                "tier": "cloud", "cloud_model": self.cloud.model,
+                "cloud_first_token_ms": round((time.perf_counter() - t_cloud) * 1e3, 3)}
+            self.counts["cloud"] += 1
+
+            async def relay():
+                parts = [first]
+                try:
+                    yield chunk(S.ChatDelta(role="assistant", content=""))
+                    if first:
+                        yield chunk(S.ChatDelta(content=first))
+                    async for text in cloud_stream:
+                        parts.append(text)
+                        yield chunk(S.ChatDelta(content=text))
+                except CloudError as e:
+                    yield chunk(S.ChatDelta(), finish="error", cascade=dict(head, fallback=e.kind, error=str(e)))
+                    yield b"data: [DONE]\n\n"
+                    return
+                finally:
+                    await cloud_stream.aclose()
+                answer = CloudAnswer(text="".join(parts), model=self.cloud.model or "",
+                                     latency_s=time.perf_counter() - t_cloud, prompt_tokens=0, completion_tokens=0,
+                                     finish_reason="stop")
+                r = result_of(device_text, device_s, cloud=answer)
+                yield chunk(S.ChatDelta(), finish="stop", cascade=r.info())
+                yield b"data: [DONE]\n\n"
+                if should_keep(self.policy, rp, r):
+                    await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256, messages, r)
+
+            return StreamingResponse(relay(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **headers(head)})
+
+        head = result_of("".join(buffered), device_s, cloud_s=(time.perf_counter() - t_cloud) if fallback else None)
+        self._count(head)
+        info0 = head.info()
+
+        async def device():
+            text, g_last = list(buffered), last
+            try:
+                yield chunk(S.ChatDelta(role="assistant", content=""))
+                if "".join(buffered):
+                    yield chunk(S.ChatDelta(content="".join(buffered)))
+                if not last.finish_reason:
+                    async for g in events:
+                        g_last = g
+                        text.append(g.text)
+                        if g.text:
+                            yield chunk(S.ChatDelta(content=g.text))
+                info = dict(info0, device_ms=round(g_last.t * 1e3, 3))
+                yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=_timings(g_last), cascade=info)
+                if include_usage:
+                    yield chunk(S.ChatDelta(), usage=_usage(g_last), choices=False)
+                yield b"data: [DONE]\n\n"
+            except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
+                from ..serve.http import error_payload
+
+                yield _sse(error_payload(e)[1])
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(device(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers(info0)})
+
+
+def server_cascade(state) -> ServerCascade | None:
+    """The cascade tier of a server started with ``--cascade URL``, else None."""
+    return ServerCascade(state) if state.settings.cascade else None

@@ -1,0 +1,288 @@
+"""``ondevice eval --cascade URL --suite ...``: the deferral curve of a device -> cloud cascade.
+
+Both tiers answer every item once (greedy); the device's per-token log-probabilities and entropies are
+kept. Deferring a share ``s`` of the items then costs nothing to simulate: the ``round(s * N)`` items the
+device is least sure of take the cloud's score, the rest keep the device's. Three orderings are drawn from
+0 to 100% deferred:
+
+- ``confidence``: ours (the fitted combiner, or ``exp(mean logprob)`` without one), least confident first;
+- ``random``: the exact expectation of deferring a random subset (a straight line between the tiers);
+- ``oracle``: the items where the cloud gains most over the device first (the best any policy can do).
+
+The area under each curve (share on x, mean item score on y, trapezoids) summarises it; ``auc_gain`` is
+``(ours - random) / (oracle - random)``, 0 for no better than chance and 1 for the oracle. Each point also
+carries the mean latency per request (the device always answers first; deferred items add the cloud's
+time) and the cloud tokens spent. Item scores are the suite's primary metric on 0..1, averaged over items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.records import Sampling
+from .runner import _unit
+from .suites import Item, score
+
+SHARES = tuple(i / 20 for i in range(21))  # 0, 5, ..., 100 % deferred
+
+
+def device_answer(model, item: Item, max_tokens: int) -> dict:
+    """The device's greedy answer with its per-token statistics and latency."""
+    from ..cascade.confidence import TokenStats
+
+    stats, parts, last = TokenStats(), [], None
+    prompt = item.input if isinstance(item.input, str) else item.messages()
+    for g in model.stream(prompt, sampling=Sampling(temp=0.0, max_tokens=max_tokens, token_stats=True)):
+        stats.add(g)
+        parts.append(g.text)
+        last = g
+    return {"device_text": "".join(parts), "device_s": last.t if last else 0.0,
+            "device_tokens": last.generation_tokens if last else 0, "logprobs": stats.logprobs,
+            "entropies": stats.entropies}
+
+
+def cloud_answer(cloud, item: Item, max_tokens: int) -> dict:
+    from ..cascade.cloud import CloudError
+
+    try:
+        a = cloud.chat(item.messages(), temperature=0.0, max_tokens=max_tokens)
+    except CloudError as e:
+        return {"cloud_text": "", "cloud_s": None, "cloud_tokens": 0, "cloud_error": e.kind}
+    return {"cloud_text": a.text, "cloud_s": a.latency_s, "cloud_tokens": a.prompt_tokens + a.completion_tokens,
+            "cloud_error": None}
+
+
+def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128,
+            progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One row per item: both answers, their scores (primary metric on 0..1), latencies and token stats."""
+    from ..cascade.confidence import split_of
+
+    rows = []
+    for i, it in enumerate(items):
+        d = device_answer(model, it, max_tokens)
+        c = cloud_answer(cloud, it, max_tokens)
+        row = {"id": it.id, "task": it.task, "split": split_of(it.id), "metric": it.metric, **d, **c,
+               "device_score": _unit(it.metric, score(it, d["device_text"])[it.metric]),
+               "cloud_score": _unit(it.metric, score(it, c["cloud_text"])[it.metric]) if c["cloud_error"] is None
+               else None}
+        rows.append(row)
+        if progress:
+            cs = "error" if row["cloud_score"] is None else f"{row['cloud_score']:.3f}"
+            progress(f"  [{i + 1}/{len(items)}] {it.id}: device {row['device_score']:.3f}, cloud {cs}")
+    return rows
+
+
+def _trapz(xs: Sequence[float], ys: Sequence[float]) -> float:
+    return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
+
+
+def deferral_curve(rows: Sequence[dict], confidence: Sequence[float], shares: Sequence[float] = SHARES) -> dict:
+    """Quality, mean latency and cloud tokens at each deferred share, for ours, random and the oracle.
+
+    Rows whose cloud answer failed are left out (a curve needs both answers).
+    """
+    keep = [i for i, r in enumerate(rows) if r.get("cloud_score") is not None]
+    if not keep:
+        from ..errors import OndeviceError
+
+        raise OndeviceError("the cloud answered none of the items; check the --cascade URL and the cloud server")
+    dev = np.array([rows[i]["device_score"] for i in keep])
+    cld = np.array([rows[i]["cloud_score"] for i in keep])
+    dev_s = np.array([rows[i]["device_s"] for i in keep])
+    cld_s = np.array([rows[i]["cloud_s"] for i in keep])
+    tok = np.array([rows[i]["cloud_tokens"] for i in keep], dtype=np.float64)
+    conf = np.array([confidence[i] for i in keep])
+    n = len(keep)
+    orders = {"confidence": np.argsort(conf, kind="stable"), "oracle": np.argsort(-(cld - dev), kind="stable")}
+    out: dict = {"shares": list(shares), "n": n}
+    for name, order in orders.items():
+        q, lat, toks = [], [], []
+        for s in shares:
+            k = round(s * n)
+            deferred = np.zeros(n, dtype=bool)
+            deferred[order[:k]] = True
+            q.append(float(np.where(deferred, cld, dev).mean()))
+            lat.append(float((dev_s + np.where(deferred, cld_s, 0.0)).mean()))
+            toks.append(int(tok[deferred].sum()))
+        out[name] = {"quality": q, "latency_s": lat, "cloud_tokens": toks}
+    frac = [round(s * n) / n for s in shares]  # the share actually deferred (k / n)
+    out["random"] = {"quality": [float(dev.mean() + f * (cld.mean() - dev.mean())) for f in frac],
+                     "latency_s": [float(dev_s.mean() + f * cld_s.mean()) for f in frac],
+                     "cloud_tokens": [int(round(f * tok.sum())) for f in frac]}
+    auc = {name: _trapz(frac, out[name]["quality"]) for name in ("confidence", "random", "oracle")}
+    span = auc["oracle"] - auc["random"]
+    out["auc"] = auc
+    out["auc_gain"] = (auc["confidence"] - auc["random"]) / span if span > 1e-12 else None
+    out["device_score"], out["cloud_score"] = float(dev.mean()), float(cld.mean())
+    out["device_latency_s"], out["cloud_latency_s"] = float(dev_s.mean()), float(cld_s.mean())
+    return out
+
+
+def at_share(curve: dict, share: float, name: str = "confidence") -> dict:
+    """The point of ``curve`` nearest ``share`` deferred, with its ratio to the cloud-only score."""
+    i = min(range(len(curve["shares"])), key=lambda j: abs(curve["shares"][j] - share))
+    q = curve[name]["quality"][i]
+    return {"share": curve["shares"][i], "quality": q,
+            "of_cloud": q / curve["cloud_score"] if curve["cloud_score"] else None,
+            "latency_s": curve[name]["latency_s"][i], "cloud_tokens": curve[name]["cloud_tokens"][i]}
+
+
+def confidences(rows: Sequence[dict], combiner, prefix: int | None = None) -> list[float]:
+    """The combiner's confidence of each row, from all its tokens or the first ``prefix`` (streaming)."""
+    from ..cascade.confidence import features
+
+    cut = slice(None) if not prefix else slice(0, prefix)
+    return [combiner.predict(features(r["logprobs"][cut], r["entropies"][cut])) for r in rows]
+
+
+def fit_combiner(rows: Sequence[dict], meta: dict | None = None, prefix: int | None = None):
+    """Fit a :class:`Combiner` on rows (label: the device scored at least the cloud)."""
+    from ..cascade.confidence import Combiner, features, labels_for
+
+    ok = [r for r in rows if r.get("cloud_score") is not None]
+    cut = slice(None) if not prefix else slice(0, prefix)
+    feats = [features(r["logprobs"][cut], r["entropies"][cut]) for r in ok]
+    return Combiner.fit(feats, labels_for([r["device_score"] for r in ok], [r["cloud_score"] for r in ok]),
+                        meta=meta)
+
+
+def select(items: list[Item], split: str = "all", tasks: Sequence[str] | None = None) -> list[Item]:
+    from ..cascade.confidence import split_of
+    from ..errors import InvalidArgument
+
+    if split not in ("all", "dev", "test"):
+        raise InvalidArgument(f"--split {split!r} must be all, dev or test")
+    out = [it for it in items if (split == "all" or split_of(it.id) == split) and (not tasks or it.task in tasks)]
+    if not out:
+        raise InvalidArgument(f"no items left after --split {split} and --tasks {','.join(tasks or [])}; "
+                              f"check the task names (`ondevice eval --suite NAME` lists them per task)")
+    return out
+
+
+def load_items(suites: str, split: str = "all", tasks: Sequence[str] | None = None, limit: int | None = None,
+               seed: int = 0) -> list[Item]:
+    """Items of one or more comma-separated suites, filtered by split and task, then a stratified subset."""
+    from .suites import load_suite, stratified_subset
+
+    items = [it for name in suites.split(",") if name for it in load_suite(name.strip()).items]
+    items = select(items, split, tasks)
+    return stratified_subset(items, limit, seed) if limit else items
+
+
+def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: str | None = None,
+                 key_env: str | None = None, split: str = "all", tasks: Sequence[str] | None = None,
+                 limit: int | None = None, seed: int = 0, max_tokens: int = 128, combiner: str | None = None,
+                 timeout: float = 120.0, threads: int | None = None, store: bool | str | os.PathLike = True,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Run both tiers over the suite and return (and store) the deferral-curve record."""
+    from ..cascade.cloud import DEFAULT_KEY_ENV, CloudClient
+    from ..cascade.confidence import find_combiner
+    from ..engine import load
+    from ..models.store import data_dir
+    from .api import _base, model_sha256
+
+    say = progress or (lambda m: None)
+    items = load_items(suite, split, tasks, limit, seed)
+    m = load(model, n_threads=threads)
+    from ..models.catalog import resolve
+
+    ref = resolve(str(m.path))
+    sha = model_sha256(ref)
+    comb = find_combiner(sha, combiner)
+    cloud = CloudClient(cloud_url, model=cloud_model, key_env=key_env or DEFAULT_KEY_ENV, timeout=timeout)
+    session = f"cascade-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    try:
+        say(f"cascade eval: {len(items)} items, device {m.name}, cloud {cloud.model_id()} at {cloud.url}")
+        rows = collect(m, cloud, items, max_tokens=max_tokens, progress=say)
+    finally:
+        cloud.close()
+        m.close()
+    curve = deferral_curve(rows, confidences(rows, comb))
+    log = Path(data_dir() / "eval-logs" / f"{session}-{sha[:12]}.jsonl")
+    write_rows(log, rows)
+    record = {**_base(ref, sha), "test": f"cascade:{suite}", "session": session, "cloud_url": cloud.url,
+              "cloud_model": cloud.model, "split": split, "tasks": list(tasks or []), "limit": limit,
+              "max_tokens": max_tokens, "n_items": len(rows), "cloud_errors": sum(r["cloud_error"] is not None
+                                                                                 for r in rows),
+              "combiner": {"calibrated": comb.calibrated, **comb.meta}, "curve": curve,
+              "at_40": at_share(curve, 0.4), "log": str(log)}
+    if store:
+        from ..store import Store
+
+        with Store(None if store is True else store) as db:
+            db.add("eval", record, session=session, config_key=session, model=record["model"],
+                   model_sha256=sha, test=record["test"])
+    return record
+
+
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    from ..models.store import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def print_record(r: dict) -> None:
+    c = r["curve"]
+    print(f"{r['model']} -> {r['cloud_model']}  {r['test']}  split={r['split']}  n={c['n']}"
+          f"  (confidence {'calibrated' if r['combiner']['calibrated'] else 'exp(mean logprob), uncalibrated'})")
+    print(f"  device-only {c['device_score']:.4f} ({c['device_latency_s'] * 1e3:.0f} ms/request)   "
+          f"cloud-only {c['cloud_score']:.4f} (+{c['cloud_latency_s'] * 1e3:.0f} ms/deferred request)")
+    a = r["at_40"]
+    print(f"  at {a['share']:.0%} deferred: {a['quality']:.4f} = {a['of_cloud']:.1%} of cloud-only, "
+          f"{a['latency_s'] * 1e3:.0f} ms/request, {a['cloud_tokens']} cloud tokens")
+    auc = c["auc"]
+    gain = "-" if c["auc_gain"] is None else f"{c['auc_gain']:.3f}"
+    print(f"  AUC: confidence {auc['confidence']:.4f}  random {auc['random']:.4f}  oracle {auc['oracle']:.4f}"
+          f"  (gain over random, of the oracle's: {gain})")
+    print("  deferred  confidence  random  oracle  ms/request  cloud tokens")
+    for i, s in enumerate(c["shares"]):
+        if i % 2 == 0:
+            print(f"  {s:7.0%}  {c['confidence']['quality'][i]:10.4f}  {c['random']['quality'][i]:6.4f}  "
+                  f"{c['oracle']['quality'][i]:6.4f}  {c['confidence']['latency_s'][i] * 1e3:10.0f}  "
+                  f"{c['confidence']['cloud_tokens'][i]:12d}")
+    print(f"  per-item log: {r['log']}")
+
+
+def add_cascade_arguments(p) -> None:
+    """``ondevice eval``'s cascade flags (the suite, limit, seed, max tokens and threads flags are shared)."""
+    g = p.add_argument_group("device -> cloud cascade (deferral curve)")
+    g.add_argument("--cascade", default=None, metavar="URL",
+                   help="OpenAI-compatible cloud endpoint: draw quality vs share deferred for --suite")
+    g.add_argument("--cloud-model", default=None, help="model name at the cloud (default: the first it lists)")
+    g.add_argument("--cloud-key-env", default=None, metavar="VAR",
+                   help="env var holding the cloud's API key (default ONDEVICE_CLOUD_KEY)")
+    g.add_argument("--split", default="all", choices=("all", "dev", "test"),
+                   help="items by a fixed hash of their id: dev (40%%, what `ondevice cascade fit` fits on) or test")
+    g.add_argument("--tasks", default=None, help="comma-separated task names to keep (e.g. rewrite_tone,"
+                                                 "notification_summary)")
+    g.add_argument("--combiner", default=None, metavar="FILE", help="confidence combiner file (default: the one "
+                                                                     "fitted for the model, if any)")
+
+
+def run_cli(args) -> int:
+    """``ondevice eval --cascade URL --suite S``: print (and store) the deferral curve."""
+    import sys
+
+    from ..errors import InvalidArgument
+
+    if not args.suite:
+        raise InvalidArgument("--cascade needs --suite (e.g. --suite rewrite or --suite rewrite,assistant-en)")
+    r = cascade_eval(args.model, args.cascade, args.suite, cloud_model=args.cloud_model, key_env=args.cloud_key_env,
+                     split=args.split, tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit,
+                     seed=args.seed, max_tokens=args.max_tokens, combiner=args.combiner, threads=args.threads,
+                     store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(r, ensure_ascii=False, default=str))
+    else:
+        print_record(r)
+    return 0

@@ -67,7 +67,8 @@ def test_combiner_learns_a_separable_rule_and_round_trips(tmp_path):
         labels.append(int(good))
     c = Combiner.fit(feats, labels, meta={"suite": "synthetic"})
     assert c.meta["dev_auc"] > 0.9
-    assert c.predict(features([-0.1], [0.1])) > 0.8 > 0.2 > c.predict(features([-3.0], [3.0]))
+    assert c.predict(features([-0.1], [0.1])) > 0.8
+    assert c.predict(features([-3.0], [3.0])) < 0.2
     back = Combiner.load(c.save(tmp_path / "c.json"))
     assert back.predict(feats[0]) == pytest.approx(c.predict(feats[0]))
     (tmp_path / "bad.json").write_text("{}")
@@ -423,7 +424,7 @@ def test_killing_the_cloud_mid_run_loses_no_request_and_leaks_nothing(home):
             health = json.loads(resp.read())
         assert health["slots_processing"] == 0 and health["queue_depth"] == 0  # no slot leaked
         assert _cloud_conns(victim.port) == []  # no connection to the dead cloud kept open
-        h, text, info = _ask(srv, {"always_defer": True})  # the server still serves
+        _, text, info = _ask(srv, {"always_defer": True})  # the server still serves
         assert info["fallback"] == "unreachable" and text
 
 
@@ -442,7 +443,7 @@ def test_library_cascade(smol, cloud):
 
 
 def test_eval_curve_stored_and_reported(cloud, cli, tmp_path):
-    r = cli("eval", "--cascade", cloud.url, "--suite", "rewrite", "--limit", "5", "--max-tokens", "12",
+    r = cli("eval", "--cascade", cloud.url, "--suite", "rewrite", "--limit", "3", "--max-tokens", "8",
             "--threads", "1", timeout=600)
     assert r.returncode == 0, r.stderr
     assert "AUC: confidence" in r.stdout and "at 40% deferred" in r.stdout

@@ -46,7 +46,7 @@ def _fit(args: argparse.Namespace) -> int:
     from .cloud import DEFAULT_KEY_ENV, CloudClient
     from .confidence import combiner_path
 
-    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    say = lambda m: print(m, file=sys.stderr)
     items = load_items(args.suite, "dev", args.tasks.split(",") if args.tasks else None, args.limit)
     model = load(args.model, n_threads=args.threads)
     sha = model_sha256(resolve(str(model.path)))

@@ -51,8 +51,7 @@ def base_url(url: str) -> str:
     """``http://host:port``, ``.../v1`` or ``.../v1/chat/completions`` -> the ``.../v1`` the client wants."""
     u = url.rstrip("/")
     for tail in ("/chat/completions", "/completions"):
-        if u.endswith(tail):
-            u = u[: -len(tail)]
+        u = u.removesuffix(tail)
     if not u.startswith(("http://", "https://")):
         raise OndeviceError(f"--cascade {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8081/v1")
     return u if u.endswith("/v1") else u + "/v1"
@@ -109,7 +108,7 @@ class CloudClient:
         if self.model is None:
             try:
                 self.model = self.sync_client.models.list().data[0].id
-            except Exception as e:  # noqa: BLE001 — classified
+            except Exception as e:
                 raise _classify(e, self.url, self.timeout) from e
         return self.model
 
@@ -118,7 +117,7 @@ class CloudClient:
         try:
             r = self.sync_client.chat.completions.create(model=self.model_id(), messages=messages, **_params(params))
             return _answer(r, time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001 — classified
+        except Exception as e:
             raise _classify(e, self.url, self.timeout) from e
 
     # -- async (server) ----------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ class CloudClient:
             try:
                 async with asyncio.timeout(self.timeout):
                     self.model = (await self.async_client.models.list()).data[0].id
-            except Exception as e:  # noqa: BLE001 — classified
+            except Exception as e:
                 raise _classify(e, self.url, self.timeout) from e
         return self.model
 
@@ -138,7 +137,7 @@ class CloudClient:
                 r = await self.async_client.chat.completions.create(model=await self.amodel_id(), messages=messages,
                                                                     **_params(params))
             return _answer(r, time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001 — classified
+        except Exception as e:
             raise _classify(e, self.url, self.timeout) from e
 
     async def astream(self, messages: list[dict], **params) -> AsyncIterator[str]:
@@ -157,7 +156,7 @@ class CloudClient:
                     return
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
-        except Exception as e:  # noqa: BLE001 — classified
+        except Exception as e:
             raise _classify(e, self.url, self.timeout) from e
         finally:
             if stream is not None:

@@ -160,7 +160,10 @@ class GeometricMean:
     """The uncalibrated fallback: ``exp(mean token logprob)``, the geometric mean token probability."""
 
     calibrated = False
-    meta: dict = {}
+
+    @property
+    def meta(self) -> dict:
+        return {}
 
     def predict(self, feats: dict[str, float]) -> float:
         return math.exp(feats["mean_logprob"])

@@ -74,8 +74,8 @@ def finish(decision: Decision, confidence: float, calibrated: bool, feats: dict,
            device_finish: str | None, cloud: CloudAnswer | CloudError | None, cloud_s: float | None = None,
            cloud_model: str | None = None) -> CascadeResult:
     """The result of a decision, given the cloud's answer (or its error, or None when not deferred)."""
-    base = dict(confidence=confidence, calibrated=calibrated, reason=decision.reason, threshold=decision.threshold,
-                device_text=device_text, device_s=device_s, features=feats)
+    base = {"confidence": confidence, "calibrated": calibrated, "reason": decision.reason,
+            "threshold": decision.threshold, "device_text": device_text, "device_s": device_s, "features": feats}
     if isinstance(cloud, CloudAnswer):
         return CascadeResult(text=cloud.text, tier="cloud", cloud_s=cloud.latency_s, cloud_model=cloud.model,
                              cloud_prompt_tokens=cloud.prompt_tokens, cloud_completion_tokens=cloud.completion_tokens,
@@ -179,7 +179,7 @@ class Cascade:
         if self._owns_model:
             self.model.close()
 
-    def __enter__(self) -> Cascade:
+    def __enter__(self) -> Cascade:  # noqa: PYI034 — a plain class, not meant to be subclassed
         return self
 
     def __exit__(self, *exc) -> None:

@@ -77,8 +77,9 @@ class ServerCascade:
     @staticmethod
     def _cloud_params(req) -> dict:
         max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return dict(temperature=req.temperature, top_p=req.top_p, max_tokens=max_t, stop=req.stop, seed=req.seed,
-                    presence_penalty=req.presence_penalty or None, frequency_penalty=req.frequency_penalty or None)
+        return {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_t, "stop": req.stop,
+                "seed": req.seed, "presence_penalty": req.presence_penalty or None,
+                "frequency_penalty": req.frequency_penalty or None}
 
     def _count(self, r: CascadeResult) -> None:
         self.counts[r.tier] += 1

@@ -115,7 +115,7 @@ def deferral_curve(rows: Sequence[dict], confidence: Sequence[float], shares: Se
     frac = [round(s * n) / n for s in shares]  # the share actually deferred (k / n)
     out["random"] = {"quality": [float(dev.mean() + f * (cld.mean() - dev.mean())) for f in frac],
                      "latency_s": [float(dev_s.mean() + f * cld_s.mean()) for f in frac],
-                     "cloud_tokens": [int(round(f * tok.sum())) for f in frac]}
+                     "cloud_tokens": [round(f * float(tok.sum())) for f in frac]}
     auc = {name: _trapz(frac, out[name]["quality"]) for name in ("confidence", "random", "oracle")}
     span = auc["oracle"] - auc["random"]
     out["auc"] = auc

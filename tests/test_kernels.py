@@ -76,6 +76,15 @@ def test_amx_needs_the_cpu_and_the_build():
         K.choose("auto", "on", (), ARM_I8MM[1], None)
 
 
+def test_noise_between_identical_kernels_is_no_reason():
+    offered, flags = AVX2_ONLY  # Q4_1 on AVX2: repack takes no weights, so both runs are the same kernels
+    res = {"none": {**ok(120, 60), "buffers": {"CPU_Mapped": 92.1}},
+           "CPU_REPACK": {**ok(100, 50), "buffers": {"CPU_Mapped": 92.1}}}
+    assert K.choose("auto", "auto", offered, flags, res).bufts == ("CPU_REPACK",)
+    res["CPU_REPACK"]["buffers"] = {"CPU_Mapped": 40.0, "CPU_REPACK": 57.0}  # really repacked, and slower
+    assert K.choose("auto", "auto", offered, flags, res).bufts == ()
+
+
 def test_repack_off_where_its_self_test_failed():
     offered, flags = ARM_I8MM
     res = {"none": ok(), "CPU_REPACK": failed("wrong logits (cosine 0.412 with no extra kernels)")}

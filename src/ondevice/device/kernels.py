@@ -131,9 +131,15 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
             cands.append((a, r))
     if not cands:
         cands = [(False, False)]  # auto found nothing proven: the safe minimum
+    def score(c: tuple[bool, bool]) -> float | None:
+        res = results.get(label(wanted(offered, *c)))
+        if res and res.get("ok") and res.get("buffers") is not None and not set(res["buffers"]) & set(offered):
+            res = results.get("none", res)  # its extra kernels took no weights: the same kernels as none
+        return _score(res)
+
     default = next((c for c in cands if not c[0]), cands[0])  # no AMX; repack where allowed (listed first)
-    best = max(cands, key=lambda c: _score(results.get(label(wanted(offered, *c)))) or 0.0)
-    s_best, s_def = (_score(results.get(label(wanted(offered, *c)))) for c in (best, default))
+    best = max(cands, key=lambda c: score(c) or 0.0)
+    s_best, s_def = score(best), score(default)
     pick = best if s_best and (not s_def or s_best > FASTER * s_def) else default
     bufts = wanted(offered, *pick)
     if amx != "auto" and repack != "auto":

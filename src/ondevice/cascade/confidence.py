@@ -180,13 +180,17 @@ def combiner_path(model_sha256: str) -> Path:
 
 
 def find_combiner(model_sha256: str | None, path: str | Path | None = None) -> Combiner | GeometricMean:
-    """An explicit combiner file, else the one fitted for this model in the data dir, else the fallback."""
+    """An explicit combiner file, else the one fitted for this model in the data dir (``ondevice cascade
+    fit``), else one shipped with ondevice for this model file, else the uncalibrated fallback."""
     if path:
         return Combiner.load(path)
     if model_sha256:
-        p = combiner_path(model_sha256)
-        if p.is_file():
-            return Combiner.load(p)
+        from importlib import resources
+
+        for p in (combiner_path(model_sha256),
+                  resources.files("ondevice") / "data" / "cascade" / f"combiner-{model_sha256[:16]}.json"):
+            if p.is_file():
+                return Combiner.from_dict(json.loads(p.read_text(encoding="utf-8")))
     return GeometricMean()
 
 

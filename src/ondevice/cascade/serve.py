@@ -47,6 +47,7 @@ class ServerCascade:
         self.budget = Budget(self.policy.budget, self.policy.window_s)
         self.cloud = CloudClient(s.cascade, model=s.cascade_model, key_env=s.cascade_key_env,
                                  timeout=s.cascade_timeout)
+        _ = self.cloud.async_client  # no openai package: a clear error now, not at the first deferral
         self.sha256 = cached_sha256(state.path)
         self.combiner = find_combiner(self.sha256, s.cascade_combiner)
         self.prefix_tokens = s.cascade_prefix_tokens

@@ -91,6 +91,9 @@ def test_repack_off_where_its_self_test_failed():
     c = K.choose("auto", "auto", offered, flags, res)
     assert c.bufts == () and "wrong logits" in c.reason
     assert K.choose("auto", "on", offered, flags, res).bufts == ("CPU_REPACK",)  # asked for: obeyed
+    busy = {"none": ok(), "CPU_REPACK": {"ok": None, "error": "timeout after 120 s (a busy machine?)"}}
+    c = K.choose("auto", "auto", offered, flags, busy)  # a timeout proves nothing: as if untested
+    assert c.bufts == ("CPU_REPACK",) and "FAILED" not in c.reason
 
 
 def test_configs_and_requested(monkeypatch):
@@ -214,3 +217,34 @@ def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
             proc.kill()
     assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
     assert not children[0].is_running()
+
+
+def test_ctrl_c_at_the_terminal_stops_a_supervised_run_with_130(tmp_path):
+    """A real terminal (pty): Ctrl-C reaches the child through the process group; exit 130, no traceback."""
+    import pty
+    import select
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader on the pty, as a shell would start `ondevice`
+        os.execve(sys.executable, [sys.executable, "-m", "ondevice.cli", "run", "--temp", "0", "--ignore-eos",
+                                   "-n", "100000", "Count to a million."], env)
+    out, sent, deadline = b"", False, time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the pty closed: everyone exited
+                break
+            if not chunk:
+                break
+            out += chunk
+        if not sent and len(out) > 200:  # it is streaming tokens: press Ctrl-C
+            os.write(fd, b"\x03")
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert sent, out[-500:]
+    assert os.waitstatus_to_exitcode(status) == 130, out[-500:]
+    assert b"Traceback" not in out and b"crashed" not in out

@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         print("kernels   not self-tested yet: `ondevice device --probe` (or the first load of a model) tests them")
     for fam, e in kern["families"].items():
         res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else "ok"
-                                   if r.get("ok") else f"FAILED ({r.get('error')})")
+                                   if r.get("ok") else f"inconclusive ({r.get('error')})" if r.get("ok") is None
+                                   else f"FAILED ({r.get('error')})")
                         for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
         print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
-              f"{', pp/tg timed' if e.get('measured') else ', not timed'})")
+              f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
     return 0

@@ -41,7 +41,7 @@ AMX = "AMX"
 AMX_FLAGS = ("amx_tile", "amx_int8")
 FAMILIES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")  # what --probe tests (variants of the default model)
 FASTER = 1.05  # another safe configuration must beat the default by 5% to be chosen (noise is not a reason)
-CHILD_TIMEOUT_S = 180.0
+CHILD_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,7 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
     if repack == "on" and not repack_possible:
         raise InvalidArgument("--repack on: this llama.cpp build offers no repacked CPU kernels (built with "
                               "GGML_CPU_REPACK=OFF?); use --repack auto or off")
-    results = results or {}
+    results = {k: v for k, v in (results or {}).items() if v.get("ok") is not None}  # inconclusive: untested
     if "none" in results and not results["none"].get("ok"):
         results = {}  # the model failed even without extra kernels: the test says nothing about them
     amx_opts = [amx == "on"] if amx != "auto" else ([False, True] if amx_possible else [False])
@@ -214,6 +214,16 @@ def _store(family: str, entry: dict, offered: tuple[str, ...]) -> None:
         write_json(path, data)
 
 
+def _entry(model_path: str | Path, results: dict, **extra) -> dict:
+    """A cache entry: when, on what, under what load (a busy machine measures low and may time out)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_path),
+            "load_avg_1m": load, "results": results, **extra}
+
+
 def family_of(model_path: str | Path) -> str:
     """The weight type that dominates a GGUF file (by bytes), e.g. 'Q4_1': the self-test's unit."""
     from ..models.gguf_check import validate_gguf
@@ -228,9 +238,11 @@ def selftest(model_path: str | Path, configs_: list[tuple[bool, bool]], measure:
              threads: int | None = None) -> dict[str, dict]:
     """Load ``model_path`` and decode under each (amx, repack) configuration, in child processes.
 
-    One child runs the configurations in order and reports each as a JSON line; when it dies (a signal, a
-    timeout), the configuration in flight is recorded as failed and a new child takes the rest. A
-    configuration also fails when its logits disagree with the first (no extra kernels) one.
+    One child runs the configurations in order and reports each as a JSON line; when it dies (a signal, an
+    error), the configuration in flight is recorded as failed (``ok`` False) and a new child takes the rest.
+    A configuration also fails when its logits disagree with the first (no extra kernels) one. A child that
+    runs out of time proves nothing (a busy machine is not a broken kernel): it and the configurations
+    after it are inconclusive (``ok`` None), which the choice treats as untested.
     """
     from ..engine.bufts import offered, wanted
 
@@ -259,9 +271,13 @@ def selftest(model_path: str | Path, configs_: list[tuple[bool, bool]], measure:
                 res = json.loads(line)
                 results[label(wanted(names, res.pop("amx"), res.pop("repack")))] = res
                 todo.pop(0)
-        if todo:  # the child died during todo[0]
-            what = ("timeout" if rc is None else signal.Signals(-rc).name if rc < 0
-                    else f"exit {rc}: {tail[0][-200:]}")
+        if todo and rc is None:  # out of time
+            for c in todo:
+                results[label(wanted(names, *c))] = {"ok": None, "error": f"timeout after {CHILD_TIMEOUT_S:.0f} s "
+                                                                          f"(a busy machine?)"}
+            todo = []
+        elif todo:  # the child died during todo[0]
+            what = signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[0][-200:]}"
             results[label(wanted(names, *todo[0]))] = {"ok": False, "error": what}
             todo.pop(0)
     base = results.get("none")
@@ -342,8 +358,7 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choi
     if entry is None:
         cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)
         results = selftest(model_path, cands)
-        entry = {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_path),
-                 "measured": False, "results": results}
+        entry = _entry(model_path, results, measured=False)
         _store(family, entry, names)
     return choose(amx, repack, names, flags, entry["results"])
 
@@ -384,8 +399,7 @@ def probe_kernels(threads: int | None = None, families: dict[str, Path] | None =
     cands = configs(names, cpu_flags())
     for variant, path in (families or variants(threads)).items():
         results = selftest(path, cands, measure=True, threads=threads)
-        _store(family_of(path), {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(path),
-                                 "variant": variant, "measured": True, "threads": threads, "results": results}, names)
+        _store(family_of(path), _entry(path, results, measured=True, variant=variant, threads=threads), names)
     return cached()
 
 

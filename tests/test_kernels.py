@@ -126,12 +126,16 @@ def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache):
     from ondevice.engine.llama import LlamaEngine
 
     names = offered()
-    eng = LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=2))  # auto: the quick self-test runs first
-    entry = K.cached()["families"][K.family_of(smol_path)]
+    if "CPU_REPACK" not in names:
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    q4_0 = K.variants(families=("Q4_0",))["Q4_0"]  # repack interleaves Q4_0 on AVX2, AVX-512 and NEON
+    eng = LlamaEngine(q4_0, EngineConfig(n_ctx=256, n_threads=2))  # auto, first load: the quick self-test runs
+    entry = K.cached()["families"]["Q4_0"]
     assert set(entry["results"]) == {K.label(wanted(names, *c)) for c in K.configs(names, []) if not c[0]}
-    assert all(r["ok"] for r in entry["results"].values()), entry  # nothing here crashes
-    assert "AMX" not in eng.kernels.bufts and eng.kernels.reason.startswith("auto")
-    assert set(eng.kernels_used.split("+")) <= set(eng.kernels.bufts) | {"none"}
+    assert all(r["ok"] for r in entry["results"].values()), entry  # nothing here crashes or disagrees
+    assert entry["results"]["CPU_REPACK"]["agreement"] > 0.99
+    assert "AMX" not in eng.kernels.bufts and eng.kernels.reason == "auto, self-tested"
+    assert eng.kernels_used == "CPU_REPACK" and eng.buffer_types["CPU_REPACK"] > 0  # really repacked
     toks = eng.tokenize("The capital of France is")
     eng.prefill(toks)
     auto_row = eng.logits()
@@ -141,26 +145,19 @@ def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache):
         eng.decode(out[-1])
     assert eng.detokenize(out).strip()
     eng.close()
-    plain = LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=2, amx="off", repack="off"))
+    plain = LlamaEngine(q4_0, EngineConfig(n_ctx=256, n_threads=2, amx="off", repack="off"))
     assert plain.kernels_used == "none" and "CPU_REPACK" not in plain.buffer_types
     plain.prefill(toks)
     row = plain.logits()
     plain.close()
     cos = float(auto_row @ row / np.linalg.norm(auto_row) / np.linalg.norm(row))
     assert cos > 0.99 and int(auto_row.argmax()) == int(row.argmax())
-
-
-def test_repack_on_puts_repackable_weights_in_cpu_repack(tmp_path, smol_path, kcache):
-    from ondevice.engine.base import EngineConfig
-    from ondevice.engine.bufts import offered
-    from ondevice.engine.llama import LlamaEngine
-
-    if "CPU_REPACK" not in offered():
-        pytest.skip("this llama.cpp build has no CPU_REPACK")
-    q4_0 = K.variants(families=("Q4_0",))["Q4_0"]  # repack interleaves Q4_0 on AVX2, AVX-512 and NEON
-    eng = LlamaEngine(q4_0, EngineConfig(n_ctx=128, n_threads=2, repack="on", amx="off"))
-    assert eng.buffer_types.get("CPU_REPACK", 0) > 0 and eng.kernels_used == "CPU_REPACK"
-    eng.close()
+    # Q4_1 on this CPU: a dry run shows repack would take none of its weights, so there is nothing to test
+    smol = LlamaEngine(smol_path, EngineConfig(n_ctx=128, n_threads=2))
+    q41 = K.cached()["families"]["Q4_1"]
+    if smol.kernels_used == "none":
+        assert q41["results"] == {} and "no extra kernel" in smol.kernels.reason
+    smol.close()
 
 
 # ---- the supervisor: no bare native crash --------------------------------------------------------------

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                    if r.get("ok") else f"inconclusive ({r.get('error')})" if r.get("ok") is None
                                    else f"FAILED ({r.get('error')})")
                         for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
+        res = res or e.get("note", "-")
         print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
               f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
     return 0

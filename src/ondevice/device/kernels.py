@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -344,8 +344,10 @@ def _child(job: dict) -> int:
 # ---- what the engine calls -----------------------------------------------------------------------------
 
 def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choice:
-    """The kernels for loading ``model_path`` here; runs the quick self-test on a first load when auto needs it."""
-    from ..engine.bufts import offered
+    """The kernels for loading ``model_path`` here; on the first load of its weight type on this machine and
+    build, a dry run (metadata only) says whether the extra kernels would take any of its weights, and only
+    then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove)."""
+    from ..engine.bufts import offered, wanted, would_use
     from .info import cpu_flags
 
     amx, repack = requested(amx, repack)
@@ -357,10 +359,13 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choi
     entry = cached().get("families", {}).get(family)
     if entry is None:
         cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)
-        results = selftest(model_path, cands)
-        entry = _entry(model_path, results, measured=False)
+        if set(would_use(model_path, wanted(names, False, True))) & set(names):
+            entry = _entry(model_path, selftest(model_path, cands), measured=False)
+        else:
+            entry = _entry(model_path, {}, measured=False, note="no extra kernel takes weights of this type here")
         _store(family, entry, names)
-    return choose(amx, repack, names, flags, entry["results"])
+    choice = choose(amx, repack, names, flags, entry["results"])
+    return replace(choice, reason=f"auto, {entry['note']}") if entry.get("note") else choice
 
 
 def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 
 AMX = "AMX"
 _CPU_DEVICE = 0  # enum ggml_backend_dev_type: GGML_BACKEND_DEVICE_TYPE_CPU
@@ -99,6 +100,21 @@ def offering(names: Sequence[str]) -> Iterator[bool]:
         finally:
             for i, e in enumerate([*original, None]):
                 arr[i] = e
+
+
+def would_use(model_path: str | Path, names: Sequence[str]) -> dict[str, float]:
+    """The buffer types a load offered ``names`` would put weights in, from a dry run (llama.cpp's
+    ``no_alloc``: metadata only, nothing read or allocated; the sizes it logs are 0). Cheap, in-process."""
+    from .llama import _lib, load_log, set_fields
+
+    ll = _lib()
+    with offering(names) as use_extra, load_log() as lines:
+        mparams = set_fields(ll.llama_model_default_params(), n_gpu_layers=0, use_extra_bufts=use_extra,
+                             no_alloc=True, load_mode=0)  # no_alloc asserts on the mmap path
+        model = ll.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if model:
+            ll.llama_model_free(model)
+    return parse_buffers("".join(lines).splitlines())
 
 
 def parse_buffers(log_lines: Sequence[str]) -> dict[str, float]:

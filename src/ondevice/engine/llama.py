@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,19 @@ def set_fields(st, **values):
     for k, v in values.items():
         setattr(st, k, v)
     return st
+
+
+@contextmanager
+def load_log() -> Iterator[list[str]]:
+    """llama.cpp's log text while inside: a model load's ``model buffer size`` lines say which buffer types
+    got weights (engine/bufts.py parses them). Use under ``bufts.offering``'s lock (loads are serialised)."""
+    global _log_capture
+    lines: list[str] = []
+    _log_capture = lines
+    try:
+        yield lines
+    finally:
+        _log_capture = None
 
 
 def llama_cpp_lib() -> ctypes.CDLL:
@@ -180,22 +194,16 @@ class LlamaEngine(Engine):
 
         Returns (the choice, ``{buffer type: MiB}`` the load really used, the model pointer or NULL).
         """
-        global _log_capture
         from ..device import kernels
         from ..supervise import note_loaded
         from . import bufts
 
         choice = kernels.resolve(cfg.amx, cfg.repack, self.path)
-        lines: list[str] = []
-        with bufts.offering(choice.bufts) as use_extra:
+        with bufts.offering(choice.bufts) as use_extra, load_log() as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
             mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,
                                  n_gpu_layers=0, use_extra_bufts=use_extra)
-            _log_capture = lines
-            try:
-                model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
-            finally:
-                _log_capture = None
+            model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         used = bufts.parse_buffers("".join(lines).splitlines())
         note_loaded(choice.to_dict(), used)
         return choice, used, model

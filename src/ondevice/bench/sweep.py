@@ -398,5 +398,9 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
         oom = capped and _oom_like(rc, tail)
         why = (f"the worker died (exit {rc}{', signal ' + signal.Signals(-rc).name if rc < 0 else ''})"
                + (" under the memory cap" if oom else "") + (f": {tail.strip()[-400:]}" if tail.strip() else ""))
+        if rc < 0 and not oom:  # the likely cause and the flag that avoids it (AMX, repack), as run/serve say
+            from ..supervise import crash_message
+
+            why += "; " + crash_message("bench", -rc, state["loaded"].get("kernel_choice")).split(": error: ", 1)[1]
         for t in missing:
             record(t, "oom" if oom else "error", why, None)

@@ -30,8 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--judge-key", default=None, help="API key for the judge (or set ONDEVICE_JUDGE_KEY)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     from ..engine.args import add_kernel_args
+    from ..protect.keys import add_key_args
 
     add_kernel_args(p)
+    add_key_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
     p.add_argument("--no-store", action="store_true", help="do not record the results in the store")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines")
@@ -80,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from ..engine.args import apply_kernel_args
+    from ..protect.keys import apply_key_args
     from .api import evaluate
 
+    apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
     if args.cascade:

@@ -23,6 +23,7 @@ beside the metric (``judge``, and ``judge_score`` = mean grade / 10), never inst
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -72,6 +73,8 @@ def skip_reason(n_prompt: int, max_tokens: int, n_ctx: int) -> str | None:
 def generate_one(model, item: Item, sampling: Sampling, tokens: list[int] | None = None) -> tuple[str, dict]:
     """The prediction for one item (``tokens``: its prompt, already tokenized) and its generation's timings."""
     tokens = item_tokens(model, item) if tokens is None else tokens
+    if item.meta.get("grammar"):  # an item whose reply must follow a grammar (function-calling, constrained)
+        sampling = dataclasses.replace(sampling, grammar=item.meta["grammar"])
     parts: list[str] = []
     last = None
     for g in model.stream_tokens(tokens, sampling):

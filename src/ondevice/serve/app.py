@@ -21,11 +21,11 @@ from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout
-from .http import Guard, error_payload, install_error_handlers
+from .http import Guard, access_logger, error_payload, install_error_handlers, note
 from .state import ServerState, message_dicts
 
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/health", "/metrics",
-          "/tokenize", "/detokenize"}
+          "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -44,7 +44,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="ondevice", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
-                       metrics=state.metrics, routes=ROUTES)
+                       metrics=state.metrics, routes=ROUTES,
+                       log=access_logger() if state.settings.access_log else None)
     app.state.ondevice = state
     state.cascade = server_cascade(state)  # None unless --cascade URL
     runner = Runner(state)
@@ -64,18 +65,25 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: S.TokenizeRequest):
-        toks = state.tokenize(req.content, add_special=req.add_special, parse_special=req.parse_special)
+        toks = state.tokenize(req.text, add_special=req.add, parse_special=req.parse_special)
         if req.with_pieces:
             return {"tokens": [{"id": t, "piece": state.vocab_bytes[t].decode("utf-8", errors="replace")}
                                for t in toks]}
-        return {"tokens": toks}
+        return {"tokens": toks, "count": len(toks), "max_model_len": state.settings.ctx}
 
     @app.post("/detokenize")
     async def detokenize(req: S.DetokenizeRequest):
-        return {"content": state.detokenize(req.tokens)}
+        text = state.detokenize(req.tokens)
+        return {"content": text, "prompt": text}  # llama-server's key, and vLLM's (lm-eval reads it)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's route, which lm-eval's local-completions asks first: with it no Hugging Face tokenizer
+        is downloaded (it then tokenizes through /tokenize and /detokenize)."""
+        return state.tokenizer_info()
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: S.EmbeddingRequest):
+    async def embeddings(req: S.EmbeddingRequest, request: Request):
         inp = req.input
         if isinstance(inp, str) or (inp and isinstance(inp[0], int)):
             inp = [inp]
@@ -95,6 +103,7 @@ def create_app(state: ServerState) -> FastAPI:
                    else vec.astype(float).tolist())
             data.append(S.Embedding(index=i, embedding=emb))
             n_tok += len(toks)
+        note(request, tokens=(n_tok, 0))
         return S.EmbeddingResponse(data=data, model=state.model_id,
                                    usage=S.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))
 
@@ -268,7 +277,9 @@ class Runner:
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
-        resp = S.ChatCompletion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
+        usage = _usage(*lasts, n=req.n)
+        note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+        resp = S.ChatCompletion(model=st.model_id, choices=choices, usage=usage,
                                 timings=_timings(lasts[0]) if len(lasts) == 1 else None)
         if st.cascade is not None:
             if cascade is None:
@@ -338,6 +349,7 @@ class Runner:
                     elif text:
                         yield text_chunk(text)
                 if g.finish_reason:
+                    note(request, tokens=(g.prompt_tokens, g.generation_tokens))
                     finish = g.finish_reason
                     if hold:
                         text = "".join(held)
@@ -354,7 +366,9 @@ class Runner:
                         yield chunk(S.ChatDelta(), usage=_usage(g), choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
-            yield _sse(error_payload(e)[1])
+            payload = error_payload(e)[1]
+            note(request, error=payload["error"]["message"])
+            yield _sse(payload)
 
     # -- completions -------------------------------------------------------------------------------------
     async def completions(self, req: S.CompletionRequest, request: Request):
@@ -375,7 +389,8 @@ class Runner:
             for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
                 toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
                 jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
-                                   else None) for s in _choices(req, _sampling(req, req.max_tokens))]
+                                   else None, eos_entry=k is not None)
+                         for s in _choices(req, _sampling(req, req.max_tokens))]
             return jobs
 
         jobs = await run_in_threadpool(prepare)
@@ -399,7 +414,9 @@ class Runner:
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]
-        return S.Completion(model=st.model_id, choices=choices, usage=_usage(*lasts, n=req.n),
+        usage = _usage(*lasts, n=req.n)
+        note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+        return S.Completion(model=st.model_id, choices=choices, usage=usage,
                             timings=_timings(lasts[0]) if len(lasts) == 1 else None)
 
     async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
@@ -454,9 +471,12 @@ class Runner:
                 elif ev.text:
                     yield text_chunk(ev.text)
                 if ev.finish_reason:
+                    note(request, tokens=(ev.prompt_tokens, ev.generation_tokens))
                     yield chunk("", finish=ev.finish_reason, timings=_timings(ev))
                     if include_usage:
                         yield chunk("", usage=_usage(ev), choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
-            yield _sse(error_payload(e)[1])
+            payload = error_payload(e)[1]
+            note(request, error=payload["error"]["message"])
+            yield _sse(payload)

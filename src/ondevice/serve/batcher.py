@@ -61,6 +61,9 @@ class Job:
     timeout: float
     logprobs: int | None = None  # top-k logprobs of generated tokens (0: only the chosen one)
     prompt_logprobs: int | None = None  # echo: logprobs of every prompt token (forces recompute)
+    # legacy completions with logprobs: a sampled end-of-sequence token is a generated token with its own
+    # logprobs entry (as llama-server and OpenAI give it; lm-eval drops the last entry as the generated one)
+    eos_entry: bool = False
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -316,7 +319,12 @@ class Batcher:
             s.t_first = now
         s.t_last = now
         if eos:
-            self._emit(job, self._record(s, -1, s.held + s.utf8.decode(b"", final=True), "stop"))
+            tail = s.held + s.utf8.decode(b"", final=True)
+            if job.eos_entry:
+                s.n_gen += 1
+                self._emit(job, self._record(s, tok, tail, "stop", lp, top))
+            else:
+                self._emit(job, self._record(s, -1, tail, "stop"))
             self._release(s)
             return
         s.n_gen += 1

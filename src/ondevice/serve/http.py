@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import sys
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,17 +64,60 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
         status, body, headers = error_payload(exc)
+        if status >= 500:  # a bug, not a bad request: keep the traceback
+            logging.getLogger("ondevice.serve").error("%s %s failed", request.method, request.url.path,
+                                                      exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
     for cls in (OndeviceError, QueueFull, JobTimeout):
         app.add_exception_handler(cls, _any)
 
 
-class Guard:
-    """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts."""
+NOTE = "ondevice.note"  # scope key: what a handler tells the access log (tokens, an error inside a stream)
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, metrics, routes: set[str]):
+
+def note(request: Request, **kw) -> None:
+    """Tell the access log about this request (``tokens=(prompt, completion)``, ``error="..."``)."""
+    request.scope.setdefault(NOTE, {}).update(kw)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (not the one at creation: tests and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def access_logger() -> logging.Logger:
+    """The ``ondevice.access`` logger: one line per request on stderr unless the caller configured it."""
+    log = logging.getLogger("ondevice.access")
+    if not log.handlers:
+        h = _Stderr()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _as_json(scope) -> None:
+    """Read any request body as JSON, as llama-server does: ``curl -d`` sends form-urlencoded by default."""
+    headers = scope.get("headers") or []
+    ctype = next((v for k, v in headers if k == b"content-type"), b"").split(b";")[0].strip().lower()
+    if ctype == b"application/json" or ctype.endswith(b"+json"):
+        return
+    scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+
+
+class Guard:
+    """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts, the
+    access log, and bodies read as JSON whatever their Content-Type."""
+
+    def __init__(self, app, *, api_key: str | None, max_body: int, metrics, routes: set[str],
+                 log: logging.Logger | None = None):
         self.app, self.api_key, self.max_body, self.metrics, self.routes = app, api_key, max_body, metrics, routes
+        self.log = log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -79,10 +125,14 @@ class Guard:
         path = scope["path"]
         route = path if path in self.routes else "other"
         status_seen = []
+        err_body: list[bytes] = []
+        t0 = time.perf_counter()
 
         async def send_counted(msg):
             if msg["type"] == "http.response.start":
                 status_seen.append(msg["status"])
+            elif msg["type"] == "http.response.body" and status_seen and status_seen[0] >= 400:
+                err_body.append(msg.get("body", b"")[:4096])  # an error's reason, for the log
             await send(msg)
 
         try:
@@ -101,9 +151,30 @@ class Guard:
                                              f"bytes (--max-body-bytes); send a smaller body",
                                              "invalid_request_error", "body_too_large")
                 receive = _replay(body, receive)
+                _as_json(scope)
             await self.app(scope, receive, send_counted)
         finally:
-            self.metrics.request(route, status_seen[0] if status_seen else 499)
+            status = status_seen[0] if status_seen else 499
+            self.metrics.request(route, status)
+            if self.log is not None:
+                self._log(scope, status, time.perf_counter() - t0, b"".join(err_body))
+
+    def _log(self, scope, status: int, seconds: float, err_body: bytes) -> None:
+        """``METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error."""
+        info = scope.get(NOTE) or {}
+        parts = [scope["method"], scope["path"], str(status)]
+        if info.get("tokens"):
+            p, c = info["tokens"]
+            parts.append(f"{p}+{c} tok")
+        parts.append(f"{seconds * 1e3:.0f} ms")
+        line = " ".join(parts)
+        reason = info.get("error") or ("client went away" if status == 499 else None)
+        if reason is None and err_body:
+            try:
+                reason = json.loads(err_body)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                reason = err_body[:200].decode("utf-8", errors="replace")
+        self.log.log(logging.WARNING if reason else logging.INFO, line + (f": {reason}" if reason else ""))
 
     async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
         headers = dict(scope.get("headers") or [])

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Req(BaseModel):
@@ -307,10 +307,29 @@ class ModelList(_Resp):
 
 
 class TokenizeRequest(_Req):
-    content: str
-    add_special: bool = False
+    """llama-server's fields (``content``, ``add_special``), or vLLM's as lm-eval sends them (``prompt``,
+    ``add_special_tokens``)."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
     parse_special: bool = True
     with_pieces: bool = False
+
+    @model_validator(mode="after")
+    def _one_text(self) -> TokenizeRequest:
+        if self.content is None and self.prompt is None:
+            raise ValueError("give the text to tokenize as content (or prompt)")
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.content if self.content is not None else self.prompt
+
+    @property
+    def add(self) -> bool:
+        return bool(self.add_special if self.add_special is not None else self.add_special_tokens)
 
 
 class DetokenizeRequest(_Req):

@@ -133,6 +133,16 @@ class ServerState:
 
         return self.batcher.call(run)
 
+    def tokenizer_info(self) -> dict:
+        """What vLLM's /tokenizer_info gives (and lm-eval's remote tokenizer reads): special tokens, template."""
+        eng = self.engine
+        bos = eng.bos_token if eng.bos_token is not None and eng.bos_token >= 0 else None
+        eos = eng.eos_token
+        return {"tokenizer_class": "llama.cpp", "eos_token": self.pieces[eos] if eos is not None else None,
+                "eos_token_id": eos, "bos_token": self.pieces[bos] if bos is not None else None,
+                "bos_token_id": bos, "add_bos_token": bool(eng.add_bos), "pad_token": None,
+                "chat_template": self.template, "model_max_length": self.settings.ctx, "vocab_size": eng.n_vocab}
+
     def model_meta(self) -> dict:
         eng = self.engine
         return {"path": str(self.path), "n_vocab": eng.n_vocab, "n_ctx_train": eng.n_ctx_train,

@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("ondevice.eval.cli", "perplexity, KL divergence and task suites"),
     "serve": ("ondevice.serve.cli", "OpenAI-compatible local server"),
     "device": ("ondevice.device.cli", "this machine: CPU, memory, energy counters and measured roofs"),
+    "agent": ("ondevice.agent.cli", "plan and call tools (Python, MCP) with small models"),
     "cascade": ("ondevice.cascade.cli", "device -> cloud cascade: fit its confidence, export hard samples"),
     "protect": ("ondevice.protect.cli", "encrypted model files, decrypted only in memory"),
 }

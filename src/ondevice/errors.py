@@ -16,14 +16,33 @@ class InvalidModelFile(OndeviceError):
 
 
 class ContextOverflow(OndeviceError):
-    """A prompt that does not fit in the context window."""
+    """A prompt that does not fit in the context window.
 
-    def __init__(self, n_prompt: int, n_ctx: int, what: str = "prompt"):
-        self.n_prompt, self.n_ctx = n_prompt, n_ctx
-        super().__init__(
-            f"the {what} has {n_prompt} tokens but the context window holds {n_ctx}; "
-            f"shorten it or raise --ctx (at most the model's trained context)"
-        )
+    The engine raises it without knowing which verb called it; the verb adds the fix that is true for its
+    own flags with :meth:`advise` (run and chat: ``-c/--ctx``; bench: ``-c/--ctx-size``; eval suites:
+    ``--ctx-size``; serve: ``--ctx``, the per-slot context), so the message never names another verb's flag.
+    """
+
+    def __init__(self, n_prompt: int, n_ctx: int, what: str = "prompt", fix: str | None = None):
+        self.n_prompt, self.n_ctx, self.what = n_prompt, n_ctx, what
+        self.fix = fix or ("shorten it or load the model with a larger context window "
+                           "(n_ctx, at most the model's trained context)")
+        super().__init__(f"the {what} has {n_prompt} tokens but the context window holds {n_ctx}; {self.fix}")
+
+    def advise(self, flag: str, n_ctx_train: int | None = None, *alternatives: str,
+               shorten: str | None = "shorten it") -> ContextOverflow:
+        """The same overflow, its fix naming ``flag``: raise it (up to ``n_ctx_train``) unless it is at the
+        trained context already; ``alternatives`` are further fixes ("... or ...")."""
+        at_max = bool(n_ctx_train) and self.n_ctx >= n_ctx_train
+        fixes = [shorten] if shorten else []
+        if not at_max:
+            fixes.append(f"raise {flag}" + (f" (at most the model's trained context, {n_ctx_train})"
+                                            if n_ctx_train else ""))
+        fixes += alternatives
+        fix = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]
+        if at_max:
+            fix += f" ({flag} is already the model's trained context, {n_ctx_train})"
+        return ContextOverflow(self.n_prompt, self.n_ctx, self.what, fix)
 
 
 class InvalidArgument(OndeviceError):

@@ -14,7 +14,6 @@ first JSON in it read as the call), so the summary compares the two per category
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -53,24 +52,11 @@ def items() -> tuple[dict, ...]:
 # -- scoring --------------------------------------------------------------------------------------------
 
 def norm(v: Any) -> Any:
-    """A value for comparison: numbers (and numeric strings) as floats, strings folded, lists element-wise."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        s = re.sub(r"\s+", " ", v.strip().lower()).strip(" .!?\"'")
-        if s in ("true", "false"):
-            return s == "true"
-        try:
-            return float(s)
-        except ValueError:
-            return s
-    if isinstance(v, list):
-        return [norm(x) for x in v]
-    if isinstance(v, dict):
-        return {k: norm(x) for k, x in v.items()}
-    return v
+    """A value for comparison: the eval metrics' normalisation (case, spaces, outer punctuation; numbers and
+    numeric strings by value; "true"/"false" as booleans)."""
+    from ..eval.metrics import _canon
+
+    return _canon(v)
 
 
 def call_matches(call: Call, expected: dict) -> bool:
@@ -168,7 +154,7 @@ def eval_items() -> list:
     """The suite as ``eval`` items: each request twice (task ``<category>/<mode>``, category = the mode).
 
     The constrained items carry their grammar in ``meta["grammar"]`` (the runner samples under it); the
-    target is the item as JSON, scored by the ``function_call`` metric (``call_valid`` beside it).
+    target is the item as JSON, scored by the ``tool_calls`` metric (``tool_calls_valid`` beside it).
     """
     from ..eval.suites import Item
 
@@ -179,10 +165,10 @@ def eval_items() -> list:
         for mode in MODES:
             constrained = mode == "constrained"
             out.append(Item(id=f"{it['id']}/{mode}", input=messages(it, tools),
-                            target=json.dumps({**it, "constrained": constrained}), metric="function_call",
+                            target=json.dumps({**it, "constrained": constrained}), metric="tool_calls",
                             category=mode, task=f"{it['category']}/{mode}",
                             provenance="ondevice function-calling suite (data/function_calling.jsonl)",
-                            extra_metrics=("call_valid",),
+                            extra_metrics=("tool_calls_valid",),
                             meta={"grammar": grammar(tools) if constrained else None}))
     return out
 
@@ -190,15 +176,15 @@ def eval_items() -> list:
 def register_metrics() -> None:
     from ..eval.metrics import METRICS, metric
 
-    if "function_call" in METRICS:
+    if "tool_calls" in METRICS:
         return
 
-    @metric("function_call")
-    def function_call(prediction: str, target: str) -> float:
+    @metric("tool_calls")
+    def tool_calls(prediction: str, target: str) -> float:
         t = json.loads(target)
         return score_reply(prediction, t, t["constrained"])["correct"]
 
-    @metric("call_valid")
-    def call_valid(prediction: str, target: str) -> float:
+    @metric("tool_calls_valid")
+    def tool_calls_valid(prediction: str, target: str) -> float:
         t = json.loads(target)
         return score_reply(prediction, t, t["constrained"])["valid"]

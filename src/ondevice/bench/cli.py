@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..engine.args import add_kernel_args, apply_kernel_args
+from ..protect.keys import add_key_args, apply_key_args
 from ..errors import InvalidArgument
 
 
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
     g.add_argument("--seed", type=int, default=42, help="seed of the random prompt tokens")
     add_kernel_args(p)
+    add_key_args(p)
     o = p.add_argument_group("output and storage")
     o.add_argument("-o", "--output", choices=("md", "csv", "json", "jsonl", "sql"), default="md")
     o.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import bench
 
     tests = tests_from_args(args)
+    apply_key_args(args)  # a key source (never the key) in the environment the workers inherit
     apply_kernel_args(args)  # the workers read ONDEVICE_AMX / ONDEVICE_REPACK; each record names what they used
     store = False if args.no_store else (args.db or True)
     if args.no_store and args.resume:

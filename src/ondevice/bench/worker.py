@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e, KeyboardInterrupt):
                 raise
             status = "oom" if _is_oom(e, capped) else "error"
+            if isinstance(e, ContextOverflow):
+                e = e.advise("-c/--ctx-size", engine.n_ctx_train)
             msg = f"{type(e).__name__}: {e}"
             if status == "error" and not isinstance(e, OndeviceError):
                 msg += "\n" + traceback.format_exc(limit=4)

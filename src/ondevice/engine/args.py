@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..protect.keys import add_key_args, apply_key_args
 from .records import Sampling
 
 
@@ -13,6 +14,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
     add_kernel_args(p)
+    add_key_args(p)
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
@@ -70,4 +72,5 @@ def load_from(args: argparse.Namespace, **config):
     if args.ctx < 0:
         raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
     apply_kernel_args(args)
+    apply_key_args(args)
     return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

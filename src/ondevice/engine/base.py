@@ -32,6 +32,10 @@ class EngineConfig:
     pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)
     seed: int = 0xFFFFFFFF
     warmup: bool = True  # one tiny decode at load, as llama.cpp's own tools do (pages weights in, sizes buffers)
+    # an encrypted model (protect/): where its key is ("env:NAME", "file:PATH", "keyring:NAME"; None: the
+    # ONDEVICE_MODEL_KEY variable), never the key itself; and how it is restored ("pipelined" or "strawman")
+    key_source: str | None = None
+    restore: str = "pipelined"
     # extra CPU kernels (device/kernels.py): "auto", "on" or "off"; None reads ONDEVICE_AMX / ONDEVICE_REPACK
     amx: str | None = None  # AMX tiles (Sapphire Rapids+): auto = only where a self-test here proved it safe and faster
     repack: str | None = None  # CPU_REPACK interleaved weights: auto = on unless its self-test failed here

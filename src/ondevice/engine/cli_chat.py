@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import ContextOverflow
 from .args import add_model_args, add_sampling_args, load_from, sampling_from
 from .model import peak_rss_bytes
 
@@ -62,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
                 last = g
         except KeyboardInterrupt:  # stop this answer, keep the program and what was said
             sys.stdout.write(" [stopped]")
+        except ContextOverflow as e:  # the conversation outgrew the window: say so, keep the program
+            history.pop()
+            print(f"error: {e.advise('-c/--ctx', model.engine.n_ctx_train, '/reset to start over')}",
+                  file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
         if args.timings:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..errors import ContextOverflow
 from .args import add_model_args, add_sampling_args, load_from, sampling_from
 from .model import peak_rss_bytes
 from .records import Generation
@@ -53,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_from(args)
     last = None
     out = sys.stdout
-    for g in model.stream(prompt, sampling=sampling, chat_template=False if args.raw else None):
-        out.write(g.text)
-        out.flush()
-        last = g
+    try:
+        for g in model.stream(prompt, sampling=sampling, chat_template=False if args.raw else None):
+            out.write(g.text)
+            out.flush()
+            last = g
+    except ContextOverflow as e:
+        raise e.advise("-c/--ctx", model.engine.n_ctx_train) from None
     out.write("\n")
     if args.timings == "text":
         print(format_timings(last, peak_rss_bytes(), model.engine.load_time), file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
+from ..protect.container import is_container
 from .base import Engine, EngineConfig
 from .logprobs import token_stats
 from .records import Generation, Sampling
@@ -162,6 +163,8 @@ class LlamaEngine(Engine):
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)
+            self.model = None
+            self.close()
             raise OndeviceError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller --ctx")
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         self.n_batch = cparams.n_batch
@@ -198,12 +201,22 @@ class LlamaEngine(Engine):
         from ..supervise import note_loaded
         from . import bufts
 
-        choice = kernels.resolve(cfg.amx, cfg.repack, self.path)
+        self._restored = None
+        if is_container(self.path):  # an encrypted model: restored into anonymous memory (protect/)
+            from ..protect.load import begin, kernel_path
+
+            self._restored = begin(self.path, cfg.key_source, mode=cfg.restore, threads=min(2, os.cpu_count() or 1))
+        choice = kernels.resolve(cfg.amx, cfg.repack, kernel_path(self._restored) if self._restored else self.path)
         with bufts.offering(choice.bufts) as use_extra, load_log() as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
             mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,
                                  n_gpu_layers=0, use_extra_bufts=use_extra)
-            model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+            if self._restored is not None:
+                from ..protect.load import finish
+
+                model = finish(ll, self._restored, mparams)
+            else:
+                model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         used = bufts.parse_buffers("".join(lines).splitlines())
         note_loaded(choice.to_dict(), used)
         return choice, used, model
@@ -482,6 +495,9 @@ class LlamaEngine(Engine):
             self.ll.llama_free(self.ctx)
             self.ll.llama_model_free(self.model)
             self.ctx = self.model = None
+        if getattr(self, "_restored", None) is not None:
+            self._restored.close()  # after llama.cpp unmapped it: the plaintext is wiped
+            self._restored = None
 
     def __del__(self) -> None:
         try:

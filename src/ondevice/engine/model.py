@@ -164,9 +164,11 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     Extra keyword arguments are :class:`EngineConfig` fields (``n_batch``, ``type_k``, ...).
     """
     from ..models import resolve
+    from ..protect.container import is_container
     from .llama import LlamaEngine
 
     ref = resolve(name)
-    _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
+    if not is_container(ref.path):  # an encrypted container is authenticated chunk by chunk instead (protect/)
+        _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
     engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config))
     return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template())

@@ -3,7 +3,10 @@
 Every summary is returned as a record and written to the SQLite store (``kind="eval"``) with the model's
 sha256, so quality joins speed (``kind="bench"``) on the exact file. Record fields the report reads:
 ``ppl``, ``ppl_err`` (``ppl:<corpus>``); ``kld_mean``, ``kld_p99``, ``top1_agree``, ``dppl`` (``kld:<corpus>``);
-``score`` in 0..1 (``suite:<name>``); and on every record ``model``, ``model_sha256``, ``file_size``.
+``score`` in 0..1, ``coverage``, ``categories`` (``suite:<name>``); and on every record ``model``,
+``model_sha256``, ``file_size`` and the variant's lineage (``family``, ``family_sha256``, ``variant_type``:
+the root of its ``ondevice quantize`` provenance chain and the type it was made as), which is how the
+report finds the F16 a quantized variant is compared with.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, 
              ref: str | os.PathLike[str] | None = None, topk: int = 256, suite: str | None = None,
              limit: int | None = None, seed: int = 0, max_tokens: int = 256, temp: float = 0.0,
              judge: str | None = None, judge_model: str | None = None, judge_key: str | None = None,
-             threads: int | None = None, store: bool | str | os.PathLike[str] = True, session: str | None = None,
+             ctx_size: int = 0, strict: bool = False, threads: int | None = None, store: bool | str | os.PathLike[str] = True, session: str | None = None,
              log_dir: str | os.PathLike[str] | None = None,
              progress: Callable[[str], None] | None = None) -> list[dict]:
     """Evaluate ``model``; one summary record per measurement (also written to the store).
@@ -57,6 +60,9 @@ def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, 
         suite: a suite name (``assistant-en``, ``smartbench``, ``humaneval``) or a JSONL path.
         limit, seed: a stratified subset of the suite (and the sampling seed when ``temp > 0``).
         judge, judge_model, judge_key: an OpenAI-compatible endpoint that also grades the answers.
+        ctx_size: the suite run's context window (0: the trained context where memory allows, see
+            :mod:`ondevice.eval.window`); capped at the trained context.
+        strict: refuse a suite with an item that does not fit the window, instead of skipping it.
         store: True (the default store), a path to another SQLite file, or False (do not record).
         log_dir: where per-sample suite logs go (default: ``<data dir>/eval-logs``).
     """
@@ -70,13 +76,13 @@ def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, 
     _ = mref.info  # validate before llama.cpp sees the file
     sha = model_sha256(mref)
     session = session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    base = _base(mref, sha)
+    base = {**_base(mref, sha), **lineage(sha, mref)}
     records: list[dict] = []
     if ppl or ref:
         records += _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
     if suite:
         records.append(_suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge,
-                                     judge_model, judge_key, threads, log_dir, say))
+                                     judge_model, judge_key, threads, log_dir, say, ctx_size, strict))
     for r in records:
         r["session"] = session
     if store:
@@ -103,6 +109,10 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
 
     if topk < 1:
         raise InvalidArgument(f"--topk {topk} must be >= 1")
+    trained = mref.info.context_length
+    if trained and ctx > trained:
+        raise InvalidArgument(f"--ctx {ctx} (the perplexity chunk) is above {mref.name}'s trained context "
+                              f"({trained}); use --ctx {trained} or less")
     text_corpus = load_corpus(corpus, text)
     cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False)  # timings are not measured here
     say(f"corpus {text_corpus.name}: {text_corpus.chars} chars, sha256 {text_corpus.sha256[:12]}")
@@ -150,23 +160,57 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
             {**base, "test": f"kld:{text_corpus.name}", **res, **ref_fields}]
 
 
+def lineage(sha: str, mref) -> dict:
+    """The family a variant belongs to: follow ``source_sha256`` through the store's provenance sidecars
+    to the first file that was not made by ``ondevice quantize`` (the shipped model)."""
+    from ..models.catalog import read_provenance, store_variants
+
+    made = {}  # sha256 -> (name, provenance) of every stored variant
+    for name, path in store_variants().items():
+        side = read_provenance(path) or {}
+        if side.get("sha256"):
+            made[side["sha256"]] = (name, side.get("provenance") or {})
+    own = made.get(sha, (mref.name, {}))[1]
+    name, cur, seen = mref.name, sha, set()
+    while cur in made and made[cur][1].get("source_sha256") and cur not in seen:
+        seen.add(cur)
+        prov = made[cur][1]
+        name, cur = prov.get("source", name), prov["source_sha256"]
+    return {"family": name, "family_sha256": cur, "variant_type": own.get("type"), "quant": mref.info.quant_summary}
+
+
+def _progress_line(i: int, n: int, row: dict) -> str:
+    if row.get("skipped"):
+        return f"  [{i}/{n}] {row['id']}: skipped ({row['skip_reason']})"
+    return f"  [{i}/{n}] {row['id']}: {row['score']:.3f}"
+
+
 def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge, judge_model, judge_key,
-                  threads, log_dir, say) -> dict:
+                  threads, log_dir, say, ctx_size=0, strict=False) -> dict:
     from ..engine import load
+    from ..errors import InvalidArgument
     from ..models.store import data_dir
     from .runner import run_suite
     from .suites import load_suite
+    from .window import suite_window
 
+    if max_tokens < 1:
+        raise InvalidArgument(f"--max-tokens {max_tokens} must be >= 1")
     s = load_suite(suite, limit=limit, seed=seed)
+    win = suite_window(mref.info, ctx_size)
+    if win.note:
+        say(win.note)
     log_path = Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
-    model = load(str(mref.path), n_threads=threads)
-    n_threads = model.engine.n_threads
+    model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx)
+    n_threads, n_ctx = model.engine.n_threads, model.engine.n_ctx
     try:
-        say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'})")
+        say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'}, "
+            f"context window {n_ctx} tokens)")
         summary = run_suite(model, s, max_tokens=max_tokens, temp=temp, seed=seed, log_path=log_path, judge=judge,
-                            judge_model=judge_model, judge_key=judge_key,
-                            progress=lambda i, n, row: say(f"  [{i}/{n}] {row['id']}: {row['score']:.3f}"))
+                            judge_model=judge_model, judge_key=judge_key, strict=strict,
+                            progress=lambda i, n, row: say(_progress_line(i, n, row)))
     finally:
         model.close()
     return {**base, "test": f"suite:{s.name}", **summary, "limit": limit, "seed": seed, "max_tokens": max_tokens,
-            "temp": temp, "chat_template": model.is_chat, "threads": n_threads}
+            "temp": temp, "chat_template": model.is_chat, "threads": n_threads, "n_ctx": n_ctx,
+            "n_ctx_requested": ctx_size, "n_ctx_train": win.n_ctx_train, "kv_bytes_est": win.kv_bytes}

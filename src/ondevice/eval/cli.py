@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--corpus", default=None, help="built-in text: pydoc (default, always available) or lee "
                                                   "(needs gensim installed)")
     g.add_argument("--text", default=None, metavar="FILE", help="measure on this UTF-8 text file instead")
-    g.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (the second half is scored)")
+    g.add_argument("--ctx", type=int, default=512, help="perplexity chunk size in tokens (the second half is "
+                                                        "scored); suites use --ctx-size")
     g.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
     g.add_argument("--ref", default=None, metavar="MODEL",
                    help="reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL; implies --ppl")
@@ -24,14 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--limit", type=int, default=None, help="a stratified subset of N items")
     s.add_argument("--seed", type=int, default=0, help="subset (and sampling) seed")
     s.add_argument("--max-tokens", type=int, default=256, help="tokens generated per item at most")
+    s.add_argument("--ctx-size", type=int, default=0, metavar="N",
+                   help="context window for suite items (as bench's -c/--ctx-size); 0: the model's trained "
+                        "context where memory allows; capped at the trained context")
+    s.add_argument("--strict", action="store_true",
+                   help="stop when an item does not fit the window (prompt + --max-tokens) instead of skipping "
+                        "it; skipped items are counted and reported with the coverage")
     s.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     s.add_argument("--judge", default=None, metavar="URL", help="OpenAI-compatible endpoint that also grades answers")
     s.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     s.add_argument("--judge-key", default=None, help="API key for the judge (or set ONDEVICE_JUDGE_KEY)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     from ..engine.args import add_kernel_args
+    from ..protect.keys import add_key_args
 
     add_kernel_args(p)
+    add_key_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
     p.add_argument("--no-store", action="store_true", help="do not record the results in the store")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines")
@@ -65,23 +74,40 @@ def print_record(r: dict, out=sys.stdout) -> None:
               f"{r['ref_tail_mass_mean']:.4f}, worst-case upper bound {r['kld_upper_mean']:.4f})", file=out)
     elif test.startswith("suite:"):
         limit = "" if r.get("limit") is None else f" (--limit {r['limit']})"
-        print(f"  score = {_fmt(r['score'])} over {r['n_items']} items{limit}"
-              f"   decode {_fmt(r.get('decode_tps_mean'), '.1f')} tok/s, TTFT median "
-              f"{_fmt(r.get('ttft_s_median'), '.3f')} s", file=out)
+        print(f"  {coverage_line(r)}{limit}", file=out)
+        print(f"  context window {r.get('n_ctx', '-')} tokens (trained {r.get('n_ctx_train') or '-'}), "
+              f"max {r.get('max_tokens')} new tokens per item; decode {_fmt(r.get('decode_tps_mean'), '.1f')} "
+              f"tok/s, TTFT median {_fmt(r.get('ttft_s_median'), '.3f')} s", file=out)
         for name, t in r["tasks"].items():
             j = f"  judge {t['judge']:.2f}" if t.get("judge") is not None else ""
-            print(f"    {name:24s} {t['category']:14s} {t['metric']:16s} n={t['n']:<4d} {_fmt(t['mean'])}{j}",
+            sk = f"  ({t['n_skipped']} skipped)" if t.get("n_skipped") else ""
+            print(f"    {name:24s} {t['category']:14s} {t['metric']:16s} n={t['n']:<4d} {_fmt(t['mean'])}{j}{sk}",
                   file=out)
+        if r.get("n_skipped"):
+            longest = max(r["skipped"], key=lambda x: x.get("prompt_tokens") or 0)
+            print(f"  {r['n_skipped']} items did not fit the window and were skipped (longest: {longest['id']}, "
+                  f"{longest['reason']}); raise --ctx-size or lower --max-tokens to cover them", file=out)
         if r.get("log"):
             print(f"  per-sample log: {r['log']}", file=out)
+
+
+def coverage_line(r: dict) -> str:
+    """'score 0.41 on 14/20 items (coverage 70%); 0.29 counting skipped as 0' (skipped: not scored, counted)."""
+    n, k = r["n_items"], r.get("n_scored", r["n_items"])
+    line = f"score {_fmt(r['score'])} on {k}/{n} items (coverage {100 * k / n:.0f}%)"
+    if k < n:
+        line += f"; {_fmt(r.get('score_skipped_as_0'))} counting skipped as 0"
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
     from ..engine.args import apply_kernel_args
+    from ..protect.keys import apply_key_args
     from .api import evaluate
 
+    apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
     if args.cascade:
@@ -92,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     records = evaluate(args.model, ppl=args.ppl, corpus=args.corpus, text=args.text, ctx=args.ctx, chunks=args.chunks,
                        ref=args.ref, topk=args.topk, suite=args.suite, limit=args.limit, seed=args.seed,
                        max_tokens=args.max_tokens, temp=args.temp, judge=args.judge, judge_model=args.judge_model,
+                       ctx_size=args.ctx_size, strict=args.strict,
                        judge_key=args.judge_key or os.environ.get("ONDEVICE_JUDGE_KEY"), threads=args.threads,
                        store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
     for r in records:

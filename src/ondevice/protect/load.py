@@ -92,6 +92,8 @@ def finish(ll, r: Restored, mparams) -> object:
         r.close()
         raise
     r.locked_bytes = _vm_locked_bytes() if want_lock else 0
+    if mparams.load_mode in (0, 2, 4):  # llama.cpp read the weights into buffers of its own: drop our copy now
+        r.close()
     return model
 
 

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cascade", action="store_true",
                    help="the device -> cloud cascade's deferral curves (from `ondevice eval --cascade`): a table "
                         "on stdout and an HTML page")
+    p.add_argument("--retention", action="store_true",
+                   help="print the suite retention tables (score per category vs the family's F16, with "
+                        "coverage) of the stored eval records and exit")
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
@@ -40,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
             from .cascade import run_report
 
             return run_report(store, args)
+        if args.retention:
+            from .quality import retention, retention_markdown
+
+            rows = retention(store.records("eval"))
+            print(retention_markdown(rows) if rows else "no suite eval records with a lineage stored yet; run "
+                  "`ondevice eval --suite NAME` on a model and its variants (e.g. benchmarks/smartbench_retention.py)")
+            return 0
         if args.compare:
             _, table = compare(store, *args.compare)
             sys.stdout.write(table)

@@ -10,7 +10,7 @@ from html import escape
 from . import svg
 from .cascade import html as cascade_html
 from .formats import columns
-from .quality import quality_vs_speed
+from .quality import quality_vs_speed, retention, retention_tables
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
@@ -96,6 +96,18 @@ def plot_quality(points: list[dict]) -> list[str]:
     return out
 
 
+def retention_html(rows: list[dict]) -> str:
+    """Suite scores per category next to the family's F16 (see ``quality.retention``), one table per suite."""
+    out = []
+    for test, head, cells in retention_tables(rows):
+        th = "".join(f"<th>{escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+        out.append(f"<h3>{escape(test)}: retention vs F16</h3><table><tr>{th}</tr>{body}</table>")
+    return "".join(out) + ("<p class='note'>Score over the items that fit the context window (coverage); "
+                           "'skipped as 0' scores the others 0. Category cells: score (% of the family's F16).</p>"
+                           if out else "")
+
+
 def _table(records: Sequence[dict]) -> str:
     cols = columns(records)
     head = "".join(f"<th>{escape(c[0])}</th>" for c in cols)
@@ -139,6 +151,7 @@ def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title
                + "</div>") if qplots else (
         "<h2>Quality vs speed</h2><p class='note'>No eval records share a model sha256 with these bench runs; "
         "run <code>ondevice eval</code> on the same model files to fill this view.</p>")
+    quality += retention_html(retention(eval_records))
     quality += cascade_html(eval_records)
     when = datetime.now(UTC).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>

@@ -4,6 +4,9 @@ Eval records look like ``{model, model_sha256, test: "ppl:<corpus>" | "suite:<na
 file_size}``. Quality is ``score`` (higher is better) or ``ppl`` (lower is better). Speed is the bench
 decode speed of the same file: the mean t/s of its ``tg`` tests at depth 0 (``tg128`` when there), else
 of any ok decode test.
+
+``retention`` puts each quantized variant's suite score (per category, with its coverage) next to the F16
+of the same family, as SmartBench reports what quantization costs on the device.
 """
 
 from __future__ import annotations
@@ -82,3 +85,87 @@ def quality_vs_speed(records: Sequence[dict]) -> list[dict]:
         for p, on in zip(group, pareto([(p["tps"], p["quality"]) for p in group], group[0]["higher_is_better"])):
             p["pareto"] = on
     return points
+
+
+# --- retention against F16 -----------------------------------------------------------------------------
+
+# Suite records compare only when they ran the same items the same way.
+_SAME_RUN = ("test", "family_sha256", "limit", "seed", "max_tokens", "temp", "n_ctx")
+
+
+def retention(records: Sequence[dict]) -> list[dict]:
+    """Each variant's suite score next to its family's F16, as SmartBench reports quantization's cost.
+
+    Eval records of suites (``test`` "suite:*") that carry a lineage (``family_sha256``, written by
+    ``ondevice eval``) are grouped by family and run settings (items, reply budget, context window); within
+    a group the newest record per variant counts, and the reference is the variant made as ``F16`` (for a
+    shipped quantized file: dequantized from it). Returns one dict per variant: eval_test, family, model,
+    variant (its quantize type, or "shipped <quant>"), file_size, score, score_skipped_as_0, coverage,
+    n_scored, n_items, categories, and retention / category_retention (score ÷ the F16's; None without one).
+    """
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if r.get("kind", "eval") != "eval" or not str(r.get("test", "")).startswith("suite:"):
+            continue
+        if not r.get("family_sha256") or r.get("score") is None:
+            continue
+        key = tuple(r.get(k) for k in _SAME_RUN)
+        latest = groups.setdefault(key, {})
+        sha = r.get("model_sha256") or ""
+        if sha not in latest or (r.get("created") or 0) >= (latest[sha].get("created") or 0):
+            latest[sha] = r
+    rows: list[dict] = []
+    for _key, by_sha in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        refs = [r for r in by_sha.values() if r.get("variant_type") == "F16"]
+        ref = max(refs, key=lambda r: r.get("created") or 0) if refs else None
+        for r in sorted(by_sha.values(), key=lambda r: -(r.get("file_size") or 0)):
+            cats = r.get("categories") or {}
+            ref_cats = (ref or {}).get("categories") or {}
+            rows.append({
+                "eval_test": r["test"], "family": r.get("family"), "model": r.get("model"),
+                "variant": r.get("variant_type") or f"shipped {str(r.get('quant') or '').split(' ')[0]}".strip(),
+                "file_size": r.get("file_size"), "score": r["score"], "score_skipped_as_0": r.get("score_skipped_as_0"),
+                "coverage": r.get("coverage"), "n_scored": r.get("n_scored", r.get("n_items")),
+                "n_items": r.get("n_items"), "n_ctx": r.get("n_ctx"), "limit": r.get("limit"),
+                "max_tokens": r.get("max_tokens"), "categories": cats, "ref_model": (ref or {}).get("model"),
+                "retention": _ratio(r["score"], (ref or {}).get("score")),
+                "category_retention": {c: _ratio(v, ref_cats.get(c)) for c, v in cats.items()},
+            })
+    return rows
+
+
+def _ratio(x: float | None, ref: float | None) -> float | None:
+    return None if x is None or not ref else x / ref
+
+
+def retention_tables(rows: Sequence[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(suite test, header, cells)`` per suite: the one layout of the retention view (Markdown and HTML).
+    Category cells read "score (% of the family's F16)"."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    tables = []
+    for test in dict.fromkeys(r["eval_test"] for r in rows):
+        group = [r for r in rows if r["eval_test"] == test]
+        cats = list(dict.fromkeys(c for r in group for c in r["categories"]))
+        head = ["family", "variant", "MB", "coverage", "score", "skipped as 0", "vs F16", *cats]
+        cells = []
+        for r in group:
+            row = [str(r["family"]), r["variant"], f"{(r['file_size'] or 0) / 1e6:.0f}",
+                   f"{r['n_scored']}/{r['n_items']} ({pct(r['coverage'])})", f"{r['score']:.3f}",
+                   "-" if r["score_skipped_as_0"] is None else f"{r['score_skipped_as_0']:.3f}", pct(r["retention"])]
+            row += ["-" if r["categories"].get(c) is None else
+                    f"{r['categories'][c]:.3f} ({pct(r['category_retention'].get(c))})" for c in cats]
+            cells.append(row)
+        tables.append((test, head, cells))
+    return tables
+
+
+def retention_markdown(rows: Sequence[dict]) -> str:
+    """The retention view as Markdown tables, one per suite."""
+    out: list[str] = []
+    for test, head, cells in retention_tables(rows):
+        out += [f"{test}: retention vs F16 (category cells: score, then % of the family's F16)", "",
+                "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in cells] + [""]
+    return "\n".join(out)

@@ -41,14 +41,13 @@ def default_report_path(sessions: list[str]) -> Path:
 
 def write_html(records: list[dict], store=None, path: str | Path | None = None,
                sessions: list[str] | None = None) -> Path:
-    """Write the HTML report of ``records`` (plus the store's eval records, for quality vs speed)."""
+    """Write the HTML report of ``records`` plus the store's eval records: quality vs speed for the files
+    benched here, and the suite retention tables (which need no bench run)."""
     from ..models.store import atomic_write
     from .html import build_html
 
     sessions = sessions or sorted({r.get("session") or r.get("_session") for r in records} - {None})
-    shas = {r.get("model_sha256") for r in records}
-    evals = [e for e in (store.records("eval") if store is not None else [])
-             if e.get("model_sha256") in shas or str(e.get("test", "")).startswith("cascade:")]
+    evals = store.records("eval") if store is not None else []
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "w", encoding="utf-8") as f:

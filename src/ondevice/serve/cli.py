@@ -12,11 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "the environment. Routes: /v1/chat/completions, /v1/completions, /v1/models, "
                      "/v1/embeddings, /health, /metrics, /tokenize, /detokenize, /tokenizer_info.")
     add_settings_arguments(parser)
+    from ..protect.keys import add_key_args
+
+    add_key_args(parser)  # an encrypted -m: where its key is (ONDEVICE_KEY_SOURCE or ONDEVICE_MODEL_KEY also work)
 
 
 def run(args: argparse.Namespace) -> int:
     from .server import serve
+    from ..protect.keys import apply_key_args
     from .settings import settings_from_args
 
+    apply_key_args(args)
     serve(settings_from_args(args))
     return 0

@@ -1,20 +1,21 @@
 """Structured output: response_format and tools become a GBNF grammar that the native sampler enforces.
 
-JSON schema -> GBNF uses llama-cpp-python's converter (``llama_cpp.llama_grammar``), the same one its
-server uses. A tool call is the JSON object ``{"name": ..., "arguments": {...}}`` constrained to the
-given tools' parameter schemas; with ``parallel_tool_calls`` (OpenAI's default) a JSON array of such objects
-is allowed too. The reply is parsed back into OpenAI ``tool_calls``.
+The grammars come from :mod:`ondevice.engine.grammar` (shared with the agent). The reply is parsed back
+into OpenAI ``tool_calls``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 
+from ..engine.grammar import (TOOL_CALL_START, json_object_grammar, schema_grammar, tool_call_grammar,
+                              tools_note)
 from ..errors import InvalidArgument
 from .schemas import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
+
+__all__ = ["TOOL_CALL_START", "Plan", "json_object_grammar", "parse_tool_call", "plan", "schema_grammar"]
 
 
 @dataclass(frozen=True)
@@ -25,39 +26,6 @@ class Plan:
     tools: tuple[str, ...] = ()  # tool names when the reply may be a tool call
     tool_mode: str = "none"  # none | auto | required
     system_note: str | None = None  # tool descriptions for templates that do not render tools
-
-
-def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema") -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
-
-
-def json_object_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    return JSON_GBNF  # root ::= object
-
-
-def _tool_schema(tools: list, parallel: bool) -> dict:
-    calls = [{"type": "object",
-              "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    one = calls[0] if len(calls) == 1 else {"oneOf": calls}
-    return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one
-
-
-def _tools_note(tools: list, parallel: bool) -> str:
-    lines = [("You can call these tools. To call one, reply with only a JSON object "
-              '{"name": <tool name>, "arguments": <arguments object>}'
-              + ("; to call several at once, a JSON array of such objects." if parallel else "."))]
-    for t in tools:
-        f = t.function
-        lines.append(json.dumps({"name": f.name, "description": f.description or "", "parameters": f.parameters}))
-    return "\n".join(lines)
 
 
 def plan(req: ChatCompletionRequest) -> Plan:
@@ -80,15 +48,10 @@ def plan(req: ChatCompletionRequest) -> Plan:
         else:
             mode, use = (choice or "auto"), tools
         parallel = req.parallel_tool_calls is not False
-        call = schema_grammar(_tool_schema(use, parallel), "tools[].function.parameters")
-        if mode == "auto":
-            # either tool calls (start with "{" or "[") or free text that does not start with either
-            call = re.sub(r"(?m)^root ::=", "ondevice-tool-call ::=", call, count=1)
-            grammar = call + "\nroot ::= ondevice-tool-call | [^{[] .*\n"
-        else:
-            grammar = call
+        # auto: either tool calls (start with "{" or "[") or free text that does not start with either
+        grammar = tool_call_grammar([(t.function.name, t.function.parameters) for t in use], parallel, mode)
         return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode,
-                    system_note=_tools_note(tools, parallel))
+                    system_note=tools_note([t.function.model_dump() for t in tools], parallel))
     if fmt is None or fmt.type == "text":
         return Plan()
     if fmt.type == "json_schema":
@@ -98,9 +61,6 @@ def plan(req: ChatCompletionRequest) -> Plan:
     if fmt.schema_:  # json_object with a schema (llama-cpp-python's extension)
         return Plan(grammar=schema_grammar(fmt.schema_, "response_format.schema"))
     return Plan(grammar=json_object_grammar())
-
-
-TOOL_CALL_START = ("{", "[")  # how a reply that is tool calls begins
 
 
 def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from ondevice.protect.container import ProtectError, read_header  # noqa: E402
-from ondevice.protect.keys import new_key  # noqa: E402
+from ondevice.protect.container import ProtectError, read_header
+from ondevice.protect.keys import new_key
 
 KEY_ENV = "ONDEVICE_TEST_MODEL_KEY"
 
@@ -100,7 +100,7 @@ def test_no_plaintext_reaches_any_file(enc, smol_path, tmp_path):
     tmpdir.mkdir()
     env = dict(os.environ, ONDEVICE_HOME=str(home), TMPDIR=str(tmpdir), ONDEVICE_KEY_SOURCE=f"env:{KEY_ENV}")
     out = subprocess.run([sys.executable, "-c", _HOLDER, str(enc)], capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["tokens"]

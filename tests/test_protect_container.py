@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from ondevice.errors import OndeviceError  # noqa: E402
-from ondevice.protect import keys  # noqa: E402
-from ondevice.protect.container import HEADER_SIZE, TAG, ProtectError, encrypt_file, read_header  # noqa: E402
-from ondevice.protect.restore import restore  # noqa: E402
+from ondevice.errors import OndeviceError
+from ondevice.protect import keys
+from ondevice.protect.container import HEADER_SIZE, TAG, ProtectError, encrypt_file, read_header
+from ondevice.protect.restore import restore
 
 CHUNK = 4096
 

@@ -43,12 +43,13 @@ def info(path: str | os.PathLike[str]) -> dict:
 
 def _decrypt_range(path, h: Header, key: bytes, chunks: range, sink) -> None:
     gcm = require_crypto().AESGCM(h.file_key(key))
+    from cryptography.exceptions import InvalidTag
     with open(path, "rb") as f:
         for i in chunks:
             f.seek(h.chunk_offset(i))
             try:
                 sink(gcm.decrypt(h.nonce(i), f.read(h.chunk_len(i) + 16), h.aad(i)))
-            except Exception:
+            except InvalidTag:
                 raise decrypt_error(path, i) from None
 
 

@@ -49,7 +49,7 @@ def require_crypto():
     except ImportError:
         raise OndeviceError("encrypted models need the 'cryptography' package: "
                             "pip install 'ondevice[protect]'") from None
-    import cryptography.hazmat.primitives.ciphers.aead as aead
+    from cryptography.hazmat.primitives.ciphers import aead
 
     return aead
 

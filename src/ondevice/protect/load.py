@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import time
 from pathlib import Path
 
 from ..errors import OndeviceError
@@ -65,9 +66,11 @@ def finish(ll, r: Restored, mparams) -> object:
     @ll.llama_progress_callback
     def barrier(progress: float, _user: ctypes.c_void_p) -> bool:
         try:
+            t = time.perf_counter()
             r.wait()
+            r.barrier_wait_s += time.perf_counter() - t
             return True
-        except BaseException as e:  # never raise through C: abort the load and report it afterwards
+        except BaseException as e:  # noqa: BLE001 — never raise through C: abort the load, report it afterwards
             failure.append(e)
             return False
 
@@ -110,6 +113,6 @@ def kernel_path(r: Restored) -> str:
             r.wait()
     except ImportError:
         pass
-    except Exception:  # whatever kernels needs, a complete file is always safe to give it
+    except Exception:  # noqa: BLE001 — whatever kernels needs, a complete file is always safe to give it
         r.wait()
     return r.shared_path

@@ -34,6 +34,8 @@ class Restored:
     t_start: float = field(default_factory=time.perf_counter)
     decrypt_s: float | None = None  # wall time from start to the last chunk verified
     locked_bytes: int = 0  # VmLck after the load: the plaintext is out of swap when this covers it
+    meta_s: float | None = None  # wall time until the metadata chunks were restored (llama.cpp may start then)
+    barrier_wait_s: float = 0.0  # time llama.cpp's loader spent waiting for the weights: what did not overlap
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -114,6 +116,7 @@ def restore(path: str | os.PathLike[str], key: bytes, *, threads: int = 2, overl
         _restore_chunks(r, gcm, iter(range(n_meta)))  # the metadata first: llama.cpp reads it as we return
         if r._error is not None:
             raise r._error
+        r.meta_s = time.perf_counter() - r.t_start
         rest = iter(range(n_meta, h.n_chunks))  # shared by the workers: together they go in file order
         r._workers = [threading.Thread(target=_restore_chunks, args=(r, gcm, rest), name="ondevice-restore",
                                        daemon=True) for _ in range(r.threads if overlap else r.threads - 1)]
@@ -134,6 +137,8 @@ _lock = threading.Lock()
 
 def _restore_chunks(r: Restored, gcm, chunks) -> None:
     """Decrypt, authenticate and write chunks taken from the shared iterator until it is empty."""
+    from cryptography.exceptions import InvalidTag
+
     h = r.header
     buf = bytearray(h.chunk_size + TAG)
     try:
@@ -148,7 +153,7 @@ def _restore_chunks(r: Restored, gcm, chunks) -> None:
                 raise ProtectError(f"{r.source} changed while it was being read; retry")
             try:
                 plain = gcm.decrypt(h.nonce(i), view, h.aad(i))
-            except Exception:
+            except InvalidTag:
                 raise decrypt_error(r.source, i) from None
             os.pwrite(r.fd, plain, i * h.chunk_size)
             with _lock:
@@ -156,7 +161,7 @@ def _restore_chunks(r: Restored, gcm, chunks) -> None:
                 if r._left == 0:
                     r.decrypt_s = time.perf_counter() - r.t_start
                     r._done.set()
-    except BaseException as e:  # the first failure wins; the barrier re-raises it
+    except BaseException as e:  # noqa: BLE001 — a worker thread: the first failure wins; the barrier re-raises it
         with _lock:
             if r._error is None:
                 r._error = e

@@ -26,13 +26,13 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from quality_table import ensure_variant  # noqa: E402  (the one way the benchmarks make cached variants)
+from quality_table import ensure_variant  # the one way the benchmarks make cached variants
 
-from ondevice.errors import OndeviceError  # noqa: E402
-from ondevice.eval.api import evaluate  # noqa: E402
-from ondevice.models import resolve  # noqa: E402
-from ondevice.quant.quantize import ftype_id  # noqa: E402
-from ondevice.report.quality import retention, retention_markdown  # noqa: E402
+from ondevice.errors import OndeviceError
+from ondevice.eval.api import evaluate
+from ondevice.models import resolve
+from ondevice.quant.quantize import ftype_id
+from ondevice.report.quality import retention, retention_markdown
 
 FAMILIES = {
     "smollm2": "smollm2-135m-instruct",

@@ -413,7 +413,12 @@ def kernels_summary() -> dict:
     from ..engine.bufts import offered
     from .info import cpu_flags
 
-    names, flags = offered(), cpu_flags()
+    try:
+        names = offered()
+    except Exception as e:  # noqa: BLE001 — llama-cpp-python missing or broken: `ondevice device` still answers
+        return {"offered": [], "error": f"{type(e).__name__}: {e}", "default": {"label": "-", "reason": "no llama.cpp"},
+                "families": {}, "cache": str(cache_path())}
+    flags = cpu_flags()
     amx, repack = requested()
     fams = {}
     for fam, e in sorted(cached().get("families", {}).items()):

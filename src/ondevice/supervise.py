@@ -38,7 +38,8 @@ def crash_message(verb: str, sig: int, state: dict | None) -> str:
     """The one line for a child that died of signal ``sig`` (``state``: the kernels it had loaded)."""
     name = signal.Signals(sig).name
     state = state or {}
-    kernels = ", ".join(state.get("bufts") or [])
+    # the extra kernels that really held weights (the load log), else those the load was offered
+    extras = [b for b in state.get("bufts") or [] if "buffers" not in state or b in state["buffers"]]
     head = f"ondevice {verb}: error: llama.cpp crashed ({name})"
     if sig == signal.SIGKILL:
         return (f"ondevice {verb}: error: killed (SIGKILL), most likely by the out-of-memory killer; try a smaller "
@@ -49,11 +50,11 @@ def crash_message(verb: str, sig: int, state: dict | None) -> str:
                 f"'llama-cpp-python==0.3.36'")
     if sig == signal.SIGBUS:
         return f"{head} reading the model file: was it changed, truncated or on a vanished disk while in use?"
-    if state.get("amx"):
+    if "AMX" in extras:
         return (f"{head} while using its AMX kernels, a known llama.cpp bug on some Xeons (llama.cpp issue "
                 f"20824); run again with --amx off (or set ONDEVICE_AMX=off)")
-    if state.get("repack") and state.get("bufts"):
-        return (f"{head} with the repacked CPU kernels ({kernels}); run again with --repack off (or set "
+    if extras:
+        return (f"{head} with the repacked CPU kernels ({', '.join(extras)}); run again with --repack off (or set "
                 f"ONDEVICE_REPACK=off), and see its log with ONDEVICE_VERBOSE=1")
     where = "before loading a model" if not state else "with no extra CPU kernels"
     return (f"{head} {where}, a bug in native code; see its log with ONDEVICE_VERBOSE=1"

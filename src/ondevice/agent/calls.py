@@ -40,6 +40,37 @@ class Turn:
     meta: dict = field(default_factory=dict)
 
 
+def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
+    """A copy of ``schema`` whose free strings and arrays have an upper bound, for the grammar only.
+
+    Under a grammar a small model can still run away inside a value (an array that never closes, a string
+    that never ends) until ``max_tokens`` cuts the call short; with bounds every call the grammar allows
+    ends. Validation still uses the tool's own schema.
+    """
+    if isinstance(schema, list):
+        return [bounded(x, max_chars, max_items) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (bounded(v, max_chars, max_items) if k not in ("enum", "const", "default", "examples") else v)
+           for k, v in schema.items()}
+    for k in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(k), dict):
+            out[k] = {name: bounded(sub, max_chars, max_items) for name, sub in schema[k].items()}
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    free = not any(k in schema for k in ("enum", "const", "pattern", "format"))
+    if "string" in types and free:
+        out["maxLength"] = min(schema.get("maxLength", max_chars), max_chars)
+    if "array" in types:
+        out["maxItems"] = min(schema.get("maxItems", max_items), max_items)
+    return out
+
+
+def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool) -> str:
+    """The grammar of a reply that calls ``tools`` (bounded values; ``allow_text``: or a plain answer)."""
+    return tool_call_grammar([(t.name, bounded(t.parameters)) for t in tools], parallel,
+                             "auto" if allow_text else "required")
+
+
 def system_prompt(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, extra: str = "") -> str:
     parts = [extra.strip()] if extra.strip() else []
     parts.append(tools_note([t.spec() for t in tools], parallel))
@@ -123,10 +154,7 @@ def call_turn(model, messages: Sequence[dict], tools: Sequence[Tool], *, constra
               parallel: bool = False, allow_text: bool = False, system: str = "", max_tokens: int = 256) -> Turn:
     """Ask ``model`` for a call to one of ``tools`` (or, with ``allow_text``, possibly a plain answer)."""
     msgs = with_system(messages, system_prompt(tools, parallel=parallel, allow_text=allow_text, extra=system))
-    grammar = None
-    if constrained:
-        grammar = tool_call_grammar([(t.name, t.parameters) for t in tools], parallel,
-                                    "auto" if allow_text else "required")
+    grammar = call_grammar(tools, parallel=parallel, allow_text=allow_text) if constrained else None
     sampling = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar)
     parts, last = [], None
     for g in model.stream(msgs, sampling=sampling):

@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .calls import Call, check_calls, read_calls, system_prompt, with_system
+from .calls import Call, call_grammar, check_calls, read_calls, system_prompt, with_system
 from .tools import Tool, ToolError
 
 CATEGORIES = ("single", "choose", "parallel", "none")
@@ -110,9 +110,7 @@ def messages(item: dict, tools: list[Tool]) -> list[dict]:
 
 
 def grammar(tools: list[Tool]) -> str:
-    from ..engine.grammar import tool_call_grammar
-
-    return tool_call_grammar([(t.name, t.parameters) for t in tools], parallel=True, mode="auto")
+    return call_grammar(tools, parallel=True, allow_text=True)
 
 
 def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None = None,

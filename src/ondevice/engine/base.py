@@ -1,11 +1,10 @@
-"""The one small engine interface. Backends implement it; everything else uses only this."""
+"""The one small engine contract (a Protocol listing what callers use). Backends implement it."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .records import Generation, Sampling
 
@@ -41,58 +40,95 @@ class EngineConfig:
     repack: str | None = None  # CPU_REPACK interleaved weights: auto = on unless its self-test failed here
 
 
-class Engine(ABC):
-    """Tokenize, prefill, decode and sample on one sequence (``seq`` selects another)."""
+class SamplerLike(Protocol):
+    """What :meth:`Engine.make_sampler` returns: an opaque sampler state, freed with ``close``."""
 
-    n_ctx: int
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Exactly what callers use of an engine: one model, one context, sequences ``seq`` in its KV cache.
+
+    :class:`~ondevice.engine.llama.LlamaEngine` is the backend; the generator (engine/generator.py), bench,
+    eval and the server use only these members.
+    """
+
+    config: EngineConfig
+    n_ctx: int  # KV cells in all (each sequence has n_ctx / n_seq_max of them unless kv_unified)
+    n_ctx_train: int
+    n_batch: int  # most tokens in one decode_batch
     n_vocab: int
+    n_threads: int
     eos_tokens: frozenset[int]
+    load_time: float
 
-    @abstractmethod
+    # -- text <-> tokens
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
 
-    @abstractmethod
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str: ...
 
-    @abstractmethod
     def token_bytes(self, token: int, special: bool = False) -> bytes: ...
 
-    @abstractmethod
+    def token_text(self, token: int) -> str: ...
+
+    @property
+    def bos_token(self) -> int: ...
+
+    @property
+    def eos_token(self) -> int: ...
+
+    @property
+    def add_bos(self) -> bool: ...
+
+    def chat_template(self) -> str | None: ...
+
+    def meta(self, key: str) -> str | None: ...
+
+    # -- compute
+    def warmup(self) -> None: ...
+
+    def decode_batch(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One decode over ``(token, pos, seq, want_logits)`` items; logits rows are read by item index."""
+
     def prefill(self, tokens: Sequence[int], seq: int = 0, logits_all: bool = False) -> None:
         """Append ``tokens`` to the KV of ``seq``; logits are kept for the last (or every) token."""
 
-    @abstractmethod
     def decode(self, token: int, seq: int = 0) -> None:
         """Append one token to ``seq`` and compute its logits."""
 
-    @abstractmethod
     def logits(self, i: int = -1) -> np.ndarray:
-        """Raw logits ``(n_vocab,)`` of row ``i`` of the last batch (a copy)."""
+        """Raw logits ``(n_vocab,)`` of batch item ``i`` of the last decode (a copy)."""
 
-    @abstractmethod
-    def sample(self, sampler: object, i: int = -1) -> int:
-        """Sample with a sampler from :meth:`make_sampler` on row ``i`` and accept the token."""
+    def all_logits(self) -> np.ndarray:
+        """Every logits row of the last decode, ``(n_rows, n_vocab)``, in item order (a copy)."""
 
-    @abstractmethod
-    def make_sampler(self, sampling: Sampling) -> object: ...
+    def embed(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
+        """Pooled embedding ``(n_embd,)`` (an engine made with ``embeddings=True``)."""
 
-    @abstractmethod
+    # -- sampling
+    def make_sampler(self, sampling: Sampling) -> SamplerLike: ...
+
+    def sample(self, sampler: SamplerLike, i: int = -1) -> int:
+        """Sample from batch item ``i``'s logits and accept the token; < 0 when a grammar admits none."""
+
+    # -- the KV cache
     def n_past(self, seq: int = 0) -> int: ...
 
-    @abstractmethod
     def truncate(self, n: int, seq: int = 0) -> None:
         """Keep only the first ``n`` positions of ``seq`` (prefix reuse)."""
 
-    @abstractmethod
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Give ``dst`` the KV of ``src``."""
+
     def reset(self) -> None:
         """Clear the whole KV cache."""
 
-    @abstractmethod
     def save_state(self, seq: int = 0) -> bytes: ...
 
-    @abstractmethod
     def load_state(self, state: bytes, seq: int = 0) -> None: ...
 
-    @abstractmethod
-    def stream_tokens(self, tokens: Sequence[int], sampling: Sampling) -> Iterator[Generation]:
-        """Prefill ``tokens`` (after what is already cached) and yield one record per new token."""
+    def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:
+        """Prefill ``tokens`` after what ``seq`` holds and yield one record per new token (a batch of one)."""
+
+    def close(self) -> None: ...

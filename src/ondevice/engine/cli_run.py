@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
+    p.add_argument("--draft", default=None, metavar="lookup|MODEL",
+                   help="speculative decoding, same output: 'lookup' drafts from the prompt and text so far (fast "
+                        "for rewriting, summaries, extraction); MODEL is a draft model sharing the vocabulary")
+    p.add_argument("--draft-max", type=int, default=16, help="most tokens drafted per step (default: 16)")
     p.add_argument("--timings", choices=["text", "json", "none"], default="text",
                    help="timings on stderr: a line, the last record as JSON, or nothing")
 
@@ -43,15 +47,20 @@ def format_timings(last: Generation | None, peak_rss: int, load_time: float | No
     parts += [f"TTFT {last.ttft * 1000:.0f} ms", f"prompt {last.prompt_tps:.1f} tok/s",
               f"decode {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s",
               f"peak RSS {peak_rss / 2**20:.0f} MiB"]
+    if last.draft_tokens:
+        parts.insert(-1, f"drafts {last.draft_accepted}/{last.draft_tokens} accepted "
+                         f"({last.tokens_per_step:.2f} tok/step)")
     if load_time is not None:
         parts.insert(0, f"load {load_time * 1000:.0f} ms")
     return " | ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
-    sampling = sampling_from(args, ignore_eos=args.ignore_eos)  # validate flags before the model loads
+    draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
+    # validate flags before the model loads
+    sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
     prompt = read_prompt(args.prompt)
-    model = load_from(args)
+    model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))
     last = None
     out = sys.stdout
     try:

@@ -7,7 +7,6 @@ chain, so the per-token Python cost is a few ctypes calls.
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
 import struct
@@ -22,11 +21,12 @@ import numpy as np
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from ..protect.container import is_container
 from .base import Engine, EngineConfig
-from .logprobs import token_stats
 from .records import Generation, Sampling
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data, 12 bytes
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+NO_TOKEN = -1  # what LlamaEngine.sample returns when the grammar is complete: end the generation ("stop")
 _init_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None
@@ -423,6 +423,8 @@ class LlamaEngine(Engine):
         return Sampler(self, sampling)
 
     def sample(self, sampler: object, i: int = -1) -> int:
+        """The next token from logits row ``i`` (accepted by ``sampler``), or :data:`NO_TOKEN` when a grammar
+        admits no further token: the caller must then end the generation with finish_reason "stop"."""
         assert isinstance(sampler, Sampler)
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
@@ -434,60 +436,24 @@ class LlamaEngine(Engine):
             masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
             masked[sampler.banned] = -np.inf
             return int(masked.argmax())
+        if sampler.grammar is not None:
+            return sampler.sample_checked(self._row(i))
         return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token
 
     def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:
         """Prefill ``tokens`` after what ``seq`` already holds, then decode; one record per token.
 
-        The last record has ``finish_reason``: "length" on the max_tokens-th token, or, when an
-        end-of-generation token is sampled, an extra record with ``token=-1`` and "stop".
-        ``prompt_tokens`` counts the whole context before generation, ``cached_tokens`` the part
-        that ``seq`` already held; ``prompt_tps`` is over the tokens actually computed.
+        A batch of one through the generator (engine/generator.py), the one place tokens are generated. With
+        no ``tokens`` the first one is sampled from the logits of the last decode. ``prompt_tokens`` counts
+        the whole context before generation, ``cached_tokens`` the part that ``seq`` already held.
         """
-        t0 = time.perf_counter()
-        n_prompt = len(tokens)
+        from .generator import BatchGenerator, Request
+
         n_cached = self.n_past(seq)
-        if n_cached + n_prompt > self.n_ctx:
-            raise ContextOverflow(n_cached + n_prompt, self.n_ctx)
-        sampler = self.make_sampler(sampling)
-        try:
-            if n_prompt:
-                self.prefill(tokens, seq)
-            t_prompt = time.perf_counter() - t0
-            if sampling.max_tokens == 0:
-                return
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            ttft = 0.0
-            n = 0
-            while True:
-                tok = self.sample(sampler)
-                t = time.perf_counter() - t0
-                if n == 0:
-                    ttft = t
-                stop = tok in self.eos_tokens and not sampling.ignore_eos
-                if stop:
-                    text, finish = utf8.decode(b"", final=True), "stop"
-                    tok_out = -1
-                else:
-                    n += 1
-                    text = utf8.decode(self.token_bytes(tok))
-                    full = self.n_past(seq) + 1 >= self.n_ctx
-                    finish = "length" if (n >= sampling.max_tokens or full) else None
-                    tok_out = tok
-                tps = (n - 1) / (t - ttft) if n > 1 and t > ttft else 0.0
-                lp = ent = None
-                if sampling.token_stats and not stop:
-                    lp, ent = token_stats(self._row(-1), tok)
-                yield Generation(text=text, token=tok_out, index=n - 1 if not stop else n, t=t, ttft=ttft,
-                                 prompt_tokens=n_cached + n_prompt, prompt_time=t_prompt,
-                                 prompt_tps=n_prompt / t_prompt if t_prompt > 0 else 0.0,
-                                 generation_tokens=n, generation_tps=tps, finish_reason=finish,
-                                 cached_tokens=n_cached, logprob=lp, entropy=ent)
-                if finish:
-                    return
-                self.decode(tok, seq)
-        finally:
-            sampler.close()
+        gen = BatchGenerator(self, seqs=[seq])
+        gen.slots[0].cached = [-1] * n_cached  # KV of tokens we do not know, reused as it is
+        yield from gen.stream(Request(tokens=[-1] * n_cached + list(tokens), sampling=sampling,
+                                      from_logits=not tokens))
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -516,12 +482,18 @@ class Sampler:
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
+        # the grammar sampler, kept OUT of the chain: see sample_checked (freed by close)
+        self.grammar = None
+        self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias  # argmax, then the grammar check
         if s.grammar:
             g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
             if not g:
                 self.close()  # frees the chain once (and __del__ will not again)
                 raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
-            add(g)
+            self.grammar = g
+            self._ids = np.arange(engine.n_vocab, dtype=np.int32)
+            self._cand = np.zeros(engine.n_vocab, dtype=_TOKEN_DATA)  # (n_vocab,) llama_token_data
+            self._one = np.zeros(1, dtype=_TOKEN_DATA)
         biases = dict(s.logit_bias)
         for t, _ in s.logit_bias:
             if not 0 <= t < engine.n_vocab:
@@ -546,10 +518,71 @@ class Sampler:
             add(ll.llama_sampler_init_temp(s.temp))
             add(ll.llama_sampler_init_dist(s.seed))
 
+    def sample_checked(self, row: np.ndarray) -> int:
+        """Sample from logits ``row`` under the grammar, at nearly the speed of sampling without one.
+
+        llama.cpp's own approach (common/sampling.cpp ``common_sampler_sample``): sample from the chain alone,
+        then check that one token against the grammar (a one-candidate array); only when the grammar rejects
+        it, apply the grammar to the whole vocabulary (slow: every token's text is matched against the
+        grammar's stacks) and sample again. The token is then accepted by the grammar and the chain. The
+        output is always valid; for greedy it is what grammar-first sampling gives (the argmax of the allowed
+        tokens), for sampling it is llama.cpp's (llama-server's) distribution.
+
+        llama.cpp aborts the process when its grammar accepts a token it rejects ("Unexpected empty grammar
+        stack after accepting piece", or GGML_ABORT for an end-of-generation token while the grammar is
+        incomplete). That happens once the grammar is complete and the end-of-generation tokens are banned
+        (``ignore_eos``, ``logit_bias``): every candidate is then -inf and the chain still picks one. So the
+        chain is applied here (as ``llama_sampler_sample`` does), the pick is checked against the grammar on
+        its own, and a pick the grammar rejects ends the generation (:data:`NO_TOKEN`) instead.
+        """
+        ll = self.ll
+        if self.plain_greedy:
+            tok = int(row.argmax())
+            if self.banned is not None and tok in self.banned:
+                masked = row.copy()
+                masked[self.banned] = -np.inf
+                tok = int(masked.argmax())
+        else:
+            tok = self._apply(row, grammar=False)
+        if tok < 0 or not self.allows(tok):  # rejected: the grammar over the whole vocabulary, then the chain
+            tok = self._apply(row, grammar=True)
+            if tok < 0 or not self.allows(tok):
+                return NO_TOKEN
+        ll.llama_sampler_accept(self.grammar, tok)
+        ll.llama_sampler_accept(self.ptr, tok)
+        return tok
+
+    def _apply(self, row: np.ndarray, grammar: bool) -> int:
+        """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none."""
+        ll, cand = self.ll, self._cand
+        cand["id"] = self._ids
+        cand["logit"] = row
+        cand["p"] = 0.0
+        arr = ll.llama_token_data_array(cand.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), len(cand), -1,
+                                        False)
+        if grammar:
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        ll.llama_sampler_apply(self.ptr, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            return -1
+        return int(cand[arr.selected]["id"])
+
+    def allows(self, tok: int) -> bool:
+        """Whether the grammar, in its current state, accepts ``tok`` (llama-server's single-token check)."""
+        one = self._one
+        one["id"], one["logit"], one["p"] = tok, 0.0, 0.0
+        arr = self.ll.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(self.ll.llama_token_data)), 1, -1,
+                                             False)
+        self.ll.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return bool(np.isfinite(one["logit"][0]))
+
     def close(self) -> None:
         if self.ptr:
             self.ll.llama_sampler_free(self.ptr)
             self.ptr = None
+        if self.grammar:
+            self.ll.llama_sampler_free(self.grammar)
+            self.grammar = None
 
     def __del__(self) -> None:
         self.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from . import chat
-from .base import EngineConfig
+from .base import Engine, EngineConfig
+from .generator import BatchGenerator, Request
 from .records import Generation, Result, Sampling
 
 Prompt = str | Sequence[dict]
@@ -34,19 +35,23 @@ class Model:
 
     name: str
     path: Path
-    engine: object  # LlamaEngine
+    engine: Engine
     template: str | None
-    _cached: list[int] = dataclasses.field(default_factory=list, repr=False)  # tokens whose KV is in seq 0
+    draft_engine: Engine | None = None  # speculative decoding with a draft model (same vocabulary)
+    _generator: BatchGenerator | None = dataclasses.field(default=None, repr=False)
 
     @property
     def is_chat(self) -> bool:
         return self.template is not None
 
-    def render(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None) -> tuple[str, bool]:
+    def render(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
+               system_note: str | None = None) -> tuple[str, bool]:
         """The text to tokenize and whether special tokens (BOS) should be added by the tokenizer.
 
         Strings go through the chat template when the model has one, unless ``chat_template=False``
-        (raw completion). Messages on a base model fall back to a plain transcript with a warning.
+        (raw completion). Messages on a base model fall back to a plain transcript with a warning. ``tools``
+        go to a template that shows them; for one that does not, ``system_note`` (their description) is
+        added to the system message instead. The one chat rendering of the library and the server.
         """
         use_template = self.is_chat if chat_template is None else chat_template
         if isinstance(prompt, str) and not use_template:
@@ -56,9 +61,15 @@ class Model:
             warnings.warn(f"{self.name} has no chat template (a base model); using a plain-text transcript "
                           f"instead — pick an instruct model for chat", BaseModelWarning, stacklevel=3)
             return chat.plain_prompt(messages), True
+        shows_tools = "tools" in self.template
+        if system_note and not shows_tools:
+            if messages and messages[0]["role"] in ("system", "developer"):
+                messages = [dict(messages[0], content=f"{messages[0]['content']}\n\n{system_note}"), *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": system_note}, *messages]
         eng = self.engine
         text = chat.render(self.template, messages, bos_token=eng.token_text(eng.bos_token) if eng.add_bos else "",
-                           eos_token=eng.token_text(eng.eos_token), tools=tools)
+                           eos_token=eng.token_text(eng.eos_token), tools=tools if shows_tools else None)
         return text, False  # the template writes BOS itself when the model wants one
 
     def tokenize_prompt(self, prompt: Prompt, **kw) -> list[int]:
@@ -78,48 +89,29 @@ class Model:
         yield from self.stream_tokens(tokens, s)
 
     def stream_tokens(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
-        """Reuse the KV of the longest common prefix with the previous call, then stream.
+        """Stream from prompt ``tokens``: a batch of one through the generator, which reuses the KV of the
+        longest common prefix with what the model computed before and cuts stop strings (never shown).
+        ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused."""
+        if s.draft == "model" and self.generator.drafter is None:
+            raise InvalidArgument("draft='model' needs a draft model; load with ondevice.load(..., "
+                                  "draft_model=NAME) or use draft='lookup'")
+        yield from self.generator.stream(Request(tokens=list(tokens), sampling=s))
 
-        Stop strings are cut here and never shown. ``prompt_tokens`` in the records counts the
-        whole prompt; ``cached_tokens`` how many of them were reused rather than recomputed (the
-        engine fills both from the KV it holds).
-        """
-        eng = self.engine
-        p = 0
-        for a, b in zip(self._cached, tokens[:-1]):  # the last prompt token is always recomputed (its logits)
-            if a != b:
-                break
-            p += 1
-        eng.truncate(p)
-        generated: list[int] = []
-        try:
-            for g in self._stream_stops(tokens[p:], s):
-                if g.token >= 0:
-                    generated.append(g.token)
-                yield g
-        finally:
-            self._cached = (tokens + generated)[:eng.n_past()]
+    @property
+    def generator(self) -> BatchGenerator:
+        """The one-slot generator over sequence 0 (kept: its slot remembers the cached tokens)."""
+        if self._generator is None:
+            self._generator = BatchGenerator(self.engine, seqs=[0], slot_ctx=self.engine.n_ctx,
+                                             draft_engine=self.draft_engine)
+        return self._generator
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call recomputes its whole prompt)."""
         self.engine.reset()
-        self._cached = []
-
-    def _stream_stops(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
-        eng = self.engine
-        if not s.stop:
-            yield from eng.stream_tokens(tokens, s)
-            return
-        held = ""  # text that may be the start of a stop string
-        for g in eng.stream_tokens(tokens, s):
-            out, held, stopped = split_stop(held + g.text, s.stop)
-            if stopped:
-                yield dataclasses.replace(g, text=out, finish_reason="stop")
-                return
-            if g.finish_reason:
-                yield dataclasses.replace(g, text=out + held)
-                return
-            yield dataclasses.replace(g, text=out)
+        if self._generator is not None:
+            self._generator.reset()
+        if self.draft_engine is not None:
+            self.draft_engine.reset()
 
     def generate(self, prompt: Prompt, **kw) -> Result:
         """Run to completion; the text and the timing record of the last token."""
@@ -134,34 +126,16 @@ class Model:
 
     def close(self) -> None:
         self.engine.close()
+        if self.draft_engine is not None:
+            self.draft_engine.close()
 
 
-def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
-    else hold back the longest suffix that may still grow into one. The one stop-string rule of the library
-    and the server."""
-    if not stops:
-        return text, "", False
-    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-    if hit >= 0:
-        return text[:hit], "", True
-    keep = stop_hold(text, stops)
-    return text[:len(text) - keep], text[len(text) - keep:], False
-
-
-def stop_hold(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back)."""
-    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
-        tail = text[-k:]
-        if any(x.startswith(tail) for x in stops):
-            return k
-    return 0
-
-
-def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, **config) -> Model:
+def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, draft_model: str | None = None,
+         **config) -> Model:
     """Load a model by catalog name, stored variant name or ``.gguf`` path (None: the default model).
 
-    Extra keyword arguments are :class:`EngineConfig` fields (``n_batch``, ``type_k``, ...).
+    ``draft_model`` loads a second, smaller model with the same vocabulary for speculative decoding
+    (``Sampling(draft="model")``). Extra keyword arguments are :class:`EngineConfig` fields (``n_batch``, ...).
     """
     from ..models import resolve
     from ..protect.container import is_container
@@ -171,4 +145,21 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     if not is_container(ref.path):  # an encrypted container is authenticated chunk by chunk instead (protect/)
         _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
     engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config))
-    return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template())
+    draft = None
+    if draft_model is not None:
+        dref = resolve(draft_model)
+        _ = dref.info
+        draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **config))
+        check_same_vocab(engine, draft, ref.name, dref.name)
+    return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template(), draft_engine=draft)
+
+
+def check_same_vocab(target: Engine, draft: Engine, target_name: str, draft_name: str) -> None:
+    """A draft model must tokenize as the target does: same size, same special tokens, same pieces."""
+    same = (target.n_vocab == draft.n_vocab and target.eos_tokens == draft.eos_tokens
+            and all(target.token_bytes(t, special=True) == draft.token_bytes(t, special=True)
+                    for t in range(0, target.n_vocab, max(1, target.n_vocab // 2048))))
+    if not same:
+        draft.close()
+        raise InvalidArgument(f"draft model {draft_name} does not share {target_name}'s vocabulary; pick a draft "
+                              f"of the same family (e.g. a smaller quantization of it) or use --draft lookup")

@@ -37,7 +37,21 @@ class Generation:
     logprob: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token, logprob), best first, when asked for
+    draft_tokens: int = 0  # speculative decoding: tokens drafted so far
+    draft_accepted: int = 0  # ... and how many of them the target accepted
+    decode_steps: int = 0  # target llama_decode calls whose logits this generation sampled (the prompt's included)
     entropy: float | None = None  # nats, of the distribution the token came from (Sampling.token_stats)
+
+    @property
+    def acceptance(self) -> float:
+        """Share of drafted tokens accepted (0 without drafts)."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens per target decode: the speculative speed-up over plain decoding, before the
+        verification batches' extra cost (1.0 for plain decoding)."""
+        return self.generation_tokens / self.decode_steps if self.decode_steps else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +95,10 @@ class Sampling:
     stop: tuple[str, ...] = field(default_factory=tuple)
     grammar: str | None = None  # GBNF text, enforced by llama.cpp's grammar sampler
     ignore_eos: bool = False
+    # speculative decoding: None (off), "lookup" (n-gram drafts from the prompt and the text so far) or "model"
+    # (a draft model loaded with the target, e.g. ``load(..., draft_model=...)``); the output is unchanged
+    draft: str | None = None
+    draft_max: int = 16  # most tokens drafted per step (the draft length adapts below it)
     token_stats: bool = False  # record each token's logprob and entropy (raw logits; the cascade's confidence)
 
     @property
@@ -98,6 +116,8 @@ class Sampling:
             ("frequency-penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2] (0 = off)"),
             ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
             ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1]"),
+            ("draft", self.draft in (None, "lookup", "model"), "must be 'lookup', 'model' or None (off)"),
+            ("draft-max", 1 <= self.draft_max <= 64, "must be in [1, 64]"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -118,7 +118,8 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _sampling(req, max_tokens: int, grammar: str | None = None) -> Sampling:
+def _sampling(req, max_tokens: int, grammar: str | None = None,
+              draft_default: tuple[str | None, int] = (None, 16)) -> Sampling:
     bias = req.logit_bias or {}
     if any(not -100 <= b <= 100 for b in bias.values()):
         raise InvalidArgument("logit_bias values must be in [-100, 100]; -100 bans a token, 100 forces it")
@@ -133,6 +134,9 @@ def _sampling(req, max_tokens: int, grammar: str | None = None) -> Sampling:
               logit_bias=tuple((t, float("-inf") if b <= -100 else b) for t, b in bias.items()))
     if req.seed is not None:
         kw["seed"] = req.seed
+    draft = draft_default[0] if req.draft is None else req.draft  # the server's default, or the request's
+    kw["draft"] = None if draft == "none" else draft
+    kw["draft_max"] = draft_default[1] if req.draft_max is None else req.draft_max
     return Sampling(**kw)
 
 
@@ -159,7 +163,8 @@ def _timings(g: Generation) -> S.Timings:
     decode_s = g.t - g.ttft
     return S.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
                      prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
-                     predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3)
+                     predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3,
+                     draft_n=g.draft_tokens or None, draft_n_accepted=g.draft_accepted if g.draft_tokens else None)
 
 
 def _lp_entry(g: Generation) -> tuple:
@@ -201,6 +206,8 @@ class Runner:
         room = st.settings.ctx - len(tokens)
         if sampling.max_tokens > room:  # never ask for more than the slot can hold
             sampling = dataclasses.replace(sampling, max_tokens=room)
+        if sampling.draft == "model" and st.draft_engine is None:
+            raise InvalidArgument("draft 'model' needs a server started with --draft MODEL; use draft 'lookup'")
         sampler = st.engine.make_sampler(sampling)  # a grammar that does not parse fails here: a 400
         return Job(tokens=tokens, sampling=sampling, sampler=sampler, loop=loop,
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
@@ -248,7 +255,7 @@ class Runner:
             text = st.render_chat(messages, tools, plan.system_note)
             toks = st.tokenize(text, add_special=st.template is None, parse_special=True)
             max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar)
+            sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar, st.default_draft)
             if cascade is not None:
                 sampling = cascade.sampling(sampling)
             lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -390,7 +397,7 @@ class Runner:
                 toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
                 jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
                                    else None, eos_entry=k is not None)
-                         for s in _choices(req, _sampling(req, req.max_tokens))]
+                         for s in _choices(req, _sampling(req, req.max_tokens, None, st.default_draft))]
             return jobs
 
         jobs = await run_in_threadpool(prepare)

@@ -55,6 +55,10 @@ class _Sampling(_Req):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
+    # extension: speculative decoding ("lookup", "model": the server's --draft model, "none"; None: the server's
+    # default); the output is the same, only faster where drafts are accepted
+    draft: Literal["lookup", "model", "none"] | None = None
+    draft_max: int | None = Field(None, ge=1, le=64)
     user: str | None = None
 
 
@@ -183,6 +187,8 @@ class Timings(_Resp):
     predicted_per_second: float
     cache_n: int
     ttft_ms: float  # from the request's arrival, queueing included
+    draft_n: int | None = None  # speculative decoding: tokens drafted (llama-server's names)
+    draft_n_accepted: int | None = None  # ... and accepted
 
 
 def _id(prefix: str) -> str:

@@ -39,6 +39,10 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+    draft: str | None = Field(None, description="speculative decoding by default: 'lookup' (n-gram drafts from "
+                                                "the prompt and text so far) or a draft MODEL sharing the "
+                                                "vocabulary; requests may override with draft (None: off)")
+    draft_max: int = Field(16, ge=1, le=64, description="most tokens drafted per step")
     access_log: bool = Field(True, description="one line per request on stderr: method, route, status, "
                                                "tokens, ms (errors with their reason)")
     # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint

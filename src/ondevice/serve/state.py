@@ -5,10 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
+import warnings
 from pathlib import Path
 
-from ..engine import chat
 from ..engine.base import EngineConfig
+from ..engine.model import BaseModelWarning, Model, check_same_vocab
 from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
 from .batcher import Batcher
 from .metrics import Metrics
@@ -48,16 +49,24 @@ class ServerState:
             amx=s.amx, repack=s.repack))
         eng = self.engine
         self.template = eng.chat_template()
-        self.template_has_tools = bool(self.template and "tools" in self.template)
-        self.bos_text = eng.token_text(eng.bos_token) if eng.add_bos else ""
-        self.eos_text = eng.token_text(eng.eos_token)
+        self.model = Model(name=name, path=self.path, engine=eng, template=self.template)  # renders prompts
         # token text tables built once: the engine's piece buffer is not shared across threads
         self.vocab_bytes = [eng.token_bytes(t) for t in range(eng.n_vocab)]
         self.pieces = [eng.token_bytes(t, special=True).decode("utf-8", errors="replace")
                        for t in range(eng.n_vocab)]
         self.metrics = Metrics()
+        self.draft_engine = None  # speculative decoding with a draft model (--draft MODEL)
+        if s.draft not in (None, "lookup", "none"):
+            dname, dpath = resolve_model(s.draft)
+            self.draft_engine = LlamaEngine(dpath, EngineConfig(
+                n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
+                warmup=False, amx=s.amx, repack=s.repack))
+            check_same_vocab(eng, self.draft_engine, name, dname)
+        # (mode, draft_max) for requests that do not say
+        self.default_draft = ("model" if self.draft_engine else None if s.draft == "none" else s.draft, s.draft_max)
         self.batcher = Batcher(eng, parallel=parallel, slot_ctx=s.ctx, prefill_chunk=s.prefill_chunk,
-                               max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes)
+                               max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes,
+                               draft_engine=self.draft_engine)
         self.embedder = None
         if s.embeddings:
             self.embedder = LlamaEngine(self.path, EngineConfig(
@@ -76,21 +85,17 @@ class ServerState:
     def close(self) -> None:
         self.batcher.stop()
         self.engine.close()
+        if self.draft_engine is not None:
+            self.draft_engine.close()
         if self.embedder is not None:
             self.embedder.close()
 
     # -- prompts --------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None, system_note: str | None) -> str:
-        if self.template is None:
-            return chat.plain_prompt(messages)
-        if system_note and not self.template_has_tools:
-            # the template cannot show tools: describe them in the system message instead
-            if messages and messages[0]["role"] in ("system", "developer"):
-                messages = [dict(messages[0], content=f"{messages[0]['content']}\n\n{system_note}"), *messages[1:]]
-            else:
-                messages = [{"role": "system", "content": system_note}, *messages]
-        return chat.render(self.template, messages, bos_token=self.bos_text, eos_token=self.eos_text,
-                           tools=tools if self.template_has_tools else None)
+        """The chat prompt: the library's one rendering (Model.render), base models as a plain transcript."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BaseModelWarning)  # a server of a base model says so at start
+            return self.model.render(messages, tools=tools, system_note=system_note)[0]
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)

@@ -1,0 +1,126 @@
+"""Constrained decoding speed: json_object, json_schema and tools vs unconstrained chat on the same server.
+
+One `ondevice serve` (and, when built, llama-server: `python benchmarks/peers.py build`) gets the same chat
+request in each mode, rounds alternating the modes so host drift hits each alike. Per mode: the median
+decode tok/s from the reply's llama-server ``timings`` (predicted_per_second), tokens per reply, and the ratio
+to unconstrained decoding on the same server (goal: >= 0.8x). Every constrained reply is checked to parse.
+
+Usage: python benchmarks/constrained_bench.py [--model PATH] [--threads 2] [--rounds 5] [--tokens 64]
+                                              [--skip llama-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serve_bench import Server, default_model, free_port  # noqa: E402
+
+PROMPT = "Tell me about the city of Paris: its country, population and three famous landmarks."
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string"}, "country": {"type": "string"}, "population": {"type": "integer"},
+    "landmarks": {"type": "array", "items": {"type": "string"}}},
+    "required": ["city", "country", "population", "landmarks"]}
+TOOL = {"type": "function", "function": {
+    "name": "get_city_facts", "description": "Look up facts about a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "facts": {"type": "array", "items": {"type": "string"}}},
+                   "required": ["city"]}}}
+MODES = {
+    "plain": {},
+    "json_object": {"response_format": {"type": "json_object"}},
+    "json_schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "city", "schema": SCHEMA}}},
+    "tools_auto": {"tools": [TOOL], "tool_choice": "auto"},
+    "tools_required": {"tools": [TOOL], "tool_choice": "required"},
+}
+
+
+def ask(srv: Server, mode: str, tokens: int, seed: int) -> dict:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "temperature": 0.7,
+            "seed": seed, **MODES[mode]}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=600)
+    if r.status_code != 200:
+        raise RuntimeError(f"{srv.name} {mode}: HTTP {r.status_code} {r.text[:200]}")
+    d = r.json()
+    msg = d["choices"][0]["message"]
+    finish = d["choices"][0]["finish_reason"]
+    if mode.startswith("json") and finish == "stop":
+        json.loads(msg["content"])  # a complete constrained reply must parse
+    if msg.get("tool_calls"):
+        for c in msg["tool_calls"]:
+            json.loads(c["function"]["arguments"])
+    t = d.get("timings") or {}
+    return {"tps": t.get("predicted_per_second", 0.0), "n": t.get("predicted_n", 0), "finish": finish}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip", default="", help="comma list of servers to leave out (llama-server)")
+    a = ap.parse_args(argv)
+    model = a.model or default_model()
+    servers = []
+    port = free_port()
+    servers.append(Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port",
+                                       str(port), "-t", str(a.threads), "-np", "1", "--no-embeddings"], port, {}))
+    if "llama-server" not in a.skip:
+        from peers import tool_path
+
+        exe = tool_path("llama-server")
+        if exe.exists():
+            port = free_port()
+            servers.append(Server("llama-server", [str(exe), "-m", model, "--port", str(port), "-t", str(a.threads),
+                                                   "-np", "1", "--jinja"], port, {}))
+        else:
+            print(f"# llama-server not built ({exe}); run python benchmarks/peers.py build to compare")
+    print(f"# constrained_bench: {Path(model).name}, {a.threads} threads, {a.tokens} tokens, temperature 0.7, "
+          f"{a.rounds} rounds; load average {os.getloadavg()[0]:.2f} at start")
+    results: dict[str, dict[str, list]] = {}
+    started = []
+    try:
+        for s in servers:
+            try:
+                started.append(s.__enter__())
+            except RuntimeError as e:
+                print(f"# {s.name} missing: {e}")
+        for s in started:
+            ask(s, "plain", 8, 0)  # warm-up
+        for rnd in range(a.rounds):
+            modes = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))
+            for mode in modes:
+                for s in started:
+                    try:
+                        r = ask(s, mode, a.tokens, rnd)
+                    except RuntimeError as e:
+                        print(f"# {e}")
+                        continue
+                    results.setdefault(s.name, {}).setdefault(mode, []).append(r)
+    finally:
+        for s in started:
+            s.__exit__(None, None, None)
+    print("| server | mode | decode tok/s (median) | tokens/reply | vs plain |")
+    print("|---|---|---|---|---|")
+    for name, by_mode in results.items():
+        base = statistics.median(r["tps"] for r in by_mode.get("plain", [{"tps": 0}]))
+        for mode, rs in by_mode.items():
+            tps = statistics.median(r["tps"] for r in rs)
+            n = statistics.median(r["n"] for r in rs)
+            print(f"| {name} | {mode} | {tps:.1f} | {n:.0f} | {tps / base if base else 0:.2f}x |")
+    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,474 @@
+"""One synchronous batch generator: every generated token of the library, bench, eval and server comes from here.
+
+Modelled on mlx-lm's ``BatchGenerator``: no threads, no asyncio. :meth:`BatchGenerator.insert` puts a request
+in an idle slot (the one whose cached tokens share the longest prefix with its prompt, or a copy of a longer
+one from another slot, so only the rest is computed); :meth:`BatchGenerator.step` runs ONE ``llama_decode``
+carrying the next token of every decoding slot (with its speculative drafts) and a chunk of prompt tokens from
+slots still prefilling (chunked prefill: a long prompt never stalls running streams), then samples and returns
+the step's events. ``Model.stream`` is a batch of one; the server's batcher is a thread that calls
+``insert``/``step``/``remove`` and forwards the events to asyncio.
+
+Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
+prompt lookup after Saxena 2023): a slot's next token goes into the step together with up to ``draft_max``
+drafted tokens, each with its logits; the target's sampler then samples row after row and keeps going while
+its token equals the draft. Drafts are deterministic (an n-gram continuation or a draft model's argmax), and
+for such a one-point draft distribution "sample from the target, accept if equal" IS the standard rejection
+rule (accept with probability p(d), otherwise draw from p with d removed, renormalised), so the output is
+distributed exactly as plain decoding's, and greedy output is the same token for token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ContextOverflow
+from .base import Engine, SamplerLike
+from .logprobs import log_softmax, token_stats, top_k
+from .records import Generation, Sampling
+
+ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
+COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
+NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
+MAX_COOLDOWN = 32  # steps without drafting after repeated misses (the back-off's ceiling)
+
+# an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
+# or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
+Event = tuple["Request", "Generation | tuple"]
+
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    """One generation: the whole prompt's tokens and how to sample."""
+
+    tokens: list[int]
+    sampling: Sampling
+    sampler: SamplerLike | None = None  # built by insert() unless given (the server builds it to fail early)
+    logprobs: int | None = None  # top-k logprobs of generated tokens (0: only the chosen one)
+    prompt_logprobs: int | None = None  # echo: logprobs of every prompt token (forces recompute)
+    # legacy completions with logprobs: a sampled end-of-sequence token is a generated token with its own
+    # logprobs entry (as llama-server and OpenAI give it; lm-eval drops the last entry as the generated one)
+    eos_entry: bool = False
+    t_arrival: float = field(default_factory=time.perf_counter)
+    from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
+
+
+class Slot:
+    """One sequence of the KV cache and the request it serves."""
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.cached: list[int] = []  # tokens whose KV sequence ``seq`` holds, position by position
+        self.req: Request | None = None
+        self.last_used = 0.0
+
+    def start(self, req: Request, n_reuse: int) -> None:
+        self.req = req
+        self.n_cached = n_reuse
+        self.prompt_i = n_reuse  # next prompt token to prefill
+        self.next_tok: int | None = None  # sampled, to be decoded next step
+        self.row = -1
+        self.n_gen = 0
+        self.held = ""  # text that may be the start of a stop string
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.t_admit = time.perf_counter()
+        self.t_first = 0.0  # when the first token was sampled (prefill done)
+        self.t_last = 0.0
+        # speculative decoding
+        self.drafts: list[int] = []
+        self.k = req.sampling.draft_max  # current draft length (adapts)
+        self.misses = 0  # drafts in a row with nothing accepted
+        self.cooldown = 0  # steps left without drafting
+        self.n_drafted = self.n_accepted = self.n_steps = 0
+        self.pending = req.from_logits  # sample first from the logits of the slot's last decode
+        self.hist: list[int] = []  # prompt + generated tokens (for prompt lookup)
+        self.ngrams: dict[tuple[int, ...], int] = {}  # n-gram -> position after its latest occurrence
+        self.n_indexed = 0
+        if req.sampling.draft:
+            self.hist = list(req.tokens)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64)
+    i = int(np.argmax(diff))
+    return i if diff[i] else n
+
+
+class BatchGenerator:
+    """Slots over one engine's sequences; every method runs on the caller's thread (keep it one thread)."""
+
+    def __init__(self, engine: Engine, *, seqs: Sequence[int] | None = None, slot_ctx: int | None = None,
+                 prefill_chunk: int = 512, vocab_bytes: Sequence[bytes] | None = None,
+                 draft_engine: Engine | None = None):
+        self.eng = engine
+        n_seq = max(1, engine.config.n_seq_max)
+        self.slots = [Slot(i) for i in (seqs if seqs is not None else range(n_seq))]
+        self.slot_ctx = slot_ctx or (engine.n_ctx if engine.config.kv_unified else engine.n_ctx // n_seq)
+        self.n_batch = engine.n_batch
+        self.prefill_chunk = prefill_chunk
+        self.vocab_bytes = vocab_bytes
+        self.eos = engine.eos_tokens
+        self.draft_engine = draft_engine
+        self.drafter = ModelDrafter(draft_engine, [s.seq for s in self.slots]) if draft_engine else None
+        self.last_batch = 0  # tokens in the last step's llama_decode
+
+    # -- slots ----------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        return sum(s.req is not None for s in self.slots)
+
+    @property
+    def free(self) -> int:
+        return len(self.slots) - self.busy
+
+    def insert(self, req: Request) -> int:
+        """Put ``req`` in the idle slot whose cached tokens share the longest prefix with its prompt; returns
+        how many prompt tokens are reused. Raises RuntimeError when no slot is idle."""
+        toks = req.tokens
+        if not self.free:
+            raise RuntimeError("no idle slot; insert after a request finishes")
+        if req.from_logits:  # sample from the logits of the slot's last decode: its KV is the whole prompt
+            cap = len(toks)
+        elif not toks:
+            raise ValueError("a request needs at least one prompt token")
+        else:
+            cap = 0 if req.prompt_logprobs is not None else len(toks) - 1  # the last token is always recomputed
+        if len(toks) + (not req.from_logits) > self.slot_ctx:
+            raise ContextOverflow(len(toks), self.slot_ctx)
+        for s in self.slots:  # someone else moved the engine's KV (truncate, reset): trust only what is left
+            n_past = self.eng.n_past(s.seq)
+            if n_past < len(s.cached):
+                del s.cached[n_past:]
+            elif n_past > len(s.cached):
+                s.cached = []
+                self.eng.truncate(0, s.seq)
+        free = [s for s in self.slots if s.req is None]
+        scored = [(min(common_prefix(s.cached, toks), cap), s) for s in self.slots]
+        n, dst = max(((n, s) for n, s in scored if s.req is None), key=lambda x: (x[0], -x[1].last_used))
+        n_src, src = max(scored, key=lambda x: x[0])
+        if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
+            self.eng.copy_seq(src.seq, dst.seq)  # a buffer copy, far cheaper than recomputing
+            dst.cached = list(src.cached)
+            n = n_src
+        self.eng.truncate(n, dst.seq)
+        del dst.cached[n:]
+        if req.sampler is None:
+            req.sampler = self.eng.make_sampler(req.sampling)
+        dst.start(req, n)
+        return n
+
+    def remove(self, req: Request) -> None:
+        """Stop ``req`` (cancelled, timed out); its slot keeps the KV computed so far for prefix reuse."""
+        for s in self.slots:
+            if s.req is req:
+                self._release(s)
+
+    def fail(self) -> list[Request]:
+        """After a failed step: free every slot, forget their KV (its state is unknown); the requests dropped."""
+        reqs = []
+        for s in self.slots:
+            if s.req is not None:
+                reqs.append(s.req)
+                self._release(s, clear=True)
+        return reqs
+
+    def reset(self) -> None:
+        """Forget every slot's cached tokens (after the engine's KV was cleared)."""
+        for s in self.slots:
+            s.cached = []
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """One ``llama_decode`` over every active slot, then sampling; the events of this step."""
+        out: list[Event] = []
+        for s in self.slots:  # requests that sample straight from logits already computed
+            if s.req is not None and s.pending:
+                s.pending = False
+                self._first(s, -1, out)
+        items: list[tuple[int, int, int, bool]] = []
+        decoding = [s for s in self.slots if s.req is not None and s.next_tok is not None]
+        for s in decoding:
+            s.row = len(items)
+            pos = len(s.cached)
+            items.append((s.next_tok, pos, s.seq, True))
+            s.drafts = self._draft(s, room=self.n_batch - len(items) - (len(decoding) - 1))
+            items += [(d, pos + 1 + j, s.seq, True) for j, d in enumerate(s.drafts)]
+            s.n_drafted += len(s.drafts)
+        budget = self.n_batch - len(items)
+        if decoding:
+            budget = min(budget, self.prefill_chunk)
+        chunks = []
+        for s in sorted((s for s in self.slots if s.req is not None and s.next_tok is None
+                         and s.prompt_i < len(s.req.tokens)), key=lambda s: s.req.t_arrival):
+            if budget <= 0:
+                break
+            req = s.req
+            n = min(budget, len(req.tokens) - s.prompt_i)
+            echo = req.prompt_logprobs is not None
+            if echo:
+                n = min(n, ECHO_CHUNK)
+            start, pos0 = len(items), len(s.cached)
+            last = s.prompt_i + n == len(req.tokens)
+            for j, t in enumerate(req.tokens[s.prompt_i:s.prompt_i + n]):
+                items.append((t, pos0 + j, s.seq, echo or (last and j == n - 1)))
+            chunks.append((s, start, n, last))
+            budget -= n
+        self.last_batch = len(items)
+        if not items:
+            return out
+        self.eng.decode_batch(items)
+        for s in decoding:
+            s.cached.append(s.next_tok)
+            s.next_tok = None
+        rows = logits = None
+        ready = []
+        for s, start, n, last in chunks:
+            req = s.req
+            if req.prompt_logprobs is not None:
+                if rows is None:  # logits rows are numbered over the items that asked for logits
+                    rows = np.cumsum([it[3] for it in items]) - 1
+                    logits = self.eng.all_logits()  # (n_rows, n_vocab)
+                out.append((req, self._prompt_logprobs(s, logits[rows[start]:rows[start + n - 1] + 1])))
+            s.cached.extend(req.tokens[s.prompt_i:s.prompt_i + n])
+            s.prompt_i += n
+            if last:
+                s.row = start + n - 1
+                ready.append(s)
+        for s in decoding:
+            self._sample_run(s, s.row, out)
+        for s in ready:
+            self._first(s, s.row, out)
+        return out
+
+    def stream(self, req: Request) -> Iterator[Generation]:
+        """A batch of one: insert ``req``, step until it ends, yield its records (not its echo logprobs)."""
+        self.insert(req)
+        try:
+            while any(s.req is req for s in self.slots):
+                for r, ev in self.step():
+                    if r is req and isinstance(ev, Generation):
+                        yield ev
+        finally:
+            self.remove(req)
+
+    # -- sampling -----------------------------------------------------------------------------------------
+    def _first(self, s: Slot, row: int, out: list[Event]) -> None:
+        """The prompt is in: the first token (or, with max_tokens=0, a last record without one)."""
+        if s.req.sampling.max_tokens == 0:
+            s.t_first = s.t_last = time.perf_counter()
+            out.append((s.req, self._record(s, -1, "", "length")))
+            self._release(s)
+        else:
+            self._sample_run(s, row, out)
+
+    def _sample_run(self, s: Slot, row: int, out: list[Event]) -> None:
+        """Sample row after row while the sampled token equals the next draft (its logits are the next row)."""
+        drafts = s.drafts
+        n_acc = 0
+        s.n_steps += 1  # target decodes this request has used
+        while True:
+            tok = self._sample_one(s, row, out)
+            if tok is None:  # finished: the slot is released (and rejected drafts' KV dropped)
+                return
+            if n_acc < len(drafts) and tok == drafts[n_acc]:
+                n_acc += 1
+                s.n_accepted += 1
+                s.cached.append(tok)  # its KV was computed in this step
+                row += 1
+                continue
+            s.next_tok = tok
+            break
+        if drafts:
+            self._adapt(s, len(drafts), n_acc)
+            self.eng.truncate(len(s.cached), s.seq)  # the KV of rejected drafts
+        s.drafts = []
+
+    def _sample_one(self, s: Slot, row: int, out: list[Event]) -> int | None:
+        """Sample one token from ``row`` and emit its record; the token, or None when the request finished."""
+        req = s.req
+        tok = self.eng.sample(req.sampler, row)
+        lp = top = None
+        ent = None
+        if req.logprobs is not None and tok >= 0:
+            lps = log_softmax(self.eng.logits(row))
+            lp, top = float(lps[tok]), tuple(top_k(lps, req.logprobs))
+        if req.sampling.token_stats and tok >= 0:  # the cascade's confidence: one exp pass over the row
+            lp_row, ent = token_stats(self.eng.logits(row), tok)
+            lp = lp_row if lp is None else lp
+        now = time.perf_counter()
+        if s.n_gen == 0 and not s.t_first:
+            s.t_first = now
+        s.t_last = now
+        sampling = req.sampling
+        if tok < 0 or (tok in self.eos and not sampling.ignore_eos):  # tok < 0: the grammar is complete
+            tail = s.held + s.utf8.decode(b"", final=True)
+            if req.eos_entry and tok >= 0:
+                s.n_gen += 1
+                out.append((req, self._record(s, tok, tail, "stop", lp, top)))
+            else:
+                out.append((req, self._record(s, -1, tail, "stop")))
+            self._release(s)
+            return None
+        s.n_gen += 1
+        if sampling.draft:
+            s.hist.append(tok)
+        piece = self.vocab_bytes[tok] if self.vocab_bytes is not None else self.eng.token_bytes(tok)
+        text, s.held, stopped = split_stop(s.held + s.utf8.decode(piece), sampling.stop)
+        finish = "stop" if stopped else None
+        if finish is None and (s.n_gen >= sampling.max_tokens or len(s.cached) >= self.slot_ctx):
+            text, s.held, finish = text + s.held + s.utf8.decode(b"", final=True), "", "length"
+        out.append((req, self._record(s, tok, text, finish, lp, top, ent)))
+        if finish:
+            self._release(s)
+            return None
+        return tok
+
+    def _prompt_logprobs(self, s: Slot, logits: np.ndarray) -> tuple:
+        """Logprob of each prompt token given the ones before it (the first has none)."""
+        toks, k = s.req.tokens, s.req.prompt_logprobs
+        out = [(toks[0], None, None)] if s.prompt_i == 0 else []
+        for r in range(logits.shape[0]):
+            p = s.prompt_i + r + 1  # the token these logits predict
+            if p >= len(toks):
+                break
+            lp = log_softmax(logits[r])
+            out.append((toks[p], float(lp[toks[p]]), top_k(lp, k)))
+        return ("prompt", out)
+
+    def _record(self, s: Slot, tok: int, text: str, finish: str | None, lp: float | None = None,
+                top: tuple | None = None, ent: float | None = None) -> Generation:
+        """The per-token record; times count from the request's arrival (queueing included)."""
+        req = s.req
+        t0 = req.t_arrival
+        prompt_time = s.t_first - s.t_admit
+        n_computed = len(req.tokens) - s.n_cached
+        gen_time = s.t_last - s.t_first
+        return Generation(text=text, token=tok, index=s.n_gen - 1 if tok >= 0 else s.n_gen, t=s.t_last - t0,
+                          ttft=s.t_first - t0, prompt_tokens=len(req.tokens), prompt_time=prompt_time,
+                          prompt_tps=n_computed / prompt_time if prompt_time > 0 else 0.0,
+                          generation_tokens=s.n_gen,
+                          generation_tps=(s.n_gen - 1) / gen_time if s.n_gen > 1 and gen_time > 0 else 0.0,
+                          finish_reason=finish, logprob=lp, cached_tokens=s.n_cached, top_logprobs=top,
+                          entropy=ent, draft_tokens=s.n_drafted, draft_accepted=s.n_accepted,
+                          decode_steps=s.n_steps)
+
+    def _release(self, s: Slot, clear: bool = False) -> None:
+        req = s.req
+        if req is None:
+            return
+        close = getattr(req.sampler, "close", None)
+        if close:
+            close()
+        s.req, s.next_tok, s.drafts, s.last_used = None, None, [], time.perf_counter()
+        if clear:  # the KV of a failed step is unknown: forget it
+            s.cached = []
+        self.eng.truncate(len(s.cached), s.seq)  # drafts decoded past the end are not part of the cache
+
+    # -- speculative drafts ------------------------------------------------------------------------------
+    def _draft(self, s: Slot, room: int) -> list[int]:
+        """Up to ``s.k`` tokens to verify after ``s.next_tok`` (none while backing off after misses)."""
+        sampling = s.req.sampling
+        if not sampling.draft:
+            return []
+        if s.cooldown > 0:
+            s.cooldown -= 1
+            return []
+        # never past the slot's context, the request's max_tokens or the batch
+        k = min(s.k, self.slot_ctx - len(s.cached) - 2, sampling.max_tokens - s.n_gen - 1, room)
+        if k <= 0:
+            return []
+        if sampling.draft == "lookup":
+            return self._lookup(s, k)
+        if self.drafter is None:
+            return []
+        return self.drafter.draft(s.seq, s.cached + [s.next_tok], k)
+
+    def _lookup(self, s: Slot, k: int) -> list[int]:
+        """Prompt lookup: what followed the latest earlier occurrence of the text's last n tokens."""
+        h = s.hist
+        for end in range(s.n_indexed, len(h) - 1):  # index the n-grams whose continuation is now known
+            for n in NGRAMS:
+                if end + 1 >= n:
+                    s.ngrams[tuple(h[end + 1 - n:end + 1])] = end + 1
+        s.n_indexed = max(s.n_indexed, len(h) - 1)
+        for n in NGRAMS:
+            p = s.ngrams.get(tuple(h[-n:])) if len(h) >= n else None
+            if p is not None:
+                d = h[p:p + k]
+                return d if min(d) >= 0 else []
+        return []
+
+    def _adapt(self, s: Slot, n_draft: int, n_acc: int) -> None:
+        """Adapt the draft length to what was accepted; after misses in a row, stop drafting for a while."""
+        if n_acc == n_draft:
+            s.k = min(s.req.sampling.draft_max, s.k * 2)
+        else:
+            s.k = max(1, n_acc + 1)
+        if n_acc == 0:
+            s.misses += 1
+            s.cooldown = min(MAX_COOLDOWN, 2 ** s.misses)
+        else:
+            s.misses = 0
+
+
+class ModelDrafter:
+    """Drafts from a smaller model with the same vocabulary: greedy (argmax) continuations, its KV per slot
+    kept in step with the target's tokens."""
+
+    def __init__(self, engine: Engine, seqs: Sequence[int]):
+        self.eng = engine
+        self.cached: dict[int, list[int]] = {seq: [] for seq in seqs}
+
+    def draft(self, seq: int, tokens: list[int], k: int) -> list[int]:
+        eng, cached = self.eng, self.cached[seq]
+        del cached[eng.n_past(seq):]  # the draft engine was reset or truncated meanwhile
+        n = min(common_prefix(cached, tokens), len(tokens) - 1)  # the last token is decoded for its logits
+        eng.truncate(n, seq)
+        del cached[n:]
+        if len(tokens) + k > eng.n_ctx // max(1, eng.config.n_seq_max):
+            return []
+        todo = tokens[n:]
+        for start in range(0, len(todo), eng.n_batch):
+            chunk = todo[start:start + eng.n_batch]
+            last = start + len(chunk) == len(todo)
+            eng.decode_batch([(t, n + start + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
+        cached.extend(todo)
+        out: list[int] = []
+        while True:
+            tok = int(eng.logits(-1).argmax())
+            if tok in eng.eos_tokens:
+                break
+            out.append(tok)
+            if len(out) >= k:
+                break
+            eng.decode_batch([(tok, len(cached), seq, True)])
+            cached.append(tok)
+        return out
+
+
+def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
+    else hold back the longest suffix that may still grow into one. The one stop-string rule."""
+    if not stops:
+        return text, "", False
+    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if hit >= 0:
+        return text[:hit], "", True
+    keep = stop_hold(text, stops)
+    return text[:len(text) - keep], text[len(text) - keep:], False
+
+
+def stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back)."""
+    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
+        tail = text[-k:]
+        if any(x.startswith(tail) for x in stops):
+            return k
+    return 0

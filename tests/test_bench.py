@@ -16,6 +16,7 @@ import pytest
 
 from ondevice.bench import WORKLOADS, Sample, TestSpec, Workload, parse_tests, workload
 from ondevice.bench.measure import mean_std, percentile
+from ondevice.bench.noise import assess, busy_seconds, other_load, wait_idle
 from ondevice.bench.sweep import METRIC_FIELDS, RECORD_FIELDS
 from ondevice.errors import InvalidArgument
 
@@ -57,6 +58,33 @@ def test_workload_registry_is_extensible():
         WORKLOADS.pop("echo")
     with pytest.raises(InvalidArgument):
         parse_tests("echo3")
+
+
+def test_noise_verdict_and_load_arithmetic():
+    clean = {"tps_mean": 100.0, "tps_std": 2.0, "load": 0.05}
+    assert assess(clean) == []
+    why = assess({"tps_mean": 57.55, "tps_std": 26.29, "load": 3.1})  # the figures of a busy run
+    assert len(why) == 2 and "46%" in why[0] and "3.10 cores" in why[1]
+    assert assess({"tps_mean": 100.0, "tps_std": None, "load": None}) == []
+    # machine busy seconds minus ours, per second of wall time
+    assert other_load(10.0, 14.0, 1.0, 2.0) == pytest.approx(1.5)
+    assert other_load(10.0, 10.5, 1.0, 2.0) == 0.0 and other_load(None, 1.0, 0.0, 1.0) is None
+    # the machine-wide counter sees at least the CPU time we spend ourselves
+    b0, c0 = busy_seconds(), time.process_time()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        pass
+    b1, c1 = busy_seconds(), time.process_time()
+    assert b1 - b0 >= 0.8 * (c1 - c0) - 0.02
+
+
+def test_wait_idle_is_bounded():
+    t0 = time.monotonic()
+    quiet = wait_idle(30, quiet_s=1, threshold=1e9, show=False)  # any machine is "quiet" under a huge threshold
+    assert quiet["quiet"] and quiet["load"] >= 0
+    busy = wait_idle(1.5, quiet_s=1, threshold=-1, show=False)  # never quiet: gives up after the bound
+    assert not busy["quiet"] and 1.5 <= busy["waited_s"] < 4
+    assert time.monotonic() - t0 < 10
 
 
 def test_stats_match_numpy():
@@ -127,6 +155,12 @@ def test_records_have_all_fields_and_consistent_units(sweep, smol_path):
         # memory: the peak covers the split sampled at its largest RSS; the mmapped model is file-backed
         assert r["peak_rss_bytes"] >= r["rss_file_bytes"] + r["rss_anon_bytes"] - (1 << 20)
         assert r["rss_file_bytes"] >= 0.8 * r["model_size_bytes"]
+        # the model's own mapped pages: most of the file, and part of the file-backed RSS
+        assert 0.5 * r["model_size_bytes"] <= r["rss_model_bytes"] <= r["model_size_bytes"] + (1 << 20)
+        assert r["rss_model_bytes"] <= r["rss_file_bytes"] + (1 << 20)
+        # noise: the load other processes put on the machine, and the verdict with its reasons
+        assert r["load"] >= 0 and r["load_avg_1m"] >= 0
+        assert r["noisy"] == bool(r["noise"]) and r["noise"] == assess(r)
         assert r["cpu_time_s"] > 0 and r["cpu_user_s"] + r["cpu_sys_s"] == pytest.approx(r["cpu_time_s"])
         assert r["energy_method"] in ("rapl", "estimated") and r["energy_j"] > 0
         counted = 2 * (n_tok if n_tok else r["n_gen"] * len(r["prompt_lengths"]))  # chat: every generated token
@@ -275,14 +309,17 @@ def test_cli_bench_llama_bench_flags_and_csv(tmp_path, smol_path):
     from ondevice.report.formats import read
 
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "-p", "16", "-n", "4",
-                          "-r", "1", "-t", "1", "-o", "csv", "--no-roofline", "--no-progress",
+                          "-r", "1", "-t", "1", "-o", "csv", "--no-roofline", "--no-progress", "--wait-idle", "2",
                           "--db", str(tmp_path / "r.sqlite"), "--html", str(tmp_path / "r.html")],
                          env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = read(res.stdout, "csv")
     assert [r["test"] for r in rows] == ["pp16", "tg4"]
     assert all(isinstance(r["tps_mean"], float) and r["tps_mean"] > 0 for r in rows)
-    assert (tmp_path / "r.html").read_text().count("<svg") >= 2
+    waited = rows[0]["meta"]["wait_idle"]  # bounded: 3 quiet seconds cannot happen within 2
+    assert waited["quiet"] is False and 2 <= waited["waited_s"] < 5 and waited["load"] >= 0
+    html = (tmp_path / "r.html").read_text()
+    assert "Memory per model" in html and "one prompt length per model" in html  # a single point is no curve
     assert "report:" in res.stderr
 
 

@@ -127,7 +127,86 @@ def test_report_cli_writes_html_for_latest_session(tmp_path, real_records):
                          env=dict(os.environ, ONDEVICE_HOME=str(tmp_path / "h"), PYTHONPATH=SRC))
     assert res.returncode == 0, res.stderr
     assert f"report: {out_html}" in res.stdout and "| model" in res.stdout
-    assert out_html.read_text().count("<svg") >= 2
+    html = out_html.read_text()
+    assert html.count("<svg") >= 1 and "Memory per model" in html and "class=\"summary" in html
+
+
+# ---------------------------------------------------------------- reading the report as a user would
+def test_noisy_records_are_marked_in_table_and_report():
+    from ondevice.bench.noise import assess
+
+    calm = fake("m", "a" * 64, "tg128", 2, 50.0, load=0.02)
+    busy = fake("m", "a" * 64, "pp512", 2, 57.55, tps_std=26.29, load=3.1)
+    for r in (calm, busy):
+        r["noise"] = assess(r)
+        r["noisy"] = bool(r["noise"])
+    assert not calm["noisy"] and busy["noisy"]
+    text = export([calm, busy], "md")
+    rows = parse_md(text)
+    assert rows[0]["t/s"] == "50.00 ± 0.50" and rows[1]["t/s"] == "57.55 ± 26.29 (!)"
+    assert rows[0]["load"] == "0.02" and rows[1]["load"] == "3.10"
+    assert "(!) noisy, do not trust (1 of 2)" in text and "--wait-idle" in text
+    html = build_html([calm, busy], sessions=["s"])
+    assert html.count("class='noisy'") == 1 and "3.10 cores" in html  # the reason, on the row
+    summary = re.search(r'<p class="summary warn">(.*?)</p>', html).group(1)
+    assert "1 noisy" in summary and "3.10 cores" in summary and "decode 50.0 tok/s (tg128, t=2)" in summary
+
+
+def test_prefill_plot_leaves_out_the_chat_average_prompt():
+    recs = [fake("m", "a" * 64, f"pp{n}", 1, 300.0 + n / 10) for n in (64, 512)]
+    recs.append(fake("m", "a" * 64, "chat8x1", 1, 40.0, workload="chat", n_prompt=0, prefill_tps_mean=250.0,
+                     prompt_lengths=[200, 290.6]))
+    from ondevice.report.html import plot_prompt_length
+
+    chart = plot_prompt_length(recs)
+    assert ">64<" in chart and ">512<" in chart and "245.3" not in chart
+    assert plot_prompt_length(recs[1:]) is None  # one prompt length: no curve, a note instead
+    assert "one prompt length per model" in build_html(recs[1:])
+
+
+def test_chart_labels_and_legends_are_whole():
+    from ondevice.report import svg
+
+    cats = ["tg128@d512 t=1", "tg128@d512 t=2", "pp512 t=1", "pp512 t=2"]
+    chart = svg.bar_chart(cats, {"smollm2-135m-instruct": [10.0, 20.0, 30.0, 40.0]}, "Roofline", "%")
+    words = re.findall(r"<tspan[^>]*>([^<]*)</tspan>", chart)
+    assert words.count("t=1") == 2 and words.count("t=2") == 2 and "tg128@d512" in words  # t=1 vs t=2 told apart
+    long = {"anonymous (KV cache, compute buffers, Python)": [1.0], "model file (mmap)": [2.0]}
+    chart = svg.bar_chart(["a-model-with-a-long-name"], long, "Memory", "MiB", stacked=True)
+    assert ">anonymous (KV cache, compute buffers, Python)</text>" in chart
+    many = [f"tg128@d{d} t={t}" for d in (512, 1024, 2048, 4096) for t in (1, 2, 4)]  # too wide: labels turn
+    chart = svg.bar_chart(many, {"m": [1.0] * len(many)}, "Roofline", "%")
+    assert all(f">{c}</text>" in chart for c in many) and "rotate(-40" in chart
+    assert 'style="width:100%;height:auto"' in chart and "viewBox" in chart  # scales to the page
+
+
+def test_memory_plot_says_what_file_backed_memory_holds():
+    from ondevice.report.html import plot_memory
+
+    new = fake("m", "a" * 64, "tg128", 1, 10.0, rss_model_bytes=94 << 20)  # of rss_file 120 MiB
+    chart = plot_memory([new])
+    assert "model file (mmap)" in chart and "other files (shared libraries)" in chart
+    assert re.search(r"m other files \(shared libraries\): 26<", chart)
+    old = fake("m", "a" * 64, "tg128", 1, 10.0)  # a record from before rss_model_bytes
+    assert "file-backed (model mmap + shared libraries)" in plot_memory([old])
+
+
+def test_report_screenshot_in_headless_chromium(tmp_path, real_records):
+    """The page as a browser draws it (benchmarks/report_screenshot.py does this on a fresh bench session)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from report_screenshot import find_chromium, screenshot
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    recs = [fake("m1", "a" * 64, f"pp{n}", t, 100.0 * t + n / 10) for t in (1, 2) for n in (64, 512)]
+    html = tmp_path / "r.html"
+    html.write_text(build_html([*recs, *real_records], sessions=["s"]))
+    png = screenshot(html, tmp_path / "r.png", 1200, 1600)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1200, 1600)
+    assert len(data) > 40_000  # text and charts drawn, not a blank page
 
 
 # ---------------------------------------------------------------- compare

@@ -41,7 +41,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           seed: int = 42,
           progress: bool = False,
           roofline: bool = True,
-          reprobe: bool = False) -> BenchResult:
+          reprobe: bool = False,
+          wait_idle: float = 0.0) -> BenchResult:
     """Benchmark models on this device and return one record (a dict) per configuration and test.
 
     Args:
@@ -57,6 +58,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         roofline: compute % of roofline (probes the machine once per thread count, then cached).
         reprobe: measure the machine again instead of using the cached probe (after a change of hardware,
             power settings or background load).
+        wait_idle: before each configuration wait, at most this many seconds, until other processes leave
+            the CPU quiet (0: do not wait). Records are flagged ``noisy`` either way when they are.
 
     Returns:
         A list of records (``BenchResult``, with ``.session`` and ``.interrupted``).
@@ -76,7 +79,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         type_v=[str(x) for x in _listify(type_v, ["f16"])],
         flash_attn=[bool(x) for x in _listify(flash_attn, [False])],
         profiles=[p or None for p in _listify(profile, [None])],
-        repetitions=int(repetitions), warmup=warmup, seed=seed,
+        repetitions=int(repetitions), warmup=warmup, seed=seed, wait_idle=float(wait_idle or 0),
     )
     if resume and store is False:
         raise InvalidArgument("resume needs the store; drop store=False (or --no-store)")

@@ -46,10 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
     g.add_argument("--seed", type=int, default=42, help="seed of the random prompt tokens")
+    g.add_argument("--wait-idle", type=float, nargs="?", const=120.0, default=0.0, metavar="SECONDS",
+                   help="before each configuration wait until other processes leave the CPU quiet for 3 s, "
+                        "at most SECONDS (default when given: 120); noisy records are flagged either way")
     add_kernel_args(p)
     add_key_args(p)
     o = p.add_argument_group("output and storage")
-    o.add_argument("-o", "--output", choices=("md", "csv", "json", "jsonl", "sql"), default="md")
+    o.add_argument("-o", "--output", choices=("md", "csv", "json", "jsonl", "sql"), default="md",
+                   help="format of the records on stdout: md (the table), csv, json, jsonl or sql (as llama-bench)")
     o.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
     o.add_argument("--no-store", action="store_true", help="keep records in memory only")
     o.add_argument("--session", help="session id to record under (with --resume: the one to continue)")
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                         flash_attn=[bool(x) for x in args.flash_attn] if args.flash_attn else None,
                         profile=args.profile, store=st if st is not None else False, session=args.session,
                         resume=args.resume, warmup=not args.no_warmup, seed=args.seed,
-                        progress=not args.no_progress, roofline=not args.no_roofline, reprobe=args.reprobe)
+                        progress=not args.no_progress, roofline=not args.no_roofline, reprobe=args.reprobe,
+                        wait_idle=args.wait_idle)
         sys.stdout.write(export(records, args.output))
         sys.stdout.flush()
         msg_out = sys.stdout if args.output == "md" else sys.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 from collections.abc import Sequence
 
@@ -37,6 +38,26 @@ def proc_status() -> dict[str, int]:
     from ..device.info import proc_kib_fields
 
     return {_STATUS_KEYS[k]: v for k, v in proc_kib_fields().items() if k in _STATUS_KEYS}
+
+
+def mapped_rss_bytes(path: str) -> int | None:
+    """Resident bytes of this process's mappings of ``path`` (the mmapped model), from /proc/self/smaps.
+
+    RssFile also counts every shared library (llama.cpp, numpy, Python's own): this is the model alone.
+    """
+    target = os.path.realpath(path)
+    total, mine = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    mine = len(head) == 6 and head[5].rstrip("\n") == target
+                elif mine and head and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return total
 
 
 def reset_peak_rss() -> bool:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from ..errors import InvalidArgument
 from .meta import ModelMeta, config_key, model_meta, roofline_for
+from .noise import assess, wait_idle
 from .workloads import WORKLOADS, TestSpec
 
 DONE_STATUSES = ("ok", "oom")  # what --resume skips; errors are retried
@@ -40,7 +41,8 @@ METRIC_FIELDS = ("tps_mean", "tps_std", "tps_samples", "avg_s", "time_s_samples"
                  "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "itl_ms_mean", "peak_rss_bytes", "rss_file_bytes",
                  "rss_anon_bytes", "process_max_rss_bytes", "cpu_time_s", "cpu_user_s", "cpu_sys_s",
                  "cpu_utilisation", "measured_wall_s", "energy_j", "energy_j_per_token", "energy_method",
-                 "energy_scope", "energy_watts_per_core", "tokens_note")
+                 "energy_scope", "energy_watts_per_core", "tokens_note", "rss_model_bytes", "load", "load_avg_1m",
+                 "noisy", "noise")
 
 
 @dataclass
@@ -60,12 +62,15 @@ class SweepParams:
     repetitions: int = 5
     warmup: bool = True
     seed: int = 42
+    wait_idle: float = 0.0  # seconds to wait at most for a quiet machine before each configuration (0: no wait)
 
     def validate(self) -> None:
         if not self.tests:
             raise InvalidArgument("no tests to run; give e.g. -p 512 -n 128 or --tests pp512,tg128")
         if self.repetitions < 1:
             raise InvalidArgument(f"-r {self.repetitions} must be >= 1")
+        if self.wait_idle < 0:
+            raise InvalidArgument(f"--wait-idle {self.wait_idle:g} must be >= 0 seconds")
         for name, vals, lo in (("-t", self.threads, 1), ("-b", self.n_batch, 1), ("-ub", self.n_ubatch, 1),
                                ("-c", self.n_ctx, 0)):
             bad = [v for v in vals if v is not None and v < lo]
@@ -237,6 +242,7 @@ def _flat(res: dict) -> dict:
         "energy_method": en.get("method"), "energy_scope": en.get("scope"),
         "energy_watts_per_core": en.get("watts_per_core"),
         "tokens_note": res.get("tokens_note"),
+        "rss_model_bytes": mem.get("rss_model_bytes"), "load": res.get("load"), "load_avg_1m": res.get("load_avg_1m"),
     }
 
 
@@ -329,6 +335,10 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
     prof_spec = wcfg["profile"]
     capped = parse_profile(prof_spec).mem_limit_bytes is not None
     probe = _probe(s["threads"], roofs, notes) if roofs is not None else None
+    quiet = None
+    if params.wait_idle > 0:
+        bar.show(f"waiting up to {params.wait_idle:.0f} s for a quiet machine ...")
+        quiet = wait_idle(params.wait_idle, show=bar.enabled)
     info = device_info()  # load average *before* this configuration runs
     by_name = {t.name: t for t in todo}
     state: dict = {"loaded": {}, "limits": None}
@@ -356,11 +366,13 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
                      "kernel": info.get("kernel"), "os": info.get("os"), "arch": info.get("arch"),
                      "physical_cores": info.get("physical_cores"), "logical_cores": info.get("logical_cores"),
                      "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
-                     "limits": state["limits"],
+                     "limits": state["limits"], "wait_idle": quiet,
                      "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice")},
         }
         if res is not None:
             rec.update(_flat(res))
+            rec["noise"] = assess(rec)  # why not to trust it (high CV, busy machine); [] when clean
+            rec["noisy"] = bool(rec["noise"])
             if res.get("prompt_lengths"):
                 rec["prompt_lengths"] = res["prompt_lengths"]
             roof = roofline_for(cfg.model, _timed_phases(spec, res), res["time_s"]["mean"], s["n_ubatch"],

@@ -19,7 +19,8 @@ import time
 import traceback
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
-from .measure import cpu_seconds, max_rss_bytes, mean_std, percentile, proc_status, reset_peak_rss
+from .measure import cpu_seconds, mapped_rss_bytes, max_rss_bytes, mean_std, percentile, proc_status, reset_peak_rss
+from .noise import busy_seconds, other_load
 
 _out = None  # the private copy of stdout
 
@@ -48,6 +49,8 @@ def run_test(model, spec, cfg: dict, watts_per_core: float | None) -> dict:
     reps = int(cfg.get("repetitions", 5))
     peak_reset = reset_peak_rss()  # the peak from here on is this test's (load and warm-up excluded)
     samples, mems = [], []
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy0 = busy_seconds()
     u0, s0 = cpu_seconds()
     t0 = time.perf_counter()
     with EnergyMeter(watts_per_core=watts_per_core) as meter:
@@ -56,6 +59,7 @@ def run_test(model, spec, cfg: dict, watts_per_core: float | None) -> dict:
             mems.append(proc_status())
     wall = time.perf_counter() - t0
     u1, s1 = cpu_seconds()
+    busy1 = busy_seconds()
     at_peak = max(mems, key=lambda m: m.get("rss", 0)) if mems else {}
     end = mems[-1] if mems else {}
     itl_ms = [x * 1000 for smp in samples for x in smp.itl_s]
@@ -80,12 +84,15 @@ def run_test(model, spec, cfg: dict, watts_per_core: float | None) -> dict:
             "rss_at_peak_bytes": at_peak.get("rss"),
             "rss_file_at_peak_bytes": at_peak.get("rss_file"),  # mostly the mmapped model
             "rss_anon_at_peak_bytes": at_peak.get("rss_anon"),  # KV cache, compute buffers, Python
+            "rss_model_bytes": mapped_rss_bytes(str(model.path)),  # of rss_file: the model's own pages
             "process_max_rss_bytes": max_rss_bytes(),  # getrusage: what /usr/bin/time reports (also reset above)
             "vm_size_bytes": end.get("vm_size"),
         },
         "cpu": {"user_s": u1 - u0, "sys_s": s1 - s0, "total_s": (u1 - u0) + (s1 - s0),
                 "utilisation": ((u1 - u0) + (s1 - s0)) / wall if wall > 0 else None},
         "measured_wall_s": wall,
+        "load": other_load(busy0, busy1, (u1 - u0) + (s1 - s0), wall),  # cores other processes used meanwhile
+        "load_avg_1m": load_avg,
         "energy": {
             "joules": energy.get("joules"),
             "method": energy.get("method"),

@@ -29,10 +29,27 @@ def _num(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+NOISY_MARK = "(!)"  # after t/s: a record not to trust (bench/noise.py says why, in the record's "noise")
+
+
 def _tps(r: dict) -> str:
     if r.get("status") != "ok":
         return (r.get("status") or "?").upper()
-    return f"{_num(r.get('tps_mean'), '.2f')} ± {_num(r.get('tps_std'), '.2f')}"
+    return (f"{_num(r.get('tps_mean'), '.2f')} ± {_num(r.get('tps_std'), '.2f')}"
+            + (f" {NOISY_MARK}" if r.get("noisy") else ""))
+
+
+def noise_note(records: Sequence[dict]) -> str | None:
+    """The line under a table that explains the noisy mark and the load column, when either is shown."""
+    from ..bench.noise import NOISY_CV, NOISY_LOAD
+
+    noisy = [r for r in records if r.get("noisy")]
+    if not noisy and not any(r.get("load") is not None for r in records):
+        return None
+    head = (f"{NOISY_MARK} noisy, do not trust ({len(noisy)} of {len(records)}): t/s varies over "
+            f"{100 * NOISY_CV:.0f}% between repetitions, or other processes kept over {NOISY_LOAD} cores busy; "
+            f"rerun on a quiet machine or with --wait-idle. " if noisy else "")
+    return head + "load: cores other processes kept busy during the timed runs (/proc/stat, ours excluded)"
 
 
 def _energy(r: dict) -> str:
@@ -77,6 +94,8 @@ def columns(records: Sequence[dict]) -> list[tuple[str, Callable[[dict], str], s
         ("% roofline", lambda r: "-" if r.get("roofline_pct") is None else
          f"{r['roofline_pct']:.1f} ({r.get('roofline_bound') or '?'})", "r"),
     ]
+    if any(r.get("load") is not None for r in records):
+        cols.append(("load", lambda r: _num(r.get("load"), ".2f"), "r"))
     return cols
 
 
@@ -100,6 +119,8 @@ def to_md(records: Sequence[dict]) -> str:
         notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
     if any(r.get("workload") in ("pp", "tg", "pg") for r in records):
         notes.append("pp/tg use random token ids, as llama-bench does")
+    if noise := noise_note(records):
+        notes.append(noise)
     return "\n".join(out) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
 
 

@@ -9,13 +9,16 @@ from html import escape
 
 from . import svg
 from .cascade import html as cascade_html
-from .formats import columns
+from .formats import columns, noise_note
 from .quality import quality_vs_speed, retention, retention_tables
 
-CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
+CSS = """body{font-family:sans-serif;margin:2em;max-width:1600px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
-text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:16px}
-.note{color:#666;font-size:12px}figure{margin:0}code{background:#f3f3f3;padding:1px 3px}"""
+text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:16px}
+.note{color:#666;font-size:12px}figure{margin:0;min-width:0}code{background:#f3f3f3;padding:1px 3px}
+.summary{font-size:15px;background:#f6f8fa;border-left:4px solid #1f77b4;padding:8px 12px}
+.warn{border-left-color:#d62728}tr.noisy td{background:#fdecea}"""
 
 
 def _ok(records: Sequence[dict]) -> list[dict]:
@@ -26,20 +29,25 @@ def _series_label(r: dict, with_threads: bool = True) -> str:
     return f"{r.get('model')}" + (f" t={r.get('threads')}" if with_threads else "")
 
 
+def _curves(series: dict[str, list]) -> bool:
+    """Whether any series has two x values: a single point per line is a number, not a curve."""
+    return any(len({p[0] for p in pts}) > 1 for pts in series.values())
+
+
 def plot_prompt_length(records: Sequence[dict]) -> str | None:
-    """Prefill tok/s vs prompt length, one line per model and thread count (pp, pg and chat prompts)."""
+    """Prefill tok/s vs prompt length, one line per model and thread count.
+
+    Only pp and pg tests: their prompts have one length each. The chat test's prompts vary in length
+    (its average is not a prompt length) and it prefills on top of a conversation, so it is left out.
+    """
     series: dict[str, list] = {}
     for r in _ok(records):
-        if r.get("prefill_tps_mean") is None or r.get("n_depth"):
+        if r.get("prefill_tps_mean") is None or r.get("n_depth") or r.get("workload") not in ("pp", "pg"):
             continue
-        if r.get("workload") == "chat" and r.get("prompt_lengths"):
-            n = sum(r["prompt_lengths"]) / len(r["prompt_lengths"])
-        elif r.get("n_prompt"):
-            n = r["n_prompt"]
-        else:
-            continue
-        series.setdefault(_series_label(r), []).append((n, r["prefill_tps_mean"], r.get("prefill_tps_std")))
-    if not series:
+        if r.get("n_prompt"):
+            series.setdefault(_series_label(r), []).append((r["n_prompt"], r["prefill_tps_mean"],
+                                                            r.get("prefill_tps_std")))
+    if not _curves(series):
         return None
     return svg.line_chart(series, "Prefill throughput vs prompt length", "prompt tokens", "prefill tok/s",
                           log_x=True)
@@ -52,13 +60,15 @@ def plot_threads(records: Sequence[dict]) -> str | None:
             continue
         series.setdefault(f"{r.get('model')} {r.get('test')}", []).append(
             (r["threads"], r["tps_mean"], r.get("tps_std")))
-    if not series:
+    if not _curves(series):
         return None
     return svg.line_chart(series, "Thread scaling", "threads", "tok/s (test's t/s)")
 
 
 def plot_memory(records: Sequence[dict]) -> str | None:
-    """Peak RSS per model, split into file-backed (mostly the mmapped model) and anonymous memory."""
+    """Peak RSS per model: the model file's mapped pages, other file-backed pages (shared libraries:
+    llama.cpp, numpy, Python) and anonymous memory. Records made before the model's own pages were
+    measured show file-backed memory as one part, labelled as what it holds."""
     best: dict[str, dict] = {}
     for r in _ok(records):
         if r.get("rss_file_bytes") is None:
@@ -70,9 +80,15 @@ def plot_memory(records: Sequence[dict]) -> str | None:
         return None
     cats = list(best)
     mib = 1 << 20
-    return svg.bar_chart(cats, {"file-backed (model mmap)": [best[c]["rss_file_bytes"] / mib for c in cats],
-                                "anonymous (KV, buffers, runtime)": [best[c]["rss_anon_bytes"] / mib for c in cats]},
-                         "Memory per model (RSS at peak)", "MiB", stacked=True)
+    anon = {"anonymous (KV cache, compute buffers, Python)": [best[c]["rss_anon_bytes"] / mib for c in cats]}
+    if all(best[c].get("rss_model_bytes") is not None for c in cats):
+        model = [best[c]["rss_model_bytes"] / mib for c in cats]
+        parts = {"model file (mmap)": model,
+                 "other files (shared libraries)": [max(0.0, best[c]["rss_file_bytes"] / mib - m)
+                                                    for c, m in zip(cats, model)]}
+    else:
+        parts = {"file-backed (model mmap + shared libraries)": [best[c]["rss_file_bytes"] / mib for c in cats]}
+    return svg.bar_chart(cats, parts | anon, "Memory per model (RSS at peak)", "MiB", stacked=True)
 
 
 def plot_roofline(records: Sequence[dict]) -> str | None:
@@ -111,8 +127,44 @@ def retention_html(rows: list[dict]) -> str:
 def _table(records: Sequence[dict]) -> str:
     cols = columns(records)
     head = "".join(f"<th>{escape(c[0])}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c[1](r))}</td>" for c in cols) + "</tr>" for r in records)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
+    def row(r: dict) -> str:
+        attrs = (f" class='noisy' title='{escape('; '.join(r.get('noise') or []), quote=True)}'"
+                 if r.get("noisy") else "")
+        return f"<tr{attrs}>" + "".join(f"<td>{escape(c[1](r))}</td>" for c in cols) + "</tr>"
+
+    return f"<table><tr>{head}</tr>{''.join(row(r) for r in records)}</table>"
+
+
+def summary(records: Sequence[dict]) -> tuple[str, bool]:
+    """(one line per model: its headline figures and the machine; whether any record is noisy)."""
+    ok = _ok(records)
+    lines = []
+    for m in dict.fromkeys(str(r.get("model")) for r in ok):
+        rs = [r for r in ok if str(r.get("model")) == m]
+        bits = []
+        for wl, what in (("tg", "decode"), ("pp", "prefill")):
+            cand = [r for r in rs if r.get("workload") == wl and not r.get("n_depth") and r.get("tps_mean")]
+            if cand:
+                b = max(cand, key=lambda r: r["tps_mean"])
+                bits.append(f"{what} {b['tps_mean']:.1f} tok/s ({b['test']}, t={b['threads']})")
+        chat = [r for r in rs if r.get("workload") == "chat" and r.get("ttft_s_mean") is not None]
+        if chat:
+            bits.append(f"chat TTFT {min(r['ttft_s_mean'] for r in chat) * 1e3:.0f} ms")
+        rss = [r["peak_rss_bytes"] for r in rs if r.get("peak_rss_bytes")]
+        if rss:
+            bits.append(f"peak RSS {max(rss) / 2**20:.0f} MiB")
+        lines.append(f"<b>{escape(m)}</b>: " + escape(", ".join(bits) or "no throughput figures"))
+    meta = next((r.get("meta") for r in records if r.get("meta")), None) or {}
+    where = f" on {meta.get('cpu_model')} ({meta.get('physical_cores')} cores)" if meta.get("cpu_model") else ""
+    noisy = [r for r in ok if r.get("noisy")]
+    head = f"{len(ok)} of {len(records)} runs ok{escape(where)}."
+    if noisy:
+        loads = [r["load"] for r in noisy if r.get("load") is not None]
+        head += (f" <b>{len(noisy)} noisy</b> (marked (!) below"
+                 + (f"; other processes kept up to {max(loads):.2f} cores busy" if loads else "")
+                 + "): rerun on a quiet machine or with <code>--wait-idle</code>.")
+    return head + "<br>" + "<br>".join(lines), bool(noisy)
 
 
 def _device(records: Sequence[dict]) -> str:
@@ -122,7 +174,8 @@ def _device(records: Sequence[dict]) -> str:
              ("cores", f"{meta.get('physical_cores')} physical / {meta.get('logical_cores')} logical"),
              ("memory", f"{(meta.get('memory_total_bytes') or 0) / 2**30:.1f} GiB"),
              ("kernel", meta.get("kernel")), ("governor", meta.get("governor")),
-             ("load before first run", meta.get("load_avg_before")), ("ondevice", meta.get("ondevice")),
+             ("load average before the first run (1, 5, 15 min)",
+              " / ".join(f"{x:.2f}" for x in meta.get("load_avg_before") or [])), ("ondevice", meta.get("ondevice")),
              ("llama.cpp", build if isinstance(build, str) else json.dumps(build))]
     return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td style='text-align:left'>{escape(str(v))}</td></tr>"
                                for k, v in items) + "</table>"
@@ -132,8 +185,7 @@ def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title
                sessions: Sequence[str] = ()) -> str:
     """The whole page as a string (write it with an atomic write)."""
     bench = [r for r in records if r.get("kind", "bench") == "bench"]
-    plots = [p for p in (plot_prompt_length(bench), plot_threads(bench), plot_memory(bench), plot_roofline(bench))
-             if p]
+    plots = [plot_prompt_length(bench), plot_threads(bench), plot_memory(bench), plot_roofline(bench)]
     points = quality_vs_speed([*bench, *({**e, "kind": "eval"} for e in eval_records)])
     qplots = plot_quality(points)
     notes = []
@@ -142,6 +194,14 @@ def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title
                      "are not readable here. Cells marked (est.).")
     if any(r.get("workload") in ("pp", "tg", "pg") for r in bench):
         notes.append("pp/tg/pg tests use random token ids, as llama-bench does; chat uses real prompts.")
+    if noise := noise_note(bench):
+        notes.append(escape(noise))
+    if plots[0] is None and any(r.get("workload") in ("pp", "pg") for r in bench):
+        notes.append("Prefill vs prompt length: one prompt length per model here; sweep it with "
+                     "<code>-p 128,512,2048</code> to draw the curve.")
+    if plots[1] is None and bench:
+        notes.append("Thread scaling: one thread count per test here; sweep it with <code>-t 1,2,4</code>.")
+    plots = [p for p in plots if p]
     if any(r.get("roofline") for r in bench):
         r0 = next(r["roofline"] for r in bench if r.get("roofline"))
         notes.append(f"Roofline from the built-in probe: {r0['bandwidth_gbs']:.1f} GB/s "
@@ -154,9 +214,11 @@ def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title
     quality += retention_html(retention(eval_records))
     quality += cascade_html(eval_records)
     when = datetime.now(UTC).isoformat(timespec="seconds")
+    headline, noisy = summary(bench) if bench else ("No bench records.", False)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{CSS}</style></head>
 <body><h1>{escape(title)}</h1>
+<p class="summary{' warn' if noisy else ''}">{headline}</p>
 <p class="note">Generated {when} from {len(bench)} bench records; sessions: {escape(', '.join(sessions) or '-')}</p>
 <h2>Device</h2>{_device(bench)}
 <h2>Results</h2>{_table(bench) if bench else '<p>No bench records.</p>'}

@@ -1,0 +1,82 @@
+"""Is a measurement trustworthy? The CPU other processes used while it ran, its spread, and waiting for quiet.
+
+The load average is a poor witness for a sweep: a 1-minute average still holds the sweep's own previous
+test. So the record's ``load`` is measured instead: cores kept busy by *other* work during the timed runs,
+from ``/proc/stat`` (machine-wide busy time, VM steal included) minus this process's own CPU time.
+A record is flagged ``noisy`` when that load or the coefficient of variation of its t/s is too high.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+NOISY_CV = 0.05  # t/s std / mean over the repetitions; llama-bench's runs on a quiet machine stay near 1-2%
+NOISY_LOAD = 0.25  # cores busy with other work during the timed runs
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all cores, VM steal included); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _HZ
+
+
+def other_load(busy_before: float | None, busy_after: float | None, own_cpu_s: float, wall_s: float) -> float | None:
+    """Cores kept busy by other work over ``wall_s``: machine busy time minus ours, per second."""
+    if busy_before is None or busy_after is None or wall_s <= 0:
+        return None
+    return max(0.0, (busy_after - busy_before - own_cpu_s) / wall_s)
+
+
+def assess(rec: dict) -> list[str]:
+    """Why ``rec`` should not be trusted (empty when it looks clean): high CV of t/s, or a busy machine."""
+    why = []
+    mean, std = rec.get("tps_mean"), rec.get("tps_std")
+    if mean and std is not None and std / mean > NOISY_CV:
+        why.append(f"t/s varies {100 * std / mean:.0f}% between repetitions (over {100 * NOISY_CV:.0f}%)")
+    load = rec.get("load")
+    if load is not None and load > NOISY_LOAD:
+        why.append(f"other processes kept {load:.2f} cores busy during the runs (over {NOISY_LOAD})")
+    return why
+
+
+def machine_load(window_s: float = 1.0) -> float | None:
+    """Cores busy over the next ``window_s`` seconds (this process included: it sleeps meanwhile)."""
+    b0, t0 = busy_seconds(), time.monotonic()
+    time.sleep(window_s)
+    b1 = busy_seconds()
+    if b0 is None or b1 is None:
+        return None
+    return max(0.0, (b1 - b0) / (time.monotonic() - t0))
+
+
+def wait_idle(max_wait_s: float, quiet_s: float = 3.0, threshold: float = NOISY_LOAD,
+              show: bool = True) -> dict:
+    """Wait (at most ``max_wait_s``) until the machine has been quiet for ``quiet_s`` seconds in a row.
+
+    Returns ``{"waited_s", "load", "quiet"}``: ``quiet`` False when it gave up (the run then goes ahead,
+    and its records are flagged if the load stays high).
+    """
+    t0 = time.monotonic()
+    calm, load = 0.0, None
+    while True:
+        load = machine_load(1.0)
+        if load is None:  # no /proc/stat: nothing to wait for
+            return {"waited_s": 0.0, "load": None, "quiet": True}
+        calm = calm + 1.0 if load <= threshold else 0.0
+        waited = time.monotonic() - t0
+        if calm >= quiet_s:
+            return {"waited_s": round(waited, 1), "load": round(load, 2), "quiet": True}
+        if waited >= max_wait_s:
+            if show:
+                print(f"\nondevice bench: the machine is still busy after {waited:.0f} s (load {load:.2f} "
+                      f"cores); measuring anyway, noisy records are flagged", file=sys.stderr)
+            return {"waited_s": round(waited, 1), "load": round(load, 2), "quiet": False}

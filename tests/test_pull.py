@@ -16,6 +16,7 @@ import pytest
 
 from ondevice.errors import InvalidArgument, InvalidModelFile, OndeviceError
 from ondevice.models import DownloadInterrupted, models_dir, pull, resolve
+from ondevice.models.hub import _OVERLAP as OVERLAP
 from ondevice.models.hub import parse_source
 
 
@@ -165,6 +166,7 @@ def test_pull_plain_http(server, model_bytes):
 
 def test_drop_then_rerun_resumes_with_range(server, model_bytes):
     server.files["/tiny.gguf"] = model_bytes
+    server.etags["/tiny.gguf"] = '"v1"'  # a strong validator: without one a resume could splice versions
     server.drop_after, server.drops_left = 30_000, 1
     with pytest.raises(DownloadInterrupted, match="run the same `ondevice pull` again to resume"):
         pull(f"{server.base}/tiny.gguf", name="t", retries=0, progress=False)
@@ -174,25 +176,31 @@ def test_drop_then_rerun_resumes_with_range(server, model_bytes):
     path = pull(f"{server.base}/tiny.gguf", name="t", retries=0, progress=False)
     assert path.read_bytes() == model_bytes
     second = server.gets("/tiny.gguf")[-1]
-    assert second["range"] == "bytes=30000-" and second["status"] == 206
-    assert second["sent"] == len(model_bytes) - 30_000
+    # 4 KiB before the end of the .part: re-read and compared, so a changed file is never spliced
+    assert second["range"] == f"bytes={30_000 - OVERLAP}-" and second["status"] == 206
+    assert second["if_range"] == '"v1"'
+    assert second["sent"] == len(model_bytes) - 30_000 + OVERLAP
     assert not part.exists()
 
 
 def test_automatic_resume_within_one_call(server, model_bytes):
     server.files["/tiny.gguf"] = model_bytes
+    server.etags["/tiny.gguf"] = '"v1"'
     server.drop_after, server.drops_left = 20_000, 2
     path = pull(f"{server.base}/tiny.gguf", retries=3, progress=False)
     assert path.read_bytes() == model_bytes
-    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, "bytes=20000-", "bytes=40000-"]
+    second = 20_000 - OVERLAP  # then 20,000 bytes more, of which the first OVERLAP were already there
+    third = second + 20_000 - OVERLAP
+    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, f"bytes={second}-", f"bytes={third}-"]
 
 
 def test_stalled_server_times_out_and_resumes(server, model_bytes):
     server.files["/tiny.gguf"] = model_bytes
+    server.etags["/tiny.gguf"] = '"v1"'
     server.stall_after = 10_000
     path = pull(f"{server.base}/tiny.gguf", timeout=0.5, retries=1, progress=False)
     assert path.read_bytes() == model_bytes
-    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, "bytes=10000-"]
+    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, f"bytes={10_000 - OVERLAP}-"]
 
 
 def test_server_ignoring_range_restarts_cleanly(server, model_bytes):
@@ -217,6 +225,32 @@ def test_changed_upstream_between_attempts_is_not_spliced(server, tmp_path, mode
     path = pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
     assert server.gets("/tiny.gguf")[-1]["if_range"] == '"v1"'
     assert path.read_bytes() == newer
+
+
+def test_changed_under_the_same_etag_restarts_instead_of_splicing(server, tmp_path, model_bytes):
+    """A server that swaps the file but keeps its ETag (so If-Range cannot tell): the re-read overlap differs."""
+    newer = make_gguf(tmp_path / "newer.gguf", seed=1).read_bytes()
+    assert len(newer) == len(model_bytes)  # same size: only the bytes say that it changed
+    server.files["/tiny.gguf"], server.etags["/tiny.gguf"] = model_bytes, '"same"'
+    server.drop_after, server.drops_left = 25_000, 1
+    with pytest.raises(DownloadInterrupted):
+        pull(f"{server.base}/tiny.gguf", retries=0, progress=False)
+    server.files["/tiny.gguf"] = newer
+    path = pull(f"{server.base}/tiny.gguf", retries=1, progress=False)
+    assert path.read_bytes() == newer  # the whole new file, not old[:25000] + new[25000:]
+    assert [e["range"] for e in server.gets("/tiny.gguf")] == [None, f"bytes={25_000 - OVERLAP}-", None]
+
+
+@pytest.mark.parametrize("etag", [None, 'W/"weak"'])
+def test_no_strong_validator_means_no_resume(server, model_bytes, etag):
+    """Without a strong validator If-Range is not allowed (RFC 9110): the partial file is dropped, not resumed."""
+    server.files["/tiny.gguf"] = model_bytes
+    if etag:
+        server.etags["/tiny.gguf"] = etag
+    server.drop_after, server.drops_left = 25_000, 1
+    path = pull(f"{server.base}/tiny.gguf", retries=1, progress=False)
+    assert path.read_bytes() == model_bytes
+    assert [(e["range"], e["if_range"]) for e in server.gets("/tiny.gguf")] == [(None, None), (None, None)]
 
 
 def test_complete_part_gets_416_and_finishes(server, model_bytes):

@@ -206,6 +206,10 @@ class LlamaEngine(Engine):
             from ..protect.load import begin, kernel_path
 
             self._restored = begin(self.path, cfg.key_source, mode=cfg.restore, threads=min(2, os.cpu_count() or 1))
+        else:  # every load (run, chat, serve, bench, eval) passes here: a malformed file is an error, not an abort
+            from ..models.gguf_check import validate_gguf
+
+            validate_gguf(self.path)
         choice = kernels.resolve(cfg.amx, cfg.repack, kernel_path(self._restored) if self._restored else self.path)
         with bufts.offering(choice.bufts) as use_extra, load_log() as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
@@ -236,7 +240,12 @@ class LlamaEngine(Engine):
 
     # -- text <-> tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) is not text any tokenizer can take
+            raise InvalidArgument(f"the text holds {text[e.start:e.end]!r} at character {e.start}, a lone UTF-16 "
+                                  f"surrogate, which is not valid Unicode; send the character itself or a "
+                                  f"surrogate pair") from None
         n_max = len(data) + 8
         buf = (self.ll.llama_token * n_max)()
         n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
@@ -265,6 +274,20 @@ class LlamaEngine(Engine):
 
     def token_text(self, token: int) -> str:
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def control_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens llama.cpp's tokenizer matches only when parsing specials (control and unknown
+        tokens, e.g. ``<|im_start|>``): a chat's message text must never become one of them (engine/chat.py)."""
+        if getattr(self, "_controls", None) is None:
+            mask = self.ll.LLAMA_TOKEN_ATTR_CONTROL | self.ll.LLAMA_TOKEN_ATTR_UNKNOWN
+            get = self.ll.llama_vocab_get_attr
+            self._controls = {}
+            for t in range(self.n_vocab):
+                if get(self.vocab, t) & mask:
+                    text = self.token_text(t)
+                    if text:
+                        self._controls.setdefault(text, t)
+        return self._controls
 
     @property
     def bos_token(self) -> int:
@@ -553,7 +576,12 @@ class Sampler:
         return tok
 
     def _apply(self, row: np.ndarray, grammar: bool) -> int:
-        """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none."""
+        """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none.
+
+        A pick whose logit is -inf is none: every candidate was rejected by the grammar or banned (``ignore_eos``,
+        ``logit_bias``), and the chain took one anyway; e.g. a complete grammar allows only end-of-generation
+        tokens, which ``ignore_eos`` bans, so the generation must end rather than go on with a banned token.
+        """
         ll, cand = self.ll, self._cand
         cand["id"] = self._ids
         cand["logit"] = row
@@ -565,7 +593,8 @@ class Sampler:
         ll.llama_sampler_apply(self.ptr, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             return -1
-        return int(cand[arr.selected]["id"])
+        pick = cand[arr.selected]
+        return int(pick["id"]) if np.isfinite(pick["logit"]) else -1
 
     def allows(self, tok: int) -> bool:
         """Whether the grammar, in its current state, accepts ``tok`` (llama-server's single-token check)."""

@@ -51,33 +51,56 @@ class Model:
         Strings go through the chat template when the model has one, unless ``chat_template=False``
         (raw completion). Messages on a base model fall back to a plain transcript with a warning. ``tools``
         go to a template that shows them; for one that does not, ``system_note`` (their description) is
-        added to the system message instead. The one chat rendering of the library and the server.
+        added to the system message instead. The one chat rendering of the library and the server (for
+        display: :meth:`tokenize_prompt` is what generation uses).
         """
+        messages, tools = self._conversation(prompt, chat_template, tools, system_note)
+        if messages is None:
+            return prompt, True
+        if not self.is_chat:
+            return chat.plain_prompt(messages), True
+        return chat.render(self.template, messages, tools=tools, **self._template_kw()), False
+
+    def tokenize_prompt(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
+                        system_note: str | None = None) -> list[int]:
+        """The prompt's token ids. A raw string is the caller's own text (special tokens parsed); in chat
+        messages only the template's own markers are special: ``<|im_start|>`` typed in a message is text,
+        so no user can inject a role."""
+        eng = self.engine
+        messages, tools = self._conversation(prompt, chat_template, tools, system_note)
+        if messages is None:
+            toks = eng.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            toks = chat.encode(self.template, messages, specials=eng.control_tokens(), tools=tools,
+                               tokenize=lambda text, bos: eng.tokenize(text, add_special=bos, parse_special=False),
+                               **self._template_kw())
+        if not toks:
+            raise InvalidArgument("the prompt is empty; give some text")
+        return toks
+
+    def _conversation(self, prompt: Prompt, chat_template: bool | None, tools: list | None,
+                      system_note: str | None) -> tuple[list[dict] | None, list | None]:
+        """(messages, tools) to render, or (None, None) for a raw completion string."""
         use_template = self.is_chat if chat_template is None else chat_template
         if isinstance(prompt, str) and not use_template:
-            return prompt, True
+            return None, None
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not self.is_chat:
             warnings.warn(f"{self.name} has no chat template (a base model); using a plain-text transcript "
-                          f"instead — pick an instruct model for chat", BaseModelWarning, stacklevel=3)
-            return chat.plain_prompt(messages), True
+                          f"instead — pick an instruct model for chat", BaseModelWarning, stacklevel=4)
+            return messages, None
         shows_tools = "tools" in self.template
         if system_note and not shows_tools:
             if messages and messages[0]["role"] in ("system", "developer"):
                 messages = [dict(messages[0], content=f"{messages[0]['content']}\n\n{system_note}"), *messages[1:]]
             else:
                 messages = [{"role": "system", "content": system_note}, *messages]
-        eng = self.engine
-        text = chat.render(self.template, messages, bos_token=eng.token_text(eng.bos_token) if eng.add_bos else "",
-                           eos_token=eng.token_text(eng.eos_token), tools=tools if shows_tools else None)
-        return text, False  # the template writes BOS itself when the model wants one
+        return messages, (tools if shows_tools else None)
 
-    def tokenize_prompt(self, prompt: Prompt, **kw) -> list[int]:
-        text, add_special = self.render(prompt, **kw)
-        toks = self.engine.tokenize(text, add_special=add_special, parse_special=True)
-        if not toks:
-            raise InvalidArgument("the prompt is empty; give some text")
-        return toks
+    def _template_kw(self) -> dict:
+        eng = self.engine
+        return {"bos_token": eng.token_text(eng.bos_token) if eng.add_bos else "",
+                "eos_token": eng.token_text(eng.eos_token), "n_ctx": eng.n_ctx}
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
                sampling: Sampling | None = None, **sampling_kw) -> Iterator[Generation]:

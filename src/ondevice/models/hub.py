@@ -4,7 +4,9 @@
 ``{HF_ENDPOINT or https://huggingface.co}/owner/repo/resolve/{revision or main}/path/file.gguf``, with
 ``HF_TOKEN`` sent as a bearer token to that host only (never to the CDN it redirects to). Plain
 http(s) URLs work too. Bytes go to ``<name>.gguf.part`` with HTTP Range resume; the file is renamed to
-``<name>.gguf`` only after its sha256 (when known) and GGUF structure check out.
+``<name>.gguf`` only after its sha256 (when known) and GGUF structure check out. A resume sends If-Range
+with a strong validator (none: start over) and re-reads the last 4 KiB it holds: if they differ, or the size
+does, the server's file changed and the download starts over rather than splicing two versions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from .store import models_dir, sha256_file, write_json
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_OVERLAP = 4096  # bytes a resumed range re-reads and compares with the end of the partial file
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError)
 
 
@@ -90,6 +94,21 @@ def _sha_from_etag(value: str | None) -> str | None:
     v = v.removeprefix("W/")
     v = v.strip('"').lower()
     return v if _SHA_RE.match(v) else None
+
+
+def _strong_validator(headers) -> str | None:
+    """What If-Range may carry (RFC 9110 13.1.5): a strong ETag, or else a Last-Modified date that is at least a
+    second older than the response's Date (a file changed within that second could share the date)."""
+    etag = headers.get("ETag")
+    if etag:
+        return None if etag.strip().startswith("W/") else etag.strip()
+    modified, date = headers.get("Last-Modified"), headers.get("Date")
+    try:
+        if modified and date and (parsedate_to_datetime(date) - parsedate_to_datetime(modified)).total_seconds() >= 1:
+            return modified
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 def _open(url: str, headers: dict[str, str], timeout: float) -> tuple[http.client.HTTPResponse, dict[str, str]]:
@@ -179,11 +198,17 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
         part.unlink(missing_ok=True)
         state = {"url": url}
     offset = part.stat().st_size if part.is_file() else 0
+    if offset and not state.get("validator"):
+        # no strong validator to send with If-Range: a resumed range could splice two versions of the file
+        part.unlink(missing_ok=True)
+        offset = 0
+    # the range starts OVERLAP bytes early: they must equal the tail of the .part, or the file changed under
+    # an unchanged validator (a server that lies) and the download restarts
+    overlap = min(offset, _OVERLAP)
     headers = _auth_headers(url)
     if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if state.get("validator"):
-            headers["If-Range"] = state["validator"]  # the server sends the whole file if it changed
+        headers["Range"] = f"bytes={offset - overlap}-"
+        headers["If-Range"] = state["validator"]  # the server sends the whole file if it changed
     try:
         resp, linked = _open(url, headers, timeout)
     except urllib.error.HTTPError as e:
@@ -204,9 +229,21 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
         status = resp.status
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
+            if start != offset - overlap:
                 part.unlink(missing_ok=True)
-                raise DownloadInterrupted(f"the server resumed at byte {start}, not {offset}; restarting")
+                raise DownloadInterrupted(f"the server resumed at byte {start}, not {offset - overlap}; restarting")
+            try:
+                head = resp.read(overlap)
+            except _NETWORK_ERRORS as e:
+                raise DownloadInterrupted(f"connection lost while resuming ({e})") from e
+            with open(part, "rb") as f:
+                f.seek(offset - overlap)
+                same = f.read(overlap) == head
+            if not same or (state.get("total") is not None and total != state["total"]):
+                part.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                raise DownloadInterrupted("the file on the server changed since the partial download (its "
+                                          "validator did not say so); restarting from the beginning")
             mode = "ab"
         elif status == 200:
             # No range support (or the file changed, via If-Range): start over from this response.
@@ -218,7 +255,7 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
         etag = resp.headers.get("ETag")
         state.update(
             total=total,
-            validator=etag or resp.headers.get("Last-Modified") or state.get("validator"),
+            validator=_strong_validator(resp.headers) or (state.get("validator") if status == 206 else None),
             linked_sha=_sha_from_etag(linked.get("X-Linked-Etag")) or state.get("linked_sha"),
             etag_sha=_sha_from_etag(etag) or state.get("etag_sha"),
         )

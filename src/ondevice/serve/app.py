@@ -24,6 +24,7 @@ from .batcher import Job, JobTimeout
 from .http import Guard, access_logger, error_payload, install_error_handlers, note
 from .state import ServerState, message_dicts
 
+MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request (OpenAI allows 2048; each costs a decode here)
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/health", "/metrics",
           "/tokenize", "/detokenize", "/tokenizer_info"}
 
@@ -89,9 +90,14 @@ def create_app(state: ServerState) -> FastAPI:
             inp = [inp]
         if not inp:
             raise InvalidArgument("input is empty; give a string or a list of strings")
+        if len(inp) > MAX_EMBEDDING_INPUTS:  # each input is one decode on the one computing thread
+            raise InvalidArgument(f"input has {len(inp)} items but this server embeds at most "
+                                  f"{MAX_EMBEDDING_INPUTS} per request; split it into several requests")
         token_lists = [state.tokenize(x) if isinstance(x, str) else list(x) for x in inp]
         data, n_tok = [], 0
         for i, toks in enumerate(token_lists):
+            if i and await request.is_disconnected():  # the client gave up: compute nothing more for it
+                return JSONResponse({}, status_code=499)
             state.check_prompt(toks) if toks else None
             vec = await asyncio.wrap_future(state.embed(toks))
             if req.dimensions is not None:
@@ -252,8 +258,7 @@ class Runner:
         cascade = st.cascade if st.cascade is not None and st.cascade.applies(req, plan) else None
 
         def prepare():
-            text = st.render_chat(messages, tools, plan.system_note)
-            toks = st.tokenize(text, add_special=st.template is None, parse_special=True)
+            toks = st.chat_tokens(messages, tools, plan.system_note)
             max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar, st.default_draft)
             if cascade is not None:

@@ -38,6 +38,9 @@ def error_payload(exc: BaseException) -> tuple[int, dict, dict | None]:
         return 400, body(str(exc), "invalid_request_error", "context_length_exceeded", "messages"), None
     if isinstance(exc, OndeviceError):
         return 400, body(str(exc), "invalid_request_error", "invalid_value"), None
+    if isinstance(exc, UnicodeError):  # e.g. a lone surrogate ("\ud800") in a field that reaches an encoder
+        return 400, body(f"the request holds text that is not valid Unicode ({getattr(exc, 'reason', exc)}); send UTF-8 text "
+                         f"without lone surrogates", "invalid_request_error", "invalid_value"), None
     return 500, body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"), None
 
 
@@ -69,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                                       exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    for cls in (OndeviceError, QueueFull, JobTimeout):
+    for cls in (OndeviceError, QueueFull, JobTimeout, UnicodeError):  # handled here: the connection stays open
         app.add_exception_handler(cls, _any)
 
 

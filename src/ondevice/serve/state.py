@@ -97,6 +97,12 @@ class ServerState:
             warnings.simplefilter("ignore", BaseModelWarning)  # a server of a base model says so at start
             return self.model.render(messages, tools=tools, system_note=system_note)[0]
 
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None, system_note: str | None) -> list[int]:
+        """The chat prompt's tokens (Model.tokenize_prompt: message text never becomes a control token)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BaseModelWarning)
+            return self.model.tokenize_prompt(messages, tools=tools, system_note=system_note)
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
 

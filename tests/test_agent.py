@@ -15,12 +15,20 @@ import pytest
 
 pytest.importorskip("pydantic")
 
-from ondevice.agent import Agent, Node, Tool, Toolbox, call_turn, run_graph, tool  # noqa: E402
-from ondevice.agent import fcsuite  # noqa: E402
-from ondevice.agent.calls import Call, read_calls  # noqa: E402
-from ondevice.agent.graph import resolve_refs  # noqa: E402
-from ondevice.agent.retrieval import Embedder, ToolIndex  # noqa: E402
-from ondevice.errors import InvalidArgument  # noqa: E402
+from ondevice.agent import (
+    Agent,
+    Node,
+    Tool,
+    Toolbox,
+    call_turn,
+    fcsuite,
+    run_graph,
+    tool,
+)
+from ondevice.agent.calls import Call, read_calls
+from ondevice.agent.graph import resolve_refs
+from ondevice.agent.retrieval import Embedder, ToolIndex
+from ondevice.errors import InvalidArgument
 
 
 def book_table(restaurant: str, people: int, time: str = "19:00",
@@ -375,3 +383,19 @@ def test_agent_plans_and_acts_with_the_small_model(smol):
     assert all(n["tool"] == "get_weather" for n in d["nodes"])  # the plan's grammar allows only real tools
     assert run.ok, d
     assert {e["event"] for e in log} >= {"filled", "start", "end"} and all("t" in e for e in log)
+
+
+def test_plans_become_graph_nodes_and_sops_load(tmp_path):
+    from ondevice.agent.agent import SOP, plan_nodes, plan_schema, sop_prompt
+
+    nodes = plan_nodes({"subtasks": [{"id": 1, "task": "a", "tool": "x", "depends_on": []},
+                                     {"id": 2, "task": "b", "tool": "y", "depends_on": [1, 1, 2, 3]}]})
+    assert [(n.id, n.depends_on) for n in nodes] == [("s1", ()), ("s2", ("s1",))]  # self and later ids dropped
+    with pytest.raises(InvalidArgument, match="twice"):
+        plan_nodes({"subtasks": [{"id": 1, "task": "a", "tool": "x"}, {"id": 1, "task": "b", "tool": "x"}]})
+    assert plan_schema(["x", "y"])["properties"]["subtasks"]["items"]["properties"]["tool"] == {"enum": ["x", "y"]}
+    f = tmp_path / "banking.txt"
+    f.write_text("Always check the balance before a transfer.\n")
+    assert sop_prompt([SOP.load(f)]) == "Procedure 'banking':\nAlways check the balance before a transfer."
+    with pytest.raises(InvalidArgument, match="no SOP file"):
+        SOP.load(tmp_path / "missing.txt")

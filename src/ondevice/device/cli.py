@@ -71,4 +71,6 @@ def run(args: argparse.Namespace) -> int:
         res = res or e.get("note", "-")
         print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
               f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
+    if any(r.get("ok") is None for e in kern["families"].values() for r in e["results"].values()):
+        print("kernels   inconclusive tests count as untested; `ondevice device --probe` on a quiet machine redoes them")
     return 0

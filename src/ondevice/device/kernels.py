@@ -273,8 +273,8 @@ def selftest(model_path: str | Path, configs_: list[tuple[bool, bool]], measure:
                 todo.pop(0)
         if todo and rc is None:  # out of time
             for c in todo:
-                results[label(wanted(names, *c))] = {"ok": None, "error": f"timeout after {CHILD_TIMEOUT_S:.0f} s "
-                                                                          f"(a busy machine?)"}
+                results[label(wanted(names, *c))] = {"ok": None, "error": f"timeout after {CHILD_TIMEOUT_S:.0f} s, "
+                                                                          f"a busy machine?"}
             todo = []
         elif todo:  # the child died during todo[0]
             what = signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[0][-200:]}"

@@ -72,3 +72,121 @@ def test_every_verb_has_working_help():
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0 and "usage: ondevice " + verb in out.getvalue(), verb
+
+
+# ---------------------------------------------------------------- habits (Ollama's, typos, help)
+def test_run_takes_a_leading_model_name(cli):
+    a = cli("run", "--temp", "0", "-n", "8", "-t", "2", "smollm2", "Name a colour.")
+    b = cli("run", "--temp", "0", "-n", "8", "-t", "2", "-m", "smollm2-135m-instruct", "Name a colour.")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()  # the name chose the model; the rest was the prompt
+
+
+def test_run_one_word_like_a_model_name_says_how_it_was_read(cli):
+    r = cli("run", "--temp", "0", "-n", "2", "-t", "2", "smolm2")
+    assert r.returncode == 0, r.stderr
+    assert "'smolm2' is taken as the prompt" in r.stderr and "ondevice run smollm2-135m-instruct PROMPT" in r.stderr
+
+
+def test_typos_get_did_you_mean(cli):
+    r = cli("run", "-m", "smolm2", "hello")
+    assert r.returncode == 2 and "did you mean 'smollm2-135m-instruct'?" in r.stderr, r.stderr
+    r = cli("bnech", "-r", "1")
+    assert r.returncode == 2 and "unknown verb 'bnech'; did you mean 'bench'?" in r.stderr, r.stderr
+    r = cli("frobnicate")
+    assert r.returncode == 2 and "did you mean" not in r.stderr and "verbs: run, chat" in r.stderr
+
+
+def test_top_level_help_has_examples_and_bench_o_has_help():
+    import contextlib
+    import io
+
+    import pytest
+
+    from ondevice.cli import main
+
+    for argv, want in ((["--help"], "examples:\n  ondevice run"), (["bench", "--help"], "format of the records")):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(argv)
+        assert want in out.getvalue(), argv
+
+
+def test_models_fits_the_terminal(cli):
+    r = cli("models", env={"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("\n\nstore:")[0].splitlines()
+    assert len(table) >= 2 and max(len(line) for line in table) <= 100, table
+    assert "smollm2-135m-instruct" in r.stdout and ".gguf" in r.stdout  # a cut path keeps its file name
+
+
+def test_chat_commands_and_multiline_input(cli):
+    script = ('/set temperature 0\n/set parameter top_k 5\n/set temp warm\n/set colour blue\n/show\n/frob\n'
+              '"""Say the word\nblue, nothing else."""\n/bye\n')
+    r = cli("chat", "-n", "8", "-t", "2", "--timings", input=script)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    assert "temp = 0.0" in err and "top_k = 5" in err
+    assert "/set temp needs a number" in err and "cannot set 'colour'" in err
+    assert "parameters: temp 0.0, top_p" in err and "top_k 5" in err
+    assert "unknown command '/frob'; /help lists the commands" in err
+    assert err.count("TTFT") == 1  # the two lines between \"\"\" marks were one message, one answer
+    assert "/set" not in r.stdout  # no command reached the model
+
+
+def test_chat_on_a_base_model_warns_once_without_a_source_line(cli):
+    import pytest
+
+    from ondevice.errors import OndeviceError
+    from ondevice.models import resolve
+
+    try:
+        path = resolve("gemma3-270m").path  # assembled into the default store once
+    except OndeviceError as e:
+        pytest.skip(f"gemma3-270m not installed: {e}")  # the [models] extra is installed by `make test`
+    r = cli("chat", "-m", str(path), "-n", "4", "-t", "2", "--temp", "0", input="Hello\nAgain\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("no chat template") == 1 and "warnings.warn" not in r.stderr, r.stderr
+    assert ".py:" not in r.stderr
+
+
+def test_chat_keys_typed_during_an_answer_are_not_echoed(tmp_path):
+    """A real terminal (pty): keys pressed while the answer streams appear neither in it nor as input."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "chat", "--temp", "0", "-n", "200", "-t", "2"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+
+    def read_until(marker: bytes, start: int = 0, timeout: float = 120, at_least: int = 0) -> None:
+        nonlocal out
+        end = time.monotonic() + timeout
+        while marker not in out[start:] or len(out) < at_least:
+            assert time.monotonic() < end, out.decode(errors="replace")[-2000:]
+            if select.select([master], [], [], 0.5)[0]:
+                out += os.read(master, 4096)
+
+    try:
+        read_until(b">>> ")
+        os.write(master, b"Count from one to one hundred in words, one per line.\n")
+        read_until(b"per line.\r\n")  # the terminal's echo of the typed line
+        mark = out.index(b"per line.\r\n") + 11
+        read_until(b"", at_least=mark + 12)  # the answer is streaming
+        os.write(master, b"zqxj")  # typed mid-answer
+        read_until(b">>> ", mark, timeout=240)  # the answer ended and the next prompt is up
+        answer = out[mark:]
+        os.write(master, b"/bye\n")
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"zqxj" not in answer, answer.decode(errors="replace")

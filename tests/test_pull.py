@@ -331,6 +331,23 @@ def test_http_errors_and_unreachable(server):
         pull(f"http://127.0.0.1:{port}/x.gguf", retries=0, progress=False)
 
 
+def test_retry_messages_say_resume_only_with_bytes_to_resume_from(server, model_bytes, capsys):
+    port = server.port
+    server.close()  # a refused connection, nothing downloaded: a retry, not a resume
+    with pytest.raises(DownloadInterrupted, match="cannot reach"):
+        pull(f"http://127.0.0.1:{port}/x.gguf", retries=1, progress=True)
+    err = capsys.readouterr().err
+    assert "retrying (attempt 2 of 2)" in err and "resum" not in err
+    s = Server()
+    try:
+        s.files["/tiny.gguf"] = model_bytes
+        s.drop_after, s.drops_left = 20_000, 1
+        pull(f"{s.base}/tiny.gguf", retries=1, progress=True)
+    finally:
+        s.close()
+    assert "resuming at byte 20000 (attempt 2 of 2)" in capsys.readouterr().err
+
+
 def test_already_present_is_not_downloaded_again(server, model_bytes):
     server.files["/tiny.gguf"] = model_bytes
     pull(f"{server.base}/tiny.gguf", progress=False)

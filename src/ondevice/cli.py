@@ -30,6 +30,18 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+EXAMPLES = """examples:
+  ondevice run "Write a haiku about RAM."          stream an answer from the default model
+  ondevice run gemma3-270m "Once upon a time"      a model name first, then the prompt (as ollama run)
+  ondevice chat -m smollm2-135m-instruct           multi-turn chat; /help inside lists the commands
+  ondevice models                                  what is installed, stored and local
+  ondevice bench -t 1,2 -p 128,512 -n 64           speed sweep (llama-bench's flags), then an HTML report
+  ondevice eval --ppl                              perplexity of the default model
+  ondevice serve --port 8080                       OpenAI-compatible server on 127.0.0.1
+
+`ondevice VERB --help` shows a verb's flags."""
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only when it says something: not None/False, and not already in the help text."""
 
@@ -43,7 +55,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ondevice", description="Fit language models to the device in hand.")
+    parser = argparse.ArgumentParser(prog="ondevice", description="Fit language models to the device in hand.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ondevice {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_) in VERBS.items():
@@ -57,7 +70,14 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
-    verb = verb if verb in VERBS else None
+    if verb is not None and verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, VERBS, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"ondevice: error: unknown verb '{verb}'; {hint}verbs: {', '.join(VERBS)} "
+              f"(`ondevice --help` shows examples)", file=sys.stderr)
+        return 2
     from . import supervise
 
     if console and supervise.wanted(verb):  # llama.cpp runs in a child: a native crash becomes a clear line

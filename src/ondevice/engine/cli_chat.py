@@ -1,22 +1,152 @@
-"""``ondevice chat``: interactive multi-turn chat. /reset clears, /bye quits, Ctrl-C stops an answer."""
+"""``ondevice chat``: interactive multi-turn chat with Ollama's habits.
+
+``/set temperature 0`` (any sampling parameter), ``/set system ...``, ``/show``, ``/reset``, ``/bye``,
+``/help``; ``\"\"\"`` starts and ends a multi-line message; Ctrl-C stops an answer. Keys typed while an
+answer streams are neither echoed into it nor sent as the next message.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+import warnings
+from collections.abc import Callable, Iterator
 
-from ..errors import ContextOverflow
+from ..errors import ContextOverflow, OndeviceError
 from .args import add_model_args, add_sampling_args, load_from, sampling_from
-from .model import peak_rss_bytes
+from .model import BaseModelWarning, peak_rss_bytes
+from .records import Sampling
 
-HELP = "commands: /reset (new conversation), /bye (quit), /help; Ctrl-C stops the current answer"
+# /set NAME VALUE: Ollama's parameter names and ours -> (Sampling field, type)
+PARAMS: dict[str, tuple[str, type]] = {
+    "temperature": ("temp", float), "temp": ("temp", float), "top_p": ("top_p", float), "top_k": ("top_k", int),
+    "min_p": ("min_p", float), "repeat_penalty": ("repeat_penalty", float),
+    "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
+    "seed": ("seed", int), "num_predict": ("max_tokens", int), "max_tokens": ("max_tokens", int),
+}
+SHOWN = ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed",
+         "max_tokens")
+
+HELP = """commands:
+  /set temperature 0      change a sampling parameter: temperature, top_p, top_k, min_p, repeat_penalty,
+                          presence_penalty, frequency_penalty, seed, max_tokens (num_predict)
+  /set system TEXT        a new system prompt (starts a new conversation)
+  /set verbose | quiet    timings after each answer on or off
+  /show                   the model, the parameters and the system prompt
+  /reset                  start a new conversation
+  /bye                    quit (also /exit, Ctrl-D)
+  \"\"\"                     begin and end a multi-line message
+Ctrl-C stops the current answer."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_sampling_args(p, max_tokens=512)
     p.add_argument("-s", "--system", default=None, help="system prompt")
-    p.add_argument("--timings", action="store_true", help="print timings after each answer")
+    p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")
+
+
+@dataclasses.dataclass
+class Session:
+    """What the commands change: sampling, system prompt, timings, and the conversation."""
+
+    sampling: Sampling
+    system: str | None
+    verbose: bool
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+
+def command(line: str, s: Session, model) -> str | None:
+    """Apply a ``/command``; returns what to print (None: quit)."""
+    word, _, rest = line[1:].partition(" ")
+    rest = rest.strip()
+    if word in ("bye", "exit", "quit"):
+        return None
+    if word in ("help", "?"):
+        return HELP
+    if word in ("reset", "clear"):
+        s.reset()
+        model.reset()
+        return "(conversation cleared)"
+    if word == "show":
+        params = ", ".join(f"{k} {getattr(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != 0xFFFFFFFF)
+        return (f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})\n"
+                f"parameters: {params}\nsystem: {s.system or '(none)'}\ntimings: {'on' if s.verbose else 'off'}")
+    if word == "set":
+        return _set(rest, s, model)
+    return f"unknown command '/{word}'; /help lists the commands"
+
+
+def _set(rest: str, s: Session, model) -> str:
+    key, _, value = rest.partition(" ")
+    if key == "parameter":  # Ollama's long form: /set parameter temperature 0
+        key, _, value = value.strip().partition(" ")
+    value = value.strip()
+    if key in ("verbose", "quiet"):
+        s.verbose = key == "verbose"
+        return f"timings {'on' if s.verbose else 'off'}"
+    if key == "system":
+        if not value:
+            return "usage: /set system TEXT"
+        s.system = value
+        s.reset()
+        model.reset()
+        return "(system prompt set; conversation cleared)"
+    if key not in PARAMS:
+        return f"cannot set '{key}'; /set takes {', '.join(sorted(PARAMS))}, system, verbose or quiet"
+    field, typ = PARAMS[key]
+    try:
+        s.sampling = dataclasses.replace(s.sampling, **{field: typ(value)})
+    except ValueError:
+        return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {1 if typ is int else 0.7}"
+    except OndeviceError as e:
+        return f"/set {key}: {e}"
+    return f"{field} = {getattr(s.sampling, field)}"
+
+
+def read_message(read: Callable[[str], str], interactive: bool) -> str:
+    """One message: a line, or the lines between two \"\"\" marks. Raises EOFError at the end of input."""
+    line = read(">>> " if interactive else "")
+    if not line.lstrip().startswith('"""'):
+        return line
+    text = line.lstrip()[3:]
+    lines = []
+    while True:
+        if text.rstrip().endswith('"""'):
+            lines.append(text.rstrip()[:-3])
+            return "\n".join(lines).strip("\n")
+        lines.append(text)
+        text = read("... " if interactive else "")
+
+
+@contextlib.contextmanager
+def quiet_keys(stream=None) -> Iterator[None]:
+    """While an answer streams, keys typed are not echoed into it; they are dropped when it ends.
+
+    Ctrl-C still works (ISIG stays on). Does nothing when ``stream`` is not a terminal.
+    """
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd)
+    except Exception:  # noqa: BLE001 — no termios, not a terminal, or no fileno: nothing to do
+        yield
+        return
+    new = list(old)
+    new[3] &= ~termios.ECHO  # lflags
+    termios.tcsetattr(fd, termios.TCSANOW, new)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,52 +154,50 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = sampling_from(args)
     model = load_from(args)
-    if not model.is_chat:
+    if not model.is_chat:  # said once here; the library's own warning would repeat it with a source line
+        warnings.simplefilter("ignore", BaseModelWarning)
         print(f"warning: {model.name} has no chat template (a base model); answers continue a plain-text "
               f"transcript. Pick an instruct model for chat.", file=sys.stderr)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history = list(system)
+    s = Session(sampling, args.system, args.timings)
+    s.reset()
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"ondevice chat with {model.name}. {HELP}", file=sys.stderr)
+        print(f"ondevice chat with {model.name}. /help for commands, /bye to quit, Ctrl-C stops an answer.",
+              file=sys.stderr)
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            line = read_message(input, interactive)
         except EOFError:
             break
         except KeyboardInterrupt:
             print("", file=sys.stderr)
             continue
-        cmd = line.strip()
-        if not cmd:
+        if not line.strip():
             continue
-        if cmd in ("/bye", "/exit", "/quit"):
-            break
-        if cmd == "/reset":
-            history = list(system)
-            model.reset()
-            print("(conversation cleared)", file=sys.stderr)
+        if line.startswith("/"):
+            out = command(line.strip(), s, model)
+            if out is None:
+                break
+            print(out, file=sys.stderr)
             continue
-        if cmd in ("/help", "/?"):
-            print(HELP, file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
+        s.history.append({"role": "user", "content": line})
         answer, last = [], None
         try:
-            for g in model.stream(history, sampling=sampling):
-                sys.stdout.write(g.text)
-                sys.stdout.flush()
-                answer.append(g.text)
-                last = g
+            with quiet_keys() if interactive else contextlib.nullcontext():
+                for g in model.stream(s.history, sampling=s.sampling):
+                    sys.stdout.write(g.text)
+                    sys.stdout.flush()
+                    answer.append(g.text)
+                    last = g
         except KeyboardInterrupt:  # stop this answer, keep the program and what was said
             sys.stdout.write(" [stopped]")
         except ContextOverflow as e:  # the conversation outgrew the window: say so, keep the program
-            history.pop()
+            s.history.pop()
             print(f"error: {e.advise('-c/--ctx', model.engine.n_ctx_train, '/reset to start over')}",
                   file=sys.stderr)
             continue
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
-        if args.timings:
+        s.history.append({"role": "assistant", "content": "".join(answer)})
+        if s.verbose:
             print(format_timings(last, peak_rss_bytes()), file=sys.stderr)
     return 0

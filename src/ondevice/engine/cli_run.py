@@ -13,7 +13,9 @@ from .records import Generation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or nothing reads stdin")
+    p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
+                   help="the prompt ('-' or nothing reads stdin); a known model name first picks the model, "
+                        "as `ollama run MODEL PROMPT` does")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
@@ -26,11 +28,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timings on stderr: a line, the last record as JSON, or nothing")
 
 
-def read_prompt(arg: str | None) -> str:
+def split_model_word(args: argparse.Namespace) -> str | None:
+    """``run MODEL [PROMPT]``: take a leading known model name as ``--model``; returns the prompt (or None)."""
+    from ..models.catalog import did_you_mean, is_model_name
+
+    words = list(args.words)
+    if args.model is None and words and is_model_name(words[0]):
+        args.model = words.pop(0)
+        args.named_model = True
+    elif len(words) == 1 and " " not in words[0] and (close := did_you_mean(words[0])):
+        print(f"ondevice run: note: '{words[0]}' is taken as the prompt; for the model '{close}' run "
+              f"`ondevice run {close} PROMPT`", file=sys.stderr)
+    return " ".join(words) if words else None
+
+
+def read_prompt(arg: str | None, model: str | None = None) -> str:
     from ..errors import InvalidArgument
 
     if arg is None or arg == "-":
         if sys.stdin.isatty():
+            if model:
+                raise InvalidArgument(f"no prompt after the model name: `ondevice run {model} \"your prompt\"`, "
+                                      f"pipe one on stdin, or talk to it with `ondevice chat -m {model}`")
             raise InvalidArgument("no prompt: give one as an argument or pipe it on stdin")
         arg = sys.stdin.read()
     if not arg.strip():
@@ -59,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
-    prompt = read_prompt(args.prompt)
+    prompt = read_prompt(split_model_word(args), args.model if getattr(args, "named_model", False) else None)
     model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))
     last = None
     out = sys.stdout

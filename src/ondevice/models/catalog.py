@@ -300,8 +300,34 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
             return ModelRef(name, stored, "store")
     if Path(name).is_file():
         return _local(Path(name))
-    raise ModelNotFound(f"unknown model '{name}'; known: {', '.join(known_names())}. A path to a local .gguf "
-                        f"file also works (e.g. ./model.gguf), and `ondevice models` lists them all")
+    close = did_you_mean(name)
+    hint = f"did you mean '{close}'? " if close else ""
+    raise ModelNotFound(f"unknown model '{name}'; {hint}known: {', '.join(known_names())}. A path to a local "
+                        f".gguf file also works (e.g. ./model.gguf), and `ondevice models` lists them all")
+
+
+def is_model_name(word: str) -> bool:
+    """Whether ``word`` names a model (catalog name or alias, store variant, existing .gguf path); nothing loads."""
+    if word in CATALOG or word in _ALIASES:
+        return True
+    if _looks_like_path(word):
+        return word.endswith(".gguf") and Path(word).expanduser().is_file()
+    return bool(_NAME_RE.match(word)) and (models_dir() / f"{word}.gguf").is_file()
+
+
+def did_you_mean(name: str) -> str | None:
+    """The known model name closest to a mistyped one (aliases and name prefixes count), or None."""
+    import difflib
+
+    cands = {n: n for n in known_names()} | dict(_ALIASES)  # spelling -> canonical name
+    best, score = None, 0.0
+    for spelled, canonical in cands.items():
+        # a prefix the length of the typed name catches short forms ("smolm2" for "smollm2-135m-instruct")
+        for target in (spelled, spelled[:len(name) + 1]):
+            r = difflib.SequenceMatcher(None, name.lower(), target.lower()).ratio()
+            if r > score:
+                best, score = canonical, r
+    return best if score >= 0.75 else None
 
 
 def _local(path: Path) -> ModelRef:

@@ -55,7 +55,8 @@ def rows(paths: list[str] | None = None, prepare: bool = False) -> list[dict[str
     return out
 
 
-def _table(data: list[dict[str, Any]]) -> str:
+def _table(data: list[dict[str, Any]], width: int | None = None) -> str:
+    """The listing as aligned columns, cut to ``width`` characters when given (paths keep their end)."""
     cols = [("name", "NAME"), ("architecture", "ARCH"), ("params", "PARAMS"), ("quant", "QUANT MIX"),
             ("size", "SIZE"), ("context_length", "CTX"), ("chat", "CHAT"), ("licence", "LICENCE"),
             ("where", "PATH")]
@@ -72,9 +73,51 @@ def _table(data: list[dict[str, Any]]) -> str:
             "where": r["path"] if ready else r["status"],
         })
     widths = {k: max(len(h), *(len(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
+    if width:
+        cols = _fit(cols, widths, width)
     out = ["  ".join(h.ljust(widths[k]) for k, h in cols).rstrip()]
-    out += ["  ".join(str(x[k]).ljust(widths[k]) for k, _ in cols).rstrip() for x in lines]
+    out += ["  ".join(_clip(str(x[k]), widths[k], k == "where").ljust(widths[k]) for k, _ in cols).rstrip()
+            for x in lines]
     return "\n".join(out)
+
+
+# columns that give up width when the table is wider than the terminal, in this order, down to a floor;
+# then, on a narrow terminal, columns that go (`ondevice models --json` has everything)
+_SHRINK = (("where", 18), ("quant", 9), ("licence", 8), ("name", 14))
+_DROP = ("licence", "chat", "context_length", "architecture")
+
+
+def _fit(cols: list[tuple[str, str]], widths: dict[str, int], width: int) -> list[tuple[str, str]]:
+    """The columns to show in ``width`` characters; ``widths`` is shrunk in place to fit them."""
+    natural = dict(widths)
+    for n_drop in range(len(_DROP) + 1):
+        kept = [c for c in cols if c[0] not in _DROP[:n_drop]]
+        widths.update(natural)
+        for key, floor in _SHRINK:
+            over = sum(widths[k] for k, _ in kept) + 2 * (len(kept) - 1) - width
+            if over > 0 and key in dict(kept):
+                widths[key] = max(floor, widths[key] - over)
+        if sum(widths[k] for k, _ in kept) + 2 * (len(kept) - 1) <= width:
+            break
+    return kept
+
+
+def _clip(text: str, width: int, keep_end: bool) -> str:
+    """``text`` cut to ``width`` with an ellipsis (a path keeps its end: the file name)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if keep_end else text[:width - 1] + "…"
+
+
+def terminal_width() -> int | None:
+    """The terminal's columns when stdout is one (or $COLUMNS is set); None: do not cut (a pipe)."""
+    import os
+    import shutil
+    import sys
+
+    if "COLUMNS" in os.environ or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(_table(data))
+    print(_table(data, terminal_width()))
     from .store import models_dir
 
     print(f"\nstore: {models_dir()}  (add models with `ondevice pull URL` or `ondevice quantize`; "

@@ -350,8 +350,11 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
                     raise DownloadInterrupted(
                         f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
                         f"`ondevice pull` again to resume") from e
-                if progress:
-                    print(f"\nondevice: {e}; resuming (attempt {attempt + 2} of {retries + 1})", file=sys.stderr)
+                if progress:  # "resuming" only when there is something to resume from
+                    have = part.stat().st_size if part.exists() else 0
+                    what = f"resuming at byte {have}" if have else "retrying"
+                    lead = "\n" if have and bar.tty else ""  # end the progress line
+                    print(f"{lead}ondevice: {e}; {what} (attempt {attempt + 2} of {retries + 1})", file=sys.stderr)
                 time.sleep(min(2.0 ** attempt, 10.0) * 0.5)
 
         source = "given"

@@ -41,10 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str, threads: int = 2) -> tuple[subprocess.Popen, str]:
+def start_server(*args: str, threads: int = 2, slots: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, ONDEVICE_ACCESS_LOG="0", ONDEVICE_SUPERVISED="1")  # no supervisor: a kill hits it
-    p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", str(port), "-np", "1", "-c", "2048",
+    p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", str(port), "-np", str(slots), "-c", "2048",
                           "-t", str(threads), "--no-embeddings", *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -84,31 +84,36 @@ def curve_part(args, cloud_url: str) -> dict:
     from ondevice.eval.cascade_curve import at_share, collect, confidences, deferral_curve, fit_combiner
 
     rows_file = Path(args.rows)
-    if args.reuse_rows and rows_file.is_file():
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-        print(f"reusing {len(rows)} answered items from {rows_file}", file=sys.stderr)
-    else:
-        items = load_items(args.limit)
+    items = load_items(args.limit)
+    cached = {}
+    if args.reuse_rows and rows_file.is_file():  # answers already collected (a resumed or re-analysed run)
+        cached = {r["id"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    missing = [it for it in items if it.id not in cached]
+    print(f"{len(items) - len(missing)} of {len(items)} items already answered in {rows_file}", file=sys.stderr)
+    if missing:
         model = ondevice.load(None, n_threads=args.threads)
-        cloud = CloudClient(cloud_url, timeout=300)
-        print(f"answering {len(items)} items: device {model.name}, cloud {cloud.model_id()}", file=sys.stderr)
+        cloud = CloudClient(cloud_url, timeout=600)
+        print(f"answering {len(missing)} items: device {model.name}, cloud {cloud.model_id()}", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            rows = collect(model, cloud, items, max_tokens=args.max_tokens,
-                           progress=lambda m: print(m, file=sys.stderr))
+            new = collect(model, cloud, missing, max_tokens=args.max_tokens, cloud_workers=args.cloud_slots,
+                          progress=lambda m: print(m, file=sys.stderr))
         finally:
             cloud.close()
             model.close()
         print(f"answered in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        cached.update((r["id"], r) for r in new)
         rows_file.parent.mkdir(parents=True, exist_ok=True)
-        rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in cached.values()))
+    rows = [cached[it.id] for it in items]
     dev = [r for r in rows if r["split"] == "dev" and r["cloud_score"] is not None]
     test = [r for r in rows if r["split"] == "test" and r["cloud_score"] is not None]
     comb = fit_combiner(dev, meta={"suite": "rewrite+assistant-en(rewrite,summary)", "split": "dev"})
     main = deferral_curve(test, confidences(test, comb))
     geo = deferral_curve(test, confidences(test, GeometricMean()))
     a40 = at_share(main, 0.4)
-    print(f"\n== deferral curve on the test split: {len(test)} items ({len(dev)} dev items fitted the combiner, "
+    print(f"\n== deferral curve on the test split: {len(test)} items (cloud latencies with {args.cloud_slots} "
+          f"requests sharing it) ({len(dev)} dev items fitted the combiner, "
           f"dev ROC AUC {comb.meta['dev_auc']:.3f}); {sum(r['cloud_score'] is None for r in rows)} cloud errors")
     print(f"device-only {main['device_score']:.4f}   cloud-only {main['cloud_score']:.4f}   "
           f"(device {main['device_latency_s'] * 1e3:.0f} ms/request, cloud {main['cloud_latency_s'] * 1e3:.0f} ms)")
@@ -143,15 +148,17 @@ def curve_part(args, cloud_url: str) -> dict:
     return {"curve": main, "combiner": comb}
 
 
-def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, dict | None]:
-    """(seconds to the whole reply, or to the first content token when streaming; the cascade info)."""
+def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, dict | None, float | None]:
+    """(seconds to the whole reply, or to the first content token when streaming; the cascade info; the
+    server's own seconds from arrival to the last token, non-streaming)."""
     body = json.dumps({"messages": msgs, "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
         if not stream:
             d = json.loads(r.read())
-            return time.perf_counter() - t0, d.get("cascade")
+            tm = d.get("timings") or {}
+            return time.perf_counter() - t0, d.get("cascade"), (tm.get("ttft_ms", 0) + tm.get("predicted_ms", 0)) / 1e3
         first, info = None, None
         for line in r:
             if not line.startswith(b"data: {"):
@@ -160,7 +167,32 @@ def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, 
             if first is None and d.get("choices") and d["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - t0
             info = d.get("cascade") or info
-        return first or (time.perf_counter() - t0), info
+        return first or (time.perf_counter() - t0), info, None
+
+
+def stats_part(args) -> None:
+    """In-process: the device's decode with and without per-token statistics (the confidence's only per-token
+    cost), same prompt, alternating order."""
+    import ondevice
+    from ondevice.engine.records import Sampling
+
+    m = ondevice.load(None, n_threads=args.threads)
+    msgs = load_items(None)[0].messages()
+    per = {False: [], True: []}
+    try:
+        for rep in range(2 * args.rounds):
+            for ts in ((False, True) if rep % 2 == 0 else (True, False)):
+                m.reset()
+                t0 = time.perf_counter()
+                n = sum(1 for _ in m.stream(msgs, sampling=Sampling(temp=0, max_tokens=args.overhead_tokens,
+                                                                    ignore_eos=True, token_stats=ts)))
+                per[ts].append((time.perf_counter() - t0) / n)
+    finally:
+        m.close()
+    ratios = [a / b for a, b in zip(per[True], per[False])]
+    print(f"\n== per-token statistics in the decode loop (library, {args.overhead_tokens} tokens x {len(ratios)}): "
+          f"{statistics.median(per[False]) * 1e3:.2f} -> {statistics.median(per[True]) * 1e3:.2f} ms/token, "
+          f"median ratio {statistics.median(ratios):.3f}")
 
 
 def overhead_part(args, cloud_url: str) -> None:
@@ -171,25 +203,28 @@ def overhead_part(args, cloud_url: str) -> None:
         for url in (plain_url, casc_url):  # warm both (first request pages weights in)
             _timed(url, items[0].messages(), 8, False)
         for stream in (False, True):
-            ratios, pairs, deferred = [], [], 0
+            ratios, pairs, server, deferred = [], [], [], 0
             for rnd in range(args.rounds):
                 tot = {plain_url: 0.0, casc_url: 0.0}
                 for i, it in enumerate(items):
                     order = (plain_url, casc_url) if (rnd + i) % 2 == 0 else (casc_url, plain_url)
-                    got = {}
+                    got, srv = {}, {}
                     for url in order:
-                        got[url], info = _timed(url, it.messages(), args.overhead_tokens, stream)
+                        got[url], info, srv[url] = _timed(url, it.messages(), args.overhead_tokens, stream)
                         if url == casc_url:
-                            deferred += bool(info and info.get("tier") != "device")
+                            deferred += bool(not info or info.get("tier") != "device" or info.get("deferred"))
                     tot[plain_url] += got[plain_url]
                     tot[casc_url] += got[casc_url]
                     pairs.append(got[casc_url] / got[plain_url])
+                    if srv[plain_url]:
+                        server.append(srv[casc_url] / srv[plain_url])
                 ratios.append(tot[casc_url] / tot[plain_url])
             what = "TTFT (streaming, prefix buffered)" if stream else "latency (non-streaming)"
             print(f"\n== overhead when nothing is deferred: {what}, {len(items)} requests x {args.rounds} rounds, "
                   f"max_tokens {args.overhead_tokens}")
             print(f"cascade / plain per round: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}"
-                  f"; median of per-request ratios {statistics.median(pairs):.3f}; deferred {deferred}")
+                  f"; median of per-request ratios {statistics.median(pairs):.3f}; deferred {deferred}"
+                  + (f"; server-side generation time ratio (median) {statistics.median(server):.3f}" if server else ""))
     finally:
         stop(plain)
         stop(casc)
@@ -201,6 +236,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="a stratified subset of the items (default: all)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cloud-slots", type=int, default=3, help="cloud requests in flight while the device answers "
+                                                               "(the cloud's latencies then include sharing it)")
     ap.add_argument("--rounds", type=int, default=3, help="overhead rounds")
     ap.add_argument("--requests", type=int, default=8, help="requests per overhead round")
     ap.add_argument("--overhead-tokens", type=int, default=48)
@@ -208,16 +245,21 @@ def main() -> None:
     ap.add_argument("--reuse-rows", action="store_true", help="reuse the answers cache instead of asking again")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--cloud-url", default=None, help="use this cloud endpoint instead of starting one (part 2 "
+                                                      "never defers, so any URL serves there)")
     args = ap.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
-    cloud, cloud_url = start_server("-m", args.cloud_model, threads=args.threads)
+    cloud, cloud_url = (None, args.cloud_url) if args.cloud_url else start_server(
+        "-m", args.cloud_model, threads=args.threads, slots=args.cloud_slots)
     try:
         if not args.skip_curve:
             curve_part(args, cloud_url)
         if not args.skip_overhead:
+            stats_part(args)
             overhead_part(args, cloud_url)
     finally:
-        stop(cloud)
+        if cloud is not None:
+            stop(cloud)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

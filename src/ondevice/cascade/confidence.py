@@ -88,9 +88,13 @@ class Combiner:
         return float(_sigmoid(np.array(x @ np.array(self.weights) + self.bias)))
 
     @classmethod
-    def fit(cls, feats: Sequence[dict[str, float]], labels: Sequence[int], *, l2: float = 1.0,
+    def fit(cls, feats: Sequence[dict[str, float]], labels: Sequence[int], *, l2: float | None = None,
             meta: dict | None = None) -> Combiner:
-        """Fit on ``feats`` with binary ``labels`` (1: the device's answer was good enough)."""
+        """Fit on ``feats`` with binary ``labels`` (1: the device's answer was good enough).
+
+        ``l2`` None picks the penalty from :data:`L2_GRID` by cross-validated log-loss on the same dev
+        data (a few dozen answers overfit six weights easily; the test split is never looked at).
+        """
         y = np.asarray(labels, dtype=np.float64)
         if len(feats) != len(y) or len(y) < 4:
             raise InvalidArgument(f"fitting the combiner needs at least 4 labelled answers, got {len(y)}; "
@@ -99,22 +103,10 @@ class Combiner:
             raise InvalidArgument("every dev answer has the same label (all good or all bad): nothing to learn "
                                   "from; use a larger or more varied dev split")
         x = np.array([[f[k] for k in FEATURES] for f in feats], dtype=np.float64)  # (n, n_features)
-        mu, sd = x.mean(axis=0), x.std(axis=0)
-        sd[sd < 1e-9] = 1.0
-        z = np.hstack([(x - mu) / sd, np.ones((len(y), 1))])  # (n, n_features + 1), bias last
-        w = np.zeros(z.shape[1])
-        reg = np.full(z.shape[1], l2)
-        reg[-1] = 0.0  # the bias is not penalised
-        for _ in range(50):
-            p = _sigmoid(z @ w)
-            grad = z.T @ (p - y) + reg * w
-            hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
-            step = np.linalg.solve(hess, grad)
-            w -= step
-            if np.abs(step).max() < 1e-8:
-                break
+        chosen = l2 if l2 is not None else _cv_l2(x, y)
+        mu, sd, w = _fit_logistic(x, y, chosen)
         c = cls(mean=mu.tolist(), std=sd.tolist(), weights=w[:-1].tolist(), bias=float(w[-1]), meta=dict(meta or {}))
-        c.meta["n_fit"] = len(y)
+        c.meta.update(n_fit=len(y), n_good=int(y.sum()), l2=chosen)
         c.meta["dev_auc"] = roc_auc([c.predict(f) for f in feats], y.tolist())
         return c
 
@@ -154,6 +146,48 @@ class Combiner:
             raise InvalidArgument(f"no combiner file at {p}; fit one with `ondevice cascade fit`") from None
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"{p} is not JSON ({e.msg}); refit it with `ondevice cascade fit`") from None
+
+
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, weights with the bias last) of an L2-penalised logistic fit by Newton's method."""
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd[sd < 1e-9] = 1.0
+    z = np.hstack([(x - mu) / sd, np.ones((len(y), 1))])  # (n, n_features + 1), bias last
+    w = np.zeros(z.shape[1])
+    reg = np.full(z.shape[1], l2)
+    reg[-1] = 0.0  # the bias is not penalised
+    for _ in range(50):
+        p = _sigmoid(z @ w)
+        grad = z.T @ (p - y) + reg * w
+        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return mu, sd, w
+
+
+def _cv_l2(x: np.ndarray, y: np.ndarray, folds: int = 5) -> float:
+    """The penalty of :data:`L2_GRID` with the lowest held-out log-loss over ``folds`` interleaved folds."""
+    k = max(2, min(folds, len(y)))
+    best, best_loss = L2_GRID[-1], float("inf")
+    for l2 in L2_GRID:
+        loss = 0.0
+        for f in range(k):
+            test = np.arange(len(y)) % k == f
+            if y[~test].min() == y[~test].max():  # a training fold with one label: predict its base rate
+                p = np.full(test.sum(), np.clip(y[~test].mean(), 0.01, 0.99))
+            else:
+                mu, sd, w = _fit_logistic(x[~test], y[~test], l2)
+                p = _sigmoid(np.hstack([(x[test] - mu) / sd, np.ones((test.sum(), 1))]) @ w)
+            p = np.clip(p, 1e-6, 1 - 1e-6)
+            loss -= float((y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum())
+        if loss < best_loss - 1e-12:
+            best, best_loss = l2, loss
+    return best
 
 
 class GeometricMean:

@@ -59,24 +59,36 @@ def cloud_answer(cloud, item: Item, max_tokens: int) -> dict:
             "cloud_error": None}
 
 
-def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128,
+def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128, cloud_workers: int = 1,
             progress: Callable[[str], None] | None = None) -> list[dict]:
-    """One row per item: both answers, their scores (primary metric on 0..1), latencies and token stats."""
-    from ..cascade.confidence import split_of
+    """One row per item: both answers, their scores (primary metric on 0..1), latencies and token stats.
+
+    With ``cloud_workers > 1`` that many cloud requests are in flight while the device answers (faster on
+    a cloud server with as many slots; each cloud latency then includes sharing the cloud with the others).
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     rows = []
-    for i, it in enumerate(items):
-        d = device_answer(model, it, max_tokens)
-        c = cloud_answer(cloud, it, max_tokens)
-        row = {"id": it.id, "task": it.task, "split": split_of(it.id), "metric": it.metric, **d, **c,
-               "device_score": _unit(it.metric, score(it, d["device_text"])[it.metric]),
-               "cloud_score": _unit(it.metric, score(it, c["cloud_text"])[it.metric]) if c["cloud_error"] is None
-               else None}
-        rows.append(row)
-        if progress:
-            cs = "error" if row["cloud_score"] is None else f"{row['cloud_score']:.3f}"
-            progress(f"  [{i + 1}/{len(items)}] {it.id}: device {row['device_score']:.3f}, cloud {cs}")
+    with ThreadPoolExecutor(max_workers=max(1, cloud_workers)) as pool:
+        pending = [pool.submit(cloud_answer, cloud, it, max_tokens) for it in items] if cloud_workers > 1 else None
+        for i, it in enumerate(items):
+            d = device_answer(model, it, max_tokens)
+            c = pending[i].result() if pending else cloud_answer(cloud, it, max_tokens)
+            rows.append(_row(it, d, c))
+            if progress:
+                r = rows[-1]
+                cs = "error" if r["cloud_score"] is None else f"{r['cloud_score']:.3f}"
+                progress(f"  [{i + 1}/{len(items)}] {it.id}: device {r['device_score']:.3f}, cloud {cs}")
     return rows
+
+
+def _row(it: Item, d: dict, c: dict) -> dict:
+    from ..cascade.confidence import split_of
+
+    return {"id": it.id, "task": it.task, "split": split_of(it.id), "metric": it.metric, **d, **c,
+            "device_score": _unit(it.metric, score(it, d["device_text"])[it.metric]),
+            "cloud_score": _unit(it.metric, score(it, c["cloud_text"])[it.metric]) if c["cloud_error"] is None
+            else None}
 
 
 def _trapz(xs: Sequence[float], ys: Sequence[float]) -> float:

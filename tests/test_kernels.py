@@ -253,3 +253,19 @@ def test_ctrl_c_at_the_terminal_stops_a_supervised_run_with_130(tmp_path):
     assert sent, out[-500:]
     assert os.waitstatus_to_exitcode(status) == 130, out[-500:]
     assert b"Traceback" not in out and b"crashed" not in out
+
+
+def test_a_killed_supervisor_takes_its_child_down(tmp_path):
+    import psutil
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "chat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 60
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = psutil.Process(proc.pid).children()[0]
+    proc.kill()  # SIGKILL: nothing to forward
+    proc.wait()
+    child.wait(timeout=60)  # PR_SET_PDEATHSIG gave it SIGTERM
+    assert not child.is_running()

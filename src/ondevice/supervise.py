@@ -3,7 +3,7 @@
 A SIGSEGV or SIGABRT inside llama.cpp cannot be caught in the process it kills. The ``ondevice`` command
 therefore runs the verbs that load llama.cpp (:data:`VERBS`) as ``python -m ondevice.cli ...`` in a child
 with the same stdin, stdout, stderr and process group (so the terminal, pipes and Ctrl-C behave as
-before). The parent only waits: it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to it alone (what a
+before). The child gets SIGTERM if the parent is killed outright. The parent only waits: it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to it alone (what a
 terminal sends, Ctrl-C included, reaches the child directly), passes the child's exit status through, and when the child dies of
 a signal prints what died, the likely cause and the flag that avoids it, then exits 128 + the signal.
 
@@ -61,6 +61,16 @@ def crash_message(verb: str, sig: int, state: dict | None) -> str:
             + ("" if verb == "quantize" else ", and try --repack off and --amx off"))
 
 
+def _term_with_parent() -> None:  # in the child, between fork and exec
+    """A parent killed outright (SIGKILL cannot be forwarded) still stops its child: SIGTERM on its death."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_supervised(verb: str, argv: list[str]) -> int:
     """Run ``ondevice argv`` in a child; its exit code, or 128 + signal with a clear line when it crashed."""
     fd, state_path = tempfile.mkstemp(prefix="ondevice-crash-", suffix=".json")
@@ -68,7 +78,8 @@ def run_supervised(verb: str, argv: list[str]) -> int:
     env = dict(os.environ, **{MARK_ENV: "1", STATE_ENV: state_path})
     forwarded = None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env,
+                                preexec_fn=_term_with_parent)  # noqa: PLW1509 — the parent is single-threaded here
         # wait with our signals blocked and read them synchronously: no handler runs in the parent
         mask = {*_FORWARD, signal.SIGCHLD}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)

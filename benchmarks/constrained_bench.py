@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from serve_bench import Server, default_model, free_port  # noqa: E402
 
-PROMPT = "Tell me about the city of Paris: its country, population and three famous landmarks."
+PROMPT = ("Describe the city of Paris as a JSON object: its name, country, population and three famous "
+          "landmarks.")
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string"}, "country": {"type": "string"}, "population": {"type": "integer"},
     "landmarks": {"type": "array", "items": {"type": "string"}}},

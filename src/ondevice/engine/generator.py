@@ -9,8 +9,8 @@ the step's events. ``Model.stream`` is a batch of one; the server's batcher is a
 ``insert``/``step``/``remove`` and forwards the events to asyncio.
 
 Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
-prompt lookup after Saxena 2023): a slot's next token goes into the step together with up to ``draft_max``
-drafted tokens, each with its logits; the target's sampler then samples row after row and keeps going while
+prompt lookup after Saxena 2023): a slot's next token goes into the step together with drafted tokens (as
+many as pay off, from the measured cost of larger steps and the request's acceptance rate), each with its logits; the target's sampler then samples row after row and keeps going while
 its token equals the draft. Drafts are deterministic (an n-gram continuation or a draft model's argmax), and
 for such a one-point draft distribution "sample from the target, accept if equal" IS the standard rejection
 rule (accept with probability p(d), otherwise draw from p with d removed, renormalised), so the output is
@@ -34,7 +34,7 @@ from .records import Generation, Sampling
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
 NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
-MAX_COOLDOWN = 32  # steps without drafting after repeated misses (the back-off's ceiling)
+ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
 
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
 # or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
@@ -80,9 +80,7 @@ class Slot:
         self.t_last = 0.0
         # speculative decoding
         self.drafts: list[int] = []
-        self.k = req.sampling.draft_max  # current draft length (adapts)
-        self.misses = 0  # drafts in a row with nothing accepted
-        self.cooldown = 0  # steps left without drafting
+        self.accept = ACCEPT_PRIOR  # running estimate of the chance that the next draft token is accepted
         self.n_drafted = self.n_accepted = self.n_steps = 0
         self.pending = req.from_logits  # sample first from the logits of the slot's last decode
         self.hist: list[int] = []  # prompt + generated tokens (for prompt lookup)
@@ -118,6 +116,7 @@ class BatchGenerator:
         self.draft_engine = draft_engine
         self.drafter = ModelDrafter(draft_engine, [s.seq for s in self.slots]) if draft_engine else None
         self.last_batch = 0  # tokens in the last step's llama_decode
+        self.step_cost: dict[int, float] = {}  # running mean seconds of a llama_decode of n items (n <= 64)
 
     # -- slots ----------------------------------------------------------------------------------------
     @property
@@ -198,7 +197,7 @@ class BatchGenerator:
             s.row = len(items)
             pos = len(s.cached)
             items.append((s.next_tok, pos, s.seq, True))
-            s.drafts = self._draft(s, room=self.n_batch - len(items) - (len(decoding) - 1))
+            s.drafts = self._draft(s, len(items), room=self.n_batch - len(items) - (len(decoding) - 1))
             items += [(d, pos + 1 + j, s.seq, True) for j, d in enumerate(s.drafts)]
             s.n_drafted += len(s.drafts)
         budget = self.n_batch - len(items)
@@ -223,7 +222,11 @@ class BatchGenerator:
         self.last_batch = len(items)
         if not items:
             return out
+        t0 = time.perf_counter()
         self.eng.decode_batch(items)
+        if len(items) <= 64:  # what a step of this size costs here, now (drafts are weighed against it)
+            dt, c = time.perf_counter() - t0, self.step_cost.get(len(items))
+            self.step_cost[len(items)] = dt if c is None else c + 0.2 * (dt - c)
         for s in decoding:
             s.cached.append(s.next_tok)
             s.next_tok = None
@@ -372,23 +375,49 @@ class BatchGenerator:
         self.eng.truncate(len(s.cached), s.seq)  # drafts decoded past the end are not part of the cache
 
     # -- speculative drafts ------------------------------------------------------------------------------
-    def _draft(self, s: Slot, room: int) -> list[int]:
-        """Up to ``s.k`` tokens to verify after ``s.next_tok`` (none while backing off after misses)."""
+    def _draft(self, s: Slot, base: int, room: int) -> list[int]:
+        """Tokens to verify after ``s.next_tok`` in a step that already holds ``base`` items: as many as pay.
+
+        Verifying k more tokens costs ``step_cost(base + k) - step_cost(base)`` (measured on this machine, under
+        its current load) and yields, in expectation, 1 + a + a^2 + ... + a^k tokens for the one of a plain
+        step (``a``: this request's measured per-token acceptance). Draft the k with the best tokens per
+        second, and none when no k beats plain decoding: drafts that keep missing turn themselves off.
+        """
         sampling = s.req.sampling
         if not sampling.draft:
             return []
-        if s.cooldown > 0:
-            s.cooldown -= 1
-            return []
         # never past the slot's context, the request's max_tokens or the batch
-        k = min(s.k, self.slot_ctx - len(s.cached) - 2, sampling.max_tokens - s.n_gen - 1, room)
-        if k <= 0:
+        k_max = min(sampling.draft_max, self.slot_ctx - len(s.cached) - 2, sampling.max_tokens - s.n_gen - 1, room)
+        a = s.accept
+        best, k, gain = 1.02 / self._cost(base), 0, 1.0
+        for j in range(1, k_max + 1):
+            gain += a ** j
+            rate = gain / self._cost(base + j)
+            if rate > best:
+                best, k = rate, j
+        if k == 0:
+            s.accept = min(ACCEPT_PRIOR, a + 0.02)  # look again now and then: the text may start to repeat
             return []
         if sampling.draft == "lookup":
             return self._lookup(s, k)
         if self.drafter is None:
             return []
         return self.drafter.draft(s.seq, s.cached + [s.next_tok], k)
+
+    def _cost(self, n: int) -> float:
+        """Seconds of a llama_decode of ``n`` items: measured, interpolated, or (unmeasured) a prior that lets
+        drafting be tried (decode is memory-bound: a few more rows cost little) until measurements say."""
+        c = self.step_cost
+        if n in c:
+            return c[n]
+        lo = max((m for m in c if m < n), default=None)
+        hi = min((m for m in c if m > n), default=None)
+        if lo is not None and hi is not None:
+            return c[lo] + (c[hi] - c[lo]) * (n - lo) / (hi - lo)
+        if lo is not None:
+            one = c.get(1, c[lo] / (1 + 0.1 * (lo - 1)))
+            return max(c[lo], one * (1 + 0.1 * (n - 1)))
+        return (c[hi] if hi is not None else 1.0) * (1 + 0.1 * (n - 1)) / (1 + 0.1 * ((hi or 1) - 1))
 
     def _lookup(self, s: Slot, k: int) -> list[int]:
         """Prompt lookup: what followed the latest earlier occurrence of the text's last n tokens."""
@@ -406,16 +435,10 @@ class BatchGenerator:
         return []
 
     def _adapt(self, s: Slot, n_draft: int, n_acc: int) -> None:
-        """Adapt the draft length to what was accepted; after misses in a row, stop drafting for a while."""
-        if n_acc == n_draft:
-            s.k = min(s.req.sampling.draft_max, s.k * 2)
-        else:
-            s.k = max(1, n_acc + 1)
-        if n_acc == 0:
-            s.misses += 1
-            s.cooldown = min(MAX_COOLDOWN, 2 ** s.misses)
-        else:
-            s.misses = 0
+        """Update the request's per-token acceptance from a verification: n_acc accepted, then (unless all
+        were) one rejected."""
+        seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
+        s.accept += 0.3 * (seen - s.accept)
 
 
 class ModelDrafter:

@@ -303,8 +303,10 @@ class Loader:
             self.proc = None
 
 
-def run(source: Path, n: int, seed: int, timeout: float, workdir: Path, log=None) -> tuple[Counter, list[dict]]:
-    """Load ``n`` seeded mutants of ``source`` one by one; (counts by outcome, the non-clean cases)."""
+def run(source: Path, n: int, seed: int, timeout: float, workdir: Path, log=None,
+        record: Path | None = None) -> tuple[Counter, list[dict]]:
+    """Load ``n`` seeded mutants of ``source`` one by one; (counts by outcome, the non-clean cases). ``record``:
+    a JSON-lines file that gets one line per mutant as it is done (counts survive an interrupted run)."""
     work = workdir / f"mutant-{os.getpid()}.gguf"
     base = with_alignment_key(source, workdir / f"base-{os.getpid()}.gguf")
     lay = layout(base)
@@ -326,17 +328,27 @@ def run(source: Path, n: int, seed: int, timeout: float, workdir: Path, log=None
                     with open(base, "rb") as src, open(small, "wb") as out:
                         out.write(src.read(cut))
                     res = loader.load(str(small))
+                    if res["outcome"] == "hang":
+                        slow = Loader(timeout * 10).load(str(small))
+                        res = slow if slow["outcome"] != "hang" else res
                 else:
                     for off, b in patches:
                         f.seek(off)
                         f.write(b)
                     f.flush()
                     res = loader.load(str(work))
+                    if res["outcome"] == "hang":  # or a starved CPU: a hang must also outlast a 10x longer wait
+                        slow = Loader(timeout * 10).load(str(work))
+                        if slow["outcome"] != "hang":
+                            res = {**slow, "detail": f"slow: over {timeout:g} s; " + slow.get("detail", "")}
                     for off, b in patches:  # restore the original bytes for the next mutant
                         f.seek(off)
                         f.write(header[off:off + len(b)])
                     f.flush()
                 counts[res["outcome"]] += 1
+                if record is not None:
+                    with open(record, "a") as rec:
+                        rec.write(json.dumps({"seed": seed, "i": i, "mutation": what, **res}) + "\n")
                 if res["outcome"] not in ("clean_error", "ran"):
                     bad.append({"i": i, "mutation": what, "patches": [(o, b.hex()) for o, b in patches], **res})
                 if log and (i + 1) % max(1, n // 20) == 0:
@@ -349,6 +361,32 @@ def run(source: Path, n: int, seed: int, timeout: float, workdir: Path, log=None
     return counts, bad
 
 
+def replay(source: Path, seed: int, i: int, timeout: float, workdir: Path) -> dict:
+    """Mutant ``i`` of the worker seeded ``seed`` (as the JSON-lines record names it), loaded again."""
+    base = with_alignment_key(source, workdir / f"replay-{os.getpid()}.gguf")
+    try:
+        lay = layout(base)
+        header = base.read_bytes()[:lay.data_offset]
+        rng = random.Random(seed)
+        for _ in range(i + 1):
+            patches, what = mutate(rng, lay.fields, header, lay.data_offset)
+        if patches[0][1] == b"":
+            with open(base, "r+b") as f:
+                f.truncate(-patches[0][0])
+        else:
+            with open(base, "r+b") as f:
+                for off, b in patches:
+                    f.seek(off)
+                    f.write(b)
+        loader = Loader(timeout)
+        try:
+            return {"mutation": what, **loader.load(str(base))}
+        finally:
+            loader.close()
+    finally:
+        base.unlink(missing_ok=True)
+
+
 def default_source() -> Path:
     from ondevice.models import resolve
 
@@ -356,8 +394,9 @@ def default_source() -> Path:
 
 
 def _worker(args: tuple) -> tuple[Counter, list[dict]]:
-    source, n, seed, timeout, workdir = args
-    return run(Path(source), n, seed, timeout, Path(workdir))
+    source, n, seed, timeout, workdir, record = args
+    return run(Path(source), n, seed, timeout, Path(workdir), record=Path(record) if record else None,
+               log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a load counts as a hang")
     ap.add_argument("--model", help="the GGUF to mutate (default: the shipped SmolLM2)")
     ap.add_argument("--json", metavar="PATH", help="write the counts and the bad cases here")
+    ap.add_argument("--jsonl", metavar="PATH", help="append one line per mutant here as it is done")
+    ap.add_argument("--replay", metavar="SEED:I", help="load mutant I of the worker seeded SEED again, and say how "
+                                                       "it ends (a --jsonl line names both)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -375,16 +417,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     source = Path(a.model) if a.model else default_source()
     workdir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    if a.replay:
+        seed, i = map(int, a.replay.split(":"))
+        print(json.dumps(replay(source, seed, i, a.timeout, workdir)))
+        return 0
     t0 = time.time()
     per = [a.n // a.workers + (i < a.n % a.workers) for i in range(a.workers)]
-    jobs = [(str(source), k, a.seed * 1000 + i, a.timeout, str(workdir)) for i, k in enumerate(per) if k]
+    jobs = [(str(source), k, a.seed * 1000 + i, a.timeout, str(workdir), a.jsonl) for i, k in enumerate(per) if k]
     print(f"fuzzing {source.name}: {a.n} mutants, {len(jobs)} workers, seed {a.seed}", file=sys.stderr)
     counts: Counter = Counter()
     bad: list[dict] = []
     if len(jobs) == 1:
-        c, b = run(source, jobs[0][1], jobs[0][2], a.timeout, workdir,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
-        counts, bad = c, b
+        counts, bad = _worker(jobs[0])
     else:
         from concurrent.futures import ProcessPoolExecutor
 

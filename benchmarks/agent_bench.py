@@ -79,7 +79,28 @@ def part_suite(model, items) -> dict:
 
 # -- 2. retrieval --------------------------------------------------------------------------------------------
 
-def part_retrieval(model, items, k: int, threads: int | None) -> dict:
+def recall(index: ToolIndex, need, k: int, mode: str | None = None) -> tuple[float, float]:
+    """Mean share of the expected tools in the top k, and the share of requests with all of them there."""
+    rec, full = [], 0
+    for it in need:
+        want = {e["name"] for e in it["expected"]}
+        got = {t.name for t in index.search(it["query"], k, mode)}
+        rec.append(len(want & got) / len(want))
+        full += want <= got
+    return statistics.fmean(rec), full / len(need)
+
+
+def lexical_recall(k: int) -> dict:
+    """BM25 recall over every request of the suite that needs a call (no model: quick)."""
+    need = [it for it in fcsuite.items() if it["expected"]]
+    index = ToolIndex(list(fcsuite.catalog().values()))
+    r, full = recall(index, need, k)
+    print(f"lexical (BM25) top-{k} recall over all {len(need)} requests that need a call, "
+          f"{len(index.tools)} tools: {pct(r)}; every expected tool found {pct(full)}")
+    return {"recall": r, "all_found": full, "n_items": len(need)}
+
+
+def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str) -> dict:
     tools = list(fcsuite.catalog().values())
     need = [it for it in items if it["expected"]]
     t0 = time.perf_counter()
@@ -90,26 +111,21 @@ def part_retrieval(model, items, k: int, threads: int | None) -> dict:
         out: dict = {"n_tools": len(tools), "n_items": len(need), "k": k, "recall": {}}
         print(f"\n  top-{k} recall over {len(need)} requests that need a call, {len(tools)} tools:")
         for mode in ("lexical", "embedding", "hybrid"):
-            rec, full = [], 0
-            for it in need:
-                want = {e["name"] for e in it["expected"]}
-                got = {t.name for t in index.search(it["query"], k, mode)}
-                rec.append(len(want & got) / len(want))
-                full += want <= got
-            out["recall"][mode] = {"recall": statistics.fmean(rec), "all_found": full / len(need)}
-            print(f"    {mode:9s} recall {pct(statistics.fmean(rec))}   every expected tool found {pct(full / len(need))}")
+            r, full = recall(index, need, k, mode)
+            out["recall"][mode] = {"recall": r, "all_found": full}
+            print(f"    {mode:9s} recall {pct(r)}   every expected tool found {pct(full)}")
         acc = {}
         for label in ("retrieved", "all"):
             t1 = time.perf_counter()
             correct = valid = 0
             for it in need:
-                offered = index.search(it["query"], k) if label == "retrieved" else tools
+                offered = index.search(it["query"], k, offer_mode) if label == "retrieved" else tools
                 r = fcsuite.run_item(model, it, constrained=True, tools=offered)
                 correct += r["correct"]
                 valid += r["valid"]
             acc[label] = {"accuracy": correct / len(need), "valid": valid / len(need),
                           "seconds": time.perf_counter() - t1}
-        print(f"  constrained accuracy with the top-{k} (hybrid) offered: {pct(acc['retrieved']['accuracy'])} "
+        print(f"  constrained accuracy with the top-{k} ({offer_mode}) offered: {pct(acc['retrieved']['accuracy'])} "
               f"({acc['retrieved']['seconds']:.0f} s); with all {len(tools)} tools offered: "
               f"{pct(acc['all']['accuracy'])} ({acc['all']['seconds']:.0f} s)")
         out["accuracy"] = acc
@@ -187,6 +203,8 @@ def main() -> int:
     ap.add_argument("--parts", default="suite,retrieval,graph")
     ap.add_argument("--limit", type=int, default=None, help="a stratified subset of the suite")
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--retrieve-mode", default="lexical", choices=("lexical", "hybrid", "embedding"),
+                    help="how the offered top-k is ranked in the accuracy-with-retrieval run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=8192, help="context (all 109 tools need ~6k tokens)")
     ap.add_argument("--json", default=None, metavar="OUT.json")
@@ -194,7 +212,7 @@ def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, also in a log file
     parts = set(a.parts.split(","))
     items = subset(fcsuite.items(), a.limit)
-    report: dict = {"load_avg_start": os.getloadavg(), "items": len(items)}
+    report: dict = {"load_avg_start": os.getloadavg(), "items": len(items), "lexical_recall": lexical_recall(a.k)}
     for name in a.models.split(","):
         t0 = time.perf_counter()
         model = ondevice.load(name, n_ctx=a.ctx, n_threads=a.threads)
@@ -205,7 +223,7 @@ def main() -> int:
             if "suite" in parts:
                 rep["suite"] = part_suite(model, items)
             if "retrieval" in parts:
-                rep["retrieval"] = part_retrieval(model, items, a.k, a.threads)
+                rep["retrieval"] = part_retrieval(model, items, a.k, a.threads, a.retrieve_mode)
             if "graph" in parts:
                 rep["graph"] = part_graph(model)
         finally:

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plan", action="store_true", help="one call turn (parallel calls allowed), no plan step")
     p.add_argument("--retrieve", type=int, default=0, metavar="K",
                    help="offer only the K tools most relevant to the request (0: all)")
+    p.add_argument("--retrieve-mode", default="lexical", choices=("lexical", "hybrid", "embedding"),
+                   help="how --retrieve ranks tools: BM25 (the best measured with SmolLM2, see README), or with "
+                        "the model's own embeddings")
     p.add_argument("--sop", action="append", default=[], metavar="FILE", help="a standard operating procedure "
                                                                             "(text added to the prompts)")
     p.add_argument("--yes", action="store_true", help="run sensitive tools without asking")
@@ -94,8 +97,9 @@ def _run_agent(args, box, request: str) -> int:
     index = embedder = None
     try:
         if args.retrieve and len(box) > args.retrieve:
-            embedder = Embedder(actor.path, n_threads=args.threads)
-            index = ToolIndex(list(box), embedder)
+            if args.retrieve_mode != "lexical":
+                embedder = Embedder(actor.path, n_threads=args.threads)
+            index = ToolIndex(list(box), embedder, mode=args.retrieve_mode)
 
         def show(ev: dict) -> None:
             if not args.json:

@@ -41,7 +41,8 @@ def words(text: str) -> list[str]:
 def tool_text(t: Tool) -> str:
     """What a tool is indexed by."""
     props = t.parameters.get("properties", {})
-    params = "; ".join(f"{k}: {v.get('description', '')}".strip() for k, v in props.items())
+    params = "; ".join(f"{k}: {v.get('description', '')} {' '.join(map(str, v.get('enum', [])))}".strip()
+                       for k, v in props.items())  # enum values are words a request uses ("vibrate")
     return f"{t.name.replace('_', ' ')}: {t.description} ({params})"
 
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if not row:
                 continue
             pp, tg = mean(row["pp512"]), mean(row["tg128"])
-            rel = (f"{pp / mean(base['pp512']):10.2f}x | {tg / mean(base['tg128']):9.2f}x" if base
+            rel = (f"{pp / mean(base['pp512']):9.2f}x | {tg / mean(base['tg128']):9.2f}x" if base
                    else f"{'-':>10} | {'-':>10}")
             print(f"| {fam:6} | {K.label(wanted(names, *c)):16} | {'/'.join(sorted(row['kernels'])):16} | "
                   f"{pp:9.1f} | {tg:9.1f} | {rel} |")

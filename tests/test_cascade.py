@@ -282,7 +282,7 @@ def _device(cloud_url: str, **kw):
 
 @pytest.fixture(scope="module")
 def device(cloud, home):
-    with _device(cloud.url, cascade_keep_hard=True, cascade_timeout=60) as srv:
+    with _device(cloud.url, cascade_keep_hard=True, cascade_timeout=300) as srv:
         yield srv
 
 
@@ -380,7 +380,7 @@ def test_cloud_http_errors_fall_back():
             h, text, info = _ask(srv, {"always_defer": True})
             assert info["fallback"] == "http_401" and h["x-ondevice-tier"] == "device" and text
         os.environ["TEST_CLOUD_KEY"] = "sekret"  # the key from the env var it names: now the cloud answers
-        with _device(locked.url, cascade_key_env="TEST_CLOUD_KEY") as srv:
+        with _device(locked.url, cascade_key_env="TEST_CLOUD_KEY", cascade_timeout=300) as srv:
             assert _ask(srv, {"always_defer": True})[2]["tier"] == "cloud"
     finally:
         os.environ.pop("TEST_CLOUD_KEY", None)
@@ -396,7 +396,7 @@ def _cloud_conns(port: int) -> list:
 
 def test_killing_the_cloud_mid_run_loses_no_request_and_leaks_nothing(home):
     victim = CloudServer()
-    with _device(victim.url, cascade_timeout=60) as srv:
+    with _device(victim.url, cascade_timeout=300) as srv:
         results, errors = [], []
 
         def worker(stream):

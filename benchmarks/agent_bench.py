@@ -74,7 +74,7 @@ def part_suite(model, items) -> dict:
     bad = [r for r in rows if r["mode"] == "constrained" and not r["valid"]]
     for r in bad[:5]:
         print(f"    not valid: {r['id']}: {r['problem']}: {r['text'][:120]!r}")
-    return {"summary": s, "constrained_calls": len(con), "constrained_calls_valid": ok}
+    return {"summary": s, "constrained_calls": len(con), "constrained_calls_valid": ok, "rows": rows}
 
 
 # -- 2. retrieval --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def resolve_session(store, ref: str) -> str:
 def load_records(store, session: str | None = None, all_sessions: bool = False) -> tuple[list[dict], list[str]]:
     """Bench records of ``session`` (default: the latest) or of every session; and the sessions used."""
     if all_sessions:
-        recs = store.records("bench")
+        recs = store.records("bench", latest=True)
         return recs, sorted({r["_session"] for r in recs})
     if session is None:
         sessions = store.sessions("bench")
@@ -29,7 +29,7 @@ def load_records(store, session: str | None = None, all_sessions: bool = False) 
         session = sessions[0][0]
     else:
         session = resolve_session(store, session)
-    return store.records("bench", session), [session]
+    return store.records("bench", session, latest=True), [session]  # a resumed config's retry replaces its error
 
 
 def default_report_path(sessions: list[str]) -> Path:

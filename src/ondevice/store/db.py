@@ -112,9 +112,17 @@ class Store:
         return [(s, c, n) for s, c, n in self.db.execute(q, args)]
 
     def records(self, kind: str | None = None, session: str | None = None,
-                model_sha256: str | None = None) -> list[dict]:
-        """Records as dicts (the JSON record plus ``_id``, ``_session``, ``_status``, ``_created``)."""
+                model_sha256: str | None = None, latest: bool = False) -> list[dict]:
+        """Records as dicts (the JSON record plus ``_id``, ``_session``, ``_status``, ``_created``).
+
+        ``latest``: only the last record of each configuration in a session; an error row written before a
+        ``--resume`` retried the configuration is superseded by the retry's record.
+        """
         q = "SELECT id, session, status, created, record FROM records WHERE 1=1"
+        if latest:
+            q += (" AND NOT EXISTS (SELECT 1 FROM records AS later WHERE later.kind = records.kind AND"
+                  " later.session = records.session AND later.config_key = records.config_key AND"
+                  " later.id > records.id)")
         args: list = []
         for col, val in (("kind", kind), ("session", session), ("model_sha256", model_sha256)):
             if val is not None:

@@ -9,17 +9,37 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import Generation, Model, Result, Sampling, load
+from typing import TYPE_CHECKING
+
 from .errors import OndeviceError
+
+if TYPE_CHECKING:
+    from .engine import Generation, Model, Result, Sampling, load
+
+_ENGINE_NAMES = ("Generation", "Model", "Result", "Sampling", "load")
+
+
+def __getattr__(name: str):
+    # the engine (numpy, llama_cpp) is imported on first use: the `ondevice` command's supervising parent
+    # imports this package only to start its child, and should not pay for numpy
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'ondevice' has no attribute {name!r}")
 
 
 def generate(prompt, model: str | None = None, **kw) -> Result:
     """One-shot: load ``model`` (default model if None) and generate."""
+    from .engine import load
+
     return load(model).generate(prompt, **kw)
 
 
 def stream(prompt, model: str | None = None, **kw):
     """One-shot streaming with a freshly loaded model."""
+    from .engine import load
+
     yield from load(model).stream(prompt, **kw)
 
 

@@ -17,6 +17,7 @@ from ..engine.grammar import TOOL_CALL_START, tool_call_grammar, tools_note
 from ..engine.records import Sampling
 from .tools import Tool, ToolError
 
+MAX_CALLS = 4  # calls in one parallel reply: a bound, so a run of calls cannot go on until max_tokens
 NO_TOOL_NOTE = "If no tool fits the request, do not call one: answer in plain text instead."
 
 
@@ -44,8 +45,8 @@ def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
     """A copy of ``schema`` whose free strings and arrays have an upper bound, for the grammar only.
 
     Under a grammar a small model can still run away inside a value (an array that never closes, a string
-    that never ends) until ``max_tokens`` cuts the call short; with bounds every call the grammar allows
-    ends. Validation still uses the tool's own schema.
+    that never ends, extra keys) until ``max_tokens`` cuts the call short; with bounds every call the
+    grammar allows ends. Validation still uses the tool's own schema.
     """
     if isinstance(schema, list):
         return [bounded(x, max_chars, max_items) for x in schema]
@@ -57,6 +58,8 @@ def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
         if isinstance(schema.get(k), dict):
             out[k] = {name: bounded(sub, max_chars, max_items) for name, sub in schema[k].items()}
     types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "object" in types and "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False  # only the declared keys: no endless extra ones
     free = not any(k in schema for k in ("enum", "const", "pattern", "format"))
     if "string" in types and free:
         out["maxLength"] = min(schema.get("maxLength", max_chars), max_chars)
@@ -68,7 +71,7 @@ def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
 def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool) -> str:
     """The grammar of a reply that calls ``tools`` (bounded values; ``allow_text``: or a plain answer)."""
     return tool_call_grammar([(t.name, bounded(t.parameters)) for t in tools], parallel,
-                             "auto" if allow_text else "required")
+                             "auto" if allow_text else "required", max_calls=MAX_CALLS)
 
 
 def system_prompt(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, extra: str = "") -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from .tools import Confirm, ToolResult, Toolbox
+from .tools import Confirm, Toolbox, ToolResult
 
 _REF = re.compile(r"\$\{(\w+)((?:\.[\w-]+)*)\}")
 

@@ -33,20 +33,23 @@ def json_object_grammar() -> str:
     return JSON_GBNF  # root ::= object
 
 
-def tool_call_schema(functions: Sequence[tuple[str, dict]], parallel: bool) -> dict:
-    """JSON schema of one call (or, with ``parallel``, also an array of calls) to ``(name, parameters)``."""
+def tool_call_schema(functions: Sequence[tuple[str, dict]], parallel: bool, max_calls: int | None = None) -> dict:
+    """JSON schema of one call (or, with ``parallel``, also an array of up to ``max_calls`` calls) to
+    ``(name, parameters)``."""
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
               "required": ["name", "arguments"], "additionalProperties": False} for name, params in functions]
     one = calls[0] if len(calls) == 1 else {"oneOf": calls}
-    return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one
+    many = {"type": "array", "items": one, "minItems": 1, **({"maxItems": max_calls} if max_calls else {})}
+    return {"anyOf": [one, many]} if parallel else one
 
 
-def tool_call_grammar(functions: Sequence[tuple[str, dict]], parallel: bool = False, mode: str = "required") -> str:
+def tool_call_grammar(functions: Sequence[tuple[str, dict]], parallel: bool = False, mode: str = "required",
+                      max_calls: int | None = None) -> str:
     """GBNF for a call to one of ``functions``; ``mode="auto"`` also allows a plain-text reply instead
     (text that does not start with ``{`` or ``[``, so a reply is either a whole call or no call)."""
     if not functions:
         raise InvalidArgument("a tool-call grammar needs at least one function; offer a tool")
-    call = schema_grammar(tool_call_schema(functions, parallel), "tools[].function.parameters")
+    call = schema_grammar(tool_call_schema(functions, parallel, max_calls), "tools[].function.parameters")
     if mode != "auto":
         return call
     call = re.sub(r"(?m)^root ::=", "ondevice-tool-call ::=", call, count=1)

@@ -14,6 +14,9 @@ GREEDY = dict(temp=0, max_tokens=24)
 
 
 def test_greedy_is_deterministic_across_runs(smol):
+    # both runs start from an empty cache: a prompt prefilled after a reused prefix is computed in other batch
+    # shapes than a whole prefill, and llama.cpp's kernels are not bit-identical across shapes (near-ties flip)
+    smol.reset()
     a = smol.generate("List three fruits.", **GREEDY)
     smol.reset()
     b = smol.generate("List three fruits.", **GREEDY)

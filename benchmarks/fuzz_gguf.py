@@ -294,7 +294,13 @@ class Loader:
             rc = self.proc.wait()
             self.proc = None
             return {"outcome": "crash", "detail": f"child exit {rc}" + (f" (signal {-rc})" if rc < 0 else "")}
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # something else wrote to the loader's stdout: count it, start a fresh child
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            return {"outcome": "traceback", "detail": f"unexpected loader output: {line[:300]!r}"}
 
     def close(self) -> None:
         if self.proc is not None:

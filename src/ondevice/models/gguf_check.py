@@ -193,7 +193,8 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
         if keep and not vocab:
             return [cur.string(f"item {i} of '{key}'") for i in range(count)], count
         # The hot loop for vocabularies (50k-250k strings): skip without decoding, but find duplicates, which
-        # llama.cpp asserts on (it maps an empty entry to "[EMPTY_<i>]", so that is what counts)
+        # llama.cpp asserts on. It reads each entry as a C string (cut at the first NUL byte) and maps an empty
+        # one to "[EMPTY_<i>]", so that is what counts: "a\0b" duplicates "a"
         buf, pos, limit, unpack = cur.buf, cur.pos, cur.limit, struct.unpack_from
         seen: dict[bytes, int] | None = {} if vocab else None
         for i in range(count):
@@ -205,7 +206,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
                 cur.pos = pos + 8
                 cur.need(n, f"item {i} of '{key}'")
             if seen is not None:
-                word = bytes(buf[pos + 8:pos + 8 + n]) or f"[EMPTY_{i}]".encode()
+                word = bytes(buf[pos + 8:pos + 8 + n]).partition(b"\0")[0] or f"[EMPTY_{i}]".encode()
                 first = seen.setdefault(word, i)
                 if first != i:
                     raise _invalid(cur.path, f"corrupt vocabulary: tokens {first} and {i} are both {word[:40]!r} "

@@ -47,13 +47,13 @@ def llama_bench(tool: Path, model: str, threads: int, reps: int, repack: int) ->
     return res
 
 
-def ours(model: str, threads: int, reps: int, db: Path) -> tuple[dict[str, dict], float, list[dict]]:
+def ours(model: str, threads: int, reps: int, db: Path) -> tuple[dict[str, dict], float, list]:
     import ondevice
 
     t0 = time.perf_counter()
     recs = ondevice.bench([model], "pp512,tg128", threads=threads, repetitions=reps, store=db, progress=False)
     wall = time.perf_counter() - t0
-    return {r["test"]: {"tps": r["tps_mean"], "std": r["tps_std"]} for r in recs}, wall, list(recs)
+    return {r.test: {"tps": r.tps_mean, "std": r.tps_std} for r in recs}, wall, list(recs)
 
 
 def time_v_worker(model: str, threads: int, reps: int) -> tuple[int, dict]:
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             mine, wall, recs = ours(model, args.threads, args.repetitions, Path(tmp) / "truth.sqlite")
             theirs = llama_bench(tool, model, args.threads, args.repetitions, km.repack)
-            measured = sum(r["measured_wall_s"] for r in recs)
+            measured = sum(r.measured_wall_s for r in recs)
             overheads.append(wall / measured)
-            tg = next(r for r in recs if r["test"] == "tg128")
-            cvs.append(tg["tps_std"] / tg["tps_mean"])
+            tg = next(r for r in recs if r.test == "tg128")
+            cvs.append(tg.tps_std / tg.tps_mean)
             for test, rs in ratios.items():
                 rs.append(mine[test]["tps"] / theirs[test]["tps"])
                 print(f"round {rnd + 1} {test}: ondevice {mine[test]['tps']:8.2f} ± {mine[test]['std']:6.2f} t/s | "

@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
                                       repetitions=a.repetitions, store=False)
                 row = rows.setdefault((fam, c), {"pp512": [], "tg128": [], "kernels": set()})
                 for r in recs:
-                    if r["status"] != "ok":
-                        print(f"{fam} {K.label(wanted(names, *c))} {r['test']}: {r['error']}", flush=True)
+                    if r.status != "ok":
+                        print(f"{fam} {K.label(wanted(names, *c))} {r.test}: {r.error}", flush=True)
                         continue
-                    row[r["test"]].append(r["tps_mean"])
-                    row["kernels"].add(r["kernels"])
-                    print(f"round {rnd + 1}: {fam} {K.label(wanted(names, *c))} {r['test']} {r['tps_mean']:.1f} t/s "
-                          f"(kernels used: {r['kernels']}, load {os.getloadavg()[0]:.1f})", flush=True)
+                    row[r.test].append(r.tps_mean)
+                    row["kernels"].add(r.kernels)
+                    print(f"round {rnd + 1}: {fam} {K.label(wanted(names, *c))} {r.test} {r.tps_mean:.1f} t/s "
+                          f"(kernels used: {r.kernels}, load {os.getloadavg()[0]:.1f})", flush=True)
     for k in ("ONDEVICE_AMX", "ONDEVICE_REPACK"):
         os.environ.pop(k, None)
 

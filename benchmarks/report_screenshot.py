@@ -45,8 +45,8 @@ def real_records(home: Path, tests: str, threads: list[int], reps: int) -> list[
     import ondevice
 
     os.environ["ONDEVICE_HOME"] = str(home)
-    return list(ondevice.bench(None, tests, threads=threads, repetitions=reps, progress=True,
-                               store=home / "r.sqlite"))
+    return [r.to_dict() for r in ondevice.bench(None, tests, threads=threads, repetitions=reps, progress=True,
+                                                store=home / "r.sqlite")]  # saved with --save as JSON
 
 
 def main() -> int:

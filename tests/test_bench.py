@@ -17,7 +17,7 @@ import pytest
 from ondevice.bench import WORKLOADS, Sample, TestSpec, Workload, parse_tests, workload
 from ondevice.bench.measure import mean_std, percentile
 from ondevice.bench.noise import assess, busy_seconds, other_load, wait_idle
-from ondevice.bench.sweep import METRIC_FIELDS, RECORD_FIELDS
+from ondevice.bench.record import METRIC_FIELDS, RECORD_FIELDS, BenchRecord
 from ondevice.errors import InvalidArgument
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -61,11 +61,10 @@ def test_workload_registry_is_extensible():
 
 
 def test_noise_verdict_and_load_arithmetic():
-    clean = {"tps_mean": 100.0, "tps_std": 2.0, "load": 0.05}
-    assert assess(clean) == []
-    why = assess({"tps_mean": 57.55, "tps_std": 26.29, "load": 3.1})  # the figures of a busy run
+    assert assess(100.0, 2.0, 0.05) == []
+    why = assess(57.55, 26.29, 3.1)  # the figures of a busy run
     assert len(why) == 2 and "46%" in why[0] and "3.10 cores" in why[1]
-    assert assess({"tps_mean": 100.0, "tps_std": None, "load": None}) == []
+    assert assess(100.0, None, None) == []
     # machine busy seconds minus ours, per second of wall time
     assert other_load(10.0, 14.0, 1.0, 2.0) == pytest.approx(1.5)
     assert other_load(10.0, 10.5, 1.0, 2.0) == 0.0 and other_load(None, 1.0, 0.0, 1.0) is None
@@ -131,50 +130,53 @@ def sweep(home, smol_path):
 
 def test_records_have_all_fields_and_consistent_units(sweep, smol_path):
     recs, _ = sweep
-    assert [r["test"] for r in recs] == ["pp16", "tg8", "pp16+tg8", "tg8@d16", "chat8x1"]
+    assert [r.test for r in recs] == ["pp16", "tg8", "pp16+tg8", "tg8@d16", "chat8x1"]
     sha = hashlib.sha256(Path(smol_path).read_bytes()).hexdigest()
     for r in recs:
-        assert r["status"] == "ok", r.get("error")
-        missing = [k for k in (*RECORD_FIELDS, *METRIC_FIELDS) if k not in r]
+        assert r.status == "ok", r.error
+        assert isinstance(r, BenchRecord)
+        stored = r.to_dict()  # what the store and every export hold
+        missing = [k for k in (*RECORD_FIELDS, *METRIC_FIELDS) if k not in stored]
         assert not missing, missing
-        assert r["model_sha256"] == sha and r["model_size_bytes"] == Path(smol_path).stat().st_size
-        assert r["threads"] == 1 and r["repetitions"] == 2 and len(r["tps_samples"]) == 2
+        assert BenchRecord.from_dict(json.loads(json.dumps(stored))) == r
+        assert r.model_sha256 == sha and r.model_size_bytes == Path(smol_path).stat().st_size
+        assert r.threads == 1 and r.repetitions == 2 and len(r.tps_samples) == 2
         # t/s of each repetition is its tokens over its time (llama-bench's avg_ts)
-        n_tok = {"pp": r["n_prompt"], "tg": r["n_gen"], "pg": r["n_prompt"] + r["n_gen"]}.get(r["workload"])
-        for tps, t in zip(r["tps_samples"], r["time_s_samples"]):
+        n_tok = {"pp": r.n_prompt, "tg": r.n_gen, "pg": r.n_prompt + r.n_gen}.get(r.workload)
+        for tps, t in zip(r.tps_samples, r.time_s_samples):
             assert t > 0 and tps > 0
             if n_tok:
                 assert tps == pytest.approx(n_tok / t)
-        assert r["tps_mean"] == pytest.approx(sum(r["tps_samples"]) / 2)
-        assert r["ttft_s_mean"] > 0 and r["load_time_s"] > 0
-        if r["workload"] != "pp":
-            assert 0 < r["itl_ms_p50"] <= r["itl_ms_p90"] <= r["itl_ms_p99"]
-            assert r["decode_tps_mean"] > 0
-        if r["workload"] in ("pp", "pg", "chat"):
-            assert r["prefill_tps_mean"] > 0
+        assert r.tps_mean == pytest.approx(sum(r.tps_samples) / 2)
+        assert r.ttft_s_mean > 0 and r.load_time_s > 0
+        if r.workload != "pp":
+            assert 0 < r.itl_ms_p50 <= r.itl_ms_p90 <= r.itl_ms_p99
+            assert r.decode_tps_mean > 0
+        if r.workload in ("pp", "pg", "chat"):
+            assert r.prefill_tps_mean > 0
         # memory: the peak covers the split sampled at its largest RSS; the mmapped model is file-backed
-        assert r["peak_rss_bytes"] >= r["rss_file_bytes"] + r["rss_anon_bytes"] - (1 << 20)
-        assert r["rss_file_bytes"] >= 0.8 * r["model_size_bytes"]
+        assert r.peak_rss_bytes >= r.rss_file_bytes + r.rss_anon_bytes - (1 << 20)
+        assert r.rss_file_bytes >= 0.8 * r.model_size_bytes
         # the model's own mapped pages: most of the file, and part of the file-backed RSS
-        assert 0.5 * r["model_size_bytes"] <= r["rss_model_bytes"] <= r["model_size_bytes"] + (1 << 20)
-        assert r["rss_model_bytes"] <= r["rss_file_bytes"] + (1 << 20)
+        assert 0.5 * r.model_size_bytes <= r.rss_model_bytes <= r.model_size_bytes + (1 << 20)
+        assert r.rss_model_bytes <= r.rss_file_bytes + (1 << 20)
         # noise: the load other processes put on the machine, and the verdict with its reasons
-        assert r["load"] >= 0 and r["load_avg_1m"] >= 0
-        assert r["noisy"] == bool(r["noise"]) and r["noise"] == assess(r)
-        assert r["cpu_time_s"] > 0 and r["cpu_user_s"] + r["cpu_sys_s"] == pytest.approx(r["cpu_time_s"])
-        assert r["energy_method"] in ("rapl", "estimated") and r["energy_j"] > 0
-        counted = 2 * (n_tok if n_tok else r["n_gen"] * len(r["prompt_lengths"]))  # chat: every generated token
-        assert r["energy_j_per_token"] == pytest.approx(r["energy_j"] / counted)
-        meta = r["meta"]
+        assert r.load >= 0 and r.load_avg_1m >= 0
+        assert r.noisy == bool(r.noise) and list(r.noise) == assess(r.tps_mean, r.tps_std, r.load)
+        assert r.cpu_time_s > 0 and r.cpu_user_s + r.cpu_sys_s == pytest.approx(r.cpu_time_s)
+        assert r.energy_method in ("rapl", "estimated") and r.energy_j > 0
+        counted = 2 * (n_tok if n_tok else r.n_gen * len(r.prompt_lengths))  # chat: every generated token
+        assert r.energy_j_per_token == pytest.approx(r.energy_j / counted)
+        meta = r.meta
         for k in ("ondevice", "llama_build", "cpu_model", "cpu_flags", "governor", "load_avg_before", "kernel"):
             assert k in meta, k
         assert "llama-cpp-python" in meta["llama_build"]
-        assert r["settings"]["test"] == r["test"]
-    assert len({r["config_key"] for r in recs}) == len(recs)
+        assert r.settings["test"] == r.test
+    assert len({r.config_key for r in recs}) == len(recs)
     # the tg at depth really ran at depth: its n_ctx holds depth + tokens
-    assert recs[3]["n_ctx"] >= 16 + 8 + 1
+    assert recs[3].n_ctx >= 16 + 8 + 1
     chat = recs[4]
-    assert len(chat["prompt_lengths"]) == 1 and chat["prompt_lengths"][0] > 20
+    assert len(chat.prompt_lengths) == 1 and chat.prompt_lengths[0] > 20
 
 
 def test_records_are_in_the_store(sweep, home):
@@ -183,7 +185,7 @@ def test_records_are_in_the_store(sweep, home):
     recs, _ = sweep
     with Store() as st:
         stored = st.records("bench", recs.session)
-    assert [r["config_key"] for r in stored] == [r["config_key"] for r in recs]
+    assert [r["config_key"] for r in stored] == [r.config_key for r in recs]
     assert all(r["_status"] == "ok" for r in stored)
 
 
@@ -192,12 +194,12 @@ def test_roofline_figures_present(sweep):
     if not probe_ok:
         pytest.skip("the hardware probe timed out on this busy machine; no roofs to compare against")
     for r in recs:
-        roof = r["roofline"]
-        assert r["roofline_pct"] > 0 and r["roofline_bound"] in ("memory", "compute")
+        roof = r.roofline
+        assert r.roofline_pct > 0 and r.roofline_bound in ("memory", "compute")
         assert roof["bandwidth_gbs"] > 0 and roof["peak_gflops"] > 0 and roof["phases"]
         # % = time at the bound / measured mean time
-        assert r["roofline_pct"] == pytest.approx(100 * roof["bound_time_s"] / r["avg_s"])
-    decode = recs[1]["roofline"]["phases"][0]
+        assert r.roofline_pct == pytest.approx(100 * roof["bound_time_s"] / r.avg_s)
+    decode = recs[1].roofline["phases"][0]
     assert decode["phase"] == "decode" and decode["tokens"] == 8 and decode["depth"] == 0
 
 
@@ -232,11 +234,11 @@ def test_memory_cap_below_model_size_is_an_oom_record(home, smol_path):
     assert cap < Path(smol_path).stat().st_size
     recs = ondevice.bench([str(smol_path)], "tg4", profile=[f"mem={cap}", "threads=1"], repetitions=1,
                           roofline=False, store=False)
-    assert [r["status"] for r in recs] == ["oom", "ok"]  # the sweep went on after the OOM
-    assert "memory" in recs[0]["error"] and "tps_mean" not in recs[0]
-    limits = recs[0]["meta"]["limits"]
+    assert [r.status for r in recs] == ["oom", "ok"]  # the sweep went on after the OOM
+    assert "memory" in recs[0].error and recs[0].tps_mean is None and "tps_mean" not in recs[0].to_dict()
+    limits = recs[0].meta["limits"]
     assert limits is None or limits["mem_mechanism"] == mech  # None: killed before it could say
-    assert recs[1]["threads"] == 1
+    assert recs[1].threads == 1
 
 
 def _env(home: Path) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ondevice.bench.record import BenchRecord
 from ondevice.report import build_html, export, pareto, quality_vs_speed, read
 from ondevice.report.compare import compare, compare_records
 from ondevice.report.formats import columns, parse_md
@@ -35,11 +36,11 @@ def real_records(tmp_path_factory, smol_path):
             os.environ.pop("ONDEVICE_HOME", None)
         else:
             os.environ["ONDEVICE_HOME"] = old
-    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert [r.status for r in recs] == ["ok", "ok"]
     return recs
 
 
-def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> dict:
+def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> BenchRecord:
     """A bench record with the fields the report reads (the shape of a real one)."""
     wl = re.match(r"[a-z]+", test).group(0)
     n = int(re.search(r"\d+", test).group(0))
@@ -53,7 +54,7 @@ def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> dic
            "roofline_bound": "memory", "prefill_tps_mean": tps if wl == "pp" else None, "prefill_tps_std": 1.0,
            "created": "2026-01-01T00:00:00+00:00"}
     rec.update(kw)
-    return rec
+    return BenchRecord.from_dict(rec)
 
 
 # ---------------------------------------------------------------- exports
@@ -61,7 +62,8 @@ def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> dic
 def test_exports_round_trip(real_records, fmt):
     text = export(real_records, fmt)
     back = read(text, fmt)
-    assert back == [json.loads(json.dumps(r)) for r in real_records]  # every field, every type
+    assert back == [json.loads(json.dumps(r.to_dict())) for r in real_records]  # every field, every type
+    assert BenchRecord.coerce(back) == list(real_records)  # and the typed records back
 
 
 def test_csv_keeps_tricky_strings_and_none():
@@ -76,11 +78,11 @@ def test_md_table_round_trips_its_cells(real_records):
     assert rows == [{c[0]: c[1](r) for c in cols} for r in real_records]
     assert rows[0]["test"] == "pp16" and rows[1]["test"] == "tg4"
     mean, _std = rows[1]["t/s"].split(" ± ")
-    assert float(mean) == pytest.approx(real_records[1]["tps_mean"], abs=0.006)
+    assert float(mean) == pytest.approx(real_records[1].tps_mean, abs=0.006)
     for head in ("model", "size", "params", "threads", "TTFT ms", "ITL p50/p99 ms", "peak RSS MiB", "J/tok",
                  "% roofline"):
         assert head in rows[0]
-    if real_records[0]["energy_method"] == "estimated":  # an estimate is labelled in the table itself
+    if real_records[0].energy_method == "estimated":  # an estimate is labelled in the table itself
         assert rows[0]["J/tok"].endswith("(est.)") and "estimated" in text
 
 
@@ -90,7 +92,7 @@ def test_sql_export_loads_into_sqlite(real_records):
     db = sqlite3.connect(":memory:")
     db.executescript(export(real_records, "sql"))
     got = db.execute("SELECT test, tps_mean FROM bench ORDER BY rowid").fetchall()
-    assert got == [(r["test"], r["tps_mean"]) for r in real_records]
+    assert got == [(r.test, r.tps_mean) for r in real_records]
 
 
 def test_non_default_settings_get_columns():
@@ -99,6 +101,23 @@ def test_non_default_settings_get_columns():
     assert "type_k" in heads and "n_batch" not in heads
     oom = fake("m", "a" * 64, "tg128", 1, 0.0, status="oom")
     assert parse_md(export([oom], "md"))[0]["t/s"] == "OOM"
+
+
+def test_records_stored_by_older_versions_still_read():
+    """A record written before some fields existed (no kernels, load, noise) and with a key this version does
+    not know reads back typed, reports, and is written back with nothing lost."""
+    old = {"schema": 1, "kind": "bench", "session": "s0", "config_key": "k", "status": "ok", "model": "m",
+           "model_sha256": "e" * 64, "test": "tg128", "workload": "tg", "n_gen": 128, "threads": 2,
+           "tps_mean": 50.0, "tps_std": 0.5, "tps_samples": [49.5, 50.5], "some_future_key": {"x": 1},
+           "_id": 7, "_session": "s0", "_status": "ok"}
+    rec = BenchRecord.from_dict(old)
+    assert rec.tps_samples == (49.5, 50.5) and rec.kernels is None and not rec.noisy and rec.load is None
+    assert rec.extra == {"some_future_key": {"x": 1}}  # the store's _bookkeeping is not kept
+    back = rec.to_dict()
+    assert back["some_future_key"] == {"x": 1} and back["tps_samples"] == [49.5, 50.5] and "_id" not in back
+    assert BenchRecord.from_dict(back) == rec
+    assert parse_md(export([old], "md"))[0]["t/s"] == "50.00 ± 0.50"  # the table reads a stored dict too
+    assert "load" not in parse_md(export([old], "md"))[0]
 
 
 # ---------------------------------------------------------------- HTML
@@ -119,8 +138,8 @@ def test_report_cli_writes_html_for_latest_session(tmp_path, real_records):
     store_path = tmp_path / "x.sqlite"
     with Store(store_path) as st:
         for r in real_records:
-            st.add("bench", r, session=r["session"], config_key=r["config_key"], model=r["model"],
-                   model_sha256=r["model_sha256"], test=r["test"], status=r["status"])
+            st.add("bench", r, session=r.session, config_key=r.config_key, model=r.model,
+                   model_sha256=r.model_sha256, test=r.test, status=r.status)
     out_html = tmp_path / "rep.html"
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "report", "--db", str(store_path), "--html",
                           str(out_html)], check=False, capture_output=True, text=True, timeout=120,
@@ -133,14 +152,15 @@ def test_report_cli_writes_html_for_latest_session(tmp_path, real_records):
 
 # ---------------------------------------------------------------- reading the report as a user would
 def test_noisy_records_are_marked_in_table_and_report():
+    from dataclasses import replace
+
     from ondevice.bench.noise import assess
 
     calm = fake("m", "a" * 64, "tg128", 2, 50.0, load=0.02)
     busy = fake("m", "a" * 64, "pp512", 2, 57.55, tps_std=26.29, load=3.1)
-    for r in (calm, busy):
-        r["noise"] = assess(r)
-        r["noisy"] = bool(r["noise"])
-    assert not calm["noisy"] and busy["noisy"]
+    calm, busy = (replace(r, noise=tuple(why), noisy=bool(why))
+                  for r in (calm, busy) for why in [assess(r.tps_mean, r.tps_std, r.load)])
+    assert not calm.noisy and busy.noisy
     text = export([calm, busy], "md")
     rows = parse_md(text)
     assert rows[0]["t/s"] == "50.00 ± 0.50" and rows[1]["t/s"] == "57.55 ± 26.29 (!)"

@@ -4,9 +4,10 @@
 worker process (:mod:`ondevice.bench.worker`) and each test becomes one record in the store.
 """
 
+from .record import BenchRecord
 from .workloads import WORKLOADS, Sample, TestSpec, Workload, parse_tests, workload
 
-__all__ = ["WORKLOADS", "Sample", "TestSpec", "Workload", "parse_tests", "workload"]
+__all__ = ["WORKLOADS", "BenchRecord", "Sample", "TestSpec", "Workload", "parse_tests", "workload"]
 
 
 # ``ondevice.bench`` is both this package and the library function in ``ondevice/__init__``: importing

@@ -43,7 +43,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           roofline: bool = True,
           reprobe: bool = False,
           wait_idle: float = 0.0) -> BenchResult:
-    """Benchmark models on this device and return one record (a dict) per configuration and test.
+    """Benchmark models on this device and return one :class:`BenchRecord` per configuration and test.
 
     Args:
         models: model names, stored variants or .gguf paths (None: the default embedded model).
@@ -62,7 +62,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
             the CPU quiet (0: do not wait). Records are flagged ``noisy`` either way when they are.
 
     Returns:
-        A list of records (``BenchResult``, with ``.session`` and ``.interrupted``).
+        A list of ``BenchRecord`` (``BenchResult``, with ``.session`` and ``.interrupted``).
     """
     from ..store import Store
 

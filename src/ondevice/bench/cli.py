@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if st is not None:
             st.close()
-    errors = [r for r in records if r.get("status") == "error"]
+    errors = [r for r in records if r.status == "error"]
     for r in errors:
-        print(f"ondevice bench: {r['model']} {r['test']}: {r.get('error')}", file=sys.stderr)
+        print(f"ondevice bench: {r.model} {r.test}: {r.error}", file=sys.stderr)
     if records.interrupted:
         print("ondevice bench: interrupted; the records above were kept"
               + (" (continue with --resume)" if st is not None else ""), file=sys.stderr)

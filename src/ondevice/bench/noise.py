@@ -36,13 +36,12 @@ def other_load(busy_before: float | None, busy_after: float | None, own_cpu_s: f
     return max(0.0, (busy_after - busy_before - own_cpu_s) / wall_s)
 
 
-def assess(rec: dict) -> list[str]:
-    """Why ``rec`` should not be trusted (empty when it looks clean): high CV of t/s, or a busy machine."""
+def assess(mean: float | None, std: float | None, load: float | None) -> list[str]:
+    """Why a record with t/s ``mean`` ± ``std``, measured while other work kept ``load`` cores busy, should
+    not be trusted (empty when it looks clean): high CV of t/s, or a busy machine."""
     why = []
-    mean, std = rec.get("tps_mean"), rec.get("tps_std")
     if mean and std is not None and std / mean > NOISY_CV:
         why.append(f"t/s varies {100 * std / mean:.0f}% between repetitions (over {100 * NOISY_CV:.0f}%)")
-    load = rec.get("load")
     if load is not None and load > NOISY_LOAD:
         why.append(f"other processes kept {load:.2f} cores busy during the runs (over {NOISY_LOAD})")
     return why

@@ -25,24 +25,10 @@ from datetime import UTC, datetime
 from ..errors import InvalidArgument
 from .meta import ModelMeta, config_key, model_meta, roofline_for
 from .noise import assess, wait_idle
+from .record import BenchRecord
 from .workloads import WORKLOADS, TestSpec
 
 DONE_STATUSES = ("ok", "oom")  # what --resume skips; errors are retried
-
-# Keys of every record, whatever its status; units are in the names (_s seconds, _ms, _bytes, _j, tps).
-RECORD_FIELDS = ("schema", "kind", "session", "config_key", "status", "error", "created", "model", "model_path",
-                 "model_sha256", "model_size_bytes", "model_params", "model_arch", "model_quant", "test",
-                 "workload", "n_prompt", "n_gen", "n_depth", "threads", "n_batch", "n_ubatch", "n_ctx",
-                 "n_ctx_requested", "type_k", "type_v", "flash_attn", "profile", "repetitions", "kernels", "load_time_s",
-                 "load_peak_rss_bytes", "roofline_pct", "roofline_bound", "roofline", "settings", "meta")
-# ...and of every "ok" record.
-METRIC_FIELDS = ("tps_mean", "tps_std", "tps_samples", "avg_s", "time_s_samples", "ttft_s_mean", "ttft_s_std",
-                 "ttft_s_samples", "prefill_tps_mean", "prefill_tps_std", "decode_tps_mean", "decode_tps_std",
-                 "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "itl_ms_mean", "peak_rss_bytes", "rss_file_bytes",
-                 "rss_anon_bytes", "process_max_rss_bytes", "cpu_time_s", "cpu_user_s", "cpu_sys_s",
-                 "cpu_utilisation", "measured_wall_s", "energy_j", "energy_j_per_token", "energy_method",
-                 "energy_scope", "energy_watts_per_core", "tokens_note", "rss_model_bytes", "load", "load_avg_1m",
-                 "noisy", "noise")
 
 
 @dataclass
@@ -94,8 +80,9 @@ class Config:
         return config_key({**self.settings, "test": test.name, "params": test.params}, self.model.sha256)
 
 
-class BenchResult(list):
-    """The records of a sweep (a list), plus ``session``, ``interrupted`` and ``report_path``."""
+class BenchResult(list[BenchRecord]):
+    """The records of a sweep (a list of :class:`BenchRecord`), plus ``session``, ``interrupted`` and
+    ``report_path``."""
 
     session: str = ""
     interrupted: bool = False
@@ -279,11 +266,11 @@ def run_sweep(params: SweepParams, *, store=None, session: str | None = None, re
         prev = store.sessions("bench")
         session = prev[0][0] if prev else None
     session = session or new_session_id()
-    done: dict[str, dict] = {}
+    done: dict[str, BenchRecord] = {}
     if resume and store is not None:
-        for r in store.records("bench", session):
-            if r.get("status") in DONE_STATUSES:
-                done[r["config_key"]] = r
+        for r in map(BenchRecord.from_dict, store.records("bench", session)):
+            if r.status in DONE_STATUSES:
+                done[r.config_key] = r
     result = BenchResult()
     result.session = session
     n_total = sum(len(c.tests) for c in configs)
@@ -371,22 +358,23 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
         }
         if res is not None:
             rec.update(_flat(res))
-            rec["noise"] = assess(rec)  # why not to trust it (high CV, busy machine); [] when clean
-            rec["noisy"] = bool(rec["noise"])
+            rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"])  # [] when clean
+            rec["noisy"] = bool(why)
             if res.get("prompt_lengths"):
                 rec["prompt_lengths"] = res["prompt_lengths"]
             roof = roofline_for(cfg.model, _timed_phases(spec, res), res["time_s"]["mean"], s["n_ubatch"],
                                 s["type_k"], s["type_v"], probe)
             if roof:
                 rec.update(roofline_pct=roof["pct"], roofline_bound=roof["bound"], roofline=roof)
+        typed = BenchRecord.from_dict(rec)
         if store is not None:
-            store.add("bench", rec, session=session, config_key=rec["config_key"], model=cfg.model.name,
-                      model_sha256=cfg.model.sha256, test=spec.name, status=status)
-        result.append(rec)
+            store.add("bench", typed.to_dict(), session=session, config_key=typed.config_key,
+                      model=cfg.model.name, model_sha256=cfg.model.sha256, test=spec.name, status=status)
+        result.append(typed)
         seen.add(spec.name)
         if on_record:
-            on_record(rec)
-        bar.step(f"{spec.name}: {status}" + (f" {rec['tps_mean']:.1f} t/s" if res else ""))
+            on_record(typed)
+        bar.step(f"{spec.name}: {status}" + (f" {typed.tps_mean:.1f} t/s" if res else ""))
 
     seen: set[str] = set()
 

@@ -11,49 +11,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
 
-def select(store, ref: str) -> tuple[str, str, list[dict]]:
+def _ok_records(store, session: str | None = None) -> list[BenchRecord]:
+    return [BenchRecord.from_dict(r) for r in store.records("bench", session) if r.get("_status") == "ok"]
+
+
+def select(store, ref: str) -> tuple[str, str, list[BenchRecord]]:
     """(``session``|``model``, the full id, its ok bench records) for a session id or sha256 prefix."""
     sessions = [s for s, _, _ in store.sessions("bench")]
     hits = [s for s in sessions if s == ref] or [s for s in sessions if s.startswith(ref)]
     if len(hits) == 1:
-        return "session", hits[0], [r for r in store.records("bench", hits[0]) if r.get("_status") == "ok"]
-    all_ok = [r for r in store.records("bench") if r.get("_status") == "ok"]
-    shas = sorted({r["model_sha256"] for r in all_ok if r.get("model_sha256", "").startswith(ref.lower())})
+        return "session", hits[0], _ok_records(store, hits[0])
+    all_ok = _ok_records(store)
+    shas = sorted({r.model_sha256 for r in all_ok if (r.model_sha256 or "").startswith(ref.lower())})
     if len(hits) > 1 or len(shas) > 1:
         raise InvalidArgument(f"{ref!r} matches several sessions or models ({', '.join((hits + shas)[:4])}...); "
                               "give a longer prefix")
     if not shas:
         raise InvalidArgument(f"{ref!r} is neither a bench session nor a model sha256 prefix in the store; "
                               "list them with `ondevice report --list`")
-    return "model", shas[0], [r for r in all_ok if r["model_sha256"] == shas[0]]
+    return "model", shas[0], [r for r in all_ok if r.model_sha256 == shas[0]]
 
 
-def _latest_by(records: Sequence[dict], fields: Sequence[str]) -> dict[tuple, dict]:
-    out: dict[tuple, dict] = {}
+def _latest_by(records: Sequence[BenchRecord], fields: Sequence[str]) -> dict[tuple, BenchRecord]:
+    out: dict[tuple, BenchRecord] = {}
     for r in records:  # records come in id order: later ones replace earlier ones
-        out[tuple(r.get(f) for f in fields)] = r
+        out[tuple(getattr(r, f) for f in fields)] = r
     return out
 
 
-def compare_records(a: Sequence[dict], b: Sequence[dict], by_model: bool) -> list[dict]:
+def compare_records(a: Sequence[BenchRecord | dict], b: Sequence[BenchRecord | dict], by_model: bool) -> list[dict]:
     """Rows {model, key fields, tps_a, tps_b, std_a, std_b, speedup} for configurations in both sets."""
     fields = list(MATCH) if by_model else ["model_sha256", *MATCH]
-    la, lb = _latest_by(a, fields), _latest_by(b, fields)
+    la, lb = _latest_by(BenchRecord.coerce(a), fields), _latest_by(BenchRecord.coerce(b), fields)
     rows = []
     for key, ra in la.items():
         rb = lb.get(key)
-        if rb is None or not ra.get("tps_mean") or rb.get("tps_mean") is None:
+        if rb is None or not ra.tps_mean or rb.tps_mean is None:
             continue
-        same = not by_model or ra.get("model") == rb.get("model")
-        rows.append({"model": ra.get("model") if same else f"{ra.get('model')} -> {rb.get('model')}",
-                     **dict(zip(fields, key)), "tps_a": ra["tps_mean"], "std_a": ra.get("tps_std"),
-                     "kernels_a": ra.get("kernels") or "?", "kernels_b": rb.get("kernels") or "?",
-                     "tps_b": rb["tps_mean"], "std_b": rb.get("tps_std"), "speedup": rb["tps_mean"] / ra["tps_mean"]})
+        same = not by_model or ra.model == rb.model
+        rows.append({"model": ra.model if same else f"{ra.model} -> {rb.model}",
+                     **dict(zip(fields, key)), "tps_a": ra.tps_mean, "std_a": ra.tps_std,
+                     "kernels_a": ra.kernels or "?", "kernels_b": rb.kernels or "?",
+                     "tps_b": rb.tps_mean, "std_b": rb.tps_std, "speedup": rb.tps_mean / ra.tps_mean})
     return rows
 
 

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 
+from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
 
 FORMATS = ("md", "csv", "json", "jsonl", "sql")
@@ -32,19 +33,18 @@ def _num(x, fmt: str) -> str:
 NOISY_MARK = "(!)"  # after t/s: a record not to trust (bench/noise.py says why, in the record's "noise")
 
 
-def _tps(r: dict) -> str:
-    if r.get("status") != "ok":
-        return (r.get("status") or "?").upper()
-    return (f"{_num(r.get('tps_mean'), '.2f')} ± {_num(r.get('tps_std'), '.2f')}"
-            + (f" {NOISY_MARK}" if r.get("noisy") else ""))
+def _tps(r: BenchRecord) -> str:
+    if r.status != "ok":
+        return (r.status or "?").upper()
+    return f"{_num(r.tps_mean, '.2f')} ± {_num(r.tps_std, '.2f')}" + (f" {NOISY_MARK}" if r.noisy else "")
 
 
-def noise_note(records: Sequence[dict]) -> str | None:
+def noise_note(records: Sequence[BenchRecord]) -> str | None:
     """The line under a table that explains the noisy mark and the load column, when either is shown."""
     from ..bench.noise import NOISY_CV, NOISY_LOAD
 
-    noisy = [r for r in records if r.get("noisy")]
-    if not noisy and not any(r.get("load") is not None for r in records):
+    noisy = [r for r in records if r.noisy]
+    if not noisy and not any(r.load is not None for r in records):
         return None
     head = (f"{NOISY_MARK} noisy, do not trust ({len(noisy)} of {len(records)}): t/s varies over "
             f"{100 * NOISY_CV:.0f}% between repetitions, or other processes kept over {NOISY_LOAD} cores busy; "
@@ -52,11 +52,11 @@ def noise_note(records: Sequence[dict]) -> str | None:
     return head + "load: cores other processes kept busy during the timed runs (/proc/stat, ours excluded)"
 
 
-def _energy(r: dict) -> str:
-    v = r.get("energy_j_per_token")
+def _energy(r: BenchRecord) -> str:
+    v = r.energy_j_per_token
     if v is None:
         return "-"
-    return f"{v:.4f}" + (" (est.)" if r.get("energy_method") == "estimated" else "")
+    return f"{v:.4f}" + (" (est.)" if r.energy_method == "estimated" else "")
 
 
 def _params(n) -> str:
@@ -68,41 +68,42 @@ def _params(n) -> str:
     return str(n)
 
 
-def columns(records: Sequence[dict]) -> list[tuple[str, Callable[[dict], str], str]]:
+def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[BenchRecord], str], str]]:
     """(header, cell, align) for the table; optional setting columns only when they are not default."""
-    cols: list[tuple[str, Callable[[dict], str], str]] = [
-        ("model", lambda r: str(r.get("model")), "l"),
-        ("size", lambda r: f"{r['model_size_bytes'] / MiB:.2f} MiB" if r.get("model_size_bytes") else "-", "r"),
-        ("params", lambda r: _params(r.get("model_params")), "r"),
-        ("threads", lambda r: str(r.get("threads")), "r"),
+    records = BenchRecord.coerce(records)
+    cols: list[tuple[str, Callable[[BenchRecord], str], str]] = [
+        ("model", lambda r: str(r.model), "l"),
+        ("size", lambda r: f"{r.model_size_bytes / MiB:.2f} MiB" if r.model_size_bytes else "-", "r"),
+        ("params", lambda r: _params(r.model_params), "r"),
+        ("threads", lambda r: str(r.threads), "r"),
     ]
     for key, default in OPTIONAL.items():
-        vals = {json.dumps(r.get(key)) for r in records}
+        vals = {json.dumps(getattr(r, key)) for r in records}
         if vals != {json.dumps(default)}:
-            cols.append((HEAD[key], lambda r, k=key: str(r.get(k)), "r"))
-    if {r.get("n_ctx_requested") for r in records} - {0, None}:
-        cols.append(("n_ctx", lambda r: str(r.get("n_ctx")), "r"))
+            cols.append((HEAD[key], lambda r, k=key: str(getattr(r, k)), "r"))
+    if {r.n_ctx_requested for r in records} - {0, None}:
+        cols.append(("n_ctx", lambda r: str(r.n_ctx), "r"))
     cols += [
-        ("test", lambda r: str(r.get("test")), "r"),
+        ("test", lambda r: str(r.test), "r"),
         ("t/s", _tps, "r"),
-        ("TTFT ms", lambda r: _num(None if r.get("ttft_s_mean") is None else r["ttft_s_mean"] * 1000, ".1f"), "r"),
-        ("ITL p50/p99 ms", lambda r: "-" if r.get("itl_ms_p50") is None else
-         f"{r['itl_ms_p50']:.2f}/{r['itl_ms_p99']:.2f}", "r"),
-        ("peak RSS MiB", lambda r: _num(None if r.get("peak_rss_bytes") is None else r["peak_rss_bytes"] / MiB,
-                                        ".1f"), "r"),
+        ("TTFT ms", lambda r: _num(None if r.ttft_s_mean is None else r.ttft_s_mean * 1000, ".1f"), "r"),
+        ("ITL p50/p99 ms", lambda r: "-" if r.itl_ms_p50 is None else f"{r.itl_ms_p50:.2f}/{r.itl_ms_p99:.2f}",
+         "r"),
+        ("peak RSS MiB", lambda r: _num(None if r.peak_rss_bytes is None else r.peak_rss_bytes / MiB, ".1f"), "r"),
         ("J/tok", _energy, "r"),
-        ("% roofline", lambda r: "-" if r.get("roofline_pct") is None else
-         f"{r['roofline_pct']:.1f} ({r.get('roofline_bound') or '?'})", "r"),
+        ("% roofline", lambda r: "-" if r.roofline_pct is None else
+         f"{r.roofline_pct:.1f} ({r.roofline_bound or '?'})", "r"),
     ]
-    if any(r.get("load") is not None for r in records):
-        cols.append(("load", lambda r: _num(r.get("load"), ".2f"), "r"))
+    if any(r.load is not None for r in records):
+        cols.append(("load", lambda r: _num(r.load, ".2f"), "r"))
     return cols
 
 
-def to_md(records: Sequence[dict]) -> str:
+def to_md(records: Sequence[BenchRecord | dict]) -> str:
     """The terminal table (GitHub markdown, padded like llama-bench's)."""
     if not records:
         return "(no records)\n"
+    records = BenchRecord.coerce(records)
     cols = columns(records)
     rows = [[c[1](r) for c in cols] for r in records]
     widths = [max(len(c[0]), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
@@ -115,9 +116,9 @@ def to_md(records: Sequence[dict]) -> str:
                            for w, c in zip(widths, cols)) + " |"
     out = [line([c[0] for c in cols]), sep, *(line(r) for r in rows)]
     notes = []
-    if any(r.get("energy_method") == "estimated" for r in records):
+    if any(r.energy_method == "estimated" for r in records):
         notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
-    if any(r.get("workload") in ("pp", "tg", "pg") for r in records):
+    if any(r.workload in ("pp", "tg", "pg") for r in records):
         notes.append("pp/tg use random token ids, as llama-bench does")
     if noise := noise_note(records):
         notes.append(noise)
@@ -199,11 +200,12 @@ def to_sql(records: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def export(records: Sequence[dict], fmt: str) -> str:
-    """Records in ``fmt`` (md, csv, json, jsonl or sql)."""
-    recs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]  # store bookkeeping
+def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
+    """Records in ``fmt`` (md, csv, json, jsonl or sql); typed records are written as their stored dicts."""
     if fmt == "md":
-        return to_md(recs)
+        return to_md(records)
+    recs = [{k: v for k, v in (r.to_dict() if isinstance(r, BenchRecord) else r).items()
+             if not k.startswith("_")} for r in records]  # no store bookkeeping
     if fmt == "csv":
         return to_csv(recs)
     if fmt == "json":

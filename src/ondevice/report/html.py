@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 
+from ..bench.record import BenchRecord
 from . import svg
 from .cascade import html as cascade_html
 from .formats import columns, noise_note
@@ -21,12 +22,12 @@ text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
 .warn{border-left-color:#d62728}tr.noisy td{background:#fdecea}"""
 
 
-def _ok(records: Sequence[dict]) -> list[dict]:
-    return [r for r in records if r.get("status") == "ok"]
+def _ok(records: Sequence[BenchRecord | dict]) -> list[BenchRecord]:
+    return [r for r in BenchRecord.coerce(records) if r.ok]
 
 
-def _series_label(r: dict, with_threads: bool = True) -> str:
-    return f"{r.get('model')}" + (f" t={r.get('threads')}" if with_threads else "")
+def _series_label(r: BenchRecord, with_threads: bool = True) -> str:
+    return f"{r.model}" + (f" t={r.threads}" if with_threads else "")
 
 
 def _curves(series: dict[str, list]) -> bool:
@@ -34,7 +35,7 @@ def _curves(series: dict[str, list]) -> bool:
     return any(len({p[0] for p in pts}) > 1 for pts in series.values())
 
 
-def plot_prompt_length(records: Sequence[dict]) -> str | None:
+def plot_prompt_length(records: Sequence[BenchRecord | dict]) -> str | None:
     """Prefill tok/s vs prompt length, one line per model and thread count.
 
     Only pp and pg tests: their prompts have one length each. The chat test's prompts vary in length
@@ -42,62 +43,60 @@ def plot_prompt_length(records: Sequence[dict]) -> str | None:
     """
     series: dict[str, list] = {}
     for r in _ok(records):
-        if r.get("prefill_tps_mean") is None or r.get("n_depth") or r.get("workload") not in ("pp", "pg"):
+        if r.prefill_tps_mean is None or r.n_depth or r.workload not in ("pp", "pg"):
             continue
-        if r.get("n_prompt"):
-            series.setdefault(_series_label(r), []).append((r["n_prompt"], r["prefill_tps_mean"],
-                                                            r.get("prefill_tps_std")))
+        if r.n_prompt:
+            series.setdefault(_series_label(r), []).append((r.n_prompt, r.prefill_tps_mean, r.prefill_tps_std))
     if not _curves(series):
         return None
     return svg.line_chart(series, "Prefill throughput vs prompt length", "prompt tokens", "prefill tok/s",
                           log_x=True)
 
 
-def plot_threads(records: Sequence[dict]) -> str | None:
+def plot_threads(records: Sequence[BenchRecord | dict]) -> str | None:
     series: dict[str, list] = {}
     for r in _ok(records):
-        if r.get("tps_mean") is None:
+        if r.tps_mean is None:
             continue
-        series.setdefault(f"{r.get('model')} {r.get('test')}", []).append(
-            (r["threads"], r["tps_mean"], r.get("tps_std")))
+        series.setdefault(f"{r.model} {r.test}", []).append((r.threads, r.tps_mean, r.tps_std))
     if not _curves(series):
         return None
     return svg.line_chart(series, "Thread scaling", "threads", "tok/s (test's t/s)")
 
 
-def plot_memory(records: Sequence[dict]) -> str | None:
+def plot_memory(records: Sequence[BenchRecord | dict]) -> str | None:
     """Peak RSS per model: the model file's mapped pages, other file-backed pages (shared libraries:
     llama.cpp, numpy, Python) and anonymous memory. Records made before the model's own pages were
     measured show file-backed memory as one part, labelled as what it holds."""
-    best: dict[str, dict] = {}
+    best: dict[str, BenchRecord] = {}
     for r in _ok(records):
-        if r.get("rss_file_bytes") is None:
+        if r.rss_file_bytes is None:
             continue
-        m = str(r.get("model"))
-        if m not in best or (r.get("peak_rss_bytes") or 0) > (best[m].get("peak_rss_bytes") or 0):
+        m = str(r.model)
+        if m not in best or (r.peak_rss_bytes or 0) > (best[m].peak_rss_bytes or 0):
             best[m] = r
     if not best:
         return None
     cats = list(best)
     mib = 1 << 20
-    anon = {"anonymous (KV cache, compute buffers, Python)": [best[c]["rss_anon_bytes"] / mib for c in cats]}
-    if all(best[c].get("rss_model_bytes") is not None for c in cats):
-        model = [best[c]["rss_model_bytes"] / mib for c in cats]
+    anon = {"anonymous (KV cache, compute buffers, Python)": [(best[c].rss_anon_bytes or 0) / mib for c in cats]}
+    if all(best[c].rss_model_bytes is not None for c in cats):
+        model = [best[c].rss_model_bytes / mib for c in cats]
         parts = {"model file (mmap)": model,
-                 "other files (shared libraries)": [max(0.0, best[c]["rss_file_bytes"] / mib - m)
+                 "other files (shared libraries)": [max(0.0, best[c].rss_file_bytes / mib - m)
                                                     for c, m in zip(cats, model)]}
     else:
-        parts = {"file-backed (model mmap + shared libraries)": [best[c]["rss_file_bytes"] / mib for c in cats]}
+        parts = {"file-backed (model mmap + shared libraries)": [best[c].rss_file_bytes / mib for c in cats]}
     return svg.bar_chart(cats, parts | anon, "Memory per model (RSS at peak)", "MiB", stacked=True)
 
 
-def plot_roofline(records: Sequence[dict]) -> str | None:
-    rows = [r for r in _ok(records) if r.get("roofline_pct") is not None]
+def plot_roofline(records: Sequence[BenchRecord | dict]) -> str | None:
+    rows = [r for r in _ok(records) if r.roofline_pct is not None]
     if not rows:
         return None
-    cats = [f"{r['test']} t={r['threads']}" for r in rows]
-    models = sorted({str(r["model"]) for r in rows})
-    groups = {m: [r["roofline_pct"] if str(r["model"]) == m else None for r in rows] for m in models}
+    cats = [f"{r.test} t={r.threads}" for r in rows]
+    models = sorted({str(r.model) for r in rows})
+    groups = {m: [r.roofline_pct if str(r.model) == m else None for r in rows] for m in models}
     return svg.bar_chart(cats, groups, "Share of the roofline bound achieved", "% of roofline")
 
 
@@ -124,51 +123,51 @@ def retention_html(rows: list[dict]) -> str:
                            if out else "")
 
 
-def _table(records: Sequence[dict]) -> str:
+def _table(records: Sequence[BenchRecord]) -> str:
     cols = columns(records)
     head = "".join(f"<th>{escape(c[0])}</th>" for c in cols)
 
-    def row(r: dict) -> str:
-        attrs = (f" class='noisy' title='{escape('; '.join(r.get('noise') or []), quote=True)}'"
-                 if r.get("noisy") else "")
+    def row(r: BenchRecord) -> str:
+        attrs = f" class='noisy' title='{escape('; '.join(r.noise), quote=True)}'" if r.noisy else ""
         return f"<tr{attrs}>" + "".join(f"<td>{escape(c[1](r))}</td>" for c in cols) + "</tr>"
 
     return f"<table><tr>{head}</tr>{''.join(row(r) for r in records)}</table>"
 
 
-def summary(records: Sequence[dict]) -> tuple[str, bool]:
+def summary(records: Sequence[BenchRecord | dict]) -> tuple[str, bool]:
     """(one line per model: its headline figures and the machine; whether any record is noisy)."""
+    records = BenchRecord.coerce(records)
     ok = _ok(records)
     lines = []
-    for m in dict.fromkeys(str(r.get("model")) for r in ok):
-        rs = [r for r in ok if str(r.get("model")) == m]
+    for m in dict.fromkeys(str(r.model) for r in ok):
+        rs = [r for r in ok if str(r.model) == m]
         bits = []
         for wl, what in (("tg", "decode"), ("pp", "prefill")):
-            cand = [r for r in rs if r.get("workload") == wl and not r.get("n_depth") and r.get("tps_mean")]
+            cand = [r for r in rs if r.workload == wl and not r.n_depth and r.tps_mean]
             if cand:
-                b = max(cand, key=lambda r: r["tps_mean"])
-                bits.append(f"{what} {b['tps_mean']:.1f} tok/s ({b['test']}, t={b['threads']})")
-        chat = [r for r in rs if r.get("workload") == "chat" and r.get("ttft_s_mean") is not None]
+                b = max(cand, key=lambda r: r.tps_mean)
+                bits.append(f"{what} {b.tps_mean:.1f} tok/s ({b.test}, t={b.threads})")
+        chat = [r for r in rs if r.workload == "chat" and r.ttft_s_mean is not None]
         if chat:
-            bits.append(f"chat TTFT {min(r['ttft_s_mean'] for r in chat) * 1e3:.0f} ms")
-        rss = [r["peak_rss_bytes"] for r in rs if r.get("peak_rss_bytes")]
+            bits.append(f"chat TTFT {min(r.ttft_s_mean for r in chat) * 1e3:.0f} ms")
+        rss = [r.peak_rss_bytes for r in rs if r.peak_rss_bytes]
         if rss:
             bits.append(f"peak RSS {max(rss) / 2**20:.0f} MiB")
         lines.append(f"<b>{escape(m)}</b>: " + escape(", ".join(bits) or "no throughput figures"))
-    meta = next((r.get("meta") for r in records if r.get("meta")), None) or {}
+    meta = next((r.meta for r in records if r.meta), None) or {}
     where = f" on {meta.get('cpu_model')} ({meta.get('physical_cores')} cores)" if meta.get("cpu_model") else ""
-    noisy = [r for r in ok if r.get("noisy")]
+    noisy = [r for r in ok if r.noisy]
     head = f"{len(ok)} of {len(records)} runs ok{escape(where)}."
     if noisy:
-        loads = [r["load"] for r in noisy if r.get("load") is not None]
+        loads = [r.load for r in noisy if r.load is not None]
         head += (f" <b>{len(noisy)} noisy</b> (marked (!) below"
                  + (f"; other processes kept up to {max(loads):.2f} cores busy" if loads else "")
                  + "): rerun on a quiet machine or with <code>--wait-idle</code>.")
     return head + "<br>" + "<br>".join(lines), bool(noisy)
 
 
-def _device(records: Sequence[dict]) -> str:
-    meta = next((r.get("meta") for r in records if r.get("meta")), None) or {}
+def _device(records: Sequence[BenchRecord]) -> str:
+    meta = next((r.meta for r in records if r.meta), None) or {}
     build = meta.get("llama_build")
     items = [("CPU", meta.get("cpu_model")), ("flags", " ".join(meta.get("cpu_flags") or [])),
              ("cores", f"{meta.get('physical_cores')} physical / {meta.get('logical_cores')} logical"),
@@ -181,29 +180,29 @@ def _device(records: Sequence[dict]) -> str:
                                for k, v in items) + "</table>"
 
 
-def build_html(records: Sequence[dict], eval_records: Sequence[dict] = (), title: str = "ondevice bench report",
-               sessions: Sequence[str] = ()) -> str:
+def build_html(records: Sequence[BenchRecord | dict], eval_records: Sequence[dict] = (),
+               title: str = "ondevice bench report", sessions: Sequence[str] = ()) -> str:
     """The whole page as a string (write it with an atomic write)."""
-    bench = [r for r in records if r.get("kind", "bench") == "bench"]
+    bench = [r for r in BenchRecord.coerce(records) if r.kind == "bench"]
     plots = [plot_prompt_length(bench), plot_threads(bench), plot_memory(bench), plot_roofline(bench)]
     points = quality_vs_speed([*bench, *({**e, "kind": "eval"} for e in eval_records)])
     qplots = plot_quality(points)
     notes = []
-    if any(r.get("energy_method") == "estimated" for r in bench):
+    if any(r.energy_method == "estimated" for r in bench):
         notes.append("Energy is <b>estimated</b> (CPU seconds x watts per core), not measured: RAPL counters "
                      "are not readable here. Cells marked (est.).")
-    if any(r.get("workload") in ("pp", "tg", "pg") for r in bench):
+    if any(r.workload in ("pp", "tg", "pg") for r in bench):
         notes.append("pp/tg/pg tests use random token ids, as llama-bench does; chat uses real prompts.")
     if noise := noise_note(bench):
         notes.append(escape(noise))
-    if plots[0] is None and any(r.get("workload") in ("pp", "pg") for r in bench):
+    if plots[0] is None and any(r.workload in ("pp", "pg") for r in bench):
         notes.append("Prefill vs prompt length: one prompt length per model here; sweep it with "
                      "<code>-p 128,512,2048</code> to draw the curve.")
     if plots[1] is None and bench:
         notes.append("Thread scaling: one thread count per test here; sweep it with <code>-t 1,2,4</code>.")
     plots = [p for p in plots if p]
-    if any(r.get("roofline") for r in bench):
-        r0 = next(r["roofline"] for r in bench if r.get("roofline"))
+    if any(r.roofline for r in bench):
+        r0 = next(r.roofline for r in bench if r.roofline)
         notes.append(f"Roofline from the built-in probe: {r0['bandwidth_gbs']:.1f} GB/s "
                      f"({escape(r0['probe']['bandwidth_method'])}), {r0['peak_gflops']:.1f} GFLOP/s "
                      f"({escape(r0['probe']['compute_method'])}). % = time at the bound / measured time.")

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..bench.record import BenchRecord
 
-def _speed(bench: list[dict]) -> tuple[float | None, str | None]:
-    ok = [r for r in bench if r.get("status", r.get("_status")) == "ok" and r.get("tps_mean") is not None]
-    for pick in (lambda r: r.get("test") == "tg128",
-                 lambda r: r.get("workload") == "tg" and not r.get("n_depth"),
-                 lambda r: r.get("decode_tps_mean") is not None):
+
+def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
+    ok = [r for r in bench if r.ok and r.tps_mean is not None]
+    for pick in (lambda r: r.test == "tg128",
+                 lambda r: r.workload == "tg" and not r.n_depth,
+                 lambda r: r.decode_tps_mean is not None):
         rows = [r for r in ok if pick(r)]
         if rows:
-            latest = max(rows, key=lambda r: r.get("created") or "")
-            value = latest["tps_mean"] if latest.get("workload") == "tg" else latest["decode_tps_mean"]
-            return value, latest["test"]
+            latest = max(rows, key=lambda r: r.created or "")
+            value = latest.tps_mean if latest.workload == "tg" else latest.decode_tps_mean
+            return value, latest.test
     return None, None
 
 
@@ -50,21 +52,23 @@ def pareto(points: Sequence[tuple[float, float]], higher_y_better: bool = True) 
             for i, p in enumerate(points)]
 
 
-def quality_vs_speed(records: Sequence[dict]) -> list[dict]:
-    """One point per (eval test, model variant) that has both an eval and a bench record.
+def quality_vs_speed(records: Sequence[BenchRecord | dict]) -> list[dict]:
+    """One point per (eval test, model variant) that has both an eval and a bench record (``BenchRecord`` or
+    its stored dict).
 
     Returns dicts: eval_test, model, model_sha256, quality, metric, higher_is_better, tps, speed_test,
     file_size, pareto (True on the front of its eval test). Eval records without a matching bench run
     are left out (nothing to plot them against).
     """
-    bench: dict[str, list[dict]] = {}
+    bench: dict[str, list[BenchRecord]] = {}
     evals: list[dict] = []
     for r in records:
-        kind = r.get("kind")
+        kind = r.kind if isinstance(r, BenchRecord) else r.get("kind")
         if kind == "eval":
             evals.append(r)
         elif kind == "bench" or (kind is None and "tps_mean" in r):
-            bench.setdefault(r.get("model_sha256") or "", []).append(r)
+            b = BenchRecord.coerce([r])[0]
+            bench.setdefault(b.model_sha256 or "", []).append(b)
     latest: dict[tuple[str, str], dict] = {}
     for e in evals:  # the newest eval per (test, variant)
         key = (e.get("test", ""), e.get("model_sha256") or "")
@@ -76,7 +80,7 @@ def quality_vs_speed(records: Sequence[dict]) -> list[dict]:
         tps, speed_test = _speed(bench.get(sha, []))
         if q is None or tps is None or not sha:
             continue
-        size = e.get("file_size") or next((b.get("model_size_bytes") for b in bench[sha]), None)
+        size = e.get("file_size") or next((b.model_size_bytes for b in bench[sha]), None)
         points.append({"eval_test": test, "model": e.get("model"), "model_sha256": sha, "quality": q,
                        "metric": metric, "higher_is_better": hib, "tps": tps, "speed_test": speed_test,
                        "file_size": size, "pareto": False})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
 
 
@@ -17,11 +18,12 @@ def resolve_session(store, ref: str) -> str:
     return hits[0]
 
 
-def load_records(store, session: str | None = None, all_sessions: bool = False) -> tuple[list[dict], list[str]]:
+def load_records(store, session: str | None = None,
+                 all_sessions: bool = False) -> tuple[list[BenchRecord], list[str]]:
     """Bench records of ``session`` (default: the latest) or of every session; and the sessions used."""
     if all_sessions:
         recs = store.records("bench", latest=True)
-        return recs, sorted({r["_session"] for r in recs})
+        return [BenchRecord.from_dict(r) for r in recs], sorted({r["_session"] for r in recs})
     if session is None:
         sessions = store.sessions("bench")
         if not sessions:
@@ -29,7 +31,8 @@ def load_records(store, session: str | None = None, all_sessions: bool = False) 
         session = sessions[0][0]
     else:
         session = resolve_session(store, session)
-    return store.records("bench", session, latest=True), [session]  # a resumed config's retry replaces its error
+    # a resumed config's retry replaces its error
+    return [BenchRecord.from_dict(r) for r in store.records("bench", session, latest=True)], [session]
 
 
 def default_report_path(sessions: list[str]) -> Path:
@@ -39,14 +42,14 @@ def default_report_path(sessions: list[str]) -> Path:
     return home() / "reports" / f"bench-{name}.html"
 
 
-def write_html(records: list[dict], store=None, path: str | Path | None = None,
+def write_html(records: list[BenchRecord], store=None, path: str | Path | None = None,
                sessions: list[str] | None = None) -> Path:
     """Write the HTML report of ``records`` plus the store's eval records: quality vs speed for the files
     benched here, and the suite retention tables (which need no bench run)."""
     from ..models.store import atomic_write
     from .html import build_html
 
-    sessions = sessions or sorted({r.get("session") or r.get("_session") for r in records} - {None})
+    sessions = sessions or sorted({r.session for r in BenchRecord.coerce(records)} - {None, ""})
     evals = store.records("eval") if store is not None else []
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,11 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
-    def add(self, kind: str, record: dict, *, session: str, config_key: str, model: str, model_sha256: str,
+    def add(self, kind: str, record, *, session: str, config_key: str, model: str, model_sha256: str,
             test: str, status: str = "ok") -> int:
-        """Write one record (committed before returning)."""
+        """Write one record, a dict or a typed record with ``to_dict`` (committed before returning)."""
+        if not isinstance(record, dict):
+            record = record.to_dict()
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO records(kind, session, config_key, model, model_sha256, test, status, created, record)"

@@ -58,10 +58,10 @@ def ours(model: str, threads: int, reps: int, db: Path) -> tuple[dict[str, dict]
 
 def time_v_worker(model: str, threads: int, reps: int) -> tuple[int, dict]:
     """Run one bench worker (tg128) under /usr/bin/time -v; (time's max RSS in bytes, the worker's record)."""
-    from ondevice.bench.sweep import SweepParams, expand, worker_config
-    from ondevice.bench.workloads import parse_tests
+    from ondevice.bench.api import make_config
+    from ondevice.bench.sweep import expand, worker_config
 
-    params = SweepParams(models=[model], tests=parse_tests("tg128"), threads=[threads], repetitions=reps)
+    params = make_config(models=[model], tests="tg128", threads=threads, repetitions=reps)
     cfg = expand(params)[0]
     time_bin = shutil.which("time", path="/usr/bin") or "/usr/bin/time"
     if not Path(time_bin).exists():

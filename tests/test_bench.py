@@ -60,6 +60,37 @@ def test_workload_registry_is_extensible():
         parse_tests("echo3")
 
 
+def test_bench_config_one_declaration_for_flags_env_and_api(monkeypatch):
+    """BenchConfig is what `ondevice bench`'s flags, ONDEVICE_BENCH_* and ondevice.bench(...)'s keywords build:
+    comma lists split and repeat, the flag beats the env, and bad values name the flag."""
+    import argparse
+
+    from ondevice.bench.api import make_config
+    from ondevice.bench.config import FLAGS, BenchConfig
+    from ondevice.config import add_config_arguments, config_from
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, BenchConfig, FLAGS)
+    args = p.parse_args(["-t", "1,2", "-t", "4", "-fa", "0,1", "--profile", "threads=2,mem=1G", "--no-warmup",
+                         "--tests", "pg16,8", "--wait-idle"])
+    cfg = config_from(BenchConfig, args, verb="bench", what="bench settings", flags=FLAGS)
+    assert cfg.threads == [1, 2, 4] and cfg.flash_attn == [False, True] and cfg.profile == ["threads=2,mem=1G"]
+    assert not cfg.warmup and cfg.wait_idle == 120.0 and [t.name for t in cfg.specs] == ["pp16+tg8"]
+    assert make_config(threads=2).threads == [2] and make_config().n_batch == [2048]  # the API's keywords
+    monkeypatch.setenv("ONDEVICE_BENCH_THREADS", "3")
+    monkeypatch.setenv("ONDEVICE_BENCH_REPETITIONS", "2")
+    assert make_config().threads == [3] and make_config(threads=1).threads == [1]  # the keyword wins
+    assert make_config().repetitions == 2
+    for bad, flag in (({"threads": 0}, "--threads"), ({"type_k": "q9"}, "--cache-type-k"),
+                      ({"wait_idle": -1}, "--wait-idle"), ({"repetitions": 0}, "--repetitions")):
+        with pytest.raises(InvalidArgument, match=flag):
+            make_config(**bad)
+    with pytest.raises(InvalidArgument, match="unknown bench settings nope"):
+        make_config(nope=1)
+    with pytest.raises(InvalidArgument, match="unknown test 'xx1'"):
+        make_config(tests="xx1")
+
+
 def test_noise_verdict_and_load_arithmetic():
     assert assess(100.0, 2.0, 0.05) == []
     why = assess(57.55, 26.29, 3.1)  # the figures of a busy run

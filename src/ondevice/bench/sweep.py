@@ -19,55 +19,16 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..errors import InvalidArgument
+from .config import BenchConfig
 from .meta import ModelMeta, config_key, model_meta, roofline_for
 from .noise import assess, wait_idle
 from .record import BenchRecord
 from .workloads import WORKLOADS, TestSpec
 
 DONE_STATUSES = ("ok", "oom")  # what --resume skips; errors are retried
-
-
-@dataclass
-class SweepParams:
-    """Every list is a sweep axis; the cartesian product is the set of configurations."""
-
-    models: list[str | None]
-    tests: list[TestSpec]
-    threads: list[int | None] = field(default_factory=lambda: [None])
-    n_batch: list[int] = field(default_factory=lambda: [2048])
-    n_ubatch: list[int] = field(default_factory=lambda: [512])
-    n_ctx: list[int] = field(default_factory=lambda: [0])  # 0: just enough for the tests
-    type_k: list[str] = field(default_factory=lambda: ["f16"])
-    type_v: list[str] = field(default_factory=lambda: ["f16"])
-    flash_attn: list[bool] = field(default_factory=lambda: [False])
-    profiles: list[str | None] = field(default_factory=lambda: [None])
-    repetitions: int = 5
-    warmup: bool = True
-    seed: int = 42
-    wait_idle: float = 0.0  # seconds to wait at most for a quiet machine before each configuration (0: no wait)
-
-    def validate(self) -> None:
-        if not self.tests:
-            raise InvalidArgument("no tests to run; give e.g. -p 512 -n 128 or --tests pp512,tg128")
-        if self.repetitions < 1:
-            raise InvalidArgument(f"-r {self.repetitions} must be >= 1")
-        if self.wait_idle < 0:
-            raise InvalidArgument(f"--wait-idle {self.wait_idle:g} must be >= 0 seconds")
-        for name, vals, lo in (("-t", self.threads, 1), ("-b", self.n_batch, 1), ("-ub", self.n_ubatch, 1),
-                               ("-c", self.n_ctx, 0)):
-            bad = [v for v in vals if v is not None and v < lo]
-            if bad:
-                raise InvalidArgument(f"{name} {bad[0]} must be >= {lo}")
-        from ..engine.llama import _KV_TYPES
-
-        for name, vals in (("-ctk", self.type_k), ("-ctv", self.type_v)):
-            bad = [v for v in vals if v not in _KV_TYPES]
-            if bad:
-                raise InvalidArgument(f"{name} {bad[0]!r} is not a KV cache type; use {', '.join(_KV_TYPES)}")
 
 
 @dataclass
@@ -101,24 +62,25 @@ def _resolve_threads(threads: int | None, profile: str | None) -> int:
     return physical_cores()
 
 
-def expand(params: SweepParams) -> list[Config]:
+def expand(config: BenchConfig) -> list[Config]:
     """Configurations in llama-bench order (model outermost)."""
     from ..device.kernels import requested
 
-    params.validate()
     amx, repack = requested()  # ONDEVICE_AMX / ONDEVICE_REPACK (the --amx/--repack flags set them)
+    models: list[str | None] = list(config.models) or [None]
     metas = {}
-    for m in params.models:
+    for m in models:
         if m not in metas:
             metas[m] = model_meta(m)
+    tests = config.specs
     out = []
     for m, t, b, ub, c, tk, tv, fa, prof in itertools.product(
-            params.models, params.threads, params.n_batch, params.n_ubatch, params.n_ctx, params.type_k,
-            params.type_v, params.flash_attn, params.profiles):
+            models, config.threads or [None], config.n_batch, config.n_ubatch, config.n_ctx, config.type_k,
+            config.type_v, config.flash_attn, config.profile or [None]):
         settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
                     "type_k": tk, "type_v": tv, "flash_attn": bool(fa), "profile": prof or "host",
-                    "repetitions": params.repetitions, "amx": amx, "repack": repack}
-        out.append(Config(metas[m], settings, list(params.tests)))
+                    "repetitions": config.repetitions, "amx": amx, "repack": repack}
+        out.append(Config(metas[m], settings, list(tests)))
     return out
 
 
@@ -255,13 +217,13 @@ def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
     return cache[threads]
 
 
-def run_sweep(params: SweepParams, *, store=None, session: str | None = None, resume: bool = False,
-              progress: bool = False, roofline: bool = True, reprobe: bool = False, on_record=None) -> BenchResult:
+def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_record=None) -> BenchResult:
     """Run every configuration; returns the records (previously stored ones too when resuming)."""
     from .. import __version__
     from ..device import device_info, parse_profile
 
-    configs = expand(params)
+    configs = expand(config)
+    session, resume, roofline = config.session, config.resume, config.roofline
     if resume and store is not None and session is None:
         prev = store.sessions("bench")
         session = prev[0][0] if prev else None
@@ -277,7 +239,7 @@ def run_sweep(params: SweepParams, *, store=None, session: str | None = None, re
     bar = Progress(n_total, progress)
     roofs: dict[int, object] = {}
     notes: list[str] = []
-    if roofline and reprobe:  # measure the machine again first, once per thread count
+    if roofline and config.reprobe:  # measure the machine again first, once per thread count
         for t in sorted({c.settings["threads"] for c in configs}):
             _probe(t, roofs, notes, refresh=True)
     try:
@@ -289,7 +251,7 @@ def run_sweep(params: SweepParams, *, store=None, session: str | None = None, re
                     bar.step(f"{t.name}: stored (resume)")
             if not todo:
                 continue
-            _run_config(cfg, todo, params, store, session, result, bar, roofs if roofline else None, notes,
+            _run_config(cfg, todo, config, store, session, result, bar, roofs if roofline else None, notes,
                         __version__, device_info, parse_profile, on_record)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -300,7 +262,7 @@ def run_sweep(params: SweepParams, *, store=None, session: str | None = None, re
     return result
 
 
-def worker_config(cfg: Config, todo: list[TestSpec], params: SweepParams) -> dict:
+def worker_config(cfg: Config, todo: list[TestSpec], config: BenchConfig) -> dict:
     """The JSON a worker reads for ``todo`` tests of ``cfg`` (n_ctx 0: just enough, in steps of 256)."""
     s = cfg.settings
     n_ctx = s["n_ctx"] or -(-max(WORKLOADS[t.kind].ctx_needed(t) for t in todo) // 256) * 256
@@ -309,23 +271,23 @@ def worker_config(cfg: Config, todo: list[TestSpec], params: SweepParams) -> dic
             "engine": {"n_ctx": n_ctx, "n_threads": s["threads"], "n_batch": s["n_batch"],
                        "n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
                        "flash_attn": s["flash_attn"], "amx": s["amx"], "repack": s["repack"]},
-            "tests": [t.to_dict() for t in todo], "repetitions": params.repetitions,
-            "warmup": params.warmup, "seed": params.seed}
+            "tests": [t.to_dict() for t in todo], "repetitions": config.repetitions,
+            "warmup": config.warmup, "seed": config.seed}
 
 
-def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, session: str,
+def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, session: str,
                 result: BenchResult, bar: Progress, roofs: dict | None, notes: list[str], version: str,
                 device_info, parse_profile, on_record) -> None:
     s = cfg.settings
-    wcfg = worker_config(cfg, todo, params)
+    wcfg = worker_config(cfg, todo, config)
     n_ctx = wcfg["engine"]["n_ctx"]
     prof_spec = wcfg["profile"]
     capped = parse_profile(prof_spec).mem_limit_bytes is not None
     probe = _probe(s["threads"], roofs, notes) if roofs is not None else None
     quiet = None
-    if params.wait_idle > 0:
-        bar.show(f"waiting up to {params.wait_idle:.0f} s for a quiet machine ...")
-        quiet = wait_idle(params.wait_idle, show=bar.enabled)
+    if config.wait_idle > 0:
+        bar.show(f"waiting up to {config.wait_idle:.0f} s for a quiet machine ...")
+        quiet = wait_idle(config.wait_idle, show=bar.enabled)
     info = device_info()  # load average *before* this configuration runs
     by_name = {t.name: t for t in todo}
     state: dict = {"loaded": {}, "limits": None}
@@ -345,8 +307,8 @@ def _run_config(cfg: Config, todo: list[TestSpec], params: SweepParams, store, s
             "kernels": loaded.get("kernels"),  # the extra CPU buffer types the load really used ("none": plain CPU)
             "load_time_s": loaded.get("load_time_s"), "load_peak_rss_bytes": loaded.get("load_peak_rss_bytes"),
             "roofline_pct": None, "roofline_bound": None, "roofline": None,
-            "settings": {**s, "test": spec.name, "params": spec.params, "warmup": params.warmup,
-                         "seed": params.seed},
+            "settings": {**s, "test": spec.name, "params": spec.params, "warmup": config.warmup,
+                         "seed": config.seed},
             "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or info.get("llama_cpp"),
                      "cpu_model": info.get("cpu_model"), "cpu_flags": info.get("cpu_flags"),
                      "governor": info.get("governor"), "load_avg_before": info.get("load_avg"),

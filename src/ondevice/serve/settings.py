@@ -1,4 +1,5 @@
-"""Server settings: one declaration gives the flag, the ``ONDEVICE_*`` env var, the validation and the help.
+"""Server settings: one declaration gives the flag, the ``ONDEVICE_*`` env var, the validation and the help
+(the mechanism, shared with ``bench`` and ``eval``, is :mod:`ondevice.config`).
 
 Modelled on llama-cpp-python's ``server/settings.py``. Precedence: command-line flag > environment > default.
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..errors import InvalidArgument
+from ..config import add_config_arguments, config_from
 
 
 class ServeSettings(BaseSettings):
@@ -80,36 +81,15 @@ class ServeSettings(BaseSettings):
 
 
 # flags with a short alias
-_SHORT = {"model": "-m", "threads": "-t", "parallel": "-np", "ctx": "-c"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel": ("-np", "--parallel"),
+         "ctx": ("-c", "--ctx")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; absent flags fall through to the env var, then the default."""
-    for name, field in ServeSettings.model_fields.items():
-        env = f"ONDEVICE_{name.upper()}"
-        help_ = f"{field.description} (default: {field.default}; env {env})".replace("%", "%%")
-        flags = [_SHORT[name], _flag(name)] if name in _SHORT else [_flag(name)]
-        if field.annotation is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_)
-        else:
-            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
+    add_config_arguments(parser, ServeSettings, FLAGS)
 
 
 def settings_from_args(args: argparse.Namespace | None = None, **over: Any) -> ServeSettings:
     """Settings from given flags (strings are validated by pydantic) over env vars; errors name the flag."""
-    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if k in ServeSettings.model_fields}
-    given.update(over)
-    try:
-        return ServeSettings(**given)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = err["loc"][0] if err["loc"] else ""
-            where = f"{_flag(str(loc))} / ONDEVICE_{str(loc).upper()}" if loc else "settings"
-            msgs.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"])
-        raise InvalidArgument("invalid server settings: " + "; ".join(msgs) + "; see `ondevice serve --help`") from e
+    return config_from(ServeSettings, args, verb="serve", what="server settings", flags=FLAGS, **over)

@@ -1,0 +1,78 @@
+"""What a bench sweep is told: one declaration for ``ondevice bench``'s flags, ``ONDEVICE_BENCH_*`` and
+``ondevice.bench(...)``'s keywords (see :mod:`ondevice.config`).
+
+Every list is a sweep axis (llama-bench's comma lists); the cartesian product is the set of configurations.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..config import AnyList, CommaList
+from .workloads import TestSpec, parse_tests
+
+# pp512 + tg128 are llama-bench's defaults; tg128@d512 shows the cost of a filled KV cache and chat the
+# TTFT of real prompts. r=5 like llama-bench. About 60-70 s on 2 cores for the 135M default model.
+DEFAULT_TESTS = "pp512,tg128,tg128@d512,chat"
+
+# llama-bench's spelling of the flags (the others are --field-name)
+FLAGS = {"models": ("-m", "--model"), "threads": ("-t", "--threads"), "n_batch": ("-b", "--batch-size"),
+         "n_ubatch": ("-ub", "--ubatch-size"), "n_ctx": ("-c", "--ctx-size"), "type_k": ("-ctk", "--cache-type-k"),
+         "type_v": ("-ctv", "--cache-type-v"), "flash_attn": ("-fa", "--flash-attn"),
+         "repetitions": ("-r", "--repetitions")}
+
+
+class BenchConfig(BaseSettings):
+    """A sweep: the models, the tests, the settings to sweep and how to measure."""
+
+    model_config = SettingsConfigDict(env_prefix="ONDEVICE_BENCH_", extra="forbid", frozen=True,
+                                      protected_namespaces=())
+
+    models: CommaList[str] = Field(default_factory=list, description="model names, stored variants or .gguf "
+                                                                     "paths (none: the embedded model)")
+    tests: CommaList[str] = Field(default_factory=list, description="tests: ppN, tgN, pgP,N, any with @dD (KV "
+                                                                    f"depth), chat[N] (none: {DEFAULT_TESTS})")
+    threads: CommaList[PositiveInt] = Field(default_factory=list, description="threads (none: physical cores)")
+    n_batch: CommaList[PositiveInt] = Field(default_factory=lambda: [2048], description="logical batch n_batch")
+    n_ubatch: CommaList[PositiveInt] = Field(default_factory=lambda: [512], description="micro-batch n_ubatch")
+    n_ctx: CommaList[NonNegativeInt] = Field(default_factory=lambda: [0], description="context size (0: just "
+                                                                                      "enough for the tests)")
+    type_k: CommaList[str] = Field(default_factory=lambda: ["f16"], description="KV cache type of K")
+    type_v: CommaList[str] = Field(default_factory=lambda: ["f16"], description="KV cache type of V")
+    flash_attn: CommaList[bool] = Field(default_factory=lambda: [False], description="flash attention 0/1")
+    profile: AnyList[str] = Field(default_factory=list, description="device profile: a name (host, phone-4g, "
+                                                                    "edge-1g) or threads=2,mem=1G,cpus=0 (repeat "
+                                                                    "to sweep; none: host)")
+    repetitions: PositiveInt = Field(5, description="timed repetitions per test, after the warm-up")
+    warmup: bool = Field(True, description="one untimed run before the timed ones")
+    seed: int = Field(42, description="seed of the random prompt tokens")
+    wait_idle: float = Field(0.0, ge=0, json_schema_extra={"const": 120.0},
+                             description="before each configuration wait until other processes leave the CPU "
+                                         "quiet for 3 s, at most this many seconds (given bare: 120); noisy "
+                                         "records are flagged either way")
+    session: str | None = Field(None, description="session id to record under (with resume: the one to "
+                                                  "continue; none: a new one)")
+    resume: bool = Field(False, description="skip configurations already stored in the session")
+    roofline: bool = Field(True, description="probe the machine (once, cached) and give % of roofline")
+    reprobe: bool = Field(False, description="measure bandwidth and compute again instead of the cached probe")
+
+    @field_validator("type_k", "type_v")
+    @classmethod
+    def _kv_type(cls, v: list[str]) -> list[str]:
+        from ..engine.llama import _KV_TYPES
+
+        bad = [x for x in v if x not in _KV_TYPES]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a KV cache type; use {', '.join(_KV_TYPES)}")
+        return v
+
+    @field_validator("tests")
+    @classmethod
+    def _tests(cls, v: list[str]) -> list[str]:
+        parse_tests(v)  # a bad spec is an InvalidArgument naming it
+        return v
+
+    @property
+    def specs(self) -> list[TestSpec]:
+        return parse_tests(self.tests or DEFAULT_TESTS)

@@ -54,3 +54,29 @@ def test_runner_on_a_tiny_user_suite(smol_path, tmp_path, monkeypatch):
     assert stored["test"] == "suite:tiny" and stored["score"] == rec["score"]
     assert stored["model_sha256"] == model_sha256(resolve(str(smol_path)))
     assert stored["file_size"] == smol_path.stat().st_size
+
+
+def test_eval_config_one_declaration_for_flags_env_and_api(monkeypatch, tmp_path):
+    """EvalConfig is what `ondevice eval`'s flags, ONDEVICE_EVAL_* and ondevice.evaluate's keywords build."""
+    import os
+    import subprocess
+    import sys
+
+    from ondevice.errors import InvalidArgument
+    from ondevice.eval.api import evaluate, make_config
+
+    monkeypatch.setenv("ONDEVICE_EVAL_MAX_TOKENS", "7")
+    monkeypatch.setenv("ONDEVICE_JUDGE_KEY", "k")
+    c = make_config(suite="rewrite", log_dir=tmp_path)
+    assert c.max_tokens == 7 and c.judge_key == "k" and c.log_dir == str(tmp_path)
+    assert make_config(make_config(suite="x", limit=3), limit=5).limit == 5  # keywords over a config
+    with pytest.raises(InvalidArgument, match="--topk / ONDEVICE_EVAL_TOPK"):
+        make_config(ppl=True, topk=0)
+    with pytest.raises(InvalidArgument, match="unknown eval settings ctx_sise"):
+        evaluate(None, suite="x", ctx_sise=1)
+    with pytest.raises(InvalidArgument, match="nothing to evaluate"):
+        evaluate(None)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-m", "ondevice.cli", "eval", "--ppl", "--max-tokens", "0"], check=False,
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=src))
+    assert r.returncode == 2 and "ondevice eval: error: invalid eval settings: --max-tokens" in r.stderr, r.stderr

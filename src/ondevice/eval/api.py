@@ -18,6 +18,9 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from .config import EvalConfig
 
 
 def model_sha256(ref) -> str:
@@ -41,17 +44,23 @@ def _base(ref, sha: str) -> dict:
             "llama_cpp_python": llama_cpp.__version__, "created": time.time()}
 
 
-def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, corpus: str | None = None,
-             text: str | os.PathLike[str] | None = None, ctx: int = 512, chunks: int | None = None,
-             ref: str | os.PathLike[str] | None = None, topk: int = 256, suite: str | None = None,
-             limit: int | None = None, seed: int = 0, max_tokens: int = 256, temp: float = 0.0,
-             judge: str | None = None, judge_model: str | None = None, judge_key: str | None = None,
-             ctx_size: int = 0, strict: bool = False, threads: int | None = None, store: bool | str | os.PathLike[str] = True, session: str | None = None,
-             log_dir: str | os.PathLike[str] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[dict]:
+def make_config(config: EvalConfig | None = None, **settings: Any) -> EvalConfig:
+    """``config`` (default: from ``ONDEVICE_EVAL_*`` and the defaults) with ``settings`` over it; a bad value
+    is an InvalidArgument naming the flag."""
+    from ..config import config_from
+
+    if config is not None:
+        settings = {**config.model_dump(exclude_unset=True), **settings}
+    return config_from(EvalConfig, verb="eval", what="eval settings", **settings)
+
+
+def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | None = None, *,
+             store: bool | str | os.PathLike[str] = True, progress: Callable[[str], None] | None = None,
+             **settings: Any) -> list[dict]:
     """Evaluate ``model``; one summary record per measurement (also written to the store).
 
     Args:
+        config: an :class:`EvalConfig` (the fields of ``ondevice eval``'s flags); ``settings`` override it:
         ppl: measure perplexity on ``corpus`` (``lee``, ``pydoc``) or the file ``text``.
         ctx, chunks: llama-perplexity's chunk size and number of chunks (None: all the text holds).
         ref: a reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL against it.
@@ -63,26 +72,28 @@ def evaluate(model: str | os.PathLike[str] | None = None, *, ppl: bool = False, 
         ctx_size: the suite run's context window (0: the trained context where memory allows, see
             :mod:`ondevice.eval.window`); capped at the trained context.
         strict: refuse a suite with an item that does not fit the window, instead of skipping it.
+        threads, session, log_dir: threads (None: physical cores), the session id, where per-sample suite
+            logs go (default: ``<data dir>/eval-logs``).
         store: True (the default store), a path to another SQLite file, or False (do not record).
-        log_dir: where per-sample suite logs go (default: ``<data dir>/eval-logs``).
     """
     from ..errors import InvalidArgument
     from ..models.catalog import resolve
 
-    if not (ppl or ref or suite):
+    c = make_config(config, **settings)
+    if not (c.ppl or c.ref or c.suite):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
     say = progress or (lambda msg: None)
     mref = resolve(model)
     _ = mref.info  # validate before llama.cpp sees the file
     sha = model_sha256(mref)
-    session = session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    session = c.session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     base = {**_base(mref, sha), **lineage(sha, mref)}
     records: list[dict] = []
-    if ppl or ref:
-        records += _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
-    if suite:
-        records.append(_suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge,
-                                     judge_model, judge_key, threads, log_dir, say, ctx_size, strict))
+    if c.ppl or c.ref:
+        records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
+    if c.suite:
+        records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp, c.judge,
+                                     c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size, c.strict))
     for r in records:
         r["session"] = session
     if store:
@@ -107,8 +118,6 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
     from . import ppl as P
     from .corpora import load_corpus
 
-    if topk < 1:
-        raise InvalidArgument(f"--topk {topk} must be >= 1")
     trained = mref.info.context_length
     if trained and ctx > trained:
         raise InvalidArgument(f"--ctx {ctx} (the perplexity chunk) is above {mref.name}'s trained context "
@@ -188,14 +197,11 @@ def _progress_line(i: int, n: int, row: dict) -> str:
 def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge, judge_model, judge_key,
                   threads, log_dir, say, ctx_size=0, strict=False) -> dict:
     from ..engine import load
-    from ..errors import InvalidArgument
     from ..models.store import data_dir
     from .runner import run_suite
     from .suites import load_suite
     from .window import suite_window
 
-    if max_tokens < 1:
-        raise InvalidArgument(f"--max-tokens {max_tokens} must be >= 1")
     s = load_suite(suite, limit=limit, seed=seed)
     win = suite_window(mref.info, ctx_size)
     if win.note:

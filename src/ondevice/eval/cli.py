@@ -8,34 +8,13 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import add_config_arguments
+    from .config import EvalConfig
+
     p.add_argument("-m", "--model", default=None, help="catalog name, stored variant or .gguf path")
-    g = p.add_argument_group("perplexity and KL divergence (llama-perplexity conventions)")
-    g.add_argument("--ppl", action="store_true", help="measure perplexity")
-    g.add_argument("--corpus", default=None, help="built-in text: pydoc (default, always available) or lee "
-                                                  "(needs gensim installed)")
-    g.add_argument("--text", default=None, metavar="FILE", help="measure on this UTF-8 text file instead")
-    g.add_argument("--ctx", type=int, default=512, help="perplexity chunk size in tokens (the second half is "
-                                                        "scored); suites use --ctx-size")
-    g.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
-    g.add_argument("--ref", default=None, metavar="MODEL",
-                   help="reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL; implies --ppl")
-    g.add_argument("--topk", type=int, default=256, help="reference log-probs cached per token")
-    s = p.add_argument_group("task suites")
-    s.add_argument("--suite", default=None, help="assistant-en, smartbench, humaneval, or a JSONL file")
-    s.add_argument("--limit", type=int, default=None, help="a stratified subset of N items")
-    s.add_argument("--seed", type=int, default=0, help="subset (and sampling) seed")
-    s.add_argument("--max-tokens", type=int, default=256, help="tokens generated per item at most")
-    s.add_argument("--ctx-size", type=int, default=0, metavar="N",
-                   help="context window for suite items (as bench's -c/--ctx-size); 0: the model's trained "
-                        "context where memory allows; capped at the trained context")
-    s.add_argument("--strict", action="store_true",
-                   help="stop when an item does not fit the window (prompt + --max-tokens) instead of skipping "
-                        "it; skipped items are counted and reported with the coverage")
-    s.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    s.add_argument("--judge", default=None, metavar="URL", help="OpenAI-compatible endpoint that also grades answers")
-    s.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
-    s.add_argument("--judge-key", default=None, help="API key for the judge (or set ONDEVICE_JUDGE_KEY)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    # one declaration: flag, ONDEVICE_EVAL_* and ondevice.evaluate's keyword (perplexity and KL divergence
+    # follow llama-perplexity's conventions; suites use --ctx-size for their window)
+    add_config_arguments(p.add_argument_group("what to evaluate and how"), EvalConfig)
     from ..engine.args import add_kernel_args
     from ..protect.keys import add_key_args
 
@@ -101,26 +80,22 @@ def coverage_line(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    from ..config import config_from
     from ..engine.args import apply_kernel_args
     from ..protect.keys import apply_key_args
     from .api import evaluate
+    from .config import EvalConfig
 
     apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
+    config = config_from(EvalConfig, args, verb="eval", what="eval settings")
     if args.cascade:
         from .cascade_curve import run_cli
 
-        return run_cli(args)
+        return run_cli(argparse.Namespace(**{**vars(args), **config.model_dump()}))  # every field, validated
 
-    records = evaluate(args.model, ppl=args.ppl, corpus=args.corpus, text=args.text, ctx=args.ctx, chunks=args.chunks,
-                       ref=args.ref, topk=args.topk, suite=args.suite, limit=args.limit, seed=args.seed,
-                       max_tokens=args.max_tokens, temp=args.temp, judge=args.judge, judge_model=args.judge_model,
-                       ctx_size=args.ctx_size, strict=args.strict,
-                       judge_key=args.judge_key or os.environ.get("ONDEVICE_JUDGE_KEY"), threads=args.threads,
-                       store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
+    records = evaluate(args.model, config, store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
     for r in records:
         if args.json:
             print(json.dumps(r, ensure_ascii=False, default=str))

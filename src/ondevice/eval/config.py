@@ -1,0 +1,55 @@
+"""What an eval is told: one declaration for ``ondevice eval``'s flags, ``ONDEVICE_EVAL_*`` and
+``ondevice.evaluate(...)``'s keywords (see :mod:`ondevice.config`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# a model, file or directory given as a str or a path
+PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+
+
+class EvalConfig(BaseSettings):
+    """Perplexity / KL divergence (llama-perplexity's conventions) and task suites."""
+
+    model_config = SettingsConfigDict(env_prefix="ONDEVICE_EVAL_", extra="forbid", frozen=True,
+                                      protected_namespaces=())
+
+    # perplexity and KL divergence
+    ppl: bool = Field(False, description="measure perplexity")
+    corpus: str | None = Field(None, description="built-in text: pydoc (the default, always available) or lee "
+                                                 "(needs gensim installed)")
+    text: PathStr | None = Field(None, description="measure on this UTF-8 text file instead")
+    ctx: int = Field(512, ge=16, description="perplexity chunk size in tokens (the second half is scored); "
+                                             "suites use ctx_size")
+    chunks: PositiveInt | None = Field(None, description="number of chunks (none: all the text holds)")
+    ref: PathStr | None = Field(None, description="reference variant (e.g. the F16 file): adds KLD, top-1 agreement "
+                                              "and ΔPPL; implies ppl")
+    topk: PositiveInt = Field(256, description="reference log-probs cached per token")
+    # task suites
+    suite: PathStr | None = Field(None, description="assistant-en, smartbench, humaneval, or a JSONL file")
+    limit: PositiveInt | None = Field(None, description="a stratified subset of N items")
+    seed: int = Field(0, description="subset (and sampling) seed")
+    max_tokens: PositiveInt = Field(256, description="tokens generated per item at most")
+    ctx_size: int = Field(0, ge=0, description="context window for suite items (as bench's -c/--ctx-size); 0: "
+                                               "the model's trained context where memory allows; capped at it")
+    strict: bool = Field(False, description="stop when an item does not fit the window (prompt + max tokens) "
+                                            "instead of skipping it; skipped items are counted with the coverage")
+    temp: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
+    judge: str | None = Field(None, description="OpenAI-compatible endpoint that also grades answers")
+    judge_model: str | None = Field(None, description="model name at the judge endpoint")
+    judge_key: str | None = Field(None, validate_default=True,
+                                  description="API key for the judge (none: the env var ONDEVICE_JUDGE_KEY)")
+    # both
+    threads: PositiveInt | None = Field(None, description="threads (none: physical cores)")
+    session: str | None = Field(None, description="session id to record under (none: a new one)")
+    log_dir: PathStr | None = Field(None, description="where per-sample suite logs go (none: <data dir>/eval-logs)")
+
+    @field_validator("judge_key")
+    @classmethod
+    def _judge_key(cls, v: str | None) -> str | None:
+        return v or os.environ.get("ONDEVICE_JUDGE_KEY") or None

@@ -77,64 +77,141 @@ def load_items(limit: int | None):
     return stratified_subset(items, limit, 0) if limit else items
 
 
-def curve_part(args, cloud_url: str) -> dict:
+class Cloud:
+    """The cloud tier's server, started on first use (a run whose cloud answers are all cached needs none)."""
+
+    def __init__(self, args):
+        self.args, self.proc, self._url = args, None, args.cloud_url
+
+    def url(self) -> str:
+        if self._url is None:
+            self.proc, self._url = start_server("-m", self.args.cloud_model, threads=self.args.threads,
+                                                slots=self.args.cloud_slots)
+        return self._url
+
+    def close(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+def answers(args, items, cloud: Cloud) -> list[dict]:
+    """Both tiers' answers to every item: from the cache (``--rows``) where they were made from the same model
+    files (sha256) and max_tokens, else generated and appended to it item by item (a killed run resumes).
+    Scores are recomputed from the texts on every run, so refitting, new features or a metric change need
+    no new answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import ondevice
     from ondevice.cascade.cloud import CloudClient
-    from ondevice.cascade.confidence import GeometricMean
-    from ondevice.eval.cascade_curve import at_share, collect, confidences, deferral_curve, fit_combiner
+    from ondevice.eval.cascade_curve import cloud_answer, device_answer, make_row
+    from ondevice.models.catalog import resolve
+    from ondevice.models.store import cached_sha256
 
-    rows_file = Path(args.rows)
-    items = load_items(args.limit)
-    cached = {}
-    if args.reuse_rows and rows_file.is_file():  # answers already collected (a resumed or re-analysed run)
-        cached = {r["id"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
-    missing = [it for it in items if it.id not in cached]
-    print(f"{len(items) - len(missing)} of {len(items)} items already answered in {rows_file}", file=sys.stderr)
-    if missing:
-        model = ondevice.load(None, n_threads=args.threads)
-        cloud = CloudClient(cloud_url, timeout=600)
-        print(f"answering {len(missing)} items: device {model.name}, cloud {cloud.model_id()}", file=sys.stderr)
+    keys = {"device": {"sha256": cached_sha256(resolve(None).path)[:16], "max_tokens": args.max_tokens},
+            "cloud": {"sha256": cached_sha256(resolve(args.cloud_model).path)[:16], "max_tokens": args.max_tokens}}
+    path = Path(args.rows)
+    cache: dict[str, dict] = {}
+    if path.is_file() and not args.fresh:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            for tier, key in keys.items():
+                if isinstance(e.get(tier), dict) and e[tier].get("key") == key:
+                    cache.setdefault(e["id"], {})[tier] = e[tier]
+    todo = {tier: [it for it in items if tier not in cache.get(it.id, {})] for tier in keys}
+    print(f"cache {path}: {len(todo['device'])} device and {len(todo['cloud'])} cloud answers of {len(items)} "
+          f"to make", file=sys.stderr)
+    if todo["device"] or todo["cloud"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = ondevice.load(None, n_threads=args.threads) if todo["device"] else None
+        client = CloudClient(cloud.url(), timeout=600) if todo["cloud"] else None
         t0 = time.perf_counter()
-        try:
-            new = collect(model, cloud, missing, max_tokens=args.max_tokens, cloud_workers=args.cloud_slots,
-                          progress=lambda m: print(m, file=sys.stderr))
-        finally:
-            cloud.close()
-            model.close()
+        # cloud requests run alongside the device (its latencies then include sharing the cloud's slots)
+        with ThreadPoolExecutor(max_workers=args.cloud_slots) as pool, path.open("a", encoding="utf-8") as f:
+            pending = {it.id: pool.submit(cloud_answer, client, it, args.max_tokens) for it in todo["cloud"]}
+            try:
+                need = {it.id for tier in todo.values() for it in tier}
+                for i, it in enumerate(it for it in items if it.id in need):
+                    got = cache.setdefault(it.id, {})
+                    if "device" not in got:
+                        got["device"] = {**device_answer(model, it, args.max_tokens), "key": keys["device"]}
+                    if it.id in pending:
+                        got["cloud"] = {**pending[it.id].result(), "key": keys["cloud"]}
+                    f.write(json.dumps({"id": it.id, **got}, ensure_ascii=False) + "\n")
+                    f.flush()
+                    print(f"  [{i + 1}] {it.id}", file=sys.stderr)
+            finally:
+                for fut in pending.values():
+                    fut.cancel()
+                if client is not None:
+                    client.close()
+                if model is not None:
+                    model.close()
         print(f"answered in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        cached.update((r["id"], r) for r in new)
-        rows_file.parent.mkdir(parents=True, exist_ok=True)
-        rows_file.write_text("".join(json.dumps(r) + "\n" for r in cached.values()))
-    rows = [cached[it.id] for it in items]
+    return [make_row(it, cache[it.id]["device"], cache[it.id]["cloud"]) for it in items]
+
+
+def curve_part(args, cloud: Cloud) -> dict:
+    from ondevice.cascade.confidence import FEATURES, TOKEN_FEATURES, GeometricMean, labels_for, roc_auc
+    from ondevice.eval.cascade_curve import at_share, confidences, deferral_curve, fit_combiner
+
+    rows = answers(args, load_items(args.limit), cloud)
     dev = [r for r in rows if r["split"] == "dev" and r["cloud_score"] is not None]
     test = [r for r in rows if r["split"] == "test" and r["cloud_score"] is not None]
-    comb = fit_combiner(dev, meta={"suite": "rewrite+assistant-en(rewrite,summary)", "split": "dev"})
-    main = deferral_curve(test, confidences(test, comb))
-    geo = deferral_curve(test, confidences(test, GeometricMean()))
+    meta = {"suite": "rewrite+assistant-en(rewrite,summary)", "split": "dev", "max_tokens": args.max_tokens}
+    comb = fit_combiner(dev, meta=meta)
+    if args.save_combiner:
+        print(f"combiner saved to {comb.save(args.save_combiner)}", file=sys.stderr)
+    # the same dev rows, other feature sets: tokens and text together, and tokens only, unweighted (the
+    # combiner before the text features)
+    combiners = {"combiner": comb, "tokens + text": fit_combiner(dev, features=FEATURES),
+                 "old (tokens only)": fit_combiner(dev, features=TOKEN_FEATURES, weighted=False),
+                 "exp(mean logprob)": GeometricMean()}
+    confs = {name: confidences(test, c) for name, c in combiners.items()}
+    curves = {name: deferral_curve(test, conf) for name, conf in confs.items()}
+    labels = labels_for([r["device_score"] for r in test], [r["cloud_score"] for r in test])
+    main = curves["combiner"]
     a40 = at_share(main, 0.4)
     print(f"\n== deferral curve on the test split: {len(test)} items (cloud latencies with {args.cloud_slots} "
-          f"requests sharing it) ({len(dev)} dev items fitted the combiner, "
+          f"requests sharing it) ({len(dev)} dev items fitted the combiner, l2 {comb.meta['l2']}, "
           f"dev ROC AUC {comb.meta['dev_auc']:.3f}); {sum(r['cloud_score'] is None for r in rows)} cloud errors")
     print(f"device-only {main['device_score']:.4f}   cloud-only {main['cloud_score']:.4f}   "
           f"(device {main['device_latency_s'] * 1e3:.0f} ms/request, cloud {main['cloud_latency_s'] * 1e3:.0f} ms)")
-    for name, c in (("combiner", main), ("exp(mean logprob)", geo)):
+    r40, o40 = at_share(main, 0.4, "random"), at_share(main, 0.4, "oracle")
+    print(f"{'random':20s} at 40% deferred: {r40['quality']:.4f} = {r40['of_cloud']:6.1%} of cloud-only; "
+          f"curve area {main['auc']['random']:.4f}")
+    print(f"{'oracle':20s} at 40% deferred: {o40['quality']:.4f} = {o40['of_cloud']:6.1%} of cloud-only; "
+          f"curve area {main['auc']['oracle']:.4f}")
+    for name, c in curves.items():
         a = at_share(c, 0.4)
-        r40 = at_share(c, 0.4, "random")
-        o40 = at_share(c, 0.4, "oracle")
-        print(f"{name:18s} at 40% deferred: {a['quality']:.4f} = {a['of_cloud']:.1%} of cloud-only "
-              f"(random {r40['quality']:.4f} = {r40['of_cloud']:.1%}, oracle {o40['quality']:.4f}); "
-              f"AUC {c['auc']['confidence']:.4f} vs random {c['auc']['random']:.4f} vs oracle "
-              f"{c['auc']['oracle']:.4f} (gain {c['auc_gain'] if c['auc_gain'] is None else round(c['auc_gain'], 3)})")
-    best = min((s for s, q in zip(main["shares"], main["confidence"]["quality"]) if q >= 0.95 * main["cloud_score"]),
-               default=None)
-    print(f"smallest share deferred reaching 95% of cloud-only (combiner): "
-          f"{'never' if best is None else f'{best:.0%}'}")
+        gain = "-" if c["auc_gain"] is None else f"{c['auc_gain']:.3f}"
+        print(f"{name:20s} at 40% deferred: {a['quality']:.4f} = {a['of_cloud']:6.1%} of cloud-only; "
+              f"curve area {c['auc']['confidence']:.4f} (gain over random, of the oracle's: {gain}); "
+              f"ROC AUC {roc_auc(confs[name], labels):.3f}")
+    def reach(c: dict, name: str = "confidence") -> str:
+        best = min((s for s, q in zip(c["shares"], c[name]["quality"]) if q >= 0.95 * c["cloud_score"]), default=None)
+        return "never" if best is None else f"{best:.0%}"
+
+    print("smallest share deferred reaching 95% of cloud-only: "
+          + ", ".join(f"{name} {reach(c)}" for name, c in curves.items()) + f", random {reach(main, 'random')}, "
+          f"oracle {reach(main, 'oracle')}")
     print(f"at 40%: {a40['latency_s'] * 1e3:.0f} ms/request mean, {a40['cloud_tokens']} cloud tokens "
           f"(100%: {main['confidence']['cloud_tokens'][-1]})")
-    print("  deferred  combiner  random  oracle  ms/request")
+    print("  deferred  combiner  old (tokens)  random  oracle   (% of cloud-only)  ms/request")
+    old = curves["old (tokens only)"]
+    def pct(q: float) -> float:
+        return q / main["cloud_score"]
+
     for i in range(0, len(main["shares"]), 2):
-        print(f"  {main['shares'][i]:7.0%}  {main['confidence']['quality'][i]:8.4f}  {main['random']['quality'][i]:6.4f}"
-              f"  {main['oracle']['quality'][i]:6.4f}  {main['confidence']['latency_s'][i] * 1e3:10.0f}")
+        print(f"  {main['shares'][i]:7.0%}  {pct(main['confidence']['quality'][i]):8.1%}  "
+              f"{pct(old['confidence']['quality'][i]):12.1%}  {pct(main['random']['quality'][i]):6.1%}  "
+              f"{pct(main['oracle']['quality'][i]):6.1%}  {main['confidence']['latency_s'][i] * 1e3:28.0f}")
+    print("combiner weights (standardised features): "
+          + ", ".join(f"{f} {w:+.2f}" for f, w in zip(comb.features, comb.weights)))
+    if args.resplits:
+        resplits(args.resplits, [r for r in rows if r["cloud_score"] is not None], len(dev))
     tok_s = statistics.median(r["device_s"] / max(1, r["device_tokens"]) for r in rows)
     print("\n== streaming: decide on the first N tokens (combiner refitted on dev prefixes)")
     print(f"   N   AUC gain  at 40% of cloud   first-token delay (N x {tok_s * 1e3:.1f} ms/token, device)")
@@ -146,6 +223,31 @@ def curve_part(args, cloud_url: str) -> dict:
     print(f"  all  {main['auc_gain'] if main['auc_gain'] is None else round(main['auc_gain'], 3):>8}  "
           f"{a40['of_cloud']:14.1%}   whole answer buffered")
     return {"curve": main, "combiner": comb}
+
+
+def resplits(n: int, rows: list[dict], n_dev: int) -> None:
+    """How much the figures depend on the one fixed split: refit and redraw on ``n`` random splits of the same
+    items (``n_dev`` fitted, the rest drawn), same procedure each time."""
+    import random
+
+    from ondevice.cascade.confidence import FEATURES, TOKEN_FEATURES
+    from ondevice.eval.cascade_curve import at_share, confidences, deferral_curve, fit_combiner
+
+    fits = {"combiner": {}, "tokens + text": {"features": FEATURES},
+            "old (tokens only)": {"features": TOKEN_FEATURES, "weighted": False}}
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name in fits}
+    rng = random.Random(0)
+    for _ in range(n):
+        order = rng.sample(rows, len(rows))
+        dev, test = order[:n_dev], order[n_dev:]
+        for name, kw in fits.items():
+            c = deferral_curve(test, confidences(test, fit_combiner(dev, **kw)))
+            got[name].append((at_share(c, 0.4)["of_cloud"], c["auc_gain"]))
+    print(f"\n== {n} random splits ({n_dev} fitted, {len(rows) - n_dev} drawn): mean ± std")
+    for name, v in got.items():
+        a40, gain = [x for x, _ in v], [g for _, g in v]
+        print(f"{name:20s} at 40% deferred {statistics.mean(a40):6.1%} ± {statistics.stdev(a40):.1%} of cloud-only; "
+              f"AUC gain {statistics.mean(gain):.3f} ± {statistics.stdev(gain):.3f}")
 
 
 def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, dict | None, float | None]:
@@ -172,8 +274,9 @@ def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, 
 
 def stats_part(args) -> None:
     """In-process: the device's decode with and without per-token statistics (the confidence's only per-token
-    cost), same prompt, alternating order."""
+    cost), same prompt, alternating order; then the time to compute an answer's features (once per answer)."""
     import ondevice
+    from ondevice.cascade.confidence import TokenStats
     from ondevice.engine.records import Sampling
 
     m = ondevice.load(None, n_threads=args.threads)
@@ -184,15 +287,25 @@ def stats_part(args) -> None:
             for ts in ((False, True) if rep % 2 == 0 else (True, False)):
                 m.reset()
                 t0 = time.perf_counter()
-                n = sum(1 for _ in m.stream(msgs, sampling=Sampling(temp=0, max_tokens=args.overhead_tokens,
-                                                                    ignore_eos=True, token_stats=ts)))
-                per[ts].append((time.perf_counter() - t0) / n)
+                gen = list(m.stream(msgs, sampling=Sampling(temp=0, max_tokens=args.overhead_tokens,
+                                                            ignore_eos=True, token_stats=ts)))
+                per[ts].append((time.perf_counter() - t0) / len(gen))
+                answer_s = gen[-1].t
     finally:
         m.close()
     ratios = [a / b for a, b in zip(per[True], per[False])]
     print(f"\n== per-token statistics in the decode loop (library, {args.overhead_tokens} tokens x {len(ratios)}): "
           f"{statistics.median(per[False]) * 1e3:.2f} -> {statistics.median(per[True]) * 1e3:.2f} ms/token, "
           f"median ratio {statistics.median(ratios):.3f}")
+    stats = TokenStats(msgs)
+    for g in gen:
+        stats.add(g)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        stats.features()
+    feat_s = (time.perf_counter() - t0) / 200
+    print(f"features of one {len(gen)}-token answer (tokens and text): {feat_s * 1e6:.0f} us = "
+          f"{feat_s / answer_s:.2%} of the answer's {answer_s * 1e3:.0f} ms")
 
 
 def overhead_part(args, cloud_url: str) -> None:
@@ -241,25 +354,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="overhead rounds")
     ap.add_argument("--requests", type=int, default=8, help="requests per overhead round")
     ap.add_argument("--overhead-tokens", type=int, default=48)
-    ap.add_argument("--rows", default="/tmp/ondevice-cascade-bench-rows.jsonl", help="answers cache")
-    ap.add_argument("--reuse-rows", action="store_true", help="reuse the answers cache instead of asking again")
+    ap.add_argument("--rows", default="/tmp/ondevice-cascade-bench-answers.jsonl",
+                    help="answers cache (JSONL; an answer is reused when its model file and max_tokens match)")
+    ap.add_argument("--fresh", action="store_true", help="ignore the answers cache (answer everything again)")
+    ap.add_argument("--save-combiner", default=None, metavar="FILE", help="write the combiner fitted on dev here "
+                                                                          "(`ondevice serve --cascade-combiner FILE`)")
+    ap.add_argument("--resplits", type=int, default=0, metavar="N",
+                    help="also refit and redraw on N random dev/test splits of the same items (the spread)")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--cloud-url", default=None, help="use this cloud endpoint instead of starting one (part 2 "
                                                       "never defers, so any URL serves there)")
     args = ap.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
-    cloud, cloud_url = (None, args.cloud_url) if args.cloud_url else start_server(
-        "-m", args.cloud_model, threads=args.threads, slots=args.cloud_slots)
+    cloud = Cloud(args)
     try:
         if not args.skip_curve:
-            curve_part(args, cloud_url)
+            curve_part(args, cloud)
         if not args.skip_overhead:
             stats_part(args)
-            overhead_part(args, cloud_url)
+            overhead_part(args, cloud.url())
     finally:
-        if cloud is not None:
-            stop(cloud)
+        cloud.close()
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

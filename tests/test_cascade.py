@@ -18,7 +18,15 @@ import urllib.request
 import numpy as np
 import pytest
 
-from ondevice.cascade.confidence import Combiner, GeometricMean, features, labels_for, roc_auc, split_of
+from ondevice.cascade.confidence import (
+    TOKEN_FEATURES,
+    Combiner,
+    GeometricMean,
+    features,
+    labels_for,
+    roc_auc,
+    split_of,
+)
 from ondevice.cascade.policy import Budget, Policy, RequestPolicy, decide
 from ondevice.errors import InvalidArgument
 
@@ -65,7 +73,7 @@ def test_combiner_learns_a_separable_rule_and_round_trips(tmp_path):
         mlp = rng.normal(-0.3 if good else -1.5, 0.4)
         feats.append(features([mlp, mlp - 0.2], [rng.random(), rng.random()]))
         labels.append(int(good))
-    c = Combiner.fit(feats, labels, meta={"suite": "synthetic"})
+    c = Combiner.fit(feats, labels, features=TOKEN_FEATURES, meta={"suite": "synthetic"})
     assert c.meta["dev_auc"] > 0.9
     assert c.predict(features([-0.1], [0.1])) > 0.8
     assert c.predict(features([-3.0], [3.0])) < 0.2
@@ -75,7 +83,7 @@ def test_combiner_learns_a_separable_rule_and_round_trips(tmp_path):
     with pytest.raises(InvalidArgument, match="cascade fit"):
         Combiner.load(tmp_path / "bad.json")
     with pytest.raises(InvalidArgument, match="same label"):
-        Combiner.fit(feats[:10], [1] * 10)
+        Combiner.fit(feats[:10], [1] * 10, features=TOKEN_FEATURES)
 
 
 def test_split_is_fixed_per_id_and_labels():

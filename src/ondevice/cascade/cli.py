@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--tasks", default=None, help="comma-separated task names to keep")
     f.add_argument("--limit", type=int, default=None, help="a stratified subset of N dev items")
     f.add_argument("--max-tokens", type=int, default=128, help="tokens per answer at most")
+    f.add_argument("--features", default="text", choices=("text", "tokens", "all"),
+                   help="what the combiner weighs: the answer's text against the request (default), its token "
+                        "statistics, or both")
     f.add_argument("--threads", type=int, default=None, help="device threads (default: physical cores)")
     f.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="where to write the combiner (default: the data dir, found by serve/eval for this model)")
@@ -44,7 +47,7 @@ def _fit(args: argparse.Namespace) -> int:
     from ..eval.cascade_curve import collect, fit_combiner, load_items
     from ..models.catalog import resolve
     from .cloud import DEFAULT_KEY_ENV, CloudClient
-    from .confidence import combiner_path
+    from .confidence import FEATURES, TEXT_FEATURES, TOKEN_FEATURES, combiner_path
 
     say = lambda m: print(m, file=sys.stderr)
     items = load_items(args.suite, "dev", args.tasks.split(",") if args.tasks else None, args.limit)
@@ -59,7 +62,8 @@ def _fit(args: argparse.Namespace) -> int:
         cloud.close()
         model.close()
     comb = fit_combiner(rows, meta={"model": model.name, "model_sha256": sha, "cloud_model": cloud.model,
-                                    "suite": args.suite, "split": "dev", "max_tokens": args.max_tokens})
+                                    "suite": args.suite, "split": "dev", "max_tokens": args.max_tokens},
+                         features={"text": TEXT_FEATURES, "tokens": TOKEN_FEATURES, "all": FEATURES}[args.features])
     path = comb.save(args.output or combiner_path(sha))
     good = sum(r["device_score"] >= r["cloud_score"] for r in rows if r["cloud_score"] is not None)
     print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "

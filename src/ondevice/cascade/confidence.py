@@ -1,20 +1,30 @@
-"""How sure the device model is of its own answer: features from its tokens and a calibrated combiner.
+"""How sure the device model is of its own answer: features of its tokens and text, and a calibrated combiner.
 
 Each generated token carries its log-probability and the entropy of the distribution it was drawn from
 (``Generation.logprob`` / ``Generation.entropy``, recorded when ``Sampling.token_stats`` is set; both from
-the raw logits, before temperature or penalties). An answer's features are length-normalised summaries
+the raw logits, before temperature or penalties). An answer's token features are length-normalised summaries
 of those (mean and minimum log-probability, mean and maximum entropy, the share of unsure tokens) plus its
-length. A small logistic combiner, fitted on a dev split where both tiers answered, turns them into one
-number in 0..1: the estimated probability that the device's answer is as good as the cloud's ("Cloud-device
-collaborative adaptation": escalate by uncertainty, not at random). Without a fitted combiner the
+length. On rewrite and summary requests those barely tell a bad answer from a good one (the model is fluent
+and sure while it chats instead of rewriting), so the answer's text is also compared with the request
+(:func:`text_features`): how much of it is copied from the message and how much of the message it keeps, its
+length against the message's, repeated bigrams, words echoed from the instruction, an answer cut by
+``max_tokens``, and a "rewrite" that returned the message unchanged. A small logistic combiner (over the
+text features by default, :data:`FIT_FEATURES`, which rank bad answers better), fitted on a dev split where
+both tiers answered, turns them into one number in 0..1: the estimated probability that the
+device's answer is as good as the cloud's ("Cloud-device collaborative adaptation": escalate by uncertainty,
+not at random). Each dev answer is weighted by how much the choice matters there (``|cloud - device|``
+score), so the fit ranks the answers where deferring gains most first. Without a fitted combiner the
 confidence is the geometric mean token probability, ``exp(mean logprob)``, and says so (``calibrated``).
+Everything here is what the device has at decision time: the request, its own tokens and its own text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +33,22 @@ import numpy as np
 
 from ..errors import InvalidArgument
 
-FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy", "unsure_share", "log_tokens")
+TOKEN_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy", "unsure_share", "log_tokens")
+TEXT_FEATURES = ("copied_bigrams", "kept_bigrams", "length_ratio", "distinct_bigrams", "instruction_echo",
+                 "truncated", "unchanged")
+FEATURES = TOKEN_FEATURES + TEXT_FEATURES
+# What a combiner is fitted on by default. Measured by benchmarks/cascade_bench.py (SmolLM2-135M -> Qwen2.5-
+# 0.5B, rewrite + summary items): on top of the text features the token features only add noise that a few
+# dozen dev answers cannot average out (60 random 54/108 re-splits: 85% of cloud-only at 40% deferred with
+# the text features, 82% with both, 80% with the tokens alone). They are still computed and reported with
+# every answer, and ``Combiner.fit(features=FEATURES)`` uses them.
+FIT_FEATURES = TEXT_FEATURES
 UNSURE_LOGPROB = math.log(0.5)  # a token the model gave less than even odds
+_WORD = re.compile(r"\w+(?:'\w+)?")
+_LABEL = re.compile(r"^[^\W\d][\w ]{0,30}:\s*")  # "Message: ..." / "Notifications:\n..." before the text itself
 
 
-def features(logprobs: Sequence[float], entropies: Sequence[float]) -> dict[str, float]:
+def token_features(logprobs: Sequence[float], entropies: Sequence[float]) -> dict[str, float]:
     """The answer's features from its per-token log-probabilities and entropies (nats).
 
     An empty answer (the model stopped at once) has neutral features: nothing was unsure.
@@ -43,21 +64,86 @@ def features(logprobs: Sequence[float], entropies: Sequence[float]) -> dict[str,
             "unsure_share": float((lp < UNSURE_LOGPROB).mean()), "log_tokens": math.log1p(lp.size)}
 
 
-class TokenStats:
-    """Collects per-token statistics from a stream of ``Generation`` records (EOS records included: how
-    sure the model was to stop counts too)."""
+def request_text(request) -> str:
+    """The text a request asks about: a prompt string, or the last user message of a chat (text parts)."""
+    if isinstance(request, str):
+        return request
+    for m in reversed(list(request or [])):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            return "\n".join(p.get("text", "") for p in c or [] if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
-    def __init__(self) -> None:
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _bigrams(words: list[str]) -> list[tuple[str, str]]:
+    w = ["<s>", *words]  # a start mark: a one-word text still has one bigram
+    return list(itertools.pairwise(w))
+
+
+def _share_in(xs: Sequence, pool: set) -> float:
+    return sum(x in pool for x in xs) / len(xs) if xs else 0.0
+
+
+def text_features(request: str, output: str, finish_reason: str | None = None) -> dict[str, float]:
+    """The answer's text against the request: does it look like the rewrite or summary that was asked for?
+
+    The request is split into the instruction and the text to work on: its last paragraph (after a blank
+    line; a leading ``Label:`` dropped) when it has more than one, else the whole request. Shapes are word
+    lists; the cost is linear in the lengths (microseconds for a message).
+    """
+    paras = [p for p in request.strip().split("\n\n") if p.strip()]
+    source = _LABEL.sub("", paras[-1].strip()) if len(paras) > 1 else request
+    instruction = "\n\n".join(paras[:-1]) if len(paras) > 1 else ""
+    ow, sw = _words(output), _words(source)
+    ob, sb = _bigrams(ow), _bigrams(sw)
+    src_vocab = set(sw)
+    new_words = [w for w in ow if w not in src_vocab]
+    return {"copied_bigrams": _share_in(ob, set(sb)) if ow else 0.0,
+            "kept_bigrams": _share_in(sb, set(ob)) if sw else 0.0,
+            "length_ratio": math.log((len(ow) + 1) / (len(sw) + 1)),
+            "distinct_bigrams": len(set(ob)) / len(ob) if ow else 1.0,
+            "instruction_echo": _share_in(new_words, set(_words(instruction))) if ow else 0.0,
+            "truncated": float(finish_reason == "length"),
+            "unchanged": float(bool(ow) and ow == sw)}
+
+
+def features(logprobs: Sequence[float], entropies: Sequence[float], request: str = "", output: str = "",
+             finish_reason: str | None = None) -> dict[str, float]:
+    """All of :data:`FEATURES`: the token features and the text features of one answer (or its prefix)."""
+    return token_features(logprobs, entropies) | text_features(request, output, finish_reason)
+
+
+class TokenStats:
+    """Collects an answer's tokens from a stream of ``Generation`` records (EOS records included: how sure
+    the model was to stop counts too): their statistics, text and finish reason. ``request`` is the prompt
+    or chat messages the answer is for (its text features compare the two)."""
+
+    def __init__(self, request=None) -> None:
+        self.request = request_text(request)
         self.logprobs: list[float] = []
         self.entropies: list[float] = []
+        self.pieces: list[str] = []
+        self.finish_reason: str | None = None
 
     def add(self, g) -> None:
         if g.logprob is not None:
             self.logprobs.append(g.logprob)
             self.entropies.append(g.entropy if g.entropy is not None else 0.0)
+        self.pieces.append(g.text)
+        self.finish_reason = g.finish_reason or self.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     def features(self) -> dict[str, float]:
-        return features(self.logprobs, self.entropies)
+        return features(self.logprobs, self.entropies, self.request, self.text, self.finish_reason)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -66,10 +152,12 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Combiner:
-    """Logistic regression over standardised :data:`FEATURES`; ``predict`` is P(device answer is good).
+    """Logistic regression over standardised features (``features``, a subset of :data:`FEATURES`, stored
+    with it); ``predict`` is P(device answer is good).
 
-    Fitted with Newton's method (IRLS) and a small L2 penalty, in numpy: a handful of weights, nothing to
-    install. ``meta`` says what it was fitted on (model sha256, cloud, suite, split, n, dev AUC).
+    Fitted with Newton's method (IRLS) and an L2 penalty, in numpy: a dozen weights, nothing to install.
+    ``meta`` says what it was fitted on (model sha256, cloud, suite, split, n, dev AUC). A file fitted before
+    the text features existed names only token features and still predicts from those.
     """
 
     mean: list[float]
@@ -88,25 +176,35 @@ class Combiner:
         return float(_sigmoid(np.array(x @ np.array(self.weights) + self.bias)))
 
     @classmethod
-    def fit(cls, feats: Sequence[dict[str, float]], labels: Sequence[int], *, l2: float | None = None,
-            meta: dict | None = None) -> Combiner:
+    def fit(cls, feats: Sequence[dict[str, float]], labels: Sequence[int], *, weights: Sequence[float] | None = None,
+            features: Sequence[str] = FIT_FEATURES, l2: float | None = None, meta: dict | None = None) -> Combiner:
         """Fit on ``feats`` with binary ``labels`` (1: the device's answer was good enough).
 
-        ``l2`` None picks the penalty from :data:`L2_GRID` by cross-validated log-loss on the same dev
-        data (a few dozen answers overfit six weights easily; the test split is never looked at).
+        ``weights`` (one per answer, default 1) say how much each answer counts: with ``|cloud - device|``
+        the fit cares about the answers where the choice changes the score. ``l2`` None picks the penalty
+        from :data:`L2_GRID` by cross-validated (weighted) log-loss on the same dev data (a few dozen answers
+        overfit a dozen weights easily; the test split is never looked at).
         """
         y = np.asarray(labels, dtype=np.float64)
+        sw = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+        unknown = set(features) - set(FEATURES)
+        if unknown or not features:
+            raise InvalidArgument(f"unknown combiner features {sorted(unknown)}; pick from {', '.join(FEATURES)}")
+        if len(sw) != len(y) or (sw < 0).any() or not sw.sum() > 0:
+            raise InvalidArgument("combiner weights must be one non-negative number per answer, not all 0")
+        sw = sw / sw.mean()  # mean weight 1: the penalty grid means the same weighted or not
         if len(feats) != len(y) or len(y) < 4:
             raise InvalidArgument(f"fitting the combiner needs at least 4 labelled answers, got {len(y)}; "
                                   f"use a larger dev split")
         if y.min() == y.max():
             raise InvalidArgument("every dev answer has the same label (all good or all bad): nothing to learn "
                                   "from; use a larger or more varied dev split")
-        x = np.array([[f[k] for k in FEATURES] for f in feats], dtype=np.float64)  # (n, n_features)
-        chosen = l2 if l2 is not None else _cv_l2(x, y)
-        mu, sd, w = _fit_logistic(x, y, chosen)
-        c = cls(mean=mu.tolist(), std=sd.tolist(), weights=w[:-1].tolist(), bias=float(w[-1]), meta=dict(meta or {}))
-        c.meta.update(n_fit=len(y), n_good=int(y.sum()), l2=chosen)
+        x = np.array([[f[k] for k in features] for f in feats], dtype=np.float64)  # (n, n_features)
+        chosen = l2 if l2 is not None else _cv_l2(x, y, sw)
+        mu, sd, w = _fit_logistic(x, y, chosen, sw)
+        c = cls(mean=mu.tolist(), std=sd.tolist(), weights=w[:-1].tolist(), bias=float(w[-1]),
+                features=tuple(features), meta=dict(meta or {}))
+        c.meta.update(n_fit=len(y), n_good=int(y.sum()), l2=chosen, weighted=weights is not None)
         c.meta["dev_auc"] = roc_auc([c.predict(f) for f in feats], y.tolist())
         return c
 
@@ -151,8 +249,11 @@ class Combiner:
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, std, weights with the bias last) of an L2-penalised logistic fit by Newton's method."""
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, sw: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, weights with the bias last) of an L2-penalised logistic fit by Newton's method, each
+    row's loss weighted by ``sw`` (default 1)."""
+    sw = np.ones(len(y)) if sw is None else sw
     mu, sd = x.mean(axis=0), x.std(axis=0)
     sd[sd < 1e-9] = 1.0
     z = np.hstack([(x - mu) / sd, np.ones((len(y), 1))])  # (n, n_features + 1), bias last
@@ -161,8 +262,8 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, 
     reg[-1] = 0.0  # the bias is not penalised
     for _ in range(50):
         p = _sigmoid(z @ w)
-        grad = z.T @ (p - y) + reg * w
-        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
+        grad = z.T @ (sw * (p - y)) + reg * w
+        hess = (z * (sw * p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
@@ -170,8 +271,9 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, 
     return mu, sd, w
 
 
-def _cv_l2(x: np.ndarray, y: np.ndarray, folds: int = 5) -> float:
-    """The penalty of :data:`L2_GRID` with the lowest held-out log-loss over ``folds`` interleaved folds."""
+def _cv_l2(x: np.ndarray, y: np.ndarray, sw: np.ndarray, folds: int = 5) -> float:
+    """The penalty of :data:`L2_GRID` with the lowest held-out (``sw``-weighted) log-loss over ``folds``
+    interleaved folds."""
     k = max(2, min(folds, len(y)))
     best, best_loss = L2_GRID[-1], float("inf")
     for l2 in L2_GRID:
@@ -181,10 +283,10 @@ def _cv_l2(x: np.ndarray, y: np.ndarray, folds: int = 5) -> float:
             if y[~test].min() == y[~test].max():  # a training fold with one label: predict its base rate
                 p = np.full(test.sum(), np.clip(y[~test].mean(), 0.01, 0.99))
             else:
-                mu, sd, w = _fit_logistic(x[~test], y[~test], l2)
+                mu, sd, w = _fit_logistic(x[~test], y[~test], l2, sw[~test])
                 p = _sigmoid(np.hstack([(x[test] - mu) / sd, np.ones((test.sum(), 1))]) @ w)
             p = np.clip(p, 1e-6, 1 - 1e-6)
-            loss -= float((y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum())
+            loss -= float((sw[test] * (y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p))).sum())
         if loss < best_loss - 1e-12:
             best, best_loss = l2, loss
     return best
@@ -247,3 +349,11 @@ def split_of(item_id: str, dev_share: float = 0.4) -> str:
 def labels_for(device_scores: Iterable[float], cloud_scores: Iterable[float], margin: float = 0.0) -> list[int]:
     """1 where the device's answer scored at least the cloud's (minus ``margin``): deferring would not help."""
     return [int(d >= c - margin) for d, c in zip(device_scores, cloud_scores)]
+
+
+WEIGHT_FLOOR = 0.05  # ties (both tiers equally good or bad) still count a little
+
+
+def weights_for(device_scores: Iterable[float], cloud_scores: Iterable[float]) -> list[float]:
+    """How much each answer's choice matters: ``|cloud - device|`` (+ a small floor)."""
+    return [abs(c - d) + WEIGHT_FLOOR for d, c in zip(device_scores, cloud_scores)]

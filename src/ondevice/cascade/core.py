@@ -152,10 +152,9 @@ class Cascade:
         s = dataclasses.replace(sampling or Sampling(**sampling_kw), token_stats=True)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         t0 = time.perf_counter()
-        stats, parts, last = TokenStats(), [], None
+        stats, last = TokenStats(messages), None
         for g in self.model.stream(messages, sampling=s):
             stats.add(g)
-            parts.append(g.text)
             last = g
         device_s = time.perf_counter() - t0
         conf, feats = self.confidence(stats)
@@ -168,7 +167,7 @@ class Cascade:
             except CloudError as e:
                 self.budget.refund()
                 cloud = e
-        result = finish(decision, conf, self.combiner.calibrated, feats, "".join(parts), device_s,
+        result = finish(decision, conf, self.combiner.calibrated, feats, stats.text, device_s,
                         last.finish_reason if last else "length", cloud)
         if should_keep(self.policy, rp, result):
             keep_sample(self.store, "library", self.model.name, self.sha256, messages, result)

@@ -102,7 +102,7 @@ class ServerCascade:
     # -- non-streaming ------------------------------------------------------------------------------------
     async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict]) -> JSONResponse:
         """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer."""
-        stats = TokenStats()
+        stats = TokenStats(messages)
         for g in gen:
             stats.add(g)
         rp, conf, feats, decision = self._decide(req, stats)
@@ -134,7 +134,7 @@ class ServerCascade:
         cid, created = S._id("chatcmpl"), int(time.time())
         t0 = time.perf_counter()
         events = runner.events(job, request, poll_disconnect=True)
-        stats, buffered, last = TokenStats(), [], None
+        stats, buffered, last = TokenStats(messages), [], None
         async for g in events:
             stats.add(g)
             buffered.append(g.text)

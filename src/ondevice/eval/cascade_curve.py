@@ -34,18 +34,19 @@ SHARES = tuple(i / 20 for i in range(21))  # 0, 5, ..., 100 % deferred
 
 
 def device_answer(model, item: Item, max_tokens: int) -> dict:
-    """The device's greedy answer with its per-token statistics and latency."""
+    """The device's greedy answer with its per-token statistics, text pieces and latency (all a row's
+    features are computed from, see :func:`row_features`)."""
     from ..cascade.confidence import TokenStats
 
-    stats, parts, last = TokenStats(), [], None
     prompt = item.input if isinstance(item.input, str) else item.messages()
+    stats, last = TokenStats(prompt), None
     for g in model.stream(prompt, sampling=Sampling(temp=0.0, max_tokens=max_tokens, token_stats=True)):
         stats.add(g)
-        parts.append(g.text)
         last = g
-    return {"device_text": "".join(parts), "device_s": last.t if last else 0.0,
+    return {"device_text": stats.text, "device_s": last.t if last else 0.0,
             "device_tokens": last.generation_tokens if last else 0, "logprobs": stats.logprobs,
-            "entropies": stats.entropies}
+            "entropies": stats.entropies, "pieces": stats.pieces, "finish_reason": stats.finish_reason,
+            "request": stats.request}
 
 
 def cloud_answer(cloud, item: Item, max_tokens: int) -> dict:
@@ -74,7 +75,7 @@ def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128, cloud
         for i, it in enumerate(items):
             d = device_answer(model, it, max_tokens)
             c = pending[i].result() if pending else cloud_answer(cloud, it, max_tokens)
-            rows.append(_row(it, d, c))
+            rows.append(make_row(it, d, c))
             if progress:
                 r = rows[-1]
                 cs = "error" if r["cloud_score"] is None else f"{r['cloud_score']:.3f}"
@@ -82,7 +83,8 @@ def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128, cloud
     return rows
 
 
-def _row(it: Item, d: dict, c: dict) -> dict:
+def make_row(it: Item, d: dict, c: dict) -> dict:
+    """One item's row from its device and cloud answers (:func:`device_answer`, :func:`cloud_answer`), scored."""
     from ..cascade.confidence import split_of
 
     return {"id": it.id, "task": it.task, "split": split_of(it.id), "metric": it.metric, **d, **c,
@@ -146,22 +148,32 @@ def at_share(curve: dict, share: float, name: str = "confidence") -> dict:
             "latency_s": curve[name]["latency_s"][i], "cloud_tokens": curve[name]["cloud_tokens"][i]}
 
 
-def confidences(rows: Sequence[dict], combiner, prefix: int | None = None) -> list[float]:
-    """The combiner's confidence of each row, from all its tokens or the first ``prefix`` (streaming)."""
+def row_features(row: dict, prefix: int | None = None) -> dict[str, float]:
+    """A row's confidence features, as the server computes them from the same answer: all its tokens, or
+    the first ``prefix`` (streaming decides on a prefix; an answer that ends sooner is scored whole)."""
     from ..cascade.confidence import features
 
-    cut = slice(None) if not prefix else slice(0, prefix)
-    return [combiner.predict(features(r["logprobs"][cut], r["entropies"][cut])) for r in rows]
+    lp, ent, pieces = row["logprobs"], row["entropies"], row["pieces"]
+    if not prefix or prefix >= len(pieces):
+        return features(lp, ent, row["request"], "".join(pieces), row["finish_reason"])
+    return features(lp[:prefix], ent[:prefix], row["request"], "".join(pieces[:prefix]), None)
 
 
-def fit_combiner(rows: Sequence[dict], meta: dict | None = None, prefix: int | None = None):
-    """Fit a :class:`Combiner` on rows (label: the device scored at least the cloud)."""
-    from ..cascade.confidence import Combiner, features, labels_for
+def confidences(rows: Sequence[dict], combiner, prefix: int | None = None) -> list[float]:
+    """The combiner's confidence of each row, from all its tokens or the first ``prefix`` (streaming)."""
+    return [combiner.predict(row_features(r, prefix)) for r in rows]
+
+
+def fit_combiner(rows: Sequence[dict], meta: dict | None = None, prefix: int | None = None,
+                 features: Sequence[str] | None = None, weighted: bool = True):
+    """Fit a :class:`Combiner` on rows (label: the device scored at least the cloud; each answer weighted by
+    ``|cloud - device|`` unless ``weighted`` is False); ``features`` None: :data:`FIT_FEATURES`."""
+    from ..cascade.confidence import FIT_FEATURES, Combiner, labels_for, weights_for
 
     ok = [r for r in rows if r.get("cloud_score") is not None]
-    cut = slice(None) if not prefix else slice(0, prefix)
-    feats = [features(r["logprobs"][cut], r["entropies"][cut]) for r in ok]
-    return Combiner.fit(feats, labels_for([r["device_score"] for r in ok], [r["cloud_score"] for r in ok]),
+    dev, cloud = [r["device_score"] for r in ok], [r["cloud_score"] for r in ok]
+    return Combiner.fit([row_features(r, prefix) for r in ok], labels_for(dev, cloud),
+                        weights=weights_for(dev, cloud) if weighted else None, features=features or FIT_FEATURES,
                         meta=meta)
 
 

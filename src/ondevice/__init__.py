@@ -57,6 +57,20 @@ def bench(*args, **kw):
     return _bench(*args, **kw)
 
 
+def fit(*args, **kw):
+    """The best variant of a model for this device under a budget (see :func:`ondevice.fit.api.fit`)."""
+    from .fit.api import fit as _fit
+
+    return _fit(*args, **kw)
+
+
+def adapt(*args, **kw):
+    """Train a LoRA adapter on the CPU and export it for llama.cpp (see :func:`ondevice.adapt.adapt`)."""
+    from .adapt import adapt as _adapt
+
+    return _adapt(*args, **kw)
+
+
 def evaluate(*args, **kw):
     """Perplexity / KLD / task suites (see :func:`ondevice.eval.api.evaluate`)."""
     from .eval.api import evaluate as _evaluate
@@ -64,5 +78,5 @@ def evaluate(*args, **kw):
     return _evaluate(*args, **kw)
 
 
-__all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "bench", "evaluate", "generate",
+__all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "adapt", "bench", "evaluate", "fit", "generate",
            "load", "stream", "__version__"]

@@ -21,12 +21,14 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("ondevice.bench.cli", "measure speed, memory, energy and %% of roofline"),
     "report": ("ondevice.report.cli", "tables, exports, HTML report and comparisons of stored runs"),
     "quantize": ("ondevice.quant.cli", "make a quantized variant of a model"),
+    "fit": ("ondevice.fit.cli", "the best variant of a model for this device under a budget"),
     "eval": ("ondevice.eval.cli", "perplexity, KL divergence and task suites"),
     "serve": ("ondevice.serve.cli", "OpenAI-compatible local server"),
     "device": ("ondevice.device.cli", "this machine: CPU, memory, energy counters and measured roofs"),
     "agent": ("ondevice.agent.cli", "plan and call tools (Python, MCP) with small models"),
     "cascade": ("ondevice.cascade.cli", "device -> cloud cascade: fit its confidence, export hard samples"),
     "protect": ("ondevice.protect.cli", "encrypted model files, decrypted only in memory"),
+    "adapt": ("ondevice.adapt.cli", "fine-tune a LoRA adapter on the CPU under a memory budget (torch extra)"),
 }
 
 

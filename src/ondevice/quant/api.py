@@ -24,12 +24,15 @@ _UNQUANTIZED_TARGETS = {"F32", "F16", "BF16"}
 
 def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None = None,
              overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
-             threads: int | None = None, force: bool = False, timeout: float | None = None):
+             threads: int | None = None, force: bool = False, timeout: float | None = None,
+             imatrix: str | os.PathLike[str] | None = None):
     """Quantize ``model`` to ``type`` (a ``LLAMA_FTYPE_MOSTLY_*`` name) and store it as variant ``name``.
 
     ``overrides`` are ``"REGEX=GGML_TYPE"`` strings (or a ``{regex: type}`` dict) applied to tensor names.
     Returns the :class:`~ondevice.models.catalog.ModelRef` of the new variant; its provenance (source
     sha256, type, overrides, llama.cpp version, the tensor types read back) is in ``ref.provenance``.
+    ``imatrix``: an ``.npz`` importance matrix (tensor name -> per-column mean squared activation, as
+    ``ondevice.fit.imatrix.collect`` writes) that weights the rounding error per column.
     """
     from ..engine.llama import physical_cores
     from ..eval.api import model_sha256
@@ -56,7 +59,9 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout)
+        if imatrix is not None and not Path(imatrix).is_file():
+            raise InvalidArgument(f"--imatrix {str(imatrix)!r} is not a file; give an .npz importance matrix")
+        seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
         types = weight_types(tmp)
         check = verify(types, type_name, ovr)
         import llama_cpp
@@ -69,6 +74,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
             "llama_cpp_python": llama_cpp.__version__, "llama_cpp": "vendored in llama-cpp-python "
             f"{llama_cpp.__version__}", "threads": n_threads, "seconds": round(seconds, 3),
             "tensor_types": check, "file_size": tmp.stat().st_size,
+            "imatrix": str(imatrix) if imatrix else None,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if requantized_from and type_name in _UNQUANTIZED_TARGETS:

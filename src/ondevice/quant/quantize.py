@@ -152,10 +152,15 @@ def verify(weights: dict[str, str], type_name: str, overrides: list[tuple[str, s
 
 
 def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]], allow_requantize: bool,
-               threads: int, timeout: float | None = None) -> float:
-    """Run ``llama_model_quantize`` in a child process; seconds taken, or an error naming llama.cpp's reason."""
+               threads: int, timeout: float | None = None, imatrix: str | Path | None = None) -> float:
+    """Run ``llama_model_quantize`` in a child process; seconds taken, or an error naming llama.cpp's reason.
+
+    ``imatrix``: an ``.npz`` of tensor name -> per-column importance (``fit.imatrix.collect``), passed as
+    ``llama_model_quantize_params.imatrix``; the quantizer then weights each column's rounding error by it.
+    """
     job = {"src": str(src), "dst": str(dst), "ftype": ftype, "allow_requantize": allow_requantize,
-           "nthread": threads, "overrides": [[p, ggml_types()[t]] for p, t in overrides]}
+           "nthread": threads, "overrides": [[p, ggml_types()[t]] for p, t in overrides],
+           "imatrix": str(imatrix) if imatrix else None}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
@@ -175,6 +180,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
         why = reason or " | ".join(log[-3:]) or f"exit code {proc.returncode}"
         hint = ""
         if "importance matrix" in why or "imatrix" in why:
-            hint = "; this type needs an importance matrix (not supported here): pick a K-quant or Q4_0/Q8_0"
+            hint = ("; this type needs an importance matrix: pass --imatrix FILE (ondevice fit collects one) "
+                    "or pick a K-quant or Q4_0/Q8_0")
         raise OndeviceError(f"llama.cpp could not quantize {src.name}: {why}{hint}")
     return elapsed

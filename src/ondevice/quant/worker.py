@@ -32,9 +32,29 @@ def main(argv: list[str]) -> int:
             arr[i].type = int(ggml_type)
         arr[len(overrides)].pattern = None  # the list ends at a NULL pattern (llama-quant.cpp)
         set_fields(params, tt_overrides=ctypes.cast(arr, ctypes.POINTER(ll.llama_model_tensor_override)))
+    if job.get("imatrix"):
+        set_fields(params, imatrix=_imatrix_array(ll, job["imatrix"], keep))
     rc = ll.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
     sys.stderr.flush()
     return int(rc)
+
+
+def _imatrix_array(ll, path: str, keep: list):
+    """``llama_model_imatrix_data[]`` (name, data, size; NULL-name terminated) from an ``.npz`` of
+    tensor name -> float32 per-column importance (``fit.imatrix``); ``keep`` holds the buffers alive."""
+    import numpy as np
+
+    with np.load(path) as z:
+        entries = [(k, np.ascontiguousarray(z[k], dtype=np.float32)) for k in z.files]
+    arr = (ll.llama_model_imatrix_data * (len(entries) + 1))()
+    for i, (name, values) in enumerate(entries):
+        keep += [name.encode(), values]
+        arr[i].name = keep[-2]
+        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = values.size
+    arr[len(entries)].name = None
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(ll.llama_model_imatrix_data))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,320 @@
+"""``ondevice.fit(model, budget)``: the best variant of a model for this device under a budget.
+
+OHQ (on-chip hardware-aware quantization) in llama.cpp terms: measure what each weight type costs on this
+CPU (``measure``: whole-model variants timed by the real bench), measure how much each tensor group hurts
+quality when lowered (real KLD against the reference on calibration text), optionally weight the rounding
+error by an importance matrix collected on that text (``imatrix``; kept only where it measurably lowers
+KLD), plan per-group types on the predicted Pareto front (``plan``), then build the best few plans and
+measure them for real (bench + KLD on held-out text). The winner goes into the model store with its plan,
+predictions and measurements as provenance, and the front into the SQLite store for ``ondevice report``.
+
+The reference ("the family's F16") is the F16 variant in the store; when there is none it is made by
+dequantizing the shipped file (``quantize F16 --allow-requantize``), so it is a reference *for the shipped
+file*, not the original weights. Every fitted variant is quantized from that F16 file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+from .budget import Budget, parse_budget
+from .groups import BASE, CANDIDATES, Layout, layout, quant_size
+from .measure import Cache, Meter, device_section, fit_dir, plan_key, quality_section
+from .plan import Candidate, Table, choose, front_table, impossible, make_table, objective, pareto_front
+
+
+@dataclass
+class FitResult:
+    model: str
+    ref: str
+    budget: Budget
+    chosen: Candidate
+    name: str | None  # the stored variant (None when not stored)
+    path: Path | None
+    candidates: list[Candidate]
+    front: list[Candidate]
+    table: Table
+    shipped: dict  # the shipped file's measured size, tg, pp, kld
+    imatrix: dict  # whether an importance matrix was used and why
+    seconds: float
+    built: int
+    reused: int
+    lines: list[str] = field(default_factory=list)  # the printed report
+
+
+def _reference(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
+    """The F16 reference (given, stored, or made now from the shipped file) and a note on what it is."""
+    from ..models.catalog import resolve, store_variants
+    from ..quant.api import quantize
+    from ..quant.quantize import default_name, weight_types
+
+    if ref is not None:
+        r = resolve(ref)
+        _ = r.info
+        return r, f"the reference {r.name}"
+    quantized = sorted({t for t in weight_types(src.path).values() if t not in ("F16", "F32", "BF16")})
+    if not quantized:
+        return src, f"{src.name} itself (unquantized)"
+    name = default_name(src.name, "F16")
+    note = (f"{name}, dequantized from the shipped {src.info.quant_summary} file: a reference for that file, "
+            f"not the original weights")
+    if name in store_variants():
+        return resolve(name), note
+    say(f"making the reference {name} (dequantizing {src.name})")
+    return quantize(src, "F16", name, allow_requantize=True), note
+
+
+def _texts(text: str | os.PathLike[str] | None) -> tuple[Path, Path, dict]:
+    """(calibration file, held-out file, description): the first and last thirds of the text."""
+    from ..eval.corpora import load_corpus
+
+    corpus = load_corpus(None, text)
+    third = len(corpus.text) // 3
+    d = fit_dir() / "texts"
+    d.mkdir(exist_ok=True)
+    out = []
+    for part, body in (("calib", corpus.text[:third]), ("heldout", corpus.text[-third:])):
+        p = d / f"{corpus.sha256[:12]}-{part}.txt"
+        if not p.is_file():
+            from ..models.store import atomic_write
+
+            with atomic_write(p, "w", encoding="utf-8") as f:
+                f.write(body)
+        out.append(p)
+    return out[0], out[1], {**corpus.describe(), "calibration": "first third", "held_out": "last third"}
+
+
+def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None = None, *,
+        ref: str | os.PathLike[str] | None = None, name: str | None = None,
+        types: tuple[str, ...] | list[str] = CANDIDATES, bands: int = 1,
+        groups: tuple[str, ...] | list[str] | None = None, threads: int = 2,
+        text: str | os.PathLike[str] | None = None, calib_ctx: int = 128, calib_chunks: int = 4,
+        eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto",
+        speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = 3, resume: bool = False,
+        reprobe: bool = False, store: bool = True, force: bool = False,
+        progress: Callable[[str], None] | None = None) -> FitResult:
+    """Fit ``model`` to this device under ``budget`` (``"size<=110MB,tg>=100,kld<=0.02"``; see ``budget``).
+
+    Args:
+        ref: the reference variant (default: the family's F16, made from the shipped file when missing).
+        name: the stored variant's name (default ``<model>-fit-<plan hash>``).
+        types: candidate ggml types; each group gets those its row size allows. ``Q8_0`` is the base.
+        bands: split each kind of matrix into this many bands of consecutive layers (more groups: finer
+            plans, a slower fit).
+        groups: fit only these kinds (``attn_qkv``, ``attn_output``, ``ffn_gate_up``, ``ffn_down``,
+            ``token_embd``, ``output``); the other matrices stay at the base type. None: all.
+        threads: threads for the speed measurements (and quantizing).
+        text: calibration text file (default: Python's pydoc topics); its first third calibrates, its last
+            third is held out for validation.
+        calib_ctx, calib_chunks / eval_ctx, eval_chunks: KLD chunking on each part.
+        validate: how many of the best predicted plans are built and measured.
+        imatrix: ``auto`` (collect one, keep it where it lowers KLD), ``on`` or ``off``.
+        resume: reuse quality measurements of an earlier (killed) fit; device speeds are always reused
+            (per machine and build) unless ``reprobe``.
+        store: write the chosen variant into the model store and the fit into the SQLite store.
+    """
+    from ..eval.api import model_sha256
+    from ..models.catalog import resolve, store_variants
+
+    t0 = time.perf_counter()
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        if progress:
+            progress(msg)
+
+    bud = parse_budget(budget)
+    types = tuple(t.strip().upper() for t in types)
+    for t in types:
+        quant_size(t)
+    if BASE not in types:
+        types = (BASE, *types)
+    if imatrix not in ("auto", "on", "off"):
+        raise InvalidArgument(f"--imatrix {imatrix!r} must be auto, on or off")
+    if validate < 1:
+        raise InvalidArgument(f"--validate {validate} must be >= 1")
+    if name is not None and name in store_variants() and not force:
+        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
+    src = resolve(model)
+    _ = src.info
+    reference, ref_note = _reference(src, ref, say)
+    ref_sha = model_sha256(reference)
+    lay = layout(reference.path, bands, groups)
+    if bud.size is not None and lay.smallest(types) > bud.size:  # sizes are exact: no need to measure
+        raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.1f}MB cannot be met: the "
+                              f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}MB "
+                              f"(every group at its smallest type); loosen the size or add lower --types")
+    calib, heldout, text_desc = _texts(text)
+    csha = hashlib.sha256(calib.read_bytes()).hexdigest()
+    hsha = hashlib.sha256(heldout.read_bytes()).hexdigest()
+    q_cache = fit_dir() / "kld.json"
+    calib_q = (Cache(q_cache, quality_section(ref_sha, csha, calib_ctx, calib_chunks)), calib, calib_ctx,
+               calib_chunks)
+    held_q = (Cache(q_cache, quality_section(ref_sha, hsha, eval_ctx, eval_chunks)), heldout, eval_ctx,
+              eval_chunks)
+    section = device_section(ref_sha, threads, tuple(speed_tests), repetitions)
+    workdir = fit_dir() / f"work-{ref_sha[:12]}"
+    workdir.mkdir(exist_ok=True)
+    meter = Meter(reference.path, lay, reference.path, threads, Cache(fit_dir() / "speed.json", section),
+                  workdir, say, tuple(speed_tests), repetitions, reprobe, resume)
+    say(f"fit {src.name} under budget {bud.describe()}; reference {ref_note}")
+    say(f"groups: {', '.join(f'{g.name} ({g.n / 1e6:.1f}M)' for g in lay.groups)}")
+
+    # 1. the device: the shipped file and one variant per type, timed by the bench
+    shipped = dict(meter.speed(f"shipped:{model_sha256(src)}", src.path))
+    shipped["size"] = src.path.stat().st_size
+    bud = bud.resolved(shipped.get("tg"), shipped.get("pp"))
+    opts = lay.options(types)
+    base = meter.variant({}, speed=True, quality=[calib_q, held_q])
+    type_speed = {}
+    for t in types:
+        if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
+            continue
+        plan = {g.name: t for g in lay.groups if t in opts[g.name]}
+        type_speed[t] = meter.variant(plan, speed=True, quality=[])["speed"]
+    say("device speed table (tok/s, every group the type fits at that type, the rest " + BASE + "):")
+    say(f"  shipped {src.info.quant_summary}: tg {shipped['tg']:.1f}, pp {shipped['pp']:.1f}")
+    say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}")
+    for t, s in type_speed.items():
+        say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
+
+    # 2. importance matrix: kept only when it lowers the held-out KLD of the lowest-type variant
+    im_path, im_sha, im_info = _imatrix_choice(imatrix, meter, reference, lay, opts, calib, calib_ctx,
+                                               calib_chunks, held_q, workdir, say)
+
+    # 3. sensitivity: each group lowered alone, KLD on the calibration text
+    group_kld = {}
+    for g in lay.groups:
+        for t in opts[g.name]:
+            if t != BASE:
+                group_kld[(g.name, t)] = meter.variant({g.name: t}, speed=False, quality=[calib_q],
+                                                       imatrix=im_path, imatrix_sha=im_sha)["kld"][0]["kld"]
+    base_kld = base["kld"][0]["kld"]
+    say(f"sensitivity (KLD on the calibration text, each group lowered alone; all {BASE}: {base_kld:.5f}):")
+    for g in lay.groups:
+        say(f"  {g.name:14s} " + "  ".join(f"{t} {group_kld[(g.name, t)]:.4f}" for t in opts[g.name] if t != BASE))
+
+    # 4. plan
+    table = make_table(lay, base["speed"], type_speed, base_kld, group_kld)
+    front = pareto_front(table, with_pp=bud.pp is not None)
+    say(f"predicted Pareto front ({len(front)} plans; KLD on the calibration text):")
+    lines_front = front_table(front)
+    for ln in lines_front:
+        say(ln)
+    picks = choose(front, bud, validate)
+
+    # 5. validate: build, bench and score the best plans for real
+    vcache = Cache(fit_dir() / "speed.json", section + "-validate")
+    vmeter = Meter(reference.path, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
+                   repetitions, reprobe, resume)
+    for i, c in enumerate(picks):
+        keep = workdir / f"candidate-{i}.gguf"
+        keep.unlink(missing_ok=True)
+        res = vmeter.variant(c.plan, speed=True, quality=[calib_q, held_q], imatrix=im_path,
+                             imatrix_sha=im_sha, keep=keep)
+        c.measured = {"size": keep.stat().st_size, "tg": res["speed"]["tg"], "pp": res["speed"]["pp"],
+                      "kld": res["kld"][1]["kld"], "kld_calib": res["kld"][0]["kld"],
+                      "kld_err": res["kld"][1]["kld_err"], "noisy": res["speed"].get("noisy"),
+                      "file": str(keep)}
+    say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text):")
+    say(f"  {'plan':44s} {'size MB':>8} {'tg pred':>8} {'tg meas':>8} {'KLD pred':>9} {'KLD calib':>9} "
+        f"{'KLD held':>9}")
+    for c in picks:
+        p, m = c.predicted, c.measured
+        say(f"  {c.summary()[:44]:44s} {m['size'] / 1e6:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} {p['kld']:9.4f} "
+            f"{m['kld_calib']:9.4f} {m['kld']:9.4f}")
+    ok = [c for c in picks if not bud.violations(c.measured)]
+    if not ok:
+        _cleanup(workdir)
+        raise InvalidArgument(impossible(picks, bud, measured=True))
+    chosen = min(ok, key=lambda c: objective(bud)(c.measured))
+    vname = stored = None
+    if store:
+        vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(plan_key(chosen.plan, im_sha).encode()).hexdigest()[:6]}"
+        stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
+                        im_sha, text_desc, threads, force).path
+    _cleanup(workdir)
+    secs = time.perf_counter() - t0
+    say(f"chosen: {chosen.summary()} -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
+        f"tg {chosen.measured['tg']:.1f} tok/s, KLD {chosen.measured['kld']:.4f} (held-out), "
+        f"{secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
+    return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
+                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines)
+
+
+def _cleanup(workdir: Path) -> None:
+    for f in workdir.glob("candidate-*.gguf"):
+        f.unlink(missing_ok=True)
+
+
+def _imatrix_choice(mode, meter: Meter, reference, lay: Layout, opts, calib: Path, ctx: int, chunks: int,
+                    held_q, workdir: Path, say) -> tuple[Path | None, str | None, dict]:
+    if mode == "off":
+        return None, None, {"used": False, "why": "off"}
+    from .imatrix import collect
+
+    path = workdir / f"imatrix-{hashlib.sha256(f'{calib.name}|{ctx}|{chunks}'.encode()).hexdigest()[:12]}.npz"
+    if not (meter.resume and path.is_file()):
+        n = collect(reference.path, calib, path, n_ctx=ctx, n_chunks=chunks, threads=meter.eval_threads)
+        say(f"importance matrix: {n} matrices, from {chunks} x {ctx} calibration tokens")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    low = {g.name: opts[g.name][-1] for g in lay.groups}  # every group at its lowest candidate
+    without = meter.variant(low, speed=False, quality=[held_q])["kld"][0]
+    with_ = meter.variant(low, speed=False, quality=[held_q], imatrix=path, imatrix_sha=sha)["kld"][0]
+    gain = without["kld"] - with_["kld"]
+    helps = gain > 2 * max(without["kld_err"], with_["kld_err"], 1e-9) or (gain > 0 and gain > 0.05 * without["kld"])
+    info = {"kld_without": without["kld"], "kld_with": with_["kld"], "plan": low, "used": mode == "on" or helps,
+            "sha256": sha}
+    say(f"importance matrix on the lowest plan: held-out KLD {without['kld']:.4f} without, {with_['kld']:.4f} with "
+        f"-> {'used' if info['used'] else 'not used'}" + (" (forced on)" if mode == "on" and not helps else ""))
+    return (path, sha, info) if info["used"] else (None, None, info)
+
+
+def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,
+           im_info, im_sha, text_desc, threads, force):
+    """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
+    from datetime import UTC, datetime
+
+    import llama_cpp
+
+    from ..device.kernels import build_id
+    from ..device.info import machine_key
+    from ..eval.api import model_sha256
+    from ..models.catalog import register_variant, store_variants
+    from ..quant.quantize import verify, weight_types
+    from ..store import Store
+
+    if name in store_variants() and not force:
+        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
+    path = Path(chosen.measured["file"])
+    overrides = lay.overrides(chosen.plan)
+    prov = {
+        "made_by": "ondevice fit", "source": reference.name, "source_path": str(reference.path),
+        "source_sha256": model_sha256(reference), "reference_note": ref_note, "type": "fit", "base_type": BASE,
+        "overrides": [f"{p}={t}" for p, t in overrides], "plan": chosen.plan, "budget": bud.describe(),
+        "predicted": chosen.predicted, "measured": {k: v for k, v in chosen.measured.items() if k != "file"},
+        "candidates": [{"plan": c.plan, "predicted": c.predicted,
+                        "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in picks],
+        "shipped": {"model": src.name, **shipped}, "imatrix": {**im_info, "sha256": im_sha},
+        "text": text_desc, "threads": threads, "machine": machine_key(), "llama_build": build_id(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "tensor_types": verify(weight_types(path), BASE, overrides),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    ref = register_variant(name, path, prov)
+    sha = model_sha256(ref)
+    rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
+           "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
+           "front": [{"plan": c.plan, **c.predicted} for c in front], "candidates": prov["candidates"],
+           "shipped": prov["shipped"], "threads": threads, "created": time.time()}
+    with Store() as db:
+        db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
+               model_sha256=sha, test="fit")
+    return ref

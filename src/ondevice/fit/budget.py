@@ -1,0 +1,110 @@
+"""``--budget "size<=110MB,tg>=100,kld<=0.02"``: what a fitted variant must meet.
+
+Keys and the direction each may be bounded in:
+
+- ``size`` (file bytes) ``<=``: units B, KB/MB/GB (powers of 1000, as ``ondevice models`` prints sizes) or
+  KiB/MiB/GiB (powers of 1024);
+- ``tg`` (decode tok/s) and ``pp`` (prompt tok/s) ``>=``: a number, or ``1.1x`` = 1.1 times the shipped
+  file's speed measured on this device;
+- ``kld`` (mean KL divergence from the family's F16 on the calibration text) ``<=``.
+
+``<`` and ``>`` are accepted as ``<=`` and ``>=`` (measurements are not exact enough to tell them apart).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+
+_EXAMPLE = "e.g. --budget 'size<=110MB,tg>=100,kld<=0.02'"
+_ITEM = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>|=<|=>)\s*([^\s]+)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb|kib|mib|gib)?$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_UPPER = {"size", "kld"}  # bounded from above
+_LOWER = {"tg", "pp"}  # bounded from below
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Bounds a variant must meet; None = unbounded. ``tg_rel``/``pp_rel``: multiples of the shipped file."""
+
+    size: int | None = None
+    tg: float | None = None
+    pp: float | None = None
+    kld: float | None = None
+    tg_rel: float | None = None
+    pp_rel: float | None = None
+    text: str = ""
+
+    def resolved(self, shipped_tg: float | None, shipped_pp: float | None) -> Budget:
+        """Relative speed bounds turned into tok/s with the shipped file's measured speeds."""
+        from dataclasses import replace
+
+        out = self
+        if self.tg_rel is not None and shipped_tg:
+            out = replace(out, tg=max(out.tg or 0.0, self.tg_rel * shipped_tg))
+        if self.pp_rel is not None and shipped_pp:
+            out = replace(out, pp=max(out.pp or 0.0, self.pp_rel * shipped_pp))
+        return out
+
+    def violations(self, m: dict) -> list[str]:
+        """The constraints ``m`` (keys size, tg, pp, kld) breaks, as ``"tg 93.1 < 100"`` strings."""
+        out = []
+        if self.size is not None and m["size"] > self.size:
+            out.append(f"size {m['size'] / 1e6:.1f}MB > {self.size / 1e6:.1f}MB")
+        for key in ("tg", "pp"):
+            lim = getattr(self, key)
+            if lim is not None and m.get(key) is not None and m[key] < lim:
+                out.append(f"{key} {m[key]:.1f} < {lim:.1f} tok/s")
+        if self.kld is not None and m["kld"] > self.kld:
+            out.append(f"kld {m['kld']:.4f} > {self.kld:g}")
+        return out
+
+    def describe(self) -> str:
+        return self.text or "none (least KLD)"
+
+
+def _number(key: str, raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"--budget {key}: {raw!r} is not a number; {_EXAMPLE}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise InvalidArgument(f"--budget {key}: {raw!r} must be a positive number; {_EXAMPLE}")
+    return v
+
+
+def parse_budget(text: str | Budget | None) -> Budget:
+    """Parse ``"size<=110MB,tg>=100,kld<=0.02"`` (any subset, comma-separated) into a :class:`Budget`."""
+    if isinstance(text, Budget):
+        return text
+    if text is None or not str(text).strip():
+        return Budget()
+    fields: dict = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            raise InvalidArgument(f"--budget {text!r} has an empty item (two commas?); {_EXAMPLE}")
+        m = _ITEM.match(part)
+        if not m:
+            raise InvalidArgument(f"--budget item {part.strip()!r} is not KEY<=VALUE or KEY>=VALUE; {_EXAMPLE}")
+        key, op, raw = m.group(1).lower(), m.group(2).replace("=<", "<=").replace("=>", ">="), m.group(3)
+        if key not in _UPPER | _LOWER:
+            raise InvalidArgument(f"--budget key {key!r} is unknown; use size, tg, pp or kld; {_EXAMPLE}")
+        if key in fields or f"{key}_rel" in fields:
+            raise InvalidArgument(f"--budget bounds {key} twice; give each key once")
+        if key in _UPPER and op.startswith(">") or key in _LOWER and op.startswith("<"):
+            want = "<=" if key in _UPPER else ">="
+            raise InvalidArgument(f"--budget {part.strip()!r}: {key} can only be bounded as {key}{want}VALUE "
+                                  f"(a {'ceiling' if key in _UPPER else 'floor'})")
+        if key == "size":
+            sm = _SIZE.match(raw)
+            if not sm:
+                raise InvalidArgument(f"--budget size: {raw!r} is not a size; use e.g. 110MB, 100MiB or 0.1GB")
+            fields["size"] = int(_number(key, sm.group(1)) * _UNITS[(sm.group(2) or "b").lower()])
+        elif key in _LOWER and raw.lower().endswith("x"):
+            fields[f"{key}_rel"] = _number(key, raw[:-1])
+        else:
+            fields[key] = _number(key, raw)
+    return Budget(**fields, text=str(text).strip())

@@ -1,0 +1,47 @@
+"""``ondevice fit MODEL --budget "size<=110MB,tg>=100,kld<=0.02"``: the best variant for this device."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .groups import CANDIDATES
+
+    p.add_argument("model", nargs="?", default=None, help="catalog name, stored variant or .gguf path "
+                   "(default: the embedded model)")
+    p.add_argument("--budget", "-b", default="",
+                   help="bounds, comma-separated: size<=110MB, tg>=100 (decode tok/s, or 1.1x the shipped "
+                        "file), pp>=N, kld<=0.02 (KLD from the family's F16); none: least KLD")
+    p.add_argument("--ref", default=None, help="reference variant (default: the family's F16, made from the "
+                   "shipped file when missing)")
+    p.add_argument("--name", "-n", default=None, help="name of the stored variant (default: <model>-fit-<hash>)")
+    p.add_argument("--types", default=",".join(CANDIDATES), help="candidate ggml types (Q8_0 is the base)")
+    p.add_argument("--bands", type=int, default=1, help="split each kind of matrix into N bands of layers")
+    p.add_argument("--groups", default=None, help="fit only these kinds, comma-separated (attn_qkv, "
+                   "attn_output, ffn_gate_up, ffn_down, token_embd, output); default: all")
+    p.add_argument("--threads", "-t", type=int, default=2, help="threads for the speed measurements")
+    p.add_argument("--text", default=None, help="calibration text file (default: Python's pydoc topics)")
+    p.add_argument("--calib-ctx", type=int, default=128, help="KLD chunk size on the calibration text")
+    p.add_argument("--calib-chunks", type=int, default=4, help="KLD chunks on the calibration text")
+    p.add_argument("--eval-ctx", type=int, default=256, help="KLD chunk size on the held-out text")
+    p.add_argument("--eval-chunks", type=int, default=8, help="KLD chunks on the held-out text")
+    p.add_argument("--validate", type=int, default=3, help="best predicted plans to build and measure")
+    p.add_argument("--imatrix", choices=("auto", "on", "off"), default="auto",
+                   help="importance matrix: auto keeps it only where it lowers the held-out KLD")
+    p.add_argument("--repetitions", "-r", type=int, default=3, help="bench repetitions per variant")
+    p.add_argument("--resume", action="store_true", help="reuse the measurements of an earlier (killed) fit")
+    p.add_argument("--reprobe", action="store_true", help="measure the device speed table again")
+    p.add_argument("--no-store", action="store_true", help="do not store the chosen variant")
+    p.add_argument("--force", action="store_true", help="replace a stored variant of the same name")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .api import fit
+
+    fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
+        bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None, threads=args.threads, text=args.text, calib_ctx=args.calib_ctx,
+        calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
+        validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions, resume=args.resume,
+        reprobe=args.reprobe, store=not args.no_store, force=args.force, progress=lambda m: print(m, flush=True))
+    return 0

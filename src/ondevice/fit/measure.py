@@ -1,0 +1,207 @@
+"""Real measurements behind a fit: build a variant, time it with the bench, score it with the eval.
+
+Every number the planner uses comes from here and every one is cached, so ``--resume`` after a kill does
+not measure anything twice:
+
+- speed (the device's per-type table, OHQ's on-chip cost): decode and prompt tok/s of whole-model variants
+  from ``ondevice.bench`` in its child process. Cached per machine and llama.cpp build (the same identity the
+  kernel self-test cache uses) in ``<data dir>/fit/speed.json`` and reused by every later fit on this device,
+  like the roofline probe; ``reprobe=True`` measures again;
+- quality: mean KL divergence from the reference on a text, from ``ondevice.evaluate`` (which caches the
+  reference's compact logits). Cached per reference, text and chunking in ``<data dir>/fit/kld.json``; reused
+  only with ``resume=True`` (or by the device-independent benchmark).
+
+Bench and eval results are read by :func:`speed_of` and :func:`kld_of` only: the one place that knows their
+record fields.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OndeviceError
+from .groups import BASE, Layout
+
+
+def plan_key(plan: dict[str, str], imatrix: str | None = None) -> str:
+    """A plan's canonical name: the lowered groups, sorted (``base`` when none), plus the imatrix used."""
+    low = ";".join(f"{g}={t}" for g, t in sorted(plan.items()) if t != BASE)
+    return (low or "base") + (f"|imatrix={imatrix[:12]}" if imatrix else "")
+
+
+# --- the one place that reads bench and eval results ---------------------------------------------------
+
+
+def speed_of(records) -> dict:
+    """``{"tg", "tg_std", "pp", "pp_std", "noisy", "load"}`` from bench records (dicts or typed)."""
+    out: dict = {"noisy": False}
+    for r in records:
+        r = r if isinstance(r, dict) else r.to_dict()
+        if r.get("status") != "ok":
+            raise OndeviceError(f"the bench of {r.get('model')} failed ({r.get('status')}): {r.get('error')}")
+        kind = "tg" if str(r["test"]).startswith("tg") else "pp"
+        out[kind], out[f"{kind}_std"] = r["tps_mean"], r["tps_std"]
+        out["noisy"] = out["noisy"] or bool(r.get("noisy"))
+        out["load"] = r.get("load_avg_1m") or (r.get("meta") or {}).get("load_avg_before")
+    return out
+
+
+def kld_of(records) -> dict:
+    """``{"kld", "kld_err", "ppl", "top1"}`` from the eval's ``kld:`` record."""
+    for r in records:
+        r = r if isinstance(r, dict) else r.to_dict()
+        if str(r.get("test", "")).startswith("kld:"):
+            return {"kld": r["kld_mean"], "kld_err": r["kld_err"], "ppl": r["ppl"], "top1": r["top1_agree"],
+                    "n_scored": r["n_scored"]}
+    raise OndeviceError("the eval returned no KLD record")
+
+
+# --- caches --------------------------------------------------------------------------------------------
+
+
+def fit_dir() -> Path:
+    from ..models.store import data_dir
+
+    d = data_dir() / "fit"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+class Cache:
+    """One section of a JSON cache file: ``file[section][key] -> dict``, written atomically under a lock."""
+
+    def __init__(self, path: Path, section: str):
+        self.path, self.section = path, section
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        return self._read().get(self.section, {}).get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        from ..models.store import write_json
+
+        with _locked(self.path):
+            data = self._read()
+            data.setdefault(self.section, {})[key] = value
+            write_json(self.path, data)
+
+
+def device_section(model_sha: str, threads: int, tests: tuple[str, ...], repetitions: int) -> str:
+    from ..device.kernels import _key
+
+    ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
+    return hashlib.sha256(f"{ref_sha}|{text_sha}|{ctx}|{chunks}".encode()).hexdigest()[:20]
+
+
+# --- building and measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Meter:
+    """Builds variants of ``source`` (the reference file) and measures them, with caches and a log."""
+
+    source: Path
+    layout: Layout
+    ref: Path
+    threads: int
+    speed_cache: Cache
+    workdir: Path
+    say: Callable[[str], None]
+    tests: tuple[str, ...] = ("pp128", "tg64")
+    repetitions: int = 3
+    reprobe: bool = False
+    resume: bool = False
+    eval_threads: int = 1  # KLD does not depend on threads; one thread suffers least from busy cores
+    built: int = 0
+    reused: int = 0
+
+    def build(self, plan: dict[str, str], dst: Path, imatrix: Path | None = None) -> Path:
+        """Quantize the source to ``plan`` at ``dst``; the tensor types read back must be the plan's."""
+        from ..quant.quantize import ftype_id, run_worker, weight_types
+
+        tmp = dst.with_suffix(".tmp")
+        run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, self.threads,
+                   imatrix=imatrix)
+        got, want = weight_types(tmp), self.layout.expected_types(plan)
+        bad = {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}
+        if bad:
+            tmp.unlink(missing_ok=True)
+            name, (g, t) = next(iter(bad.items()))
+            raise OndeviceError(f"the quantizer did not follow the plan: {name} is {g}, planned {t} "
+                                f"({len(bad)} tensors differ)")
+        os.replace(tmp, dst)
+        self.built += 1
+        return dst
+
+    def speed(self, key: str, path: Path) -> dict:
+        """Decode/prompt tok/s of the file at ``path`` (cached per device and build under ``key``)."""
+        hit = None if self.reprobe else self.speed_cache.get(key)
+        if hit is not None:
+            self.reused += 1
+            return hit
+        import ondevice
+
+        res = speed_of(ondevice.bench([str(path)], ",".join(self.tests), threads=self.threads,
+                                      repetitions=self.repetitions, store=False, roofline=False))
+        self.speed_cache.put(key, res)
+        return res
+
+    def kld(self, cache: Cache, key: str, path: Path, text: Path, ctx: int, chunks: int) -> dict:
+        """KLD of ``path`` against the reference on ``text`` (cached; reused only when resuming)."""
+        hit = cache.get(key) if self.resume else None
+        if hit is not None:
+            self.reused += 1
+            return hit
+        import ondevice
+
+        res = kld_of(ondevice.evaluate(str(path), ref=str(self.ref), text=str(text), ctx=ctx, chunks=chunks,
+                                       threads=self.eval_threads, store=False))
+        cache.put(key, res)
+        return res
+
+    def variant(self, plan: dict[str, str], *, speed: bool, quality: list[tuple[Cache, Path, int, int]],
+                imatrix: Path | None = None, imatrix_sha: str | None = None, keep: Path | None = None) -> dict:
+        """Measure one plan: its speed (when asked) and its KLD on each ``(cache, text, ctx, chunks)``.
+
+        The file is built only when some figure is not cached; it is deleted afterwards unless ``keep``
+        names where it should stay. Returns ``{"speed": ..., "kld": [...], "file": path or None}``.
+        """
+        key = plan_key(plan, imatrix_sha)
+        dst = keep or self.workdir / f"v-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
+        need_speed = speed and (self.reprobe or self.speed_cache.get(key) is None)
+        need_q = any(not self.resume or c.get(key) is None for c, *_ in quality)
+        if need_speed or need_q:
+            self.say(f"  measuring {key}" + (" (speed)" if need_speed else "") + (" (KLD)" if need_q else ""))
+        if (need_speed or need_q or keep is not None) and not dst.is_file():
+            self.build(plan, dst, imatrix)
+        try:
+            out = {"speed": self.speed(key, dst) if speed else None,
+                   "kld": [self.kld(c, key, dst, t, ctx, n) for c, t, ctx, n in quality]}
+        finally:
+            if keep is None:
+                dst.unlink(missing_ok=True)
+        out["file"] = dst if keep is not None else None
+        return out

@@ -1,0 +1,187 @@
+"""The planner: per-group types that meet a budget with the least predicted quality loss (OHQ's search).
+
+Predictions are additive over groups, each term measured on this device (``measure``):
+
+- size: exact bytes per group and type (``groups``);
+- time per token (decode and prompt): ``t(plan) = t(base) + sum_g P_g * d(type_g)``, where ``P_g`` are the
+  weights of group g that are multiplied at every token and ``d(T)`` the measured extra seconds per weight
+  of type T over the base type: ``d(T) = (t(v_T) - t(base)) / P_T`` from a variant ``v_T`` with every
+  group that T fits at T (OHQ's on-chip latency table, per type rather than per layer);
+- KLD: ``kld(base) + sum_g max(0, kld({g: T}) - kld(base))``: each group lowered alone, measured against the
+  reference on the calibration text (sensitivity; interactions are ignored, validation measures them).
+
+The search keeps the Pareto set of partial plans group by group (a multi-objective knapsack): exact for
+these additive objectives, and small for the few groups a fit uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from .budget import Budget
+from .groups import BASE, Layout
+
+
+@dataclass
+class Option:
+    type: str
+    bytes: int
+    d_dec: float  # extra seconds per decoded token over the base
+    d_pp: float  # extra seconds per prompt token
+    d_kld: float  # extra KLD over the base
+
+
+@dataclass
+class Table:
+    """Everything the planner knows: per group, its options; the base variant's figures."""
+
+    layout: Layout
+    options: dict[str, list[Option]]
+    base_dec: float  # seconds per decoded token of the all-base variant
+    base_pp: float
+    base_kld: float
+
+    def predict(self, plan: dict[str, str]) -> dict:
+        dec, pp, kld = self.base_dec, self.base_pp, self.base_kld
+        for g, t in plan.items():
+            o = next(o for o in self.options[g] if o.type == t)
+            dec, pp, kld = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld
+        return {"size": self.layout.size(plan), "tg": 1.0 / dec if dec > 0 else float("inf"),
+                "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": kld}
+
+
+@dataclass
+class Candidate:
+    plan: dict[str, str]
+    predicted: dict
+    measured: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        low = [f"{g}={t}" for g, t in self.plan.items() if t != BASE]
+        return ", ".join(low) or f"all {BASE}"
+
+
+def speed_deltas(layout: Layout, base: float, per_type: dict[str, float]) -> dict[str, float]:
+    """Seconds per weight of each type over the base, from whole-model seconds per token (see module doc)."""
+    opts = layout.options()
+    out = {BASE: 0.0}
+    for t, secs in per_type.items():
+        n = sum(g.n for g in layout.groups if g.compute and t in opts[g.name])
+        out[t] = (secs - base) / n if n else 0.0
+    return out
+
+
+def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], base_kld: float,
+               group_kld: dict[tuple[str, str], float]) -> Table:
+    """Per-group options from the measured speed table and sensitivities."""
+    dec = speed_deltas(layout, 1 / base_speed["tg"], {t: 1 / s["tg"] for t, s in type_speed.items()})
+    pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()})
+    options = {}
+    for g in layout.groups:
+        opts = []
+        for t in layout.options()[g.name]:
+            if t != BASE and (g.name, t) not in group_kld:
+                continue
+            w = g.n if g.compute else 0
+            opts.append(Option(t, g.bytes(t), w * dec.get(t, 0.0), w * pp.get(t, 0.0),
+                               0.0 if t == BASE else max(0.0, group_kld[(g.name, t)] - base_kld)))
+        options[g.name] = opts
+    return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld)
+
+
+def _pareto(points: np.ndarray) -> np.ndarray:
+    """Indices of the rows no other row dominates (<= in every column, < in one); columns are minimised."""
+    order = np.lexsort(points.T[::-1])
+    pts = points[order]
+    keep = np.ones(len(pts), dtype=bool)
+    for i in range(len(pts)):
+        if not keep[i]:
+            continue
+        later = pts[i + 1:]
+        dominated = np.all(pts[i] <= later, axis=1) & np.any(pts[i] < later, axis=1)
+        keep[i + 1:] &= ~dominated
+    return order[keep]
+
+
+def pareto_front(table: Table, with_pp: bool = False, cap: int = 4000) -> list[Candidate]:
+    """The plans no other plan beats on size, decode time and KLD (and prompt time when ``with_pp``)."""
+    cols = 4 if with_pp else 3
+    vals = np.zeros((1, cols))
+    plans: list[tuple[str, ...]] = [()]
+    names = list(table.options)
+    for g in names:
+        opts = table.options[g]
+        add = np.array([[o.bytes, o.d_dec, o.d_kld, o.d_pp][:cols] for o in opts])
+        vals = (vals[:, None, :] + add[None, :, :]).reshape(-1, cols)
+        plans = [p + (o.type,) for p in plans for o in opts]
+        idx = _pareto(vals)
+        if len(idx) > cap:  # thin an overgrown front evenly along size (keeps its extremes)
+            idx = idx[np.argsort(vals[idx, 0])][np.linspace(0, len(idx) - 1, cap).astype(int)]
+        vals, plans = vals[idx], [plans[i] for i in idx]
+    out = [Candidate(dict(zip(names, p)), table.predict(dict(zip(names, p)))) for p in plans]
+    return sorted(out, key=lambda c: (c.predicted["size"], c.predicted["kld"]))
+
+
+def objective(budget: Budget):
+    """Sort key of the best plan: least KLD, or (when KLD is bounded) the smallest, then the fastest."""
+    if budget.kld is None:
+        return lambda m: (m["kld"], m["size"], -m["tg"])
+    return lambda m: (m["size"], -m["tg"], m["kld"])
+
+
+def choose(front: list[Candidate], budget: Budget, n: int) -> list[Candidate]:
+    """The ``n`` best predicted-feasible plans, or an error naming what cannot be met and the closest plan."""
+    feasible = [c for c in front if not budget.violations(c.predicted)]
+    if feasible:
+        return sorted(feasible, key=lambda c: objective(budget)(c.predicted))[:n]
+    raise InvalidArgument(impossible(front, budget))
+
+
+def _excess(budget: Budget, m: dict) -> float:
+    """How far ``m`` is from meeting ``budget``: the sum of relative shortfalls."""
+    e = 0.0
+    if budget.size is not None:
+        e += max(0.0, m["size"] / budget.size - 1)
+    for k in ("tg", "pp"):
+        lim = getattr(budget, k)
+        if lim is not None and m.get(k):
+            e += max(0.0, lim / m[k] - 1)
+    if budget.kld is not None:
+        e += max(0.0, m["kld"] / budget.kld - 1)
+    return e
+
+
+def impossible(front: list[Candidate], budget: Budget, measured: bool = False) -> str:
+    """One line: which bound no variant meets (alone, or together with another), and the closest variant."""
+    get = (lambda c: c.measured) if measured else (lambda c: c.predicted)
+    best = {"size": min(get(c)["size"] for c in front), "kld": min(get(c)["kld"] for c in front),
+            "tg": max(get(c)["tg"] for c in front), "pp": max(get(c)["pp"] for c in front)}
+    alone = []
+    if budget.size is not None and best["size"] > budget.size:
+        alone.append(f"size<={budget.size / 1e6:.1f}MB (the smallest variant is {best['size'] / 1e6:.1f}MB)")
+    for k in ("tg", "pp"):
+        lim = getattr(budget, k)
+        if lim is not None and best[k] < lim:
+            alone.append(f"{k}>={lim:.1f} (the fastest variant makes {best[k]:.1f} tok/s)")
+    if budget.kld is not None and best["kld"] > budget.kld:
+        alone.append(f"kld<={budget.kld:g} (the least KLD is {best['kld']:.4f})")
+    closest = min(front, key=lambda c: _excess(budget, get(c)))
+    m = get(closest)
+    why = ("; ".join(alone) + " cannot be met") if alone else "its bounds cannot be met together"
+    word = "measured" if measured else "predicted"
+    return (f"budget {budget.describe()!r}: {why}; the closest variant ({closest.summary()}) has {word} "
+            f"size {m['size'] / 1e6:.1f}MB, tg {m['tg']:.1f} tok/s, kld {m['kld']:.4f} "
+            f"({', '.join(budget.violations(m))}); loosen the budget")
+
+
+def front_table(front: list[Candidate], limit: int = 12) -> list[str]:
+    """Printable lines of a front: size, tok/s, KLD and the plan; thinned to ``limit`` rows along size."""
+    rows = front if len(front) <= limit else [front[i] for i in np.linspace(0, len(front) - 1, limit).astype(int)]
+    lines = [f"  {'size MB':>8} {'tg t/s':>7} {'pp t/s':>7} {'KLD':>8}  plan"]
+    for c in rows:
+        m = c.predicted
+        lines.append(f"  {m['size'] / 1e6:8.1f} {m['tg']:7.1f} {m['pp']:7.1f} {m['kld']:8.4f}  {c.summary()}")
+    return lines

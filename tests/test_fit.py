@@ -1,0 +1,163 @@
+"""``ondevice fit``: budget parsing, the planner against brute force on a measured table, an end-to-end fit
+on the real engine (stored GGUF whose tensor types are the plan's), impossible budgets, ``--resume``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ondevice.errors import InvalidArgument
+from ondevice.fit.budget import parse_budget
+from ondevice.fit.plan import choose, impossible, pareto_front
+
+# a tiny fit: two kinds, two types, short texts, one bench repetition of short tests, one thread
+TINY = dict(types=("Q8_0", "Q4_0"), groups=("ffn_down", "ffn_gate_up"), threads=1, calib_ctx=64, calib_chunks=2,
+            eval_ctx=64, eval_chunks=2, validate=2, imatrix="off", speed_tests=("pp32", "tg8"), repetitions=1)
+
+
+# --- budget parsing -------------------------------------------------------------------------------------
+
+def test_budget_parses_units_and_relative_speeds():
+    b = parse_budget("size<=110MB, tg>=100,kld<=0.02")
+    assert (b.size, b.tg, b.kld, b.pp) == (110_000_000, 100.0, 0.02, None)
+    assert parse_budget("size<100MiB").size == 100 * 2**20
+    assert parse_budget("size<=0.1GB").size == 100_000_000
+    b = parse_budget("tg>=1.1x,pp>=2X")
+    assert (b.tg_rel, b.pp_rel, b.tg) == (1.1, 2.0, None)
+    r = b.resolved(shipped_tg=100.0, shipped_pp=50.0)
+    assert r.tg == pytest.approx(110.0) and r.pp == pytest.approx(100.0)
+    assert parse_budget("").size is None and parse_budget(None).kld is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("size>=110MB", "ceiling"), ("tg<=100", "floor"), ("speed>=3", "unknown"), ("size<=110 parsecs", "KEY<=VALUE"),
+    ("size<=110XB", "not a size"), ("kld<=abc", "not a number"), ("kld<=-1", "positive"),
+    ("tg>=1,,kld<=1", "empty item"), ("tg>=1,tg>=2", "twice"), ("size=110MB", "KEY<=VALUE"),
+])
+def test_budget_errors_are_one_line_and_name_the_problem(text, words):
+    with pytest.raises(InvalidArgument) as e:
+        parse_budget(text)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# --- the real thing on the small model ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """An isolated store holding the F16 reference (dequantized from the shipped file) for this module."""
+    old = os.environ.get("ONDEVICE_HOME")
+    h = tmp_path_factory.mktemp("fit-home")
+    os.environ["ONDEVICE_HOME"] = str(h)
+    try:
+        from ondevice.quant import quantize
+
+        quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True)
+        yield h
+    finally:
+        if old is None:
+            os.environ.pop("ONDEVICE_HOME", None)
+        else:
+            os.environ["ONDEVICE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def fitted(home):
+    import ondevice
+
+    return ondevice.fit(None, "size<=140MB", name="smol-fit", **TINY)
+
+
+def test_fit_stores_a_gguf_whose_tensor_types_are_the_plan(fitted, home):
+    from ondevice.fit.groups import BASE
+    from ondevice.models.catalog import read_provenance, resolve
+    from ondevice.quant.quantize import weight_types
+    from ondevice.store import Store
+
+    ref = resolve("smol-fit")
+    assert ref.path == fitted.path and ref.path.is_file()
+    got = weight_types(ref.path)
+    for g in fitted.table.layout.groups:
+        for m in g.matrices:
+            assert got[m.name] == fitted.chosen.plan[g.name]
+    for m in fitted.table.layout.fixed:
+        assert got[m.name] == BASE
+    prov = read_provenance(ref.path)["provenance"]
+    assert prov["made_by"] == "ondevice fit" and prov["plan"] == fitted.chosen.plan
+    assert prov["measured"]["size"] == ref.path.stat().st_size <= 140_000_000
+    assert prov["measured"]["tg"] > 0 and prov["measured"]["kld"] >= 0
+    assert "dequantized from the shipped" in prov["reference_note"]
+    with Store() as db:
+        rec = [r for r in db.records("fit") if r["model"] == "smol-fit"]
+    assert rec and rec[-1]["front"] and rec[-1]["plan"] == fitted.chosen.plan
+    # every validated candidate was measured, and the chosen one is the least measured KLD meeting the budget
+    ok = [c for c in fitted.candidates if c.measured["size"] <= 140_000_000]
+    assert fitted.chosen.measured["kld"] == min(c.measured["kld"] for c in ok)
+
+
+def test_planner_picks_the_least_loss_feasible_plan_by_brute_force(fitted):
+    table = fitted.table
+    names = list(table.options)
+    every = [dict(zip(names, ts)) for ts in itertools.product(*[[o.type for o in table.options[g]] for g in names])]
+    front = pareto_front(table)
+    for text in ("size<=120MB", "size<=130MB", "kld<=1", "size<=135MB,tg>=1"):
+        b = parse_budget(text)
+        best = choose(front, b, 1)[0]
+        feasible = [table.predict(p) for p in every if not b.violations(table.predict(p))]
+        key = (lambda m: m["kld"]) if b.kld is None else (lambda m: m["size"])
+        assert key(best.predicted) == pytest.approx(min(key(m) for m in feasible))
+        assert not b.violations(best.predicted)
+
+
+def test_impossible_budget_names_the_constraint_and_the_closest_variant(fitted, home, cli):
+    front = pareto_front(fitted.table)
+    msg = impossible(front, parse_budget("kld<=0.000000001"))
+    assert "kld<=1e-09" in msg and "cannot be met" in msg and "closest variant" in msg
+    with pytest.raises(InvalidArgument, match="tg>=1000000.0 .*cannot be met"):
+        choose(front, parse_budget("tg>=1000000"), 1)
+    r = cli("fit", "--budget", "size<=20MB", "--types", "Q8_0,Q4_0",
+            env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith("ondevice fit: error: budget 'size<=20MB': size<=20.0MB cannot be met") and "\n" not in line
+
+
+def test_bad_model_and_type_are_one_line_errors(home, cli):
+    r = cli("fit", "no-such-model", "--budget", "size<=100MB", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2 and "no-such-model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("fit", "--types", "Q8_0,Q9_9", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2 and "Q9_9" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_reuses_the_measurements(fitted, home):
+    import ondevice
+
+    again = ondevice.fit(None, "size<=140MB", name="smol-fit-2", resume=True, **TINY)
+    assert again.chosen.plan == fitted.chosen.plan
+    # only the validated candidates' files are built again (to store one); every figure is reused
+    assert again.built == len(again.candidates)
+    assert again.reused >= fitted.built
+
+
+def test_imatrix_is_collected_from_the_eval_callback(home, tmp_path):
+    import numpy as np
+
+    from ondevice.eval.corpora import pydoc
+    from ondevice.fit.imatrix import collect
+    from ondevice.models.catalog import resolve
+
+    text = tmp_path / "calib.txt"
+    text.write_text(pydoc().text[:20000])
+    out = tmp_path / "im.npz"
+    n = collect(resolve("smollm2-135m-instruct-f16").path, text, out, n_ctx=32, n_chunks=2)
+    with np.load(out) as z:
+        assert n == len(z.files) == 30 * 7 + 1  # 7 matrices per layer, and the tied output (token_embd)
+        v = z["blk.0.ffn_down.weight"]
+        assert v.shape == (1536,) and np.all(v >= 0) and v.max() > 0
+    from ondevice.quant import quantize
+
+    ref = quantize("smollm2-135m-instruct-f16", "Q4_0", "smol-q4-im", imatrix=out)
+    assert ref.provenance["provenance"]["imatrix"] == str(out)

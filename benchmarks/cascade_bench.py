@@ -305,7 +305,7 @@ def stats_part(args) -> None:
         stats.features()
     feat_s = (time.perf_counter() - t0) / 200
     print(f"features of one {len(gen)}-token answer (tokens and text): {feat_s * 1e6:.0f} us = "
-          f"{feat_s / answer_s:.2%} of the answer's {answer_s * 1e3:.0f} ms")
+          f"{feat_s / answer_s:.3%} of the answer's {answer_s * 1e3:.0f} ms")
 
 
 def overhead_part(args, cloud_url: str) -> None:

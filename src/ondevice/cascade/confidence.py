@@ -39,7 +39,7 @@ TEXT_FEATURES = ("copied_bigrams", "kept_bigrams", "length_ratio", "distinct_big
 FEATURES = TOKEN_FEATURES + TEXT_FEATURES
 # What a combiner is fitted on by default. Measured by benchmarks/cascade_bench.py (SmolLM2-135M -> Qwen2.5-
 # 0.5B, rewrite + summary items): on top of the text features the token features only add noise that a few
-# dozen dev answers cannot average out (60 random 54/108 re-splits: 85% of cloud-only at 40% deferred with
+# dozen dev answers cannot average out (60 random 54/108 re-splits: 84% of cloud-only at 40% deferred with
 # the text features, 82% with both, 80% with the tokens alone). They are still computed and reported with
 # every answer, and ``Combiner.fit(features=FEATURES)`` uses them.
 FIT_FEATURES = TEXT_FEATURES

@@ -19,13 +19,17 @@ import numpy as np
 import pytest
 
 from ondevice.cascade.confidence import (
+    FEATURES,
+    TEXT_FEATURES,
     TOKEN_FEATURES,
     Combiner,
     GeometricMean,
     features,
     labels_for,
+    request_text,
     roc_auc,
     split_of,
+    text_features,
 )
 from ondevice.cascade.policy import Budget, Policy, RequestPolicy, decide
 from ondevice.errors import InvalidArgument
@@ -344,6 +348,23 @@ def test_never_defer_and_confident_answers_stay_on_the_device(device, cloud, str
     h, text, info = _ask(device, {"threshold": 0.0}, stream=stream)
     assert info["tier"] == "device" and info["reason"] == "confident" and info["cloud_ms"] is None
     assert cloud.chat_requests() == before  # nothing reached the cloud
+
+
+def test_the_server_scores_its_answer_by_the_text_features_of_a_fitted_combiner(cloud, home, tmp_path):
+    # a combiner over the text features only: the server computes them from the request and its own answer
+    # exactly as confidence.text_features does (one place), and predicts from them
+    rng = np.random.default_rng(5)
+    feats = [dict.fromkeys(FEATURES, 0.0) | {"copied_bigrams": x, "length_ratio": -x} for x in rng.random(40)]
+    comb = Combiner.fit(feats, [int(f["copied_bigrams"] > 0.5) for f in feats], features=TEXT_FEATURES)
+    path = comb.save(tmp_path / "text.json")
+    with _device(cloud.url, cascade_combiner=str(path), cascade_threshold=0.0, cascade_timeout=300) as srv:
+        _, text, info = _ask(srv)
+    assert info["calibrated"] and info["tier"] == "device" and text
+    expect = text_features(request_text(MSG), text)
+    for k in TEXT_FEATURES:
+        if k != "truncated":  # the finish reason is not in the reply's cascade object
+            assert info["features"][k] == pytest.approx(expect[k], abs=1e-6), k
+    assert info["confidence"] == pytest.approx(comb.predict(info["features"]), abs=1e-4)
 
 
 def test_bad_request_policy_is_a_400(device):

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VERBS = frozenset({"run", "chat", "serve", "eval", "quantize", "agent"})
+VERBS = frozenset({"run", "chat", "serve", "eval", "quantize", "agent", "adapt"})
 MARK_ENV = "ONDEVICE_SUPERVISED"
 STATE_ENV = "ONDEVICE_CRASH_STATE"
 CRASH_TEST_ENV = "ONDEVICE_TEST_CRASH"  # test hook: the child raises this signal at itself before its verb

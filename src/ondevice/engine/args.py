@@ -13,6 +13,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a LoRA adapter .gguf made by `ondevice adapt` for this model (repeatable: applied together)")
     add_kernel_args(p)
     add_key_args(p)
 
@@ -73,4 +75,6 @@ def load_from(args: argparse.Namespace, **config):
         raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
     apply_kernel_args(args)
     apply_key_args(args)
+    if getattr(args, "adapter", None):
+        config["adapters"] = tuple(args.adapter)
     return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

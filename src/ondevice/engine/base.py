@@ -38,6 +38,7 @@ class EngineConfig:
     # extra CPU kernels (device/kernels.py): "auto", "on" or "off"; None reads ONDEVICE_AMX / ONDEVICE_REPACK
     amx: str | None = None  # AMX tiles (Sapphire Rapids+): auto = only where a self-test here proved it safe and faster
     repack: str | None = None  # CPU_REPACK interleaved weights: auto = on unless its self-test failed here
+    adapters: tuple[str, ...] = ()  # LoRA adapter GGUFs ("PATH" or "NAME=PATH") active on the context (adapt/)
 
 
 class SamplerLike(Protocol):

@@ -180,6 +180,14 @@ class LlamaEngine(Engine):
         self._logits_ith = llama_cpp_lib()["llama_get_logits_ith"]
         self._logits_ith.argtypes, self._logits_ith.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
         self._views: dict[int, np.ndarray] = {}
+        from .adapters import Adapters
+
+        self.adapters = Adapters(self)  # LoRA adapters (adapt/); cfg.adapters are active from the start
+        try:
+            self.adapters.use(tuple(self.adapters.load_spec(a) for a in cfg.adapters))
+        except BaseException:
+            self.close()
+            raise
         if cfg.warmup:
             self.warmup()
         self.load_time = time.perf_counter() - t0

@@ -172,7 +172,8 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     if draft_model is not None:
         dref = resolve(draft_model)
         _ = dref.info
-        draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **config))
+        draft_config = {k: v for k, v in config.items() if k != "adapters"}  # an adapter is for the target only
+        draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **draft_config))
         check_same_vocab(engine, draft, ref.name, dref.name)
     return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template(), draft_engine=draft)
 

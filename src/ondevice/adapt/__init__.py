@@ -1,0 +1,27 @@
+"""``ondevice adapt``: LoRA fine-tuning on the CPU under a memory budget, exported as a llama.cpp adapter GGUF.
+
+The torch side (model.py, train.py, budget.py, check.py) needs the ``adapt`` extra
+(``pip install 'ondevice[adapt]'``); data.py and adapter_file.py do not, so the engine can check and load
+adapters without torch.
+"""
+
+from __future__ import annotations
+
+
+def require_torch() -> None:
+    """Import torch or say which extra to install."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from ..errors import OndeviceError
+
+        raise OndeviceError("ondevice adapt needs torch: pip install 'ondevice[adapt]' (a CPU build of torch)") from None
+
+
+def adapt(data: str, **kw) -> dict:
+    """Train a LoRA adapter on ``data`` (JSONL) and export it; keyword args are :class:`AdaptConfig` fields.
+    Returns the run's figures (loss, held-out loss before/after, s/step, peak RSS, the plan)."""
+    require_torch()
+    from .train import AdaptConfig, train
+
+    return train(AdaptConfig(data=data, **kw))

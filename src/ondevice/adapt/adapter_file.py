@@ -1,0 +1,121 @@
+"""The LoRA adapter file: a GGUF that llama.cpp's ``llama_adapter_lora_init`` reads, plus our provenance.
+
+llama.cpp wants ``general.type = adapter``, ``general.architecture`` = the base's, ``adapter.type = lora``,
+``adapter.lora.alpha`` (scale = alpha / rank, rank read per tensor from lora_b), and tensor pairs
+``<base tensor>.lora_a`` (numpy (r, in), ggml ne [in, r]) and ``.lora_b`` (numpy (out, r), ggml ne [r, out]),
+the layout of llama.cpp's convert_lora_to_gguf.py. Provenance sits under ``ondevice.adapter.*``: the base
+file's sha256 (an adapter for another base is refused by it), the data's sha256, the settings and figures.
+No torch here: the engine imports this to check an adapter before llama.cpp sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgument
+
+KEY = "ondevice.adapter."
+_sha_cache: dict[tuple, str] = {}
+_sha_lock = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, cached per (path, mtime, size): the base model is hashed once per process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    with _sha_lock:
+        if key in _sha_cache:
+            return _sha_cache[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    with _sha_lock:
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray, np.ndarray]],
+          provenance: dict) -> Path:
+    """Write ``{base tensor name: (A (r, in), B (out, r))}`` as a llama.cpp LoRA GGUF (temp file, then rename)."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch=arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for k, v in provenance.items():
+            w.add_string(KEY + k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+        for name, (a, b) in tensors.items():
+            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """An adapter's header: ``general.*``/``adapter.*`` values and our provenance (JSON decoded)."""
+    import gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"--adapter {p}: no such file; give the .gguf that `ondevice adapt` wrote")
+    try:
+        r = gguf.GGUFReader(str(p))
+    except Exception as e:  # noqa: BLE001 — not a GGUF at all, truncated, ...: one line for the user
+        raise InvalidArgument(f"--adapter {p}: not a readable GGUF file ({e}); give a LoRA adapter .gguf") from None
+    out = {}
+    for k, f in r.fields.items():
+        if k.startswith(("general.", "adapter.", KEY)):
+            try:
+                v = f.contents()
+            except (ValueError, TypeError, IndexError):  # a value gguf-py cannot decode: not ours to show
+                continue
+            if k.startswith(KEY) and isinstance(v, str) and v[:1] in "{[":
+                v = json.loads(v)
+            out[k] = v
+    out["tensors"] = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    return out
+
+
+def check(adapter: str | Path, base: str | Path) -> dict:
+    """Refuse an adapter that is not a LoRA GGUF, or whose recorded base is not ``base`` (by sha256).
+
+    An adapter without our provenance (converted elsewhere) is let through: llama.cpp still checks its
+    architecture and every tensor's shape against the base.
+    """
+    meta = read_meta(adapter)
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise InvalidArgument(f"--adapter {adapter}: not a LoRA adapter (general.type={meta.get('general.type')!r},"
+                              f" adapter.type={meta.get('adapter.type')!r}); give the .gguf that `ondevice adapt` "
+                              f"wrote")
+    want = meta.get(KEY + "base_sha256")
+    if want:
+        have = file_sha256(base)
+        if have != want:
+            raise InvalidArgument(
+                f"--adapter {Path(adapter).name} was trained on another base model "
+                f"({meta.get(KEY + 'base_name', '?')}, sha256 {want[:12]}...) but this model is {Path(base).name} "
+                f"(sha256 {have[:12]}...); load it with its own base (-m) or train an adapter for this model "
+                f"with `ondevice adapt -m {Path(base).name}`")
+    return meta

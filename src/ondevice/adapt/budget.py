@@ -1,0 +1,184 @@
+"""Choose where LoRA goes under a memory budget, as "On-device training under 256KB memory" does its sparse
+update: each choice (a module of a layer at a rank) has a measured contribution and a measured memory cost,
+and the plan takes the most contribution per byte that fits.
+
+- Contribution: on a probe batch, the gradient of the loss w.r.t. each frozen weight, G = sum_t g_t x_t^T
+  (out, in). A rank-r update can follow only the best rank-r part of G, so a (module, rank r) choice is worth
+  sum of its top-r squared singular values: the first-order loss drop of a steepest step restricted to rank r.
+- Cost: (1) the fixed part, measured: this process's RSS with the base loaded, after a no-grad forward;
+  (2) per layer of depth, measured: the peak RSS of two real training steps on the worst-case batch (the
+  longest examples) with the top 2 and the top 6 layers trainable, sampled every 2 ms; the difference per
+  layer is what each layer from the lowest trained one to the top keeps (layers below run without autograd,
+  the sparse-update paper's point: depth costs memory, width barely does), the rest of the near step is the
+  head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments). Gradient checkpointing (model.checkpoint) exists
+  but the planner does not choose it yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidArgument
+from .model import LlamaLoRA
+
+RANKS = (2, 4, 8, 16)
+MARGIN = 0.96  # plan to 96% of the budget: a first run at 100% peaked 2% over it (RSS sampled, not exact)
+PARAM_BYTES = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class _PeakRSS:
+    """The process's peak RSS while inside, sampled every 2 ms from a thread (ru_maxrss only ever grows, so it
+    cannot tell a later, smaller peak)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss(), threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def step_peak(model: LlamaLoRA, examples, lo: int) -> int:
+    """Peak RSS of one real training step (forward, backward, AdamW) with every module of layers >= lo
+    trainable at rank 1: the fixed part, the head and ``L - lo`` layers of activations and transients."""
+    import torch.nn.functional as F
+
+    from .train import batch_tensors
+
+    toks, want, targets = batch_tensors(examples)
+    lins = [lin for n, lin in model.linears().items() if int(n.split(".")[1]) >= lo]
+    for lin in lins:
+        lin.add_lora(1, 1.0)
+    model.grad_from = lo
+    params = [p for lin in lins for p in (lin.lora_a, lin.lora_b)]
+    opt = torch.optim.AdamW(params, lr=0.0)
+    try:
+        with _PeakRSS() as pk:
+            F.cross_entropy(model(toks, want), targets).backward()
+            opt.step()
+        return pk.peak
+    finally:
+        del opt, params
+        for lin in lins:
+            lin.rank = 0
+            del lin.lora_a, lin.lora_b
+        model.grad_from = 0
+
+
+def gradient_scores(model: LlamaLoRA, examples) -> dict[str, list[float]]:
+    """{base tensor name: cumulative sum of squared singular values of its loss gradient, ranks 1..max}."""
+    import torch.nn.functional as F
+
+    from .train import batch_tensors
+
+    lins = model.linears()
+    for lin in lins.values():
+        lin.probe = []
+    toks, want, targets = batch_tensors(examples)
+    h0 = model.embed  # make the embedding output a leaf that wants a gradient, so backward reaches layer 0
+
+    def embed(t):
+        return h0(t).requires_grad_(True)
+
+    model.embed = embed
+    try:
+        F.cross_entropy(model(toks, want), targets).backward()
+    finally:
+        del model.embed
+    scores = {}
+    top = max(RANKS)
+    for name, lin in lins.items():
+        (x, g), = lin.probe  # x (B, T, in), g (B, T, out)
+        lin.probe = None
+        x, g = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()  # (N, in), (N, out)
+        # squared singular values of G = g^T x from (N, N) matrices: eig(G^T G) = eig(Kx^1/2 Kg Kx^1/2)
+        e, v = torch.linalg.eigh(x @ x.T)
+        kx_half = (v * e.clamp(min=0).sqrt()) @ v.T
+        sq2 = torch.linalg.eigvalsh(kx_half @ (g @ g.T) @ kx_half).flip(0).clamp(min=0)
+        sq = sq2[:top].cumsum(0).tolist()
+        scores[name] = sq + [sq[-1]] * (top - len(sq))
+    return scores
+
+
+def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], dict]:
+    """``({base tensor name: rank}, what was measured and chosen)`` for ``cfg.budget_bytes``."""
+    from .train import batch_tensors
+
+    budget = int(cfg.budget_bytes * MARGIN)
+    L = model.cfg.n_layer
+    probe = sorted(examples, key=lambda e: -len(e.tokens))[:cfg.batch]  # the longest: the worst-case batch
+    with torch.no_grad():
+        model(*batch_tensors(probe)[:2])
+    fixed = _rss()  # torch, the packed base, a no-grad forward's buffers
+    near, far = 2, min(L, 6)
+    p_near, p_far = step_peak(model, probe, L - near), step_peak(model, probe, L - far)
+    per = max(0, (p_far - p_near) // (far - near))  # bytes per layer of depth (activations kept, transients)
+    head = max(0, p_near - fixed - near * per)  # the rest of a step: the head, the loss, AdamW, allocator slack
+    scores = gradient_scores(model, sorted(examples, key=lambda e: len(e.tokens))[:1])
+    dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
+
+    def cost(lo: int) -> int:
+        return fixed + head + per * (L - lo)
+
+    minimum = cost(L - 1) + PARAM_BYTES * min(RANKS) * min(a + b for a, b in
+                                                                                       dims.values())
+    if budget < minimum:
+        need = minimum / MARGIN / 2**20
+        raise InvalidArgument(f"--budget mem={cfg.budget_bytes / 2**20:.0f}M is below the smallest plan's "
+                              f"{need:.0f} MiB (torch, the packed base and a rank-{min(RANKS)} LoRA on one module of "
+                              f"the top layer, measured here); give at least mem={int(need) + 1}M")
+    best = None
+    for lo in range(L - 1, -1, -1):
+        room = budget - cost(lo)
+        if room <= 0:
+            break
+        plan, score = _greedy({n: s for n, s in scores.items() if int(n.split(".")[1]) >= lo}, dims, room)
+        if plan and (best is None or score > best[0] * 1.02):  # a layer deeper only when it buys > 2%
+            best = (score, plan)
+    score, plan = best
+    lo = min(int(n.split(".")[1]) for n in plan)
+    used = cost(lo) + sum(PARAM_BYTES * r * sum(dims[n]) for n, r in plan.items())
+    info = {"budget_bytes": cfg.budget_bytes, "fixed_rss_bytes": fixed, "activation_bytes_per_layer": per,
+            "head_activation_bytes": head, "lowest_layer": lo,
+            "estimated_peak_bytes": used, "score_share": score / sum(s[-1] for s in scores.values()),
+            "n_modules": len(plan)}
+    return plan, info
+
+
+def _greedy(scores: dict[str, list[float]], dims: dict[str, tuple[int, int]], room: int):
+    """Raise ranks (0 -> 2 -> 4 -> 8 -> 16) by best score gained per byte until the room is spent."""
+    rank = dict.fromkeys(scores, 0)
+    spent, total = 0, 0.0
+    while True:
+        best = None
+        for n, s in scores.items():
+            r = rank[n]
+            nxt = next((x for x in RANKS if x > r), None)
+            if nxt is None:
+                continue
+            gain = s[nxt - 1] - (s[r - 1] if r else 0.0)
+            nbytes = PARAM_BYTES * (nxt - r) * sum(dims[n])
+            if spent + nbytes <= room and (best is None or gain / nbytes > best[0]):
+                best = (gain / nbytes, n, nxt, gain, nbytes)
+        if best is None:
+            break
+        _, n, nxt, gain, nbytes = best
+        rank[n], spent, total = nxt, spent + nbytes, total + gain
+    return {n: r for n, r in rank.items() if r}, total
+

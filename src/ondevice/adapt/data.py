@@ -1,0 +1,111 @@
+"""Training data: JSONL of ``{"messages": [...]}`` or ``{"input": ..., "target": ...}``, tokenized by the same
+llama.cpp vocabulary and chat template the adapter will be served with (no torch here).
+
+The loss is on the answer only: the tokens of the last assistant message, its end-of-turn marker included (so
+the model learns to stop), never on the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgument
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    n_prompt: int  # tokens[:n_prompt] are the prompt, the rest the answer (the loss)
+
+
+def read_jsonl(path: str | Path) -> list[list[dict]]:
+    """Each line as a conversation ending with the assistant's answer. Errors name the line and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"{p}: no such data file; give a JSONL file, one {{\"messages\": [...]}} or "
+                              f"{{\"input\": ..., \"target\": ...}} object per line")
+    out = []
+    with open(p, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object "
+                                  f"per line") from None
+        out.append(_conversation(obj, where))
+    if not out:
+        raise InvalidArgument(f"{p}: no examples (the file is empty)")
+    return out
+
+
+def _conversation(obj, where: str) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise InvalidArgument(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}}")
+        for i, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise InvalidArgument(f"{where}: message {i} needs a string \"role\" and a string \"content\"")
+        if msgs[-1]["role"] != "assistant":
+            raise InvalidArgument(f"{where}: the last message must be the assistant's answer (role "
+                                  f"\"assistant\"), got role {msgs[-1]['role']!r}")
+        if len(msgs) < 2:
+            raise InvalidArgument(f"{where}: needs a prompt message before the assistant's answer")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if "input" in obj or "target" in obj:
+        for k in ("input", "target"):
+            if not isinstance(obj.get(k), str):
+                raise InvalidArgument(f"{where}: \"{k}\" must be a string")
+        return [{"role": "user", "content": obj["input"]}, {"role": "assistant", "content": obj["target"]}]
+    raise InvalidArgument(f"{where}: expected \"messages\" or \"input\"/\"target\" keys, got "
+                          f"{', '.join(map(repr, obj)) or 'none'}")
+
+
+def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Example]:
+    """Tokenize with ``model`` (an ``ondevice.Model``: its llama.cpp vocabulary and chat template).
+
+    An example longer than ``max_len`` keeps its answer and loses the start of its prompt; one whose
+    answer alone is longer is cut at ``max_len``.
+    """
+    from ..engine import chat
+
+    eng = model.engine
+    kw = dict(specials=eng.control_tokens(), **model._template_kw(),
+              tokenize=lambda text, bos: eng.tokenize(text, add_special=bos, parse_special=False))
+    out = []
+    for conv in conversations:
+        if model.template is None:
+            raise InvalidArgument(f"{model.name} has no chat template; adapt an instruct model")
+        prompt = chat.encode(model.template, conv[:-1], add_generation_prompt=True, **kw)
+        full = chat.encode(model.template, conv, add_generation_prompt=False, **kw)
+        if full[:len(prompt)] != prompt:  # a template that renders the prompt differently once answered
+            raise InvalidArgument(f"{model.name}'s chat template does not render the prompt as a prefix of the "
+                                  f"answered conversation; ondevice adapt cannot find the answer tokens")
+        eot = next((i for i in range(len(prompt), len(full)) if full[i] in eng.eos_tokens), len(full) - 1)
+        full = full[:eot + 1]  # the answer up to and including its end-of-turn token
+        n_prompt = len(prompt)
+        if len(full) > max_len:
+            cut = min(len(full) - max_len, n_prompt - 1)
+            full, n_prompt = full[cut:][:max_len], n_prompt - cut
+        out.append(Example(tokens=full, n_prompt=n_prompt))
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

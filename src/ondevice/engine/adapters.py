@@ -1,0 +1,71 @@
+"""LoRA adapters on a llama.cpp engine: loaded once per model, chosen per context (``llama_set_adapters_lora``).
+
+llama.cpp applies one set of adapters to a whole ``llama_decode``, so a batch mixes sequences of one adapter
+set only; the server schedules by adapter (serve/batcher.py). A sequence's KV was computed under the adapters
+active then, so callers must not reuse it under others (the generator keys its prefix cache by adapter).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from ..errors import InvalidArgument, OndeviceError
+
+
+class Adapters:
+    """The adapters loaded on ``engine``'s model (by name) and the set active on its context."""
+
+    def __init__(self, engine) -> None:
+        from .llama import llama_cpp_lib
+
+        self.engine = engine
+        self.loaded: dict[str, int] = {}  # name -> llama_adapter_lora *
+        self.meta: dict[str, dict] = {}
+        self.active: tuple[str, ...] = ()
+        lib = llama_cpp_lib()
+        self._init = lib["llama_adapter_lora_init"]
+        self._init.argtypes, self._init.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
+        self._set = lib["llama_set_adapters_lora"]
+        self._set.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+                              ctypes.POINTER(ctypes.c_float)]
+        self._set.restype = ctypes.c_int32
+
+    def load(self, path: str | Path, name: str | None = None) -> str:
+        """Load an adapter file for this model (checked against the base by sha256 first); returns its name."""
+        from ..adapt.adapter_file import check
+        from .llama import load_log
+
+        p = Path(path).expanduser()
+        name = name or p.stem
+        if name in self.loaded:
+            raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
+        self.meta[name] = check(p, self.engine.path)
+        with load_log() as lines:
+            ptr = self._init(self.engine.model, str(p).encode())
+        if not ptr:
+            why = next((ln.strip() for ln in reversed("".join(lines).splitlines()) if "error" in ln.lower()
+                        or "failed" in ln.lower()), "see ONDEVICE_VERBOSE=1")
+            raise OndeviceError(f"llama.cpp could not load the adapter {p} for {self.engine.path.name}: {why}")
+        self.loaded[name] = ptr
+        return name
+
+    def load_spec(self, spec: str) -> str:
+        """``NAME=PATH`` or ``PATH`` (named by its file stem)."""
+        name, sep, path = spec.partition("=")
+        return self.load(path, name) if sep and name and "/" not in name else self.load(spec)
+
+    def use(self, names: tuple[str, ...] = ()) -> None:
+        """Make exactly ``names`` (scale 1 each) the context's adapters; a no-op when they already are."""
+        names = tuple(names)
+        if names == self.active:
+            return
+        unknown = [n for n in names if n not in self.loaded]
+        if unknown:
+            raise InvalidArgument(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.loaded) or 'none'}")
+        n = len(names)
+        arr = (ctypes.c_void_p * max(1, n))(*[self.loaded[x] for x in names])
+        scales = (ctypes.c_float * max(1, n))(*([1.0] * n))
+        if self._set(self.engine.ctx, arr if n else None, n, scales if n else None) != 0:
+            raise OndeviceError(f"llama.cpp refused the adapters {', '.join(names)}")
+        self.active = names

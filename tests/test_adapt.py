@@ -155,3 +155,44 @@ def test_training_lowers_loss_exports_and_llama_cpp_agrees(tmp_path, smol_path, 
     (tmp_path / "iso.gguf.ckpt.pt").write_bytes(b"garbage")
     with pytest.raises(InvalidArgument, match="cannot read the checkpoint"):
         train.train(train.AdaptConfig(**cfg, resume=True))
+
+
+def test_serve_applies_adapters_per_request(tmp_path, smol_path):
+    """base, base+a and base+b in flight together give what each gives alone (scheduled by adapter)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    import ondevice
+    from ondevice.serve import BackgroundServer, ServeSettings
+
+    sha = adapter_file.file_sha256(smol_path)
+    paths = {n: adapter_file.write(tmp_path / f"{n}.gguf", "llama", 8.0, _lora_tensors(8, 0.6, seed),
+                                   {"base_sha256": sha}) for n, seed in (("a", 1), ("b", 2))}
+    prompt = [{"role": "user", "content": "Write one sentence about the sea."}]
+    want = {}
+    for name in ("", "a", "b"):
+        m = ondevice.load(str(smol_path), n_ctx=256, n_threads=2, adapters=(str(paths[name]),) if name else ())
+        try:
+            want[name] = m.generate(prompt, temp=0.0, max_tokens=8).text
+        finally:
+            m.close()
+    assert len(set(want.values())) == 3, want  # each adapter changes the answer
+    settings = ServeSettings(model=str(smol_path), port=0, parallel=4, ctx=256, threads=2, embeddings=False,
+                             adapter=[f"{n}={p}" for n, p in paths.items()])
+    with BackgroundServer(settings) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+        ids = [m.id for m in client.models.list().data]
+        assert ids[1:] == [f"{ids[0]}+a", f"{ids[0]}+b"]
+
+        def ask(name: str) -> tuple[str, str]:
+            r = client.chat.completions.create(model=ids[0] + (f"+{name}" if name else ""), messages=prompt,
+                                               temperature=0.0, max_tokens=8)
+            return name, r.choices[0].message.content
+
+        with ThreadPoolExecutor(6) as ex:
+            got = list(ex.map(ask, ["a", "", "b", "a", "b", ""]))
+        for name, text in got:
+            assert text == want[name], (name, text, want[name])
+        with pytest.raises(openai.BadRequestError, match="no adapter named 'c'"):
+            client.chat.completions.create(model=ids[0] + "+c", messages=prompt, max_tokens=2)

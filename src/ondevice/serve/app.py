@@ -62,7 +62,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return S.ModelList(data=[S.ModelCard(id=state.model_id, created=state.created, meta=state.model_meta())])
+        return S.ModelList(data=[S.ModelCard(id=state.model_id, created=state.created, meta=state.model_meta())] + [
+            S.ModelCard(id=f"{state.model_id}+{n}", created=state.created) for n in state.adapter_names])
 
     @app.post("/tokenize")
     async def tokenize(req: S.TokenizeRequest):
@@ -264,7 +265,8 @@ class Runner:
             if cascade is not None:
                 sampling = cascade.sampling(sampling)
             lp = (req.top_logprobs or 0) if req.logprobs else None
-            return [self._job(loop, toks, s, logprobs=lp) for s in _choices(req, sampling)]
+            return [self._job(loop, toks, s, logprobs=lp, adapters=st.adapters_for(req.model))
+                    for s in _choices(req, sampling)]
 
         jobs = await run_in_threadpool(prepare)
         self._submit(jobs)
@@ -401,7 +403,7 @@ class Runner:
             for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
                 toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
                 jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
-                                   else None, eos_entry=k is not None)
+                                   else None, eos_entry=k is not None, adapters=st.adapters_for(req.model))
                          for s in _choices(req, _sampling(req, req.max_tokens, None, st.default_draft))]
             return jobs
 

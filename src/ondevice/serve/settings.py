@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..config import add_config_arguments, config_from
+from ..config import AnyList, add_config_arguments, config_from
 
 
 class ServeSettings(BaseSettings):
@@ -40,6 +40,9 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+    adapter: AnyList[str] = Field([], description="a LoRA adapter NAME=PATH made by `ondevice adapt` (repeatable); "
+                                                  "a request picks it with model 'BASE+NAME', the base stays "
+                                                  "loaded once")
     draft: str | None = Field(None, description="speculative decoding by default: 'lookup' (n-gram drafts from "
                                                 "the prompt and text so far) or a draft MODEL sharing the "
                                                 "vocabulary; requests may override with draft (None: off)")

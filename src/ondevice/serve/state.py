@@ -48,6 +48,11 @@ class ServerState:
             type_k=s.kv_type, type_v=s.kv_type, warmup=False,  # the batcher warms it up on its own thread
             amx=s.amx, repack=s.repack))
         eng = self.engine
+        try:
+            self.adapter_names = [eng.adapters.load_spec(a) for a in s.adapter]  # LoRA, chosen per request
+        except BaseException:
+            eng.close()
+            raise
         self.template = eng.chat_template()
         self.model = Model(name=name, path=self.path, engine=eng, template=self.template)  # renders prompts
         # token text tables built once: the engine's piece buffer is not shared across threads
@@ -78,6 +83,19 @@ class ServerState:
         m.gauge("slots_busy", "Slots generating or prefilling.", lambda: self.batcher.busy)
         m.gauge("slots_total", "Slots (sequences decoded together).", lambda: parallel)
         m.gauge("slot_context_tokens", "Context tokens per slot.", lambda: s.ctx)
+
+    def adapters_for(self, model: str | None) -> tuple[str, ...]:
+        """The adapters a request's ``model`` asks for: 'BASE+NAME' (or '+NAME+NAME2'); anything else: none."""
+        if not model or "+" not in model:
+            return ()
+        names = tuple(n for n in model.split("+")[1:] if n)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            from ..errors import InvalidArgument
+
+            have = ", ".join(f"{self.model_id}+{n}" for n in self.adapter_names) or "none (start with --adapter)"
+            raise InvalidArgument(f"model {model!r}: no adapter named {unknown[0]!r}; adapters served: {have}")
+        return names
 
     def start(self) -> None:
         self.batcher.start()

@@ -196,3 +196,15 @@ def test_serve_applies_adapters_per_request(tmp_path, smol_path):
             assert text == want[name], (name, text, want[name])
         with pytest.raises(openai.BadRequestError, match="no adapter named 'c'"):
             client.chat.completions.create(model=ids[0] + "+c", messages=prompt, max_tokens=2)
+
+
+def test_eval_with_an_adapter_records_it(tmp_path, smol_path, cli):
+    sha = adapter_file.file_sha256(smol_path)
+    live = adapter_file.write(tmp_path / "live.gguf", "llama", 8.0, _lora_tensors(4, 0.5), {"base_sha256": sha})
+    args = ("eval", "-m", str(smol_path), "--ppl", "--ctx", "128", "--chunks", "2", "--threads", "2", "--json",
+            "--no-store")
+    plain, adapted = (cli(*args, *extra) for extra in ((), ("--adapter", str(live))))
+    assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    p, a = json.loads(plain.stdout.splitlines()[0]), json.loads(adapted.stdout.splitlines()[0])
+    assert a["adapter_sha256"] == adapter_file.file_sha256(live) and "adapter_sha256" not in p
+    assert a["ppl"] != p["ppl"]

@@ -11,6 +11,7 @@ report finds the F16 a quantized variant is compared with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,6 +89,11 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     sha = model_sha256(mref)
     session = c.session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     base = {**_base(mref, sha), **lineage(sha, mref)}
+    if c.adapter:  # checked against the model here; every load of the model below applies it
+        from ..adapt.adapter_file import check, file_sha256
+
+        check(c.adapter, mref.path)
+        base.update(adapter=str(c.adapter), adapter_sha256=file_sha256(c.adapter))
     records: list[dict] = []
     if c.ppl or c.ref:
         records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
@@ -104,6 +110,8 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
                 cfg = {k: r.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
                                              "limit", "seed", "max_tokens", "temp")}
                 cfg["corpus_sha256"] = (r.get("corpus") or {}).get("sha256")
+                if r.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
+                    cfg["adapter_sha256"] = r["adapter_sha256"]
                 db.add("eval", r, session=session, config_key=_config_key(cfg), model=r["model"],
                        model_sha256=r["model_sha256"], test=r["test"])
     return records
@@ -123,7 +131,9 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
         raise InvalidArgument(f"--ctx {ctx} (the perplexity chunk) is above {mref.name}'s trained context "
                               f"({trained}); use --ctx {trained} or less")
     text_corpus = load_corpus(corpus, text)
-    cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False)  # timings are not measured here
+    cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False,  # timings are not measured here
+                       adapters=(base["adapter"],) if base.get("adapter") else ())
+    ref_cfg = dataclasses.replace(cfg, adapters=())  # an adapter belongs to the model under test, not the reference
     say(f"corpus {text_corpus.name}: {text_corpus.chars} chars, sha256 {text_corpus.sha256[:12]}")
     if not ref:
         eng = LlamaEngine(mref.path, cfg)
@@ -149,7 +159,7 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
                 ref_rows, ref_tokens, cached = hit[0], list(hit[1]), True
             else:
                 say(f"computing reference logits of {rref.name} ({n_chunks} chunks of {ctx})")
-                reng = LlamaEngine(rref.path, cfg)
+                reng = LlamaEngine(rref.path, ref_cfg)
                 ref_rows, ref_tokens, n_chunks, cached = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
                                                                           cache)
                 reng.close()
@@ -207,7 +217,8 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
     if win.note:
         say(win.note)
     log_path = Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
-    model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx)
+    model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx,
+                 adapters=(base["adapter"],) if base.get("adapter") else ())
     n_threads, n_ctx = model.engine.n_threads, model.engine.n_ctx
     try:
         say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'}, "

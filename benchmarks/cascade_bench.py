@@ -15,8 +15,14 @@ and one with ``--cascade URL --cascade-threshold 0`` (scores every answer, defer
 requests in alternating order per round; the ratio of their latencies is the cascade's cost (goal <= 1.05).
 Streaming TTFT is compared the same way (the cascade buffers --cascade-prefix-tokens first).
 
+Both tiers' answers are cached (``--rows``, keyed by each model file's sha256 and max_tokens), so refitting,
+new features and redrawing the curves cost no generation. The curve part prints the combiner as fitted now
+(text features, weighted), tokens + text, the token-only combiner of before, exp(mean logprob), random and
+the oracle; ``--resplits N`` refits on N random dev/test splits for the spread.
+
     python benchmarks/cascade_bench.py                       # all items, 3 overhead rounds
     python benchmarks/cascade_bench.py --limit 60 --rounds 2 # bounded (a shared CPU)
+    python benchmarks/cascade_bench.py --max-tokens 48 --threads 1 --skip-overhead --resplits 60
 """
 
 from __future__ import annotations

@@ -208,3 +208,25 @@ def test_eval_with_an_adapter_records_it(tmp_path, smol_path, cli):
     p, a = json.loads(plain.stdout.splitlines()[0]), json.loads(adapted.stdout.splitlines()[0])
     assert a["adapter_sha256"] == adapter_file.file_sha256(live) and "adapter_sha256" not in p
     assert a["ppl"] != p["ppl"]
+
+
+@needs_torch
+def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
+    from ondevice.store import Store
+
+    db = tmp_path / "store.sqlite"
+    out = tmp_path / "deferred.gguf"
+    args = ("adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "-o", str(out), "--steps", "1",
+            "--layers", "29", "--modules", "attn_q", "--max-len", "48", "--heldout", "0")
+    r = cli(*args)
+    assert r.returncode == 2 and "no hard samples" in r.stderr
+    with Store(db) as s:
+        for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4."), ("Opposite of hot?", "Cold.")):
+            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=adapter_file.file_sha256(smol_path),
+                              cloud_model="cloud", confidence=0.1, messages=[{"role": "user", "content": q}],
+                              device_answer="?", cloud_answer=a)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    meta = adapter_file.read_meta(out)
+    assert meta["ondevice.adapter.data_sha256"] == data.sha256_file(f"{out}.deferred.jsonl")
+    assert len(data.read_jsonl(f"{out}.deferred.jsonl")) == 3

@@ -10,11 +10,9 @@ No torch here: the engine imports this to check an adapter before llama.cpp sees
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +20,13 @@ import numpy as np
 from ..errors import InvalidArgument
 
 KEY = "ondevice.adapter."
-_sha_cache: dict[tuple, str] = {}
-_sha_lock = threading.Lock()
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached per (path, mtime, size): the base model is hashed once per process."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
-    with _sha_lock:
-        if key in _sha_cache:
-            return _sha_cache[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    with _sha_lock:
-        _sha_cache[key] = h.hexdigest()
-    return _sha_cache[key]
+    """sha256 of a file (the models store's cache: the base model is hashed once, not per load)."""
+    from ..models.store import cached_sha256
+
+    return cached_sha256(path)
 
 
 def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray, np.ndarray]],

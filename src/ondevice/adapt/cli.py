@@ -14,8 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train import AdaptConfig
 
     d = AdaptConfig(data="")
-    p.add_argument("data", help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or "
-                                "{\"input\": ..., \"target\": ...} per line")
+    p.add_argument("data", nargs="?", help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or "
+                                           "{\"input\": ..., \"target\": ...} per line")
+    p.add_argument("--from", dest="source", choices=("file", "deferred"), default="file",
+                   help="deferred: train on the hard samples the cascade kept for this model (its inputs with the "
+                        "cloud's answers), written next to the adapter as OUT.deferred.jsonl")
+    p.add_argument("--db", default=None, metavar="PATH", help="the store for --from deferred (default: the data dir)")
     p.add_argument("-m", "--model", default=None, help="base model (catalog name or .gguf); default: "
                                                        "smollm2-135m-instruct")
     p.add_argument("-o", "--out", default=d.out, help="the adapter GGUF to write")
@@ -65,6 +69,23 @@ def parse_layers(s: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def deferred_data(args: argparse.Namespace) -> str:
+    """The cascade's kept hard samples of this base model, exported as the training file (device -> cloud ->
+    device: "Cloud-device collaborative adaptation")."""
+    from ..cascade.samples import export_hard_samples
+    from ..models import resolve
+    from .adapter_file import file_sha256
+
+    if args.data:
+        raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
+    ref = resolve(args.model)
+    out = f"{args.out}.deferred.jsonl"
+    if export_hard_samples(out, store=args.db, device_sha256=file_sha256(ref.path)) == 0:
+        raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade (deferred "
+                              f"requests are kept with the cloud's answers) before --from deferred")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from . import require_torch
 
@@ -72,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from .model import MODULES
     from .train import AdaptConfig, train
 
+    data = deferred_data(args) if args.source == "deferred" else args.data
+    if data is None:
+        raise InvalidArgument("give a data file (JSONL) or --from deferred")
     modules = MODULES if args.modules == "all" else tuple(m for m in args.modules.split(",") if m)
-    cfg = AdaptConfig(data=args.data, out=args.out, model=args.model, steps=args.steps, lr=args.lr,
+    cfg = AdaptConfig(data=data, out=args.out, model=args.model, steps=args.steps, lr=args.lr,
                       batch=args.batch, max_len=args.max_len, rank=args.rank, alpha=args.alpha, modules=modules,
                       layers=parse_layers(args.layers), precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
@@ -83,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         from .check import agreement
         from .data import read_jsonl
 
-        convs = read_jsonl(args.data)[:args.check]
+        convs = read_jsonl(data)[:args.check]
         r["agreement"] = agreement(r["base"]["path"], r["adapter"], [c[:-1] for c in convs], threads=args.threads)
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "plan"}, default=str))

@@ -7,7 +7,6 @@ the model learns to stop), never on the prompt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +103,6 @@ def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Examp
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..models.store import sha256_file as _sha
+
+    return _sha(Path(path))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidArgument, OndeviceError
+from ..errors import InvalidArgument
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
 from .measure import Cache, Meter, device_section, fit_dir, plan_key, quality_section
@@ -138,6 +138,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         types = (BASE, *types)
     if imatrix not in ("auto", "on", "off"):
         raise InvalidArgument(f"--imatrix {imatrix!r} must be auto, on or off")
+    if sorted(t[:2] for t in speed_tests) != ["pp", "tg"]:
+        raise InvalidArgument(f"--tests {','.join(speed_tests)!r} must be one prompt and one decode test, "
+                              f"e.g. pp128,tg64")
     if validate < 1:
         raise InvalidArgument(f"--validate {validate} must be >= 1")
     if name is not None and name in store_variants() and not force:
@@ -223,7 +226,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                       "kld": res["kld"][1]["kld"], "kld_calib": res["kld"][0]["kld"],
                       "kld_err": res["kld"][1]["kld_err"], "noisy": res["speed"].get("noisy"),
                       "file": str(keep)}
-    say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text):")
+    say("validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text):")
     say(f"  {'plan':44s} {'size MB':>8} {'tg pred':>8} {'tg meas':>8} {'KLD pred':>9} {'KLD calib':>9} "
         f"{'KLD held':>9}")
     for c in picks:
@@ -284,8 +287,8 @@ def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: 
 
     import llama_cpp
 
-    from ..device.kernels import build_id
     from ..device.info import machine_key
+    from ..device.kernels import build_id
     from ..eval.api import model_sha256
     from ..models.catalog import register_variant, store_variants
     from ..quant.quantize import verify, weight_types

@@ -71,7 +71,7 @@ def _number(key: str, raw: str) -> float:
         v = float(raw)
     except ValueError:
         raise InvalidArgument(f"--budget {key}: {raw!r} is not a number; {_EXAMPLE}") from None
-    if not v > 0 or v != v or v == float("inf"):
+    if not (0 < v < float("inf")):
         raise InvalidArgument(f"--budget {key}: {raw!r} must be a positive number; {_EXAMPLE}")
     return v
 

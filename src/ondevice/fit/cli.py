@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validate", type=int, default=3, help="best predicted plans to build and measure")
     p.add_argument("--imatrix", choices=("auto", "on", "off"), default="auto",
                    help="importance matrix: auto keeps it only where it lowers the held-out KLD")
+    p.add_argument("--tests", default="pp128,tg64", help="bench tests of the speed measurements (a prompt "
+                   "and a decode test)")
     p.add_argument("--repetitions", "-r", type=int, default=3, help="bench repetitions per variant")
     p.add_argument("--resume", action="store_true", help="reuse the measurements of an earlier (killed) fit")
     p.add_argument("--reprobe", action="store_true", help="measure the device speed table again")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
         bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None, threads=args.threads, text=args.text, calib_ctx=args.calib_ctx,
         calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
-        validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions, resume=args.resume,
+        validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions,
+        speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume,
         reprobe=args.reprobe, store=not args.no_store, force=args.force, progress=lambda m: print(m, flush=True))
     return 0

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow a source that is already quantized (quality loss compounds)")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: physical cores)")
+    p.add_argument("--imatrix", default=None, metavar="FILE.npz",
+                   help="importance matrix (tensor name -> per-column mean squared activation), as "
+                        "`ondevice fit` collects; weights each column's rounding error")
     p.add_argument("--force", action="store_true", help="replace an existing variant of the same name")
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import quantize
 
     ref = quantize(args.model, args.type, args.name, args.override, allow_requantize=args.allow_requantize,
-                   threads=args.threads, force=args.force)
+                   threads=args.threads, force=args.force, imatrix=args.imatrix)
     prov = (ref.provenance or {}).get("provenance", {})
     check = prov.get("tensor_types", {})
     mix = ", ".join(f"{t} {n}" for t, n in check.get("quant_mix", {}).items())

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention", action="store_true",
                    help="print the suite retention tables (score per category vs the family's F16, with "
                         "coverage) of the stored eval records and exit")
+    p.add_argument("--fit", action="store_true",
+                   help="print the latest `ondevice fit` results: validated variants, stock presets (when "
+                        "benchmarks/fit_bench.py measured them) and the predicted front, and exit")
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
             from .cascade import run_report
 
             return run_report(store, args)
+        if args.fit:
+            from .fit import fit_markdown
+
+            sys.stdout.write(fit_markdown(store.records("fit")))
+            return 0
         if args.retention:
             from .quality import retention, retention_markdown
 

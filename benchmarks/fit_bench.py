@@ -1,0 +1,150 @@
+"""Goals of ``ondevice fit`` (issue 11): the fitted front against llama.cpp's stock presets, measured here.
+
+    python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2]
+
+Prints, all measured in this run on this machine (KLD: mean KL divergence from the family's F16 on the fit's
+held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice bench`` tg128/pp128):
+
+1. the wall time of a whole fit (device speed table re-measured, nothing reused) under the budget
+   ``size <= stock Q4_K_M's size``, and its KLD against stock Q4_K_M's (goal: <= 0.8x);
+2. stock ftypes (Q2_K ... Q8_0), each without and (K-quants, Q4_0) with the fit's importance matrix, quantized
+   from the same F16: size, tg128, pp128, KLD;
+3. the fitted front: one more fit per stock size (``--resume``: the measurements are reused, only the
+   validated candidates are built and measured), and whether any stock preset beats some fitted variant
+   on both size and KLD, or on both tg128 and KLD (goal: none does).
+
+Other jobs share this machine: the load average is printed; speeds are comparable only within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on busy cores
+
+STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+IMATRIX_STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M")  # types whose quantizer reads an imatrix
+TESTS = ("pp128", "tg128")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stock", default=",".join(STOCK))
+    ap.add_argument("--repetitions", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    import ondevice
+    from ondevice.eval.api import model_sha256
+    from ondevice.fit.api import _reference, _texts
+    from ondevice.fit.measure import fit_dir, kld_of, speed_of
+    from ondevice.models.catalog import resolve
+    from ondevice.quant.quantize import ftype_id, run_worker
+
+    say = lambda m: print(m, flush=True)
+    src = resolve(args.model)
+    ref, note = _reference(src, None, say)
+    _calib, heldout, _ = _texts(None)
+    tmp = fit_dir() / "bench"
+    tmp.mkdir(exist_ok=True)
+    print(f"# fit_bench: {src.name}, threads {args.threads}, load average {os.getloadavg()}")
+    print(f"# KLD against {note}; held-out text {heldout.name} (ctx 256 x 8 chunks)")
+
+    def measure(path: Path) -> dict:
+        sp = speed_of(ondevice.bench([str(path)], ",".join(TESTS), threads=args.threads,
+                                     repetitions=args.repetitions, store=False, roofline=False))
+        q = kld_of(ondevice.evaluate(str(path), ref=str(ref.path), text=str(heldout), ctx=256, chunks=8,
+                                     threads=1, store=False))
+        return {"size": path.stat().st_size, **sp, **q}
+
+    def stock(ftype: str, imatrix: Path | None = None) -> dict:
+        out = tmp / f"stock-{ftype}{'-im' if imatrix else ''}.gguf"
+        run_worker(ref.path, out, ftype_id(ftype), [], False, args.threads, imatrix=imatrix)
+        try:
+            return measure(out)
+        finally:
+            out.unlink(missing_ok=True)
+
+    q4km = stock("Q4_K_M")
+    budget = f"size<={q4km['size']}B"
+    t0 = time.perf_counter()
+    first = ondevice.fit(src.name, budget, store=False, reprobe=True, threads=args.threads, speed_tests=TESTS,
+                         repetitions=args.repetitions, progress=say)
+    fit_s = time.perf_counter() - t0
+    im = first.imatrix
+    im_path = next((p for p in (fit_dir() / f"work-{model_sha256(ref)[:12]}").glob("imatrix-*.npz")), None)
+    rows = {"Q4_K_M": q4km}
+    for f in args.stock.split(","):
+        if f != "Q4_K_M":
+            rows[f] = stock(f)
+    if im_path is not None:
+        for f in IMATRIX_STOCK:
+            if f in args.stock.split(","):
+                rows[f + "+imatrix"] = stock(f, im_path)
+    fitted_cands = list(first.candidates)
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["size"]):
+        try:
+            res = ondevice.fit(src.name, f"size<={r['size']}B", store=False, resume=True, threads=args.threads,
+                               speed_tests=TESTS, repetitions=args.repetitions, validate=2)
+            fitted_cands += res.candidates
+        except ondevice.OndeviceError as e:
+            print(f"# no fitted variant at {name}'s size: {e}")
+
+    fitted = [c.measured for c in fitted_cands]
+    print(f"\n## whole fit: {fit_s:.0f} s (goal <= 600 s), load average now {os.getloadavg()[0]:.1f}; "
+          f"imatrix {'used' if im.get('used') else 'not used'} (held-out KLD {im.get('kld_without', 0):.4f} "
+          f"without, {im.get('kld_with', 0):.4f} with, on the lowest plan)")
+    ch = first.chosen.measured
+    print(f"## at size <= stock Q4_K_M ({q4km['size'] / 1e6:.1f} MB): fitted {ch['size'] / 1e6:.1f} MB KLD "
+          f"{ch['kld']:.4f} vs Q4_K_M {q4km['kld']:.4f}: ratio {ch['kld'] / q4km['kld']:.2f} (goal <= 0.80)")
+    print("\n| variant | size MB | tg128 t/s | pp128 t/s | KLD | beaten by a fitted variant on size+KLD | on tg+KLD |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    beats_size = beats_tg = 0
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["size"]):
+        s = any(f["size"] <= r["size"] and f["kld"] <= r["kld"] for f in fitted)
+        t = any(f["tg"] >= r["tg"] and f["kld"] <= r["kld"] for f in fitted)
+        # a stock preset "beats the front" when no fitted variant is at least as good on both axes
+        better_size = not s and all(not (f["size"] < r["size"] and f["kld"] < r["kld"]) for f in fitted)
+        beats_size += not s
+        beats_tg += not t
+        print(f"| stock {name} | {r['size'] / 1e6:.1f} | {r['tg']:.1f} | {r['pp']:.1f} | {r['kld']:.4f} | "
+              f"{'yes' if s else 'NO'} | {'yes' if t else 'NO'} |" + (" (off the front)" if better_size else ""))
+    for f in sorted(fitted, key=lambda f: f["size"]):
+        print(f"| fitted | {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} | | |")
+    print(f"\n## stock presets not matched by a fitted variant: {beats_size} on size+KLD, {beats_tg} on tg128+KLD "
+          f"(goal: 0 and 0); shipped file tg {first.shipped['tg']:.1f}, pp {first.shipped['pp']:.1f}")
+    _store(src.name, first, rows, fitted_cands, args.threads)
+    print("## predicted vs measured (validated candidates of the first fit):")
+    by_pred = [c.predicted["kld"] for c in first.candidates]
+    by_meas = [c.measured["kld_calib"] for c in first.candidates]
+    same = sorted(range(len(by_pred)), key=by_pred.__getitem__) == sorted(range(len(by_meas)), key=by_meas.__getitem__)
+    print(f"   KLD rank order of the {len(by_pred)} candidates: {'right' if same else 'WRONG'}")
+    for c in first.candidates:
+        p, m = c.predicted, c.measured
+        print(f"   tg {p['tg']:.1f} -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); KLD(calib) {p['kld']:.4f} -> "
+              f"{m['kld_calib']:.4f}; {c.summary()}")
+    return 0
+
+
+def _store(family: str, first, stock: dict, cands: list, threads: int) -> None:
+    """One ``kind="fit"`` record with the stock presets, so ``ondevice report --fit`` shows them side by side."""
+    from ondevice.store import Store
+
+    rec = {"model": f"{family} (fit_bench)", "model_sha256": "", "family": family, "test": "fit_bench",
+           "budget": first.budget.describe(), "plan": first.chosen.plan, "threads": threads,
+           "candidates": [{"plan": c.plan, "predicted": c.predicted,
+                           "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in cands],
+           "stock": stock, "front": [{"plan": c.plan, **c.predicted} for c in first.front],
+           "shipped": {"model": family, **first.shipped}, "created": time.time()}
+    with Store() as db:
+        db.add("fit", rec, session=f"fit-bench-{time.strftime('%Y%m%d-%H%M%S')}", config_key="fit_bench",
+               model=rec["model"], model_sha256="", test="fit_bench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

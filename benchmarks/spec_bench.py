@@ -73,7 +73,7 @@ def run_set(model, prompts: list[str], draft: str, draft_max: int, max_tokens: i
     return {"items": len(prompts), "identical": same, "plain_tps": tps["plain"], "spec_tps": tps["spec"],
             "ratio": tps["spec"] / tps["plain"] if tps["plain"] else 0.0,
             "acceptance": accepted / drafted if drafted else 0.0, "tokens_per_step": gen / steps if steps else 0.0,
-            "tokens": gen}
+            "tokens": gen, "wasted": (drafted - accepted) / gen if gen else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
                           **({"draft_model": a.draft} if mode == "model" else {}))
     print(f"# spec_bench: {model.name}, draft {a.draft} (max {a.draft_max}), {a.threads} threads, "
           f"greedy, max {a.max_tokens} tokens; load average {os.getloadavg()[0]:.2f} at start")
-    print("| set | items | identical | plain tok/s | spec tok/s | ratio | acceptance | tok/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    # wasted: drafted tokens the target rejected per generated token (what misses cost, whatever the load)
+    print("| set | items | identical | plain tok/s | spec tok/s | ratio | acceptance | tok/step | wasted |")
+    print("|---|---|---|---|---|---|---|---|---|")
     t0 = time.time()
     for which in a.sets.split(","):
         r = run_set(model, items(which, a.limit), mode, a.draft_max, a.max_tokens)
         print(f"| {which} | {r['items']} | {r['identical']}/{r['items']} | {r['plain_tps']:.1f} | "
-              f"{r['spec_tps']:.1f} | {r['ratio']:.2f}x | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} |",
+              f"{r['spec_tps']:.1f} | {r['ratio']:.2f}x | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} | "
+              f"{r['wasted']:.3f} |",
               flush=True)
     print(f"# {time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
     model.close()

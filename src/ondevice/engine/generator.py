@@ -35,6 +35,10 @@ ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
 NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
 ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
+# while drafting is off, the acceptance estimate creeps back up by this much per step so that drafting is
+# tried again (the text may start to repeat); each probe that misses entirely halves the creep, so drafts
+# that keep missing cost next to nothing (probes at ever longer intervals), and any accepted token resets it
+PROBE_CREEP = 0.02
 
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
 # or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
@@ -81,6 +85,7 @@ class Slot:
         # speculative decoding
         self.drafts: list[int] = []
         self.accept = ACCEPT_PRIOR  # running estimate of the chance that the next draft token is accepted
+        self.creep = PROBE_CREEP  # how fast that estimate recovers while drafting is off (backs off on misses)
         self.n_drafted = self.n_accepted = self.n_steps = 0
         self.pending = req.from_logits  # sample first from the logits of the slot's last decode
         self.hist: list[int] = []  # prompt + generated tokens (for prompt lookup)
@@ -391,12 +396,14 @@ class BatchGenerator:
         a = s.accept
         best, k, gain = 1.02 / self._cost(base), 0, 1.0
         for j in range(1, k_max + 1):
+            if a ** j < 0.01:  # later tokens add under 1% each: no longer draft can pay (and this runs every step)
+                break
             gain += a ** j
             rate = gain / self._cost(base + j)
             if rate > best:
                 best, k = rate, j
         if k == 0:
-            s.accept = min(ACCEPT_PRIOR, a + 0.02)  # look again now and then: the text may start to repeat
+            s.accept = min(ACCEPT_PRIOR, a + s.creep)  # look again now and then: the text may start to repeat
             return []
         if sampling.draft == "lookup":
             return self._lookup(s, k)
@@ -439,6 +446,7 @@ class BatchGenerator:
         were) one rejected."""
         seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
         s.accept += 0.3 * (seen - s.accept)
+        s.creep = PROBE_CREEP if n_acc else s.creep / 2  # consecutive misses: probe ever more rarely
 
 
 class ModelDrafter:

@@ -60,9 +60,9 @@ def decode_tps(name: str, n: int, threads: int | None, reps: int = 3) -> tuple[f
 
 def _row(v: str, by: dict, tps: float, sd: float) -> str:
     p, k, s = by["ppl"], by["kld"], by["suite"]
-    return (f"| {v:30s} | {p['file_size'] / 1e6:7.1f} | {p['ppl']:7.3f} ± {p['ppl_err']:6.3f} | {k['dppl']:+8.3f} "
-            f"| {k['kld_mean']:.5f} ± {k['kld_err']:.5f} | {k['kld_p99']:7.4f} | {100 * k['top1_agree']:7.2f} "
-            f"| {s['score']:7.3f} | {tps:6.1f} ± {sd:4.1f} |")
+    return (f"| {v:30s} | {p.file_size / 1e6:7.1f} | {p.ppl:7.3f} ± {p.ppl_err:6.3f} | {k.dppl:+8.3f} "
+            f"| {k.kld_mean:.5f} ± {k.kld_err:.5f} | {k.kld_p99:7.4f} | {100 * k.top1_agree:7.2f} "
+            f"| {s.score:7.3f} | {tps:6.1f} ± {sd:4.1f} |")
 
 
 def main() -> int:
@@ -99,15 +99,15 @@ def main() -> int:
             print(f"{fam}: {v}", file=sys.stderr)
             recs = evaluate(v, ref=f16, corpus=a.corpus, ctx=ctx, chunks=chunks, suite="assistant-en", limit=limit,
                             max_tokens=max_tokens, threads=a.threads, session=session)
-            by = {r["test"].split(":")[0]: r for r in recs}
+            by = {r.test.split(":")[0]: r for r in recs}
             tps, tps_sd = decode_tps(v, tg, a.threads)
             rows.append((fam, v, by, tps, tps_sd))
             print(f"  {_row(v, by, tps, tps_sd)}", file=sys.stderr, flush=True)  # partial results as they come
-    k, s = rows[0][2]["kld"], rows[0][2]["suite"]
-    print(f"\ncorpus {k['corpus']['name']} (sha256 {k['corpus']['sha256'][:12]}, {k['corpus']['chars']} chars, "
-          f"{k['corpus_tokens']} SmolLM2 tokens); {k['n_chunks']} chunks x ctx {k['n_ctx']} = {k['n_scored']} "
-          f"scored tokens; KLD vs the family's F16 from its top-{k['topk']} (lower bound); assistant-en "
-          f"--limit {s['limit']} ({s['n_items']} items, greedy, max {max_tokens} tokens); tg{tg} greedy decode")
+    k, s = rows[0][2]["kld"], rows[0][2]["suite"]  # EvalRecords
+    print(f"\ncorpus {k.corpus['name']} (sha256 {k.corpus['sha256'][:12]}, {k.corpus['chars']} chars, "
+          f"{k.corpus_tokens} SmolLM2 tokens); {k.n_chunks} chunks x ctx {k.n_ctx} = {k.n_scored} "
+          f"scored tokens; KLD vs the family's F16 from its top-{k.topk} (lower bound); assistant-en "
+          f"--limit {s.limit} ({s.n_items} items, greedy, max {max_tokens} tokens); tg{tg} greedy decode")
     hdr = (f"| {'model':30s} | {'size MB':>7s} | {'PPL':>16s} | {'ΔPPL':>8s} | {'KLD mean':>17s} | {'KLD p99':>7s} "
            f"| {'top-1 %':>7s} | {'assist.':>7s} | {'tg tok/s':>12s} |")
     print(hdr)

@@ -69,7 +69,7 @@ def main() -> int:
     session = f"smartbench-retention-{time.strftime('%Y%m%d-%H%M%S')}"
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    records: list[dict] = []
+    records: list = []  # EvalRecord
     for fam in a.families.split(","):
         shipped = FAMILIES[fam]
         try:
@@ -84,13 +84,13 @@ def main() -> int:
                               ctx_size=a.ctx_size, threads=a.threads, judge=a.judge, judge_model=a.judge_model,
                               judge_key=os.environ.get("ONDEVICE_JUDGE_KEY"), session=session)
             records.append(rec)
-            print(f"  {v}: score {rec['score']:.3f} on {rec['n_scored']}/{rec['n_items']} items, window "
-                  f"{rec['n_ctx']}, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(f"  {v}: score {rec.score:.3f} on {rec.n_scored}/{rec.n_items} items, window "
+                  f"{rec.n_ctx}, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if not records:
         print("no model could be evaluated", file=sys.stderr)
         return 1
     r0 = records[0]
-    print(f"\nSmartBench --limit {a.limit} (seed {a.seed}): {r0['n_items']} items, greedy, at most "
+    print(f"\nSmartBench --limit {a.limit} (seed {a.seed}): {r0.n_items} items, greedy, at most "
           f"{a.max_tokens} new tokens, deterministic metrics{' + judge' if a.judge else ''}; score = mean over "
           f"tasks of the items that fit (coverage), 'skipped as 0' scores the rest 0; vs F16 = score / the "
           f"family's F16 score. Load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end; "

@@ -44,17 +44,17 @@ def test_an_over_long_item_is_skipped_and_counted_not_fatal(smol_path, mixed_sui
 
     (rec,) = evaluate(smol_path, suite=str(mixed_suite), ctx_size=256, max_tokens=4, threads=1,
                       store=tmp_path / "db.sqlite", log_dir=tmp_path / "logs")
-    assert rec["n_ctx"] == 256 and rec["n_items"] == 2
-    assert (rec["n_scored"], rec["n_skipped"], rec["coverage"]) == (1, 1, 0.5)
-    (sk,) = rec["skipped"]
+    assert rec.n_ctx == 256 and rec.n_items == 2
+    assert (rec.n_scored, rec.n_skipped, rec.coverage) == (1, 1, 0.5)
+    (sk,) = rec.skipped
     assert sk["id"] == "long" and sk["prompt_tokens"] > 256 and "context window holds 256" in sk["reason"]
-    log = {r["id"]: r for r in map(json.loads, Path(rec["log"]).read_text(encoding="utf-8").splitlines())}
+    log = {r["id"]: r for r in map(json.loads, Path(rec.log).read_text(encoding="utf-8").splitlines())}
     assert log["long"]["skipped"] is True and log["long"]["score"] is None and "prediction" not in log["long"]
     assert log["short"].get("skipped") is None and log["short"]["score"] in (0.0, 1.0)
     # the documented rule: score over the scored items; skipped-as-0 divides by all items of the task
-    assert rec["score"] == log["short"]["score"]
-    assert rec["score_skipped_as_0"] == pytest.approx(log["short"]["score"] / 2)
-    assert rec["tasks"]["t"]["n"] == 1 and rec["tasks"]["t"]["n_skipped"] == 1
+    assert rec.score == log["short"]["score"]
+    assert rec.score_skipped_as_0 == pytest.approx(log["short"]["score"] / 2)
+    assert rec.tasks["t"]["n"] == 1 and rec.tasks["t"]["n_skipped"] == 1
 
 
 def test_ctx_size_raises_the_window_so_the_long_item_is_scored(smol_path, mixed_suite, home, tmp_path):
@@ -62,9 +62,9 @@ def test_ctx_size_raises_the_window_so_the_long_item_is_scored(smol_path, mixed_
 
     (rec,) = evaluate(smol_path, suite=str(mixed_suite), ctx_size=1024, max_tokens=4, threads=1, store=False,
                       log_dir=tmp_path / "logs")
-    assert rec["n_ctx"] == 1024 and rec["n_ctx_requested"] == 1024
-    assert (rec["n_scored"], rec["n_skipped"], rec["coverage"]) == (2, 0, 1.0)
-    log = [json.loads(x) for x in Path(rec["log"]).read_text(encoding="utf-8").splitlines()]
+    assert rec.n_ctx == 1024 and rec.n_ctx_requested == 1024
+    assert (rec.n_scored, rec.n_skipped, rec.coverage) == (2, 0, 1.0)
+    log = [json.loads(x) for x in Path(rec.log).read_text(encoding="utf-8").splitlines()]
     assert log[1]["id"] == "long" and log[1]["prompt_tokens"] > 256 and "prediction" in log[1]
 
 

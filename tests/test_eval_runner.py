@@ -27,6 +27,7 @@ def test_summary_is_a_macro_mean_with_tau_on_0_1():
 
 def test_runner_on_a_tiny_user_suite(smol_path, tmp_path, monkeypatch):
     from ondevice.eval.api import evaluate, model_sha256
+    from ondevice.eval.record import EvalRecord
     from ondevice.models import resolve
     from ondevice.store import Store
 
@@ -41,17 +42,18 @@ def test_runner_on_a_tiny_user_suite(smol_path, tmp_path, monkeypatch):
     suite.write_text("".join(json.dumps(i) + "\n" for i in items))
     db = tmp_path / "db.sqlite"
     (rec,) = evaluate(smol_path, suite=str(suite), max_tokens=8, store=db, log_dir=tmp_path / "logs", threads=2)
-    assert rec["test"] == "suite:tiny" and rec["n_items"] == 2
-    assert 0.0 <= rec["score"] <= 1.0
-    log = [json.loads(x) for x in Path(rec["log"]).read_text(encoding="utf-8").splitlines()]
+    assert rec.test == "suite:tiny" and rec.n_items == 2
+    assert 0.0 <= rec.score <= 1.0
+    log = [json.loads(x) for x in Path(rec.log).read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in log] == ["cap", "num"]
     for r in log:
         assert {"input", "prediction", "target", "metric", "score", "ttft_s", "decode_tps"} <= set(r)
         assert r["score"] in (0.0, 1.0) and r["generated_tokens"] <= 8
-    assert rec["score"] == pytest.approx(sum(r["score"] for r in log) / 2)
+    assert rec.score == pytest.approx(sum(r["score"] for r in log) / 2)
     with Store(db) as s:
         (stored,) = s.records("eval")
-    assert stored["test"] == "suite:tiny" and stored["score"] == rec["score"]
+    assert stored["test"] == "suite:tiny" and stored["score"] == rec.score
+    assert EvalRecord.from_dict(stored) == rec and rec.to_dict()["limit"] is None  # the stored dict reads back
     assert stored["model_sha256"] == model_sha256(resolve(str(smol_path)))
     assert stored["file_size"] == smol_path.stat().st_size
 

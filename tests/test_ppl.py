@@ -154,16 +154,16 @@ def test_kld_of_a_model_against_itself_is_zero_through_the_cache(smol_path, tmp_
     kw = {"ref": smol_path, "ctx": 32, "chunks": CHUNKS, "topk": 16, "store": tmp_path / "db.sqlite", "threads": 2}
     first = evaluate(smol_path, **kw)
     second = evaluate(smol_path, **kw)
-    kld1 = next(r for r in first if r["test"].startswith("kld:"))
-    kld2 = next(r for r in second if r["test"].startswith("kld:"))
-    assert not kld1["ref_cached"] and kld2["ref_cached"]
+    kld1 = next(r for r in first if r.test.startswith("kld:"))
+    kld2 = next(r for r in second if r.test.startswith("kld:"))
+    assert not kld1.ref_cached and kld2.ref_cached
     for r in (kld1, kld2):
-        assert r["kld_mean"] == 0.0 and r["kld_p99"] == 0.0 and r["kld_max"] == 0.0
-        assert r["top1_agree"] == 1.0
-        assert r["dppl"] == 0.0
-        assert r["ppl"] == r["ppl_ref"]
-    ppl_rec = next(r for r in second if r["test"].startswith("ppl:"))
-    assert ppl_rec["ppl"] == kld2["ppl"] and ppl_rec["model_sha256"] == kld2["ref_sha256"]
+        assert r.kld_mean == 0.0 and r.kld_p99 == 0.0 and r.kld_max == 0.0
+        assert r.top1_agree == 1.0
+        assert r.dppl == 0.0
+        assert r.ppl == r.ppl_ref
+    ppl_rec = next(r for r in second if r.test.startswith("ppl:"))
+    assert ppl_rec.ppl == kld2.ppl and ppl_rec.model_sha256 == kld2.ref_sha256
     from ondevice.store import Store
 
     with Store(tmp_path / "db.sqlite") as db:

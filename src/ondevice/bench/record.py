@@ -1,20 +1,20 @@
 """The bench record: one frozen, typed row per (configuration, test), like the engine's ``Generation``.
 
 Stored as its flat JSON dict (``to_dict``) in SQLite and in every export, so files written before this
-class existed read back with :meth:`BenchRecord.from_dict`: missing keys take their defaults and keys it
-does not know (a newer or older version's) are kept in ``extra`` and written back unchanged.
+class existed read back with ``BenchRecord.from_dict`` (see :mod:`ondevice.store.record`).
 Units are in the names: ``_s`` seconds, ``_ms``, ``_bytes``, ``_j``, ``tps`` tokens per second.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
+
+from ..store.record import FlatRecord
 
 
 @dataclass(frozen=True, slots=True)
-class BenchRecord:
+class BenchRecord(FlatRecord):
     """One test of one configuration; the metrics are None unless ``status`` is "ok"."""
 
     # identity and configuration (every record)
@@ -97,37 +97,14 @@ class BenchRecord:
     prompt_lengths: tuple[float, ...] | None = None  # chat tests: each conversation's prompt tokens
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BenchRecord:
-        """A record from its stored dict; the store's ``_id``/``_session``/... bookkeeping is dropped."""
-        kw: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for k, v in d.items():
-            if k in _NAMES and k != "extra":
-                kw[k] = tuple(v) if k in _TUPLES and v is not None else v
-            elif not k.startswith("_"):
-                extra[k] = v
-        return cls(**kw, extra=extra)
+    _tuples: ClassVar[frozenset[str]] = frozenset({"tps_samples", "time_s_samples", "ttft_s_samples", "noise",
+                                                   "prompt_lengths"})
 
-    @classmethod
-    def coerce(cls, records: Iterable[BenchRecord | Mapping[str, Any]]) -> list[BenchRecord]:
-        """Records as given to a report: typed already, or dicts read from JSON/CSV/SQLite."""
-        return [r if isinstance(r, cls) else cls.from_dict(r) for r in records]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flat dict stored and exported: metrics only on "ok" records, optional keys only when set."""
-        out: dict[str, Any] = {}
-        for name in _NAMES:
-            if name == "extra":
-                continue
-            v = getattr(self, name)
-            if name in METRIC_FIELDS and self.status != "ok":
-                continue
-            if name in _OPTIONAL and v is None:
-                continue
-            out[name] = list(v) if isinstance(v, tuple) else v
-        out.update(self.extra)
-        return out
+    def _keep(self, name: str, value: Any) -> bool:
+        """Metrics only on "ok" records, optional keys only when set (as the dicts were written before)."""
+        if name in METRIC_FIELDS and self.status != "ok":
+            return False
+        return not (name in _OPTIONAL and value is None)
 
     @property
     def ok(self) -> bool:
@@ -135,7 +112,6 @@ class BenchRecord:
 
 
 _NAMES = tuple(f.name for f in fields(BenchRecord))
-_TUPLES = {"tps_samples", "time_s_samples", "ttft_s_samples", "noise", "prompt_lengths"}
 _OPTIONAL = {"amx", "repack", "prompt_lengths"}  # written only when set (older records lack them)
 # Keys of every record, whatever its status, and of every "ok" record.
 RECORD_FIELDS = tuple(n for n in _NAMES[:_NAMES.index("tps_mean")] if n not in _OPTIONAL)

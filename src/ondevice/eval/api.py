@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvalConfig
+from .record import EvalRecord
 
 
 def model_sha256(ref) -> str:
@@ -57,8 +58,8 @@ def make_config(config: EvalConfig | None = None, **settings: Any) -> EvalConfig
 
 def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | None = None, *,
              store: bool | str | os.PathLike[str] = True, progress: Callable[[str], None] | None = None,
-             **settings: Any) -> list[dict]:
-    """Evaluate ``model``; one summary record per measurement (also written to the store).
+             **settings: Any) -> list[EvalRecord]:
+    """Evaluate ``model``; one :class:`EvalRecord` per measurement (also written to the store).
 
     Args:
         config: an :class:`EvalConfig` (the fields of ``ondevice eval``'s flags); ``settings`` override it:
@@ -100,21 +101,20 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     if c.suite:
         records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp, c.judge,
                                      c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size, c.strict))
-    for r in records:
-        r["session"] = session
+    typed = [EvalRecord.from_dict({**r, "session": session}) for r in records]
     if store:
         from ..store import Store
 
         with Store(None if store is True else store) as db:
-            for r in records:
-                cfg = {k: r.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
+            for r, d in zip(typed, records):
+                cfg = {k: d.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
                                              "limit", "seed", "max_tokens", "temp")}
-                cfg["corpus_sha256"] = (r.get("corpus") or {}).get("sha256")
-                if r.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
-                    cfg["adapter_sha256"] = r["adapter_sha256"]
-                db.add("eval", r, session=session, config_key=_config_key(cfg), model=r["model"],
-                       model_sha256=r["model_sha256"], test=r["test"])
-    return records
+                cfg["corpus_sha256"] = (r.corpus or {}).get("sha256")
+                if d.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
+                    cfg["adapter_sha256"] = d["adapter_sha256"]
+                db.add("eval", r.to_dict(), session=session, config_key=_config_key(cfg), model=r.model,
+                       model_sha256=r.model_sha256, test=r.test)
+    return typed
 
 
 def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say) -> list[dict]:

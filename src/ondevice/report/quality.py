@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
+from ..eval.record import EvalRecord
 
 
 def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
@@ -29,12 +30,12 @@ def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
     return None, None
 
 
-def _quality(e: dict) -> tuple[float | None, str, bool]:
+def _quality(e: EvalRecord) -> tuple[float | None, str, bool]:
     """(value, metric name, higher is better)."""
-    if e.get("score") is not None:
-        return float(e["score"]), "score", True
-    if e.get("ppl") is not None:
-        return float(e["ppl"]), "ppl", False
+    if e.score is not None:
+        return float(e.score), "score", True
+    if e.ppl is not None:
+        return float(e.ppl), "ppl", False
     return None, "", True
 
 
@@ -52,27 +53,27 @@ def pareto(points: Sequence[tuple[float, float]], higher_y_better: bool = True) 
             for i, p in enumerate(points)]
 
 
-def quality_vs_speed(records: Sequence[BenchRecord | dict]) -> list[dict]:
-    """One point per (eval test, model variant) that has both an eval and a bench record (``BenchRecord`` or
-    its stored dict).
+def quality_vs_speed(records: Sequence[BenchRecord | EvalRecord | dict]) -> list[dict]:
+    """One point per (eval test, model variant) that has both an eval and a bench record (typed records or
+    their stored dicts).
 
     Returns dicts: eval_test, model, model_sha256, quality, metric, higher_is_better, tps, speed_test,
     file_size, pareto (True on the front of its eval test). Eval records without a matching bench run
     are left out (nothing to plot them against).
     """
     bench: dict[str, list[BenchRecord]] = {}
-    evals: list[dict] = []
+    evals: list[EvalRecord] = []
     for r in records:
-        kind = r.kind if isinstance(r, BenchRecord) else r.get("kind")
+        kind = r.kind if isinstance(r, (BenchRecord, EvalRecord)) else r.get("kind")
         if kind == "eval":
-            evals.append(r)
+            evals.append(EvalRecord.coerce([r])[0])
         elif kind == "bench" or (kind is None and "tps_mean" in r):
             b = BenchRecord.coerce([r])[0]
             bench.setdefault(b.model_sha256 or "", []).append(b)
-    latest: dict[tuple[str, str], dict] = {}
+    latest: dict[tuple[str, str], EvalRecord] = {}
     for e in evals:  # the newest eval per (test, variant)
-        key = (e.get("test", ""), e.get("model_sha256") or "")
-        if key not in latest or (e.get("created") or "") >= (latest[key].get("created") or ""):
+        key = (e.test, e.model_sha256 or "")
+        if key not in latest or (e.created or 0) >= (latest[key].created or 0):
             latest[key] = e
     points: list[dict] = []
     for (test, sha), e in sorted(latest.items()):
@@ -80,8 +81,8 @@ def quality_vs_speed(records: Sequence[BenchRecord | dict]) -> list[dict]:
         tps, speed_test = _speed(bench.get(sha, []))
         if q is None or tps is None or not sha:
             continue
-        size = e.get("file_size") or next((b.model_size_bytes for b in bench[sha]), None)
-        points.append({"eval_test": test, "model": e.get("model"), "model_sha256": sha, "quality": q,
+        size = e.file_size or next((b.model_size_bytes for b in bench[sha]), None)
+        points.append({"eval_test": test, "model": e.model, "model_sha256": sha, "quality": q,
                        "metric": metric, "higher_is_better": hib, "tps": tps, "speed_test": speed_test,
                        "file_size": size, "pareto": False})
     for test in {p["eval_test"] for p in points}:
@@ -97,7 +98,7 @@ def quality_vs_speed(records: Sequence[BenchRecord | dict]) -> list[dict]:
 _SAME_RUN = ("test", "family_sha256", "limit", "seed", "max_tokens", "temp", "n_ctx")
 
 
-def retention(records: Sequence[dict]) -> list[dict]:
+def retention(records: Sequence[EvalRecord | dict]) -> list[dict]:
     """Each variant's suite score next to its family's F16, as SmartBench reports quantization's cost.
 
     Eval records of suites (``test`` "suite:*") that carry a lineage (``family_sha256``, written by
@@ -107,32 +108,30 @@ def retention(records: Sequence[dict]) -> list[dict]:
     variant (its quantize type, or "shipped <quant>"), file_size, score, score_skipped_as_0, coverage,
     n_scored, n_items, categories, and retention / category_retention (score ÷ the F16's; None without one).
     """
-    groups: dict[tuple, dict[str, dict]] = {}
-    for r in records:
-        if r.get("kind", "eval") != "eval" or not str(r.get("test", "")).startswith("suite:"):
+    groups: dict[tuple, dict[str, EvalRecord]] = {}
+    for r in EvalRecord.coerce(records):
+        if r.kind != "eval" or not r.is_suite or not r.family_sha256 or r.score is None:
             continue
-        if not r.get("family_sha256") or r.get("score") is None:
-            continue
-        key = tuple(r.get(k) for k in _SAME_RUN)
+        key = tuple(getattr(r, k) for k in _SAME_RUN)
         latest = groups.setdefault(key, {})
-        sha = r.get("model_sha256") or ""
-        if sha not in latest or (r.get("created") or 0) >= (latest[sha].get("created") or 0):
+        sha = r.model_sha256 or ""
+        if sha not in latest or (r.created or 0) >= (latest[sha].created or 0):
             latest[sha] = r
     rows: list[dict] = []
     for _key, by_sha in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        refs = [r for r in by_sha.values() if r.get("variant_type") == "F16"]
-        ref = max(refs, key=lambda r: r.get("created") or 0) if refs else None
-        for r in sorted(by_sha.values(), key=lambda r: -(r.get("file_size") or 0)):
-            cats = r.get("categories") or {}
-            ref_cats = (ref or {}).get("categories") or {}
+        refs = [r for r in by_sha.values() if r.variant_type == "F16"]
+        ref = max(refs, key=lambda r: r.created or 0) if refs else None
+        for r in sorted(by_sha.values(), key=lambda r: -(r.file_size or 0)):
+            cats = r.categories or {}
+            ref_cats = (ref.categories if ref else None) or {}
             rows.append({
-                "eval_test": r["test"], "family": r.get("family"), "model": r.get("model"),
-                "variant": r.get("variant_type") or f"shipped {str(r.get('quant') or '').split(' ')[0]}".strip(),
-                "file_size": r.get("file_size"), "score": r["score"], "score_skipped_as_0": r.get("score_skipped_as_0"),
-                "coverage": r.get("coverage"), "n_scored": r.get("n_scored", r.get("n_items")),
-                "n_items": r.get("n_items"), "n_ctx": r.get("n_ctx"), "limit": r.get("limit"),
-                "max_tokens": r.get("max_tokens"), "categories": cats, "ref_model": (ref or {}).get("model"),
-                "retention": _ratio(r["score"], (ref or {}).get("score")),
+                "eval_test": r.test, "family": r.family, "model": r.model,
+                "variant": r.variant_type or f"shipped {str(r.quant or '').split(' ')[0]}".strip(),
+                "file_size": r.file_size, "score": r.score, "score_skipped_as_0": r.score_skipped_as_0,
+                "coverage": r.coverage, "n_scored": r.n_items if r.n_scored is None else r.n_scored,
+                "n_items": r.n_items, "n_ctx": r.n_ctx, "limit": r.limit,
+                "max_tokens": r.max_tokens, "categories": cats, "ref_model": ref.model if ref else None,
+                "retention": _ratio(r.score, ref.score if ref else None),
                 "category_retention": {c: _ratio(v, ref_cats.get(c)) for c, v in cats.items()},
             })
     return rows

@@ -105,26 +105,10 @@ def serve_tps(base: str, adapters: dict[str, str], models: list[str], threads: i
         return toks / (time.perf_counter() - t0)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--budget", default="600M")
-    ap.add_argument("--train", type=int, default=200)
-    ap.add_argument("--test", type=int, default=40)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--no-cap", dest="cap", action="store_false",
-                    help="do not run the budgeted training in a memory cgroup capped at the budget")
-    a = ap.parse_args()
-    from ondevice.models import resolve
-
-    base = str(resolve(None).path)
-    tmp = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
-    train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1), tmp / "train.jsonl")
-    test_rows = tasks.iso_dates(a.test, seed=2)
-    print(f"load average at start: {os.getloadavg()}")
+def train_and_compare(a, train: Path, tmp: Path) -> dict:
+    """Sections 1 and 2, each training run its own process."""
     common = ["--steps", str(a.steps), "--max-len", "64", "--batch", "4"]
-    out: dict = {"load_start": os.getloadavg()}
+    out: dict = {}
     print("1. budgeted sparse LoRA vs all-module LoRA", flush=True)
     full = adapt_run(train, tmp / "all.gguf", [*common, "--modules", "all", "--rank", "8"], a.threads)
     sparse = adapt_run(train, tmp / "budget.gguf", [*common, "--budget", f"mem={a.budget}"], a.threads,
@@ -146,6 +130,32 @@ def main() -> int:
           f"the CPU has bf16; this one: AVX2 only); final held-out loss {b16['heldout_loss_after']:.4f} vs "
           f"{f32['heldout_loss_after']:.4f}", flush=True)
     out.update(fp32=f32, bf16=b16)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", default="600M")
+    ap.add_argument("--train", type=int, default=200)
+    ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--adapters-from", default=None, metavar="DIR",
+                    help="skip sections 1-2 and use all.gguf and budget.gguf of an earlier run's directory")
+    ap.add_argument("--no-cap", dest="cap", action="store_false",
+                    help="do not run the budgeted training in a memory cgroup capped at the budget")
+    a = ap.parse_args()
+    from ondevice.models import resolve
+
+    base = str(resolve(None).path)
+    tmp = Path(a.adapters_from or tempfile.mkdtemp(prefix="adapt-bench-"))
+    train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1), tmp / "train.jsonl")
+    test_rows = tasks.iso_dates(a.test, seed=2)
+    print(f"load average at start: {os.getloadavg()}")
+    out: dict = {"load_start": os.getloadavg()}
+    if a.adapters_from is None:
+        out.update(train_and_compare(a, train, tmp))
     print("3. the task (ISO dates, exact match on held-out prompts) and general perplexity", flush=True)
     score = {k: exact_match(base, p, test_rows, a.threads) for k, p in
              (("base", None), ("all", str(tmp / "all.gguf")), ("budget", str(tmp / "budget.gguf")))}

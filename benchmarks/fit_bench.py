@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on busy cores
 
 STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
-IMATRIX_STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M")  # types whose quantizer reads an imatrix
+IMATRIX_STOCK = ("Q3_K_M", "Q4_0", "Q4_K_M")  # with the fit's imatrix (fewer: time)
 TESTS = ("pp128", "tg128")
 
 
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stock", default=",".join(STOCK))
     ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse an earlier fit's measurements (its wall time is then not a whole fit's, and is "
+                         "not reported)")
+    ap.add_argument("--imatrix-stock", default=",".join(IMATRIX_STOCK),
+                    help="stock types also measured with the fit's importance matrix")
     args = ap.parse_args(argv)
 
     import ondevice
@@ -73,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     q4km = stock("Q4_K_M")
     budget = f"size<={q4km['size']}B"
     t0 = time.perf_counter()
-    first = ondevice.fit(src.name, budget, store=False, reprobe=True, threads=args.threads, speed_tests=TESTS,
-                         repetitions=args.repetitions, progress=say)
+    first = ondevice.fit(src.name, budget, store=False, reprobe=not args.resume, resume=args.resume,
+                         threads=args.threads, speed_tests=TESTS, repetitions=args.repetitions, progress=say)
     fit_s = time.perf_counter() - t0
     im = first.imatrix
     im_path = next((p for p in (fit_dir() / f"work-{model_sha256(ref)[:12]}").glob("imatrix-*.npz")), None)
@@ -83,20 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         if f != "Q4_K_M":
             rows[f] = stock(f)
     if im_path is not None:
-        for f in IMATRIX_STOCK:
-            if f in args.stock.split(","):
+        for f in args.imatrix_stock.split(","):
+            if f:
                 rows[f + "+imatrix"] = stock(f, im_path)
     fitted_cands = list(first.candidates)
-    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["size"]):
+    sizes = sorted({r["size"] for n, r in rows.items() if n != "Q4_K_M"})
+    for size in sizes:
+        name = next(n for n, r in rows.items() if r["size"] == size)
         try:
-            res = ondevice.fit(src.name, f"size<={r['size']}B", store=False, resume=True, threads=args.threads,
-                               speed_tests=TESTS, repetitions=args.repetitions, validate=2)
+            res = ondevice.fit(src.name, f"size<={size}B", store=False, resume=True, threads=args.threads,
+                               speed_tests=TESTS, repetitions=args.repetitions, validate=1)
             fitted_cands += res.candidates
         except ondevice.OndeviceError as e:
             print(f"# no fitted variant at {name}'s size: {e}")
 
     fitted = [c.measured for c in fitted_cands]
-    print(f"\n## whole fit: {fit_s:.0f} s (goal <= 600 s), load average now {os.getloadavg()[0]:.1f}; "
+    took = "not measured (--resume)" if args.resume else f"{fit_s:.0f} s (goal <= 600 s)"
+    print(f"\n## whole fit: {took}, load average now {os.getloadavg()[0]:.1f}; "
           f"imatrix {'used' if im.get('used') else 'not used'} (held-out KLD {im.get('kld_without', 0):.4f} "
           f"without, {im.get('kld_with', 0):.4f} with, on the lowest plan)")
     ch = first.chosen.measured

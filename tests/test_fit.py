@@ -96,6 +96,13 @@ def test_fit_stores_a_gguf_whose_tensor_types_are_the_plan(fitted, home):
     assert fitted.chosen.measured["kld"] == min(c.measured["kld"] for c in ok)
 
 
+def test_report_shows_the_fit(fitted, home, cli):
+    r = cli("report", "--fit", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    assert "## smol-fit (fit of smollm2-135m-instruct" in r.stdout and "(chosen)" in r.stdout
+    assert "predicted front" in r.stdout
+
+
 def test_planner_picks_the_least_loss_feasible_plan_by_brute_force(fitted):
     table = fitted.table
     names = list(table.options)

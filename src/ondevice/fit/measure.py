@@ -140,10 +140,12 @@ class Meter:
 
     def build(self, plan: dict[str, str], dst: Path, imatrix: Path | None = None) -> Path:
         """Quantize the source to ``plan`` at ``dst``; the tensor types read back must be the plan's."""
+        from ..engine.llama import physical_cores
         from ..quant.quantize import ftype_id, run_worker, weight_types
 
         tmp = dst.with_suffix(".tmp")
-        run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, self.threads,
+        # quantizing is not measured: all cores, whatever the bench's thread count
+        run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
                    imatrix=imatrix)
         got, want = weight_types(tmp), self.layout.expected_types(plan)
         bad = {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}

@@ -17,6 +17,8 @@ def _row(label: str, m: dict) -> str:
 
 def fit_markdown(records: list[dict], limit: int = 3) -> str:
     """Markdown tables of the last ``limit`` fit records: measured candidates, stock presets, predicted front."""
+    from ..fit.groups import BASE
+
     if not records:
         return ("no fit records stored yet; run `ondevice fit MODEL --budget ...` "
                 "(or benchmarks/fit_bench.py for the front against the stock presets)\n")
@@ -26,7 +28,7 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
                    f"threads)\n")
         out.append("| variant | size MB | tg t/s | pp t/s | KLD (held-out) |\n|---|---:|---:|---:|---:|")
         for c in r.get("candidates", []):
-            plan = ", ".join(f"{g}={t}" for g, t in c["plan"].items() if t != "Q8_0") or "all Q8_0"
+            plan = ", ".join(f"{g}={t}" for g, t in c["plan"].items() if t != BASE) or f"all {BASE}"
             chosen = " (chosen)" if c["plan"] == r.get("plan") else ""
             out.append(_row(f"fitted{chosen}: {plan}", c["measured"]))
         for name, m in sorted((r.get("stock") or {}).items(), key=lambda kv: kv[1]["size"]):

@@ -31,6 +31,17 @@ class Adapters:
                               ctypes.POINTER(ctypes.c_float)]
         self._set.restype = ctypes.c_int32
 
+    @classmethod
+    def attach(cls, engine, specs: tuple[str, ...]) -> Adapters:
+        """The engine's adapters, ``specs`` loaded and active; on a refusal the engine is closed first."""
+        self = cls(engine)
+        try:
+            self.use(tuple(self.load_spec(a) for a in specs))
+        except BaseException:
+            engine.close()
+            raise
+        return self
+
     def load(self, path: str | Path, name: str | None = None) -> str:
         """Load an adapter file for this model (checked against the base by sha256 first); returns its name."""
         from ..adapt.adapter_file import check

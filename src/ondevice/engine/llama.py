@@ -182,12 +182,7 @@ class LlamaEngine(Engine):
         self._views: dict[int, np.ndarray] = {}
         from .adapters import Adapters
 
-        self.adapters = Adapters(self)  # LoRA adapters (adapt/); cfg.adapters are active from the start
-        try:
-            self.adapters.use(tuple(self.adapters.load_spec(a) for a in cfg.adapters))
-        except BaseException:
-            self.close()
-            raise
+        self.adapters = Adapters.attach(self, cfg.adapters)  # LoRA (adapt/); cfg.adapters active from the start
         if cfg.warmup:
             self.warmup()
         self.load_time = time.perf_counter() - t0

@@ -27,7 +27,12 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
         out.append(f"## {r['model']} (fit of {r.get('family')}, budget {r.get('budget')!r}, {r.get('threads')} "
                    f"threads)\n")
         out.append("| variant | size MB | tg t/s | pp t/s | KLD (held-out) |\n|---|---:|---:|---:|---:|")
+        seen = set()
         for c in r.get("candidates", []):
+            key = tuple(sorted(c["plan"].items()))
+            if key in seen:  # one plan validated by several fits
+                continue
+            seen.add(key)
             plan = ", ".join(f"{g}={t}" for g, t in c["plan"].items() if t != BASE) or f"all {BASE}"
             chosen = " (chosen)" if c["plan"] == r.get("plan") else ""
             out.append(_row(f"fitted{chosen}: {plan}", c["measured"]))

@@ -296,10 +296,19 @@ class Loader:
             return {"outcome": "crash", "detail": f"child exit {rc}" + (f" (signal {-rc})" if rc < 0 else "")}
         try:
             return json.loads(line)
-        except json.JSONDecodeError:  # something else wrote to the loader's stdout: count it, start a fresh child
-            self.proc.kill()
-            self.proc.wait()
+        except json.JSONDecodeError:
+            # Something else wrote to the answer channel: native code dying writes there (ggml_abort's backtrace
+            # runs gdb, which prints to the inherited stdout). Wait briefly for the child to say how it ends.
+            try:
+                rc = self.proc.wait(timeout=min(self.timeout, 30))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+                rc = None
             self.proc = None
+            if rc is not None and rc != 0:
+                return {"outcome": "crash", "detail": f"child exit {rc}" + (f" (signal {-rc})" if rc < 0 else "")
+                        + f" after writing {line[:200]!r}"}
             return {"outcome": "traceback", "detail": f"unexpected loader output: {line[:300]!r}"}
 
     def close(self) -> None:

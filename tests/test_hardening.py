@@ -238,6 +238,9 @@ def _bad_cases(fields, header):
         "tokenizer none": ([(model.offset, b"none")], "no tokenizer"),
         "duplicate vocabulary": (_vocab_duplicate(fields, header), "corrupt vocabulary"),
         "vocabulary entry cut by a NUL": (_vocab_nul(fields, header), "corrupt vocabulary"),
+        # found by the 10,000-mutant fuzz run (seed 2028): a norm weight typed F16 or Q4_1 aborted ggml's mul
+        "output norm as F16": ([(_field(fields, "tensor output_norm.weight:type").offset, u32(1))], "F32"),
+        "output norm as Q4_1": ([(_field(fields, "tensor output_norm.weight:type").offset, u32(3))], "F32"),
     }
     assert model.size == 4  # "gpt2": "none" fits in place
     if any(f.name == "general.alignment:value" for f in fields):

@@ -298,6 +298,11 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
         if n_elements == 0 or shape[0] % block:
             raise _invalid(path, f"corrupt tensor info: tensor '{name}' has shape {list(shape)}, which "
                                  f"{qtype.name} (blocks of {block}) cannot hold")
+        if len(shape) == 1 and qtype != gguf.GGMLQuantizationType.F32:
+            # Norm weights and biases: llama.cpp's converter always writes them as F32, and ggml's CPU
+            # element-wise ops (mul, add) abort on an F16 or quantized one at the first decode.
+            raise _invalid(path, f"corrupt tensor info: tensor '{name}' is one-dimensional but stored as "
+                                 f"{qtype.name}; llama.cpp needs norm weights and biases in F32")
         n_bytes = n_elements // block * type_size
         if offset % alignment:
             raise _invalid(path, f"corrupt tensor info: tensor '{name}' starts at data offset {offset}, "

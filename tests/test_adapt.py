@@ -11,6 +11,7 @@ import pytest
 
 from ondevice.adapt import adapter_file, data, tasks
 from ondevice.errors import InvalidArgument
+from ondevice.models.store import cached_sha256, sha256_file
 
 try:
     import torch  # noqa: F401
@@ -72,7 +73,7 @@ def _logits(model, text: str) -> np.ndarray:
 def test_adapter_loads_in_llama_cpp_and_wrong_base_is_refused(tmp_path, smol_path, smol, cli):
     import ondevice
 
-    sha = adapter_file.file_sha256(smol_path)
+    sha = cached_sha256(smol_path)
     zero = adapter_file.write(tmp_path / "zero.gguf", "llama", 8.0,
                               {k: (a, b * 0) for k, (a, b) in _lora_tensors(4, 0.1).items()},
                               {"base_sha256": sha, "base_name": "smollm2"})
@@ -145,8 +146,8 @@ def test_training_lowers_loss_exports_and_llama_cpp_agrees(tmp_path, smol_path, 
     assert r["heldout_loss_after"] < 0.85 * r["heldout_loss_before"], r["history"]
     meta = adapter_file.read_meta(out)
     assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
-    assert meta["ondevice.adapter.base_sha256"] == adapter_file.file_sha256(smol_path)
-    assert meta["ondevice.adapter.data_sha256"] == data.sha256_file(path)
+    assert meta["ondevice.adapter.base_sha256"] == cached_sha256(smol_path)
+    assert meta["ondevice.adapter.data_sha256"] == sha256_file(path)
     assert meta["tensors"]["blk.29.attn_q.weight.lora_a"] == (576, 8)  # ggml order: ne = [in, rank]
     prompts = [row["input"] for row in tasks.iso_dates(3, seed=77)]
     a = check.agreement(smol_path, out, prompts, n_tokens=8)
@@ -166,7 +167,7 @@ def test_serve_applies_adapters_per_request(tmp_path, smol_path):
     import ondevice
     from ondevice.serve import BackgroundServer, ServeSettings
 
-    sha = adapter_file.file_sha256(smol_path)
+    sha = cached_sha256(smol_path)
     paths = {n: adapter_file.write(tmp_path / f"{n}.gguf", "llama", 8.0, _lora_tensors(8, 0.6, seed),
                                    {"base_sha256": sha}) for n, seed in (("a", 1), ("b", 2))}
     prompt = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -199,14 +200,14 @@ def test_serve_applies_adapters_per_request(tmp_path, smol_path):
 
 
 def test_eval_with_an_adapter_records_it(tmp_path, smol_path, cli):
-    sha = adapter_file.file_sha256(smol_path)
+    sha = cached_sha256(smol_path)
     live = adapter_file.write(tmp_path / "live.gguf", "llama", 8.0, _lora_tensors(4, 0.5), {"base_sha256": sha})
     args = ("eval", "-m", str(smol_path), "--ppl", "--ctx", "128", "--chunks", "2", "--threads", "2", "--json",
             "--no-store")
     plain, adapted = (cli(*args, *extra) for extra in ((), ("--adapter", str(live))))
     assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
     p, a = json.loads(plain.stdout.splitlines()[0]), json.loads(adapted.stdout.splitlines()[0])
-    assert a["adapter_sha256"] == adapter_file.file_sha256(live) and "adapter_sha256" not in p
+    assert a["adapter_sha256"] == cached_sha256(live) and "adapter_sha256" not in p
     assert a["ppl"] != p["ppl"]
 
 
@@ -222,13 +223,13 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
     assert r.returncode == 2 and "no hard samples" in r.stderr
     with Store(db) as s:
         for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4."), ("Opposite of hot?", "Cold.")):
-            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=adapter_file.file_sha256(smol_path),
+            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=cached_sha256(smol_path),
                               cloud_model="cloud", confidence=0.1, messages=[{"role": "user", "content": q}],
                               device_answer="?", cloud_answer=a)
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     meta = adapter_file.read_meta(out)
-    assert meta["ondevice.adapter.data_sha256"] == data.sha256_file(f"{out}.deferred.jsonl")
+    assert meta["ondevice.adapter.data_sha256"] == sha256_file(f"{out}.deferred.jsonl")
     assert len(data.read_jsonl(f"{out}.deferred.jsonl")) == 3
 
 

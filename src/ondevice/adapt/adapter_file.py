@@ -18,15 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..models.store import cached_sha256
 
 KEY = "ondevice.adapter."
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (the models store's cache: the base model is hashed once, not per load)."""
-    from ..models.store import cached_sha256
-
-    return cached_sha256(path)
 
 
 def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -97,7 +91,7 @@ def check(adapter: str | Path, base: str | Path) -> dict:
                               f"wrote")
     want = meta.get(KEY + "base_sha256")
     if want:
-        have = file_sha256(base)
+        have = cached_sha256(base)
         if have != want:
             raise InvalidArgument(
                 f"--adapter {Path(adapter).name} was trained on another base model "

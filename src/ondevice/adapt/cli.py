@@ -74,13 +74,13 @@ def deferred_data(args: argparse.Namespace) -> str:
     device: "Cloud-device collaborative adaptation")."""
     from ..cascade.samples import export_hard_samples
     from ..models import resolve
-    from .adapter_file import file_sha256
+    from ..models.store import cached_sha256
 
     if args.data:
         raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
     ref = resolve(args.model)
     out = f"{args.out}.deferred.jsonl"
-    if export_hard_samples(out, store=args.db, device_sha256=file_sha256(ref.path)) == 0:
+    if export_hard_samples(out, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
         raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade (deferred "
                               f"requests are kept with the cloud's answers) before --from deferred")
     return out

@@ -101,8 +101,3 @@ def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Examp
         out.append(Example(tokens=full, n_prompt=n_prompt))
     return out
 
-
-def sha256_file(path: str | Path) -> str:
-    from ..models.store import sha256_file as _sha
-
-    return _sha(Path(path))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..models.store import cached_sha256, sha256_file
 from . import adapter_file, data
 
 PRECISIONS = ("fp32", "bf16")
@@ -88,7 +89,7 @@ def prepare(cfg: AdaptConfig):
     m = ondevice.load(cfg.model, n_ctx=max(64, cfg.max_len + 16), n_threads=1, warmup=False)
     try:
         examples = data.tokenize(m, convs, cfg.max_len)
-        base = {"path": str(m.path), "name": m.name, "sha256": adapter_file.file_sha256(m.path)}
+        base = {"path": str(m.path), "name": m.name, "sha256": cached_sha256(m.path)}
     finally:
         m.close()
     rng = random.Random(cfg.seed)
@@ -185,7 +186,7 @@ def train(cfg: AdaptConfig) -> dict:
     lean_malloc()
     t_start = time.perf_counter()
     base, train_ex, held = prepare(cfg)
-    data_sha = data.sha256_file(cfg.data)
+    data_sha = sha256_file(cfg.data)
     state = None
     if cfg.resume:
         if not cfg.ckpt_path.is_file():

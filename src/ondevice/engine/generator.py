@@ -35,9 +35,8 @@ ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
 NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
 ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
-# while drafting is off, the acceptance estimate creeps back up by this much per step so that drafting is
-# tried again (the text may start to repeat); each probe that misses entirely halves the creep, so drafts
-# that keep missing cost next to nothing (probes at ever longer intervals), and any accepted token resets it
+# drafting off: the acceptance estimate creeps back up this much per step (the text may start to repeat);
+# a probe that misses entirely halves the creep, an accepted token resets it
 PROBE_CREEP = 0.02
 
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),

@@ -91,10 +91,11 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     session = c.session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     base = {**_base(mref, sha), **lineage(sha, mref)}
     if c.adapter:  # checked against the model here; every load of the model below applies it
-        from ..adapt.adapter_file import check, file_sha256
+        from ..adapt.adapter_file import check
+        from ..models.store import cached_sha256
 
         check(c.adapter, mref.path)
-        base.update(adapter=str(c.adapter), adapter_sha256=file_sha256(c.adapter))
+        base.update(adapter=str(c.adapter), adapter_sha256=cached_sha256(c.adapter))
     records: list[dict] = []
     if c.ppl or c.ref:
         records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)

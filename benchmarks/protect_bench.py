@@ -9,7 +9,7 @@ the first token: Python's own start-up and imports are the same for every varian
 Variants, alternating order within each of ``--rounds`` rounds:
 
 * ``plain``     the GGUF file, mmapped by llama.cpp (ondevice's default)
-* ``pipelined`` the container: metadata chunks first, the rest decrypted by 2 threads while llama.cpp
+* ``pipelined`` the container: metadata chunks first, the rest decrypted by decrypt_threads() workers (1 on 2 cores) while llama.cpp
                 loads, barrier in llama.cpp's progress callback (the default for containers)
 * ``strawman``  the container: everything decrypted on one thread, then the load
 
@@ -35,6 +35,7 @@ from pathlib import Path
 
 PROMPT = "Write one sentence about the sea."
 VARIANTS = ("plain", "pipelined", "strawman")
+TWO = "pipelined-2t"  # --decrypt-threads: the pipelined restore with 2 decrypt threads instead of the default
 KEY_ENV = "PROTECT_BENCH_KEY"
 
 
@@ -45,7 +46,11 @@ def child(variant: str, path: str, threads: int, n_gen: int) -> None:
     from ondevice.engine.model import peak_rss_bytes
 
     t_import = time.perf_counter() - t0
-    kw = {} if variant == "plain" else {"key_source": f"env:{KEY_ENV}", "restore": variant}
+    if variant == TWO:
+        import ondevice.protect.load
+
+        ondevice.protect.load.decrypt_threads = lambda: 2
+    kw = {} if variant == "plain" else {"key_source": f"env:{KEY_ENV}", "restore": variant.split("-")[0]}
     t1, c1 = time.perf_counter(), time.process_time()
     model = ondevice.load(path, n_ctx=512, n_threads=threads, **kw)
     t_load = time.perf_counter() - t1
@@ -85,7 +90,7 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path) -> None:
+def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, variants: tuple[str, ...]) -> None:
     from ondevice.models import resolve
     from ondevice.protect import encrypt
     from ondevice.protect.keys import new_key
@@ -100,11 +105,11 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path) -> 
           f"(encrypted in {time.perf_counter() - t:.2f} s)")
     read_through(plain)
     read_through(enc)
-    for v in VARIANTS:  # one untimed run each: the same warm state (page cache, kernel choice cache) for all
+    for v in variants:  # one untimed run each: the same warm state (page cache, kernel choice cache) for all
         measure(v, plain if v == "plain" else enc, threads, 4, env)
-    rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             rows[v].append(measure(v, plain if v == "plain" else enc, threads, n_gen, env))
     keys = ("cold_ttft_s", "cold_cpu_s", "load_s", "decode_tps", "peak_rss")
@@ -115,7 +120,7 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path) -> 
     print("| variant | cold start to 1st token | ratio | its CPU time | ratio | load | decrypt | decode tok/s | ratio "
           "| peak RSS | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for v in VARIANTS:
+    for v in variants:
         m = {k: med([x[k] for x in rows[v]]) for k in keys}
         dec = [x["decrypt_s"] for x in rows[v] if x["decrypt_s"] is not None]
         print(f"| {v} | {m['cold_ttft_s'] * 1000:.0f} ms | {m['cold_ttft_s'] / base['cold_ttft_s']:.3f}x "
@@ -124,10 +129,10 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path) -> 
               f"| {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.3f}x "
               f"| {m['peak_rss'] / 1e6:.0f} MB | {m['peak_rss'] / base['peak_rss']:.3f}x |")
     paired = [p["cold_ttft_s"] for p in rows["plain"]]
-    for v in ("pipelined", "strawman"):
+    for v in variants[1:]:
         ratios = [x["cold_ttft_s"] / p for x, p in zip(rows[v], paired)]
         print(f"{v}: per-round cold-start ratios {', '.join(f'{x:.3f}' for x in ratios)}")
-    for v in ("pipelined", "strawman"):
+    for v in variants[1:]:
         print(f"{v}: metadata restored after {med([x['meta_s'] for x in rows[v]]) * 1000:.0f} ms, all chunks after "
               f"{med([x['decrypt_s'] for x in rows[v]]) * 1000:.0f} ms; llama.cpp's loader waited "
               f"{med([x['barrier_wait_s'] for x in rows[v]]) * 1000:.0f} ms at the barrier (the part not overlapped)")
@@ -183,6 +188,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-gen", type=int, default=64, help="tokens decoded after the first")
+    ap.add_argument("--decrypt-threads", action="store_true",
+                    help=f"also measure {TWO}: the pipelined restore with 2 decrypt threads (the default leaves "
+                         f"one core to llama.cpp's loader)")
     ap.add_argument("--tamper", type=int, default=0, metavar="N", help="instead: N single-byte flips of the container")
     a = ap.parse_args()
     if a.child:
@@ -200,7 +208,8 @@ def main() -> int:
             if a.tamper:
                 tamper(m, a.tamper, Path(d))
             else:
-                bench_model(m, a.rounds, a.threads, a.n_gen, Path(d))
+                bench_model(m, a.rounds, a.threads, a.n_gen, Path(d),
+                            VARIANTS + ((TWO,) if a.decrypt_threads else ()))
     return 0
 
 

@@ -343,10 +343,13 @@ def _child(job: dict) -> int:
 
 # ---- what the engine calls -----------------------------------------------------------------------------
 
-def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choice:
+def resolve(amx: str | None, repack: str | None, model_path: str | Path, family: str | None = None) -> Choice:
     """The kernels for loading ``model_path`` here; on the first load of its weight type on this machine and
     build, a dry run (metadata only) says whether the extra kernels would take any of its weights, and only
-    then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove)."""
+    then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove).
+
+    ``family`` is the file's dominant weight type when the caller knows it already (a restored container).
+    """
     from ..engine.bufts import offered, wanted, would_use
     from .info import cpu_flags
 
@@ -355,7 +358,7 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path) -> Choi
     flags = cpu_flags()
     if not names or (amx != "auto" and repack != "auto"):
         return choose(amx, repack, names, flags, None)
-    family = family_of(model_path)
+    family = family or family_of(model_path)
     entry = cached().get("families", {}).get(family)
     if entry is None:
         cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)

@@ -207,12 +207,14 @@ class LlamaEngine(Engine):
         if is_container(self.path):  # an encrypted model: restored into anonymous memory (protect/)
             from ..protect.load import begin, kernel_path
 
-            self._restored = begin(self.path, cfg.key_source, mode=cfg.restore, threads=min(2, os.cpu_count() or 1))
+            self._restored = begin(self.path, cfg.key_source, mode=cfg.restore)
         else:  # every load (run, chat, serve, bench, eval) passes here: a malformed file is an error, not an abort
             from ..models.gguf_check import validate_gguf
 
             validate_gguf(self.path)
-        choice = kernels.resolve(cfg.amx, cfg.repack, kernel_path(self._restored) if self._restored else self.path)
+        r = self._restored
+        choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), family=r.family) if r is not None
+                  else kernels.resolve(cfg.amx, cfg.repack, self.path))
         with bufts.offering(choice.bufts) as use_extra, load_log() as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
             mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,

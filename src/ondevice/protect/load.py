@@ -39,17 +39,42 @@ def can_lock(n_bytes: int) -> bool:
     return soft == resource.RLIM_INFINITY or soft >= _vm_locked_bytes() + n_bytes or os.geteuid() == 0
 
 
-def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = MODE_PIPELINED,
-          threads: int = 2) -> Restored:
-    """Start restoring a container; returns once its GGUF metadata is restored and verified.
+def decrypt_threads() -> int:
+    """Worker threads for a pipelined restore: one core is left to llama.cpp's loader, which runs on one
+    thread (vocabulary, tensor layout, repacking) while the weights are decrypted.
 
-    ``Restored.path`` is then a readable GGUF header (enough for ``validate_gguf`` and kernel choice);
-    the weights follow in the background (``mode`` pipelined) or are all there (strawman).
+    Measured on 2 cores (benchmarks/protect_bench.py): with 2 decrypt threads the loader lost its core to
+    them and the cold start grew; with 1 the decryption hid behind the loader.
     """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    return max(1, min(2, usable - 1))
+
+
+def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = MODE_PIPELINED,
+          threads: int | None = None) -> Restored:
+    """Start restoring a container; returns once its GGUF metadata is restored, authenticated and checked.
+
+    ``Restored.path`` is then a readable GGUF header; ``Restored.info`` is its ``validate_gguf`` summary,
+    taken once here (the memfd changes while the weights are written, so a check keyed by the file's
+    mtime would walk the header again). The weights follow in the background (``mode`` pipelined, on
+    ``threads`` workers, default :func:`decrypt_threads`) or are all there (strawman).
+    """
+    from ..models.gguf_check import validate_gguf
+
     if mode not in (MODE_PIPELINED, MODE_STRAWMAN):
         raise OndeviceError(f"restore mode {mode!r} is not {MODE_PIPELINED} or {MODE_STRAWMAN}")
     key = load_key(key_source)
-    return restore(path, key, threads=threads if mode == MODE_PIPELINED else 1, overlap=mode == MODE_PIPELINED)
+    workers = (threads or decrypt_threads()) if mode == MODE_PIPELINED else 1
+    r = restore(path, key, threads=workers, overlap=mode == MODE_PIPELINED)
+    try:
+        r.info = validate_gguf(r.path)
+    except BaseException:
+        r.close()
+        raise
+    return r
 
 
 def finish(ll, r: Restored, mparams) -> object:
@@ -109,7 +134,7 @@ def kernel_path(r: Restored) -> str:
     try:
         from ..device import kernels
 
-        if kernels.cached().get("families", {}).get(kernels.family_of(r.path)) is None:
+        if kernels.cached().get("families", {}).get(r.family) is None:
             r.wait()
     except ImportError:
         pass

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .container import TAG, Header, ProtectError, decrypt_error, read_header, require_crypto
 
@@ -36,6 +37,7 @@ class Restored:
     locked_bytes: int = 0  # VmLck after the load: the plaintext is out of swap when this covers it
     meta_s: float | None = None  # wall time until the metadata chunks were restored (llama.cpp may start then)
     barrier_wait_s: float = 0.0  # time llama.cpp's loader spent waiting for the weights: what did not overlap
+    info: Any = None  # the restored GGUF's validate_gguf summary (protect/load.py's begin takes it once)
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -53,6 +55,11 @@ class Restored:
     def shared_path(self) -> str:
         """The same memfd as this user's child processes can open it (while this process lives)."""
         return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    @property
+    def family(self) -> str:
+        """The weight type that dominates the model (device/kernels.py's unit of kernel choice)."""
+        return next(iter(self.info.quant_mix), "unknown") if self.info is not None else "unknown"
 
     @property
     def size(self) -> int:
@@ -141,6 +148,9 @@ def _restore_chunks(r: Restored, gcm, chunks) -> None:
 
     h = r.header
     buf = bytearray(h.chunk_size + TAG)
+    # decrypt_into (cryptography >= 45) writes into one reused buffer: half the time of decrypt(), which
+    # allocates and faults in a fresh MiB for every chunk
+    out = bytearray(h.chunk_size) if hasattr(gcm, "decrypt_into") else None
     try:
         while r._error is None:
             with _lock:
@@ -152,7 +162,11 @@ def _restore_chunks(r: Restored, gcm, chunks) -> None:
             if os.preadv(r._src, [view], h.chunk_offset(i)) != n:
                 raise ProtectError(f"{r.source} changed while it was being read; retry")
             try:
-                plain = gcm.decrypt(h.nonce(i), view, h.aad(i))
+                if out is None:
+                    plain = gcm.decrypt(h.nonce(i), view, h.aad(i))
+                else:
+                    plain = memoryview(out)[:n - TAG]
+                    gcm.decrypt_into(h.nonce(i), view, h.aad(i), plain)
             except InvalidTag:
                 raise decrypt_error(r.source, i) from None
             os.pwrite(r.fd, plain, i * h.chunk_size)

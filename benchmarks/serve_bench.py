@@ -1,7 +1,7 @@
 """Serving throughput and latency: `ondevice serve` vs llama-cpp-python's server vs llama.cpp's llama-server.
 
 In one run, over loopback, same model file and thread count:
-  * N concurrent streaming /v1/completions requests (fixed prompt, 128 tokens each, EOS ignored) for N in
+  * N concurrent streaming /v1/completions requests (the same prompt, or with --distinct-prompts one per stream; 128 tokens each, EOS ignored) for N in
     --streams: aggregate decode tok/s, p50/p99 TTFT and inter-token latency (ITL) per server;
   * llama-batched-bench at the same batch sizes: the kernel limit (S_TG t/s);
   * TTFT with a repeated long system prompt (prefix cache) vs a cold one.
@@ -103,12 +103,15 @@ async def one_stream(client: httpx.AsyncClient, srv: Server, prompt: str, tokens
             "itl": [b - a for a, b in zip(stamps, stamps[1:])], "end": stamps[-1] if stamps else t0, "t0": t0}
 
 
-async def load(srv: Server, n: int, tokens: int) -> dict:
+async def load(srv: Server, n: int, tokens: int, distinct: bool = False) -> dict:
+    """``n`` streams at once; all with the same prompt, or (``distinct``) each with its own first tokens, fresh
+    every round, so that no server can share a prompt's prefill across streams or rounds."""
     limits = httpx.Limits(max_connections=64)
+    prompts = [f"({uuid.uuid4().hex[:8]}) {PROMPT}" if distinct else PROMPT for _ in range(n)]
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_stream(client, srv, PROMPT, 8)  # warm-up
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(client, srv, PROMPT, tokens) for _ in range(n)))
+        res = await asyncio.gather(*(one_stream(client, srv, p, tokens) for p in prompts))
         wall = max(r["end"] for r in res) - t0
     gen = sum(r["n"] for r in res)
     itl = [x for r in res for x in r["itl"]]
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per stream count (median is shown)")
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help="each stream's prompt starts with its own random tag (no prefill shared across streams; "
+                         "by default all streams send the same prompt, which ondevice prefills once for all)")
     ap.add_argument("--skip", default="", help="comma list of servers to skip: ondevice,llama-cpp-python,llama-server")
     args = ap.parse_args(argv)
     model = args.model or default_model()
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 for srv in running:
                     for attempt in (1, 2):  # a dropped connection gets one retry; then the round is missing
                         try:
-                            r = asyncio.run(load(srv, n, args.tokens))
+                            r = asyncio.run(load(srv, n, args.tokens, args.distinct_prompts))
                             break
                         except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
                             print(f"{srv.name}: n={n} round {rnd + 1} attempt {attempt}: {e}", file=sys.stderr)
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
               if bb else {})
 
     print(f"\nmodel {Path(model).name}, {args.threads} threads, {args.tokens} tokens per stream, "
+          f"{'distinct prompts' if args.distinct_prompts else 'the same prompt in every stream'}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other load distorts these figures)\n")
     print(f"| {'server':17s} | streams | agg tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|" + "|".join("-" * w for w in (19, 9, 11, 13, 13, 12, 12)) + "|")

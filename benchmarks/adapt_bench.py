@@ -1,6 +1,7 @@
 """ondevice adapt against its goals (issue #14), on SmolLM2-135M-Instruct with the generated ISO-date task.
 
     python benchmarks/adapt_bench.py [--steps 24] [--threads 2] [--budget 600M] [--json OUT.json]
+    python benchmarks/adapt_bench.py --adapters-from DIR --serve-only   # section 5 on an earlier run's adapters
 
 Each training run is its own `ondevice adapt --json` process, so its peak RSS is its own. Figures:
 1. budgeted sparse LoRA (--budget) vs all-module LoRA (every module of every layer, rank 8): held-out loss
@@ -10,7 +11,9 @@ Each training run is its own `ondevice adapt --json` process, so its peak RSS is
 3. the task: exact match of llama.cpp's greedy answers on held-out prompts, base vs adapters, and general
    perplexity (pydoc corpus) with and without each adapter;
 4. llama.cpp with the adapter vs torch: identical greedy sequences, token agreement, logit differences;
-5. serving: aggregate tok/s of 8 streams, base only vs base + 2 adapters (scheduled by adapter).
+5. serving: aggregate tok/s of 8 streams, base only vs base + 2 adapters (3 base, 3 +all, 2 +budget: one
+   decode per adapter set each step), alternated on one server; and why, from llama_decode itself: a decode
+   of 8 base rows vs the three decodes (3/3/2 rows) of a mixed step, and what switching adapters costs.
 The machine is shared: the load average is printed, and every comparison is between runs of this script.
 """
 
@@ -78,7 +81,12 @@ def perplexity(base: str, adapter: str | None, threads: int) -> float:
     return recs[0].ppl  # an EvalRecord
 
 
-def serve_tps(base: str, adapters: dict[str, str], models: list[str], threads: int, n_tokens: int = 48) -> float:
+MIXED = ["", "all", "budget", "", "all", "budget", "", "all"]  # 8 streams: 3 base, 3 +all, 2 +budget
+
+
+def serve_rounds(base: str, adapters: dict[str, str], threads: int, rounds: int, n_tokens: int = 48) -> list:
+    """(base-only tok/s, mixed tok/s) of 8 concurrent streams, alternated ``rounds`` times on one server (the
+    pairs share the machine's load of the moment)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -98,11 +106,78 @@ def serve_tps(base: str, adapters: dict[str, str], models: list[str], threads: i
                                      extra_body={"ignore_eos": True})
             return r.usage.completion_tokens
 
-        one((0, ""))  # warm
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(models)) as ex:
-            toks = sum(ex.map(one, enumerate(models)))
-        return toks / (time.perf_counter() - t0)
+        def tps(models: list[str]) -> float:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(len(models)) as ex:
+                toks = sum(ex.map(one, enumerate(models)))
+            return toks / (time.perf_counter() - t0)
+
+        tps(MIXED)  # warm (every adapter's tensors paged in)
+        return [(tps([""] * 8), tps(MIXED)) for _ in range(rounds)]
+
+
+def decode_costs(base: str, adapters: dict[str, str], threads: int, rounds: int = 30) -> dict:
+    """Median ms of llama_decode steps, interleaved round by round: 8 base rows; a mixed step's three decodes
+    (3 base, 3 +all, 2 +budget, switching adapters before each); each of them alone; and a 1-row base decode
+    as such and after the context's adapters were set to +budget and back (what a switch itself costs)."""
+    import statistics
+
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+
+    eng = LlamaEngine(base, EngineConfig(n_ctx=8 * 256, n_seq_max=8, n_threads=threads))
+    for k, v in adapters.items():
+        eng.adapters.load(v, k)
+    pos = dict.fromkeys(range(8), 0)
+
+    def dec(ads, seqs):
+        eng.adapters.use(ads)
+        eng.decode_batch([(100 + s, pos[s], s, True) for s in seqs])
+        for s in seqs:
+            pos[s] += 1
+
+    groups = (((), [0, 1, 2]), (("all",), [3, 4, 5]), (("budget",), [6, 7]))
+    cases = {"base x8": lambda: dec((), range(8)),
+             "mixed step (3 decodes)": lambda: [dec(a, s) for a, s in groups],
+             "base x3": lambda: dec(*groups[0]), "+all x3": lambda: dec(*groups[1]),
+             "+budget x2": lambda: dec(*groups[2]),
+             "base x1": lambda: dec((), [0]),
+             "base x1 after a switch": lambda: (eng.adapters.use(("budget",)), dec((), [0]))}
+    ts: dict[str, list[float]] = {k: [] for k in cases}
+    try:
+        for _ in range(rounds):
+            for k, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t0)
+            if max(pos.values()) > 200:
+                for s in pos:
+                    eng.truncate(0, s)
+                    pos[s] = 0
+    finally:
+        eng.close()
+    return {k: 1000 * statistics.median(v) for k, v in ts.items()}
+
+
+def serving(a, tmp: Path) -> dict:
+    """Section 5."""
+    print("5. serving 8 streams: base only vs base + 2 adapters (3 base, 3 +all, 2 +budget)", flush=True)
+    ads = {"all": str(tmp / "all.gguf"), "budget": str(tmp / "budget.gguf")}
+    print(f"  load average {os.getloadavg()}", flush=True)
+    pairs = serve_rounds(a.base, ads, a.threads, a.serve_rounds)
+    for tb, tm in pairs:
+        print(f"  base only {tb:.1f} tok/s, mixed {tm:.1f} tok/s = {tm / tb:.2f}", flush=True)
+    ratios = sorted(tm / tb for tb, tm in pairs)
+    med = ratios[len(ratios) // 2]
+    print(f"  median ratio {med:.2f} over {len(pairs)} pairs (goal >= 0.90); load average {os.getloadavg()}",
+          flush=True)
+    costs = decode_costs(a.base, ads, a.threads)
+    print("  llama_decode, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
+    print(f"  a mixed step costs {costs['mixed step (3 decodes)'] / costs['base x8']:.2f}x a base step of 8 "
+          f"(decode-bound ceiling of the ratio {costs['base x8'] / costs['mixed step (3 decodes)']:.2f}); an "
+          f"adapter switch adds {costs['base x1 after a switch'] - costs['base x1']:+.1f} ms to the next decode "
+          f"(llama.cpp re-reserves its graphs); load average {os.getloadavg()}", flush=True)
+    return {"serve_pairs": pairs, "serve_ratio_median": med, "decode_ms": costs}
 
 
 def train_and_compare(a, train: Path, tmp: Path) -> dict:
@@ -143,12 +218,16 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--adapters-from", default=None, metavar="DIR",
                     help="skip sections 1-2 and use all.gguf and budget.gguf of an earlier run's directory")
+    ap.add_argument("--serve-only", action="store_true", help="with --adapters-from: only section 5")
+    ap.add_argument("--serve-rounds", type=int, default=3, help="base-only/mixed pairs in section 5")
     ap.add_argument("--no-cap", dest="cap", action="store_false",
                     help="do not run the budgeted training in a memory cgroup capped at the budget")
     a = ap.parse_args()
     from ondevice.models import resolve
 
-    base = str(resolve(None).path)
+    base = a.base = str(resolve(None).path)
+    if a.serve_only and not a.adapters_from:
+        ap.error("--serve-only needs --adapters-from DIR (with all.gguf and budget.gguf)")
     tmp = Path(a.adapters_from or tempfile.mkdtemp(prefix="adapt-bench-"))
     train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1), tmp / "train.jsonl")
     test_rows = tasks.iso_dates(a.test, seed=2)
@@ -156,6 +235,9 @@ def main() -> int:
     out: dict = {"load_start": os.getloadavg()}
     if a.adapters_from is None:
         out.update(train_and_compare(a, train, tmp))
+    if a.serve_only:
+        out.update(serving(a, tmp))
+        return _finish(a, out)
     print("3. the task (ISO dates, exact match on held-out prompts) and general perplexity", flush=True)
     score = {k: exact_match(base, p, test_rows, a.threads) for k, p in
              (("base", None), ("all", str(tmp / "all.gguf")), ("budget", str(tmp / "budget.gguf")))}
@@ -173,12 +255,12 @@ def main() -> int:
           f"{ag['token_agreement']:.1%} of tokens; logits max |diff| {ag['logit_max_abs_diff']:.3f}, mean "
           f"{ag['logit_mean_abs_diff']:.4f}", flush=True)
     out["agreement"] = ag
-    print("5. serving 8 streams: base only vs base + 2 adapters", flush=True)
-    ads = {"all": str(tmp / "all.gguf"), "budget": str(tmp / "budget.gguf")}
-    t_base = serve_tps(base, ads, [""] * 8, a.threads)
-    t_mix = serve_tps(base, ads, ["", "all", "budget", "", "all", "budget", "", "all"], a.threads)
-    print(f"  aggregate {t_mix:.1f} vs {t_base:.1f} tok/s = {t_mix / t_base:.2f} (goal >= 0.90)", flush=True)
-    out.update(serve_base_tps=t_base, serve_mixed_tps=t_mix, load_end=os.getloadavg())
+    out.update(serving(a, tmp))
+    return _finish(a, out)
+
+
+def _finish(a, out: dict) -> int:
+    out["load_end"] = os.getloadavg()
     print(f"load average at end: {os.getloadavg()}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))

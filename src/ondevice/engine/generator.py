@@ -8,6 +8,12 @@ slots still prefilling (chunked prefill: a long prompt never stalls running stre
 the step's events. ``Model.stream`` is a batch of one; the server's batcher is a thread that calls
 ``insert``/``step``/``remove`` and forwards the events to asyncio.
 
+LoRA adapters (engine/adapters.py): llama.cpp applies one adapter set to a whole ``llama_decode``, so a step
+runs one decode per adapter set among its requests (each set's decoding tokens and prompt chunks, then that
+decode's sampling); requests of different adapters are all in flight at once, and a decode holds exactly the
+rows it would hold without the others. A slot's KV is reused only by a request of the adapter set it was
+computed under.
+
 Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 prompt lookup after Saxena 2023): a slot's next token goes into the step together with drafted tokens (as
 many as pay off, from the measured cost of larger steps and the request's acceptance rate), each with its logits; the target's sampler then samples row after row and keeps going while
@@ -26,14 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ContextOverflow
+from ..errors import ContextOverflow, InvalidArgument
 from .base import Engine, SamplerLike
+from .drafters import ModelDrafter, PromptLookup, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
 from .records import Generation, Sampling
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
-NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
 ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
 # drafting off: the acceptance estimate creeps back up this much per step (the text may start to repeat);
 # a probe that misses entirely halves the creep, an accepted token resets it
@@ -58,6 +64,7 @@ class Request:
     eos_entry: bool = False
     t_arrival: float = field(default_factory=time.perf_counter)
     from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
+    adapters: tuple[str, ...] | None = None  # LoRA adapters by name (engine.adapters); None: the active ones
 
 
 class Slot:
@@ -68,6 +75,7 @@ class Slot:
         self.cached: list[int] = []  # tokens whose KV sequence ``seq`` holds, position by position
         self.req: Request | None = None
         self.last_used = 0.0
+        self.ads: tuple[str, ...] = ()  # the adapter set ``cached`` was computed under (and its request's)
 
     def start(self, req: Request, n_reuse: int) -> None:
         self.req = req
@@ -87,20 +95,7 @@ class Slot:
         self.creep = PROBE_CREEP  # how fast that estimate recovers while drafting is off (backs off on misses)
         self.n_drafted = self.n_accepted = self.n_steps = 0
         self.pending = req.from_logits  # sample first from the logits of the slot's last decode
-        self.hist: list[int] = []  # prompt + generated tokens (for prompt lookup)
-        self.ngrams: dict[tuple[int, ...], int] = {}  # n-gram -> position after its latest occurrence
-        self.n_indexed = 0
-        if req.sampling.draft:
-            self.hist = list(req.tokens)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64)
-    i = int(np.argmax(diff))
-    return i if diff[i] else n
+        self.lookup = PromptLookup(req.tokens) if req.sampling.draft == "lookup" else None
 
 
 class BatchGenerator:
@@ -119,7 +114,8 @@ class BatchGenerator:
         self.eos = engine.eos_tokens
         self.draft_engine = draft_engine
         self.drafter = ModelDrafter(draft_engine, [s.seq for s in self.slots]) if draft_engine else None
-        self.last_batch = 0  # tokens in the last step's llama_decode
+        self.adapters = getattr(engine, "adapters", None)  # engine/adapters.py (None: an engine without LoRA)
+        self.last_batch = 0  # tokens in the last step's llama_decode(s)
         self.step_cost: dict[int, float] = {}  # running mean seconds of a llama_decode of n items (n <= 64)
 
     # -- slots ----------------------------------------------------------------------------------------
@@ -145,6 +141,7 @@ class BatchGenerator:
             cap = 0 if req.prompt_logprobs is not None else len(toks) - 1  # the last token is always recomputed
         if len(toks) + (not req.from_logits) > self.slot_ctx:
             raise ContextOverflow(len(toks), self.slot_ctx)
+        ads = self._adapter_set(req)
         for s in self.slots:  # someone else moved the engine's KV (truncate, reset): trust only what is left
             n_past = self.eng.n_past(s.seq)
             if n_past < len(s.cached):
@@ -153,7 +150,8 @@ class BatchGenerator:
                 s.cached = []
                 self.eng.truncate(0, s.seq)
         free = [s for s in self.slots if s.req is None]
-        scored = [(min(common_prefix(s.cached, toks), cap), s) for s in self.slots]
+        # KV computed under another adapter set is no prefix of this request's
+        scored = [(min(common_prefix(s.cached, toks), cap) if s.ads == ads else 0, s) for s in self.slots]
         n, dst = max(((n, s) for n, s in scored if s.req is None), key=lambda x: (x[0], -x[1].last_used))
         n_src, src = max(scored, key=lambda x: x[0])
         if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
@@ -164,8 +162,20 @@ class BatchGenerator:
         del dst.cached[n:]
         if req.sampler is None:
             req.sampler = self.eng.make_sampler(req.sampling)
+        dst.ads = ads
         dst.start(req, n)
         return n
+
+    def _adapter_set(self, req: Request) -> tuple[str, ...]:
+        """The adapter set ``req`` runs under (checked: an unknown name fails this request only)."""
+        if self.adapters is None:
+            if req.adapters:
+                raise InvalidArgument(f"adapters {', '.join(req.adapters)} requested, but this engine has none")
+            return ()
+        if req.adapters is None:
+            return self.adapters.active
+        self.adapters.check(req.adapters)
+        return tuple(req.adapters)
 
     def remove(self, req: Request) -> None:
         """Stop ``req`` (cancelled, timed out); its slot keeps the KV computed so far for prefix reuse."""
@@ -189,14 +199,36 @@ class BatchGenerator:
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """One ``llama_decode`` over every active slot, then sampling; the events of this step."""
+        """One ``llama_decode`` per adapter set in use (one, without adapters) over its active slots, each
+        followed by its sampling; the events of this step."""
         out: list[Event] = []
         for s in self.slots:  # requests that sample straight from logits already computed
             if s.req is not None and s.pending:
                 s.pending = False
                 self._first(s, -1, out)
+        active = [s for s in self.slots if s.req is not None]
+        groups: dict[tuple[str, ...], list[Slot]] = {}  # adapter set -> its slots; sets by earliest arrival
+        for s in sorted(active, key=lambda s: s.req.t_arrival):
+            groups.setdefault(s.ads, [])
+        for s in active:
+            groups[s.ads].append(s)
+        if self.adapters is not None and self.adapters.active in groups:
+            # the set still active goes first: a switch costs llama.cpp a graph re-reserve (~5-10 ms here),
+            # and the first set (first share of the prompt budget) rotates from step to step
+            groups = {self.adapters.active: groups.pop(self.adapters.active), **groups}
+        # prompt tokens this step: with streams decoding, one chunk shared by all sets (chunked prefill: a long
+        # prompt never stalls them); else as many as each set's decode holds
+        budget = self.prefill_chunk if any(s.next_tok is not None for s in active) else self.n_batch * len(groups)
+        self.last_batch = 0
+        for ads, slots in groups.items():
+            budget -= self._decode_group(ads, slots, budget, out)
+        return out
+
+    def _decode_group(self, ads: tuple[str, ...], slots: list[Slot], budget: int, out: list[Event]) -> int:
+        """One ``llama_decode`` under adapter set ``ads`` over ``slots``, then their sampling; the number of
+        prompt tokens it took (at most ``budget``)."""
         items: list[tuple[int, int, int, bool]] = []
-        decoding = [s for s in self.slots if s.req is not None and s.next_tok is not None]
+        decoding = [s for s in slots if s.next_tok is not None]
         for s in decoding:
             s.row = len(items)
             pos = len(s.cached)
@@ -204,16 +236,15 @@ class BatchGenerator:
             s.drafts = self._draft(s, len(items), room=self.n_batch - len(items) - (len(decoding) - 1))
             items += [(d, pos + 1 + j, s.seq, True) for j, d in enumerate(s.drafts)]
             s.n_drafted += len(s.drafts)
-        budget = self.n_batch - len(items)
-        if decoding:
-            budget = min(budget, self.prefill_chunk)
+        budget = min(budget, self.n_batch - len(items))
+        used = 0
         chunks = []
-        for s in sorted((s for s in self.slots if s.req is not None and s.next_tok is None
-                         and s.prompt_i < len(s.req.tokens)), key=lambda s: s.req.t_arrival):
-            if budget <= 0:
+        for s in sorted((s for s in slots if s.next_tok is None and s.prompt_i < len(s.req.tokens)),
+                        key=lambda s: s.req.t_arrival):
+            if budget - used <= 0:
                 break
             req = s.req
-            n = min(budget, len(req.tokens) - s.prompt_i)
+            n = min(budget - used, len(req.tokens) - s.prompt_i)
             echo = req.prompt_logprobs is not None
             if echo:
                 n = min(n, ECHO_CHUNK)
@@ -222,10 +253,12 @@ class BatchGenerator:
             for j, t in enumerate(req.tokens[s.prompt_i:s.prompt_i + n]):
                 items.append((t, pos0 + j, s.seq, echo or (last and j == n - 1)))
             chunks.append((s, start, n, last))
-            budget -= n
-        self.last_batch = len(items)
+            used += n
         if not items:
-            return out
+            return 0
+        if self.adapters is not None:
+            self.adapters.use(ads)  # a no-op when they are active already
+        self.last_batch += len(items)
         t0 = time.perf_counter()
         self.eng.decode_batch(items)
         if len(items) <= 64:  # what a step of this size costs here, now (drafts are weighed against it)
@@ -252,7 +285,7 @@ class BatchGenerator:
             self._sample_run(s, s.row, out)
         for s in ready:
             self._first(s, s.row, out)
-        return out
+        return used
 
     def stream(self, req: Request) -> Iterator[Generation]:
         """A batch of one: insert ``req``, step until it ends, yield its records (not its echo logprobs)."""
@@ -324,8 +357,8 @@ class BatchGenerator:
             self._release(s)
             return None
         s.n_gen += 1
-        if sampling.draft:
-            s.hist.append(tok)
+        if s.lookup is not None:
+            s.lookup.append(tok)
         piece = self.vocab_bytes[tok] if self.vocab_bytes is not None else self.eng.token_bytes(tok)
         text, s.held, stopped = split_stop(s.held + s.utf8.decode(piece), sampling.stop)
         finish = "stop" if stopped else None
@@ -404,8 +437,8 @@ class BatchGenerator:
         if k == 0:
             s.accept = min(ACCEPT_PRIOR, a + s.creep)  # look again now and then: the text may start to repeat
             return []
-        if sampling.draft == "lookup":
-            return self._lookup(s, k)
+        if s.lookup is not None:
+            return s.lookup.draft(k)
         if self.drafter is None:
             return []
         return self.drafter.draft(s.seq, s.cached + [s.next_tok], k)
@@ -425,62 +458,12 @@ class BatchGenerator:
             return max(c[lo], one * (1 + 0.1 * (n - 1)))
         return (c[hi] if hi is not None else 1.0) * (1 + 0.1 * (n - 1)) / (1 + 0.1 * ((hi or 1) - 1))
 
-    def _lookup(self, s: Slot, k: int) -> list[int]:
-        """Prompt lookup: what followed the latest earlier occurrence of the text's last n tokens."""
-        h = s.hist
-        for end in range(s.n_indexed, len(h) - 1):  # index the n-grams whose continuation is now known
-            for n in NGRAMS:
-                if end + 1 >= n:
-                    s.ngrams[tuple(h[end + 1 - n:end + 1])] = end + 1
-        s.n_indexed = max(s.n_indexed, len(h) - 1)
-        for n in NGRAMS:
-            p = s.ngrams.get(tuple(h[-n:])) if len(h) >= n else None
-            if p is not None:
-                d = h[p:p + k]
-                return d if min(d) >= 0 else []
-        return []
-
     def _adapt(self, s: Slot, n_draft: int, n_acc: int) -> None:
         """Update the request's per-token acceptance from a verification: n_acc accepted, then (unless all
         were) one rejected."""
         seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
         s.accept += 0.3 * (seen - s.accept)
         s.creep = PROBE_CREEP if n_acc else s.creep / 2  # consecutive misses: probe ever more rarely
-
-
-class ModelDrafter:
-    """Drafts from a smaller model with the same vocabulary: greedy (argmax) continuations, its KV per slot
-    kept in step with the target's tokens."""
-
-    def __init__(self, engine: Engine, seqs: Sequence[int]):
-        self.eng = engine
-        self.cached: dict[int, list[int]] = {seq: [] for seq in seqs}
-
-    def draft(self, seq: int, tokens: list[int], k: int) -> list[int]:
-        eng, cached = self.eng, self.cached[seq]
-        del cached[eng.n_past(seq):]  # the draft engine was reset or truncated meanwhile
-        n = min(common_prefix(cached, tokens), len(tokens) - 1)  # the last token is decoded for its logits
-        eng.truncate(n, seq)
-        del cached[n:]
-        if len(tokens) + k > eng.n_ctx // max(1, eng.config.n_seq_max):
-            return []
-        todo = tokens[n:]
-        for start in range(0, len(todo), eng.n_batch):
-            chunk = todo[start:start + eng.n_batch]
-            last = start + len(chunk) == len(todo)
-            eng.decode_batch([(t, n + start + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
-        cached.extend(todo)
-        out: list[int] = []
-        while True:
-            tok = int(eng.logits(-1).argmax())
-            if tok in eng.eos_tokens:
-                break
-            out.append(tok)
-            if len(out) >= k:
-                break
-            eng.decode_batch([(tok, len(cached), seq, True)])
-            cached.append(tok)
-        return out
 
 
 def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

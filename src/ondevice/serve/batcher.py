@@ -50,7 +50,7 @@ class Job(Request):
     timeout: float
     cancelled: bool = False
     t_prev: float = 0.0  # time of its previous token (inter-token latency metric)
-    adapters: tuple[str, ...] = ()  # LoRA adapters by name (the request's model 'BASE+NAME')
+    adapters: tuple[str, ...] | None = ()  # the base unless the request's model names some ('BASE+NAME')
 
     def cancel(self) -> None:
         """Called from the event loop (disconnect, timeout): the batcher frees the slot next step."""
@@ -127,18 +127,8 @@ class Batcher:
                     break
                 calls, self.calls = self.calls, deque()
                 admit = []
-                while self.waiting and len(admit) < gen.free:
-                    job = self.waiting[0]
-                    if not job.cancelled and job.adapters != self.eng.adapters.active:
-                        # llama.cpp applies one adapter set to a whole decode: scheduled by adapter, in
-                        # arrival order; the running set drains, then the context switches (and its KV,
-                        # computed under the old set, is dropped)
-                        if gen.busy or admit:
-                            break
-                        self.eng.adapters.use(job.adapters)
-                        self.eng.reset()
-                        gen.reset()
-                    self.waiting.popleft()
+                while self.waiting and len(admit) < gen.free:  # in arrival order, whatever their adapters
+                    job = self.waiting.popleft()
                     if not job.cancelled:
                         admit.append(job)
             for fn, fut in calls:

@@ -75,9 +75,9 @@ class Adapters:
     def use(self, names: tuple[str, ...] = ()) -> None:
         """Make exactly ``names`` (scale 1 each) the context's adapters; a no-op when they already are.
 
-        Cheap enough to call before every decode: llama.cpp then re-reserves its compute graph
-        (``sched_need_reserve``), measured at well under a millisecond for SmolLM2-135M (adapt_bench's
-        serving section prints it)."""
+        A change is not free: llama.cpp re-reserves its compute graphs before the next decode
+        (``sched_reserve``: 6-14 ms by its own log for SmolLM2-135M on 2 busy cores; adapt_bench's serving
+        section measures it), so the generator starts each step with the set still active."""
         names = tuple(names)
         if names == self.active:
             return

@@ -17,6 +17,11 @@
     python benchmarks/agent_bench.py                                   # all parts, the default model
     python benchmarks/agent_bench.py --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct
     python benchmarks/agent_bench.py --parts suite --limit 20          # a stratified quick look
+    python benchmarks/agent_bench.py --parts suite,retrieval --cache runs.jsonl   # resumable: replies kept
+
+Tools are offered the way each model's chat template shows them (``ondevice.agent.calls.call_prompt``).
+With ``--cache`` every scored reply is appended to a JSON-lines file as it is made and read back on the
+next run (keyed by model, part, mode, item and the offered tools), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -50,6 +55,39 @@ def pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
 
 
+class Cache:
+    """Scored replies by key, appended to a JSON-lines file as they are made (a cut-off last line is skipped)."""
+
+    def __init__(self, path: str | None):
+        self.path, self.rows = path, {}
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    self.rows[r["key"]] = r["row"]
+
+    def run(self, key: str, fn):
+        if key in self.rows:
+            return self.rows[key]
+        row = self.rows[key] = fn()
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "row": row}, default=str) + "\n")
+        return row
+
+
+CACHE = Cache(None)
+
+
+def run_item(model, it, *, constrained: bool, part: str, tools=None) -> dict:
+    offered = ",".join(t.name for t in tools) if tools is not None else "own"
+    key = f"{model.name}|{part}|{'c' if constrained else 'u'}|{it['id']}|{offered}"
+    return CACHE.run(key, lambda: fcsuite.run_item(model, it, constrained=constrained, tools=tools))
+
+
 # -- 1. the suite ------------------------------------------------------------------------------------------
 
 def part_suite(model, items) -> dict:
@@ -57,7 +95,7 @@ def part_suite(model, items) -> dict:
     t0 = time.perf_counter()
     for i, it in enumerate(items, 1):  # both modes back to back: the second reuses the prompt's KV
         for mode in fcsuite.MODES:
-            rows.append(fcsuite.run_item(model, it, constrained=mode == "constrained"))
+            rows.append(run_item(model, it, constrained=mode == "constrained", part="suite"))
         if i % 4 == 0 or i == len(items):
             say(f"    {i}/{len(items)} items, both modes ({time.perf_counter() - t0:.0f} s)")
     s = fcsuite.summarize(rows)
@@ -100,38 +138,45 @@ def lexical_recall(k: int) -> dict:
     return {"recall": r, "all_found": full, "n_items": len(need)}
 
 
-def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str) -> dict:
+def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str, modes: list[str]) -> dict:
     tools = list(fcsuite.catalog().values())
     need = [it for it in items if it["expected"]]
     t0 = time.perf_counter()
-    emb = Embedder(model.path, n_threads=threads)
+    emb = Embedder(model.path, n_threads=threads) if modes != ["lexical"] else None
     try:
         index = ToolIndex(tools, emb)
         say(f"  indexed {len(tools)} tools in {time.perf_counter() - t0:.1f} s")
         out: dict = {"n_tools": len(tools), "n_items": len(need), "k": k, "recall": {}}
         print(f"\n  top-{k} recall over {len(need)} requests that need a call, {len(tools)} tools:")
-        for mode in ("lexical", "embedding", "hybrid"):
+        for mode in modes:
             r, full = recall(index, need, k, mode)
             out["recall"][mode] = {"recall": r, "all_found": full}
             print(f"    {mode:9s} recall {pct(r)}   every expected tool found {pct(full)}")
         acc = {}
-        for label in ("retrieved", "all"):
+        for label in ("retrieved", "all"):  # all: the same 109-tool prefix every time, its KV reused
             t1 = time.perf_counter()
-            correct = valid = 0
-            for it in need:
+            rows = []
+            for i, it in enumerate(need, 1):
                 offered = index.search(it["query"], k, offer_mode) if label == "retrieved" else tools
-                r = fcsuite.run_item(model, it, constrained=True, tools=offered)
-                correct += r["correct"]
-                valid += r["valid"]
-            acc[label] = {"accuracy": correct / len(need), "valid": valid / len(need),
-                          "seconds": time.perf_counter() - t1}
-        print(f"  constrained accuracy with the top-{k} ({offer_mode}) offered: {pct(acc['retrieved']['accuracy'])} "
-              f"({acc['retrieved']['seconds']:.0f} s); with all {len(tools)} tools offered: "
-              f"{pct(acc['all']['accuracy'])} ({acc['all']['seconds']:.0f} s)")
+                rows.append(run_item(model, it, constrained=True, part=f"offer-{label}", tools=offered))
+                if i % 10 == 0:
+                    say(f"    {label}: {i}/{len(need)} ({time.perf_counter() - t1:.0f} s)")
+            n = len(need)
+            acc[label] = {"accuracy": sum(r["correct"] for r in rows) / n, "valid": sum(r["valid"] for r in rows) / n,
+                          "calls": sum(1 for r in rows if r["calls"]) / n,
+                          "prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in rows),
+                          "cached_tokens": statistics.fmean(r.get("cached_tokens", 0) for r in rows),
+                          "reply_seconds": statistics.fmean(r["seconds"] for r in rows)}
+            a = acc[label]
+            print(f"  constrained, {'top-' + str(k) + ' (' + offer_mode + ')' if label == 'retrieved' else 'all ' + str(len(tools))}"
+                  f" offered: accuracy {pct(a['accuracy'])}, valid {pct(a['valid'])}, replies that call "
+                  f"{pct(a['calls'])}; mean prompt {a['prompt_tokens']:.0f} tokens of which {a['cached_tokens']:.0f} "
+                  f"reused from the previous request's KV, {a['reply_seconds']:.1f} s per reply")
         out["accuracy"] = acc
         return out
     finally:
-        emb.close()
+        if emb is not None:
+            emb.close()
 
 
 # -- 3. the task graph ----------------------------------------------------------------------------------------
@@ -205,10 +250,15 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--retrieve-mode", default="lexical", choices=("lexical", "hybrid", "embedding"),
                     help="how the offered top-k is ranked in the accuracy-with-retrieval run")
+    ap.add_argument("--recall-modes", default="lexical,embedding,hybrid",
+                    help="rankings whose top-k recall is measured (lexical alone needs no embedding pass)")
+    ap.add_argument("--cache", default=None, metavar="RUNS.jsonl", help="keep scored replies here; resume from it")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=8192, help="context (all 109 tools need ~6k tokens)")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     a = ap.parse_args()
+    global CACHE
+    CACHE = Cache(a.cache)
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, also in a log file
     parts = set(a.parts.split(","))
     items = subset(fcsuite.items(), a.limit)
@@ -223,7 +273,8 @@ def main() -> int:
             if "suite" in parts:
                 rep["suite"] = part_suite(model, items)
             if "retrieval" in parts:
-                rep["retrieval"] = part_retrieval(model, items, a.k, a.threads, a.retrieve_mode)
+                rep["retrieval"] = part_retrieval(model, items, a.k, a.threads, a.retrieve_mode,
+                                                  a.recall_modes.split(","))
             if "graph" in parts:
                 rep["graph"] = part_graph(model)
         finally:

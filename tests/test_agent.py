@@ -25,7 +25,7 @@ from ondevice.agent import (
     run_graph,
     tool,
 )
-from ondevice.agent.calls import Call, read_calls
+from ondevice.agent.calls import TEXT_RULE, Call, call_grammar, call_prompt, read_calls, wraps_calls
 from ondevice.agent.graph import resolve_refs
 from ondevice.agent.retrieval import Embedder, ToolIndex
 from ondevice.errors import InvalidArgument
@@ -321,6 +321,71 @@ def test_function_calling_suite_data_and_scoring():
     assert fcsuite.calls_match(two, exp) and not fcsuite.calls_match(two[:1], exp)
     assert fcsuite.calls_match(None, []) and not fcsuite.calls_match(two, [])
     assert read_calls("I cannot do that.", lenient=False) == (None, "a plain answer (no call)")
+
+
+def test_calls_are_read_bare_fenced_or_in_tool_call_tags():
+    one, two = '{"name": "a", "arguments": {"x": 1}}', '{"name": "b", "arguments": {}}'
+    want = [Call("a", {"x": 1}), Call("b", {})]
+    for text in (f"[{one}, {two}]", f"<tool_call>\n{one}\n</tool_call>\n<tool_call>\n{two}\n</tool_call>",
+                 f"```json\n{one}\n```\n```\n{two}\n```"):
+        assert read_calls(text, lenient=False) == (want, None), text
+        assert read_calls(text, lenient=True)[0] == want, text
+    # strict: only calls; an unclosed block or text after the call is not a call
+    assert read_calls(f"<tool_call>\n{one}\n", lenient=False)[0] is None
+    assert read_calls(f"{one} done", lenient=False)[0] is None
+    # lenient (unconstrained): the model's <tool_call> blocks anywhere, else the first JSON
+    assert read_calls(f"Sure.\n<tool_call>\n{one}\n</tool_call>", lenient=True)[0] == want[:1]
+    assert read_calls(f"Here: ```json\n{one}\n```", lenient=True)[0] == want[:1]
+
+
+# Qwen2.5's tool rendering (its GGUF template, shortened to the parts a first turn uses)
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}You are a helpful assistant.{% endif %}\n\n# Tools\n\n<tools>{% for tool in tools %}\n"
+    "{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each function call, return a json object with function "
+    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message.role != 'system' %}<|im_start|>{{ message.role }}\n"
+    "{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}<|im_start|>assistant\n")
+
+
+def test_a_template_that_renders_tools_gets_them_and_calls_in_its_own_format(smol_path):
+    import ondevice
+
+    m = ondevice.load(smol_path, n_threads=1)
+    try:
+        t = Tool.from_function(book_table)
+        user = [{"role": "user", "content": "Book a table for 4 at Luigi's at 20:00."}]
+        assert not wraps_calls(m) and call_prompt(m, user, [t], parallel=False, allow_text=True)[1] is None
+        m.template = HERMES_TEMPLATE
+        msgs, shown = call_prompt(m, user, [t], parallel=False, allow_text=True)
+        assert wraps_calls(m) and msgs == user and shown == [{"type": "function", "function": t.spec()}]
+        text, _ = m.render(msgs, tools=shown)
+        assert '<tools>{"type": "function", "function": {"name": "book_table"' in text  # trim_blocks, as in HF
+        turn = call_turn(m, user, [t], constrained=True, max_tokens=120)
+        assert turn.text.startswith(("<tool_call>\n{", "```")) and turn.calls, turn.text
+        assert turn.calls[0].name == "book_table"
+        t.validate(turn.calls[0].arguments)
+        # the same tools, another request: the prompt up to the request is reused from the KV
+        again = call_turn(m, [{"role": "user", "content": "Book a table for 2 at Nobu."}], [t], constrained=True,
+                          max_tokens=120)
+        assert again.meta["cached_tokens"] > 100
+    finally:
+        m.close()
+
+
+def test_the_call_grammar_allows_calls_in_every_format_and_text_that_does_not_start_like_one():
+    from llama_cpp import LlamaGrammar
+
+    tools = [fcsuite.catalog()[n] for n in ("set_alarm", "lock_door")]
+    assert TEXT_RULE == "ondevice-text ::= [^{[<` \\t\\r\\n] .*"  # a plain answer starts like no call
+    for wrapped in (False, True):
+        for parallel in (False, True):
+            g = call_grammar(tools, parallel=parallel, allow_text=True, wrapped=wrapped)
+            LlamaGrammar.from_string(g, verbose=False)  # llama.cpp parses it
+            assert g.endswith("root ::= ondevice-tool-call | ondevice-text\n" + TEXT_RULE + "\n")
+            assert ("<tool_call>" in g) == wrapped and "ondevice-fenced ::=" in g
+            assert ("{0,3}" in g) == (wrapped and parallel)
 
 
 def test_function_calling_is_an_eval_suite_with_both_modes():

@@ -1,9 +1,15 @@
 """One model turn that may call tools: the prompt with the tools, the grammar, and the reply read back.
 
-Constrained (the default), the reply is decoded under :func:`ondevice.engine.grammar.tool_call_grammar`,
-so it is a JSON call whose arguments match the tool's schema (or, when a plain answer is allowed, text
-that does not start like JSON). Unconstrained, the reply is free text and the first JSON value in it is
-read as the call(s) — how a small model does without a grammar, for comparison.
+Tools are shown the way the model's own chat template shows them, as llama-server ``--jinja`` and Ollama
+do: a template that renders ``tools`` gets them (Qwen2.5 lists them in ``<tools>`` and asks for
+``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks, its trained format); a template that
+does not (SmolLM2) gets their description in the system message and is asked for a bare JSON call.
+
+Constrained (the default), the reply is decoded under a grammar built from the tools' schemas, in the
+model's own call format, so it is a call whose arguments match the tool's schema (or, when a plain answer
+is allowed, text that does not start like a call). Unconstrained, the reply is free text: its
+``<tool_call>`` blocks, or else the first JSON value in it, are read as the call(s) — how a small model
+does without a grammar, for comparison.
 """
 
 from __future__ import annotations
@@ -13,12 +19,26 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..engine.grammar import TOOL_CALL_START, tool_call_grammar, tools_note
+from ..engine.grammar import TOOL_CALL_START, schema_grammar, tool_call_grammar, tool_call_schema, tools_note
 from ..engine.records import Sampling
 from .tools import Tool, ToolError
 
 MAX_CALLS = 4  # calls in one parallel reply: a bound, so a run of calls cannot go on until max_tokens
 NO_TOOL_NOTE = "If no tool fits the request, do not call one: answer in plain text instead."
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5's / Hermes' call tags
+# A plain answer (when one is allowed) must not start like a call: not "{" or "[" (JSON), "<" (a tag), "`"
+# (a fenced JSON block, which the unconstrained reader would read as a call) or white space (then JSON).
+TEXT_RULE = "ondevice-text ::= [^{[<` \\t\\r\\n] .*"
+
+
+def template_shows_tools(model) -> bool:
+    """Whether ``model``'s chat template renders ``tools`` itself (the test Model.tokenize_prompt makes)."""
+    return "tools" in (getattr(model, "template", None) or "")
+
+
+def wraps_calls(model) -> bool:
+    """Whether the template asks for calls inside ``<tool_call>`` tags (Qwen2.5, Hermes 2 Pro)."""
+    return template_shows_tools(model) and CALL_OPEN in model.template
 
 
 @dataclass(frozen=True)
@@ -68,18 +88,56 @@ def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
     return out
 
 
-def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool) -> str:
-    """The grammar of a reply that calls ``tools`` (bounded values; ``allow_text``: or a plain answer)."""
-    return tool_call_grammar([(t.name, bounded(t.parameters)) for t in tools], parallel,
-                             "auto" if allow_text else "required", max_calls=MAX_CALLS)
+def _renamed_root(gbnf: str, name: str) -> str:
+    return re.sub(r"(?m)^root ::=", f"{name} ::=", gbnf, count=1)
+
+
+def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, wrapped: bool = False) -> str:
+    """The grammar of a reply that calls ``tools`` (bounded values; ``allow_text``: or a plain answer).
+
+    A call is the JSON ``{"name", "arguments"}`` (with ``parallel``, or an array of up to MAX_CALLS), bare
+    or in a fenced ```` ```json ```` block (how many models write one). ``wrapped`` (the template's own
+    format): each call in a ``<tool_call>`` block, or fenced, one block per call (up to MAX_CALLS, one per
+    line, when parallel).
+    """
+    fns = [(t.name, bounded(t.parameters)) for t in tools]
+    if wrapped:
+        one = _renamed_root(schema_grammar(tool_call_schema(fns, False), "tools[].function.parameters"),
+                            "ondevice-json-call")
+        more = f' ("\\n" ondevice-block){{0,{MAX_CALLS - 1}}}' if parallel else ""
+        call = (f"{one}\nondevice-block ::= \"{CALL_OPEN}\\n\" ondevice-json-call \"\\n{CALL_CLOSE}\" | ondevice-fenced"
+                f"\nondevice-tool-call ::= ondevice-block{more}")
+    else:
+        call = _renamed_root(tool_call_grammar(fns, parallel, "required", max_calls=MAX_CALLS), "ondevice-json-call")
+        call += "\nondevice-tool-call ::= ondevice-json-call | ondevice-fenced"
+    fence = 'ondevice-fenced ::= "```" "json"? "\\n" ondevice-json-call "\\n"? "```"'
+    root = "root ::= ondevice-tool-call" + (" | ondevice-text\n" + TEXT_RULE if allow_text else "")
+    return f"{call}\n{fence}\n{root}\n"
 
 
 def system_prompt(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, extra: str = "") -> str:
+    """The system message for a template that does not render tools: their description, the call format."""
     parts = [extra.strip()] if extra.strip() else []
     parts.append(tools_note([t.spec() for t in tools], parallel))
     if allow_text:
         parts.append(NO_TOOL_NOTE)
     return "\n\n".join(parts)
+
+
+def call_prompt(model, messages: Sequence[dict], tools: Sequence[Tool], *, parallel: bool, allow_text: bool,
+                system: str = "") -> tuple[list[dict], list[dict] | None]:
+    """``(messages, tools for the template)`` that offer ``tools`` to ``model`` in its own template's way.
+
+    A template that renders tools gets them as OpenAI tool objects and nothing else is added (``system``,
+    e.g. SOPs, as a system message when given), as llama-server and Ollama send them; otherwise the tools'
+    description (and, with ``allow_text``, that a plain answer is fine) goes into the system message. The
+    tools come before the conversation either way, so requests offering the same tools share a prompt
+    prefix whose KV the generator reuses.
+    """
+    if template_shows_tools(model):
+        msgs = with_system(messages, system.strip()) if system.strip() else [dict(m) for m in messages]
+        return msgs, [{"type": "function", "function": t.spec()} for t in tools]
+    return with_system(messages, system_prompt(tools, parallel=parallel, allow_text=allow_text, extra=system)), None
 
 
 def with_system(messages: Sequence[dict], system: str) -> list[dict]:
@@ -110,21 +168,58 @@ def first_json(text: str) -> object | None:
     return None
 
 
+_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
+
+
+def starts_like_call(text: str) -> bool:
+    """Whether a reply begins as a call does (JSON, a fence, a ``<tool_call>`` block), not as a plain answer."""
+    return text.lstrip().startswith((*TOOL_CALL_START, CALL_OPEN, "```"))
+
+
+def _strict_objs(s: str) -> tuple[list, str | None]:
+    """The JSON values of a reply that is only calls (bare JSON, fenced or in ``<tool_call>`` blocks)."""
+    dec, objs, pos = json.JSONDecoder(), [], 0
+    while pos < len(s):
+        for wrap in ((CALL_OPEN, CALL_CLOSE), ("```json", "```"), ("```", "```"), ("", "")):
+            if s.startswith(wrap[0], pos):
+                break
+        start = pos + len(wrap[0])
+        body = s[start:].lstrip()
+        try:
+            obj, used = dec.raw_decode(body)
+        except json.JSONDecodeError as e:
+            return [], f"not complete JSON ({e.msg})"
+        pos = start + len(s[start:]) - len(body) + used
+        rest = s[pos:].lstrip()
+        if wrap[1]:
+            if not rest.startswith(wrap[1]):
+                return [], f"a call opened with {wrap[0]!r} but not closed with {wrap[1]!r}"
+            rest = rest[len(wrap[1]):].lstrip()
+        objs.append(obj)
+        pos = len(s) - len(rest)
+    return objs, None
+
+
 def read_calls(text: str, *, lenient: bool) -> tuple[list[Call] | None, str | None]:
-    """Calls from a reply, or ``(None, why)``. Strict: the reply must be the JSON; lenient: the first JSON in it."""
+    """Calls from a reply, or ``(None, why)``.
+
+    Strict: the reply must be only the call(s) — JSON, bare, fenced or in ``<tool_call>`` blocks. Lenient:
+    the ``<tool_call>`` blocks anywhere in the reply, else its fenced JSON blocks, else the first JSON in it.
+    """
     s = text.strip()
     if lenient:
-        obj = first_json(s)
-        if obj is None:
-            return None, "no JSON in the reply"
+        blocks = _BLOCK.findall(s)
+        fenced = [o for o in map(first_json, _FENCE.findall(s)) if o is not None]
+        objs = [first_json(b) for b in blocks] if blocks else fenced or [first_json(s)]
+        if any(o is None for o in objs):
+            return None, "a <tool_call> block without JSON" if blocks else "no JSON in the reply"
+    elif starts_like_call(s):
+        objs, why = _strict_objs(s)
+        if why:
+            return None, why
     else:
-        if not s.startswith(TOOL_CALL_START):
-            return None, "a plain answer (no call)"
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            return None, f"not complete JSON ({e.msg})"
-    objs = obj if isinstance(obj, list) else [obj]
+        return None, "a plain answer (no call)"
+    objs = [x for o in objs for x in (o if isinstance(o, list) else [o])]
     calls = []
     for o in objs:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
@@ -156,15 +251,17 @@ def check_calls(calls: Sequence[Call], tools: Sequence[Tool]) -> str | None:
 def call_turn(model, messages: Sequence[dict], tools: Sequence[Tool], *, constrained: bool = True,
               parallel: bool = False, allow_text: bool = False, system: str = "", max_tokens: int = 256) -> Turn:
     """Ask ``model`` for a call to one of ``tools`` (or, with ``allow_text``, possibly a plain answer)."""
-    msgs = with_system(messages, system_prompt(tools, parallel=parallel, allow_text=allow_text, extra=system))
-    grammar = call_grammar(tools, parallel=parallel, allow_text=allow_text) if constrained else None
+    msgs, shown = call_prompt(model, messages, tools, parallel=parallel, allow_text=allow_text, system=system)
+    grammar = (call_grammar(tools, parallel=parallel, allow_text=allow_text, wrapped=wraps_calls(model))
+               if constrained else None)
     sampling = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar)
     parts, last = [], None
-    for g in model.stream(msgs, sampling=sampling):
+    for g in model.stream(msgs, tools=shown, sampling=sampling):
         parts.append(g.text)
         last = g
     text = "".join(parts)
     calls, why = read_calls(text, lenient=not constrained)
     return Turn(text=text, calls=calls, constrained=constrained, parse_error=why,
                 prompt_tokens=last.prompt_tokens if last else 0,
-                generated_tokens=last.generation_tokens if last else 0, seconds=last.t if last else 0.0)
+                generated_tokens=last.generation_tokens if last else 0, seconds=last.t if last else 0.0,
+                meta={"cached_tokens": last.cached_tokens if last else 0})

@@ -7,8 +7,9 @@ offered fits: the model must not call). Each request lists the tools offered and
 allowed values per argument (``null`` among them: the argument may be absent; an argument not listed must
 be absent). A reply scores 1 when its calls match the expected ones in any order: same names, every
 argument one of its allowed values after normalisation (case, spaces, trailing punctuation; numbers by
-value). Every item is run twice, constrained by the tool-call grammar and unconstrained (free text, the
-first JSON in it read as the call), so the summary compares the two per category.
+value). Every item is run twice, constrained by the tool-call grammar and unconstrained (free text, its
+``<tool_call>`` blocks or else the first JSON in it read as the call), so the summary compares the two per
+category. :func:`run_item` offers the tools the way the model's own chat template does (``calls.call_prompt``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .calls import Call, call_grammar, check_calls, read_calls, system_prompt, with_system
+from .calls import (
+    Call,
+    call_grammar,
+    call_prompt,
+    check_calls,
+    read_calls,
+    starts_like_call,
+    system_prompt,
+    with_system,
+    wraps_calls,
+)
 from .tools import Tool, ToolError
 
 CATEGORIES = ("single", "choose", "parallel", "none")
@@ -94,7 +105,7 @@ def score_reply(text: str, item: dict, constrained: bool, offered: list[Tool] | 
     against the offered tools' schemas) for a reply to ``item``."""
     calls, why = read_calls(text, lenient=not constrained)
     tools = offered if offered is not None else [catalog()[n] for n in item["tools"]]
-    looks_like_call = text.lstrip().startswith(("{", "[")) or (not constrained and calls is not None)
+    looks_like_call = starts_like_call(text) or (not constrained and calls is not None)
     parsed = calls is not None or not looks_like_call
     problem = check_calls(calls, tools) if calls else None
     return {"correct": float(calls_match(calls, item["expected"])), "parsed": float(parsed),
@@ -105,6 +116,7 @@ def score_reply(text: str, item: dict, constrained: bool, offered: list[Tool] | 
 # -- running ------------------------------------------------------------------------------------------
 
 def messages(item: dict, tools: list[Tool]) -> list[dict]:
+    """The request with the tools described in the system message (the eval suite's model-independent form)."""
     return with_system([{"role": "user", "content": item["query"]}],
                        system_prompt(tools, parallel=True, allow_text=True))
 
@@ -119,15 +131,26 @@ def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None =
     from ..engine.records import Sampling
 
     tools = tools if tools is not None else [catalog()[n] for n in item["tools"]]
-    s = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar(tools) if constrained else None)
-    parts, last = [], None
-    for g in model.stream(messages(item, tools), sampling=s):
+    msgs, shown = call_prompt(model, [{"role": "user", "content": item["query"]}], tools, parallel=True,
+                              allow_text=True)
+    g = call_grammar(tools, parallel=True, allow_text=True, wrapped=wraps_calls(model)) if constrained else None
+    s = Sampling(temp=0.0, max_tokens=max_tokens, grammar=g)
+    parts, last, cut = [], None, False
+    stream = model.stream(msgs, tools=shown, sampling=s)
+    for g in stream:
         parts.append(g.text)
         last = g
+        # under the grammar a reply whose first character is not a call's is a plain answer to the end: the
+        # rest cannot change its score, so it is not generated (a long answer would cost seconds per item)
+        if constrained and "".join(parts)[:1] and not starts_like_call("".join(parts)[:1]) and not g.finish_reason:
+            cut = True
+            stream.close()
+            break
     text = "".join(parts)
-    return {"id": item["id"], "category": item["category"], "mode": "constrained" if constrained else "unconstrained",
+    return {"answer_cut": cut,"id": item["id"], "category": item["category"], "mode": "constrained" if constrained else "unconstrained",
             "text": text, **score_reply(text, item, constrained, tools),
-            "prompt_tokens": last.prompt_tokens if last else 0, "seconds": last.t if last else 0.0}
+            "prompt_tokens": last.prompt_tokens if last else 0, "cached_tokens": last.cached_tokens if last else 0,
+            "generated_tokens": last.generation_tokens if last else 0, "seconds": last.t if last else 0.0}
 
 
 def summarize(rows: list[dict]) -> dict:

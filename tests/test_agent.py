@@ -25,7 +25,8 @@ from ondevice.agent import (
     run_graph,
     tool,
 )
-from ondevice.agent.calls import TEXT_RULE, Call, call_grammar, call_prompt, read_calls, wraps_calls
+from ondevice.agent.calls import (TEXT_RULE, Call, answer_decided, call_grammar, call_prompt, read_calls,
+                                  wraps_calls)
 from ondevice.agent.graph import resolve_refs
 from ondevice.agent.retrieval import Embedder, ToolIndex
 from ondevice.errors import InvalidArgument
@@ -379,6 +380,9 @@ def test_the_call_grammar_allows_calls_in_every_format_and_text_that_does_not_st
 
     tools = [fcsuite.catalog()[n] for n in ("set_alarm", "lock_door")]
     assert TEXT_RULE == "ondevice-text ::= [^{[<` \\t\\r\\n] .*"  # a plain answer starts like no call
+    # so the first character decides (the suite stops a plain answer there); every call format starts a call
+    assert answer_decided("Sure") and not answer_decided("")
+    assert not any(answer_decided(t[:1]) for t in ("{", "[", "<tool_call>", "```json"))
     for wrapped in (False, True):
         for parallel in (False, True):
             g = call_grammar(tools, parallel=parallel, allow_text=True, wrapped=wrapped)

@@ -26,8 +26,10 @@ from .tools import Tool, ToolError
 MAX_CALLS = 4  # calls in one parallel reply: a bound, so a run of calls cannot go on until max_tokens
 NO_TOOL_NOTE = "If no tool fits the request, do not call one: answer in plain text instead."
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5's / Hermes' call tags
-# A plain answer (when one is allowed) must not start like a call: not "{" or "[" (JSON), "<" (a tag), "`"
-# (a fenced JSON block, which the unconstrained reader would read as a call) or white space (then JSON).
+# Under the call grammar a reply's first character decides: a call starts with "{" or "[" (JSON), "<" (a
+# <tool_call> tag) or "`" (a fenced JSON block, which the unconstrained reader would read as a call too); a
+# plain answer (when one is allowed) starts with none of them, nor with white space (then JSON).
+CALL_FIRST_CHARS = "{[<`"
 TEXT_RULE = "ondevice-text ::= [^{[<` \\t\\r\\n] .*"
 
 
@@ -169,6 +171,11 @@ def first_json(text: str) -> object | None:
 
 
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
+
+
+def answer_decided(text: str) -> bool:
+    """Whether a reply under the call grammar is already known to be a plain answer (its first character)."""
+    return bool(text) and text[0] not in CALL_FIRST_CHARS
 
 
 def starts_like_call(text: str) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .calls import (
     Call,
+    answer_decided,
     call_grammar,
     call_prompt,
     check_calls,
@@ -142,7 +143,7 @@ def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None =
         last = g
         # under the grammar a reply whose first character is not a call's is a plain answer to the end: the
         # rest cannot change its score, so it is not generated (a long answer would cost seconds per item)
-        if constrained and "".join(parts)[:1] and not starts_like_call("".join(parts)[:1]) and not g.finish_reason:
+        if constrained and not g.finish_reason and answer_decided("".join(parts)[:1]):
             cut = True
             stream.close()
             break

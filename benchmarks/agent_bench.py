@@ -138,7 +138,8 @@ def lexical_recall(k: int) -> dict:
     return {"recall": r, "all_found": full, "n_items": len(need)}
 
 
-def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str, modes: list[str]) -> dict:
+def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str, modes: list[str],
+                   offers: list[str]) -> dict:
     tools = list(fcsuite.catalog().values())
     need = [it for it in items if it["expected"]]
     t0 = time.perf_counter()
@@ -153,7 +154,7 @@ def part_retrieval(model, items, k: int, threads: int | None, offer_mode: str, m
             out["recall"][mode] = {"recall": r, "all_found": full}
             print(f"    {mode:9s} recall {pct(r)}   every expected tool found {pct(full)}")
         acc = {}
-        for label in ("retrieved", "all"):  # all: the same 109-tool prefix every time, its KV reused
+        for label in offers:  # all: the same 109-tool prefix every time, its KV reused
             t1 = time.perf_counter()
             rows = []
             for i, it in enumerate(need, 1):
@@ -252,6 +253,9 @@ def main() -> int:
                     help="how the offered top-k is ranked in the accuracy-with-retrieval run")
     ap.add_argument("--recall-modes", default="lexical,embedding,hybrid",
                     help="rankings whose top-k recall is measured (lexical alone needs no embedding pass)")
+    ap.add_argument("--offer", default="retrieved,all",
+                    help="accuracy runs of the retrieval part: the top-k offered, all tools offered (one process "
+                         "each can share a --cache file)")
     ap.add_argument("--cache", default=None, metavar="RUNS.jsonl", help="keep scored replies here; resume from it")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=8192, help="context (all 109 tools need ~6k tokens)")
@@ -274,7 +278,7 @@ def main() -> int:
                 rep["suite"] = part_suite(model, items)
             if "retrieval" in parts:
                 rep["retrieval"] = part_retrieval(model, items, a.k, a.threads, a.retrieve_mode,
-                                                  a.recall_modes.split(","))
+                                                  a.recall_modes.split(","), a.offer.split(","))
             if "graph" in parts:
                 rep["graph"] = part_graph(model)
         finally:

@@ -1,6 +1,9 @@
 """Goals of ``ondevice fit`` (issue 11): the fitted front against llama.cpp's stock presets, measured here.
 
-    python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2]
+    python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2] [--fit-only]
+
+``--fit-only``: only section 1's whole fit (the stock Q4_K_M file is quantized for its size, not measured),
+with its time per phase: the command that gives a whole fit's wall time.
 
 Prints, all measured in this run on this machine (KLD: mean KL divergence from the family's F16 on the fit's
 held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice bench`` tg128/pp128):
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="reuse an earlier fit's measurements (its wall time is then not a whole fit's, and is "
                          "not reported)")
+    ap.add_argument("--fit-only", action="store_true",
+                    help="only the whole fit and its time per phase (no stock presets, no further fits)")
     ap.add_argument("--imatrix-stock", default=",".join(IMATRIX_STOCK),
                     help="stock types also measured with the fit's importance matrix")
     args = ap.parse_args(argv)
@@ -67,20 +72,29 @@ def main(argv: list[str] | None = None) -> int:
                                      threads=1, store=False))
         return {"size": path.stat().st_size, **sp, **q}
 
-    def stock(ftype: str, imatrix: Path | None = None) -> dict:
+    def stock(ftype: str, imatrix: Path | None = None, size_only: bool = False) -> dict:
         out = tmp / f"stock-{ftype}{'-im' if imatrix else ''}.gguf"
         run_worker(ref.path, out, ftype_id(ftype), [], False, args.threads, imatrix=imatrix)
         try:
-            return measure(out)
+            return {"size": out.stat().st_size} if size_only else measure(out)
         finally:
             out.unlink(missing_ok=True)
 
-    q4km = stock("Q4_K_M")
+    q4km = stock("Q4_K_M", size_only=args.fit_only)
     budget = f"size<={q4km['size']}B"
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     first = ondevice.fit(src.name, budget, store=False, reprobe=not args.resume, resume=args.resume,
                          threads=args.threads, speed_tests=TESTS, repetitions=args.repetitions, progress=say)
     fit_s = time.perf_counter() - t0
+    print(f"\n## time per phase ({'--resume' if args.resume else 'whole fit'}; load average {load0:.1f} at the "
+          f"start, {os.getloadavg()[0]:.1f} at the end)\n| phase | s | share |\n|---|---:|---:|")
+    for k, v in first.phases.items():
+        print(f"| {k} | {v:.0f} | {v / fit_s:.0%} |")
+    print(f"| **whole fit** | **{fit_s:.0f}** | {first.built} builds, {first.reused} reused |")
+    _predicted_vs_measured(first)
+    if args.fit_only:
+        return 0
     im = first.imatrix
     im_path = next((p for p in (fit_dir() / f"work-{model_sha256(ref)[:12]}").glob("imatrix-*.npz")), None)
     rows = {"Q4_K_M": q4km}
@@ -127,16 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## stock presets not matched by a fitted variant: {beats_size} on size+KLD, {beats_tg} on tg128+KLD "
           f"(goal: 0 and 0); shipped file tg {first.shipped['tg']:.1f}, pp {first.shipped['pp']:.1f}")
     _store(src.name, first, rows, fitted_cands, args.threads)
-    print("## predicted vs measured (validated candidates of the first fit):")
+    _predicted_vs_measured(first)
+    return 0
+
+
+def _predicted_vs_measured(first) -> None:
+    print("## predicted vs measured (validated candidates of the first fit; tg/pp predicted at the base "
+          "variant's speed benched just before them, the speed table's own figure in brackets):")
     by_pred = [c.predicted["kld"] for c in first.candidates]
     by_meas = [c.measured["kld_calib"] for c in first.candidates]
     same = sorted(range(len(by_pred)), key=by_pred.__getitem__) == sorted(range(len(by_meas)), key=by_meas.__getitem__)
     print(f"   KLD rank order of the {len(by_pred)} candidates: {'right' if same else 'WRONG'}")
     for c in first.candidates:
         p, m = c.predicted, c.measured
-        print(f"   tg {p['tg']:.1f} -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); KLD(calib) {p['kld']:.4f} -> "
-              f"{m['kld_calib']:.4f}; {c.summary()}")
-    return 0
+        print(f"   tg {p['tg']:.1f} [{p['tg_table']:.1f}] -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); "
+              f"pp {p['pp']:.1f} [{p['pp_table']:.1f}] -> {m['pp']:.1f} ({m['pp'] / p['pp'] - 1:+.0%}); "
+              f"KLD(calib) {p['kld']:.4f} -> {m['kld_calib']:.4f}; {c.summary()}")
 
 
 def _store(family: str, first, stock: dict, cands: list, threads: int) -> None:

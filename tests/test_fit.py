@@ -94,6 +94,10 @@ def test_fit_stores_a_gguf_whose_tensor_types_are_the_plan(fitted, home):
     # every validated candidate was measured, and the chosen one is the least measured KLD meeting the budget
     ok = [c for c in fitted.candidates if c.measured["size"] <= 140_000_000]
     assert fitted.chosen.measured["kld"] == min(c.measured["kld"] for c in ok)
+    # predicted tok/s are put at the base variant's speed benched with the candidates: one factor for all
+    ratios = {round(c.predicted["tg"] / c.predicted["tg_table"], 9) for c in fitted.candidates}
+    assert len(ratios) == 1 and ratios.pop() > 0
+    assert list(fitted.phases)[:5] == ["reference", "device", "imatrix", "sensitivity", "plan"] and fitted.phases["validation"] > 0
 
 
 def test_report_shows_the_fit(fitted, home, cli):

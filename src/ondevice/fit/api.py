@@ -19,13 +19,14 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
-from .measure import Cache, Meter, device_section, fit_dir, plan_key, quality_section
+from .measure import Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
 from .plan import Candidate, Table, choose, front_table, impossible, make_table, objective, pareto_front
 
 
@@ -46,6 +47,7 @@ class FitResult:
     built: int
     reused: int
     lines: list[str] = field(default_factory=list)  # the printed report
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in order
 
 
 def _reference(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
@@ -109,7 +111,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             plans, a slower fit).
         groups: fit only these kinds (``attn_qkv``, ``attn_output``, ``ffn_gate_up``, ``ffn_down``,
             ``token_embd``, ``output``); the other matrices stay at the base type. None: all.
-        threads: threads for the speed measurements (and quantizing).
+        threads: threads for the speed measurements (quantizing uses every core, and so many one-thread
+            KLD runs go at once).
         text: calibration text file (default: Python's pydoc topics); its first third calibrates, its last
             third is held out for validation.
         calib_ctx, calib_chunks / eval_ctx, eval_chunks: KLD chunking on each part.
@@ -124,6 +127,15 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
     t0 = time.perf_counter()
     lines: list[str] = []
+    phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
     def say(msg: str) -> None:
         lines.append(msg)
@@ -147,7 +159,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
     src = resolve(model)
     _ = src.info
-    reference, ref_note = _reference(src, ref, say)
+    with phase("reference"):
+        reference, ref_note = _reference(src, ref, say)
     ref_sha = model_sha256(reference)
     lay = layout(reference.path, bands, groups)
     if bud.size is not None and lay.smallest(types) > bud.size:  # sizes are exact: no need to measure
@@ -165,23 +178,32 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     section = device_section(ref_sha, threads, tuple(speed_tests), repetitions)
     workdir = fit_dir() / f"work-{ref_sha[:12]}"
     workdir.mkdir(exist_ok=True)
+    from ..engine.llama import physical_cores
+
+    seen: set = set()  # measurements of this run, reused by both meters
+    jobs = max(1, physical_cores())  # one-thread KLD runs at once, as quantizing uses all cores (never during a bench)
     meter = Meter(reference.path, lay, reference.path, threads, Cache(fit_dir() / "speed.json", section),
-                  workdir, say, tuple(speed_tests), repetitions, reprobe, resume)
+                  workdir, say, tuple(speed_tests), repetitions, reprobe, resume, jobs=jobs, seen=seen)
     say(f"fit {src.name} under budget {bud.describe()}; reference {ref_note}")
     say(f"groups: {', '.join(f'{g.name} ({g.n / 1e6:.1f}M)' for g in lay.groups)}")
 
     # 1. the device: the shipped file and one variant per type, timed by the bench
-    shipped = dict(meter.speed(f"shipped:{model_sha256(src)}", src.path))
-    shipped["size"] = src.path.stat().st_size
-    bud = bud.resolved(shipped.get("tg"), shipped.get("pp"))
     opts = lay.options(types)
-    base = meter.variant({}, speed=True, quality=[calib_q, held_q])
-    type_speed = {}
-    for t in types:
-        if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
-            continue
-        plan = {g.name: t for g in lay.groups if t in opts[g.name]}
-        type_speed[t] = meter.variant(plan, speed=True, quality=[])["speed"]
+    low = {g.name: opts[g.name][-1] for g in lay.groups}  # every group at its lowest candidate
+    with phase("device"):
+        shipped = dict(meter.speed(f"shipped:{model_sha256(src)}", src.path))
+        shipped["size"] = src.path.stat().st_size
+        bud = bud.resolved(shipped.get("tg"), shipped.get("pp"))
+        items = [Item({}, [calib_q])]
+        for t in types:
+            if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
+                continue
+            plan = {g.name: t for g in lay.groups if t in opts[g.name]}
+            # the variant of the lowest type is usually the imatrix check's plan: score it while it is built
+            items.append(Item(plan, [held_q] if plan == low and imatrix != "off" else []))
+        res = meter.measure(items, speed=True)
+    base = res[0]
+    type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}
     say("device speed table (tok/s, every group the type fits at that type, the rest " + BASE + "):")
     say(f"  shipped {src.info.quant_summary}: tg {shipped['tg']:.1f}, pp {shipped['pp']:.1f}")
     say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}")
@@ -189,22 +211,22 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
 
     # 2. importance matrix: kept only when it lowers the held-out KLD of the lowest-type variant
-    im_path, im_sha, im_info = _imatrix_choice(imatrix, meter, reference, lay, opts, calib, calib_ctx,
-                                               calib_chunks, held_q, workdir, say)
+    with phase("imatrix"):
+        im_path, im_sha, im_info = _imatrix_choice(imatrix, meter, reference, low, calib, calib_ctx,
+                                                   calib_chunks, held_q, workdir, say)
 
     # 3. sensitivity: each group lowered alone, KLD on the calibration text
-    group_kld = {}
-    for g in lay.groups:
-        for t in opts[g.name]:
-            if t != BASE:
-                group_kld[(g.name, t)] = meter.variant({g.name: t}, speed=False, quality=[calib_q],
-                                                       imatrix=im_path, imatrix_sha=im_sha)["kld"][0]["kld"]
+    pairs = [(g.name, t) for g in lay.groups for t in opts[g.name] if t != BASE]
+    with phase("sensitivity"):
+        res = meter.measure([Item({g: t}, [calib_q], im_path, im_sha) for g, t in pairs])
+    group_kld = {p: r["kld"][0]["kld"] for p, r in zip(pairs, res)}
     base_kld = base["kld"][0]["kld"]
     say(f"sensitivity (KLD on the calibration text, each group lowered alone; all {BASE}: {base_kld:.5f}):")
     for g in lay.groups:
         say(f"  {g.name:14s} " + "  ".join(f"{t} {group_kld[(g.name, t)]:.4f}" for t in opts[g.name] if t != BASE))
 
     # 4. plan
+    t_plan = time.perf_counter()
     table = make_table(lay, base["speed"], type_speed, base_kld, group_kld)
     front = pareto_front(table, with_pp=bud.pp is not None)
     say(f"predicted Pareto front ({len(front)} plans; KLD on the calibration text):")
@@ -212,27 +234,36 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     for ln in lines_front:
         say(ln)
     picks = choose(front, bud, validate)
+    phases["plan"] = time.perf_counter() - t_plan
 
-    # 5. validate: build, bench and score the best plans for real
+    # 5. validate: build, bench and score the best plans for real; the all-base variant is benched again
+    # first, so the predictions can be put at this moment's speed (the table may be from another load)
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
     vmeter = Meter(reference.path, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
-                   repetitions, reprobe, resume)
+                   repetitions, reprobe, resume, jobs=jobs, seen=seen)
+    items = [Item({})]
     for i, c in enumerate(picks):
         keep = workdir / f"candidate-{i}.gguf"
         keep.unlink(missing_ok=True)
-        res = vmeter.variant(c.plan, speed=True, quality=[calib_q, held_q], imatrix=im_path,
-                             imatrix_sha=im_sha, keep=keep)
-        c.measured = {"size": keep.stat().st_size, "tg": res["speed"]["tg"], "pp": res["speed"]["pp"],
-                      "kld": res["kld"][1]["kld"], "kld_calib": res["kld"][0]["kld"],
-                      "kld_err": res["kld"][1]["kld_err"], "noisy": res["speed"].get("noisy"),
-                      "file": str(keep)}
-    say("validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text):")
-    say(f"  {'plan':44s} {'size MB':>8} {'tg pred':>8} {'tg meas':>8} {'KLD pred':>9} {'KLD calib':>9} "
-        f"{'KLD held':>9}")
+        items.append(Item(c.plan, [calib_q, held_q], im_path, im_sha, keep))
+    with phase("validation"):
+        res = vmeter.measure(items, speed=True)
+    now = res[0]["speed"]
+    for c, it, r in zip(picks, items[1:], res[1:]):
+        c.predicted.update(table.predict_at(c.plan, now))
+        c.measured = {"size": it.keep.stat().st_size, "tg": r["speed"]["tg"], "pp": r["speed"]["pp"],
+                      "kld": r["kld"][1]["kld"], "kld_calib": r["kld"][0]["kld"],
+                      "kld_err": r["kld"][1]["kld_err"], "noisy": r["speed"].get("noisy"),
+                      "file": str(it.keep)}
+    say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
+        f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
+        f"{base['speed']['tg']:.1f} tok/s in the table):")
+    say(f"  {'plan':44s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD pred':>9} "
+        f"{'KLD calib':>9} {'KLD held':>9}")
     for c in picks:
         p, m = c.predicted, c.measured
-        say(f"  {c.summary()[:44]:44s} {m['size'] / 1e6:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} {p['kld']:9.4f} "
-            f"{m['kld_calib']:9.4f} {m['kld']:9.4f}")
+        say(f"  {c.summary()[:44]:44s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
+            f"{p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}")
     ok = [c for c in picks if not bud.violations(c.measured)]
     if not ok:
         _cleanup(workdir)
@@ -241,15 +272,17 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     vname = stored = None
     if store:
         vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(plan_key(chosen.plan, im_sha).encode()).hexdigest()[:6]}"
-        stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
-                        im_sha, text_desc, threads, force).path
+        with phase("store"):
+            stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
+                            im_sha, text_desc, threads, force).path
     _cleanup(workdir)
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()} -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
         f"tg {chosen.measured['tg']:.1f} tok/s, KLD {chosen.measured['kld']:.4f} (held-out), "
         f"{secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
+    say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
-                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines)
+                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases)
 
 
 def _cleanup(workdir: Path) -> None:
@@ -257,7 +290,7 @@ def _cleanup(workdir: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _imatrix_choice(mode, meter: Meter, reference, lay: Layout, opts, calib: Path, ctx: int, chunks: int,
+def _imatrix_choice(mode, meter: Meter, reference, low: dict[str, str], calib: Path, ctx: int, chunks: int,
                     held_q, workdir: Path, say) -> tuple[Path | None, str | None, dict]:
     if mode == "off":
         return None, None, {"used": False, "why": "off"}
@@ -268,9 +301,7 @@ def _imatrix_choice(mode, meter: Meter, reference, lay: Layout, opts, calib: Pat
         n = collect(reference.path, calib, path, n_ctx=ctx, n_chunks=chunks, threads=meter.eval_threads)
         say(f"importance matrix: {n} matrices, from {chunks} x {ctx} calibration tokens")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    low = {g.name: opts[g.name][-1] for g in lay.groups}  # every group at its lowest candidate
-    without = meter.variant(low, speed=False, quality=[held_q])["kld"][0]
-    with_ = meter.variant(low, speed=False, quality=[held_q], imatrix=path, imatrix_sha=sha)["kld"][0]
+    without, with_ = (r["kld"][0] for r in meter.measure([Item(low, [held_q]), Item(low, [held_q], path, sha)]))
     gain = without["kld"] - with_["kld"]
     helps = gain > 2 * max(without["kld_err"], with_["kld_err"], 1e-9) or (gain > 0 and gain > 0.05 * without["kld"])
     info = {"kld_without": without["kld"], "kld_with": with_["kld"], "plan": low, "used": mode == "on" or helps,

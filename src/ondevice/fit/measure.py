@@ -21,9 +21,11 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OndeviceError
@@ -120,8 +122,30 @@ def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
 
 
 @dataclass
+class Item:
+    """One plan to measure: its KLD on each ``(cache, text, ctx, chunks)``, built with ``imatrix``; the file
+    stays at ``keep`` when given (else it is deleted once measured)."""
+
+    plan: dict[str, str]
+    quality: list[tuple[Cache, Path, int, int]] = field(default_factory=list)
+    imatrix: Path | None = None
+    imatrix_sha: str | None = None
+    keep: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return plan_key(self.plan, self.imatrix_sha)
+
+
+@dataclass
 class Meter:
-    """Builds variants of ``source`` (the reference file) and measures them, with caches and a log."""
+    """Builds variants of ``source`` (the reference file) and measures them, with caches and a log.
+
+    ``jobs`` KLD runs go at once (each a one-thread eval; llama.cpp releases the GIL), and a build overlaps
+    another plan's eval: on 2 cores the sensitivity runs take about half the time. Benches never overlap
+    anything. ``seen`` holds the ``(cache section, key)`` measured in this run (shared by every meter of
+    one fit): those are reused even without ``resume``.
+    """
 
     source: Path
     layout: Layout
@@ -135,8 +159,18 @@ class Meter:
     reprobe: bool = False
     resume: bool = False
     eval_threads: int = 1  # KLD does not depend on threads; one thread suffers least from busy cores
+    jobs: int = 1
+    seen: set = field(default_factory=set)
     built: int = 0
     reused: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path_locks: dict[Path, threading.Lock] = {}
+
+    def _count(self, attr: str) -> None:
+        with self._lock:
+            setattr(self, attr, getattr(self, attr) + 1)
 
     def build(self, plan: dict[str, str], dst: Path, imatrix: Path | None = None) -> Path:
         """Quantize the source to ``plan`` at ``dst``; the tensor types read back must be the plan's."""
@@ -155,55 +189,89 @@ class Meter:
             raise OndeviceError(f"the quantizer did not follow the plan: {name} is {g}, planned {t} "
                                 f"({len(bad)} tensors differ)")
         os.replace(tmp, dst)
-        self.built += 1
+        self._count("built")
         return dst
+
+    def _ensure(self, it: Item, dst: Path) -> None:
+        with self._lock:
+            lock = self._path_locks.setdefault(dst, threading.Lock())
+        with lock:
+            if not dst.is_file():
+                self.build(it.plan, dst, it.imatrix)
+
+    def _speed_hit(self, key: str) -> dict | None:
+        if self.reprobe and (self.speed_cache.section, key) not in self.seen:
+            return None
+        return self.speed_cache.get(key)
 
     def speed(self, key: str, path: Path) -> dict:
         """Decode/prompt tok/s of the file at ``path`` (cached per device and build under ``key``)."""
-        hit = None if self.reprobe else self.speed_cache.get(key)
+        hit = self._speed_hit(key)
         if hit is not None:
-            self.reused += 1
+            self._count("reused")
             return hit
         import ondevice
 
         res = speed_of(ondevice.bench([str(path)], ",".join(self.tests), threads=self.threads,
                                       repetitions=self.repetitions, store=False, roofline=False))
         self.speed_cache.put(key, res)
+        self.seen.add((self.speed_cache.section, key))
         return res
 
+    def _kld_hit(self, cache: Cache, key: str) -> dict | None:
+        return cache.get(key) if self.resume or (cache.section, key) in self.seen else None
+
     def kld(self, cache: Cache, key: str, path: Path, text: Path, ctx: int, chunks: int) -> dict:
-        """KLD of ``path`` against the reference on ``text`` (cached; reused only when resuming)."""
-        hit = cache.get(key) if self.resume else None
+        """KLD of ``path`` against the reference on ``text`` (cached; reused when resuming or seen this run)."""
+        hit = self._kld_hit(cache, key)
         if hit is not None:
-            self.reused += 1
+            self._count("reused")
             return hit
         import ondevice
 
         res = kld_of(ondevice.evaluate(str(path), ref=str(self.ref), text=str(text), ctx=ctx, chunks=chunks,
                                        threads=self.eval_threads, store=False))
         cache.put(key, res)
+        self.seen.add((cache.section, key))
         return res
+
+    def measure(self, items: list[Item], *, speed: bool = False) -> list[dict]:
+        """Measure several plans: their speeds one after another when ``speed`` (nothing else runs while the
+        bench times), then their KLDs on ``jobs`` threads. The files are built only when some figure is
+        not cached. Returns per item ``{"speed": ..., "kld": [...], "file": path or None}``."""
+        paths = [it.keep or self.workdir / f"v-{hashlib.sha256(it.key.encode()).hexdigest()[:12]}.gguf"
+                 for it in items]
+        speeds: list[dict | None] = [None] * len(items)
+
+        def quality(i: int) -> list[dict]:
+            it, dst = items[i], paths[i]
+            if any(self._kld_hit(c, it.key) is None for c, *_ in it.quality) or it.keep is not None:
+                self._ensure(it, dst)
+            try:
+                return [self.kld(c, it.key, dst, t, ctx, n) for c, t, ctx, n in it.quality]
+            finally:
+                if it.keep is None:  # free the disk early: the other plans are still being built
+                    dst.unlink(missing_ok=True)
+
+        try:
+            for i, it in enumerate(items):
+                need_s = speed and self._speed_hit(it.key) is None
+                need_q = any(self._kld_hit(c, it.key) is None for c, *_ in it.quality)
+                if need_s or need_q:
+                    self.say(f"  measuring {it.key}" + (" (speed)" if need_s else "") + (" (KLD)" if need_q else ""))
+                if speed:
+                    if need_s:
+                        self._ensure(it, paths[i])
+                    speeds[i] = self.speed(it.key, paths[i])
+            with ThreadPoolExecutor(max(1, self.jobs)) as ex:
+                klds = list(ex.map(quality, range(len(items))))
+        finally:
+            for it, dst in zip(items, paths):
+                if it.keep is None:
+                    dst.unlink(missing_ok=True)
+        return [{"speed": s, "kld": k, "file": it.keep} for s, k, it in zip(speeds, klds, items)]
 
     def variant(self, plan: dict[str, str], *, speed: bool, quality: list[tuple[Cache, Path, int, int]],
                 imatrix: Path | None = None, imatrix_sha: str | None = None, keep: Path | None = None) -> dict:
-        """Measure one plan: its speed (when asked) and its KLD on each ``(cache, text, ctx, chunks)``.
-
-        The file is built only when some figure is not cached; it is deleted afterwards unless ``keep``
-        names where it should stay. Returns ``{"speed": ..., "kld": [...], "file": path or None}``.
-        """
-        key = plan_key(plan, imatrix_sha)
-        dst = keep or self.workdir / f"v-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
-        need_speed = speed and (self.reprobe or self.speed_cache.get(key) is None)
-        need_q = any(not self.resume or c.get(key) is None for c, *_ in quality)
-        if need_speed or need_q:
-            self.say(f"  measuring {key}" + (" (speed)" if need_speed else "") + (" (KLD)" if need_q else ""))
-        if (need_speed or need_q or keep is not None) and not dst.is_file():
-            self.build(plan, dst, imatrix)
-        try:
-            out = {"speed": self.speed(key, dst) if speed else None,
-                   "kld": [self.kld(c, key, dst, t, ctx, n) for c, t, ctx, n in quality]}
-        finally:
-            if keep is None:
-                dst.unlink(missing_ok=True)
-        out["file"] = dst if keep is not None else None
-        return out
+        """Measure one plan (see :meth:`measure`)."""
+        return self.measure([Item(plan, quality, imatrix, imatrix_sha, keep)], speed=speed)[0]

@@ -7,6 +7,8 @@ Predictions are additive over groups, each term measured on this device (``measu
   weights of group g that are multiplied at every token and ``d(T)`` the measured extra seconds per weight
   of type T over the base type: ``d(T) = (t(v_T) - t(base)) / P_T`` from a variant ``v_T`` with every
   group that T fits at T (OHQ's on-chip latency table, per type rather than per layer);
+  validation benches the base variant again and puts the predictions at its speed of that moment
+  (``Table.predict_at``): the table only knows times relative to the base, the load changes the rest;
 - KLD: ``kld(base) + sum_g max(0, kld({g: T}) - kld(base))``: each group lowered alone, measured against the
   reference on the calibration text (sensitivity; interactions are ignored, validation measures them).
 
@@ -51,6 +53,16 @@ class Table:
             dec, pp, kld = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld
         return {"size": self.layout.size(plan), "tg": 1.0 / dec if dec > 0 else float("inf"),
                 "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": kld}
+
+    def predict_at(self, plan: dict[str, str], base_now: dict) -> dict:
+        """tok/s of ``plan`` at the speed the base variant has *now* (``{"tg", "pp"}`` measured just before).
+
+        The table's seconds per token were measured minutes earlier, under another load; a busy core
+        stretches every kernel alike, so the plan's time relative to the base is what the table knows.
+        Returns ``tg``/``pp`` (scaled) and ``tg_table``/``pp_table`` (as the table had them)."""
+        p = self.predict(plan)
+        return {"tg": p["tg"] * base_now["tg"] * self.base_dec, "pp": p["pp"] * base_now["pp"] * self.base_pp,
+                "tg_table": p["tg"], "pp_table": p["pp"]}
 
 
 @dataclass

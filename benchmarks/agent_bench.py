@@ -258,7 +258,8 @@ def main() -> int:
                          "each can share a --cache file)")
     ap.add_argument("--cache", default=None, metavar="RUNS.jsonl", help="keep scored replies here; resume from it")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--ctx", type=int, default=8192, help="context (all 109 tools offered: 7.5k prompt tokens for SmolLM2, 8.3k in Qwen2.5's template)")
+    ap.add_argument("--ctx", type=int, default=8192,
+                    help="context (all 109 tools offered: 7.5k prompt tokens for SmolLM2, 8.3k in Qwen2.5's template)")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     a = ap.parse_args()
     global CACHE

@@ -25,8 +25,15 @@ from ondevice.agent import (
     run_graph,
     tool,
 )
-from ondevice.agent.calls import (TEXT_RULE, Call, answer_decided, call_grammar, call_prompt, read_calls,
-                                  wraps_calls)
+from ondevice.agent.calls import (
+    TEXT_RULE,
+    Call,
+    answer_decided,
+    call_grammar,
+    call_prompt,
+    read_calls,
+    wraps_calls,
+)
 from ondevice.agent.graph import resolve_refs
 from ondevice.agent.retrieval import Embedder, ToolIndex
 from ondevice.errors import InvalidArgument

@@ -406,10 +406,36 @@ def test_function_calling_is_an_eval_suite_with_both_modes():
     assert len(s.items) == 2 * len(fcsuite.items())
     assert {i.category for i in s.items} == {"constrained", "unconstrained"}
     con = next(i for i in s.items if i.id == "single-001/constrained")
-    assert con.meta["grammar"] and "ondevice-tool-call" in con.meta["grammar"]
-    assert next(i for i in s.items if i.id == "single-001/unconstrained").meta["grammar"] is None
+    assert con.input == [{"role": "user", "content": fcsuite.items()[0]["query"]}]  # the request alone
+    assert con.meta == {"tools": [fcsuite.catalog()["set_alarm"].spec()], **fcsuite.POLICY, "constrained": True}
+    assert next(i for i in s.items if i.id == "single-001/unconstrained").meta["constrained"] is False
     assert score(con, '{"name": "set_alarm", "arguments": {"time": "06:45"}}') == \
         {"tool_calls": 1.0, "tool_calls_valid": 1.0}
+
+
+def test_eval_and_agent_bench_give_the_same_prompt_and_grammar(smol_path):
+    """``ondevice eval --suite function-calling`` and agent_bench (fcsuite.run_item) make one request per item."""
+    import ondevice
+    from ondevice.eval.runner import item_request
+    from ondevice.eval.suites import load_suite
+
+    items = {i.id: i for i in load_suite("function-calling").items}
+    m = ondevice.load(smol_path, n_threads=1)
+    try:
+        for template in (m.template, HERMES_TEMPLATE):  # SmolLM2's own (no tools), then Qwen2.5's tool part
+            m.template = template
+            for it in fcsuite.items()[::7]:
+                for mode in fcsuite.MODES:
+                    msgs, shown, grammar = fcsuite.request(m, it, constrained=mode == "constrained")
+                    toks, g = item_request(m, items[f"{it['id']}/{mode}"])
+                    assert toks == m.tokenize_prompt(msgs, tools=shown) and g == grammar
+                    assert (g is None) == (mode == "unconstrained")
+            toks, g = item_request(m, items["single-001/constrained"])
+            text = m.engine.detokenize(toks)
+            assert ("<tools>" in text and "<tool_call>" in g) if template == HERMES_TEMPLATE else \
+                ("You can call these tools" in text and "<tool_call>" not in g)
+    finally:
+        m.close()
 
 
 def test_lexical_retrieval_finds_the_tool():

@@ -234,8 +234,10 @@ def test_tools_required_named_and_streamed(client):
     chunks = list(_chat(client, "Please add 2 and 3.", max_tokens=60, tools=TOOLS, stream=True,
                         tool_choice={"type": "function", "function": {"name": "add"}}))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert deltas and deltas[0].function.name == "add"
-    assert json.loads(deltas[0].function.arguments) == args
+    # as OpenAI streams a call: its id, type and name first (arguments ""), then the arguments' text
+    assert deltas and deltas[0].function.name == "add" and deltas[0].id and deltas[0].function.arguments == ""
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert json.loads("".join(d.function.arguments for d in deltas)) == args
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 

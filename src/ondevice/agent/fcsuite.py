@@ -19,28 +19,13 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .calls import (
-    Call,
-    answer_decided,
-    call_grammar,
-    call_prompt,
-    check_calls,
-    read_calls,
-    starts_like_call,
-    system_prompt,
-    with_system,
-    wraps_calls,
-)
-from .tools import Tool, ToolError
+from ..engine.toolcalls import reply
+from .calls import Call, call_request, check_calls, read_calls, schema_tool, starts_like_call
+from .tools import Tool
 
 CATEGORIES = ("single", "choose", "parallel", "none")
 MODES = ("constrained", "unconstrained")
-
-
-def _schema_only(name: str):
-    def fn(**_: Any) -> Any:
-        raise ToolError(f"{name} is a suite tool (a schema only); it does not run", "failed")
-    return fn
+POLICY = {"parallel": True, "allow_text": True}  # every item: calls may be parallel, a plain answer is allowed
 
 
 @lru_cache(maxsize=1)
@@ -50,8 +35,8 @@ def catalog() -> dict[str, Tool]:
     out = {}
     for line in text.splitlines():
         if line.strip():
-            f = json.loads(line)
-            out[f["name"]] = Tool(f["name"], f["description"], f["parameters"], _schema_only(f["name"]))
+            t = schema_tool(json.loads(line))
+            out[t.name] = t
     return out
 
 
@@ -116,14 +101,11 @@ def score_reply(text: str, item: dict, constrained: bool, offered: list[Tool] | 
 
 # -- running ------------------------------------------------------------------------------------------
 
-def messages(item: dict, tools: list[Tool]) -> list[dict]:
-    """The request with the tools described in the system message (the eval suite's model-independent form)."""
-    return with_system([{"role": "user", "content": item["query"]}],
-                       system_prompt(tools, parallel=True, allow_text=True))
-
-
-def grammar(tools: list[Tool]) -> str:
-    return call_grammar(tools, parallel=True, allow_text=True)
+def request(model, item: dict, *, constrained: bool, tools: list[Tool] | None = None):
+    """``(messages, tools for the template, grammar)`` of ``item`` for ``model`` (``calls.call_request``)."""
+    tools = tools if tools is not None else [catalog()[n] for n in item["tools"]]
+    return call_request(model, [{"role": "user", "content": item["query"]}], tools, constrained=constrained,
+                        **POLICY)
 
 
 def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None = None,
@@ -131,25 +113,13 @@ def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None =
     """One reply to ``item`` (with ``tools`` offered instead of the item's own, e.g. retrieved) and its scores."""
     from ..engine.records import Sampling
 
-    tools = tools if tools is not None else [catalog()[n] for n in item["tools"]]
-    msgs, shown = call_prompt(model, [{"role": "user", "content": item["query"]}], tools, parallel=True,
-                              allow_text=True)
-    g = call_grammar(tools, parallel=True, allow_text=True, wrapped=wraps_calls(model)) if constrained else None
-    s = Sampling(temp=0.0, max_tokens=max_tokens, grammar=g)
-    parts, last, cut = [], None, False
-    stream = model.stream(msgs, tools=shown, sampling=s)
-    for g in stream:
-        parts.append(g.text)
-        last = g
-        # under the grammar a reply whose first character is not a call's is a plain answer to the end: the
-        # rest cannot change its score, so it is not generated (a long answer would cost seconds per item)
-        if constrained and not g.finish_reason and answer_decided("".join(parts)[:1]):
-            cut = True
-            stream.close()
-            break
-    text = "".join(parts)
-    return {"answer_cut": cut,"id": item["id"], "category": item["category"], "mode": "constrained" if constrained else "unconstrained",
-            "text": text, **score_reply(text, item, constrained, tools),
+    msgs, shown, grammar = request(model, item, constrained=constrained, tools=tools)
+    s = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar)
+    # under the grammar a reply whose first character is not a call's is a plain answer to the end: the
+    # rest cannot change its score, so it is not generated
+    text, last, cut = reply(model, model.tokenize_prompt(msgs, tools=shown), s, stop_at_answer=constrained)
+    return {"answer_cut": cut, "id": item["id"], "category": item["category"],
+            "mode": "constrained" if constrained else "unconstrained", "text": text, **score_reply(text, item, constrained, tools),
             "prompt_tokens": last.prompt_tokens if last else 0, "cached_tokens": last.cached_tokens if last else 0,
             "generated_tokens": last.generation_tokens if last else 0, "seconds": last.t if last else 0.0}
 
@@ -175,23 +145,26 @@ def summarize(rows: list[dict]) -> dict:
 def eval_items() -> list:
     """The suite as ``eval`` items: each request twice (task ``<category>/<mode>``, category = the mode).
 
-    The constrained items carry their grammar in ``meta["grammar"]`` (the runner samples under it); the
-    target is the item as JSON, scored by the ``tool_calls`` metric (``tool_calls_valid`` beside it).
+    An item's input is the request alone; its ``meta`` carries the tools offered (OpenAI function objects),
+    the policy (:data:`POLICY`) and whether it is ``constrained``, so the runner offers them the way the
+    model's chat template does and builds the grammar in its call format through ``calls.call_request``,
+    the path :func:`run_item` (agent_bench) takes. The target is the item as JSON, scored by the
+    ``tool_calls`` metric (``tool_calls_valid`` beside it).
     """
     from ..eval.suites import Item
 
     register_metrics()
     out = []
     for it in items():
-        tools = [catalog()[n] for n in it["tools"]]
+        specs = [catalog()[n].spec() for n in it["tools"]]
         for mode in MODES:
             constrained = mode == "constrained"
-            out.append(Item(id=f"{it['id']}/{mode}", input=messages(it, tools),
+            out.append(Item(id=f"{it['id']}/{mode}", input=[{"role": "user", "content": it["query"]}],
                             target=json.dumps({**it, "constrained": constrained}), metric="tool_calls",
                             category=mode, task=f"{it['category']}/{mode}",
                             provenance="ondevice function-calling suite (data/function_calling.jsonl)",
                             extra_metrics=("tool_calls_valid",),
-                            meta={"grammar": grammar(tools) if constrained else None}))
+                            meta={"tools": specs, **POLICY, "constrained": constrained}))
     return out
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.records import Sampling
+from ..engine.toolcalls import reply
 from ..errors import ContextOverflow
 from .suites import Item, Suite, judge_score, score
 
@@ -58,7 +59,25 @@ def _mean(xs: list[float]) -> float | None:
 
 def item_tokens(model, item: Item) -> list[int]:
     """The prompt tokens of ``item`` as the model sees them (chat template for instruct models)."""
-    return model.tokenize_prompt(item.input if isinstance(item.input, str) else item.messages())
+    return item_request(model, item)[0]
+
+
+def item_request(model, item: Item) -> tuple[list[int], str | None]:
+    """The prompt tokens of ``item`` and the grammar its reply must follow (None: free text).
+
+    An item that offers tools (``meta["tools"]``, OpenAI function objects, with ``parallel``, ``allow_text``
+    and ``constrained``) is asked the way the agent asks (``agent.calls.call_request``): the tools shown
+    the way the model's chat template shows them, the grammar in its call format.
+    """
+    m = item.meta
+    if m.get("tools"):
+        from ..agent.calls import call_request, schema_tool
+
+        msgs, shown, grammar = call_request(model, item.messages(), [schema_tool(f) for f in m["tools"]],
+                                            parallel=m["parallel"], allow_text=m["allow_text"],
+                                            constrained=m["constrained"])
+        return model.tokenize_prompt(msgs, tools=shown), grammar
+    return model.tokenize_prompt(item.input if isinstance(item.input, str) else item.messages()), m.get("grammar")
 
 
 def skip_reason(n_prompt: int, max_tokens: int, n_ctx: int) -> str | None:
@@ -70,22 +89,24 @@ def skip_reason(n_prompt: int, max_tokens: int, n_ctx: int) -> str | None:
             f"holds {n_ctx}")
 
 
-def generate_one(model, item: Item, sampling: Sampling, tokens: list[int] | None = None) -> tuple[str, dict]:
-    """The prediction for one item (``tokens``: its prompt, already tokenized) and its generation's timings."""
-    tokens = item_tokens(model, item) if tokens is None else tokens
-    if item.meta.get("grammar"):  # an item whose reply must follow a grammar (function-calling, constrained)
-        sampling = dataclasses.replace(sampling, grammar=item.meta["grammar"])
-    parts: list[str] = []
-    last = None
-    for g in model.stream_tokens(tokens, sampling):
-        parts.append(g.text)
-        last = g
-    timings = {}
+def generate_one(model, item: Item, sampling: Sampling,
+                 request: tuple[list[int], str | None] | None = None) -> tuple[str, dict]:
+    """The prediction for one item (``request``: its :func:`item_request`, already made) and its timings.
+
+    Under a call grammar that allows a plain answer, a reply whose first character makes it one is not
+    generated further: its calls (none) and so its score cannot change (the suite's ``run_item`` does the same).
+    """
+    tokens, grammar = item_request(model, item) if request is None else request
+    if grammar:  # an item whose reply must follow a grammar (function-calling, constrained)
+        sampling = dataclasses.replace(sampling, grammar=grammar)
+    stop_at_answer = bool(grammar and item.meta.get("tools") and item.meta.get("allow_text"))
+    text, last, cut = reply(model, tokens, sampling, stop_at_answer=stop_at_answer)
+    timings: dict = {"answer_cut": True} if cut else {}
     if last is not None:
-        timings = {"ttft_s": last.ttft, "decode_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens,
-                   "prompt_tps": last.prompt_tps, "generated_tokens": last.generation_tokens,
-                   "total_s": last.t, "finish_reason": last.finish_reason, "cached_tokens": last.cached_tokens}
-    return "".join(parts), timings
+        timings |= {"ttft_s": last.ttft, "decode_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens,
+                    "prompt_tps": last.prompt_tps, "generated_tokens": last.generation_tokens,
+                    "total_s": last.t, "finish_reason": last.finish_reason, "cached_tokens": last.cached_tokens}
+    return text, timings
 
 
 def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, seed: int = 0,
@@ -110,7 +131,8 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
         raise InvalidArgument("--judge needs --judge-model (the model name the judge endpoint serves)")
     sampling = Sampling(temp=temp, seed=seed, max_tokens=max_tokens)
     n_ctx = model.engine.n_ctx
-    tokens = [item_tokens(model, item) for item in suite.items]
+    requests = [item_request(model, item) for item in suite.items]
+    tokens = [t for t, _ in requests]
     reasons = [skip_reason(len(t), max_tokens, n_ctx) for t in tokens]
     if strict and any(reasons):
         i = next(i for i, r in enumerate(reasons) if r)
@@ -133,7 +155,7 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
             if reasons[i]:
                 row.update(skipped=True, skip_reason=reasons[i], prompt_tokens=len(tokens[i]), score=None)
             else:
-                prediction, timings = generate_one(model, item, sampling, tokens[i])
+                prediction, timings = generate_one(model, item, sampling, requests[i])
                 scores = score(item, prediction, timeout=timeout)
                 row.update(prediction=prediction, score=scores[item.metric], scores=scores, **timings)
             if judge and not reasons[i]:

@@ -252,7 +252,7 @@ class Runner:
     # -- chat ------------------------------------------------------------------------------------------
     async def chat(self, req: S.ChatCompletionRequest, request: Request):
         st = self.state
-        plan = structured.plan(req)
+        plan = structured.plan(req, st.model.template)
         messages = message_dicts(req.messages)
         tools = [t.model_dump() for t in req.tools] if req.tools else None
         loop = asyncio.get_running_loop()
@@ -343,20 +343,11 @@ class Runner:
         text_chunk = _text_sse(lambda t: S.ChatCompletionChunk(
             id=cid, created=created, model=st.model_id, choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))]))
 
-        # a reply that may be a tool call is held until it can be parsed (it is one JSON object)
-        hold = plan.tool_mode in ("required", "auto") and bool(plan.tools)
-        held: list[str] = []
+        calls = structured.ToolStream(plan)  # a reply that may be tool calls is held until it is read
         try:
             yield chunk(S.ChatDelta(role="assistant", content=""))
             async for g in self.events(job, request, poll_disconnect=False):
-                text: str | None = g.text
-                if hold:
-                    held.append(text)
-                    start = "".join(held).lstrip()[:1]
-                    if plan.tool_mode == "auto" and start and start not in structured.TOOL_CALL_START:
-                        hold, text = False, "".join(held)  # free text after all: stream it
-                    else:
-                        text = None
+                text = calls.feed(g.text)
                 if text is not None:
                     if g.logprob is not None:
                         yield chunk(S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
@@ -365,16 +356,13 @@ class Runner:
                 if g.finish_reason:
                     note(request, tokens=(g.prompt_tokens, g.generation_tokens))
                     finish = g.finish_reason
-                    if hold:
-                        text = "".join(held)
-                        calls = structured.parse_tool_call(text, plan)
-                        if calls:
-                            finish = "tool_calls"
-                            yield chunk(S.ChatDelta(tool_calls=[
-                                S.ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
-                                for i, c in enumerate(calls)]))
-                        elif text:
-                            yield chunk(S.ChatDelta(content=text))
+                    deltas, text = calls.finish()
+                    for d in deltas:
+                        yield chunk(S.ChatDelta(tool_calls=d))
+                    if deltas:
+                        finish = "tool_calls"
+                    elif text:
+                        yield chunk(S.ChatDelta(content=text))
                     yield chunk(S.ChatDelta(), finish=finish, timings=_timings(g))
                     if include_usage:
                         yield chunk(S.ChatDelta(), usage=_usage(g), choices=False)

@@ -207,11 +207,16 @@ class ChatCompletion(_Resp):
     cascade: dict[str, Any] | None = None  # with --cascade: tier, confidence, per-tier latency, reason
 
 
+class FunctionCallDelta(_Resp):
+    name: str | None = None  # in a call's first delta only, as OpenAI streams it
+    arguments: str | None = None  # "" first, then the JSON text in pieces
+
+
 class ToolCallDelta(_Resp):
     index: int = 0
     id: str | None = None
     type: Literal["function"] | None = None
-    function: FunctionCall | None = None
+    function: FunctionCallDelta | None = None
 
 
 class ChatDelta(_Resp):

@@ -22,6 +22,7 @@ Other jobs share this machine: the load average is printed; speeds are comparabl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit_only:
         return 0
     im = first.imatrix
-    im_path = next((p for p in (fit_dir() / f"work-{model_sha256(ref)[:12]}").glob("imatrix-*.npz")), None)
+    im_path = next((p for p in (fit_dir() / f"work-{model_sha256(ref)[:12]}").glob("imatrix-*.npz")
+                    if hashlib.sha256(p.read_bytes()).hexdigest() == im.get("sha256")), None)
     rows = {"Q4_K_M": q4km}
     for f in args.stock.split(","):
         if f != "Q4_K_M":
@@ -148,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
 def _predicted_vs_measured(first) -> None:
     print("## predicted vs measured (validated candidates of the first fit; tg/pp predicted at the base "
           "variant's speed benched just before them, the speed table's own figure in brackets):")
-    by_pred = [c.predicted["kld"] for c in first.candidates]
-    by_meas = [c.measured["kld_calib"] for c in first.candidates]
-    same = sorted(range(len(by_pred)), key=by_pred.__getitem__) == sorted(range(len(by_meas)), key=by_meas.__getitem__)
-    print(f"   KLD rank order of the {len(by_pred)} candidates: {'right' if same else 'WRONG'}")
+    def order(vals: list[float]) -> list[int]:
+        return sorted(range(len(vals)), key=vals.__getitem__)
+
+    meas = order([c.measured["kld_calib"] for c in first.candidates])
+    print(f"   KLD model: {first.kld_model.describe() if first.kld_model else 'additive'}")
+    for what, key in (("the KLD model", "kld"), ("the additive sum", "kld_additive")):
+        same = order([c.predicted[key] for c in first.candidates]) == meas
+        print(f"   KLD rank order of the {len(meas)} candidates by {what}: {'right' if same else 'WRONG'}")
     for c in first.candidates:
         p, m = c.predicted, c.measured
         print(f"   tg {p['tg']:.1f} [{p['tg_table']:.1f}] -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); "
               f"pp {p['pp']:.1f} [{p['pp_table']:.1f}] -> {m['pp']:.1f} ({m['pp'] / p['pp'] - 1:+.0%}); "
-              f"KLD(calib) {p['kld']:.4f} -> {m['kld_calib']:.4f}; {c.summary()}")
+              f"KLD(calib) {p['kld']:.4f} [sum {p['kld_additive']:.4f}] -> {m['kld_calib']:.4f}; {c.summary()}")
 
 
 def _store(family: str, first, stock: dict, cands: list, threads: int) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import InvalidArgument
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
+from .interact import KldModel, choose_model, measured_plans
 from .measure import Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
 from .plan import Candidate, Table, choose, front_table, impossible, make_table, objective, pareto_front
 
@@ -48,6 +49,7 @@ class FitResult:
     reused: int
     lines: list[str] = field(default_factory=list)  # the printed report
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in order
+    kld_model: KldModel | None = None  # how plan KLDs were predicted from the singles
 
 
 def _reference(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
@@ -186,6 +188,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                   workdir, say, tuple(speed_tests), repetitions, reprobe, resume, jobs=jobs, seen=seen)
     say(f"fit {src.name} under budget {bud.describe()}; reference {ref_note}")
     say(f"groups: {', '.join(f'{g.name} ({g.n / 1e6:.1f}M)' for g in lay.groups)}")
+    for ln in lay.refused(types):
+        say(f"  rows refuse some types (llama.cpp's fallback instead): {ln}")
 
     # 1. the device: the shipped file and one variant per type, timed by the bench
     opts = lay.options(types)
@@ -195,7 +199,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         shipped["size"] = src.path.stat().st_size
         bud = bud.resolved(shipped.get("tg"), shipped.get("pp"))
         items = [Item({}, [calib_q])]
-        for t in types:
+        for t in dict.fromkeys(t for ts in opts.values() for t in ts):  # the types offered (fallbacks too)
             if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
                 continue
             plan = {g.name: t for g in lay.groups if t in opts[g.name]}
@@ -225,9 +229,13 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     for g in lay.groups:
         say(f"  {g.name:14s} " + "  ".join(f"{t} {group_kld[(g.name, t)]:.4f}" for t in opts[g.name] if t != BASE))
 
-    # 4. plan
+    # 4. plan; the KLD model learns from the plans earlier fits validated on this text (``interact``)
     t_plan = time.perf_counter()
-    table = make_table(lay, base["speed"], type_speed, base_kld, group_kld)
+    singles = {p: max(0.0, k - base_kld) for p, k in group_kld.items()}
+    kmodel = choose_model(singles, measured_plans(calib_q[0].entries(), base_kld, im_sha,
+                                                  {g.name for g in lay.groups}))
+    say(f"KLD model: {kmodel.describe()}")
+    table = make_table(lay, base["speed"], type_speed, base_kld, group_kld, kmodel.terms, opts)
     front = pareto_front(table, with_pp=bud.pp is not None)
     say(f"predicted Pareto front ({len(front)} plans; KLD on the calibration text):")
     lines_front = front_table(front)
@@ -258,12 +266,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
         f"{base['speed']['tg']:.1f} tok/s in the table):")
-    say(f"  {'plan':44s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD pred':>9} "
-        f"{'KLD calib':>9} {'KLD held':>9}")
+    say(f"  {'plan':44s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD sum':>8} "
+        f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}")
     for c in picks:
         p, m = c.predicted, c.measured
         say(f"  {c.summary()[:44]:44s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
-            f"{p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}")
+            f"{p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}")
     ok = [c for c in picks if not bud.violations(c.measured)]
     if not ok:
         _cleanup(workdir)
@@ -282,7 +290,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         f"{secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
-                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases)
+                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel)
 
 
 def _cleanup(workdir: Path) -> None:

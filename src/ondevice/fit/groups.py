@@ -9,7 +9,9 @@ quantizer applies per tensor (``quant.quantize``).
 Sizes are exact: a matrix of ``n`` weights in a type with blocks of ``b`` weights stored in ``s`` bytes takes
 ``n / b * s`` bytes (gguf-py's ``GGML_QUANT_SIZES``). A type only fits a matrix whose rows (``ne[0]``) are a
 whole number of blocks, so K-quants (256-weight blocks) are offered only to groups whose rows allow them
-(SmolLM2-135M's 576-wide rows take only the 32-weight block types).
+(SmolLM2-135M's 576-wide rows and Gemma-3-270M's 640-wide ones take only the 32-weight block types); a
+refused type becomes llama.cpp's own fallback for it (Q4_K -> Q5_0, Q6_K -> Q8_0, ...), as its quantizer
+does, and the fit says so.
 """
 
 from __future__ import annotations
@@ -65,6 +67,19 @@ class Group:
         return all(m.row % block == 0 for m in self.matrices)
 
 
+# llama.cpp's quantizer (llama_tensor_get_type): the type it uses instead when a tensor's rows are not a whole
+# number of the wanted type's blocks (K-quants have 256-weight blocks); F16 when that does not fit either
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0"}
+
+
+def fallback(type_name: str, group: Group) -> str | None:
+    """What llama.cpp's quantizer gives ``group`` instead of ``type_name`` its rows refuse (None: nothing
+    below F16, which a fit does not offer)."""
+    alt = FALLBACK.get(type_name.upper())
+    return alt if alt is not None and group.fits(alt) else None
+
+
 def quant_size(type_name: str) -> tuple[int, int]:
     """(weights per block, bytes per block) of a ggml type."""
     import gguf
@@ -100,8 +115,24 @@ class Layout:
         return self.size({g.name: min(opts[g.name], key=g.bytes) for g in self.groups})
 
     def options(self, types: tuple[str, ...] = CANDIDATES) -> dict[str, list[str]]:
-        """Group -> the candidate types its rows allow (always including :data:`BASE`)."""
-        return {g.name: [t for t in types if g.fits(t)] or [BASE] for g in self.groups}
+        """Group -> the candidate types its rows allow (always including :data:`BASE`); a type its rows refuse
+        is replaced by llama.cpp's fallback for it (:func:`fallback`), dropped when that is offered already."""
+        out = {}
+        for g in self.groups:
+            ts = [t if g.fits(t) else fallback(t, g) for t in types]
+            out[g.name] = list(dict.fromkeys(t for t in ts if t)) or [BASE]
+        return out
+
+    def refused(self, types: tuple[str, ...] = CANDIDATES) -> list[str]:
+        """One line per group whose rows refuse some of ``types``: what it gets instead (for the plan)."""
+        lines = []
+        for g in self.groups:
+            bad = [t for t in types if not g.fits(t)]
+            if bad:
+                rows = sorted({m.row for m in g.matrices})
+                lines.append(f"{g.name} ({'/'.join(map(str, rows))}-wide rows): "
+                             + ", ".join(f"{t} -> {fallback(t, g) or 'not offered'}" for t in bad))
+        return lines
 
     def overrides(self, plan: dict[str, str]) -> list[tuple[str, str]]:
         """``(regex, type)`` overrides that turn a BASE quantization into ``plan``."""

@@ -96,7 +96,11 @@ class Cache:
             return {}
 
     def get(self, key: str) -> dict | None:
-        return self._read().get(self.section, {}).get(key)
+        return self.entries().get(key)
+
+    def entries(self) -> dict[str, dict]:
+        """Every measurement of this section (key -> record)."""
+        return self._read().get(self.section, {})
 
     def put(self, key: str, value: dict) -> None:
         from ..models.store import write_json

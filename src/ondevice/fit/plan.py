@@ -9,8 +9,9 @@ Predictions are additive over groups, each term measured on this device (``measu
   group that T fits at T (OHQ's on-chip latency table, per type rather than per layer);
   validation benches the base variant again and puts the predictions at its speed of that moment
   (``Table.predict_at``): the table only knows times relative to the base, the load changes the rest;
-- KLD: ``kld(base) + sum_g max(0, kld({g: T}) - kld(base))``: each group lowered alone, measured against the
-  reference on the calibration text (sensitivity; interactions are ignored, validation measures them).
+- KLD: ``kld(base) + sum_g d(g, T)``, ``d(g, T) = max(0, kld({g: T}) - kld(base))``: each group lowered alone,
+  measured against the reference on the calibration text (sensitivity), optionally corrected per (group,
+  type) by what earlier fits' validated plans measured (``interact``: the sum alone is ``kld_additive``).
 
 The search keeps the Pareto set of partial plans group by group (a multi-objective knapsack): exact for
 these additive objectives, and small for the few groups a fit uses.
@@ -33,7 +34,8 @@ class Option:
     bytes: int
     d_dec: float  # extra seconds per decoded token over the base
     d_pp: float  # extra seconds per prompt token
-    d_kld: float  # extra KLD over the base
+    d_kld: float  # extra KLD over the base (as the KLD model predicts it)
+    d_kld_sum: float = 0.0  # the single's own extra KLD (the additive model)
 
 
 @dataclass
@@ -47,12 +49,12 @@ class Table:
     base_kld: float
 
     def predict(self, plan: dict[str, str]) -> dict:
-        dec, pp, kld = self.base_dec, self.base_pp, self.base_kld
+        dec, pp, kld, add = self.base_dec, self.base_pp, self.base_kld, self.base_kld
         for g, t in plan.items():
             o = next(o for o in self.options[g] if o.type == t)
-            dec, pp, kld = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld
+            dec, pp, kld, add = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld, add + o.d_kld_sum
         return {"size": self.layout.size(plan), "tg": 1.0 / dec if dec > 0 else float("inf"),
-                "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": kld}
+                "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": max(0.0, kld), "kld_additive": add}
 
     def predict_at(self, plan: dict[str, str], base_now: dict) -> dict:
         """tok/s of ``plan`` at the speed the base variant has *now* (``{"tg", "pp"}`` measured just before).
@@ -76,9 +78,11 @@ class Candidate:
         return ", ".join(low) or f"all {BASE}"
 
 
-def speed_deltas(layout: Layout, base: float, per_type: dict[str, float]) -> dict[str, float]:
-    """Seconds per weight of each type over the base, from whole-model seconds per token (see module doc)."""
-    opts = layout.options()
+def speed_deltas(layout: Layout, base: float, per_type: dict[str, float],
+                 opts: dict[str, list[str]] | None = None) -> dict[str, float]:
+    """Seconds per weight of each type over the base, from whole-model seconds per token (see module doc);
+    ``opts``: each group's types (``Layout.options``), the variant of type T lowers every group offered T."""
+    opts = opts or layout.options()
     out = {BASE: 0.0}
     for t, secs in per_type.items():
         n = sum(g.n for g in layout.groups if g.compute and t in opts[g.name])
@@ -87,19 +91,23 @@ def speed_deltas(layout: Layout, base: float, per_type: dict[str, float]) -> dic
 
 
 def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], base_kld: float,
-               group_kld: dict[tuple[str, str], float]) -> Table:
-    """Per-group options from the measured speed table and sensitivities."""
-    dec = speed_deltas(layout, 1 / base_speed["tg"], {t: 1 / s["tg"] for t, s in type_speed.items()})
-    pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()})
+               group_kld: dict[tuple[str, str], float], terms: dict[tuple[str, str], float] | None = None,
+               opts: dict[str, list[str]] | None = None) -> Table:
+    """Per-group options from the measured speed table and sensitivities; ``terms``: the KLD model's extra
+    KLD per (group, type) (default: the singles' own, additive); ``opts``: each group's types."""
+    group_types = opts or layout.options()
+    dec = speed_deltas(layout, 1 / base_speed["tg"], {t: 1 / s["tg"] for t, s in type_speed.items()}, group_types)
+    pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()}, group_types)
     options = {}
     for g in layout.groups:
         opts = []
-        for t in layout.options()[g.name]:
+        for t in group_types[g.name]:
             if t != BASE and (g.name, t) not in group_kld:
                 continue
             w = g.n if g.compute else 0
-            opts.append(Option(t, g.bytes(t), w * dec.get(t, 0.0), w * pp.get(t, 0.0),
-                               0.0 if t == BASE else max(0.0, group_kld[(g.name, t)] - base_kld)))
+            single = 0.0 if t == BASE else max(0.0, group_kld[(g.name, t)] - base_kld)
+            d_kld = single if terms is None or t == BASE else terms[(g.name, t)]
+            opts.append(Option(t, g.bytes(t), w * dec.get(t, 0.0), w * pp.get(t, 0.0), d_kld, single))
         options[g.name] = opts
     return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld)
 

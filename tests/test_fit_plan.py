@@ -1,0 +1,65 @@
+"""The fit's planning pieces that need no model: type fallbacks of refused rows, the KLD interaction model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ondevice.fit.groups import Group, Layout, Matrix
+from ondevice.fit.interact import MIN_PLANS, choose_model, measured_plans, monotone
+
+
+def _layout() -> Layout:
+    # Gemma-3-270M's shapes: 640-wide rows (no K-quant fits) and ffn_down's 2048-wide rows (K-quants fit)
+    qkv = Group("attn_qkv", (Matrix("blk.0.attn_q.weight", 640 * 1024, 640),), compute=True)
+    down = Group("ffn_down", (Matrix("blk.0.ffn_down.weight", 2048 * 640, 2048),), compute=True)
+    return Layout((qkv, down), (), 0)
+
+
+def test_refused_types_fall_back_as_llama_cpp_does():
+    lay = _layout()
+    opts = lay.options(("Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0"))
+    assert opts["ffn_down"] == ["Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0"]
+    assert opts["attn_qkv"] == ["Q8_0", "Q5_0", "Q4_0"]  # Q6_K -> Q8_0 and Q4_K -> Q5_0, offered already
+    assert lay.options(("Q8_0", "Q4_K"))["attn_qkv"] == ["Q8_0", "Q5_0"]  # only a K-quant asked: its fallback
+    (line,) = lay.refused(("Q8_0", "Q6_K", "Q4_K"))
+    assert line.startswith("attn_qkv (640-wide rows)") and "Q6_K -> Q8_0" in line and "Q4_K -> Q5_0" in line
+    assert lay.smallest(("Q8_0", "Q4_K")) == lay.size({"attn_qkv": "Q5_0", "ffn_down": "Q4_K"})
+
+
+def _singles() -> dict:
+    return {("a", "Q4_0"): 0.010, ("a", "Q5_0"): 0.004, ("b", "Q4_0"): 0.020, ("b", "Q6_K"): 0.006,
+            ("b", "Q5_0"): 0.003, ("c", "Q4_0"): 0.008}
+
+
+def test_monotone_caps_a_type_at_the_best_type_with_fewer_bits():
+    m = monotone(_singles())
+    assert m[("b", "Q6_K")] == 0.003  # measured worse than Q5_0 (fewer bits): taken as noise
+    assert m[("b", "Q4_0")] == 0.020 and m[("a", "Q5_0")] == 0.004
+
+
+def test_kld_model_is_additive_until_enough_plans_and_learns_a_real_interaction():
+    singles = _singles()
+    rng = np.random.default_rng(0)
+    combos = [[("a", "Q4_0"), ("b", "Q6_K")], [("a", "Q5_0"), ("b", "Q6_K"), ("c", "Q4_0")],
+              [("a", "Q4_0"), ("c", "Q4_0")], [("b", "Q4_0"), ("c", "Q4_0")], [("a", "Q5_0"), ("b", "Q4_0")],
+              [("a", "Q4_0"), ("b", "Q5_0"), ("c", "Q4_0")], [("b", "Q6_K"), ("c", "Q4_0")]]
+    # truth: b=Q6_K adds only 0.001 inside a plan (its single said 0.006); the rest adds up, with small noise
+    truth = {**singles, ("b", "Q6_K"): 0.001}
+    plans = [(ps, sum(truth[p] for p in ps) + rng.normal(0, 1e-4)) for ps in combos]
+    few = choose_model(singles, plans[:MIN_PLANS - 1])
+    assert few.name == "additive" and few.terms == singles and not few.loo_rms
+    m = choose_model(singles, plans)
+    assert m.name != "additive" and m.loo_rms[m.name] < m.loo_rms["additive"]
+    assert abs(m.terms[("b", "Q6_K")] - 0.001) < abs(singles[("b", "Q6_K")] - 0.001)
+    # when the measured plans are the sums, nothing beats the sum out of sample by much
+    exact = [(ps, sum(singles[p] for p in ps)) for ps in combos]
+    assert choose_model(singles, exact).loo_rms["additive"] < 1e-12
+
+
+def test_measured_plans_reads_the_cache_keys_of_the_same_imatrix():
+    entries = {"base": {"kld": 0.01}, "a=Q4_0|imatrix=abcdefabcdef": {"kld": 0.02},
+               "a=Q4_0;b=Q6_K|imatrix=abcdefabcdef": {"kld": 0.03}, "a=Q4_0;b=Q6_K": {"kld": 0.05},
+               "a=Q4_0;z=Q4_0|imatrix=abcdefabcdef": {"kld": 0.04}}
+    got = measured_plans(entries, 0.01, "abcdefabcdef0123", {"a", "b"})
+    assert len(got) == 1 and got[0][0] == [("a", "Q4_0"), ("b", "Q6_K")] and abs(got[0][1] - 0.02) < 1e-12
+    assert [ps for ps, _ in measured_plans(entries, 0.01, None, {"a", "b"})] == [[("a", "Q4_0"), ("b", "Q6_K")]]

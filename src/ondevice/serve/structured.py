@@ -14,9 +14,23 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..engine.grammar import json_object_grammar, schema_grammar
-from ..engine.toolcalls import answer_decided, call_grammar, read_calls, template_shows_tools, tools_note, wraps_calls
+from ..engine.toolcalls import (
+    answer_decided,
+    call_grammar,
+    read_calls,
+    template_shows_tools,
+    tools_note,
+    wraps_calls,
+)
 from ..errors import InvalidArgument
-from .schemas import ChatCompletionRequest, FunctionCall, FunctionCallDelta, NamedToolChoice, ToolCall, ToolCallDelta
+from .schemas import (
+    ChatCompletionRequest,
+    FunctionCall,
+    FunctionCallDelta,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+)
 
 __all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "plan", "schema_grammar"]
 

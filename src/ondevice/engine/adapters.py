@@ -43,11 +43,13 @@ class Adapters:
         return self
 
     def load(self, path: str | Path, name: str | None = None) -> str:
-        """Load an adapter file for this model (checked against the base by sha256 first); returns its name."""
+        """Load an adapter (a file, or a name in ``ondevice adapt``'s store) for this model, checked against the
+        base by sha256 first; returns its name."""
+        from ..adapt import store
         from ..adapt.adapter_file import check
         from .llama import load_log
 
-        p = Path(path).expanduser()
+        p = store.resolve(path)
         name = name or p.stem
         if name in self.loaded:
             raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
@@ -62,7 +64,7 @@ class Adapters:
         return name
 
     def load_spec(self, spec: str) -> str:
-        """``NAME=PATH`` or ``PATH`` (named by its file stem)."""
+        """``NAME=PATH`` or ``PATH`` (named by its file stem); a PATH may be a stored adapter's name."""
         name, sep, path = spec.partition("=")
         return self.load(path, name) if sep and name and "/" not in name else self.load(spec)
 

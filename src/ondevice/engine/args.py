@@ -13,8 +13,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
-                   help="a LoRA adapter .gguf made by `ondevice adapt` for this model (repeatable: applied together)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME|PATH",
+                   help="a LoRA adapter made by `ondevice adapt` for this model: its stored name (`ondevice adapt "
+                        "list`) or a .gguf path (repeatable: applied together)")
     add_kernel_args(p)
     add_key_args(p)
 

@@ -92,10 +92,12 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     base = {**_base(mref, sha), **lineage(sha, mref)}
     if c.adapter:  # checked against the model here; every load of the model below applies it
         from ..adapt.adapter_file import check
+        from ..adapt.store import resolve as resolve_adapter
         from ..models.store import cached_sha256
 
-        check(c.adapter, mref.path)
-        base.update(adapter=str(c.adapter), adapter_sha256=cached_sha256(c.adapter))
+        adapter = resolve_adapter(c.adapter)  # a path or a stored adapter's name
+        check(adapter, mref.path)
+        base.update(adapter=str(adapter), adapter_sha256=cached_sha256(adapter))
     records: list[dict] = []
     if c.ppl or c.ref:
         records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)

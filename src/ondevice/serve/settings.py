@@ -40,7 +40,8 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
-    adapter: AnyList[str] = Field([], description="a LoRA adapter NAME=PATH made by `ondevice adapt` (repeatable); "
+    adapter: AnyList[str] = Field([], description="a LoRA adapter NAME=PATH (or NAME=STORED, an `ondevice adapt "
+                                                  "list` name) made by `ondevice adapt` (repeatable); "
                                                   "a request picks it with model 'BASE+NAME', the base stays "
                                                   "loaded once")
     draft: str | None = Field(None, description="speculative decoding by default: 'lookup' (n-gram drafts from "

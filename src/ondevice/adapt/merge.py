@@ -1,0 +1,135 @@
+"""``ondevice adapt merge NAME``: the base with an adapter folded into its weights, as one GGUF (what llama.cpp's
+``llama-export-lora`` does), so serving it costs nothing per token beyond the base.
+
+Each adapted tensor W (out, in) becomes ``dequant(W) + alpha/r * B @ A`` in fp32, written as F16 (as
+llama-export-lora writes every merged tensor; ``q8_0`` halves that), and every other tensor and metadata key is
+copied byte for byte. Requantizing to the base's own Q4_1 is not offered: a trained delta is mostly smaller
+than half a Q4_1 step, so most of it would round away (``merge`` reports how much would). numpy and gguf-py
+only (gguf-py's dequantizers are the reference llama.cpp's are tested against): no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from . import store
+
+TYPES = ("f16", "q8_0", "f32")
+MERGED_KEY = "ondevice.merged."
+
+
+def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """``w + scale * b @ a`` in fp32 with llama.cpp's scale (alpha / rank; 1 when alpha is 0). w: (out, in)."""
+    rank = a.shape[0]
+    scale = alpha / rank if alpha else 1.0
+    return w + scale * (b @ a)
+
+
+def merge(adapter: str | Path, out: str | Path | None = None, model: str | None = None,
+          out_type: str = "f16") -> dict:
+    """Write the base of ``adapter`` (its recorded base, or ``model``) with the adapter merged to ``out`` (temp file,
+    then rename); ``out`` None: into the model store as ``<base>-<adapter>``. Returns what was written."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from ..models import resolve
+    from ..models.store import cached_sha256
+    from .adapter_file import KEY, check, read_lora, read_meta
+
+    if out_type not in TYPES:
+        raise InvalidArgument(f"--type {out_type!r}: use one of {', '.join(TYPES)}")
+    apath = store.resolve(adapter)
+    meta = read_meta(apath)
+    base_name = model or meta.get(KEY + "base_name")
+    if base_name is None:
+        raise InvalidArgument(f"{apath.name} does not record its base model; give it with -m")
+    base = resolve(base_name).path
+    check(apath, base)  # refused here when the adapter was trained on another base
+    pairs, alpha = read_lora(apath)
+    reader = gguf.GGUFReader(str(base))
+    by_name = {t.name: t for t in reader.tensors}
+    missing = [n for n in pairs if n not in by_name]
+    if missing:
+        raise InvalidArgument(f"{apath.name} adapts {missing[0]}, which {base.name} does not have")
+    target = {"f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[out_type]
+    name = f"{Path(base).stem if model else base_name}-{apath.stem}"
+    dest = Path(out) if out else None
+    tmp_dir = dest.parent if dest else _store_dir()
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{name}.", suffix=".part")
+    os.close(fd)
+    lost = []
+    try:
+        arch = reader.fields["general.architecture"].contents()
+        w = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+        if (al := reader.fields.get("general.alignment")) is not None:
+            w.data_alignment = int(al.contents())
+        for f in reader.fields.values():
+            if f.name == "general.architecture" or f.name.startswith("GGUF."):
+                continue
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        prov = {"adapter": apath.stem, "adapter_sha256": cached_sha256(apath), "base": base_name,
+                "base_sha256": cached_sha256(base), "type": out_type, "tensors": str(len(pairs))}
+        for k, v in prov.items():
+            w.add_string(MERGED_KEY + k, v)
+        for t in reader.tensors:
+            if t.name in pairs:
+                shape = (int(t.shape[1]), int(t.shape[0]))  # numpy (out, in)
+                dtype = {Q.F16: np.float16, Q.F32: np.float32}.get(target, np.uint8)
+                if dtype is np.uint8:  # a block type: gguf-py takes its (out, bytes per row) shape
+                    shape = gguf.quants.quant_shape_to_byte_shape(shape, target)
+                w.add_tensor_info(t.name, shape, dtype, shape[0] * shape[1] * np.dtype(dtype).itemsize, target)
+            else:
+                w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            if t.name not in pairs:
+                w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+                continue
+            base_w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            base_w = base_w.reshape(int(t.shape[1]), int(t.shape[0]))  # (out, in)
+            a, b = pairs[t.name]
+            if a.shape[1] != base_w.shape[1] or b.shape[0] != base_w.shape[0] or a.shape[0] != b.shape[1]:
+                raise InvalidArgument(f"{apath.name}: {t.name}'s LoRA is {b.shape[0]}x{a.shape[0]} @ "
+                                      f"{a.shape[0]}x{a.shape[1]}, the base's weight is "
+                                      f"{base_w.shape[0]}x{base_w.shape[1]}")
+            new = merged_weight(base_w, a, b, alpha)
+            if t.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):  # how much a requantize would drop
+                back = gguf.quants.dequantize(gguf.quants.quantize(new, t.tensor_type), t.tensor_type)
+                delta = new - base_w
+                lost.append((float(np.abs(back.reshape(new.shape) - base_w - delta).sum()),
+                             float(np.abs(delta).sum())))
+            data = (new.astype(np.float16) if target == Q.F16 else new if target == Q.F32
+                    else gguf.quants.quantize(new, target))
+            w.write_tensor_data(data)
+        w.close()
+        if dest:
+            os.replace(tmp, dest)
+            where = dest
+        else:
+            from ..models.catalog import register_variant
+
+            where = register_variant(name, tmp, {"description": f"{base_name} with adapter {apath.stem} merged "
+                                                                f"({out_type})", **prov}).path
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # share of the adapter's change (L1) a requantize to the base's own block types would lose
+    requant_loss = sum(x for x, _ in lost) / max(1e-30, sum(y for _, y in lost)) if lost else None
+    return {"path": str(where), "name": None if dest else name, "base": str(base), "adapter": str(apath),
+            "tensors_merged": len(pairs), "type": out_type, "size_bytes": Path(where).stat().st_size,
+            "base_size_bytes": Path(base).stat().st_size, "requantize_loss_share": requant_loss}
+
+
+def _store_dir() -> Path:
+    from ..models.store import models_dir
+
+    return models_dir()

@@ -1,0 +1,113 @@
+"""Adapters by name: ``ondevice adapt --name NAME`` stores ``<home>/adapters/NAME.gguf``, and every ``--adapter``
+(run, chat, eval, serve's ``a=NAME``) takes that name as well as a path. No torch here: the engine resolves
+names through this module.
+
+The adapter file carries its own provenance (``ondevice.adapter.*``: base sha256 and name, data sha256,
+settings, figures, creation time), so the store is just a directory and nothing can fall out of step with it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from ..models.store import home
+
+# no '+' (serve's model 'BASE+NAME' picks adapters) and no '=' (serve's --adapter NAME=PATH)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def adapters_dir() -> Path:
+    """``home()/adapters``, created on first use."""
+    d = home() / "adapters"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def path_for(name: str) -> Path:
+    """Where the stored adapter ``name`` lives (the name checked, the file not required)."""
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(f"adapter name {name!r} is not allowed; use letters, digits and . _ - (no '+' or "
+                              f"'=', which serve's model 'BASE+NAME' and --adapter NAME=PATH use), e.g. dates-v2")
+    return adapters_dir() / f"{name}.gguf"
+
+
+def names() -> list[str]:
+    """The stored adapters' names, sorted."""
+    return sorted(p.stem for p in adapters_dir().glob("*.gguf") if not p.name.startswith("."))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or spec.endswith(".gguf") or spec.startswith(("~", "."))
+
+
+def resolve(spec: str | Path) -> Path:
+    """The adapter file ``spec`` names: a path (anything with a '/' or ending in .gguf), a stored adapter's
+    name, or else an existing file of that name; an unknown name lists the stored ones."""
+    s = str(spec)
+    if isinstance(spec, Path) or _looks_like_path(s):
+        return Path(s).expanduser()
+    if _NAME_RE.fullmatch(s) and (p := adapters_dir() / f"{s}.gguf").is_file():
+        return p
+    if Path(s).is_file():
+        return Path(s)
+    known = names()
+    raise InvalidArgument(f"--adapter {s}: no such adapter file or stored adapter; stored: "
+                          f"{', '.join(known) if known else 'none (train one with `ondevice adapt DATA --name NAME`)'}"
+                          f" (`ondevice adapt list` shows them)")
+
+
+def created_now() -> str:
+    """The creation time recorded in an adapter's provenance (UTC, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def describe(path: Path) -> dict:
+    """One listing row: name, base, size, date and the run's key figures, from the file's own provenance."""
+    from .adapter_file import KEY, read_meta
+
+    meta = read_meta(path)
+    fig = meta.get(KEY + "figures") or {}
+    plan = meta.get(KEY + "plan") or {}
+    st = path.stat()
+    return {"name": path.stem, "path": str(path), "base": meta.get(KEY + "base_name"),
+            "base_sha256": meta.get(KEY + "base_sha256"), "size_bytes": st.st_size,
+            "created": meta.get(KEY + "created")
+            or datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds"),
+            "tensors": len(plan) or len(meta["tensors"]) // 2, "params": fig.get("trainable_params"),
+            "steps": fig.get("steps"), "heldout_loss_before": fig.get("heldout_loss_before"),
+            "heldout_loss_after": fig.get("heldout_loss_after"), "peak_rss_bytes": fig.get("peak_rss_bytes"),
+            "data_sha256": meta.get(KEY + "data_sha256")}
+
+
+def listing() -> list[dict]:
+    """Every stored adapter (a file that cannot be read shows as such, the others still list)."""
+    out = []
+    for n in names():
+        p = adapters_dir() / f"{n}.gguf"
+        try:
+            out.append(describe(p))
+        except InvalidArgument as e:
+            out.append({"name": n, "path": str(p), "error": str(e)})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """The listing as aligned columns."""
+    def fmt(r: dict) -> list[str]:
+        if "error" in r:
+            return [r["name"], "-", "-", "-", f"unreadable: {r['error']}"]
+        held = ("" if r["heldout_loss_before"] is None or r["heldout_loss_after"] is None
+                else f", held-out loss {r['heldout_loss_before']:.3f} -> {r['heldout_loss_after']:.3f}")
+        peak = f", peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB" if r["peak_rss_bytes"] else ""
+        params = f", {r['params']:,} params" if r["params"] else ""
+        steps = f"{r['steps']} steps, " if r["steps"] else ""
+        return [r["name"], r["base"] or "?", f"{r['size_bytes'] / 2**20:.1f} MiB", r["created"][:16].replace("T", " "),
+                f"{steps}{r['tensors']} tensors{params}{held}{peak}"]
+
+    head = ["NAME", "BASE", "SIZE", "CREATED (UTC)", "FIGURES"]
+    lines = [head, *map(fmt, rows)]
+    w = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(x[:-1])) + "  " + x[-1] for x in lines)

@@ -1,0 +1,113 @@
+"""Adapters by store name in every verb (run, chat, eval, serve), the base-hash refusal through a name,
+`ondevice adapt list`, and `ondevice adapt merge` (its refusals; the merged model's agreement with base +
+adapter is checked on a trained adapter in test_adapt.py). No torch needed here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ondevice.adapt import adapter_file, store
+from ondevice.errors import InvalidArgument
+from ondevice.models.store import cached_sha256
+
+
+def _tensors(seed: int, scale: float = 0.5) -> dict:
+    rng = np.random.default_rng(seed)
+    return {f"blk.{i}.attn_v.weight": (rng.standard_normal((4, 576)).astype(np.float32) * scale,
+                                       rng.standard_normal((192, 4)).astype(np.float32) * scale) for i in (28, 29)}
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch, smol_path):
+    """An isolated ondevice home (the one the ``cli`` fixture's processes use) holding two stored adapters:
+    'live' for this base and 'alien', recorded as trained on another."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("ONDEVICE_HOME", str(h))
+    sha = cached_sha256(smol_path)
+    prov = {"base_name": "smollm2-135m-instruct", "created": "2026-11-30T12:00:00+00:00",
+            "figures": {"steps": 20, "trainable_params": 4608, "heldout_loss_before": 0.9,
+                        "heldout_loss_after": 0.2, "peak_rss_bytes": 500 << 20}}
+    adapter_file.write(store.path_for("live"), "llama", 8.0, _tensors(1), {**prov, "base_sha256": sha})
+    adapter_file.write(store.path_for("alien"), "llama", 8.0, _tensors(2),
+                       {**prov, "base_sha256": "0" * 64, "base_name": "another-model"})
+    return h
+
+
+def test_names_resolve_through_the_store(home, tmp_path):
+    assert store.resolve("live") == home / "adapters" / "live.gguf"
+    assert store.resolve(tmp_path / "x.gguf") == tmp_path / "x.gguf"  # a path stays a path, checked later
+    with pytest.raises(InvalidArgument, match=r"--adapter nope: no such adapter file or stored adapter; "
+                                              r"stored: alien, live \(`ondevice adapt list`"):
+        store.resolve("nope")
+    for bad in ("a+b", "x=y", ""):
+        with pytest.raises(InvalidArgument, match="is not allowed"):
+            store.path_for(bad)
+
+
+def test_run_chat_eval_take_a_stored_name_and_refuse_another_base(home, cli):
+    r = cli("run", "--adapter", "live", "-n", "3", "--temp", "0", "Hello")
+    assert r.returncode == 0, r.stderr
+    for verb in (("run", "-n", "2", "hi"), ("chat",), ("eval", "--ppl", "--ctx", "64", "--chunks", "1")):
+        bad = cli(verb[0], "--adapter", "nope", *verb[1:], input="hi\n")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert "--adapter nope: no such adapter file or stored adapter; stored: alien, live" in bad.stderr
+        alien = cli(verb[0], "--adapter", "alien", *verb[1:], input="hi\n")
+        assert alien.returncode == 2 and "alien.gguf was trained on another base model (another-model" \
+            in alien.stderr, alien.stderr
+    ev = cli("eval", "-m", "smollm2-135m-instruct", "--ppl", "--ctx", "64", "--chunks", "1", "--threads", "2",
+             "--json", "--no-store", "--adapter", "live")
+    assert ev.returncode == 0, ev.stderr
+    rec = json.loads(ev.stdout.splitlines()[0])
+    assert rec["adapter"] == str(home / "adapters" / "live.gguf")
+    assert rec["adapter_sha256"] == cached_sha256(home / "adapters" / "live.gguf")
+
+
+def test_serve_takes_name_equals_stored_name(home, smol_path, cli):
+    import openai
+
+    from ondevice.serve import BackgroundServer, ServeSettings
+
+    s = ServeSettings(model=str(smol_path), port=0, parallel=2, ctx=128, threads=2, embeddings=False,
+                      adapter=["a=live"])
+    with BackgroundServer(s) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+        ids = [m.id for m in c.models.list().data]
+        assert ids[1:] == [f"{ids[0]}+a"]
+        r = c.completions.create(model=f"{ids[0]}+a", prompt="Hi", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+    for spec, msg in (("a=alien", "alien.gguf was trained on another base model"), ("a=nope", "stored: alien, live")):
+        r = cli("serve", "--port", "0", "--parallel", "1", "--ctx", "64", "--adapter", spec)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_adapt_list_shows_name_base_size_date_figures(home, cli):
+    r = cli("adapt", "list")
+    assert r.returncode == 0, r.stderr
+    head, alien, live = r.stdout.splitlines()
+    assert head.split()[:5] == ["NAME", "BASE", "SIZE", "CREATED", "(UTC)"]
+    assert live.startswith("live") and "smollm2-135m-instruct" in live and "2026-11-30 12:00" in live
+    assert "20 steps, 2 tensors, 4,608 params, held-out loss 0.900 -> 0.200, peak RSS 500 MiB" in live
+    assert alien.split()[1] == "another-model"
+    rows = json.loads(cli("adapt", "list", "--json").stdout)
+    assert [x["name"] for x in rows] == ["alien", "live"]
+    assert rows[1]["size_bytes"] == (home / "adapters" / "live.gguf").stat().st_size
+
+
+def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path):
+    r = cli("adapt", "merge", "alien", "-m", "smollm2-135m-instruct", "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 2 and "trained on another base model" in r.stderr, r.stderr
+    r = cli("adapt", "merge", "nope")
+    assert r.returncode == 2 and "stored: alien, live" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("*m.gguf*"))  # nothing left behind
+
+
+def test_merged_weight_is_base_plus_scaled_lora():
+    rng = np.random.default_rng(0)
+    w, a, b = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (2, 5), (6, 2)))
+    from ondevice.adapt.merge import merged_weight
+
+    assert np.allclose(merged_weight(w, a, b, 8.0), w + 4.0 * np.einsum("or,ri->oi", b, a), atol=1e-6)
+    assert np.allclose(merged_weight(w, a, b, 0.0), w + b @ a, atol=1e-6)  # no alpha: scale 1, as llama.cpp

@@ -1,4 +1,5 @@
-"""The fit's planning pieces that need no model: type fallbacks of refused rows, the KLD interaction model."""
+"""The fit's pieces around the plan: type fallbacks of refused rows, the KLD interaction model (no model
+needed), and the runtime knobs timed by the real bench on the shipped SmolLM2 file."""
 
 from __future__ import annotations
 
@@ -63,3 +64,21 @@ def test_measured_plans_reads_the_cache_keys_of_the_same_imatrix():
     got = measured_plans(entries, 0.01, "abcdefabcdef0123", {"a", "b"})
     assert len(got) == 1 and got[0][0] == [("a", "Q4_0"), ("b", "Q6_K")] and abs(got[0][1] - 0.02) < 1e-12
     assert [ps for ps, _ in measured_plans(entries, 0.01, None, {"a", "b"})] == [[("a", "Q4_0"), ("b", "Q6_K")]]
+
+
+def test_knobs_are_timed_one_at_a_time_and_the_chosen_ones_measured_together():
+    from ondevice.fit.knobs import tune
+    from ondevice.models.catalog import resolve
+
+    lines = []
+    r = tune(resolve(None).path, 1, ("pp16", "tg4"), 1, say=lines.append)
+    whats = [w for w, _, _ in r["rows"]]
+    assert whats[0] == "default" and "flash attention on" in whats and "ubatch 128" in whats
+    assert any(w.startswith("KV q8_0") for w in whats)
+    assert r["chosen"]["type_kv"] == "f16"  # a quantized KV cache changes the output: never chosen
+    default, base = r["rows"][0][1], r["rows"][0][2]
+    for name, value in r["chosen"].items():
+        if value != default[name]:  # a knob changed was faster alone than the default
+            assert any(k[name] == value and s["tg"] > base["tg"] for _, k, s in r["rows"][1:])
+    assert r["measured"]["tg"] > 0 and r["measured"]["pp"] > 0
+    assert any(ln.startswith("  chosen") for ln in lines)

@@ -101,7 +101,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         text: str | os.PathLike[str] | None = None, calib_ctx: int = 128, calib_chunks: int = 4,
         eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto",
         speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = 3, resume: bool = False,
-        reprobe: bool = False, store: bool = True, force: bool = False,
+        reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
         progress: Callable[[str], None] | None = None) -> FitResult:
     """Fit ``model`` to this device under ``budget`` (``"size<=110MB,tg>=100,kld<=0.02"``; see ``budget``).
 
@@ -123,6 +123,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         resume: reuse quality measurements of an earlier (killed) fit; device speeds are always reused
             (per machine and build) unless ``reprobe``.
         store: write the chosen variant into the model store and the fit into the SQLite store.
+        knobs: also time the chosen file's runtime knobs (threads, flash attention, ubatch, KV type; ``knobs``)
+            and keep the measured best in its ``measured["runtime"]``.
     """
     from ..eval.api import model_sha256
     from ..models.catalog import resolve, store_variants
@@ -277,6 +279,15 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         _cleanup(workdir)
         raise InvalidArgument(impossible(picks, bud, measured=True))
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
+    if knobs:
+        from .knobs import tune
+
+        with phase("knobs"):
+            rt = tune(chosen.measured["file"], threads, tuple(speed_tests), repetitions,
+                      "pp" if bud.pp is not None and bud.tg is None else "tg", say)
+        chosen.measured["runtime"] = {"knobs": rt["chosen"], **{k: rt["measured"][k] for k in ("tg", "pp")},
+                                      "trials": [{"what": w, **k, "tg": sp["tg"], "pp": sp["pp"]}
+                                                 for w, k, sp in rt["rows"]]}
     vname = stored = None
     if store:
         vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(plan_key(chosen.plan, im_sha).encode()).hexdigest()[:6]}"

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reprobe", action="store_true", help="measure the device speed table again")
     p.add_argument("--no-store", action="store_true", help="do not store the chosen variant")
     p.add_argument("--force", action="store_true", help="replace a stored variant of the same name")
+    p.add_argument("--knobs", action="store_true", help="also time the chosen variant's runtime knobs (threads, "
+                   "flash attention, ubatch, KV type) with the bench and keep the fastest")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
         calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
         validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions,
         speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume,
-        reprobe=args.reprobe, store=not args.no_store, force=args.force, progress=lambda m: print(m, flush=True))
+        reprobe=args.reprobe, store=not args.no_store, force=args.force, knobs=args.knobs, progress=lambda m: print(m, flush=True))
     return 0

@@ -49,6 +49,7 @@ class Group:
     name: str  # e.g. ffn_down or ffn_down@0-14
     matrices: tuple[Matrix, ...]
     compute: bool  # its weights are multiplied at every token (False: the token embedding of an untied model)
+    head: bool = False  # the output head (or the tied embedding): in a prompt, only its last token's logits
 
     @property
     def n(self) -> int:
@@ -184,7 +185,8 @@ def layout(path: str | Path, bands: int = 1, kinds: tuple[str, ...] | list[str] 
             key = f"{kind}@{lo}-{hi}"
         parts.setdefault(key, []).append(mat)
     tied = "output.weight" not in names
-    groups = tuple(Group(k, tuple(v), compute=(not k.startswith("token_embd")) or tied)
+    groups = tuple(Group(k, tuple(v), compute=(not k.startswith("token_embd")) or tied,
+                         head=k.startswith("output") or (k.startswith("token_embd") and tied))
                    for k, v in parts.items())
     if not groups:
         raise InvalidArgument(f"{Path(path).name} has no weight matrices of the kinds asked for "

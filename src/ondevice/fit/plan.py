@@ -4,7 +4,8 @@ Predictions are additive over groups, each term measured on this device (``measu
 
 - size: exact bytes per group and type (``groups``);
 - time per token (decode and prompt): ``t(plan) = t(base) + sum_g P_g * d(type_g)``, where ``P_g`` are the
-  weights of group g that are multiplied at every token and ``d(T)`` the measured extra seconds per weight
+  weights of group g that are multiplied at every token (in a prompt, the output head only at its last
+  token: not counted) and ``d(T)`` the measured extra seconds per weight
   of type T over the base type: ``d(T) = (t(v_T) - t(base)) / P_T`` from a variant ``v_T`` with every
   group that T fits at T (OHQ's on-chip latency table, per type rather than per layer);
   validation benches the base variant again and puts the predictions at its speed of that moment
@@ -78,14 +79,19 @@ class Candidate:
         return ", ".join(low) or f"all {BASE}"
 
 
+def _weights(g, prompt: bool) -> int:
+    """Weights of ``g`` multiplied per token: the output head's only for a prompt's last token (~0 per token)."""
+    return g.n if g.compute and not (prompt and g.head) else 0
+
+
 def speed_deltas(layout: Layout, base: float, per_type: dict[str, float],
-                 opts: dict[str, list[str]] | None = None) -> dict[str, float]:
+                 opts: dict[str, list[str]] | None = None, prompt: bool = False) -> dict[str, float]:
     """Seconds per weight of each type over the base, from whole-model seconds per token (see module doc);
     ``opts``: each group's types (``Layout.options``), the variant of type T lowers every group offered T."""
     opts = opts or layout.options()
     out = {BASE: 0.0}
     for t, secs in per_type.items():
-        n = sum(g.n for g in layout.groups if g.compute and t in opts[g.name])
+        n = sum(_weights(g, prompt) for g in layout.groups if t in opts[g.name])
         out[t] = (secs - base) / n if n else 0.0
     return out
 
@@ -97,17 +103,18 @@ def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], ba
     KLD per (group, type) (default: the singles' own, additive); ``opts``: each group's types."""
     group_types = opts or layout.options()
     dec = speed_deltas(layout, 1 / base_speed["tg"], {t: 1 / s["tg"] for t, s in type_speed.items()}, group_types)
-    pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()}, group_types)
+    pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()}, group_types,
+                      prompt=True)
     options = {}
     for g in layout.groups:
         opts = []
         for t in group_types[g.name]:
             if t != BASE and (g.name, t) not in group_kld:
                 continue
-            w = g.n if g.compute else 0
             single = 0.0 if t == BASE else max(0.0, group_kld[(g.name, t)] - base_kld)
             d_kld = single if terms is None or t == BASE else terms[(g.name, t)]
-            opts.append(Option(t, g.bytes(t), w * dec.get(t, 0.0), w * pp.get(t, 0.0), d_kld, single))
+            opts.append(Option(t, g.bytes(t), _weights(g, False) * dec.get(t, 0.0), _weights(g, True) * pp.get(t, 0.0),
+                               d_kld, single))
         options[g.name] = opts
     return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld)
 

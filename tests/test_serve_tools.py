@@ -46,13 +46,24 @@ def test_plan_follows_the_template_and_calls_are_read_in_every_format():
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("add", {"a": 2, "b": 3})]
     assert structured.parse_tool_call('{"name": "rm", "arguments": {}}', wrapped) is None  # not offered
     assert structured.parse_tool_call(f"<tool_call>\n{one}", wrapped) is None  # cut short: text
-    stream = structured.ToolStream(wrapped)
-    assert stream.feed("<tool") is None and stream.feed("_call>\n" + one + "\n</tool_call>") is None
-    deltas, rest = stream.finish()
-    assert rest == "" and deltas[0][0].function.name == "add" and deltas[0][0].function.arguments == ""
-    assert json.loads(deltas[1][0].function.arguments) == {"a": 2, "b": 3} and deltas[1][0].id is None
+    # streamed: each call goes out while it is generated (name first, then its arguments in pieces)
+    two = (f"<tool_call>\n{one}\n</tool_call>\n<tool_call>\n"
+           '{"name": "get_weather", "arguments": {"city": "Quai \\"{[}\\" X"}}\n</tool_call>')
+    stream, deltas = structured.ToolStream(wrapped), []
+    for ch in two:  # one character at a time: the hardest split
+        text, d = stream.feed(ch)
+        assert text is None
+        deltas += d
+    heads = [d for d in deltas if d.id]
+    assert [(d.index, d.function.name, d.function.arguments) for d in heads] == [(0, "add", ""), (1, "get_weather", "")]
+    assert all(d.function.name is None for d in deltas if not d.id)
+    args = ["".join(d.function.arguments for d in deltas if d.index == i) for i in (0, 1)]
+    assert [json.loads(a) for a in args] == [{"a": 2, "b": 3}, {"city": 'Quai "{[}" X'}]
+    assert len([d for d in deltas if d.index == 0]) > 3 and stream.finish() == (True, "")
     answer = structured.ToolStream(wrapped)
-    assert answer.feed("It") == "It" and answer.feed(" is") == " is" and answer.finish() == ([], "")
+    assert answer.feed("It") == ("It", []) and answer.feed(" is") == (" is", []) and answer.finish() == (False, "")
+    cut = structured.ToolStream(bare)
+    assert cut.feed('{"name": "add", "arguments": {"a"')[0] is None and cut.finish() == (False, "")  # cut short
 
 
 @pytest.fixture(scope="module")

@@ -347,7 +347,9 @@ class Runner:
         try:
             yield chunk(S.ChatDelta(role="assistant", content=""))
             async for g in self.events(job, request, poll_disconnect=False):
-                text = calls.feed(g.text)
+                text, deltas = calls.feed(g.text)
+                for d in deltas:
+                    yield chunk(S.ChatDelta(tool_calls=[d]))
                 if text is not None:
                     if g.logprob is not None:
                         yield chunk(S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
@@ -356,10 +358,8 @@ class Runner:
                 if g.finish_reason:
                     note(request, tokens=(g.prompt_tokens, g.generation_tokens))
                     finish = g.finish_reason
-                    deltas, text = calls.finish()
-                    for d in deltas:
-                        yield chunk(S.ChatDelta(tool_calls=d))
-                    if deltas:
+                    were_calls, text = calls.finish()
+                    if were_calls:
                         finish = "tool_calls"
                     elif text:
                         yield chunk(S.ChatDelta(content=text))

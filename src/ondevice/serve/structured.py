@@ -10,8 +10,9 @@ back while it may still be a call.
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..engine.grammar import json_object_grammar, schema_grammar
 from ..engine.toolcalls import (
@@ -96,44 +97,97 @@ def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
             for c in calls]
 
 
+# the start of one call as the grammar writes it: its name, then its arguments (the schema's key order)
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
 @dataclass
 class ToolStream:
-    """A streamed reply that may be tool calls: held back until it is known to be a plain answer (``auto``:
-    its first character, which the grammar makes decisive) or until it ends and is read as calls."""
+    """A streamed reply that may be tool calls, sent as OpenAI streams them.
+
+    While the reply may be calls it is held back as text (``auto``: until its first character shows a plain
+    answer, which the grammar makes decisive); each call goes out as it is generated: a first delta with
+    its index, id, type, name and empty arguments once the name is complete, then its arguments' JSON text
+    in pieces as the tokens arrive.
+    """
 
     plan: Plan
-    held: list[str] = field(default_factory=list)
+    text: str = ""  # the reply so far, while held
     holding: bool = False
+    pos: int = 0  # where the next call may start in ``text``
+    args: int | None = None  # where the current call's arguments start (None: between calls)
+    sent: int = 0  # how far the current arguments are sent
+    depth: int = 0
+    in_str: bool = False
+    escaped: bool = False
+    n_calls: int = 0
 
     def __post_init__(self) -> None:
         self.holding = self.plan.tool_mode in ("required", "auto") and bool(self.plan.tools)
 
-    def feed(self, text: str) -> str | None:
-        """The text to send now (None while held)."""
+    def feed(self, piece: str) -> tuple[str | None, list[ToolCallDelta]]:
+        """``(text to send as content now or None, tool-call deltas to send)`` after one token's text."""
         if not self.holding:
-            return text
-        self.held.append(text)
-        so_far = "".join(self.held)
-        if self.plan.tool_mode == "auto" and answer_decided(so_far):
+            return piece, []
+        self.text += piece
+        if not self.n_calls and self.plan.tool_mode == "auto" and answer_decided(self.text):
             self.holding = False  # a plain answer after all: send what was held, then stream
-            return so_far
+            return self.text, []
+        return None, self._calls()
+
+    def _calls(self) -> list[ToolCallDelta]:
+        out = []
+        while True:
+            if self.args is None:
+                m = _CALL_HEAD.search(self.text, self.pos)
+                if not m:
+                    return out
+                out.append(ToolCallDelta(index=self.n_calls, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                                         function=FunctionCallDelta(name=json.loads(f'"{m.group(1)}"'),
+                                                                    arguments="")))
+                self.n_calls += 1
+                self.args = self.sent = self.pos = m.end()
+            end = self._scan()  # the arguments' end (one past their closing brace), or None: not yet
+            upto = len(self.text) if end is None else end
+            if upto > self.sent:
+                out.append(ToolCallDelta(index=self.n_calls - 1,
+                                         function=FunctionCallDelta(arguments=self.text[self.sent:upto])))
+                self.sent = upto
+            if end is None:
+                return out
+            self.args, self.pos = None, end
+
+    def _scan(self) -> int | None:
+        """Walk the arguments' JSON from where the last walk stopped; the index past its end when complete."""
+        for i in range(self.pos, len(self.text)):
+            ch = self.text[i]
+            if self.in_str:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.pos = i + 1
+                    return i + 1
+        self.pos = len(self.text)
         return None
 
-    def finish(self) -> tuple[list[list[ToolCallDelta]], str]:
-        """At the end: the tool-call deltas to send (one list per chunk) and any held text that is not calls.
+    def finish(self) -> tuple[bool, str]:
+        """At the end: ``(the reply was tool calls, held text to send as content)``.
 
-        Each call goes as OpenAI streams it: a first delta with its index, id, type, name and empty
-        arguments, then its arguments.
+        A reply whose calls were streamed but that does not read back as calls (cut short by max_tokens)
+        sends no content: its deltas are out, as OpenAI's are when a call is cut.
         """
         if not self.holding:
-            return [], ""
-        text = "".join(self.held)
-        calls = parse_tool_call(text, self.plan)
-        if not calls:
-            return [], text
-        out = []
-        for i, c in enumerate(calls):
-            out.append([ToolCallDelta(index=i, id=c.id, type="function",
-                                      function=FunctionCallDelta(name=c.function.name, arguments=""))])
-            out.append([ToolCallDelta(index=i, function=FunctionCallDelta(arguments=c.function.arguments))])
-        return out, ""
+            return False, ""
+        if self.n_calls:
+            return parse_tool_call(self.text, self.plan) is not None, ""
+        return False, self.text

@@ -10,8 +10,10 @@ and the plan takes the most contribution per byte that fits.
   longest examples) with the top 2 and the top 6 layers trainable, sampled every 2 ms; the difference per
   layer is what each layer from the lowest trained one to the top keeps (layers below run without autograd,
   the sparse-update paper's point: depth costs memory, width barely does), the rest of the near step is the
-  head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments). Gradient checkpointing (model.checkpoint) exists
-  but the planner does not choose it yet.
+  head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments).
+- Gradient checkpointing where it pays: (2) is measured again with each trained layer checkpointed (its input
+  kept, its activations recomputed in backward), and a plan is made both ways; checkpointing is used only
+  when it lets a plan score > 2% more fit (it costs a forward of the trained layers again each step).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def step_peak(model: LlamaLoRA, examples, lo: int) -> int:
+def step_peak(model: LlamaLoRA, examples, lo: int, checkpoint: bool = False) -> int:
     """Peak RSS of one real training step (forward, backward, AdamW) with every module of layers >= lo
-    trainable at rank 1: the fixed part, the head and ``L - lo`` layers of activations and transients."""
+    trainable at rank 1: the fixed part, the head and ``L - lo`` layers of activations and transients (with
+    ``checkpoint``: each layer's input kept, its activations recomputed one layer at a time in backward)."""
     import torch.nn.functional as F
 
     from .train import batch_tensors
@@ -67,7 +70,7 @@ def step_peak(model: LlamaLoRA, examples, lo: int) -> int:
     lins = [lin for n, lin in model.linears().items() if int(n.split(".")[1]) >= lo]
     for lin in lins:
         lin.add_lora(1, 1.0)
-    model.grad_from = lo
+    model.grad_from, model.checkpoint = lo, checkpoint
     params = [p for lin in lins for p in (lin.lora_a, lin.lora_b)]
     opt = torch.optim.AdamW(params, lr=0.0)
     try:
@@ -80,7 +83,7 @@ def step_peak(model: LlamaLoRA, examples, lo: int) -> int:
         for lin in lins:
             lin.rank = 0
             del lin.lora_a, lin.lora_b
-        model.grad_from = 0
+        model.grad_from, model.checkpoint = 0, False
 
 
 def gradient_scores(model: LlamaLoRA, examples) -> dict[str, list[float]]:
@@ -118,8 +121,21 @@ def gradient_scores(model: LlamaLoRA, examples) -> dict[str, list[float]]:
     return scores
 
 
+def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool) -> tuple[int, int]:
+    """``(head, per)``: a step's peak is ``fixed + head + per * (layers trained)``, from two measured steps (the
+    top 2 and the top 6 layers trainable)."""
+    L = model.cfg.n_layer
+    near, far = 2, min(L, 6)
+    p_near, p_far = (step_peak(model, probe, L - n, checkpoint) for n in (near, far))
+    per = max(0, (p_far - p_near) // (far - near))  # bytes per layer of depth (activations kept, transients)
+    return max(0, p_near - fixed - near * per), per  # the rest: the head, the loss, AdamW, allocator slack
+
+
 def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], dict]:
-    """``({base tensor name: rank}, what was measured and chosen)`` for ``cfg.budget_bytes``."""
+    """``({base tensor name: rank}, what was measured and chosen)`` for ``cfg.budget_bytes``.
+
+    With ``cfg.checkpointing`` auto, both ways are measured and planned; checkpointing (a forward recomputed
+    in backward: slower steps) is chosen only when its plan scores over 2% better than the best plan without."""
     from .train import batch_tensors
 
     budget = int(cfg.budget_bytes * MARGIN)
@@ -128,39 +144,59 @@ def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], 
     with torch.no_grad():
         model(*batch_tensors(probe)[:2])
     fixed = _rss()  # torch, the packed base, a no-grad forward's buffers
-    near, far = 2, min(L, 6)
-    p_near, p_far = step_peak(model, probe, L - near), step_peak(model, probe, L - far)
-    per = max(0, (p_far - p_near) // (far - near))  # bytes per layer of depth (activations kept, transients)
-    head = max(0, p_near - fixed - near * per)  # the rest of a step: the head, the loss, AdamW, allocator slack
+    modes = {"off": (False,), "on": (True,), "auto": (False, True)}[cfg.checkpointing]
+    costs = {ck: depth_cost(model, probe, fixed, ck) for ck in modes}
     scores = gradient_scores(model, sorted(examples, key=lambda e: len(e.tokens))[:1])
     dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
-
-    def cost(lo: int) -> int:
-        return fixed + head + per * (L - lo)
-
-    minimum = cost(L - 1) + PARAM_BYTES * min(RANKS) * min(a + b for a, b in
-                                                                                       dims.values())
-    if budget < minimum:
-        need = minimum / MARGIN / 2**20
+    smallest = PARAM_BYTES * min(RANKS) * min(a + b for a, b in dims.values())
+    fits = plans_by_checkpointing(scores, dims, budget, fixed, costs, L)
+    if not fits:
+        need = min(fixed + h + p + smallest for h, p in costs.values()) / MARGIN / 2**20
         raise InvalidArgument(f"--budget mem={cfg.budget_bytes / 2**20:.0f}M is below the smallest plan's "
                               f"{need:.0f} MiB (torch, the packed base and a rank-{min(RANKS)} LoRA on one module of "
                               f"the top layer, measured here); give at least mem={int(need) + 1}M")
+    ck = use_checkpointing(fits)
+    score, plan = fits[ck]
+    head, per = costs[ck]
+    lo = min(int(n.split(".")[1]) for n in plan)
+    used = fixed + head + per * (L - lo) + sum(PARAM_BYTES * r * sum(dims[n]) for n, r in plan.items())
+    total = sum(s[-1] for s in scores.values())
+    info = {"budget_bytes": cfg.budget_bytes, "fixed_rss_bytes": fixed, "activation_bytes_per_layer": per,
+            "head_activation_bytes": head, "lowest_layer": lo, "checkpoint": ck,
+            "estimated_peak_bytes": used, "score_share": score / total, "n_modules": len(plan),
+            # what each way measured and could reach: why checkpointing is on or off
+            "checkpointing": {("on" if c else "off"): {"activation_bytes_per_layer": costs[c][1],
+                                                       "head_activation_bytes": costs[c][0],
+                                                       "score_share": fits[c][0] / total if c in fits else None,
+                                                       "lowest_layer": min(int(n.split(".")[1]) for n in fits[c][1])
+                                                       if c in fits else None} for c in costs}}
+    return plan, info
+
+
+def plans_by_checkpointing(scores, dims, budget: int, fixed: int, costs: dict[bool, tuple[int, int]], L: int):
+    """``{checkpointing: (score, plan)}`` for each way whose measured ``(head, per layer)`` costs let a plan fit."""
+    best = {ck: _deepest_plan(scores, dims, budget, lambda lo, h=h, p=p: fixed + h + p * (L - lo), L)
+            for ck, (h, p) in costs.items()}
+    return {ck: b for ck, b in best.items() if b}
+
+
+def use_checkpointing(fits: dict[bool, tuple]) -> bool:
+    """Checkpoint only when that is the only way a plan fits, or its plan scores > 2% more (it slows steps)."""
+    return True in fits and (False not in fits or fits[True][0] > fits[False][0] * 1.02)
+
+
+def _deepest_plan(scores: dict[str, list[float]], dims: dict[str, tuple[int, int]], budget: int, cost, L: int):
+    """``(score, plan)`` of the deepest start layer worth it (a layer deeper only when it buys > 2%) whose best
+    rank allocation fits ``budget`` given ``cost(lowest layer)``; None when nothing fits."""
     best = None
     for lo in range(L - 1, -1, -1):
         room = budget - cost(lo)
         if room <= 0:
             break
         plan, score = _greedy({n: s for n, s in scores.items() if int(n.split(".")[1]) >= lo}, dims, room)
-        if plan and (best is None or score > best[0] * 1.02):  # a layer deeper only when it buys > 2%
+        if plan and (best is None or score > best[0] * 1.02):
             best = (score, plan)
-    score, plan = best
-    lo = min(int(n.split(".")[1]) for n in plan)
-    used = cost(lo) + sum(PARAM_BYTES * r * sum(dims[n]) for n, r in plan.items())
-    info = {"budget_bytes": cfg.budget_bytes, "fixed_rss_bytes": fixed, "activation_bytes_per_layer": per,
-            "head_activation_bytes": head, "lowest_layer": lo,
-            "estimated_peak_bytes": used, "score_share": score / sum(s[-1] for s in scores.values()),
-            "n_modules": len(plan)}
-    return plan, info
+    return best
 
 
 def _greedy(scores: dict[str, list[float]], dims: dict[str, tuple[int, int]], room: int):

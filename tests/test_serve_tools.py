@@ -59,6 +59,7 @@ def test_plan_follows_the_template_and_calls_are_read_in_every_format():
     assert all(d.function.name is None for d in deltas if not d.id)
     args = ["".join(d.function.arguments for d in deltas if d.index == i) for i in (0, 1)]
     assert [json.loads(a) for a in args] == [{"a": 2, "b": 3}, {"city": 'Quai "{[}" X'}]
+    assert all(a.startswith("{") for a in args)  # the white space before the arguments is not theirs
     assert len([d for d in deltas if d.index == 0]) > 3 and stream.finish() == (True, "")
     answer = structured.ToolStream(wrapped)
     assert answer.feed("It") == ("It", []) and answer.feed(" is") == (" is", []) and answer.finish() == (False, "")

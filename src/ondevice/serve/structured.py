@@ -168,6 +168,8 @@ class ToolStream:
                     self.escaped = True
                 elif ch == '"':
                     self.in_str = False
+            elif self.depth == 0 and ch.isspace():  # before the opening brace: not part of the arguments
+                self.sent = max(self.sent, i + 1)
             elif ch == '"':
                 self.in_str = True
             elif ch in "{[":

@@ -29,12 +29,13 @@ def test_refused_types_fall_back_as_llama_cpp_does():
 
 def _singles() -> dict:
     return {("a", "Q4_0"): 0.010, ("a", "Q5_0"): 0.004, ("b", "Q4_0"): 0.020, ("b", "Q6_K"): 0.006,
-            ("b", "Q5_0"): 0.003, ("c", "Q4_0"): 0.008}
+            ("b", "Q4_K"): 0.003, ("b", "Q5_0"): 0.002, ("c", "Q4_0"): 0.008}
 
 
-def test_monotone_caps_a_type_at_the_best_type_with_fewer_bits():
+def test_monotone_caps_a_type_at_the_best_type_of_its_family_with_fewer_bits():
     m = monotone(_singles())
-    assert m[("b", "Q6_K")] == 0.003  # measured worse than Q5_0 (fewer bits): taken as noise
+    assert m[("b", "Q6_K")] == 0.003  # measured worse than Q4_K (a K-quant with fewer bits): taken as noise
+    assert m[("b", "Q4_K")] == 0.003  # Q5_0 (more bits, other family) does not order it
     assert m[("b", "Q4_0")] == 0.020 and m[("a", "Q5_0")] == 0.004
 
 

@@ -268,11 +268,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
         f"{base['speed']['tg']:.1f} tok/s in the table):")
-    say(f"  {'plan':44s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD sum':>8} "
+    w = max(len(c.summary()) for c in picks)
+    say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD sum':>8} "
         f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}")
     for c in picks:
         p, m = c.predicted, c.measured
-        say(f"  {c.summary()[:44]:44s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
+        say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
             f"{p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}")
     ok = [c for c in picks if not bud.violations(c.measured)]
     if not ok:

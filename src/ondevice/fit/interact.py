@@ -7,8 +7,9 @@ singles, so a fit can learn from the plans earlier fits measured on the same ref
 Four models, each additive over groups (so the planner's Pareto search stays exact):
 
 - ``additive``: ``d(plan) = sum_g d(g, T_g)``, the singles as measured;
-- ``monotone``: per group, a type's single capped at the least single of the types with fewer bits per
-  weight (a type with more bits measured worse than one with fewer is taken as noise of the single run);
+- ``monotone``: per group, a type's single capped at the least single of the types of its family (K-quants,
+  block types) with fewer bits per weight (a type with more bits measured worse than one with fewer is
+  taken as noise of the single run);
 - ``... + correction``: plus a per-(group, type) term fitted by ridge regression to the residuals
   ``measured - predicted`` of the multi-group plans (a validate-then-correct step: what the singles miss
   about each choice once others are lowered too).
@@ -55,11 +56,19 @@ def bits(type_name: str) -> float:
     return 8.0 * size / block
 
 
+def family(type_name: str) -> str:
+    """K-quants (256-weight super-blocks) or the 32-weight block types: bits compare only within one."""
+    return "k" if type_name.upper().endswith("_K") else "block"
+
+
 def monotone(singles: dict[Pair, float]) -> dict[Pair, float]:
-    """Per group, each type's delta capped at the least delta of any type with fewer bits per weight."""
+    """Per group, each type's delta capped at the least delta of any type of its family with fewer bits per
+    weight (across families bits do not order quality: with an imatrix, SmolLM2's ffn_down at Q4_K, 4.5
+    bits, added less KLD than at Q5_0, 5.5 bits, in plans too)."""
     out = {}
     for (g, t), d in singles.items():
-        fewer = [v for (gg, u), v in singles.items() if gg == g and bits(u) < bits(t)]
+        fewer = [v for (gg, u), v in singles.items()
+                 if gg == g and family(u) == family(t) and bits(u) < bits(t)]
         out[(g, t)] = min([d, *fewer])
     return out
 
@@ -76,10 +85,12 @@ def _loo_lambda(X: np.ndarray, r: np.ndarray) -> float:
     return min(LAMBDAS, key=err)
 
 
-def _fit(name: str, singles: dict[Pair, float], plans: list[tuple[list[Pair], float]],
-         pairs: list[Pair]) -> dict[Pair, float]:
+def _fit(name: str, singles: dict[Pair, float], plans: list[tuple[list[Pair], float]]) -> dict[Pair, float]:
     """Terms of model ``name`` fitted on ``plans`` (``([(group, type)...], measured delta)``)."""
-    terms = monotone(singles) if name.startswith("monotone") else dict(singles)
+    pairs = sorted({p for ps, _ in plans for p in ps})
+    terms = dict(singles)
+    if name.startswith("monotone"):  # only where measured plans hold the choice: no untested extrapolation
+        terms.update({p: v for p, v in monotone(singles).items() if p in pairs})
     if name.endswith("correction") and len(plans) >= 2:
         X = np.array([[1.0 if p in ps else 0.0 for p in pairs] for ps, _ in plans])
         r = np.array([d - sum(terms[p] for p in ps) for ps, d in plans])
@@ -101,17 +112,16 @@ def choose_model(singles: dict[Pair, float], plans: list[tuple[list[Pair], float
     plans = [(ps, d) for ps, d in plans if len(ps) > 1 and all(p in singles for p in ps)]
     if len(plans) < MIN_PLANS:
         return KldModel("additive", dict(singles), len(plans))
-    pairs = sorted({p for ps, _ in plans for p in ps})
     loo, order = {}, {}
     meas = np.array([d for _, d in plans])
     for name in MODELS:
-        pred = np.array([sum(_fit(name, singles, plans[:i] + plans[i + 1:], pairs)[p] for p in ps)
+        pred = np.array([sum(_fit(name, singles, plans[:i] + plans[i + 1:])[p] for p in ps)
                          for i, (ps, _) in enumerate(plans)])
         loo[name] = float(np.sqrt(np.mean(np.square(meas - pred))))
         i, j = np.triu_indices(len(plans), 1)
         order[name] = float(np.mean(np.sign(pred[i] - pred[j]) == np.sign(meas[i] - meas[j])))
     best = min(MODELS, key=lambda m: (loo[m], MODELS.index(m)))
-    return KldModel(best, _fit(best, singles, plans, pairs), len(plans), loo, order)
+    return KldModel(best, _fit(best, singles, plans), len(plans), loo, order)
 
 
 def measured_plans(entries: dict[str, dict], base_kld: float, imatrix: str | None,

@@ -9,7 +9,9 @@ be absent). A reply scores 1 when its calls match the expected ones in any order
 argument one of its allowed values after normalisation (case, spaces, trailing punctuation; numbers by
 value). Every item is run twice, constrained by the tool-call grammar and unconstrained (free text, its
 ``<tool_call>`` blocks or else the first JSON in it read as the call), so the summary compares the two per
-category. :func:`run_item` offers the tools the way the model's own chat template does (``calls.call_prompt``).
+category. :func:`run_item` (agent_bench) and ``ondevice eval`` (:func:`eval_items`, run by ``eval.runner``)
+ask every item through ``calls.call_request``: the tools offered the way the model's own chat template does,
+the grammar in its call format, the same prompt and grammar for the same item and model.
 """
 
 from __future__ import annotations

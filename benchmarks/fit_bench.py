@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         out = tmp / f"stock-{ftype}{'-im' if imatrix else ''}.gguf"
         run_worker(ref.path, out, ftype_id(ftype), [], False, args.threads, imatrix=imatrix)
         try:
-            return {"size": out.stat().st_size} if size_only else measure(out)
+            r = {"size": out.stat().st_size} if size_only else measure(out)
         finally:
             out.unlink(missing_ok=True)
+        if not size_only:  # as measured, so a long run stopped half-way still shows what it measured
+            print(f"# stock {ftype}{'+imatrix' if imatrix else ''}: {r['size'] / 1e6:.1f} MB, tg {r['tg']:.1f}, "
+                  f"pp {r['pp']:.1f}, KLD {r['kld']:.4f} (load {os.getloadavg()[0]:.1f})", flush=True)
+        return r
 
     q4km = stock("Q4_K_M", size_only=args.fit_only)
     budget = f"size<={q4km['size']}B"
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             res = ondevice.fit(src.name, f"size<={size}B", store=False, resume=True, threads=args.threads,
                                speed_tests=TESTS, repetitions=args.repetitions, validate=1)
             fitted_cands += res.candidates
+            m = res.chosen.measured
+            print(f"# fitted at {name}'s size: {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, KLD {m['kld']:.4f}; "
+                  f"{res.chosen.summary()}", flush=True)
         except ondevice.OndeviceError as e:
             print(f"# no fitted variant at {name}'s size: {e}")
 

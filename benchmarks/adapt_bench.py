@@ -2,6 +2,9 @@
 
     python benchmarks/adapt_bench.py [--steps 24] [--threads 2] [--budget 600M] [--json OUT.json]
     python benchmarks/adapt_bench.py --adapters-from DIR --serve-only   # section 5 on an earlier run's adapters
+    python benchmarks/adapt_bench.py --adapters-from DIR --merge-only   # section 6 on an earlier run's adapters
+    python benchmarks/adapt_bench.py --checkpointing-only [--ckpt-steps 4] [--ckpt-pairs 1]   # section 7
+    python benchmarks/adapt_bench.py --budget-only [--steps 20]        # sections 1 and 3
 
 Each training run is its own `ondevice adapt --json` process, so its peak RSS is its own. Figures:
 1. budgeted sparse LoRA (--budget) vs all-module LoRA (every module of every layer, rank 8): held-out loss
@@ -13,7 +16,12 @@ Each training run is its own `ondevice adapt --json` process, so its peak RSS is
 4. llama.cpp with the adapter vs torch: identical greedy sequences, token agreement, logit differences;
 5. serving: aggregate tok/s of 8 streams, base only vs base + 2 adapters (3 base, 3 +all, 2 +budget: one
    decode per adapter set each step), alternated on one server; and why, from llama_decode itself: a decode
-   of 8 base rows vs the three decodes (3/3/2 rows) of a mixed step, and what switching adapters costs.
+   of 8 base rows vs the three decodes (3/3/2 rows) of a mixed step, and what switching adapters costs;
+6. merge: the budgeted adapter folded into the base (`ondevice adapt merge`, F16 where adapted) vs base + adapter
+   in llama.cpp: identical greedy tokens on the held-out prompts, logit differences, and decode tok/s of the
+   base, base + adapter and the merged model;
+7. gradient checkpointing: peak RSS and seconds per step of the same run (every module of every layer, rank 8)
+   with --checkpointing off and on, alternated --ckpt-pairs times.
 The machine is shared: the load average is printed, and every comparison is between runs of this script.
 """
 
@@ -57,7 +65,14 @@ def adapt_run(data: Path, out: Path, args: list[str], threads: int, cap: str | N
     r["wall"] = time.perf_counter() - t0
     print(f"  {r['cmd']}\n    loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}, "
           f"{r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, "
-          f"{r['trainable_params']:,} params, {r['wall']:.0f} s", flush=True)
+          f"{r['trainable_params']:,} params, {r['wall']:.0f} s" + (", gradient checkpointing" if r.get("checkpointing")
+                                                                   else ""), flush=True)
+    if r.get("plan_info"):
+        pi = r["plan_info"]
+        print(f"    plan: layers {pi['lowest_layer']}-, {pi['n_modules']} tensors, {pi['score_share']:.0%} of the gradient "
+              f"mass, estimated peak {pi['estimated_peak_bytes'] / 2**20:.0f} MiB; without/with checkpointing: "
+              + ", ".join(f"{k} from layer {v['lowest_layer']} ({v['score_share'] or 0:.0%})"
+                          for k, v in pi.get("checkpointing", {}).items()), flush=True)
     return r
 
 
@@ -183,6 +198,67 @@ def serving(a, tmp: Path) -> dict:
     return {"serve_pairs": pairs, "serve_ratio_median": med, "decode_ms": costs}
 
 
+def decode_tps(model: str, adapter: str | None, threads: int, n: int = 64) -> float:
+    """Decode tok/s of one greedy generation of ``n`` tokens (EOS ignored)."""
+    import ondevice
+
+    m = ondevice.load(model, n_ctx=256, n_threads=threads, adapters=(adapter,) if adapter else ())
+    try:
+        return m.generate("Once upon a time", chat_template=False, temp=0.0, max_tokens=n,
+                          ignore_eos=True).last.generation_tps
+    finally:
+        m.close()
+
+
+def merging(a, tmp: Path, test_rows: list[dict]) -> dict:
+    """Section 6: each adapter of --merge-adapters merged in each type of --merge-types."""
+    from ondevice.adapt.check import merged_agreement
+    from ondevice.adapt.merge import merge
+
+    print("6. adapters merged into the base vs base + adapter, both in llama.cpp", flush=True)
+    out, models = {}, {"base": (a.base, None)}
+    for name in a.merge_adapters.split(","):
+        adapter = str(tmp / f"{name}.gguf")
+        models[f"base + {name}"] = (a.base, adapter)
+        for t in a.merge_types.split(","):
+            dest = tmp / f"merged-{name}-{t}.gguf"
+            t0 = time.perf_counter()
+            mg = merge(adapter, dest, out_type=t)
+            print(f"  ondevice adapt merge {adapter} -o {dest} --type {t}: {mg['tensors_merged']} tensors, "
+                  f"{time.perf_counter() - t0:.1f} s, {mg['size_bytes'] / 2**20:.1f} MiB (base "
+                  f"{mg['base_size_bytes'] / 2**20:.1f} MiB); requantized to Q4_1, the rounding error would be "
+                  f"{mg['requantize_loss_share']:.2f}x the adapter's whole change (L1)", flush=True)
+            ag = merged_agreement(dest, a.base, adapter, [r["input"] for r in test_rows[:20]], n_tokens=12,
+                                  threads=a.threads)
+            print(f"    {ag['identical_generations']}/{ag['prompts']} identical greedy generations "
+                  f"({ag['token_agreement']:.1%} of base + adapter's tokens predicted); logits max |diff| "
+                  f"{ag['logit_max_abs_diff']:.3f}, mean {ag['logit_mean_abs_diff']:.4f}", flush=True)
+            out[f"{name}-{t}"] = {"merge": mg, "agreement": ag}
+            models[f"merged {name} {t}"] = (str(dest), None)
+    tps: dict[str, list[float]] = {}
+    for _ in range(a.merge_rounds):  # alternated: the machine's load of the moment is shared
+        for k, (model, ad) in models.items():
+            tps.setdefault(k, []).append(decode_tps(model, ad, a.threads))
+    print("  decode tok/s (64 tokens, greedy): " + ", ".join(f"{k} {max(v):.1f}" for k, v in tps.items())
+          + f" (best of {a.merge_rounds}); load average {os.getloadavg()}", flush=True)
+    return {"merges": out, "merge_tps": tps}
+
+
+def checkpointing(a, train: Path, tmp: Path) -> dict:
+    """Section 7."""
+    print("7. gradient checkpointing off vs on (every module of every layer, rank 8)", flush=True)
+    args = ["--steps", str(a.ckpt_steps), "--max-len", "64", "--batch", "4", "--modules", "all", "--rank", "8"]
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(a.ckpt_pairs):
+        for mode in ("off", "on"):
+            runs[mode].append(adapt_run(train, tmp / f"ckpt-{mode}.gguf", [*args, "--checkpointing", mode], a.threads))
+    off, on = (min(r["peak_rss_bytes"] for r in runs[k]) for k in ("off", "on"))
+    s_off, s_on = (min(r["seconds_per_step"] for r in runs[k]) for k in ("off", "on"))
+    print(f"  peak RSS {on / 2**20:.0f} vs {off / 2**20:.0f} MiB ({on / off:.2f}x); {s_on:.2f} vs {s_off:.2f} s/step "
+          f"({s_on / s_off:.2f}x; best of {a.ckpt_pairs}); load average {os.getloadavg()}", flush=True)
+    return {"checkpointing": runs}
+
+
 def train_and_compare(a, train: Path, tmp: Path) -> dict:
     """Sections 1 and 2, each training run its own process."""
     common = ["--steps", str(a.steps), "--max-len", "64", "--batch", "4"]
@@ -200,6 +276,8 @@ def train_and_compare(a, train: Path, tmp: Path) -> dict:
           f"{(full['peak_rss_bytes'] - fixed) / 2**20:.0f} MiB = "
           f"{(sparse['peak_rss_bytes'] - fixed) / max(1, full['peak_rss_bytes'] - fixed):.2f}", flush=True)
     out.update(all=full, budget=sparse)
+    if a.budget_only:
+        return out
     print("2. bf16 vs fp32 (top 6 layers, q+v, rank 8)", flush=True)
     small = ["--steps", "3", "--max-len", "64", "--batch", "4", "--layers", "24-29", "--modules", "attn_q,attn_v"]
     f32 = adapt_run(train, tmp / "f32.gguf", [*small, "--precision", "fp32"], a.threads)
@@ -209,6 +287,18 @@ def train_and_compare(a, train: Path, tmp: Path) -> dict:
           f"{f32['heldout_loss_after']:.4f}", flush=True)
     out.update(fp32=f32, bf16=b16)
     return out
+
+
+def task(a, tmp: Path, test_rows: list[dict]) -> dict:
+    """Section 3."""
+    print("3. the task (ISO dates, exact match on held-out prompts) and general perplexity", flush=True)
+    cases = (("base", None), ("all", str(tmp / "all.gguf")), ("budget", str(tmp / "budget.gguf")))
+    score = {k: exact_match(a.base, p, test_rows, a.threads) for k, p in cases}
+    ppl = {k: perplexity(a.base, p, a.threads) for k, p in cases}
+    for k, s in score.items():
+        print(f"  {k:7s} exact match {s:.1%}  PPL(pydoc, 8x256) {ppl[k]:.3f} ({ppl[k] / ppl['base'] - 1:+.1%})",
+              flush=True)
+    return {"score": score, "ppl": ppl}
 
 
 def main() -> int:
@@ -222,6 +312,14 @@ def main() -> int:
     ap.add_argument("--adapters-from", default=None, metavar="DIR",
                     help="skip sections 1-2 and use all.gguf and budget.gguf of an earlier run's directory")
     ap.add_argument("--serve-only", action="store_true", help="with --adapters-from: only section 5")
+    ap.add_argument("--merge-only", action="store_true", help="with --adapters-from: only section 6")
+    ap.add_argument("--merge-rounds", type=int, default=3, help="decode tok/s rounds in section 6")
+    ap.add_argument("--merge-adapters", default="budget", help="section 6: which of budget,all to merge")
+    ap.add_argument("--merge-types", default="f16,q8_0", help="section 6: merged tensor types")
+    ap.add_argument("--checkpointing-only", action="store_true", help="only section 7")
+    ap.add_argument("--budget-only", action="store_true", help="only sections 1 and 3")
+    ap.add_argument("--ckpt-steps", type=int, default=4, help="training steps per run in section 7")
+    ap.add_argument("--ckpt-pairs", type=int, default=1, help="off/on pairs in section 7")
     ap.add_argument("--serve-rounds", type=int, default=3, help="base-only/mixed pairs in section 5")
     ap.add_argument("--no-cap", dest="cap", action="store_false",
                     help="do not run the budgeted training in a memory cgroup capped at the budget")
@@ -229,27 +327,27 @@ def main() -> int:
     from ondevice.models import resolve
 
     base = a.base = str(resolve(None).path)
-    if a.serve_only and not a.adapters_from:
-        ap.error("--serve-only needs --adapters-from DIR (with all.gguf and budget.gguf)")
+    if (a.serve_only or a.merge_only) and not a.adapters_from:
+        ap.error("--serve-only and --merge-only need --adapters-from DIR (with all.gguf and budget.gguf)")
     tmp = Path(a.adapters_from or tempfile.mkdtemp(prefix="adapt-bench-"))
     train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1), tmp / "train.jsonl")
     test_rows = tasks.iso_dates(a.test, seed=2)
     print(f"load average at start: {os.getloadavg()}")
     out: dict = {"load_start": os.getloadavg()}
+    if a.checkpointing_only:
+        out.update(checkpointing(a, train, tmp))
+        return _finish(a, out)
     if a.adapters_from is None:
         out.update(train_and_compare(a, train, tmp))
     if a.serve_only:
         out.update(serving(a, tmp))
         return _finish(a, out)
-    print("3. the task (ISO dates, exact match on held-out prompts) and general perplexity", flush=True)
-    score = {k: exact_match(base, p, test_rows, a.threads) for k, p in
-             (("base", None), ("all", str(tmp / "all.gguf")), ("budget", str(tmp / "budget.gguf")))}
-    ppl = {k: perplexity(base, p, a.threads) for k, p in
-           (("base", None), ("all", str(tmp / "all.gguf")), ("budget", str(tmp / "budget.gguf")))}
-    for k, s in score.items():
-        print(f"  {k:7s} exact match {s:.1%}  PPL(pydoc, 8x256) {ppl[k]:.3f} ({ppl[k] / ppl['base'] - 1:+.1%})",
-              flush=True)
-    out.update(score=score, ppl=ppl)
+    if a.merge_only:
+        out.update(merging(a, tmp, test_rows))
+        return _finish(a, out)
+    out.update(task(a, tmp, test_rows))
+    if a.budget_only:
+        return _finish(a, out)
     print("4. llama.cpp with the adapter vs torch", flush=True)
     from ondevice.adapt.check import agreement
 
@@ -259,6 +357,8 @@ def main() -> int:
           f"{ag['logit_mean_abs_diff']:.4f}", flush=True)
     out["agreement"] = ag
     out.update(serving(a, tmp))
+    out.update(merging(a, tmp, test_rows))
+    out.update(checkpointing(a, train, tmp))
     return _finish(a, out)
 
 

@@ -104,6 +104,17 @@ def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path):
     assert not list(tmp_path.glob("*m.gguf*"))  # nothing left behind
 
 
+def test_merge_without_out_stores_a_model_that_runs_by_name(home, cli):
+    r = cli("adapt", "merge", "live", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["name"] == "smollm2-135m-instruct-live" and rec["tensors_merged"] == 2 and rec["type"] == "f16"
+    assert rec["path"] == str(home / "models" / "smollm2-135m-instruct-live.gguf")
+    assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no temp file left
+    r = cli("run", "-m", "smollm2-135m-instruct-live", "-n", "2", "--temp", "0", "Hello")
+    assert r.returncode == 0, r.stderr
+
+
 def test_merged_weight_is_base_plus_scaled_lora():
     rng = np.random.default_rng(0)
     w, a, b = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (2, 5), (6, 2)))

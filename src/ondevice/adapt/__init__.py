@@ -1,8 +1,8 @@
 """``ondevice adapt``: LoRA fine-tuning on the CPU under a memory budget, exported as a llama.cpp adapter GGUF.
 
 The torch side (model.py, train.py, budget.py, check.py) needs the ``adapt`` extra
-(``pip install 'ondevice[adapt]'``); data.py and adapter_file.py do not, so the engine can check and load
-adapters without torch.
+(``pip install 'ondevice[adapt]'``); data.py, adapter_file.py, store.py (adapters by name) and merge.py
+(an adapter folded into its base) do not, so the engine can find, check and load adapters without torch.
 """
 
 from __future__ import annotations

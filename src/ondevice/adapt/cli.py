@@ -138,8 +138,8 @@ def merge_adapter(args: argparse.Namespace) -> int:
     lost = r["requantize_loss_share"]
     print(f"merged {r['tensors_merged']} tensors of {Path(r['adapter']).stem} into {Path(r['base']).name} "
           f"({r['type']}): {r['path']}, {r['size_bytes'] / 2**20:.1f} MiB (base {r['base_size_bytes'] / 2**20:.1f} "
-          f"MiB)" + ("" if lost is None else f"; requantized to the base's own types it would lose "
-                                                  f"{lost:.0%} of the adapter's change"))
+          f"MiB)" + ("" if lost is None else f"; requantized to the base's own types, the rounding error would be "
+                                                  f"{lost:.2f}x the adapter's whole change (L1)"))
     if "agreement" in r:
         a = r["agreement"]
         print(f"merged vs base + adapter in llama.cpp: {a['identical_sequences']}/{a['prompts']} identical greedy "

@@ -4,7 +4,8 @@
 Each adapted tensor W (out, in) becomes ``dequant(W) + alpha/r * B @ A`` in fp32, written as F16 (as
 llama-export-lora writes every merged tensor; ``q8_0`` halves that), and every other tensor and metadata key is
 copied byte for byte. Requantizing to the base's own Q4_1 is not offered: a trained delta is mostly smaller
-than half a Q4_1 step, so most of it would round away (``merge`` reports how much would). numpy and gguf-py
+than half a Q4_1 step, so requantizing adds a rounding error as large as the whole change (``merge`` reports
+the ratio: 1.2x for the budgeted ISO-date adapter). numpy and gguf-py
 only (gguf-py's dequantizers are the reference llama.cpp's are tested against): no torch.
 """
 
@@ -122,7 +123,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # share of the adapter's change (L1) a requantize to the base's own block types would lose
+    # a requantize to the base's own block types: its rounding error (L1) over the adapter's whole change
     requant_loss = sum(x for x, _ in lost) / max(1e-30, sum(y for _, y in lost)) if lost else None
     return {"path": str(where), "name": None if dest else name, "base": str(base), "adapter": str(apath),
             "tensors_merged": len(pairs), "type": out_type, "size_bytes": Path(where).stat().st_size,

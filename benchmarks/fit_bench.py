@@ -2,6 +2,9 @@
 
     python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2] [--fit-only]
 
+``--kld-models``: no measuring; each plan validated so far (cached) against every KLD model's leave-one-out
+prediction (``ondevice.fit.interact``), and the model the next fit would use.
+
 ``--fit-only``: only section 1's whole fit (the stock Q4_K_M file is quantized for its size, not measured),
 with its time per phase: the command that gives a whole fit's wall time.
 
@@ -48,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the whole fit and its time per phase (no stock presets, no further fits)")
     ap.add_argument("--imatrix-stock", default=",".join(IMATRIX_STOCK),
                     help="stock types also measured with the fit's importance matrix")
+    ap.add_argument("--kld-models", action="store_true",
+                    help="only the KLD models' leave-one-out predictions over the plans cached for this model "
+                         "(no measuring): which model the next fit would use, and why")
     args = ap.parse_args(argv)
 
     import ondevice
@@ -60,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(m, flush=True)
     src = resolve(args.model)
     ref, note = _reference(src, None, say)
-    _calib, heldout, _ = _texts(None)
+    calib, heldout, _ = _texts(None)
+    if args.kld_models:
+        return _kld_models(ref, calib)
     tmp = fit_dir() / "bench"
     tmp.mkdir(exist_ok=True)
     print(f"# fit_bench: {src.name}, threads {args.threads}, load average {os.getloadavg()}")
@@ -170,6 +178,41 @@ def _predicted_vs_measured(first) -> None:
         print(f"   tg {p['tg']:.1f} [{p['tg_table']:.1f}] -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); "
               f"pp {p['pp']:.1f} [{p['pp_table']:.1f}] -> {m['pp']:.1f} ({m['pp'] / p['pp'] - 1:+.0%}); "
               f"KLD(calib) {p['kld']:.4f} [sum {p['kld_additive']:.4f}] -> {m['kld_calib']:.4f}; {c.summary()}")
+
+
+def _kld_models(ref, calib: Path) -> int:
+    """Each measured multi-group plan's calibration KLD against every model's leave-one-out prediction."""
+    import hashlib as _h
+    from collections import Counter
+
+    from ondevice.eval.api import model_sha256
+    from ondevice.fit.interact import MODELS, _fit, choose_model, measured_plans
+    from ondevice.fit.measure import Cache, fit_dir, quality_section
+
+    entries = Cache(fit_dir() / "kld.json", quality_section(model_sha256(ref), _h.sha256(calib.read_bytes())
+                                                           .hexdigest(), 128, 4)).entries()
+    if "base" not in entries:
+        print("# no fit of this model measured on the default calibration text yet")
+        return 1
+    base = entries["base"]["kld"]
+    ims = Counter(k.partition("|")[2] for k in entries if ";" in k.partition("|")[0])
+    im = ims.most_common(1)[0][0].removeprefix("imatrix=") if ims else ""
+    singles = {}
+    for k, r in entries.items():
+        low, _, i = k.partition("|")
+        if i.removeprefix("imatrix=") == im and low != "base" and ";" not in low:
+            g, t = low.split("=")
+            singles[(g, t)] = max(0.0, r["kld"] - base)
+    plans = measured_plans(entries, base, im or None, {g for g, _ in singles})
+    m = choose_model(singles, plans)
+    print(f"# KLD model over the cached plans (imatrix {im or 'none'}): {m.describe()}")
+    print("| plan | measured | " + " | ".join(MODELS) + " |\n|---|---:|" + "---:|" * len(MODELS))
+    for i, (ps, d) in enumerate(plans):
+        rest = plans[:i] + plans[i + 1:]
+        preds = [sum(_fit(n, singles, rest)[p] for p in ps) + base for n in MODELS]
+        print(f"| {', '.join(f'{g}={t}' for g, t in ps)} | {d + base:.4f} | "
+              + " | ".join(f"{v:.4f}" for v in preds) + " |")
+    return 0
 
 
 def _store(family: str, first, stock: dict, cands: list, threads: int) -> None:

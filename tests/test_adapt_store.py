@@ -105,7 +105,7 @@ def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path):
 
 
 def test_merge_without_out_stores_a_model_that_runs_by_name(home, cli):
-    r = cli("adapt", "merge", "live", "--json")
+    r = cli("adapt", "merge", "live", "--type", "f16", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["name"] == "smollm2-135m-instruct-live" and rec["tensors_merged"] == 2 and rec["type"] == "f16"
@@ -113,6 +113,9 @@ def test_merge_without_out_stores_a_model_that_runs_by_name(home, cli):
     assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no temp file left
     r = cli("run", "-m", "smollm2-135m-instruct-live", "-n", "2", "--temp", "0", "Hello")
     assert r.returncode == 0, r.stderr
+    from ondevice.models.gguf_check import validate_gguf
+
+    assert {t.type_name for t in validate_gguf(rec["path"]).tensors if "attn_v" in t.name} == {"Q4_1", "F16"}
 
 
 def test_merged_weight_is_base_plus_scaled_lora():

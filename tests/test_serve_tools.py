@@ -95,3 +95,16 @@ def test_qwen_streams_tool_call_deltas(qwen):
     assert json.loads("".join(d.function.arguments for d in deltas)) == {"city": "Paris"}
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # nothing as content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+@needs_qwen
+def test_qwen_tool_choice_none_offers_no_tools(qwen):
+    """``none``: the model is not shown the tools (OpenAI: it "will not call any tool"), so Qwen's template
+    renders the request as if it had none and no call comes back, as a call or as text."""
+    none = _ask(qwen, "What is the weather in Paris?", tool_choice="none")
+    plain = qwen.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                                         temperature=0, max_tokens=40)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    ch = none.choices[0]
+    assert not ch.message.tool_calls and "<tool_call>" not in (ch.message.content or "")
+    assert ch.message.content == plain.choices[0].message.content

@@ -254,7 +254,8 @@ class Runner:
         st = self.state
         plan = structured.plan(req, st.model.template)
         messages = message_dicts(req.messages)
-        tools = [t.model_dump() for t in req.tools] if req.tools else None
+        # tool_choice none: the model is not shown the tools (a template that renders them would invite calls)
+        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
         loop = asyncio.get_running_loop()
         cascade = st.cascade if st.cascade is not None and st.cascade.applies(req, plan) else None
 

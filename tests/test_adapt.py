@@ -289,8 +289,8 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
     from ondevice.store import Store
 
     db = tmp_path / "store.sqlite"
-    out = tmp_path / "deferred.gguf"
-    args = ("adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "-o", str(out), "--steps", "1",
+    out = tmp_path / "home" / "adapters" / "hard.gguf"  # stored by name in the cli fixture's home
+    args = ("adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "--name", "hard", "--steps", "1",
             "--layers", "29", "--modules", "attn_q", "--max-len", "48", "--heldout", "0")
     r = cli(*args)
     assert r.returncode == 2 and "no hard samples" in r.stderr
@@ -301,9 +301,13 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
                               device_answer="?", cloud_answer=a)
     r = cli(*args)
     assert r.returncode == 0, r.stderr
+    assert "use it: ondevice run --adapter hard" in r.stderr
     meta = adapter_file.read_meta(out)
     assert meta["ondevice.adapter.data_sha256"] == sha256_file(f"{out}.deferred.jsonl")
     assert len(data.read_jsonl(f"{out}.deferred.jsonl")) == 3
+    (row,) = json.loads(cli("adapt", "list", "--json").stdout)
+    assert row["name"] == "hard" and row["steps"] == 1 and row["tensors"] == 1 and row["base_sha256"] == \
+        cached_sha256(smol_path)
 
 
 @needs_torch

@@ -19,8 +19,9 @@ def require_torch() -> None:
 
 
 def adapt(data: str, **kw) -> dict:
-    """Train a LoRA adapter on ``data`` (JSONL) and export it; keyword args are :class:`AdaptConfig` fields.
-    Returns the run's figures (loss, held-out loss before/after, s/step, peak RSS, the plan)."""
+    """Train a LoRA adapter on ``data`` (JSONL) and export it (to ``out``, else into the adapter store as ``name``,
+    by default the data file's name); keyword args are :class:`AdaptConfig` fields. Returns the run's figures
+    (loss, held-out loss before/after, s/step, peak RSS, the plan)."""
     require_torch()
     from .train import AdaptConfig, train
 

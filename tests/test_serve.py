@@ -479,3 +479,23 @@ def test_presserialised_token_event_equals_the_model_serialisation():
         a, b = fast(text), _sse(make(text))
         assert a.startswith(b"data: ") and a.endswith(b"\n\n")
         assert _json.loads(a[6:]) == _json.loads(b[6:])
+
+
+def test_a_model_that_fails_to_load_leaves_the_port_free(tmp_path):
+    """BackgroundServer binds first, then loads: a failed load must close the socket, not keep the port."""
+    import socket
+
+    from ondevice.errors import OndeviceError
+
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"this is not a GGUF file")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        BackgroundServer(ServeSettings(model=str(bad), port=port))
+    except OndeviceError:  # bind while the error (its traceback holds the server's frame) is still alive
+        with socket.socket() as again:  # no SO_REUSEADDR: fails while a listening socket holds the port
+            again.bind(("127.0.0.1", port))
+    else:
+        pytest.fail("a server started on a file that is not a GGUF")

@@ -68,7 +68,11 @@ class BackgroundServer:
         import uvicorn
 
         self.sock = _bind(settings.host, settings.port)
-        self.app, self.state = build_app(settings)
+        try:
+            self.app, self.state = build_app(settings)
+        except BaseException:  # a model that fails to load must not leave its port bound
+            self.sock.close()
+            raise
         host, port = self.sock.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))

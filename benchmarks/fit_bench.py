@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         except ondevice.OndeviceError as e:
             print(f"# no fitted variant at {name}'s size: {e}")
 
-    fitted = [c.measured for c in fitted_cands]
+    # one row per plan: the per-size fits validate a plan again when it is the best at several sizes
+    fitted = list({tuple(sorted(c.plan.items())): c.measured for c in fitted_cands}.values())
     took = "not measured (--resume)" if args.resume else f"{fit_s:.0f} s (goal <= 600 s)"
     print(f"\n## whole fit: {took}, load average now {os.getloadavg()[0]:.1f}; "
           f"imatrix {'used' if im.get('used') else 'not used'} (held-out KLD {im.get('kld_without', 0):.4f} "

@@ -6,7 +6,12 @@ Keys and the direction each may be bounded in:
   KiB/MiB/GiB (powers of 1024);
 - ``tg`` (decode tok/s) and ``pp`` (prompt tok/s) ``>=``: a number, or ``1.1x`` = 1.1 times the shipped
   file's speed measured on this device;
-- ``kld`` (mean KL divergence from the family's F16 on the calibration text) ``<=``.
+- ``kld`` (mean KL divergence from the family's F16 on the calibration text) ``<=``;
+- ``score`` (the ``--quality SUITE`` score, 0..1) ``>=``: a number, or ``0.9x`` = 0.9 times the reference's
+  score. No plan's score is predicted: it is checked on the validated candidates only.
+
+A memory-capped ``--profile`` adds a ceiling of its own on the file size (``fits``, not written by the user:
+the cap less what the runtime measured under it needs besides the weights).
 
 ``<`` and ``>`` are accepted as ``<=`` and ``>=`` (measurements are not exact enough to tell them apart).
 """
@@ -23,7 +28,7 @@ _ITEM = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>|=<|=>)\s*([^\s]+)\s*$", re.IGNORE
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb|kib|mib|gib)?$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _UPPER = {"size", "kld"}  # bounded from above
-_LOWER = {"tg", "pp"}  # bounded from below
+_LOWER = {"tg", "pp", "score"}  # bounded from below
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,9 @@ class Budget:
     kld: float | None = None
     tg_rel: float | None = None
     pp_rel: float | None = None
+    score: float | None = None
+    score_rel: float | None = None
+    fits: int | None = None  # the largest file the device profile's memory holds (bytes)
     text: str = ""
 
     def resolved(self, shipped_tg: float | None, shipped_pp: float | None) -> Budget:
@@ -49,17 +57,30 @@ class Budget:
             out = replace(out, pp=max(out.pp or 0.0, self.pp_rel * shipped_pp))
         return out
 
+    def scored(self, reference_score: float | None) -> Budget:
+        """A relative score bound turned into a score with the reference's measured one."""
+        from dataclasses import replace
+
+        if self.score_rel is None or reference_score is None:
+            return self
+        return replace(self, score=max(self.score or 0.0, self.score_rel * reference_score))
+
     def violations(self, m: dict) -> list[str]:
-        """The constraints ``m`` (keys size, tg, pp, kld) breaks, as ``"tg 93.1 < 100"`` strings."""
+        """The constraints ``m`` (keys size, tg, pp, kld, score) breaks, as ``"tg 93.1 < 100"`` strings; a
+        score bound is checked only where ``m`` has a score (measured, never predicted)."""
         out = []
         if self.size is not None and m["size"] > self.size:
             out.append(f"size {m['size'] / 1e6:.1f}MB > {self.size / 1e6:.1f}MB")
+        if self.fits is not None and m["size"] > self.fits:
+            out.append(f"size {m['size'] / 1e6:.1f}MB > {self.fits / 1e6:.1f}MB (the device profile's memory)")
         for key in ("tg", "pp"):
             lim = getattr(self, key)
             if lim is not None and m.get(key) is not None and m[key] < lim:
                 out.append(f"{key} {m[key]:.1f} < {lim:.1f} tok/s")
         if self.kld is not None and m["kld"] > self.kld:
             out.append(f"kld {m['kld']:.4f} > {self.kld:g}")
+        if self.score is not None and m.get("score") is not None and m["score"] < self.score:
+            out.append(f"score {m['score']:.3f} < {self.score:.3f}")
         return out
 
     def describe(self) -> str:
@@ -91,7 +112,7 @@ def parse_budget(text: str | Budget | None) -> Budget:
             raise InvalidArgument(f"--budget item {part.strip()!r} is not KEY<=VALUE or KEY>=VALUE; {_EXAMPLE}")
         key, op, raw = m.group(1).lower(), m.group(2).replace("=<", "<=").replace("=>", ">="), m.group(3)
         if key not in _UPPER | _LOWER:
-            raise InvalidArgument(f"--budget key {key!r} is unknown; use size, tg, pp or kld; {_EXAMPLE}")
+            raise InvalidArgument(f"--budget key {key!r} is unknown; use size, tg, pp, kld or score; {_EXAMPLE}")
         if key in fields or f"{key}_rel" in fields:
             raise InvalidArgument(f"--budget bounds {key} twice; give each key once")
         if key in _UPPER and op.startswith(">") or key in _LOWER and op.startswith("<"):

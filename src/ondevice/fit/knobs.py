@@ -6,7 +6,8 @@ times them on the chosen file, one knob at a time from the default (a grid would
 takes each one that is faster than the default by more than the bench's own spread, and benches the
 combination once more: what is reported is that measurement, never a sum of gains. A quantized KV cache
 (q8_0, which needs flash attention for V) is timed and shown too, but not chosen: it changes the output,
-and the fit's KLD does not measure it.
+and the fit's KLD does not measure it. Under a device profile every trial runs under it, and thread counts
+above the profile's are not tried (that device does not have them).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def _faster(a: dict, b: dict, key: str) -> bool:
 
 
 def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: int, key: str = "tg",
-         say=print) -> dict:
+         say=print, profile=None) -> dict:
     """Time ``path`` at the default knobs and one knob changed at a time; bench the chosen combination.
 
-    ``key``: what "faster" means (``tg`` decode or ``pp`` prompt tok/s). Returns ``{"rows": [(what, knobs,
+    ``key``: what "faster" means (``tg`` decode or ``pp`` prompt tok/s); ``profile``: a ``fit.profile.FitProfile``
+    the benches run under. Returns ``{"rows": [(what, knobs,
     speed)], "chosen": knobs dict, "measured": speed}``.
     """
     import ondevice
@@ -51,11 +53,16 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
 
     def run(k: Knobs) -> dict:
         s = k.settings()
+        if profile is not None and profile.spec:
+            s["profile"] = profile.spec
         return speed_of(ondevice.bench([str(path)], ",".join(tests), repetitions=repetitions, store=False,
                                        roofline=False, **{n: [v] for n, v in s.items()}))
 
     default = Knobs(threads)
-    trials = [(f"threads {t}", Knobs(t)) for t in range(1, physical_cores() + 1) if t != threads]
+    most = physical_cores()
+    if profile is not None and (profile.profile.threads or profile.profile.cpu_affinity):
+        most = min(most, profile.profile.resolved_threads())
+    trials = [(f"threads {t}", Knobs(t)) for t in range(1, most + 1) if t != threads]
     trials += [("flash attention on", Knobs(threads, flash_attn=True)),
                ("ubatch 128", Knobs(threads, n_ubatch=128)),
                ("KV q8_0 (+ flash attention; output changes: not chosen)", Knobs(threads, True, 512, "q8_0"))]

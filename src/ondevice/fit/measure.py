@@ -4,15 +4,19 @@ Every number the planner uses comes from here and every one is cached, so ``--re
 not measure anything twice:
 
 - speed (the device's per-type table, OHQ's on-chip cost): decode and prompt tok/s of whole-model variants
-  from ``ondevice.bench`` in its child process. Cached per machine and llama.cpp build (the same identity the
-  kernel self-test cache uses) in ``<data dir>/fit/speed.json`` and reused by every later fit on this device,
-  like the roofline probe; ``reprobe=True`` measures again;
+  from ``ondevice.bench`` in its child process, under a device profile when one is given (the bench's own
+  mechanism: threads, CPU affinity and a memory cap applied in the worker). Cached per machine, llama.cpp
+  build and profile (the same identity the kernel self-test cache uses, plus the profile) in
+  ``<data dir>/fit/speed.json`` and reused by every later fit on this device, like the roofline probe;
+  ``reprobe=True`` measures again;
 - quality: mean KL divergence from the reference on a text, from ``ondevice.evaluate`` (which caches the
   reference's compact logits). Cached per reference, text and chunking in ``<data dir>/fit/kld.json``; reused
-  only with ``resume=True`` (or by the device-independent benchmark).
+  only with ``resume=True`` (or by the device-independent benchmark);
+- task score (``--quality SUITE``): an ``ondevice eval`` suite's score of a validated file, cached like KLD
+  per reference, suite, limit and seed.
 
-Bench and eval results are read by :func:`speed_of` and :func:`kld_of` only: the one place that knows their
-record fields.
+Bench and eval results are read by :func:`speed_of`, :func:`kld_of` and :func:`score_of` only: the one place
+that knows their record fields.
 """
 
 from __future__ import annotations
@@ -42,27 +46,47 @@ def plan_key(plan: dict[str, str], imatrix: str | None = None) -> str:
 
 
 def speed_of(records) -> dict:
-    """``{"tg", "tg_std", "pp", "pp_std", "noisy", "load"}`` from bench records (dicts or typed)."""
+    """``{"tg", "tg_std", "pp", "pp_std", "noisy", "load", "peak_rss", "rss_model", "limits"}`` from bench
+    records (dicts or typed). ``limits``: what the worker applied for a device profile (None: the host)."""
     out: dict = {"noisy": False}
     for r in records:
         r = r if isinstance(r, dict) else r.to_dict()
+        if r.get("status") == "oom":
+            size = (r.get("model_size_bytes") or 0) / 1e6
+            raise OndeviceError(f"{r.get('model')} ({size:.1f} MB) ran out of memory under the device profile "
+                                f"{r.get('profile')!r}: it does not fit that device; use a profile with more "
+                                f"memory or a smaller model")
         if r.get("status") != "ok":
             raise OndeviceError(f"the bench of {r.get('model')} failed ({r.get('status')}): {r.get('error')}")
         kind = "tg" if str(r["test"]).startswith("tg") else "pp"
         out[kind], out[f"{kind}_std"] = r["tps_mean"], r["tps_std"]
         out["noisy"] = out["noisy"] or bool(r.get("noisy"))
         out["load"] = r.get("load_avg_1m") or (r.get("meta") or {}).get("load_avg_before")
+        out["peak_rss"] = max(out.get("peak_rss") or 0, r.get("peak_rss_bytes") or 0) or None
+        out["rss_model"] = max(out.get("rss_model") or 0, r.get("rss_model_bytes") or 0) or None
+        out["limits"] = (r.get("meta") or {}).get("limits")
     return out
 
 
 def kld_of(records) -> dict:
-    """``{"kld", "kld_err", "ppl", "top1"}`` from the eval's ``kld:`` record."""
+    """``{"kld", "kld_err", "ppl", "ppl_err", "ppl_ref", "top1"}`` from the eval's ``kld:`` record (``ppl_ref``:
+    the reference's perplexity on the same tokens)."""
     for r in records:
         r = r if isinstance(r, dict) else r.to_dict()
         if str(r.get("test", "")).startswith("kld:"):
-            return {"kld": r["kld_mean"], "kld_err": r["kld_err"], "ppl": r["ppl"], "top1": r["top1_agree"],
-                    "n_scored": r["n_scored"]}
+            return {"kld": r["kld_mean"], "kld_err": r["kld_err"], "ppl": r["ppl"], "ppl_err": r.get("ppl_err"),
+                    "ppl_ref": r.get("ppl_ref"), "top1": r["top1_agree"], "n_scored": r["n_scored"]}
     raise OndeviceError("the eval returned no KLD record")
+
+
+def score_of(records) -> dict:
+    """``{"score", "coverage", "n_items", "categories"}`` from the eval's ``suite:`` record."""
+    for r in records:
+        r = r if isinstance(r, dict) else r.to_dict()
+        if str(r.get("test", "")).startswith("suite:"):
+            return {"score": r["score"], "coverage": r.get("coverage"), "n_items": r.get("n_items"),
+                    "categories": r.get("categories")}
+    raise OndeviceError("the eval returned no suite record")
 
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -111,10 +135,15 @@ class Cache:
             write_json(self.path, data)
 
 
-def device_section(model_sha: str, threads: int, tests: tuple[str, ...], repetitions: int) -> str:
+def device_section(model_sha: str, threads: int, tests: tuple[str, ...], repetitions: int,
+                   profile: dict | None = None) -> str:
+    """The speed cache's section: machine and build, the model, the bench settings and the device profile
+    (``DeviceProfile.to_dict()``; None for the host, whose sections stay as they were before profiles)."""
     from ..device.kernels import _key
 
     ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}"
+    if profile is not None:
+        ident += "|profile=" + json.dumps(profile, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
@@ -165,6 +194,7 @@ class Meter:
     eval_threads: int = 1  # KLD does not depend on threads; one thread suffers least from busy cores
     jobs: int = 1
     seen: set = field(default_factory=set)
+    profile: str | None = None  # a device profile spec the benches run under (None: the host)
     built: int = 0
     reused: int = 0
 
@@ -216,8 +246,9 @@ class Meter:
             return hit
         import ondevice
 
+        prof = {"profile": [self.profile]} if self.profile else {}
         res = speed_of(ondevice.bench([str(path)], ",".join(self.tests), threads=self.threads,
-                                      repetitions=self.repetitions, store=False, roofline=False))
+                                      repetitions=self.repetitions, store=False, roofline=False, **prof))
         self.speed_cache.put(key, res)
         self.seen.add((self.speed_cache.section, key))
         return res
@@ -235,6 +266,20 @@ class Meter:
 
         res = kld_of(ondevice.evaluate(str(path), ref=str(self.ref), text=str(text), ctx=ctx, chunks=chunks,
                                        threads=self.eval_threads, store=False))
+        cache.put(key, res)
+        self.seen.add((cache.section, key))
+        return res
+
+    def score(self, cache: Cache, key: str, path: Path, suite: str, limit: int | None) -> dict:
+        """``suite``'s score of ``path`` on ``limit`` items (greedy; cached like :meth:`kld`)."""
+        hit = self._kld_hit(cache, key)
+        if hit is not None:
+            self._count("reused")
+            return hit
+        import ondevice
+
+        res = score_of(ondevice.evaluate(str(path), suite=suite, limit=limit, threads=self.eval_threads,
+                                         store=False))
         cache.put(key, res)
         self.seen.add((cache.section, key))
         return res

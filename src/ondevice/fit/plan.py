@@ -170,9 +170,10 @@ def choose(front: list[Candidate], budget: Budget, n: int) -> list[Candidate]:
 def _excess(budget: Budget, m: dict) -> float:
     """How far ``m`` is from meeting ``budget``: the sum of relative shortfalls."""
     e = 0.0
-    if budget.size is not None:
-        e += max(0.0, m["size"] / budget.size - 1)
-    for k in ("tg", "pp"):
+    for lim in (budget.size, budget.fits):
+        if lim is not None:
+            e += max(0.0, m["size"] / lim - 1)
+    for k in ("tg", "pp", "score"):
         lim = getattr(budget, k)
         if lim is not None and m.get(k):
             e += max(0.0, lim / m[k] - 1)
@@ -185,16 +186,22 @@ def impossible(front: list[Candidate], budget: Budget, measured: bool = False) -
     """One line: which bound no variant meets (alone, or together with another), and the closest variant."""
     get = (lambda c: c.measured) if measured else (lambda c: c.predicted)
     best = {"size": min(get(c)["size"] for c in front), "kld": min(get(c)["kld"] for c in front),
-            "tg": max(get(c)["tg"] for c in front), "pp": max(get(c)["pp"] for c in front)}
+            "tg": max(get(c)["tg"] for c in front), "pp": max(get(c)["pp"] for c in front),
+            "score": max((get(c).get("score", -1.0) for c in front), default=-1.0)}
     alone = []
     if budget.size is not None and best["size"] > budget.size:
         alone.append(f"size<={budget.size / 1e6:.1f}MB (the smallest variant is {best['size'] / 1e6:.1f}MB)")
+    if budget.fits is not None and best["size"] > budget.fits:
+        alone.append(f"the device profile's memory (files up to {budget.fits / 1e6:.1f}MB fit; the smallest "
+                     f"variant is {best['size'] / 1e6:.1f}MB)")
     for k in ("tg", "pp"):
         lim = getattr(budget, k)
         if lim is not None and best[k] < lim:
             alone.append(f"{k}>={lim:.1f} (the fastest variant makes {best[k]:.1f} tok/s)")
     if budget.kld is not None and best["kld"] > budget.kld:
         alone.append(f"kld<={budget.kld:g} (the least KLD is {best['kld']:.4f})")
+    if budget.score is not None and 0 <= best["score"] < budget.score:
+        alone.append(f"score>={budget.score:.3f} (the best score is {best['score']:.3f})")
     closest = min(front, key=lambda c: _excess(budget, get(c)))
     m = get(closest)
     why = ("; ".join(alone) + " cannot be met") if alone else "its bounds cannot be met together"

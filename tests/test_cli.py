@@ -88,6 +88,17 @@ def test_run_one_word_like_a_model_name_says_how_it_was_read(cli):
     assert "'smolm2' is taken as the prompt" in r.stderr and "ondevice run smollm2-135m-instruct PROMPT" in r.stderr
 
 
+def test_run_refuses_an_unknown_model_before_the_prompt(cli):
+    # as `ollama run MODEL PROMPT`: the unknown word is not sent to the default model as part of the text
+    r = cli("run", "nosuchmodel", "Hi")
+    assert r.returncode == 2 and "unknown model 'nosuchmodel'" in r.stderr, r.stderr
+    assert 'quote them: ondevice run "nosuchmodel Hi"' in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", "smolm2", "Hi")
+    assert r.returncode == 2 and "did you mean 'smollm2-135m-instruct'?" in r.stderr, r.stderr
+    r = cli("run", "./no/such.gguf", "Hi")
+    assert r.returncode != 0 and "no such file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_typos_get_did_you_mean(cli):
     r = cli("run", "-m", "smolm2", "hello")
     assert r.returncode == 2 and "did you mean 'smollm2-135m-instruct'?" in r.stderr, r.stderr

@@ -14,8 +14,8 @@ from .records import Generation
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
-                   help="the prompt ('-' or nothing reads stdin); a known model name first picks the model, "
-                        "as `ollama run MODEL PROMPT` does")
+                   help="the prompt ('-' or nothing reads stdin); a model name first picks the model, as "
+                        "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
@@ -29,13 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def split_model_word(args: argparse.Namespace) -> str | None:
-    """``run MODEL [PROMPT]``: take a leading known model name as ``--model``; returns the prompt (or None)."""
-    from ..models.catalog import did_you_mean, is_model_name
+    """``run MODEL [PROMPT]``: take a leading known model name as ``--model``; returns the prompt (or None).
+
+    Without ``-m``, two or more words start with a model, as in ``ollama run MODEL PROMPT``: an unknown first
+    word is refused rather than silently sent as text to the default model (quoting the whole prompt, one
+    argument, sends it to the default model)."""
+    from ..errors import InvalidArgument
+    from ..models.catalog import _looks_like_path, did_you_mean, is_model_name
 
     words = list(args.words)
-    if args.model is None and words and is_model_name(words[0]):
+    if args.model is None and words and (is_model_name(words[0]) or len(words) >= 2 and _looks_like_path(words[0])):
         args.model = words.pop(0)
         args.named_model = True
+    elif args.model is None and len(words) >= 2 and not any(c.isspace() for c in words[0]):
+        close = did_you_mean(words[0])
+        hint = f"did you mean '{close}'? " if close else ""
+        text = " ".join(words).replace('"', '\\"')
+        raise InvalidArgument(f"unknown model '{words[0]}'; {hint}list models with `ondevice models`; to run the "
+                              f"default model on all the words, quote them: ondevice run \"{text}\"")
     elif len(words) == 1 and " " not in words[0] and (close := did_you_mean(words[0])):
         print(f"ondevice run: note: '{words[0]}' is taken as the prompt; for the model '{close}' run "
               f"`ondevice run {close} PROMPT`", file=sys.stderr)

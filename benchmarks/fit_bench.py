@@ -1,6 +1,9 @@
 """Goals of ``ondevice fit`` (issue 11): the fitted front against llama.cpp's stock presets, measured here.
 
-    python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2] [--fit-only]
+    python benchmarks/fit_bench.py [--model smollm2-135m-instruct] [--threads 2] [--fit-only] [--profile edge-1g]
+
+``--profile``: every bench (the fits' and the stock presets') runs under that device profile (``ondevice bench
+--profile``), its thread count the default.
 
 ``--kld-models``: no measuring; each plan validated so far (cached) against every KLD model's leave-one-out
 prediction (``ondevice.fit.interact``), and the model the next fit would use.
@@ -41,7 +44,8 @@ TESTS = ("pp128", "tg128")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="bench threads (default: the profile's, else 2)")
+    ap.add_argument("--profile", default=None, help="device profile every bench runs under (e.g. edge-1g)")
     ap.add_argument("--stock", default=",".join(STOCK))
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--resume", action="store_true",
@@ -55,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the KLD models' leave-one-out predictions over the plans cached for this model "
                          "(no measuring): which model the next fit would use, and why")
     args = ap.parse_args(argv)
+    from ondevice.errors import InvalidArgument
+    from ondevice.fit.profile import fit_profile
+
+    try:
+        prof = fit_profile(args.profile)
+    except InvalidArgument as e:
+        ap.error(str(e))
+    args.threads = prof.threads(args.threads)
+    on_profile = {"profile": [prof.spec]} if prof.spec else {}
 
     import ondevice
     from ondevice.eval.api import model_sha256
@@ -71,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return _kld_models(ref, calib)
     tmp = fit_dir() / "bench"
     tmp.mkdir(exist_ok=True)
-    print(f"# fit_bench: {src.name}, threads {args.threads}, load average {os.getloadavg()}")
+    print(f"# fit_bench: {src.name}, threads {args.threads}, "
+          f"{'profile ' + prof.describe() if prof.spec else 'no profile'}, load average {os.getloadavg()}")
     print(f"# KLD against {note}; held-out text {heldout.name} (ctx 256 x 8 chunks)")
 
     def measure(path: Path) -> dict:
         sp = speed_of(ondevice.bench([str(path)], ",".join(TESTS), threads=args.threads,
-                                     repetitions=args.repetitions, store=False, roofline=False))
+                                     repetitions=args.repetitions, store=False, roofline=False, **on_profile))
         q = kld_of(ondevice.evaluate(str(path), ref=str(ref.path), text=str(heldout), ctx=256, chunks=8,
                                      threads=1, store=False))
         return {"size": path.stat().st_size, **sp, **q}
@@ -98,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     first = ondevice.fit(src.name, budget, store=False, reprobe=not args.resume, resume=args.resume,
-                         threads=args.threads, speed_tests=TESTS, repetitions=args.repetitions, progress=say)
+                         threads=args.threads, speed_tests=TESTS, repetitions=args.repetitions, progress=say,
+                         profile=args.profile)
     fit_s = time.perf_counter() - t0
     print(f"\n## time per phase ({'--resume' if args.resume else 'whole fit'}; load average {load0:.1f} at the "
           f"start, {os.getloadavg()[0]:.1f} at the end)\n| phase | s | share |\n|---|---:|---:|")
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         name = next(n for n, r in rows.items() if r["size"] == size)
         try:
             res = ondevice.fit(src.name, f"size<={size}B", store=False, resume=True, threads=args.threads,
-                               speed_tests=TESTS, repetitions=args.repetitions, validate=1)
+                               speed_tests=TESTS, repetitions=args.repetitions, validate=1, profile=args.profile)
             fitted_cands += res.candidates
             m = res.chosen.measured
             print(f"# fitted at {name}'s size: {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, KLD {m['kld']:.4f}; "

@@ -83,3 +83,19 @@ def test_knobs_are_timed_one_at_a_time_and_the_chosen_ones_measured_together():
             assert any(k[name] == value and s["tg"] > base["tg"] for _, k, s in r["rows"][1:])
     assert r["measured"]["tg"] > 0 and r["measured"]["pp"] > 0
     assert any(ln.startswith("  chosen") for ln in lines)
+
+
+def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
+    from ondevice.fit.groups import layout
+
+    lay = layout(smol_path)
+    names = [g.name for g in lay.groups]
+    assert "attn_qk" in names and "attn_v" in names and "attn_qkv" not in names
+    v = next(g for g in lay.groups if g.name == "attn_v")
+    qk = next(g for g in lay.groups if g.name == "attn_qk")
+    assert v.matrices and all(".attn_v." in m.name for m in v.matrices)
+    assert qk.matrices and all(".attn_q." in m.name or ".attn_k." in m.name for m in qk.matrices)
+    old = layout(smol_path, kinds=["attn_qkv"])  # --groups of fits before the split
+    assert sorted(g.name for g in old.groups) == ["attn_qk", "attn_v"]
+    # a plan of each gives the two kinds their own types
+    assert dict(old.overrides({"attn_qk": "Q4_0", "attn_v": "Q8_0"})) == {qk.regex: "Q4_0"}

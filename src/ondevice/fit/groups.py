@@ -1,7 +1,11 @@
 """Tensor groups: the units ``ondevice fit`` gives a weight type to (OHQ's per-layer bit-widths, coarsened).
 
-A group is one kind of matrix (attention q/k/v, attention output, ffn gate/up, ffn down, the token
-embedding, the output head), optionally split into ``bands`` of consecutive layers. Few groups keep the
+A group is one kind of matrix (attention q/k, attention v, attention output, ffn gate/up, ffn down, the
+token embedding, the output head), optionally split into ``bands`` of consecutive layers. ``attn_v`` is a
+kind of its own because it is more sensitive than q/k (llama.cpp's own Q4_K_M gives it more bits); fits
+before the split had one ``attn_qkv`` group, still accepted by ``--groups`` as both. Their cached
+measurements are keyed by plan (``attn_qkv=Q4_0``), which no group is named any more: they are measured
+again, never misread. Few groups keep the
 fit fast: every group costs one quantize + one KLD run per candidate type. A plan gives each group a ggml
 type; it becomes ``REGEX=TYPE`` overrides on top of the base file type (:data:`BASE`), which llama.cpp's
 quantizer applies per tensor (``quant.quantize``).
@@ -27,13 +31,15 @@ BASE = "Q8_0"  # the file type every variant starts from; groups not lowered sta
 # (few on purpose: each costs a build + KLD run per group it fits; --types widens the search)
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_0", "Q4_K", "IQ4_NL", "Q4_0")
 KINDS: dict[str, tuple[str, ...]] = {
-    "attn_qkv": ("attn_q", "attn_k", "attn_v"),
+    "attn_qk": ("attn_q", "attn_k"),
+    "attn_v": ("attn_v",),
     "attn_output": ("attn_output",),
     "ffn_gate_up": ("ffn_gate", "ffn_up"),
     "ffn_down": ("ffn_down",),
     "token_embd": ("token_embd",),
     "output": ("output",),
 }
+ALIASES = {"attn_qkv": ("attn_qk", "attn_v")}  # the kind before attn_v was split off
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)\.weight$")
 
 
@@ -156,6 +162,8 @@ def layout(path: str | Path, bands: int = 1, kinds: tuple[str, ...] | list[str] 
 
     if bands < 1:
         raise InvalidArgument(f"--bands {bands} must be >= 1")
+    if kinds:
+        kinds = [k for kind in kinds for k in ALIASES.get(kind, (kind,))]
     bad = [k for k in kinds or () if k not in KINDS]
     if bad:
         raise InvalidArgument(f"--groups {bad[0]!r} is not a group kind; use some of {', '.join(KINDS)}")

@@ -59,6 +59,45 @@ def test_plan_follows_the_template_and_calls_are_read_in_every_format():
     assert cut.feed('{"name": "add", "arguments": {"a"')[0] is None and cut.finish() == (False, "")  # cut short
 
 
+def test_auto_text_then_tool_call_blocks_are_content_and_tool_calls():
+    # Qwen2.5 under tool_choice auto often says what it will do, then writes the <tool_call> block
+    req = S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="auto")
+    auto = structured.plan(req, HERMES_LIKE)
+    one = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    reply = f"I will add them.\n<tool_call>\n{one}\n</tool_call>"
+    content, calls = structured.split_reply(reply, auto)
+    assert content == "I will add them." and [c.function.name for c in calls] == ["add"]
+    assert structured.split_reply("Use <tool_call> tags.", auto) == ("Use <tool_call> tags.", None)  # no call
+    assert structured.split_reply(f"Hi <tool_call>\n{one}", auto) == (f"Hi <tool_call>\n{one}", None)  # cut
+    rm = '<tool_call>\n{"name": "rm", "arguments": {}}\n</tool_call>'
+    assert structured.split_reply(f"Sure. {rm}", auto)[1] is None  # a tool not offered stays text
+    required = structured.plan(req.model_copy(update={"tool_choice": "required"}), HERMES_LIKE)
+    assert structured.split_reply(one, required)[0] is None
+    assert structured.split_reply(reply, required) == (reply, None)  # only auto reads text, then calls
+    stream, sent, deltas = structured.ToolStream(auto), [], []
+    for ch in reply:  # one character at a time: the tag split across pieces is held, never sent as text
+        text, d = stream.feed(ch)
+        sent.append(text or "")
+        deltas += d
+    assert "".join(sent) == "I will add them.\n" and "<" not in "".join(sent)
+    assert [(d.index, d.function.name) for d in deltas if d.id] == [(0, "add")]
+    assert json.loads("".join(d.function.arguments for d in deltas)) == {"a": 2, "b": 3}
+    assert stream.finish() == (True, "")
+    for wrap in ("{}", "```json\n{}\n```"):  # bare JSON or fenced after the text, as Qwen2.5 also writes
+        call = wrap.format(one)
+        assert structured.split_reply(f"Adding:\n\n{call}", auto)[0] == "Adding:"
+        stream, sent, deltas = structured.ToolStream(auto), [], []
+        for ch in f"Adding {{x}}:\n\n{call}":
+            text, d = stream.feed(ch)
+            sent.append(text or "")
+            deltas += d
+        assert "".join(sent) == "Adding {x}:\n\n" and [d.function.name for d in deltas if d.id] == ["add"]
+        assert stream.finish() == (True, "")
+    plain = structured.ToolStream(auto)
+    out = [plain.feed(c)[0] for c in "a <b> <tool"]
+    assert "".join(out) == "a <b> " and plain.finish() == (False, "<tool")  # the held tail goes out at the end
+
+
 @pytest.fixture(scope="module")
 def qwen():
     from ondevice.models import resolve

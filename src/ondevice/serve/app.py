@@ -284,8 +284,8 @@ class Runner:
         for i, (_, gen) in enumerate(results):
             text = "".join(g.text for g in gen)
             finish = gen[-1].finish_reason
-            calls = structured.parse_tool_call(text, plan) if plan.tools else None
-            msg = S.AssistantMessage(content=None if calls else text, tool_calls=calls)
+            content, calls = structured.split_reply(text, plan) if plan.tools else (text, None)
+            msg = S.AssistantMessage(content=content, tool_calls=calls)
             if calls:
                 finish = "tool_calls"
             lps = [self._chat_lp(g) for g in gen if g.logprob is not None] if req.logprobs else None

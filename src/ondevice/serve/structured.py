@@ -4,7 +4,9 @@ Tools go the way :mod:`ondevice.engine.toolcalls` (shared with the agent) says: 
 renders them (Qwen2.5), with the calls constrained in that template's format (``<tool_call>`` blocks), or
 else described in a system note with bare JSON calls (SmolLM2). The reply is read back with the same
 reader as the agent's and returned as OpenAI ``tool_calls``; :class:`ToolStream` holds a streamed reply
-back while it may still be a call.
+back while it may still be a call. Under ``tool_choice: auto`` a plain answer may end in calls (Qwen2.5 often
+says what it is about to do, then writes the call, in a ``<tool_call>`` block, fenced or as bare JSON): the
+text before them is the message's content and the calls its ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from ..engine.grammar import json_object_grammar, schema_grammar
 from ..engine.toolcalls import (
+    CALL_OPEN,
     answer_decided,
     call_grammar,
     read_calls,
@@ -33,7 +36,7 @@ from .schemas import (
     ToolCallDelta,
 )
 
-__all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "plan", "schema_grammar"]
+__all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "plan", "schema_grammar", "split_reply"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,11 @@ def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
     return Plan(grammar=json_object_grammar())
 
 
+# the start of one call as the grammar writes it: its name, then its arguments (the schema's key order)
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_WRAPS = (CALL_OPEN, "```json", "```")  # what may open a call before its JSON
+
+
 def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
     """OpenAI tool_calls when ``text`` is only calls to the plan's tools (bare JSON, ``<tool_call>`` blocks or
     fenced), else None (a plain answer, or a call cut short by max_tokens)."""
@@ -97,8 +105,50 @@ def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
             for c in calls]
 
 
-# the start of one call as the grammar writes it: its name, then its arguments (the schema's key order)
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+def split_reply(text: str, plan_: Plan) -> tuple[str | None, list[ToolCall] | None]:
+    """``(content, tool_calls)`` of a finished reply: only calls; under ``auto``, text that ends in calls to
+    the plan's tools (the text is the content); else the whole text as content."""
+    calls = parse_tool_call(text, plan_)
+    if calls:
+        return None, calls
+    if plan_.tool_mode == "auto":
+        for m in _CALL_HEAD.finditer(text):  # each place a call may start, with its wrapper if any
+            before = text[:m.start()].rstrip()
+            i = next((len(before) - len(w) for w in _WRAPS if before.endswith(w)), m.start())
+            if i > 0 and (calls := parse_tool_call(text[i:], plan_)):
+                return text[:i].strip() or None, calls
+    return text, None
+
+
+def _head_ahead(s: str) -> bool | None:
+    """Whether ``s`` (from a possible opener on) is a whole call head: True; may still become one: False
+    (hold it back); cannot: None (send it as text)."""
+    for w in _WRAPS:
+        if w.startswith(s):
+            return False
+        if s.startswith(w):
+            s = s[len(w):]
+            break
+    i = 0
+    for piece in ("{", '"name"', ":", '"', None, ",", '"arguments"', ":"):
+        while i < len(s) and s[i].isspace():
+            i += 1
+        if piece is None:  # the name: to its closing quote
+            while i < len(s) and s[i] != '"':
+                i += 2 if s[i] == "\\" else 1
+            if i >= len(s):
+                return False
+            i += 1
+            continue
+        rest = s[i:i + len(piece)]
+        if not piece.startswith(rest):
+            return None
+        if len(rest) < len(piece):
+            return False
+        i += len(piece)
+    return True
+
+
 
 
 @dataclass
@@ -114,6 +164,7 @@ class ToolStream:
     plan: Plan
     text: str = ""  # the reply so far, while held
     holding: bool = False
+    watch: str | None = None  # auto, a plain answer so far: its unsent tail that may begin a <tool_call> tag
     pos: int = 0  # where the next call may start in ``text``
     args: int | None = None  # where the current call's arguments start (None: between calls)
     sent: int = 0  # how far the current arguments are sent
@@ -127,13 +178,30 @@ class ToolStream:
 
     def feed(self, piece: str) -> tuple[str | None, list[ToolCallDelta]]:
         """``(text to send as content now or None, tool-call deltas to send)`` after one token's text."""
+        if self.watch is not None:
+            return self._watch(piece)
         if not self.holding:
             return piece, []
         self.text += piece
         if not self.n_calls and self.plan.tool_mode == "auto" and answer_decided(self.text):
-            self.holding = False  # a plain answer after all: send what was held, then stream
-            return self.text, []
+            # a plain answer after all: send what was held, then stream it, watching for calls after it
+            self.holding, self.watch, held, self.text = False, "", self.text, ""
+            return self._watch(held)
         return None, self._calls()
+
+    def _watch(self, piece: str) -> tuple[str, list[ToolCallDelta]]:
+        """A plain answer streams on, except a tail that may begin a call; from a whole call head on, the
+        reply is held and read as calls (:meth:`finish` says whether they were)."""
+        buf = self.watch + piece
+        for i, ch in enumerate(buf):
+            if ch in "<`{" and (whole := _head_ahead(buf[i:])) is not None:
+                if whole:
+                    self.watch, self.holding, self.text, self.pos = None, True, buf[i:], 0
+                    return buf[:i], self._calls()
+                self.watch = buf[i:]
+                return buf[:i], []
+        self.watch = ""
+        return buf, []
 
     def _calls(self) -> list[ToolCallDelta]:
         out = []
@@ -188,6 +256,8 @@ class ToolStream:
         A reply whose calls were streamed but that does not read back as calls (cut short by max_tokens)
         sends no content: its deltas are out, as OpenAI's are when a call is cut.
         """
+        if self.watch is not None:
+            return False, self.watch
         if not self.holding:
             return False, ""
         if self.n_calls:

@@ -170,3 +170,85 @@ def test_imatrix_is_collected_from_the_eval_callback(home, tmp_path):
 
     ref = quantize("smollm2-135m-instruct-f16", "Q4_0", "smol-q4-im", imatrix=out)
     assert ref.provenance["provenance"]["imatrix"] == str(out)
+
+
+# --- --profile and --quality ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def edge_fit(fitted, home):
+    """The tiny fit again under the edge-1g profile with --quality ppl (its KLDs reused: only speeds differ)."""
+    import ondevice
+
+    tiny = {k: v for k, v in TINY.items() if k != "threads"}  # the profile's one thread is the default
+    return ondevice.fit(None, "size<=140MB", name="smol-fit-edge", profile="edge-1g", quality="ppl", resume=True,
+                        **{**tiny, "validate": 1})
+
+
+def test_profile_runs_every_bench_under_it_and_is_recorded(edge_fit, fitted, home):
+    import json
+
+    from ondevice.fit.measure import fit_dir
+    from ondevice.models.catalog import read_provenance
+
+    speed = json.loads((fit_dir() / "speed.json").read_text())
+    edge = [e for sec in speed.values() for e in sec.values() if (e.get("limits") or {}).get("profile")]
+    host = [e for sec in speed.values() for e in sec.values() if not e.get("limits")]
+    assert edge and host  # the tiny fit's host speeds are kept apart from the profile's (the cache key)
+    # shipped, base, Q4_0 for the table; base and the candidate again to validate: all in the worker, capped
+    assert len(edge) >= 5
+    for e in edge:
+        lim = e["limits"]
+        assert (lim["profile"], lim["threads"], lim["mem_limit_bytes"]) == ("edge-1g", 1, 1 << 30)
+    # the cap bounds the file: the cap less the runtime's own memory measured under it
+    assert 0 < edge_fit.budget.fits < 1 << 30
+    assert edge_fit.profile["name"] == "edge-1g" and fitted.profile is None
+    assert any("profile edge-1g (threads 1, memory 1024 MiB)" in ln for ln in edge_fit.lines)
+    assert "under profile edge-1g" in edge_fit.lines[-2]
+    prov = read_provenance(edge_fit.path)["provenance"]
+    assert prov["profile"]["name"] == "edge-1g" and prov["threads"] == 1
+
+
+def test_quality_ppl_reports_held_out_perplexity(edge_fit):
+    ref_ppl = edge_fit.quality["reference"]["ppl"]
+    assert edge_fit.quality["kind"] == "ppl" and ref_ppl > 1
+    for c in edge_fit.candidates:
+        assert c.measured["ppl"] > 1 and c.measured["ppl"] != ref_ppl
+    table = edge_fit.lines[edge_fit.lines.index(next(ln for ln in edge_fit.lines if "ppl held" in ln)):]
+    assert table[2].lstrip().startswith("reference") and f"{ref_ppl:.3f}" in table[2]
+    assert f"ppl {edge_fit.chosen.measured['ppl']:.3f} (reference {ref_ppl:.3f})" in edge_fit.lines[-2]
+
+
+def test_quality_suite_scores_the_candidates_with_the_real_eval(fitted, home):
+    import ondevice
+    from ondevice.eval.api import evaluate
+    from ondevice.models.catalog import read_provenance
+
+    r = ondevice.fit(None, "size<=140MB,score>=0.01x", name="smol-fit-suite", quality="rewrite", quality_limit=2,
+                     resume=True, **{**TINY, "validate": 1})
+    ref_score = r.quality["reference"]["score"]
+    assert r.quality["kind"] == "suite" and 0 <= ref_score <= 1 and r.budget.score == pytest.approx(0.01 * ref_score)
+    m = r.chosen.measured
+    assert 0 <= m["score"] <= 1 and m["score_items"] == 2
+    # the stored file scores the same when evaluated directly (greedy, one thread): the eval's own figure
+    (rec,) = [x for x in evaluate("smol-fit-suite", suite="rewrite", limit=2, threads=1, store=False)
+              if x.test.startswith("suite:")]
+    assert rec.score == pytest.approx(m["score"])
+    prov = read_provenance(r.path)["provenance"]
+    assert prov["measured"]["score"] == m["score"] and prov["quality"]["suite"] == "rewrite"
+    assert prov["quality"]["reference"]["score"] == ref_score
+    # a score no candidate reaches: which bound, and the closest variant (the scores are cached: no new eval)
+    with pytest.raises(InvalidArgument, match=r"score>=1\.500 \(the best score is .*cannot be met"):
+        ondevice.fit(None, "size<=140MB,score>=1.5", name="smol-fit-suite2", quality="rewrite", quality_limit=2,
+                     resume=True, **{**TINY, "validate": 1})
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--profile", "phone-9g"), "unknown device profile 'phone-9g'"),
+    (("--profile", "threads=1,mem=64M"), "memory cap (64 MiB) holds no variant"),
+    (("--quality", "nosuch"), "no suite named 'nosuch'"),
+    (("--budget", "size<=140MB,score>=0.5"), "pass --quality SUITE"),
+])
+def test_bad_profile_and_quality_are_one_line_errors(home, cli, args, words):
+    r = cli("fit", "--types", "Q8_0,Q4_0", *args, env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1

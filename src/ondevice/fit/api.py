@@ -29,6 +29,8 @@ from .groups import BASE, CANDIDATES, Layout, layout, quant_size
 from .interact import KldModel, choose_model, measured_plans
 from .measure import Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
 from .plan import Candidate, Table, choose, front_table, impossible, make_table, objective, pareto_front
+from .profile import fit_profile
+from .quality import Quality, parse_quality
 
 
 @dataclass
@@ -50,6 +52,8 @@ class FitResult:
     lines: list[str] = field(default_factory=list)  # the printed report
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in order
     kld_model: KldModel | None = None  # how plan KLDs were predicted from the singles
+    profile: dict | None = None  # the device profile the speeds were measured under (None: the host)
+    quality: dict = field(default_factory=dict)  # --quality: what was measured, and the reference's figure
 
 
 def _reference(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
@@ -97,11 +101,12 @@ def _texts(text: str | os.PathLike[str] | None) -> tuple[Path, Path, dict]:
 def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None = None, *,
         ref: str | os.PathLike[str] | None = None, name: str | None = None,
         types: tuple[str, ...] | list[str] = CANDIDATES, bands: int = 1,
-        groups: tuple[str, ...] | list[str] | None = None, threads: int = 2,
+        groups: tuple[str, ...] | list[str] | None = None, threads: int | None = None,
         text: str | os.PathLike[str] | None = None, calib_ctx: int = 128, calib_chunks: int = 4,
         eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto",
         speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = 3, resume: bool = False,
         reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
+        profile: str | object | None = None, quality: str | None = None, quality_limit: int | None = 10,
         progress: Callable[[str], None] | None = None) -> FitResult:
     """Fit ``model`` to this device under ``budget`` (``"size<=110MB,tg>=100,kld<=0.02"``; see ``budget``).
 
@@ -111,10 +116,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         types: candidate ggml types; each group gets those its row size allows. ``Q8_0`` is the base.
         bands: split each kind of matrix into this many bands of consecutive layers (more groups: finer
             plans, a slower fit).
-        groups: fit only these kinds (``attn_qkv``, ``attn_output``, ``ffn_gate_up``, ``ffn_down``,
-            ``token_embd``, ``output``); the other matrices stay at the base type. None: all.
-        threads: threads for the speed measurements (quantizing uses every core, and so many one-thread
-            KLD runs go at once).
+        groups: fit only these kinds (``attn_qk``, ``attn_v``, ``attn_output``, ``ffn_gate_up``, ``ffn_down``,
+            ``token_embd``, ``output``; ``attn_qkv``: both attn kinds); the other matrices stay at the base
+            type. None: all.
+        threads: threads for the speed measurements (default: the profile's, else 2; quantizing uses every
+            core, and so many one-thread KLD runs go at once).
         text: calibration text file (default: Python's pydoc topics); its first third calibrates, its last
             third is held out for validation.
         calib_ctx, calib_chunks / eval_ctx, eval_chunks: KLD chunking on each part.
@@ -125,6 +131,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         store: write the chosen variant into the model store and the fit into the SQLite store.
         knobs: also time the chosen file's runtime knobs (threads, flash attention, ubatch, KV type; ``knobs``)
             and keep the measured best in its ``measured["runtime"]``.
+        profile: a device profile (``phone-4g``, ``edge-1g``, ``threads=1,mem=2G,cpus=0`` or a
+            ``DeviceProfile``): every bench runs under it, its threads are the default, its memory cap bounds
+            the file (``fit.profile``).
+        quality: also measure the validated candidates by ``ppl`` (held-out perplexity) or an eval suite
+            (name or JSONL path) on ``quality_limit`` items (``fit.quality``); ``score>=X`` budgets it.
     """
     from ..eval.api import model_sha256
     from ..models.catalog import resolve, store_variants
@@ -147,6 +158,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             progress(msg)
 
     bud = parse_budget(budget)
+    prof = fit_profile(profile)
+    threads = prof.threads(threads)
+    qual = parse_quality(quality, quality_limit, bud)
     types = tuple(t.strip().upper() for t in types)
     for t in types:
         quant_size(t)
@@ -171,6 +185,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.1f}MB cannot be met: the "
                               f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}MB "
                               f"(every group at its smallest type); loosen the size or add lower --types")
+    prof.check_smallest(lay.smallest(types), types)
     calib, heldout, text_desc = _texts(text)
     csha = hashlib.sha256(calib.read_bytes()).hexdigest()
     hsha = hashlib.sha256(heldout.read_bytes()).hexdigest()
@@ -179,7 +194,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                calib_chunks)
     held_q = (Cache(q_cache, quality_section(ref_sha, hsha, eval_ctx, eval_chunks)), heldout, eval_ctx,
               eval_chunks)
-    section = device_section(ref_sha, threads, tuple(speed_tests), repetitions)
+    section = device_section(ref_sha, threads, tuple(speed_tests), repetitions, prof.cache_id())
     workdir = fit_dir() / f"work-{ref_sha[:12]}"
     workdir.mkdir(exist_ok=True)
     from ..engine.llama import physical_cores
@@ -187,8 +202,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     seen: set = set()  # measurements of this run, reused by both meters
     jobs = max(1, physical_cores())  # one-thread KLD runs at once, as quantizing uses all cores (never during a bench)
     meter = Meter(reference.path, lay, reference.path, threads, Cache(fit_dir() / "speed.json", section),
-                  workdir, say, tuple(speed_tests), repetitions, reprobe, resume, jobs=jobs, seen=seen)
+                  workdir, say, tuple(speed_tests), repetitions, reprobe, resume, jobs=jobs, seen=seen,
+                  profile=prof.spec)
     say(f"fit {src.name} under budget {bud.describe()}; reference {ref_note}")
+    say(f"device: {'profile ' + prof.describe() if prof.spec else 'this host'}, {threads} thread(s) for the "
+        f"benches" + (f"; quality: {qual.describe()}" if qual.kind else ""))
     say(f"groups: {', '.join(f'{g.name} ({g.n / 1e6:.1f}M)' for g in lay.groups)}")
     for ln in lay.refused(types):
         say(f"  rows refuse some types (llama.cpp's fallback instead): {ln}")
@@ -215,6 +233,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}")
     for t, s in type_speed.items():
         say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
+    fits, note = prof.fits(base["speed"])
+    if fits is not None:
+        from dataclasses import replace
+
+        say(f"profile {prof.name}: {note}")
+        bud = replace(bud, fits=fits)
 
     # 2. importance matrix: kept only when it lowers the held-out KLD of the lowest-type variant
     with phase("imatrix"):
@@ -250,7 +274,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # first, so the predictions can be put at this moment's speed (the table may be from another load)
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
     vmeter = Meter(reference.path, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
-                   repetitions, reprobe, resume, jobs=jobs, seen=seen)
+                   repetitions, reprobe, resume, jobs=jobs, seen=seen, profile=prof.spec)
     items = [Item({})]
     for i, c in enumerate(picks):
         keep = workdir / f"candidate-{i}.gguf"
@@ -265,16 +289,28 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                       "kld": r["kld"][1]["kld"], "kld_calib": r["kld"][0]["kld"],
                       "kld_err": r["kld"][1]["kld_err"], "noisy": r["speed"].get("noisy"),
                       "file": str(it.keep)}
+    if qual.kind:
+        from .quality import measure as measure_quality
+
+        with phase("quality"):
+            q_ref = measure_quality(qual, vmeter, picks, res[1:], [it.keep for it in items[1:]], reference,
+                                    ref_sha, held_q)
+        bud = bud.scored(q_ref.get("score"))
+    else:
+        q_ref = {}
     say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
         f"{base['speed']['tg']:.1f} tok/s in the table):")
-    w = max(len(c.summary()) for c in picks)
+    w = max([len(c.summary()) for c in picks] + [len("reference") if q_ref else 0])
     say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD sum':>8} "
-        f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}")
+        f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}" + qual.header())
     for c in picks:
         p, m = c.predicted, c.measured
         say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
-            f"{p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}")
+            f"{p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}" + qual.cell(m))
+    if q_ref:
+        say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{8 * 4 + 3 + 9 * 3 + 3}}"
+            + qual.cell(q_ref) + f"  ({reference.name}; {qual.describe()})")
     ok = [c for c in picks if not bud.violations(c.measured)]
     if not ok:
         _cleanup(workdir)
@@ -285,7 +321,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
         with phase("knobs"):
             rt = tune(chosen.measured["file"], threads, tuple(speed_tests), repetitions,
-                      "pp" if bud.pp is not None and bud.tg is None else "tg", say)
+                      "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof)
         chosen.measured["runtime"] = {"knobs": rt["chosen"], **{k: rt["measured"][k] for k in ("tg", "pp")},
                                       "trials": [{"what": w, **k, "tg": sp["tg"], "pp": sp["pp"]}
                                                  for w, k, sp in rt["rows"]]}
@@ -294,15 +330,27 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(plan_key(chosen.plan, im_sha).encode()).hexdigest()[:6]}"
         with phase("store"):
             stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
-                            im_sha, text_desc, threads, force).path
+                            im_sha, text_desc, threads, force,
+                            {"profile": prof.to_dict() if prof.spec else None,
+                             "quality": {**qual.to_dict(), "reference": q_ref}}).path
     _cleanup(workdir)
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()} -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
-        f"tg {chosen.measured['tg']:.1f} tok/s, KLD {chosen.measured['kld']:.4f} (held-out), "
-        f"{secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
+        f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
+        + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
+        + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
-                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel)
+                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel,
+                     profile=prof.to_dict() if prof.spec else None, quality={**qual.to_dict(), "reference": q_ref})
+
+
+def _quality_note(qual: Quality, m: dict, ref: dict) -> str:
+    if qual.kind == "ppl":
+        return f", ppl {m['ppl']:.3f} (reference {ref['ppl']:.3f})"
+    if qual.kind == "suite":
+        return f", {qual.suite} score {m['score']:.3f} (reference {ref['score']:.3f})"
+    return ""
 
 
 def _cleanup(workdir: Path) -> None:
@@ -332,7 +380,7 @@ def _imatrix_choice(mode, meter: Meter, reference, low: dict[str, str], calib: P
 
 
 def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,
-           im_info, im_sha, text_desc, threads, force):
+           im_info, im_sha, text_desc, threads, force, extra: dict):
     """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
     from datetime import UTC, datetime
 
@@ -360,14 +408,14 @@ def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: 
         "text": text_desc, "threads": threads, "machine": machine_key(), "llama_build": build_id(),
         "llama_cpp_python": llama_cpp.__version__,
         "tensor_types": verify(weight_types(path), BASE, overrides),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra,  # the profile, the quality
     }
     ref = register_variant(name, path, prov)
     sha = model_sha256(ref)
     rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
            "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
            "front": [{"plan": c.plan, **c.predicted} for c in front], "candidates": prov["candidates"],
-           "shipped": prov["shipped"], "threads": threads, "created": time.time()}
+           "shipped": prov["shipped"], "threads": threads, "created": time.time(), **extra}
     with Store() as db:
         db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
                model_sha256=sha, test="fit")

@@ -18,9 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", "-n", default=None, help="name of the stored variant (default: <model>-fit-<hash>)")
     p.add_argument("--types", default=",".join(CANDIDATES), help="candidate ggml types (Q8_0 is the base)")
     p.add_argument("--bands", type=int, default=1, help="split each kind of matrix into N bands of layers")
-    p.add_argument("--groups", default=None, help="fit only these kinds, comma-separated (attn_qkv, "
-                   "attn_output, ffn_gate_up, ffn_down, token_embd, output); default: all")
-    p.add_argument("--threads", "-t", type=int, default=2, help="threads for the speed measurements")
+    p.add_argument("--groups", default=None, help="fit only these kinds, comma-separated (attn_qk, "
+                   "attn_v, attn_output, ffn_gate_up, ffn_down, token_embd, output; attn_qkv: both attn "
+                   "kinds); default: all")
+    p.add_argument("--threads", "-t", type=int, default=None, help="threads for the speed measurements "
+                   "(default: the profile's, else 2)")
+    p.add_argument("--profile", default=None, help="device profile the benches run under: host, phone-4g, "
+                   "edge-1g or threads=1,mem=2G,cpus=0 (as ondevice bench); its memory cap bounds the file")
+    p.add_argument("--quality", default=None, help="also measure the validated candidates by ppl (held-out "
+                   "perplexity) or an eval suite (e.g. smartbench; a name or a JSONL path)")
+    p.add_argument("--quality-limit", type=int, default=10, help="items of the --quality suite (a stratified "
+                   "subset)")
     p.add_argument("--text", default=None, help="calibration text file (default: Python's pydoc topics)")
     p.add_argument("--calib-ctx", type=int, default=128, help="KLD chunk size on the calibration text")
     p.add_argument("--calib-chunks", type=int, default=4, help="KLD chunks on the calibration text")
@@ -48,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
         calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
         validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions,
         speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume,
-        reprobe=args.reprobe, store=not args.no_store, force=args.force, knobs=args.knobs, progress=lambda m: print(m, flush=True))
+        reprobe=args.reprobe, store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
+        quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))
     return 0

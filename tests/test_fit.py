@@ -14,7 +14,7 @@ from ondevice.fit.plan import choose, impossible, pareto_front
 
 # a tiny fit: two kinds, two types, short texts, one bench repetition of short tests, one thread
 TINY = {"types": ("Q8_0", "Q4_0"), "groups": ("ffn_down", "ffn_gate_up"), "threads": 1, "calib_ctx": 64, "calib_chunks": 2,
-            "eval_ctx": 64, "eval_chunks": 2, "validate": 2, "imatrix": "off", "speed_tests": ("pp32", "tg8"), "repetitions": 1}
+            "eval_ctx": 64, "eval_chunks": 2, "validate": 2, "imatrix": "off", "transform": "off", "speed_tests": ("pp32", "tg8"), "repetitions": 1}
 
 
 # --- budget parsing -------------------------------------------------------------------------------------

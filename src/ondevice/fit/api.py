@@ -19,7 +19,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,7 @@ class FitResult:
     lines: list[str] = field(default_factory=list)  # the printed report
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in order
     kld_model: KldModel | None = None  # how plan KLDs were predicted from the singles
+    transform: dict = field(default_factory=dict)  # whether the equivalent transform was used and why
     profile: dict | None = None  # the device profile the speeds were measured under (None: the host)
     quality: dict = field(default_factory=dict)  # --quality: what was measured, and the reference's figure
 
@@ -103,7 +104,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         types: tuple[str, ...] | list[str] = CANDIDATES, bands: int = 1,
         groups: tuple[str, ...] | list[str] | None = None, threads: int | None = None,
         text: str | os.PathLike[str] | None = None, calib_ctx: int = 128, calib_chunks: int = 4,
-        eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto",
+        eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto", transform: str = "auto",
         speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = 3, resume: bool = False,
         reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
         profile: str | object | None = None, quality: str | None = None, quality_limit: int | None = 10,
@@ -126,6 +127,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         calib_ctx, calib_chunks / eval_ctx, eval_chunks: KLD chunking on each part.
         validate: how many of the best predicted plans are built and measured.
         imatrix: ``auto`` (collect one, keep it where it lowers KLD), ``on`` or ``off``.
+        transform: ``auto`` (try the equivalent per-channel scaling of ``transform`` at the lowest plan, keep it
+            where it lowers the held-out KLD), ``on`` or ``off``.
         resume: reuse quality measurements of an earlier (killed) fit; device speeds are always reused
             (per machine and build) unless ``reprobe``.
         store: write the chosen variant into the model store and the fit into the SQLite store.
@@ -166,8 +169,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         quant_size(t)
     if BASE not in types:
         types = (BASE, *types)
-    if imatrix not in ("auto", "on", "off"):
-        raise InvalidArgument(f"--imatrix {imatrix!r} must be auto, on or off")
+    for flag, mode in (("imatrix", imatrix), ("transform", transform)):
+        if mode not in ("auto", "on", "off"):
+            raise InvalidArgument(f"--{flag} {mode!r} must be auto, on or off")
     if sorted(t[:2] for t in speed_tests) != ["pp", "tg"]:
         raise InvalidArgument(f"--tests {','.join(speed_tests)!r} must be one prompt and one decode test, "
                               f"e.g. pp128,tg64")
@@ -224,7 +228,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                 continue
             plan = {g.name: t for g in lay.groups if t in opts[g.name]}
             # the variant of the lowest type is usually the imatrix check's plan: score it while it is built
-            items.append(Item(plan, [held_q] if plan == low and imatrix != "off" else []))
+            items.append(Item(plan, [held_q] if plan == low and "auto" in (imatrix, transform) else []))
         res = meter.measure(items, speed=True)
     base = res[0]
     type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}
@@ -243,7 +247,16 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # 2. importance matrix: kept only when it lowers the held-out KLD of the lowest-type variant
     with phase("imatrix"):
         im_path, im_sha, im_info = _imatrix_choice(imatrix, meter, reference, low, calib, calib_ctx,
-                                                   calib_chunks, held_q, workdir, say)
+                                                   calib_chunks, held_q, workdir, say, transform != "off")
+    with phase("transform") if transform != "off" else nullcontext():  # kept where it lowers KLD (``transform``)
+        from .transform import choose as choose_transform
+
+        tf = choose_transform(transform, meter, reference, low, im_info.get("file"), calib_q, held_q, im_path,
+                              im_sha, workdir, say)
+        if tf.used:  # every later variant is quantized from the transformed reference, scored against the F16
+            meter.source, im_path, im_sha = tf.source, tf.imatrix, tf.imatrix_sha
+            calib_q, held_q = tf.quality(calib_q), tf.quality(held_q)
+            base = {**base, "kld": meter.measure([Item({}, [calib_q])])[0]["kld"]}
 
     # 3. sensitivity: each group lowered alone, KLD on the calibration text
     pairs = [(g.name, t) for g in lay.groups for t in opts[g.name] if t != BASE]
@@ -273,7 +286,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # 5. validate: build, bench and score the best plans for real; the all-base variant is benched again
     # first, so the predictions can be put at this moment's speed (the table may be from another load)
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
-    vmeter = Meter(reference.path, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
+    vmeter = Meter(meter.source, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
                    repetitions, reprobe, resume, jobs=jobs, seen=seen, profile=prof.spec)
     items = [Item({})]
     for i, c in enumerate(picks):
@@ -327,21 +340,22 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                                                  for w, k, sp in rt["rows"]]}
     vname = stored = None
     if store:
-        vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(plan_key(chosen.plan, im_sha).encode()).hexdigest()[:6]}"
+        vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256((plan_key(chosen.plan, im_sha) + tf.tag).encode()).hexdigest()[:6]}"
         with phase("store"):
             stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
-                            im_sha, text_desc, threads, force,
+                            im_sha, text_desc, threads, force, tf.info,
                             {"profile": prof.to_dict() if prof.spec else None,
                              "quality": {**qual.to_dict(), "reference": q_ref}}).path
     _cleanup(workdir)
     secs = time.perf_counter() - t0
-    say(f"chosen: {chosen.summary()} -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
+    say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if tf.used else "")
+        + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
         f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
-                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel,
+                     secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel, tf.info,
                      profile=prof.to_dict() if prof.spec else None, quality={**qual.to_dict(), "reference": q_ref})
 
 
@@ -354,33 +368,44 @@ def _quality_note(qual: Quality, m: dict, ref: dict) -> str:
 
 
 def _cleanup(workdir: Path) -> None:
-    for f in workdir.glob("candidate-*.gguf"):
+    for f in [*workdir.glob("candidate-*.gguf"), *workdir.glob("transform-*.gguf")]:
         f.unlink(missing_ok=True)
 
 
+def lowers_kld(without: dict, with_: dict) -> bool:
+    """The rule for keeping an optional step (imatrix, transform): it lowers the KLD by more than twice the
+    standard error, or by more than 5%."""
+    gain = without["kld"] - with_["kld"]
+    return gain > 2 * max(without["kld_err"], with_["kld_err"], 1e-9) or (gain > 0 and gain > 0.05 * without["kld"])
+
+
 def _imatrix_choice(mode, meter: Meter, reference, low: dict[str, str], calib: Path, ctx: int, chunks: int,
-                    held_q, workdir: Path, say) -> tuple[Path | None, str | None, dict]:
-    if mode == "off":
-        return None, None, {"used": False, "why": "off"}
+                    held_q, workdir: Path, say, stats: bool = False) -> tuple[Path | None, str | None, dict]:
+    """Whether to quantize with an importance matrix; ``stats``: collect it anyway (``info["file"]``), the
+    transform's scales need the activations."""
     from .imatrix import collect
+
+    if mode == "off" and not stats:
+        return None, None, {"used": False, "why": "off"}
 
     path = workdir / f"imatrix-{hashlib.sha256(f'{calib.name}|{ctx}|{chunks}'.encode()).hexdigest()[:12]}.npz"
     if not (meter.resume and path.is_file()):
         n = collect(reference.path, calib, path, n_ctx=ctx, n_chunks=chunks, threads=meter.eval_threads)
         say(f"importance matrix: {n} matrices, from {chunks} x {ctx} calibration tokens")
+    if mode == "off":
+        return None, None, {"used": False, "why": "off", "file": str(path)}
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     without, with_ = (r["kld"][0] for r in meter.measure([Item(low, [held_q]), Item(low, [held_q], path, sha)]))
-    gain = without["kld"] - with_["kld"]
-    helps = gain > 2 * max(without["kld_err"], with_["kld_err"], 1e-9) or (gain > 0 and gain > 0.05 * without["kld"])
+    helps = lowers_kld(without, with_)
     info = {"kld_without": without["kld"], "kld_with": with_["kld"], "plan": low, "used": mode == "on" or helps,
-            "sha256": sha}
+            "sha256": sha, "file": str(path)}
     say(f"importance matrix on the lowest plan: held-out KLD {without['kld']:.4f} without, {with_['kld']:.4f} with "
         f"-> {'used' if info['used'] else 'not used'}" + (" (forced on)" if mode == "on" and not helps else ""))
     return (path, sha, info) if info["used"] else (None, None, info)
 
 
 def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,
-           im_info, im_sha, text_desc, threads, force, extra: dict):
+           im_info, im_sha, text_desc, threads, force, transform: dict, extra: dict):
     """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
     from datetime import UTC, datetime
 
@@ -404,7 +429,7 @@ def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: 
         "predicted": chosen.predicted, "measured": {k: v for k, v in chosen.measured.items() if k != "file"},
         "candidates": [{"plan": c.plan, "predicted": c.predicted,
                         "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in picks],
-        "shipped": {"model": src.name, **shipped}, "imatrix": {**im_info, "sha256": im_sha},
+        "shipped": {"model": src.name, **shipped}, "imatrix": {**im_info, "sha256": im_sha}, "transform": transform,
         "text": text_desc, "threads": threads, "machine": machine_key(), "llama_build": build_id(),
         "llama_cpp_python": llama_cpp.__version__,
         "tensor_types": verify(weight_types(path), BASE, overrides),

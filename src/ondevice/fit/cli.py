@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validate", type=int, default=3, help="best predicted plans to build and measure")
     p.add_argument("--imatrix", choices=("auto", "on", "off"), default="auto",
                    help="importance matrix: auto keeps it only where it lowers the held-out KLD")
+    p.add_argument("--transform", choices=("auto", "on", "off"), default="auto",
+                   help="equivalent per-channel scaling before quantizing (AWQ/SmoothQuant-style, folded into the "
+                        "norms; llama architecture): auto keeps it only where it lowers the held-out KLD")
     p.add_argument("--tests", default="pp128,tg64", help="bench tests of the speed measurements (a prompt "
                    "and a decode test)")
     p.add_argument("--repetitions", "-r", type=int, default=3, help="bench repetitions per variant")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
         bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None, threads=args.threads, text=args.text, calib_ctx=args.calib_ctx,
         calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
-        validate=args.validate, imatrix=args.imatrix, repetitions=args.repetitions,
+        validate=args.validate, imatrix=args.imatrix, transform=args.transform, repetitions=args.repetitions,
         speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume,
         reprobe=args.reprobe, store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
         quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))

@@ -98,6 +98,28 @@ def test_auto_text_then_tool_call_blocks_are_content_and_tool_calls():
     assert "".join(out) == "a <b> " and plain.finish() == (False, "<tool")  # the held tail goes out at the end
 
 
+def test_auto_stream_loses_no_text_whatever_the_split():
+    import random
+
+    req = S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="auto")
+    auto = structured.plan(req, HERMES_LIKE)
+    rnd = random.Random(7)
+    texts = ["Use {curly} and `code` and <b>tags</b>.", 'A {"name": "x"} B', 'ok {"name": "add", "arguments" no',
+             "ends with <tool_call", "ends with ```js", 'x {"name": "a\\"b", "argu', "< ` { [ } ] > end"]
+    for text in texts:
+        for _ in range(20):
+            stream, out = structured.ToolStream(auto), []
+            i = 0
+            while i < len(text):
+                n = rnd.randint(1, 6)
+                sent, deltas = stream.feed(text[i:i + n])
+                assert not deltas, text
+                out.append(sent or "")
+                i += n
+            were_calls, held = stream.finish()
+            assert not were_calls and "".join(out) + held == text, (text, out, held)
+
+
 @pytest.fixture(scope="module")
 def qwen():
     from ondevice.models import resolve

@@ -272,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")
         if parts:
             print(f"  {n:2d} streams: " + ", ".join(parts))
+    print("\nTTFT p50 per round, ms (round 1 is the first burst of that size: with the same prompt, a server's "
+          "slots that never held it prefill it then; llama-server's slots keep their own prompt, ondevice's share it)")
+    for n in streams:
+        for name, rows in rounds.items():
+            if n in rows:
+                by_round = sorted(rows[n], key=lambda r: r["round"])
+                print(f"  {n:2d} streams {name:17s} " + " ".join(f"{r['ttft_p50'] * 1e3:7.0f}" for r in by_round))
     print("\nprefix cache, median TTFT (cold system prompt -> same system prompt again):")
     for name, (cold, warm) in prefix.items():
         print(f"  {name:17s} {cold * 1e3:7.0f} ms -> {warm * 1e3:7.0f} ms ({warm / cold:.0%} of cold)")

@@ -242,13 +242,21 @@ def test_quality_suite_scores_the_candidates_with_the_real_eval(fitted, home):
                      resume=True, **{**TINY, "validate": 1})
 
 
-@pytest.mark.parametrize("args, words", [
-    (("--profile", "phone-9g"), "unknown device profile 'phone-9g'"),
-    (("--profile", "threads=1,mem=64M"), "memory cap (64 MiB) holds no variant"),
-    (("--quality", "nosuch"), "no suite named 'nosuch'"),
-    (("--budget", "size<=140MB,score>=0.5"), "pass --quality SUITE"),
+@pytest.mark.parametrize("kw, words", [
+    ({"profile": "phone-9g"}, "unknown device profile 'phone-9g'"),
+    ({"quality": "nosuch"}, "no suite named 'nosuch'"),
+    ({"budget": "size<=140MB,score>=0.5"}, "pass --quality SUITE"),
 ])
-def test_bad_profile_and_quality_are_one_line_errors(home, cli, args, words):
-    r = cli("fit", "--types", "Q8_0,Q4_0", *args, env={"ONDEVICE_HOME": str(home)})
+def test_bad_profile_and_quality_are_one_line_errors(home, kw, words):
+    import ondevice
+
+    with pytest.raises(InvalidArgument) as e:
+        ondevice.fit(None, **{"budget": None, **kw})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_profile_whose_memory_holds_no_variant_is_refused_before_measuring(home, cli):
+    r = cli("fit", "--types", "Q8_0,Q4_0", "--profile", "threads=1,mem=64M", env={"ONDEVICE_HOME": str(home)})
     assert r.returncode == 2, r.stderr
-    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    line = r.stderr.strip()
+    assert "memory cap (64 MiB) holds no variant" in line and "\n" not in line

@@ -59,6 +59,8 @@ def test_memory_cap_bounds_the_file():
     fits, note = edge.fits({"peak_rss": 300 << 20, "rss_model": 200 << 20, "limits": {"mem_mechanism": "cgroup2"}})
     assert fits == (1 << 30) - (100 << 20) and "100 MiB" in note and "cgroup2" in note
     assert fit_profile("threads=1").fits({"peak_rss": 1}) == (None, "")  # no cap, no bound
+    with pytest.raises(InvalidArgument, match=r"files up to 968\.9 MB fit, and the smallest variant is 1000\.0 MB"):
+        edge.fits({"peak_rss": 300 << 20, "rss_model": 200 << 20}, smallest=1_000_000_000)
     b = replace(parse_budget("size<=2GB"), fits=fits)
     big = {"size": fits + 1, "tg": 10.0, "pp": 10.0, "kld": 0.1}
     assert b.violations(big) == [f"size {big['size'] / 1e6:.1f}MB > {fits / 1e6:.1f}MB (the device profile's memory)"]

@@ -237,7 +237,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}")
     for t, s in type_speed.items():
         say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
-    fits, note = prof.fits(base["speed"])
+    fits, note = prof.fits(base["speed"], lay.smallest(types))
     if fits is not None:
         from dataclasses import replace
 

@@ -53,8 +53,9 @@ class FitProfile:
                                   f"of this model: the smallest with types {','.join(types)} is "
                                   f"{smallest / 2**20:.0f} MiB; use a profile with more memory or a smaller model")
 
-    def fits(self, speed: dict) -> tuple[int | None, str]:
-        """(largest file that fits, a note) from the all-base variant's bench under the profile."""
+    def fits(self, speed: dict, smallest: int = 0) -> tuple[int | None, str]:
+        """(largest file that fits, a note) from the all-base variant's bench under the profile; refused at
+        once when not even the ``smallest`` variant fits (before the sensitivity runs)."""
         cap = self.profile.mem_limit_bytes
         if cap is None:
             return None, ""
@@ -63,8 +64,11 @@ class FitProfile:
         how = (f"less the {other / 2**20:.0f} MiB the runtime used besides the weights under it"
                if rss else "(the runtime's own memory was not measured)")
         mech = (speed.get("limits") or {}).get("mem_mechanism", "?")
-        return cap - other, (f"memory cap {cap / 2**20:.0f} MiB ({mech}) {how}: files up to "
-                             f"{(cap - other) / 1e6:.1f} MB fit")
+        note = f"memory cap {cap / 2**20:.0f} MiB ({mech}) {how}: files up to {(cap - other) / 1e6:.1f} MB fit"
+        if smallest > cap - other:
+            raise InvalidArgument(f"--profile {self.name}: {note}, and the smallest variant is "
+                                  f"{smallest / 1e6:.1f} MB; use a profile with more memory or a smaller model")
+        return cap - other, note
 
     def describe(self) -> str:
         p = self.profile

@@ -363,7 +363,7 @@ def _quality_note(qual: Quality, m: dict, ref: dict) -> str:
     if qual.kind == "ppl":
         return f", ppl {m['ppl']:.3f} (reference {ref['ppl']:.3f})"
     if qual.kind == "suite":
-        return f", {qual.suite} score {m['score']:.3f} (reference {ref['score']:.3f})"
+        return f", {qual.suite} score {qual.cell(m).strip()} (reference {qual.cell(ref).strip()})"
     return ""
 
 

@@ -39,8 +39,8 @@ class Quality:
     def cell(self, m: dict) -> str:
         if self.kind == "ppl":
             return f" {m['ppl']:9.3f}"
-        if self.kind == "suite":
-            return f" {m['score']:6.3f}"
+        if self.kind == "suite":  # None: no item of the subset fitted the context window
+            return f" {m['score']:6.3f}" if m.get("score") is not None else f" {'-':>6}"
         return ""
 
     def to_dict(self) -> dict:

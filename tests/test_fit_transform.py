@@ -111,11 +111,18 @@ def test_transformed_imatrix_is_what_the_transformed_model_produces(calib, made,
 
 
 def test_other_architectures_and_quantized_files_are_refused(made, tmp_path):
-    from ondevice.fit.transform import transform
+    from ondevice.fit.transform import choose, transform
     from ondevice.models.catalog import resolve
 
     with pytest.raises(InvalidArgument, match=r"'gemma3' model.*only implemented for llama.*--transform off"):
         transform(resolve("gemma3-270m").path, made[0], tmp_path / "g.gguf")
+    # ``--transform auto`` skips such a model (said in the fit's output), ``on`` refuses it
+    said = []
+    gemma = type("Ref", (), {"path": resolve("gemma3-270m").path})
+    skipped = choose("auto", None, gemma, {}, None, None, None, None, None, tmp_path, said.append)
+    assert not skipped.used and said == ["equivalent transform: not tried: gemma3-270m.gguf is not a llama model"]
+    with pytest.raises(InvalidArgument, match="'gemma3' model"):
+        choose("on", None, gemma, {}, None, None, None, None, None, tmp_path, said.append)
     with pytest.raises(InvalidArgument, match=r"unquantized reference.*Q8_0"):
         transform(resolve(None).path, made[0], tmp_path / "q.gguf")
     with pytest.raises(InvalidArgument, match="--transform 'sometimes' must be auto, on or off"):

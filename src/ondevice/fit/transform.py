@@ -300,11 +300,12 @@ def choose(mode: str, meter, reference, low: dict[str, str], stats: str | Path |
         return Choice(False, {"used": False, "why": "off"})
     try:
         check_arch(reference.path)
-    except InvalidArgument as e:
+    except InvalidArgument:
         if mode == "on":
             raise
-        say(f"equivalent transform: not tried ({e})")
-        return Choice(False, {"used": False, "why": str(e)})
+        why = f"not tried: {Path(reference.path).name} is not a {'/'.join(ARCHS)} model"
+        say(f"equivalent transform: {why}")
+        return Choice(False, {"used": False, "why": why})
     if stats is None:
         raise OndeviceError("the equivalent transform needs the importance matrix's activations; none was collected")
     stats = Path(stats)

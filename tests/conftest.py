@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,23 @@ import pytest
 def _kernels_cache(tmp_path_factory):
     """One kernel self-test cache for the session: it is per machine, and tests give each CLI run its own store."""
     os.environ.setdefault("ONDEVICE_KERNELS_CACHE", str(tmp_path_factory.mktemp("kernels") / "kernels.json"))
+
+
+@contextlib.contextmanager
+def home_with_f16(home):
+    """``ONDEVICE_HOME`` set to ``home`` (restored after) holding the default model's F16 reference, dequantized
+    from the shipped file as ``ondevice fit`` makes it; yields the F16's path."""
+    old = os.environ.get("ONDEVICE_HOME")
+    os.environ["ONDEVICE_HOME"] = str(home)
+    try:
+        from ondevice.quant import quantize
+
+        yield quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True).path
+    finally:
+        if old is None:
+            os.environ.pop("ONDEVICE_HOME", None)
+        else:
+            os.environ["ONDEVICE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

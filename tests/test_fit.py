@@ -4,9 +4,9 @@ on the real engine (stored GGUF whose tensor types are the plan's), impossible b
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
+from conftest import home_with_f16
 
 from ondevice.errors import InvalidArgument
 from ondevice.fit.budget import parse_budget
@@ -47,19 +47,9 @@ def test_budget_errors_are_one_line_and_name_the_problem(text, words):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """An isolated store holding the F16 reference (dequantized from the shipped file) for this module."""
-    old = os.environ.get("ONDEVICE_HOME")
     h = tmp_path_factory.mktemp("fit-home")
-    os.environ["ONDEVICE_HOME"] = str(h)
-    try:
-        from ondevice.quant import quantize
-
-        quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True)
+    with home_with_f16(h):
         yield h
-    finally:
-        if old is None:
-            os.environ.pop("ONDEVICE_HOME", None)
-        else:
-            os.environ["ONDEVICE_HOME"] = old
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ it is refused on architectures it is not checked on, and ``fit(transform="on")``
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
+from conftest import home_with_f16
 
 from ondevice.errors import InvalidArgument
 
@@ -17,17 +17,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """An isolated store holding the F16 reference (dequantized from the shipped file), as test_fit's."""
-    old = os.environ.get("ONDEVICE_HOME")
-    os.environ["ONDEVICE_HOME"] = str(tmp_path_factory.mktemp("transform-home"))
-    try:
-        from ondevice.quant import quantize
-
-        yield quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True).path
-    finally:
-        if old is None:
-            os.environ.pop("ONDEVICE_HOME", None)
-        else:
-            os.environ["ONDEVICE_HOME"] = old
+    with home_with_f16(tmp_path_factory.mktemp("transform-home")) as f16:
+        yield f16
 
 
 @pytest.fixture(scope="module")

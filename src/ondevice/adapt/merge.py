@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..models.gguf_copy import writer_like
 from . import store
 
 TYPES = ("q8_0", "f16", "f32")
@@ -67,15 +68,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     os.close(fd)
     lost = []
     try:
-        arch = reader.fields["general.architecture"].contents()
-        w = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        if (al := reader.fields.get("general.alignment")) is not None:
-            w.data_alignment = int(al.contents())
-        for f in reader.fields.values():
-            if f.name == "general.architecture" or f.name.startswith("GGUF."):
-                continue
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        w = writer_like(reader, tmp)
         prov = {"adapter": apath.stem, "adapter_sha256": cached_sha256(apath), "base": base_name,
                 "base_sha256": cached_sha256(base), "type": out_type, "tensors": str(len(pairs))}
         for k, v in prov.items():

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgument, OndeviceError
+from ..models.gguf_copy import writer_like
 
 ARCHS = ("llama",)
 PARTS = ("norms", "down", "v")  # which equivalences are applied: norm->matmuls, up->down, v->output
@@ -189,21 +190,12 @@ def write(reader, stats: dict[str, np.ndarray], dst: str | os.PathLike[str], alp
     """Write the transformed copy of the model behind ``reader`` (architecture checked by the caller) to ``dst`` (temp file, then rename): every
     metadata key and untouched tensor copied, the touched ones scaled in float32 and stored in their own
     type. Returns the scales."""
-    import gguf
-
     sc = scales(reader, stats, alpha, parts)
     eff = _effects(sc, *_heads(reader))
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.part")
     try:
-        w = gguf.GGUFWriter(tmp, arch=_arch(reader), endianess=reader.endianess)
-        if (al := reader.fields.get("general.alignment")) is not None:
-            w.data_alignment = int(al.contents())
-        for f in reader.fields.values():
-            if f.name == "general.architecture" or f.name.startswith("GGUF."):
-                continue
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        w = writer_like(reader, tmp)
         w.add_string("ondevice.transform.alpha", f"{alpha:g}")
         w.add_string("ondevice.transform.parts", ",".join(parts))
         for t in reader.tensors:

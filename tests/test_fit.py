@@ -208,6 +208,16 @@ def test_quality_ppl_reports_held_out_perplexity(edge_fit):
     assert f"ppl {edge_fit.chosen.measured['ppl']:.3f} (reference {ref_ppl:.3f})" in edge_fit.lines[-2]
 
 
+def test_report_shows_the_profile_and_the_quality_column(edge_fit, home, cli):
+    r = cli("report", "--fit", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    section = r.stdout[r.stdout.index("## smol-fit-edge"):]
+    assert section.splitlines()[0].endswith("device profile edge-1g)") and "| ppl (held-out) |" in section
+    ref = edge_fit.quality["reference"]["ppl"]
+    assert f"| reference (F16) | - | - | - | 0.0000 | {ref:.3f} |" in section
+    assert f"{edge_fit.chosen.measured['ppl']:.3f} |" in section
+
+
 def test_quality_suite_scores_the_candidates_with_the_real_eval(fitted, home):
     import ondevice
     from ondevice.eval.api import evaluate

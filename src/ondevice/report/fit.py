@@ -8,11 +8,26 @@ same F16 on the same held-out text (``stock``), so the two can be read side by s
 from __future__ import annotations
 
 
-def _row(label: str, m: dict) -> str:
+def _row(label: str, m: dict, quality: str | None = None) -> str:
     tg = f"{m['tg']:.1f}" if m.get("tg") is not None else "-"
     pp = f"{m['pp']:.1f}" if m.get("pp") is not None else "-"
     kld = f"{m['kld']:.4f}" if m.get("kld") is not None else "-"
-    return f"| {label} | {m['size'] / 1e6:.1f} | {tg} | {pp} | {kld} |"
+    size = f"{m['size'] / 1e6:.1f}" if m.get("size") else "-"
+    row = f"| {label} | {size} | {tg} | {pp} | {kld} |"
+    if quality:  # the fit's --quality figure: held-out perplexity or the suite's score
+        v = m.get(quality)
+        row += f" {v:.3f} |" if v is not None else " - |"
+    return row
+
+
+def _quality(r: dict) -> tuple[str | None, str]:
+    """The measured key of a fit record's ``--quality`` and its column's title."""
+    q = r.get("quality") or {}
+    if q.get("kind") == "ppl":
+        return "ppl", "ppl (held-out)"
+    if q.get("kind") == "suite":
+        return "score", f"{q.get('suite')} score ({q.get('limit') or 'all'} items)"
+    return None, ""
 
 
 def fit_markdown(records: list[dict], limit: int = 3) -> str:
@@ -24,9 +39,12 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
                 "(or benchmarks/fit_bench.py for the front against the stock presets)\n")
     out = []
     for r in records[-limit:]:
+        prof = (r.get("profile") or {}).get("name")
         out.append(f"## {r['model']} (fit of {r.get('family')}, budget {r.get('budget')!r}, {r.get('threads')} "
-                   f"threads)\n")
-        out.append("| variant | size MB | tg t/s | pp t/s | KLD (held-out) |\n|---|---:|---:|---:|---:|")
+                   f"threads" + (f", device profile {prof}" if prof else "") + ")\n")
+        qkey, qtitle = _quality(r)
+        out.append("| variant | size MB | tg t/s | pp t/s | KLD (held-out) |" + (f" {qtitle} |" if qkey else "")
+                   + "\n|---|---:|---:|---:|---:|" + ("---:|" if qkey else ""))
         seen = set()
         for c in r.get("candidates", []):
             key = tuple(sorted(c["plan"].items()))
@@ -35,12 +53,14 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
             seen.add(key)
             plan = ", ".join(f"{g}={t}" for g, t in c["plan"].items() if t != BASE) or f"all {BASE}"
             chosen = " (chosen)" if c["plan"] == r.get("plan") else ""
-            out.append(_row(f"fitted{chosen}: {plan}", c["measured"]))
+            out.append(_row(f"fitted{chosen}: {plan}", c["measured"], qkey))
+        if qkey and (ref := (r.get("quality") or {}).get("reference")):
+            out.append(_row("reference (F16)", {"kld": 0.0, **ref}, qkey))
         for name, m in sorted((r.get("stock") or {}).items(), key=lambda kv: kv[1]["size"]):
-            out.append(_row(f"stock {name}", m))
+            out.append(_row(f"stock {name}", m, qkey))
         sh = r.get("shipped") or {}
         if sh.get("size"):
-            out.append(_row(f"shipped {sh.get('model')}", {**sh, "kld": None}))
+            out.append(_row(f"shipped {sh.get('model')}", {**sh, "kld": None}, qkey))
         front = r.get("front") or []
         if front:
             step = max(1, len(front) // 10)

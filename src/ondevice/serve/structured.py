@@ -195,13 +195,15 @@ class ToolStream:
         buf = self.watch + piece
         for i, ch in enumerate(buf):
             if ch in "<`{" and (whole := _head_ahead(buf[i:])) is not None:
-                if whole:
+                if whole:  # the white space before a call is not content (as split_reply strips it)
                     self.watch, self.holding, self.text, self.pos = None, True, buf[i:], 0
-                    return buf[:i], self._calls()
-                self.watch = buf[i:]
-                return buf[:i], []
-        self.watch = ""
-        return buf, []
+                    return buf[:i].rstrip(), self._calls()
+                break
+        else:
+            i = len(buf)
+        j = len(buf[:i].rstrip())  # trailing white space waits too: a call may follow it
+        self.watch = buf[j:]
+        return buf[:j], []
 
     def _calls(self) -> list[ToolCallDelta]:
         out = []

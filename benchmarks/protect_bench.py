@@ -9,9 +9,14 @@ the first token: Python's own start-up and imports are the same for every varian
 Variants, alternating order within each of ``--rounds`` rounds:
 
 * ``plain``     the GGUF file, mmapped by llama.cpp (ondevice's default)
-* ``pipelined`` the container: metadata chunks first, the rest decrypted by decrypt_threads() workers (1 on 2 cores) while llama.cpp
-                loads, barrier in llama.cpp's progress callback (the default for containers)
+* ``pipelined`` the container: metadata chunks first, the rest decrypted by decrypt_threads() worker processes (1 on
+                2 cores) while llama.cpp loads, barrier in llama.cpp's progress callback (the default for containers)
+* ``pipelined-threads`` the same with the decryption on threads of this process instead of worker
+                processes (what ondevice did before; kept to show why processes: the interpreter lock)
 * ``strawman``  the container: everything decrypted on one thread, then the load
+
+CPU time counts this process and its reaped children (the restore's worker processes), and "workers' RSS"
+is the largest worker's own peak (its VmHWM): the memory a worker process takes beside the model's.
 
 Page cache: dropping it needs root's /proc/sys/vm/drop_caches (refused here), so both files are read
 once before the rounds and every variant starts with its file in the page cache: the same state for all.
@@ -34,37 +39,48 @@ import time
 from pathlib import Path
 
 PROMPT = "Write one sentence about the sea."
-VARIANTS = ("plain", "pipelined", "strawman")
-TWO = "pipelined-2t"  # --decrypt-threads: the pipelined restore with 2 decrypt threads instead of the default
+VARIANTS = ("plain", "pipelined", "pipelined-threads", "strawman")
+TWO = "pipelined-2t"  # --decrypt-threads: the pipelined restore with 2 worker processes instead of the default
 KEY_ENV = "PROTECT_BENCH_KEY"
 
 
 def child(variant: str, path: str, threads: int, n_gen: int) -> None:
     """One measurement in this fresh process; prints one JSON line."""
+    import resource
+
     t0 = time.perf_counter()
     import ondevice
     from ondevice.engine.model import peak_rss_bytes
 
     t_import = time.perf_counter() - t0
+    if variant == "pipelined-threads":
+        import ondevice.protect.restore
+
+        ondevice.protect.restore._start_processes = lambda *a: False  # restore() then falls back to threads
     if variant == TWO:
         import ondevice.protect.load
 
         ondevice.protect.load.decrypt_threads = lambda: 2
     kw = {} if variant == "plain" else {"key_source": f"env:{KEY_ENV}", "restore": variant.split("-")[0]}
-    t1, c1 = time.perf_counter(), time.process_time()
+    def cpu() -> float:  # this process and its reaped children (the restore's workers are reaped at the barrier)
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + ch.ru_utime + ch.ru_stime
+
+    t1, c1 = time.perf_counter(), cpu()
     model = ondevice.load(path, n_ctx=512, n_threads=threads, **kw)
     t_load = time.perf_counter() - t1
     first = None
     n = 0
     for g in model.stream(PROMPT, temp=0, max_tokens=n_gen, ignore_eos=True):
         if first is None:
-            first, first_cpu = time.perf_counter() - t1, time.process_time() - c1
+            first, first_cpu = time.perf_counter() - t1, cpu() - c1
         n += 1
         last = g
     restored = getattr(model.engine, "_restored", None)
     print(json.dumps({"variant": variant, "import_s": t_import, "load_s": t_load, "cold_ttft_s": first, "cold_cpu_s": first_cpu,
                       "decode_tps": last.generation_tps, "tokens": n,
                       "peak_rss": peak_rss_bytes(),
+                      "worker_rss": restored.worker_rss if restored is not None else 0,
                       "decrypt_s": restored.decrypt_s if restored is not None else None,
                       "meta_s": restored.meta_s if restored is not None else None,
                       "barrier_wait_s": restored.barrier_wait_s if restored is not None else None,
@@ -115,11 +131,11 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, var
     keys = ("cold_ttft_s", "cold_cpu_s", "load_s", "decode_tps", "peak_rss")
     base = {k: med([x[k] for x in rows["plain"]]) for k in keys}
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end; {rounds} rounds, {threads} threads, "
-          f"medians; ratios are each variant's median over plain's. CPU time: this process's user+sys from the "
-          f"load to the first token (all threads; what contention on a busy machine does not inflate)")
+          f"medians; ratios are each variant's median over plain's. CPU time: this process's and its "
+          f"workers' user+sys from the load to the first token (what contention on a busy machine does not inflate)")
     print("| variant | cold start to 1st token | ratio | its CPU time | ratio | load | decrypt | decode tok/s | ratio "
-          "| peak RSS | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS | ratio | workers' RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m = {k: med([x[k] for x in rows[v]]) for k in keys}
         dec = [x["decrypt_s"] for x in rows[v] if x["decrypt_s"] is not None]
@@ -127,7 +143,8 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, var
               f"| {m['cold_cpu_s'] * 1000:.0f} ms | {m['cold_cpu_s'] / base['cold_cpu_s']:.3f}x "
               f"| {m['load_s'] * 1000:.0f} ms | {f'{med(dec) * 1000:.0f} ms' if dec else '-'} "
               f"| {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.3f}x "
-              f"| {m['peak_rss'] / 1e6:.0f} MB | {m['peak_rss'] / base['peak_rss']:.3f}x |")
+              f"| {m['peak_rss'] / 1e6:.0f} MB | {m['peak_rss'] / base['peak_rss']:.3f}x "
+              f"| {med([x['worker_rss'] for x in rows[v]]) / 1e6:.0f} MB |")
     paired = [p["cold_ttft_s"] for p in rows["plain"]]
     for v in variants[1:]:
         ratios = [x["cold_ttft_s"] / p for x, p in zip(rows[v], paired)]

@@ -155,6 +155,64 @@ def test_a_failed_restore_leaves_no_memfd_open(box, tmp_path):
     assert _memfds() == before
 
 
+def test_pipelined_restore_runs_in_worker_processes_and_reaps_them(box):
+    plain, path, key = box
+    r = restore(path, key, threads=2)
+    try:
+        assert len(r._procs) == 2
+        # the per-file key reaches the workers through a pipe, never their command line
+        file_key = read_header(path).file_key(key).hex()
+        assert all(file_key not in " ".join(p.args) and key.hex() not in " ".join(p.args) for p in r._procs)
+        r.wait()
+        assert [p.returncode for p in r._procs] == [0, 0]
+        with open(r.path, "rb") as f:
+            assert f.read() == plain
+    finally:
+        r.close()
+
+
+def test_restore_falls_back_to_threads_when_no_worker_can_start(box, monkeypatch):
+    import subprocess
+
+    def no_spawn(*a, **kw):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", no_spawn)
+    plain, path, key = box
+    r = restore(path, key, threads=2)
+    try:
+        assert r._procs == []
+        r.wait()
+        with open(r.path, "rb") as f:
+            assert f.read() == plain
+    finally:
+        r.close()
+
+
+def test_a_worker_that_dies_opens_the_barrier_with_an_error(tmp_path):
+    """A killed worker must fail the load with a message, never leave the loader waiting forever."""
+    key = keys.parse_key(keys.new_key(), "test key")
+    (tmp_path / "big.bin").write_bytes(random.Random(2).randbytes(8 << 20))
+    encrypt_file(tmp_path / "big.bin", tmp_path / "big.enc", key, meta_size=5000, chunk_size=CHUNK)
+    before = _memfds()
+    r = restore(tmp_path / "big.enc", key, threads=1)
+    r._procs[0].kill()  # still starting: 2,000 chunks are far from done
+    with pytest.raises(OndeviceError, match="restore worker process failed"):
+        r.wait()
+    r.close()
+    assert r._procs[0].returncode is not None and _memfds() == before
+
+
+def test_close_while_restoring_stops_and_reaps_the_workers(tmp_path):
+    key = keys.parse_key(keys.new_key(), "test key")
+    (tmp_path / "big.bin").write_bytes(random.Random(3).randbytes(8 << 20))
+    encrypt_file(tmp_path / "big.bin", tmp_path / "big.enc", key, meta_size=5000, chunk_size=CHUNK)
+    before = _memfds()
+    r = restore(tmp_path / "big.enc", key, threads=2)
+    r.close()
+    assert all(p.returncode is not None for p in r._procs) and _memfds() == before
+
+
 def _memfds() -> set[str]:
     out = set()
     for fd in os.listdir("/proc/self/fd"):

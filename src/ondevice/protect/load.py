@@ -40,11 +40,11 @@ def can_lock(n_bytes: int) -> bool:
 
 
 def decrypt_threads() -> int:
-    """Worker threads for a pipelined restore: one core is left to llama.cpp's loader, which runs on one
-    thread (vocabulary, tensor layout, repacking) while the weights are decrypted.
+    """Worker processes for a pipelined restore (protect/restore.py): one core is left to llama.cpp's
+    loader, which runs on one thread (vocabulary, tensor layout, repacking) while the weights are decrypted.
 
-    Measured on 2 cores (benchmarks/protect_bench.py): with 2 decrypt threads the loader lost its core to
-    them and the cold start grew; with 1 the decryption hid behind the loader.
+    Measured on 2 cores (benchmarks/protect_bench.py --decrypt-threads, Qwen 0.5B): 2 workers took the
+    loader's core and the cold start grew (1.33x plaintext against 1.13x with 1).
     """
     try:
         usable = len(os.sched_getaffinity(0))

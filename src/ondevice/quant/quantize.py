@@ -13,7 +13,9 @@ What it adds to the C call, and nothing more:
   compounds; llama.cpp refuses otherwise). Making an F16 "reference" from a Q4_1 file is allowed this way
   too: it dequantizes exactly what Q4_1 holds, so it is a reference *for that file*, not the original;
 - safety: the C call runs in a child process (``python -m ondevice.quant.worker``), because llama.cpp
-  may ``abort()`` on input it does not expect; the CLI then prints an error instead of dying;
+  may ``abort()`` on input it does not expect; the CLI then prints an error instead of dying. The child
+  dies with its parent (:func:`run_worker`), so a killed ``ondevice quantize`` or ``fit`` leaves no
+  quantization running on and no partial file;
 - the output is written to a temporary file next to its destination, read back with ``gguf.GGUFReader``
   (the reference reader) to confirm the tensor types, and only then renamed into the model store and
   registered as a named variant with its provenance.
@@ -22,6 +24,7 @@ What it adds to the C call, and nothing more:
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -157,30 +160,50 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
 
     ``imatrix``: an ``.npz`` of tensor name -> per-column importance (``fit.imatrix.collect``), passed as
     ``llama_model_quantize_params.imatrix``; the quantizer then weights each column's rounding error by it.
+
+    The child dies with this process: its stdin is a pipe only we hold open, so when we are gone (SIGTERM,
+    SIGKILL, a crash) it reads EOF, removes its half-written ``dst`` and exits (``worker._die_with_parent``).
+    If we are interrupted here (Ctrl-C, a timeout, any exception), ``subprocess.run`` kills and reaps it,
+    and ``dst`` is removed: a failed run never leaves a partial file.
     """
     job = {"src": str(src), "dst": str(dst), "ftype": ftype, "allow_requantize": allow_requantize,
            "nthread": threads, "overrides": [[p, ggml_types()[t]] for p, t in overrides],
-           "imatrix": str(imatrix) if imatrix else None}
+           "imatrix": str(imatrix) if imatrix else None, "parent": os.getpid()}
     t0 = time.perf_counter()
+    lifeline, keep_open = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
+        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)], stdin=lifeline,
                               capture_output=True, text=True, timeout=timeout, check=False)
+        failure = _failure(proc, src.name)
+        if failure:
+            raise failure
     except subprocess.TimeoutExpired:
+        dst.unlink(missing_ok=True)
         raise OndeviceError(f"quantizing took longer than {timeout:.0f} s and was stopped; retry with more time")
-    elapsed = time.perf_counter() - t0
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(lifeline)
+        os.close(keep_open)
+    return time.perf_counter() - t0
+
+
+def _failure(proc: subprocess.CompletedProcess, src_name: str) -> OndeviceError | None:
+    """The error for a worker that crashed or failed (llama.cpp's reason from its log), or None."""
     log = proc.stderr.splitlines()
     reason = next((ln.split("failed to quantize:", 1)[1].strip() for ln in reversed(log)
                    if "failed to quantize:" in ln), None)
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
         tail = " | ".join(log[-3:])
-        raise OndeviceError(f"llama.cpp crashed ({sig}) while quantizing {src.name}: {tail or 'no output'}; "
-                            f"check that the model file is valid and the type suits its architecture")
+        return OndeviceError(f"llama.cpp crashed ({sig}) while quantizing {src_name}: {tail or 'no output'}; "
+                             f"check that the model file is valid and the type suits its architecture")
     if proc.returncode != 0 or reason:
         why = reason or " | ".join(log[-3:]) or f"exit code {proc.returncode}"
         hint = ""
         if "importance matrix" in why or "imatrix" in why:
             hint = ("; this type needs an importance matrix: pass --imatrix FILE (ondevice fit collects one) "
                     "or pick a K-quant or Q4_0/Q8_0")
-        raise OndeviceError(f"llama.cpp could not quantize {src.name}: {why}{hint}")
-    return elapsed
+        return OndeviceError(f"llama.cpp could not quantize {src_name}: {why}{hint}")
+    return None

@@ -2,17 +2,25 @@
 
 Usage: ``python -m ondevice.quant.worker JOB_JSON``. llama.cpp's log goes to stderr (the parent reads the
 "failed to quantize: ..." line from it); the exit code is llama_model_quantize's return value.
+The worker dies with its parent (:func:`_die_with_parent`): a quantization no one waits for stops at once
+and leaves no half-written file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import os
+import select
 import sys
+import threading
 
 
 def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
+    if job.get("parent"):
+        _die_with_parent(int(job["parent"]), job["dst"])
     import llama_cpp as ll
     from llama_cpp import _logger
 
@@ -37,6 +45,33 @@ def main(argv: list[str]) -> int:
     rc = ll.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
     sys.stderr.flush()
     return int(rc)
+
+
+def _die_with_parent(parent: int, dst: str) -> None:
+    """Remove ``dst`` and exit as soon as ``parent`` is gone, however it died (SIGKILL included).
+
+    The parent gives us as stdin a pipe that only it holds open: its death is EOF there, seen at once by a
+    thread (``llama_model_quantize`` is a ctypes call, which runs without the GIL). ``getppid`` is checked
+    too, before the thread starts (a parent that died before we got here) and while it waits (a stdin that is
+    not that pipe). Not ``PR_SET_PDEATHSIG``: its signal would kill us before we could remove the file.
+    """
+
+    def orphaned() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)  # nobody will read or rename it: a partial file must not stay behind
+        os._exit(1)  # at once: the main thread is inside llama.cpp
+
+    def watch() -> None:
+        fd = sys.stdin.fileno()
+        while os.getppid() == parent:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready and not os.read(fd, 4096):
+                break
+        orphaned()
+
+    if os.getppid() != parent:
+        orphaned()
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _imatrix_array(ll, path: str, keep: list):

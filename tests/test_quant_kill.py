@@ -1,0 +1,77 @@
+"""A quantization whose parent dies (SIGTERM, SIGKILL) stops at once and leaves no half-written file.
+
+Real processes throughout: a parent quantizing the shipped SmolLM2 to IQ4_XS with one thread (about a minute
+of work, so a worker that outlived its parent would still be running when checked; the test itself kills it
+after a second or two), its real ``python -m ondevice.quant.worker`` child, and real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+_API = ("from ondevice.quant import quantize; "
+        "quantize(None, 'IQ4_XS', name='smol-killed', allow_requantize=True, threads=1)")
+
+
+def _workers(marker: str) -> list[int]:
+    """Live (not zombie) ``ondevice.quant.worker`` processes whose command line names ``marker``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "ondevice.quant.worker" in cmd and marker in cmd and state not in ("Z", "X"):
+            out.append(int(d.name))
+    return out
+
+
+def _wait_for(cond, timeout: float, step: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    return cond()
+
+
+@pytest.mark.parametrize(("how", "sig"), [("api", signal.SIGTERM), ("api", signal.SIGKILL),
+                                          ("cli", signal.SIGTERM)])
+def test_worker_dies_with_its_parent_and_leaves_no_file(tmp_path, how, sig):
+    home = tmp_path / "home"
+    env = dict(os.environ, ONDEVICE_HOME=str(home), OMP_WAIT_POLICY="PASSIVE")
+    cmd = ([sys.executable, "-c", _API] if how == "api" else
+           [sys.executable, "-m", "ondevice.cli", "quantize", "smollm2", "--type", "IQ4_XS", "--name",
+            "smol-killed", "--allow-requantize", "--threads", "1"])
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        workers = _wait_for(lambda: _workers(str(home)), 60)
+        assert workers, f"no quantize worker started: {parent.stderr.read().decode()[-500:] if parent.poll() else ''}"
+        # the worker has begun writing its output: a kill now would leave a half-written file
+        started = _wait_for(lambda: [p for p in home.rglob("*.tmp") if p.stat().st_size > 0], 30, 0.01)
+        assert started and _workers(str(home)), "the worker finished before it could be interrupted"
+        parent.send_signal(sig)
+        parent.wait(10)
+        assert _wait_for(lambda: not _workers(str(home)), 3), "the quantize worker outlived its parent"
+        time.sleep(0.2)  # the rename or cleanup is done by now, if any
+        left = sorted(p.name for p in home.rglob("*") if p.is_file() and ("tmp" in p.name or "killed" in p.name))
+        assert left == [], f"a killed quantization left files behind: {left}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in _workers(str(home)):  # the tests's own leftovers, by pid
+            os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,6 @@
 """ondevice.agent: tool schemas and validation, confirmation of sensitive tools, the task graph, MCP over
-stdio (a real server process through the official client), retrieval, the function-calling suite, and
-real constrained calls with the embedded SmolLM2."""
+stdio (a real server process through the official client), retrieval, and real constrained calls with the
+embedded SmolLM2. The call format, its grammar and the function-calling suite: tests/test_agent_calls.py."""
 
 from __future__ import annotations
 
@@ -24,15 +24,6 @@ from ondevice.agent import (
     fcsuite,
     run_graph,
     tool,
-)
-from ondevice.agent.calls import (
-    TEXT_RULE,
-    Call,
-    answer_decided,
-    call_grammar,
-    call_prompt,
-    read_calls,
-    wraps_calls,
 )
 from ondevice.agent.graph import resolve_refs
 from ondevice.agent.retrieval import Embedder, ToolIndex
@@ -305,138 +296,7 @@ def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
             c.call("word_count", {"text": 3})  # the server validates too
 
 
-# -- retrieval and the suite ------------------------------------------------------------------------------
-
-def test_function_calling_suite_data_and_scoring():
-    items, cat = fcsuite.items(), fcsuite.catalog()
-    assert len(cat) >= 100 and 80 <= len(items) <= 120
-    assert {i["category"] for i in items} == set(fcsuite.CATEGORIES)
-    for it in items:
-        assert all(n in cat for n in it["tools"]) and all(e["name"] in it["tools"] for e in it["expected"])
-    item = {"tools": ["set_alarm"], "expected": [{"name": "set_alarm",
-                                                  "arguments": {"time": ["07:30"], "label": [None, "gym"]}}]}
-    ok = fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "07:30", "label": " GYM."}}', item, True)
-    assert ok["correct"] == ok["valid"] == 1.0
-    assert fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "07:30"}}', item, True)["correct"] == 1
-    assert fcsuite.score_reply('{"name": "set_alarm", "arguments": {"time": "7:31"}}', item, True)["correct"] == 0
-    bad = fcsuite.score_reply('{"name": "set_alarm", "arguments": {}}', item, True)
-    assert bad["valid"] == 0 and "time" in bad["problem"]
-    free = fcsuite.score_reply('Sure! <tool_call>{"name": "set_alarm", "arguments": {"time": "07:30"}}</tool_call>',
-                               item, False)
-    assert free["correct"] == 1  # unconstrained replies: the first JSON in the text
-    two = [Call("f", {"x": 1}), Call("f", {"x": 2.0})]
-    exp = [{"name": "f", "arguments": {"x": [2]}}, {"name": "f", "arguments": {"x": ["1"]}}]
-    assert fcsuite.calls_match(two, exp) and not fcsuite.calls_match(two[:1], exp)
-    assert fcsuite.calls_match(None, []) and not fcsuite.calls_match(two, [])
-    assert read_calls("I cannot do that.", lenient=False) == (None, "a plain answer (no call)")
-
-
-def test_calls_are_read_bare_fenced_or_in_tool_call_tags():
-    one, two = '{"name": "a", "arguments": {"x": 1}}', '{"name": "b", "arguments": {}}'
-    want = [Call("a", {"x": 1}), Call("b", {})]
-    for text in (f"[{one}, {two}]", f"<tool_call>\n{one}\n</tool_call>\n<tool_call>\n{two}\n</tool_call>",
-                 f"```json\n{one}\n```\n```\n{two}\n```"):
-        assert read_calls(text, lenient=False) == (want, None), text
-        assert read_calls(text, lenient=True)[0] == want, text
-    # strict: only calls; an unclosed block or text after the call is not a call
-    assert read_calls(f"<tool_call>\n{one}\n", lenient=False)[0] is None
-    assert read_calls(f"{one} done", lenient=False)[0] is None
-    # lenient (unconstrained): the model's <tool_call> blocks anywhere, else the first JSON
-    assert read_calls(f"Sure.\n<tool_call>\n{one}\n</tool_call>", lenient=True)[0] == want[:1]
-    assert read_calls(f"Here: ```json\n{one}\n```", lenient=True)[0] == want[:1]
-
-
-# Qwen2.5's tool rendering (its GGUF template, shortened to the parts a first turn uses)
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
-    "{% else %}You are a helpful assistant.{% endif %}\n\n# Tools\n\n<tools>{% for tool in tools %}\n"
-    "{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each function call, return a json object with function "
-    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
-    "{% for message in messages %}{% if message.role != 'system' %}<|im_start|>{{ message.role }}\n"
-    "{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}<|im_start|>assistant\n")
-
-
-def test_a_template_that_renders_tools_gets_them_and_calls_in_its_own_format(smol_path):
-    import ondevice
-
-    m = ondevice.load(smol_path, n_threads=1)
-    try:
-        t = Tool.from_function(book_table)
-        user = [{"role": "user", "content": "Book a table for 4 at Luigi's at 20:00."}]
-        assert not wraps_calls(m) and call_prompt(m, user, [t], parallel=False, allow_text=True)[1] is None
-        m.template = HERMES_TEMPLATE
-        msgs, shown = call_prompt(m, user, [t], parallel=False, allow_text=True)
-        assert wraps_calls(m) and msgs == user and shown == [{"type": "function", "function": t.spec()}]
-        text, _ = m.render(msgs, tools=shown)
-        assert '<tools>{"type": "function", "function": {"name": "book_table"' in text  # trim_blocks, as in HF
-        turn = call_turn(m, user, [t], constrained=True, max_tokens=120)
-        assert turn.text.startswith(("<tool_call>\n{", "```")) and turn.calls, turn.text
-        assert turn.calls[0].name == "book_table"
-        t.validate(turn.calls[0].arguments)
-        # the same tools, another request: the prompt up to the request is reused from the KV
-        again = call_turn(m, [{"role": "user", "content": "Book a table for 2 at Nobu."}], [t], constrained=True,
-                          max_tokens=120)
-        assert again.meta["cached_tokens"] > 100
-    finally:
-        m.close()
-
-
-def test_the_call_grammar_allows_calls_in_every_format_and_text_that_does_not_start_like_one():
-    from llama_cpp import LlamaGrammar
-
-    tools = [fcsuite.catalog()[n] for n in ("set_alarm", "lock_door")]
-    assert TEXT_RULE == "ondevice-text ::= [^{[<` \\t\\r\\n] .*"  # a plain answer starts like no call
-    # so the first character decides (the suite stops a plain answer there); every call format starts a call
-    assert answer_decided("Sure") and not answer_decided("")
-    assert not any(answer_decided(t[:1]) for t in ("{", "[", "<tool_call>", "```json"))
-    for wrapped in (False, True):
-        for parallel in (False, True):
-            g = call_grammar(tools, parallel=parallel, allow_text=True, wrapped=wrapped)
-            LlamaGrammar.from_string(g, verbose=False)  # llama.cpp parses it
-            assert g.endswith("root ::= ondevice-tool-call | ondevice-text\n" + TEXT_RULE + "\n")
-            assert ("<tool_call>" in g) == wrapped and "ondevice-fenced ::=" in g
-            assert ("{0,3}" in g) == (wrapped and parallel)
-
-
-def test_function_calling_is_an_eval_suite_with_both_modes():
-    from ondevice.eval.suites import load_suite, score
-
-    s = load_suite("function-calling")
-    assert len(s.items) == 2 * len(fcsuite.items())
-    assert {i.category for i in s.items} == {"constrained", "unconstrained"}
-    con = next(i for i in s.items if i.id == "single-001/constrained")
-    assert con.input == [{"role": "user", "content": fcsuite.items()[0]["query"]}]  # the request alone
-    assert con.meta == {"tools": [fcsuite.catalog()["set_alarm"].spec()], **fcsuite.POLICY, "constrained": True}
-    assert next(i for i in s.items if i.id == "single-001/unconstrained").meta["constrained"] is False
-    assert score(con, '{"name": "set_alarm", "arguments": {"time": "06:45"}}') == \
-        {"tool_calls": 1.0, "tool_calls_valid": 1.0}
-
-
-def test_eval_and_agent_bench_give_the_same_prompt_and_grammar(smol_path):
-    """``ondevice eval --suite function-calling`` and agent_bench (fcsuite.run_item) make one request per item."""
-    import ondevice
-    from ondevice.eval.runner import item_request
-    from ondevice.eval.suites import load_suite
-
-    items = {i.id: i for i in load_suite("function-calling").items}
-    m = ondevice.load(smol_path, n_threads=1)
-    try:
-        for template in (m.template, HERMES_TEMPLATE):  # SmolLM2's own (no tools), then Qwen2.5's tool part
-            m.template = template
-            for it in fcsuite.items()[::7]:
-                for mode in fcsuite.MODES:
-                    msgs, shown, grammar = fcsuite.request(m, it, constrained=mode == "constrained")
-                    toks, g = item_request(m, items[f"{it['id']}/{mode}"])
-                    assert toks == m.tokenize_prompt(msgs, tools=shown) and g == grammar
-                    assert (g is None) == (mode == "unconstrained")
-            toks, g = item_request(m, items["single-001/constrained"])
-            text = m.engine.detokenize(toks)
-            assert ("<tools>" in text and "<tool_call>" in g) if template == HERMES_TEMPLATE else \
-                ("You can call these tools" in text and "<tool_call>" not in g)
-    finally:
-        m.close()
-
+# -- retrieval -------------------------------------------------------------------------------------------
 
 def test_lexical_retrieval_finds_the_tool():
     idx = ToolIndex(list(fcsuite.catalog().values()))

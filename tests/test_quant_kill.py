@@ -59,7 +59,8 @@ def test_worker_dies_with_its_parent_and_leaves_no_file(tmp_path, how, sig):
     parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         workers = _wait_for(lambda: _workers(str(home)), 60)
-        assert workers, f"no quantize worker started: {parent.stderr.read().decode()[-500:] if parent.poll() else ''}"
+        why = parent.stderr.read().decode()[-500:] if parent.poll() is not None else ""
+        assert workers, f"no quantize worker started: {why}"
         # the worker has begun writing its output: a kill now would leave a half-written file
         started = _wait_for(lambda: [p for p in home.rglob("*.tmp") if p.stat().st_size > 0], 30, 0.01)
         assert started and _workers(str(home)), "the worker finished before it could be interrupted"
@@ -67,11 +68,12 @@ def test_worker_dies_with_its_parent_and_leaves_no_file(tmp_path, how, sig):
         parent.wait(10)
         assert _wait_for(lambda: not _workers(str(home)), 3), "the quantize worker outlived its parent"
         time.sleep(0.2)  # the rename or cleanup is done by now, if any
-        left = sorted(p.name for p in home.rglob("*") if p.is_file() and ("tmp" in p.name or "killed" in p.name))
+        left = sorted(p.name for p in home.rglob("*") if p.is_file()
+                      and ("tmp" in p.name or "killed" in p.name))
         assert left == [], f"a killed quantization left files behind: {left}"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        for pid in _workers(str(home)):  # the tests's own leftovers, by pid
+        for pid in _workers(str(home)):  # the test's own leftovers, by pid
             os.kill(pid, signal.SIGKILL)

@@ -172,8 +172,8 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
     t0 = time.perf_counter()
     lifeline, keep_open = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)], stdin=lifeline,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
+                              stdin=lifeline, capture_output=True, text=True, timeout=timeout, check=False)
         failure = _failure(proc, src.name)
         if failure:
             raise failure

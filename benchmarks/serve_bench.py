@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,7 @@ def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 class Server:
@@ -101,7 +102,7 @@ async def one_stream(client: httpx.AsyncClient, srv: Server, prompt: str, tokens
             if ch and ch[0].get("text"):
                 stamps.append(time.perf_counter())
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "n": len(stamps),
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "end": stamps[-1] if stamps else t0, "t0": t0}
+            "itl": [b - a for a, b in pairwise(stamps)], "end": stamps[-1] if stamps else t0, "t0": t0}
 
 
 async def load(srv: Server, n: int, tokens: int, distinct: bool = False) -> dict:

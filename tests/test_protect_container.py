@@ -189,13 +189,20 @@ def test_restore_falls_back_to_threads_when_no_worker_can_start(box, monkeypatch
         r.close()
 
 
-def test_a_worker_that_dies_opens_the_barrier_with_an_error(tmp_path):
-    """A killed worker must fail the load with a message, never leave the loader waiting forever."""
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """An 8 MiB plaintext in 4 KiB chunks (2,048): a restore that is still running when a test acts on it."""
+    d = tmp_path_factory.mktemp("protect-big")
     key = keys.parse_key(keys.new_key(), "test key")
-    (tmp_path / "big.bin").write_bytes(random.Random(2).randbytes(8 << 20))
-    encrypt_file(tmp_path / "big.bin", tmp_path / "big.enc", key, meta_size=5000, chunk_size=CHUNK)
+    (d / "big.bin").write_bytes(random.Random(2).randbytes(8 << 20))
+    encrypt_file(d / "big.bin", d / "big.enc", key, meta_size=5000, chunk_size=CHUNK)
+    return d / "big.enc", key
+
+
+def test_a_worker_that_dies_opens_the_barrier_with_an_error(big):
+    """A killed worker must fail the load with a message, never leave the loader waiting forever."""
     before = _memfds()
-    r = restore(tmp_path / "big.enc", key, threads=1)
+    r = restore(*big, threads=1)
     r._procs[0].kill()  # still starting: 2,000 chunks are far from done
     with pytest.raises(OndeviceError, match="restore worker process failed"):
         r.wait()
@@ -203,12 +210,9 @@ def test_a_worker_that_dies_opens_the_barrier_with_an_error(tmp_path):
     assert r._procs[0].returncode is not None and _memfds() == before
 
 
-def test_close_while_restoring_stops_and_reaps_the_workers(tmp_path):
-    key = keys.parse_key(keys.new_key(), "test key")
-    (tmp_path / "big.bin").write_bytes(random.Random(3).randbytes(8 << 20))
-    encrypt_file(tmp_path / "big.bin", tmp_path / "big.enc", key, meta_size=5000, chunk_size=CHUNK)
+def test_close_while_restoring_stops_and_reaps_the_workers(big):
     before = _memfds()
-    r = restore(tmp_path / "big.enc", key, threads=2)
+    r = restore(*big, threads=2)
     r.close()
     assert all(p.returncode is not None for p in r._procs) and _memfds() == before
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import OndeviceError
 from .container import TAG, Header, ProtectError, decrypt_error, read_header, require_crypto
 
 
@@ -166,11 +167,8 @@ _CHILD = "import sys; sys.path[:] = {path!r}; from ondevice.protect.restore impo
 
 def _start_processes(r: Restored, file_key: bytes, rest: range) -> bool:
     """Start ``r.threads`` worker processes on interleaved slices of ``rest`` (so together they go in file
-    order) and a thread that waits for them; False (nothing started) if no process could be started."""
-    if not rest:
-        r.decrypt_s = time.perf_counter() - r.t_start
-        r._done.set()
-        return True
+    order; none when it is empty) and a thread that waits for them; False (nothing started) if no process
+    could be started."""
     if getattr(sys, "frozen", False) or not sys.executable:  # a bundled app: sys.executable is not a Python
         return False
     n = min(r.threads, len(rest))
@@ -221,8 +219,6 @@ def _collect(r: Restored) -> None:
             reply = {"error": f"the restore worker process failed ({tail[0]}); run again, and report it if it "
                               f"persists", "kind": "OndeviceError"}
         if "error" in reply:
-            from ..errors import OndeviceError
-
             r._error = (ProtectError if reply.get("kind") == "ProtectError" else OndeviceError)(reply["error"])
             for q in r._procs:
                 with contextlib.suppress(OSError):

@@ -38,6 +38,18 @@ def _workers(marker: str) -> list[int]:
     return out
 
 
+def _written(home: Path) -> list[Path]:
+    """Temp files under ``home`` with bytes in them (one may vanish between the listing and its stat)."""
+    out = []
+    for p in home.rglob("*.tmp"):
+        try:
+            if p.stat().st_size > 0:
+                out.append(p)
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def _wait_for(cond, timeout: float, step: float = 0.02):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -62,7 +74,7 @@ def test_worker_dies_with_its_parent_and_leaves_no_file(tmp_path, how, sig):
         why = parent.stderr.read().decode()[-500:] if parent.poll() is not None else ""
         assert workers, f"no quantize worker started: {why}"
         # the worker has begun writing its output: a kill now would leave a half-written file
-        started = _wait_for(lambda: [p for p in home.rglob("*.tmp") if p.stat().st_size > 0], 30, 0.01)
+        started = _wait_for(lambda: _written(home), 30, 0.01)
         assert started and _workers(str(home)), "the worker finished before it could be interrupted"
         parent.send_signal(sig)
         parent.wait(10)

@@ -22,6 +22,7 @@ Page cache: dropping it needs root's /proc/sys/vm/drop_caches (refused here), so
 once before the rounds and every variant starts with its file in the page cache: the same state for all.
 
     python benchmarks/protect_bench.py [-m MODEL ...] [--rounds 7] [-n 64] [-t 2]
+    python benchmarks/protect_bench.py --decode 6         # also steady decode (ondevice bench tg128), paired
     python benchmarks/protect_bench.py --tamper 1000      # single-byte flips of the real container
 """
 
@@ -106,7 +107,8 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, variants: tuple[str, ...]) -> None:
+def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, variants: tuple[str, ...],
+                decode_rounds: int = 0) -> None:
     from ondevice.models import resolve
     from ondevice.protect import encrypt
     from ondevice.protect.keys import new_key
@@ -155,6 +157,33 @@ def bench_model(name: str, rounds: int, threads: int, n_gen: int, tmp: Path, var
               f"{med([x['barrier_wait_s'] for x in rows[v]]) * 1000:.0f} ms at the barrier (the part not overlapped)")
     locked = rows["pipelined"][0]["locked_bytes"]
     print(f"plaintext locked against swap (VmLck after load): {locked / 1e6:.1f} MB of {h.plain_size / 1e6:.1f} MB")
+    if decode_rounds:
+        warm_decode(plain, enc, decode_rounds, threads)
+
+
+def warm_decode(plain: Path, enc: Path, rounds: int, threads: int, test: str = "tg128", reps: int = 3) -> None:
+    """Steady decode as ``ondevice bench`` measures it (model loaded and warmed up, ``reps`` timed runs of
+    ``test``): the plaintext file and the container in alternating order, ``rounds`` times; paired ratios."""
+    import ondevice
+    from ondevice.protect.keys import SOURCE_ENV
+
+    tps: dict[str, list[float]] = {"plain": [], "container": []}
+    for r in range(rounds):
+        for v in (("plain", "container") if r % 2 == 0 else ("container", "plain")):
+            if v == "container":
+                os.environ[SOURCE_ENV] = f"env:{KEY_ENV}"  # bench's worker finds the key as `--key-env` sets it
+            try:
+                rec = ondevice.bench([str(plain if v == "plain" else enc)], test, threads=threads, repetitions=reps,
+                                     store=False, roofline=False)[0]
+            finally:
+                os.environ.pop(SOURCE_ENV, None)
+            if rec.status != "ok":
+                raise SystemExit(f"the {v} bench failed: {rec.error}")
+            tps[v].append(rec.tps_mean)
+    ratios = [c / p for c, p in zip(tps["container"], tps["plain"])]
+    print(f"warm decode (ondevice bench {test} -r {reps}, {rounds} alternating rounds, load "
+          f"{os.getloadavg()[0]:.2f}): plain {med(tps['plain']):.1f} tok/s, container {med(tps['container']):.1f} "
+          f"tok/s; paired ratio median {med(ratios):.3f}x (rounds {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 def tamper(name: str, n: int, tmp: Path) -> None:
@@ -208,6 +237,9 @@ def main() -> int:
     ap.add_argument("--decrypt-threads", action="store_true",
                     help=f"also measure {TWO}: the pipelined restore with 2 decrypt threads (the default leaves "
                          f"one core to llama.cpp's loader)")
+    ap.add_argument("--decode", type=int, default=0, metavar="ROUNDS",
+                    help="also: steady decode (ondevice bench tg128, warm) of plaintext and container, ROUNDS "
+                         "alternating rounds")
     ap.add_argument("--tamper", type=int, default=0, metavar="N", help="instead: N single-byte flips of the container")
     a = ap.parse_args()
     if a.child:
@@ -226,7 +258,7 @@ def main() -> int:
                 tamper(m, a.tamper, Path(d))
             else:
                 bench_model(m, a.rounds, a.threads, a.n_gen, Path(d),
-                            VARIANTS + ((TWO,) if a.decrypt_threads else ()))
+                            VARIANTS + ((TWO,) if a.decrypt_threads else ()), a.decode)
     return 0
 
 

@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("cryptography")
 
+from ondevice.errors import OndeviceError
 from ondevice.protect.container import ProtectError, read_header
 from ondevice.protect.keys import new_key
 
@@ -45,6 +46,31 @@ def test_encrypted_model_generates_the_same_tokens(enc, smol):
             assert m.engine._restored.ready
         finally:
             m.close()
+
+
+def test_load_reads_the_family_without_walking_the_header_again(enc, tmp_path, monkeypatch):
+    """encrypt validated the GGUF and the tags prove it unchanged: the load takes the weight type from
+    llama.cpp's parser, not ondevice's Python walk; a container of something else fails in one line."""
+    from ondevice.models import gguf_check
+    from ondevice.protect import load
+    from ondevice.protect.container import encrypt_file
+    from ondevice.protect.keys import load_key
+
+    def walk(*_a, **_k):
+        raise AssertionError("validate_gguf walked the restored header")
+
+    monkeypatch.setattr(gguf_check, "validate_gguf", walk)
+    r = load.begin(enc, f"env:{KEY_ENV}")
+    try:
+        assert r.family == "Q4_1"  # the default model: Q4_1 69%, Q8_0 31% of its tensor bytes
+    finally:
+        r.close()
+    (tmp_path / "not.gguf").write_bytes(b"not a model " * 1000)
+    encrypt_file(tmp_path / "not.gguf", tmp_path / "not.enc", load_key(f"env:{KEY_ENV}"), meta_size=4096)
+    before = [x for x in _fd_targets() if "memfd:ondevice-model" in x]
+    with pytest.raises(OndeviceError, match="not.enc.*encrypt the model again"):
+        load.begin(tmp_path / "not.enc", f"env:{KEY_ENV}")
+    assert [x for x in _fd_targets() if "memfd:ondevice-model" in x] == before  # closed on failure
 
 
 def test_tampered_model_is_rejected_before_any_token(enc, tmp_path):

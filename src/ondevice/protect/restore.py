@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import OndeviceError
 from .container import TAG, Header, ProtectError, decrypt_error, read_header, require_crypto
@@ -49,7 +48,7 @@ class Restored:
     meta_s: float | None = None  # wall time until the metadata chunks were restored (llama.cpp may start then)
     barrier_wait_s: float = 0.0  # time llama.cpp's loader spent waiting for the weights: what did not overlap
     worker_rss: int = 0  # the largest worker process's own peak RSS (VmHWM), beside the model's memory
-    info: Any = None  # the restored GGUF's validate_gguf summary (protect/load.py's begin takes it once)
+    family: str = "unknown"  # the dominant weight type (device/kernels.py's unit; protect/load.py's begin sets it)
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -68,11 +67,6 @@ class Restored:
     def shared_path(self) -> str:
         """The same memfd as this user's child processes can open it (while this process lives)."""
         return f"/proc/{os.getpid()}/fd/{self.fd}"
-
-    @property
-    def family(self) -> str:
-        """The weight type that dominates the model (device/kernels.py's unit of kernel choice)."""
-        return next(iter(self.info.quant_mix), "unknown") if self.info is not None else "unknown"
 
     @property
     def size(self) -> int:

@@ -141,7 +141,8 @@ def device_section(model_sha: str, threads: int, tests: tuple[str, ...], repetit
     (``DeviceProfile.to_dict()``; None for the host, whose sections stay as they were before profiles)."""
     from ..device.kernels import _key
 
-    ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}"
+    # "rounds": each repetition in a process of its own (Meter.speeds); earlier fits' one-process figures differ
+    ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}|rounds"
     if profile is not None:
         ident += "|profile=" + json.dumps(profile, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -240,18 +241,50 @@ class Meter:
 
     def speed(self, key: str, path: Path) -> dict:
         """Decode/prompt tok/s of the file at ``path`` (cached per device and build under ``key``)."""
-        hit = self._speed_hit(key)
-        if hit is not None:
-            self._count("reused")
-            return hit
+        return self.speeds([(key, path)])[0]
+
+    def speeds(self, files: list[tuple[str, Path]]) -> list[dict]:
+        """:meth:`speed` of several files, measured together: ``repetitions`` rounds, each file benched once per
+        round in a process of its own, the files in turn; per file the median round (``tg_runs``/``pp_runs``:
+        every round's figure). A process's speed here varies from one process to the next by far more than
+        the runs within one process do (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three processes,
+        +-2 within each), so one process with several runs, or files benched minutes apart, mislead."""
+        import statistics
+
         import ondevice
 
+        out: list[dict | None] = [None] * len(files)
+        todo = []
+        for i, (key, _path) in enumerate(files):
+            hit = self._speed_hit(key)
+            if hit is not None:
+                self._count("reused")
+                out[i] = hit
+            else:
+                todo.append(i)
+        runs: dict[int, list[dict]] = {i: [] for i in todo}
         prof = {"profile": [self.profile]} if self.profile else {}
-        res = speed_of(ondevice.bench([str(path)], ",".join(self.tests), threads=self.threads,
-                                      repetitions=self.repetitions, store=False, roofline=False, **prof))
-        self.speed_cache.put(key, res)
-        self.seen.add((self.speed_cache.section, key))
-        return res
+        for _round in range(max(1, self.repetitions)):
+            for i in todo:
+                runs[i].append(speed_of(ondevice.bench([str(files[i][1])], ",".join(self.tests),
+                                                       threads=self.threads, repetitions=1, store=False,
+                                                       roofline=False, **prof)))
+        for i in todo:
+            rs = runs[i]
+            res = dict(rs[0])
+            for kind in ("tg", "pp"):
+                vals = [r[kind] for r in rs if r.get(kind) is not None]
+                if vals:
+                    res[kind] = statistics.median(vals)
+                    res[f"{kind}_std"] = statistics.stdev(vals) if len(vals) > 1 else rs[0].get(f"{kind}_std")
+                    res[f"{kind}_runs"] = vals
+            res["noisy"] = any(r.get("noisy") for r in rs)
+            for k in ("peak_rss", "rss_model"):
+                res[k] = max((r.get(k) or 0 for r in rs), default=0) or None
+            self.speed_cache.put(files[i][0], res)
+            self.seen.add((self.speed_cache.section, files[i][0]))
+            out[i] = res
+        return out
 
     def _kld_hit(self, cache: Cache, key: str) -> dict | None:
         return cache.get(key) if self.resume or (cache.section, key) in self.seen else None
@@ -285,8 +318,8 @@ class Meter:
         return res
 
     def measure(self, items: list[Item], *, speed: bool = False) -> list[dict]:
-        """Measure several plans: their speeds one after another when ``speed`` (nothing else runs while the
-        bench times), then their KLDs on ``jobs`` threads. The files are built only when some figure is
+        """Measure several plans: their speeds when ``speed`` (:meth:`speeds`: in turn, nothing else runs while
+        the bench times), then their KLDs on ``jobs`` threads. The files are built only when some figure is
         not cached. Returns per item ``{"speed": ..., "kld": [...], "file": path or None}``."""
         paths = [it.keep or self.workdir / f"v-{hashlib.sha256(it.key.encode()).hexdigest()[:12]}.gguf"
                  for it in items]
@@ -308,10 +341,10 @@ class Meter:
                 need_q = any(self._kld_hit(c, it.key) is None for c, *_ in it.quality)
                 if need_s or need_q:
                     self.say(f"  measuring {it.key}" + (" (speed)" if need_s else "") + (" (KLD)" if need_q else ""))
-                if speed:
-                    if need_s:
-                        self._ensure(it, paths[i])
-                    speeds[i] = self.speed(it.key, paths[i])
+                if need_s:
+                    self._ensure(it, paths[i])
+            if speed:  # all built first, then benched in turn (see speeds)
+                speeds = self.speeds([(it.key, path) for it, path in zip(items, paths)])
             with ThreadPoolExecutor(max(1, self.jobs)) as ex:
                 klds = list(ex.map(quality, range(len(items))))
         finally:

@@ -22,7 +22,10 @@ held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice ben
    validated candidates are built and measured), and whether any stock preset beats some fitted variant
    on both size and KLD, or on both tg128 and KLD (goal: none does).
 
-Other jobs share this machine: the load average is printed; speeds are comparable only within a run.
+Other jobs share this machine: the load average is printed; speeds are comparable only within a run. OpenMP
+keeps its default wait policy, as in a user's fit (``OMP_WAIT_POLICY=PASSIVE``, which this script set before,
+cost a third of the decode speed on a quiet machine and widened the spread); set it yourself only where other
+jobs keep the cores busy.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on busy cores
 
 STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 IMATRIX_STOCK = ("Q3_K_M", "Q4_0", "Q4_K_M")  # with the fit's imatrix (fewer: time)

@@ -99,3 +99,29 @@ def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
     assert sorted(g.name for g in old.groups) == ["attn_qk", "attn_v"]
     # a plan of each gives the two kinds their own types
     assert dict(old.overrides({"attn_qk": "Q4_0", "attn_v": "Q8_0"})) == {qk.regex: "Q4_0"}
+
+
+def test_speeds_bench_every_file_once_per_round_in_turn_and_keep_the_median(tmp_path, monkeypatch):
+    """A bench process's speed varies far more from process to process than within one: each file gets one
+    process per round, the files in turn, and the median round; a cached file is not benched again."""
+    import ondevice
+    from ondevice.fit.measure import Cache, Meter
+
+    calls: list[str] = []
+    tg = {"a.gguf": iter([100.0, 60.0, 90.0]), "b.gguf": iter([50.0, 70.0, 55.0])}
+
+    def bench(models, tests, **kw):
+        assert kw["repetitions"] == 1
+        name = models[0].rsplit("/", 1)[-1]
+        calls.append(name)
+        return [{"status": "ok", "test": "tg64", "tps_mean": next(tg[name]), "tps_std": 1.0},
+                {"status": "ok", "test": "pp128", "tps_mean": 300.0, "tps_std": 2.0}]
+
+    monkeypatch.setattr(ondevice, "bench", bench)
+    cache = Cache(tmp_path / "speed.json", "s")
+    m = Meter(tmp_path, _layout(), tmp_path, 2, cache, tmp_path, lambda _s: None, repetitions=3)
+    a, b = m.speeds([("ka", tmp_path / "a.gguf"), ("kb", tmp_path / "b.gguf")])
+    assert calls == ["a.gguf", "b.gguf"] * 3
+    assert (a["tg"], a["tg_runs"], b["tg"]) == (90.0, [100.0, 60.0, 90.0], 55.0)
+    assert a["pp"] == 300.0 and a["tg_std"] > 10  # the spread between processes, not within one
+    assert m.speed("ka", tmp_path / "a.gguf")["tg"] == 90.0 and len(calls) == 6  # cached: no new bench

@@ -101,7 +101,8 @@ def dominant_type(path: str, what: str | None = None) -> str:
     try:
         by_type: dict[int, int] = {}
         for i in range(n(ctx)):
-            by_type[kind(ctx, i)] = by_type.get(kind(ctx, i), 0) + size(ctx, i)
+            k = kind(ctx, i)
+            by_type[k] = by_type.get(k, 0) + size(ctx, i)
     finally:
         free(ctx)
     if not by_type:

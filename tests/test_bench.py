@@ -326,7 +326,10 @@ def test_ctrl_c_stops_cleanly_and_keeps_records(tmp_path, smol_path):
     db = tmp_path / "runs.sqlite"
     args = [sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "--tests", "pp16,tg4,tg64@d256",
             "-r", "2", "-t", "1", "--db", str(db), "--no-roofline", "--no-report", "--no-progress"]
-    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child, as a terminal's shell gives it, even where this test run was started
+    # with SIGINT ignored (exec keeps "ignored"; the interrupt would then never land and the test skip)
+    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     _wait_records(proc, db, 1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

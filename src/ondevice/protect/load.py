@@ -69,51 +69,16 @@ def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = M
     workers = (threads or decrypt_threads()) if mode == MODE_PIPELINED else 1
     r = restore(path, key, threads=workers, overlap=mode == MODE_PIPELINED)
     try:
-        r.family = dominant_type(r.path, what=r.source)
+        from ..device.kernels import family_of
+
+        r.family = family_of(r.path, trusted=True)
+        if r.family is None:
+            raise OndeviceError(f"llama.cpp cannot read the GGUF header inside {r.source}: it was not written by "
+                                f"ondevice protect encrypt, which validates the model first; encrypt the model again")
     except BaseException:
         r.close()
         raise
     return r
-
-
-class _GgufInitParams(ctypes.Structure):  # ggml's struct gguf_init_params
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-
-def dominant_type(path: str, what: str | None = None) -> str:
-    """The weight type holding most tensor bytes of a GGUF that is known to be well-formed, read by
-    llama.cpp's own parser (ggml's ``gguf_init_from_file``, metadata only: ~10 ms for Qwen's header)."""
-    from ..engine.llama import _lib, llama_cpp_lib
-
-    _lib()
-    lib = llama_cpp_lib()  # dlsym on libllama's handle also finds the ggml functions it links
-    init, free = lib["gguf_init_from_file"], lib["gguf_free"]
-    init.restype, init.argtypes = ctypes.c_void_p, [ctypes.c_char_p, _GgufInitParams]
-    free.restype, free.argtypes = None, [ctypes.c_void_p]
-    n, kind, size = lib["gguf_get_n_tensors"], lib["gguf_get_tensor_type"], lib["gguf_get_tensor_size"]
-    n.restype, n.argtypes = ctypes.c_int64, [ctypes.c_void_p]
-    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]
-    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]
-    ctx = init(path.encode(), _GgufInitParams(True, None))
-    if not ctx:
-        raise OndeviceError(f"llama.cpp cannot read the GGUF header inside {what or path}: it was not written by "
-                            f"ondevice protect encrypt, which validates the model first; encrypt the model again")
-    try:
-        by_type: dict[int, int] = {}
-        for i in range(n(ctx)):
-            k = kind(ctx, i)
-            by_type[k] = by_type.get(k, 0) + size(ctx, i)
-    finally:
-        free(ctx)
-    if not by_type:
-        return "unknown"
-    from gguf import GGMLQuantizationType
-
-    top = max(by_type, key=by_type.get)
-    try:
-        return GGMLQuantizationType(top).name
-    except ValueError:
-        return "unknown"
 
 
 def finish(ll, r: Restored, mparams) -> object:

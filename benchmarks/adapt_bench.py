@@ -5,6 +5,7 @@
     python benchmarks/adapt_bench.py --adapters-from DIR --merge-only   # section 6 on an earlier run's adapters
     python benchmarks/adapt_bench.py --checkpointing-only [--ckpt-steps 4] [--ckpt-pairs 1]   # section 7
     python benchmarks/adapt_bench.py --budget-only [--steps 20]        # sections 1 and 3
+    python benchmarks/adapt_bench.py --budget-only --context-words 150 --max-len 256   # the same, long inputs
 
 Each training run is its own `ondevice adapt --json` process, so its peak RSS is its own. Figures:
 1. budgeted sparse LoRA (--budget) vs all-module LoRA (every module of every layer, rank 8): held-out loss
@@ -23,6 +24,9 @@ Each training run is its own `ondevice adapt --json` process, so its peak RSS is
 7. gradient checkpointing: peak RSS and seconds per step of the same run (every module of every layer, rank 8)
    with --checkpointing off and on, alternated --ckpt-pairs times.
 The machine is shared: the load average is printed, and every comparison is between runs of this script.
+Training memory above the base grows with the tokens kept for the backward pass, so section 1's RSS ratio depends
+on the workload: --context-words N puts each date sentence in an e-mail of N words (~250 tokens at 150) and
+--max-len sets the tokens trained per example (64 by default, which cuts the short task's system prompt).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def adapt_run(data: Path, out: Path, args: list[str], threads: int, cap: str | N
 def exact_match(base: str, adapter: str | None, rows: list[dict], threads: int) -> float:
     import ondevice
 
-    m = ondevice.load(base, n_ctx=256, n_threads=threads, adapters=(adapter,) if adapter else ())
+    m = ondevice.load(base, n_ctx=1024, n_threads=threads, adapters=(adapter,) if adapter else ())
     try:
         hits = sum(m.generate([{"role": "user", "content": r["input"]}], temp=0.0, max_tokens=16).text.strip()
                    == r["target"] for r in rows)
@@ -247,7 +251,7 @@ def merging(a, tmp: Path, test_rows: list[dict]) -> dict:
 def checkpointing(a, train: Path, tmp: Path) -> dict:
     """Section 7."""
     print("7. gradient checkpointing off vs on (every module of every layer, rank 8)", flush=True)
-    args = ["--steps", str(a.ckpt_steps), "--max-len", "64", "--batch", "4", "--modules", "all", "--rank", "8"]
+    args = ["--steps", str(a.ckpt_steps), "--max-len", str(a.max_len), "--batch", "4", "--modules", "all", "--rank", "8"]
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for _ in range(a.ckpt_pairs):
         for mode in ("off", "on"):
@@ -261,7 +265,7 @@ def checkpointing(a, train: Path, tmp: Path) -> dict:
 
 def train_and_compare(a, train: Path, tmp: Path) -> dict:
     """Sections 1 and 2, each training run its own process."""
-    common = ["--steps", str(a.steps), "--max-len", "64", "--batch", "4"]
+    common = ["--steps", str(a.steps), "--max-len", str(a.max_len), "--batch", "4"]
     out: dict = {}
     print("1. budgeted sparse LoRA vs all-module LoRA", flush=True)
     full = adapt_run(train, tmp / "all.gguf", [*common, "--modules", "all", "--rank", "8"], a.threads)
@@ -279,7 +283,7 @@ def train_and_compare(a, train: Path, tmp: Path) -> dict:
     if a.budget_only:
         return out
     print("2. bf16 vs fp32 (top 6 layers, q+v, rank 8)", flush=True)
-    small = ["--steps", "3", "--max-len", "64", "--batch", "4", "--layers", "24-29", "--modules", "attn_q,attn_v"]
+    small = ["--steps", "3", "--max-len", str(a.max_len), "--batch", "4", "--layers", "24-29", "--modules", "attn_q,attn_v"]
     f32 = adapt_run(train, tmp / "f32.gguf", [*small, "--precision", "fp32"], a.threads)
     b16 = adapt_run(train, tmp / "b16.gguf", [*small, "--precision", "bf16"], a.threads)
     print(f"  bf16/fp32 step speed: {f32['seconds_per_step'] / b16['seconds_per_step']:.2f}x (goal >= 1.3 where "
@@ -309,6 +313,9 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--context-words", type=int, default=0, metavar="N",
+                    help="each date sentence inside an e-mail of N filler words (long inputs); 0: the sentence alone")
+    ap.add_argument("--max-len", type=int, default=64, help="tokens trained per example (the prompt's start is cut)")
     ap.add_argument("--adapters-from", default=None, metavar="DIR",
                     help="skip sections 1-2 and use all.gguf and budget.gguf of an earlier run's directory")
     ap.add_argument("--serve-only", action="store_true", help="with --adapters-from: only section 5")
@@ -330,9 +337,10 @@ def main() -> int:
     if (a.serve_only or a.merge_only) and not a.adapters_from:
         ap.error("--serve-only and --merge-only need --adapters-from DIR (with all.gguf and budget.gguf)")
     tmp = Path(a.adapters_from or tempfile.mkdtemp(prefix="adapt-bench-"))
-    train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1), tmp / "train.jsonl")
-    test_rows = tasks.iso_dates(a.test, seed=2)
-    print(f"load average at start: {os.getloadavg()}")
+    train = tasks.write_jsonl(tasks.iso_dates(a.train, seed=1, context_words=a.context_words), tmp / "train.jsonl")
+    test_rows = tasks.iso_dates(a.test, seed=2, context_words=a.context_words)
+    print(f"load average at start: {os.getloadavg()}; task: ISO dates, {a.context_words} context words, "
+          f"--max-len {a.max_len}")
     out: dict = {"load_start": os.getloadavg()}
     if a.checkpointing_only:
         out.update(checkpointing(a, train, tmp))

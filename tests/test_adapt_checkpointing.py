@@ -67,3 +67,39 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(smol, smol_path):
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
     for a, b in zip(out[False][1], out[True][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7) and a.abs().sum() > 0
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: pip install 'ondevice[adapt]'")
+def test_the_planners_layer_by_layer_probe_gives_one_full_backwards_scores(smol, smol_path):
+    """budget.gradient_scores pushes the gradient back one layer at a time (so the probe holds one layer's
+    activations); its scores must be those of the gradients of one backward through the whole model."""
+    import torch
+    import torch.nn.functional as F
+
+    from ondevice.adapt import data
+    from ondevice.adapt.budget import _rank_scores, gradient_scores
+    from ondevice.adapt.model import LlamaLoRA
+    from ondevice.adapt.train import batch_tensors
+
+    torch.set_num_threads(2)
+    rows = tasks.iso_dates(1, seed=11, context_words=30)
+    ex = data.tokenize(smol, [[{"role": "user", "content": r["input"]}, {"role": "assistant",
+                                                                            "content": r["target"]}] for r in rows], 96)
+    model = LlamaLoRA(smol_path)
+    lins = model.linears()
+    for lin in lins.values():
+        lin.probe = []
+    toks, want, targets = batch_tensors(ex)
+    embed = model.embed
+    model.embed = lambda t: embed(t).requires_grad_(True)  # a leaf that wants a gradient: backward reaches layer 0
+    F.cross_entropy(model(toks, want), targets).backward()
+    del model.embed
+    whole = {}
+    for name, lin in lins.items():
+        (x, g), = lin.probe
+        lin.probe = None
+        whole[name] = _rank_scores(x, g)
+    by_layer = gradient_scores(model, ex)
+    assert by_layer.keys() == whole.keys() and len(whole) == 7 * model.cfg.n_layer
+    for name, s in whole.items():
+        assert by_layer[name] == pytest.approx(s, rel=1e-6) and s[0] > 0

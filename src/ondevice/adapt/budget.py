@@ -6,9 +6,9 @@ and the plan takes the most contribution per byte that fits.
   (out, in). A rank-r update can follow only the best rank-r part of G, so a (module, rank r) choice is worth
   sum of its top-r squared singular values: the first-order loss drop of a steepest step restricted to rank r.
 - Cost: (1) the fixed part, measured: this process's RSS with the base loaded, after a no-grad forward;
-  (2) per layer of depth, measured: the peak RSS of two real training steps on the worst-case batch (the
-  longest examples) with the top 2 and the top 6 layers trainable, sampled every 2 ms; the difference per
-  layer is what each layer from the lowest trained one to the top keeps (layers below run without autograd,
+  (2) per layer of depth, measured: the peak RSS of real training steps on the worst-case batch (the
+  longest examples) with the top 1, 2 and (when it fits the budget) 6 layers trainable, sampled every 2 ms;
+  the difference per layer is what each layer from the lowest trained one to the top keeps (layers below run without autograd,
   the sparse-update paper's point: depth costs memory, width barely does), the rest of the near step is the
   head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments).
 - Gradient checkpointing where it pays: (2) is measured again with each trained layer checkpointed (its input
@@ -87,47 +87,60 @@ def step_peak(model: LlamaLoRA, examples, lo: int, checkpoint: bool = False) -> 
 
 
 def gradient_scores(model: LlamaLoRA, examples) -> dict[str, list[float]]:
-    """{base tensor name: cumulative sum of squared singular values of its loss gradient, ranks 1..max}."""
+    """{base tensor name: cumulative sum of squared singular values of its loss gradient, ranks 1..max}.
+
+    Backward goes one layer at a time (each layer's input kept from a no-grad forward, the layer recomputed with
+    autograd, its output's gradient pushed through it), so the probe holds one layer's activations, not the whole
+    model's: the planner must not need more memory than the budget it plans for."""
     import torch.nn.functional as F
 
     from .train import batch_tensors
 
-    lins = model.linears()
-    for lin in lins.values():
-        lin.probe = []
     toks, want, targets = batch_tensors(examples)
-    h0 = model.embed  # make the embedding output a leaf that wants a gradient, so backward reaches layer 0
-
-    def embed(t):
-        return h0(t).requires_grad_(True)
-
-    model.embed = embed
-    try:
-        F.cross_entropy(model(toks, want), targets).backward()
-    finally:
-        del model.embed
+    cos, sin = model.rope_tables(toks.shape[1])
+    with torch.no_grad():
+        hs = [model.embed(toks)]
+        for blk in model.blocks:
+            hs.append(blk(hs[-1], cos, sin))
+    h = hs.pop().requires_grad_(True)
+    F.cross_entropy(model.logits(h, want), targets).backward()
+    g = h.grad
     scores = {}
-    top = max(RANKS)
-    for name, lin in lins.items():
-        (x, g), = lin.probe  # x (B, T, in), g (B, T, out)
-        lin.probe = None
-        x, g = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()  # (N, in), (N, out)
-        # squared singular values of G = g^T x from (N, N) matrices: eig(G^T G) = eig(Kx^1/2 Kg Kx^1/2)
-        e, v = torch.linalg.eigh(x @ x.T)
-        kx_half = (v * e.clamp(min=0).sqrt()) @ v.T
-        sq2 = torch.linalg.eigvalsh(kx_half @ (g @ g.T) @ kx_half).flip(0).clamp(min=0)
-        sq = sq2[:top].cumsum(0).tolist()
-        scores[name] = sq + [sq[-1]] * (top - len(sq))
+    for blk in reversed(model.blocks):
+        x = hs.pop().requires_grad_(True)
+        for lin in blk.lin.values():
+            lin.probe = []
+        blk(x, cos, sin).backward(g)
+        g = x.grad
+        for lin in blk.lin.values():
+            (xi, gi), = lin.probe
+            lin.probe = None
+            scores[lin.name] = _rank_scores(xi, gi)
     return scores
 
 
-def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool) -> tuple[int, int]:
-    """``(head, per)``: a step's peak is ``fixed + head + per * (layers trained)``, from two measured steps (the
-    top 2 and the top 6 layers trainable)."""
+def _rank_scores(x: torch.Tensor, g: torch.Tensor) -> list[float]:
+    """Cumulative squared singular values (ranks 1..max) of G = g^T x, x (..., in), g (..., out), from (N, N)
+    matrices: eig(G^T G) = eig(Kx^1/2 Kg Kx^1/2)."""
+    top = max(RANKS)
+    x, g = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()  # (N, in), (N, out)
+    e, v = torch.linalg.eigh(x @ x.T)
+    kx_half = (v * e.clamp(min=0).sqrt()) @ v.T
+    sq2 = torch.linalg.eigvalsh(kx_half @ (g @ g.T) @ kx_half).flip(0).clamp(min=0)
+    sq = sq2[:top].cumsum(0).tolist()
+    return sq + [sq[-1]] * (top - len(sq))
+
+
+def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool, cap: int) -> tuple[int, int]:
+    """``(head, per)``: a step's peak is ``fixed + head + per * (layers trained)``, from measured steps with the
+    top 1 and 2 layers trainable, and the top 6 as well when that step's estimate stays under ``cap`` (the
+    budget: the probes must not go over it themselves) with a quarter to spare."""
     L = model.cfg.n_layer
-    near, far = 2, min(L, 6)
-    p_near, p_far = (step_peak(model, probe, L - n, checkpoint) for n in (near, far))
-    per = max(0, (p_far - p_near) // (far - near))  # bytes per layer of depth (activations kept, transients)
+    p1, p2 = (step_peak(model, probe, L - n, checkpoint) for n in (1, 2))
+    near, p_near, per = 1, p1, max(0, p2 - p1)
+    far = min(L, 6)
+    if far > 2 and p2 + 1.25 * per * (far - 2) <= cap:
+        per = max(0, (step_peak(model, probe, L - far, checkpoint) - p1) // (far - 1))
     return max(0, p_near - fixed - near * per), per  # the rest: the head, the loss, AdamW, allocator slack
 
 
@@ -145,7 +158,7 @@ def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], 
         model(*batch_tensors(probe)[:2])
     fixed = _rss()  # torch, the packed base, a no-grad forward's buffers
     modes = {"off": (False,), "on": (True,), "auto": (False, True)}[cfg.checkpointing]
-    costs = {ck: depth_cost(model, probe, fixed, ck) for ck in modes}
+    costs = {ck: depth_cost(model, probe, fixed, ck, cfg.budget_bytes) for ck in modes}
     scores = gradient_scores(model, sorted(examples, key=lambda e: len(e.tokens))[:1])
     dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
     smallest = PARAM_BYTES * min(RANKS) * min(a + b for a, b in dims.values())

@@ -229,13 +229,22 @@ class LlamaLoRA(torch.nn.Module):
             rows = q + e.m[flat] if hasattr(e, "m") else q
         return rows.reshape(*tokens.shape, e.inp).to(self.dtype)
 
+    def rope_tables(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, D/2), for positions 0..T-1."""
+        c = self.cfg
+        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+        ang = torch.arange(n_tokens, dtype=torch.float32)[:, None] * inv[None]  # (T, D/2)
+        return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+
+    def logits(self, h: torch.Tensor, want: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's output (B, T, n_embd) -> float32 logits of the ``want`` positions (all if None)."""
+        h = rms_norm(h, self.out_norm, self.cfg.rms_eps)
+        h = h[want] if want is not None else h.reshape(-1, self.cfg.n_embd)
+        return self.head(h).float()
+
     def forward(self, tokens: torch.Tensor, want: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T); want: bool (B, T) of positions whose logits to return -> (n_want, n_vocab) float32."""
-        c = self.cfg
-        T = tokens.shape[1]
-        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
-        ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]  # (T, D/2)
-        cos, sin = ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+        cos, sin = self.rope_tables(tokens.shape[1])
         h = self.embed(tokens)
         for i, blk in enumerate(self.blocks):
             if i < self.grad_from:
@@ -247,9 +256,7 @@ class LlamaLoRA(torch.nn.Module):
                 h = checkpoint(blk, h, cos, sin, use_reentrant=False)
             else:
                 h = blk(h, cos, sin)
-        h = rms_norm(h, self.out_norm, c.rms_eps)
-        h = h[want] if want is not None else h.reshape(-1, c.n_embd)
-        return self.head(h).float()
+        return self.logits(h, want)
 
 
 @dataclass

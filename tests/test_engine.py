@@ -221,3 +221,20 @@ def test_params_refuses_a_field_the_struct_lacks():
     assert p.n_ctx == 123
     with pytest.raises(OndeviceError, match="use_mmap"):  # the field an older llama-cpp-python had
         set_fields(llama_cpp.llama_model_default_params(), use_mmap=True)
+
+
+@pytest.mark.parametrize("name", [None, "gemma3-270m"])
+def test_the_end_of_generation_set_read_from_the_load_log_is_llamas_whole_set(name):
+    """eos_tokens comes from llama.cpp's load log (one "EOG token = N" line per member), not from asking
+    llama_vocab_is_eog of all 49k/262k tokens: it must be exactly the set that asking every token gives."""
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+    from ondevice.models import resolve
+
+    eng = LlamaEngine(resolve(name).path, EngineConfig(n_ctx=64))
+    try:
+        assert eng._eog_logged, "llama.cpp's load log named no EOG token: the full scan ran instead"
+        every = frozenset(t for t in range(eng.n_vocab) if eng.ll.llama_vocab_is_eog(eng.vocab, t))
+        assert eng.eos_tokens == every and len(every) >= 2
+    finally:
+        eng.close()

@@ -246,9 +246,11 @@ class Meter:
     def speeds(self, files: list[tuple[str, Path]]) -> list[dict]:
         """:meth:`speed` of several files, measured together: ``repetitions`` rounds, each file benched once per
         round in a process of its own, the files in turn; per file the median round (``tg_runs``/``pp_runs``:
-        every round's figure). A process's speed here varies from one process to the next by far more than
-        the runs within one process do (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three processes,
-        +-2 within each), so one process with several runs, or files benched minutes apart, mislead."""
+        every round's figure). This machine's speed drifts over seconds by far more than the runs of one bench
+        differ (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three processes, +-2 within each). It is the
+        moment, not the process: two copies of SmolLM2 in one process, 64-token generations alternated, moved
+        together between 74 and 101 tok/s and their medians agreed within 3%.
+        So files benched at different moments mislead; rounds spread every file over the same stretch of time."""
         import statistics
 
         import ondevice

@@ -323,12 +323,14 @@ def test_a_budget_below_the_smallest_plan_says_the_minimum(tmp_path):
 @needs_torch
 def test_a_budgeted_run_stays_under_its_budget_on_long_inputs(tmp_path, cli):
     """Peak RSS of the whole run, the planner's own probes included, within --budget: on ~250-token inputs
-    the probes once went 30% over it (a full-depth backward to score every module, a 6-layer step without
-    checkpointing)."""
+    the probes once peaked at 782 MiB (a full-depth backward to score every module, a 6-layer step without
+    checkpointing), over mem=600M and this test's 700M. 700M, not 600M: torch's resident pages alone differ
+    by ~50 MiB between two venvs of the same wheels here (219 vs 267 MiB after `import torch`), and in the
+    fuller one 600M is below the smallest plan."""
     path = tasks.write_jsonl(tasks.iso_dates(40, seed=6, context_words=150), tmp_path / "long.jsonl")
-    r = cli("adapt", str(path), "-o", str(tmp_path / "long.gguf"), "--budget", "mem=600M", "--steps", "1",
+    r = cli("adapt", str(path), "-o", str(tmp_path / "long.gguf"), "--budget", "mem=700M", "--steps", "1",
             "--max-len", "256", "--batch", "4", "-t", "2", "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["plan_info"]["estimated_peak_bytes"] <= 600 << 20
-    assert out["peak_rss_bytes"] <= 600 << 20, (out["peak_rss_bytes"] >> 20, out["plan_info"])
+    assert out["plan_info"]["estimated_peak_bytes"] <= 700 << 20
+    assert out["peak_rss_bytes"] <= 700 << 20, (out["peak_rss_bytes"] >> 20, out["plan_info"])

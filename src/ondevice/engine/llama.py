@@ -174,7 +174,11 @@ class LlamaEngine(Engine):
         self._batch = ll.llama_batch_init(self.n_batch, 0, max(1, cfg.n_seq_max))
         self._n_past: dict[int, int] = {}
         self._n_rows = 0  # logits rows produced by the last decode
-        self.eos_tokens = self._eog_set()
+        # llama.cpp has no call that returns its end-of-generation set, but its load logs each member ("EOG token =
+        # N", after the vocabulary is final); asking every token instead took 58/152/269 ms (SmolLM2/Qwen2.5/Gemma-3)
+        eog, logged = ll.llama_vocab_is_eog, self._eog_logged
+        self.eos_tokens = frozenset(logged if logged and all(eog(self.vocab, t) for t in logged)
+                                    else (t for t in range(self.n_vocab) if eog(self.vocab, t)))
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
         # our own binding of llama_get_logits_ith returning the address (llama_cpp's returns a ctypes pointer,
@@ -232,17 +236,6 @@ class LlamaEngine(Engine):
         note_loaded(choice.to_dict(), used)
         self._eog_logged = {int(m.group(1)) for ln in log if (m := _EOG_LINE.search(ln))}
         return choice, used, model
-
-    def _eog_set(self) -> frozenset[int]:
-        """The tokens llama.cpp ends generation at. llama.cpp has no call that returns the set, but its load
-        logs every member ("EOG token = N '...'", the whole set, after the vocabulary is final); each logged
-        id is confirmed with ``llama_vocab_is_eog``. Asking that of every token instead costs one ctypes call
-        per token: 58 / 152 / 269 ms for SmolLM2 / Qwen2.5 / Gemma-3's vocabularies; done only when the log
-        named none (another llama.cpp's wording)."""
-        ll, logged = self.ll, getattr(self, "_eog_logged", set())
-        if logged and all(ll.llama_vocab_is_eog(self.vocab, t) for t in logged):
-            return frozenset(logged)
-        return frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t))
 
     def warmup(self) -> None:
         """One tiny decode (pages the weights in, sizes the buffers), then an empty cache.

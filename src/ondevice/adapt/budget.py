@@ -8,9 +8,9 @@ and the plan takes the most contribution per byte that fits.
 - Cost: (1) the fixed part, measured: this process's RSS with the base loaded, after a no-grad forward;
   (2) per layer of depth, measured: the peak RSS of real training steps on the worst-case batch (the
   longest examples) with the top 1, 2 and (when it fits the budget) 6 layers trainable, sampled every 2 ms;
-  the difference per layer is what each layer from the lowest trained one to the top keeps (layers below run without autograd,
-  the sparse-update paper's point: depth costs memory, width barely does), the rest of the near step is the
-  head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments).
+  the difference per layer is what each layer from the lowest trained one to the top keeps (layers below run
+  without autograd, the sparse-update paper's point: depth costs memory, width barely does), the rest of the
+  1-layer step is the head's; (3) per LoRA parameter 16 bytes (fp32 weight, gradient and AdamW's two moments).
 - Gradient checkpointing where it pays: (2) is measured again with each trained layer checkpointed (its input
   kept, its activations recomputed in backward), and a plan is made both ways; checkpointing is used only
   when it lets a plan score > 2% more fit (it costs a forward of the trained layers again each step).
@@ -137,11 +137,10 @@ def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool, cap: int) 
     budget: the probes must not go over it themselves) with a quarter to spare."""
     L = model.cfg.n_layer
     p1, p2 = (step_peak(model, probe, L - n, checkpoint) for n in (1, 2))
-    near, p_near, per = 1, p1, max(0, p2 - p1)
-    far = min(L, 6)
+    per, far = max(0, p2 - p1), min(L, 6)  # bytes per layer of depth (activations kept, transients)
     if far > 2 and p2 + 1.25 * per * (far - 2) <= cap:
         per = max(0, (step_peak(model, probe, L - far, checkpoint) - p1) // (far - 1))
-    return max(0, p_near - fixed - near * per), per  # the rest: the head, the loss, AdamW, allocator slack
+    return max(0, p1 - fixed - per), per  # the rest of the 1-layer step: the head, the loss, AdamW, allocator slack
 
 
 def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], dict]:

@@ -2,7 +2,7 @@
 
 Used by the tests and benchmarks/adapt_bench.py to show an adapter teaching a format; generated from a seed so
 train and held-out splits are reproducible and disjoint. With ``context_words`` the date sentence sits inside a
-longer message (an e-mail of ordinary office sentences without numbers), the long-input setting in which training
+longer message (an e-mail of ordinary office sentences without dates or digits), the long-input setting in which training
 memory grows with the tokens kept for the backward pass.
 """
 

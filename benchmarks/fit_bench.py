@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="bench threads (default: the profile's, else 2)")
     ap.add_argument("--profile", default=None, help="device profile every bench runs under (e.g. edge-1g)")
     ap.add_argument("--stock", default=",".join(STOCK))
-    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--repetitions", type=int, default=None, help="bench rounds (default: the fit's, 6)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse an earlier fit's measurements (its wall time is then not a whole fit's, and is "
                          "not reported)")
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(no measuring): which model the next fit would use, and why")
     args = ap.parse_args(argv)
     from ondevice.errors import InvalidArgument
+    from ondevice.fit.measure import REPETITIONS
+
+    args.repetitions = args.repetitions or REPETITIONS
     from ondevice.fit.profile import fit_profile
 
     try:

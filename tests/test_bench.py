@@ -391,3 +391,82 @@ def test_library_door_is_callable_after_import():
     import ondevice.bench.api
 
     assert callable(ondevice.bench)
+
+
+# ---------------------------------------------------------------- interleaved comparisons
+def test_interleaved_repetitions_go_round_the_models_in_turn():
+    """With several models in one worker each repetition runs every model once, the first one rotating, and
+    each model's figures come from its own runs only."""
+    from types import SimpleNamespace
+
+    from ondevice.bench.worker import run_test
+
+    order: list[str] = []
+
+    @workload
+    class Order(Workload):
+        kind = "order"
+
+        @classmethod
+        def parse(cls, text):
+            return None
+
+        def warmup(self):
+            order.append("warmup " + self.model.name)
+
+        def run(self):
+            order.append(self.model.name)
+            return Sample(time_s=0.01 if self.model.name == "a" else 0.02, n_tokens=4)
+
+    def model(name):
+        return SimpleNamespace(name=name, path=f"/nonexistent/{name}.gguf",
+                               engine=SimpleNamespace(reset=lambda: None))
+
+    try:
+        res = run_test([model("a"), model("b"), model("c")], TestSpec("order4", "order"),
+                       {"repetitions": 3}, None)
+    finally:
+        WORKLOADS.pop("order")
+    assert order == ["warmup a", "warmup b", "warmup c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r["tps"]["samples"] for r in res] == [[400.0] * 3, [200.0] * 3, [200.0] * 3]
+    for r in res:  # one process holds every model: its peak is no one model's
+        assert r["memory"]["peak_rss_bytes"] is None and r["memory"]["process_max_rss_bytes"] is None
+        assert r["cpu"]["total_s"] >= 0 and r["measured_wall_s"] > 0
+
+
+def test_cli_bench_interleave_compares_two_models_in_one_worker(tmp_path, smol_path):
+    other = tmp_path / "smol-copy.gguf"
+    other.write_bytes(Path(smol_path).read_bytes())
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "-m", str(other),
+                          "--tests", "pp8,tg4", "-t", "1", "-r", "2", "--interleave", "--no-store", "--no-report",
+                          "--no-progress", "--no-roofline", "-o", "json"],
+                         env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    recs = [BenchRecord.from_dict(d) for d in json.loads(res.stdout)]
+    assert sorted((Path(r.model_path).name, r.test) for r in recs) == sorted(
+        (n, t) for n in (Path(smol_path).name, other.name) for t in ("pp8", "tg4"))
+    names = {r.model for r in recs}
+    assert len(names) == 2
+    for r in recs:
+        assert r.status == "ok", r.error
+        assert len(r.tps_samples) == 2 and r.tps_mean > 0
+        assert r.meta["interleaved_with"] == sorted(names - {r.model})
+        assert r.settings["interleave"] is True
+        assert r.peak_rss_bytes is None and r.rss_model_bytes > 0  # the model's own pages, not the process's
+    # the same model benched alone is another configuration (another way of measuring)
+    alone = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "--tests", "tg4",
+                            "-t", "1", "-r", "1", "--no-store", "--no-report", "--no-progress", "--no-roofline",
+                            "-o", "json"], env=_env(tmp_path), check=False, capture_output=True, text=True,
+                           timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    solo = BenchRecord.from_dict(json.loads(alone.stdout)[0])
+    assert solo.peak_rss_bytes > 0 and "interleaved_with" not in solo.meta
+    assert solo.config_key not in {r.config_key for r in recs}
+
+
+def test_interleave_refuses_a_memory_capped_profile(tmp_path, smol_path):
+    import ondevice
+
+    with pytest.raises(InvalidArgument, match="interleave.*memory cap"):
+        ondevice.bench([str(smol_path), str(tmp_path / "other.gguf")], "tg4", interleave=True,
+                       profile=["phone-4g"], store=False)

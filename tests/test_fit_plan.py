@@ -4,6 +4,7 @@ needed), and the runtime knobs timed by the real bench on the shipped SmolLM2 fi
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ondevice.fit.groups import Group, Layout, Matrix
 from ondevice.fit.interact import MIN_PLANS, choose_model, measured_plans, monotone
@@ -101,27 +102,72 @@ def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
     assert dict(old.overrides({"attn_qk": "Q4_0", "attn_v": "Q8_0"})) == {qk.regex: "Q4_0"}
 
 
-def test_speeds_bench_every_file_once_per_round_in_turn_and_keep_the_median(tmp_path, monkeypatch):
-    """A bench process's speed varies far more from process to process than within one: each file gets one
-    process per round, the files in turn, and the median round; a cached file is not benched again."""
+def _fake_bench(calls: list, tg: dict):
+    """A stand-in for ``ondevice.bench`` that logs each call and gives each file's next tg figures."""
+
+    def bench(models, tests, **kw):
+        calls.append(([m.rsplit("/", 1)[-1] for m in models], kw))
+        out = []
+        for m in models:
+            tps = [next(tg[m.rsplit("/", 1)[-1]]) for _ in range(kw["repetitions"])]
+            out += [{"status": "ok", "model_path": m, "test": "tg64", "tps_mean": sum(tps) / len(tps),
+                     "tps_std": 1.0, "tps_samples": tps},
+                    {"status": "ok", "model_path": m, "test": "pp128", "tps_mean": 300.0, "tps_std": 2.0,
+                     "tps_samples": [300.0] * kw["repetitions"]}]
+        return out
+
+    return bench
+
+
+def test_speeds_bench_every_file_in_one_interleaved_process_and_take_the_drift_out(tmp_path, monkeypatch):
+    """The machine's speed drifts over seconds: the files are benched in one process, their runs in turn
+    (``interleave``), and the drift between rounds is taken out (``paired``); a cached file is not benched again."""
     import ondevice
     from ondevice.fit.measure import Cache, Meter
 
-    calls: list[str] = []
-    tg = {"a.gguf": iter([100.0, 60.0, 90.0]), "b.gguf": iter([50.0, 70.0, 55.0])}
-
-    def bench(models, tests, **kw):
-        assert kw["repetitions"] == 1
-        name = models[0].rsplit("/", 1)[-1]
-        calls.append(name)
-        return [{"status": "ok", "test": "tg64", "tps_mean": next(tg[name]), "tps_std": 1.0},
-                {"status": "ok", "test": "pp128", "tps_mean": 300.0, "tps_std": 2.0}]
-
-    monkeypatch.setattr(ondevice, "bench", bench)
+    calls: list = []
+    # the machine ran fast, slow, then between: b is half of a in every round
+    tg = {"a.gguf": iter([100.0, 50.0, 80.0]), "b.gguf": iter([50.0, 25.0, 40.0])}
+    monkeypatch.setattr(ondevice, "bench", _fake_bench(calls, tg))
     cache = Cache(tmp_path / "speed.json", "s")
     m = Meter(tmp_path, _layout(), tmp_path, 2, cache, tmp_path, lambda _s: None, repetitions=3)
     a, b = m.speeds([("ka", tmp_path / "a.gguf"), ("kb", tmp_path / "b.gguf")])
-    assert calls == ["a.gguf", "b.gguf"] * 3
-    assert (a["tg"], a["tg_runs"], b["tg"]) == (90.0, [100.0, 60.0, 90.0], 55.0)
-    assert a["pp"] == 300.0 and a["tg_std"] > 10  # the spread between processes, not within one
-    assert m.speed("ka", tmp_path / "a.gguf")["tg"] == 90.0 and len(calls) == 6  # cached: no new bench
+    assert [c[0] for c in calls] == [["a.gguf", "b.gguf"]]
+    assert calls[0][1]["interleave"] is True and calls[0][1]["repetitions"] == 3
+    assert a["tg_runs"] == [100.0, 50.0, 80.0] and a["tg_std"] > 20  # every run kept, the drift in the spread
+    assert a["tg"] / b["tg"] == pytest.approx(2.0)  # the drift is out of the comparison
+    assert 25 < b["tg"] < 50 < a["tg"] < 100 and a["pp"] == pytest.approx(300.0)
+    assert m.speed("ka", tmp_path / "a.gguf")["tg"] == a["tg"] and len(calls) == 1  # cached: no new bench
+
+
+def test_paired_takes_each_rounds_level_out():
+    from ondevice.fit.measure import paired
+
+    # a is 2x b and 4x c in every round; round levels 1, 3, 0.5
+    a, b, c = [8.0, 24.0, 4.0], [4.0, 12.0, 2.0], [2.0, 6.0, 1.0]
+    fa, fb, fc = paired([a, b, c])
+    assert fa / fb == pytest.approx(2.0) and fa / fc == pytest.approx(4.0)
+    # noise in one round of one file moves that file's median, not the others'
+    fa2, fb2, fc2 = paired([[8.0, 24.0, 40.0], b, c])
+    assert fb2 / fc2 == pytest.approx(2.0) and fa2 / fb2 == pytest.approx(2.0, rel=0.3)
+    assert paired([[2.0, 8.0]]) == [pytest.approx(4.0)]  # one file: its geometric mean
+    assert paired([[], [1.0]]) == [None, pytest.approx(1.0)] and paired([[]]) == [None]
+
+
+def test_speeds_under_a_memory_cap_bench_each_file_in_its_own_process_per_round(tmp_path, monkeypatch):
+    """A memory cap is per process, so under a capped profile each file has a process of its own per round,
+    the files in turn."""
+    import ondevice
+    from ondevice.fit.measure import Cache, Meter
+
+    calls: list = []
+    tg = {"a.gguf": iter([100.0, 60.0, 90.0]), "b.gguf": iter([50.0, 70.0, 55.0])}
+    monkeypatch.setattr(ondevice, "bench", _fake_bench(calls, tg))
+    m = Meter(tmp_path, _layout(), tmp_path, 2, Cache(tmp_path / "speed.json", "s"), tmp_path, lambda _s: None,
+              repetitions=3, profile="threads=2,mem=2G")
+    a, b = m.speeds([("ka", tmp_path / "a.gguf"), ("kb", tmp_path / "b.gguf")])
+    assert [c[0] for c in calls] == [["a.gguf"], ["b.gguf"]] * 3
+    assert all(c[1]["repetitions"] == 1 and "interleave" not in c[1] for c in calls)
+    assert all(c[1]["profile"] == ["threads=2,mem=2G"] for c in calls)
+    assert (a["tg_runs"], b["tg_runs"]) == ([100.0, 60.0, 90.0], [50.0, 70.0, 55.0])
+    assert a["tg"] > b["tg"]

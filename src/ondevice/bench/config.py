@@ -6,7 +6,7 @@ Every list is a sweep axis (llama-bench's comma lists); the cartesian product is
 
 from __future__ import annotations
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import AnyList, CommaList
@@ -45,6 +45,10 @@ class BenchConfig(BaseSettings):
                                                                     "edge-1g) or threads=2,mem=1G,cpus=0 (repeat "
                                                                     "to sweep; none: host)")
     repetitions: PositiveInt = Field(5, description="timed repetitions per test, after the warm-up")
+    interleave: bool = Field(False, description="compare the models fairly: load them all in one process and "
+                                                "run each repetition round the models in turn, so drift in "
+                                                "the machine's speed hits all alike (peak RSS is then not "
+                                                "per model; no memory-capped profile)")
     warmup: bool = Field(True, description="one untimed run before the timed ones")
     seed: int = Field(42, description="seed of the random prompt tokens")
     wait_idle: float = Field(0.0, ge=0, json_schema_extra={"const": 120.0},
@@ -72,6 +76,19 @@ class BenchConfig(BaseSettings):
     def _tests(cls, v: list[str]) -> list[str]:
         parse_tests(v)  # a bad spec is an InvalidArgument naming it
         return v
+
+    @model_validator(mode="after")
+    def _interleave(self) -> BenchConfig:
+        from ..device import parse_profile
+
+        if self.interleave and len(set(self.models)) > 1:
+            for spec in self.profile:
+                cap = parse_profile(spec).mem_limit_bytes
+                if cap is not None:
+                    raise ValueError(f"interleave loads every model into one process, which would share the "
+                                     f"memory cap of profile {spec!r} ({cap / 2**20:.0f} MiB); drop the "
+                                     f"interleave or use a profile without mem=")
+        return self
 
     @property
     def specs(self) -> list[TestSpec]:

@@ -2,7 +2,9 @@
 
 One worker per configuration (model x threads x batch x ubatch x ctx x KV types x flash-attn x profile)
 runs every test of that configuration on one loaded model; each (configuration, test) is one record
-with its own ``config_key``. Records are committed to the store as the worker reports them, so a
+with its own ``config_key``. With ``interleave``, one worker per settings loads every model and runs
+each test's repetitions round the models in turn (a fair comparison on a machine whose speed drifts).
+Records are committed to the store as the worker reports them, so a
 ``kill -9`` of the sweep loses only the test in flight, and ``--resume`` skips what is stored.
 """
 
@@ -79,7 +81,8 @@ def expand(config: BenchConfig) -> list[Config]:
             config.type_v, config.flash_attn, config.profile or [None]):
         settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
                     "type_k": tk, "type_v": tv, "flash_attn": bool(fa), "profile": prof or "host",
-                    "repetitions": config.repetitions, "amx": amx, "repack": repack}
+                    "repetitions": config.repetitions, "amx": amx, "repack": repack,
+                    **({"interleave": True} if config.interleave else {})}  # a measuring method of its own
         out.append(Config(metas[m], settings, list(tests)))
     return out
 
@@ -243,16 +246,17 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
         for t in sorted({c.settings["threads"] for c in configs}):
             _probe(t, roofs, notes, refresh=True)
     try:
-        for cfg in configs:
-            todo = [t for t in cfg.tests if cfg.key(t) not in done]
-            for t in cfg.tests:
-                if t not in todo:
-                    result.append(done[cfg.key(t)])
-                    bar.step(f"{t.name}: stored (resume)")
+        for group in _groups(configs, config.interleave):
+            todo = [t for t in group[0].tests if any(c.key(t) not in done for c in group)]
+            for cfg in group:
+                for t in cfg.tests:
+                    if cfg.key(t) in done:
+                        result.append(done[cfg.key(t)])
+                        bar.step(f"{t.name}: stored (resume)")
             if not todo:
                 continue
-            _run_config(cfg, todo, config, store, session, result, bar, roofs if roofline else None, notes,
-                        __version__, device_info, parse_profile, on_record)
+            _run_config(group, todo, config, store, session, result, bar, roofs if roofline else None, notes,
+                        __version__, device_info, parse_profile, on_record, done)
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
@@ -262,11 +266,23 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
     return result
 
 
-def worker_config(cfg: Config, todo: list[TestSpec], config: BenchConfig) -> dict:
-    """The JSON a worker reads for ``todo`` tests of ``cfg`` (n_ctx 0: just enough, in steps of 256)."""
-    s = cfg.settings
+def _groups(configs: list[Config], interleave: bool) -> list[list[Config]]:
+    """The configurations each worker runs: one each, or with ``interleave`` all that differ only in the
+    model (in sweep order)."""
+    if not interleave:
+        return [[c] for c in configs]
+    out: dict[str, list[Config]] = {}
+    for c in configs:
+        out.setdefault(json.dumps(c.settings, sort_keys=True), []).append(c)
+    return list(out.values())
+
+
+def worker_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig) -> dict:
+    """The JSON a worker reads for ``todo`` tests of ``cfgs`` (one settings, one or more models; n_ctx 0: just
+    enough, in steps of 256)."""
+    s = cfgs[0].settings
     n_ctx = s["n_ctx"] or -(-max(WORKLOADS[t.kind].ctx_needed(t) for t in todo) // 256) * 256
-    return {"model_path": cfg.model.path, "model": cfg.model.name,
+    return {"models": [{"path": c.model.path, "name": c.model.name} for c in cfgs],
             "profile": None if s["profile"] == "host" else s["profile"],
             "engine": {"n_ctx": n_ctx, "n_threads": s["threads"], "n_batch": s["n_batch"],
                        "n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
@@ -275,11 +291,13 @@ def worker_config(cfg: Config, todo: list[TestSpec], config: BenchConfig) -> dic
             "warmup": config.warmup, "seed": config.seed}
 
 
-def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, session: str,
+def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, store, session: str,
                 result: BenchResult, bar: Progress, roofs: dict | None, notes: list[str], version: str,
-                device_info, parse_profile, on_record) -> None:
-    s = cfg.settings
-    wcfg = worker_config(cfg, todo, config)
+                device_info, parse_profile, on_record, done: dict) -> None:
+    """Run ``todo`` on the configurations ``cfgs`` (same settings; several models when interleaved) in one
+    worker; records what ``done`` does not hold yet."""
+    s = cfgs[0].settings
+    wcfg = worker_config(cfgs, todo, config)
     n_ctx = wcfg["engine"]["n_ctx"]
     prof_spec = wcfg["profile"]
     capped = parse_profile(prof_spec).mem_limit_bytes is not None
@@ -291,10 +309,15 @@ def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, s
     info = device_info()  # load average *before* this configuration runs
     by_name = {t.name: t for t in todo}
     state: dict = {"loaded": {}, "limits": None}
-    bar.show(f"{cfg.model.name} t={s['threads']} {todo[0].name} ...")
+    names = [c.model.name for c in cfgs]
+    bar.show(f"{' + '.join(names)} t={s['threads']} {todo[0].name} ...")
 
-    def record(spec: TestSpec, status: str, error: str | None, res: dict | None) -> None:
-        loaded = state["loaded"]
+    def record(i: int, spec: TestSpec, status: str, error: str | None, res: dict | None) -> None:
+        cfg = cfgs[i]
+        seen.add((i, spec.name))
+        if cfg.key(spec) in done:  # measured again only to interleave with the others
+            return
+        loaded = state["loaded"].get(i, {})
         rec = {
             "schema": 1, "kind": "bench", "session": session, "config_key": cfg.key(spec), "status": status,
             "error": error, "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -316,7 +339,8 @@ def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, s
                      "physical_cores": info.get("physical_cores"), "logical_cores": info.get("logical_cores"),
                      "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
                      "limits": state["limits"], "wait_idle": quiet,
-                     "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice")},
+                     "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice"),
+                     **({"interleaved_with": names[:i] + names[i + 1:]} if len(cfgs) > 1 else {})},
         }
         if res is not None:
             rec.update(_flat(res))
@@ -333,29 +357,28 @@ def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, s
             store.add("bench", typed.to_dict(), session=session, config_key=typed.config_key,
                       model=cfg.model.name, model_sha256=cfg.model.sha256, test=spec.name, status=status)
         result.append(typed)
-        seen.add(spec.name)
         if on_record:
             on_record(typed)
         bar.step(f"{spec.name}: {status}" + (f" {typed.tps_mean:.1f} t/s" if res else ""))
 
-    seen: set[str] = set()
+    seen: set[tuple[int, str]] = set()
 
     def on_event(ev: dict) -> None:
         kind = ev.get("type")
         if kind == "limits":
             state["limits"] = ev.get("limits")
         elif kind == "loaded":
-            state["loaded"] = ev
+            state["loaded"][ev.get("index", 0)] = ev
         elif kind == "result" and ev.get("test") in by_name:
             ok = ev["status"] == "ok"
-            record(by_name[ev["test"]], ev["status"], ev.get("error"), ev if ok else None)
+            record(ev.get("index", 0), by_name[ev["test"]], ev["status"], ev.get("error"), ev if ok else None)
 
     rc, tail = run_worker(wcfg, s, on_event, capped)
     if state["limits"] and state["limits"].get("cgroup_path"):
         from ..device import remove_cgroup
 
         remove_cgroup(state["limits"]["cgroup_path"])  # the worker made it and has exited: it is empty
-    missing = [t for t in todo if t.name not in seen]
+    missing = [(i, t) for i in range(len(cfgs)) for t in todo if (i, t.name) not in seen]
     if missing:
         oom = capped and _oom_like(rc, tail)
         why = (f"the worker died (exit {rc}{', signal ' + signal.Signals(-rc).name if rc < 0 else ''})"
@@ -363,6 +386,7 @@ def _run_config(cfg: Config, todo: list[TestSpec], config: BenchConfig, store, s
         if rc < 0 and not oom:  # the likely cause and the flag that avoids it (AMX, repack), as run/serve say
             from ..supervise import crash_message
 
-            why += "; " + crash_message("bench", -rc, state["loaded"].get("kernel_choice")).split(": error: ", 1)[1]
-        for t in missing:
-            record(t, "oom" if oom else "error", why, None)
+            choice = next((ev.get("kernel_choice") for ev in state["loaded"].values()), None)
+            why += "; " + crash_message("bench", -rc, choice).split(": error: ", 1)[1]
+        for i, t in missing:
+            record(i, t, "oom" if oom else "error", why, None)

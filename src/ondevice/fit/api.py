@@ -27,7 +27,7 @@ from ..errors import InvalidArgument
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
 from .interact import KldModel, choose_model, measured_plans
-from .measure import Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
+from .measure import REPETITIONS, Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
 from .plan import Candidate, Table, choose, front_table, impossible, make_table, objective, pareto_front
 from .profile import fit_profile
 from .quality import Quality, parse_quality
@@ -105,7 +105,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         groups: tuple[str, ...] | list[str] | None = None, threads: int | None = None,
         text: str | os.PathLike[str] | None = None, calib_ctx: int = 128, calib_chunks: int = 4,
         eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto", transform: str = "off",
-        speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = 3, resume: bool = False,
+        speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = REPETITIONS, resume: bool = False,
         reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
         profile: str | object | None = None, quality: str | None = None, quality_limit: int | None = 10,
         progress: Callable[[str], None] | None = None) -> FitResult:

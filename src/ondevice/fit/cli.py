@@ -7,6 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .groups import CANDIDATES
+    from .measure import REPETITIONS
 
     p.add_argument("model", nargs="?", default=None, help="catalog name, stored variant or .gguf path "
                    "(default: the embedded model)")
@@ -43,8 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default off: measured no gain in a whole fit, a loss at Q4_1/Q4_K, ~7 min more)")
     p.add_argument("--tests", default="pp128,tg64", help="bench tests of the speed measurements (a prompt "
                    "and a decode test)")
-    p.add_argument("--repetitions", "-r", type=int, default=3, help="bench rounds: each variant is benched once per round, in a "
-                   "process of its own and in turn with the other variants; the median round counts")
+    p.add_argument("--repetitions", "-r", type=int, default=REPETITIONS,
+                   help="bench rounds: the variants measured together are loaded in one process and each is run "
+                        "once per round, in turn; the drift between rounds is taken out (under a memory-capped "
+                        "profile: a process per variant and round)")
     p.add_argument("--resume", action="store_true", help="reuse the measurements of an earlier (killed) fit")
     p.add_argument("--reprobe", action="store_true", help="measure the device speed table again")
     p.add_argument("--no-store", action="store_true", help="do not store the chosen variant")

@@ -35,6 +35,10 @@ from pathlib import Path
 from ..errors import OndeviceError
 from .groups import BASE, Layout
 
+# bench rounds of a speed measurement: with the drift between rounds taken out (``paired``) the rest is
+# each run's own noise, which more rounds average down (3 rounds: tok/s predictions off by up to 13% here)
+REPETITIONS = 6
+
 
 def plan_key(plan: dict[str, str], imatrix: str | None = None) -> str:
     """A plan's canonical name: the lowered groups, sorted (``base`` when none), plus the imatrix used."""
@@ -89,6 +93,24 @@ def score_of(records) -> dict:
     raise OndeviceError("the eval returned no suite record")
 
 
+def paired(runs: list[list[float]]) -> list[float]:
+    """Each file's tok/s from runs measured in rounds (``runs[f][r]``: file f's run in round r, every file
+    once per round), with the machine's drift taken out: a round's level (the geometric mean of its runs)
+    divides each run, and a file's figure is the median of what is left, times the mean level. Files
+    compared this way differ by what they are: a round that ran fast or slow moves every file alike. One
+    file: its geometric mean. Rounds past the shortest file's are left out; a file with no runs gets None."""
+    import math
+    import statistics
+
+    n = min((len(r) for r in runs if r), default=0)
+    if n == 0:
+        return [None] * len(runs)
+    full = [r for r in runs if r]
+    levels = [math.exp(statistics.fmean(math.log(r[k]) for r in full)) for k in range(n)]
+    mean_level = math.exp(statistics.fmean(math.log(x) for x in levels))
+    return [mean_level * statistics.median(r[k] / levels[k] for k in range(n)) if r else None for r in runs]
+
+
 # --- caches --------------------------------------------------------------------------------------------
 
 
@@ -141,8 +163,8 @@ def device_section(model_sha: str, threads: int, tests: tuple[str, ...], repetit
     (``DeviceProfile.to_dict()``; None for the host, whose sections stay as they were before profiles)."""
     from ..device.kernels import _key
 
-    # "rounds": each repetition in a process of its own (Meter.speeds); earlier fits' one-process figures differ
-    ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}|rounds"
+    # "interleaved" (Meter.speeds): every file in one process, runs in turn; earlier fits' figures differ
+    ident = f"{_key()}|{model_sha}|t{threads}|{','.join(tests)}|r{repetitions}|interleaved"
     if profile is not None:
         ident += "|profile=" + json.dumps(profile, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -189,7 +211,7 @@ class Meter:
     workdir: Path
     say: Callable[[str], None]
     tests: tuple[str, ...] = ("pp128", "tg64")
-    repetitions: int = 3
+    repetitions: int = REPETITIONS
     reprobe: bool = False
     resume: bool = False
     eval_threads: int = 1  # KLD does not depend on threads; one thread suffers least from busy cores
@@ -244,13 +266,16 @@ class Meter:
         return self.speeds([(key, path)])[0]
 
     def speeds(self, files: list[tuple[str, Path]]) -> list[dict]:
-        """:meth:`speed` of several files, measured together: ``repetitions`` rounds, each file benched once per
-        round in a process of its own, the files in turn; per file the median round (``tg_runs``/``pp_runs``:
-        every round's figure). This machine's speed drifts over seconds by far more than the runs of one bench
-        differ (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three processes, +-2 within each). It is the
-        moment, not the process: two copies of SmolLM2 in one process, 64-token generations alternated, moved
-        together between 74 and 101 tok/s and their medians agreed within 3%.
-        So files benched at different moments mislead; rounds spread every file over the same stretch of time."""
+        """:meth:`speed` of several files, measured together: one bench process loads them all and runs each
+        repetition round the files in turn (``ondevice bench --interleave``); per file the figure
+        :func:`paired` makes of the runs (``tg_runs``/``pp_runs``: every run). This machine's speed drifts
+        over seconds by far more than the files differ (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three
+        processes, +-2 within each), and it is the moment, not the process: two copies of SmolLM2 in one
+        process, 64-token generations alternated, moved together between 74 and 101 tok/s and their medians
+        agreed within 3%. So files benched at different moments mislead; interleaved runs see the same
+        moments.
+        Under a device profile with a memory cap (a cap is per process) each file runs in a process of its
+        own, once per round, the files in turn."""
         import statistics
 
         import ondevice
@@ -264,29 +289,41 @@ class Meter:
                 out[i] = hit
             else:
                 todo.append(i)
-        runs: dict[int, list[dict]] = {i: [] for i in todo}
-        prof = {"profile": [self.profile]} if self.profile else {}
-        for _round in range(max(1, self.repetitions)):
-            for i in todo:
-                runs[i].append(speed_of(ondevice.bench([str(files[i][1])], ",".join(self.tests),
-                                                       threads=self.threads, repetitions=1, store=False,
-                                                       roofline=False, **prof)))
+        if not todo:
+            return out
+        reps = max(1, self.repetitions)
+        paths = {i: str(Path(files[i][1]).resolve()) for i in todo}
+        kw = {"threads": self.threads, "store": False, "roofline": False,
+              **({"profile": [self.profile]} if self.profile else {})}
+        if self._capped():
+            batches = [ondevice.bench([paths[i]], ",".join(self.tests), repetitions=1, **kw)
+                       for _round in range(reps) for i in todo]
+        else:
+            batches = [ondevice.bench([paths[i] for i in todo], ",".join(self.tests), repetitions=reps,
+                                      interleave=len(todo) > 1, **kw)]
+        recs: dict[str, list] = {paths[i]: [] for i in todo}
+        for batch in batches:
+            for r in batch:
+                r = r if isinstance(r, dict) else r.to_dict()
+                recs[r["model_path"]].append(r)
+        res = {i: speed_of(recs[paths[i]]) for i in todo}  # a failed or out-of-memory bench raises here
+        for kind in ("tg", "pp"):
+            runs = {i: [v for r in recs[paths[i]] if str(r["test"]).startswith(kind)
+                        for v in r.get("tps_samples") or []] for i in todo}
+            for i, fig in zip(todo, paired([runs[i] for i in todo])):
+                if runs[i]:
+                    std = statistics.stdev(runs[i]) if len(runs[i]) > 1 else res[i][f"{kind}_std"]
+                    res[i].update({kind: fig, f"{kind}_runs": runs[i], f"{kind}_std": std})
         for i in todo:
-            rs = runs[i]
-            res = dict(rs[0])
-            for kind in ("tg", "pp"):
-                vals = [r[kind] for r in rs if r.get(kind) is not None]
-                if vals:
-                    res[kind] = statistics.median(vals)
-                    res[f"{kind}_std"] = statistics.stdev(vals) if len(vals) > 1 else rs[0].get(f"{kind}_std")
-                    res[f"{kind}_runs"] = vals
-            res["noisy"] = any(r.get("noisy") for r in rs)
-            for k in ("peak_rss", "rss_model"):
-                res[k] = max((r.get(k) or 0 for r in rs), default=0) or None
-            self.speed_cache.put(files[i][0], res)
+            self.speed_cache.put(files[i][0], res[i])
             self.seen.add((self.speed_cache.section, files[i][0]))
-            out[i] = res
+            out[i] = res[i]
         return out
+
+    def _capped(self) -> bool:
+        from ..device import parse_profile
+
+        return bool(self.profile) and parse_profile(self.profile).mem_limit_bytes is not None
 
     def _kld_hit(self, cache: Cache, key: str) -> dict | None:
         return cache.get(key) if self.resume or (cache.section, key) in self.seen else None

@@ -20,7 +20,10 @@ held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice ben
    from the same F16: size, tg128, pp128, KLD;
 3. the fitted front: one more fit per stock size (``--resume``: the measurements are reused, only the
    validated candidates are built and measured), and whether any stock preset beats some fitted variant
-   on both size and KLD, or on both tg128 and KLD (goal: none does).
+   on both size and KLD, or on both tg128 and KLD (goal: none does). For that table every stock file and
+   every fitted plan is benched again in one process, interleaved, each round's level taken out
+   (``ondevice bench --interleave``, ``fit.measure.paired``): files benched minutes apart compare the
+   moments, not the variants.
 
 Other jobs share this machine: the load average is printed; speeds are comparable only within a run. OpenMP
 keeps its default wait policy, as in a user's fit (``OMP_WAIT_POLICY=PASSIVE``, which this script set before,
@@ -103,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         out = tmp / f"stock-{ftype}{'-im' if imatrix else ''}.gguf"
         run_worker(ref.path, out, ftype_id(ftype), [], False, args.threads, imatrix=imatrix)
         try:
-            r = {"size": out.stat().st_size} if size_only else measure(out)
+            r = {"size": out.stat().st_size} if size_only else {**measure(out), "file": out}
         finally:
-            out.unlink(missing_ok=True)
+            if size_only:  # the measured files are benched again at the end, with the fitted ones
+                out.unlink(missing_ok=True)
         if not size_only:  # as measured, so a long run stopped half-way still shows what it measured
             print(f"# stock {ftype}{'+imatrix' if imatrix else ''}: {r['size'] / 1e6:.1f} MB, tg {r['tg']:.1f}, "
                   f"pp {r['pp']:.1f}, KLD {r['kld']:.4f} (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -153,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# no fitted variant at {name}'s size: {e}")
 
     # one row per plan: the per-size fits validate a plan again when it is the best at several sizes
-    fitted = list({tuple(sorted(c.plan.items())): c.measured for c in fitted_cands}.values())
+    plans = {tuple(sorted(c.plan.items())): c for c in fitted_cands}
+    fitted = [dict(c.measured) for c in plans.values()]  # copies: the fits' own figures stay as validated
+    together = _bench_together(rows, list(plans.values()), fitted, ref, im_path if im.get("used") else None,
+                               args, on_profile, tmp)
     took = "not measured (--resume)" if args.resume else f"{fit_s:.0f} s (goal <= 600 s)"
     print(f"\n## whole fit: {took}, load average now {os.getloadavg()[0]:.1f}; "
           f"imatrix {'used' if im.get('used') else 'not used'} (held-out KLD {im.get('kld_without', 0):.4f} "
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ch = first.chosen.measured
     print(f"## at size <= stock Q4_K_M ({q4km['size'] / 1e6:.1f} MB): fitted {ch['size'] / 1e6:.1f} MB KLD "
           f"{ch['kld']:.4f} vs Q4_K_M {q4km['kld']:.4f}: ratio {ch['kld'] / q4km['kld']:.2f} (goal <= 0.80)")
+    print(f"\n(tg/pp: {together})")
     print("\n| variant | size MB | tg128 t/s | pp128 t/s | KLD | beaten by a fitted variant on size+KLD | on tg+KLD |")
     print("|---|---:|---:|---:|---:|---|---|")
     beats_size = beats_tg = 0
@@ -180,6 +188,45 @@ def main(argv: list[str] | None = None) -> int:
     _store(src.name, first, rows, fitted_cands, args.threads)
     _predicted_vs_measured(first)
     return 0
+
+
+def _bench_together(rows: dict, cands: list, fitted: list[dict], ref, imatrix: Path | None, args, on_profile: dict,
+                    tmp: Path) -> str:
+    """Bench every stock file and every fitted plan (rebuilt) again in one process, interleaved, each round's
+    level taken out (``fit.measure.paired``): their tg/pp then come from the same moments, and replace the
+    figures each got in a process of its own (``rows`` and ``fitted`` in place). Returns what the tg/pp
+    columns are. Under a memory-capped profile (one process cannot hold them all under its cap) nothing is
+    re-benched."""
+    import ondevice
+    from ondevice.device import parse_profile
+    from ondevice.fit.groups import layout
+    from ondevice.fit.measure import Cache, Meter, paired
+
+    stock_files = {n: r.pop("file") for n, r in rows.items() if "file" in r}
+    files = list(stock_files.values())
+    try:
+        if args.profile and parse_profile(args.profile).mem_limit_bytes is not None:
+            return "each variant benched in a process of its own, at its own moment (a memory-capped profile)"
+        meter = Meter(ref.path, layout(ref.path), ref.path, args.threads, Cache(tmp / "unused.json", "x"), tmp,
+                      lambda _m: None)
+        for i, c in enumerate(cands):
+            files.append(meter.build(c.plan, tmp / f"fitted-{i}.gguf", imatrix))
+        t0 = time.perf_counter()
+        recs = ondevice.bench([str(f) for f in files], ",".join(TESTS), threads=args.threads,
+                              repetitions=args.repetitions, interleave=True, store=False, roofline=False, **on_profile)
+        figs = {}
+        for kind in ("tg", "pp"):
+            runs = {str(Path(r.model_path)): r.tps_samples for r in recs if r.test.startswith(kind)}
+            figs[kind] = paired([runs[str(f.resolve())] for f in files])
+        for k, name in enumerate(stock_files):
+            rows[name].update(tg=figs["tg"][k], pp=figs["pp"][k])
+        for k, f in enumerate(fitted, start=len(stock_files)):
+            f.update(tg=figs["tg"][k], pp=figs["pp"][k])
+        return (f"all {len(files)} variants benched again in one process, -r {args.repetitions} interleaved, "
+                f"round levels out ({time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
 
 
 def _predicted_vs_measured(first) -> None:

@@ -18,8 +18,8 @@ held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice ben
    ``size <= stock Q4_K_M's size``, and its KLD against stock Q4_K_M's (goal: <= 0.8x);
 2. stock ftypes (Q2_K ... Q8_0), each without and (K-quants, Q4_0) with the fit's importance matrix, quantized
    from the same F16: size, tg128, pp128, KLD;
-3. the fitted front: one more fit per stock size (``--resume``: the measurements are reused, only the
-   validated candidates are built and measured), and whether any stock preset beats some fitted variant
+3. the fitted front: one more fit per stock size and one per stock tg128 (``--resume``: the measurements
+   are reused, only the validated candidates are built and measured), and whether any stock preset beats some fitted variant
    on both size and KLD, or on both tg128 and KLD (goal: none does). For that table every stock file and
    every fitted plan is benched again in one process, interleaved, each round's level taken out
    (``ondevice bench --interleave``, ``fit.measure.paired``): files benched minutes apart compare the
@@ -155,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res.chosen.summary()}", flush=True)
         except ondevice.OndeviceError as e:
             print(f"# no fitted variant at {name}'s size: {e}")
+    # the speed side of the front: per stock preset, the least-KLD variant at least as fast (its tg128 as the
+    # budget; measured at another moment than the fit's validation, so a fit can miss it by the drift)
+    for name, r in rows.items():
+        try:
+            res = ondevice.fit(src.name, f"tg>={r['tg']:.1f}", store=False, resume=True, threads=args.threads,
+                               speed_tests=TESTS, repetitions=args.repetitions, validate=2, profile=args.profile)
+            fitted_cands += res.candidates
+            m = res.chosen.measured
+            print(f"# fitted at {name}'s tg128 ({r['tg']:.1f}): {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, "
+                  f"KLD {m['kld']:.4f}; {res.chosen.summary()}", flush=True)
+        except ondevice.OndeviceError as e:
+            print(f"# no fitted variant at {name}'s tg128 ({r['tg']:.1f}): {str(e).splitlines()[0]}")
 
     # one row per plan: the per-size fits validate a plan again when it is the best at several sizes
     plans = {tuple(sorted(c.plan.items())): c for c in fitted_cands}

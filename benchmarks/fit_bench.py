@@ -144,29 +144,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows[f + "+imatrix"] = stock(f, im_path)
     fitted_cands = list(first.candidates)
     sizes = sorted({r["size"] for n, r in rows.items() if n != "Q4_K_M"})
-    for size in sizes:
-        name = next(n for n, r in rows.items() if r["size"] == size)
+    # the size side of the front: per stock size, the least-KLD variant no larger; the speed side: per stock
+    # preset, the least-KLD variant at least as fast (its tg128 as the budget; measured at another moment than
+    # the fit's validation, so a fit can miss it by the drift)
+    budgets = [(f"size<={size}B", f"{next(n for n, r in rows.items() if r['size'] == size)}'s size", 1)
+               for size in sizes]
+    budgets += [(f"tg>={r['tg']:.1f}", f"{name}'s tg128 ({r['tg']:.1f})", 2) for name, r in rows.items()]
+    for bud, what, validate in budgets:
         try:
-            res = ondevice.fit(src.name, f"size<={size}B", store=False, resume=True, threads=args.threads,
-                               speed_tests=TESTS, repetitions=args.repetitions, validate=1, profile=args.profile)
+            res = ondevice.fit(src.name, bud, store=False, resume=True, threads=args.threads, speed_tests=TESTS,
+                               repetitions=args.repetitions, validate=validate, profile=args.profile)
             fitted_cands += res.candidates
             m = res.chosen.measured
-            print(f"# fitted at {name}'s size: {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, KLD {m['kld']:.4f}; "
+            print(f"# fitted at {what}: {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, KLD {m['kld']:.4f}; "
                   f"{res.chosen.summary()}", flush=True)
         except ondevice.OndeviceError as e:
-            print(f"# no fitted variant at {name}'s size: {e}")
-    # the speed side of the front: per stock preset, the least-KLD variant at least as fast (its tg128 as the
-    # budget; measured at another moment than the fit's validation, so a fit can miss it by the drift)
-    for name, r in rows.items():
-        try:
-            res = ondevice.fit(src.name, f"tg>={r['tg']:.1f}", store=False, resume=True, threads=args.threads,
-                               speed_tests=TESTS, repetitions=args.repetitions, validate=2, profile=args.profile)
-            fitted_cands += res.candidates
-            m = res.chosen.measured
-            print(f"# fitted at {name}'s tg128 ({r['tg']:.1f}): {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, "
-                  f"KLD {m['kld']:.4f}; {res.chosen.summary()}", flush=True)
-        except ondevice.OndeviceError as e:
-            print(f"# no fitted variant at {name}'s tg128 ({r['tg']:.1f}): {str(e).splitlines()[0]}")
+            print(f"# no fitted variant at {what}: {str(e).splitlines()[0]}")
 
     # one row per plan: the per-size fits validate a plan again when it is the best at several sizes
     plans = {tuple(sorted(c.plan.items())): c for c in fitted_cands}

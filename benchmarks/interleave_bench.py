@@ -8,7 +8,8 @@ Each trial measures the decode (and prompt) tok/s ratio B/A both ways, back to b
 
 - separate: ``ondevice.bench([A])`` then ``ondevice.bench([B])``, ``-r`` repetitions each (what users do today);
 - interleaved: ``ondevice.bench([A, B], interleave=True)``, ``-r`` repetitions (each model once per round);
-  the ratio of the means, and the median of the per-round ratios (paired).
+  the ratio of the means, and the ratio ``fit.measure.paired`` gives (each round's level divided out; for two
+  models and an odd ``-r``, the median of the per-round ratios).
 
 Printed: every trial's ratios, then per way the mean, the spread (min-max) and the standard deviation of the
 ratio over the trials. The smaller the spread, the more one comparison can be trusted. A is the embedded
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import ondevice
+    from ondevice.fit.measure import paired
     from ondevice.models import resolve
     from ondevice.quant import quantize
 
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in kinds:
                 sa, sb = s[(paths[0], k)], s[(paths[1], k)]
                 rows[way][k].append(statistics.fmean(sb) / statistics.fmean(sa))
-                if way == "interleaved":
-                    rows["paired"][k].append(statistics.median(y / x for x, y in zip(sa, sb)))
+                if way == "interleaved":  # the fit's estimator: each round's level divided out
+                    fa, fb = paired([sa, sb])
+                    rows["paired"][k].append(fb / fa)
         print(f"trial {trial + 1}: " + "; ".join(
             f"{k} B/A separate {rows['separate'][k][-1]:.3f}, interleaved {rows['interleaved'][k][-1]:.3f} "
             f"(paired {rows['paired'][k][-1]:.3f})" for k in kinds), flush=True)

@@ -23,7 +23,10 @@ held-out text, the F16 being the shipped file dequantized; tok/s: ``ondevice ben
    on both size and KLD, or on both tg128 and KLD (goal: none does). For that table every stock file and
    every fitted plan is benched again in one process, interleaved, each round's level taken out
    (``ondevice bench --interleave``, ``fit.measure.paired``): files benched minutes apart compare the
-   moments, not the variants.
+   moments, not the variants. A round of all of them still lasts over a minute, so the tg128+KLD verdict
+   is also given per stock preset against its challenger alone (the fastest fitted variant at no more KLD),
+   the two files interleaved for 4r rounds of a few seconds ("within noise" when the median ratio's 95%
+   interval holds 1); the same weights count as a tie.
 
 Other jobs share this machine: the load average is printed; speeds are comparable only within a run. OpenMP
 keeps its default wait policy, as in a user's fit (``OMP_WAIT_POLICY=PASSIVE``, which this script set before,
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     # one row per plan: the per-size fits validate a plan again when it is the best at several sizes
     plans = {tuple(sorted(c.plan.items())): c for c in fitted_cands}
     fitted = [dict(c.measured) for c in plans.values()]  # copies: the fits' own figures stay as validated
-    together = _bench_together(rows, list(plans.values()), fitted, ref, im_path if im.get("used") else None,
+    together, pairs = _bench_together(rows, list(plans.values()), fitted, ref, im_path if im.get("used") else None,
                                args, on_profile, tmp)
     took = "not measured (--resume)" if args.resume else f"{fit_s:.0f} s (goal <= 600 s)"
     print(f"\n## whole fit: {took}, load average now {os.getloadavg()[0]:.1f}; "
@@ -174,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## at size <= stock Q4_K_M ({q4km['size'] / 1e6:.1f} MB): fitted {ch['size'] / 1e6:.1f} MB KLD "
           f"{ch['kld']:.4f} vs Q4_K_M {q4km['kld']:.4f}: ratio {ch['kld'] / q4km['kld']:.2f} (goal <= 0.80)")
     print(f"\n(tg/pp: {together})")
-    print("\n| variant | size MB | tg128 t/s | pp128 t/s | KLD | beaten by a fitted variant on size+KLD | on tg+KLD |")
-    print("|---|---:|---:|---:|---:|---|---|")
+    print("\n| variant | size MB | tg128 t/s | pp128 t/s | KLD | beaten by a fitted variant on size+KLD | on tg+KLD "
+          "| on tg+KLD, against its challenger alone |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
     beats_size = beats_tg = 0
+    pair_counts = {"NO": 0, "within noise": 0}
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["size"]):
         s = any(f["size"] <= r["size"] and f["kld"] <= r["kld"] for f in fitted)
         t = any(f["tg"] >= r["tg"] and f["kld"] <= r["kld"] for f in fitted)
@@ -184,24 +189,30 @@ def main(argv: list[str] | None = None) -> int:
         better_size = not s and all(not (f["size"] < r["size"] and f["kld"] < r["kld"]) for f in fitted)
         beats_size += not s
         beats_tg += not t
+        p_ok, p_what = pairs.get(name, ("", "not benched"))
+        pair_counts[p_ok] = pair_counts.get(p_ok, 0) + 1
         print(f"| stock {name} | {r['size'] / 1e6:.1f} | {r['tg']:.1f} | {r['pp']:.1f} | {r['kld']:.4f} | "
-              f"{'yes' if s else 'NO'} | {'yes' if t else 'NO'} |" + (" (off the front)" if better_size else ""))
+              f"{'yes' if s else 'NO'} | {'yes' if t else 'NO'} | "
+              f"{p_ok} {p_what} |"
+              + (" (off the front)" if better_size else ""))
     for f in sorted(fitted, key=lambda f: f["size"]):
-        print(f"| fitted | {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} | | |")
+        print(f"| fitted | {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} | | | |")
     print(f"\n## stock presets not matched by a fitted variant: {beats_size} on size+KLD, {beats_tg} on tg128+KLD "
-          f"(goal: 0 and 0); shipped file tg {first.shipped['tg']:.1f}, pp {first.shipped['pp']:.1f}")
+          f"in the bench of all; against its challenger alone {pair_counts['NO']} on tg128+KLD (goal: 0), "
+          f"{pair_counts['within noise']} within noise; "
+          f"shipped file tg {first.shipped['tg']:.1f}, pp {first.shipped['pp']:.1f}")
     _store(src.name, first, rows, fitted_cands, args.threads)
     _predicted_vs_measured(first)
     return 0
 
 
 def _bench_together(rows: dict, cands: list, fitted: list[dict], ref, imatrix: Path | None, args, on_profile: dict,
-                    tmp: Path) -> str:
+                    tmp: Path) -> tuple[str, dict]:
     """Bench every stock file and every fitted plan (rebuilt) again in one process, interleaved, each round's
     level taken out (``fit.measure.paired``): their tg/pp then come from the same moments, and replace the
-    figures each got in a process of its own (``rows`` and ``fitted`` in place). Returns what the tg/pp
-    columns are. Under a memory-capped profile (one process cannot hold them all under its cap) nothing is
-    re-benched."""
+    figures each got in a process of its own (``rows`` and ``fitted`` in place). Then each stock preset
+    against its challenger alone (``_pairs``). Returns what the tg/pp columns are, and the pairs' verdicts.
+    Under a memory-capped profile (one process cannot hold them all under its cap) nothing is re-benched."""
     import ondevice
     from ondevice.device import parse_profile
     from ondevice.fit.groups import layout
@@ -211,7 +222,7 @@ def _bench_together(rows: dict, cands: list, fitted: list[dict], ref, imatrix: P
     files = list(stock_files.values())
     try:
         if args.profile and parse_profile(args.profile).mem_limit_bytes is not None:
-            return "each variant benched in a process of its own, at its own moment (a memory-capped profile)"
+            return "each variant benched in a process of its own, at its own moment (a memory-capped profile)", {}
         meter = Meter(ref.path, layout(ref.path), ref.path, args.threads, Cache(tmp / "unused.json", "x"), tmp,
                       lambda _m: None)
         for i, c in enumerate(cands):
@@ -227,11 +238,75 @@ def _bench_together(rows: dict, cands: list, fitted: list[dict], ref, imatrix: P
             rows[name].update(tg=figs["tg"][k], pp=figs["pp"][k])
         for k, f in enumerate(fitted, start=len(stock_files)):
             f.update(tg=figs["tg"][k], pp=figs["pp"][k])
-        return (f"all {len(files)} variants benched again in one process, -r {args.repetitions} interleaved, "
+        what = (f"all {len(files)} variants benched again in one process, -r {args.repetitions} interleaved, "
                 f"round levels out ({time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
+        return what, _pairs(rows, stock_files, fitted, files[len(stock_files):], args, on_profile)
     finally:
         for f in files:
             f.unlink(missing_ok=True)
+
+
+def _pairs(rows: dict, stock_files: dict, fitted: list[dict], fitted_files: list[Path], args,
+           on_profile: dict) -> dict:
+    """The tg128+KLD verdict, per stock preset, from a bench of two files only: the preset and its challenger
+    (the fastest fitted variant, in the bench of all, at no more KLD), interleaved for ``4r`` rounds of a few
+    seconds each (each file first in half of them), where a round of all the variants lasts over a minute
+    and the machine drifts within it. ``{name: (verdict, what)}``: "yes" when the challenger's median
+    per-round tg ratio is >= 1 or its weights are the preset's (the same variant: neither is better); "NO"
+    when the whole ~95% interval of that median is below 1 (the preset is faster); else "within noise"."""
+    import statistics
+
+    import ondevice
+
+    out = {}
+    for name, r in rows.items():
+        ok = [k for k, f in enumerate(fitted) if f["kld"] <= r["kld"]]
+        if not ok:
+            out[name] = ("NO", "no fitted variant at its KLD")
+            continue
+        k = max(ok, key=lambda k: fitted[k]["tg"])
+        a, b = stock_files[name], fitted_files[k]
+        if abs(a.stat().st_size - b.stat().st_size) < 1e6 and _weights_sha(a) == _weights_sha(b):
+            out[name] = ("yes", f"the same weights ({fitted[k]['size'] / 1e6:.1f} MB fitted)")
+            continue
+        recs = ondevice.bench([str(a), str(b)], "tg128", threads=args.threads, repetitions=4 * args.repetitions,
+                              interleave=True, store=False, roofline=False, **on_profile)
+        runs = {str(Path(x.model_path)): x.tps_samples for x in recs}
+        ratios = sorted(y / x for x, y in zip(runs[str(a.resolve())], runs[str(b.resolve())]))
+        med = statistics.median(ratios)
+        lo, hi = _median_interval(ratios)
+        verdict = "yes" if med >= 1.0 else "NO" if hi < 1.0 else "within noise"
+        what = (f"{fitted[k]['size'] / 1e6:.1f} MB fitted (KLD {fitted[k]['kld']:.4f}): tg x{med:.3f} "
+                f"(95% {lo:.3f}-{hi:.3f}, {len(ratios)} rounds)")
+        out[name] = (verdict, what)
+        print(f"# pair {name} vs {out[name][1]} (load {os.getloadavg()[0]:.1f})", flush=True)
+    return out
+
+
+def _median_interval(xs: list[float]) -> tuple[float, float]:
+    """The distribution-free interval of a median from sorted samples: order statistics k and n+1-k, k the
+    largest with P(Binomial(n, 1/2) < k) <= 2.5% (at least 95% coverage; the extremes when n < 6)."""
+    from math import comb
+
+    n = len(xs)
+    k, tail = 0, 0.0
+    while k < n and tail + comb(n, k) / 2**n <= 0.025:
+        tail += comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
+
+
+def _weights_sha(path: Path) -> str:
+    """A digest of a GGUF's tensors (names, types, shapes, data), not its metadata: two files with the same
+    weights are the same variant whatever their key-values say."""
+    from gguf import GGUFReader
+
+    h = hashlib.sha256()
+    for t in GGUFReader(path).tensors:
+        h.update(f"{t.name}|{t.tensor_type}|{list(t.shape)}".encode())
+        h.update(t.data.tobytes())
+    return h.hexdigest()
 
 
 def _predicted_vs_measured(first) -> None:

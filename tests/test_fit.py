@@ -141,6 +141,33 @@ def test_resume_reuses_the_measurements(fitted, home):
     assert again.reused >= fitted.built
 
 
+def test_a_relative_speed_bound_is_met_against_the_shipped_file_benched_with_the_candidates(fitted, home,
+                                                                                          monkeypatch):
+    import ondevice
+    from ondevice.models.catalog import resolve
+
+    shipped = str(resolve("smollm2-135m-instruct").path.resolve())
+    calls, real = [], ondevice.bench
+
+    def spy(models, *a, **kw):  # the real bench, its calls recorded
+        calls.append(([str(m) for m in models], kw.get("interleave")))
+        return real(models, *a, **kw)
+
+    monkeypatch.setattr(ondevice, "bench", spy)
+    res = ondevice.fit(None, "tg>=0.5x", store=False, **{**TINY, "validate": 2, "repetitions": 2})
+    table, validation = calls[0], calls[-1]
+    # the shipped file in the speed table's process and again in the validation's, with the candidates
+    for files, interleave in (table, validation):
+        assert shipped in files and len(files) >= 3 and interleave
+    assert len(validation[0]) == 1 + len(res.candidates) + 1  # base, candidates, shipped
+    assert resolve("smollm2-135m-instruct").path.is_file()  # measured where it is, never deleted
+    v = res.shipped["validation"]
+    assert res.budget.tg == pytest.approx(0.5 * v["tg"]) and res.budget.pp is None
+    assert res.chosen.measured["tg"] >= res.budget.tg
+    assert any(ln.startswith("budget tg>=0.5x: the shipped file benched with the candidates made tg")
+               for ln in res.lines)
+
+
 def test_imatrix_is_collected_from_the_eval_callback(home, tmp_path):
     import numpy as np
 

@@ -219,10 +219,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # 1. the device: the shipped file and one variant per type, timed by the bench
     opts = lay.options(types)
     low = {g.name: opts[g.name][-1] for g in lay.groups}  # every group at its lowest candidate
+    asked = bud  # relative speed bounds are resolved against the shipped file benched with the variants
+    shipped_item = Item({}, path=src.path, name=f"shipped:{model_sha256(src)}")
     with phase("device"):
-        shipped = dict(meter.speed(f"shipped:{model_sha256(src)}", src.path))
-        shipped["size"] = src.path.stat().st_size
-        bud = bud.resolved(shipped.get("tg"), shipped.get("pp"))
         items = [Item({}, [calib_q])]
         for t in dict.fromkeys(t for ts in opts.values() for t in ts):  # the types offered (fallbacks too)
             if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
@@ -230,7 +229,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             plan = {g.name: t for g in lay.groups if t in opts[g.name]}
             # the variant of the lowest type is usually the imatrix check's plan: score it while it is built
             items.append(Item(plan, [held_q] if plan == low and "auto" in (imatrix, transform) else []))
-        res = meter.measure(items, speed=True)
+        res = meter.measure([*items, shipped_item], speed=True)
+        shipped = {**res.pop()["speed"], "size": src.path.stat().st_size}
+        bud = asked.resolved(shipped.get("tg"), shipped.get("pp"))
     base = res[0]
     type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}
     say("device speed table (tok/s, every group the type fits at that type, the rest " + BASE + "):")
@@ -284,19 +285,31 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     picks = choose(front, bud, validate)
     phases["plan"] = time.perf_counter() - t_plan
 
-    # 5. validate: build, bench and score the best plans for real; the all-base variant is benched again
-    # first, so the predictions can be put at this moment's speed (the table may be from another load)
+    # 5. validate: build, bench and score the best plans for real; the all-base variant is benched with them,
+    # so the predictions can be put at this moment's speed (the table may be from another load). Benched
+    # now, not read from an earlier fit's cache (only --resume reuses them: the same fit, killed)
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
     vmeter = Meter(meter.source, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
-                   repetitions, reprobe, resume, jobs=jobs, seen=seen, profile=prof.spec)
+                   repetitions, reprobe or not resume, resume, jobs=jobs, seen=seen, profile=prof.spec)
     items = [Item({})]
     for i, c in enumerate(picks):
         keep = workdir / f"candidate-{i}.gguf"
         keep.unlink(missing_ok=True)
         items.append(Item(c.plan, [calib_q, held_q], im_path, im_sha, keep))
-    with phase("validation"):
-        res = vmeter.measure(items, speed=True)
+    relative = asked.tg_rel is not None or asked.pp_rel is not None
+    with phase("validation"):  # with a bound relative to the shipped file, that file is benched with them
+        res = vmeter.measure(items + [shipped_item] * relative, speed=True)
     now = res[0]["speed"]
+    if relative:
+        from dataclasses import replace
+
+        now_shipped = res.pop()["speed"]
+        shipped["validation"] = {k: now_shipped[k] for k in ("tg", "pp")}
+        now_bud = asked.resolved(shipped["validation"]["tg"], shipped["validation"]["pp"])
+        say(f"budget {asked.describe()}: the shipped file benched with the candidates made tg "
+            f"{shipped['validation']['tg']:.1f}, pp {shipped['validation']['pp']:.1f} tok/s, so "
+            + ", ".join(f"{k}>={getattr(now_bud, k):.1f}" for k in ("tg", "pp") if getattr(asked, k + "_rel")))
+        bud = replace(bud, tg=now_bud.tg, pp=now_bud.pp)
     for c, it, r in zip(picks, items[1:], res[1:]):
         c.predicted.update(table.predict_at(c.plan, now))
         c.measured = {"size": it.keep.stat().st_size, "tg": r["speed"]["tg"], "pp": r["speed"]["pp"],

@@ -180,17 +180,25 @@ def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
 @dataclass
 class Item:
     """One plan to measure: its KLD on each ``(cache, text, ctx, chunks)``, built with ``imatrix``; the file
-    stays at ``keep`` when given (else it is deleted once measured)."""
+    stays at ``keep`` when given (else it is deleted once measured). ``path``: a file that exists (the shipped
+    one), measured as it is under the cache key ``name``: never built, never deleted."""
 
     plan: dict[str, str]
     quality: list[tuple[Cache, Path, int, int]] = field(default_factory=list)
     imatrix: Path | None = None
     imatrix_sha: str | None = None
     keep: Path | None = None
+    path: Path | None = None
+    name: str | None = None
 
     @property
     def key(self) -> str:
-        return plan_key(self.plan, self.imatrix_sha)
+        return self.name or plan_key(self.plan, self.imatrix_sha)
+
+    @property
+    def owned(self) -> bool:
+        """Whether the meter makes this file and deletes it once measured."""
+        return self.path is None and self.keep is None
 
 
 @dataclass
@@ -250,6 +258,10 @@ class Meter:
         return dst
 
     def _ensure(self, it: Item, dst: Path) -> None:
+        if it.path is not None:
+            if not it.path.is_file():
+                raise OndeviceError(f"{it.path} is gone: the file to measure as {it.key!r} must stay in place")
+            return
         with self._lock:
             lock = self._path_locks.setdefault(dst, threading.Lock())
         with lock:
@@ -360,7 +372,7 @@ class Meter:
         """Measure several plans: their speeds when ``speed`` (:meth:`speeds`: in turn, nothing else runs while
         the bench times), then their KLDs on ``jobs`` threads. The files are built only when some figure is
         not cached. Returns per item ``{"speed": ..., "kld": [...], "file": path or None}``."""
-        paths = [it.keep or self.workdir / f"v-{hashlib.sha256(it.key.encode()).hexdigest()[:12]}.gguf"
+        paths = [it.path or it.keep or self.workdir / f"v-{hashlib.sha256(it.key.encode()).hexdigest()[:12]}.gguf"
                  for it in items]
         speeds: list[dict | None] = [None] * len(items)
 
@@ -371,7 +383,7 @@ class Meter:
             try:
                 return [self.kld(c, it.key, dst, t, ctx, n) for c, t, ctx, n in it.quality]
             finally:
-                if it.keep is None:  # free the disk early: the other plans are still being built
+                if it.owned:  # free the disk early: the other plans are still being built
                     dst.unlink(missing_ok=True)
 
         try:
@@ -388,7 +400,7 @@ class Meter:
                 klds = list(ex.map(quality, range(len(items))))
         finally:
             for it, dst in zip(items, paths):
-                if it.keep is None:
+                if it.owned:
                     dst.unlink(missing_ok=True)
         return [{"speed": s, "kld": k, "file": it.keep} for s, k, it in zip(speeds, klds, items)]
 

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InvalidArgument
@@ -241,8 +241,6 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
     fits, note = prof.fits(base["speed"], lay.smallest(types))
     if fits is not None:
-        from dataclasses import replace
-
         say(f"profile {prof.name}: {note}")
         bud = replace(bud, fits=fits)
 
@@ -301,8 +299,6 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         res = vmeter.measure(items + [shipped_item] * relative, speed=True)
     now = res[0]["speed"]
     if relative:
-        from dataclasses import replace
-
         now_shipped = res.pop()["speed"]
         shipped["validation"] = {k: now_shipped[k] for k in ("tg", "pp")}
         now_bud = asked.resolved(shipped["validation"]["tg"], shipped["validation"]["pp"])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -222,6 +223,35 @@ def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
             proc.kill()
     assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
     assert not children[0].is_running()
+
+
+def test_a_stopped_and_continued_supervisor_keeps_serving(tmp_path):
+    """Ctrl-Z then fg (SIGSTOP/SIGCONT; a profiler attaching does the same) for longer than the supervisor's
+    wait: CPython then hands back an unset siginfo, which must not be taken for a signal to forward."""
+    import psutil
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
+                             "-np", "1", "-c", "256"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        assert "on http://" in line, line
+        url = line.split(" on ")[1].split()[0]
+        child = psutil.Process(proc.pid).children()[0]
+        for _ in range(2):
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(1.6)  # past the supervisor's 1 s wait
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+        assert proc.poll() is None and child.is_running()
+        assert httpx.get(url + "/models", timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc in (0, 128 + signal.SIGTERM) and "Traceback" not in rest, rest[-2000:]
 
 
 def test_ctrl_c_at_the_terminal_stops_a_supervised_run_with_130(tmp_path):

@@ -86,7 +86,10 @@ def run_supervised(verb: str, argv: list[str]) -> int:
         try:
             while proc.poll() is None:
                 info = signal.sigtimedwait(mask, 1.0)
-                if info is None or info.si_signo == signal.SIGCHLD:
+                # CPython returns an unset siginfo (a garbage si_signo) when the wait was interrupted past its
+                # timeout, as a stop and continue does (Ctrl-Z then fg, SIGSTOP, a profiler attaching): only a
+                # signal to forward counts; SIGCHLD just wakes the loop
+                if info is None or info.si_signo not in _FORWARD:
                     continue
                 if info.si_code == _SI_KERNEL:
                     continue  # from the terminal (Ctrl-C, Ctrl-\, hang-up) to our whole group: the child has it

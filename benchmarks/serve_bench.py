@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distinct-prompts", action="store_true",
                     help="each stream's prompt starts with its own random tag (no prefill shared across streams; "
                          "by default all streams send the same prompt, which ondevice prefills once for all)")
+    ap.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                    help="also run an ondevice server with these extra serve flags (repeatable), e.g. "
+                         "--variant '--prefill-batch 100000' to compare a setting with the default in one run")
     ap.add_argument("--skip", default="", help="comma list of servers to skip: ondevice,llama-cpp-python,llama-server")
     args = ap.parse_args(argv)
     model = args.model or default_model()
@@ -183,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     km.apply()  # ondevice serve (a child) reads ONDEVICE_AMX / ONDEVICE_REPACK
     print(km.describe(), file=sys.stderr)
     servers = []
-    p = free_port()
-    servers.append(Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port", str(p),
-                                       "-np", str(par), "-c", "1024", "-t", t, "--no-embeddings"], p,
-                          {"ignore_eos": True}))
+    for extra in ["", *args.variant]:
+        p = free_port()
+        servers.append(Server(f"ondevice {extra}".strip(), [sys.executable, "-m", "ondevice.cli", "serve", "-m", model,
+                                                            "--port", str(p), "-np", str(par), "-c", "1024", "-t", t,
+                                                            "--no-embeddings", *extra.split()], p,
+                              {"ignore_eos": True}))
     # llama-cpp-python's Llama has no switch for extra kernels: it loads all the build offers
     lcp_kernels = "+".join(offered()) or "none"
     if "AMX" in offered() and "AMX" not in km.kernels:
@@ -259,20 +264,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {r['itl_p50'] * 1e3:10.1f} | {r['itl_p99'] * 1e3:10.1f} |")
     if kernel:
         print("\nllama-batched-bench S_TG (kernel limit): " + ", ".join(f"B={b}: {v:.1f} tok/s" for b, v in kernel.items()))
-    ours = results.get("ondevice", {})
-    print("\nratios (ondevice / peer, aggregate tok/s; vs a server: median [min, max] of the per-round ratios):")
-    for n in streams:
-        parts = []
-        for peer in ("llama-server", "llama-cpp-python"):
-            if n in ours and n in results.get(peer, {}):
-                for key, what in (("tok_s", ""), ("e2e_tok_s", " end to end")):
-                    theirs = {r["round"]: r[key] for r in rounds[peer][n]}
-                    pr = [a[key] / theirs[a["round"]] for a in rounds["ondevice"][n] if a["round"] in theirs]
-                    parts.append(f"vs {peer}{what} {statistics.median(pr):.2f}x [{min(pr):.2f}, {max(pr):.2f}]")
-        if n in ours and n in kernel:
-            parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")
-        if parts:
-            print(f"  {n:2d} streams: " + ", ".join(parts))
+    print("\nratios (ondevice / peer, aggregate tok/s and TTFT p50; vs a server: median [min, max] of the per-round "
+          "ratios; TTFT below 1 is faster):")
+    for me in (name for name in results if name.startswith("ondevice")):
+        ours = results[me]
+        for n in streams:
+            parts = []
+            for peer in ("llama-server", "llama-cpp-python"):
+                if n in ours and n in results.get(peer, {}):
+                    for key, what in (("tok_s", ""), ("e2e_tok_s", " end to end"), ("ttft_p50", " TTFT p50")):
+                        theirs = {r["round"]: r[key] for r in rounds[peer][n]}
+                        pr = [a[key] / theirs[a["round"]] for a in rounds[me][n] if a["round"] in theirs]
+                        parts.append(f"vs {peer}{what} {statistics.median(pr):.2f}x [{min(pr):.2f}, {max(pr):.2f}]")
+            if n in ours and n in kernel:
+                parts.append(f"vs batched-bench {ours[n]['tok_s'] / kernel[n]:.0%}")
+            if parts:
+                print(f"  {me}, {n:2d} streams: " + ", ".join(parts))
     print("\nTTFT p50 per round, ms (round 1 is the first burst of that size: with the same prompt, a server's "
           "slots that never held it prefill it then; llama-server's slots keep their own prompt, ondevice's share it)")
     for n in streams:

@@ -5,7 +5,10 @@ in an idle slot (the one whose cached tokens share the longest prefix with its p
 one from another slot, so only the rest is computed); :meth:`BatchGenerator.step` runs ONE ``llama_decode``
 carrying the next token of every decoding slot (with its speculative drafts) and a chunk of prompt tokens from
 slots still prefilling (chunked prefill: a long prompt never stalls running streams), then samples and returns
-the step's events. ``Model.stream`` is a batch of one; the server's batcher is a thread that calls
+the step's events. With ``prefill_batch`` set, a step starts no further new prompt once it holds that many prompt
+tokens: a burst of short prompts then gets its first tokens a few prompts per step, in arrival order, rather than
+all at once after the whole burst's prefill (on a CPU a prompt token costs about the same in a batch of one
+prompt as of eight, so batching prompts only makes the first ones wait for the last). ``Model.stream`` is a batch of one; the server's batcher is a thread that calls
 ``insert``/``step``/``remove`` and forwards the events to asyncio.
 
 LoRA adapters (engine/adapters.py): llama.cpp applies one adapter set to a whole ``llama_decode``, so a step
@@ -102,7 +105,7 @@ class BatchGenerator:
     """Slots over one engine's sequences; every method runs on the caller's thread (keep it one thread)."""
 
     def __init__(self, engine: Engine, *, seqs: Sequence[int] | None = None, slot_ctx: int | None = None,
-                 prefill_chunk: int = 512, vocab_bytes: Sequence[bytes] | None = None,
+                 prefill_chunk: int = 512, prefill_batch: int | None = None, vocab_bytes: Sequence[bytes] | None = None,
                  draft_engine: Engine | None = None):
         self.eng = engine
         n_seq = max(1, engine.config.n_seq_max)
@@ -110,6 +113,7 @@ class BatchGenerator:
         self.slot_ctx = slot_ctx or (engine.n_ctx if engine.config.kv_unified else engine.n_ctx // n_seq)
         self.n_batch = engine.n_batch
         self.prefill_chunk = prefill_chunk
+        self.prefill_batch = prefill_batch
         self.vocab_bytes = vocab_bytes
         self.eos = engine.eos_tokens
         self.draft_engine = draft_engine
@@ -243,6 +247,8 @@ class BatchGenerator:
                         key=lambda s: s.req.t_arrival):
             if budget - used <= 0:
                 break
+            if self.prefill_batch is not None and used >= self.prefill_batch and s.prompt_i == s.n_cached:
+                continue  # a new prompt waits a step: the ones already in this step get their first token sooner
             req = s.req
             n = min(budget - used, len(req.tokens) - s.prompt_i)
             echo = req.prompt_logprobs is not None

@@ -32,6 +32,10 @@ class ServeSettings(BaseSettings):
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
                                                        "so a long prompt does not stall running streams")
+    prefill_batch: int = Field(32, ge=1, description="a step starts no further new prompt once it holds this many "
+                                                     "prompt tokens: a burst of requests gets its first tokens in "
+                                                     "arrival order, a few prompts per step, instead of all after "
+                                                     "the whole burst's prefill")
     max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted (0: ctx - 1); longer is a 400")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it a 429 with Retry-After")
     timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue wait included (504 after)")

@@ -3,6 +3,7 @@ supervisor that turns a native crash into one clear line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -203,7 +204,10 @@ def test_supervised_exit_codes_and_output_pass_through(cli):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ondevice run: error:")
 
 
-def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
+@contextlib.contextmanager
+def _supervised_server(tmp_path):
+    """``ondevice serve`` under its supervisor, listening: (the supervisor's Popen, base URL, the serving child).
+    The caller stops it; the supervisor is killed if it is still running at the end."""
     import psutil
 
     env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
@@ -214,30 +218,30 @@ def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
         assert "on http://" in line, line
         children = psutil.Process(proc.pid).children()
         assert len(children) == 1  # the supervised child does the serving
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        rest = proc.stderr.read()
+        yield proc, line.split(" on ")[1].split()[0], children[0]
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _stop(proc) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    return rc, proc.stderr.read()
+
+
+def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
+    with _supervised_server(tmp_path) as (proc, _, child):
+        time.sleep(0.5)
+        rc, rest = _stop(proc)
     assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
-    assert not children[0].is_running()
+    assert not child.is_running()
 
 
 def test_a_stopped_and_continued_supervisor_keeps_serving(tmp_path):
     """Ctrl-Z then fg (SIGSTOP/SIGCONT; a profiler attaching does the same) for longer than the supervisor's
     wait: CPython then hands back an unset siginfo, which must not be taken for a signal to forward."""
-    import psutil
-
-    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
-    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
-                             "-np", "1", "-c", "256"], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()
-        assert "on http://" in line, line
-        url = line.split(" on ")[1].split()[0]
-        child = psutil.Process(proc.pid).children()[0]
+    with _supervised_server(tmp_path) as (proc, url, child):
         for _ in range(2):
             proc.send_signal(signal.SIGSTOP)
             time.sleep(1.6)  # past the supervisor's 1 s wait
@@ -245,12 +249,7 @@ def test_a_stopped_and_continued_supervisor_keeps_serving(tmp_path):
             time.sleep(0.5)
         assert proc.poll() is None and child.is_running()
         assert httpx.get(url + "/models", timeout=30).status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        rest = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        rc, rest = _stop(proc)
     assert rc in (0, 128 + signal.SIGTERM) and "Traceback" not in rest, rest[-2000:]
 
 

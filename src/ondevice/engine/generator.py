@@ -7,9 +7,10 @@ carrying the next token of every decoding slot (with its speculative drafts) and
 slots still prefilling (chunked prefill: a long prompt never stalls running streams), then samples and returns
 the step's events. With ``prefill_batch`` set, a step starts no further new prompt once it holds that many prompt
 tokens: a burst of short prompts then gets its first tokens a few prompts per step, in arrival order, rather than
-all at once after the whole burst's prefill (on a CPU a prompt token costs about the same in a batch of one
-prompt as of eight, so batching prompts only makes the first ones wait for the last). ``Model.stream`` is a batch of one; the server's batcher is a thread that calls
-``insert``/``step``/``remove`` and forwards the events to asyncio.
+all at once after the whole burst's prefill (on a CPU a prompt costs 0-15% less per prompt in a batch of eight
+than alone, so batching prompts mostly makes the first ones wait for the last). ``Model.stream`` is a batch of
+one; the server's batcher is a thread that calls ``insert``/``step``/``remove`` and forwards the events to
+asyncio.
 
 LoRA adapters (engine/adapters.py): llama.cpp applies one adapter set to a whole ``llama_decode``, so a step
 runs one decode per adapter set among its requests (each set's decoding tokens and prompt chunks, then that

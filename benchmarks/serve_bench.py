@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             if parts:
                 print(f"  {me}, {n:2d} streams: " + ", ".join(parts))
     print("\nTTFT p50 per round, ms (round 1 is the first burst of that size: with the same prompt, a server's "
-          "slots that never held it prefill it then; llama-server's slots keep their own prompt, ondevice's share it)")
+          "slots that never held it prefill it then; llama-server's slots keep their own prompt, ondevice's share it; "
+          "later, ondevice samples the first token from the logits it saved for that prompt, llama-server computes "
+          "the prompt's last token again)")
     for n in streams:
         for name, rows in rounds.items():
             if n in rows:

@@ -80,8 +80,11 @@ def test_prefix_reuse_same_slot_and_copied_from_another(eng):
     a = _run(gen, [_req(eng, long + "Question one:")])
     r_again = _req(eng, long + "Question one:")
     again = _run(gen, [r_again])[id(r_again)]
-    assert again[0].cached_tokens == len(r_again.tokens) - 1  # all but the last token reused
-    assert _same_or_near_tie(next(iter(a.values())), again)
+    assert again[0].cached_tokens == len(r_again.tokens)  # the whole prompt, and the logits that followed it
+    assert [g.token for g in again] == [g.token for g in next(iter(a.values()))]
+    r_other = _req(eng, long + "Question zero:")  # the same preamble only: its last tokens are computed
+    other = _run(gen, [r_other])[id(r_other)]
+    assert len(eng.tokenize(long + "Question ")) - 2 <= other[0].cached_tokens < len(r_other.tokens)
     # a request still running in one slot lends its KV to a new request in an idle slot (a copy)
     r1 = _req(eng, long + "Question two: why?", max_tokens=30)
     r2 = _req(eng, long + "Question three: how?", max_tokens=4)
@@ -213,3 +216,67 @@ def test_prefill_batch_gives_a_burst_its_first_tokens_in_arrival_order(eng):
     assert staggered == [1, 2, 3]
     for a, b in zip(spread, plain):
         _same_or_near_tie(a, b)  # a batch of one vs three: equal up to a near-tie (see the helper)
+
+
+def _first_step(gen: BatchGenerator, req: Request) -> tuple[int, Generation]:
+    """Insert ``req``, step until its first token; that step's decoded tokens and the record."""
+    gen.insert(req)
+    while True:
+        evs = [ev for r, ev in gen.step() if r is req and isinstance(ev, Generation)]
+        if evs:
+            return gen.last_batch, evs[0]
+
+
+def _finish(gen: BatchGenerator, req: Request, first: Generation) -> list[Generation]:
+    out = [first]
+    while any(s.req is req for s in gen.slots):
+        out += [ev for r, ev in gen.step() if r is req and isinstance(ev, Generation)]
+    return out
+
+
+@pytest.mark.parametrize("sampling", [dict(temp=0), dict(temp=0.9, seed=11)], ids=["greedy", "sampled"])
+def test_the_same_prompt_again_takes_its_first_token_from_saved_logits(eng, sampling):
+    """A prompt a slot already holds, with the logits that followed it, needs no decode for its first token;
+    the output is the one computing the prompt gives (the same seed: the same tokens)."""
+    eng.reset()
+    gen = BatchGenerator(eng, seqs=[0])
+    prompt = "Write one sentence about the sea."
+    n_first, a0 = _first_step(gen, r1 := _req(eng, prompt, max_tokens=12, **sampling))
+    a = _finish(gen, r1, a0)
+    assert n_first == len(r1.tokens) and a0.cached_tokens == 0
+    n_again, b0 = _first_step(gen, r2 := _req(eng, prompt, max_tokens=12, **sampling))
+    b = _finish(gen, r2, b0)
+    assert n_again == 0 and b0.cached_tokens == len(r2.tokens)  # no decode before the first token
+    assert [g.token for g in b] == [g.token for g in a]
+    # echo logprobs need every prompt position's logits: computed again, never from the saved row
+    r3 = Request(tokens=r1.tokens, sampling=Sampling(temp=0, max_tokens=2), prompt_logprobs=1)
+    n_echo, c0 = _first_step(gen, r3)
+    assert n_echo == len(r3.tokens) and c0.cached_tokens == 0
+    _finish(gen, r3, c0)
+
+
+def test_saved_logits_are_lent_with_the_kv_and_dropped_with_it(eng):
+    eng.reset()
+    gen = BatchGenerator(eng, seqs=[0, 1])
+    prompt = "List three fruits:"
+    ra = _req(eng, prompt, max_tokens=20)
+    n_a, a0 = _first_step(gen, ra)  # ra keeps its slot, decoding
+    rb = _req(eng, prompt, max_tokens=6)
+    n = gen.insert(rb)  # the other slot is empty: ra's slot lends its KV and its saved logits
+    assert n == len(rb.tokens)
+    b = [ev for r, ev in gen.step() if r is rb and isinstance(ev, Generation)]
+    assert b[0].cached_tokens == len(rb.tokens) and b[0].token == a0.token
+    a = _finish(gen, ra, a0)
+    b = _finish(gen, rb, b[0])
+    assert _same_or_near_tie(a[:len(b)], b)
+    # a request that saves no logits (echo) cuts the slot's KV: the logits saved for the old prompt go with it
+    gen = BatchGenerator(eng, seqs=[0])
+    eng.reset()
+    n_p, p0 = _first_step(gen, rp := _req(eng, prompt, max_tokens=2))
+    _finish(gen, rp, p0)
+    echo = Request(tokens=eng.tokenize("A different text entirely."), sampling=Sampling(temp=0, max_tokens=1),
+                   prompt_logprobs=1)
+    _finish(gen, echo, _first_step(gen, echo)[1])
+    assert gen.slots[0].saved is None
+    n_again, again = _first_step(gen, _req(eng, prompt, max_tokens=1))
+    assert n_again == n_p and again.token == p0.token  # computed again, not sampled from stale logits

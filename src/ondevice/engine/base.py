@@ -98,7 +98,7 @@ class Engine(Protocol):
     def decode(self, token: int, seq: int = 0) -> None:
         """Append one token to ``seq`` and compute its logits."""
 
-    def logits(self, i: int = -1) -> np.ndarray:
+    def logits(self, i: int | np.ndarray = -1) -> np.ndarray:
         """Raw logits ``(n_vocab,)`` of batch item ``i`` of the last decode (a copy)."""
 
     def all_logits(self) -> np.ndarray:
@@ -110,8 +110,9 @@ class Engine(Protocol):
     # -- sampling
     def make_sampler(self, sampling: Sampling) -> SamplerLike: ...
 
-    def sample(self, sampler: SamplerLike, i: int = -1) -> int:
-        """Sample from batch item ``i``'s logits and accept the token; < 0 when a grammar admits none."""
+    def sample(self, sampler: SamplerLike, i: int | np.ndarray = -1) -> int:
+        """Sample from batch item ``i``'s logits (or a saved logits row) and accept the token; < 0 when a grammar
+        admits none."""
 
     # -- the KV cache
     def n_past(self, seq: int = 0) -> int: ...

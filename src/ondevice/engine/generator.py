@@ -12,6 +12,11 @@ than alone, so batching prompts mostly makes the first ones wait for the last). 
 one; the server's batcher is a thread that calls ``insert``/``step``/``remove`` and forwards the events to
 asyncio.
 
+A slot also keeps the logits that followed its last prompt (one row, a copy). A request whose whole prompt a
+slot holds with those logits (the same prompt again: a regenerate, a retry, ``n`` choices sent as separate
+requests, a benchmark's repeated prompt) samples its first token from them, with no decode at all; otherwise the
+prompt's last token is always computed again, as llama-server does, for its logits.
+
 LoRA adapters (engine/adapters.py): llama.cpp applies one adapter set to a whole ``llama_decode``, so a step
 runs one decode per adapter set among its requests (each set's decoding tokens and prompt chunks, then that
 decode's sampling); requests of different adapters are all in flight at once, and a decode holds exactly the
@@ -80,6 +85,8 @@ class Slot:
         self.req: Request | None = None
         self.last_used = 0.0
         self.ads: tuple[str, ...] = ()  # the adapter set ``cached`` was computed under (and its request's)
+        self.saved: np.ndarray | None = None  # logits after the first ``len(saved_for)`` cached tokens (a copy)
+        self.saved_for: list[int] = []  # the prompt those logits followed
 
     def start(self, req: Request, n_reuse: int) -> None:
         self.req = req
@@ -98,7 +105,8 @@ class Slot:
         self.accept = ACCEPT_PRIOR  # running estimate of the chance that the next draft token is accepted
         self.creep = PROBE_CREEP  # how fast that estimate recovers while drafting is off (backs off on misses)
         self.n_drafted = self.n_accepted = self.n_steps = 0
-        self.pending = req.from_logits  # sample first from the logits of the slot's last decode
+        # the first token comes from logits already computed: the last decode's (-1) or a saved row
+        self.pending: int | np.ndarray | None = -1 if req.from_logits else None
         self.lookup = PromptLookup(req.tokens) if req.sampling.draft == "lookup" else None
 
 
@@ -154,21 +162,31 @@ class BatchGenerator:
             elif n_past > len(s.cached):
                 s.cached = []
                 self.eng.truncate(0, s.seq)
+            if len(s.cached) < len(s.saved_for):
+                s.saved, s.saved_for = None, []
         free = [s for s in self.slots if s.req is None]
         # KV computed under another adapter set is no prefix of this request's
-        scored = [(min(common_prefix(s.cached, toks), cap) if s.ads == ads else 0, s) for s in self.slots]
+        hit_ok = not req.from_logits and req.prompt_logprobs is None
+        # a slot holding the whole prompt with the logits that followed it (saved_for) computes nothing
+        scored = [(0 if s.ads != ads else len(toks) if hit_ok and s.saved_for == toks
+                   else min(common_prefix(s.cached, toks), cap), s) for s in self.slots]
         n, dst = max(((n, s) for n, s in scored if s.req is None), key=lambda x: (x[0], -x[1].last_used))
         n_src, src = max(scored, key=lambda x: x[0])
         if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
             self.eng.copy_seq(src.seq, dst.seq)  # a buffer copy, far cheaper than recomputing
             dst.cached = list(src.cached)
+            dst.saved, dst.saved_for = src.saved, src.saved_for  # read-only, shared
             n = n_src
         self.eng.truncate(n, dst.seq)
         del dst.cached[n:]
+        if len(dst.cached) < len(dst.saved_for):
+            dst.saved, dst.saved_for = None, []
         if req.sampler is None:
             req.sampler = self.eng.make_sampler(req.sampling)
         dst.ads = ads
         dst.start(req, n)
+        if hit_ok and n == len(toks):
+            dst.pending = dst.saved
         return n
 
     def _adapter_set(self, req: Request) -> tuple[str, ...]:
@@ -200,17 +218,21 @@ class BatchGenerator:
     def reset(self) -> None:
         """Forget every slot's cached tokens (after the engine's KV was cleared)."""
         for s in self.slots:
-            s.cached = []
+            s.cached, s.saved, s.saved_for = [], None, []
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """One ``llama_decode`` per adapter set in use (one, without adapters) over its active slots, each
-        followed by its sampling; the events of this step."""
+        followed by its sampling; the events of this step. A step that finds requests whose first token's
+        logits are already computed (saved, or the last decode's) only samples those first tokens."""
         out: list[Event] = []
         for s in self.slots:  # requests that sample straight from logits already computed
-            if s.req is not None and s.pending:
-                s.pending = False
-                self._first(s, -1, out)
+            if s.req is not None and s.pending is not None:
+                row, s.pending = s.pending, None
+                self._first(s, row, out)
+        if out:  # those first tokens go out now, not after a decode of the other slots (the next step's)
+            self.last_batch = 0
+            return out
         active = [s for s in self.slots if s.req is not None]
         groups: dict[tuple[str, ...], list[Slot]] = {}  # adapter set -> its slots; sets by earliest arrival
         for s in sorted(active, key=lambda s: s.req.t_arrival):
@@ -288,6 +310,8 @@ class BatchGenerator:
             if last:
                 s.row = start + n - 1
                 ready.append(s)
+                if req.prompt_logprobs is None and not req.from_logits:
+                    s.saved, s.saved_for = self.eng.logits(s.row), list(req.tokens)
         for s in decoding:
             self._sample_run(s, s.row, out)
         for s in ready:
@@ -415,7 +439,7 @@ class BatchGenerator:
             close()
         s.req, s.next_tok, s.drafts, s.last_used = None, None, [], time.perf_counter()
         if clear:  # the KV of a failed step is unknown: forget it
-            s.cached = []
+            s.cached, s.saved, s.saved_for = [], None, []
         self.eng.truncate(len(s.cached), s.seq)  # drafts decoded past the end are not part of the cache
 
     # -- speculative drafts ------------------------------------------------------------------------------

@@ -395,11 +395,14 @@ class LlamaEngine(Engine):
         self._n_rows = 1
         self._n_past[seq] = pos + 1
 
-    def logits(self, i: int = -1) -> np.ndarray:
+    def logits(self, i: int | np.ndarray = -1) -> np.ndarray:
         return self._row(i).copy()
 
-    def _row(self, i: int) -> np.ndarray:
-        """Logits row ``i`` of the last decode as a view into llama.cpp's buffer (valid until the next decode)."""
+    def _row(self, i: int | np.ndarray) -> np.ndarray:
+        """Logits row ``i`` of the last decode as a view into llama.cpp's buffer (valid until the next decode);
+        a saved row (an array) is itself."""
+        if isinstance(i, np.ndarray):
+            return i
         addr = self._logits_ith(self.ctx, i)
         if not addr:
             raise IndexError(f"no logits for row {i}")
@@ -457,9 +460,10 @@ class LlamaEngine(Engine):
     def make_sampler(self, sampling: Sampling) -> Sampler:
         return Sampler(self, sampling)
 
-    def sample(self, sampler: object, i: int = -1) -> int:
-        """The next token from logits row ``i`` (accepted by ``sampler``), or :data:`NO_TOKEN` when a grammar
-        admits no further token: the caller must then end the generation with finish_reason "stop"."""
+    def sample(self, sampler: object, i: int | np.ndarray = -1) -> int:
+        """The next token from logits row ``i`` of the last decode or a saved row (accepted by ``sampler``), or
+        :data:`NO_TOKEN` when a grammar admits no further token: the caller must then end the generation with
+        finish_reason "stop"."""
         assert isinstance(sampler, Sampler)
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
@@ -473,6 +477,8 @@ class LlamaEngine(Engine):
             return int(masked.argmax())
         if sampler.grammar is not None:
             return sampler.sample_checked(self._row(i))
+        if isinstance(i, np.ndarray):
+            return sampler.sample_row(i)
         return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token
 
     def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:

@@ -29,6 +29,7 @@ class Sampler:
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
         # the grammar sampler, kept OUT of the chain: see sample_checked (freed by close)
         self.grammar = None
+        self._cand: np.ndarray | None = None  # (n_vocab,) llama_token_data, made by _apply when first needed
         self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias  # argmax, then the grammar check
         if s.grammar:
             g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
@@ -36,8 +37,6 @@ class Sampler:
                 self.close()  # frees the chain once (and __del__ will not again)
                 raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
             self.grammar = g
-            self._ids = np.arange(engine.n_vocab, dtype=np.int32)
-            self._cand = np.zeros(engine.n_vocab, dtype=_TOKEN_DATA)  # (n_vocab,) llama_token_data
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
         biases = dict(s.logit_bias)
         for t, _ in s.logit_bias:
@@ -97,6 +96,15 @@ class Sampler:
         ll.llama_sampler_accept(self.ptr, tok)
         return tok
 
+    def sample_row(self, row: np.ndarray) -> int:
+        """Sample from a logits row held outside llama.cpp (a saved row) and accept the token, as
+        ``llama_sampler_sample`` does for a row of the last decode; :data:`NO_TOKEN` when every token is banned."""
+        tok = self._apply(row, grammar=False)
+        if tok < 0:
+            return NO_TOKEN
+        self.ll.llama_sampler_accept(self.ptr, tok)
+        return tok
+
     def _apply(self, row: np.ndarray, grammar: bool) -> int:
         """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none.
 
@@ -105,6 +113,9 @@ class Sampler:
         tokens, which ``ignore_eos`` bans, so the generation must end rather than go on with a banned token.
         """
         ll, cand = self.ll, self._cand
+        if cand is None:
+            cand = self._cand = np.zeros(len(row), dtype=_TOKEN_DATA)
+            self._ids = np.arange(len(row), dtype=np.int32)
         cand["id"] = self._ids
         cand["logit"] = row
         cand["p"] = 0.0

@@ -234,7 +234,7 @@ def _finish(gen: BatchGenerator, req: Request, first: Generation) -> list[Genera
     return out
 
 
-@pytest.mark.parametrize("sampling", [dict(temp=0), dict(temp=0.9, seed=11)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [{"temp": 0}, {"temp": 0.9, "seed": 11}], ids=["greedy", "sampled"])
 def test_the_same_prompt_again_takes_its_first_token_from_saved_logits(eng, sampling):
     """A prompt a slot already holds, with the logits that followed it, needs no decode for its first token;
     the output is the one computing the prompt gives (the same seed: the same tokens)."""
@@ -260,7 +260,7 @@ def test_saved_logits_are_lent_with_the_kv_and_dropped_with_it(eng):
     gen = BatchGenerator(eng, seqs=[0, 1])
     prompt = "List three fruits:"
     ra = _req(eng, prompt, max_tokens=20)
-    n_a, a0 = _first_step(gen, ra)  # ra keeps its slot, decoding
+    _, a0 = _first_step(gen, ra)  # ra keeps its slot, decoding
     rb = _req(eng, prompt, max_tokens=6)
     n = gen.insert(rb)  # the other slot is empty: ra's slot lends its KV and its saved logits
     assert n == len(rb.tokens)

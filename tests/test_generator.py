@@ -280,3 +280,35 @@ def test_saved_logits_are_lent_with_the_kv_and_dropped_with_it(eng):
     assert gen.slots[0].saved is None
     n_again, again = _first_step(gen, _req(eng, prompt, max_tokens=1))
     assert n_again == n_p and again.token == p0.token  # computed again, not sampled from stale logits
+
+
+def test_the_same_prompt_admitted_together_is_computed_once(eng):
+    """n choices of one prompt: one slot computes it, the others wait and copy its KV and logits."""
+    eng.reset()
+    gen = BatchGenerator(eng)
+    prompt = "Name a colour of the rainbow and say why you like it."
+    reqs = [_req(eng, prompt, max_tokens=8, ignore_eos=True) for _ in range(3)]
+    for r in reqs:
+        gen.insert(r)
+    first = {id(r): ev for r, ev in gen.step() if isinstance(ev, Generation)}
+    assert gen.last_batch == len(reqs[0].tokens)  # the prompt once, not three times
+    assert len(first) == 3 and {g.token for g in first.values()} == {first[id(reqs[0])].token}
+    assert sorted(g.cached_tokens for g in first.values()) == [0, len(reqs[0].tokens), len(reqs[0].tokens)]
+    outs = [[first[id(r)]] for r in reqs]
+    while gen.busy:
+        for r, ev in gen.step():
+            outs[reqs.index(r)].append(ev)
+    assert [len(o) for o in outs] == [8, 8, 8]
+    assert all(_same_or_near_tie(outs[0], o) for o in outs[1:])
+    # the slot computing the prompt is cancelled before its decode: the others compute it themselves
+    eng.reset()
+    gen.reset()
+    reqs = [_req(eng, prompt, max_tokens=4, ignore_eos=True) for _ in range(2)]
+    for r in reqs:
+        gen.insert(r)
+    gen.remove(reqs[0])
+    evs = []
+    for _ in range(10):  # bounded: a request left waiting for a slot that is gone would never finish
+        evs += [ev for r, ev in gen.step() if r is reqs[1] and isinstance(ev, Generation)]
+    assert len(evs) == 4 and evs[0].cached_tokens == 0
+    assert _same_or_near_tie(outs[0][:4], evs)

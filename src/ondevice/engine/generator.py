@@ -15,7 +15,9 @@ asyncio.
 A slot also keeps the logits that followed its last prompt (one row, a copy). A request whose whole prompt a
 slot holds with those logits (the same prompt again: a regenerate, a retry, ``n`` choices sent as separate
 requests, a benchmark's repeated prompt) samples its first token from them, with no decode at all; otherwise the
-prompt's last token is always computed again, as llama-server does, for its logits.
+prompt's last token is always computed again, as llama-server does, for its logits. A request whose very prompt
+another slot is computing (``n`` choices, a burst of one prompt) waits for it and then takes a copy of its KV
+and those logits, rather than computing the same prompt again beside it.
 
 LoRA adapters (engine/adapters.py): llama.cpp applies one adapter set to a whole ``llama_decode``, so a step
 runs one decode per adapter set among its requests (each set's decoding tokens and prompt chunks, then that
@@ -87,6 +89,7 @@ class Slot:
         self.ads: tuple[str, ...] = ()  # the adapter set ``cached`` was computed under (and its request's)
         self.saved: np.ndarray | None = None  # logits after the first ``len(saved_for)`` cached tokens (a copy)
         self.saved_for: list[int] = []  # the prompt those logits followed
+        self.follow: Slot | None = None  # a slot computing this request's very prompt: copy it when it is in
 
     def start(self, req: Request, n_reuse: int) -> None:
         self.req = req
@@ -166,7 +169,7 @@ class BatchGenerator:
                 s.saved, s.saved_for = None, []
         free = [s for s in self.slots if s.req is None]
         # KV computed under another adapter set is no prefix of this request's
-        hit_ok = not req.from_logits and req.prompt_logprobs is None
+        hit_ok = _saves(req)
         # a slot holding the whole prompt with the logits that followed it (saved_for) computes nothing
         scored = [(0 if s.ads != ads else len(toks) if hit_ok and s.saved_for == toks
                    else min(common_prefix(s.cached, toks), cap), s) for s in self.slots]
@@ -177,6 +180,10 @@ class BatchGenerator:
             dst.cached = list(src.cached)
             dst.saved, dst.saved_for = src.saved, src.saved_for  # read-only, shared
             n = n_src
+        # the same prompt is being computed in another slot (a burst of it, or n choices): wait for it, then copy
+        lead = next((s for s in self.slots if s.req is not None and s.follow is None and s.ads == ads
+                     and s.req.tokens == toks and s.prompt_i < len(toks) and _saves(s.req)),
+                    None) if hit_ok and n < len(toks) - COPY_MIN_GAIN else None
         self.eng.truncate(n, dst.seq)
         del dst.cached[n:]
         if len(dst.cached) < len(dst.saved_for):
@@ -185,6 +192,7 @@ class BatchGenerator:
             req.sampler = self.eng.make_sampler(req.sampling)
         dst.ads = ads
         dst.start(req, n)
+        dst.follow = lead
         if hit_ok and n == len(toks):
             dst.pending = dst.saved
         return n
@@ -266,7 +274,7 @@ class BatchGenerator:
         budget = min(budget, self.n_batch - len(items))
         used = 0
         chunks = []
-        for s in sorted((s for s in slots if s.next_tok is None and s.prompt_i < len(s.req.tokens)),
+        for s in sorted((s for s in slots if s.next_tok is None and s.follow is None and s.prompt_i < len(s.req.tokens)),
                         key=lambda s: s.req.t_arrival):
             if budget - used <= 0:
                 break
@@ -297,7 +305,7 @@ class BatchGenerator:
             s.cached.append(s.next_tok)
             s.next_tok = None
         rows = logits = None
-        ready = []
+        ready, followers = [], []
         for s, start, n, last in chunks:
             req = s.req
             if req.prompt_logprobs is not None:
@@ -310,12 +318,21 @@ class BatchGenerator:
             if last:
                 s.row = start + n - 1
                 ready.append(s)
-                if req.prompt_logprobs is None and not req.from_logits:
+                if _saves(req):
                     s.saved, s.saved_for = self.eng.logits(s.row), list(req.tokens)
+                    for f in self.slots:  # requests waiting for this very prompt: its KV, and these logits
+                        if f.follow is s:
+                            self.eng.copy_seq(s.seq, f.seq)
+                            f.cached, f.saved, f.saved_for = list(s.cached), s.saved, s.saved_for
+                            f.follow, f.n_cached = None, len(f.cached)
+                            f.prompt_i = f.n_cached
+                            followers.append((f, s.row))
         for s in decoding:
             self._sample_run(s, s.row, out)
         for s in ready:
             self._first(s, s.row, out)
+        for f, row in followers:
+            self._first(f, row, out)
         return used
 
     def stream(self, req: Request) -> Iterator[Generation]:
@@ -437,7 +454,10 @@ class BatchGenerator:
         close = getattr(req.sampler, "close", None)
         if close:
             close()
-        s.req, s.next_tok, s.drafts, s.last_used = None, None, [], time.perf_counter()
+        s.req, s.next_tok, s.drafts, s.last_used, s.follow = None, None, [], time.perf_counter(), None
+        for f in self.slots:  # requests that waited for this prompt compute it themselves
+            if f.follow is s:
+                f.follow = None
         if clear:  # the KV of a failed step is unknown: forget it
             s.cached, s.saved, s.saved_for = [], None, []
         self.eng.truncate(len(s.cached), s.seq)  # drafts decoded past the end are not part of the cache
@@ -495,6 +515,11 @@ class BatchGenerator:
         seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
         s.accept += 0.3 * (seen - s.accept)
         s.creep = PROBE_CREEP if n_acc else s.creep / 2  # consecutive misses: probe ever more rarely
+
+
+def _saves(req: Request) -> bool:
+    """Whether the logits after ``req``'s prompt are kept for the same prompt again (and it may take kept ones)."""
+    return not req.from_logits and req.prompt_logprobs is None
 
 
 def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -136,7 +136,9 @@ async def prefix_ttft(srv: Server, reps: int = 3) -> tuple[float, float]:
     """Median TTFT with a fresh ~600-token system prompt (cold) vs the same one again (warm)."""
     system = " ".join(f"Rule {i}: answer politely and cite the store policy number {i}." for i in range(50))
     cold, warm = [], []
-    async with httpx.AsyncClient(timeout=600) as client:
+    # a new connection per request: llama-server sometimes closes a kept-alive one as the next request goes out
+    # ("Server disconnected without sending a response"), which once cost a whole run its figures
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         for i in range(reps):
             tag = uuid.uuid4().hex[:8]
             prompt = f"[{tag}] {system}\nQuestion {i}: what are your hours?\nAnswer:"
@@ -247,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {srv.name:17s} n={n:2d} round {rnd + 1}: {r['tok_s']:7.1f} tok/s", file=sys.stderr,
                           flush=True)
         for srv in running:
-            prefix[srv.name] = asyncio.run(prefix_ttft(srv))
+            try:
+                prefix[srv.name] = asyncio.run(prefix_ttft(srv))
+            except Exception as e:  # noqa: BLE001 — one peer failing must not lose the others' figures
+                print(f"{srv.name}: prefix cache test: {e}", file=sys.stderr)
     rounds, results = results, {name: {n: merge(runs) for n, runs in rows.items()} for name, rows in results.items()}
     kernel = (batched_bench(bb, model, args.threads, sorted({1, 8, 16} | set(streams)), args.tokens, km.server_flag)
               if bb else {})

@@ -63,3 +63,24 @@ def test_parallel_greedy_equals_sequential(srv, client):
     assert exact >= 1
     tokens = sum(r.usage.completion_tokens for r in parallel)
     assert steps < tokens  # several streams shared each llama_decode
+
+
+def _metric(srv, name: str) -> float:
+    for line in httpx.get(srv.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def test_one_prompt_is_computed_once_for_n_choices_and_not_again(srv, client):
+    """``n`` choices of one prompt share one prefill (the others copy its KV); the same prompt again is not
+    computed at all: its first token comes from the logits saved after it."""
+    prompt = "Notes for the shop: " + " ".join(f"shelf {i} holds {i * 3} boxes of tea;" for i in range(12))
+    c0 = _metric(srv, "ondevice_prompt_tokens_cached_total")
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=4, n=3, temperature=0.9, seed=5)
+    assert len(r.choices) == 3 and all(ch.text for ch in r.choices)
+    n_prompt = r.usage.prompt_tokens
+    assert _metric(srv, "ondevice_prompt_tokens_cached_total") - c0 >= 2 * n_prompt  # two copied the first's
+    again = client.completions.create(model="smol", prompt=prompt, max_tokens=2, temperature=0)
+    tm = again.model_extra["timings"]
+    assert tm["prompt_n"] == 0 and tm["cache_n"] == n_prompt == again.usage.prompt_tokens

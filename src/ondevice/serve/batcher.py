@@ -140,13 +140,12 @@ class Batcher:
                         fut.set_exception(e)
             for job in admit:
                 try:
-                    n = gen.insert(job)
+                    gen.insert(job)
                 except Exception as e:  # noqa: BLE001 — a bad request fails alone
                     self._fail(job, e)
                     continue
                 with self.metrics.lock:
                     self.metrics.prompt_tokens += len(job.tokens)
-                    self.metrics.cached_tokens += n
             self._expire()
             try:
                 events = gen.step()
@@ -186,7 +185,11 @@ class Batcher:
                 m.batch_tokens.observe(self.gen.last_batch)
             for job, ev in events:
                 if isinstance(ev, Generation):
-                    (m.ttft.observe(now - job.t_arrival) if not job.t_prev else m.itl.observe(now - job.t_prev))
+                    if not job.t_prev:  # the first record: the prompt is in (reused KV known only now for a
+                        m.ttft.observe(now - job.t_arrival)  # request that waited for another slot's prompt)
+                        m.cached_tokens += ev.cached_tokens
+                    else:
+                        m.itl.observe(now - job.t_prev)
                     job.t_prev = now
                     m.generation_tokens += ev.token >= 0 and ev.token not in self.eos
         for job, ev in events:

@@ -221,7 +221,7 @@ def test_generator_runs_adapters_together_as_each_runs_alone(tmp_path, smol_path
         mixed = run([req(())], late=[req(("a",)), req(("b",))])
         assert mixed == alone
         # every slot now holds the prompt under its own set: a request reuses only its own set's KV
-        assert gen.insert(req(("b",))) == len(toks) - 1
+        assert gen.insert(req(("b",))) == len(toks)  # the whole prompt, with the logits saved under that set
         assert gen.insert(req(("a", "b"))) == 0
         with pytest.raises(InvalidArgument, match="no adapter named 'c'"):
             gen.insert(req(("c",)))

@@ -2,7 +2,7 @@
 
 A request with ``n`` > 1 should compute its prompt once: the other choices wait for that slot and copy its KV
 and the logits after it (ondevice's generator; llama-server's ``n_cmpl`` children do the same). Each round
-sends a fresh prompt (a random tag, then ~450 tokens of shop notes, so no cache helps), non-streamed,
+sends a fresh prompt (a random tag, then shop notes: ~600 tokens in all, so no cache helps), non-streamed,
 ``max_tokens`` tokens per choice at temperature 0.9, to each server in turn (order alternating), for n=1 and
 n=``--n``. Printed: the median wall time per server and n, and ondevice / llama-server per round (median
 [min, max]); n=K / n=1 shows what the extra choices cost (about K times the prompt if it were computed per
@@ -67,7 +67,7 @@ def main() -> int:
             for srv in servers if rnd % 2 == 0 else servers[::-1]:
                 for n in (1, a.n):
                     walls.setdefault((srv.name, n), []).append(once(srv, n, a.tokens))
-    print(f"\nmodel {Path(model).name}, {a.threads} threads, a fresh ~450-token prompt per request, "
+    print(f"\nmodel {Path(model).name}, {a.threads} threads, a fresh ~600-token prompt per request, "
           f"{a.tokens} tokens per choice, {a.rounds} rounds")
     for n in (1, a.n):
         od, ls = walls[("ondevice", n)], walls[("llama-server", n)]

@@ -176,9 +176,7 @@ class BatchGenerator:
         n, dst = max(((n, s) for n, s in scored if s.req is None), key=lambda x: (x[0], -x[1].last_used))
         n_src, src = max(scored, key=lambda x: x[0])
         if src is not dst and n_src >= n + COPY_MIN_GAIN and free:
-            self.eng.copy_seq(src.seq, dst.seq)  # a buffer copy, far cheaper than recomputing
-            dst.cached = list(src.cached)
-            dst.saved, dst.saved_for = src.saved, src.saved_for  # read-only, shared
+            self._lend(src, dst)
             n = n_src
         # the same prompt is being computed in another slot (a burst of it, or n choices): wait for it, then copy
         lead = next((s for s in self.slots if s.req is not None and s.follow is None and s.ads == ads
@@ -196,6 +194,11 @@ class BatchGenerator:
         if hit_ok and n == len(toks):
             dst.pending = dst.saved
         return n
+
+    def _lend(self, src: Slot, dst: Slot) -> None:
+        """Give ``dst`` a copy of ``src``'s KV, with its cached tokens and saved logits (read-only, shared)."""
+        self.eng.copy_seq(src.seq, dst.seq)  # a buffer copy, far cheaper than recomputing
+        dst.cached, dst.saved, dst.saved_for = list(src.cached), src.saved, src.saved_for
 
     def _adapter_set(self, req: Request) -> tuple[str, ...]:
         """The adapter set ``req`` runs under (checked: an unknown name fails this request only)."""
@@ -322,8 +325,7 @@ class BatchGenerator:
                     s.saved, s.saved_for = self.eng.logits(s.row), list(req.tokens)
                     for f in self.slots:  # requests waiting for this very prompt: its KV, and these logits
                         if f.follow is s:
-                            self.eng.copy_seq(s.seq, f.seq)
-                            f.cached, f.saved, f.saved_for = list(s.cached), s.saved, s.saved_for
+                            self._lend(s, f)
                             f.follow, f.n_cached = None, len(f.cached)
                             f.prompt_i = f.n_cached
                             followers.append((f, s.row))

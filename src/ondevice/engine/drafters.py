@@ -1,19 +1,27 @@
-"""Where speculative drafts come from: prompt lookup (Saxena 2023) and a smaller draft model.
+"""Speculative drafts: where they come from (prompt lookup, Saxena 2023; a smaller draft model) and how many pay.
 
-The generator (engine/generator.py) decides how many tokens to draft and verifies them; these only propose.
-Both are deterministic (an n-gram continuation, a draft model's argmax), which is what makes the generator's
-"sample from the target, accept if equal" the exact rejection rule.
+The generator (engine/generator.py) verifies drafts; these propose them. Both proposers are deterministic (an
+n-gram continuation, a draft model's argmax), which is what makes the generator's "sample from the target,
+accept if equal" the exact rejection rule. How many tokens to draft is weighed here (:class:`Acceptance`,
+:class:`StepCosts`): verifying k more tokens costs ``cost(base + k) - cost(base)`` (measured on this machine,
+under its current load) and yields, in expectation, 1 + a + a^2 + ... + a^k tokens for the one of a plain step
+(``a``: the request's measured per-token acceptance). The k with the best tokens per second is drafted, and
+none when no k beats plain decoding: drafts that keep missing turn themselves off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .base import Engine
 
 NGRAMS = (3, 2)  # prompt lookup: the longest suffix n-gram with an earlier occurrence gives the draft
+ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
+# drafting off: the acceptance estimate creeps back up this much per step (the text may start to repeat);
+# a probe that misses entirely halves the creep, an accepted token resets it
+PROBE_CREEP = 0.02
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -85,3 +93,63 @@ class ModelDrafter:
             eng.decode_batch([(tok, len(cached), seq, True)])
             cached.append(tok)
         return out
+
+
+class StepCosts:
+    """What a ``llama_decode`` of n items (n <= 64) costs here, now: a running mean per n, interpolated between
+    the sizes seen, and (unmeasured) a prior that lets drafting be tried (decode is memory-bound: a few more
+    rows cost little) until measurements say."""
+
+    MAX_ITEMS = 64
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}
+
+    def observe(self, n: int, seconds: float) -> None:
+        if n <= self.MAX_ITEMS:
+            c = self.seen.get(n)
+            self.seen[n] = seconds if c is None else c + 0.2 * (seconds - c)
+
+    def __call__(self, n: int) -> float:
+        c = self.seen
+        if n in c:
+            return c[n]
+        lo = max((m for m in c if m < n), default=None)
+        hi = min((m for m in c if m > n), default=None)
+        if lo is not None and hi is not None:
+            return c[lo] + (c[hi] - c[lo]) * (n - lo) / (hi - lo)
+        if lo is not None:
+            one = c.get(1, c[lo] / (1 + 0.1 * (lo - 1)))
+            return max(c[lo], one * (1 + 0.1 * (n - 1)))
+        return (c[hi] if hi is not None else 1.0) * (1 + 0.1 * (n - 1)) / (1 + 0.1 * ((hi or 1) - 1))
+
+
+class Acceptance:
+    """One request's running estimate of the chance that its next draft token is accepted, and the draft
+    length it makes worth verifying."""
+
+    def __init__(self) -> None:
+        self.rate = ACCEPT_PRIOR
+        self.creep = PROBE_CREEP  # how fast the estimate recovers while drafting is off (backs off on misses)
+
+    def length(self, base: int, k_max: int, cost: Callable[[int], float]) -> int:
+        """How many tokens to draft into a step that already holds ``base`` items: the k (at most ``k_max``)
+        with the best expected tokens per second, 0 when none beats plain decoding."""
+        a = self.rate
+        best, k, gain = 1.02 / cost(base), 0, 1.0
+        for j in range(1, k_max + 1):
+            if a ** j < 0.01:  # later tokens add under 1% each: no longer draft can pay (and this runs every step)
+                break
+            gain += a ** j
+            rate = gain / cost(base + j)
+            if rate > best:
+                best, k = rate, j
+        if k == 0:
+            self.rate = min(ACCEPT_PRIOR, a + self.creep)  # look again now and then: the text may start to repeat
+        return k
+
+    def update(self, n_draft: int, n_acc: int) -> None:
+        """A verification: ``n_acc`` accepted, then (unless all were) one rejected."""
+        seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
+        self.rate += 0.3 * (seen - self.rate)
+        self.creep = PROBE_CREEP if n_acc else self.creep / 2  # consecutive misses: probe ever more rarely

@@ -45,16 +45,12 @@ import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument
 from .base import Engine, SamplerLike
-from .drafters import ModelDrafter, PromptLookup, common_prefix
+from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
 from .records import Generation, Sampling
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
-ACCEPT_PRIOR = 0.6  # per-token acceptance a new request's drafts start from (then measured per request)
-# drafting off: the acceptance estimate creeps back up this much per step (the text may start to repeat);
-# a probe that misses entirely halves the creep, an accepted token resets it
-PROBE_CREEP = 0.02
 
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
 # or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
@@ -91,6 +87,15 @@ class Slot:
         self.saved_for: list[int] = []  # the prompt those logits followed
         self.follow: Slot | None = None  # a slot computing this request's very prompt: copy it when it is in
 
+    def cut(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens, and the saved logits only while their whole prompt is kept."""
+        del self.cached[n:]
+        if n < len(self.saved_for):
+            self.saved, self.saved_for = None, []
+
+    def forget(self) -> None:
+        self.cached, self.saved, self.saved_for = [], None, []
+
     def start(self, req: Request, n_reuse: int) -> None:
         self.req = req
         self.n_cached = n_reuse
@@ -105,8 +110,7 @@ class Slot:
         self.t_last = 0.0
         # speculative decoding
         self.drafts: list[int] = []
-        self.accept = ACCEPT_PRIOR  # running estimate of the chance that the next draft token is accepted
-        self.creep = PROBE_CREEP  # how fast that estimate recovers while drafting is off (backs off on misses)
+        self.acc = Acceptance()
         self.n_drafted = self.n_accepted = self.n_steps = 0
         # the first token comes from logits already computed: the last decode's (-1) or a saved row
         self.pending: int | np.ndarray | None = -1 if req.from_logits else None
@@ -132,7 +136,7 @@ class BatchGenerator:
         self.drafter = ModelDrafter(draft_engine, [s.seq for s in self.slots]) if draft_engine else None
         self.adapters = getattr(engine, "adapters", None)  # engine/adapters.py (None: an engine without LoRA)
         self.last_batch = 0  # tokens in the last step's llama_decode(s)
-        self.step_cost: dict[int, float] = {}  # running mean seconds of a llama_decode of n items (n <= 64)
+        self.step_cost = StepCosts()  # what a llama_decode of n items costs here, now (drafts are weighed by it)
 
     # -- slots ----------------------------------------------------------------------------------------
     @property
@@ -161,12 +165,10 @@ class BatchGenerator:
         for s in self.slots:  # someone else moved the engine's KV (truncate, reset): trust only what is left
             n_past = self.eng.n_past(s.seq)
             if n_past < len(s.cached):
-                del s.cached[n_past:]
+                s.cut(n_past)
             elif n_past > len(s.cached):
-                s.cached = []
+                s.forget()
                 self.eng.truncate(0, s.seq)
-            if len(s.cached) < len(s.saved_for):
-                s.saved, s.saved_for = None, []
         free = [s for s in self.slots if s.req is None]
         # KV computed under another adapter set is no prefix of this request's
         hit_ok = _saves(req)
@@ -183,9 +185,7 @@ class BatchGenerator:
                      and s.req.tokens == toks and s.prompt_i < len(toks) and _saves(s.req)),
                     None) if hit_ok and n < len(toks) - COPY_MIN_GAIN else None
         self.eng.truncate(n, dst.seq)
-        del dst.cached[n:]
-        if len(dst.cached) < len(dst.saved_for):
-            dst.saved, dst.saved_for = None, []
+        dst.cut(n)
         if req.sampler is None:
             req.sampler = self.eng.make_sampler(req.sampling)
         dst.ads = ads
@@ -229,7 +229,7 @@ class BatchGenerator:
     def reset(self) -> None:
         """Forget every slot's cached tokens (after the engine's KV was cleared)."""
         for s in self.slots:
-            s.cached, s.saved, s.saved_for = [], None, []
+            s.forget()
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -301,9 +301,7 @@ class BatchGenerator:
         self.last_batch += len(items)
         t0 = time.perf_counter()
         self.eng.decode_batch(items)
-        if len(items) <= 64:  # what a step of this size costs here, now (drafts are weighed against it)
-            dt, c = time.perf_counter() - t0, self.step_cost.get(len(items))
-            self.step_cost[len(items)] = dt if c is None else c + 0.2 * (dt - c)
+        self.step_cost.observe(len(items), time.perf_counter() - t0)
         for s in decoding:
             s.cached.append(s.next_tok)
             s.next_tok = None
@@ -376,7 +374,7 @@ class BatchGenerator:
             s.next_tok = tok
             break
         if drafts:
-            self._adapt(s, len(drafts), n_acc)
+            s.acc.update(len(drafts), n_acc)
             self.eng.truncate(len(s.cached), s.seq)  # the KV of rejected drafts
         s.drafts = []
 
@@ -461,34 +459,19 @@ class BatchGenerator:
             if f.follow is s:
                 f.follow = None
         if clear:  # the KV of a failed step is unknown: forget it
-            s.cached, s.saved, s.saved_for = [], None, []
+            s.forget()
         self.eng.truncate(len(s.cached), s.seq)  # drafts decoded past the end are not part of the cache
 
     # -- speculative drafts ------------------------------------------------------------------------------
     def _draft(self, s: Slot, base: int, room: int) -> list[int]:
-        """Tokens to verify after ``s.next_tok`` in a step that already holds ``base`` items: as many as pay.
-
-        Verifying k more tokens costs ``step_cost(base + k) - step_cost(base)`` (measured on this machine, under
-        its current load) and yields, in expectation, 1 + a + a^2 + ... + a^k tokens for the one of a plain
-        step (``a``: this request's measured per-token acceptance). Draft the k with the best tokens per
-        second, and none when no k beats plain decoding: drafts that keep missing turn themselves off.
-        """
+        """Tokens to verify after ``s.next_tok`` in a step that already holds ``base`` items: as many as pay
+        (drafters.Acceptance), never past the slot's context, the request's max_tokens or the batch."""
         sampling = s.req.sampling
         if not sampling.draft:
             return []
-        # never past the slot's context, the request's max_tokens or the batch
         k_max = min(sampling.draft_max, self.slot_ctx - len(s.cached) - 2, sampling.max_tokens - s.n_gen - 1, room)
-        a = s.accept
-        best, k, gain = 1.02 / self._cost(base), 0, 1.0
-        for j in range(1, k_max + 1):
-            if a ** j < 0.01:  # later tokens add under 1% each: no longer draft can pay (and this runs every step)
-                break
-            gain += a ** j
-            rate = gain / self._cost(base + j)
-            if rate > best:
-                best, k = rate, j
+        k = s.acc.length(base, k_max, self._cost)
         if k == 0:
-            s.accept = min(ACCEPT_PRIOR, a + s.creep)  # look again now and then: the text may start to repeat
             return []
         if s.lookup is not None:
             return s.lookup.draft(k)
@@ -497,26 +480,8 @@ class BatchGenerator:
         return self.drafter.draft(s.seq, s.cached + [s.next_tok], k)
 
     def _cost(self, n: int) -> float:
-        """Seconds of a llama_decode of ``n`` items: measured, interpolated, or (unmeasured) a prior that lets
-        drafting be tried (decode is memory-bound: a few more rows cost little) until measurements say."""
-        c = self.step_cost
-        if n in c:
-            return c[n]
-        lo = max((m for m in c if m < n), default=None)
-        hi = min((m for m in c if m > n), default=None)
-        if lo is not None and hi is not None:
-            return c[lo] + (c[hi] - c[lo]) * (n - lo) / (hi - lo)
-        if lo is not None:
-            one = c.get(1, c[lo] / (1 + 0.1 * (lo - 1)))
-            return max(c[lo], one * (1 + 0.1 * (n - 1)))
-        return (c[hi] if hi is not None else 1.0) * (1 + 0.1 * (n - 1)) / (1 + 0.1 * ((hi or 1) - 1))
-
-    def _adapt(self, s: Slot, n_draft: int, n_acc: int) -> None:
-        """Update the request's per-token acceptance from a verification: n_acc accepted, then (unless all
-        were) one rejected."""
-        seen = 1.0 if n_acc == n_draft else n_acc / (n_acc + 1)
-        s.accept += 0.3 * (seen - s.accept)
-        s.creep = PROBE_CREEP if n_acc else s.creep / 2  # consecutive misses: probe ever more rarely
+        """Seconds of a llama_decode of ``n`` items here, now (a method, so a test can fix the curve)."""
+        return self.step_cost(n)
 
 
 def _saves(req: Request) -> bool:

@@ -18,10 +18,17 @@ the mean ± sd over random dev/test splits of the same items, fitted on dev and 
    empty KV cache), how many item scores a numerically trivial change moves, and the curve on those.
 7. ``--margins``: token features the generator does not record (top-1/top-2 margin, top-10 entropy, first
    4 tokens), computed by teacher-forcing the cached answers, added to the text features (paired).
+8. ``--self-consistency K``: does the device agree with itself? K more answers sampled at ``--sc-temp``
+   (cached in ``--sc-file``), and how much of the greedy answer they repeat (exact, and bigram F1), added to
+   the text features (paired). Costs K device answers per request if adopted.
+9. ``--spelling``: does the answer still hold words no English word list knows (``pyspellchecker``, MIT;
+   ``pip install pyspellchecker``)? The share of the message's unknown words the answer keeps, and the
+   share of the answer's words that are new and unknown, added to the text features (paired).
 
     python benchmarks/cascade_diagnose.py --max-tokens 48 --resplits 60
     python benchmarks/cascade_diagnose.py --max-tokens 48 --resplits 60 --margins \\
         --retest /tmp/ondevice-cascade-retest.jsonl --make-retest       # + the retest and section 7 (minutes)
+    python benchmarks/cascade_diagnose.py --max-tokens 48 --resplits 60 --self-consistency 2 --spelling
 """
 
 from __future__ import annotations
@@ -182,6 +189,70 @@ def margins(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def samples(args, rows: list[dict]) -> dict[str, list[str]]:
+    """``--self-consistency K`` sampled device answers per item (seeds 1000..), made once into ``--sc-file``."""
+    import json
+
+    import ondevice
+
+    path = Path(args.sc_file)
+    key = {"k": args.self_consistency, "temp": args.sc_temp, "max_tokens": args.max_tokens}
+    have: dict[str, list[str]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            e = json.loads(line)
+            if e.get("key") == key:
+                have[e["id"]] = e["samples"]
+    todo = [it for it in cascade_bench.load_items(None) if it.id not in have and it.id in {r["id"] for r in rows}]
+    if todo:
+        m = ondevice.load(None, n_threads=2)
+        try:
+            with path.open("a", encoding="utf-8") as f:
+                for it in todo:
+                    prompt = it.input if isinstance(it.input, str) else it.messages()
+                    have[it.id] = [m.generate(prompt, temp=args.sc_temp, max_tokens=args.max_tokens, seed=1000 + k).text
+                                   for k in range(args.self_consistency)]
+                    f.write(json.dumps({"id": it.id, "key": key, "samples": have[it.id]}) + "\n")
+        finally:
+            m.close()
+    return have
+
+
+def _bigram_f1(a: str, b: str) -> float:
+    from ondevice.cascade.confidence import _bigrams, _words
+
+    x, y = _bigrams(_words(a)), _bigrams(_words(b))
+    p = sum(g in set(y) for g in x) / len(x) if x else 0.0
+    r = sum(g in set(x) for g in y) / len(y) if y else 0.0
+    return 2 * p * r / (p + r) if p + r else float(x == y)
+
+
+def agreement(rows: list[dict], got: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    from ondevice.cascade.confidence import _words
+
+    return {r["id"]: {"sc_exact": float(np.mean([_words(s) == _words(r["device_text"]) for s in got[r["id"]]])),
+                      "sc_f1": float(np.mean([_bigram_f1(r["device_text"], s) for s in got[r["id"]]]))}
+            for r in rows}
+
+
+def spelling(rows: list[dict]) -> dict[str, dict[str, float]]:
+    from spellchecker import SpellChecker
+
+    from ondevice.cascade.confidence import _LABEL, _words
+
+    known = SpellChecker().word_frequency.dictionary
+    out = {}
+    for r in rows:
+        paras = [p for p in r["request"].strip().split("\n\n") if p.strip()]
+        sw = _words(_LABEL.sub("", paras[-1].strip()) if len(paras) > 1 else r["request"])
+        ow = _words(r["device_text"])
+        unknown = {w for w in sw if w.isalpha() and w not in known}
+        out[r["id"]] = {"kept_unknown": sum(w in set(ow) for w in unknown) / len(unknown) if unknown else 0.0,
+                        "new_unknown": sum(w.isalpha() and w not in known and w not in set(sw) for w in ow)
+                        / len(ow) if ow else 0.0}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="/tmp/ondevice-cascade-bench-answers.jsonl", help="cascade_bench's cache")
@@ -192,6 +263,11 @@ def main() -> None:
     ap.add_argument("--cloud-model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--resplits", type=int, default=60)
     ap.add_argument("--margins", action="store_true", help="section 7 (loads the device model, a few minutes)")
+    ap.add_argument("--self-consistency", type=int, default=0, metavar="K", help="section 8: K sampled answers "
+                                                                                 "per item (made once, minutes)")
+    ap.add_argument("--sc-temp", type=float, default=0.7)
+    ap.add_argument("--sc-file", default="/tmp/ondevice-cascade-samples.jsonl")
+    ap.add_argument("--spelling", action="store_true", help="section 9 (needs pyspellchecker)")
     args = ap.parse_args()
     if args.make_retest:
         if not args.retest:
@@ -282,6 +358,24 @@ def main() -> None:
         for name, more in (("+ margins", ["mean_margin", "min_margin", "tied_share"]),
                            ("+ first 4 tokens", ["first4_margin", "first4_top10_entropy"]),
                            ("+ top-10 entropy", ["top10_entropy"])):
+            m = logistic(list(TEXT_FEATURES) + more, merged)
+            print(line(name, over_splits(rows, m, n)))
+            print(paired(name, rows, m, default, n))
+
+    for flag, title, extra_of, groups in (
+            (args.self_consistency, (f"8. self-consistency: {args.self_consistency} answers sampled at temp "
+                                     f"{args.sc_temp}, agreement with the greedy answer"), lambda: agreement(rows, samples(args, rows)),
+             (("+ exact agreement", ["sc_exact"]), ("+ bigram F1 agreement", ["sc_f1"]),
+              ("+ both", ["sc_exact", "sc_f1"]))),
+            (args.spelling, "9. unknown words (pyspellchecker's English list) kept from the message or added",
+             lambda: spelling(rows), (("+ kept unknown", ["kept_unknown"]),
+                                      ("+ kept and new unknown", ["kept_unknown", "new_unknown"])))):
+        if not flag:
+            continue
+        print(f"\n== {title}, added to the text features")
+        extra = extra_of()
+        merged = {i: feats[i] | extra[i] for i in feats}
+        for name, more in groups:
             m = logistic(list(TEXT_FEATURES) + more, merged)
             print(line(name, over_splits(rows, m, n)))
             print(paired(name, rows, m, default, n))

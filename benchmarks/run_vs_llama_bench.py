@@ -11,7 +11,8 @@ Both use the same extra CPU kernels (``peers.kernel_match``: ondevice's choice w
 can express it, else none on both sides) and llama.cpp's defaults otherwise (mmap, flash attention "auto"). To spread machine drift evenly the
 two alternate in ``--rounds`` short rounds; printed: mean ± std over all samples, their ratio, and the
 median of the per-round (paired) ratios, which a host whose speed drifts over minutes distorts least; the
-order within a round alternates.
+order within a round alternates. Last, the share of ondevice's prompt and decode time spent outside
+``llama_decode`` (its Python per step), measured in this process: a figure the host's drift hardly moves.
 
     python benchmarks/run_vs_llama_bench.py [-m MODEL] [-t 2] [-r 2] [--rounds 10] [--bare]
 """
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import ensure_tool, kernel_match  # noqa: E402
+from peers import ensure_tool, kernel_match
 
 REPACK = 1  # llama-bench --repack, set by main() from kernel_match
 
@@ -98,6 +99,40 @@ def bare_decode(model: Path, threads: int, reps: int, prompt: str) -> list[float
     return out
 
 
+def python_tax(model: Path, threads: int, reps: int, prompt: str) -> dict[str, float]:
+    """The share of ``Model.stream``'s prompt time and decode time spent outside ``llama_decode`` (tokenizing
+    excluded), in this process: what ondevice adds on top of libllama. Both sides of the share come from the
+    same steps, so a host whose speed drifts hardly moves it, unlike a ratio of two programs' tok/s."""
+    import time
+
+    import ondevice
+
+    m = ondevice.load(str(model), n_threads=threads)
+    eng, spent = m.engine, []
+    decode = eng.decode_batch
+
+    def timed(items):
+        t0 = time.perf_counter()
+        decode(items)
+        spent.append((len(items), time.perf_counter() - t0))
+
+    eng.decode_batch = timed
+    pp, tg = [], []
+    for _ in range(reps):
+        m.reset()
+        spent.clear()
+        first = last = None
+        for g in m.stream(prompt, chat_template=False, temp=0, max_tokens=128, ignore_eos=True):
+            first, last = first or g, g
+        prompt_dec = sum(d for n, d in spent if n > 1)
+        # generation_tps spans the 127 one-token decodes after the first token, each with its sampling
+        gen_dec = sum(d for n, d in spent if n == 1)
+        pp.append(1 - prompt_dec / first.prompt_time)
+        tg.append(1 - gen_dec / ((last.generation_tokens - 1) / last.generation_tps))
+    m.close()
+    return {"pp": statistics.median(pp), "tg": statistics.median(tg)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None)
@@ -142,6 +177,9 @@ def main() -> int:
         pr = paired[key]
         print(f"{name:11} {pm:>10.1f} ± {ps:<5.1f} {om:>10.1f} ± {os_:<5.1f} {om / pm:>7.3f} "
               f"{statistics.median(pr):>14.3f} [{min(pr):.3f}, {max(pr):.3f}]")
+    tax = python_tax(model, a.threads, 3, prompt)
+    print(f"time outside llama_decode in ondevice's own steps (this process, median of 3): prompt "
+          f"{tax['pp']:.2%}, decode {tax['tg']:.2%}")
     if bare:
         print(f"bare llama_decode loop in this process / llama-bench tg: median {statistics.median(bare):.3f} "
               f"[{min(bare):.3f}, {max(bare):.3f}] (no sampling, no records)")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 # [server] and [test] extras: `make test` installs them, so a missing one is a failure, not a skip
-import fastapi  # noqa: E402, F401
-import httpx  # noqa: E402
-import openai  # noqa: E402
-import uvicorn  # noqa: E402, F401
+import fastapi  # noqa: F401
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn  # noqa: F401
 
 from ondevice.engine.base import EngineConfig
 from ondevice.engine.llama import LlamaEngine
@@ -333,8 +333,52 @@ def test_n_choices(client):
     cmp = client.completions.create(model="m", prompt=["One, two,", "A, B,"], max_tokens=4, temperature=0, n=2)
     assert [c.index for c in cmp.choices] == [0, 1, 2, 3]
     assert cmp.choices[0].text == cmp.choices[1].text and cmp.choices[2].text == cmp.choices[3].text
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        list(_chat(client, "Hi", max_tokens=2, n=2, stream=True))
+
+
+def _slots_busy(srv) -> float:
+    line = next(ln for ln in httpx.get(srv.base_url + "/metrics").text.splitlines() if ln.startswith("ondevice_slots_busy"))
+    return float(line.split()[-1])
+
+
+def test_n_choices_stream_as_openai_numbers_them(srv, client):
+    """stream with n > 1 (and several prompts): each chunk's choice index tells them apart, each choice is the
+    text of the same choice without streaming, the usage chunk counts them all; a client that leaves mid-stream
+    frees every choice's slot."""
+    kw = {"max_tokens": 10, "n": 3, "temperature": 1.0, "seed": 11}
+    whole = _chat(client, "Name an animal.", **kw)
+    texts, finish, usage, roles = {}, {}, None, []
+    for c in _chat(client, "Name an animal.", stream=True, stream_options={"include_usage": True}, **kw):
+        if c.usage is not None:
+            usage = c.usage
+        for ch in c.choices:
+            if ch.delta.role:
+                roles.append(ch.index)
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert sorted(roles) == [0, 1, 2]
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert [finish[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+    prompts = ["One, two,", "A, B,"]
+    flat = client.completions.create(model="m", prompt=prompts, max_tokens=6, n=2, temperature=0.9, seed=5)
+    got: dict[int, str] = {}
+    for c in client.completions.create(model="m", prompt=prompts, max_tokens=6, n=2, temperature=0.9, seed=5,
+                                       stream=True):
+        for ch in c.choices:
+            got[ch.index] = got.get(ch.index, "") + ch.text
+    assert [got[i] for i in range(4)] == [c.text for c in flat.choices]
+
+    stream = _chat(client, "Tell me a long story about a dragon.", max_tokens=300, n=4, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 8:
+            break
+    stream.close()  # the client leaves: all four choices stop and their slots come free
+    for _ in range(100):
+        if _slots_busy(srv) == 0:
+            break
+        time.sleep(0.1)
+    assert _slots_busy(srv) == 0
 
 
 # -- logprobs -------------------------------------------------------------------------------------------
@@ -428,15 +472,15 @@ def test_presserialised_token_event_equals_the_model_serialisation():
     import json as _json
 
     from ondevice.serve import schemas as S
-    from ondevice.serve.app import _sse, _text_sse
+    from ondevice.serve.chunks import sse, text_sse
 
     def make(t):
         return S.ChatCompletionChunk(id="c1", created=1, model="m",
                                      choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))])
 
-    fast = _text_sse(make)
+    fast = text_sse(make)
     for text in ["", "plain", 'quote " and \\ backslash', "new\nline\ttab", "é中文🙂", "\x00\x1f"]:
-        a, b = fast(text), _sse(make(text))
+        a, b = fast(text), sse(make(text))
         assert a.startswith(b"data: ") and a.endswith(b"\n\n")
         assert _json.loads(a[6:]) == _json.loads(b[6:])
 

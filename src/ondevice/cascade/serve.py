@@ -128,7 +128,7 @@ class ServerCascade:
     # -- streaming ----------------------------------------------------------------------------------------
     async def stream(self, runner, job, req, request, messages: list[dict], include_usage: bool):
         """Buffer a prefix, decide, then stream the device's answer or relay the cloud's (see module doc)."""
-        from ..serve.app import _sse, _timings, _usage
+        from ..serve.chunks import sse, timings_of, usage_of
 
         st = self.state
         cid, created = S._id("chatcmpl"), int(time.time())
@@ -159,7 +159,7 @@ class ServerCascade:
 
         def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None) -> bytes:
             ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
-            return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
                                               timings=timings, cascade=cascade))
 
         def result_of(device_text: str, device_s: float, cloud=None, cloud_s=None) -> CascadeResult:
@@ -218,14 +218,14 @@ class ServerCascade:
                         if g.text:
                             yield chunk(S.ChatDelta(content=g.text))
                 info = dict(info0, device_ms=round(g_last.t * 1e3, 3))
-                yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=_timings(g_last), cascade=info)
+                yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=timings_of(g_last), cascade=info)
                 if include_usage:
-                    yield chunk(S.ChatDelta(), usage=_usage(g_last), choices=False)
+                    yield chunk(S.ChatDelta(), usage=usage_of(g_last), choices=False)
                 yield b"data: [DONE]\n\n"
             except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
                 from ..serve.http import error_payload
 
-                yield _sse(error_payload(e)[1])
+                yield sse(error_payload(e)[1])
             finally:
                 await events.aclose()
 

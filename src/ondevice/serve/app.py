@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -21,6 +20,7 @@ from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout
+from .chunks import lp_entry, sse, text_sse, timings_of, usage_of
 from .http import Guard, access_logger, error_payload, install_error_handlers, note
 from .state import ServerState, message_dicts
 
@@ -147,58 +147,11 @@ def _sampling(req, max_tokens: int, grammar: str | None = None,
     return Sampling(**kw)
 
 
-def _usage(*last: Generation, n: int = 1) -> S.Usage:
-    """Usage over the last records of one or more generations; with ``n`` choices per prompt (records in
-    prompt-major order) each prompt counts once, as OpenAI counts it."""
-    prompt = sum(g.prompt_tokens for g in last[::n])
-    completion = sum(g.generation_tokens for g in last)
-    cached = sum(g.cached_tokens for g in last[::n])
-    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
-
-
 def _choices(req, sampling: Sampling) -> list[Sampling]:
     """One Sampling per requested choice (``n``); with a seed, choice i samples with seed + i."""
-    if req.stream and req.n > 1:
-        raise InvalidArgument(f"n={req.n} with stream is not supported; stream with n=1, or drop stream")
     if req.seed is None:
         return [sampling] * req.n  # unseeded: each job draws its own random seed
     return [dataclasses.replace(sampling, seed=(req.seed + i) % 2**32) for i in range(req.n)]
-
-
-def _timings(g: Generation) -> S.Timings:
-    decode_s = g.t - g.ttft
-    return S.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
-                     prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
-                     predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3,
-                     draft_n=g.draft_tokens or None, draft_n_accepted=g.draft_accepted if g.draft_tokens else None)
-
-
-def _lp_entry(g: Generation) -> tuple:
-    """(token, logprob, top) of a record, as the legacy completions logprobs take them."""
-    return g.token, g.logprob, list(g.top_logprobs) if g.top_logprobs is not None else None
-
-
-def _sse(obj) -> bytes:
-    data = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
-    return f"data: {data}\n\n".encode()
-
-
-_MARK = "\u0000ondevice-text\u0000"
-
-
-def _text_sse(make) -> Callable[[str], bytes]:
-    """The per-token SSE event, serialised once: ``make(text)`` builds the chunk model for ``text``.
-
-    The hot path (one plain text delta per token) then costs a string join, not a pydantic model.
-    """
-    head, tail = _sse(make(_MARK)).decode().split(json.dumps(_MARK)[1:-1])
-    head, tail = head[:-1], tail[1:]  # drop the quotes around the mark
-
-    def event(text: str) -> bytes:
-        return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
-
-    return event
 
 
 class Runner:
@@ -249,6 +202,40 @@ class Runner:
             if not finished:
                 job.cancel()
 
+    async def indexed(self, jobs: list[Job], request: Request) -> AsyncIterator[tuple[int, Generation | tuple]]:
+        """Every job's events tagged with its index (its choice), in the order they come; a failure of one
+        ends them all. Streams of ``n`` choices (and of several prompts) interleave their choices this way."""
+        if len(jobs) == 1:  # the common stream: no task, no second queue
+            async for ev in self.events(jobs[0], request, poll_disconnect=False):
+                yield 0, ev
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job) -> None:
+            try:
+                async for ev in self.events(job, request, poll_disconnect=False):
+                    merged.put_nowait((i, ev))
+                merged.put_nowait((i, None))
+            except Exception as e:  # noqa: BLE001 — handed to the reader, which raises it
+                merged.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        try:
+            left = len(jobs)
+            while left:
+                i, ev = await merged.get()
+                if ev is None:
+                    left -= 1
+                elif isinstance(ev, Exception):
+                    raise ev
+                else:
+                    yield i, ev
+        finally:  # the client went away or one choice failed: stop the others and free their slots
+            for t in tasks:
+                t.cancel()
+            for job in jobs:
+                job.cancel()
+
     # -- chat ------------------------------------------------------------------------------------------
     async def chat(self, req: S.ChatCompletionRequest, request: Request):
         st = self.state
@@ -275,7 +262,7 @@ class Runner:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if cascade is not None:
                 return await cascade.stream(self, jobs[0], req, request, messages, include_usage)
-            return StreamingResponse(self._chat_stream(jobs[0], req, request, plan, include_usage),
+            return StreamingResponse(self._chat_stream(jobs, req, request, plan, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await self._gather(jobs, request)
         if results is None:  # client gone: nobody reads this
@@ -292,10 +279,10 @@ class Runner:
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
-        usage = _usage(*lasts, n=req.n)
+        usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
         resp = S.ChatCompletion(model=st.model_id, choices=choices, usage=usage,
-                                timings=_timings(lasts[0]) if len(lasts) == 1 else None)
+                                timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
         if st.cascade is not None:
             if cascade is None:
                 return st.cascade.not_applicable(resp)
@@ -332,46 +319,51 @@ class Runner:
                               top_logprobs=[S.TopLogprob(token=pieces[t], logprob=v, bytes=list(pieces[t].encode()))
                                             for t, v in g.top_logprobs or ()])
 
-    async def _chat_stream(self, job: Job, req, request: Request, plan, include_usage: bool):
+    async def _chat_stream(self, jobs: list[Job], req, request: Request, plan, include_usage: bool):
+        """SSE chunks of every choice (``index`` tells them apart), then the usage of all when asked for."""
         st = self.state
         cid, created = S._id("chatcmpl"), int(time.time())
 
-        def chunk(delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None):
-            ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
-            return _sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+        def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None):
+            ch = [S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
                                               timings=timings))
 
-        text_chunk = _text_sse(lambda t: S.ChatCompletionChunk(
-            id=cid, created=created, model=st.model_id, choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))]))
-
-        calls = structured.ToolStream(plan)  # a reply that may be tool calls is held until it is read
+        text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
+            id=cid, created=created, model=st.model_id,
+            choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
+        calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
+        lasts: list[Generation | None] = [None] * len(jobs)
         try:
-            yield chunk(S.ChatDelta(role="assistant", content=""))
-            async for g in self.events(job, request, poll_disconnect=False):
-                text, deltas = calls.feed(g.text)
+            for i in range(len(jobs)):
+                yield chunk(i, S.ChatDelta(role="assistant", content=""))
+            async for i, g in self.indexed(jobs, request):
+                text, deltas = calls[i].feed(g.text)
                 for d in deltas:
-                    yield chunk(S.ChatDelta(tool_calls=[d]))
+                    yield chunk(i, S.ChatDelta(tool_calls=[d]))
                 if text is not None:
                     if g.logprob is not None:
-                        yield chunk(S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
+                        yield chunk(i, S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
                     elif text:
-                        yield text_chunk(text)
+                        yield text_chunk[i](text)
                 if g.finish_reason:
-                    note(request, tokens=(g.prompt_tokens, g.generation_tokens))
+                    lasts[i] = g
                     finish = g.finish_reason
-                    were_calls, text = calls.finish()
+                    were_calls, text = calls[i].finish()
                     if were_calls:
                         finish = "tool_calls"
                     elif text:
-                        yield chunk(S.ChatDelta(content=text))
-                    yield chunk(S.ChatDelta(), finish=finish, timings=_timings(g))
-                    if include_usage:
-                        yield chunk(S.ChatDelta(), usage=_usage(g), choices=False)
+                        yield chunk(i, S.ChatDelta(content=text))
+                    yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g))
+            usage = usage_of(*lasts, n=req.n)
+            note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            if include_usage:
+                yield chunk(0, S.ChatDelta(), usage=usage, choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
             payload = error_payload(e)[1]
             note(request, error=payload["error"]["message"])
-            yield _sse(payload)
+            yield sse(payload)
 
     # -- completions -------------------------------------------------------------------------------------
     async def completions(self, req: S.CompletionRequest, request: Request):
@@ -382,8 +374,6 @@ class Runner:
         prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise InvalidArgument("prompt is empty; give a string, a list of strings or token ids")
-        if req.stream and len(prompts) > 1:
-            raise InvalidArgument("streaming takes one prompt; send one request per prompt (they run in parallel)")
         k = req.logprobs
         loop = asyncio.get_running_loop()
 
@@ -399,7 +389,8 @@ class Runner:
         jobs = await run_in_threadpool(prepare)
         self._submit(jobs)
         if req.stream:
-            return StreamingResponse(self._completion_stream(jobs[0], prompts[0], req, request),
+            return StreamingResponse(self._completion_stream(jobs, [x for x in prompts for _ in range(req.n)], req,
+                                                             request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await self._gather(jobs, request)
         if results is None:
@@ -412,15 +403,15 @@ class Runner:
             logprobs = None
             if k is not None:
                 base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
-                entries = (prompt_lp if req.echo else []) + [_lp_entry(g) for g in gen if g.token >= 0]
+                entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in gen if g.token >= 0]
                 logprobs, _ = self._completion_lp(entries, base)
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]
-        usage = _usage(*lasts, n=req.n)
+        usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
         return S.Completion(model=st.model_id, choices=choices, usage=usage,
-                            timings=_timings(lasts[0]) if len(lasts) == 1 else None)
+                            timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
 
     async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
         """Echo logprobs and the records of one job; None when the client went away."""
@@ -444,42 +435,48 @@ class Runner:
             offset += len(vb[tok].decode("utf-8", errors="replace"))
         return out, offset
 
-    async def _completion_stream(self, job: Job, prompt, req, request: Request):
+    async def _completion_stream(self, jobs: list[Job], prompts: list, req, request: Request):
+        """SSE chunks of every choice (``index``: prompt-major, as OpenAI numbers them; ``prompts``: each job's),
+        then the usage of all when asked for."""
         st = self.state
         cid, created = S._id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        source = prompt if isinstance(prompt, str) else st.detokenize(job.tokens)
-        prompt_text = source if req.echo else ""
-        offset = 0 if req.echo else len(source)
+        sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
+        offset = [0 if req.echo else len(x) for x in sources]  # logprobs text offsets, per choice
 
-        def chunk(text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
-            ch = [S.CompletionChoice(text=text, logprobs=lp, finish_reason=finish)] if choices else []
-            return _sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+        def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
+            ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
+            return sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
                                      timings=timings))
 
-        text_chunk = _text_sse(lambda t: S.Completion(id=cid, created=created, model=st.model_id,
-                                                      choices=[S.CompletionChoice(text=t)]))
-
+        text_chunk = [text_sse(lambda t, i=i: S.Completion(id=cid, created=created, model=st.model_id,
+                                                            choices=[S.CompletionChoice(index=i, text=t)]))
+                      for i in range(len(jobs))]
+        lasts: list[Generation | None] = [None] * len(jobs)
         try:
-            if prompt_text and not (req.echo and req.logprobs is not None):
-                yield chunk(prompt_text)
-            async for ev in self.events(job, request, poll_disconnect=False):
+            if req.echo and req.logprobs is None:  # with logprobs the echo comes as the prompt's entries
+                for i, x in enumerate(sources):
+                    if x:
+                        yield chunk(i, x)
+            async for i, ev in self.indexed(jobs, request):
                 if not isinstance(ev, Generation):  # echo logprobs of the prompt
-                    lp, offset = self._completion_lp(ev[1], offset)
-                    yield chunk(st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
+                    lp, offset[i] = self._completion_lp(ev[1], offset[i])
+                    yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
                     continue
                 if ev.logprob is not None:
-                    lp, offset = self._completion_lp([_lp_entry(ev)], offset)
-                    yield chunk(ev.text, lp=lp)
+                    lp, offset[i] = self._completion_lp([lp_entry(ev)], offset[i])
+                    yield chunk(i, ev.text, lp=lp)
                 elif ev.text:
-                    yield text_chunk(ev.text)
+                    yield text_chunk[i](ev.text)
                 if ev.finish_reason:
-                    note(request, tokens=(ev.prompt_tokens, ev.generation_tokens))
-                    yield chunk("", finish=ev.finish_reason, timings=_timings(ev))
-                    if include_usage:
-                        yield chunk("", usage=_usage(ev), choices=False)
+                    lasts[i] = ev
+                    yield chunk(i, "", finish=ev.finish_reason, timings=timings_of(ev))
+            usage = usage_of(*lasts, n=req.n)
+            note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            if include_usage:
+                yield chunk(0, "", usage=usage, choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
             payload = error_payload(e)[1]
             note(request, error=payload["error"]["message"])
-            yield _sse(payload)
+            yield sse(payload)

@@ -1,0 +1,54 @@
+"""What a client receives, shaped once: usage, llama-server style timings, legacy logprob entries, SSE events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from ..engine.records import Generation
+from . import schemas as S
+
+
+def usage_of(*last: Generation, n: int = 1) -> S.Usage:
+    """Usage over the last records of one or more generations; with ``n`` choices per prompt (records in
+    prompt-major order) each prompt counts once, as OpenAI counts it."""
+    prompt = sum(g.prompt_tokens for g in last[::n])
+    completion = sum(g.generation_tokens for g in last)
+    cached = sum(g.cached_tokens for g in last[::n])
+    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+
+
+def timings_of(g: Generation) -> S.Timings:
+    decode_s = g.t - g.ttft
+    return S.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
+                     prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
+                     predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3,
+                     draft_n=g.draft_tokens or None, draft_n_accepted=g.draft_accepted if g.draft_tokens else None)
+
+
+def lp_entry(g: Generation) -> tuple:
+    """(token, logprob, top) of a record, as the legacy completions logprobs take them."""
+    return g.token, g.logprob, list(g.top_logprobs) if g.top_logprobs is not None else None
+
+
+def sse(obj) -> bytes:
+    data = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n".encode()
+
+
+MARK = "\u0000ondevice-text\u0000"
+
+
+def text_sse(make) -> Callable[[str], bytes]:
+    """The per-token SSE event, serialised once: ``make(text)`` builds the chunk model for ``text``.
+
+    The hot path (one plain text delta per token) then costs a string join, not a pydantic model.
+    """
+    head, tail = sse(make(MARK)).decode().split(json.dumps(MARK)[1:-1])
+    head, tail = head[:-1], tail[1:]  # drop the quotes around the mark
+
+    def event(text: str) -> bytes:
+        return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
+
+    return event

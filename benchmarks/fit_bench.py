@@ -311,7 +311,8 @@ def _weights_sha(path: Path) -> str:
 
 def _predicted_vs_measured(first) -> None:
     print("## predicted vs measured (validated candidates of the first fit; tg/pp predicted at the base "
-          "variant's speed benched just before them, the speed table's own figure in brackets):")
+          "variant's speed benched just before them, the speed table's own figure in brackets; sd: the standard "
+          "deviation the difference has from the runs' spread, table, base now and candidate):")
     def order(vals: list[float]) -> list[int]:
         return sorted(range(len(vals)), key=vals.__getitem__)
 
@@ -322,9 +323,18 @@ def _predicted_vs_measured(first) -> None:
         print(f"   KLD rank order of the {len(meas)} candidates by {what}: {'right' if same else 'WRONG'}")
     for c in first.candidates:
         p, m = c.predicted, c.measured
-        print(f"   tg {p['tg']:.1f} [{p['tg_table']:.1f}] -> {m['tg']:.1f} ({m['tg'] / p['tg'] - 1:+.0%}); "
-              f"pp {p['pp']:.1f} [{p['pp_table']:.1f}] -> {m['pp']:.1f} ({m['pp'] / p['pp'] - 1:+.0%}); "
+        print(f"   tg {p['tg']:.1f} [{p['tg_table']:.1f}] -> {m['tg']:.1f} ({_off(p, m, 'tg')}); "
+              f"pp {p['pp']:.1f} [{p['pp_table']:.1f}] -> {m['pp']:.1f} ({_off(p, m, 'pp')}); "
               f"KLD(calib) {p['kld']:.4f} [sum {p['kld_additive']:.4f}] -> {m['kld_calib']:.4f}; {c.summary()}")
+
+
+def _off(p: dict, m: dict, kind: str) -> str:
+    """How far the measurement is from the prediction, and the standard deviation that difference has."""
+    off = f"{m[kind] / p[kind] - 1:+.0%}"
+    if p.get(f"{kind}_sd") is None or m.get(f"{kind}_sd") is None:
+        return off
+    sd = (p[f"{kind}_sd"] ** 2 + m[f"{kind}_sd"] ** 2) ** 0.5 / p[kind]
+    return f"{off}, sd {sd:.0%}"
 
 
 def _kld_models(ref, calib: Path) -> int:

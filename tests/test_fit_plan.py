@@ -171,3 +171,62 @@ def test_speeds_under_a_memory_cap_bench_each_file_in_its_own_process_per_round(
     assert all(c[1]["profile"] == ["threads=2,mem=2G"] for c in calls)
     assert (a["tg_runs"], b["tg_runs"]) == ([100.0, 60.0, 90.0], [50.0, 70.0, 55.0])
     assert a["tg"] > b["tg"]
+
+
+def test_paired_rse_is_the_spread_left_once_the_round_levels_are_out():
+    from ondevice.fit.measure import paired_rse
+
+    a, b = [8.0, 24.0, 4.0, 16.0], [4.0, 12.0, 2.0, 8.0]  # b moves with a in every round: nothing is left
+    assert paired_rse([a, b]) == [pytest.approx(0.0, abs=1e-12)] * 2
+    noisy = paired_rse([[8.0, 24.0, 4.0, 20.0], b])  # a's last run 25% high
+    assert noisy[0] > 0.02 and noisy[1] > 0.02  # the level it shifts moves b's residuals too
+    assert paired_rse([a[:2], b[:2]]) == [None, None]  # two rounds: no spread to speak of
+    assert paired_rse([a]) == [None] and paired_rse([a, []]) == [None, None]
+
+
+def test_prediction_spread_is_the_table_noise_carried_through_the_plan():
+    """Machines simulated with an exactly additive cost per weight and lognormal noise per run (on top of a
+    level per round): the standard deviation ``predict_at`` gives must match how far the predictions, and the
+    validation's measurements, really land from each other over many fits."""
+    import math
+
+    from ondevice.fit.measure import paired, paired_rse
+    from ondevice.fit.plan import make_table
+
+    qk = Group("attn_qk", (Matrix("blk.0.attn_q.weight", 576 * 576, 576),), compute=True)
+    down = Group("ffn_down", (Matrix("blk.0.ffn_down.weight", 1536 * 576 * 4, 1536),), compute=True)
+    lay = Layout((qk, down), (), 0)
+    opts = lay.options(("Q8_0", "Q5_0", "Q4_K"))
+    assert opts == {"attn_qk": ["Q8_0", "Q5_0"], "ffn_down": ["Q8_0", "Q5_0", "Q4_K"]}
+    per_weight = {"Q8_0": 4e-9, "Q5_0": 3e-9, "Q4_K": 2.5e-9}  # seconds per weight per token (truth)
+
+    def secs(plan):
+        return 1e-3 + sum(g.n * per_weight[plan.get(g.name, "Q8_0")] for g in lay.groups)
+
+    def bench(plans, rng, rounds=6, cv=0.05):
+        runs = [[] for _ in plans]
+        for _ in range(rounds):
+            level = rng.lognormal(0, 0.2)
+            for i, p in enumerate(plans):
+                runs[i].append(level / secs(p) * rng.lognormal(0, cv))
+        figs, rses = paired(runs), paired_rse(runs)
+        return [{"tg": f, "tg_rse": r, "pp": 1.0} for f, r in zip(figs, rses)]
+
+    plan = {"attn_qk": "Q5_0", "ffn_down": "Q4_K"}
+    kld = {("attn_qk", "Q5_0"): 0.01, ("ffn_down", "Q5_0"): 0.01, ("ffn_down", "Q4_K"): 0.01}
+    rng = np.random.default_rng(1)
+    z, rel_sd = [], []
+    for _ in range(300):
+        base, q5, q4k = bench([{}, {"attn_qk": "Q5_0", "ffn_down": "Q5_0"}, {"ffn_down": "Q4_K"}], rng)
+        table = make_table(lay, {**base, "pp": 1.0}, {"Q5_0": {**q5, "pp": 1.0}, "Q4_K": {**q4k, "pp": 1.0}}, 0.0,
+                           kld, opts=opts)
+        now, meas = bench([{}, plan], rng)
+        pred = table.predict_at(plan, now)
+        z.append((meas["tg"] - pred["tg"]) / math.hypot(pred["tg_sd"], meas["tg"] * meas["tg_rse"]))
+        rel_sd.append(pred["tg_sd"] / pred["tg"])
+        assert table.predict_at({}, now)["tg_sd"] == pytest.approx(now["tg"] * now["tg_rse"])  # the base alone
+    assert 0.03 < float(np.median(rel_sd)) < 0.08  # several 5% runs' worth of noise, not 0 and not all of it
+    assert 0.75 < float(np.std(z)) < 1.35  # the spread it states is the spread there is
+    assert np.mean(np.abs(z) < 2) > 0.85
+    gone = make_table(lay, {"tg": 50.0, "pp": 1.0}, {"Q5_0": {"tg": 55.0, "pp": 1.0}}, 0.0, kld, opts=opts)
+    assert gone.predict_at({"attn_qk": "Q5_0"}, {"tg": 50.0, "pp": 1.0, "tg_rse": 0.02})["tg_sd"] is None

@@ -309,6 +309,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     for c, it, r in zip(picks, items[1:], res[1:]):
         c.predicted.update(table.predict_at(c.plan, now))
         c.measured = {"size": it.keep.stat().st_size, "tg": r["speed"]["tg"], "pp": r["speed"]["pp"],
+                      **{f"{k}_sd": r["speed"][k] * r["speed"][f"{k}_rse"] if r["speed"].get(f"{k}_rse") else None
+                         for k in ("tg", "pp")},
                       "kld": r["kld"][1]["kld"], "kld_calib": r["kld"][0]["kld"],
                       "kld_err": r["kld"][1]["kld_err"], "noisy": r["speed"].get("noisy"),
                       "file": str(it.keep)}
@@ -323,16 +325,17 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         q_ref = {}
     say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
-        f"{base['speed']['tg']:.1f} tok/s in the table):")
+        f"{base['speed']['tg']:.1f} tok/s in the table; +- one standard deviation from the runs' spread):")
     w = max([len(c.summary()) for c in picks] + [len("reference") if q_ref else 0])
-    say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>8} {'tg meas':>8} {'KLD sum':>8} "
+    say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>11} {'tg meas':>11} {'KLD sum':>8} "
         f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}" + qual.header())
     for c in picks:
         p, m = c.predicted, c.measured
-        say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {p['tg']:8.1f} {m['tg']:8.1f} "
-            f"{p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} {m['kld']:9.4f}" + qual.cell(m))
+        say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {_pm(p['tg'], p.get('tg_sd')):>11} "
+            f"{_pm(m['tg'], m.get('tg_sd')):>11} {p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} "
+            f"{m['kld']:9.4f}" + qual.cell(m))
     if q_ref:
-        say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{8 * 4 + 3 + 9 * 3 + 3}}"
+        say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{8 * 2 + 11 * 2 + 3 + 9 * 3 + 3}}"
             + qual.cell(q_ref) + f"  ({reference.name}; {qual.describe()})")
     ok = [c for c in picks if not bud.violations(c.measured)]
     if not ok:
@@ -367,6 +370,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
                      secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel, tf.info,
                      profile=prof.to_dict() if prof.spec else None, quality={**qual.to_dict(), "reference": q_ref})
+
+
+def _pm(value: float, sd: float | None) -> str:
+    """``69.6+-2.9`` (tok/s and its standard deviation; the value alone when there is none)."""
+    return f"{value:.1f}" + (f"+-{sd:.1f}" if sd is not None else "")
 
 
 def _quality_note(qual: Quality, m: dict, ref: dict) -> str:

@@ -93,22 +93,49 @@ def score_of(records) -> dict:
     raise OndeviceError("the eval returned no suite record")
 
 
+def _rounds(runs: list[list[float]]) -> tuple[int, list[float], float]:
+    """Rounds all files ran (the shortest's), each round's level (geometric mean of its runs), their mean."""
+    import math
+    import statistics
+
+    n = min((len(r) for r in runs if r), default=0)
+    full = [r for r in runs if r]
+    levels = [math.exp(statistics.fmean(math.log(r[k]) for r in full)) for k in range(n)]
+    mean_level = math.exp(statistics.fmean(math.log(x) for x in levels)) if n else 0.0
+    return n, levels, mean_level
+
+
 def paired(runs: list[list[float]]) -> list[float]:
     """Each file's tok/s from runs measured in rounds (``runs[f][r]``: file f's run in round r, every file
     once per round), with the machine's drift taken out: a round's level (the geometric mean of its runs)
     divides each run, and a file's figure is the median of what is left, times the mean level. Files
     compared this way differ by what they are: a round that ran fast or slow moves every file alike. One
     file: its geometric mean. Rounds past the shortest file's are left out; a file with no runs gets None."""
+    import statistics
+
+    n, levels, mean_level = _rounds(runs)
+    if n == 0:
+        return [None] * len(runs)
+    return [mean_level * statistics.median(r[k] / levels[k] for k in range(n)) if r else None for r in runs]
+
+
+def paired_rse(runs: list[list[float]]) -> list[float | None]:
+    """The relative standard error of each :func:`paired` figure: the spread of the file's runs once each
+    round's level is divided out, as the standard error of their median (1.2533 s / sqrt(n)) over the
+    median. What is left after the levels are out is each run's own noise (and the machine's state
+    slowing some kernels more than others): it is what a second measurement of the same files would move
+    by. None with fewer than 3 rounds, or for a file alone (its level is itself)."""
     import math
     import statistics
 
-    n = min((len(r) for r in runs if r), default=0)
-    if n == 0:
+    n, levels, _ = _rounds(runs)
+    if n < 3 or sum(1 for r in runs if r) < 2:
         return [None] * len(runs)
-    full = [r for r in runs if r]
-    levels = [math.exp(statistics.fmean(math.log(r[k]) for r in full)) for k in range(n)]
-    mean_level = math.exp(statistics.fmean(math.log(x) for x in levels))
-    return [mean_level * statistics.median(r[k] / levels[k] for k in range(n)) if r else None for r in runs]
+    out: list[float | None] = []
+    for r in runs:
+        x = [r[k] / levels[k] for k in range(n)] if r else []
+        out.append(1.2533 * statistics.stdev(x) / statistics.median(x) / math.sqrt(n) if x else None)
+    return out
 
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -280,7 +307,8 @@ class Meter:
     def speeds(self, files: list[tuple[str, Path]]) -> list[dict]:
         """:meth:`speed` of several files, measured together: one bench process loads them all and runs each
         repetition round the files in turn (``ondevice bench --interleave``); per file the figure
-        :func:`paired` makes of the runs (``tg_runs``/``pp_runs``: every run). This machine's speed drifts
+        :func:`paired` makes of the runs (``tg_runs``/``pp_runs``: every run), and its relative standard
+        error (``tg_rse``/``pp_rse``: :func:`paired_rse`). This machine's speed drifts
         over seconds by far more than the files differ (SmolLM2 Q8_0, tg128: 100.6, 76.3, 78.1 tok/s in three
         processes, +-2 within each), and it is the moment, not the process: two copies of SmolLM2 in one
         process, 64-token generations alternated, moved together between 74 and 101 tok/s and their medians
@@ -322,10 +350,11 @@ class Meter:
         for kind in ("tg", "pp"):
             runs = {i: [v for r in recs[paths[i]] if str(r["test"]).startswith(kind)
                         for v in r.get("tps_samples") or []] for i in todo}
-            for i, fig in zip(todo, paired([runs[i] for i in todo])):
+            figs, rses = paired([runs[i] for i in todo]), paired_rse([runs[i] for i in todo])
+            for i, fig, rse in zip(todo, figs, rses):
                 if runs[i]:
                     std = statistics.stdev(runs[i]) if len(runs[i]) > 1 else res[i][f"{kind}_std"]
-                    res[i].update({kind: fig, f"{kind}_runs": runs[i], f"{kind}_std": std})
+                    res[i].update({kind: fig, f"{kind}_runs": runs[i], f"{kind}_std": std, f"{kind}_rse": rse})
         for i in todo:
             self.speed_cache.put(files[i][0], res[i])
             self.seen.add((self.speed_cache.section, files[i][0]))

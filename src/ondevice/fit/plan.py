@@ -10,6 +10,8 @@ Predictions are additive over groups, each term measured on this device (``measu
   group that T fits at T (OHQ's on-chip latency table, per type rather than per layer);
   validation benches the base variant again and puts the predictions at its speed of that moment
   (``Table.predict_at``): the table only knows times relative to the base, the load changes the rest;
+  with it a standard deviation (``Spread``): what the table's own measurement noise, and the base's now,
+  leave in the prediction (the runs' spread once each round's level is out, ``measure.paired_rse``);
 - KLD: ``kld(base) + sum_g d(g, T)``, ``d(g, T) = max(0, kld({g: T}) - kld(base))``: each group lowered alone,
   measured against the reference on the calibration text (sensitivity), optionally corrected per (group,
   type) by what earlier fits' validated plans measured (``interact``: the sum alone is ``kld_additive``).
@@ -40,6 +42,30 @@ class Option:
 
 
 @dataclass
+class Spread:
+    """The noise in one kind of time prediction (decode or prompt): per type T, the weights its variant
+    lowered, its seconds per token over the base's (``q``) and the relative standard errors of the figures.
+
+    A plan's time over the base's is ``1 + sum_T a_T (q_T - 1)``, ``a_T`` the share of T's weights the plan
+    lowers; with ``q_T`` measured as ``t_T / t_base``, its error is ``sum_T a_T q_T (e_T - e_base)``."""
+
+    base_rse: float | None
+    types: dict[str, tuple[int, float, float | None]]  # type -> (weights, q, rse)
+
+    def rel(self, lowered: dict[str, int]) -> float | None:
+        """Relative standard deviation of the plan's time over the base's (``lowered``: type -> the plan's
+        weights at it); None when a figure it needs has no error (fewer than 3 rounds)."""
+        terms = [(w / self.types[t][0], *self.types[t][1:]) for t, w in lowered.items() if w]
+        if not terms:
+            return 0.0
+        if self.base_rse is None or any(rse is None for *_, rse in terms):
+            return None
+        ratio = 1 + sum(a * (q - 1) for a, q, _ in terms)
+        var = sum((a * q * rse) ** 2 for a, q, rse in terms) + (self.base_rse * sum(a * q for a, q, _ in terms)) ** 2
+        return var ** 0.5 / ratio
+
+
+@dataclass
 class Table:
     """Everything the planner knows: per group, its options; the base variant's figures."""
 
@@ -48,6 +74,7 @@ class Table:
     base_dec: float  # seconds per decoded token of the all-base variant
     base_pp: float
     base_kld: float
+    spread: dict[str, Spread] = field(default_factory=dict)  # "tg"/"pp": the speed table's noise
 
     def predict(self, plan: dict[str, str]) -> dict:
         dec, pp, kld, add = self.base_dec, self.base_pp, self.base_kld, self.base_kld
@@ -62,10 +89,22 @@ class Table:
 
         The table's seconds per token were measured minutes earlier, under another load; a busy core
         stretches every kernel alike, so the plan's time relative to the base is what the table knows.
-        Returns ``tg``/``pp`` (scaled) and ``tg_table``/``pp_table`` (as the table had them)."""
+        Returns ``tg``/``pp`` (scaled), ``tg_sd``/``pp_sd`` (their standard deviation from the table's noise
+        and the base's now, ``tg_rse``/``pp_rse`` of ``base_now``; None where a figure has none) and
+        ``tg_table``/``pp_table`` (as the table had them)."""
         p = self.predict(plan)
-        return {"tg": p["tg"] * base_now["tg"] * self.base_dec, "pp": p["pp"] * base_now["pp"] * self.base_pp,
-                "tg_table": p["tg"], "pp_table": p["pp"]}
+        out = {"tg": p["tg"] * base_now["tg"] * self.base_dec, "pp": p["pp"] * base_now["pp"] * self.base_pp,
+               "tg_table": p["tg"], "pp_table": p["pp"]}
+        for kind in ("tg", "pp"):
+            lowered: dict[str, int] = {}
+            for g in self.layout.groups:
+                t = plan.get(g.name, BASE)
+                if t != BASE:
+                    lowered[t] = lowered.get(t, 0) + _weights(g, kind == "pp")
+            rel = self.spread[kind].rel(lowered) if kind in self.spread else None
+            now = base_now.get(f"{kind}_rse")
+            out[f"{kind}_sd"] = None if rel is None or now is None else out[kind] * (rel ** 2 + now ** 2) ** 0.5
+        return out
 
 
 @dataclass
@@ -84,6 +123,11 @@ def _weights(g, prompt: bool) -> int:
     return g.n if g.compute and not (prompt and g.head) else 0
 
 
+def _type_weights(layout: Layout, opts: dict[str, list[str]], t: str, prompt: bool) -> int:
+    """Weights per token that the variant of type ``t`` lowers: every group offered ``t``."""
+    return sum(_weights(g, prompt) for g in layout.groups if t in opts[g.name])
+
+
 def speed_deltas(layout: Layout, base: float, per_type: dict[str, float],
                  opts: dict[str, list[str]] | None = None, prompt: bool = False) -> dict[str, float]:
     """Seconds per weight of each type over the base, from whole-model seconds per token (see module doc);
@@ -91,7 +135,7 @@ def speed_deltas(layout: Layout, base: float, per_type: dict[str, float],
     opts = opts or layout.options()
     out = {BASE: 0.0}
     for t, secs in per_type.items():
-        n = sum(_weights(g, prompt) for g in layout.groups if t in opts[g.name])
+        n = _type_weights(layout, opts, t, prompt)
         out[t] = (secs - base) / n if n else 0.0
     return out
 
@@ -116,7 +160,11 @@ def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], ba
             opts.append(Option(t, g.bytes(t), _weights(g, False) * dec.get(t, 0.0), _weights(g, True) * pp.get(t, 0.0),
                                d_kld, single))
         options[g.name] = opts
-    return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld)
+    spread = {kind: Spread(base_speed.get(f"{kind}_rse"),
+                           {t: (_type_weights(layout, group_types, t, kind == "pp"), base_speed[kind] / s[kind],
+                                s.get(f"{kind}_rse")) for t, s in type_speed.items()})
+              for kind in ("tg", "pp")}
+    return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld, spread)
 
 
 def _pareto(points: np.ndarray) -> np.ndarray:

@@ -124,17 +124,21 @@ def paired_rse(runs: list[list[float]]) -> list[float | None]:
     round's level is divided out, as the standard error of their median (1.2533 s / sqrt(n)) over the
     median. What is left after the levels are out is each run's own noise (and the machine's state
     slowing some kernels more than others): it is what a second measurement of the same files would move
-    by. None with fewer than 3 rounds, or for a file alone (its level is itself)."""
+    by. A round's level holds 1/F of each of its F runs' own noise, so the residuals spread less than the
+    runs do, by sqrt((F-1)/F): that is put back. None with fewer than 3 rounds, or for a file alone (its
+    level is itself)."""
     import math
     import statistics
 
     n, levels, _ = _rounds(runs)
-    if n < 3 or sum(1 for r in runs if r) < 2:
+    files = sum(1 for r in runs if r)
+    if n < 3 or files < 2:
         return [None] * len(runs)
+    scale = 1.2533 / math.sqrt(n) * math.sqrt(files / (files - 1))
     out: list[float | None] = []
     for r in runs:
         x = [r[k] / levels[k] for k in range(n)] if r else []
-        out.append(1.2533 * statistics.stdev(x) / statistics.median(x) / math.sqrt(n) if x else None)
+        out.append(scale * statistics.stdev(x) / statistics.median(x) if x else None)
     return out
 
 

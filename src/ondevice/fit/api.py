@@ -325,7 +325,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         q_ref = {}
     say(f"validation (measured: real bench, KLD on held-out text; predicted KLD is on the calibration text; "
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
-        f"{base['speed']['tg']:.1f} tok/s in the table; +- one standard deviation from the runs' spread):")
+        f"{base['speed']['tg']:.1f} tok/s in the table; +- one standard deviation from the runs' spread, not the host's slower shifts):")
     w = max([len(c.summary()) for c in picks] + [len("reference") if q_ref else 0])
     say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>11} {'tg meas':>11} {'KLD sum':>8} "
         f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}" + qual.header())

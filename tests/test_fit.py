@@ -189,6 +189,39 @@ def test_imatrix_is_collected_from_the_eval_callback(home, tmp_path):
     assert ref.provenance["provenance"]["imatrix"] == str(out)
 
 
+def test_a_spliced_plan_holds_the_tensors_quantizing_it_writes(home, tmp_path):
+    """Within ``Meter.splicing`` a plan is put together from one variant per type: the same tensor types and
+    bytes as llama.cpp's quantizer writes for that plan, with one quantizer run per type, not per plan."""
+    from gguf import GGUFReader
+
+    from ondevice.fit.groups import layout
+    from ondevice.fit.measure import Cache, Meter
+    from ondevice.models.catalog import resolve
+
+    ref = resolve("smollm2-135m-instruct-f16").path
+    lay = layout(ref)
+    meter = Meter(ref, lay, ref, 1, Cache(tmp_path / "speed.json", "s"), tmp_path, print)
+    plan = {"ffn_down": "Q4_K", "attn_qk": "Q4_0", "token_embd": "Q4_0"}
+    direct = meter.build(plan, tmp_path / "direct.gguf")
+    assert (meter.built, meter.spliced) == (1, 0)
+    opts = lay.options(("Q8_0", "Q4_0", "Q4_K"))
+    types = {t for ts in opts.values() for t in ts}
+    assert types == {"Q8_0", "Q4_0", "Q4_K", "Q5_0"}  # Q5_0: where rows refuse Q4_K, llama.cpp's fallback
+    with meter.splicing(opts):
+        spliced = meter.build(plan, tmp_path / "spliced.gguf")
+        again = meter.build({"ffn_gate_up": "Q4_0"}, tmp_path / "again.gguf")
+    assert (meter.built, meter.spliced) == (1 + len(types), 2)  # one per type, then no quantizer run
+    a, b = GGUFReader(direct), GGUFReader(spliced)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    assert all(x.data.tobytes() == y.data.tobytes() for x, y in zip(a.tensors, b.tensors))
+    assert {f.name: f.contents() for f in a.fields.values() if not f.name.startswith("GGUF.")} == \
+        {f.name: f.contents() for f in b.fields.values() if not f.name.startswith("GGUF.")}
+    assert again.is_file() and meter.build({}, tmp_path / "base.gguf") and meter.spliced == 3  # still in use after
+    with meter.splicing(lay.options(("Q8_0", "Q4_0")), imatrix=tmp_path / "none.npz"):
+        pass  # nothing built within: the next plan of that imatrix would be quantized, not spliced from nothing
+    assert len(meter.sources) == 1
+
+
 # --- --profile and --quality ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
     # 3. sensitivity: each group lowered alone, KLD on the calibration text
     pairs = [(g.name, t) for g in lay.groups for t in opts[g.name] if t != BASE]
-    with phase("sensitivity"):
+    with phase("sensitivity"), meter.splicing(opts, im_path):  # one build per type; the plans spliced from them
         res = meter.measure([Item({g: t}, [calib_q], im_path, im_sha) for g, t in pairs])
     group_kld = {p: r["kld"][0]["kld"] for p, r in zip(pairs, res)}
     base_kld = base["kld"][0]["kld"]
@@ -288,7 +288,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # now, not read from an earlier fit's cache (only --resume reuses them: the same fit, killed)
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
     vmeter = Meter(meter.source, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
-                   repetitions, reprobe or not resume, resume, jobs=jobs, seen=seen, profile=prof.spec)
+                   repetitions, reprobe or not resume, resume, jobs=jobs, seen=seen, profile=prof.spec,
+                   sources=meter.sources)
     items = [Item({})]
     for i, c in enumerate(picks):
         keep = workdir / f"candidate-{i}.gguf"
@@ -365,7 +366,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
         f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
-        + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.reused + vmeter.reused} reused measurements")
+        + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
+        f"{meter.reused + vmeter.reused} reused measurements")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
                      secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel, tf.info,
@@ -386,7 +388,7 @@ def _quality_note(qual: Quality, m: dict, ref: dict) -> str:
 
 
 def _cleanup(workdir: Path) -> None:
-    for f in [*workdir.glob("candidate-*.gguf"), *workdir.glob("transform-*.gguf")]:
+    for f in [*workdir.glob("candidate-*.gguf"), *workdir.glob("transform-*.gguf"), *workdir.glob("type-*.gguf")]:
         f.unlink(missing_ok=True)
 
 

@@ -208,6 +208,39 @@ def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
 # --- building and measuring ----------------------------------------------------------------------------
 
 
+def splice(files: dict[str, Path], types: dict[str, str], dst: Path) -> None:
+    """Write at ``dst`` the base file (``files[BASE]``) with each tensor of ``types`` (name -> type) taken from
+    the file of its type, bytes as they are; every other key and tensor is the base file's."""
+    from gguf import GGUFReader
+
+    from ..models.gguf_copy import writer_like
+
+    readers = {t: GGUFReader(f) for t, f in files.items()}
+    by_name = {t: {x.name: x for x in r.tensors} for t, r in readers.items()}
+    base = readers[BASE]
+    picked = []
+    for x in base.tensors:
+        t = types.get(x.name, BASE)
+        y = by_name[t].get(x.name)
+        if y is None or y.tensor_type.name != t and t != BASE:
+            raise OndeviceError(f"cannot splice {x.name} at {t}: {files[t].name} holds it as "
+                                f"{y.tensor_type.name if y is not None else 'nothing'}")
+        picked.append(y)
+    try:
+        w = writer_like(base, dst)
+        for y in picked:
+            w.add_tensor_info(y.name, y.data.shape, y.data.dtype, y.data.nbytes, y.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for y in picked:
+            w.write_tensor_data(y.data, tensor_endianess=base.endianess)
+        w.close()
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class Item:
     """One plan to measure: its KLD on each ``(cache, text, ctx, chunks)``, built with ``imatrix``; the file
@@ -240,6 +273,11 @@ class Meter:
     another plan's eval: on 2 cores the sensitivity runs take about half the time. Benches never overlap
     anything. ``seen`` holds the ``(cache section, key)`` measured in this run (shared by every meter of
     one fit): those are reused even without ``resume``.
+
+    Once :meth:`splicing` has built, per type, the variant with every group offered that type at it (from
+    the same source and importance matrix), a plan is not quantized again but spliced from those files
+    (:func:`splice`): llama.cpp quantizes each tensor on its own, so the tensors are the ones quantizing the
+    plan would write (``tests/test_fit.py`` compares them). ``sources`` is shared by every meter of one fit.
     """
 
     source: Path
@@ -259,6 +297,8 @@ class Meter:
     profile: str | None = None  # a device profile spec the benches run under (None: the host)
     built: int = 0
     reused: int = 0
+    spliced: int = 0
+    sources: dict = field(default_factory=dict)  # (source, imatrix) -> {type: its all-type variant}
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -269,15 +309,22 @@ class Meter:
             setattr(self, attr, getattr(self, attr) + 1)
 
     def build(self, plan: dict[str, str], dst: Path, imatrix: Path | None = None) -> Path:
-        """Quantize the source to ``plan`` at ``dst``; the tensor types read back must be the plan's."""
+        """Quantize the source to ``plan`` at ``dst`` (or splice it: :meth:`splicing`); the tensor types read
+        back must be the plan's."""
         from ..engine.llama import physical_cores
         from ..quant.quantize import ftype_id, run_worker, weight_types
 
         tmp = dst.with_suffix(".tmp")
-        # quantizing is not measured: all cores, whatever the bench's thread count
-        run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
-                   imatrix=imatrix)
-        got, want = weight_types(tmp), self.layout.expected_types(plan)
+        want = self.layout.expected_types(plan)
+        files = self._type_files(imatrix)
+        if BASE in files and all(t in files for t in set(want.values())):
+            splice(files, want, tmp)
+            self._count("spliced")
+        else:  # quantizing is not measured: all cores, whatever the bench's thread count
+            run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
+                       imatrix=imatrix)
+            self._count("built")
+        got = weight_types(tmp)
         bad = {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}
         if bad:
             tmp.unlink(missing_ok=True)
@@ -285,8 +332,39 @@ class Meter:
             raise OndeviceError(f"the quantizer did not follow the plan: {name} is {g}, planned {t} "
                                 f"({len(bad)} tensors differ)")
         os.replace(tmp, dst)
-        self._count("built")
         return dst
+
+    @contextmanager
+    def splicing(self, opts: dict[str, list[str]], imatrix: Path | None = None):
+        """Within: every plan of the current source and ``imatrix`` that needs a build is spliced from one
+        variant per type in ``opts`` (group -> its types, the base among them) with every group offered that
+        type at it, built when a plan first needs one. After: those stay in use if they were built (until the
+        fit ends, in the work folder); if nothing needed a build (a resumed fit), later plans are quantized."""
+        key = (str(self.source), str(imatrix) if imatrix else None)
+        self.sources[key] = {"opts": opts, "files": None, "lock": threading.RLock()}
+        try:
+            yield
+        finally:
+            if self.sources[key]["files"] is None:
+                del self.sources[key]
+
+    def _type_files(self, imatrix: Path | None) -> dict[str, Path]:
+        entry = self.sources.get((str(self.source), str(imatrix) if imatrix else None))
+        if entry is None:
+            return {}
+        with entry["lock"]:  # one thread builds them; the others wait, then splice
+            if entry["files"] is None:
+                entry["files"] = {}  # while they are built, their own builds quantize
+                stamp = hashlib.sha256("|".join(f"{p}:{p.stat().st_mtime_ns}" for p in (Path(self.source), imatrix)
+                                                if p).encode()).hexdigest()[:12]
+                files = {}
+                for t in dict.fromkeys(t for ts in entry["opts"].values() for t in ts):
+                    dst = self.workdir / f"type-{stamp}-{t}.gguf"
+                    if not dst.is_file():
+                        self.build({g: t for g, ts in entry["opts"].items() if t in ts and t != BASE}, dst, imatrix)
+                    files[t] = dst
+                entry["files"] = files
+            return entry["files"]
 
     def _ensure(self, it: Item, dst: Path) -> None:
         if it.path is not None:

@@ -208,14 +208,12 @@ def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
 # --- building and measuring ----------------------------------------------------------------------------
 
 
-def splice(files: dict[str, Path], types: dict[str, str], dst: Path) -> None:
-    """Write at ``dst`` the base file (``files[BASE]``) with each tensor of ``types`` (name -> type) taken from
-    the file of its type, bytes as they are; every other key and tensor is the base file's."""
-    from gguf import GGUFReader
-
+def splice(readers: dict, types: dict[str, str], dst: Path) -> None:
+    """Write at ``dst`` the base file (``readers[BASE]``, a ``gguf.GGUFReader`` per type) with each tensor of
+    ``types`` (name -> type) taken from the file of its type, bytes as they are; every other key and tensor
+    is the base file's."""
     from ..models.gguf_copy import writer_like
 
-    readers = {t: GGUFReader(f) for t, f in files.items()}
     by_name = {t: {x.name: x for x in r.tensors} for t, r in readers.items()}
     base = readers[BASE]
     picked = []
@@ -223,7 +221,7 @@ def splice(files: dict[str, Path], types: dict[str, str], dst: Path) -> None:
         t = types.get(x.name, BASE)
         y = by_name[t].get(x.name)
         if y is None or y.tensor_type.name != t and t != BASE:
-            raise OndeviceError(f"cannot splice {x.name} at {t}: {files[t].name} holds it as "
+            raise OndeviceError(f"cannot splice {x.name} at {t}: {readers[t].data.filename} holds it as "
                                 f"{y.tensor_type.name if y is not None else 'nothing'}")
         picked.append(y)
     try:
@@ -317,14 +315,15 @@ class Meter:
         tmp = dst.with_suffix(".tmp")
         want = self.layout.expected_types(plan)
         files = self._type_files(imatrix)
-        if BASE in files and all(t in files for t in set(want.values())):
+        spliced = BASE in files and all(t in files for t in set(want.values()))
+        if spliced:
             splice(files, want, tmp)
             self._count("spliced")
         else:  # quantizing is not measured: all cores, whatever the bench's thread count
             run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
                        imatrix=imatrix)
             self._count("built")
-        got = weight_types(tmp)
+        got = weight_types(tmp, independent=not spliced)
         bad = {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}
         if bad:
             tmp.unlink(missing_ok=True)
@@ -348,7 +347,9 @@ class Meter:
             if self.sources[key]["files"] is None:
                 del self.sources[key]
 
-    def _type_files(self, imatrix: Path | None) -> dict[str, Path]:
+    def _type_files(self, imatrix: Path | None) -> dict:
+        """Type -> a ``gguf.GGUFReader`` of its variant (see :meth:`splicing`; read once: parsing the
+        tokenizer's metadata takes seconds), or {} outside :meth:`splicing`."""
         entry = self.sources.get((str(self.source), str(imatrix) if imatrix else None))
         if entry is None:
             return {}
@@ -363,7 +364,9 @@ class Meter:
                     if not dst.is_file():
                         self.build({g: t for g, ts in entry["opts"].items() if t in ts and t != BASE}, dst, imatrix)
                     files[t] = dst
-                entry["files"] = files
+                from gguf import GGUFReader
+
+                entry["files"] = {t: GGUFReader(f) for t, f in files.items()}
             return entry["files"]
 
     def _ensure(self, it: Item, dst: Path) -> None:

@@ -110,9 +110,17 @@ def default_name(source_name: str, type_name: str) -> str:
     return f"{base}-{type_name.lower()}"
 
 
-def weight_types(path: str | Path) -> dict[str, str]:
+def weight_types(path: str | Path, independent: bool = True) -> dict[str, str]:
     """Matrix name -> ggml type name (tensors of 2+ dims: the ones quantization touches), read with
-    gguf-py's reference ``GGUFReader`` rather than our own header walk, as an independent check."""
+    gguf-py's reference ``GGUFReader`` rather than our own header walk, as an independent check; with
+    ``independent=False`` (a file gguf-py wrote: the fit's spliced plans), with our walk, 40x faster (gguf-py
+    parses the tokenizer's metadata item by item: 4.5 s for SmolLM2)."""
+    if not independent:
+        from ..models.gguf_check import validate_gguf
+
+        info = validate_gguf(path)
+        shapes = {n: tuple(reversed(s)) for n, s in info.tensor_shapes.items()}  # gguf-py's order, as below
+        return {t.name: t.type_name for t in info.tensors if len(shapes[t.name]) >= 2 and min(shapes[t.name][:2]) > 1}
     import gguf
 
     reader = gguf.GGUFReader(str(path))

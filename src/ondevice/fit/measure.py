@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OndeviceError
+from ..models.gguf_copy import splice
 from .groups import BASE, Layout
 
 # bench rounds of a speed measurement: with the drift between rounds taken out (``paired``) the rest is
@@ -208,37 +209,6 @@ def quality_section(ref_sha: str, text_sha: str, ctx: int, chunks: int) -> str:
 # --- building and measuring ----------------------------------------------------------------------------
 
 
-def splice(readers: dict, types: dict[str, str], dst: Path) -> None:
-    """Write at ``dst`` the base file (``readers[BASE]``, a ``gguf.GGUFReader`` per type) with each tensor of
-    ``types`` (name -> type) taken from the file of its type, bytes as they are; every other key and tensor
-    is the base file's."""
-    from ..models.gguf_copy import writer_like
-
-    by_name = {t: {x.name: x for x in r.tensors} for t, r in readers.items()}
-    base = readers[BASE]
-    picked = []
-    for x in base.tensors:
-        t = types.get(x.name, BASE)
-        y = by_name[t].get(x.name)
-        if y is None or y.tensor_type.name != t and t != BASE:
-            raise OndeviceError(f"cannot splice {x.name} at {t}: {readers[t].data.filename} holds it as "
-                                f"{y.tensor_type.name if y is not None else 'nothing'}")
-        picked.append(y)
-    try:
-        w = writer_like(base, dst)
-        for y in picked:
-            w.add_tensor_info(y.name, y.data.shape, y.data.dtype, y.data.nbytes, y.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for y in picked:
-            w.write_tensor_data(y.data, tensor_endianess=base.endianess)
-        w.close()
-    except BaseException:
-        dst.unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class Item:
     """One plan to measure: its KLD on each ``(cache, text, ctx, chunks)``, built with ``imatrix``; the file
@@ -274,8 +244,9 @@ class Meter:
 
     Once :meth:`splicing` has built, per type, the variant with every group offered that type at it (from
     the same source and importance matrix), a plan is not quantized again but spliced from those files
-    (:func:`splice`): llama.cpp quantizes each tensor on its own, so the tensors are the ones quantizing the
-    plan would write (``tests/test_fit.py`` compares them). ``sources`` is shared by every meter of one fit.
+    (``models.gguf_copy.splice``): llama.cpp quantizes each tensor on its own, so the tensors are the ones
+    quantizing the plan would write (``tests/test_fit.py`` compares them). ``sources`` is shared by every
+    meter of one fit.
     """
 
     source: Path
@@ -317,7 +288,7 @@ class Meter:
         files = self._type_files(imatrix)
         spliced = BASE in files and all(t in files for t in set(want.values()))
         if spliced:
-            splice(files, want, tmp)
+            splice(files[BASE], files, {n: t for n, t in want.items() if t != BASE}, tmp)
             self._count("spliced")
         else:  # quantizing is not measured: all cores, whatever the bench's thread count
             run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),

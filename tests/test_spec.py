@@ -36,6 +36,9 @@ class _Costs(BatchGenerator):
     def _cost(self, n: int) -> float:
         return 1.0 + self.slope * (n - 1)
 
+    def _trusted(self, base: int, top: int) -> int:  # the whole curve is known
+        return top
+
 
 @pytest.fixture()
 def costs(smol):
@@ -175,3 +178,33 @@ def test_sampling_rejects_a_bad_draft_setting():
         Sampling(draft="ngram")
     with pytest.raises(ondevice.OndeviceError, match="draft-max"):
         Sampling(draft="lookup", draft_max=0)
+
+
+def test_drafts_grow_by_doubling_from_measured_step_sizes():
+    """Before a plain step was measured no draft is weighed; then a draft at most doubles the largest step size
+    measured, so a cost curve guessed between a one-token step and a prompt chunk costs one probe, not seven."""
+    from ondevice.engine.drafters import StepCosts
+
+    c = StepCosts()
+    c.observe(64, 0.30)  # a prompt chunk
+    assert c.trusted(1, 17) == 1  # a plain step's cost is still a guess
+    c.observe(1, 0.02)
+    assert c.trusted(1, 17) == 2  # not 17: the chunk lies beyond the range drafts are weighed in
+    c.observe(2, 0.045)
+    assert c.trusted(1, 17) == 4
+    c.observe(4, 0.08)
+    assert c.trusted(1, 17) == 8 and c.trusted(1, 5) == 5
+    assert c.trusted(3, 17) == 3  # a step of 3 (three slots) was never measured
+
+
+def test_one_stalled_step_does_not_make_drafting_look_cheap():
+    from ondevice.engine.drafters import StepCosts
+
+    c = StepCosts()
+    for _ in range(4):
+        c.observe(1, 0.020)
+    c.observe(1, 0.200)  # the host stalled once
+    assert c(1) == 0.020
+    for _ in range(9):  # the machine really got slower: the window follows it
+        c.observe(1, 0.030)
+    assert c(1) == 0.030

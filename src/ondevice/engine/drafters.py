@@ -11,6 +11,8 @@ none when no k beats plain decoding: drafts that keep missing turn themselves of
 
 from __future__ import annotations
 
+import collections
+import statistics
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -96,19 +98,33 @@ class ModelDrafter:
 
 
 class StepCosts:
-    """What a ``llama_decode`` of n items (n <= 64) costs here, now: a running mean per n, interpolated between
-    the sizes seen, and (unmeasured) a prior that lets drafting be tried (decode is memory-bound: a few more
-    rows cost little) until measurements say."""
+    """What a ``llama_decode`` of n items (n <= 64) costs here, now: the median of the last ``WINDOW`` steps of
+    each size (one step the host stalled does not make a plain step look dear and drafting cheap, as it did
+    in a running mean), interpolated between the sizes seen, and (unmeasured) a prior that lets drafting be
+    tried (decode is memory-bound: a few more rows cost little) until measurements say."""
 
     MAX_ITEMS = 64
+    WINDOW = 9
 
     def __init__(self) -> None:
         self.seen: dict[int, float] = {}
+        self._last: dict[int, collections.deque] = {}
 
     def observe(self, n: int, seconds: float) -> None:
         if n <= self.MAX_ITEMS:
-            c = self.seen.get(n)
-            self.seen[n] = seconds if c is None else c + 0.2 * (seconds - c)
+            last = self._last.setdefault(n, collections.deque(maxlen=self.WINDOW))
+            last.append(seconds)
+            self.seen[n] = statistics.median(last)
+
+    def trusted(self, base: int, top: int) -> int:
+        """The largest step (at most ``top`` items) worth weighing from a step of ``base`` items: none larger
+        until ``base`` itself was measured (drafts are weighed against a plain step's cost), then twice the
+        largest size measured between the two. Estimates between a one-token step and a prompt chunk run low
+        where small steps cost nearly per token (on 2 AVX2 cores, 2 items cost 1.6-2.3 single ones), so the
+        draft grows by doubling, each size measured before the next: a wrong guess costs one step, not 7."""
+        if base not in self.seen:
+            return base
+        return min(top, 2 * max(m for m in self.seen if base <= m <= top))
 
     def __call__(self, n: int) -> float:
         c = self.seen

@@ -470,6 +470,7 @@ class BatchGenerator:
         if not sampling.draft:
             return []
         k_max = min(sampling.draft_max, self.slot_ctx - len(s.cached) - 2, sampling.max_tokens - s.n_gen - 1, room)
+        k_max = min(k_max, self._trusted(base, base + k_max) - base)
         k = s.acc.length(base, k_max, self._cost)
         if k == 0:
             return []
@@ -482,6 +483,10 @@ class BatchGenerator:
     def _cost(self, n: int) -> float:
         """Seconds of a llama_decode of ``n`` items here, now (a method, so a test can fix the curve)."""
         return self.step_cost(n)
+
+    def _trusted(self, base: int, top: int) -> int:
+        """The largest step from ``base`` items whose cost the curve knows well enough to draft into."""
+        return self.step_cost.trusted(base, top)
 
 
 def _saves(req: Request) -> bool:

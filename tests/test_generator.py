@@ -312,3 +312,32 @@ def test_the_same_prompt_admitted_together_is_computed_once(eng):
         evs += [ev for r, ev in gen.step() if r is reqs[1] and isinstance(ev, Generation)]
     assert len(evs) == 4 and evs[0].cached_tokens == 0
     assert _same_or_near_tie(outs[0][:4], evs)
+
+
+def test_an_interrupt_right_after_llama_decode_leaves_the_model_usable(smol):
+    """Ctrl-C lands in Python just after a ``llama_decode`` returns, before the cache's bookkeeping: the next
+    turn (its prompt extends the interrupted one) still runs, and as it would from a fresh cache."""
+    msgs = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
+    ll = smol.engine.ll
+    real, calls = ll.llama_decode, []
+
+    def decode_then_interrupt(ctx, batch):
+        rc = real(ctx, batch)
+        calls.append(rc)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return rc
+
+    smol.reset()
+    parts = []
+    ll.llama_decode = decode_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for g in smol.stream(msgs, temp=0, max_tokens=40):
+                parts.append(g.text)
+    finally:
+        ll.llama_decode = real
+    msgs += [{"role": "assistant", "content": "".join(parts)}, {"role": "user", "content": "Thanks. Shorter?"}]
+    after = smol.generate(msgs, temp=0, max_tokens=12)
+    smol.reset()
+    assert after.tokens == smol.generate(msgs, temp=0, max_tokens=12).tokens

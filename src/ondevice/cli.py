@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return supervise.run_supervised(verb, argv)
     supervise.crash_test_hook()
     parser = build_parser(verb)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "words", None), list) and not any(x.startswith("-") for x in extra):
+        args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)
+    elif extra:
+        parser.parse_args(argv)  # its error names what was not understood
     if args.verb is None:
         parser.print_help()
         return 2

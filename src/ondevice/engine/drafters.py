@@ -120,7 +120,7 @@ class StepCosts:
         """The largest step (at most ``top`` items) worth weighing from a step of ``base`` items: none larger
         until ``base`` itself was measured (drafts are weighed against a plain step's cost), then twice the
         largest size measured between the two. Estimates between a one-token step and a prompt chunk run low
-        where small steps cost nearly per token (on 2 AVX2 cores, 2 items cost 1.6-2.3 single ones), so the
+        where small steps cost nearly per token (on 2 Zen 5 cores, 2 items cost 1.6-2.5 single ones), so the
         draft grows by doubling, each size measured before the next: a wrong guess costs one step, not 7."""
         if base not in self.seen:
             return base

@@ -423,7 +423,9 @@ class LlamaEngine(Engine):
         return self._n_past.get(seq, 0)
 
     def truncate(self, n: int, seq: int = 0) -> None:
-        if n < self._n_past.get(seq, 0):
+        # the KV itself says how far it reaches: an interrupt (Ctrl-C) between llama_decode and the bookkeeping
+        # after it leaves n_past behind the cache, and the next decode at that position would fail
+        if n < max(self._n_past.get(seq, 0), self.ll.llama_memory_seq_pos_max(self.mem, seq) + 1):
             self.ll.llama_memory_seq_rm(self.mem, seq, n, -1)
             self._n_past[seq] = n
 

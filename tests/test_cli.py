@@ -99,6 +99,14 @@ def test_run_refuses_an_unknown_model_before_the_prompt(cli):
     assert r.returncode != 0 and "no such file" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_run_takes_options_between_the_model_and_the_prompt(cli):
+    # `ollama run MODEL PROMPT` with flags anywhere; argparse alone ends the words at the first option
+    r = cli("run", "smollm2-135m-instruct", "--temp", "0", "-n", "4", "Say hi", "--timings", "json")
+    assert r.returncode == 0 and json.loads(r.stderr.strip().splitlines()[-1])["generation_tokens"] == 4, r.stderr
+    r = cli("run", "smollm2-135m-instruct", "-n", "4", "--bogus", "Hi")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr, r.stderr
+
+
 def test_typos_get_did_you_mean(cli):
     r = cli("run", "-m", "smolm2", "hello")
     assert r.returncode == 2 and "did you mean 'smollm2-135m-instruct'?" in r.stderr, r.stderr

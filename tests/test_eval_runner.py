@@ -23,6 +23,9 @@ def test_summary_is_a_macro_mean_with_tau_on_0_1():
     assert s["score"] == pytest.approx((2 / 3 + 0.0) / 2)
     assert s["score_micro"] == pytest.approx(2 / 4)
     assert s["categories"] == {"x": pytest.approx(2 / 3), "y": 0.0}
+    assert s["tasks"]["a"]["metric"] == "exact_match"
+    mixed = summarize("t", [*rows, {"task": "a", "category": "x", "metric": "token_f1", "score": 0.5}], 1.0)
+    assert mixed["tasks"]["a"]["metric"] == "exact_match+token_f1"  # not the first row's alone
 
 
 def test_runner_on_a_tiny_user_suite(smol_path, tmp_path, monkeypatch):

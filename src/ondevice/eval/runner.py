@@ -183,6 +183,8 @@ def summarize(name: str, rows: list[dict], elapsed: float, log_file: Path | None
     for r in rows:
         t = tasks.setdefault(r["task"], {"category": r["category"], "metric": r["metric"], "raw": [], "unit": [],
                                          "judge": [], "skipped": 0})
+        if r["metric"] not in t["metric"].split("+"):  # a custom suite may mix metrics within a task: name them all
+            t["metric"] = "+".join(sorted([*t["metric"].split("+"), r["metric"]]))
         if r.get("skipped"):
             t["skipped"] += 1
             continue

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,7 +22,7 @@ from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout
 from .chunks import lp_entry, sse, text_sse, timings_of, usage_of
-from .http import Guard, access_logger, error_payload, install_error_handlers, note
+from .http import Guard, ShuttingDown, access_logger, error_payload, install_error_handlers, note
 from .state import ServerState, message_dicts
 
 MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request (OpenAI allows 2048; each costs a decode here)
@@ -50,6 +51,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.ondevice = state
     state.cascade = server_cascade(state)  # None unless --cascade URL
     runner = Runner(state)
+    app.state.end_requests = runner.end_requests  # what the server calls as it stops (server.py)
 
     @app.get("/health")
     async def health():
@@ -159,6 +161,16 @@ class Runner:
 
     def __init__(self, state: ServerState):
         self.state = state
+        self.live: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs submitted and not yet forgotten
+        self.closing = False
+
+    def end_requests(self) -> None:
+        """The server is stopping: end every request in flight now, on the event loop (a stream gets an error
+        event, any other request a 503), rather than generate on until the graceful shutdown's time is up."""
+        self.closing = True
+        for job in list(self.live):
+            job.cancel()
+            job.queue.put_nowait(("err", ShuttingDown()))  # after the job's last event it is never read
 
     def _job(self, loop, tokens: list[int], sampling: Sampling, **kw) -> Job:
         st = self.state
@@ -291,6 +303,8 @@ class Runner:
 
     def _submit(self, jobs: list[Job]) -> None:
         """Queue every job, or none: a full queue cancels those already queued."""
+        if self.closing:
+            raise ShuttingDown()
         room = self.state.settings.parallel + self.state.settings.max_queue
         if len(jobs) > room:
             raise InvalidArgument(f"the request asks for {len(jobs)} generations (prompts x n) but the server holds "
@@ -298,6 +312,7 @@ class Runner:
         try:
             for job in jobs:
                 self.state.batcher.submit(job)
+                self.live.add(job)
         except Exception:
             for job in jobs:
                 job.cancel()

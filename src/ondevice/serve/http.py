@@ -17,6 +17,13 @@ from ..errors import ContextOverflow, OndeviceError
 from .batcher import JobTimeout, QueueFull
 
 
+class ShuttingDown(Exception):
+    """A request the server ended because it is stopping (a 503; an error event in a stream)."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down; retry once it is back")
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -34,6 +41,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict, dict | None]:
         return 429, body(str(exc), "rate_limit_error", "queue_full"), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, JobTimeout):
         return 504, body(str(exc) + "; raise --timeout or ask for fewer tokens", "timeout_error", "timeout"), None
+    if isinstance(exc, ShuttingDown):
+        return 503, body(str(exc), "server_error", "shutting_down"), None
     if isinstance(exc, (PromptTooLong, ContextOverflow)):
         return 400, body(str(exc), "invalid_request_error", "context_length_exceeded", "messages"), None
     if isinstance(exc, OndeviceError):
@@ -67,12 +76,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
         status, body, headers = error_payload(exc)
-        if status >= 500:  # a bug, not a bad request: keep the traceback
+        if status == 500:  # unclassified, a bug: keep the traceback (the others have their access log line)
             logging.getLogger("ondevice.serve").error("%s %s failed", request.method, request.url.path,
                                                       exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    for cls in (OndeviceError, QueueFull, JobTimeout, UnicodeError):  # handled here: the connection stays open
+    # handled here: the connection stays open
+    for cls in (OndeviceError, QueueFull, JobTimeout, ShuttingDown, UnicodeError):
         app.add_exception_handler(cls, _any)
 
 

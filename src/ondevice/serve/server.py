@@ -48,25 +48,42 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: ServeSettings) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def _uvicorn_server(app, graceful_s: float):
+    """uvicorn's server, stopping promptly: the requests in flight end at once (a stream with an error event,
+    any other request with a 503; ``app.state.end_requests``) rather than generate on for ``graceful_s`` (the
+    limit left for anything else) and then be cancelled with a traceback.
+
+    A repeated stop signal (Ctrl-C twice; a process-group kill, which the serving child of ``ondevice`` gets
+    once directly and once forwarded by its supervisor) changes nothing: uvicorn would force an exit that
+    skips the app's shutdown and then re-raise every signal it caught, which ends in tracebacks."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            app.state.end_requests()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s))
+
+
+def serve(settings: ServeSettings) -> None:
+    """Serve until interrupted (Ctrl-C)."""
     sock = _bind(settings.host, settings.port)
     app, state = build_app(settings)
     host, port = sock.getsockname()[:2]
     print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
           f"{settings.ctx} ctx; key {'required' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    _uvicorn_server(app, graceful_s=5).run(sockets=[sock])
 
 
 class BackgroundServer:
     """Run a server in a daemon thread: ``with BackgroundServer(settings) as srv: srv.base_url``."""
 
     def __init__(self, settings: ServeSettings):
-        import uvicorn
-
         self.sock = _bind(settings.host, settings.port)
         try:
             self.app, self.state = build_app(settings)
@@ -75,7 +92,7 @@ class BackgroundServer:
             raise
         host, port = self.sock.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = _uvicorn_server(self.app, graceful_s=2)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

@@ -271,6 +271,19 @@ def test_agent_cli_without_tools_says_what_to_give(cli):
     assert r.returncode == 2 and "no tools; give --tools FILE.py" in r.stderr
 
 
+def test_a_tools_file_that_fails_to_import_is_one_line(cli, tmp_path):
+    (tmp_path / "broken.py").write_text("x = 1\ndef broken(:\n    pass\n")
+    (tmp_path / "boom.py").write_text("import os\nraise RuntimeError('kaboom')\n")
+    (tmp_path / "ok.py").write_text(MCP_TOOLS)
+    for name, want in (("broken.py", f"{tmp_path / 'broken.py'}, line 2: "),
+                       ("boom.py", f"raised RuntimeError: kaboom ({tmp_path / 'boom.py'}, line 2)")):
+        r = cli("agent", "hi", "--tools", str(tmp_path / name))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("agent", "hi", "--tools", str(tmp_path / "ok.py"), "--retrieve", "-1")
+    assert r.returncode == 2 and "--retrieve -1: K must be >= 0" in r.stderr, r.stderr
+
+
 def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
     pytest.importorskip("mcp")
     from ondevice.agent.mcptools import MCPClient

@@ -41,6 +41,27 @@ def test_parse_tests_rejects_with_a_fix(bad):
         parse_tests(bad)
 
 
+def test_llama_bench_flags_become_tests_as_in_llama_bench():
+    """-p 0 / -n 0 drop the prompt / generation tests (llama-bench's meaning); negatives and nothing left are errors."""
+    from types import SimpleNamespace
+
+    from ondevice.bench.cli import tests_from_args
+
+    def specs(p=None, n=None, pg=None, d=None, tests=None):
+        return tests_from_args(SimpleNamespace(n_prompt=p, n_gen=n, pg=pg, n_depth=d, tests=tests))
+
+    assert specs() is None  # no llama-bench flag: the default set
+    assert specs(p=[0], n=[8]) == ["tg8"] and specs(n=[0]) == ["pp512"] and specs(p=[64], d=[0, 16]) == [
+        "pp64", "tg128", "pp64@d16", "tg128@d16"]
+    assert specs(p=[0], n=[0], pg=[[8, 4]]) == ["pp8+tg4"] and specs(p=[0], n=[0], tests=["tg4"]) == ["tg4"]
+    with pytest.raises(InvalidArgument, match="nothing to run: -p 0 and -n 0"):
+        specs(p=[0], n=[0])
+    for kw, flag in (({"p": [-5], "n": [8]}, "-p -5"), ({"n": [8, -1]}, "-n -1"), ({"d": [-1]}, "-d -1"),
+                     ({"pg": [[5, -1]]}, "-pg -1")):
+        with pytest.raises(InvalidArgument, match=f"^{flag} is negative"):
+            specs(**kw)
+
+
 def test_workload_registry_is_extensible():
     @workload
     class Echo(Workload):

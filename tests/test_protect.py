@@ -211,3 +211,26 @@ def test_bench_worker_gets_the_key_without_argv(cli, enc):
     recs = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert recs and all(x["status"] == "ok" for x in recs), r.stdout + r.stderr
     assert os.environ[KEY_ENV] not in r.stdout + r.stderr
+
+
+def test_cli_file_errors_are_one_line(cli, smol_path, tmp_path):
+    """A missing container, an -o that cannot be written or that exists (--force replaces it): one line, exit 2."""
+    env = {"MYKEY": new_key()}
+    for args in (("info", str(tmp_path / "none.enc")), ("verify", str(tmp_path / "none.enc"), "--key-env", "MYKEY")):
+        r = cli("protect", *args, env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"{tmp_path / 'none.enc'}: no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "k.txt").write_text("a file, not a folder")
+    r = cli("protect", "encrypt", str(smol_path), "-o", str(tmp_path / "k.txt" / "x.enc"), "--key-env", "MYKEY",
+            env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot write {tmp_path / 'k.txt' / 'x.enc'}: {tmp_path / 'k.txt'} is a file, not a folder" in r.stderr
+    out = tmp_path / "m.enc"
+    out.write_bytes(b"precious")
+    r = cli("protect", "encrypt", str(smol_path), "-o", str(out), "--key-env", "MYKEY", env=env)
+    assert r.returncode == 2 and "already exists; pass --force" in r.stderr and out.read_bytes() == b"precious"
+    r = cli("protect", "encrypt", str(smol_path), "-o", str(out), "--key-env", "MYKEY", "--force", env=env)
+    assert r.returncode == 0, r.stderr
+    assert read_header(out).plain_size == smol_path.stat().st_size
+    with pytest.raises(ProtectError, match="no such file"):
+        read_header(tmp_path / "none.enc")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from ondevice.errors import InvalidArgument, OndeviceError
@@ -36,6 +38,16 @@ def test_invalid_type_is_a_clear_error(home, cli):
     assert "not a llama.cpp quantization type" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_variant_names_are_checked_before_quantizing(home, cli):
+    for bad in ("../evil", "a b/c", ".hidden", "x/y"):
+        with pytest.raises(InvalidArgument, match=r"--name .* is not allowed; use letters, digits"):
+            quantize(None, "Q4_0", bad, allow_requantize=True)
+    r = cli("quantize", "smollm2", "--type", "Q4_0", "--allow-requantize", "--name", "../evil")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--name '../evil' is not allowed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list((home / "models").glob("*")) if (home / "models").exists() else True
+
+
 def test_requantize_must_be_asked_for(home):
     with pytest.raises(InvalidArgument, match="--allow-requantize"):
         quantize(None, "Q8_0")  # the shipped file is Q4_1
@@ -57,6 +69,8 @@ def test_f16_then_q8_0_with_override_is_loadable_and_typed(home):
     assert prov["type"] == "Q8_0" and prov["overrides"] == ["ffn_down=Q4_0"]
     assert prov["source_sha256"] == f16.provenance["sha256"]
     assert prov["tensor_types"]["warnings"] == []
+    # quantize checked the output with our header walk; gguf-py's reader, independent of it, agrees
+    assert prov["tensor_types"]["quant_mix"] == dict(Counter(types.values()))
     assert ondevice.models.resolve("smol-q8-mixed").path == q8.path
     m = ondevice.load("smol-q8-mixed", n_ctx=64, n_threads=2)
     try:

@@ -261,6 +261,21 @@ def test_compare_unknown_ref_names_the_fix(tmp_path):
         compare(st, "nope", "nada")
 
 
+def test_an_ambiguous_session_prefix_says_how_many_match(tmp_path):
+    from ondevice.errors import InvalidArgument
+    from ondevice.report.write import resolve_session
+
+    with Store(tmp_path / "e.sqlite") as st:
+        for sess in ("20260101-000000-aaaa", "20260102-000000-bbbb"):
+            st.add("bench", fake("smol", "c" * 64, "tg8", 1, 10.0), session=sess, config_key=sess, model="smol",
+                   model_sha256="c" * 64, test="tg8")
+        with pytest.raises(InvalidArgument, match=r"^2 sessions match '2026'; give more of the id"):
+            resolve_session(st, "2026")
+        with pytest.raises(InvalidArgument, match=r"^no bench session matches '2025'; list them"):
+            resolve_session(st, "2025")
+        assert resolve_session(st, "20260102") == "20260102-000000-bbbb"
+
+
 # ---------------------------------------------------------------- quality vs speed
 def test_pareto_front():
     pts = [(10, 0.5), (20, 0.4), (5, 0.6), (8, 0.45), (20, 0.4)]

@@ -54,22 +54,39 @@ def builtin_toolbox() -> Toolbox:
     return Toolbox([list_models, device_info, generate])
 
 
+def _user_line(e: BaseException) -> str:
+    """`` (FILE, line N)`` of the innermost frame of ``e`` outside ondevice and the import machinery, or ''."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "importlib" not in f.filename and Path(__file__).parent.parent.as_posix() not in f.filename]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+
+
 def load_tools(spec: str) -> list[Tool]:
     """Tools from ``module``, ``module:attr``, ``path/file.py`` or ``path/file.py:attr``."""
     target, _, attr = spec.partition(":") if not (len(spec) > 1 and spec[1] == ":") else (spec, "", "")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise InvalidArgument(f"--tools {spec}: no file at {path}")
-        mod_spec = importlib.util.spec_from_file_location(f"ondevice_user_tools_{path.stem}", path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-    else:
-        try:
+    is_file = target.endswith(".py")
+    if is_file and not Path(target).is_file():
+        raise InvalidArgument(f"--tools {spec}: no file at {target}")
+    try:
+        if is_file:
+            mod_spec = importlib.util.spec_from_file_location(f"ondevice_user_tools_{Path(target).stem}", target)
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
             mod = importlib.import_module(target)
-        except ImportError as e:
+    except SyntaxError as e:  # the user's code does not parse: where and why, not our traceback
+        raise InvalidArgument(f"--tools {spec}: {e.filename}, line {e.lineno}: {e.msg}; fix the file") from None
+    except ImportError as e:
+        if not is_file and (target + ".").startswith(f"{e.name}."):  # the module itself, not its imports
             raise InvalidArgument(f"--tools {spec}: cannot import {target} ({e}); give a module or a .py file") \
                 from None
+        raise InvalidArgument(f"--tools {spec}: importing {target} failed: {e}{_user_line(e)}; fix its imports") \
+            from None
+    except Exception as e:  # noqa: BLE001 — any error the user's module raises while it is imported
+        raise InvalidArgument(f"--tools {spec}: importing {target} raised {type(e).__name__}: {e}{_user_line(e)}; "
+                              f"fix the module") from None
     if attr:
         if not hasattr(mod, attr):
             raise InvalidArgument(f"--tools {spec}: {target} has no {attr!r}")

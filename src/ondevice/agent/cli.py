@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.retries < 0:
         raise InvalidArgument(f"--retries {args.retries} must be >= 0")
+    if args.retrieve < 0:
+        raise InvalidArgument(f"--retrieve {args.retrieve}: K must be >= 0 (0 offers every tool)")
     request = sys.stdin.read() if args.request in (None, "-") else args.request
     if not request.strip():
         raise InvalidArgument("no request; give one as an argument or on stdin")

@@ -40,9 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tests_from_args(args: argparse.Namespace) -> list[str] | None:
-    """The test specs the flags ask for; None means the default set."""
+    """The test specs the flags ask for; None means the default set.
+
+    As in llama-bench, ``-p 0`` runs no prompt test and ``-n 0`` no generation test (``-p 0 -n 0`` with
+    nothing else is an error, not the default set); a negative length or depth is an error.
+    """
     specs = list(getattr(args, "tests", None) or [])
     llama_style = any(x is not None for x in (args.n_prompt, args.n_gen, args.pg, args.n_depth))
+    for flag, values in (("-p", args.n_prompt), ("-n", args.n_gen), ("-d", args.n_depth),
+                         ("-pg", [v for pair in args.pg or [] for v in pair])):
+        if any(v < 0 for v in values or []):
+            raise InvalidArgument(f"{flag} {min(values)} is negative; give lengths >= 0 (-p 0 / -n 0 skip the "
+                                  f"prompt / generation tests, as in llama-bench)")
     if llama_style:
         prompts = args.n_prompt if args.n_prompt is not None else [512]  # llama-bench's defaults
         gens = args.n_gen if args.n_gen is not None else [128]
@@ -55,6 +64,9 @@ def tests_from_args(args: argparse.Namespace) -> list[str] | None:
             specs += [f"pp{n}{suffix}" for n in prompts if n > 0]
             specs += [f"tg{n}{suffix}" for n in gens if n > 0]
             specs += [f"pp{a}+tg{b}{suffix}" for a, b in (args.pg or [])]
+        if not specs:
+            raise InvalidArgument("nothing to run: -p 0 and -n 0 skip the prompt and generation tests; give "
+                                  "-p N, -n N or -pg P,N with N > 0")
     return specs or None
 
 

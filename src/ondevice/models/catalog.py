@@ -342,18 +342,22 @@ def _local(path: Path) -> ModelRef:
     return ModelRef(p.stem, p, "local")
 
 
+def check_variant_name(name: str, flag: str = "variant name") -> None:
+    """Refuse a name the store cannot hold: a path (``/``, a leading ``.``), odd characters, a catalog name."""
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"{flag} {name!r} is not allowed; use letters, digits and . _ + - (no '/', not "
+                              f"starting with '.'), e.g. smollm2-q4_0")
+    if name in CATALOG or name in _ALIASES:
+        raise InvalidArgument(f"{flag} '{name}' is a catalog model's name; choose another, e.g. {name}-custom")
+
+
 def register_variant(name: str, path: str | os.PathLike[str], provenance: dict[str, Any]) -> ModelRef:
     """Put a GGUF file into the store as ``name`` and record where it came from in ``<name>.json``.
 
     A file already at ``models_dir()/<name>.gguf`` (or elsewhere in the store directory, e.g. a temp file
     a quantizer wrote there) is renamed into place; a file elsewhere is copied. The file must be valid.
     """
-    if not _NAME_RE.match(name):
-        raise InvalidArgument(f"variant name {name!r} is not allowed; use letters, digits and . _ + - "
-                              f"(e.g. smollm2-q4_0)")
-    if name in CATALOG or name in _ALIASES:
-        raise InvalidArgument(f"variant name '{name}' is a catalog model's name; choose another, "
-                              f"e.g. {name}-custom")
+    check_variant_name(name)
     src = Path(path).expanduser().resolve()
     info = validate_gguf(src)
     dest = models_dir() / f"{name}.gguf"

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import OndeviceError
+
 
 def home() -> Path:
     """The ondevice home directory (not created)."""
@@ -53,16 +55,40 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+class UnwritablePath(OndeviceError, OSError):
+    """A destination that cannot be written (a file where a folder should be, no permission...); still an
+    ``OSError`` for callers that catch one."""
+
+
+def unwritable(dest: Path, e: OSError, fix: str = "choose another path") -> UnwritablePath:
+    """The error for ``e``, raised while making ``dest`` or its folder, naming ``dest`` and ``fix``."""
+    blocker = next((p for p in reversed(dest.parents) if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker else f"{e.strerror or e} ({e.filename or dest.parent})"
+    return UnwritablePath(f"cannot write {dest}: {why}; {fix}")
+
+
+def make_parent(dest: Path, fix: str = "choose another path") -> None:
+    """``mkdir -p`` the folder of ``dest``, or an :class:`UnwritablePath` naming ``dest`` and ``fix``."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unwritable(dest, e, fix) from None
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
 
     For writers that want a path rather than a file object (e.g. llama.cpp's quantizer). If the body
-    raises, the temporary file is removed and ``dest`` is untouched.
+    raises, the temporary file is removed and ``dest`` is untouched. A ``dest`` whose folder cannot be
+    made or written raises :class:`UnwritablePath` before the body runs.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    make_parent(dest)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    except OSError as e:
+        raise unwritable(dest, e) from None
     os.close(fd)
     tmp = Path(tmp_name)
     with contextlib.suppress(OSError):

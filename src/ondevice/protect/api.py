@@ -20,11 +20,11 @@ def keygen(keyring_name: str | None = None) -> str:
 
 
 def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], key_source: str | None, *,
-            chunk_size: int = DEFAULT_CHUNK) -> Header:
+            chunk_size: int = DEFAULT_CHUNK, force: bool = False) -> Header:
     """Encrypt a model (any name :func:`ondevice.models.resolve` knows) into the container ``out``.
 
     The GGUF is validated first, so a container always holds a well-formed file (its tags then prove it
-    is still that file).
+    is still that file). An existing ``out`` is replaced only with ``force`` (as ``ondevice quantize``).
     """
     from ..models import resolve, validate_gguf
 
@@ -33,6 +33,10 @@ def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], k
     dst = Path(out).expanduser()
     if dst.exists() and dst.resolve() == Path(ref.path).resolve():
         raise InvalidArgument(f"-o {dst} is the model itself; write the container to another path")
+    if dst.is_dir():
+        raise InvalidArgument(f"-o {dst} is a folder; give the path of the container file to write")
+    if dst.exists() and not force:
+        raise InvalidArgument(f"-o {dst} already exists; pass --force to replace it, or write to another path")
     return encrypt_file(ref.path, dst, load_key(key_source), meta_size=info.data_offset, chunk_size=chunk_size)
 
 

@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("model", help="catalog name, stored variant or .gguf path")
     e.add_argument("-o", "--output", required=True, metavar="FILE", help="the container to write")
     e.add_argument("--chunk-size", type=int, default=1 << 20, help="plaintext bytes per authenticated chunk")
+    e.add_argument("--force", action="store_true", help="replace an existing -o file")
     add_key_args(e)
     i = sub.add_parser("info", help="format version and sizes of a container (no key needed)")
     i.add_argument("file")
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(key)
         return 0
     if args.action == "encrypt":
-        h = api.encrypt(args.model, args.output, key_source_from(args), chunk_size=args.chunk_size)
+        h = api.encrypt(args.model, args.output, key_source_from(args), chunk_size=args.chunk_size,
+                        force=args.force)
         print(f"{args.output}: {h.plain_size / 1e6:.1f} MB in {h.n_chunks} AES-256-GCM chunks "
               f"(format {h.version}); load it with: ondevice run -m {args.output} --key-env NAME")
         return 0

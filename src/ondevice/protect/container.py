@@ -122,12 +122,18 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """Parse and check the header against the file's size. Needs no key.
 
     Raises:
-        ProtectError: not a container, a newer format, an inconsistent header, truncated or extended.
+        ProtectError: no such file, not a container, a newer format, an inconsistent header, truncated or extended.
     """
     p = Path(path)
-    with open(p, "rb") as f:
-        raw = f.read(HEADER_SIZE)
-        size = os.fstat(f.fileno()).st_size
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise ProtectError(f"{p}: no such file; check the path (`ondevice protect encrypt MODEL -o FILE` "
+                           f"writes a container)") from None
+    except OSError as e:  # a folder, no permission...
+        raise ProtectError(f"{p}: cannot read it ({e.strerror or e}); give the path of a container") from None
     if raw[:len(MAGIC)] != MAGIC:
         raise ProtectError(f"{p} is not an ondevice encrypted container (bad magic); encrypt a model with "
                            f"`ondevice protect encrypt MODEL -o FILE --key-env NAME`")

@@ -36,7 +36,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     """
     from ..engine.llama import physical_cores
     from ..eval.api import model_sha256
-    from ..models.catalog import register_variant, resolve, store_variants
+    from ..models.catalog import check_variant_name, register_variant, resolve, store_variants
     from ..models.store import models_dir
 
     type_name = type.strip().upper()
@@ -48,9 +48,10 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
                               f"quantized --type")
     src = resolve(model)
     src_info = src.info  # validates the source before llama.cpp reads it
-    src_types = weight_types(src.path)
+    src_types = weight_types(src.path, independent=False)  # the walk src.info just did (cached)
     requantized_from = check_requantize(src_types, allow_requantize)
     name = name or default_name(src.name, type_name)
+    check_variant_name(name, "--name")  # before the temp file: its name is built from it
     if name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
                               f"or --force to replace it")
@@ -62,7 +63,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
         if imatrix is not None and not Path(imatrix).is_file():
             raise InvalidArgument(f"--imatrix {str(imatrix)!r} is not a file; give an .npz importance matrix")
         seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
-        types = weight_types(tmp)
+        types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
         check = verify(types, type_name, ovr)
         import llama_cpp
 

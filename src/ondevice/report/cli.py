@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .formats import export
     from .write import load_records, write_html
 
-    with Store(args.db) as store:
+    with Store(args.db, create=False) as store:  # report only reads: never make an empty store
         if args.list:
             sessions = store.sessions("bench")
             if not sessions:

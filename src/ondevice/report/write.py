@@ -12,9 +12,11 @@ def resolve_session(store, ref: str) -> str:
     """A bench session id from an id or a unique prefix."""
     sessions = [s for s, _, _ in store.sessions("bench")]
     hits = [s for s in sessions if s == ref] or [s for s in sessions if s.startswith(ref)]
-    if len(hits) != 1:
-        what = "no bench session" if not hits else f"{len(hits)} sessions"
-        raise InvalidArgument(f"{what} matches {ref!r}; list them with `ondevice report --list`")
+    if not hits:
+        raise InvalidArgument(f"no bench session matches {ref!r}; list them with `ondevice report --list`")
+    if len(hits) > 1:
+        raise InvalidArgument(f"{len(hits)} sessions match {ref!r}; give more of the id (list them with "
+                              f"`ondevice report --list`)")
     return hits[0]
 
 

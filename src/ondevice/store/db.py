@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import InvalidArgument
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,13 +57,36 @@ def default_path() -> Path:
 class Store:
     """The records file. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+    def __init__(self, path: str | Path | None = None, *, create: bool = True):
+        """Open the store at ``path`` (default: :func:`default_path`); ``create=False`` (readers such as
+        ``ondevice report``) refuses a missing file, or a SQLite file without a records table, rather than
+        make one.
+
+        Raises:
+            InvalidArgument: no store there (with ``create=False``), or a file that is not an ondevice store.
+        """
+        self.path = Path(path).expanduser() if path else default_path()
+        if not create and not self.path.exists():
+            raise InvalidArgument(f"no ondevice store at {self.path}; record one with `ondevice bench` or "
+                                  f"`ondevice eval`, or give another --db")
+        from ..models.store import make_parent
+
+        make_parent(self.path, "give another --db")
+        self.db = None
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            if not create and not self.db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
+                raise sqlite3.DatabaseError("no records table")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:  # not a database, a directory, an unreadable file, someone else's DB
+            if self.db is not None:
+                self.db.close()
+            if "locked" in str(e):  # a store, busy for longer than the timeout
+                raise
+            raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; give another --db") from None
 
     def __enter__(self) -> Store:
         return self

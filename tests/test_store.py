@@ -1,0 +1,50 @@
+"""The records store refuses what is not one in one line, and readers never create one."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from ondevice.errors import InvalidArgument, OndeviceError
+from ondevice.store import Store
+
+
+def test_a_file_that_is_not_a_store_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    for path in (tmp_path / "notes.txt", tmp_path):  # a text file; a folder
+        with pytest.raises(InvalidArgument, match=r"is not an ondevice store \(SQLite\).*give another --db"):
+            Store(path)
+    with pytest.raises(OndeviceError, match=r"notes.txt is a file, not a folder; give another --db") as e:
+        Store(tmp_path / "notes.txt" / "x.sqlite")
+    assert isinstance(e.value, OSError)  # still an OSError for callers that catch one
+
+
+def test_readers_do_not_create_a_store(tmp_path):
+    missing = tmp_path / "sub" / "none.sqlite"
+    with pytest.raises(InvalidArgument, match="no ondevice store at .*none.sqlite"):
+        Store(missing, create=False)
+    assert not missing.parent.exists()
+    foreign = tmp_path / "other.sqlite"  # someone else's SQLite file gets no tables of ours
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(InvalidArgument, match="other.sqlite is not an ondevice store"):
+        Store(foreign, create=False)
+    with sqlite3.connect(foreign) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["t"]
+    Store(tmp_path / "s.sqlite").close()
+    with Store(tmp_path / "s.sqlite", create=False) as st:
+        assert st.sessions() == []
+
+
+def test_report_and_bench_name_a_bad_db_in_one_line(cli, tmp_path):
+    bad = tmp_path / "notdb.sqlite"
+    bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    for args in (("report", "--db", str(bad)), ("bench", "--db", str(bad), "-p", "8", "-n", "4", "-r", "1")):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"ondevice {args[0]}: error: {bad} is not an ondevice store (SQLite): file is " \
+                                   f"not a database; give another --db"
+    r = cli("report", "--db", str(tmp_path / "x" / "none.sqlite"))
+    assert r.returncode == 2 and "no ondevice store at" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()

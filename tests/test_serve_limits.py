@@ -103,9 +103,13 @@ def test_oversize_prompt_is_400_naming_limit(srv, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 200}], max_tokens=4)
     err = e.value.body
-    assert err["code"] == "context_length_exceeded" and "at most 64" in err["message"]
-    with pytest.raises(openai.BadRequestError):
+    assert err["code"] == "context_length_exceeded" and "at most 64" in err["message"] and err["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt=list(range(100, 180)), max_tokens=1)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="m", input="word " * 200)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "input"
     _still_serving(client)
 
 
@@ -235,3 +239,17 @@ def test_request_timeout_is_504_and_frees_the_slot():
         short = httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
                            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert short.status_code == 200
+
+
+def test_a_bad_host_or_a_taken_port_names_the_flag_to_change():
+    from ondevice.errors import OndeviceError
+    from ondevice.serve.server import _bind
+
+    with pytest.raises(OndeviceError, match="--host must be an address of this machine"):
+        _bind("999.1.1.1", 0)
+    taken = _bind("127.0.0.1", 0)  # listening: a second bind fails even with SO_REUSEADDR
+    try:
+        with pytest.raises(OndeviceError, match="pick another --port"):
+            _bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()

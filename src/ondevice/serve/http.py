@@ -30,8 +30,11 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def error_payload(exc: BaseException) -> tuple[int, dict, dict | None]:
-    """(status, OpenAI error body, headers) for an exception raised while serving a request."""
+PROMPT_FIELD = {"/v1/completions": "prompt", "/v1/embeddings": "input"}  # else chat's "messages"
+
+
+def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict | None]:
+    """(status, OpenAI error body, headers) for an exception raised while serving a request to ``path``."""
     from .state import PromptTooLong
 
     def body(msg, type_, code=None, param=None):
@@ -44,7 +47,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict, dict | None]:
     if isinstance(exc, ShuttingDown):
         return 503, body(str(exc), "server_error", "shutting_down"), None
     if isinstance(exc, (PromptTooLong, ContextOverflow)):
-        return 400, body(str(exc), "invalid_request_error", "context_length_exceeded", "messages"), None
+        return 400, body(str(exc), "invalid_request_error", "context_length_exceeded",
+                         PROMPT_FIELD.get(path, "messages")), None
     if isinstance(exc, OndeviceError):
         return 400, body(str(exc), "invalid_request_error", "invalid_value"), None
     if isinstance(exc, UnicodeError):  # e.g. a lone surrogate ("\ud800") in a field that reaches an encoder
@@ -75,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
-        status, body, headers = error_payload(exc)
+        status, body, headers = error_payload(exc, request.url.path)
         if status == 500:  # unclassified, a bug: keep the traceback (the others have their access log line)
             logging.getLogger("ondevice.serve").error("%s %s failed", request.method, request.url.path,
                                                       exc_info=exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import threading
@@ -41,6 +42,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+            raise OndeviceError(f"cannot listen on {host}:{port} ({e.strerror}): --host must be an address of "
+                                f"this machine (127.0.0.1, 0.0.0.0 for every interface, ::1)") from e
         raise OndeviceError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
                             f"or stop what is using it") from e
     sock.listen(2048)

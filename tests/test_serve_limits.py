@@ -158,6 +158,26 @@ def test_disconnect_mid_stream_frees_the_slot(srv, client):
     _still_serving(client)
 
 
+def test_a_client_gone_before_its_whole_answer_frees_the_slot(srv, client):
+    """A request answered in one piece (no stream writes to fail) notices its client left while tokens flow."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    made = _metric(srv, "ondevice_generation_tokens_total")
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 180,
+                       "ignore_eos": True}).encode()
+    u = urlparse(srv.base_url)
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert _wait_health(srv, "slots_processing", 1)["slots_processing"] == 1
+    sock.close()  # gone while its 180 tokens are being made
+    assert _wait_health(srv, "slots_processing", 0)["slots_processing"] == 0
+    assert _metric(srv, "ondevice_generation_tokens_total") - made < 150  # stopped, not run to its end
+    _still_serving(client)
+
+
 def test_full_queue_is_429_with_retry_after(srv, client):
     stream = _LongStream(srv)  # holds the only slot
     queued: dict = {}

@@ -25,6 +25,7 @@ from .chunks import lp_entry, sse, text_sse, timings_of, usage_of
 from .http import Guard, ShuttingDown, access_logger, error_payload, install_error_handlers, note
 from .state import ServerState, message_dicts
 
+DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
 MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request (OpenAI allows 2048; each costs a decode here)
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/health", "/metrics",
           "/tokenize", "/detokenize", "/tokenizer_info"}
@@ -185,13 +186,21 @@ class Runner:
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
 
     async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[Generation | tuple]:
-        """The job's events until its end; a timeout or a gone client cancels it and frees the slot."""
+        """The job's events until its end; a timeout or a gone client cancels it and frees the slot. With
+        ``poll_disconnect`` (no stream writes to notice a gone client) the connection is checked every
+        ``DISCONNECT_POLL_S`` while tokens come, and after a second without any."""
         finished = False
+        next_poll = time.perf_counter() + DISCONNECT_POLL_S
         try:
             while True:
-                left = job.timeout - (time.perf_counter() - job.t_arrival)
+                now = time.perf_counter()
+                left = job.timeout - (now - job.t_arrival)
                 if left <= 0:
                     raise JobTimeout(f"the request took longer than {job.timeout:g} s")
+                if poll_disconnect and now >= next_poll:  # Starlette's check does not wait: it looks once
+                    next_poll = now + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        return
                 try:
                     if job.queue.empty():  # asyncio.timeout, not wait_for: no extra task per token
                         async with asyncio.timeout(min(left, 1.0)):

@@ -341,6 +341,10 @@ def test_resume_after_kill_9_skips_finished_configs(tmp_path, smol_path):
     ids = {k: i for k, i, _ in after}
     assert all(ids[k] == i for k, i in before.items())  # the records stored before the kill are untouched
     assert {s for _, _, s in after} == {"s1"}
+    assert "holds no records" not in res.stderr
+    typo = [*args[:args.index("s1")], "s2", *args[args.index("s1") + 1:], "--tests", "tg4", "-ub", "512", "--resume"]
+    res = subprocess.run(typo, env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0 and "--resume: session s2 holds no records, so every test ran" in res.stderr, res.stderr
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_records(tmp_path, smol_path):

@@ -232,16 +232,20 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
         session = prev[0][0] if prev else None
     session = session or new_session_id()
     done: dict[str, BenchRecord] = {}
+    notes: list[str] = []
     if resume and store is not None:
-        for r in map(BenchRecord.from_dict, store.records("bench", session)):
+        stored = store.records("bench", session)
+        for r in map(BenchRecord.from_dict, stored):
             if r.status in DONE_STATUSES:
                 done[r.config_key] = r
+        if not stored:  # a typo in --session, or a sweep killed before its first record: say which it ran
+            notes.append(f"--resume: session {session} holds no records, so every test ran "
+                         f"(`ondevice report --list` shows the stored sessions)")
     result = BenchResult()
     result.session = session
     n_total = sum(len(c.tests) for c in configs)
     bar = Progress(n_total, progress)
     roofs: dict[int, object] = {}
-    notes: list[str] = []
     if roofline and config.reprobe:  # measure the machine again first, once per thread count
         for t in sorted({c.settings["threads"] for c in configs}):
             _probe(t, roofs, notes, refresh=True)

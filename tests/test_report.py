@@ -300,3 +300,12 @@ def test_quality_vs_speed_joins_on_sha_and_marks_front():
     assert by[("suite:assistant-en", "q4")]["higher_is_better"]
     html = build_html(bench, evals)
     assert "Quality vs speed: ppl:lee" in html and "Pareto front" in html
+
+
+def test_compare_headers_keep_whole_session_ids():
+    from ondevice.report.compare import format_compare
+
+    row = {"model": "m", "threads": 2, "test": "tg8", "kernels_a": "none", "kernels_b": "none", "tps_a": 10.0,
+           "std_a": 0.1, "tps_b": 11.0, "std_b": 0.2, "speedup": 1.1}
+    head = format_compare([row], "20261202-102819-aaaa11", "20261202-102819-bbbb22").splitlines()[0]
+    assert "t/s 20261202-102819-aaaa11" in head and "t/s 20261202-102819-bbbb22" in head

@@ -66,7 +66,7 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
     """A markdown table with the speedup column (B t/s / A t/s; > 1 means B is faster)."""
     if not rows:
         return "(no configuration was measured in both; nothing to compare)\n"
-    head = ["model", "threads", "test", "kernels", f"t/s {label_a[:20]}", f"t/s {label_b[:20]}", "speedup"]
+    head = ["model", "threads", "test", "kernels", f"t/s {label_a}", f"t/s {label_b}", "speedup"]
     kern = lambda r: r["kernels_a"] if r["kernels_a"] == r["kernels_b"] else f"{r['kernels_a']} -> {r['kernels_b']}"
     body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r), f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}",
              f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}", f"{r['speedup']:.2f}"] for r in rows]

@@ -481,3 +481,29 @@ def test_eval_curve_stored_and_reported(cloud, cli, tmp_path):
     assert "cascade:rewrite" in rep.stdout
     page = (tmp_path / "c.html").read_text()
     assert "<svg" in page and "oracle" in page
+
+
+def test_a_stopping_server_answers_a_request_waiting_on_the_cloud_from_the_device(home):
+    """A deferred request waits on a cloud that never answers; the server stops: the request gets the device's
+    answer, marked, at once, instead of outliving the shutdown's grace period (and its traceback)."""
+    import socket
+    import threading
+
+    mute = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    conns: list = []
+    threading.Thread(target=lambda: conns.append(mute.accept()[0]), daemon=True).start()
+    got: dict = {}
+    srv = _device(f"http://127.0.0.1:{mute.getsockname()[1]}", cascade_timeout=300)
+    with srv:
+        t = threading.Thread(target=lambda: got.update(zip(("h", "text", "info"), _ask(srv, {"always_defer": True}))))
+        t.start()
+        deadline = time.monotonic() + 120
+        while not conns and time.monotonic() < deadline:  # the device answered and the cascade asks the cloud
+            time.sleep(0.05)
+        assert conns, "the request never reached the cloud"
+        t0 = time.monotonic()
+        srv.server.should_exit = True  # what a stop signal does
+        t.join(timeout=30)
+    assert time.monotonic() - t0 < 4  # not the grace period, nor the 300 s cloud timeout
+    assert got["info"]["fallback"] == "shutdown" and got["info"]["tier"] == "device" and got["text"]
+    mute.close()

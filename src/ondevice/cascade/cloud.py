@@ -10,6 +10,7 @@ own device fallback. Every failure becomes a :class:`CloudError` with a short ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -57,10 +58,12 @@ def base_url(url: str) -> str:
     return u if u.endswith("/v1") else u + "/v1"
 
 
-def _classify(e: BaseException, url: str, timeout: float) -> CloudError:
+def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False) -> CloudError:
     openai = _openai()
     if isinstance(e, CloudError):
         return e
+    if stopping and isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+        return CloudError("shutdown", "the server is stopping: the device answered")
     if isinstance(e, (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError)):
         return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s")
     if isinstance(e, openai.APIConnectionError):
@@ -83,6 +86,8 @@ class CloudClient:
         self.model = model
         self.key_env = key_env
         self.timeout = timeout
+        self.stopping = False
+        self._waits: set = set()  # the asyncio.timeout of every wait on the cloud in progress
         self._sync = None
         self._async = None
 
@@ -109,7 +114,7 @@ class CloudClient:
             try:
                 self.model = self.sync_client.models.list().data[0].id
             except Exception as e:
-                raise _classify(e, self.url, self.timeout) from e
+                raise _classify(e, self.url, self.timeout, self.stopping) from e
         return self.model
 
     def chat(self, messages: list[dict], **params) -> CloudAnswer:
@@ -118,7 +123,7 @@ class CloudClient:
             r = self.sync_client.chat.completions.create(model=self.model_id(), messages=messages, **_params(params))
             return _answer(r, time.perf_counter() - t0)
         except Exception as e:
-            raise _classify(e, self.url, self.timeout) from e
+            raise _classify(e, self.url, self.timeout, self.stopping) from e
 
     # -- async (server) ----------------------------------------------------------------------------------
     async def amodel_id(self) -> str:
@@ -127,37 +132,55 @@ class CloudClient:
                 async with asyncio.timeout(self.timeout):
                     self.model = (await self.async_client.models.list()).data[0].id
             except Exception as e:
-                raise _classify(e, self.url, self.timeout) from e
+                raise _classify(e, self.url, self.timeout, self.stopping) from e
         return self.model
+
+    @contextlib.asynccontextmanager
+    async def _wait(self):
+        """``asyncio.timeout(self.timeout)``, ended at once by :meth:`stop_waiting`."""
+        async with asyncio.timeout(0 if self.stopping else self.timeout) as t:
+            self._waits.add(t)
+            try:
+                yield
+            finally:
+                self._waits.discard(t)
+
+    def stop_waiting(self) -> None:
+        """The server is stopping: every wait on the cloud ends now as a ``shutdown`` CloudError, so a deferred
+        request gets its device answer (marked) instead of outliving the server's grace period."""
+        self.stopping = True
+        now = asyncio.get_running_loop().time()
+        for t in list(self._waits):
+            t.reschedule(now)
 
     async def achat(self, messages: list[dict], **params) -> CloudAnswer:
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._wait():
                 r = await self.async_client.chat.completions.create(model=await self.amodel_id(), messages=messages,
                                                                     **_params(params))
             return _answer(r, time.perf_counter() - t0)
         except Exception as e:
-            raise _classify(e, self.url, self.timeout) from e
+            raise _classify(e, self.url, self.timeout, self.stopping) from e
 
     async def astream(self, messages: list[dict], **params) -> AsyncIterator[str]:
         """Text deltas of a streamed answer; waits at most ``timeout`` for each (the first included)."""
         stream = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._wait():
                 stream = await self.async_client.chat.completions.create(
                     model=await self.amodel_id(), messages=messages, stream=True, **_params(params))
             it = stream.__aiter__()
             while True:
                 try:
-                    async with asyncio.timeout(self.timeout):
+                    async with self._wait():
                         chunk = await it.__anext__()
                 except StopAsyncIteration:
                     return
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except Exception as e:
-            raise _classify(e, self.url, self.timeout) from e
+            raise _classify(e, self.url, self.timeout, self.stopping) from e
         finally:
             if stream is not None:
                 await stream.close()  # returns the connection to the pool (or drops it) at once

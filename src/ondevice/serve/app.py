@@ -169,6 +169,8 @@ class Runner:
         """The server is stopping: end every request in flight now, on the event loop (a stream gets an error
         event, any other request a 503), rather than generate on until the graceful shutdown's time is up."""
         self.closing = True
+        if self.state.cascade is not None:  # deferred requests waiting on the cloud: the device answers now
+            self.state.cascade.cloud.stop_waiting()
         for job in list(self.live):
             job.cancel()
             job.queue.put_nowait(("err", ShuttingDown()))  # after the job's last event it is never read

@@ -374,3 +374,29 @@ def test_plans_become_graph_nodes_and_sops_load(tmp_path):
     assert sop_prompt([SOP.load(f)]) == "Procedure 'banking':\nAlways check the balance before a transfer."
     with pytest.raises(InvalidArgument, match="no SOP file"):
         SOP.load(tmp_path / "missing.txt")
+
+
+def test_direct_retries_count_attempts_on_one_clock(monkeypatch):
+    """Without a plan, a failed call is written again by the actor: the corrected call is the tool's attempt 2
+    (its first try kept beside it) and every event's time counts from the request's start."""
+    import ondevice.agent.agent as agent_mod
+    from ondevice.agent import Agent, Toolbox
+    from ondevice.agent.calls import Turn
+    from ondevice.engine.toolcalls import Call
+
+    def div(a: int, b: int) -> float:
+        """a / b."""
+        return a / b
+
+    script = iter([{"a": 1, "b": 0}, {"a": 1, "b": 2}])  # a stand-in for the actor: wrong, then corrected
+
+    def turn(*args, **kw):
+        time.sleep(0.05)
+        return Turn(text="", calls=[Call("div", next(script))], constrained=True)
+
+    monkeypatch.setattr(agent_mod, "call_turn", turn)
+    events = []
+    run = Agent(Toolbox([div]), actor=object(), on_event=events.append).run("halve one", plan=False)
+    assert run.ok and [a["ok"] for a in run.nodes[0].attempts] == [False, True]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [e["attempt"] for e in starts] == [1, 2] and starts[1]["t"] > starts[0]["t"] + 0.04

@@ -176,6 +176,7 @@ class Agent:
 
     def _direct(self, request: str, tools: list[Tool], turns: list, t0: float) -> AgentRun:
         msgs = [{"role": "user", "content": request}]
+        tried: dict[str, list[dict]] = {}  # tool -> its earlier tries: a corrected call is their next attempt
         for attempt in range(self.max_retries + 1):
             turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
                              system=sop_prompt(self.sops))
@@ -184,9 +185,11 @@ class Agent:
                 return AgentRun(request, [], None, turns, answer=turn.text.strip(), seconds=time.perf_counter() - t0)
             problem = check_calls(turn.calls, tools)
             if problem is None:
-                nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments) for i, c in enumerate(turn.calls)]
+                nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments, attempts=list(tried.get(c.name, [])))
+                         for i, c in enumerate(turn.calls)]
                 g = run_graph(nodes, self.toolbox, parallel=self.parallel, max_workers=self.max_workers,
-                              confirm=self.confirm, on_event=self.on_event)
+                              confirm=self.confirm, on_event=self.on_event, t0=t0)
+                tried = {n.tool: n.attempts for n in g.nodes.values()}
                 failed = [n for n in g.nodes.values() if n.status == "failed" and n.result.kind == "failed"]
                 if not failed or attempt == self.max_retries:
                     return AgentRun(request, list(g.nodes.values()), g, turns, seconds=time.perf_counter() - t0)

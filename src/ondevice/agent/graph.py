@@ -121,11 +121,12 @@ Replan = Callable[[dict[str, Node], Node], list[Node] | None]  # (graph, failed 
 def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fill | None = None,
               parallel: bool = True, max_workers: int = 4, max_retries: int = 1, confirm: Confirm | None = None,
               replan: Replan | None = None, max_replans: int = 1,
-              on_event: Callable[[dict], None] | None = None) -> GraphRun:
-    """Run the graph to the end; every node ends ``done``, ``failed`` or ``blocked``."""
+              on_event: Callable[[dict], None] | None = None, t0: float | None = None) -> GraphRun:
+    """Run the graph to the end; every node ends ``done``, ``failed`` or ``blocked``. Event times count from
+    ``t0`` (a perf_counter time; default now: a run that continues an earlier one keeps its clock)."""
     graph = {n.id: n for n in nodes} if isinstance(nodes, list) else dict(nodes)
     check_graph(graph)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     log: list[dict] = []
     replans = 0
 

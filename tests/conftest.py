@@ -60,3 +60,33 @@ def cli(tmp_path):
                               text=True, timeout=timeout, env=e)
 
     return run
+
+
+@contextlib.contextmanager
+def serve_process(tmp_path, *flags: str, group: bool = False):
+    """``ondevice serve`` (under its supervisor, as a user starts it) listening: (its Popen, the base URL, the
+    stderr file). ``group``: in a process group of its own, as a shell starts a job (with Ctrl-C's default
+    action). Killed if still running at the end."""
+    import signal
+    import time
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w+")  # noqa: SIM115 — closed below
+    # a shell starts a job with Ctrl-C's default action, even where this test run has SIGINT ignored
+    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if group else None
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
+                             "-c", "4096", *flags], stderr=log, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=group, preexec_fn=default_sigint)  # noqa: PLW1509 — no thread yet
+    try:
+        deadline = time.monotonic() + 120
+        while "on http://" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        line = next(x for x in log_path.read_text().splitlines() if "on http://" in x)
+        yield proc, line.split(" on ")[1].split()[0], log_path
+    finally:
+        if proc.poll() is None:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

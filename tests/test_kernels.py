@@ -14,6 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import serve_process
 
 from ondevice.device import kernels as K
 from ondevice.errors import InvalidArgument
@@ -126,9 +127,9 @@ def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache, 
     from pathlib import Path
 
     from ondevice.engine.base import EngineConfig
-    from ondevice.quant.quantize import ftype_id, run_worker
     from ondevice.engine.bufts import offered, wanted
     from ondevice.engine.llama import LlamaEngine
+    from ondevice.quant.quantize import ftype_id, run_worker
 
     names = offered()
     if "CPU_REPACK" not in names:
@@ -228,34 +229,25 @@ def test_supervised_exit_codes_and_output_pass_through(cli):
 
 @contextlib.contextmanager
 def _supervised_server(tmp_path):
-    """``ondevice serve`` under its supervisor, listening: (the supervisor's Popen, base URL, the serving child).
-    The caller stops it; the supervisor is killed if it is still running at the end."""
+    """``ondevice serve`` listening: (the supervisor's Popen, base URL, the serving child, the stderr file)."""
     import psutil
 
-    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
-    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
-                             "-np", "1", "-c", "256"], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()  # "ondevice serve: NAME on http://127.0.0.1:PORT/v1 ..." once it listens
-        assert "on http://" in line, line
+    with serve_process(tmp_path, "-np", "1", "-c", "256") as (proc, url, log):
         children = psutil.Process(proc.pid).children()
         assert len(children) == 1  # the supervised child does the serving
-        yield proc, line.split(" on ")[1].split()[0], children[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        yield proc, url, children[0], log
 
 
-def _stop(proc) -> tuple[int, str]:
+def _stop(proc, log) -> tuple[int, str]:
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
-    return rc, proc.stderr.read()
+    return rc, log.read_text()
 
 
 def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
-    with _supervised_server(tmp_path) as (proc, _, child):
+    with _supervised_server(tmp_path) as (proc, _, child, log):
         time.sleep(0.5)
-        rc, rest = _stop(proc)
+        rc, rest = _stop(proc, log)
     assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
     assert not child.is_running()
 
@@ -263,7 +255,7 @@ def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
 def test_a_stopped_and_continued_supervisor_keeps_serving(tmp_path):
     """Ctrl-Z then fg (SIGSTOP/SIGCONT; a profiler attaching does the same) for longer than the supervisor's
     wait: CPython then hands back an unset siginfo, which must not be taken for a signal to forward."""
-    with _supervised_server(tmp_path) as (proc, url, child):
+    with _supervised_server(tmp_path) as (proc, url, child, log):
         for _ in range(2):
             proc.send_signal(signal.SIGSTOP)
             time.sleep(1.6)  # past the supervisor's 1 s wait
@@ -271,7 +263,7 @@ def test_a_stopped_and_continued_supervisor_keeps_serving(tmp_path):
             time.sleep(0.5)
         assert proc.poll() is None and child.is_running()
         assert httpx.get(url + "/models", timeout=30).status_code == 200
-        rc, rest = _stop(proc)
+        rc, rest = _stop(proc, log)
     assert rc in (0, 128 + signal.SIGTERM) and "Traceback" not in rest, rest[-2000:]
 
 

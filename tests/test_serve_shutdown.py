@@ -3,46 +3,18 @@ at once and cleanly, the process exits promptly with its usual status, and nothi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import serve_process
 
 PROMPT = "Count from one to a million, in words."
 STOP_BUDGET_S = 4  # exit after a stop signal: a behaviour check (the bug waited 5 s), not a benchmark
-
-
-@contextlib.contextmanager
-def _server(tmp_path, *flags: str, group: bool = False):
-    """``ondevice serve`` listening: (its Popen, the base URL, the stderr file). ``group``: in a process group
-    of its own, as a shell starts a job (with Ctrl-C's default action). Killed if still running at the end."""
-    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "w+")  # noqa: SIM115 — closed below
-    # a shell starts a job with Ctrl-C's default action, even where this test run has SIGINT ignored
-    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if group else None
-    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
-                             "-c", "4096", *flags], stderr=log, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=group, preexec_fn=default_sigint)  # noqa: PLW1509 — no thread yet
-    try:
-        deadline = time.monotonic() + 120
-        while "on http://" not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        line = next(x for x in log_path.read_text().splitlines() if "on http://" in x)
-        yield proc, line.split(" on ")[1].split()[0], log_path
-    finally:
-        if proc.poll() is None:
-            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _exit_after(proc, t0: float) -> tuple[int, float]:
@@ -55,7 +27,7 @@ def _exit_after(proc, t0: float) -> tuple[int, float]:
 def test_a_stop_signal_ends_the_requests_in_flight_at_once(tmp_path, sig, code):
     """An open stream ends with an error event the OpenAI client raises (it never passes a cut reply off as
     complete); a plain request in flight gets a 503; the server exits within a moment, no traceback."""
-    with _server(tmp_path, "-np", "2") as (proc, url, log):
+    with serve_process(tmp_path, "-np", "2") as (proc, url, log):
         plain: dict = {}
 
         def post():
@@ -88,7 +60,7 @@ def test_a_stop_signal_ends_the_requests_in_flight_at_once(tmp_path, sig, code):
 def test_a_repeated_sigint_exits_130_without_a_traceback(tmp_path, kill):
     """`kill -INT -PGID` reaches the serving child twice (directly, and forwarded by its supervisor); Ctrl-C
     pressed twice the same: either is one request to stop."""
-    with _server(tmp_path, "-np", "1", group=True) as (proc, url, log):
+    with serve_process(tmp_path, "-np", "1", group=True) as (proc, url, log):
         assert httpx.get(url + "/models", timeout=30).status_code == 200
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
@@ -103,7 +75,7 @@ def test_a_repeated_sigint_exits_130_without_a_traceback(tmp_path, kill):
 
 def test_a_timeout_logs_one_line_not_a_traceback(tmp_path):
     """A 504 (--timeout) is an expected, classified error: its access log line, nothing more."""
-    with _server(tmp_path, "-np", "1", "--timeout", "0.5") as (proc, url, log):
+    with serve_process(tmp_path, "-np", "1", "--timeout", "0.5") as (proc, url, log):
         r = httpx.post(url + "/completions", json={"prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True},
                        timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"

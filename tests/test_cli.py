@@ -44,11 +44,20 @@ def test_invalid_flag_value_names_the_flag(cli):
 
 
 def test_prompt_over_context_names_both_numbers(cli):
-    # llama.cpp rounds the context up (to 256 here), so the message must name the real size
-    r = cli("run", "--ctx", "64", "--raw", "hello " * 400)
+    # llama.cpp pads the KV to 256 cells; the context asked for is still the limit (a 41-token prompt ran before)
+    r = cli("run", "--ctx", "32", "--raw", "hello " * 40)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     m = re.search(r"has (\d+) tokens but the context window holds (\d+)", r.stderr)
-    assert m and int(m.group(1)) > 400 > int(m.group(2)) >= 64
+    assert m and int(m.group(1)) > 32 and int(m.group(2)) == 32
+
+
+def test_generation_stops_where_the_asked_context_ends(cli):
+    r = cli("run", "--ctx", "48", "--raw", "--temp", "0", "-n", "100", "--ignore-eos", "--timings", "json",
+            "hello " * 30)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stderr.strip().splitlines()[-1])
+    # the last token generated is never fed back, so it needs no cell: 48 cells hold prompt + all but it
+    assert rec["prompt_tokens"] + rec["generation_tokens"] == 49 and rec["finish_reason"] == "length"
 
 
 def test_chat_multi_turn_with_reset_and_bye(cli):

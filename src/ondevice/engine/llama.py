@@ -167,7 +167,8 @@ class LlamaEngine(Engine):
             self.model = None
             self.close()
             raise OndeviceError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller --ctx")
-        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        # llama.cpp pads the KV to a multiple of 256 cells; the context the user asked for is still the limit
+        self.n_ctx = min(n_ctx, ll.llama_n_ctx(self.ctx))
         self.n_batch = cparams.n_batch
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)

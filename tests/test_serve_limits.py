@@ -130,9 +130,9 @@ def test_malformed_json_and_wrong_types_are_400(srv, client):
                                                  "tool_choice": "required"})
     assert r.status_code == 400 and "tools" in _error(r)["message"]
     r = _post(srv, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                 "response_format": {"type": "json_schema",
-                                                                     "json_schema": {"name": "x"}}})
-    assert r.status_code == 400
+                                                 "response_format": {"type": "json_schema", "json_schema": {
+                                                     "name": "x", "schema": {"$ref": "#/$defs/nowhere"}}}})
+    assert r.status_code == 400 and "response_format.json_schema.schema" in _error(r)["message"]
     r = _post(srv, "/tokenize", json={"content": 5})
     assert r.status_code == 400
     r = _post(srv, "/detokenize", json={"tokens": [10 ** 9]})

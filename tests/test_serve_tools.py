@@ -169,3 +169,19 @@ def test_qwen_tool_choice_none_offers_no_tools(qwen):
     ch = none.choices[0]
     assert not ch.message.tool_calls and "<tool_call>" not in (ch.message.content or "")
     assert ch.message.content == plain.choices[0].message.content
+
+
+@needs_qwen
+def test_qwen_with_tools_and_a_response_format_calls_or_answers_in_the_format(qwen):
+    """OpenAI (and the Agents SDK, for an agent with tools and an output type) sends both: the reply is calls,
+    or content in the format."""
+    city = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                             "country": {"type": "string", "maxLength": 20}},
+            "required": ["name", "country"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": city}}
+    call = _ask(qwen, "What is the weather in Paris?", tool_choice="auto", response_format=fmt).choices[0]
+    assert [c.function.name for c in call.message.tool_calls] == ["get_weather"] and call.message.content is None
+    answer = _ask(qwen, "Which country is Paris in? Answer as JSON.", max_tokens=40, tool_choice="auto",
+                  response_format=fmt).choices[0]
+    assert not answer.message.tool_calls and answer.finish_reason == "stop"
+    assert set(json.loads(answer.message.content)) == {"name", "country"}

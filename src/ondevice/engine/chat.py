@@ -274,7 +274,22 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
             raise InvalidArgument(f"messages[{i}] must be a dict with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
             raise InvalidArgument(f"messages[{i}].role {m['role']!r} is not one of system, user, assistant, tool")
-        out.append(dict(m, content=m.get("content") or ""))
+        # OpenAI's "developer" messages are system messages to a chat template (as llama-server reads them)
+        out.append(dict(m, role="system" if m["role"] == "developer" else m["role"], content=m.get("content") or ""))
+    return out
+
+
+def calls_as_text(messages: Sequence[Message]) -> list[Message]:
+    """For a template that does not render ``tool_calls``: each assistant message's calls appended to its
+    content as the JSON it was asked to write (one ``{"name", "arguments"}`` object, or an array of them)."""
+    out = []
+    for m in messages:
+        calls = [c.get("function", c) for c in m.get("tool_calls") or ()]
+        if calls:
+            calls = [{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls]
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+            m["content"] = (m.get("content") or "") + json.dumps(calls[0] if len(calls) == 1 else calls)
+        out.append(m)
     return out
 
 
@@ -289,6 +304,8 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
     from jinja2.exceptions import TemplateError
 
     messages = validate_messages(messages)
+    if "tool_calls" not in template:
+        messages = calls_as_text(messages)
     limit = max(MIN_OUTPUT_CHARS, CHARS_PER_CTX_TOKEN * n_ctx)
     _budget.deadline, _budget.max_chars = time.monotonic() + timeout, limit
     try:
@@ -318,7 +335,7 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
 def plain_prompt(messages: Sequence[Message]) -> str:
     """Fallback for base models (no template): the conversation as plain text, ready to continue."""
     parts = []
-    for m in validate_messages(messages):
+    for m in calls_as_text(validate_messages(messages)):
         role = {"system": "", "user": "User: ", "assistant": "Assistant: "}.get(m["role"], f"{m['role']}: ")
         parts.append(f"{role}{m['content']}")
     if messages and messages[-1].get("role") != "assistant":

@@ -2,27 +2,98 @@
 
 One place for the server's ``response_format`` and the agent's plans; tool calls build on it in
 :mod:`ondevice.engine.toolcalls`. JSON schema -> GBNF uses llama-cpp-python's converter
-(``llama_cpp.llama_grammar``), the one its own server uses. A tool call is the JSON object
-``{"name": ..., "arguments": {...}}`` constrained to the tools' parameter schemas; with ``parallel``
-(OpenAI's ``parallel_tool_calls``) a JSON array of such objects is allowed too.
+(``llama_cpp.llama_grammar``), the one its own server uses, after :func:`normalise` has rewritten what that
+converter cannot read into what it can (the schemas pydantic, LangChain and the OpenAI SDK write: ``{}`` and
+annotation-only schemas for "any value", a ``$ref`` at the root, ``$defs`` under a tool's parameters). A tool
+call is the JSON object ``{"name": ..., "arguments": {...}}`` constrained to the tools' parameter schemas;
+with ``parallel`` (OpenAI's ``parallel_tool_calls``) a JSON array of such objects is allowed too.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 from ..errors import InvalidArgument
+
+# what JSON Schema's ``{}`` means: any value (the converter reads ``{}`` as any object, and an annotation-only
+# schema such as pydantic's ``{"title": "X"}`` for ``Any`` not at all)
+ANY_VALUE = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+                "$schema", "$id"}
+_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")  # a schema each
+_SUBSCHEMA_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_DEFS = ("$defs", "definitions")
+
+
+def normalise(schema, hoisted: dict | None = None, prefix: str = ""):
+    """A copy of ``schema`` the converter reads as JSON Schema means it: ``{}`` and annotation-only schemas
+    become :data:`ANY_VALUE`. With ``hoisted`` (a dict), the ``$defs``/``definitions`` of every level move
+    into it, renamed ``prefix + name``, and every local ``$ref`` (``#`` included: the schema itself) points
+    to ``#/$defs/<new name>``: for a schema that will sit inside another one (a tool's parameters)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if hoisted is not None:
+        for key in _DEFS:
+            for name, sub in (out.pop(key, None) or {}).items():
+                hoisted[f"{prefix}{name}"] = normalise(sub, hoisted, prefix)
+        ref = out.get("$ref")
+        if ref == "#":
+            hoisted.setdefault(f"{prefix}self", None)  # :func:`hoist` puts the whole schema there
+            out["$ref"] = f"#/$defs/{prefix}self"
+        elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            out["$ref"] = f"#/$defs/{prefix}{ref.rsplit('/', 1)[1]}"
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = normalise(out[key], hoisted, prefix)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [normalise(s, hoisted, prefix) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: normalise(s, hoisted, prefix) for k, s in out[key].items()}
+    if not set(out) - _ANNOTATIONS:
+        return dict(ANY_VALUE)
+    return out
+
+
+def hoist(schema: dict, defs: dict, prefix: str) -> dict:
+    """:func:`normalise` ``schema`` to sit inside another schema, its definitions moved into ``defs``."""
+    out = normalise(schema, defs, prefix)
+    if f"{prefix}self" in defs and defs[f"{prefix}self"] is None:
+        defs[f"{prefix}self"] = out
+    return out
 
 
 def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema") -> str:
     """GBNF for a JSON schema (an error naming ``what`` when the converter cannot express it)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    schema = normalise(schema)
+    if "$ref" in schema:
+        # the converter resolves the $refs inside a node that has one only when that node is reached through
+        # another: a root $ref (pydantic's recursive models) becomes a one-way union, the same language
+        schema = {k: v for k, v in schema.items() if k != "$ref"} | {"anyOf": [{"$ref": schema["$ref"]}]}
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
+
+
+def schema_rules(parts: dict[str, dict], what: str) -> str:
+    """GBNF in which each ``parts`` name is a rule for its schema, from one converter run (so the rules
+    the parts share are defined once); no ``root`` rule. Each part's ``$defs`` go to the root, renamed."""
+    defs: dict = {}
+    alts = [hoist(s, defs, f"p{i}-") for i, s in enumerate(parts.values())]
+    gbnf = schema_grammar({"anyOf": alts, **({"$defs": defs} if defs else {})}, what)
+    m = re.search(r"(?m)^root ::= (.*)$", gbnf)
+    names = m.group(1).split(" | ") if m else []
+    if len(names) != len(parts):  # the converter's root is one rule per alternative; anything else is a bug
+        raise InvalidArgument(f"{what} cannot be turned into a grammar (unexpected root {m and m.group(1)!r})")
+    return "\n".join([gbnf[:m.start()] + gbnf[m.end() + 1:], *(f"{n} ::= {r}" for n, r in zip(parts, names))])
 
 
 def json_object_grammar() -> str:
@@ -33,9 +104,11 @@ def json_object_grammar() -> str:
 
 def tool_call_schema(functions: Sequence[tuple[str, dict]], parallel: bool, max_calls: int | None = None) -> dict:
     """JSON schema of one call (or, with ``parallel``, also an array of up to ``max_calls`` calls) to
-    ``(name, parameters)``."""
-    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-              "required": ["name", "arguments"], "additionalProperties": False} for name, params in functions]
+    ``(name, parameters)``; the parameters' ``$defs`` are moved to its root (renamed per tool)."""
+    defs: dict = {}
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": hoist(params, defs, f"t{i}-")},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for i, (name, params) in enumerate(functions)]
     one = calls[0] if len(calls) == 1 else {"oneOf": calls}
     many = {"type": "array", "items": one, "minItems": 1, **({"maxItems": max_calls} if max_calls else {})}
-    return {"anyOf": [one, many]} if parallel else one
+    return ({"anyOf": [one, many]} if parallel else one) | ({"$defs": defs} if defs else {})

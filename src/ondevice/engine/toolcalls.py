@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
-from .grammar import schema_grammar, tool_call_schema
+from .grammar import schema_grammar, schema_rules, tool_call_schema
 
 MAX_CALLS = 4  # calls in one parallel reply: a bound, so a run of calls cannot go on until max_tokens
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5's / Hermes' call tags
@@ -56,33 +56,32 @@ def tools_note(functions: Sequence[dict], parallel: bool = False, allow_text: bo
     return "\n".join(lines) + (f"\n\n{NO_TOOL_NOTE}" if allow_text else "")
 
 
-def _renamed_root(gbnf: str, name: str) -> str:
-    return re.sub(r"(?m)^root ::=", f"{name} ::=", gbnf, count=1)
-
-
 def call_grammar(functions: Sequence[tuple[str, dict]], *, parallel: bool, allow_text: bool,
-                 wrapped: bool = False) -> str:
+                 wrapped: bool = False, answer: dict | None = None) -> str:
     """GBNF of a reply that calls one of ``functions`` (``(name, parameters schema)`` pairs).
 
     A call is the JSON ``{"name", "arguments"}`` (with ``parallel``, or an array of up to MAX_CALLS), bare
     or in a fenced block. ``wrapped`` (the template's own format): each call in a ``<tool_call>`` block, or
     fenced, one block per call (up to MAX_CALLS, one per line, with ``parallel``). ``allow_text``: or a
-    plain answer that does not start like a call.
+    plain answer that does not start like a call; ``answer`` (a JSON schema: OpenAI's ``response_format``
+    beside ``tools``): or an answer in that schema instead.
     """
     if not functions:
         raise InvalidArgument("a tool-call grammar needs at least one function; offer a tool")
-    what = "tools[].function.parameters"
+    parts = {"ondevice-json-call": tool_call_schema(functions, parallel and not wrapped, MAX_CALLS)}
+    if answer is not None:
+        schema_grammar(answer)  # an error that names the response format, not the tools
+        parts["ondevice-text"] = answer
+    call = schema_rules(parts, "tools[].function.parameters")
     if wrapped:
-        one = _renamed_root(schema_grammar(tool_call_schema(functions, False), what), "ondevice-json-call")
         more = f' ("\\n" ondevice-block){{0,{MAX_CALLS - 1}}}' if parallel else ""
-        call = (f"{one}\nondevice-block ::= \"{CALL_OPEN}\\n\" ondevice-json-call \"\\n{CALL_CLOSE}\" | ondevice-fenced"
-                f"\nondevice-tool-call ::= ondevice-block{more}")
+        call += (f"\nondevice-block ::= \"{CALL_OPEN}\\n\" ondevice-json-call \"\\n{CALL_CLOSE}\" | ondevice-fenced"
+                 f"\nondevice-tool-call ::= ondevice-block{more}")
     else:
-        call = _renamed_root(schema_grammar(tool_call_schema(functions, parallel, MAX_CALLS), what),
-                             "ondevice-json-call")
         call += "\nondevice-tool-call ::= ondevice-json-call | ondevice-fenced"
     fence = 'ondevice-fenced ::= "```" "json"? "\\n" ondevice-json-call "\\n"? "```"'
-    root = "root ::= ondevice-tool-call" + (" | ondevice-text\n" + TEXT_RULE if allow_text else "")
+    text = "" if answer is not None else "\n" + TEXT_RULE
+    root = "root ::= ondevice-tool-call" + (" | ondevice-text" + text if allow_text or answer is not None else "")
     return f"{call}\n{fence}\n{root}\n"
 
 

@@ -21,8 +21,25 @@ from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout
-from .chunks import lp_entry, sse, text_sse, timings_of, usage_of
-from .http import Guard, ShuttingDown, access_logger, error_payload, install_error_handlers, note
+from .chunks import (
+    TextOffset,
+    chat_logprobs,
+    completion_logprobs,
+    lp_entry,
+    sse,
+    text_sse,
+    timings_of,
+    usage_of,
+)
+from .http import (
+    Guard,
+    ShuttingDown,
+    access_logger,
+    error_payload,
+    install_cors,
+    install_error_handlers,
+    note,
+)
 from .state import ServerState, message_dicts
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
@@ -49,6 +66,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
                        metrics=state.metrics, routes=ROUTES,
                        log=access_logger() if state.settings.access_log else None)
+    install_cors(app, state.settings.cors)  # outermost: a preflight carries no API key
     app.state.ondevice = state
     state.cascade = server_cascade(state)  # None unless --cascade URL
     runner = Runner(state)
@@ -298,7 +316,7 @@ class Runner:
             msg = S.AssistantMessage(content=content, tool_calls=calls)
             if calls:
                 finish = "tool_calls"
-            lps = [self._chat_lp(g) for g in gen if g.logprob is not None] if req.logprobs else None
+            lps = [chat_logprobs(self.state, g) for g in gen if g.logprob is not None] if req.logprobs else None
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
@@ -339,12 +357,6 @@ class Runner:
                 raise r
         return None if any(r is None for r in results) else results
 
-    def _chat_lp(self, g: Generation) -> S.TokenLogprob:
-        pieces = self.state.pieces
-        return S.TokenLogprob(token=pieces[g.token], logprob=g.logprob, bytes=list(pieces[g.token].encode()),
-                              top_logprobs=[S.TopLogprob(token=pieces[t], logprob=v, bytes=list(pieces[t].encode()))
-                                            for t, v in g.top_logprobs or ()])
-
     async def _chat_stream(self, jobs: list[Job], req, request: Request, plan, include_usage: bool):
         """SSE chunks of every choice (``index`` tells them apart), then the usage of all when asked for."""
         st = self.state
@@ -369,7 +381,8 @@ class Runner:
                     yield chunk(i, S.ChatDelta(tool_calls=[d]))
                 if text is not None:
                     if g.logprob is not None:
-                        yield chunk(i, S.ChatDelta(content=text), logprobs=S.ChoiceLogprobs(content=[self._chat_lp(g)]))
+                        yield chunk(i, S.ChatDelta(content=text),
+                                    logprobs=S.ChoiceLogprobs(content=[chat_logprobs(self.state, g)]))
                     elif text:
                         yield text_chunk[i](text)
                 if g.finish_reason:
@@ -430,7 +443,7 @@ class Runner:
             if k is not None:
                 base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
                 entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in gen if g.token >= 0]
-                logprobs, _ = self._completion_lp(entries, base)
+                logprobs = completion_logprobs(self.state, entries, TextOffset(base))
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]
@@ -449,18 +462,6 @@ class Runner:
                 prompt_lp.extend(ev[1])
         return (prompt_lp, gen) if gen and gen[-1].finish_reason else None
 
-    def _completion_lp(self, entries: list, offset: int) -> tuple[S.CompletionLogprobs, int]:
-        """Legacy completions logprobs: entries are (token, logprob | None, top [(token, lp)] | None)."""
-        pieces, vb = self.state.pieces, self.state.vocab_bytes
-        out = S.CompletionLogprobs()
-        for tok, lp, top in entries:
-            out.tokens.append(pieces[tok])
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append(None if top is None else {pieces[t]: v for t, v in top})
-            out.text_offset.append(offset)
-            offset += len(vb[tok].decode("utf-8", errors="replace"))
-        return out, offset
-
     async def _completion_stream(self, jobs: list[Job], prompts: list, req, request: Request):
         """SSE chunks of every choice (``index``: prompt-major, as OpenAI numbers them; ``prompts``: each job's),
         then the usage of all when asked for."""
@@ -468,7 +469,7 @@ class Runner:
         cid, created = S._id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
-        offset = [0 if req.echo else len(x) for x in sources]  # logprobs text offsets, per choice
+        offset = [TextOffset(0 if req.echo else len(x)) for x in sources]  # logprobs text offsets, per choice
 
         def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
             ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
@@ -486,11 +487,11 @@ class Runner:
                         yield chunk(i, x)
             async for i, ev in self.indexed(jobs, request):
                 if not isinstance(ev, Generation):  # echo logprobs of the prompt
-                    lp, offset[i] = self._completion_lp(ev[1], offset[i])
+                    lp = completion_logprobs(self.state, ev[1], offset[i])
                     yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
                     continue
                 if ev.logprob is not None:
-                    lp, offset[i] = self._completion_lp([lp_entry(ev)], offset[i])
+                    lp = completion_logprobs(self.state, [lp_entry(ev)], offset[i])
                     yield chunk(i, ev.text, lp=lp)
                 elif ev.text:
                     yield text_chunk[i](ev.text)

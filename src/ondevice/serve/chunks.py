@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 
@@ -25,6 +26,18 @@ def timings_of(g: Generation) -> S.Timings:
                      prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
                      predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3,
                      draft_n=g.draft_tokens or None, draft_n_accepted=g.draft_accepted if g.draft_tokens else None)
+
+
+class TextOffset:
+    """Where the text stands, in characters, as tokens' bytes come: legacy logprobs' ``text_offset``. A
+    character split over tokens (an emoji, CJK) counts once, when its last byte arrives."""
+
+    def __init__(self, chars: int = 0):
+        self.chars = chars
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, piece: bytes) -> None:
+        self.chars += len(self._utf8.decode(piece))
 
 
 def lp_entry(g: Generation) -> tuple:
@@ -52,3 +65,25 @@ def text_sse(make) -> Callable[[str], bytes]:
         return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
 
     return event
+
+
+def chat_logprobs(state, g: Generation) -> S.TokenLogprob:
+    """OpenAI's chat logprobs of one token: ``bytes`` are the token's own (joined they rebuild the text)."""
+    pieces, raw = state.pieces, state.special_bytes
+    return S.TokenLogprob(token=pieces[g.token], logprob=g.logprob, bytes=list(raw[g.token]),
+                          top_logprobs=[S.TopLogprob(token=pieces[t], logprob=v, bytes=list(raw[t]))
+                                        for t, v in g.top_logprobs or ()])
+
+
+def completion_logprobs(state, entries: list, offset: TextOffset) -> S.CompletionLogprobs:
+    """Legacy completions logprobs: entries are (token, logprob | None, top [(token, lp)] | None); ``offset``
+    (advanced past them) says where the text stands."""
+    pieces, vb = state.pieces, state.vocab_bytes
+    out = S.CompletionLogprobs()
+    for tok, lp, top in entries:
+        out.tokens.append(pieces[tok])
+        out.token_logprobs.append(lp)
+        out.top_logprobs.append(None if top is None else {pieces[t]: v for t, v in top})
+        out.text_offset.append(offset.chars)
+        offset.feed(vb[tok])
+    return out

@@ -232,3 +232,20 @@ async def _send_error(send, status: int, message: str, type_: str, code: str) ->
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": payload})
+
+
+# browser origins on this machine, any port (Ollama's default allow-list)
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def install_cors(app: FastAPI, cors: str) -> None:
+    """Let web pages from ``cors`` origins (settings ``cors``: local, *, none or a comma list) call the API
+    from a browser: the preflight is answered before the API key check, as browsers send it without one."""
+    if cors == "none":
+        return
+    from fastapi.middleware.cors import CORSMiddleware
+
+    where = ({"allow_origin_regex": LOCAL_ORIGINS} if cors == "local" else
+             {"allow_origins": ["*"] if cors == "*" else [o.strip() for o in cors.split(",")]})
+    app.add_middleware(CORSMiddleware, **where, allow_methods=["GET", "POST"], allow_headers=["*"],
+                       expose_headers=["*"], max_age=600)  # "*": the cascade's X-Ondevice-* headers too

@@ -15,6 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """An explicit null is the field's default, as in OpenAI's API (``temperature=None`` from the openai
+        client or LangChain); a required field sent as null is still missing."""
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
 
 class _Resp(BaseModel):
     model_config = ConfigDict(protected_namespaces=())

@@ -7,9 +7,10 @@ Modelled on llama-cpp-python's ``server/settings.py``. Precedence: command-line 
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import AnyList, add_config_arguments, config_from
@@ -52,6 +53,10 @@ class ServeSettings(BaseSettings):
                                                 "the prompt and text so far) or a draft MODEL sharing the "
                                                 "vocabulary; requests may override with draft (None: off)")
     draft_max: int = Field(16, ge=1, le=64, description="most tokens drafted per step")
+    cors: str = Field("local", description="web pages allowed to call the server from a browser (CORS): 'local' "
+                                           "(pages from localhost, 127.0.0.1 or [::1], any port: Ollama's "
+                                           "default), '*' (any page: llama-server's), 'none', or origins "
+                                           "separated by commas (https://app.example.com)")
     access_log: bool = Field(True, description="one line per request on stderr: method, route, status, "
                                                "tokens, ms (errors with their reason)")
     # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint
@@ -75,6 +80,16 @@ class ServeSettings(BaseSettings):
         "auto", description="Intel AMX kernels (auto: off unless proven safe and faster here; see `ondevice device`)")
     repack: Literal["auto", "on", "off"] = Field(
         "auto", description="CPU_REPACK interleaved-weight kernels (auto: on unless its self-test failed here)")
+
+    @field_validator("cors")
+    @classmethod
+    def _origins(cls, v: str) -> str:
+        if v not in ("local", "*", "none"):
+            bad = [o for o in v.split(",") if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?", o.strip())]
+            if bad:
+                raise ValueError(f"{bad[0].strip()!r} is not an origin; give scheme://host[:port] "
+                                 f"(e.g. http://localhost:3000), or local, * or none")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

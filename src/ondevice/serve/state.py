@@ -57,8 +57,8 @@ class ServerState:
         self.model = Model(name=name, path=self.path, engine=eng, template=self.template)  # renders prompts
         # token text tables built once: the engine's piece buffer is not shared across threads
         self.vocab_bytes = [eng.token_bytes(t) for t in range(eng.n_vocab)]
-        self.pieces = [eng.token_bytes(t, special=True).decode("utf-8", errors="replace")
-                       for t in range(eng.n_vocab)]
+        self.special_bytes = [eng.token_bytes(t, special=True) for t in range(eng.n_vocab)]  # control tokens' text too
+        self.pieces = [token_name(b) for b in self.special_bytes]  # logprobs' "token"
         self.metrics = Metrics()
         self.draft_engine = None  # speculative decoding with a draft model (--draft MODEL)
         if s.draft not in (None, "lookup", "none"):
@@ -180,8 +180,17 @@ class ServerState:
                 "chat_template": self.template is not None}
 
 
+def token_name(piece: bytes) -> str:
+    """A token's text as OpenAI's logprobs name it: the text, or for a piece that is not whole UTF-8 (part of
+    an emoji or a CJK character) ``bytes:\\xf0\\x9f``, so that no two pieces share a name."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
+
 def message_dicts(messages) -> list[dict]:
-    """Pydantic chat messages -> the dicts a chat template renders (tool calls as JSON text)."""
+    """Pydantic chat messages -> the dicts a chat template renders (tool calls with their arguments parsed)."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -200,8 +209,9 @@ def message_dicts(messages) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise InvalidArgument(f"messages[{i}].tool_calls[].function.arguments is not JSON ({e}); "
                                       f"send the arguments as a JSON string") from e
-            content = (content or "") + "".join(json.dumps(c) for c in calls)
         d = {"role": m.role, "content": content or ""}
+        if m.tool_calls:  # a template that renders tool_calls gets them; others get them as text (engine/chat.py)
+            d["tool_calls"] = [{"type": "function", "id": c.id, "function": f} for c, f in zip(m.tool_calls, calls)]
         if m.name:
             d["name"] = m.name
         if m.tool_call_id:

@@ -58,8 +58,6 @@ def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
     if choice is not None and choice != "none" and not tools:
         raise InvalidArgument("tool_choice is set but tools is empty; add tools or drop tool_choice")
     if tools and choice != "none":
-        if fmt is not None and fmt.type != "text":
-            raise InvalidArgument("response_format and tools cannot both constrain the reply; send one of them")
         if isinstance(choice, NamedToolChoice):
             name = choice.function.get("name")
             chosen = [t for t in tools if t.function.name == name]
@@ -71,20 +69,30 @@ def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
             mode, use = (choice or "auto"), tools
         parallel = req.parallel_tool_calls is not False
         # auto: tool calls, or a plain answer whose first character cannot start a call
+        # auto with a response_format: calls, or an answer in that format (required: calls only, no answer)
+        answer = format_schema(fmt) if mode == "auto" else None
         grammar = call_grammar([(t.function.name, t.function.parameters) for t in use], parallel=parallel,
-                               allow_text=mode == "auto", wrapped=wraps_calls(template))
+                               allow_text=mode == "auto", wrapped=wraps_calls(template), answer=answer)
         note = None if template_shows_tools(template) else tools_note(
             [t.function.model_dump() for t in tools], parallel, allow_text=mode == "auto")
         return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode, system_note=note)
-    if fmt is None or fmt.type == "text":
+    schema = format_schema(fmt)
+    if schema is None:
         return Plan()
-    if fmt.type == "json_schema":
-        if fmt.json_schema is None or not fmt.json_schema.schema_:
-            raise InvalidArgument("response_format json_schema needs json_schema.schema; add the schema")
-        return Plan(grammar=schema_grammar(fmt.json_schema.schema_))
-    if fmt.schema_:  # json_object with a schema (llama-cpp-python's extension)
-        return Plan(grammar=schema_grammar(fmt.schema_, "response_format.schema"))
-    return Plan(grammar=json_object_grammar())
+    return Plan(grammar=json_object_grammar() if schema == JSON_OBJECT else schema_grammar(schema, _FORMAT_FIELD[fmt.type]))
+
+
+JSON_OBJECT = {"type": "object"}
+_FORMAT_FIELD = {"json_schema": "response_format.json_schema.schema", "json_object": "response_format.schema"}
+
+
+def format_schema(fmt) -> dict | None:
+    """The JSON schema a ``response_format`` asks for: None for text, any object for ``json_object`` and for a
+    ``json_schema`` without a schema or with ``{}`` (OpenAI's schema is optional)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema is not None else fmt.schema_
+    return schema or JSON_OBJECT  # json_object's own schema: llama-cpp-python's extension
 
 
 # the start of one call as the grammar writes it: its name, then its arguments (the schema's key order)

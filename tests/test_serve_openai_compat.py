@@ -1,0 +1,216 @@
+"""What OpenAI clients really send, against a live server with the official ``openai`` client.
+
+Each case was a 400 or a wrong answer here while llama-server (and the OpenAI API) took it: the schemas pydantic
+writes (``list`` -> ``"items": {}``, ``Any`` -> a title only, a recursive model -> a root ``$ref``, a nested
+model in a tool -> ``$defs`` under its parameters), an explicit ``null`` for a nullable field, the
+``developer`` role, earlier ``tool_calls`` in the history, ``tools`` beside ``response_format``, and the
+logprobs of tokens that hold part of a character (an emoji, CJK).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+from test_serve import _grammar_accepts, _model_path
+from test_serve_tools import QWEN, needs_qwen
+
+from ondevice.engine.chat import render
+from ondevice.engine.toolcalls import CALL_OPEN
+from ondevice.serve import BackgroundServer, ServeSettings, structured
+from ondevice.serve import schemas as S
+from ondevice.serve.state import message_dicts
+
+
+class Address(BaseModel):
+    city: str
+    zip: int
+
+
+class Person(BaseModel):  # a nested model: its parameters hold "$defs" and a "$ref"
+    name: str
+    home: Address
+
+
+class Node(BaseModel):  # recursive: the schema is a root "$ref" into "$defs"
+    name: str
+    children: list[Node]
+
+
+class Loose(BaseModel):  # `list` -> {"items": {}}, `Any` -> {"title": "Extra"}: any JSON value
+    tags: list
+    extra: Any
+
+
+def _fmt(model: type[BaseModel]) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": model.model_json_schema()}}
+
+
+def _plan(**kw) -> structured.Plan:
+    return structured.plan(S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **kw))
+
+
+@pytest.fixture(scope="module")
+def ref_engine():
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+
+    eng = LlamaEngine(_model_path(), EngineConfig(n_ctx=256, n_threads=2, warmup=False))
+    yield eng
+    eng.close()
+
+
+def test_the_schemas_pydantic_writes_become_the_grammars_they_mean(ref_engine):
+    def accepts(plan, text):
+        return _grammar_accepts(ref_engine, plan.grammar, text)
+
+    loose = _plan(response_format=_fmt(Loose))
+    assert accepts(loose, '{"tags": [1, "a", null, {"b": [true]}], "extra": "x"}')
+    assert accepts(loose, '{"tags": [], "extra": {"k": [1.5]}}')
+    assert not accepts(loose, '{"tags": 3, "extra": 1}')  # still a list
+    tree = _plan(response_format=_fmt(Node))
+    assert accepts(tree, '{"name": "a", "children": [{"name": "b", "children": []}]}')
+    assert not accepts(tree, '{"name": "a", "children": [{"name": "b"}]}')  # the nested node is a Node too
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                {"type": "json_schema", "json_schema": {"name": "x"}}):  # OpenAI's schema is optional
+        assert accepts(_plan(response_format=fmt), '{"a": 1}') and not accepts(_plan(response_format=fmt), "hi")
+    # tools: each one's "$defs" move to the call schema's root, renamed per tool (two tools, two "Address")
+    other = {"type": "object", "properties": {"to": {"$ref": "#/$defs/Address"}},
+             "$defs": {"Address": {"type": "object", "properties": {"line": {"type": "string"}}, "required": ["line"]}}}
+    tree_fn = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}  # itself
+    tools = [openai.pydantic_function_tool(Person, name="save"),
+             {"type": "function", "function": {"name": "mail", "parameters": other}},
+             {"type": "function", "function": {"name": "tree", "parameters": tree_fn}}]
+    p = _plan(tools=tools, tool_choice="required")
+    assert accepts(p, '{"name": "save", "arguments": {"name": "Ann", "home": {"city": "Oslo", "zip": 150}}}')
+    assert not accepts(p, '{"name": "save", "arguments": {"name": "Ann", "home": {"line": "x"}}}')
+    assert accepts(p, '{"name": "mail", "arguments": {"to": {"line": "1 Main St"}}}')
+    assert accepts(p, '{"name": "tree", "arguments": {"kids": [{"kids": []}]}}')
+
+
+def test_tools_beside_a_response_format_allow_calls_or_an_answer_in_that_format(ref_engine):
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    auto = _plan(tools=[weather], tool_choice="auto", response_format=_fmt(Address))
+    assert _grammar_accepts(ref_engine, auto.grammar, call)
+    assert _grammar_accepts(ref_engine, auto.grammar, '{"city": "Paris", "zip": 75001}')
+    assert not _grammar_accepts(ref_engine, auto.grammar, "It is sunny.")  # the answer is in the format
+    assert not _grammar_accepts(ref_engine, auto.grammar, '{"city": "Paris"}')
+    required = _plan(tools=[weather], tool_choice="required", response_format=_fmt(Address))
+    assert _grammar_accepts(ref_engine, required.grammar, call)
+    assert not _grammar_accepts(ref_engine, required.grammar, '{"city": "Paris", "zip": 75001}')  # calls only
+
+
+def test_developer_messages_and_earlier_calls_reach_the_template(ref_engine):
+    def rendered(messages, template):
+        return render(template, message_dicts(S.ChatCompletionRequest(messages=messages).messages))
+
+    smol = ref_engine.chat_template()
+    user = {"role": "user", "content": "Hi"}
+    assert rendered([{"role": "developer", "content": "Be brief."}, user], smol) == \
+        rendered([{"role": "system", "content": "Be brief."}, user], smol)
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
+             for i, c in enumerate(("Paris", "Oslo"))]
+    history = [user, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "c0", "content": "sunny"}]
+    # SmolLM2's template has no tool_calls: the calls are the JSON it is asked to write (an array for two)
+    assert ('<|im_start|>assistant\n[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "get_weather", "arguments": {"city": "Oslo"}}]<|im_end|>') in rendered(history, smol)
+
+
+@needs_qwen
+def test_qwen_renders_earlier_calls_as_its_own_tool_call_blocks():
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+    from ondevice.models import resolve
+
+    eng = LlamaEngine(resolve(QWEN).path, EngineConfig(n_ctx=64, n_threads=1, warmup=False))
+    template = eng.chat_template()
+    eng.close()
+
+    calls = [{"id": "c0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+    msgs = message_dicts(S.ChatCompletionRequest(messages=[
+        {"role": "user", "content": "1+2?"}, {"role": "assistant", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c0", "content": "3"}]).messages)
+    text = render(template, msgs)
+    assert f'{CALL_OPEN}\n{{"name": "add", "arguments": {{"a": 1, "b": 2}}}}\n</tool_call>' in text
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = ServeSettings(model=str(_model_path()), port=0, parallel=2, ctx=512, threads=2)
+    with BackgroundServer(settings) as s:
+        yield openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_null_is_the_default_for_nullable_fields(client):
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+                               "logprobs", "seed", "stop")}
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **nulls)
+    assert len(r.choices) == 1 and r.choices[0].message.content is not None
+    c = client.completions.create(model="m", prompt="Once upon a time", max_tokens=None, temperature=0, echo=None,
+                                  extra_body={"ignore_eos": True})
+    assert c.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    with pytest.raises(openai.BadRequestError, match="messages"):  # a required field sent as null is missing
+        client.chat.completions.create(model="m", messages=None)
+
+
+def test_replies_in_the_pydantic_schemas_and_tools_validate(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "A family tree as JSON."}],
+                                       temperature=0, max_tokens=120, response_format=_fmt(Loose))
+    if r.choices[0].finish_reason == "stop":  # a reply cut by max_tokens cannot parse; a finished one must
+        Loose.model_validate_json(r.choices[0].message.content)
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Save Ann, who lives in Oslo."}],
+                                       temperature=0, max_tokens=80, tool_choice="required",
+                                       tools=[openai.pydantic_function_tool(Person, name="save")])
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "save"
+    Person.model_validate_json(call.function.arguments)
+
+
+def test_logprobs_of_partial_characters_keep_their_bytes_and_offsets(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Translate 'hello world' "
+                                                                                         "into Chinese."}],
+                                       temperature=0, max_tokens=16, logprobs=True, top_logprobs=3)
+    content, lps = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert any(e.token.startswith("bytes:") for e in lps), "the reply has no split character: pick another prompt"
+    assert b"".join(bytes(e.bytes) for e in lps) == content.encode()  # the bytes rebuild the text
+    prompt = "Chinese: 你好世界。 Emoji: 🌍 ok"
+    c = client.completions.create(model="m", prompt=prompt, max_tokens=1, echo=True, logprobs=3, temperature=0)
+    lp = c.choices[0].logprobs
+    assert lp.text_offset[lp.tokens.index("。")] == prompt.index("。")
+    assert lp.text_offset[lp.tokens.index(" ok")] == prompt.index(" ok")
+    assert all(len(top) == 3 for top in lp.top_logprobs[1:])  # no two alternatives share a name
+
+
+def test_browser_pages_on_this_machine_may_call_the_api():
+    """CORS: a page from localhost (any port) gets its preflight answered and may read the reply, even with an
+    API key (a browser's preflight carries none); a page from elsewhere gets no CORS grant unless listed."""
+    import httpx
+
+    from ondevice.serve.settings import settings_from_args
+
+    def preflight(base, origin):
+        return httpx.options(base + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    settings = ServeSettings(model=str(_model_path()), port=0, parallel=1, ctx=256, threads=2, api_key="k",
+                             embeddings=False)
+    with BackgroundServer(settings) as s:
+        ok = preflight(s.base_url, "http://localhost:3000")
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        assert preflight(s.base_url, "https://evil.example").status_code == 400  # not an allowed origin
+        r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "http://127.0.0.1:5173", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+        r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
+    from ondevice.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="--cors.*'localhost:3000' is not an origin"):
+        settings_from_args(None, cors="localhost:3000")

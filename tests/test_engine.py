@@ -238,3 +238,36 @@ def test_the_end_of_generation_set_read_from_the_load_log_is_llamas_whole_set(na
         assert eng.eos_tokens == every and len(every) >= 2
     finally:
         eng.close()
+
+
+def test_ctrl_c_while_llama_cpp_loads_stops_the_load(smol_path, monkeypatch):
+    """Python delivers Ctrl-C in whatever Python code runs next; during a load that is llama.cpp's log callback,
+    where ctypes swallowed it ("Exception ignored on calling ctypes callback") and the run went on to the end
+    with exit 0. The interrupt now stops the load once llama.cpp returns, and a later load works."""
+    import contextlib
+
+    from ondevice.engine import llama
+    from ondevice.engine.base import EngineConfig
+
+    class InterruptedLog(list):
+        def append(self, line):
+            if len(self) == 20:  # a Ctrl-C lands while llama.cpp logs its 21st line
+                raise KeyboardInterrupt
+            super().append(line)
+
+    @contextlib.contextmanager
+    def interrupted_log():
+        llama._log_capture = lines = InterruptedLog()
+        try:
+            yield lines
+        finally:
+            llama._log_capture = None
+
+    monkeypatch.setattr(llama, "load_log", interrupted_log)
+    with pytest.raises(KeyboardInterrupt):
+        llama.LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=1, warmup=False))
+    monkeypatch.undo()
+    eng = llama.LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=1, warmup=False))
+    eng.prefill(eng.tokenize("Hello"))
+    assert np.isfinite(eng.logits()).all()
+    eng.close()

@@ -195,7 +195,7 @@ def test_crash_message_names_the_cause_and_the_flag():
     assert "out-of-memory" in crash_message("eval", signal.SIGKILL, {})
     # offered CPU_REPACK but the load log shows no weights went there: not blamed
     plain = crash_message("run", signal.SIGSEGV, {"repack": True, "bufts": ["CPU_REPACK"], "buffers": ["CPU_Mapped"]})
-    assert "with no extra CPU kernels" in plain
+    assert "with no extra CPU kernels" in plain and "--repack" not in plain  # no advice that changes nothing
     assert "--repack" not in crash_message("quantize", signal.SIGSEGV, {})
 
 
@@ -204,6 +204,11 @@ def test_a_child_killed_by_a_signal_gives_one_clear_line(cli):
     assert res.returncode == 128 + signal.SIGSEGV
     lines = res.stderr.strip().splitlines()
     assert lines == [lines[-1]] and lines[-1].startswith("ondevice run: error: llama.cpp crashed (SIGSEGV)")
+
+
+def test_ctrl_c_before_the_verb_runs_exits_130_without_a_traceback(cli):
+    res = cli("run", "--temp", "0", "-n", "4", "Hi", env={"ONDEVICE_TEST_CRASH": "SIGINT"})  # while it starts
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
 
 
 def test_a_crash_after_load_names_the_kernels_in_use(cli):

@@ -70,6 +70,18 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere (while imports or a model load run too): no traceback
+        if argv is None:  # the command itself: a second Ctrl-C while it exits changes nothing
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb is not None and verb not in VERBS:
@@ -100,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except OndeviceError as e:
         print(f"ondevice {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
 

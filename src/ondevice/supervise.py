@@ -56,8 +56,9 @@ def crash_message(verb: str, sig: int, state: dict | None) -> str:
     if extras:
         return (f"{head} with the repacked CPU kernels ({', '.join(extras)}); run again with --repack off (or set "
                 f"ONDEVICE_REPACK=off), and see its log with ONDEVICE_VERBOSE=1")
-    where = "before loading a model" if not state else "with no extra CPU kernels"
-    return (f"{head} {where}, a bug in native code; see its log with ONDEVICE_VERBOSE=1"
+    if state:  # the model was loaded with none of the extra kernels: turning them off changes nothing
+        return f"{head} with no extra CPU kernels, a bug in native code; see its log with ONDEVICE_VERBOSE=1"
+    return (f"{head} before loading a model, a bug in native code; see its log with ONDEVICE_VERBOSE=1"
             + ("" if verb == "quantize" else ", and try --repack off and --amx off"))
 
 

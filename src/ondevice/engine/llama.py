@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,30 @@ _EOG_LINE = re.compile(r"\bEOG token\s*=\s*(\d+)\b")  # llama_vocab::print_info,
 _log_capture: list[str] | None = None  # llama.cpp's log lines during a model load (which buffer types it used)
 
 
+_pending_interrupt = False  # a Ctrl-C that landed in a ctypes callback, where it cannot raise through C
+
+
+def _keep_interrupts(previous):
+    """An unraisable-exception hook that keeps a KeyboardInterrupt ctypes had to swallow (Python delivers
+    Ctrl-C in whatever Python code runs next: during a load, llama.cpp's log callback) for
+    :func:`raise_pending_interrupt`; other exceptions go to ``previous``."""
+    def hook(unraisable):
+        global _pending_interrupt
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _pending_interrupt = True
+        else:
+            previous(unraisable)
+    return hook
+
+
+def raise_pending_interrupt() -> None:
+    """Raise, now that the native call returned, a Ctrl-C that landed in one of its callbacks."""
+    global _pending_interrupt
+    if _pending_interrupt:
+        _pending_interrupt = False
+        raise KeyboardInterrupt
+
+
 def _lib():
     """Import llama_cpp once, initialise the backend and silence its logs unless ONDEVICE_VERBOSE=1."""
     global _backend_ready
@@ -42,6 +67,7 @@ def _lib():
     with _init_lock:
         if not _backend_ready:
             global _log_callback
+            sys.unraisablehook = _keep_interrupts(sys.unraisablehook)
             _log_callback = _make_log_callback()  # kept referenced: llama.cpp holds the pointer
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
@@ -87,8 +113,6 @@ def _make_log_callback():
     Our own callback because llama-cpp-python's maps an older ggml level enum (its filter lets
     warnings through). ggml today: 1 debug, 2 info, 3 warn, 4 error, 5 continuation.
     """
-    import sys
-
     import llama_cpp
 
     state = {"last": 0}
@@ -137,6 +161,11 @@ class LlamaEngine(Engine):
                                       f"{', '.join(_KV_TYPES)}")
         t0 = time.perf_counter()
         self.kernels, self.buffer_types, self.model = self._load_model(ll, cfg)
+        if _pending_interrupt and self.model:  # Ctrl-C while llama.cpp loaded: stop here, nothing held
+            ll.llama_model_free(self.model)
+            self.model = None
+            self.close()
+        raise_pending_interrupt()
         if not self.model:
             raise OndeviceError(f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
         self.vocab = ll.llama_model_get_vocab(self.model)
@@ -192,6 +221,9 @@ class LlamaEngine(Engine):
         self.adapters = Adapters.attach(self, cfg.adapters)  # LoRA (adapt/); cfg.adapters active from the start
         if cfg.warmup:
             self.warmup()
+        if _pending_interrupt:
+            self.close()
+            raise_pending_interrupt()
         self.load_time = time.perf_counter() - t0
 
     @property
@@ -351,6 +383,8 @@ class LlamaEngine(Engine):
         for _, pos, seq, _ in items:  # keep n_past current for sequences fed only through decode_batch
             if pos >= self._n_past.get(seq, 0):
                 self._n_past[seq] = pos + 1
+        if _pending_interrupt:  # from an eval callback (fit's imatrix)
+            raise_pending_interrupt()
 
     def embed(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
         """Pooled embedding ``(n_embd,)`` of ``tokens`` (needs ``embeddings=True`` and a pooling type)."""

@@ -214,3 +214,17 @@ def test_browser_pages_on_this_machine_may_call_the_api():
 
     with pytest.raises(InvalidArgument, match="--cors.*'localhost:3000' is not an origin"):
         settings_from_args(None, cors="localhost:3000")
+
+
+def test_sampling_left_out_is_llama_cpps_not_openais():
+    """OpenAI's defaults (temperature 1, no top-k/min-p) let a 135M model ramble to the end of its context;
+    llama-server and `ondevice run` use llama.cpp's, and so does the server for what a request leaves out."""
+    from ondevice.engine.records import Sampling
+    from ondevice.serve.app import _sampling
+
+    msgs = [{"role": "user", "content": "Hi"}]
+    s = _sampling(S.ChatCompletionRequest(messages=msgs), 16)
+    d = Sampling()
+    assert (s.temp, s.top_p, s.top_k, s.min_p) == (d.temp, d.top_p, d.top_k, d.min_p) == (0.8, 0.95, 40, 0.05)
+    s = _sampling(S.ChatCompletionRequest(messages=msgs, temperature=1.0, top_k=0), 16)
+    assert (s.temp, s.top_p, s.top_k, s.min_p) == (1.0, 0.95, 0, 0.05)  # what it gives is taken as given

@@ -48,6 +48,7 @@ from .base import Engine, SamplerLike
 from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
 from .records import Generation, Sampling
+from .stops import split_stop
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
@@ -111,7 +112,8 @@ class Slot:
         # speculative decoding
         self.drafts: list[int] = []
         self.acc = Acceptance()
-        self.n_drafted = self.n_accepted = self.n_steps = 0
+        self.n_drafted = self.n_accepted = self.n_steps = 0  # n_steps: target decodes that gave it a token
+        self.step_open = False  # the current decode has not given it a token yet
         # the first token comes from logits already computed: the last decode's (-1) or a saved row
         self.pending: int | np.ndarray | None = -1 if req.from_logits else None
         self.lookup = PromptLookup(req.tokens) if req.sampling.draft == "lookup" else None
@@ -360,7 +362,7 @@ class BatchGenerator:
         """Sample row after row while the sampled token equals the next draft (its logits are the next row)."""
         drafts = s.drafts
         n_acc = 0
-        s.n_steps += 1  # target decodes this request has used
+        s.step_open = True  # counted in n_steps once it gives a token (not for an end-of-text alone)
         while True:
             tok = self._sample_one(s, row, out)
             if tok is None:  # finished: the slot is released (and rejected drafts' KV dropped)
@@ -398,13 +400,13 @@ class BatchGenerator:
         if tok < 0 or (tok in self.eos and not sampling.ignore_eos):  # tok < 0: the grammar is complete
             tail = s.held + s.utf8.decode(b"", final=True)
             if req.eos_entry and tok >= 0:
-                s.n_gen += 1
+                self._produced(s)
                 out.append((req, self._record(s, tok, tail, "stop", lp, top)))
             else:
                 out.append((req, self._record(s, -1, tail, "stop")))
             self._release(s)
             return None
-        s.n_gen += 1
+        self._produced(s)
         if s.lookup is not None:
             s.lookup.append(tok)
         piece = self.vocab_bytes[tok] if self.vocab_bytes is not None else self.eng.token_bytes(tok)
@@ -417,6 +419,12 @@ class BatchGenerator:
             self._release(s)
             return None
         return tok
+
+    @staticmethod
+    def _produced(s: Slot) -> None:
+        s.n_gen += 1
+        if s.step_open:
+            s.n_steps, s.step_open = s.n_steps + 1, False
 
     def _prompt_logprobs(self, s: Slot, logits: np.ndarray) -> tuple:
         """Logprob of each prompt token given the ones before it (the first has none)."""
@@ -492,24 +500,3 @@ class BatchGenerator:
 def _saves(req: Request) -> bool:
     """Whether the logits after ``req``'s prompt are kept for the same prompt again (and it may take kept ones)."""
     return not req.from_logits and req.prompt_logprobs is None
-
-
-def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
-    else hold back the longest suffix that may still grow into one. The one stop-string rule."""
-    if not stops:
-        return text, "", False
-    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-    if hit >= 0:
-        return text[:hit], "", True
-    keep = stop_hold(text, stops)
-    return text[:len(text) - keep], text[len(text) - keep:], False
-
-
-def stop_hold(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back)."""
-    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
-        tail = text[-k:]
-        if any(x.startswith(tail) for x in stops):
-            return k
-    return 0

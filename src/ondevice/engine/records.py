@@ -39,7 +39,7 @@ class Generation:
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token, logprob), best first, when asked for
     draft_tokens: int = 0  # speculative decoding: tokens drafted so far
     draft_accepted: int = 0  # ... and how many of them the target accepted
-    decode_steps: int = 0  # target llama_decode calls whose logits this generation sampled (the prompt's included)
+    decode_steps: int = 0  # target llama_decode calls (the prompt's included) that gave this generation a token
     entropy: float | None = None  # nats, of the distribution the token came from (Sampling.token_stats)
 
     @property

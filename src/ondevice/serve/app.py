@@ -154,7 +154,8 @@ def _sampling(req, max_tokens: int, grammar: str | None = None,
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise InvalidArgument("stop contains an empty string; remove it")
-    kw = dict(temp=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+    given = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
+    kw = dict({k: v for k, v in given.items() if v is not None},  # else Sampling's: llama.cpp's defaults
               repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
               frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
               ignore_eos=req.ignore_eos,

@@ -50,10 +50,12 @@ class _Sampling(_Req):
     """Fields common to chat and completions (llama-server's extensions included)."""
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # extension; 0 = off
-    min_p: float = Field(0.0, ge=0, le=1)  # extension
+    # left out: llama.cpp's defaults, as llama-server and `ondevice run` use (temperature 0.8, top_p 0.95, top_k
+    # 40, min_p 0.05); OpenAI's 1.0 / 1.0 / none / none let a small model ramble to the end of its context
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # extension; 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # extension
     repeat_penalty: float = Field(1.0, gt=0)  # extension
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)

@@ -1,0 +1,26 @@
+"""Stop strings in streamed text: the one rule for what is shown, held back or cut."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
+    else hold back the longest suffix that may still grow into one. The one stop-string rule."""
+    if not stops:
+        return text, "", False
+    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if hit >= 0:
+        return text[:hit], "", True
+    keep = stop_hold(text, stops)
+    return text[:len(text) - keep], text[len(text) - keep:], False
+
+
+def stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back)."""
+    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
+        tail = text[-k:]
+        if any(x.startswith(tail) for x in stops):
+            return k
+    return 0

@@ -58,6 +58,7 @@ def test_generation_stops_where_the_asked_context_ends(cli):
     rec = json.loads(r.stderr.strip().splitlines()[-1])
     # the last token generated is never fed back, so it needs no cell: 48 cells hold prompt + all but it
     assert rec["prompt_tokens"] + rec["generation_tokens"] == 49 and rec["finish_reason"] == "length"
+    assert "stopped at the end of the 48-token context window; raise -c/--ctx" in r.stderr
 
 
 def test_chat_multi_turn_with_reset_and_bye(cli):

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgument
     from .energy import rapl_domains
     from .info import device_info
-    from .kernels import kernels_summary, probe_kernels
+    from .kernels import kernels_summary, probe_kernels, took_no_weights
     from .probe import cached_probes, probe
 
     if args.threads and not args.probe:
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else "ok"
                                    if r.get("ok") else f"inconclusive ({r.get('error')})" if r.get("ok") is None
                                    else f"FAILED ({r.get('error')})")
+                        + (" (took no weights: the same kernels as none)"
+                           if k != "none" and took_no_weights(r, kern["offered"]) else "")
                         for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
         res = res or e.get("note", "-")
         print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"

@@ -90,6 +90,11 @@ def configs(offered: tuple[str, ...], cpu_flags: list[str] | tuple[str, ...]) ->
     return out
 
 
+def took_no_weights(res: dict, offered) -> bool:
+    """Whether a configuration's load put no weight in any extra buffer type (it ran the plain kernels)."""
+    return res.get("buffers") is not None and not set(res["buffers"]) & set(offered)
+
+
 def _score(res: dict | None) -> float | None:
     """Geometric mean of a measured configuration's pp and tg tok/s (None when not measured or failed)."""
     if not res or not res.get("ok") or not res.get("pp_tps") or not res.get("tg_tps"):
@@ -134,7 +139,7 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
         cands = [(False, False)]  # auto found nothing proven: the safe minimum
     def score(c: tuple[bool, bool]) -> float | None:
         res = results.get(label(wanted(offered, *c)))
-        if res and res.get("ok") and res.get("buffers") is not None and not set(res["buffers"]) & set(offered):
+        if res and res.get("ok") and took_no_weights(res, offered):
             res = results.get("none", res)  # its extra kernels took no weights: the same kernels as none
         return _score(res)
 

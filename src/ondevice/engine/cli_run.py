@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     except ContextOverflow as e:
         raise e.advise("-c/--ctx", model.engine.n_ctx_train) from None
     out.write("\n")
+    if last is not None and last.finish_reason == "length" and last.generation_tokens < sampling.max_tokens:
+        print(f"(the reply stopped at the end of the {model.engine.n_ctx}-token context window; raise -c/--ctx)",
+              file=sys.stderr)
     if args.timings == "text":
         print(format_timings(last, peak_rss_bytes(), model.engine.load_time), file=sys.stderr)
     elif args.timings == "json":

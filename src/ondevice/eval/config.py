@@ -31,7 +31,8 @@ class EvalConfig(BaseSettings):
                                               "and ΔPPL; implies ppl")
     topk: PositiveInt = Field(256, description="reference log-probs cached per token")
     # task suites
-    suite: PathStr | None = Field(None, description="assistant-en, smartbench, humaneval, or a JSONL file")
+    suite: PathStr | None = Field(None, description="assistant-en, rewrite, smartbench, humaneval, "
+                                                    "function-calling, or a JSONL file")
     limit: PositiveInt | None = Field(None, description="a stratified subset of N items")
     seed: int = Field(0, description="subset (and sampling) seed")
     max_tokens: PositiveInt = Field(256, description="tokens generated per item at most")

@@ -309,3 +309,18 @@ def test_compare_headers_keep_whole_session_ids():
            "std_a": 0.1, "tps_b": 11.0, "std_b": 0.2, "speedup": 1.1}
     head = format_compare([row], "20261202-102819-aaaa11", "20261202-102819-bbbb22").splitlines()[0]
     assert "t/s 20261202-102819-aaaa11" in head and "t/s 20261202-102819-bbbb22" in head
+
+
+def test_compare_keeps_the_noisy_marks():
+    from ondevice.report.compare import format_compare
+    from ondevice.report.formats import NOISY_MARK
+
+    a = [fake("q8", "aa" + "0" * 62, "tg128", 2, 100.0)]
+    b = [fake("q4", "bb" + "0" * 62, "tg128", 2, 150.0)]
+    rows = compare_records(a, [fake("q4", "bb" + "0" * 62, "tg128", 2, 150.0, noisy=True)], by_model=True)
+    assert rows[0]["noisy_b"] and not rows[0]["noisy_a"]
+    text = format_compare(rows, "A", "B")
+    row = text.splitlines()[2]
+    assert row.count(NOISY_MARK) == 2  # B's t/s and the speedup that uses it
+    assert "noisy, do not trust (1 of 2)" in text
+    assert NOISY_MARK not in format_compare(compare_records(a, b, by_model=True), "A", "B")

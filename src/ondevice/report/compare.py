@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
+from .formats import NOISY_MARK, noise_legend
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
@@ -58,7 +59,8 @@ def compare_records(a: Sequence[BenchRecord | dict], b: Sequence[BenchRecord | d
         rows.append({"model": ra.model if same else f"{ra.model} -> {rb.model}",
                      **dict(zip(fields, key)), "tps_a": ra.tps_mean, "std_a": ra.tps_std,
                      "kernels_a": ra.kernels or "?", "kernels_b": rb.kernels or "?",
-                     "tps_b": rb.tps_mean, "std_b": rb.tps_std, "speedup": rb.tps_mean / ra.tps_mean})
+                     "tps_b": rb.tps_mean, "std_b": rb.tps_std, "speedup": rb.tps_mean / ra.tps_mean,
+                     "noisy_a": bool(ra.noisy), "noisy_b": bool(rb.noisy), "load_a": ra.load, "load_b": rb.load})
     return rows
 
 
@@ -68,13 +70,16 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
         return "(no configuration was measured in both; nothing to compare)\n"
     head = ["model", "threads", "test", "kernels", f"t/s {label_a}", f"t/s {label_b}", "speedup"]
     kern = lambda r: r["kernels_a"] if r["kernels_a"] == r["kernels_b"] else f"{r['kernels_a']} -> {r['kernels_b']}"
-    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r), f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}",
-             f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}", f"{r['speedup']:.2f}"] for r in rows]
+    mark = lambda r, *sides: f" {NOISY_MARK}" if any(r.get(f"noisy_{s}") for s in sides) else ""  # noqa: E731
+    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r),
+             f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}{mark(r, 'a')}", f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}"
+             f"{mark(r, 'b')}", f"{r['speedup']:.2f}{mark(r, 'a', 'b')}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) if i else c.ljust(w)
                                            for i, (c, w) in enumerate(zip(cells, widths))) + " |"
     sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(head), sep, *(line(b) for b in body)]) + "\n"
+    note = noise_legend(sum(r.get(f"noisy_{s}", False) for r in rows for s in "ab"), 2 * len(rows), False)
+    return "\n".join([line(head), sep, *(line(b) for b in body), *([note] if note else [])]) + "\n"
 
 
 def compare(store, a: str, b: str) -> tuple[list[dict], str]:

@@ -41,15 +41,20 @@ def _tps(r: BenchRecord) -> str:
 
 def noise_note(records: Sequence[BenchRecord]) -> str | None:
     """The line under a table that explains the noisy mark and the load column, when either is shown."""
+    return noise_legend(sum(bool(r.noisy) for r in records), len(records), any(r.load is not None for r in records))
+
+
+def noise_legend(n_noisy: int, n: int, load_shown: bool) -> str | None:
+    """:func:`noise_note` from counts: ``n_noisy`` of ``n`` figures marked, a load column shown or not."""
     from ..bench.noise import NOISY_CV, NOISY_LOAD
 
-    noisy = [r for r in records if r.noisy]
-    if not noisy and not any(r.load is not None for r in records):
+    if not n_noisy and not load_shown:
         return None
-    head = (f"{NOISY_MARK} noisy, do not trust ({len(noisy)} of {len(records)}): t/s varies over "
+    head = (f"{NOISY_MARK} noisy, do not trust ({n_noisy} of {n}): t/s varies over "
             f"{100 * NOISY_CV:.0f}% between repetitions, or other processes kept over {NOISY_LOAD} cores busy; "
-            f"rerun on a quiet machine or with --wait-idle. " if noisy else "")
-    return head + "load: cores other processes kept busy during the timed runs (/proc/stat, ours excluded)"
+            f"rerun on a quiet machine or with --wait-idle. " if n_noisy else "")
+    return head + ("load: cores other processes kept busy during the timed runs (/proc/stat, ours excluded)"
+                   if load_shown else "")
 
 
 def _energy(r: BenchRecord) -> str:

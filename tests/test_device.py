@@ -330,6 +330,7 @@ def test_rapl_counter_wrap_and_domain_scan(tmp_path):
 # ---------------------------------------------------------------- probe and info
 def test_probe_returns_positive_finite_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # the load now cannot ask for a new probe
     p = probe(1, refresh=True)
     assert p.threads == 1 and not p.cached
     for v in (p.bandwidth_gbs, p.peak_gflops):
@@ -339,6 +340,24 @@ def test_probe_returns_positive_finite_and_caches(tmp_path, monkeypatch):
     assert again.cached and again.bandwidth_gbs == p.bandwidth_gbs
     with pytest.raises(InvalidArgument):
         probe(0)
+
+
+def test_a_probe_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(tmp_path, monkeypatch):
+    """Other work during the probe makes it read low, and every % of roofline after it high (over 100%)."""
+    import importlib
+
+    probe_mod = importlib.import_module("ondevice.device.probe")  # the module (the package exports the function)
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path))
+    runs = []
+    monkeypatch.setattr(probe_mod, "_measure", lambda threads, timeout=0: runs.append(threads) or {
+        "bandwidth_gbs": 10.0 * len(runs), "peak_gflops": 50.0, "bandwidth_method": "sum",
+        "compute_method": "matmul"})
+    busy = float(os.cpu_count() or 1)  # every CPU busy with other work
+    for load, measured in ((busy, True), (busy, False), (0.1 * busy, True), (0.1 * busy, False)):
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, load, load))
+        p = probe(1)
+        assert p.cached != measured and p.load_avg_1m == (load if measured else p.load_avg_1m)
+    assert len(runs) == 2 and p.bandwidth_gbs == 20.0
 
 
 def test_device_info_fields():

@@ -350,12 +350,23 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
             rec.update(_flat(res))
             rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"])  # [] when clean
             rec["noisy"] = bool(why)
+            cap = (state["limits"] or {}).get("mem_limit_bytes")
+            if cap and (rec.get("peak_rss_bytes") or 0) > cap:  # the cap did not hold: say why, in the record too
+                msg = (f"{spec.name}: peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB over the {cap / 2**20:.0f} "
+                       f"MiB cap: model pages already in the page cache are charged to whoever read them first, "
+                       f"not to the capped run (drop the page cache, as root: echo 1 > /proc/sys/vm/drop_caches)")
+                notes.append(msg)
+                rec["meta"]["limits"] = dict(state["limits"], notes=[*state["limits"].get("notes", []), msg])
             if res.get("prompt_lengths"):
                 rec["prompt_lengths"] = res["prompt_lengths"]
             roof = roofline_for(cfg.model, _timed_phases(spec, res), res["time_s"]["mean"], s["n_ubatch"],
                                 s["type_k"], s["type_v"], probe)
             if roof:
                 rec.update(roofline_pct=roof["pct"], roofline_bound=roof["bound"], roofline=roof)
+                if roof["pct"] > 100:  # faster than the machine's measured roof: the probe is what is off
+                    notes.append(f"{spec.name} at {s['threads']} threads ran at {roof['pct']:.0f}% of the roofline: "
+                                 f"the probe ({probe.measured_at}, load {probe.load_avg_1m or 0:.2f} then) "
+                                 f"understates this machine; --reprobe measures it again")
         typed = BenchRecord.from_dict(rec)
         if store is not None:
             store.add("bench", typed.to_dict(), session=session, config_key=typed.config_key,

@@ -102,12 +102,17 @@ def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
     assert dict(old.overrides({"attn_qk": "Q4_0", "attn_v": "Q8_0"})) == {qk.regex: "Q4_0"}
 
 
-def _fake_bench(calls: list, tg: dict):
-    """A stand-in for ``ondevice.bench`` that logs each call and gives each file's next tg figures."""
+def _fake_bench(calls: list, tg: dict, interrupted_at: int | None = None):
+    """A stand-in for ``ondevice.bench`` that logs each call and gives each file's next tg figures (call
+    ``interrupted_at`` comes back as Ctrl-C leaves a bench: marked interrupted, its records so far)."""
+    from ondevice.bench.sweep import BenchResult
 
     def bench(models, tests, **kw):
         calls.append(([m.rsplit("/", 1)[-1] for m in models], kw))
-        out = []
+        out = BenchResult()
+        if len(calls) - 1 == interrupted_at:
+            out.interrupted = True
+            return out
         for m in models:
             tps = [next(tg[m.rsplit("/", 1)[-1]]) for _ in range(kw["repetitions"])]
             out += [{"status": "ok", "model_path": m, "test": "tg64", "tps_mean": sum(tps) / len(tps),
@@ -230,3 +235,23 @@ def test_prediction_spread_is_the_table_noise_carried_through_the_plan():
     assert np.mean(np.abs(z) < 2) > 0.85
     gone = make_table(lay, {"tg": 50.0, "pp": 1.0}, {"Q5_0": {"tg": 55.0, "pp": 1.0}}, 0.0, kld, opts=opts)
     assert gone.predict_at({"attn_qk": "Q5_0"}, {"tg": 50.0, "pp": 1.0, "tg_rse": 0.02})["tg_sd"] is None
+
+
+def test_ctrl_c_during_the_speed_bench_stops_the_fit_and_caches_nothing(tmp_path, monkeypatch):
+    """An interrupted bench returns what it has (nothing here): the fit stops with KeyboardInterrupt at once,
+    benches nothing more, and the cache gets no entry without figures (which broke every later run)."""
+    import ondevice
+    from ondevice.fit.measure import Cache, Meter
+
+    calls: list = []
+    tg = {"a.gguf": iter([100.0] * 6), "b.gguf": iter([50.0] * 6)}
+    monkeypatch.setattr(ondevice, "bench", _fake_bench(calls, tg, interrupted_at=1))
+    cache = Cache(tmp_path / "speed.json", "s")
+    m = Meter(tmp_path, _layout(), tmp_path, 2, cache, tmp_path, lambda _s: None, repetitions=3,
+              profile="threads=2,mem=2G")  # one bench per file and round: the second one is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        m.speeds([("ka", tmp_path / "a.gguf"), ("kb", tmp_path / "b.gguf")])
+    assert len(calls) == 2 and cache.get("ka") is None and cache.get("kb") is None
+    cache.put("ka", {"tg": 1.0})  # an entry an older version left without pp: measured again, not reused
+    monkeypatch.setattr(ondevice, "bench", _fake_bench(calls, tg))
+    assert m.speed("ka", tmp_path / "a.gguf")["pp"] == pytest.approx(300.0) and len(calls) == 2 + 3

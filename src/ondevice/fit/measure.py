@@ -354,7 +354,9 @@ class Meter:
     def _speed_hit(self, key: str) -> dict | None:
         if self.reprobe and (self.speed_cache.section, key) not in self.seen:
             return None
-        return self.speed_cache.get(key)
+        hit = self.speed_cache.get(key)
+        kinds = {"tg" if str(t).startswith("tg") else "pp" for t in self.tests}
+        return hit if hit is not None and kinds <= set(hit) else None  # an entry without a figure is no hit
 
     def speed(self, key: str, path: Path) -> dict:
         """Decode/prompt tok/s of the file at ``path`` (cached per device and build under ``key``)."""
@@ -391,12 +393,14 @@ class Meter:
         paths = {i: str(Path(files[i][1]).resolve()) for i in todo}
         kw = {"threads": self.threads, "store": False, "roofline": False,
               **({"profile": [self.profile]} if self.profile else {})}
-        if self._capped():
-            batches = [ondevice.bench([paths[i]], ",".join(self.tests), repetitions=1, **kw)
-                       for _round in range(reps) for i in todo]
-        else:
-            batches = [ondevice.bench([paths[i] for i in todo], ",".join(self.tests), repetitions=reps,
-                                      interleave=len(todo) > 1, **kw)]
+        runs = ([([paths[i]], 1) for _round in range(reps) for i in todo] if self._capped()
+                else [([paths[i] for i in todo], reps)])
+        batches = []
+        for group, n in runs:
+            batches.append(ondevice.bench(group, ",".join(self.tests), repetitions=n,
+                                          **({"interleave": True} if len(group) > 1 else {}), **kw))
+            if batches[-1].interrupted:  # Ctrl-C stopped the bench: nothing half-measured goes to the cache
+                raise KeyboardInterrupt
         recs: dict[str, list] = {paths[i]: [] for i in todo}
         for batch in batches:
             for r in batch:

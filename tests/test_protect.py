@@ -232,5 +232,8 @@ def test_cli_file_errors_are_one_line(cli, smol_path, tmp_path):
     r = cli("protect", "encrypt", str(smol_path), "-o", str(out), "--key-env", "MYKEY", "--force", env=env)
     assert r.returncode == 0, r.stderr
     assert read_header(out).plain_size == smol_path.stat().st_size
+    r = cli("protect", "encrypt", str(smol_path), "-o", str(tmp_path / "n.enc"),
+            env={"ONDEVICE_MODEL_KEY": "", "ONDEVICE_KEY_SOURCE": ""})  # no key given: the plain model is not "encrypted"
+    assert r.returncode == 2 and "encrypting needs a key" in r.stderr and "is encrypted" not in r.stderr, r.stderr
     with pytest.raises(ProtectError, match="no such file"):
         read_header(tmp_path / "none.enc")

@@ -251,7 +251,7 @@ def test_key_from_env_file_and_forms(tmp_path, monkeypatch):
 def test_key_errors_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.delenv("ONDEVICE_MODEL_KEY", raising=False)
     monkeypatch.delenv("T_NOPE", raising=False)
-    cases = [(None, "this model is encrypted; give its key with --key-env"),
+    cases = [(None, "this model is encrypted; give the key with --key-env"),
              ("env:T_NOPE", "T_NOPE is not set"),
              (f"file:{tmp_path / 'missing'}", "cannot read it"),
              ("env:T_SHORT", "does not hold a 256-bit key")]

@@ -37,7 +37,8 @@ def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], k
         raise InvalidArgument(f"-o {dst} is a folder; give the path of the container file to write")
     if dst.exists() and not force:
         raise InvalidArgument(f"-o {dst} already exists; pass --force to replace it, or write to another path")
-    return encrypt_file(ref.path, dst, load_key(key_source), meta_size=info.data_offset, chunk_size=chunk_size)
+    key = load_key(key_source, "encrypting needs a key (make one with `ondevice protect keygen`)")
+    return encrypt_file(ref.path, dst, key, meta_size=info.data_offset, chunk_size=chunk_size)
 
 
 def info(path: str | os.PathLike[str]) -> dict:

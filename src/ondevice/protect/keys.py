@@ -24,7 +24,7 @@ from ..errors import InvalidArgument, OndeviceError
 SOURCE_ENV = "ONDEVICE_KEY_SOURCE"  # the key source the flags chose, for every load in this process and its workers
 DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # the key itself, used when no key source is given at all
 KEYRING_SERVICE = "ondevice"
-_FIX_FLAGS = "give its key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
+_FIX_FLAGS = "give the key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
 
 
 def add_key_args(p: argparse.ArgumentParser) -> None:
@@ -99,8 +99,9 @@ def store_in_keyring(name: str, key_text: str) -> None:
     _keyring().set_password(KEYRING_SERVICE, name, key_text)
 
 
-def load_key(source: str | None) -> bytes:
-    """The key named by a source spec (None: ``ONDEVICE_KEY_SOURCE``'s spec, else ``ONDEVICE_MODEL_KEY``).
+def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
+    """The key named by a source spec (None: ``ONDEVICE_KEY_SOURCE``'s spec, else ``ONDEVICE_MODEL_KEY``);
+    ``why`` a key is needed, for the message when none is given.
 
     Raises:
         OndeviceError: no source and no default, an unset variable, a missing file, no keyring, a malformed key.
@@ -111,7 +112,7 @@ def load_key(source: str | None) -> bytes:
         if os.environ.get(DEFAULT_ENV):
             source = f"env:{DEFAULT_ENV}"
         else:
-            raise OndeviceError(f"this model is encrypted; {_FIX_FLAGS}")
+            raise OndeviceError(f"{why}; {_FIX_FLAGS}")
     kind, _, name = source.partition(":")
     if kind == "env":
         val = os.environ.get(name)

@@ -260,8 +260,9 @@ def test_serve_applies_adapters_per_request(tmp_path, smol_path):
         assert ids[1:] == [f"{ids[0]}+a", f"{ids[0]}+b"]
 
         def ask(name: str) -> tuple[str, str]:
-            r = client.chat.completions.create(model=ids[0] + (f"+{name}" if name else ""), messages=prompt,
-                                               temperature=0.0, max_tokens=8)
+            asked = ids[0] + (f"+{name}" if name else "")
+            r = client.chat.completions.create(model=asked, messages=prompt, temperature=0.0, max_tokens=8)
+            assert r.model == asked  # the reply names what answered: the base and its adapter
             return name, r.choices[0].message.content
 
         with ThreadPoolExecutor(6) as ex:

@@ -51,6 +51,9 @@ class Adapters:
 
         p = store.resolve(path)
         name = name or p.stem
+        if "+" in name:  # a request picks adapters by model 'BASE+NAME': this one could never be asked for
+            raise InvalidArgument(f"--adapter: the name {name!r} has a '+', which requests use to join adapters "
+                                  f"('BASE+NAME'); name it without one: NAME=PATH")
         if name in self.loaded:
             raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
         self.meta[name] = check(p, self.engine.path)

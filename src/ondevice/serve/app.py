@@ -323,7 +323,7 @@ class Runner:
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
-        resp = S.ChatCompletion(model=st.model_id, choices=choices, usage=usage,
+        resp = S.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
                                 timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
         if st.cascade is not None:
             if cascade is None:
@@ -365,11 +365,11 @@ class Runner:
 
         def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None):
             ch = [S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
-            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
                                               timings=timings))
 
         text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
-            id=cid, created=created, model=st.model_id,
+            id=cid, created=created, model=st.answered_by(req.model),
             choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
         calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
         lasts: list[Generation | None] = [None] * len(jobs)
@@ -450,7 +450,7 @@ class Runner:
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
-        return S.Completion(model=st.model_id, choices=choices, usage=usage,
+        return S.Completion(model=st.answered_by(req.model), choices=choices, usage=usage,
                             timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
 
     async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
@@ -474,10 +474,10 @@ class Runner:
 
         def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
             ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
-            return sse(S.Completion(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+            return sse(S.Completion(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
                                      timings=timings))
 
-        text_chunk = [text_sse(lambda t, i=i: S.Completion(id=cid, created=created, model=st.model_id,
+        text_chunk = [text_sse(lambda t, i=i: S.Completion(id=cid, created=created, model=st.answered_by(req.model),
                                                             choices=[S.CompletionChoice(index=i, text=t)]))
                       for i in range(len(jobs))]
         lasts: list[Generation | None] = [None] * len(jobs)

@@ -98,6 +98,10 @@ class ServerState:
             raise InvalidArgument(f"model {model!r}: no adapter named {unknown[0]!r}; adapters served: {have}")
         return names
 
+    def answered_by(self, model: str | None) -> str:
+        """The ``model`` a reply names: the base, with the adapters the request asked for ('BASE+NAME')."""
+        return "+".join([self.model_id, *self.adapters_for(model)])
+
     def start(self) -> None:
         self.batcher.start()
 

@@ -172,8 +172,9 @@ def main() -> int:
     print(km.describe())
     print(f"{'test':11} {'llama-bench t/s':>18} {'ondevice run t/s':>18} {'ratio':>7} {'paired ratio: median [min, max]':>34}")
     for key, name in (("pp", "pp128"), ("tg", f"tg128@d{n_prompt}")):
-        pm, ps = statistics.mean(peer[key]), statistics.stdev(peer[key])
-        om, os_ = statistics.mean(ours[key]), statistics.stdev(ours[key])
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731 — one sample: none
+        pm, ps = statistics.mean(peer[key]), sd(peer[key])
+        om, os_ = statistics.mean(ours[key]), sd(ours[key])
         pr = paired[key]
         print(f"{name:11} {pm:>10.1f} ± {ps:<5.1f} {om:>10.1f} ± {os_:<5.1f} {om / pm:>7.3f} "
               f"{statistics.median(pr):>14.3f} [{min(pr):.3f}, {max(pr):.3f}]")

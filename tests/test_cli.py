@@ -115,6 +115,7 @@ def test_run_takes_options_between_the_model_and_the_prompt(cli):
     assert r.returncode == 0 and json.loads(r.stderr.strip().splitlines()[-1])["generation_tokens"] == 4, r.stderr
     r = cli("run", "smollm2-135m-instruct", "-n", "4", "--bogus", "Hi")
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr, r.stderr
+    assert "usage: ondevice run" in r.stderr  # the verb's usage, not the top level's
 
 
 def test_typos_get_did_you_mean(cli):

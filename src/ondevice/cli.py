@@ -101,8 +101,9 @@ def _main(argv: list[str] | None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "words", None), list) and not any(x.startswith("-") for x in extra):
         args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)
-    elif extra:
-        parser.parse_args(argv)  # its error names what was not understood
+    elif extra:  # the verb's own usage and error, as for a bad value (not the top level's)
+        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        verbs.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb is None:
         parser.print_help()
         return 2

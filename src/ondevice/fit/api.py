@@ -178,6 +178,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                               f"e.g. pp128,tg64")
     if validate < 1:
         raise InvalidArgument(f"--validate {validate} must be >= 1")
+    if repetitions < 1:
+        raise InvalidArgument(f"--repetitions {repetitions} must be >= 1 (bench rounds)")
     if name is not None and name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
     src = resolve(model)
@@ -187,7 +189,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     ref_sha = model_sha256(reference)
     lay = layout(reference.path, bands, groups)
     if bud.size is not None and lay.smallest(types) > bud.size:  # sizes are exact: no need to measure
-        raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.1f}MB cannot be met: the "
+        raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.3g}MB cannot be met: the "
                               f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}MB "
                               f"(every group at its smallest type); loosen the size or add lower --types")
     prof.check_smallest(lay.smallest(types), types)

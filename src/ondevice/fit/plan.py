@@ -238,7 +238,7 @@ def impossible(front: list[Candidate], budget: Budget, measured: bool = False) -
             "score": max((get(c).get("score", -1.0) for c in front), default=-1.0)}
     alone = []
     if budget.size is not None and best["size"] > budget.size:
-        alone.append(f"size<={budget.size / 1e6:.1f}MB (the smallest variant is {best['size'] / 1e6:.1f}MB)")
+        alone.append(f"size<={budget.size / 1e6:.3g}MB (the smallest variant is {best['size'] / 1e6:.1f}MB)")
     if budget.fits is not None and best["size"] > budget.fits:
         alone.append(f"the device profile's memory (files up to {budget.fits / 1e6:.1f}MB fit; the smallest "
                      f"variant is {best['size'] / 1e6:.1f}MB)")

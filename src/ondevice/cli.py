@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("", file=sys.stderr)
+        print(file=sys.stderr)
         return 130
 
 

@@ -143,7 +143,7 @@ def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool, cap: int) 
     return max(0, p1 - fixed - per), per  # the rest of the 1-layer step: the head, the loss, AdamW, allocator slack
 
 
-def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], dict]:
+def plan_under_budget(model: LlamaLoRA, examples, cfg, say=lambda _msg: None) -> tuple[dict[str, int], dict]:
     """``({base tensor name: rank}, what was measured and chosen)`` for ``cfg.budget_bytes``.
 
     With ``cfg.checkpointing`` auto, both ways are measured and planned; checkpointing (a forward recomputed
@@ -157,7 +157,11 @@ def plan_under_budget(model: LlamaLoRA, examples, cfg) -> tuple[dict[str, int], 
         model(*batch_tensors(probe)[:2])
     fixed = _rss()  # torch, the packed base, a no-grad forward's buffers
     modes = {"off": (False,), "on": (True,), "auto": (False, True)}[cfg.checkpointing]
-    costs = {ck: depth_cost(model, probe, fixed, ck, cfg.budget_bytes) for ck in modes}
+    costs = {}
+    for ck in modes:
+        say(f"measuring the training memory per layer, checkpointing {'on' if ck else 'off'} ...")
+        costs[ck] = depth_cost(model, probe, fixed, ck, cfg.budget_bytes)
+    say("scoring each module's gradient ...")
     scores = gradient_scores(model, sorted(examples, key=lambda e: len(e.tokens))[:1])
     dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
     smallest = PARAM_BYTES * min(RANKS) * min(a + b for a, b in dims.values())

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt (after Ctrl-C or a crash)")
     p.add_argument("--check", type=int, default=0, metavar="N",
-                   help="after export, compare llama.cpp with the adapter against torch on N held-out prompts (with "
+                   help="after export, compare llama.cpp with the adapter against torch on the prompts of the first "
+                        "N conversations of DATA (training ones too: it checks the export, not generalisation; with "
                         "merge: the merged model against base + adapter on N general prompts)")
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
 

@@ -175,7 +175,9 @@ def build(cfg: AdaptConfig, base: dict, train_examples):
         if cfg.budget_bytes is not None:
             from .budget import plan_under_budget
 
-            cfg.plan, cfg.plan_info = plan_under_budget(model, train_examples, cfg)
+            say = (lambda msg: print(f"plan under --budget: {msg}", file=sys.stderr, flush=True)) if cfg.progress \
+                else (lambda _msg: None)  # the planning measures for minutes on 2 cores: say what it does
+            cfg.plan, cfg.plan_info = plan_under_budget(model, train_examples, cfg, say)
         else:
             cfg.plan = default_plan(cfg, model.cfg.n_layer)
     lins = model.linears()

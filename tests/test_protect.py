@@ -48,6 +48,27 @@ def test_encrypted_model_generates_the_same_tokens(enc, smol):
             m.close()
 
 
+def test_an_adapter_of_the_plain_model_loads_on_its_encrypted_copy(enc, smol_path, tmp_path):
+    """An adapter records its base's sha256; an encrypted base is checked by its plaintext's (the container's
+    own hash differs), so the adapter trained on the plain file serves with the encrypted one."""
+    from test_adapt import _lora_tensors
+
+    import ondevice
+    from ondevice.adapt import adapter_file
+    from ondevice.models.store import cached_sha256
+
+    ad = adapter_file.write(tmp_path / "a.gguf", "llama", 8.0, _lora_tensors(4, 0.5),
+                            {"base_sha256": cached_sha256(smol_path)})
+    plain = ondevice.load(str(smol_path), n_ctx=256, n_threads=2, adapters=(str(ad),))
+    want = plain.generate("Name three colours.", temp=0, max_tokens=8).tokens
+    plain.close()
+    m = ondevice.load(str(enc), n_ctx=256, n_threads=2, key_source=f"env:{KEY_ENV}", adapters=(str(ad),))
+    try:
+        assert m.generate("Name three colours.", temp=0, max_tokens=8).tokens == want
+    finally:
+        m.close()
+
+
 def test_load_reads_the_family_without_walking_the_header_again(enc, tmp_path, monkeypatch):
     """encrypt validated the GGUF and the tags prove it unchanged: the load takes the weight type from
     llama.cpp's parser, not ondevice's Python walk; a container of something else fails in one line."""

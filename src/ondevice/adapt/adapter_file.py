@@ -93,8 +93,9 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     return pairs, alpha
 
 
-def check(adapter: str | Path, base: str | Path) -> dict:
-    """Refuse an adapter that is not a LoRA GGUF, or whose recorded base is not ``base`` (by sha256).
+def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None) -> dict:
+    """Refuse an adapter that is not a LoRA GGUF, or whose recorded base is not ``base`` (by sha256; given as
+    ``base_sha256`` where ``base`` is an encrypted container: its plaintext's).
 
     An adapter without our provenance (converted elsewhere) is let through: llama.cpp still checks its
     architecture and every tensor's shape against the base.
@@ -106,7 +107,7 @@ def check(adapter: str | Path, base: str | Path) -> dict:
                               f"wrote")
     want = meta.get(KEY + "base_sha256")
     if want:
-        have = cached_sha256(base)
+        have = base_sha256 or cached_sha256(base)
         if have != want:
             raise InvalidArgument(
                 f"--adapter {Path(adapter).name} was trained on another base model "

@@ -23,6 +23,7 @@ class Adapters:
         self.loaded: dict[str, int] = {}  # name -> llama_adapter_lora *
         self.meta: dict[str, dict] = {}
         self.active: tuple[str, ...] = ()
+        self._plain_sha: str | None = None
         lib = llama_cpp_lib()
         self._init = lib["llama_adapter_lora_init"]
         self._init.argtypes, self._init.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
@@ -56,7 +57,7 @@ class Adapters:
                                   f"('BASE+NAME'); name it without one: NAME=PATH")
         if name in self.loaded:
             raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
-        self.meta[name] = check(p, self.engine.path)
+        self.meta[name] = check(p, self.engine.path, self._plain_sha256())
         with load_log() as lines:
             ptr = self._init(self.engine.model, str(p).encode())
         if not ptr:
@@ -65,6 +66,19 @@ class Adapters:
             raise OndeviceError(f"llama.cpp could not load the adapter {p} for {self.engine.path.name}: {why}")
         self.loaded[name] = ptr
         return name
+
+    def _plain_sha256(self) -> str | None:
+        """An encrypted base's plaintext sha256 (what its adapters record), from the memory it was restored
+        into; None for a plain file (hashed by path, cached)."""
+        restored = getattr(self.engine, "_restored", None)
+        if restored is None:
+            return None
+        if self._plain_sha is None:
+            import hashlib
+
+            with open(restored.path, "rb") as f:
+                self._plain_sha = hashlib.file_digest(f, "sha256").hexdigest()
+        return self._plain_sha
 
     def load_spec(self, spec: str) -> str:
         """``NAME=PATH`` or ``PATH`` (named by its file stem); a PATH may be a stored adapter's name."""

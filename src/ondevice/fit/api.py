@@ -313,6 +313,10 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         keep.unlink(missing_ok=True)
         items.append(Item(c.plan, [calib_q, held_q], im_path, im_sha, keep))
     relative = asked.tg_rel is not None or asked.pp_rel is not None
+    if resume and any(vmeter._speed_hit(it.key) is None for it in items[1:]):
+        # a candidate is benched now, so the all-Q8_0 variant (and the shipped file) are benched with it: speeds
+        # cached minutes before would put the predictions at another moment's speed
+        vmeter.reprobe = True
     with phase("validation"):  # with a bound relative to the shipped file, that file is benched with them
         res = vmeter.measure(items + [shipped_item] * relative, speed=True)
     now = res[0]["speed"]

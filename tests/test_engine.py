@@ -246,7 +246,7 @@ def test_ctrl_c_while_llama_cpp_loads_stops_the_load(smol_path, monkeypatch):
     with exit 0. The interrupt now stops the load once llama.cpp returns, and a later load works."""
     import contextlib
 
-    from ondevice.engine import llama
+    from ondevice.engine import llama, native
     from ondevice.engine.base import EngineConfig
 
     class InterruptedLog(list):
@@ -257,13 +257,13 @@ def test_ctrl_c_while_llama_cpp_loads_stops_the_load(smol_path, monkeypatch):
 
     @contextlib.contextmanager
     def interrupted_log():
-        llama._log_capture = lines = InterruptedLog()
+        native._log_capture = lines = InterruptedLog()
         try:
             yield lines
         finally:
-            llama._log_capture = None
+            native._log_capture = None
 
-    monkeypatch.setattr(llama, "load_log", interrupted_log)
+    monkeypatch.setattr(native, "load_log", interrupted_log)
     with pytest.raises(KeyboardInterrupt):
         llama.LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_threads=1, warmup=False))
     monkeypatch.undo()

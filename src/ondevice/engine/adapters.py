@@ -48,7 +48,7 @@ class Adapters:
         base by sha256 first; returns its name."""
         from ..adapt import store
         from ..adapt.adapter_file import check
-        from .llama import load_log
+        from .native import load_log
 
         p = store.resolve(path)
         name = name or p.stem

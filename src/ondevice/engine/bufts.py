@@ -105,7 +105,8 @@ def offering(names: Sequence[str]) -> Iterator[bool]:
 def would_use(model_path: str | Path, names: Sequence[str]) -> dict[str, float]:
     """The buffer types a load offered ``names`` would put weights in, from a dry run (llama.cpp's
     ``no_alloc``: metadata only, nothing read or allocated; the sizes it logs are 0). Cheap, in-process."""
-    from .llama import _lib, load_log, set_fields
+    from .llama import _lib, set_fields
+    from .native import load_log
 
     ll = _lib()
     with offering(names) as use_extra, load_log() as lines:

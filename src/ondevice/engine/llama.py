@@ -15,13 +15,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from ..protect.container import is_container
+from . import native
 from .base import Engine, EngineConfig
 from .records import Generation, Sampling
 from .sampler import NO_TOKEN, Sampler  # noqa: F401 (NO_TOKEN: what sample() returns, named here too)
@@ -32,31 +32,6 @@ _init_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None
 _EOG_LINE = re.compile(r"\bEOG token\s*=\s*(\d+)\b")  # llama_vocab::print_info, once per member of the set
-_log_capture: list[str] | None = None  # llama.cpp's log lines during a model load (which buffer types it used)
-
-
-_pending_interrupt = False  # a Ctrl-C that landed in a ctypes callback, where it cannot raise through C
-
-
-def _keep_interrupts(previous):
-    """An unraisable-exception hook that keeps a KeyboardInterrupt ctypes had to swallow (Python delivers
-    Ctrl-C in whatever Python code runs next: during a load, llama.cpp's log callback) for
-    :func:`raise_pending_interrupt`; other exceptions go to ``previous``."""
-    def hook(unraisable):
-        global _pending_interrupt
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            _pending_interrupt = True
-        else:
-            previous(unraisable)
-    return hook
-
-
-def raise_pending_interrupt() -> None:
-    """Raise, now that the native call returned, a Ctrl-C that landed in one of its callbacks."""
-    global _pending_interrupt
-    if _pending_interrupt:
-        _pending_interrupt = False
-        raise KeyboardInterrupt
 
 
 def _lib():
@@ -67,8 +42,8 @@ def _lib():
     with _init_lock:
         if not _backend_ready:
             global _log_callback
-            sys.unraisablehook = _keep_interrupts(sys.unraisablehook)
-            _log_callback = _make_log_callback()  # kept referenced: llama.cpp holds the pointer
+            sys.unraisablehook = native.keep_interrupts(sys.unraisablehook)
+            _log_callback = native.make_log_callback()  # kept referenced: llama.cpp holds the pointer
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
@@ -87,46 +62,11 @@ def set_fields(st, **values):
     return st
 
 
-@contextmanager
-def load_log() -> Iterator[list[str]]:
-    """llama.cpp's log text while inside: a model load's ``model buffer size`` lines say which buffer types
-    got weights (engine/bufts.py parses them). Use under ``bufts.offering``'s lock (loads are serialised)."""
-    global _log_capture
-    lines: list[str] = []
-    _log_capture = lines
-    try:
-        yield lines
-    finally:
-        _log_capture = None
-
-
 def llama_cpp_lib() -> ctypes.CDLL:
     """The loaded libllama, for bindings of our own (``lib[name]`` gives a fresh function object)."""
     import llama_cpp.llama_cpp
 
     return llama_cpp.llama_cpp._lib
-
-
-def _make_log_callback():
-    """llama.cpp's log, shown only with ONDEVICE_VERBOSE=1 (errors always).
-
-    Our own callback because llama-cpp-python's maps an older ggml level enum (its filter lets
-    warnings through). ggml today: 1 debug, 2 info, 3 warn, 4 error, 5 continuation.
-    """
-    import llama_cpp
-
-    state = {"last": 0}
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        level = state["last"] if level == 5 else level
-        state["last"] = level
-        if _log_capture is not None:
-            _log_capture.append(text.decode("utf-8", errors="replace"))
-        if level >= 4 or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
-            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
-
-    return callback
 
 
 def physical_cores() -> int:
@@ -161,11 +101,11 @@ class LlamaEngine(Engine):
                                       f"{', '.join(_KV_TYPES)}")
         t0 = time.perf_counter()
         self.kernels, self.buffer_types, self.model = self._load_model(ll, cfg)
-        if _pending_interrupt and self.model:  # Ctrl-C while llama.cpp loaded: stop here, nothing held
+        if native.pending_interrupt and self.model:  # Ctrl-C while llama.cpp loaded: stop here, nothing held
             ll.llama_model_free(self.model)
             self.model = None
             self.close()
-        raise_pending_interrupt()
+        native.raise_pending_interrupt()
         if not self.model:
             raise OndeviceError(f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
         self.vocab = ll.llama_model_get_vocab(self.model)
@@ -221,9 +161,9 @@ class LlamaEngine(Engine):
         self.adapters = Adapters.attach(self, cfg.adapters)  # LoRA (adapt/); cfg.adapters active from the start
         if cfg.warmup:
             self.warmup()
-        if _pending_interrupt:
+        if native.pending_interrupt:
             self.close()
-            raise_pending_interrupt()
+            native.raise_pending_interrupt()
         self.load_time = time.perf_counter() - t0
 
     @property
@@ -254,7 +194,7 @@ class LlamaEngine(Engine):
         r = self._restored
         choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), family=r.family) if r is not None
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
-        with bufts.offering(choice.bufts) as use_extra, load_log() as lines:
+        with bufts.offering(choice.bufts) as use_extra, native.load_log() as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
             mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,
                                  n_gpu_layers=0, use_extra_bufts=use_extra)
@@ -383,8 +323,8 @@ class LlamaEngine(Engine):
         for _, pos, seq, _ in items:  # keep n_past current for sequences fed only through decode_batch
             if pos >= self._n_past.get(seq, 0):
                 self._n_past[seq] = pos + 1
-        if _pending_interrupt:  # from an eval callback (fit's imatrix)
-            raise_pending_interrupt()
+        if native.pending_interrupt:  # from an eval callback (fit's imatrix)
+            native.raise_pending_interrupt()
 
     def embed(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
         """Pooled embedding ``(n_embd,)`` of ``tokens`` (needs ``embeddings=True`` and a pooling type)."""

@@ -79,7 +79,9 @@ def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
     schema = format_schema(fmt)
     if schema is None:
         return Plan()
-    return Plan(grammar=json_object_grammar() if schema == JSON_OBJECT else schema_grammar(schema, _FORMAT_FIELD[fmt.type]))
+    if schema == JSON_OBJECT:
+        return Plan(grammar=json_object_grammar())
+    return Plan(grammar=schema_grammar(schema, _FORMAT_FIELD[fmt.type]))
 
 
 JSON_OBJECT = {"type": "object"}

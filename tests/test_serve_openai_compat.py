@@ -228,3 +228,17 @@ def test_sampling_left_out_is_llama_cpps_not_openais():
     assert (s.temp, s.top_p, s.top_k, s.min_p) == (d.temp, d.top_p, d.top_k, d.min_p) == (0.8, 0.95, 40, 0.05)
     s = _sampling(S.ChatCompletionRequest(messages=msgs, temperature=1.0, top_k=0), 16)
     assert (s.temp, s.top_p, s.top_k, s.min_p) == (1.0, 0.95, 0, 0.05)  # what it gives is taken as given
+
+
+def test_top_logprobs_needs_logprobs_and_pieces_keep_their_bytes(client):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):  # as OpenAI and llama-server
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+    import httpx
+
+    base = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
+    text = "🌍 ok"
+    pieces = httpx.post(base + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    # llama-server's shape: the text of a whole piece, the bytes of one that holds part of a character
+    assert any(isinstance(p["piece"], list) for p in pieces)
+    assert b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode()
+                    for p in pieces) == text.encode()

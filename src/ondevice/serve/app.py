@@ -89,9 +89,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: S.TokenizeRequest):
         toks = state.tokenize(req.text, add_special=req.add, parse_special=req.parse_special)
-        if req.with_pieces:
-            return {"tokens": [{"id": t, "piece": state.vocab_bytes[t].decode("utf-8", errors="replace")}
-                               for t in toks]}
+        if req.with_pieces:  # as llama-server: the piece's text, or its bytes where it is part of a character
+            return {"tokens": [{"id": t, "piece": _piece(state.special_bytes[t])} for t in toks]}
         return {"tokens": toks, "count": len(toks), "max_model_len": state.settings.ctx}
 
     @app.post("/detokenize")
@@ -144,6 +143,13 @@ def create_app(state: ServerState) -> FastAPI:
         return await runner.completions(req, request)
 
     return app
+
+
+def _piece(b: bytes) -> str | list[int]:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(b)
 
 
 def _sampling(req, max_tokens: int, grammar: str | None = None,

@@ -148,6 +148,12 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # OpenAI and llama-server answer 400 too
+            raise ValueError("top_logprobs needs logprobs: true; set it, or drop top_logprobs")
+        return self
+
 
 class TopLogprob(_Resp):
     token: str

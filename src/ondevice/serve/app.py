@@ -40,7 +40,7 @@ from .http import (
     install_error_handlers,
     note,
 )
-from .state import ServerState, message_dicts
+from .state import ServerState, message_dicts, token_piece
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
 MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request (OpenAI allows 2048; each costs a decode here)
@@ -90,7 +90,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenize(req: S.TokenizeRequest):
         toks = state.tokenize(req.text, add_special=req.add, parse_special=req.parse_special)
         if req.with_pieces:  # as llama-server: the piece's text, or its bytes where it is part of a character
-            return {"tokens": [{"id": t, "piece": _piece(state.special_bytes[t])} for t in toks]}
+            return {"tokens": [{"id": t, "piece": token_piece(state.special_bytes[t])} for t in toks]}
         return {"tokens": toks, "count": len(toks), "max_model_len": state.settings.ctx}
 
     @app.post("/detokenize")
@@ -143,13 +143,6 @@ def create_app(state: ServerState) -> FastAPI:
         return await runner.completions(req, request)
 
     return app
-
-
-def _piece(b: bytes) -> str | list[int]:
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(b)
 
 
 def _sampling(req, max_tokens: int, grammar: str | None = None,

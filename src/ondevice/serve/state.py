@@ -193,6 +193,15 @@ def token_name(piece: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
+def token_piece(piece: bytes) -> str | list[int]:
+    """A token's piece as llama-server's /tokenize gives it: its text, or its bytes where it holds part of a
+    character."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
+
+
 def message_dicts(messages) -> list[dict]:
     """Pydantic chat messages -> the dicts a chat template renders (tool calls with their arguments parsed)."""
     out = []

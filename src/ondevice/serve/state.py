@@ -187,10 +187,8 @@ class ServerState:
 def token_name(piece: bytes) -> str:
     """A token's text as OpenAI's logprobs name it: the text, or for a piece that is not whole UTF-8 (part of
     an emoji or a CJK character) ``bytes:\\xf0\\x9f``, so that no two pieces share a name."""
-    try:
-        return piece.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+    p = token_piece(piece)
+    return p if isinstance(p, str) else "bytes:" + "".join(f"\\x{b:02x}" for b in p)
 
 
 def token_piece(piece: bytes) -> str | list[int]:

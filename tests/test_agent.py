@@ -249,6 +249,24 @@ def test_model_filled_nodes_are_retried_with_the_error_in_view():
     assert [e["event"] for e in g.log].count("retry") == 1
 
 
+def test_the_live_log_comes_in_time_order_while_the_model_fills_another_node():
+    def sleep(ms: int) -> int:
+        """Sleep ms milliseconds."""
+        time.sleep(ms / 1000)
+        return ms
+
+    def fill(node, outputs):  # a slow model step: the running tool ends while it writes arguments
+        time.sleep(0.3)
+        return {"ms": 1}
+
+    live = []
+    g = run_graph([Node("quick", "sleep", {"ms": 20}), Node("slow", "sleep", task="wait a bit")],
+                  Toolbox([sleep]), fill=fill, on_event=live.append)
+    assert g.ok and live == g.log
+    times = [e["t"] for e in live]
+    assert times == sorted(times), [(e["node"], e["event"], e["t"]) for e in live]
+
+
 # -- MCP ----------------------------------------------------------------------------------------------------
 
 MCP_TOOLS = '''

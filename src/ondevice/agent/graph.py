@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,13 +131,22 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
     log: list[dict] = []
     replans = 0
 
+    lock = threading.Lock()
+
     def event(name: str, node: Node, at: float | None = None, **kw) -> None:
-        """Log an event at ``at`` (a perf_counter time; default now), in seconds from the start of the run."""
-        rec = {"t": round((time.perf_counter() if at is None else at) - t0, 6), "event": name, "node": node.id,
-               "tool": node.tool, **kw}
-        log.append(rec)
-        if on_event:
-            on_event(rec)
+        """Log an event at ``at`` (a perf_counter time; default now), in seconds from the start of the run.
+        Tool threads log their own ends, so the live log stays in time order while the model fills a node."""
+        with lock:
+            rec = {"t": round((time.perf_counter() if at is None else at) - t0, 6), "event": name,
+                   "node": node.id, "tool": node.tool, **kw}
+            log.append(rec)
+            if on_event:
+                on_event(rec)
+
+    def call(n: Node, args: dict) -> ToolResult:
+        result = toolbox.call(n.tool, args, confirm=confirm)
+        _ended(n, result, event)
+        return result
 
     pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="ondevice-tool")
     running: dict[cf.Future, Node] = {}
@@ -163,10 +173,11 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
                 except Exception as e:  # a model step or a reference that cannot be resolved
                     result = ToolResult(n.tool, {}, False, error=f"{type(e).__name__}: {e}", kind="invalid",
                                         started=time.perf_counter())
+                    _ended(n, result, event)
                     _finish(n, result, graph, event, max_retries, fill)
                     continue
                 event("start", n, args=args, attempt=len(n.attempts) + 1)
-                fut = pool.submit(toolbox.call, n.tool, args, confirm=confirm)
+                fut = pool.submit(call, n, args)
                 if parallel:
                     running[fut] = n
                 else:  # the sequential baseline: each call ends before the next starts
@@ -195,11 +206,15 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
     return GraphRun(graph, log, time.perf_counter() - t0, replans)
 
 
-def _finish(n: Node, result: ToolResult, graph: dict[str, Node], event, max_retries: int, fill: Fill | None) -> None:
-    n.attempts.append({"args": result.args, "ok": result.ok, "error": result.error, "kind": result.kind,
-                       "seconds": round(result.seconds, 6)})
+def _ended(n: Node, result: ToolResult, event) -> None:
     event("end", n, at=result.started + result.seconds, ok=result.ok, seconds=round(result.seconds, 6),
           error=result.error, kind=result.kind)
+
+
+def _finish(n: Node, result: ToolResult, graph: dict[str, Node], event, max_retries: int, fill: Fill | None) -> None:
+    """The scheduler's side of a call that ended (logged by ``_ended``): the attempt, the status, a retry."""
+    n.attempts.append({"args": result.args, "ok": result.ok, "error": result.error, "kind": result.kind,
+                       "seconds": round(result.seconds, 6)})
     if result.ok:
         n.status, n.result, n.error = "done", result, None
         return

@@ -258,3 +258,13 @@ def test_cli_file_errors_are_one_line(cli, smol_path, tmp_path):
     assert r.returncode == 2 and "encrypting needs a key" in r.stderr and "is encrypted" not in r.stderr, r.stderr
     with pytest.raises(ProtectError, match="no such file"):
         read_header(tmp_path / "none.enc")
+
+
+def test_a_key_passed_as_its_source_is_never_shown(tmp_path):
+    from ondevice.protect.keys import load_key
+
+    key = new_key()  # hex text
+    for wrong in (key, bytes.fromhex(key)):  # the key itself where env:NAME, file:PATH or keyring:NAME belongs
+        with pytest.raises(OndeviceError, match="not shown: it may be the key itself") as e:
+            load_key(wrong)
+        assert key[:8] not in str(e.value)

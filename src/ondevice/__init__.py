@@ -29,18 +29,39 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ondevice' has no attribute {name!r}")
 
 
-def generate(prompt, model: str | None = None, **kw) -> Result:
-    """One-shot: load ``model`` (default model if None) and generate."""
-    from .engine import load
+def __dir__() -> list[str]:  # help(ondevice) and dir() list the lazily imported names too
+    return sorted(set(globals()) | set(_ENGINE_NAMES))
 
-    return load(model).generate(prompt, **kw)
+
+def _one_shot(model: str | None, kw: dict):
+    """The model loaded for a one-shot call, and the call's own keyword arguments: :class:`Sampling` fields
+    go to the call, the rest (``n_ctx``, ``n_threads``, ...) to :func:`load`."""
+    from dataclasses import fields
+
+    from . import fields as checked
+    from .engine import EngineConfig, Sampling, load
+
+    sampling = {f.name for f in fields(Sampling)} | {"sampling", "chat_template", "tools"}
+    if err := checked.unknown("a one-shot call", kw, sampling | {"draft_model", *EngineConfig.__dataclass_fields__}):
+        raise err
+    return (load(model, **{k: v for k, v in kw.items() if k not in sampling}),
+            {k: v for k, v in kw.items() if k in sampling})
+
+
+def generate(prompt, model: str | None = None, **kw) -> Result:
+    """One-shot: load ``model`` (the default model if None), generate, free the model. Keyword arguments are
+    :class:`Sampling` fields and :func:`load`'s (``n_ctx``, ``n_threads``, ...). To call a model more than
+    once, ``ondevice.load`` it and keep it (``with ondevice.load() as m: ...``)."""
+    m, call_kw = _one_shot(model, kw)
+    with m:
+        return m.generate(prompt, **call_kw)
 
 
 def stream(prompt, model: str | None = None, **kw):
-    """One-shot streaming with a freshly loaded model."""
-    from .engine import load
-
-    yield from load(model).stream(prompt, **kw)
+    """One-shot streaming with a freshly loaded model, freed when the stream ends or is closed."""
+    m, call_kw = _one_shot(model, kw)
+    with m:
+        yield from m.stream(prompt, **call_kw)
 
 
 def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # noqa: N802 — a class, imported lazily

@@ -47,3 +47,11 @@ class ContextOverflow(OndeviceError):
 
 class InvalidArgument(OndeviceError):
     """A flag or parameter with a value outside its range."""
+
+
+class ModelBusy(OndeviceError):
+    """A model asked for a second generation by the thread whose first one (a stream) is still open."""
+
+
+class ModelClosed(OndeviceError):
+    """A model used after ``close()``."""

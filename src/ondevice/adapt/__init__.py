@@ -26,3 +26,8 @@ def adapt(data: str, **kw) -> dict:
     from .train import AdaptConfig, train
 
     return train(AdaptConfig(data=data, **kw))
+
+
+from ..callable_module import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "ondevice.adapt:adapt")  # ondevice.adapt(...) after the import, too

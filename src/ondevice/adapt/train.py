@@ -256,10 +256,14 @@ def train(cfg: AdaptConfig) -> dict:
                 _progress(step, cfg.steps, history[-1], (time.perf_counter() - t0) / (step - step0))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_ckpt()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         save_ckpt()
-        print(f"\ninterrupted at step {step}/{cfg.steps}; checkpoint saved to {cfg.ckpt_path}; continue with "
-              f"the same command plus --resume", file=sys.stderr)
+        note = (f"interrupted at step {step}/{cfg.steps}; checkpoint saved to {cfg.ckpt_path}; continue with the "
+                f"same command plus --resume (in Python: resume=True)")
+        if cfg.progress:
+            print(f"\n{note}", file=sys.stderr)
+        else:  # a library call prints nothing it was not asked to: the note rides on the exception
+            e.add_note(note)
         raise
     if cfg.progress:
         print(file=sys.stderr)

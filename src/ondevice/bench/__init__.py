@@ -10,18 +10,6 @@ from .workloads import WORKLOADS, Sample, TestSpec, Workload, parse_tests, workl
 __all__ = ["WORKLOADS", "BenchRecord", "Sample", "TestSpec", "Workload", "parse_tests", "workload"]
 
 
-# ``ondevice.bench`` is both this package and the library function in ``ondevice/__init__``: importing
-# the package rebinds the attribute ``ondevice.bench`` to the module, so the module itself must stay
-# callable for ``ondevice.bench(...)`` to keep working after the first import.
-import sys as _sys
-import types as _types
+from ..callable_module import make_callable as _make_callable
 
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kw):
-        from .api import bench
-
-        return bench(*args, **kw)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+_make_callable(__name__, "ondevice.bench.api:bench")  # ondevice.bench(...) after the import, too

@@ -54,7 +54,7 @@ def base_url(url: str) -> str:
     for tail in ("/chat/completions", "/completions"):
         u = u.removesuffix(tail)
     if not u.startswith(("http://", "https://")):
-        raise OndeviceError(f"--cascade {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8081/v1")
+        raise OndeviceError(f"--cascade / cloud_url {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8081/v1")
     return u if u.endswith("/v1") else u + "/v1"
 
 

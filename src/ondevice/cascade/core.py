@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import fields
 from ..engine.records import Sampling
 from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError
 from .confidence import Combiner, TokenStats, find_combiner
@@ -132,13 +133,26 @@ class Cascade:
 
         if not cloud_url:
             raise InvalidArgument("Cascade needs cloud_url, an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8081/v1)")
-        self._owns_model = not isinstance(device_model, Model)
-        self.model = load(device_model) if self._owns_model else device_model
+        if isinstance(policy, dict):
+            if err := fields.unknown("Policy", policy, Policy.__dataclass_fields__):
+                raise err
+            policy = Policy(**policy)
+        elif policy is not None and not isinstance(policy, Policy):
+            raise InvalidArgument(f"policy={policy!r} is not a Policy; give a Policy or a dict of its fields")
         self.policy = policy or Policy()
         self.budget = Budget(self.policy.budget, self.policy.window_s)
+        # everything that can refuse the arguments comes before the model is loaded
         self.cloud = CloudClient(cloud_url, model=cloud_model, key_env=key_env, timeout=self.policy.timeout_s)
-        self.sha256 = _sha256(self.model.path)
-        self.combiner = combiner if isinstance(combiner, Combiner) else find_combiner(self.sha256, combiner)
+        self._owns_model = not isinstance(device_model, Model)
+        try:
+            self.model = load(device_model) if self._owns_model else device_model
+            self.sha256 = _sha256(self.model.path)
+            self.combiner = combiner if isinstance(combiner, Combiner) else find_combiner(self.sha256, combiner)
+        except BaseException:
+            self.cloud.close()
+            if self._owns_model and hasattr(self, "model"):
+                self.model.close()
+            raise
         self.store = store
 
     def confidence(self, stats: TokenStats) -> tuple[float, dict]:
@@ -149,7 +163,7 @@ class Cascade:
                  **sampling_kw) -> CascadeResult:
         """Answer on the device; defer to the cloud when unsure (see :class:`CascadeResult`)."""
         rp = request_policy(cascade)
-        s = dataclasses.replace(sampling or Sampling(**sampling_kw), token_stats=True)
+        s = dataclasses.replace(Sampling.of(sampling, **sampling_kw), token_stats=True)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         t0 = time.perf_counter()
         stats, last = TokenStats(messages), None

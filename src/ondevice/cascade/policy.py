@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from .. import fields
 from ..errors import InvalidArgument
 
 
@@ -37,6 +38,7 @@ class Policy:
     keep_hard: bool = False
 
     def __post_init__(self) -> None:
+        fields.check(self)
         checks = [("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
                   ("budget", 0 <= self.budget <= 1, "must be a share in [0, 1]"),
                   ("window", self.window_s > 0, "must be > 0 seconds"),

@@ -8,6 +8,7 @@ adapters active then, so it is not reused under others (the generator keys its p
 from __future__ import annotations
 
 import ctypes
+import weakref
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
@@ -19,7 +20,7 @@ class Adapters:
     def __init__(self, engine) -> None:
         from .llama import llama_cpp_lib
 
-        self.engine = engine
+        self.engine = weakref.proxy(engine)  # the engine holds this: a strong link back would keep both alive
         self.loaded: dict[str, int] = {}  # name -> llama_adapter_lora *
         self.meta: dict[str, dict] = {}
         self.active: tuple[str, ...] = ()

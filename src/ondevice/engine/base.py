@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .. import fields
 from .records import Generation, Sampling
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ class EngineConfig:
     amx: str | None = None  # AMX tiles (Sapphire Rapids+): auto = only where a self-test here proved it safe and faster
     repack: str | None = None  # CPU_REPACK interleaved weights: auto = on unless its self-test failed here
     adapters: tuple[str, ...] = ()  # LoRA adapter GGUFs ("PATH" or "NAME=PATH") active on the context (adapt/)
+
+    def __post_init__(self) -> None:
+        fields.check(self)
 
 
 class SamplerLike(Protocol):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ContextOverflow, InvalidArgument, OndeviceError
+from ..errors import ContextOverflow, InvalidArgument, ModelClosed, OndeviceError
 from ..protect.container import is_container
 from . import native
 from .base import Engine, EngineConfig
@@ -95,6 +95,7 @@ class LlamaEngine(Engine):
         self.ll = ll = _lib()
         self.config = cfg = config or EngineConfig()
         self.path = Path(path)
+        self.ctx = None
         for name, v in (("type_k", cfg.type_k), ("type_v", cfg.type_v)):
             if v not in _KV_TYPES:
                 raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
@@ -225,6 +226,7 @@ class LlamaEngine(Engine):
 
     # -- text <-> tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._open()
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) is not text any tokenizer can take
@@ -241,6 +243,7 @@ class LlamaEngine(Engine):
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        self._open()
         if not special and token in self._pieces:
             return self._pieces[token]
         n = self.ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
@@ -263,15 +266,17 @@ class LlamaEngine(Engine):
     def control_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens llama.cpp's tokenizer matches only when parsing specials (control and unknown
         tokens, e.g. ``<|im_start|>``): a chat's message text must never become one of them (engine/chat.py)."""
+        self._open()
         if getattr(self, "_controls", None) is None:
             mask = self.ll.LLAMA_TOKEN_ATTR_CONTROL | self.ll.LLAMA_TOKEN_ATTR_UNKNOWN
             get = self.ll.llama_vocab_get_attr
-            self._controls = {}
+            controls: dict[str, int] = {}
             for t in range(self.n_vocab):
                 if get(self.vocab, t) & mask:
                     text = self.token_text(t)
                     if text:
-                        self._controls.setdefault(text, t)
+                        controls.setdefault(text, t)
+            self._controls = controls  # published whole: another thread never sees half a table
         return self._controls
 
     @property
@@ -287,10 +292,12 @@ class LlamaEngine(Engine):
         return bool(self.ll.llama_vocab_get_add_bos(self.vocab))
 
     def chat_template(self) -> str | None:
+        self._open()
         raw = self.ll.llama_model_chat_template(self.model, None)
         return raw.decode("utf-8", errors="replace") if raw else None
 
     def meta(self, key: str) -> str | None:
+        self._open()
         buf = ctypes.create_string_buffer(4096)
         n = self.ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
@@ -301,6 +308,7 @@ class LlamaEngine(Engine):
 
         Rows with ``want_logits`` are numbered in order; read them with :meth:`logits`.
         """
+        self._open()
         b = self._batch
         n = len(items)
         if n > self.n_batch:
@@ -357,6 +365,7 @@ class LlamaEngine(Engine):
         self._n_past[seq] = pos + len(tokens)
 
     def decode(self, token: int, seq: int = 0) -> None:
+        self._open()
         pos = self._n_past.get(seq, 0)
         if pos >= self.n_ctx:
             raise ContextOverflow(pos + 1, self.n_ctx, "conversation")
@@ -376,6 +385,7 @@ class LlamaEngine(Engine):
     def _row(self, i: int | np.ndarray) -> np.ndarray:
         """Logits row ``i`` of the last decode as a view into llama.cpp's buffer (valid until the next decode);
         a saved row (an array) is itself."""
+        self._open()
         if isinstance(i, np.ndarray):
             return i
         addr = self._logits_ith(self.ctx, i)
@@ -400,6 +410,7 @@ class LlamaEngine(Engine):
     def truncate(self, n: int, seq: int = 0) -> None:
         # the KV itself says how far it reaches: an interrupt (Ctrl-C) between llama_decode and the bookkeeping
         # after it leaves n_past behind the cache, and the next decode at that position would fail
+        self._open()
         if n < max(self._n_past.get(seq, 0), self.ll.llama_memory_seq_pos_max(self.mem, seq) + 1):
             self.ll.llama_memory_seq_rm(self.mem, seq, n, -1)
             self._n_past[seq] = n
@@ -409,22 +420,26 @@ class LlamaEngine(Engine):
 
         Split KV: llama.cpp copies the whole stream before the next decode; unified: the cells are shared.
         """
+        self._open()
         self.ll.llama_memory_seq_rm(self.mem, dst, 0, -1)
         self.ll.llama_memory_seq_cp(self.mem, src, dst, 0, -1)
         self._n_past[dst] = self._n_past.get(src, 0)
 
     def reset(self) -> None:
+        self._open()
         self.ll.llama_memory_clear(self.mem, True)
         self._n_past.clear()
 
     def save_state(self, seq: int = 0) -> bytes:
         """The KV of ``seq`` as bytes (8-byte position header + llama.cpp's sequence state)."""
+        self._open()
         size = self.ll.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
         n = self.ll.llama_state_seq_get_data(self.ctx, buf, size, seq)
         return struct.pack("<q", self._n_past.get(seq, 0)) + bytes(buf[:n])
 
     def load_state(self, state: bytes, seq: int = 0) -> None:
+        self._open()
         (n_past,) = struct.unpack_from("<q", state)
         data = state[8:]
         self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
@@ -441,6 +456,7 @@ class LlamaEngine(Engine):
         """The next token from logits row ``i`` of the last decode or a saved row (accepted by ``sampler``), or
         :data:`NO_TOKEN` when a grammar admits no further token: the caller must then end the generation with
         finish_reason "stop"."""
+        self._open()
         assert isinstance(sampler, Sampler)
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
@@ -473,12 +489,17 @@ class LlamaEngine(Engine):
         yield from gen.stream(Request(tokens=[-1] * n_cached + list(tokens), sampling=sampling,
                                       from_logits=not tokens))
 
+    def _open(self) -> None:
+        """After ``close`` every call that reaches llama.cpp is an error, not a read of freed memory."""
+        if not self.ctx:
+            raise ModelClosed(f"the model {self.path.name} was closed; load it again")
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.ll.llama_batch_free(self._batch)
             self.ll.llama_free(self.ctx)
             self.ll.llama_model_free(self.model)
-            self.ctx = self.model = None
+            self.ctx = self.model = self.vocab = self.mem = None
         if getattr(self, "_restored", None) is not None:
             self._restored.close()  # after llama.cpp unmapped it: the plaintext is wiped
             self._restored = None

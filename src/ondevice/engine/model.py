@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
-from ..errors import InvalidArgument
+from .. import fields
+from ..errors import InvalidArgument, ModelBusy, ModelClosed
 from . import chat
 from .base import Engine, EngineConfig
 from .generator import BatchGenerator, Request
@@ -39,6 +43,16 @@ class Model:
     template: str | None
     draft_engine: Engine | None = None  # speculative decoding with a draft model (same vocabulary)
     _generator: BatchGenerator | None = dataclasses.field(default=None, repr=False)
+    _use: _InUse = dataclasses.field(default_factory=lambda: _InUse(), repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def is_chat(self) -> bool:
@@ -102,19 +116,37 @@ class Model:
         return {"bos_token": eng.token_text(eng.bos_token) if eng.add_bos else "",
                 "eos_token": eng.token_text(eng.eos_token), "n_ctx": eng.n_ctx}
 
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``)."""
+        with self._use.hold(self):
+            return self.engine.tokenize(text, add_special=special, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        with self._use.hold(self):
+            return self.engine.detokenize(tokens)
+
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
-               sampling: Sampling | None = None, **sampling_kw) -> Iterator[Generation]:
-        """Yield one :class:`Generation` per token. Keyword args are :class:`Sampling` fields."""
-        s = sampling or Sampling(**sampling_kw)
-        if sampling is not None and sampling_kw:
-            s = dataclasses.replace(sampling, **sampling_kw)
-        tokens = self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools)
-        yield from self.stream_tokens(tokens, s)
+               sampling: Sampling | dict | None = None, **sampling_kw) -> Iterator[Generation]:
+        """Yield one :class:`Generation` per token. Keyword args are :class:`Sampling` fields.
+
+        One generation at a time per model: another thread's call waits for this one to end (or for its
+        stream to be closed); a second call from the thread holding an unfinished stream is an error."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InvalidArgument(f"the prompt {prompt!r} is not a string or a list of chat messages; give one "
+                                  f"of them ([{{'role': 'user', 'content': ...}}])")
+        s = Sampling.of(sampling, **sampling_kw)
+        with self._use.hold(self):
+            tokens = self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools)
+            yield from self._stream(tokens, s)
 
     def stream_tokens(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         """Stream from prompt ``tokens``: a batch of one through the generator, which reuses the KV of the
         longest common prefix with what the model computed before and cuts stop strings (never shown).
         ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused."""
+        with self._use.hold(self):
+            yield from self._stream(tokens, s)
+
+    def _stream(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         if s.draft == "model" and self.generator.drafter is None:
             raise InvalidArgument("draft='model' needs a draft model; load with ondevice.load(..., "
                                   "draft_model=NAME) or use draft='lookup'")
@@ -130,6 +162,10 @@ class Model:
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call recomputes its whole prompt)."""
+        with self._use.hold(self):
+            self._reset()
+
+    def _reset(self) -> None:
         self.engine.reset()
         if self._generator is not None:
             self._generator.reset()
@@ -147,10 +183,51 @@ class Model:
         return Result(text="".join(parts), tokens=toks, finish_reason=(last.finish_reason if last else "length"),
                       last=last, peak_rss_bytes=peak_rss_bytes())
 
+    @property
+    def closed(self) -> bool:
+        return self._use.closed
+
     def close(self) -> None:
-        self.engine.close()
-        if self.draft_engine is not None:
-            self.draft_engine.close()
+        """Free the model's memory now (also at the end of a ``with`` block); safe to call twice. Using the
+        model afterwards is an error. Waits for another thread's generation to end first."""
+        with self._use.hold(self, closing=True):
+            self._use.closed = True
+            self.engine.close()
+            if self.draft_engine is not None:
+                self.draft_engine.close()
+
+
+class _InUse:
+    """One generation at a time on a model (its KV cache and sampler are one): other threads queue on the
+    lock; the thread that holds it (an unfinished stream) gets an error instead of waiting on itself."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.closed = False
+
+    @contextlib.contextmanager
+    def hold(self, model: Model, closing: bool = False):
+        me = threading.get_ident()
+        if self.owner == me and not closing:
+            raise ModelBusy(f"{model.name} is still streaming in this thread; finish or close that stream "
+                            f"(break out of its loop and call .close() on it, or let it end) first")
+        if self.closed:
+            if closing:
+                yield
+                return
+            raise ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
+        if closing and self.owner == me:  # closing under this thread's own open stream: it ends with an error
+            yield
+            return
+        with self.lock:
+            if self.closed and not closing:
+                raise ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
+            self.owner = me
+            try:
+                yield
+            finally:
+                self.owner = None
 
 
 def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, draft_model: str | None = None,
@@ -164,6 +241,12 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     from ..protect.container import is_container
     from .llama import LlamaEngine
 
+    if err := fields.unknown("load", config, {"name", "n_ctx", "n_threads", "draft_model",
+                                              *EngineConfig.__dataclass_fields__}):
+        raise err
+    if name is not None and not isinstance(name, (str, Path)):
+        raise InvalidArgument(f"load: the model {name!r} is not a name or a path; give a catalog name, a "
+                              f"stored variant's name or a .gguf path")
     ref = resolve(name)
     if not is_container(ref.path):  # an encrypted container is authenticated chunk by chunk instead (protect/)
         _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash

@@ -37,17 +37,22 @@ def raise_pending_interrupt() -> None:
         raise KeyboardInterrupt
 
 
+_log_quiet = False  # errors too are only captured (the caller turns them into its own message)
+
+
 @contextmanager
-def load_log() -> Iterator[list[str]]:
+def load_log(quiet: bool = False) -> Iterator[list[str]]:
     """llama.cpp's log text while inside: a model load's ``model buffer size`` lines say which buffer types
-    got weights (engine/bufts.py parses them). Use under ``bufts.offering``'s lock (loads are serialised)."""
-    global _log_capture
+    got weights (engine/bufts.py parses them). Use under ``bufts.offering``'s lock (loads are serialised).
+    ``quiet``: errors are not printed either (a grammar's parse error becomes part of our message)."""
+    global _log_capture, _log_quiet
     lines: list[str] = []
-    _log_capture = lines
+    before = _log_capture, _log_quiet
+    _log_capture, _log_quiet = lines, quiet
     try:
         yield lines
     finally:
-        _log_capture = None
+        _log_capture, _log_quiet = before
 
 
 def make_log_callback():
@@ -66,7 +71,28 @@ def make_log_callback():
         state["last"] = level
         if _log_capture is not None:
             _log_capture.append(text.decode("utf-8", errors="replace"))
-        if level >= 4 or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
+        if (level >= 4 and not _log_quiet) or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
             print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
 
     return callback
+
+
+@contextmanager
+def stderr_text() -> Iterator[list[str]]:
+    """What native code writes to fd 2 (C's ``stderr``, which the log callback never sees: llama.cpp's GBNF
+    parser ``fprintf``s its errors) while inside, collected into the list instead of shown. Keep the inside
+    short: another thread writing meanwhile is collected too (the caller passes on what is not its own)."""
+    import tempfile
+
+    out: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.extend(tmp.read().decode("utf-8", errors="replace").splitlines())

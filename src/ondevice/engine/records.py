@@ -7,9 +7,11 @@ eval and server need nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from .. import fields
 from ..errors import InvalidArgument
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -67,6 +69,9 @@ class Result:
     last: Generation | None  # None when nothing was generated (max_tokens=0)
     peak_rss_bytes: int = 0
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     @property
     def timings(self) -> dict:
         if self.last is None:
@@ -105,7 +110,28 @@ class Sampling:
     def penalized(self) -> bool:
         return self.repeat_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
+    @classmethod
+    def of(cls, sampling: Sampling | Mapping | None = None, **kw) -> Sampling:
+        """``sampling`` (a Sampling or a dict of its fields) with the keyword arguments ``kw`` over it; an
+        unknown name is an error that says which one is meant (``temperature``: ``temp``)."""
+        if sampling is not None and not isinstance(sampling, (Sampling, Mapping)):
+            raise InvalidArgument(f"sampling={sampling!r} is a {type(sampling).__name__}; give a Sampling or a "
+                                  f"dict of its fields")
+        given = {**(asdict(sampling) if isinstance(sampling, Sampling) else dict(sampling or {})), **kw}
+        if err := fields.unknown("Sampling", given, cls.__dataclass_fields__):
+            raise err
+        return cls(**given)
+
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, Mapping):  # OpenAI's and llama-cpp-python's shape: {token: bias}
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        fields.check(self)
+        try:
+            bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"logit_bias={self.logit_bias!r} is not token ids with biases; give "
+                                  f"{{token_id: bias}} or ((token_id, bias), ...)") from None
+        object.__setattr__(self, "logit_bias", bias)
         checks = [
             ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be >= 0 (0 = greedy)"),
             ("top-p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -120,11 +146,6 @@ class Sampling:
             ("draft-max", 1 <= self.draft_max <= 64, "must be in [1, 64]"),
         ]
         for name, ok, why in checks:
-            if not ok:
-                value = getattr(self, name.replace("-", "_"))
-                raise InvalidArgument(f"--{name} {value!r} {why}")
-        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+            if not ok:  # one message for both: the flag of run/chat/serve and the field of the Python API
+                field_name = name.replace("-", "_")
+                raise InvalidArgument(f"--{name} / {field_name}={getattr(self, field_name)!r} {why}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidArgument
+from . import native
 from .records import Sampling
 
 if TYPE_CHECKING:
@@ -32,10 +34,16 @@ class Sampler:
         self._cand: np.ndarray | None = None  # (n_vocab,) llama_token_data, made by _apply when first needed
         self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias  # argmax, then the grammar check
         if s.grammar:
-            g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
+            with native.load_log(quiet=True), native.stderr_text() as err:  # the parser's error is ours to say
+                g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
+            why = next((ln.split("error parsing grammar:", 1)[1].strip() for ln in err
+                        if "error parsing grammar:" in ln), "")
             if not g:
                 self.close()  # frees the chain once (and __del__ will not again)
-                raise InvalidArgument("the grammar does not parse (GBNF); check its syntax")
+                raise InvalidArgument(f"the grammar does not parse (GBNF){': ' + why if why else ''}; check its "
+                                      f"syntax")
+            if err:  # it parsed: what came to stderr meanwhile was someone else's
+                print("\n".join(err), file=sys.stderr, flush=True)
             self.grammar = g
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
         biases = dict(s.logit_bias)

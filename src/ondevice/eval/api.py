@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import fields
 from .config import EvalConfig
 from .record import EvalRecord
 
@@ -57,7 +58,7 @@ def make_config(config: EvalConfig | None = None, **settings: Any) -> EvalConfig
 
 
 def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | None = None, *,
-             store: bool | str | os.PathLike[str] = True, progress: Callable[[str], None] | None = None,
+             store: bool | str | os.PathLike[str] = True, progress: Callable[[str], None] | bool | None = None,
              **settings: Any) -> list[EvalRecord]:
     """Evaluate ``model``; one :class:`EvalRecord` per measurement (also written to the store).
 
@@ -84,7 +85,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     c = make_config(config, **settings)
     if not (c.ppl or c.ref or c.suite):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
-    say = progress or (lambda msg: None)
+    say = fields.progress_sink(progress)
     mref = resolve(model)
     _ = mref.info  # validate before llama.cpp sees the file
     sha = model_sha256(mref)

@@ -7,15 +7,6 @@ from .budget import Budget, parse_budget
 __all__ = ["Budget", "FitResult", "fit", "parse_budget"]
 
 
-# ``ondevice.fit`` is both this package and the library function in ``ondevice/__init__`` (as ``bench``):
-# importing the package rebinds the attribute to the module, so the module stays callable.
-import sys as _sys
-import types as _types
+from ..callable_module import make_callable as _make_callable
 
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kw):
-        return fit(*args, **kw)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+_make_callable(__name__, "ondevice.fit.api:fit")  # ondevice.fit(...) after the import, too

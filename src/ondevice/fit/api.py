@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .. import fields
 from ..errors import InvalidArgument
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
@@ -108,7 +109,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = REPETITIONS, resume: bool = False,
         reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
         profile: str | object | None = None, quality: str | None = None, quality_limit: int | None = 10,
-        progress: Callable[[str], None] | None = None) -> FitResult:
+        progress: Callable[[str], None] | bool | None = None) -> FitResult:
     """Fit ``model`` to this device under ``budget`` (``"size<=110MB,tg>=100,kld<=0.02"``; see ``budget``).
 
     Args:
@@ -156,10 +157,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
+    sink = fields.progress_sink(progress)
+
     def say(msg: str) -> None:
         lines.append(msg)
-        if progress:
-            progress(msg)
+        sink(msg)
 
     bud = parse_budget(budget)
     prof = fit_profile(profile)

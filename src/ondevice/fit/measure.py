@@ -287,14 +287,18 @@ class Meter:
         want = self.layout.expected_types(plan)
         files = self._type_files(imatrix)
         spliced = BASE in files and all(t in files for t in set(want.values()))
-        if spliced:
-            splice(files[BASE], files, {n: t for n, t in want.items() if t != BASE}, tmp)
-            self._count("spliced")
-        else:  # quantizing is not measured: all cores, whatever the bench's thread count
-            run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
-                       imatrix=imatrix)
-            self._count("built")
-        got = weight_types(tmp, independent=not spliced)
+        try:
+            if spliced:
+                splice(files[BASE], files, {n: t for n, t in want.items() if t != BASE}, tmp)
+                self._count("spliced")
+            else:  # quantizing is not measured: all cores, whatever the bench's thread count
+                run_worker(self.source, tmp, ftype_id(BASE), self.layout.overrides(plan), False, physical_cores(),
+                           imatrix=imatrix)
+                self._count("built")
+            got = weight_types(tmp, independent=not spliced)
+        except BaseException:  # Ctrl-C or a failed build: no half-written file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         bad = {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}
         if bad:
             tmp.unlink(missing_ok=True)

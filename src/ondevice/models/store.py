@@ -75,6 +75,16 @@ def make_parent(dest: Path, fix: str = "choose another path") -> None:
         raise unwritable(dest, e, fix) from None
 
 
+def temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file in ``folder`` to write a model into, then rename; readable by all as a model file is
+    (mkstemp makes it 0600, and a model in a shared cache should stay readable)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.chmod(name, 0o644)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
@@ -86,13 +96,9 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     dest = Path(dest)
     make_parent(dest)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+        tmp = temp_file(dest.parent, f".{dest.name}.", suffix)
     except OSError as e:
         raise unwritable(dest, e) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    with contextlib.suppress(OSError):
-        tmp.chmod(0o644)  # mkstemp makes it 0600; a model in a shared cache should stay readable
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidModelFile, OndeviceError
@@ -72,9 +72,9 @@ class Header:
     plain_size: int
     n_chunks: int
     meta_size: int
-    salt: bytes
-    key_check: bytes
-    raw: bytes  # the header bytes exactly as stored: every chunk's associated data starts with them
+    salt: bytes = field(repr=False)
+    key_check: bytes = field(repr=False)
+    raw: bytes = field(repr=False)  # the header bytes exactly as stored: every chunk's associated data starts with them
 
     @property
     def file_size(self) -> int:

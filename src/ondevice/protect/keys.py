@@ -113,6 +113,12 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
             source = f"env:{DEFAULT_ENV}"
         else:
             raise OndeviceError(f"{why}; {_FIX_FLAGS}")
+    if not isinstance(source, str) or (":" not in source and len(source) >= 16):
+        # probably the key itself, passed where its source belongs: never shown, not even in part
+        what = "characters" if isinstance(source, str) else type(source).__name__
+        size = f"{len(source)} {what}" if hasattr(source, "__len__") else what
+        raise InvalidArgument(f"the key source ({size}, not shown: it may be the key itself) is not env:NAME, "
+                              f"file:PATH or keyring:NAME; give where the key is, never the key")
     kind, _, name = source.partition(":")
     if kind == "env":
         val = os.environ.get(name)

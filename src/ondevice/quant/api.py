@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     from ..engine.llama import physical_cores
     from ..eval.api import model_sha256
     from ..models.catalog import check_variant_name, register_variant, resolve, store_variants
-    from ..models.store import models_dir
+    from ..models.store import models_dir, temp_file
 
     type_name = type.strip().upper()
     ftype = ftype_id(type_name)
@@ -56,9 +55,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
         raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
                               f"or --force to replace it")
     n_threads = threads or physical_cores()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".gguf.tmp", dir=models_dir())
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
     try:
         if imatrix is not None and not Path(imatrix).is_file():
             raise InvalidArgument(f"--imatrix {str(imatrix)!r} is not a file; give an .npz importance matrix")

@@ -19,7 +19,7 @@ from ..config import AnyList, add_config_arguments, config_from
 class ServeSettings(BaseSettings):
     """Everything ``ondevice serve`` can be told."""
 
-    model_config = SettingsConfigDict(env_prefix="ONDEVICE_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="ONDEVICE_", extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="catalog name, stored variant or path to a .gguf "
                                                 "(None: the default model)")

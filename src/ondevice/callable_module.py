@@ -1,0 +1,20 @@
+"""``ondevice.bench``, ``ondevice.fit`` and ``ondevice.adapt`` are library functions and packages at once:
+importing the package rebinds the attribute on ``ondevice`` to the module, so the module itself is made
+callable, and ``ondevice.adapt(...)`` keeps working after the first import."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+
+def make_callable(package: str, target: str) -> None:
+    """Calling the module ``package`` calls ``target`` ("module:function", imported on the first call)."""
+    mod_name, func = target.split(":")
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kw):
+            return getattr(importlib.import_module(mod_name), func)(*args, **kw)
+
+    sys.modules[package].__class__ = _CallableModule

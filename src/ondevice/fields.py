@@ -1,0 +1,98 @@
+"""Keyword arguments of the Python API checked against the dataclass they fill: a wrong name, a wrong type or a
+bare string where a list belongs is an :class:`InvalidArgument` naming the field, never a ``TypeError`` from
+deep inside (``'<' not supported between 'str' and 'int'``) or a string split into its characters."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import numbers
+import types
+import typing
+from functools import cache
+
+from .errors import InvalidArgument
+
+# names users bring from llama-cpp-python, the OpenAI SDK and mlx-lm, and ours
+ALIASES = {"temperature": "temp", "max_new_tokens": "max_tokens", "n_predict": "max_tokens",
+           "max_completion_tokens": "max_tokens", "stop_sequences": "stop", "ctx": "n_ctx", "n_ctx_size": "n_ctx",
+           "ctx_size": "n_ctx", "threads": "n_threads", "model_path": "name", "model": "name", "path": "name"}
+
+
+def unknown(what: str, given: typing.Iterable[str], known: typing.Iterable[str]) -> InvalidArgument | None:
+    """The error for keyword arguments ``given`` that are not in ``known`` (None when all are), with the
+    closest known name or the one a user of another library means."""
+    known = sorted(known)
+    bad = [k for k in given if k not in known]
+    if not bad:
+        return None
+    hints = []
+    for k in bad:
+        guess = ALIASES.get(k) if ALIASES.get(k) in known else next(iter(difflib.get_close_matches(k, known, 1)), None)
+        hints.append(f"{k!r}" + (f" (did you mean {guess!r}?)" if guess else ""))
+    return InvalidArgument(f"{what} has no argument {', '.join(hints)}; it takes {', '.join(known)}")
+
+
+@cache
+def _hints(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _accepts(tp: object, value: object) -> bool:
+    """Whether ``value`` fits the simple annotation ``tp`` (int, float, str, bool, None and unions of them;
+    anything else is not checked here). An int is a float; a bool is neither."""
+    if tp is typing.Any:
+        return True
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:  # numpy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp: object) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else {"int": "integer", "float": "number", "str": "string"}.get(
+        getattr(tp, "__name__", ""), str(tp))
+
+
+def check(obj: object) -> None:
+    """Check a frozen dataclass's fields against their annotations, in place: a number where a number belongs,
+    a tuple of strings from a list or from one bare string (one item, not its characters)."""
+    for f in dataclasses.fields(obj):
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str) and typing.get_args(tp)[:1] == (str,):
+                object.__setattr__(obj, f.name, (value,))
+            elif value is None:
+                object.__setattr__(obj, f.name, ())
+            elif isinstance(value, (list, tuple)):
+                object.__setattr__(obj, f.name, tuple(value))
+            continue
+        if not _accepts(tp, value):
+            want = _type_name(tp)
+            raise InvalidArgument(f"{f.name}={value!r} must be {'an' if want[0] in 'aeiou' else 'a'} {want}")
+
+
+def progress_sink(progress: object) -> typing.Callable[[str], None]:
+    """A verb's ``progress`` argument as a function of one line: None or False say nothing, True prints to
+    stderr (as ``bench(progress=True)`` does), a callable gets each line."""
+    import sys
+
+    if progress is None or progress is False:
+        return lambda line: None
+    if progress is True:
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    if callable(progress):
+        return progress
+    raise InvalidArgument(f"progress={progress!r} must be True, False or a function of one line of text")

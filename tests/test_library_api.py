@@ -1,0 +1,148 @@
+"""The Python API as a program embedding it uses it: a closed model, two threads on one model, one-shot calls
+that free what they load, and wrong arguments that are errors naming the field, not TypeErrors from inside."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+import ondevice
+from ondevice.errors import InvalidArgument, ModelBusy, ModelClosed
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 >> 20
+
+
+def test_a_closed_model_is_an_error_not_a_crash(smol_path):
+    m = ondevice.load(str(smol_path), n_ctx=256, warmup=False)
+    it = m.stream("Count to ten.", temp=0, max_tokens=20)
+    next(it)
+    m.close()  # under its own open stream
+    with pytest.raises(ModelClosed):
+        next(it)
+    m.close()  # twice is fine
+    for call in (lambda: m.generate("hi", max_tokens=2), lambda: m.tokenize("hi"), m.reset,
+                 lambda: m.engine.tokenize("hi"), lambda: m.engine.decode(1)):
+        with pytest.raises(ModelClosed, match="closed"):
+            call()
+    assert m.closed
+
+
+def test_with_block_frees_the_model_and_dropping_it_frees_it_without_gc(smol_path):
+    with ondevice.load(str(smol_path), n_ctx=256, warmup=False) as m:
+        assert m.generate("Hi", temp=0, max_tokens=2).text
+    assert m.closed
+    gc.collect()
+    gc.disable()
+    try:
+        base = _rss_mib()
+        for _ in range(3):  # a model whose last reference goes is freed at once (no reference cycle)
+            m = ondevice.load(str(smol_path), n_ctx=256, warmup=False)
+            m.generate("Hi", max_tokens=2)
+            del m
+        grew = _rss_mib() - base
+    finally:
+        gc.enable()
+    assert grew < 60, f"RSS grew {grew} MiB over three loads of a 98 MB model"
+
+
+def test_one_shot_calls_free_their_model_and_take_load_options(smol_path, monkeypatch):
+    closed = []
+    real_close = ondevice.Model.close
+    monkeypatch.setattr(ondevice.Model, "close", lambda self: (closed.append(self.name), real_close(self)))
+    r = ondevice.generate("Hi", str(smol_path), n_ctx=128, n_threads=1, temp=0, max_tokens=3)
+    assert r.text and len(closed) == 1
+    it = ondevice.stream("Hi", str(smol_path), n_ctx=128, temp=0, max_tokens=20)
+    next(it)
+    it.close()  # abandoned: the model goes with it
+    assert len(closed) == 2
+    with pytest.raises(InvalidArgument, match="'temperature' \\(did you mean 'temp'\\?\\)"):
+        ondevice.generate("Hi", str(smol_path), temperature=0)
+
+
+def test_two_threads_on_one_model_take_turns_and_get_their_own_answers(smol_path):
+    prompts = ["Count from 1 to 20.", "Name some colours."]
+    with ondevice.load(str(smol_path), n_ctx=512, n_threads=1, warmup=False) as m:
+        want = {p: m.generate(p, temp=0, max_tokens=10).text for p in prompts}
+    for _ in range(4):  # fresh models: the first call also builds the special-token table
+        with ondevice.load(str(smol_path), n_ctx=512, n_threads=1, warmup=False) as m:
+            bar, got, errors = threading.Barrier(2), {}, []
+
+            def work(p, m=m, bar=bar, got=got, errors=errors):
+                bar.wait()
+                try:
+                    got[p] = m.generate(p, temp=0, max_tokens=10).text
+                except Exception as e:  # noqa: BLE001 — collected for the assertion
+                    errors.append(e)
+
+            threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors and got == want
+
+
+def test_a_second_call_under_an_open_stream_in_the_same_thread_says_so(smol):
+    it = smol.stream("Count to ten.", temp=0, max_tokens=20)
+    next(it)
+    with pytest.raises(ModelBusy, match="still streaming in this thread"):
+        smol.generate("Hi", max_tokens=2)
+    it.close()
+    assert smol.generate("Hi", temp=0, max_tokens=2).text
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"temp": "0"}, "temp='0' must be a number"),
+    ({"max_tokens": 2.5}, "max_tokens=2.5 must be an integer"),
+    ({"max_tokens": None}, "max_tokens=None must be an integer"),
+    ({"temp": -1}, "temp=-1 must be >= 0"),
+    ({"logit_bias": [1, 2]}, "logit_bias=.* is not token ids with biases"),
+    ({"max_new_tokens": 3}, "did you mean 'max_tokens'"),
+    ({"sampling": 0.5}, "sampling=0.5 is a float"),
+])
+def test_wrong_sampling_arguments_name_the_field(smol, kw, match):
+    with pytest.raises(InvalidArgument, match=match):
+        smol.generate("Hi", **kw)
+
+
+def test_sampling_takes_the_shapes_other_libraries_use(smol):
+    plain = smol.generate("Hi", temp=0, max_tokens=4).text
+    assert smol.generate("Hi", sampling={"temp": 0, "max_tokens": 4}).text == plain
+    assert smol.generate("Hi", temp=0, max_tokens=4, stop=None).text == plain
+    first = smol.tokenize(plain, special=False)[0]
+    banned = smol.generate("Hi", temp=0, max_tokens=4, logit_bias={str(first): -100}).text  # OpenAI's shape
+    assert not banned.startswith(plain)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"model": "x"}, "no argument 'model' \\(did you mean 'name'\\?\\)"),
+    ({"n_ctx": "512"}, "n_ctx='512' must be an integer"),
+    ({"ctx_size": 512}, "did you mean 'n_ctx'"),
+])
+def test_wrong_load_arguments_name_the_field(kw, match):
+    with pytest.raises(InvalidArgument, match=match):
+        ondevice.load(**kw)
+
+
+def test_library_functions_stay_callable_after_their_package_is_imported(tmp_path):
+    import ondevice.adapt.data  # rebinds ondevice.adapt to the package
+    import ondevice.bench
+    import ondevice.fit
+
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="no such data file"):
+            ondevice.adapt(str(tmp_path / "missing.jsonl"))
+    assert callable(ondevice.bench) and callable(ondevice.fit)
+    assert {"load", "Model", "Sampling"} <= set(dir(ondevice))  # help(ondevice) shows the lazy names
+
+
+def test_a_grammar_that_does_not_parse_says_why_without_llama_cpp_noise(smol, capfd):
+    with pytest.raises(InvalidArgument, match="does not parse \\(GBNF\\): Undefined rule identifier 'foo'"):
+        smol.generate("Hi", grammar="root ::= foo", max_tokens=2)
+    assert "error parsing grammar" not in capfd.readouterr().err
+    assert smol.generate("Hi", grammar='root ::= "yes" | "no"', temp=0, max_tokens=4).text in ("yes", "no")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import threading
 import time
 from typing import Literal
@@ -325,6 +326,67 @@ def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
         assert not r.ok and "not confirmed" in r.error
         with pytest.raises(RuntimeError, match="invalid arguments"):
             c.call("word_count", {"text": 3})  # the server validates too
+
+
+def test_a_third_party_mcp_server_with_dotted_names_and_the_env_it_is_given(tmp_path, monkeypatch):
+    pytest.importorskip("mcp")
+    from ondevice.agent.mcptools import MCPClient
+
+    srv = tmp_path / "srv.py"
+    srv.write_text(textwrap.dedent("""
+        import os
+        from mcp.server.mcpserver import MCPServer
+
+        app = MCPServer("third-party")
+
+        @app.tool(name="weather.get-v2")
+        def weather(city: str) -> str:
+            \"\"\"Current weather in a city.\"\"\"
+            return f"Sunny in {city}; token {os.environ.get('MY_TOKEN')}"
+
+        @app.tool(name="weather_get-v2")
+        def clash(city: str) -> str:
+            \"\"\"A second tool whose safe name would clash.\"\"\"
+            return "second"
+
+        app.run()
+    """))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "MY_TOKEN": "abc"}
+    with MCPClient(sys.executable, [str(srv)], env=env) as c:
+        box = Toolbox(c.tools())
+        assert sorted(t.name for t in box) == ["weather_get-v2", "weather_get-v2_2"]
+        r = box.call("weather_get-v2", {"city": "Oslo"})  # called under the server's own name
+        assert r.ok and r.value == {"result": "Sunny in Oslo; token abc"}, r  # the SDK wraps a str result
+        assert box.call("weather_get-v2_2", {"city": "Oslo"}).value == {"result": "second"}
+
+
+def test_tools_that_exit_are_async_or_return_the_wrong_type_are_results_not_crashes():
+    import asyncio
+
+    def quitter() -> int:
+        """Exit the process."""
+        sys.exit(4)
+
+    async def double(x: int) -> int:
+        """Twice x, computed asynchronously."""
+        await asyncio.sleep(0)
+        return 2 * x
+
+    def liar() -> dict:
+        """Claims a dict."""
+        return None
+
+    box = Toolbox([quitter, double, liar])
+    r = box.call("quitter", {})
+    assert not r.ok and r.kind == "failed" and "SystemExit: 4" in r.error
+    assert box.call("double", {"x": 2}).value == 4
+
+    async def inside_a_loop():  # called from a thread that runs an event loop itself
+        return box.call("double", {"x": 5}).value
+
+    assert asyncio.run(inside_a_loop()) == 10
+    r = box.call("liar", {})
+    assert not r.ok and r.kind == "failed" and "not what its return annotation says" in r.error
 
 
 # -- retrieval -------------------------------------------------------------------------------------------

@@ -146,3 +146,9 @@ def test_a_grammar_that_does_not_parse_says_why_without_llama_cpp_noise(smol, ca
         smol.generate("Hi", grammar="root ::= foo", max_tokens=2)
     assert "error parsing grammar" not in capfd.readouterr().err
     assert smol.generate("Hi", grammar='root ::= "yes" | "no"', temp=0, max_tokens=4).text in ("yes", "no")
+
+
+def test_a_reply_cut_inside_a_character_drops_its_bytes_as_llama_server_does(smol):
+    for n in (1, 2, 4, 5):  # the globe emoji is three tokens here
+        r = smol.generate("🌍🌍🌍🌍🌍🌍🌍🌍", chat_template=False, temp=0, max_tokens=n)
+        assert "\ufffd" not in r.text and r.text == "🌍" * (n // 3) and len(r.tokens) == n

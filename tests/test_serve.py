@@ -95,6 +95,10 @@ def test_health_models_tokenize(srv, client, ref_engine):
     assert httpx.get(srv.base_url + "/health").json()["status"] == "ok"
     models = client.models.list().data
     assert len(models) == 1 and models[0].id
+    assert client.models.retrieve(models[0].id).id == models[0].id  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
     text = "Hello world, ünïcode!"
     r = httpx.post(srv.base_url + "/tokenize", json={"content": text}).json()
     assert r["tokens"] == ref_engine.tokenize(text, add_special=False)

@@ -37,11 +37,14 @@ def generate(prompt: str, model: str | None = None, max_tokens: int = 128) -> di
 
     Args:
         prompt: what to ask the model.
-        model: a catalog name or .gguf path (default: the embedded default model).
+        model: a name from list_models (default: the embedded default model).
         max_tokens: the most tokens to generate.
     """
     from ..engine import load
 
+    names = [m["name"] for m in list_models()]
+    if model is not None and model not in names:  # never a path: a caller (an MCP client) must not probe files
+        raise ValueError(f"unknown model {model!r}; use one of {', '.join(names)}")
     m = load(model, n_ctx=2048)
     try:
         r = m.generate(prompt, temp=0.0, max_tokens=max(1, min(int(max_tokens), 1024)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -18,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tools from a Python file or module (its TOOLS list, an attribute, or every @tool)")
     p.add_argument("--mcp", action="append", default=[], metavar="'COMMAND ARGS'",
                    help="tools from an MCP server started with this command (stdio)")
+    p.add_argument("--mcp-env", action="append", default=[], metavar="NAME",
+                   help="pass this environment variable to the MCP servers (repeatable; they get only HOME, "
+                        "PATH, SHELL, TERM, USER and LOGNAME otherwise, as the MCP SDK does)")
     p.add_argument("--builtin", action="store_true", help="also offer ondevice's own tools (models, device, generate)")
     p.add_argument("-m", "--model", default=None, help="model for planning and acting (default: the embedded one)")
     p.add_argument("--planner-model", default=None, help="model that writes the plan (default: --model)")
@@ -65,11 +69,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .mcptools import MCPClient
 
+        missing = [n for n in args.mcp_env if n not in os.environ]
+        if missing:
+            raise InvalidArgument(f"--mcp-env {missing[0]}: no such environment variable here; export it first")
+        env = {n: os.environ[n] for n in args.mcp_env} or None
         for cmd in args.mcp:
             parts = shlex.split(cmd)
             if not parts:
                 raise InvalidArgument("--mcp needs a command, e.g. --mcp 'python -m my_server'")
-            c = MCPClient(parts[0], parts[1:])
+            c = MCPClient(parts[0], parts[1:], env=env)
             clients.append(c)
             c.start()
             for t in c.tools():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ def _mcp():
         raise OndeviceError("MCP needs the mcp package; install the agent extra: pip install 'ondevice[agent]'") \
             from None
     return mcp
+
+
+def tool_alias(name: str, taken: set[str]) -> str:
+    """A name OpenAI's function calling takes (1-64 of ``A-Za-z0-9_-``) for an MCP tool's name (up to 128
+    characters, ``.`` allowed): other characters become ``_``; a clash gets a number. Calls still go out
+    under the server's own name."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "tool"
+    alias, n = base, 1
+    while alias in taken:
+        n += 1
+        alias = f"{base[:60]}_{n}"
+    return alias
 
 
 class MCPClient:
@@ -87,7 +100,11 @@ class MCPClient:
     def call(self, name: str, arguments: dict) -> Any:
         """Call a server tool; its structured content (or text) — an error raises (fed back to the model)."""
         fut = asyncio.run_coroutine_threadsafe(self._session.call_tool(name, arguments), self._loop)
-        res = fut.result(self.timeout)
+        try:
+            res = fut.result(self.timeout)
+        except TimeoutError:
+            fut.cancel()  # the request is cancelled on our side; the server is told by the SDK
+            raise TimeoutError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s") from None
         text = "\n".join(getattr(c, "text", "") for c in res.content if getattr(c, "type", "") == "text")
         if res.is_error:
             raise RuntimeError(text or f"{name} failed on the MCP server")
@@ -100,7 +117,7 @@ class MCPClient:
 
     def tools(self, *, sensitive: bool | Sequence[str] | None = None) -> list[Tool]:
         """The server's tools. ``sensitive``: True/False for all, a list of names, or None (annotations)."""
-        out = []
+        out, taken = [], set()
         for t in self._listed:
             ann = t.annotations
             if sensitive is None:
@@ -111,7 +128,9 @@ class MCPClient:
                 flag = t.name in sensitive
             schema = dict(t.input_schema or {"type": "object", "properties": {}})
             schema.setdefault("type", "object")
-            out.append(Tool(name=t.name, description=t.description or "", parameters=schema,
+            alias = tool_alias(t.name, taken)  # MCP allows names OpenAI's function calling does not
+            taken.add(alias)
+            out.append(Tool(name=alias, description=t.description or "", parameters=schema,
                             fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag,
                             output_schema=t.output_schema, source=f"mcp:{self.name}"))
         return out
@@ -160,7 +179,9 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
         return types.CallToolResult(content=[types.TextContent(text=text)], structured_content=structured,
                                     is_error=not r.ok)
 
-    server = Server(name, on_list_tools=list_tools, on_call_tool=call_tool)
+    from .. import __version__
+
+    server = Server(name, version=__version__, on_list_tools=list_tools, on_call_tool=call_tool)
 
     async def main() -> None:
         async with stdio_server() as (read, write):

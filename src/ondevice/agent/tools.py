@@ -289,15 +289,46 @@ class Toolbox:
                 raise ToolError(f"{name} is sensitive and was not confirmed; it did not run", "unconfirmed")
             try:
                 value = t.fn(**valid)
+                if inspect.isawaitable(value):  # an async def tool
+                    value = _await(value)
+                if t.returns is not None:  # what it returns is what its annotation (and output schema) says
+                    value = t.returns.validate_python(value)
             except ToolError:
                 raise
-            except Exception as e:  # the tool's own failure is data for the model (reflection), not a crash
+            except _pydantic().ValidationError as e:
+                raise ToolError(f"{name} returned {type(value).__name__} {_short(value)}, which is not what its "
+                                f"return annotation says: {_brief(e)}", "failed") from None
+            except (Exception, SystemExit) as e:  # the tool's own failure is data for the model (reflection),
+                # not a crash; a tool that calls exit() too must not take an agent or an MCP server down with it
                 raise ToolError(f"{name} failed: {type(e).__name__}: {e}", "failed") from e
             return ToolResult(name, _jsonable(valid), True, t.to_json(value), started=t0,
                               seconds=time.perf_counter() - t0)
         except ToolError as e:
             return ToolResult(name, args if isinstance(args, dict) else {"_": args}, False, error=str(e),
                               kind=e.kind, started=t0, seconds=time.perf_counter() - t0)
+
+
+def _await(awaitable) -> Any:
+    """The result of an async tool, run on an event loop of its own (in a helper thread when this thread
+    already runs one)."""
+    import asyncio
+
+    async def run():
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _jsonable(args: dict) -> dict:

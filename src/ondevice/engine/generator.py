@@ -398,7 +398,7 @@ class BatchGenerator:
         s.t_last = now
         sampling = req.sampling
         if tok < 0 or (tok in self.eos and not sampling.ignore_eos):  # tok < 0: the grammar is complete
-            tail = s.held + s.utf8.decode(b"", final=True)
+            tail = s.held + _end_text(s.utf8)
             if req.eos_entry and tok >= 0:
                 self._produced(s)
                 out.append((req, self._record(s, tok, tail, "stop", lp, top)))
@@ -413,7 +413,7 @@ class BatchGenerator:
         text, s.held, stopped = split_stop(s.held + s.utf8.decode(piece), sampling.stop)
         finish = "stop" if stopped else None
         if finish is None and (s.n_gen >= sampling.max_tokens or len(s.cached) >= self.slot_ctx):
-            text, s.held, finish = text + s.held + s.utf8.decode(b"", final=True), "", "length"
+            text, s.held, finish = text + s.held + _end_text(s.utf8), "", "length"
         out.append((req, self._record(s, tok, text, finish, lp, top, ent)))
         if finish:
             self._release(s)
@@ -500,3 +500,10 @@ class BatchGenerator:
 def _saves(req: Request) -> bool:
     """Whether the logits after ``req``'s prompt are kept for the same prompt again (and it may take kept ones)."""
     return not req.from_logits and req.prompt_logprobs is None
+
+
+def _end_text(utf8: codecs.IncrementalDecoder) -> str:
+    """The end of a generation's text: the bytes of a character cut by the end (``max_tokens`` inside an
+    emoji) are dropped, as llama-server drops them, not shown as U+FFFD (logprobs keep every token's bytes)."""
+    utf8.reset()
+    return ""

@@ -36,6 +36,7 @@ from .http import (
     ShuttingDown,
     access_logger,
     error_payload,
+    error_response,
     install_cors,
     install_error_handlers,
     note,
@@ -83,8 +84,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return S.ModelList(data=[S.ModelCard(id=state.model_id, created=state.created, meta=state.model_meta())] + [
-            S.ModelCard(id=f"{state.model_id}+{n}", created=state.created) for n in state.adapter_names])
+        return S.ModelList(data=state.model_cards())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # the openai client's models.retrieve
+        card = next((c for c in state.model_cards() if c.id == model_id), None)
+        return card or error_response(404, f"The model '{model_id}' does not exist; GET /v1/models lists them",
+                                      param="model", code="model_not_found")
 
     @app.post("/tokenize")
     async def tokenize(req: S.TokenizeRequest):

@@ -177,11 +177,16 @@ class ServerState:
                 "bos_token_id": bos, "add_bos_token": bool(eng.add_bos), "pad_token": None,
                 "chat_template": self.template, "model_max_length": self.settings.ctx, "vocab_size": eng.n_vocab}
 
-    def model_meta(self) -> dict:
+    def model_cards(self) -> list:
+        """/v1/models: the model, then the model with each adapter (``BASE+NAME``)."""
+        from .schemas import ModelCard
+
         eng = self.engine
-        return {"path": str(self.path), "n_vocab": eng.n_vocab, "n_ctx_train": eng.n_ctx_train,
+        meta = {"path": str(self.path), "n_vocab": eng.n_vocab, "n_ctx_train": eng.n_ctx_train,
                 "n_ctx_slot": self.settings.ctx, "parallel": self.settings.parallel,
                 "chat_template": self.template is not None}
+        return [ModelCard(id=self.model_id, created=self.created, meta=meta)] + [
+            ModelCard(id=f"{self.model_id}+{n}", created=self.created) for n in self.adapter_names]
 
 
 def token_name(piece: bytes) -> str:

@@ -77,7 +77,7 @@ def test_eval_config_one_declaration_for_flags_env_and_api(monkeypatch, tmp_path
     assert make_config(make_config(suite="x", limit=3), limit=5).limit == 5  # keywords over a config
     with pytest.raises(InvalidArgument, match="--topk / ONDEVICE_EVAL_TOPK"):
         make_config(ppl=True, topk=0)
-    with pytest.raises(InvalidArgument, match="unknown eval settings ctx_sise"):
+    with pytest.raises(InvalidArgument, match="EvalConfig has no argument 'ctx_sise' \\(did you mean 'ctx_size'\\?\\)"):
         evaluate(None, suite="x", ctx_sise=1)
     with pytest.raises(InvalidArgument, match="nothing to evaluate"):
         evaluate(None)

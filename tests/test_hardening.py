@@ -237,6 +237,8 @@ def _bad_cases(fields, header):
         "block_count 513": ([(blocks, u32(513))], "1 to 512 layers"),
         "rms eps -1": ([(eps, f32(-1.0))], "norm epsilon"),
         "rms eps NaN": ([(eps, f32(float("nan")))], "norm epsilon"),
+        "rope base NaN": ([(_field(fields, "llama.rope.freq_base:value").offset, f32(float("nan")))],
+                          "freq_base is nan; it must be a finite number"),
         "tokenizer none": ([(model.offset, b"none")], "no tokenizer"),
         "duplicate vocabulary": (_vocab_duplicate(fields, header), "corrupt vocabulary"),
         "vocabulary entry cut by a NUL": (_vocab_nul(fields, header), "corrupt vocabulary"),
@@ -282,6 +284,38 @@ def test_known_bad_gguf_values_are_clean_errors(layout, aligned, tmp_path):
     finally:
         loader.close()
     assert "alignment 1" in cases
+
+
+def test_a_sentencepiece_vocabulary_without_byte_tokens_is_refused(tmp_path):
+    """llama.cpp's SPM tokenizer spells a character it has no token for with <0xNN> tokens, and aborts
+    (std::out_of_range) when they are missing: one request would kill a server."""
+    import gguf
+    import numpy as np
+
+    def make(path, tokens):
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_block_count(1)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    with pytest.raises(InvalidModelFile, match="no byte tokens"):
+        validate_gguf(make(tmp_path / "nobyte.gguf", ["<unk>", "<s>", "</s>", "a", "b"]))
+    validate_gguf(make(tmp_path / "byte.gguf", ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]))
+
+
+def test_a_fifo_given_as_a_model_is_refused_at_once(tmp_path):
+    import ondevice
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidModelFile, match="not a regular file"):
+        ondevice.load(str(fifo))  # opening it would block until a writer came
 
 
 def test_cli_run_on_a_bad_gguf_is_one_line(layout, aligned, tmp_path, cli):

@@ -320,3 +320,23 @@ def test_a_killed_supervisor_takes_its_child_down(tmp_path):
     proc.wait()
     child.wait(timeout=60)  # PR_SET_PDEATHSIG gave it SIGTERM
     assert not child.is_running()
+
+
+def test_the_kernels_cache_env_var_never_replaces_a_file_that_is_not_a_kernels_cache(tmp_path, monkeypatch):
+    from ondevice.device import kernels
+    from ondevice.errors import OndeviceError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(notes))
+    with pytest.raises(OndeviceError, match="not a kernels cache; it was left as it is"):
+        kernels._store("Q4_1", {"results": {}}, ())
+    assert notes.read_text() == "my notes\n"
+    for not_a_file in (tmp_path, "/dev/null"):
+        monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(not_a_file))
+        with pytest.raises(OndeviceError, match="is not a regular file"):
+            kernels.cache_path()
+    fresh = tmp_path / "kernels.json"  # a new file is made, and read back as ours
+    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(fresh))
+    kernels._store("Q4_1", {"results": {"x": 1}}, ("CPU",))
+    assert kernels.cached()["families"]["Q4_1"]["results"] == {"x": 1}

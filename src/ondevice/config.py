@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, NoDecode
 
+from . import fields as checked
 from .errors import InvalidArgument
 
 T = TypeVar("T")
@@ -81,9 +82,8 @@ def config_from(cls: type[BaseSettings], args: argparse.Namespace | None = None,
     """A ``cls`` from the flags given in ``args`` and ``over`` (API keywords), over env vars; a bad value is an
     InvalidArgument naming its flag and env var, and an unknown keyword one naming the fields there are."""
     fields = cls.model_fields
-    unknown = sorted(set(over) - set(fields))
-    if unknown:
-        raise InvalidArgument(f"unknown {what} {', '.join(unknown)}; the fields are {', '.join(fields)}")
+    if err := checked.unknown(cls.__name__, over, fields):
+        raise err
     given = {k: v for k, v in vars(args or argparse.Namespace()).items() if k in fields}
     given.update(over)
     prefix = cls.model_config.get("env_prefix", "")

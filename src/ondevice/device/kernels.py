@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, OndeviceError
 
 MODES = ("auto", "on", "off")
 AMX = "AMX"
@@ -162,9 +162,20 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
 
 # ---- cache ------------------------------------------------------------------------------------------------
 
+_ENV = "ONDEVICE_KERNELS_CACHE"
+
+
 def cache_path() -> Path:
-    if os.environ.get("ONDEVICE_KERNELS_CACHE"):
-        return Path(os.environ["ONDEVICE_KERNELS_CACHE"]).expanduser()
+    if os.environ.get(_ENV):
+        given = os.environ[_ENV]
+        try:
+            p = Path(given).expanduser().resolve()  # a link: the file it names is the cache
+        except (RuntimeError, OSError) as e:
+            raise OndeviceError(f"{_ENV}={given}: {e}; give a file path for the kernels cache") from None
+        if p.exists() and not p.is_file():
+            raise OndeviceError(f"{_ENV}={given} is not a regular file; give a file path for the kernels cache "
+                                f"(it is created if missing), e.g. ~/.cache/ondevice-kernels.json")
+        return p
     from ..models.store import data_dir
 
     return data_dir() / "device" / "kernels.json"
@@ -194,10 +205,19 @@ def _key() -> str:
 
 
 def _read(path: Path) -> dict:
+    """The cache; empty when missing. A file of ours that is corrupt is empty too (rewritten), but a file
+    named by ``ONDEVICE_KERNELS_CACHE`` that is not a kernels cache is the user's and is never replaced."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError):
+        data = None
+    ours = isinstance(data, dict) and all(isinstance(v, dict) and "|" in k for k, v in data.items())
+    if not ours and os.environ.get(_ENV):
+        raise OndeviceError(f"{_ENV}={os.environ[_ENV]} names a file that is not a kernels cache; it was left "
+                            f"as it is: point {_ENV} at a new file or at one ondevice wrote")
+    return data if ours else {}
 
 
 def cached() -> dict:

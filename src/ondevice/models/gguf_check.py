@@ -125,6 +125,7 @@ class _Cursor:
     def __init__(self, buf: bytes, size: int, path: Path):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
         self.limit = len(buf)
+        self.unspellable: list[int] = []  # bytes the vocabulary has no token for (neither <0xNN> nor the byte)
 
     def need(self, n: int, what: str) -> int:
         """Advance past ``n`` bytes that hold ``what``; returns where they start."""
@@ -213,6 +214,8 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
                                              f"in '{key}'")
             pos += 8 + n
         cur.pos = pos
+        if seen is not None:  # llama.cpp's SPM tokenizer spells an unknown character with these (or aborts)
+            cur.unspellable = [b for b in range(256) if f"<0x{b:02X}>".encode() not in seen and bytes([b]) not in seen]
         if keep:
             cur.pos = start_items
             return [cur.string(f"item {i} of '{key}'") for i in range(count)], count
@@ -321,7 +324,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
     if not isinstance(arch, str) or not arch:
         raise _invalid(path, "missing general.architecture, so no runtime knows how to run it",
                        "re-convert it with a current llama.cpp")
-    _check_hparams(path, arch, metadata, types, array_lengths)
+    _check_hparams(path, arch, metadata, types, array_lengths, cur.unspellable)
 
     def num(key: str) -> int | None:
         v = metadata.get(f"{arch}.{key}")
@@ -357,7 +360,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
 
 
 def _check_hparams(path: Path, arch: str, metadata: dict[str, Any], types: dict[str, int],
-                   array_lengths: dict[str, int]) -> None:
+                   array_lengths: dict[str, int], unspellable: list[int] = ()) -> None:
     """Values llama.cpp asserts on (an abort, not an error it reports) get a clear error here instead."""
     def bad(what: str) -> InvalidModelFile:
         return _invalid(path, f"corrupt metadata: {what}")
@@ -387,6 +390,8 @@ def _check_hparams(path: Path, arch: str, metadata: dict[str, Any], types: dict[
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
             if not ok:
                 raise bad(f"{key} is {v!r}; a norm epsilon must be a finite number >= 0")
+        elif types.get(key) in (6, 12) and not math.isfinite(v):  # float32/64: NaN rope bases give NaN logits
+            raise bad(f"{key} is {v!r}; it must be a finite number")
     for key in (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv",
                 f"{arch}.context_length", f"{arch}.feed_forward_length"):
         v = metadata.get(key)
@@ -399,6 +404,10 @@ def _check_hparams(path: Path, arch: str, metadata: dict[str, Any], types: dict[
         what = "no tokenizer" if model in ("none", "no_vocab") else "a tokenizer llama.cpp does not know"
         raise bad(f"tokenizer.ggml.model is {model!r}, {what}; ondevice needs a model with a vocabulary "
                   f"({', '.join(TOKENIZER_MODELS)})")
+    if model == "llama" and unspellable:
+        raise bad(f"the SentencePiece vocabulary has no byte tokens (<0x{unspellable[0]:02X}> and "
+                  f"{len(unspellable) - 1} more), which llama.cpp needs for any character it cannot spell (it "
+                  f"aborts instead); the file was converted without them")
     n_vocab = array_lengths.get(VOCAB_KEY)
     if model is not None and not n_vocab:
         raise bad(f"the model names tokenizer {model!r} but has no {VOCAB_KEY}")

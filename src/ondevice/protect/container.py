@@ -112,9 +112,11 @@ class Header:
 def is_container(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` starts with the container's magic (cheap: reads 8 bytes)."""
     try:
+        if not os.path.isfile(path):  # a FIFO would block the open; a device or a folder is no container
+            return False
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return False
 
 

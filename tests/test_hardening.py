@@ -437,6 +437,20 @@ def test_lone_surrogate_is_400_and_keeps_the_connection(server, path, body):
         conn.close()
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "minLength": 1_000_000_000},  # 150 bytes asking for gigabytes of grammar
+    {"type": "array", "items": {"type": "integer"}, "minItems": 1_000_000_000},
+    {"type": "object", "properties": {"a": {"enum": [str(i) for i in range(40_000)]}}},  # seconds per request
+])
+def test_a_schema_whose_grammar_would_not_fit_is_400_at_once(server, schema):
+    t0 = time.monotonic()
+    r = httpx.post(server.base + "/v1/chat/completions", timeout=TIMEOUT, json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400 and ("grammar" in r.text or "enum values" in r.text), r.text
+    assert time.monotonic() - t0 < 30 and server.alive()
+
+
 def test_embeddings_input_count_is_capped(server):
     from ondevice.serve.app import MAX_EMBEDDING_INPUTS
 

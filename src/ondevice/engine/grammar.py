@@ -68,19 +68,54 @@ def hoist(schema: dict, defs: dict, prefix: str) -> dict:
     return out
 
 
+MAX_REPEAT = 10_000  # minLength/maxLength/minItems/maxItems: the converter writes one rule per repetition
+MAX_ENUM = 1_000  # enum and const values in one schema (OpenAI's structured outputs allow 1,000)
+MAX_GRAMMAR = 1 << 20  # bytes of GBNF
+
+
+def check_size(schema, what: str) -> None:
+    """Refuse a schema whose grammar would not fit in memory or would stall the server (a ``minLength`` of
+    a billion is a 150-byte request for gigabytes): bounds on repetitions and enum values."""
+    n_enum = 0
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in ("minLength", "maxLength", "minItems", "maxItems"):
+            v = node.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_REPEAT:
+                raise InvalidArgument(f"{what}: {key} {v} is more than ondevice turns into a grammar "
+                                      f"({MAX_REPEAT}); lower it (a reply that long would not fit the context)")
+        if isinstance(node.get("enum"), list):
+            n_enum += len(node["enum"])
+            if n_enum > MAX_ENUM:
+                raise InvalidArgument(f"{what}: more than {MAX_ENUM} enum values in one schema; use fewer (as "
+                                      f"OpenAI's structured outputs require) or a plain string")
+        todo.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
+
+
 def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema") -> str:
     """GBNF for a JSON schema (an error naming ``what`` when the converter cannot express it)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    check_size(schema, what)
     schema = normalise(schema)
     if "$ref" in schema:
         # the converter resolves the $refs inside a node that has one only when that node is reached through
         # another: a root $ref (pydantic's recursive models) becomes a one-way union, the same language
         schema = {k: v for k, v in schema.items() if k != "$ref"} | {"anyOf": [{"$ref": schema["$ref"]}]}
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        gbnf = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
+    if len(gbnf) > MAX_GRAMMAR:
+        raise InvalidArgument(f"{what} makes a grammar of {len(gbnf) >> 10} KiB, more than ondevice takes "
+                              f"({MAX_GRAMMAR >> 10} KiB); simplify the schema")
+    return gbnf
 
 
 def schema_rules(parts: dict[str, dict], what: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 
@@ -220,3 +221,17 @@ def test_chat_keys_typed_during_an_answer_are_not_echoed(tmp_path):
             proc.kill()
         os.close(master)
     assert b"zqxj" not in answer, answer.decode(errors="replace")
+
+
+def test_stdin_that_is_endless_or_not_text_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    with open("/dev/zero", "rb") as zero:  # a pipe that never ends: read up to the limit, then refuse
+        r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], stdin=zero,
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "stdin holds more than 16 MiB" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], input=b"\xd1\xff\xfe",
+                       capture_output=True, timeout=120, env=env)
+    assert r.returncode == 2 and b"stdin is not UTF-8 text" in r.stderr

@@ -100,7 +100,7 @@ def test_a_second_call_under_an_open_stream_in_the_same_thread_says_so(smol):
     ({"temp": "0"}, "temp='0' must be a number"),
     ({"max_tokens": 2.5}, "max_tokens=2.5 must be an integer"),
     ({"max_tokens": None}, "max_tokens=None must be an integer"),
-    ({"temp": -1}, "temp=-1 must be >= 0"),
+    ({"temp": -1}, "temp=-1 must be a finite number >= 0"),
     ({"logit_bias": [1, 2]}, "logit_bias=.* is not token ids with biases"),
     ({"max_new_tokens": 3}, "did you mean 'max_tokens'"),
     ({"sampling": 0.5}, "sampling=0.5 is a float"),
@@ -152,3 +152,23 @@ def test_a_reply_cut_inside_a_character_drops_its_bytes_as_llama_server_does(smo
     for n in (1, 2, 4, 5):  # the globe emoji is three tokens here
         r = smol.generate("🌍🌍🌍🌍🌍🌍🌍🌍", chat_template=False, temp=0, max_tokens=n)
         assert "\ufffd" not in r.text and r.text == "🌍" * (n // 3) and len(r.tokens) == n
+
+
+def test_token_ids_outside_the_vocabulary_and_thread_counts_out_of_range_are_errors(smol, smol_path):
+    for bad in ([-1], [10**9], ["a"]):  # llama.cpp aborts the process on these
+        with pytest.raises(InvalidArgument, match="not in the vocabulary"):
+            smol.detokenize(bad)
+    with pytest.raises(InvalidArgument, match="--threads 100000 must be 1 to"):
+        ondevice.load(str(smol_path), n_threads=100_000)  # llama.cpp would start them all (or bad_alloc)
+
+
+def test_messages_take_openai_text_parts_and_name_content_that_is_not_text(smol):
+    plain = smol.generate([{"role": "user", "content": "Say hi"}], temp=0, max_tokens=4).text
+    parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]
+    assert smol.generate([{"role": "user", "content": parts}], temp=0, max_tokens=4).text == plain
+    with pytest.raises(InvalidArgument, match="content is 5; give a string"):
+        smol.generate([{"role": "user", "content": 5}], max_tokens=2)
+    with pytest.raises(InvalidArgument, match="'image_url' part; text parts only"):
+        smol.generate([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(InvalidArgument, match="stop=\\(1,\\) must be strings"):
+        smol.generate("Hi", stop=[1])

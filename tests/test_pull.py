@@ -377,3 +377,17 @@ def test_cli_pull(server, model_bytes, cli):
     assert "via-cli" in r.stdout and "not verified" in r.stdout
     r = cli("pull", f"{server.base}/tiny.gguf", "--name", "bad", "--sha256", "0" * 64)
     assert r.returncode == 2 and "does not match" in r.stderr
+
+
+def test_a_file_larger_than_the_free_space_is_refused_before_writing(server, model_bytes, monkeypatch):
+    import shutil
+
+    from ondevice.errors import OndeviceError
+    from ondevice.models import hub
+
+    server.files["/m/big.gguf"] = model_bytes
+    real = shutil.disk_usage
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: real(p)._replace(free=len(model_bytes) // 2))
+    with pytest.raises(OndeviceError, match="GB free; free some space"):
+        pull(f"{server.base}/m/big.gguf", progress=False, retries=0)
+    assert not [f for f in _leftovers() if f.startswith("big") and not f.endswith(".lock")]

@@ -115,6 +115,18 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path, a permission, a full disk: the user's to fix, said in one line
+        name = str(e.filename or "")
+        where = f": {name[:120]}{'...' if len(name) > 120 else ''}" if name else ""
+        print(f"ondevice {args.verb}: error: {e.strerror or e}{where}; check the path, its permissions and the "
+              f"free space", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "home directory" not in str(e):  # pathlib's answer to ~user for a user that does not exist
+            raise
+        print(f"ondevice {args.verb}: error: a path starts with ~USER for a user this machine does not have; "
+              f"give the path in full", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

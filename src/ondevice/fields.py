@@ -72,12 +72,16 @@ def check(obj: object) -> None:
     for f in dataclasses.fields(obj):
         tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
         if typing.get_origin(tp) is tuple:
-            if isinstance(value, str) and typing.get_args(tp)[:1] == (str,):
-                object.__setattr__(obj, f.name, (value,))
+            strings = typing.get_args(tp)[:1] == (str,)
+            if isinstance(value, str) and strings:
+                value = (value,)
             elif value is None:
-                object.__setattr__(obj, f.name, ())
+                value = ()
             elif isinstance(value, (list, tuple)):
-                object.__setattr__(obj, f.name, tuple(value))
+                value = tuple(value)
+            if strings and isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"{f.name}={value!r} must be strings")
+            object.__setattr__(obj, f.name, value)
             continue
         if not _accepts(tp, value):
             want = _type_name(tp)

@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine.cli_run import read_stdin
     from ..errors import InvalidArgument
     from .builtin import builtin_toolbox, load_tools
     from .tools import Toolbox
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--retries {args.retries} must be >= 0")
     if args.retrieve < 0:
         raise InvalidArgument(f"--retrieve {args.retrieve}: K must be >= 0 (0 offers every tool)")
-    request = sys.stdin.read() if args.request in (None, "-") else args.request
+    request = read_stdin() if args.request in (None, "-") else args.request
     if not request.strip():
         raise InvalidArgument("no request; give one as an argument or on stdin")
     clients = []

@@ -275,8 +275,25 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
             raise InvalidArgument(f"messages[{i}].role {m['role']!r} is not one of system, user, assistant, tool")
         # OpenAI's "developer" messages are system messages to a chat template (as llama-server reads them)
-        out.append(dict(m, role="system" if m["role"] == "developer" else m["role"], content=m.get("content") or ""))
+        out.append(dict(m, role="system" if m["role"] == "developer" else m["role"], content=message_text(m, i)))
     return out
+
+
+def message_text(m: Message, i: int) -> str:
+    """A message's content as text: a string, none, or OpenAI's list of ``{"type": "text", "text": ...}`` parts."""
+    content = m.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"messages[{i}].content has a {kind!r} part; text parts only "
+                                      f"({{'type': 'text', 'text': ...}}): this is a text model")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidArgument(f"messages[{i}].content is {content!r}; give a string or a list of text parts")
 
 
 def calls_as_text(messages: Sequence[Message]) -> list[Message]:

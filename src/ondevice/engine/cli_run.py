@@ -53,6 +53,25 @@ def split_model_word(args: argparse.Namespace) -> str | None:
     return " ".join(words) if words else None
 
 
+STDIN_LIMIT = 16 << 20  # bytes: far more than any model's context holds (128k tokens are ~0.5 MB of text)
+
+
+def read_stdin() -> str:
+    """The prompt piped on stdin: UTF-8 text of at most :data:`STDIN_LIMIT` bytes (``< /dev/zero`` is an
+    error, not all the memory there is)."""
+    from ..errors import InvalidArgument
+
+    data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    if len(data) > STDIN_LIMIT:
+        raise InvalidArgument(f"stdin holds more than {STDIN_LIMIT >> 20} MiB; no model's context fits a prompt "
+                              f"that long: send a part of it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                              f"convert it first, e.g. with iconv") from None
+
+
 def read_prompt(arg: str | None, model: str | None = None) -> str:
     from ..errors import InvalidArgument
 
@@ -62,7 +81,7 @@ def read_prompt(arg: str | None, model: str | None = None) -> str:
                 raise InvalidArgument(f"no prompt after the model name: `ondevice run {model} \"your prompt\"`, "
                                       f"pipe one on stdin, or talk to it with `ondevice chat -m {model}`")
             raise InvalidArgument("no prompt: give one as an argument or pipe it on stdin")
-        arg = sys.stdin.read()
+        arg = read_stdin()
     if not arg.strip():
         raise InvalidArgument("the prompt is empty; give some text")
     return arg

@@ -69,6 +69,16 @@ def llama_cpp_lib() -> ctypes.CDLL:
     return llama_cpp.llama_cpp._lib
 
 
+def check_threads(n: int, flag: str = "--threads") -> int:
+    """``n`` threads, or an error: llama.cpp starts every one (ggml allows 512), and past a few per CPU
+    they only take turns."""
+    most = min(512, 4 * (os.cpu_count() or 1))
+    if not 1 <= n <= most:
+        raise InvalidArgument(f"{flag} {n} must be 1 to {most} (at most 4 per CPU of this machine's "
+                              f"{os.cpu_count()}; llama.cpp's default is the physical cores, {physical_cores()})")
+    return n
+
+
 def physical_cores() -> int:
     """Physical cores available to this process (llama.cpp's default thread count)."""
     try:
@@ -114,10 +124,12 @@ class LlamaEngine(Engine):
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
         n_ctx = cfg.n_ctx or min(self.n_ctx_train, 4096)
         if n_ctx < 16:
-            raise InvalidArgument(f"--ctx {cfg.n_ctx} is too small; use at least 16")
-        threads = cfg.n_threads or physical_cores()
-        if threads < 1:
-            raise InvalidArgument(f"--threads {threads} must be >= 1")
+            raise InvalidArgument(f"--ctx {cfg.n_ctx} is too small; use at least 16" if cfg.n_ctx else
+                                  f"the model says it was trained with a context of {self.n_ctx_train} tokens; "
+                                  f"give one with --ctx N (n_ctx=N)")
+        threads = check_threads(cfg.n_threads or physical_cores())
+        if cfg.n_threads_batch:
+            check_threads(cfg.n_threads_batch, "--threads-batch")
         if cfg.pooling is not None and cfg.pooling not in _POOLING:
             raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; use one of {', '.join(_POOLING)}")
         n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
@@ -246,6 +258,8 @@ class LlamaEngine(Engine):
         self._open()
         if not special and token in self._pieces:
             return self._pieces[token]
+        if not (isinstance(token, (int, np.integer)) and 0 <= token < self.n_vocab):  # else llama.cpp aborts
+            raise InvalidArgument(f"token id {token!r} is not in the vocabulary (0 to {self.n_vocab - 1})")
         n = self.ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)

@@ -133,7 +133,7 @@ class Sampling:
                                   f"{{token_id: bias}} or ((token_id, bias), ...)") from None
         object.__setattr__(self, "logit_bias", bias)
         checks = [
-            ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be >= 0 (0 = greedy)"),
+            ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be a finite number >= 0 (0 = greedy)"),
             ("top-p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top-k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1]"),

@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -61,7 +62,10 @@ def parse_source(url: str) -> tuple[str, str]:
         filename = path[-1]
     elif url.startswith(("http://", "https://")):
         http_url = url
-        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+        try:
+            filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+        except ValueError as e:  # "Invalid IPv6 URL"
+            raise InvalidArgument(f"cannot download {url!r}: {e}; check the URL") from None
     else:
         raise InvalidArgument(f"cannot download {url!r}: use hf://owner/repo/file.gguf or an http(s):// URL "
                               f"(for a local file, pass its path to the command directly)")
@@ -252,6 +256,12 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
             total = int(length) if length and length.isdigit() else None
         else:
             raise OndeviceError(f"download of {url} failed: unexpected HTTP {status}; retry later")
+        if total is not None:  # a file the disk cannot hold is refused before a byte is written
+            free = shutil.disk_usage(part.parent).free
+            if total - offset > free:
+                raise OndeviceError(f"download of {url}: the file is {total / 1e9:.2f} GB and {part.parent} has "
+                                    f"{free / 1e9:.2f} GB free; free some space (or set ONDEVICE_HOME to a "
+                                    f"larger disk) and pull again")
         etag = resp.headers.get("ETag")
         state.update(
             total=total,

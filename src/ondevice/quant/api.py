@@ -33,7 +33,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     ``imatrix``: an ``.npz`` importance matrix (tensor name -> per-column mean squared activation, as
     ``ondevice.fit.imatrix.collect`` writes) that weights the rounding error per column.
     """
-    from ..engine.llama import physical_cores
+    from ..engine.llama import check_threads, physical_cores
     from ..eval.api import model_sha256
     from ..models.catalog import check_variant_name, register_variant, resolve, store_variants
     from ..models.store import models_dir, temp_file
@@ -54,7 +54,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     if name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
                               f"or --force to replace it")
-    n_threads = threads or physical_cores()
+    n_threads = check_threads(threads or physical_cores())
     tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
     try:
         if imatrix is not None and not Path(imatrix).is_file():

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..engine.base import EngineConfig
+from ..engine.chat import message_text
 from ..engine.model import BaseModelWarning, Model, check_same_vocab
 from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
 from .batcher import Batcher
@@ -210,14 +211,8 @@ def message_dicts(messages) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidArgument(f"messages[{i}].content has a {part.type!r} part; this server takes "
-                                          f"text parts only")
-                texts.append(part.text)
-            content = "".join(texts)
+        if isinstance(content, list):  # OpenAI's text parts, joined as every chat's are
+            content = message_text({"content": [p.model_dump() for p in content]}, i)
         if m.tool_calls:
             try:
                 calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}

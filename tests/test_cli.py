@@ -229,9 +229,9 @@ def test_stdin_that_is_endless_or_not_text_is_a_one_line_error(tmp_path):
 
     env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
     with open("/dev/zero", "rb") as zero:  # a pipe that never ends: read up to the limit, then refuse
-        r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], stdin=zero,
+        r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], stdin=zero, check=False,
                            capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "stdin holds more than 16 MiB" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], input=b"\xd1\xff\xfe",
+    r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], input=b"\xd1\xff\xfe", check=False,
                        capture_output=True, timeout=120, env=env)
     assert r.returncode == 2 and b"stdin is not UTF-8 text" in r.stderr

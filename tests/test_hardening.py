@@ -142,6 +142,17 @@ GRAMMAR_CASES = {
 }
 
 
+def test_a_gbnf_grammar_in_the_request_is_followed_as_llama_server_does(server):
+    body = {"prompt": "Is the sky blue?", "max_tokens": 8, "temperature": 0, "grammar": 'root ::= "yes" | "no"'}
+    r = httpx.post(server.base + "/v1/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("yes", "no"), r.text
+    for bad, why in (({"grammar": 123}, "grammar"), ({"grammar": "root ::= foo"}, "Undefined rule"),
+                     ({"response_format": {"type": "json_object"}}, "send one")):
+        r = httpx.post(server.base + "/v1/chat/completions", timeout=TIMEOUT, json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "grammar": 'root ::= "a"', **bad})
+        assert r.status_code == 400 and why in r.text, r.text
+
+
 @pytest.mark.parametrize("case", GRAMMAR_CASES)
 @pytest.mark.parametrize("stream", [False, True])
 def test_complete_grammar_stops_over_http(server, case, stream):

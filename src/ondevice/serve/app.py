@@ -159,6 +159,10 @@ def _sampling(req, max_tokens: int, grammar: str | None = None,
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise InvalidArgument("stop contains an empty string; remove it")
+    if req.grammar is not None:  # llama-server's extension: a GBNF grammar of the client's own
+        if grammar is not None:
+            raise InvalidArgument("grammar and response_format or tools both constrain the reply; send one")
+        grammar = req.grammar
     given = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
     kw = dict({k: v for k, v in given.items() if v is not None},  # else Sampling's: llama.cpp's defaults
               repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,

@@ -66,6 +66,7 @@ class _Sampling(_Req):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
+    grammar: str | None = None  # extension (llama-server's): a GBNF grammar the reply must follow
     # extension: speculative decoding ("lookup", "model": the server's --draft model, "none"; None: the server's
     # default); the output is the same, only faster where drafts are accepted
     draft: Literal["lookup", "model", "none"] | None = None

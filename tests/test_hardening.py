@@ -51,6 +51,11 @@ BOMBS = {
     "BOMB-CAT": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
     "BOMB-JOIN": "{{ (['x' * 1000000] * 1000000)|join }}",
     "BOMB-RAISE": "{{ raise_exception('this template refuses') }}",
+    # found by a hostile-input walk: each built its value (1-1.5 GB) before the size was checked
+    "BOMB-TABS": "{{ ('\t' * 1500).expandtabs(1000000) }}",
+    "BOMB-FMT": "{{ '{0:{1}}'.format('a', '300000000') }}",
+    "BOMB-LIST": "{% set l = ['x' * 1000000] * 1000 %}{{ l ~ '' }}",
+    "BOMB-STR": "{% set l = ['x' * 1000000] * 1000 %}{{ l|string }}",
 }
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -341,6 +346,18 @@ def test_cli_run_on_a_bad_gguf_is_one_line(layout, aligned, tmp_path, cli):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("ondevice run: error:") and "block_count" in r.stderr
 
 
+def test_a_model_llama_cpp_cannot_load_says_why(layout, aligned, tmp_path, cli):
+    fields, _, _ = layout
+    bad = tmp_path / "arch.gguf"
+    raw = bytearray(aligned.read_bytes())
+    arch = _field(fields, "general.architecture:value")
+    raw[arch.offset:arch.offset + arch.size] = b"llamb"  # an architecture llama.cpp does not know
+    bad.write_bytes(bytes(raw))
+    r = cli("run", "-m", str(bad), "hi", "-n", "2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # llama.cpp's own error line is not shown
+    assert "unknown model architecture: 'llamb'" in r.stderr, r.stderr
+
+
 def test_gguf_fuzz_seeded_mutants_never_crash(smol_path, tmp_path):
     """Seeded mutants of the shipped model (header, metadata, tensor infos, vocabulary, known-bad values,
     truncations), each loaded in a child process: every one a clean error or a run."""
@@ -362,10 +379,18 @@ def hostile_model(hostile_gguf):
 
 @pytest.mark.parametrize("bomb", BOMBS)
 def test_hostile_template_is_a_clear_error_in_the_library(hostile_model, bomb):
+    import tracemalloc
+
     t0 = time.monotonic()
-    with pytest.raises(InvalidArgument, match="chat template"):
-        hostile_model.tokenize_prompt([{"role": "user", "content": bomb}])
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument, match="chat template"):
+            hostile_model.tokenize_prompt([{"role": "user", "content": bomb}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert time.monotonic() - t0 < 30
+    assert peak < 200 << 20, f"{bomb} made {peak >> 20} MiB before it was refused"  # refused before it is built
     assert hostile_model.tokenize_prompt([{"role": "user", "content": "hello"}])  # the template still works
 
 

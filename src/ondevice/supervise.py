@@ -77,6 +77,8 @@ def run_supervised(verb: str, argv: list[str]) -> int:
     fd, state_path = tempfile.mkstemp(prefix="ondevice-crash-", suffix=".json")
     os.close(fd)
     env = dict(os.environ, **{MARK_ENV: "1", STATE_ENV: state_path})
+    if os.environ.get("ONDEVICE_VERBOSE", "") in ("", "0"):  # the crash gets our line, not ggml's gdb dump
+        env.setdefault("GGML_NO_BACKTRACE", "1")
     forwarded = None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env,

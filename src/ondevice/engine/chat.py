@@ -64,13 +64,37 @@ def _check_args(args: Iterable, kwargs: Mapping) -> None:
 _WIDTHS = re.compile(r"\d+")
 
 
-def _check_format(fmt: str) -> None:
-    """A width or precision in a format string (``%9999999s``, ``{:>9999999}``) over the limit, or ``*``."""
+def _check_format(fmt: str, fields: bool = False) -> None:
+    """A width or precision in a format string (``%9999999s``, ``{:>9999999}``) over the limit, or ``*``;
+    with ``fields`` (``str.format``), a field nested in a spec (``{0:{1}}``: a width from an argument)."""
     if "%" in fmt and "*" in fmt:
         raise TemplateLimit("'*' widths in % formats are not allowed")
+    if fields:
+        import string
+
+        try:
+            specs = [spec for _, name, spec, _ in string.Formatter().parse(fmt) if name is not None]
+        except ValueError:
+            specs = []  # str.format will raise on it itself
+        if any("{" in (spec or "") for spec in specs):
+            raise TemplateLimit("a format field nested in a format spec is not allowed")
     for m in _WIDTHS.finditer(fmt):
         if len(m.group()) > 9 or int(m.group()) > _budget.max_chars:
             raise TemplateLimit(f"a format width of {m.group()} is over the limit of {_budget.max_chars}")
+
+
+def _text_size(v, depth: int = 0) -> int:
+    """About how many characters ``str(v)`` has, counted without building it (stops once over the limit)."""
+    if isinstance(v, str):
+        return len(v) + 2
+    if isinstance(v, (list, tuple, dict)) and depth < 32:
+        n = 2
+        for x in (v.items() if isinstance(v, dict) else v):
+            n += _text_size(x, depth + 1) + 2
+            if n > _budget.max_chars:
+                break
+        return n
+    return _sized(v) + 8
 
 
 def _sized(v) -> int:
@@ -113,8 +137,9 @@ def _guard_iter(iterable):
 
 
 def _concat(*parts) -> str:
-    """The ``~`` operator, bounded."""
+    """The ``~`` operator, bounded (a list's text is measured before it is made)."""
     _tick()
+    _check_size(sum(len(p) if isinstance(p, str) else _text_size(p) for p in parts), "a joined string")
     out = "".join(map(str, parts))
     _check_size(len(out), "a joined string")
     return out
@@ -126,7 +151,12 @@ def _precheck(name: str, value, rest: tuple, kwargs: Mapping):
     _tick()
     _check_args(rest, kwargs)
     if name in ("format", "format_map") and isinstance(value, str):
-        _check_format(value)
+        _check_format(value, fields=True)
+    elif name == "expandtabs" and isinstance(value, str):
+        size = rest[0] if rest else kwargs.get("tabsize", 8)
+        _check_size(len(value) + value.count("\t") * (size if isinstance(size, int) else 8), "an expanded string")
+    elif name in ("string", "pprint", "tojson") and not isinstance(value, str):
+        _check_size(_text_size(value), "a value's text")
     elif name == "join":  # the filter: value|join(sep); str.join arrives as (sep, [value])
         value = list(value) if not isinstance(value, (str, list, tuple, dict)) else value
         sep = rest[0] if rest else kwargs.get("d", "")
@@ -148,11 +178,11 @@ def _precheck(name: str, value, rest: tuple, kwargs: Mapping):
     return value
 
 
-def _guard_filter(fn: Callable) -> Callable:
+def _guard_filter(fn: Callable, name: str) -> Callable:
+    """The filter registered as ``name`` (``string`` is markupsafe's ``soft_str``), bounded."""
     from jinja2.utils import _PassArg
 
     skip = 0 if _PassArg.from_obj(fn) is None else 1  # the environment or context comes first
-    name = fn.__name__.removeprefix("do_")
 
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
@@ -218,20 +248,20 @@ def _environment():
         def getitem(self, obj, argument):
             _tick()
             if isinstance(obj, str) and argument in ("format", "format_map"):
-                _check_format(obj)
+                _check_format(obj, fields=True)
             return super().getitem(obj, argument)
 
         def getattr(self, obj, attribute):
             _tick()
             if isinstance(obj, str) and attribute in ("format", "format_map"):
-                _check_format(obj)  # the sandbox wraps str.format, so the call hook no longer sees the string
+                _check_format(obj, fields=True)  # the sandbox wraps str.format: the call hook no longer sees it
             return super().getattr(obj, attribute)
 
     env = Env(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
-    env.filters = {k: _guard_filter(f) for k, f in env.filters.items()}
+    env.filters = {k: _guard_filter(f, k) for k, f in env.filters.items()}
     # reached as environment.extensions[...].<name> from the compiled code: no template can rebind it
     guards = _guards_extension()
     env.add_extension(guards)

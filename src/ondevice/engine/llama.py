@@ -118,7 +118,9 @@ class LlamaEngine(Engine):
             self.close()
         native.raise_pending_interrupt()
         if not self.model:
-            raise OndeviceError(f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
+            why = getattr(self, "_load_error", None)
+            raise OndeviceError(f"llama.cpp could not load {self.path}: {why}" if why else
+                                f"llama.cpp could not load {self.path}; run with ONDEVICE_VERBOSE=1 to see why")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
@@ -207,7 +209,7 @@ class LlamaEngine(Engine):
         r = self._restored
         choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), family=r.family) if r is not None
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
-        with bufts.offering(choice.bufts) as use_extra, native.load_log() as lines:
+        with bufts.offering(choice.bufts) as use_extra, native.load_log(quiet=True) as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
             mparams = set_fields(ll.llama_model_default_params(), load_mode=-1 if cfg.use_mmap else 0,
                                  n_gpu_layers=0, use_extra_bufts=use_extra)
@@ -218,6 +220,8 @@ class LlamaEngine(Engine):
             else:
                 model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         log = "".join(lines).splitlines()
+        self._load_error = next((ln.split("error loading model:", 1)[1].strip() for ln in reversed(log)
+                                 if "error loading model:" in ln), None)  # llama.cpp's reason, for our message
         used = bufts.parse_buffers(log)
         note_loaded(choice.to_dict(), used)
         self._eog_logged = {int(m.group(1)) for ln in log if (m := _EOG_LINE.search(ln))}

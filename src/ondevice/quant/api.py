@@ -55,10 +55,10 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
         raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
                               f"or --force to replace it")
     n_threads = check_threads(threads or physical_cores())
+    if imatrix is not None:
+        check_imatrix(imatrix)
     tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
     try:
-        if imatrix is not None and not Path(imatrix).is_file():
-            raise InvalidArgument(f"--imatrix {str(imatrix)!r} is not a file; give an .npz importance matrix")
         seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
         types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
         check = verify(types, type_name, ovr)
@@ -87,3 +87,19 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
         raise OndeviceError(f"the variant {name} was not written to {ref.path}")
     return ref
 
+
+def check_imatrix(path: str | os.PathLike[str]) -> None:
+    """An importance matrix the quantizer can read: an ``.npz`` of tensor name -> per-column numbers."""
+    import numpy as np
+
+    fix = "give the .npz importance matrix `ondevice fit` collects (tensor name -> per-column importance)"
+    if not Path(path).is_file():
+        raise InvalidArgument(f"--imatrix {str(path)!r} is not a file; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ok = isinstance(z, np.lib.npyio.NpzFile) and all(
+                z[k].ndim == 1 and np.issubdtype(z[k].dtype, np.number) for k in z.files)
+    except (OSError, ValueError, EOFError, KeyError, AttributeError) as e:
+        raise InvalidArgument(f"--imatrix {str(path)!r} is not an .npz file ({type(e).__name__}); {fix}") from None
+    if not ok:
+        raise InvalidArgument(f"--imatrix {str(path)!r} does not hold one row of numbers per tensor; {fix}")

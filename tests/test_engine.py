@@ -256,7 +256,7 @@ def test_ctrl_c_while_llama_cpp_loads_stops_the_load(smol_path, monkeypatch):
             super().append(line)
 
     @contextlib.contextmanager
-    def interrupted_log():
+    def interrupted_log(quiet=False):
         native._log_capture = lines = InterruptedLog()
         try:
             yield lines

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 
 import ondevice
-from ondevice.errors import InvalidArgument, ModelBusy, ModelClosed
+from ondevice.errors import InvalidArgument, ModelClosed, StreamAbandoned
 
 
 def _rss_mib() -> int:
@@ -87,13 +88,56 @@ def test_two_threads_on_one_model_take_turns_and_get_their_own_answers(smol_path
             assert not errors and got == want
 
 
-def test_a_second_call_under_an_open_stream_in_the_same_thread_says_so(smol):
-    it = smol.stream("Count to ten.", temp=0, max_tokens=20)
-    next(it)
-    with pytest.raises(ModelBusy, match="still streaming in this thread"):
-        smol.generate("Hi", max_tokens=2)
-    it.close()
-    assert smol.generate("Hi", temp=0, max_tokens=2).text
+def test_a_stream_left_unread_is_ended_for_the_call_that_waits_on_it(smol):
+    want = smol.generate("Hi", temp=0, max_tokens=4).text
+    smol.idle_timeout = 0.3
+    try:
+        it = smol.stream("Count to ten.", temp=0, max_tokens=20)
+        next(it)  # then forgotten (a REPL, a client that left): the next call waits 0.3 s, then takes over
+        t0 = time.monotonic()
+        assert smol.generate("Hi", temp=0, max_tokens=4).text == want
+        assert time.monotonic() - t0 >= 0.3
+        with pytest.raises(StreamAbandoned, match="was not read for 0.3 s"):
+            next(it)
+    finally:
+        smol.idle_timeout = 10.0
+
+
+def test_a_call_waits_for_a_stream_that_is_being_read(smol):
+    want = smol.generate("Name some colours.", temp=0, max_tokens=6).text
+    smol.idle_timeout = 5.0
+    got, texts = {}, []
+    try:
+        it = smol.stream("Count to ten.", temp=0, max_tokens=12)
+        texts.append(next(it).text)
+        waiter = threading.Thread(target=lambda: got.update(t=smol.generate("Name some colours.", temp=0,
+                                                                             max_tokens=6).text))
+        waiter.start()
+        for g in it:  # a slow reader, well within idle_timeout: it keeps its turn to the end
+            time.sleep(0.05)
+            texts.append(g.text)
+        waiter.join(60)
+        assert got["t"] == want and "".join(texts) == smol.generate("Count to ten.", temp=0, max_tokens=12).text
+    finally:
+        smol.idle_timeout = 10.0
+
+
+def test_close_ends_an_open_stream_quietly(smol_path):
+    import subprocess
+    import sys
+
+    code = ("import ondevice\n"
+            f"with ondevice.load({str(smol_path)!r}, n_ctx=256, warmup=False) as m:\n"
+            "    it = m.stream('Count to ten.', temp=0, max_tokens=20)\n"
+            "    next(it)\n"
+            "try:\n"
+            "    next(it)\n"
+            "except ondevice.OndeviceError as e:\n"
+            "    print(type(e).__name__)\n"
+            "del it\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ModelClosed", r.stdout + r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(("kw", "match"), [
@@ -158,13 +202,13 @@ def test_token_ids_outside_the_vocabulary_and_thread_counts_out_of_range_are_err
     for bad in ([-1], [10**9], ["a"]):  # llama.cpp aborts the process on these
         with pytest.raises(InvalidArgument, match="not in the vocabulary"):
             smol.detokenize(bad)
-    with pytest.raises(InvalidArgument, match="--threads 100000 must be 1 to"):
+    with pytest.raises(InvalidArgument, match="--threads / n_threads=100000 must be 1 to"):
         ondevice.load(str(smol_path), n_threads=100_000)  # llama.cpp would start them all (or bad_alloc)
 
 
 def test_messages_take_openai_text_parts_and_name_content_that_is_not_text(smol):
-    plain = smol.generate([{"role": "user", "content": "Say hi"}], temp=0, max_tokens=4).text
-    parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]
+    plain = smol.generate([{"role": "user", "content": "Say\nhi"}], temp=0, max_tokens=4).text
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]  # joined by a newline
     assert smol.generate([{"role": "user", "content": parts}], temp=0, max_tokens=4).text == plain
     with pytest.raises(InvalidArgument, match="content is 5; give a string"):
         smol.generate([{"role": "user", "content": 5}], max_tokens=2)
@@ -172,3 +216,14 @@ def test_messages_take_openai_text_parts_and_name_content_that_is_not_text(smol)
         smol.generate([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(InvalidArgument, match="stop=\\(1,\\) must be strings"):
         smol.generate("Hi", stop=[1])
+
+
+def test_a_context_whose_kv_cache_cannot_fit_is_refused_before_it_is_allocated(smol_path, monkeypatch):
+    from ondevice.eval import window
+
+    monkeypatch.setattr(window, "available_memory_bytes", lambda: 64 << 20)  # a small device: 64 MiB free
+    with pytest.raises(InvalidArgument, match="needs .* GiB for the KV cache and this machine has 0.1 GiB"):
+        ondevice.load(str(smol_path), n_ctx=8192)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="more than the 8192 tokens"):
+        ondevice.load(str(smol_path), n_ctx=8448, warmup=False).close()  # past its trained context: warned

@@ -49,8 +49,8 @@ class InvalidArgument(OndeviceError):
     """A flag or parameter with a value outside its range."""
 
 
-class ModelBusy(OndeviceError):
-    """A model asked for a second generation by the thread whose first one (a stream) is still open."""
+class StreamAbandoned(OndeviceError):
+    """A stream read again after it was left unread while another call on its model waited (and took over)."""
 
 
 class ModelClosed(OndeviceError):

@@ -9,6 +9,7 @@ import difflib
 import numbers
 import types
 import typing
+from collections.abc import Mapping
 from functools import cache
 
 from .errors import InvalidArgument
@@ -62,7 +63,7 @@ def _accepts(tp: object, value: object) -> bool:
 def _type_name(tp: object) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "None" if tp is type(None) else {"int": "integer", "float": "number", "str": "string"}.get(
+    return "None" if tp is type(None) else {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}.get(
         getattr(tp, "__name__", ""), str(tp))
 
 
@@ -79,6 +80,8 @@ def check(obj: object) -> None:
                 value = ()
             elif isinstance(value, (list, tuple)):
                 value = tuple(value)
+            elif not isinstance(value, Mapping):  # a dict is the field's own business (logit_bias)
+                raise InvalidArgument(f"{f.name}={value!r} must be a list")
             if strings and isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"{f.name}={value!r} must be strings")
             object.__setattr__(obj, f.name, value)
@@ -100,3 +103,22 @@ def progress_sink(progress: object) -> typing.Callable[[str], None]:
     if callable(progress):
         return progress
     raise InvalidArgument(f"progress={progress!r} must be True, False or a function of one line of text")
+
+
+def build(cls: type, value: object, what: str):
+    """``value`` as a ``cls`` (a dataclass): itself, the fields in a dict (names checked), or the defaults."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        if err := unknown(what, value, cls.__dataclass_fields__):
+            raise err
+        return cls(**value)
+    raise InvalidArgument(f"{what}={value!r} is not a {cls.__name__}; give a {cls.__name__} or a dict of its fields")
+
+
+def model_ref(model: object) -> object:
+    """A loaded :class:`~ondevice.Model` given where a model name or path goes (``bench``, ``evaluate``, which
+    load models of their own): its file."""
+    return str(model.path) if hasattr(model, "engine") and hasattr(model, "path") else model

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import fields
 from ..config import config_from
 from ..errors import InvalidArgument
 from .config import DEFAULT_TESTS, FLAGS, BenchConfig
@@ -51,8 +52,9 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     from ..store import Store
 
     if models is not None:
-        settings["models"] = [str(m) for m in ([models] if isinstance(models, (str, Path)) else models)
-                              if m is not None]
+        models = fields.model_ref(models)
+        settings["models"] = [str(fields.model_ref(m)) for m in ([models] if isinstance(models, (str, Path))
+                                                                  else models) if m is not None]
     if tests is not None:
         settings["tests"] = [tests] if isinstance(tests, str) else [t.name if isinstance(t, TestSpec) else t
                                                                      for t in tests]

@@ -104,11 +104,7 @@ def keep_sample(store_path: str | Path | None, source: str, device_model: str, d
 
 
 def request_policy(value: RequestPolicy | dict | None) -> RequestPolicy:
-    if value is None:
-        return RequestPolicy()
-    if isinstance(value, RequestPolicy):
-        return value
-    return RequestPolicy(**value)
+    return fields.build(RequestPolicy, value, "cascade")
 
 
 class Cascade:
@@ -133,13 +129,7 @@ class Cascade:
 
         if not cloud_url:
             raise InvalidArgument("Cascade needs cloud_url, an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8081/v1)")
-        if isinstance(policy, dict):
-            if err := fields.unknown("Policy", policy, Policy.__dataclass_fields__):
-                raise err
-            policy = Policy(**policy)
-        elif policy is not None and not isinstance(policy, Policy):
-            raise InvalidArgument(f"policy={policy!r} is not a Policy; give a Policy or a dict of its fields")
-        self.policy = policy or Policy()
+        self.policy = fields.build(Policy, policy, "policy")
         self.budget = Budget(self.policy.budget, self.policy.window_s)
         # everything that can refuse the arguments comes before the model is loaded
         self.cloud = CloudClient(cloud_url, model=cloud_model, key_env=key_env, timeout=self.policy.timeout_s)

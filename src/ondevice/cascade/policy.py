@@ -58,6 +58,7 @@ class RequestPolicy:
     keep: bool | None = None  # store as a hard sample if deferred (None: the server's default)
 
     def __post_init__(self) -> None:
+        fields.check(self)
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise InvalidArgument(f"cascade.threshold {self.threshold!r} must be in [0, 1]")
         if self.never_defer and self.always_defer:

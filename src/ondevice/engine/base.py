@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .. import fields
+from ..errors import InvalidArgument
 from .records import Generation, Sampling
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         fields.check(self)
+        for name in ("n_batch", "n_ubatch", "n_seq_max"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_ctx < 0:
+            raise InvalidArgument(f"--ctx / n_ctx={self.n_ctx} must be >= 0 (0: the model's trained context)")
 
 
 class SamplerLike(Protocol):

@@ -322,7 +322,7 @@ def message_text(m: Message, i: int) -> str:
                 raise InvalidArgument(f"messages[{i}].content has a {kind!r} part; text parts only "
                                       f"({{'type': 'text', 'text': ...}}): this is a text model")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as llama-server joins them
     raise InvalidArgument(f"messages[{i}].content is {content!r}; give a string or a list of text parts")
 
 

@@ -14,6 +14,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -69,12 +70,12 @@ def llama_cpp_lib() -> ctypes.CDLL:
     return llama_cpp.llama_cpp._lib
 
 
-def check_threads(n: int, flag: str = "--threads") -> int:
+def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
     """``n`` threads, or an error: llama.cpp starts every one (ggml allows 512), and past a few per CPU
     they only take turns."""
     most = min(512, 4 * (os.cpu_count() or 1))
     if not 1 <= n <= most:
-        raise InvalidArgument(f"{flag} {n} must be 1 to {most} (at most 4 per CPU of this machine's "
+        raise InvalidArgument(f"{flag}={n} must be 1 to {most} (at most 4 per CPU of this machine's "
                               f"{os.cpu_count()}; llama.cpp's default is the physical cores, {physical_cores()})")
     return n
 
@@ -126,12 +127,13 @@ class LlamaEngine(Engine):
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
         n_ctx = cfg.n_ctx or min(self.n_ctx_train, 4096)
         if n_ctx < 16:
-            raise InvalidArgument(f"--ctx {cfg.n_ctx} is too small; use at least 16" if cfg.n_ctx else
+            raise InvalidArgument(f"--ctx / n_ctx={cfg.n_ctx} is too small; use at least 16" if cfg.n_ctx else
                                   f"the model says it was trained with a context of {self.n_ctx_train} tokens; "
                                   f"give one with --ctx N (n_ctx=N)")
+        self._check_kv_memory(n_ctx, cfg)
         threads = check_threads(cfg.n_threads or physical_cores())
         if cfg.n_threads_batch:
-            check_threads(cfg.n_threads_batch, "--threads-batch")
+            check_threads(cfg.n_threads_batch, "--threads-batch / n_threads_batch")
         if cfg.pooling is not None and cfg.pooling not in _POOLING:
             raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; use one of {', '.join(_POOLING)}")
         n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
@@ -164,7 +166,6 @@ class LlamaEngine(Engine):
         eog, logged = ll.llama_vocab_is_eog, self._eog_logged
         self.eos_tokens = frozenset(logged if logged and all(eog(self.vocab, t) for t in logged)
                                     else (t for t in range(self.n_vocab) if eog(self.vocab, t)))
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
         # our own binding of llama_get_logits_ith returning the address (llama_cpp's returns a ctypes pointer,
         # which costs ~60 us per token to turn into an array), and numpy views kept per address
@@ -180,6 +181,22 @@ class LlamaEngine(Engine):
             self.close()
             native.raise_pending_interrupt()
         self.load_time = time.perf_counter() - t0
+
+    def _check_kv_memory(self, n_ctx: int, cfg: EngineConfig) -> None:
+        """A context whose KV cache cannot fit in the memory available is refused before llama.cpp allocates
+        it (``-c 999999`` on a 135M model: 22 GiB and a minute of loading, then the OOM killer)."""
+        from ..eval.window import available_memory_bytes, kv_bytes_per_token
+
+        if self.n_ctx_train and n_ctx > self.n_ctx_train:  # llama.cpp allows it (and warns in its log)
+            warnings.warn(f"--ctx / n_ctx={n_ctx} is more than the {self.n_ctx_train} tokens {self.path.name} was "
+                          f"trained with; replies that reach past it usually degrade", stacklevel=4)
+        per_token = kv_bytes_per_token(self._info, cfg.type_k, cfg.type_v) if self._info else None
+        avail = available_memory_bytes()
+        if per_token and avail and per_token * n_ctx > avail:
+            raise InvalidArgument(
+                f"--ctx / n_ctx={n_ctx} needs {per_token * n_ctx / 2**30:.1f} GiB for the KV cache and this machine "
+                f"has {avail / 2**30:.1f} GiB available; use a smaller context (the model was trained with "
+                f"{self.n_ctx_train}) or a smaller cache type (--cache-type-k/-v q8_0)")
 
     @property
     def kernels_used(self) -> str:
@@ -197,7 +214,7 @@ class LlamaEngine(Engine):
         from ..supervise import note_loaded
         from . import bufts
 
-        self._restored = None
+        self._restored = self._info = None
         if is_container(self.path):  # an encrypted model: restored into anonymous memory (protect/)
             from ..protect.load import begin, kernel_path
 
@@ -205,7 +222,7 @@ class LlamaEngine(Engine):
         else:  # every load (run, chat, serve, bench, eval) passes here: a malformed file is an error, not an abort
             from ..models.gguf_check import validate_gguf
 
-            validate_gguf(self.path)
+            self._info = validate_gguf(self.path)
         r = self._restored
         choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), family=r.family) if r is not None
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
@@ -264,13 +281,12 @@ class LlamaEngine(Engine):
             return self._pieces[token]
         if not (isinstance(token, (int, np.integer)) and 0 <= token < self.n_vocab):  # else llama.cpp aborts
             raise InvalidArgument(f"token id {token!r} is not in the vocabulary (0 to {self.n_vocab - 1})")
-        n = self.ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        buf = ctypes.create_string_buffer(64)  # its own: tokenize/detokenize may run in any thread
+        n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self.ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-            piece = buf.raw[:n]
-        else:
-            piece = self._piece_buf.raw[:n]
+        piece = buf.raw[:n]
         if not special:
             self._pieces[token] = piece
         return piece
@@ -299,14 +315,17 @@ class LlamaEngine(Engine):
 
     @property
     def bos_token(self) -> int:
+        self._open()
         return self.ll.llama_vocab_bos(self.vocab)
 
     @property
     def eos_token(self) -> int:
+        self._open()
         return self.ll.llama_vocab_eos(self.vocab)
 
     @property
     def add_bos(self) -> bool:
+        self._open()
         return bool(self.ll.llama_vocab_get_add_bos(self.vocab))
 
     def chat_template(self) -> str | None:

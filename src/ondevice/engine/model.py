@@ -7,14 +7,15 @@ import dataclasses
 import resource
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from .. import fields
-from ..errors import InvalidArgument, ModelBusy, ModelClosed
+from ..errors import InvalidArgument, ModelClosed, StreamAbandoned
 from . import chat
 from .base import Engine, EngineConfig
 from .generator import BatchGenerator, Request
@@ -43,7 +44,9 @@ class Model:
     template: str | None
     draft_engine: Engine | None = None  # speculative decoding with a draft model (same vocabulary)
     _generator: BatchGenerator | None = dataclasses.field(default=None, repr=False)
-    _use: _InUse = dataclasses.field(default_factory=lambda: _InUse(), repr=False, compare=False)
+    # a stream nobody reads for this long while another call waits is ended for that call (see stream)
+    idle_timeout: float = 10.0
+    _turns: _Turns = dataclasses.field(default_factory=lambda: _Turns(), repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
@@ -117,34 +120,48 @@ class Model:
                 "eos_token": eng.token_text(eng.eos_token), "n_ctx": eng.n_ctx}
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``)."""
-        with self._use.hold(self):
-            return self.engine.tokenize(text, add_special=special, parse_special=special)
+        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``); any
+        thread, at any time (it does not wait for a generation)."""
+        return self.engine.tokenize(text, add_special=special, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        with self._use.hold(self):
-            return self.engine.detokenize(tokens)
+        return self.engine.detokenize(tokens)
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
                sampling: Sampling | dict | None = None, **sampling_kw) -> Iterator[Generation]:
-        """Yield one :class:`Generation` per token. Keyword args are :class:`Sampling` fields.
+        """An iterator of one :class:`Generation` per token. Keyword args are :class:`Sampling` fields (checked
+        now; the generation starts when the iterator is first read).
 
-        One generation at a time per model: another thread's call waits for this one to end (or for its
-        stream to be closed); a second call from the thread holding an unfinished stream is an error."""
+        A model generates one reply at a time: a call made while another one's stream is being read waits
+        for it to end or be closed. A stream nobody reads for ``idle_timeout`` seconds (10) while a call waits
+        is ended for that call: reading it again raises :class:`~ondevice.errors.StreamAbandoned`."""
         if not isinstance(prompt, (str, list, tuple)):
             raise InvalidArgument(f"the prompt {prompt!r} is not a string or a list of chat messages; give one "
                                   f"of them ([{{'role': 'user', 'content': ...}}])")
         s = Sampling.of(sampling, **sampling_kw)
-        with self._use.hold(self):
-            tokens = self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools)
-            yield from self._stream(tokens, s)
+        return self._turn(lambda: self._stream(
+            self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools), s))
 
     def stream_tokens(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         """Stream from prompt ``tokens``: a batch of one through the generator, which reuses the KV of the
         longest common prefix with what the model computed before and cuts stop strings (never shown).
         ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused."""
-        with self._use.hold(self):
-            yield from self._stream(tokens, s)
+        return self._turn(lambda: self._stream(tokens, s))
+
+    def _turn(self, make: Callable[[], Iterator[Generation]]) -> Iterator[Generation]:
+        """``make()``'s records, read in this model's turn (:class:`_Turns`)."""
+        turn = self._turns.begin(self)
+        try:
+            turn.inner = make()
+            while True:
+                with self._turns.step(self, turn):
+                    try:
+                        g = next(turn.inner)
+                    except StopIteration:
+                        return
+                yield g
+        finally:
+            self._turns.end(turn)
 
     def _stream(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         if s.draft == "model" and self.generator.drafter is None:
@@ -162,15 +179,15 @@ class Model:
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call recomputes its whole prompt)."""
-        with self._use.hold(self):
-            self._reset()
-
-    def _reset(self) -> None:
-        self.engine.reset()
-        if self._generator is not None:
-            self._generator.reset()
-        if self.draft_engine is not None:
-            self.draft_engine.reset()
+        turn = self._turns.begin(self)
+        try:
+            self.engine.reset()
+            if self._generator is not None:
+                self._generator.reset()
+            if self.draft_engine is not None:
+                self.draft_engine.reset()
+        finally:
+            self._turns.end(turn)
 
     def generate(self, prompt: Prompt, **kw) -> Result:
         """Run to completion; the text and the timing record of the last token."""
@@ -185,49 +202,103 @@ class Model:
 
     @property
     def closed(self) -> bool:
-        return self._use.closed
+        return self._turns.closed
 
     def close(self) -> None:
-        """Free the model's memory now (also at the end of a ``with`` block); safe to call twice. Using the
-        model afterwards is an error. Waits for another thread's generation to end first."""
-        with self._use.hold(self, closing=True):
-            self._use.closed = True
-            self.engine.close()
-            if self.draft_engine is not None:
-                self.draft_engine.close()
+        """Free the model's memory now (also at the end of a ``with`` block); safe to call twice. A generation
+        running in another thread ends its step first; an open stream is ended (reading it raises
+        :class:`~ondevice.errors.ModelClosed`). Using the model afterwards is an error."""
+        self._turns.close(self)
 
 
-class _InUse:
-    """One generation at a time on a model (its KV cache and sampler are one): other threads queue on the
-    lock; the thread that holds it (an unfinished stream) gets an error instead of waiting on itself."""
+@dataclass(eq=False)
+class _Turn:
+    """One generation's hold on its model: the iterator it reads, whether a step of it runs now, when it
+    last gave a token."""
+
+    inner: Iterator[Generation] | None = None
+    running: bool = False
+    last: float = dataclasses.field(default_factory=time.monotonic)
+    abandoned: bool = False
+
+
+class _Turns:
+    """One generation at a time on a model (its KV cache, slot and sampler are one). A call waits while
+    another generation runs or its stream is being read; one whose stream nobody has read for the model's
+    ``idle_timeout`` while a call waits is abandoned to that call (its iterator is closed: its slot freed)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.owner: int | None = None
+        self.cond = threading.Condition()
+        self.current: _Turn | None = None
         self.closed = False
 
+    def _closed_error(self, model: Model) -> ModelClosed:
+        return ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
+
+    def begin(self, model: Model) -> _Turn:
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise self._closed_error(model)
+                cur = self.current
+                if cur is None:
+                    self.current = turn = _Turn()
+                    return turn
+                idle = time.monotonic() - cur.last
+                if not cur.running and idle >= model.idle_timeout:
+                    self._abandon(cur)
+                    continue
+                self.cond.wait(model.idle_timeout - idle if not cur.running else model.idle_timeout)
+
     @contextlib.contextmanager
-    def hold(self, model: Model, closing: bool = False):
-        me = threading.get_ident()
-        if self.owner == me and not closing:
-            raise ModelBusy(f"{model.name} is still streaming in this thread; finish or close that stream "
-                            f"(break out of its loop and call .close() on it, or let it end) first")
-        if self.closed:
-            if closing:
-                yield
-                return
-            raise ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
-        if closing and self.owner == me:  # closing under this thread's own open stream: it ends with an error
+    def step(self, model: Model, turn: _Turn):
+        """One advance of ``turn``'s iterator (a token), with nothing else using the model meanwhile."""
+        with self.cond:
+            if self.closed:
+                raise self._closed_error(model)
+            if turn.abandoned:
+                raise StreamAbandoned(f"this stream of {model.name} was not read for {model.idle_timeout:g} s "
+                                      f"while another call waited, and was ended for it; read a stream to its "
+                                      f"end or close it (or raise Model.idle_timeout)")
+            turn.running = True
+        try:
             yield
-            return
-        with self.lock:
-            if self.closed and not closing:
-                raise ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
-            self.owner = me
-            try:
-                yield
-            finally:
-                self.owner = None
+        finally:
+            with self.cond:
+                turn.running, turn.last = False, time.monotonic()
+                self.cond.notify_all()
+
+    def end(self, turn: _Turn) -> None:
+        with self.cond:
+            if self.current is turn:
+                self._close_inner(turn)
+                self.current = None
+                self.cond.notify_all()
+
+    def _abandon(self, turn: _Turn) -> None:
+        turn.abandoned = True
+        self._close_inner(turn)
+        self.current = None
+
+    @staticmethod
+    def _close_inner(turn: _Turn) -> None:
+        if turn.inner is not None:  # suspended (never running here): its cleanup frees the slot now
+            inner, turn.inner = turn.inner, None
+            inner.close()
+
+    def close(self, model: Model) -> None:
+        with self.cond:
+            while self.current is not None and self.current.running:
+                self.cond.wait()
+            if self.closed:
+                return
+            if self.current is not None:
+                self._abandon(self.current)
+            self.closed = True
+            model.engine.close()
+            if model.draft_engine is not None:
+                model.draft_engine.close()
+            self.cond.notify_all()
 
 
 def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, draft_model: str | None = None,

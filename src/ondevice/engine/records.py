@@ -131,6 +131,9 @@ class Sampling:
         except (TypeError, ValueError):
             raise InvalidArgument(f"logit_bias={self.logit_bias!r} is not token ids with biases; give "
                                   f"{{token_id: bias}} or ((token_id, bias), ...)") from None
+        if any(math.isnan(b) or b == math.inf for _, b in bias):  # -inf bans a token; NaN or +inf means nothing
+            raise InvalidArgument(f"logit_bias={dict(bias)!r} holds NaN or +inf; give finite biases (-inf bans a "
+                                  f"token)")
         object.__setattr__(self, "logit_bias", bias)
         checks = [
             ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be a finite number >= 0 (0 = greedy)"),

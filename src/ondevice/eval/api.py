@@ -82,6 +82,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     from ..errors import InvalidArgument
     from ..models.catalog import resolve
 
+    model = fields.model_ref(model)
     c = make_config(config, **settings)
     if not (c.ppl or c.ref or c.suite):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")

@@ -54,7 +54,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     if name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
                               f"or --force to replace it")
-    n_threads = check_threads(threads or physical_cores())
+    n_threads = check_threads(threads or physical_cores(), "--threads / threads")
     if imatrix is not None:
         check_imatrix(imatrix)
     tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")

@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--eval-chunks", type=int, default=8)
     args = ap.parse_args()
 
-    from ondevice.engine.llama import physical_cores
+    from ondevice.engine.resources import physical_cores
     from ondevice.eval.api import model_sha256
     from ondevice.fit import transform
     from ondevice.fit.api import _reference, _texts

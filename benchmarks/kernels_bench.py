@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from ondevice.device import device_info
     from ondevice.device import kernels as K
     from ondevice.engine.bufts import offered, wanted
-    from ondevice.engine.llama import physical_cores
+    from ondevice.engine.resources import physical_cores
 
     threads = a.threads or physical_cores()
     info = device_info()

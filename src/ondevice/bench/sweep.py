@@ -54,7 +54,7 @@ class BenchResult(list[BenchRecord]):
 
 def _resolve_threads(threads: int | None, profile: str | None) -> int:
     from ..device import parse_profile
-    from ..engine.llama import physical_cores
+    from ..engine.resources import physical_cores
 
     if threads:
         return threads

@@ -436,7 +436,7 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path, family:
 def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:
     """Q4_0, Q4_1, Q8_0 and Q4_K_M files of the default model (requantized from its Q4_1 once by ondevice's
     quantize worker, cached in the data dir)."""
-    from ..engine.llama import physical_cores
+    from ..engine.resources import physical_cores
     from ..models import resolve as resolve_model
     from ..models.store import data_dir
     from ..quant.quantize import ftype_id, run_worker

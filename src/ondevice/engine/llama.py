@@ -8,13 +8,11 @@ chain, so the per-token Python cost is a few ctypes calls.
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import struct
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from ..protect.container import is_container
 from . import native
 from .base import Engine, EngineConfig
 from .records import Generation, Sampling
+from .resources import check_kv_memory, check_threads, physical_cores
 from .sampler import NO_TOKEN, Sampler  # noqa: F401 (NO_TOKEN: what sample() returns, named here too)
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -70,28 +69,6 @@ def llama_cpp_lib() -> ctypes.CDLL:
     return llama_cpp.llama_cpp._lib
 
 
-def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
-    """``n`` threads, or an error: llama.cpp starts every one (ggml allows 512), and past a few per CPU
-    they only take turns."""
-    most = min(512, 4 * (os.cpu_count() or 1))
-    if not 1 <= n <= most:
-        raise InvalidArgument(f"{flag}={n} must be 1 to {most} (at most 4 per CPU of this machine's "
-                              f"{os.cpu_count()}; llama.cpp's default is the physical cores, {physical_cores()})")
-    return n
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (llama.cpp's default thread count)."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil missing or unable to tell
-        n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n or avail, avail))
-
-
 def build_info() -> str:
     """llama-cpp-python version and llama.cpp's system info line."""
     ll = _lib()
@@ -130,7 +107,7 @@ class LlamaEngine(Engine):
             raise InvalidArgument(f"--ctx / n_ctx={cfg.n_ctx} is too small; use at least 16" if cfg.n_ctx else
                                   f"the model says it was trained with a context of {self.n_ctx_train} tokens; "
                                   f"give one with --ctx N (n_ctx=N)")
-        self._check_kv_memory(n_ctx, cfg)
+        check_kv_memory(self._info, n_ctx, self.n_ctx_train, cfg.type_k, cfg.type_v, self.path.name)
         threads = check_threads(cfg.n_threads or physical_cores())
         if cfg.n_threads_batch:
             check_threads(cfg.n_threads_batch, "--threads-batch / n_threads_batch")
@@ -181,22 +158,6 @@ class LlamaEngine(Engine):
             self.close()
             native.raise_pending_interrupt()
         self.load_time = time.perf_counter() - t0
-
-    def _check_kv_memory(self, n_ctx: int, cfg: EngineConfig) -> None:
-        """A context whose KV cache cannot fit in the memory available is refused before llama.cpp allocates
-        it (``-c 999999`` on a 135M model: 22 GiB and a minute of loading, then the OOM killer)."""
-        from ..eval.window import available_memory_bytes, kv_bytes_per_token
-
-        if self.n_ctx_train and n_ctx > self.n_ctx_train:  # llama.cpp allows it (and warns in its log)
-            warnings.warn(f"--ctx / n_ctx={n_ctx} is more than the {self.n_ctx_train} tokens {self.path.name} was "
-                          f"trained with; replies that reach past it usually degrade", stacklevel=4)
-        per_token = kv_bytes_per_token(self._info, cfg.type_k, cfg.type_v) if self._info else None
-        avail = available_memory_bytes()
-        if per_token and avail and per_token * n_ctx > avail:
-            raise InvalidArgument(
-                f"--ctx / n_ctx={n_ctx} needs {per_token * n_ctx / 2**30:.1f} GiB for the KV cache and this machine "
-                f"has {avail / 2**30:.1f} GiB available; use a smaller context (the model was trained with "
-                f"{self.n_ctx_train}) or a smaller cache type (--cache-type-k/-v q8_0)")
 
     @property
     def kernels_used(self) -> str:

@@ -206,7 +206,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     section = device_section(ref_sha, threads, tuple(speed_tests), repetitions, prof.cache_id())
     workdir = fit_dir() / f"work-{ref_sha[:12]}"
     workdir.mkdir(exist_ok=True)
-    from ..engine.llama import physical_cores
+    from ..engine.resources import physical_cores
 
     seen: set = set()  # measurements of this run, reused by both meters
     jobs = max(1, physical_cores())  # one-thread KLD runs at once, as quantizing uses all cores (never during a bench)

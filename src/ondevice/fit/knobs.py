@@ -48,7 +48,7 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
     """
     import ondevice
 
-    from ..engine.llama import physical_cores
+    from ..engine.resources import physical_cores
     from .measure import speed_of
 
     def run(k: Knobs) -> dict:

@@ -280,7 +280,7 @@ class Meter:
     def build(self, plan: dict[str, str], dst: Path, imatrix: Path | None = None) -> Path:
         """Quantize the source to ``plan`` at ``dst`` (or splice it: :meth:`splicing`); the tensor types read
         back must be the plan's."""
-        from ..engine.llama import physical_cores
+        from ..engine.resources import physical_cores
         from ..quant.quantize import ftype_id, run_worker, weight_types
 
         tmp = dst.with_suffix(".tmp")

@@ -33,7 +33,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     ``imatrix``: an ``.npz`` importance matrix (tensor name -> per-column mean squared activation, as
     ``ondevice.fit.imatrix.collect`` writes) that weights the rounding error per column.
     """
-    from ..engine.llama import check_threads, physical_cores
+    from ..engine.resources import check_threads, physical_cores
     from ..eval.api import model_sha256
     from ..models.catalog import check_variant_name, register_variant, resolve, store_variants
     from ..models.store import models_dir, temp_file

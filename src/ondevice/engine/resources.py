@@ -1,0 +1,49 @@
+"""What a load may ask of this machine: threads (llama.cpp starts every one it is given) and the memory of
+the KV cache (llama.cpp allocates what it is asked for, then the OOM killer ends the process)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..errors import InvalidArgument
+
+
+def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
+    """``n`` threads, or an error: llama.cpp starts every one (ggml allows 512), and past a few per CPU
+    they only take turns."""
+    most = min(512, 4 * (os.cpu_count() or 1))
+    if not 1 <= n <= most:
+        raise InvalidArgument(f"{flag}={n} must be 1 to {most} (at most 4 per CPU of this machine's "
+                              f"{os.cpu_count()}; llama.cpp's default is the physical cores, {physical_cores()})")
+    return n
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (llama.cpp's default thread count)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil missing or unable to tell
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))
+
+
+def check_kv_memory(info, n_ctx: int, n_ctx_train: int, type_k: str, type_v: str, name: str) -> None:
+    """A context whose KV cache cannot fit in the memory available is refused before llama.cpp allocates
+    it (``-c 999999`` on a 135M model: 22 GiB and a minute of loading); one past the trained context is
+    warned about. ``info``: the GGUF's summary (None: not known, e.g. an encrypted model)."""
+    from ..eval.window import available_memory_bytes, kv_bytes_per_token
+
+    if n_ctx_train and n_ctx > n_ctx_train:  # llama.cpp allows it (and warns in its log)
+        warnings.warn(f"--ctx / n_ctx={n_ctx} is more than the {n_ctx_train} tokens {name} was trained with; "
+                      f"replies that reach past it usually degrade", stacklevel=5)
+    per_token = kv_bytes_per_token(info, type_k, type_v) if info else None
+    avail = available_memory_bytes()
+    if per_token and avail and per_token * n_ctx > avail:
+        raise InvalidArgument(
+            f"--ctx / n_ctx={n_ctx} needs {per_token * n_ctx / 2**30:.1f} GiB for the KV cache and this machine "
+            f"has {avail / 2**30:.1f} GiB available; use a smaller context (the model was trained with "
+            f"{n_ctx_train}) or a smaller cache type (--cache-type-k/-v q8_0)")

@@ -235,3 +235,10 @@ def test_stdin_that_is_endless_or_not_text_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-n", "2"], input=b"\xd1\xff\xfe", check=False,
                        capture_output=True, timeout=120, env=env)
     assert r.returncode == 2 and b"stdin is not UTF-8 text" in r.stderr
+
+
+def test_a_flag_from_another_tool_says_which_one_is_meant(cli):
+    r = cli("run", "--temperature", "0", "hi")
+    assert r.returncode == 2 and "unrecognized arguments: --temperature; did you mean --temp?" in r.stderr
+    r = cli("run", "--n-predict", "3", "hi")
+    assert r.returncode == 2 and "did you mean --max-tokens?" in r.stderr

@@ -81,6 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """"; did you mean --temp?" for the first unknown flag that is close to one of the verb's (or is the name
+    another tool gives it: --temperature, --max-tokens, --n-predict ...)."""
+    import difflib
+
+    from .fields import ALIASES
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for x in extra:
+        name = x.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        alias = "--" + ALIASES.get(name[2:].replace("-", "_"), "").replace("_", "-")
+        for guess in ([alias] if alias in flags else []) + difflib.get_close_matches(name, flags, 1, 0.7):
+            return f"; did you mean {guess}?"
+    return ""
+
+
 def _main(argv: list[str] | None) -> int:
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
@@ -103,7 +121,8 @@ def _main(argv: list[str] | None) -> int:
         args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)
     elif extra:  # the verb's own usage and error, as for a bad value (not the top level's)
         verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        verbs.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = verbs.choices[args.verb]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{_flag_hint(sub, extra)}")
     if args.verb is None:
         parser.print_help()
         return 2

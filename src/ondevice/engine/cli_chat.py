@@ -98,7 +98,11 @@ def _set(rest: str, s: Session, model) -> str:
         model.reset()
         return "(system prompt set; conversation cleared)"
     if key not in PARAMS:
-        return f"cannot set '{key}'; /set takes {', '.join(sorted(PARAMS))}, system, verbose or quiet"
+        import difflib
+
+        close = difflib.get_close_matches(key, [*PARAMS, "system", "verbose", "quiet"], 1, 0.7)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, system, verbose or quiet"
     field, typ = PARAMS[key]
     try:
         s.sampling = dataclasses.replace(s.sampling, **{field: typ(value)})

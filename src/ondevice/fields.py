@@ -9,7 +9,7 @@ import difflib
 import numbers
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 
 from .errors import InvalidArgument
@@ -20,7 +20,7 @@ ALIASES = {"temperature": "temp", "max_new_tokens": "max_tokens", "n_predict": "
            "ctx_size": "n_ctx", "threads": "n_threads", "model_path": "name", "model": "name", "path": "name"}
 
 
-def unknown(what: str, given: typing.Iterable[str], known: typing.Iterable[str]) -> InvalidArgument | None:
+def unknown(what: str, given: Iterable[str], known: Iterable[str]) -> InvalidArgument | None:
     """The error for keyword arguments ``given`` that are not in ``known`` (None when all are), with the
     closest known name or the one a user of another library means."""
     known = sorted(known)
@@ -78,7 +78,7 @@ def check(obj: object) -> None:
                 value = (value,)
             elif value is None:
                 value = ()
-            elif isinstance(value, (list, tuple)):
+            elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):  # a list, a set...
                 value = tuple(value)
             elif not isinstance(value, Mapping):  # a dict is the field's own business (logit_bias)
                 raise InvalidArgument(f"{f.name}={value!r} must be a list")

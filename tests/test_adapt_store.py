@@ -38,6 +38,7 @@ def home(tmp_path, monkeypatch, smol_path):
 
 def test_names_resolve_through_the_store(home, tmp_path):
     assert store.resolve("live") == home / "adapters" / "live.gguf"
+    assert (home / "adapters" / "live.gguf").stat().st_mode & 0o777 == 0o644  # readable as a model file is
     assert store.resolve(tmp_path / "x.gguf") == tmp_path / "x.gguf"  # a path stays a path, checked later
     with pytest.raises(InvalidArgument, match=r"--adapter nope: no such adapter file or stored adapter; "
                                               r"stored: alien, live \(`ondevice adapt list`"):
@@ -111,6 +112,7 @@ def test_merge_without_out_stores_a_model_that_runs_by_name(home, cli):
     assert rec["name"] == "smollm2-135m-instruct-live" and rec["tensors_merged"] == 2 and rec["type"] == "f16"
     assert rec["path"] == str(home / "models" / "smollm2-135m-instruct-live.gguf")
     assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no temp file left
+    assert (home / "models" / "smollm2-135m-instruct-live.gguf").stat().st_mode & 0o777 == 0o644  # not 0600
     r = cli("run", "-m", "smollm2-135m-instruct-live", "-n", "2", "--temp", "0", "Hello")
     assert r.returncode == 0, r.stderr
     from ondevice.models.gguf_check import validate_gguf

@@ -28,6 +28,6 @@ def adapt(data: str, **kw) -> dict:
     return train(AdaptConfig(data=data, **kw))
 
 
-from ..callable_module import make_callable as _make_callable  # noqa: E402
+from ..callable_module import make_callable as _make_callable
 
 _make_callable(__name__, "ondevice.adapt:adapt")  # ondevice.adapt(...) after the import, too

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..models.store import cached_sha256
+from ..models.store import cached_sha256, temp_file
 
 KEY = "ondevice.adapter."
 
@@ -30,8 +29,7 @@ def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
+    tmp = temp_file(path.parent, f".{path.name}.", ".part")
     try:
         w = gguf.GGUFWriter(tmp, arch=arch)
         w.add_type(gguf.GGUFType.ADAPTER)

@@ -13,13 +13,13 @@ only (gguf-py's dequantizers are the reference llama.cpp's are tested against): 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidArgument
 from ..models.gguf_copy import writer_like
+from ..models.store import temp_file
 from . import store
 
 TYPES = ("q8_0", "f16", "f32")
@@ -64,8 +64,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     dest = Path(out) if out else None
     tmp_dir = dest.parent if dest else _store_dir()
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{name}.", suffix=".part")
-    os.close(fd)
+    tmp = temp_file(tmp_dir, f".{name}.", ".part")
     lost = []
     try:
         w = writer_like(reader, tmp)

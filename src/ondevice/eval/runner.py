@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 from ..engine.records import Sampling
 from ..engine.toolcalls import reply
 from ..errors import ContextOverflow
+from ..models.store import temp_file
 from .suites import Item, Suite, judge_score, score
 
 # A judge prompt for items that have no SmartBench one, with SmartBench's placeholders and score line.
@@ -144,8 +144,8 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
     partial = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=log_file.parent, prefix=log_file.name + ".", suffix=".partial")
-        partial = os.fdopen(fd, "w", encoding="utf-8")
+        tmp = temp_file(log_file.parent, log_file.name + ".", ".partial")
+        partial = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed below, then renamed)
     rows: list[dict] = []
     t0 = time.perf_counter()
     try:

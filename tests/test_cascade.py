@@ -31,7 +31,7 @@ from ondevice.cascade.confidence import (
     split_of,
     text_features,
 )
-from ondevice.cascade.policy import Budget, Policy, RequestPolicy, decide
+from ondevice.cascade.policy import Budget, Policy, RequestPolicy, decide, with_combiner
 from ondevice.errors import InvalidArgument
 
 # -- confidence ------------------------------------------------------------------------------------------
@@ -88,6 +88,28 @@ def test_combiner_learns_a_separable_rule_and_round_trips(tmp_path):
         Combiner.load(tmp_path / "bad.json")
     with pytest.raises(InvalidArgument, match="same label"):
         Combiner.fit(feats[:10], [1] * 10, features=TOKEN_FEATURES)
+
+
+def test_a_deferral_share_picks_the_threshold_that_deferred_it_on_dev():
+    # with a strong penalty every confidence sits near the dev base rate, so no fixed threshold like 0.5
+    # defers a useful share; the share is what a user can pick
+    rng = np.random.default_rng(3)
+    feats = [features([m], [0.5]) for m in rng.normal(-1.0, 0.5, 101)]
+    c = Combiner.fit(feats, [int(f["mean_logprob"] > -1.0) for f in feats], features=TOKEN_FEATURES, l2=1000.0)
+    confs = [c.predict(f) for f in feats]
+    for share in (0.05, 0.2, 0.4, 0.6, 0.95):
+        t = c.threshold_for(share)
+        assert abs(sum(x < t for x in confs) / len(confs) - share) <= 1 / len(confs)
+    assert c.threshold_for(0.0) == 0.0 and c.threshold_for(1.0) == 1.0
+    assert with_combiner(Policy(defer_share=0.4), c).threshold == c.threshold_for(0.4)
+    assert with_combiner(Policy(threshold=0.3), c).threshold == 0.3
+    with pytest.raises(InvalidArgument, match="fitted combiner"):
+        with_combiner(Policy(defer_share=0.4), GeometricMean())
+    old = Combiner.from_dict({**c.to_dict(), "meta": {}})  # a file fitted before the shares were stored
+    with pytest.raises(InvalidArgument, match="refit it with `ondevice cascade fit`"):
+        old.threshold_for(0.4)
+    with pytest.raises(InvalidArgument, match="defer share must be in"):
+        Policy(defer_share=1.5)
 
 
 def test_split_is_fixed_per_id_and_labels():
@@ -466,6 +488,10 @@ def test_library_cascade(smol, cloud):
         assert r.info()["cloud_usage"]["completion_tokens"] > 0
         kept = c.generate("Hi", max_tokens=8, temp=0, cascade={"never_defer": True})
         assert kept.tier == "device" and kept.reason == "never_defer"
+    comb = Combiner.fit([features([m], [0.5]) for m in (-0.2, -0.5, -1.0, -2.0, -3.0)], [1, 1, 0, 0, 0],
+                        features=TOKEN_FEATURES)
+    with ondevice.Cascade(smol, cloud.url, policy=Policy(defer_share=0.4), combiner=comb) as c:
+        assert c.generate("Hi", max_tokens=8, temp=0).threshold == comb.threshold_for(0.4)
     with ondevice.Cascade(smol, f"http://127.0.0.1:{_free_port()}", policy=Policy(threshold=1.0)) as c:
         r = c.generate("Hi", max_tokens=8, temp=0)
         assert r.tier == "device" and r.fallback == "unreachable" and r.text == r.device_text

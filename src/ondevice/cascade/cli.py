@@ -68,4 +68,7 @@ def _fit(args: argparse.Namespace) -> int:
     good = sum(r["device_score"] >= r["cloud_score"] for r in rows if r["cloud_score"] is not None)
     print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "
           f"dev ROC AUC {comb.meta['dev_auc']:.3f}\n{path}")
+    shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.4g}" for s in (0.2, 0.4, 0.6))
+    print(f"dev answers deferred by threshold: {shares}; serve with --cascade-defer-share 0.4 to defer the least "
+          f"confident 40% of requests like these")
     return 0

@@ -205,8 +205,23 @@ class Combiner:
         c = cls(mean=mu.tolist(), std=sd.tolist(), weights=w[:-1].tolist(), bias=float(w[-1]),
                 features=tuple(features), meta=dict(meta or {}))
         c.meta.update(n_fit=len(y), n_good=int(y.sum()), l2=chosen, weighted=weights is not None)
-        c.meta["dev_auc"] = roc_auc([c.predict(f) for f in feats], y.tolist())
+        confs = [c.predict(f) for f in feats]
+        c.meta["dev_auc"] = roc_auc(confs, y.tolist())
+        c.meta["share_thresholds"] = share_thresholds(confs)
         return c
+
+    def threshold_for(self, share: float) -> float:
+        """The threshold that defers ``share`` of requests like the dev answers: the least confident ones.
+
+        A probability threshold means what it says only as far as the dev split was like the traffic; with
+        a strong penalty every confidence sits near the dev base rate, so a share is what users can pick."""
+        pts = self.meta.get("share_thresholds")
+        if not pts:
+            raise InvalidArgument("this combiner was fitted before it stored the threshold of each deferral "
+                                  "share; refit it with `ondevice cascade fit`, or give a threshold instead")
+        if share <= 0 or share >= 1:
+            return float(share >= 1)
+        return float(np.interp(share, [0.0] + [a for a, _ in pts] + [1.0], [0.0] + [b for _, b in pts] + [1.0]))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -306,6 +321,22 @@ class GeometricMean:
 
     def to_dict(self) -> dict:
         return {"kind": "geometric_mean"}
+
+    def threshold_for(self, share: float) -> float:
+        raise InvalidArgument("a deferral share needs a fitted combiner (`ondevice cascade fit` on a dev split: "
+                              "the share is taken from its answers' confidences); or give a threshold instead")
+
+
+def share_thresholds(confs: Sequence[float]) -> list[list[float]]:
+    """``[share, threshold]`` for shares 0.05..0.95: below ``threshold`` lie ``share`` of ``confs`` (the
+    midpoint between the two answers either side of that rank)."""
+    c, n = sorted(confs), len(confs)
+    out = []
+    for i in range(1, 20):
+        k = round(i * n / 20)
+        t = c[0] if k == 0 else math.nextafter(c[-1], math.inf) if k == n else (c[k - 1] + c[k]) / 2
+        out.append([i / 20, t])
+    return out
 
 
 def combiner_path(model_sha256: str) -> Path:

@@ -20,7 +20,7 @@ from .. import fields
 from ..engine.records import Sampling
 from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError
 from .confidence import Combiner, TokenStats, find_combiner
-from .policy import Budget, Decision, Policy, RequestPolicy, decide
+from .policy import Budget, Decision, Policy, RequestPolicy, decide, with_combiner
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ class Cascade:
             self.model = load(device_model) if self._owns_model else device_model
             self.sha256 = _sha256(self.model.path)
             self.combiner = combiner if isinstance(combiner, Combiner) else find_combiner(self.sha256, combiner)
+            self.policy = with_combiner(self.policy, self.combiner)
         except BaseException:
             self.cloud.close()
             if self._owns_model and hasattr(self, "model"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import fields
 from ..errors import InvalidArgument
@@ -29,6 +29,8 @@ class Policy:
         timeout_s: the cloud's whole answer (streaming: its first token, then each gap) must come in this
             time; past it the device answer is returned, marked as a fallback.
         keep_hard: store deferred inputs with the cloud's answers (hard samples) for later adaptation.
+        defer_share: instead of ``threshold``, defer this share of requests, the least confident: the
+            threshold is the one that deferred this share of the fitted combiner's dev answers.
     """
 
     threshold: float = 0.5
@@ -36,16 +38,25 @@ class Policy:
     window_s: float = 60.0
     timeout_s: float = 10.0
     keep_hard: bool = False
+    defer_share: float | None = None
 
     def __post_init__(self) -> None:
         fields.check(self)
         checks = [("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
+                  ("defer share", self.defer_share is None or 0 <= self.defer_share <= 1, "must be in [0, 1]"),
                   ("budget", 0 <= self.budget <= 1, "must be a share in [0, 1]"),
                   ("window", self.window_s > 0, "must be > 0 seconds"),
                   ("timeout", self.timeout_s > 0, "must be > 0 seconds")]
         for name, ok, why in checks:
             if not ok:
                 raise InvalidArgument(f"cascade {name} {why}")
+
+
+def with_combiner(policy: Policy, combiner) -> Policy:
+    """``policy`` with its threshold taken from ``combiner`` when it asks for a deferral share."""
+    if policy.defer_share is None:
+        return policy
+    return replace(policy, threshold=combiner.threshold_for(policy.defer_share))
 
 
 @dataclass(frozen=True)

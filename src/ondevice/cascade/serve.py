@@ -31,7 +31,7 @@ from ..serve import schemas as S
 from .cloud import CloudAnswer, CloudClient, CloudError
 from .confidence import TokenStats, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
-from .policy import Budget, Policy, decide
+from .policy import Budget, Policy, decide, with_combiner
 
 
 class ServerCascade:
@@ -43,13 +43,15 @@ class ServerCascade:
         s = state.settings
         self.state = state
         self.policy = Policy(threshold=s.cascade_threshold, budget=s.cascade_budget, window_s=s.cascade_window,
-                             timeout_s=s.cascade_timeout, keep_hard=s.cascade_keep_hard)
+                             timeout_s=s.cascade_timeout, keep_hard=s.cascade_keep_hard,
+                             defer_share=s.cascade_defer_share)
         self.budget = Budget(self.policy.budget, self.policy.window_s)
         self.cloud = CloudClient(s.cascade, model=s.cascade_model, key_env=s.cascade_key_env,
                                  timeout=s.cascade_timeout)
         _ = self.cloud.async_client  # no openai package: a clear error now, not at the first deferral
         self.sha256 = cached_sha256(state.path)
         self.combiner = find_combiner(self.sha256, s.cascade_combiner)
+        self.policy = with_combiner(self.policy, self.combiner)
         self.prefix_tokens = s.cascade_prefix_tokens
         self.counts = {"device": 0, "cloud": 0, "fallback": 0}
         m = state.metrics

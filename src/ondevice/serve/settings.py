@@ -64,6 +64,10 @@ class ServeSettings(BaseSettings):
                                                   "(None: no cascade)")
     cascade_model: str | None = Field(None, description="model name at the cloud (None: the first it lists)")
     cascade_threshold: float = Field(0.5, ge=0, le=1, description="defer when the confidence is below this")
+    cascade_defer_share: float | None = Field(None, ge=0, le=1, description="defer this share of requests, the "
+                                              "least confident (the threshold that deferred it on the fitted "
+                                              "combiner's dev answers: `ondevice cascade fit`); replaces "
+                                              "--cascade-threshold")
     cascade_budget: float = Field(1.0, ge=0, le=1, description="most share of requests deferred per window")
     cascade_window: float = Field(60.0, gt=0, description="seconds of the deferral budget's sliding window")
     cascade_timeout: float = Field(10.0, gt=0, description="seconds the cloud may take (streaming: to its first "

@@ -113,7 +113,10 @@ def answers(args, items, cloud: Cloud) -> list[dict]:
     from ondevice.models.catalog import resolve
     from ondevice.models.store import cached_sha256
 
-    keys = {"device": {"sha256": cached_sha256(resolve(None).path)[:16], "max_tokens": args.max_tokens},
+    device = {"sha256": cached_sha256(resolve(None).path)[:16], "max_tokens": args.max_tokens}
+    if args.device_adapter:  # a LoRA on the device model (e.g. benchmarks/cascade_adapt.py's): its own answers
+        device["adapter"] = cached_sha256(Path(args.device_adapter))[:16]
+    keys = {"device": device,
             "cloud": {"sha256": cached_sha256(resolve(args.cloud_model).path)[:16], "max_tokens": args.max_tokens}}
     path = Path(args.rows)
     cache: dict[str, dict] = {}
@@ -131,7 +134,8 @@ def answers(args, items, cloud: Cloud) -> list[dict]:
           f"to make", file=sys.stderr)
     if todo["device"] or todo["cloud"]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        model = ondevice.load(None, n_threads=args.threads) if todo["device"] else None
+        adapters = (args.device_adapter,) if args.device_adapter else ()
+        model = ondevice.load(None, n_threads=args.threads, adapters=adapters) if todo["device"] else None
         client = CloudClient(cloud.url(), timeout=600) if todo["cloud"] else None
         t0 = time.perf_counter()
         # cloud requests run alongside the device (its latencies then include sharing the cloud's slots)
@@ -205,6 +209,9 @@ def curve_part(args, cloud: Cloud) -> dict:
           f"oracle {reach(main, 'oracle')}")
     print(f"at 40%: {a40['latency_s'] * 1e3:.0f} ms/request mean, {a40['cloud_tokens']} cloud tokens "
           f"(100%: {main['confidence']['cloud_tokens'][-1]})")
+    share, of_cloud = served(test, confs["combiner"], comb.threshold_for(0.4))
+    print(f"served with --cascade-defer-share 0.4 (threshold {comb.threshold_for(0.4):.4g}, from dev): deferred "
+          f"{share:.1%} of the test items, {of_cloud:.1%} of cloud-only")
     print("  deferred  combiner  old (tokens)  random  oracle   (% of cloud-only)  ms/request")
     old = curves["old (tokens only)"]
     def pct(q: float) -> float:
@@ -231,6 +238,13 @@ def curve_part(args, cloud: Cloud) -> dict:
     return {"curve": main, "combiner": comb}
 
 
+def served(rows: list[dict], conf: list[float], threshold: float) -> tuple[float, float]:
+    """What a server with this threshold does on ``rows``: (share deferred, score as a share of cloud-only)."""
+    defer = [c < threshold for c in conf]
+    score = sum(r["cloud_score"] if d else r["device_score"] for r, d in zip(rows, defer))
+    return sum(defer) / len(rows), score / sum(r["cloud_score"] for r in rows)
+
+
 def resplits(n: int, rows: list[dict], n_dev: int) -> None:
     """How much the figures depend on the one fixed split: refit and redraw on ``n`` random splits of the same
     items (``n_dev`` fitted, the rest drawn), same procedure each time."""
@@ -242,18 +256,27 @@ def resplits(n: int, rows: list[dict], n_dev: int) -> None:
     fits = {"combiner": {}, "tokens + text": {"features": FEATURES},
             "old (tokens only)": {"features": TOKEN_FEATURES, "weighted": False}}
     got: dict[str, list[tuple[float, float]]] = {name: [] for name in fits}
+    by_share = []  # the default combiner served with --cascade-defer-share 0.4: (share deferred, of cloud)
     rng = random.Random(0)
     for _ in range(n):
         order = rng.sample(rows, len(rows))
         dev, test = order[:n_dev], order[n_dev:]
         for name, kw in fits.items():
-            c = deferral_curve(test, confidences(test, fit_combiner(dev, **kw)))
+            comb = fit_combiner(dev, **kw)
+            conf = confidences(test, comb)
+            c = deferral_curve(test, conf)
             got[name].append((at_share(c, 0.4)["of_cloud"], c["auc_gain"]))
+            if name == "combiner":
+                by_share.append(served(test, conf, comb.threshold_for(0.4)))
     print(f"\n== {n} random splits ({n_dev} fitted, {len(rows) - n_dev} drawn): mean ± std")
     for name, v in got.items():
         a40, gain = [x for x, _ in v], [g for _, g in v]
         print(f"{name:20s} at 40% deferred {statistics.mean(a40):6.1%} ± {statistics.stdev(a40):.1%} of cloud-only; "
               f"AUC gain {statistics.mean(gain):.3f} ± {statistics.stdev(gain):.3f}")
+    sh, q = [a for a, _ in by_share], [b for _, b in by_share]
+    print(f"combiner served with --cascade-defer-share 0.4: deferred {statistics.mean(sh):.1%} ± "
+          f"{statistics.stdev(sh):.1%} of the drawn items, {statistics.mean(q):.1%} ± {statistics.stdev(q):.1%} "
+          f"of cloud-only")
 
 
 def _timed(url: str, msgs: list, max_tokens: int, stream: bool) -> tuple[float, dict | None, float | None]:
@@ -362,6 +385,9 @@ def main() -> None:
     ap.add_argument("--overhead-tokens", type=int, default=48)
     ap.add_argument("--rows", default="/tmp/ondevice-cascade-bench-answers.jsonl",
                     help="answers cache (JSONL; an answer is reused when its model file and max_tokens match)")
+    ap.add_argument("--device-adapter", default=None, metavar="FILE.gguf",
+                    help="answer on the device with this LoRA adapter (benchmarks/cascade_adapt.py trains one on "
+                         "the cloud's answers to other messages); its answers are cached under its own key")
     ap.add_argument("--fresh", action="store_true", help="ignore the answers cache (answer everything again)")
     ap.add_argument("--save-combiner", default=None, metavar="FILE", help="write the combiner fitted on dev here "
                                                                           "(`ondevice serve --cascade-combiner FILE`)")

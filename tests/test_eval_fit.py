@@ -68,6 +68,14 @@ def test_ctx_size_raises_the_window_so_the_long_item_is_scored(smol_path, mixed_
     assert log[1]["id"] == "long" and log[1]["prompt_tokens"] > 256 and "prediction" in log[1]
 
 
+def test_no_store_writes_nothing_unless_a_log_dir_is_asked_for(smol_path, mixed_suite, home, tmp_path):
+    from ondevice.eval.api import evaluate
+
+    (rec,) = evaluate(smol_path, suite=str(mixed_suite), ctx_size=256, max_tokens=2, threads=1, store=False)
+    assert rec.log is None and rec.n_scored == 1
+    assert not list(home.rglob("*.jsonl")) and not list(home.rglob("*.sqlite"))  # no per-sample log, no store
+
+
 def test_strict_fails_fast_naming_the_flag_and_the_cli_prints_coverage(cli, smol_path, mixed_suite):
     args = ("eval", "-m", str(smol_path), "--suite", str(mixed_suite), "--ctx-size", "256", "--max-tokens", "4",
             "--threads", "1", "--no-store")

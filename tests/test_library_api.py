@@ -158,6 +158,7 @@ def test_sampling_takes_the_shapes_other_libraries_use(smol):
     plain = smol.generate("Hi", temp=0, max_tokens=4).text
     assert smol.generate("Hi", sampling={"temp": 0, "max_tokens": 4}).text == plain
     assert smol.generate("Hi", temp=0, max_tokens=4, stop=None).text == plain
+    assert smol.generate("Hi", temp=0, max_tokens=4, seed=None).text == plain  # OpenAI's "no seed"
     first = smol.tokenize(plain, special=False)[0]
     banned = smol.generate("Hi", temp=0, max_tokens=4, logit_bias={str(first): -100}).text  # OpenAI's shape
     assert not banned.startswith(plain)

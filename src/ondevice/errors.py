@@ -55,3 +55,24 @@ class StreamAbandoned(OndeviceError):
 
 class ModelClosed(OndeviceError):
     """A model used after ``close()``."""
+
+
+def path_problem(path) -> str | None:
+    """Why ``path`` is not a regular file that can be read, in a few words ("no such file", "a symbolic link
+    loop", "a character device, not a file", ...), or None when it is one. One wording for every verb."""
+    import errno
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return e.strerror or str(e)
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), None)
+    return None if stat.S_ISREG(mode) else f"{kind or 'not a regular file'}, not a file"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, path_problem
 from ..models.store import cached_sha256, temp_file
 
 KEY = "ondevice.adapter."
@@ -56,8 +56,8 @@ def read_meta(path: str | Path) -> dict:
     import gguf
 
     p = Path(path)
-    if not p.is_file():
-        raise InvalidArgument(f"--adapter {p}: no such file; give the .gguf that `ondevice adapt` wrote")
+    if problem := path_problem(p):
+        raise InvalidArgument(f"--adapter {p}: {problem}; give the .gguf that `ondevice adapt` wrote")
     try:
         r = gguf.GGUFReader(str(p))
     except Exception as e:  # noqa: BLE001 — not a GGUF at all, truncated, ...: one line for the user

@@ -95,7 +95,7 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from any token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
-    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random (None is taken for it)
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
     grammar: str | None = None  # GBNF text, enforced by llama.cpp's grammar sampler
@@ -123,6 +123,8 @@ class Sampling:
         return cls(**given)
 
     def __post_init__(self) -> None:
+        if self.seed is None:  # OpenAI's "no seed": a random one, as when it is left out
+            object.__setattr__(self, "seed", 0xFFFFFFFF)
         if isinstance(self.logit_bias, Mapping):  # OpenAI's and llama-cpp-python's shape: {token: bias}
             object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         fields.check(self)

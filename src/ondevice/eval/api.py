@@ -76,8 +76,9 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
             :mod:`ondevice.eval.window`); capped at the trained context.
         strict: refuse a suite with an item that does not fit the window, instead of skipping it.
         threads, session, log_dir: threads (None: physical cores), the session id, where per-sample suite
-            logs go (default: ``<data dir>/eval-logs``).
-        store: True (the default store), a path to another SQLite file, or False (do not record).
+            logs go (default: ``<data dir>/eval-logs``; with ``store=False`` only when ``log_dir`` is given).
+        store: True (the default store), a path to another SQLite file, or False (do not record: nothing is
+            written unless ``log_dir`` asks for the per-sample log).
     """
     from ..errors import InvalidArgument
     from ..models.catalog import resolve
@@ -105,7 +106,8 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
         records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
     if c.suite:
         records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp, c.judge,
-                                     c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size, c.strict))
+                                     c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size, c.strict,
+                                     keep_log=bool(store) or c.log_dir is not None))
     typed = [EvalRecord.from_dict({**r, "session": session}) for r in records]
     if store:
         from ..store import Store
@@ -210,7 +212,7 @@ def _progress_line(i: int, n: int, row: dict) -> str:
 
 
 def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, judge, judge_model, judge_key,
-                  threads, log_dir, say, ctx_size=0, strict=False) -> dict:
+                  threads, log_dir, say, ctx_size=0, strict=False, keep_log=True) -> dict:
     from ..engine import load
     from ..models.store import data_dir
     from .runner import run_suite
@@ -221,7 +223,8 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
     win = suite_window(mref.info, ctx_size)
     if win.note:
         say(win.note)
-    log_path = Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
+    log_path = (Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
+                if keep_log else None)
     model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx,
                  adapters=(base["adapter"],) if base.get("adapter") else ())
     n_threads, n_ctx = model.engine.n_threads, model.engine.n_ctx

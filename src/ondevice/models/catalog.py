@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound
+from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
 from .gguf_check import GGUFInfo, validate_gguf
 from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
 
@@ -332,8 +332,9 @@ def did_you_mean(name: str) -> str | None:
 
 def _local(path: Path) -> ModelRef:
     p = path.expanduser()
-    if not p.exists():
-        raise ModelNotFound(f"{p}: no such file; check the path, or list models with `ondevice models`")
+    problem = path_problem(p)
+    if problem in ("no such file", "a broken symbolic link", "a symbolic link loop"):
+        raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
         hint = f" (it contains {', '.join(f.name for f in found[:3])})" if found else ""

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import gguf
 
-from ..errors import InvalidModelFile
+from ..errors import InvalidModelFile, path_problem
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -449,12 +449,12 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
     from ..errors import ModelNotFound
 
     p = Path(path).expanduser()
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ModelNotFound(f"{p}: no such file; check the path, or list models with `ondevice models`") from None
-    if not p.is_file():
-        raise InvalidModelFile(f"{p}: not a regular file; pass the path of a .gguf file")
+    problem = path_problem(p)
+    if problem in ("no such file", "a broken symbolic link", "a symbolic link loop"):
+        raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
+    if problem is not None:
+        raise InvalidModelFile(f"{p}: {problem}; pass the path of a .gguf file")
+    st = p.stat()
     key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
     with _cache_lock:
         hit = _cache.get(key)

@@ -1,0 +1,41 @@
+"""A path that is not a readable file gets one wording everywhere, naming what it is: no such file, a broken
+link, a symbolic link loop, a directory, a device, a FIFO."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ondevice.errors import InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
+
+
+def test_path_problem_names_what_the_path_is(tmp_path):
+    (tmp_path / "f.gguf").write_bytes(b"x")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "ok").symlink_to(tmp_path / "f.gguf")
+    os.mkfifo(tmp_path / "fifo")
+    assert path_problem(tmp_path / "f.gguf") is None and path_problem(tmp_path / "ok") is None
+    assert path_problem(tmp_path / "missing") == "no such file"
+    assert path_problem(tmp_path / "dangling") == "a broken symbolic link"
+    assert path_problem(tmp_path / "a") == "a symbolic link loop"
+    assert path_problem(tmp_path) == "a directory, not a file"
+    assert path_problem("/dev/null") == "a character device, not a file"
+    assert path_problem(tmp_path / "fifo") == "a named pipe (FIFO), not a file"
+
+
+def test_models_and_adapters_say_what_is_wrong_with_the_path(tmp_path):
+    import ondevice
+
+    (tmp_path / "a.gguf").symlink_to(tmp_path / "b.gguf")
+    (tmp_path / "b.gguf").symlink_to(tmp_path / "a.gguf")
+    with pytest.raises(ModelNotFound, match="a symbolic link loop; check the path"):
+        ondevice.load(str(tmp_path / "a.gguf"))
+    with pytest.raises(InvalidModelFile, match="/dev/null: a character device, not a file; pass the path of a"):
+        ondevice.load("/dev/null")
+    with pytest.raises(InvalidArgument, match="--adapter /dev/zero: a character device, not a file; give the"):
+        ondevice.load(adapters=["/dev/zero"])
+    with pytest.raises(InvalidArgument, match="a symbolic link loop; give the .gguf"):
+        ondevice.load(adapters=[str(tmp_path / "a.gguf")])

@@ -11,7 +11,7 @@ from .records import Sampling
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default: physical cores")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default (or 0): physical cores")
     p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME|PATH",
                    help="a LoRA adapter made by `ondevice adapt` for this model: its stored name (`ondevice adapt "
@@ -70,8 +70,8 @@ def load_from(args: argparse.Namespace, **config):
     from ..errors import InvalidArgument
     from .model import load
 
-    if args.threads is not None and args.threads < 1:
-        raise InvalidArgument(f"--threads {args.threads} must be >= 1")
+    if args.threads is not None and args.threads < 0:
+        raise InvalidArgument(f"--threads {args.threads} must be >= 1 (0: the physical cores, the default)")
     if args.ctx < 0:
         raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
     apply_kernel_args(args)

@@ -15,7 +15,7 @@ def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
     most = min(512, 4 * (os.cpu_count() or 1))
     if not 1 <= n <= most:
         raise InvalidArgument(f"{flag}={n} must be 1 to {most} (at most 4 per CPU of this machine's "
-                              f"{os.cpu_count()}; llama.cpp's default is the physical cores, {physical_cores()})")
+                              f"{os.cpu_count()}; 0 or none: the physical cores, {physical_cores()})")
     return n
 
 

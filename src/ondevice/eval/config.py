@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, PositiveInt, field_validator
+from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # a model, file or directory given as a str or a path
@@ -48,7 +48,7 @@ class EvalConfig(BaseSettings):
     # both
     adapter: PathStr | None = Field(None, description="a LoRA adapter from `ondevice adapt` (.gguf or stored name), "
                                                       "applied to the model (not to --ref); recorded with its sha256")
-    threads: PositiveInt | None = Field(None, description="threads (none: physical cores)")
+    threads: NonNegativeInt | None = Field(None, description="threads (none or 0: physical cores)")
     session: str | None = Field(None, description="session id to record under (none: a new one)")
     log_dir: PathStr | None = Field(None, description="where per-sample suite logs go (none: <data dir>/eval-logs)")
 

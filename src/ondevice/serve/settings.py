@@ -27,7 +27,7 @@ class ServeSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
     parallel: int = Field(4, ge=1, le=256, description="slots: sequences decoded together in one batch")
     ctx: int = Field(2048, ge=64, description="context tokens per slot (the KV cache holds ctx * parallel)")
-    threads: int | None = Field(None, ge=1, description="CPU threads (None: physical cores)")
+    threads: int | None = Field(None, ge=0, description="CPU threads (None or 0: physical cores)")
     kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
         "f16", description="KV cache type (f32: results independent of where a sequence sits in the cache)")
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")

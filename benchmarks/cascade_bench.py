@@ -222,7 +222,7 @@ def curve_part(args, cloud: Cloud) -> dict:
               f"{pct(old['confidence']['quality'][i]):12.1%}  {pct(main['random']['quality'][i]):6.1%}  "
               f"{pct(main['oracle']['quality'][i]):6.1%}  {main['confidence']['latency_s'][i] * 1e3:28.0f}")
     print("combiner weights (standardised features): "
-          + ", ".join(f"{f} {w:+.2f}" for f, w in zip(comb.features, comb.weights)))
+          + ", ".join(f"{f} {w:+.3g}" for f, w in zip(comb.features, comb.weights)))
     if args.resplits:
         resplits(args.resplits, [r for r in rows if r["cloud_score"] is not None], len(dev))
     tok_s = statistics.median(r["device_s"] / max(1, r["device_tokens"]) for r in rows)

@@ -299,6 +299,37 @@ def test_atomic_write_replaces_or_leaves_untouched(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]  # no temp files left behind
 
 
+def test_atomic_write_keeps_links_and_special_files_and_refuses_folders(tmp_path):
+    import stat
+
+    from ondevice.models.store import UnwritablePath
+
+    (tmp_path / "target.jsonl").write_text("old")
+    (tmp_path / "link.jsonl").symlink_to("target.jsonl")
+    with atomic_write(tmp_path / "link.jsonl", "w") as f:
+        f.write("new")
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "target.jsonl").read_text() == "new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so opening it for writing does not wait
+    try:
+        with atomic_write(fifo, "w") as f:
+            f.write("through")
+        assert os.read(reader, 100) == b"through" and stat.S_ISFIFO(os.stat(fifo).st_mode)  # not replaced
+    finally:
+        os.close(reader)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(UnwritablePath, match="dir: it is a folder; give a file path"):
+        atomic_write(tmp_path / "dir", "w").__enter__()
+    with pytest.raises(UnwritablePath, match="target.jsonl is a file, not a folder"):
+        atomic_write(tmp_path / "target.jsonl" / "x", "w").__enter__()
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UnwritablePath, match="a symbolic link loop"):
+        atomic_write(tmp_path / "a", "w").__enter__()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dir", "fifo", "link.jsonl", "target.jsonl"]
+
+
 # ---------------------------------------------------------------- catalog and resolve
 
 @needs_smol

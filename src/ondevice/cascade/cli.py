@@ -47,10 +47,15 @@ def _fit(args: argparse.Namespace) -> int:
     from ..eval.cascade_curve import collect, fit_combiner, load_items
     from ..models.catalog import resolve
     from .cloud import DEFAULT_KEY_ENV, CloudClient
-    from .confidence import FEATURES, TEXT_FEATURES, TOKEN_FEATURES, combiner_path
+    from .confidence import FEATURES, MIN_FIT, TEXT_FEATURES, TOKEN_FEATURES, combiner_path
 
     say = lambda m: print(m, file=sys.stderr)
     items = load_items(args.suite, "dev", args.tasks.split(",") if args.tasks else None, args.limit)
+    if len(items) < MIN_FIT:  # known before any answer is made
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument(f"fitting the combiner needs at least {MIN_FIT} dev items, the selection has "
+                              f"{len(items)}; raise --limit or give more --tasks/--suite")
     model = load(args.model, n_threads=args.threads)
     sha = model_sha256(resolve(str(model.path)))
     cloud = CloudClient(args.cascade, model=args.cloud_model, key_env=args.cloud_key_env or DEFAULT_KEY_ENV,

@@ -44,6 +44,7 @@ FEATURES = TOKEN_FEATURES + TEXT_FEATURES
 # every answer, and ``Combiner.fit(features=FEATURES)`` uses them.
 FIT_FEATURES = TEXT_FEATURES
 UNSURE_LOGPROB = math.log(0.5)  # a token the model gave less than even odds
+MIN_FIT = 4  # labelled dev answers a combiner is fitted on, at least
 _WORD = re.compile(r"\w+(?:'\w+)?")
 _LABEL = re.compile(r"^[^\W\d][\w ]{0,30}:\s*")  # "Message: ..." / "Notifications:\n..." before the text itself
 
@@ -193,8 +194,8 @@ class Combiner:
         if len(sw) != len(y) or (sw < 0).any() or not sw.sum() > 0:
             raise InvalidArgument("combiner weights must be one non-negative number per answer, not all 0")
         sw = sw / sw.mean()  # mean weight 1: the penalty grid means the same weighted or not
-        if len(feats) != len(y) or len(y) < 4:
-            raise InvalidArgument(f"fitting the combiner needs at least 4 labelled answers, got {len(y)}; "
+        if len(feats) != len(y) or len(y) < MIN_FIT:
+            raise InvalidArgument(f"fitting the combiner needs at least {MIN_FIT} labelled answers, got {len(y)}; "
                                   f"use a larger dev split")
         if y.min() == y.max():
             raise InvalidArgument("every dev answer has the same label (all good or all bad): nothing to learn "

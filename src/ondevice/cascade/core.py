@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import fields
+from ..engine.chat import validate_messages
 from ..engine.records import Sampling
 from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError
 from .confidence import Combiner, TokenStats, find_combiner
@@ -127,8 +128,16 @@ class Cascade:
         from ..engine import Model, load
         from ..errors import InvalidArgument
 
-        if not cloud_url:
-            raise InvalidArgument("Cascade needs cloud_url, an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8081/v1)")
+        if not cloud_url or not isinstance(cloud_url, str):
+            raise InvalidArgument(f"Cascade needs cloud_url, an OpenAI-compatible endpoint as a string (e.g. "
+                                  f"'http://127.0.0.1:8081/v1'), got {cloud_url!r}")
+        for name, value, kinds, what in (("cloud_model", cloud_model, (str, type(None)), "a model name or None"),
+                                         ("key_env", key_env, (str,), "the name of an environment variable"),
+                                         ("combiner", combiner, (Combiner, str, Path, type(None)),
+                                          "a Combiner, a combiner file's path or None"),
+                                         ("store", store, (str, Path, type(None)), "a SQLite file's path or None")):
+            if not isinstance(value, kinds) or (isinstance(value, str) and not value):
+                raise InvalidArgument(f"Cascade {name}={value!r}: give {what}")
         self.policy = fields.build(Policy, policy, "policy")
         self.budget = Budget(self.policy.budget, self.policy.window_s)
         # everything that can refuse the arguments comes before the model is loaded
@@ -155,7 +164,13 @@ class Cascade:
         """Answer on the device; defer to the cloud when unsure (see :class:`CascadeResult`)."""
         rp = request_policy(cascade)
         s = dataclasses.replace(Sampling.of(sampling, **sampling_kw), token_stats=True)
+        if not isinstance(prompt, (str, Sequence)) or isinstance(prompt, (bytes, bytearray)):
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(f"Cascade.generate: the prompt is a {type(prompt).__name__}; give a string or a "
+                                  f"list of chat messages ({{'role': 'user', 'content': '...'}})")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        validate_messages(messages)  # before the confidence features read them
         t0 = time.perf_counter()
         stats, last = TokenStats(messages), None
         for g in self.model.stream(messages, sampling=s):

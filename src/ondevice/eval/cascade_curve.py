@@ -197,7 +197,7 @@ def load_items(suites: str, split: str = "all", tasks: Sequence[str] | None = No
 
     items = [it for name in suites.split(",") if name for it in load_suite(name.strip()).items]
     items = select(items, split, tasks)
-    return stratified_subset(items, limit, seed) if limit else items
+    return stratified_subset(items, limit, seed) if limit is not None else items
 
 
 def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: str | None = None,

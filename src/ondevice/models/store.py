@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import OndeviceError
+from ..errors import OndeviceError, path_problem
 
 
 def home() -> Path:
@@ -85,15 +85,33 @@ def temp_file(folder: Path, prefix: str, suffix: str) -> Path:
     return Path(name)
 
 
+def _write_target(dest: Path) -> Path:
+    """What writing ``dest`` should replace: a symbolic link's file (the link stays), or an error for a
+    folder or a link loop."""
+    if dest.is_symlink():
+        problem = path_problem(dest)
+        if problem == "a symbolic link loop":
+            raise UnwritablePath(f"cannot write {dest}: {problem}; choose another path")
+        dest = Path(os.path.realpath(dest))
+    if dest.is_dir():
+        raise UnwritablePath(f"cannot write {dest}: it is a folder; give a file path (e.g. {dest / 'out'})")
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
 
     For writers that want a path rather than a file object (e.g. llama.cpp's quantizer). If the body
     raises, the temporary file is removed and ``dest`` is untouched. A ``dest`` whose folder cannot be
-    made or written raises :class:`UnwritablePath` before the body runs.
+    made or written, or that is a folder, raises :class:`UnwritablePath` before the body runs. A symbolic
+    link is followed (its file is replaced, the link kept); a device or FIFO (``/dev/stdout``) is written
+    through, not replaced.
     """
-    dest = Path(dest)
+    dest = _write_target(Path(dest))
+    if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO: written through, never replaced by a file
+        yield dest
+        return
     make_parent(dest)
     try:
         tmp = temp_file(dest.parent, f".{dest.name}.", suffix)

@@ -1,0 +1,42 @@
+"""The cascade's library arguments and `cascade fit`'s selection are checked before any model or cloud work,
+with one-line errors that name the argument."""
+
+from __future__ import annotations
+
+import pytest
+
+from ondevice.errors import InvalidArgument
+
+DOWN = "http://127.0.0.1:9/v1"  # nothing listens: these checks come before the cloud is asked
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"cloud_url": 8081}, "cloud_url, an OpenAI-compatible endpoint as a string"),
+    ({"cloud_url": DOWN, "combiner": 123}, "combiner=123: give a Combiner, a combiner file's path or None"),
+    ({"cloud_url": DOWN, "key_env": None}, "key_env=None: give the name of an environment variable"),
+    ({"cloud_url": DOWN, "cloud_model": 5}, "cloud_model=5: give a model name or None"),
+])
+def test_cascade_arguments_name_the_one_that_is_wrong(kw, match):
+    import ondevice
+
+    with pytest.raises(InvalidArgument, match=match):
+        ondevice.Cascade("smollm2-135m-instruct", **kw)
+
+
+def test_cascade_generate_refuses_what_is_not_a_prompt(smol):
+    import ondevice
+
+    with ondevice.Cascade(smol, DOWN) as c:
+        for bad in (None, 5, b"hi"):
+            with pytest.raises(InvalidArgument, match="give a string or a list of chat messages"):
+                c.generate(bad, max_tokens=2)
+        with pytest.raises(InvalidArgument, match=r"messages\[0\].content is 5"):
+            c.generate([{"role": "user", "content": 5}], max_tokens=2)
+
+
+@pytest.mark.parametrize(("limit", "match"), [("0", "--limit must be at least 1, got 0"),
+                                              ("1", "needs at least 4 dev items, the selection has 1")])
+def test_cascade_fit_refuses_a_selection_too_small_before_answering(cli, limit, match):
+    r = cli("cascade", "fit", "--cascade", DOWN, "--limit", limit, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert match in r.stderr.strip().splitlines()[-1] and "fitting on" not in r.stderr

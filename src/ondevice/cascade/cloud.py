@@ -4,7 +4,8 @@ API), reached with the official ``openai`` client.
 The key comes from an environment variable whose *name* is configured (``ONDEVICE_CLOUD_KEY`` by default);
 the key itself is never printed or stored. No retries: a cascade that waits for retries is slower than its
 own device fallback. Every failure becomes a :class:`CloudError` with a short ``kind`` (``timeout``,
-``unreachable``, ``http_503``, ``bad_reply``) that the reply reports.
+``unreachable``, ``http_503``, ``bad_reply``) that the reply reports. A reply with no text (HTTP 200 with a web
+page, no ``choices``, ``content: null``) is a ``bad_reply`` too: it is no answer to give a user or to learn from.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class CloudAnswer:
     text: str
     model: str
     latency_s: float
-    prompt_tokens: int
+    prompt_tokens: int  # as the cloud reported them; 0 when it did not (``usage_reported``)
     completion_tokens: int
     finish_reason: str | None
+    usage_reported: bool = True
 
 
 def _openai():
@@ -163,22 +165,31 @@ class CloudClient:
         except Exception as e:
             raise _classify(e, self.url, self.timeout, self.stopping) from e
 
-    async def astream(self, messages: list[dict], **params) -> AsyncIterator[str]:
-        """Text deltas of a streamed answer; waits at most ``timeout`` for each (the first included)."""
-        stream = None
+    async def astream(self, messages: list[dict], **params) -> AsyncIterator[str | CloudAnswer]:
+        """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (its finish
+        reason and, where the cloud sends them, its token counts). Waits at most ``timeout`` for each chunk
+        (the first included); a stream without text raises ``bad_reply`` before anything is yielded."""
+        t0, stream = time.perf_counter(), None
+        parts, model, finish, usage = [], self.model or "", None, None
         try:
             async with self._wait():
                 stream = await self.async_client.chat.completions.create(
-                    model=await self.amodel_id(), messages=messages, stream=True, **_params(params))
+                    model=await self.amodel_id(), messages=messages, stream=True,
+                    stream_options={"include_usage": True}, **_params(params))
             it = stream.__aiter__()
             while True:
                 try:
                     async with self._wait():
                         chunk = await it.__anext__()
                 except StopAsyncIteration:
-                    return
-                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+                    break
+                model, usage = chunk.model or model, chunk.usage or usage
+                choice = chunk.choices[0] if chunk.choices else None
+                finish = (choice.finish_reason if choice else None) or finish
+                if choice and choice.delta and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    yield choice.delta.content
+            yield _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
         except Exception as e:
             raise _classify(e, self.url, self.timeout, self.stopping) from e
         finally:
@@ -198,9 +209,15 @@ class CloudClient:
 
 
 def _answer(r, latency: float) -> CloudAnswer:
-    if not r.choices or r.choices[0].message is None:
+    if not getattr(r, "choices", None) or r.choices[0].message is None:
         raise CloudError("bad_reply", "the cloud's reply has no choices[0].message")
-    u = r.usage
-    return CloudAnswer(text=r.choices[0].message.content or "", model=r.model or "", latency_s=latency,
-                       prompt_tokens=u.prompt_tokens if u else 0, completion_tokens=u.completion_tokens if u else 0,
-                       finish_reason=r.choices[0].finish_reason)
+    return _answer_of(r.choices[0].message.content or "", r.model or "", latency, r.usage, r.choices[0].finish_reason)
+
+
+def _answer_of(text: str, model: str, latency: float, usage, finish_reason: str | None) -> CloudAnswer:
+    """The answer of a whole reply or of a stream: one with no text is no answer (``bad_reply``)."""
+    if not text:
+        raise CloudError("bad_reply", "the cloud's reply has no text")
+    return CloudAnswer(text=text, model=model, latency_s=latency, finish_reason=finish_reason,
+                       prompt_tokens=usage.prompt_tokens if usage else 0,
+                       completion_tokens=usage.completion_tokens if usage else 0, usage_reported=usage is not None)

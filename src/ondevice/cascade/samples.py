@@ -13,7 +13,10 @@ from pathlib import Path
 
 
 def training_rows(samples: list[dict]) -> list[dict]:
-    return [{"messages": [*s["messages"], {"role": "assistant", "content": s["cloud_answer"]}]} for s in samples]
+    """Chat rows of the samples whose cloud answer has text (a store kept before empty cloud replies were
+    refused as ``bad_reply`` may hold some: a model must not learn to answer nothing)."""
+    return [{"messages": [*s["messages"], {"role": "assistant", "content": s["cloud_answer"]}]} for s in samples
+            if (s["cloud_answer"] or "").strip()]
 
 
 def export_hard_samples(out: str | Path | None = None, *, store: str | Path | None = None,
@@ -22,13 +25,12 @@ def export_hard_samples(out: str | Path | None = None, *, store: str | Path | No
     from ..models.store import atomic_write
     from ..store import Store
 
-    with Store(store) as db:
+    with Store(store, create=store is None) as db:  # a --db that names no store is a typo, not a new store
         rows = training_rows(db.hard_samples(since=since, device_sha256=device_sha256))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is None or str(out) == "-":
         sys.stdout.write(text)
     else:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out, "w", encoding="utf-8") as f:
             f.write(text)
     return len(rows)

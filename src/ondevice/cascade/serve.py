@@ -13,6 +13,11 @@ failure ends the stream with an error event (text from two models is not spliced
 prefix decides better (more tokens scored) but delays the first token by that many decode steps; 0 buffers
 the whole answer (best decision, no streaming benefit). ``benchmarks/cascade_bench.py`` measures both.
 
+A reply's ``usage`` describes the completion the client received: the cloud's, when the cloud answered, as the
+cloud counted it (or, where it reports no usage, the device's count of the same prompt and the device
+tokenizer's count of the cloud's text, and ``cascade.usage_source`` says so); the device's own figures are
+``cascade.device_usage``. Streaming and non-streaming replies agree (:meth:`ServerCascade._usage`).
+
 Requests the cascade does not apply to (tools, response_format, logprobs, n > 1) are served by the device as
 usual, with ``cascade.reason = "not_applicable"``.
 """
@@ -84,6 +89,20 @@ class ServerCascade:
                 "seed": req.seed, "presence_penalty": req.presence_penalty or None,
                 "frequency_penalty": req.frequency_penalty or None}
 
+    def _usage(self, device: S.Usage, cloud: CloudAnswer | None) -> tuple[S.Usage, dict]:
+        """The reply's ``usage`` (of the answer the client got: the cloud's, when ``cloud`` wrote it) and the
+        cascade fields that go with it: the device's own figures and where ``usage`` comes from."""
+        extra = {"device_usage": {"prompt_tokens": device.prompt_tokens,
+                                  "completion_tokens": device.completion_tokens}}
+        if cloud is None:
+            return device, extra | {"usage_source": "device"}
+        if cloud.usage_reported:
+            p, c, source = cloud.prompt_tokens, cloud.completion_tokens, "cloud"
+        else:  # the same messages as the device counted them; the cloud's text by the device's tokenizer
+            c = len(self.state.tokenize(cloud.text, add_special=False, parse_special=False))
+            p, source = device.prompt_tokens, "device_tokenizer"
+        return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
+
     def _count(self, r: CascadeResult) -> None:
         self.counts[r.tier] += 1
         self.counts["fallback"] += r.fallback is not None
@@ -119,10 +138,12 @@ class ServerCascade:
         result = finish(decision, conf, self.combiner.calibrated, feats, device_text, gen[-1].t,
                         gen[-1].finish_reason, cloud)
         self._count(result)
-        if result.tier == "cloud":
+        answer = cloud if result.tier == "cloud" else None
+        if answer is not None:
             resp.choices[0].message.content = result.text
             resp.choices[0].finish_reason = result.finish_reason or "stop"
-        info = result.info()
+        resp.usage, extra = self._usage(resp.usage, answer)
+        info = result.info() | extra
         resp.cascade = info
         return JSONResponse(resp.model_dump(mode="json"), headers=headers(info),
                             background=self._keep_task(rp, result, messages))
@@ -154,7 +175,7 @@ class ServerCascade:
         if decision.defer:
             cloud_stream = self.cloud.astream(messages, **self._cloud_params(req))
             try:
-                first = await anext(cloud_stream, "")
+                first = await anext(cloud_stream)  # text: a cloud that sends none fails here
             except CloudError as e:
                 self.budget.refund()
                 fallback, cloud_stream = e, None
@@ -177,25 +198,25 @@ class ServerCascade:
             self.counts["cloud"] += 1
 
             async def relay():
-                parts = [first]
                 try:
                     yield chunk(S.ChatDelta(role="assistant", content=""))
-                    if first:
-                        yield chunk(S.ChatDelta(content=first))
-                    async for text in cloud_stream:
-                        parts.append(text)
-                        yield chunk(S.ChatDelta(content=text))
+                    yield chunk(S.ChatDelta(content=first))
+                    async for item in cloud_stream:  # text deltas, then the whole answer
+                        if isinstance(item, CloudAnswer):
+                            answer = item
+                        else:
+                            yield chunk(S.ChatDelta(content=item))
                 except CloudError as e:
                     yield chunk(S.ChatDelta(), finish="error", cascade=dict(head, fallback=e.kind, error=str(e)))
                     yield b"data: [DONE]\n\n"
                     return
                 finally:
                     await cloud_stream.aclose()
-                answer = CloudAnswer(text="".join(parts), model=self.cloud.model or "",
-                                     latency_s=time.perf_counter() - t_cloud, prompt_tokens=0, completion_tokens=0,
-                                     finish_reason="stop")
                 r = result_of(device_text, device_s, cloud=answer)
-                yield chunk(S.ChatDelta(), finish="stop", cascade=r.info())
+                usage, extra = self._usage(usage_of(last), answer)
+                yield chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra)
+                if include_usage:
+                    yield chunk(S.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
                 if should_keep(self.policy, rp, r):
                     await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256, messages, r)
@@ -219,10 +240,11 @@ class ServerCascade:
                         text.append(g.text)
                         if g.text:
                             yield chunk(S.ChatDelta(content=g.text))
-                info = dict(info0, device_ms=round(g_last.t * 1e3, 3))
+                usage, extra = self._usage(usage_of(g_last), None)
+                info = dict(info0, device_ms=round(g_last.t * 1e3, 3)) | extra
                 yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=timings_of(g_last), cascade=info)
                 if include_usage:
-                    yield chunk(S.ChatDelta(), usage=usage_of(g_last), choices=False)
+                    yield chunk(S.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
             except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
                 from ..serve.http import error_payload

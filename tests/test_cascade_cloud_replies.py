@@ -1,0 +1,229 @@
+"""The cascade against a cloud that misbehaves: a small fake OpenAI server (a real HTTP server on loopback, as a
+third-party endpoint is) answers HTTP 200 with garbage, no choices or no content, or answers well with or
+without usage. The device tier is the real ``ondevice serve``, reached with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+MSG = [{"role": "user", "content": "Rewrite politely: send me the report now"}]
+CLOUD_PIECES = ["Could you", " send me", " the report", ", please?"]
+CLOUD_USAGE = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+
+
+class FakeCloud:
+    """An OpenAI-compatible endpoint whose next replies are set by ``mode``; ``bodies`` are the requests it got.
+
+    Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``ok_no_usage``,
+    ``html`` (200 with a web page), ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
+    ``content: null``). ``finish_reason`` is the one the cloud gives.
+    """
+
+    def __init__(self):
+        self.mode, self.finish_reason, self.bodies = "ok", "stop", []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._send(200, "application/json", json.dumps({"object": "list", "data": [{"id": "fake"}]}))
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.bodies.append(body)
+                if fake.mode == "html":
+                    return self._send(200, "text/html", "<html><body>Service temporarily unavailable</body></html>")
+                if body.get("stream"):
+                    events = [json.dumps(e) for e in fake.chunks(body)] + ["[DONE]"]
+                    return self._send(200, "text/event-stream", "".join(f"data: {e}\n\n" for e in events))
+                return self._send(200, "application/json", json.dumps(fake.completion()))
+
+            def _send(self, status: int, ctype: str, text: str):
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _head(self, kind: str) -> dict:
+        return {"id": "chatcmpl-fake", "object": kind, "created": int(time.time()), "model": "fake"}
+
+    def completion(self) -> dict:
+        content = None if self.mode == "null_content" else "".join(CLOUD_PIECES)
+        choices = [] if self.mode == "no_choices" else [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.finish_reason}]
+        usage = {} if self.mode == "ok_no_usage" else {"usage": CLOUD_USAGE}
+        return self._head("chat.completion") | {"choices": choices, **usage}
+
+    def chunks(self, body: dict) -> list[dict]:
+        def chunk(delta, finish=None):
+            choices = [] if self.mode == "no_choices" else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return self._head("chat.completion.chunk") | {"choices": choices}
+
+        pieces = [None] if self.mode == "null_content" else CLOUD_PIECES
+        out = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": p}) for p in pieces]
+        out.append(chunk({}, self.finish_reason))
+        if self.mode == "ok" and (body.get("stream_options") or {}).get("include_usage"):
+            out.append(self._head("chat.completion.chunk") | {"choices": [], "usage": CLOUD_USAGE})
+        return out
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeCloud()
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """Hard samples go to a store of this module's own."""
+    d = tmp_path_factory.mktemp("cascade-replies-home")
+    old = os.environ.get("ONDEVICE_HOME")
+    os.environ["ONDEVICE_HOME"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("ONDEVICE_HOME", None)
+    else:
+        os.environ["ONDEVICE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def device(fake, home):
+    from ondevice.serve import BackgroundServer, ServeSettings
+
+    s = ServeSettings(port=0, parallel=2, ctx=1024, threads=1, embeddings=False, cascade=fake.url,
+                      cascade_keep_hard=True, cascade_timeout=30)
+    with BackgroundServer(s) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def cloud(fake):
+    """The fake cloud, answering well again after the test."""
+    yield fake
+    fake.mode, fake.finish_reason = "ok", "stop"
+
+
+def _hard_samples() -> list[dict]:
+    from ondevice.store import Store
+
+    time.sleep(0.3)  # the server keeps a sample after its reply
+    with Store() as st:
+        return st.hard_samples()
+
+
+def _ask(srv, stream: bool, max_tokens: int = 6) -> dict:
+    """One deferred chat request through the openai client, as the client sees it: text, finish_reason, usage
+    (None when the reply has none), cascade object, and the chunks' choices lists (streaming)."""
+    c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "x", "messages": MSG, "max_tokens": max_tokens, "temperature": 0,
+          "extra_body": {"cascade": {"always_defer": True}}}
+    if not stream:
+        r = c.chat.completions.create(**kw)
+        return {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
+                "usage": r.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}),
+                "cascade": r.model_extra["cascade"]}
+    out = {"text": "", "finish": None, "usage": None, "cascade": None, "choices": []}
+    for ch in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        out["choices"].append(len(ch.choices))
+        if ch.choices:
+            out["text"] += ch.choices[0].delta.content or ""
+            out["finish"] = ch.choices[0].finish_reason or out["finish"]
+        if ch.usage is not None:
+            out["usage"] = ch.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+        out["cascade"] = (ch.model_extra or {}).get("cascade") or out["cascade"]
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("mode", ["html", "no_choices", "null_content"])
+def test_an_unusable_or_empty_cloud_reply_falls_back_to_the_device_and_is_not_kept(device, cloud, mode, stream):
+    n0 = len(_hard_samples())
+    cloud.mode = mode
+    r = _ask(device, stream)
+    info = r["cascade"]
+    assert info["tier"] == "device" and info["fallback"] == "bad_reply", (mode, info)
+    assert r["text"] and r["finish"] in ("length", "stop")  # the device's answer, with its own finish reason
+    assert r["usage"]["completion_tokens"] == info["device_usage"]["completion_tokens"] > 0
+    assert len(_hard_samples()) == n0  # nothing to learn from
+
+
+def test_a_good_cloud_answer_is_kept_as_a_hard_sample(device, cloud):
+    n0 = len(_hard_samples())
+    for stream in (False, True):
+        assert _ask(device, stream)["cascade"]["tier"] == "cloud"
+    kept = _hard_samples()[n0:]
+    assert [s["cloud_answer"] for s in kept] == ["".join(CLOUD_PIECES)] * 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_the_relayed_reply_has_the_clouds_finish_reason_and_usage(device, cloud, stream, finish):
+    cloud.finish_reason = finish
+    r = _ask(device, stream)
+    info = r["cascade"]
+    assert info["tier"] == "cloud" and info["fallback"] is None and r["text"] == "".join(CLOUD_PIECES)
+    assert r["finish"] == finish
+    assert r["usage"] == CLOUD_USAGE  # the completion the client received
+    assert info["usage_source"] == "cloud"
+    assert info["cloud_usage"] == {k: CLOUD_USAGE[k] for k in ("prompt_tokens", "completion_tokens")}
+    dev = info["device_usage"]  # the device's own figures are kept in the cascade object
+    assert dev["prompt_tokens"] > 0 and dev["completion_tokens"] > 0
+    if stream:
+        assert cloud.bodies[-1]["stream_options"] == {"include_usage": True}
+        assert r["choices"][-1] == 0  # the usage chunk comes last, with no choices (as OpenAI sends it)
+
+
+def test_a_cloud_that_reports_no_usage_is_counted_on_the_device_the_same_way_in_both_modes(device, cloud):
+    import urllib.request
+
+    cloud.mode = "ok_no_usage"
+    whole, streamed = _ask(device, False), _ask(device, True)
+    req = urllib.request.Request(device.base_url + "/tokenize", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"content": "".join(CLOUD_PIECES), "parse_special": False}).encode())
+    with urllib.request.urlopen(req, timeout=30) as t:
+        counted = json.loads(t.read())["count"]  # the cloud's text by the device's tokenizer
+    for r in (whole, streamed):
+        info = r["cascade"]
+        assert info["tier"] == "cloud" and info["usage_source"] == "device_tokenizer"  # says it was counted here
+        assert info["cloud_usage"] == {"prompt_tokens": 0, "completion_tokens": 0}  # the cloud said nothing
+        prompt = info["device_usage"]["prompt_tokens"]  # the same messages, as the device counted them
+        assert r["usage"] == {"prompt_tokens": prompt, "completion_tokens": counted, "total_tokens": prompt + counted}
+    assert whole["usage"] == streamed["usage"]
+
+
+def test_export_skips_stored_samples_with_an_empty_cloud_answer(tmp_path):
+    """A store written before empty answers were refused may hold some: they are never exported or trained on."""
+    from ondevice.cascade.samples import export_hard_samples
+    from ondevice.store import Store
+
+    db = tmp_path / "s.sqlite"
+    with Store(db) as st:
+        for answer in ("Hello!", "", "  \n"):
+            st.add_hard_sample(source="test", device_model="m", device_sha256="abc", cloud_model="c", confidence=0.1,
+                               messages=[{"role": "user", "content": "hi"}], device_answer="yo",
+                               cloud_answer=answer, extra={})
+    out = tmp_path / "hard.jsonl"
+    assert export_hard_samples(out, store=db) == 1
+    assert [json.loads(line)["messages"][-1]["content"] for line in out.read_text().splitlines()] == ["Hello!"]

@@ -58,7 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--heldout", type=float, default=d.heldout, help="share of examples held out for the loss check")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt (after Ctrl-C or a crash)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT.ckpt.pt (after Ctrl-C or a crash) with the same data and settings; only "
+                        "--steps (a longer run stretches the learning-rate decay from there), --checkpoint-every "
+                        "and -t may change; with --from deferred, on the samples exported for that run")
     p.add_argument("--check", type=int, default=0, metavar="N",
                    help="after export, compare llama.cpp with the adapter against torch on the prompts of the first "
                         "N conversations of DATA (training ones too: it checks the export, not generalisation; with "
@@ -89,7 +92,8 @@ def parse_layers(s: str | None) -> tuple[int, ...] | None:
 
 def deferred_data(args: argparse.Namespace) -> str:
     """The cascade's kept hard samples of this base model, exported as the training file (device -> cloud ->
-    device: "Cloud-device collaborative adaptation")."""
+    device: "Cloud-device collaborative adaptation"). With --resume, the file exported for the interrupted run:
+    samples kept since are for the next run, and the checkpoint was made from that file."""
     from ..cascade.samples import export_hard_samples
     from ..models import resolve
     from ..models.store import cached_sha256
@@ -97,12 +101,19 @@ def deferred_data(args: argparse.Namespace) -> str:
 
     if args.data:
         raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
+    out = Path(f"{target(args.out, args.name, 'deferred')}.deferred.jsonl")
+    if args.resume and out.is_file():
+        return str(out)
     ref = resolve(args.model)
-    out = f"{target(args.out, args.name, 'deferred')}.deferred.jsonl"
-    if export_hard_samples(out, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
-        raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade (deferred "
-                              f"requests are kept with the cloud's answers) before --from deferred")
-    return out
+    part = out.with_name(out.name + ".part")  # the last run's file stays until this export has samples
+    try:
+        if export_hard_samples(part, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
+            raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade "
+                                  f"(deferred requests are kept with the cloud's answers) before --from deferred")
+        part.replace(out)
+    finally:
+        part.unlink(missing_ok=True)
+    return str(out)
 
 
 def list_adapters(args: argparse.Namespace) -> int:

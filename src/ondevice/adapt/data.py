@@ -57,6 +57,12 @@ def _conversation(obj, where: str) -> list[dict]:
         for i, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise InvalidArgument(f"{where}: message {i} needs a string \"role\" and a string \"content\"")
+        from ..engine.chat import validate_messages  # the roles a chat template takes, checked in one place
+
+        try:
+            validate_messages(msgs)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{where}: {e}") from None
         if msgs[-1]["role"] != "assistant":
             raise InvalidArgument(f"{where}: the last message must be the assistant's answer (role "
                                   f"\"assistant\"), got role {msgs[-1]['role']!r}")

@@ -62,6 +62,53 @@ class AdaptConfig:
         return Path(str(self.out) + ".ckpt.pt")
 
 
+# what a checkpoint's run was made with and a resumed one must keep (the flag each comes from): they shape the
+# adapter's tensors, the optimizer's state or the held-out split. --steps, --checkpoint-every and -t may change.
+FIXED_ON_RESUME = {"lr": "--lr", "batch": "--batch", "max_len": "--max-len", "rank": "--rank", "alpha": "--alpha",
+                   "modules": "--modules", "layers": "--layers", "budget_bytes": "--budget",
+                   "checkpointing": "--checkpointing", "precision": "--precision", "seed": "--seed",
+                   "heldout": "--heldout"}
+
+
+def _shown(key: str, v) -> str:
+    """A setting as its flag takes it."""
+    if v is None:
+        return "(not given)"
+    if key == "budget_bytes":
+        return f"mem={v / 2**20:g}M"
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def load_checkpoint(cfg: AdaptConfig) -> dict:
+    """The checkpoint ``cfg`` resumes, refused (naming each flag) where ``cfg`` asks for another run than it."""
+    import torch
+
+    if not cfg.ckpt_path.is_file():
+        raise InvalidArgument(f"--resume: no checkpoint at {cfg.ckpt_path}; start without --resume")
+    try:
+        state = torch.load(cfg.ckpt_path, weights_only=True)  # plain data only: no pickled code
+    except Exception as e:  # noqa: BLE001 — truncated by a crash mid-write cannot happen (temp + rename); other files can
+        raise InvalidArgument(f"--resume: cannot read the checkpoint {cfg.ckpt_path} ({e}); start over "
+                              f"without --resume") from None
+    made = state.get("settings", {})  # a checkpoint without them (an older ondevice) is taken as it is
+    differ = [(FIXED_ON_RESUME[k], _shown(k, getattr(cfg, k)), _shown(k, v)) for k, v in made.items()
+              if k in FIXED_ON_RESUME and _shown(k, getattr(cfg, k)) != _shown(k, v)]
+    if differ:
+        given = " ".join(f"{flag} {old}" for flag, _, old in differ if old != "(not given)")
+        fix = " and ".join(f"{how} {flags}" for how, flags in (
+            ("with", given), ("without", " ".join(flag for flag, _, old in differ if old == "(not given)"))) if flags)
+        raise InvalidArgument("--resume: " + ", ".join(f"{flag} {new} differs from the checkpoint's {old}"
+                                                        for flag, new, old in differ)
+                              + f"; resume {fix} or start over without --resume (only --steps, "
+                                f"--checkpoint-every and -t may change on resume)")
+    if cfg.steps < state["step"]:
+        raise InvalidArgument(f"--resume: --steps {cfg.steps} is fewer than the {state['step']} steps the checkpoint "
+                              f"has done; give --steps {state['step']} or more")
+    return state
+
+
 def peak_rss() -> int:
     from ..engine.model import peak_rss_bytes
 
@@ -200,20 +247,17 @@ def train(cfg: AdaptConfig) -> dict:
     lean_malloc()
     cfg.out = str(cfg.target())
     t_start = time.perf_counter()
+    state = load_checkpoint(cfg) if cfg.resume else None
+    fixed = {k: getattr(cfg, k) for k in FIXED_ON_RESUME}  # what a resume must keep (load_checkpoint checks)
     base, train_ex, held = prepare(cfg)
     data_sha = sha256_file(cfg.data)
-    state = None
-    if cfg.resume:
-        if not cfg.ckpt_path.is_file():
-            raise InvalidArgument(f"--resume: no checkpoint at {cfg.ckpt_path}; start without --resume")
-        try:
-            state = torch.load(cfg.ckpt_path, weights_only=True)  # plain data only: no pickled code
-        except Exception as e:  # noqa: BLE001 — truncated by a crash mid-write cannot happen (temp + rename); other files can
-            raise InvalidArgument(f"--resume: cannot read the checkpoint {cfg.ckpt_path} ({e}); start over "
-                                  f"without --resume") from None
-        if state["base_sha256"] != base["sha256"] or state["data_sha256"] != data_sha:
-            raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from another base model or data file; "
-                                  f"start over without --resume (or give the same -m and data)")
+    if state is not None:
+        if state["base_sha256"] != base["sha256"]:
+            raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from another base model than {base['name']}; "
+                                  f"resume with the -m it was made with or start over without --resume")
+        if state["data_sha256"] != data_sha:
+            raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from other data than {cfg.data} (it changed "
+                                  f"since); resume on the data it was made from or start over without --resume")
         cfg.plan, cfg.plan_info = state["plan"], state["plan_info"]
     model = build(cfg, base, train_ex)
     params = [p for lin in model.linears().values() if lin.rank for p in (lin.lora_a, lin.lora_b)]
@@ -236,7 +280,7 @@ def train(cfg: AdaptConfig) -> dict:
         tmp = cfg.ckpt_path.with_suffix(".part")
         torch.save({"step": step, "history": history, "rng": rng.getstate(), "plan": cfg.plan,
                     "plan_info": cfg.plan_info, "held_before": held_before, "base_sha256": base["sha256"],
-                    "data_sha256": data_sha, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "data_sha256": data_sha, "settings": fixed, "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k}}, tmp)
         os.replace(tmp, cfg.ckpt_path)
 

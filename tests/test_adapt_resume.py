@@ -1,0 +1,103 @@
+"""`ondevice adapt --resume`: it continues the run its checkpoint was made from (with --from deferred, on the data
+exported for that run, whatever the cascade kept since) and refuses settings that differ from that run's,
+naming each. Ctrl-C is simulated as in test_adapt.py: KeyboardInterrupt raised from the progress line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ondevice.adapt import adapter_file, tasks
+from ondevice.errors import InvalidArgument
+from ondevice.models.store import cached_sha256, sha256_file
+
+try:
+    import torch  # noqa: F401
+
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: pip install 'ondevice[adapt]'")
+
+
+def _interrupt_at(monkeypatch, at: int):
+    """Ctrl-C right after step ``at``; returns the undo."""
+    from ondevice.adapt import train
+
+    real = train._progress
+
+    def progress(step, *a):
+        real(step, *a)
+        if step == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_progress", progress)
+    return lambda: monkeypatch.setattr(train, "_progress", real)
+
+
+@needs_torch
+def test_resume_from_deferred_trains_on_the_data_exported_for_that_run(tmp_path, smol_path, monkeypatch, capsys):
+    from ondevice.cli import main
+    from ondevice.store import Store
+
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    db, sha = tmp_path / "store.sqlite", cached_sha256(smol_path)
+
+    def keep(q: str, a: str) -> None:  # what serve --cascade-keep-hard does with a deferred request
+        with Store(db) as s:
+            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=sha, cloud_model="cloud",
+                              confidence=0.1, messages=[{"role": "user", "content": q}], device_answer="?",
+                              cloud_answer=a)
+
+    for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4."), ("Opposite of hot?", "Cold.")):
+        keep(q, a)
+    args = ["adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "--name", "hard2", "--steps", "3",
+            "--checkpoint-every", "1", "--layers", "29", "--modules", "attn_q", "--max-len", "48", "--heldout", "0",
+            "-t", "1", "--batch", "1"]
+    restore = _interrupt_at(monkeypatch, 2)
+    assert main(args) == 130
+    assert "continue with the same command plus --resume" in capsys.readouterr().err
+    restore()
+    exported = tmp_path / "home" / "adapters" / "hard2.gguf.deferred.jsonl"
+    made_from = exported.read_bytes()
+    keep("Colour of the sky?", "Blue.")  # the server keeps one more meanwhile: it is for the next run
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert exported.read_bytes() == made_from
+    meta = adapter_file.read_meta(tmp_path / "home" / "adapters" / "hard2.gguf")
+    assert meta["ondevice.adapter.data_sha256"] == sha256_file(exported)
+    assert meta["ondevice.adapter.figures"]["steps"] == 3
+    assert not (tmp_path / "home" / "adapters" / "hard2.gguf.ckpt.pt").exists()
+
+
+@needs_torch
+def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_path, monkeypatch):
+    from ondevice.adapt import train
+
+    path = tasks.write_jsonl(tasks.iso_dates(4, seed=3), tmp_path / "walk.jsonl")
+    out = tmp_path / "walk.gguf"
+    cfg = {"data": str(path), "out": str(out), "steps": 3, "batch": 1, "max_len": 48, "rank": 8,
+           "modules": ("attn_q",), "layers": (29,), "threads": 1, "heldout": 0, "checkpoint_every": 1}
+    restore = _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.AdaptConfig(**cfg))
+    restore()
+    tail = " or start over without --resume (only --steps, --checkpoint-every and -t may change on resume)"
+    with pytest.raises(InvalidArgument, match=re.escape(
+            "--resume: --rank 4 differs from the checkpoint's 8; resume with --rank 8" + tail)):
+        train.train(train.AdaptConfig(**{**cfg, "rank": 4}, resume=True))
+    changed = {"lr": 1e-2, "alpha": 8.0, "modules": ("attn_q", "attn_v"), "layers": None}
+    with pytest.raises(InvalidArgument) as e:
+        train.train(train.AdaptConfig(**{**cfg, **changed}, resume=True))
+    assert str(e.value) == ("--resume: --lr 0.01 differs from the checkpoint's 0.001, --alpha 8 differs from the "
+                            "checkpoint's 16, --modules attn_q,attn_v differs from the checkpoint's attn_q, --layers "
+                            "(not given) differs from the checkpoint's 29; resume with --lr 0.001 --alpha 16 "
+                            "--modules attn_q --layers 29" + tail)
+    with pytest.raises(InvalidArgument, match=r"--steps 1 is fewer than the 2 steps the checkpoint has done"):
+        train.train(train.AdaptConfig(**{**cfg, "steps": 1}, resume=True))
+    # what may change: a longer run, other checkpoint intervals and threads
+    r = train.train(train.AdaptConfig(**{**cfg, "steps": 4, "threads": 2, "checkpoint_every": 3}, resume=True))
+    assert r["steps"] == 4 and len(r["history"]) == 4
+    meta = adapter_file.read_meta(out)
+    assert meta["ondevice.adapter.settings"]["rank"] == 8 and meta["ondevice.adapter.settings"]["steps"] == 4
+    assert meta["tensors"]["blk.29.attn_q.weight.lora_a"] == (576, 8)

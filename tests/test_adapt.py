@@ -5,6 +5,7 @@ the server. The torch tests skip only when the ``adapt`` extra (torch) is not in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ def test_malformed_lines_are_named_by_line_number(tmp_path):
         json.dumps({"messages": [{"role": "user"}]}): "d.jsonl:3: message 0 needs",
         json.dumps({"text": "x"}): "d.jsonl:3: expected \"messages\" or \"input\"/\"target\"",
         "[1, 2]": "d.jsonl:3: expected a JSON object",
+        json.dumps({"messages": [{"role": "bogus", "content": "hi"}, {"role": "assistant", "content": "x"}]}):
+            "d.jsonl:3: messages[0].role 'bogus' is not one of system, user, assistant, tool",
     }
     for bad, msg in cases.items():
         p.write_text(f"{good}\n\n{bad}\n{good}\n")
@@ -305,8 +308,11 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
     out = tmp_path / "home" / "adapters" / "hard.gguf"  # stored by name in the cli fixture's home
     args = ("adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "--name", "hard", "--steps", "1",
             "--layers", "29", "--modules", "attn_q", "--max-len", "48", "--heldout", "0")
+    for empty in (db, tmp_path / "empty.sqlite"):  # stores with no samples (a --db naming none is refused)
+        Store(empty).close()
     r = cli(*args)
     assert r.returncode == 2 and "no hard samples" in r.stderr
+    assert not list((tmp_path / "home").rglob("*.jsonl*"))  # nothing left behind
     with Store(db) as s:
         for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4."), ("Opposite of hot?", "Cold.")):
             s.add_hard_sample(source="test", device_model="smollm2", device_sha256=cached_sha256(smol_path),
@@ -321,6 +327,11 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
     (row,) = json.loads(cli("adapt", "list", "--json").stdout)
     assert row["name"] == "hard" and row["steps"] == 1 and row["tensors"] == 1 and row["base_sha256"] == \
         cached_sha256(smol_path)
+    made_from = Path(f"{out}.deferred.jsonl").read_bytes()
+    r = cli(*args[:4], str(tmp_path / "empty.sqlite"), *args[5:])  # no samples there: the last run's data stays
+    assert r.returncode == 2 and "no hard samples" in r.stderr
+    assert Path(f"{out}.deferred.jsonl").read_bytes() == made_from
+    assert not list(out.parent.glob("*.part"))
 
 
 @needs_torch

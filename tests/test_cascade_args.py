@@ -40,3 +40,12 @@ def test_cascade_fit_refuses_a_selection_too_small_before_answering(cli, limit, 
     r = cli("cascade", "fit", "--cascade", DOWN, "--limit", limit, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert match in r.stderr.strip().splitlines()[-1] and "fitting on" not in r.stderr
+
+
+@pytest.mark.parametrize("verb", [("cascade", "export"), ("adapt", "--from", "deferred", "--steps", "1")])
+def test_a_db_that_names_no_store_is_an_error_not_a_new_store(cli, tmp_path, verb):
+    db = tmp_path / "typo" / "x.sqlite"
+    r = cli(*verb, "--db", str(db), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"no ondevice store at {db}; give the --db that" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "typo").exists()

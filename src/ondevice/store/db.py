@@ -67,8 +67,10 @@ class Store:
         """
         self.path = Path(path).expanduser() if path else default_path()
         if not create and not self.path.exists():
-            raise InvalidArgument(f"no ondevice store at {self.path}; record one with `ondevice bench` or "
-                                  f"`ondevice eval`, or give another --db")
+            fix = ("record one with `ondevice bench`, `ondevice eval` or `ondevice serve --cascade-keep-hard`"
+                   if not path else "give the --db that `ondevice bench`, `eval` or `serve --cascade-keep-hard` "
+                                    "wrote, or leave --db out for the default store")
+            raise InvalidArgument(f"no ondevice store at {self.path}; {fix}")
         from ..models.store import make_parent
 
         make_parent(self.path, "give another --db")

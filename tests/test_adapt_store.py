@@ -97,11 +97,13 @@ def test_adapt_list_shows_name_base_size_date_figures(home, cli):
     assert rows[1]["size_bytes"] == (home / "adapters" / "live.gguf").stat().st_size
 
 
-def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path):
+def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path, smol_path):
     r = cli("adapt", "merge", "alien", "-m", "smollm2-135m-instruct", "-o", str(tmp_path / "m.gguf"))
     assert r.returncode == 2 and "trained on another base model" in r.stderr, r.stderr
     r = cli("adapt", "merge", "nope")
-    assert r.returncode == 2 and "stored: alien, live" in r.stderr, r.stderr
+    assert r.returncode == 2 and "adapt merge nope: no such adapter" in r.stderr and "stored: alien, live" in r.stderr
+    r = cli("adapt", "merge", str(smol_path))  # a whole model, not an adapter
+    assert r.returncode == 2 and "not a LoRA adapter (general.type='model'" in r.stderr, r.stderr
     assert not list(tmp_path.glob("*m.gguf*"))  # nothing left behind
 
 

@@ -91,6 +91,16 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     return pairs, alpha
 
 
+def lora_meta(adapter: str | Path, flag: str = "--adapter") -> dict:
+    """The header of ``adapter`` (:func:`read_meta`), refused unless it is a LoRA adapter (a whole model, say)."""
+    meta = read_meta(adapter)
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise InvalidArgument(f"{flag} {adapter}: not a LoRA adapter (general.type={meta.get('general.type')!r},"
+                              f" adapter.type={meta.get('adapter.type')!r}); give the .gguf that `ondevice adapt` "
+                              f"wrote")
+    return meta
+
+
 def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None) -> dict:
     """Refuse an adapter that is not a LoRA GGUF, or whose recorded base is not ``base`` (by sha256; given as
     ``base_sha256`` where ``base`` is an encrypted container: its plaintext's).
@@ -98,11 +108,7 @@ def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None)
     An adapter without our provenance (converted elsewhere) is let through: llama.cpp still checks its
     architecture and every tensor's shape against the base.
     """
-    meta = read_meta(adapter)
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise InvalidArgument(f"--adapter {adapter}: not a LoRA adapter (general.type={meta.get('general.type')!r},"
-                              f" adapter.type={meta.get('adapter.type')!r}); give the .gguf that `ondevice adapt` "
-                              f"wrote")
+    meta = lora_meta(adapter)
     want = meta.get(KEY + "base_sha256")
     if want:
         have = base_sha256 or cached_sha256(base)

@@ -42,12 +42,12 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
 
     from ..models import resolve
     from ..models.store import cached_sha256
-    from .adapter_file import KEY, check, read_lora, read_meta
+    from .adapter_file import KEY, check, lora_meta, read_lora
 
     if out_type not in TYPES:
         raise InvalidArgument(f"--type {out_type!r}: use one of {', '.join(TYPES)}")
-    apath = store.resolve(adapter)
-    meta = read_meta(apath)
+    apath = store.resolve(adapter, "adapt merge")
+    meta = lora_meta(apath, "adapt merge")
     base_name = model or meta.get(KEY + "base_name")
     if base_name is None:
         raise InvalidArgument(f"{apath.name} does not record its base model; give it with -m")

@@ -48,9 +48,9 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.endswith(".gguf") or spec.startswith(("~", "."))
 
 
-def resolve(spec: str | Path) -> Path:
+def resolve(spec: str | Path, flag: str = "--adapter") -> Path:
     """The adapter file ``spec`` names: a path (anything with a '/' or ending in .gguf), a stored adapter's
-    name, or else an existing file of that name; an unknown name lists the stored ones."""
+    name, or else an existing file of that name; an unknown name lists the stored ones (after ``flag``)."""
     s = str(spec)
     if isinstance(spec, Path) or _looks_like_path(s):
         return Path(s).expanduser()
@@ -59,7 +59,7 @@ def resolve(spec: str | Path) -> Path:
     if Path(s).is_file():
         return Path(s)
     known = names()
-    raise InvalidArgument(f"--adapter {s}: no such adapter file or stored adapter; stored: "
+    raise InvalidArgument(f"{flag} {s}: no such adapter file or stored adapter; stored: "
                           f"{', '.join(known) if known else 'none (train one with `ondevice adapt DATA --name NAME`)'}"
                           f" (`ondevice adapt list` shows them)")
 

@@ -23,7 +23,8 @@ CLOUD_USAGE = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
 class FakeCloud:
     """An OpenAI-compatible endpoint whose next replies are set by ``mode``; ``bodies`` are the requests it got.
 
-    Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``ok_no_usage``,
+    Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``slow`` (the same
+    after 6 s), ``ok_no_usage``,
     ``html`` (200 with a web page), ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
     ``content: null``). ``finish_reason`` is the one the cloud gives.
     """
@@ -42,6 +43,8 @@ class FakeCloud:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.bodies.append(body)
+                if fake.mode == "slow":  # answers well, after the client has given up
+                    time.sleep(6)
                 if fake.mode == "html":
                     return self._send(200, "text/html", "<html><body>Service temporarily unavailable</body></html>")
                 if body.get("stream"):
@@ -227,3 +230,22 @@ def test_export_skips_stored_samples_with_an_empty_cloud_answer(tmp_path):
     out = tmp_path / "hard.jsonl"
     assert export_hard_samples(out, store=db) == 1
     assert [json.loads(line)["messages"][-1]["content"] for line in out.read_text().splitlines()] == ["Hello!"]
+
+
+def test_a_client_that_leaves_while_the_cloud_answers_ends_the_cloud_request(device, cloud):
+    import re
+    import urllib.request
+
+    def cancelled() -> int:
+        with urllib.request.urlopen(device.base_url + "/metrics", timeout=30) as m:
+            return int(re.search(r"^ondevice_requests_cancelled_total (\d+)", m.read().decode(), re.M).group(1))
+
+    n0 = cancelled()
+    cloud.mode = "slow"
+    c = openai.OpenAI(base_url=device.base_url + "/v1", api_key="none", max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        c.chat.completions.create(model="x", messages=MSG, max_tokens=6, extra_body={"cascade": {"always_defer": True}})
+    t_gone = time.perf_counter()
+    while cancelled() == n0 and time.perf_counter() - t_gone < 3:  # the cloud would answer 6 s after the request
+        time.sleep(0.1)
+    assert cancelled() == n0 + 1  # noticed and ended, not waited out

@@ -24,10 +24,11 @@ usual, with ``cascade.reason = "not_applicable"``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +38,35 @@ from .cloud import CloudAnswer, CloudClient, CloudError
 from .confidence import TokenStats, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
 from .policy import Budget, Policy, decide, with_combiner
+
+
+class ClientGone(Exception):
+    """The client of a request that waited on the cloud disconnected."""
+
+
+async def _unless_gone(call, request, poll_s: float = 0.25):
+    """``await call``, unless the client of ``request`` (None: not watched) leaves first: then the call is
+    cancelled and :class:`ClientGone` raised. Starlette's check looks once, so it is polled."""
+    task = asyncio.ensure_future(call)
+    if request is None:
+        return await task
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_s)
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
 
 
 class ServerCascade:
@@ -121,8 +151,10 @@ class ServerCascade:
                                                                    "X-Ondevice-Cascade": "not_applicable"})
 
     # -- non-streaming ------------------------------------------------------------------------------------
-    async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict]) -> JSONResponse:
-        """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer."""
+    async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict],
+                     request=None) -> Response:
+        """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer. A client of
+        ``request`` that leaves while the cloud answers ends the cloud's request too (a paid one included)."""
         stats = TokenStats(messages)
         for g in gen:
             stats.add(g)
@@ -130,10 +162,14 @@ class ServerCascade:
         cloud = None
         if decision.defer:
             try:
-                cloud = await self.cloud.achat(messages, **self._cloud_params(req))
+                cloud = await _unless_gone(self.cloud.achat(messages, **self._cloud_params(req)), request)
             except CloudError as e:
                 self.budget.refund()
                 cloud = e
+            except ClientGone:
+                self.budget.refund()
+                self.state.metrics.cancelled += 1
+                return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         device_text = resp.choices[0].message.content or ""
         result = finish(decision, conf, self.combiner.calibrated, feats, device_text, gen[-1].t,
                         gen[-1].finish_reason, cloud)

@@ -337,7 +337,7 @@ class Runner:
         if st.cascade is not None:
             if cascade is None:
                 return st.cascade.not_applicable(resp)
-            return await cascade.finish(req, resp, results[0][1], messages)
+            return await cascade.finish(req, resp, results[0][1], messages, request)
         return resp
 
     def _submit(self, jobs: list[Job]) -> None:

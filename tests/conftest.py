@@ -17,20 +17,27 @@ def _kernels_cache(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def home_with_f16(home):
-    """``ONDEVICE_HOME`` set to ``home`` (restored after) holding the default model's F16 reference, dequantized
-    from the shipped file as ``ondevice fit`` makes it; yields the F16's path."""
+def ondevice_home(home):
+    """``ONDEVICE_HOME`` set to ``home`` (restored after), for fixtures wider than a test (monkeypatch is not)."""
     old = os.environ.get("ONDEVICE_HOME")
     os.environ["ONDEVICE_HOME"] = str(home)
     try:
-        from ondevice.quant import quantize
-
-        yield quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True).path
+        yield home
     finally:
         if old is None:
             os.environ.pop("ONDEVICE_HOME", None)
         else:
             os.environ["ONDEVICE_HOME"] = old
+
+
+@contextlib.contextmanager
+def home_with_f16(home):
+    """``ONDEVICE_HOME`` set to ``home`` (restored after) holding the default model's F16 reference, dequantized
+    from the shipped file as ``ondevice fit`` makes it; yields the F16's path."""
+    with ondevice_home(home):
+        from ondevice.quant import quantize
+
+        yield quantize(None, "F16", "smollm2-135m-instruct-f16", allow_requantize=True).path
 
 
 @pytest.fixture(scope="session")

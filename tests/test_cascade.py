@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import ondevice_home
 
 from ondevice.cascade.confidence import (
     FEATURES,
@@ -296,14 +297,8 @@ def cloud():
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """Hard samples of the in-process servers go to a store of their own."""
-    d = tmp_path_factory.mktemp("cascade-home")
-    old = os.environ.get("ONDEVICE_HOME")
-    os.environ["ONDEVICE_HOME"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("ONDEVICE_HOME", None)
-    else:
-        os.environ["ONDEVICE_HOME"] = old
+    with ondevice_home(tmp_path_factory.mktemp("cascade-home")) as d:
+        yield d
 
 
 def _device(cloud_url: str, **kw):

@@ -5,12 +5,12 @@ without usage. The device tier is the real ``ondevice serve``, reached with the 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ondevice_home
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -101,14 +101,8 @@ def fake():
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """Hard samples go to a store of this module's own."""
-    d = tmp_path_factory.mktemp("cascade-replies-home")
-    old = os.environ.get("ONDEVICE_HOME")
-    os.environ["ONDEVICE_HOME"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("ONDEVICE_HOME", None)
-    else:
-        os.environ["ONDEVICE_HOME"] = old
+    with ondevice_home(tmp_path_factory.mktemp("cascade-replies-home")) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +232,7 @@ def test_a_client_that_leaves_while_the_cloud_answers_ends_the_cloud_request(dev
 
     def cancelled() -> int:
         with urllib.request.urlopen(device.base_url + "/metrics", timeout=30) as m:
-            return int(re.search(r"^ondevice_requests_cancelled_total (\d+)", m.read().decode(), re.M).group(1))
+            return int(re.search(r"^ondevice_requests_cancelled_total (\d+)", m.read().decode(), re.MULTILINE).group(1))
 
     n0 = cancelled()
     cloud.mode = "slow"

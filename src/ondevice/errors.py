@@ -57,6 +57,9 @@ class ModelClosed(OndeviceError):
     """A model used after ``close()``."""
 
 
+NOT_THERE = ("no such file", "a broken symbolic link", "a symbolic link loop")  # path_problem's "not found" kinds
+
+
 def path_problem(path) -> str | None:
     """Why ``path`` is not a regular file that can be read, in a few words ("no such file", "a symbolic link
     loop", "a character device, not a file", ...), or None when it is one. One wording for every verb."""

@@ -44,16 +44,19 @@ class ClientGone(Exception):
     """The client of a request that waited on the cloud disconnected."""
 
 
-async def _unless_gone(call, request, poll_s: float = 0.25):
+async def _unless_gone(call, request):
     """``await call``, unless the client of ``request`` (None: not watched) leaves first: then the call is
-    cancelled and :class:`ClientGone` raised. Starlette's check looks once, so it is polled."""
+    cancelled and :class:`ClientGone` raised. Starlette's check looks once, so it is polled as the server's
+    one-piece replies poll it."""
+    from ..serve.app import DISCONNECT_POLL_S
+
     task = asyncio.ensure_future(call)
     if request is None:
         return await task
 
     async def gone() -> None:
         while not await request.is_disconnected():
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(DISCONNECT_POLL_S)
 
     watch = asyncio.ensure_future(gone())
     try:

@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_kernel_args(p)
     add_key_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
-    p.add_argument("--no-store", action="store_true", help="do not record the results in the store (nor the per-sample suite log, unless --log-dir names a folder)")
+    p.add_argument("--no-store", action="store_true",
+                   help="do not record the results in the store (nor the per-sample suite log, unless --log-dir "
+                        "names a folder)")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines")
     from .cascade_curve import add_cascade_arguments
 

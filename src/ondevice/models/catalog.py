@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
+from ..errors import NOT_THERE, InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
 from .gguf_check import GGUFInfo, validate_gguf
 from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
 
@@ -333,7 +333,7 @@ def did_you_mean(name: str) -> str | None:
 def _local(path: Path) -> ModelRef:
     p = path.expanduser()
     problem = path_problem(p)
-    if problem in ("no such file", "a broken symbolic link", "a symbolic link loop"):
+    if problem in NOT_THERE:
         raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))

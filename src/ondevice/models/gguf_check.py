@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import gguf
 
-from ..errors import InvalidModelFile, path_problem
+from ..errors import NOT_THERE, InvalidModelFile, path_problem
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -450,7 +450,7 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
 
     p = Path(path).expanduser()
     problem = path_problem(p)
-    if problem in ("no such file", "a broken symbolic link", "a symbolic link loop"):
+    if problem in NOT_THERE:
         raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
     if problem is not None:
         raise InvalidModelFile(f"{p}: {problem}; pass the path of a .gguf file")

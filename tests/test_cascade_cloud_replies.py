@@ -17,6 +17,7 @@ openai = pytest.importorskip("openai")
 
 MSG = [{"role": "user", "content": "Rewrite politely: send me the report now"}]
 CLOUD_PIECES = ["Could you", " send me", " the report", ", please?"]
+WHITESPACE = ["\n", "  ", "\n\n "]
 CLOUD_USAGE = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
 
 
@@ -24,9 +25,11 @@ class FakeCloud:
     """An OpenAI-compatible endpoint whose next replies are set by ``mode``; ``bodies`` are the requests it got.
 
     Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``slow`` (the same
-    after 6 s), ``ok_no_usage``,
+    after 6 s), ``ok_no_usage``, ``strict`` (a 400 for a request with ``stream_options``, as servers that refuse
+    unknown fields answer, else ``ok_no_usage``),
     ``html`` (200 with a web page), ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
-    ``content: null``). ``finish_reason`` is the one the cloud gives.
+    ``content: null``), ``whitespace`` (200, an answer of only spaces and newlines). ``finish_reason`` is the one
+    the cloud gives.
     """
 
     def __init__(self):
@@ -45,6 +48,10 @@ class FakeCloud:
                 fake.bodies.append(body)
                 if fake.mode == "slow":  # answers well, after the client has given up
                     time.sleep(6)
+                if fake.mode == "strict" and "stream_options" in body:
+                    return self._send(400, "application/json", json.dumps({"error": {
+                        "message": "Unrecognized request argument supplied: stream_options",
+                        "type": "invalid_request_error"}}))
                 if fake.mode == "html":
                     return self._send(200, "text/html", "<html><body>Service temporarily unavailable</body></html>")
                 if body.get("stream"):
@@ -68,10 +75,10 @@ class FakeCloud:
         return {"id": "chatcmpl-fake", "object": kind, "created": int(time.time()), "model": "fake"}
 
     def completion(self) -> dict:
-        content = None if self.mode == "null_content" else "".join(CLOUD_PIECES)
+        content = {"null_content": None, "whitespace": "".join(WHITESPACE)}.get(self.mode, "".join(CLOUD_PIECES))
         choices = [] if self.mode == "no_choices" else [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.finish_reason}]
-        usage = {} if self.mode == "ok_no_usage" else {"usage": CLOUD_USAGE}
+        usage = {} if self.mode in ("ok_no_usage", "strict") else {"usage": CLOUD_USAGE}
         return self._head("chat.completion") | {"choices": choices, **usage}
 
     def chunks(self, body: dict) -> list[dict]:
@@ -79,7 +86,7 @@ class FakeCloud:
             choices = [] if self.mode == "no_choices" else [{"index": 0, "delta": delta, "finish_reason": finish}]
             return self._head("chat.completion.chunk") | {"choices": choices}
 
-        pieces = [None] if self.mode == "null_content" else CLOUD_PIECES
+        pieces = {"null_content": [None], "whitespace": WHITESPACE}.get(self.mode, CLOUD_PIECES)
         out = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": p}) for p in pieces]
         out.append(chunk({}, self.finish_reason))
         if self.mode == "ok" and (body.get("stream_options") or {}).get("include_usage"):
@@ -116,10 +123,11 @@ def device(fake, home):
 
 
 @pytest.fixture()
-def cloud(fake):
-    """The fake cloud, answering well again after the test."""
+def cloud(fake, device):
+    """The fake cloud, answering well again after the test (and the server asking it for usage again)."""
     yield fake
     fake.mode, fake.finish_reason = "ok", "stop"
+    device.state.cascade.cloud.stream_usage = True
 
 
 def _hard_samples() -> list[dict]:
@@ -154,7 +162,7 @@ def _ask(srv, stream: bool, max_tokens: int = 6) -> dict:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("mode", ["html", "no_choices", "null_content"])
+@pytest.mark.parametrize("mode", ["html", "no_choices", "null_content", "whitespace"])
 def test_an_unusable_or_empty_cloud_reply_falls_back_to_the_device_and_is_not_kept(device, cloud, mode, stream):
     n0 = len(_hard_samples())
     cloud.mode = mode
@@ -190,6 +198,26 @@ def test_the_relayed_reply_has_the_clouds_finish_reason_and_usage(device, cloud,
     if stream:
         assert cloud.bodies[-1]["stream_options"] == {"include_usage": True}
         assert r["choices"][-1] == 0  # the usage chunk comes last, with no choices (as OpenAI sends it)
+
+
+def test_a_cloud_that_refuses_stream_options_still_answers_streamed_requests(device, cloud):
+    cloud.mode = "strict"
+    n0 = len(cloud.bodies)
+    for _ in range(2):
+        r = _ask(device, True)
+        assert r["cascade"]["tier"] == "cloud" and r["cascade"]["fallback"] is None, r["cascade"]
+        assert r["text"] == "".join(CLOUD_PIECES) and r["cascade"]["usage_source"] == "device_tokenizer"
+    sent = [("stream_options" in b) for b in cloud.bodies[n0:]]
+    assert sent == [True, False, False]  # refused once, asked again without it, then never sent again
+
+
+def test_a_whole_cloud_answer_carries_no_device_timings(device, cloud):
+    c = openai.OpenAI(base_url=device.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "x", "messages": MSG, "max_tokens": 6, "temperature": 0}
+    on_device = c.chat.completions.create(**kw, extra_body={"cascade": {"never_defer": True}})
+    deferred = c.chat.completions.create(**kw, extra_body={"cascade": {"always_defer": True}})
+    assert on_device.model_extra["timings"]["predicted_n"] > 0  # llama-server's field, of the device's decode
+    assert deferred.model_extra["cascade"]["tier"] == "cloud" and deferred.model_extra.get("timings") is None
 
 
 def test_a_cloud_that_reports_no_usage_is_counted_on_the_device_the_same_way_in_both_modes(device, cloud):

@@ -5,7 +5,8 @@ The key comes from an environment variable whose *name* is configured (``ONDEVIC
 the key itself is never printed or stored. No retries: a cascade that waits for retries is slower than its
 own device fallback. Every failure becomes a :class:`CloudError` with a short ``kind`` (``timeout``,
 ``unreachable``, ``http_503``, ``bad_reply``) that the reply reports. A reply with no text (HTTP 200 with a web
-page, no ``choices``, ``content: null``) is a ``bad_reply`` too: it is no answer to give a user or to learn from.
+page, no ``choices``, ``content: null``, only whitespace) is a ``bad_reply`` too: it is no answer to give a user
+or to learn from.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class CloudClient:
         self.key_env = key_env
         self.timeout = timeout
         self.stopping = False
+        self.stream_usage = True  # ask a stream for its usage chunk (False once the server refused the field)
         self._waits: set = set()  # the asyncio.timeout of every wait on the cloud in progress
         self._sync = None
         self._async = None
@@ -168,14 +170,13 @@ class CloudClient:
     async def astream(self, messages: list[dict], **params) -> AsyncIterator[str | CloudAnswer]:
         """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (its finish
         reason and, where the cloud sends them, its token counts). Waits at most ``timeout`` for each chunk
-        (the first included); a stream without text raises ``bad_reply`` before anything is yielded."""
+        (the first included); a stream without text, or with only whitespace, raises ``bad_reply`` before anything
+        is yielded."""
         t0, stream = time.perf_counter(), None
         parts, model, finish, usage = [], self.model or "", None, None
+        pending, sent = "", False  # leading whitespace is held back: alone it is no answer
         try:
-            async with self._wait():
-                stream = await self.async_client.chat.completions.create(
-                    model=await self.amodel_id(), messages=messages, stream=True,
-                    stream_options={"include_usage": True}, **_params(params))
+            stream = await self._open_stream(messages, params)
             it = stream.__aiter__()
             while True:
                 try:
@@ -188,13 +189,37 @@ class CloudClient:
                 finish = (choice.finish_reason if choice else None) or finish
                 if choice and choice.delta and choice.delta.content:
                     parts.append(choice.delta.content)
-                    yield choice.delta.content
+                    pending += choice.delta.content
+                    if sent or pending.strip():
+                        yield pending
+                        pending, sent = "", True
             yield _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
         except Exception as e:
             raise _classify(e, self.url, self.timeout, self.stopping) from e
         finally:
             if stream is not None:
                 await stream.close()  # returns the connection to the pool (or drops it) at once
+
+    async def _open_stream(self, messages: list[dict], params: dict):
+        """The cloud's stream, asking for its usage chunk (``stream_options``). A server that answers that with
+        HTTP 400/422 (some OpenAI-compatible servers refuse fields they do not know) is asked once more without
+        the field; when that works the field is never sent to it again, and its streamed answers are counted
+        with the device's tokenizer (``usage_source``)."""
+        async def create(**extra):
+            async with self._wait():
+                return await self.async_client.chat.completions.create(
+                    model=await self.amodel_id(), messages=messages, stream=True, **extra, **_params(params))
+
+        if not self.stream_usage:
+            return await create()
+        try:
+            return await create(stream_options={"include_usage": True})
+        except _openai().APIStatusError as e:
+            if e.status_code not in (400, 422):
+                raise
+        stream = await create()
+        self.stream_usage = False
+        return stream
 
     def close(self) -> None:
         if self._sync is not None:
@@ -216,8 +241,8 @@ def _answer(r, latency: float) -> CloudAnswer:
 
 def _answer_of(text: str, model: str, latency: float, usage, finish_reason: str | None) -> CloudAnswer:
     """The answer of a whole reply or of a stream: one with no text is no answer (``bad_reply``)."""
-    if not text:
-        raise CloudError("bad_reply", "the cloud's reply has no text")
+    if not text.strip():
+        raise CloudError("bad_reply", "the cloud's reply has no text" + (" (only whitespace)" if text else ""))
     return CloudAnswer(text=text, model=model, latency_s=latency, finish_reason=finish_reason,
                        prompt_tokens=usage.prompt_tokens if usage else 0,
                        completion_tokens=usage.completion_tokens if usage else 0, usage_reported=usage is not None)

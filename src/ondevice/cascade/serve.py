@@ -181,6 +181,7 @@ class ServerCascade:
         if answer is not None:
             resp.choices[0].message.content = result.text
             resp.choices[0].finish_reason = result.finish_reason or "stop"
+            resp.timings = None  # llama-server's timings are the device's decode: not the answer's (as in a relay)
         resp.usage, extra = self._usage(resp.usage, answer)
         info = result.info() | extra
         resp.cascade = info

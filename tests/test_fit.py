@@ -168,6 +168,34 @@ def test_a_relative_speed_bound_is_met_against_the_shipped_file_benched_with_the
                for ln in res.lines)
 
 
+def test_a_speed_bound_missed_as_measured_validates_the_next_plans(fitted, home, monkeypatch):
+    """The validated plan decodes slower than the table said (the host slowed it): the fit validates the next
+    plans predicted to meet the bound at this moment's speed instead of giving up, and chooses one of those."""
+    import ondevice
+
+    real, slowed = ondevice.bench, []
+
+    def bench(models, *a, **kw):  # the real bench; the first validation's candidate decodes at 0.5 tok/s
+        out = real(models, *a, **kw)
+        if not slowed and any("candidate-" in str(m) for m in models):
+            for i, r in enumerate(out):
+                r = r.to_dict()
+                if "candidate-" in r["model_path"] and r["test"].startswith("tg"):
+                    slowed.append(r["model_path"])
+                    out[i] = {**r, "tps_samples": [0.5] * len(r["tps_samples"]), "tps_mean": 0.5}
+        return out
+
+    monkeypatch.setattr(ondevice, "bench", bench)
+    # resumed (the KLDs are the earlier fit's), at a prompt length of its own so that every speed is benched
+    res = ondevice.fit(None, "tg>=1", store=False, resume=True, **{**TINY, "validate": 1, "speed_tests": ("pp16", "tg8")})
+    assert slowed
+    first, *more = res.candidates
+    assert first.measured["tg"] == pytest.approx(0.5) and more  # missed, then the next plan(s) validated
+    assert res.chosen in more and res.chosen.measured["tg"] >= 1 and res.chosen.plan != first.plan
+    assert len({c.measured["file"] for c in res.candidates}) == len(res.candidates)  # each built to its own file
+    assert any(ln.startswith("no validated plan met the speed bound as measured") for ln in res.lines)
+
+
 def test_imatrix_is_collected_from_the_eval_callback(home, tmp_path):
     import numpy as np
 

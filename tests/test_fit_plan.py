@@ -255,3 +255,33 @@ def test_ctrl_c_during_the_speed_bench_stops_the_fit_and_caches_nothing(tmp_path
     cache.put("ka", {"tg": 1.0})  # an entry an older version left without pp: measured again, not reused
     monkeypatch.setattr(ondevice, "bench", _fake_bench(calls, tg))
     assert m.speed("ka", tmp_path / "a.gguf")["pp"] == pytest.approx(300.0) and len(calls) == 2 + 3
+
+
+def test_plans_that_miss_a_speed_bound_as_measured_give_way_to_plans_fast_enough_at_this_moment():
+    """A ``tg>=`` bound the table's plans met when it was measured, missed once the host slowed down: the
+    retry picks the next plans that meet it at the base variant's speed now, the sure ones (two standard
+    deviations over the bound) first, never one already validated."""
+    from ondevice.fit.budget import parse_budget
+    from ondevice.fit.plan import at_speed, choose, make_table, pareto_front
+
+    qk = Group("attn_qk", (Matrix("blk.0.attn_q.weight", 640 * 1024, 640),), compute=True)
+    down = Group("ffn_down", (Matrix("blk.0.ffn_down.weight", 2048 * 640 * 8, 2048),), compute=True)
+    lay = Layout((qk, down), (), 0)
+    opts = lay.options(("Q8_0", "Q5_0", "Q4_0"))
+    speed = {"Q5_0": {"tg": 105.0, "pp": 1000.0, "tg_rse": 0.01}, "Q4_0": {"tg": 200.0, "pp": 1000.0, "tg_rse": 0.01}}
+    kld = {("attn_qk", "Q5_0"): 0.001, ("attn_qk", "Q4_0"): 0.01, ("ffn_down", "Q5_0"): 0.002,
+           ("ffn_down", "Q4_0"): 0.05}
+    table = make_table(lay, {"tg": 100.0, "pp": 1000.0, "tg_rse": 0.01}, speed, 0.0, kld, opts=opts)
+    front = pareto_front(table)
+    bud = parse_budget("tg>=104")
+    picks = choose(front, bud, 1)
+    slow = {"tg": 90.0, "pp": 1000.0, "tg_rse": 0.01}  # the host at 90% of the table's speed
+    assert picks[0].predicted["tg"] >= 104 > table.predict_at(picks[0].plan, slow)["tg"]
+    again = at_speed(front, bud, table, slow, 2, exclude=picks)
+    assert again and all(c.plan != picks[0].plan for c in again)
+    for c in again:
+        assert table.predict_at(c.plan, slow)["tg"] >= 104
+        assert c.predicted == table.predict(c.plan) and not c.measured  # fresh: nothing of a validation yet
+    sure = table.predict_at(again[0].plan, slow)
+    assert sure["tg"] - 2 * sure["tg_sd"] >= 104
+    assert at_speed(front, parse_budget("tg>=1000"), table, slow, 2, exclude=picks) == []

@@ -83,6 +83,10 @@ class Budget:
             out.append(f"score {m['score']:.3f} < {self.score:.3f}")
         return out
 
+    def speed_violations(self, m: dict) -> list[str]:
+        """The tok/s bounds ``m`` breaks (see :meth:`violations`)."""
+        return [v for v in self.violations(m) if v.startswith(("tg ", "pp "))]
+
     def describe(self) -> str:
         return self.text or "none (least KLD)"
 

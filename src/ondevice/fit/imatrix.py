@@ -16,6 +16,7 @@ name -> float32 vector, which ``quant`` passes to ``llama_model_quantize_params.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import io
 from pathlib import Path
 
@@ -132,3 +133,35 @@ def collect(model_path: str | Path, text: str | Path, out: str | Path, *, n_ctx:
     with atomic_write(out) as f:
         f.write(buf.getvalue())
     return len(sums)
+
+
+def lowers_kld(without: dict, with_: dict) -> bool:
+    """The rule for keeping an optional step (imatrix, transform): it lowers the KLD by more than twice the
+    standard error, or by more than 5%."""
+    gain = without["kld"] - with_["kld"]
+    return gain > 2 * max(without["kld_err"], with_["kld_err"], 1e-9) or (gain > 0 and gain > 0.05 * without["kld"])
+
+
+def choose_imatrix(mode, meter, reference, low: dict[str, str], calib: Path, ctx: int, chunks: int,
+                    held_q, workdir: Path, say, stats: bool = False) -> tuple[Path | None, str | None, dict]:
+    """Whether to quantize with an importance matrix; ``stats``: collect it anyway (``info["file"]``), the
+    transform's scales need the activations."""
+    from .measure import Item
+
+    if mode == "off" and not stats:
+        return None, None, {"used": False, "why": "off"}
+
+    path = workdir / f"imatrix-{hashlib.sha256(f'{calib.name}|{ctx}|{chunks}'.encode()).hexdigest()[:12]}.npz"
+    if not (meter.resume and path.is_file()):
+        n = collect(reference.path, calib, path, n_ctx=ctx, n_chunks=chunks, threads=meter.eval_threads)
+        say(f"importance matrix: {n} matrices, from {chunks} x {ctx} calibration tokens")
+    if mode == "off":
+        return None, None, {"used": False, "why": "off", "file": str(path)}
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    without, with_ = (r["kld"][0] for r in meter.measure([Item(low, [held_q]), Item(low, [held_q], path, sha)]))
+    helps = lowers_kld(without, with_)
+    info = {"kld_without": without["kld"], "kld_with": with_["kld"], "plan": low, "used": mode == "on" or helps,
+            "sha256": sha, "file": str(path)}
+    say(f"importance matrix on the lowest plan: held-out KLD {without['kld']:.4f} without, {with_['kld']:.4f} with "
+        f"-> {'used' if info['used'] else 'not used'}" + (" (forced on)" if mode == "on" and not helps else ""))
+    return (path, sha, info) if info["used"] else (None, None, info)

@@ -200,6 +200,39 @@ def pareto_front(table: Table, with_pp: bool = False, cap: int = 4000) -> list[C
     return sorted(out, key=lambda c: (c.predicted["size"], c.predicted["kld"]))
 
 
+def safe_first(front: list[Candidate], strict: Budget, picks: list[Candidate], n: int) -> list[Candidate]:
+    """``picks`` led by the best plans that also meet the ``strict`` budget (a margin on a bound)."""
+    try:
+        safe = choose(front, strict, n)
+    except InvalidArgument:
+        safe = []
+    return (safe + [c for c in picks if c not in safe])[:n]
+
+
+def at_speed(front: list[Candidate], budget: Budget, table: Table, base_now: dict, n: int,
+             exclude: list[Candidate]) -> list[Candidate]:
+    """The ``n`` best plans not in ``exclude`` that meet ``budget`` once predicted at the base variant's speed
+    ``base_now`` (:meth:`Table.predict_at`), those that meet it by two standard deviations first; fresh
+    candidates (their predictions are the table's, as every pick's before validation)."""
+    seen = [c.plan for c in exclude]
+    ok, sure = [], []
+    for c in front:
+        if c.plan in seen:
+            continue
+        at = table.predict_at(c.plan, base_now)
+        m = {**c.predicted, "tg": at["tg"], "pp": at["pp"]}
+        if budget.violations(m):
+            continue
+        ok.append(c)
+        low = {**m, **{k: at[k] - 2 * (at.get(f"{k}_sd") or 0.0) for k in ("tg", "pp")}}
+        if not budget.violations(low):
+            sure.append(c)
+    key = objective(budget)
+    best = sorted(sure, key=lambda c: key(c.predicted)) + sorted(ok, key=lambda c: key(c.predicted))
+    first = list({id(c): c for c in best}.values())[:n]  # each plan once, in that order
+    return [Candidate(dict(c.plan), dict(c.predicted)) for c in first]
+
+
 def objective(budget: Budget):
     """Sort key of the best plan: least KLD, or (when KLD is bounded) the smallest, then the fastest."""
     if budget.kld is None:

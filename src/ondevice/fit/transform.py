@@ -16,7 +16,7 @@ The importance matrix (mean ``x^2`` per input column) of the transformed model i
 activations. Whether the transform helps at all is measured, never assumed: :func:`choose` builds the
 transformed reference for a small grid of ``alpha``, picks the alpha with the least KLD on the calibration
 text at the fit's lowest plan, and keeps it only when it lowers the held-out KLD of that plan against the
-UNtransformed reference by the same rule ``--imatrix auto`` uses (:func:`~ondevice.fit.api.lowers_kld`).
+UNtransformed reference by the same rule ``--imatrix auto`` uses (:func:`~ondevice.fit.imatrix.lowers_kld`).
 
 Only the ``llama`` architecture (SmolLM2, Llama, ...) is transformed: other architectures (Gemma-3's
 sandwich norms, Qwen2's q/k/v biases, ...) may hide a non-linearity or bias between a norm and its matrices,
@@ -279,11 +279,11 @@ def choose(mode: str, meter, reference, low: dict[str, str], stats: str | Path |
     """Decide ``--transform auto|on|off`` at the fit's lowest plan ``low``: for each alpha, build the
     transformed reference (and its importance matrix when the fit uses one, ``imatrix``), quantize ``low``
     from it and score it against the untransformed reference; alpha is picked on the calibration text, the
-    decision is taken on the held-out text by :func:`~ondevice.fit.api.lowers_kld`. ``alphas``: the grid
+    decision is taken on the held-out text by :func:`~ondevice.fit.imatrix.lowers_kld`. ``alphas``: the grid
     (default :data:`ALPHAS`)."""
     import gguf
 
-    from .api import lowers_kld
+    from .imatrix import lowers_kld
     from .measure import Item
 
     if mode not in ("auto", "on", "off"):

@@ -19,7 +19,7 @@ the cap less what the runtime measured under it needs besides the weights).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidArgument
 
@@ -85,7 +85,7 @@ class Budget:
 
     def speed_violations(self, m: dict) -> list[str]:
         """The tok/s bounds ``m`` breaks (see :meth:`violations`)."""
-        return [v for v in self.violations(m) if v.startswith(("tg ", "pp "))]
+        return replace(self, size=None, fits=None, kld=None, score=None).violations(m)
 
     def describe(self) -> str:
         return self.text or "none (least KLD)"

@@ -328,6 +328,20 @@ def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
             c.call("word_count", {"text": 3})  # the server validates too
 
 
+def test_an_mcp_server_that_never_answers_is_an_error_and_is_not_left_running():
+    pytest.importorskip("mcp")
+    import psutil
+
+    from ondevice.agent.mcptools import MCPClient
+    from ondevice.errors import OndeviceError
+
+    silent = MCPClient(sys.executable, ["-c", "import time; time.sleep(600)"], timeout=2)
+    with pytest.raises(OndeviceError, match=r"could not start the MCP server .*no answer in 2 s"):
+        silent.start()
+    left = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
+    assert not left, left
+
+
 def test_a_third_party_mcp_server_with_dotted_names_and_the_env_it_is_given(tmp_path, monkeypatch):
     pytest.importorskip("mcp")
     from ondevice.agent.mcptools import MCPClient
@@ -440,6 +454,85 @@ def test_agent_plans_and_acts_with_the_small_model(smol):
     assert {e["event"] for e in log} >= {"filled", "start", "end"} and all("t" in e for e in log)
 
 
+class _Recording:
+    """The real model, with the messages of each request it is asked to answer kept."""
+
+    def __init__(self, model):
+        self.model, self.asked = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, messages, **kw):
+        self.asked.append(messages)
+        return self.model.stream(messages, **kw)
+
+
+def test_after_its_calls_the_agent_answers_from_their_results(smol):
+    """As after an OpenAI or Ollama tool loop, the request gets a reply in words: the model is shown its calls
+    as ``tool_calls`` and each result (or error) as a ``tool`` message, and what it writes is the answer."""
+    def get_weather(city: str) -> dict:
+        """Current weather in a city."""
+        return {"city": city, "temp_c": 18, "sky": "light rain"}
+
+    model = _Recording(smol)
+    for plan in (True, False):  # without a plan SmolLM2 may answer at once, with no call: then that is the answer
+        run = Agent(Toolbox([get_weather]), actor=model).run("What's the weather in Oslo?", plan=plan)
+        if not plan and not run.nodes:
+            assert run.answer and run.turns[-1]["step"] == "call:1", run.to_dict()
+            continue
+        assert run.ok and run.nodes and run.nodes[0].status == "done", run.to_dict()
+        asked = model.asked[-1]
+        assert asked[1] == {"role": "user", "content": "What's the weather in Oslo?"}
+        call = asked[2]["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather" and call["arguments"] == run.nodes[0].attempts[-1]["args"]
+        assert asked[3]["role"] == "tool" and json.loads(asked[3]["content"]) == run.nodes[0].output
+        assert run.turns[-1]["step"] == "answer" and run.answer == run.turns[-1]["text"]
+        assert run.answer and not run.answer.startswith(("{", "[", "<")), run.answer
+        assert run.to_dict()["answer"] == run.answer
+    quiet = Agent(Toolbox([get_weather]), actor=smol, answer_tokens=0).run("What's the weather in Oslo?")
+    assert quiet.ok and quiet.answer is None and quiet.turns[-1]["step"] != "answer"
+
+
+def test_agent_cli_prints_the_answer_alone_on_stdout(cli, tmp_path):
+    (tmp_path / "weather.py").write_text(textwrap.dedent('''
+        from ondevice.agent import tool
+
+        @tool
+        def get_weather(city: str) -> dict:
+            """Current weather in a city."""
+            return {"city": city, "temp_c": 18}
+    '''))
+    r = cli("agent", "What's the weather in Oslo?", "--tools", str(tmp_path / "weather.py"))
+    assert r.returncode == 0, r.stderr
+    assert '-> done: {"city": "Oslo", "temp_c": 18}' in r.stderr and "-> done" not in r.stdout, (r.stdout, r.stderr)
+    assert r.stdout.strip() and not r.stdout.lstrip().startswith(("{", "[", "<")), r.stdout
+    r = cli("agent", "What's the weather in Oslo?", "--tools", str(tmp_path / "weather.py"), "--no-answer")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith('s1 get_weather({"city": "Oslo"}) -> done'), r
+
+
+def test_a_failed_call_is_shown_to_the_answer_as_an_error(smol):
+    def get_weather(city: str) -> dict:
+        """Current weather in a city."""
+        raise RuntimeError("the weather service is down")
+
+    def get_time(city: str) -> str:
+        """The local time in a city."""
+        return "14:05"
+
+    model = _Recording(smol)
+    nodes = [Node("s1", "get_weather", {"city": "Oslo"}), Node("s2", "get_time", {"city": "Oslo"})]
+    g = run_graph(nodes, Toolbox([get_weather, get_time]), max_retries=0)
+    agent = Agent(Toolbox([get_weather, get_time]), actor=model)
+    text = agent.answer("Weather and time in Oslo?", list(g.nodes.values()))
+    results = {m["tool_call_id"]: m["content"] for m in model.asked[-1] if m["role"] == "tool"}
+    assert results["call_s2"] == json.dumps("14:05") and "the weather service is down" in results["call_s1"]
+    assert text
+    nodes = [Node("s1", "get_weather", {"city": "Oslo"})]
+    g = run_graph(nodes, Toolbox([get_weather]), max_retries=0)
+    assert agent.answer("Weather in Oslo?", list(g.nodes.values())) is None  # nothing to answer from
+
+
 def test_plans_become_graph_nodes_and_sops_load(tmp_path):
     from ondevice.agent.agent import SOP, plan_nodes, plan_schema, sop_prompt
 
@@ -476,7 +569,7 @@ def test_direct_retries_count_attempts_on_one_clock(monkeypatch):
 
     monkeypatch.setattr(agent_mod, "call_turn", turn)
     events = []
-    run = Agent(Toolbox([div]), actor=object(), on_event=events.append).run("halve one", plan=False)
+    run = Agent(Toolbox([div]), actor=object(), on_event=events.append, answer_tokens=0).run("halve one", plan=False)
     assert run.ok and [a["ok"] for a in run.nodes[0].attempts] == [False, True]
     starts = [e for e in events if e["event"] == "start"]
     assert [e["attempt"] for e in starts] == [1, 2] and starts[1]["t"] > starts[0]["t"] + 0.04

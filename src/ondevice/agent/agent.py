@@ -21,7 +21,7 @@ from pathlib import Path
 from ..engine.grammar import schema_grammar
 from ..engine.records import Sampling
 from ..errors import InvalidArgument, OndeviceError
-from .calls import Turn, call_turn, check_calls
+from .calls import TEXT_RULE, Turn, call_turn, check_calls
 from .graph import GraphRun, Node, Replan, run_graph
 from .retrieval import ToolIndex
 from .tools import Confirm, Tool, Toolbox
@@ -51,6 +51,11 @@ PLANNER_SYSTEM = (
     "one call to one tool. A subtask that needs another subtask's result lists that subtask's id in "
     "depends_on; subtasks that do not need each other have no dependency, so they can run at the same time. "
     'Reply with JSON only: {"subtasks": [{"id": 1, "task": "...", "tool": "...", "depends_on": []}]}.'
+)
+
+ANSWER_SYSTEM = (
+    "You answer the user's request from the results of the tool calls made for it. Reply in plain sentences, "
+    "briefly, using only what the results say; if a call failed, say what could not be done."
 )
 
 
@@ -87,7 +92,7 @@ class AgentRun:
     nodes: list[Node]
     graph: GraphRun | None
     turns: list[dict] = field(default_factory=list)
-    answer: str | None = None  # a plain answer when no tool was called
+    answer: str | None = None  # the reply to the request: written from the tools' results, or without a tool
     seconds: float = 0.0
 
     @property
@@ -108,7 +113,7 @@ class Agent:
     def __init__(self, toolbox: Toolbox, *, planner=None, actor=None, index: ToolIndex | None = None,
                  top_k: int = 5, sops: Sequence[SOP] = (), confirm: Confirm | None = None, max_retries: int = 2,
                  parallel: bool = True, max_workers: int = 4, replan: Replan | None = None,
-                 on_event: Callable[[dict], None] | None = None):
+                 on_event: Callable[[dict], None] | None = None, answer_tokens: int = 256):
         if planner is None and actor is None:
             raise InvalidArgument("an agent needs a model: give planner= and/or actor=")
         self.toolbox, self.index, self.top_k = toolbox, index, top_k
@@ -116,6 +121,7 @@ class Agent:
         self.sops = list(sops)
         self.confirm, self.max_retries = confirm, max_retries
         self.parallel, self.max_workers, self.replan, self.on_event = parallel, max_workers, replan, on_event
+        self.answer_tokens = answer_tokens  # the answer step's token limit; 0 skips it (the results alone)
 
     def offered(self, request: str) -> list[Tool]:
         """The tools shown to the models for ``request``: the top-k retrieved, or all of them."""
@@ -171,8 +177,41 @@ class Agent:
             g = run_graph(nodes, self.toolbox, fill=self.fill(request, turns), parallel=self.parallel,
                           max_workers=self.max_workers, max_retries=self.max_retries, confirm=self.confirm,
                           replan=self.replan, on_event=self.on_event)
-            return AgentRun(request, list(g.nodes.values()), g, turns, seconds=time.perf_counter() - t0)
-        return self._direct(request, tools, turns, t0)
+            run = AgentRun(request, list(g.nodes.values()), g, turns)
+        else:
+            run = self._direct(request, tools, turns, t0)
+        if self.answer_tokens and run.graph is not None:
+            run.answer = self.answer(request, run.nodes, turns)
+        run.seconds = time.perf_counter() - t0
+        return run
+
+    # -- the answer step -------------------------------------------------------------------------
+    def answer(self, request: str, nodes: Sequence[Node], turns: list | None = None) -> str | None:
+        """The reply to ``request`` written by the planner model from the tools' results, the way a chat
+        model answers after its calls (OpenAI's and Ollama's tool loop): the calls as the assistant's
+        ``tool_calls``, each result (or error) as a ``tool`` message. None when no tool ran to the end."""
+        ran = [n for n in nodes if n.status in ("done", "failed") and n.attempts]
+        if not any(n.status == "done" for n in ran):
+            return None
+        calls, results = [], []
+        for n in ran:
+            cid = f"call_{n.id}"
+            calls.append({"type": "function", "id": cid,
+                          "function": {"name": n.tool, "arguments": n.attempts[-1]["args"]}})
+            out = (json.dumps(n.output, ensure_ascii=False, default=str) if n.status == "done"
+                   else f"error: {n.error}")
+            results.append({"role": "tool", "tool_call_id": cid, "name": n.tool, "content": out})
+        system = "\n\n".join(x for x in (ANSWER_SYSTEM, sop_prompt(self.sops)) if x)
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": request},
+                {"role": "assistant", "content": "", "tool_calls": calls}, *results]
+        # a reply that starts like a call is not an answer: the grammar lets it start with anything else
+        grammar = f"root ::= ondevice-text\n{TEXT_RULE}"
+        t0 = time.perf_counter()
+        text = "".join(g.text for g in self.planner.stream(
+            msgs, sampling=Sampling(temp=0.0, max_tokens=self.answer_tokens, grammar=grammar))).strip()
+        if turns is not None:
+            turns.append({"step": "answer", "text": text, "seconds": round(time.perf_counter() - t0, 4)})
+        return text or None
 
     def _direct(self, request: str, tools: list[Tool], turns: list, t0: float) -> AgentRun:
         msgs = [{"role": "user", "content": request}]
@@ -182,7 +221,7 @@ class Agent:
                              system=sop_prompt(self.sops))
             turns.append(_turn_record(f"call:{attempt + 1}", turn))
             if turn.calls is None:
-                return AgentRun(request, [], None, turns, answer=turn.text.strip(), seconds=time.perf_counter() - t0)
+                return AgentRun(request, [], None, turns, answer=turn.text.strip())
             problem = check_calls(turn.calls, tools)
             if problem is None:
                 nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments, attempts=list(tried.get(c.name, [])))
@@ -192,7 +231,7 @@ class Agent:
                 tried = {n.tool: n.attempts for n in g.nodes.values()}
                 failed = [n for n in g.nodes.values() if n.status == "failed" and n.result.kind == "failed"]
                 if not failed or attempt == self.max_retries:
-                    return AgentRun(request, list(g.nodes.values()), g, turns, seconds=time.perf_counter() - t0)
+                    return AgentRun(request, list(g.nodes.values()), g, turns)
                 problem = "; ".join(n.error for n in failed)
             msgs += [{"role": "assistant", "content": turn.text},
                      {"role": "user", "content": f"That call failed: {problem}. Write a corrected call."}]

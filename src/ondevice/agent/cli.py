@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner-model", default=None, help="model that writes the plan (default: --model)")
     p.add_argument("--actor-model", default=None, help="model that writes each call (default: --model)")
     p.add_argument("--no-plan", action="store_true", help="one call turn (parallel calls allowed), no plan step")
+    p.add_argument("--no-answer", action="store_true",
+                   help="print the tools' results only: no final answer written from them by the model")
     p.add_argument("--retrieve", type=int, default=0, metavar="K",
                    help="offer only the K tools most relevant to the request (0: all)")
     p.add_argument("--retrieve-mode", default="lexical", choices=("lexical", "hybrid", "embedding"),
@@ -120,7 +122,8 @@ def _run_agent(args, box, request: str) -> int:
 
         agent = Agent(box, planner=planner, actor=actor, index=index, top_k=args.retrieve or 5,
                       sops=[SOP.load(p) for p in args.sop], confirm=(lambda t, a: True) if args.yes else cli_confirm,
-                      max_retries=args.retries, parallel=not args.sequential, on_event=show)
+                      max_retries=args.retries, parallel=not args.sequential, on_event=show,
+                      answer_tokens=0 if args.no_answer else 256)
         result = agent.run(request, plan=not args.no_plan)
         rec = result.to_dict()
         if args.log:
@@ -128,14 +131,17 @@ def _run_agent(args, box, request: str) -> int:
                 f.write(json.dumps(rec, default=str) + "\n")
         if args.json:
             print(json.dumps(rec, indent=2, default=str))
-        elif result.answer is not None:
+            return 0 if result.ok else 1
+        # with an answer, it alone goes to stdout and the steps to stderr (as the live log does)
+        steps = sys.stderr if result.answer is not None else sys.stdout
+        for n in rec["nodes"]:
+            out = json.dumps(n["output"], ensure_ascii=False, default=str) if n["status"] == "done" else n["error"]
+            print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "
+                  f"-> {n['status']}: {out}", file=steps)
+        if rec["nodes"]:
+            print(f"{'ok' if result.ok else 'not all subtasks finished'} in {result.seconds:.2f} s", file=steps)
+        if result.answer is not None:
             print(result.answer)
-        else:
-            for n in rec["nodes"]:
-                out = json.dumps(n["output"], ensure_ascii=False, default=str) if n["status"] == "done" else n["error"]
-                print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "
-                      f"-> {n['status']}: {out}")
-            print(f"{'ok' if result.ok else 'not all subtasks finished'} in {result.seconds:.2f} s")
         return 0 if result.ok else 1
     finally:
         if embedder is not None:

@@ -307,9 +307,11 @@ def test_ctrl_c_at_the_terminal_stops_a_supervised_run_with_130(tmp_path):
 
 
 def test_a_killed_supervisor_takes_its_child_down(tmp_path):
+    """...and leaves no file behind: the state the child leaves for a crash message lives in memory."""
     import psutil
 
-    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"))
     proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "chat"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 60
@@ -320,6 +322,25 @@ def test_a_killed_supervisor_takes_its_child_down(tmp_path):
     proc.wait()
     child.wait(timeout=60)  # PR_SET_PDEATHSIG gave it SIGTERM
     assert not child.is_running()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_the_crash_state_is_written_only_into_the_file_the_supervisor_passed(tmp_path, monkeypatch):
+    """A process that inherited ONDEVICE_CRASH_STATE but not its descriptor (a grandchild) may hold another
+    file under that number: it must not write there."""
+    from ondevice import supervise
+
+    other = tmp_path / "users-file.txt"
+    other.write_text("keep me\n")
+    state = os.memfd_create("state")
+    with open(other, "r+b") as f:
+        monkeypatch.setenv(supervise.STATE_ENV, f"{f.fileno()}:{os.fstat(state).st_dev}:{os.fstat(state).st_ino}")
+        supervise.note_loaded({"bufts": ["CPU_REPACK"]}, {"CPU_REPACK": 1.0})
+    assert other.read_text() == "keep me\n"
+    monkeypatch.setenv(supervise.STATE_ENV, supervise._state_id(state))
+    supervise.note_loaded({"bufts": ["CPU_REPACK"]}, {"CPU_REPACK": 1.0})
+    assert json.loads(os.pread(state, 4096, 0)) == {"bufts": ["CPU_REPACK"], "buffers": ["CPU_REPACK"]}
+    os.close(state)
 
 
 def test_the_kernels_cache_env_var_never_replaces_a_file_that_is_not_a_kernels_cache(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ before). The child gets SIGTERM if the parent is killed outright. The parent onl
 terminal sends, Ctrl-C included, reaches the child directly), passes the child's exit status through, and when the child dies of
 a signal prints what died, the likely cause and the flag that avoids it, then exits 128 + the signal.
 
-The child leaves the kernels it loaded in a small file (``ONDEVICE_CRASH_STATE``, written by
-:func:`note_loaded`) so the message can name AMX or CPU_REPACK. ``ONDEVICE_SUPERVISED=1``
+The child leaves the kernels it loaded in an anonymous in-memory file the parent made and passed down
+(``ONDEVICE_CRASH_STATE`` names its descriptor; written by :func:`note_loaded`) so the message can name AMX
+or CPU_REPACK. Nothing is left on disk, even when the parent is killed outright. ``ONDEVICE_SUPERVISED=1``
 in the environment runs a verb in-process (what the child sees; also a way to opt out).
 """
 
@@ -19,8 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 VERBS = frozenset({"run", "chat", "serve", "eval", "quantize", "agent", "adapt"})
 MARK_ENV = "ONDEVICE_SUPERVISED"
@@ -74,14 +73,13 @@ def _term_with_parent() -> None:  # in the child, between fork and exec
 
 def run_supervised(verb: str, argv: list[str]) -> int:
     """Run ``ondevice argv`` in a child; its exit code, or 128 + signal with a clear line when it crashed."""
-    fd, state_path = tempfile.mkstemp(prefix="ondevice-crash-", suffix=".json")
-    os.close(fd)
-    env = dict(os.environ, **{MARK_ENV: "1", STATE_ENV: state_path})
+    fd = os.memfd_create("ondevice-crash-state")  # gone with the last process that holds it: no file left
+    env = dict(os.environ, **{MARK_ENV: "1", STATE_ENV: _state_id(fd)})
     if os.environ.get("ONDEVICE_VERBOSE", "") in ("", "0"):  # the crash gets our line, not ggml's gdb dump
         env.setdefault("GGML_NO_BACKTRACE", "1")
     forwarded = None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env, pass_fds=(fd,),
                                 preexec_fn=_term_with_parent)  # noqa: PLW1509 — the parent is single-threaded here
         # wait with our signals blocked and read them synchronously: no handler runs in the parent
         mask = {*_FORWARD, signal.SIGCHLD}
@@ -111,23 +109,33 @@ def run_supervised(verb: str, argv: list[str]) -> int:
         if sig == forwarded or sig in (signal.SIGTERM, signal.SIGHUP):
             return 128 + sig  # it was told to stop: not a crash
         try:
-            state = json.loads(Path(state_path).read_text() or "{}")
+            state = json.loads(os.pread(fd, os.fstat(fd).st_size, 0) or b"{}")
         except (OSError, ValueError):
             state = {}
         print(crash_message(verb, sig, state), file=sys.stderr)
         return 128 + sig
     finally:
-        Path(state_path).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _state_id(fd: int) -> str:
+    """``fd:device:inode``: the descriptor, and which file it must be (a process that inherited the variable
+    but not the descriptor may have another file open under that number)."""
+    st = os.fstat(fd)
+    return f"{fd}:{st.st_dev}:{st.st_ino}"
 
 
 def note_loaded(kernels: dict, buffers: dict[str, float]) -> None:
     """In a supervised child: leave which kernels a load used (the crash message names them)."""
-    path = os.environ.get(STATE_ENV)
-    if path:
-        try:
-            Path(path).write_text(json.dumps({**kernels, "buffers": sorted(buffers)}))
-        except OSError:
-            pass
+    try:
+        fd, dev, ino = (int(x) for x in os.environ.get(STATE_ENV, "").split(":"))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            data = json.dumps({**kernels, "buffers": sorted(buffers)}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+    except (OSError, ValueError):
+        pass  # not supervised, or not the state file: nothing to leave
     crash_test_hook("loaded")
 
 

@@ -55,7 +55,8 @@ class MCPClient:
         self._stop: asyncio.Event | None = None
         self._session = None
         self._listed: list = []
-        self._main: asyncio.Future | None = None
+        self._main: asyncio.Task | None = None  # the session's task, in the loop thread
+        self._done = threading.Event()  # set when that task has ended (the server process with it)
 
     def __enter__(self) -> MCPClient:
         self.start()
@@ -73,6 +74,7 @@ class MCPClient:
 
         async def main() -> None:
             self._stop = asyncio.Event()
+            self._main = asyncio.current_task()
             try:
                 params = mcp.StdioServerParameters(command=self.command, args=self.args, env=self.env)
                 async with stdio_client(params) as (read, write), mcp.ClientSession(read, write) as session:
@@ -85,9 +87,10 @@ class MCPClient:
                 failure.append(e)
             finally:
                 ready.set()
+                self._done.set()
 
         self._thread.start()
-        self._main = asyncio.run_coroutine_threadsafe(main(), self._loop)
+        asyncio.run_coroutine_threadsafe(main(), self._loop)
         ready.wait(self.timeout)
         if self._session is None:
             why = failure[0] if failure else TimeoutError(f"no answer in {self.timeout:.0f} s")
@@ -136,13 +139,14 @@ class MCPClient:
         return out
 
     def close(self) -> None:
-        if self._stop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._main is not None:
-            try:
-                self._main.result(10)
-            except Exception:
-                pass
+        """End the session and the server process: its stdin is closed and the MCP SDK waits 2 s for it to
+        exit, then terminates it. A server that never answered (still starting) is not waited for."""
+        if self._main is not None and self._loop.is_running():
+            stop = self._stop.set if self._session is not None else self._main.cancel
+            self._loop.call_soon_threadsafe(stop)
+            if not self._done.wait(5):  # stuck past the SDK's own clean-up: cancel it, which ends the process
+                self._loop.call_soon_threadsafe(self._main.cancel)
+                self._done.wait(5)
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread.is_alive():

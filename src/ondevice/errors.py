@@ -49,6 +49,14 @@ class InvalidArgument(OndeviceError):
     """A flag or parameter with a value outside its range."""
 
 
+class NonFiniteLogits(OndeviceError):
+    """llama.cpp computed NaN or infinite logits: the output means nothing (a damaged file, an overflow)."""
+
+    def __init__(self, where: str = "logits"):
+        super().__init__(f"the model computed NaN or infinite {where}, so its output means nothing: its weights are "
+                         f"likely damaged (a NaN or inf in the file); download or convert the model again")
+
+
 class StreamAbandoned(OndeviceError):
     """A stream read again after it was left unread while another call on its model waited (and took over)."""
 

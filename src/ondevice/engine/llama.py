@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ContextOverflow, InvalidArgument, ModelClosed, OndeviceError
+from ..errors import ContextOverflow, InvalidArgument, ModelClosed, NonFiniteLogits, OndeviceError
 from ..protect.container import is_container
 from . import native
 from .base import Engine, EngineConfig
@@ -456,18 +456,22 @@ class LlamaEngine(Engine):
         finish_reason "stop"."""
         self._open()
         assert isinstance(sampler, Sampler)
+        row = self._row(i)
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
             # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
-            row = self._row(i)
-            tok = int(row.argmax())
+            tok = int(row.argmax())  # the first NaN, if there is one
+            if not np.isfinite(row[tok]):
+                raise NonFiniteLogits()
             if sampler.banned is None or tok not in self.eos_tokens:
                 return tok
             masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
             masked[sampler.banned] = -np.inf
             return int(masked.argmax())
+        if not np.isfinite(row.max()):  # NaN or +inf: nothing to sample from (~10 us)
+            raise NonFiniteLogits()
         if sampler.grammar is not None:
-            return sampler.sample_checked(self._row(i))
+            return sampler.sample_checked(row)
         if isinstance(i, np.ndarray):
             return sampler.sample_row(i)
         return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import NonFiniteLogits
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """``(..., V)`` raw logits -> ``(..., V)`` float64 log-probabilities."""
     x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
+    m = x.max(axis=-1, keepdims=True)  # NaN or +inf anywhere in a row makes its max so
+    if not np.isfinite(m).all():
+        raise NonFiniteLogits()
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
@@ -27,7 +31,10 @@ def token_stats(row: np.ndarray, token: int) -> tuple[float, float]:
     The entropy is over the whole vocabulary: one dot product more than the log-probability, where a top-k
     entropy would need a partition of the row (about 3x the cost per token).
     """
-    x = row - row.max()  # (V,) float32
+    top = row.max()
+    if not np.isfinite(top):
+        raise NonFiniteLogits()
+    x = row - top  # (V,) float32
     e = np.exp(x)
     z = float(e.sum())
     log_z = float(np.log(z))

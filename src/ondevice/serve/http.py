@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ContextOverflow, OndeviceError
+from ..errors import ContextOverflow, NonFiniteLogits, OndeviceError
 from .batcher import JobTimeout, QueueFull
 
 
@@ -49,6 +49,8 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
     if isinstance(exc, (PromptTooLong, ContextOverflow)):
         return 400, body(str(exc), "invalid_request_error", "context_length_exceeded",
                          PROMPT_FIELD.get(path, "messages")), None
+    if isinstance(exc, NonFiniteLogits):  # the model is broken, not the request
+        return 500, body(str(exc), "server_error", "model_error"), None
     if isinstance(exc, OndeviceError):
         return 400, body(str(exc), "invalid_request_error", "invalid_value"), None
     if isinstance(exc, UnicodeError):  # e.g. a lone surrogate ("\ud800") in a field that reaches an encoder
@@ -80,7 +82,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
         status, body, headers = error_payload(exc, request.url.path)
-        if status == 500:  # unclassified, a bug: keep the traceback (the others have their access log line)
+        if body["error"]["code"] == "internal_error":  # unclassified, a bug: keep the traceback (the others
+            # have their access log line)
             logging.getLogger("ondevice.serve").error("%s %s failed", request.method, request.url.path,
                                                       exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)

@@ -155,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets += [(f"tg>={r['tg']:.1f}", f"{name}'s tg128 ({r['tg']:.1f})", 2) for name, r in rows.items()]
     for bud, what, validate in budgets:
         try:
+            # its progress lines too, prefixed: what a failed fit validated (and retried) is in the log
             res = ondevice.fit(src.name, bud, store=False, resume=True, threads=args.threads, speed_tests=TESTS,
-                               repetitions=args.repetitions, validate=validate, profile=args.profile)
+                               repetitions=args.repetitions, validate=validate, profile=args.profile,
+                               progress=lambda m, w=what: say(f"  [fit at {w}] {m}"))
             fitted_cands += res.candidates
             m = res.chosen.measured
             print(f"# fitted at {what}: {m['size'] / 1e6:.1f} MB, tg {m['tg']:.1f}, KLD {m['kld']:.4f}; "

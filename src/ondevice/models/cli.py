@@ -72,13 +72,24 @@ def _table(data: list[dict[str, Any]], width: int | None = None) -> str:
             "licence": r.get("licence") or "-",
             "where": r["path"] if ready else r["status"],
         })
-    widths = {k: max(len(h), *(len(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
+    widths = {k: max(len(h), *(_width(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
     if width:
         cols = _fit(cols, widths, width)
     out = ["  ".join(h.ljust(widths[k]) for k, h in cols).rstrip()]
-    out += ["  ".join(_clip(str(x[k]), widths[k], k == "where").ljust(widths[k]) for k, _ in cols).rstrip()
+    out += ["  ".join(_pad(_clip(str(x[k]), widths[k], k == "where"), widths[k]) for k, _ in cols).rstrip()
             for x in lines]
     return "\n".join(out)
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _width(text))
 
 
 # columns that give up width when the table is wider than the terminal, in this order, down to a floor;
@@ -103,10 +114,12 @@ def _fit(cols: list[tuple[str, str]], widths: dict[str, int], width: int) -> lis
 
 
 def _clip(text: str, width: int, keep_end: bool) -> str:
-    """``text`` cut to ``width`` with an ellipsis (a path keeps its end: the file name)."""
-    if len(text) <= width:
+    """``text`` cut to ``width`` columns with an ellipsis (a path keeps its end: the file name)."""
+    if _width(text) <= width:
         return text
-    return "…" + text[-(width - 1):] if keep_end else text[:width - 1] + "…"
+    while _width(text) > width - 1:
+        text = text[1:] if keep_end else text[:-1]
+    return "…" + text if keep_end else text + "…"
 
 
 def terminal_width() -> int | None:
@@ -128,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
     print(_table(data, terminal_width()))
     from .store import models_dir
 
-    print(f"\nstore: {models_dir()}  (add models with `ondevice pull URL` or `ondevice quantize`; "
+    print(f"\nstore: {models_dir(create=False)}  (add models with `ondevice pull URL` or `ondevice quantize`; "
           f"any .gguf path also works with -m)")
     return 0

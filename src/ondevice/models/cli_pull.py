@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .hub import pull
+from .hub import catalog_entry, pull
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="hf://owner/repo[@revision]/path/file.gguf or an http(s):// URL")
+    p.add_argument("url", help="hf://owner/repo[@revision]/path/file.gguf, an http(s):// URL, or a catalog model's "
+                               "name (shipped in a PyPI package: nothing to download)")
     p.add_argument("--name", help="name in the store (default: the file name without .gguf)")
     p.add_argument("--sha256", help="expected sha256; else the server's (HF X-Linked-Etag, ETag, URL.sha256)")
     p.add_argument("--force", action="store_true", help="download again even if the store has it")
@@ -17,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    entry = catalog_entry(args.url)
     path = pull(args.url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
                 progress=not args.quiet)
     from .catalog import read_provenance
@@ -24,10 +26,15 @@ def run(args: argparse.Namespace) -> int:
 
     info = validate_gguf(path)
     prov = read_provenance(path) or {}
-    check = prov.get("sha256_verified_against")
-    print(f"{path.stem}: {path}")
+    name = entry.name if entry else path.stem
+    print(f"{name}: {path}")
     print(f"  {info.architecture}, {info.params_label} params, {info.quant_summary}, {info.size_mb:.1f} MB")
-    print(f"  sha256 {prov.get('sha256', '?')} "
-          f"({'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'})")
-    print(f"  use it with: ondevice run -m {path.stem} ...")
+    if entry:
+        print(f"  shipped in the PyPI package{'s' if len(entry.dists) > 1 else ''} {', '.join(entry.dists)}: "
+              f"nothing to download" + (f"; sha256 {prov['sha256']}" if prov.get("sha256") else ""))
+    else:
+        check = prov.get("sha256_verified_against")
+        print(f"  sha256 {prov.get('sha256', '?')} "
+              f"({'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'})")
+    print(f"  use it with: ondevice run -m {name} ...")
     return 0

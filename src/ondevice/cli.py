@@ -131,7 +131,7 @@ def _main(argv: list[str] | None) -> int:
         return int(module.run(args) or 0)
     except OndeviceError as e:
         print(f"ondevice {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # stop_signals.Stopped: 128 + the signal, as a shell reports a kill
     except BrokenPipeError:
         return 0
     except OSError as e:  # a path, a permission, a full disk: the user's to fix, said in one line

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .container import DEFAULT_CHUNK, Header, decrypt_error, encrypt_file, read_header, require_crypto
+from .container import (
+    DEFAULT_CHUNK,
+    Header,
+    decrypt_error,
+    encrypt_file,
+    is_container,
+    read_header,
+    require_crypto,
+)
 from .keys import load_key, new_key, store_in_keyring
 
 
@@ -29,12 +37,17 @@ def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], k
     from ..models import resolve, validate_gguf
 
     ref = resolve(model)
+    if is_container(ref.path):
+        raise InvalidArgument(f"{ref.path} is already an encrypted container; encrypt the .gguf it was made "
+                              f"from (to change the key, encrypt that .gguf again with the new key)")
     info = validate_gguf(ref.path)
     dst = Path(out).expanduser()
     if dst.exists() and dst.resolve() == Path(ref.path).resolve():
         raise InvalidArgument(f"-o {dst} is the model itself; write the container to another path")
-    if dst.is_dir():
-        raise InvalidArgument(f"-o {dst} is a folder; give the path of the container file to write")
+    if dst.is_dir() or str(out).endswith(("/", os.sep)) or not str(out):  # "new/" means a folder, not a file
+        what = "is empty" if not str(out) else f"{out} names a folder"
+        raise InvalidArgument(f"-o {what}; give the path of the container file to write, e.g. "
+                              f"{dst / (Path(ref.path).stem + '.enc')}")
     if dst.exists() and not force:
         raise InvalidArgument(f"-o {dst} already exists; pass --force to replace it, or write to another path")
     key = load_key(key_source, "encrypting needs a key (make one with `ondevice protect keygen`)")

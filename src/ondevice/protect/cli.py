@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "encrypt":
         h = api.encrypt(args.model, args.output, key_source_from(args), chunk_size=args.chunk_size,
                         force=args.force)
+        flags = next((f" --key-{k} {shlex.quote(v)}" for k in ("env", "file", "keyring")
+                      if (v := getattr(args, f"key_{k}", None))), "")  # the user's own: pasted as printed
         print(f"{args.output}: {h.plain_size / 1e6:.1f} MB in {h.n_chunks} AES-256-GCM chunks "
-              f"(format {h.version}); load it with: ondevice run -m {args.output} --key-env NAME")
+              f"(format {h.version}); load it with: ondevice run -m {shlex.quote(args.output)}{flags}")
         return 0
     if args.action == "info":
         d = api.info(args.file)

@@ -19,13 +19,14 @@ Only sizes and the format version are readable without the key (:func:`read_head
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidModelFile, OndeviceError
+from ..errors import InvalidModelFile, OndeviceError, path_problem
 
 MAGIC = b"ONDVENC\0"
 VERSION = 1
@@ -127,6 +128,10 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         ProtectError: no such file, not a container, a newer format, an inconsistent header, truncated or extended.
     """
     p = Path(path)
+    problem = path_problem(p)
+    if problem and problem.endswith(", not a file"):  # a FIFO would block the open forever; a folder, a device
+        raise ProtectError(f"{p}: {problem}; give the path of a container (`ondevice protect encrypt MODEL "
+                           f"-o FILE` writes one)")
     try:
         with open(p, "rb") as f:
             raw = f.read(HEADER_SIZE)
@@ -169,6 +174,7 @@ def encrypt_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], maste
     """Write ``src`` (a GGUF) to ``dst`` as a container; through a temp file renamed into place."""
     aead = require_crypto()
     from ..models.store import atomic_write
+    from ..stop_signals import StopOnSignals
 
     plain = os.path.getsize(src)
     if plain < 1:
@@ -181,11 +187,24 @@ def encrypt_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], maste
     raw = _HEADER.pack(MAGIC, VERSION, ALG_AES256_GCM, HEADER_SIZE, chunk_size, 0, plain, n, meta_size, salt, check)
     h = Header(VERSION, ALG_AES256_GCM, HEADER_SIZE, chunk_size, plain, n, meta_size, salt, check, raw)
     gcm = aead.AESGCM(h.file_key(master))
-    with open(src, "rb") as f, atomic_write(dst) as out:
-        out.write(raw)
-        for i in range(n):
-            data = f.read(h.chunk_len(i))
-            if len(data) != h.chunk_len(i):
-                raise InvalidModelFile(f"{src} changed while it was being encrypted; retry")
-            out.write(gcm.encrypt(h.nonce(i), data, h.aad(i)))
+    try:
+        with StopOnSignals(str(dst)), open(src, "rb") as f, atomic_write(dst) as out:  # a `kill` leaves no temp
+            out.write(raw)
+            for i in range(n):
+                data = f.read(h.chunk_len(i))
+                if len(data) != h.chunk_len(i):
+                    raise InvalidModelFile(f"{src} changed while it was being encrypted; retry")
+                out.write(gcm.encrypt(h.nonce(i), data, h.aad(i)))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        try:
+            st = os.statvfs(Path(dst).parent)
+            free = f", {st.f_bavail * st.f_frsize / 1e6:.1f} MB free there"
+        except OSError:
+            free = ""
+        fix = ("raise the file-size limit (ulimit -f) or give -o a path on another disk" if e.errno == errno.EFBIG
+               else "free some space or give -o a path on another disk")
+        raise ProtectError(f"cannot write {dst}: {e.strerror} (the container needs {h.file_size / 1e6:.1f} MB"
+                           f"{free}); nothing was written; {fix}") from None
     return h

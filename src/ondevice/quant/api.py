@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+from ..stop_signals import StopOnSignals
 from .quantize import (
     check_requantize,
     default_name,
     ftype_id,
     parse_overrides,
+    refuse_container,
     run_worker,
     verify,
     weight_types,
@@ -46,6 +48,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
                               f"overrides only when the target type is quantized; drop them or pick a "
                               f"quantized --type")
     src = resolve(model)
+    refuse_container(src.path)  # before src.info, which would ask for a key that quantize cannot use
     src_info = src.info  # validates the source before llama.cpp reads it
     src_types = weight_types(src.path, independent=False)  # the walk src.info just did (cached)
     requantized_from = check_requantize(src_types, allow_requantize)
@@ -57,32 +60,34 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     n_threads = check_threads(threads or physical_cores(), "--threads / threads")
     if imatrix is not None:
         check_imatrix(imatrix)
-    tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
-    try:
-        seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
-        types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
-        check = verify(types, type_name, ovr)
-        import llama_cpp
+    with StopOnSignals(f"the variant {name}") as stop:  # a `kill` mid-way leaves no temp file either
+        tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
+        try:
+            seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
+            types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
+            check = verify(types, type_name, ovr)
+            import llama_cpp
 
-        provenance = {
-            "made_by": "ondevice quantize", "source": src.name, "source_path": str(src.path),
-            "source_sha256": model_sha256(src), "source_quant": src_info.quant_summary,
-            "type": type_name, "ftype": ftype, "overrides": [f"{p}={t}" for p, t in ovr],
-            "allow_requantize": allow_requantize, "requantized_from": requantized_from,
-            "llama_cpp_python": llama_cpp.__version__, "llama_cpp": "vendored in llama-cpp-python "
-            f"{llama_cpp.__version__}", "threads": n_threads, "seconds": round(seconds, 3),
-            "tensor_types": check, "file_size": tmp.stat().st_size,
-            "imatrix": str(imatrix) if imatrix else None,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if requantized_from and type_name in _UNQUANTIZED_TARGETS:
-            provenance["note"] = (f"dequantized from {', '.join(requantized_from)}: a reference for the source "
-                                  f"file, not the original unquantized weights")
-        ref = register_variant(name, tmp, provenance)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+            provenance = {
+                "made_by": "ondevice quantize", "source": src.name, "source_path": str(src.path),
+                "source_sha256": model_sha256(src), "source_quant": src_info.quant_summary,
+                "type": type_name, "ftype": ftype, "overrides": [f"{p}={t}" for p, t in ovr],
+                "allow_requantize": allow_requantize, "requantized_from": requantized_from,
+                "llama_cpp_python": llama_cpp.__version__, "llama_cpp": "vendored in llama-cpp-python "
+                f"{llama_cpp.__version__}", "threads": n_threads, "seconds": round(seconds, 3),
+                "tensor_types": check, "file_size": tmp.stat().st_size,
+                "imatrix": str(imatrix) if imatrix else None,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            if requantized_from and type_name in _UNQUANTIZED_TARGETS:
+                provenance["note"] = (f"dequantized from {', '.join(requantized_from)}: a reference for the source "
+                                      f"file, not the original unquantized weights")
+            with stop.finishing():  # the rename and its record: whole, even if told to stop now
+                ref = register_variant(name, tmp, provenance)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
     if not ref.path.is_file():
         raise OndeviceError(f"the variant {name} was not written to {ref.path}")
     return ref

@@ -15,7 +15,8 @@ What it adds to the C call, and nothing more:
 - safety: the C call runs in a child process (``python -m ondevice.quant.worker``), because llama.cpp
   may ``abort()`` on input it does not expect; the CLI then prints an error instead of dying. The child
   dies with its parent (:func:`run_worker`), so a killed ``ondevice quantize`` or ``fit`` leaves no
-  quantization running on and no partial file;
+  quantization running on and no partial file; a SIGTERM or SIGHUP after the child is done still removes
+  the temp file, and one during the rename into the store waits for it (:mod:`.stop`);
 - the output is written to a temporary file next to its destination, read back with our bounds-checked
   header walk (``validate_gguf``: a parser other than llama.cpp's, cross-checked against gguf-py's
   ``GGUFReader`` by the tests) to confirm the tensor types, and only then renamed into the model store and
@@ -25,6 +26,7 @@ What it adds to the C call, and nothing more:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,12 +34,14 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
+_NAME_MAX = 128  # models.catalog's variant names: [A-Za-z0-9][A-Za-z0-9._+-]{0,127}
 _SUFFIX = re.compile(r"[-._](?:i?q\d\w*|f16|f32|bf16|tq\d_\d|mxfp4\w*)$", re.IGNORECASE)
 
 
@@ -106,10 +110,14 @@ def parse_overrides(overrides: list[str] | dict[str, str] | None) -> list[tuple[
 
 
 def default_name(source_name: str, type_name: str) -> str:
-    """``smollm2-135m-instruct-q4_1`` + Q8_0 -> ``smollm2-135m-instruct-q8_0``."""
+    """``smollm2-135m-instruct-q4_1`` + Q8_0 -> ``smollm2-135m-instruct-q8_0``; a file name the store
+    cannot hold (``My Modèl 模型.gguf``: spaces, accents, other scripts, 200 characters) is folded to one it
+    can (``my-model-q8_0``), since no ``--name`` was given to blame for it."""
     base = Path(source_name).name.removesuffix(".gguf")
-    base = _SUFFIX.sub("", base).lower().replace(".", "-") or "model"
-    return f"{base}-{type_name.lower()}"
+    base = unicodedata.normalize("NFKD", _SUFFIX.sub("", base)).encode("ascii", "ignore").decode().lower()
+    suffix = f"-{type_name.lower()}"
+    base = re.sub(r"[^a-z0-9_+-]+", "-", base.replace(".", "-")).strip("-_+")[:_NAME_MAX - len(suffix)]
+    return f"{base.rstrip('-_+') or 'model'}{suffix}"
 
 
 def weight_types(path: str | Path, independent: bool = True) -> dict[str, str]:
@@ -118,6 +126,7 @@ def weight_types(path: str | Path, independent: bool = True) -> dict[str, str]:
     with ``independent=False``, with our walk, 40x faster (gguf-py parses the tokenizer's metadata item by
     item: 4.5 s for SmolLM2). The walk suffices wherever the file was written by another parser's code:
     gguf-py (the fit's spliced plans) or llama.cpp (``quantize``'s output)."""
+    refuse_container(path)  # gguf-py would raise "GGUF magic invalid" at it
     if not independent:
         from ..models.gguf_check import validate_gguf
 
@@ -128,6 +137,16 @@ def weight_types(path: str | Path, independent: bool = True) -> dict[str, str]:
 
     reader = gguf.GGUFReader(str(path))
     return {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2 and min(t.shape[:2]) > 1}
+
+
+def refuse_container(path: str | Path) -> None:
+    """One line for an encrypted container where a plain GGUF must be read (llama.cpp's quantizer, gguf-py)."""
+    from ..protect.container import is_container
+
+    if is_container(path):
+        raise InvalidArgument(f"{path} is an encrypted container (ondevice protect): llama.cpp's quantizer reads "
+                              f"only a plain GGUF, and ondevice never writes decrypted weights to disk; give the "
+                              f".gguf it was encrypted from, then `ondevice protect encrypt` the variant made of it")
 
 
 def check_requantize(source_types: dict[str, str], allow_requantize: bool) -> list[str]:
@@ -185,7 +204,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
     try:
         proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
                               stdin=lifeline, capture_output=True, text=True, timeout=timeout, check=False)
-        failure = _failure(proc, src.name)
+        failure = _failure(proc, src.name, dst)
         if failure:
             raise failure
     except subprocess.TimeoutExpired:
@@ -200,7 +219,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
     return time.perf_counter() - t0
 
 
-def _failure(proc: subprocess.CompletedProcess, src_name: str) -> OndeviceError | None:
+def _failure(proc: subprocess.CompletedProcess, src_name: str, dst: Path) -> OndeviceError | None:
     """The error for a worker that crashed or failed (llama.cpp's reason from its log), or None."""
     log = proc.stderr.splitlines()
     reason = next((ln.split("failed to quantize:", 1)[1].strip() for ln in reversed(log)
@@ -212,9 +231,25 @@ def _failure(proc: subprocess.CompletedProcess, src_name: str) -> OndeviceError 
                              f"check that the model file is valid and the type suits its architecture")
     if proc.returncode != 0 or reason:
         why = reason or " | ".join(log[-3:]) or f"exit code {proc.returncode}"
+        if "iostream error" in why:  # llama.cpp's std::ofstream failed a write: all it says is this
+            return OndeviceError(f"llama.cpp could not write the quantized {src_name} to {dst.parent} "
+                                 f"({_written_and_free(dst)}): the disk is full, or a quota or file-size limit "
+                                 f"was hit; free some space there, or set ONDEVICE_HOME to a folder on a disk "
+                                 f"with room for the variant")
         hint = ""
         if "importance matrix" in why or "imatrix" in why:
             hint = ("; this type needs an importance matrix: pass --imatrix FILE (ondevice fit collects one) "
                     "or pick a K-quant or Q4_0/Q8_0")
         return OndeviceError(f"llama.cpp could not quantize {src_name}: {why}{hint}")
     return None
+
+
+def _written_and_free(dst: Path) -> str:
+    """"93.0 MB written, 0.0 MB free there" for a failed write of ``dst`` (what can be read of it)."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(f"{dst.stat().st_size / 1e6:.1f} MB written")
+    with contextlib.suppress(OSError):
+        st = os.statvfs(dst.parent)
+        parts.append(f"{st.f_bavail * st.f_frsize / 1e6:.1f} MB free there")
+    return ", ".join(parts) or "nothing could be read of it"

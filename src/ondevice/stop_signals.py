@@ -1,0 +1,78 @@
+"""SIGTERM and SIGHUP as an exception while a model file is written, so its temp file is removed.
+
+Python's default for both is to die at once, without running a single ``finally``: a ``kill PID`` (what a
+process manager or a closed terminal sends) mid-``quantize`` or mid-``protect encrypt`` left the hidden
+``.NAME.xxxx.tmp`` behind, up to the model's full size. Ctrl-C needs nothing: Python already raises
+``KeyboardInterrupt`` for it. Used by ``quant.api.quantize`` and ``protect.container.encrypt_file``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Self
+
+from .errors import OndeviceError
+
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(OndeviceError):
+    """The process was told to stop (``signal``) before the file was complete; nothing was kept."""
+
+    def __init__(self, sig: int, what: str) -> None:
+        self.signal = sig
+        super().__init__(f"stopped by {signal.Signals(sig).name} before {what} was complete; nothing was written "
+                         f"(a file it would have replaced is unchanged); run the command again to make it")
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process this signal ended (128 + its number)."""
+        return 128 + self.signal
+
+
+class StopOnSignals:
+    """While active, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where Python runs handlers).
+
+    Only signals that still have their default action are taken over: an application's own handler is left
+    alone. Inside :meth:`finishing` (the rename into place and the records that go with it) a signal only
+    waits; it is sent again, to its default action, as the ``with`` ends: the work is then done and the
+    process ends as asked.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._old: dict[int, object] = {}
+        self._finishing = False
+        self._pending: int | None = None
+
+    def _handle(self, sig: int, _frame) -> None:
+        if self._finishing:
+            self._pending = self._pending or sig
+            return
+        raise Stopped(sig, self.what)
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for s in _SIGNALS:
+                if signal.getsignal(s) is signal.SIG_DFL:
+                    self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if self._pending is not None and exc[0] is None:
+            os.kill(os.getpid(), self._pending)  # the default action again: the process ends as it was told
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        """A block a signal does not interrupt: what it commits is left whole, not half-done."""
+        self._finishing = True
+        try:
+            yield
+        finally:
+            self._finishing = False

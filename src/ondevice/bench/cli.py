@@ -43,7 +43,8 @@ def tests_from_args(args: argparse.Namespace) -> list[str] | None:
     """The test specs the flags ask for; None means the default set.
 
     As in llama-bench, ``-p 0`` runs no prompt test and ``-n 0`` no generation test (``-p 0 -n 0`` with
-    nothing else is an error, not the default set); a negative length or depth is an error.
+    nothing else is an error, not the default set); a negative length or depth is an error, and so is ``-d``
+    with ``--tests`` but no -p/-n/-pg (the depth goes into a spec: ``tg64@d512``).
     """
     specs = list(getattr(args, "tests", None) or [])
     llama_style = any(x is not None for x in (args.n_prompt, args.n_gen, args.pg, args.n_depth))
@@ -52,6 +53,13 @@ def tests_from_args(args: argparse.Namespace) -> list[str] | None:
         if any(v < 0 for v in values or []):
             raise InvalidArgument(f"{flag} {min(values)} is negative; give lengths >= 0 (-p 0 / -n 0 skip the "
                                   f"prompt / generation tests, as in llama-bench)")
+    if specs and args.n_depth is not None and all(x is None for x in (args.n_prompt, args.n_gen, args.pg)):
+        # -d alone would bring llama-bench's default pp512 and tg128 (at each depth) next to the tests asked for
+        from .workloads import parse_tests
+
+        example = next((t.name for t in parse_tests(specs) if t.kind != "chat" and not t.n_depth), "tg128")
+        raise InvalidArgument(f"-d sets the KV depth of -p/-n/-pg tests; for --tests write the depth into each "
+                              f"spec, e.g. --tests {example}@d{max(args.n_depth)}")
     if llama_style:
         prompts = args.n_prompt if args.n_prompt is not None else [512]  # llama-bench's defaults
         gens = args.n_gen if args.n_gen is not None else [128]

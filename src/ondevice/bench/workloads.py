@@ -228,6 +228,12 @@ class PromptGenerate(Workload):
         p = int(m.group(1) or m.group(3))
         n = int(m.group(2) or m.group(4))
         d = int(m.group(5) or 0)
+        # as llama-bench names them: pg0,N is tgN and pgP,0 is ppP. Timed as pg, pg0,N would sample its first
+        # token from the logits of an earlier run (no prompt to prefill): a TTFT of ~0 and a free token
+        if p and not n:
+            return Prompt.parse(f"pp{p}{_depth_suffix(d)}")
+        if n and not p:
+            return Generate.parse(f"tg{n}{_depth_suffix(d)}")
         return TestSpec(f"pp{p}+tg{n}{_depth_suffix(d)}", cls.kind, n_prompt=p, n_gen=n, n_depth=d)
 
     def warmup(self) -> None:
@@ -356,8 +362,7 @@ def parse_tests(specs: str | list[str] | None) -> list[TestSpec]:
         spec = next((sp for cls in WORKLOADS.values() if (sp := cls.parse(s)) is not None), None)
         if spec is None:
             raise InvalidArgument(f"unknown test {s!r}; use " + ", ".join(c.help for c in WORKLOADS.values()))
-        if spec.n_prompt < 0 or spec.n_gen < 0 or (spec.kind == "pp" and spec.n_prompt == 0) or (
-                spec.kind in ("tg", "chat") and spec.n_gen == 0):
+        if spec.n_prompt < 0 or spec.n_gen < 0 or spec.n_prompt + spec.n_gen == 0:  # pp0, tg0, chat0, pg0,0
             raise InvalidArgument(f"test {s!r} has no tokens to time; use e.g. pp512 or tg128")
         out.append(spec)
     return out

@@ -41,10 +41,11 @@ def _base(ref, sha: str) -> dict:
     import llama_cpp
 
     from .. import __version__
+    from ..store.record import created_now
 
     return {"model": ref.name, "model_path": str(ref.path), "model_sha256": sha,
             "file_size": ref.path.stat().st_size, "ondevice": __version__,
-            "llama_cpp_python": llama_cpp.__version__, "created": time.time()}
+            "llama_cpp_python": llama_cpp.__version__, "created": created_now()}
 
 
 def make_config(config: EvalConfig | None = None, **settings: Any) -> EvalConfig:
@@ -102,32 +103,46 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
         check(adapter, mref.path)
         base.update(adapter=str(adapter), adapter_sha256=cached_sha256(adapter))
     records: list[dict] = []
-    if c.ppl or c.ref:
-        records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
-    if c.suite:
-        records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp, c.judge,
-                                     c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size, c.strict,
-                                     keep_log=bool(store) or c.log_dir is not None))
-    typed = [EvalRecord.from_dict({**r, "session": session}) for r in records]
-    if store:
-        from ..store import Store
+    try:
+        if c.ppl or c.ref:
+            records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
+        if c.suite:
+            records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp,
+                                         c.judge, c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size,
+                                         c.strict, keep_log=bool(store) or c.log_dir is not None))
+    except KeyboardInterrupt as e:  # Ctrl-C: the records already complete (a perplexity before a suite) are kept
+        from .runner import Interrupted
 
-        with Store(None if store is True else store) as db:
-            for r, d in zip(typed, records):
-                cfg = {k: d.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
-                                             "limit", "seed", "max_tokens", "temp")}
-                cfg["corpus_sha256"] = (r.corpus or {}).get("sha256")
-                if d.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
-                    cfg["adapter_sha256"] = d["adapter_sha256"]
-                db.add("eval", r.to_dict(), session=session, config_key=_config_key(cfg), model=r.model,
-                       model_sha256=r.model_sha256, test=r.test)
+        stop = e if isinstance(e, Interrupted) else Interrupted()
+        if store and records:
+            _store(store, session, records)
+            stop.stored = [r["test"] for r in records]
+        raise stop from None
+    return _store(store, session, records) if store else [EvalRecord.from_dict({**r, "session": session})
+                                                          for r in records]
+
+
+def _store(store: bool | str | os.PathLike[str], session: str, records: list[dict]) -> list[EvalRecord]:
+    """Write complete records to the store (True: the default one); the typed records."""
+    from ..store import Store
+
+    typed = [EvalRecord.from_dict({**r, "session": session}) for r in records]
+    with Store(None if store is True else store) as db:
+        for r, d in zip(typed, records):
+            cfg = {k: d.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
+                                         "limit", "seed", "max_tokens", "temp")}
+            cfg["corpus_sha256"] = (r.corpus or {}).get("sha256")
+            if d.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
+                cfg["adapter_sha256"] = d["adapter_sha256"]
+            db.add("eval", r.to_dict(), session=session, config_key=_config_key(cfg), model=r.model,
+                   model_sha256=r.model_sha256, test=r.test)
     return typed
 
 
 def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say) -> list[dict]:
     from ..engine.base import EngineConfig
     from ..engine.llama import LlamaEngine
-    from ..errors import InvalidArgument
+    from ..errors import InvalidArgument, NonFiniteLogits
     from ..models.catalog import resolve
     from ..models.store import data_dir
     from . import ppl as P
@@ -167,8 +182,11 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
             else:
                 say(f"computing reference logits of {rref.name} ({n_chunks} chunks of {ctx})")
                 reng = LlamaEngine(rref.path, ref_cfg)
-                ref_rows, ref_tokens, n_chunks, cached = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
-                                                                          cache)
+                try:
+                    ref_rows, ref_tokens, n_chunks, cached = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
+                                                                              cache)
+                except NonFiniteLogits:
+                    raise NonFiniteLogits(f"logits as the reference ({rref.name})") from None
                 reng.close()
                 reng = None
             say(f"scoring {mref.name} against {rref.name}" + (" (cached reference)" if cached else ""))

@@ -298,15 +298,20 @@ def run_cli(args) -> int:
     import sys
 
     from ..errors import InvalidArgument
+    from .cli import store_arg
 
     if not args.suite:
         raise InvalidArgument("--cascade needs --suite (e.g. --suite rewrite or --suite rewrite,assistant-en)")
     r = cascade_eval(args.model, args.cascade, args.suite, cloud_model=args.cloud_model, key_env=args.cloud_key_env,
                      split=args.split, tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit,
                      seed=args.seed, max_tokens=args.max_tokens, combiner=args.combiner, threads=args.threads,
-                     store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
+                     store=store_arg(args), progress=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(r, ensure_ascii=False, default=str))
     else:
         print_record(r)
+    if args.output:
+        from .cli import append_records
+
+        append_records(args.output, [r])
     return 0

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_kernel_args(p)
     add_key_args(p)
-    p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the summaries here")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.jsonl", help="also append the records to this file (JSON lines; --json prints them)")
+    p.add_argument("--db", metavar="PATH", help="the records file, as bench's and report's --db (default: "
+                                                "<ONDEVICE_HOME>/data/ondevice.sqlite)")
     p.add_argument("--no-store", action="store_true",
                    help="do not record the results in the store (nor the per-sample suite log, unless --log-dir "
                         "names a folder)")
@@ -60,10 +62,13 @@ def print_record(r: EvalRecord, out=sys.stdout) -> None:
         print(f"  context window {r.n_ctx or '-'} tokens (trained {r.n_ctx_train or '-'}), "
               f"max {r.max_tokens} new tokens per item; decode {_fmt(r.decode_tps_mean, '.1f')} "
               f"tok/s, TTFT median {_fmt(r.ttft_s_median, '.3f')} s", file=out)
-        for name, t in (r.tasks or {}).items():
+        tasks = r.tasks or {}
+        wn, wc, wm = (max([w, *(len(str(x)) for x in col)]) for w, col in (
+            (24, tasks), (14, (t["category"] for t in tasks.values())), (16, (t["metric"] for t in tasks.values()))))
+        for name, t in tasks.items():
             j = f"  judge {t['judge']:.2f}" if t.get("judge") is not None else ""
             sk = f"  ({t['n_skipped']} skipped)" if t.get("n_skipped") else ""
-            print(f"    {name:24s} {t['category']:14s} {t['metric']:16s} n={t['n']:<4d} {_fmt(t['mean'])}{j}{sk}",
+            print(f"    {name:{wn}s} {t['category']:{wc}s} {t['metric']:{wm}s} n={t['n']:<4d} {_fmt(t['mean'])}{j}{sk}",
                   file=out)
         if r.n_skipped:
             longest = max(r.skipped or (), key=lambda x: x.get("prompt_tokens") or 0)
@@ -83,30 +88,118 @@ def coverage_line(r: EvalRecord) -> str:
     return line
 
 
+# flags only the deferral curve reads, and EvalConfig fields it does not (judge_key: it has an env default)
+CASCADE_ONLY = ("cloud_model", "cloud_key_env", "tasks", "combiner")
+NOT_WITH_CASCADE = ("ppl", "corpus", "text", "ctx", "chunks", "ref", "topk", "ctx_size", "strict", "temp", "judge",
+                    "judge_model", "adapter", "session", "log_dir")
+FORMAT_NAMES = ("md", "csv", "json", "jsonl", "sql", "html")  # what -o means to `ondevice bench` and `report`
+
+
+def check_flags(args: argparse.Namespace, config) -> None:
+    """Refuse a flag this run would ignore: the cascade's own without --cascade, and the reverse."""
+    from ..errors import InvalidArgument
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if not args.cascade:
+        given = [flag(n) for n in CASCADE_ONLY if getattr(args, n, None) is not None]
+        given += ["--split"] if getattr(args, "split", "all") != "all" else []
+        if given:
+            raise InvalidArgument(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --cascade URL "
+                                  f"(the deferral curve); to run part of a suite use --limit N, or a JSONL file of "
+                                  f"the items you want")
+        return
+    fields = type(config).model_fields
+    given = [flag(n) for n in NOT_WITH_CASCADE if getattr(config, n) != fields[n].default]
+    if given:
+        it, its = ("it", "its") if len(given) == 1 else ("them", "their")
+        raise InvalidArgument(f"--cascade does not use {', '.join(given)}; drop {it}, or run {it} in an `ondevice "
+                              f"eval` of {its} own")
+
+
+def store_arg(args: argparse.Namespace) -> bool | str:
+    """``evaluate``'s ``store``: False (--no-store), the --db file, or True (the default store)."""
+    from ..errors import InvalidArgument
+
+    if args.no_store and args.db:
+        raise InvalidArgument("--db names the store to write and --no-store writes none; drop one")
+    return False if args.no_store else (args.db or True)
+
+
+def check_output(path: str) -> None:
+    """Refuse an -o that is a format name or a path the records cannot be appended to, before any work."""
+    import os
+    from pathlib import Path
+
+    from ..errors import InvalidArgument
+
+    p = Path(path).expanduser()
+    if path.lower() in FORMAT_NAMES and not p.exists():
+        raise InvalidArgument(f"-o takes the file to append the records to (JSON lines), not a format: -o {path} "
+                              f"would write a file named {path!r}; for JSON on stdout use --json, or name a file, "
+                              f"e.g. -o results.jsonl")
+    if p.is_dir():
+        raise InvalidArgument(f"-o {path} is a folder; name a file in it, e.g. -o {p / 'results.jsonl'}")
+    folder = p.parent
+    if not folder.is_dir():
+        raise InvalidArgument(f"-o {path}: the folder {folder} does not exist; create it or give another path")
+    if not os.access(p if p.exists() else folder, os.W_OK):
+        raise InvalidArgument(f"-o {path} cannot be written (permission denied); give another path")
+
+
+def append_records(path: str, records: list[dict]) -> None:
+    """Append ``records`` to ``path`` as JSON lines, in one write."""
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def interrupted_line(e) -> str:
+    """What a Ctrl-C left: the records stored before it and the suite's finished samples (a .partial log)."""
+    line = "ondevice eval: interrupted"
+    if e.suite:
+        line += f" at item {min(e.done + 1, e.total)}/{e.total} of suite {e.suite}; its score was not stored"
+        if e.partial:
+            line += f" ({e.done} finished samples are in {e.partial})"
+    line += f"; stored: {', '.join(e.stored)}" if e.stored else ("" if e.suite else "; nothing was stored")
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import config_from
     from ..engine.args import apply_kernel_args
     from ..protect.keys import apply_key_args
     from .api import evaluate
     from .config import EvalConfig
+    from .runner import Interrupted
 
     apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
     config = config_from(EvalConfig, args, verb="eval", what="eval settings")
+    check_flags(args, config)
+    if isinstance(store_arg(args), str):  # a --db that is no store is said now, not after the whole eval
+        from ..store import Store
+
+        Store(args.db).close()
+    if args.output:
+        check_output(args.output)
     if args.cascade:
         from .cascade_curve import run_cli
 
         return run_cli(argparse.Namespace(**{**vars(args), **config.model_dump()}))  # every field, validated
 
-    records = evaluate(args.model, config, store=not args.no_store, progress=lambda m: print(m, file=sys.stderr))
+    try:
+        records = evaluate(args.model, config, store=store_arg(args), progress=lambda m: print(m, file=sys.stderr))
+    except Interrupted as e:
+        print(interrupted_line(e), file=sys.stderr)
+        return 130
     for r in records:
         if args.json:
             print(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
         else:
             print_record(r)
     if args.output:
-        with open(args.output, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False, default=str) + "\n")
+        append_records(args.output, [r.to_dict() for r in records])
     return 0

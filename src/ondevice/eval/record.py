@@ -25,7 +25,7 @@ class EvalRecord(FlatRecord):
     model_path: str | None = None
     file_size: int | None = None
     session: str | None = None
-    created: float | None = None  # time.time()
+    created: str | float | None = None  # ISO 8601 UTC (store.record.created_now); before 2026-12-03 time.time()
     kind: str = "eval"
     ondevice: str | None = None
     llama_cpp_python: str | None = None

@@ -48,6 +48,16 @@ GENERIC_JUDGE = (
 )
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an eval (a KeyboardInterrupt still): what was done, where the finished samples are and
+    which complete records were stored before it (``evaluate`` fills ``stored``)."""
+
+    def __init__(self, suite: str | None = None, done: int = 0, total: int = 0, partial: Path | None = None):
+        super().__init__()
+        self.suite, self.done, self.total, self.partial = suite, done, total, partial
+        self.stored: list[str] = []
+
+
 def _unit(metric: str, value: float) -> float:
     """A primary metric value on 0..1 (Kendall's tau is -1..1)."""
     return (value + 1.0) / 2.0 if metric == "kendall_tau" else value
@@ -120,6 +130,7 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
 
     ``log_path`` receives one JSON line per sample, written to a temp file and renamed at the end (a
     partial log is left beside it with a ``.partial`` suffix if the run dies, so finished samples are not lost).
+    Ctrl-C raises :class:`Interrupted` (a KeyboardInterrupt) that says how far it got and where that log is.
     """
     if not suite.items:
         from ..errors import InvalidArgument
@@ -169,11 +180,18 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
                 partial.flush()
             if progress:
                 progress(i + 1, len(suite.items), row)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(suite.name, len(rows), len(suite.items), tmp if partial is not None and rows else None) \
+            from None
     finally:
         if partial is not None:
             partial.close()
             if len(rows) == len(suite.items):
                 os.replace(tmp, log_file)
+            elif not rows:  # nothing finished: no empty .partial left behind
+                tmp.unlink(missing_ok=True)
     return summarize(suite.name, rows, time.perf_counter() - t0, log_file)
 
 

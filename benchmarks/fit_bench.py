@@ -377,13 +377,14 @@ def _kld_models(ref, calib: Path) -> int:
 def _store(family: str, first, stock: dict, cands: list, threads: int) -> None:
     """One ``kind="fit"`` record with the stock presets, so ``ondevice report --fit`` shows them side by side."""
     from ondevice.store import Store
+    from ondevice.store.record import created_now
 
     rec = {"model": f"{family} (fit_bench)", "model_sha256": "", "family": family, "test": "fit_bench",
            "budget": first.budget.describe(), "plan": first.chosen.plan, "threads": threads,
            "candidates": [{"plan": c.plan, "predicted": c.predicted,
                            "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in cands],
            "stock": stock, "front": [{"plan": c.plan, **c.predicted} for c in first.front],
-           "shipped": {"model": family, **first.shipped}, "created": time.time()}
+           "shipped": {"model": family, **first.shipped}, "created": created_now()}
     with Store() as db:
         db.add("fit", rec, session=f"fit-bench-{time.strftime('%Y%m%d-%H%M%S')}", config_key="fit_bench",
                model=rec["model"], model_sha256="", test="fit_bench")

@@ -64,11 +64,6 @@ def resolve(spec: str | Path, flag: str = "--adapter") -> Path:
                           f" (`ondevice adapt list` shows them)")
 
 
-def created_now() -> str:
-    """The creation time recorded in an adapter's provenance (UTC, seconds)."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def describe(path: Path) -> dict:
     """One listing row: name, base, size, date and the run's key figures, from the file's own provenance."""
     from .adapter_file import KEY, read_meta

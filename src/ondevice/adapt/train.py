@@ -327,7 +327,7 @@ def train(cfg: AdaptConfig) -> dict:
 
 
 def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, figures: dict) -> Path:
-    from .store import created_now
+    from ..store.record import created_now
 
     tensors = {lin.name: (lin.lora_a.detach().float().numpy(), lin.lora_b.detach().float().numpy())
                for lin in model.linears().values() if lin.rank}

@@ -22,8 +22,9 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
+from ..store.record import created_now
 from .config import BenchConfig
 from .meta import ModelMeta, config_key, model_meta, roofline_for
 from .noise import assess, wait_idle
@@ -324,7 +325,7 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
         loaded = state["loaded"].get(i, {})
         rec = {
             "schema": 1, "kind": "bench", "session": session, "config_key": cfg.key(spec), "status": status,
-            "error": error, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "error": error, "created": created_now(),
             "model": cfg.model.name, "model_path": cfg.model.path, "model_sha256": cfg.model.sha256,
             "model_size_bytes": cfg.model.file_size, "model_params": cfg.model.parameters,
             "model_arch": cfg.model.architecture, "model_quant": cfg.model.quant,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import fields
 from ..errors import InvalidArgument
+from ..store.record import created_now
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
 from .imatrix import choose_imatrix
@@ -197,6 +198,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     if name is not None and name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
     src = resolve(model)
+    from ..quant.quantize import refuse_container
+
+    refuse_container(src.path)  # before its info, which would ask for a key fit has no flag for
     _ = src.info
     with phase("reference"):
         reference, ref_note = _reference(src, ref, say)
@@ -449,8 +453,6 @@ def _cleanup(workdir: Path) -> None:
 def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,
            im_info, im_sha, text_desc, threads, force, transform: dict, extra: dict):
     """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
-    from datetime import UTC, datetime
-
     import llama_cpp
 
     from ..device.info import machine_key
@@ -475,14 +477,14 @@ def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: 
         "text": text_desc, "threads": threads, "machine": machine_key(), "llama_build": build_id(),
         "llama_cpp_python": llama_cpp.__version__,
         "tensor_types": verify(weight_types(path), BASE, overrides),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra,  # the profile, the quality
+        "created": created_now(), **extra,  # the profile, the quality
     }
     ref = register_variant(name, path, prov)
     sha = model_sha256(ref)
     rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
            "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
            "front": [{"plan": c.plan, **c.predicted} for c in front], "candidates": prov["candidates"],
-           "shipped": prov["shipped"], "threads": threads, "created": time.time(), **extra}
+           "shipped": prov["shipped"], "threads": threads, "created": created_now(), **extra}
     with Store() as db:
         db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
                model_sha256=sha, test="fit")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 from ..stop_signals import StopOnSignals
+from ..store.record import created_now
 from .quantize import (
     check_requantize,
     default_name,
@@ -77,7 +77,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
                 f"{llama_cpp.__version__}", "threads": n_threads, "seconds": round(seconds, 3),
                 "tensor_types": check, "file_size": tmp.stat().st_size,
                 "imatrix": str(imatrix) if imatrix else None,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": created_now(),
             }
             if requantized_from and type_name in _UNQUANTIZED_TARGETS:
                 provenance["note"] = (f"dequantized from {', '.join(requantized_from)}: a reference for the source "

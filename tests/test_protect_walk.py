@@ -114,6 +114,27 @@ def test_a_container_given_to_encrypt_is_named_as_one(smol_path, tmp_path, cli):
     assert not (tmp_path / "twice.enc").exists()
 
 
+def test_models_describes_a_container_with_its_key_and_fit_refuses_one(smol_path, tmp_path, cli):
+    """`ondevice models X.enc` called a container "invalid: bad magic"; `ondevice fit X.enc` asked for a
+    --key-env that fit does not have."""
+    import json
+
+    key = new_key()
+    enc = tmp_path / "m.enc"
+    assert cli("protect", "encrypt", str(smol_path), "-o", str(enc), "--key-env", "MYKEY",
+               env={"MYKEY": key}).returncode == 0
+    row = lambda r: next(x for x in json.loads(r.stdout) if x["path"] == str(enc))  # noqa: E731
+    r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": ""})
+    assert row(r)["status"].startswith("encrypted (ondevice protect): set ONDEVICE_MODEL_KEY"), row(r)
+    r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": key})
+    assert row(r)["architecture"] == "llama" and row(r)["size_bytes"] == smol_path.stat().st_size, row(r)
+    r = cli("fit", str(enc), "--budget", "size<=100MB", env={"ONDEVICE_MODEL_KEY": ""})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"ondevice fit: error: {enc} is an encrypted container (ondevice protect): llama.cpp's quantizer reads only "
+        f"a plain GGUF, and ondevice never writes decrypted weights to disk; give the .gguf it was encrypted from, "
+        f"then `ondevice protect encrypt` the variant made of it"], r.stderr
+
+
 def test_info_and_verify_of_a_named_pipe_answer_instead_of_hanging(cli, tmp_path):
     """`protect info` opened the path to read the header: a FIFO (or a terminal) blocked it forever."""
     fifo = tmp_path / "m.enc"

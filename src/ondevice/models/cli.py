@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from ..errors import OndeviceError
@@ -26,8 +27,20 @@ def _row(m: ModelListing) -> dict[str, Any]:
     }
     if m.path is None:
         return row
+    from ..protect.container import is_container
+
     try:
-        info = validate_gguf(m.path)
+        if is_container(m.path):  # encrypted (ondevice protect): described when its key is at hand
+            from ..protect.api import model_info
+            from ..protect.keys import DEFAULT_ENV, SOURCE_ENV
+
+            if not (os.environ.get(SOURCE_ENV) or os.environ.get(DEFAULT_ENV)):
+                row["status"] = (f"encrypted (ondevice protect): set {DEFAULT_ENV} to describe it; `ondevice "
+                                 f"protect info {m.path}` needs no key")
+                return row
+            info = model_info(m.path, None)
+        else:
+            info = validate_gguf(m.path)
     except OndeviceError as e:
         row["status"] = f"invalid: {e}"
         return row

@@ -39,3 +39,15 @@ def test_models_and_adapters_say_what_is_wrong_with_the_path(tmp_path):
         ondevice.load(adapters=["/dev/zero"])
     with pytest.raises(InvalidArgument, match="a symbolic link loop; give the .gguf"):
         ondevice.load(adapters=[str(tmp_path / "a.gguf")])
+
+
+def test_a_file_name_of_the_longest_length_is_written_through_its_temp_file(tmp_path):
+    """The temp file beside the destination adds characters to its name; a destination whose own name is
+    valid (up to 255 bytes, multi-byte characters too) must not fail as "File name too long"."""
+    from ondevice.models.store import write_json
+
+    for name in ("a" * 250 + ".json", "模" * 84 + ".js"):  # 255 bytes each
+        assert len(name.encode()) == 255
+        write_json(tmp_path / name, {"ok": 1})
+        assert (tmp_path / name).read_text().strip().endswith("}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left

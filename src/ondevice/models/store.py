@@ -78,7 +78,12 @@ def make_parent(dest: Path, fix: str = "choose another path") -> None:
 
 def temp_file(folder: Path, prefix: str, suffix: str) -> Path:
     """A new empty file in ``folder`` to write a model into, then rename; readable by all as a model file is
-    (mkstemp makes it 0600, and a model in a shared cache should stay readable)."""
+    (mkstemp makes it 0600, and a model in a shared cache should stay readable). A prefix too long for a
+    file name once mkstemp's 8 random characters and ``suffix`` are added is cut: any name that is valid
+    for the file itself is valid for its temp file."""
+    room = 255 - 8 - len(suffix.encode())  # NAME_MAX on Linux and macOS file systems
+    if len(prefix.encode()) > room:
+        prefix = prefix.encode()[:room - 1].decode("utf-8", "ignore") + "."
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     os.close(fd)
     with contextlib.suppress(OSError):

@@ -51,3 +51,13 @@ def test_a_file_name_of_the_longest_length_is_written_through_its_temp_file(tmp_
         write_json(tmp_path / name, {"ok": 1})
         assert (tmp_path / name).read_text().strip().endswith("}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def test_a_store_name_too_long_says_the_limit():
+    from ondevice.models.catalog import check_variant_name
+
+    with pytest.raises(InvalidArgument, match=r"has 130 characters; a store name has at most 128"):
+        check_variant_name("a" * 130)
+    with pytest.raises(InvalidArgument, match="use letters, digits"):
+        check_variant_name("a/b")
+    check_variant_name("a" * 128)

@@ -347,6 +347,8 @@ def _local(path: Path) -> ModelRef:
 
 def check_variant_name(name: str, flag: str = "variant name") -> None:
     """Refuse a name the store cannot hold: a path (``/``, a leading ``.``), odd characters, a catalog name."""
+    if len(name) > 128 and _NAME_RE.match(name[:128]):
+        raise InvalidArgument(f"{flag} {name[:40]}... has {len(name)} characters; a store name has at most 128")
     if not _NAME_RE.match(name):
         raise InvalidArgument(f"{flag} {name!r} is not allowed; use letters, digits and . _ + - (no '/', not "
                               f"starting with '.'), e.g. smollm2-q4_0")

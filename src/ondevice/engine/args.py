@@ -53,6 +53,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed; default: random")
     p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "
+                        "newline and a tab, as in llama-cli's -r)")
+
+
+def add_system_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-s", "--system", default=None, help="system prompt (chat models)")
 
 
 def sampling_from(args: argparse.Namespace, **over) -> Sampling:
@@ -61,8 +68,34 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
               frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens)
     if args.seed is not None:
         kw["seed"] = args.seed
+    stop = tuple(_unescape(x) for x in args.stop)
+    if "" in stop:  # "" is found at once: no reply at all
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("--stop '' would end every reply before it starts; give the text to stop at, "
+                              "e.g. --stop 'User:'")
+    kw["stop"] = stop
     kw.update(over)
     return Sampling(**kw)
+
+
+def show_warnings(verb: str) -> None:
+    """Python warnings (a --ctx past the trained one, a base model given chat messages) as one line each,
+    ``ondevice VERB: warning: ...``, not a source file, line number and the code of that line."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning's shape
+        print(f"ondevice {verb}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a flag as the characters (llama.cpp's escapes); the rest as typed."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def load_from(args: argparse.Namespace, **config):

@@ -14,8 +14,8 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 
-from ..errors import ContextOverflow, OndeviceError
-from .args import add_model_args, add_sampling_args, load_from, sampling_from
+from ..errors import ContextOverflow, InvalidArgument, OndeviceError
+from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from, show_warnings
 from .model import BaseModelWarning, peak_rss_bytes
 from .records import Sampling
 
@@ -42,9 +42,11 @@ Ctrl-C stops the current answer."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_word", nargs="?", default=None, metavar="MODEL",
+                   help="the model to talk to, as `ollama run MODEL` (or -m MODEL); default: smollm2-135m-instruct")
     add_model_args(p)
     add_sampling_args(p, max_tokens=512)
-    p.add_argument("-s", "--system", default=None, help="system prompt")
+    add_system_arg(p)
     p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")
 
 
@@ -56,9 +58,24 @@ class Session:
     system: str | None
     verbose: bool
     history: list[dict] = dataclasses.field(default_factory=list)
+    outgrown: bool = False  # the window is full: older exchanges are being forgotten (said once)
 
     def reset(self) -> None:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.outgrown = False
+
+    def make_room(self, model) -> int:
+        """Forget the oldest exchanges (a message and its answer; never the system prompt or the new message)
+        until the conversation leaves room for an answer in the context window, as ``ollama run`` and
+        ``llama-cli`` do; returns how many were forgotten."""
+        n_ctx = model.engine.n_ctx
+        room = max(1, min(self.sampling.max_tokens, n_ctx // 2))  # an answer's worth, as -n allows
+        first = int(bool(self.history) and self.history[0]["role"] == "system")
+        dropped = 0
+        while len(self.history) - first > 1 and len(model.tokenize_prompt(self.history)) + room > n_ctx:
+            del self.history[first:first + 2]
+            dropped += 1
+        return dropped
 
 
 def command(line: str, s: Session, model) -> str | None:
@@ -75,6 +92,7 @@ def command(line: str, s: Session, model) -> str | None:
         return "(conversation cleared)"
     if word == "show":
         params = ", ".join(f"{k} {getattr(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != 0xFFFFFFFF)
+        params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
         return (f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})\n"
                 f"parameters: {params}\nsystem: {s.system or '(none)'}\ntimings: {'on' if s.verbose else 'off'}")
     if word == "set":
@@ -114,7 +132,8 @@ def _set(rest: str, s: Session, model) -> str:
 
 
 def read_message(read: Callable[[str], str], interactive: bool) -> str:
-    """One message: a line, or the lines between two \"\"\" marks. Raises EOFError at the end of input."""
+    """One message: a line, or the lines between two \"\"\" marks (or from one to the end of the input: what
+    was written is sent, not dropped). Raises EOFError at the end of input."""
     line = read(">>> " if interactive else "")
     if not line.lstrip().startswith('"""'):
         return line
@@ -123,9 +142,13 @@ def read_message(read: Callable[[str], str], interactive: bool) -> str:
     while True:
         if text.rstrip().endswith('"""'):
             lines.append(text.rstrip()[:-3])
-            return "\n".join(lines).strip("\n")
+            break
         lines.append(text)
-        text = read("... " if interactive else "")
+        try:
+            text = read("... " if interactive else "")
+        except EOFError:
+            break
+    return "\n".join(lines).strip("\n")
 
 
 @contextlib.contextmanager
@@ -154,27 +177,43 @@ def quiet_keys(stream=None) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli_run import format_timings
+    from .cli_run import format_timings, window_note
 
+    show_warnings("chat")
+    if args.model_word is not None:
+        if any(c.isspace() for c in args.model_word):  # `chat "Hello there"`: a message where a model goes
+            raise InvalidArgument(f"'{args.model_word}' is not a model name: chat reads messages at its >>> prompt "
+                                  f"or on stdin; for one answer to it, ondevice run \"{args.model_word}\"")
+        if args.model is not None and args.model != args.model_word:
+            raise InvalidArgument(f"two models: '{args.model_word}' and -m {args.model}; chat talks to one, "
+                                  f"give it once")
+        args.model = args.model_word
     sampling = sampling_from(args)
     model = load_from(args)
-    if not model.is_chat:  # said once here; the library's own warning would repeat it with a source line
+    if not model.is_chat:  # said once here, before the first message; the library's own would come after it
         warnings.simplefilter("ignore", BaseModelWarning)
-        print(f"warning: {model.name} has no chat template (a base model); answers continue a plain-text "
-              f"transcript. Pick an instruct model for chat.", file=sys.stderr)
+        print(f"ondevice chat: warning: {model.name} has no chat template (a base model); answers continue a "
+              f"plain-text transcript. Pick an instruct model for chat.", file=sys.stderr)
+        # the transcript's next "User: " line (chat.plain_prompt) ends an answer, as llama-cli's -r does: the
+        # model does not write the user's side of the conversation
+        sampling = dataclasses.replace(sampling, stop=(*sampling.stop, "\nUser:"))
     s = Session(sampling, args.system, args.timings)
     s.reset()
     interactive = sys.stdin.isatty()
     if interactive:
+        import readline  # noqa: F401 — input() gets line editing and history (arrows, Ctrl-A/E/R) as in ollama
+
         print(f"ondevice chat with {model.name}. /help for commands, /bye to quit, Ctrl-C stops an answer.",
               file=sys.stderr)
     while True:
         try:
             line = read_message(input, interactive)
-        except EOFError:
+        except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own, not after ">>> "
+            if interactive:
+                print(file=sys.stderr)
             break
         except KeyboardInterrupt:
-            print("", file=sys.stderr)
+            print(file=sys.stderr)
             continue
         if not line.strip():
             continue
@@ -185,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
             print(out, file=sys.stderr)
             continue
         s.history.append({"role": "user", "content": line})
+        if s.make_room(model) and not s.outgrown:
+            s.outgrown = True
+            print(f"(the conversation outgrew the {model.engine.n_ctx}-token context window: from here on the "
+                  f"oldest exchanges are forgotten to make room; /reset starts over, -c/--ctx holds more)",
+                  file=sys.stderr)
         answer, last = [], None
         try:
             with quiet_keys() if interactive else contextlib.nullcontext():
@@ -197,11 +241,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(" [stopped]")
         except ContextOverflow as e:  # the conversation outgrew the window: say so, keep the program
             s.history.pop()
-            print(f"error: {e.advise('-c/--ctx', model.engine.n_ctx_train, '/reset to start over')}",
-                  file=sys.stderr)
+            # make_room left only the system prompt and this message: /reset would not help
+            fixes = ("a shorter /set system",) if s.system else ()
+            print(f"ondevice chat: error: {e.advise('-c/--ctx', model.engine.n_ctx_train, *fixes)}", file=sys.stderr)
             continue
         sys.stdout.write("\n")
         s.history.append({"role": "assistant", "content": "".join(answer)})
+        if note := window_note(last, s.sampling, model.engine.n_ctx, "older exchanges make room for the next"):
+            print(note, file=sys.stderr)
         if s.verbose:
             print(format_timings(last, peak_rss_bytes()), file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import ContextOverflow
-from .args import add_model_args, add_sampling_args, load_from, sampling_from
+from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from, show_warnings
 from .model import peak_rss_bytes
 from .records import Generation
 
@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
     add_model_args(p)
     add_sampling_args(p)
+    add_system_arg(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
     p.add_argument("--draft", default=None, metavar="lookup|MODEL",
@@ -104,11 +105,26 @@ def format_timings(last: Generation | None, peak_rss: int, load_time: float | No
     return " | ".join(parts)
 
 
+def window_note(last: Generation | None, sampling, n_ctx: int, fix: str = "raise -c/--ctx") -> str | None:
+    """The line that says a reply was cut by the end of the context window (not by -n), else None."""
+    if last is None or last.finish_reason != "length" or last.generation_tokens >= sampling.max_tokens:
+        return None
+    return f"(the reply stopped at the end of the {n_ctx}-token context window; {fix})"
+
+
 def run(args: argparse.Namespace) -> int:
+    show_warnings("run")
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
+    if args.system and args.raw:
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("--system goes through the chat template, which --raw turns off; drop one of them "
+                              "(or write the system text into the raw prompt)")
     prompt = read_prompt(split_model_word(args), args.model if getattr(args, "named_model", False) else None)
+    if args.system:
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))
     last = None
     out = sys.stdout
@@ -120,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     except ContextOverflow as e:
         raise e.advise("-c/--ctx", model.engine.n_ctx_train) from None
     out.write("\n")
-    if last is not None and last.finish_reason == "length" and last.generation_tokens < sampling.max_tokens:
-        print(f"(the reply stopped at the end of the {model.engine.n_ctx}-token context window; raise -c/--ctx)",
-              file=sys.stderr)
+    if note := window_note(last, sampling, model.engine.n_ctx):
+        print(note, file=sys.stderr)
     if args.timings == "text":
         print(format_timings(last, peak_rss_bytes(), model.engine.load_time), file=sys.stderr)
     elif args.timings == "json":

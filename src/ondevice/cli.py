@@ -69,6 +69,17 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_as_lines(verb: str) -> None:
+    """Python warnings (a --ctx past the trained one, a base model given chat messages...) as one line each,
+    ``ondevice VERB: warning: ...``, not a source file, line number and the code of that line."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning's shape
+        print(f"ondevice {verb}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -127,6 +138,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
+    _warnings_as_lines(args.verb)
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:

@@ -79,18 +79,6 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     return Sampling(**kw)
 
 
-def show_warnings(verb: str) -> None:
-    """Python warnings (a --ctx past the trained one, a base model given chat messages) as one line each,
-    ``ondevice VERB: warning: ...``, not a source file, line number and the code of that line."""
-    import sys
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning's shape
-        print(f"ondevice {verb}: warning: {message}", file=file or sys.stderr)
-
-    warnings.showwarning = show
-
-
 def _unescape(text: str) -> str:
     """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a flag as the characters (llama.cpp's escapes); the rest as typed."""
     import re

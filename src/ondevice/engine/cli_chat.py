@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
-from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from, show_warnings
+from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from
 from .model import BaseModelWarning, peak_rss_bytes
 from .records import Sampling
 
@@ -179,7 +179,6 @@ def quiet_keys(stream=None) -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     from .cli_run import format_timings, window_note
 
-    show_warnings("chat")
     if args.model_word is not None:
         if any(c.isspace() for c in args.model_word):  # `chat "Hello there"`: a message where a model goes
             raise InvalidArgument(f"'{args.model_word}' is not a model name: chat reads messages at its >>> prompt "

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import ContextOverflow
-from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from, show_warnings
+from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from
 from .model import peak_rss_bytes
 from .records import Generation
 
@@ -113,7 +113,6 @@ def window_note(last: Generation | None, sampling, n_ctx: int, fix: str = "raise
 
 
 def run(args: argparse.Namespace) -> int:
-    show_warnings("run")
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)

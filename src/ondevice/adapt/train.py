@@ -133,16 +133,32 @@ def lean_malloc() -> None:
         pass
 
 
-def prepare(cfg: AdaptConfig):
-    """Tokenize with the base's llama.cpp vocabulary and template, then free llama.cpp before torch trains."""
-    import ondevice
-
+def check_settings(cfg: AdaptConfig) -> None:
+    """Settings that cannot train (or cannot be written), refused before the model loads."""
     if cfg.checkpointing not in CHECKPOINTING:
         raise InvalidArgument(f"--checkpointing {cfg.checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
     if cfg.precision not in PRECISIONS:
         raise InvalidArgument(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
         raise InvalidArgument("--steps, --batch and --rank must be >= 1 and --max-len >= 8")
+    for flag, v, eg in (("--lr", cfg.lr, "1e-3"), ("--alpha", cfg.alpha, "16")):
+        if not (math.isfinite(v) and v > 0):  # AdamW refuses lr <= 0 with a traceback; alpha 0 trains nothing
+            raise InvalidArgument(f"{flag} {v:g}: must be a number > 0, e.g. {flag} {eg}")
+    if not (math.isfinite(cfg.heldout) and 0 <= cfg.heldout < 1):
+        raise InvalidArgument(f"--heldout {cfg.heldout:g}: the share of examples held out must be >= 0 and < 1, "
+                              "e.g. --heldout 0.1")
+    if cfg.checkpoint_every < 0:
+        raise InvalidArgument(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 0 (0: only on Ctrl-C)")
+    if cfg.out is not None and Path(cfg.out).is_dir():  # found out only when the trained adapter is written
+        raise InvalidArgument(f"-o {cfg.out} is a directory; give the adapter's file, e.g. -o "
+                              f"{Path(cfg.out) / (Path(cfg.data).stem + '.gguf')}")
+
+
+def prepare(cfg: AdaptConfig):
+    """Tokenize with the base's llama.cpp vocabulary and template, then free llama.cpp before torch trains."""
+    import ondevice
+
+    check_settings(cfg)
     convs = data.read_jsonl(cfg.data)
     m = ondevice.load(cfg.model, n_ctx=max(64, cfg.max_len + 16), n_threads=1, warmup=False)
     try:
@@ -246,6 +262,7 @@ def train(cfg: AdaptConfig) -> dict:
     torch.set_num_threads(max(1, cfg.threads))
     lean_malloc()
     cfg.out = str(cfg.target())
+    check_settings(cfg)
     t_start = time.perf_counter()
     state = load_checkpoint(cfg) if cfg.resume else None
     fixed = {k: getattr(cfg, k) for k in FIXED_ON_RESUME}  # what a resume must keep (load_checkpoint checks)

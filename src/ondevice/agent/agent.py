@@ -151,10 +151,11 @@ class Agent:
     def fill(self, request: str, turns: list) -> Callable[[Node, dict], dict]:
         """The graph's fill callback: one constrained call to the node's tool (Octo-planner's action step)."""
         def fill(node: Node, outputs: dict) -> dict:
-            lines = [f"Request: {request}", f"Your subtask: {node.task}"]
-            for d in node.depends_on:
-                lines.append(f"Result of {d}: {json.dumps(outputs.get(d), ensure_ascii=False, default=str)}")
-            msgs = [{"role": "user", "content": "\n".join(lines)}]
+            head = [f"Request: {request}", f"Your subtask: {node.task}"]
+            deps = [json.dumps(outputs.get(d), ensure_ascii=False, default=str) for d in node.depends_on]
+            # room for the call itself and the tool's schema beside it (call_turn adds them)
+            msgs = fit_results(self.actor, deps, lambda texts: [{"role": "user", "content": "\n".join(
+                head + [f"Result of {d}: {t}" for d, t in zip(node.depends_on, texts)])}], reserve=512)
             for a in node.attempts:  # reflection: the failed tries and why, before the next one
                 msgs += [{"role": "assistant", "content": json.dumps({"name": node.tool, "arguments": a["args"]})},
                          {"role": "user", "content": f"That call failed: {a['error']}. Write a corrected call."}]
@@ -193,17 +194,16 @@ class Agent:
         ran = [n for n in nodes if n.status in ("done", "failed") and n.attempts]
         if not any(n.status == "done" for n in ran):
             return None
-        calls, results = [], []
-        for n in ran:
-            cid = f"call_{n.id}"
-            calls.append({"type": "function", "id": cid,
-                          "function": {"name": n.tool, "arguments": n.attempts[-1]["args"]}})
-            out = (json.dumps(n.output, ensure_ascii=False, default=str) if n.status == "done"
-                   else f"error: {n.error}")
-            results.append({"role": "tool", "tool_call_id": cid, "name": n.tool, "content": out})
+        calls = [{"type": "function", "id": f"call_{n.id}",
+                  "function": {"name": n.tool, "arguments": n.attempts[-1]["args"]}} for n in ran]
+        outs = [json.dumps(n.output, ensure_ascii=False, default=str) if n.status == "done" else f"error: {n.error}"
+                for n in ran]
         system = "\n\n".join(x for x in (ANSWER_SYSTEM, sop_prompt(self.sops)) if x)
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": request},
-                {"role": "assistant", "content": "", "tool_calls": calls}, *results]
+        msgs = fit_results(self.planner, outs, lambda texts: [
+            {"role": "system", "content": system}, {"role": "user", "content": request},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": c["id"], "name": n.tool, "content": t}
+              for c, n, t in zip(calls, ran, texts))], reserve=self.answer_tokens)
         # a reply that starts like a call is not an answer: the grammar lets it start with anything else
         grammar = f"root ::= ondevice-text\n{TEXT_RULE}"
         t0 = time.perf_counter()
@@ -236,6 +236,36 @@ class Agent:
             msgs += [{"role": "assistant", "content": turn.text},
                      {"role": "user", "content": f"That call failed: {problem}. Write a corrected call."}]
         raise AssertionError("unreachable")
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` characters, saying so (and how long it was)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... [cut: {len(text):,} characters in all, the first {limit:,} shown]"
+
+
+def fit_results(model, texts: Sequence[str], compose: Callable[[list[str]], list[dict]], reserve: int) -> list[dict]:
+    """``compose(texts)`` with the tools' results ``texts`` cut evenly until the prompt leaves ``reserve`` tokens
+    of ``model``'s context free: a tool that returns megabytes must not cost the run its next step (as a chat
+    client cuts a long tool result before it goes back to the model)."""
+    n_ctx = getattr(getattr(model, "engine", None), "n_ctx", None)
+    tokenize = getattr(model, "tokenize_prompt", None)
+    if not texts or not n_ctx or tokenize is None:
+        return compose(list(texts))
+    budget = n_ctx - reserve
+    # no tokenizer (or template) pass over more text than the context could hold at >= 1 character a token
+    limit = min(max(map(len, texts)), max(64, 4 * budget // len(texts)))
+    fixed = len(tokenize(compose(["" for _ in texts])))  # the prompt without the results
+    for _ in range(6):
+        shown = [clip(t, limit) for t in texts]
+        msgs = compose(shown)
+        n = len(tokenize(msgs))
+        if n <= budget or limit <= 64 or n <= fixed:
+            return msgs  # fits, or nothing left to cut (the engine then says the prompt is too long)
+        per_token = sum(map(len, shown)) / (n - fixed)  # characters of results per token
+        limit = max(64, min(limit - 1, int((budget - fixed) * per_token / len(texts) * 0.95)))
+    return msgs
 
 
 def _turn_record(step: str, turn: Turn) -> dict:

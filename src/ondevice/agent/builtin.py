@@ -87,6 +87,8 @@ def load_tools(spec: str) -> list[Tool]:
                 from None
         raise InvalidArgument(f"--tools {spec}: importing {target} failed: {e}{_user_line(e)}; fix its imports") \
             from None
+    except InvalidArgument as e:  # a @tool ondevice cannot offer (an untyped parameter ...): where it is defined
+        raise InvalidArgument(f"--tools {spec}: {e}{_user_line(e)}") from None
     except Exception as e:  # noqa: BLE001 — any error the user's module raises while it is imported
         raise InvalidArgument(f"--tools {spec}: importing {target} raised {type(e).__name__}: {e}{_user_line(e)}; "
                               f"fix the module") from None
@@ -99,7 +101,10 @@ def load_tools(spec: str) -> list[Tool]:
     else:
         found = [v for v in vars(mod).values() if isinstance(v, Tool)]
     items = found if isinstance(found, (list, tuple)) else [found]
-    tools = [t if isinstance(t, Tool) else Tool.from_function(t) for t in items]
+    try:
+        tools = [t if isinstance(t, Tool) else Tool.from_function(t) for t in items]
+    except InvalidArgument as e:
+        raise InvalidArgument(f"--tools {spec}: {e}") from None
     if not tools:
         raise InvalidArgument(f"--tools {spec}: no tools found; define TOOLS = [...] or decorate functions "
                               "with ondevice.agent.tool")

@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     box = builtin_toolbox() if (args.builtin or (args.serve_mcp and not args.tools)) else Toolbox()
     for spec in args.tools:
-        for t in load_tools(spec):
-            box.add(t)
+        add_all(box, load_tools(spec), f"--tools {spec}")
     if args.serve_mcp:
         from .mcptools import serve_stdio
 
@@ -77,14 +76,17 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--mcp-env {missing[0]}: no such environment variable here; export it first")
         env = {n: os.environ[n] for n in args.mcp_env} or None
         for cmd in args.mcp:
-            parts = shlex.split(cmd)
+            try:
+                parts = shlex.split(cmd)
+            except ValueError as e:  # an unclosed quote: shlex's words for it, not a traceback
+                raise InvalidArgument(f"--mcp {cmd}: {str(e).lower()}; quote the command as a shell would") \
+                    from None
             if not parts:
                 raise InvalidArgument("--mcp needs a command, e.g. --mcp 'python -m my_server'")
             c = MCPClient(parts[0], parts[1:], env=env)
             clients.append(c)
             c.start()
-            for t in c.tools():
-                box.add(t)
+            add_all(box, c.tools(), f"--mcp {cmd}")
         if not len(box):
             raise InvalidArgument("no tools; give --tools FILE.py, --mcp 'COMMAND' or --builtin")
         return _run_agent(args, box, request.strip())
@@ -93,9 +95,20 @@ def run(args: argparse.Namespace) -> int:
             c.close()
 
 
+def add_all(box, tools, source: str) -> None:
+    """``tools`` into ``box``; a name taken already is refused naming the flag that brought it."""
+    from ..errors import InvalidArgument
+
+    for t in tools:
+        try:
+            box.add(t)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{source}: {e}") from None
+
+
 def _run_agent(args, box, request: str) -> int:
     from ..engine import load
-    from .agent import SOP, Agent, cli_confirm
+    from .agent import SOP, Agent, cli_confirm, clip
     from .retrieval import Embedder, ToolIndex
 
     models: dict[str | None, object] = {}
@@ -136,6 +149,8 @@ def _run_agent(args, box, request: str) -> int:
         steps = sys.stderr if result.answer is not None else sys.stdout
         for n in rec["nodes"]:
             out = json.dumps(n["output"], ensure_ascii=False, default=str) if n["status"] == "done" else n["error"]
+            if steps is sys.stderr:  # a log beside the answer: a tool's megabytes are in --json and --log
+                out = clip(out, 2000)
             print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "
                   f"-> {n['status']}: {out}", file=steps)
         if rec["nodes"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sys
 import threading
@@ -42,6 +43,32 @@ def tool_alias(name: str, taken: set[str]) -> str:
     return alias
 
 
+class _OneLine(logging.Handler):
+    """The MCP SDK's warnings as one line each on stderr, without the traceback it logs with them: a server that
+    prints a banner on stdout would otherwise print pydantic's traceback for each of its lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        errors = getattr(exc, "errors", None)
+        if record.getMessage().startswith("Failed to parse JSONRPC") and callable(errors) and errors():
+            shown = repr(str(errors()[0].get("input", "")))
+            line = (f"an MCP server wrote a line on stdout that is not an MCP message: {shown[:200]}; its own "
+                    "output belongs on stderr")
+        else:
+            line = record.getMessage() + (f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                                          if exc is not None else "")
+        print(f"ondevice: {line}", file=sys.stderr)
+
+
+def _quiet_sdk_logs() -> None:
+    """One line per SDK warning, unless the application has set up logging itself (then it is its choice)."""
+    log = logging.getLogger("mcp")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    log.addHandler(_OneLine(logging.WARNING))
+    log.propagate = False
+
+
 class MCPClient:
     """A stdio MCP server process and an open session to it; ``tools()`` wraps its tools."""
 
@@ -68,6 +95,8 @@ class MCPClient:
     def start(self) -> None:
         mcp = _mcp()
         from mcp.client.stdio import stdio_client
+
+        _quiet_sdk_logs()
 
         ready = threading.Event()
         failure: list[BaseException] = []

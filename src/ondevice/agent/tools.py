@@ -126,7 +126,17 @@ class Tool:
                 stars = "*" if p.kind is p.VAR_POSITIONAL else "**"
                 raise InvalidArgument(f"tool {name}: {stars}{p.name} cannot be described by a schema; "
                                       "give the function named parameters")
-            ann = hints.get(p.name, Any)
+            if p.name not in hints:  # an Any schema lets a model pass anything at all (it does: {"default": 3})
+                like = type(p.default).__name__ if type(p.default) in (str, int, float, bool) else "str"
+                raise InvalidArgument(f"tool {name}: parameter {p.name} has no type hint, so no model can be told "
+                                      f"what to pass; annotate it (e.g. {p.name}: {like})")
+            ann = hints[p.name]
+            try:
+                pd.TypeAdapter(ann).json_schema()
+            except Exception:  # noqa: BLE001 — pydantic's schema errors are several classes and pages of text
+                raise InvalidArgument(f"tool {name}: parameter {p.name} has type {_type_name(ann)}, which has no "
+                                      "JSON schema; use str, int, float, bool, Literal[...], an Enum, a list or dict "
+                                      "of those, a dataclass or a pydantic model") from None
             default = ... if p.default is p.empty else p.default
             fields[p.name] = (ann, pd.Field(default, description=arg_docs.get(p.name) or None))
         model = pd.create_model(f"{name}_arguments", __config__=pd.ConfigDict(extra="forbid"), **fields)
@@ -172,6 +182,14 @@ class Tool:
             return value
         except (TypeError, ValueError):
             return repr(value)
+
+
+def _type_name(ann: Any) -> str:
+    if isinstance(ann, type):
+        return ann.__qualname__ if ann.__module__ == "builtins" else f"{ann.__module__}.{ann.__qualname__}"
+    if typing.get_origin(ann) is None and getattr(ann, "__qualname__", None):
+        return ann.__qualname__
+    return repr(ann).replace("typing.", "").replace("collections.abc.", "")
 
 
 def _brief(e) -> str:

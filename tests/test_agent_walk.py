@@ -1,0 +1,170 @@
+"""A new user's walk through ``ondevice agent``: a tool that returns megabytes, tools ondevice cannot describe,
+MCP commands that cannot start or that print on stdout. Real components: the embedded SmolLM2 through
+llama.cpp, the CLI in a subprocess, MCP servers as processes through the official client."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import textwrap
+import threading
+
+import pytest
+
+pytest.importorskip("pydantic")
+
+from ondevice.agent import Agent, Node, Tool, Toolbox, run_graph
+from ondevice.errors import InvalidArgument
+
+LOG = "line of log text\n" * 200_000  # 3.4 MB: over the context, and over the chat template's loop limit
+
+
+def read_log(name: str) -> str:
+    """Read a log file by name.
+
+    Args:
+        name: the log's name.
+    """
+    return LOG
+
+
+def count_lines(text: str) -> int:
+    """The number of lines in a text."""
+    return text.count("\n")
+
+
+class _Recording:
+    """The real model, with the messages of each request it is asked to answer kept."""
+
+    def __init__(self, model):
+        self.model, self.asked = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, messages, **kw):
+        self.asked.append(messages)
+        return self.model.stream(messages, **kw)
+
+
+def test_a_huge_tool_result_is_cut_to_the_context_and_the_run_still_answers(smol):
+    """The answer step and a dependant's call are written from a result that is cut (saying so) to fit the
+    model's context, instead of the run failing after its tools ran."""
+    model = _Recording(smol)
+    box = Toolbox([read_log, count_lines])
+    g = run_graph([Node("s1", "read_log", {"name": "syslog"})], box)
+    assert g.ok and len(g.nodes["s1"].output) == len(LOG)
+    agent = Agent(box, actor=model, answer_tokens=32)
+    text = agent.answer("Read the log named syslog", list(g.nodes.values()))
+    assert text and not text.startswith(("{", "[", "<")), text
+    (shown,) = [m["content"] for m in model.asked[-1] if m["role"] == "tool"]
+    whole = f"[cut: {len(json.dumps(LOG)):,} characters in all, the first"  # the result as JSON text
+    assert whole in shown and shown.startswith(json.dumps(LOG)[:200]), shown[-200:]
+    assert len(smol.tokenize_prompt(model.asked[-1])) + 32 <= smol.engine.n_ctx
+    # a subtask that depends on it: its call is written from the cut result too
+    turns: list = []
+    node = Node("s2", "count_lines", task="count the log's lines", depends_on=("s1",))
+    args = agent.fill("Count the lines of the syslog", turns)(node, {"s1": LOG})
+    assert isinstance(args, dict) and turns[-1]["step"] == "act:s2"
+    assert whole in model.asked[-1][-1]["content"]
+
+
+def test_tools_ondevice_cannot_describe_are_refused_in_one_line(cli, tmp_path):
+    def untyped(city, days=3) -> str:
+        """No hints."""
+        return city
+
+    with pytest.raises(InvalidArgument, match=r"tool untyped: parameter city has no type hint.*\(e\.g\. city: str\)"):
+        Tool.from_function(untyped)
+
+    def typed_but_one(city: str, days=3) -> str:
+        """One hint missing."""
+        return city
+
+    with pytest.raises(InvalidArgument, match=r"parameter days has no type hint.*\(e\.g\. days: int\)"):
+        Tool.from_function(typed_but_one)
+
+    def lock(lock: threading.Lock) -> str:  # a type pydantic has no schema for
+        """Takes a lock."""
+        return "x"
+
+    with pytest.raises(InvalidArgument, match="tool lock: parameter lock has type .*which has no JSON schema"):
+        Tool.from_function(lock)
+
+    (tmp_path / "locky.py").write_text(textwrap.dedent('''
+        from typing import Callable
+        from ondevice.agent import tool
+
+        @tool
+        def apply(cb: Callable[[int], int]) -> int:
+            """Apply a callback."""
+            return cb(1)
+    '''))
+    (tmp_path / "bare.py").write_text(textwrap.dedent('''
+        def nohint(x):
+            """No hints."""
+            return x
+
+        TOOLS = [nohint]
+    '''))
+    (tmp_path / "weather.py").write_text(textwrap.dedent('''
+        from ondevice.agent import tool
+
+        @tool
+        def get_weather(city: str) -> str:
+            """Current weather in a city."""
+            return city
+    '''))
+    f, bare, weather = (str(tmp_path / n) for n in ("locky.py", "bare.py", "weather.py"))
+    cases = {
+        ("--tools", f): f"error: --tools {f}: tool apply: parameter cb has type Callable[[int], int], which has no "
+                        f"JSON schema; use str, int",
+        ("--tools", bare): f"error: --tools {bare}: tool nohint: parameter x has no type hint",
+        ("--tools", weather, "--tools", weather): f"error: --tools {weather}: a tool named 'get_weather' is already "
+                                                  f"registered; give one a different name",
+        ("--tools", weather, "--mcp", "python 'server.py"): "error: --mcp python 'server.py: no closing quotation; "
+                                                            "quote the command as a shell would",
+    }
+    for args, want in cases.items():
+        r = cli("agent", "What's the weather in Oslo?", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if args == ("--tools", f):  # the line says where the tool is defined (its decorator's line)
+            assert r.stderr.rstrip().endswith(f"({f}, line 5)"), r.stderr
+
+
+def test_an_mcp_server_that_prints_on_stdout_is_named_without_a_traceback(cli):
+    pytest.importorskip("mcp")
+    cmd = shlex.join([sys.executable, "-c", "print('Welcome to my server!')"])
+    r = cli("agent", "hi", "--mcp", cmd)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "an MCP server wrote a line on stdout that is not an MCP message: 'Welcome to my server!'" in r.stderr
+    assert "ondevice agent: error: could not start the MCP server" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2, r.stderr
+
+
+def test_the_cli_answers_after_a_huge_tool_result_and_its_log_line_is_cut(cli, tmp_path):
+    """The answer on stdout; the step's line on stderr cut (the whole result stays in --log)."""
+    (tmp_path / "logs.py").write_text(textwrap.dedent('''
+        from ondevice.agent import tool
+
+        @tool
+        def read_log(name: str) -> str:
+            """Read a log file by name.
+
+            Args:
+                name: the log's name.
+            """
+            return "line of log text\\n" * 200_000
+    '''))
+    log = tmp_path / "run.jsonl"
+    r = cli("agent", "Read the log named syslog", "--tools", str(tmp_path / "logs.py"), "--ctx", "1024",
+            "--threads", "2", "--log", str(log))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip() and not r.stdout.lstrip().startswith(("{", "[", "<")), r.stdout[:500]
+    (step,) = [x for x in r.stderr.splitlines() if x.startswith("s1 read_log(")]
+    assert "-> done:" in step and "[cut: 3,600,002 characters in all, the first 2,000 shown]" in step, step[-300:]
+    assert len(r.stderr) < 20_000
+    (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert rec["nodes"][0]["output"] == "line of log text\n" * 200_000 and rec["answer"] == r.stdout.strip()

@@ -342,6 +342,15 @@ def test_an_mcp_server_that_never_answers_is_an_error_and_is_not_left_running():
     assert not left, left
 
 
+def test_mcp_timeout_is_a_flag(cli):
+    pytest.importorskip("mcp")
+    silent = f"{sys.executable} -c 'import time; time.sleep(600)'"
+    r = cli("agent", "hi", "--mcp", silent, "--mcp-timeout", "2")
+    assert r.returncode == 2 and "no answer in 2 s" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("agent", "hi", "--mcp", silent, "--mcp-timeout", "0")
+    assert r.returncode == 2 and "--mcp-timeout 0.0: give seconds > 0" in r.stderr, r.stderr
+
+
 def test_a_third_party_mcp_server_with_dotted_names_and_the_env_it_is_given(tmp_path, monkeypatch):
     pytest.importorskip("mcp")
     from ondevice.agent.mcptools import MCPClient

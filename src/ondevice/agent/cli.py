@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mcp-env", action="append", default=[], metavar="NAME",
                    help="pass this environment variable to the MCP servers (repeatable; they get only HOME, "
                         "PATH, SHELL, TERM, USER and LOGNAME otherwise, as the MCP SDK does)")
+    p.add_argument("--mcp-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long an MCP server may take to start and to answer one call (default 60)")
     p.add_argument("--builtin", action="store_true", help="also offer ondevice's own tools (models, device, generate)")
     p.add_argument("-m", "--model", default=None, help="model for planning and acting (default: the embedded one)")
     p.add_argument("--planner-model", default=None, help="model that writes the plan (default: --model)")
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
         serve_stdio(box, confirm=(lambda t, a: True) if args.yes else None)
         return 0
+    if not args.mcp_timeout > 0:  # also NaN
+        raise InvalidArgument(f"--mcp-timeout {args.mcp_timeout}: give seconds > 0, e.g. --mcp-timeout 300")
     if args.retries < 0:
         raise InvalidArgument(f"--retries {args.retries} must be >= 0")
     if args.retrieve < 0:
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                     from None
             if not parts:
                 raise InvalidArgument("--mcp needs a command, e.g. --mcp 'python -m my_server'")
-            c = MCPClient(parts[0], parts[1:], env=env)
+            c = MCPClient(parts[0], parts[1:], env=env, timeout=args.mcp_timeout)
             clients.append(c)
             c.start()
             add_all(box, c.tools(), f"--mcp {cmd}")

@@ -271,3 +271,19 @@ def test_ctrl_c_while_llama_cpp_loads_stops_the_load(smol_path, monkeypatch):
     eng.prefill(eng.tokenize("Hello"))
     assert np.isfinite(eng.logits()).all()
     eng.close()
+
+
+def test_the_trained_context_warning_counts_one_sequence_share(smol_path):
+    """A server's -c is shared by its slots (llama-server -np 8 -c 16384: 2048 a slot): no warning unless a
+    sequence can reach past the model's trained context (8192 for SmolLM2)."""
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        LlamaEngine(smol_path, EngineConfig(n_ctx=16384, n_seq_max=8, n_threads=1, warmup=False)).close()
+    assert not [w for w in seen if "trained with" in str(w.message)], [str(w.message) for w in seen]
+    with pytest.warns(UserWarning, match=r"n_ctx=16384 is more than the 8192 tokens"):
+        LlamaEngine(smol_path, EngineConfig(n_ctx=16384, n_seq_max=1, n_threads=1, warmup=False)).close()
+    with pytest.warns(UserWarning, match=r"n_ctx=32768 \(16384 per sequence\) is more than the 8192 tokens"):
+        LlamaEngine(smol_path, EngineConfig(n_ctx=32768, n_seq_max=2, n_threads=1, warmup=False)).close()

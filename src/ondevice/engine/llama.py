@@ -107,7 +107,8 @@ class LlamaEngine(Engine):
             raise InvalidArgument(f"--ctx / n_ctx={cfg.n_ctx} is too small; use at least 16" if cfg.n_ctx else
                                   f"the model says it was trained with a context of {self.n_ctx_train} tokens; "
                                   f"give one with --ctx N (n_ctx=N)")
-        check_kv_memory(self._info, n_ctx, self.n_ctx_train, cfg.type_k, cfg.type_v, self.path.name)
+        check_kv_memory(self._info, n_ctx, self.n_ctx_train, cfg.type_k, cfg.type_v, self.path.name,
+                        n_ctx if cfg.kv_unified else n_ctx // max(1, cfg.n_seq_max))
         threads = check_threads(cfg.n_threads or physical_cores())
         if cfg.n_threads_batch:
             check_threads(cfg.n_threads_batch, "--threads-batch / n_threads_batch")

@@ -347,7 +347,10 @@ def test_resume_after_kill_9_skips_finished_configs(tmp_path, smol_path):
     assert res.returncode == 0 and "--resume: session s2 holds no records, so every test ran" in res.stderr, res.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_records(tmp_path, smol_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_or_a_kill_stops_cleanly_and_keeps_records(tmp_path, smol_path, sig):
+    """Ctrl-C, a `kill` (SIGTERM) or a closed terminal (SIGHUP): the records so far are kept and the table of
+    them printed, the line says what stopped it, and the exit status is the signal's (130, 143, 129)."""
     db = tmp_path / "runs.sqlite"
     args = [sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "--tests", "pp16,tg4,tg64@d256",
             "-r", "2", "-t", "1", "--db", str(db), "--no-roofline", "--no-report", "--no-progress"]
@@ -356,13 +359,14 @@ def test_ctrl_c_stops_cleanly_and_keeps_records(tmp_path, smol_path):
     proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     _wait_records(proc, db, 1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     n = _count(db)
     if n == 3:
         pytest.skip("the sweep finished before the interrupt landed")
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == 128 + sig, err
+    said = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+    assert f"ondevice bench: {said}; the records above were kept" in err and "Traceback" not in err, err
     assert "pp16" in out  # the table of what was measured is printed
 
 

@@ -34,6 +34,38 @@ class Stopped(OndeviceError):
         return 128 + self.signal
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP taken as an interrupt (:func:`interrupt_on_signals`): code that keeps what is complete
+    on Ctrl-C keeps it for a ``kill`` too."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__()
+        self.signal = sig
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While active, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, where
+    they still have their default action (an application's own handler is left alone)."""
+    def raise_terminated(sig: int, _frame) -> None:
+        raise Terminated(sig)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in _SIGNALS:
+            if signal.getsignal(s) is signal.SIG_DFL:
+                old[s] = signal.signal(s, raise_terminated)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class StopOnSignals:
     """While active, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where Python runs handlers).
 

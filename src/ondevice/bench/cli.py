@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..config import add_config_arguments, config_from
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     for r in errors:
         print(f"ondevice bench: {r.model} {r.test}: {r.error}", file=sys.stderr)
     if records.interrupted:
-        print("ondevice bench: interrupted; the records above were kept"
+        how = "interrupted" if records.exit_code == 130 else f"stopped by {signal.Signals(records.exit_code - 128).name}"
+        print(f"ondevice bench: {how}; the records above were kept"
               + (" (continue with --resume)" if st is not None else ""), file=sys.stderr)
-        return 130
+        return records.exit_code
     return 1 if errors else 0

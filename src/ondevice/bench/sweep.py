@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from ..stop_signals import interrupt_on_signals
 from ..store.record import created_now
 from .config import BenchConfig
 from .meta import ModelMeta, config_key, model_meta, roofline_for
@@ -50,6 +51,7 @@ class BenchResult(list[BenchRecord]):
 
     session: str = ""
     interrupted: bool = False
+    exit_code: int = 130  # when interrupted: 130 for Ctrl-C, 128 + the signal for a SIGTERM or SIGHUP
     report_path: str | None = None
 
 
@@ -251,19 +253,21 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
         for t in sorted({c.settings["threads"] for c in configs}):
             _probe(t, roofs, notes, refresh=True)
     try:
-        for group in _groups(configs, config.interleave):
-            todo = [t for t in group[0].tests if any(c.key(t) not in done for c in group)]
-            for cfg in group:
-                for t in cfg.tests:
-                    if cfg.key(t) in done:
-                        result.append(done[cfg.key(t)])
-                        bar.step(f"{t.name}: stored (resume)")
-            if not todo:
-                continue
-            _run_config(group, todo, config, store, session, result, bar, roofs if roofline else None, notes,
-                        __version__, device_info, parse_profile, on_record, done)
-    except KeyboardInterrupt:
+        with interrupt_on_signals():  # a `kill` keeps the records as Ctrl-C does
+            for group in _groups(configs, config.interleave):
+                todo = [t for t in group[0].tests if any(c.key(t) not in done for c in group)]
+                for cfg in group:
+                    for t in cfg.tests:
+                        if cfg.key(t) in done:
+                            result.append(done[cfg.key(t)])
+                            bar.step(f"{t.name}: stored (resume)")
+                if not todo:
+                    continue
+                _run_config(group, todo, config, store, session, result, bar, roofs if roofline else None, notes,
+                            __version__, device_info, parse_profile, on_record, done)
+    except KeyboardInterrupt as e:
         result.interrupted = True
+        result.exit_code = getattr(e, "exit_code", 130)
     finally:
         bar.close()
     for n in notes:

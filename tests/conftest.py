@@ -56,6 +56,16 @@ def smol(smol_path):
     model.close()
 
 
+def as_a_shell_starts_it() -> None:
+    """``preexec_fn`` for a command under test: Ctrl-C's and hang-up's default actions, as a shell with job
+    control starts a command, even where this test run inherited them ignored (``nohup``, a background job
+    of a non-interactive shell: exec keeps "ignored", and the signal a test sends would never land)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.fixture()
 def cli(tmp_path):
     """Run the ``ondevice`` CLI in a subprocess with an isolated store; returns CompletedProcess."""
@@ -64,7 +74,7 @@ def cli(tmp_path):
         e = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
         e.update(env or {})
         return subprocess.run([sys.executable, "-m", "ondevice.cli", *args], input=input, capture_output=True,
-                              text=True, timeout=timeout, env=e)
+                              text=True, timeout=timeout, env=e, preexec_fn=as_a_shell_starts_it, check=False)
 
     return run
 
@@ -80,11 +90,9 @@ def serve_process(tmp_path, *flags: str, group: bool = False):
     env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w+")  # noqa: SIM115 — closed below
-    # a shell starts a job with Ctrl-C's default action, even where this test run has SIGINT ignored
-    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if group else None
     proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
                              "-c", "4096", *flags], stderr=log, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=group, preexec_fn=default_sigint)  # noqa: PLW1509 — no thread yet
+                            start_new_session=group, preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509 — no thread yet
     try:
         deadline = time.monotonic() + 120
         while "on http://" not in log_path.read_text():

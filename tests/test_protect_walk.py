@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import as_a_shell_starts_it
 
 pytest.importorskip("cryptography")
 
@@ -60,7 +61,8 @@ def test_killed_mid_encrypt_leaves_no_temp_file_and_the_old_container(smol_path,
         # 4 KiB chunks: ~24,000 of them, so the write lasts long enough to be interrupted in the middle
         p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "protect", "encrypt", str(smol_path), "-o",
                               str(out), "--key-env", "MYKEY", "--force", "--chunk-size", "4096"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509
         deadline = time.monotonic() + 60
         while _temp_bytes(out.parent) < 1 << 20 and p.poll() is None:
             assert time.monotonic() < deadline, "the container's temp file did not grow"
@@ -123,16 +125,18 @@ def test_models_describes_a_container_with_its_key_and_fit_refuses_one(smol_path
     enc = tmp_path / "m.enc"
     assert cli("protect", "encrypt", str(smol_path), "-o", str(enc), "--key-env", "MYKEY",
                env={"MYKEY": key}).returncode == 0
-    row = lambda r: next(x for x in json.loads(r.stdout) if x["path"] == str(enc))  # noqa: E731
+    def row(r):
+        return next(x for x in json.loads(r.stdout) if x["path"] == str(enc))
+
     r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": ""})
     assert row(r)["status"].startswith("encrypted (ondevice protect): set ONDEVICE_MODEL_KEY"), row(r)
     r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": key})
     assert row(r)["architecture"] == "llama" and row(r)["size_bytes"] == smol_path.stat().st_size, row(r)
     r = cli("fit", str(enc), "--budget", "size<=100MB", env={"ONDEVICE_MODEL_KEY": ""})
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [(
         f"ondevice fit: error: {enc} is an encrypted container (ondevice protect): llama.cpp's quantizer reads only "
         f"a plain GGUF, and ondevice never writes decrypted weights to disk; give the .gguf it was encrypted from, "
-        f"then `ondevice protect encrypt` the variant made of it"], r.stderr
+        f"then `ondevice protect encrypt` the variant made of it")], r.stderr
 
 
 def test_info_and_verify_of_a_named_pipe_answer_instead_of_hanging(cli, tmp_path):

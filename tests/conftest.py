@@ -56,6 +56,20 @@ def smol(smol_path):
     model.close()
 
 
+class Recording:
+    """A real model, with the messages of each request it is asked to answer kept (what a test reads back)."""
+
+    def __init__(self, model):
+        self.model, self.asked = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, messages, **kw):
+        self.asked.append(messages)
+        return self.model.stream(messages, **kw)
+
+
 def as_a_shell_starts_it() -> None:
     """``preexec_fn`` for a command under test: Ctrl-C's and hang-up's default actions, as a shell with job
     control starts a command, even where this test run inherited them ignored (``nohup``, a background job
@@ -64,6 +78,16 @@ def as_a_shell_starts_it() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+@pytest.fixture()
+def server():
+    """A local HTTP server that serves files as a model hub would (tests/test_pull.py's ``Server``)."""
+    from test_pull import Server
+
+    s = Server()
+    yield s
+    s.close()
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import time
 from typing import Literal
 
 import pytest
+from conftest import Recording
 
 pytest.importorskip("pydantic")
 
@@ -463,20 +464,6 @@ def test_agent_plans_and_acts_with_the_small_model(smol):
     assert {e["event"] for e in log} >= {"filled", "start", "end"} and all("t" in e for e in log)
 
 
-class _Recording:
-    """The real model, with the messages of each request it is asked to answer kept."""
-
-    def __init__(self, model):
-        self.model, self.asked = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def stream(self, messages, **kw):
-        self.asked.append(messages)
-        return self.model.stream(messages, **kw)
-
-
 def test_after_its_calls_the_agent_answers_from_their_results(smol):
     """As after an OpenAI or Ollama tool loop, the request gets a reply in words: the model is shown its calls
     as ``tool_calls`` and each result (or error) as a ``tool`` message, and what it writes is the answer."""
@@ -484,7 +471,7 @@ def test_after_its_calls_the_agent_answers_from_their_results(smol):
         """Current weather in a city."""
         return {"city": city, "temp_c": 18, "sky": "light rain"}
 
-    model = _Recording(smol)
+    model = Recording(smol)
     for plan in (True, False):  # without a plan SmolLM2 may answer at once, with no call: then that is the answer
         run = Agent(Toolbox([get_weather]), actor=model).run("What's the weather in Oslo?", plan=plan)
         if not plan and not run.nodes:
@@ -529,7 +516,7 @@ def test_a_failed_call_is_shown_to_the_answer_as_an_error(smol):
         """The local time in a city."""
         return "14:05"
 
-    model = _Recording(smol)
+    model = Recording(smol)
     nodes = [Node("s1", "get_weather", {"city": "Oslo"}), Node("s2", "get_time", {"city": "Oslo"})]
     g = run_graph(nodes, Toolbox([get_weather, get_time]), max_retries=0)
     agent = Agent(Toolbox([get_weather, get_time]), actor=model)

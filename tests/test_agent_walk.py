@@ -11,6 +11,7 @@ import textwrap
 import threading
 
 import pytest
+from conftest import Recording
 
 pytest.importorskip("pydantic")
 
@@ -34,24 +35,10 @@ def count_lines(text: str) -> int:
     return text.count("\n")
 
 
-class _Recording:
-    """The real model, with the messages of each request it is asked to answer kept."""
-
-    def __init__(self, model):
-        self.model, self.asked = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def stream(self, messages, **kw):
-        self.asked.append(messages)
-        return self.model.stream(messages, **kw)
-
-
 def test_a_huge_tool_result_is_cut_to_the_context_and_the_run_still_answers(smol):
     """The answer step and a dependant's call are written from a result that is cut (saying so) to fit the
     model's context, instead of the run failing after its tools ran."""
-    model = _Recording(smol)
+    model = Recording(smol)
     box = Toolbox([read_log, count_lines])
     g = run_graph([Node("s1", "read_log", {"name": "syslog"})], box)
     assert g.ok and len(g.nodes["s1"].output) == len(LOG)

@@ -14,22 +14,10 @@ import sys
 import time
 
 import pytest
-from test_pull import Server, make_gguf
+from test_pull import isolated_home, make_gguf  # noqa: F401 — its autouse fixture, shared
 
 from ondevice.errors import InvalidArgument, OndeviceError
 from ondevice.models import CATALOG, DEFAULT_MODEL, pull, resolve
-
-
-@pytest.fixture()
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
 
 
 def test_pull_of_a_catalog_name_gives_its_shipped_file(cli):

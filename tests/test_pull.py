@@ -129,13 +129,6 @@ class Server:
         self.httpd.server_close()
 
 
-@pytest.fixture()
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))

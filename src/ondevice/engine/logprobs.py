@@ -9,11 +9,18 @@ from ..errors import NonFiniteLogits
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """``(..., V)`` raw logits -> ``(..., V)`` float64 log-probabilities."""
+    return log_softmax_lse(logits)[0]
+
+
+def log_softmax_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(log-probabilities, log-sum-exp (..., 1))`` of ``(..., V)`` raw logits, in float64; NaN or infinite
+    logits raise :class:`NonFiniteLogits` (a PPL or logprob of nan is never a result)."""
     x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)  # NaN or +inf anywhere in a row makes its max so
     if not np.isfinite(m).all():
         raise NonFiniteLogits()
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+    lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return x - lse, lse
 
 
 def top_k(lp: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..report.formats import FORMATS
 from .record import EvalRecord
 
 
@@ -92,7 +93,7 @@ def coverage_line(r: EvalRecord) -> str:
 CASCADE_ONLY = ("cloud_model", "cloud_key_env", "tasks", "combiner")
 NOT_WITH_CASCADE = ("ppl", "corpus", "text", "ctx", "chunks", "ref", "topk", "ctx_size", "strict", "temp", "judge",
                     "judge_model", "adapter", "session", "log_dir")
-FORMAT_NAMES = ("md", "csv", "json", "jsonl", "sql", "html")  # what -o means to `ondevice bench` and `report`
+FORMAT_NAMES = (*FORMATS, "html")  # what -o means to `ondevice bench` and `report`
 
 
 def check_flags(args: argparse.Namespace, config) -> None:

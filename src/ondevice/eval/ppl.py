@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.logprobs import log_softmax  # noqa: F401 — re-exported: ppl.log_softmax
-from ..errors import InvalidArgument, NonFiniteLogits, OndeviceError
+from ..engine.logprobs import log_softmax, log_softmax_lse  # noqa: F401 — log_softmax re-exported
+from ..errors import InvalidArgument, OndeviceError
 from ..models.store import atomic_path
 from .corpora import Corpus
 
@@ -235,12 +235,7 @@ def score_chunk(logits: np.ndarray, targets: np.ndarray, *, ref: RefRows | None 
     n = logits.shape[0]
     for a in range(0, n, ROW_BLOCK):
         b = min(a + ROW_BLOCK, n)
-        x = np.asarray(logits[a:b], dtype=np.float64)
-        m = x.max(axis=1, keepdims=True)  # NaN or +inf anywhere in a row makes its max so
-        if not np.isfinite(m).all():
-            raise NonFiniteLogits()  # not a PPL of nan stored as a measurement
-        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
-        lp = x - lse  # (rows, V)
+        lp, lse = log_softmax_lse(logits[a:b])  # (rows, V), (rows, 1)
         t = targets[a:b]
         out["nll"].append(-lp[np.arange(b - a), t])
         out["argmax"].append(lp.argmax(axis=1))

@@ -348,3 +348,14 @@ def test_a_profile_whose_memory_holds_no_variant_is_refused_before_measuring(hom
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "memory cap (64 MiB) holds no variant" in line and "\n" not in line
+
+
+def test_a_profile_whose_memory_holds_the_file_but_not_the_runtime_is_refused_after_one_bench(home, cli):
+    """The smallest file (77.6 MB) is under the cap, but the runtime's own memory is not: the smallest variant is
+    benched first under the cap and the fit refuses then, not after benching every type (15 minutes here)."""
+    r = cli("fit", "--types", "Q8_0,Q4_0", "--profile", "threads=1,mem=100M", "--repetitions", "1",
+            env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert "less the" in err and "the runtime used besides the weights" in err and "smallest variant is" in err
+    assert r.stdout.count("  measuring ") == 1 and "device speed table" not in r.stdout

@@ -241,6 +241,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     low = {g.name: opts[g.name][-1] for g in lay.groups}  # every group at its lowest candidate
     asked = bud  # relative speed bounds are resolved against the shipped file benched with the variants
     shipped_item = Item({}, path=src.path, name=f"shipped:{model_sha256(src)}")
+    if prof.profile.mem_limit_bytes is not None:  # one bench of the smallest variant says what fits, before the rest
+        probe = replace(meter, speed_cache=Cache(meter.speed_cache.path, section + "-memory"), repetitions=1)
+        say("memory cap: the smallest variant first (what the runtime needs besides the weights under it)")
+        smallest = probe.measure([Item(low)], speed=True)[0]["speed"]
+        meter.built, meter.reused = meter.built + probe.built, meter.reused + probe.reused
+        prof.fits(smallest, lay.smallest(types))
     with phase("device"):
         items = [Item({}, [calib_q])]
         for t in dict.fromkeys(t for ts in opts.values() for t in ts):  # the types offered (fallbacks too)

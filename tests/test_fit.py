@@ -359,3 +359,17 @@ def test_a_profile_whose_memory_holds_the_file_but_not_the_runtime_is_refused_af
     err = r.stderr.strip().splitlines()[-1]
     assert "less the" in err and "the runtime used besides the weights" in err and "smallest variant is" in err
     assert r.stdout.count("  measuring ") == 1 and "device speed table" not in r.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--name", "a/b"], "--name 'a/b' is not allowed"),
+    (["--tests", "pp0,tg8"], "test 'pp0' has no tokens to time"),
+    (["-t", "-1"], "--threads -1 must be >= 0"),
+    (["--calib-ctx", "0"], "--calib-ctx 0 must be >= 8"),
+    (["--eval-chunks", "0"], "--eval-chunks 0 must be >= 1"),
+])
+def test_settings_that_would_fail_later_are_refused_before_measuring(home, cli, args, words):
+    """Each of these used to start the fit and fail minutes later (or, for --name, after the whole fit)."""
+    r = cli("fit", "--types", "Q8_0,Q4_0", *args, env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "measuring" not in r.stdout

@@ -191,6 +191,19 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     if sorted(t[:2] for t in speed_tests) != ["pp", "tg"]:
         raise InvalidArgument(f"--tests {','.join(speed_tests)!r} must be one prompt and one decode test, "
                               f"e.g. pp128,tg64")
+    from ..bench.workloads import parse_tests
+
+    parse_tests(list(speed_tests))  # a test with no tokens fails here, not after the first bench
+    for flag, n, least in (("--calib-ctx", calib_ctx, 8), ("--eval-ctx", eval_ctx, 8),
+                           ("--calib-chunks", calib_chunks, 1), ("--eval-chunks", eval_chunks, 1)):
+        if n < least:  # KLD chunks as llama-perplexity's (eval.ppl.make_chunks)
+            raise InvalidArgument(f"{flag} {n} must be >= {least}")
+    if threads is not None and threads < 0:
+        raise InvalidArgument(f"--threads {threads} must be >= 0 (0: the profile's or the default)")
+    if name is not None:
+        from ..models.catalog import check_variant_name
+
+        check_variant_name(name, "--name")
     if validate < 1:
         raise InvalidArgument(f"--validate {validate} must be >= 1")
     if repetitions < 1:

@@ -379,15 +379,32 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
         _budget.deadline = float("inf")
 
 
-def plain_prompt(messages: Sequence[Message]) -> str:
-    """Fallback for base models (no template): the conversation as plain text, ready to continue."""
+# a plain transcript's turns, one a line (validate_messages allows these roles only)
+PLAIN_LABELS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: ", "tool": "Tool: "}
+# a base model goes on past its reply with the next turn ("\nUser: ..."): any turn's label on a new line ends
+# the reply, as llama.cpp's templates carry their end of turn and Ollama's plain templates a `stop` parameter
+PLAIN_STOPS = tuple(f"\n{label.rstrip()}" for label in PLAIN_LABELS.values())
+
+
+class PromptTokens(list):
+    """A prompt's token ids and the stop strings that end a reply to it, as its rendering gives them (a plain
+    transcript's next turn, :data:`PLAIN_STOPS`); generation adds them to the request's own
+    (:func:`ondevice.engine.stops.with_prompt_stops`)."""
+
+    def __init__(self, tokens: Iterable[int] = (), stops: Sequence[str] = ()):
+        super().__init__(tokens)
+        self.stops = tuple(stops)
+
+
+def plain_prompt(messages: Sequence[Message]) -> tuple[str, tuple[str, ...]]:
+    """Fallback for base models (no template): the conversation as plain text, ready to continue, and the stop
+    strings that end the reply there (the next turn's label, :data:`PLAIN_STOPS`)."""
     parts = []
     for m in calls_as_text(validate_messages(messages)):
-        role = {"system": "", "user": "User: ", "assistant": "Assistant: "}.get(m["role"], f"{m['role']}: ")
-        parts.append(f"{role}{m['content']}")
+        parts.append(f"{PLAIN_LABELS[m['role']]}{m['content']}")
     if messages and messages[-1].get("role") != "assistant":
-        parts.append("Assistant:")
-    return "\n".join(parts)
+        parts.append(PLAIN_LABELS["assistant"].rstrip())
+    return "\n".join(parts), PLAIN_STOPS
 
 
 # -- tokenizing a rendered chat: the template's markers are special, message text never is -----------------
@@ -417,16 +434,17 @@ def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
 def encode(template: str | None, messages: Sequence[Message], *, specials: Mapping[str, int],
            tokenize: Callable[[str, bool], list[int]], bos_token: str = "", eos_token: str = "",
            tools: list | None = None, n_ctx: int = 0, add_generation_prompt: bool = True) -> list[int]:
-    """The token ids of a conversation: rendered with ``template`` (or as plain text when None), with only the
-    template's own control tokens special.
+    """The token ids of a conversation: rendered with ``template`` (or as plain text when None: a
+    :class:`PromptTokens` carrying the transcript's stops), with only the template's own control tokens special.
 
     Args:
         specials: control-token text -> id (the tokens a tokenizer matches only when parsing specials).
         tokenize: ``tokenize(text, add_bos)``, the model's tokenizer with special parsing off.
     """
     messages = validate_messages(messages)
-    if template is None:  # a base model: the transcript is text, BOS added by the tokenizer
-        return tokenize(plain_prompt(messages), True)
+    if template is None:  # a base model: the transcript is text, BOS added by the tokenizer; its stops with it
+        text, stops = plain_prompt(messages)
+        return PromptTokens(tokenize(text, True), stops)
     if not specials:
         return tokenize(render(template, messages, bos_token=bos_token, eos_token=eos_token, tools=tools,
                                n_ctx=n_ctx, add_generation_prompt=add_generation_prompt), False)

@@ -193,9 +193,6 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", BaseModelWarning)
         print(f"ondevice chat: warning: {model.name} has no chat template (a base model); answers continue a "
               f"plain-text transcript. Pick an instruct model for chat.", file=sys.stderr)
-        # the transcript's next "User: " line (chat.plain_prompt) ends an answer, as llama-cli's -r does: the
-        # model does not write the user's side of the conversation
-        sampling = dataclasses.replace(sampling, stop=(*sampling.stop, "\nUser:"))
     s = Session(sampling, args.system, args.timings)
     s.reset()
     interactive = sys.stdin.isatty()

@@ -20,6 +20,7 @@ from . import chat
 from .base import Engine, EngineConfig
 from .generator import BatchGenerator, Request
 from .records import Generation, Result, Sampling
+from .stops import with_prompt_stops
 
 Prompt = str | Sequence[dict]
 
@@ -75,14 +76,15 @@ class Model:
         if messages is None:
             return prompt, True
         if not self.is_chat:
-            return chat.plain_prompt(messages), True
+            return chat.plain_prompt(messages)[0], True
         return chat.render(self.template, messages, tools=tools, **self._template_kw()), False
 
     def tokenize_prompt(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
                         system_note: str | None = None) -> list[int]:
         """The prompt's token ids. A raw string is the caller's own text (special tokens parsed); in chat
         messages only the template's own markers are special: ``<|im_start|>`` typed in a message is text,
-        so no user can inject a role."""
+        so no user can inject a role. Messages on a base model give a :class:`~ondevice.engine.chat.PromptTokens`
+        whose stops (the transcript's next turn) every generation from it adds to its own."""
         eng = self.engine
         messages, tools = self._conversation(prompt, chat_template, tools, system_note)
         if messages is None:
@@ -144,7 +146,8 @@ class Model:
 
     def stream_tokens(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         """Stream from prompt ``tokens``: a batch of one through the generator, which reuses the KV of the
-        longest common prefix with what the model computed before and cuts stop strings (never shown).
+        longest common prefix with what the model computed before and cuts stop strings (never shown): the
+        sampling's and those ``tokens`` carry (a base model's transcript, from :meth:`tokenize_prompt`).
         ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused."""
         return self._turn(lambda: self._stream(tokens, s))
 
@@ -167,7 +170,7 @@ class Model:
         if s.draft == "model" and self.generator.drafter is None:
             raise InvalidArgument("draft='model' needs a draft model; load with ondevice.load(..., "
                                   "draft_model=NAME) or use draft='lookup'")
-        yield from self.generator.stream(Request(tokens=list(tokens), sampling=s))
+        yield from self.generator.stream(Request(tokens=list(tokens), sampling=with_prompt_stops(s, tokens)))
 
     @property
     def generator(self) -> BatchGenerator:

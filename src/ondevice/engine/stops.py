@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .records import Sampling
+
+
+def with_prompt_stops(sampling: Sampling, tokens: Sequence[int]) -> Sampling:
+    """``sampling`` with the stop strings the prompt ``tokens`` were rendered with added to its own (a plain
+    transcript's next turn: :class:`ondevice.engine.chat.PromptTokens`), where Model and the server make a request."""
+    extra = tuple(x for x in getattr(tokens, "stops", ()) if x not in sampling.stop)
+    return dataclasses.replace(sampling, stop=(*sampling.stop, *extra)) if extra else sampling
 
 
 def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

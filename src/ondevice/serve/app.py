@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import server_cascade
 from ..engine.records import Generation, Sampling
+from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
@@ -212,7 +213,7 @@ class Runner:
         if sampling.draft == "model" and st.draft_engine is None:
             raise InvalidArgument("draft 'model' needs a server started with --draft MODEL; use draft 'lookup'")
         sampler = st.engine.make_sampler(sampling)  # a grammar that does not parse fails here: a 400
-        return Job(tokens=tokens, sampling=sampling, sampler=sampler, loop=loop,
+        return Job(tokens=tokens, sampling=with_prompt_stops(sampling, tokens), sampler=sampler, loop=loop,
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
 
     async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[Generation | tuple]:

@@ -81,15 +81,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import ondevice
     from ondevice.eval.api import model_sha256
-    from ondevice.fit.api import _reference, _texts
+    from ondevice.fit.inputs import reference_for, texts
     from ondevice.fit.measure import fit_dir, kld_of, speed_of
     from ondevice.models.catalog import resolve
     from ondevice.quant.quantize import ftype_id, run_worker
 
     say = lambda m: print(m, flush=True)
     src = resolve(args.model)
-    ref, note = _reference(src, None, say)
-    calib, heldout, _ = _texts(None)
+    ref, note = reference_for(src, None, say)
+    calib, heldout, _ = texts(None)
     if args.kld_models:
         return _kld_models(ref, calib)
     tmp = fit_dir() / "bench"

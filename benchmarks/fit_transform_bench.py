@@ -36,7 +36,7 @@ def main() -> int:
     from ondevice.engine.resources import physical_cores
     from ondevice.eval.api import model_sha256
     from ondevice.fit import transform
-    from ondevice.fit.api import _reference, _texts
+    from ondevice.fit.inputs import reference_for, texts
     from ondevice.fit.groups import BASE, layout
     from ondevice.fit.imatrix import collect
     from ondevice.fit.measure import Cache, Meter, fit_dir, quality_section
@@ -44,8 +44,8 @@ def main() -> int:
 
     t0 = time.time()
     src = resolve(args.model)
-    ref, note = _reference(src, None, print)
-    calib, heldout, _ = _texts(None)
+    ref, note = reference_for(src, None, print)
+    calib, heldout, _ = texts(None)
     ref_sha = model_sha256(ref)
     work = fit_dir() / "transform-bench"
     work.mkdir(exist_ok=True)

@@ -29,6 +29,7 @@ from ..store.record import created_now
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
 from .imatrix import choose_imatrix
+from .inputs import check_settings, reference_for, texts
 from .interact import KldModel, choose_model, measured_plans
 from .measure import REPETITIONS, Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
 from .plan import (
@@ -69,48 +70,6 @@ class FitResult:
     transform: dict = field(default_factory=dict)  # whether the equivalent transform was used and why
     profile: dict | None = None  # the device profile the speeds were measured under (None: the host)
     quality: dict = field(default_factory=dict)  # --quality: what was measured, and the reference's figure
-
-
-def _reference(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
-    """The F16 reference (given, stored, or made now from the shipped file) and a note on what it is."""
-    from ..models.catalog import resolve, store_variants
-    from ..quant.api import quantize
-    from ..quant.quantize import default_name, weight_types
-
-    if ref is not None:
-        r = resolve(ref)
-        _ = r.info
-        return r, f"the reference {r.name}"
-    quantized = sorted({t for t in weight_types(src.path).values() if t not in ("F16", "F32", "BF16")})
-    if not quantized:
-        return src, f"{src.name} itself (unquantized)"
-    name = default_name(src.name, "F16")
-    note = (f"{name}, dequantized from the shipped {src.info.quant_summary} file: a reference for that file, "
-            f"not the original weights")
-    if name in store_variants():
-        return resolve(name), note
-    say(f"making the reference {name} (dequantizing {src.name})")
-    return quantize(src, "F16", name, allow_requantize=True), note
-
-
-def _texts(text: str | os.PathLike[str] | None) -> tuple[Path, Path, dict]:
-    """(calibration file, held-out file, description): the first and last thirds of the text."""
-    from ..eval.corpora import load_corpus
-
-    corpus = load_corpus(None, text)
-    third = len(corpus.text) // 3
-    d = fit_dir() / "texts"
-    d.mkdir(exist_ok=True)
-    out = []
-    for part, body in (("calib", corpus.text[:third]), ("heldout", corpus.text[-third:])):
-        p = d / f"{corpus.sha256[:12]}-{part}.txt"
-        if not p.is_file():
-            from ..models.store import atomic_write
-
-            with atomic_write(p, "w", encoding="utf-8") as f:
-                f.write(body)
-        out.append(p)
-    return out[0], out[1], {**corpus.describe(), "calibration": "first third", "held_out": "last third"}
 
 
 def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None = None, *,
@@ -185,29 +144,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         quant_size(t)
     if BASE not in types:
         types = (BASE, *types)
-    for flag, mode in (("imatrix", imatrix), ("transform", transform)):
-        if mode not in ("auto", "on", "off"):
-            raise InvalidArgument(f"--{flag} {mode!r} must be auto, on or off")
-    if sorted(t[:2] for t in speed_tests) != ["pp", "tg"]:
-        raise InvalidArgument(f"--tests {','.join(speed_tests)!r} must be one prompt and one decode test, "
-                              f"e.g. pp128,tg64")
-    from ..bench.workloads import parse_tests
-
-    parse_tests(list(speed_tests))  # a test with no tokens fails here, not after the first bench
-    for flag, n, least in (("--calib-ctx", calib_ctx, 8), ("--eval-ctx", eval_ctx, 8),
-                           ("--calib-chunks", calib_chunks, 1), ("--eval-chunks", eval_chunks, 1)):
-        if n < least:  # KLD chunks as llama-perplexity's (eval.ppl.make_chunks)
-            raise InvalidArgument(f"{flag} {n} must be >= {least}")
-    if threads is not None and threads < 0:
-        raise InvalidArgument(f"--threads {threads} must be >= 0 (0: the profile's or the default)")
-    if name is not None:
-        from ..models.catalog import check_variant_name
-
-        check_variant_name(name, "--name")
-    if validate < 1:
-        raise InvalidArgument(f"--validate {validate} must be >= 1")
-    if repetitions < 1:
-        raise InvalidArgument(f"--repetitions {repetitions} must be >= 1 (bench rounds)")
+    check_settings(imatrix=imatrix, transform=transform, speed_tests=speed_tests, calib_ctx=calib_ctx,
+                   eval_ctx=eval_ctx, calib_chunks=calib_chunks, eval_chunks=eval_chunks, threads=threads,
+                   name=name, validate=validate, repetitions=repetitions)
     if name is not None and name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
     src = resolve(model)
@@ -216,7 +155,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     refuse_container(src.path)  # before its info, which would ask for a key fit has no flag for
     _ = src.info
     with phase("reference"):
-        reference, ref_note = _reference(src, ref, say)
+        reference, ref_note = reference_for(src, ref, say)
     ref_sha = model_sha256(reference)
     lay = layout(reference.path, bands, groups)
     if bud.size is not None and lay.smallest(types) > bud.size:  # sizes are exact: no need to measure
@@ -224,7 +163,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                               f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}MB "
                               f"(every group at its smallest type); loosen the size or add lower --types")
     prof.check_smallest(lay.smallest(types), types)
-    calib, heldout, text_desc = _texts(text)
+    calib, heldout, text_desc = texts(text)
     csha = hashlib.sha256(calib.read_bytes()).hexdigest()
     hsha = hashlib.sha256(heldout.read_bytes()).hexdigest()
     q_cache = fit_dir() / "kld.json"

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="format of the records on stdout: md (the table), csv, json, jsonl or sql (as llama-bench)")
     o.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
     o.add_argument("--no-store", action="store_true", help="keep records in memory only")
-    o.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
+    o.add_argument("--html", dest="html_path", metavar="PATH",
+                   help="where to write the HTML report (default: <ONDEVICE_HOME>/reports/bench-<session>.html)")
     o.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -79,6 +80,21 @@ def tests_from_args(args: argparse.Namespace) -> list[str] | None:
     return specs or None
 
 
+def check_outputs(args: argparse.Namespace, config: BenchConfig) -> None:
+    """Refuse, before anything is measured, output flags that contradict each other or a --html path that
+    cannot be written (else the sweep runs to its end and the report is lost)."""
+    no_store, no_report = "--no-store keeps no records", "--no-report writes no report"
+    for asked, off, why in ((config.resume and args.no_store, no_store, "--resume continues a stored session"),
+                            (args.db and args.no_store, no_store, "--db names the store to write"),
+                            (args.html_path and args.no_report, no_report, "--html names the report file")):
+        if asked:
+            raise InvalidArgument(f"{why} and {off}; drop one of them")
+    if args.html_path:
+        from ..models.store import check_writable
+
+        check_writable(args.html_path, "give another --html")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..report.formats import export
     from ..report.write import write_html
@@ -90,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     apply_kernel_args(args)  # the workers read ONDEVICE_AMX / ONDEVICE_REPACK; each record names what they used
     config = config_from(BenchConfig, args, verb="bench", what="bench settings", flags=FLAGS,
                          **({"tests": tests} if tests else {}))
-    if args.no_store and config.resume:
-        raise InvalidArgument("--resume needs the store; drop --no-store")
+    check_outputs(args, config)
     st = Store(args.db) if not args.no_store else None
     try:
         records = bench(config=config, store=st if st is not None else False, progress=not args.no_progress)

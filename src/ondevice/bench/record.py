@@ -28,7 +28,8 @@ class BenchRecord(FlatRecord):
     model: str = ""
     model_path: str | None = None
     model_sha256: str = ""
-    model_size_bytes: int | None = None
+    model_size_bytes: int | None = None  # the file
+    model_tensor_bytes: int | None = None  # its tensors' data: llama-bench's "size" (no header, no padding)
     model_params: int | None = None
     model_arch: str | None = None
     model_quant: str | None = None
@@ -110,9 +111,16 @@ class BenchRecord(FlatRecord):
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def copy_index(self) -> int:
+        """How many earlier records of its sweep are this same measurement: 0, or 1, 2, ... for a byte-identical
+        file given again with -m, the same file twice, -t 1,1 (``bench.sweep.Config.copies``)."""
+        return int(self.settings.get("copy", 0))
+
 
 _NAMES = tuple(f.name for f in fields(BenchRecord))
-_OPTIONAL = {"amx", "repack", "prompt_lengths"}  # written only when set (older records lack them)
+# written only when set (older records lack them)
+_OPTIONAL = {"amx", "repack", "prompt_lengths", "model_tensor_bytes"}
 # Keys of every record, whatever its status, and of every "ok" record.
 RECORD_FIELDS = tuple(n for n in _NAMES[:_NAMES.index("tps_mean")] if n not in _OPTIONAL)
 METRIC_FIELDS = tuple(n for n in _NAMES[_NAMES.index("tps_mean"):] if n not in ("prompt_lengths", "extra"))

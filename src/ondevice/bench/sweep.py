@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..stop_signals import interrupt_on_signals
@@ -40,9 +40,21 @@ class Config:
     model: ModelMeta
     settings: dict  # threads, n_batch, n_ubatch, n_ctx, type_k, type_v, flash_attn, profile, repetitions
     tests: list[TestSpec]
+    # per test: how many earlier tests of the sweep are this same measurement (a byte-identical file given
+    # again with -m, the same file twice, -t 1,1, -p 64,64). llama-bench prints a row for each, so each gets
+    # its own key; the first keeps the plain key of its variant, so --resume still skips a variant stored under
+    # another name or path (set by :func:`expand`)
+    copies: list[int] = field(default_factory=list)
 
-    def key(self, test: TestSpec) -> str:
-        return config_key({**self.settings, "test": test.name, "params": test.params}, self.model.sha256)
+    def copy(self, j: int) -> dict:
+        """The ``settings`` entry that tells test ``j`` apart from the same measurement earlier in the sweep."""
+        n = self.copies[j] if j < len(self.copies) else 0  # not set yet: expand is counting them
+        return {"copy": n} if n else {}
+
+    def key(self, j: int) -> str:
+        """The ``config_key`` of test ``j``: what --resume skips and a report shows one row for."""
+        t = self.tests[j]
+        return config_key({**self.settings, "test": t.name, "params": t.params, **self.copy(j)}, self.model.sha256)
 
 
 class BenchResult(list[BenchRecord]):
@@ -87,6 +99,12 @@ def expand(config: BenchConfig) -> list[Config]:
                     "repetitions": config.repetitions, "amx": amx, "repack": repack,
                     **({"interleave": True} if config.interleave else {})}  # a measuring method of its own
         out.append(Config(metas[m], settings, list(tests)))
+    seen: dict[str, int] = {}
+    for cfg in out:  # in sweep order: the first of a measurement is copy 0
+        for j in range(len(cfg.tests)):
+            key = cfg.key(j)
+            cfg.copies.append(seen.get(key, 0))
+            seen[key] = seen.get(key, 0) + 1
     return out
 
 
@@ -255,11 +273,11 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
     try:
         with interrupt_on_signals():  # a `kill` keeps the records as Ctrl-C does
             for group in _groups(configs, config.interleave):
-                todo = [t for t in group[0].tests if any(c.key(t) not in done for c in group)]
+                todo = [j for j in range(len(group[0].tests)) if any(c.key(j) not in done for c in group)]
                 for cfg in group:
-                    for t in cfg.tests:
-                        if cfg.key(t) in done:
-                            result.append(done[cfg.key(t)])
+                    for j, t in enumerate(cfg.tests):
+                        if cfg.key(j) in done:
+                            result.append(done[cfg.key(j)])
                             bar.step(f"{t.name}: stored (resume)")
                 if not todo:
                     continue
@@ -300,13 +318,14 @@ def worker_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig)
             "warmup": config.warmup, "seed": config.seed}
 
 
-def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, store, session: str,
+def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store, session: str,
                 result: BenchResult, bar: Progress, roofs: dict | None, notes: list[str], version: str,
                 device_info, parse_profile, on_record, done: dict) -> None:
-    """Run ``todo`` on the configurations ``cfgs`` (same settings; several models when interleaved) in one
-    worker; records what ``done`` does not hold yet."""
+    """Run the tests ``todo`` (indices into ``tests``) of the configurations ``cfgs`` (same settings and tests;
+    several models when interleaved) in one worker; records what ``done`` does not hold yet."""
     s = cfgs[0].settings
-    wcfg = worker_config(cfgs, todo, config)
+    specs = [cfgs[0].tests[j] for j in todo]
+    wcfg = worker_config(cfgs, specs, config)
     n_ctx = wcfg["engine"]["n_ctx"]
     prof_spec = wcfg["profile"]
     capped = parse_profile(prof_spec).mem_limit_bytes is not None
@@ -316,22 +335,25 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
         bar.show(f"waiting up to {config.wait_idle:.0f} s for a quiet machine ...")
         quiet = wait_idle(config.wait_idle, show=bar.enabled)
     info = device_info()  # load average *before* this configuration runs
-    by_name = {t.name: t for t in todo}
+    by_name: dict[str, list[int]] = {}  # a name given twice (-p 64,64) is run twice, in todo's order
+    for j in todo:
+        by_name.setdefault(cfgs[0].tests[j].name, []).append(j)
     state: dict = {"loaded": {}, "limits": None}
     names = [c.model.name for c in cfgs]
-    bar.show(f"{' + '.join(names)} t={s['threads']} {todo[0].name} ...")
+    bar.show(f"{' + '.join(names)} t={s['threads']} {specs[0].name} ...")
 
-    def record(i: int, spec: TestSpec, status: str, error: str | None, res: dict | None) -> None:
-        cfg = cfgs[i]
-        seen.add((i, spec.name))
-        if cfg.key(spec) in done:  # measured again only to interleave with the others
+    def record(i: int, j: int, status: str, error: str | None, res: dict | None) -> None:
+        cfg, spec = cfgs[i], cfgs[i].tests[j]
+        seen.add((i, j))
+        if cfg.key(j) in done:  # measured again only to interleave with the others
             return
         loaded = state["loaded"].get(i, {})
         rec = {
-            "schema": 1, "kind": "bench", "session": session, "config_key": cfg.key(spec), "status": status,
+            "schema": 1, "kind": "bench", "session": session, "config_key": cfg.key(j), "status": status,
             "error": error, "created": created_now(),
             "model": cfg.model.name, "model_path": cfg.model.path, "model_sha256": cfg.model.sha256,
-            "model_size_bytes": cfg.model.file_size, "model_params": cfg.model.parameters,
+            "model_size_bytes": cfg.model.file_size, "model_tensor_bytes": cfg.model.info.tensor_bytes,
+            "model_params": cfg.model.parameters,
             "model_arch": cfg.model.architecture, "model_quant": cfg.model.quant,
             "test": spec.name, "workload": spec.kind, "n_prompt": spec.n_prompt, "n_gen": spec.n_gen,
             "n_depth": spec.n_depth, **{k: v for k, v in s.items()},
@@ -340,7 +362,7 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
             "load_time_s": loaded.get("load_time_s"), "load_peak_rss_bytes": loaded.get("load_peak_rss_bytes"),
             "roofline_pct": None, "roofline_bound": None, "roofline": None,
             "settings": {**s, "test": spec.name, "params": spec.params, "warmup": config.warmup,
-                         "seed": config.seed},
+                         "seed": config.seed, **cfg.copy(j)},
             "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or info.get("llama_cpp"),
                      "cpu_model": info.get("cpu_model"), "cpu_flags": info.get("cpu_flags"),
                      "governor": info.get("governor"), "load_avg_before": info.get("load_avg"),
@@ -381,7 +403,7 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
             on_record(typed)
         bar.step(f"{spec.name}: {status}" + (f" {typed.tps_mean:.1f} t/s" if res else ""))
 
-    seen: set[tuple[int, str]] = set()
+    seen: set[tuple[int, int]] = set()
 
     def on_event(ev: dict) -> None:
         kind = ev.get("type")
@@ -390,15 +412,17 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
         elif kind == "loaded":
             state["loaded"][ev.get("index", 0)] = ev
         elif kind == "result" and ev.get("test") in by_name:
-            ok = ev["status"] == "ok"
-            record(ev.get("index", 0), by_name[ev["test"]], ev["status"], ev.get("error"), ev if ok else None)
+            ok, i = ev["status"] == "ok", ev.get("index", 0)
+            j = next((j for j in by_name[ev["test"]] if (i, j) not in seen), None)  # its first not yet reported
+            if j is not None:
+                record(i, j, ev["status"], ev.get("error"), ev if ok else None)
 
     rc, tail = run_worker(wcfg, s, on_event, capped)
     if state["limits"] and state["limits"].get("cgroup_path"):
         from ..device import remove_cgroup
 
         remove_cgroup(state["limits"]["cgroup_path"])  # the worker made it and has exited: it is empty
-    missing = [(i, t) for i in range(len(cfgs)) for t in todo if (i, t.name) not in seen]
+    missing = [(i, j) for i in range(len(cfgs)) for j in todo if (i, j) not in seen]
     if missing:
         oom = capped and _oom_like(rc, tail)
         why = (f"the worker died (exit {rc}{', signal ' + signal.Signals(-rc).name if rc < 0 else ''})"
@@ -408,5 +432,5 @@ def _run_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig, s
 
             choice = next((ev.get("kernel_choice") for ev in state["loaded"].values()), None)
             why += "; " + crash_message("bench", -rc, choice).split(": error: ", 1)[1]
-        for i, t in missing:
-            record(i, t, "oom" if oom else "error", why, None)
+        for i, j in missing:
+            record(i, j, "oom" if oom else "error", why, None)

@@ -85,7 +85,7 @@ def _table(data: list[dict[str, Any]], width: int | None = None) -> str:
             "licence": r.get("licence") or "-",
             "where": r["path"] if ready else r["status"],
         })
-    widths = {k: max(len(h), *(_width(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
+    widths = {k: max(len(h), *(display_width(str(x[k])) for x in lines)) if lines else len(h) for k, h in cols}
     if width:
         cols = _fit(cols, widths, width)
     out = ["  ".join(h.ljust(widths[k]) for k, h in cols).rstrip()]
@@ -94,7 +94,7 @@ def _table(data: list[dict[str, Any]], width: int | None = None) -> str:
     return "\n".join(out)
 
 
-def _width(text: str) -> int:
+def display_width(text: str) -> int:
     """Columns ``text`` takes on a terminal: East Asian wide characters take two, combining marks none."""
     import unicodedata
 
@@ -102,7 +102,7 @@ def _width(text: str) -> int:
 
 
 def _pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - _width(text))
+    return text + " " * max(0, width - display_width(text))
 
 
 # columns that give up width when the table is wider than the terminal, in this order, down to a floor;
@@ -128,9 +128,9 @@ def _fit(cols: list[tuple[str, str]], widths: dict[str, int], width: int) -> lis
 
 def _clip(text: str, width: int, keep_end: bool) -> str:
     """``text`` cut to ``width`` columns with an ellipsis (a path keeps its end: the file name)."""
-    if _width(text) <= width:
+    if display_width(text) <= width:
         return text
-    while _width(text) > width - 1:
+    while display_width(text) > width - 1:
         text = text[1:] if keep_end else text[:-1]
     return "…" + text if keep_end else text + "…"
 

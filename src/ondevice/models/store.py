@@ -104,6 +104,26 @@ def _write_target(dest: Path) -> Path:
     return dest
 
 
+def check_writable(dest: str | os.PathLike[str], fix: str = "choose another path") -> Path:
+    """Raise :class:`UnwritablePath` now where :func:`atomic_write` of ``dest`` would fail on the path alone (a
+    folder, a file where a folder should be, a folder that cannot be written), so a verb refuses it before its
+    long work, not after; leaves nothing behind (a missing folder is made by the write). Returns the path written."""
+    if str(dest).endswith(("/", os.sep)) and not Path(dest).is_dir():  # Path() drops the slash: "out/" -> file "out"
+        raise UnwritablePath(f"cannot write {dest}: it names a folder (the last /); name a file in it, or drop the /")
+    target = _write_target(Path(dest))
+    if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: written through
+        return target
+    folder = next(p for p in (target.parent, *target.parent.parents) if p.exists())  # "/" always exists
+    if not folder.is_dir():
+        raise UnwritablePath(f"cannot write {target}: {folder} is a file, not a folder; {fix}")
+    try:  # the write's own first step; os.access would pass a root user in a read-only mount or /proc
+        temp_file(folder, f".{target.name}.", ".tmp").unlink()
+    except OSError as e:
+        raise UnwritablePath(f"cannot write {target}: the folder {folder} is not writable "
+                             f"({e.strerror or e}); {fix}") from None
+    return target
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.

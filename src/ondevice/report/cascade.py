@@ -93,10 +93,9 @@ def run_report(store, args) -> int:
     from pathlib import Path
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from .html import CSS
 
-    with atomic_write(out, "w", encoding="utf-8") as f:
+    with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
         f.write(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ondevice cascade</title>"
                 f"<style>{CSS}</style></head><body><h1>ondevice cascade report</h1>{html(recs)}</body></html>\n")
     print(f"\nreport: {out}")

@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speedup of B over A per test; A, B: session ids or model sha256 prefixes")
     p.add_argument("-o", "--output", choices=("html", "md", "csv", "json", "jsonl", "sql"), default="html",
                    help="html writes the report file and prints its path; the others print records to stdout")
-    p.add_argument("--html", dest="html_path", metavar="PATH", help="where to write the HTML report")
+    p.add_argument("--html", dest="html_path", metavar="PATH",
+                   help="where to write the HTML report (default: <ONDEVICE_HOME>/reports/bench-<session>.html; "
+                        "with --cascade, reports/cascade.html)")
     p.add_argument("--cascade", action="store_true",
                    help="the device -> cloud cascade's deferral curves (from `ondevice eval --cascade`): a table "
                         "on stdout and an HTML page")
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from .formats import export
     from .write import load_records, write_html
 
+    if args.html_path:
+        from ..models.store import check_writable
+
+        check_writable(args.html_path, "give another --html")  # before the table is printed, not after it
     with Store(args.db, create=False) as store:  # report only reads: never make an empty store
         if args.list:
             sessions = store.sessions("bench")

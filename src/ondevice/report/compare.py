@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
-from .formats import NOISY_MARK, noise_legend
+from .formats import NOISY_MARK, md_table, noise_legend
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
@@ -48,7 +48,7 @@ def _latest_by(records: Sequence[BenchRecord], fields: Sequence[str]) -> dict[tu
 
 def compare_records(a: Sequence[BenchRecord | dict], b: Sequence[BenchRecord | dict], by_model: bool) -> list[dict]:
     """Rows {model, key fields, tps_a, tps_b, std_a, std_b, speedup} for configurations in both sets."""
-    fields = list(MATCH) if by_model else ["model_sha256", *MATCH]
+    fields = list(MATCH) if by_model else ["model_sha256", "copy_index", *MATCH]  # a row per record, as the table
     la, lb = _latest_by(BenchRecord.coerce(a), fields), _latest_by(BenchRecord.coerce(b), fields)
     rows = []
     for key, ra in la.items():
@@ -70,16 +70,14 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
         return "(no configuration was measured in both; nothing to compare)\n"
     head = ["model", "threads", "test", "kernels", f"t/s {label_a}", f"t/s {label_b}", "speedup"]
     kern = lambda r: r["kernels_a"] if r["kernels_a"] == r["kernels_b"] else f"{r['kernels_a']} -> {r['kernels_b']}"
-    mark = lambda r, *sides: f" {NOISY_MARK}" if any(r.get(f"noisy_{s}") for s in sides) else ""  # noqa: E731
+    mark = lambda r, *sides: f" {NOISY_MARK}" if any(r.get(f"noisy_{s}") for s in sides) else ""
     body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r),
-             f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}{mark(r, 'a')}", f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}"
-             f"{mark(r, 'b')}", f"{r['speedup']:.2f}{mark(r, 'a', 'b')}"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) if i else c.ljust(w)
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+             f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}{mark(r, 'a')}",
+             f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}{mark(r, 'b')}",
+             f"{r['speedup']:.2f}{mark(r, 'a', 'b')}"] for r in rows]
     note = noise_legend(sum(r.get(f"noisy_{s}", False) for r in rows for s in "ab"), 2 * len(rows), False)
-    return "\n".join([line(head), sep, *(line(b) for b in body), *([note] if note else [])]) + "\n"
+    table = md_table(head, body, [i > 0 for i in range(len(head))])
+    return "\n".join([*table, *([note] if note else [])]) + "\n"
 
 
 def compare(store, a: str, b: str) -> tuple[list[dict], str]:

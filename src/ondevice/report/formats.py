@@ -12,6 +12,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
@@ -64,6 +65,12 @@ def _energy(r: BenchRecord) -> str:
     return f"{v:.4f}" + (" (est.)" if r.energy_method == "estimated" else "")
 
 
+def _size(r: BenchRecord) -> str:
+    """llama-bench's size: the tensors' bytes (records made before they were kept: the file's, a little more)."""
+    n = r.model_tensor_bytes or r.model_size_bytes
+    return f"{n / MiB:.2f} MiB" if n else "-"
+
+
 def _params(n) -> str:
     if not n:
         return "-"
@@ -78,7 +85,7 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     records = BenchRecord.coerce(records)
     cols: list[tuple[str, Callable[[BenchRecord], str], str]] = [
         ("model", lambda r: str(r.model), "l"),
-        ("size", lambda r: f"{r.model_size_bytes / MiB:.2f} MiB" if r.model_size_bytes else "-", "r"),
+        ("size", _size, "r"),
         ("params", lambda r: _params(r.model_params), "r"),
         ("threads", lambda r: str(r.threads), "r"),
     ]
@@ -104,22 +111,28 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     return cols
 
 
+def md_table(head: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    """The lines of a GitHub markdown table, padded like llama-bench's; ``right``: which columns align right.
+    Cells are padded by the columns a terminal shows (a wide CJK character takes two), so rows stay aligned."""
+    from ..models.cli import display_width
+
+    widths = [max(display_width(h), *(display_width(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        pad = [" " * (w - display_width(c)) for c, w in zip(cells, widths)]
+        return "| " + " | ".join(p + c if r else c + p for c, p, r in zip(cells, pad, right)) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if r else ("-" * w) for w, r in zip(widths, right)) + " |"
+    return [line(head), sep, *(line(row) for row in rows)]
+
+
 def to_md(records: Sequence[BenchRecord | dict]) -> str:
     """The terminal table (GitHub markdown, padded like llama-bench's)."""
     if not records:
         return "(no records)\n"
     records = BenchRecord.coerce(records)
     cols = columns(records)
-    rows = [[c[1](r) for c in cols] for r in records]
-    widths = [max(len(c[0]), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(s.ljust(w) if c[2] == "l" else s.rjust(w)
-                                 for s, w, c in zip(cells, widths, cols)) + " |"
-
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if c[2] == "r" else ("-" * w)
-                           for w, c in zip(widths, cols)) + " |"
-    out = [line([c[0] for c in cols]), sep, *(line(r) for r in rows)]
+    out = md_table([c[0] for c in cols], [[c[1](r) for c in cols] for r in records], [c[2] == "r" for c in cols])
     notes = []
     if any(r.energy_method == "estimated" for r in records):
         notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
@@ -176,11 +189,24 @@ def to_csv(records: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+SQL_TYPES = {"int": "INTEGER", "bool": "INTEGER", "float": "REAL"}  # a field's declared type -> its column's
+
+
 def to_sql(records: Sequence[dict]) -> str:
-    """``CREATE TABLE`` + ``INSERT`` statements (sqlite3 dialect), as llama-bench's ``-o sql``."""
-    keys = _keys(records)
+    """``CREATE TABLE`` + ``INSERT`` statements (sqlite3 dialect), as llama-bench's ``-o sql``.
+
+    The table has a column for every :class:`BenchRecord` field, typed by its declaration, whatever these
+    records hold: one export appended after another to the same file (``ondevice bench -o sql | sqlite3
+    results.db``, as llama-bench's README does) finds every column it inserts into, though the first held only
+    error records (no metrics) or no chat test. Keys no field declares (another version's) follow.
+    """
+    declared = {f.name: SQL_TYPES.get(str(f.type).replace(" | None", ""), "TEXT") for f in fields(BenchRecord)
+                if f.name != "extra"}
+    keys = [*declared, *(k for k in _keys(records) if k not in declared)]
 
     def typ(k: str) -> str:
+        if k in declared:
+            return declared[k]
         vals = [r.get(k) for r in records if r.get(k) is not None]
         if vals and all(isinstance(v, (bool, int)) for v in vals):
             return "INTEGER"

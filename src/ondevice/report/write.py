@@ -60,7 +60,6 @@ def write_html(records: list[BenchRecord], store=None, path: str | Path | None =
     sessions = sessions or sorted({r.session for r in BenchRecord.coerce(records)} - {None, ""})
     evals = store.records("eval") if store is not None else []
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "w", encoding="utf-8") as f:
+    with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
         f.write(build_html(records, evals, sessions=sessions))
     return out

@@ -67,7 +67,7 @@ def time_v_worker(model: str, threads: int, reps: int) -> tuple[int, dict]:
     if not Path(time_bin).exists():
         raise SystemExit("/usr/bin/time is missing; install it (Debian: apt-get install -y time)")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(worker_config(cfg, cfg.tests, params), f)
+        json.dump(worker_config([cfg], cfg.tests, params), f)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(threads), MALLOC_ARENA_MAX="2")
     proc = subprocess.Popen([time_bin, "-v", sys.executable, "-m", "ondevice.bench.worker", f.name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)

@@ -146,7 +146,7 @@ def test_speeds_bench_every_file_in_one_interleaved_process_and_take_the_drift_o
 
 
 def test_paired_takes_each_rounds_level_out():
-    from ondevice.fit.measure import paired
+    from ondevice.fit.paired import paired
 
     # a is 2x b and 4x c in every round; round levels 1, 3, 0.5
     a, b, c = [8.0, 24.0, 4.0], [4.0, 12.0, 2.0], [2.0, 6.0, 1.0]
@@ -285,3 +285,27 @@ def test_plans_that_miss_a_speed_bound_as_measured_give_way_to_plans_fast_enough
     sure = table.predict_at(again[0].plan, slow)
     assert sure["tg"] - 2 * sure["tg_sd"] >= 104
     assert at_speed(front, parse_budget("tg>=1000"), table, slow, 2, exclude=picks) == []
+
+
+def test_a_bench_note_is_kept_on_the_result_and_printed_only_when_asked(tmp_path, capsys):
+    import ondevice
+
+    kw = {"repetitions": 1, "store": tmp_path / "db.sqlite", "session": "nosuch", "resume": True, "roofline": False}
+    quiet = ondevice.bench(None, "tg4", print_notes=False, **kw)
+    assert quiet[0].ok and "ondevice bench: note" not in capsys.readouterr().err
+    assert len(quiet.notes) == 1 and "--resume: session nosuch holds no records" in quiet.notes[0]
+    ondevice.bench(None, "tg4", **{**kw, "session": "other"})
+    assert "ondevice bench: note: --resume: session other holds no records" in capsys.readouterr().err
+
+
+def test_the_fit_says_each_kind_of_bench_note_once(tmp_path):
+    """A memory-capped fit benches a process per variant and round: the same page-cache note came 64 times."""
+    from ondevice.fit.measure import Cache, Meter
+
+    said: list[str] = []
+    m = Meter(tmp_path, _layout(), tmp_path, 2, Cache(tmp_path / "s.json", "s"), tmp_path, said.append)
+    cap = "{}: peak RSS {} MiB over the 120 MiB cap: model pages already in the page cache are charged to whoever"
+    m._notes([cap.format("pp128", 221), cap.format("tg64", 221)])
+    m._notes([cap.format("pp128", 157), "roofline unavailable at 2 threads: no probe"])
+    assert said == [f"  bench note (said once): {cap.format('pp128', 221)}",
+                    "  bench note (said once): roofline unavailable at 2 threads: no probe"]

@@ -29,6 +29,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           config: BenchConfig | None = None, *,
           store: bool | str | Path | object = True,
           progress: bool = False,
+          print_notes: bool = True,
           **settings: Any) -> BenchResult:
     """Benchmark models on this device and return one :class:`BenchRecord` per configuration and test.
 
@@ -39,6 +40,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         config: a :class:`BenchConfig` (the fields of ``ondevice bench``'s flags); ``settings`` override it.
         store: True for the default store, a path, a ``Store``, or False to keep records in memory only.
         progress: a progress bar on stderr.
+        print_notes: print the sweep's notes on its figures on stderr (they are in ``result.notes`` either way).
         settings: any :class:`BenchConfig` field, a value or a list to sweep: ``threads``, ``n_batch``,
             ``n_ubatch``, ``n_ctx``, ``type_k``, ``type_v``, ``flash_attn``, ``profile`` (llama-bench's -t, -b,
             -ub, -c, -ctk, -ctv, -fa; ``--profile``); ``repetitions``, ``warmup``, ``seed``; ``session``,
@@ -71,7 +73,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     else:
         st = store
     try:
-        return run_sweep(cfg, store=st, progress=progress)
+        return run_sweep(cfg, store=st, progress=progress, print_notes=print_notes)
     finally:
         if own is not None:
             own.close()

@@ -58,13 +58,14 @@ class Config:
 
 
 class BenchResult(list[BenchRecord]):
-    """The records of a sweep (a list of :class:`BenchRecord`), plus ``session``, ``interrupted`` and
-    ``report_path``."""
+    """The records of a sweep (a list of :class:`BenchRecord`), plus ``session``, ``interrupted``,
+    ``report_path`` and ``notes`` (what the sweep noted about its figures, printed on stderr unless asked not to)."""
 
     session: str = ""
     interrupted: bool = False
     exit_code: int = 130  # when interrupted: 130 for Ctrl-C, 128 + the signal for a SIGTERM or SIGHUP
     report_path: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 def _resolve_threads(threads: int | None, profile: str | None) -> int:
@@ -241,8 +242,10 @@ def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
     return cache[threads]
 
 
-def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_record=None) -> BenchResult:
-    """Run every configuration; returns the records (previously stored ones too when resuming)."""
+def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_record=None,
+              print_notes: bool = True) -> BenchResult:
+    """Run every configuration; returns the records (previously stored ones too when resuming). The notes go to
+    ``result.notes`` and, with ``print_notes``, to stderr."""
     from .. import __version__
     from ..device import device_info, parse_profile
 
@@ -288,7 +291,8 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
         result.exit_code = getattr(e, "exit_code", 130)
     finally:
         bar.close()
-    for n in notes:
+    result.notes = tuple(notes)
+    for n in notes if print_notes else ():
         print(f"ondevice bench: note: {n}", file=sys.stderr)
     return result
 

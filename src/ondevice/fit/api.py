@@ -279,7 +279,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     vcache = Cache(fit_dir() / "speed.json", section + "-validate")
     vmeter = Meter(meter.source, lay, reference.path, threads, vcache, workdir, say, tuple(speed_tests),
                    repetitions, reprobe or not resume, resume, jobs=jobs, seen=seen, profile=prof.spec,
-                   sources=meter.sources)
+                   sources=meter.sources, noted=meter.noted)
     relative = asked.tg_rel is not None or asked.pp_rel is not None
     results: list[dict] = []  # each validated pick's measurements, in the order of ``validated``
     validated: list[Candidate] = []

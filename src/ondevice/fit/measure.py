@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from pathlib import Path
 from ..errors import OndeviceError
 from ..models.gguf_copy import splice
 from .groups import BASE, Layout
+from .paired import paired, paired_rse
 
 # bench rounds of a speed measurement: with the drift between rounds taken out (``paired``) the rest is
 # each run's own noise, which more rounds average down (3 rounds: tok/s predictions off by up to 13% here)
@@ -92,55 +94,6 @@ def score_of(records) -> dict:
             return {"score": r["score"], "coverage": r.get("coverage"), "n_items": r.get("n_items"),
                     "categories": r.get("categories")}
     raise OndeviceError("the eval returned no suite record")
-
-
-def _rounds(runs: list[list[float]]) -> tuple[int, list[float], float]:
-    """Rounds all files ran (the shortest's), each round's level (geometric mean of its runs), their mean."""
-    import math
-    import statistics
-
-    n = min((len(r) for r in runs if r), default=0)
-    full = [r for r in runs if r]
-    levels = [math.exp(statistics.fmean(math.log(r[k]) for r in full)) for k in range(n)]
-    mean_level = math.exp(statistics.fmean(math.log(x) for x in levels)) if n else 0.0
-    return n, levels, mean_level
-
-
-def paired(runs: list[list[float]]) -> list[float]:
-    """Each file's tok/s from runs measured in rounds (``runs[f][r]``: file f's run in round r, every file
-    once per round), with the machine's drift taken out: a round's level (the geometric mean of its runs)
-    divides each run, and a file's figure is the median of what is left, times the mean level. Files
-    compared this way differ by what they are: a round that ran fast or slow moves every file alike. One
-    file: its geometric mean. Rounds past the shortest file's are left out; a file with no runs gets None."""
-    import statistics
-
-    n, levels, mean_level = _rounds(runs)
-    if n == 0:
-        return [None] * len(runs)
-    return [mean_level * statistics.median(r[k] / levels[k] for k in range(n)) if r else None for r in runs]
-
-
-def paired_rse(runs: list[list[float]]) -> list[float | None]:
-    """The relative standard error of each :func:`paired` figure: the spread of the file's runs once each
-    round's level is divided out, as the standard error of their median (1.2533 s / sqrt(n)) over the
-    median. What is left after the levels are out is each run's own noise (and the machine's state
-    slowing some kernels more than others): it is what a second measurement of the same files would move
-    by. A round's level holds 1/F of each of its F runs' own noise, so the residuals spread less than the
-    runs do, by sqrt((F-1)/F): that is put back. None with fewer than 3 rounds, or for a file alone (its
-    level is itself)."""
-    import math
-    import statistics
-
-    n, levels, _ = _rounds(runs)
-    files = sum(1 for r in runs if r)
-    if n < 3 or files < 2:
-        return [None] * len(runs)
-    scale = 1.2533 / math.sqrt(n) * math.sqrt(files / (files - 1))
-    out: list[float | None] = []
-    for r in runs:
-        x = [r[k] / levels[k] for k in range(n)] if r else []
-        out.append(scale * statistics.stdev(x) / statistics.median(x) if x else None)
-    return out
 
 
 # --- caches --------------------------------------------------------------------------------------------
@@ -268,6 +221,7 @@ class Meter:
     reused: int = 0
     spliced: int = 0
     sources: dict = field(default_factory=dict)  # (source, imatrix) -> {type: its all-type variant}
+    noted: set = field(default_factory=set)  # the kinds of bench note said (``_notes``), shared like ``seen``
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -401,8 +355,9 @@ class Meter:
                 else [([paths[i] for i in todo], reps)])
         batches = []
         for group, n in runs:
-            batches.append(ondevice.bench(group, ",".join(self.tests), repetitions=n,
+            batches.append(ondevice.bench(group, ",".join(self.tests), repetitions=n, print_notes=False,
                                           **({"interleave": True} if len(group) > 1 else {}), **kw))
+            self._notes(batches[-1].notes)
             if batches[-1].interrupted:  # Ctrl-C stopped the bench: nothing half-measured goes to the cache
                 raise KeyboardInterrupt
         recs: dict[str, list] = {paths[i]: [] for i in todo}
@@ -424,6 +379,18 @@ class Meter:
             self.seen.add((self.speed_cache.section, files[i][0]))
             out[i] = res[i]
         return out
+
+    def _notes(self, notes) -> None:
+        """Say each kind of bench note once per fit (a memory-capped fit benches a process per variant and round,
+        and each would repeat the same note about the page cache): the kind is the note without its test name
+        and figures."""
+        for n in notes:
+            kind = re.sub(r"[0-9.]+", "#", n.split(": ", 1)[-1])
+            with self._lock:
+                if kind in self.noted:
+                    continue
+                self.noted.add(kind)
+            self.say(f"  bench note (said once): {n}")
 
     def _capped(self) -> bool:
         from ..device import parse_profile

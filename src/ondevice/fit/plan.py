@@ -11,7 +11,7 @@ Predictions are additive over groups, each term measured on this device (``measu
   validation benches the base variant again and puts the predictions at its speed of that moment
   (``Table.predict_at``): the table only knows times relative to the base, the load changes the rest;
   with it a standard deviation (``Spread``): what the table's own measurement noise, and the base's now,
-  leave in the prediction (the runs' spread once each round's level is out, ``measure.paired_rse``);
+  leave in the prediction (the runs' spread once each round's level is out, ``paired.paired_rse``);
 - KLD: ``kld(base) + sum_g d(g, T)``, ``d(g, T) = max(0, kld({g: T}) - kld(base))``: each group lowered alone,
   measured against the reference on the calibration text (sensitivity), optionally corrected per (group,
   type) by what earlier fits' validated plans measured (``interact``: the sum alone is ``kld_additive``).

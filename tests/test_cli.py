@@ -244,3 +244,5 @@ def test_a_flag_from_another_tool_says_which_one_is_meant(cli):
     assert r.returncode == 2 and "unrecognized arguments: --temperature; did you mean --temp?" in r.stderr
     r = cli("run", "--n-predict", "3", "hi")
     assert r.returncode == 2 and "did you mean --max-tokens?" in r.stderr
+    r = cli("bench", "--json")  # llama-bench's -o json, and a format of our -o
+    assert r.returncode == 2 and "unrecognized arguments: --json; did you mean -o json?" in r.stderr

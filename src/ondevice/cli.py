@@ -100,10 +100,13 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     from .fields import ALIASES
 
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    formats = next((a for a in parser._actions if "--output" in a.option_strings and a.choices), None)
     for x in extra:
         name = x.split("=", 1)[0]
         if not name.startswith("--"):
             continue
+        if formats is not None and name[2:] in formats.choices and name not in flags:  # --json: llama-bench's -o json
+            return f"; did you mean {formats.option_strings[0]} {name[2:]}?"
         alias = "--" + ALIASES.get(name[2:].replace("-", "_"), "").replace("_", "-")
         for guess in ([alias] if alias in flags else []) + difflib.get_close_matches(name, flags, 1, 0.7):
             return f"; did you mean {guess}?"

@@ -4,7 +4,7 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= server,eval,models,protect,test,agent,lmeval,adapt
+EXTRAS ?= server,eval,models,protect,test,agent,lmeval,adapt,clients
 
 .PHONY: demo test install install-dev bench-peers clean
 

@@ -1,5 +1,5 @@
-"""Real clients against `ondevice serve` on loopback: lm-evaluation-harness, the openai client, curl habits,
-and the access log."""
+"""Real clients against `ondevice serve` on loopback: lm-evaluation-harness (completions and chat), the openai
+client, curl habits, and the access log (LangChain: test_clients_langchain.py)."""
 
 from __future__ import annotations
 
@@ -99,16 +99,8 @@ def test_lm_eval_local_completions_agrees_with_raw_logits(srv, ref, tmp_path):
         metric_list:
           - metric: acc
         """))
-    out = tmp_path / "out"
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", NO_PROXY="127.0.0.1,localhost")
-    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-                        f"base_url={srv.base_url}/v1/completions,model=smollm2,num_concurrent=1,max_retries=1",
-                        "--tasks", "ondevice_mc", "--include_path", str(tmp_path / "tasks"), "--log_samples",
-                        "--output_path", str(out)], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    r, samples = _lm_eval(srv, tmp_path, "local-completions", "ondevice_mc")
     assert "remote tokenizer" in r.stderr.lower() or "remote tokenizer" in r.stdout.lower()
-    samples = [json.loads(line) for f in out.rglob("samples_ondevice_mc_*.jsonl") for line in f.open()]
     assert len(samples) == len(ITEMS)
 
     eos = set(ref.eos_tokens)
@@ -132,8 +124,60 @@ def test_lm_eval_local_completions_agrees_with_raw_logits(srv, ref, tmp_path):
         assert float(s["acc"]) == acc[-1]
     # the case the fix is for occurred: the greedy token after a whole answer was end-of-text
     assert hit_eos >= 3, f"only {hit_eos} of {n_req} requests ended on end-of-text; the task no longer tests it"
-    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["results"]["ondevice_mc"]["acc,none"] == pytest.approx(np.mean(acc))
+
+
+def test_lm_eval_local_chat_completions_generates_what_the_server_answers(srv, tmp_path):
+    """`lm_eval --model local-chat-completions --apply_chat_template` on a local generate_until task: each
+    generation is the server's greedy answer to the same chat request (lm-eval's stop, token cap and seed)."""
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": c[a]}) + "\n" for q, c, a in ITEMS[:5]))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "ondevice_gen.yaml").write_text(textwrap.dedent(f"""\
+        task: ondevice_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs:
+          until: ["\\n\\n"]
+          max_gen_toks: 16
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        """))
+    _, samples = _lm_eval(srv, tmp_path, "local-chat-completions", "ondevice_gen", "--apply_chat_template")
+    assert len(samples) == 5
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    for s in samples:
+        q = ITEMS[s["doc_id"]][0]
+        (messages,) = s["arguments"]["gen_args_0"]["arg_0"]  # the chat it sent, as JSON text
+        assert json.loads(messages) == [{"role": "user", "content": q}]
+        direct = client.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], max_tokens=16,
+                                                temperature=0, stop=["\n\n"], seed=1234)
+        assert s["resps"][0][0] == direct.choices[0].message.content and s["resps"][0][0], q
+
+
+def _lm_eval(srv, tmp_path: Path, model: str, task: str, *args: str) -> tuple[subprocess.CompletedProcess, list]:
+    """``lm_eval --model MODEL`` against ``srv``, offline, on ``task`` from ``tmp_path/tasks``: (the run, its samples)."""
+    out = tmp_path / "out"
+    route = "chat/completions" if "chat" in model else "completions"
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", NO_PROXY="127.0.0.1,localhost")
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args",
+                        f"base_url={srv.base_url}/v1/{route},model=smollm2,num_concurrent=1,max_retries=1",
+                        "--tasks", task, "--include_path", str(tmp_path / "tasks"), "--log_samples",
+                        "--output_path", str(out), *args], capture_output=True, text=True, timeout=600, env=env,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r, [json.loads(line) for f in out.rglob(f"samples_{task}_*.jsonl") for line in f.open()]
 
 
 def test_tokenizer_routes_in_lm_eval_and_vllm_shapes(srv, ref):

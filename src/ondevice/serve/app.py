@@ -23,6 +23,7 @@ from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout
 from .chunks import (
+    ShownTokens,
     TextOffset,
     chat_logprobs,
     completion_logprobs,
@@ -45,7 +46,9 @@ from .http import (
 from .state import ServerState, message_dicts, token_piece
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
-MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request (OpenAI allows 2048; each costs a decode here)
+# inputs per /v1/embeddings request: OpenAI's limit. Clients batch up to it (LangChain's OpenAIEmbeddings sends
+# 1,000 texts a request); each input is a decode of its own, and a client that leaves stops the rest
+MAX_EMBEDDING_INPUTS = 2048
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/health", "/metrics",
           "/tokenize", "/detokenize", "/tokenizer_info"}
 
@@ -327,7 +330,8 @@ class Runner:
             msg = S.AssistantMessage(content=content, tool_calls=calls)
             if calls:
                 finish = "tool_calls"
-            lps = [chat_logprobs(self.state, g) for g in gen if g.logprob is not None] if req.logprobs else None
+            lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
+                   if req.logprobs else None)
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
@@ -382,6 +386,7 @@ class Runner:
             id=cid, created=created, model=st.answered_by(req.model),
             choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
         calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
+        shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
         lasts: list[Generation | None] = [None] * len(jobs)
         try:
             for i in range(len(jobs)):
@@ -390,10 +395,11 @@ class Runner:
                 text, deltas = calls[i].feed(g.text)
                 for d in deltas:
                     yield chunk(i, S.ChatDelta(tool_calls=[d]))
+                lps = shown[i].feed(g)
                 if text is not None:
-                    if g.logprob is not None:
+                    if lps:
                         yield chunk(i, S.ChatDelta(content=text),
-                                    logprobs=S.ChoiceLogprobs(content=[chat_logprobs(self.state, g)]))
+                                    logprobs=S.ChoiceLogprobs(content=[chat_logprobs(st, r) for r in lps]))
                     elif text:
                         yield text_chunk[i](text)
                 if g.finish_reason:
@@ -453,7 +459,8 @@ class Runner:
             logprobs = None
             if k is not None:
                 base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
-                entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in gen if g.token >= 0]
+                shown = ShownTokens.of(gen, st.engine.eos_tokens)
+                entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in shown]
                 logprobs = completion_logprobs(self.state, entries, TextOffset(base))
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
@@ -481,6 +488,7 @@ class Runner:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
         offset = [TextOffset(0 if req.echo else len(x)) for x in sources]  # logprobs text offsets, per choice
+        shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
 
         def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
             ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
@@ -501,9 +509,9 @@ class Runner:
                     lp = completion_logprobs(self.state, ev[1], offset[i])
                     yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
                     continue
-                if ev.logprob is not None:
-                    lp = completion_logprobs(self.state, [lp_entry(ev)], offset[i])
-                    yield chunk(i, ev.text, lp=lp)
+                lps = shown[i].feed(ev)
+                if lps:
+                    yield chunk(i, ev.text, lp=completion_logprobs(st, [lp_entry(g) for g in lps], offset[i]))
                 elif ev.text:
                     yield text_chunk[i](ev.text)
                 if ev.finish_reason:

@@ -67,6 +67,31 @@ def text_sse(make) -> Callable[[str], bytes]:
     return event
 
 
+class ShownTokens:
+    """Which generated tokens get a logprobs entry: those whose text the reply shows, so that the entries
+    spell its content (as llama-server's do). A token whose text is held back (it may start a stop string, or
+    holds part of a character) waits for the next text, and a stop string that cuts that text drops it. An
+    end-of-text token adds no text and still gets one (completions' legacy shape, lm-eval reads it)."""
+
+    def __init__(self, eos: frozenset[int]):
+        self.eos, self.held = eos, []
+
+    def feed(self, g: Generation) -> list[Generation]:
+        """The records whose entries go out with ``g`` (none while its text is held back)."""
+        if g.logprob is not None:
+            self.held.append(g)
+        if not (g.text or g.token in self.eos):
+            return []
+        out, self.held = self.held, []
+        return out
+
+    @classmethod
+    def of(cls, gen: list[Generation], eos: frozenset[int]) -> list[Generation]:
+        """The records of a whole reply that get an entry."""
+        shown = cls(eos)
+        return [r for g in gen for r in shown.feed(g)]
+
+
 def chat_logprobs(state, g: Generation) -> S.TokenLogprob:
     """OpenAI's chat logprobs of one token: ``bytes`` are the token's own (joined they rebuild the text)."""
     pieces, raw = state.pieces, state.special_bytes

@@ -140,7 +140,10 @@ class ServerState:
                                 f"or restart the server with a larger --ctx / --max-prompt-tokens")
         bad = [t for t in tokens if not 0 <= t < self.engine.n_vocab]
         if bad:
-            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.engine.n_vocab - 1})")
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.engine.n_vocab - 1}); "
+                                  f"send text, or this model's token ids (POST /tokenize). LangChain's "
+                                  f"OpenAIEmbeddings sends OpenAI's tiktoken ids unless made with "
+                                  f"check_embedding_ctx_length=False")
 
     def detokenize(self, tokens: list[int]) -> str:
         n = len(self.vocab_bytes)

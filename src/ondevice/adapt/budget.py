@@ -18,6 +18,8 @@ and the plan takes the most contribution per byte that fits.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InvalidArgument
@@ -28,6 +30,8 @@ RANKS = (2, 4, 8, 16)
 # steps) under the run's real peak; later steps fragment the heap beyond what two probe steps show
 MARGIN = 0.92
 PARAM_BYTES = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
+_SMALLEST_PLAN = (f"the smallest plan's {{mib}} MiB (torch, the packed base and a training step with a "
+                  f"rank-{min(RANKS)} LoRA on one module of the top layer, measured here)")
 
 
 def _rss() -> int:
@@ -131,16 +135,24 @@ def _rank_scores(x: torch.Tensor, g: torch.Tensor) -> list[float]:
     return sq + [sq[-1]] * (top - len(sq))
 
 
-def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool, cap: int) -> tuple[int, int]:
+def depth_cost(model: LlamaLoRA, probe, fixed: int, checkpoint: bool, cap: int, p1: int) -> tuple[int, int]:
     """``(head, per)``: a step's peak is ``fixed + head + per * (layers trained)``, from measured steps with the
-    top 1 and 2 layers trainable, and the top 6 as well when that step's estimate stays under ``cap`` (the
-    budget: the probes must not go over it themselves) with a quarter to spare."""
+    top 1 (``p1``, measured by the caller) and 2 layers trainable, and the top 6 as well when that step's estimate
+    stays under ``cap`` (the budget: the probes must not go over it themselves) with a quarter to spare."""
     L = model.cfg.n_layer
-    p1, p2 = (step_peak(model, probe, L - n, checkpoint) for n in (1, 2))
+    p2 = step_peak(model, probe, L - 2, checkpoint)
     per, far = max(0, p2 - p1), min(L, 6)  # bytes per layer of depth (activations kept, transients)
     if far > 2 and p2 + 1.25 * per * (far - 2) <= cap:
         per = max(0, (step_peak(model, probe, L - far, checkpoint) - p1) // (far - 1))
     return max(0, p1 - fixed - per), per  # the rest of the 1-layer step: the head, the loss, AdamW, allocator slack
+
+
+def too_small(budget_bytes: int, need: int, what: str, more: str = "") -> InvalidArgument:
+    """The refusal of a budget below ``need`` bytes (a plan's estimated peak, planned to ``MARGIN`` of the budget),
+    naming the budget to give instead."""
+    mib = math.ceil(need / MARGIN / 2**20)
+    return InvalidArgument(f"--budget mem={budget_bytes / 2**20:g}M is below {what.format(mib=mib)}; give at least "
+                           f"mem={mib}M{more}")
 
 
 def plan_under_budget(model: LlamaLoRA, examples, cfg, say=lambda _msg: None) -> tuple[dict[str, int], dict]:
@@ -152,25 +164,33 @@ def plan_under_budget(model: LlamaLoRA, examples, cfg, say=lambda _msg: None) ->
 
     budget = int(cfg.budget_bytes * MARGIN)
     L = model.cfg.n_layer
+    dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
+    smallest = PARAM_BYTES * min(RANKS) * min(a + b for a, b in dims.values())  # the smallest plan's LoRA
+    # every plan holds what is resident now, so a budget below it is refused before minutes of probes
+    if (held := _rss()) + smallest > budget:
+        raise too_small(cfg.budget_bytes, held + smallest, f"the {held / 2**20:.0f} MiB that torch and the packed "
+                        f"base take here before any training step", " plus a training step's memory (the planner "
+                        "measures it once the budget covers this)")
     probe = sorted(examples, key=lambda e: -len(e.tokens))[:cfg.batch]  # the longest: the worst-case batch
     with torch.no_grad():
         model(*batch_tensors(probe)[:2])
     fixed = _rss()  # torch, the packed base, a no-grad forward's buffers
     modes = {"off": (False,), "on": (True,), "auto": (False, True)}[cfg.checkpointing]
+    say("measuring a training step on the top layer ...")
+    top = {ck: step_peak(model, probe, L - 1, ck) for ck in modes}
+    # the smallest plan's peak is at least a top-layer step's (its head is never below 0): refuse before the
+    # deeper steps and the gradient scores when even that does not fit
+    if min(top.values()) + smallest > budget:
+        raise too_small(cfg.budget_bytes, min(top.values()) + smallest, _SMALLEST_PLAN)
     costs = {}
     for ck in modes:
         say(f"measuring the training memory per layer, checkpointing {'on' if ck else 'off'} ...")
-        costs[ck] = depth_cost(model, probe, fixed, ck, cfg.budget_bytes)
+        costs[ck] = depth_cost(model, probe, fixed, ck, cfg.budget_bytes, top[ck])
     say("scoring each module's gradient ...")
     scores = gradient_scores(model, sorted(examples, key=lambda e: len(e.tokens))[:1])
-    dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}
-    smallest = PARAM_BYTES * min(RANKS) * min(a + b for a, b in dims.values())
     fits = plans_by_checkpointing(scores, dims, budget, fixed, costs, L)
     if not fits:
-        need = min(fixed + h + p + smallest for h, p in costs.values()) / MARGIN / 2**20
-        raise InvalidArgument(f"--budget mem={cfg.budget_bytes / 2**20:.0f}M is below the smallest plan's "
-                              f"{need:.0f} MiB (torch, the packed base and a rank-{min(RANKS)} LoRA on one module of "
-                              f"the top layer, measured here); give at least mem={int(need) + 1}M")
+        raise too_small(cfg.budget_bytes, min(fixed + h + p + smallest for h, p in costs.values()), _SMALLEST_PLAN)
     ck = use_checkpointing(fits)
     score, plan = fits[ck]
     head, per = costs[ck]

@@ -27,7 +27,7 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
         raise InvalidArgument(f"{p}: no such data file; give a JSONL file, one {{\"messages\": [...]}} or "
                               f"{{\"input\": ..., \"target\": ...}} object per line")
     out = []
-    with open(p, encoding="utf-8", errors="strict") as f:
+    with open(p, encoding="utf-8-sig", errors="strict") as f:  # a BOM (Notepad, PowerShell) is no JSON error
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
@@ -41,7 +41,11 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object "
                                   f"per line") from None
-        out.append(_conversation(obj, where))
+        conv = _conversation(obj, where)
+        if not conv[-1]["content"].strip():  # trained on, it teaches the model to stop at once, whatever is asked
+            raise InvalidArgument(f"{where}: the answer (the last assistant message or \"target\") is empty; give "
+                                  f"the text the model should learn to answer, or drop the line")
+        out.append(conv)
     if not out:
         raise InvalidArgument(f"{p}: no examples (the file is empty)")
     return out

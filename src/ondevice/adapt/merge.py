@@ -52,6 +52,8 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     if base_name is None:
         raise InvalidArgument(f"{apath.name} does not record its base model; give it with -m")
     base = resolve(base_name).path
+    name = f"{Path(base).stem if model else base_name}-{apath.stem}"
+    store.check_out_file(out, "merged model's", f"{name}.gguf")
     check(apath, base)  # refused here when the adapter was trained on another base
     pairs, alpha = read_lora(apath)
     reader = gguf.GGUFReader(str(base))
@@ -60,7 +62,6 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     if missing:
         raise InvalidArgument(f"{apath.name} adapts {missing[0]}, which {base.name} does not have")
     target = {"f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[out_type]
-    name = f"{Path(base).stem if model else base_name}-{apath.stem}"
     dest = Path(out) if out else None
     tmp_dir = dest.parent if dest else _store_dir()
     tmp_dir.mkdir(parents=True, exist_ok=True)

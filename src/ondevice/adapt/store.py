@@ -39,6 +39,13 @@ def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
     return Path(out) if out else path_for(name or default_name)
 
 
+def check_out_file(out: str | Path | None, what: str, example: str) -> None:
+    """``-o`` names the file to write: a directory is refused before any work (found out only at the final
+    rename otherwise, naming a temp file), with the file to give instead."""
+    if out is not None and Path(out).is_dir():
+        raise InvalidArgument(f"-o {out} is a directory; give the {what} file, e.g. -o {Path(out) / example}")
+
+
 def names() -> list[str]:
     """The stored adapters' names, sorted."""
     return sorted(p.stem for p in adapters_dir().glob("*.gguf") if not p.name.startswith("."))

@@ -149,9 +149,9 @@ def check_settings(cfg: AdaptConfig) -> None:
                               "e.g. --heldout 0.1")
     if cfg.checkpoint_every < 0:
         raise InvalidArgument(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 0 (0: only on Ctrl-C)")
-    if cfg.out is not None and Path(cfg.out).is_dir():  # found out only when the trained adapter is written
-        raise InvalidArgument(f"-o {cfg.out} is a directory; give the adapter's file, e.g. -o "
-                              f"{Path(cfg.out) / (Path(cfg.data).stem + '.gguf')}")
+    from .store import check_out_file
+
+    check_out_file(cfg.out, "adapter's", Path(cfg.data).stem + ".gguf")
 
 
 def prepare(cfg: AdaptConfig):

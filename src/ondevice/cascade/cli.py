@@ -36,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
         n = export_hard_samples(None if args.output == "-" else args.output, store=args.db, since=args.since,
                                 device_sha256=args.model_sha)
+        if n == 0:  # not an error: a periodic export with --since often has nothing new
+            which = " and ".join(flag for flag, v in (("--since", args.since), ("--model-sha", args.model_sha))
+                                 if v is not None)
+            print(f"0 hard samples: the store holds none{' matching ' + which if which else ''} (serve with --cascade "
+                  f"URL --cascade-keep-hard keeps deferred requests with the cloud's answers)"
+                  + ("" if args.output == "-" else f"; {args.output} not written"), file=sys.stderr)
+            return 0
         print(f"{n} hard samples written" + ("" if args.output == "-" else f" to {args.output}"), file=sys.stderr)
         return 0
     return _fit(args)

@@ -61,7 +61,8 @@ def base_url(url: str) -> str:
     return u if u.endswith("/v1") else u + "/v1"
 
 
-def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False) -> CloudError:
+def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False, key_env: str | None = None
+              ) -> CloudError:
     openai = _openai()
     if isinstance(e, CloudError):
         return e
@@ -72,7 +73,11 @@ def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False
     if isinstance(e, openai.APIConnectionError):
         return CloudError("unreachable", f"cannot reach the cloud at {url}")
     if isinstance(e, openai.APIStatusError):
-        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}")
+        why = ""
+        if e.status_code in (401, 403) and key_env:  # the usual cause: the key's variable is unset or misnamed
+            why = (f": it refused the key, read from the environment variable {key_env}, "
+                   + ("which is not set" if not os.environ.get(key_env) else "which holds a key it does not accept"))
+        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}{why}")
     return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})")
 
 
@@ -94,6 +99,9 @@ class CloudClient:
         self._waits: set = set()  # the asyncio.timeout of every wait on the cloud in progress
         self._sync = None
         self._async = None
+
+    def _error(self, e: BaseException) -> CloudError:
+        return _classify(e, self.url, self.timeout, self.stopping, self.key_env)
 
     def _key(self) -> str:
         return os.environ.get(self.key_env) or "none"  # local servers take any key; the client needs one
@@ -118,7 +126,7 @@ class CloudClient:
             try:
                 self.model = self.sync_client.models.list().data[0].id
             except Exception as e:
-                raise _classify(e, self.url, self.timeout, self.stopping) from e
+                raise self._error(e) from e
         return self.model
 
     def chat(self, messages: list[dict], **params) -> CloudAnswer:
@@ -127,7 +135,7 @@ class CloudClient:
             r = self.sync_client.chat.completions.create(model=self.model_id(), messages=messages, **_params(params))
             return _answer(r, time.perf_counter() - t0)
         except Exception as e:
-            raise _classify(e, self.url, self.timeout, self.stopping) from e
+            raise self._error(e) from e
 
     # -- async (server) ----------------------------------------------------------------------------------
     async def amodel_id(self) -> str:
@@ -136,7 +144,7 @@ class CloudClient:
                 async with asyncio.timeout(self.timeout):
                     self.model = (await self.async_client.models.list()).data[0].id
             except Exception as e:
-                raise _classify(e, self.url, self.timeout, self.stopping) from e
+                raise self._error(e) from e
         return self.model
 
     @contextlib.asynccontextmanager
@@ -165,7 +173,7 @@ class CloudClient:
                                                                     **_params(params))
             return _answer(r, time.perf_counter() - t0)
         except Exception as e:
-            raise _classify(e, self.url, self.timeout, self.stopping) from e
+            raise self._error(e) from e
 
     async def astream(self, messages: list[dict], **params) -> AsyncIterator[str | CloudAnswer]:
         """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (its finish
@@ -195,7 +203,7 @@ class CloudClient:
                         pending, sent = "", True
             yield _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
         except Exception as e:
-            raise _classify(e, self.url, self.timeout, self.stopping) from e
+            raise self._error(e) from e
         finally:
             if stream is not None:
                 await stream.close()  # returns the connection to the pool (or drops it) at once

@@ -21,12 +21,15 @@ def training_rows(samples: list[dict]) -> list[dict]:
 
 def export_hard_samples(out: str | Path | None = None, *, store: str | Path | None = None,
                         since: float | None = None, device_sha256: str | None = None) -> int:
-    """Write the kept hard samples as JSONL to ``out`` (atomically; None: stdout); the number written."""
+    """Write the kept hard samples as JSONL to ``out`` (atomically; None: stdout); the number written. With none,
+    nothing is written: a file already at ``out`` (an earlier export) is not replaced by an empty one."""
     from ..models.store import atomic_write
     from ..store import Store
 
     with Store(store, create=store is None) as db:  # a --db that names no store is a typo, not a new store
         rows = training_rows(db.hard_samples(since=since, device_sha256=device_sha256))
+    if not rows:
+        return 0
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is None or str(out) == "-":
         sys.stdout.write(text)

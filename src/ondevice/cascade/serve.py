@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -92,6 +93,7 @@ class ServerCascade:
         self.policy = with_combiner(self.policy, self.combiner)
         self.prefix_tokens = s.cascade_prefix_tokens
         self.counts = {"device": 0, "cloud": 0, "fallback": 0}
+        self.failing: set[str] = set()  # the kinds of cloud failure said on stderr since it last answered
         m = state.metrics
         m.gauge("cascade_device_answers", "Cascade replies the device wrote.", lambda: self.counts["device"])
         m.gauge("cascade_cloud_answers", "Cascade replies the cloud wrote.", lambda: self.counts["cloud"])
@@ -136,6 +138,20 @@ class ServerCascade:
             p, source = device.prompt_tokens, "device_tokenizer"
         return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
 
+    def _note(self, cloud: CloudAnswer | CloudError | None) -> None:
+        """Say on stderr when the cloud starts failing a new way, and when it answers again: a fallback is
+        otherwise seen only in each reply, and a refused key or a wrong URL would fall back on every deferral
+        with the server's log showing nothing but 200s."""
+        if isinstance(cloud, CloudError) and cloud.kind != "shutdown" and cloud.kind not in self.failing:
+            self.failing.add(cloud.kind)
+            msg = f"{cloud}; deferred requests get the device's answer (fallback \"{cloud.kind}\")"
+        elif isinstance(cloud, CloudAnswer) and self.failing:
+            self.failing.clear()
+            msg = f"the cloud at {self.cloud.url} answers again"
+        else:
+            return
+        print(f"{time.strftime('%H:%M:%S')} cascade: {msg}", file=sys.stderr, flush=True)
+
     def _count(self, r: CascadeResult) -> None:
         self.counts[r.tier] += 1
         self.counts["fallback"] += r.fallback is not None
@@ -173,6 +189,7 @@ class ServerCascade:
                 self.budget.refund()
                 self.state.metrics.cancelled += 1
                 return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            self._note(cloud)
         device_text = resp.choices[0].message.content or ""
         result = finish(decision, conf, self.combiner.calibrated, feats, device_text, gen[-1].t,
                         gen[-1].finish_reason, cloud)
@@ -219,6 +236,7 @@ class ServerCascade:
             except CloudError as e:
                 self.budget.refund()
                 fallback, cloud_stream = e, None
+            self._note(fallback)
 
         def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None) -> bytes:
             ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
@@ -247,11 +265,13 @@ class ServerCascade:
                         else:
                             yield chunk(S.ChatDelta(content=item))
                 except CloudError as e:
+                    self._note(e)
                     yield chunk(S.ChatDelta(), finish="error", cascade=dict(head, fallback=e.kind, error=str(e)))
                     yield b"data: [DONE]\n\n"
                     return
                 finally:
                     await cloud_stream.aclose()
+                self._note(answer)
                 r = result_of(device_text, device_s, cloud=answer)
                 usage, extra = self._usage(usage_of(last), answer)
                 yield chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra)

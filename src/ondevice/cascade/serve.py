@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sys
 import time
 
@@ -36,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine.records import Generation, Sampling
 from ..serve import schemas as S
 from .cloud import CloudAnswer, CloudClient, CloudError
-from .confidence import TokenStats, find_combiner
+from .confidence import GeometricMean, TokenStats, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
 from .policy import Budget, Policy, decide, with_combiner
 
@@ -137,6 +138,16 @@ class ServerCascade:
             c = len(self.state.tokenize(cloud.text, add_special=False, parse_special=False))
             p, source = device.prompt_tokens, "device_tokenizer"
         return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
+
+    def describe(self) -> str:
+        """The server's start-up line's part on the cascade: where it defers, at what threshold, and whether the
+        key's variable is set (a 401 on every deferral is otherwise seen only in the replies)."""
+        p, env = self.policy, self.cloud.key_env
+        how = (f"defer share {p.defer_share:g}: threshold {p.threshold:.3f}" if p.defer_share is not None
+               else f"threshold {p.threshold:g}")
+        fitted = "uncalibrated" if isinstance(self.combiner, GeometricMean) else "fitted combiner"
+        return (f"cascade -> {self.cloud.url} ({how}, {fitted}; key from {env}: "
+                f"{'set' if os.environ.get(env) else 'not set'})")
 
     def _note(self, cloud: CloudAnswer | CloudError | None) -> None:
         """Say on stderr when the cloud starts failing a new way, and when it answers again: a fallback is

@@ -80,7 +80,8 @@ def serve(settings: ServeSettings) -> None:
     app, state = build_app(settings)
     host, port = sock.getsockname()[:2]
     print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
-          f"{settings.ctx} ctx; key {'required' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
+          f"{settings.ctx} ctx; key {'required' if settings.api_key else 'off'})"
+          + (f"; {state.cascade.describe()}" if state.cascade is not None else ""), file=sys.stderr, flush=True)
     _uvicorn_server(app, graceful_s=5).run(sockets=[sock])
 
 

@@ -80,25 +80,15 @@ def ref():
 def test_lm_eval_local_completions_agrees_with_raw_logits(srv, ref, tmp_path):
     """`lm_eval --model local-completions` with nothing but base_url, offline, on a local multiple-choice
     task: every log-likelihood it reports equals the one computed from raw logits."""
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps({"question": CHAT.format(q=q), "choices": c, "answer": a}) + "\n"
-                            for q, c, a in ITEMS))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "ondevice_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: ondevice_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
+    _task(tmp_path, "ondevice_mc", [{"question": CHAT.format(q=q), "choices": c, "answer": a} for q, c, a in ITEMS],
+          """\
         output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: "{{answer}}"
         target_delimiter: ""
         metric_list:
           - metric: acc
-        """))
+        """)
     r, samples = _lm_eval(srv, tmp_path, "local-completions", "ondevice_mc")
     assert "remote tokenizer" in r.stderr.lower() or "remote tokenizer" in r.stdout.lower()
     assert len(samples) == len(ITEMS)
@@ -131,19 +121,9 @@ def test_lm_eval_local_completions_agrees_with_raw_logits(srv, ref, tmp_path):
 def test_lm_eval_local_chat_completions_generates_what_the_server_answers(srv, tmp_path):
     """`lm_eval --model local-chat-completions --apply_chat_template` on a local generate_until task: each
     generation is the server's greedy answer to the same chat request (lm-eval's stop, token cap and seed)."""
-    data = tmp_path / "gen.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": c[a]}) + "\n" for q, c, a in ITEMS[:5]))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "ondevice_gen.yaml").write_text(textwrap.dedent(f"""\
-        task: ondevice_gen
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
+    _task(tmp_path, "ondevice_gen", [{"question": q, "answer": c[a]} for q, c, a in ITEMS[:5]], """\
         output_type: generate_until
-        doc_to_text: "{{{{question}}}}"
-        doc_to_target: "{{{{answer}}}}"
+        doc_to_target: "{{answer}}"
         generation_kwargs:
           until: ["\\n\\n"]
           max_gen_toks: 16
@@ -152,7 +132,7 @@ def test_lm_eval_local_chat_completions_generates_what_the_server_answers(srv, t
           - metric: exact_match
             aggregation: mean
             higher_is_better: true
-        """))
+        """)
     _, samples = _lm_eval(srv, tmp_path, "local-chat-completions", "ondevice_gen", "--apply_chat_template")
     assert len(samples) == 5
     client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -163,6 +143,16 @@ def test_lm_eval_local_chat_completions_generates_what_the_server_answers(srv, t
         direct = client.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], max_tokens=16,
                                                 temperature=0, stop=["\n\n"], seed=1234)
         assert s["resps"][0][0] == direct.choices[0].message.content and s["resps"][0][0], q
+
+
+def _task(tmp_path: Path, name: str, rows: list[dict], rest: str) -> None:
+    """An lm-eval task ``name`` in ``tmp_path/tasks`` over ``rows`` (a local JSON file; the text is each row's
+    question); ``rest``: the task's other YAML keys."""
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (tmp_path / "tasks" / f"{name}.yaml").write_text(head + 'doc_to_text: "{{question}}"\n' + textwrap.dedent(rest))
 
 
 def _lm_eval(srv, tmp_path: Path, model: str, task: str, *args: str) -> tuple[subprocess.CompletedProcess, list]:

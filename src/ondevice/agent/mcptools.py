@@ -138,8 +138,10 @@ class MCPClient:
             fut.cancel()  # the request is cancelled on our side; the server is told by the SDK
             raise TimeoutError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s") from None
         text = "\n".join(getattr(c, "text", "") for c in res.content if getattr(c, "type", "") == "text")
-        if res.is_error:
-            raise RuntimeError(text or f"{name} failed on the MCP server")
+        if res.is_error:  # the server's own words, once: "error (failed): " is added where the model reads it
+            from .tools import ToolError
+
+            raise ToolError(text or f"{name} failed on the MCP server {self.name}", "failed")
         if res.structured_content is not None:
             return res.structured_content
         try:
@@ -207,7 +209,7 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
     async def call_tool(ctx, params) -> Any:
         r = await anyio.to_thread.run_sync(lambda: toolbox.call(params.name, params.arguments or {},
                                                                 confirm=confirm))
-        text = r.message()
+        text = r.message() if r.ok else r.error  # is_error says it failed; the client words it for its model
         structured = r.value if r.ok and isinstance(r.value, dict) else None
         return types.CallToolResult(content=[types.TextContent(text=text)], structured_content=structured,
                                     is_error=not r.ok)

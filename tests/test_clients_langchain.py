@@ -121,11 +121,19 @@ def test_structured_output(srv, method):
     assert out["raw"].response_metadata["finish_reason"] == ("tool_calls" if method == "function_calling" else "stop")
 
 
-def test_the_responses_api_is_refused_with_what_to_use_instead(srv):
-    """ChatOpenAI(use_responses_api=True) (or reasoning=..., include=...) posts to /v1/responses, which this server
-    does not serve (llama-server does): the error says so and what to do, not only 'Not Found'."""
-    with pytest.raises(openai.NotFoundError, match="Chat Completions API.*use_responses_api unset"):
-        _chat(srv, use_responses_api=True).invoke("Say hello")
+def test_the_responses_api_answers_as_the_chat_api_does(srv):
+    """ChatOpenAI(use_responses_api=True) (reasoning=..., include=... switch it on too) posts to /v1/responses; the
+    server answered 404 there (llama-server serves it). Text, stream, usage and a tool call as through chat."""
+    question = "Name a color."
+    via_chat = _chat(srv).invoke(question)
+    llm = _chat(srv, use_responses_api=True)
+    via_responses = llm.invoke(question)
+    assert via_responses.text == via_chat.text and via_chat.text
+    assert via_responses.usage_metadata["input_tokens"] == via_chat.usage_metadata["input_tokens"]
+    assert _joined(list(llm.stream(question))).text == via_chat.text
+    tools = _chat(srv, use_responses_api=True, max_tokens=48).bind_tools([get_weather], tool_choice="get_weather")
+    call = tools.invoke("What's the weather in Oslo?")
+    assert [(c["name"], c["args"]) for c in call.tool_calls] == [("get_weather", {"city": "Oslo"})]
 
 
 def test_embeddings_of_more_texts_than_the_old_cap_in_one_request_as_langchain_sends_them(srv):

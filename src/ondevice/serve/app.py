@@ -9,9 +9,10 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -43,14 +44,15 @@ from .http import (
     install_error_handlers,
     note,
 )
+from .responses import respond
 from .state import ServerState, message_dicts, token_piece
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
 # inputs per /v1/embeddings request: OpenAI's limit. Clients batch up to it (LangChain's OpenAIEmbeddings sends
 # 1,000 texts a request); each input is a decode of its own, and a client that leaves stops the rest
 MAX_EMBEDDING_INPUTS = 2048
-ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/health", "/metrics",
-          "/tokenize", "/detokenize", "/tokenizer_info"}
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/embeddings", "/health",
+          "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -151,6 +153,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: S.CompletionRequest, request: Request):
         return await runner.completions(req, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request, body: Annotated[dict[str, Any], Body()]):
+        return await respond(runner, body, request)
 
     return app
 

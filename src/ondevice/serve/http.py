@@ -30,12 +30,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-PROMPT_FIELD = {"/v1/completions": "prompt", "/v1/embeddings": "input"}  # else chat's "messages"
-# OpenAI routes a client may reach for that this server does not serve, and what to use instead
-NOT_SERVED = {"/v1/responses": "; ondevice serves the Chat Completions API (POST /v1/chat/completions), not the "
-                               "Responses API: with LangChain leave ChatOpenAI's use_responses_api unset (and "
-                               "reasoning, include, truncation, which switch it on); with the openai client call "
-                               "client.chat.completions.create"}
+PROMPT_FIELD = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": "input"}  # else "messages"
 
 
 def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict | None]:
@@ -81,8 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        hint = NOT_SERVED.get(request.url.path, "") if exc.status_code == 404 else ""
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}{hint}", type_,
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type_,
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -54,8 +54,17 @@ def test_loss_is_on_the_answer_tokens_only(smol):
     assert smol.engine.detokenize(answer[:-1]) == "Hello there"
     assert answer[-1] in smol.engine.eos_tokens  # the end-of-turn token is learnt, so the model stops
     assert smol.engine.detokenize(ex.tokens[:ex.n_prompt], special=True).endswith("assistant\n")
-    (cut,) = data.tokenize(smol, convs, max_len=8)  # too long: the prompt's start goes, the answer stays
+    # too long: the prompt's start goes, the answer stays, and the run says so once with the length that fits
+    with pytest.warns(UserWarning, match=rf"^1 of 1 examples are longer than --max-len 8 tokens: they lose the start "
+                                         rf"of their prompt; --max-len {len(ex.tokens)} keeps every example whole$"):
+        (cut,) = data.tokenize(smol, convs, max_len=8)
     assert len(cut.tokens) == 8 and cut.tokens[cut.n_prompt:] == answer
+    # an answer longer than --max-len loses its end-of-turn token: that example teaches no stop
+    long = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": " ".join(map(str, range(40)))}]
+    with pytest.warns(UserWarning, match=r"^2 of 2 examples .* and 1 also the end of its answer \(which then teaches "
+                                         r"no stop\); --max-len \d+ keeps every example whole$"):
+        _, short = data.tokenize(smol, [*convs, long], max_len=8)
+    assert len(short.tokens) == 8 and short.tokens[-1] not in smol.engine.eos_tokens
 
 
 def _lora_tensors(rank: int, scale: float, seed: int = 0) -> dict:

@@ -8,6 +8,7 @@ the model learns to stop), never on the prompt.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Examp
     eng = model.engine
     kw = dict(specials=eng.control_tokens(), **model._template_kw(),
               tokenize=lambda text, bos: eng.tokenize(text, add_special=bos, parse_special=False))
-    out = []
+    out, lost_prompt, lost_end, longest = [], 0, 0, 0
     for conv in conversations:
         if model.template is None:
             raise InvalidArgument(f"{model.name} has no chat template; adapt an instruct model")
@@ -105,9 +106,17 @@ def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Examp
         eot = next((i for i in range(len(prompt), len(full)) if full[i] in eng.eos_tokens), len(full) - 1)
         full = full[:eot + 1]  # the answer up to and including its end-of-turn token
         n_prompt = len(prompt)
+        longest = max(longest, len(full))
         if len(full) > max_len:
             cut = min(len(full) - max_len, n_prompt - 1)
+            lost_end += len(full) - cut > max_len
+            lost_prompt += 1
             full, n_prompt = full[cut:][:max_len], n_prompt - cut
         out.append(Example(tokens=full, n_prompt=n_prompt))
+    if lost_prompt:  # said once: an answer cut short loses its end-of-turn token and teaches no stop
+        ends = (f", and {lost_end} also the end of {'its' if lost_end == 1 else 'their'} answer (which then teaches "
+                f"no stop)") if lost_end else ""
+        warnings.warn(f"{lost_prompt} of {len(out)} examples are longer than --max-len {max_len} tokens: they lose "
+                      f"the start of their prompt{ends}; --max-len {longest} keeps every example whole", stacklevel=2)
     return out
 

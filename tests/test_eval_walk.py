@@ -47,6 +47,11 @@ def test_o_into_a_missing_folder_is_refused_before_the_eval_runs(cli, tmp_path, 
             "-o", str(tmp_path / "no" / "such" / "out.jsonl"))
     assert r.returncode == 2 and "does not exist; create it or give another path" in r.stderr, r.stderr
     assert _tests(tmp_path / "home" / "data" / "ondevice.sqlite") == []  # refused first: nothing measured, stored
+    # a folder nobody may write in, root included (os.access said yes to root, so the eval ran and its -o failed)
+    r = cli("eval", "-m", str(smol_path), "--suite", str(_suite(tmp_path)), "--max-tokens", "2", "--threads", "1",
+            "-o", "/proc/ondevice-eval.jsonl")
+    assert r.returncode == 2 and "cannot write /proc/ondevice-eval.jsonl: the folder /proc is not writable" in r.stderr
+    assert _tests(tmp_path / "home" / "data" / "ondevice.sqlite") == [], r.stderr
     db = tmp_path / "e.sqlite"
     out = tmp_path / "out.jsonl"
     r = cli("eval", "-m", str(smol_path), "--suite", str(_suite(tmp_path)), "--max-tokens", "2", "--threads", "1",

@@ -130,10 +130,10 @@ def store_arg(args: argparse.Namespace) -> bool | str:
 
 def check_output(path: str) -> None:
     """Refuse an -o that is a format name or a path the records cannot be appended to, before any work."""
-    import os
     from pathlib import Path
 
     from ..errors import InvalidArgument
+    from ..models.store import check_writable
 
     p = Path(path).expanduser()
     if path.lower() in FORMAT_NAMES and not p.exists():
@@ -145,8 +145,7 @@ def check_output(path: str) -> None:
     folder = p.parent
     if not folder.is_dir():
         raise InvalidArgument(f"-o {path}: the folder {folder} does not exist; create it or give another path")
-    if not os.access(p if p.exists() else folder, os.W_OK):
-        raise InvalidArgument(f"-o {path} cannot be written (permission denied); give another path")
+    check_writable(p, "give another -o")  # tries the folder: os.access passes root in /proc or a read-only mount
 
 
 def append_records(path: str, records: list[dict]) -> None:

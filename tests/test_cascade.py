@@ -358,6 +358,24 @@ def test_defers_to_the_real_cloud_and_says_so(device, cloud, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_the_responses_api_defers_as_chat_does(device, cloud, stream):
+    c = _client(device)
+    kw = {"model": "x", "input": MSG, "max_output_tokens": 24, "temperature": 0,
+          "extra_body": {"cascade": {"always_defer": True, "keep": False}}}
+    if stream:
+        with c.responses.with_streaming_response.create(stream=True, **kw) as raw:
+            last = list(raw.parse())[-1]
+        h, r = raw.headers, last.response
+    else:
+        raw = c.responses.with_raw_response.create(**kw)
+        h, r = raw.headers, raw.parse()
+    assert h["x-ondevice-tier"] == "cloud" and r.model_extra["cascade"]["tier"] == "cloud"
+    direct = openai.OpenAI(base_url=cloud.url + "/v1", api_key="none").chat.completions.create(
+        model="x", messages=MSG, max_tokens=24, temperature=0).choices[0].message.content
+    assert r.output_text == direct
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_never_defer_and_confident_answers_stay_on_the_device(device, cloud, stream):
     before = cloud.chat_requests()
     h, text, info = _ask(device, {"threshold": 1.0, "never_defer": True}, stream=stream)

@@ -127,6 +127,61 @@ async def load(srv: Server, n: int, tokens: int, distinct: bool = False) -> dict
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
+def one_of_each(model: str, threads: int, skip: str = "", ctx: int = 2048) -> list[Server]:
+    """`ondevice serve` and llama-server `--jinja` (when built) on ``model``, one slot each, with the same CPU
+    kernels (``peers.kernel_match``): the pair the client-compatibility scripts send the same requests to."""
+    from peers import kernel_match, tool_path
+
+    km = kernel_match(model)
+    km.apply()  # ondevice serve (a child) reads ONDEVICE_AMX / ONDEVICE_REPACK
+    print(f"# {km.describe()}")
+    common = ["-m", model, "-t", str(threads), "-np", "1", "-c", str(ctx)]
+    port = free_port()
+    servers = [Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", *common, "--port", str(port),
+                                   "--no-embeddings"], port, {})]
+    if "llama-server" not in skip:
+        exe = tool_path("llama-server")
+        if exe.exists():
+            port = free_port()
+            servers.append(Server("llama-server", [str(exe), *common, "--port", str(port), "--jinja", km.server_flag],
+                                  port, {}))
+        else:
+            print(f"# llama-server not built ({exe}); run python benchmarks/peers.py build to compare")
+    return servers
+
+
+def compare_table(argv, doc: str, default_model: str, columns: str, cases: list, row) -> int:
+    """The main of a client-compatibility script: ``--model/--threads/--skip``, :func:`one_of_each`, then one
+    table row per case, server and stream (non-streamed, streamed): ``row(client, case, stream)`` gives the
+    cells after ``| request | stream | server |`` (``columns`` names them); an API error is a row too."""
+    import openai
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", default=default_model, help="catalog name or .gguf path")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip", default="", help="comma list of servers to leave out (llama-server)")
+    a = ap.parse_args(argv)
+    from ondevice.models import resolve
+
+    model = str(resolve(a.model).path)
+    servers = one_of_each(model, a.threads, a.skip)
+    print(f"# {Path(model).name}, {a.threads} thread(s), greedy; load average {os.getloadavg()[0]:.2f} at start")
+    print(f"| request | stream | server | {columns} |")
+    print("|---" * (3 + columns.count("|") + 1) + "|")
+    for srv in servers:
+        with srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+            for case in cases:
+                for stream in (False, True):
+                    try:
+                        cells = row(client, case, stream)
+                    except openai.OpenAIError as e:
+                        cells = f"error | {type(e).__name__}: {str(e)[:110]}"
+                    print(f"| {case[0]} | {stream} | {srv.name} | {cells} |", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
 def merge(runs: list[dict]) -> dict:
     """Several rounds of one load: the median round by aggregate tok/s (its latencies come with it)."""
     return sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]

@@ -11,9 +11,7 @@ Usage: python benchmarks/tool_calls_compare.py [--model qwen2.5-coder-0.5b-instr
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import openai
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import Server, free_port
+from serve_bench import compare_table
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
@@ -63,48 +61,18 @@ def ask(client: openai.OpenAI, q: str, choice, stream: bool) -> dict:
     return {"finish": finish, "content": content or None, "calls": [tuple(v) for v in calls.values()], "deltas": n}
 
 
+def row(client: openai.OpenAI, case: tuple, stream: bool) -> str:
+    _, q, choice = case
+    r = ask(client, q, choice, stream)
+    calls = "; ".join(f"{n} {json.dumps(args)}" for n, args in r["calls"]) or "—"
+    if stream:
+        calls += f" ({r['deltas']} deltas)"
+    return f"{r['finish']} | {calls} | {json.dumps(r['content'])[:90] if r['content'] else '—'}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="catalog name or .gguf path")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of servers to leave out (llama-server)")
-    a = ap.parse_args(argv)
-    from ondevice.models import resolve
-
-    model = str(resolve(a.model).path)
-    port = free_port()
-    servers = [Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port", str(port),
-                                   "-t", str(a.threads), "-np", "1", "-c", "2048", "--no-embeddings"], port, {})]
-    if "llama-server" not in a.skip:
-        from peers import tool_path
-
-        exe = tool_path("llama-server")
-        if exe.exists():
-            port = free_port()
-            servers.append(Server("llama-server", [str(exe), "-m", model, "--port", str(port), "-t", str(a.threads),
-                                                   "-np", "1", "-c", "2048", "--jinja"], port, {}))
-        else:
-            print(f"# llama-server not built ({exe}); run python benchmarks/peers.py build to compare")
-    print(f"# tool_calls_compare: {Path(model).name}, {a.threads} thread(s), greedy, max_tokens 100; "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    print("| request | stream | server | finish | tool_calls (name, arguments) | content |")
-    print("|---|---|---|---|---|---|")
-    for srv in servers:
-        with srv:
-            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-            for label, q, choice in CASES:
-                for stream in (False, True):
-                    try:
-                        r = ask(client, q, choice, stream)
-                    except openai.OpenAIError as e:
-                        r = {"finish": "error", "content": str(e)[:120], "calls": []}
-                    calls = "; ".join(f"{n} {args}" for n, args in r["calls"]) or "—"
-                    if stream:
-                        calls += f" ({r['deltas']} deltas)"
-                    print(f"| {label} | {stream} | {srv.name} | {r['finish']} | {calls} | "
-                          f"{json.dumps(r['content'])[:90] if r['content'] else '—'} |", flush=True)
-    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
-    return 0
+    return compare_table(argv, __doc__, "qwen2.5-coder-0.5b-instruct", "finish | tool_calls (name, arguments) | "
+                         "content", CASES, row)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,5 @@ def test_missing_input_and_bad_values_name_the_field(client):
         client.post("/responses", body={"model": "m"}, cast_to=object)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.responses.create(model="m", input="hi", temperature=5)
+    with pytest.raises(openai.BadRequestError, match=r"invalid request: max_output_tokens: Input should be greater"):
+        client.responses.create(model="m", input="hi", max_output_tokens=-1)

@@ -23,6 +23,7 @@ _CONVERTED = {"input", "instructions", "tools", "tool_choice", "text", "max_outp
               "previous_response_id", "conversation", "background", "store", "reasoning", "truncation", "metadata",
               "prompt", "prompt_cache_key", "service_tier", "safety_identifier", "max_tool_calls", "messages"}
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_FIELD = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}  # chat -> ours
 
 
 def _id(prefix: str) -> str:
@@ -126,6 +127,9 @@ def _tools(body: dict) -> tuple[list | None, object]:
 
 def _format(body: dict) -> dict | None:
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if fmt is not None and not isinstance(fmt, dict):
+        raise InvalidArgument("text.format must be an object: {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                              "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
@@ -157,7 +161,10 @@ def to_chat(body: dict) -> dict:
         chat["response_format"] = fmt
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    if body.get("top_logprobs") is not None or LOGPROBS_INCLUDE in (body.get("include") or []):
+    include = body.get("include") or []
+    if not isinstance(include, list):
+        raise InvalidArgument(f"include must be a list of strings, e.g. [\"{LOGPROBS_INCLUDE}\"]")
+    if body.get("top_logprobs") is not None or LOGPROBS_INCLUDE in include:
         chat["logprobs"] = True
         chat["top_logprobs"] = body.get("top_logprobs") or 0
     if body.get("stream"):
@@ -349,8 +356,9 @@ async def respond(runner, body: dict, request):
 
     try:
         req = S.ChatCompletionRequest.model_validate(to_chat(body))
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
+    except ValidationError as e:  # named as the client sent them
+        raise RequestValidationError([{**err, "loc": (_FIELD.get(err["loc"][0], err["loc"][0]), *err["loc"][1:])}
+                                      if err.get("loc") else err for err in e.errors()]) from None
     if req.n != 1:
         raise InvalidArgument("n is not a Responses API field: a response has one answer; send one request per answer")
     shell = Shell(body, runner.state.answered_by(req.model))

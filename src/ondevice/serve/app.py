@@ -351,14 +351,17 @@ class Runner:
             return await cascade.finish(req, resp, results[0][1], messages, request)
         return resp
 
+    def _check_room(self, n_jobs: int) -> None:
+        room = self.state.settings.parallel + self.state.settings.max_queue
+        if n_jobs > room:
+            raise InvalidArgument(f"the request asks for {n_jobs} generations (prompts x n) but the server holds "
+                                  f"at most {room} (--parallel + --max-queue); ask for fewer")
+
     def _submit(self, jobs: list[Job]) -> None:
         """Queue every job, or none: a full queue cancels those already queued."""
         if self.closing:
             raise ShuttingDown()
-        room = self.state.settings.parallel + self.state.settings.max_queue
-        if len(jobs) > room:
-            raise InvalidArgument(f"the request asks for {len(jobs)} generations (prompts x n) but the server holds "
-                                  f"at most {room} (--parallel + --max-queue); ask for fewer")
+        self._check_room(len(jobs))
         try:
             for job in jobs:
                 self.state.batcher.submit(job)
@@ -436,6 +439,7 @@ class Runner:
         prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise InvalidArgument("prompt is empty; give a string, a list of strings or token ids")
+        self._check_room(len(prompts) * req.n)  # before any prompt is tokenized and given a sampler
         k = req.logprobs
         loop = asyncio.get_running_loop()
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextOverflow, NonFiniteLogits, OndeviceError
 from .batcher import JobTimeout, QueueFull
+from .schemas import MAX_DEPTH
 
 
 class ShuttingDown(Exception):
@@ -24,9 +25,15 @@ class ShuttingDown(Exception):
         super().__init__("the server is shutting down; retry once it is back")
 
 
+def one_line(text: str) -> str:
+    """``text`` with its unprintable characters escaped (``\\n``): an error message stays one line whatever the
+    request's field names or values hold."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = {"error": {"message": one_line(message), "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -38,7 +45,7 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
     from .state import PromptTooLong
 
     def body(msg, type_, code=None, param=None):
-        return {"error": {"message": msg, "type": type_, "param": param, "code": code}}
+        return {"error": {"message": one_line(msg), "type": type_, "param": param, "code": code}}
 
     if isinstance(exc, QueueFull):
         return 429, body(str(exc), "rate_limit_error", "queue_full"), {"Retry-After": str(exc.retry_after)}
@@ -59,6 +66,19 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
     return 500, body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"), None
 
 
+def unreadable_body(cause: BaseException) -> str:
+    """What is wrong with a request body that Python's JSON parser gave up on (not a syntax error), and the fix."""
+    if isinstance(cause, RecursionError):
+        return (f"the request body nests deeper than this server reads JSON; send at most {MAX_DEPTH} levels of "
+                f"nested arrays and objects")
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not UTF-8 ({cause.reason} at byte {cause.start}); send JSON encoded as UTF-8"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # Python's int-from-string limit
+        return (f"the request body holds a number longer than {sys.get_int_max_str_digits()} digits; send "
+                f"shorter numbers")
+    return f"the request body could not be read as JSON ({type(cause).__name__}: {cause}); send UTF-8 JSON"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -67,14 +87,18 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            return error_response(400, f"the request body is not valid JSON ({first.get('msg')}); send JSON with "
-                                       f"Content-Type: application/json", code="invalid_json")
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errs[:5])
+            why = (first.get("ctx") or {}).get("error") or first.get("msg")
+            return error_response(400, f"the request body is not valid JSON ({why} at character {loc[-1] if loc else 0}); "
+                                       f"send JSON with Content-Type: application/json", code="invalid_json")
+        # a validator's own message already names the field and the fix: without pydantic's "Value error, "
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: "
+                        f"{str(e.get('msg')).removeprefix('Value error, ')}" for e in errs[:5])
         return error_response(400, f"invalid request: {msg}", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: the body did not parse as JSON
+            return error_response(400, unreadable_body(exc.__cause__), code="invalid_json")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type_,
                               headers=getattr(exc, "headers", None))
@@ -173,6 +197,10 @@ class Guard:
                 receive = _replay(body, receive)
                 _as_json(scope)
             await self.app(scope, receive, send_counted)
+        except Exception:
+            if not status_seen:  # a bug: the app's outermost layer answers 500 after this; count it so
+                status_seen.append(500)
+            raise
         finally:
             status = status_seen[0] if status_seen else 499
             self.metrics.request(route, status)

@@ -1,15 +1,46 @@
 """OpenAI wire types (the subset this server speaks) plus llama-server's /tokenize and /detokenize shapes.
 
 Requests ignore unknown fields (clients send many); values outside their range are a 400 naming the field.
+Bounds that OpenAI's API does not state keep one request from costing the server more than its body is worth
+(found by fuzzing the server: tests/test_serve_fuzz.py): how deep its JSON nests, how many stop strings it has.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# levels of JSON nesting a request field (or a tool call's arguments) may have: schemas and tool arguments are
+# walked recursively (grammar conversion, chat templates), and Python's recursion ends near 1,000 frames
+MAX_DEPTH = 64
+# stop strings per request (OpenAI takes 4): each is looked for after every token, on the one computing thread
+MAX_STOPS = 64
+
+
+def json_depth(value: Any) -> int:
+    """How deep ``value`` (parsed JSON) nests: 0 for a scalar, 1 for a flat list or object. Iterative, so any
+    depth is measured."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, dict):
+            x = x.values()
+        elif not isinstance(x, list):
+            continue
+        deepest = max(deepest, d)
+        todo.extend((y, d + 1) for y in x if isinstance(y, (dict, list)))  # scalars add no depth
+    return deepest
+
+
+def _too_deep(what: str, depth: int | None) -> ValueError:
+    """``depth`` None: deeper than Python's JSON parser goes."""
+    hint = " (a JSON schema can name a part in $defs and $ref it)" if what in ("response_format", "tools") else ""
+    return ValueError(f"{what} nests {depth or 'too many'} levels deep but this server accepts at most {MAX_DEPTH}; "
+                      f"flatten it{hint}")
 
 
 class _Req(BaseModel):
@@ -23,6 +54,17 @@ class _Req(BaseModel):
         if isinstance(data, dict) and None in data.values():
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+
+class _Body(_Req):
+    """A whole request body: no field nests deeper than :data:`MAX_DEPTH`."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _shallow(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, (dict, list)) and (depth := json_depth(v)) > MAX_DEPTH:
+            raise _too_deep(info.field_name, depth)
+        return v
 
 
 class _Resp(BaseModel):
@@ -46,7 +88,7 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
-class _Sampling(_Req):
+class _Sampling(_Body):
     """Fields common to chat and completions (llama-server's extensions included)."""
 
     model: str | None = None
@@ -73,6 +115,13 @@ class _Sampling(_Req):
     draft_max: int | None = Field(None, ge=1, le=64)
     user: str | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"stop has {len(v)} strings but this server takes at most {MAX_STOPS}; send fewer")
+        return v
+
 
 # -- chat ---------------------------------------------------------------------------------------------
 class FunctionCall(_Resp):
@@ -97,6 +146,22 @@ class ChatMessage(_Req):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _shallow_arguments(cls, calls: list[ToolCall] | None) -> list[ToolCall] | None:
+        """Arguments are JSON text, parsed and rendered into the prompt: bound their nesting as a field's
+        (arguments that are not JSON are refused where they are parsed, with the fix)."""
+        for j, c in enumerate(calls or []):
+            try:
+                depth = json_depth(json.loads(c.function.arguments))
+            except RecursionError:
+                depth = None
+            except ValueError:
+                continue
+            if depth is None or depth > MAX_DEPTH:
+                raise _too_deep(f"tool_calls[{j}].function.arguments", depth)
+        return calls
 
 
 class FunctionDef(_Req):
@@ -296,7 +361,7 @@ class Completion(_Resp):
 
 
 # -- embeddings, models, tokenize ------------------------------------------------------------------------
-class EmbeddingRequest(_Req):
+class EmbeddingRequest(_Body):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -335,7 +400,7 @@ class ModelList(_Resp):
     data: list[ModelCard]
 
 
-class TokenizeRequest(_Req):
+class TokenizeRequest(_Body):
     """llama-server's fields (``content``, ``add_special``), or vLLM's as lm-eval sends them (``prompt``,
     ``add_special_tokens``)."""
 
@@ -361,5 +426,5 @@ class TokenizeRequest(_Req):
         return bool(self.add_special if self.add_special is not None else self.add_special_tokens)
 
 
-class DetokenizeRequest(_Req):
+class DetokenizeRequest(_Body):
     tokens: list[int]

@@ -116,6 +116,7 @@ def test_logprobs_of_the_output_text(client):
      "input_image is not supported: the model reads text only"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "send the item itself"),
     ({"input": [{"foo": 1}]}, r"input\[0\]: cannot tell what this item is"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, r"input\[0\]\.output must be a string"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type must be"),
 ])
 def test_what_only_openai_keeps_or_runs_is_a_400_naming_the_fix(client, bad, words):

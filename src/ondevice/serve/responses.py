@@ -35,15 +35,15 @@ def _text_of(parts, where: str, kinds: tuple[str, ...]) -> str:
     if isinstance(parts, str):
         return parts
     if not isinstance(parts, list):
-        raise InvalidArgument(f"{where}.content must be a string or a list of content parts")
+        raise InvalidArgument(f"{where} must be a string or a list of content parts")
     out = []
     for j, p in enumerate(parts):
         kind = p.get("type") if isinstance(p, dict) else None
         if kind in ("input_image", "input_file", "input_audio"):
-            raise InvalidArgument(f"{where}.content[{j}]: {kind} is not supported: the model reads text only; "
+            raise InvalidArgument(f"{where}[{j}]: {kind} is not supported: the model reads text only; "
                                   f"send the content as input_text")
         if kind not in kinds or not isinstance(p.get("text"), str):
-            raise InvalidArgument(f"{where}.content[{j}] must be {{\"type\": \"{kinds[0]}\", \"text\": \"...\"}}")
+            raise InvalidArgument(f"{where}[{j}] must be {{\"type\": \"{kinds[0]}\", \"text\": \"...\"}}")
         out.append(p["text"])
     return "".join(out)
 
@@ -73,10 +73,10 @@ def _messages(body: dict) -> list[dict]:
             raise InvalidArgument(f"{where} must be an object")
         kind, role = item.get("type"), item.get("role")
         if role in ("user", "system", "developer") and kind in (None, "message"):
-            msgs.append({"role": role, "content": _text_of(item.get("content"), where, ("input_text", "text"))})
+            msgs.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content", ("input_text", "text"))})
         elif role == "assistant" and kind in (None, "message"):
             m = assistant()
-            text = _text_of(item.get("content"), where, ("output_text", "input_text", "text"))
+            text = _text_of(item.get("content"), f"{where}.content", ("output_text", "input_text", "text"))
             m["content"] = (m["content"] or "") + text
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
@@ -88,7 +88,7 @@ def _messages(body: dict) -> list[dict]:
             out = item.get("output")
             if not isinstance(item.get("call_id"), str) or out is None:
                 raise InvalidArgument(f"{where}: a function_call_output needs call_id and output")
-            text = out if isinstance(out, str) else _text_of(out, where, ("input_text", "output_text", "text"))
+            text = out if isinstance(out, str) else _text_of(out, f"{where}.output", ("input_text", "output_text", "text"))
             msgs.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
         elif kind == "reasoning":
             continue  # a reasoning model's notes from another server: not part of what this model reads

@@ -122,7 +122,7 @@ def test_chat_matches_library_and_usage(srv, client, ref_engine):
     assert ch.message.role == "assistant" and ch.message.content
     assert ch.finish_reason in ("stop", "length")
     # usage: prompt tokens as the server's template renders them; one logprob entry per generated token
-    rendered = srv.state.render_chat([{"role": "user", "content": "Name three colors."}], None, None)
+    rendered = srv.state.model.render([{"role": "user", "content": "Name three colors."}])[0]
     assert r.usage.prompt_tokens == len(ref_engine.tokenize(rendered, add_special=False))
     assert r.usage.completion_tokens == len(ch.logprobs.content)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -446,7 +446,7 @@ def test_embeddings(client, model_path):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
     eng = LlamaEngine(model_path, EngineConfig(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2,
-                                               embeddings=True, pooling="mean"))
+                                               embeddings=True, pooling="mean", flash_attn=False))  # as served
     try:
         ref = eng.embed(eng.tokenize(texts[2]))
     finally:

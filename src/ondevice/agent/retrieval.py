@@ -76,22 +76,20 @@ class Embedder:
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 512, n_threads: int | None = None,
                  pooling: str = "mean"):
-        from ..engine.base import EngineConfig
+        from ..engine.embed import embedding_config
         from ..engine.llama import LlamaEngine
 
-        self.engine = LlamaEngine(model_path, EngineConfig(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                                           n_threads=n_threads, embeddings=True,
-                                                           pooling=pooling, warmup=False))
-        self.n_ctx = n_ctx
+        self.engine = LlamaEngine(model_path, embedding_config(n_ctx, pooling=pooling, n_threads=n_threads,
+                                                               warmup=False))
+        self.n_ctx = n_ctx  # tokens of a text that count (the rest is cut)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), n_embd)`` unit vectors."""
-        rows = []
-        for t in texts:
-            toks = self.engine.tokenize(t, add_special=True, parse_special=False)[: self.n_ctx]
-            v = self.engine.embed(toks)
-            rows.append(v / (np.linalg.norm(v) or 1.0))
-        return np.stack(rows)
+        """``(len(texts), n_embd)`` unit vectors (many texts per decode: engine/embed.py)."""
+        from ..engine.embed import embed_many
+
+        toks = [self.engine.tokenize(t, add_special=True, parse_special=False)[: self.n_ctx] for t in texts]
+        v = embed_many(self.engine, toks)
+        return v / np.where((n := np.linalg.norm(v, axis=1, keepdims=True)) > 0, n, 1.0)
 
     def close(self) -> None:
         self.engine.close()

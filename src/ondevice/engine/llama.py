@@ -334,23 +334,11 @@ class LlamaEngine(Engine):
             native.raise_pending_interrupt()
 
     def embed(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
-        """Pooled embedding ``(n_embd,)`` of ``tokens`` (needs ``embeddings=True`` and a pooling type)."""
-        if not self.config.embeddings:
-            raise InvalidArgument("this engine was created without embeddings; use EngineConfig(embeddings=True)")
-        if not 0 < len(tokens) <= min(self.n_batch, self.n_ctx):
-            raise ContextOverflow(len(tokens), min(self.n_batch, self.n_ctx), "input")
-        self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
-        self._n_past[seq] = 0
-        try:
-            self.decode_batch([(t, i, seq, True) for i, t in enumerate(tokens)])
-            ptr = self.ll.llama_get_embeddings_seq(self.ctx, seq)
-            if not ptr:
-                raise OndeviceError("llama.cpp returned no pooled embedding; set a pooling type (e.g. 'mean')")
-            n_embd = self.ll.llama_model_n_embd(self.model)
-            return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
-        finally:
-            self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
-            self._n_past[seq] = 0
+        """Pooled embedding ``(n_embd,)`` of ``tokens`` (needs ``embeddings=True`` and a pooling type); many
+        inputs in one decode: engine/embed.py."""
+        from .embed import embed_batch
+
+        return embed_batch(self, [tokens], seq0=seq)[0]
 
     def prefill(self, tokens: Sequence[int], seq: int = 0, logits_all: bool = False) -> None:
         pos = self._n_past.get(seq, 0)

@@ -49,7 +49,7 @@ from .state import ServerState, message_dicts, token_piece
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
 # inputs per /v1/embeddings request: OpenAI's limit. Clients batch up to it (LangChain's OpenAIEmbeddings sends
-# 1,000 texts a request); each input is a decode of its own, and a client that leaves stops the rest
+# 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/embeddings", "/health",
           "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
@@ -123,16 +123,18 @@ def create_app(state: ServerState) -> FastAPI:
             inp = [inp]
         if not inp:
             raise InvalidArgument("input is empty; give a string or a list of strings")
-        if len(inp) > MAX_EMBEDDING_INPUTS:  # each input is one decode on the one computing thread
+        if len(inp) > MAX_EMBEDDING_INPUTS:
             raise InvalidArgument(f"input has {len(inp)} items but this server embeds at most "
                                   f"{MAX_EMBEDDING_INPUTS} per request; split it into several requests")
         token_lists = [state.tokenize(x) if isinstance(x, str) else list(x) for x in inp]
-        data, n_tok = [], 0
-        for i, toks in enumerate(token_lists):
-            if i and await request.is_disconnected():  # the client gave up: compute nothing more for it
+        runs = state.embedding_packs(token_lists)  # every input checked first; then few inputs-per-decode runs
+        vecs = []
+        for run in runs:
+            if vecs and await request.is_disconnected():  # the client gave up: compute nothing more for it
                 return JSONResponse({}, status_code=499)
-            state.check_prompt(toks) if toks else None
-            vec = await asyncio.wrap_future(state.embed(toks))
+            vecs.extend(await asyncio.wrap_future(state.embed([token_lists[i] for i in run])))
+        data, n_tok = [], sum(map(len, token_lists))
+        for i, vec in enumerate(vecs):
             if req.dimensions is not None:
                 if req.dimensions > vec.shape[0]:
                     raise InvalidArgument(f"dimensions {req.dimensions} exceeds the model's {vec.shape[0]}")
@@ -141,7 +143,6 @@ def create_app(state: ServerState) -> FastAPI:
             emb = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
                    else vec.astype(float).tolist())
             data.append(S.Embedding(index=i, embedding=emb))
-            n_tok += len(toks)
         note(request, tokens=(n_tok, 0))
         return S.EmbeddingResponse(data=data, model=state.model_id,
                                    usage=S.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..engine.base import EngineConfig
 from ..engine.chat import message_text
+from ..engine.embed import capacity, embed_batch, embedding_config, packs
 from ..engine.model import BaseModelWarning, Model, check_same_vocab
 from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
 from .batcher import Batcher
@@ -76,9 +77,9 @@ class ServerState:
                                draft_engine=self.draft_engine)
         self.embedder = None
         if s.embeddings:
-            self.embedder = LlamaEngine(self.path, EngineConfig(
-                n_ctx=s.embeddings_ctx, n_threads=s.threads, n_batch=s.embeddings_ctx,
-                n_ubatch=s.embeddings_ctx, embeddings=True, pooling="mean", amx=s.amx, repack=s.repack))
+            self.embedder = LlamaEngine(self.path, embedding_config(
+                s.embeddings_ctx, n_threads=s.threads, amx=s.amx, repack=s.repack))
+            self.embed_capacity = capacity(self.embedder)  # (tokens, inputs) per decode
         self.created = int(time.time())
         m = self.metrics
         m.gauge("queue_depth", "Requests waiting for a slot.", lambda: self.batcher.queue_depth)
@@ -115,12 +116,6 @@ class ServerState:
             self.embedder.close()
 
     # -- prompts --------------------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], tools: list[dict] | None, system_note: str | None) -> str:
-        """The chat prompt: the library's one rendering (Model.render), base models as a plain transcript."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BaseModelWarning)  # a server of a base model says so at start
-            return self.model.render(messages, tools=tools, system_note=system_note)[0]
-
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None, system_note: str | None) -> list[int]:
         """The chat prompt's tokens (Model.tokenize_prompt: message text never becomes a control token)."""
         with warnings.catch_warnings():
@@ -152,20 +147,29 @@ class ServerState:
             raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{n - 1})")
         return b"".join(self.vocab_bytes[t] for t in tokens).decode("utf-8", errors="replace")
 
-    def embed(self, tokens: list[int]) -> concurrent.futures.Future:
-        """The pooled embedding of ``tokens``, computed on the batcher thread (the one computing thread)."""
+    def embedding_packs(self, token_lists: list[list[int]]) -> list[range]:
+        """Check every input of an embeddings request, in order; then split them into runs of consecutive
+        inputs that fit one decode each (engine/embed.py)."""
         if self.embedder is None:
             raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
         limit = self.settings.embeddings_ctx
-        if len(tokens) > limit:
-            raise PromptTooLong(f"the input has {len(tokens)} tokens but embeddings accept at most {limit}; "
-                                f"shorten it or restart the server with a larger --embeddings-ctx")
-        if not tokens:
-            raise InvalidArgument("the input is empty; give some text")
+        for tokens in token_lists:
+            if tokens:
+                self.check_prompt(tokens)
+            if len(tokens) > limit:
+                raise PromptTooLong(f"the input has {len(tokens)} tokens but embeddings accept at most {limit}; "
+                                    f"shorten it or restart the server with a larger --embeddings-ctx")
+            if not tokens:
+                raise InvalidArgument("the input is empty; give some text")
+        return packs([len(t) for t in token_lists], *self.embed_capacity)
+
+    def embed(self, token_lists: list[list[int]]) -> concurrent.futures.Future:
+        """Pooled embeddings ``(len(token_lists), n_embd)`` of checked inputs that fit one decode (a run from
+        :meth:`embedding_packs`), computed on the batcher thread (the one computing thread)."""
 
         def run():
             try:
-                return self.embedder.embed(tokens)
+                return embed_batch(self.embedder, token_lists)
             except ContextOverflow as e:
                 raise PromptTooLong(str(e)) from e
 

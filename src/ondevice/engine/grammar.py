@@ -4,7 +4,8 @@ One place for the server's ``response_format`` and the agent's plans; tool calls
 :mod:`ondevice.engine.toolcalls`. JSON schema -> GBNF uses llama-cpp-python's converter
 (``llama_cpp.llama_grammar``), the one its own server uses, after :func:`normalise` has rewritten what that
 converter cannot read into what it can (the schemas pydantic, LangChain and the OpenAI SDK write: ``{}`` and
-annotation-only schemas for "any value", a ``$ref`` at the root, ``$defs`` under a tool's parameters). A tool
+annotation-only schemas for "any value", a ``$ref`` at the root, ``$defs`` under a tool's parameters), with
+the white space and string characters of llama.cpp's own converter (:data:`LLAMA_CPP_RULES`). A tool
 call is the JSON object ``{"name": ..., "arguments": {...}}`` constrained to the tools' parameter schemas;
 with ``parallel`` (OpenAI's ``parallel_tool_calls``) a JSON array of such objects is allowed too.
 """
@@ -68,6 +69,23 @@ def hoist(schema: dict, defs: dict, prefix: str) -> dict:
     return out
 
 
+# Where the converter's rules differ from llama.cpp's (common/json-schema-to-grammar.cpp, llama-server's):
+# - space: the converter allows one " " between tokens, so a model trained on pretty-printed JSON (Qwen2.5
+#   writes `{\n  "key": ...`) is forced off its path at the first token, and its reply is not llama-server's
+#   from there on. llama.cpp's rule allows what such models write and stays bounded: nothing, a space, or one
+#   or two newlines and up to 20 spaces or tabs of indentation.
+# - char: the converter lets raw control characters into strings (a raw newline: not JSON); llama.cpp's not.
+LLAMA_CPP_RULES = {
+    "space": r'| " " | "\n"{1,2} [ \t]{0,20}',
+    "char": r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
+}
+
+
+def _llama_cpp_rules(gbnf: str) -> str:
+    """The converter's GBNF with its :data:`LLAMA_CPP_RULES` rules replaced by llama.cpp's."""
+    return re.sub(r"(?m)^(space|char) ::= .*$", lambda m: f"{m.group(1)} ::= {LLAMA_CPP_RULES[m.group(1)]}", gbnf)
+
+
 MAX_REPEAT = 10_000  # minLength/maxLength/minItems/maxItems: the converter writes one rule per repetition
 MAX_ENUM = 1_000  # enum and const values in one schema (OpenAI's structured outputs allow 1,000)
 MAX_GRAMMAR = 1 << 20  # bytes of GBNF
@@ -109,7 +127,7 @@ def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema
         # another: a root $ref (pydantic's recursive models) becomes a one-way union, the same language
         schema = {k: v for k, v in schema.items() if k != "$ref"} | {"anyOf": [{"$ref": schema["$ref"]}]}
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
+        gbnf = _llama_cpp_rules(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
     if len(gbnf) > MAX_GRAMMAR:
@@ -132,9 +150,8 @@ def schema_rules(parts: dict[str, dict], what: str) -> str:
 
 
 def json_object_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    return JSON_GBNF  # root ::= object
+    """GBNF for any JSON object (``response_format`` ``json_object``), as llama-server makes it."""
+    return schema_grammar({"type": "object"}, "response_format")
 
 
 def tool_call_schema(functions: Sequence[tuple[str, dict]], parallel: bool, max_calls: int | None = None) -> dict:

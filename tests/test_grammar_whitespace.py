@@ -1,0 +1,117 @@
+"""What the JSON grammars allow between tokens and inside strings: llama.cpp's own rules (llama-server's).
+
+The white space between JSON tokens is nothing, a space, or one or two newlines and up to 20 spaces or tabs of
+indentation (common/json-schema-to-grammar.cpp): what models trained on pretty-printed JSON write, and bounded,
+so a model cannot run on in white space. Strings take no raw control characters (a raw newline is not JSON).
+Checked with llama.cpp's grammar sampler on the real SmolLM2 vocabulary, and end to end: the official openai
+client against `ondevice serve` on loopback, where a grammar must not change a reply that already fits it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from test_serve_tools import QWEN, needs_qwen
+
+from ondevice.engine.base import EngineConfig
+from ondevice.engine.grammar import json_object_grammar, schema_grammar
+from ondevice.engine.llama import LlamaEngine
+from ondevice.engine.records import Sampling
+from ondevice.engine.sampler import Sampler
+from ondevice.engine.toolcalls import call_grammar
+from ondevice.serve import BackgroundServer, ServeSettings
+
+JOKE = {"type": "object", "properties": {  # LangChain's with_structured_output(TypedDict), as it sends it
+    "setup": {"description": "The setup of the joke", "type": "string"},
+    "punchline": {"description": "The punchline of the joke", "type": "string"},
+    "rating": {"description": "How funny the joke is, from 1 to 10", "type": "integer"}},
+    "required": ["setup", "punchline"]}
+GRAMMARS = {
+    "json_object": (json_object_grammar, "{}"),
+    "json_schema": (lambda: schema_grammar(JOKE), "{}"),
+    "tool": (lambda: call_grammar([("Joke", JOKE)], parallel=False, allow_text=False, wrapped=True),
+             '<tool_call>\n{{"name": "Joke", "arguments": {}}}\n</tool_call>'),
+}
+# between "{" and the first key: llama.cpp's `space ::= | " " | "\n"{1,2} [ \t]{0,20}`
+ALLOWED = ["", " ", "\n", "\n\n", "\n  ", "\n\t\t", "\n\n" + " " * 20]
+REFUSED = ["  ", "\n\n\n", "\n" + " " * 21, "\r\n", " \n"]
+
+
+@pytest.fixture(scope="module")
+def eng(smol_path):
+    e = LlamaEngine(smol_path, EngineConfig(n_ctx=256, n_seq_max=1, n_threads=2))
+    yield e
+    e.close()
+
+
+def _verdict(eng, grammar: str, text: str) -> str:
+    """What llama.cpp's grammar sampler makes of ``text``, token by token: complete, incomplete or refused."""
+    s = Sampler(eng, Sampling(temp=0, grammar=grammar))
+    try:
+        for tok in eng.tokenize(text, add_special=False, parse_special=False):
+            if not s.allows(tok):
+                return "refused"
+            eng.ll.llama_sampler_accept(s.grammar, tok)
+        return "complete" if any(s.allows(t) for t in eng.eos_tokens) else "incomplete"
+    finally:
+        s.close()
+
+
+def _joke(gap: str, setup: str = "a cat", nl: str = "\n") -> str:
+    """The joke object, after its "{" the white space ``gap``; pretty-printed, or on one line when not ``nl``."""
+    sep = f"{nl}  " if nl else " "
+    return f'{{{gap}"setup": {json.dumps(setup)},{sep}"punchline": "it purrs",{sep}"rating": 7{nl}}}'
+
+
+@pytest.mark.parametrize("kind", GRAMMARS)
+def test_white_space_between_tokens_is_llama_cpps_bounded_rule(eng, kind):
+    make, wrap = GRAMMARS[kind]
+    grammar = make()
+    for gap in ALLOWED:
+        assert _verdict(eng, grammar, wrap.format(_joke(gap))) == "complete", (kind, gap)
+    for gap in REFUSED:
+        assert _verdict(eng, grammar, wrap.format(_joke(gap))) == "refused", (kind, gap)
+
+
+@pytest.mark.parametrize("kind", GRAMMARS)
+def test_strings_take_escapes_but_no_raw_control_characters(eng, kind):
+    make, wrap = GRAMMARS[kind]
+    grammar = make()
+    ok = _joke("", 'a "cat"\n\t\\ /\u00e9', nl="")  # json.dumps escapes the quotes, newline, tab, backslash
+    assert _verdict(eng, grammar, wrap.format(ok)) == "complete"
+    for raw in ("\n", "\t", "\x7f"):
+        bad = _joke("", f"a{raw}cat", nl="").replace(json.dumps(f"a{raw}cat"), f'"a{raw}cat"')
+        assert _verdict(eng, grammar, wrap.format(bad)) == "refused", (kind, raw)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "hobbies": {"type": "array"}}, "required": ["name", "age", "hobbies"]}
+PROMPT = "Bob is 41 and likes chess and hiking. Reply with a JSON object with keys name, age and hobbies."
+
+
+def _ask(client, **kw) -> tuple[str, str]:
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+                                       max_tokens=120, **kw)
+    return r.choices[0].message.content, r.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("model", [pytest.param(None, id="smollm2"), pytest.param(QWEN, id="qwen", marks=needs_qwen)])
+def test_a_reply_that_fits_the_format_is_not_changed_by_its_grammar(model):
+    """Both models write this JSON pretty-printed; under the old one-space rule json_schema forced it onto one
+    line (Qwen2.5's LangChain jokes then looped inside a string until max_tokens)."""
+    from ondevice.models import resolve
+
+    settings = ServeSettings(model=str(resolve(model).path), port=0, parallel=1, ctx=1024, threads=2)
+    with BackgroundServer(settings) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+        free, _ = _ask(client)
+        start = free.index("{")
+        value, end = json.JSONDecoder().raw_decode(free, start)  # the model's own JSON (SmolLM2 goes on after it)
+        own = free[start:end]
+        assert "\n" in own, free  # pretty-printed: what the old rule refused
+        for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}):
+            text, finish = _ask(client, response_format=fmt)
+            assert finish == "stop" and json.loads(text) == value, (fmt["type"], text)
+            assert text.strip() == own, (fmt["type"], text)

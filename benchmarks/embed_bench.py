@@ -6,7 +6,7 @@ One run, over loopback, same model file, same threads, same CPU kernels (``peers
     up to 4 inputs a decode), and with ``-np 64 --kv-unified`` (up to 64 a decode), the peer at its best.
 Both servers run at once and take turns request by request (the order flips each round), so host drift hits
 each alike; each figure is the median over rounds, the ratio is ondevice / peer of paired rounds (median).
-The vectors of the two are compared too (cosine; llama-server uses flash attention, ondevice does not).
+The vectors of the two are compared too (cosine).
 
 Usage: python benchmarks/embed_bench.py [--model PATH] [--threads 2] [--sizes 1,10,50] [--rounds 5] [--ctx 512]
 """

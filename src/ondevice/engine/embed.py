@@ -24,10 +24,11 @@ def embedding_config(longest: int, pooling: str | None = "mean", **kw) -> Engine
     """An embeddings context for inputs of up to ``longest`` tokens that packs many inputs per decode.
 
     One ubatch of ``max(longest, PACK_TOKENS)`` tokens (llama.cpp pools per ubatch), a unified KV of as many
-    cells, and a sequence id per input (``n_seq_max``). Flash attention off unless ``kw`` says otherwise: its
-    CPU path (f16 accumulation) moved SmolLM2's pooled vectors by up to 1e-3 in cosine, in and out of packs,
-    which would hide whether packing changes anything; without it they sat closer to an f32 KV cache's
-    (cosine 0.99974 vs 0.99926 on a 7-token input). ``kw``: other :class:`EngineConfig` fields.
+    cells, and a sequence id per input (``n_seq_max``). ``kw``: other :class:`EngineConfig` fields. Flash
+    attention off unless ``kw`` turns it on: with it (llama-server's default) a text's vector moves by up to
+    1e-3 in cosine with the other inputs of its pack (its f16 accumulation), so the same text embedded alone and
+    in a batch would differ (LangChain's embed_query vs embed_documents); without it they agree to 1e-5, at 10%
+    more time (benchmarks/embed_bench.py, 50 inputs: 0.91x llama-server's inputs/s without, 1.01x with).
     """
     n = max(longest, PACK_TOKENS)
     kw.setdefault("flash_attn", False)

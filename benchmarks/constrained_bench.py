@@ -22,7 +22,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import Server, default_model, free_port  # noqa: E402
+from serve_bench import Server, default_model, one_of_each
 
 PROMPT = ("Describe the city of Paris as a JSON object: its name, country, population and three famous "
           "landmarks.")
@@ -72,20 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma list of servers to leave out (llama-server)")
     a = ap.parse_args(argv)
     model = a.model or default_model()
-    servers = []
-    port = free_port()
-    servers.append(Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", "-m", model, "--port",
-                                       str(port), "-t", str(a.threads), "-np", "1", "--no-embeddings"], port, {}))
-    if "llama-server" not in a.skip:
-        from peers import tool_path
-
-        exe = tool_path("llama-server")
-        if exe.exists():
-            port = free_port()
-            servers.append(Server("llama-server", [str(exe), "-m", model, "--port", str(port), "-t", str(a.threads),
-                                                   "-np", "1", "--jinja"], port, {}))
-        else:
-            print(f"# llama-server not built ({exe}); run python benchmarks/peers.py build to compare")
+    servers = one_of_each(model, a.threads, a.skip)
     print(f"# constrained_bench: {Path(model).name}, {a.threads} threads, {a.tokens} tokens, temperature 0.7, "
           f"{a.rounds} rounds; load average {os.getloadavg()[0]:.2f} at start")
     results: dict[str, dict[str, list]] = {}

@@ -63,12 +63,13 @@ class Server:
         self.proc = None
 
     def __enter__(self):
-        self.log = open(f"/tmp/serve_bench_{self.name}.log", "w")
+        self.log_path = f"/tmp/serve_bench_{self.name.replace(' ', '_')}_{self.port}.log"  # one per server
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 180
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see /tmp/serve_bench_{self.name}.log")
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
             try:
                 if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
                     return self

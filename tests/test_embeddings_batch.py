@@ -12,6 +12,7 @@ from itertools import pairwise
 import numpy as np
 import openai
 import pytest
+from test_serve_tools import QWEN, needs_qwen
 
 from ondevice.engine.base import EngineConfig
 from ondevice.engine.llama import LlamaEngine
@@ -69,7 +70,7 @@ def reference(smol):
     ref.eng.close()
 
 
-@pytest.mark.parametrize("model", [None, "qwen2.5-coder-0.5b-instruct"])
+@pytest.mark.parametrize("model", [pytest.param(None, id="smollm2"), pytest.param(QWEN, id="qwen", marks=needs_qwen)])
 def test_packed_vectors_equal_one_input_per_decode(model, smol, reference):
     """SmolLM2 and Qwen2.5 (causal, mean pooled): all inputs in one decode, each vector as if alone."""
     from ondevice.engine.embed import embed_many, embedding_config

@@ -357,7 +357,10 @@ def test_a_profile_whose_memory_holds_the_file_but_not_the_runtime_is_refused_af
             env={"ONDEVICE_HOME": str(home)})
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()[-1]
-    assert "less the" in err and "the runtime used besides the weights" in err and "smallest variant is" in err
+    # the bench of the smallest variant fits the cap and leaves no room (AMD Zen 5), or is killed by the cap
+    # itself (an AMX Xeon, where CPU_REPACK's repacked copy of the weights costs memory too)
+    assert ("less the" in err and "the runtime used besides the weights" in err and "smallest variant is" in err) or (
+        "ran out of memory under the device profile 'threads=1,mem=100M': it does not fit that device" in err), err
     assert r.stdout.count("  measuring ") == 1 and "device speed table" not in r.stdout
 
 

@@ -150,12 +150,12 @@ class ServerState:
     def embedding_packs(self, token_lists: list[list[int]]) -> list[range]:
         """Check every input of an embeddings request, in order; then split them into runs of consecutive
         inputs that fit one decode each (engine/embed.py)."""
-        if self.embedder is None:
-            raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
         limit = self.settings.embeddings_ctx
-        for tokens in token_lists:
+        for tokens in token_lists:  # the prompt limits first, as for every route
             if tokens:
                 self.check_prompt(tokens)
+            if self.embedder is None:
+                raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
             if len(tokens) > limit:
                 raise PromptTooLong(f"the input has {len(tokens)} tokens but embeddings accept at most {limit}; "
                                     f"shorten it or restart the server with a larger --embeddings-ctx")

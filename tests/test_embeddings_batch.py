@@ -179,6 +179,8 @@ def test_server_limits_and_messages_are_unchanged(srv, client):
         client.embeddings.create(model="m", input=["fine", ""])
     with pytest.raises(openai.BadRequestError, match=f"embeds at most {MAX_EMBEDDING_INPUTS} per request"):
         client.embeddings.create(model="m", input=["x"] * (MAX_EMBEDDING_INPUTS + 1))
-    assert decodes.n == 0  # every input is checked before any is computed
+    with pytest.raises(openai.BadRequestError, match="dimensions 10000 exceeds the model's 576"):
+        client.embeddings.create(model="m", input=["fine"] * 50, dimensions=10000)
+    assert decodes.n == 0  # every input and setting is checked before any is computed
     r = client.embeddings.create(model="m", input=["x"] * MAX_EMBEDDING_INPUTS)  # the limit itself is served
     assert len(r.data) == MAX_EMBEDDING_INPUTS and decodes.n < MAX_EMBEDDING_INPUTS // 50

@@ -128,6 +128,9 @@ def create_app(state: ServerState) -> FastAPI:
                                   f"{MAX_EMBEDDING_INPUTS} per request; split it into several requests")
         token_lists = [state.tokenize(x) if isinstance(x, str) else list(x) for x in inp]
         runs = state.embedding_packs(token_lists)  # every input checked first; then few inputs-per-decode runs
+        n_embd = state.embedder.ll.llama_model_n_embd(state.embedder.model)
+        if req.dimensions is not None and req.dimensions > n_embd:  # before any computing
+            raise InvalidArgument(f"dimensions {req.dimensions} exceeds the model's {n_embd}")
         vecs = []
         for run in runs:
             if vecs and await request.is_disconnected():  # the client gave up: compute nothing more for it
@@ -136,8 +139,6 @@ def create_app(state: ServerState) -> FastAPI:
         data, n_tok = [], sum(map(len, token_lists))
         for i, vec in enumerate(vecs):
             if req.dimensions is not None:
-                if req.dimensions > vec.shape[0]:
-                    raise InvalidArgument(f"dimensions {req.dimensions} exceeds the model's {vec.shape[0]}")
                 vec = vec[:req.dimensions]
             vec = vec / max(float(np.linalg.norm(vec)), 1e-12)  # unit length, as OpenAI returns
             emb = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"

@@ -89,3 +89,27 @@ def test_worker_dies_with_its_parent_and_leaves_no_file(tmp_path, how, sig):
             parent.wait()
         for pid in _workers(str(home)):  # the test's own leftovers, by pid
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_ends_the_process_after_the_work():
+    """A SIGTERM during a ``__del__`` (a ``subprocess.Popen`` collected after the quantize worker ended) raised
+    ``Stopped`` there, where Python prints it ("Exception ignored in ...") and drops it: the variant was finished
+    and the process exited 0 under a traceback that said nothing was written. Now the signal waits, as during the
+    rename: the work ends whole, then the process ends as told, with no traceback."""
+    code = """if True:
+        import os, signal
+        from ondevice.stop_signals import StopOnSignals
+
+        class Collected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100000))  # the handler runs here, inside the finalizer
+
+        with StopOnSignals("the thing"):
+            c = Collected()
+            del c
+            print("work finished", flush=True)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                       preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert r.stdout == "work finished\n" and r.stderr == "" and r.returncode == -signal.SIGTERM, r

@@ -66,13 +66,24 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__``: Python prints an exception raised there ("Exception ignored
+    in ...") and drops it, so the work would go on as if no signal had come."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class StopOnSignals:
     """While active, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where Python runs handlers).
 
     Only signals that still have their default action are taken over: an application's own handler is left
     alone. Inside :meth:`finishing` (the rename into place and the records that go with it) a signal only
     waits; it is sent again, to its default action, as the ``with`` ends: the work is then done and the
-    process ends as asked.
+    process ends as asked. So does a signal that lands in a finalizer (a ``subprocess.Popen`` collected mid-way
+    took one there: a traceback, the work finished, exit 0).
     """
 
     def __init__(self, what: str) -> None:
@@ -81,8 +92,8 @@ class StopOnSignals:
         self._finishing = False
         self._pending: int | None = None
 
-    def _handle(self, sig: int, _frame) -> None:
-        if self._finishing:
+    def _handle(self, sig: int, frame) -> None:
+        if self._finishing or _in_finalizer(frame):
             self._pending = self._pending or sig
             return
         raise Stopped(sig, self.what)

@@ -53,7 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradient checkpointing (recompute each trained layer in backward: less memory, slower "
                         "steps); auto: on only when --budget finds a better plan fits with it")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
-                   help="compute dtype (LoRA weights and optimizer stay fp32)")
+                   help="compute dtype (LoRA weights and optimizer stay fp32); bf16 is fast where the CPU has it "
+                        "(AMX, AVX512-BF16: see 'ondevice device') and emulated, slower, elsewhere")
+    p.add_argument("--memory", choices=("auto", "lean", "fast"), default=d.memory,
+                   help="lean: freed memory goes back to the OS at once (lower peak RSS, slower steps: 1.45x fp32, "
+                        "2x bf16 measured); fast: the C library's defaults; auto: lean with --budget, else fast")
     p.add_argument("-t", "--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--heldout", type=float, default=d.heldout, help="share of examples held out for the loss check")
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                       layers=parse_layers(args.layers), precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, budget_bytes=parse_budget(args.budget) if args.budget else None,
-                      checkpointing=args.checkpointing)
+                      checkpointing=args.checkpointing, memory=args.memory)
     r = train(cfg)
     if args.check:
         from .check import agreement

@@ -20,6 +20,7 @@ from . import adapter_file, data
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("auto", "on", "off")
+MEMORY = ("auto", "lean", "fast")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AdaptConfig:
     seed: int = 0
     budget_bytes: int | None = None
     checkpointing: str = "auto"  # gradient checkpointing: auto (the planner's choice under a budget), on, off
+    memory: str = "auto"  # malloc: lean (freed memory back to the OS at once), fast; auto: lean under a budget
     checkpoint_every: int = 10
     heldout: float = 0.1  # share of the examples kept out of training to measure held-out loss
     resume: bool = False
@@ -118,7 +120,10 @@ def peak_rss() -> int:
 def lean_malloc() -> None:
     """glibc malloc settings that return freed activation memory to the OS: big blocks mmapped (no dynamic
     threshold), one arena (OpenMP threads otherwise each grow their own), trimming past 1 MiB. Measured here:
-    steady RSS over training steps 599 -> 442 MiB, peak 668 -> 580 MiB (top 10 layers, q+v, 4x64 tokens)."""
+    steady RSS over training steps 599 -> 442 MiB, peak 668 -> 580 MiB (top 10 layers, q+v, 4x64 tokens).
+    The price: every tensor over 64 KiB is a fresh mmap, page-faulted in and unmapped each step: steps took
+    1.45x (fp32) and 2x (bf16) the time of glibc's defaults (top 6 layers, q+v, 4x64 tokens, on an AMX Xeon).
+    So only under a memory budget (``--memory auto``) or when asked (``--memory lean``)."""
     import ctypes
     import ctypes.util
 
@@ -139,6 +144,11 @@ def check_settings(cfg: AdaptConfig) -> None:
         raise InvalidArgument(f"--checkpointing {cfg.checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
     if cfg.precision not in PRECISIONS:
         raise InvalidArgument(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if cfg.memory not in MEMORY:
+        raise InvalidArgument(f"--memory {cfg.memory!r}: use one of {', '.join(MEMORY)}")
+    if cfg.memory == "fast" and cfg.budget_bytes is not None:
+        raise InvalidArgument("--memory fast with --budget: the budget is planned and kept with lean memory (freed "
+                              "memory goes back to the OS at once); drop --memory fast, or drop --budget")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
         raise InvalidArgument("--steps, --batch and --rank must be >= 1 and --max-len >= 8")
     for flag, v, eg in (("--lr", cfg.lr, "1e-3"), ("--alpha", cfg.alpha, "16")):
@@ -260,9 +270,11 @@ def train(cfg: AdaptConfig) -> dict:
     import torch
 
     torch.set_num_threads(max(1, cfg.threads))
-    lean_malloc()
     cfg.out = str(cfg.target())
     check_settings(cfg)
+    memory = "lean" if cfg.memory == "lean" or (cfg.memory == "auto" and cfg.budget_bytes is not None) else "fast"
+    if memory == "lean":
+        lean_malloc()
     t_start = time.perf_counter()
     state = load_checkpoint(cfg) if cfg.resume else None
     fixed = {k: getattr(cfg, k) for k in FIXED_ON_RESUME}  # what a resume must keep (load_checkpoint checks)
@@ -334,7 +346,7 @@ def train(cfg: AdaptConfig) -> dict:
                else None, "heldout_loss_before": held_before, "heldout_loss_after": held_after,
                "seconds_per_step": round(step_s, 3), "peak_rss_bytes": peak_rss(),
                "n_train": len(train_ex), "n_heldout": len(held), "trainable_params": sum(p.numel() for p in params),
-               "checkpointing": model.checkpoint,
+               "checkpointing": model.checkpoint, "memory": memory,
                "wall_s": round(time.perf_counter() - t_start, 1)}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("plan", "plan_info", "progress", "resume")}
     export(model, cfg, base, data_sha, settings, figures)

@@ -113,3 +113,31 @@ def test_a_signal_that_lands_in_a_finalizer_still_ends_the_process_after_the_wor
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
                        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     assert r.stdout == "work finished\n" and r.stderr == "" and r.returncode == -signal.SIGTERM, r
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_interrupts_a_sweep():
+    """The same for :func:`interrupt_on_signals` (bench and eval sweeps keep their complete records on a ``kill``):
+    raised in a ``__del__`` the interrupt was printed as "Exception ignored" and dropped, and the sweep ran on to
+    its end. Now it is sent again once the finalizer is done, and interrupts the work after it."""
+    code = """if True:
+        import os, signal, time
+        from ondevice.stop_signals import Terminated, interrupt_on_signals
+
+        class Collected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100000))  # the handler runs here, inside the finalizer
+
+        with interrupt_on_signals():
+            try:
+                c = Collected()
+                del c
+                for _ in range(300):  # 3 s of work after it
+                    time.sleep(0.01)
+                print("work finished", flush=True)
+            except Terminated as e:
+                print("interrupted by", signal.Signals(e.signal).name, flush=True)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                       preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert r.stdout == "interrupted by SIGTERM\n" and r.stderr == "" and r.returncode == 0, r

@@ -51,7 +51,10 @@ class Terminated(KeyboardInterrupt):
 def interrupt_on_signals() -> Iterator[None]:
     """While active, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, where
     they still have their default action (an application's own handler is left alone)."""
-    def raise_terminated(sig: int, _frame) -> None:
+    def raise_terminated(sig: int, frame) -> None:
+        if _in_finalizer(frame):  # raised there it would be printed and dropped, and the work would go on
+            _send_again_soon(sig)
+            return
         raise Terminated(sig)
 
     old = {}
@@ -64,6 +67,14 @@ def interrupt_on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _send_again_soon(sig: int) -> None:
+    """The signal again in 10 ms, from a helper thread: by then the finalizer it landed in has (most likely)
+    returned; if not, it is put off again. Once the handler is gone, its default action ends the process."""
+    t = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+    t.daemon = True
+    t.start()
 
 
 def _in_finalizer(frame) -> bool:

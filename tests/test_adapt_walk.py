@@ -24,6 +24,7 @@ def test_settings_that_cannot_train_are_refused_before_training(cli, tmp_path):
         ("--alpha", "0"): "--alpha 0: must be a number > 0, e.g. --alpha 16",
         ("--heldout", "1.5"): "--heldout 1.5: the share of examples held out must be >= 0 and < 1",
         ("--checkpoint-every", "-1"): "--checkpoint-every -1: must be >= 0",
+        ("--name", ""): "adapter name '' is not allowed; use letters, digits and . _ - ",
         ("--memory", "fast", "--budget", "mem=600M"): "--memory fast with --budget: the budget is planned and kept "
                                                     "with lean memory",
     }

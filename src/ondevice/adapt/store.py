@@ -36,7 +36,9 @@ def path_for(name: str) -> Path:
 
 def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
     """The adapter file a training run writes: ``out``, else ``name`` (or ``default_name``) in the store."""
-    return Path(out) if out else path_for(name or default_name)
+    if out:
+        return Path(out)
+    return path_for(default_name if name is None else name)  # --name "" is refused, not replaced by the default
 
 
 def check_out_file(out: str | Path | None, what: str, example: str) -> None:

@@ -241,6 +241,8 @@ def test_compare_sessions_prints_speedups(tmp_path):
     assert [r["test"] for r in rows] == ["pp512", "tg128"]
     assert all(r["speedup"] == pytest.approx(1.5) for r in rows)
     assert "speedup" in table and "1.50" in table
+    # the columns name each session whole (cut to 16 characters, two sessions of one second read the same)
+    assert "t/s 20260101-000000-aaaa" in table and "t/s 20260102-000000-bbbb" in table, table
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "report", "--db", str(tmp_path / "c.sqlite"),
                           "--compare", "20260101", "20260102"], check=False, capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=SRC))

@@ -86,4 +86,6 @@ def compare(store, a: str, b: str) -> tuple[list[dict], str]:
     kind_b, id_b, recs_b = select(store, b)
     by_model = kind_a == "model" or kind_b == "model"
     rows = compare_records(recs_a, recs_b, by_model)
-    return rows, format_compare(rows, id_a[:16], id_b[:16])
+    # a session id whole (two started in the same second differ only in its tail), a sha256 by its first 16
+    label = lambda kind, full: full if kind == "session" else full[:16]
+    return rows, format_compare(rows, label(kind_a, id_a), label(kind_b, id_b))

@@ -35,6 +35,15 @@ def test_readers_do_not_create_a_store(tmp_path):
     Store(tmp_path / "s.sqlite").close()
     with Store(tmp_path / "s.sqlite", create=False) as st:
         assert st.sessions() == []
+    empty = tmp_path / "empty.sqlite"  # a 0-byte file (touched, or left by a full disk) is no foreign database
+    empty.touch()
+    with pytest.raises(InvalidArgument, match=r"empty.sqlite is empty \(0 bytes\): nothing is recorded there yet; "
+                                              r"`ondevice bench --db .*empty.sqlite` or `ondevice eval --db"):
+        Store(empty, create=False)
+    assert empty.stat().st_size == 0
+    Store(empty).close()  # a writer makes it a store
+    with Store(empty, create=False) as st:
+        assert st.sessions() == []
 
 
 def test_report_and_bench_name_a_bad_db_in_one_line(cli, tmp_path):

@@ -80,6 +80,10 @@ class Store:
                    if not path else "give the --db that `ondevice bench`, `eval` or `serve --cascade-keep-hard` "
                                     "wrote, or leave --db out for the default store")
             raise InvalidArgument(f"no ondevice store at {self.path}; {fix}")
+        if not create and self.path.is_file() and self.path.stat().st_size == 0:  # SQLite's empty database
+            where = f" --db {self.path}" if path else ""
+            raise InvalidArgument(f"{self.path} is empty (0 bytes): nothing is recorded there yet; `ondevice bench"
+                                  f"{where}` or `ondevice eval{where}` records into it")
         if self.path.is_dir():
             raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): it is a folder; give another --db "
                                   f"(the store's file, e.g. {self.path / 'ondevice.sqlite'})")

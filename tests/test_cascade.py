@@ -443,6 +443,8 @@ def test_cloud_http_errors_fall_back():
         with _device(locked.url) as srv:
             h, text, info = _ask(srv, {"always_defer": True})
             assert info["fallback"] == "http_401" and h["x-ondevice-tier"] == "device" and text
+            assert info["error"].endswith("answered HTTP 401: it refused the key, read from the environment variable "
+                                          "ONDEVICE_CLOUD_KEY, which is not set"), info
         os.environ["TEST_CLOUD_KEY"] = "sekret"  # the key from the env var it names: now the cloud answers
         with _device(locked.url, cascade_key_env="TEST_CLOUD_KEY", cascade_timeout=300) as srv:
             assert _ask(srv, {"always_defer": True})[2]["tier"] == "cloud"
@@ -505,9 +507,11 @@ def test_library_cascade(smol, cloud):
                         features=TOKEN_FEATURES)
     with ondevice.Cascade(smol, cloud.url, policy=Policy(defer_share=0.4), combiner=comb) as c:
         assert c.generate("Hi", max_tokens=8, temp=0).threshold == comb.threshold_for(0.4)
-    with ondevice.Cascade(smol, f"http://127.0.0.1:{_free_port()}", policy=Policy(threshold=1.0)) as c:
+    down = f"http://127.0.0.1:{_free_port()}"
+    with ondevice.Cascade(smol, down, policy=Policy(threshold=1.0)) as c:
         r = c.generate("Hi", max_tokens=8, temp=0)
         assert r.tier == "device" and r.fallback == "unreachable" and r.text == r.device_text
+        assert r.error == f"cannot reach the cloud at {down}/v1" and r.info()["error"] == r.error  # the whole why
 
 
 def test_eval_curve_stored_and_reported(cloud, cli, tmp_path):

@@ -42,6 +42,7 @@ class CascadeResult:
     cloud_prompt_tokens: int = 0
     cloud_completion_tokens: int = 0
     fallback: str | None = None  # why the cloud did not answer a deferred request (timeout, unreachable, http_503)
+    error: str | None = None  # the fallback's whole message (which URL, what the cloud said, the key's variable)
     finish_reason: str | None = None
 
     @property
@@ -52,7 +53,7 @@ class CascadeResult:
         """The reply's ``cascade`` object."""
         return {"tier": self.tier, "confidence": round(self.confidence, 6), "calibrated": self.calibrated,
                 "threshold": self.threshold, "reason": self.reason, "deferred": self.deferred,
-                "fallback": self.fallback, "device_ms": round(self.device_s * 1e3, 3),
+                "fallback": self.fallback, "error": self.error, "device_ms": round(self.device_s * 1e3, 3),
                 "cloud_ms": None if self.cloud_s is None else round(self.cloud_s * 1e3, 3),
                 "cloud_model": self.cloud_model,
                 "cloud_usage": {"prompt_tokens": self.cloud_prompt_tokens,
@@ -82,8 +83,10 @@ def finish(decision: Decision, confidence: float, calibrated: bool, feats: dict,
         return CascadeResult(text=cloud.text, tier="cloud", cloud_s=cloud.latency_s, cloud_model=cloud.model,
                              cloud_prompt_tokens=cloud.prompt_tokens, cloud_completion_tokens=cloud.completion_tokens,
                              finish_reason=cloud.finish_reason, **base)
+    failed = isinstance(cloud, CloudError)
     return CascadeResult(text=device_text, tier="device", finish_reason=device_finish, cloud_model=cloud_model,
-                         cloud_s=cloud_s, fallback=cloud.kind if isinstance(cloud, CloudError) else None, **base)
+                         cloud_s=cloud_s, fallback=cloud.kind if failed else None, error=str(cloud) if failed else None,
+                         **base)
 
 
 def should_keep(policy: Policy, request: RequestPolicy, result: CascadeResult) -> bool:

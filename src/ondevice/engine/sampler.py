@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .llama import LlamaEngine
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data, 12 bytes
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its PrefixIndex (built once)
 NO_TOKEN = -1  # what LlamaEngine.sample returns when the grammar is complete: end the generation ("stop")
 
 
@@ -31,6 +33,7 @@ class Sampler:
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
         # the grammar sampler, kept OUT of the chain: see sample_checked (freed by close)
         self.grammar = None
+        self.index: PrefixIndex | None = None
         self._cand: np.ndarray | None = None  # (n_vocab,) llama_token_data, made by _apply when first needed
         self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias  # argmax, then the grammar check
         if s.grammar:
@@ -46,6 +49,8 @@ class Sampler:
                 print("\n".join(err), file=sys.stderr, flush=True)
             self.grammar = g
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
+            # token references (``<[id]>``, ``<|tag|>``) match by id, not text: every token is checked then
+            self.index = None if _names_tokens(s.grammar) else PrefixIndex.of(engine)
         biases = dict(s.logit_bias)
         for t, _ in s.logit_bias:
             if not 0 <= t < engine.n_vocab:
@@ -75,10 +80,11 @@ class Sampler:
 
         llama.cpp's own approach (common/sampling.cpp ``common_sampler_sample``): sample from the chain alone,
         then check that one token against the grammar (a one-candidate array); only when the grammar rejects
-        it, apply the grammar to the whole vocabulary (slow: every token's text is matched against the
-        grammar's stacks) and sample again. The token is then accepted by the grammar and the chain. The
-        output is always valid; for greedy it is what grammar-first sampling gives (the argmax of the allowed
-        tokens), for sampling it is llama.cpp's (llama-server's) distribution.
+        it, apply the grammar to the vocabulary (slow: every token's text is matched against the grammar's
+        stacks; :class:`PrefixIndex` leaves out tokens it would reject) and sample again. The token is then
+        accepted by the grammar and the chain. The output is always valid; for greedy it is what grammar-first
+        sampling gives (the argmax of the allowed tokens), for sampling it is llama.cpp's (llama-server's)
+        distribution.
 
         llama.cpp aborts the process when its grammar accepts a token it rejects ("Unexpected empty grammar
         stack after accepting piece", or GGML_ABORT for an end-of-generation token while the grammar is
@@ -116,17 +122,29 @@ class Sampler:
     def _apply(self, row: np.ndarray, grammar: bool) -> int:
         """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none.
 
+        With the grammar, only the tokens that :class:`PrefixIndex` leaves go to it and the chain: the others
+        it would reject, and a rejected token is one the chain never picks, so the pick is distributed as
+        with the whole vocabulary (llama.cpp's way), at a fraction of the cost (~0.3 ms, not ~5 ms, for 49k
+        tokens where only a few can follow).
+
         A pick whose logit is -inf is none: every candidate was rejected by the grammar or banned (``ignore_eos``,
         ``logit_bias``), and the chain took one anyway; e.g. a complete grammar allows only end-of-generation
         tokens, which ``ignore_eos`` bans, so the generation must end rather than go on with a banned token.
         """
-        ll, cand = self.ll, self._cand
-        if cand is None:
-            cand = self._cand = np.zeros(len(row), dtype=_TOKEN_DATA)
-            self._ids = np.arange(len(row), dtype=np.int32)
-        cand["id"] = self._ids
-        cand["logit"] = row
-        cand["p"] = 0.0
+        ll = self.ll
+        ids = self.index.candidates(self._passes) if grammar and self.index is not None else None
+        if ids is not None:
+            cand = np.zeros(len(ids), dtype=_TOKEN_DATA)  # (n_candidates,), in id order as the full array
+            cand["id"] = ids
+            cand["logit"] = row[ids]
+        else:
+            cand = self._cand
+            if cand is None:
+                cand = self._cand = np.zeros(len(row), dtype=_TOKEN_DATA)
+                self._ids = np.arange(len(row), dtype=np.int32)
+            cand["id"] = self._ids
+            cand["logit"] = row
+            cand["p"] = 0.0
         arr = ll.llama_token_data_array(cand.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), len(cand), -1,
                                         False)
         if grammar:
@@ -136,6 +154,15 @@ class Sampler:
             return -1
         pick = cand[arr.selected]
         return int(pick["id"]) if np.isfinite(pick["logit"]) else -1
+
+    def _passes(self, ids: np.ndarray) -> np.ndarray:
+        """Which of tokens ``ids`` the grammar accepts next, (len(ids),) bool."""
+        cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        cand["id"] = ids
+        arr = self.ll.llama_token_data_array(cand.ctypes.data_as(ctypes.POINTER(self.ll.llama_token_data)),
+                                             len(cand), -1, False)
+        self.ll.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return np.isfinite(cand["logit"])
 
     def allows(self, tok: int) -> bool:
         """Whether the grammar, in its current state, accepts ``tok`` (llama-server's single-token check)."""
@@ -156,3 +183,92 @@ class Sampler:
 
     def __del__(self) -> None:
         self.close()
+
+
+class PrefixIndex:
+    """The vocabulary grouped by the first two characters of each token's text, so that a grammar is checked
+    on the tokens that may pass it rather than on all of them (a 49k-token check costs llama.cpp ~5 ms).
+
+    llama.cpp accepts a token when its characters, one by one, follow the grammar, so a token whose text
+    starts with ``ab`` can pass only if the token whose whole text is ``ab`` (a probe) does; likewise for
+    ``a``. :meth:`candidates` checks the one-character probes, then the two-character ones under the first
+    characters that passed (a few hundred tokens in all), and leaves the tokens whose prefixes passed.
+    Tokens it cannot rule out this way are always left: end-of-generation tokens, and text that does not start
+    with ASCII characters that have a probe.
+    """
+
+    NONE1, NONE2 = 128, 128 * 128  # key of "no probe": always passes
+
+    def __init__(self, engine: LlamaEngine):
+        n = engine.n_vocab
+        pieces = [engine.token_bytes(t, special=True) for t in range(n)]  # the text llama.cpp's grammar reads
+        eog = set(engine.eos_tokens)
+        ascii_ = lambda b: 0 < b < 128
+        p1: dict[int, int] = {}
+        p2: dict[int, int] = {}
+        for t, p in enumerate(pieces):
+            if t in eog or not all(map(ascii_, p)):
+                continue
+            if len(p) == 1:
+                p1.setdefault(p[0], t)
+            elif len(p) == 2:
+                p2.setdefault(p[0] * 128 + p[1], t)
+        k1 = np.full(n, self.NONE1, dtype=np.int32)  # (n_vocab,) first-character key
+        k2 = np.full(n, self.NONE2, dtype=np.int32)  # (n_vocab,) first-two-characters key
+        for t, p in enumerate(pieces):
+            if t in eog or not p or p[0] not in p1:
+                continue
+            k1[t] = p[0]
+            if len(p) >= 2 and ascii_(p[1]) and p[0] * 128 + p[1] in p2:
+                k2[t] = p[0] * 128 + p[1]
+        self.k1, self.k2 = k1, k2
+        # tokens per key whose count candidates() adds up: by first character those without a two-character
+        # key (NONE1: always left), and by two-character key
+        self.n1 = np.bincount(k1[k2 == self.NONE2], minlength=self.NONE1 + 1)
+        self.n2 = np.bincount(k2, minlength=self.NONE2 + 1)
+        self.n2[self.NONE2] = 0
+        self.keys1 = np.array(sorted(p1), dtype=np.int32)
+        self.probes1 = np.array([p1[k] for k in self.keys1], dtype=np.int32)
+        self.keys2 = np.array(sorted(p2), dtype=np.int32)
+        self.probes2 = np.array([p2[k] for k in self.keys2], dtype=np.int32)
+
+    @classmethod
+    def of(cls, engine: LlamaEngine) -> PrefixIndex:
+        index = _INDEXES.get(engine)
+        if index is None:
+            index = _INDEXES[engine] = cls(engine)
+        return index
+
+    def candidates(self, passes) -> np.ndarray | None:
+        """Ids of the tokens that may pass the grammar, ascending; ``passes(ids)`` is its check of ``ids``.
+        None when that is most of the vocabulary (inside a JSON string): check them all, it is cheaper."""
+        ok1 = np.zeros(self.NONE1 + 1, dtype=bool)
+        ok1[self.NONE1] = True
+        ok1[self.keys1[passes(self.probes1)]] = True
+        under = ok1[self.keys2 // 128]  # the two-character probes whose first character passed
+        ok2 = np.zeros(self.NONE2 + 1, dtype=bool)
+        ok2[self.NONE2] = True
+        ok2[self.keys2[under][passes(self.probes2[under])]] = True
+        if self.n1[ok1].sum() + self.n2[ok2].sum() > len(self.k1) // 2:
+            return None
+        return np.flatnonzero(ok1[self.k1] & ok2[self.k2]).astype(np.int32)
+
+
+def _names_tokens(gbnf: str) -> bool:
+    """Whether GBNF text refers to tokens (``<[id]>``, ``<|tag|>``, ``!<...>``): a ``<`` or ``!`` outside
+    strings, character classes and comments."""
+    i, n = 0, len(gbnf)
+    while i < n:
+        c = gbnf[i]
+        if c in "\"[":
+            close = "\"" if c == "\"" else "]"
+            i += 1
+            while i < n and gbnf[i] != close:
+                i += 2 if gbnf[i] == "\\" else 1
+        elif c == "#":
+            while i < n and gbnf[i] != "\n":
+                i += 1
+        elif c in "<!":
+            return True
+        i += 1
+    return False

@@ -256,6 +256,13 @@ def test_tools_required_named_and_streamed(client):
     assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
     assert json.loads("".join(d.function.arguments for d in deltas)) == args
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # the arguments are the text the model wrote, streamed or not (as OpenAI's): SmolLM2 indents this one
+    ask = {"max_tokens": 60, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    whole = _chat(client, "What is the weather in Paris?", **ask).choices[0].message.tool_calls[0].function.arguments
+    streamed = "".join(tc.function.arguments or "" for c in _chat(client, "What is the weather in Paris?", stream=True,
+                                                                  **ask) if c.choices
+                       for tc in (c.choices[0].delta.tool_calls or []))
+    assert whole == streamed and set(json.loads(whole)) == {"city"}, (whole, streamed)
 
 
 def _grammar_accepts(eng, grammar: str, text: str) -> bool:

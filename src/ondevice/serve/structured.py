@@ -110,9 +110,27 @@ def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
     calls, _ = read_calls(text, lenient=False)
     if not calls or any(c.name not in plan_.tools for c in calls):
         return None
-    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                     function=FunctionCall(name=c.name, arguments=json.dumps(c.arguments, ensure_ascii=False)))
-            for c in calls]
+    raw = written_arguments(text)
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+        name=c.name, arguments=raw[i] if i < len(raw) and _same_json(raw[i], c.arguments)
+        else json.dumps(c.arguments, ensure_ascii=False))) for i, c in enumerate(calls)]
+
+
+def written_arguments(text: str) -> list[str]:
+    """Each call's arguments as the model wrote them, white space and key order kept: what a stream sends
+    (:class:`ToolStream`), so a reply's ``arguments`` are the same text streamed or not, as OpenAI's are."""
+    deltas = ToolStream(Plan(tools=("",), tool_mode="required")).feed(text)[1]
+    out: dict[int, str] = {}
+    for d in deltas:
+        out[d.index] = out.get(d.index, "") + (d.function.arguments or "")
+    return [out[i] for i in sorted(out)]
+
+
+def _same_json(raw: str, value) -> bool:
+    try:
+        return json.loads(raw) == value
+    except json.JSONDecodeError:
+        return False
 
 
 def split_reply(text: str, plan_: Plan) -> tuple[str | None, list[ToolCall] | None]:

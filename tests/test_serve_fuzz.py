@@ -27,13 +27,13 @@ from ondevice.serve.schemas import MAX_DEPTH, MAX_STOPS
 
 TIMEOUT = 120  # seconds for one request: a request past it has hung (the server's own --timeout is 100)
 MAX_TOKENS = 2
-GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 COMPUTING = GENERATING | {"/v1/embeddings"}  # a valid request costs model time: fewer examples
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # every operation the server's OpenAPI document lists (test_the_openapi_document_lists_every_route keeps it whole)
 OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}", "GET /tokenizer_info",
               "POST /tokenize", "POST /detokenize", "POST /v1/embeddings", "POST /v1/chat/completions",
-              "POST /v1/completions", "POST /v1/responses"]
+              "POST /v1/completions", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 
@@ -82,6 +82,8 @@ def _check_stream(path: str, text: str) -> None:
     parsed = [_strict_json(d) for d in datas if d != "[DONE]"]
     if path == "/v1/responses":
         assert parsed[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"), last[:300]
+    elif path == "/v1/messages":
+        assert parsed[-1]["type"] in ("message_stop", "error"), last[:300]
     else:
         assert last == "[DONE]" or "error" in parsed[-1], f"the stream ends without [DONE] or an error: {last[:300]}"
 
@@ -204,6 +206,11 @@ item = st.fixed_dictionaries({}, optional={
     "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"]),
     "role": st.sampled_from(["user", "assistant", "system"]), "content": text | value, "call_id": text,
     "name": text, "arguments": arguments, "output": text | value})
+# an Anthropic content block: text, tool_use, tool_result (its content text or blocks), image, ...
+block = st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "tool_result", "image", "thinking"]) | text},
+                              optional={"text": text | value, "id": text | value, "name": text | value,
+                                        "input": value, "tool_use_id": text | value, "is_error": leaf,
+                                        "content": text | value})
 # route -> (a valid body, the fields a fuzzed body replaces or adds: 1 to 3 of them, the rest stays valid so that
 # a hostile value reaches the code past validation)
 ROUTE_FIELDS = {
@@ -229,6 +236,15 @@ ROUTE_FIELDS = {
                                                 optional={"parameters": json_value}), max_size=2) | value,
         "tool_choice": st.just({"type": "function", "name": "f"}) | value, "max_output_tokens": value,
         "stream": st.booleans(), "top_logprobs": st.integers(0, 20) | value, "previous_response_id": value}),
+    "/v1/messages": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS}, {
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]) | text}, optional={
+            "content": text | value | st.lists(block, max_size=3)}), min_size=1, max_size=3) | value,
+        "system": text | st.lists(block, max_size=2) | value, "stop_sequences": st.lists(text, max_size=3) | value,
+        "tools": st.lists(st.fixed_dictionaries({"name": text}, optional={
+            "input_schema": json_value, "type": st.just("custom") | text}), max_size=2) | value,
+        "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none"]) | text},
+                                             optional={"name": st.just("f") | text}) | value,
+        "thinking": value, "output_config": value, "stream": st.booleans(), "temperature": leaf}),
     "/tokenize": ({"content": "hi"}, {"content": text | value, "prompt": text | value, "with_pieces": leaf,
                                       "add_special": leaf}),
     "/detokenize": ({"tokens": [1, 2]}, {"tokens": token_ids | value}),
@@ -256,6 +272,7 @@ def _body_text(body) -> str:
 @pytest.mark.parametrize("path,only,examples", [
     ("/v1/chat/completions", (), 60), ("/v1/chat/completions", ("messages",), 40),
     ("/v1/chat/completions", ("response_format", "tools", "tool_choice"), 40), ("/v1/responses", (), 60),
+    ("/v1/messages", (), 60),
     ("/v1/completions", (), 30), ("/tokenize", (), 20), ("/detokenize", (), 20), ("/v1/embeddings", (), 20)])
 def test_hypothesis_fuzz_of_open_fields(srv, path, only, examples):
     with httpx.Client(base_url=srv.base, timeout=TIMEOUT) as client:

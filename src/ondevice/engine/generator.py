@@ -414,7 +414,7 @@ class BatchGenerator:
         finish = "stop" if stopped else None
         if finish is None and (s.n_gen >= sampling.max_tokens or len(s.cached) >= self.slot_ctx):
             text, s.held, finish = text + s.held + _end_text(s.utf8), "", "length"
-        out.append((req, self._record(s, tok, text, finish, lp, top, ent)))
+        out.append((req, self._record(s, tok, text, finish, lp, top, ent, stopped)))
         if finish:
             self._release(s)
             return None
@@ -439,7 +439,7 @@ class BatchGenerator:
         return ("prompt", out)
 
     def _record(self, s: Slot, tok: int, text: str, finish: str | None, lp: float | None = None,
-                top: tuple | None = None, ent: float | None = None) -> Generation:
+                top: tuple | None = None, ent: float | None = None, stop: str | None = None) -> Generation:
         """The per-token record; times count from the request's arrival (queueing included)."""
         req = s.req
         t0 = req.t_arrival
@@ -453,7 +453,7 @@ class BatchGenerator:
                           generation_tps=(s.n_gen - 1) / gen_time if s.n_gen > 1 and gen_time > 0 else 0.0,
                           finish_reason=finish, logprob=lp, cached_tokens=s.n_cached, top_logprobs=top,
                           entropy=ent, draft_tokens=s.n_drafted, draft_accepted=s.n_accepted,
-                          decode_steps=s.n_steps)
+                          decode_steps=s.n_steps, stop=stop)
 
     def _release(self, s: Slot, clear: bool = False) -> None:
         req = s.req

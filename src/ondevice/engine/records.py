@@ -43,6 +43,7 @@ class Generation:
     draft_accepted: int = 0  # ... and how many of them the target accepted
     decode_steps: int = 0  # target llama_decode calls (the prompt's included) that gave this generation a token
     entropy: float | None = None  # nats, of the distribution the token came from (Sampling.token_stats)
+    stop: str | None = None  # the stop string that ended the reply (finish_reason "stop" by a stop string)
 
     @property
     def acceptance(self) -> float:
@@ -77,7 +78,7 @@ class Result:
         if self.last is None:
             return {}
         d = self.last.to_dict()
-        for k in ("text", "token", "index", "logprob", "top_logprobs", "entropy"):
+        for k in ("text", "token", "index", "logprob", "top_logprobs", "entropy", "stop"):
             d.pop(k)
         d["peak_rss_bytes"] = self.peak_rss_bytes
         return d

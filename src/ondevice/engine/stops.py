@@ -17,16 +17,17 @@ def with_prompt_stops(sampling: Sampling, tokens: Sequence[int]) -> Sampling:
     return dataclasses.replace(sampling, stop=(*sampling.stop, *extra)) if extra else sampling
 
 
-def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """``(shown, held, stopped)`` for streamed ``text``: cut before the first stop string (``stopped``), or
-    else hold back the longest suffix that may still grow into one. The one stop-string rule."""
+def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, str | None]:
+    """``(shown, held, stop)`` for streamed ``text``: cut before the first stop string (``stop``: the one that
+    matched, the first listed of those that start there), or else hold back the longest suffix that may still
+    grow into one (``stop`` None). The one stop-string rule."""
     if not stops:
-        return text, "", False
-    hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+        return text, "", None
+    hit, stop = min(((i, k) for k, i in enumerate(text.find(x) for x in stops) if i >= 0), default=(-1, -1))
     if hit >= 0:
-        return text[:hit], "", True
+        return text[:hit], "", stops[stop]
     keep = stop_hold(text, stops)
-    return text[:len(text) - keep], text[len(text) - keep:], False
+    return text[:len(text) - keep], text[len(text) - keep:], None
 
 
 def stop_hold(text: str, stops: Sequence[str]) -> int:

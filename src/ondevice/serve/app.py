@@ -20,8 +20,8 @@ from ..cascade.serve import server_cascade
 from ..engine.records import Generation, Sampling
 from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
+from . import messages, structured
 from . import schemas as S
-from . import structured
 from .batcher import Job, JobTimeout
 from .chunks import (
     ShownTokens,
@@ -51,8 +51,8 @@ DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks tha
 # inputs per /v1/embeddings request: OpenAI's limit. Clients batch up to it (LangChain's OpenAIEmbeddings sends
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
-ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/embeddings", "/health",
-          "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, "/v1/models", "/v1/embeddings",
+          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -73,6 +73,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
                        metrics=state.metrics, routes=ROUTES,
                        log=access_logger() if state.settings.access_log else None)
+    app.add_middleware(messages.AnthropicErrors)  # around the guard: its 401 and 413 too
     install_cors(app, state.settings.cors)  # outermost: a preflight carries no API key
     app.state.ondevice = state
     state.cascade = server_cascade(state)  # None unless --cascade URL
@@ -159,6 +160,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: Request, body: Annotated[dict[str, Any], Body()]):
         return await respond(runner, body, request)
+
+    @app.post("/v1/messages")
+    async def anthropic_messages(request: Request, body: Annotated[dict[str, Any], Body()]):
+        return await messages.respond(runner, body, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(body: Annotated[dict[str, Any], Body()]):
+        return await messages.count_tokens(runner, body)
 
     return app
 
@@ -300,12 +309,15 @@ class Runner:
                 job.cancel()
 
     # -- chat ------------------------------------------------------------------------------------------
-    async def chat(self, req: S.ChatCompletionRequest, request: Request):
-        st = self.state
-        plan = structured.plan(req, st.model.template)
-        messages = message_dicts(req.messages)
+    def chat_prompt(self, req: S.ChatCompletionRequest) -> tuple[structured.Plan, list[dict], list[dict] | None]:
+        """The structured-output plan, messages and tools a chat request's prompt is rendered from."""
         # tool_choice none: the model is not shown the tools (a template that renders them would invite calls)
         tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        return structured.plan(req, self.state.model.template), message_dicts(req.messages), tools
+
+    async def chat(self, req: S.ChatCompletionRequest, request: Request):
+        st = self.state
+        plan, messages, tools = self.chat_prompt(req)
         loop = asyncio.get_running_loop()
         cascade = st.cascade if st.cascade is not None and st.cascade.applies(req, plan) else None
 
@@ -340,7 +352,7 @@ class Runner:
                 finish = "tool_calls"
             lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
                    if req.logprobs else None)
-            choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish,
+            choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish, stop_reason=gen[-1].stop,
                                         logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
@@ -388,8 +400,10 @@ class Runner:
         st = self.state
         cid, created = S._id("chatcmpl"), int(time.time())
 
-        def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None):
-            ch = [S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else []
+        def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None,
+                  stop=None):
+            ch = ([S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
+                  if choices else [])
             return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
                                               timings=timings))
 
@@ -421,7 +435,7 @@ class Runner:
                         finish = "tool_calls"
                     elif text:
                         yield chunk(i, S.ChatDelta(content=text))
-                    yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g))
+                    yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
             usage = usage_of(*lasts, n=req.n)
             note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
             if include_usage:

@@ -183,10 +183,12 @@ class Guard:
             if self.api_key and path != "/health":
                 headers = dict(scope.get("headers") or [])
                 auth = headers.get(b"authorization", b"").decode("latin-1")
-                token = auth[7:] if auth.lower().startswith("bearer ") else ""
+                # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do
+                token = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
                 if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                     return await _send_error(send_counted, 401, "missing or wrong API key; send "
-                                             "'Authorization: Bearer <key>' with the server's --api-key",
+                                             "'Authorization: Bearer <key>' (or 'x-api-key: <key>') with the "
+                                             "server's --api-key",
                                              "authentication_error", "invalid_api_key")
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body, too_big = await self._read_body(scope, receive)

@@ -325,50 +325,70 @@ class Events:
         """The events for the chat stream ``chunks`` (bytes of ``data: {...}`` lines)."""
         for b in self.start():
             yield b
-        buf, extra = "", {}
-        async for piece in chunks:
-            buf += piece.decode() if isinstance(piece, bytes) else piece
-            *events, buf = buf.split("\n\n")
-            for e in events:
-                data = e.removeprefix("data: ").strip()
-                if not data or data == "[DONE]":
-                    continue
-                c = json.loads(data)
-                if "error" in c:
-                    for b in self.failed(c["error"]):
-                        yield b
-                    return
-                extra.update({k: v for k, v in c.items() if k in ("timings", "cascade") and v})
-                for b in self.chunk(c):
+        extra = {}
+        async for c in chat_chunks(chunks):
+            if "error" in c:
+                for b in self.failed(c["error"]):
                     yield b
+                return
+            extra.update({k: v for k, v in c.items() if k in ("timings", "cascade") and v})
+            for b in self.chunk(c):
+                yield b
         for b in self.end(extra):
             yield b
 
 
-async def respond(runner, body: dict, request):
-    """Answer the Responses request ``body`` through ``runner.chat`` (the chat route's own code path: its limits,
-    cascade, structured output and tool calls), in the Responses API's shape."""
+async def chat_chunks(chunks: AsyncIterator) -> AsyncIterator[dict]:
+    """The chunks of the chat route's stream ``chunks`` (bytes of ``data: {...}`` lines) as dicts."""
+    buf = ""
+    async for piece in chunks:
+        buf += piece.decode() if isinstance(piece, bytes) else piece
+        *events, buf = buf.split("\n\n")
+        for e in events:
+            data = e.removeprefix("data: ").strip()
+            if data and data != "[DONE]":
+                yield json.loads(data)
+
+
+def chat_request(chat: dict, fields: dict[str, str]):
+    """``chat`` validated as a chat completions request; an invalid field is named as the client sent it
+    (``fields``: the chat route's name -> the client's)."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
 
     from . import schemas as S
 
     try:
-        req = S.ChatCompletionRequest.model_validate(to_chat(body))
-    except ValidationError as e:  # named as the client sent them
-        raise RequestValidationError([{**err, "loc": (_FIELD.get(err["loc"][0], err["loc"][0]), *err["loc"][1:])}
+        return S.ChatCompletionRequest.model_validate(chat)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": (fields.get(err["loc"][0], err["loc"][0]), *err["loc"][1:])}
                                       if err.get("loc") else err for err in e.errors()]) from None
+
+
+async def over_chat(runner, req, request, reply, relay):
+    """The chat route's answer to ``req`` in another API's shape: ``reply(chat completion as a dict)`` for a whole
+    answer, ``relay(the chat stream's chunks)`` for a stream (headers and background tasks kept)."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from . import schemas as S
+
+    result = await runner.chat(req, request)
+    if isinstance(result, S.ChatCompletion):
+        return reply(result.model_dump(mode="json", exclude_none=True))
+    headers = {k: v for k, v in result.headers.items() if k not in ("content-length", "content-type")}
+    if isinstance(result, StreamingResponse):
+        return StreamingResponse(relay(result.body_iterator), media_type="text/event-stream", headers=headers,
+                                 background=result.background)
+    if result.status_code != 200:  # e.g. 499: the client went away
+        return result
+    return JSONResponse(reply(json.loads(result.body)), headers=headers, background=result.background)
+
+
+async def respond(runner, body: dict, request):
+    """Answer the Responses request ``body`` through ``runner.chat`` (the chat route's own code path: its limits,
+    cascade, structured output and tool calls), in the Responses API's shape."""
+    req = chat_request(to_chat(body), _FIELD)
     if req.n != 1:
         raise InvalidArgument("n is not a Responses API field: a response has one answer; send one request per answer")
     shell = Shell(body, runner.state.answered_by(req.model))
-    result = await runner.chat(req, request)
-    if isinstance(result, S.ChatCompletion):
-        return from_chat(shell, result.model_dump(mode="json", exclude_none=True))
-    headers = {k: v for k, v in result.headers.items() if k not in ("content-length", "content-type")}
-    if isinstance(result, StreamingResponse):
-        return StreamingResponse(Events(shell).relay(result.body_iterator), media_type="text/event-stream",
-                                 headers=headers, background=result.background)
-    if result.status_code != 200:  # e.g. 499: the client went away
-        return result
-    return JSONResponse(from_chat(shell, json.loads(result.body)), headers=headers, background=result.background)
+    return await over_chat(runner, req, request, lambda chat: from_chat(shell, chat), Events(shell).relay)

@@ -246,6 +246,7 @@ class ChatChoice(_Resp):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | None = None  # vLLM's extension: the stop string that ended the reply (Anthropic's stop_sequence)
 
 
 class PromptTokensDetails(_Resp):
@@ -313,6 +314,7 @@ class ChatChunkChoice(_Resp):
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | None = None  # as ChatChoice's, on the chunk that finishes
 
 
 class ChatCompletionChunk(_Resp):

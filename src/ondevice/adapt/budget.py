@@ -160,8 +160,9 @@ def plan_under_budget(model: LlamaLoRA, examples, cfg, say=lambda _msg: None) ->
 
     With ``cfg.checkpointing`` auto, both ways are measured and planned; checkpointing (a forward recomputed
     in backward: slower steps) is chosen only when its plan scores over 2% better than the best plan without."""
-    from .train import batch_tensors
+    from .train import batch_tensors, lean_malloc
 
+    lean_malloc()  # the plan is measured in RSS: memory freed must leave it, here and in the training it plans
     budget = int(cfg.budget_bytes * MARGIN)
     L = model.cfg.n_layer
     dims = {n: (lin.w.inp, lin.w.out) for n, lin in model.linears().items()}

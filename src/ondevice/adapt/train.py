@@ -134,6 +134,7 @@ def lean_malloc() -> None:
         libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 1)  # M_ARENA_MAX
         libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)  # and what is free already (a long-lived process: earlier work's heap) goes back now
     except (OSError, AttributeError):  # not glibc (musl): its defaults stand
         pass
 

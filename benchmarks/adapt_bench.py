@@ -51,12 +51,15 @@ _CAPPED = ("import sys; from ondevice.device.limits import apply_profile; a = ap
            "from ondevice.cli import main; sys.exit(main(sys.argv[2:]))")
 
 
-def adapt_run(data: Path, out: Path, args: list[str], threads: int, cap: str | None = None) -> dict:
+def adapt_run(data: Path, out: Path, args: list[str], threads: int, cap: str | None = None,
+              passive: bool = True) -> dict:
+    """One ``ondevice adapt --json`` run in its own process; ``passive``: with OMP_WAIT_POLICY=PASSIVE (idle
+    OpenMP threads sleep at once: steadier on a shared machine, slower on a quiet one than a user's default)."""
     argv = ["adapt", str(data), "-o", str(out), "-t", str(threads), "--json", *args]
     cmd = ([sys.executable, "-c", _CAPPED, f"mem={cap}"] if cap else [sys.executable, "-m", "ondevice.cli"]) + argv
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
-                       check=False)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if passive else os.environ
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if cap:
         from ondevice.device.limits import remove_cgroup
 
@@ -300,7 +303,8 @@ def precision(a, train: Path, tmp: Path) -> dict:
 
     flags = cpu_flags()
     hw = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    print(f"2. bf16 vs fp32 (top 6 layers, q+v, rank 8, {a.precision_steps} steps, --memory {a.memory}); this CPU: "
+    print(f"2. bf16 vs fp32 (top 6 layers, q+v, rank 8, {a.precision_steps} steps, --memory {a.memory}, OpenMP wait "
+          f"policy {'PASSIVE' if a.omp_passive else 'as a user runs it (unset)'}); this CPU: "
           + (f"bf16 in hardware ({', '.join(hw)})" if hw else "no bf16 instructions (torch emulates bf16)"),
           flush=True)
     small = ["--steps", str(a.precision_steps), "--max-len", str(a.max_len), "--batch", "4", "--layers", "24-29",
@@ -308,7 +312,8 @@ def precision(a, train: Path, tmp: Path) -> dict:
     runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
     for _ in range(a.precision_pairs):  # alternated: the machine's load of the moment is shared
         for p in ("fp32", "bf16"):
-            runs[p].append(adapt_run(train, tmp / f"{p}.gguf", [*small, "--precision", p], a.threads))
+            runs[p].append(adapt_run(train, tmp / f"{p}.gguf", [*small, "--precision", p], a.threads,
+                                     passive=a.omp_passive))
     s32, s16 = (statistics.median(r["seconds_per_step"] for r in runs[p]) for p in ("fp32", "bf16"))
     l32, l16 = (runs[p][-1]["heldout_loss_after"] for p in ("fp32", "bf16"))
     print(f"  bf16/fp32 step speed: {s32 / s16:.2f}x (medians of {a.precision_pairs}: {s16:.3f} vs {s32:.3f} s/step; "
@@ -352,6 +357,9 @@ def main() -> int:
     ap.add_argument("--precision-only", action="store_true", help="only section 2")
     ap.add_argument("--precision-steps", type=int, default=12, help="training steps per run in section 2")
     ap.add_argument("--precision-pairs", type=int, default=2, help="fp32/bf16 pairs in section 2")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="section 2 with OMP_WAIT_POLICY=PASSIVE as the other sections (default: unset, as a user runs "
+                         "it; PASSIVE slowed bf16 more than fp32 on a quiet machine)")
     ap.add_argument("--memory", choices=("auto", "lean", "fast"), default="auto",
                     help="section 2's --memory (auto = fast there: no budget)")
     ap.add_argument("--ckpt-steps", type=int, default=4, help="training steps per run in section 7")

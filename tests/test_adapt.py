@@ -180,7 +180,7 @@ def test_training_lowers_loss_exports_and_llama_cpp_agrees(tmp_path, smol_path, 
     monkeypatch.setattr(train, "_progress", real)
     r = train.train(train.AdaptConfig(**cfg, resume=True))
     assert len(r["history"]) == 6
-    assert r["memory"] == "fast"  # no budget: glibc malloc as it comes (lean is 1.4-2x slower a step)
+    assert r["memory"] == "fast"  # no budget: glibc malloc as it comes (lean is 2-3x slower a step)
     assert r["heldout_loss_after"] < 0.85 * r["heldout_loss_before"], r["history"]
     meta = adapter_file.read_meta(out)
     assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"

@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (LoRA weights and optimizer stay fp32); bf16 is fast where the CPU has it "
                         "(AMX, AVX512-BF16: see 'ondevice device') and emulated, slower, elsewhere")
     p.add_argument("--memory", choices=("auto", "lean", "fast"), default=d.memory,
-                   help="lean: freed memory goes back to the OS at once (lower peak RSS, slower steps: 1.4x fp32, "
-                        "2x bf16 measured); fast: glibc malloc as it comes; auto: lean with --budget, else fast")
+                   help="lean: freed memory goes back to the OS at once (lower peak RSS, slower steps: 2x fp32, "
+                        "3x bf16 measured); fast: glibc malloc as it comes; auto: lean with --budget, else fast")
     p.add_argument("-t", "--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--heldout", type=float, default=d.heldout, help="share of examples held out for the loss check")

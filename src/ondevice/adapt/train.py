@@ -122,7 +122,7 @@ def lean_malloc() -> None:
     threshold), one arena (OpenMP threads otherwise each grow their own), trimming past 1 MiB. Measured here:
     steady RSS over training steps 599 -> 442 MiB, peak 668 -> 580 MiB (top 10 layers, q+v, 4x64 tokens).
     The price: every tensor over 64 KiB is a fresh mmap, page-faulted in and unmapped each step: steps took
-    1.43x (fp32) and 1.96x (bf16) the time of glibc as it comes (top 6 layers, q+v, 4x64 tokens, on an AMX Xeon).
+    2.1x (fp32) and 3.1x (bf16) the time of glibc as it comes (top 6 layers, q+v, 4x64 tokens, quiet AMX Xeon).
     So only under a memory budget (``--memory auto``) or when asked (``--memory lean``)."""
     import ctypes
     import ctypes.util

@@ -236,3 +236,11 @@ def _columns(line: str) -> list[str]:
     import unicodedata
 
     return [c for ch in line for c in ([ch, ""] if unicodedata.east_asian_width(ch) in "WF" else [ch])]
+
+
+@pytest.mark.parametrize("bad", ["8,,9", "8,", ",8"])
+def test_an_empty_item_in_a_number_list_is_refused_as_in_llama_bench(cli, tmp_path, bad):
+    # `-p 8,,9` was read as 8,9 (a typo ran a sweep other than the one asked for); llama-bench refuses it
+    r = cli("bench", "-p", bad, "-n", "0", "-r", "1", "-t", "1", "--no-progress", "--db", str(tmp_path / "x.sqlite"))
+    assert r.returncode == 2 and f"'{bad}' is not a comma list of whole numbers" in r.stderr, r.stderr
+    assert not (tmp_path / "x.sqlite").exists()

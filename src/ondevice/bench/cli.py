@@ -15,7 +15,7 @@ from .config import FLAGS, BenchConfig
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in text.split(",")]  # an empty item (``8,,9``, ``8,``) is an error, as in llama-bench
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers, e.g. 1,2,4") from None
 

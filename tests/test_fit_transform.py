@@ -140,3 +140,35 @@ def test_fit_with_transform_on_builds_from_the_transformed_reference(home, monke
 
     keys = GGUFReader(str(r.path)).fields
     assert "ondevice.transform.alpha" in keys  # the stored file was quantized from the transformed F16
+
+
+def test_auto_keeps_the_transform_per_candidate_only_where_it_lowers_its_kld(home, monkeypatch):
+    # the decision at the lowest plan (all Q4_0, where the transform helps) was applied to every candidate, and
+    # at Q4_1 it costs KLD: now each validated candidate is also built untransformed and keeps the better file
+    import ondevice
+    from gguf import GGUFReader
+
+    from ondevice.fit import transform
+    from ondevice.fit.imatrix import lowers_kld
+    from ondevice.models.catalog import read_provenance, resolve
+
+    monkeypatch.setattr(transform, "ALPHAS", (0.5,))
+    r = ondevice.fit(None, "", name="smol-fit-auto", types=("Q8_0", "Q4_1", "Q4_0"), groups=("ffn_down",),
+                     threads=1, calib_ctx=64, calib_chunks=2, eval_ctx=64, eval_chunks=2, validate=3,
+                     imatrix="off", transform="auto", speed_tests=("pp32", "tg8"), repetitions=1)
+    assert r.transform["used"], r.lines  # the lowest plan gained: the per-candidate check runs
+    kept = {}
+    for c in r.candidates:
+        t = c.measured["transform"]
+        assert t["used"] == lowers_kld({"kld": t["kld_without"], "kld_err": t["kld_err_without"]},
+                                       {"kld": t["kld_with"], "kld_err": t["kld_err_with"]})
+        assert c.measured["kld"] == (t["kld_with"] if t["used"] else t["kld_without"])
+        kept[c.summary()] = t["used"]
+    assert False in kept.values(), (kept, r.lines)  # some candidate (the Q4_1 or all-Q8_0 one) keeps the plain file
+    for c in r.candidates:  # each decision is printed with both KLDs
+        said = "kept" if c.measured["transform"]["used"] else "not kept"
+        assert any(f"{c.summary()}: the transform is {said} (held-out KLD" in ln for ln in r.lines), r.lines
+    chosen_used = r.chosen.measured["transform"]["used"]
+    assert ("ondevice.transform.alpha" in GGUFReader(str(r.path)).fields) == chosen_used
+    prov = read_provenance(resolve("smol-fit-auto").path)["provenance"]
+    assert prov["transform"]["chosen"] == chosen_used and prov["measured"]["transform"]["used"] == chosen_used

@@ -101,8 +101,10 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         validate: how many of the best predicted plans are built and measured.
         imatrix: ``auto`` (collect one, keep it where it lowers KLD), ``on`` or ``off``.
         transform: ``off`` (the default), ``auto`` (try the equivalent per-channel scaling of ``transform`` at
-            the lowest plan, keep it where it lowers the held-out KLD) or ``on``. Off by default: on SmolLM2
-            it gave no measurable gain in a whole fit, cost KLD at Q4_1/Q4_K, and its phase took ~7 minutes.
+            the lowest plan; where it lowers that plan's held-out KLD, plan with it and keep it for each
+            validated candidate whose held-out KLD it lowers, the others built without it) or ``on``. Off by
+            default: on SmolLM2 it gave no measurable gain in a whole fit, cost KLD at Q4_1/Q4_K, and its phase
+            took ~7 minutes.
         resume: reuse quality measurements of an earlier (killed) fit; device speeds are always reused
             (per machine and build) unless ``reprobe``.
         store: write the chosen variant into the model store and the fit into the SQLite store.
@@ -231,6 +233,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
         tf = choose_transform(transform, meter, reference, low, im_info.get("file"), calib_q, held_q, im_path,
                               im_sha, workdir, say)
+        plain = (reference.path, im_path, im_sha, calib_q, held_q)  # what ``auto`` compares each candidate with
         if tf.used:  # every later variant is quantized from the transformed reference, scored against the F16
             meter.source, im_path, im_sha = tf.source, tf.imatrix, tf.imatrix_sha
             calib_q, held_q = tf.quality(calib_q), tf.quality(held_q)
@@ -316,6 +319,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                           "kld": r["kld"][1]["kld"], "kld_calib": r["kld"][0]["kld"],
                           "kld_err": r["kld"][1]["kld_err"], "noisy": r["speed"].get("noisy"),
                           "file": str(it.keep)}
+        if tf.used and transform == "auto":  # kept per candidate where it lowers the held-out KLD
+            from .transform import keep_where_it_helps
+
+            with phase("validation"):
+                keep_where_it_helps(vmeter, cands, items[1:], res[1:], plain, say)
         validated.extend(cands)
         results.extend(res[1:])
         return now
@@ -331,6 +339,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                 f"validating {len(again)} more plan(s) predicted to meet it at this moment's speed")
             now = validate_round(again)
     picks = validated
+
+    def transformed(c: Candidate) -> bool:
+        """Whether ``c``'s file was quantized from the transformed reference (``auto`` decides per candidate)."""
+        return tf.used and c.measured.get("transform", {}).get("used", True)
+
     if qual.kind:
         from .quality import measure as measure_quality
 
@@ -370,15 +383,17 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                                                  for w, k, sp in rt["rows"]]}
     vname = stored = None
     if store:
-        vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256((plan_key(chosen.plan, im_sha) + tf.tag).encode()).hexdigest()[:6]}"
+        c_im_sha = im_sha if transformed(chosen) else plain[2]  # the importance matrix its file was made with
+        key = plan_key(chosen.plan, c_im_sha) + (tf.tag if transformed(chosen) else "")
+        vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
         with phase("store"):
             stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
-                            im_sha, text_desc, threads, force, tf.info,
+                            c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             {"profile": prof.to_dict() if prof.spec else None,
                              "quality": {**qual.to_dict(), "reference": q_ref}}).path
     _cleanup(workdir)
     secs = time.perf_counter() - t0
-    say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if tf.used else "")
+    say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
         f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)

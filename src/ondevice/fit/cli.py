@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance matrix: auto keeps it only where it lowers the held-out KLD")
     p.add_argument("--transform", choices=("auto", "on", "off"), default="off",
                    help="equivalent per-channel scaling before quantizing (AWQ/SmoothQuant-style, folded into the "
-                        "norms; llama architecture): auto keeps it only where it lowers the held-out KLD "
-                        "(default off: measured no gain in a whole fit, a loss at Q4_1/Q4_K, ~7 min more)")
+                        "norms; llama architecture): auto tries it where it lowers the lowest plan's held-out KLD and "
+                        "keeps it for each validated candidate it lowers (default off: measured no gain in a "
+                        "whole fit, a loss at Q4_1/Q4_K)")
     p.add_argument("--tests", default="pp128,tg64", help="bench tests of the speed measurements (a prompt "
                    "and a decode test)")
     p.add_argument("--repetitions", "-r", type=int, default=REPETITIONS,

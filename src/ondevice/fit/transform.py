@@ -351,3 +351,37 @@ def choose(mode: str, meter, reference, low: dict[str, str], stats: str | Path |
         for f in best.files:
             f.unlink(missing_ok=True)
     return best
+
+
+def keep_where_it_helps(vmeter, cands: list, items: list, res: list[dict], plain: tuple, say) -> None:
+    """``--transform auto`` on the validated candidates: the decision at the lowest plan says whether to try the
+    transform at all, but a plan of other types can lose by it (at Q4_1 and Q4_K it cost KLD: README). So each
+    candidate is also built from the untransformed reference (``plain``: its source, importance matrix and
+    sha, calibration and held-out quality tuples) and keeps the transform only where it lowers that
+    candidate's held-out KLD by :func:`~ondevice.fit.imatrix.lowers_kld`; otherwise its untransformed file,
+    KLDs (and ``res`` entry: the perplexity comes with it) replace the transformed ones. The two files hold
+    the same types, so the speed measured stays. Each candidate's ``measured["transform"]`` says which."""
+    from .imatrix import lowers_kld
+    from .measure import Item
+
+    source, imatrix, imatrix_sha, calib_q, held_q = plain
+    pm = replace(vmeter, source=source, built=0, reused=0, spliced=0)
+    pitems = [Item(it.plan, [calib_q, held_q], imatrix, imatrix_sha, it.keep.with_name(f"{it.keep.stem}-plain.gguf"))
+              for it in items]
+    pres = pm.measure(pitems)
+    vmeter.built, vmeter.reused, vmeter.spliced = (vmeter.built + pm.built, vmeter.reused + pm.reused,
+                                                   vmeter.spliced + pm.spliced)
+    for c, it, r, pit, pr in zip(cands, items, res, pitems, pres):
+        with_, without = r["kld"][1], pr["kld"][1]
+        used = lowers_kld(without, with_)
+        c.measured["transform"] = {"used": used, "kld_with": with_["kld"], "kld_without": without["kld"],
+                                   "kld_err_with": with_["kld_err"], "kld_err_without": without["kld_err"]}
+        say(f"  {c.summary()}: the transform is {'kept' if used else 'not kept'} (held-out KLD "
+            f"{with_['kld']:.4f} with it, {without['kld']:.4f} without)")
+        if used:
+            pit.keep.unlink(missing_ok=True)
+            continue
+        os.replace(pit.keep, it.keep)  # the candidate's file is the untransformed one from here on
+        r["kld"] = pr["kld"]
+        c.measured.update(kld=without["kld"], kld_calib=pr["kld"][0]["kld"], kld_err=without["kld_err"],
+                          size=it.keep.stat().st_size)

@@ -4,7 +4,6 @@ it is refused on architectures it is not checked on, and ``fit(transform="on")``
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from conftest import home_with_f16
@@ -145,9 +144,9 @@ def test_fit_with_transform_on_builds_from_the_transformed_reference(home, monke
 def test_auto_keeps_the_transform_per_candidate_only_where_it_lowers_its_kld(home, monkeypatch):
     # the decision at the lowest plan (all Q4_0, where the transform helps) was applied to every candidate, and
     # at Q4_1 it costs KLD: now each validated candidate is also built untransformed and keeps the better file
-    import ondevice
     from gguf import GGUFReader
 
+    import ondevice
     from ondevice.fit import transform
     from ondevice.fit.imatrix import lowers_kld
     from ondevice.models.catalog import read_provenance, resolve

@@ -1,4 +1,4 @@
-"""``ondevice serve --cascade URL``: the server's cascade tier, called from two small hooks in serve/app.py.
+"""``ondevice serve --cascade URL``: the server's cascade tier, called from two small hooks in serve/runner.py.
 
 Non-streaming: the device's whole answer is scored; an unsure one is sent to the cloud (the device's slot is
 already free by then) and the client gets the cloud's answer, or the device's marked as a fallback when the
@@ -50,7 +50,7 @@ async def _unless_gone(call, request):
     """``await call``, unless the client of ``request`` (None: not watched) leaves first: then the call is
     cancelled and :class:`ClientGone` raised. Starlette's check looks once, so it is polled as the server's
     one-piece replies poll it."""
-    from ..serve.app import DISCONNECT_POLL_S
+    from ..serve.runner import DISCONNECT_POLL_S
 
     task = asyncio.ensure_future(call)
     if request is None:

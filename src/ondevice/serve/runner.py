@@ -1,0 +1,418 @@
+"""Requests to batcher jobs, and their events to OpenAI responses (streamed or whole): what the routes of
+``app.py`` call."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import weakref
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..engine.records import Generation, Sampling
+from ..engine.stops import with_prompt_stops
+from ..errors import InvalidArgument
+from . import schemas as S
+from . import structured
+from .batcher import Job, JobTimeout
+from .chunks import (
+    ShownTokens,
+    TextOffset,
+    chat_logprobs,
+    completion_logprobs,
+    lp_entry,
+    sse,
+    text_sse,
+    timings_of,
+    usage_of,
+)
+from .http import ShuttingDown, error_payload, note
+from .state import ServerState, message_dicts
+
+DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
+
+
+def _sampling(req, max_tokens: int, grammar: str | None = None,
+              draft_default: tuple[str | None, int] = (None, 16)) -> Sampling:
+    bias = req.logit_bias or {}
+    if any(not -100 <= b <= 100 for b in bias.values()):
+        raise InvalidArgument("logit_bias values must be in [-100, 100]; -100 bans a token, 100 forces it")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise InvalidArgument("stop contains an empty string; remove it")
+    if req.grammar is not None:  # llama-server's extension: a GBNF grammar of the client's own
+        if grammar is not None:
+            raise InvalidArgument("grammar and response_format or tools both constrain the reply; send one")
+        grammar = req.grammar
+    given = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
+    kw = dict({k: v for k, v in given.items() if v is not None},  # else Sampling's: llama.cpp's defaults
+              repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
+              frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
+              ignore_eos=req.ignore_eos,
+              # OpenAI's -100 bans a token: make it certain (a finite bias may not beat a large logit)
+              logit_bias=tuple((t, float("-inf") if b <= -100 else b) for t, b in bias.items()))
+    if req.seed is not None:
+        kw["seed"] = req.seed
+    draft = draft_default[0] if req.draft is None else req.draft  # the server's default, or the request's
+    kw["draft"] = None if draft == "none" else draft
+    kw["draft_max"] = draft_default[1] if req.draft_max is None else req.draft_max
+    return Sampling(**kw)
+
+
+def _choices(req, sampling: Sampling) -> list[Sampling]:
+    """One Sampling per requested choice (``n``); with a seed, choice i samples with seed + i."""
+    if req.seed is None:
+        return [sampling] * req.n  # unseeded: each job draws its own random seed
+    return [dataclasses.replace(sampling, seed=(req.seed + i) % 2**32) for i in range(req.n)]
+
+
+class Runner:
+    """Turns requests into batcher jobs and their events into OpenAI responses."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.live: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs submitted and not yet forgotten
+        self.closing = False
+
+    def end_requests(self) -> None:
+        """The server is stopping: end every request in flight now, on the event loop (a stream gets an error
+        event, any other request a 503), rather than generate on until the graceful shutdown's time is up."""
+        self.closing = True
+        if self.state.cascade is not None:  # deferred requests waiting on the cloud: the device answers now
+            self.state.cascade.cloud.stop_waiting()
+        for job in list(self.live):
+            job.cancel()
+            job.queue.put_nowait(("err", ShuttingDown()))  # after the job's last event it is never read
+
+    def _job(self, loop, tokens: list[int], sampling: Sampling, **kw) -> Job:
+        st = self.state
+        st.check_prompt(tokens)
+        room = st.settings.ctx - len(tokens)
+        if sampling.max_tokens > room:  # never ask for more than the slot can hold
+            sampling = dataclasses.replace(sampling, max_tokens=room)
+        if sampling.draft == "model" and st.draft_engine is None:
+            raise InvalidArgument("draft 'model' needs a server started with --draft MODEL; use draft 'lookup'")
+        sampler = st.engine.make_sampler(sampling)  # a grammar that does not parse fails here: a 400
+        return Job(tokens=tokens, sampling=with_prompt_stops(sampling, tokens), sampler=sampler, loop=loop,
+                   queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
+
+    async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[Generation | tuple]:
+        """The job's events until its end; a timeout or a gone client cancels it and frees the slot. With
+        ``poll_disconnect`` (no stream writes to notice a gone client) the connection is checked every
+        ``DISCONNECT_POLL_S`` while tokens come, and after a second without any."""
+        finished = False
+        next_poll = time.perf_counter() + DISCONNECT_POLL_S
+        try:
+            while True:
+                now = time.perf_counter()
+                left = job.timeout - (now - job.t_arrival)
+                if left <= 0:
+                    raise JobTimeout(f"the request took longer than {job.timeout:g} s")
+                if poll_disconnect and now >= next_poll:  # Starlette's check does not wait: it looks once
+                    next_poll = now + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        return
+                try:
+                    if job.queue.empty():  # asyncio.timeout, not wait_for: no extra task per token
+                        async with asyncio.timeout(min(left, 1.0)):
+                            ev = await job.queue.get()
+                    else:
+                        ev = job.queue.get_nowait()
+                except TimeoutError:
+                    if poll_disconnect and await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(ev, Generation):
+                    finished = ev.finish_reason is not None
+                elif ev[0] == "err":
+                    finished = True
+                    raise ev[1]
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                job.cancel()
+
+    async def indexed(self, jobs: list[Job], request: Request) -> AsyncIterator[tuple[int, Generation | tuple]]:
+        """Every job's events tagged with its index (its choice), in the order they come; a failure of one
+        ends them all. Streams of ``n`` choices (and of several prompts) interleave their choices this way."""
+        if len(jobs) == 1:  # the common stream: no task, no second queue
+            async for ev in self.events(jobs[0], request, poll_disconnect=False):
+                yield 0, ev
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job) -> None:
+            try:
+                async for ev in self.events(job, request, poll_disconnect=False):
+                    merged.put_nowait((i, ev))
+                merged.put_nowait((i, None))
+            except Exception as e:  # noqa: BLE001 — handed to the reader, which raises it
+                merged.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        try:
+            left = len(jobs)
+            while left:
+                i, ev = await merged.get()
+                if ev is None:
+                    left -= 1
+                elif isinstance(ev, Exception):
+                    raise ev
+                else:
+                    yield i, ev
+        finally:  # the client went away or one choice failed: stop the others and free their slots
+            for t in tasks:
+                t.cancel()
+            for job in jobs:
+                job.cancel()
+
+    # -- chat ------------------------------------------------------------------------------------------
+    def chat_prompt(self, req: S.ChatCompletionRequest) -> tuple[structured.Plan, list[dict], list[dict] | None]:
+        """The structured-output plan, messages and tools a chat request's prompt is rendered from."""
+        # tool_choice none: the model is not shown the tools (a template that renders them would invite calls)
+        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        return structured.plan(req, self.state.model.template), message_dicts(req.messages), tools
+
+    async def chat(self, req: S.ChatCompletionRequest, request: Request):
+        st = self.state
+        plan, messages, tools = self.chat_prompt(req)
+        loop = asyncio.get_running_loop()
+        cascade = st.cascade if st.cascade is not None and st.cascade.applies(req, plan) else None
+
+        def prepare():
+            toks = st.chat_tokens(messages, tools, plan.system_note)
+            max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            sampling = _sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar, st.default_draft)
+            if cascade is not None:
+                sampling = cascade.sampling(sampling)
+            lp = (req.top_logprobs or 0) if req.logprobs else None
+            return [self._job(loop, toks, s, logprobs=lp, adapters=st.adapters_for(req.model))
+                    for s in _choices(req, sampling)]
+
+        jobs = await run_in_threadpool(prepare)
+        self._submit(jobs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            if cascade is not None:
+                return await cascade.stream(self, jobs[0], req, request, messages, include_usage)
+            return StreamingResponse(self._chat_stream(jobs, req, request, plan, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await self._gather(jobs, request)
+        if results is None:  # client gone: nobody reads this
+            return JSONResponse({}, status_code=499)
+        choices = []
+        for i, (_, gen) in enumerate(results):
+            text = "".join(g.text for g in gen)
+            finish = gen[-1].finish_reason
+            content, calls = structured.split_reply(text, plan) if plan.tools else (text, None)
+            msg = S.AssistantMessage(content=content, tool_calls=calls)
+            if calls:
+                finish = "tool_calls"
+            lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
+                   if req.logprobs else None)
+            choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish, stop_reason=gen[-1].stop,
+                                        logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
+        lasts = [gen[-1] for _, gen in results]
+        usage = usage_of(*lasts, n=req.n)
+        note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+        resp = S.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
+                                timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
+        if st.cascade is not None:
+            if cascade is None:
+                return st.cascade.not_applicable(resp)
+            return await cascade.finish(req, resp, results[0][1], messages, request)
+        return resp
+
+    def _check_room(self, n_jobs: int) -> None:
+        room = self.state.settings.parallel + self.state.settings.max_queue
+        if n_jobs > room:
+            raise InvalidArgument(f"the request asks for {n_jobs} generations (prompts x n) but the server holds "
+                                  f"at most {room} (--parallel + --max-queue); ask for fewer")
+
+    def _submit(self, jobs: list[Job]) -> None:
+        """Queue every job, or none: a full queue cancels those already queued."""
+        if self.closing:
+            raise ShuttingDown()
+        self._check_room(len(jobs))
+        try:
+            for job in jobs:
+                self.state.batcher.submit(job)
+                self.live.add(job)
+        except Exception:
+            for job in jobs:
+                job.cancel()
+            raise
+
+    async def _gather(self, jobs: list[Job], request: Request) -> list[tuple[list, list[Generation]]] | None:
+        """Every job's (echo logprobs, records); a failure cancels them all; None when the client went away."""
+        results = await asyncio.gather(*(self._collect(job, request) for job in jobs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                for job in jobs:
+                    job.cancel()
+                raise r
+        return None if any(r is None for r in results) else results
+
+    async def _chat_stream(self, jobs: list[Job], req, request: Request, plan, include_usage: bool):
+        """SSE chunks of every choice (``index`` tells them apart), then the usage of all when asked for."""
+        st = self.state
+        cid, created = S._id("chatcmpl"), int(time.time())
+
+        def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None,
+                  stop=None):
+            ch = ([S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
+                  if choices else [])
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
+                                              timings=timings))
+
+        text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
+            id=cid, created=created, model=st.answered_by(req.model),
+            choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
+        calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
+        shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
+        lasts: list[Generation | None] = [None] * len(jobs)
+        try:
+            for i in range(len(jobs)):
+                yield chunk(i, S.ChatDelta(role="assistant", content=""))
+            async for i, g in self.indexed(jobs, request):
+                text, deltas = calls[i].feed(g.text)
+                for d in deltas:
+                    yield chunk(i, S.ChatDelta(tool_calls=[d]))
+                lps = shown[i].feed(g)
+                if text is not None:
+                    if lps:
+                        yield chunk(i, S.ChatDelta(content=text),
+                                    logprobs=S.ChoiceLogprobs(content=[chat_logprobs(st, r) for r in lps]))
+                    elif text:
+                        yield text_chunk[i](text)
+                if g.finish_reason:
+                    lasts[i] = g
+                    finish = g.finish_reason
+                    were_calls, text = calls[i].finish()
+                    if were_calls:
+                        finish = "tool_calls"
+                    elif text:
+                        yield chunk(i, S.ChatDelta(content=text))
+                    yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
+            usage = usage_of(*lasts, n=req.n)
+            note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            if include_usage:
+                yield chunk(0, S.ChatDelta(), usage=usage, choices=False)
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
+            payload = error_payload(e)[1]
+            note(request, error=payload["error"]["message"])
+            yield sse(payload)
+
+    # -- completions -------------------------------------------------------------------------------------
+    async def completions(self, req: S.CompletionRequest, request: Request):
+        st = self.state
+        if req.suffix:
+            raise InvalidArgument("suffix (fill-in-the-middle) is not supported; send the prompt only")
+        p = req.prompt
+        prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise InvalidArgument("prompt is empty; give a string, a list of strings or token ids")
+        self._check_room(len(prompts) * req.n)  # before any prompt is tokenized and given a sampler
+        k = req.logprobs
+        loop = asyncio.get_running_loop()
+
+        def prepare():
+            jobs = []
+            for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
+                toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
+                jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
+                                   else None, eos_entry=k is not None, adapters=st.adapters_for(req.model))
+                         for s in _choices(req, _sampling(req, req.max_tokens, None, st.default_draft))]
+            return jobs
+
+        jobs = await run_in_threadpool(prepare)
+        self._submit(jobs)
+        if req.stream:
+            return StreamingResponse(self._completion_stream(jobs, [x for x in prompts for _ in range(req.n)], req,
+                                                             request),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await self._gather(jobs, request)
+        if results is None:
+            return JSONResponse({}, status_code=499)
+        choices = []
+        per_choice = [x for x in prompts for _ in range(req.n)]
+        for i, (job, x, (prompt_lp, gen)) in enumerate(zip(jobs, per_choice, results)):
+            source = x if isinstance(x, str) else st.detokenize(job.tokens)
+            text = (source if req.echo else "") + "".join(g.text for g in gen)
+            logprobs = None
+            if k is not None:
+                base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
+                shown = ShownTokens.of(gen, st.engine.eos_tokens)
+                entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in shown]
+                logprobs = completion_logprobs(self.state, entries, TextOffset(base))
+            choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                              finish_reason=gen[-1].finish_reason))
+        lasts = [gen[-1] for _, gen in results]
+        usage = usage_of(*lasts, n=req.n)
+        note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+        return S.Completion(model=st.answered_by(req.model), choices=choices, usage=usage,
+                            timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
+
+    async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
+        """Echo logprobs and the records of one job; None when the client went away."""
+        prompt_lp, gen = [], []
+        async for ev in self.events(job, request, poll_disconnect=True):
+            if isinstance(ev, Generation):
+                gen.append(ev)
+            else:
+                prompt_lp.extend(ev[1])
+        return (prompt_lp, gen) if gen and gen[-1].finish_reason else None
+
+    async def _completion_stream(self, jobs: list[Job], prompts: list, req, request: Request):
+        """SSE chunks of every choice (``index``: prompt-major, as OpenAI numbers them; ``prompts``: each job's),
+        then the usage of all when asked for."""
+        st = self.state
+        cid, created = S._id("cmpl"), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
+        offset = [TextOffset(0 if req.echo else len(x)) for x in sources]  # logprobs text offsets, per choice
+        shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
+
+        def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
+            ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
+            return sse(S.Completion(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
+                                     timings=timings))
+
+        text_chunk = [text_sse(lambda t, i=i: S.Completion(id=cid, created=created, model=st.answered_by(req.model),
+                                                            choices=[S.CompletionChoice(index=i, text=t)]))
+                      for i in range(len(jobs))]
+        lasts: list[Generation | None] = [None] * len(jobs)
+        try:
+            if req.echo and req.logprobs is None:  # with logprobs the echo comes as the prompt's entries
+                for i, x in enumerate(sources):
+                    if x:
+                        yield chunk(i, x)
+            async for i, ev in self.indexed(jobs, request):
+                if not isinstance(ev, Generation):  # echo logprobs of the prompt
+                    lp = completion_logprobs(self.state, ev[1], offset[i])
+                    yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
+                    continue
+                lps = shown[i].feed(ev)
+                if lps:
+                    yield chunk(i, ev.text, lp=completion_logprobs(st, [lp_entry(g) for g in lps], offset[i]))
+                elif ev.text:
+                    yield text_chunk[i](ev.text)
+                if ev.finish_reason:
+                    lasts[i] = ev
+                    yield chunk(i, "", finish=ev.finish_reason, timings=timings_of(ev))
+            usage = usage_of(*lasts, n=req.n)
+            note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            if include_usage:
+                yield chunk(0, "", usage=usage, choices=False)
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
+            payload = error_payload(e)[1]
+            note(request, error=payload["error"]["message"])
+            yield sse(payload)

@@ -4,6 +4,7 @@ the server. The torch tests skip only when the ``adapt`` extra (torch) is not in
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -333,6 +334,16 @@ def test_eval_with_an_adapter_records_it(tmp_path, smol_path, cli):
     p, a = json.loads(plain.stdout.splitlines()[0]), json.loads(adapted.stdout.splitlines()[0])
     assert a["adapter_sha256"] == cached_sha256(live) and "adapter_sha256" not in p
     assert a["ppl"] != p["ppl"]
+    from ondevice.eval.cli import print_record
+    from ondevice.eval.record import EvalRecord
+
+    heads = []
+    for rec in (p, a):  # the printed record says which run had the adapter
+        buf = io.StringIO()
+        print_record(EvalRecord.from_dict(rec), buf)
+        heads.append(buf.getvalue().splitlines()[0])
+    assert "adapter" not in heads[0]
+    assert f"+ adapter live.gguf (sha256 {cached_sha256(live)[:12]})" in heads[1], heads[1]
 
 
 @needs_torch

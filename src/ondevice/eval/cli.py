@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..report.formats import FORMATS
 from .record import EvalRecord
@@ -41,7 +42,8 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 def print_record(r: EvalRecord, out=sys.stdout) -> None:
     test = r.test
-    print(f"{r.model} ({(r.file_size or 0) / 1e6:.1f} MB, sha256 {r.model_sha256[:12]})  {test}", file=out)
+    adapter = f" + adapter {Path(r.adapter).name} (sha256 {(r.adapter_sha256 or '')[:12]})" if r.adapter else ""
+    print(f"{r.model} ({(r.file_size or 0) / 1e6:.1f} MB, sha256 {r.model_sha256[:12]}){adapter}  {test}", file=out)
     if r.corpus is not None:
         c = r.corpus
         print(f"  text: {c['name']} sha256 {c['sha256'][:12]} {c['chars']} chars, {r.corpus_tokens} tokens; "

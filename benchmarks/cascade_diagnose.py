@@ -24,6 +24,8 @@ the mean ± sd over random dev/test splits of the same items, fitted on dev and 
 9. ``--spelling``: does the answer still hold words no English word list knows (``pyspellchecker``, MIT;
    ``pip install pyspellchecker``)? The share of the message's unknown words the answer keeps, and the
    share of the answer's words that are new and unknown, added to the text features (paired).
+10. ``--vocab-words``: section 9 with the device model's own vocabulary as the word list: a word with no
+   whole-word token is rare or misspelled (what the device has at decision time, in any language it has).
 
     python benchmarks/cascade_diagnose.py --max-tokens 48 --resplits 60
     python benchmarks/cascade_diagnose.py --max-tokens 48 --resplits 60 --margins \\
@@ -128,9 +130,14 @@ def logistic(names: list[str], feats: dict[str, dict[str, float]]):
     return method
 
 
+def _adapters(args) -> tuple:
+    return (args.device_adapter,) if args.device_adapter else ()
+
+
 def load_rows(args, path: str) -> list[dict]:
     a = types.SimpleNamespace(max_tokens=args.max_tokens, rows=path, fresh=False, threads=1, cloud_slots=1,
-                              cloud_model=args.cloud_model, cloud_url="http://127.0.0.1:9/v1", limit=None)
+                              cloud_model=args.cloud_model, cloud_url="http://127.0.0.1:9/v1", limit=None,
+                              device_adapter=args.device_adapter)
     rows = cascade_bench.answers(a, cascade_bench.load_items(None), cascade_bench.Cloud(a))
     return [r for r in rows if r["cloud_score"] is not None]
 
@@ -146,8 +153,9 @@ def make_retest(args, path: str) -> None:
     cached: dict[str, dict] = {}
     for line in Path(args.rows).read_text(encoding="utf-8").splitlines():
         e = json.loads(line)
-        cached.setdefault(e["id"], {}).update({k: e[k] for k in ("device", "cloud") if isinstance(e.get(k), dict)})
-    m = ondevice.load(None, n_threads=1)
+        cached.setdefault(e["id"], {}).update({k: e[k] for k in ("device", "cloud") if isinstance(e.get(k), dict)
+                                               and (k == "cloud" or ("adapter" in e[k]["key"]) == bool(args.device_adapter))})
+    m = ondevice.load(None, n_threads=1, adapters=_adapters(args))
     try:
         with open(path, "w", encoding="utf-8") as f:
             for it in cascade_bench.load_items(None):
@@ -158,14 +166,14 @@ def make_retest(args, path: str) -> None:
         m.close()
 
 
-def margins(rows: list[dict]) -> dict[str, dict[str, float]]:
+def margins(args, rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per answer: mean and min top-1/top-2 log-probability margin, share of near ties (< log 2), top-10
     entropy, and both over the first 4 tokens, from one teacher-forced decode of prompt + cached answer."""
     import ondevice
     from ondevice.engine.logprobs import log_softmax
 
     items = {it.id: it for it in cascade_bench.load_items(None)}
-    m = ondevice.load(None, n_threads=1)
+    m = ondevice.load(None, n_threads=1, adapters=_adapters(args))
     eng, out = m.engine, {}
     try:
         for r in rows:
@@ -205,7 +213,7 @@ def samples(args, rows: list[dict]) -> dict[str, list[str]]:
                 have[e["id"]] = e["samples"]
     todo = [it for it in cascade_bench.load_items(None) if it.id not in have and it.id in {r["id"] for r in rows}]
     if todo:
-        m = ondevice.load(None, n_threads=2)
+        m = ondevice.load(None, n_threads=2, adapters=_adapters(args))
         try:
             with path.open("a", encoding="utf-8") as f:
                 for it in todo:
@@ -235,12 +243,27 @@ def agreement(rows: list[dict], got: dict[str, list[str]]) -> dict[str, dict[str
             for r in rows}
 
 
-def spelling(rows: list[dict]) -> dict[str, dict[str, float]]:
-    from spellchecker import SpellChecker
+def vocabulary_words(args) -> set[str]:
+    """The words the device model's tokenizer has a whole-word token for (lower case): a word it has to
+    split is rare or misspelled, which the device knows without a word list."""
+    import ondevice
 
+    m = ondevice.load(None, n_threads=1)
+    try:
+        e = m.engine
+        pieces = (e.token_bytes(t).decode("utf-8", "replace") for t in range(e.n_vocab))
+        return {w.lower() for p in pieces if (w := p.strip()).isalpha() and len(w) > 1}
+    finally:
+        m.close()
+
+
+def spelling(rows: list[dict], known=None) -> dict[str, dict[str, float]]:
     from ondevice.cascade.confidence import _LABEL, _words
 
-    known = SpellChecker().word_frequency.dictionary
+    if known is None:
+        from spellchecker import SpellChecker
+
+        known = SpellChecker().word_frequency.dictionary
     out = {}
     for r in rows:
         paras = [p for p in r["request"].strip().split("\n\n") if p.strip()]
@@ -262,12 +285,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--cloud-model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--resplits", type=int, default=60)
+    ap.add_argument("--device-adapter", default=None, metavar="FILE.gguf",
+                    help="the adapted device's answers (cascade_bench.py --device-adapter FILE made them)")
     ap.add_argument("--margins", action="store_true", help="section 7 (loads the device model, a few minutes)")
     ap.add_argument("--self-consistency", type=int, default=0, metavar="K", help="section 8: K sampled answers "
                                                                                  "per item (made once, minutes)")
     ap.add_argument("--sc-temp", type=float, default=0.7)
     ap.add_argument("--sc-file", default="/tmp/ondevice-cascade-samples.jsonl")
     ap.add_argument("--spelling", action="store_true", help="section 9 (needs pyspellchecker)")
+    ap.add_argument("--vocab-words", action="store_true", help="section 10: section 9 with the device model's own "
+                                                               "vocabulary as the word list (no dependency)")
     args = ap.parse_args()
     if args.make_retest:
         if not args.retest:
@@ -353,7 +380,7 @@ def main() -> None:
 
     if args.margins:
         print("\n== 7. token features the generator does not record (teacher-forced), added to the text features")
-        extra = margins(rows)
+        extra = margins(args, rows)
         merged = {i: feats[i] | extra[i] for i in feats}
         for name, more in (("+ margins", ["mean_margin", "min_margin", "tied_share"]),
                            ("+ first 4 tokens", ["first4_margin", "first4_top10_entropy"]),
@@ -369,7 +396,10 @@ def main() -> None:
               ("+ both", ["sc_exact", "sc_f1"]))),
             (args.spelling, "9. unknown words (pyspellchecker's English list) kept from the message or added",
              lambda: spelling(rows), (("+ kept unknown", ["kept_unknown"]),
-                                      ("+ kept and new unknown", ["kept_unknown", "new_unknown"])))):
+                                      ("+ kept and new unknown", ["kept_unknown", "new_unknown"]))),
+            (args.vocab_words, "10. words with no whole-word token in the device's own vocabulary, kept or added",
+             lambda: spelling(rows, vocabulary_words(args)), (("+ kept unknown", ["kept_unknown"]),
+                                                              ("+ kept and new unknown", ["kept_unknown", "new_unknown"])))):
         if not flag:
             continue
         print(f"\n== {title}, added to the text features")

@@ -86,6 +86,29 @@ def test_strings_take_escapes_but_no_raw_control_characters(eng, kind):
         assert _verdict(eng, grammar, wrap.format(bad)) == "refused", (kind, raw)
 
 
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+def test_nothing_may_follow_the_whole_reply_as_in_llama_server(eng, kind):
+    """llama.cpp's converter puts white space only between tokens, so its grammar ends with the value; the
+    converter ondevice uses ended every value with white space (SmolLM2 then wrote ``}\\n\\n``)."""
+    grammar = GRAMMARS[kind][0]()
+    assert _verdict(eng, grammar, _joke("")) == "complete"
+    for tail in (" ", "\n", "\n\n", "\n  "):
+        assert _verdict(eng, grammar, _joke("") + tail) == "refused", (kind, tail)
+
+
+@pytest.mark.parametrize("schema, value", [
+    ({"type": "integer"}, "12"), ({"type": "array", "items": {"type": "string"}}, '["a", "b"]'),
+    ({"anyOf": [{"type": "number"}, {"type": "boolean"}]}, "true"), ({"enum": ["x", 3]}, "3"),
+    ({"$ref": "#/$defs/N", "$defs": {"N": {"type": "object", "properties": {  # recursive, and a property "end"
+        "end": {"$ref": "#/$defs/N"}, "v": {"type": "string"}}}}}, '{"end": {"v": "a"}}')])
+def test_any_root_ends_with_its_value_while_inner_white_space_stays(eng, schema, value):
+    grammar = schema_grammar(schema)
+    assert _verdict(eng, grammar, value) == "complete", grammar
+    assert _verdict(eng, grammar, value + " ") == "refused", grammar
+    if " " in value:
+        assert _verdict(eng, grammar, value.replace(" ", "\n  ")) == "complete", grammar
+
+
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "hobbies": {"type": "array"}}, "required": ["name", "age", "hobbies"]}
 PROMPT = "Bob is 41 and likes chess and hiking. Reply with a JSON object with keys name, age and hobbies."
@@ -114,4 +137,4 @@ def test_a_reply_that_fits_the_format_is_not_changed_by_its_grammar(model):
         for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}):
             text, finish = _ask(client, response_format=fmt)
             assert finish == "stop" and json.loads(text) == value, (fmt["type"], text)
-            assert text.strip() == own, (fmt["type"], text)
+            assert text == own, (fmt["type"], text)  # as llama-server's: nothing after the value

@@ -116,8 +116,108 @@ def check_size(schema, what: str) -> None:
         todo.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
 
 
-def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema") -> str:
-    """GBNF for a JSON schema (an error naming ``what`` when the converter cannot express it)."""
+def _skip(body: str, i: int) -> int:
+    """The index after the GBNF element at ``body[i]``: a literal, a character class, a group or a name."""
+    c = body[i]
+    if c in "\"[":
+        close, i = ("\"" if c == "\"" else "]"), i + 1
+        while body[i] != close:
+            i += 2 if body[i] == "\\" else 1
+        return i + 1
+    if c == "(":
+        i += 1
+        while body[i] != ")":
+            i = _skip(body, i) if body[i] in "\"[(" else i + 1
+        return i + 1
+    j = i
+    while j < len(body) and (body[j].isalnum() or body[j] in "-_"):
+        j += 1
+    if j == i:
+        raise ValueError(f"unexpected {c!r} in GBNF")
+    return j
+
+
+def _alternatives(body: str) -> list[list[tuple[str, str]]]:
+    """A rule's body as its top-level alternatives, each a list of (element, quantifier)."""
+    alts: list[list[tuple[str, str]]] = [[]]
+    i = 0
+    while i < len(body):
+        if body[i].isspace():
+            i += 1
+        elif body[i] == "|":
+            alts.append([])
+            i += 1
+        else:
+            j = _skip(body, i)
+            k = j + 1 if j < len(body) and body[j] in "?*+" else body.index("}", j) + 1 if body[j:j + 1] == "{" else j
+            alts[-1].append((body[i:j], body[j:k]))
+            i = k
+    return alts
+
+
+def _names(body: str) -> set[str]:
+    """The rules a body refers to (names anywhere in it, inside groups too; not inside literals)."""
+    out, i = set(), 0
+    while i < len(body):
+        c = body[i]
+        if c.isalnum():
+            j = _skip(body, i)
+            out.add(body[i:j])
+            i = j
+        elif c in "\"[":
+            i = _skip(body, i)
+        else:
+            i += 1
+    return out
+
+
+def _no_trailing_space(gbnf: str) -> str:
+    """``gbnf`` whose ``root`` ends where its JSON value ends, as llama.cpp's converter writes it (white space
+    only between tokens): the converter's rules end every value with ``space``, so a model could add up to 22
+    characters of white space after the value (SmolLM2 wrote ``}\\n\\n``), where llama-server's grammar
+    leaves it nothing but the end of generation. Each rule a value can end in gets a copy without that
+    ``space``; a grammar whose ``root`` is referred to by another rule is left as it is."""
+    rules = dict(re.findall(r"(?m)^([\w-]+) ::= (.*)$", gbnf))
+    if "root" not in rules or any("root" in _names(b) for b in rules.values()):
+        return gbnf
+    memo: dict[str, str] = {}
+    added: dict[str, str] = {}
+
+    def at_end(name: str) -> str:
+        if name in memo:
+            return memo[name]
+        new, n = f"{name}-end", 1
+        while new in rules or new in added:  # a property named "end" has a rule of that name
+            new, n = f"{name}-end{n}", n + 1
+        memo[name] = new
+        alts, changed = _alternatives(rules[name]), False
+        for alt in alts:
+            last, quant = alt[-1] if alt else ("", "?")
+            if quant:
+                continue
+            if last == "space":
+                alt.pop()
+                changed = True
+            elif last in rules and (sub := at_end(last)) != last:
+                alt[-1] = (sub, "")
+                changed = True
+        if not changed and not any(new in _names(b) for b in added.values()):
+            memo[name] = name
+            return name
+        added[new] = " | ".join(" ".join(e + q for e, q in alt) for alt in alts)
+        return new
+
+    end = at_end("root")
+    if end == "root":
+        return gbnf
+    rules["root"] = added.pop(end)
+    rules.update(added)
+    return "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
+
+
+def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema", whole: bool = True) -> str:
+    """GBNF for a JSON schema (an error naming ``what`` when the converter cannot express it). ``whole``: the
+    value is the whole reply, so nothing may follow it (:func:`_no_trailing_space`); else a part of one."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     check_size(schema, what)
@@ -133,7 +233,7 @@ def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema
     if len(gbnf) > MAX_GRAMMAR:
         raise InvalidArgument(f"{what} makes a grammar of {len(gbnf) >> 10} KiB, more than ondevice takes "
                               f"({MAX_GRAMMAR >> 10} KiB); simplify the schema")
-    return gbnf
+    return _no_trailing_space(gbnf) if whole else gbnf
 
 
 def schema_rules(parts: dict[str, dict], what: str) -> str:
@@ -141,7 +241,7 @@ def schema_rules(parts: dict[str, dict], what: str) -> str:
     the parts share are defined once); no ``root`` rule. Each part's ``$defs`` go to the root, renamed."""
     defs: dict = {}
     alts = [hoist(s, defs, f"p{i}-") for i, s in enumerate(parts.values())]
-    gbnf = schema_grammar({"anyOf": alts, **({"$defs": defs} if defs else {})}, what)
+    gbnf = schema_grammar({"anyOf": alts, **({"$defs": defs} if defs else {})}, what, whole=False)
     m = re.search(r"(?m)^root ::= (.*)$", gbnf)
     names = m.group(1).split(" | ") if m else []
     if len(names) != len(parts):  # the converter's root is one rule per alternative; anything else is a bug

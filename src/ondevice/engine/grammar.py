@@ -207,7 +207,10 @@ def _no_trailing_space(gbnf: str) -> str:
         added[new] = " | ".join(" ".join(e + q for e, q in alt) for alt in alts)
         return new
 
-    end = at_end("root")
+    try:
+        end = at_end("root")
+    except (ValueError, IndexError):  # GBNF this reader does not know: the converter's, white space and all
+        return gbnf
     if end == "root":
         return gbnf
     rules["root"] = added.pop(end)

@@ -138,3 +138,11 @@ def test_a_reply_that_fits_the_format_is_not_changed_by_its_grammar(model):
             text, finish = _ask(client, response_format=fmt)
             assert finish == "stop" and json.loads(text) == value, (fmt["type"], text)
             assert text == own, (fmt["type"], text)  # as llama-server's: nothing after the value
+
+
+def test_grammar_the_reader_does_not_know_is_left_as_written():
+    from ondevice.engine.grammar import _no_trailing_space
+
+    for odd in ('root ::= "a" ~ space\nspace ::= " "\n', 'root ::= "a" x\nx ::= "b" {2\nspace ::= " "\n',
+                'root ::= "{" space root "}" space\nspace ::= " "\n'):  # unknown syntax; a recursive root
+        assert _no_trailing_space(odd) == odd

@@ -243,7 +243,7 @@ def agreement(rows: list[dict], got: dict[str, list[str]]) -> dict[str, dict[str
             for r in rows}
 
 
-def vocabulary_words(args) -> set[str]:
+def vocabulary_words() -> set[str]:
     """The words the device model's tokenizer has a whole-word token for (lower case): a word it has to
     split is rare or misspelled, which the device knows without a word list."""
     import ondevice
@@ -398,7 +398,7 @@ def main() -> None:
              lambda: spelling(rows), (("+ kept unknown", ["kept_unknown"]),
                                       ("+ kept and new unknown", ["kept_unknown", "new_unknown"]))),
             (args.vocab_words, "10. words with no whole-word token in the device's own vocabulary, kept or added",
-             lambda: spelling(rows, vocabulary_words(args)), (("+ kept unknown", ["kept_unknown"]),
+             lambda: spelling(rows, vocabulary_words()), (("+ kept unknown", ["kept_unknown"]),
                                                               ("+ kept and new unknown", ["kept_unknown", "new_unknown"])))):
         if not flag:
             continue

@@ -159,6 +159,9 @@ def test_sampling_takes_the_shapes_other_libraries_use(smol):
     assert smol.generate("Hi", sampling={"temp": 0, "max_tokens": 4}).text == plain
     assert smol.generate("Hi", temp=0, max_tokens=4, stop=None).text == plain
     assert smol.generate("Hi", temp=0, max_tokens=4, seed=None).text == plain  # OpenAI's "no seed"
+    assert ondevice.Sampling(seed=-1).seed == ondevice.Sampling().seed == 0xFFFFFFFF  # llama.cpp's -1: random
+    with pytest.raises(InvalidArgument, match=r"seed=-2 must be in \[0, 2\*\*32-1\], or -1 for a random one"):
+        smol.generate("Hi", seed=-2)
     first = smol.tokenize(plain, special=False)[0]
     banned = smol.generate("Hi", temp=0, max_tokens=4, logit_bias={str(first): -100}).text  # OpenAI's shape
     assert not banned.startswith(plain)

@@ -346,6 +346,17 @@ def test_n_choices(client):
     assert cmp.choices[0].text == cmp.choices[1].text and cmp.choices[2].text == cmp.choices[3].text
 
 
+def test_seed_minus_one_is_random_as_in_llama_server(client):
+    """llama-server's and Ollama's default seed, -1 (and llama.cpp's 0xFFFFFFFF), means a random one: every choice
+    of every request draws its own, as with no seed (it was a 422, and 0xFFFFFFFF seeded choice 1 with 0)."""
+    kw = {"max_tokens": 12, "n": 2, "temperature": 1.5, "extra_body": {"ignore_eos": True}}
+    for seed in (-1, 0xFFFFFFFF):
+        a, b = (_chat(client, "Tell me a story.", seed=seed, **kw) for _ in range(2))
+        assert a.choices[1].message.content != b.choices[1].message.content
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        _chat(client, "Hi", seed=-2)
+
+
 def _slots_busy(srv) -> float:
     line = next(ln for ln in httpx.get(srv.base_url + "/metrics").text.splitlines() if ln.startswith("ondevice_slots_busy"))
     return float(line.split()[-1])

@@ -51,7 +51,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off")
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="0 = off")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="random seed; default: random")
+    p.add_argument("--seed", type=int, default=None, help="random seed; -1 or left out: a random one")
     p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "

@@ -124,7 +124,7 @@ class Sampling:
         return cls(**given)
 
     def __post_init__(self) -> None:
-        if self.seed is None:  # OpenAI's "no seed": a random one, as when it is left out
+        if self.seed is None or self.seed == -1:  # OpenAI's "no seed", llama.cpp's -1: a random one
             object.__setattr__(self, "seed", 0xFFFFFFFF)
         if isinstance(self.logit_bias, Mapping):  # OpenAI's and llama-cpp-python's shape: {token: bias}
             object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
@@ -147,7 +147,7 @@ class Sampling:
             ("presence-penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2] (0 = off)"),
             ("frequency-penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2] (0 = off)"),
             ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
-            ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1]"),
+            ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1], or -1 for a random one"),
             ("draft", self.draft in (None, "lookup", "model"), "must be 'lookup', 'model' or None (off)"),
             ("draft-max", 1 <= self.draft_max <= 64, "must be in [1, 64]"),
         ]

@@ -103,7 +103,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)
     n: int = Field(1, ge=1, le=64)  # choices per prompt: one batcher job each, decoded together
-    seed: int | None = Field(None, ge=0, le=0xFFFFFFFF)
+    seed: int | None = Field(None, ge=-1, le=0xFFFFFFFF)  # -1: random, as llama-server's and Ollama's default
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -114,6 +114,11 @@ class _Sampling(_Body):
     draft: Literal["lookup", "model", "none"] | None = None
     draft_max: int | None = Field(None, ge=1, le=64)
     user: str | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _random_seed(cls, v: int | None) -> int | None:
+        return None if v in (-1, 0xFFFFFFFF) else v  # llama.cpp's "random": as left out, each choice draws its own
 
     @field_validator("stop")
     @classmethod

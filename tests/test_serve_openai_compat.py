@@ -187,6 +187,23 @@ def test_logprobs_of_partial_characters_keep_their_bytes_and_offsets(client):
     assert all(len(top) == 3 for top in lp.top_logprobs[1:])  # no two alternatives share a name
 
 
+def test_llama_servers_names_without_v1_lead_to_the_same_routes(client):
+    """llama-server serves /chat/completions, /responses, /models and /v1/health beside the /v1 names: an openai
+    client given the server's address without /v1 works, and is counted under the route it reached."""
+    import httpx
+
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    bare = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
+    kw = {"model": "m", "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8, "temperature": 0}
+    assert bare.chat.completions.create(**kw).choices[0].message.content == \
+        client.chat.completions.create(**kw).choices[0].message.content
+    assert [m.id for m in bare.models.list()] == [m.id for m in client.models.list()]
+    assert bare.responses.create(model="m", input="Hi", max_output_tokens=4).output_text
+    assert httpx.get(base + "/v1/health").json()["status"] == "ok"
+    metrics = httpx.get(base + "/metrics").text
+    assert 'route="/v1/chat/completions",code="200"' in metrics and 'route="other"' not in metrics
+
+
 def test_browser_pages_on_this_machine_may_call_the_api():
     """CORS: a page from localhost (any port) gets its preflight answered and may read the reply, even with an
     API key (a browser's preflight carries none); a page from elsewhere gets no CORS grant unless listed."""
@@ -210,6 +227,8 @@ def test_browser_pages_on_this_machine_may_call_the_api():
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
         r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
         assert "access-control-allow-origin" not in r.headers
+        assert httpx.post(s.base_url + "/chat/completions", json={"messages": []}).status_code == 401  # an alias too
+        assert httpx.get(s.base_url + "/v1/health").status_code == 200  # public, as /health and llama-server's
     from ondevice.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="--cors.*'localhost:3000' is not an origin"):

@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI (and Anthropic Messages) routes over the runner (runner.py), plus /health, /metrics,
-/tokenize and /detokenize."""
+/tokenize and /detokenize; llama-server's aliases of them (``/chat/completions``, ...) lead to the same routes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..cascade.serve import server_cascade
 from ..errors import InvalidArgument
 from . import messages
 from . import schemas as S
-from .http import Guard, access_logger, error_response, install_cors, install_error_handlers, note
+from .http import Aliases, Guard, access_logger, error_response, install_cors, install_error_handlers, note
 from .responses import respond
 from .runner import Runner
 from .state import ServerState, token_piece
@@ -48,7 +48,8 @@ def create_app(state: ServerState) -> FastAPI:
                        metrics=state.metrics, routes=ROUTES,
                        log=access_logger() if state.settings.access_log else None)
     app.add_middleware(messages.AnthropicErrors)  # around the guard: its 401 and 413 too
-    install_cors(app, state.settings.cors)  # outermost: a preflight carries no API key
+    install_cors(app, state.settings.cors)  # a preflight carries no API key
+    app.add_middleware(Aliases)  # outermost: llama-server's /chat/completions is /v1/chat/completions for all
     app.state.ondevice = state
     state.cascade = server_cascade(state)  # None unless --cascade URL
     runner = Runner(state)

@@ -154,6 +154,26 @@ def _as_json(scope) -> None:
     scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
 
 
+# llama-server's other names for the same OpenAI routes: a client given the server's address without /v1 (or a
+# llama-server health check) reaches them here too (its native /completion, /completions and /embeddings answer
+# in llama-server's own shape, which is not served)
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/responses": "/v1/responses", "/models": "/v1/models",
+           "/v1/health": "/health"}
+
+
+class Aliases:
+    """Pure ASGI middleware, outermost: an alias of :data:`ALIASES` is served, checked, counted and logged as the
+    route it names."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (to := ALIASES.get(scope["path"])) is not None:
+            scope = {**scope, "path": to, "raw_path": to.encode()}
+        return await self.app(scope, receive, send)
+
+
 class Guard:
     """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts, the
     access log, and bodies read as JSON whatever their Content-Type."""

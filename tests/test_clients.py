@@ -239,6 +239,19 @@ def test_access_log_one_line_per_request(srv, capsys):
     assert "GET /health 200 " in lines[3]
 
 
+def test_serve_takes_llama_servers_flag_names():
+    import argparse
+
+    from ondevice.serve.cli import add_arguments
+    from ondevice.serve.settings import settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    s = settings_from_args(p.parse_args(["--ctx-size", "768", "-np", "3", "--port", "8081"]))
+    assert (s.ctx, s.parallel, s.port) == (768, 3, 8081)
+    assert settings_from_args(p.parse_args(["-c", "512"])).ctx == settings_from_args(p.parse_args(["--ctx", "512"])).ctx
+
+
 def test_access_log_off_by_flag_and_env(monkeypatch, capsys):
     from ondevice.serve.cli import add_arguments
     from ondevice.serve.settings import settings_from_args

@@ -53,6 +53,25 @@ def test_run_takes_a_system_prompt_as_chat_does(cli):
     assert r.returncode == 2 and "--system goes through the chat template, which --raw turns off" in r.stderr
 
 
+def test_run_takes_llama_clis_prompt_and_length_flags(cli, tmp_path):
+    """llama-cli's -p PROMPT, -f FILE, --ctx-size and --n-predict: the same generation as the words and -c/-n;
+    a prompt given twice, or a file that cannot be read, is an error that names the fix."""
+    base = ("--raw", "--temp", "0", "--ignore-eos", "-t", "2", "--timings", "json")
+    words = cli("run", *base, "-n", "3", "-c", "64", "1, 2, 3,")
+    (tmp_path / "p.txt").write_text("1, 2, 3,")
+    for given in (("-p", "1, 2, 3,"), ("-f", str(tmp_path / "p.txt")), ("smollm2-135m-instruct", "-p", "1, 2, 3,")):
+        r = cli("run", *base, "--n-predict", "3", "--ctx-size", "64", *given)
+        assert r.returncode == 0 and r.stdout == words.stdout, r.stderr
+        assert _last_record(r.stderr)["generation_tokens"] == 3
+    r = cli("run", "hello", "-p", "Hi")
+    assert r.returncode == 2 and "the prompt is given twice: as words ('hello') and with -p/--prompt" in r.stderr
+    r = cli("run", "-f", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "missing.txt: no such file; check the path given to -f/--file" in r.stderr
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    r = cli("run", "-f", str(tmp_path / "bin.txt"))
+    assert r.returncode == 2 and "bin.txt is not UTF-8 text" in r.stderr
+
+
 def test_run_stops_before_a_stop_string_with_llama_cpp_escapes(cli):
     r = cli("run", "--raw", "--temp", "0", "-n", "40", "--ignore-eos", "-t", "2", "--timings", "json",
             "--stop", ",", "1, 2, 3, 4,")

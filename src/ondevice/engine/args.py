@@ -12,7 +12,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default (or 0): physical cores")
-    p.add_argument("-c", "--ctx", type=int, default=0, help="context size in tokens (0: the model's, capped at 4096)")
+    p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=0,
+                   help="context size in tokens (0: the model's, capped at 4096)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME|PATH",
                    help="a LoRA adapter made by `ondevice adapt` for this model: its stored name (`ondevice adapt "
                         "list`) or a .gguf path (repeatable: applied together)")
@@ -52,7 +53,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="0 = off")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed; -1 or left out: a random one")
-    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    p.add_argument("-n", "--max-tokens", "--n-predict", type=int, default=max_tokens, help="tokens to generate at most")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "
                         "newline and a tab, as in llama-cli's -r)")

@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
                    help="the prompt ('-' or nothing reads stdin); a model name first picks the model, as "
                         "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="the prompt, as llama-cli's -p")
+    given.add_argument("-f", "--file", default=None, metavar="PATH",
+                       help="read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
     add_sampling_args(p)
     add_system_arg(p)
@@ -57,20 +61,50 @@ def split_model_word(args: argparse.Namespace) -> str | None:
 STDIN_LIMIT = 16 << 20  # bytes: far more than any model's context holds (128k tokens are ~0.5 MB of text)
 
 
-def read_stdin() -> str:
-    """The prompt piped on stdin: UTF-8 text of at most :data:`STDIN_LIMIT` bytes (``< /dev/zero`` is an
-    error, not all the memory there is)."""
+def read_stdin(stream=None, what: str = "stdin") -> str:
+    """The prompt piped on stdin (or read from ``stream``, named ``what`` in errors): UTF-8 text of at most
+    :data:`STDIN_LIMIT` bytes (``< /dev/zero`` is an error, not all the memory there is)."""
     from ..errors import InvalidArgument
 
-    data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    data = (stream or sys.stdin.buffer).read(STDIN_LIMIT + 1)
     if len(data) > STDIN_LIMIT:
-        raise InvalidArgument(f"stdin holds more than {STDIN_LIMIT >> 20} MiB; no model's context fits a prompt "
+        raise InvalidArgument(f"{what} holds more than {STDIN_LIMIT >> 20} MiB; no model's context fits a prompt "
                               f"that long: send a part of it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidArgument(f"stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+        raise InvalidArgument(f"{what} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
                               f"convert it first, e.g. with iconv") from None
+
+
+def read_file(path: str) -> str:
+    """The prompt in the file ``path`` (``-f``), read as :func:`read_stdin` reads stdin."""
+    from ..errors import InvalidArgument
+
+    try:
+        with open(path, "rb") as f:
+            return read_stdin(f, path)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{path}: no such file; check the path given to -f/--file") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a directory; give -f/--file a text file") from None
+    except PermissionError:
+        raise InvalidArgument(f"{path}: permission denied; give -f/--file a file you can read") from None
+
+
+def given_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt of the words, ``-p`` or ``-f`` (one of them; with ``-p``/``-f`` a single leading word may
+    still name the model: ``ondevice run gemma3-270m -p TEXT``)."""
+    from ..errors import InvalidArgument
+
+    words = split_model_word(args)
+    if args.prompt is None and args.file is None:
+        return words
+    flag = "-p/--prompt" if args.prompt is not None else "-f/--file"
+    if words is not None:
+        raise InvalidArgument(f"the prompt is given twice: as words ({words[:40]!r}) and with {flag}; keep one "
+                              f"(a word before {flag} must be a model name, see `ondevice models`)")
+    return args.prompt if args.prompt is not None else read_file(args.file)
 
 
 def read_prompt(arg: str | None, model: str | None = None) -> str:
@@ -121,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise InvalidArgument("--system goes through the chat template, which --raw turns off; drop one of them "
                               "(or write the system text into the raw prompt)")
-    prompt = read_prompt(split_model_word(args), args.model if getattr(args, "named_model", False) else None)
+    prompt = read_prompt(given_prompt(args), args.model if getattr(args, "named_model", False) else None)
     if args.system:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))

@@ -107,9 +107,9 @@ class ServeSettings(BaseSettings):
         return self.max_prompt_tokens or self.ctx - 1
 
 
-# flags with a short alias
+# flags with a short alias or llama-server's name (the last one is the one errors name)
 FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel": ("-np", "--parallel"),
-         "ctx": ("-c", "--ctx")}
+         "ctx": ("-c", "--ctx-size", "--ctx")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -204,6 +204,19 @@ def test_llama_servers_names_without_v1_lead_to_the_same_routes(client):
     assert 'route="/v1/chat/completions",code="200"' in metrics and 'route="other"' not in metrics
 
 
+def test_llama_servers_n_predict_is_max_tokens(client):
+    """llama-server's n_predict, taken before max_tokens as there; -1 runs until the context (512 here) is full."""
+    msgs = [{"role": "user", "content": "Count to fifty."}]
+    r = client.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0,
+                                       extra_body={"n_predict": 3, "ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    c = client.completions.create(model="m", prompt="One, two,", temperature=0,
+                                  extra_body={"n_predict": -1, "ignore_eos": True})
+    assert c.usage.prompt_tokens + c.usage.completion_tokens == 512 and c.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="n_predict='3' must be an integer >= -1"):
+        client.chat.completions.create(model="m", messages=msgs, extra_body={"n_predict": "3"})
+
+
 def test_browser_pages_on_this_machine_may_call_the_api():
     """CORS: a page from localhost (any port) gets its preflight answered and may read the reply, even with an
     API key (a browser's preflight carries none); a page from elsewhere gets no CORS grant unless listed."""

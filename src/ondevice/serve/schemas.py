@@ -115,6 +115,24 @@ class _Sampling(_Body):
     draft_max: int | None = Field(None, ge=1, le=64)
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _n_predict(cls, data: Any) -> Any:
+        """llama-server's ``n_predict``: max_tokens, taken before max_tokens as there; -1 runs until the reply ends
+        or the context is full."""
+        if not isinstance(data, dict) or data.get("n_predict") is None:
+            return data
+        n = data["n_predict"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+            raise ValueError(f"n_predict={n!r} must be an integer >= -1 (-1: until the context is full); or send "
+                             f"max_tokens")
+        data = {k: v for k, v in data.items() if k not in ("n_predict", "max_tokens", "max_completion_tokens")}
+        if n >= 0:
+            data["max_tokens"] = n
+        elif cls.model_fields["max_tokens"].default is not None:  # completions' 16: no limit but the context's
+            data["max_tokens"] = 1 << 30
+        return data
+
     @field_validator("seed")
     @classmethod
     def _random_seed(cls, v: int | None) -> int | None:

@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--modules", default="all")
+    ap.add_argument("--seed", type=int, default=0, help="the training seed (held-out split, initial weights, batch "
+                                                        "order): another seed checks that a result is not one draw's")
     args = ap.parse_args()
     work = Path(args.work)
     texts = prompts(load_items(None))
@@ -138,10 +140,10 @@ def main() -> None:
     print(f"{len(texts) - len(todo)} of {len(texts)} prompts already kept in {db}", file=sys.stderr)
     if todo:
         collect(args, todo, work)
-    adapter = work / f"hard-r{args.rank}-{args.steps}.gguf"
+    adapter = work / f"hard-r{args.rank}-{args.steps}{f'-s{args.seed}' if args.seed else ''}.gguf"
     cmd = [sys.executable, "-m", "ondevice.cli", "adapt", "--from", "deferred", "--db", str(db), "-o", str(adapter),
            "--modules", args.modules, "--rank", str(args.rank), "--steps", str(args.steps), "--lr", str(args.lr),
-           "--max-len", "192", "-t", str(args.threads), "--json"]
+           "--max-len", "192", "-t", str(args.threads), "--seed", str(args.seed), "--json"]
     print(" ".join(cmd[2:]), file=sys.stderr)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, check=False, capture_output=True, text=True)

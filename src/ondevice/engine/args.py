@@ -57,6 +57,30 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "
                         "newline and a tab, as in llama-cli's -r)")
+    g = p.add_argument_group("llama.cpp's other samplers (llama-cli's flag names work too; each is off by default)")
+    for names, kind, help_ in _MORE:
+        g.add_argument(*names, type=kind, default=getattr(d, names[0][2:].replace("-", "_")), help=help_)
+    g.add_argument("--dry-sequence-breaker", action="append", default=None, metavar="TEXT",
+                   help="DRY: a repeat does not run across this text (repeatable; replaces the defaults "
+                        f"{', '.join(map(repr, d.dry_sequence_breakers))}; 'none': no breakers)")
+
+
+_MORE = ((("--repeat-last-n",), int, "tokens the penalties look back over (0 = none, -1 = the context)"),
+         (("--typical-p", "--typical"), float, "locally typical sampling, in [0, 1] (1 = off)"),
+         (("--top-n-sigma", "--top-nsigma"), float, "keep logits within n standard deviations of the top one "
+                                                     "(<= 0 = off)"),
+         (("--xtc-probability",), float, "XTC: chance of removing the likeliest tokens (0 = off)"),
+         (("--xtc-threshold",), float, "XTC: removes tokens above this probability but the least likely of them"),
+         (("--mirostat",), int, "1 or 2: Mirostat v1/v2, in place of the other samplers and the penalties, as "
+                                "in llama.cpp (0 = off)"),
+         (("--mirostat-tau", "--mirostat-ent"), float, "Mirostat's target surprise"),
+         (("--mirostat-eta", "--mirostat-lr"), float, "Mirostat's learning rate"),
+         (("--dynatemp-range",), float, "dynamic temperature: temp +- this, by the entropy (0 = off)"),
+         (("--dynatemp-exponent", "--dynatemp-exp"), float, "how the entropy maps to the temperature"),
+         (("--dry-multiplier",), float, "DRY: penalise tokens that extend a repeated sequence (0 = off)"),
+         (("--dry-base",), float, "DRY: multiplier * base ^ (repeat length - allowed length)"),
+         (("--dry-allowed-length",), int, "DRY: repeats up to this long are free"),
+         (("--dry-penalty-last-n",), int, "DRY: tokens it scans (0 = off)"))
 
 
 def add_system_arg(p: argparse.ArgumentParser) -> None:
@@ -66,7 +90,10 @@ def add_system_arg(p: argparse.ArgumentParser) -> None:
 def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
               repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
-              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens)
+              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
+              **{n[0][2:].replace("-", "_"): getattr(args, n[0][2:].replace("-", "_")) for n, _, _ in _MORE})
+    if args.dry_sequence_breaker is not None:  # llama-cli's: given ones replace the defaults, "none" leaves none
+        kw["dry_sequence_breakers"] = tuple(_unescape(b) for b in args.dry_sequence_breaker if b != "none")
     if args.seed is not None:
         kw["seed"] = args.seed
     stop = tuple(_unescape(x) for x in args.stop)

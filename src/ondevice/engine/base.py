@@ -118,7 +118,8 @@ class Engine(Protocol):
         """Pooled embedding ``(n_embd,)`` (an engine made with ``embeddings=True``)."""
 
     # -- sampling
-    def make_sampler(self, sampling: Sampling) -> SamplerLike: ...
+    def make_sampler(self, sampling: Sampling, prompt: Sequence[int] = ()) -> SamplerLike:
+        """A sampler for ``sampling``; the penalties look back over the end of ``prompt`` too (llama-server's)."""
 
     def sample(self, sampler: SamplerLike, i: int | np.ndarray = -1) -> int:
         """Sample from batch item ``i``'s logits (or a saved logits row) and accept the token; < 0 when a grammar

@@ -189,7 +189,7 @@ class BatchGenerator:
         self.eng.truncate(n, dst.seq)
         dst.cut(n)
         if req.sampler is None:
-            req.sampler = self.eng.make_sampler(req.sampling)
+            req.sampler = self.eng.make_sampler(req.sampling, toks)
         dst.ads = ads
         dst.start(req, n)
         dst.follow = lead

@@ -436,8 +436,8 @@ class LlamaEngine(Engine):
         self._n_past[seq] = n_past
 
     # -- sampling ------------------------------------------------------------------------------
-    def make_sampler(self, sampling: Sampling) -> Sampler:
-        return Sampler(self, sampling)
+    def make_sampler(self, sampling: Sampling, prompt: Sequence[int] = ()) -> Sampler:
+        return Sampler(self, sampling, prompt)
 
     def sample(self, sampler: object, i: int | np.ndarray = -1) -> int:
         """The next token from logits row ``i`` of the last decode or a saved row (accepted by ``sampler``), or

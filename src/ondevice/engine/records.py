@@ -84,6 +84,12 @@ class Result:
         return d
 
 
+# Sampling's fields for llama.cpp's samplers beyond top-k/top-p/min-p/temp, named as llama-server's request fields
+MORE_SAMPLERS = ("repeat_last_n", "typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat",
+                 "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "dry_multiplier", "dry_base",
+                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """Sampling settings; ``temp == 0`` is greedy. Validated on construction."""
@@ -96,6 +102,22 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from any token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
+    # llama.cpp's other samplers, by llama-server's names and defaults (each off at its default)
+    repeat_last_n: int = 64  # tokens the penalties look back over (0: none, -1: the whole context)
+    typical_p: float = 1.0  # locally typical sampling (1 = off)
+    top_n_sigma: float = -1.0  # keep logits within n standard deviations of the top one (<= 0 = off)
+    xtc_probability: float = 0.0  # XTC: chance of removing the likeliest tokens above the threshold (0 = off)
+    xtc_threshold: float = 0.1
+    mirostat: int = 0  # 1 or 2: Mirostat (v1, v2) after temp, in place of the others and the penalties (llama.cpp's)
+    mirostat_tau: float = 5.0  # its target surprise
+    mirostat_eta: float = 0.1  # its learning rate
+    dynatemp_range: float = 0.0  # dynamic temperature: temp +- range, by the entropy (0 = off)
+    dynatemp_exponent: float = 1.0
+    dry_multiplier: float = 0.0  # DRY: penalise tokens that extend a repeated sequence (0 = off)
+    dry_base: float = 1.75  # multiplier * base ^ (length of the repeat - allowed length)
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64  # tokens it scans (0 = off)
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")  # a repeat does not run across these
     seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random (None is taken for it)
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -108,8 +130,19 @@ class Sampling:
     token_stats: bool = False  # record each token's logprob and entropy (raw logits; the cascade's confidence)
 
     @property
+    def repeats(self) -> bool:
+        """Whether the repeat/presence/frequency penalties apply: llama.cpp's Mirostat chain has none."""
+        return self.repeat_last_n != 0 and not self.mirostat and (
+            self.repeat_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty))
+
+    @property
+    def dry(self) -> bool:
+        return self.dry_multiplier > 0 and self.dry_penalty_last_n != 0 and not self.mirostat
+
+    @property
     def penalized(self) -> bool:
-        return self.repeat_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        """Whether a sampler looks back over the tokens so far (the prompt's included)."""
+        return self.repeats or self.dry
 
     @classmethod
     def of(cls, sampling: Sampling | Mapping | None = None, **kw) -> Sampling:
@@ -126,6 +159,10 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.seed is None or self.seed == -1:  # OpenAI's "no seed", llama.cpp's -1: a random one
             object.__setattr__(self, "seed", 0xFFFFFFFF)
+        if isinstance(self.dry_sequence_breakers, str):
+            object.__setattr__(self, "dry_sequence_breakers", (self.dry_sequence_breakers,))
+        elif isinstance(self.dry_sequence_breakers, list):
+            object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
         if isinstance(self.logit_bias, Mapping):  # OpenAI's and llama-cpp-python's shape: {token: bias}
             object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         fields.check(self)
@@ -146,6 +183,25 @@ class Sampling:
             ("repeat-penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),
             ("presence-penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2] (0 = off)"),
             ("frequency-penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2] (0 = off)"),
+            ("repeat-last-n", self.repeat_last_n >= -1, "must be >= -1 (0 = off, -1 = the whole context)"),
+            ("typical-p", 0 <= self.typical_p <= 1, "must be in [0, 1] (1 = off)"),
+            ("top-n-sigma", math.isfinite(self.top_n_sigma), "must be a finite number (<= 0 = off)"),
+            ("xtc-probability", 0 <= self.xtc_probability <= 1, "must be in [0, 1] (0 = off)"),
+            ("xtc-threshold", 0 <= self.xtc_threshold <= 1, "must be in [0, 1] (> 0.5 = off)"),
+            ("mirostat", self.mirostat in (0, 1, 2), "must be 0 (off), 1 or 2"),
+            ("mirostat-tau", self.mirostat_tau >= 0 and math.isfinite(self.mirostat_tau), "must be a finite number >= 0"),
+            ("mirostat-eta", 0 < self.mirostat_eta <= 1, "must be in (0, 1]"),
+            ("dynatemp-range", self.dynatemp_range >= 0 and math.isfinite(self.dynatemp_range),
+             "must be a finite number >= 0 (0 = off)"),
+            ("dynatemp-exponent", self.dynatemp_exponent > 0 and math.isfinite(self.dynatemp_exponent),
+             "must be a finite number > 0"),
+            ("dry-multiplier", self.dry_multiplier >= 0 and math.isfinite(self.dry_multiplier),
+             "must be a finite number >= 0 (0 = off)"),
+            ("dry-base", self.dry_base >= 1 and math.isfinite(self.dry_base), "must be a finite number >= 1"),
+            ("dry-allowed-length", self.dry_allowed_length >= 0, "must be >= 0"),
+            ("dry-penalty-last-n", self.dry_penalty_last_n >= 0, "must be >= 0 (0 = off)"),
+            ("dry-sequence-breakers", all(isinstance(b, str) and b for b in self.dry_sequence_breakers),
+             "must be non-empty strings"),
             ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
             ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1], or -1 for a random one"),
             ("draft", self.draft in (None, "lookup", "model"), "must be 'lookup', 'model' or None (off)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +25,7 @@ NO_TOKEN = -1  # what LlamaEngine.sample returns when the grammar is complete: e
 class Sampler:
     """llama.cpp's native sampler chain built from :class:`Sampling`."""
 
-    def __init__(self, engine: LlamaEngine, s: Sampling):
+    def __init__(self, engine: LlamaEngine, s: Sampling, prompt: Sequence[int] = ()):
         ll = self.ll = engine.ll
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
         self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias
@@ -61,18 +62,39 @@ class Sampler:
         if biases:
             arr = (ll.llama_logit_bias * len(biases))(*[ll.llama_logit_bias(t, b) for t, b in sorted(biases.items())])
             add(ll.llama_sampler_init_logit_bias(engine.n_vocab, len(biases), arr))
-        if s.penalized:  # over the last 64 generated tokens, as llama.cpp's default
-            add(ll.llama_sampler_init_penalties(engine.n_vocab, 64, s.repeat_penalty, s.frequency_penalty,
+        # in the order of llama.cpp's common sampler (llama-server's: the same seed samples the same)
+        last_n = max(engine.n_ctx if s.repeat_last_n == -1 else s.repeat_last_n, s.dry_penalty_last_n)
+        if s.repeats:  # over the last repeat_last_n tokens (llama.cpp's default 64)
+            add(ll.llama_sampler_init_penalties(engine.n_vocab, engine.n_ctx if s.repeat_last_n == -1 else
+                                                s.repeat_last_n, s.repeat_penalty, s.frequency_penalty,
                                                 s.presence_penalty))
+        if s.dry:
+            breakers = [b.encode() for b in s.dry_sequence_breakers]
+            add(ll.llama_sampler_init_dry(engine.vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
+                                          s.dry_penalty_last_n, (ctypes.c_char_p * len(breakers))(*breakers),
+                                          len(breakers)))
+        if s.penalized:  # the prompt's tokens count, as llama-server's and llama-cli's
+            for t in prompt[-last_n:]:
+                ll.llama_sampler_accept(self.ptr, t)
         if s.temp == 0:
             add(ll.llama_sampler_init_greedy())
+        elif s.mirostat:
+            add(ll.llama_sampler_init_temp(s.temp))
+            add(ll.llama_sampler_init_mirostat(engine.n_vocab, s.seed, s.mirostat_tau, s.mirostat_eta, 100)
+                if s.mirostat == 1 else ll.llama_sampler_init_mirostat_v2(s.seed, s.mirostat_tau, s.mirostat_eta))
         else:
+            if s.top_n_sigma > 0:
+                add(ll.llama_sampler_init_top_n_sigma(s.top_n_sigma))
             if s.top_k > 0:
                 add(ll.llama_sampler_init_top_k(s.top_k))
+            if s.typical_p < 1:
+                add(ll.llama_sampler_init_typical(s.typical_p, 1))
             add(ll.llama_sampler_init_top_p(s.top_p, 1))
             if s.min_p > 0:
                 add(ll.llama_sampler_init_min_p(s.min_p, 1))
-            add(ll.llama_sampler_init_temp(s.temp))
+            if s.xtc_probability > 0:
+                add(ll.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, s.seed))
+            add(ll.llama_sampler_init_temp_ext(s.temp, s.dynatemp_range, s.dynatemp_exponent))
             add(ll.llama_sampler_init_dist(s.seed))
 
     def sample_checked(self, row: np.ndarray) -> int:
@@ -152,7 +174,9 @@ class Sampler:
         ll.llama_sampler_apply(self.ptr, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             return -1
-        pick = cand[arr.selected]
+        # a sampler may move the array's start past the candidates it drops (XTC does): selected counts from there
+        start = (ctypes.cast(arr.data, ctypes.c_void_p).value - cand.ctypes.data) // cand.itemsize
+        pick = cand[start + arr.selected]
         return int(pick["id"]) if np.isfinite(pick["logit"]) else -1
 
     def _passes(self, ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.records import Generation, Sampling
+from ..engine.records import MORE_SAMPLERS, Generation, Sampling
 from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
 from . import schemas as S
@@ -48,7 +48,8 @@ def _sampling(req, max_tokens: int, grammar: str | None = None,
         if grammar is not None:
             raise InvalidArgument("grammar and response_format or tools both constrain the reply; send one")
         grammar = req.grammar
-    given = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
+    given = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+             **{k: getattr(req, k) for k in MORE_SAMPLERS}}
     kw = dict({k: v for k, v in given.items() if v is not None},  # else Sampling's: llama.cpp's defaults
               repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
               frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
@@ -96,7 +97,7 @@ class Runner:
             sampling = dataclasses.replace(sampling, max_tokens=room)
         if sampling.draft == "model" and st.draft_engine is None:
             raise InvalidArgument("draft 'model' needs a server started with --draft MODEL; use draft 'lookup'")
-        sampler = st.engine.make_sampler(sampling)  # a grammar that does not parse fails here: a 400
+        sampler = st.engine.make_sampler(sampling, tokens)  # a grammar that does not parse fails here: a 400
         return Job(tokens=tokens, sampling=with_prompt_stops(sampling, tokens), sampler=sampler, loop=loop,
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
 

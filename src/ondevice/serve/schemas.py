@@ -99,6 +99,22 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=0)  # extension; 0 = off
     min_p: float | None = Field(None, ge=0, le=1)  # extension
     repeat_penalty: float = Field(1.0, gt=0)  # extension
+    # extensions: llama-server's other samplers, by its names (None: off, as there; see Sampling)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    top_n_sigma: float | None = None
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    xtc_threshold: float | None = Field(None, ge=0, le=1)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(None, ge=0)
+    mirostat_eta: float | None = Field(None, gt=0, le=1)
+    dynatemp_range: float | None = Field(None, ge=0)
+    dynatemp_exponent: float | None = Field(None, gt=0)
+    dry_multiplier: float | None = Field(None, ge=0)
+    dry_base: float | None = None  # below 1: the default, as llama-server takes it
+    dry_allowed_length: int | None = Field(None, ge=0)
+    dry_penalty_last_n: int | None = Field(None, ge=0)
+    dry_sequence_breakers: list[str] | None = Field(None, min_length=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)
@@ -132,6 +148,11 @@ class _Sampling(_Body):
         elif cls.model_fields["max_tokens"].default is not None:  # completions' 16: no limit but the context's
             data["max_tokens"] = 1 << 30
         return data
+
+    @field_validator("dry_base")
+    @classmethod
+    def _dry_base(cls, v: float | None) -> float | None:
+        return None if v is not None and v < 1 else v
 
     @field_validator("seed")
     @classmethod

@@ -242,7 +242,7 @@ def test_stdin_that_is_endless_or_not_text_is_a_one_line_error(tmp_path):
 def test_a_flag_from_another_tool_says_which_one_is_meant(cli):
     r = cli("run", "--temperature", "0", "hi")
     assert r.returncode == 2 and "unrecognized arguments: --temperature; did you mean --temp?" in r.stderr
-    r = cli("run", "--n-predict", "3", "hi")
+    r = cli("run", "--max-new-tokens", "3", "hi")  # transformers' name (llama-cli's --n-predict is taken as -n)
     assert r.returncode == 2 and "did you mean --max-tokens?" in r.stderr
     r = cli("bench", "--json")  # llama-bench's -o json, and a format of our -o
     assert r.returncode == 2 and "unrecognized arguments: --json; did you mean -o json?" in r.stderr

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """"; did you mean --temp?" for the first unknown flag that is close to one of the verb's (or is the name
-    another tool gives it: --temperature, --max-tokens, --n-predict ...)."""
+    another tool gives it: --temperature, --max-new-tokens ...)."""
     import difflib
 
     from .fields import ALIASES

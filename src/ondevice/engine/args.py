@@ -60,7 +60,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g = p.add_argument_group("llama.cpp's other samplers (llama-cli's flag names work too; each is off by default)")
     for names, kind, help_ in _MORE:
         g.add_argument(*names, type=kind, default=getattr(d, names[0][2:].replace("-", "_")), help=help_)
-    g.add_argument("--dry-sequence-breaker", action="append", default=None, metavar="TEXT",
+    g.add_argument("--dry-sequence-breaker", "--dry-sequence-breakers", action="append", default=None, metavar="TEXT",
                    help="DRY: a repeat does not run across this text (repeatable; replaces the defaults "
                         f"{', '.join(map(repr, d.dry_sequence_breakers))}; 'none': no breakers)")
 

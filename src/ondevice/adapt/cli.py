@@ -1,5 +1,6 @@
 """``ondevice adapt DATA.jsonl [--name NAME | -o OUT.gguf] [-m MODEL] [--budget mem=600M] [--resume]``, and the
-stored adapters: ``ondevice adapt list`` and ``ondevice adapt merge NAME [-o OUT.gguf]``."""
+stored adapters: ``ondevice adapt list``, ``ondevice adapt merge NAME [-o OUT.gguf]`` and ``ondevice adapt average
+A B [...] [--weights W,W,...] (-o OUT.gguf | --name NAME)``."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train import AdaptConfig
 
     d = AdaptConfig(data="")
-    p.add_argument("data", nargs="?", metavar="DATA.jsonl | list | merge",
+    p.add_argument("data", nargs="?", metavar="DATA.jsonl | list | merge | average",
                    help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or {\"input\": ..., "
                         "\"target\": ...} per line; 'list': the stored adapters; 'merge NAME': the adapter folded "
-                        "into its base, written as one GGUF (as llama-export-lora)")
-    p.add_argument("adapter", nargs="?", metavar="NAME", help="with merge: a stored adapter's name or a .gguf")
+                        "into its base, written as one GGUF (as llama-export-lora); 'average A B ...': one adapter "
+                        "whose change is the weighted sum of theirs (a soup of runs that differ by seed)")
+    p.add_argument("adapter", nargs="*", metavar="NAME",
+                   help="with merge: a stored adapter's name or a .gguf; with average: two or more")
+    p.add_argument("--weights", default=None, metavar="W,W,...",
+                   help="with average: one weight per adapter, in order (default: 1/n each)")
     p.add_argument("--from", dest="source", choices=("file", "deferred"), default="file",
                    help="deferred: train on the hard samples the cascade kept for this model (its inputs with the "
                         "cloud's answers), written next to the adapter as OUT.deferred.jsonl")
@@ -136,9 +141,10 @@ def list_adapters(args: argparse.Namespace) -> int:
 def merge_adapter(args: argparse.Namespace) -> int:
     from .merge import merge
 
-    if not args.adapter:
-        raise InvalidArgument("merge needs the adapter: ondevice adapt merge NAME [-o OUT.gguf]")
-    r = merge(args.adapter, args.out, model=args.model, out_type=args.out_type)
+    if len(args.adapter) != 1:
+        raise InvalidArgument("merge takes one adapter: ondevice adapt merge NAME [-o OUT.gguf] (to combine several "
+                              "first: ondevice adapt average A B --name NAME)")
+    r = merge(args.adapter[0], args.out, model=args.model, out_type=args.out_type)
     if args.check:
         from .check import GENERIC_PROMPTS, merged_agreement
 
@@ -162,14 +168,35 @@ def merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def average_adapters(args: argparse.Namespace) -> int:
+    from .average import average
+
+    try:
+        weights = None if args.weights is None else [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--weights {args.weights!r}: give numbers separated by commas, one per adapter, "
+                              f"e.g. --weights 0.5,0.5") from None
+    r = average(args.adapter, args.out, args.name, weights)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    parts = ", ".join(f"{Path(a).stem} x {w:g}" for a, w in zip(r["adapters"], r["weights"], strict=True))
+    print(f"adapter {r['path']}: {parts}; {r['tensors']} tensors, rank {'/'.join(map(str, r['ranks']))}, "
+          f"{r['size_bytes'] / 2**20:.1f} MiB")
+    print(f"use it: ondevice run --adapter {r['name'] or r['path']} \"...\"", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data == "list" and args.source == "file":
         return list_adapters(args)
     if args.data == "merge" and args.source == "file":
         return merge_adapter(args)
+    if args.data == "average" and args.source == "file":
+        return average_adapters(args)
     if args.adapter:
-        raise InvalidArgument(f"unexpected argument {args.adapter!r}: train with `ondevice adapt DATA.jsonl`, or "
-                              f"use `ondevice adapt list` / `ondevice adapt merge NAME`")
+        raise InvalidArgument(f"unexpected argument {args.adapter[0]!r}: train with `ondevice adapt DATA.jsonl`, or "
+                              f"use `ondevice adapt list` / `merge NAME` / `average A B ...`")
     from . import require_torch
 
     require_torch()

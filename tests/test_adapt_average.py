@@ -1,0 +1,104 @@
+"""`ondevice adapt average`: one adapter whose change is the weighted sum of several adapters' changes, checked
+in numbers and in llama.cpp against the adapters applied together. No torch needed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ondevice.adapt import adapter_file
+from ondevice.adapt.average import average
+from ondevice.models.store import cached_sha256
+
+
+def _pairs(seed: int, rank: int, layers=(27, 28, 29), scale: float = 0.4) -> dict:
+    rng = np.random.default_rng(seed)
+    return {f"blk.{i}.attn_v.weight": (rng.standard_normal((rank, 576)).astype(np.float32) * scale,
+                                       rng.standard_normal((192, rank)).astype(np.float32) * scale) for i in layers}
+
+
+def _delta(pairs: dict, alpha: float) -> dict:
+    """llama.cpp's change to each weight: alpha / rank * B @ A (scale 1 when no alpha)."""
+    return {t: (alpha / a.shape[0] if alpha else 1.0) * (b @ a) for t, (a, b) in pairs.items()}
+
+
+@pytest.fixture()
+def three(tmp_path, smol_path):
+    """Three adapters of SmolLM2: ranks 4 and 8, alphas 8, 16 and none, one of them on a layer the others
+    leave alone."""
+    prov = {"base_sha256": cached_sha256(smol_path), "base_name": "smollm2-135m-instruct"}
+    spec = (("a", 4, 8.0, (27, 28, 29)), ("b", 8, 16.0, (27, 28, 29)), ("c", 4, 0.0, (26, 29)))
+    return {n: (adapter_file.write(tmp_path / f"{n}.gguf", "llama", alpha, _pairs(i, r, layers), prov), alpha)
+            for i, (n, r, alpha, layers) in enumerate(spec)}
+
+
+def test_the_combined_change_is_the_weighted_sum_of_the_adapters_changes(three, tmp_path):
+    w = [0.5, 0.3, -0.2]
+    r = average([str(p) for p, _ in three.values()], tmp_path / "soup.gguf", weights=w)
+    assert r["tensors"] == 4 and r["ranks"] == [4, 12, 16] and r["weights"] == w
+    got_pairs, alpha = adapter_file.read_lora(r["path"])
+    got = _delta(got_pairs, alpha)
+    want: dict = {}
+    for (p, _), wi in zip(three.values(), w, strict=True):
+        pairs, al = adapter_file.read_lora(p)
+        for t, d in _delta(pairs, al).items():
+            want[t] = want.get(t, 0) + wi * d
+    assert sorted(got) == sorted(want)
+    for t, d in want.items():
+        assert np.allclose(got[t], d, atol=1e-5), t
+    meta = adapter_file.read_meta(r["path"])
+    first = adapter_file.read_meta(three["a"][0])
+    assert meta["ondevice.adapter.base_sha256"] == first["ondevice.adapter.base_sha256"]
+    assert [x["weight"] for x in meta["ondevice.adapter.averaged_from"]] == w
+    assert [x["sha256"] for x in meta["ondevice.adapter.averaged_from"]] == [cached_sha256(p) for p, _ in
+                                                                             three.values()]
+
+
+def test_llama_cpp_gives_the_same_logits_as_the_adapters_applied_together(three, tmp_path, smol_path):
+    """Weights 1 and 1 in one file = both adapters loaded at once (llama.cpp adds their changes)."""
+    from test_adapt import _logits
+
+    import ondevice
+
+    a, b = str(three["a"][0]), str(three["b"][0])
+    one = average([a, b], tmp_path / "sum.gguf", weights=[1.0, 1.0])["path"]
+    text = "Rewrite formally: hey, send me the slides"
+    logits = {}
+    for key, ads in (("together", (a, b)), ("one file", (one,)), ("a alone", (a,))):
+        m = ondevice.load(str(smol_path), n_ctx=256, n_threads=2, adapters=ads)
+        try:
+            logits[key] = _logits(m, text)
+        finally:
+            m.close()
+    assert np.abs(logits["together"] - logits["one file"]).max() < 2e-3
+    assert np.abs(logits["together"] - logits["a alone"]).max() > 0.05  # b's change is there at all
+
+
+def test_the_cli_stores_a_soup_that_runs_by_name_and_refuses_what_cannot_be_combined(three, tmp_path, cli):
+    a, b, c = (str(p) for p, _ in three.values())
+    r = cli("adapt", "average", a, b, "--name", "soup")
+    assert r.returncode == 0, r.stderr
+    assert "a x 0.5, b x 0.5; 3 tensors, rank 12" in r.stdout and "ondevice run --adapter soup" in r.stderr
+    run = cli("run", "--adapter", "soup", "-n", "3", "--temp", "0", "Hello")
+    assert run.returncode == 0, run.stderr
+    js = json.loads(cli("adapt", "average", a, c, "--weights", "2,-1", "-o", str(tmp_path / "x.gguf"), "--json").stdout)
+    assert js["weights"] == [2.0, -1.0] and js["name"] is None
+    alien = adapter_file.write(tmp_path / "alien.gguf", "llama", 8.0, _pairs(9, 4),
+                               {"base_sha256": "0" * 64, "base_name": "another-model"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, msg in (((a,), "needs two or more adapters"),
+                      ((a, b, "--weights", "1"), "--weights has 1 values for 2 adapters"),
+                      ((a, b, "--weights", "1,x"), "give numbers separated by commas"),
+                      ((a, b, "--weights", "1,nan"), "every weight must be a finite number"),
+                      ((a, b, "--weights", "0,0"), "the adapter would change nothing"),
+                      ((a, str(alien), "-o", str(tmp_path / "y.gguf")), "trained on different base models"),
+                      ((a, b), "give -o OUT.gguf or --name NAME"),
+                      ((a, b, "-o", str(tmp_path)), "is a directory"),
+                      ((a, "nope", "--name", "z"), "adapt average nope: no such adapter file or stored adapter")):
+        bad = cli("adapt", "average", *args)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written by a refused run
+    m = cli("adapt", "merge", a, b)
+    assert m.returncode == 2 and "merge takes one adapter" in m.stderr

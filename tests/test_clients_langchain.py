@@ -1,6 +1,7 @@
 """LangChain (``langchain-openai``) against `ondevice serve` on loopback, as its users call it: ``ChatOpenAI``
 invoke / stream / batch / async with usage, a tool call and its result sent back, structured output by each
-method, logprobs, ``OpenAIEmbeddings`` and the completions ``OpenAI`` LLM. The real embedded model, one server."""
+method, logprobs, ``OpenAIEmbeddings`` and the completions ``OpenAI`` LLM; and ``langchain-ollama``'s
+``ChatOllama``/``OllamaEmbeddings`` over Ollama's native routes. The real embedded model, one server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 # the [clients] extra: `make test` installs it, so a missing one is a failure, not a skip
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 from langchain_openai import ChatOpenAI, OpenAI, OpenAIEmbeddings
 from pydantic import BaseModel
 from test_clients import _model_path
@@ -170,3 +172,30 @@ def test_completions_llm_invoke_stream_and_logprobs_with_a_stop(srv):
         assert got.text == text[:text.index(" was")] and got.generation_info["finish_reason"] == "stop"
         assert "".join(lp["tokens"]) == got.text, streaming  # the stop string's token was listed too
         assert len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(lp["tokens"])
+
+
+def test_chat_ollama_answers_as_chat_openai_does(srv):
+    """LangChain's ChatOllama posts to Ollama's /api/chat (NDJSON, streamed even for invoke), OllamaLLM to
+    /api/generate: the same text, token counts and structured output as ChatOpenAI on /v1; OllamaEmbeddings gets
+    /v1/embeddings' vectors."""
+    question = "Say hello"
+    want = _chat(srv).invoke(question)
+    llm = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12)
+    got = llm.invoke(question)
+    assert got.content == want.content and got.content
+    assert {k: got.usage_metadata[k] for k in ("input_tokens", "output_tokens")} == \
+           {k: want.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
+    assert got.response_metadata["done_reason"] == ("length" if want.response_metadata["finish_reason"] == "length"
+                                                    else "stop")
+    assert _joined(list(llm.stream(question))).content == want.content
+    generate = OllamaLLM(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12)
+    assert generate.invoke(question) == "".join(generate.stream(question)) == want.content  # /api/generate
+    person = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=48)
+    out = person.with_structured_output(Person, method="json_schema").invoke(
+        "Alice is 30 years old. Return JSON with keys name and age.")
+    assert out == Person(name="Alice", age=30)
+    text = "a note about the weather"
+    vec = OllamaEmbeddings(base_url=srv.base_url, model=srv.state.model_id).embed_query(text)
+    ref = OpenAIEmbeddings(base_url=srv.base_url + "/v1", api_key="x", model=srv.state.model_id, max_retries=0,
+                           check_embedding_ctx_length=False).embed_query(text)
+    assert vec == pytest.approx(ref, abs=1e-6)

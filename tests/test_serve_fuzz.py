@@ -27,13 +27,17 @@ from ondevice.serve.schemas import MAX_DEPTH, MAX_STOPS
 
 TIMEOUT = 120  # seconds for one request: a request past it has hung (the server's own --timeout is 100)
 MAX_TOKENS = 2
-GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
-COMPUTING = GENERATING | {"/v1/embeddings"}  # a valid request costs model time: fewer examples
+OLLAMA_GENERATING = {"/api/chat", "/api/generate"}  # their length is options.num_predict
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", *OLLAMA_GENERATING}
+# a valid request costs model time: fewer examples
+COMPUTING = GENERATING | {"/v1/embeddings", "/api/embed", "/api/embeddings"}
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # every operation the server's OpenAPI document lists (test_the_openapi_document_lists_every_route keeps it whole)
 OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}", "GET /tokenizer_info",
               "POST /tokenize", "POST /detokenize", "POST /v1/embeddings", "POST /v1/chat/completions",
-              "POST /v1/completions", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens"]
+              "POST /v1/completions", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens",
+              "GET /api/tags", "GET /api/ps", "GET /api/version", "POST /api/show", "POST /api/chat",
+              "POST /api/generate", "POST /api/embed", "POST /api/embeddings"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 
@@ -96,10 +100,13 @@ def check_reply(srv: Server, path: str, status: int, ctype: str, body: bytes, se
     assert srv.proc.poll() is None, where
     if ctype.startswith("text/event-stream"):
         _check_stream(path, text)
+    elif ctype.startswith("application/x-ndjson"):  # Ollama's stream: one object a line, the last done or an error
+        lines = [_strict_json(x) for x in text.splitlines() if x.strip()]
+        assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), where
     elif path != "/metrics":
         payload = _strict_json(text)
         if status >= 400:
-            msg = payload["error"]["message"]
+            msg = payload["error"] if path.startswith("/api/") else payload["error"]["message"]  # Ollama's shape
             assert isinstance(msg, str) and msg and "\n" not in msg, where
 
 
@@ -117,8 +124,14 @@ def _cheap(path: str, body):
     takes to answer (the server's limits on these have tests of their own)."""
     if not isinstance(body, dict):
         return body
-    if path == "/v1/embeddings" and isinstance(body.get("input"), list):
+    if path in ("/v1/embeddings", "/api/embed") and isinstance(body.get("input"), list):
         body["input"] = body["input"][:2]
+    elif path in OLLAMA_GENERATING:
+        opts = body.setdefault("options", {})
+        if isinstance(opts, dict):
+            n = opts.get("num_predict")
+            opts["num_predict"] = min(n, MAX_TOKENS) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 \
+                else MAX_TOKENS
     elif path in GENERATING:
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2

@@ -24,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whose change is the weighted sum of theirs (a soup of runs that differ by seed)")
     p.add_argument("adapter", nargs="*", metavar="NAME",
                    help="with merge: a stored adapter's name or a .gguf; with average: two or more")
-    p.add_argument("--weights", default=None, metavar="W,W,...",
-                   help="with average: one weight per adapter, in order (default: 1/n each)")
     p.add_argument("--from", dest="source", choices=("file", "deferred"), default="file",
                    help="deferred: train on the hard samples the cascade kept for this model (its inputs with the "
                         "cloud's answers), written next to the adapter as OUT.deferred.jsonl")
@@ -41,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", dest="out_type", default="q8_0", choices=("q8_0", "f16", "f32"),
                    help="with merge: the merged tensors' type (f16 is llama-export-lora's: twice the bytes, slower "
                         "decoding; the other tensors are copied)")
+    p.add_argument("--weights", default=None, metavar="W,W,...",
+                   help="with average: one weight per adapter, in order (default: 1/n each)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")

@@ -15,9 +15,18 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import server_cascade
 from ..errors import InvalidArgument
-from . import messages
+from . import messages, ollama
 from . import schemas as S
-from .http import Aliases, Guard, access_logger, error_response, install_cors, install_error_handlers, note
+from .http import (
+    Aliases,
+    ErrorShape,
+    Guard,
+    access_logger,
+    error_response,
+    install_cors,
+    install_error_handlers,
+    note,
+)
 from .responses import respond
 from .runner import Runner
 from .state import ServerState, token_piece
@@ -26,7 +35,7 @@ from .state import ServerState, token_piece
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, "/v1/models", "/v1/embeddings",
-          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
+          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -47,7 +56,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
                        metrics=state.metrics, routes=ROUTES,
                        log=access_logger() if state.settings.access_log else None)
-    app.add_middleware(messages.AnthropicErrors)  # around the guard: its 401 and 413 too
+    app.add_middleware(ErrorShape, **messages.ERRORS)  # around the guard: its 401 and 413 too, in Anthropic's shape
+    app.add_middleware(ErrorShape, **ollama.ERRORS)  # the same, for Ollama's /api/* routes
     install_cors(app, state.settings.cors)  # a preflight carries no API key
     app.add_middleware(Aliases)  # outermost: llama-server's /chat/completions is /v1/chat/completions for all
     app.state.ondevice = state
@@ -123,6 +133,8 @@ def create_app(state: ServerState) -> FastAPI:
         note(request, tokens=(n_tok, 0))
         return S.EmbeddingResponse(data=data, model=state.model_id,
                                    usage=S.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))
+
+    ollama.add_routes(app, runner, embeddings)  # Ollama's /api/chat, /api/generate, /api/tags, ... (ollama.py)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: S.ChatCompletionRequest, request: Request):

@@ -266,6 +266,45 @@ class Guard:
         return b"".join(chunks), False
 
 
+class ErrorShape:
+    """Pure ASGI middleware: an error answered on another API's routes (by the key check, the body limit, request
+    validation or a handler, all in OpenAI's shape) goes out in that API's shape. ``applies(path)`` picks the
+    routes, ``body(status, message)`` is the API's error object and ``status(code)`` its status for ours."""
+
+    def __init__(self, app, *, applies, body, status=lambda code: code):
+        self.app, self.applies, self.body, self.status = app, applies, body, status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.applies(scope["path"]):
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        parts: list[bytes] = []
+
+        async def convert(msg):
+            nonlocal start
+            if msg["type"] == "http.response.start" and msg["status"] >= 400:
+                start = msg  # held until the body is read
+                return
+            if start is None:
+                return await send(msg)
+            parts.append(msg.get("body", b""))
+            if msg.get("more_body"):
+                return
+            raw = b"".join(parts)
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode("utf-8", errors="replace") or f"HTTP {start['status']}"
+            payload = json.dumps(self.body(start["status"], message)).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-length", b"content-type")]
+            await send({**start, "status": self.status(start["status"]),
+                        "headers": headers + [(b"content-type", b"application/json"),
+                                              (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+
+        await self.app(scope, receive, convert)
+
+
 def _replay(body: bytes, receive):
     sent = False
 

@@ -8,7 +8,7 @@ and a chat stream becomes the Messages events (:class:`Events`: ``message_start`
 ``_delta``/``_stop`` per block, ``message_delta``, ``message_stop``). What only Anthropic's servers do is refused
 with the fix: images and documents (the model reads text), server tools (web search, code execution, ...), MCP
 servers, containers, extended ``thinking``. Fields the chat route knows pass through (``seed``, ``cascade``, ...).
-Errors on these routes come in Anthropic's shape (:class:`AnthropicErrors`).
+Errors on these routes come in Anthropic's shape (:data:`ERRORS`).
 """
 
 from __future__ import annotations
@@ -331,38 +331,5 @@ async def count_tokens(runner, body: dict) -> dict:
     return {"input_tokens": await _prompt_tokens(runner, chat_request(to_chat(body, counting=True), _FIELD))}
 
 
-class AnthropicErrors:
-    """Pure ASGI middleware: an error answered on the Messages routes (by the key check, the body limit, request
-    validation or a handler, all in OpenAI's shape) goes out in Anthropic's shape, with its status."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in PATHS:
-            return await self.app(scope, receive, send)
-        start: dict | None = None
-        parts: list[bytes] = []
-
-        async def convert(msg):
-            nonlocal start
-            if msg["type"] == "http.response.start" and msg["status"] >= 400:
-                start = msg  # held until the body is read
-                return
-            if start is None:
-                return await send(msg)
-            parts.append(msg.get("body", b""))
-            if msg.get("more_body"):
-                return
-            raw = b"".join(parts)
-            try:
-                message = json.loads(raw)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode("utf-8", errors="replace") or f"HTTP {start['status']}"
-            payload = json.dumps(error_body(start["status"], message)).encode()
-            headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-length", b"content-type")]
-            await send({**start, "headers": headers + [(b"content-type", b"application/json"),
-                                                       (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-
-        await self.app(scope, receive, convert)
+# http.ErrorShape's settings for these routes: every error in Anthropic's shape, with its status
+ERRORS = {"applies": PATHS.__contains__, "body": error_body}

@@ -1,0 +1,409 @@
+"""Ollama's native REST API (``/api/chat``, ``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version``, ``/api/embed``, ``/api/embeddings``) over the chat, completions and embeddings routes, so that
+apps written for Ollama (the ``ollama`` client, LangChain's ChatOllama, Open WebUI) work unchanged.
+
+/api/chat becomes a chat request (:func:`_common`: ``options`` the sampling fields, ``num_predict`` max_tokens,
+``format`` a response_format; :func:`_messages`: tool calls with object arguments become OpenAI's); /api/generate
+is one user message (after ``system``) through the chat template, or with ``raw`` the prompt as it is through the
+completions route. Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``stream`` is
+false, Ollama's default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty
+prompt (or no messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always
+loaded, and ``keep_alive`` changes nothing. Refused with the fix: a model not served (404, as Ollama),
+``num_ctx`` above the slot context, ``think``, images, ``template``, ``suffix``, and ``context`` (an earlier
+reply's token history: nothing is kept between requests, so replies carry none either). Errors on /api/* come in
+Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Body, Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.toolcalls import template_shows_tools
+from ..errors import InvalidArgument, OndeviceError
+from . import schemas as S
+from . import structured
+from .http import error_response
+from .responses import chat_chunks, chat_request, over_chat
+
+PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/api/embed",
+         "/api/embeddings")
+API_VERSION = "0.12.11"  # the Ollama release whose request and reply fields these routes follow (logprobs: 0.12.11)
+# Ollama's options -> the chat route's fields. Load-time options (num_gpu, num_thread, use_mmap, ...) and unknown
+# ones are ignored, as Ollama ignores unknown ones: the server's settings fix them
+_OPTIONS = {"num_predict": "max_tokens", **{k: k for k in (
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "stop", "seed", "repeat_penalty", "repeat_last_n",
+    "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta")}}
+_FIELD = {v: f"options.{k}" for k, v in _OPTIONS.items()} | {"response_format": "format"}  # chat -> ours, in errors
+_SAMPLING = set(S._Sampling.model_fields)  # what a raw prompt's completions request takes from the chat request
+NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: the model stays loaded while the server runs
+
+
+class UnknownModel(Exception):
+    """A model name the server does not serve: Ollama's 404."""
+
+
+def _time(at: float | None = None) -> str:
+    """RFC 3339 UTC of ``at`` (default: now), as Ollama's ``created_at``."""
+    return datetime.fromtimestamp(time.time() if at is None else at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _names(state) -> dict[str, str]:
+    """Ollama's name of each served model (``name:tag``) -> its id on the chat route (the base, ``BASE+ADAPTER``)."""
+    return {(c.id if ":" in c.id else f"{c.id}:latest"): c.id for c in state.model_cards()}
+
+
+def _served(state, body: dict) -> tuple[str, str]:
+    """(the name ``body`` gives, the chat route's id of that model: ``name`` or ``name:latest``); raises
+    :class:`UnknownModel` for one the server does not serve."""
+    name = body.get("model") or body.get("name")  # /api/show's old clients send name
+    names = _names(state)
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"model is required: one of {', '.join(names)} (GET /api/tags lists them)")
+    if name in names or name in names.values():
+        return name, names.get(name, name)
+    raise UnknownModel(f"model '{name}' not found; this server serves {', '.join(names)} (GET /api/tags lists "
+                       f"them)")
+
+
+def _common(body: dict, state) -> dict:
+    """The chat request fields of what /api/chat and /api/generate share: options, format, logprobs, stream."""
+    think = body.get("think")
+    if think not in (None, False):
+        raise InvalidArgument(f"think={think!r}: this model has no thinking mode; leave think unset or false")
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise InvalidArgument("options must be an object, e.g. {\"temperature\": 0, \"num_predict\": 64}")
+    ctx = opts.get("num_ctx")
+    if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx > state.settings.ctx):
+        raise InvalidArgument(f"options.num_ctx={ctx!r}: this server's context per slot is {state.settings.ctx} "
+                              f"tokens (set when it starts); ask for at most that, or restart `ondevice serve` with "
+                              f"a larger --ctx")
+    chat = {ours: opts[k] for k, ours in _OPTIONS.items() if opts.get(k) is not None}
+    n = chat.pop("max_tokens", None)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < -2):
+        raise InvalidArgument(f"options.num_predict={n!r} must be an integer: the most tokens to generate, or -1 "
+                              f"(or -2) for no limit but the context")
+    if n is not None and n >= 0:
+        chat["max_tokens"] = n
+    fmt = body.get("format")
+    if fmt == "json":
+        chat["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise InvalidArgument(f"format must be \"json\" or a JSON schema object, not {fmt!r}")
+    if body.get("logprobs"):
+        chat.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
+    chat["stream"] = body.get("stream") is not False  # Ollama streams unless told not to
+    if chat["stream"]:
+        chat["stream_options"] = {"include_usage": True}  # the last object's counts
+    return chat
+
+
+def _call_in(c, where: str, call_id: str) -> dict:
+    """An Ollama tool call (arguments an object) as OpenAI's (arguments JSON text)."""
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidArgument(f"{where} must be {{\"function\": {{\"name\": \"...\", \"arguments\": {{...}}}}}}")
+    args = fn.get("arguments") or {}
+    return {"id": c.get("id") or call_id, "type": "function",
+            "function": {"name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
+
+
+def _messages(items) -> list[dict]:
+    if not isinstance(items, list):
+        raise InvalidArgument("messages must be a list of {\"role\": \"user\", \"content\": \"...\"}")
+    msgs = []
+    for i, m in enumerate(items):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"{where} must be an object: {{\"role\": \"user\", \"content\": \"...\"}}")
+        if m.get("images"):
+            raise InvalidArgument(f"{where}.images: the model reads text only; send the content as text")
+        if not isinstance(m.get("content") or "", str):
+            raise InvalidArgument(f"{where}.content must be a string")
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise InvalidArgument(f"{where}.tool_calls must be a list")
+        # thinking (another model's) is not read; a tool message names its tool (tool_name), not a call id
+        msg = {"role": m.get("role"), "content": m.get("content") or "", "name": m.get("tool_name"),
+               "tool_call_id": m.get("tool_call_id"),
+               "tool_calls": [_call_in(c, f"{where}.tool_calls[{j}]", f"call_{i}_{j}") for j, c in enumerate(calls)]}
+        msgs.append({k: v for k, v in msg.items() if v or k == "content"})
+    return msgs
+
+
+def _logprobs(ch: dict) -> list | None:
+    """A choice's logprobs as Ollama's (the chat route's entries, or the completions route's legacy lists)."""
+    lp = ch.get("logprobs") or {}
+    if lp.get("content"):
+        return lp["content"]
+    return [{"token": t, "logprob": v, "top_logprobs": [{"token": k, "logprob": x} for k, x in (top or {}).items()]}
+            for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or [])
+            ] or None
+
+
+def _call_out(c: dict, index: int) -> dict:
+    fn = c["function"]
+    return {"id": c.get("id"), "function": {"index": index, "name": fn["name"],
+                                            "arguments": json.loads(fn.get("arguments") or "{}")}}
+
+
+def _line(obj: dict) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+class Reply:
+    """The objects of one reply (``key``: "message" for /api/chat, "response" for /api/generate), from the chat or
+    completions route's answer."""
+
+    def __init__(self, model: str, key: str):
+        self.model, self.key, self.t0 = model, key, time.perf_counter_ns()
+
+    def obj(self, text: str = "", calls: list | None = None, logprobs: list | None = None, done: bool = False,
+            **final) -> dict:
+        out: dict[str, Any] = {"model": self.model, "created_at": _time()}
+        if self.key == "message":
+            out["message"] = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+        else:
+            out["response"] = text
+        if logprobs:
+            out["logprobs"] = logprobs
+        return {**out, "done": done, **final}
+
+    def final(self, finish: str | None, usage: dict | None, timings: dict | None) -> dict:
+        """The last object's fields: why it ended (a tool call too is "stop", as Ollama says), counts, durations."""
+        u, t = usage or {}, timings or {}
+        return {"done_reason": "length" if finish == "length" else "stop",
+                "total_duration": time.perf_counter_ns() - self.t0, "load_duration": 0,
+                "prompt_eval_count": u.get("prompt_tokens", 0), "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
+                "eval_count": u.get("completion_tokens", 0), "eval_duration": int(t.get("predicted_ms", 0) * 1e6)}
+
+    def whole(self, chat: dict) -> dict:
+        """The one object of a reply that is not streamed, from the chat completion ``chat``."""
+        ch = chat["choices"][0]
+        msg = ch["message"]
+        calls = [_call_out(c, k) for k, c in enumerate(msg.get("tool_calls") or [])]
+        return self.obj(msg.get("content") or "", calls, _logprobs(ch), True,
+                        **self.final(ch.get("finish_reason"), chat.get("usage"), chat.get("timings")))
+
+    async def relay(self, chunks):
+        """The objects of the chat (or completions) stream ``chunks``; tool calls come whole, as Ollama sends them."""
+        calls: dict[int, dict] = {}
+        finish = usage = timings = None
+        async for c in chat_chunks(chunks):
+            if "error" in c:
+                yield _line({"error": c["error"].get("message", "")})
+                return
+            usage, timings = c.get("usage") or usage, c.get("timings") or timings
+            for ch in c.get("choices") or []:
+                d = ch.get("delta") or {}
+                text = d.get("content") if "delta" in ch else ch.get("text")
+                for tc in d.get("tool_calls") or []:
+                    call = calls.setdefault(tc.get("index", 0), {"id": tc.get("id"), "function": {"name": "",
+                                                                                               "arguments": ""}})
+                    fn = tc.get("function") or {}
+                    call["function"]["name"] += fn.get("name") or ""
+                    call["function"]["arguments"] += fn.get("arguments") or ""
+                lps = _logprobs(ch)
+                if text or lps:
+                    yield _line(self.obj(text or "", logprobs=lps))
+                finish = ch.get("finish_reason") or finish
+        if calls:
+            yield _line(self.obj("", [_call_out(c, k) for k, c in sorted(calls.items())]))
+        yield _line(self.obj("", done=True, **self.final(finish, usage, timings)))
+
+
+class _Raw:
+    """``over_chat``'s runner for a raw prompt: the completions route, its whole answer read as a chat completion."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    async def chat(self, req, request):
+        r = await self.runner.completions(req, request)
+        if not isinstance(r, S.Completion):
+            return r
+        c = r.choices[0]
+        lps = _logprobs({"logprobs": c.logprobs.model_dump()}) if c.logprobs else None
+        return S.ChatCompletion(model=r.model, usage=r.usage, timings=r.timings, choices=[S.ChatChoice(
+            message=S.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+            logprobs=S.ChoiceLogprobs(content=lps) if lps else None)])
+
+
+async def _answer(runner, req, request, reply: Reply):
+    try:
+        resp = await over_chat(runner, req, request, reply.whole, reply.relay)
+    except InvalidArgument as e:  # a schema the grammar cannot express is named as the client sent it
+        raise type(e)(str(e).replace("response_format.json_schema.schema", "format")) from None
+    if isinstance(resp, StreamingResponse):
+        resp.headers["content-type"] = "application/x-ndjson"
+    return resp
+
+
+async def chat(runner, body: dict, request):
+    """Answer an /api/chat request through ``runner.chat`` (its limits, grammar and tool calls)."""
+    name, model = _served(runner.state, body)
+    reply = Reply(name, "message")
+    if not body.get("messages"):  # Ollama's "load the model"
+        return reply.obj(done=True, done_reason="load")
+    req = {**_common(body, runner.state), "model": model, "messages": _messages(body["messages"])}
+    if body.get("tools"):
+        req["tools"] = body["tools"]
+    return await _answer(runner, chat_request(req, _FIELD), request, reply)
+
+
+_GENERATE_REFUSED = {
+    "template": "the model's own chat template renders the prompt (or send raw: true and the prompt as you want it)",
+    "suffix": "fill-in-the-middle is not supported; send the prompt only",
+    "images": "the model reads text only",
+    "context": "nothing is kept between requests, so there is no token history to continue; send the conversation "
+               "as messages to /api/chat, or the whole text as the prompt",
+}
+
+
+async def generate(runner, body: dict, request):
+    """Answer an /api/generate request: through ``runner.chat`` (the chat template), or with ``raw`` through
+    ``runner.completions`` (the prompt as it is)."""
+    st = runner.state
+    name, model = _served(st, body)
+    reply = Reply(name, "response")
+    for key, why in _GENERATE_REFUSED.items():
+        if body.get(key):
+            raise InvalidArgument(f"{key}: {why}; leave {key} unset")
+    prompt, system = body.get("prompt") or "", body.get("system") or ""
+    if not isinstance(prompt, str) or not isinstance(system, str):
+        raise InvalidArgument("prompt and system must be strings")
+    if not prompt:  # Ollama's "load the model"
+        return reply.obj(done=True, done_reason="load")
+    if body.get("raw") and system:
+        raise InvalidArgument("system is rendered by the chat template, which raw: true skips; put it in the prompt "
+                              "or drop raw")
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    req = chat_request({**_common(body, st), "model": model, "messages": msgs}, _FIELD)
+    if not body.get("raw"):
+        return await _answer(runner, req, request, reply)
+    comp = S.CompletionRequest.model_validate({
+        **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
+        "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
+        "grammar": structured.plan(req).grammar, "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
+    return await _answer(_Raw(runner), comp, request, reply)
+
+
+@functools.lru_cache(maxsize=4)
+def _facts(path: str, stamp: tuple[int, int]) -> tuple[str, dict, dict]:
+    """(digest, Ollama's details, model_info) of the model file (``stamp``: its size and mtime, so a file replaced
+    is read again; the sha256 is cached on disk by the models store, so a file is hashed once)."""
+    import gguf
+
+    from ..models import resolve
+    from ..models.store import cached_sha256
+
+    digest, details = "sha256:" + cached_sha256(path), {"parent_model": "", "format": "gguf"}
+    try:
+        info = resolve(path).info
+    except OndeviceError:  # e.g. a protected model whose key is not at hand: no details
+        return digest, details, {}
+    try:
+        quant = gguf.LlamaFileType(info.file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        quant = next(iter(info.quant_mix), "")  # the type of most tensor bytes
+    meta = {k: v for k, v in info.metadata.items() if not isinstance(v, (list, tuple)) and k != "tokenizer.chat_template"}
+    return digest, details | {"family": info.architecture, "families": [info.architecture], "quantization_level": quant,
+                      "parameter_size": info.params_label}, meta | {"general.parameter_count": info.parameters}
+
+
+async def _models(state) -> tuple[list[dict], dict]:
+    """(Ollama's entries of the served model and of each of its adapters, the model's model_info)."""
+    from starlette.concurrency import run_in_threadpool
+
+    st = state.path.stat()
+    digest, details, meta = await run_in_threadpool(_facts, str(state.path), (st.st_size, st.st_mtime_ns))
+    return [{"name": name, "model": name, "modified_at": _time(st.st_mtime), "size": st.st_size, "digest": digest,
+             "details": details} for name in _names(state)], meta
+
+
+def add_routes(app, runner, embeddings) -> None:
+    """Ollama's routes on ``app``: generation over ``runner``; embeddings over ``embeddings``, the /v1/embeddings
+    handler (its limits and packing)."""
+    state = runner.state
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(request: Request, exc: UnknownModel):
+        return error_response(404, str(exc), "not_found_error", "model", "model_not_found")
+
+    @app.post("/api/chat")
+    async def ollama_chat(request: Request, body: Annotated[dict[str, Any], Body()]):
+        return await chat(runner, body, request)
+
+    @app.post("/api/generate")
+    async def ollama_generate(request: Request, body: Annotated[dict[str, Any], Body()]):
+        return await generate(runner, body, request)
+
+    @app.get("/api/version")
+    async def ollama_version():
+        return {"version": API_VERSION}
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        return {"models": (await _models(state))[0]}
+
+    @app.get("/api/ps")
+    async def ollama_ps():
+        return {"models": [{**m, "expires_at": NEVER, "size_vram": 0, "context_length": state.settings.ctx}
+                           for m in (await _models(state))[0]]}
+
+    @app.post("/api/show")
+    async def ollama_show(body: Annotated[dict[str, Any], Body()]):
+        _served(state, body)
+        entries, meta = await _models(state)
+        caps = ["completion"] + (["tools"] if template_shows_tools(state.template) else [])
+        return {"modelfile": f"# served by ondevice\nFROM {state.path}\n", "parameters": f"num_ctx {state.settings.ctx}",
+                "template": state.template or "", "license": meta.get("general.license", ""),
+                "details": entries[0]["details"], "model_info": meta, "capabilities": caps,
+                "modified_at": entries[0]["modified_at"]}
+
+    async def embed(body: dict, request: Request, key: str):
+        """(the name to answer with, the /v1/embeddings answer) for the text(s) in ``body[key]``."""
+        name, _ = _served(state, body)
+        texts = [body.get(key)] if isinstance(body.get(key), str) else body.get(key)
+        if not isinstance(texts, list) or not texts or not all(isinstance(x, str) for x in texts):
+            raise InvalidArgument(f"{key} must be a string or a non-empty list of strings")
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
+            raise InvalidArgument(f"dimensions={dims!r} must be a positive integer (or left unset: all of them)")
+        if body.get("truncate") is not False and state.embedder is not None:  # Ollama's default: cut to fit
+            limit = min(state.settings.embeddings_ctx, state.settings.prompt_limit)
+            texts = [state.tokenize(x)[:limit] for x in texts]
+        return name, await embeddings(S.EmbeddingRequest(input=texts, dimensions=dims), request)
+
+    @app.post("/api/embed")
+    async def ollama_embed(request: Request, body: Annotated[dict[str, Any], Body()]):
+        t0 = time.perf_counter_ns()
+        name, out = await embed(body, request, "input")
+        if not isinstance(out, S.EmbeddingResponse):  # the client went away
+            return out
+        return {"model": name, "embeddings": [d.embedding for d in out.data], "load_duration": 0,
+                "total_duration": time.perf_counter_ns() - t0, "prompt_eval_count": out.usage.prompt_tokens}
+
+    @app.post("/api/embeddings")
+    async def ollama_embeddings(request: Request, body: Annotated[dict[str, Any], Body()]):
+        if not body.get("prompt"):  # Ollama's answer to an empty prompt
+            _served(state, body)
+            return {"embedding": []}
+        out = (await embed(body, request, "prompt"))[1]
+        return {"embedding": out.data[0].embedding} if isinstance(out, S.EmbeddingResponse) else out
+
+
+# http.ErrorShape's settings for /api/*: Ollama's {"error": "..."}, and a full queue (429) as its 503 "server busy"
+ERRORS = {"applies": lambda path: path.startswith("/api/"), "body": lambda status, message: {"error": message},
+          "status": lambda code: 503 if code == 429 else code}
+
+

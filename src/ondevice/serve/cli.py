@@ -10,7 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = ("Every flag can also be set with its ONDEVICE_* environment variable; a flag wins over "
                      "the environment. Routes: /v1/chat/completions, /v1/completions, /v1/models, "
-                     "/v1/embeddings, /health, /metrics, /tokenize, /detokenize, /tokenizer_info.")
+                     "/v1/embeddings, /v1/responses (OpenAI's Responses API), /v1/messages (Anthropic's Messages "
+                     "API), /api/chat, /api/generate, /api/tags, /api/embed, ... (Ollama's API), /health, /metrics, "
+                     "/tokenize, /detokenize, /tokenizer_info.")
     add_settings_arguments(parser)
     from ..protect.keys import add_key_args
 

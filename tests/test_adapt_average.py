@@ -1,5 +1,6 @@
 """`ondevice adapt average`: one adapter whose change is the weighted sum of several adapters' changes, checked
-in numbers and in llama.cpp against the adapters applied together. No torch needed."""
+in numbers and in llama.cpp against the adapters applied together; and an adapter applied at a scale
+(`--adapter PATH:SCALE`, llama-cli's `--lora-scaled PATH SCALE`) in the library, run and eval. No torch needed."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def _pairs(seed: int, rank: int, layers=(27, 28, 29), scale: float = 0.4) -> dic
 def _delta(pairs: dict, alpha: float) -> dict:
     """llama.cpp's change to each weight: alpha / rank * B @ A (scale 1 when no alpha)."""
     return {t: (alpha / a.shape[0] if alpha else 1.0) * (b @ a) for t, (a, b) in pairs.items()}
+
+
+def _logits_with(smol_path, adapters: tuple[str, ...]) -> np.ndarray:
+    from test_adapt import _logits
+
+    import ondevice
+
+    m = ondevice.load(str(smol_path), n_ctx=256, n_threads=2, adapters=adapters)
+    try:
+        return _logits(m, "Rewrite formally: hey, send me the slides")
+    finally:
+        m.close()
 
 
 @pytest.fixture()
@@ -58,22 +71,11 @@ def test_the_combined_change_is_the_weighted_sum_of_the_adapters_changes(three, 
 
 def test_llama_cpp_gives_the_same_logits_as_the_adapters_applied_together(three, tmp_path, smol_path):
     """Weights 1 and 1 in one file = both adapters loaded at once (llama.cpp adds their changes)."""
-    from test_adapt import _logits
-
-    import ondevice
-
     a, b = str(three["a"][0]), str(three["b"][0])
     one = average([a, b], tmp_path / "sum.gguf", weights=[1.0, 1.0])["path"]
-    text = "Rewrite formally: hey, send me the slides"
-    logits = {}
-    for key, ads in (("together", (a, b)), ("one file", (one,)), ("a alone", (a,))):
-        m = ondevice.load(str(smol_path), n_ctx=256, n_threads=2, adapters=ads)
-        try:
-            logits[key] = _logits(m, text)
-        finally:
-            m.close()
-    assert np.abs(logits["together"] - logits["one file"]).max() < 2e-3
-    assert np.abs(logits["together"] - logits["a alone"]).max() > 0.05  # b's change is there at all
+    together = _logits_with(smol_path, (a, b))
+    assert np.abs(together - _logits_with(smol_path, (one,))).max() < 2e-3
+    assert np.abs(together - _logits_with(smol_path, (a,))).max() > 0.05  # b's change is there at all
 
 
 def test_the_cli_stores_a_soup_that_runs_by_name_and_refuses_what_cannot_be_combined(three, tmp_path, cli):
@@ -102,3 +104,32 @@ def test_the_cli_stores_a_soup_that_runs_by_name_and_refuses_what_cannot_be_comb
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written by a refused run
     m = cli("adapt", "merge", a, b)
     assert m.returncode == 2 and "merge takes one adapter" in m.stderr
+
+
+def test_a_scale_multiplies_the_adapters_change_as_llama_cpp_applies_it(three, tmp_path, smol_path):
+    a = str(three["a"][0])
+    twice = average([a, a], tmp_path / "twice.gguf", weights=[1.0, 1.0])["path"]  # the change x 2, in one file
+    base, one = _logits_with(smol_path, ()), _logits_with(smol_path, (a,))
+    assert np.abs(_logits_with(smol_path, (f"{a}:0",)) - base).max() < 1e-4  # scale 0: the base
+    assert np.abs(_logits_with(smol_path, (f"x={a}:1",)) - one).max() < 1e-4
+    doubled = _logits_with(smol_path, (f"{a}:2",))
+    assert np.abs(doubled - _logits_with(smol_path, (twice,))).max() < 2e-3 and np.abs(doubled - one).max() > 0.05
+
+
+def test_run_and_eval_take_a_scaled_adapter_and_eval_records_the_scale(three, tmp_path, cli):
+    a = str(three["a"][0])
+    plain = cli("run", "-n", "6", "--temp", "0", "Hello")
+    live = cli("run", "--adapter", a, "-n", "6", "--temp", "0", "Hello")
+    off = cli("run", "--lora-scaled", a, "0", "-n", "6", "--temp", "0", "Hello")
+    assert plain.returncode == live.returncode == off.returncode == 0, off.stderr
+    assert off.stdout == plain.stdout != live.stdout  # scale 0 changes nothing; scale 1 does
+    bad = cli("run", "--lora-scaled", a, "half", "-n", "2", "Hello")
+    assert bad.returncode == 2 and "SCALE must be a number" in bad.stderr, bad.stderr
+    ppl = ("eval", "--ppl", "--ctx", "64", "--chunks", "2", "--threads", "2", "--json", "--no-store")
+    recs = [json.loads(cli(*ppl, *extra).stdout.splitlines()[0]) for extra in
+            ((), ("--adapter", f"{a}:0"), ("--adapter", f"{a}:0.5"), ("--adapter", a))]
+    assert recs[1]["adapter_scale"] == 0.0 and recs[1]["ppl"] == pytest.approx(recs[0]["ppl"], rel=1e-4)
+    assert recs[2]["adapter_scale"] == 0.5 and recs[3].get("adapter_scale") is None
+    assert recs[2]["ppl"] != pytest.approx(recs[3]["ppl"], rel=1e-3) and recs[2]["adapter"] == a
+    shown = cli(*ppl[:-2], "--no-store", "--adapter", f"{a}:0.5")
+    assert shown.returncode == 0 and "+ adapter a.gguf x 0.5 (sha256" in shown.stdout + shown.stderr, shown.stderr

@@ -8,6 +8,7 @@ settings, figures, creation time), so the store is just a directory and nothing 
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,21 @@ def names() -> list[str]:
 
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.endswith(".gguf") or spec.startswith(("~", "."))
+
+
+def split_scale(spec: str) -> tuple[str, float]:
+    """``PATH:SCALE`` (llama.cpp's ``--lora-scaled FILE:SCALE``) -> (PATH, SCALE); a spec whose text after its last
+    ':' is not a number is all path (scale 1). The scale multiplies the adapter's change (0: none, 1: as trained)."""
+    head, sep, tail = str(spec).rpartition(":")
+    if not sep or not head:
+        return str(spec), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return str(spec), 1.0
+    if not math.isfinite(scale):
+        raise InvalidArgument(f"--adapter {spec}: the scale after ':' must be a finite number, e.g. {head}:0.5")
+    return head, scale
 
 
 def resolve(spec: str | Path, flag: str = "--adapter") -> Path:

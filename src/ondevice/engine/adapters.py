@@ -23,6 +23,7 @@ class Adapters:
         self.engine = weakref.proxy(engine)  # the engine holds this: a strong link back would keep both alive
         self.loaded: dict[str, int] = {}  # name -> llama_adapter_lora *
         self.meta: dict[str, dict] = {}
+        self.scales: dict[str, float] = {}  # name -> the scale llama.cpp applies it at (1: as trained)
         self.active: tuple[str, ...] = ()
         self._plain_sha: str | None = None
         lib = llama_cpp_lib()
@@ -44,9 +45,9 @@ class Adapters:
             raise
         return self
 
-    def load(self, path: str | Path, name: str | None = None) -> str:
+    def load(self, path: str | Path, name: str | None = None, scale: float = 1.0) -> str:
         """Load an adapter (a file, or a name in ``ondevice adapt``'s store) for this model, checked against the
-        base by sha256 first; returns its name."""
+        base by sha256 first, applied at ``scale`` whenever it is active; returns its name."""
         from ..adapt import store
         from ..adapt.adapter_file import check
         from .native import load_log
@@ -66,6 +67,7 @@ class Adapters:
                         or "failed" in ln.lower()), "see ONDEVICE_VERBOSE=1")
             raise OndeviceError(f"llama.cpp could not load the adapter {p} for {self.engine.path.name}: {why}")
         self.loaded[name] = ptr
+        self.scales[name] = float(scale)
         return name
 
     def _plain_sha256(self) -> str | None:
@@ -82,9 +84,15 @@ class Adapters:
         return self._plain_sha
 
     def load_spec(self, spec: str) -> str:
-        """``NAME=PATH`` or ``PATH`` (named by its file stem); a PATH may be a stored adapter's name."""
+        """``NAME=PATH`` or ``PATH`` (named by its file stem), either with ``:SCALE`` after the PATH (llama.cpp's
+        ``--lora-scaled``); a PATH may be a stored adapter's name."""
+        from ..adapt.store import split_scale
+
         name, sep, path = spec.partition("=")
-        return self.load(path, name) if sep and name and "/" not in name else self.load(spec)
+        if not (sep and name and "/" not in name):
+            name, path = None, spec
+        path, scale = split_scale(path)
+        return self.load(path, name, scale)
 
     def check(self, names: tuple[str, ...]) -> None:
         """Raise InvalidArgument unless every one of ``names`` is loaded."""
@@ -93,7 +101,7 @@ class Adapters:
             raise InvalidArgument(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.loaded) or 'none'}")
 
     def use(self, names: tuple[str, ...] = ()) -> None:
-        """Make exactly ``names`` (scale 1 each) the context's adapters; a no-op when they already are.
+        """Make exactly ``names`` (each at its scale) the context's adapters; a no-op when they already are.
 
         A change is not free: llama.cpp re-reserves its compute graphs before the next decode
         (``sched_reserve``: 6-14 ms by its own log for SmolLM2-135M on 2 busy cores; adapt_bench's serving
@@ -104,7 +112,7 @@ class Adapters:
         self.check(names)
         n = len(names)
         arr = (ctypes.c_void_p * max(1, n))(*[self.loaded[x] for x in names])
-        scales = (ctypes.c_float * max(1, n))(*([1.0] * n))
+        scales = (ctypes.c_float * max(1, n))(*[self.scales[x] for x in names])
         if self._set(self.engine.ctx, arr if n else None, n, scales if n else None) != 0:
             raise OndeviceError(f"llama.cpp refused the adapters {', '.join(names)}")
         self.active = names

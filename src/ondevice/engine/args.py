@@ -14,11 +14,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default (or 0): physical cores")
     p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=0,
                    help="context size in tokens (0: the model's, capped at 4096)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME|PATH",
+    p.add_argument("--adapter", "--lora", action="append", default=[], metavar="NAME|PATH[:SCALE]",
                    help="a LoRA adapter made by `ondevice adapt` for this model: its stored name (`ondevice adapt "
-                        "list`) or a .gguf path (repeatable: applied together)")
+                        "list`) or a .gguf path, with :SCALE to scale its change (0.5: half; default 1) "
+                        "(repeatable: applied together)")
+    p.add_argument("--lora-scaled", nargs=2, action=_Scaled, dest="adapter", metavar=("PATH", "SCALE"),
+                   help="llama-cli's form of --adapter PATH:SCALE")
     add_kernel_args(p)
     add_key_args(p)
+
+
+class _Scaled(argparse.Action):
+    """``--lora-scaled PATH SCALE`` (llama-cli's) appends ``PATH:SCALE`` to --adapter's list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        path, scale = values
+        try:
+            float(scale)
+        except ValueError:
+            parser.error(f"{option_string} {path} {scale}: SCALE must be a number, e.g. {option_string} {path} 0.5")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{path}:{scale}"])
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
@@ -67,12 +82,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
 
 _MORE = ((("--repeat-last-n",), int, "tokens the penalties look back over (0 = none, -1 = the context)"),
          (("--typical-p", "--typical"), float, "locally typical sampling, in [0, 1] (1 = off)"),
-         (("--top-n-sigma", "--top-nsigma"), float, "keep logits within n standard deviations of the top one "
-                                                     "(<= 0 = off)"),
+         (("--top-n-sigma", "--top-nsigma"), float, ("keep logits within n standard deviations of the top one "
+                                                      "(<= 0 = off)")),
          (("--xtc-probability",), float, "XTC: chance of removing the likeliest tokens (0 = off)"),
          (("--xtc-threshold",), float, "XTC: removes tokens above this probability but the least likely of them"),
-         (("--mirostat",), int, "1 or 2: Mirostat v1/v2, in place of the other samplers and the penalties, as "
-                                "in llama.cpp (0 = off)"),
+         (("--mirostat",), int, ("1 or 2: Mirostat v1/v2, in place of the other samplers and the penalties, as "
+                                 "in llama.cpp (0 = off)")),
          (("--mirostat-tau", "--mirostat-ent"), float, "Mirostat's target surprise"),
          (("--mirostat-eta", "--mirostat-lr"), float, "Mirostat's learning rate"),
          (("--dynatemp-range",), float, "dynamic temperature: temp +- this, by the entropy (0 = off)"),

@@ -97,11 +97,14 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     if c.adapter:  # checked against the model here; every load of the model below applies it
         from ..adapt.adapter_file import check
         from ..adapt.store import resolve as resolve_adapter
+        from ..adapt.store import split_scale
         from ..models.store import cached_sha256
 
-        adapter = resolve_adapter(c.adapter)  # a path or a stored adapter's name
+        spec, scale = split_scale(c.adapter)  # PATH[:SCALE]
+        adapter = resolve_adapter(spec)  # a path or a stored adapter's name
         check(adapter, mref.path)
-        base.update(adapter=str(adapter), adapter_sha256=cached_sha256(adapter))
+        base.update(adapter=str(adapter), adapter_sha256=cached_sha256(adapter),
+                    **({"adapter_scale": scale} if scale != 1 else {}))
     records: list[dict] = []
     try:
         if c.ppl or c.ref:
@@ -122,6 +125,14 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
                                                           for r in records]
 
 
+def _adapters(base: dict) -> tuple[str, ...]:
+    """The engine's adapter specs for the model under test: its adapter (at its scale), or none."""
+    if not base.get("adapter"):
+        return ()
+    scale = base.get("adapter_scale")
+    return (base["adapter"] + ("" if scale is None else f":{scale!r}"),)
+
+
 def _store(store: bool | str | os.PathLike[str], session: str, records: list[dict]) -> list[EvalRecord]:
     """Write complete records to the store (True: the default one); the typed records."""
     from ..store import Store
@@ -132,8 +143,9 @@ def _store(store: bool | str | os.PathLike[str], session: str, records: list[dic
             cfg = {k: d.get(k) for k in ("test", "model_sha256", "n_ctx", "n_chunks", "ref_sha256", "topk",
                                          "limit", "seed", "max_tokens", "temp")}
             cfg["corpus_sha256"] = (r.corpus or {}).get("sha256")
-            if d.get("adapter_sha256"):  # only then: the keys of runs without an adapter stay as they were
-                cfg["adapter_sha256"] = d["adapter_sha256"]
+            for k in ("adapter_sha256", "adapter_scale"):  # only then: the keys of runs without stay as they were
+                if d.get(k) is not None:
+                    cfg[k] = d[k]
             db.add("eval", r.to_dict(), session=session, config_key=_config_key(cfg), model=r.model,
                    model_sha256=r.model_sha256, test=r.test)
     return typed
@@ -154,7 +166,7 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
                               f"({trained}); use --ctx {trained} or less")
     text_corpus = load_corpus(corpus, text)
     cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False,  # timings are not measured here
-                       adapters=(base["adapter"],) if base.get("adapter") else ())
+                       adapters=_adapters(base))
     ref_cfg = dataclasses.replace(cfg, adapters=())  # an adapter belongs to the model under test, not the reference
     say(f"corpus {text_corpus.name}: {text_corpus.chars} chars, sha256 {text_corpus.sha256[:12]}")
     if not ref:
@@ -244,7 +256,7 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
     log_path = (Path(log_dir or data_dir() / "eval-logs") / f"{session}-{s.name}-{base['model_sha256'][:12]}.jsonl"
                 if keep_log else None)
     model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx,
-                 adapters=(base["adapter"],) if base.get("adapter") else ())
+                 adapters=_adapters(base))
     n_threads, n_ctx = model.engine.n_threads, model.engine.n_ctx
     try:
         say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'}, "

@@ -42,7 +42,8 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 def print_record(r: EvalRecord, out=sys.stdout) -> None:
     test = r.test
-    adapter = f" + adapter {Path(r.adapter).name} (sha256 {(r.adapter_sha256 or '')[:12]})" if r.adapter else ""
+    scale = "" if r.adapter_scale is None else f" x {r.adapter_scale:g}"
+    adapter = f" + adapter {Path(r.adapter).name}{scale} (sha256 {(r.adapter_sha256 or '')[:12]})" if r.adapter else ""
     print(f"{r.model} ({(r.file_size or 0) / 1e6:.1f} MB, sha256 {r.model_sha256[:12]}){adapter}  {test}", file=out)
     if r.corpus is not None:
         c = r.corpus

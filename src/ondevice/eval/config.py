@@ -46,8 +46,9 @@ class EvalConfig(BaseSettings):
     judge_key: str | None = Field(None, validate_default=True,
                                   description="API key for the judge (none: the env var ONDEVICE_JUDGE_KEY)")
     # both
-    adapter: PathStr | None = Field(None, description="a LoRA adapter from `ondevice adapt` (.gguf or stored name), "
-                                                      "applied to the model (not to --ref); recorded with its sha256")
+    adapter: PathStr | None = Field(None, description="a LoRA adapter from `ondevice adapt` (.gguf or stored name, "
+                                                      "with :SCALE to apply it scaled, e.g. hard.gguf:0.5), applied "
+                                                      "to the model (not to --ref); recorded with its sha256")
     threads: NonNegativeInt | None = Field(None, description="threads (none or 0: physical cores)")
     session: str | None = Field(None, description="session id to record under (none: a new one)")
     log_dir: PathStr | None = Field(None, description="where per-sample suite logs go (none: <data dir>/eval-logs)")

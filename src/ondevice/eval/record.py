@@ -35,6 +35,7 @@ class EvalRecord(FlatRecord):
     quant: str | None = None
     adapter: str | None = None  # a LoRA adapter applied to the model under test (`eval --adapter`)
     adapter_sha256: str | None = None
+    adapter_scale: float | None = None  # the scale it was applied at (`--adapter FILE:SCALE`); None: 1, as trained
     threads: int | None = None
     n_ctx: int | None = None  # ppl/kld: the chunk size; suites: the context window
     time_s: float | None = None

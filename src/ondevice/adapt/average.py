@@ -12,13 +12,13 @@ runs that differ only by seed average out part of one run's luck. numpy and gguf
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidArgument
 from ..models.store import cached_sha256
+from ..store.record import created_now
 from . import store
 from .adapter_file import KEY, lora_meta, read_lora, write
 
@@ -87,7 +87,7 @@ def average(specs: list[str], out: str | Path | None = None, name: str | None = 
     tensors = combine(adapters, weights)
     first = next((m for m in metas if KEY + "base_sha256" in m), metas[0])  # one converted elsewhere records none
     prov = {k: first[KEY + k] for k in ("base_sha256", "base_name") if KEY + k in first}
-    prov["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    prov["created"] = created_now()
     prov["averaged_from"] = [{"adapter": str(p), "sha256": cached_sha256(p), "weight": w}
                              for p, w in zip(paths, weights, strict=True)]
     write(target, next(iter(archs)), ALPHA, tensors, prov)

@@ -28,16 +28,20 @@ from ondevice.serve.schemas import MAX_DEPTH, MAX_STOPS
 TIMEOUT = 120  # seconds for one request: a request past it has hung (the server's own --timeout is 100)
 MAX_TOKENS = 2
 OLLAMA_GENERATING = {"/api/chat", "/api/generate"}  # their length is options.num_predict
-GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", *OLLAMA_GENERATING}
+NATIVE_GENERATING = {"/completion", "/completions"}  # llama-server's own: n_predict, n_cmpl, a native stream
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", *OLLAMA_GENERATING,
+              *NATIVE_GENERATING}
 # a valid request costs model time: fewer examples
-COMPUTING = GENERATING | {"/v1/embeddings", "/api/embed", "/api/embeddings"}
+COMPUTING = GENERATING | {"/v1/embeddings", "/api/embed", "/api/embeddings", "/embedding", "/embeddings"}
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # every operation the server's OpenAPI document lists (test_the_openapi_document_lists_every_route keeps it whole)
 OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}", "GET /tokenizer_info",
               "POST /tokenize", "POST /detokenize", "POST /v1/embeddings", "POST /v1/chat/completions",
               "POST /v1/completions", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens",
               "GET /api/tags", "GET /api/ps", "GET /api/version", "POST /api/show", "POST /api/chat",
-              "POST /api/generate", "POST /api/embed", "POST /api/embeddings"]
+              "POST /api/generate", "POST /api/embed", "POST /api/embeddings", "POST /completion", "POST /completions",
+              "POST /embedding", "POST /embeddings", "GET /props", "POST /apply-template", "GET /lora-adapters",
+              "POST /lora-adapters"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 
@@ -88,6 +92,8 @@ def _check_stream(path: str, text: str) -> None:
         assert parsed[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"), last[:300]
     elif path == "/v1/messages":
         assert parsed[-1]["type"] in ("message_stop", "error"), last[:300]
+    elif path in NATIVE_GENERATING:  # llama-server's: no [DONE]; the last event ends a reply, or is an error
+        assert parsed[-1].get("stop") is True or "error" in parsed[-1], last[:300]
     else:
         assert last == "[DONE]" or "error" in parsed[-1], f"the stream ends without [DONE] or an error: {last[:300]}"
 
@@ -124,8 +130,21 @@ def _cheap(path: str, body):
     takes to answer (the server's limits on these have tests of their own)."""
     if not isinstance(body, dict):
         return body
-    if path in ("/v1/embeddings", "/api/embed") and isinstance(body.get("input"), list):
-        body["input"] = body["input"][:2]
+    if path in ("/v1/embeddings", "/api/embed", "/embedding", "/embeddings"):
+        for key in ("input", "content"):
+            if isinstance(body.get(key), list):
+                body[key] = body[key][:2]
+    elif path in NATIVE_GENERATING:
+        n = body.get("n_predict")
+        body["n_predict"] = min(n, MAX_TOKENS) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 \
+            else MAX_TOKENS
+        for key in ("max_tokens", "max_completion_tokens"):
+            body.pop(key, None)
+        for key in ("n_cmpl", "n"):
+            if isinstance(body.get(key), int) and body[key] > 2:
+                body[key] = 2
+        if isinstance(body.get("prompt"), list) and not any(isinstance(x, int) for x in body["prompt"]):
+            body["prompt"] = body["prompt"][:2]
     elif path in OLLAMA_GENERATING:
         opts = body.setdefault("options", {})
         if isinstance(opts, dict):
@@ -258,6 +277,16 @@ ROUTE_FIELDS = {
         "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none"]) | text},
                                              optional={"name": st.just("f") | text}) | value,
         "thinking": value, "output_config": value, "stream": st.booleans(), "temperature": leaf}),
+    "/completion": ({"prompt": "hi"}, {
+        **SAMPLING, "prompt": text | token_ids | st.lists(text | st.integers(-5, 50000), max_size=4)
+        | st.lists(text | token_ids | st.fixed_dictionaries({"prompt_string": text | value}), max_size=3) | value,
+        "n_predict": st.integers(-3, 4) | value, "n_probs": st.integers(-1, 30) | value, "json_schema": json_value,
+        "grammar": text | value, "logit_bias": st.lists(st.tuples(text | st.integers(-5, 60000), leaf).map(list),
+                                                           max_size=3) | value,
+        "samplers": st.lists(st.sampled_from(["top_k", "top_p", "min_p", "temperature", "dry", "xtc"]) | text,
+                             max_size=4) | text | value,
+        "response_fields": st.lists(text, max_size=3) | value, "lora": value, "n_cmpl": st.integers(0, 3) | value,
+        "return_tokens": leaf, "timings_per_token": leaf, "stream": st.booleans()}),
     "/tokenize": ({"content": "hi"}, {"content": text | value, "prompt": text | value, "with_pieces": leaf,
                                       "add_special": leaf}),
     "/detokenize": ({"tokens": [1, 2]}, {"tokens": token_ids | value}),
@@ -286,7 +315,7 @@ def _body_text(body) -> str:
     ("/v1/chat/completions", (), 60), ("/v1/chat/completions", ("messages",), 40),
     ("/v1/chat/completions", ("response_format", "tools", "tool_choice"), 40), ("/v1/responses", (), 60),
     ("/v1/messages", (), 60),
-    ("/v1/completions", (), 30), ("/tokenize", (), 20), ("/detokenize", (), 20), ("/v1/embeddings", (), 20)])
+    ("/v1/completions", (), 30), ("/completion", (), 40), ("/tokenize", (), 20), ("/detokenize", (), 20), ("/v1/embeddings", (), 20)])
 def test_hypothesis_fuzz_of_open_fields(srv, path, only, examples):
     with httpx.Client(base_url=srv.base, timeout=TIMEOUT) as client:
 

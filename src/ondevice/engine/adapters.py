@@ -23,7 +23,9 @@ class Adapters:
         self.engine = weakref.proxy(engine)  # the engine holds this: a strong link back would keep both alive
         self.loaded: dict[str, int] = {}  # name -> llama_adapter_lora *
         self.meta: dict[str, dict] = {}
+        self.paths: dict[str, Path] = {}  # name -> the file it was loaded from
         self.scales: dict[str, float] = {}  # name -> the scale llama.cpp applies it at (1: as trained)
+        self.base_of: dict[str, str] = {}  # a name made by scaled() -> the adapter's own name
         self.active: tuple[str, ...] = ()
         self._plain_sha: str | None = None
         lib = llama_cpp_lib()
@@ -57,6 +59,8 @@ class Adapters:
         if "+" in name:  # a request picks adapters by model 'BASE+NAME': this one could never be asked for
             raise InvalidArgument(f"--adapter: the name {name!r} has a '+', which requests use to join adapters "
                                   f"('BASE+NAME'); name it without one: NAME=PATH")
+        if "@" in name:  # scaled() names an adapter at another scale NAME@SCALE
+            raise InvalidArgument(f"--adapter: the name {name!r} has an '@'; name it without one: NAME=PATH")
         if name in self.loaded:
             raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
         self.meta[name] = check(p, self.engine.path, self._plain_sha256())
@@ -68,6 +72,7 @@ class Adapters:
             raise OndeviceError(f"llama.cpp could not load the adapter {p} for {self.engine.path.name}: {why}")
         self.loaded[name] = ptr
         self.scales[name] = float(scale)
+        self.paths[name] = p
         return name
 
     def _plain_sha256(self) -> str | None:
@@ -94,11 +99,29 @@ class Adapters:
         path, scale = split_scale(path)
         return self.load(path, name, scale)
 
+    def scaled(self, name: str, scale: float) -> str:
+        """The name of loaded adapter ``name`` applied at ``scale``: ``name`` itself at its own scale, else
+        ``NAME@SCALE``, registered on first use (the same llama.cpp adapter, no copy). A set of such names is a
+        set of (adapter, scale) pairs, so the generator's per-set decodes and prefix cache tell scales apart."""
+        self.check((name,))
+        name = self.base_of.get(name, name)
+        scale = float(scale)
+        if scale == self.scales[name]:
+            return name
+        key = f"{name}@{scale!r}"
+        if key not in self.loaded:
+            self.loaded[key], self.scales[key], self.base_of[key] = self.loaded[name], scale, name
+        return key
+
     def check(self, names: tuple[str, ...]) -> None:
         """Raise InvalidArgument unless every one of ``names`` is loaded."""
         unknown = [n for n in names if n not in self.loaded]
         if unknown:
-            raise InvalidArgument(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.loaded) or 'none'}")
+            raise InvalidArgument(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.own()) or 'none'}")
+
+    def own(self) -> list[str]:
+        """The adapters loaded, by their own names, in load order (not the names scaled() made)."""
+        return [n for n in self.loaded if n not in self.base_of]
 
     def use(self, names: tuple[str, ...] = ()) -> None:
         """Make exactly ``names`` (each at its scale) the context's adapters; a no-op when they already are.

@@ -18,14 +18,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a LoRA adapter made by `ondevice adapt` for this model: its stored name (`ondevice adapt "
                         "list`) or a .gguf path, with :SCALE to scale its change (0.5: half; default 1) "
                         "(repeatable: applied together)")
-    p.add_argument("--lora-scaled", nargs=2, action=_Scaled, dest="adapter", metavar=("PATH", "SCALE"),
+    p.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="adapter", metavar=("PATH", "SCALE"),
                    help="llama-cli's form of --adapter PATH:SCALE")
     add_kernel_args(p)
     add_key_args(p)
 
 
-class _Scaled(argparse.Action):
-    """``--lora-scaled PATH SCALE`` (llama-cli's) appends ``PATH:SCALE`` to --adapter's list."""
+class Scaled(argparse.Action):
+    """``--lora-scaled PATH SCALE`` (llama-cli's and llama-server's) appends ``PATH:SCALE`` to its dest's list."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         path, scale = values
@@ -33,7 +33,7 @@ class _Scaled(argparse.Action):
             float(scale)
         except ValueError:
             parser.error(f"{option_string} {path} {scale}: SCALE must be a number, e.g. {option_string} {path} 0.5")
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{path}:{scale}"])
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), f"{path}:{scale}"])
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:

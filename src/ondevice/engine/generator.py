@@ -73,6 +73,7 @@ class Request:
     t_arrival: float = field(default_factory=time.perf_counter)
     from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
     adapters: tuple[str, ...] | None = None  # LoRA adapters by name (engine.adapters); None: the active ones
+    slot: int = -1  # the sequence of the slot that serves it, once admitted (llama-server's id_slot)
 
 
 class Slot:
@@ -99,6 +100,7 @@ class Slot:
 
     def start(self, req: Request, n_reuse: int) -> None:
         self.req = req
+        req.slot = self.seq
         self.n_cached = n_reuse
         self.prompt_i = n_reuse  # next prompt token to prefill
         self.next_tok: int | None = None  # sampled, to be decoded next step

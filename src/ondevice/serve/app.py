@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI (and Anthropic Messages) routes over the runner (runner.py), plus /health, /metrics,
-/tokenize and /detokenize; llama-server's aliases of them (``/chat/completions``, ...) lead to the same routes."""
+/tokenize and /detokenize; llama-server's aliases of them (``/chat/completions``, ...) lead to the same routes, and
+its own routes (/completion, /props, ...) are native.py's, Ollama's ollama.py's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import server_cascade
 from ..errors import InvalidArgument
-from . import messages, ollama
+from . import messages, native, ollama
 from . import schemas as S
 from .http import (
     Aliases,
@@ -35,7 +36,7 @@ from .state import ServerState, token_piece
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, "/v1/models", "/v1/embeddings",
-          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS}
+          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -58,6 +59,7 @@ def create_app(state: ServerState) -> FastAPI:
                        log=access_logger() if state.settings.access_log else None)
     app.add_middleware(ErrorShape, **messages.ERRORS)  # around the guard: its 401 and 413 too, in Anthropic's shape
     app.add_middleware(ErrorShape, **ollama.ERRORS)  # the same, for Ollama's /api/* routes
+    app.add_middleware(ErrorShape, **native.ERRORS)  # and for llama-server's own (/completion, /props, ...)
     install_cors(app, state.settings.cors)  # a preflight carries no API key
     app.add_middleware(Aliases)  # outermost: llama-server's /chat/completions is /v1/chat/completions for all
     app.state.ondevice = state
@@ -135,6 +137,7 @@ def create_app(state: ServerState) -> FastAPI:
                                    usage=S.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))
 
     ollama.add_routes(app, runner, embeddings)  # Ollama's /api/chat, /api/generate, /api/tags, ... (ollama.py)
+    native.add_routes(app, runner, embeddings)  # llama-server's /completion, /props, /lora-adapters, ... (native.py)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: S.ChatCompletionRequest, request: Request):

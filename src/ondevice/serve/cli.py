@@ -11,9 +11,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Every flag can also be set with its ONDEVICE_* environment variable; a flag wins over "
                      "the environment. Routes: /v1/chat/completions, /v1/completions, /v1/models, "
                      "/v1/embeddings, /v1/responses (OpenAI's Responses API), /v1/messages (Anthropic's Messages "
-                     "API), /api/chat, /api/generate, /api/tags, /api/embed, ... (Ollama's API), /health, /metrics, "
+                     "API), /api/chat, /api/generate, /api/tags, /api/embed, ... (Ollama's API), /completion, "
+                     "/embedding, /props, /apply-template, /lora-adapters (llama-server's own), /health, /metrics, "
                      "/tokenize, /detokenize, /tokenizer_info.")
     add_settings_arguments(parser)
+    from ..engine.args import Scaled
+
+    parser.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="lora", metavar=("PATH", "SCALE"),
+                        help="llama-server's form of --lora PATH:SCALE")
     from ..protect.keys import add_key_args
 
     add_key_args(parser)  # an encrypted -m: where its key is (ONDEVICE_KEY_SOURCE or ONDEVICE_MODEL_KEY also work)

@@ -156,7 +156,7 @@ def _as_json(scope) -> None:
 
 # llama-server's other names for the same OpenAI routes: a client given the server's address without /v1 (or a
 # llama-server health check) reaches them here too (its native /completion, /completions and /embeddings answer
-# in llama-server's own shape, which is not served)
+# in llama-server's own shape: native.py)
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/responses": "/v1/responses", "/models": "/v1/models",
            "/v1/health": "/health"}
 

@@ -353,13 +353,19 @@ async def chat_chunks(chunks: AsyncIterator) -> AsyncIterator[dict]:
 def chat_request(chat: dict, fields: dict[str, str]):
     """``chat`` validated as a chat completions request; an invalid field is named as the client sent it
     (``fields``: the chat route's name -> the client's)."""
+    from . import schemas as S
+
+    return validated(S.ChatCompletionRequest, chat, fields)
+
+
+def validated(model, data: dict, fields: dict[str, str]):
+    """``data`` validated as ``model`` (a request schema); an invalid field is a 400 that names it as the client
+    sent it (``fields``: the schema's name -> the client's)."""
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
-    from . import schemas as S
-
     try:
-        return S.ChatCompletionRequest.model_validate(chat)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": (fields.get(err["loc"][0], err["loc"][0]), *err["loc"][1:])}
                                       if err.get("loc") else err for err in e.errors()]) from None

@@ -193,7 +193,7 @@ class Runner:
             if cascade is not None:
                 sampling = cascade.sampling(sampling)
             lp = (req.top_logprobs or 0) if req.logprobs else None
-            return [self._job(loop, toks, s, logprobs=lp, adapters=st.adapters_for(req.model))
+            return [self._job(loop, toks, s, logprobs=lp, adapters=st.adapters_for(req.model, req.lora))
                     for s in _choices(req, sampling)]
 
         jobs = await run_in_threadpool(prepare)
@@ -329,7 +329,7 @@ class Runner:
             for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
                 toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
                 jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
-                                   else None, eos_entry=k is not None, adapters=st.adapters_for(req.model))
+                                   else None, eos_entry=k is not None, adapters=st.adapters_for(req.model, req.lora))
                          for s in _choices(req, _sampling(req, req.max_tokens, None, st.default_draft))]
             return jobs
 

@@ -88,6 +88,13 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+class LoraScale(_Req):
+    """llama-server's per-request adapter: its id (GET /lora-adapters) and the scale to apply it at."""
+
+    id: int
+    scale: float = 0.0
+
+
 class _Sampling(_Body):
     """Fields common to chat and completions (llama-server's extensions included)."""
 
@@ -129,6 +136,8 @@ class _Sampling(_Body):
     # default); the output is the same, only faster where drafts are accepted
     draft: Literal["lookup", "model", "none"] | None = None
     draft_max: int | None = Field(None, ge=1, le=64)
+    # llama-server's: these adapters at these scales, the others off (None: as the model names them, BASE+NAME)
+    lora: list[LoraScale] | None = None
     user: str | None = None
 
     @model_validator(mode="before")

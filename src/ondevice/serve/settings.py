@@ -47,8 +47,13 @@ class ServeSettings(BaseSettings):
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
     adapter: AnyList[str] = Field([], description="a LoRA adapter NAME=PATH (or NAME=STORED, an `ondevice adapt "
                                                   "list` name) made by `ondevice adapt` (repeatable); "
-                                                  "a request picks it with model 'BASE+NAME', the base stays "
-                                                  "loaded once")
+                                                  "a request picks it with model 'BASE+NAME' (or llama-server's "
+                                                  "per-request lora field), the base stays loaded once")
+    lora: AnyList[str] = Field([], description="llama-server's --lora PATH[:SCALE] (or --lora-scaled PATH SCALE): "
+                                               "an adapter applied to every request that names none "
+                                               "(repeatable; ids in /lora-adapters in this order, then --adapter's)")
+    lora_init_without_apply: bool = Field(False, description="load the --lora adapters at scale 0 (off until POST "
+                                                             "/lora-adapters sets their scales), as llama-server's")
     draft: str | None = Field(None, description="speculative decoding by default: 'lookup' (n-gram drafts from "
                                                 "the prompt and text so far) or a draft MODEL sharing the "
                                                 "vocabulary; requests may override with draft (None: off)")

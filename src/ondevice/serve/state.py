@@ -51,7 +51,13 @@ class ServerState:
             amx=s.amx, repack=s.repack))
         eng = self.engine
         try:
-            self.adapter_names = [eng.adapters.load_spec(a) for a in s.adapter]  # LoRA, chosen per request
+            # LoRA: --lora ones applied to requests that name none (llama-server's), --adapter ones when named
+            self.adapter_names = [eng.adapters.load_spec(a) for a in [*s.lora, *s.adapter]]
+            self.default_adapters = tuple(self.adapter_names[:len(s.lora)])
+            # the scale an adapter is applied at (its flag's, 0 for --lora-init-without-apply, until POST
+            # /lora-adapters sets one)
+            self.lora_scale = {n: 0.0 if s.lora_init_without_apply and n in self.default_adapters
+                               else eng.adapters.scales[n] for n in self.adapter_names}
         except BaseException:
             eng.close()
             raise
@@ -87,8 +93,31 @@ class ServerState:
         m.gauge("slots_total", "Slots (sequences decoded together).", lambda: parallel)
         m.gauge("slot_context_tokens", "Context tokens per slot.", lambda: s.ctx)
 
-    def adapters_for(self, model: str | None) -> tuple[str, ...]:
-        """The adapters a request's ``model`` asks for: 'BASE+NAME' (or '+NAME+NAME2'); anything else: none."""
+    def adapters_for(self, model: str | None, lora: list | None = None) -> tuple[str, ...]:
+        """The adapters a request runs under, each at its scale (``Adapters.scaled``): those its ``model`` names
+        ('BASE+NAME' or '+NAME+NAME2'), else the --lora ones, each at the scale ``POST /lora-adapters`` last set;
+        or llama-server's per-request ``lora`` list ([{"id": 0, "scale": 0.5}]: those adapters at those scales,
+        the others off; an empty list is none given)."""
+        from ..errors import InvalidArgument
+
+        ads = self.engine.adapters
+        names = self.named_adapters(model)
+        if not lora:  # an empty list too is no choice, as llama-server reads it
+            return tuple(ads.scaled(n, self.lora_scale[n]) for n in names or self.default_adapters
+                         if self.lora_scale[n] != 0)
+        if names:
+            raise InvalidArgument(f"model {model!r} names adapters and lora lists them too; send one of the two")
+        scales: dict[str, float] = {}
+        for i, e in enumerate(lora):
+            if not 0 <= e.id < len(self.adapter_names):
+                have = (f"0..{len(self.adapter_names) - 1} (GET /lora-adapters lists them)" if self.adapter_names
+                        else "none (start the server with --adapter NAME=PATH)")
+                raise InvalidArgument(f"lora[{i}].id={e.id}: no adapter has that id; ids: {have}")
+            scales[self.adapter_names[e.id]] = e.scale  # a later entry for the same id wins, as llama-server's
+        return tuple(ads.scaled(n, v) for n, v in scales.items() if v != 0)
+
+    def named_adapters(self, model: str | None) -> tuple[str, ...]:
+        """The adapter names in a request's ``model`` ('BASE+NAME'); anything else: none."""
         if not model or "+" not in model:
             return ()
         names = tuple(n for n in model.split("+")[1:] if n)
@@ -102,7 +131,7 @@ class ServerState:
 
     def answered_by(self, model: str | None) -> str:
         """The ``model`` a reply names: the base, with the adapters the request asked for ('BASE+NAME')."""
-        return "+".join([self.model_id, *self.adapters_for(model)])
+        return "+".join([self.model_id, *self.named_adapters(model)])
 
     def start(self) -> None:
         self.batcher.start()

@@ -3,7 +3,8 @@ llama-server: the same requests, greedy, one server of each (llama-server when b
 build``). Prints one row per request and server: the reply's text, its token ids (count and a hash), stop_type and
 stopping_word, tokens predicted / evaluated / cached, the ids of ``completion_probabilities``, and the top-level
 fields the reply has (a hash of their names, and how many); streamed, the number of events and the last one's
-``stop``. An error is a row too (status, type, message).
+``stop``. An error is a row too (status, type, message). /infill needs a model with fill-in-the-middle tokens:
+``--model qwen2.5-coder-0.5b-instruct`` (the ``[coder]`` extra); SmolLM2 has none (both servers answer 501).
 
 Usage: python benchmarks/native_compare.py [--model smollm2-135m-instruct] [--threads 1] [--skip llama-server]
 """
@@ -41,6 +42,12 @@ CASES = [
     ("response_fields", {"prompt": PROMPT, **G, "response_fields": ["content", "generation_settings/n_predict"]}),
     ("n_cmpl 2, seed", {"prompt": PROMPT, "n_predict": 6, "n_cmpl": 2, "seed": 5}),
     ("post_sampling_probs", {"prompt": PROMPT, **G, "n_probs": 2, "post_sampling_probs": True}),
+    ("/infill", {"input_prefix": "def fib(n):\n    ", "input_suffix": "\n    return a\n", **G, "n_predict": 32,
+                 "input_extra": [{"filename": "util.py", "text": "def add(a, b):\n    return a + b\n"}]}),
+    ("/infill llama.vscode", {"input_prefix": "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+                                              "    def push(self, x):\n        ", "input_suffix": "", "n_predict": 64,
+                              "samplers": ["top_k", "top_p", "infill"], "top_k": 40, "top_p": 0.99, "n_indent": 8,
+                              "seed": 3, "t_max_predict_ms": 60000, "return_tokens": True}),
     ("/apply-template", {"messages": [{"role": "user", "content": "Name a color."}]}),
     ("/props", {}),
     ("/lora-adapters", {}),
@@ -63,7 +70,8 @@ def _one(r: dict) -> str:
 
 def ask(base: str, name: str, body: dict, stream: bool) -> str:
     with httpx.Client(base_url=base, timeout=600) as c:
-        if name.startswith("/"):
+        path = "/infill" if name.startswith("/infill") else "/completion"
+        if name.startswith("/") and path != "/infill":
             if stream:
                 return "—"
             r = c.post(name, json=body) if body else c.get(name)
@@ -77,19 +85,19 @@ def ask(base: str, name: str, body: dict, stream: bool) -> str:
                         f"bos {j.get('bos_token')!r} eos {j.get('eos_token')!r}")
             return json.dumps(j)[:160]
         ids = c.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]
-        if body["prompt"] == "IDS":
+        if body.get("prompt") == "IDS":
             body = {**body, "prompt": ids}
-        elif body["prompt"] == "MIXED":
+        elif body.get("prompt") == "MIXED":
             tail = c.post("/detokenize", json={"tokens": ids[2:]}).json()["content"]
             body = {**body, "prompt": [*ids[:2], tail]}
         if not stream:
-            r = c.post("/completion", json=body)
+            r = c.post(path, json=body)
             if r.status_code != 200:
                 err = r.json().get("error", {})
                 return f"error {r.status_code} {err.get('type')} | {str(err.get('message'))[:110]}"
             j = r.json()
             return " || ".join(_one(x) for x in j) if isinstance(j, list) else _one(j)
-        with c.stream("POST", "/completion", json={**body, "stream": True}) as r:
+        with c.stream("POST", path, json={**body, "stream": True}) as r:
             if r.status_code != 200:
                 return f"error {r.status_code} | {r.read()[:110]!r}"
             raw = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]

@@ -13,6 +13,7 @@ import openai
 import pytest
 from test_adapt_average import _pairs
 from test_clients import _model_path
+from test_serve_tools import QWEN, needs_qwen
 
 from ondevice.adapt import adapter_file
 from ondevice.adapt.average import average
@@ -189,7 +190,7 @@ def test_samplers_a_subset_in_order_and_response_fields(server):
 
 @pytest.mark.parametrize(("body", "says"), [
     ({"prompt": "x", "post_sampling_probs": True}, "post_sampling_probs"),
-    ({"prompt": "x", "n_indent": 4}, "n_indent"),
+    ({"prompt": "x", "min_keep": 2}, "min_keep"),
     ({"prompt": {"prompt_string": "x", "multimodal_data": ["aGk="]}}, "text only"),
     ({"prompt": "x", "n_predict": -5}, "n_predict"),
     ({"prompt": "x", "n_probs": 50}, "n_probs"),
@@ -280,7 +281,7 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
     from ondevice.serve.cli import add_arguments
     from ondevice.serve.settings import settings_from_args
 
-    a, half = adapters
+    a = adapters[0]
     base = _first_logprobs(server)[0]
     full = _first_logprobs(server, lora=[{"id": 0, "scale": 1.0}])[0]
     at_half = _first_logprobs(server, lora=[{"id": 1, "scale": 1.0}])[0]
@@ -299,3 +300,56 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
         assert _first_logprobs(s)[0] == base
         post(s, "/lora-adapters", [{"id": 0, "scale": 1.0}])
         assert _first_logprobs(s)[0] == full
+
+
+# ------------------------------------------------------------------ /infill: fill-in-the-middle (code models)
+def test_infill_on_a_model_without_fill_in_the_middle_tokens_is_llama_servers_501(server):
+    err = post(server, "/infill", {"input_prefix": "def f():", "input_suffix": ""}, status=501)["error"]
+    assert err["type"] == "not_supported_error" and "qwen2.5-coder" in err["message"]
+
+
+def test_line_limits_cut_a_less_indented_line_and_stop_after_a_late_newline():
+    from ondevice.engine.stops import LineLimits
+
+    lines = LineLimits(4, 0)
+    assert lines.feed("x = 1", 0) == ("x = 1", False)  # the first line is never checked
+    assert lines.feed("\n    y = 2\n  ", 0) == ("\n    y = 2\n  ", False)  # indent 4: kept; 2 so far: undecided
+    assert lines.feed("z", 0) == ("", True)  # the line's text starts at indent 2: cut before it
+    assert LineLimits(4, 0).feed("a\n\nb", 0) == ("a\n", True)  # an empty line has no indent either
+    assert LineLimits(4, 0).feed("a\n\tb", 0) == ("a\n\t", True)  # a tab counts one, as llama-server's
+    late = LineLimits(0, 0.5)
+    assert late.feed("a = 1", 9) == ("a = 1", False)  # no newline: goes on
+    assert late.feed(" # x\nb", 0.4) == (" # x\nb", False)  # a newline in time: goes on
+    assert late.feed("\n", 0.6) == ("\n", True)  # a newline past the limit: ends after it
+
+
+@pytest.fixture(scope="module")
+def coder():
+    settings = ServeSettings(model=str(QWEN), port=0, parallel=1, ctx=4096, threads=1, kv_type="f32", api_key=KEY)
+    with BackgroundServer(settings) as s:
+        yield s
+
+
+@needs_qwen
+def test_infill_builds_llama_servers_repo_level_prompt_and_fills_the_middle(coder):
+    body = {"input_prefix": "def fib(n):\n    ", "input_suffix": "\n    return a\n", "n_predict": 32, "temperature": 0,
+            "input_extra": [{"filename": "util.py", "text": "def add(a, b):\n    return a + b\n"}]}
+    r = post(coder, "/infill", body)
+    # what llama-server's /infill decodes for this request (its reply's prompt, the same build, by hand)
+    want = ("<|repo_name|>myproject\n<|file_sep|>util.py\ndef add(a, b):\n    return a + b\n<|file_sep|>filename\n"
+            "<|fim_prefix|>def fib(n):\n    <|fim_suffix|>\n    return a\n<|fim_middle|>")
+    assert r["prompt"] == want and r["tokens_evaluated"] == len(tokenize(coder, want, add=False))
+    assert r["content"] == post(coder, "/completion", {"prompt": want, "n_predict": 32, "temperature": 0})["content"]
+    assert "a, b" in r["content"]  # it fills in the two names the suffix returns
+    # llama.vscode's request: the infill sampler last, lines indented less than the body end the reply
+    vs = post(coder, "/infill", {"input_prefix": "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+                                                 "    def push(self, x):\n        ", "input_suffix": "",
+                                 "samplers": ["top_k", "top_p", "infill"], "top_k": 40, "top_p": 0.99, "n_indent": 8,
+                                 "n_predict": 64, "seed": 3, "t_max_predict_ms": 60000})
+    assert vs["generation_settings"]["samplers"][-1] == "infill" and vs["stop_type"] == "limit"
+    assert vs["tokens_predicted"] < 64
+    later = vs["content"].split("\n")[1:]
+    assert all(len(x) - len(x.lstrip(" \t")) >= 8 for x in later[:-1]) and not later[-1].strip()
+    err = post(coder, "/infill", {"input_prefix": "x", "input_suffix": "", "samplers": ["infill", "top_k"]}, status=400)
+    assert "infill: last only" in err["error"]["message"]
+    assert "input_suffix is required" in post(coder, "/infill", {"input_prefix": "x"}, status=400)["error"]["message"]

@@ -48,7 +48,7 @@ from .base import Engine, SamplerLike
 from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
 from .records import Generation, Sampling
-from .stops import split_stop
+from .stops import LineLimits, split_stop
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
@@ -119,6 +119,8 @@ class Slot:
         # the first token comes from logits already computed: the last decode's (-1) or a saved row
         self.pending: int | np.ndarray | None = -1 if req.from_logits else None
         self.lookup = PromptLookup(req.tokens) if req.sampling.draft == "lookup" else None
+        sm = req.sampling
+        self.lines = LineLimits(sm.n_indent, sm.t_max_predict_ms / 1e3) if sm.n_indent or sm.t_max_predict_ms else None
 
 
 class BatchGenerator:
@@ -414,6 +416,10 @@ class BatchGenerator:
         piece = self.vocab_bytes[tok] if self.vocab_bytes is not None else self.eng.token_bytes(tok)
         text, s.held, stopped = split_stop(s.held + s.utf8.decode(piece), sampling.stop)
         finish = "stop" if stopped else None
+        if s.lines is not None and finish is None:  # code infill's line limits end it as a length limit does
+            shown, cut = s.lines.feed(text, now - s.t_first)
+            if cut:  # before a line's text (its indent), or after a newline (time): what was held goes too
+                text, s.held, finish = shown if shown != text else text + s.held + _end_text(s.utf8), "", "length"
         if finish is None and (s.n_gen >= sampling.max_tokens or len(s.cached) >= self.slot_ctx):
             text, s.held, finish = text + s.held + _end_text(s.utf8), "", "length"
         out.append((req, self._record(s, tok, text, finish, lp, top, ent, stopped)))

@@ -87,7 +87,7 @@ class Result:
 # Sampling's fields for llama.cpp's samplers beyond top-k/top-p/min-p/temp, named as llama-server's request fields
 MORE_SAMPLERS = ("repeat_last_n", "typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat",
                  "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "dry_multiplier", "dry_base",
-                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
+                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "n_indent", "t_max_predict_ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +128,11 @@ class Sampling:
     draft: str | None = None
     draft_max: int = 16  # most tokens drafted per step (the draft length adapts below it)
     token_stats: bool = False  # record each token's logprob and entropy (raw logits; the cascade's confidence)
+    # code infill (llama-server's): after the first newline, a line indented by fewer than n_indent spaces or tabs
+    # ends the reply where its text starts; a newline after t_max_predict_ms of generation ends it (0: off)
+    n_indent: int = 0
+    t_max_predict_ms: float = 0.0
+    infill: bool = False  # llama.cpp's infill sampler after the others (fill-in-the-middle: llama-server's "infill")
 
     @property
     def repeats(self) -> bool:

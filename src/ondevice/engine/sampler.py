@@ -28,7 +28,7 @@ class Sampler:
     def __init__(self, engine: LlamaEngine, s: Sampling, prompt: Sequence[int] = ()):
         ll = self.ll = engine.ll
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
-        self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias
+        self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias and not s.infill
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
@@ -36,7 +36,8 @@ class Sampler:
         self.grammar = None
         self.index: PrefixIndex | None = None
         self._cand: np.ndarray | None = None  # (n_vocab,) llama_token_data, made by _apply when first needed
-        self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias  # argmax, then the grammar check
+        # argmax, then the grammar check
+        self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias and not s.infill
         if s.grammar:
             with native.load_log(quiet=True), native.stderr_text() as err:  # the parser's error is ours to say
                 g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
@@ -77,6 +78,8 @@ class Sampler:
             for t in prompt[-last_n:]:
                 ll.llama_sampler_accept(self.ptr, t)
         if s.temp == 0:
+            if s.infill:
+                add(ll.llama_sampler_init_infill(engine.vocab))
             add(ll.llama_sampler_init_greedy())
         elif s.mirostat:
             add(ll.llama_sampler_init_temp(s.temp))
@@ -95,6 +98,8 @@ class Sampler:
             if s.xtc_probability > 0:
                 add(ll.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, s.seed))
             add(ll.llama_sampler_init_temp_ext(s.temp, s.dynatemp_range, s.dynatemp_exponent))
+            if s.infill:  # last before the draw, where llama-server's "infill" sampler goes
+                add(ll.llama_sampler_init_infill(engine.vocab))
             add(ll.llama_sampler_init_dist(s.seed))
 
     def sample_checked(self, row: np.ndarray) -> int:

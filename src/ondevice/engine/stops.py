@@ -1,4 +1,5 @@
-"""Stop strings in streamed text: the one rule for what is shown, held back or cut."""
+"""Stop strings in streamed text: the one rule for what is shown, held back or cut; and llama-server's line
+limits for code infill (:class:`LineLimits`)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,28 @@ def stop_hold(text: str, stops: Sequence[str]) -> int:
         if any(x.startswith(tail) for x in stops):
             return k
     return 0
+
+
+class LineLimits:
+    """llama-server's ``n_indent`` and ``t_max_predict_ms``, fed the reply's text as it is shown: after the first
+    newline, a line whose first character that is not a space or tab (a newline included) comes after fewer than
+    ``n_indent`` of them ends the reply just before that character; a newline shown after ``t_max_s`` seconds of
+    generation ends it after that text."""
+
+    def __init__(self, n_indent: int, t_max_s: float):
+        self.n_indent, self.t_max_s = n_indent, t_max_s
+        self.indent: int | None = None  # blanks so far at the start of the line being read; None: not deciding
+
+    def feed(self, text: str, elapsed_s: float) -> tuple[str, bool]:
+        """(the part of ``text`` to show, whether the reply ends with it)."""
+        for i, ch in enumerate(text):
+            if self.n_indent and self.indent is not None:
+                if ch in " \t":
+                    self.indent += 1
+                    continue
+                if self.indent < self.n_indent:
+                    return text[:i], True
+                self.indent = None
+            if ch == "\n":
+                self.indent = 0
+        return text, bool(self.t_max_s) and "\n" in text and elapsed_s > self.t_max_s

@@ -19,6 +19,7 @@ does not fit is refused, never shifted), ``return_progress``, ``sse_ping_interva
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from typing import Annotated, Any
 
@@ -32,29 +33,28 @@ from ..engine.records import Generation
 from ..errors import InvalidArgument
 from . import schemas as S
 from .chunks import sse, timings_of
-from .http import error_payload, note
+from .http import error_payload, error_response, note
 from .responses import chat_request, validated
 from .runner import _choices, _sampling
 
-PATHS = ("/completion", "/completions", "/embedding", "/embeddings", "/props", "/apply-template", "/lora-adapters")
+PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template", "/lora-adapters")
 # llama.cpp's sampler chain, in its order (common/common.h), with the values that turn each one off
 SAMPLERS = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
             "dry": {"dry_multiplier": 0.0}, "top_n_sigma": {"top_n_sigma": -1.0}, "top_k": {"top_k": 0},
             "typ_p": {"typical_p": 1.0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
             "xtc": {"xtc_probability": 0.0}, "temperature": {"temperature": 1.0}}
-_CHARS = dict(zip("edskypmxt", SAMPLERS))
+_CHARS = dict(zip("edskypmxt", SAMPLERS)) | {"i": "infill"}
 # the request fields that are ours under the same name (CompletionRequest's)
 _SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
          "frequency_penalty", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
          "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "dry_multiplier", "dry_base", "dry_allowed_length",
-         "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model")
+         "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model",
+         "n_indent", "t_max_predict_ms")
 _NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}  # ours -> llama-server's, in errors
 _REFUSED = {
     "post_sampling_probs": "probabilities after the sampler chain are not computed; n_probs gives the raw "
                            "distribution's (llama-server's default)",
     "min_keep": "the samplers keep their own minimum (1)",
-    "n_indent": "indentation-limited generation (llama-server's code infill) is not supported",
-    "t_max_predict_ms": "a time limit on generation is not supported; set n_predict",
 }
 
 
@@ -116,25 +116,29 @@ def _logit_bias(state, bias) -> dict[int, float]:
     return out
 
 
-def _samplers(value) -> dict:
-    """The fields that turn off the samplers ``value`` leaves out (llama-server: a sampler not listed is not used)."""
+def _samplers(value) -> tuple[dict, bool]:
+    """(the fields that turn off the samplers ``value`` leaves out, whether it ends with llama.cpp's infill
+    sampler): llama-server uses only the samplers listed."""
     if value is None:
-        return {}
+        return {}, False
     names = [_CHARS.get(c, c) for c in value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InvalidArgument("samplers must be a list of sampler names or a string of their letters")
+    infill = bool(names) and names[-1] == "infill"
+    names = names[:-1] if infill else names
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise InvalidArgument(f"samplers: {unknown[0]!r} is not one of {', '.join(SAMPLERS)}")
+        raise InvalidArgument(f"samplers: {unknown[0]!r} is not one of {', '.join(SAMPLERS)} (infill: last only)")
     order = list(SAMPLERS)
     if [order.index(n) for n in names] != sorted(order.index(n) for n in names) or len(set(names)) != len(names):
-        raise InvalidArgument(f"samplers: this server applies them in llama.cpp's order ({', '.join(SAMPLERS)}), "
-                              f"each once; list a subset in that order")
-    return {k: v for n, off in SAMPLERS.items() if n not in names for k, v in off.items()}
+        raise InvalidArgument(f"samplers: this server applies them in llama.cpp's order ({', '.join(SAMPLERS)}, "
+                              f"then infill), each once; list a subset in that order")
+    return {k: v for n, off in SAMPLERS.items() if n not in names for k, v in off.items()}, infill
 
 
-def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[list[int]]]:
-    """The completions request a /completion body asks for, and its prompts' tokens."""
+def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[list[int]], bool]:
+    """The completions request a /completion body asks for, its prompts' tokens, and whether its samplers end
+    with the infill sampler."""
     for key, why in _REFUSED.items():
         if body.get(key) not in (None, False, 0):
             raise InvalidArgument(f"{key}: {why}; leave {key} unset")
@@ -146,7 +150,8 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
     if n_probs > 20:
         raise InvalidArgument(f"n_probs={n_probs}: this server gives at most 20 alternatives per token")
     req = {k: body[k] for k in _SAME if body.get(k) is not None}
-    req.update(_samplers(body.get("samplers")))
+    off, infill = _samplers(body.get("samplers"))
+    req.update(off)
     schema = body.get("json_schema")
     if schema is not None and body.get("grammar") is None:  # llama-server: grammar wins
         if not isinstance(schema, dict):
@@ -156,7 +161,54 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
         **req, "prompt": [0], "max_tokens": state.settings.ctx if n_predict < 0 else n_predict,
         "logprobs": n_probs or None, "n": _int(body, "n_cmpl", body.get("n", 1), 1),
         "stream": bool(body.get("stream")), "logit_bias": _logit_bias(state, body.get("logit_bias"))}, _NAMES)
-    return creq, _prompts(state, body.get("prompt"))
+    return creq, _prompts(state, body.get("prompt")), infill
+
+
+class NoInfill(Exception):
+    """The model has no fill-in-the-middle tokens: llama-server's 501."""
+
+
+def infill_prompt(state, body: dict) -> list[int]:
+    """llama-server's /infill prompt (``format_prompt_infill``): the repo-level pattern where the model has its
+    tokens, ``[FIM_REP]myproject\\n[FIM_SEP]file\\nextra...[FIM_SEP]filename\\n`` (other models: each extra chunk
+    after a "--- snippet ---" line), then ``[FIM_PRE]prefix prompt[FIM_SUF]suffix[FIM_MID]``; the prefix's last
+    3/4 of a batch and the suffix's first 1/4 are kept, and as much of the extra context as the slot leaves."""
+    eng = state.engine
+    ll, v = eng.ll, eng.vocab
+    pre, suf, mid, rep, sep = (ll.llama_vocab_fim_pre(v), ll.llama_vocab_fim_suf(v), ll.llama_vocab_fim_mid(v),
+                               ll.llama_vocab_fim_rep(v), ll.llama_vocab_fim_sep(v))
+    missing = [what for what, t in (("prefix", pre), ("suffix", suf), ("middle", mid)) if t < 0]
+    if missing:
+        raise NoInfill(f"Infill is not supported by this model ({state.model_id}): it has no fill-in-the-middle "
+                       f"{', '.join(missing)} token; use a code model that has them (qwen2.5-coder-0.5b-instruct)")
+    for key in ("input_prefix", "input_suffix"):
+        if not isinstance(body.get(key), str):
+            raise InvalidArgument(f"{key} is required: the code {'before' if key == 'input_prefix' else 'after'} "
+                                  f"the cursor, as a string")
+    prompt, extra = body.get("prompt") or "", body.get("input_extra") or []
+    if not isinstance(prompt, str):
+        raise InvalidArgument("prompt must be a string: text to continue after input_prefix")
+    if not isinstance(extra, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
+                                              and isinstance(c.get("filename", ""), str) for c in extra):
+        raise InvalidArgument("input_extra must be a list of {\"filename\": string, \"text\": string}")
+
+    def toks(text: str) -> list[int]:
+        return state.tokenize(text, add_special=False, parse_special=False)
+
+    head: list[int] = [rep, *toks("myproject\n")] if rep >= 0 else []
+    for c in extra:
+        head += [sep, *toks(c.get("filename", "tmp") + "\n")] if sep >= 0 else toks("\n\n--- snippet ---\n\n")
+        head += toks(c["text"])
+    if sep >= 0:
+        head += [sep, *toks("filename\n")]
+    n_batch, n_ctx = state.settings.batch, state.settings.ctx
+    before, after = toks(body["input_prefix"]), toks(body["input_suffix"])
+    middle = state.tokenize(prompt, add_special=False, parse_special=True) if prompt else []
+    before = before[len(before) - min(len(before), 3 * (n_batch // 4)):]
+    after = after[:max(0, n_batch // 4 - (2 + len(middle)))]
+    n_extra = min(max(0, n_ctx - n_batch + 2), len(head))  # llama-server's: n_ctx - n_batch - 2 * n_predict (-1)
+    bos = [eng.bos_token] if eng.add_bos and eng.bos_token >= 0 else []
+    return [*head[len(head) - n_extra:], *bos, pre, *before, *middle, suf, *after, mid]
 
 
 def _text(piece: bytes) -> str:
@@ -207,7 +259,8 @@ def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None) 
         "stop": list(s.stop), "max_tokens": s.max_tokens, "n_predict": s.max_tokens, "n_keep": 0, "n_discard": 0,
         "ignore_eos": s.ignore_eos, "stream": stream,
         "logit_bias": [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in s.logit_bias], "n_probs": n_probs, "min_keep": 0,
-        "grammar": s.grammar or "", "samplers": list(SAMPLERS), "timings_per_token": False,
+        "grammar": s.grammar or "", "samplers": [*SAMPLERS, *(["infill"] if s.infill else [])],
+        "timings_per_token": False,
         "post_sampling_probs": False, "lora": [{"id": e.id, "scale": e.scale} for e in lora or []]}
 
 
@@ -265,12 +318,12 @@ class _Reply:
 async def completion(runner, body: dict, request: Request):
     """Answer a /completion request: one reply per prompt x n_cmpl, an object for one, an array for several."""
     st = runner.state
-    req, prompts = await run_in_threadpool(completion_request, st, body)
+    req, prompts, infill = await run_in_threadpool(completion_request, st, body)
     runner._check_room(len(prompts) * req.n)
     loop = asyncio.get_running_loop()
 
     def prepare():
-        sampling = _sampling(req, req.max_tokens, None, st.default_draft)
+        sampling = dataclasses.replace(_sampling(req, req.max_tokens, None, st.default_draft), infill=infill)
         # eos_entry: a sampled end-of-text token is a generated token (in tokens, the counts and a stream event),
         # as llama-server counts it
         return [runner._job(loop, toks, s, logprobs=req.logprobs, eos_entry=True,
@@ -292,19 +345,16 @@ async def completion(runner, body: dict, request: Request):
 
 
 async def _stream(runner, jobs, replies: list[_Reply], request: Request, per_token: bool):
-    """llama-server's native stream: an event per piece of text (with the tokens it came from), then each reply's
-    final fields; no [DONE]."""
-    held: list[list[Generation]] = [[] for _ in jobs]
+    """llama-server's native stream: an event per token (its text, "" while it may start a stop string), then each
+    reply's final fields; no [DONE]."""
     gens: list[list[Generation]] = [[] for _ in jobs]
     try:
         async for i, g in runner.indexed(jobs, request):
             if not isinstance(g, Generation):
                 continue
-            held[i].append(g)
             gens[i].append(g)
-            if g.text or g.token in replies[i].eos:
-                yield sse(replies[i].partial(held[i], g.text, _timings(g) if per_token else None))
-                held[i] = []
+            if g.token >= 0 or g.text:  # every token, its text "" while held back (llama-server's)
+                yield sse(replies[i].partial([g], g.text, _timings(g) if per_token else None))
             if g.finish_reason:
                 yield sse(replies[i].final(gens[i], stream=True))
     except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an event
@@ -337,6 +387,15 @@ def add_routes(app, runner, embeddings) -> None:
         @app.post(path)
         async def native_completion(request: Request, body: Annotated[dict[str, Any], Body()]):
             return await completion(runner, body, request)
+
+    @app.exception_handler(NoInfill)
+    async def _no_infill(request: Request, exc: NoInfill):
+        return error_response(501, str(exc), "not_supported_error", None, "not_supported")
+
+    @app.post("/infill")
+    async def native_infill(request: Request, body: Annotated[dict[str, Any], Body()]):
+        tokens = await run_in_threadpool(infill_prompt, state, body)
+        return await completion(runner, {**body, "prompt": tokens}, request)
 
     for path in ("/embedding", "/embeddings"):
         @app.post(path)
@@ -399,7 +458,7 @@ def _version() -> str:
 
 # http.ErrorShape's settings for llama-server's routes: its {"error": {"code": 400, "message": ..., "type": ...}}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          501: "not_supported_error", 503: "unavailable_error"}
+          501: "not_supported_error", 503: "unavailable_error"}  # llama-server's error types by status
 ERRORS = {"applies": PATHS.__contains__,
           "body": lambda status, message: {"error": {"code": status, "message": message,
                                                      "type": _TYPES.get(status, "server_error")}}}

@@ -309,7 +309,7 @@ def qwen():
 @needs_qwen
 def test_qwen_tool_calls_have_object_arguments_and_results_go_back(qwen):
     client, name, oai = qwen
-    assert client.show(name).capabilities == ["completion", "tools"]
+    assert client.show(name).capabilities == ["completion", "tools", "insert"]
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = client.chat(model=name, messages=ask, tools=[WEATHER], options={**GREEDY, "num_predict": 60})
     assert [(c.function.name, c.function.arguments) for c in r.message.tool_calls] == [("get_weather", {"city": "Paris"})]
@@ -330,3 +330,19 @@ def test_qwen_tool_calls_have_object_arguments_and_results_go_back(qwen):
     assert answer.message.content == (c.choices[0].message.content or "")
     assert [(x.function.name, x.function.arguments) for x in answer.message.tool_calls or []] == \
         [(x.function.name, json.loads(x.function.arguments)) for x in c.choices[0].message.tool_calls or []]
+
+
+@needs_qwen
+def test_qwen_generate_with_a_suffix_fills_in_the_middle(qwen):
+    """Ollama's /api/generate with a suffix (what Continue's Ollama autocomplete sends): the model's FIM prompt,
+    as Ollama's code-model templates render it."""
+    client, name, oai = qwen
+    before, after = "def fib(n):\n    ", "\n    return a\n"
+    r = client.generate(model=name, prompt=before, suffix=after, options={**GREEDY, "num_predict": 32})
+    fim = f"<|fim_prefix|>{before}<|fim_suffix|>{after}<|fim_middle|>"
+    c = oai.completions.create(model="m", prompt=fim, max_tokens=32, temperature=0)
+    assert r.response == c.choices[0].text and "a, b" in r.response
+    assert r.prompt_eval_count == c.usage.prompt_tokens
+    streamed = "".join(p.response for p in client.generate(model=name, prompt=before, suffix=after, stream=True,
+                                                           options={**GREEDY, "num_predict": 32}))
+    assert streamed == r.response

@@ -168,19 +168,26 @@ class NoInfill(Exception):
     """The model has no fill-in-the-middle tokens: llama-server's 501."""
 
 
-def infill_prompt(state, body: dict) -> list[int]:
-    """llama-server's /infill prompt (``format_prompt_infill``): the repo-level pattern where the model has its
-    tokens, ``[FIM_REP]myproject\\n[FIM_SEP]file\\nextra...[FIM_SEP]filename\\n`` (other models: each extra chunk
-    after a "--- snippet ---" line), then ``[FIM_PRE]prefix prompt[FIM_SUF]suffix[FIM_MID]``; the prefix's last
-    3/4 of a batch and the suffix's first 1/4 are kept, and as much of the extra context as the slot leaves."""
-    eng = state.engine
-    ll, v = eng.ll, eng.vocab
+def fim_tokens(state) -> tuple[int, int, int, int, int]:
+    """The model's fill-in-the-middle tokens: prefix, suffix, middle (required: :class:`NoInfill` without them),
+    repo name and file separator (-1 where it has none)."""
+    ll, v = state.engine.ll, state.engine.vocab
     pre, suf, mid, rep, sep = (ll.llama_vocab_fim_pre(v), ll.llama_vocab_fim_suf(v), ll.llama_vocab_fim_mid(v),
                                ll.llama_vocab_fim_rep(v), ll.llama_vocab_fim_sep(v))
     missing = [what for what, t in (("prefix", pre), ("suffix", suf), ("middle", mid)) if t < 0]
     if missing:
         raise NoInfill(f"Infill is not supported by this model ({state.model_id}): it has no fill-in-the-middle "
                        f"{', '.join(missing)} token; use a code model that has them (qwen2.5-coder-0.5b-instruct)")
+    return pre, suf, mid, rep, sep
+
+
+def infill_prompt(state, body: dict) -> list[int]:
+    """llama-server's /infill prompt (``format_prompt_infill``): the repo-level pattern where the model has its
+    tokens, ``[FIM_REP]myproject\\n[FIM_SEP]file\\nextra...[FIM_SEP]filename\\n`` (other models: each extra chunk
+    after a "--- snippet ---" line), then ``[FIM_PRE]prefix prompt[FIM_SUF]suffix[FIM_MID]``; the prefix's last
+    3/4 of a batch and the suffix's first 1/4 are kept, and as much of the extra context as the slot leaves."""
+    eng = state.engine
+    pre, suf, mid, rep, sep = fim_tokens(state)
     for key in ("input_prefix", "input_suffix"):
         if not isinstance(body.get(key), str):
             raise InvalidArgument(f"{key} is required: the code {'before' if key == 'input_prefix' else 'after'} "

@@ -5,13 +5,14 @@ apps written for Ollama (the ``ollama`` client, LangChain's ChatOllama, Open Web
 /api/chat becomes a chat request (:func:`_common`: ``options`` the sampling fields, ``num_predict`` max_tokens,
 ``format`` a response_format; :func:`_messages`: tool calls with object arguments become OpenAI's); /api/generate
 is one user message (after ``system``) through the chat template, or with ``raw`` the prompt as it is through the
-completions route. Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``stream`` is
-false, Ollama's default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty
-prompt (or no messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always
-loaded, and ``keep_alive`` changes nothing. Refused with the fix: a model not served (404, as Ollama),
-``num_ctx`` above the slot context, ``think``, images, ``template``, ``suffix``, and ``context`` (an earlier
-reply's token history: nothing is kept between requests, so replies carry none either). Errors on /api/* come in
-Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503.
+completions route, or with ``suffix`` a fill-in-the-middle prompt in the model's FIM tokens (:func:`_fim`).
+Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``stream`` is false, Ollama's
+default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty prompt (or no
+messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always loaded, and
+``keep_alive`` changes nothing. Refused with the fix: a model not served (404, as Ollama), ``num_ctx`` above the
+slot context, ``think``, images, ``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an
+earlier reply's token history: nothing is kept between requests, so replies carry none either). Errors on /api/*
+come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..engine.toolcalls import template_shows_tools
 from ..errors import InvalidArgument, OndeviceError
@@ -262,7 +264,6 @@ async def chat(runner, body: dict, request):
 
 _GENERATE_REFUSED = {
     "template": "the model's own chat template renders the prompt (or send raw: true and the prompt as you want it)",
-    "suffix": "fill-in-the-middle is not supported; send the prompt only",
     "images": "the model reads text only",
     "context": "nothing is kept between requests, so there is no token history to continue; send the conversation "
                "as messages to /api/chat, or the whole text as the prompt",
@@ -283,18 +284,49 @@ async def generate(runner, body: dict, request):
         raise InvalidArgument("prompt and system must be strings")
     if not prompt:  # Ollama's "load the model"
         return reply.obj(done=True, done_reason="load")
-    if body.get("raw") and system:
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise InvalidArgument("suffix must be a string: the text after the part to fill in")
+    if body.get("raw") and system and not suffix:
         raise InvalidArgument("system is rendered by the chat template, which raw: true skips; put it in the prompt "
                               "or drop raw")
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     req = chat_request({**_common(body, st), "model": model, "messages": msgs}, _FIELD)
-    if not body.get("raw"):
+    if not body.get("raw") and not suffix:
         return await _answer(runner, req, request, reply)
+    if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
+        prompt = await run_in_threadpool(_fim, st, prompt, suffix)
     comp = S.CompletionRequest.model_validate({
         **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
         "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
         "grammar": structured.plan(req).grammar, "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
     return await _answer(_Raw(runner), comp, request, reply)
+
+
+def _inserts(state) -> bool:
+    from .native import NoInfill, fim_tokens
+
+    try:
+        return bool(fim_tokens(state))
+    except NoInfill:
+        return False
+
+
+def _fim(state, prompt: str, suffix: str) -> list[int]:
+    """``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>`` in the model's own FIM tokens (Ollama's templates
+    for code models); a model without them is Ollama's 400 "does not support insert"."""
+    from .native import NoInfill, fim_tokens
+
+    try:
+        pre, suf, mid, _, _ = fim_tokens(state)
+    except NoInfill as e:
+        raise InvalidArgument(f"suffix: this model does not support insert: {e}") from None
+
+    def toks(text: str) -> list[int]:
+        return state.tokenize(text, add_special=False, parse_special=False)
+
+    bos = [state.engine.bos_token] if state.engine.add_bos and state.engine.bos_token >= 0 else []
+    return [*bos, pre, *toks(prompt), suf, *toks(suffix), mid]
 
 
 @functools.lru_cache(maxsize=4)
@@ -364,7 +396,8 @@ def add_routes(app, runner, embeddings) -> None:
     async def ollama_show(body: Annotated[dict[str, Any], Body()]):
         _served(state, body)
         entries, meta = await _models(state)
-        caps = ["completion"] + (["tools"] if template_shows_tools(state.template) else [])
+        caps = ["completion"] + (["tools"] if template_shows_tools(state.template) else []) + (
+            ["insert"] if _inserts(state) else [])  # insert: generate takes a suffix (fill in the middle)
         return {"modelfile": f"# served by ondevice\nFROM {state.path}\n", "parameters": f"num_ctx {state.settings.ctx}",
                 "template": state.template or "", "license": meta.get("general.license", ""),
                 "details": entries[0]["details"], "model_info": meta, "capabilities": caps,

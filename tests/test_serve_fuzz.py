@@ -40,7 +40,8 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{
               "POST /v1/completions", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens",
               "GET /api/tags", "GET /api/ps", "GET /api/version", "POST /api/show", "POST /api/chat",
               "POST /api/generate", "POST /api/embed", "POST /api/embeddings", "POST /completion", "POST /completions",
-              "POST /infill", "POST /embedding", "POST /embeddings", "GET /props", "POST /apply-template", "GET /lora-adapters",
+              "POST /infill", "POST /embedding", "POST /embeddings", "GET /props", "POST /apply-template",
+              "GET /lora-adapters",
               "POST /lora-adapters"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed

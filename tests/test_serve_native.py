@@ -132,7 +132,8 @@ def test_a_stop_word_ends_the_reply_and_is_named(server, oai):
     eos = post(server, "/completion", {"prompt": chat, "n_predict": 64, "temperature": 0, "return_tokens": True})
     assert eos["stop_type"] == "eos" and eos["tokens_predicted"] < 64
     # the end-of-text token is a generated token, in tokens and the count, as llama-server counts it
-    assert eos["tokens_predicted"] == len(eos["tokens"]) and eos["tokens"][-1] == tokenize(server, "<|im_end|>", False)[0]
+    assert eos["tokens_predicted"] == len(eos["tokens"])
+    assert eos["tokens"][-1] == tokenize(server, "<|im_end|>", False)[0]
     assert [t for e in events(server, {"prompt": chat, "n_predict": 64, "temperature": 0}) for t in e["tokens"]] \
         == eos["tokens"]
 

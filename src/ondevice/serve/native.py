@@ -1,19 +1,22 @@
-"""llama-server's own routes beside the OpenAI ones: ``/completion`` (also ``/completions``), ``/embedding`` and
-``/embeddings``, ``/props``, ``/apply-template`` and ``/lora-adapters``, in llama-server's request and reply shapes,
-so that clients written for llama-server (its web UI's /props, SillyTavern's and Continue's llama.cpp modes, scripts
-on /completion) work unchanged. Generation goes through the runner's jobs, as the OpenAI routes' does.
+"""llama-server's own routes beside the OpenAI ones: ``/completion`` (also ``/completions``), ``/infill``,
+``/embedding`` and ``/embeddings``, ``/props``, ``/apply-template`` and ``/lora-adapters``, in llama-server's request
+and reply shapes, so that clients written for llama-server (its web UI's /props, SillyTavern's and Continue's
+llama.cpp modes, llama.vscode's /infill, scripts on /completion) work unchanged. Generation goes through the
+runner's jobs, as the OpenAI routes' does.
 
 /completion takes a prompt as text, token ids, ids and text mixed (text after the first piece gets no BOS), or a
 list of those (one reply each, an array); llama-server's sampling fields by its names (most are ours too),
 ``n_predict`` (-1: until the context is full), ``n_probs`` -> ``completion_probabilities`` (from the raw logits, as
 llama-server's without ``post_sampling_probs``), ``json_schema`` or ``grammar``, ``logit_bias`` in all three of its
-forms, ``samplers`` (a subset of llama.cpp's order: the samplers left out are off; another order is refused),
-``lora`` (per-request adapter scales), ``return_tokens``, ``response_fields``, ``timings_per_token``, ``n_cmpl``.
-Streams are llama-server's: one ``data:`` event per piece of text, then the whole reply's fields with ``stop:
-true``, no ``[DONE]``. Accepted and without effect here: ``cache_prompt`` (a prompt's cached prefix is always
-reused), ``id_slot`` (any slot reuses any other's prefix), ``n_keep``/``n_discard``/``n_cache_reuse`` (a prompt that
-does not fit is refused, never shifted), ``return_progress``, ``sse_ping_interval``. Refused with the fix:
-``post_sampling_probs``, ``min_keep``, ``n_indent``, ``t_max_predict_ms``, multimodal prompts.
+forms, ``samplers`` (a subset of llama.cpp's order, then optionally ``infill``: the samplers left out are off;
+another order is refused), ``lora`` (per-request adapter scales), ``return_tokens``, ``response_fields``,
+``timings_per_token``, ``n_cmpl``, and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits).
+Streams are llama-server's: one ``data:`` event per token, then the whole reply's fields with ``stop: true``, no
+``[DONE]``. Accepted and without effect here: ``cache_prompt`` (a prompt's cached prefix is always reused),
+``id_slot`` (any slot reuses any other's prefix), ``n_keep``/``n_discard``/``n_cache_reuse`` (a prompt that does
+not fit is refused, never shifted), ``return_progress``, ``sse_ping_interval``. Refused with the fix:
+``post_sampling_probs``, ``min_keep``, multimodal prompts. /infill builds llama-server's fill-in-the-middle prompt
+(:func:`infill_prompt`) and answers as /completion.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from .http import error_payload, error_response, note
 from .responses import chat_request, validated
 from .runner import _choices, _sampling
 
-PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template", "/lora-adapters")
+PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template",
+         "/lora-adapters")
 # llama.cpp's sampler chain, in its order (common/common.h), with the values that turn each one off
 SAMPLERS = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
             "dry": {"dry_multiplier": 0.0}, "top_n_sigma": {"top_n_sigma": -1.0}, "top_k": {"top_k": 0},
@@ -98,9 +102,11 @@ def _logit_bias(state, bias) -> dict[int, float]:
     (-100 here, as OpenAI's), text stands for each of its tokens; entries it would skip are skipped too."""
     if bias is None:
         return {}
-    pairs = bias.items() if isinstance(bias, dict) else [tuple(e) for e in bias if isinstance(e, list) and len(e) == 2] \
-        if isinstance(bias, list) else None
-    if pairs is None:
+    if isinstance(bias, dict):
+        pairs = list(bias.items())
+    elif isinstance(bias, list):
+        pairs = [tuple(e) for e in bias if isinstance(e, list) and len(e) == 2]
+    else:
         raise InvalidArgument("logit_bias must be [[token, bias], ...] or {\"token\": bias}")
     out: dict[int, float] = {}
     n_vocab = state.engine.n_vocab
@@ -265,7 +271,8 @@ def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None) 
         "mirostat": s.mirostat, "mirostat_tau": s.mirostat_tau, "mirostat_eta": s.mirostat_eta,
         "stop": list(s.stop), "max_tokens": s.max_tokens, "n_predict": s.max_tokens, "n_keep": 0, "n_discard": 0,
         "ignore_eos": s.ignore_eos, "stream": stream,
-        "logit_bias": [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in s.logit_bias], "n_probs": n_probs, "min_keep": 0,
+        "logit_bias": [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in s.logit_bias],
+        "n_probs": n_probs, "min_keep": 0,
         "grammar": s.grammar or "", "samplers": [*SAMPLERS, *(["infill"] if s.infill else [])],
         "timings_per_token": False,
         "post_sampling_probs": False, "lora": [{"id": e.id, "scale": e.scale} for e in lora or []]}
@@ -288,7 +295,6 @@ class _Reply:
 
     def __init__(self, state, job, i: int, req: S.CompletionRequest, body: dict):
         self.state, self.job, self.i, self.req, self.body = state, job, i, req, body
-        self.eos = state.engine.eos_tokens
 
     def tokens(self, recs: list[Generation]) -> list[int]:
         return [g.token for g in recs if g.token >= 0]
@@ -347,7 +353,8 @@ async def completion(runner, body: dict, request: Request):
     if results is None:
         return JSONResponse({}, status_code=499)
     out = [r.final(gen, stream=False) for r, (_, gen) in zip(replies, results)]
-    note(request, tokens=(sum(o.get("tokens_evaluated", 0) for o in out), sum(o.get("tokens_predicted", 0) for o in out)))
+    note(request, tokens=(sum(o.get("tokens_evaluated", 0) for o in out),
+                          sum(o.get("tokens_predicted", 0) for o in out)))
     return out[0] if len(out) == 1 else out
 
 
@@ -432,7 +439,8 @@ def add_routes(app, runner, embeddings) -> None:
                 "modalities": {"vision": False, "video": False, "audio": False},
                 "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True,
                 "chat_template": state.template or "", "chat_template_caps": {},
-                "bos_token": _piece(state, eng.bos_token), "eos_token": _piece(state, eng.ll.llama_vocab_eos(eng.vocab)),
+                "bos_token": _piece(state, eng.bos_token),
+                "eos_token": _piece(state, eng.ll.llama_vocab_eos(eng.vocab)),
                 "build_info": f"ondevice {_version()}", "is_sleeping": False}
 
     @app.get("/lora-adapters")

@@ -304,9 +304,11 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
 
 
 # ------------------------------------------------------------------ /infill: fill-in-the-middle (code models)
-def test_infill_on_a_model_without_fill_in_the_middle_tokens_is_llama_servers_501(server):
+def test_infill_on_a_model_without_fill_in_the_middle_tokens_is_llama_servers_501(server, oai):
     err = post(server, "/infill", {"input_prefix": "def f():", "input_suffix": ""}, status=501)["error"]
     assert err["type"] == "not_supported_error" and "qwen2.5-coder" in err["message"]
+    with pytest.raises(openai.BadRequestError, match="does not support insert"):  # OpenAI's suffix: a 400
+        oai.completions.create(model="m", prompt="def f():", suffix="\n", max_tokens=4)
 
 
 def test_line_limits_cut_a_less_indented_line_and_stop_after_a_late_newline():
@@ -342,6 +344,16 @@ def test_infill_builds_llama_servers_repo_level_prompt_and_fills_the_middle(code
     assert r["prompt"] == want and r["tokens_evaluated"] == len(tokenize(coder, want, add=False))
     assert r["content"] == post(coder, "/completion", {"prompt": want, "n_predict": 32, "temperature": 0})["content"]
     assert "a, b" in r["content"]  # it fills in the two names the suffix returns
+    # OpenAI's completions suffix: the plain fill-in-the-middle prompt (Ollama's templates, DeepSeek's FIM API)
+    oai = openai.OpenAI(base_url=coder.base_url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    plain = "<|fim_prefix|>def fib(n):\n    <|fim_suffix|>\n    return a\n<|fim_middle|>"
+    c = oai.completions.create(model="m", prompt=body["input_prefix"], suffix=body["input_suffix"], max_tokens=32,
+                               temperature=0)
+    assert c.usage.prompt_tokens == len(tokenize(coder, plain, add=False))
+    assert c.choices[0].text == oai.completions.create(model="m", prompt=plain, max_tokens=32, temperature=0)\
+        .choices[0].text
+    with pytest.raises(openai.BadRequestError, match="no echo"):
+        oai.completions.create(model="m", prompt="x", suffix="y", echo=True, max_tokens=2)
     # llama.vscode's request: the infill sampler last, lines indented less than the body end the reply
     vs = post(coder, "/infill", {"input_prefix": "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
                                                  "    def push(self, x):\n        ", "input_suffix": "",

@@ -5,7 +5,7 @@ apps written for Ollama (the ``ollama`` client, LangChain's ChatOllama, Open Web
 /api/chat becomes a chat request (:func:`_common`: ``options`` the sampling fields, ``num_predict`` max_tokens,
 ``format`` a response_format; :func:`_messages`: tool calls with object arguments become OpenAI's); /api/generate
 is one user message (after ``system``) through the chat template, or with ``raw`` the prompt as it is through the
-completions route, or with ``suffix`` a fill-in-the-middle prompt in the model's FIM tokens (:func:`_fim`).
+completions route, or with ``suffix`` a fill-in-the-middle prompt in the model's FIM tokens (fim.py).
 Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``stream`` is false, Ollama's
 default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty prompt (or no
 messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always loaded, and
@@ -31,6 +31,7 @@ from ..engine.toolcalls import template_shows_tools
 from ..errors import InvalidArgument, OndeviceError
 from . import schemas as S
 from . import structured
+from .fim import NoInfill, fim_prompt, fim_tokens
 from .http import error_response
 from .responses import chat_chunks, chat_request, over_chat
 
@@ -295,7 +296,7 @@ async def generate(runner, body: dict, request):
     if not body.get("raw") and not suffix:
         return await _answer(runner, req, request, reply)
     if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
-        prompt = await run_in_threadpool(_fim, st, prompt, suffix)
+        prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)
     comp = S.CompletionRequest.model_validate({
         **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
         "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
@@ -304,29 +305,11 @@ async def generate(runner, body: dict, request):
 
 
 def _inserts(state) -> bool:
-    from .native import NoInfill, fim_tokens
-
+    """Whether the model has fill-in-the-middle tokens (Ollama's "insert" capability: generate takes a suffix)."""
     try:
         return bool(fim_tokens(state))
     except NoInfill:
         return False
-
-
-def _fim(state, prompt: str, suffix: str) -> list[int]:
-    """``<|fim_prefix|>prompt<|fim_suffix|>suffix<|fim_middle|>`` in the model's own FIM tokens (Ollama's templates
-    for code models); a model without them is Ollama's 400 "does not support insert"."""
-    from .native import NoInfill, fim_tokens
-
-    try:
-        pre, suf, mid, _, _ = fim_tokens(state)
-    except NoInfill as e:
-        raise InvalidArgument(f"suffix: this model does not support insert: {e}") from None
-
-    def toks(text: str) -> list[int]:
-        return state.tokenize(text, add_special=False, parse_special=False)
-
-    bos = [state.engine.bos_token] if state.engine.add_bos and state.engine.bos_token >= 0 else []
-    return [*bos, pre, *toks(prompt), suf, *toks(suffix), mid]
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,6 +30,7 @@ from .chunks import (
     timings_of,
     usage_of,
 )
+from .fim import fim_prompt
 from .http import ShuttingDown, error_payload, note
 from .state import ServerState, message_dicts
 
@@ -314,20 +315,22 @@ class Runner:
     # -- completions -------------------------------------------------------------------------------------
     async def completions(self, req: S.CompletionRequest, request: Request):
         st = self.state
-        if req.suffix:
-            raise InvalidArgument("suffix (fill-in-the-middle) is not supported; send the prompt only")
         p = req.prompt
         prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise InvalidArgument("prompt is empty; give a string, a list of strings or token ids")
         self._check_room(len(prompts) * req.n)  # before any prompt is tokenized and given a sampler
+        if req.suffix and (req.echo or not all(isinstance(x, str) for x in prompts)):
+            raise InvalidArgument("suffix (fill in the middle) takes text prompts and no echo: send the text before "
+                                  "the gap as prompt, the text after it as suffix")
         k = req.logprobs
         loop = asyncio.get_running_loop()
 
         def prepare():
             jobs = []
             for x in prompts:  # prompt-major: choice index = prompt index * n + i, as OpenAI numbers them
-                toks = st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x)
+                toks = (fim_prompt(st, x, req.suffix) if req.suffix  # fill in the middle (a code model's tokens)
+                        else st.tokenize(x, add_special=True, parse_special=True) if isinstance(x, str) else list(x))
                 jobs += [self._job(loop, toks, s, logprobs=k, prompt_logprobs=k if (req.echo and k is not None)
                                    else None, eos_entry=k is not None, adapters=st.adapters_for(req.model, req.lora))
                          for s in _choices(req, _sampling(req, req.max_tokens, None, st.default_draft))]

@@ -175,7 +175,7 @@ def test_logit_bias_in_each_of_llama_servers_forms(server):
     assert post(server, "/completion", {**body, "logit_bias": [[tok, "x"]]})["tokens"] == [tok]  # skipped, as there
 
 
-def test_samplers_a_subset_in_order_and_response_fields(server):
+def test_samplers_a_subset_in_order_and_response_fields(server, oai):
     body = {"prompt": PROMPT, "n_predict": 8, "temperature": 0}
     greedy = post(server, "/completion", body)["content"]
     # top_k 1 alone decides: greedy whatever the temperature
@@ -183,6 +183,15 @@ def test_samplers_a_subset_in_order_and_response_fields(server):
                                                                                                      "temperature"]})
     assert r["content"] == greedy and r["generation_settings"]["top_p"] == 1.0
     assert post(server, "/completion", {**body, "samplers": "kt"})["generation_settings"]["min_p"] == 0.0
+    # the OpenAI routes take llama-server's samplers too: without "temperature" a temperature of 0 is not applied
+    # (llama.cpp then draws from top_k/top_p at temperature 1), as on /completion
+    c = oai.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, seed=3,
+                               extra_body={"samplers": ["top_k", "top_p"]})
+    drawn = post(server, "/completion", {**body, "seed": 3, "samplers": ["top_k", "top_p"]})["content"]
+    assert c.choices[0].text == drawn != greedy
+    with pytest.raises(openai.BadRequestError, match="order"):
+        oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    extra_body={"samplers": ["temperature", "top_k"]})
     err = post(server, "/completion", {**body, "samplers": ["temperature", "top_k"]}, status=400)
     assert err["error"]["code"] == 400 and "order" in err["error"]["message"]
     f = post(server, "/completion", {**body, "response_fields": ["content", "generation_settings/n_predict", "nope"]})

@@ -10,7 +10,8 @@ list of those (one reply each, an array); llama-server's sampling fields by its 
 llama-server's without ``post_sampling_probs``), ``json_schema`` or ``grammar``, ``logit_bias`` in all three of its
 forms, ``samplers`` (a subset of llama.cpp's order, then optionally ``infill``: the samplers left out are off;
 another order is refused), ``lora`` (per-request adapter scales), ``return_tokens``, ``response_fields``,
-``timings_per_token``, ``n_cmpl``, and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits).
+``timings_per_token``, ``n_cmpl``, and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits);
+``samplers`` and the line limits are the OpenAI routes' too (runner.py), as on llama-server.
 Streams are llama-server's: one ``data:`` event per token, then the whole reply's fields with ``stop: true``, no
 ``[DONE]``. Accepted and without effect here: ``cache_prompt`` (a prompt's cached prefix is always reused),
 ``id_slot`` (any slot reuses any other's prefix), ``n_keep``/``n_discard``/``n_cache_reuse`` (a prompt that does
@@ -22,7 +23,6 @@ not fit is refused, never shifted), ``return_progress``, ``sse_ping_interval``. 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 from typing import Annotated, Any
 
@@ -39,22 +39,16 @@ from .chunks import sse, timings_of
 from .fim import NoInfill, infill_prompt
 from .http import error_payload, error_response, note
 from .responses import chat_request, validated
-from .runner import _choices, _sampling
+from .runner import SAMPLERS, _choices, _sampling
 
 PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template",
          "/lora-adapters")
-# llama.cpp's sampler chain, in its order (common/common.h), with the values that turn each one off
-SAMPLERS = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
-            "dry": {"dry_multiplier": 0.0}, "top_n_sigma": {"top_n_sigma": -1.0}, "top_k": {"top_k": 0},
-            "typ_p": {"typical_p": 1.0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
-            "xtc": {"xtc_probability": 0.0}, "temperature": {"temperature": 1.0}}
-_CHARS = dict(zip("edskypmxt", SAMPLERS)) | {"i": "infill"}
 # the request fields that are ours under the same name (CompletionRequest's)
 _SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
          "frequency_penalty", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
          "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "dry_multiplier", "dry_base", "dry_allowed_length",
          "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model",
-         "n_indent", "t_max_predict_ms")
+         "n_indent", "t_max_predict_ms", "samplers")
 _NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}  # ours -> llama-server's, in errors
 _REFUSED = {
     "post_sampling_probs": "probabilities after the sampler chain are not computed; n_probs gives the raw "
@@ -123,29 +117,8 @@ def _logit_bias(state, bias) -> dict[int, float]:
     return out
 
 
-def _samplers(value) -> tuple[dict, bool]:
-    """(the fields that turn off the samplers ``value`` leaves out, whether it ends with llama.cpp's infill
-    sampler): llama-server uses only the samplers listed."""
-    if value is None:
-        return {}, False
-    names = [_CHARS.get(c, c) for c in value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise InvalidArgument("samplers must be a list of sampler names or a string of their letters")
-    infill = bool(names) and names[-1] == "infill"
-    names = names[:-1] if infill else names
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown:
-        raise InvalidArgument(f"samplers: {unknown[0]!r} is not one of {', '.join(SAMPLERS)} (infill: last only)")
-    order = list(SAMPLERS)
-    if [order.index(n) for n in names] != sorted(order.index(n) for n in names) or len(set(names)) != len(names):
-        raise InvalidArgument(f"samplers: this server applies them in llama.cpp's order ({', '.join(SAMPLERS)}, "
-                              f"then infill), each once; list a subset in that order")
-    return {k: v for n, off in SAMPLERS.items() if n not in names for k, v in off.items()}, infill
-
-
-def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[list[int]], bool]:
-    """The completions request a /completion body asks for, its prompts' tokens, and whether its samplers end
-    with the infill sampler."""
+def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[list[int]]]:
+    """The completions request a /completion body asks for, and its prompts' tokens."""
     for key, why in _REFUSED.items():
         if body.get(key) not in (None, False, 0):
             raise InvalidArgument(f"{key}: {why}; leave {key} unset")
@@ -157,8 +130,6 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
     if n_probs > 20:
         raise InvalidArgument(f"n_probs={n_probs}: this server gives at most 20 alternatives per token")
     req = {k: body[k] for k in _SAME if body.get(k) is not None}
-    off, infill = _samplers(body.get("samplers"))
-    req.update(off)
     schema = body.get("json_schema")
     if schema is not None and body.get("grammar") is None:  # llama-server: grammar wins
         if not isinstance(schema, dict):
@@ -168,7 +139,7 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
         **req, "prompt": [0], "max_tokens": state.settings.ctx if n_predict < 0 else n_predict,
         "logprobs": n_probs or None, "n": _int(body, "n_cmpl", body.get("n", 1), 1),
         "stream": bool(body.get("stream")), "logit_bias": _logit_bias(state, body.get("logit_bias"))}, _NAMES)
-    return creq, _prompts(state, body.get("prompt")), infill
+    return creq, _prompts(state, body.get("prompt"))
 
 
 def _text(piece: bytes) -> str:
@@ -278,12 +249,12 @@ class _Reply:
 async def completion(runner, body: dict, request: Request):
     """Answer a /completion request: one reply per prompt x n_cmpl, an object for one, an array for several."""
     st = runner.state
-    req, prompts, infill = await run_in_threadpool(completion_request, st, body)
+    req, prompts = await run_in_threadpool(completion_request, st, body)
     runner._check_room(len(prompts) * req.n)
     loop = asyncio.get_running_loop()
 
     def prepare():
-        sampling = dataclasses.replace(_sampling(req, req.max_tokens, None, st.default_draft), infill=infill)
+        sampling = _sampling(req, req.max_tokens, None, st.default_draft)
         # eos_entry: a sampled end-of-text token is a generated token (in tokens, the counts and a stream event),
         # as llama-server counts it
         return [runner._job(loop, toks, s, logprobs=req.logprobs, eos_entry=True,

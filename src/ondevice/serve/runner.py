@@ -37,6 +37,35 @@ from .state import ServerState, message_dicts
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
 
 
+# llama.cpp's sampler chain, in its order (common/common.h), with the request fields that turn each one off
+SAMPLERS = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
+            "dry": {"dry_multiplier": 0.0}, "top_n_sigma": {"top_n_sigma": -1.0}, "top_k": {"top_k": 0},
+            "typ_p": {"typical_p": 1.0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
+            "xtc": {"xtc_probability": 0.0}, "temperature": {"temp": 1.0}}
+_LETTERS = dict(zip("edskypmxt", SAMPLERS)) | {"i": "infill"}
+
+
+def sampler_subset(value) -> tuple[dict, bool]:
+    """llama-server's ``samplers`` (names, or a string of their letters): (the Sampling fields that turn off the
+    samplers it leaves out, whether it ends with llama.cpp's infill sampler). Only a subset in llama.cpp's order
+    is taken (the chain is built in that order)."""
+    if value is None:
+        return {}, False
+    names = [_LETTERS.get(c, c) for c in value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument("samplers must be a list of sampler names or a string of their letters")
+    infill = bool(names) and names[-1] == "infill"
+    names = names[:-1] if infill else names
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown:
+        raise InvalidArgument(f"samplers: {unknown[0]!r} is not one of {', '.join(SAMPLERS)} (infill: last only)")
+    order = list(SAMPLERS)
+    if [order.index(n) for n in names] != sorted(order.index(n) for n in names) or len(set(names)) != len(names):
+        raise InvalidArgument(f"samplers: this server applies them in llama.cpp's order ({', '.join(SAMPLERS)}, "
+                              f"then infill), each once; list a subset in that order")
+    return {k: v for n, off in SAMPLERS.items() if n not in names for k, v in off.items()}, infill
+
+
 def _sampling(req, max_tokens: int, grammar: str | None = None,
               draft_default: tuple[str | None, int] = (None, 16)) -> Sampling:
     bias = req.logit_bias or {}
@@ -59,6 +88,8 @@ def _sampling(req, max_tokens: int, grammar: str | None = None,
               logit_bias=tuple((t, float("-inf") if b <= -100 else b) for t, b in bias.items()))
     if req.seed is not None:
         kw["seed"] = req.seed
+    off, kw["infill"] = sampler_subset(req.samplers)  # llama-server's: the samplers not listed are off
+    kw.update(off)
     draft = draft_default[0] if req.draft is None else req.draft  # the server's default, or the request's
     kw["draft"] = None if draft == "none" else draft
     kw["draft_max"] = draft_default[1] if req.draft_max is None else req.draft_max

@@ -124,6 +124,7 @@ class _Sampling(_Body):
     dry_sequence_breakers: list[str] | None = Field(None, min_length=1)
     n_indent: int | None = Field(None, ge=0)  # llama-server's code-infill line limits (engine/stops.LineLimits)
     t_max_predict_ms: float | None = Field(None, ge=0)
+    samplers: list[str] | str | None = None  # llama-server's: which of llama.cpp's samplers, in its order
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)

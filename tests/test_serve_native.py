@@ -206,6 +206,7 @@ def test_samplers_a_subset_in_order_and_response_fields(server, oai):
     ({"prompt": "x", "n_probs": 50}, "n_probs"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "lora": [{"id": 9, "scale": 1}]}, "lora[0].id=9"),
+    ({"prompt": "x", "lora": [{"id": 0, "scale": 50}]}, "lora.0.scale"),
     ({}, "prompt is required"),
 ])
 def test_bad_fields_are_llama_servers_400_naming_the_field(server, body, says):

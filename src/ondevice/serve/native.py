@@ -372,7 +372,7 @@ def add_routes(app, runner, embeddings) -> None:
         try:
             entries = [S.LoraScale.model_validate(e) for e in body]
         except ValidationError:
-            raise InvalidArgument("each entry must be {\"id\": ADAPTER_ID, \"scale\": NUMBER}") from None
+            raise InvalidArgument("each entry must be {\"id\": ADAPTER_ID, \"scale\": NUMBER from -10 to 10}") from None
         state.adapters_for(None, entries)  # ids checked before anything changes
         new = dict.fromkeys(state.adapter_names, 0.0)  # an adapter not listed is off, as llama-server sets it
         new.update({state.adapter_names[e.id]: e.scale for e in entries})

@@ -92,7 +92,7 @@ class LoraScale(_Req):
     """llama-server's per-request adapter: its id (GET /lora-adapters) and the scale to apply it at."""
 
     id: int
-    scale: float = 0.0
+    scale: float = Field(0.0, ge=-10, le=10, allow_inf_nan=False)  # 1: as trained, 0: off (a bound, not a tuning)
 
 
 class _Sampling(_Body):

@@ -8,7 +8,7 @@ In one run, over loopback, same model file and thread count:
   * TTFT with a repeated long system prompt (prefix cache) vs a cold one.
 
 Usage: python benchmarks/serve_bench.py [--model PATH] [--threads 2] [--streams 1,2,4,8,16] [--tokens 128]
-                                        [--rounds 3] [--skip llama-cpp-python]
+                                        [--rounds 3] [--skip llama-cpp-python] [--route native]
 All servers run at once (idle ones cost nothing) and take turns, round by round, so host drift hits each alike.
 Peers are optional: a peer that cannot start is reported as missing, not faked. ondevice, llama-server and
 llama-batched-bench use the same extra CPU kernels (``peers.kernel_match``); llama-cpp-python's server has no
@@ -88,19 +88,28 @@ class Server:
         self.log.close()
 
 
+NATIVE = False  # --route native: llama-server's own /completion (its stream: an object per token, no [DONE])
+
+
 async def one_stream(client: httpx.AsyncClient, srv: Server, prompt: str, tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, **srv.extra}
+    if NATIVE:
+        body["n_predict"] = body.pop("max_tokens")
     t0 = time.perf_counter()
     stamps = []
-    async with client.stream("POST", srv.url + "/v1/completions", json=body) as r:
+    async with client.stream("POST", srv.url + ("/completion" if NATIVE else "/v1/completions"), json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{srv.name}: HTTP {r.status_code} {await r.aread()!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             d = json.loads(line[6:])
-            ch = d.get("choices") or []
-            if ch and ch[0].get("text"):
+            if NATIVE:  # an object per token; the last (stop: true) carries no text
+                text = d.get("content") if isinstance(d, dict) and not d.get("stop") else None
+            else:
+                ch = d.get("choices") or []
+                text = ch[0].get("text") if ch else None
+            if text:
                 stamps.append(time.perf_counter())
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "n": len(stamps),
             "itl": [b - a for a, b in pairwise(stamps)], "end": stamps[-1] if stamps else t0, "t0": t0}
@@ -231,7 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run an ondevice server with these extra serve flags (repeatable), e.g. "
                          "--variant '--prefill-batch 100000' to compare a setting with the default in one run")
     ap.add_argument("--skip", default="", help="comma list of servers to skip: ondevice,llama-cpp-python,llama-server")
+    ap.add_argument("--route", choices=("openai", "native"), default="openai",
+                    help="/v1/completions (default), or llama-server's own /completion on ondevice and llama-server "
+                         "(llama-cpp-python's server has none: skipped)")
     args = ap.parse_args(argv)
+    global NATIVE
+    NATIVE = args.route == "native"
+    if NATIVE:
+        args.skip = ",".join(filter(None, [args.skip, "llama-cpp-python"]))
     model = args.model or default_model()
     streams = [int(x) for x in args.streams.split(",")]
     par, t = max(streams), str(args.threads)

@@ -182,6 +182,7 @@ def test_samplers_a_subset_in_order_and_response_fields(server, oai):
     r = post(server, "/completion", {**body, "temperature": 1.5, "top_k": 1, "seed": 3, "samplers": ["top_k",
                                                                                                      "temperature"]})
     assert r["content"] == greedy and r["generation_settings"]["top_p"] == 1.0
+    assert r["generation_settings"]["samplers"] == ["top_k", "temperature"]
     assert post(server, "/completion", {**body, "samplers": "kt"})["generation_settings"]["min_p"] == 0.0
     # the OpenAI routes take llama-server's samplers too: without "temperature" a temperature of 0 is not applied
     # (llama.cpp then draws from top_k/top_p at temperature 1), as on /completion

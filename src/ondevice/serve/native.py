@@ -39,7 +39,7 @@ from .chunks import sse, timings_of
 from .fim import NoInfill, infill_prompt
 from .http import error_payload, error_response, note
 from .responses import chat_request, validated
-from .runner import SAMPLERS, _choices, _sampling
+from .runner import SAMPLERS, _choices, _sampling, sampler_names
 
 PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template",
          "/lora-adapters")
@@ -175,8 +175,9 @@ def _timings(g: Generation) -> dict:
     return t
 
 
-def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None) -> dict:
-    """llama-server's ``generation_settings`` of a reply (its names, the values the job ran with)."""
+def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None, samplers=None) -> dict:
+    """llama-server's ``generation_settings`` of a reply (its names, the values the job ran with; ``samplers``:
+    the request's, else llama.cpp's whole chain)."""
     s = sampling
     return {
         "seed": s.seed, "temperature": s.temp, "dynatemp_range": s.dynatemp_range,
@@ -191,7 +192,7 @@ def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None) 
         "ignore_eos": s.ignore_eos, "stream": stream,
         "logit_bias": [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in s.logit_bias],
         "n_probs": n_probs, "min_keep": 0,
-        "grammar": s.grammar or "", "samplers": [*SAMPLERS, *(["infill"] if s.infill else [])],
+        "grammar": s.grammar or "", "samplers": list(SAMPLERS) if samplers is None else sampler_names(samplers),
         "timings_per_token": False,
         "post_sampling_probs": False, "lora": [{"id": e.id, "scale": e.scale} for e in lora or []]}
 
@@ -236,7 +237,7 @@ class _Reply:
                "id_slot": self.job.slot, "stop": True, "model": self.state.answered_by(self.req.model),
                "tokens_predicted": last.generation_tokens, "tokens_evaluated": last.prompt_tokens,
                "generation_settings": settings_of(self.state, self.job.sampling, stream, self.req.logprobs or 0,
-                                                  self.req.lora),
+                                                  self.req.lora, self.req.samplers),
                "prompt": b"".join(self.state.special_bytes[t] for t in self.job.tokens).decode("utf-8", "replace"),
                "has_new_line": "\n" in "".join(g.text for g in gen), "truncated": False, "stop_type": kind,
                "stopping_word": last.stop or "", "tokens_cached": last.prompt_tokens + last.generation_tokens - 1,

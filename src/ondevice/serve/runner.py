@@ -45,15 +45,21 @@ SAMPLERS = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequ
 _LETTERS = dict(zip("edskypmxt", SAMPLERS)) | {"i": "infill"}
 
 
+def sampler_names(value) -> list[str]:
+    """llama-server's ``samplers`` as a list of names (a string is one letter per sampler)."""
+    names = [_LETTERS.get(c, c) for c in value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument("samplers must be a list of sampler names or a string of their letters")
+    return names
+
+
 def sampler_subset(value) -> tuple[dict, bool]:
     """llama-server's ``samplers`` (names, or a string of their letters): (the Sampling fields that turn off the
     samplers it leaves out, whether it ends with llama.cpp's infill sampler). Only a subset in llama.cpp's order
     is taken (the chain is built in that order)."""
     if value is None:
         return {}, False
-    names = [_LETTERS.get(c, c) for c in value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise InvalidArgument("samplers must be a list of sampler names or a string of their letters")
+    names = sampler_names(value)
     infill = bool(names) and names[-1] == "infill"
     names = names[:-1] if infill else names
     unknown = [n for n in names if n not in SAMPLERS]

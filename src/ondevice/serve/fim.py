@@ -3,6 +3,8 @@ files as context) and the plain form that Ollama's code-model templates and Open
 
 from __future__ import annotations
 
+import functools
+
 from ..errors import InvalidArgument
 
 
@@ -28,7 +30,6 @@ def infill_prompt(state, body: dict) -> list[int]:
     tokens, ``[FIM_REP]myproject\\n[FIM_SEP]file\\nextra...[FIM_SEP]filename\\n`` (other models: each extra chunk
     after a "--- snippet ---" line), then ``[FIM_PRE]prefix prompt[FIM_SUF]suffix[FIM_MID]``; the prefix's last
     3/4 of a batch and the suffix's first 1/4 are kept, and as much of the extra context as the slot leaves."""
-    eng = state.engine
     pre, suf, mid, rep, sep = fim_tokens(state)
     for key in ("input_prefix", "input_suffix"):
         if not isinstance(body.get(key), str):
@@ -41,9 +42,7 @@ def infill_prompt(state, body: dict) -> list[int]:
                                               and isinstance(c.get("filename", ""), str) for c in extra):
         raise InvalidArgument("input_extra must be a list of {\"filename\": string, \"text\": string}")
 
-    def toks(text: str) -> list[int]:
-        return _text_tokens(state, text)
-
+    toks = functools.partial(_text_tokens, state)
     head: list[int] = [rep, *toks("myproject\n")] if rep >= 0 else []
     for c in extra:
         head += [sep, *toks(c.get("filename", "tmp") + "\n")] if sep >= 0 else toks("\n\n--- snippet ---\n\n")
@@ -56,8 +55,7 @@ def infill_prompt(state, body: dict) -> list[int]:
     before = before[len(before) - min(len(before), 3 * (n_batch // 4)):]
     after = after[:max(0, n_batch // 4 - (2 + len(middle)))]
     n_extra = min(max(0, n_ctx - n_batch + 2), len(head))  # llama-server's: n_ctx - n_batch - 2 * n_predict (-1)
-    bos = [eng.bos_token] if eng.add_bos and eng.bos_token >= 0 else []
-    return [*head[len(head) - n_extra:], *bos, pre, *before, *middle, suf, *after, mid]
+    return [*head[len(head) - n_extra:], *_bos(state), pre, *before, *middle, suf, *after, mid]
 
 
 def fim_prompt(state, prefix: str, suffix: str) -> list[int]:
@@ -67,11 +65,15 @@ def fim_prompt(state, prefix: str, suffix: str) -> list[int]:
         pre, suf, mid, _, _ = fim_tokens(state)
     except NoInfill as e:
         raise InvalidArgument(f"suffix: this model does not support insert: {e}") from None
-    eng = state.engine
-    bos = [eng.bos_token] if eng.add_bos and eng.bos_token >= 0 else []
-    return [*bos, pre, *_text_tokens(state, prefix), suf, *_text_tokens(state, suffix), mid]
+    return [*_bos(state), pre, *_text_tokens(state, prefix), suf, *_text_tokens(state, suffix), mid]
 
 
 def _text_tokens(state, text: str) -> list[int]:
     """Text as plain text: no BOS, and special-token names in it stay text."""
     return state.tokenize(text, add_special=False, parse_special=False)
+
+
+def _bos(state) -> list[int]:
+    """The BOS token where the model adds one (as llama-server puts it before the FIM prefix)."""
+    eng = state.engine
+    return [eng.bos_token] if eng.add_bos and eng.bos_token >= 0 else []

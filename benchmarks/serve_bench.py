@@ -137,15 +137,16 @@ async def load(srv: Server, n: int, tokens: int, distinct: bool = False) -> dict
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-def one_of_each(model: str, threads: int, skip: str = "", ctx: int = 2048) -> list[Server]:
+def one_of_each(model: str, threads: int, skip: str = "", ctx: int = 2048, flags: tuple[str, ...] = ()) -> list[Server]:
     """`ondevice serve` and llama-server `--jinja` (when built) on ``model``, one slot each, with the same CPU
-    kernels (``peers.kernel_match``): the pair the client-compatibility scripts send the same requests to."""
+    kernels (``peers.kernel_match``): the pair the client-compatibility scripts send the same requests to.
+    ``flags``: more flags both take (``--slot-save-path DIR``)."""
     from peers import kernel_match, tool_path
 
     km = kernel_match(model)
     km.apply()  # ondevice serve (a child) reads ONDEVICE_AMX / ONDEVICE_REPACK
     print(f"# {km.describe()}")
-    common = ["-m", model, "-t", str(threads), "-np", "1", "-c", str(ctx)]
+    common = ["-m", model, "-t", str(threads), "-np", "1", "-c", str(ctx), *flags]
     port = free_port()
     servers = [Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", *common, "--port", str(port),
                                    "--no-embeddings"], port, {})]

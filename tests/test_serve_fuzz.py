@@ -41,8 +41,7 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{
               "GET /api/tags", "GET /api/ps", "GET /api/version", "POST /api/show", "POST /api/chat",
               "POST /api/generate", "POST /api/embed", "POST /api/embeddings", "POST /completion", "POST /completions",
               "POST /infill", "POST /embedding", "POST /embeddings", "GET /props", "POST /apply-template",
-              "GET /lora-adapters",
-              "POST /lora-adapters"]
+              "GET /lora-adapters", "POST /lora-adapters", "GET /slots", "POST /slots/{id_slot}"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 
@@ -60,7 +59,9 @@ def srv(tmp_path_factory):
     # one thread: where other work shares the cores, llama.cpp's threads wait on each other many times over
     flags = ("--embeddings", "-c", "128", "--parallel", "2", "--max-queue", "2", "--threads", "1",
              "--embeddings-ctx", "64", "--timeout", "100")
-    with serve_process(tmp_path_factory.mktemp("fuzz"), *flags) as (proc, url, log):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    (tmp / "slots").mkdir()
+    with serve_process(tmp, *flags, "--slot-save-path", str(tmp / "slots")) as (proc, url, log):
         yield Server(proc, url, log)
 
 
@@ -169,7 +170,7 @@ def _cheap(path: str, body):
 
 # ------------------------------------------------------------------ 1. schemathesis: the OpenAPI document
 def test_the_openapi_document_lists_every_route(operations):
-    assert {k.split()[1] for k in operations} == ROUTES | {"/v1/models/{model_id}"}
+    assert {k.split()[1] for k in operations} == ROUTES | {"/v1/models/{model_id}", "/slots/{id_slot}"}
     assert sorted(operations) == sorted(OPERATIONS)
 
 

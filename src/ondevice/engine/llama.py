@@ -216,7 +216,7 @@ class LlamaEngine(Engine):
         if self.config.embeddings:
             return
         bos = self.ll.llama_vocab_bos(self.vocab)
-        self.decode(bos if bos >= 0 else 0)
+        self.decode(max(bos, 0))
         self.reset()
 
     # -- text <-> tokens -------------------------------------------------------------------------
@@ -417,22 +417,35 @@ class LlamaEngine(Engine):
         self.ll.llama_memory_clear(self.mem, True)
         self._n_past.clear()
 
-    def save_state(self, seq: int = 0) -> bytes:
-        """The KV of ``seq`` as bytes (8-byte position header + llama.cpp's sequence state)."""
+    def save_state(self, seq: int = 0) -> bytearray:
+        """The KV of ``seq`` as bytes (8-byte position header + llama.cpp's sequence state), copied once."""
         self._open()
         size = self.ll.llama_state_seq_get_size(self.ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = self.ll.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        return struct.pack("<q", self._n_past.get(seq, 0)) + bytes(buf[:n])
+        out = bytearray(8 + size)
+        struct.pack_into("<q", out, 0, self._n_past.get(seq, 0))
+        view = (ctypes.c_uint8 * size).from_buffer(out, 8)
+        n = self.ll.llama_state_seq_get_data(self.ctx, view, size, seq)
+        del view  # before the bytearray is cut to what was written
+        del out[8 + n:]
+        return out
 
-    def load_state(self, state: bytes, seq: int = 0) -> None:
+    def load_state(self, state: bytes | bytearray, seq: int = 0) -> None:
+        """Restore ``seq`` from :meth:`save_state`'s bytes (a bytearray is read in place, not copied)."""
         self._open()
         (n_past,) = struct.unpack_from("<q", state)
-        data = state[8:]
+        size = len(state) - 8
         self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self.ll.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
-            raise OndeviceError("the saved KV state does not fit this model/context")
+        buf = ((ctypes.c_uint8 * size).from_buffer(state, 8) if isinstance(state, bytearray)
+               else (ctypes.c_uint8 * size).from_buffer_copy(state, 8))
+        nread = self.ll.llama_state_seq_set_data(self.ctx, buf, size, seq)
+        del buf  # the caller's bytearray is free to change size again
+        held = self.ll.llama_memory_seq_pos_max(self.mem, seq) + 1
+        if nread != size or held != n_past:  # refused, trailing bytes, or not the positions it claims
+            self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
+            self._n_past[seq] = 0
+            raise OndeviceError("the saved KV state does not fit this model/context" if nread == 0 else
+                                f"the saved KV state holds {held} positions in {nread} of its {size} bytes, "
+                                f"not the {n_past} positions it claims")
         self._n_past[seq] = n_past
 
     # -- sampling ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import server_cascade
 from ..errors import InvalidArgument
-from . import messages, native, ollama
+from . import messages, native, ollama, slots
 from . import schemas as S
 from .http import (
     Aliases,
@@ -36,7 +36,7 @@ from .state import ServerState, token_piece
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, "/v1/models", "/v1/embeddings",
-          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS}
+          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS, "/slots"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -138,6 +138,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     ollama.add_routes(app, runner, embeddings)  # Ollama's /api/chat, /api/generate, /api/tags, ... (ollama.py)
     native.add_routes(app, runner, embeddings)  # llama-server's /completion, /props, /lora-adapters, ... (native.py)
+    slots.add_routes(app, state)  # llama-server's /slots and /slots/ID?action=save|restore|erase (slots.py)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: S.ChatCompletionRequest, request: Request):

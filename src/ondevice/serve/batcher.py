@@ -74,6 +74,7 @@ class Batcher:
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self.mean_job_s = 1.0  # running mean of job durations, for Retry-After
+        self.last_job: dict[int, Job] = {}  # each slot's last finished job (GET /slots shows it)
         self._stop = False
         self._out: list[tuple[Job, Any]] = []
         self.thread = threading.Thread(target=self._run, name="ondevice-batcher", daemon=True)
@@ -202,6 +203,8 @@ class Batcher:
         self._done(job)
 
     def _done(self, job: Job) -> None:
+        if job.slot >= 0:
+            self.last_job[job.slot] = job
         self.mean_job_s += 0.1 * ((time.perf_counter() - job.t_arrival) - self.mean_job_s)
 
     def _emit(self, job: Job, event: Any) -> None:

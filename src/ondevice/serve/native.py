@@ -35,6 +35,7 @@ from ..engine.grammar import schema_grammar
 from ..engine.records import Generation
 from ..errors import InvalidArgument
 from . import schemas as S
+from . import slots
 from .chunks import sse, timings_of
 from .fim import NoInfill, infill_prompt
 from .http import error_payload, error_response, note
@@ -356,7 +357,7 @@ def add_routes(app, runner, embeddings) -> None:
         return {"default_generation_settings": {"params": params, "n_ctx": state.settings.ctx},
                 "total_slots": state.settings.parallel, "model_alias": state.model_id, "model_path": str(state.path),
                 "modalities": {"vision": False, "video": False, "audio": False},
-                "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True,
+                "endpoint_slots": state.settings.slots, "endpoint_props": False, "endpoint_metrics": True,
                 "chat_template": state.template or "", "chat_template_caps": {},
                 "bos_token": _piece(state, eng.bos_token),
                 "eos_token": _piece(state, eng.ll.llama_vocab_eos(eng.vocab)),
@@ -393,6 +394,6 @@ def _version() -> str:
 # http.ErrorShape's settings for llama-server's routes: its {"error": {"code": 400, "message": ..., "type": ...}}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           501: "not_supported_error", 503: "unavailable_error"}  # llama-server's error types by status
-ERRORS = {"applies": PATHS.__contains__,
+ERRORS = {"applies": lambda path: path in PATHS or slots.applies(path),
           "body": lambda status, message: {"error": {"code": status, "message": message,
                                                      "type": _TYPES.get(status, "server_error")}}}

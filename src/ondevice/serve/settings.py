@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -54,6 +55,10 @@ class ServeSettings(BaseSettings):
                                                "(repeatable; ids in /lora-adapters in this order, then --adapter's)")
     lora_init_without_apply: bool = Field(False, description="load the --lora adapters at scale 0 (off until POST "
                                                              "/lora-adapters sets their scales), as llama-server's")
+    slots: bool = Field(True, description="GET /slots: each slot's state, counts and settings, as llama-server's")
+    slot_save_path: str | None = Field(None, description="folder of slot files: POST /slots/ID?action=save|restore "
+                                                         "writes or reads a slot's prompt cache there, in "
+                                                         "llama-server's format (None: refused)")
     draft: str | None = Field(None, description="speculative decoding by default: 'lookup' (n-gram drafts from "
                                                 "the prompt and text so far) or a draft MODEL sharing the "
                                                 "vocabulary; requests may override with draft (None: off)")
@@ -98,6 +103,13 @@ class ServeSettings(BaseSettings):
             if bad:
                 raise ValueError(f"{bad[0].strip()!r} is not an origin; give scheme://host[:port] "
                                  f"(e.g. http://localhost:3000), or local, * or none")
+        return v
+
+    @field_validator("slot_save_path")
+    @classmethod
+    def _slot_folder(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"{v} is not a folder; make it first (mkdir -p {v})")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,194 @@
+"""A slot's prompt cache as a file: save the KV a slot holds, restore it later (another process, after a restart).
+
+The file is llama.cpp's sequence-state file, the one ``llama_state_seq_save_file`` writes and llama-server's
+``POST /slots/ID?action=save`` produces: ``'ggsq'``, the format version, the token count, the tokens, then the
+sequence's KV as ``llama_state_seq_get_data`` gives it. The tokens are llama-server's token state (a null token,
+its version, the count, the ids, no media), so a file written here restores in llama-server and one written by
+llama-server (or by its older versions, a plain token list) restores here, for the same model and context
+settings. Everything is checked in Python before llama.cpp reads the KV part (magic, version, counts against the
+file's size, token ids against the vocabulary, the slot's context), and the restored KV must hold exactly the
+file's tokens, so a truncated file or one from another model is an error that names it, never a crash.
+
+Functions over a :class:`~ondevice.engine.generator.BatchGenerator`'s idle slots; the server runs them on its
+batcher thread, between steps.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgument, OndeviceError
+from ..models.store import atomic_write
+from .generator import BatchGenerator, Slot
+
+MAGIC = 0x67677371  # LLAMA_STATE_SEQ_MAGIC, 'ggsq'
+VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the llama.cpp that llama-cpp-python 0.3.36 vendors
+_NULL = -1  # LLAMA_TOKEN_NULL: marks llama-server's token state (a plain token list never starts with it)
+_TOKENS_VERSION = 1  # llama-server's SERVER_TOKENS_STATE_VERSION
+_HEAD = struct.Struct("<III")
+# llama_state_seq_get_data's own header (io_magic, the sequence), which the file leaves out
+_IO = struct.Struct("<Ii")
+_IO_MAGIC = 0xAF143CD8
+
+
+class SlotFileError(OndeviceError):
+    """A file that is no slot save for this model and slot, with what is wrong and what to do."""
+
+
+class SlotBusy(InvalidArgument):
+    """The slot is serving a request (the server waits for it, as llama-server defers the action)."""
+
+
+def pack_tokens(tokens: list[int]) -> list[int]:
+    """llama-server's token state of a text-only prompt: null token, version, count, ids, no media."""
+    return [_NULL, _TOKENS_VERSION, len(tokens), *tokens, 0]
+
+
+def unpack_tokens(packed: list[int], where: str) -> list[int]:
+    """The prompt's ids from a file's tokens: llama-server's token state, or a plain list (its older files)."""
+    if not packed or packed[0] != _NULL:
+        return packed
+    if len(packed) < 3 or packed[1] != _TOKENS_VERSION:
+        raise SlotFileError(f"{where}: its token state has version {packed[1] if len(packed) > 1 else '?'}; "
+                            f"this server reads version {_TOKENS_VERSION}")
+    n = packed[2]
+    rest = packed[3 + n:] if 0 <= n <= len(packed) - 3 else []
+    if not rest:
+        raise SlotFileError(f"{where}: its token state is cut short; save the slot again")
+    if rest[0] != 0:
+        raise SlotFileError(f"{where}: the saved prompt holds images or audio; this server reads text only")
+    if len(rest) > 1:
+        raise SlotFileError(f"{where}: trailing data after its token state; save the slot again")
+    return packed[3:3 + n]
+
+
+def _idle(gen: BatchGenerator, seq: int) -> Slot:
+    slot = next((s for s in gen.slots if s.seq == seq), None)
+    if slot is None:
+        raise InvalidArgument(f"no slot {seq}: this server has slots {gen.slots[0].seq} to {gen.slots[-1].seq}")
+    if slot.req is not None:
+        raise SlotBusy(f"slot {seq} is serving a request")
+    n_past = gen.eng.n_past(seq)  # trust what the KV holds, as insert() does
+    if n_past < len(slot.cached):
+        slot.cut(n_past)
+    elif n_past > len(slot.cached):
+        gen.eng.truncate(len(slot.cached), seq)
+    return slot
+
+
+def save(gen: BatchGenerator, seq: int, path: str | Path) -> tuple[int, int]:
+    """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes)."""
+    slot = _idle(gen, seq)
+    tokens = list(slot.cached)
+    packed = pack_tokens(tokens)
+    raw = memoryview(gen.eng.save_state(seq))[8:]  # after the engine's own position header
+    if len(raw) < _IO.size or _IO.unpack_from(raw)[0] != _IO_MAGIC:
+        raise OndeviceError(f"llama.cpp gave slot {seq}'s state without its header; this llama-cpp-python "
+                            f"is not the one ondevice pins (0.3.36)")
+    state = raw[_IO.size:]
+    with atomic_write(path, "wb") as f:
+        f.write(_HEAD.pack(MAGIC, VERSION, len(packed)))
+        f.write(np.asarray(packed, dtype="<i4").tobytes())
+        f.write(state)
+    return len(tokens), _HEAD.size + 4 * len(packed) + len(state)
+
+
+def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,
+         name: str | None = None) -> tuple[list[int], bytearray, int]:
+    """A slot file's prompt tokens, its KV as :meth:`LlamaEngine.load_state` takes it for sequence ``seq``
+    (read once, in place) and the file's size; all checked here, before anything native reads it."""
+    where = name or str(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 -- closed below
+    except FileNotFoundError:
+        raise SlotFileError(f"{where}: no such file; save a slot under that name first") from None
+    except IsADirectoryError:
+        raise SlotFileError(f"{where} is a folder, not a slot file") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            raise SlotFileError(f"{where}: {size} bytes is too short for a slot file")
+        magic, version, n = _HEAD.unpack(head)
+        if magic != MAGIC:
+            raise SlotFileError(f"{where} is not a slot file (it does not start with llama.cpp's 'ggsq')")
+        if version != VERSION:
+            raise SlotFileError(f"{where} is a version {version} slot file; this llama.cpp reads version {VERSION} "
+                                f"(save the slot again with this server)")
+        end = _HEAD.size + 4 * n
+        if end > size:
+            raise SlotFileError(f"{where}: it says {n} tokens but is only {size} bytes long; it is cut short")
+        tokens = unpack_tokens(np.frombuffer(f.read(4 * n), dtype="<i4").tolist(), where)
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise SlotFileError(f"{where} holds token {bad}, outside this model's vocabulary (0 to {n_vocab - 1}); "
+                                f"it was saved with another model")
+        if len(tokens) > max_tokens:
+            raise SlotFileError(f"{where} holds {len(tokens)} tokens but a slot here holds {max_tokens}; "
+                                f"serve with a larger --ctx (or fewer --parallel slots)")
+        state = bytearray(8 + _IO.size + size - end)  # load_state's position header, llama.cpp's, the KV
+        struct.pack_into("<q", state, 0, len(tokens))
+        _IO.pack_into(state, 8, _IO_MAGIC, seq)
+        if f.readinto(memoryview(state)[8 + _IO.size:]) != size - end:
+            raise SlotFileError(f"{where} changed while it was read; try again")
+    _check_cells(memoryview(state)[8 + _IO.size:], len(tokens), where)
+    return tokens, state, size
+
+
+def restore(gen: BatchGenerator, seq: int, path: str | Path, ads: tuple[str, ...] = (),
+            name: str | None = None) -> tuple[int, int]:
+    """Load ``path`` into slot ``seq`` (its previous cache is dropped); requests sharing the file's prompt as
+    a prefix then reuse it. ``ads``: the adapter set the KV counts as computed under (the server's default);
+    ``name``: the file as errors call it (default: its path). Returns (tokens, bytes read)."""
+    slot = _idle(gen, seq)
+    tokens, state, size = read(path, gen.eng.n_vocab, gen.slot_ctx - 1, seq, name)
+    slot.forget()
+    try:
+        gen.eng.load_state(state, seq)
+    except OndeviceError as e:
+        gen.eng.truncate(0, seq)
+        raise SlotFileError(f"{name or path}: its KV does not fit this model and context ({e}); it was saved with "
+                            f"another model or other context settings") from None
+    slot.cached, slot.ads = tokens, ads
+    return len(tokens), size
+
+
+def _check_cells(state: memoryview, n: int, where: str) -> None:
+    """The KV part's cells before llama.cpp reads them: one stream holds them, at increasing positions ending at
+    the last token (a model with sliding-window layers saves only the window). A position outside them would
+    stay in the cache for good: llama_memory_seq_rm cannot remove a negative one or INT_MAX."""
+    bad = SlotFileError(f"{where}: its KV cells do not match its {n} tokens; the file is damaged, save the slot again")
+    if len(state) < 4:
+        raise bad
+    (n_stream,) = struct.unpack_from("<I", state)
+    off = 4
+    for s in range(n_stream):
+        if off + 4 > len(state):
+            raise bad
+        (count,) = struct.unpack_from("<I", state, off)
+        off += 4
+        if count == 0:
+            continue
+        if count > n or off + 12 * count > len(state):
+            raise bad
+        cells = np.frombuffer(state, dtype="<i4", count=3 * count, offset=off).reshape(count, 3)  # pos, 1, seq
+        pos = cells[:, 0]
+        later = bytes(state[len(state) - 4 * (n_stream - s - 1):]) if s < n_stream - 1 else b""
+        if (cells[:, 1] != 1).any() or pos[0] < 0 or pos[-1] != n - 1 or (np.diff(pos) <= 0).any() or any(later):
+            raise bad
+        return
+    if n:
+        raise bad
+
+
+def erase(gen: BatchGenerator, seq: int) -> int:
+    """Forget slot ``seq``'s cached prompt; returns how many tokens it held."""
+    slot = _idle(gen, seq)
+    n = len(slot.cached)
+    slot.forget()
+    gen.eng.truncate(0, seq)
+    return n

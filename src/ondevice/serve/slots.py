@@ -1,0 +1,139 @@
+"""llama-server's slot routes: ``GET /slots`` (each slot's state) and ``POST /slots/ID?action=save|restore|erase``
+(a slot's prompt cache to and from a file in ``--slot-save-path``, in llama.cpp's format: engine/slotfile.py).
+
+A long prompt that many requests begin with (a system prompt, an agent's tool list, a document) is computed
+once, saved, and restored after a restart in milliseconds instead of prefilled again; a request whose prompt
+begins with the restored tokens reuses them (from any slot, as every prompt's cached prefix is). An action on a
+slot that is serving a request waits until it is idle, as llama-server defers it. Files are llama-server's:
+either server restores the other's, for the same model and context settings. ``GET /slots`` is on by default,
+as llama-server's (``--no-slots``: a 501); like llama-server's, it shows each slot's counts and settings, not its prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import unicodedata
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Request
+from fastapi.responses import JSONResponse
+
+from ..engine import slotfile
+from ..errors import InvalidArgument
+from ..models.store import UnwritablePath
+from .http import error_response
+
+WAIT_S = 0.05  # how often an action on a busy slot looks again
+
+# llama.cpp's fs_validate_filename: no folders, no characters a file system refuses or a reader could misread
+_FORBIDDEN = set(':*?"<>|/\\') | {"\uff0e", "\u2215", "\u2216", "\ufffd", "\ufeff"}
+
+
+def applies(path: str) -> bool:
+    return path == "/slots" or path.startswith("/slots/")
+
+
+def valid_filename(name: str) -> bool:
+    """llama.cpp's rule for a slot file's name (fs_validate_filename without folders)."""
+    if not name or len(name.encode("utf-8", "surrogatepass")) > 255 or name == "." or ".." in name:
+        return False
+    if name[0] == " " or name[-1] in " .":
+        return False
+    return not any(c in _FORBIDDEN or unicodedata.category(c) in ("Cc", "Cs") for c in name)
+
+
+def add_routes(app, state) -> None:
+    batcher = state.batcher
+
+    async def on_batcher(fn, request: Request):
+        """``fn()`` on the batcher thread once its slot is idle (a busy slot: look again every WAIT_S)."""
+        while True:
+            try:
+                return await asyncio.wrap_future(batcher.call(fn))
+            except slotfile.SlotBusy:
+                if await request.is_disconnected():
+                    return None
+                await asyncio.sleep(WAIT_S)
+
+    @app.get("/slots")
+    async def slots(request: Request, fail_on_no_slot: str = ""):
+        if not state.settings.slots:
+            return error_response(501, "This server does not support slots endpoint. Start it with `--slots`",
+                                  "not_supported_error")
+        data = await asyncio.wrap_future(batcher.call(lambda: [_slot_json(state, s) for s in batcher.gen.slots]))
+        if fail_on_no_slot and all(d["is_processing"] for d in data):
+            return error_response(503, "no slot available", "unavailable_error")
+        return data
+
+    @app.post("/slots/{id_slot}")
+    async def slot_action(id_slot: str, request: Request, action: str = "",
+                          body: Annotated[dict[str, Any] | None, Body()] = None):
+        folder = state.settings.slot_save_path
+        if not folder:
+            return error_response(501, "This server does not support slots action. Start it with "
+                                       "`--slot-save-path DIR`", "not_supported_error")
+        try:
+            seq = int(id_slot)
+        except ValueError:
+            raise InvalidArgument(f"Invalid slot ID {id_slot!r}: give a slot number (GET /slots lists them)") from None
+        if action not in ("save", "restore", "erase"):
+            raise InvalidArgument(f"Invalid action {action!r}: give ?action=save, restore or erase")
+        t0 = time.perf_counter()
+        if action == "erase":
+            n = await on_batcher(lambda: slotfile.erase(batcher.gen, seq), request)
+            return JSONResponse({}, status_code=499) if n is None else {"id_slot": seq, "n_erased": n}
+        name = _filename(body or {})
+        path = Path(folder).expanduser() / name
+        ads = state.adapters_for(None)  # what a request naming no adapter runs under
+        if action == "save":
+            def save():
+                slot = next((s for s in batcher.gen.slots if s.seq == seq), None)
+                if slot is not None and slot.req is None and slot.cached and slot.ads != ads:
+                    raise InvalidArgument(
+                        f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, not "
+                        f"this server's default ({', '.join(ads) or 'none'}); a slot file records no adapters, so "
+                        f"save a slot whose last request named none")
+                return slotfile.save(batcher.gen, seq, path)
+            try:
+                done = await on_batcher(save, request)
+            except UnwritablePath as e:
+                return error_response(500, f"Unable to save slot: {e}", "server_error")
+            if done is None:
+                return JSONResponse({}, status_code=499)
+            return {"id_slot": seq, "filename": name, "n_saved": done[0], "n_written": done[1],
+                    "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
+        done = await on_batcher(lambda: slotfile.restore(batcher.gen, seq, path, ads, name), request)
+        if done is None:
+            return JSONResponse({}, status_code=499)
+        return {"id_slot": seq, "filename": name, "n_restored": done[0], "n_read": done[1],
+                "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
+
+
+def _filename(body: dict) -> str:
+    name = body.get("filename")
+    if not isinstance(name, str):
+        raise InvalidArgument('filename is required: {"filename": "NAME"}, a file in --slot-save-path')
+    if not valid_filename(name):
+        raise InvalidArgument(f"Invalid filename {name!r}: a plain file name (no folders, no '..', none of "
+                              f'\\ / : * ? " < > |, no control characters, not ending in a dot or space)')
+    return name
+
+
+def _slot_json(state, s) -> dict:
+    """One slot in llama-server's /slots shape (on the batcher thread: a consistent snapshot)."""
+    from .native import settings_of
+
+    gen = state.batcher.gen
+    job = s.req or state.batcher.last_job.get(s.seq)
+    out = {"id": s.seq, "n_ctx": gen.slot_ctx, "speculative": bool(state.settings.draft),
+           "is_processing": s.req is not None}
+    if job is not None:
+        out.update(n_prompt_tokens=len(job.tokens), n_prompt_tokens_processed=len(job.tokens) - s.n_cached,
+                   n_prompt_tokens_cache=s.n_cached,
+                   params=settings_of(state, job.sampling, False, job.logprobs or 0, None),
+                   next_token=[{"has_next_token": s.req is not None,
+                                "n_remain": job.sampling.max_tokens - s.n_gen, "n_decoded": s.n_gen}])
+    out["n_cached"] = len(s.cached)  # tokens whose KV the slot holds (what a save writes)
+    return out

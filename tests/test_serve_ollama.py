@@ -159,6 +159,10 @@ def test_tags_show_ps_version(server, client, name):
     assert [x.model for x in ps] == [name] and ps[0].context_length == 1024
     version = httpx.get(server.base_url + "/api/version", headers=AUTH).json()["version"]
     assert [int(x) for x in version.split(".")] >= [0, 5, 0]  # structured outputs, tool calls: clients check
+    for method in ("GET", "HEAD"):  # the ollama CLI's heartbeat (HEAD /) before each command
+        r = httpx.request(method, server.base_url + "/", headers=AUTH)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "running" in httpx.get(server.base_url + "/", headers=AUTH).text
 
 
 def test_embeddings_are_v1_embeddings(client, oai, name):

@@ -132,3 +132,24 @@ def test_missing_input_and_bad_values_name_the_field(client):
         client.responses.create(model="m", input="hi", temperature=5)
     with pytest.raises(openai.BadRequestError, match=r"invalid request: max_output_tokens: Input should be greater"):
         client.responses.create(model="m", input="hi", max_output_tokens=-1)
+
+
+def test_input_token_counts_are_the_prompts_the_routes_decode(client):
+    """OpenAI's responses.input_tokens.count and llama-server's /chat/completions/input_tokens: the tokens of the
+    prompt that a request would decode (its usage.input_tokens), tools and instructions included."""
+    import httpx
+
+    kw = {"instructions": "Answer in one short sentence.", "input": "Name a color."}
+    r = client.responses.create(model="m", max_output_tokens=4, temperature=0, **kw)
+    counted = client.responses.input_tokens.count(model="m", **kw)
+    assert counted.object == "response.input_tokens" and counted.input_tokens == r.usage.input_tokens
+    with_tool = client.responses.input_tokens.count(model="m", tools=[WEATHER], **kw)
+    assert with_tool.input_tokens > counted.input_tokens  # the tool's definition is in the prompt
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    chat = {"messages": [{"role": "system", "content": kw["instructions"]}, {"role": "user", "content": kw["input"]}]}
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        assert httpx.post(base + path, json=chat, timeout=60).json() == {"input_tokens": r.usage.input_tokens}
+    assert httpx.post(base + "/responses/input_tokens", json=kw, timeout=60).json()["input_tokens"] == \
+        r.usage.input_tokens
+    bad = httpx.post(base + "/v1/responses/input_tokens", json={**kw, "previous_response_id": "resp_1"}, timeout=60)
+    assert bad.status_code == 400 and "previous_response_id" in bad.json()["error"]["message"]

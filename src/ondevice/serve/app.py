@@ -28,15 +28,16 @@ from .http import (
     install_error_handlers,
     note,
 )
-from .responses import respond
+from .responses import chat_request, count_input_tokens, respond
 from .runner import Runner
 from .state import ServerState, token_piece
 
 # inputs per /v1/embeddings request: OpenAI's limit. Clients batch up to it (LangChain's OpenAIEmbeddings sends
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
-ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, "/v1/models", "/v1/embeddings",
-          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS, "/slots"}
+COUNTING = ("/v1/responses/input_tokens", "/v1/chat/completions/input_tokens")  # a request's prompt tokens
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, *COUNTING, "/v1/models", "/v1/embeddings",
+          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS, "/slots", "/"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -151,6 +152,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: Request, body: Annotated[dict[str, Any], Body()]):
         return await respond(runner, body, request)
+
+    @app.post("/v1/responses/input_tokens")
+    async def responses_input_tokens(body: Annotated[dict[str, Any], Body()]):
+        return await count_input_tokens(runner, body)
+
+    @app.post("/v1/chat/completions/input_tokens")  # llama-server's: the chat prompt's tokens
+    async def chat_input_tokens(body: Annotated[dict[str, Any], Body()]):
+        return {"input_tokens": await runner.prompt_tokens(chat_request({**body, "stream": False}, {}))}
 
     @app.post("/v1/messages")
     async def anthropic_messages(request: Request, body: Annotated[dict[str, Any], Body()]):

@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "the environment. Routes: /v1/chat/completions, /v1/completions, /v1/models, "
                      "/v1/embeddings, /v1/responses (OpenAI's Responses API), /v1/messages (Anthropic's Messages "
                      "API), /api/chat, /api/generate, /api/tags, /api/embed, ... (Ollama's API), /completion, "
-                     "/embedding, /props, /apply-template, /lora-adapters (llama-server's own), /health, /metrics, "
-                     "/tokenize, /detokenize, /tokenizer_info.")
+                     "/infill, /embedding, /props, /apply-template, /lora-adapters, /slots (llama-server's own), "
+                     "/health, /metrics, /tokenize, /detokenize, /tokenizer_info.")
     add_settings_arguments(parser)
     from ..engine.args import Scaled
 

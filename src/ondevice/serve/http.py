@@ -158,7 +158,8 @@ def _as_json(scope) -> None:
 # llama-server health check) reaches them here too (its native /completion, /completions and /embeddings answer
 # in llama-server's own shape: native.py)
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/responses": "/v1/responses", "/models": "/v1/models",
-           "/v1/health": "/health"}
+           "/v1/health": "/health", "/chat/completions/input_tokens": "/v1/chat/completions/input_tokens",
+           "/responses/input_tokens": "/v1/responses/input_tokens"}
 
 
 class Aliases:

@@ -314,21 +314,13 @@ async def respond(runner, body: dict, request):
     cascade, grammar and tool calls), in the Messages API's shape."""
     req = chat_request(to_chat(body), _FIELD)
     shell = Shell(body, runner.state.answered_by(req.model))
-    events = Events(shell, await _prompt_tokens(runner, req) if req.stream else 0)  # a client reads it at once
+    events = Events(shell, await runner.prompt_tokens(req) if req.stream else 0)  # a client reads it at once
     return await over_chat(runner, req, request, lambda chat: from_chat(shell, chat), events.relay)
-
-
-async def _prompt_tokens(runner, req) -> int:
-    """The tokens of the prompt ``req`` renders to, as the chat route renders it."""
-    from starlette.concurrency import run_in_threadpool
-
-    plan, messages, tools = runner.chat_prompt(req)
-    return len(await run_in_threadpool(runner.state.chat_tokens, messages, tools, plan.system_note))
 
 
 async def count_tokens(runner, body: dict) -> dict:
     """``{"input_tokens": N}``: the prompt that ``body`` renders to, as the chat route renders it."""
-    return {"input_tokens": await _prompt_tokens(runner, chat_request(to_chat(body, counting=True), _FIELD))}
+    return {"input_tokens": await runner.prompt_tokens(chat_request(to_chat(body, counting=True), _FIELD))}
 
 
 # http.ErrorShape's settings for these routes: every error in Anthropic's shape, with its status

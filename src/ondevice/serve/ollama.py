@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Body, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.toolcalls import template_shows_tools
@@ -361,6 +361,10 @@ def add_routes(app, runner, embeddings) -> None:
     @app.post("/api/generate")
     async def ollama_generate(request: Request, body: Annotated[dict[str, Any], Body()]):
         return await generate(runner, body, request)
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def ollama_root():  # Ollama's heartbeat: its CLI sends HEAD / before a command (status only)
+        return PlainTextResponse("ondevice is running (Ollama's API under /api, OpenAI's under /v1)")
 
     @app.get("/api/version")
     async def ollama_version():

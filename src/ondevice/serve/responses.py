@@ -390,6 +390,13 @@ async def over_chat(runner, req, request, reply, relay):
     return JSONResponse(reply(json.loads(result.body)), headers=headers, background=result.background)
 
 
+async def count_input_tokens(runner, body: dict) -> dict:
+    """OpenAI's ``POST /v1/responses/input_tokens`` (``client.responses.input_tokens.count``): the tokens of the
+    prompt the Responses request ``body`` renders to."""
+    return {"object": "response.input_tokens",
+            "input_tokens": await runner.prompt_tokens(chat_request(to_chat({**body, "stream": False}), _FIELD))}
+
+
 async def respond(runner, body: dict, request):
     """Answer the Responses request ``body`` through ``runner.chat`` (the chat route's own code path: its limits,
     cascade, structured output and tool calls), in the Responses API's shape."""

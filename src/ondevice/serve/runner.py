@@ -218,6 +218,11 @@ class Runner:
         tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
         return structured.plan(req, self.state.model.template), message_dicts(req.messages), tools
 
+    async def prompt_tokens(self, req: S.ChatCompletionRequest) -> int:
+        """How many tokens the prompt ``req`` renders to, as :meth:`chat` renders it (the token-count routes)."""
+        plan, messages, tools = self.chat_prompt(req)
+        return len(await run_in_threadpool(self.state.chat_tokens, messages, tools, plan.system_note))
+
     async def chat(self, req: S.ChatCompletionRequest, request: Request):
         st = self.state
         plan, messages, tools = self.chat_prompt(req)

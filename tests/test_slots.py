@@ -98,7 +98,8 @@ def test_a_file_that_is_not_for_this_slot_is_an_error_naming_it(saved, tmp_path)
             slotfile.restore(BatchGenerator(small), 0, path)
         f16 = LlamaEngine(_model_path(), EngineConfig(n_ctx=2 * 1024, n_seq_max=2, n_threads=2))  # other KV type
         try:
-            with pytest.raises(slotfile.SlotFileError, match="does not fit this model and context"):
+            with pytest.raises(slotfile.SlotFileError, match=r"does not fit this model/context \(state_read_data: "
+                                                             r"mismatched key type.*another model or other context"):
                 slotfile.restore(BatchGenerator(f16), 0, path)
             assert f16.n_past(0) == 0 and f16.ll.llama_memory_seq_pos_max(f16.mem, 0) == -1
         finally:
@@ -265,3 +266,43 @@ def test_any_filename_is_written_inside_the_folder_or_refused(fuzz_server, name)
         assert again.status_code == 200, again.text
     else:
         assert not slots.valid_filename(name) and "filename" in r.json()["error"]["message"].lower()
+
+
+def test_run_prompt_cache_restores_the_prompt_and_keeps_the_file_of_another_model(cli, tmp_path):
+    """llama-cli's --prompt-cache on `ondevice run`: the first run saves the prompt's KV, the next computes only
+    the prompt's last token and answers the same; --prompt-cache-ro never writes; a file that does not fit is an
+    error that leaves it as it was."""
+    cache = tmp_path / "prompt.bin"
+    args = ("run", "--temp", "0", "-n", "8", "-t", "2", "--timings", "json", "--prompt-cache", str(cache),
+            DOC + "\n\nSummarise the text above in one sentence.")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    rec1 = json.loads(first.stderr.strip().splitlines()[-1])
+    assert cache.is_file() and rec1["cached_tokens"] == 0
+    saved = cache.read_bytes()
+    assert struct.unpack_from("<I", saved, 8)[0] == rec1["prompt_tokens"] + 4  # the prompt only, in llama-server's form
+    second = cli(*args)
+    rec2 = json.loads(second.stderr.strip().splitlines()[-1])
+    assert second.stdout == first.stdout and rec2["cached_tokens"] == rec1["prompt_tokens"] - 1
+    assert cache.read_bytes() == saved  # nothing new to save: the file is not rewritten
+    ro = tmp_path / "ro.bin"
+    assert cli("run", "-n", "2", "--prompt-cache", str(ro), "--prompt-cache-ro", "Hi").returncode == 0
+    assert not ro.exists()
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a slot file at all")
+    bad = cli("run", "-n", "2", "--prompt-cache", str(junk), "Hi")
+    assert bad.returncode == 2 and "is not a slot file" in bad.stderr and "delete the file" in bad.stderr
+    assert "Traceback" not in bad.stderr and junk.read_bytes() == b"not a slot file at all"
+
+
+def test_model_prompt_cache_in_python(tmp_path):
+    import ondevice
+
+    with ondevice.load(str(_model_path()), n_ctx=1024, n_threads=2) as m:
+        a = m.generate(DOC, max_tokens=6, temp=0)
+        n = m.save_prompt_cache(tmp_path / "p.bin", n_tokens=a.last.prompt_tokens)
+        assert n == a.last.prompt_tokens
+    with ondevice.load(str(_model_path()), n_ctx=1024, n_threads=2) as m:
+        assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
+        b = m.generate(DOC, max_tokens=6, temp=0)
+        assert b.text == a.text and b.last.cached_tokens == n - 1

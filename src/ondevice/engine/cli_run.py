@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding, same output: 'lookup' drafts from the prompt and text so far (fast "
                         "for rewriting, summaries, extraction); MODEL is a draft model sharing the vocabulary")
     p.add_argument("--draft-max", type=int, default=16, help="most tokens drafted per step (default: 16)")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="restore the prompt's KV from FILE when it exists (only what the prompt does not begin "
+                        "with is computed) and save it there after, as llama-cli's --prompt-cache (llama.cpp's "
+                        "sequence-state file: llama-server's /slots restores it too)")
+    p.add_argument("--prompt-cache-all", action="store_true",
+                   help="save the reply to --prompt-cache too, not only the prompt")
+    p.add_argument("--prompt-cache-ro", action="store_true", help="use --prompt-cache but never write it")
     p.add_argument("--timings", choices=["text", "json", "none"], default="text",
                    help="timings on stderr: a line, the last record as JSON, or nothing")
 
@@ -146,6 +153,20 @@ def window_note(last: Generation | None, sampling, n_ctx: int, fix: str = "raise
     return f"(the reply stopped at the end of the {n_ctx}-token context window; {fix})"
 
 
+def _restore(model, path: str) -> list[int]:
+    """--prompt-cache: the tokens restored from ``path`` ([] when there is no such file yet)."""
+    import os
+
+    from .slotfile import SlotFileError
+
+    if not os.path.exists(path):
+        return []
+    try:
+        return model.load_prompt_cache(path)
+    except SlotFileError as e:
+        raise SlotFileError(f"--prompt-cache {e}; delete the file (or give another) to start a new cache") from None
+
+
 def run(args: argparse.Namespace) -> int:
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
@@ -158,7 +179,12 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(given_prompt(args), args.model if getattr(args, "named_model", False) else None)
     if args.system:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    if (args.prompt_cache_all or args.prompt_cache_ro) and not args.prompt_cache:
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("--prompt-cache-all and --prompt-cache-ro need --prompt-cache FILE")
     model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))
+    cached = _restore(model, args.prompt_cache) if args.prompt_cache else None
     last = None
     out = sys.stdout
     try:
@@ -169,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
     except ContextOverflow as e:
         raise e.advise("-c/--ctx", model.engine.n_ctx_train) from None
     out.write("\n")
+    if cached is not None and last is not None and not args.prompt_cache_ro:
+        keep = None if args.prompt_cache_all else last.prompt_tokens
+        if model.generator.slots[0].cached[:keep] != cached:  # the file would change
+            model.save_prompt_cache(args.prompt_cache, keep)
     if note := window_note(last, sampling, model.engine.n_ctx):
         print(note, file=sys.stderr)
     if args.timings == "text":

@@ -437,13 +437,15 @@ class LlamaEngine(Engine):
         self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
         buf = ((ctypes.c_uint8 * size).from_buffer(state, 8) if isinstance(state, bytearray)
                else (ctypes.c_uint8 * size).from_buffer_copy(state, 8))
-        nread = self.ll.llama_state_seq_set_data(self.ctx, buf, size, seq)
+        with native.load_log(quiet=True) as log:  # llama.cpp's reason goes into our message
+            nread = self.ll.llama_state_seq_set_data(self.ctx, buf, size, seq)
         del buf  # the caller's bytearray is free to change size again
         held = self.ll.llama_memory_seq_pos_max(self.mem, seq) + 1
         if nread != size or held != n_past:  # refused, trailing bytes, or not the positions it claims
             self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
             self._n_past[seq] = 0
-            raise OndeviceError("the saved KV state does not fit this model/context" if nread == 0 else
+            why = next((x.strip() for x in reversed(log) if x.strip() and "error loading state" not in x), "")
+            raise OndeviceError(f"the saved KV state does not fit this model/context ({why or 'refused'})" if nread == 0 else
                                 f"the saved KV state holds {held} positions in {nread} of its {size} bytes, "
                                 f"not the {n_past} positions it claims")
         self._n_past[seq] = n_past

@@ -192,6 +192,31 @@ class Model:
         finally:
             self._turns.end(turn)
 
+    def save_prompt_cache(self, path: str | Path, n_tokens: int | None = None) -> int:
+        """Write what the model holds in its KV cache (the last prompt and reply; ``n_tokens``: only that many of
+        them, e.g. the prompt's ``prompt_tokens``) to ``path``, atomically, as llama.cpp's sequence-state file
+        (llama-server's slot file); returns how many tokens it holds. See :mod:`ondevice.engine.slotfile`."""
+        from . import slotfile
+
+        turn = self._turns.begin(self)
+        try:
+            return slotfile.save(self.generator, 0, path, keep=n_tokens)[0]
+        finally:
+            self._turns.end(turn)
+
+    def load_prompt_cache(self, path: str | Path) -> list[int]:
+        """Load a file written by :meth:`save_prompt_cache` (or llama-server's slot save, same model and KV type)
+        in place of what the model holds: a prompt that begins with its tokens then computes only the rest.
+        Returns those tokens; a file that does not fit this model is a :class:`SlotFileError` that says why."""
+        from . import slotfile
+
+        turn = self._turns.begin(self)
+        try:
+            slotfile.restore(self.generator, 0, path)
+            return list(self.generator.slots[0].cached)
+        finally:
+            self._turns.end(turn)
+
     def generate(self, prompt: Prompt, **kw) -> Result:
         """Run to completion; the text and the timing record of the last token."""
         parts, toks, last = [], [], None

@@ -80,9 +80,13 @@ def _idle(gen: BatchGenerator, seq: int) -> Slot:
     return slot
 
 
-def save(gen: BatchGenerator, seq: int, path: str | Path) -> tuple[int, int]:
-    """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes)."""
+def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = None) -> tuple[int, int]:
+    """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes).
+    ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first)."""
     slot = _idle(gen, seq)
+    if keep is not None and keep < len(slot.cached):
+        slot.cut(keep)
+        gen.eng.truncate(keep, seq)
     tokens = list(slot.cached)
     packed = pack_tokens(tokens)
     raw = memoryview(gen.eng.save_state(seq))[8:]  # after the engine's own position header
@@ -151,8 +155,8 @@ def restore(gen: BatchGenerator, seq: int, path: str | Path, ads: tuple[str, ...
         gen.eng.load_state(state, seq)
     except OndeviceError as e:
         gen.eng.truncate(0, seq)
-        raise SlotFileError(f"{name or path}: its KV does not fit this model and context ({e}); it was saved with "
-                            f"another model or other context settings") from None
+        raise SlotFileError(f"{name or path}: {e}; it was saved with another model or other context settings "
+                            f"(KV type, slots)") from None
     slot.cached, slot.ads = tokens, ads
     return len(tokens), size
 

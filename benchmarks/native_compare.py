@@ -42,6 +42,8 @@ CASES = [
     ("response_fields", {"prompt": PROMPT, **G, "response_fields": ["content", "generation_settings/n_predict"]}),
     ("n_cmpl 2, seed", {"prompt": PROMPT, "n_predict": 6, "n_cmpl": 2, "seed": 5}),
     ("post_sampling_probs", {"prompt": PROMPT, **G, "n_probs": 2, "post_sampling_probs": True}),
+    ("post_sampling_probs sampled", {"prompt": PROMPT, "n_predict": 6, "temperature": 0.8, "seed": 7, "n_probs": 3,
+                                     "post_sampling_probs": True, "return_tokens": True}),
     ("/infill", {"input_prefix": "def fib(n):\n    ", "input_suffix": "\n    return a\n", **G, "n_predict": 32,
                  "input_extra": [{"filename": "util.py", "text": "def add(a, b):\n    return a + b\n"}]}),
     ("/infill llama.vscode", {"input_prefix": "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
@@ -62,7 +64,7 @@ def _one(r: dict) -> str:
     if set(r) <= {"content", "generation_settings/n_predict"}:
         return f"response_fields {sorted(r)}"
     toks = r.get("tokens") or []
-    probs = [p["id"] for p in r.get("completion_probabilities") or []]
+    probs = [(p["id"], round(p["prob"], 3)) if "prob" in p else p["id"] for p in r.get("completion_probabilities") or []]
     return (f"{json.dumps(r.get('content'))[:60]} | {len(toks)} ids {_short(toks)} | {r.get('stop_type')} "
             f"{json.dumps(r.get('stopping_word'))} | {r.get('tokens_predicted')}/{r.get('tokens_evaluated')}/"
             f"{r.get('tokens_cached')} | probs {probs} | {len(r)} fields {_short(sorted(r))}")

@@ -154,6 +154,33 @@ def test_n_probs_gives_the_completions_routes_logprobs_per_token(server, oai):
     assert [p["id"] for e in streamed for p in e["completion_probabilities"]] == r["tokens"]
 
 
+def test_post_sampling_probs_are_the_chains_probabilities(server):
+    """llama-server's post_sampling_probs: each token's probability after the sampler chain (``prob``,
+    ``top_probs``). Greedy puts it all on the pick; top_k 3 at temperature 1 renormalises the raw top three; the
+    same seed samples the same tokens as without it."""
+    greedy = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0, "n_probs": 3,
+                                          "post_sampling_probs": True, "return_tokens": True})
+    assert [p["id"] for p in greedy["completion_probabilities"]] == greedy["tokens"]
+    for p in greedy["completion_probabilities"]:
+        assert p["prob"] == 1.0 and [(t["id"], t["prob"]) for t in p["top_probs"]] == [(p["id"], 1.0)]
+        assert "logprob" not in p and "top_logprobs" not in p
+    assert greedy["generation_settings"]["post_sampling_probs"] is True
+    body = {"prompt": PROMPT, "n_predict": 6, "temperature": 1.0, "top_k": 3, "top_p": 1.0, "min_p": 0.0,
+            "seed": 11, "n_probs": 3, "return_tokens": True}
+    raw = post(server, "/completion", body)
+    after = post(server, "/completion", {**body, "post_sampling_probs": True})
+    assert after["tokens"] == raw["tokens"] and after["content"] == raw["content"]
+    for r, a in zip(raw["completion_probabilities"], after["completion_probabilities"], strict=True):
+        top3 = {t["id"]: np.exp(t["logprob"]) for t in r["top_logprobs"]}
+        want = {t: p / sum(top3.values()) for t, p in top3.items()}
+        got = {t["id"]: t["prob"] for t in a["top_probs"]}
+        assert got == pytest.approx(want, abs=1e-4) and a["prob"] == pytest.approx(want[a["id"]], abs=1e-4)
+        assert [t["prob"] for t in a["top_probs"]] == sorted(got.values(), reverse=True)
+    streamed = [p for e in events(server, {**body, "post_sampling_probs": True}) if not e["stop"]
+                for p in e["completion_probabilities"]]
+    assert [(p["id"], p["prob"]) for p in streamed] == [(p["id"], p["prob"]) for p in after["completion_probabilities"]]
+
+
 def test_json_schema_and_grammar_constrain_the_reply(server):
     schema = {"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}
     r = post(server, "/completion", {"prompt": "A color as JSON: ", "n_predict": 48, "temperature": 0,
@@ -200,7 +227,6 @@ def test_samplers_a_subset_in_order_and_response_fields(server, oai):
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    ({"prompt": "x", "post_sampling_probs": True}, "post_sampling_probs"),
     ({"prompt": "x", "min_keep": 2}, "min_keep"),
     ({"prompt": {"prompt_string": "x", "multimodal_data": ["aGk="]}}, "text only"),
     ({"prompt": "x", "n_predict": -5}, "n_predict"),

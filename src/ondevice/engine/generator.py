@@ -74,6 +74,7 @@ class Request:
     from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
     adapters: tuple[str, ...] | None = None  # LoRA adapters by name (engine.adapters); None: the active ones
     slot: int = -1  # the sequence of the slot that serves it, once admitted (llama-server's id_slot)
+    post_probs: bool = False  # logprobs after the sampler chain, not of the raw logits (post_sampling_probs)
 
 
 class Slot:
@@ -194,6 +195,8 @@ class BatchGenerator:
         dst.cut(n)
         if req.sampler is None:
             req.sampler = self.eng.make_sampler(req.sampling, toks)
+        if req.post_probs:
+            req.sampler.post = req.logprobs or 0
         dst.ads = ads
         dst.start(req, n)
         dst.follow = lead
@@ -391,8 +394,11 @@ class BatchGenerator:
         lp = top = None
         ent = None
         if req.logprobs is not None and tok >= 0:
-            lps = log_softmax(self.eng.logits(row))
-            lp, top = float(lps[tok]), tuple(top_k(lps, req.logprobs))
+            if req.post_probs:
+                lp, top = req.sampler.post_out
+            else:
+                lps = log_softmax(self.eng.logits(row))
+                lp, top = float(lps[tok]), tuple(top_k(lps, req.logprobs))
         if req.sampling.token_stats and tok >= 0:  # the cascade's confidence: one exp pass over the row
             lp_row, ent = token_stats(self.eng.logits(row), tok)
             lp = lp_row if lp is None else lp

@@ -461,6 +461,10 @@ class LlamaEngine(Engine):
         self._open()
         assert isinstance(sampler, Sampler)
         row = self._row(i)
+        if sampler.post is not None:  # post_sampling_probs: the chain over a copy, its candidates kept
+            if not np.isfinite(row.max()):
+                raise NonFiniteLogits()
+            return sampler.sample_post(row)
         if sampler.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
             # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference

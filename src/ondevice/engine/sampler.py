@@ -36,6 +36,9 @@ class Sampler:
         self.grammar = None
         self.index: PrefixIndex | None = None
         self._cand: np.ndarray | None = None  # (n_vocab,) llama_token_data, made by _apply when first needed
+        self.greedy = s.temp == 0
+        self.post: int | None = None  # keep the top ``post`` probabilities after the chain (sample_post)
+        self.post_out: tuple[float, tuple] = (0.0, ())  # the last sample_post's (logprob, top (id, logprob)s)
         # argmax, then the grammar check
         self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias and not s.infill
         if s.grammar:
@@ -137,6 +140,27 @@ class Sampler:
         ll.llama_sampler_accept(self.ptr, tok)
         return tok
 
+    def sample_post(self, row: np.ndarray) -> int:
+        """Sample as :meth:`sample_row` does (the grammar over the whole vocabulary first) and keep, in
+        :attr:`post_out`, the chosen token's probability after the chain and the ``post`` most probable
+        candidates left (llama-server's ``post_sampling_probs``; as logprobs). Greedy: the pick has 1."""
+        tok, kept = self._apply(row, grammar=self.grammar is not None, keep=True)
+        if tok < 0:
+            return NO_TOKEN
+        if self.greedy:  # temperature 0: the whole probability on the pick (llama-server's temp sampler gives it)
+            self.post_out = (0.0, ((tok, 0.0),))
+        else:
+            kept = kept[np.argsort(-kept["p"], kind="stable")]
+            kept = kept[kept["p"] > 0]
+            p_tok = float(kept["p"][kept["id"] == tok][0]) if (kept["id"] == tok).any() else 0.0
+            self.post_out = (float(np.log(p_tok)) if p_tok > 0 else -np.inf,
+                             tuple((int(t), float(np.log(p))) for t, p in zip(kept["id"][:self.post],
+                                                                               kept["p"][:self.post])))
+        if self.grammar is not None:
+            self.ll.llama_sampler_accept(self.grammar, tok)
+        self.ll.llama_sampler_accept(self.ptr, tok)
+        return tok
+
     def sample_row(self, row: np.ndarray) -> int:
         """Sample from a logits row held outside llama.cpp (a saved row) and accept the token, as
         ``llama_sampler_sample`` does for a row of the last decode; :data:`NO_TOKEN` when every token is banned."""
@@ -146,8 +170,9 @@ class Sampler:
         self.ll.llama_sampler_accept(self.ptr, tok)
         return tok
 
-    def _apply(self, row: np.ndarray, grammar: bool) -> int:
-        """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none.
+    def _apply(self, row: np.ndarray, grammar: bool, keep: bool = False):
+        """The chain's pick from ``row`` (after the grammar when ``grammar``), or -1 when it picks none; with
+        ``keep``, also the candidates the chain left (a copy, with their probabilities when it computed them).
 
         With the grammar, only the tokens that :class:`PrefixIndex` leaves go to it and the chain: the others
         it would reject, and a rejected token is one the chain never picks, so the pick is distributed as
@@ -182,7 +207,8 @@ class Sampler:
         # a sampler may move the array's start past the candidates it drops (XTC does): selected counts from there
         start = (ctypes.cast(arr.data, ctypes.c_void_p).value - cand.ctypes.data) // cand.itemsize
         pick = cand[start + arr.selected]
-        return int(pick["id"]) if np.isfinite(pick["logit"]) else -1
+        tok = int(pick["id"]) if np.isfinite(pick["logit"]) else -1
+        return (tok, cand[start:start + arr.size].copy()) if keep else tok
 
     def _passes(self, ids: np.ndarray) -> np.ndarray:
         """Which of tokens ``ids`` the grammar accepts next, (len(ids),) bool."""

@@ -10,13 +10,14 @@ list of those (one reply each, an array); llama-server's sampling fields by its 
 llama-server's without ``post_sampling_probs``), ``json_schema`` or ``grammar``, ``logit_bias`` in all three of its
 forms, ``samplers`` (a subset of llama.cpp's order, then optionally ``infill``: the samplers left out are off;
 another order is refused), ``lora`` (per-request adapter scales), ``return_tokens``, ``response_fields``,
-``timings_per_token``, ``n_cmpl``, and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits);
+``timings_per_token``, ``n_cmpl``, ``post_sampling_probs`` (``n_probs`` after the sampler chain, as probabilities),
+and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits);
 ``samplers`` and the line limits are the OpenAI routes' too (runner.py), as on llama-server.
 Streams are llama-server's: one ``data:`` event per token, then the whole reply's fields with ``stop: true``, no
 ``[DONE]``. Accepted and without effect here: ``cache_prompt`` (a prompt's cached prefix is always reused),
 ``id_slot`` (any slot reuses any other's prefix), ``n_keep``/``n_discard``/``n_cache_reuse`` (a prompt that does
 not fit is refused, never shifted), ``return_progress``, ``sse_ping_interval``. Refused with the fix:
-``post_sampling_probs``, ``min_keep``, multimodal prompts. /infill builds llama-server's fill-in-the-middle prompt
+``min_keep``, multimodal prompts. /infill builds llama-server's fill-in-the-middle prompt
 (:func:`infill_prompt`) and answers as /completion.
 """
 
@@ -51,11 +52,7 @@ _SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"
          "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model",
          "n_indent", "t_max_predict_ms", "samplers")
 _NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}  # ours -> llama-server's, in errors
-_REFUSED = {
-    "post_sampling_probs": "probabilities after the sampler chain are not computed; n_probs gives the raw "
-                           "distribution's (llama-server's default)",
-    "min_keep": "the samplers keep their own minimum (1)",
-}
+_REFUSED = {"min_keep": "the samplers keep their own minimum (1)"}
 
 
 def _int(body: dict, key: str, default: int, low: int) -> int:
@@ -157,14 +154,19 @@ def _piece(state, token: int) -> str:
     return _text(state.special_bytes[token]) if 0 <= token < len(state.special_bytes) else ""
 
 
-def _probs(state, recs: list[Generation]) -> list[dict]:
+def _probs(state, recs: list[Generation], post: bool = False) -> list[dict]:
+    """``completion_probabilities``: logprobs of the raw logits, or (``post``: post_sampling_probs) the
+    probabilities after the sampler chain, as llama-server names them (``prob``, ``top_probs``)."""
     raw = state.special_bytes
 
     def entry(t: int, lp: float) -> dict:
+        if post:
+            return {"id": t, "token": _text(raw[t]), "bytes": list(raw[t]), "prob": math.exp(lp)}
         lp = lp if math.isfinite(lp) else -3.4028234663852886e38  # llama-server's stand-in for log(0)
         return {"id": t, "token": _text(raw[t]), "bytes": list(raw[t]), "logprob": lp}
 
-    return [{**entry(g.token, g.logprob), "top_logprobs": [entry(t, v) for t, v in g.top_logprobs or ()]}
+    top = "top_probs" if post else "top_logprobs"
+    return [{**entry(g.token, g.logprob), top: [entry(t, v) for t, v in g.top_logprobs or ()]}
             for g in recs if g.token >= 0 and g.logprob is not None]
 
 
@@ -176,7 +178,8 @@ def _timings(g: Generation) -> dict:
     return t
 
 
-def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None, samplers=None) -> dict:
+def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None, samplers=None,
+                post: bool = False) -> dict:
     """llama-server's ``generation_settings`` of a reply (its names, the values the job ran with; ``samplers``:
     the request's, else llama.cpp's whole chain)."""
     s = sampling
@@ -195,7 +198,7 @@ def settings_of(state, sampling, stream: bool, n_probs: int, lora: list | None, 
         "n_probs": n_probs, "min_keep": 0,
         "grammar": s.grammar or "", "samplers": list(SAMPLERS) if samplers is None else sampler_names(samplers),
         "timings_per_token": False,
-        "post_sampling_probs": False, "lora": [{"id": e.id, "scale": e.scale} for e in lora or []]}
+        "post_sampling_probs": post, "lora": [{"id": e.id, "scale": e.scale} for e in lora or []]}
 
 
 def _fields(res: dict, wanted) -> dict:
@@ -226,7 +229,7 @@ class _Reply:
         if timings is not None:
             out["timings"] = timings
         if self.req.logprobs:
-            out["completion_probabilities"] = _probs(self.state, recs)
+            out["completion_probabilities"] = _probs(self.state, recs, self.job.post_probs)
         return out
 
     def final(self, gen: list[Generation], stream: bool) -> dict:
@@ -238,13 +241,13 @@ class _Reply:
                "id_slot": self.job.slot, "stop": True, "model": self.state.answered_by(self.req.model),
                "tokens_predicted": last.generation_tokens, "tokens_evaluated": last.prompt_tokens,
                "generation_settings": settings_of(self.state, self.job.sampling, stream, self.req.logprobs or 0,
-                                                  self.req.lora, self.req.samplers),
+                                                  self.req.lora, self.req.samplers, self.job.post_probs),
                "prompt": b"".join(self.state.special_bytes[t] for t in self.job.tokens).decode("utf-8", "replace"),
                "has_new_line": "\n" in "".join(g.text for g in gen), "truncated": False, "stop_type": kind,
                "stopping_word": last.stop or "", "tokens_cached": last.prompt_tokens + last.generation_tokens - 1,
                "timings": _timings(last)}
         if self.req.logprobs and not stream:
-            res["completion_probabilities"] = _probs(self.state, gen)
+            res["completion_probabilities"] = _probs(self.state, gen, self.job.post_probs)
         return _fields(res, self.body["response_fields"]) if self.body.get("response_fields") else res
 
 
@@ -260,7 +263,8 @@ async def completion(runner, body: dict, request: Request):
         # eos_entry: a sampled end-of-text token is a generated token (in tokens, the counts and a stream event),
         # as llama-server counts it
         return [runner._job(loop, toks, s, logprobs=req.logprobs, eos_entry=True,
-                            adapters=st.adapters_for(req.model, req.lora))
+                            adapters=st.adapters_for(req.model, req.lora),
+                            post_probs=bool(body.get("post_sampling_probs")))
                 for toks in prompts for s in _choices(req, sampling)]
 
     jobs = await run_in_threadpool(prepare)

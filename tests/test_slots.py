@@ -197,10 +197,15 @@ def test_slots_routes_save_and_restore_across_a_restart(tmp_path):
             "/slots/0?action=load": (None, "Invalid action"),
             "/slots/0?action=restore": ({"filename": "gone.bin"}, "gone.bin: no such file"),
         }
+        (folder / "adir").mkdir()
+        errors["/slots/1?action=restore "] = ({"filename": "adir"}, "adir is a folder, not a slot file")
         for path, (b, why) in errors.items():
-            err = _post(base, path, b, 400)["error"]
+            err = _post(base, path.strip(), b, 400)["error"]
             assert err["code"] == 400 and err["type"] == "invalid_request_error" and why in err["message"], err
             assert str(folder) not in err["message"]  # the server's folder is not shown to clients
+        err = _post(base, "/slots/1?action=save", {"filename": "adir"}, 500)["error"]  # the server's own problem
+        assert "Unable to save slot 1 as adir" in err["message"] and str(folder) not in err["message"]
+        assert (folder / "adir").is_dir()
 
 
 def test_an_action_on_a_busy_slot_waits_for_it(tmp_path):

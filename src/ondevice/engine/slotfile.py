@@ -112,6 +112,8 @@ def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,
         raise SlotFileError(f"{where}: no such file; save a slot under that name first") from None
     except IsADirectoryError:
         raise SlotFileError(f"{where} is a folder, not a slot file") from None
+    except OSError as e:
+        raise SlotFileError(f"{where}: cannot be read ({e.strerror or type(e).__name__})") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(_HEAD.size)

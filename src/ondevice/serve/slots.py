@@ -12,6 +12,7 @@ as llama-server's (``--no-slots``: a 501); like llama-server's, it shows each sl
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import unicodedata
 from pathlib import Path
@@ -22,7 +23,6 @@ from fastapi.responses import JSONResponse
 
 from ..engine import slotfile
 from ..errors import InvalidArgument
-from ..models.store import UnwritablePath
 from .http import error_response
 
 WAIT_S = 0.05  # how often an action on a busy slot looks again
@@ -98,8 +98,11 @@ def add_routes(app, state) -> None:
                 return slotfile.save(batcher.gen, seq, path)
             try:
                 done = await on_batcher(save, request)
-            except UnwritablePath as e:
-                return error_response(500, f"Unable to save slot: {e}", "server_error")
+            except OSError as e:  # the folder or disk (UnwritablePath, a full disk): the server's, not the client's
+                logging.getLogger("ondevice.serve").error("saving slot %d to %s failed: %s", seq, path, e)
+                return error_response(500, f"Unable to save slot {seq} as {name}: the slot folder could not be "
+                                           f"written ({getattr(e, 'strerror', None) or type(e).__name__}); the "
+                                           f"server's log says why", "server_error")
             if done is None:
                 return JSONResponse({}, status_code=499)
             return {"id_slot": seq, "filename": name, "n_saved": done[0], "n_written": done[1],

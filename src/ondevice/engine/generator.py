@@ -39,15 +39,14 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument
-from .base import Engine, SamplerLike
+from .base import Engine
 from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
-from .records import Generation, Sampling
+from .records import Generation, Request
 from .stops import LineLimits, split_stop
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
@@ -56,25 +55,6 @@ COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this man
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
 # or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
 Event = tuple["Request", "Generation | tuple"]
-
-
-@dataclass(eq=False, kw_only=True)
-class Request:
-    """One generation: the whole prompt's tokens and how to sample."""
-
-    tokens: list[int]
-    sampling: Sampling
-    sampler: SamplerLike | None = None  # built by insert() unless given (the server builds it to fail early)
-    logprobs: int | None = None  # top-k logprobs of generated tokens (0: only the chosen one)
-    prompt_logprobs: int | None = None  # echo: logprobs of every prompt token (forces recompute)
-    # legacy completions with logprobs: a sampled end-of-sequence token is a generated token with its own
-    # logprobs entry (as llama-server and OpenAI give it; lm-eval drops the last entry as the generated one)
-    eos_entry: bool = False
-    t_arrival: float = field(default_factory=time.perf_counter)
-    from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
-    adapters: tuple[str, ...] | None = None  # LoRA adapters by name (engine.adapters); None: the active ones
-    slot: int = -1  # the sequence of the slot that serves it, once admitted (llama-server's id_slot)
-    post_probs: bool = False  # logprobs after the sampler chain, not of the raw logits (post_sampling_probs)
 
 
 class Slot:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ContextOverflow, InvalidArgument, ModelClosed, NonFiniteLogits, OndeviceError
+from ..errors import ContextOverflow, InvalidArgument, ModelClosed, OndeviceError
 from ..protect.container import is_container
 from . import native
 from .base import Engine, EngineConfig
@@ -457,32 +457,12 @@ class LlamaEngine(Engine):
     def sample(self, sampler: object, i: int | np.ndarray = -1) -> int:
         """The next token from logits row ``i`` of the last decode or a saved row (accepted by ``sampler``), or
         :data:`NO_TOKEN` when a grammar admits no further token: the caller must then end the generation with
-        finish_reason "stop"."""
+        finish_reason "stop". (:meth:`Sampler.sample` decides how.)"""
         self._open()
         assert isinstance(sampler, Sampler)
-        row = self._row(i)
-        if sampler.post is not None:  # post_sampling_probs: the chain over a copy, its candidates kept
-            if not np.isfinite(row.max()):
-                raise NonFiniteLogits()
-            return sampler.sample_post(row)
-        if sampler.argmax_ok:
-            # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
-            # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
-            tok = int(row.argmax())  # the first NaN, if there is one
-            if not np.isfinite(row[tok]):
-                raise NonFiniteLogits()
-            if sampler.banned is None or tok not in self.eos_tokens:
-                return tok
-            masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
-            masked[sampler.banned] = -np.inf
-            return int(masked.argmax())
-        if not np.isfinite(row.max()):  # NaN or +inf: nothing to sample from (~10 us)
-            raise NonFiniteLogits()
-        if sampler.grammar is not None:
-            return sampler.sample_checked(row)
         if isinstance(i, np.ndarray):
-            return sampler.sample_row(i)
-        return self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i)  # also accepts the token
+            return sampler.sample(i)
+        return sampler.sample(self._row(i), lambda: self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i))
 
     def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:
         """Prefill ``tokens`` after what ``seq`` already holds, then decode; one record per token.

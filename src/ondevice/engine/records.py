@@ -1,18 +1,22 @@
 """The typed records every verb consumes (modelled on mlx-lm's ``GenerationResponse``).
 
 Streaming yields one :class:`Generation` per token; it carries its own timings so the CLI, bench,
-eval and server need nothing else.
+eval and server need nothing else. A :class:`Request` is what the batch generator (engine/generator.py) takes.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .. import fields
 from ..errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .base import SamplerLike
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -217,3 +221,22 @@ class Sampling:
             if not ok:  # one message for both: the flag of run/chat/serve and the field of the Python API
                 field_name = name.replace("-", "_")
                 raise InvalidArgument(f"--{name} / {field_name}={getattr(self, field_name)!r} {why}")
+
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    """One generation: the whole prompt's tokens and how to sample."""
+
+    tokens: list[int]
+    sampling: Sampling
+    sampler: SamplerLike | None = None  # built by insert() unless given (the server builds it to fail early)
+    logprobs: int | None = None  # top-k logprobs of generated tokens (0: only the chosen one)
+    prompt_logprobs: int | None = None  # echo: logprobs of every prompt token (forces recompute)
+    # legacy completions with logprobs: a sampled end-of-sequence token is a generated token with its own
+    # logprobs entry (as llama-server and OpenAI give it; lm-eval drops the last entry as the generated one)
+    eos_entry: bool = False
+    t_arrival: float = field(default_factory=time.perf_counter)
+    from_logits: bool = False  # the slot's last decode already holds the logits to sample first (no prefill)
+    adapters: tuple[str, ...] | None = None  # LoRA adapters by name (engine.adapters); None: the active ones
+    slot: int = -1  # the sequence of the slot that serves it, once admitted (llama-server's id_slot)
+    post_probs: bool = False  # logprobs after the sampler chain, not of the raw logits (post_sampling_probs)

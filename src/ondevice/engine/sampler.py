@@ -5,12 +5,12 @@ from __future__ import annotations
 import ctypes
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NonFiniteLogits
 from . import native
 from .records import Sampling
 
@@ -30,6 +30,7 @@ class Sampler:
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
         self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias and not s.infill
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
+        self.banned_set = frozenset(engine.eos_tokens) if s.ignore_eos else frozenset()
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda smpl: ll.llama_sampler_chain_add(self.ptr, smpl)
         # the grammar sampler, kept OUT of the chain: see sample_checked (freed by close)
@@ -104,6 +105,31 @@ class Sampler:
             if s.infill:  # last before the draw, where llama-server's "infill" sampler goes
                 add(ll.llama_sampler_init_infill(engine.vocab))
             add(ll.llama_sampler_init_dist(s.seed))
+
+    def sample(self, row: np.ndarray, native: Callable[[], int] | None = None) -> int:
+        """The next token from logits ``row`` (accepted), or :data:`NO_TOKEN` when a grammar admits no further
+        token. ``native``: llama.cpp's own sampling of that row of the last decode (``llama_sampler_sample``,
+        which also accepts); None for a saved row. Non-finite logits raise :class:`NonFiniteLogits`."""
+        if self.post is not None:  # post_sampling_probs: the chain over a copy, its candidates kept
+            if not np.isfinite(row.max()):
+                raise NonFiniteLogits()
+            return self.sample_post(row)
+        if self.argmax_ok:
+            # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
+            # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
+            tok = int(row.argmax())  # the first NaN, if there is one
+            if not np.isfinite(row[tok]):
+                raise NonFiniteLogits()
+            if self.banned is None or tok not in self.banned_set:
+                return tok
+            masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
+            masked[self.banned] = -np.inf
+            return int(masked.argmax())
+        if not np.isfinite(row.max()):  # NaN or +inf: nothing to sample from (~10 us)
+            raise NonFiniteLogits()
+        if self.grammar is not None:
+            return self.sample_checked(row)
+        return self.sample_row(row) if native is None else native()
 
     def sample_checked(self, row: np.ndarray) -> int:
         """Sample from logits ``row`` under the grammar, at nearly the speed of sampling without one.

@@ -460,9 +460,7 @@ class LlamaEngine(Engine):
         finish_reason "stop". (:meth:`Sampler.sample` decides how.)"""
         self._open()
         assert isinstance(sampler, Sampler)
-        if isinstance(i, np.ndarray):
-            return sampler.sample(i)
-        return sampler.sample(self._row(i), lambda: self.ll.llama_sampler_sample(sampler.ptr, self.ctx, i))
+        return sampler.sample(i) if isinstance(i, np.ndarray) else sampler.sample(self._row(i), i)
 
     def stream_tokens(self, tokens: Sequence[int], sampling: Sampling, seq: int = 0) -> Iterator[Generation]:
         """Prefill ``tokens`` after what ``seq`` already holds, then decode; one record per token.

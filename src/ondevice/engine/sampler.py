@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +27,7 @@ class Sampler:
 
     def __init__(self, engine: LlamaEngine, s: Sampling, prompt: Sequence[int] = ()):
         ll = self.ll = engine.ll
+        self.ctx = engine.ctx
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
         self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias and not s.infill
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
@@ -106,10 +107,11 @@ class Sampler:
                 add(ll.llama_sampler_init_infill(engine.vocab))
             add(ll.llama_sampler_init_dist(s.seed))
 
-    def sample(self, row: np.ndarray, native: Callable[[], int] | None = None) -> int:
+    def sample(self, row: np.ndarray, i: int | None = None) -> int:
         """The next token from logits ``row`` (accepted), or :data:`NO_TOKEN` when a grammar admits no further
-        token. ``native``: llama.cpp's own sampling of that row of the last decode (``llama_sampler_sample``,
-        which also accepts); None for a saved row. Non-finite logits raise :class:`NonFiniteLogits`."""
+        token. ``i``: the row's index in the engine's last decode, which llama.cpp then samples itself
+        (``llama_sampler_sample``, which also accepts); None for a saved row. Non-finite logits raise
+        :class:`NonFiniteLogits`."""
         if self.post is not None:  # post_sampling_probs: the chain over a copy, its candidates kept
             if not np.isfinite(row.max()):
                 raise NonFiniteLogits()
@@ -129,7 +131,7 @@ class Sampler:
             raise NonFiniteLogits()
         if self.grammar is not None:
             return self.sample_checked(row)
-        return self.sample_row(row) if native is None else native()
+        return self.sample_row(row) if i is None else self.ll.llama_sampler_sample(self.ptr, self.ctx, i)
 
     def sample_checked(self, row: np.ndarray) -> int:
         """Sample from logits ``row`` under the grammar, at nearly the speed of sampling without one.

@@ -87,9 +87,13 @@ def test_a_budget_below_a_top_layer_step_is_refused_before_the_deeper_probes(smo
 
     torch.set_num_threads(2)
     lean_malloc()  # as the planner runs: what earlier tests in this process freed is not "loaded"
-    convs = [[{"role": "user", "content": f"Double {i}."}, {"role": "assistant", "content": str(2 * i)}]
-             for i in range(2)]
-    examples = data.tokenize(smol, convs, 32)
+    # 128-token examples: a training step's logits and their gradient alone are ~100 MiB, far over the slack
+    # below, whatever memory earlier tests left for the allocator to reuse (with 32 tokens, ~25 MiB: a full run's
+    # allocator state once let the step fit under the slack, and the planner went on to the deeper probes)
+    convs = [[{"role": "user", "content": f"Double {i}. " + "Show the number twice as large. " * 16},
+              {"role": "assistant", "content": str(2 * i)}] for i in range(2)]
+    examples = data.tokenize(smol, convs, 128)
+    assert min(len(e.tokens) for e in examples) >= 100
     model = LlamaLoRA(smol_path)
     smallest = budget.PARAM_BYTES * min(budget.RANKS) * min(lin.w.inp + lin.w.out
                                                             for lin in model.linears().values())

@@ -311,3 +311,29 @@ def test_model_prompt_cache_in_python(tmp_path):
         assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
         b = m.generate(DOC, max_tokens=6, temp=0)
         assert b.text == a.text and b.last.cached_tokens == n - 1
+
+
+def test_prompt_cache_under_an_adapter_is_reused_under_it(tmp_path):
+    """A model with an active LoRA adapter computes its prompts under it: its prompt cache is saved and restored
+    under that set (reused: only the last token computed), and the text is the one the same reuse gives in the
+    process that computed it (the last token alone takes llama.cpp's small-batch kernels: that adapter's
+    near-ties can tip, so not the cold text)."""
+    import ondevice
+    from test_adapt_average import _pairs
+
+    from ondevice.adapt import adapter_file
+    from ondevice.models.store import cached_sha256
+
+    prov = {"base_sha256": cached_sha256(_model_path()), "base_name": "smollm2-135m-instruct"}
+    ad = adapter_file.write(tmp_path / "a.gguf", "llama", 8.0, _pairs(0, 4, scale=0.6), prov)
+    kw = {"n_ctx": 1024, "n_threads": 2, "adapters": (str(ad),)}
+    with ondevice.load(str(_model_path()), **kw) as m:
+        a = m.generate(DOC, max_tokens=6, temp=0)
+        n = m.save_prompt_cache(tmp_path / "p.bin", n_tokens=a.last.prompt_tokens)
+        m.load_prompt_cache(tmp_path / "p.bin")  # the saved logits are dropped: the last token is computed again
+        again = m.generate(DOC, max_tokens=6, temp=0)
+        assert again.last.cached_tokens == n - 1
+    with ondevice.load(str(_model_path()), **kw) as m:
+        assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
+        b = m.generate(DOC, max_tokens=6, temp=0)
+        assert b.text == again.text and b.last.cached_tokens == n - 1

@@ -200,7 +200,8 @@ class Model:
 
         turn = self._turns.begin(self)
         try:
-            return slotfile.save(self.generator, 0, path, keep=n_tokens)[0]
+            gen = self.generator
+            return slotfile.save(gen, 0, path, keep=n_tokens, ads=slotfile.default_adapters(gen))[0]
         finally:
             self._turns.end(turn)
 
@@ -212,8 +213,9 @@ class Model:
 
         turn = self._turns.begin(self)
         try:
-            slotfile.restore(self.generator, 0, path)
-            return list(self.generator.slots[0].cached)
+            gen = self.generator
+            slotfile.restore(gen, 0, path, slotfile.default_adapters(gen))
+            return list(gen.slots[0].cached)
         finally:
             self._turns.end(turn)
 

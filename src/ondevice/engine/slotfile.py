@@ -80,10 +80,22 @@ def _idle(gen: BatchGenerator, seq: int) -> Slot:
     return slot
 
 
-def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = None) -> tuple[int, int]:
+def default_adapters(gen: BatchGenerator) -> tuple[str, ...]:
+    """The adapter set a request naming none runs under in ``gen`` (the library's; the server passes its own)."""
+    return gen.adapters.active if gen.adapters is not None else ()
+
+
+def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = None,
+         ads: tuple[str, ...] = ()) -> tuple[int, int]:
     """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes).
-    ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first)."""
+    ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first). ``ads``: the
+    adapter set that requests naming none run under; a file records no adapters, so a slot computed under
+    another set is refused (restored, its KV would be taken for ``ads``')."""
     slot = _idle(gen, seq)
+    if slot.cached and slot.ads != ads:
+        raise InvalidArgument(f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, "
+                              f"not the default ({', '.join(ads) or 'none'}); a slot file records no adapters, so "
+                              f"save a slot whose last request named none")
     if keep is not None and keep < len(slot.cached):
         slot.cut(keep)
         gen.eng.truncate(keep, seq)
@@ -149,7 +161,8 @@ def restore(gen: BatchGenerator, seq: int, path: str | Path, ads: tuple[str, ...
             name: str | None = None) -> tuple[int, int]:
     """Load ``path`` into slot ``seq`` (its previous cache is dropped); requests sharing the file's prompt as
     a prefix then reuse it. ``ads``: the adapter set the KV counts as computed under (the server's default);
-    ``name``: the file as errors call it (default: its path). Returns (tokens, bytes read)."""
+    ``name``: the file as errors call it (default: its path). A file records no adapters: restore it under the
+    adapter set it was saved with. Returns (tokens, bytes read)."""
     slot = _idle(gen, seq)
     tokens, state, size = read(path, gen.eng.n_vocab, gen.slot_ctx - 1, seq, name)
     slot.forget()

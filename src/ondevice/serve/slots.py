@@ -88,16 +88,8 @@ def add_routes(app, state) -> None:
         path = Path(folder).expanduser() / name
         ads = state.adapters_for(None)  # what a request naming no adapter runs under
         if action == "save":
-            def save():
-                slot = next((s for s in batcher.gen.slots if s.seq == seq), None)
-                if slot is not None and slot.req is None and slot.cached and slot.ads != ads:
-                    raise InvalidArgument(
-                        f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, not "
-                        f"this server's default ({', '.join(ads) or 'none'}); a slot file records no adapters, so "
-                        f"save a slot whose last request named none")
-                return slotfile.save(batcher.gen, seq, path)
             try:
-                done = await on_batcher(save, request)
+                done = await on_batcher(lambda: slotfile.save(batcher.gen, seq, path, ads=ads), request)
             except OSError as e:  # the folder or disk (UnwritablePath, a full disk): the server's, not the client's
                 logging.getLogger("ondevice.serve").error("saving slot %d to %s failed: %s", seq, path, e)
                 return error_response(500, f"Unable to save slot {seq} as {name}: the slot folder could not be "

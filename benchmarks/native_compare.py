@@ -64,7 +64,8 @@ def _one(r: dict) -> str:
     if set(r) <= {"content", "generation_settings/n_predict"}:
         return f"response_fields {sorted(r)}"
     toks = r.get("tokens") or []
-    probs = [(p["id"], round(p["prob"], 3)) if "prob" in p else p["id"] for p in r.get("completion_probabilities") or []]
+    probs = [(p["id"], round(p["prob"], 3)) if "prob" in p else p["id"]
+             for p in r.get("completion_probabilities") or []]
     return (f"{json.dumps(r.get('content'))[:60]} | {len(toks)} ids {_short(toks)} | {r.get('stop_type')} "
             f"{json.dumps(r.get('stopping_word'))} | {r.get('tokens_predicted')}/{r.get('tokens_evaluated')}/"
             f"{r.get('tokens_cached')} | probs {probs} | {len(r)} fields {_short(sorted(r))}")

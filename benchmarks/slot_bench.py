@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {rnd} {srv.name}: prompt {row['prompt_tokens']} tokens, saved {row['n_saved']} "
                   f"({row['bytes'] / 2**20:.1f} MiB, {row['save_ms']:.0f} ms); cold: computed {row['cold_prompt_n']} "
                   f"in {row['cold_prompt_ms']:.0f} ms, request {row['cold_ms']:.0f} ms; restored in "
-                  f"{row['restore_ms']:.0f} ms, then computed {row['warm_prompt_n']} in {row['warm_prompt_ms']:.0f} ms, "
+                  f"{row['restore_ms']:.0f} ms, then computed {row['warm_prompt_n']} in "
+                  f"{row['warm_prompt_ms']:.0f} ms, "
                   f"restore + request {row['warm_ms']:.0f} ms; same answer as cold: {row['same']}", flush=True)
             if not row["same"]:
                 print(f"  answers: restored {row['texts'][0]!r}, cold {row['texts'][1]!r}; first token's top two "
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{srv.name} restores {other.name}'s file: {got['n_restored']} tokens, then computed "
                   f"{warm['timings']['prompt_n']}; answer {warm['content']!r}")
     print("\nmedians over rounds:")
-    med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0] if k not in ("same", "texts", "first")} for n in names}
+    skip = ("same", "texts", "first")
+    med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0] if k not in skip} for n in names}
     for n in names:
         m = med[n]
         print(f"  {n}: cold request {m['cold_ms']:.0f} ms, restore + request {m['warm_ms']:.0f} ms "

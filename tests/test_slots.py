@@ -29,7 +29,8 @@ DOC = ("The history of the printing press begins in the fifteenth century, when 
 
 
 def _engine(n_seq: int = 2) -> LlamaEngine:
-    return LlamaEngine(_model_path(), EngineConfig(n_ctx=n_seq * 1024, n_seq_max=n_seq, n_threads=2, type_k="f32", type_v="f32"))
+    return LlamaEngine(_model_path(), EngineConfig(n_ctx=n_seq * 1024, n_seq_max=n_seq, n_threads=2, type_k="f32",
+                                                   type_v="f32"))
 
 
 def _greedy(gen: BatchGenerator, tokens: list[int], n: int = 12) -> list[Generation]:
@@ -318,9 +319,9 @@ def test_prompt_cache_under_an_adapter_is_reused_under_it(tmp_path):
     under that set (reused: only the last token computed), and the text is the one the same reuse gives in the
     process that computed it (the last token alone takes llama.cpp's small-batch kernels: that adapter's
     near-ties can tip, so not the cold text)."""
-    import ondevice
     from test_adapt_average import _pairs
 
+    import ondevice
     from ondevice.adapt import adapter_file
     from ondevice.models.store import cached_sha256
 

@@ -445,9 +445,10 @@ class LlamaEngine(Engine):
             self.ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
             self._n_past[seq] = 0
             why = next((x.strip() for x in reversed(log) if x.strip() and "error loading state" not in x), "")
-            raise OndeviceError(f"the saved KV state does not fit this model/context ({why or 'refused'})" if nread == 0 else
-                                f"the saved KV state holds {held} positions in {nread} of its {size} bytes, "
-                                f"not the {n_past} positions it claims")
+            if nread == 0:
+                raise OndeviceError(f"the saved KV state does not fit this model/context ({why or 'refused'})")
+            raise OndeviceError(f"the saved KV state holds {held} positions in {nread} of its {size} bytes, not the "
+                                f"{n_past} positions it claims")
         self._n_past[seq] = n_past
 
     # -- sampling ------------------------------------------------------------------------------

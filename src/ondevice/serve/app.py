@@ -36,8 +36,9 @@ from .state import ServerState, token_piece
 # 1,000 texts a request); inputs are packed many to a decode, and a client that leaves stops the later decodes
 MAX_EMBEDDING_INPUTS = 2048
 COUNTING = ("/v1/responses/input_tokens", "/v1/chat/completions/input_tokens")  # a request's prompt tokens
-ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, *COUNTING, "/v1/models", "/v1/embeddings",
-          "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS, *native.PATHS, "/slots", "/"}
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", *messages.PATHS, *COUNTING, "/v1/models",
+          "/v1/embeddings", "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", *ollama.PATHS,
+          *native.PATHS, "/slots", "/"}
 
 
 def create_app(state: ServerState) -> FastAPI:

@@ -6,7 +6,8 @@ once, saved, and restored after a restart in milliseconds instead of prefilled a
 begins with the restored tokens reuses them (from any slot, as every prompt's cached prefix is). An action on a
 slot that is serving a request waits until it is idle, as llama-server defers it. Files are llama-server's:
 either server restores the other's, for the same model and context settings. ``GET /slots`` is on by default,
-as llama-server's (``--no-slots``: a 501); like llama-server's, it shows each slot's counts and settings, not its prompt.
+as llama-server's (``--no-slots``: a 501); like llama-server's, it shows each slot's counts and settings, not its
+prompt.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""A burst of distinct prompts through the batch generator (no HTTP): TTFT and wall time per ``prefill_batch``.
+"""A burst of distinct prompts through the batch generator (no HTTP): TTFT and wall time per admission setting.
 
 First what one ``llama_decode`` of k prompts costs (k = 1, 2, 4, 8; per prompt: equal means batching prompts
 buys nothing), then bursts: one request alone for a step (as the first of a burst reaches a server), then
 the other n - 1 at once; TTFT p50 / mean of the burst and the time until every request has its tokens, for
-each ``prefill_batch`` (``none``: all waiting prompts in one step, the admission before the setting existed).
-Settings alternate round by round so host drift hits each alike.
+each admission setting: ``B`` is ``prefill_batch`` alone, ``B:S`` adds ``prefill_share`` S (the server's
+default is ``32:0.5``), ``none`` takes all waiting prompts in one step. Settings alternate round by round so
+host drift hits each alike.
 
-Usage: python benchmarks/burst_bench.py [--streams 8] [--tokens 64] [--rounds 3] [--batches none,16,32,64]
+Usage: python benchmarks/burst_bench.py [--streams 8] [--tokens 64] [--rounds 3] [--batches none,32,32:0.5]
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batches", default="none,16,32,64")
+    ap.add_argument("--batches", default="none,32,32:0.5", help="admission settings: none, B or B:S (see above)")
     args = ap.parse_args(argv)
     n = args.streams
-    batches = [None if b == "none" else int(b) for b in args.batches.split(",")]
+    batches = args.batches.split(",")
     eng = LlamaEngine(resolve(args.model).path, EngineConfig(n_ctx=1024 * n, n_threads=args.threads, n_batch=512,
                                                              n_seq_max=n))
     toks = eng.tokenize(f"(00000000) {PROMPT}")
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one llama_decode of k prompts of {len(toks)} tokens (median of 5), ms per prompt: "
           + ", ".join(f"k={k}: {statistics.median(v) * 1e3 / k:.1f}" for k, v in cost.items()))
 
-    def burst(prefill_batch):
-        gen = BatchGenerator(eng, prefill_batch=prefill_batch)
+    def burst(setting: str):
+        b, _, share = setting.partition(":")
+        gen = BatchGenerator(eng, prefill_batch=None if b == "none" else int(b), prefill_share=float(share or 0))
         eng.reset()
         gen.reset()
         reqs = [Request(tokens=eng.tokenize(f"({uuid.uuid4().hex[:8]}) {PROMPT}"),
@@ -75,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches if rnd % 2 == 0 else batches[::-1]:
             res[b].append(burst(b))
     print(f"\nburst of {n} distinct prompts, {args.tokens} tokens each, {args.threads} threads; per round:")
-    print("| prefill_batch | TTFT p50 ms | TTFT mean ms | last TTFT ms | wall s |")
+    print("| admission | TTFT p50 ms | TTFT mean ms | last TTFT ms | wall s |")
     print("|---|---|---|---|---|")
     for b, rows in res.items():
         col = [" / ".join(f"{r[i] * (1e3 if i < 3 else 1):.{0 if i < 3 else 2}f}" for r in rows) for i in range(4)]
-        print(f"| {b if b is not None else 'none (all at once)'} | " + " | ".join(col) + " |")
+        print(f"| {b if b != 'none' else 'none (all at once)'} | " + " | ".join(col) + " |")
     return 0
 
 

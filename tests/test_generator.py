@@ -218,6 +218,33 @@ def test_prefill_batch_gives_a_burst_its_first_tokens_in_arrival_order(eng):
         _same_or_near_tie(a, b)  # a batch of one vs three: equal up to a near-tie (see the helper)
 
 
+def test_prefill_share_starts_half_the_waiting_prompt_tokens_per_step(eng):
+    """Four prompts of one length inserted at once with ``prefill_share`` 0.5: the first step starts two (half
+    the waiting tokens), the next one of the two left, then the last; the greedy tokens are those of a batch of
+    one."""
+    prompts = [f"The capital of {c} is" for c in ("France", "Spain", "Italy", "Japan")]
+    reqs = [_req(eng, p, max_tokens=4) for p in prompts]
+    assert len({len(r.tokens) for r in reqs}) == 1
+    gen = BatchGenerator(eng, prefill_batch=1, prefill_share=0.5)
+    eng.reset()
+    gen.reset()
+    for r in reqs:
+        gen.insert(r)
+    first, got, step = {}, {id(r): [] for r in reqs}, 0
+    while gen.busy:
+        step += 1
+        for r, ev in gen.step():
+            if isinstance(ev, Generation):
+                first.setdefault(id(r), step)
+                got[id(r)].append(ev)
+    assert [first[id(r)] for r in reqs] == [1, 1, 2, 3]
+    for r in reqs:
+        ref = _req(eng, prompts[reqs.index(r)], max_tokens=4)
+        eng.reset()
+        gen.reset()
+        _same_or_near_tie(_run(BatchGenerator(eng), [ref])[id(ref)], got[id(r)])
+
+
 def _first_step(gen: BatchGenerator, req: Request) -> tuple[int, Generation]:
     """Insert ``req``, step until its first token; that step's decoded tokens and the record."""
     gen.insert(req)

@@ -6,9 +6,11 @@ one from another slot, so only the rest is computed); :meth:`BatchGenerator.step
 carrying the next token of every decoding slot (with its speculative drafts) and a chunk of prompt tokens from
 slots still prefilling (chunked prefill: a long prompt never stalls running streams), then samples and returns
 the step's events. With ``prefill_batch`` set, a step starts no further new prompt once it holds that many prompt
-tokens: a burst of short prompts then gets its first tokens a few prompts per step, in arrival order, rather than
-all at once after the whole burst's prefill (on a CPU a prompt costs 0-15% less per prompt in a batch of eight
-than alone, so batching prompts mostly makes the first ones wait for the last). ``Model.stream`` is a batch of
+tokens, or ``prefill_share`` of the prompt tokens waiting if that is more: a burst of short prompts then gets its
+first tokens a share per step (half, a quarter, ...), in arrival order, rather than all at once after the whole
+burst's prefill (on a CPU a prompt costs 0-15% less per prompt in a batch of eight than alone, so batching prompts
+mostly makes the first ones wait for the last), and in a few steps rather than one per prompt, so the burst's
+streams soon decode together (each step's rows share one pass over the weights). ``Model.stream`` is a batch of
 one; the server's batcher is a thread that calls ``insert``/``step``/``remove`` and forwards the events to
 asyncio.
 
@@ -108,8 +110,8 @@ class BatchGenerator:
     """Slots over one engine's sequences; every method runs on the caller's thread (keep it one thread)."""
 
     def __init__(self, engine: Engine, *, seqs: Sequence[int] | None = None, slot_ctx: int | None = None,
-                 prefill_chunk: int = 512, prefill_batch: int | None = None, vocab_bytes: Sequence[bytes] | None = None,
-                 draft_engine: Engine | None = None):
+                 prefill_chunk: int = 512, prefill_batch: int | None = None, prefill_share: float = 0.0,
+                 vocab_bytes: Sequence[bytes] | None = None, draft_engine: Engine | None = None):
         self.eng = engine
         n_seq = max(1, engine.config.n_seq_max)
         self.slots = [Slot(i) for i in (seqs if seqs is not None else range(n_seq))]
@@ -117,6 +119,7 @@ class BatchGenerator:
         self.n_batch = engine.n_batch
         self.prefill_chunk = prefill_chunk
         self.prefill_batch = prefill_batch
+        self.prefill_share = prefill_share
         self.vocab_bytes = vocab_bytes
         self.eos = engine.eos_tokens
         self.draft_engine = draft_engine
@@ -266,11 +269,15 @@ class BatchGenerator:
         budget = min(budget, self.n_batch - len(items))
         used = 0
         chunks = []
-        for s in sorted((s for s in slots if s.next_tok is None and s.follow is None and s.prompt_i < len(s.req.tokens)),
-                        key=lambda s: s.req.t_arrival):
+        waiting = sorted((s for s in slots if s.next_tok is None and s.follow is None and s.prompt_i < len(s.req.tokens)),
+                         key=lambda s: s.req.t_arrival)
+        admit = self.prefill_batch
+        if admit is not None and self.prefill_share:
+            admit = max(admit, int(self.prefill_share * sum(len(s.req.tokens) - s.prompt_i for s in waiting)))
+        for s in waiting:
             if budget - used <= 0:
                 break
-            if self.prefill_batch is not None and used >= self.prefill_batch and s.prompt_i == s.n_cached:
+            if admit is not None and used >= admit and s.prompt_i == s.n_cached:
                 continue  # a new prompt waits a step: the ones already in this step get their first token sooner
             req = s.req
             n = min(budget - used, len(req.tokens) - s.prompt_i)

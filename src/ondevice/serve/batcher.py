@@ -60,11 +60,11 @@ class Job(Request):
 class Batcher:
     """Runs a :class:`BatchGenerator` with ``parallel`` slots on its own thread; :meth:`submit` from any thread."""
 
-    def __init__(self, engine, *, parallel: int, slot_ctx: int, prefill_chunk: int, prefill_batch: int, max_queue: int,
-                 metrics, vocab_bytes: list[bytes], draft_engine=None):
+    def __init__(self, engine, *, parallel: int, slot_ctx: int, prefill_chunk: int, prefill_batch: int,
+                 prefill_share: float, max_queue: int, metrics, vocab_bytes: list[bytes], draft_engine=None):
         self.eng = engine
         self.gen = BatchGenerator(engine, seqs=range(parallel), slot_ctx=slot_ctx, prefill_chunk=prefill_chunk,
-                                  prefill_batch=prefill_batch,
+                                  prefill_batch=prefill_batch, prefill_share=prefill_share,
                                   vocab_bytes=vocab_bytes, draft_engine=draft_engine)
         self.parallel = parallel
         self.max_queue = max_queue

@@ -35,9 +35,13 @@ class ServeSettings(BaseSettings):
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
                                                        "so a long prompt does not stall running streams")
     prefill_batch: int = Field(32, ge=1, description="a step starts no further new prompt once it holds this many "
-                                                     "prompt tokens: a burst of requests gets its first tokens in "
-                                                     "arrival order, a few prompts per step, instead of all after "
-                                                     "the whole burst's prefill")
+                                                     "prompt tokens (or --prefill-share of those waiting, if more): "
+                                                     "a burst of requests gets its first tokens in arrival order, a "
+                                                     "share per step, instead of all after the whole burst's prefill")
+    prefill_share: float = Field(0.5, ge=0, le=1, description="share of the waiting prompt tokens a step may start "
+                                                              "(0.5: half the burst in the first step, half the rest "
+                                                              "in the next, ...; 1: all at once; 0: --prefill-batch "
+                                                              "alone)")
     max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted (0: ctx - 1); longer is a 400")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it a 429 with Retry-After")
     timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue wait included (504 after)")

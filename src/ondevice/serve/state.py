@@ -78,7 +78,7 @@ class ServerState:
         # (mode, draft_max) for requests that do not say
         self.default_draft = ("model" if self.draft_engine else None if s.draft == "none" else s.draft, s.draft_max)
         self.batcher = Batcher(eng, parallel=parallel, slot_ctx=s.ctx, prefill_chunk=s.prefill_chunk,
-                               prefill_batch=s.prefill_batch,
+                               prefill_batch=s.prefill_batch, prefill_share=s.prefill_share,
                                max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes,
                                draft_engine=self.draft_engine)
         self.embedder = None

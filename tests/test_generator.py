@@ -190,28 +190,30 @@ def test_logits_rows_follow_items(eng):
         _same_or_near_tie(alone, got[id(r)])  # asserts that any difference is a near-tie
 
 
+def _firsts(eng, prompts: list[str], max_tokens: int, **admission) -> tuple[list[int], list[list[Generation]]]:
+    """The prompts inserted at once into a generator with these admission settings: the step of each one's
+    first token, and each one's records."""
+    gen = BatchGenerator(eng, **admission)
+    eng.reset()
+    gen.reset()
+    reqs = [_req(eng, p, max_tokens=max_tokens) for p in prompts]
+    for r in reqs:
+        gen.insert(r)
+    first, toks, step = {}, {id(r): [] for r in reqs}, 0
+    while gen.busy:
+        step += 1
+        for r, ev in gen.step():
+            if isinstance(ev, Generation):
+                first.setdefault(id(r), step)
+                toks[id(r)].append(ev)
+    return [first[id(r)] for r in reqs], [toks[id(r)] for r in reqs]
+
+
 def test_prefill_batch_gives_a_burst_its_first_tokens_in_arrival_order(eng):
     """Three short prompts inserted at once: without ``prefill_batch`` all are prefilled in one step; with it,
     one new prompt per step, first tokens in arrival order, and the same greedy tokens as before."""
-
-    def firsts(prefill_batch):
-        gen = BatchGenerator(eng, prefill_batch=prefill_batch)
-        eng.reset()
-        gen.reset()
-        reqs = [_req(eng, p, max_tokens=6) for p in PROMPTS[:3]]
-        for r in reqs:
-            gen.insert(r)
-        first, toks, step = {}, {id(r): [] for r in reqs}, 0
-        while gen.busy:
-            step += 1
-            for r, ev in gen.step():
-                if isinstance(ev, Generation):
-                    first.setdefault(id(r), step)
-                    toks[id(r)].append(ev)
-        return [first[id(r)] for r in reqs], [toks[id(r)] for r in reqs]
-
-    together, plain = firsts(None)
-    staggered, spread = firsts(1)
+    together, plain = _firsts(eng, PROMPTS[:3], 6, prefill_batch=None)
+    staggered, spread = _firsts(eng, PROMPTS[:3], 6, prefill_batch=1)
     assert together == [1, 1, 1]
     assert staggered == [1, 2, 3]
     for a, b in zip(spread, plain):
@@ -223,26 +225,11 @@ def test_prefill_share_starts_half_the_waiting_prompt_tokens_per_step(eng):
     the waiting tokens), the next one of the two left, then the last; the greedy tokens are those of a batch of
     one."""
     prompts = [f"The capital of {c} is" for c in ("France", "Spain", "Italy", "Japan")]
-    reqs = [_req(eng, p, max_tokens=4) for p in prompts]
-    assert len({len(r.tokens) for r in reqs}) == 1
-    gen = BatchGenerator(eng, prefill_batch=1, prefill_share=0.5)
-    eng.reset()
-    gen.reset()
-    for r in reqs:
-        gen.insert(r)
-    first, got, step = {}, {id(r): [] for r in reqs}, 0
-    while gen.busy:
-        step += 1
-        for r, ev in gen.step():
-            if isinstance(ev, Generation):
-                first.setdefault(id(r), step)
-                got[id(r)].append(ev)
-    assert [first[id(r)] for r in reqs] == [1, 1, 2, 3]
-    for r in reqs:
-        ref = _req(eng, prompts[reqs.index(r)], max_tokens=4)
-        eng.reset()
-        gen.reset()
-        _same_or_near_tie(_run(BatchGenerator(eng), [ref])[id(ref)], got[id(r)])
+    assert len({len(_req(eng, p).tokens) for p in prompts}) == 1
+    steps, got = _firsts(eng, prompts, 4, prefill_batch=1, prefill_share=0.5)
+    assert steps == [1, 1, 2, 3]
+    for p, toks in zip(prompts, got):
+        _same_or_near_tie(_firsts(eng, [p], 4)[1][0], toks)
 
 
 def _first_step(gen: BatchGenerator, req: Request) -> tuple[int, Generation]:

@@ -6,11 +6,9 @@ one from another slot, so only the rest is computed); :meth:`BatchGenerator.step
 carrying the next token of every decoding slot (with its speculative drafts) and a chunk of prompt tokens from
 slots still prefilling (chunked prefill: a long prompt never stalls running streams), then samples and returns
 the step's events. With ``prefill_batch`` set, a step starts no further new prompt once it holds that many prompt
-tokens, or ``prefill_share`` of the prompt tokens waiting if that is more: a burst of short prompts then gets its
-first tokens a share per step (half, a quarter, ...), in arrival order, rather than all at once after the whole
-burst's prefill (on a CPU a prompt costs 0-15% less per prompt in a batch of eight than alone, so batching prompts
-mostly makes the first ones wait for the last), and in a few steps rather than one per prompt, so the burst's
-streams soon decode together (each step's rows share one pass over the weights). ``Model.stream`` is a batch of
+tokens, or ``prefill_share`` of those waiting if more: a burst of short prompts gets its first tokens a share per
+step (half, a quarter, ...) in arrival order, not all after the whole burst's prefill (on a CPU a prompt costs
+0-15% less in a batch of eight than alone) nor one prompt per step. ``Model.stream`` is a batch of
 one; the server's batcher is a thread that calls ``insert``/``step``/``remove`` and forwards the events to
 asyncio.
 

@@ -95,7 +95,7 @@ def test_a_file_that_is_not_for_this_slot_is_an_error_naming_it(saved, tmp_path)
             assert gen.slots[0].cached == [] and eng.n_past(0) == 0  # nothing half-restored
         with pytest.raises(slotfile.SlotFileError, match="no such file"):
             slotfile.restore(gen, 0, tmp_path / "none.bin")
-        with pytest.raises(slotfile.SlotFileError, match=f"holds {len(toks) + 11} tokens but a slot here holds 63"):
+        with pytest.raises(slotfile.SlotFileError, match=f"holds {len(toks) + 11} tokens but the context here holds 63; give a larger -c/--ctx"):
             slotfile.restore(BatchGenerator(small), 0, path)
         f16 = LlamaEngine(_model_path(), EngineConfig(n_ctx=2 * 1024, n_seq_max=2, n_threads=2))  # other KV type
         try:
@@ -308,7 +308,11 @@ def test_model_prompt_cache_in_python(tmp_path):
         a = m.generate(DOC, max_tokens=6, temp=0)
         n = m.save_prompt_cache(tmp_path / "p.bin", n_tokens=a.last.prompt_tokens)
         assert n == a.last.prompt_tokens
+    blob = (tmp_path / "p.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(blob[:len(blob) // 2])
     with ondevice.load(str(_model_path()), n_ctx=1024, n_threads=2) as m:
+        with pytest.raises(slotfile.SlotFileError, match="cut.bin is cut short"):  # not "another model"
+            m.load_prompt_cache(tmp_path / "cut.bin")
         assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
         b = m.generate(DOC, max_tokens=6, temp=0)
         assert b.text == a.text and b.last.cached_tokens == n - 1

@@ -146,8 +146,8 @@ def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,
             raise SlotFileError(f"{where} holds token {bad}, outside this model's vocabulary (0 to {n_vocab - 1}); "
                                 f"it was saved with another model")
         if len(tokens) > max_tokens:
-            raise SlotFileError(f"{where} holds {len(tokens)} tokens but a slot here holds {max_tokens}; "
-                                f"serve with a larger --ctx (or fewer --parallel slots)")
+            raise SlotFileError(f"{where} holds {len(tokens)} tokens but the context here holds {max_tokens}; "
+                                f"give a larger -c/--ctx")
         state = bytearray(8 + _IO.size + size - end)  # load_state's position header, llama.cpp's, the KV
         struct.pack_into("<q", state, 0, len(tokens))
         _IO.pack_into(state, 8, _IO_MAGIC, seq)
@@ -170,6 +170,9 @@ def restore(gen: BatchGenerator, seq: int, path: str | Path, ads: tuple[str, ...
         gen.eng.load_state(state, seq)
     except OndeviceError as e:
         gen.eng.truncate(0, seq)
+        if _cut_short(memoryview(state)[8 + _IO.size:]):
+            raise SlotFileError(f"{name or path} is cut short (its KV part ends before the size it gives); the "
+                                f"file is damaged, save it again") from None
         raise SlotFileError(f"{name or path}: {e}; it was saved with another model or other context settings "
                             f"(KV type, slots)") from None
     slot.cached, slot.ads = tokens, ads
@@ -202,6 +205,33 @@ def _check_cells(state: memoryview, n: int, where: str) -> None:
         return
     if n:
         raise bad
+
+
+def _cut_short(state: memoryview) -> bool:
+    """Whether the KV part ends before its first stream's data does (llama.cpp's layout: the cells, then
+    ``v_trans``, ``n_layer``, each layer's K type, row size and rows, then V likewise, or transposed: type,
+    element size, width and columns). Only a diagnosis once llama.cpp has refused the file."""
+    try:
+        (n_stream,) = struct.unpack_from("<I", state)
+        off = 4
+        for _ in range(n_stream):
+            (count,) = struct.unpack_from("<I", state, off)
+            off += 4 + 12 * count
+            if count:
+                break
+        v_trans, n_layer = struct.unpack_from("<II", state, off)
+        off += 8
+        for part in ("k", "v"):
+            for _ in range(n_layer):
+                if part == "v" and v_trans:
+                    _, size_el, width = struct.unpack_from("<iII", state, off)
+                    off += 12 + size_el * width * count
+                else:
+                    _, row = struct.unpack_from("<iQ", state, off)
+                    off += 12 + row * count
+        return off > len(state)
+    except struct.error:  # a header past the end
+        return True
 
 
 def erase(gen: BatchGenerator, seq: int) -> int:

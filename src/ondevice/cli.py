@@ -113,13 +113,18 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     return ""
 
 
+# Ollama's and llama.cpp's verbs for what ondevice does under another name
+OTHER_TOOLS = {"list": "models", "ls": "models", "show": "models", "ps": "models", "rm": "models",
+               "perplexity": "eval", "quantise": "quantize", "server": "serve", "cli": "run", "generate": "run"}
+
+
 def _main(argv: list[str] | None) -> int:
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb is not None and verb not in VERBS:
         import difflib
 
-        close = difflib.get_close_matches(verb, VERBS, n=1, cutoff=0.6)
+        close = [OTHER_TOOLS[verb]] if verb in OTHER_TOOLS else difflib.get_close_matches(verb, VERBS, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
         print(f"ondevice: error: unknown verb '{verb}'; {hint}verbs: {', '.join(VERBS)} "
               f"(`ondevice --help` shows examples)", file=sys.stderr)

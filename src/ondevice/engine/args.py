@@ -68,10 +68,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="0 = off")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed; -1 or left out: a random one")
-    p.add_argument("-n", "--max-tokens", "--n-predict", type=int, default=max_tokens, help="tokens to generate at most")
+    p.add_argument("-n", "--max-tokens", "--n-predict", type=int, default=max_tokens,
+                   help="tokens to generate at most (-1: until the end of the text or of the context)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "
                         "newline and a tab, as in llama-cli's -r)")
+    g = p.add_argument_group("constrained output (llama-cli's flags; one of them)").add_mutually_exclusive_group()
+    g.add_argument("--grammar", default=None, metavar="GBNF", help="the reply follows this GBNF grammar (llama.cpp's)")
+    g.add_argument("--grammar-file", default=None, metavar="PATH", help="--grammar read from a file")
+    g.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                   help="the reply is JSON that this JSON schema admits ('{}': any JSON value)")
+    g.add_argument("-jf", "--json-schema-file", default=None, metavar="PATH", help="--json-schema read from a file")
     g = p.add_argument_group("llama.cpp's other samplers (llama-cli's flag names work too; each is off by default)")
     for names, kind, help_ in _MORE:
         g.add_argument(*names, type=kind, default=getattr(d, names[0][2:].replace("-", "_")), help=help_)
@@ -99,19 +106,66 @@ _MORE = ((("--repeat-last-n",), int, "tokens the penalties look back over (0 = n
 
 
 def add_system_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-s", "--system", default=None, help="system prompt (chat models)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-s", "--system", "-sys", "--system-prompt", default=None,
+                   help="system prompt (chat models; -sys and --system-prompt as in llama-cli)")
+    g.add_argument("-sysf", "--system-prompt-file", default=None, metavar="PATH",
+                   help="the system prompt read from a UTF-8 text file, as llama-cli's -sysf")
+
+
+def system_from(args: argparse.Namespace) -> str | None:
+    """The system prompt of ``-s`` or ``-sysf`` (llama-cli drops the file's last newline; so does this)."""
+    if args.system_prompt_file is None:
+        return args.system
+    from .cli_run import read_file
+
+    text = read_file(args.system_prompt_file, "-sysf/--system-prompt-file")
+    return text.removesuffix("\n")
+
+
+UNTIL_END = 1 << 30  # -n -1: more tokens than any context holds, so the text's end or the context's ends a reply
+
+
+def _grammar(args: argparse.Namespace) -> str | None:
+    """The GBNF of --grammar, --grammar-file, --json-schema or --json-schema-file (checked: errors name the flag)."""
+    import json
+
+    from ..errors import InvalidArgument
+    from .cli_run import read_file
+    from .grammar import schema_grammar
+
+    if args.grammar is not None or args.grammar_file is not None:
+        gbnf = args.grammar if args.grammar is not None else read_file(args.grammar_file, "--grammar-file")
+        if not gbnf.strip():
+            raise InvalidArgument("the grammar is empty; give GBNF rules with a 'root', e.g. --grammar 'root ::= "
+                                  "\"yes\" | \"no\"'")
+        return gbnf
+    flag, text = (("--json-schema", args.json_schema) if args.json_schema is not None else
+                  ("--json-schema-file", None if args.json_schema_file is None
+                   else read_file(args.json_schema_file, "--json-schema-file")))
+    if text is None:
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{flag}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); give a JSON schema, "
+                              f"e.g. -j '{{\"type\": \"object\"}}'") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument(f"{flag}: a JSON schema is an object, not {type(schema).__name__}; e.g. -j '{{}}'")
+    return schema_grammar(schema, flag)
 
 
 def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
               repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
-              frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
+              frequency_penalty=args.frequency_penalty, grammar=_grammar(args),
+              max_tokens=UNTIL_END if args.max_tokens == -1 else args.max_tokens,
               **{n[0][2:].replace("-", "_"): getattr(args, n[0][2:].replace("-", "_")) for n, _, _ in _MORE})
     if args.dry_sequence_breaker is not None:  # llama-cli's: given ones replace the defaults, "none" leaves none
-        kw["dry_sequence_breakers"] = tuple(_unescape(b) for b in args.dry_sequence_breaker if b != "none")
+        kw["dry_sequence_breakers"] = tuple(unescape(b) for b in args.dry_sequence_breaker if b != "none")
     if args.seed is not None:
         kw["seed"] = args.seed
-    stop = tuple(_unescape(x) for x in args.stop)
+    stop = tuple(unescape(x) for x in args.stop)
     if "" in stop:  # "" is found at once: no reply at all
         from ..errors import InvalidArgument
 
@@ -122,11 +176,16 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     return Sampling(**kw)
 
 
-def _unescape(text: str) -> str:
-    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a flag as the characters (llama.cpp's escapes); the rest as typed."""
+def unescape(text: str) -> str:
+    """The escapes typed in a flag as the characters, as llama.cpp's ``string_process_escapes``: ``\\n``,
+    ``\\r``, ``\\t``, ``\\'``, ``\\"``, ``\\\\`` and ``\\xHH``; any other backslash stays as typed."""
     import re
 
-    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+    def one(m: re.Match) -> str:
+        c = m.group(1)
+        return chr(int(c[1:], 16)) if c[0] == "x" else {"n": "\n", "r": "\r", "t": "\t"}.get(c, c)
+
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|[nrt'\"\\])", one, text)
 
 
 def load_from(args: argparse.Namespace, **config):

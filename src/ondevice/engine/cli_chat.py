@@ -15,7 +15,15 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
-from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from
+from .args import (
+    UNTIL_END,
+    add_model_args,
+    add_sampling_args,
+    add_system_arg,
+    load_from,
+    sampling_from,
+    system_from,
+)
 from .model import BaseModelWarning, peak_rss_bytes
 from .records import Sampling
 
@@ -91,7 +99,7 @@ def command(line: str, s: Session, model) -> str | None:
         model.reset()
         return "(conversation cleared)"
     if word == "show":
-        params = ", ".join(f"{k} {getattr(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != 0xFFFFFFFF)
+        params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != 0xFFFFFFFF)
         params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
         return (f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})\n"
                 f"parameters: {params}\nsystem: {s.system or '(none)'}\ntimings: {'on' if s.verbose else 'off'}")
@@ -123,12 +131,19 @@ def _set(rest: str, s: Session, model) -> str:
         return f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, system, verbose or quiet"
     field, typ = PARAMS[key]
     try:
-        s.sampling = dataclasses.replace(s.sampling, **{field: typ(value)})
+        v = typ(value)
+        s.sampling = dataclasses.replace(s.sampling, **{field: UNTIL_END if field == "max_tokens" and v == -1 else v})
     except ValueError:
         return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {1 if typ is int else 0.7}"
     except OndeviceError as e:
         return f"/set {key}: {e}"
-    return f"{field} = {getattr(s.sampling, field)}"
+    return f"{field} = {_shown(s.sampling, field)}"
+
+
+def _shown(sampling: Sampling, field: str):
+    """A parameter as /show and /set print it (max_tokens -1: until the text or the context ends)."""
+    v = getattr(sampling, field)
+    return -1 if field == "max_tokens" and v == UNTIL_END else v
 
 
 def read_message(read: Callable[[str], str], interactive: bool) -> str:
@@ -193,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", BaseModelWarning)
         print(f"ondevice chat: warning: {model.name} has no chat template (a base model); answers continue a "
               f"plain-text transcript. Pick an instruct model for chat.", file=sys.stderr)
-    s = Session(sampling, args.system, args.timings)
+    s = Session(sampling, system_from(args), args.timings)
     s.reset()
     interactive = sys.stdin.isatty()
     if interactive:

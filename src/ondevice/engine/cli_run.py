@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from ..errors import ContextOverflow
-from .args import add_model_args, add_sampling_args, add_system_arg, load_from, sampling_from
+from .args import (
+    add_model_args,
+    add_sampling_args,
+    add_system_arg,
+    load_from,
+    sampling_from,
+    system_from,
+    unescape,
+)
 from .model import peak_rss_bytes
 from .records import Generation
 
@@ -17,12 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prompt ('-' or nothing reads stdin); a model name first picks the model, as "
                         "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
     given = p.add_mutually_exclusive_group()
-    given.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="the prompt, as llama-cli's -p")
+    given.add_argument("-p", "--prompt", default=None, metavar="TEXT",
+                       help="the prompt, as llama-cli's -p (\\n, \\t, \\\\, \\xHH ... are the characters unless "
+                            "--no-escape)")
     given.add_argument("-f", "--file", default=None, metavar="PATH",
                        help="read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
     add_sampling_args(p)
     add_system_arg(p)
+    p.add_argument("-e", "--escape", action=argparse.BooleanOptionalAction, default=True,
+                   help="process escapes in -p as llama-cli does (default: on; --no-escape: as typed)")
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
     p.add_argument("--draft", default=None, metavar="lookup|MODEL",
@@ -62,6 +75,9 @@ def split_model_word(args: argparse.Namespace) -> str | None:
     elif len(words) == 1 and " " not in words[0] and (close := did_you_mean(words[0])):
         print(f"ondevice run: note: '{words[0]}' is taken as the prompt; for the model '{close}' run "
               f"`ondevice run {close} PROMPT`", file=sys.stderr)
+    elif len(words) == 1 and re.fullmatch(r"[A-Za-z][\w.-]*[\d:/][\w.:/-]*", words[0]):  # llama3.2, qwen2.5:0.5b
+        print(f"ondevice run: note: '{words[0]}' is not a model here (`ondevice models` lists them), so it is "
+              f"taken as the prompt to the default model", file=sys.stderr)
     return " ".join(words) if words else None
 
 
@@ -84,19 +100,19 @@ def read_stdin(stream=None, what: str = "stdin") -> str:
                               f"convert it first, e.g. with iconv") from None
 
 
-def read_file(path: str) -> str:
-    """The prompt in the file ``path`` (``-f``), read as :func:`read_stdin` reads stdin."""
+def read_file(path: str, flag: str = "-f/--file") -> str:
+    """The text in the file ``path`` (given to ``flag``), read as :func:`read_stdin` reads stdin."""
     from ..errors import InvalidArgument
 
     try:
         with open(path, "rb") as f:
             return read_stdin(f, path)
     except FileNotFoundError:
-        raise InvalidArgument(f"{path}: no such file; check the path given to -f/--file") from None
+        raise InvalidArgument(f"{path}: no such file; check the path given to {flag}") from None
     except IsADirectoryError:
-        raise InvalidArgument(f"{path} is a directory; give -f/--file a text file") from None
+        raise InvalidArgument(f"{path} is a directory; give {flag} a text file") from None
     except PermissionError:
-        raise InvalidArgument(f"{path}: permission denied; give -f/--file a file you can read") from None
+        raise InvalidArgument(f"{path}: permission denied; give {flag} a file you can read") from None
 
 
 def given_prompt(args: argparse.Namespace) -> str | None:
@@ -111,7 +127,9 @@ def given_prompt(args: argparse.Namespace) -> str | None:
     if words is not None:
         raise InvalidArgument(f"the prompt is given twice: as words ({words[:40]!r}) and with {flag}; keep one "
                               f"(a word before {flag} must be a model name, see `ondevice models`)")
-    return args.prompt if args.prompt is not None else read_file(args.file)
+    if args.prompt is not None:
+        return unescape(args.prompt) if args.escape else args.prompt
+    return read_file(args.file)
 
 
 def read_prompt(arg: str | None, model: str | None = None) -> str:
@@ -171,14 +189,15 @@ def run(args: argparse.Namespace) -> int:
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
-    if args.system and args.raw:
+    system = system_from(args)
+    if system and args.raw:
         from ..errors import InvalidArgument
 
         raise InvalidArgument("--system goes through the chat template, which --raw turns off; drop one of them "
                               "(or write the system text into the raw prompt)")
     prompt = read_prompt(given_prompt(args), args.model if getattr(args, "named_model", False) else None)
-    if args.system:
-        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    if system:
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     if (args.prompt_cache_all or args.prompt_cache_ro) and not args.prompt_cache:
         from ..errors import InvalidArgument
 
@@ -187,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     cached = _restore(model, args.prompt_cache) if args.prompt_cache else None
     last = None
     out = sys.stdout
+    interrupted = False
     try:
         for g in model.stream(prompt, sampling=sampling, chat_template=False if args.raw else None):
             out.write(g.text)
@@ -194,12 +214,16 @@ def run(args: argparse.Namespace) -> int:
             last = g
     except ContextOverflow as e:
         raise e.advise("-c/--ctx", model.engine.n_ctx_train) from None
+    except KeyboardInterrupt:  # Ctrl-C: as llama-cli, the reply so far, the cache and the timings, then exit 130
+        interrupted = True
     out.write("\n")
     if cached is not None and last is not None and not args.prompt_cache_ro:
         keep = None if args.prompt_cache_all else last.prompt_tokens
         if model.generator.slots[0].cached[:keep] != cached:  # the file would change
             model.save_prompt_cache(args.prompt_cache, keep)
-    if note := window_note(last, sampling, model.engine.n_ctx):
+    if interrupted:
+        print("(interrupted)", file=sys.stderr)
+    elif note := window_note(last, sampling, model.engine.n_ctx):
         print(note, file=sys.stderr)
     if args.timings == "text":
         print(format_timings(last, peak_rss_bytes(), model.engine.load_time), file=sys.stderr)
@@ -207,4 +231,4 @@ def run(args: argparse.Namespace) -> int:
         rec = dict(last.to_dict() if last else {}, load_time=model.engine.load_time, peak_rss_bytes=peak_rss_bytes())
         rec.pop("text", None)
         print(json.dumps(rec), file=sys.stderr)
-    return 0
+    return 130 if interrupted else 0

@@ -289,6 +289,10 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
         return name
     if name is None:
         name = DEFAULT_MODEL
+    if isinstance(name, str) and re.match(r"(hf|https?)://|(hf\.co|huggingface\.co)/", name):
+        how = f"ondevice pull {name}" if "://" in name else "ondevice pull hf://OWNER/REPO/FILE.gguf"
+        raise ModelNotFound(f"{name} is a download address, not a model here; fetch it first (`{how}`), then give "
+                            f"the name it prints")
     if isinstance(name, os.PathLike) or _looks_like_path(str(name)):
         return _local(Path(name))
     name = str(name)

@@ -259,8 +259,9 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
                       "settings/tokens)" if sent else
                       "the repository may be gated or private: set HF_TOKEN to a token with access"),
                 403: "access denied: for a gated Hugging Face repository accept its licence and set HF_TOKEN",
-                404: "check the owner, repository and file name (and the revision after @)"}.get(
-                    e.code, "check the URL, or retry later")
+                404: ("check the owner, repository and file name (and the revision after @)"
+                      if url.startswith(hf_endpoint() + "/") else "check the URL")}.get(e.code, "check the URL, or "
+                                                                                              "retry later")
         raise OndeviceError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from e
     except _NETWORK_ERRORS as e:
         raise DownloadInterrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({e})") from e

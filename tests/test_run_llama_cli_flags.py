@@ -1,0 +1,113 @@
+"""`ondevice run` with the flags a llama-cli user types (-sys, -sysf, -n -1, escapes in -p, --grammar, -j),
+Ctrl-C as llama-cli handles it, and the hints for an Ollama user's words (real CLI subprocesses, the real
+embedded model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+BASE = ("--temp", "0", "-t", "2", "--timings", "json")
+
+
+def _rec(stderr: str) -> dict:
+    return json.loads(stderr.strip().splitlines()[-1])
+
+
+def test_sys_and_sysf_are_the_system_prompt_as_in_llama_cli(cli, tmp_path):
+    # before, argparse read "-sys X" as "-s ys" and sent X as the prompt's first words
+    s = cli("run", *BASE, "-n", "6", "-s", "You are a pirate.", "Hi")
+    sys_ = cli("run", *BASE, "-n", "6", "-sys", "You are a pirate.", "Hi")
+    (tmp_path / "sys.txt").write_text("You are a pirate.\n")
+    sysf = cli("run", *BASE, "-n", "6", "-sysf", str(tmp_path / "sys.txt"), "Hi")
+    assert s.returncode == sys_.returncode == sysf.returncode == 0, s.stderr + sys_.stderr + sysf.stderr
+    assert sys_.stdout == s.stdout == sysf.stdout
+    assert _rec(sys_.stderr)["prompt_tokens"] == _rec(s.stderr)["prompt_tokens"] == _rec(sysf.stderr)["prompt_tokens"]
+    r = cli("run", "-sysf", str(tmp_path / "none.txt"), "Hi")
+    assert r.returncode == 2 and "check the path given to -sysf/--system-prompt-file" in r.stderr
+
+
+def test_n_minus_one_generates_until_the_context_ends(cli):
+    r = cli("run", *BASE, "--raw", "--ignore-eos", "-n", "-1", "-c", "48", "1, 2, 3,")
+    assert r.returncode == 0, r.stderr
+    assert "stopped at the end of the 48-token context window" in r.stderr
+    rec = _rec(r.stderr)
+    assert rec["finish_reason"] == "length" and rec["prompt_tokens"] + rec["generation_tokens"] >= 47
+    r = cli("run", "-n", "-2", "Hi")
+    assert r.returncode == 2 and "must be >= 0" in r.stderr
+
+
+def test_escapes_in_p_are_processed_unless_no_escape(cli):
+    typed = cli("run", *BASE, "--raw", "-n", "1", "-p", r"Line1\nLine2")
+    real = cli("run", *BASE, "--raw", "-n", "1", "-p", "Line1\nLine2")
+    kept = cli("run", *BASE, "--raw", "-n", "1", "--no-escape", "-p", r"Line1\nLine2")
+    assert typed.returncode == real.returncode == kept.returncode == 0, typed.stderr + kept.stderr
+    assert _rec(typed.stderr)["prompt_tokens"] == _rec(real.stderr)["prompt_tokens"]
+    assert _rec(kept.stderr)["prompt_tokens"] != _rec(real.stderr)["prompt_tokens"]  # a backslash and an 'n'
+
+
+def test_unescape_is_llama_cpps():
+    from ondevice.engine.args import unescape
+
+    assert unescape(r"a\nb\tc\rd\\e\'f\"g\x41h\qi\x4") == "a\nb\tc\rd\\e'f\"gAh\\qi\\x4"
+
+
+def test_grammar_and_json_schema_constrain_the_reply(cli, tmp_path):
+    r = cli("run", *BASE, "-n", "8", "--grammar", 'root ::= "yes" | "no"', "Is the sky blue?")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no"), r.stdout + r.stderr
+    (tmp_path / "g.gbnf").write_text('root ::= "maybe"\n')
+    r = cli("run", *BASE, "-n", "8", "--grammar-file", str(tmp_path / "g.gbnf"), "Is the sky blue?")
+    assert r.returncode == 0 and r.stdout.strip() == "maybe", r.stdout + r.stderr
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}
+    r = cli("run", *BASE, "-n", "40", "-j", json.dumps(schema), "Give me a name as JSON")
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout)["name"], str)
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r2 = cli("run", *BASE, "-n", "40", "-jf", str(tmp_path / "s.json"), "Give me a name as JSON")
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
+    for flags, why in ((("-j", "{bad"), "--json-schema: not JSON"),
+                       (("-j", "[1]"), "--json-schema: a JSON schema is an object, not list"),
+                       (("--grammar", "root ::= foo"), "the grammar does not parse (GBNF): Undefined rule"),
+                       (("--grammar", " "), "the grammar is empty"),
+                       (("--grammar", "x", "-j", "{}"), "not allowed with argument")):
+        r = cli("run", "-n", "2", *flags, "Hi")
+        assert r.returncode == 2 and why in r.stderr, (flags, r.stderr)
+
+
+def test_ctrl_c_keeps_the_reply_the_timings_and_the_prompt_cache(tmp_path):
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    cache = tmp_path / "pc.bin"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "run", "-t", "2", "-n", "100000", "-c", "4096",
+                              "--ignore-eos", "--prompt-cache", str(cache), "Write a long story about a cat."],
+                             stdout=out, stderr=err, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+        deadline = time.monotonic() + 120
+        while os.path.getsize(tmp_path / "out") < 40 and time.monotonic() < deadline:  # the reply has started
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+    text, log = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert len(text) >= 40 and text.endswith("\n"), repr(text[-40:])
+    assert "(interrupted)" in log and "TTFT" in log and "Traceback" not in log, log
+    assert cache.stat().st_size > 0  # the prompt's KV, as llama-cli saves its session file
+
+
+def test_an_ollama_users_words_get_hints(cli):
+    r = cli("ls")
+    assert r.returncode == 2 and "unknown verb 'ls'; did you mean 'models'?" in r.stderr
+    r = cli("run", "-n", "2", "-t", "2", "--timings", "none", "llama3.2")
+    assert r.returncode == 0 and "'llama3.2' is not a model here" in r.stderr, r.stderr
+    r = cli("run", "-m", "hf://owner/repo/file.gguf", "Hi")
+    assert r.returncode == 2 and "is a download address, not a model here" in r.stderr
+    assert "ondevice pull hf://owner/repo/file.gguf" in r.stderr
+
+
+def test_chat_set_max_tokens_minus_one(cli):
+    r = cli("chat", "-t", "2", "--temp", "0", "-n", "4", input="/set max_tokens -1\n/show\n")
+    assert r.returncode == 0, r.stderr
+    assert "max_tokens = -1" in r.stdout + r.stderr and "max_tokens -1" in r.stdout + r.stderr

@@ -353,8 +353,13 @@ def test_seed_minus_one_is_random_as_in_llama_server(client):
     for seed in (-1, 0xFFFFFFFF):
         a, b = (_chat(client, "Tell me a story.", seed=seed, **kw) for _ in range(2))
         assert a.choices[1].message.content != b.choices[1].message.content
+    # any other int64 seed is taken as llama-server takes it, as a uint32 (OpenAI's seeds are int64)
+    one = {"max_tokens": 8, "temperature": 1.5, "extra_body": {"ignore_eos": True}}
+    for big, same in ((-2, 0xFFFFFFFE), ((1 << 40) + 5, 5)):
+        assert (_chat(client, "Tell me a story.", seed=big, **one).choices[0].message.content
+                == _chat(client, "Tell me a story.", seed=same, **one).choices[0].message.content)
     with pytest.raises(openai.BadRequestError, match="seed"):
-        _chat(client, "Hi", seed=-2)
+        _chat(client, "Hi", seed=1 << 70)
 
 
 def _slots_busy(srv) -> float:

@@ -151,7 +151,7 @@ def test_tags_show_ps_version(server, client, name):
     d = m[0].details
     assert (d.format, d.family, d.quantization_level, d.parameter_size) == ("gguf", "llama", "Q4_1", "134.5M")
     shown = client.show(name)
-    assert shown.capabilities == ["completion"]  # SmolLM2's template does not render tools
+    assert shown.capabilities == ["completion", "tools"]  # tools in a system note: SmolLM2's template has none
     assert shown.template == server.state.template and shown.details.family == "llama"
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == 8192
     assert client.show(name.removesuffix(":latest")).details == shown.details  # the tag may be left out

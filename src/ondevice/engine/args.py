@@ -61,7 +61,8 @@ def apply_kernel_args(args: argparse.Namespace) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     d = Sampling()
     p.add_argument("--temp", type=float, default=d.temp, help="temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-p", type=float, default=d.top_p,
+                   help="nucleus sampling mass, in [0, 1] (0: the likeliest token only)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     p.add_argument("--min-p", type=float, default=d.min_p, help="drop tokens below this share of the top one")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off")

@@ -318,7 +318,10 @@ def message_text(m: Message, i: int) -> str:
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"messages[{i}].content has a text part without a string 'text'; give "
+                                      f"{{'type': 'text', 'text': '...'}}")
+            if kind != "text":
                 raise InvalidArgument(f"messages[{i}].content has a {kind!r} part; text parts only "
                                       f"({{'type': 'text', 'text': ...}}): this is a text model")
             texts.append(part["text"])
@@ -351,6 +354,12 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
     from jinja2.exceptions import TemplateError
 
     messages = validate_messages(messages)
+    prefill = ""
+    last = messages[-1]
+    if add_generation_prompt and len(messages) > 1 and last["role"] == "assistant" and not last.get("tool_calls"):
+        # a reply the caller began (an assistant prefill): continued, not closed as a turn and answered anew,
+        # as llama-server, Ollama and Anthropic's API do
+        prefill, messages = last["content"], messages[:-1]
     if "tool_calls" not in template:
         messages = calls_as_text(messages)
     limit = max(MIN_OUTPUT_CHARS, CHARS_PER_CTX_TOKEN * n_ctx)
@@ -366,7 +375,7 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
                                     f"the {n_ctx}-token context)")
             parts.append(chunk)
             _tick()
-        return "".join(parts)
+        return "".join(parts) + prefill
     except TemplateLimit as e:
         raise InvalidArgument(f"the model's chat template was stopped: {e}; fix the template (or use a "
                               f"model whose template renders a plain conversation)") from None

@@ -186,7 +186,7 @@ class Sampling:
         object.__setattr__(self, "logit_bias", bias)
         checks = [
             ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be a finite number >= 0 (0 = greedy)"),
-            ("top-p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top-p", 0 <= self.top_p <= 1, "must be in [0, 1] (0: the likeliest token only)"),
             ("top-k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("min-p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repeat-penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),

@@ -27,7 +27,6 @@ from fastapi import Body, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.toolcalls import template_shows_tools
 from ..errors import InvalidArgument, OndeviceError
 from . import schemas as S
 from . import structured
@@ -383,7 +382,9 @@ def add_routes(app, runner, embeddings) -> None:
     async def ollama_show(body: Annotated[dict[str, Any], Body()]):
         _served(state, body)
         entries, meta = await _models(state)
-        caps = ["completion"] + (["tools"] if template_shows_tools(state.template) else []) + (
+        # tools: any chat model takes them (a template that does not render tools gets them in a system note,
+        # and the grammar writes the calls); Ollama's clients refuse to send tools to a model without it
+        caps = ["completion"] + (["tools"] if state.template else []) + (
             ["insert"] if _inserts(state) else [])  # insert: generate takes a suffix (fill in the middle)
         return {"modelfile": f"# served by ondevice\nFROM {state.path}\n", "parameters": f"num_ctx {state.settings.ctx}",
                 "template": state.template or "", "license": meta.get("general.license", ""),

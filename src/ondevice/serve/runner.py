@@ -255,9 +255,11 @@ class Runner:
             text = "".join(g.text for g in gen)
             finish = gen[-1].finish_reason
             content, calls = structured.split_reply(text, plan) if plan.tools else (text, None)
-            msg = S.AssistantMessage(content=content, tool_calls=calls)
             if calls:
                 finish = "tool_calls"
+            elif plan.tool_mode == "required":  # calls only: one cut short (max_tokens, a stop) is not text
+                content, calls = None, structured.partial_calls(text, plan) or None
+            msg = S.AssistantMessage(content=content, tool_calls=calls)
             lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
                    if req.logprobs else None)
             choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish, stop_reason=gen[-1].stop,

@@ -102,7 +102,7 @@ class _Sampling(_Body):
     # left out: llama.cpp's defaults, as llama-server and `ondevice run` use (temperature 0.8, top_p 0.95, top_k
     # 40, min_p 0.05); OpenAI's 1.0 / 1.0 / none / none let a small model ramble to the end of its context
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: the likeliest token only (llama.cpp keeps at least one)
     top_k: int | None = Field(None, ge=0)  # extension; 0 = off
     min_p: float | None = Field(None, ge=0, le=1)  # extension
     repeat_penalty: float = Field(1.0, gt=0)  # extension
@@ -129,7 +129,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (-100 bans it)
     n: int = Field(1, ge=1, le=64)  # choices per prompt: one batcher job each, decoded together
-    seed: int | None = Field(None, ge=-1, le=0xFFFFFFFF)  # -1: random, as llama-server's and Ollama's default
+    seed: int | None = None  # -1: random, as llama-server's and Ollama's default; any other int64 as uint32
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -169,7 +169,10 @@ class _Sampling(_Body):
     @field_validator("seed")
     @classmethod
     def _random_seed(cls, v: int | None) -> int | None:
-        return None if v in (-1, 0xFFFFFFFF) else v  # llama.cpp's "random": as left out, each choice draws its own
+        if v is not None and not -(1 << 63) <= v < 1 << 64:
+            raise ValueError(f"seed {v} is out of range; give an integer that fits 64 bits, or -1 for a random one")
+        # llama.cpp's "random" is as left out: each choice draws its own; others as llama-server's uint32 cast
+        return None if v in (-1, 0xFFFFFFFF) else None if v is None else v % (1 << 32)
 
     @field_validator("stop")
     @classmethod
@@ -224,6 +227,16 @@ class FunctionDef(_Req):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Arguments are a JSON object (OpenAI's): ``{}``, the usual "no arguments", is the empty one, as when
+        parameters are left out, and a schema without a type is an object, not any JSON value (a forced call
+        could then run on as an array to the token limit)."""
+        if not v:
+            return {"type": "object", "properties": {}}
+        return v if "type" in v or any(k in v for k in ("$ref", "anyOf", "oneOf", "allOf")) else {"type": "object", **v}
 
 
 class Tool(_Req):

@@ -36,7 +36,8 @@ from .schemas import (
     ToolCallDelta,
 )
 
-__all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "plan", "schema_grammar", "split_reply"]
+__all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "partial_calls", "plan", "schema_grammar",
+           "split_reply"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def written_arguments(text: str) -> list[str]:
     for d in deltas:
         out[d.index] = out.get(d.index, "") + (d.function.arguments or "")
     return [out[i] for i in sorted(out)]
+
+
+def partial_calls(text: str, plan_: Plan) -> list[ToolCall]:
+    """The calls of a reply cut short (max_tokens, a stop string) as far as they were written: each one whose
+    name is complete, with its arguments' text so far (what a stream of it sent, as OpenAI's cut calls)."""
+    calls: dict[int, list[str]] = {}
+    for d in ToolStream(Plan(tools=plan_.tools, tool_mode="required")).feed(text)[1]:
+        calls.setdefault(d.index, [d.function.name or "", ""])[1] += d.function.arguments or ""
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=args))
+            for name, args in (calls[i] for i in sorted(calls))]
 
 
 def _same_json(raw: str, value) -> bool:
@@ -292,4 +303,4 @@ class ToolStream:
             return False, ""
         if self.n_calls:
             return parse_tool_call(self.text, self.plan) is not None, ""
-        return False, self.text
+        return False, "" if self.plan.tool_mode == "required" else self.text  # calls only: never the call's JSON

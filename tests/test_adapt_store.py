@@ -129,3 +129,13 @@ def test_merged_weight_is_base_plus_scaled_lora():
 
     assert np.allclose(merged_weight(w, a, b, 8.0), w + 4.0 * np.einsum("or,ri->oi", b, a), atol=1e-6)
     assert np.allclose(merged_weight(w, a, b, 0.0), w + b @ a, atol=1e-6)  # no alpha: scale 1, as llama.cpp
+
+
+def test_a_scale_that_is_no_number_is_named_not_taken_for_a_missing_file(tmp_path):
+    f = tmp_path / "a.gguf"
+    f.write_bytes(b"")
+    assert store.split_scale(f"{f}:0.5") == (str(f), 0.5)
+    for spec in (f"{f}:abc", "missing.gguf:x"):
+        with pytest.raises(InvalidArgument, match="the scale after ':' must be a number"):
+            store.split_scale(spec)
+    assert store.split_scale("C:\\adapters\\a") == ("C:\\adapters\\a", 1.0)  # a drive letter is no scale

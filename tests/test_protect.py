@@ -268,3 +268,11 @@ def test_a_key_passed_as_its_source_is_never_shown(tmp_path):
         with pytest.raises(OndeviceError, match="not shown: it may be the key itself") as e:
             load_key(wrong)
         assert key[:8] not in str(e.value)
+
+
+def test_a_key_flag_given_in_vain_is_an_error_even_for_a_plain_model(cli, tmp_path):
+    """--key-file that does not exist or --key-env that is not set was ignored for an unencrypted model."""
+    r = cli("run", "--key-file", str(tmp_path / "none.key"), "-n", "2", "Hi")
+    assert r.returncode == 2 and "none.key: cannot read it" in r.stderr, r.stderr
+    r = cli("run", "--key-env", "ONDEVICE_TEST_NO_SUCH_VAR", "-n", "2", "Hi")
+    assert r.returncode == 2 and "ONDEVICE_TEST_NO_SUCH_VAR is not set" in r.stderr, r.stderr

@@ -50,8 +50,11 @@ def apply_key_args(args: argparse.Namespace) -> None:
     """Make the flags' key source the process's ``ONDEVICE_KEY_SOURCE`` (a spec, never the key), so every
     load in it and in its workers (bench runs each configuration in a subprocess) finds the key."""
     source = key_source_from(args)
-    if source is not None:
-        os.environ[SOURCE_ENV] = source
+    if source is None:
+        return
+    if source.startswith(("env:", "file:")):  # read now: a key flag given in vain is an error, not ignored
+        load_key(source)
+    os.environ[SOURCE_ENV] = source
 
 
 def parse_key(text: str | bytes, where: str) -> bytes:

@@ -218,11 +218,42 @@ def _no_trailing_space(gbnf: str) -> str:
     return "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
 
 
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_BEFORE_TYPE = {"$ref", "oneOf", "anyOf"}  # what the converter (and llama.cpp's) reads before "type"
+
+
+def _to_gbnf(schema: dict) -> str:
+    """llama-cpp-python's ``json_schema_to_gbnf``, with integer bounds enforced as llama.cpp's converter does
+    (:mod:`ondevice.engine.int_range`); the converter drops them, and a ``maximum: 5`` let a model write 2023.
+    ``number`` bounds stay unenforced: llama.cpp's converter does not enforce them either."""
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    from .int_range import int_bounds, min_max_int
+
+    class Converter(SchemaConverter):
+        def visit(self, schema, name):
+            if not isinstance(schema, dict) or not _BOUNDS & schema.keys() or _BEFORE_TYPE & schema.keys():
+                return super().visit(schema, name)
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            types = schema.get("type")
+            if isinstance(types, list) and "integer" in types:  # the converter keeps nothing but each type
+                return self._add_rule(rule_name, self._generate_union_rule(
+                    name, [{**schema, "type": t} for t in types]))  # llama.cpp keeps every key in each
+            if types != "integer" or {"const", "enum"} & schema.keys():
+                return super().visit(schema, name)
+            lo, hi = int_bounds(schema)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"no integer is at least {lo} and at most {hi}")
+            return self._add_rule(rule_name, f"({min_max_int(lo, hi)}) space")
+
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "stdin"), "")
+    return converter.format_grammar()
+
+
 def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema", whole: bool = True) -> str:
     """GBNF for a JSON schema (an error naming ``what`` when the converter cannot express it). ``whole``: the
     value is the whole reply, so nothing may follow it (:func:`_no_trailing_space`); else a part of one."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     check_size(schema, what)
     schema = normalise(schema)
     if "$ref" in schema:
@@ -230,7 +261,7 @@ def schema_grammar(schema: dict, what: str = "response_format.json_schema.schema
         # another: a root $ref (pydantic's recursive models) becomes a one-way union, the same language
         schema = {k: v for k, v in schema.items() if k != "$ref"} | {"anyOf": [{"$ref": schema["$ref"]}]}
     try:
-        gbnf = _llama_cpp_rules(json_schema_to_gbnf(json.dumps(schema)))
+        gbnf = _llama_cpp_rules(_to_gbnf(json.loads(json.dumps(schema))))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise InvalidArgument(f"{what} cannot be turned into a grammar ({e}); simplify the schema") from e
     if len(gbnf) > MAX_GRAMMAR:

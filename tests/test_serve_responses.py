@@ -43,6 +43,10 @@ def test_max_output_tokens_reached_is_incomplete(client):
                                 temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 5 and r.output_text
+    assert [item.status for item in r.output] == ["incomplete"]  # the message was cut too (OpenAI's)
+    events = list(client.responses.create(model="m", input="Tell me a long story about a dragon.",
+                                          max_output_tokens=5, temperature=0, stream=True))
+    assert [e.item.status for e in events if e.type == "response.output_item.done"] == ["incomplete"]
 
 
 def test_streamed_events_build_the_same_response(client):

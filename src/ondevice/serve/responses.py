@@ -192,6 +192,11 @@ def _message_item(item_id: str, text: str, logprobs: list, status: str = "comple
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}]}
 
 
+def _item_status(finish: str | None) -> str:
+    """An output item's status: cut by max_output_tokens, it is incomplete, as the response is (OpenAI's)."""
+    return "incomplete" if finish == "length" else "completed"
+
+
 def _call_item(call: dict, status: str = "completed") -> dict:
     return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
@@ -226,10 +231,11 @@ def from_chat(shell: Shell, chat: dict) -> dict:
     choice = chat["choices"][0]
     msg = choice["message"]
     output = []
+    status = _item_status(choice.get("finish_reason"))
     if msg.get("content"):
         lps = _logprobs((choice.get("logprobs") or {}).get("content"))
-        output.append(_message_item(_id("msg"), msg["content"], lps))
-    output += [_call_item(c) for c in msg.get("tool_calls") or []]
+        output.append(_message_item(_id("msg"), msg["content"], lps, status))
+    output += [_call_item(c, status) for c in msg.get("tool_calls") or []]
     extra = {k: v for k, v in chat.items() if k not in ("id", "object", "created", "model", "choices", "usage",
                                                          "system_fingerprint")}
     return shell.response(output, "completed", choice.get("finish_reason"), chat.get("usage"), **extra)
@@ -302,7 +308,7 @@ class Events:
     def end(self, extra: dict) -> list[bytes]:
         out = []
         for i, item in enumerate(self.output):
-            item["status"] = "completed"
+            item["status"] = _item_status(self.finish)
             if item is self.text:
                 part = item["content"][0]
                 out += [self._ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,

@@ -87,3 +87,12 @@ def test_llama_cpp_failure_is_reported_not_fatal(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(OndeviceError, match="could not quantize|crashed"):
         run_worker(bad, tmp_path / "out.gguf", 7, [], False, 1, timeout=60)
+
+
+def test_type_numbers_are_llama_quantizes(home, cli):
+    """llama-quantize takes a file type's number as well as its name (7: Q8_0, as `--type list` shows)."""
+    r = cli("quantize", "smollm2", "--type", "7", "--allow-requantize", "--name", "smol-by-number", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert "matrices: Q8_0" in r.stdout, r.stdout
+    r = cli("quantize", "smollm2", "--type", "999")
+    assert r.returncode == 2 and "--type 999 is no llama.cpp file type number" in r.stderr

@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="catalog name, stored variant or .gguf path")
     p.add_argument("--type", "-t", required=True,
                    help="llama.cpp file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M, Q6_K, F16, BF16, "
-                        "F32, ... (`--type list` shows all)")
+                        "F32, ... or its number, as llama-quantize takes it (`--type list` shows all)")
     p.add_argument("--name", "-n", default=None, help="variant name (default: <model>-<type>)")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
                    help="per-tensor ggml type for tensors whose name matches REGEX (repeatable; first match wins)")
@@ -30,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
         for name, value in ftypes().items():
             print(f"{name:12s} {value}")
         return 0
+    if args.type.strip().isdigit():  # llama-quantize's numbers, as `--type list` shows them: 15 is Q4_K_M
+        by_id = {v: k for k, v in ftypes().items()}
+        if int(args.type) not in by_id:
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(f"--type {args.type} is no llama.cpp file type number; `--type list` shows them")
+        args.type = by_id[int(args.type)]
     from .api import quantize
 
     ref = quantize(args.model, args.type, args.name, args.override, allow_requantize=args.allow_requantize,

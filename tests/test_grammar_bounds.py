@@ -16,6 +16,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_grammar_whitespace import _verdict
 
 from ondevice.engine.grammar import schema_grammar
 from ondevice.engine.int_range import int_bounds, min_max_int
@@ -109,19 +110,6 @@ class Recognizer:
 
     def close(self):
         self.s.close()
-
-
-def _verdict(eng, grammar: str, text: str) -> str:
-    """What llama.cpp's grammar sampler makes of ``text``, token by token: complete, incomplete or refused."""
-    s = Sampler(eng, Sampling(temp=0, grammar=grammar))
-    try:
-        for tok in eng.tokenize(text, add_special=False, parse_special=False):
-            if not s.allows(tok):
-                return "refused"
-            eng.ll.llama_sampler_accept(s.grammar, tok)
-        return "complete" if any(s.allows(t) for t in eng.eos_tokens) else "incomplete"
-    finally:
-        s.close()
 
 
 # -- the GBNF, without a model ------------------------------------------------------------------------------

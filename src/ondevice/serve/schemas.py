@@ -169,10 +169,11 @@ class _Sampling(_Body):
     @field_validator("seed")
     @classmethod
     def _random_seed(cls, v: int | None) -> int | None:
-        if v is not None and not -(1 << 63) <= v < 1 << 64:
+        if v is None or v in (-1, 0xFFFFFFFF):  # llama.cpp's "random" is as left out: each choice draws its own
+            return None
+        if not -(1 << 63) <= v < 1 << 64:
             raise ValueError(f"seed {v} is out of range; give an integer that fits 64 bits, or -1 for a random one")
-        # llama.cpp's "random" is as left out: each choice draws its own; others as llama-server's uint32 cast
-        return None if v in (-1, 0xFFFFFFFF) else None if v is None else v % (1 << 32)
+        return v % (1 << 32)  # as llama-server's uint32 cast
 
     @field_validator("stop")
     @classmethod
@@ -231,9 +232,8 @@ class FunctionDef(_Req):
     @field_validator("parameters")
     @classmethod
     def _an_object(cls, v: dict[str, Any]) -> dict[str, Any]:
-        """Arguments are a JSON object (OpenAI's): ``{}``, the usual "no arguments", is the empty one, as when
-        parameters are left out, and a schema without a type is an object, not any JSON value (a forced call
-        could then run on as an array to the token limit)."""
+        """Arguments are a JSON object (OpenAI's): ``{}`` ("no arguments") the empty one, a schema without a type
+        an object, not any JSON value (a forced call could run on as an array to the token limit)."""
         if not v:
             return {"type": "object", "properties": {}}
         return v if "type" in v or any(k in v for k in ("$ref", "anyOf", "oneOf", "allOf")) else {"type": "object", **v}

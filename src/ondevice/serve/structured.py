@@ -120,11 +120,7 @@ def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
 def written_arguments(text: str) -> list[str]:
     """Each call's arguments as the model wrote them, white space and key order kept: what a stream sends
     (:class:`ToolStream`), so a reply's ``arguments`` are the same text streamed or not, as OpenAI's are."""
-    deltas = ToolStream(Plan(tools=("",), tool_mode="required")).feed(text)[1]
-    out: dict[int, str] = {}
-    for d in deltas:
-        out[d.index] = out.get(d.index, "") + (d.function.arguments or "")
-    return [out[i] for i in sorted(out)]
+    return [c.function.arguments for c in partial_calls(text, Plan(tools=("",)))]
 
 
 def partial_calls(text: str, plan_: Plan) -> list[ToolCall]:

@@ -7,6 +7,9 @@ so the BLAS thread count is set (``OPENBLAS_NUM_THREADS`` & co.) before numpy lo
   level cache (numpy releases the GIL inside the reduction); bytes read / wall time, best of N passes.
 * compute: ``a @ b`` on float32 ``(n, n)`` matrices through numpy's BLAS; ``2 n^3`` / time, best of N.
 
+Both share one time budget (the probe stays under ``TIMEOUT_S``): where first touching memory is slow (5-12 s
+per GiB on some virtual machines), the array is smaller and the method string says so.
+
 numpy's sum is not a tuned streaming kernel, so the bandwidth is a lower bound on what the memory system
 can do, and a BLAS sgemm roughly matches the fp32 peak llama.cpp's kernels can reach; the method strings
 say exactly what was run. Results are cached per machine (CPU model, cores, memory, kernel) and thread
@@ -62,9 +65,8 @@ def cache_path() -> Path:
     return data_dir() / "device" / "probe.json"
 
 
-def _bandwidth_bytes() -> int:
+def _bandwidth_bytes(llc: int) -> int:
     """Array size: 8x the last-level cache, at least 256 MiB, at most 1 GiB and a quarter of free RAM."""
-    llc = l3_cache_bytes() or (32 << 20)
     size = min(max(8 * llc, 256 << 20), 1 << 30)
     try:
         import psutil
@@ -75,49 +77,59 @@ def _bandwidth_bytes() -> int:
     return max(size, 64 << 20)
 
 
-# Runs in the child: numpy is imported only after the BLAS env vars are set by the parent.
+# Runs in the child: numpy is imported only after the BLAS env vars are set by the parent. Every phase watches
+# one deadline (``budget`` s from the start), so a slow machine gets fewer passes or a smaller array, said in the
+# method strings, not a timeout: first touching memory alone can take 5 s per GiB on a virtual machine.
 _WORKER = r"""
 import json, sys, threading, time
 import numpy as np
-threads, nbytes, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+threads, nbytes, budget, llc = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 t_start = time.perf_counter()
+deadline = t_start + budget
 out = {}
 
-# ---- bandwidth: threads over slices; np.sum releases the GIL on float arrays
-x = np.ones(nbytes // 4, dtype=np.float32)  # np.ones writes every page; zeros would read the shared zero page
-chunks = np.array_split(x, threads)
+# ---- bandwidth: the array in parts of 32 MiB, allocated a round (one per thread) at a time until nbytes or a
+# third of the budget; each thread sums its own parts (np.sum releases the GIL on float arrays)
+part = min(32 << 20, max(nbytes // threads, 1 << 20)) // 4
+parts = []
+while len(parts) * part * 4 < nbytes and (not parts or time.perf_counter() < t_start + budget / 3):
+    parts += [np.ones(part, dtype=np.float32) for _ in range(threads)]  # ones writes every page (zeros would not)
+mine = [parts[i::threads] for i in range(threads)]
 sink = [0.0] * threads
 def work(i):
-    sink[i] = float(chunks[i].sum())
+    sink[i] = sum(float(p.sum()) for p in mine[i])
 best = float("inf")
 passes = 0
-while passes < 8 and (passes < 3 or time.perf_counter() - t_start < budget * 0.45):
+while passes < 8 and (passes == 0 or time.perf_counter() + best < t_start + budget / 2):
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     t0 = time.perf_counter()
     for t in ts: t.start()
     for t in ts: t.join()
     best = min(best, time.perf_counter() - t0)
     passes += 1
-assert abs(sum(sink) - x.size) < x.size * 1e-3, "sum check failed"  # the reduction really read the data
-out["bandwidth_gbs"] = x.nbytes / best / 1e9
-out["bandwidth_method"] = (f"numpy float32 sum over {x.nbytes / 2**30:.2f} GiB split across {threads} "
-                           f"threads, best of {passes} passes")
-del x, chunks
+total = len(parts) * part * 4
+assert abs(sum(sink) - total / 4) < total / 4 * 1e-3, "sum check failed"  # the reduction really read the data
+out["bandwidth_gbs"] = total / best / 1e9
+small = total < 2 * llc
+out["bandwidth_method"] = (f"numpy float32 sum over {total / 2**30:.2f} GiB split across {threads} threads, "
+                           f"best of {passes} passes"
+                           + (f" (under twice the {llc >> 20} MiB last-level cache: allocating more did not fit "
+                              "the probe's time, so part may be read from cache)" if small else ""))
+del parts, mine
 
-# ---- compute: grow n until one sgemm takes >= 50 ms, then best of N
+# ---- compute: grow n until one sgemm takes >= 50 ms (or the next size would not fit), then best of N
 rng = np.random.default_rng(0)
 n = 256
 while True:
     a = rng.standard_normal((n, n), dtype=np.float32); b = rng.standard_normal((n, n), dtype=np.float32)
     a @ b  # warm-up: BLAS thread pool start, page faults
     t0 = time.perf_counter(); a @ b; dt = time.perf_counter() - t0
-    if dt >= 0.05 or n >= 4096:
+    if dt >= 0.05 or n >= 4096 or time.perf_counter() + 2 * 8 * dt > deadline:
         break
     n *= 2
 best = dt
 reps = 1
-t_c = time.perf_counter()
-while reps < 10 and (reps < 3 or time.perf_counter() - t_c < budget * 0.3):
+while reps < 10 and time.perf_counter() + best < deadline:
     t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
     reps += 1
 blas = "numpy BLAS"
@@ -142,7 +154,8 @@ def _measure(threads: int, timeout: float = TIMEOUT_S) -> dict:
     env = dict(os.environ)
     for k in _BLAS_ENV:
         env[k] = str(threads)
-    cmd = [sys.executable, "-c", _WORKER, str(threads), str(_bandwidth_bytes()), str(timeout * 0.7)]
+    llc = l3_cache_bytes() or (32 << 20)
+    cmd = [sys.executable, "-c", _WORKER, str(threads), str(_bandwidth_bytes(llc)), str(timeout * 0.6), str(llc)]
     try:
         res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

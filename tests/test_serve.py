@@ -155,6 +155,19 @@ def test_stream_with_usage(client):
     assert final.model_extra["timings"]["predicted_n"] == full.usage.completion_tokens
 
 
+def test_every_streamed_choice_says_its_finish_reason_null_until_the_last(srv):
+    """OpenAI's and llama-server's chunks carry ``"finish_reason": null``; strict clients read the key."""
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                       ("/v1/completions", {"prompt": "Once upon a time"})):
+        with httpx.stream("POST", srv.base_url + path, json={**body, "max_tokens": 4, "stream": True},
+                          timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert len(choices) >= 2, chunks
+        assert [c["finish_reason"] for c in choices[:-1]] == [None] * (len(choices) - 1), path
+        assert choices[-1]["finish_reason"] == "length", path
+
+
 def test_stop_strings_are_cut(client):
     q = "Count from 1 to 10."
     full = _chat(client, q, max_tokens=40).choices[0].message.content

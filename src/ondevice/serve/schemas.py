@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 # levels of JSON nesting a request field (or a tool call's arguments) may have: schemas and tool arguments are
 # walked recursively (grammar conversion, chat templates), and Python's recursion ends near 1,000 frames
@@ -69,6 +69,17 @@ class _Body(_Req):
 
 class _Resp(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
+
+
+class _Choice(_Resp):
+    """A choice says ``finish_reason: null`` until it finishes (every streamed chunk but the last), as OpenAI's and
+    llama-server's do, though responses are written without their other unset fields."""
+
+    @model_serializer(mode="wrap")
+    def _keep_finish(self, handler):
+        out = handler(self)
+        out.setdefault("finish_reason", None)
+        return out
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -378,7 +389,7 @@ class ChatDelta(_Resp):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(_Resp):
+class ChatChunkChoice(_Choice):
     index: int = 0
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
@@ -413,7 +424,7 @@ class CompletionLogprobs(_Resp):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(_Resp):
+class CompletionChoice(_Choice):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None

@@ -96,3 +96,31 @@ def test_type_numbers_are_llama_quantizes(home, cli):
     assert "matrices: Q8_0" in r.stdout, r.stdout
     r = cli("quantize", "smollm2", "--type", "999")
     assert r.returncode == 2 and "--type 999 is no llama.cpp file type number" in r.stderr
+
+
+def test_llama_quantizes_order_writes_the_file_given_not_a_variant(home, cli, tmp_path):
+    """``ondevice quantize IN OUT TYPE [THREADS]``, as llama-quantize; the store is untouched."""
+    out = tmp_path / "out" / "smol-q8.gguf"
+    out.parent.mkdir()
+    r = cli("quantize", "smollm2", str(out), "q8_0", "2", "--allow-requantize")
+    assert r.returncode == 0, r.stderr
+    assert f"{out} (" in r.stdout and "matrices: Q8_0" in r.stdout, r.stdout
+    assert set(weight_types(out).values()) <= {"Q8_0", "F32"} and not list(out.parent.glob(".*tmp"))
+    assert not (home / "models").exists() or not list((home / "models").glob("*.gguf"))
+    before = out.stat().st_mtime_ns
+    for args, said in (
+        ((str(out), "Q8_0", "--allow-requantize"), "exists; pass --force"),
+        (("-o", str(tmp_path / "no" / "x.gguf"), "-t", "Q8_0"), "does not exist; create it first"),
+        (("-o", str(out.parent), "-t", "Q8_0"), "is a folder"),
+        (("-o", str(out), "--name", "v", "-t", "Q8_0"), "give one of them"),
+        (("Q9_9",), "'Q9_9' names no llama.cpp file type"),
+        ((), "no file type given"),
+        ((str(out), "Q8_0", "2", "extra"), "cannot read 'extra'"),
+    ):
+        r = cli("quantize", "smollm2", *args)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = cli("quantize", str(out), str(out), "Q4_0", "--allow-requantize", "--force")
+    assert r.returncode == 2 and "is the model being quantized" in r.stderr, r.stderr
+    assert out.stat().st_mtime_ns == before  # nothing the user had was touched
+    r = cli("quantize", str(out), str(out.with_name("q4.gguf")), "2", "--allow-requantize")  # 2 is Q4_0
+    assert r.returncode == 0 and "matrices: Q4_0" in r.stdout, r.stderr

@@ -242,6 +242,7 @@ class ModelRef:
     path: Path
     source: Source
     entry: CatalogEntry | None = field(default=None, repr=False, compare=False)
+    made: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # provenance of a file written
 
     @property
     def info(self) -> GGUFInfo:
@@ -255,6 +256,8 @@ class ModelRef:
 
     @property
     def provenance(self) -> dict[str, Any] | None:
+        if self.made is not None:  # a file ondevice wrote outside the store (quantize --output): no sidecar there
+            return {"provenance": self.made}
         return read_provenance(self.path) if self.source == "store" or self.entry else None
 
     def __fspath__(self) -> str:

@@ -26,7 +26,7 @@ _UNQUANTIZED_TARGETS = {"F32", "F16", "BF16"}
 def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None = None,
              overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
              threads: int | None = None, force: bool = False, timeout: float | None = None,
-             imatrix: str | os.PathLike[str] | None = None):
+             imatrix: str | os.PathLike[str] | None = None, output: str | os.PathLike[str] | None = None):
     """Quantize ``model`` to ``type`` (a ``LLAMA_FTYPE_MOSTLY_*`` name) and store it as variant ``name``.
 
     ``overrides`` are ``"REGEX=GGML_TYPE"`` strings (or a ``{regex: type}`` dict) applied to tensor names.
@@ -34,10 +34,12 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     sha256, type, overrides, llama.cpp version, the tensor types read back) is in ``ref.provenance``.
     ``imatrix``: an ``.npz`` importance matrix (tensor name -> per-column mean squared activation, as
     ``ondevice.fit.imatrix.collect`` writes) that weights the rounding error per column.
+    ``output``: write the file there instead of storing a variant (as llama-quantize does; ``force`` replaces a
+    file that is there); the returned ref is that file, its provenance in ``ref.provenance`` only.
     """
     from ..engine.resources import check_threads, physical_cores
     from ..eval.api import model_sha256
-    from ..models.catalog import check_variant_name, register_variant, resolve, store_variants
+    from ..models.catalog import ModelRef, check_variant_name, register_variant, resolve, store_variants
     from ..models.store import models_dir, temp_file
 
     type_name = type.strip().upper()
@@ -48,20 +50,24 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
                               f"overrides only when the target type is quantized; drop them or pick a "
                               f"quantized --type")
     src = resolve(model)
+    out = _output_path(output, src.path, force, name) if output is not None else None
     refuse_container(src.path)  # before src.info, which would ask for a key that quantize cannot use
     src_info = src.info  # validates the source before llama.cpp reads it
     src_types = weight_types(src.path, independent=False)  # the walk src.info just did (cached)
     requantized_from = check_requantize(src_types, allow_requantize)
-    name = name or default_name(src.name, type_name)
-    check_variant_name(name, "--name")  # before the temp file: its name is built from it
-    if name in store_variants() and not force:
-        raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
-                              f"or --force to replace it")
+    if out is None:
+        name = name or default_name(src.name, type_name)
+        check_variant_name(name, "--name")  # before the temp file: its name is built from it
+        if name in store_variants() and not force:
+            raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
+                                  f"or --force to replace it")
+    else:
+        name = out.name
     n_threads = check_threads(threads or physical_cores(), "--threads / threads")
     if imatrix is not None:
         check_imatrix(imatrix)
-    with StopOnSignals(f"the variant {name}") as stop:  # a `kill` mid-way leaves no temp file either
-        tmp = temp_file(models_dir(), f".{name}.", ".gguf.tmp")
+    with StopOnSignals(str(out) if out else f"the variant {name}") as stop:  # a `kill` leaves no temp file either
+        tmp = temp_file(out.parent if out else models_dir(), f".{name}.", ".gguf.tmp")
         try:
             seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
             types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
@@ -83,7 +89,11 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
                 provenance["note"] = (f"dequantized from {', '.join(requantized_from)}: a reference for the source "
                                       f"file, not the original unquantized weights")
             with stop.finishing():  # the rename and its record: whole, even if told to stop now
-                ref = register_variant(name, tmp, provenance)
+                if out is None:
+                    ref = register_variant(name, tmp, provenance)
+                else:
+                    os.replace(tmp, out)
+                    ref = ModelRef(out.stem, out, "local", made=provenance)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -91,6 +101,23 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     if not ref.path.is_file():
         raise OndeviceError(f"the variant {name} was not written to {ref.path}")
     return ref
+
+
+def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name: str | None) -> Path:
+    """Where ``--output`` writes: a file in a folder that exists, not the source, not a file there unless forced."""
+    out = Path(output).expanduser()
+    if name is not None:
+        raise InvalidArgument("--name names a stored variant and --output a file: give one of them")
+    if out.is_dir():
+        raise InvalidArgument(f"--output {str(output)!r} is a folder; give the file to write, e.g. "
+                              f"{out / (source.stem + '.gguf')}")
+    if not out.parent.is_dir():
+        raise InvalidArgument(f"--output {str(output)!r}: the folder {out.parent} does not exist; create it first")
+    if out.exists() and out.resolve() == source.resolve():
+        raise InvalidArgument(f"--output {str(output)!r} is the model being quantized; write to another file")
+    if out.exists() and not force:
+        raise InvalidArgument(f"--output {str(output)!r} exists; pass --force to replace it")
+    return out
 
 
 def check_imatrix(path: str | os.PathLike[str]) -> None:

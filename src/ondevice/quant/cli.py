@@ -8,10 +8,14 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="catalog name, stored variant or .gguf path")
-    p.add_argument("--type", "-t", required=True,
+    p.add_argument("rest", nargs="*", metavar="[OUTPUT] [TYPE] [THREADS]",
+                   help="llama-quantize's order also works: `ondevice quantize in.gguf out.gguf Q4_K_M 2`")
+    p.add_argument("--type", "-t", default=None,
                    help="llama.cpp file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M, Q6_K, F16, BF16, "
                         "F32, ... or its number, as llama-quantize takes it (`--type list` shows all)")
     p.add_argument("--name", "-n", default=None, help="variant name (default: <model>-<type>)")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="write the quantized model to FILE instead of storing it as a variant")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
                    help="per-tensor ggml type for tensors whose name matches REGEX (repeatable; first match wins)")
     p.add_argument("--allow-requantize", action="store_true",
@@ -23,24 +27,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing variant of the same name")
 
 
+def _file_type(word: str) -> str | None:
+    """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0`` or llama-quantize's number), else None."""
+    from .quantize import ftypes
+
+    by_id = {v: k for k, v in ftypes().items()}
+    if word.strip().isdigit():
+        return by_id.get(int(word))
+    return word.strip().upper() if word.strip().upper() in ftypes() else None
+
+
+def _read_positionals(args: argparse.Namespace) -> None:
+    """llama-quantize's ``MODEL [OUTPUT] TYPE [THREADS]`` into --output, --type and --threads."""
+    from ..errors import InvalidArgument
+
+    rest = list(args.rest)
+    if args.type is None:
+        at = next((i for i, w in enumerate(rest) if w.lower() == "list" or _file_type(w)), None)
+        if at is None:
+            said = f"{' '.join(rest)!r} names no llama.cpp file type" if rest else "no file type given"
+            raise InvalidArgument(f"{said}: give --type Q4_K_M (or after the model, as llama-quantize takes it: "
+                                  "MODEL [OUTPUT] TYPE); `--type list` shows them")
+        args.type, before, after = rest[at], rest[:at], rest[at + 1:]
+    else:
+        before, after = rest, []
+    if after and after[0].isdigit() and args.threads is None:
+        args.threads = int(after.pop(0))
+    if len(before) == 1 and args.output is None:
+        args.output = before.pop()
+    if before or after:
+        raise InvalidArgument(f"cannot read {' '.join(before + after)!r} after the model: give MODEL [OUTPUT] TYPE "
+                              "[THREADS] as llama-quantize takes them, or --output, --type and --threads")
+
+
 def run(args: argparse.Namespace) -> int:
     from .quantize import ftypes
 
+    _read_positionals(args)
     if args.type.lower() == "list":
         for name, value in ftypes().items():
             print(f"{name:12s} {value}")
         return 0
-    if args.type.strip().isdigit():  # llama-quantize's numbers, as `--type list` shows them: 15 is Q4_K_M
-        by_id = {v: k for k, v in ftypes().items()}
-        if int(args.type) not in by_id:
-            from ..errors import InvalidArgument
+    if _file_type(args.type) is None and args.type.strip().isdigit():  # 15 is Q4_K_M, as `--type list` shows
+        from ..errors import InvalidArgument
 
-            raise InvalidArgument(f"--type {args.type} is no llama.cpp file type number; `--type list` shows them")
-        args.type = by_id[int(args.type)]
+        raise InvalidArgument(f"--type {args.type} is no llama.cpp file type number; `--type list` shows them")
+    args.type = _file_type(args.type) or args.type  # an unknown name: quantize() says what is wrong with it
     from .api import quantize
 
     ref = quantize(args.model, args.type, args.name, args.override, allow_requantize=args.allow_requantize,
-                   threads=args.threads, force=args.force, imatrix=args.imatrix)
+                   threads=args.threads, force=args.force, imatrix=args.imatrix, output=args.output)
     prov = (ref.provenance or {}).get("provenance", {})
     check = prov.get("tensor_types", {})
     mix = ", ".join(f"{t} {n}" for t, n in check.get("quant_mix", {}).items())

@@ -396,6 +396,25 @@ def test_register_variant_refuses_bad_input(tmp_path):
     assert not (models_dir() / "broken.gguf").exists()
 
 
+def test_rm_removes_stored_models_and_nothing_else(tmp_path, cli):
+    """``ondevice rm``, as ``ollama rm``: stored variants go with their record; a typo among the names removes
+    nothing; package models and the user's own files are refused with what to do instead."""
+    for name in ("tiny-a", "tiny-b"):
+        register_variant(name, make_gguf(tmp_path / f"{name}.gguf"), {})
+    mine = tmp_path / "tiny-a.gguf"
+    r = cli("rm", "tiny-a", "tiny-c")
+    assert r.returncode == 2 and "no stored model named 'tiny-c'; did you mean" in r.stderr, r.stderr
+    assert (models_dir() / "tiny-a.gguf").is_file()  # checked all names first
+    for args, said in ((("smollm2",), "ondevice depends on it"), ((str(mine),), "delete your own files"),
+                       (("gemma3-270m",), "nothing to remove")):
+        r = cli("rm", *args)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("rm", "tiny-a", "tiny-b", "tiny-a")
+    assert r.returncode == 0 and r.stdout.count("removed ") == 2, r.stderr
+    assert not list(models_dir().glob("tiny-*")) and mine.is_file()
+    assert "unknown model 'tiny-a'" in cli("run", "-m", "tiny-a", "hi").stderr
+
+
 def test_missing_catalog_package_names_the_extra():
     entry = CatalogEntry(name="ghost", packages=("no_such_pkg_xyz",), dists=("no-such-pkg-xyz",), extra="models",
                          licence="-", description="-", is_instruct=False, kind="in_place", filename="x.gguf")

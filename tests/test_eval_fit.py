@@ -158,7 +158,17 @@ def test_overflow_advice_names_each_verbs_flag(cli):
     assert r.returncode == 2 and "raise -c/--ctx" in r.stderr, r.stderr
     # eval: --ctx is the perplexity chunk, refused above the trained context with the flag named
     r = cli("eval", "--ppl", "--ctx", "100000", "--no-store")
-    assert r.returncode == 2 and "--ctx 100000 (the perplexity chunk) is above" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--ctx/-c 100000 (the perplexity chunk) is above" in r.stderr, r.stderr
+
+
+def test_c_is_the_perplexity_chunk_as_llama_perplexitys_unless_ctx_says(cli, smol_path):
+    """llama-perplexity's -c/--ctx-size is its chunk: with --ppl alone it is ours too (was ignored: 512)."""
+    for args, chunk in ((("-c", "64"), 64), (("--ctx-size", "96"), 96), (("-c", "64", "--ctx", "32"), 32)):
+        r = cli("eval", "-m", str(smol_path), "--ppl", "--chunks", "1", "-t", "1", "--no-store", "--json", *args)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.splitlines()[-1])["n_ctx"] == chunk, (args, r.stdout)
+    r = cli("eval", "--ppl", "-c", "8", "--no-store")
+    assert r.returncode == 2 and "--ctx-size / ONDEVICE_EVAL_CTX_SIZE: is also the perplexity chunk" in r.stderr, r.stderr
 
 
 def test_chat_reports_an_overflow_and_keeps_going(cli):

@@ -66,15 +66,16 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     Args:
         config: an :class:`EvalConfig` (the fields of ``ondevice eval``'s flags); ``settings`` override it:
         ppl: measure perplexity on ``corpus`` (``lee``, ``pydoc``) or the file ``text``.
-        ctx, chunks: llama-perplexity's chunk size and number of chunks (None: all the text holds).
+        ctx, chunks: llama-perplexity's chunk size (None: ``ctx_size`` where given, else 512) and number of
+            chunks (None: all the text holds).
         ref: a reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL against it.
             Implies ``ppl``. The reference's compact logits are cached in the data dir.
         topk: reference log-probs kept per token in the cache (see :mod:`ondevice.eval.ppl`).
         suite: a suite name (``assistant-en``, ``smartbench``, ``humaneval``) or a JSONL path.
         limit, seed: a stratified subset of the suite (and the sampling seed when ``temp > 0``).
         judge, judge_model, judge_key: an OpenAI-compatible endpoint that also grades the answers.
-        ctx_size: the suite run's context window (0: the trained context where memory allows, see
-            :mod:`ondevice.eval.window`); capped at the trained context.
+        ctx_size: the context window, as llama.cpp's ``-c``: the suite run's (0: the trained context where memory
+            allows, see :mod:`ondevice.eval.window`; capped at it), and the perplexity chunk unless ``ctx`` says.
         strict: refuse a suite with an item that does not fit the window, instead of skipping it.
         threads, session, log_dir: threads (None: physical cores), the session id, where per-sample suite
             logs go (default: ``<data dir>/eval-logs``; with ``store=False`` only when ``log_dir`` is given).
@@ -108,7 +109,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     records: list[dict] = []
     try:
         if c.ppl or c.ref:
-            records += _ppl_records(mref, base, c.corpus, c.text, c.ctx, c.chunks, c.ref, c.topk, c.threads, say)
+            records += _ppl_records(mref, base, c.corpus, c.text, c.ppl_ctx, c.chunks, c.ref, c.topk, c.threads, say)
         if c.suite:
             records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp,
                                          c.judge, c.judge_model, c.judge_key, c.threads, c.log_dir, say, c.ctx_size,
@@ -162,8 +163,8 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
 
     trained = mref.info.context_length
     if trained and ctx > trained:
-        raise InvalidArgument(f"--ctx {ctx} (the perplexity chunk) is above {mref.name}'s trained context "
-                              f"({trained}); use --ctx {trained} or less")
+        raise InvalidArgument(f"--ctx/-c {ctx} (the perplexity chunk) is above {mref.name}'s trained context "
+                              f"({trained}); use {trained} or less")
     text_corpus = load_corpus(corpus, text)
     cfg = EngineConfig(n_ctx=ctx, n_threads=threads, warmup=False,  # timings are not measured here
                        adapters=_adapters(base))

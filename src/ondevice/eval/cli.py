@@ -11,14 +11,17 @@ from ..report.formats import FORMATS
 from .record import EvalRecord
 
 
+FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"]}  # llama.cpp's (-c: also the ppl chunk)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments
     from .config import EvalConfig
 
     p.add_argument("-m", "--model", default=None, help="catalog name, stored variant or .gguf path")
     # one declaration: flag, ONDEVICE_EVAL_* and ondevice.evaluate's keyword (perplexity and KL divergence
-    # follow llama-perplexity's conventions; suites use --ctx-size for their window)
-    add_config_arguments(p.add_argument_group("what to evaluate and how"), EvalConfig)
+    # follow llama-perplexity's conventions, -c/--ctx-size its chunk; suites run in a -c window)
+    add_config_arguments(p.add_argument_group("what to evaluate and how"), EvalConfig, FLAGS)
     from ..engine.args import add_kernel_args
     from ..protect.keys import add_key_args
 
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 
-    config = config_from(EvalConfig, args, verb="eval", what="eval settings")
+    config = config_from(EvalConfig, args, verb="eval", what="eval settings", flags=FLAGS)
     check_flags(args, config)
     if isinstance(store_arg(args), str):  # a --db that is no store is said now, not after the whole eval
         from ..store import Store

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # a model, file or directory given as a str or a path
@@ -24,8 +24,8 @@ class EvalConfig(BaseSettings):
     corpus: str | None = Field(None, description="built-in text: pydoc (the default, always available) or lee "
                                                  "(needs gensim installed)")
     text: PathStr | None = Field(None, description="measure on this UTF-8 text file instead")
-    ctx: int = Field(512, ge=16, description="perplexity chunk size in tokens (the second half is scored); "
-                                             "suites use ctx_size")
+    ctx: int | None = Field(None, ge=16, description="perplexity chunk size in tokens (the second half is scored); "
+                                                     "none: -c/--ctx-size where given, else 512")
     chunks: PositiveInt | None = Field(None, description="number of chunks (none: all the text holds)")
     ref: PathStr | None = Field(None, description="reference variant (e.g. the F16 file): adds KLD, top-1 agreement "
                                               "and ΔPPL; implies ppl")
@@ -36,8 +36,9 @@ class EvalConfig(BaseSettings):
     limit: PositiveInt | None = Field(None, description="a stratified subset of N items")
     seed: int = Field(0, description="subset (and sampling) seed")
     max_tokens: PositiveInt = Field(256, description="tokens generated per item at most")
-    ctx_size: int = Field(0, ge=0, description="context window for suite items (as bench's -c/--ctx-size); 0: "
-                                               "the model's trained context where memory allows; capped at it")
+    ctx_size: int = Field(0, ge=0, description="the context window, as llama.cpp's -c/--ctx-size: suite items "
+                                               "run in it (0: the model's trained context where memory allows; "
+                                               "capped at it), and it is the perplexity chunk unless --ctx says")
     strict: bool = Field(False, description="stop when an item does not fit the window (prompt + max tokens) "
                                             "instead of skipping it; skipped items are counted with the coverage")
     temp: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
@@ -52,6 +53,18 @@ class EvalConfig(BaseSettings):
     threads: NonNegativeInt | None = Field(None, description="threads (none or 0: physical cores)")
     session: str | None = Field(None, description="session id to record under (none: a new one)")
     log_dir: PathStr | None = Field(None, description="where per-sample suite logs go (none: <data dir>/eval-logs)")
+
+    @property
+    def ppl_ctx(self) -> int:
+        """The perplexity chunk: --ctx, else -c/--ctx-size (llama-perplexity's one context flag), else 512."""
+        return self.ctx or self.ctx_size or 512
+
+    @field_validator("ctx_size")
+    @classmethod
+    def _window(cls, v: int, info: ValidationInfo) -> int:
+        if 0 < v < 16 and info.data.get("ctx") is None and (info.data.get("ppl") or info.data.get("ref")):
+            raise ValueError("is also the perplexity chunk here (no --ctx given), which takes at least 16 tokens")
+        return v
 
     @field_validator("judge_key")
     @classmethod

@@ -10,7 +10,6 @@ from pathlib import Path
 from ..report.formats import FORMATS
 from .record import EvalRecord
 
-
 FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"]}  # llama.cpp's (-c: also the ppl chunk)
 
 

@@ -198,7 +198,7 @@ def test_an_unknown_model_is_404(client):
 
 @pytest.mark.parametrize("body, says", [
     ({"options": {"temperature": 9}}, "options.temperature"),
-    ({"options": {"num_ctx": 8192}}, "1024"),
+    ({"options": {"num_ctx": "big"}}, "options.num_ctx='big' must be a whole number"),
     ({"options": {"num_predict": "many"}}, "options.num_predict"),
     ({"options": "hot"}, "options must be an object"),
     ({"format": "xml"}, "format must be"),
@@ -214,6 +214,14 @@ def test_bad_chat_fields_are_400_naming_the_field(server, name, body, says):
                    json={"model": name, "messages": COLOR, "stream": False, **body})
     assert r.status_code == 400 and set(r.json()) == {"error"}
     assert says in r.json()["error"], r.json()
+
+
+def test_a_num_ctx_above_the_slot_context_is_served_in_it_as_ollama_clamps(server, name, caplog):
+    """Clients send num_ctx routinely (8192 from an editor plug-in); Ollama serves in what it holds and logs it."""
+    r = httpx.post(server.base_url + "/api/chat", headers=AUTH, timeout=60, json={
+        "model": name, "messages": COLOR, "stream": False, "options": {"num_ctx": 8192, "num_predict": 4}})
+    assert r.status_code == 200 and r.json()["done"], r.text
+    assert any("options.num_ctx=8192 is above" in m for m in caplog.messages), caplog.messages
 
 
 @pytest.mark.parametrize("body, says", [

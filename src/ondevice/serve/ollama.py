@@ -9,9 +9,10 @@ completions route, or with ``suffix`` a fill-in-the-middle prompt in the model's
 Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``stream`` is false, Ollama's
 default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty prompt (or no
 messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always loaded, and
-``keep_alive`` changes nothing. Refused with the fix: a model not served (404, as Ollama), ``num_ctx`` above the
-slot context, ``think``, images, ``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an
-earlier reply's token history: nothing is kept between requests, so replies carry none either). Errors on /api/*
+``keep_alive`` changes nothing. ``num_ctx`` above the slot context is served in it (as Ollama clamps to what it
+holds; the log says so once). Refused with the fix: a model not served (404, as Ollama), ``think``, images,
+``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an earlier reply's token history: nothing
+is kept between requests, so replies carry none either). Errors on /api/*
 come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503.
 """
 
@@ -74,6 +75,16 @@ def _served(state, body: dict) -> tuple[str, str]:
                        f"them)")
 
 
+@functools.lru_cache(maxsize=16)
+def _num_ctx_above(asked: int, slot: int) -> None:
+    """Said once per value in the server's log: Ollama too serves a num_ctx above what it holds in what it holds."""
+    import logging
+
+    logging.getLogger("ondevice.serve").warning(
+        "options.num_ctx=%d is above this server's context per slot (%d tokens): served in %d; a prompt that does "
+        "not fit is refused as ever (restart with a larger --ctx to hold more)", asked, slot, slot)
+
+
 def _common(body: dict, state) -> dict:
     """The chat request fields of what /api/chat and /api/generate share: options, format, logprobs, stream."""
     think = body.get("think")
@@ -83,10 +94,10 @@ def _common(body: dict, state) -> dict:
     if not isinstance(opts, dict):
         raise InvalidArgument("options must be an object, e.g. {\"temperature\": 0, \"num_predict\": 64}")
     ctx = opts.get("num_ctx")
-    if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx > state.settings.ctx):
-        raise InvalidArgument(f"options.num_ctx={ctx!r}: this server's context per slot is {state.settings.ctx} "
-                              f"tokens (set when it starts); ask for at most that, or restart `ondevice serve` with "
-                              f"a larger --ctx")
+    if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
+        raise InvalidArgument(f"options.num_ctx={ctx!r} must be a whole number of tokens")
+    if ctx is not None and ctx > state.settings.ctx:
+        _num_ctx_above(ctx, state.settings.ctx)
     chat = {ours: opts[k] for k, ours in _OPTIONS.items() if opts.get(k) is not None}
     n = chat.pop("max_tokens", None)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < -2):

@@ -394,3 +394,8 @@ def test_device_verb_probes_and_shows_the_probe_date(cli):
     assert text.returncode == 0 and "1 threads:" in text.stdout and p["measured_at"] in text.stdout
     bad = cli("device", "-t", "2")
     assert bad.returncode == 2 and "--probe" in bad.stderr
+    kernels_before = json.loads(cli("device", "--json").stdout)["kernels"]
+    bad = cli("device", "--probe", "-t", "1", "-t", "99")  # refused before anything is measured or rewritten
+    assert bad.returncode == 2 and "-t/--threads=99 must be 1 to" in bad.stderr, bad.stderr
+    after = json.loads(cli("device", "--json").stdout)
+    assert set(after["probes"]) == {"1"} and after["probes"]["1"] == p and after["kernels"] == kernels_before

@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads and not args.probe:
         raise InvalidArgument("--threads only applies with --probe; add --probe")
     if args.probe:
+        from ..engine.resources import check_threads
+
+        for t in args.threads or []:  # all of them before anything is measured (and the caches rewritten)
+            check_threads(t, "-t/--threads")
         for t in args.threads or [None]:
             probe(t, refresh=True)
         probe_kernels((args.threads or [None])[0])

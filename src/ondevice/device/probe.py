@@ -186,8 +186,11 @@ def probe(threads: int | None = None, refresh: bool = False) -> Probe:
     """Measured bandwidth and peak compute at ``threads`` threads (default: all usable CPUs), cached."""
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not isinstance(threads, int) or threads < 1:
+    if not isinstance(threads, int) or isinstance(threads, bool):
         raise InvalidArgument(f"probe threads={threads!r} must be a whole number >= 1")
+    from ..engine.resources import check_threads
+
+    check_threads(threads, "-t/--threads")  # as llama.cpp will be asked: not 99 on 2 CPUs
     key = machine_key(device_info(include_llama=False))
     path = cache_path()
     entry = _read_cache(path).get(key, {}).get(str(threads))

@@ -406,13 +406,24 @@ def test_cli_bench_reprobe_then_cached_probe_is_named(tmp_path, smol_path):
     assert measured_again.returncode == 0 and "uses the probe measured" not in measured_again.stderr
 
 
-def test_bad_flags_name_the_fix(tmp_path):
+def test_bad_flags_name_the_fix(tmp_path, smol_path):
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "--tests", "pp512,zz1", "--no-store"],
                          env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown test 'zz1'" in res.stderr and "ppN" in res.stderr
     res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-ctk", "q9", "--no-store"],
                          env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "KV cache type" in res.stderr
+    # refused before the sweep starts (were an error row per configuration, the second with the wrong fix)
+    for flags, says in ((["-t", "1,999"], "-t/--threads=999 must be 1 to"),
+                        (["-ctv", "q8_0"], "a quantized V cache (q8_0) needs flash attention in llama.cpp: add -fa 1")):
+        res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", *flags, "--no-store"],
+                             env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and says in res.stderr and "session" not in res.stderr, res.stderr
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.llama import LlamaEngine
+
+    with pytest.raises(InvalidArgument, match="needs flash attention"):  # a load, as run and serve make it
+        LlamaEngine(smol_path, EngineConfig(type_v="q4_0", flash_attn=False))
 
 
 def test_library_door_is_callable_after_import():

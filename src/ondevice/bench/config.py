@@ -71,6 +71,23 @@ class BenchConfig(BaseSettings):
             raise ValueError(f"{bad[0]!r} is not a KV cache type; use {', '.join(_KV_TYPES)}")
         return v
 
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: list[int]) -> list[int]:
+        from ..engine.resources import check_threads
+
+        for n in v:  # before the sweep starts, not as an error row per configuration
+            check_threads(n, "-t/--threads")
+        return v
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attn(self) -> BenchConfig:
+        quantized = [t for t in self.type_v if t not in ("f32", "f16", "bf16")]
+        if quantized and True not in self.flash_attn:  # llama.cpp refuses every such context
+            raise ValueError(f"a quantized V cache ({quantized[0]}) needs flash attention in llama.cpp: add -fa 1 "
+                             "(or -fa 0,1 to sweep both), or keep -ctv f16")
+        return self
+
     @field_validator("tests")
     @classmethod
     def _tests(cls, v: list[str]) -> list[str]:

@@ -88,6 +88,9 @@ class LlamaEngine(Engine):
             if v not in _KV_TYPES:
                 raise InvalidArgument(f"--{name.replace('_', '-')} {v!r} is not a KV cache type; use one of "
                                       f"{', '.join(_KV_TYPES)}")
+        if cfg.flash_attn is False and cfg.type_v not in ("f32", "f16", "bf16"):  # llama.cpp refuses the context
+            raise InvalidArgument(f"a quantized V cache ({cfg.type_v}) needs flash attention in llama.cpp: add -fa 1 "
+                                  "(flash_attn=True) or leave it auto, or keep -ctv f16")
         t0 = time.perf_counter()
         self.kernels, self.buffer_types, self.model = self._load_model(ll, cfg)
         if native.pending_interrupt and self.model:  # Ctrl-C while llama.cpp loaded: stop here, nothing held

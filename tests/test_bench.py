@@ -92,12 +92,14 @@ def test_bench_config_one_declaration_for_flags_env_and_api(monkeypatch):
 
     p = argparse.ArgumentParser()
     add_config_arguments(p, BenchConfig, FLAGS)
-    args = p.parse_args(["-t", "1,2", "-t", "4", "-fa", "0,1", "--profile", "threads=2,mem=1G", "--no-warmup",
-                         "--tests", "pg16,8", "--wait-idle"])
+    args = p.parse_args(["-t", "1,2", "-t", "4", "-fa", "0,1", "-fa", "auto,off", "--profile", "threads=2,mem=1G",
+                         "--no-warmup", "--tests", "pg16,8", "--wait-idle"])
     cfg = config_from(BenchConfig, args, verb="bench", what="bench settings", flags=FLAGS)
-    assert cfg.threads == [1, 2, 4] and cfg.flash_attn == [False, True] and cfg.profile == ["threads=2,mem=1G"]
+    assert cfg.threads == [1, 2, 4] and cfg.flash_attn == [False, True, None, False]
+    assert cfg.profile == ["threads=2,mem=1G"]
     assert not cfg.warmup and cfg.wait_idle == 120.0 and [t.name for t in cfg.specs] == ["pp16+tg8"]
     assert make_config(threads=2).threads == [2] and make_config().n_batch == [2048]  # the API's keywords
+    assert make_config().flash_attn == [None]  # auto, as llama-bench's default and as `ondevice run` loads
     monkeypatch.setenv("ONDEVICE_BENCH_THREADS", "3")
     monkeypatch.setenv("ONDEVICE_BENCH_REPETITIONS", "2")
     assert make_config().threads == [3] and make_config(threads=1).threads == [1]  # the keyword wins
@@ -415,10 +417,24 @@ def test_bad_flags_name_the_fix(tmp_path, smol_path):
     assert res.returncode == 2 and "KV cache type" in res.stderr
     # refused before the sweep starts (were an error row per configuration, the second with the wrong fix)
     for flags, says in ((["-t", "1,999"], "-t/--threads=999 must be 1 to"),
-                        (["-ctv", "q8_0"], "a quantized V cache (q8_0) needs flash attention in llama.cpp: add -fa 1")):
+                        (["-ctv", "q8_0", "-fa", "off"], "a quantized V cache (q8_0) needs flash attention in "
+                                                           "llama.cpp: add -fa 1"),
+                        (["-fa", "maybe"], "'maybe' is not on, off or auto")):
         res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", *flags, "--no-store"],
                              env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and says in res.stderr and "session" not in res.stderr, res.stderr
+    for flags, says in ((["-nkvo", "1"], "-nkvo is llama-bench's and does not apply here"),  # was read as -n kvo
+                        (["-dev", "none"], "-dev is llama-bench's"), (["-mmp", "0"], "-mmp is llama-bench's")):
+        res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", *flags, "--no-store"],
+                             env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", "-m", str(smol_path), "-p", "16", "-n", "0",
+                          "-r", "1", "-t", "1", "-ngl", "99", "--repack", "0", "--progress", "--no-store",
+                          "--no-report", "-o", "json"], env=_env(tmp_path), check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "-ngl 99 ignored: ondevice runs on the CPU" in res.stderr, res.stderr
+    assert json.loads(res.stdout)[0]["repack"] == "off"  # llama.cpp's --repack 0
+
     from ondevice.engine.base import EngineConfig
     from ondevice.engine.llama import LlamaEngine
 

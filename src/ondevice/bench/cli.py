@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-n", "--n-gen", type=_ints, action="extend", help="generation lengths (tg tests)")
     g.add_argument("-pg", type=_ints, action="append", metavar="P,N", help="prompt+generation test (repeatable)")
     g.add_argument("-d", "--n-depth", type=_ints, action="extend", help="KV depths applied to -p/-n/-pg tests")
+    g.add_argument("-ngl", "--n-gpu-layers", type=_ints, action="extend", metavar="N",
+                   help="accepted for llama-bench's command lines and ignored: ondevice runs on the CPU")
+    g = p.add_argument_group("llama-bench's flags that have no meaning here (refused by name, not misread)")
+    for names, why in _NOT_HERE.items():
+        g.add_argument(*names, nargs="?", action=_NotHere, why=why, help=argparse.SUPPRESS)
     add_kernel_args(p)
     add_key_args(p)
     o = p.add_argument_group("output and storage")
@@ -39,6 +44,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write the HTML report (default: <ONDEVICE_HOME>/reports/bench-<session>.html)")
     o.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    o.add_argument("--progress", dest="no_progress", action="store_false", help="the progress bar (the default)")
+
+
+# llama-bench's flags for GPUs, other devices and its own I/O: argparse would read ``-nkvo 1`` as ``-n kvo``
+_NOT_HERE = {
+    ("-nkvo", "--no-kv-offload"): "the KV cache is in CPU memory here",
+    ("-sm", "--split-mode"): "one CPU device here: nothing to split",
+    ("-mg", "--main-gpu"): "ondevice runs on the CPU",
+    ("-ts", "--tensor-split"): "one CPU device here: nothing to split",
+    ("-dev", "--device"): "ondevice runs on the CPU",
+    ("-rpc", "--rpc"): "ondevice runs locally",
+    ("-ncmoe", "--n-cpu-moe"): "every layer is on the CPU here",
+    ("-nopo", "--no-op-offload"): "ondevice runs on the CPU",
+    ("-ot", "--override-tensor"): "every tensor is on the CPU here",
+    ("-mmp", "--mmap"): "the model file is always memory-mapped here",
+    ("-lm", "--load-mode"): "the model file is always memory-mapped here",
+    ("-embd", "--embeddings"): "bench measures generation; embeddings are served by `ondevice serve`",
+    ("-oe", "--output-err"): "records go to stdout in the -o format; errors and progress go to stderr",
+    ("-C", "--cpu-mask"): "pin CPUs with --profile cpus=0,1",
+    ("--cpu-strict",): "pin CPUs with --profile cpus=0,1",
+    ("--poll",): "llama.cpp's default polling is used",
+    ("--prio",): "run ondevice under nice/chrt to change its priority",
+    ("--delay",): "use --wait-idle to let the machine settle between configurations",
+    ("--numa",): "ondevice does not set NUMA modes",
+    ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"): "fetch the file with `ondevice pull hf://OWNER/REPO/FILE.gguf`"
+                                                       ", then give -m NAME",
+}
+
+
+class _NotHere(argparse.Action):
+    def __init__(self, *a, why: str, **kw):
+        self.why = why
+        super().__init__(*a, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is llama-bench's and does not apply here: {self.why}; drop it")
 
 
 def tests_from_args(args: argparse.Namespace) -> list[str] | None:
@@ -102,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     from .api import bench
 
     tests = tests_from_args(args)
+    if any(args.n_gpu_layers or []):
+        print(f"ondevice bench: -ngl {','.join(map(str, args.n_gpu_layers))} ignored: ondevice runs on the CPU",
+              file=sys.stderr)
     apply_key_args(args)  # a key source (never the key) in the environment the workers inherit
     apply_kernel_args(args)  # the workers read ONDEVICE_AMX / ONDEVICE_REPACK; each record names what they used
     config = config_from(BenchConfig, args, verb="bench", what="bench settings", flags=FLAGS,

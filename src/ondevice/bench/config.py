@@ -6,11 +6,28 @@ Every list is a sweep axis (llama-bench's comma lists); the cartesian product is
 
 from __future__ import annotations
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import AnyList, CommaList
 from .workloads import TestSpec, parse_tests
+
+
+def _on_off_auto(v):
+    """llama-bench's -fa values: on/off/auto, 1/0/-1 (and true/false) -> True/False/None."""
+    if isinstance(v, str):
+        word = v.strip().lower()
+        table = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False,
+                 "auto": None, "-1": None}
+        if word not in table:
+            raise ValueError(f"{v!r} is not on, off or auto (1, 0 or -1)")
+        return table[word]
+    return v
+
+
+FlashAttn = Annotated[bool | None, BeforeValidator(_on_off_auto)]
 
 # pp512 + tg128 are llama-bench's defaults; tg128@d512 shows the cost of a filled KV cache and chat the
 # TTFT of real prompts. r=5 like llama-bench. About 60-70 s on 2 cores for the 135M default model.
@@ -40,7 +57,9 @@ class BenchConfig(BaseSettings):
                                                                                       "enough for the tests)")
     type_k: CommaList[str] = Field(default_factory=lambda: ["f16"], description="KV cache type of K")
     type_v: CommaList[str] = Field(default_factory=lambda: ["f16"], description="KV cache type of V")
-    flash_attn: CommaList[bool] = Field(default_factory=lambda: [False], description="flash attention 0/1")
+    flash_attn: CommaList[FlashAttn] = Field(default_factory=lambda: [None], description=(
+        "flash attention: on/off/auto (1/0/-1), as llama-bench; auto (none): llama.cpp decides, as in `ondevice run` "
+        "and `serve`"))
     profile: AnyList[str] = Field(default_factory=list, description="device profile: a name (host, phone-4g, "
                                                                     "edge-1g) or threads=2,mem=1G,cpus=0 (repeat "
                                                                     "to sweep; none: host)")
@@ -83,7 +102,7 @@ class BenchConfig(BaseSettings):
     @model_validator(mode="after")
     def _quantized_v_needs_flash_attn(self) -> BenchConfig:
         quantized = [t for t in self.type_v if t not in ("f32", "f16", "bf16")]
-        if quantized and True not in self.flash_attn:  # llama.cpp refuses every such context
+        if quantized and all(fa is False for fa in self.flash_attn):  # llama.cpp refuses every such context
             raise ValueError(f"a quantized V cache ({quantized[0]}) needs flash attention in llama.cpp: add -fa 1 "
                              "(or -fa 0,1 to sweep both), or keep -ctv f16")
         return self

@@ -45,7 +45,7 @@ class BenchRecord(FlatRecord):
     n_ctx_requested: int = 0  # 0: just enough for the tests
     type_k: str = "f16"
     type_v: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: auto (llama.cpp decides; on for CPUs), as `ondevice run` loads
     profile: str = "host"
     repetitions: int | None = None
     amx: str | None = None  # kernels asked for (auto/on/off)

@@ -96,7 +96,7 @@ def expand(config: BenchConfig) -> list[Config]:
             models, config.threads or [None], config.n_batch, config.n_ubatch, config.n_ctx, config.type_k,
             config.type_v, config.flash_attn, config.profile or [None]):
         settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
-                    "type_k": tk, "type_v": tv, "flash_attn": bool(fa), "profile": prof or "host",
+                    "type_k": tk, "type_v": tv, "flash_attn": fa, "profile": prof or "host",
                     "repetitions": config.repetitions, "amx": amx, "repack": repack,
                     **({"interleave": True} if config.interleave else {})}  # a measuring method of its own
         out.append(Config(metas[m], settings, list(tests)))

@@ -39,12 +39,17 @@ class Scaled(argparse.Action):
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
     """``--amx`` and ``--repack``: the extra CPU kernels (see ``ondevice device``); flag > env var > auto."""
     g = p.add_argument_group("CPU kernels (auto: what the self-test proved safe on this machine)")
-    g.add_argument("--amx", choices=("auto", "on", "off"), default=None,
+    g.add_argument("--amx", type=_switch, choices=("auto", "on", "off"), default=None,
                    help="Intel AMX matmul kernels (env ONDEVICE_AMX; default auto: off unless proven safe and "
                         "faster by `ondevice device --probe`)")
-    g.add_argument("--repack", choices=("auto", "on", "off"), default=None,
+    g.add_argument("--repack", type=_switch, choices=("auto", "on", "off"), default=None,
                    help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
-                        "its self-test failed here)")
+                        "its self-test failed here; 1/0 as llama.cpp's tools take it)")
+
+
+def _switch(text: str) -> str:
+    """on/off/auto, or llama.cpp's 1/0 (``--repack 0``)."""
+    return {"1": "on", "0": "off"}.get(text.strip(), text.strip().lower())
 
 
 def apply_kernel_args(args: argparse.Namespace) -> None:

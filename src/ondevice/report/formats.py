@@ -21,10 +21,14 @@ FORMATS = ("md", "csv", "json", "jsonl", "sql")
 MiB = 1 << 20
 
 # setting -> default; a setting gets a column when any record differs from the default (llama-bench does this)
-OPTIONAL = {"n_batch": 2048, "n_ubatch": 512, "type_k": "f16", "type_v": "f16", "flash_attn": False,
+OPTIONAL = {"n_batch": 2048, "n_ubatch": 512, "type_k": "f16", "type_v": "f16", "flash_attn": None,
             "profile": "host"}
 HEAD = {"n_batch": "n_batch", "n_ubatch": "n_ubatch", "type_k": "type_k", "type_v": "type_v",
         "flash_attn": "fa", "profile": "profile"}
+
+
+def _setting(v) -> str:
+    return {None: "auto", True: "on", False: "off"}.get(v, str(v)) if v is None or isinstance(v, bool) else str(v)
 
 
 def _num(x, fmt: str) -> str:
@@ -92,7 +96,7 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     for key, default in OPTIONAL.items():
         vals = {json.dumps(getattr(r, key)) for r in records}
         if vals != {json.dumps(default)}:
-            cols.append((HEAD[key], lambda r, k=key: str(getattr(r, k)), "r"))
+            cols.append((HEAD[key], lambda r, k=key: _setting(getattr(r, k)), "r"))
     if {r.n_ctx_requested for r in records} - {0, None}:
         cols.append(("n_ctx", lambda r: str(r.n_ctx), "r"))
     cols += [

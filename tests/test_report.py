@@ -326,3 +326,16 @@ def test_compare_keeps_the_noisy_marks():
     assert row.count(NOISY_MARK) == 2  # B's t/s and the speedup that uses it
     assert "noisy, do not trust (1 of 2)" in text
     assert NOISY_MARK not in format_compare(compare_records(a, b, by_model=True), "A", "B")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--compare", "a", "b", "-o", "csv"], "--compare prints its own table on stdout and exits; -o csv does not"),
+    (["--list", "-o", "json"], "--list prints its own table"),
+    (["--session", "x", "--all"], "give one of them"),
+    (["-o", "csv", "--html", "x.html"], "so --html has nothing to write"),
+    (["--list", "--fit"], "--list and --fit each print their own table"),
+    (["--cascade", "--session", "x"], "--cascade prints its own table on stdout and exits; --session does not"),
+])
+def test_flags_that_would_be_ignored_together_are_refused(cli, flags, says):
+    r = cli("report", *flags)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

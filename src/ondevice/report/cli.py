@@ -30,12 +30,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
+MODES = ("list", "compare", "cascade", "fit", "retention")  # each prints one thing and exits
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags that would be silently ignored together are refused, naming the one to drop."""
+    from ..errors import InvalidArgument
+
+    modes = [f"--{m}" for m in MODES if getattr(args, m)]
+    if len(modes) > 1:
+        raise InvalidArgument(f"{' and '.join(modes)} each print their own table: give one of them")
+    if args.session and args.all:
+        raise InvalidArgument("--session picks one session and --all takes every one: give one of them")
+    given = [f for f, on in (("--session", args.session), ("--all", args.all), (f"-o {args.output}",
+                             args.output != "html"), ("--html", args.html_path)) if on]
+    extra = [f for f in given if modes and not (modes[0] == "--cascade" and f == "--html")]  # cascade draws HTML
+    if extra:
+        one = len(extra) == 1
+        raise InvalidArgument(f"{modes[0]} prints its own table on stdout and exits; {' and '.join(extra)} "
+                              f"{'does' if one else 'do'} not apply to it: drop {'it' if one else 'them'}")
+    if args.output != "html" and args.html_path:
+        raise InvalidArgument(f"-o {args.output} prints records instead of writing the HTML report, so --html has "
+                              "nothing to write: drop one of them")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..store import Store
     from .compare import compare
     from .formats import export
     from .write import load_records, write_html
 
+    _check_flags(args)
     if args.html_path:
         from ..models.store import check_writable
 

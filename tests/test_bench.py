@@ -419,7 +419,8 @@ def test_bad_flags_name_the_fix(tmp_path, smol_path):
     for flags, says in ((["-t", "1,999"], "-t/--threads=999 must be 1 to"),
                         (["-ctv", "q8_0", "-fa", "off"], "a quantized V cache (q8_0) needs flash attention in "
                                                            "llama.cpp: add -fa 1"),
-                        (["-fa", "maybe"], "'maybe' is not on, off or auto")):
+                        (["-fa", "maybe"], "'maybe' is not on, off or auto"),
+                        (["-c", "8"], "8 is too small a context")):
         res = subprocess.run([sys.executable, "-m", "ondevice.cli", "bench", *flags, "--no-store"],
                              env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and says in res.stderr and "session" not in res.stderr, res.stderr

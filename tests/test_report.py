@@ -15,6 +15,7 @@ from ondevice.bench.record import BenchRecord
 from ondevice.report import build_html, export, pareto, quality_vs_speed, read
 from ondevice.report.compare import compare, compare_records
 from ondevice.report.formats import columns, parse_md
+from ondevice.report.html import summary
 from ondevice.store import Store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -339,3 +340,9 @@ def test_compare_keeps_the_noisy_marks():
 def test_flags_that_would_be_ignored_together_are_refused(cli, flags, says):
     r = cli("report", *flags)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_report_of_a_failed_run_says_why():
+    bad = [fake("m", "a" * 64, t, 1, 0.0, status="error", error="model load failed: boom") for t in ("pp16", "tg8")]
+    head, _ = summary(bad)
+    assert "0 of 2 runs ok" in head and "pp16: model load failed: boom" in head and "tg8: model" in head

@@ -99,6 +99,13 @@ class BenchConfig(BaseSettings):
             check_threads(n, "-t/--threads")
         return v
 
+    @field_validator("n_ctx")
+    @classmethod
+    def _n_ctx(cls, v: list[int]) -> list[int]:
+        if small := [n for n in v if 0 < n < 16]:
+            raise ValueError(f"{small[0]} is too small a context; use at least 16 (or 0: just enough for the tests)")
+        return v
+
     @model_validator(mode="after")
     def _quantized_v_needs_flash_attn(self) -> BenchConfig:
         quantized = [t for t in self.type_v if t not in ("f32", "f16", "bf16")]

@@ -308,6 +308,12 @@ def _groups(configs: list[Config], interleave: bool) -> list[list[Config]]:
     return list(out.values())
 
 
+def _build_line(info: dict) -> str | None:
+    """llama.cpp's build as a loaded worker writes it (``build_info``), for a record whose load failed."""
+    lc = info.get("llama_cpp") or {}
+    return f"llama-cpp-python {lc['version']}; {lc.get('system_info')}" if lc.get("version") else None
+
+
 def worker_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig) -> dict:
     """The JSON a worker reads for ``todo`` tests of ``cfgs`` (one settings, one or more models; n_ctx 0: just
     enough, in steps of 256)."""
@@ -367,7 +373,7 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
             "roofline_pct": None, "roofline_bound": None, "roofline": None,
             "settings": {**s, "test": spec.name, "params": spec.params, "warmup": config.warmup,
                          "seed": config.seed, **cfg.copy(j)},
-            "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or info.get("llama_cpp"),
+            "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or _build_line(info),
                      "cpu_model": info.get("cpu_model"), "cpu_flags": info.get("cpu_flags"),
                      "governor": info.get("governor"), "load_avg_before": info.get("load_avg"),
                      "kernel": info.get("kernel"), "os": info.get("os"), "arch": info.get("arch"),

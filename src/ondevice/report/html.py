@@ -158,6 +158,10 @@ def summary(records: Sequence[BenchRecord | dict]) -> tuple[str, bool]:
     where = f" on {meta.get('cpu_model')} ({meta.get('physical_cores')} cores)" if meta.get("cpu_model") else ""
     noisy = [r for r in ok if r.noisy]
     head = f"{len(ok)} of {len(records)} runs ok{escape(where)}."
+    failed = {f"{r.test}: {r.error}" for r in records if r.status == "error" and r.error}
+    if failed:  # the cause, once per distinct one (a failed load fails every test of its configuration alike)
+        head += "<br>Failed: " + "; ".join(escape(f) for f in sorted(failed)[:5]) + (
+            f" (and {len(failed) - 5} more)" if len(failed) > 5 else "")
     if noisy:
         loads = [r.load for r in noisy if r.load is not None]
         head += (f" <b>{len(noisy)} noisy</b> (marked (!) below"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -63,8 +64,11 @@ def fake(model: str, sha: str, test: str, threads: int, tps: float, **kw) -> Ben
 def test_exports_round_trip(real_records, fmt):
     text = export(real_records, fmt)
     back = read(text, fmt)
-    assert back == [json.loads(json.dumps(r.to_dict())) for r in real_records]  # every field, every type
+    every = dict.fromkeys(f.name for f in dataclasses.fields(BenchRecord) if f.name != "extra")
+    assert back == [json.loads(json.dumps({**every, **r.to_dict()})) for r in real_records]  # every field and type
     assert BenchRecord.coerce(back) == list(real_records)  # and the typed records back
+    failed = dataclasses.replace(real_records[0], status="error", error="boom")
+    assert set(read(export([failed], fmt), fmt)[0]) == set(back[0])  # the same keys, whatever the outcome
 
 
 def test_csv_keeps_tricky_strings_and_none():

@@ -239,7 +239,8 @@ def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
     """Records in ``fmt`` (md, csv, json, jsonl or sql); typed records are written as their stored dicts."""
     if fmt == "md":
         return to_md(records)
-    recs = [{k: v for k, v in (r.to_dict() if isinstance(r, BenchRecord) else r).items()
+    every = dict.fromkeys(f.name for f in fields(BenchRecord) if f.name != "extra")  # the same keys, ok or not
+    recs = [{k: v for k, v in ({**every, **r.to_dict()} if isinstance(r, BenchRecord) else r).items()
              if not k.startswith("_")} for r in records]  # no store bookkeeping
     if fmt == "csv":
         return to_csv(recs)

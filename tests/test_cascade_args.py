@@ -49,3 +49,15 @@ def test_a_db_that_names_no_store_is_an_error_not_a_new_store(cli, tmp_path, ver
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"no ondevice store at {db}; give the --db that" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "typo").exists()
+
+
+def test_serve_refuses_cascade_flags_without_cascade(cli):
+    """`serve --cascade-defer-share 0.4 --cascade-keep-hard` without --cascade started a plain server: the flags were
+    ignored silently (as `eval` refuses its cascade flags without --cascade, serve does)."""
+    r = cli("serve", "--port", "0", "--cascade-defer-share", "0.4", "--cascade-keep-hard", timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "ondevice serve: error: invalid server settings: --cascade-defer-share, --cascade-keep-hard only apply with "
+        "--cascade URL (the cloud to defer to); add --cascade URL or drop them; see `ondevice serve --help`")
+    r = cli("serve", "--port", "0", "--no-embeddings", env={"ONDEVICE_CASCADE_TIMEOUT": "5"}, timeout=60)
+    assert r.returncode == 2 and "ONDEVICE_CASCADE_TIMEOUT only applies with --cascade URL" in r.stderr, r.stderr

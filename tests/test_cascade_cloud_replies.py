@@ -8,7 +8,9 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ondevice_home
 
@@ -27,7 +29,9 @@ class FakeCloud:
     Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``slow`` (the same
     after 6 s), ``ok_no_usage``, ``strict`` (a 400 for a request with ``stream_options``, as servers that refuse
     unknown fields answer, else ``ok_no_usage``),
-    ``html`` (200 with a web page), ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
+    ``html`` (200 with a web page), ``html_500`` (HTTP 500 with a web page, as a proxy in front of a dead cloud
+    answers), ``mixed`` (the rewrite suite's reference answer to a rewrite_check item, a wrong one to any other),
+    ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
     ``content: null``), ``whitespace`` (200, an answer of only spaces and newlines). ``finish_reason`` is the one
     the cloud gives.
     """
@@ -52,8 +56,12 @@ class FakeCloud:
                     return self._send(400, "application/json", json.dumps({"error": {
                         "message": "Unrecognized request argument supplied: stream_options",
                         "type": "invalid_request_error"}}))
-                if fake.mode == "html":
-                    return self._send(200, "text/html", "<html><body>Service temporarily unavailable</body></html>")
+                if fake.mode in ("html", "html_500"):
+                    return self._send(500 if fake.mode == "html_500" else 200, "text/html",
+                                      "<html><body>Service temporarily unavailable</body></html>")
+                if fake.mode == "mixed":
+                    answer = fake.reference(body["messages"][-1]["content"])
+                    return self._send(200, "application/json", json.dumps(fake.completion(answer)))
                 if body.get("stream"):
                     events = [json.dumps(e) for e in fake.chunks(body)] + ["[DONE]"]
                     return self._send(200, "text/event-stream", "".join(f"data: {e}\n\n" for e in events))
@@ -74,8 +82,20 @@ class FakeCloud:
     def _head(self, kind: str) -> dict:
         return {"id": "chatcmpl-fake", "object": kind, "created": int(time.time()), "model": "fake"}
 
-    def completion(self) -> dict:
-        content = {"null_content": None, "whitespace": "".join(WHITESPACE)}.get(self.mode, "".join(CLOUD_PIECES))
+    @staticmethod
+    def reference(request: str) -> str:
+        """``mixed``: the reference of the rewrite suite's rewrite_check item asked (it scores 1), else a wrong
+        answer (an exact_match item scores 0)."""
+        from ondevice.eval.suites import load_suite
+
+        for it in load_suite("rewrite").items:
+            if it.metric == "rewrite_check" and it.messages()[-1]["content"] == request:
+                return json.loads(it.target)["reference"]
+        return "zzz"
+
+    def completion(self, answer: str | None = None) -> dict:
+        content = answer or {"null_content": None, "whitespace": "".join(WHITESPACE)}.get(self.mode,
+                                                                                          "".join(CLOUD_PIECES))
         choices = [] if self.mode == "no_choices" else [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.finish_reason}]
         usage = {} if self.mode in ("ok_no_usage", "strict") else {"usage": CLOUD_USAGE}
@@ -271,3 +291,95 @@ def test_a_client_that_leaves_while_the_cloud_answers_ends_the_cloud_request(dev
     while cancelled() == n0 and time.perf_counter() - t_gone < 3:  # the cloud would answer 6 s after the request
         time.sleep(0.1)
     assert cancelled() == n0 + 1  # noticed and ended, not waited out
+
+
+def test_completions_refuse_a_cascade_object_and_name_the_chat_routes(device, cloud):
+    """/v1/completions answered on the device with no cascade object and no X-Ondevice-* headers, as if the request's
+    "cascade" were honoured; the cloud tier answers chat messages, so the route refuses it and says where it works."""
+    c = openai.OpenAI(base_url=device.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    n0 = len(cloud.bodies)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="x", prompt="Rewrite politely: send me the report now", max_tokens=4,
+                                 stream=stream, extra_body={"cascade": {"always_defer": True}})
+        assert ("the device -> cloud cascade applies to chat requests only (/v1/chat/completions, /v1/responses, "
+                "/v1/messages); send the prompt as a user message there, or leave cascade unset") in str(e.value)
+    r = httpx.post(device.base_url + "/completion", json={"prompt": "Hi", "n_predict": 2, "cascade": {}}, timeout=60)
+    assert r.status_code == 400 and "cascade: the device -> cloud cascade applies to chat requests only" in r.text
+    assert len(cloud.bodies) == n0  # nothing reached the cloud
+    assert c.completions.create(model="x", prompt="Hi", max_tokens=2).choices[0].text is not None  # without: served
+
+
+# -- `ondevice eval --cascade` and `ondevice cascade fit` against the same cloud (the CLI in a subprocess) -------
+
+HTML_500 = "HTTP 500: '<html><body>Service temporarily unavailable</body></html>'"
+
+
+@pytest.fixture()
+def cloud_as(fake):
+    """The fake cloud in a mode for one test (no device server needed); it answers well again after."""
+    def mode(m: str) -> FakeCloud:
+        fake.mode = m
+        return fake
+
+    yield mode
+    fake.mode = "ok"
+
+
+def _item_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("  [")]
+
+
+def test_cascade_fit_against_a_cloud_that_answers_no_item_says_so_and_why(cli, cloud_as):
+    """Each item said only "cloud error", then the fit failed with "combiner weights must be one non-negative number
+    per answer, not all 0": now each line has the cause and the run ends as `eval --cascade` does (one check)."""
+    url = cloud_as("html_500").url
+    r = cli("cascade", "fit", "--cascade", url, "--limit", "4", "--max-tokens", "4", "--threads", "1", timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = _item_lines(r.stderr)
+    assert len(lines) == 4 and all(line.endswith(f", cloud error ({HTML_500})") for line in lines), r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"ondevice cascade: error: the cloud answered none of the 4 items "
+                                                 f"({HTML_500}); check the --cascade URL and the cloud server")
+
+
+def test_eval_against_a_hung_cloud_gives_up_after_cascade_timeout_and_says_so(cli, cloud_as):
+    """A cloud that does not answer held each item for a minute or more, with no flag to shorten it."""
+    url = cloud_as("slow").url  # answers after 6 s
+    r = cli("eval", "--cascade", url, "--suite", "rewrite", "--split", "test", "--limit", "2", "--max-tokens", "4",
+            "--threads", "1", "--no-store", "--cascade-timeout", "0.5", timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = _item_lines(r.stderr)
+    assert len(lines) == 2 and all(line.endswith(", cloud error (no answer within 0.5 s)") for line in lines), r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "ondevice eval: error: the cloud answered none of the 2 items (no answer within 0.5 s); check the --cascade "
+        "URL and the cloud server; or raise --cascade-timeout")
+    r = cli("cascade", "fit", "--cascade", url, "--cascade-timeout", "0", timeout=60)
+    assert r.returncode == 2 and "--cascade-timeout: give a number of seconds > 0, not '0'" in r.stderr, r.stderr
+
+
+def test_eval_no_store_writes_no_per_item_log(cli, cloud_as, tmp_path):
+    """`--no-store` skips the per-sample log of a suite; the deferral curve's run still wrote (and printed) one."""
+    url = cloud_as("ok").url
+    args = ("eval", "--cascade", url, "--suite", "rewrite", "--split", "test", "--limit", "2", "--max-tokens", "4",
+            "--threads", "1")
+    r = cli(*args, "--no-store", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "AUC: confidence" in r.stdout and "per-item log" not in r.stdout, r.stdout
+    assert not list((tmp_path / "home").rglob("eval-logs/*")), list((tmp_path / "home").rglob("eval-logs/*"))
+    r = cli(*args, timeout=300)  # stored: the log goes with the record, and is named
+    assert r.returncode == 0, r.stderr
+    log = Path(r.stdout.split("per-item log: ")[1].strip())
+    assert len(log.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_cascade_fit_to_a_file_names_it_in_the_serve_advice(cli, cloud_as, tmp_path):
+    """The advice after `-o FILE` left out --cascade-combiner FILE: serving as advised used the model's default
+    combiner (or none), not the one just fitted."""
+    url = cloud_as("mixed").url  # the cloud is right on the rewrite_check items, wrong on the exact_match one
+    out = tmp_path / "my combiner.json"
+    r = cli("cascade", "fit", "--cascade", url, "--limit", "5", "--max-tokens", "16", "--threads", "1", "-o", str(out),
+            timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    assert f"serve with --cascade-defer-share 0.4 --cascade-combiner '{out}' to defer the least confident 40%" \
+        in r.stdout, r.stdout

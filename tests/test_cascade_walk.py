@@ -5,7 +5,9 @@ and for ``ondevice serve --cascade``."""
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import openai
 import pytest
 from conftest import serve_process
@@ -70,3 +72,32 @@ def test_a_server_whose_cloud_fails_says_so_once_in_its_log(tmp_path, keyed_clou
     assert said[0].endswith(f"cascade: the cloud at {keyed_cloud.url}/v1 answered HTTP 401: it refused the key, "
                             f"read from the environment variable {VAR}, which is not set; deferred requests get the "
                             f"device's answer (fallback \"http_401\")"), said
+
+
+def test_a_threshold_above_the_fitted_combiners_dev_confidences_is_warned_at_start_up(tmp_path):
+    """`cascade fit` on a dev split where the device rarely matched the cloud gives confidences near that base rate
+    (all below 0.007 in the audit); `serve --cascade URL` with it and the default threshold 0.5 deferred every
+    request, silently. The start-up log now says so and names the flags that fix it."""
+    from ondevice.cascade.confidence import FEATURES, Combiner
+
+    rng = np.random.default_rng(0)
+    feats = [dict.fromkeys(FEATURES, 0.0) | {"copied_bigrams": x} for x in rng.random(40)]
+    comb = Combiner.fit(feats, [int(f["copied_bigrams"] > 0.95) for f in feats], l2=1000.0)  # few good: all low
+    top = comb.meta["share_thresholds"][-1][1]
+    assert top < 0.5
+    path = str(comb.save(tmp_path / "combiner.json"))
+    down = "http://127.0.0.1:9/v1"  # never asked: the warning comes before any request
+    with serve_process(tmp_path, "--cascade", down, "--cascade-combiner", path) as (_, _url, log):
+        deadline = time.monotonic() + 10
+        while "warning" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = log.read_text().splitlines()
+    assert lines[1] == (f"ondevice serve: warning: --cascade-threshold 0.5 is above 95% of the fitted combiner's dev "
+                        f"confidences (they lie below {top:.4g}), so nearly every request will go to the cloud; give "
+                        f"--cascade-defer-share 0.4 to defer the least confident 40%, or a --cascade-threshold below "
+                        f"{top:.4g}"), lines
+    with serve_process(tmp_path, "--cascade", down, "--cascade-combiner", path, "--cascade-defer-share", "0.4") \
+            as (_, _url, log):
+        time.sleep(0.5)
+        text = log.read_text()
+    assert "warning" not in text and "(defer share 0.4: threshold " in text, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the combiner weighs: the answer's text against the request (default), its token "
                         "statistics, or both")
     f.add_argument("--threads", type=int, default=None, help="device threads (default: physical cores)")
+    from ..eval.cascade_curve import add_timeout_argument
+
+    add_timeout_argument(f)
     f.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="where to write the combiner (default: the data dir, found by serve/eval for this model)")
     e = sub.add_parser("export", help="write kept hard samples as JSONL {\"messages\": [...]} for fine-tuning")
@@ -66,7 +70,7 @@ def _fit(args: argparse.Namespace) -> int:
     model = load(args.model, n_threads=args.threads)
     sha = model_sha256(resolve(str(model.path)))
     cloud = CloudClient(args.cascade, model=args.cloud_model, key_env=args.cloud_key_env or DEFAULT_KEY_ENV,
-                        timeout=120.0)
+                        timeout=args.cascade_timeout)
     try:
         say(f"fitting on {len(items)} dev items: device {model.name}, cloud {cloud.model_id()}")
         rows = collect(model, cloud, items, max_tokens=args.max_tokens, progress=say)
@@ -81,6 +85,7 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "
           f"dev ROC AUC {comb.meta['dev_auc']:.3f}\n{path}")
     shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.4g}" for s in (0.2, 0.4, 0.6))
-    print(f"dev answers deferred by threshold: {shares}; serve with --cascade-defer-share 0.4 to defer the least "
-          f"confident 40% of requests like these")
+    given = f" --cascade-combiner {shlex.quote(str(path))}" if args.output else ""  # else found by its model
+    print(f"dev answers deferred by threshold: {shares}; serve with --cascade-defer-share 0.4{given} to defer the "
+          f"least confident 40% of requests like these")
     return 0

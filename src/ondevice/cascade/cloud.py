@@ -26,8 +26,12 @@ PASS_THROUGH = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_
 
 
 class CloudError(OndeviceError):
-    def __init__(self, kind: str, message: str):
+    """``kind`` names the failure for replies and counts; ``brief`` is its cause without the cloud's URL (one
+    line per item in ``eval --cascade`` / ``cascade fit``)."""
+
+    def __init__(self, kind: str, message: str, brief: str | None = None):
         self.kind = kind
+        self.brief = brief or message
         super().__init__(message)
 
 
@@ -69,16 +73,39 @@ def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False
     if stopping and isinstance(e, (TimeoutError, asyncio.TimeoutError)):
         return CloudError("shutdown", "the server is stopping: the device answered")
     if isinstance(e, (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError)):
-        return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s")
+        return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s",
+                          f"no answer within {timeout:g} s")
     if isinstance(e, openai.APIConnectionError):
-        return CloudError("unreachable", f"cannot reach the cloud at {url}")
+        return CloudError("unreachable", f"cannot reach the cloud at {url}", "cannot connect")
     if isinstance(e, openai.APIStatusError):
-        why = ""
         if e.status_code in (401, 403) and key_env:  # the usual cause: the key's variable is unset or misnamed
             why = (f": it refused the key, read from the environment variable {key_env}, "
                    + ("which is not set" if not os.environ.get(key_env) else "which holds a key it does not accept"))
-        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}{why}")
-    return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})")
+        else:
+            why = f": {body!r}" if (body := _error_text(e)) else ""
+        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}{why}",
+                          f"HTTP {e.status_code}{why}")
+    return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})",
+                      f"unusable reply ({type(e).__name__})")
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """The start of a reply's text, on one line."""
+    t = " ".join(text.split())
+    return t if len(t) <= n else t[:n - 1] + "…"
+
+
+def _error_text(e) -> str:
+    """An HTTP error's own message (OpenAI's ``{"error": {"message": ...}}``), else the start of its body."""
+    body = getattr(e, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else err
+    if isinstance(msg, str) and msg.strip():
+        return _clip(msg)
+    try:
+        return _clip(e.response.text)
+    except Exception:  # noqa: BLE001 — a streamed body not read: no text to show
+        return ""
 
 
 def _params(params: dict) -> dict:
@@ -242,6 +269,8 @@ class CloudClient:
 
 
 def _answer(r, latency: float) -> CloudAnswer:
+    if isinstance(r, str):  # the client hands back a body that is not JSON as its text
+        raise CloudError("bad_reply", f"the cloud's reply is not JSON: {_clip(r)!r}")
     if not getattr(r, "choices", None) or r.choices[0].message is None:
         raise CloudError("bad_reply", "the cloud's reply has no choices[0].message")
     return _answer_of(r.choices[0].message.content or "", r.model or "", latency, r.usage, r.choices[0].finish_reason)

@@ -149,6 +149,22 @@ class ServerCascade:
         return (f"cascade -> {self.cloud.url} ({how}, {fitted}; key from {env}: "
                 f"{'set' if os.environ.get(env) else 'not set'})")
 
+    def warning(self) -> str | None:
+        """A threshold above (nearly) every confidence the fitted combiner gave its dev answers defers (nearly)
+        every request: the combiner's scale is its dev split's base rate, not 0.5 (a fixed threshold means
+        little; a share does). None when the threshold comes from a share, is 1 (defer all, as asked), or the
+        combiner did not record its dev thresholds (a file fitted before it did)."""
+        p, pts = self.policy, self.combiner.meta.get("share_thresholds")
+        if p.defer_share is not None or p.threshold >= 1 or not pts:
+            return None
+        share, top = pts[-1]  # below ``top`` lie ``share`` (95%) of the dev confidences
+        if p.threshold <= top:
+            return None
+        return (f"--cascade-threshold {p.threshold:g} is above {share:.0%} of the fitted combiner's dev "
+                f"confidences (they lie below {top:.4g}), so nearly every request will go to the cloud; give "
+                f"--cascade-defer-share 0.4 to defer the least confident 40%, or a --cascade-threshold below "
+                f"{top:.4g}")
+
     def _note(self, cloud: CloudAnswer | CloudError | None) -> None:
         """Say on stderr when the cloud starts failing a new way, and when it answers again: a fallback is
         otherwise seen only in each reply, and a refused key or a wrong URL would fall back on every deferral

@@ -55,9 +55,10 @@ def cloud_answer(cloud, item: Item, max_tokens: int) -> dict:
     try:
         a = cloud.chat(item.messages(), temperature=0.0, max_tokens=max_tokens)
     except CloudError as e:
-        return {"cloud_text": "", "cloud_s": None, "cloud_tokens": 0, "cloud_error": e.kind}
+        return {"cloud_text": "", "cloud_s": None, "cloud_tokens": 0, "cloud_error": e.kind,
+                "cloud_error_message": e.brief}
     return {"cloud_text": a.text, "cloud_s": a.latency_s, "cloud_tokens": a.prompt_tokens + a.completion_tokens,
-            "cloud_error": None}
+            "cloud_error": None, "cloud_error_message": None}
 
 
 def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128, cloud_workers: int = 1,
@@ -78,7 +79,7 @@ def collect(model, cloud, items: Sequence[Item], *, max_tokens: int = 128, cloud
             rows.append(make_row(it, d, c))
             if progress:
                 r = rows[-1]
-                cs = "error" if r["cloud_score"] is None else f"{r['cloud_score']:.3f}"
+                cs = f"error ({r['cloud_error_message']})" if r["cloud_score"] is None else f"{r['cloud_score']:.3f}"
                 progress(f"  [{i + 1}/{len(items)}] {it.id}: device {r['device_score']:.3f}, cloud {cs}")
     return rows
 
@@ -93,6 +94,19 @@ def make_row(it: Item, d: dict, c: dict) -> dict:
             else None}
 
 
+def check_answered(rows: Sequence[dict]) -> None:
+    """Refuse rows the cloud answered none of (neither a curve nor a combiner can be made), saying why it failed."""
+    if any(r.get("cloud_score") is not None for r in rows):
+        return
+    from ..errors import OndeviceError
+
+    first = rows[0] if rows else {}
+    why = f" ({first['cloud_error_message']})" if first.get("cloud_error_message") else ""
+    more = "; or raise --cascade-timeout" if first.get("cloud_error") == "timeout" else ""
+    raise OndeviceError(f"the cloud answered none of the {len(rows)} items{why}; check the --cascade URL and the "
+                        f"cloud server{more}")
+
+
 def _trapz(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
 
@@ -102,11 +116,8 @@ def deferral_curve(rows: Sequence[dict], confidence: Sequence[float], shares: Se
 
     Rows whose cloud answer failed are left out (a curve needs both answers).
     """
+    check_answered(rows)
     keep = [i for i, r in enumerate(rows) if r.get("cloud_score") is not None]
-    if not keep:
-        from ..errors import OndeviceError
-
-        raise OndeviceError("the cloud answered none of the items; check the --cascade URL and the cloud server")
     dev = np.array([rows[i]["device_score"] for i in keep])
     cld = np.array([rows[i]["cloud_score"] for i in keep])
     dev_s = np.array([rows[i]["device_s"] for i in keep])
@@ -170,6 +181,7 @@ def fit_combiner(rows: Sequence[dict], meta: dict | None = None, prefix: int | N
     ``|cloud - device|`` unless ``weighted`` is False); ``features`` None: :data:`FIT_FEATURES`."""
     from ..cascade.confidence import FIT_FEATURES, Combiner, labels_for, weights_for
 
+    check_answered(rows)
     ok = [r for r in rows if r.get("cloud_score") is not None]
     dev, cloud = [r["device_score"] for r in ok], [r["cloud_score"] for r in ok]
     return Combiner.fit([row_features(r, prefix) for r in ok], labels_for(dev, cloud),
@@ -229,14 +241,16 @@ def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: 
         cloud.close()
         m.close()
     curve = deferral_curve(rows, confidences(rows, comb))
-    log = Path(data_dir() / "eval-logs" / f"{session}-{sha[:12]}.jsonl")
-    write_rows(log, rows)
+    log = None  # the per-item log goes with the stored record (none with --no-store, as a suite's)
+    if store:
+        log = Path(data_dir() / "eval-logs" / f"{session}-{sha[:12]}.jsonl")
+        write_rows(log, rows)
     record = {**_base(ref, sha), "test": f"cascade:{suite}", "session": session, "cloud_url": cloud.url,
               "cloud_model": cloud.model, "split": split, "tasks": list(tasks or []), "limit": limit,
               "max_tokens": max_tokens, "n_items": len(rows), "cloud_errors": sum(r["cloud_error"] is not None
                                                                                  for r in rows),
               "combiner": {"calibrated": comb.calibrated, **comb.meta}, "curve": curve,
-              "at_40": at_share(curve, 0.4), "log": str(log)}
+              "at_40": at_share(curve, 0.4), "log": str(log) if log else None}
     if store:
         from ..store import Store
 
@@ -274,7 +288,8 @@ def print_record(r: dict) -> None:
             print(f"  {s:7.0%}  {c['confidence']['quality'][i]:10.4f}  {c['random']['quality'][i]:6.4f}  "
                   f"{c['oracle']['quality'][i]:6.4f}  {c['confidence']['latency_s'][i] * 1e3:10.0f}  "
                   f"{c['confidence']['cloud_tokens'][i]:12d}")
-    print(f"  per-item log: {r['log']}")
+    if r["log"]:
+        print(f"  per-item log: {r['log']}")
 
 
 def add_cascade_arguments(p) -> None:
@@ -291,6 +306,29 @@ def add_cascade_arguments(p) -> None:
                                                  "notification_summary)")
     g.add_argument("--combiner", default=None, metavar="FILE", help="confidence combiner file (default: the one "
                                                                      "fitted for the model, if any)")
+    add_timeout_argument(g)
+
+
+def _seconds(value: str) -> float:
+    import argparse
+
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"give a number of seconds > 0, not {value!r}")
+    return x
+
+
+CLOUD_TIMEOUT_S = 120.0  # a whole answer per item (serve's --cascade-timeout waits for a first token)
+
+
+def add_timeout_argument(p) -> None:
+    """``--cascade-timeout``, as ``ondevice serve``'s: how long the cloud may take before it counts as failed."""
+    p.add_argument("--cascade-timeout", type=_seconds, default=CLOUD_TIMEOUT_S, metavar="SECONDS",
+                   help="seconds the cloud may take to answer an item; past it the item counts as a cloud error "
+                        "(default: 120)")
 
 
 def run_cli(args) -> int:
@@ -305,7 +343,8 @@ def run_cli(args) -> int:
     r = cascade_eval(args.model, args.cascade, args.suite, cloud_model=args.cloud_model, key_env=args.cloud_key_env,
                      split=args.split, tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit,
                      seed=args.seed, max_tokens=args.max_tokens, combiner=args.combiner, threads=args.threads,
-                     store=store_arg(args), progress=lambda m: print(m, file=sys.stderr))
+                     timeout=args.cascade_timeout, store=store_arg(args),
+                     progress=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(r, ensure_ascii=False, default=str))
     else:

@@ -104,6 +104,7 @@ FORMAT_NAMES = (*FORMATS, "html")  # what -o means to `ondevice bench` and `repo
 def check_flags(args: argparse.Namespace, config) -> None:
     """Refuse a flag this run would ignore: the cascade's own without --cascade, and the reverse."""
     from ..errors import InvalidArgument
+    from .cascade_curve import CLOUD_TIMEOUT_S
 
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
@@ -111,6 +112,7 @@ def check_flags(args: argparse.Namespace, config) -> None:
     if not args.cascade:
         given = [flag(n) for n in CASCADE_ONLY if getattr(args, n, None) is not None]
         given += ["--split"] if getattr(args, "split", "all") != "all" else []
+        given += ["--cascade-timeout"] if getattr(args, "cascade_timeout", CLOUD_TIMEOUT_S) != CLOUD_TIMEOUT_S else []
         if given:
             raise InvalidArgument(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --cascade URL "
                                   f"(the deferral curve); to run part of a suite use --limit N, or a JSONL file of "

@@ -52,7 +52,9 @@ _SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"
          "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model",
          "n_indent", "t_max_predict_ms", "samplers")
 _NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}  # ours -> llama-server's, in errors
-_REFUSED = {"min_keep": "the samplers keep their own minimum (1)"}
+_REFUSED = {"min_keep": "the samplers keep their own minimum (1)",
+            "cascade": "the device -> cloud cascade applies to chat requests only (/v1/chat/completions, "
+                       "/v1/responses, /v1/messages)"}
 
 
 def _int(body: dict, key: str, default: int, low: int) -> int:

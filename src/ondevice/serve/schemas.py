@@ -415,6 +415,14 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    cascade: Any = None  # refused (below): the cloud tier answers chat messages, not a raw prompt
+
+    @field_validator("cascade")
+    @classmethod
+    def _chat_only(cls, v: Any) -> Any:
+        raise ValueError("the device -> cloud cascade applies to chat requests only (/v1/chat/completions, "
+                         "/v1/responses, /v1/messages); send the prompt as a user message there, or leave cascade "
+                         "unset")
 
 
 class CompletionLogprobs(_Resp):

@@ -7,6 +7,7 @@ Modelled on llama-cpp-python's ``server/settings.py``. Precedence: command-line 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +122,15 @@ class ServeSettings(BaseSettings):
         if self.max_prompt_tokens >= self.ctx:
             raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} must be below ctx {self.ctx} "
                              f"(room is needed for the reply); lower it or raise --ctx")
+        if self.cascade is None:  # the cascade's own settings would be ignored without it
+            fields = type(self).model_fields
+            env = self.model_config["env_prefix"]
+            given = [f"{env}{n.upper()}" if f"{env}{n.upper()}" in os.environ else "--" + n.replace("_", "-")
+                     for n in fields if n.startswith("cascade_") and getattr(self, n) != fields[n].default]
+            if given:
+                one = len(given) == 1
+                raise ValueError(f"{', '.join(given)} only {'applies' if one else 'apply'} with --cascade URL (the "
+                                 f"cloud to defer to); add --cascade URL or drop {'it' if one else 'them'}")
         return self
 
     @property

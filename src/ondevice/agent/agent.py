@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..engine.grammar import schema_grammar
 from ..engine.records import Sampling
-from ..errors import InvalidArgument, OndeviceError
+from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .calls import TEXT_RULE, Turn, call_turn, check_calls
 from .graph import GraphRun, Node, Replan, run_graph
 from .retrieval import ToolIndex
@@ -121,7 +121,9 @@ class Agent:
         self.sops = list(sops)
         self.confirm, self.max_retries = confirm, max_retries
         self.parallel, self.max_workers, self.replan, self.on_event = parallel, max_workers, replan, on_event
-        self.answer_tokens = answer_tokens  # the answer step's token limit; 0 skips it (the results alone)
+        # the answer step's token limit; 0 skips it: the results alone, and a reply in words instead of a call is
+        # no answer either (it stays in the run's turns)
+        self.answer_tokens = answer_tokens
 
     def offered(self, request: str) -> list[Tool]:
         """The tools shown to the models for ``request``: the top-k retrieved, or all of them."""
@@ -136,14 +138,21 @@ class Agent:
         system = "\n\n".join(x for x in (PLANNER_SYSTEM, f"Tools:\n{catalog}", sop_prompt(self.sops)) if x)
         grammar = schema_grammar(plan_schema([t.name for t in tools]), "the plan schema")
         t0 = time.perf_counter()
-        text = "".join(g.text for g in self.planner.stream(
+        chunks = list(self.planner.stream(
             [{"role": "system", "content": system}, {"role": "user", "content": request}],
             sampling=Sampling(temp=0.0, max_tokens=400, grammar=grammar)))
+        text = "".join(g.text for g in chunks)
         if turns is not None:
             turns.append({"step": "plan", "text": text, "seconds": round(time.perf_counter() - t0, 4)})
         try:
             plan = json.loads(text)
         except json.JSONDecodeError as e:
+            last = chunks[-1] if chunks else None
+            n_ctx = getattr(getattr(self.planner, "engine", None), "n_ctx", None)
+            if n_ctx and last is not None and last.finish_reason == "length" and last.generation_tokens < 400:
+                # the end of the context window cut the plan, not its token limit
+                raise ContextOverflow(last.prompt_tokens + 400, n_ctx, "planner's prompt with room for its plan") \
+                    from None
             raise OndeviceError(f"the planner's reply was cut short ({e.msg}); raise max tokens or simplify") from e
         return plan_nodes(plan)
 
@@ -220,8 +229,8 @@ class Agent:
             turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
                              system=sop_prompt(self.sops))
             turns.append(_turn_record(f"call:{attempt + 1}", turn))
-            if turn.calls is None:
-                return AgentRun(request, [], None, turns, answer=turn.text.strip())
+            if turn.calls is None:  # a reply in words: the answer, unless only the tools' results are wanted
+                return AgentRun(request, [], None, turns, answer=turn.text.strip() if self.answer_tokens else None)
             problem = check_calls(turn.calls, tools)
             if problem is None:
                 nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments, attempts=list(tried.get(c.name, [])))

@@ -89,6 +89,10 @@ def load_tools(spec: str) -> list[Tool]:
             from None
     except InvalidArgument as e:  # a @tool ondevice cannot offer (an untyped parameter ...): where it is defined
         raise InvalidArgument(f"--tools {spec}: {e}{_user_line(e)}") from None
+    except SystemExit as e:  # sys.exit() at import would end ondevice with its code and no word
+        code = "" if e.code is None else repr(e.code)
+        raise InvalidArgument(f"--tools {spec}: importing {target} called sys.exit({code}){_user_line(e)}; a "
+                              f"tools module must not exit when imported: fix the module") from None
     except Exception as e:  # noqa: BLE001 — any error the user's module raises while it is imported
         raise InvalidArgument(f"--tools {spec}: importing {target} raised {type(e).__name__}: {e}{_user_line(e)}; "
                               f"fix the module") from None

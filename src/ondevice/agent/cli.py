@@ -24,13 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "PATH, SHELL, TERM, USER and LOGNAME otherwise, as the MCP SDK does)")
     p.add_argument("--mcp-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long an MCP server may take to start and to answer one call (default 60)")
-    p.add_argument("--builtin", action="store_true", help="also offer ondevice's own tools (models, device, generate)")
+    p.add_argument("--builtin", action="store_true",
+                   help="also offer ondevice's own tools (list_models, device_info, generate)")
     p.add_argument("-m", "--model", default=None, help="model for planning and acting (default: the embedded one)")
     p.add_argument("--planner-model", default=None, help="model that writes the plan (default: --model)")
     p.add_argument("--actor-model", default=None, help="model that writes each call (default: --model)")
     p.add_argument("--no-plan", action="store_true", help="one call turn (parallel calls allowed), no plan step")
     p.add_argument("--no-answer", action="store_true",
-                   help="print the tools' results only: no final answer written from them by the model")
+                   help="print the tools' results only: no final answer written from them by the model (and "
+                        "no reply in words: exit 1 when the model called no tool)")
     p.add_argument("--retrieve", type=int, default=0, metavar="K",
                    help="offer only the K tools most relevant to the request (0: all)")
     p.add_argument("--retrieve-mode", default="lexical", choices=("lexical", "hybrid", "embedding"),
@@ -42,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true", help="run independent subtasks one by one")
     p.add_argument("--retries", type=int, default=2, help="corrected tries after a failed or invalid call")
     p.add_argument("--ctx", type=int, default=4096, help="context window of the models")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append the run (steps, timings) here")
     p.add_argument("--json", action="store_true", help="print the run as JSON")
     p.add_argument("--serve-mcp", action="store_true", help="serve the tools as an MCP server on stdio and exit")
@@ -112,6 +114,7 @@ def add_all(box, tools, source: str) -> None:
 
 def _run_agent(args, box, request: str) -> int:
     from ..engine import load
+    from ..errors import ContextOverflow
     from .agent import SOP, Agent, cli_confirm, clip
     from .retrieval import Embedder, ToolIndex
 
@@ -141,7 +144,11 @@ def _run_agent(args, box, request: str) -> int:
                       sops=[SOP.load(p) for p in args.sop], confirm=(lambda t, a: True) if args.yes else cli_confirm,
                       max_retries=args.retries, parallel=not args.sequential, on_event=show,
                       answer_tokens=0 if args.no_answer else 256)
-        result = agent.run(request, plan=not args.no_plan)
+        try:
+            result = agent.run(request, plan=not args.no_plan)
+        except ContextOverflow as e:  # the fix is this verb's flag, not the library's n_ctx
+            trained = min((getattr(m.engine, "n_ctx_train", 0) for m in models.values()), default=0)
+            raise e.advise("--ctx", trained or None) from None
         rec = result.to_dict()
         if args.log:
             with open(args.log, "a", encoding="utf-8") as f:
@@ -161,6 +168,10 @@ def _run_agent(args, box, request: str) -> int:
             print(f"{'ok' if result.ok else 'not all subtasks finished'} in {result.seconds:.2f} s", file=steps)
         if result.answer is not None:
             print(result.answer)
+        elif not rec["nodes"]:  # --no-answer, and the model replied in words (kept in --json and --log)
+            print("ondevice agent: the model called no tool, so there are no results to print; rephrase the "
+                  "request, drop --no-plan (a plan always calls a tool) or drop --no-answer to see its reply",
+                  file=sys.stderr)
         return 0 if result.ok else 1
     finally:
         if embedder is not None:

@@ -19,6 +19,24 @@ TINY = {"types": ("Q8_0", "Q4_0"), "groups": ("ffn_down", "ffn_gate_up"), "threa
 
 # --- budget parsing -------------------------------------------------------------------------------------
 
+def test_the_shipped_file_is_named_when_it_beats_the_chosen_variant():
+    """Against the reference made from it the shipped file has KLD 0: a chosen variant larger and no faster is no
+    gain (an audit stored a 105 MB variant with KLD 0.18 beside the 98 MB file, in silence)."""
+    from ondevice.fit.api import _say_if_shipped_is_better
+
+    shipped = {"size": 98.4e6, "tg": 54.8, "pp": 300.0}
+    said: list[str] = []
+    _say_if_shipped_is_better(shipped, {"size": 105e6, "tg": 53.7, "kld": 0.18}, parse_budget("size<=110MB"),
+                              said.append)
+    assert len(said) == 1 and "shipped file already meets the budget" in said[0] and "98.4 MB" in said[0]
+    for chosen, budget in (({"size": 90e6, "tg": 53.0, "kld": 0.2}, "size<=110MB"),  # smaller: a gain
+                           ({"size": 105e6, "tg": 60.0, "kld": 0.2}, "size<=110MB"),  # faster: a gain
+                           ({"size": 95e6, "tg": 53.0, "kld": 0.2}, "size<=97MB")):  # the shipped one is too big
+        said.clear()
+        _say_if_shipped_is_better(shipped, chosen, parse_budget(budget), said.append)
+        assert said == [], (chosen, budget)
+
+
 def test_budget_parses_units_and_relative_speeds():
     b = parse_budget("size<=110MB, tg>=100,kld<=0.02")
     assert (b.size, b.tg, b.kld, b.pp) == (110_000_000, 100.0, 0.02, None)

@@ -140,6 +140,7 @@ def test_impossible_budget_names_the_constraint_and_the_closest_variant(fitted, 
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert line.startswith("ondevice fit: error: budget 'size<=20MB': size<=20MB cannot be met") and "\n" not in line
+    assert "add lower --types or quantize more --groups" in line  # the --groups left out stay at F16
 
 
 def test_bad_model_and_type_are_one_line_errors(home, cli):

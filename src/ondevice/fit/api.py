@@ -163,7 +163,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     if bud.size is not None and lay.smallest(types) > bud.size:  # sizes are exact: no need to measure
         raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.3g}MB cannot be met: the "
                               f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}MB "
-                              f"(every group at its smallest type); loosen the size or add lower --types")
+                              f"(every group at its smallest type, the tensors outside --groups at the reference's "
+                              f"type); loosen the size, add lower --types or quantize more --groups")
     prof.check_smallest(lay.smallest(types), types)
     calib, heldout, text_desc = texts(text)
     csha = hashlib.sha256(calib.read_bytes()).hexdigest()

@@ -74,9 +74,10 @@ class BenchConfig(BaseSettings):
                              description="before each configuration wait until other processes leave the CPU "
                                          "quiet for 3 s, at most this many seconds (given bare: 120); noisy "
                                          "records are flagged either way")
-    session: str | None = Field(None, description="session id to record under (with resume: the one to "
-                                                  "continue; none: a new one)")
-    resume: bool = Field(False, description="skip configurations already stored in the session")
+    session: str | None = Field(None, description="session id to record under (none: a new one; with resume, "
+                                                  "the one to continue, none: the latest)")
+    resume: bool = Field(False, description="skip configurations already stored in the session (--session, else "
+                                            "the latest bench session)")
     roofline: bool = Field(True, description="probe the machine (once, cached) and give % of roofline")
     reprobe: bool = Field(False, description="measure bandwidth and compute again instead of the cached probe")
 

@@ -350,3 +350,17 @@ def test_the_report_of_a_failed_run_says_why():
     bad = [fake("m", "a" * 64, t, 1, 0.0, status="error", error="model load failed: boom") for t in ("pp16", "tg8")]
     head, _ = summary(bad)
     assert "0 of 2 runs ok" in head and "pp16: model load failed: boom" in head and "tg8: model" in head
+
+
+def test_compare_shows_the_settings_that_tell_its_rows_apart():
+    """Rows are matched on batch, KV types, flash attention ...: where those differ between rows, they are shown
+    (compare-llama-bench does the same), else two pp32 rows would look alike."""
+    from ondevice.report.compare import format_compare
+
+    sha = "aa" + "0" * 62
+    a = [fake("m", sha, "pp32", 1, 100.0), fake("m", sha, "pp32", 1, 90.0, n_batch=64, flash_attn=None)]
+    b = [fake("m", sha, "pp32", 1, 110.0), fake("m", sha, "pp32", 1, 99.0, n_batch=64, flash_attn=None)]
+    lines = format_compare(compare_records(a, b, by_model=True), "A", "B").splitlines()
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in (lines[0], lines[2], lines[3])]
+    assert cells[0][:5] == ["model", "threads", "n_batch", "fa", "test"] and "type_k" not in cells[0]
+    assert cells[1][2:4] == ["2048", "off"] and cells[2][2:4] == ["64", "auto"]

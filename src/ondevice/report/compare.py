@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
-from .formats import NOISY_MARK, md_table, noise_legend
+from .formats import HEAD, NOISY_MARK, md_table, noise_legend, setting
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
@@ -68,10 +68,13 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
     """A markdown table with the speedup column (B t/s / A t/s; > 1 means B is faster)."""
     if not rows:
         return "(no configuration was measured in both; nothing to compare)\n"
-    head = ["model", "threads", "test", "kernels", f"t/s {label_a}", f"t/s {label_b}", "speedup"]
+    # the settings rows were matched on that differ between rows get a column, or two rows would look alike
+    varying = [f for f in MATCH if f not in ("test", "threads") and len({repr(r.get(f)) for r in rows}) > 1]
+    head = ["model", "threads", *(HEAD.get(f, f) for f in varying), "test", "kernels", f"t/s {label_a}",
+            f"t/s {label_b}", "speedup"]
     kern = lambda r: r["kernels_a"] if r["kernels_a"] == r["kernels_b"] else f"{r['kernels_a']} -> {r['kernels_b']}"
     mark = lambda r, *sides: f" {NOISY_MARK}" if any(r.get(f"noisy_{s}") for s in sides) else ""
-    body = [[str(r["model"]), str(r["threads"]), str(r["test"]), kern(r),
+    body = [[str(r["model"]), str(r["threads"]), *(setting(r.get(f)) for f in varying), str(r["test"]), kern(r),
              f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}{mark(r, 'a')}",
              f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}{mark(r, 'b')}",
              f"{r['speedup']:.2f}{mark(r, 'a', 'b')}"] for r in rows]

@@ -27,7 +27,7 @@ HEAD = {"n_batch": "n_batch", "n_ubatch": "n_ubatch", "type_k": "type_k", "type_
         "flash_attn": "fa", "profile": "profile"}
 
 
-def _setting(v) -> str:
+def setting(v) -> str:
     return {None: "auto", True: "on", False: "off"}.get(v, str(v)) if v is None or isinstance(v, bool) else str(v)
 
 
@@ -96,7 +96,7 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     for key, default in OPTIONAL.items():
         vals = {json.dumps(getattr(r, key)) for r in records}
         if vals != {json.dumps(default)}:
-            cols.append((HEAD[key], lambda r, k=key: _setting(getattr(r, k)), "r"))
+            cols.append((HEAD[key], lambda r, k=key: setting(getattr(r, k)), "r"))
     if {r.n_ctx_requested for r in records} - {0, None}:
         cols.append(("n_ctx", lambda r: str(r.n_ctx), "r"))
     cols += [

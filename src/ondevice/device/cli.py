@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe     {t} threads: {p['bandwidth_gbs']:.1f} GB/s, {p['peak_gflops']:.0f} GFLOP/s, measured "
               f"{p['measured_at']} ({_age(p['measured_at'])}; load {p.get('load_avg_1m') or 0:.2f} then)")
     print(f"kernels   this build offers {', '.join(kern['offered']) or 'no extra CPU kernels'}; "
-          f"default choice: {kern['default']['label']} ({kern['default']['reason']})")
+          f"a weight type not tested yet gets {kern['default']['label']} ({kern['default']['reason']})")
     if not kern["families"]:
         print("kernels   not self-tested yet: `ondevice device --probe` (or the first load of a model) tests them")
     for fam, e in kern["families"].items():

@@ -395,3 +395,23 @@ def test_settings_that_would_fail_later_are_refused_before_measuring(home, cli, 
     r = cli("fit", "--types", "Q8_0,Q4_0", *args, env={"ONDEVICE_HOME": str(home)})
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "measuring" not in r.stdout
+
+
+def test_ctrl_c_says_the_measurements_are_kept_for_resume(home):
+    """Ctrl-C during a fit exited 130 in silence; --resume continues from the cached measurements."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import as_a_shell_starts_it
+
+    p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "fit", "--budget", "size<=110MB", "--types",
+                          "Q8_0,Q4_0", "-t", "1", "--no-store"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "ONDEVICE_HOME": str(home)}, preexec_fn=as_a_shell_starts_it)
+    time.sleep(8)  # into the measuring (the reference is in the store already)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and "interrupted; the measurements so far are kept" in err and "--resume" in err, err
+    assert "Traceback" not in err

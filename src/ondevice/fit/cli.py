@@ -60,11 +60,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .api import fit
 
-    fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
-        bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None, threads=args.threads, text=args.text, calib_ctx=args.calib_ctx,
-        calib_chunks=args.calib_chunks, eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks,
-        validate=args.validate, imatrix=args.imatrix, transform=args.transform, repetitions=args.repetitions,
-        speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume,
-        reprobe=args.reprobe, store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
-        quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))
+    try:
+        fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
+            bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None,
+            threads=args.threads, text=args.text, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks,
+            eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks, validate=args.validate, imatrix=args.imatrix,
+            transform=args.transform, repetitions=args.repetitions,
+            speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume, reprobe=args.reprobe,
+            store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
+            quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:  # the measurements so far are cached: say how to use them
+        import sys
+
+        print("\nondevice fit: interrupted; the measurements so far are kept: run the same command with --resume "
+              "to continue from them", file=sys.stderr)
+        raise
     return 0

@@ -407,9 +407,10 @@ def test_ctrl_c_says_the_measurements_are_kept_for_resume(home):
 
     from conftest import as_a_shell_starts_it
 
+    env = {**os.environ, "ONDEVICE_HOME": str(home)}
     p = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "fit", "--budget", "size<=110MB", "--types",
                           "Q8_0,Q4_0", "-t", "1", "--no-store"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "ONDEVICE_HOME": str(home)}, preexec_fn=as_a_shell_starts_it)
+                         text=True, env=env, preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509
     time.sleep(8)  # into the measuring (the reference is in the store already)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]

@@ -111,3 +111,24 @@ def test_chat_set_max_tokens_minus_one(cli):
     r = cli("chat", "-t", "2", "--temp", "0", "-n", "4", input="/set max_tokens -1\n/show\n")
     assert r.returncode == 0, r.stderr
     assert "max_tokens = -1" in r.stdout + r.stderr and "max_tokens -1" in r.stdout + r.stderr
+
+
+def test_fa_is_llama_clis_flash_attention_switch(cli):
+    """``-fa on|off|auto`` (1/0 too) reaches the engine of run/chat and serve; on this CPU off decodes faster at
+    depth, so a user must be able to choose (llama-cli's and llama-server's flag)."""
+    from ondevice.cli import build_parser
+    from ondevice.engine.args import load_from
+    from ondevice.serve import ServeSettings
+
+    for word, want in (("off", False), ("1", True), ("auto", None)):
+        args = build_parser("run").parse_args(["run", "-fa", word, "-c", "64", "-t", "1", "Hi"])
+        m = load_from(args)
+        try:
+            assert m.engine.config.flash_attn is want, word
+        finally:
+            m.close()
+    assert ServeSettings(flash_attn="0").flash_attn == "off" and ServeSettings(flash_attn=-1).flash_attn == "auto"
+    r = cli("run", "-fa", "sometimes", "Hi")
+    assert r.returncode == 2 and "invalid choice: 'sometimes'" in r.stderr
+    r = cli("serve", "-fa", "off", "--kv-type", "q8_0", "--port", "0")  # llama.cpp needs it for a quantized V cache
+    assert r.returncode != 0 and "needs flash attention in llama.cpp" in r.stderr, r.stderr[-500:]

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable: applied together)")
     p.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="adapter", metavar=("PATH", "SCALE"),
                    help="llama-cli's form of --adapter PATH:SCALE")
+    p.add_argument("-fa", "--flash-attn", type=_switch, choices=("auto", "on", "off"), default="auto",
+                   help="flash attention, as llama-cli's (auto: llama.cpp decides, on for CPUs; `ondevice bench -fa "
+                        "off,auto` shows which decodes faster here, off at depth on some CPUs)")
     add_kernel_args(p)
     add_key_args(p)
 
@@ -45,6 +48,9 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repack", type=_switch, choices=("auto", "on", "off"), default=None,
                    help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
                         "its self-test failed here; 1/0 as llama.cpp's tools take it)")
+
+
+FLASH_ATTN = {"auto": None, "on": True, "off": False}  # -fa's words -> EngineConfig.flash_attn
 
 
 def _switch(text: str) -> str:
@@ -207,4 +213,5 @@ def load_from(args: argparse.Namespace, **config):
     apply_key_args(args)
     if getattr(args, "adapter", None):
         config["adapters"] = tuple(args.adapter)
+    config.setdefault("flash_attn", FLASH_ATTN[getattr(args, "flash_attn", "auto")])
     return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

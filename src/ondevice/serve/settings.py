@@ -32,6 +32,9 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=0, description="CPU threads (None or 0: physical cores)")
     kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
         "f16", description="KV cache type (f32: results independent of where a sequence sits in the cache)")
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto", description="flash attention, as llama-server's -fa (auto: llama.cpp decides, on for CPUs; `ondevice "
+                            "bench -fa off,auto` shows which decodes faster here)")
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
                                                        "so a long prompt does not stall running streams")
@@ -100,6 +103,11 @@ class ServeSettings(BaseSettings):
     repack: Literal["auto", "on", "off"] = Field(
         "auto", description="CPU_REPACK interleaved-weight kernels (auto: on unless its self-test failed here)")
 
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return {"1": "on", "0": "off", "-1": "auto"}.get(str(v).strip(), str(v).strip().lower()) if v is not None else v
+
     @field_validator("cors")
     @classmethod
     def _origins(cls, v: str) -> str:
@@ -140,7 +148,7 @@ class ServeSettings(BaseSettings):
 
 # flags with a short alias or llama-server's name (the last one is the one errors name)
 FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel": ("-np", "--parallel"),
-         "ctx": ("-c", "--ctx-size", "--ctx")}
+         "ctx": ("-c", "--ctx-size", "--ctx"), "flash_attn": ("-fa", "--flash-attn")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..engine.args import FLASH_ATTN
 from ..engine.base import EngineConfig
 from ..engine.chat import message_text
 from ..engine.embed import capacity, embed_batch, embedding_config, packs
@@ -48,7 +49,7 @@ class ServerState:
         self.engine = LlamaEngine(self.path, EngineConfig(
             n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
             type_k=s.kv_type, type_v=s.kv_type, warmup=False,  # the batcher warms it up on its own thread
-            amx=s.amx, repack=s.repack))
+            amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
         eng = self.engine
         try:
             # LoRA: --lora ones applied to requests that name none (llama-server's), --adapter ones when named
@@ -73,7 +74,7 @@ class ServerState:
             dname, dpath = resolve_model(s.draft)
             self.draft_engine = LlamaEngine(dpath, EngineConfig(
                 n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
-                warmup=False, amx=s.amx, repack=s.repack))
+                warmup=False, amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
             check_same_vocab(eng, self.draft_engine, name, dname)
         # (mode, draft_max) for requests that do not say
         self.default_draft = ("model" if self.draft_engine else None if s.draft == "none" else s.draft, s.draft_max)

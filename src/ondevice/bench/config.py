@@ -12,18 +12,16 @@ from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, field_
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import AnyList, CommaList
+from ..engine.args import FLASH_ATTN, switch
 from .workloads import TestSpec, parse_tests
 
 
 def _on_off_auto(v):
     """llama-bench's -fa values: on/off/auto, 1/0/-1 (and true/false) -> True/False/None."""
     if isinstance(v, str):
-        word = v.strip().lower()
-        table = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False,
-                 "auto": None, "-1": None}
-        if word not in table:
+        if switch(v) not in FLASH_ATTN:
             raise ValueError(f"{v!r} is not on, off or auto (1, 0 or -1)")
-        return table[word]
+        return FLASH_ATTN[switch(v)]
     return v
 
 

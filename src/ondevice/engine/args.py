@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable: applied together)")
     p.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="adapter", metavar=("PATH", "SCALE"),
                    help="llama-cli's form of --adapter PATH:SCALE")
-    p.add_argument("-fa", "--flash-attn", type=_switch, choices=("auto", "on", "off"), default="auto",
+    p.add_argument("-fa", "--flash-attn", type=switch, choices=("auto", "on", "off"), default="auto",
                    help="flash attention, as llama-cli's (auto: llama.cpp decides, on for CPUs; `ondevice bench -fa "
                         "off,auto` shows which decodes faster here, off at depth on some CPUs)")
     add_kernel_args(p)
@@ -42,10 +42,10 @@ class Scaled(argparse.Action):
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
     """``--amx`` and ``--repack``: the extra CPU kernels (see ``ondevice device``); flag > env var > auto."""
     g = p.add_argument_group("CPU kernels (auto: what the self-test proved safe on this machine)")
-    g.add_argument("--amx", type=_switch, choices=("auto", "on", "off"), default=None,
+    g.add_argument("--amx", type=switch, choices=("auto", "on", "off"), default=None,
                    help="Intel AMX matmul kernels (env ONDEVICE_AMX; default auto: off unless proven safe and "
                         "faster by `ondevice device --probe`)")
-    g.add_argument("--repack", type=_switch, choices=("auto", "on", "off"), default=None,
+    g.add_argument("--repack", type=switch, choices=("auto", "on", "off"), default=None,
                    help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
                         "its self-test failed here; 1/0 as llama.cpp's tools take it)")
 
@@ -53,9 +53,11 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
 FLASH_ATTN = {"auto": None, "on": True, "off": False}  # -fa's words -> EngineConfig.flash_attn
 
 
-def _switch(text: str) -> str:
-    """on/off/auto, or llama.cpp's 1/0 (``--repack 0``)."""
-    return {"1": "on", "0": "off"}.get(text.strip(), text.strip().lower())
+def switch(value) -> str:
+    """on/off/auto from llama.cpp's spellings of them: 1/0/-1, true/false (``--repack 0``, ``-fa 1``); anything
+    else comes back lowercased for the flag's choices to refuse."""
+    word = str(value).strip().lower()
+    return {"1": "on", "true": "on", "0": "off", "false": "off", "-1": "auto"}.get(word, word)
 
 
 def apply_kernel_args(args: argparse.Namespace) -> None:

@@ -106,7 +106,9 @@ class ServeSettings(BaseSettings):
     @field_validator("flash_attn", mode="before")
     @classmethod
     def _on_off(cls, v: Any) -> Any:
-        return {"1": "on", "0": "off", "-1": "auto"}.get(str(v).strip(), str(v).strip().lower()) if v is not None else v
+        from ..engine.args import switch
+
+        return switch(v) if v is not None else v
 
     @field_validator("cors")
     @classmethod

@@ -57,3 +57,33 @@ def test_report_and_bench_name_a_bad_db_in_one_line(cli, tmp_path):
     r = cli("report", "--db", str(tmp_path / "x" / "none.sqlite"))
     assert r.returncode == 2 and "no ondevice store at" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_writers_refuse_another_programs_database_and_leave_it_as_it_was(cli, tmp_path):
+    foreign = tmp_path / "app.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+    db.close()
+    before = foreign.read_bytes()
+    with pytest.raises(InvalidArgument, match=r"app.sqlite is not an ondevice store \(SQLite\): a SQLite database of "
+                                              r"another program \(its tables: users\), not one ondevice wrote; give "
+                                              r"another --db"):
+        Store(foreign)
+    r = cli("bench", "--db", str(foreign), "-p", "8", "-n", "4", "-r", "1")  # refused before anything runs
+    assert r.returncode == 2 and "its tables: users" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert foreign.read_bytes() == before  # no table of ours, not switched to WAL
+    assert not (tmp_path / "app.sqlite-wal").exists()
+    same_name = tmp_path / "records.sqlite"  # a table that only shares our name is not ours either
+    with sqlite3.connect(same_name) as db:
+        db.execute("CREATE TABLE records (id INTEGER, body TEXT)")
+    db.close()
+    for create in (True, False):
+        with pytest.raises(InvalidArgument, match=r"its records table is another program's \(no config_key, kind, "
+                                                  r"model_sha256, record, session, status, test column\)"):
+            Store(same_name, create=create)
+    fresh = tmp_path / "fresh.sqlite"  # an empty database (no tables yet) is ours to fill
+    sqlite3.connect(fresh).close()
+    Store(fresh).close()
+    with Store(fresh, create=False) as st:
+        assert st.sessions() == []

@@ -95,13 +95,10 @@ class Store:
         try:
             with self._translated():
                 self.db = self._connect() if create else self._connect_read_only()
-                if not create and not self.db.execute(
-                        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
-                    raise sqlite3.DatabaseError("no records table")
+                self._check_ours(create)
                 if create:
                     # a writer finds a damaged table root now, not after a sweep has run (cheap: one path down the
                     # tree, not PRAGMA quick_check's every page; damage elsewhere is named when a query meets it)
-                    self.db.execute("SELECT name FROM sqlite_master").fetchall()
                     if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'").fetchone():
                         self.db.execute("SELECT id FROM records ORDER BY id DESC LIMIT 1").fetchall()
                     self.db.execute("PRAGMA journal_mode=WAL")
@@ -119,6 +116,22 @@ class Store:
             if self.db is not None:
                 self.db.close()
             raise
+
+    def _check_ours(self, create: bool) -> None:
+        """Refuse a SQLite file that another program made: a writer would add our tables to it (and switch it to
+        WAL), a reader would misread a table that only shares a name. An empty database is ours to fill."""
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables.discard("sqlite_sequence")
+        if not tables and create:
+            return
+        if "records" not in tables:
+            raise sqlite3.DatabaseError(f"a SQLite database of another program (its tables: "
+                                        f"{', '.join(sorted(tables)) or 'none'}), not one ondevice wrote" if tables
+                                        else "no records table")
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(records)")}
+        missing = sorted({"kind", "session", "config_key", "model_sha256", "test", "status", "record"} - cols)
+        if missing:
+            raise sqlite3.DatabaseError(f"its records table is another program's (no {', '.join(missing)} column)")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)

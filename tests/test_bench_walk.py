@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,33 @@ def test_an_empty_item_in_a_number_list_is_refused_as_in_llama_bench(cli, tmp_pa
     r = cli("bench", "-p", bad, "-n", "0", "-r", "1", "-t", "1", "--no-progress", "--db", str(tmp_path / "x.sqlite"))
     assert r.returncode == 2 and f"'{bad}' is not a comma list of whole numbers" in r.stderr, r.stderr
     assert not (tmp_path / "x.sqlite").exists()
+
+
+def test_llama_bench_ranges_sweep_as_there(cli):
+    """llama-bench's ranges (first-last, first-last+step, first-last*mult) in -p/-n/-d and -t/-b/-ub, and a range
+    that gives nothing, never ends or gives too much named before anything runs."""
+    import argparse
+
+    from ondevice.bench.cli import add_arguments, tests_from_args
+    from ondevice.bench.config import FLAGS, BenchConfig
+    from ondevice.config import config_from, int_range
+
+    assert int_range("16-64+16") == ["16", "32", "48", "64"] and int_range("1-8*2") == ["1", "2", "4", "8"]
+    assert int_range("3-5") == ["3", "4", "5"] and int_range("100-120+16") == ["100", "116"]
+    assert int_range("q8_0") == ["q8_0"] and int_range("-1") == ["-1"]  # not a range: as it is
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["-p", "16-64+16,512", "-n", "8-32*2", "-d", "0-512+512", "-t", "1-2", "-b", "128-512*2",
+                         "-ub", "64,128-256*2"])
+    assert tests_from_args(args) == ["pp16", "pp32", "pp48", "pp64", "pp512", "tg8", "tg16", "tg32",
+                                     "pp16@d512", "pp32@d512", "pp48@d512", "pp64@d512", "pp512@d512",
+                                     "tg8@d512", "tg16@d512", "tg32@d512"]
+    cfg = config_from(BenchConfig, args, verb="bench", what="bench settings", flags=FLAGS)
+    assert cfg.threads == [1, 2] and cfg.n_batch == [128, 256, 512] and cfg.n_ubatch == [64, 128, 256]
+    for argv, why in ((["-p", "64-16"], "the range 64-16 is empty: its last number is below its first"),
+                      (["-n", "1-8*1"], "the range 1-8\\*1 never ends"),
+                      (["-t", "0-4*2"], "the range 0-4\\*2 never ends"),
+                      (["-b", "1-100000"], "the range 1-100000 gives over 256 values"),
+                      (["-p", "16-"], "'16-' is not a comma list of whole numbers or ranges")):
+        r = cli("bench", *argv, "--no-store", "--no-report")
+        assert r.returncode == 2 and re.search(why, r.stderr) and "Traceback" not in r.stderr, (argv, r.stderr)

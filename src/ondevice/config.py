@@ -4,13 +4,15 @@ Modelled on llama-cpp-python's ``server/settings.py``; ``ServeSettings``, ``Benc
 all go through here, so the CLI and the Python API take the same fields with the same checks.
 Precedence: command-line flag (or API keyword) > environment (``cls.model_config["env_prefix"]``) > default.
 
-List fields (``CommaList[int]``) take comma lists and repeat (``-t 1,2 -t 4``), as llama-bench's flags do;
+List fields (``CommaList[int]``) take comma lists and repeat (``-t 1,2 -t 4``), as llama-bench's flags do
+(``IntList[int]`` also its ranges, ``-t 1-4``, ``-b 128-512*2``);
 ``AnyList[str]`` repeats without splitting (values that hold commas themselves).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,19 +27,50 @@ from .errors import InvalidArgument
 T = TypeVar("T")
 
 
-def _listed(split: bool):
+_RANGE = re.compile(r"(\d+)-(\d+)(?:([+*])(\d+))?")
+MAX_RANGE = 256
+
+
+def int_range(item: str) -> list[str]:
+    """llama-bench's ranges, ``first-last``, ``first-last+step`` and ``first-last*mult`` (``16-64+16`` is 16,
+    32, 48, 64), as the numbers' strings; any other item is returned as it is.
+
+    Raises:
+        ValueError: a range that gives no number, never ends or gives more than ``MAX_RANGE``.
+    """
+    m = _RANGE.fullmatch(item.strip())
+    if not m:
+        return [item]
+    first, last, op, step = int(m[1]), int(m[2]), m[3] or "+", int(m[4] or 1)
+    if last < first:
+        raise ValueError(f"the range {item} is empty: its last number is below its first (write {last}-{first})")
+    if (op == "+" and step < 1) or (op == "*" and (step < 2 or first < 1)):
+        raise ValueError(f"the range {item} never ends: a step must be +1 or more, a multiplier *2 or more from 1 "
+                         f"up (e.g. 16-64+16, 1-8*2)")
+    out, i = [], first
+    while i <= last:
+        out.append(str(i))
+        if len(out) > MAX_RANGE:
+            raise ValueError(f"the range {item} gives over {MAX_RANGE} values; take a larger step")
+        i = i + step if op == "+" else i * step
+    return out
+
+
+def _listed(split: bool, ranges: bool = False):
     def check(v: Any) -> Any:
         if v is None or isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
             v = [] if v is None else [v]  # a scalar from the API (threads=2) or one env value
         out: list = []
         for x in v:
-            out += [s.strip() for s in x.split(",") if s.strip()] if split and isinstance(x, str) else [x]
+            items = [s.strip() for s in x.split(",") if s.strip()] if split and isinstance(x, str) else [x]
+            out += [n for s in items for n in (int_range(s) if isinstance(s, str) else [s])] if ranges else items
         return out
 
     return BeforeValidator(check)
 
 
 CommaList = Annotated[list[T], NoDecode, _listed(True)]
+IntList = Annotated[list[T], NoDecode, _listed(True, ranges=True)]  # also llama-bench's ranges (int_range)
 AnyList = Annotated[list[T], NoDecode, _listed(False)]
 
 

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from ..config import add_config_arguments, config_from
+from ..config import add_config_arguments, config_from, int_range
 from ..engine.args import add_kernel_args, apply_kernel_args
 from ..errors import InvalidArgument
 from ..protect.keys import add_key_args, apply_key_args
@@ -14,14 +14,21 @@ from .config import FLAGS, BenchConfig
 
 
 def _ints(text: str) -> list[int]:
+    """A comma list of whole numbers and llama-bench's ranges (``16-64+16``, ``128-512*2``)."""
     try:
-        return [int(x) for x in text.split(",")]  # an empty item (``8,,9``, ``8,``) is an error, as in llama-bench
+        items = [n for x in text.split(",") for n in int_range(x)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    try:
+        return [int(x) for x in items]  # an empty item (``8,,9``, ``8,``) is an error, as in llama-bench
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers, e.g. 1,2,4") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers or ranges, e.g. 1,2,4 or "
+                                         f"16-64+16") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to run and how (comma lists sweep, as in llama-bench; flags repeat)")
+    g = p.add_argument_group("what to run and how (comma lists and ranges sweep, as in llama-bench: -t 1,2, "
+                                 "-p 16-64+16, -b 128-512*2; flags repeat)")
     add_config_arguments(g, BenchConfig, FLAGS)  # one declaration: flag, ONDEVICE_BENCH_* and the API keyword
     g = p.add_argument_group("llama-bench's test flags (turned into --tests)")
     g.add_argument("-p", "--n-prompt", type=_ints, action="extend", help="prompt lengths (pp tests)")

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..config import AnyList, CommaList
+from ..config import AnyList, CommaList, IntList
 from ..engine.args import FLASH_ATTN, switch
 from .workloads import TestSpec, parse_tests
 
@@ -48,9 +48,9 @@ class BenchConfig(BaseSettings):
                                                                      "paths (none: the embedded model)")
     tests: CommaList[str] = Field(default_factory=list, description="tests: ppN, tgN, pgP,N, any with @dD (KV "
                                                                     f"depth), chat[N] (none: {DEFAULT_TESTS})")
-    threads: CommaList[PositiveInt] = Field(default_factory=list, description="threads (none: physical cores)")
-    n_batch: CommaList[PositiveInt] = Field(default_factory=lambda: [2048], description="logical batch n_batch")
-    n_ubatch: CommaList[PositiveInt] = Field(default_factory=lambda: [512], description="micro-batch n_ubatch")
+    threads: IntList[PositiveInt] = Field(default_factory=list, description="threads (none: physical cores)")
+    n_batch: IntList[PositiveInt] = Field(default_factory=lambda: [2048], description="logical batch n_batch")
+    n_ubatch: IntList[PositiveInt] = Field(default_factory=lambda: [512], description="micro-batch n_ubatch")
     n_ctx: CommaList[NonNegativeInt] = Field(default_factory=lambda: [0], description="context size (0: just "
                                                                                       "enough for the tests)")
     type_k: CommaList[str] = Field(default_factory=lambda: ["f16"], description="KV cache type of K")

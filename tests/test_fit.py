@@ -129,7 +129,7 @@ def test_planner_picks_the_least_loss_feasible_plan_by_brute_force(fitted):
         assert not b.violations(best.predicted)
 
 
-def test_impossible_budget_names_the_constraint_and_the_closest_variant(fitted, home, cli):
+def test_impossible_budget_names_the_constraint_and_the_closest_variant(fitted, home, cli, tmp_path):
     front = pareto_front(fitted.table)
     msg = impossible(front, parse_budget("kld<=0.000000001"))
     assert "kld<=1e-09" in msg and "cannot be met" in msg and "closest variant" in msg
@@ -141,6 +141,10 @@ def test_impossible_budget_names_the_constraint_and_the_closest_variant(fitted, 
     line = r.stderr.strip()
     assert line.startswith("ondevice fit: error: budget 'size<=20MB': size<=20MB cannot be met") and "\n" not in line
     assert "add lower --types or quantize more --groups" in line  # the --groups left out stay at F16
+    fresh = tmp_path / "fresh-home"  # no reference yet: the size is refused before one is made (270 MB, seconds)
+    r = cli("fit", "--budget", "size<=20MB", "--no-store", env={"ONDEVICE_HOME": str(fresh)})
+    assert r.returncode == 2 and "size<=20MB cannot be met" in r.stderr and "making the reference" not in r.stderr
+    assert not list(fresh.rglob("*.gguf")), list(fresh.rglob("*"))
 
 
 def test_bad_model_and_type_are_one_line_errors(home, cli):

@@ -202,16 +202,20 @@ class CloudClient:
         except Exception as e:
             raise self._error(e) from e
 
-    async def astream(self, messages: list[dict], **params) -> AsyncIterator[str | CloudAnswer]:
+    async def astream(self, messages: list[dict], seen: dict | None = None, **params
+                      ) -> AsyncIterator[str | CloudAnswer]:
         """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (its finish
         reason and, where the cloud sends them, its token counts). Waits at most ``timeout`` for each chunk
         (the first included); a stream without text, or with only whitespace, raises ``bad_reply`` before anything
-        is yielded."""
+        is yielded. ``seen["model"]`` is the model the stream's chunks name (else the one asked for), set before
+        each delta is yielded: a relay names it from its first chunk on."""
         t0, stream = time.perf_counter(), None
         parts, model, finish, usage = [], self.model or "", None, None
+        seen = {} if seen is None else seen
         pending, sent = "", False  # leading whitespace is held back: alone it is no answer
         try:
             stream = await self._open_stream(messages, params)
+            model = model or self.model or ""  # the one asked for, when listing picked it (amodel_id)
             it = stream.__aiter__()
             while True:
                 try:
@@ -220,6 +224,7 @@ class CloudClient:
                 except StopAsyncIteration:
                     break
                 model, usage = chunk.model or model, chunk.usage or usage
+                seen["model"] = model
                 choice = chunk.choices[0] if chunk.choices else None
                 finish = (choice.finish_reason if choice else None) or finish
                 if choice and choice.delta and choice.delta.content:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..engine.chat import validate_messages
 from ..engine.records import Sampling
 from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError
 from .confidence import Combiner, TokenStats, find_combiner
-from .policy import Budget, Decision, Policy, RequestPolicy, decide, with_combiner
+from .policy import Budget, Decision, Policy, RequestPolicy, decide, threshold_warning, with_combiner
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,15 @@ class Cascade:
             self.sha256 = _sha256(self.model.path)
             self.combiner = combiner if isinstance(combiner, Combiner) else find_combiner(self.sha256, combiner)
             self.policy = with_combiner(self.policy, self.combiner)
+            warning = threshold_warning(self.policy, self.combiner, "policy threshold", "Policy(defer_share=0.4)")
         except BaseException:
             self.cloud.close()
             if self._owns_model and hasattr(self, "model"):
                 self.model.close()
             raise
         self.store = store
+        if warning:  # as `ondevice serve --cascade` says at start-up (the same check)
+            warnings.warn(warning, stacklevel=2)
 
     def confidence(self, stats: TokenStats) -> tuple[float, dict]:
         feats = stats.features()

@@ -59,6 +59,25 @@ def with_combiner(policy: Policy, combiner) -> Policy:
     return replace(policy, threshold=combiner.threshold_for(policy.defer_share))
 
 
+def threshold_warning(policy: Policy, combiner, name: str = "--cascade-threshold",
+                      share: str = "--cascade-defer-share 0.4") -> str | None:
+    """Why ``policy``'s threshold would defer (nearly) every request, or None. A threshold above (nearly) every
+    confidence the fitted combiner gave its dev answers does: the combiner's scale is its dev split's base rate,
+    not 0.5 (a fixed threshold means little; a share does). None when the threshold comes from a share, is 1
+    (defer all, as asked), or the combiner did not record its dev thresholds (a file fitted before it did, or
+    the uncalibrated one). ``name`` and ``share`` are the setting and the fix as the caller spells them (the
+    server's flags, the library's :class:`Policy`)."""
+    pts = combiner.meta.get("share_thresholds")
+    if policy.defer_share is not None or policy.threshold >= 1 or not pts:
+        return None
+    frac, top = pts[-1]  # below ``top`` lie ``frac`` (95%) of the dev confidences
+    if policy.threshold <= top:
+        return None
+    return (f"{name} {policy.threshold:g} is above {frac:.0%} of the fitted combiner's dev confidences (they lie "
+            f"below {top:.4g}), so nearly every request will go to the cloud; give {share} to defer the least "
+            f"confident 40%, or a {name} below {top:.4g}")
+
+
 @dataclass(frozen=True)
 class RequestPolicy:
     """What one request asks for (all optional)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from ..serve import schemas as S
 from .cloud import CloudAnswer, CloudClient, CloudError
 from .confidence import GeometricMean, TokenStats, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
-from .policy import Budget, Policy, decide, with_combiner
+from .policy import Budget, Policy, decide, threshold_warning, with_combiner
 
 
 class ClientGone(Exception):
@@ -139,6 +140,12 @@ class ServerCascade:
             p, source = device.prompt_tokens, "device_tokenizer"
         return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
 
+    def _cloud_name(self, named: str | None, req) -> str:
+        """The top-level ``model`` of a reply the cloud wrote (routers with a fallback name the model that
+        answered): the name its reply gave (``named``), else the one asked for (``--cascade-model``, or the first
+        the cloud lists), else the client's."""
+        return named or self.cloud.model or req.model or ""
+
     def describe(self) -> str:
         """The server's start-up line's part on the cascade: where it defers, at what threshold, and whether the
         key's variable is set (a 401 on every deferral is otherwise seen only in the replies)."""
@@ -150,20 +157,8 @@ class ServerCascade:
                 f"{'set' if os.environ.get(env) else 'not set'})")
 
     def warning(self) -> str | None:
-        """A threshold above (nearly) every confidence the fitted combiner gave its dev answers defers (nearly)
-        every request: the combiner's scale is its dev split's base rate, not 0.5 (a fixed threshold means
-        little; a share does). None when the threshold comes from a share, is 1 (defer all, as asked), or the
-        combiner did not record its dev thresholds (a file fitted before it did)."""
-        p, pts = self.policy, self.combiner.meta.get("share_thresholds")
-        if p.defer_share is not None or p.threshold >= 1 or not pts:
-            return None
-        share, top = pts[-1]  # below ``top`` lie ``share`` (95%) of the dev confidences
-        if p.threshold <= top:
-            return None
-        return (f"--cascade-threshold {p.threshold:g} is above {share:.0%} of the fitted combiner's dev "
-                f"confidences (they lie below {top:.4g}), so nearly every request will go to the cloud; give "
-                f"--cascade-defer-share 0.4 to defer the least confident 40%, or a --cascade-threshold below "
-                f"{top:.4g}")
+        """The start-up warning for a threshold that would defer (nearly) every request (:func:`threshold_warning`)."""
+        return threshold_warning(self.policy, self.combiner)
 
     def _note(self, cloud: CloudAnswer | CloudError | None) -> None:
         """Say on stderr when the cloud starts failing a new way, and when it answers again: a fallback is
@@ -191,7 +186,7 @@ class ServerCascade:
 
     @staticmethod
     def not_applicable(resp) -> JSONResponse:
-        info = {"tier": "device", "reason": "not_applicable", "confidence": None}
+        info = {"tier": "device", "reason": "not_applicable", "confidence": None, "device_model": resp.model}
         resp.cascade = info
         return JSONResponse(resp.model_dump(mode="json"), headers={"X-Ondevice-Tier": "device",
                                                                    "X-Ondevice-Cascade": "not_applicable"})
@@ -222,12 +217,14 @@ class ServerCascade:
                         gen[-1].finish_reason, cloud)
         self._count(result)
         answer = cloud if result.tier == "cloud" else None
+        device_model = resp.model
         if answer is not None:
+            resp.model = self._cloud_name(answer.model, req)
             resp.choices[0].message.content = result.text
             resp.choices[0].finish_reason = result.finish_reason or "stop"
             resp.timings = None  # llama-server's timings are the device's decode: not the answer's (as in a relay)
         resp.usage, extra = self._usage(resp.usage, answer)
-        info = result.info() | extra
+        info = result.info() | extra | {"device_model": device_model}
         resp.cascade = info
         return JSONResponse(resp.model_dump(mode="json"), headers=headers(info),
                             background=self._keep_task(rp, result, messages))
@@ -256,8 +253,11 @@ class ServerCascade:
         cloud_stream = first = None
         fallback: CloudError | None = None
         t_cloud = time.perf_counter()
+        seen: dict = {}  # the model the cloud's chunks name
+        device_model = st.answered_by(req.model)
+        named = {"device_model": device_model}  # in every cascade object: the top-level model may be the cloud's
         if decision.defer:
-            cloud_stream = self.cloud.astream(messages, **self._cloud_params(req))
+            cloud_stream = self.cloud.astream(messages, seen, **self._cloud_params(req))
             try:
                 first = await anext(cloud_stream)  # text: a cloud that sends none fails here
             except CloudError as e:
@@ -265,9 +265,10 @@ class ServerCascade:
                 fallback, cloud_stream = e, None
             self._note(fallback)
 
-        def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None) -> bytes:
+        def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None,
+                  model=device_model) -> bytes:
             ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
-            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.model_id, choices=ch, usage=usage,
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=model, choices=ch, usage=usage,
                                               timings=timings, cascade=cascade))
 
         def result_of(device_text: str, device_s: float, cloud=None, cloud_s=None) -> CascadeResult:
@@ -279,21 +280,23 @@ class ServerCascade:
             device_text = "".join(buffered)
             head = result_of(device_text, device_s).info() | {
                 "tier": "cloud", "cloud_model": self.cloud.model,
-                "cloud_first_token_ms": round((time.perf_counter() - t_cloud) * 1e3, 3)}
+                "cloud_first_token_ms": round((time.perf_counter() - t_cloud) * 1e3, 3)} | named
             self.counts["cloud"] += 1
+            cloud_chunk = functools.partial(chunk, model=self._cloud_name(seen.get("model"), req))
 
             async def relay():
                 try:
-                    yield chunk(S.ChatDelta(role="assistant", content=""))
-                    yield chunk(S.ChatDelta(content=first))
+                    yield cloud_chunk(S.ChatDelta(role="assistant", content=""))
+                    yield cloud_chunk(S.ChatDelta(content=first))
                     async for item in cloud_stream:  # text deltas, then the whole answer
                         if isinstance(item, CloudAnswer):
                             answer = item
                         else:
-                            yield chunk(S.ChatDelta(content=item))
+                            yield cloud_chunk(S.ChatDelta(content=item))
                 except CloudError as e:
                     self._note(e)
-                    yield chunk(S.ChatDelta(), finish="error", cascade=dict(head, fallback=e.kind, error=str(e)))
+                    yield cloud_chunk(S.ChatDelta(), finish="error",
+                                      cascade=dict(head, fallback=e.kind, error=str(e)))
                     yield b"data: [DONE]\n\n"
                     return
                 finally:
@@ -301,9 +304,9 @@ class ServerCascade:
                 self._note(answer)
                 r = result_of(device_text, device_s, cloud=answer)
                 usage, extra = self._usage(usage_of(last), answer)
-                yield chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra)
+                yield cloud_chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra | named)
                 if include_usage:
-                    yield chunk(S.ChatDelta(), usage=usage, choices=False)
+                    yield cloud_chunk(S.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
                 if should_keep(self.policy, rp, r):
                     await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256, messages, r)
@@ -313,7 +316,7 @@ class ServerCascade:
 
         head = result_of("".join(buffered), device_s, cloud_s=(time.perf_counter() - t_cloud) if fallback else None)
         self._count(head)
-        info0 = head.info()
+        info0 = head.info() | named
 
         async def device():
             text, g_last = list(buffered), last
@@ -342,6 +345,10 @@ class ServerCascade:
 
         return StreamingResponse(device(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **headers(info0)})
+
+
+# a request's ``cascade`` object on a server started without ``--cascade URL`` (its policy cannot be honoured)
+NO_CLOUD = "this server has no cloud tier: start it with `ondevice serve --cascade URL`, or leave `cascade` out"
 
 
 def server_cascade(state) -> ServerCascade | None:

@@ -14,7 +14,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..cascade.serve import server_cascade
+from ..cascade.serve import NO_CLOUD, server_cascade
 from ..errors import InvalidArgument
 from . import messages, native, ollama, slots
 from . import schemas as S
@@ -142,9 +142,16 @@ def create_app(state: ServerState) -> FastAPI:
     native.add_routes(app, runner, embeddings)  # llama-server's /completion, /props, /lora-adapters, ... (native.py)
     slots.add_routes(app, state)  # llama-server's /slots and /slots/ID?action=save|restore|erase (slots.py)
 
+    def no_cloud(cascade: Any) -> JSONResponse | None:
+        """A 400 for a chat request's ``cascade`` object when there is no cloud tier: served on the device, a
+        policy that asked to defer would be ignored in silence (``cascade: null`` asks for nothing)."""
+        if cascade is None or state.cascade is not None:
+            return None
+        return error_response(400, f"invalid request: cascade: {NO_CLOUD}", param="cascade", code="invalid_value")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: S.ChatCompletionRequest, request: Request):
-        return await runner.chat(req, request)
+        return no_cloud(req.cascade) or await runner.chat(req, request)
 
     @app.post("/v1/completions")
     async def completions(req: S.CompletionRequest, request: Request):
@@ -152,7 +159,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/responses")
     async def responses(request: Request, body: Annotated[dict[str, Any], Body()]):
-        return await respond(runner, body, request)
+        return no_cloud(body.get("cascade")) or await respond(runner, body, request)
 
     @app.post("/v1/responses/input_tokens")
     async def responses_input_tokens(body: Annotated[dict[str, Any], Body()]):
@@ -164,7 +171,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/messages")
     async def anthropic_messages(request: Request, body: Annotated[dict[str, Any], Body()]):
-        return await messages.respond(runner, body, request)
+        return no_cloud(body.get("cascade")) or await messages.respond(runner, body, request)
 
     @app.post("/v1/messages/count_tokens")
     async def anthropic_count_tokens(body: Annotated[dict[str, Any], Body()]):

@@ -235,6 +235,7 @@ def from_chat(shell: Shell, chat: dict) -> dict:
     content += [_tool_use(c["id"], c["function"]["name"], c["function"]["arguments"])
                 for c in msg.get("tool_calls") or []]
     extra = {k: v for k, v in chat.items() if k in ("timings", "cascade")}
+    shell.model = chat.get("model") or shell.model  # who answered (a cascade's cloud tier)
     return shell.message(content, choice.get("finish_reason"), choice.get("stop_reason"), chat.get("usage"), **extra)
 
 

@@ -238,6 +238,7 @@ def from_chat(shell: Shell, chat: dict) -> dict:
     output += [_call_item(c, status) for c in msg.get("tool_calls") or []]
     extra = {k: v for k, v in chat.items() if k not in ("id", "object", "created", "model", "choices", "usage",
                                                          "system_fingerprint")}
+    shell.fields["model"] = chat.get("model") or shell.fields["model"]  # who answered (a cascade's cloud tier)
     return shell.response(output, "completed", choice.get("finish_reason"), chat.get("usage"), **extra)
 
 
@@ -338,6 +339,7 @@ class Events:
                     yield b
                 return
             extra.update({k: v for k, v in c.items() if k in ("timings", "cascade") and v})
+            self.shell.fields["model"] = c.get("model") or self.shell.fields["model"]  # response.completed's
             for b in self.chunk(c):
                 yield b
         for b in self.end(extra):

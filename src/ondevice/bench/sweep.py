@@ -381,6 +381,7 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
                      "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
                      "limits": state["limits"], "wait_idle": quiet,
                      "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice"),
+                     "model_desc": loaded.get("model_desc"),
                      **({"interleaved_with": names[:i] + names[i + 1:]} if len(cfgs) > 1 else {})},
         }
         if res is not None:

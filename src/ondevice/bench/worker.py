@@ -244,7 +244,17 @@ def _load(m: dict, eng_cfg: dict) -> tuple[object, dict]:
                    "n_ctx": engine.n_ctx, "n_threads": engine.n_threads, "n_batch": engine.n_batch,
                    "load_peak_rss_bytes": load_mem.get("peak_rss"), "llama_build": build_info(),
                    "kernels": engine.kernels_used, "buffer_types": engine.buffer_types,
-                   "kernel_choice": engine.kernels.to_dict()}
+                   "kernel_choice": engine.kernels.to_dict(), "model_desc": _desc(engine)}
+
+
+def _desc(engine) -> str | None:
+    """llama.cpp's description of the loaded model (``llama_model_desc``: "llama 256M Q4_1"), as llama-bench's
+    ``model_type``."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)
+    n = engine.ll.llama_model_desc(engine.model, buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
 
 if __name__ == "__main__":

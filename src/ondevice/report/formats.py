@@ -16,6 +16,7 @@ from dataclasses import fields
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
+from . import llama_bench
 
 FORMATS = ("md", "csv", "json", "jsonl", "sql")
 MiB = 1 << 20
@@ -236,12 +237,14 @@ def to_sql(records: Sequence[dict]) -> str:
 
 
 def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
-    """Records in ``fmt`` (md, csv, json, jsonl or sql); typed records are written as their stored dicts."""
+    """Records in ``fmt`` (md, csv, json, jsonl or sql); typed records are written as their stored dicts, bench
+    records with llama-bench's field names added (:mod:`.llama_bench`)."""
     if fmt == "md":
         return to_md(records)
     every = dict.fromkeys(f.name for f in fields(BenchRecord) if f.name != "extra")  # the same keys, ok or not
     recs = [{k: v for k, v in ({**every, **r.to_dict()} if isinstance(r, BenchRecord) else r).items()
              if not k.startswith("_")} for r in records]  # no store bookkeeping
+    recs = [{**r, **llama_bench.fields(r)} if r.get("kind", "bench") == "bench" else r for r in recs]
     if fmt == "csv":
         return to_csv(recs)
     if fmt == "json":
@@ -254,17 +257,18 @@ def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
 
 
 def read(text: str, fmt: str) -> list[dict]:
-    """Parse an export back into records (csv, json, jsonl) or table rows (md)."""
+    """Parse an export back into records (csv, json, jsonl; without the llama-bench fields the export added) or
+    table rows (md)."""
     if fmt == "json":
-        return json.loads(text)
+        return [llama_bench.strip(r) for r in json.loads(text)]
     if fmt == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [llama_bench.strip(json.loads(line)) for line in text.splitlines() if line.strip()]
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             return []
         head = rows[0]
-        return [{k: _uncell(v) for k, v in zip(head, row) if v != ""} for row in rows[1:]]
+        return [llama_bench.strip({k: _uncell(v) for k, v in zip(head, row) if v != ""}) for row in rows[1:]]
     if fmt == "md":
         return parse_md(text)
     raise InvalidArgument(f"cannot read format {fmt!r}; use csv, json, jsonl or md")

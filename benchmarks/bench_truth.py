@@ -4,8 +4,8 @@ One run on the default model at 2 threads (``--threads`` to change):
 
 1. speed: ``ondevice bench`` pp512/tg128 vs ``llama-bench -p 512 -n 128`` built from the same vendored
    llama.cpp (benchmarks/peers.py), interleaved over ``--rounds`` rounds; ratio ours / theirs (goal: within 5%).
-   Same settings on both sides: n_batch 2048, n_ubatch 512, f16 KV, flash attention off (llama-bench's
-   default is "auto", which turns it on for CPU; ondevice's default is off), and the same extra CPU kernels
+   Same settings on both sides: n_batch 2048, n_ubatch 512, f16 KV, flash attention given as ``--fa`` (default
+   auto, both tools' default, which llama.cpp turns on for CPU), and the same extra CPU kernels
    (``peers.kernel_match``: llama-bench ``--repack`` and ONDEVICE_AMX/ONDEVICE_REPACK).
 2. memory: a bench worker run under ``/usr/bin/time -v`` on tg128; its own peak-RSS figures vs time's
    "Maximum resident set size" (goal: within 5%).
@@ -35,9 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def llama_bench(tool: Path, model: str, threads: int, reps: int, repack: int) -> dict[str, dict]:
+def llama_bench(tool: Path, model: str, threads: int, reps: int, repack: int, fa: str) -> dict[str, dict]:
     out = subprocess.run([str(tool), "-m", model, "-p", "512", "-n", "128", "-t", str(threads), "-r", str(reps),
-                          "-fa", "off", "--repack", str(repack), "-o", "json"],
+                          "-fa", fa, "--repack", str(repack), "-o", "json"],
                          check=True, capture_output=True, text=True, timeout=900)
     rows = json.loads(out.stdout)
     res = {}
@@ -47,11 +47,12 @@ def llama_bench(tool: Path, model: str, threads: int, reps: int, repack: int) ->
     return res
 
 
-def ours(model: str, threads: int, reps: int, db: Path) -> tuple[dict[str, dict], float, list]:
+def ours(model: str, threads: int, reps: int, db: Path, fa: str) -> tuple[dict[str, dict], float, list]:
     import ondevice
 
     t0 = time.perf_counter()
-    recs = ondevice.bench([model], "pp512,tg128", threads=threads, repetitions=reps, store=db, progress=False)
+    recs = ondevice.bench([model], "pp512,tg128", threads=threads, repetitions=reps, store=db, progress=False,
+                          flash_attn=fa)
     wall = time.perf_counter() - t0
     return {r.test: {"tps": r.tps_mean, "std": r.tps_std} for r in recs}, wall, list(recs)
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", "-t", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of ours vs llama-bench")
     ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("-fa", "--fa", choices=("on", "off", "auto"), default="auto", help="flash attention, both sides")
     args = ap.parse_args(argv)
 
     from peers import ensure_tool, kernel_match
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     km = kernel_match(model)
     km.apply()  # the bench workers read ONDEVICE_AMX / ONDEVICE_REPACK: the same kernels as llama-bench
     print(f"model: {model}\nllama-bench: {tool}\nthreads: {args.threads}, repetitions: {args.repetitions}, "
-          f"rounds: {args.rounds}")
+          f"rounds: {args.rounds}, flash attention: {args.fa} on both sides")
     print(km.describe())
     print(f"load average before: {os.getloadavg()}")
     probe(args.threads)  # warm the per-machine cache so the overhead figure is the harness, not a first probe
@@ -110,11 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     overheads, cvs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
-            mine, wall, recs = ours(model, args.threads, args.repetitions, Path(tmp) / "truth.sqlite")
-            theirs = llama_bench(tool, model, args.threads, args.repetitions, km.repack)
+            mine, wall, recs = ours(model, args.threads, args.repetitions, Path(tmp) / "truth.sqlite", args.fa)
+            theirs = llama_bench(tool, model, args.threads, args.repetitions, km.repack, args.fa)
+            got = {r.test: r for r in recs if r.status == "ok"}
+            if set(got) != {"pp512", "tg128"}:
+                print(f"round {rnd + 1}: ondevice bench gave {[(r.test, r.status, r.error) for r in recs]}; "
+                      f"the round is left out", flush=True)
+                continue
             measured = sum(r.measured_wall_s for r in recs)
             overheads.append(wall / measured)
-            tg = next(r for r in recs if r.test == "tg128")
+            tg = got["tg128"]
             cvs.append(tg.tps_std / tg.tps_mean)
             for test, rs in ratios.items():
                 rs.append(mine[test]["tps"] / theirs[test]["tps"])

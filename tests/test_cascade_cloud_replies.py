@@ -4,6 +4,7 @@ without usage. The device tier is the real ``ondevice serve``, reached with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -132,13 +133,20 @@ def home(tmp_path_factory):
         yield d
 
 
-@pytest.fixture(scope="module")
-def device(fake, home):
+@contextlib.contextmanager
+def cascade_device(cloud_url: str, **settings):
+    """``ondevice serve`` (2 slots, 1 thread) on the embedded model with ``--cascade cloud_url``."""
     from ondevice.serve import BackgroundServer, ServeSettings
 
-    s = ServeSettings(port=0, parallel=2, ctx=1024, threads=1, embeddings=False, cascade=fake.url,
-                      cascade_keep_hard=True, cascade_timeout=30)
+    s = ServeSettings(port=0, parallel=2, ctx=1024, threads=1, embeddings=False, cascade=cloud_url,
+                      cascade_timeout=30, **settings)
     with BackgroundServer(s) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def device(fake, home):
+    with cascade_device(fake.url, cascade_keep_hard=True) as srv:
         yield srv
 
 

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ondevice_home
-from test_cascade_cloud_replies import MSG, FakeCloud
+from test_cascade_cloud_replies import MSG, FakeCloud, cascade_device
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -59,11 +59,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device(fake, home):
-    from ondevice.serve import BackgroundServer, ServeSettings
-
-    s = ServeSettings(port=0, parallel=2, ctx=1024, threads=1, embeddings=False, cascade=fake.url,
-                      cascade_model=ASKED, cascade_timeout=30)
-    with BackgroundServer(s) as srv:
+    with cascade_device(fake.url, cascade_model=ASKED) as srv:
         yield srv
 
 

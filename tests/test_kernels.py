@@ -224,6 +224,23 @@ def test_a_crash_after_load_names_the_kernels_in_use(cli):
     assert "crashed (SIGABRT)" in last and "--repack off" in last and "Traceback" not in res.stderr
 
 
+def test_amx_forced_on_a_real_amx_cpu_never_ends_in_a_bare_signal(cli):
+    """On a CPU and build with AMX (llama.cpp issue 20824 crashes some Xeons there): `--amx on` either works, or
+    ends in the one clear line with 128 + the signal and the flag that avoids it; the default never crashes."""
+    from ondevice.device import device_info
+    from ondevice.engine.bufts import offered
+
+    if "AMX" not in offered() or not set(K.AMX_FLAGS) <= set(device_info()["cpu_flags"]):
+        pytest.skip("no AMX in this CPU or llama.cpp build")
+    res = cli("run", "--temp", "0", "-n", "4", "--amx", "on", "Hi")
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode > 128 and lines[-1].startswith("ondevice run: error: llama.cpp crashed (SIG"), res.stderr
+        assert "AMX" in lines[-1] and "--amx off" in lines[-1] and "Traceback" not in res.stderr
+    res = cli("run", "--temp", "0", "-n", "4", "Hi")  # auto: AMX only where its self-test passed here
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+
+
 def test_supervised_exit_codes_and_output_pass_through(cli):
     res = cli("run", "--temp", "0", "-n", "3", "--timings", "json", "Say hi")
     assert res.returncode == 0 and res.stdout.strip()

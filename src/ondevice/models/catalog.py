@@ -294,7 +294,11 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
     if name is None:
         name = DEFAULT_MODEL
     if isinstance(name, str) and re.match(r"(hf|https?)://|(hf\.co|huggingface\.co)/", name):
-        how = f"ondevice pull {name}" if "://" in name else "ondevice pull hf://OWNER/REPO/FILE.gguf"
+        if "://" in name or name.lower().endswith(".gguf"):
+            how = f"ondevice pull {name}"
+        else:  # ollama's hf.co/OWNER/REPO[:QUANT]: ondevice pulls one file of the repository
+            repo = name.split("/", 1)[1].split(":")[0].strip("/") or "OWNER/REPO"
+            how = f"ondevice pull hf://{repo}/FILE.gguf"
         raise ModelNotFound(f"{name} is a download address, not a model here; fetch it first (`{how}`), then give "
                             f"the name it prints")
     if isinstance(name, os.PathLike) or _looks_like_path(str(name)):
@@ -344,6 +348,11 @@ def _local(path: Path) -> ModelRef:
     p = path.expanduser()
     problem = path_problem(p)
     if problem in NOT_THERE:
+        stored = models_dir(create=False) / p.name
+        if p.parent == Path(".") and p.suffix == ".gguf" and _NAME_RE.match(p.stem) and stored.is_file():
+            # `-m tiny.gguf` for the pulled `tiny`: a file name is a path here, as in llama.cpp; the store's is a name
+            raise ModelNotFound(f"{p}: {problem} here; the store has it as a model name: give {p.stem} (no .gguf), "
+                                f"or its path {stored}")
         raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
@@ -362,6 +371,9 @@ def check_variant_name(name: str, flag: str = "variant name") -> None:
                               f"starting with '.'), e.g. smollm2-q4_0")
     if name in CATALOG or name in _ALIASES:
         raise InvalidArgument(f"{flag} '{name}' is a catalog model's name; choose another, e.g. {name}-custom")
+    if name.lower().endswith(".gguf"):  # stored as NAME.gguf.gguf, and a name ending .gguf is read as a path
+        raise InvalidArgument(f"{flag} {name}: a store name is given without .gguf (the store adds it); use "
+                              f"{name[:-5]}")
 
 
 def register_variant(name: str, path: str | os.PathLike[str], provenance: dict[str, Any]) -> ModelRef:
@@ -401,6 +413,10 @@ def stored_path(name: str) -> Path:
     path = CATALOG[canonical].store_path if canonical in CATALOG else models_dir(create=False) / f"{name}.gguf"
     if _NAME_RE.match(canonical) and path.is_file():
         return path
+    from .partial import partial_download
+
+    if canonical not in CATALOG and (part := partial_download(name)) is not None:
+        return part  # an interrupted pull: hundreds of MB no listing would otherwise let go
     if canonical in CATALOG:
         raise InvalidArgument(f"{name} is not assembled in the store ({path}): there is nothing to remove")
     if _looks_like_path(name) or Path(name).is_file():
@@ -416,11 +432,23 @@ def remove_variant(name: str) -> int:
     """Delete the stored model ``name`` (a quantized, pulled or assembled file) and its record; the bytes freed.
 
     An assembled catalog model is assembled again from its pip packages on next use."""
+    from .partial import partial_download, pull_running
+
     path = stored_path(name)
-    size = path.stat().st_size
-    path.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        _sidecar(path).unlink()
+    part = partial_download(name) if name not in CATALOG and name not in _ALIASES else None
+    if part is not None and pull_running(name):
+        raise InvalidArgument(f"{name} is being downloaded right now by an `ondevice pull`; stop that pull "
+                              f"(Ctrl-C) first, then remove it")
+    size = 0
+    for p in dict.fromkeys(x for x in (path, part) if x is not None):
+        size += p.stat().st_size
+        p.unlink()
+    if path != part:
+        with contextlib.suppress(FileNotFoundError):
+            _sidecar(path).unlink()
+    if part is not None:
+        with contextlib.suppress(FileNotFoundError):
+            part.with_name(part.name + ".json").unlink()
     return size
 
 
@@ -468,4 +496,11 @@ def list_models() -> list[ModelListing]:
         prov = read_provenance(path) or {}
         desc = (prov.get("provenance") or {}).get("description") or prov.get("url") or ""
         rows.append(ModelListing(name, "store", path, "ready", description=str(desc)))
+    from .partial import partial_status
+
+    d = models_dir(create=False)
+    for part in sorted(d.glob("*.gguf.part")):
+        name = part.name[:-len(".gguf.part")]
+        if _NAME_RE.match(name) and not (d / f"{name}.gguf").is_file():  # a --force re-pull: the row above
+            rows.append(ModelListing(name, "store", None, partial_status(name, part)))
     return rows

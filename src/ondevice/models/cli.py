@@ -1,4 +1,4 @@
-"""``ondevice models [--json] [--prepare]``: list embedded, stored and local models."""
+"""``ondevice models [MODEL...] [--json] [--prepare]``: list embedded, stored and local models, or describe some."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import os
 from typing import Any
 
 from ..errors import OndeviceError
-from .catalog import ModelListing, list_models, resolve
+from .catalog import _ALIASES, ModelListing, _looks_like_path, list_models, resolve
 from .gguf_check import validate_gguf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="*", help="also describe these local .gguf files")
+    p.add_argument("paths", nargs="*", metavar="MODEL",
+                   help="describe only these models: names (as `ollama show NAME`) or .gguf paths")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--prepare", action="store_true",
                    help="assemble installed catalog models that are assembled on first use (hundreds of MB)")
@@ -61,10 +62,16 @@ def rows(paths: list[str] | None = None, prepare: bool = False) -> list[dict[str
         listing = [ModelListing(m.name, m.source, resolve(m.name).path, "ready", m.description, m.licence,
                                 m.is_instruct, m.install_hint)
                    if m.path is None and m.status.startswith("installed") else m for m in listing]
-    out = [_row(m) for m in listing]
-    for p in paths or []:
-        ref = resolve(p if ("/" in p or p.endswith(".gguf")) else f"./{p}")
-        out.append(_row(ModelListing(ref.name, "local", ref.path, "ready")))
+    if not paths:
+        return [_row(m) for m in listing]
+    by_name = {m.name: m for m in listing}
+    out = []
+    for p in dict.fromkeys(paths):
+        m = None if _looks_like_path(p) else by_name.get(_ALIASES.get(p, p))
+        if m is None:  # a path, a file here; else an unknown name: resolve says so, with a "did you mean"
+            ref = resolve(p)
+            m = ModelListing(ref.name, "local", ref.path, "ready")
+        out.append(_row(m))
     return out
 
 

@@ -59,7 +59,10 @@ def hf_endpoint() -> str:
 
 
 def parse_source(url: str) -> tuple[str, str]:
-    """``(http_url, default_name)`` for an ``hf://`` or http(s) URL."""
+    """``(http_url, default_name)`` for an ``hf://`` or http(s) URL (``huggingface.co/...`` without a scheme too)."""
+    given = url
+    if url.lower().startswith(_HF_HOSTS):  # copied from the browser's address bar, which hides https://
+        url = "https://" + url
     if url.startswith("hf://"):
         parts = url[len("hf://"):].strip("/").split("/")
         if len(parts) < 3 or not all(parts):
@@ -71,8 +74,8 @@ def parse_source(url: str) -> tuple[str, str]:
         http_url = f"{hf_endpoint()}/{owner}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/{quoted}"
         filename = path[-1]
     elif url.startswith(("http://", "https://")):
-        http_url = url
         try:
+            http_url = _hf_file_url(url, given)
             filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
         except ValueError as e:  # "Invalid IPv6 URL"
             raise InvalidArgument(f"cannot download {url!r}: {e}; check the URL") from None
@@ -81,6 +84,31 @@ def parse_source(url: str) -> tuple[str, str]:
     stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
     name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "model"
     return http_url, name
+
+
+_HF_HOSTS = ("huggingface.co/", "hf.co/", "www.huggingface.co/")
+
+
+def _hf_file_url(url: str, given: str) -> str:
+    """A Hugging Face file's page (``/owner/repo/blob/rev/file``, what the browser shows) as its download link
+    (``/resolve/``): the page is HTML, never the model."""
+    parts = urllib.parse.urlsplit(url)
+    hf_hosts = {h.rstrip("/") for h in _HF_HOSTS}  # the address forms below are Hugging Face's own
+    hub_hosts = hf_hosts | {urllib.parse.urlsplit(hf_endpoint()).netloc.lower()}  # a mirror's /blob/ too
+    segments = parts.path.split("/")  # ["", owner, repo, "blob", rev, *path]
+    named = [x for x in segments if x]
+    if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
+        repo = "/".join(named).split(":")[0] or "OWNER/REPO"
+        raise InvalidArgument(f"{given} is a Hugging Face repository, not a file; ondevice pulls one .gguf file of it: "
+                              f"hf://{repo}/FILE.gguf (its file list names them, e.g. one ending in Q4_K_M.gguf)")
+    if parts.netloc.lower() in hub_hosts and len(segments) > 5 and segments[3] == "blob":
+        segments[3] = "resolve"
+        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
+    if (parts.netloc.lower() in hf_hosts and len(named) >= 3 and named[2] not in ("resolve", "raw", "tree")
+            and named[0] not in ("api", "datasets", "spaces")):  # hf.co/OWNER/REPO/FILE: hf://'s form, main's file
+        segments[3:3] = ["resolve", "main"]
+        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
+    return url
 
 
 def catalog_entry(word: str) -> CatalogEntry | None:
@@ -95,6 +123,8 @@ def _not_a_source(word: str) -> str:
     if path.is_file():
         return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "
                 f"...), or check it with `ondevice models {word}`")
+    if re.match(r"[\w-]+(\.[\w-]+)+(:\d+)?/|localhost(:\d+)?/|[\d.]+:\d+/", word):  # a host: a URL without its scheme
+        return f"cannot download {word!r}: no such local file; a web address is written https://{word}"
     if word.count("/") >= 2 and not word.startswith(("/", ".", "~")):
         return f"cannot download {word!r}: no such local file; a Hugging Face file is written hf://{word.strip('/')}"
     if _NAME_RE.match(word) and (stored := models_dir(create=False) / f"{word}.gguf").is_file():
@@ -224,8 +254,10 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)) if m.group(2) != "*" else None)
 
 
-def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progress) -> dict[str, Any]:
-    """One attempt: resume or start ``part``; returns what the server said (total, sha hints).
+def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progress,
+              given: str | None = None) -> dict[str, Any]:
+    """One attempt: resume or start ``part``; returns what the server said (total, sha hints). ``given``: the
+    address as the user wrote it (hf://...), kept with the partial file so a listing can say how to resume it.
 
     Raises DownloadInterrupted (resumable) on network trouble, OndeviceError on a definite failure.
     """
@@ -288,6 +320,14 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
         elif status == 200:
             # No range support (or the file changed, via If-Range): start over from this response.
             offset, mode = 0, "wb"
+            if resp.headers.get_content_type() in ("text/html", "application/xhtml+xml"):
+                # a sign-in page, a repository's or a file's page: never a model, so no byte of it is written
+                part.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                kind = resp.headers.get_content_type()
+                raise OndeviceError(f"download of {url} failed: the server sent a web page ({kind}), not a model "
+                                    f"file; give the file's download link (on Hugging Face "
+                                    f"hf://owner/repo/file.gguf, or a .../resolve/main/file.gguf URL)")
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         else:
@@ -300,6 +340,7 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
                                     f"larger disk) and pull again")
         etag = resp.headers.get("ETag")
         state.update(
+            given=given or state.get("given"),
             total=total,
             validator=_strong_validator(resp.headers) or (state.get("validator") if status == 206 else None),
             linked_sha=_sha_from_etag(linked.get("X-Linked-Etag")) or state.get("linked_sha"),
@@ -340,6 +381,23 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
     return {**state, "total": done}
 
 
+def _origin(prov: dict[str, Any]) -> str:
+    """Where a stored model came from, in a few words, from its provenance sidecar."""
+    made = prov.get("provenance") if isinstance(prov.get("provenance"), dict) else {}
+    if prov.get("source") == "pull" and prov.get("url"):
+        return f"pulled from {prov['url']}"
+    if made.get("made_by"):
+        return f"made by {made['made_by']} from {made.get('source') or '?'}"
+    if made.get("description") or prov.get("source") == "embedded":
+        return str(made.get("description") or f"assembled from {', '.join(prov.get('packages') or [])}")
+    return "its origin is not recorded"
+
+
+def _or_rm(dest: Path) -> str:
+    """How to drop a partial download instead of resuming it (not while ``rm`` would take a stored model too)."""
+    return "" if dest.is_file() else f", or `ondevice rm {dest.stem}` to delete it"
+
+
 def _is_valid(path: Path) -> bool:
     try:
         validate_gguf(path)
@@ -378,6 +436,9 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
     if retries < 0:
         raise InvalidArgument(f"--retries {retries}: give 0 or more (automatic resumes after a dropped connection)")
     name = name or default_name
+    if name.lower().endswith(".gguf") and len(name) > 5:  # stored as NAME.gguf.gguf, which no -m could name
+        raise InvalidArgument(f"--name {name}: a store name is given without .gguf (the store adds it); use --name "
+                              f"{name[:-5]}")
     if not _NAME_RE.match(name) or name in CATALOG or name in _ALIASES:
         raise InvalidArgument(f"cannot store the download as {name!r}: a store name uses letters, digits and "
                               f". _ + - and is not a catalog model's; pass {'another' if name != default_name else 'a'}"
@@ -396,6 +457,13 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             prov = read_provenance(dest) or {}
             have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
             have = have or sha256_file(dest)
+            same_source = prov.get("source") == "pull" and (url == prov.get("url") or
+                                                            http_url == prov.get("resolved_url"))
+            if not same_source and have != sha256:
+                # many repositories name their files alike (model.Q4_K_M.gguf): another file under this name is
+                # another model, never to be handed back as this one, nor silently replaced
+                raise InvalidArgument(f"{name} is already in the store as another model ({_origin(prov)}); pass "
+                                      f"--name NEW to keep both, or --force to replace it")
             if (sha256 is None or have == sha256) and _is_valid(dest):
                 if progress:
                     print(f"ondevice: {name} is already in the store ({dest}); pass --force to download again",
@@ -405,12 +473,12 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
         state: dict[str, Any] = {}
         for attempt in range(retries + 1):
             try:
-                state = _download(http_url, part, meta, timeout, bar)
+                state = _download(http_url, part, meta, timeout, bar, given=url)
                 break
             except KeyboardInterrupt:
                 if progress and part.exists():
                     print(f"\nondevice: pull interrupted; {part.stat().st_size} bytes are kept in {part}: run the "
-                          f"same `ondevice pull` again to resume", file=sys.stderr)
+                          f"same `ondevice pull` again to resume{_or_rm(dest)}", file=sys.stderr)
                 raise
             except DownloadInterrupted as e:
                 if attempt == retries:
@@ -421,7 +489,7 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
                             f"a Hugging Face mirror), then run it again") from e
                     raise DownloadInterrupted(
                         f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
-                        f"`ondevice pull` again to resume") from e
+                        f"`ondevice pull` again to resume{_or_rm(dest)}") from e
                 if progress:  # "resuming" only when there is something to resume from
                     have = part.stat().st_size if part.exists() else 0
                     what = f"resuming at byte {have}" if have else "retrying"

@@ -1,0 +1,60 @@
+"""Unfinished downloads: the ``<name>.gguf.part`` an interrupted ``ondevice pull`` leaves (resumed by the same
+pull), so that ``ondevice models`` shows it and ``ondevice rm`` frees it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from .catalog import _NAME_RE
+from .store import models_dir
+
+
+def partial_download(name: str) -> Path | None:
+    """The unfinished download ``ondevice pull`` left for ``name`` (``<name>.gguf.part``, resumed by the same pull),
+    or None."""
+    part = models_dir(create=False) / f"{name}.gguf.part"
+    return part if _NAME_RE.match(name) and part.is_file() else None
+
+
+def partial_status(name: str, part: Path) -> str:
+    """What a partial download is and the two ways out of it, for the listing."""
+    try:
+        state = json.loads(part.with_name(part.name + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    state = state if isinstance(state, dict) else {}
+    total = state.get("total")
+    of = f" of {total / 1e6:.1f}" if isinstance(total, int) and total > 0 else ""
+    url = state.get("given") or state.get("url")  # as the user wrote it (hf://...), else the one fetched
+    again = f"`ondevice pull {url}{'' if _default_name(url) == name else ' --name ' + name}`" \
+        if isinstance(url, str) else "the same `ondevice pull`"
+    return (f"partial download ({part.stat().st_size / 1e6:.1f}{of} MB): {again} resumes it, `ondevice rm {name}` "
+            f"deletes it")
+
+
+def _default_name(url: str) -> str | None:
+    from .hub import parse_source
+
+    try:
+        return parse_source(url)[1]
+    except InvalidArgument:
+        return None
+
+
+def pull_running(name: str) -> bool:
+    """Whether an ``ondevice pull`` holds the lock of ``name`` now (it writes ``<name>.gguf.part``)."""
+    lock = models_dir(create=False) / f"{name}.gguf.lock"
+    try:
+        import fcntl
+
+        with open(lock, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except (ImportError, OSError):  # no lock file: no pull; no fcntl (Windows): cannot tell
+        return False
+    return False

@@ -1,0 +1,200 @@
+"""Model management as a user coming from Ollama (pull/list/show/rm) or llama.cpp (-m PATH) meets it.
+
+Downloads come from a real HTTP server on 127.0.0.1 (``test_pull.Server``, or a handler here that sends a
+Content-Type); the CLI runs in a subprocess where the verb's own words matter.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from test_pull import isolated_home, make_gguf  # noqa: F401 — its autouse fixture, shared
+
+from ondevice.errors import InvalidArgument, ModelNotFound, OndeviceError
+from ondevice.models import DEFAULT_MODEL, DownloadInterrupted, models_dir, pull, register_variant, resolve
+from ondevice.models.cli import rows
+from ondevice.models.hub import parse_source
+
+
+@pytest.fixture()
+def two_models(tmp_path) -> tuple[bytes, bytes]:
+    """Two different valid GGUFs (as two repositories' ``model.Q4_K_M.gguf`` are)."""
+    return (make_gguf(tmp_path / "a.gguf", seed=1).read_bytes(), make_gguf(tmp_path / "b.gguf", seed=2).read_bytes())
+
+
+def _leftovers() -> list[str]:
+    return sorted(p.name for p in models_dir().iterdir())
+
+
+def test_models_name_describes_that_model_as_ollama_show(server, two_models, cli):
+    """`ondevice models NAME` (where `ollama show NAME` sends an Ollama user) took every word for a file in the
+    current folder ("tiny: no such file"); now a catalog name, an alias or a stored name is described, alone."""
+    server.files["/m/tiny.gguf"] = two_models[0]
+    pull(f"{server.base}/m/tiny.gguf", progress=False)
+    (row,) = rows(["tiny"])
+    assert row["name"] == "tiny" and row["source"] == "store" and row["architecture"] == "llama"
+    assert [r["name"] for r in rows(["smollm2", "tiny", "tiny"])] == [DEFAULT_MODEL, "tiny"]  # an alias; once each
+    path_row, = rows([str(models_dir() / "tiny.gguf")])  # a path still works, and alone (not after the listing)
+    assert path_row["path"] == str(models_dir() / "tiny.gguf")
+    r = cli("models", "tny")
+    assert r.returncode == 2 and "unknown model 'tny'; did you mean 'tiny'?" in r.stderr, r.stderr
+    r = cli("models", "tiny", "--json")
+    assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)] == ["tiny"], r.stderr
+
+
+def test_pulling_another_model_with_the_same_file_name_is_refused_not_handed_back(server, two_models):
+    """Two repositories' files called model.gguf: the second pull said "already in the store" and returned the
+    FIRST model as if it were the second. Now it says which model holds the name, and how to keep both."""
+    first, second = two_models
+    server.files["/a/model.gguf"], server.files["/b/model.gguf"] = first, second
+    path = pull(f"{server.base}/a/model.gguf", progress=False)
+    with pytest.raises(InvalidArgument, match=r"^model is already in the store as another model \(pulled from "
+                                              rf"{server.base}/a/model.gguf\); pass --name NEW to keep both, or "
+                                              r"--force to replace it$"):
+        pull(f"{server.base}/b/model.gguf", progress=False)
+    assert path.read_bytes() == first and not server.gets("/b/model.gguf")  # nothing fetched, nothing replaced
+    assert pull(f"{server.base}/b/model.gguf", name="model-b", progress=False).read_bytes() == second
+    assert pull(f"{server.base}/a/model.gguf", progress=False) == path  # the same source: already there
+    assert len(server.gets("/a/model.gguf")) == 1
+    import hashlib
+
+    same = hashlib.sha256(first).hexdigest()  # a checksum that proves it is the same file: no refusal
+    server.files["/mirror/model.gguf"] = first
+    assert pull(f"{server.base}/mirror/model.gguf", sha256=same, progress=False) == path
+    assert pull(f"{server.base}/b/model.gguf", force=True, progress=False).read_bytes() == second
+
+
+def test_a_pull_does_not_take_a_quantized_variant_for_the_download(server, two_models, tmp_path):
+    local = tmp_path / "q.gguf"
+    local.write_bytes(two_models[0])
+    register_variant("smol-q4", local, {"made_by": "ondevice quantize", "source": DEFAULT_MODEL})
+    server.files["/x/smol-q4.gguf"] = two_models[1]
+    with pytest.raises(InvalidArgument, match=f"as another model \\(made by ondevice quantize from {DEFAULT_MODEL}"):
+        pull(f"{server.base}/x/smol-q4.gguf", progress=False)
+    assert (models_dir() / "smol-q4.gguf").read_bytes() == two_models[0]
+
+
+def test_an_interrupted_pull_is_listed_and_rm_gives_the_space_back(server, two_models, cli):
+    """Ctrl-C or a dropped connection leaves NAME.gguf.part (to resume); `ondevice models` did not show it and
+    `ondevice rm NAME` said "no stored model": hundreds of MB nothing but a manual rm would free."""
+    server.files["/m/big.gguf"] = two_models[0]
+    server.etags["/m/big.gguf"] = '"v1"'
+    server.drop_after, server.drops_left = 20_000, 1
+    with pytest.raises(DownloadInterrupted, match=r"again to resume, or `ondevice rm big` to delete it$"):
+        pull(f"{server.base}/m/big.gguf", retries=0, progress=False)
+    (row,) = rows(["big"])
+    total = len(two_models[0]) / 1e6
+    assert row["status"] == (f"partial download (0.0 of {total:.1f} MB): `ondevice pull {server.base}/m/big.gguf` "
+                             f"resumes it, `ondevice rm big` deletes it"), row
+    assert "big" in [r["name"] for r in rows()]
+    lock = models_dir() / "big.gguf.lock"
+    with open(lock, "a+b") as f:  # a pull of it running now holds this lock: its file is not rm's to take
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        r = cli("rm", "big")
+        assert r.returncode == 2 and "big is being downloaded right now by an `ondevice pull`" in r.stderr, r.stderr
+    lock.unlink()
+    r = cli("rm", "big")
+    assert r.returncode == 0 and r.stdout.startswith("removed big"), r.stderr
+    assert _leftovers() == []
+
+
+def test_a_partial_download_names_the_pull_as_the_user_wrote_it(server, two_models, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    server.files["/org/repo/resolve/main/big.gguf"] = two_models[0]
+    server.etags["/org/repo/resolve/main/big.gguf"] = '"v1"'
+    server.drop_after, server.drops_left = 20_000, 1
+    with pytest.raises(DownloadInterrupted):
+        pull("hf://org/repo/big.gguf", name="mybig", retries=0, progress=False)
+    (row,) = rows(["mybig"])
+    assert "`ondevice pull hf://org/repo/big.gguf --name mybig` resumes it, `ondevice rm mybig`" in row["status"]
+    assert pull("hf://org/repo/big.gguf", name="mybig", progress=False).read_bytes() == two_models[0]
+    assert server.gets("/org/repo/resolve/main/big.gguf")[-1]["range"] is not None  # resumed, not restarted
+    assert [r["status"] for r in rows(["mybig"])] == ["ready"]
+
+
+class _WebPage(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        body = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>" * 50
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_web_page_is_refused_as_one_before_a_byte_is_written():
+    """A sign-in or file page (text/html) was saved, then rejected as "bad magic ... convert other formats with
+    convert_hf_to_gguf.py", which sends the user off to convert a model they never had."""
+    site = ThreadingHTTPServer(("127.0.0.1", 0), _WebPage)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{site.server_address[1]}/org/repo/model.gguf"
+        with pytest.raises(OndeviceError, match=r"the server sent a web page \(text/html\), not a model file; give "
+                                                r"the file's download link \(on Hugging Face hf://owner/repo/"):
+            pull(url, progress=False, retries=0)
+    finally:
+        site.shutdown()
+        site.server_close()
+    assert _leftovers() == []
+
+
+def test_a_hugging_face_page_address_downloads_the_file(server, two_models, monkeypatch):
+    """The browser shows .../blob/main/FILE (an HTML page) and hides https://; both are what users paste."""
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    server.files["/org/repo/resolve/main/tiny.gguf"] = two_models[0]
+    path = pull(f"{server.base}/org/repo/blob/main/tiny.gguf", progress=False)
+    assert path.read_bytes() == two_models[0] and server.log[0]["path"] == "/org/repo/resolve/main/tiny.gguf"
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert parse_source("huggingface.co/o/r/blob/main/d/f.Q4_0.gguf") == (
+        "https://huggingface.co/o/r/resolve/main/d/f.Q4_0.gguf", "f.Q4_0")
+    assert parse_source("https://huggingface.co/o/r/resolve/main/f.gguf")[0].endswith("/o/r/resolve/main/f.gguf")
+    assert parse_source("hf.co/o/r/d/f.gguf")[0] == "https://hf.co/o/r/resolve/main/d/f.gguf"  # hf://'s form
+    with pytest.raises(InvalidArgument, match=r"a web address is written https://example.com/m/f.gguf$"):
+        parse_source("example.com/m/f.gguf")  # was: "a Hugging Face file is written hf://example.com/m/f.gguf"
+
+
+def test_a_repository_address_is_refused_with_the_file_form():
+    """Ollama's `hf.co/OWNER/REPO:QUANT` and a repository's page name no file: they were fetched as one (an HTML
+    page: "bad magic", "convert other formats"); now the answer is the hf://OWNER/REPO/FILE.gguf to give."""
+    for word in ("hf.co/bartowski/X-GGUF:Q4_K_M", "https://huggingface.co/bartowski/X-GGUF/"):
+        with pytest.raises(InvalidArgument, match=rf"^{word} is a Hugging Face repository, not a file; ondevice pulls "
+                                                  r"one .gguf file of it: hf://bartowski/X-GGUF/FILE.gguf \("):
+            pull(word, progress=False)
+    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf://bartowski/X-GGUF/FILE.gguf`\)"):
+        resolve("hf.co/bartowski/X-GGUF:Q4_K_M")  # `ondevice run -m` with what `ollama run` takes
+    assert not models_dir().exists() or _leftovers() == []
+
+
+def test_a_stored_name_given_as_a_file_name_says_the_name(server, two_models, tmp_path, monkeypatch):
+    """llama.cpp habit: `-m tiny.gguf` for the pulled `tiny` (not in the current folder)."""
+    server.files["/m/tiny.gguf"] = two_models[0]
+    stored = pull(f"{server.base}/m/tiny.gguf", progress=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFound, match=rf"^tiny.gguf: no such file here; the store has it as a model name: "
+                                            rf"give tiny \(no .gguf\), or its path {stored}$"):
+        resolve("tiny.gguf")
+    with pytest.raises(ModelNotFound, match="^other.gguf: no such file; check the path"):
+        resolve("other.gguf")
+
+
+def test_a_name_given_with_gguf_is_refused_not_stored_where_no_name_reaches(server, two_models, tmp_path):
+    """`pull URL --name mine.gguf` stored mine.gguf.gguf and printed `ondevice run -m mine.gguf`, which reads as
+    a path and fails; `quantize --name` the same."""
+    server.files["/m/tiny.gguf"] = two_models[0]
+    with pytest.raises(InvalidArgument, match=r"^--name mine.gguf: a store name is given without .gguf \(the store "
+                                              r"adds it\); use --name mine$"):
+        pull(f"{server.base}/m/tiny.gguf", name="mine.gguf", progress=False)
+    assert not server.log  # refused before a byte was fetched
+    local = tmp_path / "q.gguf"
+    local.write_bytes(two_models[0])
+    with pytest.raises(InvalidArgument, match=r"a store name is given without .gguf \(the store adds it\); use "
+                                              r"smol-q4$"):
+        register_variant("smol-q4.gguf", local, {"made_by": "ondevice quantize"})
+    assert pull(f"{server.base}/m/tiny.gguf", name="mine", progress=False) == resolve("mine").path

@@ -160,14 +160,10 @@ def test_a_hugging_face_page_address_downloads_the_file(server, two_models, monk
         parse_source("example.com/m/f.gguf")  # was: "a Hugging Face file is written hf://example.com/m/f.gguf"
 
 
-def test_a_repository_address_is_refused_with_the_file_form():
-    """Ollama's `hf.co/OWNER/REPO:QUANT` and a repository's page name no file: they were fetched as one (an HTML
-    page: "bad magic", "convert other formats"); now the answer is the hf://OWNER/REPO/FILE.gguf to give."""
-    for word in ("hf.co/bartowski/X-GGUF:Q4_K_M", "https://huggingface.co/bartowski/X-GGUF/"):
-        with pytest.raises(InvalidArgument, match=rf"^{word} is a Hugging Face repository, not a file; ondevice pulls "
-                                                  r"one .gguf file of it: hf://bartowski/X-GGUF/FILE.gguf \("):
-            pull(word, progress=False)
-    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf://bartowski/X-GGUF/FILE.gguf`\)"):
+def test_a_repository_address_given_to_run_names_the_pull_that_fetches_it():
+    """Ollama's `hf.co/OWNER/REPO:QUANT` given to `-m`: a download address, named with the pull that takes it as
+    typed (pulling it: tests/test_pull_repo.py)."""
+    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`\)"):
         resolve("hf.co/bartowski/X-GGUF:Q4_K_M")  # `ondevice run -m` with what `ollama run` takes
     assert not models_dir().exists() or _leftovers() == []
 

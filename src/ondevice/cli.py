@@ -17,7 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "run": ("ondevice.engine.cli_run", "generate from a prompt and print timings"),
     "chat": ("ondevice.engine.cli_chat", "interactive multi-turn chat"),
     "models": ("ondevice.models.cli", "list embedded, stored and local models"),
-    "pull": ("ondevice.models.cli_pull", "download a GGUF (hf://owner/repo/file.gguf or https://...)"),
+    "pull": ("ondevice.models.cli_pull", "download a GGUF (hf.co/owner/repo:Q4_K_M, hf://owner/repo/file.gguf)"),
     "rm": ("ondevice.models.cli_rm", "remove stored models (quantized, pulled or assembled)"),
     "bench": ("ondevice.bench.cli", "measure speed, memory, energy and %% of roofline"),
     "report": ("ondevice.report.cli", "tables, exports, HTML report and comparisons of stored runs"),

@@ -294,11 +294,7 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
     if name is None:
         name = DEFAULT_MODEL
     if isinstance(name, str) and re.match(r"(hf|https?)://|(hf\.co|huggingface\.co)/", name):
-        if "://" in name or name.lower().endswith(".gguf"):
-            how = f"ondevice pull {name}"
-        else:  # ollama's hf.co/OWNER/REPO[:QUANT]: ondevice pulls one file of the repository
-            repo = name.split("/", 1)[1].split(":")[0].strip("/") or "OWNER/REPO"
-            how = f"ondevice pull hf://{repo}/FILE.gguf"
+        how = f"ondevice pull {name}"  # ollama's hf.co/OWNER/REPO[:QUANT] too: pull picks the quant's file
         raise ModelNotFound(f"{name} is a download address, not a model here; fetch it first (`{how}`), then give "
                             f"the name it prints")
     if isinstance(name, os.PathLike) or _looks_like_path(str(name)):

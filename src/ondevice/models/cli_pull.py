@@ -1,15 +1,22 @@
-"""``ondevice pull URL [--name N] [--sha256 H]``: download a GGUF into the store."""
+"""``ondevice pull URL|hf.co/OWNER/REPO[:QUANT] [--name N] [--sha256 H]``, or ``-hf OWNER/REPO[:QUANT]`` as
+llama.cpp: download a GGUF into the store."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import InvalidArgument
+from .hf_repo import repo_argument
 from .hub import catalog_entry, pull
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="hf://owner/repo[@revision]/path/file.gguf, an http(s):// URL, or a catalog model's "
-                               "name (shipped in a PyPI package: nothing to download)")
+    p.add_argument("url", nargs="?",
+                   help="hf://owner/repo[@revision]/path/file.gguf, an http(s):// URL, a repository and a quant "
+                        "(hf.co/owner/repo:Q4_K_M, as Ollama; no :QUANT: Q4_K_M), or a catalog model's name "
+                        "(shipped in a PyPI package: nothing to download)")
+    p.add_argument("-hf", "--hf-repo", metavar="OWNER/REPO[:QUANT]",
+                   help="as llama.cpp's -hf: the repository's file of that quant (default Q4_K_M)")
     p.add_argument("--name", help="name in the store (default: the file name without .gguf)")
     p.add_argument("--sha256", help="expected sha256; else the server's (HF X-Linked-Etag, ETag, URL.sha256)")
     p.add_argument("--force", action="store_true", help="download again even if the store has it")
@@ -18,8 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    entry = catalog_entry(args.url)
-    path = pull(args.url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
+    if (args.url is None) == (args.hf_repo is None):
+        raise InvalidArgument("give what to pull once: a URL, hf.co/OWNER/REPO:QUANT or a catalog name, or "
+                              "-hf OWNER/REPO[:QUANT]" + (f" (not both {args.url} and -hf {args.hf_repo})"
+                                                          if args.url else ""))
+    url = repo_argument(args.hf_repo) if args.hf_repo is not None else args.url
+    entry = catalog_entry(url)
+    path = pull(url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
                 progress=not args.quiet)
     from .catalog import read_provenance
     from .gguf_check import validate_gguf
@@ -29,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     name = entry.name if entry else path.stem
     print(f"{name}: {path}")
     print(f"  {info.architecture}, {info.params_label} params, {info.quant_summary}, {info.size_mb:.1f} MB")
+    if prov.get("repo") and prov.get("url"):
+        print(f"  {prov['tag']} of {prov['repo']}: {prov['url']}")
     if entry:
         print(f"  shipped in the PyPI package{'s' if len(entry.dists) > 1 else ''} {', '.join(entry.dists)}: "
               f"nothing to download" + (f"; sha256 {prov['sha256']}" if prov.get("sha256") else ""))

@@ -3,10 +3,11 @@
 ``hf://owner/repo/path/file.gguf`` (or ``hf://owner/repo@revision/...``) maps to
 ``{HF_ENDPOINT or https://huggingface.co}/owner/repo/resolve/{revision or main}/path/file.gguf``, with
 ``HF_TOKEN`` sent as a bearer token to that host only (never to the CDN it redirects to). Plain
-http(s) URLs work too. Bytes go to ``<name>.gguf.part`` with HTTP Range resume; the file is renamed to
-``<name>.gguf`` only after its sha256 (when known) and GGUF structure check out. A resume sends If-Range
-with a strong validator (none: start over) and re-reads the last 4 KiB it holds: if they differ, or the size
-does, the server's file changed and the download starts over rather than splicing two versions.
+http(s) URLs work too, and so does a repository with a quant (``hf.co/owner/repo:Q4_K_M``: hf_repo.py picks
+its file). Bytes go to ``<name>.gguf.part`` with HTTP Range resume; the file is renamed to ``<name>.gguf``
+only after its sha256 (when known) and GGUF structure check out. A resume sends If-Range with a strong
+validator (none: start over) and re-reads the last 4 KiB it holds: if they differ, or the size does, the
+server's file changed and the download starts over rather than splicing two versions.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .catalog import (
     read_provenance,
 )
 from .gguf_check import validate_gguf
+from .hf_repo import parse_repo, resolve_file
 from .store import models_dir, sha256_file, write_json
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -67,7 +69,7 @@ def parse_source(url: str) -> tuple[str, str]:
         parts = url[len("hf://"):].strip("/").split("/")
         if len(parts) < 3 or not all(parts):
             raise InvalidArgument(f"{url!r} is not an hf:// model URL; use hf://owner/repo/path/file.gguf "
-                                  f"(optionally hf://owner/repo@revision/file.gguf)")
+                                  f"(optionally hf://owner/repo@revision/file.gguf), or hf://owner/repo:QUANT")
         owner, repo, path = parts[0], parts[1], parts[2:]
         repo, _, revision = repo.partition("@")
         quoted = "/".join(urllib.parse.quote(p) for p in path)
@@ -98,9 +100,10 @@ def _hf_file_url(url: str, given: str) -> str:
     segments = parts.path.split("/")  # ["", owner, repo, "blob", rev, *path]
     named = [x for x in segments if x]
     if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
-        repo = "/".join(named).split(":")[0] or "OWNER/REPO"
-        raise InvalidArgument(f"{given} is a Hugging Face repository, not a file; ondevice pulls one .gguf file of it: "
-                              f"hf://{repo}/FILE.gguf (its file list names them, e.g. one ending in Q4_K_M.gguf)")
+        repo, _, tag = "/".join(named).partition(":")
+        raise InvalidArgument(f"{given} is a Hugging Face repository, not a file: `ondevice pull hf.co/"
+                              f"{repo or 'OWNER/REPO'}:{tag or 'QUANT'}` picks its file (or name one: "
+                              f"hf://{repo or 'OWNER/REPO'}/FILE.gguf)")
     if parts.netloc.lower() in hub_hosts and len(segments) > 5 and segments[3] == "blob":
         segments[3] = "resolve"
         return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
@@ -411,7 +414,8 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
     """Download a GGUF into the store and return its path (``models_dir()/<name>.gguf``).
 
     Args:
-        url: ``hf://owner/repo[@rev]/path/file.gguf`` or an http(s) URL.
+        url: ``hf://owner/repo[@rev]/path/file.gguf`` or an http(s) URL; or a repository and a quant,
+            ``hf.co/owner/repo:Q4_K_M`` or ``hf://owner/repo:Q4_K_M`` (no tag: Q4_K_M), whose file is picked.
         name: store name (default: the file name without .gguf); ``resolve(name)`` finds it afterwards.
         sha256: expected hex digest. Otherwise HF's X-Linked-Etag, a sha256-shaped ETag, or a
             ``<url>.sha256`` file is used when present; with none, only the GGUF structure is checked.
@@ -432,6 +436,12 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             raise InvalidArgument(f"'{url}' is a catalog model, shipped in a PyPI package: --name and --sha256 "
                                   f"are for downloads (hf:// or http(s):// URLs)")
         return entry_path(entry)
+    picked: dict[str, str] = {}
+    if (ref := parse_repo(url)) is not None:  # hf.co/OWNER/REPO:QUANT, hf://OWNER/REPO:QUANT: the file of that quant
+        file_url = resolve_file(ref, timeout)
+        if progress:
+            print(f"ondevice: {ref.written} is {file_url}", file=sys.stderr)
+        picked, url = {"requested": url, "repo": ref.repo_id, "tag": ref.quant}, file_url
     http_url, default_name = parse_source(url)
     if retries < 0:
         raise InvalidArgument(f"--retries {retries}: give 0 or more (automatic resumes after a dropped connection)")
@@ -526,6 +536,6 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             "name": name, "source": "pull", "url": url, "resolved_url": http_url, "sha256": actual,
             "sha256_verified_against": source if expected else None, "stamp": _stamp(dest),
             "created": created_now(),
-            "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary,
+            "architecture": info.architecture, "parameters": info.parameters, "quant": info.quant_summary, **picked,
         })
     return dest

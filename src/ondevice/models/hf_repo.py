@@ -1,0 +1,183 @@
+"""A Hugging Face repository and a quant tag (Ollama's ``hf.co/OWNER/REPO:QUANT``, llama.cpp's ``-hf``) as the
+one ``.gguf`` file of it that ``pull`` downloads.
+
+The repository's files come from the Hub API (``GET {HF_ENDPOINT}/api/models/OWNER/REPO``, its ``siblings``);
+the file chosen is the ``.gguf`` whose name holds the tag as a separate token (``...-Q4_K_M.gguf``,
+``...q4_k_m.gguf``, not ``IQ4_K_M``), ``mmproj`` files aside. No tag means ``Q4_K_M``, llama.cpp's default.
+A quant stored only as split shards (``-00001-of-00003.gguf``) is refused: ``pull`` fetches one file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.parse
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument, OndeviceError
+
+DEFAULT_TAG = "Q4_K_M"  # llama.cpp's -hf default, as Ollama's hf.co/ without a tag
+_HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Hub owner or repository name
+_REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:@([^/:\s]+))?(?::([A-Za-z0-9_.+-]+))?/?$")
+_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+# quant-like tokens in file names, for "the tags found": Q4_K_M, IQ4_XS, Q8_0, TQ1_0, F16, BF16, MXFP4...
+_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])((?:I?Q|TQ)\d+(?:_[A-Za-z0-9]+)*|B?F(?:16|32)|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
+                       re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    owner: str
+    repo: str
+    tag: str | None  # None: DEFAULT_TAG
+    revision: str | None = None
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.owner}/{self.repo}"
+
+    @property
+    def quant(self) -> str:
+        return self.tag or DEFAULT_TAG
+
+    @property
+    def written(self) -> str:
+        """The Ollama form of it, for messages: hf.co/OWNER/REPO:QUANT."""
+        return f"hf.co/{self.repo_id}{'@' + self.revision if self.revision else ''}:{self.quant}"
+
+
+def parse_repo(word: str, *, bare: bool = False) -> RepoRef | None:
+    """``word`` as a repository with an optional quant tag, or None when it names a file (or is no such form).
+
+    ``hf.co/O/R[:Q]``, ``huggingface.co/O/R[:Q]`` (with or without https://) and ``hf://O/R[@rev][:Q]`` always;
+    ``O/R[:Q]`` only with ``bare`` (llama.cpp's ``-hf`` value).
+    """
+    w = word.strip()
+    low = w.lower()
+    if low.startswith(("https://", "http://")) and low.split("://", 1)[1].startswith(_HOSTS):
+        w, low = w.split("://", 1)[1], low.split("://", 1)[1]
+    if low.startswith(_HOSTS):
+        rest = w.split("/", 1)[1]
+    elif low.startswith("hf://"):
+        rest = w[len("hf://"):]
+    elif bare:
+        rest = w
+    else:
+        return None
+    m = _REPO_RE.match(rest)
+    if not m or m.group(2).lower().endswith(".gguf"):
+        return None
+    if m.group(1) in ("api", "datasets", "spaces", "models") and not low.startswith("hf://"):
+        return None
+    tag = None if (m.group(4) or "").lower() in ("", "latest") else m.group(4)  # Ollama's :latest: the default
+    return RepoRef(m.group(1), m.group(2), tag, m.group(3))
+
+
+def repo_argument(value: str) -> str:
+    """llama.cpp's ``-hf OWNER/REPO[:QUANT]`` value as the address ``pull`` takes (``hf://OWNER/REPO:QUANT``)."""
+    ref = parse_repo(value, bare=True)
+    if ref is None:
+        raise InvalidArgument(f"-hf {value}: give a Hugging Face repository, OWNER/REPO[:QUANT] (e.g. "
+                              f"-hf bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M); a single file is pulled as "
+                              f"`ondevice pull hf://OWNER/REPO/FILE.gguf`")
+    rev = f"@{ref.revision}" if ref.revision else ""
+    return f"hf://{ref.repo_id}{rev}" + (f":{ref.tag}" if ref.tag else "")
+
+
+def _token_re(tag: str) -> re.Pattern[str]:
+    # a separate token: no letter or digit before it, none (nor "_", which would extend Q4_K into Q4_K_M) after it
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(tag)}(?![A-Za-z0-9_])", re.IGNORECASE)
+
+
+def quant_tags(files: list[str]) -> list[str]:
+    """The quant tags the ``.gguf`` file names hold, upper-case, in the order found (for messages)."""
+    seen: dict[str, None] = {}
+    for f in files:
+        for m in _QUANT_RE.finditer(_SHARD_RE.sub(".gguf", f.rsplit("/", 1)[-1])[:-5]):
+            seen.setdefault(m.group(1).upper(), None)
+    return list(seen)
+
+
+def choose_file(ref: RepoRef, files: list[str]) -> str:
+    """The one ``.gguf`` of ``files`` (the repository's paths) that ``ref``'s quant names; InvalidArgument else."""
+    ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.rsplit("/", 1)[-1].lower()]
+    where = ref.written.rsplit(":", 1)[0]
+    if not ggufs:
+        others = ", ".join(sorted({f.rsplit(".", 1)[-1] for f in files if "." in f} - {"md", "gitattributes"})[:6])
+        raise InvalidArgument(f"{where} has no .gguf model files ({others + ' files' if others else 'no files'}); "
+                              f"ondevice runs GGUF: look for a -GGUF repository of the model, or convert it with "
+                              f"llama.cpp's convert_hf_to_gguf.py")
+    tag_re = _token_re(ref.quant)
+    hits = [f for f in ggufs if tag_re.search(f[:-5])]
+    tags = quant_tags(ggufs)
+    found = ", ".join(tags) if tags else "files " + ", ".join(g.rsplit("/", 1)[-1] for g in ggufs[:6])
+    if not hits:
+        default = " (the default when no :QUANT is given)" if ref.tag is None else ""
+        first = f"hf.co/{ref.repo_id}:{tags[0]}" if tags else f"hf://{ref.repo_id}/{ggufs[0]}"
+        raise InvalidArgument(f"{where} has no {ref.quant} file{default}; it has {found}: name one, e.g. "
+                              f"`ondevice pull {first}`")
+    single = [f for f in hits if not _SHARD_RE.search(f)]
+    if len(single) == 1:
+        return single[0]
+    if len(single) > 1:
+        names = ", ".join(f"hf://{ref.repo_id}/{f}" for f in single[:6])
+        raise InvalidArgument(f"{where}:{ref.quant} matches {len(single)} files; pull one of them by name: {names}")
+    shards = sorted(hits)
+    named = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
+    others = [t for t in tags if t != ref.quant.upper()]
+    also = f", or choose another quant ({', '.join(others)})" if others else ""
+    raise InvalidArgument(f"{where}:{ref.quant} is split into {len(shards)} files ({named}); ondevice pulls one "
+                          f"file: join them with llama.cpp's `llama-gguf-split --merge` and use the result{also}")
+
+
+def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
+    """The repository's file paths, from the Hub API's ``siblings`` (HF_TOKEN sent to the Hub's host only)."""
+    from .hub import _NETWORK_ERRORS, _auth_headers, _open, hf_endpoint
+
+    base = hf_endpoint()
+    api = f"{base}/api/models/{urllib.parse.quote(ref.owner)}/{urllib.parse.quote(ref.repo)}"
+    if ref.revision:
+        api += f"/revision/{urllib.parse.quote(ref.revision, safe='')}"
+    headers = {**_auth_headers(api), "Accept": "application/json"}
+    where = ref.written.rsplit(":", 1)[0]
+    try:
+        resp, _ = _open(api, headers, timeout)
+        with resp:
+            body = resp.read(64 << 20)
+    except urllib.error.HTTPError as e:
+        sent = "Authorization" in headers
+        code = e.headers.get("X-Error-Code", "") if e.headers else ""
+        if e.code == 404 or code == "RepoNotFound" and sent:
+            what = "no such revision" if code == "RevisionNotFound" else "no such repository"
+            fix = ("check the owner, the name and the revision after @" if ref.revision else
+                   "check the owner and the name (as on its huggingface.co page)")
+            raise OndeviceError(f"{where}: {what} on {base} (HTTP {e.code}); {fix}") from None
+        if e.code in (401, 403):
+            if sent:
+                fix = ("the HF_TOKEN sent was refused or has no access to it: check the name, and that the token is "
+                       "valid (huggingface.co/settings/tokens) and the repository's licence is accepted")
+            else:
+                fix = ("check the owner and the name; a private or gated repository needs HF_TOKEN set to a token "
+                       "with access (huggingface.co/settings/tokens)")
+            raise OndeviceError(f"{where}: not found or not accessible on {base} (HTTP {e.code}); {fix}") from None
+        raise OndeviceError(f"{where}: listing its files failed (HTTP {e.code} {e.reason} from {api}); retry "
+                            f"later") from None
+    except (*_NETWORK_ERRORS, ValueError) as e:
+        host = urllib.parse.urlsplit(base).netloc or base
+        raise OndeviceError(f"{where}: cannot reach {host} to list its files ({e}); check the network (HF_ENDPOINT "
+                            f"selects a Hugging Face mirror), or pull a file you have the address of") from None
+    try:
+        siblings = json.loads(body)["siblings"]
+        return [s["rfilename"] for s in siblings if isinstance(s.get("rfilename"), str)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise OndeviceError(f"{where}: {api} did not answer with the Hub API's file list (JSON with \"siblings\"); "
+                            f"check HF_ENDPOINT (unset: huggingface.co)") from None
+
+
+def resolve_file(ref: RepoRef, timeout: float = 30.0) -> str:
+    """``hf://OWNER/REPO[@rev]/FILE.gguf`` for the file of ``ref``'s quant in the repository."""
+    path = choose_file(ref, list_files(ref, timeout))
+    rev = f"@{ref.revision}" if ref.revision else ""
+    return f"hf://{ref.repo_id}{rev}/{path}"

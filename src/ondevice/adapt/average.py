@@ -61,6 +61,7 @@ def average(specs: list[str], out: str | Path | None = None, name: str | None = 
         raise InvalidArgument("--weights are all 0: the adapter would change nothing; give at least one other weight")
     if out is None and name is None:
         raise InvalidArgument("adapt average writes one new adapter: give -o OUT.gguf or --name NAME")
+    target = store.target(out, name, "")  # both given: refused before reading any adapter
     paths = [store.resolve(s, "adapt average") for s in specs]
     metas = [lora_meta(p, "adapt average") for p in paths]
     archs = {m.get("general.architecture") for m in metas}
@@ -73,7 +74,6 @@ def average(specs: list[str], out: str | Path | None = None, name: str | None = 
                        for p, m in zip(paths, metas, strict=True))
         raise InvalidArgument(f"adapt average: the adapters were trained on different base models ({by}); "
                               f"combine only adapters of one base")
-    target = store.target(out, name, "")
     store.check_out_file(out, "combined adapter", "soup.gguf")
     adapters = [read_lora(p) for p in paths]
     shapes: dict[str, dict[tuple[int, int], str]] = {}  # tensor -> {(out, in): the first file with that shape}

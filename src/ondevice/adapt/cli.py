@@ -1,6 +1,6 @@
 """``ondevice adapt DATA.jsonl [--name NAME | -o OUT.gguf] [-m MODEL] [--budget mem=600M] [--resume]``, and the
-stored adapters: ``ondevice adapt list``, ``ondevice adapt merge NAME [-o OUT.gguf]`` and ``ondevice adapt average
-A B [...] [--weights W,W,...] (-o OUT.gguf | --name NAME)``."""
+stored adapters: ``ondevice adapt list``, ``ondevice adapt rm NAME...``, ``ondevice adapt merge NAME [-o OUT.gguf]``
+and ``ondevice adapt average A B [...] [--weights W,W,...] (-o OUT.gguf | --name NAME)``."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train import AdaptConfig
 
     d = AdaptConfig(data="")
-    p.add_argument("data", nargs="?", metavar="DATA.jsonl | list | merge | average",
+    p.add_argument("data", nargs="?", metavar="DATA.jsonl | list | rm | merge | average",
                    help="JSONL, one {\"messages\": [...]} (last one the assistant's answer) or {\"input\": ..., "
-                        "\"target\": ...} per line; 'list': the stored adapters; 'merge NAME': the adapter folded "
-                        "into its base, written as one GGUF (as llama-export-lora); 'average A B ...': one adapter "
-                        "whose change is the weighted sum of theirs (a soup of runs that differ by seed)")
+                        "\"target\": ...} per line; 'list': the stored adapters; 'rm NAME ...': delete stored "
+                        "adapters; 'merge NAME': the adapter folded into its base, written as one GGUF (as "
+                        "llama-export-lora); 'average A B ...': one adapter whose change is the weighted sum of "
+                        "theirs (a soup of runs that differ by seed)")
     p.add_argument("adapter", nargs="*", metavar="NAME",
-                   help="with merge: a stored adapter's name or a .gguf; with average: two or more")
+                   help="with rm: stored adapters' names; with merge: a stored adapter's name or a .gguf; with "
+                        "average: two or more")
     p.add_argument("--from", dest="source", choices=("file", "deferred"), default="file",
                    help="deferred: train on the hard samples the cascade kept for this model (its inputs with the "
                         "cloud's answers), written next to the adapter as OUT.deferred.jsonl")
@@ -45,11 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per example at most")
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (without --budget)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (without --budget; default {d.rank})")
     p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--modules", default=",".join(d.modules),
+    p.add_argument("--modules", default=None,
                    help="LoRA targets without --budget: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down "
-                        "or 'all'")
+                        f"or 'all' (default {','.join(d.modules)})")
     p.add_argument("--layers", default=None, help="layers without --budget, e.g. 20-29 or 0,5,9 (default: all)")
     p.add_argument("--budget", default=None, metavar="mem=600M",
                    help="peak memory for the whole run: picks layers, modules and ranks by measured gradient "
@@ -93,6 +95,9 @@ def parse_layers(s: str | None) -> tuple[int, ...] | None:
     try:
         for part in s.split(","):
             lo, _, hi = part.partition("-")
+            if int(hi or lo) < int(lo):  # an empty range would train nothing
+                raise InvalidArgument(f"--layers {s!r}: the range {part} is empty; write the lower layer first, "
+                                      f"e.g. {hi}-{lo}")
             out += range(int(lo), int(hi or lo) + 1)
     except ValueError:
         raise InvalidArgument(f"--layers {s!r}: use e.g. 20-29 or 0,5,9") from None
@@ -110,9 +115,13 @@ def deferred_data(args: argparse.Namespace) -> str:
 
     if args.data:
         raise InvalidArgument("--from deferred takes its data from the store; drop the data file argument")
-    out = Path(f"{target(args.out, args.name, 'deferred')}.deferred.jsonl")
+    adapter = target(args.out, args.name, "deferred")
+    out, ckpt = Path(f"{adapter}.deferred.jsonl"), Path(f"{adapter}.ckpt.pt")
     if args.resume and out.is_file():
         return str(out)
+    if ckpt.is_file() and out.is_file():  # a new export would replace the samples that run was made from
+        raise InvalidArgument(f"{ckpt} holds an interrupted run on {out}: add --resume to continue it on those "
+                              f"samples, or delete {ckpt} to start over on the samples kept now")
     ref = resolve(args.model)
     part = out.with_name(out.name + ".part")  # the last run's file stays until this export has samples
     try:
@@ -135,6 +144,17 @@ def list_adapters(args: argparse.Namespace) -> int:
     print(store.table(rows) if rows else "no stored adapters")
     print(f"\nstore: {store.adapters_dir()}  (train one with `ondevice adapt DATA.jsonl --name NAME`; use it with "
           f"`--adapter NAME`)", file=sys.stderr)
+    return 0
+
+
+def remove_adapters(args: argparse.Namespace) -> int:
+    from . import store
+
+    if not args.adapter:
+        raise InvalidArgument(f"adapt {args.data} takes the stored adapters' names: ondevice adapt rm NAME "
+                              f"[NAME ...] (`ondevice adapt list` shows them)")
+    for name, freed in store.remove(args.adapter):
+        print(f"removed adapter {name} ({freed / 2**20:.1f} MiB)")
     return 0
 
 
@@ -190,32 +210,50 @@ def average_adapters(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.data == "list" and args.source == "file":
         return list_adapters(args)
+    if args.data in ("rm", "remove", "delete") and args.source == "file":  # `ondevice rm`'s aliases
+        return remove_adapters(args)
     if args.data == "merge" and args.source == "file":
+        if args.name is not None:  # merge() names the model itself
+            raise InvalidArgument("--name with merge: the merged model is stored as BASE-ADAPTER (`ondevice run -m "
+                                  "BASE-ADAPTER`); to choose its file give -o OUT.gguf instead of --name")
         return merge_adapter(args)
     if args.data == "average" and args.source == "file":
         return average_adapters(args)
     if args.adapter:
         raise InvalidArgument(f"unexpected argument {args.adapter[0]!r}: train with `ondevice adapt DATA.jsonl`, or "
-                              f"use `ondevice adapt list` / `merge NAME` / `average A B ...`")
+                              f"use `ondevice adapt list` / `rm NAME` / `merge NAME` / `average A B ...`")
     from . import require_torch
 
     require_torch()
     from .model import MODULES
-    from .train import AdaptConfig, train
+    from .train import AdaptConfig, check_settings, train
+
+    layers, budget = parse_layers(args.layers), parse_budget(args.budget) if args.budget else None  # before export
+    d = AdaptConfig(data="")
+    rank = d.rank if args.rank is None else args.rank
+    modules = d.modules if args.modules is None else MODULES if args.modules == "all" else \
+        tuple(m for m in args.modules.split(",") if m)
 
     data = deferred_data(args) if args.source == "deferred" else args.data
     if data is None:
         raise InvalidArgument("give a data file (JSONL) or --from deferred")
-    modules = MODULES if args.modules == "all" else tuple(m for m in args.modules.split(",") if m)
-    from .store import target
+    from .store import refuse_replacing_other_data, target
 
     out = target(args.out, args.name, "deferred" if args.source == "deferred" else Path(data).stem)
+    if args.source == "file" and args.out is None and args.name is None and not args.resume:
+        refuse_replacing_other_data(out, data)
     cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, lr=args.lr,
-                      batch=args.batch, max_len=args.max_len, rank=args.rank, alpha=args.alpha, modules=modules,
-                      layers=parse_layers(args.layers), precision=args.precision, threads=args.threads,
+                      batch=args.batch, max_len=args.max_len, rank=rank, alpha=args.alpha, modules=modules,
+                      layers=layers, precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, budget_bytes=parse_budget(args.budget) if args.budget else None,
+                      resume=args.resume, budget_bytes=budget,
                       checkpointing=args.checkpointing, memory=args.memory)
+    check_settings(cfg)  # its refusals (--memory fast with --budget among them) first, as train() makes them
+    hand = [flag for flag, v in (("--rank", args.rank), ("--modules", args.modules), ("--layers", args.layers))
+            if v is not None]
+    if budget and hand:  # the planner picks all three: a hand choice would be dropped without a word
+        raise InvalidArgument(f"--budget chooses the layers, modules and ranks itself; drop {' '.join(hand)}, or "
+                              f"drop --budget to choose them by hand")
     r = train(cfg)
     if args.check:
         from .check import agreement

@@ -40,8 +40,11 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            # pretty-printed JSON (or an array's "["): the value goes on past the line's end
+            spread = " (it does not end on this line: JSONL has each object whole on one line)" \
+                if e.pos >= len(line.rstrip()) else ""
             raise InvalidArgument(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object "
-                                  f"per line") from None
+                                  f"per line{spread}") from None
         conv = _conversation(obj, where)
         if not conv[-1]["content"].strip():  # trained on, it teaches the model to stop at once, whatever is asked
             raise InvalidArgument(f"{where}: the answer (the last assistant message or \"target\") is empty; give "
@@ -52,9 +55,27 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     return out
 
 
+# other tools' line formats a user brings (axolotl, TRL, FastChat): named with the way to write them here
+_FOREIGN = (
+    ({"instruction", "output"}, ('Alpaca\'s instruction/input/output: write {"input": instruction and input, '
+                                 '"target": output}')),
+    ({"prompt", "completion"}, 'prompt/completion: write {"input": prompt, "target": completion}'),
+    ({"conversations"}, ('ShareGPT\'s conversations of from/value: write {"messages": [{"role": "user", '
+                         '"content": ...}, {"role": "assistant", "content": ...}]}')),
+)
+
+
+def _keys_hint(obj: dict) -> str:
+    """The keys a line has, and how to write it when they are another tool's format."""
+    got = ", ".join(map(repr, obj)) or "none"
+    hint = next((h for keys, h in _FOREIGN if keys <= obj.keys()), None)
+    return f"got {got}" + (f" ({hint})" if hint else "")
+
+
 def _conversation(obj, where: str) -> list[dict]:
     if not isinstance(obj, dict):
-        raise InvalidArgument(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        array = " (a JSON array: put each of its objects on a line of its own, JSONL)" if isinstance(obj, list) else ""
+        raise InvalidArgument(f"{where}: expected a JSON object, got {type(obj).__name__}{array}")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -76,11 +97,12 @@ def _conversation(obj, where: str) -> list[dict]:
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if "input" in obj or "target" in obj:
         for k in ("input", "target"):
-            if not isinstance(obj.get(k), str):
+            if k not in obj:  # an Alpaca line has "input" too: say what the line holds, not only what it lacks
+                raise InvalidArgument(f"{where}: \"{k}\" must be a string, and the line has none: {_keys_hint(obj)}")
+            if not isinstance(obj[k], str):
                 raise InvalidArgument(f"{where}: \"{k}\" must be a string")
         return [{"role": "user", "content": obj["input"]}, {"role": "assistant", "content": obj["target"]}]
-    raise InvalidArgument(f"{where}: expected \"messages\" or \"input\"/\"target\" keys, got "
-                          f"{', '.join(map(repr, obj)) or 'none'}")
+    raise InvalidArgument(f"{where}: expected \"messages\" or \"input\"/\"target\" keys, {_keys_hint(obj)}")
 
 
 def tokenize(model, conversations: list[list[dict]], max_len: int) -> list[Example]:

@@ -37,9 +37,35 @@ def path_for(name: str) -> Path:
 
 def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
     """The adapter file a training run writes: ``out``, else ``name`` (or ``default_name``) in the store."""
+    # both: one would be dropped without a word (-o DIR is check_out_file's to refuse, naming the file to give)
+    if out and name is not None and not Path(out).is_dir():
+        raise InvalidArgument(f"-o {out} and --name {name} both given: -o writes the adapter to that file, --name "
+                              f"stores it by name (`ondevice adapt list`, `--adapter {name}`); give one of them")
     if out:
         return Path(out)
     return path_for(default_name if name is None else name)  # --name "" is refused, not replaced by the default
+
+
+def refuse_replacing_other_data(path: Path, data: str | Path) -> None:
+    """A run named after its data file (no --name, no -o) whose name is taken by a stored adapter not made from
+    that data (everyone's file is train.jsonl; or a soup, which records none): refused before training, since it
+    would replace that adapter."""
+    from ..models.store import sha256_file
+    from .adapter_file import KEY, read_meta
+
+    if not (path.is_file() and Path(data).is_file()):
+        return
+    try:
+        meta = read_meta(path)
+    except InvalidArgument:  # unreadable: nothing is lost by replacing it
+        return
+    if meta.get(KEY + "data_sha256") == sha256_file(data):  # the same data again: its own adapter, replaced
+        return
+    when = str(meta.get(KEY + "created") or "")[:16].replace("T", " ")
+    src = (meta.get(KEY + "settings") or {}).get("data")
+    raise InvalidArgument(f"the stored adapter {path.stem!r} ({when}{', from ' + str(src) if src else ''}) was not "
+                          f"made from {data}; give this run its own --name (e.g. --name "
+                          f"{path.stem}-2), or --name {path.stem} to replace that adapter")
 
 
 def check_out_file(out: str | Path | None, what: str, example: str) -> None:
@@ -89,6 +115,26 @@ def resolve(spec: str | Path, flag: str = "--adapter") -> Path:
     raise InvalidArgument(f"{flag} {s}: no such adapter file or stored adapter; stored: "
                           f"{', '.join(known) if known else 'none (train one with `ondevice adapt DATA --name NAME`)'}"
                           f" (`ondevice adapt list` shows them)")
+
+
+def remove(specs: list[str]) -> list[tuple[str, int]]:
+    """Delete the stored adapters ``specs`` (names), each with what a run of that name left beside it (its
+    checkpoint, its --from deferred export); every name is checked before any file goes, so a typo removes
+    nothing. Returns (name, bytes freed) per adapter."""
+    known = names()
+    missing = [s for s in specs if s not in known]
+    if missing:
+        raise InvalidArgument(f"adapt rm {' '.join(missing)}: no such stored adapter; stored: "
+                              f"{', '.join(known) if known else 'none'} (a file of your own is yours to delete)")
+    out = []
+    for n in dict.fromkeys(specs):
+        p = adapters_dir() / f"{n}.gguf"
+        files = [p, *(Path(f"{p}{ext}") for ext in (".ckpt.pt", ".ckpt.part", ".deferred.jsonl"))]
+        freed = sum(f.stat().st_size for f in files if f.is_file())
+        for f in files:
+            f.unlink(missing_ok=True)
+        out.append((n, freed))
+    return out
 
 
 def describe(path: Path) -> dict:

@@ -55,8 +55,10 @@ class AdaptConfig:
 
     def target(self) -> Path:
         """The adapter file to write: ``out``, else ``name`` (or the data's stem) in the adapter store."""
-        from .store import target
+        from .store import path_for, target
 
+        if self.out and self.name is not None and Path(self.out) == path_for(self.name):  # a second train(cfg)
+            return Path(self.out)
         return target(self.out, self.name, Path(self.data).stem)
 
     @property
@@ -83,6 +85,35 @@ def _shown(key: str, v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _differences(cfg: AdaptConfig, made: dict) -> list[tuple[str, str, str]]:
+    """(flag, this run's value, the checkpoint's) for each fixed setting where they differ."""
+    return [(FIXED_ON_RESUME[k], _shown(k, getattr(cfg, k)), _shown(k, v)) for k, v in made.items()
+            if k in FIXED_ON_RESUME and _shown(k, getattr(cfg, k)) != _shown(k, v)]
+
+
+def refuse_forgotten_resume(cfg: AdaptConfig, base_sha256: str, data_sha256: str) -> None:
+    """A run started without --resume over the checkpoint of this same run (base, data and settings), whose
+    first save would replace it: refused, since the steps it holds would be lost; a checkpoint of another run
+    (other settings or data: the start-over the resume refusals advise) is replaced, and said so."""
+    import warnings
+
+    import torch
+
+    if cfg.resume or not cfg.ckpt_path.is_file():
+        return
+    try:
+        state = torch.load(cfg.ckpt_path, weights_only=True)
+        step, made = int(state["step"]), state.get("settings", {})
+        same = state["base_sha256"] == base_sha256 and state["data_sha256"] == data_sha256
+    except Exception:  # noqa: BLE001 — an unreadable checkpoint holds nothing to resume
+        return
+    if same and not _differences(cfg, made):
+        raise InvalidArgument(f"{cfg.ckpt_path} holds this same run, interrupted after step {step}: add --resume to "
+                              f"continue it (in Python: resume=True), or delete that file to start over")
+    warnings.warn(f"starting over: {cfg.ckpt_path} (another run's, interrupted after step {step}) is replaced by "
+                  f"this run's checkpoints", stacklevel=2)
+
+
 def load_checkpoint(cfg: AdaptConfig) -> dict:
     """The checkpoint ``cfg`` resumes, refused (naming each flag) where ``cfg`` asks for another run than it."""
     import torch
@@ -95,8 +126,7 @@ def load_checkpoint(cfg: AdaptConfig) -> dict:
         raise InvalidArgument(f"--resume: cannot read the checkpoint {cfg.ckpt_path} ({e}); start over "
                               f"without --resume") from None
     made = state.get("settings", {})  # a checkpoint without them (an older ondevice) is taken as it is
-    differ = [(FIXED_ON_RESUME[k], _shown(k, getattr(cfg, k)), _shown(k, v)) for k, v in made.items()
-              if k in FIXED_ON_RESUME and _shown(k, getattr(cfg, k)) != _shown(k, v)]
+    differ = _differences(cfg, made)
     if differ:
         given = " ".join(f"{flag} {old}" for flag, _, old in differ if old != "(not given)")
         fix = " and ".join(f"{how} {flags}" for how, flags in (
@@ -150,6 +180,11 @@ def check_settings(cfg: AdaptConfig) -> None:
     if cfg.memory == "fast" and cfg.budget_bytes is not None:
         raise InvalidArgument("--memory fast with --budget: the budget is planned and kept with lean memory (freed "
                               "memory goes back to the OS at once); drop --memory fast, or drop --budget")
+    if cfg.budget_bytes is None and cfg.plan is None and (not cfg.modules or cfg.layers == ()):
+        from .model import MODULES
+
+        raise InvalidArgument(f"--modules {','.join(cfg.modules)!r} --layers {_shown('layers', cfg.layers)}: no "
+                              f"tensor to train; give at least one of {','.join(MODULES)} (or 'all') and one layer")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
         raise InvalidArgument("--steps, --batch and --rank must be >= 1 and --max-len >= 8")
     for flag, v, eg in (("--lr", cfg.lr, "1e-3"), ("--alpha", cfg.alpha, "16")):
@@ -271,7 +306,12 @@ def train(cfg: AdaptConfig) -> dict:
     import torch
 
     torch.set_num_threads(max(1, cfg.threads))
+    named_after_data = cfg.out is None and cfg.name is None
     cfg.out = str(cfg.target())
+    if named_after_data and not cfg.resume:
+        from .store import refuse_replacing_other_data
+
+        refuse_replacing_other_data(Path(cfg.out), cfg.data)
     check_settings(cfg)
     memory = "lean" if cfg.memory == "lean" or (cfg.memory == "auto" and cfg.budget_bytes is not None) else "fast"
     if memory == "lean":
@@ -281,6 +321,7 @@ def train(cfg: AdaptConfig) -> dict:
     fixed = {k: getattr(cfg, k) for k in FIXED_ON_RESUME}  # what a resume must keep (load_checkpoint checks)
     base, train_ex, held = prepare(cfg)
     data_sha = sha256_file(cfg.data)
+    refuse_forgotten_resume(cfg, base["sha256"], data_sha)
     if state is not None:
         if state["base_sha256"] != base["sha256"]:
             raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from another base model than {base['name']}; "
@@ -289,7 +330,17 @@ def train(cfg: AdaptConfig) -> dict:
             raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from other data than {cfg.data} (it changed "
                                   f"since); resume on the data it was made from or start over without --resume")
         cfg.plan, cfg.plan_info = state["plan"], state["plan_info"]
-    model = build(cfg, base, train_ex)
+    try:  # the budget planner measures for minutes on a busy CPU: Ctrl-C there is said, not a bare exit
+        model = build(cfg, base, train_ex)
+        held_before = mean_loss(model, held) if state is None else state["held_before"]
+    except KeyboardInterrupt as e:
+        if state is not None:
+            left = f"; {cfg.ckpt_path} is as it was: run the same command again to continue from step {state['step']}"
+        else:
+            planning = " (planning under --budget)" if cfg.budget_bytes and cfg.plan is None else ""
+            left = f"{planning}; nothing was trained, so there is nothing to resume: run the same command again"
+        _interrupted(cfg, e, "interrupted before the first step" + left)
+        raise
     params = [p for lin in model.linears().values() if lin.rank for p in (lin.lora_a, lin.lora_b)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warm = max(1, min(5, cfg.steps // 10))  # linear warm-up, then cosine decay to 0
@@ -297,7 +348,6 @@ def train(cfg: AdaptConfig) -> dict:
         1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     step, history = 0, []
     rng = random.Random(cfg.seed)
-    held_before = mean_loss(model, held) if state is None else state["held_before"]
     if state is not None:
         model.load_state_dict(state["lora"], strict=False)
         opt.load_state_dict(state["opt"])
@@ -315,7 +365,7 @@ def train(cfg: AdaptConfig) -> dict:
         os.replace(tmp, cfg.ckpt_path)
 
     t0 = time.perf_counter()
-    step0 = step
+    step0, measuring = step, ""
     try:
         while step < cfg.steps:
             batch = rng.sample(train_ex, min(cfg.batch, len(train_ex)))
@@ -330,19 +380,16 @@ def train(cfg: AdaptConfig) -> dict:
                 _progress(step, cfg.steps, history[-1], (time.perf_counter() - t0) / (step - step0))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_ckpt()
+        step_s = (time.perf_counter() - t0) / max(1, step - step0)
+        measuring = " (measuring the held-out loss)"  # a minute on many examples: Ctrl-C there keeps the steps too
+        held_after = mean_loss(model, held)
     except KeyboardInterrupt as e:
         save_ckpt()
-        note = (f"interrupted at step {step}/{cfg.steps}; checkpoint saved to {cfg.ckpt_path}; continue with the "
-                f"same command plus --resume (in Python: resume=True)")
-        if cfg.progress:
-            print(f"\n{note}", file=sys.stderr)
-        else:  # a library call prints nothing it was not asked to: the note rides on the exception
-            e.add_note(note)
+        _interrupted(cfg, e, f"interrupted at step {step}/{cfg.steps}{measuring}; checkpoint saved to "
+                             f"{cfg.ckpt_path}; continue with the same command plus --resume (in Python: resume=True)")
         raise
     if cfg.progress:
         print(file=sys.stderr)
-    step_s = (time.perf_counter() - t0) / max(1, step - step0)
-    held_after = mean_loss(model, held)
     figures = {"steps": step, "first_loss": history[0] if history else None, "last_loss": history[-1] if history
                else None, "heldout_loss_before": held_before, "heldout_loss_after": held_after,
                "seconds_per_step": round(step_s, 3), "peak_rss_bytes": peak_rss(),
@@ -354,6 +401,15 @@ def train(cfg: AdaptConfig) -> dict:
     cfg.ckpt_path.unlink(missing_ok=True)
     return {"adapter": str(cfg.out), "plan": cfg.plan, "plan_info": cfg.plan_info, "history": history,
             "base": base, **figures}
+
+
+def _interrupted(cfg: AdaptConfig, e: KeyboardInterrupt, note: str) -> None:
+    """Say what Ctrl-C left: on stderr under a progress line, else on the exception (a library call prints
+    nothing it was not asked to)."""
+    if cfg.progress:
+        print(f"\n{note}", file=sys.stderr)
+    else:
+        e.add_note(note)
 
 
 def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, figures: dict) -> Path:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 BASE = ("--temp", "0", "-t", "2", "--timings", "json")
 
 
@@ -132,3 +134,15 @@ def test_fa_is_llama_clis_flash_attention_switch(cli):
     assert r.returncode == 2 and "invalid choice: 'sometimes'" in r.stderr
     r = cli("serve", "-fa", "off", "--kv-type", "q8_0", "--port", "0")  # llama.cpp needs it for a quantized V cache
     assert r.returncode != 0 and "needs flash attention in llama.cpp" in r.stderr, r.stderr[-500:]
+
+
+def test_eval_takes_llama_perplexitys_lora_spellings():
+    """llama-perplexity's --lora FILE and --lora-scaled FILE SCALE reach eval's adapter (only --adapter did)."""
+    from ondevice.cli import build_parser
+
+    p = build_parser("eval")
+    assert p.parse_args(["eval", "--lora", "a.gguf"]).adapter == "a.gguf"
+    assert p.parse_args(["eval", "--lora-scaled", "a.gguf", "0.5"]).adapter == "a.gguf:0.5"
+    assert p.parse_args(["eval", "--adapter", "a.gguf:2"]).adapter == "a.gguf:2"
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--lora-scaled", "a.gguf", "half"])

@@ -28,7 +28,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 class Scaled(argparse.Action):
-    """``--lora-scaled PATH SCALE`` (llama-cli's and llama-server's) appends ``PATH:SCALE`` to its dest's list."""
+    """``--lora-scaled PATH SCALE`` (llama-cli's and llama-server's) appends ``PATH:SCALE`` to its dest's list
+    (``one=True``: sets it, for a verb that takes one adapter)."""
+
+    def __init__(self, *a, one: bool = False, **kw):
+        self.one = one
+        super().__init__(*a, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
         path, scale = values
@@ -36,7 +41,8 @@ class Scaled(argparse.Action):
             float(scale)
         except ValueError:
             parser.error(f"{option_string} {path} {scale}: SCALE must be a number, e.g. {option_string} {path} 0.5")
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), f"{path}:{scale}"])
+        value = f"{path}:{scale}"
+        setattr(namespace, self.dest, value if self.one else [*(getattr(namespace, self.dest, None) or []), value])
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..report.formats import FORMATS
 from .record import EvalRecord
 
-FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"]}  # llama.cpp's (-c: also the ppl chunk)
+# llama.cpp's spellings (-c: also the ppl chunk; --lora as llama-perplexity's)
+FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"], "adapter": ["--adapter", "--lora"]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="catalog name, stored variant or .gguf path")
     # one declaration: flag, ONDEVICE_EVAL_* and ondevice.evaluate's keyword (perplexity and KL divergence
     # follow llama-perplexity's conventions, -c/--ctx-size its chunk; suites run in a -c window)
-    add_config_arguments(p.add_argument_group("what to evaluate and how"), EvalConfig, FLAGS)
+    g = p.add_argument_group("what to evaluate and how")
+    add_config_arguments(g, EvalConfig, FLAGS)
+    from ..engine.args import Scaled
+
+    g.add_argument("--lora-scaled", nargs=2, action=Scaled, one=True, dest="adapter", metavar=("PATH", "SCALE"),
+                   default=argparse.SUPPRESS, help="llama-perplexity's form of --adapter PATH:SCALE")
     from ..engine.args import add_kernel_args
     from ..protect.keys import add_key_args
 

@@ -11,35 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_adapt_resume import _interrupt_at, interrupted_run, keep_hard, needs_torch
 
 from ondevice.adapt import data, tasks
 from ondevice.errors import InvalidArgument
 from ondevice.models.store import cached_sha256, sha256_file
 
-try:
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ImportError:
-    HAVE_TORCH = False
-needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: pip install 'ondevice[adapt]'")
-
 TINY = ["--steps", "3", "--batch", "1", "--max-len", "48", "--heldout", "0", "-t", "1", "--checkpoint-every", "1"]
-
-
-def _interrupt_at(monkeypatch, at: int):
-    """Ctrl-C right after step ``at``; returns the undo."""
-    from ondevice.adapt import train
-
-    real = train._progress
-
-    def progress(step, *a):
-        real(step, *a)
-        if step == at:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_progress", progress)
-    return lambda: monkeypatch.setattr(train, "_progress", real)
 
 
 def test_other_tools_data_formats_are_named_with_the_way_to_write_them(tmp_path):
@@ -107,15 +85,8 @@ def test_flags_that_would_drop_another_or_train_nothing_are_one_line(tmp_path, m
 def test_a_rerun_that_forgot_resume_keeps_the_checkpoint_of_that_run(tmp_path, monkeypatch):
     from ondevice.adapt import train
 
-    path = tasks.write_jsonl(tasks.iso_dates(4, seed=3), tmp_path / "walk.jsonl")
-    out = tmp_path / "walk.gguf"
-    ckpt = tmp_path / "walk.gguf.ckpt.pt"
-    cfg = {"data": str(path), "out": str(out), "steps": 3, "batch": 1, "max_len": 48, "rank": 8,
-           "modules": ("attn_q",), "layers": (29,), "threads": 1, "heldout": 0, "checkpoint_every": 1}
-    restore = _interrupt_at(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(train.AdaptConfig(**cfg))
-    restore()
+    cfg = interrupted_run(tmp_path, monkeypatch)
+    out, ckpt = tmp_path / "walk.gguf", tmp_path / "walk.gguf.ckpt.pt"
     saved = ckpt.read_bytes()
     with pytest.raises(InvalidArgument) as e:  # the same command again, without --resume
         train.train(train.AdaptConfig(**cfg))
@@ -139,19 +110,12 @@ def test_a_rerun_that_forgot_resume_keeps_the_checkpoint_of_that_run(tmp_path, m
 def test_from_deferred_without_resume_keeps_the_samples_the_checkpoint_was_made_from(tmp_path, smol_path,
                                                                                       monkeypatch, capsys):
     from ondevice.cli import main
-    from ondevice.store import Store
 
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
     db, sha = tmp_path / "store.sqlite", cached_sha256(smol_path)
 
-    def keep(q: str, a: str) -> None:  # what serve --cascade-keep-hard does with a deferred request
-        with Store(db) as s:
-            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=sha, cloud_model="cloud",
-                              confidence=0.1, messages=[{"role": "user", "content": q}], device_answer="?",
-                              cloud_answer=a)
-
     for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4.")):
-        keep(q, a)
+        keep_hard(db, sha, q, a)
     args = ["adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "--name", "hard", "--layers", "29",
             "--modules", "attn_q", *TINY]
     restore = _interrupt_at(monkeypatch, 2)
@@ -161,7 +125,7 @@ def test_from_deferred_without_resume_keeps_the_samples_the_checkpoint_was_made_
     exported, ckpt = adapters / "hard.gguf.deferred.jsonl", adapters / "hard.gguf.ckpt.pt"
     made_from = exported.read_bytes()
     capsys.readouterr()
-    keep("Colour of the sky?", "Blue.")  # kept meanwhile: a new export would replace the checkpoint's samples
+    keep_hard(db, sha, "Colour of the sky?", "Blue.")  # kept meanwhile: a new export would replace the checkpoint's samples
     assert main(args) == 2
     assert capsys.readouterr().err == (f"ondevice adapt: error: {ckpt} holds an interrupted run on {exported}: add "
                                        f"--resume to continue it on those samples, or delete {ckpt} to start over on "

@@ -36,22 +36,25 @@ def _interrupt_at(monkeypatch, at: int):
     return lambda: monkeypatch.setattr(train, "_progress", real)
 
 
+def keep_hard(db, sha: str, q: str, a: str) -> None:
+    """What serve --cascade-keep-hard does with a deferred request: the question and the cloud's answer kept."""
+    from ondevice.store import Store
+
+    with Store(db) as s:
+        s.add_hard_sample(source="test", device_model="smollm2", device_sha256=sha, cloud_model="cloud",
+                          confidence=0.1, messages=[{"role": "user", "content": q}], device_answer="?",
+                          cloud_answer=a)
+
+
 @needs_torch
 def test_resume_from_deferred_trains_on_the_data_exported_for_that_run(tmp_path, smol_path, monkeypatch, capsys):
     from ondevice.cli import main
-    from ondevice.store import Store
 
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
     db, sha = tmp_path / "store.sqlite", cached_sha256(smol_path)
 
-    def keep(q: str, a: str) -> None:  # what serve --cascade-keep-hard does with a deferred request
-        with Store(db) as s:
-            s.add_hard_sample(source="test", device_model="smollm2", device_sha256=sha, cloud_model="cloud",
-                              confidence=0.1, messages=[{"role": "user", "content": q}], device_answer="?",
-                              cloud_answer=a)
-
     for q, a in (("Capital of Peru?", "Lima."), ("2+2?", "4."), ("Opposite of hot?", "Cold.")):
-        keep(q, a)
+        keep_hard(db, sha, q, a)
     args = ["adapt", "--from", "deferred", "--db", str(db), "-m", str(smol_path), "--name", "hard2", "--steps", "3",
             "--checkpoint-every", "1", "--layers", "29", "--modules", "attn_q", "--max-len", "48", "--heldout", "0",
             "-t", "1", "--batch", "1"]
@@ -61,7 +64,7 @@ def test_resume_from_deferred_trains_on_the_data_exported_for_that_run(tmp_path,
     restore()
     exported = tmp_path / "home" / "adapters" / "hard2.gguf.deferred.jsonl"
     made_from = exported.read_bytes()
-    keep("Colour of the sky?", "Blue.")  # the server keeps one more meanwhile: it is for the next run
+    keep_hard(db, sha, "Colour of the sky?", "Blue.")  # the server keeps one more meanwhile: it is for the next run
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     assert exported.read_bytes() == made_from
     meta = adapter_file.read_meta(tmp_path / "home" / "adapters" / "hard2.gguf")
@@ -70,18 +73,25 @@ def test_resume_from_deferred_trains_on_the_data_exported_for_that_run(tmp_path,
     assert not (tmp_path / "home" / "adapters" / "hard2.gguf.ckpt.pt").exists()
 
 
-@needs_torch
-def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_path, monkeypatch):
+def interrupted_run(tmp_path, monkeypatch) -> dict:
+    """A tiny run (3 steps, a checkpoint each) Ctrl-C'd after step 2: its settings (``out``: walk.gguf)."""
     from ondevice.adapt import train
 
     path = tasks.write_jsonl(tasks.iso_dates(4, seed=3), tmp_path / "walk.jsonl")
-    out = tmp_path / "walk.gguf"
-    cfg = {"data": str(path), "out": str(out), "steps": 3, "batch": 1, "max_len": 48, "rank": 8,
+    cfg = {"data": str(path), "out": str(tmp_path / "walk.gguf"), "steps": 3, "batch": 1, "max_len": 48, "rank": 8,
            "modules": ("attn_q",), "layers": (29,), "threads": 1, "heldout": 0, "checkpoint_every": 1}
     restore = _interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train.train(train.AdaptConfig(**cfg))
     restore()
+    return cfg
+
+
+@needs_torch
+def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_path, monkeypatch):
+    from ondevice.adapt import train
+
+    cfg = interrupted_run(tmp_path, monkeypatch)
     tail = " or start over without --resume (only --steps, --checkpoint-every and -t may change on resume)"
     with pytest.raises(InvalidArgument, match=re.escape(
             "--resume: --rank 4 differs from the checkpoint's 8; resume with --rank 8" + tail)):
@@ -98,6 +108,6 @@ def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_p
     # what may change: a longer run, other checkpoint intervals and threads
     r = train.train(train.AdaptConfig(**{**cfg, "steps": 4, "threads": 2, "checkpoint_every": 3}, resume=True))
     assert r["steps"] == 4 and len(r["history"]) == 4
-    meta = adapter_file.read_meta(out)
+    meta = adapter_file.read_meta(cfg["out"])
     assert meta["ondevice.adapter.settings"]["rank"] == 8 and meta["ondevice.adapter.settings"]["steps"] == 4
     assert meta["tensors"]["blk.29.attn_q.weight.lora_a"] == (576, 8)

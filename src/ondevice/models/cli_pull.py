@@ -7,7 +7,8 @@ import argparse
 
 from ..errors import InvalidArgument
 from .hf_repo import repo_argument
-from .hub import catalog_entry, pull
+from .hub import pull
+from .sources import catalog_entry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

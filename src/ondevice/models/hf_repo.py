@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..errors import InvalidArgument, OndeviceError
 
 DEFAULT_TAG = "Q4_K_M"  # llama.cpp's -hf default, as Ollama's hf.co/ without a tag
-_HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")
+HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")  # addresses without https:// too
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Hub owner or repository name
 _REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:@([^/:\s]+))?(?::([A-Za-z0-9_.+-]+))?/?$")
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
@@ -56,9 +56,9 @@ def parse_repo(word: str, *, bare: bool = False) -> RepoRef | None:
     """
     w = word.strip()
     low = w.lower()
-    if low.startswith(("https://", "http://")) and low.split("://", 1)[1].startswith(_HOSTS):
+    if low.startswith(("https://", "http://")) and low.split("://", 1)[1].startswith(HOSTS):
         w, low = w.split("://", 1)[1], low.split("://", 1)[1]
-    if low.startswith(_HOSTS):
+    if low.startswith(HOSTS):
         rest = w.split("/", 1)[1]
     elif low.startswith("hf://"):
         rest = w[len("hf://"):]
@@ -134,7 +134,8 @@ def choose_file(ref: RepoRef, files: list[str]) -> str:
 
 def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
     """The repository's file paths, from the Hub API's ``siblings`` (HF_TOKEN sent to the Hub's host only)."""
-    from .hub import _NETWORK_ERRORS, _auth_headers, _open, hf_endpoint
+    from .hub import _NETWORK_ERRORS, _auth_headers, _open
+    from .sources import hf_endpoint
 
     base = hf_endpoint()
     api = f"{base}/api/models/{urllib.parse.quote(ref.owner)}/{urllib.parse.quote(ref.repo)}"
@@ -181,3 +182,28 @@ def resolve_file(ref: RepoRef, timeout: float = 30.0) -> str:
     path = choose_file(ref, list_files(ref, timeout))
     rev = f"@{ref.revision}" if ref.revision else ""
     return f"hf://{ref.repo_id}{rev}/{path}"
+
+
+def file_url(url: str, given: str) -> str:
+    """A Hugging Face file's page (``/owner/repo/blob/rev/file``, what the browser shows) as its download link
+    (``/resolve/``): the page is HTML, never the model."""
+    from .sources import hf_endpoint
+
+    parts = urllib.parse.urlsplit(url)
+    hf_hosts = {h.rstrip("/") for h in HOSTS}  # the address forms below are Hugging Face's own
+    hub_hosts = hf_hosts | {urllib.parse.urlsplit(hf_endpoint()).netloc.lower()}  # a mirror's /blob/ too
+    segments = parts.path.split("/")  # ["", owner, repo, "blob", rev, *path]
+    named = [x for x in segments if x]
+    if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
+        repo, _, tag = "/".join(named).partition(":")
+        raise InvalidArgument(f"{given} is a Hugging Face repository, not a file: `ondevice pull hf.co/"
+                              f"{repo or 'OWNER/REPO'}:{tag or 'QUANT'}` picks its file (or name one: "
+                              f"hf://{repo or 'OWNER/REPO'}/FILE.gguf)")
+    if parts.netloc.lower() in hub_hosts and len(segments) > 5 and segments[3] == "blob":
+        segments[3] = "resolve"
+        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
+    if (parts.netloc.lower() in hf_hosts and len(named) >= 3 and named[2] not in ("resolve", "raw", "tree")
+            and named[0] not in ("api", "datasets", "spaces")):  # hf.co/OWNER/REPO/FILE: hf://'s form, main's file
+        segments[3:3] = ["resolve", "main"]
+        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
+    return url

@@ -36,14 +36,13 @@ from .catalog import (
     _ALIASES,
     _NAME_RE,
     CATALOG,
-    CatalogEntry,
     _stamp,
-    did_you_mean,
     entry_path,
     read_provenance,
 )
 from .gguf_check import validate_gguf
 from .hf_repo import parse_repo, resolve_file
+from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source  # noqa: F401 (re-exported)
 from .store import models_dir, sha256_file, write_json
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -54,89 +53,6 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
 
 class DownloadInterrupted(OndeviceError):
     """The connection dropped or stalled; the partial file is kept so a rerun resumes."""
-
-
-def hf_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def parse_source(url: str) -> tuple[str, str]:
-    """``(http_url, default_name)`` for an ``hf://`` or http(s) URL (``huggingface.co/...`` without a scheme too)."""
-    given = url
-    if url.lower().startswith(_HF_HOSTS):  # copied from the browser's address bar, which hides https://
-        url = "https://" + url
-    if url.startswith("hf://"):
-        parts = url[len("hf://"):].strip("/").split("/")
-        if len(parts) < 3 or not all(parts):
-            raise InvalidArgument(f"{url!r} is not an hf:// model URL; use hf://owner/repo/path/file.gguf "
-                                  f"(optionally hf://owner/repo@revision/file.gguf), or hf://owner/repo:QUANT")
-        owner, repo, path = parts[0], parts[1], parts[2:]
-        repo, _, revision = repo.partition("@")
-        quoted = "/".join(urllib.parse.quote(p) for p in path)
-        http_url = f"{hf_endpoint()}/{owner}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/{quoted}"
-        filename = path[-1]
-    elif url.startswith(("http://", "https://")):
-        try:
-            http_url = _hf_file_url(url, given)
-            filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-        except ValueError as e:  # "Invalid IPv6 URL"
-            raise InvalidArgument(f"cannot download {url!r}: {e}; check the URL") from None
-    else:
-        raise InvalidArgument(_not_a_source(url))
-    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "model"
-    return http_url, name
-
-
-_HF_HOSTS = ("huggingface.co/", "hf.co/", "www.huggingface.co/")
-
-
-def _hf_file_url(url: str, given: str) -> str:
-    """A Hugging Face file's page (``/owner/repo/blob/rev/file``, what the browser shows) as its download link
-    (``/resolve/``): the page is HTML, never the model."""
-    parts = urllib.parse.urlsplit(url)
-    hf_hosts = {h.rstrip("/") for h in _HF_HOSTS}  # the address forms below are Hugging Face's own
-    hub_hosts = hf_hosts | {urllib.parse.urlsplit(hf_endpoint()).netloc.lower()}  # a mirror's /blob/ too
-    segments = parts.path.split("/")  # ["", owner, repo, "blob", rev, *path]
-    named = [x for x in segments if x]
-    if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
-        repo, _, tag = "/".join(named).partition(":")
-        raise InvalidArgument(f"{given} is a Hugging Face repository, not a file: `ondevice pull hf.co/"
-                              f"{repo or 'OWNER/REPO'}:{tag or 'QUANT'}` picks its file (or name one: "
-                              f"hf://{repo or 'OWNER/REPO'}/FILE.gguf)")
-    if parts.netloc.lower() in hub_hosts and len(segments) > 5 and segments[3] == "blob":
-        segments[3] = "resolve"
-        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
-    if (parts.netloc.lower() in hf_hosts and len(named) >= 3 and named[2] not in ("resolve", "raw", "tree")
-            and named[0] not in ("api", "datasets", "spaces")):  # hf.co/OWNER/REPO/FILE: hf://'s form, main's file
-        segments[3:3] = ["resolve", "main"]
-        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
-    return url
-
-
-def catalog_entry(word: str) -> CatalogEntry | None:
-    """The catalog model ``word`` names (a name or an alias), or None."""
-    return CATALOG.get(_ALIASES.get(word, word))
-
-
-def _not_a_source(word: str) -> str:
-    """Why ``word`` cannot be pulled, and what would work: a close catalog name, hf://, or the local file."""
-    fix = "use hf://owner/repo/file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)"
-    path = Path(word).expanduser()
-    if path.is_file():
-        return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "
-                f"...), or check it with `ondevice models {word}`")
-    if re.match(r"[\w-]+(\.[\w-]+)+(:\d+)?/|localhost(:\d+)?/|[\d.]+:\d+/", word):  # a host: a URL without its scheme
-        return f"cannot download {word!r}: no such local file; a web address is written https://{word}"
-    if word.count("/") >= 2 and not word.startswith(("/", ".", "~")):
-        return f"cannot download {word!r}: no such local file; a Hugging Face file is written hf://{word.strip('/')}"
-    if _NAME_RE.match(word) and (stored := models_dir(create=False) / f"{word}.gguf").is_file():
-        prov = read_provenance(stored) or {}
-        again = f"`ondevice pull {prov['url']} --force`" if prov.get("url") else "its URL with --force"
-        return f"{word} is already in the store ({stored}); use it as it is, or download it again with {again}"
-    close = did_you_mean(word)
-    hint = f"did you mean '{close}'? " if close else ""
-    return f"cannot download {word!r}: not a catalog model nor a URL; {hint}{fix}"
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):

@@ -35,7 +35,7 @@ def partial_status(name: str, part: Path) -> str:
 
 
 def _default_name(url: str) -> str | None:
-    from .hub import parse_source
+    from .sources import parse_source
 
     try:
         return parse_source(url)[1]

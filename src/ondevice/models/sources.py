@@ -1,0 +1,71 @@
+"""What the user gave ``ondevice pull``, as what to fetch: an ``hf://`` address, an http(s) URL (a Hugging Face
+page address too), a catalog name; or why it is none of those (a local file, a stored model, a typo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from .catalog import _ALIASES, _NAME_RE, CATALOG, CatalogEntry, did_you_mean, read_provenance
+from .hf_repo import HOSTS, file_url
+from .store import models_dir
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def parse_source(url: str) -> tuple[str, str]:
+    """``(http_url, default_name)`` for an ``hf://`` or http(s) URL (``huggingface.co/...`` without a scheme too)."""
+    given = url
+    if url.lower().startswith(HOSTS):  # copied from the browser's address bar, which hides https://
+        url = "https://" + url
+    if url.startswith("hf://"):
+        parts = url[len("hf://"):].strip("/").split("/")
+        if len(parts) < 3 or not all(parts):
+            raise InvalidArgument(f"{url!r} is not an hf:// model URL; use hf://owner/repo/path/file.gguf "
+                                  f"(optionally hf://owner/repo@revision/file.gguf), or hf://owner/repo:QUANT")
+        owner, repo, path = parts[0], parts[1], parts[2:]
+        repo, _, revision = repo.partition("@")
+        quoted = "/".join(urllib.parse.quote(p) for p in path)
+        http_url = f"{hf_endpoint()}/{owner}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/{quoted}"
+        filename = path[-1]
+    elif url.startswith(("http://", "https://")):
+        try:
+            http_url = file_url(url, given)
+            filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+        except ValueError as e:  # "Invalid IPv6 URL"
+            raise InvalidArgument(f"cannot download {url!r}: {e}; check the URL") from None
+    else:
+        raise InvalidArgument(_not_a_source(url))
+    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "model"
+    return http_url, name
+
+
+def catalog_entry(word: str) -> CatalogEntry | None:
+    """The catalog model ``word`` names (a name or an alias), or None."""
+    return CATALOG.get(_ALIASES.get(word, word))
+
+
+def _not_a_source(word: str) -> str:
+    """Why ``word`` cannot be pulled, and what would work: a close catalog name, hf://, or the local file."""
+    fix = "use hf://owner/repo/file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)"
+    path = Path(word).expanduser()
+    if path.is_file():
+        return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "
+                f"...), or check it with `ondevice models {word}`")
+    if re.match(r"[\w-]+(\.[\w-]+)+(:\d+)?/|localhost(:\d+)?/|[\d.]+:\d+/", word):  # a host: a URL without its scheme
+        return f"cannot download {word!r}: no such local file; a web address is written https://{word}"
+    if word.count("/") >= 2 and not word.startswith(("/", ".", "~")):
+        return f"cannot download {word!r}: no such local file; a Hugging Face file is written hf://{word.strip('/')}"
+    if _NAME_RE.match(word) and (stored := models_dir(create=False) / f"{word}.gguf").is_file():
+        prov = read_provenance(stored) or {}
+        again = f"`ondevice pull {prov['url']} --force`" if prov.get("url") else "its URL with --force"
+        return f"{word} is already in the store ({stored}); use it as it is, or download it again with {again}"
+    close = did_you_mean(word)
+    hint = f"did you mean '{close}'? " if close else ""
+    return f"cannot download {word!r}: not a catalog model nor a URL; {hint}{fix}"

@@ -1,9 +1,10 @@
 """llama-bench's field names beside ours in ``bench``'s csv, json, jsonl and sql exports.
 
 ``ondevice bench -o json`` takes llama-bench's ``-o`` names, so scripts written for llama-bench's output
-(``jq '.[].avg_ts'``, llama.cpp's ``scripts/compare-llama-bench.py``) read ours too. Each record keeps its own
-fields; the llama-bench fields it lacks are added with llama-bench's meaning and encoding: its figures
-(``avg_ts``, ``stddev_ts``, ``avg_ns``, ``stddev_ns``, ``samples_ts``, ``samples_ns``), the model
+(``jq '.[].avg_ts'``, a pandas table of ``n_prompt``/``n_gen``/``avg_ts``) read ours too; llama.cpp's
+``scripts/compare-llama-bench.py`` is not claimed (it joins rows on ``flash_attn``, which stays ours). Each
+record keeps its own fields; the llama-bench fields it lacks are added with llama-bench's meaning and encoding:
+its figures (``avg_ts``, ``stddev_ts``, ``avg_ns``, ``stddev_ns``, ``samples_ts``, ``samples_ns``), the model
 (``model_type`` is llama.cpp's own ``llama_model_desc``, as llama-bench prints it), the build, the CPU, and its
 GPU and placement settings at the values llama-bench writes when they are not given (everything here runs on
 the CPU). Two names stay ours: ``flash_attn`` (true/false, null for auto; llama-bench writes 1/0/-1) and

@@ -19,11 +19,27 @@ from .container import (
 from .keys import load_key, new_key, store_in_keyring
 
 
-def keygen(keyring_name: str | None = None) -> str:
-    """A new random key (64 hex digits); also stored in the OS keyring under ``keyring_name`` if given."""
+def keygen(keyring_name: str | None = None, out: str | os.PathLike[str] | None = None, *, force: bool = False) -> str:
+    """A new random key (64 hex digits); also stored in the OS keyring under ``keyring_name`` if given, and
+    written to the file ``out`` (mode 0600: only its owner can read it) if given.
+
+    ``out`` is written through a temp file renamed into place; an existing one is replaced only with ``force``
+    (it may be the only copy of the key that opens your containers).
+    """
+    from ..models.store import atomic_path
+
     key = new_key()
+    dst = Path(out).expanduser() if out is not None else None
+    if dst is not None and (dst.exists() or dst.is_symlink()) and not force:
+        raise InvalidArgument(f"-o {dst} already exists (it may be the only copy of a key your containers need); "
+                              f"pass --force to replace it, or write to another path")
     if keyring_name:
         store_in_keyring(keyring_name, key)
+    if dst is not None:
+        with atomic_path(dst) as tmp:
+            if tmp.is_file():  # not a device written through (-o /dev/stdout): its mode is not ours to change
+                os.chmod(tmp, 0o600)  # before the key is in it: never readable by others, not even for a moment
+            tmp.write_text(key + "\n")
     return key
 
 

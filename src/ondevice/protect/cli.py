@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     k = sub.add_parser("keygen", help="print a new random 256-bit key (its last line)")
     k.add_argument("--keyring", metavar="NAME", help="also store it in the OS keyring under NAME")
+    k.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (mode 0600) instead of printing it")
+    k.add_argument("--force", action="store_true", help="replace an existing -o file")
     e = sub.add_parser("encrypt", help="write an encrypted container of a model")
     e.add_argument("model", help="catalog name, stored variant or .gguf path")
     e.add_argument("-o", "--output", required=True, metavar="FILE", help="the container to write")
@@ -32,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from .keys import key_source_from
 
     if args.action == "keygen":
-        key = api.keygen(args.keyring)
-        if args.keyring:
-            print(f"stored in the OS keyring as '{args.keyring}' (use --key-keyring {args.keyring}); the key:")
+        key = api.keygen(args.keyring, args.output, force=args.force)
+        where = [f"the OS keyring as '{args.keyring}' (use --key-keyring {args.keyring})"] if args.keyring else []
+        if args.output:
+            where.append(f"{args.output}, readable only by you (use --key-file {shlex.quote(args.output)})")
+            print(f"stored in {' and in '.join(where)}")
+            return 0
+        if where:
+            print(f"stored in {where[0]}; the key:")
         print(key)
         return 0
     if args.action == "encrypt":

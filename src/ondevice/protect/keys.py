@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import os
 import secrets
+import shlex
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
@@ -80,6 +82,32 @@ def parse_key(text: str | bytes, where: str) -> bytes:
     return key
 
 
+def _refuse_key_as_name(kind: str, name: str) -> None:
+    """Raise, without showing it, if the name that was not found is a key itself (``--key-env $MODEL_KEY``)."""
+    try:
+        parse_key(name, "")
+    except InvalidArgument:
+        return  # an ordinary name: the caller's message may show it
+    flag = f"--key-{kind}"
+    what = {"env": "NAME of the variable that holds it (--key-env MODEL_KEY, not --key-env $MODEL_KEY)",
+            "file": "PATH of a file that holds it", "keyring": "NAME of its keyring entry"}[kind]
+    raise InvalidArgument(f"{flag} was given a key itself ({len(name)} characters, not shown), not where the key "
+                          f"is: give {flag} the {what}; it was on a command line (shell history, ps), so "
+                          f"consider it exposed")
+
+
+def _warn_if_others_can_read(path: str) -> None:
+    """A key file that other users can read protects nothing (as ssh says of a private key)."""
+    import stat
+    import warnings
+
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            warnings.warn(f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+                          f"restrict it with: chmod 600 {shlex.quote(path)}", stacklevel=2)
+
+
 def new_key() -> str:
     """A fresh random 256-bit key as 64 hex digits."""
     return secrets.token_hex(32)
@@ -126,6 +154,7 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
     if kind == "env":
         val = os.environ.get(name)
         if not val:
+            _refuse_key_as_name("env", name)
             raise OndeviceError(f"--key-env {name}: the environment variable {name} is not set (or empty); "
                                 f"export it with the model's key")
         return parse_key(val, f"environment variable {name}")
@@ -133,11 +162,14 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         try:
             data = Path(name).read_bytes()
         except OSError as e:
+            _refuse_key_as_name("file", os.path.basename(name))
             raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
+        _warn_if_others_can_read(name)
         return parse_key(data if len(data) == 32 else data.strip(), f"key file {name}")
     if kind == "keyring":
         val = _keyring().get_password(KEYRING_SERVICE, name)
         if val is None:
+            _refuse_key_as_name("keyring", name)
             raise OndeviceError(f"--key-keyring {name}: no such key in the OS keyring (service "
                                 f"'{KEYRING_SERVICE}'); store one with `ondevice protect keygen --keyring {name}`")
         return parse_key(val, f"keyring entry {name}")

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..models.gguf_check import validate_gguf
 from ..models.gguf_copy import writer_like
+from ..models.gguf_split import refuse_split
 from ..models.store import temp_file
 from . import store
 
@@ -52,6 +54,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     if base_name is None:
         raise InvalidArgument(f"{apath.name} does not record its base model; give it with -m")
     base = resolve(base_name).path
+    refuse_split(validate_gguf(base), "adapt merge")
     name = f"{Path(base).stem if model else base_name}-{apath.stem}"
     store.check_out_file(out, "merged model's", f"{name}.gguf")
     check(apath, base)  # refused here when the adapter was trained on another base

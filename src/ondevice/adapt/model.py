@@ -179,8 +179,10 @@ class LlamaLoRA(torch.nn.Module):
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
         super().__init__()
         from ..models.gguf_check import validate_gguf
+        from ..models.gguf_split import refuse_split
 
         info = validate_gguf(path)  # fast header walk (gguf-py's GGUFReader takes ~10 s on a 49k vocabulary)
+        refuse_split(info, "ondevice adapt")
         if info.architecture != "llama":
             raise InvalidArgument(f"ondevice adapt trains llama-architecture models (SmolLM2, Llama); "
                                   f"{Path(path).name} is '{info.architecture}'")

@@ -18,13 +18,15 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import gguf
 
 from ..errors import NOT_THERE, InvalidModelFile, path_problem
+from .gguf_split import Shard, split_shards
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -34,10 +36,6 @@ MAX_NESTING = 3  # arrays of arrays are legal in the spec but never that deep in
 KEEP_ARRAY = 1024  # arrays up to this length keep their values in GGUFInfo.metadata
 VOCAB_KEY = "tokenizer.ggml.tokens"
 MIN_ALIGNMENT = 32  # ggml's CPU buffers are 32-byte aligned: a smaller GGUF alignment trips an assert
-MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
-MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
-# tokenizer.ggml.model values llama.cpp builds a tokenizer for ("none"/"no_vocab" leave it without one)
-TOKENIZER_MODELS = ("llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv", "plamo2", "gemma4")
 
 # GGUF value type id -> (struct format, size); 8 = string and 9 = array are handled separately.
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -46,6 +44,7 @@ _SCALARS: dict[int, tuple[str, int]] = {
 }
 _STRING, _ARRAY = 8, 9
 _VALID_VALUE_TYPES = {int(t) for t in gguf.GGUFValueType}
+T = TypeVar("T")
 
 
 class TensorInfo(NamedTuple):
@@ -86,6 +85,7 @@ class GGUFInfo:
     tensor_offsets: dict[str, int] = field(repr=False)  # absolute byte offset of each tensor's data
     metadata: dict[str, Any] = field(repr=False)  # scalars, strings and arrays up to KEEP_ARRAY items
     array_lengths: dict[str, int] = field(repr=False)  # every array key -> its length
+    split_paths: tuple[Path, ...] = ()  # a split model's other shards (path is its first); sizes count them all
 
     @property
     def size_mb(self) -> float:
@@ -224,7 +224,22 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
     return (values if keep else None), count
 
 
-def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
+class _Header(NamedTuple):
+    """One file's header, walked and bounds-checked."""
+
+    version: int
+    metadata: dict[str, Any]
+    types: dict[str, int]
+    array_lengths: dict[str, int]
+    alignment: int
+    data_offset: int
+    tensors: list[TensorInfo]
+    shapes: dict[str, tuple[int, ...]]
+    offsets: dict[str, int]
+    unspellable: list[int]
+
+
+def _header(path: Path, buf: bytes, size: int) -> _Header:
     cur = _Cursor(buf, size, path)
     magic = bytes(buf[0:4])
     if magic != GGUF_MAGIC:
@@ -319,12 +334,21 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
         tensors.append(TensorInfo(name, qtype.name, n_elements, n_bytes))
         shapes[name] = shape
         offsets[name] = start
+    return _Header(version, metadata, types, array_lengths, alignment, data_offset, tensors, shapes, offsets,
+                   cur.unspellable)
 
+
+def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
+    head = _header(path, buf, size)
+    version, metadata, types, array_lengths, alignment, data_offset, tensors, shapes, offsets, _ = head
+    shards = split_shards(path, metadata, _read_shard)  # the other files of a split model, walked
     arch = metadata.get("general.architecture")
+    from .gguf_hparams import check_hparams
+
     if not isinstance(arch, str) or not arch:
         raise _invalid(path, "missing general.architecture, so no runtime knows how to run it",
                        "re-convert it with a current llama.cpp")
-    _check_hparams(path, arch, metadata, types, array_lengths, cur.unspellable)
+    check_hparams(path, arch, metadata, types, array_lengths, head.unspellable)
 
     def num(key: str) -> int | None:
         v = metadata.get(f"{arch}.{key}")
@@ -334,6 +358,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
             return None  # a wrong type here is odd but harmless: report it as unknown
         return int(v)
 
+    tensors = tensors + [t for shard in shards for t in shard.tensors]
     total = sum(t.n_bytes for t in tensors)
     by_type: dict[str, int] = {}
     for t in tensors:
@@ -345,7 +370,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
     n_vocab = num("vocab_size") or array_lengths.get("tokenizer.ggml.tokens")
     name = metadata.get("general.name")
     return GGUFInfo(
-        path=path, file_size=size, version=version, architecture=arch,
+        path=path, file_size=size + sum(sh.file_size for sh in shards), version=version, architecture=arch,
         name=name if isinstance(name, str) else None,
         parameters=sum(t.n_elements for t in tensors), quant_mix=mix, quant_summary=summary,
         context_length=num("context_length"),
@@ -356,66 +381,8 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
         file_type=metadata.get("general.file_type") if isinstance(metadata.get("general.file_type"), int) else None,
         alignment=alignment, data_offset=data_offset, tensor_bytes=total, tensors=tuple(tensors),
         tensor_shapes=shapes, tensor_offsets=offsets, metadata=metadata, array_lengths=array_lengths,
+        split_paths=tuple(sh.path for sh in shards),
     )
-
-
-def _check_hparams(path: Path, arch: str, metadata: dict[str, Any], types: dict[str, int],
-                   array_lengths: dict[str, int], unspellable: list[int] = ()) -> None:
-    """Values llama.cpp asserts on (an abort, not an error it reports) get a clear error here instead."""
-    def bad(what: str) -> InvalidModelFile:
-        return _invalid(path, f"corrupt metadata: {what}")
-
-    def integer(key: str) -> int | None:
-        v = metadata.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.model"):
-        if key in types and types[key] != (_ARRAY if key == VOCAB_KEY else _STRING):
-            raise bad(f"'{key}' has GGUF type {types[key]}, not a {'array' if key == VOCAB_KEY else 'string'}")
-    blocks = f"{arch}.block_count"
-    if blocks in types:
-        n = integer(blocks)
-        if n is None or not 1 <= n <= MAX_LAYERS:
-            raise bad(f"{blocks} is {metadata.get(blocks, '(an array)')!r}; llama.cpp runs 1 to {MAX_LAYERS} layers")
-        nextn = integer(f"{arch}.nextn_predict_layers")
-        if nextn is not None and not 0 <= nextn <= n:
-            raise bad(f"{arch}.nextn_predict_layers is {nextn}, more than the {n} layers")
-    experts, used = integer(f"{arch}.expert_count"), integer(f"{arch}.expert_used_count")
-    if experts is not None and not 0 <= experts <= MAX_EXPERTS:
-        raise bad(f"{arch}.expert_count is {experts}; llama.cpp allows 0 to {MAX_EXPERTS}")
-    if used is not None and not 0 <= used <= (experts or 0):
-        raise bad(f"{arch}.expert_used_count is {used} but the model has {experts or 0} experts")
-    for key, v in metadata.items():
-        if key.startswith(f"{arch}.") and key.endswith("_epsilon"):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            if not ok:
-                raise bad(f"{key} is {v!r}; a norm epsilon must be a finite number >= 0")
-        elif types.get(key) in (6, 12) and not math.isfinite(v):  # float32/64: NaN rope bases give NaN logits
-            raise bad(f"{key} is {v!r}; it must be a finite number")
-    for key in (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv",
-                f"{arch}.context_length", f"{arch}.feed_forward_length"):
-        v = metadata.get(key)
-        vals = v if isinstance(v, list) else [v]
-        if key in metadata and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 or x >= 1 << 31
-                                   for x in vals):
-            raise bad(f"{key} is {v!r}; it must be a non-negative 32-bit integer")
-    model = metadata.get("tokenizer.ggml.model")
-    if isinstance(model, str) and model not in TOKENIZER_MODELS:
-        what = "no tokenizer" if model in ("none", "no_vocab") else "a tokenizer llama.cpp does not know"
-        raise bad(f"tokenizer.ggml.model is {model!r}, {what}; ondevice needs a model with a vocabulary "
-                  f"({', '.join(TOKENIZER_MODELS)})")
-    if model == "llama" and unspellable:
-        raise bad(f"the SentencePiece vocabulary has no byte tokens (<0x{unspellable[0]:02X}> and "
-                  f"{len(unspellable) - 1} more), which llama.cpp needs for any character it cannot spell (it "
-                  f"aborts instead); the file was converted without them")
-    n_vocab = array_lengths.get(VOCAB_KEY)
-    if model is not None and not n_vocab:
-        raise bad(f"the model names tokenizer {model!r} but has no {VOCAB_KEY}")
-    if n_vocab:
-        for key, v in metadata.items():
-            if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and (
-                    not isinstance(v, int) or isinstance(v, bool) or not -1 <= v < n_vocab):
-                raise bad(f"{key} is {v!r}, outside the vocabulary of {n_vocab} tokens")
 
 
 def _deep_check(info: GGUFInfo) -> None:
@@ -425,7 +392,7 @@ def _deep_check(info: GGUFInfo) -> None:
     except Exception as e:
         raise _invalid(info.path, f"gguf could not read it ({type(e).__name__}: {e})") from e
     theirs = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
-    ours = {t.name: (info.tensor_offsets[t.name], t.n_bytes) for t in info.tensors}
+    ours = {t.name: (info.tensor_offsets[t.name], t.n_bytes) for t in info.tensors if t.name in info.tensor_offsets}
     if theirs != ours:
         diff = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
         raise _invalid(info.path, f"gguf and the header check disagree on tensor layout (e.g. {diff})")
@@ -460,7 +427,17 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
         hit = _cache.get(key)
     if hit is not None and not deep:
         return hit
-    size = st.st_size
+    info = _read(p, st.st_size, _walk)
+    if deep:
+        _deep_check(info)
+    if not info.split_paths:  # (the key does not see the other shards change)
+        with _cache_lock:
+            _cache[key] = info
+    return info
+
+
+def _read(p: Path, size: int, walk: Callable[[Path, bytes, int], T]) -> T:
+    """``walk`` over the header of the ``size``-byte file ``p``, read in growing chunks."""
     if size < 24:
         if size >= 4 and p.read_bytes()[:4] != GGUF_MAGIC:
             raise _invalid(p, f"bad magic {p.read_bytes()[:4]!r} (a GGUF file starts with b'GGUF')", _FIX_NOT_GGUF)
@@ -474,7 +451,7 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
             f.seek(0)
             buf = f.read(min(chunk, size))
             try:
-                info = _walk(p, buf, size)
+                out = walk(p, buf, size)
                 break
             except _NeedMore:
                 if len(buf) < min(chunk, size):  # the file shrank under us
@@ -483,8 +460,10 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
                 chunk *= 4
     if p.stat().st_size != size:
         raise _invalid(p, "the file changed while it was being read", "wait for the writer to finish and retry")
-    if deep:
-        _deep_check(info)
-    with _cache_lock:
-        _cache[key] = info
-    return info
+    return out
+
+
+def _read_shard(p: Path) -> Shard:
+    size = p.stat().st_size
+    head = _read(p, size, _header)
+    return Shard(p, size, head.tensors, head.metadata)

@@ -51,12 +51,14 @@ def encrypt(model: str | os.PathLike[str] | None, out: str | os.PathLike[str], k
     is still that file). An existing ``out`` is replaced only with ``force`` (as ``ondevice quantize``).
     """
     from ..models import resolve, validate_gguf
+    from ..models.gguf_split import refuse_split
 
     ref = resolve(model)
     if is_container(ref.path):
         raise InvalidArgument(f"{ref.path} is already an encrypted container; encrypt the .gguf it was made "
                               f"from (to change the key, encrypt that .gguf again with the new key)")
     info = validate_gguf(ref.path)
+    refuse_split(info, "an encrypted container")
     dst = Path(out).expanduser()
     if dst.exists() and dst.resolve() == Path(ref.path).resolve():
         raise InvalidArgument(f"-o {dst} is the model itself; write the container to another path")

@@ -85,3 +85,13 @@ def test_one_file_readers_say_how_to_merge(split, tmp_path):
     with pytest.raises(InvalidArgument, match=r"split in 3 files.*llama-gguf-split --merge .*smol\.gguf"):
         encrypt(str(split), tmp_path / "smol.enc", "env:NOT_READ")
     assert not (tmp_path / "smol.enc").exists()
+
+
+def test_quantize_reads_every_shard_into_one_file(cli, split, smol_path, tmp_path):
+    """llama.cpp's quantizer loads the shards as its loader does; the result is one file of the whole model."""
+    out = tmp_path / "whole.gguf"
+    r = cli("quantize", str(split), "-t", "Q8_0", "--allow-requantize", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    info = validate_gguf(out)
+    assert info.split_paths == () and info.parameters == validate_gguf(smol_path).parameters
+    assert info.quant_summary == "Q8_0 100%"

@@ -82,7 +82,7 @@ class GGUFInfo:
     tensor_bytes: int  # sum of tensor sizes
     tensors: tuple[TensorInfo, ...] = field(repr=False)
     tensor_shapes: dict[str, tuple[int, ...]] = field(repr=False)  # ggml order: ne[0] is the row length
-    tensor_offsets: dict[str, int] = field(repr=False)  # absolute byte offset of each tensor's data
+    tensor_offsets: dict[str, int] = field(repr=False)  # absolute byte offset of each tensor's data (in path)
     metadata: dict[str, Any] = field(repr=False)  # scalars, strings and arrays up to KEEP_ARRAY items
     array_lengths: dict[str, int] = field(repr=False)  # every array key -> its length
     split_paths: tuple[Path, ...] = ()  # a split model's other shards (path is its first); sizes count them all
@@ -359,6 +359,7 @@ def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
         return int(v)
 
     tensors = tensors + [t for shard in shards for t in shard.tensors]
+    shapes = {**shapes, **{k: v for shard in shards for k, v in shard.shapes.items()}}
     total = sum(t.n_bytes for t in tensors)
     by_type: dict[str, int] = {}
     for t in tensors:
@@ -466,4 +467,4 @@ def _read(p: Path, size: int, walk: Callable[[Path, bytes, int], T]) -> T:
 def _read_shard(p: Path) -> Shard:
     size = p.stat().st_size
     head = _read(p, size, _header)
-    return Shard(p, size, head.tensors, head.metadata)
+    return Shard(p, size, head.tensors, head.shapes, head.metadata)

@@ -21,11 +21,12 @@ _KEEP_TOGETHER = "keep every shard of a split model in one folder under the name
 
 
 class Shard(NamedTuple):
-    """One of the other files of a split model: its size, tensors and metadata (``split.*`` only)."""
+    """One of the other files of a split model: its size, tensors, their shapes and metadata (``split.*`` only)."""
 
     path: Path
     file_size: int
     tensors: list
+    shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, Any]
 
 

@@ -82,16 +82,21 @@ def test_one_file_readers_say_how_to_merge(split, tmp_path):
     pytest.importorskip("cryptography")
     from ondevice.protect import encrypt
 
-    with pytest.raises(InvalidArgument, match=r"split in 3 files.*llama-gguf-split --merge .*smol\.gguf"):
+    with pytest.raises(InvalidArgument, match=r"split in 3 files.*ondevice quantize .*smol\.gguf COPY"):
         encrypt(str(split), tmp_path / "smol.enc", "env:NOT_READ")
     assert not (tmp_path / "smol.enc").exists()
 
 
-def test_quantize_reads_every_shard_into_one_file(cli, split, smol_path, tmp_path):
-    """llama.cpp's quantizer loads the shards as its loader does; the result is one file of the whole model."""
+def test_quantize_copy_merges_the_shards_into_one_file(cli, split, smol_path, tmp_path):
+    """llama-quantize's COPY: llama.cpp's quantizer loads every shard and writes each tensor as it is, so the
+    merged file holds the model's tensors byte for byte (what the refusals above tell users to run)."""
     out = tmp_path / "whole.gguf"
-    r = cli("quantize", str(split), "-t", "Q8_0", "--allow-requantize", "-o", str(out))
+    r = cli("quantize", str(split), str(out), "COPY")  # llama-quantize's argument order
     assert r.returncode == 0, r.stderr
-    info = validate_gguf(out)
-    assert info.split_paths == () and info.parameters == validate_gguf(smol_path).parameters
-    assert info.quant_summary == "Q8_0 100%"
+    merged, whole = validate_gguf(out), validate_gguf(smol_path)
+    assert merged.split_paths == () and merged.quant_summary == whole.quant_summary
+    a, b = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(smol_path))
+    assert {t.name: bytes(t.data) for t in a.tensors} == {t.name: bytes(t.data) for t in b.tensors}
+    r = cli("quantize", str(split), "-t", "Q8_0", "--allow-requantize")  # a variant, named after the model
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("smol-q8_0: ") and "Q8_0 " in r.stdout

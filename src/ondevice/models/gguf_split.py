@@ -81,5 +81,6 @@ def refuse_split(info, what: str) -> None:
     if info.split_paths:
         merged = SHARD_NAME.match(info.path.name)["prefix"] + ".gguf"
         raise InvalidArgument(f"{info.path.name} is split in {len(info.split_paths) + 1} files and {what} needs "
-                              f"the model in one: merge them with `llama-gguf-split --merge {info.path} "
-                              f"{info.path.with_name(merged)}` and pass that file")
+                              f"the model in one: merge them with `ondevice quantize {info.path} "
+                              f"{info.path.with_name(merged)} COPY` (or llama.cpp's llama-gguf-split --merge) and "
+                              f"pass that file")

@@ -10,6 +10,7 @@ from ..errors import InvalidArgument, OndeviceError
 from ..stop_signals import StopOnSignals
 from ..store.record import created_now
 from .quantize import (
+    COPY,
     check_requantize,
     default_name,
     ftype_id,
@@ -27,7 +28,8 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
              overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
              threads: int | None = None, force: bool = False, timeout: float | None = None,
              imatrix: str | os.PathLike[str] | None = None, output: str | os.PathLike[str] | None = None):
-    """Quantize ``model`` to ``type`` (a ``LLAMA_FTYPE_MOSTLY_*`` name) and store it as variant ``name``.
+    """Quantize ``model`` to ``type`` (a ``LLAMA_FTYPE_MOSTLY_*`` name, or ``COPY``: every tensor as it is, which
+    makes one file of a split model) and store it as variant ``name``.
 
     ``overrides`` are ``"REGEX=GGML_TYPE"`` strings (or a ``{regex: type}`` dict) applied to tensor names.
     Returns the :class:`~ondevice.models.catalog.ModelRef` of the new variant; its provenance (source
@@ -45,7 +47,8 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     type_name = type.strip().upper()
     ftype = ftype_id(type_name)
     ovr = parse_overrides(overrides)
-    if ovr and type_name in _UNQUANTIZED_TARGETS:
+    only_copy = type_name == COPY
+    if ovr and (type_name in _UNQUANTIZED_TARGETS or only_copy):
         raise InvalidArgument(f"--override has no effect with --type {type_name}: llama.cpp applies per-tensor "
                               f"overrides only when the target type is quantized; drop them or pick a "
                               f"quantized --type")
@@ -54,7 +57,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     refuse_container(src.path)  # before src.info, which would ask for a key that quantize cannot use
     src_info = src.info  # validates the source before llama.cpp reads it
     src_types = weight_types(src.path, independent=False)  # the walk src.info just did (cached)
-    requantized_from = check_requantize(src_types, allow_requantize)
+    requantized_from = [] if only_copy else check_requantize(src_types, allow_requantize)
     if out is None:
         name = name or default_name(src.name, type_name)
         check_variant_name(name, "--name")  # before the temp file: its name is built from it
@@ -69,7 +72,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     with StopOnSignals(str(out) if out else f"the variant {name}") as stop:  # a `kill` leaves no temp file either
         tmp = temp_file(out.parent if out else models_dir(), f".{name}.", ".gguf.tmp")
         try:
-            seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix)
+            seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix, only_copy)
             types = weight_types(tmp, independent=False)  # llama.cpp wrote it: our walk is independent of it
             check = verify(types, type_name, ovr)
             import llama_cpp

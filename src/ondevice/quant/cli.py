@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="llama-quantize's order also works: `ondevice quantize in.gguf out.gguf Q4_K_M 2`")
     p.add_argument("--type", "-t", default=None,
                    help="llama.cpp file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M, Q6_K, F16, BF16, "
-                        "F32, ... or its number, as llama-quantize takes it (`--type list` shows all)")
+                        "F32, ... or its number, as llama-quantize takes it (`--type list` shows all); COPY: "
+                        "the tensors as they are (one file from a split model)")
     p.add_argument("--name", "-n", default=None, help="variant name (default: <model>-<type>)")
     p.add_argument("--output", "-o", default=None, metavar="FILE",
                    help="write the quantized model to FILE instead of storing it as a variant")
@@ -29,12 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _file_type(word: str) -> str | None:
     """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0`` or llama-quantize's number), else None."""
-    from .quantize import ftypes
+    from .quantize import COPY, ftypes
 
     by_id = {v: k for k, v in ftypes().items()}
     if word.strip().isdigit():
         return by_id.get(int(word))
-    return word.strip().upper() if word.strip().upper() in ftypes() else None
+    return word.strip().upper() if word.strip().upper() in (*ftypes(), COPY) else None
 
 
 def _read_positionals(args: argparse.Namespace) -> None:
@@ -61,12 +62,13 @@ def _read_positionals(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .quantize import ftypes
+    from .quantize import COPY, ftypes
 
     _read_positionals(args)
     if args.type.lower() == "list":
         for name, value in ftypes().items():
             print(f"{name:12s} {value}")
+        print(f"{COPY:12s} -  every tensor as it is, into one file (a split model merged)")
         return 0
     if _file_type(args.type) is None and args.type.strip().isdigit():  # 15 is Q4_K_M, as `--type list` shows
         from ..errors import InvalidArgument

@@ -41,6 +41,7 @@ from pathlib import Path
 from ..errors import InvalidArgument, OndeviceError
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
+COPY = "COPY"  # llama-quantize's: every tensor copied as it is, into one file (a split model merged)
 _NAME_MAX = 128  # models.catalog's variant names: [A-Za-z0-9][A-Za-z0-9._+-]{0,127}
 _SUFFIX = re.compile(r"[-._](?:i?q\d\w*|f16|f32|bf16|tq\d_\d|mxfp4\w*)$", re.IGNORECASE)
 
@@ -66,9 +67,11 @@ def ftype_id(type_name: str) -> int:
     """``LLAMA_FTYPE`` value of ``type_name`` (case-insensitive), or an error listing the valid names."""
     table = ftypes()
     key = type_name.strip().upper()
+    if key == COPY:
+        return table["F32"]  # as llama-quantize passes it, with only_copy set
     if key not in table:
         raise InvalidArgument(f"--type {type_name!r} is not a llama.cpp quantization type; use one of "
-                              f"{', '.join(table)}")
+                              f"{', '.join(table)} (or {COPY})")
     return table[key]
 
 
@@ -113,7 +116,10 @@ def default_name(source_name: str, type_name: str) -> str:
     """``smollm2-135m-instruct-q4_1`` + Q8_0 -> ``smollm2-135m-instruct-q8_0``; a file name the store
     cannot hold (``My Modèl 模型.gguf``: spaces, accents, other scripts, 200 characters) is folded to one it
     can (``my-model-q8_0``), since no ``--name`` was given to blame for it."""
+    from ..models.gguf_split import SHARD_NAME
+
     base = Path(source_name).name.removesuffix(".gguf")
+    base = m["prefix"] if (m := SHARD_NAME.match(base + ".gguf")) else base  # a split model: its name
     base = unicodedata.normalize("NFKD", _SUFFIX.sub("", base)).encode("ascii", "ignore").decode().lower()
     suffix = f"-{type_name.lower()}"
     base = re.sub(r"[^a-z0-9_+-]+", "-", base.replace(".", "-")).strip("-_+")[:_NAME_MAX - len(suffix)]
@@ -185,11 +191,13 @@ def verify(weights: dict[str, str], type_name: str, overrides: list[tuple[str, s
 
 
 def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]], allow_requantize: bool,
-               threads: int, timeout: float | None = None, imatrix: str | Path | None = None) -> float:
+               threads: int, timeout: float | None = None, imatrix: str | Path | None = None,
+               only_copy: bool = False) -> float:
     """Run ``llama_model_quantize`` in a child process; seconds taken, or an error naming llama.cpp's reason.
 
     ``imatrix``: an ``.npz`` of tensor name -> per-column importance (``fit.imatrix.collect``), passed as
     ``llama_model_quantize_params.imatrix``; the quantizer then weights each column's rounding error by it.
+    ``only_copy``: tensors copied as they are (llama-quantize's ``COPY``).
 
     The child dies with this process: its stdin is a pipe only we hold open, so when we are gone (SIGTERM,
     SIGKILL, a crash) it reads EOF, removes its half-written ``dst`` and exits (``worker._die_with_parent``).
@@ -198,7 +206,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
     """
     job = {"src": str(src), "dst": str(dst), "ftype": ftype, "allow_requantize": allow_requantize,
            "nthread": threads, "overrides": [[p, ggml_types()[t]] for p, t in overrides],
-           "imatrix": str(imatrix) if imatrix else None, "parent": os.getpid()}
+           "imatrix": str(imatrix) if imatrix else None, "only_copy": only_copy, "parent": os.getpid()}
     t0 = time.perf_counter()
     lifeline, keep_open = os.pipe()
     try:

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
     from ..engine.llama import set_fields
 
     params = set_fields(ll.llama_model_quantize_default_params(), ftype=job["ftype"],
-                     allow_requantize=bool(job["allow_requantize"]), nthread=int(job["nthread"]))
+                     allow_requantize=bool(job["allow_requantize"]), nthread=int(job["nthread"]),
+                     only_copy=bool(job.get("only_copy")))
     overrides = job["overrides"]
     keep = []  # the pattern bytes must outlive the call
     if overrides:

@@ -1,8 +1,9 @@
 """``ondevice chat``: interactive multi-turn chat with Ollama's habits.
 
-``/set temperature 0`` (any sampling parameter), ``/set system ...``, ``/show``, ``/reset``, ``/bye``,
-``/help``; ``\"\"\"`` starts and ends a multi-line message; Ctrl-C stops an answer. Keys typed while an
-answer streams are neither echoed into it nor sent as the next message.
+``/set temperature 0`` (any sampling parameter), ``/set stop ...``, ``/set system ...``, ``/show [info]``,
+``/reset`` (``/clear``), ``/bye``, ``/help``; ``\"\"\"`` starts and ends a multi-line message (or system prompt);
+Ctrl-C stops an answer. Keys typed while an answer streams are neither echoed into it nor sent as the next
+message. llama-cli's ``-p``/``-f`` (the first message), ``-st``, ``-r`` and ``-cnv`` work as there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from .args import (
     load_from,
     sampling_from,
     system_from,
+    unescape,
 )
 from .model import BaseModelWarning, peak_rss_bytes
 from .records import Sampling
@@ -34,16 +37,19 @@ PARAMS: dict[str, tuple[str, type]] = {
     "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
     "seed": ("seed", int), "num_predict": ("max_tokens", int), "max_tokens": ("max_tokens", int),
 }
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed (--seed -1)
 SHOWN = ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed",
          "max_tokens")
 
 HELP = """commands:
   /set temperature 0      change a sampling parameter: temperature, top_p, top_k, min_p, repeat_penalty,
                           presence_penalty, frequency_penalty, seed, max_tokens (num_predict)
-  /set system TEXT        a new system prompt (starts a new conversation)
+  /set stop TEXT ...      stop strings (\\n: a newline); /set stop alone: none
+  /set system TEXT        a new system prompt (starts a new conversation); /set system \"\"\" spans lines
   /set verbose | quiet    timings after each answer on or off
-  /show                   the model, the parameters and the system prompt
-  /reset                  start a new conversation
+  /show                   the model, its context window, the parameters and the system prompt
+                          (/show info, /show parameters, /show system: one of them)
+  /reset                  start a new conversation (also /clear)
   /bye                    quit (also /exit, Ctrl-D)
   \"\"\"                     begin and end a multi-line message
 Ctrl-C stops the current answer."""
@@ -56,6 +62,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, max_tokens=512)
     add_system_arg(p)
     p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")
+    g = p.add_argument_group("llama-cli's conversation flags")
+    first = g.add_mutually_exclusive_group()
+    first.add_argument("-p", "--prompt", default=None, metavar="TEXT",
+                       help="the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t, "
+                            "\\xHH ... are the characters unless --no-escape); then chat goes on (>>> or stdin)")
+    first.add_argument("-f", "--file", default=None, metavar="PATH",
+                       help="the first message read from a UTF-8 text file, as llama-cli's -f")
+    g.add_argument("-e", "--escape", action=argparse.BooleanOptionalAction, default=True,
+                   help="process escapes in -p as llama-cli does (default: on; --no-escape: as typed)")
+    g.add_argument("-st", "--single-turn", action="store_true",
+                   help="quit after the first answer (to -p/-f, or to the first message typed or piped)")
+    g.add_argument("-r", "--reverse-prompt", action="append", dest="stop", metavar="TEXT",
+                   help="llama-cli's: end the reply before this text and give the prompt back (as --stop)")
+    g.add_argument("-cnv", "--conversation", "-i", "--interactive", action="store_true",
+                   help="llama-cli's conversation mode: chat always is one (accepted, changes nothing)")
 
 
 @dataclasses.dataclass
@@ -99,13 +120,25 @@ def command(line: str, s: Session, model) -> str | None:
         model.reset()
         return "(conversation cleared)"
     if word == "show":
-        params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != 0xFFFFFFFF)
-        params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
-        return (f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})\n"
-                f"parameters: {params}\nsystem: {s.system or '(none)'}\ntimings: {'on' if s.verbose else 'off'}")
+        return _show(rest, s, model)
     if word == "set":
         return _set(rest, s, model)
     return f"unknown command '/{word}'; /help lists the commands"
+
+
+def _show(what: str, s: Session, model) -> str:
+    """/show (all) or Ollama's /show info, /show parameters, /show system (one part)."""
+    params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != RANDOM_SEED)
+    params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
+    parts = {"info": f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})"
+                     f"\ncontext: {model.engine.n_ctx} tokens (trained: {model.engine.n_ctx_train}; -c/--ctx sets it)",
+             "parameters": f"parameters: {params}", "system": f"system: {s.system or '(none)'}"}
+    if not what:
+        return "\n".join([*parts.values(), f"timings: {'on' if s.verbose else 'off'}"])
+    if what in parts:
+        return parts[what]
+    return (f"/show takes info, parameters or system (nothing: all three); `ondevice models {model.name}` describes "
+            f"the model's file")
 
 
 def _set(rest: str, s: Session, model) -> str:
@@ -113,6 +146,15 @@ def _set(rest: str, s: Session, model) -> str:
     if key == "parameter":  # Ollama's long form: /set parameter temperature 0
         key, _, value = value.strip().partition(" ")
     value = value.strip()
+    if not key:
+        return "usage: /set PARAMETER VALUE, /set stop TEXT ..., /set system TEXT or /set verbose|quiet (/help)"
+    if key == "stop":  # Ollama's /set parameter stop A B: each word a stop string
+        stop = tuple(unescape(w) for w in value.split())
+        s.sampling = dataclasses.replace(s.sampling, stop=stop)
+        return f"stop = {list(stop)}"
+    if key == "num_ctx":  # Ollama reloads the model for it; here the window is the one it was loaded with
+        return (f"the context window is set when the model loads ({model.engine.n_ctx} tokens now): start chat "
+                f"again with -c/--ctx N")
     if key in ("verbose", "quiet"):
         s.verbose = key == "verbose"
         return f"timings {'on' if s.verbose else 'off'}"
@@ -126,15 +168,16 @@ def _set(rest: str, s: Session, model) -> str:
     if key not in PARAMS:
         import difflib
 
-        close = difflib.get_close_matches(key, [*PARAMS, "system", "verbose", "quiet"], 1, 0.7)
+        close = difflib.get_close_matches(key, [*PARAMS, "stop", "system", "verbose", "quiet"], 1, 0.7)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, system, verbose or quiet"
+        return f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, stop, system, verbose or quiet"
     field, typ = PARAMS[key]
     try:
         v = typ(value)
         s.sampling = dataclasses.replace(s.sampling, **{field: UNTIL_END if field == "max_tokens" and v == -1 else v})
     except ValueError:
-        return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {1 if typ is int else 0.7}"
+        example = 1 if typ is int else 0.7
+        return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {example}"
     except OndeviceError as e:
         return f"/set {key}: {e}"
     return f"{field} = {_shown(s.sampling, field)}"
@@ -143,16 +186,23 @@ def _set(rest: str, s: Session, model) -> str:
 def _shown(sampling: Sampling, field: str):
     """A parameter as /show and /set print it (max_tokens -1: until the text or the context ends)."""
     v = getattr(sampling, field)
+    if field == "seed" and v == RANDOM_SEED:
+        return "-1 (random)"
     return -1 if field == "max_tokens" and v == UNTIL_END else v
+
+
+MULTILINE = re.compile(r'(/set\s+system\s+)?"""')  # a message, or Ollama's /set system, over several lines
 
 
 def read_message(read: Callable[[str], str], interactive: bool) -> str:
     """One message: a line, or the lines between two \"\"\" marks (or from one to the end of the input: what
-    was written is sent, not dropped). Raises EOFError at the end of input."""
+    was written is sent, not dropped); ``/set system \"\"\"`` takes its text so too. Raises EOFError at the
+    end of input."""
     line = read(">>> " if interactive else "")
-    if not line.lstrip().startswith('"""'):
+    m = MULTILINE.match(line.lstrip())
+    if m is None:
         return line
-    text = line.lstrip()[3:]
+    head, text = m.group(1) or "", line.lstrip()[m.end():]
     lines = []
     while True:
         if text.rstrip().endswith('"""'):
@@ -163,7 +213,7 @@ def read_message(read: Callable[[str], str], interactive: bool) -> str:
             text = read("... " if interactive else "")
         except EOFError:
             break
-    return "\n".join(lines).strip("\n")
+    return head + "\n".join(lines).strip("\n")
 
 
 @contextlib.contextmanager
@@ -192,17 +242,17 @@ def quiet_keys(stream=None) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli_run import format_timings, window_note
-
     if args.model_word is not None:
         if any(c.isspace() for c in args.model_word):  # `chat "Hello there"`: a message where a model goes
             raise InvalidArgument(f"'{args.model_word}' is not a model name: chat reads messages at its >>> prompt "
-                                  f"or on stdin; for one answer to it, ondevice run \"{args.model_word}\"")
+                                  f"or on stdin; to begin with it, ondevice chat -p \"{args.model_word}\"; for one "
+                                  f"answer, ondevice run \"{args.model_word}\"")
         if args.model is not None and args.model != args.model_word:
             raise InvalidArgument(f"two models: '{args.model_word}' and -m {args.model}; chat talks to one, "
                                   f"give it once")
         args.model = args.model_word
     sampling = sampling_from(args)
+    first = first_message(args)  # before the load: a wrong -f path is said at once
     model = load_from(args)
     if not model.is_chat:  # said once here, before the first message; the library's own would come after it
         warnings.simplefilter("ignore", BaseModelWarning)
@@ -210,56 +260,89 @@ def run(args: argparse.Namespace) -> int:
               f"plain-text transcript. Pick an instruct model for chat.", file=sys.stderr)
     s = Session(sampling, system_from(args), args.timings)
     s.reset()
-    interactive = sys.stdin.isatty()
+    # llama-cli -st -p: one predefined turn, never interactive; otherwise a terminal on stdin is
+    interactive = sys.stdin.isatty() and not (args.single_turn and first is not None)
     if interactive:
         import readline  # noqa: F401 — input() gets line editing and history (arrows, Ctrl-A/E/R) as in ollama
 
         print(f"ondevice chat with {model.name}. /help for commands, /bye to quit, Ctrl-C stops an answer.",
               file=sys.stderr)
     while True:
-        try:
-            line = read_message(input, interactive)
-        except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own, not after ">>> "
-            if interactive:
-                print(file=sys.stderr)
-            break
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            out = command(line.strip(), s, model)
-            if out is None:
+        if first is not None:  # -p/-f: the first message, never a /command
+            line, first = first, None
+            if interactive:  # the transcript shows what was asked, as if typed
+                print(">>> " + line.replace("\n", "\n... "))
+        else:
+            try:
+                line = read_message(input, interactive)
+            except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own, not after ">>> "
+                if interactive:
+                    print(file=sys.stderr)
                 break
-            print(out, file=sys.stderr)
-            continue
-        s.history.append({"role": "user", "content": line})
-        if s.make_room(model) and not s.outgrown:
-            s.outgrown = True
-            print(f"(the conversation outgrew the {model.engine.n_ctx}-token context window: from here on the "
-                  f"oldest exchanges are forgotten to make room; /reset starts over, -c/--ctx holds more)",
-                  file=sys.stderr)
-        answer, last = [], None
-        try:
-            with quiet_keys() if interactive else contextlib.nullcontext():
-                for g in model.stream(s.history, sampling=s.sampling):
-                    sys.stdout.write(g.text)
-                    sys.stdout.flush()
-                    answer.append(g.text)
-                    last = g
-        except KeyboardInterrupt:  # stop this answer, keep the program and what was said
-            sys.stdout.write(" [stopped]")
-        except ContextOverflow as e:  # the conversation outgrew the window: say so, keep the program
-            s.history.pop()
-            # make_room left only the system prompt and this message: /reset would not help
-            fixes = ("a shorter /set system",) if s.system else ()
-            print(f"ondevice chat: error: {e.advise('-c/--ctx', model.engine.n_ctx_train, *fixes)}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        s.history.append({"role": "assistant", "content": "".join(answer)})
-        if note := window_note(last, s.sampling, model.engine.n_ctx, "older exchanges make room for the next"):
-            print(note, file=sys.stderr)
-        if s.verbose:
-            print(format_timings(last, peak_rss_bytes()), file=sys.stderr)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                continue
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                out = command(line.strip(), s, model)
+                if out is None:
+                    break
+                print(out, file=sys.stderr)
+                continue
+        ok = answer(line, s, model, interactive)
+        if args.single_turn:  # -st: one answer, then quit (2: it could not be given, said above)
+            return 0 if ok else 2
     return 0
+
+
+def first_message(args: argparse.Namespace) -> str | None:
+    """The message of -p (escapes processed unless --no-escape, as llama-cli's) or -f (read as it is, but for
+    its last newline: llama-cli drops it)."""
+    from .cli_run import read_file
+
+    if args.prompt is not None:
+        text, flag = unescape(args.prompt) if args.escape else args.prompt, "-p/--prompt"
+    elif args.file is not None:
+        text, flag = read_file(args.file, "-f/--file").removesuffix("\n"), f"-f/--file {args.file}"
+    else:
+        return None
+    if not text.strip():
+        raise InvalidArgument(f"{flag}: the first message is empty; give some text (or leave {flag.split()[0]} out "
+                              f"and type it at the >>> prompt)")
+    return text
+
+
+def answer(line: str, s: Session, model, interactive: bool) -> bool:
+    """Send one message and stream the answer to stdout; False when it could not be answered (said on stderr)."""
+    from .cli_run import format_timings, window_note
+
+    s.history.append({"role": "user", "content": line})
+    if s.make_room(model) and not s.outgrown:
+        s.outgrown = True
+        print(f"(the conversation outgrew the {model.engine.n_ctx}-token context window: from here on the "
+              f"oldest exchanges are forgotten to make room; /reset starts over, -c/--ctx holds more)",
+              file=sys.stderr)
+    text, last = [], None
+    try:
+        with quiet_keys() if interactive else contextlib.nullcontext():
+            for g in model.stream(s.history, sampling=s.sampling):
+                sys.stdout.write(g.text)
+                sys.stdout.flush()
+                text.append(g.text)
+                last = g
+    except KeyboardInterrupt:  # stop this answer, keep the program and what was said
+        sys.stdout.write(" [stopped]")
+    except ContextOverflow as e:  # the conversation outgrew the window: say so, keep the program
+        s.history.pop()
+        # make_room left only the system prompt and this message: /reset would not help
+        fixes = ("a shorter /set system",) if s.system else ()
+        print(f"ondevice chat: error: {e.advise('-c/--ctx', model.engine.n_ctx_train, *fixes)}", file=sys.stderr)
+        return False
+    sys.stdout.write("\n")
+    s.history.append({"role": "assistant", "content": "".join(text)})
+    if note := window_note(last, s.sampling, model.engine.n_ctx, "older exchanges make room for the next"):
+        print(note, file=sys.stderr)
+    if s.verbose:
+        print(format_timings(last, peak_rss_bytes()), file=sys.stderr)
+    return True

@@ -125,6 +125,15 @@ _MORE = ((("--repeat-last-n",), int, "tokens the penalties look back over (0 = n
          (("--dry-penalty-last-n",), int, "DRY: tokens it scans (0 = off)"))
 
 
+def add_prompt_args(p, prompt_help: str, file_help: str) -> None:
+    """llama-cli's ``-p TEXT`` / ``-f PATH`` (one of them) and ``-e/--no-escape`` for ``-p``'s escapes."""
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("-p", "--prompt", default=None, metavar="TEXT", help=prompt_help)
+    given.add_argument("-f", "--file", default=None, metavar="PATH", help=file_help)
+    p.add_argument("-e", "--escape", action=argparse.BooleanOptionalAction, default=True,
+                   help="process escapes in -p as llama-cli does (default: on; --no-escape: as typed)")
+
+
 def add_system_arg(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-s", "--system", "-sys", "--system-prompt", default=None,

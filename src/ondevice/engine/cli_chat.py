@@ -20,6 +20,7 @@ from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .args import (
     UNTIL_END,
     add_model_args,
+    add_prompt_args,
     add_sampling_args,
     add_system_arg,
     load_from,
@@ -63,14 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_system_arg(p)
     p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")
     g = p.add_argument_group("llama-cli's conversation flags")
-    first = g.add_mutually_exclusive_group()
-    first.add_argument("-p", "--prompt", default=None, metavar="TEXT",
-                       help="the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t, "
-                            "\\xHH ... are the characters unless --no-escape); then chat goes on (>>> or stdin)")
-    first.add_argument("-f", "--file", default=None, metavar="PATH",
-                       help="the first message read from a UTF-8 text file, as llama-cli's -f")
-    g.add_argument("-e", "--escape", action=argparse.BooleanOptionalAction, default=True,
-                   help="process escapes in -p as llama-cli does (default: on; --no-escape: as typed)")
+    add_prompt_args(g, "the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t, \\xHH "
+                       "... are the characters unless --no-escape); then chat goes on (>>> or stdin)",
+                    "the first message read from a UTF-8 text file, as llama-cli's -f")
     g.add_argument("-st", "--single-turn", action="store_true",
                    help="quit after the first answer (to -p/-f, or to the first message typed or piped)")
     g.add_argument("-r", "--reverse-prompt", action="append", dest="stop", metavar="TEXT",

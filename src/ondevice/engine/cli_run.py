@@ -10,6 +10,7 @@ import sys
 from ..errors import ContextOverflow
 from .args import (
     add_model_args,
+    add_prompt_args,
     add_sampling_args,
     add_system_arg,
     load_from,
@@ -25,17 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
                    help="the prompt ('-' or nothing reads stdin); a model name first picks the model, as "
                         "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
-    given = p.add_mutually_exclusive_group()
-    given.add_argument("-p", "--prompt", default=None, metavar="TEXT",
-                       help="the prompt, as llama-cli's -p (\\n, \\t, \\\\, \\xHH ... are the characters unless "
-                            "--no-escape)")
-    given.add_argument("-f", "--file", default=None, metavar="PATH",
-                       help="read the prompt from a UTF-8 text file, as llama-cli's -f")
+    add_prompt_args(p, "the prompt, as llama-cli's -p (\\n, \\t, \\\\, \\xHH ... are the characters unless "
+                       "--no-escape)", "read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
     add_sampling_args(p)
     add_system_arg(p)
-    p.add_argument("-e", "--escape", action=argparse.BooleanOptionalAction, default=True,
-                   help="process escapes in -p as llama-cli does (default: on; --no-escape: as typed)")
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
     p.add_argument("--draft", default=None, metavar="lookup|MODEL",

@@ -207,9 +207,12 @@ def test_a_repository_without_gguf_files(hub, ggufs):
 def test_split_shards_are_refused_and_a_single_file_beats_them(hub, ggufs):
     _repo(hub, ggufs, "o/big", ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf", "big-Q2_K.gguf"])
     with pytest.raises(InvalidArgument, match=r"^hf.co/o/big:Q4_K_M is split into 2 files \(big-Q4_K_M-00001-of-"
-                                              r"00002.gguf, big-Q4_K_M-00002-of-00002.gguf\); ondevice pulls one file: "
-                                              r"join them with llama.cpp's `llama-gguf-split --merge` and use the "
-                                              r"result, or choose another quant \(Q2_K\)$"):
+                                              r"00002.gguf, big-Q4_K_M-00002-of-00002.gguf\); a :QUANT pull fetches one "
+                                              r"file: pull each by its address \(hf://o/big/big-Q4_K_M-00001-of-00002"
+                                              r"\.gguf \.\.\.; they land side by side in the store\) and run the first, "
+                                              r"big-Q4_K_M-00001-of-00002, or merge them into one with `ondevice "
+                                              r"quantize big-Q4_K_M-00001-of-00002 MERGED.gguf COPY`, or choose another "
+                                              r"quant \(Q2_K\)$"):
         pull("hf.co/o/big", progress=False)
     files = _repo(hub, ggufs, "o/both", ["Q4_K_M/b-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/b-Q4_K_M-00002-of-00002.gguf",
                                          "b-Q4_K_M.gguf"])

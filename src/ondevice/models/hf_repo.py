@@ -4,7 +4,7 @@ one ``.gguf`` file of it that ``pull`` downloads.
 The repository's files come from the Hub API (``GET {HF_ENDPOINT}/api/models/OWNER/REPO``, its ``siblings``);
 the file chosen is the ``.gguf`` whose name holds the tag as a separate token (``...-Q4_K_M.gguf``,
 ``...q4_k_m.gguf``, not ``IQ4_K_M``), ``mmproj`` files aside. No tag means ``Q4_K_M``, llama.cpp's default.
-A quant stored only as split shards (``-00001-of-00003.gguf``) is refused: ``pull`` fetches one file.
+A quant stored only as split shards (``-00001-of-00003.gguf``) is refused, naming the shards to pull one by one.
 """
 
 from __future__ import annotations
@@ -128,8 +128,11 @@ def choose_file(ref: RepoRef, files: list[str]) -> str:
     named = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
     others = [t for t in tags if t != ref.quant.upper()]
     also = f", or choose another quant ({', '.join(others)})" if others else ""
-    raise InvalidArgument(f"{where}:{ref.quant} is split into {len(shards)} files ({named}); ondevice pulls one "
-                          f"file: join them with llama.cpp's `llama-gguf-split --merge` and use the result{also}")
+    first = shards[0].rsplit("/", 1)[-1][:-5]
+    raise InvalidArgument(f"{where}:{ref.quant} is split into {len(shards)} files ({named}); a :QUANT pull fetches "
+                          f"one file: pull each by its address (hf://{ref.repo_id}/{shards[0]} ...; they land side by "
+                          f"side in the store) and run the first, {first}, or merge them into one with `ondevice "
+                          f"quantize {first} MERGED.gguf COPY`{also}")
 
 
 def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:

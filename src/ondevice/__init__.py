@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .errors import OndeviceError
@@ -57,14 +59,44 @@ def generate(prompt, model: str | None = None, **kw) -> Result:
         return m.generate(prompt, **call_kw)
 
 
-def stream(prompt, model: str | None = None, **kw):
-    """One-shot streaming with a freshly loaded model, freed when the stream ends or is closed."""
+def stream(prompt, model: str | None = None, **kw) -> Iterator[Generation]:
+    """One-shot streaming with a freshly loaded model, freed when the stream ends or is closed. The model and
+    the arguments are checked now, as :meth:`Model.stream` checks its own; the generation starts when the
+    iterator is first read."""
     m, call_kw = _one_shot(model, kw)
-    with m:
-        yield from m.stream(prompt, **call_kw)
+    try:
+        it = m.stream(prompt, **call_kw)
+    except BaseException:
+        m.close()
+        raise
+    return _OneShotStream(m, it)
 
 
-def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # noqa: N802 — a class, imported lazily
+class _OneShotStream(Iterator):
+    """A one-shot stream's records; its model is closed when they end or fail, or when the stream is closed
+    (even unread, which a generator's ``close`` would not run) or dropped."""
+
+    def __init__(self, model: Model, it: Iterator[Generation]) -> None:
+        self._model, self._it = model, it
+
+    def __next__(self) -> Generation:
+        try:
+            return next(self._it)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._it.close()
+        if not self._model.closed:
+            self._model.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit llama.cpp may be gone first
+            self.close()
+
+
+def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # a class, imported lazily
     """A device -> cloud cascade (see :class:`ondevice.cascade.Cascade`)."""
     from .cascade import Cascade as _Cascade
 
@@ -99,5 +131,5 @@ def evaluate(*args, **kw):
     return _evaluate(*args, **kw)
 
 
-__all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "adapt", "bench", "evaluate", "fit", "generate",
-           "load", "stream", "__version__"]
+__all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "__version__", "adapt", "bench",
+           "evaluate", "fit", "generate", "load", "stream"]

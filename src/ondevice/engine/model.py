@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import resource
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -100,6 +101,7 @@ class Model:
     def _conversation(self, prompt: Prompt, chat_template: bool | None, tools: list | None,
                       system_note: str | None) -> tuple[list[dict] | None, list | None]:
         """(messages, tools) to render, or (None, None) for a raw completion string."""
+        _check_chat_args(chat_template, tools)
         use_template = self.is_chat if chat_template is None else chat_template
         if isinstance(prompt, str) and not use_template:
             return None, None
@@ -121,12 +123,23 @@ class Model:
         return {"bos_token": eng.token_text(eng.bos_token) if eng.add_bos else "",
                 "eos_token": eng.token_text(eng.eos_token), "n_ctx": eng.n_ctx}
 
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``); any
-        thread, at any time (it does not wait for a generation)."""
+    def tokenize(self, text: str | bytes, *, special: bool = True) -> list[int]:
+        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``); UTF-8
+        ``bytes`` (llama-cpp-python's argument) too. Any thread, at any time (it does not wait for a generation)."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidArgument(f"tokenize: the bytes are not UTF-8 ({e.reason} at {e.start}); give text"
+                                      ) from None
+        if not isinstance(text, str):
+            raise InvalidArgument(f"tokenize: {text!r} is not text; give a string")
+        self._check_open()
         return self.engine.tokenize(text, add_special=special, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of token ids (special tokens such as ``<|im_end|>`` give no text)."""
+        self._check_open()  # the engine answers ids it has cached even when closed: one error for all of them
         return self.engine.detokenize(tokens)
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
@@ -137,19 +150,40 @@ class Model:
         A model generates one reply at a time: a call made while another one's stream is being read waits
         for it to end or be closed. A stream nobody reads for ``idle_timeout`` seconds (10) while a call waits
         is ended for that call: reading it again raises :class:`~ondevice.errors.StreamAbandoned`."""
+        self._check_open()
         if not isinstance(prompt, (str, list, tuple)):
             raise InvalidArgument(f"the prompt {prompt!r} is not a string or a list of chat messages; give one "
                                   f"of them ([{{'role': 'user', 'content': ...}}])")
+        if prompt and isinstance(prompt[0], numbers.Integral) and not isinstance(prompt, str):
+            raise InvalidArgument("the prompt is token ids, not text or chat messages; stream them with "
+                                  "model.stream_tokens(ids, max_tokens=...) (or give the text)")
+        _check_chat_args(chat_template, tools)
         s = Sampling.of(sampling, **sampling_kw)
         return self._turn(lambda: self._stream(
             self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools), s))
 
-    def stream_tokens(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
+    def stream_tokens(self, tokens: Sequence[int], sampling: Sampling | dict | None = None,
+                      **sampling_kw) -> Iterator[Generation]:
         """Stream from prompt ``tokens``: a batch of one through the generator, which reuses the KV of the
         longest common prefix with what the model computed before and cuts stop strings (never shown): the
         sampling's and those ``tokens`` carry (a base model's transcript, from :meth:`tokenize_prompt`).
-        ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused."""
+        ``prompt_tokens`` in the records counts the whole prompt; ``cached_tokens`` how many were reused.
+        Sampling as :meth:`stream` takes it."""
+        self._check_open()
+        n_vocab = self.engine.n_vocab
+        if isinstance(tokens, (str, bytes, Mapping)) or not hasattr(tokens, "__len__") or len(tokens) == 0:
+            raise InvalidArgument(f"stream_tokens: tokens={tokens!r} must be a non-empty list of token ids "
+                                  f"(model.tokenize(text) gives them)")
+        if bad := [t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                   or not 0 <= t < n_vocab][:3]:  # llama.cpp would fail the decode (or abort)
+            raise InvalidArgument(f"stream_tokens: token ids {bad!r} are not in the vocabulary (0 to {n_vocab - 1})")
+        s = Sampling.of(sampling, **sampling_kw)
         return self._turn(lambda: self._stream(tokens, s))
+
+    def _check_open(self) -> None:
+        """A closed model is an error when it is asked for something (a stream: when asked, not when read)."""
+        if self._turns.closed:
+            raise self._turns.closed_error(self)
 
     def _turn(self, make: Callable[[], Iterator[Generation]]) -> Iterator[Generation]:
         """``make()``'s records, read in this model's turn (:class:`_Turns`)."""
@@ -219,10 +253,12 @@ class Model:
         finally:
             self._turns.end(turn)
 
-    def generate(self, prompt: Prompt, **kw) -> Result:
-        """Run to completion; the text and the timing record of the last token."""
+    def generate(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
+                 sampling: Sampling | dict | None = None, **sampling_kw) -> Result:
+        """Run to completion; the text and the timing record of the last token. Arguments as :meth:`stream`'s
+        (``max_tokens``, ``temp``, ``stop``, ``seed``, ... are :class:`Sampling` fields)."""
         parts, toks, last = [], [], None
-        for g in self.stream(prompt, **kw):
+        for g in self.stream(prompt, chat_template=chat_template, tools=tools, sampling=sampling, **sampling_kw):
             parts.append(g.text)
             if g.token >= 0:
                 toks.append(g.token)
@@ -239,6 +275,15 @@ class Model:
         running in another thread ends its step first; an open stream is ended (reading it raises
         :class:`~ondevice.errors.ModelClosed`). Using the model afterwards is an error."""
         self._turns.close(self)
+
+
+def _check_chat_args(chat_template: bool | None, tools: list | None) -> None:
+    if chat_template is not None and not isinstance(chat_template, bool):  # HF's is a Jinja text: not taken
+        raise InvalidArgument(f"chat_template={chat_template!r} must be True, False (raw text completion) or None "
+                              f"(the model's own template when it has one); a template of your own is not taken")
+    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools)):
+        raise InvalidArgument(f"tools={tools!r} must be a list of tool schemas "
+                              f"([{{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}])")
 
 
 @dataclass(eq=False)
@@ -262,14 +307,16 @@ class _Turns:
         self.current: _Turn | None = None
         self.closed = False
 
-    def _closed_error(self, model: Model) -> ModelClosed:
-        return ModelClosed(f"{model.name} was closed; load it again with ondevice.load({model.name!r})")
+    def closed_error(self, model: Model) -> ModelClosed:
+        # a model loaded by path is named after its file, a name load() does not know: give the path back
+        again = str(model.path) if model.path.stem == model.name else model.name
+        return ModelClosed(f"{model.name} was closed; load it again with ondevice.load({again!r})")
 
     def begin(self, model: Model) -> _Turn:
         with self.cond:
             while True:
                 if self.closed:
-                    raise self._closed_error(model)
+                    raise self.closed_error(model)
                 cur = self.current
                 if cur is None:
                     self.current = turn = _Turn()
@@ -285,7 +332,7 @@ class _Turns:
         """One advance of ``turn``'s iterator (a token), with nothing else using the model meanwhile."""
         with self.cond:
             if self.closed:
-                raise self._closed_error(model)
+                raise self.closed_error(model)
             if turn.abandoned:
                 raise StreamAbandoned(f"this stream of {model.name} was not read for {model.idle_timeout:g} s "
                                       f"while another call waited, and was ended for it; read a stream to its "

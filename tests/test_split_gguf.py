@@ -100,3 +100,23 @@ def test_quantize_copy_merges_the_shards_into_one_file(cli, split, smol_path, tm
     r = cli("quantize", str(split), "-t", "Q8_0", "--allow-requantize")  # a variant, named after the model
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("smol-q8_0: ") and "Q8_0 " in r.stdout
+
+
+def test_in_the_store_a_split_model_is_one_row_and_removed_whole(cli, split, tmp_path):
+    """Shards pulled one by one land side by side in the store: `models` lists the model once (its whole size),
+    `rm` of a later shard names the first, and `rm` of the first removes every shard."""
+    store = tmp_path / "home" / "models"
+    store.mkdir(parents=True)
+    for p in sorted(split.parent.glob("smol-*.gguf")):
+        shutil.copy(p, store / p.name)
+    r = cli("models")
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("smol-")]
+    assert len(rows) == 1 and rows[0].split()[0] == "smol-00001-of-00003", r.stdout
+    assert f"{validate_gguf(split).size_mb:.1f} MB" in rows[0]
+    r = cli("rm", "smol-00002-of-00003")
+    assert r.returncode == 2 and "ondevice rm smol-00001-of-00003" in r.stderr
+    assert len(list(store.glob("smol-*.gguf"))) == 3
+    r = cli("rm", "smol-00001-of-00003")
+    assert r.returncode == 0, r.stderr
+    assert not list(store.glob("smol-*"))

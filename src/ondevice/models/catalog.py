@@ -29,6 +29,7 @@ from typing import Any, Literal
 from ..errors import NOT_THERE, InvalidArgument, InvalidModelFile, ModelNotFound, path_problem
 from ..store.record import created_now
 from .gguf_check import GGUFInfo, validate_gguf
+from .gguf_split import first_of, sibling_shards
 from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
 
 Source = Literal["embedded", "store", "local"]
@@ -435,13 +436,18 @@ def remove_variant(name: str) -> int:
     if part is not None and pull_running(name):
         raise InvalidArgument(f"{name} is being downloaded right now by an `ondevice pull`; stop that pull "
                               f"(Ctrl-C) first, then remove it")
+    if (first := first_of(path)) is not None:
+        raise InvalidArgument(f"{name} is one shard of a split model, which `ondevice rm` removes whole by its first "
+                              f"shard: ondevice rm {first.stem}")
+    shards = sibling_shards(path)  # a split model's other files go with it
     size = 0
-    for p in dict.fromkeys(x for x in (path, part) if x is not None):
+    for p in dict.fromkeys(x for x in (path, *shards, part) if x is not None):
         size += p.stat().st_size
         p.unlink()
     if path != part:
-        with contextlib.suppress(FileNotFoundError):
-            _sidecar(path).unlink()
+        for p in (path, *shards):
+            with contextlib.suppress(FileNotFoundError):
+                _sidecar(p).unlink()
     if part is not None:
         with contextlib.suppress(FileNotFoundError):
             part.with_name(part.name + ".json").unlink()
@@ -487,7 +493,7 @@ def list_models() -> list[ModelListing]:
         else:
             rows.append(ModelListing(e.name, "embedded", None, "installed; assembled on first use", **common))
     for name, path in store_variants().items():
-        if name in CATALOG:
+        if name in CATALOG or first_of(path) is not None:  # a split model's row is its first shard's
             continue
         prov = read_provenance(path) or {}
         desc = (prov.get("provenance") or {}).get("description") or prov.get("url") or ""

@@ -37,6 +37,24 @@ def shard_path(first: Path, no: int, count: int) -> Path:
     return first.with_name(f"{m['prefix']}-{no + 1:05d}-of-{count:05d}.gguf")
 
 
+def sibling_shards(path: Path) -> list[Path]:
+    """The other shards beside ``path`` when it is the first of a split model's files (by their names): listed and
+    removed with it in the store."""
+    m = SHARD_NAME.match(path.name)
+    if m is None or int(m["no"]) != 1:
+        return []
+    return [p for i in range(1, int(m["count"])) if (p := shard_path(path, i, int(m["count"]))).is_file()]
+
+
+def first_of(path: Path) -> Path | None:
+    """The first shard beside ``path`` when ``path`` is shard 2, 3, ... of a split model (which it stands for)."""
+    m = SHARD_NAME.match(path.name)
+    if m is None or int(m["no"]) < 2:
+        return None
+    first = shard_path(path, 0, int(m["count"]))
+    return first if first.is_file() else None
+
+
 def split_shards(path: Path, metadata: dict[str, Any], read: Callable[[Path], Shard]) -> list[Shard]:
     """The other shards of the split model whose first shard is ``path`` (none for a single file), each read
     with ``read``; raises :class:`InvalidModelFile` for a shard that is not the first, and for one missing or

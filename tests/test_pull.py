@@ -20,10 +20,11 @@ from ondevice.models.hub import _OVERLAP as OVERLAP
 from ondevice.models.hub import parse_source
 
 
-def make_gguf(path: Path, n_tensors: int = 8, seed: int = 0) -> Path:
-    """A valid GGUF of ~70 KB written by gguf's own writer (big enough to cut mid-way)."""
+def make_gguf(path: Path, n_tensors: int = 8, seed: int = 0, split_max_tensors: int = 0) -> Path:
+    """A valid GGUF of ~70 KB written by gguf's own writer (big enough to cut mid-way); with ``split_max_tensors``,
+    split as llama-gguf-split does, in ``STEM-0000N-of-0000M.gguf`` files beside ``path``."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name(f"served-{seed}")
     w.add_context_length(128)
     for i in range(n_tensors):
@@ -339,6 +340,23 @@ def test_retry_messages_say_resume_only_with_bytes_to_resume_from(server, model_
     finally:
         s.close()
     assert "resuming at byte 20000 (attempt 2 of 2)" in capsys.readouterr().err
+
+
+def test_a_split_model_is_pulled_shard_by_shard(server, tmp_path):
+    """Each shard is a download of its own (checked alone: the others may come later); once all are in the store
+    side by side, the model is its first shard, whole."""
+    make_gguf(tmp_path / "big.gguf", split_max_tensors=3)
+    names = [f"big-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    for n in names:
+        server.files[f"/m/{n}"] = (tmp_path / n).read_bytes()
+    for n in (names[1], names[0], names[2]):  # in any order
+        assert pull(f"{server.base}/m/{n}", progress=False) == models_dir() / n
+    info = resolve("big-00001-of-00003").info
+    assert info.split_paths == tuple(models_dir() / n for n in names[1:])
+    assert len(info.tensors) == 8 and info.name == "served-0"
+    assert json.loads((models_dir() / "big-00002-of-00003.json").read_text())["architecture"] == ""
+    assert pull(f"{server.base}/m/{names[1]}", progress=False) == models_dir() / names[1]  # present: not again
+    assert len(server.gets(f"/m/{names[1]}")) == 1
 
 
 def test_already_present_is_not_downloaded_again(server, model_bytes):

@@ -14,6 +14,7 @@ The tests cross-check this walk against ``GGUFReader`` on the real model.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -338,17 +339,19 @@ def _header(path: Path, buf: bytes, size: int) -> _Header:
                    cur.unspellable)
 
 
-def _walk(path: Path, buf: bytes, size: int) -> GGUFInfo:
+def _walk(path: Path, buf: bytes, size: int, alone: bool = False) -> GGUFInfo:
     head = _header(path, buf, size)
     version, metadata, types, array_lengths, alignment, data_offset, tensors, shapes, offsets, _ = head
-    shards = split_shards(path, metadata, _read_shard)  # the other files of a split model, walked
-    arch = metadata.get("general.architecture")
+    later = alone and isinstance(metadata.get("split.no"), int) and metadata["split.no"] > 0  # tensors only
+    shards = [] if alone else split_shards(path, metadata, _read_shard)  # the other files of a split model, walked
+    arch = "" if later else metadata.get("general.architecture")
     from .gguf_hparams import check_hparams
 
-    if not isinstance(arch, str) or not arch:
+    if not later and (not isinstance(arch, str) or not arch):
         raise _invalid(path, "missing general.architecture, so no runtime knows how to run it",
                        "re-convert it with a current llama.cpp")
-    check_hparams(path, arch, metadata, types, array_lengths, head.unspellable)
+    if not later:
+        check_hparams(path, arch, metadata, types, array_lengths, head.unspellable)
 
     def num(key: str) -> int | None:
         v = metadata.get(f"{arch}.{key}")
@@ -403,12 +406,14 @@ _cache: dict[tuple[str, int, int], GGUFInfo] = {}
 _cache_lock = threading.Lock()
 
 
-def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
+def validate_gguf(path: str | os.PathLike[str], deep: bool = False, alone: bool = False) -> GGUFInfo:
     """Check that ``path`` is a complete, well-formed GGUF file and summarise it.
 
     Args:
         path: the .gguf file.
         deep: also parse it with ``gguf.GGUFReader`` and cross-check the tensor layout (slow: seconds).
+        alone: check this file alone even if it is a shard of a split model (a download: the others may not be
+            there yet); a shard after the first is summarised without an architecture (``""``).
 
     Raises:
         InvalidModelFile: truncated, corrupt or not a GGUF; the message names the problem and the fix.
@@ -426,12 +431,12 @@ def validate_gguf(path: str | os.PathLike[str], deep: bool = False) -> GGUFInfo:
     key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
     with _cache_lock:
         hit = _cache.get(key)
-    if hit is not None and not deep:
+    if hit is not None and not deep and not alone:
         return hit
-    info = _read(p, st.st_size, _walk)
+    info = _read(p, st.st_size, functools.partial(_walk, alone=alone))
     if deep:
         _deep_check(info)
-    if not info.split_paths:  # (the key does not see the other shards change)
+    if not info.split_paths and not alone:  # (the key does not see the other shards change)
         with _cache_lock:
             _cache[key] = info
     return info

@@ -319,7 +319,7 @@ def _or_rm(dest: Path) -> str:
 
 def _is_valid(path: Path) -> bool:
     try:
-        validate_gguf(path)
+        validate_gguf(path, alone=True)
     except InvalidModelFile:
         return False
     return True
@@ -439,7 +439,7 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
                                    f"({source}); the file was corrupted in transit or changed upstream, and was "
                                    f"deleted: run `ondevice pull` again (check --sha256 if you gave one)")
         try:
-            info = validate_gguf(part)
+            info = validate_gguf(part, alone=True)  # a split model's shard: the others may come later
         except InvalidModelFile as e:
             part.unlink(missing_ok=True)
             meta.unlink(missing_ok=True)

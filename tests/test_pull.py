@@ -342,13 +342,20 @@ def test_retry_messages_say_resume_only_with_bytes_to_resume_from(server, model_
     assert "resuming at byte 20000 (attempt 2 of 2)" in capsys.readouterr().err
 
 
-def test_a_split_model_is_pulled_shard_by_shard(server, tmp_path):
+def test_a_split_model_is_pulled_shard_by_shard(server, tmp_path, cli):
     """Each shard is a download of its own (checked alone: the others may come later); once all are in the store
     side by side, the model is its first shard, whole."""
     make_gguf(tmp_path / "big.gguf", split_max_tensors=3)
     names = [f"big-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     for n in names:
         server.files[f"/m/{n}"] = (tmp_path / n).read_bytes()
+    r = cli("pull", f"{server.base}/m/{names[1]}")  # a later shard first: kept, and said what it waits for
+    assert r.returncode == 0, r.stderr
+    assert "not runnable yet: this is shard 2 of a model split in 3 files" in r.stdout
+    r = cli("pull", f"{server.base}/m/{names[0]}")
+    assert r.returncode == 0 and f"not runnable yet: shard 3 of 3, {names[2]}, is not beside it" in r.stdout
+    r = cli("pull", f"{server.base}/m/{names[2]}")  # the last one: the model is whole
+    assert r.returncode == 0 and "use it with: ondevice run -m big-00001-of-00003 (its first shard)" in r.stdout
     for n in (names[1], names[0], names[2]):  # in any order
         assert pull(f"{server.base}/m/{n}", progress=False) == models_dir() / n
     info = resolve("big-00001-of-00003").info

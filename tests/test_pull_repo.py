@@ -204,16 +204,28 @@ def test_a_repository_without_gguf_files(hub, ggufs):
         pull("hf.co/o/safetensors:Q4_K_M", progress=False)
 
 
-def test_split_shards_are_refused_and_a_single_file_beats_them(hub, ggufs):
-    _repo(hub, ggufs, "o/big", ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf", "big-Q2_K.gguf"])
-    with pytest.raises(InvalidArgument, match=r"^hf.co/o/big:Q4_K_M is split into 2 files \(big-Q4_K_M-00001-of-"
-                                              r"00002.gguf, big-Q4_K_M-00002-of-00002.gguf\); a :QUANT pull fetches one "
-                                              r"file: pull each by its address \(hf://o/big/big-Q4_K_M-00001-of-00002"
-                                              r"\.gguf \.\.\.; they land side by side in the store\) and run the first, "
-                                              r"big-Q4_K_M-00001-of-00002, or merge them into one with `ondevice "
-                                              r"quantize big-Q4_K_M-00001-of-00002 MERGED.gguf COPY`, or choose another "
-                                              r"quant \(Q2_K\)$"):
-        pull("hf.co/o/big", progress=False)
+def test_a_split_quant_pulls_every_shard_and_a_single_file_beats_them(hub, ggufs, tmp_path):
+    """As llama.cpp's -hf: every shard of the quant, under its own name, so the model runs from the first."""
+    make_gguf(tmp_path / "big-Q4_K_M.gguf", n_tensors=4, split_max_tensors=2)
+    names = ("big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf")
+    shards = {n: (tmp_path / n).read_bytes() for n in names}
+    hub.repos["o/big"] = {**shards, "big-Q2_K.gguf": ggufs(7)}
+    path = pull("hf.co/o/big", progress=False)
+    assert path == models_dir() / "big-Q4_K_M-00001-of-00002.gguf"
+    assert {n: (models_dir() / n).read_bytes() for n in shards} == shards
+    info = resolve("big-Q4_K_M-00001-of-00002").info
+    assert info.split_paths == (models_dir() / "big-Q4_K_M-00002-of-00002.gguf",) and len(info.tensors) == 4
+    assert json.loads(path.with_suffix(".json").read_text())["tag"] == "Q4_K_M"
+    with pytest.raises(InvalidArgument, match=r"split into 2 files: --name and --sha256 are for one file"):
+        pull("hf.co/o/big", name="mine", progress=False)
+    hub.repos["o/half"] = {"big-Q4_K_M-00001-of-00002.gguf": shards["big-Q4_K_M-00001-of-00002.gguf"]}
+    with pytest.raises(InvalidArgument, match=r"^hf.co/o/half:Q4_K_M is split into 2 files but the repository holds 1 "
+                                              r"of them \(big-Q4_K_M-00001-of-00002.gguf\); the model is incomplete"):
+        pull("hf.co/o/half", progress=False)
+    hub.repos["o/two"] = {f"{d}/{n}": b for d in ("a", "b") for n, b in shards.items()}
+    with pytest.raises(InvalidArgument, match=r"matches 2 split models; pull one by its first shard's address: "
+                                              r"hf://o/two/a/big-Q4_K_M-00001-of-00002.gguf, hf://o/two/b/"):
+        pull("hf.co/o/two", progress=False)
     files = _repo(hub, ggufs, "o/both", ["Q4_K_M/b-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/b-Q4_K_M-00002-of-00002.gguf",
                                          "b-Q4_K_M.gguf"])
     assert pull("hf.co/o/both", progress=False).read_bytes() == files["b-Q4_K_M.gguf"]

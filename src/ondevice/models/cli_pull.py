@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidModelFile
 from .hf_repo import repo_argument
 from .hub import pull
 from .sources import catalog_entry
@@ -36,12 +36,19 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.quiet)
     from .catalog import read_provenance
     from .gguf_check import validate_gguf
+    from .gguf_split import first_of
 
-    info = validate_gguf(path)
+    first = first_of(path)  # a later shard of a split model, whose first is here: the model runs as that
+    try:
+        whole, waiting = validate_gguf(first or path), None
+    except InvalidModelFile as e:  # one shard of a split model, pulled by its address: the others come by theirs
+        whole, waiting = None, str(e).split(": ", 1)[1]
+    info = whole if whole is not None and first is None else validate_gguf(path, alone=True)
     prov = read_provenance(path) or {}
     name = entry.name if entry else path.stem
     print(f"{name}: {path}")
-    print(f"  {info.architecture}, {info.params_label} params, {info.quant_summary}, {info.size_mb:.1f} MB")
+    print(f"  {info.architecture or 'a later shard'}, {info.params_label} params, {info.quant_summary}, "
+          f"{info.size_mb:.1f} MB")
     if prov.get("repo") and prov.get("url"):
         print(f"  {prov['tag']} of {prov['repo']}: {prov['url']}")
     if entry:
@@ -51,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
         check = prov.get("sha256_verified_against")
         print(f"  sha256 {prov.get('sha256', '?')} "
               f"({'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'})")
-    print(f"  use it with: ondevice run -m {name} ...")
+    run_as = f"{first.stem} (its first shard)" if first else name
+    print(f"  not runnable yet: {waiting}" if waiting else f"  use it with: ondevice run -m {run_as} ...")
     return 0

@@ -1,10 +1,10 @@
 """A Hugging Face repository and a quant tag (Ollama's ``hf.co/OWNER/REPO:QUANT``, llama.cpp's ``-hf``) as the
-one ``.gguf`` file of it that ``pull`` downloads.
+``.gguf`` file of it that ``pull`` downloads (or the shards of a split one, as llama.cpp's ``-hf`` fetches them).
 
 The repository's files come from the Hub API (``GET {HF_ENDPOINT}/api/models/OWNER/REPO``, its ``siblings``);
 the file chosen is the ``.gguf`` whose name holds the tag as a separate token (``...-Q4_K_M.gguf``,
 ``...q4_k_m.gguf``, not ``IQ4_K_M``), ``mmproj`` files aside. No tag means ``Q4_K_M``, llama.cpp's default.
-A quant stored only as split shards (``-00001-of-00003.gguf``) is refused, naming the shards to pull one by one.
+A quant stored only as split shards (``-00001-of-00003.gguf``) is all of them, when they are all there.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def quant_tags(files: list[str]) -> list[str]:
     return list(seen)
 
 
-def choose_file(ref: RepoRef, files: list[str]) -> str:
-    """The one ``.gguf`` of ``files`` (the repository's paths) that ``ref``'s quant names; InvalidArgument else."""
+def choose_files(ref: RepoRef, files: list[str]) -> list[str]:
+    """The one ``.gguf`` of ``files`` (the repository's paths) that ``ref``'s quant names, or the shards of its
+    one split model (first first); InvalidArgument else."""
     ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.rsplit("/", 1)[-1].lower()]
     where = ref.written.rsplit(":", 1)[0]
     if not ggufs:
@@ -120,19 +121,32 @@ def choose_file(ref: RepoRef, files: list[str]) -> str:
                               f"`ondevice pull {first}`")
     single = [f for f in hits if not _SHARD_RE.search(f)]
     if len(single) == 1:
-        return single[0]
+        return [single[0]]
     if len(single) > 1:
         names = ", ".join(f"hf://{ref.repo_id}/{f}" for f in single[:6])
         raise InvalidArgument(f"{where}:{ref.quant} matches {len(single)} files; pull one of them by name: {names}")
-    shards = sorted(hits)
-    named = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
-    others = [t for t in tags if t != ref.quant.upper()]
-    also = f", or choose another quant ({', '.join(others)})" if others else ""
-    first = shards[0].rsplit("/", 1)[-1][:-5]
-    raise InvalidArgument(f"{where}:{ref.quant} is split into {len(shards)} files ({named}); a :QUANT pull fetches "
-                          f"one file: pull each by its address (hf://{ref.repo_id}/{shards[0]} ...; they land side by "
-                          f"side in the store) and run the first, {first}, or merge them into one with `ondevice "
-                          f"quantize {first} MERGED.gguf COPY`{also}")
+    return _one_split_set(where, ref, sorted(hits))
+
+
+def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
+    """``shards`` (paths ending in -0000N-of-0000M.gguf) as the files of one split model, first shard first."""
+    from .gguf_split import SHARD_NAME
+
+    sets: dict[tuple[str, str], list[str]] = {}
+    for f in shards:
+        folder, _, base = f.rpartition("/")
+        m = SHARD_NAME.match(base)
+        sets.setdefault((folder, m["prefix"] if m else base), []).append(f)
+    if len(sets) > 1:
+        firsts = ", ".join(f"hf://{ref.repo_id}/{v[0]}" for v in list(sets.values())[:4])
+        raise InvalidArgument(f"{where}:{ref.quant} matches {len(sets)} split models; pull one by its first shard's "
+                              f"address: {firsts}")
+    files = next(iter(sets.values()))
+    count = int(SHARD_NAME.match(files[0].rpartition("/")[2])["count"])
+    if len(files) != count:
+        raise InvalidArgument(f"{where}:{ref.quant} is split into {count} files but the repository holds "
+                              f"{len(files)} of them ({', '.join(files[:4])}); the model is incomplete there")
+    return files
 
 
 def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
@@ -180,11 +194,11 @@ def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
                             f"check HF_ENDPOINT (unset: huggingface.co)") from None
 
 
-def resolve_file(ref: RepoRef, timeout: float = 30.0) -> str:
-    """``hf://OWNER/REPO[@rev]/FILE.gguf`` for the file of ``ref``'s quant in the repository."""
-    path = choose_file(ref, list_files(ref, timeout))
+def resolve_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
+    """``hf://OWNER/REPO[@rev]/FILE.gguf`` for the file of ``ref``'s quant in the repository (each of its shards,
+    the first first, for a split model)."""
     rev = f"@{ref.revision}" if ref.revision else ""
-    return f"hf://{ref.repo_id}{rev}/{path}"
+    return [f"hf://{ref.repo_id}{rev}/{path}" for path in choose_files(ref, list_files(ref, timeout))]
 
 
 def file_url(url: str, given: str) -> str:

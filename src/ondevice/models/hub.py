@@ -41,7 +41,7 @@ from .catalog import (
     read_provenance,
 )
 from .gguf_check import validate_gguf
-from .hf_repo import parse_repo, resolve_file
+from .hf_repo import parse_repo, resolve_files
 from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source  # noqa: F401 (re-exported)
 from .store import models_dir, sha256_file, write_json
 
@@ -354,10 +354,17 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
         return entry_path(entry)
     picked: dict[str, str] = {}
     if (ref := parse_repo(url)) is not None:  # hf.co/OWNER/REPO:QUANT, hf://OWNER/REPO:QUANT: the file of that quant
-        file_url = resolve_file(ref, timeout)
+        file_url, *more = resolve_files(ref, timeout)
         if progress:
-            print(f"ondevice: {ref.written} is {file_url}", file=sys.stderr)
+            print(f"ondevice: {ref.written} is {file_url}" + (f" and {len(more)} more shards" if more else ""),
+                  file=sys.stderr)
         picked, url = {"requested": url, "repo": ref.repo_id, "tag": ref.quant}, file_url
+        if more:  # a split model: every shard, under the names llama.cpp finds them by
+            if name or sha256:
+                raise InvalidArgument(f"{ref.written} is split into {len(more) + 1} files: --name and --sha256 are for "
+                                      f"one file (shards keep their names, by which llama.cpp finds them)")
+            for shard in more:
+                pull(shard, force=force, retries=retries, timeout=timeout, progress=progress)
     http_url, default_name = parse_source(url)
     if retries < 0:
         raise InvalidArgument(f"--retries {retries}: give 0 or more (automatic resumes after a dropped connection)")

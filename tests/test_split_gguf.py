@@ -120,3 +120,9 @@ def test_in_the_store_a_split_model_is_one_row_and_removed_whole(cli, split, tmp
     r = cli("rm", "smol-00001-of-00003")
     assert r.returncode == 0, r.stderr
     assert not list(store.glob("smol-*"))
+
+
+def test_eval_records_the_whole_size(cli, split):
+    r = cli("eval", "-m", str(split), "--ppl", "--ctx-size", "128", "--chunks", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB," in r.stdout + r.stderr

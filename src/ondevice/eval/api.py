@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fields
+from ..models.gguf_split import total_size
 from .config import EvalConfig
 from .record import EvalRecord
 
@@ -44,7 +45,7 @@ def _base(ref, sha: str) -> dict:
     from ..store.record import created_now
 
     return {"model": ref.name, "model_path": str(ref.path), "model_sha256": sha,
-            "file_size": ref.path.stat().st_size, "ondevice": __version__,
+            "file_size": total_size(ref.path), "ondevice": __version__,
             "llama_cpp_python": llama_cpp.__version__, "created": created_now()}
 
 
@@ -210,7 +211,7 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
     finally:
         if reng is not None:
             reng.close()
-    ref_fields = {"ref_model": rref.name, "ref_sha256": rsha, "ref_file_size": rref.path.stat().st_size,
+    ref_fields = {"ref_model": rref.name, "ref_sha256": rsha, "ref_file_size": total_size(rref.path),
                   "ref_cache": str(cache), "ref_cached": cached, "threads": threads_used}
     ppl_keys = ("ppl", "ppl_err", "nll_mean", "n_scored", "corpus", "corpus_tokens", "n_ctx", "n_chunks", "time_s")
     return [{**base, "test": f"ppl:{text_corpus.name}", **{k: res[k] for k in ppl_keys}, "threads": threads_used},

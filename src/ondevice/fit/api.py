@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import fields
 from ..errors import InvalidArgument
+from ..models.gguf_split import total_size
 from ..store.record import created_now
 from .budget import Budget, parse_budget
 from .groups import BASE, CANDIDATES, Layout, layout, quant_size
@@ -218,7 +219,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             # the variant of the lowest type is usually the imatrix check's plan: score it while it is built
             items.append(Item(plan, [held_q] if plan == low and "auto" in (imatrix, transform) else []))
         res = meter.measure([*items, shipped_item], speed=True)
-        shipped = {**res.pop()["speed"], "size": src.path.stat().st_size}
+        shipped = {**res.pop()["speed"], "size": total_size(src.path)}
         bud = asked.resolved(shipped.get("tg"), shipped.get("pp"))
     base = res[0]
     type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}

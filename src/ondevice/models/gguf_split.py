@@ -46,6 +46,11 @@ def sibling_shards(path: Path) -> list[Path]:
     return [p for i in range(1, int(m["count"])) if (p := shard_path(path, i, int(m["count"]))).is_file()]
 
 
+def total_size(path: Path) -> int:
+    """The bytes of the model ``path`` names: with a split model's other shards beside it."""
+    return sum(p.stat().st_size for p in (path, *sibling_shards(path)))
+
+
 def first_of(path: Path) -> Path | None:
     """The first shard beside ``path`` when ``path`` is shard 2, 3, ... of a split model (which it stands for)."""
     m = SHARD_NAME.match(path.name)

@@ -126,3 +126,21 @@ def test_eval_records_the_whole_size(cli, split):
     r = cli("eval", "-m", str(split), "--ppl", "--ctx-size", "128", "--chunks", "2")
     assert r.returncode == 0, r.stderr
     assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB," in r.stdout + r.stderr
+
+
+def test_serve_answers_from_it_and_reports_its_whole_size(split, tmp_path):
+    """Served as llama-server serves it (-m FIRST): Ollama's /api/tags gives the whole model's size."""
+    import json
+    import urllib.request
+
+    from conftest import serve_process
+
+    with serve_process(tmp_path, "-m", str(split)) as (_, url, _log):  # url: the OpenAI base, .../v1
+        with urllib.request.urlopen(f"{url.removesuffix('/v1')}/api/tags", timeout=30) as r:
+            tags = json.load(r)["models"]
+        assert [m["size"] for m in tags] == [validate_gguf(split).file_size]
+        req = urllib.request.Request(f"{url}/completions", data=json.dumps(
+            {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["choices"][0]["text"].strip()

@@ -29,6 +29,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidArgument, OndeviceError
+from ..models.gguf_split import total_size
 from . import schemas as S
 from . import structured
 from .fim import NoInfill, fim_prompt, fim_tokens
@@ -351,7 +352,8 @@ async def _models(state) -> tuple[list[dict], dict]:
 
     st = state.path.stat()
     digest, details, meta = await run_in_threadpool(_facts, str(state.path), (st.st_size, st.st_mtime_ns))
-    return [{"name": name, "model": name, "modified_at": _time(st.st_mtime), "size": st.st_size, "digest": digest,
+    size = total_size(state.path)  # a split model: every shard
+    return [{"name": name, "model": name, "modified_at": _time(st.st_mtime), "size": size, "digest": digest,
              "details": details} for name in _names(state)], meta
 
 

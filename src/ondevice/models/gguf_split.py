@@ -30,11 +30,11 @@ class Shard(NamedTuple):
     metadata: dict[str, Any]
 
 
-def shard_path(first: Path, no: int, count: int) -> Path:
-    """The path of shard ``no`` (0-based) beside ``first``, as llama.cpp derives it."""
-    m = SHARD_NAME.match(first.name)
+def shard_path(shard: Path, no: int, count: int) -> Path:
+    """The path of shard ``no`` (0-based) beside ``shard`` (any shard of the model), as llama.cpp derives it."""
+    m = SHARD_NAME.match(shard.name)
     assert m is not None
-    return first.with_name(f"{m['prefix']}-{no + 1:05d}-of-{count:05d}.gguf")
+    return shard.with_name(f"{m['prefix']}-{no + 1:05d}-of-{count:05d}.gguf")
 
 
 def sibling_shards(path: Path) -> list[Path]:

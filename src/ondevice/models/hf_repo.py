@@ -21,7 +21,7 @@ DEFAULT_TAG = "Q4_K_M"  # llama.cpp's -hf default, as Ollama's hf.co/ without a 
 HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")  # addresses without https:// too
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Hub owner or repository name
 _REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:@([^/:\s]+))?(?::([A-Za-z0-9_.+-]+))?/?$")
-_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+_SHARD_RE = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)  # group 1: how many shards
 # quant-like tokens in file names, for "the tags found": Q4_K_M, IQ4_XS, Q8_0, TQ1_0, F16, BF16, MXFP4...
 _QUANT_RE = re.compile(r"(?<![A-Za-z0-9])((?:I?Q|TQ)\d+(?:_[A-Za-z0-9]+)*|B?F(?:16|32)|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
                        re.IGNORECASE)
@@ -130,19 +130,15 @@ def choose_files(ref: RepoRef, files: list[str]) -> list[str]:
 
 def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
     """``shards`` (paths ending in -0000N-of-0000M.gguf) as the files of one split model, first shard first."""
-    from .gguf_split import SHARD_NAME
-
-    sets: dict[tuple[str, str], list[str]] = {}
+    sets: dict[tuple[str, int], list[str]] = {}
     for f in shards:
-        folder, _, base = f.rpartition("/")
-        m = SHARD_NAME.match(base)
-        sets.setdefault((folder, m["prefix"] if m else base), []).append(f)
+        m = _SHARD_RE.search(f)
+        sets.setdefault((f[:m.start()], int(m[1])), []).append(f)  # (path before -0000N, shard count)
     if len(sets) > 1:
         firsts = ", ".join(f"hf://{ref.repo_id}/{v[0]}" for v in list(sets.values())[:4])
         raise InvalidArgument(f"{where}:{ref.quant} matches {len(sets)} split models; pull one by its first shard's "
                               f"address: {firsts}")
-    files = next(iter(sets.values()))
-    count = int(SHARD_NAME.match(files[0].rpartition("/")[2])["count"])
+    (_, count), files = next(iter(sets.items()))
     if len(files) != count:
         raise InvalidArgument(f"{where}:{ref.quant} is split into {count} files but the repository holds "
                               f"{len(files)} of them ({', '.join(files[:4])}); the model is incomplete there")

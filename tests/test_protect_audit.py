@@ -42,8 +42,12 @@ def test_a_key_given_where_its_name_belongs_is_refused_without_being_shown(cli, 
     import base64
 
     b64 = base64.b64encode(bytes.fromhex(key)).decode()
-    r = cli("protect", "encrypt", str(smol_path), "-o", str(path) + ".2", flag, b64)  # the base64 form as well
-    assert r.returncode == 2 and b64 not in r.stderr and "not shown" in r.stderr
+    # the base64 form as well, also one with a "/" in it (which --key-file must not read as a folder)
+    slashed = next(k for k in iter(lambda: base64.b64encode(os.urandom(32)).decode(), None) if "/" in k[1:-2])
+    for given in (b64, slashed):
+        r = cli("protect", "encrypt", str(smol_path), "-o", str(path) + ".2", flag, given)
+        assert r.returncode == 2 and given not in r.stderr and "not shown" in r.stderr, r.stderr
+        assert given.rpartition("/")[2] not in r.stderr
     assert not os.path.exists(str(path) + ".2")
     r = cli("protect", "verify", str(path), flag, "NO_SUCH_NAME_HERE")  # an ordinary name is still named
     assert r.returncode == 2 and "NO_SUCH_NAME_HERE" in r.stderr and "not shown" not in r.stderr

@@ -43,6 +43,8 @@ def key_source_from(args: argparse.Namespace) -> str | None:
     """The key source spec named by the flags of :func:`add_key_args` (None: none given)."""
     for kind in ("env", "file", "keyring"):
         v = getattr(args, f"key_{kind}", None)
+        if v and kind == "file" and not os.path.exists(os.path.expanduser(v)):
+            _refuse_key_as_name(kind, v)  # before it becomes an absolute path: a base64 key may hold "/"
         if v:
             return f"{kind}:{os.path.abspath(os.path.expanduser(v)) if kind == 'file' else v}"
     return None
@@ -162,7 +164,8 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         try:
             data = Path(name).read_bytes()
         except OSError as e:
-            _refuse_key_as_name("file", os.path.basename(name))
+            for part in (name, os.path.basename(name)):  # a base64 key may hold "/": it is not a path then
+                _refuse_key_as_name("file", part)
             raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
         _warn_if_others_can_read(name)
         return parse_key(data if len(data) == 32 else data.strip(), f"key file {name}")

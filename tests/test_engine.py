@@ -287,3 +287,19 @@ def test_the_trained_context_warning_counts_one_sequence_share(smol_path):
         LlamaEngine(smol_path, EngineConfig(n_ctx=16384, n_seq_max=1, n_threads=1, warmup=False)).close()
     with pytest.warns(UserWarning, match=r"n_ctx=32768 \(16384 per sequence\) is more than the 8192 tokens"):
         LlamaEngine(smol_path, EngineConfig(n_ctx=32768, n_seq_max=2, n_threads=1, warmup=False)).close()
+
+
+def test_a_sampler_cut_short_in_its_init_is_collected_quietly():
+    """Ctrl-C while a Sampler is being built (before its chain exists): its collection prints no traceback."""
+    import sys
+
+    from ondevice.engine.sampler import Sampler
+
+    seen = []
+    old, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        s = Sampler.__new__(Sampler)  # what __del__ finds when __init__ was interrupted at its first line
+        del s
+    finally:
+        sys.unraisablehook = old
+    assert seen == []

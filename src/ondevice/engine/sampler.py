@@ -25,6 +25,8 @@ NO_TOKEN = -1  # what LlamaEngine.sample returns when the grammar is complete: e
 class Sampler:
     """llama.cpp's native sampler chain built from :class:`Sampling`."""
 
+    ptr = grammar = None  # until __init__ sets them: one cut short (Ctrl-C) is collected without an error
+
     def __init__(self, engine: LlamaEngine, s: Sampling, prompt: Sequence[int] = ()):
         ll = self.ll = engine.ll
         self.ctx = engine.ctx

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 from ..errors import NOT_THERE, InvalidModelFile, path_problem
 
-SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama_split_path's
+SHARD_SUFFIX = r"-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$"  # llama_split_path's
+SHARD_NAME = re.compile(rf"^(?P<prefix>.+){SHARD_SUFFIX}")
 _KEEP_TOGETHER = "keep every shard of a split model in one folder under the names llama-gguf-split gave them"
 
 

@@ -16,12 +16,13 @@ import urllib.parse
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument, OndeviceError
+from .gguf_split import SHARD_SUFFIX
 
 DEFAULT_TAG = "Q4_K_M"  # llama.cpp's -hf default, as Ollama's hf.co/ without a tag
 HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")  # addresses without https:// too
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Hub owner or repository name
 _REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:@([^/:\s]+))?(?::([A-Za-z0-9_.+-]+))?/?$")
-_SHARD_RE = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)  # group 1: how many shards
+_SHARD_RE = re.compile(SHARD_SUFFIX, re.IGNORECASE)  # a shard's name in a repository (.GGUF too)
 # quant-like tokens in file names, for "the tags found": Q4_K_M, IQ4_XS, Q8_0, TQ1_0, F16, BF16, MXFP4...
 _QUANT_RE = re.compile(r"(?<![A-Za-z0-9])((?:I?Q|TQ)\d+(?:_[A-Za-z0-9]+)*|B?F(?:16|32)|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
                        re.IGNORECASE)
@@ -133,7 +134,7 @@ def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
     sets: dict[tuple[str, int], list[str]] = {}
     for f in shards:
         m = _SHARD_RE.search(f)
-        sets.setdefault((f[:m.start()], int(m[1])), []).append(f)  # (path before -0000N, shard count)
+        sets.setdefault((f[:m.start()], int(m["count"])), []).append(f)  # (path before -0000N, shard count)
     if len(sets) > 1:
         firsts = ", ".join(f"hf://{ref.repo_id}/{v[0]}" for v in list(sets.values())[:4])
         raise InvalidArgument(f"{where}:{ref.quant} matches {len(sets)} split models; pull one by its first shard's "

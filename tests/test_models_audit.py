@@ -161,9 +161,9 @@ def test_a_hugging_face_page_address_downloads_the_file(server, two_models, monk
 
 
 def test_a_repository_address_given_to_run_names_the_pull_that_fetches_it():
-    """Ollama's `hf.co/OWNER/REPO:QUANT` given to `-m`: a download address, named with the pull that takes it as
-    typed (pulling it: tests/test_pull_repo.py)."""
-    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`\)"):
+    """Ollama's `hf.co/OWNER/REPO:QUANT` given to the library: a download address, named with the pull that takes
+    it as typed (the command line pulls it itself: tests/test_pull_on_use.py)."""
+    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`, "):
         resolve("hf.co/bartowski/X-GGUF:Q4_K_M")  # `ondevice run -m` with what `ollama run` takes
     assert not models_dir().exists() or _leftovers() == []
 

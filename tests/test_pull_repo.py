@@ -261,13 +261,16 @@ def test_cli_hf_flag_as_llama_cpp(hub, ggufs, cli):
     r = cli("pull", "-hf", "bartowski/Tiny-GGUF/Tiny-Q8_0.gguf", env=env)
     assert r.returncode == 2 and "-hf bartowski/Tiny-GGUF/Tiny-Q8_0.gguf: give a Hugging Face repository" in r.stderr
     r = cli("pull", "-hf", "o/r", "hf.co/o/r", env=env)
-    assert r.returncode == 2 and "not both hf.co/o/r and -hf o/r" in r.stderr
+    assert r.returncode == 2 and "two models: hf.co/o/r and -hf o/r; give the model once" in r.stderr
 
 
-def test_run_with_a_repository_says_the_exact_pull(hub, cli):
-    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`\), "
-                                            r"then give the name it prints"):
+def test_a_repository_not_pulled_yet(hub, cli):
+    """The library names the pull; ``run`` pulls it first (as ollama run; tests/test_pull_on_use.py), and says
+    when the Hub has no such repository."""
+    with pytest.raises(ModelNotFound, match=r"fetch it first \(`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`, or "
+                                            r"ondevice.pull\(\) in Python\), then give the address or the name it "
+                                            r"prints"):
         resolve("hf.co/bartowski/X-GGUF:Q4_K_M")
     r = cli("run", "-m", "hf.co/bartowski/X-GGUF:Q4_K_M", "Hi", env={"HF_ENDPOINT": hub.base})
-    assert r.returncode == 2 and "`ondevice pull hf.co/bartowski/X-GGUF:Q4_K_M`" in r.stderr, r.stderr
-    assert hub.log == []  # run never downloads
+    assert r.returncode == 2 and "ondevice run: error: hf.co/bartowski/X-GGUF: no such repository on" in r.stderr
+    assert hub.api_calls() == ["/api/models/bartowski/X-GGUF"]

@@ -104,9 +104,10 @@ def test_an_ollama_users_words_get_hints(cli):
     assert r.returncode == 2 and "unknown verb 'ls'; did you mean 'models'?" in r.stderr
     r = cli("run", "-n", "2", "-t", "2", "--timings", "none", "llama3.2")
     assert r.returncode == 0 and "'llama3.2' is not a model here" in r.stderr, r.stderr
-    r = cli("run", "-m", "hf://owner/repo/file.gguf", "Hi")
-    assert r.returncode == 2 and "is a download address, not a model here" in r.stderr
-    assert "ondevice pull hf://owner/repo/file.gguf" in r.stderr
+    r = cli("run", "-m", "hf://owner/repo/file.gguf", "Hi", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 2, r.stderr  # an address is pulled first (as ollama run does); with no hub it says so
+    assert "ondevice: hf://owner/repo/file.gguf is not in the store yet: pulling it" in r.stderr
+    assert "download of hf://owner/repo/file.gguf failed" in r.stderr and "check the URL and the network" in r.stderr
 
 
 def test_chat_set_max_tokens_minus_one(cli):

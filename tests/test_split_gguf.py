@@ -122,10 +122,15 @@ def test_in_the_store_a_split_model_is_one_row_and_removed_whole(cli, split, tmp
     assert not list(store.glob("smol-*"))
 
 
-def test_eval_records_the_whole_size(cli, split):
+def test_eval_records_the_whole_size_and_identity(cli, split):
+    import hashlib
+
     r = cli("eval", "-m", str(split), "--ppl", "--ctx-size", "128", "--chunks", "2")
     assert r.returncode == 0, r.stderr
-    assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB," in r.stdout + r.stderr
+    # the model's sha256 is of every shard's bytes in order, not of the first shard alone
+    whole = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(split.parent.glob("smol-*.gguf")))).hexdigest()
+    assert hashlib.sha256(split.read_bytes()).hexdigest() != whole
+    assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB, sha256 {whole[:12]})" in r.stdout + r.stderr
 
 
 def test_serve_answers_from_it_and_reports_its_whole_size(split, tmp_path):

@@ -114,6 +114,9 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     return ""
 
 
+# verbs that take a model and pull a download address given as one when the store lacks it
+PULL_ON_USE = ("run", "chat", "bench", "eval", "serve", "fit", "quantize", "agent", "cascade", "adapt")
+
 # Ollama's and llama.cpp's verbs for what ondevice does under another name
 OTHER_TOOLS = {"list": "models", "ls": "models", "show": "models", "ps": "models", "delete": "rm", "remove": "rm",
                "perplexity": "eval", "quantise": "quantize", "server": "serve", "cli": "run", "generate": "run"}
@@ -148,6 +151,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
     _warnings_as_lines(args.verb)
+    if args.verb in PULL_ON_USE:  # `run hf.co/OWNER/REPO:QUANT` pulls it first, as ollama run and llama-cli -hf
+        from .models import sources
+
+        sources.PULL_ON_USE = True
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:

@@ -75,8 +75,8 @@ _NOT_HERE = {
     ("--prio",): "run ondevice under nice/chrt to change its priority",
     ("--delay",): "use --wait-idle to let the machine settle between configurations",
     ("--numa",): "ondevice does not set NUMA modes",
-    ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"): "fetch the file with `ondevice pull -hf OWNER/REPO:QUANT` (or "
-                                                       "hf://OWNER/REPO/FILE.gguf), then give -m NAME",
+    ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"): "give the address to -m (-m hf.co/OWNER/REPO:QUANT or "
+                                                       "hf://OWNER/REPO/FILE.gguf): it is pulled when missing",
 }
 
 

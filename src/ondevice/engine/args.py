@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..models.hf_repo import add_hf_args
 from ..protect.keys import add_key_args, apply_key_args
 from .records import Sampling
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
-                   help="catalog name, stored variant or path to a .gguf; default: smollm2-135m-instruct")
+                   help="catalog name, stored variant, path to a .gguf or a download address (hf.co/OWNER/REPO:QUANT, "
+                        "pulled when missing); default: smollm2-135m-instruct")
+    add_hf_args(p)
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default (or 0): physical cores")
     p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=0,
                    help="context size in tokens (0: the model's, capped at 4096)")
@@ -23,8 +26,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-fa", "--flash-attn", type=switch, choices=("auto", "on", "off"), default="auto",
                    help="flash attention, as llama-cli's (auto: llama.cpp decides, on for CPUs; `ondevice bench -fa "
                         "off,auto` shows which decodes faster here, off at depth on some CPUs)")
+    add_template_args(p)
     add_kernel_args(p)
     add_key_args(p)
+
+
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's chat template flags (run, chat, serve)."""
+    from .chat_templates import BUILTIN
+
+    p.add_argument("--chat-template", metavar="NAME|JINJA", default=None,
+                   help=f"the chat template instead of the model file's: {', '.join(BUILTIN)}, or Jinja text")
+    p.add_argument("--chat-template-file", metavar="FILE", default=None, help="a Jinja chat template from a file")
+    p.add_argument("--jinja", action="store_true", help="accepted (llama.cpp's): templates are always Jinja here")
 
 
 class Scaled(argparse.Action):
@@ -231,4 +245,8 @@ def load_from(args: argparse.Namespace, **config):
     if getattr(args, "adapter", None):
         config["adapters"] = tuple(args.adapter)
     config.setdefault("flash_attn", FLASH_ATTN[getattr(args, "flash_attn", "auto")])
+    if args.chat_template is not None or args.chat_template_file is not None:
+        from .chat_templates import template_from
+
+        config["chat_template"] = template_from(args.chat_template, args.chat_template_file)
     return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)

@@ -238,6 +238,9 @@ def quiet_keys(stream=None) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.hf_repo import hf_address
+
+    args.model = hf_address(args, args.model or args.model_word) or args.model  # -hf OWNER/REPO[:QUANT]
     if args.model_word is not None:
         if any(c.isspace() for c in args.model_word):  # `chat "Hello there"`: a message where a model goes
             raise InvalidArgument(f"'{args.model_word}' is not a model name: chat reads messages at its >>> prompt "

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_system_arg(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (for measurements)")
+    p.add_argument("--verbose-prompt", action="store_true",
+                   help="print the prompt as the model gets it (chat template applied) and its tokens first, as "
+                        "llama-cli's, on stderr")
     p.add_argument("--draft", default=None, metavar="lookup|MODEL",
                    help="speculative decoding, same output: 'lookup' drafts from the prompt and text so far (fast "
                         "for rewriting, summaries, extraction); MODEL is a draft model sharing the vocabulary")
@@ -180,7 +183,20 @@ def _restore(model, path: str) -> list[int]:
         raise SlotFileError(f"--prompt-cache {e}; delete the file (or give another) to start a new cache") from None
 
 
+def show_prompt(model, prompt, chat_template: bool | None) -> None:
+    """llama-cli's --verbose-prompt: the prompt's text after the chat template, then each token id and piece."""
+    text = model.render(prompt, chat_template=chat_template)[0]
+    toks = model.tokenize_prompt(prompt, chat_template=chat_template)
+    eng = model.engine
+    lines = [f"prompt: '{text}'", f"number of tokens in prompt = {len(toks)}"]
+    lines += [f"{t:6d} -> '{eng.token_bytes(t, special=True).decode('utf-8', 'replace')}'" for t in toks]
+    print("\n".join(lines) + "\n", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..models.hf_repo import hf_address
+
+    args.model = hf_address(args, args.model) or args.model  # -hf OWNER/REPO[:QUANT] (-hff FILE), as llama-cli
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
@@ -198,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise InvalidArgument("--prompt-cache-all and --prompt-cache-ro need --prompt-cache FILE")
     model = load_from(args, **({"draft_model": args.draft} if draft == "model" else {}))
+    if args.verbose_prompt:
+        show_prompt(model, prompt, chat_template=False if args.raw else None)
     cached = _restore(model, args.prompt_cache) if args.prompt_cache else None
     last = None
     out = sys.stdout

@@ -17,7 +17,7 @@ from typing import Self
 
 from .. import fields
 from ..errors import InvalidArgument, ModelClosed, StreamAbandoned
-from . import chat
+from . import chat, chat_templates
 from .base import Engine, EngineConfig
 from .generator import BatchGenerator, Request
 from .records import Generation, Result, Sampling
@@ -379,19 +379,22 @@ class _Turns:
 
 
 def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, draft_model: str | None = None,
-         **config) -> Model:
+         chat_template: str | None = None, **config) -> Model:
     """Load a model by catalog name, stored variant name or ``.gguf`` path (None: the default model).
 
     ``draft_model`` loads a second, smaller model with the same vocabulary for speculative decoding
-    (``Sampling(draft="model")``). Extra keyword arguments are :class:`EngineConfig` fields (``n_batch``, ...).
+    (``Sampling(draft="model")``). ``chat_template`` replaces the file's chat template: a built-in name
+    (``chatml``, ``llama3``, ``gemma``, ``phi3``) or Jinja text, as llama.cpp's ``--chat-template``. Extra keyword
+    arguments are :class:`EngineConfig` fields (``n_batch``, ...).
     """
     from ..models import resolve
     from ..protect.container import is_container
     from .llama import LlamaEngine
 
-    if err := fields.unknown("load", config, {"name", "n_ctx", "n_threads", "draft_model",
+    if err := fields.unknown("load", config, {"name", "n_ctx", "n_threads", "draft_model", "chat_template",
                                               *EngineConfig.__dataclass_fields__}):
         raise err
+    template = None if chat_template is None else chat_templates.template_from(chat_template)  # before the load
     if name is not None and not isinstance(name, (str, Path)):
         raise InvalidArgument(f"load: the model {name!r} is not a name or a path; give a catalog name, a "
                               f"stored variant's name or a .gguf path")
@@ -406,7 +409,10 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
         draft_config = {k: v for k, v in config.items() if k != "adapters"}  # an adapter is for the target only
         draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **draft_config))
         check_same_vocab(engine, draft, ref.name, dref.name)
-    return Model(name=ref.name, path=ref.path, engine=engine, template=engine.chat_template(), draft_engine=draft)
+    if template is not None:
+        chat_templates.check_markers(template, engine, ref.name)
+    return Model(name=ref.name, path=ref.path, engine=engine, template=template or engine.chat_template(),
+                 draft_engine=draft)
 
 
 def check_same_vocab(target: Engine, draft: Engine, target_name: str, draft_name: str) -> None:

@@ -30,6 +30,7 @@ from ..errors import NOT_THERE, InvalidArgument, InvalidModelFile, ModelNotFound
 from ..store.record import created_now
 from .gguf_check import GGUFInfo, validate_gguf
 from .gguf_split import first_of, sibling_shards
+from .hf_repo import is_address, parse_repo
 from .store import atomic_path, atomic_write, models_dir, sha256_file, write_json
 
 Source = Literal["embedded", "store", "local"]
@@ -294,10 +295,11 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
         return name
     if name is None:
         name = DEFAULT_MODEL
-    if isinstance(name, str) and re.match(r"(hf|https?)://|(hf\.co|huggingface\.co)/", name):
-        how = f"ondevice pull {name}"  # ollama's hf.co/OWNER/REPO[:QUANT] too: pull picks the quant's file
-        raise ModelNotFound(f"{name} is a download address, not a model here; fetch it first (`{how}`), then give "
-                            f"the name it prints")
+    if is_address(name):
+        from .sources import address_path  # what `pull` stored; the command line pulls it when missing
+
+        path = address_path(name)
+        return ModelRef(path.stem, path, "store")
     if isinstance(name, os.PathLike) or _looks_like_path(str(name)):
         return _local(Path(name))
     name = str(name)
@@ -318,8 +320,9 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
 
 
 def is_model_name(word: str) -> bool:
-    """Whether ``word`` names a model (catalog name or alias, store variant, existing .gguf path); nothing loads."""
-    if word in CATALOG or word in _ALIASES:
+    """Whether ``word`` names a model (catalog name or alias, store variant, existing .gguf path, a Hugging Face
+    repository or .gguf file address); nothing loads."""
+    if word in CATALOG or word in _ALIASES or is_address(word) and (word.lower().endswith(".gguf") or parse_repo(word)):
         return True
     if _looks_like_path(word):
         return word.endswith(".gguf") and Path(word).expanduser().is_file()

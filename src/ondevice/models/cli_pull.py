@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidArgument, InvalidModelFile
-from .hf_repo import repo_argument
+from .hf_repo import add_hf_args, hf_address
 from .hub import pull
 from .sources import catalog_entry
 
@@ -16,8 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hf://owner/repo[@revision]/path/file.gguf, an http(s):// URL, a repository and a quant "
                         "(hf.co/owner/repo:Q4_K_M, as Ollama; no :QUANT: Q4_K_M), or a catalog model's name "
                         "(shipped in a PyPI package: nothing to download)")
-    p.add_argument("-hf", "--hf-repo", metavar="OWNER/REPO[:QUANT]",
-                   help="as llama.cpp's -hf: the repository's file of that quant (default Q4_K_M)")
+    add_hf_args(p, pull=True)
     p.add_argument("--name", help="name in the store (default: the file name without .gguf)")
     p.add_argument("--sha256", help="expected sha256; else the server's (HF X-Linked-Etag, ETag, URL.sha256)")
     p.add_argument("--force", action="store_true", help="download again even if the store has it")
@@ -26,11 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.url is None) == (args.hf_repo is None):
-        raise InvalidArgument("give what to pull once: a URL, hf.co/OWNER/REPO:QUANT or a catalog name, or "
-                              "-hf OWNER/REPO[:QUANT]" + (f" (not both {args.url} and -hf {args.hf_repo})"
-                                                          if args.url else ""))
-    url = repo_argument(args.hf_repo) if args.hf_repo is not None else args.url
+    url = hf_address(args, args.url) or args.url
+    if url is None:
+        raise InvalidArgument("give what to pull: a URL, hf.co/OWNER/REPO:QUANT or a catalog name, or "
+                              "-hf OWNER/REPO[:QUANT]")
     entry = catalog_entry(url)
     path = pull(url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
                 progress=not args.quiet)

@@ -20,6 +20,7 @@ from .gguf_split import SHARD_SUFFIX
 
 DEFAULT_TAG = "Q4_K_M"  # llama.cpp's -hf default, as Ollama's hf.co/ without a tag
 HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")  # addresses without https:// too
+ADDRESS_RE = re.compile(r"((hf|https?)://|(www\.)?(hf\.co|huggingface\.co)/)\S+$", re.IGNORECASE)
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Hub owner or repository name
 _REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:@([^/:\s]+))?(?::([A-Za-z0-9_.+-]+))?/?$")
 _SHARD_RE = re.compile(SHARD_SUFFIX, re.IGNORECASE)  # a shard's name in a repository (.GGUF too)
@@ -47,6 +48,11 @@ class RepoRef:
     def written(self) -> str:
         """The Ollama form of it, for messages: hf.co/OWNER/REPO:QUANT."""
         return f"hf.co/{self.repo_id}{'@' + self.revision if self.revision else ''}:{self.quant}"
+
+
+def is_address(word: object) -> bool:
+    """Whether ``word`` is where a model downloads from (hf.co/O/R:QUANT, hf://..., http(s)://...), not a name."""
+    return isinstance(word, str) and ADDRESS_RE.match(word) is not None
 
 
 def parse_repo(word: str, *, bare: bool = False) -> RepoRef | None:
@@ -85,6 +91,39 @@ def repo_argument(value: str) -> str:
                               f"`ondevice pull hf://OWNER/REPO/FILE.gguf`")
     rev = f"@{ref.revision}" if ref.revision else ""
     return f"hf://{ref.repo_id}{rev}" + (f":{ref.tag}" if ref.tag else "")
+
+
+def add_hf_args(p, *, pull: bool = False) -> None:
+    """llama.cpp's ``-hf OWNER/REPO[:QUANT]`` and ``-hff FILE``: a model of the Hub, pulled into the store."""
+    what = "download" if pull else "the model: pulled into the store when it is not there yet (as llama-cli's -hf)"
+    p.add_argument("-hf", "-hfr", "--hf-repo", metavar="OWNER/REPO[:QUANT]",
+                   help=f"a Hugging Face repository's file of that quant (default Q4_K_M) as {what}")
+    p.add_argument("-hff", "--hf-file", metavar="FILE", help="with -hf: that file of the repository, not the quant's")
+
+
+def hf_address(args, given: str | None = None) -> str | None:
+    """The address ``-hf`` (and ``-hff``) give, as ``pull`` takes it; None without them. ``given`` is the model
+    named otherwise (-m, a word), refused beside them: one model per command."""
+    repo, file = getattr(args, "hf_repo", None), getattr(args, "hf_file", None)
+    if repo is None and file is None:
+        return None
+    if repo is None:
+        raise InvalidArgument(f"-hff {file} names a file of a Hugging Face repository: give the repository with -hf "
+                              f"OWNER/REPO too (or the file's address, hf://OWNER/REPO/{file.strip('/')})")
+    if given is not None:
+        raise InvalidArgument(f"two models: {given} and -hf {repo}; give the model once")
+    if file is None:
+        return repo_argument(repo)
+    ref = parse_repo(repo, bare=True)
+    if ref is None:
+        repo_argument(repo)  # its error: not a repository
+    if ref.tag:
+        raise InvalidArgument(f"-hf {repo} -hff {file}: the quant picks a file and -hff names one; give -hf "
+                              f"{ref.repo_id} -hff {file}, or drop -hff")
+    if not file.lower().endswith(".gguf"):
+        raise InvalidArgument(f"-hff {file}: give the repository's .gguf file, as its file list names it")
+    rev = f"@{ref.revision}" if ref.revision else ""
+    return f"hf://{ref.repo_id}{rev}/{file.strip('/')}"
 
 
 def _token_re(tag: str) -> re.Pattern[str]:

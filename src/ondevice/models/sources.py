@@ -8,10 +8,55 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from ..errors import InvalidArgument
-from .catalog import _ALIASES, _NAME_RE, CATALOG, CatalogEntry, did_you_mean, read_provenance
-from .hf_repo import HOSTS, file_url
+from ..errors import InvalidArgument, ModelNotFound
+from .catalog import _ALIASES, _NAME_RE, CATALOG, CatalogEntry, did_you_mean, read_provenance, store_variants
+from .hf_repo import HOSTS, file_url, parse_repo
 from .store import models_dir
+
+PULL_ON_USE = False  # the command line sets it: a download address given as a model is pulled when missing
+
+
+def _same_repo(a, b) -> bool:
+    return (a.repo_id.lower(), a.quant.upper(), a.revision) == (b.repo_id.lower(), b.quant.upper(), b.revision)
+
+
+def pulled(address: str) -> Path | None:
+    """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network.
+
+    A repository and a quant (``hf.co/O/R:Q4_K_M``, ``hf://O/R``, ``-hf O/R``'s form) matches a pull of the same
+    repository, quant (any case; no tag is Q4_K_M) and revision; a file address matches the same file."""
+    ref = parse_repo(address)
+    try:
+        http_url = None if ref is not None else parse_source(address)[0]
+    except InvalidArgument:
+        return None
+    for path in store_variants().values():
+        prov = read_provenance(path) or {}
+        if prov.get("source") != "pull":
+            continue
+        if ref is not None:
+            got = parse_repo(str(prov.get("requested") or ""), bare=True)
+            if got is not None and _same_repo(got, ref):
+                return path
+        elif address in (prov.get("url"), prov.get("requested")) or http_url == prov.get("resolved_url"):
+            return path
+    return None
+
+
+def address_path(address: str) -> Path:
+    """The stored file of a download address given as a model: pulled before (found offline), or pulled now where
+    the command line allows it (as ``ollama run hf.co/...`` and llama-cli's ``-hf`` do)."""
+    if (path := pulled(address)) is not None:
+        return path
+    if not PULL_ON_USE:
+        raise ModelNotFound(f"{address} is a download address, not a model here yet; fetch it first (`ondevice pull "
+                            f"{address}`, or ondevice.pull() in Python), then give the address or the name it prints")
+    import sys
+
+    from .hub import pull
+
+    print(f"ondevice: {address} is not in the store yet: pulling it", file=sys.stderr)
+    return pull(address)
 
 
 def hf_endpoint() -> str:

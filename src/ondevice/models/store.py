@@ -178,12 +178,13 @@ def write_json(dest: str | os.PathLike[str], obj: Any) -> None:
         f.write("\n")
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_file(*paths: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (of several, their bytes one after the other), read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -192,10 +193,13 @@ def _hash_cache_path() -> Path:
 
 
 def cached_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, cached per (real path, size, mtime) so a sweep does not re-read the model."""
+    """SHA-256 of a file, cached per (real path, size, mtime) so a sweep does not re-read the model. For the first
+    shard of a split model it is the sha256 of every shard's bytes in order (the model's identity in records)."""
+    from .gguf_split import sibling_shards
+
     p = Path(path).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    parts = [p, *sibling_shards(p)]
+    key = "|".join(f"{q}|{q.stat().st_size}|{q.stat().st_mtime_ns}" for q in parts)
     cache_file = _hash_cache_path()
     try:
         cache = json.loads(cache_file.read_text())
@@ -203,7 +207,7 @@ def cached_sha256(path: str | Path) -> str:
         cache = {}  # missing or corrupt: rebuild
     if key in cache:
         return cache[key]
-    digest = sha256_file(p)
+    digest = sha256_file(*parts)
     with open(cache_file.with_suffix(".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two sweeps hashing at once must not drop each other's entries
         try:

@@ -22,13 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..protect.keys import add_key_args
 
     add_key_args(parser)  # an encrypted -m: where its key is (ONDEVICE_KEY_SOURCE or ONDEVICE_MODEL_KEY also work)
+    from ..models.hf_repo import add_hf_args
+
+    add_hf_args(parser)
+    parser.add_argument("--jinja", action="store_true", help="accepted (llama-server's): templates are always Jinja here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .server import serve
+    from ..models.hf_repo import hf_address
     from ..protect.keys import apply_key_args
+    from .server import serve
     from .settings import settings_from_args
 
+    if address := hf_address(args, getattr(args, "model", None)):  # -hf OWNER/REPO[:QUANT] (-hff FILE), as llama-server
+        args.model = address
     apply_key_args(args)
     serve(settings_from_args(args))
     return 0

@@ -54,6 +54,9 @@ class ServeSettings(BaseSettings):
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
+    chat_template: str | None = Field(None, description="the chat template instead of the model file's: chatml, "
+                                                        "llama3, gemma, phi3, or Jinja text (llama-server's)")
+    chat_template_file: str | None = Field(None, description="a Jinja chat template from a file (llama-server's)")
     adapter: AnyList[str] = Field([], description="a LoRA adapter NAME=PATH (or NAME=STORED, an `ondevice adapt "
                                                   "list` name) made by `ondevice adapt` (repeatable); "
                                                   "a request picks it with model 'BASE+NAME' (or llama-server's "

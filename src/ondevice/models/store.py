@@ -218,3 +218,22 @@ def cached_sha256(path: str | Path) -> str:
         cache[key] = digest
         write_json(cache_file, cache)
     return digest
+
+
+def _sidecar(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".json")
+
+
+def read_provenance(gguf_path: Path) -> dict[str, Any] | None:
+    """The sidecar JSON next to a stored model, or None (none there, or one that is damaged: not UTF-8 JSON
+    of an object, as a torn copy leaves it; the next write replaces it)."""
+    try:
+        prov = json.loads(_sidecar(gguf_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 (UnicodeDecodeError), not JSON
+        return None
+    return prov if isinstance(prov, dict) else None
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -97,6 +97,10 @@ def test_run_pulls_an_address_it_is_given_then_runs_it_from_the_store(smol_hub, 
     assert smol_hub.log[n:] == []  # already in the store: found with no network
     listed = cli("models")
     assert "SmolLM2-135M-Instruct.Q4_1" in listed.stdout, listed.stdout
+    gone = cli("rm", "hf.co/o/Smol-GGUF:Q4_1")  # as ollama rm takes what ollama run pulled
+    assert gone.returncode == 0 and gone.stdout.startswith("removed SmolLM2-135M-Instruct.Q4_1 ("), gone.stderr
+    again = cli("rm", "hf.co/o/Smol-GGUF:Q4_1")
+    assert again.returncode == 2 and "nothing in the store was pulled from hf.co/o/Smol-GGUF:Q4_1" in again.stderr
 
 
 def test_chat_and_hff_pick_a_file_and_mistakes_are_said(smol_hub, cli):

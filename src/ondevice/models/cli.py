@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--prepare", action="store_true",
                    help="assemble installed catalog models that are assembled on first use (hundreds of MB)")
+    show = p.add_mutually_exclusive_group()  # ollama show's flags
+    show.add_argument("--template", action="store_true", help="print the models' chat templates (as `ollama show "
+                                                              "--template`)")
+    show.add_argument("--license", action="store_true", help="print the models' licences (as `ollama show --license`)")
+    show.add_argument("-v", "--verbose", action="store_true",
+                      help="the table, then each model's GGUF metadata (as `ollama show -v`)")
 
 
 def _row(m: ModelListing) -> dict[str, Any]:
@@ -153,12 +159,59 @@ def terminal_width() -> int | None:
     return None
 
 
+def _show(args: argparse.Namespace) -> int:
+    """``--template`` / ``--license`` of the models named: the text alone for one, under a ``# NAME`` line each for
+    several (a model with none says so on stderr)."""
+    import sys
+
+    from ..errors import InvalidArgument
+
+    what = "template" if args.template else "license"
+    if not args.paths:
+        raise InvalidArgument(f"--{what} describes the models named: ondevice models NAME --{what}")
+    for name in dict.fromkeys(args.paths):
+        ref = resolve(name)
+        info = ref.info
+        text = info.chat_template if args.template else (ref.entry.licence if ref.entry else None) or info.license
+        if len(args.paths) > 1:
+            print(f"# {ref.name}")
+        if text:
+            print(text)
+        else:
+            print(f"{ref.name} has no chat template (a base model): chat gets a plain transcript; give one with "
+                  f"--chat-template" if args.template else f"{ref.name} names no licence in its file", file=sys.stderr)
+    return 0
+
+
+def _metadata_lines(path: str, name: str) -> list[str]:
+    """``ollama show -v``'s metadata: each GGUF key and value (a long array as its length, the template as its
+    size)."""
+    info = resolve(path).info
+    out = []
+    for key in sorted({*info.metadata, *info.array_lengths}):
+        if key in info.array_lengths:
+            n = info.array_lengths[key]
+            value = str(list(info.metadata[key])) if n <= 8 and key in info.metadata else f"[{n} items]"
+        elif key == "tokenizer.chat_template":
+            value = f"({len(info.metadata[key])} characters: `ondevice models {name} --template`)"
+        else:
+            value = str(info.metadata[key])
+        out.append(f"  {key:<44} {value[:120]}")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.template or args.license:
+        return _show(args)
     data = rows(args.paths, prepare=args.prepare)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     print(_table(data, terminal_width()))
+    for r in data if args.verbose else ():
+        if "architecture" in r:
+            print(f"\n{r['name']} metadata:")
+            print("\n".join(_metadata_lines(r["path"], r["name"])))
     from .store import models_dir
 
     print(f"\nstore: {models_dir(create=False)}  (add models with `ondevice pull URL` or `ondevice quantize`; "

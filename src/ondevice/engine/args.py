@@ -6,6 +6,7 @@ import argparse
 
 from ..models.hf_repo import add_hf_args
 from ..protect.keys import add_key_args, apply_key_args
+from .llama_flags import add_load_args, load_config
 from .records import Sampling
 
 
@@ -27,6 +28,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="flash attention, as llama-cli's (auto: llama.cpp decides, on for CPUs; `ondevice bench -fa "
                         "off,auto` shows which decodes faster here, off at depth on some CPUs)")
     add_template_args(p)
+    add_load_args(p)
     add_kernel_args(p)
     add_key_args(p)
 
@@ -245,6 +247,7 @@ def load_from(args: argparse.Namespace, **config):
     if getattr(args, "adapter", None):
         config["adapters"] = tuple(args.adapter)
     config.setdefault("flash_attn", FLASH_ATTN[getattr(args, "flash_attn", "auto")])
+    config.update(load_config(args))
     if args.chat_template is not None or args.chat_template_file is not None:
         from .chat_templates import template_from
 

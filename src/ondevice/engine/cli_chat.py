@@ -28,6 +28,7 @@ from .args import (
     system_from,
     unescape,
 )
+from .llama_flags import add_llama_flags
 from .model import BaseModelWarning, peak_rss_bytes
 from .records import Sampling
 
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_word", nargs="?", default=None, metavar="MODEL",
                    help="the model to talk to, as `ollama run MODEL` (or -m MODEL); default: smollm2-135m-instruct")
     add_model_args(p)
+    add_llama_flags(p, "chat")
     add_sampling_args(p, max_tokens=512)
     add_system_arg(p)
     p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")

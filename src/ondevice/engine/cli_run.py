@@ -18,6 +18,7 @@ from .args import (
     system_from,
     unescape,
 )
+from .llama_flags import add_llama_flags
 from .model import peak_rss_bytes
 from .records import Generation
 
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prompt_args(p, "the prompt, as llama-cli's -p (\\n, \\t, \\\\, \\xHH ... are the characters unless "
                        "--no-escape)", "read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
+    add_llama_flags(p, "run")
     add_sampling_args(p)
     add_system_arg(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")

@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_hf_args(parser)
     parser.add_argument("--jinja", action="store_true", help="accepted (llama-server's): templates are always Jinja here")
+    from ..engine.llama_flags import KV_TYPES, add_llama_flags
+
+    add_llama_flags(parser, "serve")
+    parser.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None, help="llama-server's: as --kv-type")
+    parser.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help="llama-server's: as --kv-type")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     if address := hf_address(args, getattr(args, "model", None)):  # -hf OWNER/REPO[:QUANT] (-hff FILE), as llama-server
         args.model = address
+    kv = {t for t in (args.cache_type_k, args.cache_type_v) if t}
+    if len(kv) > 1 or kv and getattr(args, "kv_type", None) not in (None, *kv):
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("serve keeps K and V in one type: give -ctk and -ctv the same one (or --kv-type)")
+    if kv:
+        args.kv_type = kv.pop()
     apply_key_args(args)
     serve(settings_from_args(args))
     return 0

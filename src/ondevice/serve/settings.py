@@ -36,6 +36,10 @@ class ServeSettings(BaseSettings):
         "auto", description="flash attention, as llama-server's -fa (auto: llama.cpp decides, on for CPUs; `ondevice "
                             "bench -fa off,auto` shows which decodes faster here)")
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
+    ubatch: int = Field(512, ge=1, description="physical batch: tokens per compute step (llama-server's -ub)")
+    threads_batch: int | None = Field(None, ge=1, description="threads for prompts (None: --threads; llama-server's "
+                                                              "-tb)")
+    mmap: bool = Field(True, description="map the model file (--no-mmap: read it into memory)")
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
                                                        "so a long prompt does not stall running streams")
     prefill_batch: int = Field(32, ge=1, description="a step starts no further new prompt once it holds this many "
@@ -153,7 +157,9 @@ class ServeSettings(BaseSettings):
 
 # flags with a short alias or llama-server's name (the last one is the one errors name)
 FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel": ("-np", "--parallel"),
-         "ctx": ("-c", "--ctx-size", "--ctx"), "flash_attn": ("-fa", "--flash-attn")}
+         "ctx": ("-c", "--ctx-size", "--ctx"), "flash_attn": ("-fa", "--flash-attn"),
+         "batch": ("-b", "--batch-size", "--batch"), "ubatch": ("-ub", "--ubatch-size", "--ubatch"),
+         "threads_batch": ("-tb", "--threads-batch"), "alias": ("-a", "--alias"), "timeout": ("-to", "--timeout")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

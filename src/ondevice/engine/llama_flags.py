@@ -1,0 +1,121 @@
+"""llama.cpp's common flags that copied llama-cli and llama-server commands carry.
+
+Each is taken, ignored with a note, or refused by name; none is misread (argparse alone reads ``-ngl 99`` as
+``-n gl`` and ``-tb 2`` as ``-t b``). Taken: the load settings ``-b``, ``-ub``, ``-tb``, ``-ctk``, ``-ctv``,
+``--no-mmap``, ``--no-warmup``. Ignored, as a CPU build of llama.cpp ignores them: GPU offload and the terminal's
+colours and logs. Refused: what would change the command's result here if it were dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+KV_TYPES = ("f16", "f32", "q8_0", "q4_0")  # what EngineConfig.type_k/type_v take
+
+# flag names -> (takes a value, why it changes nothing here)
+IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
+    ("-ngl", "--gpu-layers", "--n-gpu-layers"): (True, "ondevice runs on the CPU"),
+    ("-dev", "--device"): (True, "ondevice runs on the CPU"),
+    ("-sm", "--split-mode"): (True, "one CPU device here: nothing to split"),
+    ("-mg", "--main-gpu"): (True, "ondevice runs on the CPU"),
+    ("-ts", "--tensor-split"): (True, "one CPU device here: nothing to split"),
+    ("-nkvo", "--no-kv-offload"): (False, "the KV cache is in CPU memory here"),
+    ("-co", "--color"): (False, "output is not coloured"),
+    ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
+    ("--simple-io",): (False, "input is read as plain lines"),
+    ("--no-display-prompt",): (False, "the prompt is not echoed"),
+    ("--mlock",): (False, "the model stays memory-mapped, not locked in RAM (the OS may page it out under pressure)"),
+}
+# llama-server's, for what `ondevice serve` always does
+SERVER_IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
+    ("--metrics",): (False, "GET /metrics is always on"),
+    ("--no-webui",): (False, "there is no web UI"),
+    ("-cb", "--cont-batching"): (False, "batching is always continuous"),
+    ("--props",): (False, "GET /props is always on; POST /props is not taken"),
+    ("--no-warmup",): (False, "serve warms up on its own thread as it starts"),
+    ("-kvu", "--kv-unified"): (False, "each slot keeps its own -c cells here"),
+}
+# flag names -> why it cannot be taken (llama-cli's interactive-mode text handling)
+REFUSED: dict[tuple[str, ...], str] = {
+    ("--keep",): "the context here is not shifted: a reply that would pass it ends with finish 'length'; raise -c",
+    ("--in-prefix", "--in-prefix-bos", "--in-suffix"): "the chat template frames each turn; give one with "
+                                                        "--chat-template or --chat-template-file",
+    ("-ot", "--override-tensor"): "every tensor is on the CPU here",
+    ("--numa",): "ondevice does not set NUMA modes",
+    ("-C", "--cpu-mask", "--cpu-range", "--cpu-strict"): "pin CPUs with taskset (or bench's --profile cpus=0,1)",
+}
+
+
+class _Ignored(argparse.Action):
+    def __init__(self, *a, why: str, **kw):
+        self.why = why
+        super().__init__(*a, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        shown = f"{option_string} {values}" if isinstance(values, str) else option_string
+        print(f"{parser.prog}: note: {shown} is ignored: {self.why}", file=sys.stderr)
+
+
+class _Refused(argparse.Action):
+    def __init__(self, *a, why: str, **kw):
+        self.why = why
+        super().__init__(*a, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is llama.cpp's and is not taken here: {self.why}")
+
+
+def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    """The ignored and refused flags (hidden from --help). llama-cli's ``-no-cnv`` is what ``run`` does anyway,
+    and the opposite of ``chat``."""
+    ignored, refused = dict(IGNORED), dict(REFUSED)
+    no_cnv = ("-no-cnv", "--no-conversation")
+    if verb == "run":
+        ignored[no_cnv] = (False, "run answers once; `ondevice chat` converses")
+    elif verb == "chat":
+        refused[no_cnv] = "chat converses; for one answer, `ondevice run`"
+    elif verb == "serve":
+        ignored.update(SERVER_IGNORED)
+        refused[("--reranking", "--rerank")] = "there is no /rerank route here"
+    for names, (takes, why) in ignored.items():
+        p.add_argument(*names, nargs=None if takes else 0, action=_Ignored, why=why, help=argparse.SUPPRESS)
+    for names, why in refused.items():
+        p.add_argument(*names, nargs="?", action=_Refused, why=why, help=argparse.SUPPRESS)
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's load settings, as EngineConfig takes them (run, chat)."""
+    g = p.add_argument_group("llama.cpp's load settings")
+    g.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
+                   help="most prompt tokens per llama_decode (default 2048)")
+    g.add_argument("-ub", "--ubatch-size", type=int, default=None, metavar="N",
+                   help="physical batch: tokens per compute step (default 512)")
+    g.add_argument("-tb", "--threads-batch", type=int, default=None, metavar="N",
+                   help="threads for the prompt (default: --threads)")
+    g.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None, help="KV cache type of K (default f16)")
+    g.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help="KV cache type of V (default f16)")
+    g.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
+    g.add_argument("--no-warmup", action="store_true", help="skip the tiny decode at load")
+
+
+def load_config(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields those flags set (only those given)."""
+    from ..errors import InvalidArgument
+
+    out = {}
+    for flag, field in (("-b", "n_batch"), ("-ub", "n_ubatch"), ("-tb", "n_threads_batch")):
+        value = getattr(args, {"n_batch": "batch_size", "n_ubatch": "ubatch_size"}.get(field, "threads_batch"))
+        if value is not None:
+            if value < 1:
+                raise InvalidArgument(f"{flag} {value} must be >= 1")
+            out[field] = value
+    if args.cache_type_k:
+        out["type_k"] = args.cache_type_k
+    if args.cache_type_v:
+        out["type_v"] = args.cache_type_v
+    if args.no_mmap:
+        out["use_mmap"] = False
+    if args.no_warmup:
+        out["warmup"] = False
+    return out

@@ -1,0 +1,65 @@
+"""llama.cpp's common flags in copied llama-cli / llama-server commands: taken (load settings), ignored with a
+note (GPU offload, colours, logs), or refused by name; never misread (argparse alone read `-ngl 99` as `-n gl`)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import serve_process
+
+from ondevice.cli import build_parser
+from ondevice.engine.llama_flags import load_config
+from ondevice.errors import InvalidArgument
+
+ASK = ["-p", "The capital of France is", "-n", "6", "--temp", "0"]
+
+
+def test_load_settings_reach_the_engine_config():
+    args = build_parser("run").parse_args(["run", "-b", "64", "-ub", "32", "-tb", "1", "-ctk", "q8_0", "-ctv", "q4_0",
+                                           "--no-mmap", "--no-warmup", "Hi"])
+    assert load_config(args) == {"n_batch": 64, "n_ubatch": 32, "n_threads_batch": 1, "type_k": "q8_0",
+                                 "type_v": "q4_0", "use_mmap": False, "warmup": False}
+    assert load_config(build_parser("run").parse_args(["run", "Hi"])) == {}
+    with pytest.raises(InvalidArgument, match=r"^-tb 0 must be >= 1$"):
+        load_config(build_parser("run").parse_args(["run", "-tb", "0", "Hi"]))
+
+
+def test_a_copied_llama_cli_command_runs(cli):
+    plain = cli("run", *ASK)
+    copied = cli("run", "-ngl", "99", "--mlock", "-co", "-no-cnv", "-dev", "none", "--log-disable", "-b", "64",
+                 "-ub", "32", "-tb", "2", "-ctk", "f16", "-ctv", "f16", "--no-mmap", "--no-warmup", *ASK)
+    assert plain.returncode == 0 and copied.returncode == 0, copied.stderr
+    assert copied.stdout == plain.stdout  # the same greedy text
+    for note in ("-ngl 99 is ignored: ondevice runs on the CPU", "--mlock is ignored: the model stays memory-mapped",
+                 "-co is ignored", "-no-cnv is ignored: run answers once", "-dev none is ignored"):
+        assert f"ondevice run: note: {note}" in copied.stderr, copied.stderr
+
+
+@pytest.mark.parametrize(("verb", "flags", "said"), [
+    ("run", ["--keep", "10"], "--keep is llama.cpp's and is not taken here: the context here is not shifted"),
+    ("run", ["--in-prefix", "User:"], "--in-prefix is llama.cpp's and is not taken here: the chat template frames"),
+    ("run", ["-ctk", "q5_1"], "argument -ctk/--cache-type-k: invalid choice: 'q5_1'"),
+    ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and is not taken here: chat converses; for one answer"),
+    ("serve", ["--reranking"], "--reranking is llama.cpp's and is not taken here: there is no /rerank route"),
+    ("serve", ["-ctk", "q8_0", "-ctv", "f16"], "serve keeps K and V in one type"),
+])
+def test_refused_by_name(cli, verb, flags, said):
+    got = cli(verb, *flags, *(["-p", "Hi"] if verb == "run" else ["--port", "0"] if verb == "serve" else []),
+              input="", timeout=120)
+    assert got.returncode == 2 and said in got.stderr, got.stderr
+
+
+def test_a_copied_llama_server_command_serves(tmp_path):
+    from openai import OpenAI
+
+    flags = ["-ngl", "99", "-cb", "--metrics", "--no-webui", "-b", "256", "-ub", "128", "-tb", "1", "--no-mmap",
+             "-a", "mine", "-to", "120", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja"]
+    with serve_process(tmp_path, *flags) as (_, url, log):
+        client = OpenAI(base_url=url, api_key="none")
+        ids = [m.id for m in client.models.list().data]
+        reply = client.completions.create(model="mine", prompt="The capital of France is", max_tokens=4,
+                                          temperature=0)
+    assert ids == ["mine"]
+    assert reply.choices[0].text and reply.usage.completion_tokens == 4
+    text = log.read_text()
+    assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text
+    assert "ondevice serve: note: -cb is ignored: batching is always continuous" in text

@@ -62,7 +62,7 @@ def test_a_full_disk_mid_download_names_the_part_and_the_rerun_resumes(server, t
     part = tmp_path / "home" / "models" / "tiny.gguf.part"
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"kept in {part} (delete it to give the space back)" in r.stderr
-    assert "raise the file size limit (ulimit -f) and run the same `ondevice pull` again to resume" in r.stderr
+    assert "raise the file size limit (ulimit -f) and run the same command again to resume" in r.stderr
     assert part.stat().st_size == limit and not part.with_name("tiny.gguf").exists()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)  # room again: resumes
     assert r.returncode == 0, r.stderr
@@ -86,7 +86,7 @@ def test_ctrl_c_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tm
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert f"pull interrupted; 20000 bytes are kept in {part}: run the same `ondevice pull` again to resume" in err
+    assert f"pull interrupted; 20000 bytes are kept in {part}: run the same command again to resume" in err
     assert not part.with_name("tiny.gguf").exists()
     assert json.loads(part.with_name("tiny.gguf.part.json").read_text())["validator"] == '"v1"'
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)

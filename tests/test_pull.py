@@ -162,7 +162,7 @@ def test_drop_then_rerun_resumes_with_range(server, model_bytes):
     server.files["/tiny.gguf"] = model_bytes
     server.etags["/tiny.gguf"] = '"v1"'  # a strong validator: without one a resume could splice versions
     server.drop_after, server.drops_left = 30_000, 1
-    with pytest.raises(DownloadInterrupted, match="run the same `ondevice pull` again to resume"):
+    with pytest.raises(DownloadInterrupted, match="run the same command again to resume"):
         pull(f"{server.base}/tiny.gguf", name="t", retries=0, progress=False)
     part = models_dir() / "t.gguf.part"
     assert part.read_bytes() == model_bytes[:30_000]  # the partial is kept...
@@ -342,9 +342,9 @@ def test_retry_messages_say_resume_only_with_bytes_to_resume_from(server, model_
     assert "resuming at byte 20000 (attempt 2 of 2)" in capsys.readouterr().err
 
 
-def test_a_split_model_is_pulled_shard_by_shard(server, tmp_path, cli):
-    """Each shard is a download of its own (checked alone: the others may come later); once all are in the store
-    side by side, the model is its first shard, whole."""
+def test_a_split_model_is_pulled_by_its_first_shard_or_shard_by_shard(server, tmp_path, cli):
+    """A later shard is a download of its own (checked alone: the others may come later); the first shard's address
+    brings the shards not yet in the store with it (as llama.cpp's -hff does), and the model is its first shard."""
     make_gguf(tmp_path / "big.gguf", split_max_tensors=3)
     names = [f"big-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     for n in names:
@@ -352,9 +352,12 @@ def test_a_split_model_is_pulled_shard_by_shard(server, tmp_path, cli):
     r = cli("pull", f"{server.base}/m/{names[1]}")  # a later shard first: kept, and said what it waits for
     assert r.returncode == 0, r.stderr
     assert "not runnable yet: this is shard 2 of a model split in 3 files" in r.stdout
-    r = cli("pull", f"{server.base}/m/{names[0]}")
-    assert r.returncode == 0 and f"not runnable yet: shard 3 of 3, {names[2]}, is not beside it" in r.stdout
-    r = cli("pull", f"{server.base}/m/{names[2]}")  # the last one: the model is whole
+    r = cli("pull", f"{server.base}/m/{names[0]}")  # the first: shard 3 comes with it, shard 2 is there already
+    assert r.returncode == 0 and "use it with: ondevice run -m big-00001-of-00003 ..." in r.stdout
+    whole = hashlib.sha256(b"".join((tmp_path / n).read_bytes() for n in names)).hexdigest()
+    assert f"  sha256 {whole} (its 3 shards' bytes in order; this shard's " in r.stdout, r.stdout
+    assert [len(server.gets(f"/m/{n}")) for n in names] == [1, 1, 1]
+    r = cli("pull", f"{server.base}/m/{names[2]}")  # the last one: there already
     assert r.returncode == 0 and "use it with: ondevice run -m big-00001-of-00003 (its first shard)" in r.stdout
     for n in (names[1], names[0], names[2]):  # in any order
         assert pull(f"{server.base}/m/{n}", progress=False) == models_dir() / n

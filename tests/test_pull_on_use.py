@@ -45,13 +45,21 @@ def test_the_library_resolves_a_pulled_address_offline_and_never_downloads(hub, 
     assert len(hub.log) == n  # no network
     with pytest.raises(ModelNotFound, match="^hf.co/bartowski/Tiny-GGUF is a download address"):  # Q4_K_M: not it
         resolve("hf.co/bartowski/Tiny-GGUF")
-    # a file's address matches the pull of that file (hf:// or its https URL), and the repository's default quant
+    # a file's address matches the pull of that file however either is spelled, and so does its repository's tag
     q4 = pull("hf://bartowski/Tiny-GGUF/Tiny-Q4_K_M.gguf", progress=False)
     assert q4.read_bytes() == files["Tiny-Q4_K_M.gguf"]
-    assert resolve("hf://bartowski/Tiny-GGUF/Tiny-Q4_K_M.gguf").path == q4
-    assert resolve(f"{hub.base}/bartowski/Tiny-GGUF/resolve/main/Tiny-Q4_K_M.gguf").path == q4
-    with pytest.raises(ModelNotFound, match="is a download address"):  # pulled by its file, not as the repo's tag
-        resolve("hf.co/bartowski/Tiny-GGUF:Q4_K_M")
+    for word in ("hf://bartowski/Tiny-GGUF/Tiny-Q4_K_M.gguf", "hf://Bartowski/tiny-gguf@main/Tiny-Q4_K_M.gguf",
+                 "hf.co/bartowski/Tiny-GGUF/Tiny-Q4_K_M.gguf", f"{hub.base}/bartowski/Tiny-GGUF/resolve/main/Tiny-Q4_K_M.gguf",
+                 "https://huggingface.co/bartowski/Tiny-GGUF/resolve/main/Tiny-Q4_K_M.gguf?download=true",
+                 "huggingface.co/bartowski/Tiny-GGUF/blob/main/Tiny-Q4_K_M.gguf",
+                 "hf.co/bartowski/Tiny-GGUF:Q4_K_M", "hf.co/bartowski/Tiny-GGUF", "hf.co/bartowski/Tiny-GGUF@main:q4_k_m"):
+        assert resolve(word).path == q4, word
+    with pytest.raises(ModelNotFound, match="is a download address"):  # another revision: another file
+        resolve("hf.co/bartowski/Tiny-GGUF@v2:Q4_K_M")
+    with pytest.raises(ModelNotFound, match="is a download address"):
+        resolve("hf://bartowski/Tiny-GGUF/other/Tiny-Q4_K_M.gguf")
+    fetched = "/bartowski/Tiny-GGUF/resolve/main/Tiny-Q4_K_M.gguf"
+    assert [e["path"] for e in hub.log[n:]] == [fetched, fetched + ".sha256"]  # the pull only: the rest is offline
     assert resolve(str(q4)).path == q4 and resolve("Tiny-Q4_K_M").path == q4  # as before: path and store name
 
 
@@ -132,7 +140,52 @@ def test_serve_hf_pulls_and_serves_it(smol_hub, tmp_path):
         ids = [m.id for m in client.models.list().data]
         reply = client.chat.completions.create(model=ids[0], messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=4)
-    assert ids == ["SmolLM2-135M-Instruct.Q4_1"], ids
+        import httpx  # Ollama's clients name the model by the address it was pulled from, as Ollama lists it
+
+        base = url.removesuffix("/v1")
+        tags = [m["name"] for m in httpx.get(f"{base}/api/tags").json()["models"]]
+        shown = httpx.post(f"{base}/api/show", json={"model": "hf.co/o/Smol-GGUF:Q4_1"})
+    assert ids == ["hf.co/o/Smol-GGUF:Q4_1"], ids  # named as Ollama names a model pulled from hf.co
+    assert tags == ["hf.co/o/Smol-GGUF:Q4_1"] and shown.status_code == 200, shown.text
     assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
     assert "hf://o/Smol-GGUF:Q4_1 is not in the store yet: pulling it" in log.read_text()
     assert _files(smol_hub) == [f"/o/Smol-GGUF/resolve/main/{SMOL}"]
+
+
+def test_a_split_model_by_a_shards_address(server, tmp_path, cli):
+    """A later shard's address given as the model is refused before anything downloads, naming the first's; the
+    first shard's brings every shard (as llama.cpp's -hff)."""
+    from test_pull import make_gguf
+
+    make_gguf(tmp_path / "big.gguf", split_max_tensors=3)
+    names = [f"big-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    for n in names:
+        server.files[f"/m/{n}"] = (tmp_path / n).read_bytes()
+    env = {"ONDEVICE_HOME": str(tmp_path / "h")}
+    r = cli("bench", "-m", f"{server.base}/m/{names[1]}", "-p", "4", "-n", "0", "-r", "1", "--no-report", env=env)
+    assert r.returncode == 2 and f"is shard 2 of 3 of a split model, which runs from its first shard: give " \
+                                 f"{server.base}/m/{names[0]}" in r.stderr, r.stderr
+    assert server.log == []
+    r = cli("pull", f"{server.base}/m/{names[0]}", "-q", env=env)
+    assert r.returncode == 0 and "use it with: ondevice run -m big-00001-of-00003 ..." in r.stdout, r.stderr
+    assert sorted(e["path"] for e in server.log if e["path"].endswith(".gguf")) == [f"/m/{n}" for n in names]
+    assert sorted(p.name for p in (tmp_path / "h" / "models").glob("*.gguf")) == names
+
+
+def test_the_library_stays_offline_after_a_command_in_the_same_process(hub, ggufs):  # noqa: F811
+    from ondevice.cli import main
+
+    _repo(hub, ggufs, "o/r", ["r-Q4_K_M.gguf"])
+    assert main(["models", "--json"]) == 0
+    with pytest.raises(ModelNotFound, match="is a download address, not a model here yet"):
+        resolve("hf.co/o/r")
+    assert hub.log == []
+
+
+def test_odd_spellings_and_combinations(hub, ggufs, cli):  # noqa: F811
+    files = _repo(hub, ggufs, "o/r", ["r-Q4_K_M.gguf"])
+    assert pull("HF://o/r/r-Q4_K_M.gguf", progress=False).read_bytes() == files["r-Q4_K_M.gguf"]
+    got = cli("run", "smollm2", "-hf", "o/r", "-p", "Hi")
+    assert got.returncode == 2 and "two models: smollm2 and -hf o/r; give the model once" in got.stderr
+    got = cli("run", "--raw", "--chat-template", "chatml", "-p", "Hi")
+    assert got.returncode == 2 and "--raw turns the chat template off, and --chat-template gives one" in got.stderr

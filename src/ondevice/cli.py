@@ -151,10 +151,11 @@ def _main(argv: list[str] | None) -> int:
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
     _warnings_as_lines(args.verb)
-    if args.verb in PULL_ON_USE:  # `run hf.co/OWNER/REPO:QUANT` pulls it first, as ollama run and llama-cli -hf
-        from .models import sources
+    from .models import sources
 
-        sources.PULL_ON_USE = True
+    # `run hf.co/OWNER/REPO:QUANT` pulls it first, as ollama run and llama-cli -hf; for this command only (the
+    # library never downloads on its own, even in a process that ran a command)
+    sources.PULL_ON_USE = args.verb in PULL_ON_USE
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:
@@ -174,6 +175,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"ondevice {args.verb}: error: a path starts with ~USER for a user this machine does not have; "
               f"give the path in full", file=sys.stderr)
         return 2
+    finally:
+        sources.PULL_ON_USE = False
 
 
 if __name__ == "__main__":

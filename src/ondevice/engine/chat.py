@@ -40,6 +40,10 @@ class _Budget(threading.local):
 _budget = _Budget()
 
 
+# the template is the model file's, or one given with --chat-template / --chat-template-file / load(chat_template=)
+_FIX = "fix the template, give another with --chat-template, or use a model whose template renders this conversation"
+
+
 class TemplateLimit(Exception):
     """A chat template went over its time or size limit (raised inside the render, turned into an error)."""
 
@@ -377,13 +381,11 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
             _tick()
         return "".join(parts) + prefill
     except TemplateLimit as e:
-        raise InvalidArgument(f"the model's chat template was stopped: {e}; fix the template (or use a "
-                              f"model whose template renders a plain conversation)") from None
+        raise InvalidArgument(f"the chat template was stopped: {e}; {_FIX}") from None
     except TemplateError as e:
-        raise InvalidArgument(f"the model's chat template failed: {e}") from e
+        raise InvalidArgument(f"the chat template failed: {e}; {_FIX}") from e
     except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, LookupError, AttributeError) as e:
-        raise InvalidArgument(f"the model's chat template failed ({type(e).__name__}: {str(e)[:200]}); fix the "
-                              f"template (or use a model whose template renders a plain conversation)") from None
+        raise InvalidArgument(f"the chat template failed ({type(e).__name__}: {str(e)[:200]}); {_FIX}") from None
     finally:
         _budget.deadline = float("inf")
 

@@ -196,9 +196,12 @@ def show_prompt(model, prompt, chat_template: bool | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.catalog import is_model_name
     from ..models.hf_repo import hf_address
 
-    args.model = hf_address(args, args.model) or args.model  # -hf OWNER/REPO[:QUANT] (-hff FILE), as llama-cli
+    words = args.words
+    named = words[0] if words and (len(words) > 1 or args.prompt or args.file) and is_model_name(words[0]) else None
+    args.model = hf_address(args, args.model or named) or args.model  # -hf OWNER/REPO[:QUANT] (-hff FILE)
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)
@@ -208,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise InvalidArgument("--system goes through the chat template, which --raw turns off; drop one of them "
                               "(or write the system text into the raw prompt)")
+    if args.raw and (args.chat_template or args.chat_template_file):
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument("--raw turns the chat template off, and --chat-template gives one; drop one of them")
     prompt = read_prompt(given_prompt(args), args.model if getattr(args, "named_model", False) else None)
     if system:
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]

@@ -54,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
               f"nothing to download" + (f"; sha256 {prov['sha256']}" if prov.get("sha256") else ""))
     else:
         check = prov.get("sha256_verified_against")
-        print(f"  sha256 {prov.get('sha256', '?')} "
-              f"({'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'})")
+        verified = 'verified against ' + check if check else 'not verified: no checksum known; pass --sha256'
+        if whole is not None and whole.split_paths and first is None:  # the model's identity: all its shards
+            from .store import cached_sha256
+
+            print(f"  sha256 {cached_sha256(path)} (its {len(whole.split_paths) + 1} shards' bytes in order; this "
+                  f"shard's {prov.get('sha256', '?')}: {verified})")
+        else:
+            print(f"  sha256 {prov.get('sha256', '?')} ({verified})")
     run_as = f"{first.stem} (its first shard)" if first else name
     print(f"  not runnable yet: {waiting}" if waiting else f"  use it with: ondevice run -m {run_as} ...")
     return 0

@@ -61,6 +61,17 @@ def first_of(path: Path) -> Path | None:
     return first if first.is_file() else None
 
 
+def shard_urls(url: str) -> tuple[int, list[str]] | None:
+    """``(this shard's number, every shard's address in order)`` when ``url`` names a shard of a split model by its
+    file name (a query string kept); None otherwise."""
+    base, q, query = url.partition("?")
+    m = re.search(SHARD_SUFFIX, base)
+    if m is None:
+        return None
+    count = int(m["count"])
+    return int(m["no"]), [f"{base[:m.start()]}-{k:05d}-of-{count:05d}.gguf{q}{query}" for k in range(1, count + 1)]
+
+
 def split_shards(path: Path, metadata: dict[str, Any], read: Callable[[Path], Shard]) -> list[Shard]:
     """The other shards of the split model whose first shard is ``path`` (none for a single file), each read
     with ``read``; raises :class:`InvalidModelFile` for a shard that is not the first, and for one missing or

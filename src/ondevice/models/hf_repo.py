@@ -237,6 +237,36 @@ def resolve_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
     return [f"hf://{ref.repo_id}{rev}/{path}" for path in choose_files(ref, list_files(ref, timeout))]
 
 
+def hub_file(address: str) -> tuple[str, str, str] | None:
+    """``(owner/repo lower-cased, revision, path in the repository)`` of any spelling of a Hub file's address:
+    ``hf://O/R[@rev]/PATH``, ``[https://]hf.co|huggingface.co/O/R[/resolve|/blob/REV]/PATH`` (a query such as
+    ``?download=true`` aside) or the resolve URL on HF_ENDPOINT; None for anything else."""
+    from .sources import hf_endpoint
+
+    w = address.strip()
+    if w[:5].lower() == "hf://":
+        owner, _, rest = w[5:].partition("/")
+        repo, _, path = rest.partition("/")
+        repo, _, rev = repo.partition("@")
+        return (f"{owner}/{repo}".lower(), rev or "main", path.strip("/")) if owner and repo and path else None
+    if "://" not in w:
+        w = "https://" + w
+    parts = urllib.parse.urlsplit(w)
+    hosts = {h.rstrip("/") for h in HOSTS} | {urllib.parse.urlsplit(hf_endpoint()).netloc.lower()}
+    named = [urllib.parse.unquote(x) for x in parts.path.split("/") if x]
+    if parts.netloc.lower() not in hosts or len(named) < 3 or named[0] in ("api", "datasets", "spaces"):
+        return None
+    if named[2] in ("resolve", "blob"):
+        return (f"{named[0]}/{named[1]}".lower(), named[3], "/".join(named[4:])) if len(named) >= 5 else None
+    return f"{named[0]}/{named[1]}".lower(), "main", "/".join(named[2:])
+
+
+def holds_quant(path: str, quant: str) -> bool:
+    """Whether a repository's file ``path`` is a model file of that quant tag (as ``choose_files`` picks one)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.lower().endswith(".gguf") and "mmproj" not in name.lower() and quant.upper() in quant_tags([name])
+
+
 def file_url(url: str, given: str) -> str:
     """A Hugging Face file's page (``/owner/repo/blob/rev/file``, what the browser shows) as its download link
     (``/resolve/``): the page is HTML, never the model."""

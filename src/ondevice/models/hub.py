@@ -41,7 +41,8 @@ from .catalog import (
     read_provenance,
 )
 from .gguf_check import validate_gguf
-from .hf_repo import parse_repo, resolve_files
+from .gguf_split import shard_urls
+from .hf_repo import hub_file, parse_repo, resolve_files
 from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source  # noqa: F401 (re-exported)
 from .store import models_dir, sha256_file, write_json
 
@@ -287,7 +288,7 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
             fix = ("raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else
                    "free some space (or set ONDEVICE_HOME to a larger disk)")
             raise OndeviceError(f"download of {url} stopped at {have:.1f}{of} MB: {os.strerror(e.errno).lower()} "
-                                f"({part.parent}); {fix} and run the same `ondevice pull` again to resume from the "
+                                f"({part.parent}); {fix} and run the same command again to resume from the "
                                 f"{have:.1f} MB kept in {part} (delete it to give the space back)") from None
     progress(done, total, final=True)
     if total is not None and done < total:
@@ -359,12 +360,20 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             print(f"ondevice: {ref.written} is {file_url}" + (f" and {len(more)} more shards" if more else ""),
                   file=sys.stderr)
         picked, url = {"requested": url, "repo": ref.repo_id, "tag": ref.quant}, file_url
-        if more:  # a split model: every shard, under the names llama.cpp finds them by
-            if name or sha256:
-                raise InvalidArgument(f"{ref.written} is split into {len(more) + 1} files: --name and --sha256 are for "
-                                      f"one file (shards keep their names, by which llama.cpp finds them)")
-            for shard in more:
-                pull(shard, force=force, retries=retries, timeout=timeout, progress=progress)
+    shards = shard_urls(url)
+    if shards is not None and shards[0] == 1 and len(shards[1]) > 1:  # a split model: every shard, as llama.cpp's
+        if name or sha256:  # -hf/-hff fetch them, under the names llama.cpp finds them by
+            raise InvalidArgument(f"{picked.get('requested', url)} is split into {len(shards[1])} files: --name and "
+                                  f"--sha256 are for one file (shards keep their names, by which llama.cpp finds "
+                                  f"them)")
+        for shard in shards[1][1:]:
+            _fetch(shard, None, None, {}, force=force, retries=retries, timeout=timeout, progress=progress)
+    return _fetch(url, name, sha256, picked, force=force, retries=retries, timeout=timeout, progress=progress)
+
+
+def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str], *, force: bool, retries: int,
+           timeout: float, progress: bool) -> Path:
+    """Download one file into the store (``pull``'s work once it knows which file)."""
     http_url, default_name = parse_source(url)
     if retries < 0:
         raise InvalidArgument(f"--retries {retries}: give 0 or more (automatic resumes after a dropped connection)")
@@ -390,8 +399,9 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             prov = read_provenance(dest) or {}
             have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
             have = have or sha256_file(dest)
-            same_source = prov.get("source") == "pull" and (url == prov.get("url") or
-                                                            http_url == prov.get("resolved_url"))
+            same_source = prov.get("source") == "pull" and (
+                url == prov.get("url") or http_url == prov.get("resolved_url")
+                or hub_file(url) is not None and hub_file(url) == hub_file(str(prov.get("url") or "")))
             if not same_source and have != sha256:
                 # many repositories name their files alike (model.Q4_K_M.gguf): another file under this name is
                 # another model, never to be handed back as this one, nor silently replaced
@@ -411,7 +421,7 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             except KeyboardInterrupt:
                 if progress and part.exists():
                     print(f"\nondevice: pull interrupted; {part.stat().st_size} bytes are kept in {part}: run the "
-                          f"same `ondevice pull` again to resume{_or_rm(dest)}", file=sys.stderr)
+                          f"same command again to resume{_or_rm(dest)}", file=sys.stderr)
                 raise
             except DownloadInterrupted as e:
                 if attempt == retries:
@@ -422,7 +432,7 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
                             f"a Hugging Face mirror), then run it again") from e
                     raise DownloadInterrupted(
                         f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
-                        f"`ondevice pull` again to resume{_or_rm(dest)}") from e
+                        f"command again to resume{_or_rm(dest)}") from e
                 if progress:  # "resuming" only when there is something to resume from
                     have = part.stat().st_size if part.exists() else 0
                     what = f"resuming at byte {have}" if have else "retrying"

@@ -10,33 +10,44 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, ModelNotFound
 from .catalog import _ALIASES, _NAME_RE, CATALOG, CatalogEntry, did_you_mean, read_provenance, store_variants
-from .hf_repo import HOSTS, file_url, parse_repo
+from .hf_repo import HOSTS, file_url, holds_quant, hub_file, parse_repo
 from .store import models_dir
 
 PULL_ON_USE = False  # the command line sets it: a download address given as a model is pulled when missing
 
 
 def _same_repo(a, b) -> bool:
-    return (a.repo_id.lower(), a.quant.upper(), a.revision) == (b.repo_id.lower(), b.quant.upper(), b.revision)
+    return ((a.repo_id.lower(), a.quant.upper(), a.revision or "main")
+            == (b.repo_id.lower(), b.quant.upper(), b.revision or "main"))
 
 
 def pulled(address: str) -> Path | None:
     """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network.
 
     A repository and a quant (``hf.co/O/R:Q4_K_M``, ``hf://O/R``, ``-hf O/R``'s form) matches a pull of the same
-    repository, quant (any case; no tag is Q4_K_M) and revision; a file address matches the same file."""
+    repository, quant (any case; no tag is Q4_K_M) and revision (none is main), or a pull of a file of that
+    repository whose name holds the quant; a Hub file's address matches a pull of that file however either was
+    spelled (hf://, hf.co, huggingface.co, /blob/ or /resolve/, a query); another URL matches the same URL."""
     ref = parse_repo(address)
+    want = None if ref is not None else hub_file(address)
     try:
-        http_url = None if ref is not None else parse_source(address)[0]
+        http_url = None if ref is not None or want is not None else parse_source(address)[0]
     except InvalidArgument:
         return None
     for path in store_variants().values():
         prov = read_provenance(path) or {}
         if prov.get("source") != "pull":
             continue
+        got_file = hub_file(str(prov.get("url") or ""))
         if ref is not None:
             got = parse_repo(str(prov.get("requested") or ""), bare=True)
             if got is not None and _same_repo(got, ref):
+                return path
+            if (got is None and got_file is not None and got_file[:2] == (ref.repo_id.lower(), ref.revision or "main")
+                    and holds_quant(got_file[2], ref.quant)):
+                return path
+        elif want is not None:
+            if want == got_file:
                 return path
         elif address in (prov.get("url"), prov.get("requested")) or http_url == prov.get("resolved_url"):
             return path
@@ -53,8 +64,13 @@ def address_path(address: str) -> Path:
                             f"{address}`, or ondevice.pull() in Python), then give the address or the name it prints")
     import sys
 
+    from .gguf_split import shard_urls
     from .hub import pull
 
+    shards = shard_urls(address) if parse_repo(address) is None else None
+    if shards is not None and shards[0] > 1:  # pulled alone it could not run: say which address runs it
+        raise InvalidArgument(f"{address} is shard {shards[0]} of {len(shards[1])} of a split model, which runs from "
+                              f"its first shard: give {shards[1][0]} (its other shards come with it)")
     print(f"ondevice: {address} is not in the store yet: pulling it", file=sys.stderr)
     return pull(address)
 
@@ -68,7 +84,7 @@ def parse_source(url: str) -> tuple[str, str]:
     given = url
     if url.lower().startswith(HOSTS):  # copied from the browser's address bar, which hides https://
         url = "https://" + url
-    if url.startswith("hf://"):
+    if url[:5].lower() == "hf://":
         parts = url[len("hf://"):].strip("/").split("/")
         if len(parts) < 3 or not all(parts):
             raise InvalidArgument(f"{url!r} is not an hf:// model URL; use hf://owner/repo/path/file.gguf "

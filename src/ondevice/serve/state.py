@@ -33,6 +33,15 @@ def resolve_model(name: str | None) -> tuple[str, Path]:
     return ref.name, Path(ref.path)
 
 
+def served_name(given: str | None, name: str) -> str:
+    """What the server calls its model: the repository address it was started with (``hf.co/OWNER/REPO:QUANT``,
+    from -m or -hf: what Ollama names such a model, and what its clients send), else the file's name."""
+    from ..models.hf_repo import parse_repo
+
+    ref = parse_repo(given) if given else None
+    return ref.written if ref is not None else name
+
+
 class PromptTooLong(InvalidArgument):
     """A prompt over the server's limit (a 400 with code context_length_exceeded)."""
 
@@ -46,7 +55,7 @@ class ServerState:
         self.settings = s = settings
         template = template_from(s.chat_template, s.chat_template_file)  # its mistakes said before the load
         name, self.path = resolve_model(s.model)
-        self.model_id = s.alias or name
+        self.model_id = s.alias or served_name(s.model, name)
         parallel = s.parallel
         self.engine = LlamaEngine(self.path, EngineConfig(
             n_ctx=s.ctx * parallel, n_threads=s.threads, n_threads_batch=s.threads_batch,

@@ -98,7 +98,7 @@ def test_show_info_parts_and_conversation_flags(cli):
     err = r.stderr
     assert r.returncode == 0, err
     assert "model: smollm2-135m-instruct (chat template)\ncontext: 256 tokens (trained: 8192" in err, err
-    assert "system: Be brief." in err and "/show takes info, parameters or system" in err
+    assert "system: Be brief." in err and "/show takes info, parameters, system, template or license" in err
     assert "the context window is set when the model loads (256 tokens now)" in err and "-c/--ctx N" in err
     assert "seed = -1 (random)" in err and "parameters:" in err
     assert "/clear" in err and '/set system """' in err  # /help names what works

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import re
 import sys
 import warnings
@@ -49,8 +50,10 @@ HELP = """commands:
   /set stop TEXT ...      stop strings (\\n: a newline); /set stop alone: none
   /set system TEXT        a new system prompt (starts a new conversation); /set system \"\"\" spans lines
   /set verbose | quiet    timings after each answer on or off
+  /set format json        answers are JSON objects (/set noformat: free text again)
   /show                   the model, its context window, the parameters and the system prompt
-                          (/show info, /show parameters, /show system: one of them)
+                          (/show info, parameters, system, template or license: one of them)
+  /load MODEL             talk to another model (a new conversation; the same load flags)
   /reset                  start a new conversation (also /clear)
   /bye                    quit (also /exit, Ctrl-D)
   \"\"\"                     begin and end a multi-line message
@@ -119,6 +122,8 @@ def command(line: str, s: Session, model) -> str | None:
         return "(conversation cleared)"
     if word == "show":
         return _show(rest, s, model)
+    if word == "load":  # the run loop loads it: it needs the command line's load flags
+        return "usage: /load MODEL (a name, a stored variant or a .gguf path)"
     if word == "set":
         return _set(rest, s, model)
     return f"unknown command '/{word}'; /help lists the commands"
@@ -128,6 +133,7 @@ def _show(what: str, s: Session, model) -> str:
     """/show (all) or Ollama's /show info, /show parameters, /show system (one part)."""
     params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != RANDOM_SEED)
     params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
+    params += ", format json" if s.sampling.grammar == _json_grammar() else ""
     parts = {"info": f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})"
                      f"\ncontext: {model.engine.n_ctx} tokens (trained: {model.engine.n_ctx_train}; -c/--ctx sets it)",
              "parameters": f"parameters: {params}", "system": f"system: {s.system or '(none)'}"}
@@ -135,8 +141,25 @@ def _show(what: str, s: Session, model) -> str:
         return "\n".join([*parts.values(), f"timings: {'on' if s.verbose else 'off'}"])
     if what in parts:
         return parts[what]
-    return (f"/show takes info, parameters or system (nothing: all three); `ondevice models {model.name}` describes "
-            f"the model's file")
+    if what == "template":
+        return model.template or "(none: a base model; chat gets a plain-text transcript)"
+    if what == "license":
+        from ..models.gguf_check import validate_gguf
+
+        try:
+            return validate_gguf(model.path).license or "(the model's file names no licence)"
+        except OndeviceError as e:
+            return f"(its file cannot be read for it: {e})"
+    return (f"/show takes info, parameters, system, template or license (nothing: the first three); `ondevice models "
+            f"{model.name}` describes the model's file")
+
+
+@functools.lru_cache(maxsize=1)
+def _json_grammar() -> str:
+    """Ollama's format json: the answer is a JSON object."""
+    from .grammar import schema_grammar
+
+    return schema_grammar({"type": "object"}, "/set format json")
 
 
 def _set(rest: str, s: Session, model) -> str:
@@ -153,6 +176,11 @@ def _set(rest: str, s: Session, model) -> str:
     if key == "num_ctx":  # Ollama reloads the model for it; here the window is the one it was loaded with
         return (f"the context window is set when the model loads ({model.engine.n_ctx} tokens now): start chat "
                 f"again with -c/--ctx N")
+    if key == "format" or key == "noformat":
+        if key == "format" and value != "json":
+            return "/set format takes json (a JSON object per answer); /set noformat: free text"
+        s.sampling = dataclasses.replace(s.sampling, grammar=_json_grammar() if key == "format" else None)
+        return "answers are JSON objects" if key == "format" else "answers are free text"
     if key in ("verbose", "quiet"):
         s.verbose = key == "verbose"
         return f"timings {'on' if s.verbose else 'off'}"
@@ -166,9 +194,10 @@ def _set(rest: str, s: Session, model) -> str:
     if key not in PARAMS:
         import difflib
 
-        close = difflib.get_close_matches(key, [*PARAMS, "stop", "system", "verbose", "quiet"], 1, 0.7)
+        close = difflib.get_close_matches(key, [*PARAMS, "stop", "system", "verbose", "quiet", "format"], 1, 0.7)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, stop, system, verbose or quiet"
+        return (f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, stop, system, verbose, quiet or "
+                f"format json")
     field, typ = PARAMS[key]
     try:
         v = typ(value)
@@ -285,6 +314,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if not line.strip():
                 continue
+            if line.startswith("/load ") and line[6:].strip():  # Ollama's: another model, a new conversation
+                model = _load(line[6:].strip(), args, model, s)
+                continue
             if line.startswith("/"):
                 out = command(line.strip(), s, model)
                 if out is None:
@@ -295,6 +327,26 @@ def run(args: argparse.Namespace) -> int:
         if args.single_turn:  # -st: one answer, then quit (2: it could not be given, said above)
             return 0 if ok else 2
     return 0
+
+
+def _load(name: str, args: argparse.Namespace, model, s: Session):
+    """/load NAME: that model with the command line's load flags (its adapters aside: they fit the first model), the
+    conversation started anew; on an error the current model stays."""
+    old_model, old_adapters = args.model, args.adapter
+    args.model, args.adapter = name, []
+    try:
+        new = load_from(args)
+    except OndeviceError as e:
+        args.model, args.adapter = old_model, old_adapters
+        print(f"ondevice chat: error: {e} ({model.name} stays)", file=sys.stderr)
+        return model
+    model.close()
+    s.reset()
+    if not new.is_chat:  # said here once, not by the library at every message
+        warnings.simplefilter("ignore", BaseModelWarning)
+    print(f"(now {new.name}; conversation cleared)" + ("" if new.is_chat else f"; {new.name} has no chat template "
+          f"(a base model): answers continue a plain-text transcript"), file=sys.stderr)
+    return new
 
 
 def first_message(args: argparse.Namespace) -> str | None:

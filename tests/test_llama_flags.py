@@ -40,6 +40,7 @@ def test_a_copied_llama_cli_command_runs(cli):
     ("run", ["-ctk", "q5_1"], "argument -ctk/--cache-type-k: invalid choice: 'q5_1'"),
     ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and is not taken here: chat converses; for one answer"),
     ("serve", ["--reranking"], "--reranking is llama.cpp's and is not taken here: there is no /rerank route"),
+    ("eval", ["--ppl", "-ot", "x"], "-ot is llama.cpp's and is not taken here: every tensor is on the CPU here"),
     ("serve", ["-ctk", "q8_0", "-ctv", "f16"], "serve keeps K and V in one type"),
 ])
 def test_refused_by_name(cli, verb, flags, said):
@@ -63,3 +64,9 @@ def test_a_copied_llama_server_command_serves(tmp_path):
     text = log.read_text()
     assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text
     assert "ondevice serve: note: -cb is ignored: batching is always continuous" in text
+
+
+def test_a_copied_llama_perplexity_command_runs(cli):
+    got = cli("eval", "-ngl", "99", "--ppl", "--chunks", "1", "--no-store")
+    assert got.returncode == 0 and "PPL = " in got.stdout, got.stderr
+    assert "ondevice eval: note: -ngl 99 is ignored: ondevice runs on the CPU" in got.stderr

@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments
     from .config import EvalConfig
 
-    p.add_argument("-m", "--model", default=None, help="catalog name, stored variant or .gguf path")
+    p.add_argument("-m", "--model", default=None, help="catalog name, stored variant, .gguf path or a download "
+                                                         "address (hf.co/OWNER/REPO:QUANT: pulled when missing)")
+    from ..engine.llama_flags import add_llama_flags
+
+    add_llama_flags(p, "eval")  # llama-perplexity's copied -ngl 99 ...: ignored with a note, never misread
     # one declaration: flag, ONDEVICE_EVAL_* and ondevice.evaluate's keyword (perplexity and KL divergence
     # follow llama-perplexity's conventions, -c/--ctx-size its chunk; suites run in a -c window)
     g = p.add_argument_group("what to evaluate and how")

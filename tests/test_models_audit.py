@@ -97,7 +97,7 @@ def test_an_interrupted_pull_is_listed_and_rm_gives_the_space_back(server, two_m
         r = cli("rm", "big")
         assert r.returncode == 2 and "big is being downloaded right now by an `ondevice pull`" in r.stderr, r.stderr
     lock.unlink()
-    r = cli("rm", "big")
+    r = cli("rm", f"{server.base}/m/big.gguf")  # by the address it was pulled from, as `ollama rm` takes it
     assert r.returncode == 0 and r.stdout.startswith("removed big"), r.stderr
     assert _leftovers() == []
 

@@ -30,6 +30,10 @@ def _stored_name(word: str) -> str:
 
     if not is_address(word):
         return word
-    if (path := pulled(word)) is None:
-        raise InvalidArgument(f"nothing in the store was pulled from {word}; `ondevice models` lists what is there")
-    return path.stem
+    if (path := pulled(word)) is not None:
+        return path.stem
+    from .partial import partial_from
+
+    if (name := partial_from(word)) is not None:  # an interrupted pull of it: its partial file
+        return name
+    raise InvalidArgument(f"nothing in the store was pulled from {word}; `ondevice models` lists what is there")

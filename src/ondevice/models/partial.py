@@ -58,3 +58,17 @@ def pull_running(name: str) -> bool:
     except (ImportError, OSError):  # no lock file: no pull; no fcntl (Windows): cannot tell
         return False
     return False
+
+
+def partial_from(address: str) -> str | None:
+    """The name of the unfinished download of ``address`` (as ``pulled`` matches a finished one), or None."""
+    from .sources import same_source
+
+    for meta in sorted(models_dir(create=False).glob("*.gguf.part.json")):
+        try:
+            state = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and same_source(address, state.get("given"), None, state.get("url")):
+            return meta.name.removesuffix(".gguf.part.json")
+    return None

@@ -22,36 +22,35 @@ def _same_repo(a, b) -> bool:
 
 
 def pulled(address: str) -> Path | None:
-    """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network.
-
-    A repository and a quant (``hf.co/O/R:Q4_K_M``, ``hf://O/R``, ``-hf O/R``'s form) matches a pull of the same
-    repository, quant (any case; no tag is Q4_K_M) and revision (none is main), or a pull of a file of that
-    repository whose name holds the quant; a Hub file's address matches a pull of that file however either was
-    spelled (hf://, hf.co, huggingface.co, /blob/ or /resolve/, a query); another URL matches the same URL."""
-    ref = parse_repo(address)
-    want = None if ref is not None else hub_file(address)
-    try:
-        http_url = None if ref is not None or want is not None else parse_source(address)[0]
-    except InvalidArgument:
-        return None
+    """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network."""
     for path in store_variants().values():
         prov = read_provenance(path) or {}
-        if prov.get("source") != "pull":
-            continue
-        got_file = hub_file(str(prov.get("url") or ""))
-        if ref is not None:
-            got = parse_repo(str(prov.get("requested") or ""), bare=True)
-            if got is not None and _same_repo(got, ref):
-                return path
-            if (got is None and got_file is not None and got_file[:2] == (ref.repo_id.lower(), ref.revision or "main")
-                    and holds_quant(got_file[2], ref.quant)):
-                return path
-        elif want is not None:
-            if want == got_file:
-                return path
-        elif address in (prov.get("url"), prov.get("requested")) or http_url == prov.get("resolved_url"):
+        if prov.get("source") == "pull" and same_source(address, prov.get("url"), prov.get("requested"),
+                                                         prov.get("resolved_url")):
             return path
     return None
+
+
+def same_source(address: str, url: object, requested: object = None, resolved: object = None) -> bool:
+    """Whether a download recorded as ``url`` (pull's file address; ``requested``: what the user gave, ``resolved``:
+    the URL fetched) is what ``address`` names. A repository and a quant (``hf.co/O/R:Q4_K_M``, ``hf://O/R``,
+    ``-hf O/R``'s form) names a pull of the same repository, quant (any case; no tag is Q4_K_M) and revision (none
+    is main), or a file of that repository whose name holds the quant; a Hub file's address names that file however
+    either was spelled (hf://, hf.co, huggingface.co, /blob/ or /resolve/, a query); another URL the same URL."""
+    url, requested = str(url or ""), str(requested or "")
+    got_file = hub_file(url)
+    if (ref := parse_repo(address)) is not None:
+        got = parse_repo(requested, bare=True)
+        if got is not None:
+            return _same_repo(got, ref)
+        return (got_file is not None and got_file[:2] == (ref.repo_id.lower(), ref.revision or "main")
+                and holds_quant(got_file[2], ref.quant))
+    if (want := hub_file(address)) is not None:
+        return want == got_file
+    try:
+        return address in (url, requested) or parse_source(address)[0] == resolved
+    except InvalidArgument:
+        return False
 
 
 def address_path(address: str) -> Path:

@@ -35,12 +35,12 @@ def test_a_copied_llama_cli_command_runs(cli):
 
 
 @pytest.mark.parametrize(("verb", "flags", "said"), [
-    ("run", ["--keep", "10"], "--keep is llama.cpp's and is not taken here: the context here is not shifted"),
-    ("run", ["--in-prefix", "User:"], "--in-prefix is llama.cpp's and is not taken here: the chat template frames"),
+    ("run", ["--keep", "10"], "--keep is llama.cpp's and does not apply here: the context here is not shifted"),
+    ("run", ["--in-prefix", "User:"], "--in-prefix is llama.cpp's and does not apply here: the chat template frames"),
     ("run", ["-ctk", "q5_1"], "argument -ctk/--cache-type-k: invalid choice: 'q5_1'"),
-    ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and is not taken here: chat converses; for one answer"),
-    ("serve", ["--reranking"], "--reranking is llama.cpp's and is not taken here: there is no /rerank route"),
-    ("eval", ["--ppl", "-ot", "x"], "-ot is llama.cpp's and is not taken here: every tensor is on the CPU here"),
+    ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and does not apply here: chat converses; for one answer"),
+    ("serve", ["--reranking"], "--reranking is llama.cpp's and does not apply here: there is no /rerank route"),
+    ("eval", ["--ppl", "-ot", "x"], "-ot is llama.cpp's and does not apply here: every tensor is on the CPU here"),
     ("serve", ["-ctk", "q8_0", "-ctv", "f16"], "serve keeps K and V in one type"),
 ])
 def test_refused_by_name(cli, verb, flags, said):

@@ -8,6 +8,7 @@ import sys
 
 from ..config import add_config_arguments, config_from, int_range
 from ..engine.args import add_kernel_args, apply_kernel_args
+from ..engine.llama_flags import Refused
 from ..errors import InvalidArgument
 from ..protect.keys import add_key_args, apply_key_args
 from .config import FLAGS, BenchConfig
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted for llama-bench's command lines and ignored: ondevice runs on the CPU")
     g = p.add_argument_group("llama-bench's flags that have no meaning here (refused by name, not misread)")
     for names, why in _NOT_HERE.items():
-        g.add_argument(*names, nargs="?", action=_NotHere, why=why, help=argparse.SUPPRESS)
+        g.add_argument(*names, nargs="?", action=Refused, why=why, tool="llama-bench", help=argparse.SUPPRESS)
     add_kernel_args(p)
     add_key_args(p)
     o = p.add_argument_group("output and storage")
@@ -78,15 +79,6 @@ _NOT_HERE = {
     ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"): "give the address to -m (-m hf.co/OWNER/REPO:QUANT or "
                                                        "hf://OWNER/REPO/FILE.gguf): it is pulled when missing",
 }
-
-
-class _NotHere(argparse.Action):
-    def __init__(self, *a, why: str, **kw):
-        self.why = why
-        super().__init__(*a, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is llama-bench's and does not apply here: {self.why}; drop it")
 
 
 def tests_from_args(args: argparse.Namespace) -> list[str] | None:

@@ -57,13 +57,15 @@ class _Ignored(argparse.Action):
         print(f"{parser.prog}: note: {shown} is ignored: {self.why}", file=sys.stderr)
 
 
-class _Refused(argparse.Action):
-    def __init__(self, *a, why: str, **kw):
-        self.why = why
+class Refused(argparse.Action):
+    """A flag of another tool refused by name with the reason (``tool``: whose flag it is)."""
+
+    def __init__(self, *a, why: str, tool: str = "llama.cpp", **kw):
+        self.why, self.tool = why, tool
         super().__init__(*a, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is llama.cpp's and is not taken here: {self.why}")
+        parser.error(f"{option_string} is {self.tool}'s and does not apply here: {self.why}; drop it")
 
 
 def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
@@ -81,7 +83,7 @@ def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
     for names, (takes, why) in ignored.items():
         p.add_argument(*names, nargs=None if takes else 0, action=_Ignored, why=why, help=argparse.SUPPRESS)
     for names, why in refused.items():
-        p.add_argument(*names, nargs="?", action=_Refused, why=why, help=argparse.SUPPRESS)
+        p.add_argument(*names, nargs="?", action=Refused, why=why, help=argparse.SUPPRESS)
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

@@ -251,7 +251,10 @@ def hub_file(address: str) -> tuple[str, str, str] | None:
         return (f"{owner}/{repo}".lower(), rev or "main", path.strip("/")) if owner and repo and path else None
     if "://" not in w:
         w = "https://" + w
-    parts = urllib.parse.urlsplit(w)
+    try:
+        parts = urllib.parse.urlsplit(w)
+    except ValueError:  # "Invalid IPv6 URL": not a Hub address
+        return None
     hosts = {h.rstrip("/") for h in HOSTS} | {urllib.parse.urlsplit(hf_endpoint()).netloc.lower()}
     named = [urllib.parse.unquote(x) for x in parts.path.split("/") if x]
     if parts.netloc.lower() not in hosts or len(named) < 3 or named[0] in ("api", "datasets", "spaces"):

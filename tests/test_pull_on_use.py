@@ -189,3 +189,21 @@ def test_odd_spellings_and_combinations(hub, ggufs, cli):  # noqa: F811
     assert got.returncode == 2 and "two models: smollm2 and -hf o/r; give the model once" in got.stderr
     got = cli("run", "--raw", "--chat-template", "chatml", "-p", "Hi")
     assert got.returncode == 2 and "--raw turns the chat template off, and --chat-template gives one" in got.stderr
+
+
+ODD = ["hf.co/", "hf://", "https://", "hf.co/a", "hf://a/b", "hf://a/b/", "hf://a/b@/f.gguf", "hf.co/a/b:",
+       "hf.co/a/b:Q4:latest", "https://huggingface.co/a/b/resolve/main", "https://[::1/x.gguf", "hf.co/api/models",
+       "https://hf.co/datasets/a/b/f.gguf", "https://huggingface.co/a/b/resolve/main/f.gguf?x=%ZZ", "hf.co/a/b/%00.gguf",
+       "https://h/x-00002-of-00001.gguf", "hf://a/b/" + "x" * 5000 + ".gguf"]
+
+
+def test_odd_addresses_are_errors_not_tracebacks(hub, ggufs):  # noqa: F811
+    """With a pulled model in the store (so each is matched against its record), every odd address is an
+    OndeviceError of its own or not found, never another exception."""
+    from ondevice.errors import OndeviceError
+
+    _repo(hub, ggufs, "o/r", ["r-Q4_K_M.gguf"])
+    pull("hf.co/o/r", progress=False)
+    for word in ODD:
+        with pytest.raises(OndeviceError):
+            resolve(word)

@@ -70,3 +70,13 @@ def test_a_copied_llama_perplexity_command_runs(cli):
     got = cli("eval", "-ngl", "99", "--ppl", "--chunks", "1", "--no-store")
     assert got.returncode == 0 and "PPL = " in got.stdout, got.stderr
     assert "ondevice eval: note: -ngl 99 is ignored: ondevice runs on the CPU" in got.stderr
+
+
+def test_llama_perplexity_s_f_measures_that_text(cli, tmp_path):
+    text = tmp_path / "wiki.txt"
+    import pydoc_data.topics as topics
+
+    text.write_text("".join(list(topics.topics.values())[:20]), encoding="utf-8")
+    got = cli("eval", "-m", "smollm2", "-f", str(text), "-c", "128", "--chunks", "2", "--no-store")
+    assert got.returncode == 0, got.stderr
+    assert "2 chunks x 128 ctx" in got.stdout and "PPL = " in got.stdout  # -f alone is a perplexity asked for

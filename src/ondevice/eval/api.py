@@ -88,7 +88,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
 
     model = fields.model_ref(model)
     c = make_config(config, **settings)
-    if not (c.ppl or c.ref or c.suite):
+    if not (c.ppl or c.ref or c.suite or c.text):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
     say = fields.progress_sink(progress)
     mref = resolve(model)
@@ -109,7 +109,7 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
                     **({"adapter_scale": scale} if scale != 1 else {}))
     records: list[dict] = []
     try:
-        if c.ppl or c.ref:
+        if c.ppl or c.ref or c.text:  # a text to measure (llama-perplexity's -f) is a perplexity asked for
             records += _ppl_records(mref, base, c.corpus, c.text, c.ppl_ctx, c.chunks, c.ref, c.topk, c.threads, say)
         if c.suite:
             records.append(_suite_record(mref, base, session, c.suite, c.limit, c.seed, c.max_tokens, c.temp,

@@ -11,7 +11,8 @@ from ..report.formats import FORMATS
 from .record import EvalRecord
 
 # llama.cpp's spellings (-c: also the ppl chunk; --lora as llama-perplexity's)
-FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"], "adapter": ["--adapter", "--lora"]}
+FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"], "adapter": ["--adapter", "--lora"],
+         "text": ["-f", "--file", "--text"]}  # llama-perplexity's -f FILE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

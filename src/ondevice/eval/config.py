@@ -23,7 +23,8 @@ class EvalConfig(BaseSettings):
     ppl: bool = Field(False, description="measure perplexity")
     corpus: str | None = Field(None, description="built-in text: pydoc (the default, always available) or lee "
                                                  "(needs gensim installed)")
-    text: PathStr | None = Field(None, description="measure on this UTF-8 text file instead")
+    text: PathStr | None = Field(None, description="measure perplexity on this UTF-8 text file instead (implies ppl; "
+                                                    "-f as llama-perplexity)")
     ctx: int | None = Field(None, ge=16, description="perplexity chunk size in tokens (the second half is scored); "
                                                      "none: -c/--ctx-size where given, else 512")
     chunks: PositiveInt | None = Field(None, description="number of chunks (none: all the text holds)")

@@ -17,8 +17,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", "-n", default=None, help="variant name (default: <model>-<type>)")
     p.add_argument("--output", "-o", default=None, metavar="FILE",
                    help="write the quantized model to FILE instead of storing it as a variant")
-    p.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
-                   help="per-tensor ggml type for tensors whose name matches REGEX (repeatable; first match wins)")
+    p.add_argument("--override", "--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="per-tensor ggml type for tensors whose name matches REGEX (repeatable; first match wins; "
+                        "llama-quantize's --tensor-type)")
+    g = p.add_argument_group("llama-quantize's flags for the output and embedding tensors (as --override of them)")
+    g.add_argument("--output-tensor-type", metavar="TYPE", help="the ggml type of output.weight")
+    g.add_argument("--token-embedding-type", metavar="TYPE", help="the ggml type of token_embd.weight")
+    g.add_argument("--leave-output-tensor", action="store_true", help="output.weight keeps its type in the source")
+    from ..engine.llama_flags import Refused
+
+    for names, why in _NOT_TAKEN.items():
+        p.add_argument(*names, nargs="?", action=Refused, why=why, tool="llama-quantize", help=argparse.SUPPRESS)
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow a source that is already quantized (quality loss compounds)")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: physical cores)")
@@ -26,6 +35,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance matrix (tensor name -> per-column mean squared activation), as "
                         "`ondevice fit` collects; weights each column's rounding error")
     p.add_argument("--force", action="store_true", help="replace an existing variant of the same name")
+
+
+_NOT_TAKEN = {  # llama-quantize's flags that are not taken here, and why
+    ("--pure",): "the type's own mix of tensor types is used; give per-tensor types with --override REGEX=TYPE",
+    ("--keep-split",): "the output is one file (`ondevice quantize FIRST.gguf OUT.gguf COPY` merges a split model)",
+    ("--override-kv",): "the metadata is copied as it is",
+    ("--include-weights", "--exclude-weights"): "--imatrix weights every tensor it holds",
+    ("--prune-layers",): "every layer is kept",
+}
+
+
+def _tensor_overrides(args: argparse.Namespace) -> list[str]:
+    """llama-quantize's --output-tensor-type, --token-embedding-type and --leave-output-tensor as overrides (first:
+    they name one tensor each), then --override's."""
+    from ..errors import InvalidArgument
+
+    if args.leave_output_tensor and args.output_tensor_type:
+        raise InvalidArgument("--leave-output-tensor and --output-tensor-type both set output.weight's type; give one")
+    first = []
+    if args.leave_output_tensor:
+        from ..models import resolve
+
+        kept = next((t.type_name for t in resolve(args.model).info.tensors if t.name == "output.weight"), None)
+        if kept is not None:  # none: the output shares the token embedding (tied), which --token-embedding-type sets
+            first.append(f"^output\\.weight$={kept}")
+    if args.output_tensor_type:
+        first.append(f"^output\\.weight$={args.output_tensor_type}")
+    if args.token_embedding_type:
+        first.append(f"^token_embd\\.weight$={args.token_embedding_type}")
+    return first + list(args.override)
 
 
 def _file_type(word: str) -> str | None:
@@ -77,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     args.type = _file_type(args.type) or args.type  # an unknown name: quantize() says what is wrong with it
     from .api import quantize
 
-    ref = quantize(args.model, args.type, args.name, args.override, allow_requantize=args.allow_requantize,
+    ref = quantize(args.model, args.type, args.name, _tensor_overrides(args), allow_requantize=args.allow_requantize,
                    threads=args.threads, force=args.force, imatrix=args.imatrix, output=args.output)
     prov = (ref.provenance or {}).get("provenance", {})
     check = prov.get("tensor_types", {})

@@ -15,9 +15,9 @@ ASK = ["-p", "The capital of France is", "-n", "6", "--temp", "0"]
 
 def test_load_settings_reach_the_engine_config():
     args = build_parser("run").parse_args(["run", "-b", "64", "-ub", "32", "-tb", "1", "-ctk", "q8_0", "-ctv", "q4_0",
-                                           "--no-mmap", "--no-warmup", "Hi"])
+                                           "--no-mmap", "--mlock", "--no-warmup", "Hi"])
     assert load_config(args) == {"n_batch": 64, "n_ubatch": 32, "n_threads_batch": 1, "type_k": "q8_0",
-                                 "type_v": "q4_0", "use_mmap": False, "warmup": False}
+                                 "type_v": "q4_0", "use_mmap": False, "mlock": True, "warmup": False}
     assert load_config(build_parser("run").parse_args(["run", "Hi"])) == {}
     with pytest.raises(InvalidArgument, match=r"^-tb 0 must be >= 1$"):
         load_config(build_parser("run").parse_args(["run", "-tb", "0", "Hi"]))
@@ -29,8 +29,8 @@ def test_a_copied_llama_cli_command_runs(cli):
                  "-ub", "32", "-tb", "2", "-ctk", "f16", "-ctv", "f16", "--no-mmap", "--no-warmup", *ASK)
     assert plain.returncode == 0 and copied.returncode == 0, copied.stderr
     assert copied.stdout == plain.stdout  # the same greedy text
-    for note in ("-ngl 99 is ignored: ondevice runs on the CPU", "--mlock is ignored: the model stays memory-mapped",
-                 "-co is ignored", "-no-cnv is ignored: run answers once", "-dev none is ignored"):
+    for note in ("-ngl 99 is ignored: ondevice runs on the CPU", "-co is ignored", "-no-cnv is ignored: run answers once",
+                 "-dev none is ignored"):
         assert f"ondevice run: note: {note}" in copied.stderr, copied.stderr
 
 
@@ -80,3 +80,20 @@ def test_llama_perplexity_s_f_measures_that_text(cli, tmp_path):
     got = cli("eval", "-m", "smollm2", "-f", str(text), "-c", "128", "--chunks", "2", "--no-store")
     assert got.returncode == 0, got.stderr
     assert "2 chunks x 128 ctx" in got.stdout and "PPL = " in got.stdout  # -f alone is a perplexity asked for
+
+
+def test_mlock_locks_the_weights_in_ram(smol_path):
+    """--mlock (llama.cpp's): the model's pages are locked (VmLck), as llama-cli --mlock; without it, none."""
+    import ondevice
+
+    def locked_kb() -> int:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmLck:"))
+        return int(line.split()[1])
+
+    before = locked_kb()
+    model = ondevice.load(str(smol_path), mlock=True, n_ctx=128, n_threads=2)
+    try:
+        assert locked_kb() - before > 0.8 * smol_path.stat().st_size / 1024
+    finally:
+        model.close()
+    assert locked_kb() == before  # unlocked with the model

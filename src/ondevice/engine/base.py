@@ -29,6 +29,7 @@ class EngineConfig:
     type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp's 'auto' (its own default)
     use_mmap: bool = True
+    mlock: bool = False  # keep the weights in RAM (mlock), as llama.cpp's --mlock
     embeddings: bool = False
     pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)
     seed: int = 0xFFFFFFFF

@@ -2,8 +2,8 @@
 
 Each is taken, ignored with a note, or refused by name; none is misread (argparse alone reads ``-ngl 99`` as
 ``-n gl`` and ``-tb 2`` as ``-t b``). Taken: the load settings ``-b``, ``-ub``, ``-tb``, ``-ctk``, ``-ctv``,
-``--no-mmap``, ``--no-warmup``. Ignored, as a CPU build of llama.cpp ignores them: GPU offload and the terminal's
-colours and logs. Refused: what would change the command's result here if it were dropped silently.
+``--no-mmap``, ``--mlock``, ``--no-warmup``. Ignored, as a CPU build of llama.cpp ignores them: GPU offload and the
+terminal's colours and logs. Refused: what would change the command's result here if it were dropped silently.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
     ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
     ("--simple-io",): (False, "input is read as plain lines"),
     ("--no-display-prompt",): (False, "the prompt is not echoed"),
-    ("--mlock",): (False, "the model stays memory-mapped, not locked in RAM (the OS may page it out under pressure)"),
 }
 # llama-server's, for what `ondevice serve` always does
 SERVER_IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
@@ -77,6 +76,8 @@ def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
         ignored[no_cnv] = (False, "run answers once; `ondevice chat` converses")
     elif verb == "chat":
         refused[no_cnv] = "chat converses; for one answer, `ondevice run`"
+    elif verb == "eval":
+        ignored[("--mlock",)] = (False, "eval's models are not locked in RAM")
     elif verb == "serve":
         ignored.update(SERVER_IGNORED)
         refused[("--reranking", "--rerank")] = "there is no /rerank route here"
@@ -98,6 +99,7 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None, help="KV cache type of K (default f16)")
     g.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help="KV cache type of V (default f16)")
     g.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
+    g.add_argument("--mlock", action="store_true", help="keep the model's weights in RAM (never paged out)")
     g.add_argument("--no-warmup", action="store_true", help="skip the tiny decode at load")
 
 
@@ -118,6 +120,8 @@ def load_config(args: argparse.Namespace) -> dict:
         out["type_v"] = args.cache_type_v
     if args.no_mmap:
         out["use_mmap"] = False
+    if args.mlock:
+        out["mlock"] = True
     if args.no_warmup:
         out["warmup"] = False
     return out

@@ -40,6 +40,7 @@ class ServeSettings(BaseSettings):
     threads_batch: int | None = Field(None, ge=1, description="threads for prompts (None: --threads; llama-server's "
                                                               "-tb)")
     mmap: bool = Field(True, description="map the model file (--no-mmap: read it into memory)")
+    mlock: bool = Field(False, description="keep the model's weights in RAM (llama-server's --mlock)")
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "
                                                        "so a long prompt does not stall running streams")
     prefill_batch: int = Field(32, ge=1, description="a step starts no further new prompt once it holds this many "

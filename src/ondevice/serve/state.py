@@ -61,7 +61,7 @@ class ServerState:
             n_ctx=s.ctx * parallel, n_threads=s.threads, n_threads_batch=s.threads_batch,
             n_batch=max(s.batch, parallel), n_ubatch=min(s.ubatch, max(s.batch, parallel)), n_seq_max=parallel,
             type_k=s.kv_type, type_v=s.kv_type, warmup=False,  # the batcher warms it up on its own thread
-            use_mmap=s.mmap, amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
+            use_mmap=s.mmap, mlock=s.mlock, amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
         eng = self.engine
         try:
             # LoRA: --lora ones applied to requests that name none (llama-server's), --adapter ones when named

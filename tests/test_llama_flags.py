@@ -41,11 +41,22 @@ def test_a_copied_llama_cli_command_runs(cli):
     ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and does not apply here: chat converses; for one answer"),
     ("serve", ["--reranking"], "--reranking is llama.cpp's and does not apply here: there is no /rerank route"),
     ("eval", ["--ppl", "-ot", "x"], "-ot is llama.cpp's and does not apply here: every tensor is on the CPU here"),
+    # argparse alone read these as a known one-letter flag and a value (-sp: a system prompt 'p'; -hfd: --help)
+    ("run", ["-sp", "hi"], "unrecognized argument -sp: not a flag of `ondevice run`"),
+    ("run", ["-hfd", "o/r", "hi"], "unrecognized argument -hfd: not a flag of `ondevice run`"),
+    ("chat", ["-rea", "off"], "unrecognized argument -rea: not a flag of `ondevice chat`"),
+    ("run", ["-s", "42", "hi"], "-s 42: a system prompt of a number alone; -s/--system is the system prompt here"),
+    ("run", ["-cnv"], "-cnv is llama.cpp's and does not apply here: run answers once; `ondevice chat` converses"),
+    ("serve", ["-s", "42"], "-s is llama.cpp's and does not apply here: each request gives its seed"),
+    ("serve", ["-n", "64"], "-n is llama.cpp's and does not apply here: each request gives its max_tokens"),
+    ("serve", ["--temp", "0.2"], "--temp is llama.cpp's and does not apply here: each request gives its sampling"),
+    ("eval", ["--kl-divergence-base", "x"], "give the reference model with --ref MODEL"),
+    ("eval", ["-f", "README.md", "--corpus", "pydoc"], "--corpus pydoc and -f README.md both give the text; give one"),
     ("serve", ["-ctk", "q8_0", "-ctv", "f16"], "serve keeps K and V in one type"),
 ])
 def test_refused_by_name(cli, verb, flags, said):
-    got = cli(verb, *flags, *(["-p", "Hi"] if verb == "run" else ["--port", "0"] if verb == "serve" else []),
-              input="", timeout=120)
+    got = cli(verb, *flags, *(["-p", "Hi"] if verb == "run" and "hi" not in flags else ["--port", "0"]
+                              if verb == "serve" else []), input="", timeout=120)
     assert got.returncode == 2 and said in got.stderr, got.stderr
 
 
@@ -74,7 +85,7 @@ def test_a_copied_llama_perplexity_command_runs(cli):
 
 def test_llama_perplexity_s_f_measures_that_text(cli, tmp_path):
     text = tmp_path / "wiki.txt"
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     text.write_text("".join(list(topics.topics.values())[:20]), encoding="utf-8")
     got = cli("eval", "-m", "smollm2", "-f", str(text), "-c", "128", "--chunks", "2", "--no-store")
@@ -87,8 +98,8 @@ def test_mlock_locks_the_weights_in_ram(smol_path):
     import ondevice
 
     def locked_kb() -> int:
-        line = next(x for x in open("/proc/self/status") if x.startswith("VmLck:"))
-        return int(line.split()[1])
+        with open("/proc/self/status") as f:
+            return int(next(x for x in f if x.startswith("VmLck:")).split()[1])
 
     before = locked_kb()
     model = ondevice.load(str(smol_path), mlock=True, n_ctx=128, n_threads=2)
@@ -97,3 +108,12 @@ def test_mlock_locks_the_weights_in_ram(smol_path):
     finally:
         model.close()
     assert locked_kb() == before  # unlocked with the model
+
+
+def test_reverse_prompt_and_color_as_llama_cli(cli):
+    raw = ["--raw", "-p", "The capital of France is", "-n", "8", "--temp", "0"]
+    plain = cli("run", *raw)
+    cut = cli("run", "-r", ".", "--color", "on", *raw)  # -r: llama-cli's stop; --color takes on|off|auto
+    assert plain.returncode == 0 and cut.returncode == 0, cut.stderr
+    assert "." in plain.stdout and cut.stdout == plain.stdout.split(".")[0] + "\n"
+    assert "ondevice run: note: --color on is ignored" in cut.stderr

@@ -114,6 +114,31 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     return ""
 
 
+def _refuse_glued_flags(parser: argparse.ArgumentParser, argv: list[str], verb: str) -> None:
+    """An unknown flag of one dash and several letters (llama.cpp's -sp, -cnv, -np, -mu ...) is an error naming it:
+    argparse alone reads it as a known one-letter flag with the rest as its value (-sp: -s p, a system prompt
+    'p'; -np 4: -n p) or as the start of a longer one (-hfd: -h)."""
+    import re
+
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = verbs.choices[verb]
+    known = {o for a in sub._actions for o in a.option_strings}
+    takes_value = {o for a in sub._actions for o in a.option_strings if a.nargs != 0}
+    skip = False
+    for word in argv[argv.index(verb) + 1:]:
+        if word == "--":
+            return
+        if skip:  # the value of the flag before: -p "-hello" is a prompt
+            skip = False
+            continue
+        if word in takes_value:
+            skip = True
+            continue
+        if re.fullmatch(r"-[A-Za-z][A-Za-z_-]+(=.*)?", word) and word.split("=", 1)[0] not in known:
+            sub.error(f"unrecognized argument {word.split('=', 1)[0]}: not a flag of `{sub.prog}` (`{sub.prog} "
+                      f"--help` lists them)")
+
+
 # verbs that take a model and pull a download address given as one when the store lacks it
 PULL_ON_USE = ("run", "chat", "bench", "eval", "serve", "fit", "quantize", "agent", "cascade", "adapt")
 
@@ -139,6 +164,8 @@ def _main(argv: list[str] | None) -> int:
         return supervise.run_supervised(verb, argv)
     supervise.crash_test_hook()
     parser = build_parser(verb)
+    if verb is not None:
+        _refuse_glued_flags(parser, argv, verb)
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "words", None), list) and not any(x.startswith("-") for x in extra):
         args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)

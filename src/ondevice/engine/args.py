@@ -161,6 +161,11 @@ def add_system_arg(p: argparse.ArgumentParser) -> None:
 def system_from(args: argparse.Namespace) -> str | None:
     """The system prompt of ``-s`` or ``-sysf`` (llama-cli drops the file's last newline; so does this)."""
     if args.system_prompt_file is None:
+        if args.system is not None and args.system.strip().lstrip("-").isdigit():  # llama.cpp's -s is its --seed
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(f"-s {args.system}: a system prompt of a number alone; -s/--system is the system "
+                                  f"prompt here (llama.cpp's -s is --seed: give --seed {args.system.strip()})")
         return args.system
     from .cli_run import read_file
 

@@ -87,6 +87,7 @@ class Session:
     sampling: Sampling
     system: str | None
     verbose: bool
+    grammar: str | None = None  # the command line's (--grammar, -j ...): what /set noformat goes back to
     history: list[dict] = dataclasses.field(default_factory=list)
     outgrown: bool = False  # the window is full: older exchanges are being forgotten (said once)
 
@@ -133,7 +134,8 @@ def _show(what: str, s: Session, model) -> str:
     """/show (all) or Ollama's /show info, /show parameters, /show system (one part)."""
     params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != RANDOM_SEED)
     params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
-    params += ", format json" if s.sampling.grammar == _json_grammar() else ""
+    if s.sampling.grammar:
+        params += ", format json" if s.sampling.grammar == _json_grammar() else ", grammar (the command line's)"
     parts = {"info": f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})"
                      f"\ncontext: {model.engine.n_ctx} tokens (trained: {model.engine.n_ctx_train}; -c/--ctx sets it)",
              "parameters": f"parameters: {params}", "system": f"system: {s.system or '(none)'}"}
@@ -144,10 +146,15 @@ def _show(what: str, s: Session, model) -> str:
     if what == "template":
         return model.template or "(none: a base model; chat gets a plain-text transcript)"
     if what == "license":
-        from ..models.gguf_check import validate_gguf
+        from ..models import resolve
+        from ..models.cli import licence_of
 
-        try:
-            return validate_gguf(model.path).license or "(the model's file names no licence)"
+        try:  # the catalog's name for it, else its file's (an encrypted one read with the key it was loaded with)
+            ref = resolve(str(model.path))
+            with contextlib.suppress(OndeviceError):
+                named = resolve(model.name)  # a catalog model loaded by its name: the catalog's word for it
+                ref = named if named.path == ref.path else ref
+            return licence_of(ref) or "(the model's file names no licence)"
         except OndeviceError as e:
             return f"(its file cannot be read for it: {e})"
     return (f"/show takes info, parameters, system, template or license (nothing: the first three); `ondevice models "
@@ -179,8 +186,10 @@ def _set(rest: str, s: Session, model) -> str:
     if key == "format" or key == "noformat":
         if key == "format" and value != "json":
             return "/set format takes json (a JSON object per answer); /set noformat: free text"
-        s.sampling = dataclasses.replace(s.sampling, grammar=_json_grammar() if key == "format" else None)
-        return "answers are JSON objects" if key == "format" else "answers are free text"
+        s.sampling = dataclasses.replace(s.sampling, grammar=_json_grammar() if key == "format" else s.grammar)
+        if key == "format":
+            return "answers are JSON objects"
+        return "answers follow the command line's grammar again" if s.grammar else "answers are free text"
     if key in ("verbose", "quiet"):
         s.verbose = key == "verbose"
         return f"timings {'on' if s.verbose else 'off'}"
@@ -288,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", BaseModelWarning)
         print(f"ondevice chat: warning: {model.name} has no chat template (a base model); answers continue a "
               f"plain-text transcript. Pick an instruct model for chat.", file=sys.stderr)
-    s = Session(sampling, system_from(args), args.timings)
+    s = Session(sampling, system_from(args), args.timings, grammar=sampling.grammar)
     s.reset()
     # llama-cli -st -p: one predefined turn, never interactive; otherwise a terminal on stdin is
     interactive = sys.stdin.isatty() and not (args.single_turn and first is not None)
@@ -330,14 +339,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(name: str, args: argparse.Namespace, model, s: Session):
-    """/load NAME: that model with the command line's load flags (its adapters aside: they fit the first model), the
-    conversation started anew; on an error the current model stays."""
-    old_model, old_adapters = args.model, args.adapter
-    args.model, args.adapter = name, []
+    """/load NAME: that model with the command line's load flags (its adapters and chat template aside: they were
+    for the first model), the conversation started anew; on an error the current model stays."""
+    before = (args.model, args.adapter, args.chat_template, args.chat_template_file)
+    # adapters and a given chat template were for the first model: the new one runs as it is, with its own template
+    args.model, args.adapter, args.chat_template, args.chat_template_file = name, [], None, None
     try:
         new = load_from(args)
     except OndeviceError as e:
-        args.model, args.adapter = old_model, old_adapters
+        args.model, args.adapter, args.chat_template, args.chat_template_file = before
         print(f"ondevice chat: error: {e} ({model.name} stays)", file=sys.stderr)
         return model
     model.close()

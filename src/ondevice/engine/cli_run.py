@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "--no-escape)", "read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
     add_llama_flags(p, "run")
+    p.add_argument("-r", "--reverse-prompt", action="append", dest="stop", default=[], metavar="TEXT",
+                   help="llama-cli's: end the reply before this text (as --stop)")
     add_sampling_args(p)
     add_system_arg(p)
     p.add_argument("--raw", action="store_true", help="no chat template: plain completion of the prompt")

@@ -13,21 +13,21 @@ import sys
 
 KV_TYPES = ("f16", "f32", "q8_0", "q4_0")  # what EngineConfig.type_k/type_v take
 
-# flag names -> (takes a value, why it changes nothing here)
-IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
+# flag names -> (its value: True one, False none, "?" an optional one; why it changes nothing here)
+IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("-ngl", "--gpu-layers", "--n-gpu-layers"): (True, "ondevice runs on the CPU"),
     ("-dev", "--device"): (True, "ondevice runs on the CPU"),
     ("-sm", "--split-mode"): (True, "one CPU device here: nothing to split"),
     ("-mg", "--main-gpu"): (True, "ondevice runs on the CPU"),
     ("-ts", "--tensor-split"): (True, "one CPU device here: nothing to split"),
     ("-nkvo", "--no-kv-offload"): (False, "the KV cache is in CPU memory here"),
-    ("-co", "--color"): (False, "output is not coloured"),
+    ("-co", "--color"): ("?", "output is not coloured"),
     ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
     ("--simple-io",): (False, "input is read as plain lines"),
     ("--no-display-prompt",): (False, "the prompt is not echoed"),
 }
 # llama-server's, for what `ondevice serve` always does
-SERVER_IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
+SERVER_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--metrics",): (False, "GET /metrics is always on"),
     ("--no-webui",): (False, "there is no web UI"),
     ("-cb", "--cont-batching"): (False, "batching is always continuous"),
@@ -35,14 +35,40 @@ SERVER_IGNORED: dict[tuple[str, ...], tuple[bool, str]] = {
     ("--no-warmup",): (False, "serve warms up on its own thread as it starts"),
     ("-kvu", "--kv-unified"): (False, "each slot keeps its own -c cells here"),
 }
-# flag names -> why it cannot be taken (llama-cli's interactive-mode text handling)
+# llama-perplexity's load settings: eval loads its models with its own (f16 KV cache, flash attention auto)
+EVAL_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
+    **{names: (True, "eval loads its models with its own settings") for names in (
+        ("-b", "--batch-size"), ("-ub", "--ubatch-size"), ("-tb", "--threads-batch"), ("-ctk", "--cache-type-k"),
+        ("-ctv", "--cache-type-v"))},
+    ("-fa", "--flash-attn"): ("?", "eval loads its models with its own settings"),
+    ("--no-mmap",): (False, "eval maps its models"),
+    ("--no-warmup",): (False, "eval loads its models with its own settings"),
+    ("--mlock",): (False, "eval's models are not locked in RAM"),
+}
+# flag names -> why it cannot be taken
 REFUSED: dict[tuple[str, ...], str] = {
-    ("--keep",): "the context here is not shifted: a reply that would pass it ends with finish 'length'; raise -c",
-    ("--in-prefix", "--in-prefix-bos", "--in-suffix"): "the chat template frames each turn; give one with "
-                                                        "--chat-template or --chat-template-file",
     ("-ot", "--override-tensor"): "every tensor is on the CPU here",
     ("--numa",): "ondevice does not set NUMA modes",
     ("-C", "--cpu-mask", "--cpu-range", "--cpu-strict"): "pin CPUs with taskset (or bench's --profile cpus=0,1)",
+}
+# llama-cli's and llama-server's text handling (run, chat, serve)
+TEXT_REFUSED: dict[tuple[str, ...], str] = {
+    ("--keep",): "the context here is not shifted: a reply that would pass it ends with finish 'length'; raise -c",
+    ("--in-prefix", "--in-prefix-bos", "--in-suffix"): "the chat template frames each turn; give one with "
+                                                        "--chat-template or --chat-template-file",
+}
+SERVER_REFUSED: dict[tuple[str, ...], str] = {
+    ("--reranking", "--rerank"): "there is no /rerank route here",
+    ("-n", "--n-predict", "--predict"): "each request gives its max_tokens",
+    ("-s", "--seed"): "each request gives its seed",
+    ("--temp", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--presence-penalty",
+     "--frequency-penalty"): "each request gives its sampling (temperature, top_p, ...)",
+}
+EVAL_REFUSED: dict[tuple[str, ...], str] = {
+    ("--kl-divergence-base", "--kl-divergence"): "give the reference model with --ref MODEL: KLD, top-1 agreement "
+                                                 "and the PPL difference come with it",
+    ("--hellaswag", "--winogrande", "--multiple-choice"): "task suites run with --suite NAME (or a JSONL file)",
+    ("--ppl-stride",): "each chunk's second half is scored, as llama-perplexity's default",
 }
 
 
@@ -70,19 +96,24 @@ class Refused(argparse.Action):
 def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
     """The ignored and refused flags (hidden from --help). llama-cli's ``-no-cnv`` is what ``run`` does anyway,
     and the opposite of ``chat``."""
-    ignored, refused = dict(IGNORED), dict(REFUSED)
+    ignored, refused = dict(IGNORED), {**REFUSED, **({} if verb == "eval" else TEXT_REFUSED)}
     no_cnv = ("-no-cnv", "--no-conversation")
     if verb == "run":
         ignored[no_cnv] = (False, "run answers once; `ondevice chat` converses")
+        ignored[("-st", "--single-turn")] = (False, "run answers once")
+        refused[("-cnv", "--conversation", "-i", "--interactive", "-if", "--interactive-first")] = (
+            "run answers once; `ondevice chat` converses")
     elif verb == "chat":
         refused[no_cnv] = "chat converses; for one answer, `ondevice run`"
     elif verb == "eval":
-        ignored[("--mlock",)] = (False, "eval's models are not locked in RAM")
+        ignored.update(EVAL_IGNORED)
+        refused.update(EVAL_REFUSED)
     elif verb == "serve":
         ignored.update(SERVER_IGNORED)
-        refused[("--reranking", "--rerank")] = "there is no /rerank route here"
+        refused.update(SERVER_REFUSED)
     for names, (takes, why) in ignored.items():
-        p.add_argument(*names, nargs=None if takes else 0, action=_Ignored, why=why, help=argparse.SUPPRESS)
+        nargs = "?" if takes == "?" else None if takes else 0
+        p.add_argument(*names, nargs=nargs, action=_Ignored, why=why, help=argparse.SUPPRESS)
     for names, why in refused.items():
         p.add_argument(*names, nargs="?", action=Refused, why=why, help=argparse.SUPPRESS)
 

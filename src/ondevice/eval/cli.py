@@ -12,7 +12,7 @@ from .record import EvalRecord
 
 # llama.cpp's spellings (-c: also the ppl chunk; --lora as llama-perplexity's)
 FLAGS = {"ctx_size": ["-c", "--ctx-size"], "threads": ["-t", "--threads"], "adapter": ["--adapter", "--lora"],
-         "text": ["-f", "--file", "--text"]}  # llama-perplexity's -f FILE
+         "text": ["-f", "--file", "--text"], "seed": ["-s", "--seed"]}  # llama-perplexity's -f FILE, -s N
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..engine.llama_flags import add_llama_flags
 
     add_llama_flags(p, "eval")  # llama-perplexity's copied -ngl 99 ...: ignored with a note, never misread
+    from ..models.hf_repo import add_hf_args
+
+    add_hf_args(p)
     # one declaration: flag, ONDEVICE_EVAL_* and ondevice.evaluate's keyword (perplexity and KL divergence
     # follow llama-perplexity's conventions, -c/--ctx-size its chunk; suites run in a -c window)
     g = p.add_argument_group("what to evaluate and how")
@@ -187,11 +190,20 @@ def interrupted_line(e) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..config import config_from
     from ..engine.args import apply_kernel_args
+    from ..errors import InvalidArgument
+    from ..models.hf_repo import hf_address
     from ..protect.keys import apply_key_args
     from .api import evaluate
     from .config import EvalConfig
     from .runner import Interrupted
 
+    args.model = hf_address(args, args.model) or args.model  # -hf OWNER/REPO[:QUANT], as llama-perplexity
+    if getattr(args, "text", None) is not None:  # -f FILE is a perplexity text: flags that say otherwise clash
+        if "corpus" in vars(args):
+            raise InvalidArgument(f"--corpus {args.corpus} and -f {args.text} both give the text; give one")
+        if vars(args).get("ppl") is False:
+            raise InvalidArgument(f"-f {args.text} gives a text to measure, and --no-ppl turns perplexity off; "
+                                  f"drop one")
     apply_key_args(args)  # an encrypted -m/--ref: the key source every load in this process uses
     apply_kernel_args(args)  # every model eval loads (and its reference) uses --amx / --repack
 

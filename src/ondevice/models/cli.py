@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     show.add_argument("--license", action="store_true", help="print the models' licences (as `ollama show --license`)")
     show.add_argument("-v", "--verbose", action="store_true",
                       help="the table, then each model's GGUF metadata (as `ollama show -v`)")
+    from ..protect.keys import add_key_args
+
+    add_key_args(p)  # an encrypted model described: where its key is
 
 
 def _row(m: ModelListing) -> dict[str, Any]:
@@ -159,6 +162,11 @@ def terminal_width() -> int | None:
     return None
 
 
+def licence_of(ref) -> str | None:
+    """A model's licence: the catalog's name for it, else its file's ``general.license``."""
+    return (ref.entry.licence if ref.entry else None) or ref.info.license
+
+
 def _show(args: argparse.Namespace) -> int:
     """``--template`` / ``--license`` of the models named: the text alone for one, under a ``# NAME`` line each for
     several (a model with none says so on stderr)."""
@@ -171,8 +179,7 @@ def _show(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--{what} describes the models named: ondevice models NAME --{what}")
     for name in dict.fromkeys(args.paths):
         ref = resolve(name)
-        info = ref.info
-        text = info.chat_template if args.template else (ref.entry.licence if ref.entry else None) or info.license
+        text = ref.info.chat_template if args.template else licence_of(ref)
         if len(args.paths) > 1:
             print(f"# {ref.name}")
         if text:
@@ -201,6 +208,9 @@ def _metadata_lines(path: str, name: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..protect.keys import apply_key_args
+
+    apply_key_args(args)
     if args.template or args.license:
         return _show(args)
     data = rows(args.paths, prepare=args.prepare)

@@ -54,14 +54,15 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
     if args.leave_output_tensor and args.output_tensor_type:
         raise InvalidArgument("--leave-output-tensor and --output-tensor-type both set output.weight's type; give one")
     first = []
-    if args.leave_output_tensor:
+    if args.leave_output_tensor or args.output_tensor_type:
         from ..models import resolve
 
-        kept = next((t.type_name for t in resolve(args.model).info.tensors if t.name == "output.weight"), None)
-        if kept is not None:  # none: the output shares the token embedding (tied), which --token-embedding-type sets
-            first.append(f"^output\\.weight$={kept}")
-    if args.output_tensor_type:
-        first.append(f"^output\\.weight$={args.output_tensor_type}")
+        types = {t.name: t.type_name for t in resolve(args.model).info.tensors}
+        if "output.weight" in types:
+            first.append(f"^output\\.weight$={args.output_tensor_type or types['output.weight']}")
+        elif not args.token_embedding_type:  # tied: the token embedding is the output, and takes its type (as
+            kept = types.get("token_embd.weight")  # llama-quantize gives it) unless --token-embedding-type says
+            first.append(f"^token_embd\\.weight$={args.output_tensor_type or kept}")
     if args.token_embedding_type:
         first.append(f"^token_embd\\.weight$={args.token_embedding_type}")
     return first + list(args.override)

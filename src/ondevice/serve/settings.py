@@ -160,7 +160,8 @@ class ServeSettings(BaseSettings):
 FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel": ("-np", "--parallel"),
          "ctx": ("-c", "--ctx-size", "--ctx"), "flash_attn": ("-fa", "--flash-attn"),
          "batch": ("-b", "--batch-size", "--batch"), "ubatch": ("-ub", "--ubatch-size", "--ubatch"),
-         "threads_batch": ("-tb", "--threads-batch"), "alias": ("-a", "--alias"), "timeout": ("-to", "--timeout")}
+         "threads_batch": ("-tb", "--threads-batch"), "alias": ("-a", "--alias"), "timeout": ("-to", "--timeout"),
+         "embeddings": ("--embedding", "--embeddings")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

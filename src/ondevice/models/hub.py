@@ -42,8 +42,8 @@ from .catalog import (
 )
 from .gguf_check import validate_gguf
 from .gguf_split import shard_urls
-from .hf_repo import hub_file, parse_repo, resolve_files
-from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source  # noqa: F401 (re-exported)
+from .hf_repo import parse_repo, resolve_files
+from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source, same_source  # noqa: F401 (re-exported)
 from .store import models_dir, sha256_file, write_json
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -399,10 +399,9 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
             prov = read_provenance(dest) or {}
             have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
             have = have or sha256_file(dest)
-            same_source = prov.get("source") == "pull" and (
-                url == prov.get("url") or http_url == prov.get("resolved_url")
-                or hub_file(url) is not None and hub_file(url) == hub_file(str(prov.get("url") or "")))
-            if not same_source and have != sha256:
+            ours = prov.get("source") == "pull" and same_source(url, prov.get("url"), prov.get("requested"),
+                                                                   prov.get("resolved_url"))
+            if not ours and have != sha256:
                 # many repositories name their files alike (model.Q4_K_M.gguf): another file under this name is
                 # another model, never to be handed back as this one, nor silently replaced
                 raise InvalidArgument(f"{name} is already in the store as another model ({_origin(prov)}); pass "

@@ -50,7 +50,7 @@ HELP = """commands:
   /set stop TEXT ...      stop strings (\\n: a newline); /set stop alone: none
   /set system TEXT        a new system prompt (starts a new conversation); /set system \"\"\" spans lines
   /set verbose | quiet    timings after each answer on or off
-  /set format json        answers are JSON objects (/set noformat: free text again)
+  /set format json        answers are JSON objects (/set noformat: as the command line said)
   /show                   the model, its context window, the parameters and the system prompt
                           (/show info, parameters, system, template or license: one of them)
   /load MODEL             talk to another model (a new conversation; the same load flags)

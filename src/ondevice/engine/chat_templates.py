@@ -82,7 +82,16 @@ def check_markers(template: str, engine, model: str) -> None:
     missing = [m for m in markers if m not in specials]
     if missing:
         warnings.warn(f"the {name} chat template's markers {', '.join(missing)} are not special tokens of {model}: "
-                      f"it reads them as plain text; give the template of its family", stacklevel=3)
+                      f"it reads them as plain text; give the template of its family", stacklevel=4)
     elif specials[markers[-1]] not in engine.eos_tokens:
         warnings.warn(f"{markers[-1]} (the {name} template's end of turn) does not end a generation of {model}: "
-                      f"answers may run past their turn; give the template of its family", stacklevel=3)
+                      f"answers may run past their turn; give the template of its family", stacklevel=4)
+
+
+def model_template(given: str | None, engine, model: str) -> str | None:
+    """The template a model renders with: ``given`` (from :func:`template_from`, checked against the model's
+    tokens) or the file's own."""
+    if given is None:
+        return engine.chat_template()
+    check_markers(given, engine, model)
+    return given

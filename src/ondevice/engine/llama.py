@@ -193,8 +193,7 @@ class LlamaEngine(Engine):
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
         with bufts.offering(choice.bufts) as use_extra, native.load_log(quiet=True) as lines:
             # llama.cpp's "auto" load mode maps the file (as llama-bench's -lm auto); "none" reads it into memory
-            # (--mlock: mapped or read, then locked in RAM: llama.cpp's MMAP_MLOCK / MLOCK)
-            mode = (3 if cfg.mlock else -1) if cfg.use_mmap else (2 if cfg.mlock else 0)
+            mode = (3 if cfg.mlock else -1) if cfg.use_mmap else (2 if cfg.mlock else 0)  # 3, 2: MMAP_MLOCK, MLOCK
             mparams = set_fields(ll.llama_model_default_params(), load_mode=mode,
                                  n_gpu_layers=0, use_extra_bufts=use_extra)
             if self._restored is not None:

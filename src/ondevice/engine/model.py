@@ -409,10 +409,8 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
         draft_config = {k: v for k, v in config.items() if k != "adapters"}  # an adapter is for the target only
         draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **draft_config))
         check_same_vocab(engine, draft, ref.name, dref.name)
-    if template is not None:
-        chat_templates.check_markers(template, engine, ref.name)
-    return Model(name=ref.name, path=ref.path, engine=engine, template=template or engine.chat_template(),
-                 draft_engine=draft)
+    return Model(name=ref.name, path=ref.path, engine=engine,
+                 template=chat_templates.model_template(template, engine, ref.name), draft_engine=draft)
 
 
 def check_same_vocab(target: Engine, draft: Engine, target_name: str, draft_name: str) -> None:

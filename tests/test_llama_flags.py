@@ -53,6 +53,13 @@ def test_a_copied_llama_cli_command_runs(cli):
     ("eval", ["--kl-divergence-base", "x"], "give the reference model with --ref MODEL"),
     ("eval", ["-f", "README.md", "--corpus", "pydoc"], "--corpus pydoc and -f README.md both give the text; give one"),
     ("serve", ["-ctk", "q8_0", "-ctv", "f16"], "serve keeps K and V in one type"),
+    ("serve", ["-f", "4"], "unrecognized argument -f: not a flag of `ondevice serve`"),  # argparse: -fa 4
+    # an error names the flag as it was typed (--lora, not --adapter; -f, not --text)
+    ("run", ["--lora", "nope", "hi"], "error: --lora nope: no such adapter file"),
+    ("eval", ["-f", "/nonexistent.txt"], "error: -f '/nonexistent.txt' is not a file"),
+    ("quantize", ["smollm2", "--type", "q4_0", "--output-tensor-type", "q9", "-o", "/nonexistent/x.gguf"],
+     "error: --output-tensor-type q9: not a ggml tensor type; use one of F32, F16"),
+    ("run", ["hf.co/o/r:Q4_1:latest"], "one tag after the repository, not 'Q4_1:latest': hf.co/o/r:Q4_1 (a quant)"),
 ])
 def test_refused_by_name(cli, verb, flags, said):
     got = cli(verb, *flags, *(["-p", "Hi"] if verb == "run" and "hi" not in flags else ["--port", "0"]

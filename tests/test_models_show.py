@@ -25,3 +25,18 @@ def test_template_license_and_metadata(cli):
     assert r.returncode == 2 and "--template describes the models named: ondevice models NAME --template" in r.stderr
     r = cli("models", "smollm2", "--template", "--license")
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+def test_json_asks_for_json_with_template_license_and_metadata(cli):
+    """--json with --template / --license / -v prints JSON (it had printed the text)."""
+    import json
+
+    r = cli("models", "smollm2", "gemma3", "--template", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [
+        {"name": "smollm2-135m-instruct", "template": resolve("smollm2").info.chat_template},
+        {"name": "gemma3-270m", "template": None}], r.stderr
+    r = cli("models", "smollm2", "--license", "--json")
+    assert json.loads(r.stdout) == [{"name": "smollm2-135m-instruct", "licence": "Apache-2.0"}]
+    (row,) = json.loads(cli("models", "smollm2", "-v", "--json").stdout)
+    assert row["metadata"]["llama.embedding_length"] == "576" and row["licence"] == "Apache-2.0"
+    assert row["metadata"]["tokenizer.ggml.tokens"] == "[49152 items]"

@@ -176,3 +176,16 @@ def test_chat_sends_a_multiline_message_the_input_ends_in(cli):
     r = cli("chat", "--temp", "0", "-n", "4", "-t", "2", "--timings", input='"""Say\nhello\n')
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("TTFT") == 1 and r.stdout.strip(), r.stderr
+
+
+def test_a_reply_cut_by_n_inside_a_grammar_says_so(cli):
+    """-j / --grammar / chat's /set format json, cut by -n before the grammar closed: a note says it may not be
+    complete (plain text cut by -n is what the user asked for: no note)."""
+    ask = ["-n", "3", "-p", "Give a person with a name and an age as JSON"]
+    r = cli("run", "-j", '{"type": "object"}', *ask)
+    assert r.returncode == 0 and "(the reply stopped at the 3-token limit, so it may not be complete as its grammar " \
+                                 "asks; raise -n)" in r.stderr, r.stderr
+    r = cli("run", *ask)
+    assert r.returncode == 0 and "stopped" not in r.stderr, r.stderr
+    r = cli("chat", input="/set format json\n/set num_predict 3\nGive a person with a name and an age\n")
+    assert "it may not be complete as its grammar asks; /set num_predict N gives it more tokens)" in r.stderr, r.stderr

@@ -71,8 +71,8 @@ def test_grammar_and_json_schema_constrain_the_reply(cli, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(schema))
     r2 = cli("run", *BASE, "-n", "40", "-jf", str(tmp_path / "s.json"), "Give me a name as JSON")
     assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
-    for flags, why in ((("-j", "{bad"), "--json-schema: not JSON"),
-                       (("-j", "[1]"), "--json-schema: a JSON schema is an object, not list"),
+    for flags, why in ((("-j", "{bad"), "-j: not JSON"),
+                       (("-j", "[1]"), "-j: a JSON schema is an object, not list"),
                        (("--grammar", "root ::= foo"), "the grammar does not parse (GBNF): Undefined rule"),
                        (("--grammar", " "), "the grammar is empty"),
                        (("--grammar", "x", "-j", "{}"), "not allowed with argument")):

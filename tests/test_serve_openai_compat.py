@@ -248,6 +248,30 @@ def test_browser_pages_on_this_machine_may_call_the_api():
         settings_from_args(None, cors="localhost:3000")
 
 
+def test_api_keys_as_llama_server_takes_them(tmp_path):
+    """--api-key KEY1,KEY2 and --api-key-file (one key per line), as llama-server: any of them opens the server."""
+    import httpx
+
+    from ondevice.errors import InvalidArgument
+    from ondevice.serve.settings import settings_from_args
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("c\n\n  d  \n")
+    settings = settings_from_args(None, model=str(_model_path()), port=0, parallel=1, ctx=256, threads=2,
+                                  api_key="a, b", api_key_file=str(keys), embeddings=False)
+    with BackgroundServer(settings) as s:
+        def status(key):
+            return httpx.get(s.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert [status(k) for k in ("a", "b", "c", "d")] == [200] * 4
+        assert [status(k) for k in ("e", "a, b", "a,b", "cd")] == [401] * 4
+    keys.write_text("\n \n")
+    with pytest.raises(InvalidArgument, match="--api-key-file.*holds no key"):
+        settings_from_args(None, api_key_file=str(keys))
+    with pytest.raises(InvalidArgument, match="--api-key.*holds no key"):  # ',' would have left it open
+        settings_from_args(None, api_key=",")
+
+
 def test_sampling_left_out_is_llama_cpps_not_openais():
     """OpenAI's defaults (temperature 1, no top-k/min-p) let a 135M model ramble to the end of its context;
     llama-server and `ondevice run` use llama.cpp's, and so does the server for what a request leaves out."""

@@ -115,15 +115,20 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
 
 
 def _refuse_glued_flags(parser: argparse.ArgumentParser, argv: list[str], verb: str) -> None:
-    """An unknown flag of one dash and several letters (llama.cpp's -sp, -cnv, -np, -mu ...) is an error naming it:
+    """An unknown flag of one dash and letters (llama.cpp's -sp, -cnv, -np, -mu ...) is an error naming it:
     argparse alone reads it as a known one-letter flag with the rest as its value (-sp: -s p, a system prompt
     'p'; -np 4: -n p) or as the start of a longer one (-hfd: -h)."""
     import re
 
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub = verbs.choices[verb]
-    known = {o for a in sub._actions for o in a.option_strings}
-    takes_value = {o for a in sub._actions for o in a.option_strings if a.nargs != 0}
+    actions, parsers = [], [sub]
+    while parsers:  # with the actions' own (protect keygen -o)
+        mine = parsers.pop()._actions
+        actions += mine
+        parsers += [p for a in mine if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    known = {o for a in actions for o in a.option_strings}
+    takes_value = {o for a in actions for o in a.option_strings if a.nargs != 0}
     skip = False
     for word in argv[argv.index(verb) + 1:]:
         if word == "--":
@@ -134,9 +139,26 @@ def _refuse_glued_flags(parser: argparse.ArgumentParser, argv: list[str], verb: 
         if word in takes_value:
             skip = True
             continue
-        if re.fullmatch(r"-[A-Za-z][A-Za-z_-]+(=.*)?", word) and word.split("=", 1)[0] not in known:
+        # (one letter too: argparse would take serve's -f 4 as the start of -fa)
+        if re.fullmatch(r"-[A-Za-z]([A-Za-z_-]+)?(=.*)?", word) and word.split("=", 1)[0] not in known:
             sub.error(f"unrecognized argument {word.split('=', 1)[0]}: not a flag of `{sub.prog}` (`{sub.prog} "
                       f"--help` lists them)")
+
+
+def _as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str], verb: str) -> str:
+    """``message`` with each flag spelled as the user typed it: an error about --adapter says --lora to one who
+    typed --lora, and --text says -f (every spelling of a flag works, so the advice stays right)."""
+    import re
+
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    typed = {w.split("=", 1)[0] for w in argv[argv.index(verb) + 1:] if w.startswith("-")}
+    for action in verbs.choices[verb]._actions:
+        used = [o for o in action.option_strings if o in typed]
+        if len(used) == 1:
+            for other in action.option_strings:
+                if other != used[0] and other.startswith("--"):
+                    message = re.sub(rf"(?<![\w/-]){re.escape(other)}(?![\w/-])", used[0], message)  # not -s/--system
+    return message
 
 
 # verbs that take a model and pull a download address given as one when the store lacks it
@@ -186,7 +208,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:
-        print(f"ondevice {args.verb}: error: {e}", file=sys.stderr)
+        print(f"ondevice {args.verb}: error: {_as_typed(str(e), parser, argv, args.verb)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # stop_signals.Stopped: 128 + the signal, as a shell reports a kill
     except BrokenPipeError:
         return 0

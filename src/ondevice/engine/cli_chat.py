@@ -404,7 +404,8 @@ def answer(line: str, s: Session, model, interactive: bool) -> bool:
         return False
     sys.stdout.write("\n")
     s.history.append({"role": "assistant", "content": "".join(text)})
-    if note := window_note(last, s.sampling, model.engine.n_ctx, "older exchanges make room for the next"):
+    if note := window_note(last, s.sampling, model.engine.n_ctx, "older exchanges make room for the next",
+                           "/set num_predict N gives it more tokens"):
         print(note, file=sys.stderr)
     if s.verbose:
         print(format_timings(last, peak_rss_bytes()), file=sys.stderr)

@@ -63,9 +63,12 @@ def split_model_word(args: argparse.Namespace) -> str | None:
     argument, sends it to the default model)."""
     from ..errors import InvalidArgument
     from ..models.catalog import _looks_like_path, did_you_mean, is_model_name
+    from ..models.hf_repo import is_address
 
     words = list(args.words)
-    if args.model is None and words and (is_model_name(words[0]) or len(words) >= 2 and _looks_like_path(words[0])):
+    hub = bool(words) and is_address(words[0]) and not words[0].lower().startswith(("http://", "https://"))
+    if args.model is None and words and (is_model_name(words[0]) or hub  # a Hub address, even a wrong one
+                                         or len(words) >= 2 and _looks_like_path(words[0])):
         args.model = words.pop(0)
         args.named_model = True
     elif args.model is None and len(words) >= 2 and not any(c.isspace() for c in words[0]):
@@ -166,11 +169,18 @@ def format_timings(last: Generation | None, peak_rss: int, load_time: float | No
     return " | ".join(parts)
 
 
-def window_note(last: Generation | None, sampling, n_ctx: int, fix: str = "raise -c/--ctx") -> str | None:
-    """The line that says a reply was cut by the end of the context window (not by -n), else None."""
-    if last is None or last.finish_reason != "length" or last.generation_tokens >= sampling.max_tokens:
+def window_note(last: Generation | None, sampling, n_ctx: int, fix: str = "raise -c/--ctx",
+                limit_fix: str = "raise -n") -> str | None:
+    """The line that says a reply was cut: by the end of the context window, or by -n while a grammar (-j,
+    --grammar, format json) was still open; else None (-n alone cuts where the user asked)."""
+    if last is None or last.finish_reason != "length":
         return None
-    return f"(the reply stopped at the end of the {n_ctx}-token context window; {fix})"
+    if last.generation_tokens < sampling.max_tokens:
+        return f"(the reply stopped at the end of the {n_ctx}-token context window; {fix})"
+    if sampling.grammar is not None:
+        return (f"(the reply stopped at the {sampling.max_tokens}-token limit, so it may not be complete as its "
+                f"grammar asks; {limit_fix})")
+    return None
 
 
 def _restore(model, path: str) -> list[int]:

@@ -169,7 +169,8 @@ def licence_of(ref) -> str | None:
 
 def _show(args: argparse.Namespace) -> int:
     """``--template`` / ``--license`` of the models named: the text alone for one, under a ``# NAME`` line each for
-    several (a model with none says so on stderr)."""
+    several (a model with none says so on stderr); ``--json``: a list of ``{"name", "template"|"licence"}`` (the
+    key of ``models --json``)."""
     import sys
 
     from ..errors import InvalidArgument
@@ -177,9 +178,13 @@ def _show(args: argparse.Namespace) -> int:
     what = "template" if args.template else "license"
     if not args.paths:
         raise InvalidArgument(f"--{what} describes the models named: ondevice models NAME --{what}")
+    shown = []
     for name in dict.fromkeys(args.paths):
         ref = resolve(name)
         text = ref.info.chat_template if args.template else licence_of(ref)
+        shown.append({"name": ref.name, "template" if args.template else "licence": text or None})
+        if args.json:
+            continue
         if len(args.paths) > 1:
             print(f"# {ref.name}")
         if text:
@@ -187,23 +192,24 @@ def _show(args: argparse.Namespace) -> int:
         else:
             print(f"{ref.name} has no chat template (a base model): chat gets a plain transcript; give one with "
                   f"--chat-template" if args.template else f"{ref.name} names no licence in its file", file=sys.stderr)
+    if args.json:
+        print(json.dumps(shown, indent=2))
     return 0
 
 
-def _metadata_lines(path: str, name: str) -> list[str]:
-    """``ollama show -v``'s metadata: each GGUF key and value (a long array as its length, the template as its
-    size)."""
+def _metadata(path: str, name: str) -> dict[str, str]:
+    """``ollama show -v``'s metadata: each GGUF key and its value as text (a long array as its length, the template
+    as its size)."""
     info = resolve(path).info
-    out = []
+    out = {}
     for key in sorted({*info.metadata, *info.array_lengths}):
         if key in info.array_lengths:
             n = info.array_lengths[key]
-            value = str(list(info.metadata[key])) if n <= 8 and key in info.metadata else f"[{n} items]"
+            out[key] = str(list(info.metadata[key])) if n <= 8 and key in info.metadata else f"[{n} items]"
         elif key == "tokenizer.chat_template":
-            value = f"({len(info.metadata[key])} characters: `ondevice models {name} --template`)"
+            out[key] = f"({len(info.metadata[key])} characters: `ondevice models {name} --template`)"
         else:
-            value = str(info.metadata[key])
-        out.append(f"  {key:<44} {value[:120]}")
+            out[key] = str(info.metadata[key])
     return out
 
 
@@ -214,14 +220,17 @@ def run(args: argparse.Namespace) -> int:
     if args.template or args.license:
         return _show(args)
     data = rows(args.paths, prepare=args.prepare)
+    for r in data if args.verbose else ():
+        if "architecture" in r:
+            r["metadata"] = _metadata(r["path"], r["name"])
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     print(_table(data, terminal_width()))
-    for r in data if args.verbose else ():
-        if "architecture" in r:
+    for r in data:
+        if "metadata" in r:
             print(f"\n{r['name']} metadata:")
-            print("\n".join(_metadata_lines(r["path"], r["name"])))
+            print("\n".join(f"  {key:<44} {value[:120]}" for key, value in r["metadata"].items()))
     from .store import models_dir
 
     print(f"\nstore: {models_dir(create=False)}  (add models with `ondevice pull URL` or `ondevice quantize`; "

@@ -282,6 +282,9 @@ def file_url(url: str, given: str) -> str:
     named = [x for x in segments if x]
     if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
         repo, _, tag = "/".join(named).partition(":")
+        if ":" in tag:  # hf.co/OWNER/REPO:Q4_K_M:latest: two tags
+            raise InvalidArgument(f"{given}: give one tag after the repository, not {tag!r}: hf.co/{repo}:"
+                                  f"{tag.split(':')[0]} (a quant) or hf.co/{repo}:latest (the repository's default)")
         raise InvalidArgument(f"{given} is a Hugging Face repository, not a file: `ondevice pull hf.co/"
                               f"{repo or 'OWNER/REPO'}:{tag or 'QUANT'}` picks its file (or name one: "
                               f"hf://{repo or 'OWNER/REPO'}/FILE.gguf)")

@@ -53,6 +53,12 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
 
     if args.leave_output_tensor and args.output_tensor_type:
         raise InvalidArgument("--leave-output-tensor and --output-tensor-type both set output.weight's type; give one")
+    from .quantize import ggml_types
+
+    for flag, typ in (("--output-tensor-type", args.output_tensor_type), ("--token-embedding-type",
+                                                                           args.token_embedding_type)):
+        if typ is not None and typ.strip().upper() not in ggml_types():
+            raise InvalidArgument(f"{flag} {typ}: not a ggml tensor type; use one of {', '.join(ggml_types())}")
     first = []
     if args.leave_output_tensor or args.output_tensor_type:
         from ..models import resolve

@@ -56,7 +56,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="ondevice", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(Guard, api_key=state.settings.api_key, max_body=state.settings.max_body_bytes,
+    app.add_middleware(Guard, api_keys=state.settings.api_keys, max_body=state.settings.max_body_bytes,
                        metrics=state.metrics, routes=ROUTES,
                        log=access_logger() if state.settings.access_log else None)
     app.add_middleware(ErrorShape, **messages.ERRORS)  # around the guard: its 401 and 413 too, in Anthropic's shape

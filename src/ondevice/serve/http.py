@@ -179,9 +179,9 @@ class Guard:
     """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts, the
     access log, and bodies read as JSON whatever their Content-Type."""
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, metrics, routes: set[str],
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_body: int, metrics, routes: set[str],
                  log: logging.Logger | None = None):
-        self.app, self.api_key, self.max_body, self.metrics, self.routes = app, api_key, max_body, metrics, routes
+        self.app, self.api_keys, self.max_body, self.metrics, self.routes = app, api_keys, max_body, metrics, routes
         self.log = log
 
     async def __call__(self, scope, receive, send):
@@ -201,12 +201,13 @@ class Guard:
             await send(msg)
 
         try:
-            if self.api_key and path != "/health":
+            if self.api_keys and path != "/health":
                 headers = dict(scope.get("headers") or [])
                 auth = headers.get(b"authorization", b"").decode("latin-1")
                 # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do
                 token = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
-                if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                # every key compared (a list, not a generator): the time does not tell which key was near
+                if not any([hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys]):  # noqa: C419
                     return await _send_error(send_counted, 401, "missing or wrong API key; send "
                                              "'Authorization: Bearer <key>' (or 'x-api-key: <key>') with the "
                                              "server's --api-key",

@@ -80,7 +80,7 @@ def serve(settings: ServeSettings) -> None:
     app, state = build_app(settings)
     host, port = sock.getsockname()[:2]
     print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
-          f"{settings.ctx} ctx; key {'required' if settings.api_key else 'off'})"
+          f"{settings.ctx} ctx; key {'required' if settings.api_keys else 'off'})"
           + (f"; {state.cascade.describe()}" if state.cascade is not None else ""), file=sys.stderr, flush=True)
     if state.cascade is not None and (warning := state.cascade.warning()):
         print(f"ondevice serve: warning: {warning}", file=sys.stderr, flush=True)

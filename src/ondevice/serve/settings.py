@@ -55,7 +55,9 @@ class ServeSettings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it a 429 with Retry-After")
     timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue wait included (504 after)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (401 without it)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (401 without it); several "
+                                                  "keys separated by commas, as llama-server's")
+    api_key_file: str | None = Field(None, description="a file of API keys, one per line (llama-server's)")
     embeddings: bool = Field(True, description="serve /v1/embeddings from a second small context (mean pooled)")
     embeddings_ctx: int = Field(512, ge=16, description="longest input of /v1/embeddings, in tokens")
     alias: str | None = Field(None, description="model id reported by /v1/models (None: the model's name)")
@@ -134,6 +136,34 @@ class ServeSettings(BaseSettings):
         if v is not None and not Path(v).expanduser().is_dir():
             raise ValueError(f"{v} is not a folder; make it first (mkdir -p {v})")
         return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and not v.replace(",", "").strip():  # would leave the server open
+            raise ValueError("holds no key; give KEY (or KEY1,KEY2), or leave --api-key out for an open server")
+        return v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                keys = Path(v).expanduser().read_text(encoding="utf-8").split()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{v} cannot be read ({getattr(e, 'strerror', None) or e}); give a text file "
+                                 f"with one key per line") from None
+            if not keys:
+                raise ValueError(f"{v} holds no key; write one key per line")
+        return v
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys a request may send (--api-key's, split at commas, then --api-key-file's lines); none: open."""
+        keys = (self.api_key or "").split(",")
+        if self.api_key_file:
+            keys += Path(self.api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        return tuple(k.strip() for k in keys if k.strip())
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

@@ -26,7 +26,8 @@ def test_load_settings_reach_the_engine_config():
 def test_a_copied_llama_cli_command_runs(cli):
     plain = cli("run", *ASK)
     copied = cli("run", "-ngl", "99", "--mlock", "-co", "-no-cnv", "-dev", "none", "--log-disable", "-b", "64",
-                 "-ub", "32", "-tb", "2", "-ctk", "f16", "-ctv", "f16", "--no-mmap", "--no-warmup", *ASK)
+                 "-ub", "32", "-tb", "2", "-ctk", "f16", "-ctv", "f16", "--no-mmap", "--no-warmup",
+                 "-md", "smollm2", "--draft-n", "4", "--draft-min", "1", *ASK)  # a draft model: the same text
     assert plain.returncode == 0 and copied.returncode == 0, copied.stderr
     assert copied.stdout == plain.stdout  # the same greedy text
     for note in ("-ngl 99 is ignored: ondevice runs on the CPU", "-co is ignored", "-no-cnv is ignored: run answers once",
@@ -44,7 +45,14 @@ def test_a_copied_llama_cli_command_runs(cli):
     # argparse alone read these as a known one-letter flag and a value (-sp: a system prompt 'p'; -hfd: --help)
     ("run", ["-sp", "hi"], "unrecognized argument -sp: not a flag of `ondevice run`"),
     ("run", ["-hfd", "o/r", "hi"], "unrecognized argument -hfd: not a flag of `ondevice run`"),
-    ("chat", ["-rea", "off"], "unrecognized argument -rea: not a flag of `ondevice chat`"),
+    ("chat", ["-rea", "off"], "-rea is llama.cpp's and does not apply here: the reply is given as the model writes"),
+    ("run", ["--mmproj", "x.gguf"], "--mmproj is llama.cpp's and does not apply here: ondevice runs text models only"),
+    ("run", ["--rope-freq-base", "1e4"], "--rope-freq-base is llama.cpp's and does not apply here: the model file's"),
+    ("serve", ["--ssl-cert-file", "c.pem"], "--ssl-cert-file is llama.cpp's and does not apply here: the server speaks "
+                                            "plain HTTP"),
+    # llama.cpp's --draft N is how many tokens to draft: --draft-max here (--draft/-md names the drafter)
+    ("run", ["--draft", "16"], "llama.cpp's --draft N, the most tokens per draft, is --draft-max 16 here"),
+    ("serve", ["--draft", "8"], "llama.cpp's --draft N, the most tokens per draft, is --draft-max 8 here"),
     ("run", ["-s", "42", "hi"], "-s 42: a system prompt of a number alone; -s/--system is the system prompt here"),
     ("run", ["-cnv"], "-cnv is llama.cpp's and does not apply here: run answers once; `ondevice chat` converses"),
     ("serve", ["-s", "42"], "-s is llama.cpp's and does not apply here: each request gives its seed"),
@@ -71,13 +79,17 @@ def test_a_copied_llama_server_command_serves(tmp_path):
     from openai import OpenAI
 
     flags = ["-ngl", "99", "-cb", "--metrics", "--no-webui", "-b", "256", "-ub", "128", "-tb", "1", "--no-mmap",
-             "-a", "mine", "-to", "120", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja"]
+             "-a", "mine", "-to", "120", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-md", "smollm2", "--draft-n", "4",
+             "--threads-http", "2"]
     with serve_process(tmp_path, *flags) as (_, url, log):
         client = OpenAI(base_url=url, api_key="none")
         ids = [m.id for m in client.models.list().data]
         reply = client.completions.create(model="mine", prompt="The capital of France is", max_tokens=4,
                                           temperature=0)
-    assert ids == ["mine"]
+        import httpx
+
+        slot = httpx.get(url.removesuffix("/v1") + "/slots").json()[0]
+    assert ids == ["mine"] and slot["speculative"] is True  # -md: the draft model is the server's default
     assert reply.choices[0].text and reply.usage.completion_tokens == 4
     text = log.read_text()
     assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text

@@ -146,8 +146,8 @@ def _refuse_glued_flags(parser: argparse.ArgumentParser, argv: list[str], verb: 
 
 
 def _as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str], verb: str) -> str:
-    """``message`` with each flag spelled as the user typed it: an error about --adapter says --lora to one who
-    typed --lora, and --text says -f (every spelling of a flag works, so the advice stays right)."""
+    """``message`` with the flag it is about spelled as the user typed it: an error about --adapter says --lora to
+    one who typed --lora, and --text says -f (the first mention, the error's subject; not in -s/--system)."""
     import re
 
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -157,7 +157,7 @@ def _as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str], ve
         if len(used) == 1:
             for other in action.option_strings:
                 if other != used[0] and other.startswith("--"):
-                    message = re.sub(rf"(?<![\w/-]){re.escape(other)}(?![\w/-])", used[0], message)  # not -s/--system
+                    message = re.sub(rf"(?<![\w/-]){re.escape(other)}(?![\w/-])", used[0], message, count=1)
     return message
 
 

@@ -40,10 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose-prompt", action="store_true",
                    help="print the prompt as the model gets it (chat template applied) and its tokens first, as "
                         "llama-cli's, on stderr")
-    p.add_argument("--draft", default=None, metavar="lookup|MODEL",
+    p.add_argument("--draft", "-md", "--model-draft", dest="draft", default=None, metavar="lookup|MODEL",
                    help="speculative decoding, same output: 'lookup' drafts from the prompt and text so far (fast "
-                        "for rewriting, summaries, extraction); MODEL is a draft model sharing the vocabulary")
-    p.add_argument("--draft-max", type=int, default=16, help="most tokens drafted per step (default: 16)")
+                        "for rewriting, summaries, extraction); MODEL is a draft model sharing the vocabulary "
+                        "(llama.cpp's -md)")
+    p.add_argument("--draft-max", "--draft-n", dest="draft_max", type=int, default=16,
+                   help="most tokens drafted per step (default: 16)")
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="restore the prompt's KV from FILE when it exists (only what the prompt does not begin "
                         "with is computed) and save it there after, as llama-cli's --prompt-cache (llama.cpp's "
@@ -214,6 +216,11 @@ def run(args: argparse.Namespace) -> int:
     words = args.words
     named = words[0] if words and (len(words) > 1 or args.prompt or args.file) and is_model_name(words[0]) else None
     args.model = hf_address(args, args.model or named) or args.model  # -hf OWNER/REPO[:QUANT] (-hff FILE)
+    from ..errors import InvalidArgument
+    from .llama_flags import draft_count
+
+    if why := draft_count(args.draft):
+        raise InvalidArgument(f"--draft {args.draft}: {why}")
     draft = None if args.draft is None else "lookup" if args.draft == "lookup" else "model"
     # validate flags before the model loads
     sampling = sampling_from(args, ignore_eos=args.ignore_eos, draft=draft, draft_max=args.draft_max)

@@ -25,10 +25,13 @@ IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
     ("--simple-io",): (False, "input is read as plain lines"),
     ("--no-display-prompt",): (False, "the prompt is not echoed"),
+    ("--draft-min", "--draft-n-min", "--draft-p-min"): (True, "each step drafts as many tokens as its measured "
+                                                               "costs pay for, at most --draft-max"),
 }
 # llama-server's, for what `ondevice serve` always does
 SERVER_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--metrics",): (False, "GET /metrics is always on"),
+    ("--threads-http",): (True, "HTTP is served by one event loop; decoding has its own thread"),
     ("--no-webui",): (False, "there is no web UI"),
     ("-cb", "--cont-batching"): (False, "batching is always continuous"),
     ("--props",): (False, "GET /props is always on; POST /props is not taken"),
@@ -50,12 +53,22 @@ REFUSED: dict[tuple[str, ...], str] = {
     ("-ot", "--override-tensor"): "every tensor is on the CPU here",
     ("--numa",): "ondevice does not set NUMA modes",
     ("-C", "--cpu-mask", "--cpu-range", "--cpu-strict"): "pin CPUs with taskset (or bench's --profile cpus=0,1)",
+    ("--mmproj", "-mm", "--mmproj-url", "-mmu", "--image", "--audio"): "ondevice runs text models only (no "
+                                                                        "multimodal projector)",
+    ("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
+     "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast"): "the model file's own "
+                                                                                        "RoPE settings are used",
+    ("-cd", "--ctx-size-draft", "-devd", "--device-draft", "-ngld", "--gpu-layers-draft"): "the draft model loads "
+                                                                                           "with the model's settings",
 }
 # llama-cli's and llama-server's text handling (run, chat, serve)
 TEXT_REFUSED: dict[tuple[str, ...], str] = {
     ("--keep",): "the context here is not shifted: a reply that would pass it ends with finish 'length'; raise -c",
     ("--in-prefix", "--in-prefix-bos", "--in-suffix"): "the chat template frames each turn; give one with "
                                                         "--chat-template or --chat-template-file",
+    ("--reasoning-format", "--reasoning-budget", "-rea", "--reasoning"): "the reply is given as the model writes "
+                                                                         "it, thinking included (no reasoning "
+                                                                         "split)",
 }
 SERVER_REFUSED: dict[tuple[str, ...], str] = {
     ("--reranking", "--rerank"): "there is no /rerank route here",
@@ -63,6 +76,10 @@ SERVER_REFUSED: dict[tuple[str, ...], str] = {
     ("-s", "--seed"): "each request gives its seed",
     ("--temp", "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--presence-penalty",
      "--frequency-penalty"): "each request gives its sampling (temperature, top_p, ...)",
+    ("--ssl-key-file", "--ssl-cert-file"): "the server speaks plain HTTP; put a TLS proxy (caddy, nginx) in front "
+                                           "for HTTPS",
+    ("--path", "--api-prefix"): "the routes are served at / (no static files, no prefix); a reverse proxy can "
+                                "add one",
 }
 EVAL_REFUSED: dict[tuple[str, ...], str] = {
     ("--kl-divergence-base", "--kl-divergence"): "give the reference model with --ref MODEL: KLD, top-1 agreement "
@@ -156,3 +173,13 @@ def load_config(args: argparse.Namespace) -> dict:
     if args.no_warmup:
         out["warmup"] = False
     return out
+
+
+
+def draft_count(value: str | None) -> str | None:
+    """Why ``--draft N`` (llama.cpp's count of tokens to draft) is refused, naming ``--draft-max``: here
+    ``--draft`` names the drafter, ``lookup`` or a draft model; None for a drafter."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return (f"--draft names the drafter here, 'lookup' or a draft MODEL (llama.cpp's -md); llama.cpp's --draft N, "
+            f"the most tokens per draft, is --draft-max {value.strip()} here")

@@ -137,6 +137,15 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"{v} is not a folder; make it first (mkdir -p {v})")
         return v
 
+    @field_validator("draft")
+    @classmethod
+    def _drafter(cls, v: str | None) -> str | None:
+        from ..engine.llama_flags import draft_count
+
+        if why := draft_count(v):
+            raise ValueError(why)
+        return v
+
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
@@ -191,7 +200,8 @@ FLAGS = {"model": ("-m", "--model"), "threads": ("-t", "--threads"), "parallel":
          "ctx": ("-c", "--ctx-size", "--ctx"), "flash_attn": ("-fa", "--flash-attn"),
          "batch": ("-b", "--batch-size", "--batch"), "ubatch": ("-ub", "--ubatch-size", "--ubatch"),
          "threads_batch": ("-tb", "--threads-batch"), "alias": ("-a", "--alias"), "timeout": ("-to", "--timeout"),
-         "embeddings": ("--embedding", "--embeddings")}
+         "embeddings": ("--embedding", "--embeddings"), "draft": ("-md", "--model-draft", "--draft"),
+         "draft_max": ("--draft-n", "--draft-max")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

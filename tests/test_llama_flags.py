@@ -48,8 +48,7 @@ def test_a_copied_llama_cli_command_runs(cli):
     ("chat", ["-rea", "off"], "-rea is llama.cpp's and does not apply here: the reply is given as the model writes"),
     ("run", ["--mmproj", "x.gguf"], "--mmproj is llama.cpp's and does not apply here: ondevice runs text models only"),
     ("run", ["--rope-freq-base", "1e4"], "--rope-freq-base is llama.cpp's and does not apply here: the model file's"),
-    ("serve", ["--ssl-cert-file", "c.pem"], "--ssl-cert-file is llama.cpp's and does not apply here: the server speaks "
-                                            "plain HTTP"),
+    ("serve", ["--ssl-cert-file", "c.pem"], "--ssl-cert-file is llama.cpp's and does not apply here: the server"),
     # llama.cpp's --draft N is how many tokens to draft: --draft-max here (--draft/-md names the drafter)
     ("run", ["--draft", "16"], "llama.cpp's --draft N, the most tokens per draft, is --draft-max 16 here"),
     ("serve", ["--draft", "8"], "llama.cpp's --draft N, the most tokens per draft, is --draft-max 8 here"),

@@ -25,8 +25,7 @@ IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
     ("--simple-io",): (False, "input is read as plain lines"),
     ("--no-display-prompt",): (False, "the prompt is not echoed"),
-    ("--draft-min", "--draft-n-min", "--draft-p-min"): (True, "each step drafts what its measured costs pay for, "
-                                                               "at most --draft-max"),
+    ("--draft-min", "--draft-n-min", "--draft-p-min"): (True, "a step drafts what its costs pay for, to --draft-max"),
 }
 # llama-server's, for what `ondevice serve` always does
 SERVER_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {

@@ -106,6 +106,9 @@ def test_adapter_loads_in_llama_cpp_and_wrong_base_is_refused(tmp_path, smol_pat
         ondevice.load(str(smol_path), n_ctx=256, adapters=(str(wrong),))
     r = cli("run", "--adapter", str(wrong), "-n", "2", "hi")
     assert r.returncode == 2 and "trained on another base model" in r.stderr and "Traceback" not in r.stderr
+    assert f"or train an adapter for this model with `ondevice adapt -m {smol_path}`" in r.stderr, r.stderr
+    r = cli("run", "-m", "gemma3-270m", "--adapter", str(wrong), "-n", "2", "hi")  # adapt trains llama models only
+    assert r.returncode == 2 and r.stderr.rstrip().endswith("load it with its own base (-m)"), r.stderr
     shapes = adapter_file.write(tmp_path / "shape.gguf", "llama", 8.0,  # no provenance: llama.cpp's checks
                                 {"blk.0.attn_q.weight": (np.zeros((4, 100), np.float32), np.zeros((576, 4),
                                                                                                    np.float32))}, {})

@@ -172,8 +172,8 @@ def test_adapt_rm_deletes_stored_adapters_and_a_typo_deletes_nothing(tmp_path, m
         adapter_file.write(store.path_for(n), "llama", 8.0, {"blk.29.attn_v.weight": (a, b)}, {})
     Path(f"{store.path_for('dates')}.ckpt.pt").write_bytes(b"an interrupted rerun's checkpoint")
     assert main(["adapt", "rm", "dates", "dtaes"]) == 2
-    assert capsys.readouterr().err == ("ondevice adapt: error: adapt rm dtaes: no such stored adapter; stored: dates, "
-                                       "style (a file of your own is yours to delete)\n")
+    assert capsys.readouterr().err == ("ondevice adapt: error: adapt rm dtaes: no such stored adapter or interrupted "
+                                       "run; stored: dates, style (a file of your own is yours to delete)\n")
     assert store.names() == ["dates", "style"]
     assert main(["adapt", "rm", "dates"]) == 0
     assert re.fullmatch(r"removed adapter dates \(0\.\d MiB\)\n", capsys.readouterr().out)
@@ -181,6 +181,8 @@ def test_adapt_rm_deletes_stored_adapters_and_a_typo_deletes_nothing(tmp_path, m
     assert main(["adapt", "delete", "style"]) == 0 and store.names() == []
     assert main(["adapt", "rm"]) == 2
     assert "ondevice adapt rm NAME [NAME ...]" in capsys.readouterr().err
+    Path(f"{store.path_for('cut')}.ckpt.pt").write_bytes(b"a first run's checkpoint, interrupted")  # no .gguf yet
+    assert main(["adapt", "rm", "cut"]) == 0 and not any(store.adapters_dir().iterdir())
 
 
 @needs_torch
@@ -224,3 +226,10 @@ def test_ctrl_c_while_planning_or_measuring_the_held_out_loss_is_said_and_keeps_
     r = train.train(train.AdaptConfig(**cfg, resume=True))  # no step left to run: the held-out loss, the export
     assert r["steps"] == 3 and len(r["history"]) == 3 and r["heldout_loss_after"] is not None
     assert out.is_file() and not ckpt.exists()
+
+
+def test_from_deferred_with_no_samples_names_the_flag_that_keeps_them(cli):
+    """It said to serve with --cascade, which alone keeps nothing (--cascade-keep-hard does)."""
+    r = cli("adapt", "--from", "deferred", "--name", "hard", "--steps", "1")
+    assert r.returncode == 2 and "serve it with --cascade URL --cascade-keep-hard (or a request's \"keep\": true)" \
+        in r.stderr, r.stderr

@@ -326,7 +326,9 @@ def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
         # confirmed here, the server still refuses: it has no one to ask over stdio
         r = box.call("shutdown", {"minutes": 1}, confirm=lambda t, a: True)
         # the server's words once, not nested ("error (failed): shutdown failed: RuntimeError: error (unconfirmed): ...")
-        assert not r.ok and r.message() == "error (failed): shutdown is sensitive and was not confirmed; it did not run"
+        assert not r.ok and r.message() == (
+            "error (failed): shutdown is sensitive and was not confirmed; it did not run (this MCP server, `ondevice "
+            "agent --serve-mcp`, has no one to ask: start it with --yes to let its sensitive tools run)")
         with pytest.raises(ToolError, match=r"^word_count: invalid arguments: text: Input should be a valid string$"):
             c.call("word_count", {"text": 3})  # the server validates too
 

@@ -69,8 +69,8 @@ def test_hf_flags_as_one_address():
             self.hf_repo, self.hf_file = repo, file
 
     assert hf_address(A()) is None
-    assert hf_address(A("o/r")) == "hf://o/r"
-    assert hf_address(A("o/r:Q8_0")) == "hf://o/r:Q8_0"
+    assert hf_address(A("o/r")) == "hf.co/o/r"  # a repository: Ollama's form (not hf://, a file's)
+    assert hf_address(A("o/r:Q8_0")) == "hf.co/o/r:Q8_0"
     assert hf_address(A("o/r", "sub/m-Q8_0.gguf")) == "hf://o/r/sub/m-Q8_0.gguf"
     assert hf_address(A("o/r@v2", "m.gguf")) == "hf://o/r@v2/m.gguf"
     with pytest.raises(InvalidArgument, match=r"^-hff m.gguf names a file of a Hugging Face repository: give the "
@@ -148,7 +148,7 @@ def test_serve_hf_pulls_and_serves_it(smol_hub, tmp_path):
     assert ids == ["hf.co/o/Smol-GGUF:Q4_1"], ids  # named as Ollama names a model pulled from hf.co
     assert tags == ["hf.co/o/Smol-GGUF:Q4_1"] and shown.status_code == 200, shown.text
     assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
-    assert "hf://o/Smol-GGUF:Q4_1 is not in the store yet: pulling it" in log.read_text()
+    assert "hf.co/o/Smol-GGUF:Q4_1 is not in the store yet: pulling it" in log.read_text()
     assert _files(smol_hub) == [f"/o/Smol-GGUF/resolve/main/{SMOL}"]
 
 

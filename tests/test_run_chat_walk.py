@@ -4,6 +4,7 @@ subprocesses, the real embedded model, a real pty where the terminal matters).""
 from __future__ import annotations
 
 import json
+import re
 
 
 def _last_record(stderr: str) -> dict:
@@ -189,3 +190,11 @@ def test_a_reply_cut_by_n_inside_a_grammar_says_so(cli):
     assert r.returncode == 0 and "stopped" not in r.stderr, r.stderr
     r = cli("chat", input="/set format json\n/set num_predict 3\nGive a person with a name and an age\n")
     assert "it may not be complete as its grammar asks; /set num_predict N gives it more tokens)" in r.stderr, r.stderr
+
+
+def test_one_token_has_no_decode_rate(cli):
+    """The first token comes with the prompt, so one token has no decode rate; it read '0.0 tok/s', like a stall."""
+    r = cli("run", "-n", "1", "--ignore-eos", "Hi")
+    assert r.returncode == 0 and "| decode 1 tok | peak RSS" in r.stderr, r.stderr
+    r = cli("run", "-n", "3", "--ignore-eos", "Hi")
+    assert re.search(r"\| decode 3 tok at \d+\.\d tok/s \|", r.stderr), r.stderr

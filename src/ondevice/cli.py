@@ -145,14 +145,21 @@ def _refuse_glued_flags(parser: argparse.ArgumentParser, argv: list[str], verb: 
                       f"--help` lists them)")
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the verb the command line chose, or of its action (``cascade fit``, ``protect keygen``)."""
+    while chosen := [a.choices[getattr(args, a.dest)] for a in parser._actions
+                     if isinstance(a, argparse._SubParsersAction) and getattr(args, a.dest, None) in a.choices]:
+        parser = chosen[0]
+    return parser
+
+
 def _as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str], verb: str) -> str:
     """``message`` with the flag it is about spelled as the user typed it: an error about --adapter says --lora to
     one who typed --lora, and --text says -f (the first mention, the error's subject; not in -s/--system)."""
     import re
 
-    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     typed = {w.split("=", 1)[0] for w in argv[argv.index(verb) + 1:] if w.startswith("-")}
-    for action in verbs.choices[verb]._actions:
+    for action in parser._actions:
         used = [o for o in action.option_strings if o in typed]
         if len(used) == 1:
             for other in action.option_strings:
@@ -191,9 +198,8 @@ def _main(argv: list[str] | None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "words", None), list) and not any(x.startswith("-") for x in extra):
         args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)
-    elif extra:  # the verb's own usage and error, as for a bad value (not the top level's)
-        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub = verbs.choices[args.verb]
+    elif extra:  # the verb's own usage and error (its action's: cascade fit), as for a bad value
+        sub = _chosen_parser(parser, args)
         sub.error(f"unrecognized arguments: {' '.join(extra)}{_flag_hint(sub, extra)}")
     if args.verb is None:
         parser.print_help()
@@ -208,7 +214,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:
-        print(f"ondevice {args.verb}: error: {_as_typed(str(e), parser, argv, args.verb)}", file=sys.stderr)
+        print(f"ondevice {args.verb}: error: {_as_typed(str(e), _chosen_parser(parser, args), argv, args.verb)}",
+              file=sys.stderr)
         return getattr(e, "exit_code", 2)  # stop_signals.Stopped: 128 + the signal, as a shell reports a kill
     except BrokenPipeError:
         return 0

@@ -116,6 +116,20 @@ def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None)
             raise InvalidArgument(
                 f"--adapter {Path(adapter).name} was trained on another base model "
                 f"({meta.get(KEY + 'base_name', '?')}, sha256 {want[:12]}...) but this model is {Path(base).name} "
-                f"(sha256 {have[:12]}...); load it with its own base (-m) or train an adapter for this model "
-                f"with `ondevice adapt -m {Path(base).name}`")
+                f"(sha256 {have[:12]}...); load it with its own base (-m){_train_advice(base)}")
     return meta
+
+
+def _train_advice(base: str | Path) -> str:
+    """', or train an adapter for this model with `ondevice adapt -m NAME`', where adapt can train it."""
+    from ..models.gguf_check import validate_gguf
+    from ..models.store import models_dir
+
+    try:
+        if validate_gguf(base).architecture != "llama":  # adapt trains llama-architecture models only
+            return ""
+    except Exception:  # noqa: BLE001 — an encrypted container: no advice rather than a wrong one
+        return ""
+    p = Path(base)
+    name = p.stem if p.parent == models_dir(create=False) else str(p)  # as -m takes it
+    return f" or train an adapter for this model with `ondevice adapt -m {name}`"

@@ -126,8 +126,9 @@ def deferred_data(args: argparse.Namespace) -> str:
     part = out.with_name(out.name + ".part")  # the last run's file stays until this export has samples
     try:
         if export_hard_samples(part, store=args.db, device_sha256=cached_sha256(ref.path)) == 0:
-            raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade "
-                                  f"(deferred requests are kept with the cloud's answers) before --from deferred")
+            raise InvalidArgument(f"the store holds no hard samples for {ref.name}; serve it with --cascade URL "
+                                  f"--cascade-keep-hard (or a request's \"keep\": true), which keeps deferred "
+                                  f"requests with the cloud's answers, before --from deferred")
         part.replace(out)
     finally:
         part.unlink(missing_ok=True)

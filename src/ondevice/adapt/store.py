@@ -119,19 +119,22 @@ def resolve(spec: str | Path, flag: str = "--adapter") -> Path:
 
 def remove(specs: list[str]) -> list[tuple[str, int]]:
     """Delete the stored adapters ``specs`` (names), each with what a run of that name left beside it (its
-    checkpoint, its --from deferred export); every name is checked before any file goes, so a typo removes
-    nothing. Returns (name, bytes freed) per adapter."""
+    checkpoint, its --from deferred export), or what an interrupted run of that name left; every name is checked
+    before any file goes, so a typo removes nothing. Returns (name, bytes freed) per adapter."""
+    def files(n: str) -> list[Path]:
+        p = adapters_dir() / f"{n}.gguf"
+        return [p, *(Path(f"{p}{ext}") for ext in (".ckpt.pt", ".ckpt.part", ".deferred.jsonl"))]
+
     known = names()
-    missing = [s for s in specs if s not in known]
+    interrupted = {s for s in specs if _NAME_RE.fullmatch(s) and any(f.is_file() for f in files(s))}
+    missing = [s for s in specs if s not in known and s not in interrupted]
     if missing:
-        raise InvalidArgument(f"adapt rm {' '.join(missing)}: no such stored adapter; stored: "
+        raise InvalidArgument(f"adapt rm {' '.join(missing)}: no such stored adapter or interrupted run; stored: "
                               f"{', '.join(known) if known else 'none'} (a file of your own is yours to delete)")
     out = []
     for n in dict.fromkeys(specs):
-        p = adapters_dir() / f"{n}.gguf"
-        files = [p, *(Path(f"{p}{ext}") for ext in (".ckpt.pt", ".ckpt.part", ".deferred.jsonl"))]
-        freed = sum(f.stat().st_size for f in files if f.is_file())
-        for f in files:
+        freed = sum(f.stat().st_size for f in files(n) if f.is_file())
+        for f in files(n):
             f.unlink(missing_ok=True)
         out.append((n, freed))
     return out

@@ -108,8 +108,12 @@ def refuse_forgotten_resume(cfg: AdaptConfig, base_sha256: str, data_sha256: str
     except Exception:  # noqa: BLE001 — an unreadable checkpoint holds nothing to resume
         return
     if same and not _differences(cfg, made):
+        from ..models.store import home
+
+        stored = cfg.ckpt_path.parent == home() / "adapters" and cfg.ckpt_path.name.endswith(".gguf.ckpt.pt")
+        rm = f" (`ondevice adapt rm {cfg.ckpt_path.name.removesuffix('.gguf.ckpt.pt')}`)" if stored else ""
         raise InvalidArgument(f"{cfg.ckpt_path} holds this same run, interrupted after step {step}: add --resume to "
-                              f"continue it (in Python: resume=True), or delete that file to start over")
+                              f"continue it (in Python: resume=True), or delete that file{rm} to start over")
     warnings.warn(f"starting over: {cfg.ckpt_path} (another run's, interrupted after step {step}) is replaced by "
                   f"this run's checkpoints", stacklevel=2)
 

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.serve_mcp:
         from .mcptools import serve_stdio
 
+        box.no_one_to_ask = ("this MCP server, `ondevice agent --serve-mcp`, has no one to ask: start it with --yes "
+                             "to let its sensitive tools run")
         serve_stdio(box, confirm=(lambda t, a: True) if args.yes else None)
         return 0
     if not args.mcp_timeout > 0:  # also NaN

@@ -248,6 +248,7 @@ class Toolbox:
     def __init__(self, tools: Iterable[Tool | Callable] = (), *, confirm: Confirm | None = None):
         self.tools: dict[str, Tool] = {}
         self.confirm = confirm
+        self.no_one_to_ask = ""  # what a refusal adds when there is no confirmer (how to allow the tools)
         self._confirm_lock = threading.Lock()  # confirmations one at a time, whatever runs in parallel
         for t in tools:
             self.add(t)
@@ -304,7 +305,8 @@ class Toolbox:
             t = self.get(name)
             valid = t.validate(args if args is not None else {})
             if t.sensitive and not self._confirmed(t, valid, confirm):
-                raise ToolError(f"{name} is sensitive and was not confirmed; it did not run", "unconfirmed")
+                hint = f" ({self.no_one_to_ask})" if self.no_one_to_ask and not (confirm or self.confirm) else ""
+                raise ToolError(f"{name} is sensitive and was not confirmed; it did not run{hint}", "unconfirmed")
             try:
                 value = t.fn(**valid)
                 if inspect.isawaitable(value):  # an async def tool

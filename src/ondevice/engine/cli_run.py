@@ -161,7 +161,9 @@ def format_timings(last: Generation | None, peak_rss: int, load_time: float | No
     if last.cached_tokens:
         parts.append(f"{last.cached_tokens} cached")
     parts += [f"TTFT {last.ttft * 1000:.0f} ms", f"prompt {last.prompt_tps:.1f} tok/s",
-              f"decode {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s",
+              # the first token comes with the prompt: one token has no decode rate (it is not 0 tok/s)
+              f"decode {last.generation_tokens} tok" + (f" at {last.generation_tps:.1f} tok/s"
+                                                          if last.generation_tokens > 1 else ""),
               f"peak RSS {peak_rss / 2**20:.0f} MiB"]
     if last.draft_tokens:
         parts.insert(-1, f"drafts {last.draft_accepted}/{last.draft_tokens} accepted "

@@ -83,14 +83,15 @@ def parse_repo(word: str, *, bare: bool = False) -> RepoRef | None:
 
 
 def repo_argument(value: str) -> str:
-    """llama.cpp's ``-hf OWNER/REPO[:QUANT]`` value as the address ``pull`` takes (``hf://OWNER/REPO:QUANT``)."""
+    """llama.cpp's ``-hf OWNER/REPO[:QUANT]`` value as the address ``pull`` takes (``hf.co/OWNER/REPO:QUANT``,
+    Ollama's form of a repository's quant)."""
     ref = parse_repo(value, bare=True)
     if ref is None:
         raise InvalidArgument(f"-hf {value}: give a Hugging Face repository, OWNER/REPO[:QUANT] (e.g. "
                               f"-hf bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M); a single file is pulled as "
                               f"`ondevice pull hf://OWNER/REPO/FILE.gguf`")
     rev = f"@{ref.revision}" if ref.revision else ""
-    return f"hf://{ref.repo_id}{rev}" + (f":{ref.tag}" if ref.tag else "")
+    return f"hf.co/{ref.repo_id}{rev}" + (f":{ref.tag}" if ref.tag else "")
 
 
 def add_hf_args(p, *, pull: bool = False) -> None:

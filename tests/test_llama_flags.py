@@ -93,6 +93,9 @@ def test_a_copied_llama_server_command_serves(tmp_path):
     text = log.read_text()
     assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text
     assert "ondevice serve: note: -cb is ignored: batching is always continuous" in text
+    # serve_process's -c 4096 with 4 slots: llama-server would split it, so the memory differs, and it is said
+    assert "note: -c 4096 is each slot's context here, so the KV cache holds 4 x 4096 tokens; llama-server splits -c " \
+           "over -np (4096 / 4 = 1024 each): -c 1024 gives its memory" in text
 
 
 def test_a_copied_llama_perplexity_command_runs(cli):

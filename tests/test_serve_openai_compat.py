@@ -265,6 +265,10 @@ def test_api_keys_as_llama_server_takes_them(tmp_path):
 
         assert [status(k) for k in ("a", "b", "c", "d")] == [200] * 4
         assert [status(k) for k in ("e", "a, b", "a,b", "cd")] == [401] * 4
+        # without a key: the health check and Ollama's heartbeat at /, as llama-server leaves them open
+        assert [httpx.request(m, s.base_url + p).status_code for m, p in (("GET", "/health"), ("GET", "/"),
+                                                                           ("HEAD", "/"), ("GET", "/api/tags"))] \
+            == [200, 200, 200, 401]
     keys.write_text("\n \n")
     with pytest.raises(InvalidArgument, match="--api-key-file.*holds no key"):
         settings_from_args(None, api_key_file=str(keys))

@@ -37,7 +37,7 @@ EXAMPLES = """examples:
   ondevice run "Write a haiku about RAM."          stream an answer from the default model
   ondevice run gemma3-270m "Once upon a time"      a model name first, then the prompt (as ollama run)
   ondevice chat -m smollm2-135m-instruct           multi-turn chat; /help inside lists the commands
-  ondevice models                                  what is installed, stored and local
+  ondevice models                                  what is installed and stored
   ondevice bench -t 1,2 -p 128,512 -n 64           speed sweep (llama-bench's flags), then an HTML report
   ondevice eval --ppl                              perplexity of the default model
   ondevice serve --port 8080                       OpenAI-compatible server on 127.0.0.1
@@ -205,6 +205,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
+    args.typed = {w.split("=", 1)[0] for w in argv if w.startswith("-")}  # the flags as spelled (serve's -c note)
     _warnings_as_lines(args.verb)
     from .models import sources
 

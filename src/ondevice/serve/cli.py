@@ -49,5 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if kv:
         args.kv_type = kv.pop()
     apply_key_args(args)
-    serve(settings_from_args(args))
+    settings = settings_from_args(args)
+    if settings.parallel > 1 and getattr(args, "typed", set()) & {"-c", "--ctx-size"}:  # llama-server's spelling
+        import sys
+
+        c, n = settings.ctx, settings.parallel
+        print(f"ondevice serve: note: -c {c} is each slot's context here, so the KV cache holds {n} x {c} tokens; "
+              f"llama-server splits -c over -np ({c} / {n} = {c // n} each): -c {c // n} gives its memory",
+              file=sys.stderr)
+    serve(settings)
     return 0

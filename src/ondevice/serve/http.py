@@ -201,7 +201,8 @@ class Guard:
             await send(msg)
 
         try:
-            if self.api_keys and path != "/health":
+            # public, as on llama-server: the health check and the heartbeat at / (Ollama's CLI sends HEAD /)
+            if self.api_keys and path != "/health" and not (path == "/" and scope["method"] in ("GET", "HEAD")):
                 headers = dict(scope.get("headers") or [])
                 auth = headers.get(b"authorization", b"").decode("latin-1")
                 # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do

@@ -4,7 +4,7 @@
 fine-tunes the device model on them; "Towards an On-device Agent for Text Rewriting" fine-tunes its
 on-device rewriter for the task. This bench runs that loop with ondevice's own verbs, as a user would:
 
-1. Prompts: the messages of ``benchmarks/data/cascade_adapt_messages.json`` (840, written for this bench by
+1. Prompts: the messages of ``benchmarks/data/cascade_adapt_messages.json`` (630, 840 prompts; written for this bench by
    hand in the suites' style on other topics, none taken from model output; none is an evaluation item's:
    every message is checked here against every item cascade_bench draws, word-set Jaccard < 0.5) under the
    instructions of cascade_bench's tasks, in the suites' own wording.

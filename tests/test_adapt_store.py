@@ -139,3 +139,13 @@ def test_a_scale_that_is_no_number_is_named_not_taken_for_a_missing_file(tmp_pat
         with pytest.raises(InvalidArgument, match="the scale after ':' must be a number"):
             store.split_scale(spec)
     assert store.split_scale("C:\\adapters\\a") == ("C:\\adapters\\a", 1.0)  # a drive letter is no scale
+
+
+def test_a_stored_adapters_name_with_a_scale_that_is_no_number(tmp_path, monkeypatch):
+    """`dates:abc` said 'no such adapter file or stored adapter' while dates was stored: the scale is wrong."""
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    store.path_for("dates").write_bytes(b"")
+    with pytest.raises(InvalidArgument, match=r"^--adapter dates:abc: the scale after ':' must be a number, e\.g\. "
+                                              r"dates:0\.5$"):
+        store.split_scale("dates:abc")
+    assert store.split_scale("dates:0.25") == ("dates", 0.25)

@@ -100,7 +100,7 @@ def test_transformed_imatrix_is_what_the_transformed_model_produces(calib, made,
     assert max(float(rel(old[k], real[k]).max()) for k in real) > 0.5  # the transform did change it
 
 
-def test_other_architectures_and_quantized_files_are_refused(made, tmp_path):
+def test_other_architectures_and_quantized_files_are_refused(made, tmp_path, monkeypatch):
     from ondevice.fit.transform import choose, transform
     from ondevice.models.catalog import resolve
 
@@ -120,6 +120,12 @@ def test_other_architectures_and_quantized_files_are_refused(made, tmp_path):
 
         ondevice.fit(None, "", transform="sometimes")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*part"))
+    # a fit refuses it at once (it came after the reference, the speed table and the imatrix: minutes)
+    from ondevice.fit import api
+
+    monkeypatch.setattr(api, "reference_for", lambda *a, **k: pytest.fail("the reference was made first"))
+    with pytest.raises(InvalidArgument, match="'gemma3' model"):
+        ondevice.fit("gemma3-270m", "size<=250MB", transform="on", store=False)
 
 
 def test_fit_with_transform_on_builds_from_the_transformed_reference(home, monkeypatch):

@@ -93,7 +93,8 @@ def split_scale(spec: str) -> tuple[str, float]:
     try:
         scale = float(tail)
     except ValueError:
-        if head.endswith(".gguf") or Path(head).expanduser().is_file():  # a file, then a scale that is no number
+        stored = _NAME_RE.fullmatch(head) and (adapters_dir() / f"{head}.gguf").is_file()
+        if head.endswith(".gguf") or Path(head).expanduser().is_file() or stored:  # then a scale that is no number
             raise InvalidArgument(f"--adapter {spec}: the scale after ':' must be a number, e.g. {head}:0.5") from None
         return str(spec), 1.0
     if not math.isfinite(scale):

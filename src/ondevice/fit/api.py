@@ -157,6 +157,10 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
     refuse_container(src.path)  # before its info, which would ask for a key fit has no flag for
     _ = src.info
+    if transform == "on":  # refused now, not after the reference, the speed table and the imatrix
+        from .transform import check_arch
+
+        check_arch(src.path)
 
     def check_smallest(lay, slack: int = 0) -> None:  # sizes are exact: no need to measure
         if bud.size is not None and lay.smallest(types) - slack > bud.size:

@@ -153,12 +153,12 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
-def _as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str], verb: str) -> str:
-    """``message`` with the flag it is about spelled as the user typed it: an error about --adapter says --lora to
-    one who typed --lora, and --text says -f (the first mention, the error's subject; not in -s/--system)."""
+def _as_typed(message: str, parser: argparse.ArgumentParser, typed: set[str]) -> str:
+    """``message`` with the flag it is about spelled as the user typed it (``typed``: the flags on the command
+    line): an error about --adapter says --lora to one who typed --lora, and --text says -f (the first mention,
+    the error's subject; not in -s/--system)."""
     import re
 
-    typed = {w.split("=", 1)[0] for w in argv[argv.index(verb) + 1:] if w.startswith("-")}
     for action in parser._actions:
         used = [o for o in action.option_strings if o in typed]
         if len(used) == 1:
@@ -205,7 +205,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
-    args.typed = {w.split("=", 1)[0] for w in argv if w.startswith("-")}  # the flags as spelled (serve's -c note)
+    args.typed = {w.split("=", 1)[0] for w in argv if w.startswith("-")}  # the flags as spelled (errors, notes)
     _warnings_as_lines(args.verb)
     from .models import sources
 
@@ -215,7 +215,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(module.run(args) or 0)
     except OndeviceError as e:
-        print(f"ondevice {args.verb}: error: {_as_typed(str(e), _chosen_parser(parser, args), argv, args.verb)}",
+        print(f"ondevice {args.verb}: error: {_as_typed(str(e), _chosen_parser(parser, args), args.typed)}",
               file=sys.stderr)
         return getattr(e, "exit_code", 2)  # stop_signals.Stopped: 128 + the signal, as a shell reports a kill
     except BrokenPipeError:

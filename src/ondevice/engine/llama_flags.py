@@ -174,7 +174,6 @@ def load_config(args: argparse.Namespace) -> dict:
     return out
 
 
-
 def draft_count(value: str | None) -> str | None:
     """Why ``--draft N`` (llama.cpp's count of tokens to draft) is refused, naming ``--draft-max``: here
     ``--draft`` names the drafter, ``lookup`` or a draft model; None for a drafter."""

@@ -149,7 +149,9 @@ class ServeSettings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
-        if v is not None and not v.replace(",", "").strip():  # would leave the server open
+        if v is not None and not v.strip():  # ONDEVICE_API_KEY= (empty): no key, as before
+            return None
+        if v is not None and not v.replace(",", "").strip():  # ",": keys meant, none given; not an open server
             raise ValueError("holds no key; give KEY (or KEY1,KEY2), or leave --api-key out for an open server")
         return v
 

@@ -88,6 +88,32 @@ def test_noise_between_identical_kernels_is_no_reason():
     assert K.choose("auto", "auto", offered, flags, res).bufts == ()
 
 
+def test_a_config_timed_faster_in_one_round_only_is_not_chosen():
+    """On a busy machine a burst of load in one round once made the plain kernels look 3x faster than repacked
+    ones (one run each, in order), and the probe stored that. Timed in turns, a win must hold in every round."""
+    offered, flags = AVX2_ONLY
+
+    def timed(pp, tg, repacked=True):
+        return {**ok(max(pp), max(tg)), "pp_rounds": pp, "tg_rounds": tg,
+                "buffers": {"CPU_REPACK": 57.0} if repacked else {"CPU_Mapped": 92.1}}
+
+    res = {"none": timed([300, 90, 95], [60, 20, 21], False), "CPU_REPACK": timed([100, 130, 140], [20, 30, 30])}
+    assert K.choose("auto", "auto", offered, flags, res).bufts == ("CPU_REPACK",)  # the default stays
+    res["none"] = timed([300, 280, 290], [60, 58, 61], False)  # faster in every round: a real difference
+    c = K.choose("auto", "auto", offered, flags, res)
+    assert c.bufts == () and "measured fastest" in c.reason
+
+
+def test_the_probe_times_the_configurations_that_passed_in_turns(smol_path):
+    """A real measured self-test: the ones that pass get per-round pp/tg, the best round as their figure."""
+    from ondevice.device.selftest import ROUNDS, selftest
+
+    res = selftest(smol_path, [(False, False), (False, True)], measure=True, threads=1)
+    for r in res.values():
+        assert r["ok"] and len(r["pp_rounds"]) == len(r["tg_rounds"]) == ROUNDS
+        assert r["pp_tps"] == max(r["pp_rounds"]) > 0 and r["tg_tps"] == max(r["tg_rounds"]) > 0
+
+
 def test_repack_off_where_its_self_test_failed():
     offered, flags = ARM_I8MM
     res = {"none": ok(), "CPU_REPACK": failed("wrong logits (cosine 0.412 with no extra kernels)")}

@@ -194,3 +194,21 @@ def test_a_name_given_with_gguf_is_refused_not_stored_where_no_name_reaches(serv
                                               r"smol-q4$"):
         register_variant("smol-q4.gguf", local, {"made_by": "ondevice quantize"})
     assert pull(f"{server.base}/m/tiny.gguf", name="mine", progress=False) == resolve("mine").path
+
+
+def test_llama_cpps_hf_value_pasted_as_a_model_names_the_forms_that_take_it(cli):
+    """`owner/repo:Q4_K_M` (llama.cpp's -hf value) as a model or pull source said only 'no such file' / 'not a
+    catalog model nor a URL'; hf.co/OWNER (no repository) was advised hf.co/OWNER:QUANT, itself invalid."""
+    fix = "a Hugging Face repository is written hf.co/owner/repo:Q4_K_M (or -hf owner/repo:Q4_K_M, as llama.cpp's)"
+    for args in (("pull", "owner/repo:Q4_K_M"), ("run", "owner/repo:Q4_K_M", "Hi"),
+                 ("run", "-m", "owner/repo:Q4_K_M", "Hi")):
+        r = cli(*args, input="")
+        assert r.returncode == 2 and fix in r.stderr, (args, r.stderr)
+    r = cli("pull", "hf.co/owner")
+    assert r.returncode == 2 and "hf.co/owner names no repository: give hf.co/OWNER/REPO:QUANT" in r.stderr, r.stderr
+
+
+def test_a_context_too_big_for_memory_is_one_line_naming_runs_own_flags(cli):
+    r = cli("run", "-n", "2", "-c", "100000000", "Hi")
+    assert r.returncode == 2 and "a smaller KV cache type (q8_0: -ctk/-ctv in run, chat and bench" in r.stderr
+    assert "trained with; replies" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

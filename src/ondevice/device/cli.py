@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import UTC, datetime
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             check_threads(t, "-t/--threads")
         for t in args.threads or [None]:
             probe(t, refresh=True)
-        probe_kernels((args.threads or [None])[0])
+        probe_kernels((args.threads or [None])[0], say=lambda line: print(line, file=sys.stderr, flush=True))
     info = device_info()
     energy = "rapl" if rapl_domains() else "estimated (no readable RAPL counters)"
     probes = cached_probes()

@@ -7,9 +7,9 @@ AMX. The AMX one crashes (SIGSEGV in ``ggml_backend_amx_mul_mat``) on the first 
 
 * ``--amx auto`` (the default) turns AMX on only when this machine and llama.cpp build passed the self-test
   with it *and* it measured faster; ``--repack auto`` keeps repack on unless its self-test failed here.
-* the self-test (:func:`selftest`) loads a model and decodes a few tokens in a child process per kernel
+* the self-test (``device/selftest.py``) loads a model and decodes a few tokens in a child process per kernel
   configuration (a crash kills only the child), checks the logits agree with the no-extra-kernels run and,
-  for ``ondevice device --probe``, measures a short pp/tg. Results are cached per machine and llama.cpp
+  for ``ondevice device --probe``, times a short pp/tg of each in turns. Results are cached per machine and llama.cpp
   build and weight type in ``<data dir>/device/kernels.json`` (``ONDEVICE_KERNELS_CACHE`` overrides).
 * the first load of a weight type on an unseen machine/build runs a quick self-test of the default
   configuration (no timing; about a second); ``ondevice device --probe`` tests every configuration for
@@ -27,22 +27,19 @@ import hashlib
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+from .selftest import selftest
 
 MODES = ("auto", "on", "off")
 AMX = "AMX"
 AMX_FLAGS = ("amx_tile", "amx_int8")
 FAMILIES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")  # what --probe tests (variants of the default model)
 FASTER = 1.05  # another safe configuration must beat the default by 5% to be chosen (noise is not a reason)
-CHILD_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +99,16 @@ def _score(res: dict | None) -> float | None:
     return math.sqrt(res["pp_tps"] * res["tg_tps"])
 
 
+def _every_round(res: dict | None, default: dict | None) -> bool:
+    """Whether ``res`` beat ``default`` by :data:`FASTER` in every timing round (rounds timed in turns, so a burst
+    of load on a busy machine slows both alike); True for results timed without rounds (older caches)."""
+    rounds = [r.get(k) for r in (res or {}, default or {}) for k in ("pp_rounds", "tg_rounds")]
+    if not all(rounds) or len({len(r) for r in rounds}) != 1:
+        return True
+    pp, tg, dpp, dtg = rounds
+    return all(math.sqrt(a * b) > FASTER * math.sqrt(c * d) for a, b, c, d in zip(pp, tg, dpp, dtg))
+
+
 def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str] | tuple[str, ...],
            results: dict[str, dict] | None) -> Choice:
     """The kernels to use, from the requested modes, what the build offers, the CPU's flags and the
@@ -146,7 +153,8 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
     default = next((c for c in cands if not c[0]), cands[0])  # no AMX; repack where allowed (listed first)
     best = max(cands, key=lambda c: score(c) or 0.0)
     s_best, s_def = score(best), score(default)
-    pick = best if s_best and (not s_def or s_best > FASTER * s_def) else default
+    pick = best if s_best and (not s_def or s_best > FASTER * s_def and _every_round(
+        results.get(label(wanted(offered, *best))), results.get(label(wanted(offered, *default))))) else default
     bufts = wanted(offered, *pick)
     if amx != "auto" and repack != "auto":
         why = f"--amx {amx} --repack {repack}"
@@ -297,115 +305,6 @@ def family_of(model_path: str | Path, trusted: bool = False) -> str | None:
         return "unknown"
 
 
-# ---- the self-test -------------------------------------------------------------------------------------
-
-def selftest(model_path: str | Path, configs_: list[tuple[bool, bool]], measure: bool = False,
-             threads: int | None = None) -> dict[str, dict]:
-    """Load ``model_path`` and decode under each (amx, repack) configuration, in child processes.
-
-    One child runs the configurations in order and reports each as a JSON line; when it dies (a signal, an
-    error), the configuration in flight is recorded as failed (``ok`` False) and a new child takes the rest.
-    A configuration also fails when its logits disagree with the first (no extra kernels) one. A child that
-    runs out of time proves nothing (a busy machine is not a broken kernel): it and the configurations
-    after it are inconclusive (``ok`` None), which the choice treats as untested.
-    """
-    from ..engine.bufts import offered, wanted
-
-    todo = list(configs_)
-    results: dict[str, dict] = {}
-    names = offered()
-    from ..supervise import STATE_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != STATE_ENV}  # the child's crash is not the user's
-    while todo:
-        job = {"model": str(model_path), "configs": todo, "measure": measure, "threads": threads}
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "ondevice.device.kernels", json.dumps(job)],
-                                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
-            try:
-                out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
-                rc = None
-            err.seek(0)
-            tail = err.read().strip().splitlines()[-1:] or [""]
-        for line in out.splitlines():
-            if line.startswith("{"):
-                res = json.loads(line)
-                results[label(wanted(names, res.pop("amx"), res.pop("repack")))] = res
-                todo.pop(0)
-        if todo and rc is None:  # out of time
-            for c in todo:
-                results[label(wanted(names, *c))] = {"ok": None, "error": f"timeout after {CHILD_TIMEOUT_S:.0f} s, "
-                                                                          f"a busy machine?"}
-            todo = []
-        elif todo:  # the child died during todo[0]
-            what = signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[0][-200:]}"
-            results[label(wanted(names, *todo[0]))] = {"ok": False, "error": what}
-            todo.pop(0)
-    base = results.get("none")
-    for k, r in results.items():
-        if k != "none" and r.get("ok") and base and base.get("ok"):
-            cos = _cosine(r.pop("probe"), base["probe"])
-            r["agreement"] = round(cos, 5)
-            if cos < 0.99:
-                r.update(ok=False, error=f"wrong logits (cosine {cos:.3f} with no extra kernels)")
-    for r in results.values():
-        r.pop("probe", None)
-    return results
-
-
-def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
-    return dot / (na * nb) if na and nb else 0.0
-
-
-def _child(job: dict) -> int:
-    """In the child: each configuration in turn; one JSON line each (stdout is ours alone)."""
-    import time
-
-    import numpy as np
-
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # llama.cpp printing to fd 1 lands on stderr
-    from ..engine.base import EngineConfig
-    from ..engine.llama import LlamaEngine
-
-    ids = None
-    for amx, repack in job["configs"]:
-        eng = LlamaEngine(job["model"], EngineConfig(n_ctx=256, n_threads=job.get("threads"), warmup=False,
-                                                     amx="on" if amx else "off", repack="on" if repack else "off"))
-        rng = np.random.default_rng(0)
-        toks = [int(t) for t in rng.integers(100, min(eng.n_vocab, 30000), 64)]
-        ids = ids if ids is not None else rng.choice(eng.n_vocab, 256, replace=False)
-        pp = tg = None
-        reps = 3 if job["measure"] else 1
-        for _ in range(reps):
-            eng.reset()
-            t0 = time.perf_counter()
-            eng.prefill(toks)
-            dt = time.perf_counter() - t0
-            pp = max(pp or 0.0, len(toks) / dt)
-        row = eng.logits()
-        probe = [float(x) for x in row[ids]]
-        n_tg = 32 if job["measure"] else 4
-        tok = int(row.argmax())
-        t0 = time.perf_counter()
-        for _ in range(n_tg):
-            eng.decode(tok)
-            tok = int(eng._row(-1).argmax())
-        tg = n_tg / (time.perf_counter() - t0)
-        ok = bool(np.isfinite(row).all())
-        out.write(json.dumps({"amx": amx, "repack": repack, "ok": ok, "error": None if ok else "non-finite logits",
-                              "buffers": eng.buffer_types, "probe": probe,
-                              **({"pp_tps": round(pp, 1), "tg_tps": round(tg, 1)} if job["measure"] else {})}) + "\n")
-        eng.close()
-    return 0
-
-
 # ---- what the engine calls -----------------------------------------------------------------------------
 
 def resolve(amx: str | None, repack: str | None, model_path: str | Path, family: str | None = None) -> Choice:
@@ -461,8 +360,10 @@ def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -
     return out
 
 
-def probe_kernels(threads: int | None = None, families: dict[str, Path] | None = None) -> dict:
-    """The full self-test: every configuration for each weight type, measured; stored and returned."""
+def probe_kernels(threads: int | None = None, families: dict[str, Path] | None = None,
+                  say: Callable[[str], None] | None = None) -> dict:
+    """The full self-test: every configuration for each weight type, measured; stored and returned (``say``: a
+    line as each weight type starts)."""
     from ..engine.bufts import offered
     from .info import cpu_flags
 
@@ -470,7 +371,11 @@ def probe_kernels(threads: int | None = None, families: dict[str, Path] | None =
     if not names:
         return cached()
     cands = configs(names, cpu_flags())
-    for variant, path in (families or variants(threads)).items():
+    todo = families or variants(threads)
+    for i, (variant, path) in enumerate(todo.items()):
+        if say:
+            say(f"kernels: testing {family_of(path)} ({variant}, {i + 1}/{len(todo)}): {len(cands)} configurations, "
+                f"then timing those that pass")
         results = selftest(path, cands, measure=True, threads=threads)
         _store(family_of(path), _entry(path, results, measured=True, variant=variant, threads=threads), names)
     return cached()
@@ -495,15 +400,3 @@ def kernels_summary() -> dict:
     d = choose(amx, repack, names, flags, None)
     return {"offered": list(names), "requested": {"amx": amx, "repack": repack},
             "default": {"label": label(d.bufts), "reason": d.reason}, "families": fams, "cache": str(cache_path())}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m ondevice.device.kernels JOB_JSON (the self-test's child)")
-    return _child(json.loads(argv[0]))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

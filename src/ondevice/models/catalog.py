@@ -23,7 +23,7 @@ from .embedded import (
 )
 from .gguf_check import GGUFInfo, validate_gguf
 from .gguf_split import first_of, sibling_shards
-from .hf_repo import is_address, parse_repo
+from .hf_repo import bare_repo_hint, is_address, parse_repo
 from .store import (  # noqa: F401 (read_provenance and _stamp re-exported)
     _sidecar,
     _stamp,
@@ -155,7 +155,8 @@ def _local(path: Path) -> ModelRef:
             # `-m tiny.gguf` for the pulled `tiny`: a file name is a path here, as in llama.cpp; the store's is a name
             raise ModelNotFound(f"{p}: {problem} here; the store has it as a model name: give {p.stem} (no .gguf), "
                                 f"or its path {stored}")
-        raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`")
+        raise ModelNotFound(f"{p}: {problem}; check the path, or list models with `ondevice models`"
+                            f"{bare_repo_hint(str(path))}")
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
         hint = f" (it contains {', '.join(f.name for f in found[:3])})" if found else ""

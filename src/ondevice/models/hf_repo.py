@@ -94,6 +94,14 @@ def repo_argument(value: str) -> str:
     return f"hf.co/{ref.repo_id}{rev}" + (f":{ref.tag}" if ref.tag else "")
 
 
+def bare_repo_hint(word: str) -> str:
+    """'; a Hugging Face repository is hf.co/OWNER/REPO:QUANT (or -hf OWNER/REPO:QUANT)' for a word of that form
+    without its host (llama.cpp's -hf value pasted as a model), else ''."""
+    if is_address(word) or word.lower().endswith(".gguf") or parse_repo(word, bare=True) is None:
+        return ""
+    return f"; a Hugging Face repository is written hf.co/{word} (or -hf {word}, as llama.cpp's)"
+
+
 def add_hf_args(p, *, pull: bool = False) -> None:
     """llama.cpp's ``-hf OWNER/REPO[:QUANT]`` and ``-hff FILE``: a model of the Hub, pulled into the store."""
     what = "download" if pull else "the model: pulled into the store when it is not there yet (as llama-cli's -hf)"
@@ -283,6 +291,9 @@ def file_url(url: str, given: str) -> str:
     named = [x for x in segments if x]
     if parts.netloc.lower() in hf_hosts and len(named) <= 2 and not url.lower().endswith(".gguf"):
         repo, _, tag = "/".join(named).partition(":")
+        if "/" not in repo:  # hf.co/OWNER: a user or organisation, not a repository
+            raise InvalidArgument(f"{given} names no repository: give hf.co/OWNER/REPO:QUANT (e.g. hf.co/"
+                                  f"bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M) or a file, hf://OWNER/REPO/FILE.gguf")
         if ":" in tag:  # hf.co/OWNER/REPO:Q4_K_M:latest: two tags
             raise InvalidArgument(f"{given}: give one tag after the repository, not {tag!r}: hf.co/{repo}:"
                                   f"{tag.split(':')[0]} (a quant) or hf.co/{repo}:latest (the repository's default)")

@@ -426,9 +426,10 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
                 if attempt == retries:
                     have = part.stat().st_size if part.exists() else 0
                     if not have:
-                        raise DownloadInterrupted(
-                            f"download of {url} failed: {e}; check the URL and the network (HF_ENDPOINT selects "
-                            f"a Hugging Face mirror), then run it again") from e
+                        hub = http_url.startswith(hf_endpoint() + "/") or url.lower().startswith("hf")
+                        mirror = " (HF_ENDPOINT selects a Hugging Face mirror)" if hub else ""
+                        raise DownloadInterrupted(f"download of {url} failed: {e}; check the URL and the network"
+                                                  f"{mirror}, then run it again") from e
                     raise DownloadInterrupted(
                         f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
                         f"command again to resume{_or_rm(dest)}") from e

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, ModelNotFound
 from .catalog import _ALIASES, _NAME_RE, CATALOG, CatalogEntry, did_you_mean, read_provenance, store_variants
-from .hf_repo import HOSTS, file_url, holds_quant, hub_file, parse_repo
+from .hf_repo import HOSTS, bare_repo_hint, file_url, holds_quant, hub_file, parse_repo
 from .store import models_dir
 
 PULL_ON_USE = False  # the command line sets it: a download address given as a model is pulled when missing
@@ -126,6 +126,8 @@ def _not_a_source(word: str) -> str:
         prov = read_provenance(stored) or {}
         again = f"`ondevice pull {prov['url']} --force`" if prov.get("url") else "its URL with --force"
         return f"{word} is already in the store ({stored}); use it as it is, or download it again with {again}"
+    if repo := bare_repo_hint(word):
+        return f"cannot download {word!r}: no such local file{repo}"
     close = did_you_mean(word)
     hint = f"did you mean '{close}'? " if close else ""
     return f"cannot download {word!r}: not a catalog model nor a URL; {hint}{fix}"

@@ -539,8 +539,10 @@ def test_plans_become_graph_nodes_and_sops_load(tmp_path):
     nodes = plan_nodes({"subtasks": [{"id": 1, "task": "a", "tool": "x", "depends_on": []},
                                      {"id": 2, "task": "b", "tool": "y", "depends_on": [1, 1, 2, 3]}]})
     assert [(n.id, n.depends_on) for n in nodes] == [("s1", ()), ("s2", ("s1",))]  # self and later ids dropped
-    with pytest.raises(InvalidArgument, match="twice"):
-        plan_nodes({"subtasks": [{"id": 1, "task": "a", "tool": "x"}, {"id": 1, "task": "b", "tool": "x"}]})
+    # a repeated id (a small model's; it aborted the run as a usage error): the same subtask once, another renumbered
+    twice = plan_nodes({"subtasks": [{"id": 1, "task": "a", "tool": "x"}, {"id": 1, "task": "a", "tool": "x"},
+                                     {"id": 1, "task": "b", "tool": "x", "depends_on": [1]}]})
+    assert [(n.id, n.task, n.depends_on) for n in twice] == [("s1", "a", ()), ("s2", "b", ("s1",))]
     assert plan_schema(["x", "y"])["properties"]["subtasks"]["items"]["properties"]["tool"] == {"enum": ["x", "y"]}
     f = tmp_path / "banking.txt"
     f.write_text("Always check the balance before a transfer.\n")

@@ -71,13 +71,17 @@ def plan_schema(tool_names: Sequence[str], max_subtasks: int = 6) -> dict:
 
 
 def plan_nodes(plan: dict) -> list[Node]:
-    """Graph nodes from a plan; ids become ``s<id>``; a dependency on itself or a later id is dropped."""
+    """Graph nodes from a plan; ids become ``s<id>``; a dependency on itself or a later id is dropped. A small
+    model may repeat an id (the grammar cannot forbid it): the same subtask again is dropped, another one gets
+    the next free id (a dependency on the id means its first subtask)."""
     seen: set[int] = set()
     nodes = []
     for st in plan["subtasks"]:
         i = int(st["id"])
         if i in seen:
-            raise InvalidArgument(f"the plan has subtask id {i} twice")
+            if any(n.id == f"s{i}" and (n.tool, n.task) == (st["tool"], st["task"]) for n in nodes):
+                continue
+            i = max(seen) + 1
         seen.add(i)
         deps = tuple(f"s{d}" for d in dict.fromkeys(st.get("depends_on", [])) if d in seen and d != i)
         nodes.append(Node(id=f"s{i}", tool=st["tool"], task=st["task"], depends_on=deps))

@@ -155,6 +155,12 @@ def test_chat_takes_the_model_as_its_first_word(cli):
     assert 'ondevice run "Hello there"' in r.stderr
     r = cli("chat", "gemma3-270m", "-m", "smollm2")
     assert r.returncode == 2 and "two models: 'gemma3-270m' and -m smollm2" in r.stderr, r.stderr
+    # the words after the model are the first message (ollama run MODEL PROMPT's habit), as -p: same answer
+    given = cli("chat", "smollm2", "What", "is", "2+2?", "-n", "6", "--temp", "0", input="")
+    flag = cli("chat", "smollm2", "-p", "What is 2+2?", "-n", "6", "--temp", "0", input="")
+    assert given.returncode == 0 and given.stdout.strip() and given.stdout == flag.stdout, given.stderr
+    r = cli("chat", "smollm2", "Hi", "-p", "Hello")
+    assert r.returncode == 2 and "two first messages: 'Hi' and -p/-f" in r.stderr, r.stderr
 
 
 def test_chat_on_a_base_model_does_not_write_the_users_turns(cli):

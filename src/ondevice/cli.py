@@ -16,7 +16,7 @@ from .errors import OndeviceError
 VERBS: dict[str, tuple[str, str]] = {
     "run": ("ondevice.engine.cli_run", "generate from a prompt and print timings"),
     "chat": ("ondevice.engine.cli_chat", "interactive multi-turn chat"),
-    "models": ("ondevice.models.cli", "list embedded, stored and local models"),
+    "models": ("ondevice.models.cli", "list embedded and stored models (or describe one)"),
     "pull": ("ondevice.models.cli_pull", "download a GGUF (hf.co/owner/repo:Q4_K_M, hf://owner/repo/file.gguf)"),
     "rm": ("ondevice.models.cli_rm", "remove stored models (quantized, pulled or assembled)"),
     "bench": ("ondevice.bench.cli", "measure speed, memory, energy and %% of roofline"),

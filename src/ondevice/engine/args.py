@@ -209,7 +209,8 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
               repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
               frequency_penalty=args.frequency_penalty, grammar=_grammar(args),
-              max_tokens=UNTIL_END if args.max_tokens == -1 else args.max_tokens,
+              # -1 (llama.cpp's "no limit") and -2 (its "until the context is full") both run to the end here
+              max_tokens=UNTIL_END if args.max_tokens in (-1, -2) else args.max_tokens,
               **{n[0][2:].replace("-", "_"): getattr(args, n[0][2:].replace("-", "_")) for n, _, _ in _MORE})
     if args.dry_sequence_breaker is not None:  # llama-cli's: given ones replace the defaults, "none" leaves none
         kw["dry_sequence_breakers"] = tuple(unescape(b) for b in args.dry_sequence_breaker if b != "none")

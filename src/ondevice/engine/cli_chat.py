@@ -63,6 +63,7 @@ Ctrl-C stops the current answer."""
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_word", nargs="?", default=None, metavar="MODEL",
                    help="the model to talk to, as `ollama run MODEL` (or -m MODEL); default: smollm2-135m-instruct")
+    p.add_argument("words", nargs="*", metavar="MESSAGE", help="after MODEL: the first message, as -p")
     add_model_args(p)
     add_llama_flags(p, "chat")
     add_sampling_args(p, max_tokens=512)
@@ -210,7 +211,7 @@ def _set(rest: str, s: Session, model) -> str:
     field, typ = PARAMS[key]
     try:
         v = typ(value)
-        s.sampling = dataclasses.replace(s.sampling, **{field: UNTIL_END if field == "max_tokens" and v == -1 else v})
+        s.sampling = dataclasses.replace(s.sampling, **{field: UNTIL_END if field == "max_tokens" and v in (-1, -2) else v})
     except ValueError:
         example = 1 if typ is int else 0.7
         return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {example}"
@@ -290,6 +291,10 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"two models: '{args.model_word}' and -m {args.model}; chat talks to one, "
                                   f"give it once")
         args.model = args.model_word
+    if args.words:  # `chat MODEL Hi there` (ollama run MODEL PROMPT's habit): the first message, as -p
+        if args.prompt is not None or args.file is not None:
+            raise InvalidArgument(f"two first messages: '{' '.join(args.words)}' and -p/-f; give one")
+        args.prompt, args.escape = " ".join(args.words), False
     sampling = sampling_from(args)
     first = first_message(args)  # before the load: a wrong -f path is said at once
     model = load_from(args)

@@ -212,7 +212,7 @@ class Sampling:
             ("dry-penalty-last-n", self.dry_penalty_last_n >= 0, "must be >= 0 (0 = off)"),
             ("dry-sequence-breakers", all(isinstance(b, str) and b for b in self.dry_sequence_breakers),
              "must be non-empty strings"),
-            ("max-tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("max-tokens", self.max_tokens >= 0, "must be >= 0 (or -1: until the text or the context ends)"),
             ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1], or -1 for a random one"),
             ("draft", self.draft in (None, "lookup", "model"), "must be 'lookup', 'model' or None (off)"),
             ("draft-max", 1 <= self.draft_max <= 64, "must be in [1, 64]"),

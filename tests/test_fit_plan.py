@@ -86,6 +86,27 @@ def test_knobs_are_timed_one_at_a_time_and_the_chosen_ones_measured_together():
     assert any(ln.startswith("  chosen") for ln in lines)
 
 
+def test_knobs_faster_alone_but_not_together_leave_the_default(monkeypatch):
+    """Two knobs each faster alone, slower benched together: the combination was kept (stored and printed) though
+    its own measurement was below the default's."""
+    import ondevice.fit.measure
+    from ondevice.fit.knobs import tune
+
+    def speed(settings):  # tg by the knobs set (threads 1): flash and ubatch 128 win alone, lose together
+        fa, ub = settings["flash_attn"] == [True], settings["n_ubatch"] == [128]
+        tg = {(False, False): 26.0, (True, False): 31.0, (False, True): 43.0, (True, True): 25.8}[(fa, ub)]
+        return {"tg": tg, "pp": 300.0, "tg_std": 0.1, "pp_std": 1.0}
+
+    monkeypatch.setattr("ondevice.bench", lambda models, tests, **kw: kw)
+    monkeypatch.setattr(ondevice.fit.measure, "speed_of", speed)
+    monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
+    lines = []
+    r = tune("model.gguf", 1, ("tg8",), 1, say=lines.append)
+    assert r["chosen"] == {"threads": 1, "flash_attn": False, "n_ubatch": 512, "type_kv": "f16"}
+    assert r["measured"]["tg"] == 26.0 and "  chosen: the default (the faster knobs, benched together, were " \
+                                                "not faster)" in lines, lines
+
+
 def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
     from ondevice.fit.groups import layout
 

@@ -83,7 +83,12 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
                 best[name], gain[name] = value, s[key]
     chosen = Knobs(**best)
     measured = base if chosen == default else run(chosen)
-    if chosen != default:
+    if chosen != default and not _faster(measured, base, key):  # knobs that win alone may not together
+        say(f"  {'together: ' + chosen.describe():58s} {measured['tg']:7.1f} {measured['pp']:7.1f}  (measured: not "
+            f"faster than the default)")
+        chosen, measured = default, base
+        say("  chosen: the default (the faster knobs, benched together, were not faster)")
+    elif chosen != default:
         say(f"  {'chosen: ' + chosen.describe():58s} {measured['tg']:7.1f} {measured['pp']:7.1f}  (measured)")
     else:
         say("  chosen: the default (no knob was faster by more than the bench's spread)")

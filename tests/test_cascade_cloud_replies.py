@@ -33,8 +33,8 @@ class FakeCloud:
     ``html`` (200 with a web page), ``html_500`` (HTTP 500 with a web page, as a proxy in front of a dead cloud
     answers), ``mixed`` (the rewrite suite's reference answer to a rewrite_check item, a wrong one to any other),
     ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
-    ``content: null``), ``whitespace`` (200, an answer of only spaces and newlines). ``finish_reason`` is the one
-    the cloud gives.
+    ``content: null``), ``whitespace`` (200, an answer of only spaces and newlines), ``cut`` (a stream that ends
+    after two pieces of text, with no finish_reason and no [DONE]). ``finish_reason`` is the one the cloud gives.
     """
 
     def __init__(self):
@@ -63,6 +63,9 @@ class FakeCloud:
                 if fake.mode == "mixed":
                     answer = fake.reference(body["messages"][-1]["content"])
                     return self._send(200, "application/json", json.dumps(fake.completion(answer)))
+                if body.get("stream") and fake.mode == "cut":  # some text, then the connection closes
+                    events = [json.dumps(e) for e in fake.chunks(body)[:3]]
+                    return self._send(200, "text/event-stream", "".join(f"data: {e}\n\n" for e in events))
                 if body.get("stream"):
                     events = [json.dumps(e) for e in fake.chunks(body)] + ["[DONE]"]
                     return self._send(200, "text/event-stream", "".join(f"data: {e}\n\n" for e in events))
@@ -260,7 +263,7 @@ def test_a_cloud_that_reports_no_usage_is_counted_on_the_device_the_same_way_in_
     for r in (whole, streamed):
         info = r["cascade"]
         assert info["tier"] == "cloud" and info["usage_source"] == "device_tokenizer"  # says it was counted here
-        assert info["cloud_usage"] == {"prompt_tokens": 0, "completion_tokens": 0}  # the cloud said nothing
+        assert info["cloud_usage"] is None  # the cloud said nothing: unknown (it read 0/0, a cost of nothing)
         prompt = info["device_usage"]["prompt_tokens"]  # the same messages, as the device counted them
         assert r["usage"] == {"prompt_tokens": prompt, "completion_tokens": counted, "total_tokens": prompt + counted}
     assert whole["usage"] == streamed["usage"]
@@ -299,6 +302,34 @@ def test_a_client_that_leaves_while_the_cloud_answers_ends_the_cloud_request(dev
     while cancelled() == n0 and time.perf_counter() - t_gone < 3:  # the cloud would answer 6 s after the request
         time.sleep(0.1)
     assert cancelled() == n0 + 1  # noticed and ended, not waited out
+
+
+def test_a_streaming_client_that_leaves_while_the_cloud_is_silent_ends_the_cloud_request(device, cloud):
+    """It was noticed only once the cloud's first token came, or at --cascade-timeout (logged as a cloud failure)."""
+    import httpx
+
+    def cancelled() -> int:
+        m = httpx.get(device.base_url + "/metrics", timeout=30).text
+        return int(next(x.split()[1] for x in m.splitlines() if x.startswith("ondevice_requests_cancelled_total ")))
+
+    n0 = cancelled()
+    cloud.mode = "slow"
+    body = {"model": "x", "messages": MSG, "max_tokens": 6, "stream": True, "cascade": {"always_defer": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", device.base_url + "/v1/chat/completions", json=body, timeout=1.5) as r:
+            r.read()
+    t_gone = time.perf_counter()
+    while cancelled() == n0 and time.perf_counter() - t_gone < 3:  # the cloud would answer 6 s after the request
+        time.sleep(0.1)
+    assert cancelled() == n0 + 1
+
+
+def test_a_cloud_stream_cut_off_before_its_end_is_an_error_not_a_whole_answer(device, cloud):
+    """Text, then the connection closed with no finish_reason: it was relayed as a complete answer ("stop")."""
+    cloud.mode = "cut"
+    r = _ask(device, True)
+    assert r["text"] == "".join(CLOUD_PIECES[:2]) and r["finish"] == "error", r
+    assert r["cascade"]["fallback"] == "bad_reply" and "no finish_reason" in r["cascade"]["error"]
 
 
 def test_completions_refuse_a_cascade_object_and_name_the_chat_routes(device, cloud):

@@ -233,7 +233,11 @@ class CloudClient:
                     if sent or pending.strip():
                         yield pending
                         pending, sent = "", True
-            yield _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
+            answer = _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
+            if finish is None:  # the stream ended with no finish_reason (nor, then, [DONE]): the answer was cut
+                raise CloudError("bad_reply", f"the cloud at {self.url} ended its stream before the answer's end "
+                                 f"(no finish_reason)", "stream cut off (no finish_reason)")
+            yield answer
         except Exception as e:
             raise self._error(e) from e
         finally:

@@ -42,6 +42,7 @@ class CascadeResult:
     cloud_model: str | None = None
     cloud_prompt_tokens: int = 0
     cloud_completion_tokens: int = 0
+    cloud_usage_reported: bool = False  # the cloud answered and said its token counts (else cloud_usage is null)
     fallback: str | None = None  # why the cloud did not answer a deferred request (timeout, unreachable, http_503)
     error: str | None = None  # the fallback's whole message (which URL, what the cloud said, the key's variable)
     finish_reason: str | None = None
@@ -58,7 +59,8 @@ class CascadeResult:
                 "cloud_ms": None if self.cloud_s is None else round(self.cloud_s * 1e3, 3),
                 "cloud_model": self.cloud_model,
                 "cloud_usage": {"prompt_tokens": self.cloud_prompt_tokens,
-                                "completion_tokens": self.cloud_completion_tokens},
+                                "completion_tokens": self.cloud_completion_tokens}
+                if self.cloud_usage_reported else None,  # not asked, or it did not say: unknown, not 0
                 "features": {k: round(v, 6) for k, v in self.features.items()}}
 
 
@@ -83,6 +85,7 @@ def finish(decision: Decision, confidence: float, calibrated: bool, feats: dict,
     if isinstance(cloud, CloudAnswer):
         return CascadeResult(text=cloud.text, tier="cloud", cloud_s=cloud.latency_s, cloud_model=cloud.model,
                              cloud_prompt_tokens=cloud.prompt_tokens, cloud_completion_tokens=cloud.completion_tokens,
+                             cloud_usage_reported=cloud.usage_reported,
                              finish_reason=cloud.finish_reason, **base)
     failed = isinstance(cloud, CloudError)
     return CascadeResult(text=device_text, tier="device", finish_reason=device_finish, cloud_model=cloud_model,

@@ -71,6 +71,7 @@ async def _unless_gone(call, request):
         watch.cancel()
     if not task.done():
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # the cloud's request ended (its connection closed)
         raise ClientGone
     return task.result()
 
@@ -258,11 +259,16 @@ class ServerCascade:
         named = {"device_model": device_model}  # in every cascade object: the top-level model may be the cloud's
         if decision.defer:
             cloud_stream = self.cloud.astream(messages, seen, **self._cloud_params(req))
-            try:
-                first = await anext(cloud_stream)  # text: a cloud that sends none fails here
+            try:  # text: a cloud that sends none fails here; a client that leaves meanwhile ends it
+                first = await _unless_gone(anext(cloud_stream), request)
             except CloudError as e:
                 self.budget.refund()
                 fallback, cloud_stream = e, None
+            except ClientGone:
+                self.budget.refund()
+                st.metrics.cancelled += 1
+                await events.aclose()
+                return Response(status_code=499)  # nobody reads it
             self._note(fallback)
 
         def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None,

@@ -315,9 +315,9 @@ def test_a_streaming_client_that_leaves_while_the_cloud_is_silent_ends_the_cloud
     n0 = cancelled()
     cloud.mode = "slow"
     body = {"model": "x", "messages": MSG, "max_tokens": 6, "stream": True, "cascade": {"always_defer": True}}
-    with pytest.raises(httpx.ReadTimeout):
-        with httpx.stream("POST", device.base_url + "/v1/chat/completions", json=body, timeout=1.5) as r:
-            r.read()
+    with pytest.raises(httpx.ReadTimeout), httpx.stream("POST", device.base_url + "/v1/chat/completions", json=body,
+                                                        timeout=1.5) as r:
+        r.read()
     t_gone = time.perf_counter()
     while cancelled() == n0 and time.perf_counter() - t_gone < 3:  # the cloud would answer 6 s after the request
         time.sleep(0.1)

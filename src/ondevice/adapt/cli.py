@@ -189,6 +189,20 @@ def merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _made(path: Path) -> str:
+    """' (made 2026-12-05 12:37 from train.jsonl)': when and from what the adapter at ``path`` was made, if it says."""
+    from .adapter_file import KEY, read_meta
+
+    try:
+        meta = read_meta(path)
+    except InvalidArgument:  # not an adapter we can read: nothing to say about it
+        return ""
+    when = str(meta.get(KEY + "created") or "")[:16].replace("T", " ")
+    src = (meta.get(KEY + "settings") or {}).get("data")
+    said = " ".join(x for x in (when, f"from {src}" if src else "") if x)
+    return f" (made {said})" if said else ""
+
+
 def average_adapters(args: argparse.Namespace) -> int:
     from .average import average
 
@@ -255,6 +269,9 @@ def run(args: argparse.Namespace) -> int:
     if budget and hand:  # the planner picks all three: a hand choice would be dropped without a word
         raise InvalidArgument(f"--budget chooses the layers, modules and ranks itself; drop {' '.join(hand)}, or "
                               f"drop --budget to choose them by hand")
+    if out.is_file():  # --name NAME / -o FILE replace by intent, but never without a word (hours of training)
+        print(f"ondevice adapt: note: this run replaces {out}{_made(out)} when it ends; give another --name or -o "
+              f"to keep it", file=sys.stderr)
     r = train(cfg)
     if args.check:
         from .check import agreement

@@ -420,3 +420,28 @@ def test_ctrl_c_says_the_measurements_are_kept_for_resume(home):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and "interrupted; the measurements so far are kept" in err and "--resume" in err, err
     assert "Traceback" not in err
+
+
+def test_a_fit_stopped_by_sigterm_mid_build_leaves_no_half_written_file(tmp_path):
+    """A `kill` (timeout, systemd, a CI cancel) ended the process without unwinding: the variant being built stayed
+    as a v-*.tmp of up to the model's size in the fit's work folder, and no later fit removed it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "fit", "--budget", "size<=110MB", "--types",
+                             "Q8_0,Q4_0", "--no-store", "-t", "1", "--imatrix", "off"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fit_dir = tmp_path / "home" / "data" / "fit"
+    deadline = time.monotonic() + 240
+    while not list(fit_dir.glob("work-*/*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(fit_dir.glob("work-*/*.tmp")), "no build was seen in progress"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "ondevice fit: stopped by SIGTERM; the measurements so far are kept" in err, err
+    assert not list(fit_dir.glob("**/*.tmp")), list(fit_dir.glob("**/*.tmp"))

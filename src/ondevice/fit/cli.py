@@ -58,21 +58,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    from ..stop_signals import Terminated, interrupt_on_signals
     from .api import fit
 
     try:
-        fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
-            bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None,
-            threads=args.threads, text=args.text, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks,
-            eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks, validate=args.validate, imatrix=args.imatrix,
-            transform=args.transform, repetitions=args.repetitions,
-            speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume, reprobe=args.reprobe,
-            store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
-            quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))
-    except KeyboardInterrupt:  # the measurements so far are cached: say how to use them
-        import sys
-
-        print("\nondevice fit: interrupted; the measurements so far are kept: run the same command with --resume "
-              "to continue from them", file=sys.stderr)
+        with interrupt_on_signals():  # a `kill` unwinds as Ctrl-C does: no half-built variant file stays behind
+            _fit(fit, args)
+    except KeyboardInterrupt as e:  # the measurements so far are cached: say how to use them
+        how = f"stopped by {signal.Signals(e.signal).name}" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nondevice fit: {how}; the measurements so far are kept: run the same command with --resume to "
+              f"continue from them", file=sys.stderr)
+        if isinstance(e, Terminated):
+            return e.exit_code
         raise
     return 0
+
+
+def _fit(fit, args: argparse.Namespace) -> None:
+    fit(args.model, args.budget, ref=args.ref, name=args.name, types=[t for t in args.types.split(",") if t],
+        bands=args.bands, groups=[g for g in args.groups.split(",") if g] if args.groups else None,
+        threads=args.threads, text=args.text, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks,
+        eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks, validate=args.validate, imatrix=args.imatrix,
+        transform=args.transform, repetitions=args.repetitions,
+        speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume, reprobe=args.reprobe,
+        store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
+        quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))

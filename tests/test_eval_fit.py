@@ -169,7 +169,7 @@ def test_c_is_the_perplexity_chunk_as_llama_perplexitys_unless_ctx_says(cli, smo
         assert json.loads(r.stdout.splitlines()[-1])["n_ctx"] == chunk, (args, r.stdout)
     r = cli("eval", "--ppl", "-c", "8", "--no-store")
     assert r.returncode == 2, r.stderr
-    assert "--ctx-size / ONDEVICE_EVAL_CTX_SIZE: is also the perplexity chunk" in r.stderr, r.stderr
+    assert "-c / ONDEVICE_EVAL_CTX_SIZE: is also the perplexity chunk" in r.stderr, r.stderr
 
 
 def test_chat_reports_an_overflow_and_keeps_going(cli):

@@ -114,6 +114,17 @@ def test_the_probe_times_the_configurations_that_passed_in_turns(smol_path):
         assert r["pp_tps"] == max(r["pp_rounds"]) > 0 and r["tg_tps"] == max(r["tg_rounds"]) > 0
 
 
+def test_a_timing_run_that_fails_leaves_them_untimed_and_says_why(monkeypatch):
+    from ondevice.device import selftest
+
+    for ran, why in ((("", None, ""), "timeout after 120 s, a busy machine?"), (("", -11, ""), "SIGSEGV")):
+        monkeypatch.setattr(selftest, "_run_child", lambda job, ran=ran: ran)
+        got = selftest._timings("m.gguf", [(False, False), (False, True)], 1)
+        assert list(got.values()) == [{"timing_error": why}] * 2
+    res = {"none": {**ok(), **got["none"]}, "CPU_REPACK": {**ok(), **got["CPU_REPACK"]}}
+    assert K.choose("auto", "auto", *AVX2_ONLY, res).bufts == ("CPU_REPACK",)  # untimed: the default
+
+
 def test_repack_off_where_its_self_test_failed():
     offered, flags = ARM_I8MM
     res = {"none": ok(), "CPU_REPACK": failed("wrong logits (cosine 0.412 with no extra kernels)")}

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if not kern["families"]:
         print("kernels   not self-tested yet: `ondevice device --probe` (or the first load of a model) tests them")
     for fam, e in kern["families"].items():
-        res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else "ok"
+        res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else
+                                   f"ok (not timed: {r['timing_error']})" if r.get("ok") and r.get("timing_error")
+                                   else "ok"
                                    if r.get("ok") else f"inconclusive ({r.get('error')})" if r.get("ok") is None
                                    else f"FAILED ({r.get('error')})")
                         + (" (took no weights: the same kernels as none)"

@@ -93,16 +93,19 @@ def selftest(model_path, configs_: list[tuple[bool, bool]], measure: bool = Fals
 
 def _timings(model_path, configs_: list[tuple[bool, bool]], threads: int | None) -> dict[str, dict]:
     """{label: {"pp_tps", "tg_tps" (the best round's), "pp_rounds", "tg_rounds"}} for the configurations, timed in
-    turns in one child; {} when the child dies or runs out of time (untimed: the choice then keeps the default)."""
+    turns in one child; ``{"timing_error": why}`` each when the child dies or runs out of time (untimed: the choice
+    then keeps the default)."""
     from ..engine.bufts import offered, wanted
     from .kernels import label
 
     if not configs_:
         return {}
-    out, rc, _ = _run_child({"model": str(model_path), "configs": configs_, "threads": threads, "time": ROUNDS})
-    if rc != 0:
-        return {}
+    out, rc, tail = _run_child({"model": str(model_path), "configs": configs_, "threads": threads, "time": ROUNDS})
     names = offered()
+    if rc != 0:  # untimed, and why
+        why = (f"timeout after {CHILD_TIMEOUT_S:.0f} s, a busy machine?" if rc is None else
+               signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[-200:]}")
+        return {label(wanted(names, *c)): {"timing_error": why} for c in configs_}
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     return {label(wanted(names, t.pop("amx"), t.pop("repack"))): t for t in lines}
 

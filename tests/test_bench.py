@@ -344,6 +344,11 @@ def test_resume_after_kill_9_skips_finished_configs(tmp_path, smol_path):
     assert all(ids[k] == i for k, i in before.items())  # the records stored before the kill are untouched
     assert {s for _, _, s in after} == {"s1"}
     assert "holds no records" not in res.stderr
+    assert f"--resume: {len(before)} of the tests were in session s1 already: their stored records are shown, not " \
+           f"measured again" in res.stderr, res.stderr
+    cold = subprocess.run([*args, "--tests", "tg4", "-ub", "512", "--no-warmup", "--resume", "-o", "json"],
+                          env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=400)
+    assert cold.returncode == 0 and "were in session s1 already" not in cold.stderr, cold.stderr  # a cold start: measured
     typo = [*args[:args.index("s1")], "s2", *args[args.index("s1") + 1:], "--tests", "tg4", "-ub", "512", "--resume"]
     res = subprocess.run(typo, env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0 and "--resume: session s2 holds no records, so every test ran" in res.stderr, res.stderr
@@ -368,7 +373,8 @@ def test_ctrl_c_or_a_kill_stops_cleanly_and_keeps_records(tmp_path, smol_path, s
         pytest.skip("the sweep finished before the interrupt landed")
     assert proc.returncode == 128 + sig, err
     said = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
-    assert f"ondevice bench: {said}; the records above were kept" in err and "Traceback" not in err, err
+    assert f"ondevice bench: {said}; the records above were kept (continue with --resume --session " in err, err
+    assert "Traceback" not in err
     assert "pp16" in out  # the table of what was measured is printed
 
 

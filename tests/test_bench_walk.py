@@ -46,6 +46,11 @@ def test_cli_pg_zero_prompt_runs_the_tg_test_and_pg_zero_zero_stores_nothing(cli
             "--no-report", "--no-progress")
     assert r.returncode == 2 and "ondevice bench: error: test 'pg0,0' has no tokens to time" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "z.sqlite").exists()  # refused before any work
+    # chat1: one token a turn has no decode rate (it ended the sweep in a TypeError, a half-record stored)
+    r = cli("bench", "-m", str(smol_path), "--tests", "chat1x1,tg4", "--db", str(tmp_path / "z.sqlite"))
+    assert r.returncode == 2 and "test 'chat1x1': a chat test's t/s is its decode after the first token, so it " \
+                                 "needs at least 2 tokens" in r.stderr, r.stderr
+    assert not (tmp_path / "z.sqlite").exists()
 
 
 def test_depth_alone_next_to_tests_is_refused_not_the_default_pp512_tg128_added():

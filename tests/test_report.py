@@ -254,6 +254,21 @@ def test_compare_sessions_prints_speedups(tmp_path):
     assert res.returncode == 0 and res.stdout.count("1.50") == 2, res.stderr
 
 
+def test_compare_a_model_with_a_session_it_ran_in_uses_its_other_sessions(tmp_path):
+    """`--compare SHA SESSION` set the session's records against themselves (the model's latest are that session's):
+    every speedup 1.00. The same session twice is refused."""
+    from ondevice.errors import InvalidArgument
+
+    with Store(tmp_path / "c.sqlite") as st:
+        for sess, tps in (("20260101-000000-aaaa", 100.0), ("20260102-000000-bbbb", 150.0)):
+            st.add("bench", fake("smol", "c" * 64, "tg128", 2, tps), session=sess, config_key="tg128", model="smol",
+                   model_sha256="c" * 64, test="tg128")
+        rows, _ = compare(st, "cccc", "20260102-000000-bbbb")
+        assert [r["speedup"] for r in rows] == [pytest.approx(1.5)]
+        with pytest.raises(InvalidArgument, match="both name the session 20260101-000000-aaaa, so every speedup"):
+            compare(st, "20260101", "20260101-000000-aaaa")
+
+
 def test_compare_two_model_variants_by_sha_prefix():
     a = [fake("q8", "aa" + "0" * 62, "tg128", 2, 100.0), fake("q8", "aa" + "0" * 62, "pp512", 2, 400.0)]
     b = [fake("q4", "bb" + "0" * 62, "tg128", 2, 150.0), fake("q4", "bb" + "0" * 62, "pp64", 2, 1.0)]

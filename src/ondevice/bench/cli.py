@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ondevice bench: {r.model} {r.test}: {r.error}", file=sys.stderr)
     if records.interrupted:
         how = "interrupted" if records.exit_code == 130 else f"stopped by {signal.Signals(records.exit_code - 128).name}"
-        print(f"ondevice bench: {how}; the records above were kept"
-              + (" (continue with --resume)" if st is not None else ""), file=sys.stderr)
+        kept = "the records above were kept" if len(records) else "no test had finished"
+        print(f"ondevice bench: {how}; {kept}" + (f" (continue with --resume --session {records.session})"
+                                                  if st is not None else ""), file=sys.stderr)
         return records.exit_code
     return 1 if errors else 0

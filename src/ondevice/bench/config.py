@@ -110,7 +110,7 @@ class BenchConfig(BaseSettings):
         quantized = [t for t in self.type_v if t not in ("f32", "f16", "bf16")]
         if quantized and all(fa is False for fa in self.flash_attn):  # llama.cpp refuses every such context
             raise ValueError(f"a quantized V cache ({quantized[0]}) needs flash attention in llama.cpp: add -fa 1 "
-                             "(or -fa 0,1 to sweep both), or keep -ctv f16")
+                             "(or -fa auto), or keep -ctv f16")
         return self
 
     @field_validator("tests")

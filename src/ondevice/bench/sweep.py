@@ -98,7 +98,8 @@ def expand(config: BenchConfig) -> list[Config]:
         settings = {"threads": _resolve_threads(t, prof), "n_batch": b, "n_ubatch": ub, "n_ctx": c,
                     "type_k": tk, "type_v": tv, "flash_attn": fa, "profile": prof or "host",
                     "repetitions": config.repetitions, "amx": amx, "repack": repack,
-                    **({"interleave": True} if config.interleave else {})}  # a measuring method of its own
+                    **({"interleave": True} if config.interleave else {}),  # a measuring method of its own
+                    **({"warmup": False} if not config.warmup else {})}  # a cold start is another measurement
         out.append(Config(metas[m], settings, list(tests)))
     seen: dict[str, int] = {}
     for cfg in out:  # in sweep order: the first of a measurement is copy 0
@@ -270,6 +271,7 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
     n_total = sum(len(c.tests) for c in configs)
     bar = Progress(n_total, progress)
     roofs: dict[int, object] = {}
+    skipped = 0
     if roofline and config.reprobe:  # measure the machine again first, once per thread count
         for t in sorted({c.settings["threads"] for c in configs}):
             _probe(t, roofs, notes, refresh=True)
@@ -282,6 +284,7 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
                         if cfg.key(j) in done:
                             result.append(done[cfg.key(j)])
                             bar.step(f"{t.name}: stored (resume)")
+                            skipped += 1
                 if not todo:
                     continue
                 _run_config(group, todo, config, store, session, result, bar, roofs if roofline else None, notes,
@@ -291,6 +294,9 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
         result.exit_code = getattr(e, "exit_code", 130)
     finally:
         bar.close()
+    if skipped:
+        notes.append(f"--resume: {skipped} of the tests were in session {session} already: their stored records are "
+                     f"shown, not measured again")
     result.notes = tuple(notes)
     for n in notes if print_notes else ():
         print(f"ondevice bench: note: {n}", file=sys.stderr)
@@ -412,7 +418,8 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
         result.append(typed)
         if on_record:
             on_record(typed)
-        bar.step(f"{spec.name}: {status}" + (f" {typed.tps_mean:.1f} t/s" if res else ""))
+        bar.step(f"{spec.name}: {status}" + (f" {typed.tps_mean:.1f} t/s" if res and typed.tps_mean is not None
+                                              else ""))
 
     seen: set[tuple[int, int]] = set()
 

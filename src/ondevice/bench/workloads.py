@@ -364,5 +364,8 @@ def parse_tests(specs: str | list[str] | None) -> list[TestSpec]:
             raise InvalidArgument(f"unknown test {s!r}; use " + ", ".join(c.help for c in WORKLOADS.values()))
         if spec.n_prompt < 0 or spec.n_gen < 0 or spec.n_prompt + spec.n_gen == 0:  # pp0, tg0, chat0, pg0,0
             raise InvalidArgument(f"test {s!r} has no tokens to time; use e.g. pp512 or tg128")
+        if spec.kind == "chat" and spec.n_gen < 2:  # its t/s is the decode after the first token: none with one
+            raise InvalidArgument(f"test {s!r}: a chat test's t/s is its decode after the first token, so it needs "
+                                  f"at least 2 tokens; use e.g. chat32 (its TTFT is measured either way)")
         out.append(spec)
     return out

@@ -18,17 +18,20 @@ from .formats import HEAD, NOISY_MARK, md_table, noise_legend, setting
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
 
-def _ok_records(store, session: str | None = None) -> list[BenchRecord]:
-    return [BenchRecord.from_dict(r) for r in store.records("bench", session) if r.get("_status") == "ok"]
+def _ok_records(store, session: str | None = None, besides: str | None = None) -> list[BenchRecord]:
+    """The ok bench records of ``session`` (None: all), leaving out those of the session ``besides``."""
+    return [BenchRecord.from_dict(r) for r in store.records("bench", session)
+            if r.get("_status") == "ok" and (besides is None or r.get("_session") != besides)]
 
 
-def select(store, ref: str) -> tuple[str, str, list[BenchRecord]]:
-    """(``session``|``model``, the full id, its ok bench records) for a session id or sha256 prefix."""
+def select(store, ref: str, besides: str | None = None) -> tuple[str, str, list[BenchRecord]]:
+    """(``session``|``model``, the full id, its ok bench records) for a session id or sha256 prefix; a model's
+    records leave out those of the session ``besides`` (the other side of a comparison)."""
     sessions = [s for s, _, _ in store.sessions("bench")]
     hits = [s for s in sessions if s == ref] or [s for s in sessions if s.startswith(ref)]
     if len(hits) == 1:
         return "session", hits[0], _ok_records(store, hits[0])
-    all_ok = _ok_records(store)
+    all_ok = _ok_records(store, besides=besides)
     shas = sorted({r.model_sha256 for r in all_ok if (r.model_sha256 or "").startswith(ref.lower())})
     if len(hits) > 1 or len(shas) > 1:
         raise InvalidArgument(f"{ref!r} matches several sessions or models ({', '.join((hits + shas)[:4])}...); "
@@ -85,8 +88,14 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
 
 def compare(store, a: str, b: str) -> tuple[list[dict], str]:
     """Rows and the printable table for ``--compare a b``."""
-    kind_a, id_a, recs_a = select(store, a)
-    kind_b, id_b, recs_b = select(store, b)
+    kind_a, id_a, _ = select(store, a)
+    kind_b, id_b, _ = select(store, b)
+    if id_a == id_b:
+        raise InvalidArgument(f"--compare {a} {b}: both name the {kind_a} {id_a}, so every speedup would be 1.00; "
+                              f"give two sessions (`ondevice report --list`), or a model's sha256 prefix and a session")
+    # a model against a session: the model's records from the other sessions (its latest would be that session's)
+    kind_a, id_a, recs_a = select(store, a, besides=id_b if kind_b == "session" else None)
+    kind_b, id_b, recs_b = select(store, b, besides=id_a if kind_a == "session" else None)
     by_model = kind_a == "model" or kind_b == "model"
     rows = compare_records(recs_a, recs_b, by_model)
     # a session id whole (two started in the same second differ only in its tail), a sha256 by its first 16

@@ -348,7 +348,7 @@ def test_resume_after_kill_9_skips_finished_configs(tmp_path, smol_path):
            f"measured again" in res.stderr, res.stderr
     cold = subprocess.run([*args, "--tests", "tg4", "-ub", "512", "--no-warmup", "--resume", "-o", "json"],
                           env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=400)
-    assert cold.returncode == 0 and "were in session s1 already" not in cold.stderr, cold.stderr  # a cold start: measured
+    assert cold.returncode == 0 and "were in session s1 already" not in cold.stderr, cold.stderr  # cold: measured
     typo = [*args[:args.index("s1")], "s2", *args[args.index("s1") + 1:], "--tests", "tg4", "-ub", "512", "--resume"]
     res = subprocess.run(typo, env=_env(tmp_path), check=False, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0 and "--resume: session s2 holds no records, so every test ran" in res.stderr, res.stderr

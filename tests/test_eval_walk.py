@@ -165,3 +165,27 @@ def test_the_task_table_stays_aligned_with_long_category_names():
     rows = [line for line in buf.getvalue().splitlines() if "n=" in line]
     assert len(rows) == 2 and len({line.index("rouge_l") for line in rows}) == 1, rows  # one column each
     assert len({line.index("n=") for line in rows}) == 1, rows
+
+
+def test_inputs_and_a_judge_that_is_no_url_are_refused_before_any_work(cli, tmp_path):
+    """-o naming the -f text (or the suite, the model) appended JSON records to it, exit 0: the next run measured
+    another text. --judge without http:// was a urllib traceback after the first item."""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    before = text.read_bytes()
+    r = cli("eval", "-f", str(text), "-c", "32", "--chunks", "1", "-o", str(text))
+    assert r.returncode == 2 and f"-o {text} is the -f text of this run: the records would be appended" in r.stderr
+    assert text.read_bytes() == before
+    r = cli("eval", "--suite", "rewrite", "--limit", "1", "--judge", "127.0.0.1:8080", "--judge-model", "x")
+    assert r.returncode == 2 and "--judge '127.0.0.1:8080' is not an http(s) URL; give the judge's OpenAI-compatible " \
+                                 "endpoint, e.g. --judge http://127.0.0.1:8080/v1" in r.stderr, r.stderr
+    r = cli("eval", "--tasks", "rewrite")  # lm-eval's flag for what --suite is here
+    assert r.returncode == 2 and "a suite is run with --suite NAME (lm-eval's --tasks)" in r.stderr, r.stderr
+
+
+def test_a_damaged_reference_cache_is_recomputed_not_a_traceback(tmp_path):
+    from ondevice.eval.ppl import load_ref
+
+    for data in (b"", b"PK\x03\x04 cut short", b"not a zip"):  # empty, truncated (BadZipFile, EOFError)
+        (tmp_path / "ref.npz").write_bytes(data)
+        assert load_ref(tmp_path / "ref.npz", 1, 16) is None

@@ -65,7 +65,7 @@ def test_a_copied_llama_cli_command_runs(cli):
     ("run", ["--lora", "nope", "hi"], "error: --lora nope: no such adapter file"),
     ("eval", ["-f", "/nonexistent.txt"], "error: -f '/nonexistent.txt' is not a file"),
     ("quantize", ["smollm2", "--type", "q4_0", "--output-tensor-type", "q9", "-o", "/nonexistent/x.gguf"],
-     "error: --output-tensor-type q9: not a ggml tensor type; use one of F32, F16"),
+     "error: --output-tensor-type q9: not a type llama.cpp quantizes weights to; use one of F32, F16"),
     ("run", ["hf.co/o/r:Q4_1:latest"], "one tag after the repository, not 'Q4_1:latest': hf.co/o/r:Q4_1 (a quant)"),
 ])
 def test_refused_by_name(cli, verb, flags, said):

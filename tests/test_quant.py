@@ -28,6 +28,26 @@ def test_names_and_parsing():
         parse_overrides(["ffn_down[=Q8_0"])
     with pytest.raises(InvalidArgument, match="REGEX=TYPE"):
         parse_overrides(["ffn_down"])
+    with pytest.raises(InvalidArgument, match="'I32' is not a type llama.cpp quantizes weights to"):
+        parse_overrides(["attn_q=I32"])  # llama.cpp aborted on it (a 600-character error blaming the model)
+
+
+def test_llama_quantizes_positional_order_never_takes_threads_for_the_type(home, cli, tmp_path):
+    """`MODEL Q4_K 2` (llama-quantize's alias, then threads) wrote a Q4_0 (type 2) into a file named Q4_K; Q4_K
+    is Q4_K_M, a word that is neither a type nor an output file is refused, and quantize's -t N is no thread count."""
+    from ondevice.quant.quantize import file_type
+
+    assert [file_type(w) for w in ("Q4_K", "q5_k", "Q3_K", "7", 15, "Q4_KM")] == ["Q4_K_M", "Q5_K_M", "Q3_K_M",
+                                                                                  "Q8_0", "Q4_K_M", None]
+    x = str(tmp_path / "x.gguf")
+    for args, said in ((["Q4_KM", "2"], "'Q4_KM' is not a llama.cpp file type (`--type list` shows them), nor an"),
+                       ([x, "BOGUS", "1"], "'BOGUS' is not a llama.cpp file type"),
+                       ([x, "-t", "2"], "-t 2: quantize's -t is the file type, not the threads")):
+        r = cli("quantize", "smollm2", *args, "--allow-requantize")
+        assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == [tmp_path / "home"] or not (tmp_path / "x.gguf").exists()
+    r = cli("quantize", "--type", "list")  # no model needed to list the types
+    assert r.returncode == 0 and "Q4_K_M" in r.stdout, r.stderr
 
 
 def test_invalid_type_is_a_clear_error(home, cli):

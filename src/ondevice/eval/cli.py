@@ -129,8 +129,8 @@ def check_flags(args: argparse.Namespace, config) -> None:
         given += ["--cascade-timeout"] if getattr(args, "cascade_timeout", CLOUD_TIMEOUT_S) != CLOUD_TIMEOUT_S else []
         if given:
             raise InvalidArgument(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --cascade URL "
-                                  f"(the deferral curve); to run part of a suite use --limit N, or a JSONL file of "
-                                  f"the items you want")
+                                  f"(the deferral curve); a suite is run with --suite NAME (lm-eval's --tasks), part "
+                                  f"of one with --limit N or a JSONL file of the items you want")
         return
     fields = type(config).model_fields
     given = [flag(n) for n in NOT_WITH_CASCADE if getattr(config, n) != fields[n].default]
@@ -149,14 +149,20 @@ def store_arg(args: argparse.Namespace) -> bool | str:
     return False if args.no_store else (args.db or True)
 
 
-def check_output(path: str) -> None:
-    """Refuse an -o that is a format name or a path the records cannot be appended to, before any work."""
+def check_output(path: str, inputs: list[tuple[str, str | None]] = ()) -> None:
+    """Refuse an -o that is a format name, one of the run's ``inputs`` ((what, path); the records would be appended
+    to it), or a path the records cannot be appended to, before any work."""
     from pathlib import Path
 
     from ..errors import InvalidArgument
     from ..models.store import check_writable
 
     p = Path(path).expanduser()
+    for what, given in inputs:
+        g = Path(str(given or "")).expanduser()
+        if given and g.is_file() and p.exists() and p.samefile(g):
+            raise InvalidArgument(f"-o {path} is {what} of this run: the records would be appended to it; give -o "
+                                  f"another file, e.g. -o results.jsonl")
     if path.lower() in FORMAT_NAMES and not p.exists():
         raise InvalidArgument(f"-o takes the file to append the records to (JSON lines), not a format: -o {path} "
                               f"would write a file named {path!r}; for JSON on stdout use --json, or name a file, "
@@ -167,6 +173,16 @@ def check_output(path: str) -> None:
     if not folder.is_dir():
         raise InvalidArgument(f"-o {path}: the folder {folder} does not exist; create it or give another path")
     check_writable(p, "give another -o")  # tries the folder: os.access passes root in /proc or a read-only mount
+
+
+def _check_judge(url: str) -> None:
+    """A --judge that is no http(s) URL, said before the first item is generated."""
+    from ..errors import InvalidArgument
+
+    if not url.lower().startswith(("http://", "https://")):
+        host = url.split("://")[-1].rstrip("/") or "127.0.0.1:8080"
+        raise InvalidArgument(f"--judge {url!r} is not an http(s) URL; give the judge's OpenAI-compatible "
+                              f"endpoint, e.g. --judge http://{host}/v1")
 
 
 def append_records(path: str, records: list[dict]) -> None:
@@ -214,7 +230,10 @@ def run(args: argparse.Namespace) -> int:
 
         Store(args.db).close()
     if args.output:
-        check_output(args.output)
+        check_output(args.output, [("the -f text", config.text), ("the suite file", config.suite),
+                                   ("the model", args.model), ("the reference", config.ref), ("the store", args.db)])
+    if config.judge:
+        _check_judge(config.judge)
     if args.cascade:
         from .cascade_curve import run_cli
 

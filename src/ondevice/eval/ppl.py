@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +295,7 @@ def load_ref(path: Path, n_chunks: int, per_chunk: int) -> tuple[RefRows, np.nda
             n = n_chunks * per_chunk
             ref = RefRows(z["ids"][:n], z["logp"][:n], z["lse"][:n], z["target_logp"][:n])
             return ref, z["tokens"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # a corrupt cache file is recomputed, not trusted
 
 

@@ -437,7 +437,7 @@ def judge_score(
         detail = e.read()[:200].decode("utf-8", "replace")
         raise OndeviceError(f"judge at {url} answered HTTP {e.code}: {detail}; check the model name and key")
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise OndeviceError(f"cannot reach the judge at {url} ({e}); check --judge-endpoint") from None
+        raise OndeviceError(f"cannot reach the judge at {url} ({e}); check --judge") from None
     except json.JSONDecodeError:
         raise OndeviceError(f"judge at {url} did not return JSON; is it an OpenAI-compatible endpoint?")
     try:

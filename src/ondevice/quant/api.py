@@ -13,6 +13,7 @@ from .quantize import (
     COPY,
     check_requantize,
     default_name,
+    file_type,
     ftype_id,
     parse_overrides,
     refuse_container,
@@ -24,7 +25,7 @@ from .quantize import (
 _UNQUANTIZED_TARGETS = {"F32", "F16", "BF16"}
 
 
-def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None = None,
+def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | None = None,
              overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
              threads: int | None = None, force: bool = False, timeout: float | None = None,
              imatrix: str | os.PathLike[str] | None = None, output: str | os.PathLike[str] | None = None):
@@ -44,7 +45,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str, name: str | None =
     from ..models.catalog import ModelRef, check_variant_name, register_variant, resolve, store_variants
     from ..models.store import models_dir, temp_file
 
-    type_name = type.strip().upper()
+    type_name = file_type(type) or str(type).strip().upper()  # 7 or "7" (llama-quantize's numbers), Q4_K (its alias)
     ftype = ftype_id(type_name)
     ovr = parse_overrides(overrides)
     only_copy = type_name == COPY

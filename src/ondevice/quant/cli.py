@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="catalog name, stored variant or .gguf path")
+    p.add_argument("model", nargs="?", help="catalog name, stored variant or .gguf path")
     p.add_argument("rest", nargs="*", metavar="[OUTPUT] [TYPE] [THREADS]",
                    help="llama-quantize's order also works: `ondevice quantize in.gguf out.gguf Q4_K_M 2`")
     p.add_argument("--type", "-t", default=None,
@@ -53,12 +53,13 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
 
     if args.leave_output_tensor and args.output_tensor_type:
         raise InvalidArgument("--leave-output-tensor and --output-tensor-type both set output.weight's type; give one")
-    from .quantize import ggml_types
+    from .quantize import NOT_WEIGHT_TYPES, ggml_types
 
     for flag, typ in (("--output-tensor-type", args.output_tensor_type), ("--token-embedding-type",
                                                                            args.token_embedding_type)):
-        if typ is not None and typ.strip().upper() not in ggml_types():
-            raise InvalidArgument(f"{flag} {typ}: not a ggml tensor type; use one of {', '.join(ggml_types())}")
+        if typ is not None and (typ.strip().upper() not in ggml_types() or typ.strip().upper() in NOT_WEIGHT_TYPES):
+            raise InvalidArgument(f"{flag} {typ}: not a type llama.cpp quantizes weights to; use one of "
+                                  f"{', '.join(t for t in ggml_types() if t not in NOT_WEIGHT_TYPES)}")
     first = []
     if args.leave_output_tensor or args.output_tensor_type:
         from ..models import resolve
@@ -75,13 +76,10 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _file_type(word: str) -> str | None:
-    """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0`` or llama-quantize's number), else None."""
-    from .quantize import COPY, ftypes
+    """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0``, llama-quantize's number or alias), else None."""
+    from .quantize import file_type
 
-    by_id = {v: k for k, v in ftypes().items()}
-    if word.strip().isdigit():
-        return by_id.get(int(word))
-    return word.strip().upper() if word.strip().upper() in (*ftypes(), COPY) else None
+    return file_type(word)
 
 
 def _read_positionals(args: argparse.Namespace) -> None:
@@ -98,6 +96,12 @@ def _read_positionals(args: argparse.Namespace) -> None:
         args.type, before, after = rest[at], rest[:at], rest[at + 1:]
     else:
         before, after = rest, []
+    # a word before the type that is no output file is a type misspelled: `MODEL Q4_KM 2` read 2 as the type
+    # (Q4_0) and wrote it to a file named Q4_KM
+    odd = before[1:] if len(before) > 1 else [w for w in before if not (w.lower().endswith(".gguf") or "/" in w)]
+    if odd and args.output is None:
+        raise InvalidArgument(f"{odd[0]!r} is not a llama.cpp file type (`--type list` shows them), nor an output "
+                              f"file (a name ending .gguf, or a path): give MODEL [OUTPUT.gguf] TYPE [THREADS]")
     if after and after[0].isdigit() and args.threads is None:
         args.threads = int(after.pop(0))
     if len(before) == 1 and args.output is None:
@@ -108,8 +112,16 @@ def _read_positionals(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidArgument
     from .quantize import COPY, ftypes
 
+    if args.type is not None and args.type.strip().isdigit() and "-t" in getattr(args, "typed", set()):
+        raise InvalidArgument(f"-t {args.type}: quantize's -t is the file type, not the threads as in the other "
+                              f"verbs; threads are --threads {args.type} (or the number after the type, as "
+                              f"llama-quantize takes it); a type number goes after the model: MODEL OUT {args.type}")
+    if args.model is None and (args.type or "").lower() != "list":
+        raise InvalidArgument("give the model to quantize: ondevice quantize MODEL --type Q4_K_M (`ondevice "
+                              "quantize --type list` shows the types)")
     _read_positionals(args)
     if args.type.lower() == "list":
         for name, value in ftypes().items():
@@ -117,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{COPY:12s} -  every tensor as it is, into one file (a split model merged)")
         return 0
     if _file_type(args.type) is None and args.type.strip().isdigit():  # 15 is Q4_K_M, as `--type list` shows
-        from ..errors import InvalidArgument
-
         raise InvalidArgument(f"--type {args.type} is no llama.cpp file type number; `--type list` shows them")
     args.type = _file_type(args.type) or args.type  # an unknown name: quantize() says what is wrong with it
     from .api import quantize

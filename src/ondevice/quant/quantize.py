@@ -63,6 +63,21 @@ def ggml_types() -> dict[str, int]:
     return {t.name: int(t) for t in gguf.GGMLQuantizationType}
 
 
+# ggml types that are no weight format (integers, f64) or only activations' (Q8_1, Q8_K): llama.cpp aborts on them
+NOT_WEIGHT_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"})
+ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}  # llama-quantize's own aliases
+
+
+def file_type(word: str | int) -> str | None:
+    """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0``, llama-quantize's number or alias such as
+    ``Q4_K``), else None."""
+    w = str(word).strip().upper()
+    if w.isdigit():
+        return {v: k for k, v in ftypes().items()}.get(int(w))
+    w = ALIASES.get(w, w)
+    return w if w in (*ftypes(), COPY) else None
+
+
 def ftype_id(type_name: str) -> int:
     """``LLAMA_FTYPE`` value of ``type_name`` (case-insensitive), or an error listing the valid names."""
     table = ftypes()
@@ -100,9 +115,10 @@ def parse_overrides(overrides: list[str] | dict[str, str] | None) -> list[tuple[
     out = []
     for pat, typ in pairs:
         t = typ.strip().upper()
-        if t not in table:
-            raise InvalidArgument(f"--override {pat}={typ}: {typ!r} is not a ggml tensor type; use one of "
-                                  f"{', '.join(table)}")
+        if t not in table or t in NOT_WEIGHT_TYPES:
+            what = "is not a type llama.cpp quantizes weights to" if t in table else "is not a ggml tensor type"
+            raise InvalidArgument(f"--override {pat}={typ}: {typ!r} {what}; use one of "
+                                  f"{', '.join(k for k in table if k not in NOT_WEIGHT_TYPES)}")
         try:
             re.compile(pat)
         except re.error as e:
@@ -179,13 +195,20 @@ def verify(weights: dict[str, str], type_name: str, overrides: list[tuple[str, s
         got = Counter(weights[n] for n in owned)
         override_hits[pat] = {"type": typ, "tensors": len(owned), "got": dict(got)}
         if not owned:
-            problems.append(f"override {pat}={typ} matched no tensor")
+            first = next((p for p, _ in overrides if any(re.search(p, n) for n in weights if rx.search(n))), None)
+            problems.append(f"override {pat}={typ} matched no tensor" if first is None else
+                            f"override {pat}={typ} set no tensor: an earlier one, {first}, matches them first "
+                            f"(the first match wins, as in llama-quantize)")
         elif set(got) != {typ}:
             problems.append(f"override {pat}={typ}: tensors got {dict(got)} (llama.cpp falls back when a "
                             f"tensor's row size does not fit the type's block size)")
     if expected in ggml_types() and expected not in mix:
         problems.append(f"no weight tensor is {expected} (got {dict(mix)}): llama.cpp fell back to other types "
                         f"for every tensor (row sizes that do not fit {expected}'s block size)")
+    elif expected in ggml_types() and mix[expected] < len(weights) / 2 and expected.endswith("_K"):
+        problems.append(f"{len(weights) - mix[expected]} of {len(weights)} tensors are not {expected} (llama.cpp "
+                        f"fell back where a row does not fit its 256-value blocks, or its mix chose others): "
+                        f"see the matrices line")
     return {"quant_mix": dict(mix.most_common()), "main_type": expected, "overrides": override_hits,
             "warnings": problems}
 
@@ -245,7 +268,10 @@ def _failure(proc: subprocess.CompletedProcess, src_name: str, dst: Path) -> Ond
                                  f"was hit; free some space there, or set ONDEVICE_HOME to a folder on a disk "
                                  f"with room for the variant")
         hint = ""
-        if "importance matrix" in why or "imatrix" in why:
+        if "is different from tensor size" in why:  # an importance matrix was given, of another model's shapes
+            hint = ("; the importance matrix does not fit this model (collected from another one?): collect one "
+                    "for it with `ondevice fit`")
+        elif "importance matrix" in why or "imatrix" in why:
             hint = ("; this type needs an importance matrix: pass --imatrix FILE (ondevice fit collects one) "
                     "or pick a K-quant or Q4_0/Q8_0")
         return OndeviceError(f"llama.cpp could not quantize {src_name}: {why}{hint}")

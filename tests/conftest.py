@@ -115,7 +115,7 @@ def serve_process(tmp_path, *flags: str, group: bool = False):
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w+")  # noqa: SIM115 — closed below
     proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "serve", "--port", "0", "--no-embeddings",
-                             "-c", "4096", *flags], stderr=log, stdin=subprocess.DEVNULL, env=env,
+                             "--ctx", "4096", *flags], stderr=log, stdin=subprocess.DEVNULL, env=env,  # --ctx: ours
                             start_new_session=group, preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509 — no thread yet
     try:
         deadline = time.monotonic() + 120

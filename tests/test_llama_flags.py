@@ -79,7 +79,7 @@ def test_a_copied_llama_server_command_serves(tmp_path):
 
     flags = ["-ngl", "99", "-cb", "--metrics", "--no-webui", "-b", "256", "-ub", "128", "-tb", "1", "--no-mmap",
              "-a", "mine", "-to", "120", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-md", "smollm2", "--draft-n", "4",
-             "--threads-http", "2"]
+             "--threads-http", "2", "-c", "4096"]
     with serve_process(tmp_path, *flags) as (_, url, log):
         client = OpenAI(base_url=url, api_key="none")
         ids = [m.id for m in client.models.list().data]
@@ -93,7 +93,7 @@ def test_a_copied_llama_server_command_serves(tmp_path):
     text = log.read_text()
     assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text
     assert "ondevice serve: note: -cb is ignored: batching is always continuous" in text
-    # serve_process's -c 4096 with 4 slots: llama-server would split it, so the memory differs, and it is said
+    # -c 4096 with 4 slots: llama-server would split it, so the memory differs, and it is said
     assert "note: -c 4096 is each slot's context here, so the KV cache holds 4 x 4096 tokens; llama-server splits -c " \
            "over -np (4096 / 4 = 1024 each): -c 1024 gives its memory" in text
 

@@ -275,3 +275,18 @@ def test_judge_score_errors(judge_server, monkeypatch):
     assert S.judge_score(judge_server, "judge-model", None, "writing", "q", "a", "r") is None
     with pytest.raises(OndeviceError, match="cannot reach the judge"):
         S.judge_score("http://127.0.0.1:9", "m", None, "writing", "q", "a", "r", timeout=5)
+
+
+def test_a_function_call_target_is_checked_when_the_file_loads_and_a_bom_is_read(tmp_path):
+    """A bad function_call target was found only when its item was scored (after every item before it, a .partial
+    log left); a file saved with a byte-order mark (Notepad's UTF-8) was 'not valid JSON'."""
+    from ondevice.errors import InvalidArgument
+    from ondevice.eval.suites import read_jsonl_items
+
+    f = tmp_path / "mine.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"input": "Say hi", "target": "hi", "metric": "rouge_l"}\r\n')
+    assert [it.target for it in read_jsonl_items(f)] == ["hi"]
+    f.write_text('{"input": "Say hi", "target": "hi", "metric": "rouge_l"}\n'
+                 '{"input": "x", "target": "y", "metric": "function_call"}\n')
+    with pytest.raises(InvalidArgument, match=r"mine\.jsonl line 2: a function_call target is a JSON call"):
+        read_jsonl_items(f)

@@ -193,6 +193,12 @@ def _item_from_row(row: Any, source: str, lineno: int, default_task: str) -> Ite
     extra = row.get("extra_metrics", [])
     if not isinstance(extra, list) or any(m not in METRICS for m in extra):
         raise bad(f"'extra_metrics' must be a list of metric names from: {', '.join(sorted(METRICS))}")
+    if "function_call" in (row["metric"], *extra):  # said now, not after the items before it
+        from .metrics import parse_call
+
+        if parse_call(row["target"]) is None:
+            raise bad(f"a function_call target is a JSON call, e.g. {{\"name\": \"get_weather\", \"arguments\": "
+                      f"{{\"city\": \"Oslo\"}}}}; got {row['target'][:60]!r}")
     task = str(row.get("task", default_task))
     return Item(
         id=str(row.get("id", f"{task}-{lineno}")),
@@ -229,7 +235,7 @@ def parse_jsonl_items(text: str, source: str, default_task: str) -> list[Item]:
 def read_jsonl_items(path: Path) -> list[Item]:
     """Items of a user JSONL file (see the module docstring for the format)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's "UTF-8") is not JSON
     except UnicodeDecodeError as e:
         raise InvalidArgument(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
     return parse_jsonl_items(text, str(path), default_task=path.stem)

@@ -141,7 +141,9 @@ def test_byte_identical_model_files_get_a_row_each_and_resume_still_skips_them(c
     assert r.returncode == 0, r.stderr
     assert [(x["model"], x["config_key"]) for x in json.loads(r.stdout)] == [(x["model"], x["config_key"])
                                                                               for x in swept]
-    r = cli("report", "--db", db, "--compare", "aa", "aa")  # one row per -m there too
+    again = [*run[:run.index("aa")], "bb", *run[run.index("aa") + 1:]]
+    assert cli(*again, "-m", str(a), "-m", str(b), "-m", str(a)).returncode == 0
+    r = cli("report", "--db", db, "--compare", "aa", "bb")  # one row per -m there too
     assert r.returncode == 0, r.stderr
     assert [row["model"] for row in parse_md(r.stdout)] == ["a", "b", "a"], r.stdout
     # the dedup config_key exists for holds: resuming measures nothing again, and the first -m of these bytes
@@ -153,7 +155,7 @@ def test_byte_identical_model_files_get_a_row_each_and_resume_still_skips_them(c
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == swept
     with Store(db) as st:
-        assert len(st.records("bench")) == 3  # nothing measured or stored again
+        assert len(st.records("bench", "aa")) == 3  # nothing measured or stored again
 
 
 def test_a_setting_or_test_given_twice_gets_a_row_each_as_in_llama_bench(cli, tmp_path, smol_path):

@@ -101,4 +101,4 @@ def test_run_takes_llama_clis_sampler_flags(cli):
     r = cli(*base, "--temp", "0", "--dry-multiplier", "4", "--dry-sequence-breaker", " three", COUNT)
     assert r.returncode == 0 and r.stdout.startswith(" four"), r.stdout
     r = cli(*base, "--dry-sequence-breaker", "", COUNT)
-    assert r.returncode == 2 and "--dry-sequence-breakers / dry_sequence_breakers=('',) must be non-empty" in r.stderr
+    assert r.returncode == 2 and "--dry-sequence-breaker / dry_sequence_breakers=('',) must be non-empty" in r.stderr

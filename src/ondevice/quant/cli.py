@@ -53,13 +53,12 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
 
     if args.leave_output_tensor and args.output_tensor_type:
         raise InvalidArgument("--leave-output-tensor and --output-tensor-type both set output.weight's type; give one")
-    from .quantize import NOT_WEIGHT_TYPES, ggml_types
+    from .quantize import is_weight_type, weight_types_hint
 
     for flag, typ in (("--output-tensor-type", args.output_tensor_type), ("--token-embedding-type",
                                                                            args.token_embedding_type)):
-        if typ is not None and (typ.strip().upper() not in ggml_types() or typ.strip().upper() in NOT_WEIGHT_TYPES):
-            raise InvalidArgument(f"{flag} {typ}: not a type llama.cpp quantizes weights to; use one of "
-                                  f"{', '.join(t for t in ggml_types() if t not in NOT_WEIGHT_TYPES)}")
+        if typ is not None and not is_weight_type(typ):
+            raise InvalidArgument(f"{flag} {typ}: not a type llama.cpp quantizes weights to; {weight_types_hint()}")
     first = []
     if args.leave_output_tensor or args.output_tensor_type:
         from ..models import resolve
@@ -75,20 +74,14 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
     return first + list(args.override)
 
 
-def _file_type(word: str) -> str | None:
-    """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0``, llama-quantize's number or alias), else None."""
-    from .quantize import file_type
-
-    return file_type(word)
-
-
 def _read_positionals(args: argparse.Namespace) -> None:
     """llama-quantize's ``MODEL [OUTPUT] TYPE [THREADS]`` into --output, --type and --threads."""
     from ..errors import InvalidArgument
+    from .quantize import file_type
 
     rest = list(args.rest)
     if args.type is None:
-        at = next((i for i, w in enumerate(rest) if w.lower() == "list" or _file_type(w)), None)
+        at = next((i for i, w in enumerate(rest) if w.lower() == "list" or file_type(w)), None)
         if at is None:
             said = f"{' '.join(rest)!r} names no llama.cpp file type" if rest else "no file type given"
             raise InvalidArgument(f"{said}: give --type Q4_K_M (or after the model, as llama-quantize takes it: "
@@ -113,7 +106,7 @@ def _read_positionals(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgument
-    from .quantize import COPY, ftypes
+    from .quantize import COPY, file_type, ftypes
 
     if args.type is not None and args.type.strip().isdigit() and "-t" in getattr(args, "typed", set()):
         raise InvalidArgument(f"-t {args.type}: quantize's -t is the file type, not the threads as in the other "
@@ -128,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:12s} {value}")
         print(f"{COPY:12s} -  every tensor as it is, into one file (a split model merged)")
         return 0
-    if _file_type(args.type) is None and args.type.strip().isdigit():  # 15 is Q4_K_M, as `--type list` shows
+    if file_type(args.type) is None and args.type.strip().isdigit():  # 15 is Q4_K_M, as `--type list` shows
         raise InvalidArgument(f"--type {args.type} is no llama.cpp file type number; `--type list` shows them")
-    args.type = _file_type(args.type) or args.type  # an unknown name: quantize() says what is wrong with it
+    args.type = file_type(args.type) or args.type  # an unknown name: quantize() says what is wrong with it
     from .api import quantize
 
     ref = quantize(args.model, args.type, args.name, _tensor_overrides(args), allow_requantize=args.allow_requantize,

@@ -68,6 +68,16 @@ NOT_WEIGHT_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"})
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}  # llama-quantize's own aliases
 
 
+def is_weight_type(typ: str) -> bool:
+    """Whether ``typ`` (any case) is a ggml type llama.cpp quantizes weights to."""
+    return typ.strip().upper() in ggml_types() and typ.strip().upper() not in NOT_WEIGHT_TYPES
+
+
+def weight_types_hint() -> str:
+    """'use one of F32, F16, ...': the types llama.cpp quantizes weights to."""
+    return f"use one of {', '.join(k for k in ggml_types() if k not in NOT_WEIGHT_TYPES)}"
+
+
 def file_type(word: str | int) -> str | None:
     """The llama.cpp file type ``word`` names (``Q4_K_M``, ``q8_0``, llama-quantize's number or alias such as
     ``Q4_K``), else None."""
@@ -111,14 +121,12 @@ def parse_overrides(overrides: list[str] | dict[str, str] | None) -> list[tuple[
             if not sep or not pat or not typ:
                 raise InvalidArgument(f"--override {o!r} is not REGEX=TYPE; e.g. --override 'ffn_down=Q8_0'")
             pairs.append((pat, typ))
-    table = ggml_types()
     out = []
     for pat, typ in pairs:
         t = typ.strip().upper()
-        if t not in table or t in NOT_WEIGHT_TYPES:
-            what = "is not a type llama.cpp quantizes weights to" if t in table else "is not a ggml tensor type"
-            raise InvalidArgument(f"--override {pat}={typ}: {typ!r} {what}; use one of "
-                                  f"{', '.join(k for k in table if k not in NOT_WEIGHT_TYPES)}")
+        if not is_weight_type(t):
+            what = "is not a type llama.cpp quantizes weights to" if t in ggml_types() else "is not a ggml tensor type"
+            raise InvalidArgument(f"--override {pat}={typ}: {typ!r} {what}; {weight_types_hint()}")
         try:
             re.compile(pat)
         except re.error as e:

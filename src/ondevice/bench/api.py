@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ from .. import fields
 from ..config import config_from
 from ..errors import InvalidArgument
 from .config import DEFAULT_TESTS, FLAGS, BenchConfig
+from .record import BenchRecord
 from .sweep import BenchResult, run_sweep
 from .workloads import TestSpec
 
@@ -30,6 +31,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           store: bool | str | Path | object = True,
           progress: bool = False,
           print_notes: bool = True,
+          on_record: Callable[[BenchRecord], None] | None = None,
           **settings: Any) -> BenchResult:
     """Benchmark models on this device and return one :class:`BenchRecord` per configuration and test.
 
@@ -41,6 +43,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         store: True for the default store, a path, a ``Store``, or False to keep records in memory only.
         progress: a progress bar on stderr.
         print_notes: print the sweep's notes on its figures on stderr (they are in ``result.notes`` either way).
+        on_record: called with each record as it is stored (a resumed session's stored ones too), in sweep order.
         settings: any :class:`BenchConfig` field, a value or a list to sweep: ``threads``, ``n_batch``,
             ``n_ubatch``, ``n_ctx``, ``type_k``, ``type_v``, ``flash_attn``, ``profile`` (llama-bench's -t, -b,
             -ub, -c, -ctk, -ctv, -fa; ``--profile``); ``repetitions``, ``warmup``, ``seed``; ``session``,
@@ -73,7 +76,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     else:
         st = store
     try:
-        return run_sweep(cfg, store=st, progress=progress, print_notes=print_notes)
+        return run_sweep(cfg, store=st, progress=progress, print_notes=print_notes, on_record=on_record)
     finally:
         if own is not None:
             own.close()

@@ -152,9 +152,17 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args, config)
     st = Store(args.db) if not args.no_store else None
     try:
-        records = bench(config=config, store=st if st is not None else False, progress=not args.no_progress)
-        sys.stdout.write(export(records, args.output))
-        sys.stdout.flush()
+        stream = args.output == "jsonl"  # one line per test as it finishes, as llama-bench -o jsonl prints them
+
+        def emit(rec) -> None:
+            sys.stdout.write(export([rec], "jsonl"))
+            sys.stdout.flush()
+
+        records = bench(config=config, store=st if st is not None else False, progress=not args.no_progress,
+                        on_record=emit if stream else None)
+        if not stream:
+            sys.stdout.write(export(records, args.output))
+            sys.stdout.flush()
         msg_out = sys.stdout if args.output == "md" else sys.stderr
         if records and not args.no_report:
             path = write_html(records, st, args.html_path, [records.session])

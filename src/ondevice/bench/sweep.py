@@ -245,8 +245,8 @@ def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
 
 def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_record=None,
               print_notes: bool = True) -> BenchResult:
-    """Run every configuration; returns the records (previously stored ones too when resuming). The notes go to
-    ``result.notes`` and, with ``print_notes``, to stderr."""
+    """Run every configuration; returns the records (previously stored ones too when resuming), each also passed
+    to ``on_record`` as it lands. The notes go to ``result.notes`` and, with ``print_notes``, to stderr."""
     from .. import __version__
     from ..device import device_info, parse_profile
 
@@ -283,12 +283,13 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
                     for j, t in enumerate(cfg.tests):
                         if cfg.key(j) in done:
                             result.append(done[cfg.key(j)])
+                            if on_record:
+                                on_record(done[cfg.key(j)])
                             bar.step(f"{t.name}: stored (resume)")
                             skipped += 1
-                if not todo:
-                    continue
-                _run_config(group, todo, config, store, session, result, bar, roofs if roofline else None, notes,
-                            __version__, device_info, parse_profile, on_record, done)
+                for part in _ctx_runs(group[0], todo):
+                    _run_config(group, part, config, store, session, result, bar, roofs if roofline else None,
+                                notes, __version__, device_info, parse_profile, on_record, done)
     except KeyboardInterrupt as e:
         result.interrupted = True
         result.exit_code = getattr(e, "exit_code", 130)
@@ -314,6 +315,27 @@ def _groups(configs: list[Config], interleave: bool) -> list[list[Config]]:
     return list(out.values())
 
 
+def _ctx_runs(cfg: Config, todo: list[int]) -> list[list[int]]:
+    """``todo`` cut into runs of consecutive tests that need the same context, each loaded on its own. llama-bench
+    gives every test a context of its own length (prompt + generated + depth), so a record's n_ctx, KV memory
+    and compare key do not depend on which other tests the sweep holds. With -c N: one run."""
+    if cfg.settings["n_ctx"]:
+        return [todo] if todo else []
+    runs: list[tuple[int, list[int]]] = []
+    for j in todo:
+        need = _auto_ctx([cfg.tests[j]])
+        if runs and runs[-1][0] == need:
+            runs[-1][1].append(j)
+        else:
+            runs.append((need, [j]))
+    return [part for _, part in runs]
+
+
+def _auto_ctx(tests: list[TestSpec]) -> int:
+    """Just enough context for ``tests``, in steps of 256."""
+    return -(-max(WORKLOADS[t.kind].ctx_needed(t) for t in tests) // 256) * 256
+
+
 def _build_line(info: dict) -> str | None:
     """llama.cpp's build as a loaded worker writes it (``build_info``), for a record whose load failed."""
     lc = info.get("llama_cpp") or {}
@@ -324,7 +346,7 @@ def worker_config(cfgs: list[Config], todo: list[TestSpec], config: BenchConfig)
     """The JSON a worker reads for ``todo`` tests of ``cfgs`` (one settings, one or more models; n_ctx 0: just
     enough, in steps of 256)."""
     s = cfgs[0].settings
-    n_ctx = s["n_ctx"] or -(-max(WORKLOADS[t.kind].ctx_needed(t) for t in todo) // 256) * 256
+    n_ctx = s["n_ctx"] or _auto_ctx(todo)
     return {"models": [{"path": c.model.path, "name": c.model.name} for c in cfgs],
             "profile": None if s["profile"] == "host" else s["profile"],
             "engine": {"n_ctx": n_ctx, "n_threads": s["threads"], "n_batch": s["n_batch"],

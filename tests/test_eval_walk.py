@@ -75,6 +75,21 @@ def test_flags_the_run_would_ignore_are_refused(cli, tmp_path, smol_path, flags,
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--ppl", "--limit", "5"], "--limit is for task suites (--suite NAME) and this run has none; a perplexity "
+                                "covers the text: --chunks N measures part of it"),
+    (["--ppl", "-s", "3", "--max-tokens", "8"], "--max-tokens, -s are for task suites"),
+    (["--suite", "SUITE", "--chunks", "2"], "--chunks sets the perplexity run and this run has none; add --ppl"),
+    (["--ppl", "--topk", "10"], "--topk sets how many of the reference's log-probs are kept per token; it needs "
+                                "--ref MODEL"),
+])
+def test_a_flag_for_the_part_the_run_does_not_hold_is_refused(cli, tmp_path, smol_path, flags, says):
+    # llama-perplexity has no --limit: a perplexity run with it measured the whole text and said nothing
+    flags = [str(_suite(tmp_path)) if f == "SUITE" else f for f in flags]
+    r = cli("eval", "-m", str(smol_path), "--no-store", *flags, timeout=120)
+    assert r.returncode == 2 and f"ondevice eval: error: {says}" in r.stderr, r.stderr
+
+
 def test_interrupted_suite_keeps_the_finished_perplexity_and_names_the_partial_log(tmp_path, smol_path, monkeypatch):
     """Ctrl-C (a KeyboardInterrupt at the second item) after a perplexity: the perplexity record is stored, the
     suite's is not, and the error says where its finished samples are."""

@@ -113,6 +113,8 @@ CASCADE_ONLY = ("cloud_model", "cloud_key_env", "tasks", "combiner")
 NOT_WITH_CASCADE = ("ppl", "corpus", "text", "ctx", "chunks", "ref", "topk", "ctx_size", "strict", "temp", "judge",
                     "judge_model", "adapter", "session", "log_dir")
 FORMAT_NAMES = (*FORMATS, "html")  # what -o means to `ondevice bench` and `report`
+SUITE_ONLY = ("limit", "max_tokens", "strict", "temp", "judge", "judge_model", "seed", "log_dir")  # suite runs read
+PPL_ONLY = ("corpus", "ctx", "chunks", "topk")  # only a perplexity run reads these
 
 
 def check_flags(args: argparse.Namespace, config) -> None:
@@ -138,6 +140,27 @@ def check_flags(args: argparse.Namespace, config) -> None:
         it, its = ("it", "its") if len(given) == 1 else ("them", "their")
         raise InvalidArgument(f"--cascade does not use {', '.join(given)}; drop {it}, or run {it} in an `ondevice "
                               f"eval` of {its} own")
+
+
+def check_parts(args: argparse.Namespace, config) -> None:
+    """Refuse a flag typed for the part of an eval this run does not hold (a suite's --limit in a perplexity run,
+    a perplexity's --chunks in a suite run), which would be ignored; values from ONDEVICE_EVAL_* are not flags."""
+    from ..errors import InvalidArgument
+
+    def typed(names: tuple[str, ...]) -> list[str]:
+        return ["--" + n.replace("_", "-") for n in names if n in vars(args)]
+
+    ppl = config.ppl or config.ref or config.text
+    if not config.suite and (given := typed(SUITE_ONLY)):
+        raise InvalidArgument(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for task suites (--suite "
+                              f"NAME) and this run has none" + ("; a perplexity covers the text: --chunks N measures "
+                                                                "part of it" if ppl else ""))
+    if config.suite and not ppl and (given := typed(PPL_ONLY)):
+        raise InvalidArgument(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the perplexity run and this "
+                              f"run has none; add --ppl to measure it too, or drop {'it' if len(given) == 1 else 'them'}")
+    if ppl and not config.ref and "topk" in vars(args):
+        raise InvalidArgument("--topk sets how many of the reference's log-probs are kept per token; it needs --ref "
+                              "MODEL (the KL divergence against it)")
 
 
 def store_arg(args: argparse.Namespace) -> bool | str:
@@ -225,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from(EvalConfig, args, verb="eval", what="eval settings", flags=FLAGS)
     check_flags(args, config)
+    if not args.cascade:
+        check_parts(args, config)
     if isinstance(store_arg(args), str):  # a --db that is no store is said now, not after the whole eval
         from ..store import Store
 

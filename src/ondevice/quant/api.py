@@ -35,8 +35,9 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
     ``overrides`` are ``"REGEX=GGML_TYPE"`` strings (or a ``{regex: type}`` dict) applied to tensor names.
     Returns the :class:`~ondevice.models.catalog.ModelRef` of the new variant; its provenance (source
     sha256, type, overrides, llama.cpp version, the tensor types read back) is in ``ref.provenance``.
-    ``imatrix``: an ``.npz`` importance matrix (tensor name -> per-column mean squared activation, as
-    ``ondevice.fit.imatrix.collect`` writes) that weights the rounding error per column.
+    ``imatrix``: an importance matrix (tensor name -> per-column mean squared activation) that weights the rounding
+    error per column: the ``.npz`` ``ondevice.fit.imatrix.collect`` writes, or llama-imatrix's ``imatrix.gguf`` or
+    legacy ``.dat`` (:mod:`.imatrix_file`).
     ``output``: write the file there instead of storing a variant (as llama-quantize does; ``force`` replaces a
     file that is there); the returned ref is that file, its provenance in ``ref.provenance`` only.
     """
@@ -68,8 +69,10 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
     else:
         name = out.name
     n_threads = check_threads(threads or physical_cores(), "--threads / threads")
-    if imatrix is not None:
-        check_imatrix(imatrix)
+    if imatrix is not None:  # read as the worker will; one collected on another model is refused now
+        from .imatrix_file import check_covers, read
+
+        check_covers(read(imatrix), src_types, imatrix)
     with StopOnSignals(str(out) if out else f"the variant {name}") as stop:  # a `kill` leaves no temp file either
         tmp = temp_file(out.parent if out else models_dir(), f".{name}.", ".gguf.tmp")
         try:
@@ -122,20 +125,3 @@ def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name
     if out.exists() and not force:
         raise InvalidArgument(f"--output {str(output)!r} exists; pass --force to replace it")
     return out
-
-
-def check_imatrix(path: str | os.PathLike[str]) -> None:
-    """An importance matrix the quantizer can read: an ``.npz`` of tensor name -> per-column numbers."""
-    import numpy as np
-
-    fix = "give the .npz importance matrix `ondevice fit` collects (tensor name -> per-column importance)"
-    if not Path(path).is_file():
-        raise InvalidArgument(f"--imatrix {str(path)!r} is not a file; {fix}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ok = isinstance(z, np.lib.npyio.NpzFile) and all(
-                z[k].ndim == 1 and np.issubdtype(z[k].dtype, np.number) for k in z.files)
-    except (OSError, ValueError, EOFError, KeyError, AttributeError) as e:
-        raise InvalidArgument(f"--imatrix {str(path)!r} is not an .npz file ({type(e).__name__}); {fix}") from None
-    if not ok:
-        raise InvalidArgument(f"--imatrix {str(path)!r} does not hold one row of numbers per tensor; {fix}")

@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow a source that is already quantized (quality loss compounds)")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: physical cores)")
-    p.add_argument("--imatrix", default=None, metavar="FILE.npz",
-                   help="importance matrix (tensor name -> per-column mean squared activation), as "
-                        "`ondevice fit` collects; weights each column's rounding error")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="importance matrix (tensor name -> per-column mean squared activation) that weights each "
+                        "column's rounding error: the .npz `ondevice fit` collects, or llama-imatrix's imatrix.gguf "
+                        "or legacy .dat")
     p.add_argument("--force", action="store_true", help="replace an existing variant of the same name")
 
 

@@ -226,7 +226,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
                only_copy: bool = False) -> float:
     """Run ``llama_model_quantize`` in a child process; seconds taken, or an error naming llama.cpp's reason.
 
-    ``imatrix``: an ``.npz`` of tensor name -> per-column importance (``fit.imatrix.collect``), passed as
+    ``imatrix``: a file of tensor name -> per-column importance (:mod:`.imatrix_file`), passed as
     ``llama_model_quantize_params.imatrix``; the quantizer then weights each column's rounding error by it.
     ``only_copy``: tensors copied as they are (llama-quantize's ``COPY``).
 

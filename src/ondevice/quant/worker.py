@@ -76,12 +76,11 @@ def _die_with_parent(parent: int, dst: str) -> None:
 
 
 def _imatrix_array(ll, path: str, keep: list):
-    """``llama_model_imatrix_data[]`` (name, data, size; NULL-name terminated) from an ``.npz`` of
-    tensor name -> float32 per-column importance (``fit.imatrix``); ``keep`` holds the buffers alive."""
-    import numpy as np
+    """``llama_model_imatrix_data[]`` (name, data, size; NULL-name terminated) from an importance matrix file
+    (:mod:`.imatrix_file`: tensor name -> float32 per-column importance); ``keep`` holds the buffers alive."""
+    from .imatrix_file import read
 
-    with np.load(path) as z:
-        entries = [(k, np.ascontiguousarray(z[k], dtype=np.float32)) for k in z.files]
+    entries = list(read(path).items())
     arr = (ll.llama_model_imatrix_data * (len(entries) + 1))()
     for i, (name, values) in enumerate(entries):
         keep += [name.encode(), values]

@@ -5,6 +5,7 @@ naming each. Ctrl-C is simulated as in test_adapt.py: KeyboardInterrupt raised f
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,70 @@ def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_p
     meta = adapter_file.read_meta(cfg["out"])
     assert meta["ondevice.adapter.settings"]["rank"] == 8 and meta["ondevice.adapter.settings"]["steps"] == 4
     assert meta["tensors"]["blk.29.attn_q.weight.lora_a"] == (576, 8)
+
+
+@needs_torch
+def test_a_run_interrupted_mid_step_resumes_as_the_run_that_was_not(tmp_path, monkeypatch):
+    """Ctrl-C inside a step (after its batch was drawn, before the update): the resume trains that batch, so its
+    losses are the uninterrupted run's. The checkpoint used to keep the rng after the draw, so the batch was
+    skipped and every later one shifted."""
+    from ondevice.adapt import train
+
+    path = tasks.write_jsonl(tasks.iso_dates(16, seed=5), tmp_path / "d.jsonl")
+    cfg = {"data": str(path), "steps": 5, "batch": 1, "max_len": 80, "modules": ("attn_q",), "layers": (29,),
+           "threads": 1, "heldout": 0.25, "checkpoint_every": 0, "progress": False}
+    straight = train.train(train.AdaptConfig(**cfg, out=str(tmp_path / "a.gguf")))["history"]
+    real, calls = train.loss_on, []
+
+    def loss_on(model, batch):
+        calls.append(1)
+        if len(calls) == 5:  # a step's forward pass (the held-out loss came first): batch drawn, nothing updated
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(train, "loss_on", loss_on)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train.train(train.AdaptConfig(**cfg, out=str(tmp_path / "b.gguf")))
+    assert re.match(r"interrupted at step [1-4]/5;", e.value.__notes__[0]), e.value.__notes__  # inside the loop
+    monkeypatch.setattr(train, "loss_on", real)
+    resumed = train.train(train.AdaptConfig(**cfg, out=str(tmp_path / "b.gguf"), resume=True))["history"]
+    assert resumed == pytest.approx(straight, rel=1e-4), (resumed, straight)
+
+
+@needs_torch
+def test_a_kill_during_training_keeps_a_checkpoint_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a `kill`, `timeout`, a container stop) ended the run at once: every step since the last checkpoint
+    lost, with --checkpoint-every 0 all of them. Now it unwinds as Ctrl-C: checkpoint, the line, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import as_a_shell_starts_it
+
+    path = tasks.write_jsonl(tasks.iso_dates(16, seed=5), tmp_path / "d.jsonl")
+    out, err_path = tmp_path / "k.gguf", tmp_path / "err.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "adapt", str(path), "-o", str(out), "--steps",
+                                 "200", "--batch", "1", "--max-len", "48", "--modules", "attn_q", "--layers", "29",
+                                 "--rank", "2", "-t", "1", "--checkpoint-every", "0"], stderr=err,
+                                env=dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home")),
+                                preexec_fn=as_a_shell_starts_it)
+        try:
+            deadline = time.monotonic() + 300
+            while " step 2/200 " not in err_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err_path.read_text()
+    assert proc.returncode == 143, text
+    assert re.search(r"interrupted at step \d+/200; checkpoint saved to .*k\.gguf\.ckpt\.pt; continue with the same "
+                     r"command plus --resume", text), text
+    assert Path(f"{out}.ckpt.pt").is_file() and not out.exists()
+    assert "Traceback" not in text

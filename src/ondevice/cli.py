@@ -84,13 +84,13 @@ def _warnings_as_lines(verb: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C anywhere (while imports or a model load run too): no traceback
+    except KeyboardInterrupt as e:  # Ctrl-C anywhere (while imports or a model load run too): no traceback
         if argv is None:  # the command itself: a second Ctrl-C while it exits changes nothing
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)  # 128 + the signal for a `kill` taken as an interrupt (Terminated)
 
 
 def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:

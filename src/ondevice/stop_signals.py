@@ -69,6 +69,20 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """A block that Ctrl-C, SIGTERM and SIGHUP do not cut in two: they wait (blocked in the kernel) and land as the
+    block ends. For a few steps that must happen together or not at all (an optimizer step and its count)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *_SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _send_again_soon(sig: int) -> None:
     """The signal again in 10 ms, from a helper thread: by then the finalizer it landed in has (most likely)
     returned; if not, it is put off again. Once the handler is gone, its default action ends the process."""

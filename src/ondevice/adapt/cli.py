@@ -272,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
     if out.is_file():  # --name NAME / -o FILE replace by intent, but never without a word (hours of training)
         print(f"ondevice adapt: note: this run replaces {out}{_made(out)} when it ends; give another --name or -o "
               f"to keep it", file=sys.stderr)
-    r = train(cfg)
+    from ..stop_signals import interrupt_on_signals
+
+    with interrupt_on_signals():  # a `kill` (a timeout, a container stop) keeps a checkpoint as Ctrl-C does
+        r = train(cfg)
     if args.check:
         from .check import agreement
         from .data import read_jsonl

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..models.store import cached_sha256, sha256_file
+from ..stop_signals import signals_held
 from . import adapter_file, data
 
 PRECISIONS = ("fp32", "bf16")
@@ -370,16 +371,20 @@ def train(cfg: AdaptConfig) -> dict:
 
     t0 = time.perf_counter()
     step0, measuring = step, ""
+    unfinished = None  # the rng as the step under way found it: an interrupt draws its batch again on resume
     try:
         while step < cfg.steps:
+            unfinished = rng.getstate()
             batch = rng.sample(train_ex, min(cfg.batch, len(train_ex)))
             loss = loss_on(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            history.append(round(loss.item(), 5))
+            with signals_held():  # the update and its count together: a resume neither skips nor repeats it
+                opt.step()
+                sched.step()
+                step += 1
+                history.append(round(loss.item(), 5))
+                unfinished = None
             if cfg.progress:
                 _progress(step, cfg.steps, history[-1], (time.perf_counter() - t0) / (step - step0))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -388,6 +393,8 @@ def train(cfg: AdaptConfig) -> dict:
         measuring = " (measuring the held-out loss)"  # a minute on many examples: Ctrl-C there keeps the steps too
         held_after = mean_loss(model, held)
     except KeyboardInterrupt as e:
+        if unfinished is not None:
+            rng.setstate(unfinished)
         save_ckpt()
         _interrupted(cfg, e, f"interrupted at step {step}/{cfg.steps}{measuring}; checkpoint saved to "
                              f"{cfg.ckpt_path}; continue with the same command plus --resume (in Python: resume=True)")

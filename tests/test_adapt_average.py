@@ -106,6 +106,32 @@ def test_the_cli_stores_a_soup_that_runs_by_name_and_refuses_what_cannot_be_comb
     assert m.returncode == 2 and "merge takes one adapter" in m.stderr
 
 
+def test_average_and_merge_replace_an_adapter_or_model_only_with_force(three, tmp_path, cli):
+    """A typo'd --name used to replace a trained adapter (or a merged model) without a word, where PEFT's
+    add_weighted_adapter refuses an existing name."""
+    a, b, c = (str(p) for p, _ in three.values())
+    assert cli("adapt", "average", a, b, "--name", "soup").returncode == 0
+    home = tmp_path / "home"
+    kept = (home / "adapters" / "soup.gguf").read_bytes()
+    again = cli("adapt", "average", a, c, "--name", "soup")
+    assert again.returncode == 2 and "adapt average would replace the adapter " in again.stderr, again.stderr
+    assert "soup.gguf exists (made " in again.stderr and "--force" in again.stderr
+    assert (home / "adapters" / "soup.gguf").read_bytes() == kept
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"a file of the user's")
+    assert cli("adapt", "average", a, c, "-o", str(out)).returncode == 2 and out.read_bytes() == b"a file of the user's"
+    assert cli("adapt", "average", a, c, "--name", "soup", "--force").returncode == 0
+    assert (home / "adapters" / "soup.gguf").read_bytes() != kept
+    first = cli("adapt", "merge", "soup")
+    assert first.returncode == 0, first.stderr
+    merged = home / "models" / "smollm2-135m-instruct-soup.gguf"
+    made = merged.stat().st_mtime_ns
+    second = cli("adapt", "merge", "soup")
+    assert second.returncode == 2 and "adapt merge would replace the model " in second.stderr, second.stderr
+    assert merged.stat().st_mtime_ns == made
+    assert cli("adapt", "merge", "soup", "--force").returncode == 0 and merged.stat().st_mtime_ns != made
+
+
 def test_a_scale_multiplies_the_adapters_change_as_llama_cpp_applies_it(three, tmp_path, smol_path):
     a = str(three["a"][0])
     twice = average([a, a], tmp_path / "twice.gguf", weights=[1.0, 1.0])["path"]  # the change x 2, in one file

@@ -44,9 +44,10 @@ def combine(adapters: list[tuple[dict[str, tuple[np.ndarray, np.ndarray]], float
 
 
 def average(specs: list[str], out: str | Path | None = None, name: str | None = None,
-            weights: list[float] | None = None) -> dict:
+            weights: list[float] | None = None, *, force: bool = False) -> dict:
     """Write the weighted combination of the adapters ``specs`` (files or stored names) to ``out``, else into the
-    store as ``name``; weights default to 1/n each (a uniform soup). Returns what was written."""
+    store as ``name`` (one there already only with ``force``); weights default to 1/n each (a uniform soup).
+    Returns what was written."""
     if len(specs) < 2:
         raise InvalidArgument("adapt average needs two or more adapters: ondevice adapt average A B [C ...] "
                               "-o OUT.gguf (or --name NAME)")
@@ -75,6 +76,7 @@ def average(specs: list[str], out: str | Path | None = None, name: str | None = 
         raise InvalidArgument(f"adapt average: the adapters were trained on different base models ({by}); "
                               f"combine only adapters of one base")
     store.check_out_file(out, "combined adapter", "soup.gguf")
+    store.refuse_replacing(target, "adapt average would replace the adapter", force)
     adapters = [read_lora(p) for p in paths]
     shapes: dict[str, dict[tuple[int, int], str]] = {}  # tensor -> {(out, in): the first file with that shape}
     for (pairs, _), p in zip(adapters, paths, strict=True):

@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "N conversations of DATA (training ones too: it checks the export, not generalisation; with "
                         "merge: the merged model against base + adapter on N general prompts)")
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
+    p.add_argument("--force", action="store_true", help="merge / average: replace the model or adapter they would "
+                                                        "write where one is there already")
 
 
 def parse_budget(s: str) -> int:
@@ -165,7 +167,7 @@ def merge_adapter(args: argparse.Namespace) -> int:
     if len(args.adapter) != 1:
         raise InvalidArgument("merge takes one adapter: ondevice adapt merge NAME [-o OUT.gguf] (to combine several "
                               "first: ondevice adapt average A B --name NAME)")
-    r = merge(args.adapter[0], args.out, model=args.model, out_type=args.out_type)
+    r = merge(args.adapter[0], args.out, model=args.model, out_type=args.out_type, force=args.force)
     if args.check:
         from .check import GENERIC_PROMPTS, merged_agreement
 
@@ -189,20 +191,6 @@ def merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _made(path: Path) -> str:
-    """' (made 2026-12-05 12:37 from train.jsonl)': when and from what the adapter at ``path`` was made, if it says."""
-    from .adapter_file import KEY, read_meta
-
-    try:
-        meta = read_meta(path)
-    except InvalidArgument:  # not an adapter we can read: nothing to say about it
-        return ""
-    when = str(meta.get(KEY + "created") or "")[:16].replace("T", " ")
-    src = (meta.get(KEY + "settings") or {}).get("data")
-    said = " ".join(x for x in (when, f"from {src}" if src else "") if x)
-    return f" (made {said})" if said else ""
-
-
 def average_adapters(args: argparse.Namespace) -> int:
     from .average import average
 
@@ -211,7 +199,7 @@ def average_adapters(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgument(f"--weights {args.weights!r}: give numbers separated by commas, one per adapter, "
                               f"e.g. --weights 0.5,0.5") from None
-    r = average(args.adapter, args.out, args.name, weights)
+    r = average(args.adapter, args.out, args.name, weights, force=args.force)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -269,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
     if budget and hand:  # the planner picks all three: a hand choice would be dropped without a word
         raise InvalidArgument(f"--budget chooses the layers, modules and ranks itself; drop {' '.join(hand)}, or "
                               f"drop --budget to choose them by hand")
+    from .store import made_note
+
     if out.is_file():  # --name NAME / -o FILE replace by intent, but never without a word (hours of training)
-        print(f"ondevice adapt: note: this run replaces {out}{_made(out)} when it ends; give another --name or -o "
+        print(f"ondevice adapt: note: this run replaces {out}{made_note(out)} when it ends; give another --name or -o "
               f"to keep it", file=sys.stderr)
     from ..stop_signals import interrupt_on_signals
 

@@ -36,9 +36,10 @@ def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> 
 
 
 def merge(adapter: str | Path, out: str | Path | None = None, model: str | None = None,
-          out_type: str = "q8_0") -> dict:
+          out_type: str = "q8_0", *, force: bool = False) -> dict:
     """Write the base of ``adapter`` (its recorded base, or ``model``) with the adapter merged to ``out`` (temp file,
-    then rename); ``out`` None: into the model store as ``<base>-<adapter>``. Returns what was written."""
+    then rename); ``out`` None: into the model store as ``<base>-<adapter>``. A model or file there already is
+    replaced only with ``force``. Returns what was written."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -57,6 +58,11 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     refuse_split(validate_gguf(base), "adapt merge")
     name = f"{Path(base).stem if model else base_name}-{apath.stem}"
     store.check_out_file(out, "merged model's", f"{name}.gguf")
+    from ..models.catalog import store_variants
+
+    there = Path(out) if out else store_variants().get(name)
+    if there is not None:
+        store.refuse_replacing(there, "adapt merge would replace the model", force)
     check(apath, base)  # refused here when the adapter was trained on another base
     pairs, alpha = read_lora(apath)
     reader = gguf.GGUFReader(str(base))

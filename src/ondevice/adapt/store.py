@@ -188,3 +188,25 @@ def table(rows: list[dict]) -> str:
     lines = [head, *map(fmt, rows)]
     w = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(x[:-1])) + "  " + x[-1] for x in lines)
+
+
+def made_note(path: Path) -> str:
+    """' (made 2026-12-05 12:37 from train.jsonl)': when and from what the adapter at ``path`` was made, if it says."""
+    from .adapter_file import KEY, read_meta
+
+    try:
+        meta = read_meta(path)
+    except InvalidArgument:  # not an adapter we can read: nothing to say about it
+        return ""
+    when = str(meta.get(KEY + "created") or "")[:16].replace("T", " ")
+    src = (meta.get(KEY + "settings") or {}).get("data")
+    said = " ".join(x for x in (when, f"from {src}" if src else "") if x)
+    return f" (made {said})" if said else ""
+
+
+def refuse_replacing(path: Path, what: str, force: bool) -> None:
+    """``path`` (what merge or average would write) is there already: refused without ``force``, naming what it
+    holds, since a typo in --name would replace hours of training without a word."""
+    if path.exists() and not force:
+        raise InvalidArgument(f"{what} {path} exists{made_note(path)}; give another name, or --force (force=True) "
+                              f"to replace it")

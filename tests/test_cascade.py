@@ -227,8 +227,12 @@ def test_hard_samples_store_and_export(tmp_path):
                            confidence=0.1, messages=[{"role": "user", "content": "hi"}], device_answer="yo",
                            cloud_answer="Hello!", extra={"reason": "unsure"})
         assert st.hard_samples(device_sha256="abc")[0]["extra"] == {"reason": "unsure"}
+        st.add_hard_sample(source="test", device_model="m", device_sha256="abc123", cloud_model="c",
+                           confidence=0.1, messages=[{"role": "user", "content": "Describe the sea."}],
+                           device_answer="?", cloud_answer="The sea is a vast",
+                           extra={"reason": "unsure", "finish_reason": "length"})  # kept by an older version
     out = tmp_path / "hard.jsonl"
-    assert export_hard_samples(out, store=db) == 1
+    assert export_hard_samples(out, store=db) == 1  # the cut-off answer is no training row
     assert json.loads(out.read_text()) == {"messages": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "Hello!"}]}
 
@@ -414,12 +418,14 @@ def test_hard_samples_kept_unless_the_request_says_no(device, home, cli):
 
     with Store() as st:
         n0 = len(st.hard_samples())
-    _ask(device, {"always_defer": True})
-    _ask(device, {"always_defer": True, "keep": False})
+    _ask(device, {"always_defer": True}, max_tokens=96)  # the cloud's whole answer (56 tokens): kept
+    _ask(device, {"always_defer": True, "keep": False}, max_tokens=96)
+    _ask(device, {"always_defer": True}, max_tokens=4)  # cut off by max_tokens: it would teach stopping mid-sentence
     time.sleep(0.5)  # written after the reply (a background task)
     with Store() as st:
         kept = st.hard_samples()
     assert len(kept) == n0 + 1 and kept[-1]["messages"] == MSG and kept[-1]["cloud_model"] == "cloud-smol"
+    assert kept[-1]["extra"]["finish_reason"] == "stop"
     r = cli("cascade", "export", env={"ONDEVICE_HOME": str(home)})
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]

@@ -93,10 +93,15 @@ def finish(decision: Decision, confidence: float, calibrated: bool, feats: dict,
                          **base)
 
 
+CUT_SHORT = ("length", "content_filter")  # a cloud answer that did not end: no target to learn from
+
+
 def should_keep(policy: Policy, request: RequestPolicy, result: CascadeResult) -> bool:
-    """A hard sample is kept when the cloud answered a deferred request and keeping is on (never a private one)."""
+    """A hard sample is kept when the cloud answered a deferred request in full and keeping is on (never a private
+    one). An answer cut off by max_tokens would teach the device, with the end-of-turn token training adds, to stop
+    mid-sentence."""
     keep = policy.keep_hard if request.keep is None else request.keep
-    return keep and not request.never_defer and result.tier == "cloud"
+    return keep and not request.never_defer and result.tier == "cloud" and result.finish_reason not in CUT_SHORT
 
 
 def keep_sample(store_path: str | Path | None, source: str, device_model: str, device_sha256: str | None,
@@ -108,7 +113,8 @@ def keep_sample(store_path: str | Path | None, source: str, device_model: str, d
         return db.add_hard_sample(source=source, device_model=device_model, device_sha256=device_sha256,
                                   cloud_model=result.cloud_model, confidence=result.confidence,
                                   messages=list(messages), device_answer=result.device_text,
-                                  cloud_answer=result.text, extra=result.info())
+                                  cloud_answer=result.text,
+                                  extra={**result.info(), "finish_reason": result.finish_reason})
 
 
 def request_policy(value: RequestPolicy | dict | None) -> RequestPolicy:

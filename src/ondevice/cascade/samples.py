@@ -13,10 +13,13 @@ from pathlib import Path
 
 
 def training_rows(samples: list[dict]) -> list[dict]:
-    """Chat rows of the samples whose cloud answer has text (a store kept before empty cloud replies were
-    refused as ``bad_reply`` may hold some: a model must not learn to answer nothing)."""
+    """Chat rows of the samples whose cloud answer has text and ended (a store kept before empty cloud replies
+    were refused as ``bad_reply``, or before answers cut off by max_tokens were left out, may hold some: a model
+    must not learn to answer nothing, nor to stop mid-sentence)."""
+    from .core import CUT_SHORT
+
     return [{"messages": [*s["messages"], {"role": "assistant", "content": s["cloud_answer"]}]} for s in samples
-            if (s["cloud_answer"] or "").strip()]
+            if (s["cloud_answer"] or "").strip() and (s.get("extra") or {}).get("finish_reason") not in CUT_SHORT]
 
 
 def export_hard_samples(out: str | Path | None = None, *, store: str | Path | None = None,

@@ -159,3 +159,31 @@ def test_run_and_eval_take_a_scaled_adapter_and_eval_records_the_scale(three, tm
     assert recs[2]["ppl"] != pytest.approx(recs[3]["ppl"], rel=1e-3) and recs[2]["adapter"] == a
     shown = cli(*ppl[:-2], "--no-store", "--adapter", f"{a}:0.5")
     assert shown.returncode == 0 and "+ adapter a.gguf x 0.5 (sha256" in shown.stdout + shown.stderr, shown.stderr
+
+
+def test_an_adapter_applies_to_another_quantization_of_its_base_with_a_warning(three, tmp_path, cli, smol_path):
+    """llama.cpp and Ollama apply a LoRA to any quantization of the model it was trained on; the sha256 check
+    refused it as "another base model". The same model in another file (same name, architecture, vocabulary and
+    tensor shapes) is now applied with a warning; another model is still refused."""
+    a = str(three["a"][0])
+    q8 = tmp_path / "smol-q8_0.gguf"
+    r = cli("quantize", str(smol_path), str(q8), "Q8_0", "--allow-requantize")
+    assert r.returncode == 0, r.stderr
+    run = cli("run", "-m", str(q8), "--adapter", a, "-n", "3", "--temp", "0", "Hello")
+    assert run.returncode == 0, run.stderr
+    assert "ondevice run: warning: --adapter a.gguf was trained on smollm2-135m-instruct (sha256 " in run.stderr
+    assert "smol-q8_0.gguf is the same model (" in run.stderr and "another quantization most likely" in run.stderr
+    other = tmp_path / "renamed.gguf"  # the same shapes under another model name: not provably the same model
+    from gguf import GGUFReader
+
+    reader = GGUFReader(q8)
+    field = reader.fields["general.name"]
+    raw = bytearray(q8.read_bytes())
+    start = field.parts[field.data[0]].ctypes.data - reader.data.ctypes.data  # the name's bytes, same length
+    old = bytes(raw[start:start + len(field.parts[field.data[0]])])
+    raw[start:start + len(old)] = b"X" * len(old)
+    other.write_bytes(bytes(raw))
+    refused = cli("run", "-m", str(other), "--adapter", a, "-n", "3", "Hello")
+    assert refused.returncode == 2, refused.stderr
+    assert "was trained on another base model (smollm2-135m-instruct" in refused.stderr
+    assert "which differs in its name, architecture or tensor shapes" in refused.stderr

@@ -113,11 +113,40 @@ def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None)
     if want:
         have = base_sha256 or cached_sha256(base)
         if have != want:
-            raise InvalidArgument(
-                f"--adapter {Path(adapter).name} was trained on another base model "
-                f"({meta.get(KEY + 'base_name', '?')}, sha256 {want[:12]}...) but this model is {Path(base).name} "
-                f"(sha256 {have[:12]}...); load it with its own base (-m){_train_advice(base)}")
+            trained = meta.get(KEY + "base_name", "?")
+            same = base_sha256 is None and _same_model(trained, want, base)
+            if not same:
+                raise InvalidArgument(
+                    f"--adapter {Path(adapter).name} was trained on another base model ({trained}, sha256 "
+                    f"{want[:12]}...) but this model is {Path(base).name} (sha256 {have[:12]}...), which differs in "
+                    f"its name, architecture or tensor shapes; load it with its own base (-m){_train_advice(base)}")
+            import warnings
+
+            warnings.warn(f"--adapter {Path(adapter).name} was trained on {trained} (sha256 {want[:12]}...); "
+                          f"{Path(base).name} is the same model ({same}) in another file, another quantization "
+                          f"most likely: the adapter is applied, as llama.cpp applies it, and may act a little "
+                          f"differently than on the file it was trained on", stacklevel=2)
     return meta
+
+
+def _same_model(trained: str, trained_sha: str, base: str | Path) -> str | None:
+    """'Smollm2 135M ..., llama, 272 tensors of the same shapes' when ``base`` is the model the adapter was trained
+    on in another file (a quantization of it: the same ``general.name``, architecture, vocabulary and tensor
+    shapes; the types may differ), read from the trained file where ``trained`` still names it here; else None."""
+    from ..models import resolve
+    from ..models.gguf_check import validate_gguf
+
+    try:
+        ref = resolve(trained)
+        if cached_sha256(ref.path) != trained_sha:
+            return None
+        a, b = validate_gguf(ref.path), validate_gguf(base)
+    except Exception:  # noqa: BLE001 — the trained base is gone, or this one cannot be read: not provably the same
+        return None
+    if not a.name or (a.name, a.architecture, a.n_vocab, a.tensor_shapes) != (b.name, b.architecture, b.n_vocab,
+                                                                               b.tensor_shapes):
+        return None
+    return f"{a.name}, {a.architecture}, {len(a.tensor_shapes)} tensors of the same shapes"
 
 
 def _train_advice(base: str | Path) -> str:

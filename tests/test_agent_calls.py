@@ -151,3 +151,70 @@ def test_eval_and_agent_bench_give_the_same_prompt_and_grammar(smol_path):
                 ("You can call these tools" in text and "<tool_call>" not in g)
     finally:
         m.close()
+
+
+def test_a_value_at_the_call_grammars_bound_is_refused_not_run(monkeypatch):
+    """The grammar bounds free strings and arrays so that every call ends; a value that reached the bound was
+    cut (an email body, a guest list) and was run as it was, cut at 80 characters or 6 items, exit 0."""
+    import ondevice.agent.agent as agent_mod
+    from ondevice.agent import Agent, Toolbox
+    from ondevice.agent.calls import Turn, call_grammar, cut_value
+
+    sent = []
+
+    def send_email(to: str, body: str) -> str:
+        """Send an email."""
+        sent.append(body)
+        return "sent"
+
+    cut = Call("send_email", {"to": "bob@example.com", "body": "x" * 80})
+    assert cut_value(cut) == ("send_email: body reached the call grammar's bound (80 characters per string, 6 items "
+                              "per list): the value was cut, not finished, so the call did not run; raise it with "
+                              "--max-arg-chars / --max-arg-items")
+    assert "names reached" in cut_value(Call("invite", {"names": ["a"] * 6}))
+    assert cut_value(Call("invite", {"names": ["a"] * 5})) is None
+    body = "Hi Bob, the quarterly review moved from Tuesday to Thursday at 3pm in room 4B; bring the budget."
+    script = iter([{"to": "bob@example.com", "body": body[:80]}] * 3)  # a stand-in for the actor, cut each time
+
+    def turn(*args, **kw):
+        return Turn(text="", calls=[Call("send_email", next(script))], constrained=True)
+
+    monkeypatch.setattr(agent_mod, "call_turn", turn)
+    run = Agent(Toolbox([send_email]), actor=object(), answer_tokens=0).run("mail bob", plan=False)
+    assert not run.ok and not sent and "body reached the call grammar's bound" in run.nodes[0].error
+    long = Agent(Toolbox([send_email]), actor=object(), answer_tokens=0, max_arg_chars=400)
+    assert cut_value(Call("send_email", {"to": "b", "body": body}), long.bounds) is None
+    tools = list(Toolbox([send_email]).tools.values())
+    assert call_grammar(tools, parallel=False, allow_text=False, bounds=long.bounds) != call_grammar(
+        tools, parallel=False, allow_text=False)  # the grammar lets the longer value through
+    from ondevice.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="give 1 to 1000 characters"):
+        Agent(Toolbox([send_email]), actor=object(), max_arg_chars=5000)
+
+
+def test_no_plan_with_every_try_invalid_is_a_failed_run_not_a_crash(monkeypatch):
+    """--no-plan: when the last try's call was invalid too, the run ended in `AssertionError: unreachable`."""
+    import ondevice.agent.agent as agent_mod
+    from ondevice.agent import Agent, Toolbox
+    from ondevice.agent.calls import Turn
+
+    ran = []
+
+    def transfer(to: str, amount: int) -> str:
+        """Transfer money."""
+        ran.append(amount)
+        return "done"
+
+    tries = []
+
+    def turn(*args, **kw):  # a stand-in for the actor: an invalid call every time
+        tries.append(1)
+        return Turn(text="", calls=[Call("transfer", {"to": "bob", "amount": "five"})], constrained=True)
+
+    monkeypatch.setattr(agent_mod, "call_turn", turn)
+    run = Agent(Toolbox([transfer]), actor=object(), answer_tokens=0, max_retries=1).run("Send 5 to bob", plan=False)
+    assert len(tries) == 2 and not ran and not run.ok
+    (n,) = run.nodes
+    assert n.status == "failed" and n.result.kind == "invalid" and "amount" in n.error
+    assert [a["ok"] for a in n.attempts] == [False]

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..engine.grammar import schema_grammar
 from ..engine.records import Sampling
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
-from .calls import TEXT_RULE, Turn, call_turn, check_calls
+from .calls import MAX_CHARS, MAX_ITEMS, TEXT_RULE, Turn, call_turn, check_calls, cut_value
 from .graph import GraphRun, Node, Replan, run_graph
 from .retrieval import ToolIndex
 from .tools import Confirm, Tool, Toolbox
@@ -117,9 +117,15 @@ class Agent:
     def __init__(self, toolbox: Toolbox, *, planner=None, actor=None, index: ToolIndex | None = None,
                  top_k: int = 5, sops: Sequence[SOP] = (), confirm: Confirm | None = None, max_retries: int = 2,
                  parallel: bool = True, max_workers: int = 4, replan: Replan | None = None,
-                 on_event: Callable[[dict], None] | None = None, answer_tokens: int = 256):
+                 on_event: Callable[[dict], None] | None = None, answer_tokens: int = 256,
+                 max_arg_chars: int = MAX_CHARS, max_arg_items: int = MAX_ITEMS):
         if planner is None and actor is None:
             raise InvalidArgument("an agent needs a model: give planner= and/or actor=")
+        if not (1 <= max_arg_chars <= 1000 and 1 <= max_arg_items <= 64):  # llama.cpp's grammar repetition limit
+            raise InvalidArgument(f"--max-arg-chars {max_arg_chars} / --max-arg-items {max_arg_items}: give 1 to 1000 "
+                                  f"characters and 1 to 64 items (llama.cpp's grammar expands longer bounds too far)")
+        # the call grammar's bound on a free string / array: every call ends; a value that reached it is refused
+        self.bounds = (max_arg_chars, max_arg_items)
         self.toolbox, self.index, self.top_k = toolbox, index, top_k
         self.planner, self.actor = planner or actor, actor or planner
         self.sops = list(sops)
@@ -173,10 +179,13 @@ class Agent:
                 msgs += [{"role": "assistant", "content": json.dumps({"name": node.tool, "arguments": a["args"]})},
                          {"role": "user", "content": f"That call failed: {a['error']}. Write a corrected call."}]
             tool = self.toolbox.get(node.tool)
-            turn = call_turn(self.actor, msgs, [tool], constrained=True, system=sop_prompt(self.sops))
+            turn = call_turn(self.actor, msgs, [tool], constrained=True, system=sop_prompt(self.sops),
+                             bounds=self.bounds)
             turns.append(_turn_record(f"act:{node.id}", turn))
             if not turn.calls:
                 raise OndeviceError(f"the actor wrote no call for {node.id}: {turn.parse_error}")
+            if (cut := cut_value(turn.calls[0], self.bounds)) is not None:  # an invalid try: the next one sees why
+                raise OndeviceError(cut)
             return turn.calls[0].arguments
         return fill
 
@@ -231,11 +240,12 @@ class Agent:
         tried: dict[str, list[dict]] = {}  # tool -> its earlier tries: a corrected call is their next attempt
         for attempt in range(self.max_retries + 1):
             turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
-                             system=sop_prompt(self.sops))
+                             system=sop_prompt(self.sops), bounds=self.bounds)
             turns.append(_turn_record(f"call:{attempt + 1}", turn))
             if turn.calls is None:  # a reply in words: the answer, unless only the tools' results are wanted
                 return AgentRun(request, [], None, turns, answer=turn.text.strip() if self.answer_tokens else None)
-            problem = check_calls(turn.calls, tools)
+            problem = check_calls(turn.calls, tools) or next(
+                (cut for c in turn.calls if (cut := cut_value(c, self.bounds)) is not None), None)
             if problem is None:
                 nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments, attempts=list(tried.get(c.name, [])))
                          for i, c in enumerate(turn.calls)]
@@ -246,9 +256,26 @@ class Agent:
                 if not failed or attempt == self.max_retries:
                     return AgentRun(request, list(g.nodes.values()), g, turns)
                 problem = "; ".join(n.error for n in failed)
+            if attempt == self.max_retries:  # the last try was no valid call: it failed, it did not run
+                return self._invalid(request, turn, problem, tried, turns, t0)
             msgs += [{"role": "assistant", "content": turn.text},
                      {"role": "user", "content": f"That call failed: {problem}. Write a corrected call."}]
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # every try returns or goes on to the next
+
+    @staticmethod
+    def _invalid(request: str, turn: Turn, problem: str, tried: dict, turns: list, t0: float) -> AgentRun:
+        """The run of a last try whose calls were invalid: each a failed subtask with the reason, none run."""
+        from .tools import ToolResult
+
+        nodes = []
+        for i, c in enumerate(turn.calls):
+            args = c.arguments if isinstance(c.arguments, dict) else {"_": c.arguments}
+            res = ToolResult(c.name, args, False, error=problem, kind="invalid", started=time.perf_counter())
+            nodes.append(Node(id=f"c{i + 1}", tool=c.name, args=args, status="failed", result=res, error=problem,
+                              attempts=[*tried.get(c.name, []), {"args": args, "ok": False, "error": problem,
+                                                                 "kind": "invalid", "seconds": 0.0}]))
+        g = GraphRun({n.id: n for n in nodes}, [], time.perf_counter() - t0)
+        return AgentRun(request, nodes, g, turns)
 
 
 def clip(text: str, limit: int) -> str:

@@ -58,12 +58,16 @@ class Turn:
     meta: dict = field(default_factory=dict)
 
 
-def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
+MAX_CHARS, MAX_ITEMS = 80, 6  # the call grammar's default bound on a free string / array (bounded, cut_value)
+
+
+def bounded(schema: dict, max_chars: int = MAX_CHARS, max_items: int = MAX_ITEMS) -> dict:
     """A copy of ``schema`` whose free strings and arrays have an upper bound, for the grammar only.
 
     Under a grammar a small model can still run away inside a value (an array that never closes, a string
     that never ends, extra keys) until ``max_tokens`` cuts the call short; with bounds every call the
-    grammar allows ends. Validation still uses the tool's own schema.
+    grammar allows ends. Validation still uses the tool's own schema; the agent refuses a value that reached
+    the bound (:func:`cut_value`: it was cut, not finished, e.g. an email body or a guest list).
     """
     if isinstance(schema, list):
         return [bounded(x, max_chars, max_items) for x in schema]
@@ -85,9 +89,11 @@ def bounded(schema: dict, max_chars: int = 80, max_items: int = 6) -> dict:
     return out
 
 
-def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, wrapped: bool = False) -> str:
-    """:func:`ondevice.engine.toolcalls.call_grammar` over ``tools`` with :func:`bounded` values."""
-    return tc.call_grammar([(t.name, bounded(t.parameters)) for t in tools], parallel=parallel,
+def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, wrapped: bool = False,
+                 bounds: tuple[int, int] = (MAX_CHARS, MAX_ITEMS)) -> str:
+    """:func:`ondevice.engine.toolcalls.call_grammar` over ``tools`` with :func:`bounded` values (``bounds``:
+    characters per free string, items per array)."""
+    return tc.call_grammar([(t.name, bounded(t.parameters, *bounds)) for t in tools], parallel=parallel,
                            allow_text=allow_text, wrapped=wrapped)
 
 
@@ -123,20 +129,22 @@ def with_system(messages: Sequence[dict], system: str) -> list[dict]:
 
 
 def call_request(model, messages: Sequence[dict], tools: Sequence[Tool], *, parallel: bool, allow_text: bool,
-                 constrained: bool, system: str = "") -> tuple[list[dict], list[dict] | None, str | None]:
+                 constrained: bool, system: str = "", bounds: tuple[int, int] = (MAX_CHARS, MAX_ITEMS)
+                 ) -> tuple[list[dict], list[dict] | None, str | None]:
     """``(messages, tools for the template, grammar or None)``: one request for a call, as every caller makes it.
 
     The agent's turns, the suite's items (agent_bench) and ``ondevice eval --suite function-calling`` all
     come through here, so the same item and model give the same prompt and grammar everywhere.
     """
     msgs, shown = call_prompt(model, messages, tools, parallel=parallel, allow_text=allow_text, system=system)
-    grammar = (call_grammar(tools, parallel=parallel, allow_text=allow_text, wrapped=wraps_calls(model))
-               if constrained else None)
+    grammar = (call_grammar(tools, parallel=parallel, allow_text=allow_text, wrapped=wraps_calls(model),
+                            bounds=bounds) if constrained else None)
     return msgs, shown, grammar
 
 
 def check_calls(calls: Sequence[Call], tools: Sequence[Tool]) -> str | None:
-    """None when every call names an offered tool with arguments valid for it, else what is wrong."""
+    """None when every call names an offered tool with arguments valid for it and none of them cut at the call
+    grammar's bound, else what is wrong."""
     by_name = {t.name: t for t in tools}
     for c in calls:
         t = by_name.get(c.name)
@@ -149,11 +157,37 @@ def check_calls(calls: Sequence[Call], tools: Sequence[Tool]) -> str | None:
     return None
 
 
+def cut_value(c: Call, bounds: tuple[int, int] = (MAX_CHARS, MAX_ITEMS)) -> str | None:
+    """What in ``c``'s arguments reached the call grammar's ``bounds`` (so it was cut, not finished), else None."""
+    if (where := at_bound(c.arguments, *bounds)) is None:
+        return None
+    return (f"{c.name}: {where} reached the call grammar's bound ({bounds[0]} characters per string, {bounds[1]} "
+            f"items per list): the value was cut, not finished, so the call did not run; raise it with "
+            f"--max-arg-chars / --max-arg-items")
+
+
+def at_bound(value, max_chars: int, max_items: int, path: str = "the arguments") -> str | None:
+    """Where in ``value`` a string or list is as long as the call grammar lets it be (so it was likely cut)."""
+    if isinstance(value, str):
+        return path if len(value) >= max_chars else None
+    if isinstance(value, list):
+        if len(value) >= max_items:
+            return path
+        return next((w for i, v in enumerate(value)
+                     if (w := at_bound(v, max_chars, max_items, f"{path}[{i}]")) is not None), None)
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := at_bound(
+            v, max_chars, max_items, k if path == "the arguments" else f"{path}.{k}")) is not None), None)
+    return None
+
+
 def call_turn(model, messages: Sequence[dict], tools: Sequence[Tool], *, constrained: bool = True,
-              parallel: bool = False, allow_text: bool = False, system: str = "", max_tokens: int = 256) -> Turn:
+              parallel: bool = False, allow_text: bool = False, system: str = "", max_tokens: int = 256,
+              bounds: tuple[int, int] = (MAX_CHARS, MAX_ITEMS)) -> Turn:
     """Ask ``model`` for a call to one of ``tools`` (or, with ``allow_text``, possibly a plain answer)."""
     msgs, shown, grammar = call_request(model, messages, tools, parallel=parallel, allow_text=allow_text,
-                                        constrained=constrained, system=system)
+                                        constrained=constrained, system=system, bounds=bounds)
+    max_tokens = max(max_tokens, bounds[0] // 2 + 128)  # room for a whole value of the longest string allowed
     sampling = Sampling(temp=0.0, max_tokens=max_tokens, grammar=grammar)
     parts, last = [], None
     for g in model.stream(msgs, tools=shown, sampling=sampling):

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="run sensitive tools without asking")
     p.add_argument("--sequential", action="store_true", help="run independent subtasks one by one")
     p.add_argument("--retries", type=int, default=2, help="corrected tries after a failed or invalid call")
+    p.add_argument("--max-arg-chars", type=int, default=80, metavar="N",
+                   help="the call grammar's bound on a free string argument (1-1000; default 80): every call ends, "
+                        "and a value that reaches it was cut, so the call is refused, never run")
+    p.add_argument("--max-arg-items", type=int, default=6, metavar="N",
+                   help="the same bound on a list argument's items (1-64; default 6)")
     p.add_argument("--ctx", type=int, default=4096, help="context window of the models")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--log", default=None, metavar="FILE.jsonl", help="append the run (steps, timings) here")
@@ -145,6 +150,7 @@ def _run_agent(args, box, request: str) -> int:
         agent = Agent(box, planner=planner, actor=actor, index=index, top_k=args.retrieve or 5,
                       sops=[SOP.load(p) for p in args.sop], confirm=(lambda t, a: True) if args.yes else cli_confirm,
                       max_retries=args.retries, parallel=not args.sequential, on_event=show,
+                      max_arg_chars=args.max_arg_chars, max_arg_items=args.max_arg_items,
                       answer_tokens=0 if args.no_answer else 256)
         try:
             result = agent.run(request, plan=not args.no_plan)

@@ -115,7 +115,7 @@ def test_average_and_merge_replace_an_adapter_or_model_only_with_force(three, tm
     kept = (home / "adapters" / "soup.gguf").read_bytes()
     again = cli("adapt", "average", a, c, "--name", "soup")
     assert again.returncode == 2 and "adapt average would replace the adapter " in again.stderr, again.stderr
-    assert "soup.gguf exists (made " in again.stderr and "--force" in again.stderr
+    assert "soup.gguf (made " in again.stderr and "give another name, or --force" in again.stderr
     assert (home / "adapters" / "soup.gguf").read_bytes() == kept
     out = tmp_path / "x.gguf"
     out.write_bytes(b"a file of the user's")

@@ -25,21 +25,22 @@ def _env(tmp_path) -> dict:
 
 def test_each_test_gets_its_own_context_whatever_else_the_sweep_holds(tmp_path, smol_path):
     both = subprocess.run(_bench(tmp_path, "-m", str(smol_path), "--tests", "pp16,tg4@d600", "--no-store",
-                                 "-o", "json"), env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+                                 "-o", "json"), env=_env(tmp_path), capture_output=True, text=True, timeout=400,
+                          check=False)
     assert both.returncode == 0, both.stderr
     recs = [BenchRecord.from_dict(d) for d in json.loads(both.stdout)]
     assert [(r.test, r.status) for r in recs] == [("pp16", "ok"), ("tg4@d600", "ok")]
     # llama-bench sizes each test's context to its own prompt + generated + depth (here in steps of 256)
     assert recs[0].n_ctx == 256 and recs[1].n_ctx == 768, [r.n_ctx for r in recs]
     alone = subprocess.run(_bench(tmp_path, "-m", str(smol_path), "--tests", "pp16", "--no-store", "-o", "json"),
-                           env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+                           env=_env(tmp_path), capture_output=True, text=True, timeout=400, check=False)
     assert alone.returncode == 0, alone.stderr
     solo = BenchRecord.from_dict(json.loads(alone.stdout)[0])
     assert (solo.n_ctx, solo.config_key) == (recs[0].n_ctx, recs[0].config_key)  # the same row for compare
     # -c N still gives every test that one context
     fixed = subprocess.run(_bench(tmp_path, "-m", str(smol_path), "--tests", "pp16,tg4@d600", "-c", "1024",
                                   "--no-store", "-o", "json"), env=_env(tmp_path), capture_output=True, text=True,
-                           timeout=400)
+                           timeout=400, check=False)
     assert fixed.returncode == 0, fixed.stderr
     assert [r["n_ctx"] for r in json.loads(fixed.stdout)] == [1024, 1024]
 
@@ -48,7 +49,7 @@ def test_jsonl_prints_each_test_as_it_finishes(tmp_path, smol_path):
     db = tmp_path / "runs.sqlite"
     proc = subprocess.Popen(_bench(tmp_path, "-m", str(smol_path), "--tests", "pp16,tg16@d300,tg16@d600", "-o",
                                    "jsonl", "--db", str(db)), env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=as_a_shell_starts_it)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509
     try:
         first = json.loads(proc.stdout.readline())
         assert first["test"] == "pp16" and first["status"] == "ok"

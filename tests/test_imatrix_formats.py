@@ -89,8 +89,8 @@ def test_a_gguf_count_of_zero_reads_as_one_as_llama_quantize_does(tmp_path):
     (lambda p, m: write_dat(p, {"blk.0.attn_q.weight": np.ones(576, np.float32)}) or p.write_bytes(
         p.read_bytes()[:100]), "it ends inside entry 1"),
     (lambda p, m: np.savez(p, **{"model.layers.0.q_proj": np.ones(576, np.float32)}),
-     "names none of this model's weight tensors (it holds model.layers.0.q_proj, ...): it was collected on another "
-     "model"),
+     ("names none of this model's weight tensors (it holds model.layers.0.q_proj, ...): it was collected on "
+      "another model")),
 ])
 def test_a_file_that_is_no_importance_matrix_for_this_model_is_named(cli, tmp_path, smol_path, make, says):
     bad = tmp_path / "bad.npz"

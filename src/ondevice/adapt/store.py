@@ -208,5 +208,5 @@ def refuse_replacing(path: Path, what: str, force: bool) -> None:
     """``path`` (what merge or average would write) is there already: refused without ``force``, naming what it
     holds, since a typo in --name would replace hours of training without a word."""
     if path.exists() and not force:
-        raise InvalidArgument(f"{what} {path} exists{made_note(path)}; give another name, or --force (force=True) "
-                              f"to replace it")
+        raise InvalidArgument(f"{what} {path}{made_note(path)}; give another name, or --force (force=True) to "
+                              f"replace it")

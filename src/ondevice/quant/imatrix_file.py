@@ -52,7 +52,7 @@ def _npz(p: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("not an archive of arrays")
+                raise ValueError("not an archive of arrays")  # noqa: TRY004 — said as the file's problem below
             out = {}
             for k in z.files:
                 if not np.issubdtype(z[k].dtype, np.number):
@@ -64,7 +64,7 @@ def _npz(p: Path) -> dict[str, np.ndarray]:
 
 
 def _gguf(p: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf import GGMLQuantizationType, GGUFReader
 
     try:
         reader = GGUFReader(p)

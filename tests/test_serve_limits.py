@@ -250,6 +250,16 @@ def test_request_timeout_is_504_and_frees_the_slot():
     with BackgroundServer(settings) as s:
         r = httpx.post(s.base_url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 504 and _error(r)["code"] == "timeout"
+        assert r.headers["x-should-retry"] == "false"  # the openai client retried a 504 twice: 3x the wait
+        import openai
+
+        sent = []
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", timeout=60,  # its default: 2 retries
+                               http_client=httpx.Client(event_hooks={"request": [sent.append]}))
+        with pytest.raises(openai.InternalServerError, match="timeout"):
+            client.chat.completions.create(model="x", messages=body["messages"], max_tokens=1000,
+                                           extra_body={"ignore_eos": True})
+        assert len(sent) == 1
         with httpx.stream("POST", s.base_url + "/v1/chat/completions", json={**body, "stream": True},
                           timeout=60) as resp:
             assert resp.status_code == 200  # headers went out before the time ran out

@@ -94,3 +94,19 @@ def test_top_p_zero_and_int64_seeds_are_taken(client):
 def test_a_text_part_without_text_is_named(client):
     with pytest.raises(openai.BadRequestError, match="a text part without a string 'text'"):
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": [{"type": "text"}]}])
+
+
+def test_another_model_ondevice_knows_is_a_404_not_an_answer_from_this_one(srv, client):
+    """A request for qwen2.5-coder on a server of SmolLM2 was answered by SmolLM2 (200, "model": smollm2...),
+    where /api/chat and /v1/models/{id} said 404; any other name is still answered, as llama-server does."""
+    for call in (lambda m: client.chat.completions.create(model=m, messages=HELLO, max_tokens=2),
+                 lambda m: client.completions.create(model=m, prompt="Hi", max_tokens=2),
+                 lambda m: client.responses.create(model=m, input="Hi", max_output_tokens=16)):
+        with pytest.raises(openai.NotFoundError, match="model 'qwen2.5-coder-0.5b-instruct' is not the model this "
+                                                        "server serves \\(SmolLM2-135M-Instruct.Q4_1\\); start "
+                                                        "`ondevice serve -m qwen2.5-coder-0.5b-instruct`"):
+            call("qwen2.5-coder-0.5b-instruct")
+        assert call("gpt-4o")  # a name no model here has: this server's model answers
+        assert call("smollm2-135m-instruct")  # the catalog's name of the file it was started with
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json={"model": "gemma3-270m+x", "messages": HELLO})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -42,15 +42,18 @@ PROMPT_FIELD = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/res
 
 def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict | None]:
     """(status, OpenAI error body, headers) for an exception raised while serving a request to ``path``."""
-    from .state import PromptTooLong
+    from .state import PromptTooLong, UnknownModel
 
     def body(msg, type_, code=None, param=None):
         return {"error": {"message": one_line(msg), "type": type_, "param": param, "code": code}}
 
     if isinstance(exc, QueueFull):
         return 429, body(str(exc), "rate_limit_error", "queue_full"), {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, JobTimeout):
-        return 504, body(str(exc) + "; raise --timeout or ask for fewer tokens", "timeout_error", "timeout"), None
+    if isinstance(exc, JobTimeout):  # the same request would time out again: the openai client must not retry it
+        return 504, body(str(exc) + "; raise --timeout or ask for fewer tokens", "timeout_error", "timeout"), \
+            {"x-should-retry": "false"}
+    if isinstance(exc, UnknownModel):
+        return 404, body(str(exc), "invalid_request_error", "model_not_found", "model"), None
     if isinstance(exc, ShuttingDown):
         return 503, body(str(exc), "server_error", "shutting_down"), None
     if isinstance(exc, (PromptTooLong, ContextOverflow)):

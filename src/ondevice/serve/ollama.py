@@ -35,6 +35,7 @@ from . import structured
 from .fim import NoInfill, fim_prompt, fim_tokens
 from .http import error_response
 from .responses import chat_chunks, chat_request, over_chat
+from .state import UnknownModel
 
 PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/api/embed",
          "/api/embeddings")
@@ -47,10 +48,6 @@ _OPTIONS = {"num_predict": "max_tokens", **{k: k for k in (
 _FIELD = {v: f"options.{k}" for k, v in _OPTIONS.items()} | {"response_format": "format"}  # chat -> ours, in errors
 _SAMPLING = set(S._Sampling.model_fields)  # what a raw prompt's completions request takes from the chat request
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: the model stays loaded while the server runs
-
-
-class UnknownModel(Exception):
-    """A model name the server does not serve: Ollama's 404."""
 
 
 def _time(at: float | None = None) -> str:

@@ -42,6 +42,27 @@ def served_name(given: str | None, name: str) -> str:
     return ref.written if ref is not None else name
 
 
+
+class UnknownModel(Exception):
+    """A model name the server does not serve (Ollama's routes: any; OpenAI's: another model ondevice knows): 404."""
+
+
+def _names_file(name: str, path) -> bool:
+    """Whether the model ``name`` is the file at ``path`` (a server started by path, asked by catalog name)."""
+    from ..models.catalog import resolve
+
+    try:
+        return Path(resolve(name).path).samefile(path)
+    except Exception:  # noqa: BLE001 — not installed, not readable: not this file
+        return False
+
+
+def _known_models() -> set[str]:
+    """The names of the models ondevice knows here (its catalog and the store's variants)."""
+    from ..models.catalog import known_names
+
+    return set(known_names())
+
 class PromptTooLong(InvalidArgument):
     """A prompt over the server's limit (a 400 with code context_length_exceeded)."""
 
@@ -130,7 +151,13 @@ class ServerState:
         return tuple(ads.scaled(n, v) for n, v in scales.items() if v != 0)
 
     def named_adapters(self, model: str | None) -> tuple[str, ...]:
-        """The adapter names in a request's ``model`` ('BASE+NAME'); anything else: none."""
+        """The adapter names in a request's ``model`` ('BASE+NAME'); anything else: none. A name this server
+        does not serve is answered by its model, as llama-server answers any (clients send "gpt-4o"), except
+        another model ondevice knows: :class:`UnknownModel` (404), not a reply from a model not asked for."""
+        base = (model or "").split("+")[0]
+        if base and base != self.model_id and base in _known_models() and not _names_file(base, self.path):
+            raise UnknownModel(f"model {base!r} is not the model this server serves ({self.model_id}); start "
+                               f"`ondevice serve -m {base}` to serve it (GET /v1/models lists what this one serves)")
         if not model or "+" not in model:
             return ()
         names = tuple(n for n in model.split("+")[1:] if n)

@@ -110,3 +110,17 @@ def test_another_model_ondevice_knows_is_a_404_not_an_answer_from_this_one(srv, 
         assert call("smollm2-135m-instruct")  # the catalog's name of the file it was started with
     r = httpx.post(srv.base_url + "/v1/chat/completions", json={"model": "gemma3-270m+x", "messages": HELLO})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_json_that_is_whole_at_exactly_max_tokens_ends_with_stop(client):
+    """The reply's grammar was complete with its last allowed token, yet the finish said length, and the openai
+    client's .parse() / LangChain's with_structured_output raised LengthFinishReasonError on valid JSON."""
+    kw = {"model": "x", "messages": [{"role": "user", "content": "Give a JSON with name"}], "temperature": 0,
+          "response_format": {"type": "json_object"}}
+    whole = client.chat.completions.create(**kw, max_tokens=64)
+    n, text = whole.usage.completion_tokens, whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop" and json.loads(text) is not None
+    exact = client.chat.completions.create(**kw, max_tokens=n)
+    assert (exact.choices[0].finish_reason, exact.choices[0].message.content) == ("stop", text)
+    short = client.chat.completions.create(**kw, max_tokens=n - 1)
+    assert short.choices[0].finish_reason == "length"

@@ -412,7 +412,9 @@ class BatchGenerator:
             if cut:  # before a line's text (its indent), or after a newline (time): what was held goes too
                 text, s.held, finish = shown if shown != text else text + s.held + _end_text(s.utf8), "", "length"
         if finish is None and (s.n_gen >= sampling.max_tokens or len(s.cached) >= self.slot_ctx):
-            text, s.held, finish = text + s.held + _end_text(s.utf8), "", "length"
+            whole = getattr(req.sampler, "complete", None)  # a grammar whose text ended with this token: stop
+            text, s.held = text + s.held + _end_text(s.utf8), ""
+            finish = "stop" if whole is not None and whole(self.eos) else "length"
         out.append((req, self._record(s, tok, text, finish, lp, top, ent, stopped)))
         if finish:
             self._release(s)

@@ -258,6 +258,14 @@ class Sampler:
         self.ll.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         return bool(np.isfinite(one["logit"][0]))
 
+    def complete(self, end) -> bool:
+        """Whether the grammar now takes no token but the ``end`` (end-of-generation) ones: its text is whole.
+        Known only where a :class:`PrefixIndex` lists the candidates (else False: not known to be whole)."""
+        if self.grammar is None or self.index is None:
+            return False
+        ids = self.index.candidates(self._passes)
+        return bool(set(ids[self._passes(ids)].tolist()) <= set(end))
+
     def close(self) -> None:
         if self.ptr:
             self.ll.llama_sampler_free(self.ptr)

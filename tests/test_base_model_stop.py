@@ -125,3 +125,11 @@ def test_server_chat_stops_at_the_next_turn(gemma_path):
         cut = client.chat.completions.create(model="m", messages=ASK, max_tokens=32, temperature=0,
                                              stop=[text.split()[-1]])
         assert cut.choices[0].message.content == text[:text.rindex(text.split()[-1])]
+        # Ollama's /api/generate on a model without a chat template continues the prompt ({{ .Prompt }}), as raw
+        import httpx
+
+        opts = {"temperature": 0, "num_predict": 12}
+        gen = [httpx.post(srv.base_url + "/api/generate", timeout=300, json={
+            "model": "gemma3-270m", "prompt": "Once upon a time", "stream": False, "options": opts, **raw}).json()
+            for raw in ({}, {"raw": True})]
+        assert gen[0]["response"] == gen[1]["response"] and not gen[0]["response"].startswith(LABELS), gen

@@ -42,7 +42,9 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{
               "POST /api/generate", "POST /api/embed", "POST /api/embeddings", "POST /completion", "POST /completions",
               "POST /infill", "POST /embedding", "POST /embeddings", "GET /props", "POST /apply-template",
               "GET /lora-adapters", "POST /lora-adapters", "GET /slots", "POST /slots/{id_slot}",
-              "POST /v1/responses/input_tokens", "POST /v1/chat/completions/input_tokens", "GET /", "HEAD /"]
+              "POST /v1/responses/input_tokens", "POST /v1/chat/completions/input_tokens", "GET /", "HEAD /",
+              "HEAD /api/version", "HEAD /api/tags", "POST /api/pull", "POST /api/create", "POST /api/copy",
+              "DELETE /api/delete", "POST /api/push"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 

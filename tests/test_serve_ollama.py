@@ -23,7 +23,7 @@ from ondevice.serve import BackgroundServer, ServeSettings
 
 KEY = "k3y"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-GREEDY = {"temperature": 0}
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}  # the chat route's own greedy: no repeat penalty (Ollama: 1.1)
 COLOR = [{"role": "system", "content": "Answer in one short sentence."}, {"role": "user", "content": "Name a color."}]
 COUNT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
 
@@ -83,6 +83,21 @@ def test_chat_is_the_chat_routes_answer_whole_and_streamed(client, oai, name):
     assert (parts[-1].eval_count, parts[-1].done_reason) == (r.eval_count, r.done_reason)
 
 
+def test_options_not_given_are_ollamas_defaults_not_llama_cpps(client, oai, name, server):
+    """Ollama samples with repeat_penalty 1.1 over the last 64 tokens, top_p 0.9 and min_p 0 unless told
+    otherwise; without them SmolLM2 listed "1. Banana 2. Apple 3. Apple 4. Apple ..." where Ollama's did not."""
+    ask = [{"role": "user", "content": "List ten fruits, one per line."}]
+    r = client.chat(model=name, messages=ask, options={"temperature": 0, "num_predict": 32})
+    c = oai.chat.completions.create(model="m", messages=ask, max_tokens=32, temperature=0, extra_body={
+        "repeat_penalty": 1.1, "repeat_last_n": 64, "top_p": 0.9, "min_p": 0.0})
+    assert r.message.content == c.choices[0].message.content
+    plain = oai.chat.completions.create(model="m", messages=ask, max_tokens=32, temperature=0)
+    assert r.message.content != plain.choices[0].message.content  # the penalty changed the greedy list
+    whole = httpx.post(server.base_url + "/api/generate", headers=AUTH, timeout=300, json={
+        "model": name, "prompt": "Hi", "stream": False, "options": {**GREEDY, "num_predict": 4.0, "num_ctx": 1024.0}})
+    assert whole.status_code == 200 and whole.json()["eval_count"] <= 4  # whole numbers as floats, as Ollama takes
+
+
 def test_a_plain_request_streams_ndjson_by_default(server, name):
     body = {"model": name, "messages": COUNT, "options": {**GREEDY, "num_predict": 6}}
     r = httpx.post(server.base_url + "/api/chat", json=body, headers=AUTH, timeout=300)
@@ -117,7 +132,8 @@ def test_options_num_predict_stop_and_seed(client, oai, name):
     assert stopped.message.content == whole[:whole.index("5")] and stopped.done_reason == "stop"
     warm = {"temperature": 1.0, "seed": 1234, "num_predict": 24}
     a, b = (client.chat(model=name, messages=COLOR, options=warm).message.content for _ in range(2))
-    o = oai.chat.completions.create(model="m", messages=COLOR, max_tokens=24, temperature=1.0, seed=1234)
+    o = oai.chat.completions.create(model="m", messages=COLOR, max_tokens=24, temperature=1.0, seed=1234,
+                                    extra_body={"repeat_penalty": 1.1, "top_p": 0.9, "min_p": 0.0})  # Ollama's
     assert a == b == o.choices[0].message.content  # the seed reaches the sampler
 
 
@@ -358,3 +374,17 @@ def test_qwen_generate_with_a_suffix_fills_in_the_middle(qwen):
     streamed = "".join(p.response for p in client.generate(model=name, prompt=before, suffix=after, stream=True,
                                                            options={**GREEDY, "num_predict": 32}))
     assert streamed == r.response
+
+
+def test_pull_of_the_served_model_succeeds_and_management_calls_say_what_to_do(client, name, server):
+    """`ollama.pull(MODEL)` (an app's "make sure it is pulled") got a bare 404 that read like a wrong URL."""
+    assert client.pull(name).status == "success"
+    with pytest.raises(ollama.ResponseError, match="not found; this server serves"):
+        client.pull("llama3.2")
+    with pytest.raises(ollama.ResponseError, match="/api/delete: this server manages no models over its API; "
+                                                   "`ondevice rm NAME` deletes a model from the store"):
+        client.delete(name)
+    with pytest.raises(ollama.ResponseError, match="/api/copy: this server manages no models"):
+        client.copy(name, "other")
+    for path in ("/api/version", "/api/tags"):  # HEAD: a liveness probe, as Ollama answers it
+        assert httpx.head(server.base_url + path, headers=AUTH, timeout=30).status_code == 200

@@ -37,8 +37,14 @@ from .http import error_response
 from .responses import chat_chunks, chat_request, over_chat
 from .state import UnknownModel
 
+_MANAGING = {  # Ollama's model management routes: what ondevice does instead
+    "/api/create": "`ondevice quantize` or `ondevice adapt merge` makes a model here",
+    "/api/copy": "`ondevice quantize MODEL --type COPY --name NEW` copies a model in the store",
+    "/api/delete": "`ondevice rm NAME` deletes a model from the store",
+    "/api/push": "ondevice keeps models on this machine",
+}
 PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/api/embed",
-         "/api/embeddings")
+         "/api/embeddings", "/api/pull", *_MANAGING)
 API_VERSION = "0.12.11"  # the Ollama release whose request and reply fields these routes follow (logprobs: 0.12.11)
 # Ollama's options -> the chat route's fields. Load-time options (num_gpu, num_thread, use_mmap, ...) and unknown
 # ones are ignored, as Ollama ignores unknown ones: the server's settings fix them
@@ -48,6 +54,9 @@ _OPTIONS = {"num_predict": "max_tokens", **{k: k for k in (
 _FIELD = {v: f"options.{k}" for k, v in _OPTIONS.items()} | {"response_format": "format"}  # chat -> ours, in errors
 _SAMPLING = set(S._Sampling.model_fields)  # what a raw prompt's completions request takes from the chat request
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: the model stays loaded while the server runs
+# Ollama's own defaults (api/types.go DefaultOptions) where they differ from llama.cpp's, which the chat route
+# uses: a small model loops without its repeat penalty ("1. Banana 2. Apple 3. Apple 4. Apple ...")
+DEFAULTS = {"top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 
 
 def _time(at: float | None = None) -> str:
@@ -91,12 +100,14 @@ def _common(body: dict, state) -> dict:
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise InvalidArgument("options must be an object, e.g. {\"temperature\": 0, \"num_predict\": 64}")
+    opts = {k: int(v) if k in ("num_ctx", "num_predict") and isinstance(v, float) and v.is_integer() else v
+            for k, v in opts.items()}  # 4096.0: a whole number, as Ollama converts it
     ctx = opts.get("num_ctx")
     if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
         raise InvalidArgument(f"options.num_ctx={ctx!r} must be a whole number of tokens")
     if ctx is not None and ctx > state.settings.ctx:
         _num_ctx_above(ctx, state.settings.ctx)
-    chat = {ours: opts[k] for k, ours in _OPTIONS.items() if opts.get(k) is not None}
+    chat = {**DEFAULTS, **{ours: opts[k] for k, ours in _OPTIONS.items() if opts.get(k) is not None}}
     n = chat.pop("max_tokens", None)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < -2):
         raise InvalidArgument(f"options.num_predict={n!r} must be an integer: the most tokens to generate, or -1 "
@@ -299,9 +310,12 @@ async def generate(runner, body: dict, request):
     if body.get("raw") and system and not suffix:
         raise InvalidArgument("system is rendered by the chat template, which raw: true skips; put it in the prompt "
                               "or drop raw")
+    raw = body.get("raw") or st.template is None  # no chat template: Ollama's {{ .Prompt }}, the text continued
+    if raw and not body.get("raw") and system:
+        prompt = f"{system}\n\n{prompt}"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     req = chat_request({**_common(body, st), "model": model, "messages": msgs}, _FIELD)
-    if not body.get("raw") and not suffix:
+    if not raw and not suffix:
         return await _answer(runner, req, request, reply)
     if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
         prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)
@@ -354,6 +368,14 @@ async def _models(state) -> tuple[list[dict], dict]:
              "details": details} for name in _names(state)], meta
 
 
+def _refusal(path: str, instead: str):
+    """The route of an Ollama model management call: a 400 that says what to do instead."""
+    async def refuse():
+        raise InvalidArgument(f"{path}: this server manages no models over its API; {instead}, then serve it with "
+                              f"`ondevice serve -m NAME`")
+    return refuse
+
+
 def add_routes(app, runner, embeddings) -> None:
     """Ollama's routes on ``app``: generation over ``runner``; embeddings over ``embeddings``, the /v1/embeddings
     handler (its limits and packing)."""
@@ -375,13 +397,21 @@ def add_routes(app, runner, embeddings) -> None:
     async def ollama_root():  # Ollama's heartbeat: its CLI sends HEAD / before a command (status only)
         return PlainTextResponse("ondevice is running (Ollama's API under /api, OpenAI's under /v1)")
 
-    @app.get("/api/version")
+    @app.api_route("/api/version", methods=["GET", "HEAD"])  # HEAD as Ollama answers it: a liveness probe
     async def ollama_version():
         return {"version": API_VERSION}
 
-    @app.get("/api/tags")
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
     async def ollama_tags():
         return {"models": (await _models(state))[0]}
+
+    @app.post("/api/pull")
+    async def ollama_pull(body: Annotated[dict[str, Any], Body()]):  # "make sure it is pulled": it is, if served
+        _served(state, body)
+        return {"status": "success"}
+
+    for path, instead in _MANAGING.items():
+        app.add_api_route(path, _refusal(path, instead), methods=["DELETE"] if path == "/api/delete" else ["POST"])
 
     @app.get("/api/ps")
     async def ollama_ps():

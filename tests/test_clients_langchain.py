@@ -180,7 +180,8 @@ def test_chat_ollama_answers_as_chat_openai_does(srv):
     /v1/embeddings' vectors."""
     question = "Say hello"
     want = _chat(srv).invoke(question)
-    llm = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12)
+    # repeat_penalty 1: the chat route's greedy (Ollama's own default penalty, 1.1, is the /api routes' default)
+    llm = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12, repeat_penalty=1)
     got = llm.invoke(question)
     assert got.content == want.content and got.content
     assert {k: got.usage_metadata[k] for k in ("input_tokens", "output_tokens")} == \
@@ -188,9 +189,11 @@ def test_chat_ollama_answers_as_chat_openai_does(srv):
     assert got.response_metadata["done_reason"] == ("length" if want.response_metadata["finish_reason"] == "length"
                                                     else "stop")
     assert _joined(list(llm.stream(question))).content == want.content
-    generate = OllamaLLM(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12)
+    generate = OllamaLLM(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=12,
+                         repeat_penalty=1)
     assert generate.invoke(question) == "".join(generate.stream(question)) == want.content  # /api/generate
-    person = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=48)
+    person = ChatOllama(base_url=srv.base_url, model=srv.state.model_id, temperature=0, num_predict=48,
+                        repeat_penalty=1)
     out = person.with_structured_output(Person, method="json_schema").invoke(
         "Alice is 30 years old. Return JSON with keys name and age.")
     assert out == Person(name="Alice", age=30)

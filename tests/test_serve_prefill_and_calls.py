@@ -48,7 +48,8 @@ def test_an_assistant_prefill_is_continued_not_answered_anew(srv, client):
     assert r.usage.prompt_tokens == counted["input_tokens"]
     name = httpx.get(srv.base_url + "/api/tags").json()["models"][0]["name"]
     ollama = httpx.post(srv.base_url + "/api/chat", json={"model": name, "messages": msgs, "stream": False,
-                                                          "options": {"temperature": 0, "num_predict": 8}}).json()
+                                                          "options": {"temperature": 0, "num_predict": 8,
+                                                                      "repeat_penalty": 1.0}}).json()
     assert ollama["message"]["content"] == r.choices[0].message.content
     # an assistant message with calls is history, not a prefill
     call = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {

@@ -233,3 +233,22 @@ def test_from_deferred_with_no_samples_names_the_flag_that_keeps_them(cli):
     r = cli("adapt", "--from", "deferred", "--name", "hard", "--steps", "1")
     assert r.returncode == 2 and "serve it with --cascade URL --cascade-keep-hard (or a request's \"keep\": true)" \
         in r.stderr, r.stderr
+
+
+def test_an_open_layer_range_is_refused_not_read_as_one_layer():
+    from ondevice.adapt.cli import parse_layers
+
+    assert parse_layers("20-22,25") == (20, 21, 22, 25)
+    with pytest.raises(InvalidArgument, match="give both ends of the range 20-, e.g. 20-29"):
+        parse_layers("20-")  # trained layer 20 alone
+
+
+@needs_torch
+def test_a_heldout_share_that_holds_out_nothing_is_said(tmp_path):
+    from ondevice.adapt import train
+
+    path = tasks.write_jsonl(tasks.iso_dates(8, seed=3), tmp_path / "few.jsonl")
+    cfg = train.AdaptConfig(data=str(path), out=str(tmp_path / "f.gguf"), heldout=0.5, max_len=80, threads=1)
+    with pytest.warns(UserWarning, match="--heldout 0.5 holds out no example of 8 .*reports no held-out loss"):
+        _, kept, held = train.prepare(cfg)
+    assert len(kept) == 8 and held == []

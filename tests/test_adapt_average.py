@@ -187,3 +187,34 @@ def test_an_adapter_applies_to_another_quantization_of_its_base_with_a_warning(t
     assert refused.returncode == 2, refused.stderr
     assert "was trained on another base model (smollm2-135m-instruct" in refused.stderr
     assert "which differs in its name, architecture or tensor shapes" in refused.stderr
+
+
+def test_a_kill_during_merge_leaves_no_half_written_model(three, tmp_path):
+    """SIGTERM mid-merge ended the process at once and left the hidden .part (the model's size) in the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import as_a_shell_starts_it
+
+    home = tmp_path / "home"
+    store = home / "models"
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "adapt", "merge", str(three["a"][0]), "--type",
+                             "f32"], env=dict(os.environ, ONDEVICE_HOME=str(home)), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509 — no threads yet
+    try:
+        deadline = time.monotonic() + 120
+        while not (store.is_dir() and any(p.name.endswith(".part") for p in store.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "merge ended before its file was written"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".")], list(store.iterdir())
+    assert "Traceback" not in err

@@ -96,7 +96,10 @@ def parse_layers(s: str | None) -> tuple[int, ...] | None:
     out = []
     try:
         for part in s.split(","):
-            lo, _, hi = part.partition("-")
+            lo, dash, hi = part.partition("-")
+            if dash and not hi:  # "20-" read as layer 20 alone
+                raise InvalidArgument(f"--layers {s!r}: give both ends of the range {part}, e.g. {lo}-29 (the "
+                                      f"model's last layer is its block count - 1)")
             if int(hi or lo) < int(lo):  # an empty range would train nothing
                 raise InvalidArgument(f"--layers {s!r}: the range {part} is empty; write the lower layer first, "
                                       f"e.g. {hi}-{lo}")
@@ -215,13 +218,17 @@ def run(args: argparse.Namespace) -> int:
         return list_adapters(args)
     if args.data in ("rm", "remove", "delete") and args.source == "file":  # `ondevice rm`'s aliases
         return remove_adapters(args)
+    from ..stop_signals import interrupt_on_signals
+
     if args.data == "merge" and args.source == "file":
         if args.name is not None:  # merge() names the model itself
             raise InvalidArgument("--name with merge: the merged model is stored as BASE-ADAPTER (`ondevice run -m "
                                   "BASE-ADAPTER`); to choose its file give -o OUT.gguf instead of --name")
-        return merge_adapter(args)
+        with interrupt_on_signals():  # a `kill` unwinds as Ctrl-C: no half-written .part left in the store
+            return merge_adapter(args)
     if args.data == "average" and args.source == "file":
-        return average_adapters(args)
+        with interrupt_on_signals():
+            return average_adapters(args)
     if args.adapter:
         raise InvalidArgument(f"unexpected argument {args.adapter[0]!r}: train with `ondevice adapt DATA.jsonl`, or "
                               f"use `ondevice adapt list` / `rm NAME` / `merge NAME` / `average A B ...`")
@@ -262,8 +269,6 @@ def run(args: argparse.Namespace) -> int:
     if out.is_file():  # --name NAME / -o FILE replace by intent, but never without a word (hours of training)
         print(f"ondevice adapt: note: this run replaces {out}{made_note(out)} when it ends; give another --name or -o "
               f"to keep it", file=sys.stderr)
-    from ..stop_signals import interrupt_on_signals
-
     with interrupt_on_signals():  # a `kill` (a timeout, a container stop) keeps a checkpoint as Ctrl-C does
         r = train(cfg)
     if args.check:

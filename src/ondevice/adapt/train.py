@@ -221,6 +221,12 @@ def prepare(cfg: AdaptConfig):
     order = list(range(len(examples)))
     rng.shuffle(order)
     n_held = int(len(order) * cfg.heldout) if len(order) >= 10 else 0
+    if cfg.heldout and not n_held:  # said, not dropped without a word: the run prints no held-out loss
+        import warnings
+
+        warnings.warn(f"--heldout {cfg.heldout:g} holds out no example of {len(order)} (held-out loss needs 10 "
+                      f"examples or more, and at least one held out): this run reports no held-out loss",
+                      stacklevel=2)
     held = [examples[i] for i in order[:n_held]]
     train = [examples[i] for i in order[n_held:]]
     return base, train, held

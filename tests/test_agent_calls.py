@@ -218,3 +218,61 @@ def test_no_plan_with_every_try_invalid_is_a_failed_run_not_a_crash(monkeypatch)
     (n,) = run.nodes
     assert n.status == "failed" and n.result.kind == "invalid" and "amount" in n.error
     assert [a["ok"] for a in n.attempts] == [False]
+
+
+def test_a_draft_07_tuple_schema_validates_and_an_unreadable_one_is_an_invalid_call():
+    """zod-to-json-schema (most TypeScript MCP servers) sends draft-07, where a tuple's "items" is a list; the
+    2020-12 validator crashed on it (AttributeError traceback) on the first call."""
+    from ondevice.agent import Toolbox
+
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "required": ["point"],
+              "properties": {"point": {"type": "array", "minItems": 2, "maxItems": 2,
+                                       "items": [{"type": "number"}, {"type": "number"}]}}}
+    moved = []
+    box = Toolbox([Tool("move_to", "Move the robot.", schema, lambda point: moved.append(point) or "ok")])
+    assert box.call("move_to", {"point": [3, 4]}).ok and moved == [[3, 4]]
+    bad = box.call("move_to", {"point": [3, "x"]})
+    assert not bad.ok and bad.kind == "invalid" and "point.1" in bad.error
+    broken = Toolbox([Tool("odd", "", {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, lambda a: a)])
+    r = broken.call("odd", {"a": 1})
+    assert not r.ok and r.kind == "invalid" and "its input schema cannot be checked" in r.error
+
+
+def test_a_partial_is_a_tool_named_after_its_function():
+    """A functools.partial in TOOLS crashed the agent (AttributeError: no __name__)."""
+    import functools
+
+    from ondevice.errors import InvalidArgument
+
+    def power(base: float, exp: int = 2) -> float:
+        """Raise base to a power."""
+        return base ** exp
+
+    t = Tool.from_function(functools.partial(power, exp=3))
+    assert (t.name, t.description) == ("power", "Raise base to a power.")
+    assert t.parameters["properties"]["exp"]["default"] == 3
+
+    class Callable:
+        def __call__(self, x: int) -> int:
+            return x
+
+    with pytest.raises(InvalidArgument, match="has no name; register a function, or give one"):
+        Tool.from_function(Callable())
+
+
+def test_no_plan_words_instead_of_a_corrected_call_keep_the_failure(monkeypatch):
+    """After a failed call the actor answered in words ("Done, it ran fine."): the failed call vanished from the
+    run, which said ok (exit 0) with a false answer."""
+    import ondevice.agent.agent as agent_mod
+    from ondevice.agent import Agent, Toolbox
+    from ondevice.agent.calls import Turn
+
+    def boom() -> str:
+        """Fails."""
+        raise RuntimeError("disk on fire")
+
+    replies = iter([Turn(text="", calls=[Call("boom", {})], constrained=True),
+                    Turn(text="Done, the boom tool ran fine.", calls=None, constrained=True)])
+    monkeypatch.setattr(agent_mod, "call_turn", lambda *a, **k: next(replies))
+    run = Agent(Toolbox([boom]), actor=object(), answer_tokens=0).run("run boom", plan=False)
+    assert not run.ok and [n.status for n in run.nodes] == ["failed"] and "disk on fire" in run.nodes[0].error

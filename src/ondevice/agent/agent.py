@@ -238,12 +238,16 @@ class Agent:
     def _direct(self, request: str, tools: list[Tool], turns: list, t0: float) -> AgentRun:
         msgs = [{"role": "user", "content": request}]
         tried: dict[str, list[dict]] = {}  # tool -> its earlier tries: a corrected call is their next attempt
+        g = None  # the last try's calls, as they ran
         for attempt in range(self.max_retries + 1):
             turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
                              system=sop_prompt(self.sops), bounds=self.bounds)
             turns.append(_turn_record(f"call:{attempt + 1}", turn))
             if turn.calls is None:  # a reply in words: the answer, unless only the tools' results are wanted
-                return AgentRun(request, [], None, turns, answer=turn.text.strip() if self.answer_tokens else None)
+                words = turn.text.strip() if self.answer_tokens else None
+                if g is not None:  # words instead of a corrected call: the failed calls stay, and so does the failure
+                    return AgentRun(request, list(g.nodes.values()), g, turns, answer=words)
+                return AgentRun(request, [], None, turns, answer=words)
             problem = check_calls(turn.calls, tools) or next(
                 (cut for c in turn.calls if (cut := cut_value(c, self.bounds)) is not None), None)
             if problem is None:

@@ -113,10 +113,15 @@ class Tool:
         pd = _pydantic()
         if not callable(fn):
             raise InvalidArgument(f"{fn!r} is not callable; register a function")
-        name = name or fn.__name__
-        summary, arg_docs = parse_docstring(inspect.getdoc(fn))
+        inner = getattr(fn, "func", None)  # a functools.partial: named after its function, its bound args dropped
+        name = name or getattr(fn, "__name__", None) or getattr(inner, "__name__", None)
+        if not name:
+            raise InvalidArgument(f"{fn!r} has no name; register a function, or give one: "
+                                  f"Tool.from_function(fn, name=...)")
+        documented = inner if inner is not None else fn  # its docstring and type hints
+        summary, arg_docs = parse_docstring(inspect.getdoc(documented))
         try:
-            hints = typing.get_type_hints(fn, include_extras=True)
+            hints = typing.get_type_hints(documented, include_extras=True)
         except Exception as e:  # unresolvable forward references
             raise InvalidArgument(f"tool {name}: its type hints cannot be resolved ({e}); import the types "
                                   "it names at module level") from e
@@ -208,7 +213,14 @@ def validate_json(name: str, schema: dict, args: dict) -> dict:
     except ModuleNotFoundError:
         raise OndeviceError("schema-only tools need jsonschema; install the agent extra: "
                             "pip install 'ondevice[agent]'") from None
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(args), key=lambda e: list(e.path))
+    # the draft the schema names ($schema: draft-07 is what zod-to-json-schema, so most TypeScript MCP servers,
+    # send: tuple "items" lists), else 2020-12
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        errors = sorted(cls(schema).iter_errors(args), key=lambda e: list(e.path))
+    except Exception as e:  # noqa: BLE001 — a schema the validator cannot read: the call is refused, not a crash
+        raise ToolError(f"{name}: its input schema cannot be checked ({type(e).__name__}: {e}); the call did not "
+                        f"run", "invalid") from None
     if errors:
         msg = "; ".join(f"{'.'.join(map(str, e.path)) or '(arguments)'}: {e.message}" for e in errors[:5])
         raise ToolError(f"{name}: invalid arguments: {msg}", "invalid")

@@ -115,7 +115,8 @@ def check_reply(srv: Server, path: str, status: int, ctype: str, body: bytes, se
     elif ctype.startswith("application/x-ndjson"):  # Ollama's stream: one object a line, the last done or an error
         lines = [_strict_json(x) for x in text.splitlines() if x.strip()]
         assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), where
-    elif path not in ("/metrics", "/"):  # plain text: Prometheus's, Ollama's heartbeat
+    elif path not in ("/metrics", "/") and (text or status != 200):  # plain text: Prometheus's, Ollama's
+        # heartbeat; and a HEAD's reply, which has the headers of a GET's and no body
         payload = _strict_json(text)
         if status >= 400:
             msg = payload["error"] if path.startswith("/api/") else payload["error"]["message"]  # Ollama's shape

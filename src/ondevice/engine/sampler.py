@@ -264,6 +264,8 @@ class Sampler:
         if self.grammar is None or self.index is None:
             return False
         ids = self.index.candidates(self._passes)
+        if ids is None:  # the index cannot narrow the vocabulary here: not known to be whole
+            return False
         return bool(set(ids[self._passes(ids)].tolist()) <= set(end))
 
     def close(self) -> None:

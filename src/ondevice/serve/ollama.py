@@ -370,7 +370,7 @@ async def _models(state) -> tuple[list[dict], dict]:
 
 def _refusal(path: str, instead: str):
     """The route of an Ollama model management call: a 400 that says what to do instead."""
-    async def refuse():
+    async def refuse(body: Annotated[dict[str, Any], Body()]):  # Ollama's calls send a JSON object
         raise InvalidArgument(f"{path}: this server manages no models over its API; {instead}, then serve it with "
                               f"`ondevice serve -m NAME`")
     return refuse

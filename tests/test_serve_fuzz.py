@@ -44,7 +44,7 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{
               "GET /lora-adapters", "POST /lora-adapters", "GET /slots", "POST /slots/{id_slot}",
               "POST /v1/responses/input_tokens", "POST /v1/chat/completions/input_tokens", "GET /", "HEAD /",
               "HEAD /api/version", "HEAD /api/tags", "POST /api/pull", "POST /api/create", "POST /api/copy",
-              "DELETE /api/delete", "POST /api/push"]
+              "DELETE /api/delete", "POST /api/push", "GET /v1/responses/{response_id}"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 
@@ -174,7 +174,8 @@ def _cheap(path: str, body):
 
 # ------------------------------------------------------------------ 1. schemathesis: the OpenAPI document
 def test_the_openapi_document_lists_every_route(operations):
-    assert {k.split()[1] for k in operations} == ROUTES | {"/v1/models/{model_id}", "/slots/{id_slot}"}
+    assert {k.split()[1] for k in operations} == ROUTES | {"/v1/models/{model_id}", "/slots/{id_slot}",
+                                                          "/v1/responses/{response_id}"}
     assert sorted(operations) == sorted(OPERATIONS)
 
 

@@ -125,3 +125,22 @@ def test_json_that_is_whole_at_exactly_max_tokens_ends_with_stop(client):
     assert (exact.choices[0].finish_reason, exact.choices[0].message.content) == ("stop", text)
     short = client.chat.completions.create(**kw, max_tokens=n - 1)
     assert short.choices[0].finish_reason == "length"
+
+
+def test_openai_shapes_that_were_refused_or_ignored(srv, client):
+    """An assistant turn with a refusal part (a valid OpenAI message) was a 400 "this is a text model";
+    best_of and the deprecated functions/function_call were ignored without a word; responses.retrieve got a bare
+    "Not Found"."""
+    history = [{"role": "user", "content": "Say something rude."},
+               {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot do that."}]},
+               {"role": "user", "content": "Then say hello."}]
+    assert client.chat.completions.create(model="x", messages=history, max_tokens=2).choices[0].message
+    with pytest.raises(openai.BadRequestError, match="best_of=3 is not done here"):
+        client.completions.create(model="x", prompt="Once upon", best_of=3, max_tokens=3)
+    assert client.completions.create(model="x", prompt="Once upon", best_of=1, max_tokens=2).choices
+    with pytest.raises(openai.BadRequestError, match="deprecated functions / function_call are not taken; send "
+                                                     "tools"):
+        client.chat.completions.create(model="x", messages=HELLO, max_tokens=2, functions=[
+            {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}])
+    with pytest.raises(openai.NotFoundError, match="ondevice keeps no responses"):
+        client.responses.retrieve("resp_abc")

@@ -325,6 +325,9 @@ def message_text(m: Message, i: int) -> str:
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise InvalidArgument(f"messages[{i}].content has a text part without a string 'text'; give "
                                       f"{{'type': 'text', 'text': '...'}}")
+            if kind == "refusal" and m.get("role") == "assistant" and isinstance(part.get("refusal"), str):
+                texts.append(part["refusal"])  # an earlier reply's refusal (OpenAI's shape): its text is history
+                continue
             if kind != "text":
                 raise InvalidArgument(f"messages[{i}].content has a {kind!r} part; text parts only "
                                       f"({{'type': 'text', 'text': ...}}): this is a text model")

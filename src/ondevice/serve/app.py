@@ -161,6 +161,12 @@ def create_app(state: ServerState) -> FastAPI:
     async def responses(request: Request, body: Annotated[dict[str, Any], Body()]):
         return no_cloud(body.get("cascade")) or await respond(runner, body, request)
 
+    @app.get("/v1/responses/{response_id}")  # the openai client's responses.retrieve: a 404 that says why
+    async def response_by_id(response_id: str):
+        return error_response(404, f"no response {response_id!r}: ondevice keeps no responses (every reply says "
+                                   f"store: false); keep the reply you got, or send the conversation again as input",
+                              param="response_id", code="not_found")
+
     @app.post("/v1/responses/input_tokens")
     async def responses_input_tokens(body: Annotated[dict[str, Any], Body()]):
         return await count_input_tokens(runner, body)

@@ -209,6 +209,7 @@ class ToolCall(_Resp):
 class ContentPart(_Req):
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant turn's refusal part (OpenAI's), read as its text
 
 
 class ChatMessage(_Req):
@@ -293,6 +294,14 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: Any = None  # OpenAI's deprecated form of tools: refused with the fix, not ignored
+    function_call: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, v: Any) -> Any:
+        raise ValueError("OpenAI's deprecated functions / function_call are not taken; send tools: [{\"type\": "
+                         "\"function\", \"function\": {...}}] and tool_choice instead")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -416,6 +425,15 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     cascade: Any = None  # refused (below): the cloud tier answers chat messages, not a raw prompt
+    best_of: int | None = Field(None, ge=1)  # more than one: refused (below), not ignored as llama-server does
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_of_one(cls, v: int | None) -> int | None:
+        if v is not None and v > 1:
+            raise ValueError(f"best_of={v} is not done here (one completion per choice, none ranked); drop it, or "
+                             f"ask for n={v} completions and pick one")
+        return v
 
     @field_validator("cascade")
     @classmethod

@@ -288,7 +288,7 @@ def message_dicts(messages) -> list[dict]:
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):  # OpenAI's text parts, joined as every chat's are
-            content = message_text({"content": [p.model_dump() for p in content]}, i)
+            content = message_text({"role": m.role, "content": [p.model_dump() for p in content]}, i)
         if m.tool_calls:
             try:
                 calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}

@@ -388,6 +388,47 @@ def test_a_third_party_mcp_server_with_dotted_names_and_the_env_it_is_given(tmp_
         assert box.call("weather_get-v2_2", {"city": "Oslo"}).value == {"result": "second"}
 
 
+def test_every_page_of_an_mcp_servers_tools_is_read(tmp_path):
+    """A server that lists its tools two a page (nextCursor): only the first page was read. A picture it returns
+    was a successful empty string."""
+    pytest.importorskip("mcp")
+    from ondevice.agent.mcptools import MCPClient
+
+    srv = tmp_path / "pager.py"
+    srv.write_text(textwrap.dedent("""
+        import anyio, mcp
+        from mcp.server.lowlevel import Server
+        from mcp.server.stdio import stdio_server
+
+        types = mcp.types
+        ALL = [types.Tool(name=f"tool_{i}", description=f"Tool {i}", input_schema={"type": "object"})
+               for i in range(5)]
+
+        async def list_tools(ctx, params):
+            at = int(params.cursor) if params and params.cursor else 0
+            return types.ListToolsResult(tools=ALL[at:at + 2], next_cursor=str(at + 2) if at + 2 < len(ALL) else None)
+
+        async def call_tool(ctx, params):
+            if params.name == "tool_1":  # a picture: a text model is told what it got, not an empty success
+                return types.CallToolResult(content=[types.ImageContent(data="iVBORw0KGgo=", mime_type="image/png")])
+            return types.CallToolResult(content=[types.TextContent(text=f"ran {params.name}")])
+
+        async def main():
+            async with stdio_server() as (r, w):
+                server = Server("pager", on_list_tools=list_tools, on_call_tool=call_tool)
+                await server.run(r, w, server.create_initialization_options())
+
+        anyio.run(main)
+    """))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with MCPClient(sys.executable, [str(srv)], env=env) as c:
+        box = Toolbox(c.tools())
+        assert sorted(t.name for t in box) == [f"tool_{i}" for i in range(5)]
+        assert box.call("tool_4", {}).ok
+        pic = box.call("tool_1", {})
+        assert pic.ok and pic.value == "[image (image/png, 8 bytes): not shown, this model reads text only]", pic
+
+
 def test_tools_that_exit_are_async_or_return_the_wrong_type_are_results_not_crashes():
     import asyncio
 

@@ -159,3 +159,26 @@ def test_the_cli_answers_after_a_huge_tool_result_and_its_log_line_is_cut(cli, t
     assert len(r.stderr) < 20_000
     (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert rec["nodes"][0]["output"] == "line of log text\n" * 200_000 and rec["answer"] == r.stdout.strip()
+
+
+def test_a_tools_file_imports_its_neighbours_and_serve_mcp_refuses_what_it_would_ignore(cli, tmp_path):
+    """A tools file that imports a module next to it failed unless ondevice ran from that folder; --serve-mcp
+    ignored --mcp, --sop and the rest without a word."""
+    (tmp_path / "helpers.py").write_text("def twice(x: int) -> int:\n    return 2 * x\n")
+    (tmp_path / "mytools.py").write_text(textwrap.dedent("""
+        from helpers import twice
+
+        def double(x: int) -> int:
+            \"\"\"Twice x.\"\"\"
+            return twice(x)
+
+        TOOLS = [double]
+    """))
+    from ondevice.agent.builtin import load_tools
+
+    (tool,) = load_tools(str(tmp_path / "mytools.py"))
+    assert tool.name == "double" and str(tmp_path) not in sys.path
+    r = cli("agent", "--serve-mcp", "--tools", str(tmp_path / "mytools.py"), "--mcp", "python srv.py", "--sop",
+            "x.txt")
+    assert r.returncode == 2 and "--serve-mcp serves the --tools (or --builtin) tools and nothing else; drop --mcp, " \
+                                 "--sop" in r.stderr, r.stderr

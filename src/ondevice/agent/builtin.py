@@ -7,8 +7,10 @@ loaded this way is registered; nothing else can be called.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 from ..errors import InvalidArgument
@@ -76,7 +78,13 @@ def load_tools(spec: str) -> list[Tool]:
         if is_file:
             mod_spec = importlib.util.spec_from_file_location(f"ondevice_user_tools_{Path(target).stem}", target)
             mod = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(mod)
+            folder = str(Path(target).resolve().parent)
+            sys.path.insert(0, folder)  # its own folder first, as `python file.py` runs it: it imports its neighbours
+            try:
+                mod_spec.loader.exec_module(mod)
+            finally:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(folder)
         else:
             mod = importlib.import_module(target)
     except SyntaxError as e:  # the user's code does not parse: where and why, not our traceback

@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from .builtin import builtin_toolbox, load_tools
     from .tools import Toolbox
 
+    if args.serve_mcp:  # it serves --tools / --builtin; what only an agent run reads would be ignored
+        unused = [f for f, v in (("--mcp", args.mcp), ("--mcp-env", args.mcp_env), ("--sop", args.sop),
+                                 ("a request", args.request)) if v]
+        if unused:
+            raise InvalidArgument(f"--serve-mcp serves the --tools (or --builtin) tools and nothing else; drop "
+                                  f"{', '.join(unused)} (an MCP client connects to each server on its own)")
     box = builtin_toolbox() if (args.builtin or (args.serve_mcp and not args.tools)) else Toolbox()
     for spec in args.tools:
         add_all(box, load_tools(spec), f"--tools {spec}")

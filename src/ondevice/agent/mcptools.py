@@ -69,6 +69,35 @@ def _quiet_sdk_logs() -> None:
     log.propagate = False
 
 
+async def _all_tools(session) -> list:
+    """Every tool the server lists, page after page (``nextCursor``): a server may list a few per page."""
+    tools, cursor, seen = [], None, set()
+    while True:
+        page = await session.list_tools(params=_mcp().types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        tools += page.tools
+        cursor = page.next_cursor
+        if not cursor or cursor in seen:  # the last page (or a server that repeats a cursor: stop, not loop)
+            return tools
+        seen.add(cursor)
+
+
+def _part_text(c) -> str:
+    """A result part as text a text model can read: a text part's text; an image, audio or resource said as what it
+    is (a text model cannot see it; an empty result read as success, and the model made up what it showed)."""
+    kind = getattr(c, "type", "")
+    if kind == "text":
+        return c.text
+    res = getattr(c, "resource", None)
+    if res is not None and isinstance(getattr(res, "text", None), str):  # an embedded text resource: its text
+        return res.text
+    what = getattr(c, "mime_type", None) or getattr(res, "mime_type", None) or "unknown type"
+    where = getattr(c, "uri", None) or getattr(res, "uri", None)
+    data = getattr(c, "data", "") or getattr(res, "blob", "") or ""  # base64
+    size = len(data) * 3 // 4 - data[-2:].count("=")
+    return (f"[{kind or 'content'} ({what}{f', {where}' if where else ''}{f', {size:,} bytes' if size else ''}): "
+            f"not shown, this model reads text only]")
+
+
 class MCPClient:
     """A stdio MCP server process and an open session to it; ``tools()`` wraps its tools."""
 
@@ -108,7 +137,7 @@ class MCPClient:
                 params = mcp.StdioServerParameters(command=self.command, args=self.args, env=self.env)
                 async with stdio_client(params) as (read, write), mcp.ClientSession(read, write) as session:
                     await session.initialize()
-                    self._listed = (await session.list_tools()).tools
+                    self._listed = await _all_tools(session)
                     self._session = session
                     ready.set()
                     await self._stop.wait()
@@ -137,7 +166,7 @@ class MCPClient:
         except TimeoutError:
             fut.cancel()  # the request is cancelled on our side; the server is told by the SDK
             raise TimeoutError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s") from None
-        text = "\n".join(getattr(c, "text", "") for c in res.content if getattr(c, "type", "") == "text")
+        text = "\n".join(_part_text(c) for c in res.content)
         if res.is_error:  # the server's own words, once: "error (failed): " is added where the model reads it
             from .tools import ToolError
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_adapt_resume import _interrupt_at, interrupted_run, keep_hard, needs_torch
 
-from ondevice.adapt import data, tasks
+from ondevice.adapt import data, store, tasks
 from ondevice.errors import InvalidArgument
 from ondevice.models.store import cached_sha256, sha256_file
 
@@ -46,6 +46,12 @@ def test_other_tools_data_formats_are_named_with_the_way_to_write_them(tmp_path)
                                                         f"JSON object per line (it does not end on this line: JSONL "
                                                         f"has each object whole on one line)")):
         data.read_jsonl(p)
+    p.write_text(json.dumps({"instruction": "Give the date.", "input": "3 May 2031", "target": "2031-05-03"}) + "\n")
+    with pytest.raises(InvalidArgument) as e:  # a half-converted Alpaca line trained without its instruction
+        data.read_jsonl(p)
+    assert str(e.value) == (f"{p}:1: an \"input\"/\"target\" line takes those two keys only, and this one also has "
+                            f"'instruction', which would be dropped; put what they say into \"input\", or write the "
+                            f"line as {{\"messages\": [...]}} (a \"system\" message first)")
     p.write_text('{"input": "a", "target": "b"}\n{not json}\n')  # a mistake inside a line: no such hint
     with pytest.raises(InvalidArgument) as e:
         data.read_jsonl(p)
@@ -158,6 +164,17 @@ def test_a_run_named_after_its_data_file_does_not_replace_an_adapter_of_other_da
     assert adapter_file.read_meta(stored)["ondevice.adapter.data_sha256"] == sha256_file(first)
     train.train(train.AdaptConfig(data=str(second), name="train", **cfg))  # named: replacing it is what was asked
     assert adapter_file.read_meta(stored)["ondevice.adapter.data_sha256"] == sha256_file(second)
+    with open(second, "a") as f:  # the file edited since its run: said so, not "was not made from" it
+        f.write(json.dumps({"input": "one more", "target": "example"}) + "\n")
+    with pytest.raises(InvalidArgument, match=rf"was made from an earlier version of {re.escape(str(second))} \(it "
+                                              rf"has changed since\); give this run its own --name"):
+        train.train(train.AdaptConfig(data=str(second), **cfg))
+    odd = tmp_path / "train (1).jsonl"
+    odd.write_bytes(first.read_bytes())
+    with pytest.raises(InvalidArgument, match=re.escape("the adapter is named after its data file, 'train (1)', "
+                                                        "which is not an adapter name (letters, digits and . _ -); "
+                                                        "give --name train-1 or -o train-1.gguf")):
+        store.target(None, None, odd.stem)
 
 
 def test_adapt_rm_deletes_stored_adapters_and_a_typo_deletes_nothing(tmp_path, monkeypatch, capsys):
@@ -252,3 +269,31 @@ def test_a_heldout_share_that_holds_out_nothing_is_said(tmp_path):
     with pytest.warns(UserWarning, match="--heldout 0.5 holds out no example of 8 .*reports no held-out loss"):
         _, kept, held = train.prepare(cfg)
     assert len(kept) == 8 and held == []
+
+
+@needs_torch
+def test_a_model_adapt_cannot_train_is_named_for_its_architecture_first(cli, tmp_path):
+    """gemma3-270m (a base model of another architecture) was refused for its missing chat template, so following
+    the advice (an instruct Gemma) led to a second refusal."""
+    from ondevice.errors import OndeviceError
+    from ondevice.models import resolve
+
+    try:
+        gemma = resolve("gemma3-270m").path
+    except OndeviceError as e:
+        pytest.skip(f"gemma3-270m not installed: {e}")
+    path = tasks.write_jsonl(tasks.iso_dates(4, seed=3), tmp_path / "d.jsonl")
+    r = cli("adapt", str(path), "-o", str(tmp_path / "g.gguf"), "-m", str(gemma), "--steps", "1")
+    assert r.returncode == 2 and "ondevice adapt trains llama-architecture models (SmolLM2, Llama); " in r.stderr, \
+        r.stderr
+
+
+@needs_torch
+def test_a_run_whose_held_out_loss_went_up_says_so(cli, tmp_path):
+    path = tasks.write_jsonl(tasks.iso_dates(20, seed=3), tmp_path / "d.jsonl")
+    r = cli("adapt", str(path), "-o", str(tmp_path / "hot.gguf"), "--lr", "1000", "--steps", "3", "--layers",
+            "28-29", "--modules", "attn_q,attn_v", "--rank", "2", "--batch", "2", "--max-len", "80", "--alpha", "64",
+            "--heldout", "0.25", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert "batch loss " in r.stdout and "(first step) -> " in r.stdout
+    assert "warning: the held-out loss went up (" in r.stderr and "try a lower --lr or fewer --steps" in r.stderr

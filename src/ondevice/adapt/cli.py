@@ -286,10 +286,15 @@ def run(args: argparse.Namespace) -> int:
             f"; held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")
     print(f"adapter {r['adapter']}: LoRA on {len(r['plan'])} tensors (layers {layers[0]}-{layers[-1]}, "
           f"{','.join(mods)}, ranks {sorted(set(r['plan'].values()))}, {r['trainable_params']:,} parameters)")
-    print(f"{r['steps']} steps, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}{held}; "
+    print(f"{r['steps']} steps, batch loss {r['first_loss']:.4f} (first step) -> {r['last_loss']:.4f} (last){held}; "
           f"{r['seconds_per_step']:.2f} s/step; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
           + (f" (budget {cfg.budget_bytes / 2**20:.0f} MiB)" if cfg.budget_bytes else "")
           + ("; gradient checkpointing" if r["checkpointing"] else ""))
+    before, after = r["heldout_loss_before"], r["heldout_loss_after"]
+    if before is not None and after is not None and after > before:  # stored and offered all the same: say so
+        print(f"ondevice adapt: warning: the held-out loss went up ({before:.4f} -> {after:.4f}): on examples it did "
+              f"not train on, the adapter does worse than the base; try a lower --lr or fewer --steps",
+              file=sys.stderr)
     if "agreement" in r:
         a = r["agreement"]
         print(f"llama.cpp vs torch: {a['identical_sequences']}/{a['prompts']} identical greedy sequences, "

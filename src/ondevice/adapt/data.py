@@ -101,6 +101,12 @@ def _conversation(obj, where: str) -> list[dict]:
                 raise InvalidArgument(f"{where}: \"{k}\" must be a string, and the line has none: {_keys_hint(obj)}")
             if not isinstance(obj[k], str):
                 raise InvalidArgument(f"{where}: \"{k}\" must be a string")
+        extra = [k for k in obj if k not in ("input", "target")]
+        if extra:  # a half-converted Alpaca line would train without its instruction, a "system" without it
+            raise InvalidArgument(f"{where}: an \"input\"/\"target\" line takes those two keys only, and this one "
+                                  f"also has {', '.join(map(repr, extra))}, which would be dropped; put what they say "
+                                  f"into \"input\", or write the line as {{\"messages\": [...]}} (a \"system\" "
+                                  f"message first)")
         return [{"role": "user", "content": obj["input"]}, {"role": "assistant", "content": obj["target"]}]
     raise InvalidArgument(f"{where}: expected \"messages\" or \"input\"/\"target\" keys, {_keys_hint(obj)}")
 

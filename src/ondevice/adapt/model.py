@@ -172,20 +172,27 @@ class Block(torch.nn.Module):
         return h + lin["ffn_down"](F.silu(lin["ffn_gate"](x)) * lin["ffn_up"](x))
 
 
+def trainable(path):
+    """The GGUF header of a model adapt can train (one file, llama architecture), else an InvalidArgument that
+    says why; checked before the data is tokenized, so the reason given is the first one."""
+    from ..models.gguf_check import validate_gguf
+    from ..models.gguf_split import refuse_split
+
+    info = validate_gguf(path)  # fast header walk (gguf-py's GGUFReader takes ~10 s on a 49k vocabulary)
+    refuse_split(info, "ondevice adapt")
+    if info.architecture != "llama":
+        raise InvalidArgument(f"ondevice adapt trains llama-architecture models (SmolLM2, Llama); "
+                              f"{Path(path).name} is '{info.architecture}'")
+    return info
+
+
 class LlamaLoRA(torch.nn.Module):
     """The whole model; ``forward(tokens, positions_wanted)`` returns logits only where asked (the answer
     tokens), so the (T, n_vocab) head is never formed for prompt positions."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
         super().__init__()
-        from ..models.gguf_check import validate_gguf
-        from ..models.gguf_split import refuse_split
-
-        info = validate_gguf(path)  # fast header walk (gguf-py's GGUFReader takes ~10 s on a 49k vocabulary)
-        refuse_split(info, "ondevice adapt")
-        if info.architecture != "llama":
-            raise InvalidArgument(f"ondevice adapt trains llama-architecture models (SmolLM2, Llama); "
-                                  f"{Path(path).name} is '{info.architecture}'")
+        info = trainable(path)
         g = lambda k, d=None: info.metadata.get(f"llama.{k}", d)
         self.cfg = cfg = LlamaConfig(
             n_layer=int(g("block_count")), n_embd=int(g("embedding_length")), n_head=int(g("attention.head_count")),

@@ -43,6 +43,10 @@ def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
                               f"stores it by name (`ondevice adapt list`, `--adapter {name}`); give one of them")
     if out:
         return Path(out)
+    if name is None and not _NAME_RE.fullmatch(default_name):  # named after a file like "train (1).jsonl"
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", default_name).strip("-.") or "adapter"
+        raise InvalidArgument(f"the adapter is named after its data file, {default_name!r}, which is not an adapter "
+                              f"name (letters, digits and . _ -); give --name {safe} or -o {safe}.gguf")
     return path_for(default_name if name is None else name)  # --name "" is refused, not replaced by the default
 
 
@@ -63,9 +67,12 @@ def refuse_replacing_other_data(path: Path, data: str | Path) -> None:
         return
     when = str(meta.get(KEY + "created") or "")[:16].replace("T", " ")
     src = (meta.get(KEY + "settings") or {}).get("data")
-    raise InvalidArgument(f"the stored adapter {path.stem!r} ({when}{', from ' + str(src) if src else ''}) was not "
-                          f"made from {data}; give this run its own --name (e.g. --name "
-                          f"{path.stem}-2), or --name {path.stem} to replace that adapter")
+    same_file = src is not None and Path(str(src)).resolve() == Path(data).resolve()  # the file was edited since
+    what = (f"was made from an earlier version of {data} (it has changed since)" if same_file else
+            f"was not made from {data}")
+    raise InvalidArgument(f"the stored adapter {path.stem!r} ({when}{', from ' + str(src) if src else ''}) {what}; "
+                          f"give this run its own --name (e.g. --name {path.stem}-2), or --name {path.stem} to "
+                          f"replace that adapter")
 
 
 def check_out_file(out: str | Path | None, what: str, example: str) -> None:

@@ -210,6 +210,10 @@ def prepare(cfg: AdaptConfig):
     import ondevice
 
     check_settings(cfg)
+    from ..models import resolve
+    from .model import trainable
+
+    trainable(resolve(cfg.model).path)  # the architecture first: a base model's missing template is the lesser reason
     convs = data.read_jsonl(cfg.data)
     m = ondevice.load(cfg.model, n_ctx=max(64, cfg.max_len + 16), n_threads=1, warmup=False)
     try:

@@ -236,6 +236,8 @@ def test_browser_pages_on_this_machine_may_call_the_api():
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
         assert "authorization" in ok.headers["access-control-allow-headers"].lower()
         assert preflight(s.base_url, "https://evil.example").status_code == 400  # not an allowed origin
+        for app in ("vscode-webview://abc123", "app://obsidian.md", "tauri://localhost", "http://0.0.0.0:8080"):
+            assert preflight(s.base_url, app).status_code == 200, app  # Ollama lets these in by default
         r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "http://127.0.0.1:5173", "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
         r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
@@ -246,6 +248,7 @@ def test_browser_pages_on_this_machine_may_call_the_api():
 
     with pytest.raises(InvalidArgument, match="--cors.*'localhost:3000' is not an origin"):
         settings_from_args(None, cors="localhost:3000")
+    assert settings_from_args(None, cors="app://obsidian.md,http://localhost:3000").cors  # any scheme's origin
 
 
 def test_api_keys_as_llama_server_takes_them(tmp_path):

@@ -332,8 +332,10 @@ async def _send_error(send, status: int, message: str, type_: str, code: str) ->
     await send({"type": "http.response.body", "body": payload})
 
 
-# browser origins on this machine, any port (Ollama's default allow-list)
-LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+# Ollama's default allow-list: pages on this machine (any port), and the apps it lets in (Electron and Obsidian
+# app://, file://, Tauri, VS Code webviews)
+LOCAL_ORIGINS = (r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?"
+                 r"|(app|file|tauri|vscode-webview|vscode-file)://.*")
 
 
 def install_cors(app: FastAPI, cors: str) -> None:

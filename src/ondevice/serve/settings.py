@@ -124,7 +124,8 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _origins(cls, v: str) -> str:
         if v not in ("local", "*", "none"):
-            bad = [o for o in v.split(",") if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?", o.strip())]
+            bad = [o for o in v.split(",")
+                   if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:]+(:\d+)?", o.strip())]  # app://x too
             if bad:
                 raise ValueError(f"{bad[0].strip()!r} is not an origin; give scheme://host[:port] "
                                  f"(e.g. http://localhost:3000), or local, * or none")

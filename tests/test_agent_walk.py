@@ -182,3 +182,29 @@ def test_a_tools_file_imports_its_neighbours_and_serve_mcp_refuses_what_it_would
             "x.txt")
     assert r.returncode == 2 and "--serve-mcp serves the --tools (or --builtin) tools and nothing else; drop --mcp, " \
                                  "--sop" in r.stderr, r.stderr
+
+
+def test_a_tools_file_with_postponed_annotations_and_a_dataclass_parameter_loads(tmp_path):
+    """`from __future__ import annotations` with a dataclass (or pydantic model) parameter was refused: "Event has
+    no JSON schema ... use a dataclass or a pydantic model", though it was one."""
+    (tmp_path / "cal.py").write_text(textwrap.dedent("""
+        from __future__ import annotations
+
+        from dataclasses import dataclass
+
+        @dataclass
+        class Event:
+            title: str
+            hour: int
+
+        def add_event(event: Event) -> str:
+            \"\"\"Add an event to the calendar.\"\"\"
+            return f"{event.title} at {event.hour}"
+
+        TOOLS = [add_event]
+    """))
+    from ondevice.agent.builtin import load_tools
+
+    (tool,) = load_tools(str(tmp_path / "cal.py"))
+    r = Toolbox([tool]).call("add_event", {"event": {"title": "Dentist", "hour": 9}})
+    assert r.ok and r.value == "Dentist at 9", r

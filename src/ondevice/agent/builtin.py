@@ -78,6 +78,9 @@ def load_tools(spec: str) -> list[Tool]:
         if is_file:
             mod_spec = importlib.util.spec_from_file_location(f"ondevice_user_tools_{Path(target).stem}", target)
             mod = importlib.util.module_from_spec(mod_spec)
+            # in sys.modules, as an import puts it: pydantic resolves a dataclass's string annotations (from
+            # __future__ import annotations) through its module there
+            sys.modules[mod_spec.name] = mod
             folder = str(Path(target).resolve().parent)
             sys.path.insert(0, folder)  # its own folder first, as `python file.py` runs it: it imports its neighbours
             try:

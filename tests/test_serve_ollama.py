@@ -388,3 +388,18 @@ def test_pull_of_the_served_model_succeeds_and_management_calls_say_what_to_do(c
         client.copy(name, "other")
     for path in ("/api/version", "/api/tags"):  # HEAD: a liveness probe, as Ollama answers it
         assert httpx.head(server.base_url + path, headers=AUTH, timeout=30).status_code == 200
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_as_ollama_does(client, name, server):
+    """Open WebUI and ChatOllama chats stopped with a 400 once they outgrew the context; Ollama drops the oldest
+    turns (truncate, on by default), keeping the system message and the last one."""
+    turn = "Tell me more about the history of the old lighthouse on the northern cliffs and its keepers. " * 3
+    msgs = [{"role": "system", "content": "You are terse."}]
+    for i in range(20):
+        msgs += [{"role": "user", "content": f"{i}: {turn}"}, {"role": "assistant", "content": turn}]
+    msgs.append({"role": "user", "content": "Say OK."})
+    r = client.chat(model=name, messages=msgs, options={**GREEDY, "num_predict": 4})
+    assert r.done and 0 < r.prompt_eval_count <= 1024 - 4, r.prompt_eval_count
+    refused = httpx.post(server.base_url + "/api/chat", headers=AUTH, timeout=300, json={
+        "model": name, "messages": msgs, "stream": False, "truncate": False, "options": {"num_predict": 4}})
+    assert refused.status_code == 400 and "tokens" in refused.json()["error"]

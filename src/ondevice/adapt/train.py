@@ -225,7 +225,8 @@ def prepare(cfg: AdaptConfig):
     order = list(range(len(examples)))
     rng.shuffle(order)
     n_held = int(len(order) * cfg.heldout) if len(order) >= 10 else 0
-    if cfg.heldout and not n_held:  # said, not dropped without a word: the run prints no held-out loss
+    if cfg.heldout not in (0, AdaptConfig.heldout) and not n_held:  # a share asked for, held out of nothing: said
+        # (the default share is not: small data sets are common, and the summary then shows no held-out loss)
         import warnings
 
         warnings.warn(f"--heldout {cfg.heldout:g} holds out no example of {len(order)} (held-out loss needs 10 "

@@ -381,7 +381,8 @@ def test_a_third_party_mcp_server_with_dotted_names_and_the_env_it_is_given(tmp_
     """))
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "MY_TOKEN": "abc"}
     with MCPClient(sys.executable, [str(srv)], env=env) as c:
-        box = Toolbox(c.tools())
+        assert all(t.sensitive for t in c.tools())  # no annotations: the spec's default, possibly destructive
+        box = Toolbox(c.tools(sensitive=False))
         assert sorted(t.name for t in box) == ["weather_get-v2", "weather_get-v2_2"]
         r = box.call("weather_get-v2", {"city": "Oslo"})  # called under the server's own name
         assert r.ok and r.value == {"result": "Sunny in Oslo; token abc"}, r  # the SDK wraps a str result
@@ -422,7 +423,7 @@ def test_every_page_of_an_mcp_servers_tools_is_read(tmp_path):
     """))
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     with MCPClient(sys.executable, [str(srv)], env=env) as c:
-        box = Toolbox(c.tools())
+        box = Toolbox(c.tools(sensitive=False))
         assert sorted(t.name for t in box) == [f"tool_{i}" for i in range(5)]
         assert box.call("tool_4", {}).ok
         pic = box.call("tool_1", {})

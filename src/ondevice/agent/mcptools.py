@@ -4,7 +4,8 @@ and a toolbox served as an MCP server (``ondevice agent --serve-mcp``).
 The client keeps one session open on an event loop in a background thread (the MCP SDK is asyncio) and
 wraps each server tool as a :class:`~ondevice.agent.tools.Tool` whose code is "call this tool on that
 server": it is known by its JSON schema and validated against it before the request leaves. A server
-tool whose annotations say it may be destructive is ``sensitive`` (needs confirmation) unless told otherwise.
+tool that may be destructive is ``sensitive`` (needs confirmation) unless told otherwise: one whose annotations
+say so, and one without annotations (the MCP spec's defaults: readOnlyHint false, destructiveHint true).
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ class MCPClient:
         out, taken = [], set()
         for t in self._listed:
             ann = t.annotations
-            if sensitive is None:
-                flag = bool(ann and ann.destructive_hint and not ann.read_only_hint)
+            if sensitive is None:  # the MCP spec's defaults: readOnlyHint false, destructiveHint true
+                read_only = bool(ann and ann.read_only_hint)
+                flag = not read_only and (ann is None or ann.destructive_hint is None or bool(ann.destructive_hint))
             elif isinstance(sensitive, bool):
                 flag = sensitive
             else:
@@ -231,8 +233,8 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
         return types.ListToolsResult(tools=[
             types.Tool(name=t.name, description=t.description, input_schema=t.parameters,
                        output_schema=t.output_schema if (t.output_schema or {}).get("type") == "object" else None,
-                       annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=False)
-                       if t.sensitive else None)
+                       # said for every tool: a client takes one without annotations as destructive (the spec)
+                       annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=False))
             for t in toolbox])
 
     async def call_tool(ctx, params) -> Any:

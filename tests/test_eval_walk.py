@@ -76,12 +76,12 @@ def test_flags_the_run_would_ignore_are_refused(cli, tmp_path, smol_path, flags,
 
 
 @pytest.mark.parametrize(("flags", "says"), [
-    (["--ppl", "--limit", "5"], "--limit is for task suites (--suite NAME) and this run has none; a perplexity "
-                                "covers the text: --chunks N measures part of it"),
+    (["--ppl", "--limit", "5"], ("--limit is for task suites (--suite NAME) and this run has none; a perplexity "
+                                 "covers the text: --chunks N measures part of it")),
     (["--ppl", "-s", "3", "--max-tokens", "8"], "--max-tokens, -s are for task suites"),
     (["--suite", "SUITE", "--chunks", "2"], "--chunks sets the perplexity run and this run has none; add --ppl"),
-    (["--ppl", "--topk", "10"], "--topk sets how many of the reference's log-probs are kept per token; it needs "
-                                "--ref MODEL"),
+    (["--ppl", "--topk", "10"], ("--topk sets how many of the reference's log-probs are kept per token; it needs "
+                                 "--ref MODEL")),
 ])
 def test_a_flag_for_the_part_the_run_does_not_hold_is_refused(cli, tmp_path, smol_path, flags, says):
     # llama-perplexity has no --limit: a perplexity run with it measured the whole text and said nothing

@@ -156,8 +156,9 @@ def check_parts(args: argparse.Namespace, config) -> None:
                               f"NAME) and this run has none" + ("; a perplexity covers the text: --chunks N measures "
                                                                 "part of it" if ppl else ""))
     if config.suite and not ppl and (given := typed(PPL_ONLY)):
+        it = "it" if len(given) == 1 else "them"
         raise InvalidArgument(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the perplexity run and this "
-                              f"run has none; add --ppl to measure it too, or drop {'it' if len(given) == 1 else 'them'}")
+                              f"run has none; add --ppl to measure it too, or drop {it}")
     if ppl and not config.ref and "topk" in vars(args):
         raise InvalidArgument("--topk sets how many of the reference's log-probs are kept per token; it needs --ref "
                               "MODEL (the KL divergence against it)")

@@ -36,6 +36,7 @@ from .fim import NoInfill, fim_prompt, fim_tokens
 from .http import error_response
 from .responses import chat_chunks, chat_request, over_chat
 from .state import UnknownModel
+from .truncate import fit_context
 
 _MANAGING = {  # Ollama's model management routes: what ondevice does instead
     "/api/create": "`ondevice quantize` or `ondevice adapt merge` makes a model here",
@@ -280,45 +281,8 @@ async def chat(runner, body: dict, request):
     if body.get("tools"):
         req["tools"] = body["tools"]
     if body.get("truncate", True) is not False:  # Ollama's default: the oldest turns go, not the request
-        req = await _fit(runner, req)
+        req = await fit_context(runner, req, lambda body: chat_request(body, _FIELD))
     return await _answer(runner, chat_request(req, _FIELD), request, reply)
-
-
-async def _fit(runner, req: dict) -> dict:
-    """``req`` with its oldest turns dropped until its prompt leaves a quarter of the context (or max_tokens, if
-    less) for the reply, as Ollama drops them (its ``truncate``, on by default): system messages and the last
-    message stay, and what is kept starts at a user turn (no tool result without its call). Unchanged when it fits,
-    or when not even the last message does (the context error then says so)."""
-    ctx = runner.state.settings.ctx
-    room = ctx - 1 - min(req.get("max_tokens") or ctx // 4, ctx // 4)
-    msgs = req["messages"]
-    system = [m for m in msgs if m.get("role") == "system"]
-    turns = [m for m in msgs if m.get("role") != "system"]
-
-    async def size(k: int) -> int:  # the prompt's tokens with the first k turns dropped
-        return await runner.prompt_tokens(chat_request({**req, "messages": system + turns[k:]}, _FIELD))
-
-    if len(turns) < 2 or await size(0) <= room:
-        return req
-    starts = [k for k, m in enumerate(turns) if m.get("role") == "user" and k > 0] or [len(turns) - 1]
-    lo, hi = 0, len(starts) - 1  # the fewest dropped that fits, by bisection over the turns' starts
-    if await size(starts[hi]) > room:
-        return req
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if await size(starts[mid]) <= room:
-            hi = mid
-        else:
-            lo = mid + 1
-    _dropped_turns(starts[lo])
-    return {**req, "messages": system + turns[starts[lo]:]}
-
-
-def _dropped_turns(n: int) -> None:
-    import logging
-
-    logging.getLogger("ondevice.serve").info("/api/chat: the %d oldest messages were dropped to fit the context "
-                                             "(Ollama's truncate; send truncate: false for the error instead)", n)
 
 
 _GENERATE_REFUSED = {

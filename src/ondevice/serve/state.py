@@ -42,19 +42,20 @@ def served_name(given: str | None, name: str) -> str:
     return ref.written if ref is not None else name
 
 
-
 class UnknownModel(Exception):
     """A model name the server does not serve (Ollama's routes: any; OpenAI's: another model ondevice knows): 404."""
 
 
 def _names_file(name: str, path) -> bool:
-    """Whether the model ``name`` is the file at ``path`` (a server started by path, asked by catalog name)."""
-    from ..models.catalog import resolve
+    """Whether the model ``name`` is the file at ``path`` (a server started by path, asked by catalog name); told
+    from names and paths alone: resolving a catalog name could assemble a model while a request waits."""
+    from ..models.catalog import CATALOG, store_variants
 
-    try:
-        return Path(resolve(name).path).samefile(path)
-    except Exception:  # noqa: BLE001 — not installed, not readable: not this file
-        return False
+    p, entry, stored = Path(path).resolve(), CATALOG.get(name), store_variants().get(name)
+    if stored is not None and stored.resolve() == p:
+        return True
+    return entry is not None and (p == entry.store_path.resolve() or (entry.kind == "in_place" and
+                                                                     p.name == entry.filename))
 
 
 def _known_models() -> set[str]:
@@ -62,6 +63,7 @@ def _known_models() -> set[str]:
     from ..models.catalog import known_names
 
     return set(known_names())
+
 
 class PromptTooLong(InvalidArgument):
     """A prompt over the server's limit (a 400 with code context_length_exceeded)."""

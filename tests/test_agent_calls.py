@@ -173,6 +173,7 @@ def test_a_value_at_the_call_grammars_bound_is_refused_not_run(monkeypatch):
                               "--max-arg-chars / --max-arg-items")
     assert "names reached" in cut_value(Call("invite", {"names": ["a"] * 6}))
     assert cut_value(Call("invite", {"names": ["a"] * 5})) is None
+    assert cut_value(Call("fetch", {"url": "https://example.com/" + "x" * 90})) is None  # longer: a format's, unbounded
     body = "Hi Bob, the quarterly review moved from Tuesday to Thursday at 3pm in room 4B; bring the budget."
     script = iter([{"to": "bob@example.com", "body": body[:80]}] * 3)  # a stand-in for the actor, cut each time
 

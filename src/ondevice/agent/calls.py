@@ -167,11 +167,12 @@ def cut_value(c: Call, bounds: tuple[int, int] = (MAX_CHARS, MAX_ITEMS)) -> str 
 
 
 def at_bound(value, max_chars: int, max_items: int, path: str = "the arguments") -> str | None:
-    """Where in ``value`` a string or list is as long as the call grammar lets it be (so it was likely cut)."""
+    """Where in ``value`` a string or list is exactly as long as the call grammar lets it be (so it was likely cut;
+    a longer one is a value the grammar did not bound: an enum, a pattern or a format's)."""
     if isinstance(value, str):
-        return path if len(value) >= max_chars else None
+        return path if len(value) == max_chars else None
     if isinstance(value, list):
-        if len(value) >= max_items:
+        if len(value) == max_items:
             return path
         return next((w for i, v in enumerate(value)
                      if (w := at_bound(v, max_chars, max_items, f"{path}[{i}]")) is not None), None)

@@ -300,6 +300,8 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("functions", "function_call")
     @classmethod
     def _deprecated(cls, v: Any) -> Any:
+        if v is None:  # sent as null: nothing asked
+            return v
         raise ValueError("OpenAI's deprecated functions / function_call are not taken; send tools: [{\"type\": "
                          "\"function\", \"function\": {...}}] and tool_choice instead")
 

@@ -218,3 +218,30 @@ def test_a_kill_during_merge_leaves_no_half_written_model(three, tmp_path):
     assert proc.returncode == 143, err
     assert not [p.name for p in store.iterdir() if p.name.startswith(".")], list(store.iterdir())
     assert "Traceback" not in err
+
+
+def test_a_lora_of_bf16_or_q8_0_tensors_reads_as_its_values(tmp_path):
+    """convert_lora_to_gguf.py --outtype bf16 / q8_0 / auto writes such tensors; merge and average read their raw
+    bytes as numbers (a wrong shape refused, or a broken file written)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    a, b = _pairs(5, 4, layers=(29,))["blk.29.attn_v.weight"]
+    for types in ((T.BF16, T.BF16), (T.Q8_0, T.BF16)):  # a (4, 576) takes Q8_0's blocks of 32; b (192, 4) does not
+        path = tmp_path / f"conv-{types[0].name}.gguf"
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+        for suffix, m, t in ((".lora_a", a, types[0]), (".lora_b", b, types[1])):
+            w.add_tensor("blk.29.attn_v.weight" + suffix, gguf.quants.quantize(m, t), raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        pairs, alpha = adapter_file.read_lora(path)
+        got_a, got_b = pairs["blk.29.attn_v.weight"]
+        assert alpha == 8.0
+        assert got_a.shape == a.shape and got_b.shape == b.shape
+        np.testing.assert_allclose(got_a, a, atol=0.02 * np.abs(a).max())
+        np.testing.assert_allclose(got_b, b, atol=0.01 * np.abs(b).max())

@@ -82,13 +82,23 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
 
     r = gguf.GGUFReader(str(path))
     alpha = float(r.fields["adapter.lora.alpha"].contents()) if "adapter.lora.alpha" in r.fields else 0.0
-    t = {x.name: np.asarray(x.data, dtype=np.float32) for x in r.tensors}  # numpy (reversed ggml) order
+    t = {x.name: _float(gguf, x) for x in r.tensors}  # numpy (reversed ggml) order
     pairs = {}
     for name in sorted({k.rsplit(".", 1)[0] for k in t}):
         if f"{name}.lora_a" not in t or f"{name}.lora_b" not in t:
             raise InvalidArgument(f"{Path(path).name}: {name} has only one of lora_a/lora_b; not a complete adapter")
         pairs[name] = (t[f"{name}.lora_a"], t[f"{name}.lora_b"])
     return pairs, alpha
+
+
+def _float(gguf, x) -> np.ndarray:
+    """A reader tensor as fp32 in numpy order: F32/F16 as they are; BF16 or a block type (convert_lora_to_gguf.py
+    --outtype bf16 / q8_0 / auto) dequantized, as llama.cpp reads them (gguf-py hands those over as raw bytes)."""
+    T = gguf.GGMLQuantizationType
+    if x.tensor_type in (T.F32, T.F16):
+        return np.asarray(x.data, dtype=np.float32)
+    shape = tuple(int(n) for n in reversed(x.shape.tolist()))
+    return np.asarray(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def lora_meta(adapter: str | Path, flag: str = "--adapter") -> dict:

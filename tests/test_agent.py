@@ -428,6 +428,10 @@ def test_every_page_of_an_mcp_servers_tools_is_read(tmp_path):
         assert box.call("tool_4", {}).ok
         pic = box.call("tool_1", {})
         assert pic.ok and pic.value == "[image (image/png, 8 bytes): not shown, this model reads text only]", pic
+        with MCPClient(sys.executable, [str(srv)], env=env) as other:  # a second server, the same tool names
+            box2 = Toolbox([*box, *other.tools(sensitive=False, taken=[t.name for t in box])])
+            assert {t.name for t in box2} >= {"tool_0", "tool_0_2"}  # numbered, as within one server; not refused
+            assert box2.call("tool_4_2", {}).value == "ran tool_4"  # called under its own name on its server
 
 
 def test_tools_that_exit_are_async_or_return_the_wrong_type_are_results_not_crashes():

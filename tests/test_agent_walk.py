@@ -208,3 +208,44 @@ def test_a_tools_file_with_postponed_annotations_and_a_dataclass_parameter_loads
     (tool,) = load_tools(str(tmp_path / "cal.py"))
     r = Toolbox([tool]).call("add_event", {"event": {"title": "Dentist", "hour": 9}})
     assert r.ok and r.value == "Dentist at 9", r
+
+
+def test_toolbox_tools_a_package_folder_and_a_path_without_py(tmp_path, monkeypatch):
+    """A Toolbox filled with @box.tool could not be loaded by --tools (and TOOLS of its functions dropped their
+    sensitive flags); a package folder or a path without .py got "importing ... raised TypeError; fix the module"."""
+    from ondevice.agent.builtin import load_tools
+
+    (tmp_path / "boxfile.py").write_text(textwrap.dedent("""
+        from ondevice.agent import Toolbox
+
+        box = Toolbox()
+
+        @box.tool
+        def ping(x: str) -> str:
+            \"\"\"Ping.\"\"\"
+            return x
+
+        @box.tool(sensitive=True)
+        def wipe(path: str) -> str:
+            \"\"\"Wipe a path.\"\"\"
+            return path
+    """))
+    for spec in (str(tmp_path / "boxfile.py"), f"{tmp_path / 'boxfile.py'}:box"):
+        assert {(t.name, t.sensitive) for t in load_tools(spec)} == {("ping", False), ("wipe", True)}, spec
+    pkg = tmp_path / "pkg1"
+    pkg.mkdir()
+    (pkg / "helpers.py").write_text("def twice(x: int) -> int:\n    return 2 * x\n")
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        from .helpers import twice
+
+        def double(x: int) -> int:
+            \"\"\"Twice x.\"\"\"
+            return twice(x)
+
+        TOOLS = [double]
+    """))
+    assert [t.name for t in load_tools(str(pkg))] == ["double"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgument, match="give a .py file, a package folder or a module name .*did you mean "
+                                              "./boxfile.py\\?"):
+        load_tools("./boxfile")

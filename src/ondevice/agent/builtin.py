@@ -71,12 +71,23 @@ def _user_line(e: BaseException) -> str:
 def load_tools(spec: str) -> list[Tool]:
     """Tools from ``module``, ``module:attr``, ``path/file.py`` or ``path/file.py:attr``."""
     target, _, attr = spec.partition(":") if not (len(spec) > 1 and spec[1] == ":") else (spec, "", "")
+    if Path(target).is_dir() and (Path(target) / "__init__.py").is_file():  # a package folder: its __init__.py
+        target = str(Path(target) / "__init__.py")
+    elif not target.endswith(".py") and ("/" in target or target.startswith(".")):  # a path, not a module name
+        hint = f"; did you mean {target}.py?" if Path(target + ".py").is_file() else ""
+        raise InvalidArgument(f"--tools {spec}: give a .py file, a package folder or a module name (mytools, "
+                              f"pkg.tools){hint}")
+    elif not target:
+        raise InvalidArgument("--tools needs a .py file, a package folder or a module name")
     is_file = target.endswith(".py")
     if is_file and not Path(target).is_file():
         raise InvalidArgument(f"--tools {spec}: no file at {target}")
     try:
         if is_file:
-            mod_spec = importlib.util.spec_from_file_location(f"ondevice_user_tools_{Path(target).stem}", target)
+            pkg = Path(target).name == "__init__.py"  # a package folder: its own modules import relatively
+            mod_spec = importlib.util.spec_from_file_location(
+                f"ondevice_user_tools_{Path(target).parent.name if pkg else Path(target).stem}", target,
+                submodule_search_locations=[str(Path(target).parent)] if pkg else None)
             mod = importlib.util.module_from_spec(mod_spec)
             # in sys.modules, as an import puts it: pydantic resolves a dataclass's string annotations (from
             # __future__ import annotations) through its module there
@@ -113,9 +124,10 @@ def load_tools(spec: str) -> list[Tool]:
         found = getattr(mod, attr)
     elif hasattr(mod, "TOOLS"):
         found = mod.TOOLS
-    else:
-        found = [v for v in vars(mod).values() if isinstance(v, Tool)]
-    items = found if isinstance(found, (list, tuple)) else [found]
+    else:  # @tool functions, and the tools of a Toolbox its @box.tool filled (their sensitive flags kept)
+        found = [t for v in vars(mod).values() for t in ([v] if isinstance(v, Tool) else
+                                                          list(v) if isinstance(v, Toolbox) else [])]
+    items = list(found) if isinstance(found, (list, tuple, Toolbox)) else [found]
     try:
         tools = [t if isinstance(t, Tool) else Tool.from_function(t) for t in items]
     except InvalidArgument as e:

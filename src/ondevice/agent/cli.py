@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             c = MCPClient(parts[0], parts[1:], env=env, timeout=args.mcp_timeout)
             clients.append(c)
             c.start()
-            add_all(box, c.tools(), f"--mcp {cmd}")
+            add_all(box, c.tools(taken=[t.name for t in box]), f"--mcp {cmd}")
         if not len(box):
             raise InvalidArgument("no tools; give --tools FILE.py, --mcp 'COMMAND' or --builtin")
         return _run_agent(args, box, request.strip())

@@ -179,9 +179,11 @@ class MCPClient:
         except (json.JSONDecodeError, ValueError):
             return text
 
-    def tools(self, *, sensitive: bool | Sequence[str] | None = None) -> list[Tool]:
-        """The server's tools. ``sensitive``: True/False for all, a list of names, or None (annotations)."""
-        out, taken = [], set()
+    def tools(self, *, sensitive: bool | Sequence[str] | None = None, taken: Sequence[str] = ()) -> list[Tool]:
+        """The server's tools. ``sensitive``: True/False for all, a list of names, or None (annotations). ``taken``:
+        names in use already (another server's tools): a tool of the same name here gets a number (MCP names are
+        unique per server only; the call still goes out under its own name)."""
+        out, taken = [], set(taken)
         for t in self._listed:
             ann = t.annotations
             if sensitive is None:  # the MCP spec's defaults: readOnlyHint false, destructiveHint true

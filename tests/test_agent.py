@@ -621,3 +621,29 @@ def test_direct_retries_count_attempts_on_one_clock(monkeypatch):
     assert run.ok and [a["ok"] for a in run.nodes[0].attempts] == [False, True]
     starts = [e for e in events if e["event"] == "start"]
     assert [e["attempt"] for e in starts] == [1, 2] and starts[1]["t"] > starts[0]["t"] + 0.04
+
+
+def test_async_tools_keep_their_loop_bound_state_between_calls():
+    """Each call of an async tool ran on a new event loop: a client or a worker task it kept from its first call
+    (an httpx.AsyncClient, a queue) failed on every later call ("Event loop is closed", or a hang)."""
+    import asyncio
+
+    state: dict = {}
+
+    async def fetch(n: int) -> str:
+        """Ask the worker for an answer."""
+        if "queue" not in state:  # made on the first call, as a module-level client or pool is
+            state["queue"] = asyncio.Queue()
+
+            async def worker():
+                while True:
+                    k, fut = await state["queue"].get()
+                    fut.set_result(f"answer {k}")
+
+            state["worker"] = asyncio.get_running_loop().create_task(worker())
+        fut = asyncio.get_running_loop().create_future()
+        await state["queue"].put((n, fut))
+        return await asyncio.wait_for(fut, 5)
+
+    box = Toolbox([fetch])
+    assert [box.call("fetch", {"n": n}).value for n in (1, 2, 3)] == ["answer 1", "answer 2", "answer 3"]

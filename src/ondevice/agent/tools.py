@@ -341,21 +341,45 @@ class Toolbox:
 
 
 def _await(awaitable) -> Any:
-    """The result of an async tool, run on an event loop of its own (in a helper thread when this thread
-    already runs one)."""
+    """The result of an async tool, run on one event loop that lives as long as the process (a thread of its
+    own), as an MCP SDK server runs its tools: what a tool keeps between calls (an httpx.AsyncClient, a pool, a
+    worker task) stays bound to a loop that is still running. A new loop per call broke every call after the
+    first ("Event loop is closed")."""
     import asyncio
 
     async def run():
         return await awaitable
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(run())
-    import concurrent.futures as cf
+    return asyncio.run_coroutine_threadsafe(run(), _tool_loop()).result()
 
-    with cf.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, run()).result()
+
+_LOOP: list = []  # the async tools' event loop, started on first use
+_LOOP_LOCK = threading.Lock()
+
+
+def _tool_loop():
+    import asyncio
+
+    with _LOOP_LOCK:
+        if not _LOOP:
+            import atexit
+
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="ondevice-async-tools", daemon=True)
+            thread.start()
+            _LOOP.append(loop)
+
+            def stop() -> None:  # at exit: the tools' tasks cancelled and let end, not "destroyed but pending"
+                def cancel() -> None:
+                    for task in asyncio.all_tasks(loop):
+                        task.cancel()
+                    loop.call_soon(loop.stop)
+
+                loop.call_soon_threadsafe(cancel)
+                thread.join(2)
+
+            atexit.register(stop)
+        return _LOOP[0]
 
 
 def _short(value: Any) -> str:

@@ -122,10 +122,22 @@ def test_function_calling_is_an_eval_suite_with_both_modes():
     assert {i.category for i in s.items} == {"constrained", "unconstrained"}
     con = next(i for i in s.items if i.id == "single-001/constrained")
     assert con.input == [{"role": "user", "content": fcsuite.items()[0]["query"]}]  # the request alone
-    assert con.meta == {"tools": [fcsuite.catalog()["set_alarm"].spec()], **fcsuite.POLICY, "constrained": True}
+    assert con.meta == {"tools": [fcsuite.catalog()["set_alarm"].spec()], **fcsuite.POLICY, "constrained": True,
+                        "unit": "single-001", "stratum": "single"}
     assert next(i for i in s.items if i.id == "single-001/unconstrained").meta["constrained"] is False
     assert score(con, '{"name": "set_alarm", "arguments": {"time": "06:45"}}') == \
         {"tool_calls": 1.0, "tool_calls_valid": 1.0}
+
+
+def test_a_subset_of_the_function_calling_suite_asks_each_request_both_ways():
+    """--limit 16 drew constrained and unconstrained items on their own: 1 request of 8 was asked both ways, so
+    the comparison the suite is for was made on different requests."""
+    from ondevice.eval.suites import load_suite
+
+    s = load_suite("function-calling", limit=16, seed=3)
+    ids = {m: {i.id.split("/")[0] for i in s.items if i.meta["constrained"] is (m == "c")} for m in "cu"}
+    assert len(s.items) == 16 and ids["c"] == ids["u"] and len(ids["c"]) == 8
+    assert {i.meta["stratum"] for i in s.items} == {"single", "choose", "parallel", "none"}  # every category
 
 
 def test_eval_and_agent_bench_give_the_same_prompt_and_grammar(smol_path):

@@ -166,7 +166,8 @@ def eval_items() -> list:
                             category=mode, task=f"{it['category']}/{mode}",
                             provenance="ondevice function-calling suite (data/function_calling.jsonl)",
                             extra_metrics=("tool_calls_valid",),
-                            meta={"tools": specs, **POLICY, "constrained": constrained}))
+                            meta={"tools": specs, **POLICY, "constrained": constrained,
+                                  "unit": it["id"], "stratum": it["category"]}))  # --limit: both modes of a request
     return out
 
 

@@ -117,15 +117,21 @@ def load_suite(name_or_path: str | Path, limit: int | None = None, seed: int | N
 def stratified_subset(items: list[Item], limit: int, seed: int | None = None) -> list[Item]:
     """``limit`` items spread as evenly as possible over tasks, drawn with ``seed``, in original order.
 
-    Small tasks give their unused share to the others, so every task is represented while it can be.
+    Small tasks give their unused share to the others, so every task is represented while it can be. Items that
+    share ``meta["unit"]`` (one request asked two ways, to compare them) are drawn together, stratified by their
+    ``meta["stratum"]``: a subset compares the ways on the same requests.
     """
     if limit < 1:
         raise InvalidArgument(f"--limit must be at least 1, got {limit}")
     if limit >= len(items):
         return list(items)
-    by_task: dict[str, list[int]] = {}
+    units: dict[Any, list[int]] = {}
     for i, it in enumerate(items):
-        by_task.setdefault(it.task, []).append(i)
+        units.setdefault(it.meta.get("unit", i), []).append(i)
+    limit = max(1, limit // max(len(u) for u in units.values()))  # in units
+    by_task: dict[str, list[Any]] = {}
+    for key, idx in units.items():
+        by_task.setdefault(items[idx[0]].meta.get("stratum", items[idx[0]].task), []).append(key)
     quota = dict.fromkeys(by_task, 0)
     left = limit
     while left:
@@ -136,7 +142,7 @@ def stratified_subset(items: list[Item], limit: int, seed: int | None = None) ->
             quota[t] += add
             left -= add
     rng = random.Random(0 if seed is None else seed)
-    keep = {i for t, idx in by_task.items() for i in rng.sample(idx, quota[t])}
+    keep = {i for t, keys in by_task.items() for k in rng.sample(keys, quota[t]) for i in units[k]}
     return [it for i, it in enumerate(items) if i in keep]
 
 

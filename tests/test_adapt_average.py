@@ -5,6 +5,7 @@ in numbers and in llama.cpp against the adapters applied together; and an adapte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,18 @@ def test_a_lora_of_bf16_or_q8_0_tensors_reads_as_its_values(tmp_path):
         assert got_a.shape == a.shape and got_b.shape == b.shape
         np.testing.assert_allclose(got_a, a, atol=0.02 * np.abs(a).max())
         np.testing.assert_allclose(got_b, b, atol=0.01 * np.abs(b).max())
+
+
+def test_an_adapter_of_a_base_given_by_path_merges_onto_that_file(three, tmp_path, cli, smol_path):
+    """A base given by path was recorded by its file's stem only: `adapt merge NAME` said "unknown model"."""
+    copy = tmp_path / "my-base.gguf"
+    copy.write_bytes(Path(smol_path).read_bytes())
+    a, b = _pairs(7, 4, layers=(29,))["blk.29.attn_v.weight"]
+    prov = {"base_sha256": cached_sha256(copy), "base_name": "my-base", "base_path": str(copy)}
+    adapter = adapter_file.write(tmp_path / "pathed.gguf", "llama", 8.0, {"blk.29.attn_v.weight": (a, b)}, prov)
+    r = cli("adapt", "merge", str(adapter), "-o", str(tmp_path / "merged.gguf"))
+    assert r.returncode == 0 and (tmp_path / "merged.gguf").is_file(), r.stderr
+    copy.unlink()  # gone: the error names what was recorded and the flag that gives it
+    r = cli("adapt", "merge", str(adapter), "-o", str(tmp_path / "merged2.gguf"))
+    assert r.returncode == 2 and "was trained on my-base (sha256 " in r.stderr and "give the base with -m PATH" \
+        in r.stderr, r.stderr

@@ -303,5 +303,6 @@ def run(args: argparse.Namespace) -> int:
     from .store import adapters_dir
 
     stored = out.parent.resolve() == adapters_dir().resolve()
-    print(f"use it: ondevice run --adapter {out.stem if stored else out} \"...\"", file=sys.stderr)
+    base = f"-m {args.model} " if args.model else ""  # a base other than the default: the command names it
+    print(f"use it: ondevice run {base}--adapter {out.stem if stored else out} \"...\"", file=sys.stderr)
     return 0

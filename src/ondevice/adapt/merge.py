@@ -35,6 +35,25 @@ def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> 
     return w + scale * (b @ a)
 
 
+def _base_path(apath: Path, meta: dict, base_name: str, model: str | None) -> Path:
+    """The base model's file: ``-m``, else the recorded name, else the recorded path (a base given by path is
+    recorded by its file's stem, which names no model here)."""
+    from ..errors import ModelNotFound
+    from ..models import resolve
+    from .adapter_file import KEY
+
+    try:
+        return Path(resolve(base_name).path)
+    except ModelNotFound:
+        recorded = meta.get(KEY + "base_path")
+        if model is None and recorded and Path(recorded).is_file():
+            return Path(recorded)
+        sha = str(meta.get(KEY + "base_sha256") or "?")[:12]
+        raise InvalidArgument(f"{apath.name} was trained on {base_name} (sha256 {sha}...), which is not here"
+                              f"{f' (recorded at {recorded})' if recorded else ''}; give the base with -m PATH") \
+            from None
+
+
 def merge(adapter: str | Path, out: str | Path | None = None, model: str | None = None,
           out_type: str = "q8_0", *, force: bool = False) -> dict:
     """Write the base of ``adapter`` (its recorded base, or ``model``) with the adapter merged to ``out`` (temp file,
@@ -43,7 +62,6 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from ..models import resolve
     from ..models.store import cached_sha256
     from .adapter_file import KEY, check, lora_meta, read_lora
 
@@ -54,7 +72,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     base_name = model or meta.get(KEY + "base_name")
     if base_name is None:
         raise InvalidArgument(f"{apath.name} does not record its base model; give it with -m")
-    base = resolve(base_name).path
+    base = _base_path(apath, meta, base_name, model)
     refuse_split(validate_gguf(base), "adapt merge")
     name = f"{Path(base).stem if model else base_name}-{apath.stem}"
     store.check_out_file(out, "merged model's", f"{name}.gguf")

@@ -439,7 +439,8 @@ def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, f
 
     tensors = {lin.name: (lin.lora_a.detach().float().numpy(), lin.lora_b.detach().float().numpy())
                for lin in model.linears().values() if lin.rank}
-    prov = {"base_sha256": base["sha256"], "base_name": base["name"], "data_sha256": data_sha,
+    prov = {"base_sha256": base["sha256"], "base_name": base["name"], "base_path": base["path"],
+            "data_sha256": data_sha,
             "created": created_now(), "settings": settings, "figures": figures, "plan": cfg.plan,
             "plan_info": {k: v for k, v in cfg.plan_info.items() if k != "candidates"}}
     return adapter_file.write(cfg.out, model.cfg.arch, cfg.alpha, tensors, prov)

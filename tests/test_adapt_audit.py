@@ -297,3 +297,10 @@ def test_a_run_whose_held_out_loss_went_up_says_so(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "batch loss " in r.stdout and "(first step) -> " in r.stdout
     assert "warning: the held-out loss went up (" in r.stderr and "try a lower --lr or fewer --steps" in r.stderr
+
+
+def test_peft_and_trl_flag_names_are_taken_or_explained(cli):
+    r = cli("adapt", "x.jsonl", "--epochs", "3")
+    assert r.returncode == 2 and "--epochs is TRL's and does not apply here: ondevice adapt counts --steps" in r.stderr
+    r = cli("adapt", "x.jsonl", "--learning-rate", "1e-3", "--lora-r", "2", "--lora-alpha", "4", "--steps", "0")
+    assert r.returncode == 2 and "--steps, --batch and --lora-r must be >= 1" in r.stderr, r.stderr  # all taken

@@ -44,11 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="W,W,...",
                    help="with average: one weight per adapter, in order (default: 1/n each)")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", "--learning-rate", type=float, default=d.lr)  # the second: peft's and TRL's name
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per example at most")
-    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (without --budget; default {d.rank})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--rank", "--lora-r", type=int, default=None, help=f"LoRA rank (without --budget; default {d.rank})")
+    p.add_argument("--alpha", "--lora-alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--modules", default=None,
                    help="LoRA targets without --budget: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down "
                         f"or 'all' (default {','.join(d.modules)})")
@@ -80,6 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
     p.add_argument("--force", action="store_true", help="merge / average: replace the model or adapter they would "
                                                         "write where one is there already")
+    from ..engine.llama_flags import Refused
+
+    p.add_argument("--epochs", "--num-train-epochs", nargs="?", action=Refused, tool="TRL", help=argparse.SUPPRESS,
+                   why="ondevice adapt counts --steps of --batch examples, each batch drawn at random: E epochs of N "
+                       "training examples are about E * N / batch steps")
 
 
 def parse_budget(s: str) -> int:

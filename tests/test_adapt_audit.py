@@ -33,6 +33,10 @@ def test_other_tools_data_formats_are_named_with_the_way_to_write_them(tmp_path)
             "expected \"messages\" or \"input\"/\"target\" keys, got 'conversations' (ShareGPT's conversations of "
             "from/value: write {\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", "
             "\"content\": ...}]})",
+        json.dumps({"text": "Once upon a time"}):
+            "expected \"messages\" or \"input\"/\"target\" keys, got 'text' (TRL's plain text: adapt trains a chat "
+            "model on answers to prompts, not on running text; write {\"input\": the prompt, \"target\": the "
+            "answer})",
         json.dumps([{"input": "a", "target": "b"}]):
             "expected a JSON object, got list (a JSON array: put each of its objects on a line of its own, JSONL)",
     }

@@ -62,6 +62,8 @@ _FOREIGN = (
     ({"prompt", "completion"}, 'prompt/completion: write {"input": prompt, "target": completion}'),
     ({"conversations"}, ('ShareGPT\'s conversations of from/value: write {"messages": [{"role": "user", '
                          '"content": ...}, {"role": "assistant", "content": ...}]}')),
+    ({"text"}, ('TRL\'s plain text: adapt trains a chat model on answers to prompts, not on running text; write '
+                '{"input": the prompt, "target": the answer}')),
 )
 
 

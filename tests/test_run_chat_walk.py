@@ -194,7 +194,9 @@ def test_a_reply_cut_by_n_inside_a_grammar_says_so(cli):
                                  "asks; raise -n)" in r.stderr, r.stderr
     r = cli("run", *ask)
     assert r.returncode == 0 and "stopped" not in r.stderr, r.stderr
-    r = cli("chat", input="/set format json\n/set num_predict 3\nGive a person with a name and an age\n")
+    # greedy: sampled, the reply is at times "{}" within 3 tokens, whole, and then rightly without the note
+    r = cli("chat", input="/set format json\n/set num_predict 3\n/set temperature 0\nGive a person with a name and "
+                          "an age\n")
     assert "it may not be complete as its grammar asks; /set num_predict N gives it more tokens)" in r.stderr, r.stderr
 
 

@@ -161,19 +161,17 @@ def test_the_cli_answers_after_a_huge_tool_result_and_its_log_line_is_cut(cli, t
     assert rec["nodes"][0]["output"] == "line of log text\n" * 200_000 and rec["answer"] == r.stdout.strip()
 
 
+def _double_tools(folder, name: str, helpers: str) -> None:
+    """A tools module ``folder/name`` whose one tool, double, imports twice from ``helpers`` beside it."""
+    (folder / "helpers.py").write_text("def twice(x: int) -> int:\n    return 2 * x\n")
+    (folder / name).write_text(f"from {helpers} import twice\n\n\ndef double(x: int) -> int:\n"
+                               f"    \"\"\"Twice x.\"\"\"\n    return twice(x)\n\n\nTOOLS = [double]\n")
+
+
 def test_a_tools_file_imports_its_neighbours_and_serve_mcp_refuses_what_it_would_ignore(cli, tmp_path):
     """A tools file that imports a module next to it failed unless ondevice ran from that folder; --serve-mcp
     ignored --mcp, --sop and the rest without a word."""
-    (tmp_path / "helpers.py").write_text("def twice(x: int) -> int:\n    return 2 * x\n")
-    (tmp_path / "mytools.py").write_text(textwrap.dedent("""
-        from helpers import twice
-
-        def double(x: int) -> int:
-            \"\"\"Twice x.\"\"\"
-            return twice(x)
-
-        TOOLS = [double]
-    """))
+    _double_tools(tmp_path, "mytools.py", "helpers")
     from ondevice.agent.builtin import load_tools
 
     (tool,) = load_tools(str(tmp_path / "mytools.py"))
@@ -234,16 +232,7 @@ def test_toolbox_tools_a_package_folder_and_a_path_without_py(tmp_path, monkeypa
         assert {(t.name, t.sensitive) for t in load_tools(spec)} == {("ping", False), ("wipe", True)}, spec
     pkg = tmp_path / "pkg1"
     pkg.mkdir()
-    (pkg / "helpers.py").write_text("def twice(x: int) -> int:\n    return 2 * x\n")
-    (pkg / "__init__.py").write_text(textwrap.dedent("""
-        from .helpers import twice
-
-        def double(x: int) -> int:
-            \"\"\"Twice x.\"\"\"
-            return twice(x)
-
-        TOOLS = [double]
-    """))
+    _double_tools(pkg, "__init__.py", ".helpers")
     assert [t.name for t in load_tools(str(pkg))] == ["double"]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidArgument, match="give a .py file, a package folder or a module name .*did you mean "

@@ -369,7 +369,7 @@ def test_adapt_from_the_cascades_deferred_samples(tmp_path, smol_path, cli):
                               device_answer="?", cloud_answer=a)
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    assert "use it: ondevice run --adapter hard" in r.stderr
+    assert f"use it: ondevice run -m {smol_path} --adapter hard" in r.stderr  # the base it was given names the run
     meta = adapter_file.read_meta(out)
     assert meta["ondevice.adapter.data_sha256"] == sha256_file(f"{out}.deferred.jsonl")
     assert len(data.read_jsonl(f"{out}.deferred.jsonl")) == 3

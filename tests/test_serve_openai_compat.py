@@ -305,3 +305,44 @@ def test_top_logprobs_needs_logprobs_and_pieces_keep_their_bytes(client):
     assert any(isinstance(p["piece"], list) for p in pieces)
     assert b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode()
                     for p in pieces) == text.encode()
+
+
+def test_a_response_format_reply_may_be_in_a_json_block_as_llama_servers_and_its_content_is_the_value(
+        client, ref_engine):
+    p = _plan(response_format=_fmt(Address))
+    value = '{"city": "Oslo", "zip": 150}'
+    for text in (value, f"```json\n{value}\n```", f"```\n{value}```"):
+        assert _grammar_accepts(ref_engine, p.grammar, text)
+    for text in (f"```json\n{value}\n``` and so on", f"Sure: {value}", f"```python\n{value}\n```", f"{value}\n```"):
+        assert not _grammar_accepts(ref_engine, p.grammar, text)
+    # SmolLM2, asked for a person without being told "JSON": forced to open with "{", it padded the keys with
+    # blank lines ('{\n  "name"\n\n:\n\n"name"\n\n,...') and ran out of tokens; allowed a block, as llama-server's
+    # grammar allows it, it writes the object (llama-server's reply to the same request: Shelter, 25)
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    kw = {"model": "m", "messages": [{"role": "user", "content": "Give a person"}], "temperature": 0, "max_tokens": 32,
+          "response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": person}}}
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and "`" not in content
+    assert set(json.loads(content)) == {"name", "age"}
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == content
+
+
+@pytest.mark.parametrize("text,content", [
+    ('```json\n{"a": "x`y"}\n```', '{"a": "x`y"}'),
+    ('```\n[1,\n 2]```', "[1,\n 2]"),
+    ('{"a": 1}', '{"a": 1}'),
+    ('"a ``` b"', '"a ``` b"'),
+    ('```json\n{"a": "b``', '{"a": "b'),  # cut by max_tokens: what may be the closing fence is not content
+    ("```js", ""),
+])
+def test_a_json_block_comes_off_a_reply_in_any_pieces_the_tokens_make(text, content):
+    assert structured.unfence(text) == content
+    for cut in range(len(text) + 1):
+        s = structured.FormatStream()
+        assert s.feed(text[:cut]) + s.feed(text[cut:]) + s.finish() == content
+    s = structured.FormatStream()
+    assert "".join(s.feed(ch) for ch in text) + s.finish() == content

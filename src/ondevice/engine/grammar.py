@@ -283,6 +283,24 @@ def schema_rules(parts: dict[str, dict], what: str) -> str:
     return "\n".join([gbnf[:m.start()] + gbnf[m.end() + 1:], *(f"{n} ::= {r}" for n, r in zip(parts, names))])
 
 
+FENCED_ROOT = "ondevice-format"
+
+
+def fenced(gbnf: str) -> str:
+    """``gbnf`` (a whole reply's JSON value) or that value in a ```` ```json ```` block, as llama-server's
+    ``response_format`` grammar allows: a small model that would open a code block is not forced off its path
+    (SmolLM2, asked "Give a person" for a name-and-age schema, padded ``{"name"\\n\\n:\\n\\n...`` with blank lines
+    up to max_tokens, where llama-server's fenced reply was the object). The server takes the fence off the
+    content (:class:`ondevice.serve.structured.FormatStream`). A grammar whose ``root`` another rule refers to
+    is left as it is."""
+    rules = dict(re.findall(r"(?m)^([\w-]+) ::= (.*)$", gbnf))
+    if "root" not in rules or FENCED_ROOT in rules or any("root" in _names(b) for b in rules.values()):
+        return gbnf
+    rules[FENCED_ROOT] = rules.pop("root")
+    rules["root"] = f'{FENCED_ROOT} | "```" "json"? "\\n" {FENCED_ROOT} "\\n"? "```"'
+    return "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
+
+
 def json_object_grammar() -> str:
     """GBNF for any JSON object (``response_format`` ``json_object``), as llama-server makes it."""
     return schema_grammar({"type": "object"}, "response_format")

@@ -325,7 +325,8 @@ async def generate(runner, body: dict, request):
     comp = S.CompletionRequest.model_validate({
         **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
         "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
-        "grammar": structured.plan(req).grammar, "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
+        "grammar": structured.plan(req, fence=False).grammar,  # raw: the text continued, as Ollama's
+        "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
     return await _answer(_Raw(runner), comp, request, reply)
 
 

@@ -254,7 +254,8 @@ class Runner:
         for i, (_, gen) in enumerate(results):
             text = "".join(g.text for g in gen)
             finish = gen[-1].finish_reason
-            content, calls = structured.split_reply(text, plan) if plan.tools else (text, None)
+            content, calls = (structured.split_reply(text, plan) if plan.tools
+                              else (structured.unfence(text) if plan.fenced else text, None))
             if calls:
                 finish = "tool_calls"
             elif plan.tool_mode == "required":  # calls only: one cut short (max_tokens, a stop) is not text
@@ -321,6 +322,7 @@ class Runner:
             id=cid, created=created, model=st.answered_by(req.model),
             choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
         calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
+        fences = [structured.FormatStream() if plan.fenced else None for _ in jobs]  # a response_format's ```json
         shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
         lasts: list[Generation | None] = [None] * len(jobs)
         try:
@@ -328,6 +330,8 @@ class Runner:
                 yield chunk(i, S.ChatDelta(role="assistant", content=""))
             async for i, g in self.indexed(jobs, request):
                 text, deltas = calls[i].feed(g.text)
+                if fences[i] is not None:
+                    text = fences[i].feed(text)
                 for d in deltas:
                     yield chunk(i, S.ChatDelta(tool_calls=[d]))
                 lps = shown[i].feed(g)

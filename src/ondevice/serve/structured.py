@@ -16,7 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from ..engine.grammar import json_object_grammar, schema_grammar
+from ..engine.grammar import fenced, json_object_grammar, schema_grammar
 from ..engine.toolcalls import (
     CALL_OPEN,
     answer_decided,
@@ -36,8 +36,8 @@ from .schemas import (
     ToolCallDelta,
 )
 
-__all__ = ["Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "partial_calls", "plan", "schema_grammar",
-           "split_reply"]
+__all__ = ["FormatStream", "Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "partial_calls", "plan",
+           "schema_grammar", "split_reply", "unfence"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,13 @@ class Plan:
     tools: tuple[str, ...] = ()  # tool names when the reply may be a tool call
     tool_mode: str = "none"  # none | auto | required
     system_note: str | None = None  # tool descriptions for templates that do not render tools
+    fenced: bool = False  # the reply may be the response_format's JSON in a ```json block (FormatStream reads it)
 
 
-def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
+def plan(req: ChatCompletionRequest, template: str | None = None, fence: bool = True) -> Plan:
     """The grammar and tool handling a chat request asks for, for a model with chat ``template`` (a 400
-    when the request's parts contradict)."""
+    when the request's parts contradict). ``fence``: a ``response_format`` reply may open a ```` ```json ````
+    block, as llama-server's may (:func:`ondevice.engine.grammar.fenced`); the chat route takes it off."""
     fmt = req.response_format
     choice = req.tool_choice
     tools = req.tools or []
@@ -80,9 +82,8 @@ def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
     schema = format_schema(fmt)
     if schema is None:
         return Plan()
-    if schema == JSON_OBJECT:
-        return Plan(grammar=json_object_grammar())
-    return Plan(grammar=schema_grammar(schema, _FORMAT_FIELD[fmt.type]))
+    grammar = json_object_grammar() if schema == JSON_OBJECT else schema_grammar(schema, _FORMAT_FIELD[fmt.type])
+    return Plan(grammar=fenced(grammar), fenced=True) if fence else Plan(grammar=grammar)
 
 
 JSON_OBJECT = {"type": "object"}
@@ -300,3 +301,48 @@ class ToolStream:
         if self.n_calls:
             return parse_tool_call(self.text, self.plan) is not None, ""
         return False, "" if self.plan.tool_mode == "required" else self.text  # calls only: never the call's JSON
+
+
+_FENCE_OPEN = re.compile(r"```(?:json)?\n")
+_FENCE_TAIL = re.compile(r"\n?`{0,3}\Z")  # what may be (the start of) the closing fence
+
+
+@dataclass
+class FormatStream:
+    """A ``response_format`` reply as content: the JSON value, without the ```` ```json ```` block the grammar
+    lets the model put it in (:attr:`Plan.fenced`), as llama-server's content is. Fed token texts, it sends
+    what is surely the value's and holds back what may be the fence (its opening, a closing newline and
+    backticks), so a streamed reply and a whole one read the same (:func:`unfence`)."""
+
+    held: str = ""
+    state: str = "start"  # start (nothing read yet) | fenced | plain (no fence: the text as it comes)
+
+    def feed(self, piece: str) -> str:
+        if self.state == "plain":
+            return piece
+        self.held += piece
+        if self.state == "start":
+            if not self.held:  # a token whose text is not whole yet (part of a character)
+                return ""
+            if not self.held.startswith("`"):  # the grammar opens the fence with its first character or never
+                self.state, out, self.held = "plain", self.held, ""
+                return out
+            m = _FENCE_OPEN.match(self.held)
+            if m is None:
+                return ""
+            self.state, self.held = "fenced", self.held[m.end():]
+        cut = _FENCE_TAIL.search(self.held).start()
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def finish(self) -> str:
+        """What is left at the end: nothing but (part of) the fence, or an opening cut short, which is not
+        the value's."""
+        self.held = ""
+        return ""
+
+
+def unfence(text: str) -> str:
+    """A whole ``response_format`` reply's content (see :class:`FormatStream`)."""
+    s = FormatStream()
+    return s.feed(text) + s.finish()

@@ -86,7 +86,7 @@ def test_a_template_that_renders_tools_gets_them_and_calls_in_its_own_format(smo
         text, _ = m.render(msgs, tools=shown)
         assert '<tools>{"type": "function", "function": {"name": "book_table"' in text  # trim_blocks, as in HF
         turn = call_turn(m, user, [t], constrained=True, max_tokens=120)
-        assert turn.text.startswith(("<tool_call>\n{", "```")) and turn.calls, turn.text
+        assert turn.text.startswith(("<tool_call>\n{", "```", "{")) and turn.calls, turn.text
         assert turn.calls[0].name == "book_table"
         t.validate(turn.calls[0].arguments)
         # the same tools, another request: the prompt up to the request is reused from the KV

@@ -15,8 +15,8 @@ from typing import Any
 import openai
 import pytest
 from pydantic import BaseModel
-from test_serve import _grammar_accepts, _model_path
-from test_serve_tools import QWEN, needs_qwen
+from test_serve import TOOLS, _grammar_accepts, _model_path
+from test_serve_tools import HERMES_LIKE, QWEN, needs_qwen
 
 from ondevice.engine.chat import render
 from ondevice.engine.toolcalls import CALL_OPEN
@@ -346,3 +346,17 @@ def test_a_json_block_comes_off_a_reply_in_any_pieces_the_tokens_make(text, cont
         assert s.feed(text[:cut]) + s.feed(text[cut:]) + s.finish() == content
     s = structured.FormatStream()
     assert "".join(s.feed(ch) for ch in text) + s.finish() == content
+
+
+def test_a_template_that_asks_for_tool_call_blocks_still_takes_a_bare_call(ref_engine):
+    """Qwen2.5, after calls and their results in the history, writes its next call as bare JSON; the grammar
+    allowed only a <tool_call> block or a fenced one there, so the model was forced to start otherwise: a stray
+    ">" went to content before the call (LangGraph's ReAct loop ended with the answer ">")."""
+    req = S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="auto")
+    p = structured.plan(req, HERMES_LIKE)
+    one = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    for text in (one, f"{one}\n{one}", f"<tool_call>\n{one}\n</tool_call>\n{one}", f"```json\n{one}\n```"):
+        assert _grammar_accepts(ref_engine, p.grammar, text), text
+    content, calls = structured.split_reply(one, p)
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("add", {"a": 2, "b": 3})]

@@ -61,8 +61,8 @@ def call_grammar(functions: Sequence[tuple[str, dict]], *, parallel: bool, allow
     """GBNF of a reply that calls one of ``functions`` (``(name, parameters schema)`` pairs).
 
     A call is the JSON ``{"name", "arguments"}`` (with ``parallel``, or an array of up to MAX_CALLS), bare
-    or in a fenced block. ``wrapped`` (the template's own format): each call in a ``<tool_call>`` block, or
-    fenced, one block per call (up to MAX_CALLS, one per line, with ``parallel``). ``allow_text``: or a
+    or in a fenced block. ``wrapped`` (the template's own format): each call in a ``<tool_call>`` block,
+    fenced or bare, one block per call (up to MAX_CALLS, one per line, with ``parallel``). ``allow_text``: or a
     plain answer that does not start like a call; ``answer`` (a JSON schema: OpenAI's ``response_format``
     beside ``tools``): or an answer in that schema instead.
     """
@@ -75,8 +75,10 @@ def call_grammar(functions: Sequence[tuple[str, dict]], *, parallel: bool, allow
     call = schema_rules(parts, "tools[].function.parameters")
     if wrapped:
         more = f' ("\\n" ondevice-block){{0,{MAX_CALLS - 1}}}' if parallel else ""
+        # bare JSON too: Qwen2.5, after calls and their results in the history, writes its next call bare;
+        # refused, it was forced to some other first character (a stray ">" went to content before the call)
         call += (f"\nondevice-block ::= \"{CALL_OPEN}\\n\" ondevice-json-call \"\\n{CALL_CLOSE}\" | ondevice-fenced"
-                 f"\nondevice-tool-call ::= ondevice-block{more}")
+                 f" | ondevice-json-call\nondevice-tool-call ::= ondevice-block{more}")
     else:
         call += "\nondevice-tool-call ::= ondevice-json-call | ondevice-fenced"
     fence = 'ondevice-fenced ::= "```" "json"? "\\n" ondevice-json-call "\\n"? "```"'

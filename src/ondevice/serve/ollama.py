@@ -28,6 +28,7 @@ from fastapi import Body, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..cascade.serve import NO_CLOUD
 from ..errors import InvalidArgument, OndeviceError
 from ..models.gguf_split import total_size
 from . import schemas as S
@@ -124,6 +125,11 @@ def _common(body: dict, state) -> dict:
         raise InvalidArgument(f"format must be \"json\" or a JSON schema object, not {fmt!r}")
     if body.get("logprobs"):
         chat.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
+    cascade = body.get("cascade")  # ondevice's policy object, as on the OpenAI routes (never_defer: stays here)
+    if cascade is not None:
+        if state.cascade is None:
+            raise InvalidArgument(f"cascade: {NO_CLOUD}")
+        chat["cascade"] = cascade
     chat["stream"] = body.get("stream") is not False  # Ollama streams unless told not to
     if chat["stream"]:
         chat["stream_options"] = {"include_usage": True}  # the last object's counts
@@ -215,17 +221,19 @@ class Reply:
         msg = ch["message"]
         calls = [_call_out(c, k) for k, c in enumerate(msg.get("tool_calls") or [])]
         return self.obj(msg.get("content") or "", calls, _logprobs(ch), True,
-                        **self.final(ch.get("finish_reason"), chat.get("usage"), chat.get("timings")))
+                        **self.final(ch.get("finish_reason"), chat.get("usage"), chat.get("timings")),
+                        **_cascade(chat))
 
     async def relay(self, chunks):
         """The objects of the chat (or completions) stream ``chunks``; tool calls come whole, as Ollama sends them."""
         calls: dict[int, dict] = {}
         finish = usage = timings = None
+        cascade: dict = {}
         async for c in chat_chunks(chunks):
             if "error" in c:
                 yield _line({"error": c["error"].get("message", "")})
                 return
-            usage, timings = c.get("usage") or usage, c.get("timings") or timings
+            usage, timings, cascade = c.get("usage") or usage, c.get("timings") or timings, _cascade(c) or cascade
             for ch in c.get("choices") or []:
                 d = ch.get("delta") or {}
                 text = d.get("content") if "delta" in ch else ch.get("text")
@@ -241,7 +249,12 @@ class Reply:
                 finish = ch.get("finish_reason") or finish
         if calls:
             yield _line(self.obj("", [_call_out(c, k) for k, c in sorted(calls.items())]))
-        yield _line(self.obj("", done=True, **self.final(finish, usage, timings)))
+        yield _line(self.obj("", done=True, **self.final(finish, usage, timings), **cascade))
+
+
+def _cascade(chat: dict) -> dict:
+    """A cascade server's ``cascade`` object (which tier answered, the confidence), for the reply's last object."""
+    return {"cascade": chat["cascade"]} if chat.get("cascade") else {}
 
 
 class _Raw:

@@ -347,15 +347,24 @@ class Events:
 
 
 async def chat_chunks(chunks: AsyncIterator) -> AsyncIterator[dict]:
-    """The chunks of the chat route's stream ``chunks`` (bytes of ``data: {...}`` lines) as dicts."""
+    """The chunks of the chat route's stream ``chunks`` (bytes of ``data: {...}`` lines) as dicts. A choice that
+    ends with finish reason ``error`` (a cascade's cloud stream that failed after its first text) comes as an
+    error chunk: the answer is cut off, and the Messages, Responses and Ollama streams say so as their APIs say
+    a failure, not as a finished answer."""
     buf = ""
     async for piece in chunks:
         buf += piece.decode() if isinstance(piece, bytes) else piece
         *events, buf = buf.split("\n\n")
         for e in events:
             data = e.removeprefix("data: ").strip()
-            if data and data != "[DONE]":
-                yield json.loads(data)
+            if not data or data == "[DONE]":
+                continue
+            c = json.loads(data)
+            if any(ch.get("finish_reason") == "error" for ch in c.get("choices") or []):
+                why = (c.get("cascade") or {}).get("error") or "the stream failed"
+                c = {"error": {"message": f"the answer was cut off: {why}", "type": "server_error",
+                               "code": "stream_failed"}}
+            yield c
 
 
 def chat_request(chat: dict, fields: dict[str, str]):

@@ -1,0 +1,103 @@
+"""The cascade on the routes beside OpenAI's chat route: Ollama's /api/chat takes the request's ``cascade`` policy
+(``never_defer`` keeps a private request on the device) and says which tier answered; a cloud stream that fails
+after its first text ends the Messages, Responses and Ollama streams as a failure, as the chat route's ends with
+finish_reason "error", not as a finished answer. The cloud is a fake OpenAI server on loopback
+(tests/test_cascade_cloud_replies.py), the device the real ``ondevice serve``."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_cascade_cloud_replies import CLOUD_PIECES, FakeCloud, cascade_device, home  # noqa: F401 (a fixture)
+
+pytest.importorskip("fastapi")
+
+PRIVATE = [{"role": "user", "content": "Rewrite formally, my card is 4111 1111 1111 1111: send me the slides"}]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeCloud()
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def device(fake, home):  # noqa: F811
+    with cascade_device(fake.url, cascade_keep_hard=True) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def cloud(fake):
+    yield fake
+    fake.mode = "ok"
+
+
+def _ollama_chat(srv, cascade: dict, stream: bool = False) -> list[dict]:
+    body = {"model": srv.state.model_cards()[0].id, "messages": PRIVATE, "stream": stream, "cascade": cascade,
+            "options": {"num_predict": 6, "temperature": 0}}
+    r = httpx.post(srv.base_url + "/api/chat", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def test_ollamas_chat_route_keeps_a_never_defer_request_on_the_device_and_says_who_answered(device, cloud):
+    n = len(cloud.bodies)
+    (kept,) = _ollama_chat(device, {"never_defer": True})
+    assert len(cloud.bodies) == n  # the private request never reached the cloud (it did, and was kept, before)
+    assert kept["cascade"]["tier"] == "device" and kept["done"]
+    (sent,) = _ollama_chat(device, {"always_defer": True})
+    assert sent["message"]["content"] == "".join(CLOUD_PIECES) and sent["cascade"]["tier"] == "cloud"
+    assert cloud.bodies[-1]["messages"][-1]["content"] == PRIVATE[0]["content"]
+    *_, last = _ollama_chat(device, {"always_defer": True}, stream=True)
+    assert last["done"] and last["cascade"]["tier"] == "cloud"
+    r = httpx.post(device.base_url + "/api/chat", json={"model": device.state.model_cards()[0].id, "stream": False,
+                                                       "messages": PRIVATE, "cascade": {"threshold": 7}}, timeout=60)
+    assert r.status_code == 400 and "threshold" in r.json()["error"]
+
+
+def test_cascade_on_ollamas_routes_without_a_cloud_tier_is_a_400_that_says_how_to_get_one(smol_path):
+    from ondevice.serve import BackgroundServer, ServeSettings
+
+    with BackgroundServer(ServeSettings(model=str(smol_path), port=0, ctx=512, threads=1)) as srv:
+        for route, extra in (("/api/chat", {"messages": PRIVATE}), ("/api/generate", {"prompt": "Hi"})):
+            r = httpx.post(srv.base_url + route, json={"model": srv.state.model_cards()[0].id, "stream": False,
+                                                       "cascade": {"never_defer": True}, **extra}, timeout=60)
+            assert r.status_code == 400 and "--cascade" in r.json()["error"], r.text
+
+
+def _events(srv, path: str, body: dict) -> list[tuple[str, dict]]:
+    """(event name, data) of a streamed reply (Ollama's lines: ("", object))."""
+    out = []
+    with httpx.stream("POST", srv.base_url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        name = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                out.append((name, json.loads(line[6:])))
+            elif line.startswith("{"):
+                out.append(("", json.loads(line)))
+    return out
+
+
+def test_a_cloud_stream_cut_after_its_first_text_ends_every_api_as_a_failure_not_a_finished_answer(device, cloud):
+    cloud.mode = "cut"  # two pieces of text, then the connection closes: no finish_reason, no [DONE]
+    ask = {"cascade": {"always_defer": True}, "stream": True}
+    ev = _events(device, "/v1/messages", {"model": "x", "max_tokens": 8, "messages": PRIVATE, **ask})
+    names = [n for n, _ in ev]
+    assert "content_block_delta" in names and names[-1] == "error" and "message_stop" not in names
+    assert "cut off" in ev[-1][1]["error"]["message"] and ev[-1][1]["error"]["type"] == "api_error"
+    ev = _events(device, "/v1/responses", {"model": "x", "max_output_tokens": 8, "input": PRIVATE[0]["content"],
+                                           **ask})
+    names = [n for n, _ in ev]
+    assert "response.output_text.delta" in names and names[-1] == "response.failed"
+    assert "response.completed" not in names and ev[-1][1]["response"]["status"] == "failed"
+    ev = _events(device, "/api/chat", {"model": device.state.model_cards()[0].id, "messages": PRIVATE,
+                                       "options": {"num_predict": 8}, **ask})
+    assert ev[0][1]["message"]["content"] and "cut off" in ev[-1][1]["error"]
+    assert not any(o.get("done") for _, o in ev)

@@ -101,3 +101,10 @@ def test_a_cloud_stream_cut_after_its_first_text_ends_every_api_as_a_failure_not
                                        "options": {"num_predict": 8}, **ask})
     assert ev[0][1]["message"]["content"] and "cut off" in ev[-1][1]["error"]
     assert not any(o.get("done") for _, o in ev)
+
+
+def test_a_streamed_messages_reply_the_cloud_answers_names_the_clouds_model_from_its_start(device, cloud):
+    ev = _events(device, "/v1/messages", {"model": "x", "max_tokens": 8, "messages": PRIVATE, "stream": True,
+                                          "cascade": {"always_defer": True}})
+    assert ev[0][0] == "message_start" and ev[0][1]["message"]["model"] == "fake"  # the fake cloud's name
+    assert ev[-1][0] == "message_stop"

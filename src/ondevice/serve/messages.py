@@ -295,10 +295,17 @@ class Events:
                                      usage=_usage(self.usage)),
                                 _sse("message_stop")]
 
+    def _start(self) -> bytes:
+        return _sse("message_start", message=self.shell.message([], usage={"prompt_tokens": self.input_tokens}))
+
     async def relay(self, chunks) -> object:
         """The events for the chat stream ``chunks`` (bytes of ``data: {...}`` lines)."""
-        yield _sse("message_start", message=self.shell.message([], usage={"prompt_tokens": self.input_tokens}))
+        started = False
         async for c in chat_chunks(chunks):
+            if not started:  # after the first chunk: it names who answers (a cascade's cloud tier)
+                self.shell.model = c.get("model") or self.shell.model
+                yield self._start()
+                started = True
             if "error" in c:
                 status = {"server_error": 500, "rate_limit_error": 429, "timeout_error": 500}.get(
                     c["error"].get("type"), 400)
@@ -306,6 +313,8 @@ class Events:
                 return
             for b in self.chunk(c):
                 yield b
+        if not started:
+            yield self._start()
         for b in self.end():
             yield b
 

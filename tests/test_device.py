@@ -239,6 +239,35 @@ def test_cgroup_memory_cap_kills_a_process_that_goes_over():
     assert remove_cgroup(out["path"])  # the parent removes the empty cgroup after the child exits
 
 
+def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not_killed(tmp_path):
+    """In a cgroup with a memory limit (``docker run --memory``), /proc/meminfo shows the host's memory: `device`
+    said 23.5 GiB in a 1 GiB container, and a context sized to the host's memory was allocated and the OOM
+    killer ended the run. The limit is shown, and the KV check counts what is left under it."""
+    mech = _cgroup_mechanism()
+    if mech is None:
+        pytest.skip("no writable cgroup memory controller here")
+    res = _run_child(
+        f"""
+        import json, os, subprocess, sys
+        from ondevice.device.limits import apply_profile
+        os.environ["ONDEVICE_HOME"] = "{tmp_path}"
+        applied = apply_profile("mem=256M", mem_mechanism="{mech}")
+        cli = [sys.executable, "-m", "ondevice.cli"]
+        dev = subprocess.run(cli + ["device", "--json"], capture_output=True, text=True)
+        big = subprocess.run(cli + ["run", "-c", "16384", "-n", "1", "Hi"], capture_output=True, text=True)
+        print(json.dumps({{"path": applied.cgroup_path, "limit": json.loads(dev.stdout)["device"]["memory_limit_bytes"],
+                          "rc": big.returncode, "err": big.stderr[-600:]}}))
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    from ondevice.device import remove_cgroup
+
+    remove_cgroup(out["path"])
+    assert out["limit"] == 256 << 20
+    assert out["rc"] == 2 and "for the KV cache" in out["err"] and "available" in out["err"], out["err"]
+
+
 def test_rlimit_cap_below_current_usage_is_refused():
     res = _run_child(
         """

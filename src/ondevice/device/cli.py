@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"cpu       {info['cpu_model']} ({info['arch']}), {info['physical_cores']} cores / "
           f"{info['logical_cores']} threads, {info['usable_cpus']} usable")
     print(f"features  {' '.join(info['cpu_flags']) or '-'}")
-    print(f"memory    {mem:.1f} GiB; load average {', '.join(f'{x:.2f}' for x in info['load_avg'])}")
+    limit = info.get("memory_limit_bytes")
+    cap = f" (this process's cgroup limit: {limit / 2**30:.2f} GiB)" if limit is not None else ""
+    print(f"memory    {mem:.1f} GiB{cap}; load average {', '.join(f'{x:.2f}' for x in info['load_avg'])}")
     print(f"system    {info['os']} {info['kernel']}, governor {info['governor']}, Python {info['python']}")
     if info.get("llama_cpp"):
         print(f"llama.cpp llama-cpp-python {info['llama_cpp']['version']}: {info['llama_cpp']['system_info']}")

@@ -106,6 +106,13 @@ def total_memory_bytes() -> int | None:
         return None
 
 
+def _memory_limit() -> int | None:
+    from .limits import cgroup_memory
+
+    cg = cgroup_memory()
+    return cg[0] if cg else None
+
+
 def governor() -> str:
     try:
         return Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor").read_text().strip()
@@ -176,6 +183,7 @@ def device_info(include_llama: bool = True) -> dict:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "l3_cache_bytes": l3_cache_bytes(),
         "memory_total_bytes": total_memory_bytes(),
+        "memory_limit_bytes": _memory_limit(),  # this process's cgroup limit (a container's), None: none
         "os": platform.system(),
         "kernel": platform.release(),
         "governor": governor(),

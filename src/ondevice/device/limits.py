@@ -77,6 +77,46 @@ def _cgroup_dir(v1_controller: str | None = None) -> Path | None:
     return Path(mount) / rel.lstrip("/")
 
 
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+# (the limit file, the usage file, memory.stat's key for page cache the kernel drops before it kills) per version
+_MEMORY_FILES = {None: ("memory.max", "memory.current", "inactive_file"),
+                 "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # v2's "max": no limit
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """``(limit, in use)`` in bytes of the tightest memory limit on this process's cgroup and its ancestors (a
+    container's ``--memory``, a systemd unit's ``MemoryMax``), or None where none is set: /proc/meminfo shows
+    the host's memory there, and a context sized to it is killed by the OOM killer instead of refused. "In
+    use" leaves out the inactive page cache the kernel reclaims first (as ``docker stats`` does)."""
+    for v1 in _MEMORY_FILES:
+        limit_file, usage_file, inactive_key = _MEMORY_FILES[v1]
+        here = _cgroup_dir(v1)
+        best: tuple[int, Path] | None = None
+        while here is not None and (here / limit_file).exists():
+            lim = _read_int(here / limit_file)
+            if lim is not None and lim < _NO_LIMIT and (best is None or lim < best[0]):
+                best = (lim, here)
+            here = here.parent if here.parent != here else None
+        if best is None:
+            continue
+        used = _read_int(best[1] / usage_file) or 0
+        try:
+            stat = dict(line.split() for line in (best[1] / "memory.stat").read_text().splitlines())
+            used -= int(stat.get(inactive_key, 0))
+        except (OSError, ValueError):
+            pass
+        return best[0], max(0, used)
+    return None
+
+
 def _enter_child(here: Path, pid: int, limits: dict[str, str], what: str) -> tuple[str | None, str]:
     """Make ``here/ondevice-<pid>``, write ``limits`` (file -> value, in order; missing optional files, marked
     with a leading '?', are skipped) and move ``pid`` in; returns (path or None, why not)."""

@@ -40,8 +40,10 @@ def kv_bytes_per_token(info: GGUFInfo, type_k: str = "f16", type_v: str = "f16")
 
 
 def available_memory_bytes() -> int | None:
-    """What the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+    """What the kernel says can be allocated without swapping (MemAvailable), within this process's cgroup
+    memory limit where one is set (a container's), or None where unknown."""
     from ..device.info import proc_kib_fields
+    from ..device.limits import cgroup_memory
 
     avail = proc_kib_fields("/proc/meminfo").get("MemAvailable")
     if avail is None:
@@ -50,7 +52,10 @@ def available_memory_bytes() -> int | None:
 
             avail = int(psutil.virtual_memory().available)
         except ImportError:
-            return None
+            avail = None
+    if (cg := cgroup_memory()) is not None:
+        room = max(0, cg[0] - cg[1])
+        avail = room if avail is None else min(avail, room)
     return avail
 
 

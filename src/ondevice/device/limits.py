@@ -96,8 +96,7 @@ def cgroup_memory() -> tuple[int, int] | None:
     container's ``--memory``, a systemd unit's ``MemoryMax``), or None where none is set: /proc/meminfo shows
     the host's memory there, and a context sized to it is killed by the OOM killer instead of refused. "In
     use" leaves out the inactive page cache the kernel reclaims first (as ``docker stats`` does)."""
-    for v1 in _MEMORY_FILES:
-        limit_file, usage_file, inactive_key = _MEMORY_FILES[v1]
+    for v1, (limit_file, usage_file, inactive_key) in _MEMORY_FILES.items():
         here = _cgroup_dir(v1)
         best: tuple[int, Path] | None = None
         while here is not None and (here / limit_file).exists():

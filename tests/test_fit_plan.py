@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ondevice.errors import InvalidArgument
 from ondevice.fit.groups import Group, Layout, Matrix
 from ondevice.fit.interact import MIN_PLANS, choose_model, measured_plans, monotone
 
@@ -121,6 +122,25 @@ def test_attn_v_is_its_own_group_and_attn_qkv_still_names_both(smol_path):
     assert sorted(g.name for g in old.groups) == ["attn_qk", "attn_v"]
     # a plan of each gives the two kinds their own types
     assert dict(old.overrides({"attn_qk": "Q4_0", "attn_v": "Q8_0"})) == {qk.regex: "Q4_0"}
+
+
+@pytest.mark.parametrize("bands", [4, 7, 30])
+def test_a_bands_name_says_the_layers_it_holds(smol_path, bands):
+    """SmolLM2 has 30 layers: with 4 bands the band named 0-6 held layers 0-7 and 7-14 held 8-14 (plans, the
+    provenance and report --fit named other layers than the file's); more bands than layers made 0--1."""
+    import re
+
+    from ondevice.fit.groups import layout
+
+    lay = layout(smol_path, bands=bands)
+    for g in lay.groups:
+        if "@" not in g.name:
+            continue
+        lo, hi = map(int, g.name.split("@")[1].split("-"))
+        held = sorted({int(re.match(r"blk\.(\d+)\.", m.name).group(1)) for m in g.matrices})
+        assert held == list(range(lo, hi + 1)), (g.name, held)
+    with pytest.raises(InvalidArgument, match="more than the 30 layers"):
+        layout(smol_path, bands=31)
 
 
 def _fake_bench(calls: list, tg: dict, interrupted_at: int | None = None):

@@ -188,8 +188,11 @@ def layout(path: str | Path, bands: int = 1, kinds: tuple[str, ...] | list[str] 
         layer = m.group(1)
         key = kind
         if layer is not None and bands > 1:
-            b = int(layer) * bands // n_layers
-            lo, hi = b * n_layers // bands, (b + 1) * n_layers // bands - 1
+            if bands > n_layers:
+                raise InvalidArgument(f"--bands {bands} is more than the {n_layers} layers of {Path(path).name}; "
+                                      f"use {n_layers} or fewer (one band per layer at most)")
+            b = int(layer) * bands // n_layers  # band b holds the layers L with L * bands // n_layers == b:
+            lo, hi = -(-b * n_layers // bands), -(-(b + 1) * n_layers // bands) - 1  # ceil(b n / bands), ...
             key = f"{kind}@{lo}-{hi}"
         parts.setdefault(key, []).append(mat)
     tied = "output.weight" not in names

@@ -26,14 +26,15 @@ def test_the_shipped_file_is_named_when_it_beats_the_chosen_variant():
 
     shipped = {"size": 98.4e6, "tg": 54.8, "pp": 300.0}
     said: list[str] = []
-    _say_if_shipped_is_better(shipped, {"size": 105e6, "tg": 53.7, "kld": 0.18}, parse_budget("size<=110MB"),
-                              said.append)
+    # and then nothing is stored unless the variant is named (fit stored a dominated copy as "chosen")
+    assert _say_if_shipped_is_better(shipped, {"size": 105e6, "tg": 53.7, "kld": 0.18}, parse_budget("size<=110MB"),
+                                     said.append) is True
     assert len(said) == 1 and "shipped file already meets the budget" in said[0] and "98.4 MB" in said[0]
     for chosen, budget in (({"size": 90e6, "tg": 53.0, "kld": 0.2}, "size<=110MB"),  # smaller: a gain
                            ({"size": 105e6, "tg": 60.0, "kld": 0.2}, "size<=110MB"),  # faster: a gain
                            ({"size": 95e6, "tg": 53.0, "kld": 0.2}, "size<=97MB")):  # the shipped one is too big
         said.clear()
-        _say_if_shipped_is_better(shipped, chosen, parse_budget(budget), said.append)
+        assert _say_if_shipped_is_better(shipped, chosen, parse_budget(budget), said.append) is False
         assert said == [], (chosen, budget)
 
 

@@ -385,8 +385,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         _cleanup(workdir)
         raise InvalidArgument(impossible(picks, bud, measured=True))
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
-    if ref is None and reference.path != src.path:  # the reference was dequantized from the shipped file
-        _say_if_shipped_is_better(shipped, chosen.measured, bud, say)
+    shipped_wins = (ref is None and reference.path != src.path  # the reference was dequantized from the shipped file
+                    and _say_if_shipped_is_better(shipped, chosen.measured, bud, say))
+    if shipped_wins and store and name is None:  # a variant no better than the file in hand is not worth a copy
+        say("nothing stored: the shipped file is the answer (name the variant with --name to store it anyway)")
+        store = False
     if knobs:
         from .knobs import tune
 
@@ -438,16 +441,17 @@ def _cleanup(workdir: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> None:
+def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> bool:
     """The shipped file is a candidate too: against a reference made from it, its KLD is 0, so where it also meets
-    the budget, no larger and as fast (within 3%: benched apart), the chosen variant is no gain over it."""
+    the budget, no larger and as fast (within 3%: benched apart), the chosen variant is no gain over it (True)."""
     mine = {"size": shipped["size"], "tg": shipped.get("tg"), "pp": shipped.get("pp"), "kld": 0.0}
     if bud.violations(mine) or mine["size"] > chosen["size"] or (mine["tg"] or 0) < 0.97 * chosen["tg"]:
-        return
+        return False
     say(f"note: the shipped file already meets the budget and is no worse: {mine['size'] / 1e6:.1f} MB (chosen "
         f"{chosen['size'] / 1e6:.1f}), tg {mine['tg']:.1f} tok/s (chosen {chosen['tg']:.1f}), KLD 0 against the "
         f"reference made from it (chosen {chosen['kld']:.4f}); keep using it, or widen --types/--groups for a "
         f"variant that beats it")
+    return True
 
 
 def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,

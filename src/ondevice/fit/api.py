@@ -396,7 +396,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         with phase("knobs"):
             rt = tune(chosen.measured["file"], threads, tuple(speed_tests), repetitions,
                       "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof)
-        chosen.measured["runtime"] = {"knobs": rt["chosen"], **{k: rt["measured"][k] for k in ("tg", "pp")},
+        chosen.measured["runtime"] = {"knobs": rt["chosen"], "flags": rt["flags"],
+                                      **{k: rt["measured"][k] for k in ("tg", "pp")},
                                       "trials": [{"what": w, **k, "tg": sp["tg"], "pp": sp["pp"]}
                                                  for w, k, sp in rt["rows"]]}
     vname = stored = None
@@ -414,6 +415,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
         f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
+        + _knobs_note(chosen.measured.get("runtime"))
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
         f"{meter.reused + vmeter.reused} reused measurements")
@@ -426,6 +428,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 def _pm(value: float, sd: float | None) -> str:
     """``69.6+-2.9`` (tok/s and its standard deviation; the value alone when there is none)."""
     return f"{value:.1f}" + (f"+-{sd:.1f}" if sd is not None else "")
+
+
+def _knobs_note(runtime: dict | None) -> str:
+    if not runtime or not runtime.get("flags"):
+        return ""
+    return f" (tg {runtime['tg']:.1f} with its knobs: {runtime['flags']})"
 
 
 def _quality_note(qual: Quality, m: dict, ref: dict) -> str:

@@ -16,16 +16,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
+_FA = {None: "auto", True: "on", False: "off"}  # -fa's words
+
+
 @dataclass(frozen=True)
 class Knobs:
     threads: int
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp decides (auto), as run and serve do unless told
     n_ubatch: int = 512
     type_kv: str = "f16"
 
     def describe(self) -> str:
-        return (f"threads {self.threads}, flash attention {'on' if self.flash_attn else 'off'}, "
+        return (f"threads {self.threads}, flash attention {_FA[self.flash_attn]}, "
                 f"ubatch {self.n_ubatch}, KV {self.type_kv}")
+
+    def flags(self, default: Knobs) -> str:
+        """The run/serve flags that set the knobs that differ from ``default`` (nothing applies them for you)."""
+        out = [f"-t {self.threads}"] if self.threads != default.threads else []
+        out += [f"-fa {_FA[self.flash_attn]}"] if self.flash_attn != default.flash_attn else []
+        out += [f"-ub {self.n_ubatch}"] if self.n_ubatch != default.n_ubatch else []  # serve's (run has no -ub)
+        return " ".join(out)
 
     def settings(self) -> dict:
         return {"threads": self.threads, "flash_attn": self.flash_attn, "n_ubatch": self.n_ubatch,
@@ -64,6 +74,7 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
         most = min(most, profile.profile.resolved_threads())
     trials = [(f"threads {t}", Knobs(t)) for t in range(1, most + 1) if t != threads]
     trials += [("flash attention on", Knobs(threads, flash_attn=True)),
+               ("flash attention off", Knobs(threads, flash_attn=False)),
                ("ubatch 128", Knobs(threads, n_ubatch=128)),
                ("KV q8_0 (+ flash attention; output changes: not chosen)", Knobs(threads, True, 512, "q8_0"))]
     base = run(default)
@@ -90,6 +101,8 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
         say("  chosen: the default (the faster knobs, benched together, were not faster)")
     elif chosen != default:
         say(f"  {'chosen: ' + chosen.describe():58s} {measured['tg']:7.1f} {measured['pp']:7.1f}  (measured)")
+        say(f"  they are not applied when the variant loads: give them to run/serve ({chosen.flags(default)})")
     else:
         say("  chosen: the default (no knob was faster by more than the bench's spread)")
-    return {"rows": [(w, asdict(k), s) for w, k, s in rows], "chosen": asdict(chosen), "measured": measured}
+    return {"rows": [(w, asdict(k), s) for w, k, s in rows], "chosen": asdict(chosen), "measured": measured,
+            "flags": chosen.flags(default)}

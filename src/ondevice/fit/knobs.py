@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 _FA = {None: "auto", True: "on", False: "off"}  # -fa's words
 
 

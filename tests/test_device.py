@@ -239,7 +239,7 @@ def test_cgroup_memory_cap_kills_a_process_that_goes_over():
     assert remove_cgroup(out["path"])  # the parent removes the empty cgroup after the child exits
 
 
-def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not_killed(tmp_path):
+def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not_killed(tmp_path, smol_path):
     """In a cgroup with a memory limit (``docker run --memory``), /proc/meminfo shows the host's memory: `device`
     said 23.5 GiB in a 1 GiB container, and a context sized to the host's memory was allocated and the OOM
     killer ended the run. The limit is shown, and the KV check counts what is left under it."""
@@ -251,12 +251,20 @@ def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not
         import json, os, subprocess, sys
         from ondevice.device.limits import apply_profile
         os.environ["ONDEVICE_HOME"] = "{tmp_path}"
-        applied = apply_profile("mem=256M", mem_mechanism="{mech}")
+        applied = apply_profile("mem=400M", mem_mechanism="{mech}")
         cli = [sys.executable, "-m", "ondevice.cli"]
         dev = subprocess.run(cli + ["device", "--json"], capture_output=True, text=True)
         big = subprocess.run(cli + ["run", "-c", "16384", "-n", "1", "Hi"], capture_output=True, text=True)
+        with open("{tmp_path}/blob", "wb") as f:  # 200 MiB of page cache charged to this cgroup
+            for _ in range(200):
+                f.write(bytes(1 << 20))
+        for _ in range(2):  # page cache the kernel reclaims (active, once read twice) is not memory in use
+            subprocess.run(["cat", "{tmp_path}/blob"], stdout=subprocess.DEVNULL)
+        fits = subprocess.run(cli + ["run", "-c", "8192", "-n", "1", "Hi"], capture_output=True, text=True)
+        os.remove("{tmp_path}/blob")
         print(json.dumps({{"path": applied.cgroup_path, "limit": json.loads(dev.stdout)["device"]["memory_limit_bytes"],
-                          "rc": big.returncode, "err": big.stderr[-600:]}}))
+                          "rc": big.returncode, "err": big.stderr[-600:], "fits": fits.returncode,
+                          "fits_err": fits.stderr[-600:]}}))
         """
     )
     assert res.returncode == 0, res.stderr
@@ -264,8 +272,9 @@ def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not
     from ondevice.device import remove_cgroup
 
     remove_cgroup(out["path"])
-    assert out["limit"] == 256 << 20
+    assert out["limit"] == 400 << 20
     assert out["rc"] == 2 and "for the KV cache" in out["err"] and "available" in out["err"], out["err"]
+    assert out["fits"] == 0, out["fits_err"]
 
 
 def test_rlimit_cap_below_current_usage_is_refused():

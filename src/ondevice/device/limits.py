@@ -78,9 +78,9 @@ def _cgroup_dir(v1_controller: str | None = None) -> Path | None:
 
 
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
-# (the limit file, the usage file, memory.stat's key for page cache the kernel drops before it kills) per version
-_MEMORY_FILES = {None: ("memory.max", "memory.current", "inactive_file"),
-                 "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+# (the limit file, the usage file, memory.stat's key for the page cache the kernel reclaims before it kills)
+_MEMORY_FILES = {None: ("memory.max", "memory.current", "file"),
+                 "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")}
 
 
 def _read_int(path: Path) -> int | None:
@@ -95,8 +95,9 @@ def cgroup_memory() -> tuple[int, int] | None:
     """``(limit, in use)`` in bytes of the tightest memory limit on this process's cgroup and its ancestors (a
     container's ``--memory``, a systemd unit's ``MemoryMax``), or None where none is set: /proc/meminfo shows
     the host's memory there, and a context sized to it is killed by the OOM killer instead of refused. "In
-    use" leaves out the inactive page cache the kernel reclaims first (as ``docker stats`` does)."""
-    for v1, (limit_file, usage_file, inactive_key) in _MEMORY_FILES.items():
+    use" leaves out the page cache, which the kernel reclaims before it kills (a file read twice is active
+    cache: counting it refused a context that fit), as MemAvailable leaves it out of "used"."""
+    for v1, (limit_file, usage_file, cache_key) in _MEMORY_FILES.items():
         here = _cgroup_dir(v1)
         best: tuple[int, Path] | None = None
         while here is not None and (here / limit_file).exists():
@@ -109,7 +110,7 @@ def cgroup_memory() -> tuple[int, int] | None:
         used = _read_int(best[1] / usage_file) or 0
         try:
             stat = dict(line.split() for line in (best[1] / "memory.stat").read_text().splitlines())
-            used -= int(stat.get(inactive_key, 0))
+            used -= int(stat.get(cache_key, 0))
         except (OSError, ValueError):
             pass
         return best[0], max(0, used)

@@ -446,3 +446,12 @@ def test_a_fit_stopped_by_sigterm_mid_build_leaves_no_half_written_file(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "ondevice fit: stopped by SIGTERM; the measurements so far are kept" in err, err
     assert not list(fit_dir.glob("**/*.tmp")), list(fit_dir.glob("**/*.tmp"))
+
+
+def test_a_chunk_past_the_trained_context_is_refused_up_front_with_fits_own_flag(cli):
+    """It was refused after the reference and the speed table, as eval's `--ctx/-c` of a work file
+    (`v-cae662172fd4`), flags and a name fit does not have."""
+    r = cli("fit", "--budget", "size<=100MB", "--calib-ctx", "100000")
+    assert r.returncode == 2
+    assert "--calib-ctx 100000 is above smollm2-135m-instruct's trained context (8192)" in r.stderr, r.stderr
+    assert "making the reference" not in r.stdout + r.stderr

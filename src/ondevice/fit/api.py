@@ -156,7 +156,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     from ..quant.quantize import refuse_container
 
     refuse_container(src.path)  # before its info, which would ask for a key fit has no flag for
-    _ = src.info
+    trained = src.info.context_length
+    for flag, n in (("--calib-ctx", calib_ctx), ("--eval-ctx", eval_ctx)):
+        if trained and n > trained:  # refused now, not after the reference and the speed table
+            raise InvalidArgument(f"{flag} {n} is above {src.name}'s trained context ({trained}); use {trained} "
+                                  f"or less")
     if transform == "on":  # refused now, not after the reference, the speed table and the imatrix
         from .transform import check_arch
 

@@ -408,8 +408,15 @@ class Meter:
             return hit
         import ondevice
 
-        res = kld_of(ondevice.evaluate(str(path), ref=str(self.ref), text=str(text), ctx=ctx, chunks=chunks,
-                                       threads=self.eval_threads, store=False))
+        from ..errors import InvalidArgument
+
+        try:
+            res = kld_of(ondevice.evaluate(str(path), ref=str(self.ref), text=str(text), ctx=ctx, chunks=chunks,
+                                           threads=self.eval_threads, store=False))
+        except InvalidArgument as e:  # eval's flags are not fit's: a text too short names the fit's own
+            part = "calib" if text.stem.endswith("-calib") else "eval"
+            raise InvalidArgument(str(e).replace("--ctx", f"--{part}-ctx").replace("a longer text", "a longer "
+                                  "--text (each of its first and last thirds)")) from None
         cache.put(key, res)
         self.seen.add((cache.section, key))
         return res

@@ -43,6 +43,7 @@ def test_budget_parses_units_and_relative_speeds():
     assert (b.size, b.tg, b.kld, b.pp) == (110_000_000, 100.0, 0.02, None)
     assert parse_budget("size<100MiB").size == 100 * 2**20
     assert parse_budget("size<=0.1GB").size == 100_000_000
+    assert parse_budget("size<=512M").size == 512 << 20 and parse_budget("size<=1g").size == 1 << 30  # as mem=
     b = parse_budget("tg>=1.1x,pp>=2X")
     assert (b.tg_rel, b.pp_rel, b.tg) == (1.1, 2.0, None)
     r = b.resolved(shipped_tg=100.0, shipped_pp=50.0)

@@ -3,7 +3,7 @@
 Keys and the direction each may be bounded in:
 
 - ``size`` (file bytes) ``<=``: units B, KB/MB/GB (powers of 1000, as ``ondevice models`` prints sizes) or
-  KiB/MiB/GiB (powers of 1024);
+  KiB/MiB/GiB and K/M/G (powers of 1024, as ``--profile mem=`` reads them);
 - ``tg`` (decode tok/s) and ``pp`` (prompt tok/s) ``>=``: a number, or ``1.1x`` = 1.1 times the shipped
   file's speed measured on this device;
 - ``kld`` (mean KL divergence from the family's F16 on the calibration text) ``<=``;
@@ -25,8 +25,9 @@ from ..errors import InvalidArgument
 
 _EXAMPLE = "e.g. --budget 'size<=110MB,tg>=100,kld<=0.02'"
 _ITEM = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>|=<|=>)\s*([^\s]+)\s*$", re.IGNORECASE)
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb|kib|mib|gib)?$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb|kib|mib|gib|k|m|g)?$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+          "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}  # 512M: powers of 1024, as --profile mem=512M reads it
 _UPPER = {"size", "kld"}  # bounded from above
 _LOWER = {"tg", "pp", "score"}  # bounded from below
 

@@ -110,6 +110,19 @@ def test_fit_stores_a_gguf_whose_tensor_types_are_the_plan(fitted, home):
     assert list(fitted.phases)[:5] == ["reference", "device", "imatrix", "sensitivity", "plan"] and fitted.phases["validation"] > 0
 
 
+def test_the_stored_front_is_the_front_the_fit_printed(fitted, home):
+    """Validation re-predicts its picks at the speed of that moment, in place: the stored front (what `report
+    --fit` draws) showed a validated plan at 32.5 tok/s where the fit had printed 42.5."""
+    from ondevice.fit.plan import Candidate, front_table
+    from ondevice.store import Store
+
+    with Store() as db:
+        rec = [r for r in db.records("fit") if r["model"] == "smol-fit"][-1]
+    stored = front_table([Candidate(r["plan"], {k: v for k, v in r.items() if k != "plan"}) for r in rec["front"]])
+    start = fitted.lines.index(stored[0])
+    assert fitted.lines[start:start + len(stored)] == stored
+
+
 def test_report_shows_the_fit(fitted, home, cli):
     r = cli("report", "--fit", env={"ONDEVICE_HOME": str(home)})
     assert r.returncode == 0, r.stderr

@@ -284,6 +284,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     lines_front = front_table(front)
     for ln in lines_front:
         say(ln)
+    front_rows = [{"plan": c.plan, **c.predicted} for c in front]  # as printed: validation re-predicts its picks
     picks = choose(front, bud, validate)
     strict = bud  # the budget on calibration text: plans just under a KLD bound there miss it on held-out text
     if held_over_calib > 1:
@@ -410,7 +411,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         key = plan_key(chosen.plan, c_im_sha) + (tf.tag if transformed(chosen) else "")
         vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
         with phase("store"):
-            stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front, shipped, im_info,
+            stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             {"profile": prof.to_dict() if prof.spec else None,
                              "quality": {**qual.to_dict(), "reference": q_ref}}).path
@@ -466,7 +467,7 @@ def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> 
     return True
 
 
-def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front, shipped,
+def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front_rows, shipped,
            im_info, im_sha, text_desc, threads, force, transform: dict, extra: dict):
     """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
     import llama_cpp
@@ -499,7 +500,7 @@ def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: 
     sha = model_sha256(ref)
     rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
            "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
-           "front": [{"plan": c.plan, **c.predicted} for c in front], "candidates": prov["candidates"],
+           "front": front_rows, "candidates": prov["candidates"],
            "shipped": prov["shipped"], "threads": threads, "created": created_now(), **extra}
     with Store() as db:
         db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,

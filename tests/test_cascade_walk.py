@@ -67,7 +67,8 @@ def test_a_server_whose_cloud_fails_says_so_once_in_its_log(tmp_path, keyed_clou
             assert last.model_extra["cascade"]["fallback"] == "http_401"
         said = [line for line in log.read_text().splitlines() if " cascade: " in line]
         start = log.read_text().splitlines()[0]  # the start-up line says where it defers and whether a key is set
-    assert start.endswith(f"; cascade -> {keyed_cloud.url}/v1 (threshold 0.5, uncalibrated; key from {VAR}: not set)"), start
+    assert start.endswith(f"; cascade -> {keyed_cloud.url}/v1 (threshold 0.5, uncalibrated; key from {VAR}: not set; "
+                         f"model: the one it lists)"), start
     assert len(said) == 1, said
     assert said[0].endswith(f"cascade: the cloud at {keyed_cloud.url}/v1 answered HTTP 401: it refused the key, "
                             f"read from the environment variable {VAR}, which is not set; deferred requests get the "

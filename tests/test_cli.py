@@ -246,10 +246,11 @@ def test_a_flag_from_another_tool_says_which_one_is_meant(cli):
     assert r.returncode == 2 and "did you mean --max-tokens?" in r.stderr
     r = cli("bench", "--json")  # llama-bench's -o json, and a format of our -o
     assert r.returncode == 2 and "unrecognized arguments: --json; did you mean -o json?" in r.stderr
-    # a verb's action (cascade fit) is the parser that knows the flags: its usage, its hint (serve's name here)
-    r = cli("cascade", "fit", "--cascade", "http://127.0.0.1:9/v1", "--cascade-key-env", "K")
+    # a verb's action (cascade fit) is the parser that knows the flags: its usage, its hint (serve's name, and
+    # --cascade-key-env, are taken there too)
+    r = cli("cascade", "fit", "--cascade", "http://127.0.0.1:9/v1", "--key-env", "K")
     assert r.returncode == 2, r.stderr
-    assert "ondevice cascade fit: error: unrecognized arguments: --cascade-key-env K; did you mean --cloud-key-env?" \
+    assert "ondevice cascade fit: error: unrecognized arguments: --key-env K; did you mean --cloud-key-env?" \
         in r.stderr, r.stderr
     r = cli("protect", "keygen", "-o", "k.key", "--bogus")  # an action's one-letter flag is its own, not unknown
     assert r.returncode == 2 and "ondevice protect keygen: error: unrecognized arguments: --bogus" in r.stderr

@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f = sub.add_parser("fit", help="fit the confidence combiner on a suite's dev split (both tiers answer it)")
     f.add_argument("-m", "--model", default=None, help="device model: catalog name, stored variant or .gguf path")
     f.add_argument("--cascade", required=True, metavar="URL", help="OpenAI-compatible cloud endpoint")
-    f.add_argument("--cloud-model", default=None, help="model name at the cloud (default: the first it lists)")
-    f.add_argument("--cloud-key-env", default=None, metavar="VAR", help="env var with the cloud's API key")
+    from ..eval.cascade_curve import add_cloud_arguments, add_timeout_argument
+
+    add_cloud_arguments(f)
     f.add_argument("--suite", default="rewrite", help="comma-separated suites (default: rewrite)")
     f.add_argument("--tasks", default=None, help="comma-separated task names to keep")
     f.add_argument("--limit", type=int, default=None, help="a stratified subset of N dev items")
@@ -22,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the combiner weighs: the answer's text against the request (default), its token "
                         "statistics, or both")
     f.add_argument("--threads", type=int, default=None, help="device threads (default: physical cores)")
-    from ..eval.cascade_curve import add_timeout_argument
-
     add_timeout_argument(f)
     f.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="where to write the combiner (default: the data dir, found by serve/eval for this model)")
@@ -52,12 +51,22 @@ def run(args: argparse.Namespace) -> int:
     return _fit(args)
 
 
+def small_sample(n: int, good: int) -> str | None:
+    """The warning for a dev set with few answers of either label: its thresholds (quantiles of a handful of
+    confidences) and AUC are rough, and the share it defers while serving may differ much from the one asked."""
+    from .confidence import FEW_PER_LABEL
+
+    if min(good, n - good) >= FEW_PER_LABEL:
+        return None
+    return (f"{n} dev answers ({good} where the device did as well as the cloud, {n - good} where it did worse) "
+            f"give rough thresholds: fewer than {FEW_PER_LABEL} of either kind; raise --limit or add --suite/--tasks")
+
+
 def _fit(args: argparse.Namespace) -> int:
     from ..engine import load
     from ..eval.api import model_sha256
-    from ..eval.cascade_curve import collect, fit_combiner, load_items
+    from ..eval.cascade_curve import collect, fit_combiner, left_out, load_items, offline_cloud
     from ..models.catalog import resolve
-    from .cloud import DEFAULT_KEY_ENV, CloudClient
     from .confidence import FEATURES, MIN_FIT, TEXT_FEATURES, TOKEN_FEATURES, combiner_path
 
     say = lambda m: print(m, file=sys.stderr)
@@ -69,8 +78,7 @@ def _fit(args: argparse.Namespace) -> int:
                               f"{len(items)}; raise --limit or give more --tasks/--suite")
     model = load(args.model, n_threads=args.threads)
     sha = model_sha256(resolve(str(model.path)))
-    cloud = CloudClient(args.cascade, model=args.cloud_model, key_env=args.cloud_key_env or DEFAULT_KEY_ENV,
-                        timeout=args.cascade_timeout)
+    cloud = offline_cloud(args.cascade, args.cloud_model, args.cloud_key_env, args.cascade_timeout)
     try:
         say(f"fitting on {len(items)} dev items: device {model.name}, cloud {cloud.model_id()}")
         rows = collect(model, cloud, items, max_tokens=args.max_tokens, progress=say)
@@ -83,7 +91,10 @@ def _fit(args: argparse.Namespace) -> int:
     path = comb.save(args.output or combiner_path(sha))
     good = sum(r["device_score"] >= r["cloud_score"] for r in rows if r["cloud_score"] is not None)
     print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "
-          f"dev ROC AUC {comb.meta['dev_auc']:.3f}\n{path}")
+          f"dev ROC AUC {comb.meta['dev_auc']:.3f} (in-sample)\n{path}")
+    for line in (left_out(rows, "the fit"), small_sample(comb.meta["n_fit"], good)):
+        if line:
+            say(f"ondevice cascade: warning: {line}")
     shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.4g}" for s in (0.2, 0.4, 0.6))
     given = f" --cascade-combiner {shlex.quote(str(path))}" if args.output else ""  # else found by its model
     print(f"dev answers deferred by threshold: {shares}; serve with --cascade-defer-share 0.4{given} to defer the "

@@ -2,9 +2,12 @@
 API), reached with the official ``openai`` client.
 
 The key comes from an environment variable whose *name* is configured (``ONDEVICE_CLOUD_KEY`` by default);
-the key itself is never printed or stored. No retries: a cascade that waits for retries is slower than its
-own device fallback. Every failure becomes a :class:`CloudError` with a short ``kind`` (``timeout``,
-``unreachable``, ``http_503``, ``bad_reply``) that the reply reports. A reply with no text (HTTP 200 with a web
+the key itself is never printed or stored, nor are credentials written into the URL (``user:pass@``, ``?key=``):
+every message names the cloud by :func:`display_url`. No retries for the server and the library: a cascade that
+waits for retries is slower than its own device fallback (offline batch work, ``eval --cascade`` and ``cascade
+fit``, asks for :data:`OFFLINE_RETRIES`: there a rate-limited item left out biases the figures). Every failure
+becomes a :class:`CloudError` with a short ``kind`` (``timeout``, ``unreachable``, ``http_503``, ``bad_reply``,
+``cloud_error``, ``no_model``) that the reply reports. A reply with no text (HTTP 200 with a web
 page, no ``choices``, ``content: null``, only whitespace) is a ``bad_reply`` too: it is no answer to give a user
 or to learn from.
 """
@@ -13,25 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..errors import OndeviceError
 
 DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_KEY"
-# sampling fields passed through to the cloud as they are (OpenAI names)
-PASS_THROUGH = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty")
+# fields passed through to the cloud as they are (OpenAI names): sampling, the token cap under the name the client
+# used (OpenAI's reasoning models refuse max_tokens), and fields only the cloud acts on (logit_bias is not one: its
+# token ids are the device tokenizer's)
+PASS_THROUGH = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
+                "frequency_penalty", "user", "reasoning_effort", "service_tier", "metadata", "store")
+OFFLINE_RETRIES = 3  # eval --cascade / cascade fit: the openai client's back-off, honouring Retry-After
+LISTED_SHOWN = 5  # models named when the cloud lists several and none was chosen
+# query parameters whose values are credentials (Azure's api-key, signed URLs' sig, ...): never shown
+_SECRET_QUERY = re.compile(r"key|token|secret|sig|pass|auth|cred", re.IGNORECASE)
 
 
 class CloudError(OndeviceError):
     """``kind`` names the failure for replies and counts; ``brief`` is its cause without the cloud's URL (one
     line per item in ``eval --cascade`` / ``cascade fit``)."""
 
-    def __init__(self, kind: str, message: str, brief: str | None = None):
+    def __init__(self, kind: str, message: str, brief: str | None = None, retry_after: float | None = None):
         self.kind = kind
         self.brief = brief or message
+        self.retry_after = retry_after  # seconds the cloud asked to be left alone (its Retry-After header)
         super().__init__(message)
 
 
@@ -56,13 +70,52 @@ def _openai():
 
 
 def base_url(url: str) -> str:
-    """``http://host:port``, ``.../v1`` or ``.../v1/chat/completions`` -> the ``.../v1`` the client wants."""
-    u = url.rstrip("/")
+    """The base URL the client wants: ``/v1`` added to a bare origin (``http://host:port``) only; any other path
+    is used as given (Gemini's ``.../v1beta/openai``, a gateway's ``.../openai``), less a trailing
+    ``/chat/completions``. The query is not part of it: :func:`url_query` passes it on as a query."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise OndeviceError(f"--cascade / cloud_url {display_url(url)!r} is not an http(s) URL; give e.g. "
+                            f"http://127.0.0.1:8081/v1")
+    path = parts.path.rstrip("/")
     for tail in ("/chat/completions", "/completions"):
-        u = u.removesuffix(tail)
-    if not u.startswith(("http://", "https://")):
-        raise OndeviceError(f"--cascade / cloud_url {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8081/v1")
-    return u if u.endswith("/v1") else u + "/v1"
+        path = path.removesuffix(tail)
+    return urlunsplit((parts.scheme, parts.netloc, path or "/v1", "", ""))
+
+
+def url_query(url: str) -> dict[str, str]:
+    """The URL's query (e.g. Azure's ``api-version``), sent with every request (the client's ``default_query``)."""
+    return dict(parse_qsl(urlsplit(url.strip()).query, keep_blank_values=True))
+
+
+def display_url(url: str) -> str:
+    """The URL as messages, logs and replies show it: ``user:pass@`` and key-like query values redacted."""
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
+    query = "&".join(f"{k}={'***' if _SECRET_QUERY.search(k) else v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def wire_messages(messages) -> list[dict]:
+    """Chat messages in OpenAI's shape, as the cloud and fine-tuning files want them: a tool call's ``arguments``
+    as JSON text (a chat template takes them parsed, an object; OpenAI refuses that with HTTP 400)."""
+    return [_wire_message(m) for m in messages]
+
+
+def _wire_message(m: dict) -> dict:
+    if not m.get("tool_calls"):
+        return m
+    calls = [c | {"function": c["function"] | {"arguments": _json_text(c["function"].get("arguments"))}}
+             if isinstance(c.get("function"), dict) else c for c in m["tool_calls"]]
+    return m | {"tool_calls": calls}
+
+
+def _json_text(arguments) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
 
 
 def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False, key_env: str | None = None
@@ -83,10 +136,30 @@ def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False
                    + ("which is not set" if not os.environ.get(key_env) else "which holds a key it does not accept"))
         else:
             why = f": {body!r}" if (body := _error_text(e)) else ""
-        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered HTTP {e.status_code}{why}",
-                          f"HTTP {e.status_code}{why}")
+        wait = _retry_after(e.response.headers.get("retry-after"))
+        status = f"HTTP {e.status_code}" + (f" (Retry-After {wait:g} s)" if wait else "")
+        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered {status}{why}", f"{status}{why}",
+                          retry_after=wait)
+    if isinstance(e, openai.APIError) and (said := _error_text(e)):  # an error event in a stream
+        return CloudError("cloud_error", f"the cloud at {url} sent an error: {said!r}", f"error: {said!r}")
     return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})",
                       f"unusable reply ({type(e).__name__})")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header's seconds (a number, or an HTTP date), None when absent, unreadable or past."""
+    if not value:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        import email.utils
+
+        try:
+            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return wait if wait > 0 else None
 
 
 def _clip(text: str, n: int = 80) -> str:
@@ -108,19 +181,39 @@ def _error_text(e) -> str:
         return ""
 
 
+# failures of a model listing that are not the listing's: the cloud is not reached, refuses the key, or lists several
+_NOT_THE_LISTING = ("no_model", "shutdown", "timeout", "unreachable", "http_401", "http_403")
+
+
 def _params(params: dict) -> dict:
     return {k: v for k, v in params.items() if k in PASS_THROUGH and v is not None}
 
 
 class CloudClient:
-    """Sync and async chat calls to one endpoint; one connection pool each, closed by :meth:`close`/:meth:`aclose`."""
+    """Sync and async chat calls to one endpoint; one connection pool each, closed by :meth:`close`/:meth:`aclose`.
+
+    ``url`` is the endpoint as every message shows it (:func:`display_url`: no credentials); ``model_flag`` is how
+    the caller's user names the cloud's model (``--cascade-model``, ``--cloud-model``), said when the model
+    listing fails or lists several. ``max_retries`` > 0 only for offline batch work (:data:`OFFLINE_RETRIES`).
+
+    ``cooldown``: after a reply with Retry-After (a 429 or 503 saying when to come back) every call until then
+    fails at once as ``cooldown``, without asking the cloud: each would only cost a round trip and keep the key
+    rate-limited (a deferral's fallback is refunded, so the budget does not throttle them). Offline work, which
+    retries and waits instead, has it off."""
 
     def __init__(self, url: str, *, model: str | None = None, key_env: str = DEFAULT_KEY_ENV,
-                 timeout: float = 10.0):
-        self.url = base_url(url)
+                 timeout: float = 10.0, max_retries: int = 0, model_flag: str = "Cascade(cloud_model=...)",
+                 cooldown: bool = True):
+        self._base = base_url(url)
+        self._query = url_query(url)
+        self.url = display_url(urlunsplit(urlsplit(self._base)._replace(query=urlsplit(url.strip()).query)))
         self.model = model
         self.key_env = key_env
         self.timeout = timeout
+        self.max_retries = max_retries
+        self.model_flag = model_flag
+        self.cooldown = cooldown
+        self._cool: tuple[float, CloudError] | None = None  # (monotonic end, the error that asked for it)
         self.stopping = False
         self.stream_usage = True  # ask a stream for its usage chunk (False once the server refused the field)
         self._waits: set = set()  # the asyncio.timeout of every wait on the cloud in progress
@@ -128,39 +221,79 @@ class CloudClient:
         self._async = None
 
     def _error(self, e: BaseException) -> CloudError:
-        return _classify(e, self.url, self.timeout, self.stopping, self.key_env)
+        err = _classify(e, self.url, self.timeout, self.stopping, self.key_env)
+        if self.cooldown and err.retry_after:
+            self._cool = (time.monotonic() + err.retry_after, err)
+        return err
+
+    def _check_cooldown(self) -> None:
+        """Raise ``cooldown`` while the cloud's Retry-After lasts (see the class doc)."""
+        if self._cool is None:
+            return
+        end, why = self._cool
+        if (left := end - time.monotonic()) <= 0:
+            self._cool = None
+            return
+        raise CloudError("cooldown", f"{why}; not asked again for {left:.1f} s more (the device answers meanwhile)",
+                         f"cooling down {left:.1f} s more after {why.brief}")
 
     def _key(self) -> str:
         return os.environ.get(self.key_env) or "none"  # local servers take any key; the client needs one
 
+    def _client_args(self) -> dict:
+        return {"base_url": self._base, "api_key": self._key(), "timeout": self.timeout,
+                "max_retries": self.max_retries, "default_query": self._query or None}
+
     @property
     def sync_client(self):
         if self._sync is None:
-            self._sync = _openai().OpenAI(base_url=self.url, api_key=self._key(), timeout=self.timeout,
-                                          max_retries=0)
+            self._sync = _openai().OpenAI(**self._client_args())
         return self._sync
 
     @property
     def async_client(self):
         if self._async is None:
-            self._async = _openai().AsyncOpenAI(base_url=self.url, api_key=self._key(), timeout=self.timeout,
-                                                max_retries=0)
+            self._async = _openai().AsyncOpenAI(**self._client_args())
         return self._async
+
+    def _listed(self, listing) -> str:
+        """The model to ask for, from the cloud's listing: its only model. Of several, none is picked (the first
+        listed may be an embedding model, or an expensive one): the user names it."""
+        ids = [m.id for m in getattr(listing, "data", None) or []]
+        if len(ids) == 1:
+            return ids[0]
+        shown = ", ".join(ids[:LISTED_SHOWN]) + (", …" if len(ids) > LISTED_SHOWN else "")
+        what = f"lists {len(ids)} models ({shown})" if ids else "lists no models"
+        raise CloudError("no_model", f"the cloud at {self.url} {what}; choose one with {self.model_flag}",
+                         f"{what}; choose one with {self.model_flag}")
+
+    def _listing_error(self, e: BaseException) -> CloudError:
+        """A failed model listing (GET .../models), said as such: the chat endpoint was not called, and naming
+        the model skips the listing (some clouds, Azure-style deployments, have none). A cloud not reached, or
+        refusing the key, fails the same whichever endpoint is asked: that error is said as it is."""
+        err = self._error(e)
+        if err.kind in _NOT_THE_LISTING:
+            return err
+        fix = f"; name the model with {self.model_flag} to skip the listing"
+        return CloudError(err.kind, f"listing the models of the cloud at {self.url} (GET /models) failed: "
+                          f"{err.brief}{fix}", f"model listing failed: {err.brief}{fix}")
 
     # -- sync (library, eval) ----------------------------------------------------------------------------
     def model_id(self) -> str:
         if self.model is None:
             try:
-                self.model = self.sync_client.models.list().data[0].id
+                self.model = self._listed(self.sync_client.models.list())
             except Exception as e:
-                raise self._error(e) from e
+                raise self._listing_error(e) from e
         return self.model
 
     def chat(self, messages: list[dict], **params) -> CloudAnswer:
         t0 = time.perf_counter()
         try:
-            r = self.sync_client.chat.completions.create(model=self.model_id(), messages=messages, **_params(params))
-            return _answer(r, time.perf_counter() - t0)
+            self._check_cooldown()
+            r = self.sync_client.chat.completions.create(model=self.model_id(), messages=wire_messages(messages),
+                                                         **_params(params))
+            return _answer(r, time.perf_counter() - t0, self.url)
         except Exception as e:
             raise self._error(e) from e
 
@@ -169,9 +302,9 @@ class CloudClient:
         if self.model is None:
             try:
                 async with asyncio.timeout(self.timeout):
-                    self.model = (await self.async_client.models.list()).data[0].id
+                    self.model = self._listed(await self.async_client.models.list())
             except Exception as e:
-                raise self._error(e) from e
+                raise self._listing_error(e) from e
         return self.model
 
     @contextlib.asynccontextmanager
@@ -195,10 +328,11 @@ class CloudClient:
     async def achat(self, messages: list[dict], **params) -> CloudAnswer:
         t0 = time.perf_counter()
         try:
+            self._check_cooldown()
             async with self._wait():
-                r = await self.async_client.chat.completions.create(model=await self.amodel_id(), messages=messages,
-                                                                    **_params(params))
-            return _answer(r, time.perf_counter() - t0)
+                r = await self.async_client.chat.completions.create(
+                    model=await self.amodel_id(), messages=wire_messages(messages), **_params(params))
+            return _answer(r, time.perf_counter() - t0, self.url)
         except Exception as e:
             raise self._error(e) from e
 
@@ -249,10 +383,13 @@ class CloudClient:
         HTTP 400/422 (some OpenAI-compatible servers refuse fields they do not know) is asked once more without
         the field; when that works the field is never sent to it again, and its streamed answers are counted
         with the device's tokenizer (``usage_source``)."""
+        self._check_cooldown()
+
         async def create(**extra):
             async with self._wait():
                 return await self.async_client.chat.completions.create(
-                    model=await self.amodel_id(), messages=messages, stream=True, **extra, **_params(params))
+                    model=await self.amodel_id(), messages=wire_messages(messages), stream=True, **extra,
+                    **_params(params))
 
         if not self.stream_usage:
             return await create()
@@ -277,12 +414,24 @@ class CloudClient:
         self.close()
 
 
-def _answer(r, latency: float) -> CloudAnswer:
+def _answer(r, latency: float, url: str) -> CloudAnswer:
     if isinstance(r, str):  # the client hands back a body that is not JSON as its text
-        raise CloudError("bad_reply", f"the cloud's reply is not JSON: {_clip(r)!r}")
+        raise CloudError("bad_reply", f"the cloud at {url} sent a reply that is not JSON: {_clip(r)!r}")
+    if (err := (getattr(r, "model_extra", None) or {}).get("error")) is not None:
+        raise _body_error(err, url)
     if not getattr(r, "choices", None) or r.choices[0].message is None:
-        raise CloudError("bad_reply", "the cloud's reply has no choices[0].message")
+        raise CloudError("bad_reply", f"the cloud at {url} sent a reply with no choices[0].message")
     return _answer_of(r.choices[0].message.content or "", r.model or "", latency, r.usage, r.choices[0].finish_reason)
+
+
+def _body_error(err, url: str) -> CloudError:
+    """An OpenAI-style ``{"error": {...}}`` body sent with HTTP 200 (gateways such as OpenRouter relay an upstream
+    provider's failure so): the gateway's message and code, not "no choices"."""
+    msg = err.get("message") if isinstance(err, dict) else err
+    code = err.get("code") if isinstance(err, dict) else None
+    said = f"{_clip(str(msg))!r}" + (f" (code {code})" if code is not None else "")
+    return CloudError("cloud_error", f"the cloud at {url} answered an error in an HTTP 200 body: {said}",
+                      f"error in an HTTP 200 body: {said}")
 
 
 def _answer_of(text: str, model: str, latency: float, usage, finish_reason: str | None) -> CloudAnswer:

@@ -45,6 +45,7 @@ FEATURES = TOKEN_FEATURES + TEXT_FEATURES
 FIT_FEATURES = TEXT_FEATURES
 UNSURE_LOGPROB = math.log(0.5)  # a token the model gave less than even odds
 MIN_FIT = 4  # labelled dev answers a combiner is fitted on, at least
+FEW_PER_LABEL = 10  # `cascade fit` warns below this many dev answers of either label (good / worse than the cloud)
 _WORD = re.compile(r"\w+(?:'\w+)?")
 _LABEL = re.compile(r"^[^\W\d][\w ]{0,30}:\s*")  # "Message: ..." / "Notifications:\n..." before the text itself
 
@@ -170,7 +171,8 @@ class Combiner:
 
     @property
     def calibrated(self) -> bool:
-        return True
+        """False for a file fitted for another device model (:func:`find_combiner`): its scale is that model's."""
+        return not self.meta.get(SERVING_ANOTHER)
 
     def predict(self, feats: dict[str, float]) -> float:
         x = (np.array([feats[f] for f in self.features]) - np.array(self.mean)) / np.array(self.std)
@@ -351,7 +353,7 @@ def find_combiner(model_sha256: str | None, path: str | Path | None = None) -> C
     """An explicit combiner file, else the one fitted for this model in the data dir (``ondevice cascade
     fit``), else one shipped with ondevice for this model file, else the uncalibrated fallback."""
     if path:
-        return Combiner.load(path)
+        return _for_model(Combiner.load(path), model_sha256)
     if model_sha256:
         from importlib import resources
 
@@ -360,6 +362,28 @@ def find_combiner(model_sha256: str | None, path: str | Path | None = None) -> C
             if p.is_file():
                 return Combiner.from_dict(json.loads(p.read_text(encoding="utf-8")))
     return GeometricMean()
+
+
+SERVING_ANOTHER = "serving_another_model"  # meta: the sha256 of the device model a foreign combiner is used with
+
+
+def _for_model(comb: Combiner, model_sha256: str | None) -> Combiner:
+    """``comb``, marked (:data:`SERVING_ANOTHER`) when its file records another device model than ``model_sha256``
+    (a combiner fitted before ``adapt merge`` made a new model, or copied from another machine)."""
+    fitted = comb.meta.get("model_sha256")
+    if model_sha256 and fitted and fitted != model_sha256:
+        comb.meta[SERVING_ANOTHER] = model_sha256
+    return comb
+
+
+def combiner_warning(comb, model_name: str) -> str | None:
+    """Why a combiner's confidences do not fit the device model ``model_name``, or None."""
+    meta = getattr(comb, "meta", {})
+    if not meta.get(SERVING_ANOTHER):
+        return None
+    return (f"the combiner was fitted for {meta.get('model', 'another model')} ({meta['model_sha256'][:12]}), not for "
+            f"{model_name} ({meta[SERVING_ANOTHER][:12]}): its confidences and defer-share thresholds are that "
+            f"model's; refit it with `ondevice cascade fit -m {model_name}`")
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:

@@ -20,8 +20,8 @@ from pathlib import Path
 from .. import fields
 from ..engine.chat import validate_messages
 from ..engine.records import Sampling
-from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError
-from .confidence import Combiner, TokenStats, find_combiner
+from .cloud import DEFAULT_KEY_ENV, CloudAnswer, CloudClient, CloudError, wire_messages
+from .confidence import Combiner, TokenStats, combiner_warning, find_combiner
 from .policy import Budget, Decision, Policy, RequestPolicy, decide, threshold_warning, with_combiner
 
 
@@ -112,7 +112,7 @@ def keep_sample(store_path: str | Path | None, source: str, device_model: str, d
     with Store(store_path) as db:
         return db.add_hard_sample(source=source, device_model=device_model, device_sha256=device_sha256,
                                   cloud_model=result.cloud_model, confidence=result.confidence,
-                                  messages=list(messages), device_answer=result.device_text,
+                                  messages=wire_messages(messages), device_answer=result.device_text,
                                   cloud_answer=result.text,
                                   extra={**result.info(), "finish_reason": result.finish_reason})
 
@@ -126,8 +126,10 @@ class Cascade:
 
     Args:
         device_model: a loaded :class:`ondevice.Model`, a model name or path (None: the default model).
-        cloud_url: an OpenAI-compatible endpoint (``http://host:port`` or ``.../v1``).
-        cloud_model: the model name to ask for there (None: the first that ``/v1/models`` lists).
+        cloud_url: an OpenAI-compatible endpoint: its base URL as the openai client takes it (``.../v1``, Gemini's
+            ``.../v1beta/openai``), or a bare ``http://host:port`` (``/v1`` is added); a query is sent as one.
+        cloud_model: the model name to ask for there (None: the one ``/models`` lists; a cloud listing several
+            wants it named).
         policy: threshold, budget, timeout and whether hard samples are kept.
         combiner: a :class:`Combiner`, a combiner file, or None (the one fitted for this model, else the
             uncalibrated ``exp(mean logprob)``).
@@ -161,14 +163,15 @@ class Cascade:
             self.sha256 = _sha256(self.model.path)
             self.combiner = combiner if isinstance(combiner, Combiner) else find_combiner(self.sha256, combiner)
             self.policy = with_combiner(self.policy, self.combiner)
-            warning = threshold_warning(self.policy, self.combiner, "policy threshold", "Policy(defer_share=0.4)")
+            said = (threshold_warning(self.policy, self.combiner, "policy threshold", "Policy(defer_share=0.4)"),
+                    combiner_warning(self.combiner, self.model.name))
         except BaseException:
             self.cloud.close()
             if self._owns_model and hasattr(self, "model"):
                 self.model.close()
             raise
         self.store = store
-        if warning:  # as `ondevice serve --cascade` says at start-up (the same check)
+        for warning in filter(None, said):  # as `ondevice serve --cascade` says at start-up (the same checks)
             warnings.warn(warning, stacklevel=2)
 
     def confidence(self, stats: TokenStats) -> tuple[float, dict]:
@@ -198,8 +201,7 @@ class Cascade:
         cloud: CloudAnswer | CloudError | None = None
         if decision.defer:
             try:
-                cloud = self.cloud.chat(messages, temperature=s.temp, top_p=s.top_p, max_tokens=s.max_tokens,
-                                        stop=list(s.stop) or None)
+                cloud = self.cloud.chat(messages, **cloud_sampling(s))
             except CloudError as e:
                 self.budget.refund()
                 cloud = e
@@ -219,6 +221,15 @@ class Cascade:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def cloud_sampling(s: Sampling) -> dict:
+    """The sampling the cloud gets, as ``serve --cascade`` forwards it: OpenAI's fields (a random seed, penalties
+    of 0 and no token cap, -1, are not sent: the cloud's defaults)."""
+    return {"temperature": s.temp, "top_p": s.top_p, "max_tokens": s.max_tokens if s.max_tokens >= 0 else None,
+            "stop": list(s.stop) or None,
+            "seed": None if s.seed == Sampling().seed else s.seed, "presence_penalty": s.presence_penalty or None,
+            "frequency_penalty": s.frequency_penalty or None}
 
 
 def _sha256(path) -> str | None:

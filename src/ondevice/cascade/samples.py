@@ -15,10 +15,13 @@ from pathlib import Path
 def training_rows(samples: list[dict]) -> list[dict]:
     """Chat rows of the samples whose cloud answer has text and ended (a store kept before empty cloud replies
     were refused as ``bad_reply``, or before answers cut off by max_tokens were left out, may hold some: a model
-    must not learn to answer nothing, nor to stop mid-sentence)."""
+    must not learn to answer nothing, nor to stop mid-sentence). Tool calls' arguments are JSON text, as OpenAI's
+    fine-tuning format wants (a store kept before that was so may hold them parsed)."""
+    from .cloud import wire_messages
     from .core import CUT_SHORT
 
-    return [{"messages": [*s["messages"], {"role": "assistant", "content": s["cloud_answer"]}]} for s in samples
+    return [{"messages": [*wire_messages(s["messages"]), {"role": "assistant", "content": s["cloud_answer"]}]}
+            for s in samples
             if (s["cloud_answer"] or "").strip() and (s.get("extra") or {}).get("finish_reason") not in CUT_SHORT]
 
 

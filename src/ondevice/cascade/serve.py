@@ -11,7 +11,8 @@ token is awaited the device keeps generating, so a cloud that fails before its f
 but the wait: the device's answer streams on, marked as a fallback. Once cloud text has been sent, a cloud
 failure ends the stream with an error event (text from two models is not spliced). The trade-off: a larger
 prefix decides better (more tokens scored) but delays the first token by that many decode steps; 0 buffers
-the whole answer (best decision, no streaming benefit). ``benchmarks/cascade_bench.py`` measures both.
+the whole answer (best decision, no streaming benefit). A request whose policy decides without the confidence
+(``never_defer``, ``always_defer``, threshold 0) buffers one token only. ``benchmarks/cascade_bench.py`` measures both.
 
 A reply's ``usage`` describes the completion the client received: the cloud's, when the cloud answered, as the
 cloud counted it (or, where it reports no usage, the device's count of the same prompt and the device
@@ -38,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine.records import Generation, Sampling
 from ..serve import schemas as S
 from .cloud import CloudAnswer, CloudClient, CloudError
-from .confidence import GeometricMean, TokenStats, find_combiner
+from .confidence import GeometricMean, TokenStats, combiner_warning, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
 from .policy import Budget, Policy, decide, threshold_warning, with_combiner
 
@@ -89,19 +90,21 @@ class ServerCascade:
                              defer_share=s.cascade_defer_share)
         self.budget = Budget(self.policy.budget, self.policy.window_s)
         self.cloud = CloudClient(s.cascade, model=s.cascade_model, key_env=s.cascade_key_env,
-                                 timeout=s.cascade_timeout)
+                                 timeout=s.cascade_timeout, model_flag="--cascade-model")
         _ = self.cloud.async_client  # no openai package: a clear error now, not at the first deferral
         self.sha256 = cached_sha256(state.path)
         self.combiner = find_combiner(self.sha256, s.cascade_combiner)
         self.policy = with_combiner(self.policy, self.combiner)
         self.prefix_tokens = s.cascade_prefix_tokens
-        self.counts = {"device": 0, "cloud": 0, "fallback": 0}
-        self.failing: set[str] = set()  # the kinds of cloud failure said on stderr since it last answered
+        self.counts = {"device": 0, "cloud": 0, "fallback": 0, "cut": 0}
+        self.failing: set[tuple[str, bool]] = set()  # (kind, cut) of the cloud failures said since it last answered
         m = state.metrics
         m.gauge("cascade_device_answers", "Cascade replies the device wrote.", lambda: self.counts["device"])
         m.gauge("cascade_cloud_answers", "Cascade replies the cloud wrote.", lambda: self.counts["cloud"])
         m.gauge("cascade_fallbacks", "Deferred requests the cloud failed (device answered).",
                 lambda: self.counts["fallback"])
+        m.gauge("cascade_cloud_streams_cut", "Relayed cloud streams that failed after their first token (the "
+                "client got a cut-off cloud answer, finish_reason error).", lambda: self.counts["cut"])
 
     @staticmethod
     def applies(req, plan) -> bool:
@@ -114,18 +117,39 @@ class ServerCascade:
         await self.cloud.aclose()
 
     # -- shared -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _request_policy(req):
+        return request_policy(req.cascade.model_dump() if req.cascade is not None else None)
+
+    def _prefix(self, req) -> int:
+        """Device tokens a stream buffers before its tier is picked: ``--cascade-prefix-tokens``, or one when the
+        request's policy picks it without the confidence (never_defer, always_defer, threshold 0), where the buffer
+        would only delay the private answer's first token or the cloud's call."""
+        rp = self._request_policy(req)
+        threshold = self.policy.threshold if rp.threshold is None else rp.threshold
+        return 1 if rp.never_defer or rp.always_defer or threshold <= 0 else self.prefix_tokens
+
     def _decide(self, req, stats: TokenStats):
-        rp = request_policy(req.cascade.model_dump() if req.cascade is not None else None)
+        rp = self._request_policy(req)
         feats = stats.features()
         conf = self.combiner.predict(feats)
         return rp, conf, feats, decide(conf, self.policy, rp, self.budget)
 
     @staticmethod
     def _cloud_params(req) -> dict:
-        max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_t, "stop": req.stop,
-                "seed": req.seed, "presence_penalty": req.presence_penalty or None,
-                "frequency_penalty": req.frequency_penalty or None}
+        """The request's fields the cloud gets (cloud.PASS_THROUGH keeps those it may take): the token cap under
+        the name the client used, and the OpenAI fields only the cloud acts on, where the request schema has them."""
+        only_cloud = {name: getattr(req, name, None) for name in CLOUD_ONLY}
+        return {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_tokens,
+                "max_completion_tokens": req.max_completion_tokens, "stop": req.stop, "seed": req.seed,
+                "presence_penalty": req.presence_penalty or None,
+                "frequency_penalty": req.frequency_penalty or None} | only_cloud
+
+    @staticmethod
+    def _client_messages(req) -> list[dict]:
+        """The request's messages as the client sent them (content parts unjoined, tool arguments as JSON text),
+        for the cloud and the hard-sample store; the device's rendered form is for its template only."""
+        return [m.model_dump(exclude_none=True) for m in req.messages]
 
     def _usage(self, device: S.Usage, cloud: CloudAnswer | None) -> tuple[S.Usage, dict]:
         """The reply's ``usage`` (of the answer the client got: the cloud's, when ``cloud`` wrote it) and the
@@ -143,8 +167,8 @@ class ServerCascade:
 
     def _cloud_name(self, named: str | None, req) -> str:
         """The top-level ``model`` of a reply the cloud wrote (routers with a fallback name the model that
-        answered): the name its reply gave (``named``), else the one asked for (``--cascade-model``, or the first
-        the cloud lists), else the client's."""
+        answered): the name its reply gave (``named``), else the one asked for (``--cascade-model``, or the one the
+        cloud lists), else the client's."""
         return named or self.cloud.model or req.model or ""
 
     def describe(self) -> str:
@@ -153,21 +177,27 @@ class ServerCascade:
         p, env = self.policy, self.cloud.key_env
         how = (f"defer share {p.defer_share:g}: threshold {p.threshold:.3f}" if p.defer_share is not None
                else f"threshold {p.threshold:g}")
-        fitted = "uncalibrated" if isinstance(self.combiner, GeometricMean) else "fitted combiner"
+        fitted = ("uncalibrated" if isinstance(self.combiner, GeometricMean) else
+                  "fitted combiner" if self.combiner.calibrated else "combiner fitted for another model")
+        model = f"model {self.cloud.model}" if self.cloud.model else "model: the one it lists"
         return (f"cascade -> {self.cloud.url} ({how}, {fitted}; key from {env}: "
-                f"{'set' if os.environ.get(env) else 'not set'})")
+                f"{'set' if os.environ.get(env) else 'not set'}; {model})")
 
     def warning(self) -> str | None:
-        """The start-up warning for a threshold that would defer (nearly) every request (:func:`threshold_warning`)."""
-        return threshold_warning(self.policy, self.combiner)
+        """The start-up warning for a threshold that would defer (nearly) every request (:func:`threshold_warning`)
+        and for a combiner fitted for another model (:func:`combiner_warning`)."""
+        said = (threshold_warning(self.policy, self.combiner), combiner_warning(self.combiner, self.state.model_id))
+        return "; ".join(filter(None, said)) or None
 
-    def _note(self, cloud: CloudAnswer | CloudError | None) -> None:
+    def _note(self, cloud: CloudAnswer | CloudError | None, cut: bool = False) -> None:
         """Say on stderr when the cloud starts failing a new way, and when it answers again: a fallback is
         otherwise seen only in each reply, and a refused key or a wrong URL would fall back on every deferral
-        with the server's log showing nothing but 200s."""
-        if isinstance(cloud, CloudError) and cloud.kind != "shutdown" and cloud.kind not in self.failing:
-            self.failing.add(cloud.kind)
-            msg = f"{cloud}; deferred requests get the device's answer (fallback \"{cloud.kind}\")"
+        with the server's log showing nothing but 200s. ``cut``: a relayed stream failed after its first token,
+        so the client got a cut-off cloud answer, not the device's."""
+        if isinstance(cloud, CloudError) and cloud.kind != "shutdown" and (cloud.kind, cut) not in self.failing:
+            self.failing.add((cloud.kind, cut))
+            msg = (f"{cloud}; the client got a cut-off cloud answer (finish_reason \"error\")" if cut else
+                   f"{cloud}; deferred requests get the device's answer (fallback \"{cloud.kind}\")")
         elif isinstance(cloud, CloudAnswer) and self.failing:
             self.failing.clear()
             msg = f"the cloud at {self.cloud.url} answers again"
@@ -204,7 +234,8 @@ class ServerCascade:
         cloud = None
         if decision.defer:
             try:
-                cloud = await _unless_gone(self.cloud.achat(messages, **self._cloud_params(req)), request)
+                cloud = await _unless_gone(self.cloud.achat(self._client_messages(req), **self._cloud_params(req)),
+                                           request)
             except CloudError as e:
                 self.budget.refund()
                 cloud = e
@@ -228,7 +259,7 @@ class ServerCascade:
         info = result.info() | extra | {"device_model": device_model}
         resp.cascade = info
         return JSONResponse(resp.model_dump(mode="json"), headers=headers(info),
-                            background=self._keep_task(rp, result, messages))
+                            background=self._keep_task(rp, result, self._client_messages(req)))
 
     # -- streaming ----------------------------------------------------------------------------------------
     async def stream(self, runner, job, req, request, messages: list[dict], include_usage: bool):
@@ -239,12 +270,12 @@ class ServerCascade:
         cid, created = S._id("chatcmpl"), int(time.time())
         t0 = time.perf_counter()
         events = runner.events(job, request, poll_disconnect=True)
-        stats, buffered, last = TokenStats(messages), [], None
+        stats, buffered, last, prefix = TokenStats(messages), [], None, self._prefix(req)
         async for g in events:
             stats.add(g)
             buffered.append(g.text)
             last = g
-            if g.finish_reason or (self.prefix_tokens and len(stats.logprobs) >= self.prefix_tokens):
+            if g.finish_reason or (prefix and len(stats.logprobs) >= prefix):
                 break
         if last is None:  # the client went away (the job is cancelled)
             await events.aclose()
@@ -258,7 +289,7 @@ class ServerCascade:
         device_model = st.answered_by(req.model)
         named = {"device_model": device_model}  # in every cascade object: the top-level model may be the cloud's
         if decision.defer:
-            cloud_stream = self.cloud.astream(messages, seen, **self._cloud_params(req))
+            cloud_stream = self.cloud.astream(self._client_messages(req), seen, **self._cloud_params(req))
             try:  # text: a cloud that sends none fails here; a client that leaves meanwhile ends it
                 first = await _unless_gone(anext(cloud_stream), request)
             except CloudError as e:
@@ -287,7 +318,6 @@ class ServerCascade:
             head = result_of(device_text, device_s).info() | {
                 "tier": "cloud", "cloud_model": self.cloud.model,
                 "cloud_first_token_ms": round((time.perf_counter() - t_cloud) * 1e3, 3)} | named
-            self.counts["cloud"] += 1
             cloud_chunk = functools.partial(chunk, model=self._cloud_name(seen.get("model"), req))
 
             async def relay():
@@ -300,7 +330,8 @@ class ServerCascade:
                         else:
                             yield cloud_chunk(S.ChatDelta(content=item))
                 except CloudError as e:
-                    self._note(e)
+                    self.counts["cut"] += 1
+                    self._note(e, cut=True)
                     yield cloud_chunk(S.ChatDelta(), finish="error",
                                       cascade=dict(head, fallback=e.kind, error=str(e)))
                     yield b"data: [DONE]\n\n"
@@ -308,6 +339,7 @@ class ServerCascade:
                 finally:
                     await cloud_stream.aclose()
                 self._note(answer)
+                self.counts["cloud"] += 1
                 r = result_of(device_text, device_s, cloud=answer)
                 usage, extra = self._usage(usage_of(last), answer)
                 yield cloud_chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra | named)
@@ -315,7 +347,8 @@ class ServerCascade:
                     yield cloud_chunk(S.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
                 if should_keep(self.policy, rp, r):
-                    await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256, messages, r)
+                    await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256,
+                                            self._client_messages(req), r)
 
             return StreamingResponse(relay(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **headers(head)})
@@ -352,6 +385,9 @@ class ServerCascade:
         return StreamingResponse(device(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **headers(info0)})
 
+
+# OpenAI request fields the device does not act on but the cloud may (passed on where the request schema holds them)
+CLOUD_ONLY = ("user", "reasoning_effort", "service_tier", "metadata", "store")
 
 # a request's ``cascade`` object on a server started without ``--cascade URL`` (its policy cannot be honoured)
 NO_CLOUD = "this server has no cloud tier: start it with `ondevice serve --cascade URL`, or leave `cascade` out"

@@ -21,6 +21,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -105,6 +106,16 @@ def check_answered(rows: Sequence[dict]) -> None:
     more = "; or raise --cascade-timeout" if first.get("cloud_error") == "timeout" else ""
     raise OndeviceError(f"the cloud answered none of the {len(rows)} items{why}; check the --cascade URL and the "
                         f"cloud server{more}")
+
+
+def left_out(rows: Sequence[dict], what: str = "the curve") -> str | None:
+    """The line saying which items had no cloud answer and were left out of ``what`` (None: none were): a
+    smaller n alone hides it, and the left-out items (rate-limited bursts, long answers) are not a random subset."""
+    failed = [r["cloud_error"] for r in rows if r.get("cloud_error") is not None]
+    if not failed:
+        return None
+    kinds = ", ".join(f"{k} x{n}" for k, n in Counter(failed).most_common())
+    return f"{len(failed)} of {len(rows)} items had no cloud answer ({kinds}): left out of {what}"
 
 
 def _trapz(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -218,8 +229,7 @@ def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: 
                  timeout: float = 120.0, threads: int | None = None, store: bool | str | os.PathLike = True,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Run both tiers over the suite and return (and store) the deferral-curve record."""
-    from ..cascade.cloud import DEFAULT_KEY_ENV, CloudClient
-    from ..cascade.confidence import find_combiner
+    from ..cascade.confidence import combiner_warning, find_combiner
     from ..engine import load
     from ..models.store import data_dir
     from .api import _base, model_sha256
@@ -232,9 +242,11 @@ def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: 
     ref = resolve(str(m.path))
     sha = model_sha256(ref)
     comb = find_combiner(sha, combiner)
-    cloud = CloudClient(cloud_url, model=cloud_model, key_env=key_env or DEFAULT_KEY_ENV, timeout=timeout)
+    cloud = offline_cloud(cloud_url, cloud_model, key_env, timeout)
     session = f"cascade-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
+        if warning := combiner_warning(comb, m.name):
+            say(f"warning: {warning}")
         say(f"cascade eval: {len(items)} items, device {m.name}, cloud {cloud.model_id()} at {cloud.url}")
         rows = collect(m, cloud, items, max_tokens=max_tokens, progress=say)
     finally:
@@ -249,6 +261,7 @@ def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: 
               "cloud_model": cloud.model, "split": split, "tasks": list(tasks or []), "limit": limit,
               "max_tokens": max_tokens, "n_items": len(rows), "cloud_errors": sum(r["cloud_error"] is not None
                                                                                  for r in rows),
+              "left_out": left_out(rows),
               "combiner": {"calibrated": comb.calibrated, **comb.meta}, "curve": curve,
               "at_40": at_share(curve, 0.4), "log": str(log) if log else None}
     if store:
@@ -258,6 +271,16 @@ def cascade_eval(model: str | None, cloud_url: str, suite: str, *, cloud_model: 
             db.add("eval", record, session=session, config_key=session, model=record["model"],
                    model_sha256=sha, test=record["test"])
     return record
+
+
+def offline_cloud(url: str, model: str | None, key_env: str | None, timeout: float):
+    """The cloud client of offline batch work (``eval --cascade``, ``cascade fit``): latency does not matter there,
+    so a rate-limited (429) or failing (5xx) item is retried with the openai client's back-off, which honours
+    Retry-After, instead of being left out of the figures."""
+    from ..cascade.cloud import DEFAULT_KEY_ENV, OFFLINE_RETRIES, CloudClient
+
+    return CloudClient(url, model=model, key_env=key_env or DEFAULT_KEY_ENV, timeout=timeout,
+                       max_retries=OFFLINE_RETRIES, model_flag="--cloud-model", cooldown=False)
 
 
 def write_rows(path: Path, rows: Sequence[dict]) -> None:
@@ -272,7 +295,9 @@ def write_rows(path: Path, rows: Sequence[dict]) -> None:
 def print_record(r: dict) -> None:
     c = r["curve"]
     print(f"{r['model']} -> {r['cloud_model']}  {r['test']}  split={r['split']}  n={c['n']}"
-          f"  (confidence {'calibrated' if r['combiner']['calibrated'] else 'exp(mean logprob), uncalibrated'})")
+          f"  (confidence {_confidence_kind(r['combiner'])})")
+    if r.get("left_out"):  # n above is of the items both tiers answered
+        print(f"  {r['left_out']}")
     print(f"  device-only {c['device_score']:.4f} ({c['device_latency_s'] * 1e3:.0f} ms/request)   "
           f"cloud-only {c['cloud_score']:.4f} (+{c['cloud_latency_s'] * 1e3:.0f} ms/deferred request)")
     a = r["at_40"]
@@ -292,14 +317,20 @@ def print_record(r: dict) -> None:
         print(f"  per-item log: {r['log']}")
 
 
+def _confidence_kind(combiner: dict) -> str:
+    from ..cascade.confidence import SERVING_ANOTHER
+
+    if combiner.get(SERVING_ANOTHER):
+        return f"a combiner fitted for another model, {combiner.get('model')}"
+    return "calibrated" if combiner["calibrated"] else "exp(mean logprob), uncalibrated"
+
+
 def add_cascade_arguments(p) -> None:
     """``ondevice eval``'s cascade flags (the suite, limit, seed, max tokens and threads flags are shared)."""
     g = p.add_argument_group("device -> cloud cascade (deferral curve)")
     g.add_argument("--cascade", default=None, metavar="URL",
                    help="OpenAI-compatible cloud endpoint: draw quality vs share deferred for --suite")
-    g.add_argument("--cloud-model", default=None, help="model name at the cloud (default: the first it lists)")
-    g.add_argument("--cloud-key-env", default=None, metavar="VAR",
-                   help="env var holding the cloud's API key (default ONDEVICE_CLOUD_KEY)")
+    add_cloud_arguments(g)
     g.add_argument("--split", default="all", choices=("all", "dev", "test"),
                    help="items by a fixed hash of their id: dev (40%%, what `ondevice cascade fit` fits on) or test")
     g.add_argument("--tasks", default=None, help="comma-separated task names to keep (e.g. rewrite_tone,"
@@ -307,6 +338,15 @@ def add_cascade_arguments(p) -> None:
     g.add_argument("--combiner", default=None, metavar="FILE", help="confidence combiner file (default: the one "
                                                                      "fitted for the model, if any)")
     add_timeout_argument(g)
+
+
+def add_cloud_arguments(p) -> None:
+    """``--cloud-model`` / ``--cloud-key-env``, also spelt as ``ondevice serve`` spells them (``--cascade-model`` /
+    ``--cascade-key-env``): the README's commands for serve, fit and eval sit side by side."""
+    p.add_argument("--cloud-model", "--cascade-model", dest="cloud_model", default=None,
+                   help="model name at the cloud (default: the one it lists; a cloud listing several wants it named)")
+    p.add_argument("--cloud-key-env", "--cascade-key-env", dest="cloud_key_env", default=None, metavar="VAR",
+                   help="env var holding the cloud's API key (default ONDEVICE_CLOUD_KEY)")
 
 
 def _seconds(value: str) -> float:

@@ -296,6 +296,11 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     functions: Any = None  # OpenAI's deprecated form of tools: refused with the fix, not ignored
     function_call: Any = None
+    # OpenAI's fields for its own service: no use on the device; a cascade's cloud tier gets them (cascade/serve.py)
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
 
     @field_validator("functions", "function_call")
     @classmethod

@@ -90,7 +90,8 @@ class ServeSettings(BaseSettings):
     # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint
     cascade: str | None = Field(None, description="OpenAI-compatible cloud endpoint to defer unsure answers to "
                                                   "(None: no cascade)")
-    cascade_model: str | None = Field(None, description="model name at the cloud (None: the first it lists)")
+    cascade_model: str | None = Field(None, description="model name at the cloud (None: the one it lists; "
+                                   "a cloud listing several needs it)")
     cascade_threshold: float = Field(0.5, ge=0, le=1, description="defer when the confidence is below this")
     cascade_defer_share: float | None = Field(None, ge=0, le=1, description="defer this share of requests, the "
                                               "least confident (the threshold that deferred it on the fitted "

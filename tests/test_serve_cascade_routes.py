@@ -108,3 +108,23 @@ def test_a_streamed_messages_reply_the_cloud_answers_names_the_clouds_model_from
                                           "cascade": {"always_defer": True}})
     assert ev[0][0] == "message_start" and ev[0][1]["message"]["model"] == "fake"  # the fake cloud's name
     assert ev[-1][0] == "message_stop"
+
+
+def test_a_streamed_request_the_cascade_does_not_apply_to_says_the_device_answered_as_a_whole_one_does(device, cloud):
+    body = {"model": "x", "max_tokens": 4, "messages": PRIVATE, "response_format": {"type": "json_object"}}
+    whole = httpx.post(device.base_url + "/v1/chat/completions", json=body, timeout=120)
+    with httpx.stream("POST", device.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        headers = r.headers
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for h in ("x-ondevice-tier", "x-ondevice-cascade"):
+        assert headers.get(h) == whole.headers.get(h) and headers.get(h)
+    last = next(c for c in reversed(chunks) if c["choices"] and c["choices"][0]["finish_reason"])
+    assert last["cascade"]["reason"] == whole.json()["cascade"]["reason"] == "not_applicable"
+
+
+def test_a_cloud_answer_does_not_carry_the_devices_stop_string(device, cloud):
+    r = httpx.post(device.base_url + "/v1/chat/completions", timeout=120, json={
+        "model": "x", "max_tokens": 24, "temperature": 0, "messages": PRIVATE, "stop": ["\n", "."],
+        "cascade": {"always_defer": True}}).json()
+    assert r["cascade"]["tier"] == "cloud" and r["choices"][0].get("stop_reason") is None

@@ -217,10 +217,8 @@ class ServerCascade:
 
     @staticmethod
     def not_applicable(resp) -> JSONResponse:
-        info = {"tier": "device", "reason": "not_applicable", "confidence": None, "device_model": resp.model}
-        resp.cascade = info
-        return JSONResponse(resp.model_dump(mode="json"), headers={"X-Ondevice-Tier": "device",
-                                                                   "X-Ondevice-Cascade": "not_applicable"})
+        resp.cascade = not_applicable_info(resp.model)
+        return JSONResponse(resp.model_dump(mode="json"), headers=NOT_APPLICABLE_HEADERS)
 
     # -- non-streaming ------------------------------------------------------------------------------------
     async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict],
@@ -254,6 +252,7 @@ class ServerCascade:
             resp.model = self._cloud_name(answer.model, req)
             resp.choices[0].message.content = result.text
             resp.choices[0].finish_reason = result.finish_reason or "stop"
+            resp.choices[0].stop_reason = None  # the device's stop string did not end the cloud's answer
             resp.timings = None  # llama-server's timings are the device's decode: not the answer's (as in a relay)
         resp.usage, extra = self._usage(resp.usage, answer)
         info = result.info() | extra | {"device_model": device_model}
@@ -387,6 +386,14 @@ class ServerCascade:
 
 
 # OpenAI request fields the device does not act on but the cloud may (passed on where the request schema holds them)
+# a request the cascade does not apply to (tools, a grammar, logprobs, n > 1): the device answers, and says so
+NOT_APPLICABLE_HEADERS = {"X-Ondevice-Tier": "device", "X-Ondevice-Cascade": "not_applicable"}
+
+
+def not_applicable_info(device_model: str) -> dict:
+    return {"tier": "device", "reason": "not_applicable", "confidence": None, "device_model": device_model}
+
+
 CLOUD_ONLY = ("user", "reasoning_effort", "service_tier", "metadata", "store")
 
 # a request's ``cascade`` object on a server started without ``--cascade URL`` (its policy cannot be honoured)

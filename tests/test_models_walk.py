@@ -133,11 +133,15 @@ def test_a_gated_repo_says_whether_a_token_went_and_was_refused(tmp_path, monkey
     Thread(target=hub.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        with pytest.raises(OndeviceError, match="HTTP 401 .*gated or private: set HF_TOKEN"):
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no login token either
+        with pytest.raises(OndeviceError, match="HTTP 401 .*gated or private: set HF_TOKEN to a token with access, "
+                                                "or run `huggingface-cli login`"):
             pull("hf://org/gated/m.gguf", progress=False, retries=0)
         monkeypatch.setenv("HF_TOKEN", "expired")
-        with pytest.raises(OndeviceError, match="HTTP 401 .*the HF_TOKEN sent was refused: check that it is a valid"):
+        with pytest.raises(OndeviceError, match=r"HTTP 401 .*the Hugging Face token sent was refused \(HF_TOKEN, or "
+                                                r"the one `huggingface-cli login` saved\): check that it is a valid"):
             pull("hf://org/gated/m.gguf", progress=False, retries=0)
         monkeypatch.setenv("HF_TOKEN", "good")
         assert pull("hf://org/gated/m.gguf", progress=False, retries=0).read_bytes() == body

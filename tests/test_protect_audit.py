@@ -4,6 +4,7 @@ file that other users can read is warned about. Real files, the real cipher and 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -121,3 +122,101 @@ def test_a_key_file_other_users_can_read_is_warned_about(cli, enc):
         assert r.returncode == 0 and "warning" not in r.stderr
     finally:
         os.chmod(key_file, 0o600)
+
+
+_FILE_KEYRING = '''
+"""A keyring backend that keeps its entries in a JSON file (keyring's plug-in API), for CLI subprocesses."""
+import json, os
+from keyring.backend import KeyringBackend
+
+
+class FileKeyring(KeyringBackend):
+    priority = 1
+    path = os.environ["TEST_KEYRING_FILE"]
+
+    def _load(self):
+        return json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def get_password(self, service, username):
+        return self._load().get(f"{service}/{username}")
+
+    def set_password(self, service, username, password):
+        d = self._load()
+        d[f"{service}/{username}"] = password
+        json.dump(d, open(self.path, "w"))
+
+    def delete_password(self, service, username):
+        d = self._load()
+        d.pop(f"{service}/{username}", None)
+        json.dump(d, open(self.path, "w"))
+'''
+
+
+def test_keygen_never_replaces_a_keyring_entry_unasked(cli, smol_path, tmp_path):
+    """The keyring entry is usually the only copy of the key: a second `keygen --keyring NAME` (a setup script
+    run again) must not lock every container made with it. Real CLI, a real keyring backend (file-backed)."""
+    pytest.importorskip("keyring")
+    (tmp_path / "kr").mkdir()
+    (tmp_path / "kr" / "filekeyring.py").write_text(_FILE_KEYRING)
+    store = tmp_path / "kr" / "entries.json"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "kr"), os.environ.get("PYTHONPATH", "")]),
+           "PYTHON_KEYRING_BACKEND": "filekeyring.FileKeyring", "TEST_KEYRING_FILE": str(store)}
+    r = cli("protect", "keygen", "--keyring", "k1", env=env)
+    assert r.returncode == 0 and "stored in the OS keyring as 'k1'" in r.stdout, r.stderr
+    first = json.loads(store.read_text())["ondevice/k1"]
+    container = tmp_path / "kr.enc"
+    r = cli("protect", "encrypt", str(smol_path), "-o", str(container), "--key-keyring", "k1", env=env)
+    assert r.returncode == 0, r.stderr
+    r = cli("protect", "keygen", "--keyring", "k1", env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "'k1'" in r.stderr and "--force" in r.stderr and "unreadable" in r.stderr and "Traceback" not in r.stderr
+    assert first not in r.stdout + r.stderr and json.loads(store.read_text())["ondevice/k1"] == first
+    r = cli("protect", "verify", str(container), "--key-keyring", "k1", env=env)  # the container still opens
+    assert r.returncode == 0 and "authentic" in r.stdout, r.stderr
+    r = cli("protect", "keygen", "--keyring", "k1", "--force", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(store.read_text())["ondevice/k1"] != first
+
+
+def test_plaintext_left_unlocked_with_swap_on_is_warned_about(enc, tmp_path, monkeypatch):
+    """An ordinary user's locked-memory limit (8 MiB, systemd's default) is below any model: the decrypted weights
+    were silently not mlocked, and could reach the swap device. The real load of a container; the user is made an
+    ordinary one (root's CAP_IPC_LOCK ignores the limit) and the swap table a file (this machine has none)."""
+    import resource
+
+    import ondevice
+    from ondevice.protect import load as protect_load
+
+    path, _ = enc
+    swaps = tmp_path / "swaps"
+    swaps.write_text("Filename\tType\tSize\tUsed\tPriority\n/swapfile\tfile\t1048572\t0\t-2\n")
+    monkeypatch.setattr(protect_load, "SWAPS", str(swaps), raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 << 20, hard))
+    source = f"file:{path.parent / 'model.key'}"
+    try:
+        with pytest.warns(UserWarning, match=r"are not locked in memory \(the locked-memory limit is 8 MiB\) and "
+                                             r"swap is on.*`ulimit -l unlimited`, LimitMEMLOCK=infinity"):
+            ondevice.load(str(path), n_ctx=256, n_threads=2, key_source=source, warmup=False).close()
+        swaps.write_text("Filename\tType\tSize\tUsed\tPriority\n")  # no swap: nothing to say
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ondevice.load(str(path), n_ctx=256, n_threads=2, key_source=source, warmup=False).close()
+        assert not [w for w in seen if "not locked in memory" in str(w.message)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+
+
+def test_models_describes_a_container_with_its_key_and_says_another_key_is_not_invalid(cli, enc):
+    path, key = enc
+    r = cli("models", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)[0]["status"]
+    assert "give its key to describe it (--key-env NAME, --key-file PATH, --key-keyring NAME" in status, status
+    r = cli("models", str(path), "--json", "--key-env", "OTHER_KEY", env={"OTHER_KEY": new_key()})
+    status = json.loads(r.stdout)[0]["status"]
+    assert status.startswith("encrypted (ondevice protect), not described: the key does not open"), status
+    assert "invalid" not in status
+    r = cli("models", str(path), "--json", "--key-env", "MY_KEY", env={"MY_KEY": key})
+    assert json.loads(r.stdout)[0]["architecture"] == "llama", r.stdout

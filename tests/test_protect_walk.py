@@ -129,7 +129,7 @@ def test_models_describes_a_container_with_its_key_and_fit_refuses_one(smol_path
         return next(x for x in json.loads(r.stdout) if x["path"] == str(enc))
 
     r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": ""})
-    assert row(r)["status"].startswith("encrypted (ondevice protect): set ONDEVICE_MODEL_KEY"), row(r)
+    assert row(r)["status"].startswith("encrypted (ondevice protect): give its key to describe it"), row(r)
     r = cli("models", str(enc), "--json", env={"ONDEVICE_MODEL_KEY": key})
     assert row(r)["architecture"] == "llama" and row(r)["size_bytes"] == smol_path.stat().st_size, row(r)
     r = cli("fit", str(enc), "--budget", "size<=100MB", env={"ONDEVICE_MODEL_KEY": ""})

@@ -48,17 +48,35 @@ class Server:
         self.etags: dict[str, str] = {}  # url path -> ETag header value
         self.redirects: dict[str, tuple[str, dict[str, str]]] = {}  # path -> (location, extra headers)
         self.log: list[dict] = []
+        self.heads: list[str] = []  # paths asked for with HEAD
+        self.busy: list[tuple[int, dict[str, str]]] = []  # the next GETs' answers: (status, headers), e.g. 503
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):  # keep pytest output clean
                 pass
 
+            def do_HEAD(self):  # what the file is now (its ETag), without its bytes; kept apart from the GETs
+                srv.heads.append(self.path)
+                body = srv.files.get(self.path)
+                self.send_response(404 if body is None else 200)
+                self.send_header("Content-Length", "0" if body is None else str(len(body)))
+                if body is not None and self.path in srv.etags:
+                    self.send_header("ETag", srv.etags[self.path])
+                self.end_headers()
+
             def do_GET(self):
                 path = self.path
                 entry = {"path": path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range"),
                          "auth": self.headers.get("Authorization"), "sent": 0, "status": None}
                 srv.log.append(entry)
+                if srv.busy:
+                    entry["status"], extra = srv.busy.pop(0)
+                    self.send_response(entry["status"])
+                    for k, v in {**extra, "Content-Length": "0"}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    return
                 if path in srv.redirects:
                     location, extra = srv.redirects[path]
                     entry["status"] = 302
@@ -133,8 +151,9 @@ class Server:
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no `huggingface-cli login` token of the machine's
 
 
 @pytest.fixture()
@@ -387,8 +406,8 @@ def test_parse_source(monkeypatch):
     for bad in ("hf://o/f.gguf", "ftp://x/f.gguf", "/local/file.gguf"):
         with pytest.raises(InvalidArgument):
             parse_source(bad)
-    with pytest.raises(InvalidArgument, match="catalog"):
-        pull("https://x.test/smollm2-135m-instruct.gguf", progress=False)
+    with pytest.raises(InvalidArgument, match="catalog"):  # no --name: stored as -x.test (test_pull_names.py)
+        pull("https://x.test/smollm2-135m-instruct.gguf", name="smollm2-135m-instruct", progress=False)
 
 
 def test_cli_pull(server, model_bytes, cli):

@@ -22,6 +22,7 @@ class Hub:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.private: set[str] = set()  # answered 401 + X-Error-Code: RepoNotFound without a token, as the Hub
+        self.tokens: dict[str, str] = {}  # gated repositories: owner/repo -> the only token that gets their files
         self.log: list[dict] = []
         hub = self
 
@@ -46,6 +47,11 @@ class Hub:
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
                 hub.log.append({"path": path, "auth": self.headers.get("Authorization")})
                 parts = path.strip("/").split("/")
+                gated = hub.tokens.get("/".join(parts[2:4] if parts[0] == "api" else parts[:2]))
+                if gated is not None and self.headers.get("Authorization") != f"Bearer {gated}":
+                    self._send(401, b'{"error":"Access to this model is restricted."}', "application/json",
+                               {"X-Error-Code": "GatedRepo"})
+                    return
                 if parts[:2] == ["api", "models"] and len(parts) in (4, 6):
                     repo_id = "/".join(parts[2:4])
                     if repo_id in hub.private and not self.headers.get("Authorization"):
@@ -87,7 +93,9 @@ class Hub:
 @pytest.fixture()
 def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no `huggingface-cli login` token of the machine's
     h = Hub()
     monkeypatch.setenv("HF_ENDPOINT", h.base)
     yield h
@@ -189,7 +197,8 @@ def test_missing_and_private_repositories(hub, ggufs, monkeypatch):
     _repo(hub, ggufs, "o/secret", ["s-Q4_K_M.gguf"])
     hub.private.add("o/secret")
     with pytest.raises(OndeviceError, match=r"^hf.co/o/secret: not found or not accessible on .* \(HTTP 401\); check "
-                                            r"the owner and the name; a private or gated repository needs HF_TOKEN"):
+                                            r"the owner and the name; a private or gated repository needs a token "
+                                            r"with access .*: set HF_TOKEN, or run `huggingface-cli login`"):
         pull("hf.co/o/secret", progress=False)
     monkeypatch.setenv("HF_TOKEN", "tok-123")
     assert pull("hf.co/o/secret", progress=False).name == "s-Q4_K_M.gguf"
@@ -274,3 +283,80 @@ def test_a_repository_not_pulled_yet(hub, cli):
     r = cli("run", "-m", "hf.co/bartowski/X-GGUF:Q4_K_M", "Hi", env={"HF_ENDPOINT": hub.base})
     assert r.returncode == 2 and "ondevice run: error: hf.co/bartowski/X-GGUF: no such repository on" in r.stderr
     assert hub.api_calls() == ["/api/models/bartowski/X-GGUF"]
+
+
+def test_ondevice_pull_is_the_library_door_its_errors_name(hub, ggufs):
+    """The library's error and the README say `ondevice.pull()`: it exists, at the top level, and what it pulls
+    resolves afterwards with no network."""
+    import ondevice
+
+    files = _repo(hub, ggufs, "bartowski/Tiny-GGUF", BARTOWSKI)
+    with pytest.raises(ModelNotFound, match=r"or ondevice.pull\(\) in Python"):
+        resolve("hf.co/bartowski/Tiny-GGUF:Q8_0")
+    assert "pull" in ondevice.__all__ and "pull" in dir(ondevice)
+    path = ondevice.pull("hf.co/bartowski/Tiny-GGUF:Q8_0", progress=False)
+    assert path == models_dir() / "Tiny-Q8_0.gguf" and path.read_bytes() == files["Tiny-Q8_0.gguf"]
+    n = len(hub.log)
+    assert resolve("hf.co/bartowski/Tiny-GGUF:Q8_0").path == path and len(hub.log) == n
+    assert ondevice.pull("hf://bartowski/Tiny-GGUF/Tiny-Q2_K.gguf", "tiny2", progress=False).name == "tiny2.gguf"
+
+
+def test_a_split_quant_whose_first_shard_is_missing_is_pulled_again_not_run_from_a_later_shard(hub, tmp_path,
+                                                                                                monkeypatch):
+    """The later shards come first; when the first's download fails (interrupted, corrupted), the address must not
+    resolve to the lone later shard (which fails naming a first shard that is not there): pull-on-use resumes."""
+    from ondevice.models import sources
+
+    make_gguf(tmp_path / "big-Q8_0.gguf", n_tensors=4, split_max_tensors=2)
+    names = ("big-Q8_0-00001-of-00002.gguf", "big-Q8_0-00002-of-00002.gguf")
+    shards = {n: (tmp_path / n).read_bytes() for n in names}
+    hub.repos["o/big"] = {names[0]: b"GGUF but cut short", names[1]: shards[names[1]]}
+    with pytest.raises(Exception, match="not a usable GGUF"):
+        pull("hf.co/o/big:Q8_0", progress=False)
+    assert (models_dir() / names[1]).is_file() and not (models_dir() / names[0]).exists()
+    with pytest.raises(ModelNotFound, match="is a download address, not a model here yet"):
+        resolve("hf.co/o/big:Q8_0")  # the library: not the later shard
+    hub.repos["o/big"][names[0]] = shards[names[0]]  # the server is right again
+    monkeypatch.setattr(sources, "PULL_ON_USE", True)  # as `run`/`serve` set it
+    n = len(hub.log)
+    ref = resolve("hf.co/o/big:Q8_0")
+    assert ref.path == models_dir() / names[0] and len(ref.info.tensors) == 4
+    fetched = [e["path"] for e in hub.log[n:] if e["path"].endswith(".gguf")]
+    assert fetched == [f"/o/big/resolve/main/{names[0]}"]  # the later shard was kept, not fetched again
+
+
+def test_no_tag_takes_the_repositorys_only_model_when_it_has_no_q4_k_m(hub, ggufs, cli):
+    """`ollama run hf.co/X/Y` and `llama-cli -hf X/Y` copied from a model card: a repository of one model file
+    (named without a quant, or of another quant) has nothing to choose from."""
+    one = _repo(hub, ggufs, "one/Smol-GGUF", ["README.md", "smollm2-135m-instruct.gguf"])
+    r = cli("pull", "hf.co/one/Smol-GGUF")
+    assert r.returncode == 0, r.stderr
+    assert "hf.co/one/Smol-GGUF (its only model) is hf://one/Smol-GGUF/smollm2-135m-instruct.gguf" in r.stderr
+    assert "the only model of one/Smol-GGUF: hf://one/Smol-GGUF/smollm2-135m-instruct.gguf" in r.stdout
+    # its file name is the catalog model's: stored beside it under its owner's name (pull-on-use has no --name)
+    assert "smollm2-135m-instruct is the name of a catalog model; storing " in r.stderr
+    path = models_dir() / "smollm2-135m-instruct-one.gguf"
+    assert path.read_bytes() == one["smollm2-135m-instruct.gguf"]
+    assert resolve("hf.co/one/Smol-GGUF").path == path  # found again by that address, with no network
+    q8 = _repo(hub, ggufs, "onequant/Smol-GGUF", ["smol-Q8_0.gguf", "mmproj-smol-f16.gguf"])
+    got = pull("hf.co/onequant/Smol-GGUF", progress=False)
+    assert got.read_bytes() == q8["smol-Q8_0.gguf"]
+    assert json.loads(got.with_suffix(".json").read_text())["tag"] == "Q8_0"
+    with pytest.raises(InvalidArgument, match=r"has no Q2_K file; it has Q8_0"):  # a tag given is still that tag
+        pull("hf.co/onequant/Smol-GGUF:Q2_K", progress=False)
+    _repo(hub, ggufs, "two/Smol-GGUF", ["smol-Q8_0.gguf", "smol-Q5_K_M.gguf"])  # two models: no guess
+    with pytest.raises(InvalidArgument, match=r"has no Q4_K_M file \(the default when no :QUANT is given\)"):
+        pull("hf.co/two/Smol-GGUF", progress=False)
+
+
+def test_ollama_library_names_and_huggingface_clis_order_are_answered_with_the_form_that_works(hub, cli):
+    for word in ("qwen2.5:0.5b", "registry.ollama.ai/library/qwen2.5:0.5b"):
+        r = cli("pull", word)
+        assert r.returncode == 2 and "Ollama's library is not a source here" in r.stderr, r.stderr
+        assert "hf.co/OWNER/REPO:QUANT" in r.stderr and "a web address is written" not in r.stderr
+    r = cli("pull", "llama3.2")
+    assert r.returncode == 2 and "use hf.co/OWNER/REPO:QUANT" in r.stderr, r.stderr
+    r = cli("pull", "bart/Smol-GGUF", "smol-Q8_0.gguf")  # huggingface-cli download REPO FILE
+    assert r.returncode == 2 and ("pull takes one address: a file of a repository is hf://bart/Smol-GGUF/smol-Q8_0.gguf"
+                                  " (or -hf bart/Smol-GGUF -hff smol-Q8_0.gguf)") in r.stderr, r.stderr
+    assert hub.log == []

@@ -103,6 +103,16 @@ def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # a class, 
     return _Cascade(device_model, cloud_url, **kw)
 
 
+def pull(address: str, name: str | None = None, **kw):
+    """Download a model into the store and return its path: ``hf.co/OWNER/REPO:QUANT``, ``hf://OWNER/REPO/FILE.gguf``
+    or an http(s) URL (what ``ondevice pull`` takes; keyword arguments: ``sha256``, ``force``, ``retries``,
+    ``timeout``, ``progress``). The library never downloads on its own: after this, ``ondevice.load(address)`` finds
+    the model in the store with no network (see :func:`ondevice.models.pull`)."""
+    from .models.hub import pull as _pull
+
+    return _pull(address, name, **kw)
+
+
 def bench(*args, **kw):
     """Run benchmark configurations and return their records (see :func:`ondevice.bench.api.bench`)."""
     from .bench.api import bench as _bench
@@ -132,4 +142,4 @@ def evaluate(*args, **kw):
 
 
 __all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "__version__", "adapt", "bench",
-           "evaluate", "fit", "generate", "load", "stream"]
+           "evaluate", "fit", "generate", "load", "pull", "stream"]

@@ -22,7 +22,7 @@ from .embedded import (
     is_installed,
 )
 from .gguf_check import GGUFInfo, validate_gguf
-from .gguf_split import first_of, sibling_shards
+from .gguf_split import SHARD_NAME, first_of, sibling_shards
 from .hf_repo import bare_repo_hint, is_address, parse_repo
 from .store import (  # noqa: F401 (read_provenance and _stamp re-exported)
     _sidecar,
@@ -70,8 +70,9 @@ class ModelRef:
 
 
 def known_names() -> list[str]:
-    """Catalog names, then store variants."""
-    return list(CATALOG) + [n for n in store_variants() if n not in CATALOG]
+    """Catalog names, then store variants (a split model by its first shard only: a later one does not run)."""
+    return list(CATALOG) + [n for n, p in store_variants().items()
+                            if n not in CATALOG and not ((m := SHARD_NAME.match(p.name)) and int(m["no"]) > 1)]
 
 
 def store_variants() -> dict[str, Path]:
@@ -115,6 +116,10 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ModelRef:
             return ModelRef(name, stored, "store")
     if Path(name).is_file():
         return _local(Path(name))
+    from .partial import partial_download, partial_status
+
+    if (part := partial_download(name)) is not None:  # listed by `ondevice models`: said as it is, with the way on
+        raise ModelNotFound(f"{name} is not a model yet: its {partial_status(name, part)}")
     close = did_you_mean(name)
     hint = f"did you mean '{close}'? " if close else ""
     raise ModelNotFound(f"unknown model '{name}'; {hint}known: {', '.join(known_names())}. A path to a local "
@@ -128,7 +133,10 @@ def is_model_name(word: str) -> bool:
         return True
     if _looks_like_path(word):
         return word.endswith(".gguf") and Path(word).expanduser().is_file()
-    return bool(_NAME_RE.match(word)) and (models_dir(create=False) / f"{word}.gguf").is_file()
+    from .partial import partial_download
+
+    return bool(_NAME_RE.match(word)) and ((models_dir(create=False) / f"{word}.gguf").is_file()
+                                           or partial_download(word) is not None)  # resolve says what it is
 
 
 def did_you_mean(name: str) -> str | None:
@@ -257,6 +265,9 @@ def remove_variant(name: str) -> int:
     if part is not None:
         with contextlib.suppress(FileNotFoundError):
             part.with_name(part.name + ".json").unlink()
+    lock = models_dir(create=False) / f"{name}.gguf.lock"  # a killed pull's (SIGTERM, kill -9): held by no one now
+    if name not in CATALOG and not pull_running(name):
+        lock.unlink(missing_ok=True)
     return size
 
 
@@ -298,11 +309,13 @@ def list_models() -> list[ModelListing]:
             rows.append(ModelListing(e.name, "embedded", e.store_path, "ready", **common))
         else:
             rows.append(ModelListing(e.name, "embedded", None, "installed; assembled on first use", **common))
+    from .sources import shown_url  # a presigned URL's signature is not for listings
+
     for name, path in store_variants().items():
         if name in CATALOG or first_of(path) is not None:  # a split model's row is its first shard's
             continue
         prov = read_provenance(path) or {}
-        desc = (prov.get("provenance") or {}).get("description") or prov.get("url") or ""
+        desc = (prov.get("provenance") or {}).get("description") or shown_url(str(prov.get("url") or ""))
         rows.append(ModelListing(name, "store", path, "ready", description=str(desc)))
     from .partial import partial_status
 

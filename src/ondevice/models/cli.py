@@ -45,10 +45,15 @@ def _row(m: ModelListing) -> dict[str, Any]:
             from ..protect.keys import DEFAULT_ENV, SOURCE_ENV
 
             if not (os.environ.get(SOURCE_ENV) or os.environ.get(DEFAULT_ENV)):
-                row["status"] = (f"encrypted (ondevice protect): set {DEFAULT_ENV} to describe it; `ondevice "
-                                 f"protect info {m.path}` needs no key")
+                row["status"] = (f"encrypted (ondevice protect): give its key to describe it (--key-env NAME, "
+                                 f"--key-file PATH, --key-keyring NAME, or set {DEFAULT_ENV}); `ondevice protect "
+                                 f"info {m.path}` needs no key")
                 return row
-            info = model_info(m.path, None)
+            try:
+                info = model_info(m.path, None)
+            except OndeviceError as e:  # another key's container is valid: not described, not "invalid"
+                row["status"] = f"encrypted (ondevice protect), not described: {e}"
+                return row
         else:
             info = validate_gguf(m.path)
     except OndeviceError as e:

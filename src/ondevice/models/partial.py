@@ -18,8 +18,9 @@ def partial_download(name: str) -> Path | None:
     return part if _NAME_RE.match(name) and part.is_file() else None
 
 
-def partial_status(name: str, part: Path) -> str:
-    """What a partial download is and the two ways out of it, for the listing."""
+def partial_status(name: str, part: Path, *, running: bool | None = None) -> str:
+    """What a partial download is and the two ways out of it, for the listing (``running``: whether a pull is
+    writing it now; None: its lock says)."""
     try:
         state = json.loads(part.with_name(part.name + ".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -30,6 +31,8 @@ def partial_status(name: str, part: Path) -> str:
     url = state.get("given") or state.get("url")  # as the user wrote it (hf://...), else the one fetched
     again = f"`ondevice pull {url}{'' if _default_name(url) == name else ' --name ' + name}`" \
         if isinstance(url, str) else "the same `ondevice pull`"
+    if pull_running(name) if running is None else running:
+        return f"partial download ({part.stat().st_size / 1e6:.1f}{of} MB), downloading now by an `ondevice pull`"
     return (f"partial download ({part.stat().st_size / 1e6:.1f}{of} MB): {again} resumes it, `ondevice rm {name}` "
             f"deletes it")
 

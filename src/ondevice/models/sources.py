@@ -14,6 +14,9 @@ from .hf_repo import HOSTS, bare_repo_hint, file_url, holds_quant, hub_file, par
 from .store import models_dir
 
 PULL_ON_USE = False  # the command line sets it: a download address given as a model is pulled when missing
+# Ollama's library names: NAME:TAG (qwen2.5:0.5b, a tag after a name with no "/"), or its registry's address
+_OLLAMA_RE = re.compile(r"^((https?://)?registry\.ollama\.ai/|ollama\.com/library/|[a-z][\w.-]*:[\w.-]+$)",
+                        re.IGNORECASE)
 
 
 def _same_repo(a, b) -> bool:
@@ -22,8 +25,15 @@ def _same_repo(a, b) -> bool:
 
 
 def pulled(address: str) -> Path | None:
-    """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network."""
+    """The stored model that ``ondevice pull ADDRESS`` put in the store (its recorded source), or None; no network.
+    A repository's split quant is found by its first shard only: a later shard alone (its first still downloading,
+    or interrupted) is not the model, and a pull of the address then resumes it."""
+    from .gguf_split import SHARD_NAME
+
+    repo = parse_repo(address) is not None
     for path in store_variants().values():
+        if repo and (m := SHARD_NAME.match(path.name)) and int(m["no"]) > 1:
+            continue
         prov = read_provenance(path) or {}
         if prov.get("source") == "pull" and same_source(address, prov.get("url"), prov.get("requested"),
                                                          prov.get("resolved_url")):
@@ -38,6 +48,7 @@ def same_source(address: str, url: object, requested: object = None, resolved: o
     is main), or a file of that repository whose name holds the quant; a Hub file's address names that file however
     either was spelled (hf://, hf.co, huggingface.co, /blob/ or /resolve/, a query); another URL the same URL."""
     url, requested = str(url or ""), str(requested or "")
+    address = split_userinfo(address)[0]  # pull records the URL without its password
     got_file = hub_file(url)
     if (ref := parse_repo(address)) is not None:
         got = parse_repo(requested, bare=True)
@@ -70,12 +81,61 @@ def address_path(address: str) -> Path:
     if shards is not None and shards[0] > 1:  # pulled alone it could not run: say which address runs it
         raise InvalidArgument(f"{address} is shard {shards[0]} of {len(shards[1])} of a split model, which runs from "
                               f"its first shard: give {shards[1][0]} (its other shards come with it)")
+    refuse_offline(address)
     print(f"ondevice: {address} is not in the store yet: pulling it", file=sys.stderr)
     return pull(address)
 
 
 def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set true (as huggingface_hub reads it: 1, ON, YES, TRUE): a machine kept off the
+    network (air-gapped CI, a metered link) downloads nothing, not even a multi-GB pull-on-use."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def refuse_offline(address: str, *, forced: bool = False) -> None:
+    """Raise if :func:`hub_offline`: ``address`` may not be downloaded (``forced``: again, by --force)."""
+    if hub_offline():
+        value = os.environ["HF_HUB_OFFLINE"]
+        what = "downloading it again (--force)" if forced else "downloading it"
+        raise ModelNotFound(f"{address} is {'in the store' if forced else 'not in the store'}, and HF_HUB_OFFLINE="
+                            f"{value} forbids {what}; pull it where the network is allowed (unset HF_HUB_OFFLINE), "
+                            f"or give a model in the store (`ondevice models` lists them)")
+
+
+def split_userinfo(url: str) -> tuple[str, dict[str, str]]:
+    """``(url without user:password@, its HTTP Basic Authorization header)``, as curl and wget send a URL's
+    userinfo (a private artifact server, a Nexus mirror); the URL kept, shown and recorded never holds the
+    password. ``(url, {})`` for a URL without userinfo."""
+    import base64
+
+    try:
+        parts = urllib.parse.urlsplit(url) if url.lower().startswith(("http://", "https://")) else None
+    except ValueError:  # "Invalid IPv6 URL": parse_source says what is wrong with it
+        return url, {}
+    if parts is None or "@" not in parts.netloc:
+        return url, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return (urllib.parse.urlunsplit(parts._replace(netloc=host)),
+            {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")})
+
+
+def shown_url(url: str) -> str:
+    """A URL as listings show it: a password in it, or a presigned query's values (``X-Amz-Signature=...``,
+    ``token=...``), as ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    netloc = f"***@{parts.netloc.rpartition('@')[2]}" if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{k.partition('=')[0]}=***" if "=" in k else k for k in parts.query.split("&")) \
+        if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def parse_source(url: str) -> tuple[str, str]:
@@ -113,11 +173,16 @@ def catalog_entry(word: str) -> CatalogEntry | None:
 
 def _not_a_source(word: str) -> str:
     """Why ``word`` cannot be pulled, and what would work: a close catalog name, hf://, or the local file."""
-    fix = "use hf://owner/repo/file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)"
+    fix = ("use hf.co/OWNER/REPO:QUANT (a Hugging Face GGUF repository, as Ollama pulls one), hf://owner/repo/"
+           "file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)")
     path = Path(word).expanduser()
     if path.is_file():
         return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "
                 f"...), or check it with `ondevice models {word}`")
+    if _OLLAMA_RE.match(word):  # qwen2.5:0.5b, llama3.2, registry.ollama.ai/library/...: Ollama's registry
+        return (f"cannot download {word!r}: Ollama's library is not a source here (its blobs are not plain GGUF "
+                f"files); the same model's GGUF on Hugging Face is pulled as Ollama pulls it from there, "
+                f"hf.co/OWNER/REPO:QUANT (e.g. hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M)")
     if re.match(r"[\w-]+(\.[\w-]+)+(:\d+)?/|localhost(:\d+)?/|[\d.]+:\d+/", word):  # a host: a URL without its scheme
         return f"cannot download {word!r}: no such local file; a web address is written https://{word}"
     if word.count("/") >= 2 and not word.startswith(("/", ".", "~")):

@@ -125,24 +125,24 @@ def check_writable(dest: str | os.PathLike[str], fix: str = "choose another path
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp", fix: str = "choose another path") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
 
     For writers that want a path rather than a file object (e.g. llama.cpp's quantizer). If the body
     raises, the temporary file is removed and ``dest`` is untouched. A ``dest`` whose folder cannot be
     made or written, or that is a folder, raises :class:`UnwritablePath` before the body runs. A symbolic
     link is followed (its file is replaced, the link kept); a device or FIFO (``/dev/stdout``) is written
-    through, not replaced.
+    through, not replaced. ``fix``: what the error tells to do instead.
     """
     dest = _write_target(Path(dest))
     if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO: written through, never replaced by a file
         yield dest
         return
-    make_parent(dest)
+    make_parent(dest, fix)
     try:
         tmp = temp_file(dest.parent, f".{dest.name}.", suffix)
     except OSError as e:
-        raise unwritable(dest, e) from None
+        raise unwritable(dest, e, fix) from None
     try:
         yield tmp
         with open(tmp, "rb+") as f:

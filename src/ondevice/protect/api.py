@@ -23,8 +23,8 @@ def keygen(keyring_name: str | None = None, out: str | os.PathLike[str] | None =
     """A new random key (64 hex digits); also stored in the OS keyring under ``keyring_name`` if given, and
     written to the file ``out`` (mode 0600: only its owner can read it) if given.
 
-    ``out`` is written through a temp file renamed into place; an existing one is replaced only with ``force``
-    (it may be the only copy of the key that opens your containers).
+    ``out`` is written through a temp file renamed into place; an existing file or keyring entry is replaced only
+    with ``force`` (it may be the only copy of the key that opens your containers).
     """
     from ..models.store import atomic_path
 
@@ -34,7 +34,7 @@ def keygen(keyring_name: str | None = None, out: str | os.PathLike[str] | None =
         raise InvalidArgument(f"-o {dst} already exists (it may be the only copy of a key your containers need); "
                               f"pass --force to replace it, or write to another path")
     if keyring_name:
-        store_in_keyring(keyring_name, key)
+        store_in_keyring(keyring_name, key, force=force)
     if dst is not None:
         with atomic_path(dst) as tmp:
             if tmp.is_file():  # not a device written through (-o /dev/stdout): its mode is not ours to change

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k = sub.add_parser("keygen", help="print a new random 256-bit key (its last line)")
     k.add_argument("--keyring", metavar="NAME", help="also store it in the OS keyring under NAME")
     k.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (mode 0600) instead of printing it")
-    k.add_argument("--force", action="store_true", help="replace an existing -o file")
+    k.add_argument("--force", action="store_true", help="replace an existing -o file or --keyring entry")
     e = sub.add_parser("encrypt", help="write an encrypted container of a model")
     e.add_argument("model", help="catalog name, stored variant or .gguf path")
     e.add_argument("-o", "--output", required=True, metavar="FILE", help="the container to write")

@@ -128,7 +128,19 @@ def _keyring():
     return keyring
 
 
-def store_in_keyring(name: str, key_text: str) -> None:
+def refuse_keyring_overwrite(name: str) -> None:
+    """Raise if the keyring entry ``name`` already holds a key: it is usually the only copy of the key that opens
+    the containers made with it, so replacing it unasked would lock them for good (as ``keygen -o`` refuses)."""
+    if _keyring().get_password(KEYRING_SERVICE, name) is not None:
+        raise InvalidArgument(f"--keyring {name}: the OS keyring already holds a key under '{name}' (service "
+                              f"'{KEYRING_SERVICE}'); replacing it makes every container encrypted with it "
+                              f"unreadable for good; pass --force to replace it, or choose another NAME")
+
+
+def store_in_keyring(name: str, key_text: str, *, force: bool = False) -> None:
+    """Store a key under ``name``; an existing entry is replaced only with ``force``."""
+    if not force:
+        refuse_keyring_overwrite(name)
     _keyring().set_password(KEYRING_SERVICE, name, key_text)
 
 

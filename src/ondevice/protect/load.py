@@ -39,6 +39,28 @@ def can_lock(n_bytes: int) -> bool:
     return soft == resource.RLIM_INFINITY or soft >= _vm_locked_bytes() + n_bytes or os.geteuid() == 0
 
 
+SWAPS = "/proc/swaps"  # the swap devices in use, one a line after a header
+
+
+def _swap_on() -> bool:
+    try:
+        return len(Path(SWAPS).read_text().splitlines()) > 1
+    except OSError:  # no /proc (not Linux): nothing to tell
+        return False
+
+
+def _warn_unlocked(r: Restored) -> None:
+    """Say that the plaintext may reach the swap device, and how to lock it: for an ordinary user the default
+    locked-memory limit (8 MiB on systemd distributions) is below any model, so it is skipped silently otherwise."""
+    import warnings
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    warnings.warn(f"{r.source}: the decrypted weights ({r.size / 1e6:.1f} MB) are not locked in memory (the "
+                  f"locked-memory limit is {soft / 2**20:.0f} MiB) and swap is on, so they may be written to the swap "
+                  f"device; raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity in a systemd unit) or give "
+                  f"the program CAP_IPC_LOCK (setcap cap_ipc_lock+ep)", stacklevel=3)
+
+
 def decrypt_threads() -> int:
     """Worker processes for a pipelined restore (protect/restore.py): one core is left to llama.cpp's
     loader, which runs on one thread (vocabulary, tensor layout, repacking) while the weights are decrypted.
@@ -104,6 +126,8 @@ def finish(ll, r: Restored, mparams) -> object:
             return False
 
     want_lock = mparams.load_mode in (-1, 1) and can_lock(r.size)
+    if mparams.load_mode in (-1, 1) and not want_lock and _swap_on():
+        _warn_unlocked(r)
     mparams.progress_callback = barrier
     if want_lock:
         mparams.load_mode = 3  # mmap + mlock: the plaintext is kept out of swap (llama.cpp warns if refused)

@@ -352,36 +352,45 @@ def _inserts(state) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _facts(path: str, stamp: tuple[int, int]) -> tuple[str, dict, dict]:
-    """(digest, Ollama's details, model_info) of the model file (``stamp``: its size and mtime, so a file replaced
-    is read again; the sha256 is cached on disk by the models store, so a file is hashed once)."""
+def _facts(path: str) -> tuple[int, float, str, dict, dict]:
+    """(size, mtime, digest, Ollama's details, model_info) of the served model file, taken once: the server serves
+    the bytes it loaded, so the file being removed (`ondevice rm`) or replaced later changes none of them (the
+    sha256 is cached on disk by the models store, so a file is hashed once)."""
+    import os
+    from pathlib import Path
+
     import gguf
 
     from ..models import resolve
     from ..models.store import cached_sha256
 
+    st = os.stat(path)
+    size, mtime = total_size(Path(path)), st.st_mtime  # a split model: every shard
     digest, details = "sha256:" + cached_sha256(path), {"parent_model": "", "format": "gguf"}
     try:
         info = resolve(path).info
     except OndeviceError:  # e.g. a protected model whose key is not at hand: no details
-        return digest, details, {}
+        return size, mtime, digest, details, {}
     try:
         quant = gguf.LlamaFileType(info.file_type).name.removeprefix("MOSTLY_")
     except ValueError:
         quant = next(iter(info.quant_mix), "")  # the type of most tensor bytes
     meta = {k: v for k, v in info.metadata.items() if not isinstance(v, (list, tuple)) and k != "tokenizer.chat_template"}
-    return digest, details | {"family": info.architecture, "families": [info.architecture], "quantization_level": quant,
-                      "parameter_size": info.params_label}, meta | {"general.parameter_count": info.parameters}
+    return size, mtime, digest, details | {
+        "family": info.architecture, "families": [info.architecture], "quantization_level": quant,
+        "parameter_size": info.params_label}, meta | {"general.parameter_count": info.parameters}
 
 
 async def _models(state) -> tuple[list[dict], dict]:
-    """(Ollama's entries of the served model and of each of its adapters, the model's model_info)."""
+    """(Ollama's entries of the served model and of each of its adapters, the model's model_info). A file removed
+    before it was first listed gives entries with what is known without it, never a 500 on a listing."""
     from starlette.concurrency import run_in_threadpool
 
-    st = state.path.stat()
-    digest, details, meta = await run_in_threadpool(_facts, str(state.path), (st.st_size, st.st_mtime_ns))
-    size = total_size(state.path)  # a split model: every shard
-    return [{"name": name, "model": name, "modified_at": _time(st.st_mtime), "size": size, "digest": digest,
+    try:
+        size, mtime, digest, details, meta = await run_in_threadpool(_facts, str(state.path))
+    except OSError:  # gone (`ondevice rm`) before the first listing: the model still answers from memory
+        size, mtime, digest, details, meta = 0, time.time(), "", {"parent_model": "", "format": "gguf"}, {}
+    return [{"name": name, "model": name, "modified_at": _time(mtime), "size": size, "digest": digest,
              "details": details} for name in _names(state)], meta
 
 

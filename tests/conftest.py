@@ -97,7 +97,10 @@ def cli(tmp_path):
     def run(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None):
         e = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
         e.update(env or {})
-        return subprocess.run([sys.executable, "-m", "ondevice.cli", *args], input=input, capture_output=True,
+        # no input: stdin is empty, not this process's (`run "words"` reads piped stdin, as ollama run does, and
+        # would wait on a runner's open pipe)
+        std = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        return subprocess.run([sys.executable, "-m", "ondevice.cli", *args], capture_output=True, **std,
                               text=True, timeout=timeout, env=e, preexec_fn=as_a_shell_starts_it, check=False)
 
     return run

@@ -254,13 +254,15 @@ def test_a_containers_memory_limit_is_shown_and_a_context_over_it_is_refused_not
         applied = apply_profile("mem=400M", mem_mechanism="{mech}")
         cli = [sys.executable, "-m", "ondevice.cli"]
         dev = subprocess.run(cli + ["device", "--json"], capture_output=True, text=True)
-        big = subprocess.run(cli + ["run", "-c", "16384", "-n", "1", "Hi"], capture_output=True, text=True)
+        big = subprocess.run(cli + ["run", "-c", "16384", "-n", "1", "Hi"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL)
         with open("{tmp_path}/blob", "wb") as f:  # 200 MiB of page cache charged to this cgroup
             for _ in range(200):
                 f.write(bytes(1 << 20))
         for _ in range(2):  # page cache the kernel reclaims (active, once read twice) is not memory in use
             subprocess.run(["cat", "{tmp_path}/blob"], stdout=subprocess.DEVNULL)
-        fits = subprocess.run(cli + ["run", "-c", "8192", "-n", "1", "Hi"], capture_output=True, text=True)
+        fits = subprocess.run(cli + ["run", "-c", "8192", "-n", "1", "Hi"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
         os.remove("{tmp_path}/blob")
         print(json.dumps({{"path": applied.cgroup_path, "limit": json.loads(dev.stdout)["device"]["memory_limit_bytes"],
                           "rc": big.returncode, "err": big.stderr[-600:], "fits": fits.returncode,

@@ -143,7 +143,7 @@ def test_close_ends_an_open_stream_quietly(smol_path):
 @pytest.mark.parametrize(("kw", "match"), [
     ({"temp": "0"}, "temp='0' must be a number"),
     ({"max_tokens": 2.5}, "max_tokens=2.5 must be an integer"),
-    ({"max_tokens": None}, "max_tokens=None must be an integer"),
+    ({"max_tokens": -3}, r"max_tokens=-3 must be >= 0, or -1 \(or None\): until the text or the context ends"),
     ({"temp": -1}, "temp=-1 must be a finite number >= 0"),
     ({"logit_bias": [1, 2]}, "logit_bias=.* is not token ids with biases"),
     ({"max_new_tokens": 3}, "did you mean 'max_tokens'"),

@@ -39,7 +39,8 @@ def test_a_one_shot_stream_checks_its_arguments_when_called_and_frees_its_model(
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    ({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}, "a template of your own is not taken"),
+    ({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
+     r"a template of your own is given to ondevice.load\(name, chat_template=...\)"),
     ({"chat_template": 1}, "must be True, False"),
     ({"tools": {"type": "function"}}, "must be a list of tool schemas"),
     ({"tools": ["get_weather"]}, "must be a list of tool schemas"),

@@ -14,7 +14,8 @@ def _last_record(stderr: str) -> dict:
 # ---------------------------------------------------------------- a chat longer than the context window
 def test_chat_keeps_answering_when_the_conversation_outgrows_the_window(cli):
     # ollama and llama-cli forget the oldest turns and go on; every message here gets an answer, said once
-    script = "Tell me about cats.\nTell me about dogs.\nTell me about birds.\nTell me about fish.\n"
+    # a script (it ends with /bye): a message a line, as typed; plain piped text would be one message
+    script = "Tell me about cats.\nTell me about dogs.\nTell me about birds.\nTell me about fish.\n/bye\n"
     r = cli("chat", "-c", "160", "-n", "60", "--temp", "0", "-t", "2", "--timings", input=script)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("TTFT") == 4, r.stderr  # four messages, four answers

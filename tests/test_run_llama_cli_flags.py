@@ -42,7 +42,7 @@ def test_n_minus_one_generates_until_the_context_ends(cli):
     r = cli("run", *BASE, "--raw", "--ignore-eos", "-n", "-2", "-c", "48", "1, 2, 3,")  # llama.cpp's "until full"
     assert r.returncode == 0 and "stopped at the end of the 48-token context window" in r.stderr, r.stderr
     r = cli("run", "-n", "-5", "Hi")
-    assert r.returncode == 2 and "must be >= 0 (or -1: until the text or the context ends)" in r.stderr
+    assert r.returncode == 2 and "must be >= 0, or -1 (or None): until the text or the context ends" in r.stderr
 
 
 def test_escapes_in_p_are_processed_unless_no_escape(cli):

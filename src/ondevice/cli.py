@@ -63,8 +63,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ondevice {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_) in VERBS.items():
+        # flags exact, as llama.cpp's tools take them: no prefix of one flag silently taken for another (run's
+        # --verbose was --verbose-prompt)
         p = sub.add_parser(name, help=help_, description=help_.replace("%%", "%"),
-                           formatter_class=_Help)
+                           formatter_class=_Help, allow_abbrev=False)
         if name == verb:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -104,7 +104,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="0 = off")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed; -1 or left out: a random one")
-    p.add_argument("-n", "--max-tokens", "--n-predict", type=int, default=max_tokens,
+    p.add_argument("-n", "--max-tokens", "--n-predict", "--predict", type=int, default=max_tokens,
                    help="tokens to generate at most (-1: until the end of the text or of the context)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the reply before this text, which is not printed (repeatable; \\n and \\t are a "
@@ -115,6 +115,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
                    help="the reply is JSON that this JSON schema admits ('{}': any JSON value)")
     g.add_argument("-jf", "--json-schema-file", default=None, metavar="PATH", help="--json-schema read from a file")
+    g.add_argument("--format", choices=["json"], default=None,
+                   help="ollama run's: the reply is a JSON object (as -j '{\"type\": \"object\"}')")
     g = p.add_argument_group("llama.cpp's other samplers (llama-cli's flag names work too; each is off by default)")
     for names, kind, help_ in _MORE:
         g.add_argument(*names, type=kind, default=getattr(d, names[0][2:].replace("-", "_")), help=help_)
@@ -166,18 +168,20 @@ def system_from(args: argparse.Namespace) -> str | None:
 
             raise InvalidArgument(f"-s {args.system}: a system prompt of a number alone; -s/--system is the system "
                                   f"prompt here (llama.cpp's -s is --seed: give --seed {args.system.strip()})")
-        return args.system
+        return args.system if args.system is None else utf8_argument(args.system, "-s/--system", "-sysf")
     from .cli_run import read_file
 
     text = read_file(args.system_prompt_file, "-sysf/--system-prompt-file")
     return text.removesuffix("\n")
 
 
-UNTIL_END = 1 << 30  # -n -1: more tokens than any context holds, so the text's end or the context's ends a reply
+
+JSON_OBJECT = {"type": "object"}  # ollama's format json: the answer is a JSON object
 
 
 def _grammar(args: argparse.Namespace) -> str | None:
-    """The GBNF of --grammar, --grammar-file, --json-schema or --json-schema-file (checked: errors name the flag)."""
+    """The GBNF of --grammar, --grammar-file, --json-schema, --json-schema-file or --format json (checked: errors
+    name the flag)."""
     import json
 
     from ..errors import InvalidArgument
@@ -190,6 +194,8 @@ def _grammar(args: argparse.Namespace) -> str | None:
             raise InvalidArgument("the grammar is empty; give GBNF rules with a 'root', e.g. --grammar 'root ::= "
                                   "\"yes\" | \"no\"'")
         return gbnf
+    if args.format == "json":  # ollama's: a JSON object, as chat's /set format json
+        return schema_grammar(JSON_OBJECT, "--format json")
     flag, text = (("--json-schema", args.json_schema) if args.json_schema is not None else
                   ("--json-schema-file", None if args.json_schema_file is None
                    else read_file(args.json_schema_file, "--json-schema-file")))
@@ -209,14 +215,14 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
               repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
               frequency_penalty=args.frequency_penalty, grammar=_grammar(args),
-              # -1 (llama.cpp's "no limit") and -2 (its "until the context is full") both run to the end here
-              max_tokens=UNTIL_END if args.max_tokens in (-1, -2) else args.max_tokens,
+              max_tokens=args.max_tokens,  # -1 and -2 run to the end: Sampling takes them
               **{n[0][2:].replace("-", "_"): getattr(args, n[0][2:].replace("-", "_")) for n, _, _ in _MORE})
     if args.dry_sequence_breaker is not None:  # llama-cli's: given ones replace the defaults, "none" leaves none
-        kw["dry_sequence_breakers"] = tuple(unescape(b) for b in args.dry_sequence_breaker if b != "none")
+        given = [b for b in args.dry_sequence_breaker if b != "none"]
+        kw["dry_sequence_breakers"] = tuple(unescape(b, "--dry-sequence-breaker") for b in given)
     if args.seed is not None:
         kw["seed"] = args.seed
-    stop = tuple(unescape(x) for x in args.stop)
+    stop = tuple(unescape(x, "--stop/-r") for x in args.stop)
     if "" in stop:  # "" is found at once: no reply at all
         from ..errors import InvalidArgument
 
@@ -227,16 +233,49 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     return Sampling(**kw)
 
 
-def unescape(text: str) -> str:
+def utf8_argument(text: str, flag: str, file_flag: str | None = None) -> str:
+    """``text`` given to ``flag`` on the command line, refused when it is not UTF-8 (a Latin-1 terminal or
+    locale: Python keeps each byte it cannot decode as a lone surrogate, which no tokenizer takes); the error
+    names ``file_flag``, the flag that reads the same text from a file, when there is one."""
+    from ..errors import InvalidArgument
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        what = f"byte {byte:#04x}" if byte is not None else f"{text[e.start]!r}"
+        in_file = f", or give the text in a UTF-8 file with {file_flag}" if file_flag else ""
+        raise InvalidArgument(f"{flag}: the text is not UTF-8 ({what} at character {e.start}); use a UTF-8 terminal "
+                              f"and locale (e.g. LANG=C.UTF-8){in_file}") from None
+    return text
+
+
+def unescape(text: str, flag: str = "", file_flag: str | None = None) -> str:
     """The escapes typed in a flag as the characters, as llama.cpp's ``string_process_escapes``: ``\\n``,
-    ``\\r``, ``\\t``, ``\\'``, ``\\"``, ``\\\\`` and ``\\xHH``; any other backslash stays as typed."""
+    ``\\r``, ``\\t``, ``\\'``, ``\\"``, ``\\\\`` and ``\\xHH``; any other backslash stays as typed. ``\\xHH`` is a
+    byte, as there, so ``\\xc3\\xa9`` is é (its two UTF-8 bytes); bytes that do not make UTF-8 text are an error
+    (which names ``flag``; ``file_flag``: see :func:`utf8_argument`)."""
     import re
 
-    def one(m: re.Match) -> str:
-        c = m.group(1)
-        return chr(int(c[1:], 16)) if c[0] == "x" else {"n": "\n", "r": "\r", "t": "\t"}.get(c, c)
+    from ..errors import InvalidArgument
 
-    return re.sub(r"\\(x[0-9a-fA-F]{2}|[nrt'\"\\])", one, text)
+    def one(m: re.Match) -> bytes:
+        c = m.group(1)
+        return bytes([int(c[1:], 16)]) if c[0] == "x" else {"n": "\n", "r": "\r", "t": "\t"}.get(c, c).encode()
+
+    utf8_argument(text, flag or "the text", file_flag)
+    data, end = bytearray(), 0
+    for m in re.finditer(r"\\(x[0-9a-fA-F]{2}|[nrt'\"\\])", text):
+        data += text[end:m.start()].encode() + one(m)
+        end = m.end()
+    data += text[end:].encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{flag + ' ' if flag else ''}'{text}': \\xHH escapes are bytes, as llama-cli reads "
+                              f"them, and byte {e.start} ({data[e.start]:#04x}) does not make UTF-8 text; write a "
+                              f"character as its UTF-8 bytes (é: \\xc3\\xa9) or type it as it is"
+                              ) from None
 
 
 def load_from(args: argparse.Namespace, **config):

@@ -32,7 +32,7 @@ class EngineConfig:
     mlock: bool = False  # keep the weights in RAM (mlock), as llama.cpp's --mlock
     embeddings: bool = False
     pooling: str | None = None  # embeddings pooling: none, mean, cls, last (None: the model's default)
-    seed: int = 0xFFFFFFFF
+    seed: int = 0xFFFFFFFF  # the default seed of a Model's calls (a call's own wins); -1 or this: a random one
     warmup: bool = True  # one tiny decode at load, as llama.cpp's own tools do (pages weights in, sizes buffers)
     # an encrypted model (protect/): where its key is ("env:NAME", "file:PATH", "keyring:NAME"; None: the
     # ONDEVICE_MODEL_KEY variable), never the key itself; and how it is restored ("pipelined" or "strawman")

@@ -1,7 +1,8 @@
 """``ondevice chat``: interactive multi-turn chat with Ollama's habits.
 
 ``/set temperature 0`` (any sampling parameter), ``/set stop ...``, ``/set system ...``, ``/show [info]``,
-``/reset`` (``/clear``), ``/bye``, ``/help``; ``\"\"\"`` starts and ends a multi-line message (or system prompt);
+``/reset`` (``/clear``), ``/save FILE`` and ``/load FILE.json``, ``/bye``, ``/help``; ``\"\"\"`` starts and ends a
+multi-line message (or system prompt); piped stdin without commands is one message (``ollama run MODEL < doc``).
 Ctrl-C stops an answer. Keys typed while an answer streams are neither echoed into it nor sent as the next
 message. llama-cli's ``-p``/``-f`` (the first message), ``-st``, ``-r`` and ``-cnv`` work as there.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import re
 import sys
 import warnings
@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .args import (
-    UNTIL_END,
     add_model_args,
     add_prompt_args,
     add_sampling_args,
@@ -28,36 +27,11 @@ from .args import (
     sampling_from,
     system_from,
     unescape,
+    utf8_argument,
 )
+from .chat_commands import Session, command
 from .llama_flags import add_llama_flags
 from .model import BaseModelWarning, peak_rss_bytes
-from .records import Sampling
-
-# /set NAME VALUE: Ollama's parameter names and ours -> (Sampling field, type)
-PARAMS: dict[str, tuple[str, type]] = {
-    "temperature": ("temp", float), "temp": ("temp", float), "top_p": ("top_p", float), "top_k": ("top_k", int),
-    "min_p": ("min_p", float), "repeat_penalty": ("repeat_penalty", float),
-    "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
-    "seed": ("seed", int), "num_predict": ("max_tokens", int), "max_tokens": ("max_tokens", int),
-}
-RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed (--seed -1)
-SHOWN = ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed",
-         "max_tokens")
-
-HELP = """commands:
-  /set temperature 0      change a sampling parameter: temperature, top_p, top_k, min_p, repeat_penalty,
-                          presence_penalty, frequency_penalty, seed, max_tokens (num_predict)
-  /set stop TEXT ...      stop strings (\\n: a newline); /set stop alone: none
-  /set system TEXT        a new system prompt (starts a new conversation); /set system \"\"\" spans lines
-  /set verbose | quiet    timings after each answer on or off
-  /set format json        answers are JSON objects (/set noformat: as the command line said)
-  /show                   the model, its context window, the parameters and the system prompt
-                          (/show info, parameters, system, template or license: one of them)
-  /load MODEL             talk to another model (a new conversation; the same load flags)
-  /reset                  start a new conversation (also /clear)
-  /bye                    quit (also /exit, Ctrl-D)
-  \"\"\"                     begin and end a multi-line message
-Ctrl-C stops the current answer."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,10 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_llama_flags(p, "chat")
     add_sampling_args(p, max_tokens=512)
     add_system_arg(p)
-    p.add_argument("--timings", action="store_true", help="print timings after each answer (/set verbose)")
+    p.add_argument("--timings", "--verbose", action="store_true",
+                   help="print timings after each answer (/set verbose; --verbose as ollama run's)")
     g = p.add_argument_group("llama-cli's conversation flags")
-    add_prompt_args(g, "the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t, \\xHH "
-                       "... are the characters unless --no-escape); then chat goes on (>>> or stdin)",
+    add_prompt_args(g, "the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t ... are "
+                       "the characters, \\xHH a byte of UTF-8, unless --no-escape); then chat goes on (>>> or stdin)",
                     "the first message read from a UTF-8 text file, as llama-cli's -f")
     g.add_argument("-st", "--single-turn", action="store_true",
                    help="quit after the first answer (to -p/-f, or to the first message typed or piped)")
@@ -81,151 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="llama-cli's conversation mode: chat always is one (accepted, changes nothing)")
 
 
-@dataclasses.dataclass
-class Session:
-    """What the commands change: sampling, system prompt, timings, and the conversation."""
-
-    sampling: Sampling
-    system: str | None
-    verbose: bool
-    grammar: str | None = None  # the command line's (--grammar, -j ...): what /set noformat goes back to
-    history: list[dict] = dataclasses.field(default_factory=list)
-    outgrown: bool = False  # the window is full: older exchanges are being forgotten (said once)
-
-    def reset(self) -> None:
-        self.history = [{"role": "system", "content": self.system}] if self.system else []
-        self.outgrown = False
-
-    def make_room(self, model) -> int:
-        """Forget the oldest exchanges (a message and its answer; never the system prompt or the new message)
-        until the conversation leaves room for an answer in the context window, as ``ollama run`` and
-        ``llama-cli`` do; returns how many were forgotten."""
-        n_ctx = model.engine.n_ctx
-        room = max(1, min(self.sampling.max_tokens, n_ctx // 2))  # an answer's worth, as -n allows
-        first = int(bool(self.history) and self.history[0]["role"] == "system")
-        dropped = 0
-        while len(self.history) - first > 1 and len(model.tokenize_prompt(self.history)) + room > n_ctx:
-            del self.history[first:first + 2]
-            dropped += 1
-        return dropped
 
 
-def command(line: str, s: Session, model) -> str | None:
-    """Apply a ``/command``; returns what to print (None: quit)."""
-    word, _, rest = line[1:].partition(" ")
-    rest = rest.strip()
-    if word in ("bye", "exit", "quit"):
-        return None
-    if word in ("help", "?"):
-        return HELP
-    if word in ("reset", "clear"):
-        s.reset()
-        model.reset()
-        return "(conversation cleared)"
-    if word == "show":
-        return _show(rest, s, model)
-    if word == "load":  # the run loop loads it: it needs the command line's load flags
-        return "usage: /load MODEL (a name, a stored variant or a .gguf path)"
-    if word == "set":
-        return _set(rest, s, model)
-    return f"unknown command '/{word}'; /help lists the commands"
-
-
-def _show(what: str, s: Session, model) -> str:
-    """/show (all) or Ollama's /show info, /show parameters, /show system (one part)."""
-    params = ", ".join(f"{k} {_shown(s.sampling, k)}" for k in SHOWN if k != "seed" or s.sampling.seed != RANDOM_SEED)
-    params += f", stop {list(s.sampling.stop)}" if s.sampling.stop else ""
-    if s.sampling.grammar:
-        params += ", format json" if s.sampling.grammar == _json_grammar() else ", grammar (the command line's)"
-    parts = {"info": f"model: {model.name} ({'chat template' if model.is_chat else 'base model, no chat template'})"
-                     f"\ncontext: {model.engine.n_ctx} tokens (trained: {model.engine.n_ctx_train}; -c/--ctx sets it)",
-             "parameters": f"parameters: {params}", "system": f"system: {s.system or '(none)'}"}
-    if not what:
-        return "\n".join([*parts.values(), f"timings: {'on' if s.verbose else 'off'}"])
-    if what in parts:
-        return parts[what]
-    if what == "template":
-        return model.template or "(none: a base model; chat gets a plain-text transcript)"
-    if what == "license":
-        from ..models import resolve
-        from ..models.cli import licence_of
-
-        try:  # the catalog's name for it, else its file's (an encrypted one read with the key it was loaded with)
-            ref = resolve(str(model.path))
-            with contextlib.suppress(OndeviceError):
-                named = resolve(model.name)  # a catalog model loaded by its name: the catalog's word for it
-                ref = named if named.path == ref.path else ref
-            return licence_of(ref) or "(the model's file names no licence)"
-        except OndeviceError as e:
-            return f"(its file cannot be read for it: {e})"
-    return (f"/show takes info, parameters, system, template or license (nothing: the first three); `ondevice models "
-            f"{model.name}` describes the model's file")
-
-
-@functools.lru_cache(maxsize=1)
-def _json_grammar() -> str:
-    """Ollama's format json: the answer is a JSON object."""
-    from .grammar import schema_grammar
-
-    return schema_grammar({"type": "object"}, "/set format json")
-
-
-def _set(rest: str, s: Session, model) -> str:
-    key, _, value = rest.partition(" ")
-    if key == "parameter":  # Ollama's long form: /set parameter temperature 0
-        key, _, value = value.strip().partition(" ")
-    value = value.strip()
-    if not key:
-        return "usage: /set PARAMETER VALUE, /set stop TEXT ..., /set system TEXT or /set verbose|quiet (/help)"
-    if key == "stop":  # Ollama's /set parameter stop A B: each word a stop string
-        stop = tuple(unescape(w) for w in value.split())
-        s.sampling = dataclasses.replace(s.sampling, stop=stop)
-        return f"stop = {list(stop)}"
-    if key == "num_ctx":  # Ollama reloads the model for it; here the window is the one it was loaded with
-        return (f"the context window is set when the model loads ({model.engine.n_ctx} tokens now): start chat "
-                f"again with -c/--ctx N")
-    if key == "format" or key == "noformat":
-        if key == "format" and value != "json":
-            return "/set format takes json (a JSON object per answer); /set noformat: free text"
-        s.sampling = dataclasses.replace(s.sampling, grammar=_json_grammar() if key == "format" else s.grammar)
-        if key == "format":
-            return "answers are JSON objects"
-        return "answers follow the command line's grammar again" if s.grammar else "answers are free text"
-    if key in ("verbose", "quiet"):
-        s.verbose = key == "verbose"
-        return f"timings {'on' if s.verbose else 'off'}"
-    if key == "system":
-        if not value:
-            return "usage: /set system TEXT"
-        s.system = value
-        s.reset()
-        model.reset()
-        return "(system prompt set; conversation cleared)"
-    if key not in PARAMS:
-        import difflib
-
-        close = difflib.get_close_matches(key, [*PARAMS, "stop", "system", "verbose", "quiet", "format"], 1, 0.7)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return (f"cannot set '{key}'; {hint}/set takes {', '.join(sorted(PARAMS))}, stop, system, verbose, quiet or "
-                f"format json")
-    field, typ = PARAMS[key]
-    try:
-        v = typ(value)
-        s.sampling = dataclasses.replace(s.sampling, **{field: UNTIL_END if field == "max_tokens" and v in (-1, -2) else v})
-    except ValueError:
-        example = 1 if typ is int else 0.7
-        return f"/set {key} needs a {'whole number' if typ is int else 'number'}, e.g. /set {key} {example}"
-    except OndeviceError as e:
-        return f"/set {key}: {e}"
-    return f"{field} = {_shown(s.sampling, field)}"
-
-
-def _shown(sampling: Sampling, field: str):
-    """A parameter as /show and /set print it (max_tokens -1: until the text or the context ends)."""
-    v = getattr(sampling, field)
-    if field == "seed" and v == RANDOM_SEED:
-        return "-1 (random)"
-    return -1 if field == "max_tokens" and v == UNTIL_END else v
 
 
 MULTILINE = re.compile(r'(/set\s+system\s+)?"""')  # a message, or Ollama's /set system, over several lines
@@ -251,6 +83,54 @@ def read_message(read: Callable[[str], str], interactive: bool) -> str:
         except EOFError:
             break
     return head + "\n".join(lines).strip("\n")
+
+
+COMMAND_LINE = re.compile(r"\s*/(set|show|load|save|reset|clear|bye|exit|quit|help|\?)(\s|$)")
+
+
+class PipedInput:
+    """Stdin that is not a terminal, read whole at the first message (as ``ollama run MODEL < doc.txt`` reads it).
+
+    A script (:func:`is_script`) is read a line at a time, as if typed; any other text is ONE message, a document
+    as ollama sends it (a Python file's docstrings and a line that begins with /set included)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] | None = None
+
+    def __call__(self, _prompt: str = "") -> str:
+        """The next line, as ``input()`` gives it (EOFError at the end)."""
+        if self.lines is None:
+            from .cli_run import read_stdin
+
+            self.lines = script_lines(read_stdin())
+        if not self.lines:
+            raise EOFError
+        return self.lines.pop(0)
+
+    def unread(self) -> int:
+        """Lines with text that no message or command has taken yet."""
+        return sum(bool(line.strip()) for line in self.lines or ())
+
+
+QUIT_LINE = re.compile(r"/(bye|exit|quit)\s*")
+
+
+def is_script(lines: list[str]) -> bool:
+    """Whether piped lines are a chat script: its first line with text is a command or opens a \"\"\" message,
+    or a line is /bye alone (messages, then /bye). A document rarely begins so, and never holds /bye alone."""
+    first = next((line for line in lines if line.strip()), "")
+    return bool(COMMAND_LINE.match(first) or MULTILINE.match(first.lstrip())
+                or any(QUIT_LINE.fullmatch(line) for line in lines))
+
+
+def script_lines(text: str) -> list[str]:
+    """Piped stdin as the lines chat reads: a script's lines as typed, or the whole text as one line (message)."""
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's newline ends it, as input() reads it
+        lines.pop()
+    if is_script(lines):
+        return lines
+    return [text.strip("\n")] if text.strip() else []
 
 
 @contextlib.contextmanager
@@ -280,6 +160,9 @@ def quiet_keys(stream=None) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.hf_repo import hf_address
+    from .cli_run import replace_unwritable_output
+
+    replace_unwritable_output()
 
     args.model = hf_address(args, args.model or args.model_word) or args.model  # -hf OWNER/REPO[:QUANT]
     if args.model_word is not None:
@@ -306,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     s.reset()
     # llama-cli -st -p: one predefined turn, never interactive; otherwise a terminal on stdin is
     interactive = sys.stdin.isatty() and not (args.single_turn and first is not None)
+    read = input if sys.stdin.isatty() else PipedInput()
+    ok = True  # the last message was answered
     if interactive:
         import readline  # noqa: F401 — input() gets line editing and history (arrows, Ctrl-A/E/R) as in ollama
 
@@ -318,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 print(">>> " + line.replace("\n", "\n... "))
         else:
             try:
-                line = read_message(input, interactive)
+                line = read_message(read, interactive)
             except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own, not after ">>> "
                 if interactive:
                     print(file=sys.stderr)
@@ -329,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             if line.startswith("/load ") and line[6:].strip():  # Ollama's: another model, a new conversation
-                model = _load(line[6:].strip(), args, model, s)
+                name = line[6:].strip()
+                model = _resume(name, args, model, s) if name.endswith(".json") else _load(name, args, model, s)
                 continue
             if line.startswith("/"):
                 out = command(line.strip(), s, model)
@@ -339,8 +225,51 @@ def run(args: argparse.Namespace) -> int:
                 continue
         ok = answer(line, s, model, interactive)
         if args.single_turn:  # -st: one answer, then quit (2: it could not be given, said above)
+            _note_unread(read)
             return 0 if ok else 2
-    return 0
+    # piped (a document, a script): 2 when the last message could not be answered, as run's exit says it
+    return 0 if interactive or ok else 2
+
+
+def _note_unread(read) -> None:
+    """-st quits after one answer: what stdin still held is said, never dropped unseen."""
+    from .cli_run import stdin_is_piped
+
+    if not isinstance(read, PipedInput):
+        return
+    if read.lines is None and stdin_is_piped():  # -st with -p/-f: stdin was never read
+        print("ondevice chat: note: -st answered -p/-f's message; stdin was not read (leave -st out to go on with "
+              "it)", file=sys.stderr)
+    elif n := read.unread():
+        print(f"ondevice chat: note: -st answered the first message; {n} more line(s) of stdin were not read (leave "
+              f"-st out to go on with them)", file=sys.stderr)
+
+
+
+
+def _resume(path: str, args: argparse.Namespace, model, s: Session):
+    """/load FILE.json: a conversation /save wrote, its model loaded when it is another one; on an error the
+    conversation and model stay."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        sampling = dataclasses.replace(s.sampling, **state["parameters"])
+        system, messages = state["system"], list(state["messages"])
+    except (OSError, ValueError, KeyError, TypeError, OndeviceError) as e:
+        why = (f"{e.strerror}; give a file /save wrote" if isinstance(e, OSError) else str(e)
+               if isinstance(e, OndeviceError) else f"not a conversation /save wrote ({type(e).__name__}: {e})")
+        print(f"ondevice chat: error: /load {path}: {why} ({model.name} and the conversation stay)", file=sys.stderr)
+        return model
+    if state.get("model") and state["model"] != model.name:
+        model = _load(state["model"], args, model, s)
+    model.reset()
+    s.sampling, s.system = sampling, system
+    s.reset()
+    s.history += messages
+    print(f"(conversation of {len(messages)} messages resumed from {path} with {model.name})", file=sys.stderr)
+    return model
 
 
 def _load(name: str, args: argparse.Namespace, model, s: Session):
@@ -370,7 +299,8 @@ def first_message(args: argparse.Namespace) -> str | None:
     from .cli_run import read_file
 
     if args.prompt is not None:
-        text, flag = unescape(args.prompt) if args.escape else args.prompt, "-p/--prompt"
+        flag = "-p/--prompt"
+        text = unescape(args.prompt, flag, "-f") if args.escape else utf8_argument(args.prompt, flag, "-f")
     elif args.file is not None:
         text, flag = read_file(args.file, "-f/--file").removesuffix("\n"), f"-f/--file {args.file}"
     else:

@@ -17,6 +17,7 @@ from .args import (
     sampling_from,
     system_from,
     unescape,
+    utf8_argument,
 )
 from .llama_flags import add_llama_flags
 from .model import peak_rss_bytes
@@ -25,10 +26,11 @@ from .records import Generation
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
-                   help="the prompt ('-' or nothing reads stdin); a model name first picks the model, as "
+                   help="the prompt ('-' or nothing reads stdin; text piped with words goes before them, as "
+                        "`cat doc | ollama run MODEL \"Summarise this\"`); a model name first picks the model, as "
                         "`ollama run MODEL PROMPT` does (quote a prompt of several words for the default model)")
-    add_prompt_args(p, "the prompt, as llama-cli's -p (\\n, \\t, \\\\, \\xHH ... are the characters unless "
-                       "--no-escape)", "read the prompt from a UTF-8 text file, as llama-cli's -f")
+    add_prompt_args(p, "the prompt, as llama-cli's -p (\\n, \\t, \\\\ ... are the characters, \\xHH a byte "
+                       "of UTF-8, unless --no-escape)", "read the prompt from a UTF-8 text file, as llama-cli's -f")
     add_model_args(p)
     add_llama_flags(p, "run")
     p.add_argument("-r", "--reverse-prompt", action="append", dest="stop", default=[], metavar="TEXT",
@@ -55,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-cache-ro", action="store_true", help="use --prompt-cache but never write it")
     p.add_argument("--timings", choices=["text", "json", "none"], default="text",
                    help="timings on stderr: a line, the last record as JSON, or nothing")
+    p.add_argument("--verbose", dest="timings", action="store_const", const="text",
+                   help="ollama run's: the timings line (as --timings text, the default)")
 
 
 def split_model_word(args: argparse.Namespace) -> str | None:
@@ -123,20 +127,71 @@ def read_file(path: str, flag: str = "-f/--file") -> str:
 
 
 def given_prompt(args: argparse.Namespace) -> str | None:
-    """The prompt of the words, ``-p`` or ``-f`` (one of them; with ``-p``/``-f`` a single leading word may
-    still name the model: ``ondevice run gemma3-270m -p TEXT``)."""
+    """The prompt of the words (after a piped document), ``-p`` or ``-f`` (one of them; with ``-p``/``-f`` a
+    single leading word may still name the model: ``ondevice run gemma3-270m -p TEXT``)."""
     from ..errors import InvalidArgument
 
     words = split_model_word(args)
+    if words is not None:
+        utf8_argument(words, "the prompt", "-f")
     if args.prompt is None and args.file is None:
-        return words
+        return with_piped_document(words)
     flag = "-p/--prompt" if args.prompt is not None else "-f/--file"
     if words is not None:
         raise InvalidArgument(f"the prompt is given twice: as words ({words[:40]!r}) and with {flag}; keep one "
                               f"(a word before {flag} must be a model name, see `ondevice models`)")
+    if stdin_is_piped():  # llama-cli never reads it with -p/-f: say so rather than drop a document unseen
+        print(f"ondevice run: note: stdin is not read when {flag} gives the prompt; to add a piped document to "
+              f"the prompt, give the prompt as words: ... | ondevice run \"Summarise this\"", file=sys.stderr)
     if args.prompt is not None:
-        return unescape(args.prompt) if args.escape else args.prompt
-    return read_file(args.file)
+        return unescape(args.prompt, flag, "-f") if args.escape else utf8_argument(args.prompt, flag, "-f")
+    return read_file(args.file).removesuffix("\n")  # llama-cli drops a prompt file's last newline (so does chat -f)
+
+
+def stdin_is_piped() -> bool:
+    """Whether something is piped or redirected to stdin: a pipe, a socket or a file that is not empty (not a
+    terminal, /dev/null or a closed stdin, which hold nothing to read)."""
+    import os
+    import stat
+
+    try:
+        st = os.fstat(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # no stdin at all
+        return False
+    return stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_size > 0)
+
+
+def with_piped_document(words: str | None) -> str | None:
+    """``cat doc | ondevice run "Summarise this"``: the piped text before the prompt's words, as ``ollama run``
+    prepends stdin to them. A blank line joins them (ollama joins with a space, which glues the instruction to
+    the document's last line when the file has no final newline); nothing piped leaves the words as they are."""
+    if words is None or words == "-" or not stdin_is_piped():
+        return words
+    _say_if_stdin_is_quiet()
+    document = read_stdin().rstrip("\n")
+    if not document.strip():
+        return words
+    lines = document.count("\n") + 1  # said: a `while read` loop's input is read here too, as ollama reads it
+    print(f"ondevice run: note: the {lines} line(s) piped on stdin go before the prompt, as ollama run puts them "
+          f"(</dev/null leaves them out)", file=sys.stderr)
+    return f"{document}\n\n{words}"
+
+
+STDIN_QUIET_S = 2.0  # a pipe that gives nothing for this long is said to be waited for (a parent left it open)
+
+
+def _say_if_stdin_is_quiet() -> None:
+    """A note when the piped stdin holds nothing yet: the run waits for it to end, which a parent that left an
+    open pipe on stdin (a subprocess, a notebook) would never do."""
+    import select
+
+    try:
+        ready = select.select([sys.stdin], [], [], STDIN_QUIET_S)[0]
+    except (OSError, ValueError):  # a stdin select cannot watch: read it as it is
+        return
+    if not ready:
+        print("ondevice run: note: waiting for stdin to end (what is piped goes before the prompt, as in ollama "
+              "run); give </dev/null to leave it out", file=sys.stderr)
 
 
 def read_prompt(arg: str | None, model: str | None = None) -> str:
@@ -211,8 +266,17 @@ def show_prompt(model, prompt, chat_template: bool | None) -> None:
     print("\n".join(lines) + "\n", file=sys.stderr)
 
 
+def replace_unwritable_output() -> None:
+    """Text the terminal's or the pipe's encoding cannot write (Chinese to a latin-1 stdout) becomes '?', never a
+    traceback in the middle of a reply."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..models.catalog import is_model_name
+
+    replace_unwritable_output()
     from ..models.hf_repo import hf_address
 
     words = args.words

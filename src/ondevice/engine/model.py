@@ -24,6 +24,15 @@ from .records import Generation, Result, Sampling
 from .stops import with_prompt_stops
 
 Prompt = str | Sequence[dict]
+RANDOM_SEED = Sampling().seed  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
+# call arguments of llama-cpp-python (and OpenAI's clients) that are not Sampling fields here: what to use instead
+OTHER_LIBRARIES = {
+    "stream": "no argument here: model.stream(prompt, ...) yields a record per token as it comes, "
+              "model.generate(prompt, ...) returns the whole reply",
+    "logprobs": "each record of model.stream(prompt, ..., token_stats=True) carries its token's logprob "
+                "(Generation.logprob); the best alternatives per token come from `ondevice serve`'s /v1/completions "
+                "(logprobs=N)",
+}
 
 
 class BaseModelWarning(UserWarning):
@@ -49,6 +58,7 @@ class Model:
     # a stream nobody reads for this long while another call waits is ended for that call (see stream)
     idle_timeout: float = 10.0
     _turns: _Turns = dataclasses.field(default_factory=lambda: _Turns(), repr=False, compare=False)
+    _embedder: Engine | None = dataclasses.field(default=None, repr=False)  # embed()'s context, made at its first call
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
@@ -105,6 +115,9 @@ class Model:
         use_template = self.is_chat if chat_template is None else chat_template
         if isinstance(prompt, str) and not use_template:
             return None, None
+        if chat_template is False:  # no raw completion of messages: a template (or a transcript) is what they are
+            raise InvalidArgument("chat_template=False makes a raw completion of a string, and the prompt is chat "
+                                  "messages; give the text as a string, or leave chat_template out for messages")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not self.is_chat:
             warnings.warn(f"{self.name} has no chat template (a base model); using a plain-text transcript "
@@ -123,9 +136,11 @@ class Model:
         return {"bos_token": eng.token_text(eng.bos_token) if eng.add_bos else "",
                 "eos_token": eng.token_text(eng.eos_token), "n_ctx": eng.n_ctx}
 
-    def tokenize(self, text: str | bytes, *, special: bool = True) -> list[int]:
-        """Token ids of raw ``text`` (with the model's BOS and special tokens parsed when ``special``); UTF-8
-        ``bytes`` (llama-cpp-python's argument) too. Any thread, at any time (it does not wait for a generation)."""
+    def tokenize(self, text: str | bytes, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Token ids of raw ``text``: special tokens (``<|im_start|>``) parsed when ``special``, the model's BOS
+        first when ``add_bos`` (None: as ``special``; llama-cpp-python's chat handlers ask ``add_bos=False,
+        special=True``); UTF-8 ``bytes`` (llama-cpp-python's argument) too. Any thread, at any time (it does not
+        wait for a generation)."""
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = bytes(text).decode("utf-8")
@@ -135,12 +150,14 @@ class Model:
         if not isinstance(text, str):
             raise InvalidArgument(f"tokenize: {text!r} is not text; give a string")
         self._check_open()
-        return self.engine.tokenize(text, add_special=special, parse_special=special)
+        return self.engine.tokenize(text, add_special=special if add_bos is None else bool(add_bos),
+                                    parse_special=special)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """The text of token ids (special tokens such as ``<|im_end|>`` give no text)."""
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """The text of token ids; special tokens such as ``<|im_end|>`` give no text unless ``special`` (as
+        llama-cpp-python's ``detokenize(tokens, special=True)``)."""
         self._check_open()  # the engine answers ids it has cached even when closed: one error for all of them
-        return self.engine.detokenize(tokens)
+        return self.engine.detokenize(tokens, special=special)
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
                sampling: Sampling | dict | None = None, **sampling_kw) -> Iterator[Generation]:
@@ -158,7 +175,7 @@ class Model:
             raise InvalidArgument("the prompt is token ids, not text or chat messages; stream them with "
                                   "model.stream_tokens(ids, max_tokens=...) (or give the text)")
         _check_chat_args(chat_template, tools)
-        s = Sampling.of(sampling, **sampling_kw)
+        s = self._sampling(sampling, sampling_kw)
         return self._turn(lambda: self._stream(
             self.tokenize_prompt(prompt, chat_template=chat_template, tools=tools), s))
 
@@ -177,8 +194,20 @@ class Model:
         if bad := [t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                    or not 0 <= t < n_vocab][:3]:  # llama.cpp would fail the decode (or abort)
             raise InvalidArgument(f"stream_tokens: token ids {bad!r} are not in the vocabulary (0 to {n_vocab - 1})")
-        s = Sampling.of(sampling, **sampling_kw)
+        s = self._sampling(sampling, sampling_kw)
         return self._turn(lambda: self._stream(tokens, s))
+
+    def _sampling(self, sampling: Sampling | dict | None, kw: dict) -> Sampling:
+        """The call's :class:`Sampling`, seeded by ``load(seed=N)`` when the call names no seed of its own (as
+        llama-cpp-python's ``Llama(seed=N)`` seeds its completions): the same call gives the same text run after
+        run. A Sampling object given whole names its seed only when it is not the random one."""
+        if other := next((k for k in kw if k in OTHER_LIBRARIES), None):
+            raise InvalidArgument(f"{other}={kw[other]!r}: {OTHER_LIBRARIES[other]}")
+        s = Sampling.of(sampling, **kw)
+        named = "seed" in kw or (isinstance(sampling, Mapping) and "seed" in sampling)
+        if named or s.seed != RANDOM_SEED or self.engine.config.seed in (None, -1, RANDOM_SEED):
+            return s
+        return dataclasses.replace(s, seed=self.engine.config.seed)
 
     def _check_open(self) -> None:
         """A closed model is an error when it is asked for something (a stream: when asked, not when read)."""
@@ -266,6 +295,51 @@ class Model:
         return Result(text="".join(parts), tokens=toks, finish_reason=(last.finish_reason if last else "length"),
                       last=last, peak_rss_bytes=peak_rss_bytes())
 
+    def embed(self, text: str | Sequence[str], *, normalize: bool = True) -> list[float] | list[list[float]]:
+        """The pooled embedding of ``text`` (a list of floats), or one per text of a list, as llama-cpp-python's
+        ``Llama.embed`` gives them and ``ondevice serve``'s /v1/embeddings computes them: mean pooling (or the
+        ``pooling`` given to ``load``), each input alone, unit length unless ``normalize=False``. They come from
+        an embeddings context of the same weights, made at the first call (``close()`` frees it too)."""
+        import numpy as np
+
+        from .embed import embed_many
+
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise InvalidArgument(f"embed: {text!r} is not a text or a list of texts; give a non-empty string or a "
+                                  f"list of them")
+        self._check_open()
+        tokens = [self.engine.tokenize(t, add_special=True, parse_special=True) for t in texts]
+        turn = self._turns.begin(self)
+        try:
+            vecs = embed_many(self._embeddings_context(max(map(len, tokens))), tokens)
+        finally:
+            self._turns.end(turn)
+        if normalize:
+            vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        out = vecs.astype(float).tolist()
+        return out[0] if isinstance(text, str) else out
+
+    def _embeddings_context(self, longest: int) -> Engine:
+        """An embeddings context (engine/embed.py's, as serve's) that takes inputs of ``longest`` tokens: the one
+        made before when it does, else a larger one in its place."""
+        from ..errors import ContextOverflow
+        from .embed import capacity, embedding_config
+        from .llama import LlamaEngine
+
+        limit = self.engine.n_ctx_train
+        if longest > limit:
+            raise ContextOverflow(longest, limit, "input", f"shorten it (the model was trained on {limit} tokens)")
+        if self._embedder is not None and capacity(self._embedder)[0] >= longest:
+            return self._embedder
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        cfg = self.engine.config
+        same = {k: getattr(cfg, k) for k in ("n_threads", "key_source", "restore", "amx", "repack", "use_mmap")}
+        self._embedder = LlamaEngine(self.path, embedding_config(longest, cfg.pooling or "mean", **same))
+        return self._embedder
+
     @property
     def closed(self) -> bool:
         return self._turns.closed
@@ -280,7 +354,8 @@ class Model:
 def _check_chat_args(chat_template: bool | None, tools: list | None) -> None:
     if chat_template is not None and not isinstance(chat_template, bool):  # HF's is a Jinja text: not taken
         raise InvalidArgument(f"chat_template={chat_template!r} must be True, False (raw text completion) or None "
-                              f"(the model's own template when it has one); a template of your own is not taken")
+                              f"(the model's own template when it has one); a template of your own is given to "
+                              f"ondevice.load(name, chat_template=...)")
     if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools)):
         raise InvalidArgument(f"tools={tools!r} must be a list of tool schemas "
                               f"([{{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}])")
@@ -373,8 +448,9 @@ class _Turns:
                 self._abandon(self.current)
             self.closed = True
             model.engine.close()
-            if model.draft_engine is not None:
-                model.draft_engine.close()
+            for other in (model.draft_engine, model._embedder):
+                if other is not None:
+                    other.close()
             self.cond.notify_all()
 
 
@@ -385,7 +461,8 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     ``draft_model`` loads a second, smaller model with the same vocabulary for speculative decoding
     (``Sampling(draft="model")``). ``chat_template`` replaces the file's chat template: a built-in name
     (``chatml``, ``llama3``, ``gemma``, ``phi3``) or Jinja text, as llama.cpp's ``--chat-template``. Extra keyword
-    arguments are :class:`EngineConfig` fields (``n_batch``, ...).
+    arguments are :class:`EngineConfig` fields (``n_batch``, ...); ``seed`` seeds every call that gives no seed of
+    its own, as llama-cpp-python's ``Llama(seed=...)``.
     """
     from ..models import resolve
     from ..protect.container import is_container
@@ -395,6 +472,8 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
                                               *EngineConfig.__dataclass_fields__}):
         raise err
     template = None if chat_template is None else chat_templates.template_from(chat_template)  # before the load
+    if config.get("seed") is not None:  # the default seed of the model's calls: checked as a call's own is
+        Sampling(seed=config["seed"])
     if name is not None and not isinstance(name, (str, Path)):
         raise InvalidArgument(f"load: the model {name!r} is not a name or a path; give a catalog name, a "
                               f"stored variant's name or a .gguf path")

@@ -94,6 +94,9 @@ MORE_SAMPLERS = ("repeat_last_n", "typical_p", "top_n_sigma", "xtc_probability",
                  "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "n_indent", "t_max_predict_ms")
 
 
+UNTIL_END = 1 << 30  # max_tokens -1: more tokens than any context holds, so the text's or the context's end ends it
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """Sampling settings; ``temp == 0`` is greedy. Validated on construction."""
@@ -168,6 +171,9 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.seed is None or self.seed == -1:  # OpenAI's "no seed", llama.cpp's -1: a random one
             object.__setattr__(self, "seed", 0xFFFFFFFF)
+        # llama.cpp's -1 ("no limit") and -2 ("until the context is full"), llama-cpp-python's None: all run to the end
+        if self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens in (-1, -2)):
+            object.__setattr__(self, "max_tokens", UNTIL_END)
         if isinstance(self.dry_sequence_breakers, str):
             object.__setattr__(self, "dry_sequence_breakers", (self.dry_sequence_breakers,))
         elif isinstance(self.dry_sequence_breakers, list):
@@ -212,7 +218,7 @@ class Sampling:
             ("dry-penalty-last-n", self.dry_penalty_last_n >= 0, "must be >= 0 (0 = off)"),
             ("dry-sequence-breakers", all(isinstance(b, str) and b for b in self.dry_sequence_breakers),
              "must be non-empty strings"),
-            ("max-tokens", self.max_tokens >= 0, "must be >= 0 (or -1: until the text or the context ends)"),
+            ("max-tokens", self.max_tokens >= 0, "must be >= 0, or -1 (or None): until the text or the context ends"),
             ("seed", 0 <= self.seed <= 0xFFFFFFFF, "must be in [0, 2**32-1], or -1 for a random one"),
             ("draft", self.draft in (None, "lookup", "model"), "must be 'lookup', 'model' or None (off)"),
             ("draft-max", 1 <= self.draft_max <= 64, "must be in [1, 64]"),

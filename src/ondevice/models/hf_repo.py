@@ -217,7 +217,7 @@ def _one_split_set(where: str, ref: RepoRef, shards: list[str]) -> list[str]:
 
 def list_files(ref: RepoRef, timeout: float = 30.0) -> list[str]:
     """The repository's file paths, from the Hub API's ``siblings`` (the token sent to the Hub's host only)."""
-    from .hub import _NETWORK_ERRORS, _auth_headers, _open
+    from .hub_http import _NETWORK_ERRORS, _auth_headers, _open
     from .sources import hf_endpoint
 
     base = hf_endpoint()

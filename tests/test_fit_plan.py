@@ -87,22 +87,27 @@ def test_knobs_are_timed_one_at_a_time_and_the_chosen_ones_measured_together():
     assert any(ln.startswith("  chosen") for ln in lines)
 
 
-def test_knobs_faster_alone_but_not_together_leave_the_default(monkeypatch):
-    """Two knobs each faster alone, slower benched together: the combination was kept (stored and printed) though
-    its own measurement was below the default's."""
+def _tune_at(monkeypatch, speed) -> tuple[dict, list[str]]:
+    """``tune`` (threads 1, one core) with every bench's speed given by ``speed(settings)``: (result, lines said)."""
     import ondevice.fit.measure
     from ondevice.fit.knobs import tune
 
+    monkeypatch.setattr("ondevice.bench", lambda models, tests, **kw: kw)
+    monkeypatch.setattr(ondevice.fit.measure, "speed_of", speed)
+    monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
+    lines: list[str] = []
+    return tune("model.gguf", 1, ("tg8",), 1, say=lines.append), lines
+
+
+def test_knobs_faster_alone_but_not_together_leave_the_default(monkeypatch):
+    """Two knobs each faster alone, slower benched together: the combination was kept (stored and printed) though
+    its own measurement was below the default's."""
     def speed(settings):  # tg by the knobs set (threads 1): flash and ubatch 128 win alone, lose together
         fa, ub = settings["flash_attn"] == [True], settings["n_ubatch"] == [128]
         tg = {(False, False): 26.0, (True, False): 31.0, (False, True): 43.0, (True, True): 25.8}[(fa, ub)]
         return {"tg": tg, "pp": 300.0, "tg_std": 0.1, "pp_std": 1.0}
 
-    monkeypatch.setattr("ondevice.bench", lambda models, tests, **kw: kw)
-    monkeypatch.setattr(ondevice.fit.measure, "speed_of", speed)
-    monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
-    lines = []
-    r = tune("model.gguf", 1, ("tg8",), 1, say=lines.append)
+    r, lines = _tune_at(monkeypatch, speed)
     assert r["chosen"] == {"threads": 1, "flash_attn": None, "n_ubatch": 512, "type_kv": "f16"}
     assert r["measured"]["tg"] == 26.0 and "  chosen: the default (the faster knobs, benched together, were " \
                                                 "not faster)" in lines, lines
@@ -111,9 +116,6 @@ def test_knobs_faster_alone_but_not_together_leave_the_default(monkeypatch):
 def test_knobs_start_from_what_run_and_serve_use_and_the_chosen_ones_are_given_as_their_flags(monkeypatch):
     """The baseline was flash attention off while run and serve use auto (on here), so "flash attention on" won
     against a setting nobody runs; and the knobs chosen were stored, applied nowhere, and not said as flags."""
-    import ondevice.fit.measure
-    from ondevice.fit.knobs import tune
-
     seen = []
 
     def speed(settings):  # ubatch 128 is faster; flash attention auto (the default) as fast as on, off slower
@@ -121,11 +123,7 @@ def test_knobs_start_from_what_run_and_serve_use_and_the_chosen_ones_are_given_a
         tg = 40.0 if settings["n_ubatch"] == [128] else 30.0 if settings["flash_attn"] != [False] else 20.0
         return {"tg": tg, "pp": 300.0, "tg_std": 0.1, "pp_std": 1.0}
 
-    monkeypatch.setattr("ondevice.bench", lambda models, tests, **kw: kw)
-    monkeypatch.setattr(ondevice.fit.measure, "speed_of", speed)
-    monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
-    lines = []
-    r = tune("model.gguf", 1, ("tg8",), 1, say=lines.append)
+    r, lines = _tune_at(monkeypatch, speed)
     assert seen[0] == [None] and [False] in seen and [True] in seen  # the default is auto; on and off are tried
     assert r["chosen"] == {"threads": 1, "flash_attn": None, "n_ubatch": 128, "type_kv": "f16"}
     assert r["flags"] == "-ub 128" and any("give them to run/serve (-ub 128)" in ln for ln in lines), lines

@@ -4,30 +4,18 @@ after its first text ends the Messages, Responses and Ollama streams as a failur
 finish_reason "error", not as a finished answer. The cloud is a fake OpenAI server on loopback
 (tests/test_cascade_cloud_replies.py), the device the real ``ondevice serve``."""
 
+# ruff: noqa: F811 (the fixtures of test_cascade_cloud_replies, imported, are the tests' parameters)
 from __future__ import annotations
 
 import json
 
 import httpx
 import pytest
-from test_cascade_cloud_replies import CLOUD_PIECES, FakeCloud, cascade_device, home  # noqa: F401 (a fixture)
+from test_cascade_cloud_replies import CLOUD_PIECES, device, fake, home  # noqa: F401 (fixtures)
 
 pytest.importorskip("fastapi")
 
 PRIVATE = [{"role": "user", "content": "Rewrite formally, my card is 4111 1111 1111 1111: send me the slides"}]
-
-
-@pytest.fixture(scope="module")
-def fake():
-    f = FakeCloud()
-    yield f
-    f.close()
-
-
-@pytest.fixture(scope="module")
-def device(fake, home):  # noqa: F811
-    with cascade_device(fake.url, cascade_keep_hard=True) as srv:
-        yield srv
 
 
 @pytest.fixture()

@@ -18,10 +18,26 @@ from ondevice.fit.quality import parse_quality
 
 def test_profile_threads_default_and_host_is_no_profile():
     assert fit_profile(None).spec is None and fit_profile("host").spec is None
-    assert fit_profile(None).threads(None) == 2 and fit_profile("host").threads(3) == 3
+    from ondevice.engine.resources import physical_cores
+
+    cores = physical_cores()  # run's and serve's default: the fit measures what they will run (it was 2 anywhere)
+    assert fit_profile(None).threads(None) == cores and fit_profile("host").threads(3) == 3
     assert fit_profile("edge-1g").threads(None) == 1 and fit_profile("phone-4g").threads(None) == 2
     assert fit_profile("cpus=0").threads(None) == 1  # one pinned CPU: one thread
-    assert fit_profile("mem=2G").threads(None) == 2  # no thread limit: the fit's default
+    assert fit_profile("mem=2G").threads(None) == cores  # no thread limit: the host's default
+
+
+def test_the_fits_default_threads_follow_the_cpus_this_process_may_use():
+    """Under `taskset -c 0` the fit said "2 thread(s) for the benches" (and on a bigger machine it used 2 of N)."""
+    import os
+    import subprocess
+    import sys
+
+    one = {min(os.sched_getaffinity(0))}
+    code = "from ondevice.fit.profile import fit_profile; print(fit_profile(None).threads(None))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       preexec_fn=lambda: os.sched_setaffinity(0, one))  # as taskset -c 0 starts it
+    assert r.stdout.strip() == "1"
     assert fit_profile("edge-1g").threads(2) == 2  # an explicit count wins
 
 

@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from ..device.profile import BUILTIN_PROFILES, DeviceProfile, parse_profile
 from ..errors import InvalidArgument
 
-DEFAULT_THREADS = 2  # the fit's thread count on the host (the issue's goals are at 2 threads)
-
-
 @dataclass(frozen=True)
 class FitProfile:
     """A parsed ``--profile``: the profile, and the spec the bench worker parses (None: the host)."""
@@ -39,11 +36,16 @@ class FitProfile:
         return None if self.spec is None else self.profile.to_dict()
 
     def threads(self, threads: int | None) -> int:
-        """``threads`` when given, else the profile's (its threads, else one per CPU it pins), else 2."""
+        """``threads`` when given, else the profile's (its threads, else one per CPU it pins), else the physical
+        cores this process may use, as run and serve default to."""
         p = self.profile
         if threads:
             return threads
-        return p.resolved_threads() if p.threads or p.cpu_affinity else DEFAULT_THREADS
+        if p.threads or p.cpu_affinity:
+            return p.resolved_threads()
+        from ..engine.resources import physical_cores
+
+        return physical_cores()  # what run and serve use unless told (it was 2: under taskset -c 0 too)
 
     def check_smallest(self, smallest: int, types: tuple[str, ...]) -> None:
         """Refuse at once when even the smallest variant is larger than the memory cap."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..device.profile import BUILTIN_PROFILES, DeviceProfile, parse_profile
 from ..errors import InvalidArgument
 
+
 @dataclass(frozen=True)
 class FitProfile:
     """A parsed ``--profile``: the profile, and the spec the bench worker parses (None: the host)."""

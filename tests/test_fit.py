@@ -4,6 +4,7 @@ on the real engine (stored GGUF whose tensor types are the plan's), impossible b
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from conftest import home_with_f16
@@ -128,6 +129,12 @@ def test_report_shows_the_fit(fitted, home, cli):
     assert r.returncode == 0, r.stderr
     assert "## smol-fit (fit of smollm2-135m-instruct" in r.stdout and "(chosen)" in r.stdout
     assert "predicted front" in r.stdout
+    r = cli("report", "--fit", "-o", "json", env={"ONDEVICE_HOME": str(home)})  # it was refused
+    assert r.returncode == 0, r.stderr
+    rec = [x for x in json.loads(r.stdout) if x["model"] == "smol-fit"][-1]
+    assert rec["plan"] == fitted.chosen.plan and rec["kind"] == "fit" and "avg_ts" not in rec  # no bench fields
+    r = cli("report", "--fit", "-o", "csv", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2 and "-o csv does not apply" in r.stderr
 
 
 def test_planner_picks_the_least_loss_feasible_plan_by_brute_force(fitted):

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "coverage) of the stored eval records and exit")
     p.add_argument("--fit", action="store_true",
                    help="print the latest `ondevice fit` results: validated variants, stock presets (when "
-                        "benchmarks/fit_bench.py measured them) and the predicted front, and exit")
+                        "benchmarks/fit_bench.py measured them) and the predicted front, and exit (-o json or jsonl: "
+                        "the fit records)")
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
@@ -44,7 +45,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise InvalidArgument("--session picks one session and --all takes every one: give one of them")
     given = [f for f, on in (("--session", args.session), ("--all", args.all), (f"-o {args.output}",
                              args.output != "html"), ("--html", args.html_path)) if on]
-    extra = [f for f in given if modes and not (modes[0] == "--cascade" and f == "--html")]  # cascade draws HTML
+    extra = [f for f in given if modes and not (modes[0] == "--cascade" and f == "--html")  # cascade draws HTML
+             and not (modes[0] == "--fit" and f in ("-o json", "-o jsonl"))]  # the fit records as data
     if extra:
         one = len(extra) == 1
         raise InvalidArgument(f"{modes[0]} prints its own table on stdout and exits; {' and '.join(extra)} "
@@ -80,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if args.fit:
             from .fit import fit_markdown
 
-            sys.stdout.write(fit_markdown(store.records("fit")))
+            fits = store.records("fit")
+            sys.stdout.write(fit_markdown(fits) if args.output == "html" else
+                             export([{**r, "kind": "fit"} for r in fits], args.output))
             return 0
         if args.retention:
             from .quality import retention, retention_markdown

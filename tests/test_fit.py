@@ -476,3 +476,21 @@ def test_a_chunk_past_the_trained_context_is_refused_up_front_with_fits_own_flag
     assert r.returncode == 2
     assert "--calib-ctx 100000 is above smollm2-135m-instruct's trained context (8192)" in r.stderr, r.stderr
     assert "making the reference" not in r.stdout + r.stderr
+
+
+def test_a_variant_is_fitted_against_the_model_it_was_made_from(home):
+    """Fitting a stored variant dequantized that lossy file into a new reference (another 270 MB file, and KLDs
+    against the variant rather than the model); its provenance names the F16 it was made from."""
+    from ondevice.fit.inputs import reference_for
+    from ondevice.models.catalog import resolve, store_variants
+    from ondevice.quant.api import quantize
+    from ondevice.quant.quantize import default_name
+
+    src = resolve(None)
+    f16 = resolve(default_name(src.name, "F16"))  # the module's reference, made from the shipped file
+    variant = quantize(f16, "Q8_0", "smol-made-from-f16")
+    before = set(store_variants())
+    ref, note, dequantized = reference_for(resolve(variant.name), None, print)
+    assert ref.path == f16.path and not dequantized and "was made from" in note
+    assert set(store_variants()) == before  # no new reference file
+    assert reference_for(src, None, print)[2] is True  # the shipped file: its reference is itself dequantized

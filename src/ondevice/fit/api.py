@@ -178,7 +178,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     # (their files differ only in padding, which the slack covers; the exact check follows)
     check_smallest(layout(src.path, bands, groups), slack=1 << 16)
     with phase("reference"):
-        reference, ref_note = reference_for(src, ref, say)
+        reference, ref_note, dequantized = reference_for(src, ref, say)
     ref_sha = model_sha256(reference)
     lay = layout(reference.path, bands, groups)
     check_smallest(lay)
@@ -390,8 +390,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         _cleanup(workdir)
         raise InvalidArgument(impossible(picks, bud, measured=True))
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
-    shipped_wins = (ref is None and reference.path != src.path  # the reference was dequantized from the shipped file
-                    and _say_if_shipped_is_better(shipped, chosen.measured, bud, say))
+    shipped_wins = dequantized and _say_if_shipped_is_better(shipped, chosen.measured, bud, say)
     if shipped_wins and store and name is None:  # a variant no better than the file in hand is not worth a copy
         say("nothing stored: the shipped file is the answer (name the variant with --name to store it anyway)")
         store = False

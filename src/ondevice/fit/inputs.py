@@ -40,8 +40,9 @@ def check_settings(*, imatrix: str, transform: str, speed_tests: tuple[str, ...]
         raise InvalidArgument(f"--repetitions {repetitions} must be >= 1 (bench rounds)")
 
 
-def reference_for(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str]:
-    """The F16 reference (given, stored, or made now from the shipped file) and a note on what it is."""
+def reference_for(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str, bool]:
+    """The F16 reference (given, stored, the one a variant was made from, or made now from the shipped file), a
+    note on what it is, and whether it is the shipped file dequantized (against it, that file's KLD is 0)."""
     from ..models.catalog import resolve, store_variants
     from ..quant.api import quantize
     from ..quant.quantize import default_name, weight_types
@@ -49,17 +50,36 @@ def reference_for(src, ref: str | os.PathLike[str] | None, say) -> tuple[object,
     if ref is not None:
         r = resolve(ref)
         _ = r.info
-        return r, f"the reference {r.name}"
+        return r, f"the reference {r.name}", False
     quantized = sorted({t for t in weight_types(src.path).values() if t not in ("F16", "F32", "BF16")})
     if not quantized:
-        return src, f"{src.name} itself (unquantized)"
+        return src, f"{src.name} itself (unquantized)", False
+    made_from = _made_from(src)
+    if made_from is not None:  # a fitted or quantized variant: its own reference, not its lossy self dequantized
+        return made_from, f"{made_from.name}, the unquantized model {src.name} was made from", False
     name = default_name(src.name, "F16")
     note = (f"{name}, dequantized from the shipped {src.info.quant_summary} file: a reference for that file, "
             f"not the original weights")
     if name in store_variants():
-        return resolve(name), note
+        return resolve(name), note, True
     say(f"making the reference {name} (dequantizing {src.name})")
-    return quantize(src, "F16", name, allow_requantize=True), note
+    return quantize(src, "F16", name, allow_requantize=True), note, True
+
+
+def _made_from(src):
+    """The unquantized model a stored variant (``ondevice fit`` or ``quantize``) was made from, where its
+    provenance names one that is still there: fitting a fitted variant dequantized the variant itself (a lossy
+    reference, and another 270 MB file in the store)."""
+    from ..models.catalog import read_provenance, resolve
+    from ..quant.quantize import weight_types
+
+    prov = (read_provenance(src.path) or {}).get("provenance") or {}
+    path = prov.get("source_path")
+    if prov.get("made_by") not in ("ondevice fit", "ondevice quantize") or not path or not Path(path).is_file():
+        return None
+    if any(t not in ("F16", "F32", "BF16") for t in weight_types(path).values()):
+        return None
+    return resolve(path)
 
 
 def texts(text: str | os.PathLike[str] | None) -> tuple[Path, Path, dict]:

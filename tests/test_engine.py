@@ -118,7 +118,7 @@ def test_stop_strings_are_cut(smol):
 
 
 @pytest.mark.parametrize("kw, flag", [(dict(temp=-1), "--temp"), (dict(top_p=1.5), "--top-p"),
-                                      (dict(top_k=-3), "--top-k"), (dict(max_tokens=-1), "--max-tokens"),
+                                      (dict(top_k=-3), "--top-k"), (dict(max_tokens=-3), "--max-tokens"),
                                       (dict(presence_penalty=3), "--presence-penalty"),
                                       (dict(frequency_penalty=-2.5), "--frequency-penalty")])
 def test_invalid_sampling_names_the_flag(kw, flag):

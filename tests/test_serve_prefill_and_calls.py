@@ -116,7 +116,7 @@ def test_another_model_ondevice_knows_is_a_404_not_an_answer_from_this_one(srv, 
 def test_json_that_is_whole_at_exactly_max_tokens_ends_with_stop(client):
     """The reply's grammar was complete with its last allowed token, yet the finish said length, and the openai
     client's .parse() / LangChain's with_structured_output raised LengthFinishReasonError on valid JSON."""
-    kw = {"model": "x", "messages": [{"role": "user", "content": "Give a JSON with name"}], "temperature": 0,
+    kw = {"model": "x", "messages": [{"role": "user", "content": "Give me a JSON with name and age"}], "temperature": 0,
           "response_format": {"type": "json_object"}}
     whole = client.chat.completions.create(**kw, max_tokens=64)
     n, text = whole.usage.completion_tokens, whole.choices[0].message.content

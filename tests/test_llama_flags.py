@@ -138,3 +138,21 @@ def test_reverse_prompt_and_color_as_llama_cli(cli):
     assert plain.returncode == 0 and cut.returncode == 0, cut.stderr
     assert "." in plain.stdout and cut.stdout == plain.stdout.split(".")[0] + "\n"
     assert "ondevice run: note: --color on is ignored" in cut.stderr
+
+
+def test_colour_and_log_flags_as_llama_cli_takes_them_keep_the_prompt(cli):
+    """llama-cli's older `--color` took no value and its newer one takes on/off/auto: neither eats the prompt;
+    its log and display flags are noted, `--no-show-timings` drops the timings line, `--offline` downloads
+    nothing."""
+    plain = cli("run", "-n", "6", "--temp", "0", "The capital of France is")
+    bare = cli("run", "-n", "6", "--temp", "0", "--color", "The capital of France is")
+    worded = cli("run", "-n", "6", "--temp", "0", "-co", "on", "--log-file", "x.log", "-lv", "3", "--perf",
+                 "--log-colors", "auto", "--display-prompt", "--no-show-timings", "The capital of France is")
+    assert plain.returncode == bare.returncode == worded.returncode == 0, (bare.stderr, worded.stderr)
+    assert bare.stdout == worded.stdout == plain.stdout  # the prompt was not taken as the colour
+    assert "note: --color is ignored" in bare.stderr and "note: -co on is ignored" in worded.stderr
+    for note in ("--log-file x.log", "-lv 3", "--perf", "--log-colors auto", "--display-prompt"):
+        assert f"note: {note} is ignored" in worded.stderr, worded.stderr
+    assert "tok/s" in plain.stderr and "tok/s" not in worded.stderr  # the timings line
+    offline = cli("run", "--offline", "hf.co/someone/repo:Q4_K_M", "Hi")
+    assert offline.returncode == 2 and "--offline forbids downloading it" in offline.stderr, offline.stderr

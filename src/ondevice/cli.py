@@ -197,6 +197,10 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser(verb)
     if verb is not None:
         _refuse_glued_flags(parser, argv, verb)
+        from .engine.llama_flags import settle_optional
+
+        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        argv = settle_optional(argv, verbs.choices[verb])
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "words", None), list) and not any(x.startswith("-") for x in extra):
         args.words += extra  # `run MODEL -n 8 PROMPT`: argparse ends the words at the first option (ollama doesn't)

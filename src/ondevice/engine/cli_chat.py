@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_llama_flags(p, "chat")
     add_sampling_args(p, max_tokens=512)
     add_system_arg(p)
-    p.add_argument("--timings", "--verbose", action="store_true",
+    p.add_argument("--timings", "--verbose", "--show-timings", action="store_true",
                    help="print timings after each answer (/set verbose; --verbose as ollama run's)")
+    p.add_argument("--no-show-timings", dest="timings", action="store_false", help=argparse.SUPPRESS)
     g = p.add_argument_group("llama-cli's conversation flags")
     add_prompt_args(g, "the first message, answered before the >>> prompt, as llama-cli -cnv -p (\\n, \\t ... are "
                        "the characters, \\xHH a byte of UTF-8, unless --no-escape); then chat goes on (>>> or stdin)",

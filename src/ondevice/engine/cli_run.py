@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timings on stderr: a line, the last record as JSON, or nothing")
     p.add_argument("--verbose", dest="timings", action="store_const", const="text",
                    help="ollama run's: the timings line (as --timings text, the default)")
+    p.add_argument("--show-timings", dest="timings", action="store_const", const="text", help=argparse.SUPPRESS)
+    p.add_argument("--no-show-timings", dest="timings", action="store_const", const="none",
+                   help=argparse.SUPPRESS)  # llama-cli's names
 
 
 def split_model_word(args: argparse.Namespace) -> str | None:

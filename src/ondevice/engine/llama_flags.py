@@ -12,6 +12,13 @@ import argparse
 import sys
 
 KV_TYPES = ("f16", "f32", "q8_0", "q4_0")  # what EngineConfig.type_k/type_v take
+LOG = "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"
+# the ignored flags whose value is optional here: the words llama.cpp takes as their value (anything else after
+# the flag is the command's own, as in llama-cli's older `--color` that took none: `run --color "Hi"`)
+OPTIONAL_VALUES = {
+    ("-co", "--color"): {"on", "off", "auto", "1", "0", "true", "false", "yes", "no", "enabled", "disabled"},
+    ("-fa", "--flash-attn"): {"on", "off", "auto", "1", "0", "-1", "true", "false", "enabled", "disabled"},
+}
 
 # flag names -> (its value: True one, False none, "?" an optional one; why it changes nothing here)
 IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
@@ -22,9 +29,15 @@ IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("-ts", "--tensor-split"): (True, "one CPU device here: nothing to split"),
     ("-nkvo", "--no-kv-offload"): (False, "the KV cache is in CPU memory here"),
     ("-co", "--color"): ("?", "output is not coloured"),
-    ("--log-disable",): (False, "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"),
+    ("--log-disable",): (False, LOG),
+    ("--log-file",): (True, LOG),
+    ("--log-colors",): (True, LOG),
+    ("-lv", "--verbosity", "--log-verbosity"): (True, LOG),
+    ("--log-prefix", "--no-log-prefix", "--log-timestamps", "--no-log-timestamps", "--log-jsonl",
+     "--no-log-jsonl"): (False, LOG),
     ("--simple-io",): (False, "input is read as plain lines"),
-    ("--no-display-prompt",): (False, "the prompt is not echoed"),
+    ("--no-display-prompt", "--display-prompt"): (False, "the prompt is not echoed (--verbose-prompt: as read)"),
+    ("--perf", "--no-perf"): (False, "ondevice always measures its timings"),
     ("--draft-min", "--draft-n-min", "--draft-p-min"): (True, "a step drafts what its costs pay for, to --draft-max"),
 }
 # llama-server's, for what `ondevice serve` always does
@@ -88,13 +101,25 @@ EVAL_REFUSED: dict[tuple[str, ...], str] = {
 }
 
 
+def settle_optional(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with each ignored optional-value flag whose next word is not one of its values given as
+    ``FLAG=`` (no value), so that argparse does not take the prompt or a positional as the flag's value."""
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        names = next((n for n in OPTIONAL_VALUES if word in n), None)
+        action = parser._option_string_actions.get(word) if names else None  # argparse's own map
+        if isinstance(action, _Ignored) and out[i + 1].lower() not in OPTIONAL_VALUES[names]:
+            out[i] = f"{word}="
+    return out
+
+
 class _Ignored(argparse.Action):
     def __init__(self, *a, why: str, **kw):
         self.why = why
         super().__init__(*a, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        shown = f"{option_string} {values}" if isinstance(values, str) else option_string
+        shown = f"{option_string} {values}" if isinstance(values, str) and values else option_string
         print(f"{parser.prog}: note: {shown} is ignored: {self.why}", file=sys.stderr)
 
 
@@ -107,6 +132,15 @@ class Refused(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is {self.tool}'s and does not apply here: {self.why}; drop it")
+
+
+class _Offline(argparse.Action):
+    """llama-cli's and llama-server's --offline: nothing is downloaded (as HF_HUB_OFFLINE=1)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..models import sources
+
+        sources.OFFLINE_FLAG = option_string
 
 
 def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
@@ -132,6 +166,8 @@ def add_llama_flags(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument(*names, nargs=nargs, action=_Ignored, why=why, help=argparse.SUPPRESS)
     for names, why in refused.items():
         p.add_argument(*names, nargs="?", action=Refused, why=why, help=argparse.SUPPRESS)
+    p.add_argument("--offline", nargs=0, action=_Offline, help="download nothing, not even a hub address given as "
+                   "the model (as HF_HUB_OFFLINE=1)")
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

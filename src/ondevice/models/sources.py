@@ -90,19 +90,25 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+OFFLINE_FLAG: str | None = None  # llama-cli's and llama-server's --offline as this command gave it (the CLI sets it)
+
+
 def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE is set true (as huggingface_hub reads it: 1, ON, YES, TRUE): a machine kept off the
-    network (air-gapped CI, a metered link) downloads nothing, not even a multi-GB pull-on-use."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    """Whether HF_HUB_OFFLINE is set true (as huggingface_hub reads it: 1, ON, YES, TRUE), or the command was given
+    --offline: a machine kept off the network (air-gapped CI, a metered link) downloads nothing, not even a
+    multi-GB pull-on-use."""
+    return OFFLINE_FLAG is not None or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES",
+                                                                                                "TRUE")
 
 
 def refuse_offline(address: str, *, forced: bool = False) -> None:
     """Raise if :func:`hub_offline`: ``address`` may not be downloaded (``forced``: again, by --force)."""
     if hub_offline():
-        value = os.environ["HF_HUB_OFFLINE"]
+        cause, undo = ((OFFLINE_FLAG, f"drop {OFFLINE_FLAG}") if OFFLINE_FLAG is not None else
+                       (f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}", "unset HF_HUB_OFFLINE"))
         what = "downloading it again (--force)" if forced else "downloading it"
-        raise ModelNotFound(f"{address} is {'in the store' if forced else 'not in the store'}, and HF_HUB_OFFLINE="
-                            f"{value} forbids {what}; pull it where the network is allowed (unset HF_HUB_OFFLINE), "
+        raise ModelNotFound(f"{address} is {'in the store' if forced else 'not in the store'}, and {cause} "
+                            f"forbids {what}; pull it where the network is allowed ({undo}), "
                             f"or give a model in the store (`ondevice models` lists them)")
 
 

@@ -379,3 +379,14 @@ def test_compare_shows_the_settings_that_tell_its_rows_apart():
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in (lines[0], lines[2], lines[3])]
     assert cells[0][:5] == ["model", "threads", "n_batch", "fa", "test"] and "type_k" not in cells[0]
     assert cells[1][2:4] == ["2048", "off"] and cells[2][2:4] == ["64", "auto"]
+
+
+def test_the_table_of_several_sessions_says_which_session_each_row_is():
+    """`report --all` mixes sessions: two equal-looking rows are told apart by a session column (one session: none)."""
+    a = fake("m", "s", "tg4", 1, 20.0, session="20260101-000000-aaaa")
+    b = fake("m", "s", "tg4", 1, 30.0, session="20260102-000000-bbbb")
+    assert "session" not in [c[0] for c in columns([a])]
+    cols = columns([a, b])
+    assert cols[0][0] == "session" and [cols[0][1](r) for r in (a, b)] == [a.session, b.session]
+    table = export([a, b], "md")
+    assert "| session " in table and a.session in table and b.session in table

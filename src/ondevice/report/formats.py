@@ -89,6 +89,8 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     """(header, cell, align) for the table; optional setting columns only when they are not default."""
     records = BenchRecord.coerce(records)
     cols: list[tuple[str, Callable[[BenchRecord], str], str]] = [
+        ("session", lambda r: str(r.session), "l")] if len({r.session for r in records}) > 1 else []
+    cols += [
         ("model", lambda r: str(r.model), "l"),
         ("size", _size, "r"),
         ("params", lambda r: _params(r.model_params), "r"),

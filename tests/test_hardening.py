@@ -545,3 +545,15 @@ def test_report_md_shows_a_resumed_config_once(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("|") and "smol" in line]
     assert len(rows) == 2 and not any("error" in line.lower() for line in rows), r.stdout
+
+
+def test_a_template_that_renders_nothing_and_a_left_recursive_grammar_are_named(tmp_path, smol_path, cli):
+    """Found by a crash hunt: both said what was not the problem ("the prompt is empty" for the prompt "hi";
+    "check its syntax" for a grammar, or a JSON schema, whose syntax was fine)."""
+    empty = with_template(Path(smol_path), tmp_path / "empty.gguf", "{% if false %}x{% endif %}")
+    r = cli("run", "-m", str(empty), "hi", "-n", "2")
+    assert r.returncode == 2 and "the chat template rendered nothing for this conversation" in r.stderr, r.stderr
+    for flags in (["--grammar", 'root ::= root "a"'],
+                  ["-j", '{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}']):
+        r = cli("run", *flags, "hi", "-n", "2")
+        assert r.returncode == 2 and "the grammar is left-recursive" in r.stderr and "$ref chain" in r.stderr, r.stderr

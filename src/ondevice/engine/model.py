@@ -105,7 +105,9 @@ class Model:
                                tokenize=lambda text, bos: eng.tokenize(text, add_special=bos, parse_special=False),
                                **self._template_kw())
         if not toks:
-            raise InvalidArgument("the prompt is empty; give some text")
+            raise InvalidArgument("the prompt is empty; give some text" if messages is None else
+                                  "the chat template rendered nothing for this conversation; fix the template or "
+                                  "give another (--chat-template), or run without one (--raw)")
         return toks
 
     def _conversation(self, prompt: Prompt, chat_template: bool | None, tools: list | None,

@@ -46,12 +46,18 @@ class Sampler:
         # argmax, then the grammar check
         self.plain_greedy = s.temp == 0 and not s.penalized and not s.logit_bias and not s.infill
         if s.grammar:
-            with native.load_log(quiet=True), native.stderr_text() as err:  # the parser's error is ours to say
+            # the parser's error is ours to say (its syntax errors on stderr, left recursion in llama.cpp's log)
+            with native.load_log(quiet=True) as logged, native.stderr_text() as err:
                 g = ll.llama_sampler_init_grammar(engine.vocab, s.grammar.encode(), b"root")
             why = next((ln.split("error parsing grammar:", 1)[1].strip() for ln in err
                         if "error parsing grammar:" in ln), "")
             if not g:
                 self.close()  # frees the chain once (and __del__ will not again)
+                if not why and any("left recursion" in ln for ln in [*err, *logged]):
+                    raise InvalidArgument("the grammar is left-recursive, which llama.cpp refuses: a rule reaches "
+                                          "itself again before matching any text (`root ::= root \"a\"`; write "
+                                          "`root ::= \"a\"+`); from a JSON schema, a $ref chain leads back to "
+                                          "where it started (a -> b -> a) with nothing in between")
                 raise InvalidArgument(f"the grammar does not parse (GBNF){': ' + why if why else ''}; check its "
                                       f"syntax")
             if err:  # it parsed: what came to stderr meanwhile was someone else's

@@ -131,7 +131,9 @@ def test_llama_quantizes_order_writes_the_file_given_not_a_variant(home, cli, tm
     for args, said in (
         ((str(out), "Q8_0", "--allow-requantize"), "exists; pass --force"),
         (("-o", str(tmp_path / "no" / "x.gguf"), "-t", "Q8_0"), "does not exist; create it first"),
-        (("-o", str(out.parent), "-t", "Q8_0"), "is a folder"),
+        (("-o", str(out.parent), "-t", "Q8_0"), "is a folder; give the file to write, e.g. "
+                                                 f"{out.parent}/SmolLM2-135M-Instruct.Q8_0.gguf"),
+        (("-o", str(tmp_path / "newdir") + "/", "-t", "Q8_0"), "is a folder (it ends in /)"),  # wrote a FILE 'newdir'
         (("-o", str(out), "--name", "v", "-t", "Q8_0"), "give one of them"),
         (("Q9_9",), "'Q9_9' names no llama.cpp file type"),
         ((), "no file type given"),
@@ -142,5 +144,6 @@ def test_llama_quantizes_order_writes_the_file_given_not_a_variant(home, cli, tm
     r = cli("quantize", str(out), str(out), "Q4_0", "--allow-requantize", "--force")
     assert r.returncode == 2 and "is the model being quantized" in r.stderr, r.stderr
     assert out.stat().st_mtime_ns == before  # nothing the user had was touched
+    assert not (tmp_path / "newdir").exists()
     r = cli("quantize", str(out), str(out.with_name("q4.gguf")), "2", "--allow-requantize")  # 2 is Q4_0
     assert r.returncode == 0 and "matrices: Q4_0" in r.stdout, r.stderr

@@ -54,6 +54,11 @@ def test_report_and_bench_name_a_bad_db_in_one_line(cli, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip() == f"ondevice {args[0]}: error: {bad} is not an ondevice store (SQLite): file is " \
                                    f"not a database; give another --db"
+    default = tmp_path / "home" / "data" / "ondevice.sqlite"  # the default store (the cli fixture's home), garbage
+    default.parent.mkdir(parents=True)
+    default.write_bytes(bytes(range(256)) * 144)
+    r = cli("report")  # no --db given: "give another --db" was no way back to the default store
+    assert r.returncode == 2 and f"move it aside (`mv {default} {default}.not-a-store`" in r.stderr, r.stderr
     r = cli("report", "--db", str(tmp_path / "x" / "none.sqlite"))
     assert r.returncode == 2 and "no ondevice store at" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()

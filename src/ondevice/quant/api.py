@@ -55,7 +55,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
                               f"overrides only when the target type is quantized; drop them or pick a "
                               f"quantized --type")
     src = resolve(model)
-    out = _output_path(output, src.path, force, name) if output is not None else None
+    out = _output_path(output, src.path, force, name, type_name) if output is not None else None
     refuse_container(src.path)  # before src.info, which would ask for a key that quantize cannot use
     src_info = src.info  # validates the source before llama.cpp reads it
     src_types = weight_types(src.path, independent=False)  # the walk src.info just did (cached)
@@ -110,14 +110,18 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
     return ref
 
 
-def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name: str | None) -> Path:
+def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name: str | None, type_name: str) -> Path:
     """Where ``--output`` writes: a file in a folder that exists, not the source, not a file there unless forced."""
+    import re
+
     out = Path(output).expanduser()
+    example = re.sub(r"[.-](I?Q\d\w*|B?F16|F32)$", "", source.stem, flags=re.IGNORECASE) + f".{type_name}.gguf"
     if name is not None:
         raise InvalidArgument("--name names a stored variant and --output a file: give one of them")
-    if out.is_dir():
-        raise InvalidArgument(f"--output {str(output)!r} is a folder; give the file to write, e.g. "
-                              f"{out / (source.stem + '.gguf')}")
+    if out.is_dir() or str(output).endswith(("/", os.sep)):  # `-o newdir/` asks for a folder (Path drops the /)
+        raise InvalidArgument(f"--output {str(output)!r} is a folder{'' if out.is_dir() else ' (it ends in /)'}; "
+                              f"give the file to write, e.g. "
+                              f"{out / example}")
     if not out.parent.is_dir():
         raise InvalidArgument(f"--output {str(output)!r}: the folder {out.parent} does not exist; create it first")
     if out.exists() and out.resolve() == source.resolve():

@@ -111,7 +111,9 @@ class Store:
         except sqlite3.DatabaseError as e:  # not a database, a directory, an unreadable file, someone else's DB
             if self.db is not None:
                 self.db.close()
-            raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; give another --db") from None
+            fix = ("give another --db" if path else f"move it aside (`mv {self.path} {self.path}.not-a-store`: the "
+                   f"next bench or eval starts a new one there), or give another --db")
+            raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; {fix}") from None
         except BaseException:
             if self.db is not None:
                 self.db.close()

@@ -283,6 +283,26 @@ def test_amx_forced_on_a_real_amx_cpu_never_ends_in_a_bare_signal(cli):
     assert res.returncode == 0 and res.stdout.strip(), res.stderr
 
 
+@pytest.mark.parametrize(("result", "said"), [({"ok": False, "error": "SIGSEGV"}, "failed their self-test"),
+                                              ({"ok": None, "error": "timeout after 120 s"}, "did not finish")])
+def test_amx_forced_on_in_the_library_is_refused_where_its_self_test_did_not_pass(kcache, result, said):
+    """Outside the CLI's supervisor a crash in the AMX kernels kills the user's own process (a notebook kernel)
+    with a bare SIGSEGV: amx='on' loads with AMX only where its self-test passed here (a child's test, cached)."""
+    from ondevice.device import device_info
+    from ondevice.engine.bufts import offered, wanted, would_use
+
+    if "AMX" not in offered() or not set(K.AMX_FLAGS) <= set(device_info()["cpu_flags"]):
+        pytest.skip("no AMX in this CPU or llama.cpp build")
+    q8 = K.variants(families=("Q8_0",))["Q8_0"]
+    if "AMX" not in would_use(q8, wanted(offered(), True, True)):
+        pytest.skip("AMX takes no Q8_0 weights in this build")
+    K._store("Q8_0", K._entry(q8, {"none": {"ok": True}, K.label(wanted(offered(), True, True)): result}), offered())
+    code = f"import ondevice; ondevice.load({str(q8)!r}, amx='on').generate('Hi', max_tokens=4)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 1 and "OndeviceError: --amx on" in res.stderr and said in res.stderr, res.stderr
+    assert "--amx auto" in res.stderr
+
+
 def test_supervised_exit_codes_and_output_pass_through(cli):
     res = cli("run", "--temp", "0", "-n", "3", "--timings", "json", "Say hi")
     assert res.returncode == 0 and res.stdout.strip()

@@ -320,6 +320,8 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path, family:
     amx, repack = requested(amx, repack)
     names = offered()
     flags = cpu_flags()
+    if amx == "on":
+        _prove_amx(model_path, family, repack, names, flags)
     if not names or (amx != "auto" and repack != "auto"):
         return choose(amx, repack, names, flags, None)
     family = family or family_of(model_path)
@@ -333,6 +335,36 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path, family:
         _store(family, entry, names)
     choice = choose(amx, repack, names, flags, entry["results"])
     return replace(choice, reason=f"auto, {entry['note']}") if entry.get("note") else choice
+
+
+def _prove_amx(model_path: str | Path, family: str | None, repack: str, names: tuple[str, ...],
+               flags: list[str] | tuple[str, ...]) -> None:
+    """``--amx on`` is obeyed where AMX works: a load with it that crashed its self-test here would kill this
+    process with a bare SIGSEGV (llama.cpp issue 20824; outside the CLI's supervisor, a user's program or
+    notebook), so that configuration is self-tested first, in a child, once per weight type, and refused
+    when it failed. A CPU or build without AMX is :func:`choose`'s error."""
+    from ..engine.bufts import wanted, would_use
+    from . import selftest as st
+
+    if st.IN_CHILD or AMX not in names or not set(AMX_FLAGS) <= set(flags):
+        return
+    config = (True, repack != "off")
+    if AMX not in would_use(model_path, wanted(names, *config)):
+        return  # AMX takes no weights of this type: nothing of its kernels runs
+    family = family or family_of(model_path)
+    entry = cached().get("families", {}).get(family) or _entry(model_path, {}, measured=False)
+    key = label(wanted(names, *config))
+    if key not in entry["results"]:
+        plain = [c for c in configs(names, flags) if not c[0]]  # what auto's first load tests, and the baseline
+        entry = {**entry, "results": {**entry["results"], **st.selftest(model_path, [*plain, config])}}
+        _store(family, entry, names)
+    res = entry["results"].get(key) or {}
+    if not res.get("ok"):  # a crash, wrong logits, or a child that never finished (AMX hangs on some Xeons)
+        raise OndeviceError(f"--amx on (ONDEVICE_AMX, amx='on'): llama.cpp's AMX kernels "
+                            f"{'failed' if res.get('ok') is False else 'did not finish'} their self-test on this "
+                            f"machine for {family} weights ({res.get('error')}, {entry.get('tested_at')}), so a load "
+                            f"with them could crash or hang this process; use --amx auto (AMX only where it passed "
+                            f"and is faster) or off (`ondevice device --probe` tests the kernels again)")
 
 
 def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 CHILD_TIMEOUT_S = 120.0
+IN_CHILD = False  # inside the self-test's child: its loads are the test (kernels.resolve tests nothing there)
 ROUNDS = 3  # timing rounds, each over every configuration that passed
 
 
@@ -124,6 +125,8 @@ def _child(job: dict) -> int:
 
     import numpy as np
 
+    global IN_CHILD
+    IN_CHILD = True
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # llama.cpp printing to fd 1 lands on stderr
     from ..engine.base import EngineConfig

@@ -137,6 +137,30 @@ def test_report_shows_the_fit(fitted, home, cli):
     assert r.returncode == 2 and "-o csv does not apply" in r.stderr
 
 
+def test_a_noisy_speed_is_marked_where_the_fit_and_report_show_it(fitted, home, cli):
+    """A speed measured while the machine was busy (bench's noisy flag, stored in the provenance) is shown with
+    bench's (!) mark in the fit's tables and chosen line and in `report --fit`, with a line saying what it
+    means; it was stored and never shown."""
+    from ondevice.fit.measure import NOISY_NOTE
+
+    noisy = [c.measured.get("noisy") for c in fitted.candidates]
+    rows = [line for line in fitted.lines if any(line.startswith(f"  {c.summary()} ") for c in fitted.candidates)]
+    assert len(rows) >= len(fitted.candidates)
+    for c in fitted.candidates:  # its validation row (the last row that starts with its plan)
+        row = [line for line in rows if line.startswith(f"  {c.summary()} ")][-1]
+        assert ("(!)" in row) == bool(c.measured.get("noisy")), row
+    chosen = next(line for line in fitted.lines if line.startswith("chosen: "))
+    assert ("(!)" in chosen.split("KLD")[0]) == bool(fitted.chosen.measured.get("noisy"))
+    table = fitted.lines[fitted.lines.index(next(x for x in fitted.lines if x.startswith("device speed table"))):]
+    any_noisy = any(noisy) or fitted.shipped.get("noisy") or any("(!)" in x for x in table[1:4])
+    assert (NOISY_NOTE in fitted.lines) == bool(any_noisy)
+    r = cli("report", "--fit", env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    part = r.stdout.split("## smol-fit")[-1].split("predicted front")[0]
+    assert ("(!)" in part) == bool(any(noisy) or fitted.shipped.get("noisy")), part
+    assert ("noisy, do not trust" in r.stdout) == ("(!)" in part)
+
+
 def test_planner_picks_the_least_loss_feasible_plan_by_brute_force(fitted):
     table = fitted.table
     names = list(table.options)
@@ -297,6 +321,24 @@ def test_a_spliced_plan_holds_the_tensors_quantizing_it_writes(home, tmp_path):
 
 # --- --profile and --quality ----------------------------------------------------------------------------
 
+def test_the_memory_cap_bound_takes_the_runtimes_anonymous_memory_and_is_never_negative():
+    """What the runtime needs besides the weights is its anonymous RSS at the peak; peak RSS less the model's
+    mapped pages (taken at another moment, after the cap evicted some) swung from 81 to 153 MiB with the cap
+    and printed "files up to -35.0 MB fit"."""
+    from ondevice.fit.profile import fit_profile
+
+    mib = 2 ** 20
+    prof = fit_profile("threads=1,mem=250M")
+    evicted = {"peak_rss": 230 * mib, "rss_model": 77 * mib, "rss_anon": 58 * mib, "limits": {"mem_mechanism": "x"}}
+    fits, note = prof.fits(evicted, 50_000_000)
+    assert fits == 250 * mib - 58 * mib and "less the 58 MiB the runtime used" in note
+    older = {k: v for k, v in evicted.items() if k != "rss_anon"}  # a record from before rss_anon was kept
+    assert prof.fits(older, 50_000_000)[0] == 250 * mib - (230 - 77) * mib
+    with pytest.raises(InvalidArgument, match=r"less the 130 MiB .*: no model file fits beside it, and the "
+                                              r"smallest variant is 77\.6 MB") as e:
+        fit_profile("threads=1,mem=120M").fits({**evicted, "rss_anon": 130 * mib}, 77_600_000)
+    assert "files up to" not in str(e.value)  # was "files up to -35.0 MB fit"
+
 @pytest.fixture(scope="module")
 def edge_fit(fitted, home):
     """The tiny fit again under the edge-1g profile with --quality ppl (its KLDs reused: only speeds differ)."""
@@ -326,7 +368,7 @@ def test_profile_runs_every_bench_under_it_and_is_recorded(edge_fit, fitted, hom
     assert 0 < edge_fit.budget.fits < 1 << 30
     assert edge_fit.profile["name"] == "edge-1g" and fitted.profile is None
     assert any("profile edge-1g (threads 1, memory 1024 MiB)" in ln for ln in edge_fit.lines)
-    assert "under profile edge-1g" in edge_fit.lines[-2]
+    assert "under profile edge-1g" in next(line for line in edge_fit.lines if line.startswith("chosen: "))
     prov = read_provenance(edge_fit.path)["provenance"]
     assert prov["profile"]["name"] == "edge-1g" and prov["threads"] == 1
 
@@ -338,7 +380,8 @@ def test_quality_ppl_reports_held_out_perplexity(edge_fit):
         assert c.measured["ppl"] > 1 and c.measured["ppl"] != ref_ppl
     table = edge_fit.lines[edge_fit.lines.index(next(ln for ln in edge_fit.lines if "ppl held" in ln)):]
     assert table[2].lstrip().startswith("reference") and f"{ref_ppl:.3f}" in table[2]
-    assert f"ppl {edge_fit.chosen.measured['ppl']:.3f} (reference {ref_ppl:.3f})" in edge_fit.lines[-2]
+    assert f"ppl {edge_fit.chosen.measured['ppl']:.3f} (reference {ref_ppl:.3f})" in next(
+        line for line in edge_fit.lines if line.startswith("chosen: "))
 
 
 def test_report_shows_the_profile_and_the_quality_column(edge_fit, home, cli):

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+NOISY_MARK = "(!)"  # after a t/s: a figure not to trust (the record's "noise" says why)
 NOISY_CV = 0.05  # t/s std / mean over the repetitions; llama-bench's runs on a quiet machine stay near 1-2%
 NOISY_LOAD = 0.25  # cores busy with other work during the timed runs
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -26,13 +26,23 @@ from pathlib import Path
 from .. import fields
 from ..errors import InvalidArgument
 from ..models.gguf_split import total_size
-from ..store.record import created_now
 from .budget import Budget, parse_budget
-from .groups import BASE, CANDIDATES, Layout, layout, quant_size
+from .groups import BASE, CANDIDATES, layout, quant_size
 from .imatrix import choose_imatrix
 from .inputs import check_settings, reference_for, texts
 from .interact import KldModel, choose_model, measured_plans
-from .measure import REPETITIONS, Cache, Item, Meter, device_section, fit_dir, plan_key, quality_section
+from .measure import (
+    NOISY_NOTE,
+    REPETITIONS,
+    Cache,
+    Item,
+    Meter,
+    device_section,
+    fit_dir,
+    noisy_mark,
+    plan_key,
+    quality_section,
+)
 from .plan import (
     Candidate,
     Table,
@@ -47,6 +57,7 @@ from .plan import (
 )
 from .profile import fit_profile
 from .quality import Quality, parse_quality
+from .register import store_fit
 
 
 @dataclass
@@ -232,10 +243,10 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     base = res[0]
     type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}
     say("device speed table (tok/s, every group the type fits at that type, the rest " + BASE + "):")
-    say(f"  shipped {src.info.quant_summary}: tg {shipped['tg']:.1f}, pp {shipped['pp']:.1f}")
-    say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}")
+    say(f"  shipped {src.info.quant_summary}: tg {shipped['tg']:.1f}, pp {shipped['pp']:.1f}{noisy_mark(shipped)}")
+    say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}{noisy_mark(base['speed'])}")
     for t, s in type_speed.items():
-        say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}")
+        say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}{noisy_mark(s)}")
     fits, note = prof.fits(base["speed"], lay.smallest(types))
     if fits is not None:
         say(f"profile {prof.name}: {note}")
@@ -380,7 +391,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     for c in picks:
         p, m = c.predicted, c.measured
         say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {_pm(p['tg'], p.get('tg_sd')):>11} "
-            f"{_pm(m['tg'], m.get('tg_sd')):>11} {p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} "
+            f"{_pm(m['tg'], m.get('tg_sd')) + noisy_mark(m):>11} {p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} "
             f"{m['kld']:9.4f}" + qual.cell(m))
     if q_ref:
         say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{8 * 2 + 11 * 2 + 3 + 9 * 3 + 3}}"
@@ -410,7 +421,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         key = plan_key(chosen.plan, c_im_sha) + (tf.tag if transformed(chosen) else "")
         vname = name or f"{Path(src.name).stem.lower()}-fit-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
         with phase("store"):
-            stored = _store(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
+            stored = store_fit(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             {"profile": prof.to_dict() if prof.spec else None,
                              "quality": {**qual.to_dict(), "reference": q_ref}}).path
@@ -418,12 +429,14 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
-        f"tg {chosen.measured['tg']:.1f} tok/s" + (f" under profile {prof.name}" if prof.spec else "")
+        f"tg {chosen.measured['tg']:.1f} tok/s{noisy_mark(chosen.measured)}" + (f" under profile {prof.name}" if prof.spec else "")
         + _knobs_note(chosen.measured.get("runtime"))
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
         f"{meter.reused + vmeter.reused} reused measurements")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
+    if any(noisy_mark(m) for m in (shipped, base["speed"], *type_speed.values(), *(c.measured for c in picks))):
+        say(NOISY_NOTE)
     return FitResult(src.name, reference.name, bud, chosen, vname, stored, picks, front, table, shipped, im_info,
                      secs, meter.built + vmeter.built, meter.reused + vmeter.reused, lines, phases, kmodel, tf.info,
                      profile=prof.to_dict() if prof.spec else None, quality={**qual.to_dict(), "reference": q_ref})
@@ -464,44 +477,3 @@ def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> 
         f"reference made from it (chosen {chosen['kld']:.4f}); keep using it, or widen --types/--groups for a "
         f"variant that beats it")
     return True
-
-
-def _store(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bud: Budget, picks, front_rows, shipped,
-           im_info, im_sha, text_desc, threads, force, transform: dict, extra: dict):
-    """Register the chosen file as a variant (provenance: plan, predictions, measurements) and log the fit."""
-    import llama_cpp
-
-    from ..device.info import machine_key
-    from ..device.kernels import build_id
-    from ..eval.api import model_sha256
-    from ..models.catalog import register_variant, store_variants
-    from ..quant.quantize import verify, weight_types
-    from ..store import Store
-
-    if name in store_variants() and not force:
-        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
-    path = Path(chosen.measured["file"])
-    overrides = lay.overrides(chosen.plan)
-    prov = {
-        "made_by": "ondevice fit", "source": reference.name, "source_path": str(reference.path),
-        "source_sha256": model_sha256(reference), "reference_note": ref_note, "type": "fit", "base_type": BASE,
-        "overrides": [f"{p}={t}" for p, t in overrides], "plan": chosen.plan, "budget": bud.describe(),
-        "predicted": chosen.predicted, "measured": {k: v for k, v in chosen.measured.items() if k != "file"},
-        "candidates": [{"plan": c.plan, "predicted": c.predicted,
-                        "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in picks],
-        "shipped": {"model": src.name, **shipped}, "imatrix": {**im_info, "sha256": im_sha}, "transform": transform,
-        "text": text_desc, "threads": threads, "machine": machine_key(), "llama_build": build_id(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "tensor_types": verify(weight_types(path), BASE, overrides),
-        "created": created_now(), **extra,  # the profile, the quality
-    }
-    ref = register_variant(name, path, prov)
-    sha = model_sha256(ref)
-    rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
-           "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
-           "front": front_rows, "candidates": prov["candidates"],
-           "shipped": prov["shipped"], "threads": threads, "created": created_now(), **extra}
-    with Store() as db:
-        db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
-               model_sha256=sha, test="fit")
-    return ref

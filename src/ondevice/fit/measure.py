@@ -49,12 +49,23 @@ def plan_key(plan: dict[str, str], imatrix: str | None = None) -> str:
     return (low or "base") + (f"|imatrix={imatrix[:12]}" if imatrix else "")
 
 
+NOISY_NOTE = ("(!) noisy, do not trust: tok/s measured while other processes kept the cores busy, or its runs "
+              "spread widely; fit again on a quiet machine, or with more rounds (-r)")
+
+
+def noisy_mark(speed: dict) -> str:
+    """`` (!)`` after a speed measured while the machine was busy or its runs spread (see :func:`speed_of`)."""
+    from ..bench.noise import NOISY_MARK
+
+    return f" {NOISY_MARK}" if speed.get("noisy") else ""
+
+
 # --- the one place that reads bench and eval results ---------------------------------------------------
 
 
 def speed_of(records) -> dict:
-    """``{"tg", "tg_std", "pp", "pp_std", "noisy", "load", "peak_rss", "rss_model", "limits"}`` from bench
-    records (dicts or typed). ``limits``: what the worker applied for a device profile (None: the host)."""
+    """``{"tg", "tg_std", "pp", "pp_std", "noisy", "load", "peak_rss", "rss_model", "rss_anon", "limits"}`` from
+    bench records (dicts or typed). ``limits``: what the worker applied for a device profile (None: the host)."""
     out: dict = {"noisy": False}
     for r in records:
         r = r if isinstance(r, dict) else r.to_dict()
@@ -71,6 +82,7 @@ def speed_of(records) -> dict:
         out["load"] = r.get("load_avg_1m") or (r.get("meta") or {}).get("load_avg_before")
         out["peak_rss"] = max(out.get("peak_rss") or 0, r.get("peak_rss_bytes") or 0) or None
         out["rss_model"] = max(out.get("rss_model") or 0, r.get("rss_model_bytes") or 0) or None
+        out["rss_anon"] = max(out.get("rss_anon") or 0, r.get("rss_anon_bytes") or 0) or None  # at the peak
         out["limits"] = (r.get("meta") or {}).get("limits")
     return out
 

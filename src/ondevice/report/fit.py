@@ -9,8 +9,11 @@ from __future__ import annotations
 
 
 def _row(label: str, m: dict, quality: str | None = None) -> str:
-    tg = f"{m['tg']:.1f}" if m.get("tg") is not None else "-"
-    pp = f"{m['pp']:.1f}" if m.get("pp") is not None else "-"
+    from ..bench.noise import NOISY_MARK
+
+    mark = f" {NOISY_MARK}" if m.get("noisy") else ""  # measured while the machine was busy or the runs spread
+    tg = f"{m['tg']:.1f}{mark}" if m.get("tg") is not None else "-"
+    pp = f"{m['pp']:.1f}{mark}" if m.get("pp") is not None else "-"
     kld = f"{m['kld']:.4f}" if m.get("kld") is not None else "-"
     size = f"{m['size'] / 1e6:.1f}" if m.get("size") else "-"
     row = f"| {label} | {size} | {tg} | {pp} | {kld} |"
@@ -33,6 +36,7 @@ def _quality(r: dict) -> tuple[str | None, str]:
 def fit_markdown(records: list[dict], limit: int = 3) -> str:
     """Markdown tables of the last ``limit`` fit records: measured candidates, stock presets, predicted front."""
     from ..fit.groups import BASE
+    from ..fit.measure import NOISY_NOTE
 
     if not records:
         return ("no fit records stored yet; run `ondevice fit MODEL --budget ...` "
@@ -68,5 +72,7 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
             out.append("| size MB | tg t/s | pp t/s | KLD |\n|---:|---:|---:|---:|")
             for f in front[::step]:
                 out.append(f"| {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} |")
+        if any((c.get("measured") or {}).get("noisy") for c in r.get("candidates", [])) or sh.get("noisy"):
+            out.append(f"\n{NOISY_NOTE}")  # as the fit said it
         out.append("")
     return "\n".join(out) + "\n"

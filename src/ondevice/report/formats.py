@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
+from ..bench.noise import NOISY_MARK
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
 from . import llama_bench
@@ -34,9 +35,6 @@ def setting(v) -> str:
 
 def _num(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
-
-
-NOISY_MARK = "(!)"  # after t/s: a record not to trust (bench/noise.py says why, in the record's "noise")
 
 
 def _tps(r: BenchRecord) -> str:

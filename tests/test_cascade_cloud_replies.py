@@ -28,7 +28,7 @@ class FakeCloud:
     """An OpenAI-compatible endpoint whose next replies are set by ``mode``; ``bodies`` are the requests it got.
 
     Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``slow`` (the same
-    after 6 s), ``ok_no_usage``, ``strict`` (a 400 for a request with ``stream_options``, as servers that refuse
+    after 6 s), ``gated`` (the same once ``gate`` is set), ``ok_no_usage``, ``strict`` (a 400 for a request with ``stream_options``, as servers that refuse
     unknown fields answer, else ``ok_no_usage``),
     ``html`` (200 with a web page), ``html_500`` (HTTP 500 with a web page, as a proxy in front of a dead cloud
     answers), ``mixed`` (the rewrite suite's reference answer to a rewrite_check item, a wrong one to any other),
@@ -39,6 +39,7 @@ class FakeCloud:
 
     def __init__(self):
         self.mode, self.finish_reason, self.bodies = "ok", "stop", []
+        self.gate = threading.Event()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,8 @@ class FakeCloud:
                 fake.bodies.append(body)
                 if fake.mode == "slow":  # answers well, after the client has given up
                     time.sleep(6)
+                if fake.mode == "gated":  # answers well, when the test lets it
+                    fake.gate.wait(120)
                 if fake.mode == "strict" and "stream_options" in body:
                     return self._send(400, "application/json", json.dumps({"error": {
                         "message": "Unrecognized request argument supplied: stream_options",

@@ -136,6 +136,21 @@ def test_the_responses_and_messages_routes_name_who_answered(device, cloud):
         assert done and done[0]["response"]["model"] == want, events[-1]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_ollamas_routes_name_who_answered(device, cloud, stream):
+    """Ollama's /api/chat and /api/generate named the client's model although the cloud answered; the device's
+    answers keep the name the client gave (``name:latest``)."""
+    name = f"{device.state.model_id}:latest"
+    for route, extra in (("/api/chat", {"messages": MSG}), ("/api/generate", {"prompt": MSG[0]["content"]})):
+        for cascade, want in (({"always_defer": True}, NAMED), ({"never_defer": True}, name)):
+            r = httpx.post(device.base_url + route, timeout=120, json={
+                "model": name, "stream": stream, "cascade": cascade, "options": {"temperature": 0, "num_predict": 6},
+                **extra})
+            lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+            assert lines[-1]["done"] and lines[-1]["cascade"]["tier"] == ("cloud" if want == NAMED else "device")
+            assert {x["model"] for x in lines} == {want}, (route, lines)
+
+
 NO_CLOUD = ("invalid request: cascade: this server has no cloud tier: start it with `ondevice serve --cascade "
             "URL`, or leave `cascade` out")
 

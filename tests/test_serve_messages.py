@@ -183,3 +183,24 @@ def test_langchain_chat_anthropic(server):
     called = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What's the weather in Oslo?")
     assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"
     assert called.tool_calls[0]["args"] == {"city": "Oslo"}
+
+
+def test_models_list_and_retrieve_in_anthropics_shape_as_openais_too(server, client):
+    """The Anthropic SDK's models.list / models.retrieve get its ModelInfo fields; the openai client still parses
+    the same routes' answers, and gets OpenAI's fields only without the anthropic-version header."""
+    cards = server.state.model_cards()
+    listed = list(client.models.list())
+    assert [m.id for m in listed] == [c.id for c in cards]
+    m = listed[0]
+    assert (m.type, m.display_name, m.created_at.timestamp()) == ("model", cards[0].id, cards[0].created)
+    assert client.models.retrieve(m.id) == m
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("claude-none")
+    page = httpx.get(server.base_url + "/v1/models", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    assert (page.json()["has_more"], page.json()["first_id"], page.json()["last_id"]) == (False, m.id, cards[-1].id)
+    for headers in ({}, {"anthropic-version": "2023-06-01"}):  # the extra fields do not bother the openai client
+        o = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0, default_headers=headers)
+        assert [x.id for x in o.models.list()] == [c.id for c in cards]
+        got = o.models.retrieve(m.id)
+        assert (got.id, got.created, got.owned_by) == (m.id, cards[0].created, "ondevice")
+        assert ("display_name" in got.model_extra) == bool(headers)

@@ -137,6 +137,30 @@ def test_options_num_predict_stop_and_seed(client, oai, name):
     assert a == b == o.choices[0].message.content  # the seed reaches the sampler
 
 
+def test_options_the_chat_route_refuses_are_read_as_ollamas_sampler_reads_them(client, oai, name, server):
+    """Ollama takes any temperature (no OpenAI bound of 2; a negative one is greedy), clamps top_p and min_p to
+    [0, 1], and reads a repeat_penalty <= 0 as off; the /v1 routes keep OpenAI's bounds."""
+    fruits = [{"role": "user", "content": "List ten fruits, one per line."}]
+    off = client.chat(model=name, messages=fruits, options={**GREEDY, "num_predict": 32}).message.content
+    assert off != client.chat(model=name, messages=fruits, options={"temperature": 0, "num_predict": 32}).message.content
+    for route in ("/api/chat", "/api/generate"):  # 0 would make each repeated token certain in llama.cpp: off
+        r = httpx.post(server.base_url + route, headers=AUTH, timeout=300, json={
+            "model": name, "stream": False, "options": {"temperature": -1, "repeat_penalty": 0, "num_predict": 32},
+            **({"messages": fruits} if route == "/api/chat" else {"prompt": fruits[0]["content"]})})
+        assert r.status_code == 200, r.text
+        assert (r.json().get("message") or {}).get("content", r.json().get("response")) == off
+    wide = client.chat(model=name, messages=fruits, options={**GREEDY, "top_p": 1.5, "min_p": -1, "num_predict": 8})
+    assert wide.message.content == off[:len(wide.message.content)] and wide.eval_count == 8
+
+    def hot(t: float) -> str:  # raw: the completions route, seeded
+        return client.generate(model=name, prompt="1, 2, 3,", raw=True,
+                               options={"temperature": t, "seed": 7, "num_predict": 12}).response
+    assert hot(2.5) == hot(2.5) != hot(2.0)  # taken as it is, not refused nor clamped to OpenAI's 2
+    assert client.chat(model=name, messages=COLOR, options={"temperature": 2.5, "seed": 7, "num_predict": 4}).done
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oai.chat.completions.create(model="m", messages=COLOR, max_tokens=4, temperature=2.5)
+
+
 def test_format_json_and_schema(client, name):
     ask = [{"role": "user", "content": "Reply with a JSON object with one key \"color\"."}]
     r = client.chat(model=name, messages=ask, format="json", options={**GREEDY, "num_predict": 60})
@@ -213,7 +237,7 @@ def test_an_unknown_model_is_404(client):
 
 
 @pytest.mark.parametrize("body, says", [
-    ({"options": {"temperature": 9}}, "options.temperature"),
+    ({"options": {"temperature": "hot"}}, "options.temperature"),
     ({"options": {"num_ctx": "big"}}, "options.num_ctx='big' must be a whole number"),
     ({"options": {"num_predict": "many"}}, "options.num_predict"),
     ({"options": "hot"}, "options must be an object"),

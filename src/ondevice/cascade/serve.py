@@ -2,7 +2,9 @@
 
 Non-streaming: the device's whole answer is scored; an unsure one is sent to the cloud (the device's slot is
 already free by then) and the client gets the cloud's answer, or the device's marked as a fallback when the
-cloud fails, is slow or the budget is spent.
+cloud fails, is slow or the budget is spent. A request deferred whatever the device answers (``always_defer``) does
+not wait for the device's whole answer: its first token is scored, then the cloud is asked while the device decodes
+on (:meth:`ServerCascade.finish_early`), as a stream does.
 
 Streaming has to decide before the first byte goes out (the tier is in the response headers): the first
 ``--cascade-prefix-tokens`` device tokens are buffered and scored (an answer that ends sooner is scored
@@ -140,7 +142,9 @@ class ServerCascade:
         """The request's fields the cloud gets (cloud.PASS_THROUGH keeps those it may take): the token cap under
         the name the client used, and the OpenAI fields only the cloud acts on, where the request schema has them."""
         only_cloud = {name: getattr(req, name, None) for name in CLOUD_ONLY}
-        return {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_tokens,
+        # Ollama's routes take any temperature; the cloud takes OpenAI's 0..2
+        t = req.temperature if req.temperature is None else min(req.temperature, 2)
+        return {"temperature": t, "top_p": req.top_p, "max_tokens": req.max_tokens,
                 "max_completion_tokens": req.max_completion_tokens, "stop": req.stop, "seed": req.seed,
                 "presence_penalty": req.presence_penalty or None,
                 "frequency_penalty": req.frequency_penalty or None} | only_cloud
@@ -221,6 +225,27 @@ class ServerCascade:
         return JSONResponse(resp.model_dump(mode="json"), headers=NOT_APPLICABLE_HEADERS)
 
     # -- non-streaming ------------------------------------------------------------------------------------
+    def defers_early(self, req) -> bool:
+        """Whether the request's policy defers it whatever the device answers (``always_defer``): its cloud call
+        need not wait for the device's whole answer (:meth:`finish_early`)."""
+        return self._request_policy(req).always_defer
+
+    async def _ask_cloud(self, req, request) -> CloudAnswer | CloudError | None:
+        """The cloud's answer to a deferred request, or its error (the deferral refunded); None when the client of
+        ``request`` left meanwhile (the cloud's request ended too, a paid one included)."""
+        try:
+            cloud = await _unless_gone(self.cloud.achat(self._client_messages(req), **self._cloud_params(req)),
+                                       request)
+        except CloudError as e:
+            self.budget.refund()
+            cloud = e
+        except ClientGone:
+            self.budget.refund()
+            self.state.metrics.cancelled += 1
+            return None
+        self._note(cloud)
+        return cloud
+
     async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict],
                      request=None) -> Response:
         """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer. A client of
@@ -229,19 +254,53 @@ class ServerCascade:
         for g in gen:
             stats.add(g)
         rp, conf, feats, decision = self._decide(req, stats)
-        cloud = None
-        if decision.defer:
+        cloud = await self._ask_cloud(req, request) if decision.defer else None
+        if decision.defer and cloud is None:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        return self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
+
+    async def finish_early(self, runner, job, req, request, messages: list[dict], completion) -> Response:
+        """:meth:`finish` for a request deferred whatever the device answers: the device's first token is scored
+        (the reply's confidence, as a stream's one-token prefix), then the cloud is asked while the device decodes
+        on. The cloud's answer ends the device's job; when the cloud fails, the device's answer is awaited and
+        returned, marked as a fallback (a server stopping meanwhile: what it has, finish_reason "error").
+        ``completion(records)``: the device's chat completion of its records."""
+        from ..serve.http import ShuttingDown
+
+        events = runner.events(job, request, poll_disconnect=True)
+        stats, gen, cut, gone = TokenStats(messages), [], False, False
+        rp = conf = feats = decision = cloud = None
+        try:
+            async for g in events:
+                stats.add(g)
+                gen.append(g)
+                break
+            if gen:
+                rp, conf, feats, decision = self._decide(req, stats)
+                cloud = await self._ask_cloud(req, request) if decision.defer else None
+                gone = decision.defer and cloud is None
             try:
-                cloud = await _unless_gone(self.cloud.achat(self._client_messages(req), **self._cloud_params(req)),
-                                           request)
-            except CloudError as e:
-                self.budget.refund()
-                cloud = e
-            except ClientGone:
-                self.budget.refund()
-                self.state.metrics.cancelled += 1
-                return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-            self._note(cloud)
+                while gen and not (gen[-1].finish_reason or gone or isinstance(cloud, CloudAnswer)):
+                    gen.append(await anext(events))  # the device answers: the rest of it
+            except StopAsyncIteration:  # the client went away
+                pass
+            except ShuttingDown:
+                if not isinstance(cloud, CloudError):
+                    raise
+                cut = True
+        finally:
+            await events.aclose()  # a job still decoding is cancelled: its slot is free
+        if gone or not (isinstance(cloud, CloudAnswer) or cut or (gen and gen[-1].finish_reason)):
+            return Response(status_code=499)  # nobody reads it
+        resp = completion(gen)
+        if cut:
+            resp.choices[0].finish_reason = "error"  # the device's answer did not end
+        return self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
+
+    def _reply(self, req, resp: S.ChatCompletion, gen: list[Generation], rp, conf: float, feats: dict, decision,
+               cloud: CloudAnswer | CloudError | None) -> JSONResponse:
+        """The reply to a request the policy decided (``decision``): the cloud's answer when ``cloud`` is one, else
+        the device's ``resp`` (records ``gen``), with the ``cascade`` object and its headers."""
         device_text = resp.choices[0].message.content or ""
         result = finish(decision, conf, self.combiner.calibrated, feats, device_text, gen[-1].t,
                         gen[-1].finish_reason, cloud)

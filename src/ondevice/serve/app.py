@@ -78,15 +78,21 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    # the same routes serve the Anthropic SDK (every call of it sends anthropic-version): its fields are added
     @app.get("/v1/models")
-    async def models():
-        return S.ModelList(data=state.model_cards())
+    async def models(request: Request):
+        listing = S.ModelList(data=state.model_cards())
+        if "anthropic-version" in request.headers:
+            return messages.model_page(listing.model_dump(mode="json"))
+        return listing
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):  # the openai client's models.retrieve
+    async def model(model_id: str, request: Request):  # the openai (and anthropic) client's models.retrieve
         card = next((c for c in state.model_cards() if c.id == model_id), None)
-        return card or error_response(404, f"The model '{model_id}' does not exist; GET /v1/models lists them",
-                                      param="model", code="model_not_found")
+        if card is None:
+            return error_response(404, f"The model '{model_id}' does not exist; GET /v1/models lists them",
+                                  param="model", code="model_not_found")
+        return messages.model_info(card.model_dump(mode="json")) if "anthropic-version" in request.headers else card
 
     @app.post("/tokenize")
     async def tokenize(req: S.TokenizeRequest):

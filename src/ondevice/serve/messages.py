@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 
 from ..errors import InvalidArgument
 from .responses import chat_chunks, chat_request, over_chat
@@ -40,6 +41,21 @@ def error_body(status: int, message: str) -> dict:
     """Anthropic's error object for an HTTP ``status``."""
     return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "invalid_request_error" if status < 500
                                                                   else "api_error"), "message": message}}
+
+
+def model_info(card: dict) -> dict:
+    """A /v1/models entry (OpenAI's fields) with Anthropic's ModelInfo fields too (``type``, ``display_name``,
+    ``created_at`` in RFC 3339), which the Anthropic SDK's models.list / models.retrieve read; others ignore them."""
+    at = datetime.fromtimestamp(card["created"], UTC).isoformat().replace("+00:00", "Z")
+    return card | {"type": "model", "display_name": card["id"], "created_at": at}
+
+
+def model_page(listing: dict) -> dict:
+    """The /v1/models listing (OpenAI's) as Anthropic's page too: each entry :func:`model_info`'s, and the page
+    fields (one page holds every model)."""
+    data = [model_info(c) for c in listing["data"]]
+    return listing | {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None}
 
 
 def _text(content, where: str) -> str:
@@ -123,7 +139,8 @@ def _tools(body: dict) -> tuple[list | None, object]:
     tools = None
     if body.get("tools") is not None:
         if not isinstance(body["tools"], list):
-            raise InvalidArgument("tools must be a list of {\"name\": ..., \"description\": ..., \"input_schema\": {...}}")
+            raise InvalidArgument("tools must be a list of {\"name\": ..., \"description\": ..., "
+                                  "\"input_schema\": {...}}")
         tools = []
         for i, t in enumerate(body["tools"]):
             if not isinstance(t, dict):

@@ -13,7 +13,8 @@ messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: t
 holds; the log says so once). Refused with the fix: a model not served (404, as Ollama), ``think``, images,
 ``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an earlier reply's token history: nothing
 is kept between requests, so replies carry none either). Errors on /api/*
-come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503.
+come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503. What /api/tags, /api/ps
+and /api/show say of the models is ollama_models.py's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Body, Request
@@ -29,13 +29,13 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import NO_CLOUD
-from ..errors import InvalidArgument, OndeviceError
-from ..models.gguf_split import total_size
+from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
-from .fim import NoInfill, fim_prompt, fim_tokens
+from .fim import fim_prompt
 from .http import error_response
-from .responses import chat_chunks, chat_request, over_chat
+from .ollama_models import NEVER, created_at, entries, names, show
+from .responses import chat_chunks, over_chat, validated
 from .state import UnknownModel
 from .truncate import fit_context
 
@@ -55,32 +55,41 @@ _OPTIONS = {"num_predict": "max_tokens", **{k: k for k in (
     "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta")}}
 _FIELD = {v: f"options.{k}" for k, v in _OPTIONS.items()} | {"response_format": "format"}  # chat -> ours, in errors
 _SAMPLING = set(S._Sampling.model_fields)  # what a raw prompt's completions request takes from the chat request
-NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: the model stays loaded while the server runs
 # Ollama's own defaults (api/types.go DefaultOptions) where they differ from llama.cpp's, which the chat route
 # uses: a small model loops without its repeat penalty ("1. Banana 2. Apple 3. Apple 4. Apple ...")
 DEFAULTS = {"top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 
 
-def _time(at: float | None = None) -> str:
-    """RFC 3339 UTC of ``at`` (default: now), as Ollama's ``created_at``."""
-    return datetime.fromtimestamp(time.time() if at is None else at, UTC).isoformat().replace("+00:00", "Z")
+def _as_ollama_reads(key: str, v):
+    """An option's value as Ollama's sampler reads it (sample/samplers.go NewSampler), where it takes what the chat
+    route refuses: a negative temperature is 0 (greedy, as llama.cpp's temp <= 0), top_p and min_p are clamped to
+    [0, 1], and a repeat_penalty <= 0 is 1 (off): llama.cpp's penalties sampler divides a repeated token's positive
+    logit by it, so 0 would make every repeated token certain. A temperature above OpenAI's 2 is taken as it is
+    (schemas.OllamaChatRequest)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return v  # not a number: the schema names it
+    if key == "temperature":
+        return max(v, 0)
+    if key in ("top_p", "min_p"):
+        return min(max(v, 0), 1)
+    return v if key != "repeat_penalty" or v > 0 else 1.0
 
 
-def _names(state) -> dict[str, str]:
-    """Ollama's name of each served model (``name:tag``) -> its id on the chat route (the base, ``BASE+ADAPTER``)."""
-    return {(c.id if ":" in c.id else f"{c.id}:latest"): c.id for c in state.model_cards()}
+def _request(body: dict) -> S.OllamaChatRequest:
+    """``body`` as the chat route's request, an invalid field named as Ollama's client sent it."""
+    return validated(S.OllamaChatRequest, body, _FIELD)
 
 
 def _served(state, body: dict) -> tuple[str, str]:
     """(the name ``body`` gives, the chat route's id of that model: ``name`` or ``name:latest``); raises
     :class:`UnknownModel` for one the server does not serve."""
     name = body.get("model") or body.get("name")  # /api/show's old clients send name
-    names = _names(state)
+    served = names(state)
     if not isinstance(name, str) or not name:
-        raise InvalidArgument(f"model is required: one of {', '.join(names)} (GET /api/tags lists them)")
-    if name in names or name in names.values():
-        return name, names.get(name, name)
-    raise UnknownModel(f"model '{name}' not found; this server serves {', '.join(names)} (GET /api/tags lists "
+        raise InvalidArgument(f"model is required: one of {', '.join(served)} (GET /api/tags lists them)")
+    if name in served or name in served.values():
+        return name, served.get(name, name)
+    raise UnknownModel(f"model '{name}' not found; this server serves {', '.join(served)} (GET /api/tags lists "
                        f"them)")
 
 
@@ -109,7 +118,8 @@ def _common(body: dict, state) -> dict:
         raise InvalidArgument(f"options.num_ctx={ctx!r} must be a whole number of tokens")
     if ctx is not None and ctx > state.settings.ctx:
         _num_ctx_above(ctx, state.settings.ctx)
-    chat = {**DEFAULTS, **{ours: opts[k] for k, ours in _OPTIONS.items() if opts.get(k) is not None}}
+    chat = {**DEFAULTS, **{ours: _as_ollama_reads(k, opts[k]) for k, ours in _OPTIONS.items()
+                           if opts.get(k) is not None}}
     n = chat.pop("max_tokens", None)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < -2):
         raise InvalidArgument(f"options.num_predict={n!r} must be an integer: the most tokens to generate, or -1 "
@@ -191,14 +201,19 @@ def _line(obj: dict) -> bytes:
 
 class Reply:
     """The objects of one reply (``key``: "message" for /api/chat, "response" for /api/generate), from the chat or
-    completions route's answer."""
+    completions route's answer. ``model``: the name the client gave; ``device``: the chat route's name of it. A reply
+    a cascade's cloud tier wrote names the cloud's model instead, as the chat route's does."""
 
-    def __init__(self, model: str, key: str):
-        self.model, self.key, self.t0 = model, key, time.perf_counter_ns()
+    def __init__(self, model: str, key: str, device: str | None = None):
+        self.model, self.key, self.device, self.t0 = model, key, device, time.perf_counter_ns()
+
+    def _answered_by(self, chat: dict) -> None:
+        if chat.get("model") and self.device and chat["model"] != self.device:
+            self.model = chat["model"]
 
     def obj(self, text: str = "", calls: list | None = None, logprobs: list | None = None, done: bool = False,
             **final) -> dict:
-        out: dict[str, Any] = {"model": self.model, "created_at": _time()}
+        out: dict[str, Any] = {"model": self.model, "created_at": created_at()}
         if self.key == "message":
             out["message"] = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
         else:
@@ -212,11 +227,13 @@ class Reply:
         u, t = usage or {}, timings or {}
         return {"done_reason": "length" if finish == "length" else "stop",
                 "total_duration": time.perf_counter_ns() - self.t0, "load_duration": 0,
-                "prompt_eval_count": u.get("prompt_tokens", 0), "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
+                "prompt_eval_count": u.get("prompt_tokens", 0),
+                "prompt_eval_duration": int(t.get("prompt_ms", 0) * 1e6),
                 "eval_count": u.get("completion_tokens", 0), "eval_duration": int(t.get("predicted_ms", 0) * 1e6)}
 
     def whole(self, chat: dict) -> dict:
         """The one object of a reply that is not streamed, from the chat completion ``chat``."""
+        self._answered_by(chat)
         ch = chat["choices"][0]
         msg = ch["message"]
         calls = [_call_out(c, k) for k, c in enumerate(msg.get("tool_calls") or [])]
@@ -234,6 +251,7 @@ class Reply:
                 yield _line({"error": c["error"].get("message", "")})
                 return
             usage, timings, cascade = c.get("usage") or usage, c.get("timings") or timings, _cascade(c) or cascade
+            self._answered_by(c)
             for ch in c.get("choices") or []:
                 d = ch.get("delta") or {}
                 text = d.get("content") if "delta" in ch else ch.get("text")
@@ -287,15 +305,15 @@ async def _answer(runner, req, request, reply: Reply):
 async def chat(runner, body: dict, request):
     """Answer an /api/chat request through ``runner.chat`` (its limits, grammar and tool calls)."""
     name, model = _served(runner.state, body)
-    reply = Reply(name, "message")
+    reply = Reply(name, "message", model)
     if not body.get("messages"):  # Ollama's "load the model"
         return reply.obj(done=True, done_reason="load")
     req = {**_common(body, runner.state), "model": model, "messages": _messages(body["messages"])}
     if body.get("tools"):
         req["tools"] = body["tools"]
     if body.get("truncate", True) is not False:  # Ollama's default: the oldest turns go, not the request
-        req = await fit_context(runner, req, lambda body: chat_request(body, _FIELD))
-    return await _answer(runner, chat_request(req, _FIELD), request, reply)
+        req = await fit_context(runner, req, _request)
+    return await _answer(runner, _request(req), request, reply)
 
 
 _GENERATE_REFUSED = {
@@ -311,7 +329,7 @@ async def generate(runner, body: dict, request):
     ``runner.completions`` (the prompt as it is)."""
     st = runner.state
     name, model = _served(st, body)
-    reply = Reply(name, "response")
+    reply = Reply(name, "response", model)
     for key, why in _GENERATE_REFUSED.items():
         if body.get(key):
             raise InvalidArgument(f"{key}: {why}; leave {key} unset")
@@ -330,68 +348,17 @@ async def generate(runner, body: dict, request):
     if raw and not body.get("raw") and system:
         prompt = f"{system}\n\n{prompt}"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    req = chat_request({**_common(body, st), "model": model, "messages": msgs}, _FIELD)
+    req = _request({**_common(body, st), "model": model, "messages": msgs})
     if not raw and not suffix:
         return await _answer(runner, req, request, reply)
     if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
         prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)
-    comp = S.CompletionRequest.model_validate({
+    comp = S.OllamaCompletionRequest.model_validate({
         **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
         "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
         "grammar": structured.plan(req, fence=False).grammar,  # raw: the text continued, as Ollama's
         "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
     return await _answer(_Raw(runner), comp, request, reply)
-
-
-def _inserts(state) -> bool:
-    """Whether the model has fill-in-the-middle tokens (Ollama's "insert" capability: generate takes a suffix)."""
-    try:
-        return bool(fim_tokens(state))
-    except NoInfill:
-        return False
-
-
-@functools.lru_cache(maxsize=4)
-def _facts(path: str) -> tuple[int, float, str, dict, dict]:
-    """(size, mtime, digest, Ollama's details, model_info) of the served model file, taken once: the server serves
-    the bytes it loaded, so the file being removed (`ondevice rm`) or replaced later changes none of them (the
-    sha256 is cached on disk by the models store, so a file is hashed once)."""
-    import os
-    from pathlib import Path
-
-    import gguf
-
-    from ..models import resolve
-    from ..models.store import cached_sha256
-
-    st = os.stat(path)
-    size, mtime = total_size(Path(path)), st.st_mtime  # a split model: every shard
-    digest, details = "sha256:" + cached_sha256(path), {"parent_model": "", "format": "gguf"}
-    try:
-        info = resolve(path).info
-    except OndeviceError:  # e.g. a protected model whose key is not at hand: no details
-        return size, mtime, digest, details, {}
-    try:
-        quant = gguf.LlamaFileType(info.file_type).name.removeprefix("MOSTLY_")
-    except ValueError:
-        quant = next(iter(info.quant_mix), "")  # the type of most tensor bytes
-    meta = {k: v for k, v in info.metadata.items() if not isinstance(v, (list, tuple)) and k != "tokenizer.chat_template"}
-    return size, mtime, digest, details | {
-        "family": info.architecture, "families": [info.architecture], "quantization_level": quant,
-        "parameter_size": info.params_label}, meta | {"general.parameter_count": info.parameters}
-
-
-async def _models(state) -> tuple[list[dict], dict]:
-    """(Ollama's entries of the served model and of each of its adapters, the model's model_info). A file removed
-    before it was first listed gives entries with what is known without it, never a 500 on a listing."""
-    from starlette.concurrency import run_in_threadpool
-
-    try:
-        size, mtime, digest, details, meta = await run_in_threadpool(_facts, str(state.path))
-    except OSError:  # gone (`ondevice rm`) before the first listing: the model still answers from memory
-        size, mtime, digest, details, meta = 0, time.time(), "", {"parent_model": "", "format": "gguf"}, {}
-    return [{"name": name, "model": name, "modified_at": _time(mtime), "size": size, "digest": digest,
-             "details": details} for name in _names(state)], meta
 
 
 def _refusal(path: str, instead: str):
@@ -429,7 +396,7 @@ def add_routes(app, runner, embeddings) -> None:
 
     @app.api_route("/api/tags", methods=["GET", "HEAD"])
     async def ollama_tags():
-        return {"models": (await _models(state))[0]}
+        return {"models": (await entries(state))[0]}
 
     @app.post("/api/pull")
     async def ollama_pull(body: Annotated[dict[str, Any], Body()]):  # "make sure it is pulled": it is, if served
@@ -442,20 +409,11 @@ def add_routes(app, runner, embeddings) -> None:
     @app.get("/api/ps")
     async def ollama_ps():
         return {"models": [{**m, "expires_at": NEVER, "size_vram": 0, "context_length": state.settings.ctx}
-                           for m in (await _models(state))[0]]}
+                           for m in (await entries(state))[0]]}
 
     @app.post("/api/show")
     async def ollama_show(body: Annotated[dict[str, Any], Body()]):
-        _served(state, body)
-        entries, meta = await _models(state)
-        # tools: any chat model takes them (a template that does not render tools gets them in a system note,
-        # and the grammar writes the calls); Ollama's clients refuse to send tools to a model without it
-        caps = ["completion"] + (["tools"] if state.template else []) + (
-            ["insert"] if _inserts(state) else [])  # insert: generate takes a suffix (fill in the middle)
-        return {"modelfile": f"# served by ondevice\nFROM {state.path}\n", "parameters": f"num_ctx {state.settings.ctx}",
-                "template": state.template or "", "license": meta.get("general.license", ""),
-                "details": entries[0]["details"], "model_info": meta, "capabilities": caps,
-                "modified_at": entries[0]["modified_at"]}
+        return await show(state, _served(state, body)[1])
 
     async def embed(body: dict, request: Request, key: str):
         """(the name to answer with, the /v1/embeddings answer) for the text(s) in ``body[key]``."""

@@ -250,9 +250,23 @@ class Runner:
             return StreamingResponse(self._chat_stream(jobs, req, request, plan, include_usage, told),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **(NOT_APPLICABLE_HEADERS if told else {})})
+        if cascade is not None and cascade.defers_early(req):  # the cloud is asked before the device's answer ends
+            return await cascade.finish_early(self, jobs[0], req, request, messages,
+                                              lambda gen: self._completion(req, plan, [([], gen)], request))
         results = await self._gather(jobs, request)
         if results is None:  # client gone: nobody reads this
             return JSONResponse({}, status_code=499)
+        resp = self._completion(req, plan, results, request)
+        if st.cascade is not None:
+            if cascade is None:
+                return st.cascade.not_applicable(resp)
+            return await cascade.finish(req, resp, results[0][1], messages, request)
+        return resp
+
+    def _completion(self, req: S.ChatCompletionRequest, plan: structured.Plan, results: list, request: Request
+                    ) -> S.ChatCompletion:
+        """The chat completion of the jobs' ``results`` (each choice's (echo logprobs, records))."""
+        st = self.state
         choices = []
         for i, (_, gen) in enumerate(results):
             text = "".join(g.text for g in gen)
@@ -271,13 +285,8 @@ class Runner:
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
-        resp = S.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
+        return S.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
                                 timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
-        if st.cascade is not None:
-            if cascade is None:
-                return st.cascade.not_applicable(resp)
-            return await cascade.finish(req, resp, results[0][1], messages, request)
-        return resp
 
     def _check_room(self, n_jobs: int) -> None:
         room = self.state.settings.parallel + self.state.settings.max_queue
@@ -322,8 +331,8 @@ class Runner:
                   stop=None):
             ch = ([S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
                   if choices else [])
-            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
-                                              timings=timings, cascade=told if finish else None))
+            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch,
+                                             usage=usage, timings=timings, cascade=told if finish else None))
 
         text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
             id=cid, created=created, model=st.answered_by(req.model),

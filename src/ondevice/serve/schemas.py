@@ -450,6 +450,16 @@ class CompletionRequest(_Sampling):
                          "unset")
 
 
+# Ollama's /api/chat and /api/generate: their options go to llama.cpp's sampler as they are, as Ollama's do, so a
+# temperature has no upper bound there (OpenAI's 2 stays on the /v1 routes); ollama.py maps what Ollama clamps
+class OllamaChatRequest(ChatCompletionRequest):
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+class OllamaCompletionRequest(CompletionRequest):  # /api/generate's raw prompt and suffix
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
 class CompletionLogprobs(_Resp):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -92,3 +93,33 @@ def test_writers_refuse_another_programs_database_and_leave_it_as_it_was(cli, tm
     Store(fresh).close()
     with Store(fresh, create=False) as st:
         assert st.sessions() == []
+
+
+def test_a_full_disk_is_named_and_the_store_is_not_called_someone_elses(tmp_path):
+    """A healthy store on a full disk was "not an ondevice store ...; move it aside": following that advice
+    abandons every record. The cause is named and the file left as it is."""
+    import subprocess
+
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = disk / "r.sqlite"
+        with Store(path) as st:
+            st.add("bench", {"x": 1}, session="s", config_key="k", model="m", model_sha256="h", test="t")
+        before = path.read_bytes()
+        with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):  # full: no room for -wal/-shm
+            f.write(b"\0" * (2 << 20))
+        for create in (True, False):
+            with pytest.raises(OndeviceError) as e:
+                Store(path, create=create).close()
+            assert "the disk holding it is full" in str(e.value) and "not an ondevice store" not in str(e.value)
+            assert "its records are kept" in str(e.value) and "mv " not in str(e.value)
+        (disk / "filler").unlink()
+        assert path.read_bytes() == before
+        with Store(path, create=False) as st:
+            assert len(st.records("bench")) == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

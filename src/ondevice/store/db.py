@@ -7,6 +7,7 @@ transaction per record: a process killed mid-sweep loses at most the record in f
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -111,6 +112,9 @@ class Store:
         except sqlite3.DatabaseError as e:  # not a database, a directory, an unreadable file, someone else's DB
             if self.db is not None:
                 self.db.close()
+            if not any(w in str(e) for w in ("file is not a database", "another program", "no records table")):
+                raise StoreUnusable(f"cannot use {self.path} ({e}); check it and its folder, or give another "
+                                    f"--db") from None  # not proof the file is someone else's: no advice to move it
             fix = ("give another --db" if path else f"move it aside (`mv {self.path} {self.path}.not-a-store`: the "
                    f"next bench or eval starts a new one there), or give another --db")
             raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; {fix}") from None
@@ -170,10 +174,26 @@ class Store:
                                     f"{self.path}.damaged`: the next bench or eval starts a new one there) or "
                                     f"recover its records with `sqlite3 {self.path} .recover | sqlite3 "
                                     f"recovered.sqlite`") from None
-            if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "full" in msg):
-                raise StoreUnusable(f"cannot write {self.path} ({msg}); check that its folder is writable and "
-                                    f"its disk has space, or give another --db") from None
+            if isinstance(e, sqlite3.OperationalError) and any(
+                    w in msg for w in ("readonly", "full", "disk I/O error", "unable to open")):
+                raise StoreUnusable(f"cannot use {self.path} ({msg}): {self._room()}; its records are kept: "
+                                    f"run this again once it is fixed, or give another --db") from None
             raise
+
+    def _room(self) -> str:
+        """What stops SQLite here: the free space and write access of the store's folder, as far as they tell."""
+        import shutil
+
+        folder = self.path.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return "check that its folder exists and is writable and its disk has space"
+        if free < 1 << 20:
+            return f"the disk holding it is full ({free >> 10} KiB free); free some space there"
+        if not os.access(folder, os.W_OK):
+            return f"its folder {folder} is not writable (a read-only disk?); SQLite writes beside the file"
+        return "check its folder's permissions and its disk"
 
     def __enter__(self) -> Store:
         return self

@@ -155,6 +155,9 @@ def test_token_ids_of_another_vocabulary_get_an_error_that_names_langchains_swit
     client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary.*check_embedding_ctx_length=False"):
         client.embeddings.create(model=srv.state.model_id, input=[[15339, 1917], [100255]])
+    with pytest.raises(openai.BadRequestError, match=r"outside the vocabulary") as e:  # LangChain's hint: embeddings'
+        client.completions.create(model=srv.state.model_id, prompt=[100255], max_tokens=2)
+    assert "LangChain" not in str(e.value)
 
 
 def test_completions_llm_invoke_stream_and_logprobs_with_a_stop(srv):

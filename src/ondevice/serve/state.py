@@ -196,7 +196,7 @@ class ServerState:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def check_prompt(self, tokens: list[int]) -> None:
+    def check_prompt(self, tokens: list[int], embeddings: bool = False) -> None:
         limit = self.settings.prompt_limit
         if not tokens:
             raise InvalidArgument("the prompt is empty; give some text")
@@ -206,10 +206,10 @@ class ServerState:
                                 f"or restart the server with a larger --ctx / --max-prompt-tokens")
         bad = [t for t in tokens if not 0 <= t < self.engine.n_vocab]
         if bad:
+            hint = (" LangChain's OpenAIEmbeddings sends OpenAI's tiktoken ids unless made with "
+                    "check_embedding_ctx_length=False" if embeddings else "")
             raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.engine.n_vocab - 1}); "
-                                  f"send text, or this model's token ids (POST /tokenize). LangChain's "
-                                  f"OpenAIEmbeddings sends OpenAI's tiktoken ids unless made with "
-                                  f"check_embedding_ctx_length=False")
+                                  f"send text, or this model's token ids (POST /tokenize).{hint}")
 
     def detokenize(self, tokens: list[int]) -> str:
         n = len(self.vocab_bytes)
@@ -224,7 +224,7 @@ class ServerState:
         limit = self.settings.embeddings_ctx
         for tokens in token_lists:  # the prompt limits first, as for every route
             if tokens:
-                self.check_prompt(tokens)
+                self.check_prompt(tokens, embeddings=True)
             if self.embedder is None:
                 raise InvalidArgument("embeddings are off on this server; restart it with --embeddings")
             if len(tokens) > limit:

@@ -557,3 +557,23 @@ def test_a_template_that_renders_nothing_and_a_left_recursive_grammar_are_named(
                   ["-j", '{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}']):
         r = cli("run", *flags, "hi", "-n", "2")
         assert r.returncode == 2 and "the grammar is left-recursive" in r.stderr and "$ref chain" in r.stderr, r.stderr
+
+
+def test_an_adapter_scale_past_the_servers_bound_is_refused_not_blamed_on_the_model(tmp_path, smol_path, cli):
+    """`--adapter FILE:1000` ran into NaN logits and was told to download the model again (the server refuses a
+    scale past 10 per request: the CLI and library now say the same)."""
+    import numpy as np
+
+    from ondevice.adapt import adapter_file
+    from ondevice.models.store import cached_sha256
+
+    rng = np.random.default_rng(0)
+    pairs = {"blk.29.attn_v.weight": (rng.standard_normal((4, 576)).astype(np.float32) * 0.4,
+                                      rng.standard_normal((192, 4)).astype(np.float32) * 0.4)}
+    lora = adapter_file.write(tmp_path / "a.gguf", "llama", 8.0, pairs,
+                              {"base_sha256": cached_sha256(smol_path), "base_name": "smollm2-135m-instruct"})
+    for flags in (["--adapter", f"{lora}:1000"], ["--lora-scaled", str(lora), "-20"]):
+        r = cli("run", *flags, "hi", "-n", "2")
+        assert r.returncode == 2 and "an adapter's scale goes from -10 to 10" in r.stderr, r.stderr
+        assert "download" not in r.stderr
+    assert cli("run", "--adapter", f"{lora}:10", "hi", "-n", "2").returncode == 0

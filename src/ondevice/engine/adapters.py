@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 
+MAX_SCALE = 10.0  # an adapter's scale (serve/schemas.py's per-request bound is the same)
 
 class Adapters:
     """The adapters loaded on ``engine``'s model (by name) and the set active on its context."""
@@ -54,6 +55,9 @@ class Adapters:
         from ..adapt.adapter_file import check
         from .native import load_log
 
+        if not -MAX_SCALE <= scale <= MAX_SCALE:  # its change times 1000 overflows: NaN logits, blamed on the model
+            raise InvalidArgument(f"--adapter {path}:{scale:g}: an adapter's scale goes from -{MAX_SCALE:g} to "
+                                  f"{MAX_SCALE:g} (1: as trained, 0: off), as the server's per-request scales")
         p = store.resolve(path)
         name = name or p.stem
         if "+" in name:  # a request picks adapters by model 'BASE+NAME': this one could never be asked for

@@ -577,3 +577,13 @@ def test_an_adapter_scale_past_the_servers_bound_is_refused_not_blamed_on_the_mo
         assert r.returncode == 2 and "an adapter's scale goes from -10 to 10" in r.stderr, r.stderr
         assert "download" not in r.stderr
     assert cli("run", "--adapter", f"{lora}:10", "hi", "-n", "2").returncode == 0
+
+
+def test_serve_refuses_a_model_whose_own_template_fails_every_conversation(tmp_path, smol_path, cli):
+    """It started "healthy" and answered every chat request 400 invalid_request_error, blaming the client's
+    request; llama-server refuses such a template at start."""
+    bad = with_template(Path(smol_path), tmp_path / "raises.gguf", "{{ raise_exception('boom from template') }}")
+    r = cli("serve", "-m", str(bad), "--port", "0", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "raises's own chat template: it does not render a plain conversation" in r.stderr, r.stderr
+    assert "boom from template" in r.stderr and "--chat-template" in r.stderr

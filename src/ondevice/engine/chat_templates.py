@@ -61,13 +61,19 @@ def template_from(value: str | None = None, file: str | Path | None = None) -> s
                               f"give one of those names, the template's text, or --chat-template-file FILE")
     if not text.strip():
         raise InvalidArgument(f"{where}: the template is empty")
+    return check_renders(text, where)
+
+
+def check_renders(text: str, where: str, fix: str = "") -> str:
+    """``text`` when it renders a plain conversation with its messages' text, else the reason (``fix``: what the
+    user can do, after it)."""
     try:
         out = chat.render(text, SAMPLE, bos_token="", eos_token="")
     except InvalidArgument as e:
-        raise InvalidArgument(f"{where}: it does not render a plain conversation: {e}") from None
+        raise InvalidArgument(f"{where}: it does not render a plain conversation: {e}{fix}") from None
     if "Hi" not in out:
         raise InvalidArgument(f"{where}: it renders a conversation without the messages' text; a chat template "
-                              f"writes each message's content (message['content'])")
+                              f"writes each message's content (message['content']){fix}")
     return text
 
 

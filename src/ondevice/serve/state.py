@@ -11,7 +11,7 @@ from pathlib import Path
 from ..engine.args import FLASH_ATTN
 from ..engine.base import EngineConfig
 from ..engine.chat import message_text
-from ..engine.chat_templates import model_template, template_from
+from ..engine.chat_templates import check_renders, model_template, template_from
 from ..engine.embed import capacity, embed_batch, embedding_config, packs
 from ..engine.model import BaseModelWarning, Model, check_same_vocab
 from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
@@ -98,6 +98,13 @@ class ServerState:
             eng.close()
             raise
         self.template = model_template(template, eng, name)
+        if template is None and self.template:  # every chat request would fail: refused now, as llama-server does
+            try:
+                check_renders(self.template, f"{name}'s own chat template", "; give one that works with "
+                              "--chat-template NAME|JINJA or --chat-template-file FILE")
+            except BaseException:
+                eng.close()
+                raise
         self.model = Model(name=name, path=self.path, engine=eng, template=self.template)  # renders prompts
         # token text tables built once: the engine's piece buffer is not shared across threads
         self.vocab_bytes = [eng.token_bytes(t) for t in range(eng.n_vocab)]

@@ -587,3 +587,14 @@ def test_serve_refuses_a_model_whose_own_template_fails_every_conversation(tmp_p
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "raises's own chat template: it does not render a plain conversation" in r.stderr, r.stderr
     assert "boom from template" in r.stderr and "--chat-template" in r.stderr
+
+
+def test_file_flags_read_a_bounded_amount(tmp_path, cli):
+    """`--chat-template-file /dev/zero` was read until the OOM killer came, `--key-file /dev/zero` to a
+    MemoryError: each reads at most what such a file can hold (a big regular file stands in for /dev/zero)."""
+    big = tmp_path / "big"
+    big.write_bytes(b"\0" * (2 << 20))
+    r = cli("run", "--chat-template-file", str(big), "hi", "-n", "2")
+    assert r.returncode == 2 and "over 1 MiB, not a chat template" in r.stderr, r.stderr
+    r = cli("run", "--key-file", str(big), "hi", "-n", "2")
+    assert r.returncode == 2 and "over 4096 bytes, not a key file" in r.stderr, r.stderr

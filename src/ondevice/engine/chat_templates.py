@@ -42,13 +42,18 @@ def template_from(value: str | None = None, file: str | Path | None = None) -> s
     if value is not None and file is not None:
         raise InvalidArgument("--chat-template and --chat-template-file both give the template; give one")
     if file is not None:
-        try:
-            text = Path(file).expanduser().read_text(encoding="utf-8")
+        try:  # at most 1 MiB (`/dev/zero` was read until the OOM killer came; templates are a few KiB)
+            with open(Path(file).expanduser(), "rb") as f:
+                data = f.read((1 << 20) + 1)
+            text = data.decode("utf-8")
         except OSError as e:
             raise InvalidArgument(f"--chat-template-file {file}: {e.strerror or e}; give a file that holds a Jinja "
                                   f"chat template") from None
         except UnicodeDecodeError:
             raise InvalidArgument(f"--chat-template-file {file}: not UTF-8 text; give a Jinja chat template") from None
+        if len(data) > 1 << 20:
+            raise InvalidArgument(f"--chat-template-file {file}: over 1 MiB, not a chat template; give the file "
+                                  f"that holds one")
         where = f"--chat-template-file {file}"
     elif value is None:
         return None

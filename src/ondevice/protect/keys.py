@@ -19,13 +19,13 @@ import contextlib
 import os
 import secrets
 import shlex
-from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 
 SOURCE_ENV = "ONDEVICE_KEY_SOURCE"  # the key source the flags chose, for every load in this process and its workers
 DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # the key itself, used when no key source is given at all
 KEYRING_SERVICE = "ondevice"
+KEY_FILE_LIMIT = 4096  # bytes: a key file holds 32 bytes or their text (a line of hex or base64, a comment)
 _FIX_FLAGS = "give the key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
 
 
@@ -174,11 +174,15 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         return parse_key(val, f"environment variable {name}")
     if kind == "file":
         try:
-            data = Path(name).read_bytes()
+            with open(name, "rb") as f:  # a key is 32 bytes, or their text: `/dev/zero` is no key file
+                data = f.read(KEY_FILE_LIMIT + 1)
         except OSError as e:
             for part in (name, os.path.basename(name)):  # a base64 key may hold "/": it is not a path then
                 _refuse_key_as_name("file", part)
             raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
+        if len(data) > KEY_FILE_LIMIT:
+            raise OndeviceError(f"--key-file {name}: over {KEY_FILE_LIMIT} bytes, not a key file (a key is 32 bytes, "
+                                f"or their hex or base64 text); give the file `ondevice protect keygen -o` wrote")
         _warn_if_others_can_read(name)
         return parse_key(data if len(data) == 32 else data.strip(), f"key file {name}")
     if kind == "keyring":

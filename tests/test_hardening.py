@@ -577,6 +577,10 @@ def test_an_adapter_scale_past_the_servers_bound_is_refused_not_blamed_on_the_mo
         assert r.returncode == 2 and "an adapter's scale goes from -10 to 10" in r.stderr, r.stderr
         assert "download" not in r.stderr
     assert cli("run", "--adapter", f"{lora}:10", "hi", "-n", "2").returncode == 0
+    cut = tmp_path / "cut.gguf"  # an adapter cut short in a copy: named as a model's file is (was numpy's words)
+    cut.write_bytes(lora.read_bytes()[:3000])
+    r = cli("run", "--adapter", str(cut), "hi", "-n", "2")
+    assert r.returncode == 2 and f"--adapter {cut}: truncated: tensor" in r.stderr, r.stderr
 
 
 def test_serve_refuses_a_model_whose_own_template_fails_every_conversation(tmp_path, smol_path, cli):
@@ -598,3 +602,18 @@ def test_file_flags_read_a_bounded_amount(tmp_path, cli):
     assert r.returncode == 2 and "over 1 MiB, not a chat template" in r.stderr, r.stderr
     r = cli("run", "--key-file", str(big), "hi", "-n", "2")
     assert r.returncode == 2 and "over 4096 bytes, not a key file" in r.stderr, r.stderr
+
+
+def test_a_tensor_whose_shape_runs_into_the_next_is_named(tmp_path, smol_path, cli):
+    """A first dimension changed in the tensor table (the file size the same): llama.cpp said only "failed to load
+    model"; its reason (offsets that do not follow from the shapes) is checked first now."""
+    fields = {f.name: f for f in fuzz.layout(Path(smol_path), sample=0).fields}
+    first = next(n for n in fields if n.startswith("tensor ") and n.endswith(":shape[0]"))
+    f = fields[first]
+    data = bytearray(Path(smol_path).read_bytes())
+    struct.pack_into("<Q", data, f.offset, struct.unpack_from("<Q", data, f.offset)[0] + 32)
+    bad = tmp_path / "wrongshape.gguf"
+    bad.write_bytes(bytes(data))
+    r = cli("run", "-m", str(bad), "hi", "-n", "2")
+    assert r.returncode == 2 and "corrupt tensor info: tensor '" in r.stderr, r.stderr
+    assert "but the tensors before it end at" in r.stderr

@@ -55,9 +55,15 @@ def read_meta(path: str | Path) -> dict:
     """An adapter's header: ``general.*``/``adapter.*`` values and our provenance (JSON decoded)."""
     import gguf
 
+    from ..models.gguf_check import InvalidModelFile, validate_gguf
+
     p = Path(path)
     if problem := path_problem(p):
         raise InvalidArgument(f"--adapter {p}: {problem}; give the .gguf that `ondevice adapt` wrote")
+    try:  # a file cut short or damaged is named as for a model (gguf-py's own errors are numpy's internals)
+        validate_gguf(p, alone=True)
+    except InvalidModelFile as e:
+        raise InvalidArgument(f"--adapter {e}") from None
     try:
         r = gguf.GGUFReader(str(p))
     except Exception as e:  # noqa: BLE001 — not a GGUF at all, truncated, ...: one line for the user

@@ -302,6 +302,7 @@ def _header(path: Path, buf: bytes, size: int) -> _Header:
     tensors: list[TensorInfo] = []
     shapes: dict[str, tuple[int, ...]] = {}
     offsets: dict[str, int] = {}
+    expected = 0  # llama.cpp reads the tensors' data one after another, each padded to the alignment
     for name, shape, ggml_type, offset in raw:
         try:
             qtype = gguf.GGMLQuantizationType(ggml_type)
@@ -330,6 +331,11 @@ def _header(path: Path, buf: bytes, size: int) -> _Header:
         if start + n_bytes > size:
             raise _invalid(path, f"truncated: tensor '{name}' ends at byte {start + n_bytes} but the file "
                                  f"has {size} bytes", _FIX_TRUNCATED)
+        if offset != expected:  # llama.cpp: "tensor 'X' has offset O, expected E", then "failed to load model"
+            raise _invalid(path, f"corrupt tensor info: tensor '{name}' ({n_bytes} bytes as {qtype.name} "
+                                 f"{list(shape)}) starts at data offset {offset}, but the tensors before it end at "
+                                 f"{expected}: a shape or offset in the file is wrong")
+        expected += -(-n_bytes // alignment) * alignment
         if name in shapes:
             raise _invalid(path, f"corrupt tensor info: duplicate tensor '{name}'")
         tensors.append(TensorInfo(name, qtype.name, n_elements, n_bytes))

@@ -62,7 +62,7 @@ def llama_runs(model: str | Path, adapter: str | Path | None, prompts: list, n_t
 def _figures(runs, other_logits: list[np.ndarray]) -> dict:
     """How ``other_logits`` (each over a run's prompt + greedy tokens) agree with the runs' greedy tokens: where
     their argmax is the run's token at every generated position, their own greedy decoding gives that sequence."""
-    same_seq, pos_same, pos_n, max_diff, mean_diff, first_diverge = 0, 0, 0, 0.0, [], []
+    same_seq, pos_same, pos_n, max_diff, mean_diff, first_diverge, margins = 0, 0, 0, 0.0, [], [], []
     for (toks, gen, ll), tl in zip(runs, other_logits):
         rows = slice(len(toks) - 1, len(toks) + len(gen) - 1)  # positions that predicted the generated tokens
         ok = tl[rows].argmax(-1) == np.array(gen)
@@ -70,13 +70,15 @@ def _figures(runs, other_logits: list[np.ndarray]) -> dict:
         pos_n += len(gen)
         same_seq += bool(ok.all())
         first_diverge.append(int(np.argmin(ok)) if not ok.all() else None)
+        top2 = np.sort(ll[rows][~ok], axis=-1)[:, -2:]  # the runs' own top-2 logits where the other disagrees
+        margins += [float(m) for m in top2[:, 1] - top2[:, 0]]
         d = np.abs(tl - ll)
         max_diff = max(max_diff, float(d.max()))
         mean_diff.append(float(d.mean()))
     return {"prompts": len(runs), "identical_sequences": same_seq, "identical_share": same_seq / max(1, len(runs)),
             "token_agreement": pos_same / max(1, pos_n), "logit_max_abs_diff": max_diff,
             "logit_mean_abs_diff": float(np.mean(mean_diff)) if mean_diff else None,
-            "first_divergence": first_diverge}
+            "first_divergence": first_diverge, "divergence_margins": margins}
 
 
 def agreement(base: str | Path, adapter: str | Path | None, prompts: list[str], n_tokens: int = 16,

@@ -43,7 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "decoding; the other tensors are copied)")
     p.add_argument("--weights", default=None, metavar="W,W,...",
                    help="with average: one weight per adapter, in order (default: 1/n each)")
-    p.add_argument("--steps", type=int, default=d.steps)
+    from .train import DEFAULT_STEPS
+
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps of --batch examples (default {DEFAULT_STEPS}, or what --epochs makes)")
+    p.add_argument("--epochs", "--num-train-epochs", "--num_train_epochs", dest="epochs", type=float, default=None,
+                   metavar="E", help="passes over the training examples, each seen once per pass in a shuffled order "
+                                     "(TRL's --num_train_epochs): ceil(E * examples / batch) steps; not with --steps")
     p.add_argument("--lr", "--learning-rate", type=float, default=d.lr)  # the second: peft's and TRL's name
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per example at most")
@@ -80,11 +86,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
     p.add_argument("--force", action="store_true", help="merge / average: replace the model or adapter they would "
                                                         "write where one is there already")
-    from ..engine.llama_flags import Refused
-
-    p.add_argument("--epochs", "--num-train-epochs", nargs="?", action=Refused, tool="TRL", help=argparse.SUPPRESS,
-                   why="ondevice adapt counts --steps of --batch examples, each batch drawn at random: E epochs of N "
-                       "training examples are about E * N / batch steps")
 
 
 def parse_budget(s: str) -> int:
@@ -165,7 +166,7 @@ def remove_adapters(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"adapt {args.data} takes the stored adapters' names: ondevice adapt rm NAME "
                               f"[NAME ...] (`ondevice adapt list` shows them)")
     for name, freed in store.remove(args.adapter):
-        print(f"removed adapter {name} ({freed / 2**20:.1f} MiB)")
+        print(f"removed adapter {name} ({store.size_text(freed)})")
     return 0
 
 
@@ -201,6 +202,7 @@ def merge_adapter(args: argparse.Namespace) -> int:
 
 def average_adapters(args: argparse.Namespace) -> int:
     from .average import average
+    from .store import size_text
 
     try:
         weights = None if args.weights is None else [float(w) for w in args.weights.split(",")]
@@ -213,7 +215,7 @@ def average_adapters(args: argparse.Namespace) -> int:
         return 0
     parts = ", ".join(f"{Path(a).stem} x {w:g}" for a, w in zip(r["adapters"], r["weights"], strict=True))
     print(f"adapter {r['path']}: {parts}; {r['tensors']} tensors, rank {'/'.join(map(str, r['ranks']))}, "
-          f"{r['size_bytes'] / 2**20:.1f} MiB")
+          f"{size_text(r['size_bytes'])}")
     print(f"use it: ondevice run --adapter {r['name'] or r['path']} \"...\"", file=sys.stderr)
     return 0
 
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     out = target(args.out, args.name, "deferred" if args.source == "deferred" else Path(data).stem)
     if args.source == "file" and args.out is None and args.name is None and not args.resume:
         refuse_replacing_other_data(out, data)
-    cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, lr=args.lr,
+    cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, epochs=args.epochs, lr=args.lr,
                       batch=args.batch, max_len=args.max_len, rank=rank, alpha=args.alpha, modules=modules,
                       layers=layers, precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
@@ -291,7 +293,11 @@ def run(args: argparse.Namespace) -> int:
             f"; held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")
     print(f"adapter {r['adapter']}: LoRA on {len(r['plan'])} tensors (layers {layers[0]}-{layers[-1]}, "
           f"{','.join(mods)}, ranks {sorted(set(r['plan'].values()))}, {r['trainable_params']:,} parameters)")
-    print(f"{r['steps']} steps, batch loss {r['first_loss']:.4f} (first step) -> {r['last_loss']:.4f} (last){held}; "
+    n, e = r["n_train"], r["epochs"]
+    epochs = f"{e:.2g}" if e < 1 else f"{e:.1f}".removesuffix(".0")  # 4.4, 1, 0.33
+    print(f"{r['steps']} step{'' if r['steps'] == 1 else 's'} = {epochs} epoch{'' if epochs == '1' else 's'} of {n} "
+          f"example{'' if n == 1 else 's'}, batch loss {r['first_loss']:.4f} (first step) -> {r['last_loss']:.4f} "
+          f"(last){held}; "
           f"{r['seconds_per_step']:.2f} s/step; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
           + (f" (budget {cfg.budget_bytes / 2**20:.0f} MiB)" if cfg.budget_bytes else "")
           + ("; gradient checkpointing" if r["checkpointing"] else ""))

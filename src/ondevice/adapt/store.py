@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def check_out_file(out: str | Path | None, what: str, example: str) -> None:
 def names() -> list[str]:
     """The stored adapters' names, sorted."""
     return sorted(p.stem for p in adapters_dir().glob("*.gguf") if not p.name.startswith("."))
+
+
+_CKPT = ".gguf.ckpt.pt"
+
+
+def interrupted_names() -> list[str]:
+    """Names of interrupted runs into the store (a checkpoint; an adapter of that name too for a rerun), sorted."""
+    return sorted(p.name.removesuffix(_CKPT) for p in adapters_dir().glob(f"*{_CKPT}") if not p.name.startswith("."))
+
+
+def size_text(n: int) -> str:
+    """Bytes as people read them: '35.2 KiB' below a MiB (0.0 MiB said nothing), else '12.3 MiB'."""
+    if n < 2**10:
+        return f"{n} B"
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -167,7 +183,8 @@ def describe(path: Path) -> dict:
 
 
 def listing() -> list[dict]:
-    """Every stored adapter (a file that cannot be read shows as such, the others still list)."""
+    """Every stored adapter (a file that cannot be read shows as such, the others still list), then every
+    interrupted run into the store (as HF's ``checkpoint-N`` folders are there to see), by name."""
     out = []
     for n in names():
         p = adapters_dir() / f"{n}.gguf"
@@ -175,7 +192,57 @@ def listing() -> list[dict]:
             out.append(describe(p))
         except InvalidArgument as e:
             out.append({"name": n, "path": str(p), "error": str(e)})
-    return out
+    out += [describe_interrupted(n) for n in interrupted_names()]
+    return sorted(out, key=lambda r: r["name"])  # stable: a rerun's row after its adapter's
+
+
+def describe_interrupted(name: str) -> dict:
+    """One listing row for an interrupted run: its checkpoint's step, steps and the command that resumes it."""
+    p = adapters_dir() / f"{name}{_CKPT}"
+    st = p.stat()
+    row = {"name": name, "path": str(p), "base": None, "size_bytes": st.st_size,
+           "created": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds"),
+           "interrupted": {"step": None, "steps": None, "resume": None},
+           "rerun": (adapters_dir() / f"{name}.gguf").exists()}  # the stored adapter stays until the rerun ends
+    try:
+        import torch
+
+        state = torch.load(p, weights_only=True, map_location="cpu")
+        step = int(state["step"])
+    except ImportError:
+        row["interrupted"]["error"] = "reading a checkpoint needs torch: pip install 'ondevice[adapt]'"
+        return row
+    except Exception as e:  # noqa: BLE001 — a file that is no checkpoint of ours: said, the others still list
+        row["interrupted"]["error"] = f"unreadable checkpoint: {type(e).__name__}"
+        return row
+    run = state.get("run") or {}  # an older ondevice's checkpoint has none: the step is all it says
+    row["base"] = run.get("base")
+    row["interrupted"] = {"step": step, "steps": run.get("steps"), "resume": resume_command(name, state)}
+    return row
+
+
+def resume_command(name: str, state: dict) -> str | None:
+    """The ``ondevice adapt ... --resume`` that continues the checkpoint ``state`` of the stored run ``name``:
+    the data, base and the settings a resume must keep (those not at their defaults), and the steps asked for."""
+    from .train import DEFAULT_STEPS, FIXED_ON_RESUME, AdaptConfig, _shown
+
+    run = state.get("run")
+    if not run:
+        return None
+    d = AdaptConfig(data="")
+    deferred = Path(run["data"]).resolve() == Path(f"{adapters_dir() / name}.gguf.deferred.jsonl").resolve()
+    cmd = ["ondevice", "adapt", *(("--from", "deferred") if deferred else (run["data"],)), "--name", name]
+    if run.get("model"):
+        cmd += ["-m", run["model"]]
+    for k, flag in FIXED_ON_RESUME.items():
+        v = (state.get("settings") or {}).get(k, getattr(d, k))
+        if _shown(k, v) != _shown(k, getattr(d, k)):
+            cmd += [flag, _shown(k, v)]
+    if run.get("epochs") is not None:
+        cmd += ["--epochs", f"{run['epochs']:g}"]
+    elif run.get("steps_given") not in (None, DEFAULT_STEPS):
+        cmd += ["--steps", str(run["steps_given"])]
+    return shlex.join([*cmd, "--resume"])
 
 
 def table(rows: list[dict]) -> str:
@@ -183,12 +250,23 @@ def table(rows: list[dict]) -> str:
     def fmt(r: dict) -> list[str]:
         if "error" in r:
             return [r["name"], "-", "-", "-", f"unreadable: {r['error']}"]
+        when = r["created"][:16].replace("T", " ")
+        if "interrupted" in r:
+            i = r["interrupted"]
+            at = "" if i["step"] is None else f" at step {i['step']}" + (f"/{i['steps']}" if i["steps"] else "")
+            # a rerun's: the file (rm would remove the stored adapter too)
+            drop = f"delete {r['path']}" if r.get("rerun") else f"`ondevice adapt rm {r['name']}`"
+            how = (f"`{i['resume']}` to continue" if i["resume"] else f"{drop} to drop it" if i.get("error")
+                   else "the same command plus --resume to continue")
+            why = f" ({i['error']})" if i.get("error") else ""
+            what = "a rerun, interrupted" if r.get("rerun") else "interrupted"
+            return [r["name"], r["base"] or "?", size_text(r["size_bytes"]), when, f"{what}{at}{why}: {how}"]
         held = ("" if r["heldout_loss_before"] is None or r["heldout_loss_after"] is None
                 else f", held-out loss {r['heldout_loss_before']:.3f} -> {r['heldout_loss_after']:.3f}")
         peak = f", peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB" if r["peak_rss_bytes"] else ""
         params = f", {r['params']:,} params" if r["params"] else ""
         steps = f"{r['steps']} steps, " if r["steps"] else ""
-        return [r["name"], r["base"] or "?", f"{r['size_bytes'] / 2**20:.1f} MiB", r["created"][:16].replace("T", " "),
+        return [r["name"], r["base"] or "?", size_text(r["size_bytes"]), when,
                 f"{steps}{r['tensors']} tensors{params}{held}{peak}"]
 
     head = ["NAME", "BASE", "SIZE", "CREATED (UTC)", "FIGURES"]

@@ -18,8 +18,10 @@ from ..errors import InvalidArgument
 from ..models.store import cached_sha256, sha256_file
 from ..stop_signals import signals_held
 from . import adapter_file, data
+from .batches import Batches, epochs_of, steps_for
 
 PRECISIONS = ("fp32", "bf16")
+DEFAULT_STEPS = 40
 CHECKPOINTING = ("auto", "on", "off")
 MEMORY = ("auto", "lean", "fast")
 
@@ -33,7 +35,8 @@ class AdaptConfig:
     out: str | None = None  # None: the adapter store, as ``name`` (store.py)
     name: str | None = None  # None: the data file's stem
     model: str | None = None
-    steps: int = 40
+    steps: int | None = None  # None: ``epochs`` passes over the training examples, else DEFAULT_STEPS
+    epochs: float | None = None  # steps = ceil(epochs * training examples / batch); not with ``steps``
     lr: float = 1e-3
     rank: int = 8
     alpha: float = 16.0
@@ -68,7 +71,8 @@ class AdaptConfig:
 
 
 # what a checkpoint's run was made with and a resumed one must keep (the flag each comes from): they shape the
-# adapter's tensors, the optimizer's state or the held-out split. --steps, --checkpoint-every and -t may change.
+# adapter's tensors, the optimizer's state or the held-out split. --steps (or --epochs), --checkpoint-every and
+# -t may change.
 FIXED_ON_RESUME = {"lr": "--lr", "batch": "--batch", "max_len": "--max-len", "rank": "--rank", "alpha": "--alpha",
                    "modules": "--modules", "layers": "--layers", "budget_bytes": "--budget",
                    "checkpointing": "--checkpointing", "precision": "--precision", "seed": "--seed",
@@ -140,10 +144,23 @@ def load_checkpoint(cfg: AdaptConfig) -> dict:
                                                         for flag, new, old in differ)
                               + f"; resume {fix} or start over without --resume (only --steps, "
                                 f"--checkpoint-every and -t may change on resume)")
-    if cfg.steps < state["step"]:
-        raise InvalidArgument(f"--resume: --steps {cfg.steps} is fewer than the {state['step']} steps the checkpoint "
-                              f"has done; give --steps {state['step']} or more")
+    if cfg.steps is not None:  # --epochs: checked once the examples are counted (total_steps)
+        check_resumed_steps(cfg.steps, None, state["step"])
     return state
+
+
+def check_resumed_steps(steps: int, epochs: float | None, done: int) -> None:
+    if steps < done:
+        given = f"--epochs {epochs:g} makes {steps} steps, which is" if epochs is not None else f"--steps {steps} is"
+        raise InvalidArgument(f"--resume: {given} fewer than the {done} steps the checkpoint has done; give "
+                              f"--steps {done} or more")
+
+
+def total_steps(cfg: AdaptConfig, n_train: int) -> int:
+    """The run's steps: ``steps``, else ``epochs`` passes over the ``n_train`` examples, else DEFAULT_STEPS."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return DEFAULT_STEPS if cfg.epochs is None else steps_for(cfg.epochs, n_train, cfg.batch)
 
 
 def peak_rss() -> int:
@@ -190,7 +207,12 @@ def check_settings(cfg: AdaptConfig) -> None:
 
         raise InvalidArgument(f"--modules {','.join(cfg.modules)!r} --layers {_shown('layers', cfg.layers)}: no "
                               f"tensor to train; give at least one of {','.join(MODULES)} (or 'all') and one layer")
-    if cfg.steps < 1 or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
+    if cfg.epochs is not None and cfg.steps is not None:
+        raise InvalidArgument(f"--epochs {cfg.epochs:g} and --steps {cfg.steps} both given: --epochs counts the steps "
+                              f"itself (ceil(epochs * training examples / batch)); give one of them")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise InvalidArgument(f"--epochs {cfg.epochs:g}: must be a number > 0, e.g. --epochs 3")
+    if (cfg.steps is not None and cfg.steps < 1) or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
         raise InvalidArgument("--steps, --batch and --rank must be >= 1 and --max-len >= 8")
     for flag, v, eg in (("--lr", cfg.lr, "1e-3"), ("--alpha", cfg.alpha, "16")):
         if not (math.isfinite(v) and v > 0):  # AdamW refuses lr <= 0 with a traceback; alpha 0 trains nothing
@@ -346,6 +368,9 @@ def train(cfg: AdaptConfig) -> dict:
             raise InvalidArgument(f"--resume: {cfg.ckpt_path} was made from other data than {cfg.data} (it changed "
                                   f"since); resume on the data it was made from or start over without --resume")
         cfg.plan, cfg.plan_info = state["plan"], state["plan_info"]
+    total = total_steps(cfg, len(train_ex))
+    if state is not None:
+        check_resumed_steps(total, cfg.epochs, state["step"])
     try:  # the budget planner measures for minutes on a busy CPU: Ctrl-C there is said, not a bare exit
         model = build(cfg, base, train_ex)
         held_before = mean_loss(model, held) if state is None else state["held_before"]
@@ -359,34 +384,37 @@ def train(cfg: AdaptConfig) -> dict:
         raise
     params = [p for lin in model.linears().values() if lin.rank for p in (lin.lora_a, lin.lora_b)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warm = max(1, min(5, cfg.steps // 10))  # linear warm-up, then cosine decay to 0
+    warm = max(1, min(5, total // 10))  # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        1 + math.cos(math.pi * min(s, total) / total)))
     step, history = 0, []
-    rng = random.Random(cfg.seed)
+    batches = Batches(len(train_ex), cfg.batch, cfg.seed)
     if state is not None:
         model.load_state_dict(state["lora"], strict=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, history = state["step"], state["history"]
-        v, internal, gauss = state["rng"]
-        rng.setstate((v, tuple(internal), gauss))
+        # an older ondevice's checkpoint kept only the rng (batches drawn with replacement): a fresh order from it
+        batches.set_state(state["batches"] if "batches" in state else {"rng": state["rng"], "order": [], "pos": 0})
 
     def save_ckpt() -> None:
         tmp = cfg.ckpt_path.with_suffix(".part")
-        torch.save({"step": step, "history": history, "rng": rng.getstate(), "plan": cfg.plan,
+        torch.save({"step": step, "history": history, "batches": batches.state(), "plan": cfg.plan,
                     "plan_info": cfg.plan_info, "held_before": held_before, "base_sha256": base["sha256"],
                     "data_sha256": data_sha, "settings": fixed, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    # what `adapt list` shows of an interrupted run, and the command that resumes it
+                    "run": {"data": str(Path(cfg.data).resolve()), "model": cfg.model, "base": base["name"],
+                            "steps": total, "steps_given": cfg.steps, "epochs": cfg.epochs, "n_train": len(train_ex)},
                     "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k}}, tmp)
         os.replace(tmp, cfg.ckpt_path)
 
     t0 = time.perf_counter()
     step0, measuring = step, ""
-    unfinished = None  # the rng as the step under way found it: an interrupt draws its batch again on resume
+    unfinished = None  # the order as the step under way found it: an interrupt draws its batch again on resume
     try:
-        while step < cfg.steps:
-            unfinished = rng.getstate()
-            batch = rng.sample(train_ex, min(cfg.batch, len(train_ex)))
+        while step < total:
+            unfinished = batches.state()
+            batch = [train_ex[i] for i in batches.next()]
             loss = loss_on(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -397,17 +425,17 @@ def train(cfg: AdaptConfig) -> dict:
                 history.append(round(loss.item(), 5))
                 unfinished = None
             if cfg.progress:
-                _progress(step, cfg.steps, history[-1], (time.perf_counter() - t0) / (step - step0))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                _progress(step, total, history[-1], (time.perf_counter() - t0) / (step - step0))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 save_ckpt()
         step_s = (time.perf_counter() - t0) / max(1, step - step0)
         measuring = " (measuring the held-out loss)"  # a minute on many examples: Ctrl-C there keeps the steps too
         held_after = mean_loss(model, held)
     except KeyboardInterrupt as e:
         if unfinished is not None:
-            rng.setstate(unfinished)
+            batches.set_state(unfinished)
         save_ckpt()
-        _interrupted(cfg, e, f"interrupted at step {step}/{cfg.steps}{measuring}; checkpoint saved to "
+        _interrupted(cfg, e, f"interrupted at step {step}/{total}{measuring}; checkpoint saved to "
                              f"{cfg.ckpt_path}; continue with the same command plus --resume (in Python: resume=True)")
         raise
     if cfg.progress:
@@ -415,10 +443,12 @@ def train(cfg: AdaptConfig) -> dict:
     figures = {"steps": step, "first_loss": history[0] if history else None, "last_loss": history[-1] if history
                else None, "heldout_loss_before": held_before, "heldout_loss_after": held_after,
                "seconds_per_step": round(step_s, 3), "peak_rss_bytes": peak_rss(),
+               "epochs": round(epochs_of(step, len(train_ex), cfg.batch), 2),
                "n_train": len(train_ex), "n_heldout": len(held), "trainable_params": sum(p.numel() for p in params),
                "checkpointing": model.checkpoint, "memory": memory,
                "wall_s": round(time.perf_counter() - t_start, 1)}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("plan", "plan_info", "progress", "resume")}
+    settings["steps"] = total
     export(model, cfg, base, data_sha, settings, figures)
     cfg.ckpt_path.unlink(missing_ok=True)
     return {"adapter": str(cfg.out), "plan": cfg.plan, "plan_info": cfg.plan_info, "history": history,

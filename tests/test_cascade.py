@@ -505,10 +505,15 @@ def test_library_cascade(smol, cloud):
 
     with ondevice.Cascade(smol, cloud.url, policy=Policy(threshold=1.0)) as c:
         r = c.generate("Rewrite politely: send me the report now", max_tokens=16, temp=0)
-        assert r.tier == "cloud" and r.cloud_model == "cloud-smol" and r.text and r.device_text
+        assert r.tier == "cloud" and r.cloud_model == "cloud-smol" and r.text and r.device_text, str(r.info())
         assert r.info()["cloud_usage"]["completion_tokens"] > 0
         kept = c.generate("Hi", max_tokens=8, temp=0, cascade={"never_defer": True})
         assert kept.tier == "device" and kept.reason == "never_defer"
+        # always_defer asks the cloud once the first token is scored: the device does not decode its whole answer
+        early = c.generate("Rewrite politely: send me the report now", max_tokens=16, temp=0,
+                           cascade={"always_defer": True})
+        assert early.tier == "cloud" and early.reason == "always_defer" and early.text == r.text, early.info()
+        assert r.device_text.startswith(early.device_text) and len(early.device_text) < len(r.device_text)
     comb = Combiner.fit([features([m], [0.5]) for m in (-0.2, -0.5, -1.0, -2.0, -3.0)], [1, 1, 0, 0, 0],
                         features=TOKEN_FEATURES)
     with ondevice.Cascade(smol, cloud.url, policy=Policy(defer_share=0.4), combiner=comb) as c:
@@ -518,6 +523,8 @@ def test_library_cascade(smol, cloud):
         r = c.generate("Hi", max_tokens=8, temp=0)
         assert r.tier == "device" and r.fallback == "unreachable" and r.text == r.device_text
         assert r.error == f"cannot reach the cloud at {down}/v1" and r.info()["error"] == r.error  # the whole why
+        fallback = c.generate("Hi", max_tokens=8, temp=0, cascade={"always_defer": True})  # the device's whole answer
+        assert fallback.tier == "device" and fallback.fallback == "unreachable" and fallback.text == r.text
 
 
 def test_eval_curve_stored_and_reported(cloud, cli, tmp_path):

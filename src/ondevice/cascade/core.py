@@ -192,19 +192,33 @@ class Cascade:
         validate_messages(messages)  # before the confidence features read them
         t0 = time.perf_counter()
         stats, last = TokenStats(messages), None
-        for g in self.model.stream(messages, sampling=s):
-            stats.add(g)
-            last = g
-        device_s = time.perf_counter() - t0
-        conf, feats = self.confidence(stats)
-        decision = decide(conf, self.policy, rp, self.budget)
-        cloud: CloudAnswer | CloudError | None = None
-        if decision.defer:
-            try:
-                cloud = self.cloud.chat(messages, **cloud_sampling(s))
-            except CloudError as e:
-                self.budget.refund()
-                cloud = e
+        device = self.model.stream(messages, sampling=s)
+        try:
+            # always_defer: the cloud is asked once the first token is scored, as the server's (the device's whole
+            # answer is decoded only when the cloud gives none: the fallback)
+            for g in device:
+                stats.add(g)
+                last = g
+                if rp.always_defer:
+                    break
+            device_s = time.perf_counter() - t0
+            conf, feats = self.confidence(stats)
+            decision = decide(conf, self.policy, rp, self.budget)
+            cloud: CloudAnswer | CloudError | None = None
+            if decision.defer:
+                try:
+                    cloud = self.cloud.chat(messages, **cloud_sampling(s))
+                except CloudError as e:
+                    self.budget.refund()
+                    cloud = e
+            if not isinstance(cloud, CloudAnswer):
+                t1 = time.perf_counter()
+                for g in device:  # the rest of the device's answer (nothing left unless it stopped early above)
+                    stats.add(g)
+                    last = g
+                device_s += time.perf_counter() - t1
+        finally:
+            device.close()
         result = finish(decision, conf, self.combiner.calibrated, feats, stats.text, device_s,
                         last.finish_reason if last else "length", cloud)
         if should_keep(self.policy, rp, result):

@@ -44,7 +44,8 @@ OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{
               "GET /lora-adapters", "POST /lora-adapters", "GET /slots", "POST /slots/{id_slot}",
               "POST /v1/responses/input_tokens", "POST /v1/chat/completions/input_tokens", "GET /", "HEAD /",
               "HEAD /api/version", "HEAD /api/tags", "POST /api/pull", "POST /api/create", "POST /api/copy",
-              "DELETE /api/delete", "POST /api/push", "GET /v1/responses/{response_id}"]
+              "DELETE /api/delete", "POST /api/push", "GET /v1/responses/{response_id}", "HEAD /health",
+              "HEAD /metrics"]
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # no shrinking: a bounded run; the example is printed
 

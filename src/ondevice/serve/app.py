@@ -69,12 +69,12 @@ def create_app(state: ServerState) -> FastAPI:
     runner = Runner(state)
     app.state.end_requests = runner.end_requests  # what the server calls as it stops (server.py)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' checks (HAProxy's httpchk)
     async def health():
         return {"status": "ok", "slots_idle": state.settings.parallel - state.batcher.busy,
                 "slots_processing": state.batcher.busy, "queue_depth": state.batcher.queue_depth}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -38,7 +38,16 @@ class QueueFull(Exception):
 
 
 class JobTimeout(Exception):
-    pass
+    """A job that ran past its timeout while generating: the same request would time out again (a 504)."""
+
+
+class QueueTimeout(Exception):
+    """A job whose timeout ended while it still waited for a slot: overload, retryable (a 503 with Retry-After)."""
+
+    def __init__(self, waited: float, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"the request waited {waited:g} s (--timeout) for a free slot and got none: the server is "
+                         f"busy; retry after {retry_after} s")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -73,9 +82,11 @@ class Batcher:
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self.mean_job_s = 1.0  # running mean of job durations, for Retry-After
+        self.step_s = 0.05  # running mean of one decode step's time, for Retry-After (a guess until measured)
+        self.mean_gen = 0.0  # running mean of the tokens a finished job generated (0: none finished yet)
         self.last_job: dict[int, Job] = {}  # each slot's last finished job (GET /slots shows it)
         self._stop = False
+        self.warmed = threading.Event()  # set once the warmup decode is done (or failed): ready for requests
         self._out: list[tuple[Job, Any]] = []
         self.thread = threading.Thread(target=self._run, name="ondevice-batcher", daemon=True)
 
@@ -95,17 +106,57 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        """Requests waiting for a slot whose clients are still there."""
+        with self.cv:
+            self._purge()
+            return len(self.waiting)
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise :class:`QueueFull` when every slot is busy and the queue is full."""
         with self.cv:
+            self._purge()
             free = self.parallel - self.busy
             if len(self.waiting) >= self.max_queue + free:
-                wait = self.mean_job_s * (len(self.waiting) + 1) / self.parallel
-                raise QueueFull(max(1, min(60, math.ceil(wait))))
+                raise QueueFull(self._retry_after())
             self.waiting.append(job)
             self.cv.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free for a new request (Retry-After of a 429 or a queue timeout)."""
+        with self.cv:
+            self._purge()
+            return self._retry_after()
+
+    def _purge(self) -> None:
+        """Drop the queued jobs whose clients left or timed out (under ``cv``): they hold no queue place."""
+        if any(j.cancelled for j in self.waiting):
+            kept = deque(j for j in self.waiting if not j.cancelled)
+            with self.metrics.lock:
+                self.metrics.cancelled += len(self.waiting) - len(kept)
+            self.waiting = kept
+
+    def _job_s(self, job: Job, n_gen: int = 0) -> float:
+        """Seconds ``job`` likely still runs (``n_gen`` tokens made), one decode step a token: its token budget,
+        or (a job that may end at its EOS) twice what jobs have been making, or what it made so far, if less;
+        never past its timeout."""
+        tokens = job.sampling.max_tokens
+        if self.mean_gen and not job.sampling.ignore_eos:
+            tokens = min(tokens, max(2 * self.mean_gen, 2 * n_gen, n_gen + 1))
+        left = job.timeout - (time.perf_counter() - job.t_arrival)
+        return max(0.0, min(left, (tokens - n_gen) * self.step_s))
+
+    def _retry_after(self) -> int:
+        """(under ``cv``) When a slot frees for a job queued behind the present ones: each slot's running job's
+        remaining time, then the queued jobs given to the first slot free, in order."""
+        free_at = []
+        for s in self.gen.slots:  # read while the batcher steps: each value once
+            req, n_gen = s.req, getattr(s, "n_gen", 0)
+            free_at.append(self._job_s(req, n_gen) if req is not None else 0.0)
+        free_at.sort()
+        for job in self.waiting:
+            free_at[0] += self._job_s(job)
+            free_at.sort()
+        return max(1, min(3600, math.ceil(free_at[0])))
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the batcher thread between two steps (other llama.cpp compute, e.g. embeddings)."""
@@ -119,7 +170,10 @@ class Batcher:
 
     # -- the batcher thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        self.eng.warmup()  # on this thread: see the module docstring
+        try:
+            self.eng.warmup()  # on this thread: see the module docstring
+        finally:
+            self.warmed.set()
         gen = self.gen
         while True:
             with self.cv:
@@ -128,11 +182,10 @@ class Batcher:
                 if self._stop:
                     break
                 calls, self.calls = self.calls, deque()
+                self._purge()
                 admit = []
                 while self.waiting and len(admit) < gen.free:  # in arrival order, whatever their adapters
-                    job = self.waiting.popleft()
-                    if not job.cancelled:
-                        admit.append(job)
+                    admit.append(self.waiting.popleft())
             for fn, fut in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -148,12 +201,15 @@ class Batcher:
                 with self.metrics.lock:
                     self.metrics.prompt_tokens += len(job.tokens)
             self._expire()
+            t0 = time.perf_counter()
             try:
                 events = gen.step()
             except Exception as e:  # noqa: BLE001 — a failed decode fails the jobs in it, never the server
                 for job in gen.fail():
                     self._fail(job, e)
                 events = []
+            if gen.last_batch:
+                self.step_s += 0.1 * ((time.perf_counter() - t0) - self.step_s)
             self._account(events)
             self._flush()
         for job in self.gen.fail():
@@ -189,6 +245,8 @@ class Batcher:
                     if not job.t_prev:  # the first record: the prompt is in (reused KV known only now for a
                         m.ttft.observe(now - job.t_arrival)  # request that waited for another slot's prompt)
                         m.cached_tokens += ev.cached_tokens
+                        if 0 <= job.slot < len(self.gen.slots):
+                            m.prompt_seconds += now - self.gen.slots[job.slot].t_admit
                     else:
                         m.itl.observe(now - job.t_prev)
                     job.t_prev = now
@@ -196,16 +254,18 @@ class Batcher:
         for job, ev in events:
             self._emit(job, ev)
             if isinstance(ev, Generation) and ev.finish_reason:
-                self._done(job)
+                self._done(job, ev.generation_tokens)
 
     def _fail(self, job: Job, e: BaseException) -> None:
         self._emit(job, ("err", e))
         self._done(job)
 
-    def _done(self, job: Job) -> None:
+    def _done(self, job: Job, n_gen: int = 0) -> None:
+        """``n_gen``: the tokens a job that finished made (0: it failed or was stopped)."""
         if job.slot >= 0:
             self.last_job[job.slot] = job
-        self.mean_job_s += 0.1 * ((time.perf_counter() - job.t_arrival) - self.mean_job_s)
+        if n_gen:
+            self.mean_gen = n_gen if not self.mean_gen else self.mean_gen + 0.1 * (n_gen - self.mean_gen)
 
     def _emit(self, job: Job, event: Any) -> None:
         self._out.append((job, event))

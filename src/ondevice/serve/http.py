@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextOverflow, NonFiniteLogits, OndeviceError
-from .batcher import JobTimeout, QueueFull
+from .batcher import JobTimeout, QueueFull, QueueTimeout
 from .schemas import MAX_DEPTH
 
 
@@ -49,6 +49,8 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
 
     if isinstance(exc, QueueFull):
         return 429, body(str(exc), "rate_limit_error", "queue_full"), {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, QueueTimeout):  # overload, not the request: retryable once a slot frees
+        return 503, body(str(exc), "server_error", "queue_timeout"), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, JobTimeout):  # the same request would time out again: the openai client must not retry it
         return 504, body(str(exc) + "; raise --timeout or ask for fewer tokens", "timeout_error", "timeout"), \
             {"x-should-retry": "false"}
@@ -116,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=status, headers=headers)
 
     # handled here: the connection stays open
-    for cls in (OndeviceError, QueueFull, JobTimeout, ShuttingDown, UnicodeError):
+    for cls in (OndeviceError, QueueFull, QueueTimeout, JobTimeout, ShuttingDown, UnicodeError):
         app.add_exception_handler(cls, _any)
 
 
@@ -124,7 +126,8 @@ NOTE = "ondevice.note"  # scope key: what a handler tells the access log (tokens
 
 
 def note(request: Request, **kw) -> None:
-    """Tell the access log about this request (``tokens=(prompt, completion)``, ``error="..."``)."""
+    """Tell the access log about this request (``tokens=(prompt, completion)``, ``error="..."``, ``status=N``:
+    what a stream that ended in an error event would have answered unstreamed)."""
     request.scope.setdefault(NOTE, {}).update(kw)
 
 
@@ -178,6 +181,10 @@ class Aliases:
         return await self.app(scope, receive, send)
 
 
+# polled by health checks and Prometheus, not asked by users: llama-server's log leaves them out (server-http.cpp)
+QUIET = frozenset({"/health", "/metrics", "/v1/models", "/props"})
+
+
 class Guard:
     """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts, the
     access log, and bodies read as JSON whatever their Content-Type."""
@@ -194,13 +201,19 @@ class Guard:
         route = path if path in self.routes else "other"
         status_seen = []
         err_body: list[bytes] = []
+        sent_all = failed = False
         t0 = time.perf_counter()
 
         async def send_counted(msg):
+            nonlocal sent_all
             if msg["type"] == "http.response.start":
                 status_seen.append(msg["status"])
-            elif msg["type"] == "http.response.body" and status_seen and status_seen[0] >= 400:
-                err_body.append(msg.get("body", b"")[:4096])  # an error's reason, for the log
+            elif msg["type"] == "http.response.body":
+                if status_seen and status_seen[0] >= 400:
+                    err_body.append(msg.get("body", b"")[:4096])  # an error's reason, for the log
+                await send(msg)
+                sent_all = not msg.get("more_body", False)
+                return
             await send(msg)
 
         try:
@@ -228,15 +241,21 @@ class Guard:
         except Exception:
             if not status_seen:  # a bug: the app's outermost layer answers 500 after this; count it so
                 status_seen.append(500)
+                failed = True
             raise
         finally:
-            status = status_seen[0] if status_seen else 499
+            # a response begun but not sent whole (a stream the client left) is nginx's 499, as an unsent one;
+            # a stream that ended in an error event counts as the status it would have had unstreamed
+            info = scope.get(NOTE) or {}
+            status = (status_seen[0] if failed else 499 if not (status_seen and sent_all)
+                      else info.get("status", status_seen[0]))
             self.metrics.request(route, status)
             if self.log is not None:
                 self._log(scope, status, time.perf_counter() - t0, b"".join(err_body))
 
     def _log(self, scope, status: int, seconds: float, err_body: bytes) -> None:
-        """``METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error."""
+        """``METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error; the probes' and
+        scrapes' successes (:data:`QUIET`) at DEBUG, as llama-server leaves them out of its log."""
         info = scope.get(NOTE) or {}
         parts = [scope["method"], scope["path"], str(status)]
         if info.get("tokens"):
@@ -250,7 +269,8 @@ class Guard:
                 reason = json.loads(err_body)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 reason = err_body[:200].decode("utf-8", errors="replace")
-        self.log.log(logging.WARNING if reason else logging.INFO, line + (f": {reason}" if reason else ""))
+        level = logging.WARNING if reason else logging.DEBUG if scope["path"] in QUIET else logging.INFO
+        self.log.log(level, line + (f": {reason}" if reason else ""))
 
     async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
         headers = dict(scope.get("headers") or [])
@@ -303,7 +323,9 @@ class ErrorShape:
                 message = raw.decode("utf-8", errors="replace") or f"HTTP {start['status']}"
             payload = json.dumps(self.body(start["status"], message)).encode()
             headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-length", b"content-type")]
-            await send({**start, "status": self.status(start["status"]),
+            if (status := self.status(start["status"])) != start["status"]:  # the access log's and metrics' too
+                scope.setdefault(NOTE, {})["status"] = status
+            await send({**start, "status": status,
                         "headers": headers + [(b"content-type", b"application/json"),
                                               (b"content-length", str(len(payload)).encode())]})
             await send({"type": "http.response.body", "body": payload})

@@ -50,6 +50,7 @@ class Metrics:
         self.generation_tokens = 0
         self.decode_steps = 0
         self.cancelled = 0
+        self.prompt_seconds = 0.0  # admission to first token, summed over requests (prefill time)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.batch_tokens = Histogram(BATCH_BUCKETS)
@@ -85,4 +86,29 @@ class Metrics:
                 lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} histogram", *h.lines(p + name)]
         for name, (help_, fn) in self.gauges.items():
             lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} gauge", f"{p}{name} {fn():g}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self._llamacpp()) + "\n"
+
+    def _llamacpp(self) -> list[str]:
+        """llama-server's names (``llamacpp:*``, its --metrics) for the same counts: its dashboards and alerts
+        read this server as they read it. Its throughputs are averages over the server's life here."""
+        gauge = {name: fn for name, (_, fn) in self.gauges.items()}
+        with self.lock:
+            decode_s = self.itl.sum  # the time between the tokens of each stream: its decoding
+            rows = [("prompt_tokens_total", "counter", "Number of prompt tokens processed.", self.prompt_tokens),
+                    ("prompt_seconds_total", "counter", "Prompt process time", self.prompt_seconds),
+                    ("tokens_predicted_total", "counter", "Number of generation tokens processed.",
+                     self.generation_tokens),
+                    ("tokens_predicted_seconds_total", "counter", "Predict process time", decode_s),
+                    ("n_decode_total", "counter", "Total number of llama_decode() calls", self.decode_steps),
+                    ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
+                     self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0),
+                    ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.",
+                     self.itl.count / decode_s if decode_s else 0.0)]
+        rows += [("requests_processing", "gauge", "Number of requests processing.",
+                  gauge["slots_busy"]() if "slots_busy" in gauge else 0),
+                 ("requests_deferred", "gauge", "Number of requests deferred.",
+                  gauge["queue_depth"]() if "queue_depth" in gauge else 0)]
+        out = []
+        for name, kind, help_, v in rows:
+            out += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {v:g}"]
+        return out

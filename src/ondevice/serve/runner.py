@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
-from .batcher import Job, JobTimeout
+from .batcher import Job, JobTimeout, QueueTimeout
 from .chunks import (
     ShownTokens,
     TextOffset,
@@ -36,6 +37,8 @@ from .http import ShuttingDown, error_payload, note
 from .state import ServerState, message_dicts
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
+PING = ("ping",)  # the event :meth:`Runner.events` yields after ``ping`` seconds without one (a stream's keep-alive)
+SSE_PING = b": ping\n\n"  # an SSE comment: clients skip it, proxies and idle timers see bytes
 
 
 # llama.cpp's sampler chain, in its order (common/common.h), with the request fields that turn each one off
@@ -140,25 +143,41 @@ class Runner:
         return Job(tokens=tokens, sampling=with_prompt_stops(sampling, tokens), sampler=sampler, loop=loop,
                    queue=asyncio.Queue(), timeout=st.settings.timeout, **kw)
 
-    async def events(self, job: Job, request: Request, poll_disconnect: bool) -> AsyncIterator[Generation | tuple]:
+    def ping_interval(self, req) -> float | None:
+        """Seconds of silence after which a stream sends an SSE ping: the request's ``sse_ping_interval`` where
+        its schema keeps it (llama-server's), else ``--sse-ping-interval``; None when 0 or less (off)."""
+        given = getattr(req, "sse_ping_interval", None)
+        n = self.state.settings.sse_ping_interval if given is None else given
+        return n if n > 0 else None
+
+    async def events(self, job: Job, request: Request, poll_disconnect: bool,
+                     ping: float | None = None) -> AsyncIterator[Generation | tuple]:
         """The job's events until its end; a timeout or a gone client cancels it and frees the slot. With
         ``poll_disconnect`` (no stream writes to notice a gone client) the connection is checked every
-        ``DISCONNECT_POLL_S`` while tokens come, and after a second without any."""
+        ``DISCONNECT_POLL_S`` while tokens come, and after a second without any. With ``ping``, :data:`PING`
+        after that many seconds without an event (a queue wait, a long prefill)."""
         finished = False
         next_poll = time.perf_counter() + DISCONNECT_POLL_S
+        next_ping = time.perf_counter() + ping if ping else math.inf
         try:
             while True:
                 now = time.perf_counter()
                 left = job.timeout - (now - job.t_arrival)
                 if left <= 0:
+                    if job.slot < 0:  # never admitted: the queue, not the request, took the time
+                        raise QueueTimeout(job.timeout, self.state.batcher.retry_after())
                     raise JobTimeout(f"the request took longer than {job.timeout:g} s")
                 if poll_disconnect and now >= next_poll:  # Starlette's check does not wait: it looks once
                     next_poll = now + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         return
+                if now >= next_ping:
+                    next_ping = now + ping
+                    yield PING
+                    continue
                 try:
                     if job.queue.empty():  # asyncio.timeout, not wait_for: no extra task per token
-                        async with asyncio.timeout(min(left, 1.0)):
+                        async with asyncio.timeout(min(left, 1.0, next_ping - now)):
                             ev = await job.queue.get()
                     else:
                         ev = job.queue.get_nowait()
@@ -166,6 +185,8 @@ class Runner:
                     if poll_disconnect and await request.is_disconnected():
                         return
                     continue
+                if ping:
+                    next_ping = time.perf_counter() + ping
                 if isinstance(ev, Generation):
                     finished = ev.finish_reason is not None
                 elif ev[0] == "err":
@@ -178,18 +199,20 @@ class Runner:
             if not finished:
                 job.cancel()
 
-    async def indexed(self, jobs: list[Job], request: Request) -> AsyncIterator[tuple[int, Generation | tuple]]:
+    async def indexed(self, jobs: list[Job], request: Request, ping: float | None = None
+                      ) -> AsyncIterator[tuple[int, Generation | tuple]]:
         """Every job's events tagged with its index (its choice), in the order they come; a failure of one
-        ends them all. Streams of ``n`` choices (and of several prompts) interleave their choices this way."""
+        ends them all. Streams of ``n`` choices (and of several prompts) interleave their choices this way.
+        ``ping``: as :meth:`events`' (the first choice's silences only)."""
         if len(jobs) == 1:  # the common stream: no task, no second queue
-            async for ev in self.events(jobs[0], request, poll_disconnect=False):
+            async for ev in self.events(jobs[0], request, poll_disconnect=False, ping=ping):
                 yield 0, ev
             return
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, job: Job) -> None:
             try:
-                async for ev in self.events(job, request, poll_disconnect=False):
+                async for ev in self.events(job, request, poll_disconnect=False, ping=ping if i == 0 else None):
                     merged.put_nowait((i, ev))
                 merged.put_nowait((i, None))
             except Exception as e:  # noqa: BLE001 — handed to the reader, which raises it
@@ -341,10 +364,15 @@ class Runner:
         fences = [structured.FormatStream() if plan.fenced else None for _ in jobs]  # a response_format's ```json
         shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
         lasts: list[Generation | None] = [None] * len(jobs)
+        made, ended = 0, False
         try:
             for i in range(len(jobs)):
                 yield chunk(i, S.ChatDelta(role="assistant", content=""))
-            async for i, g in self.indexed(jobs, request):
+            async for i, g in self.indexed(jobs, request, self.ping_interval(req)):
+                if g is PING:
+                    yield SSE_PING
+                    continue
+                made += g.token >= 0
                 text, deltas = calls[i].feed(g.text)
                 if fences[i] is not None:
                     text = fences[i].feed(text)
@@ -368,13 +396,16 @@ class Runner:
                     yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
             usage = usage_of(*lasts, n=req.n)
             note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            ended = True
             if include_usage:
                 yield chunk(0, S.ChatDelta(), usage=usage, choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
-            payload = error_payload(e)[1]
-            note(request, error=payload["error"]["message"])
-            yield sse(payload)
+            ended = True
+            yield _stream_error(e, request)
+        finally:
+            if not ended:  # the client went away: what it was sent, for the access log
+                note(request, tokens=(sum(len(j.tokens) for j in jobs), made))
 
     # -- completions -------------------------------------------------------------------------------------
     async def completions(self, req: S.CompletionRequest, request: Request):
@@ -457,16 +488,21 @@ class Runner:
                                                             choices=[S.CompletionChoice(index=i, text=t)]))
                       for i in range(len(jobs))]
         lasts: list[Generation | None] = [None] * len(jobs)
+        made, ended = 0, False
         try:
             if req.echo and req.logprobs is None:  # with logprobs the echo comes as the prompt's entries
                 for i, x in enumerate(sources):
                     if x:
                         yield chunk(i, x)
-            async for i, ev in self.indexed(jobs, request):
+            async for i, ev in self.indexed(jobs, request, self.ping_interval(req)):
+                if ev is PING:
+                    yield SSE_PING
+                    continue
                 if not isinstance(ev, Generation):  # echo logprobs of the prompt
                     lp = completion_logprobs(self.state, ev[1], offset[i])
                     yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
                     continue
+                made += ev.token >= 0
                 lps = shown[i].feed(ev)
                 if lps:
                     yield chunk(i, ev.text, lp=completion_logprobs(st, [lp_entry(g) for g in lps], offset[i]))
@@ -477,10 +513,21 @@ class Runner:
                     yield chunk(i, "", finish=ev.finish_reason, timings=timings_of(ev))
             usage = usage_of(*lasts, n=req.n)
             note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
+            ended = True
             if include_usage:
                 yield chunk(0, "", usage=usage, choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
-            payload = error_payload(e)[1]
-            note(request, error=payload["error"]["message"])
-            yield sse(payload)
+            ended = True
+            yield _stream_error(e, request)
+        finally:
+            if not ended:  # the client went away: what it was sent, for the access log
+                note(request, tokens=(sum(len(j.tokens) for j in jobs), made))
+
+
+def _stream_error(e: BaseException, request: Request) -> bytes:
+    """The SSE error event that ends a stream whose headers are sent; the access log and the metrics count the
+    request under the status it would have had unstreamed."""
+    status, payload, _ = error_payload(e)
+    note(request, error=payload["error"]["message"], status=status)
+    return sse(payload)

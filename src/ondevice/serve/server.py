@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
 import socket
 import sys
 import threading
@@ -52,7 +54,64 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, graceful_s: float):
+LOADING = json.dumps({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}).encode()
+
+
+class Loading:
+    """The ASGI app ``serve`` listens with while the model loads: every request gets llama-server's answer
+    meanwhile, a 503 ``Loading model`` (with Retry-After), at once; then the app ``load()`` builds (on a
+    thread) serves them once its batcher has warmed up, its lifespan run inside this one's. A failed load stops
+    the server (``error``)."""
+
+    def __init__(self, load, on_ready):
+        self.load, self.on_ready = load, on_ready
+        self.app = None
+        self.error: BaseException | None = None
+        self.server = None  # the uvicorn server, stopped when the load fails
+
+    def end_requests(self) -> None:
+        if self.app is not None:
+            self.app.state.end_requests()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(LOADING)).encode())]})
+            await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else LOADING})
+
+    async def _lifespan(self, receive, send) -> None:
+        await receive()  # lifespan.startup: listening now, loading meanwhile
+        await send({"type": "lifespan.startup.complete"})
+        loading = asyncio.create_task(self._load())
+        await receive()  # lifespan.shutdown
+        ctx = await loading  # a load in progress ends first: llama.cpp's cannot be stopped midway
+        if ctx is not None:
+            await ctx.__aexit__(None, None, None)
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _load(self):
+        try:
+            app, state = await asyncio.to_thread(self.load)
+            ctx = app.router.lifespan_context(app)
+            await ctx.__aenter__()  # the batcher starts: ready once its warmup decode is done
+            await asyncio.to_thread(state.batcher.warmed.wait)
+        except BaseException as e:  # noqa: BLE001 — serve() raises it once the server has stopped
+            self.error = e
+            if self.server is not None:
+                self.server.should_exit = True
+            return None
+        if self.server is None or not self.server.should_exit:  # not when stopped while loading
+            self.on_ready(state)  # first: a request answered by the app comes after the line that says it is ready
+        self.app = app
+        return ctx
+
+
+def _uvicorn_server(app, graceful_s: float, end_requests=None):
     """uvicorn's server, stopping promptly: the requests in flight end at once (a stream with an error event,
     any other request with a 503; ``app.state.end_requests``) rather than generate on for ``graceful_s`` (the
     limit left for anything else) and then be cancelled with a traceback.
@@ -68,23 +127,34 @@ def _uvicorn_server(app, graceful_s: float):
                 super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None) -> None:
-            app.state.end_requests()
+            (end_requests or app.state.end_requests)()
             await super().shutdown(sockets)
 
     return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s))
 
 
 def serve(settings: ServeSettings) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+    """Serve until interrupted (Ctrl-C); every request is a 503 ``Loading model`` until the model is loaded."""
+    _check_extra()
     sock = _bind(settings.host, settings.port)
-    app, state = build_app(settings)
     host, port = sock.getsockname()[:2]
-    print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
-          f"{settings.ctx} ctx; key {'required' if settings.api_keys else 'off'})"
-          + (f"; {state.cascade.describe()}" if state.cascade is not None else ""), file=sys.stderr, flush=True)
-    if state.cascade is not None and (warning := state.cascade.warning()):
-        print(f"ondevice serve: warning: {warning}", file=sys.stderr, flush=True)
-    _uvicorn_server(app, graceful_s=5).run(sockets=[sock])
+
+    def ready(state) -> None:
+        print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
+              f"{settings.ctx} ctx; key {'required' if settings.api_keys else 'off'})"
+              + (f"; {state.cascade.describe()}" if state.cascade is not None else ""), file=sys.stderr, flush=True)
+        if settings.timeout != type(settings).model_fields["timeout"].default:
+            print(f"ondevice serve: note: --timeout {settings.timeout:g} is the most seconds a request may take, queue "
+                  f"wait included (llama-server's -to is an idle socket timeout): longer generations are cut",
+                  file=sys.stderr, flush=True)
+        if state.cascade is not None and (warning := state.cascade.warning()):
+            print(f"ondevice serve: warning: {warning}", file=sys.stderr, flush=True)
+
+    app = Loading(lambda: build_app(settings), ready)
+    app.server = _uvicorn_server(app, graceful_s=5, end_requests=app.end_requests)
+    app.server.run(sockets=[sock])
+    if app.error is not None:
+        raise app.error
 
 
 class BackgroundServer:

@@ -54,6 +54,9 @@ class ServeSettings(BaseSettings):
     max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted (0: ctx - 1); longer is a 400")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it a 429 with Retry-After")
     timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue wait included (504 after)")
+    sse_ping_interval: float = Field(30, description="seconds a stream may stay silent (queued, a long prompt) "
+                                                     "before an SSE comment ': ping' keeps proxies from cutting it; "
+                                                     "0 or less: never (llama-server's)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (401 without it); several "
                                                   "keys separated by commas, as llama-server's")

@@ -63,7 +63,9 @@ def add_routes(app, state) -> None:
         if not state.settings.slots:
             return error_response(501, "This server does not support slots endpoint. Start it with `--slots`",
                                   "not_supported_error")
-        data = await asyncio.wrap_future(batcher.call(lambda: [_slot_json(state, s) for s in batcher.gen.slots]))
+        # read here, not on the batcher thread between two steps: a long prompt's prefill is one step of
+        # seconds, and a monitor polling /slots would time out exactly when the server is busiest
+        data = [_slot_json(state, s) for s in batcher.gen.slots]
         if fail_on_no_slot and all(d["is_processing"] for d in data):
             return error_response(503, "no slot available", "unavailable_error")
         return data
@@ -118,18 +120,21 @@ def _filename(body: dict) -> str:
 
 
 def _slot_json(state, s) -> dict:
-    """One slot in llama-server's /slots shape (on the batcher thread: a consistent snapshot)."""
+    """One slot in llama-server's /slots shape, read while the batcher may be stepping: each field once (a
+    count may be a step older than another, as llama-server's are between two of its polls)."""
     from .native import settings_of
 
     gen = state.batcher.gen
-    job = s.req or state.batcher.last_job.get(s.seq)
+    req = s.req
+    job = req or state.batcher.last_job.get(s.seq)
     out = {"id": s.seq, "n_ctx": gen.slot_ctx, "speculative": bool(state.settings.draft),
-           "is_processing": s.req is not None}
+           "is_processing": req is not None}
     if job is not None:
-        out.update(n_prompt_tokens=len(job.tokens), n_prompt_tokens_processed=len(job.tokens) - s.n_cached,
-                   n_prompt_tokens_cache=s.n_cached,
+        n_cached, n_gen = getattr(s, "n_cached", 0), getattr(s, "n_gen", 0)
+        out.update(n_prompt_tokens=len(job.tokens), n_prompt_tokens_processed=len(job.tokens) - n_cached,
+                   n_prompt_tokens_cache=n_cached,
                    params=settings_of(state, job.sampling, False, job.logprobs or 0, None),
-                   next_token=[{"has_next_token": s.req is not None,
-                                "n_remain": job.sampling.max_tokens - s.n_gen, "n_decoded": s.n_gen}])
+                   next_token=[{"has_next_token": req is not None,
+                                "n_remain": job.sampling.max_tokens - n_gen, "n_decoded": n_gen}])
     out["n_cached"] = len(s.cached)  # tokens whose KV the slot holds (what a save writes)
     return out

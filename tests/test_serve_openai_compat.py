@@ -283,7 +283,7 @@ def test_sampling_left_out_is_llama_cpps_not_openais():
     """OpenAI's defaults (temperature 1, no top-k/min-p) let a 135M model ramble to the end of its context;
     llama-server and `ondevice run` use llama.cpp's, and so does the server for what a request leaves out."""
     from ondevice.engine.records import Sampling
-    from ondevice.serve.runner import _sampling
+    from ondevice.serve.sampling import request_sampling as _sampling
 
     msgs = [{"role": "user", "content": "Hi"}]
     s = _sampling(S.ChatCompletionRequest(messages=msgs), 16)

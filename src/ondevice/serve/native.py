@@ -41,7 +41,7 @@ from .chunks import sse, timings_of
 from .fim import NoInfill, infill_prompt
 from .http import error_payload, error_response, note
 from .responses import chat_request, validated
-from .runner import SAMPLERS, _choices, _sampling, sampler_names
+from .sampling import SAMPLERS, choice_samplings, request_sampling, sampler_names
 
 PATHS = ("/completion", "/completions", "/infill", "/embedding", "/embeddings", "/props", "/apply-template",
          "/lora-adapters")
@@ -261,13 +261,13 @@ async def completion(runner, body: dict, request: Request):
     loop = asyncio.get_running_loop()
 
     def prepare():
-        sampling = _sampling(req, req.max_tokens, None, st.default_draft)
+        sampling = request_sampling(req, req.max_tokens, None, st.default_draft)
         # eos_entry: a sampled end-of-text token is a generated token (in tokens, the counts and a stream event),
         # as llama-server counts it
         return [runner._job(loop, toks, s, logprobs=req.logprobs, eos_entry=True,
                             adapters=st.adapters_for(req.model, req.lora),
                             post_probs=bool(body.get("post_sampling_probs")))
-                for toks in prompts for s in _choices(req, sampling)]
+                for toks in prompts for s in choice_samplings(req, sampling)]
 
     jobs = await run_in_threadpool(prepare)
     runner._submit(jobs)

@@ -277,6 +277,9 @@ def test_api_keys_as_llama_server_takes_them(tmp_path):
         settings_from_args(None, api_key_file=str(keys))
     with pytest.raises(InvalidArgument, match="--api-key.*holds no key"):  # ',' would have left it open
         settings_from_args(None, api_key=",")
+    keys.write_bytes(b"\0" * (2 << 20))  # as /dev/zero, which was read to a MemoryError
+    with pytest.raises(InvalidArgument, match="--api-key-file.*over 1 MiB, not a file of keys"):
+        settings_from_args(None, api_key_file=str(keys))
 
 
 def test_sampling_left_out_is_llama_cpps_not_openais():

@@ -7,6 +7,7 @@ Modelled on llama-cpp-python's ``server/settings.py``. Precedence: command-line 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,17 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import AnyList, add_config_arguments, config_from
+
+KEY_FILE_LIMIT = 1 << 20  # bytes: a file of API keys, one per line (`/dev/zero` was read to a MemoryError)
+
+
+def _key_lines(path: str) -> list[str]:
+    """The keys in ``path``, one per line; a file over :data:`KEY_FILE_LIMIT` is no key file."""
+    with open(Path(path).expanduser(), "rb") as f:
+        data = f.read(KEY_FILE_LIMIT + 1)
+    if len(data) > KEY_FILE_LIMIT:
+        raise OSError(errno.EFBIG, f"over {KEY_FILE_LIMIT >> 20} MiB, not a file of keys")
+    return [k for k in data.decode("utf-8").splitlines() if k.strip()]
 
 
 class ServeSettings(BaseSettings):
@@ -165,7 +177,7 @@ class ServeSettings(BaseSettings):
     def _key_file(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                keys = Path(v).expanduser().read_text(encoding="utf-8").split()
+                keys = _key_lines(v)
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"{v} cannot be read ({getattr(e, 'strerror', None) or e}); give a text file "
                                  f"with one key per line") from None
@@ -178,7 +190,7 @@ class ServeSettings(BaseSettings):
         """The keys a request may send (--api-key's, split at commas, then --api-key-file's lines); none: open."""
         keys = (self.api_key or "").split(",")
         if self.api_key_file:
-            keys += Path(self.api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+            keys += _key_lines(self.api_key_file)
         return tuple(k.strip() for k in keys if k.strip())
 
     @model_validator(mode="after")

@@ -121,12 +121,14 @@ def _child(job: dict) -> int:
     """In the child: each configuration in turn, one JSON line each (stdout is ours alone); with ``time``, the
     configurations all loaded, then that many rounds of a 64-token prompt and 32 decoded tokens each in turn,
     one line each with its pp and tg tok/s per round and the best of them."""
+    import importlib
     import time
 
     import numpy as np
 
-    global IN_CHILD
-    IN_CHILD = True
+    # this file runs as __main__ here: the flag kernels.resolve reads is the package module's (else every load of
+    # the test would self-test again, in a child of its own, until the time limit)
+    importlib.import_module("ondevice.device.selftest").IN_CHILD = True
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # llama.cpp printing to fd 1 lands on stderr
     from ..engine.base import EngineConfig

@@ -10,8 +10,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from ..capped import read_capped, size_text
 from ..errors import InvalidArgument
 from . import chat
+
+TEMPLATE_FILE_LIMIT = 1 << 20  # bytes: templates are a few KiB
 
 _CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
            "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
@@ -42,18 +45,17 @@ def template_from(value: str | None = None, file: str | Path | None = None) -> s
     if value is not None and file is not None:
         raise InvalidArgument("--chat-template and --chat-template-file both give the template; give one")
     if file is not None:
-        try:  # at most 1 MiB (`/dev/zero` was read until the OOM killer came; templates are a few KiB)
-            with open(Path(file).expanduser(), "rb") as f:
-                data = f.read((1 << 20) + 1)
+        try:  # bounded (`/dev/zero` was read until the OOM killer came; templates are a few KiB)
+            data = read_capped(file, TEMPLATE_FILE_LIMIT)
+            if data is None:
+                raise InvalidArgument(f"--chat-template-file {file}: over {size_text(TEMPLATE_FILE_LIMIT)}, not a "
+                                      f"chat template; give the file that holds one")
             text = data.decode("utf-8")
         except OSError as e:
             raise InvalidArgument(f"--chat-template-file {file}: {e.strerror or e}; give a file that holds a Jinja "
                                   f"chat template") from None
         except UnicodeDecodeError:
             raise InvalidArgument(f"--chat-template-file {file}: not UTF-8 text; give a Jinja chat template") from None
-        if len(data) > 1 << 20:
-            raise InvalidArgument(f"--chat-template-file {file}: over 1 MiB, not a chat template; give the file "
-                                  f"that holds one")
         where = f"--chat-template-file {file}"
     elif value is None:
         return None

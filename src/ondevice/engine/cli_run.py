@@ -101,11 +101,12 @@ STDIN_LIMIT = 16 << 20  # bytes: far more than any model's context holds (128k t
 def read_stdin(stream=None, what: str = "stdin") -> str:
     """The prompt piped on stdin (or read from ``stream``, named ``what`` in errors): UTF-8 text of at most
     :data:`STDIN_LIMIT` bytes (``< /dev/zero`` is an error, not all the memory there is)."""
+    from ..capped import read_capped, size_text
     from ..errors import InvalidArgument
 
-    data = (stream or sys.stdin.buffer).read(STDIN_LIMIT + 1)
-    if len(data) > STDIN_LIMIT:
-        raise InvalidArgument(f"{what} holds more than {STDIN_LIMIT >> 20} MiB; no model's context fits a prompt "
+    data = read_capped(stream or sys.stdin.buffer, STDIN_LIMIT)
+    if data is None:
+        raise InvalidArgument(f"{what} holds more than {size_text(STDIN_LIMIT)}; no model's context fits a prompt "
                               f"that long: send a part of it")
     try:
         return data.decode("utf-8")

@@ -20,6 +20,7 @@ import os
 import secrets
 import shlex
 
+from ..capped import read_capped, size_text
 from ..errors import InvalidArgument, OndeviceError
 
 SOURCE_ENV = "ONDEVICE_KEY_SOURCE"  # the key source the flags chose, for every load in this process and its workers
@@ -174,15 +175,15 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         return parse_key(val, f"environment variable {name}")
     if kind == "file":
         try:
-            with open(name, "rb") as f:  # a key is 32 bytes, or their text: `/dev/zero` is no key file
-                data = f.read(KEY_FILE_LIMIT + 1)
+            data = read_capped(name, KEY_FILE_LIMIT)  # a key is 32 bytes or their text: `/dev/zero` is no key
         except OSError as e:
             for part in (name, os.path.basename(name)):  # a base64 key may hold "/": it is not a path then
                 _refuse_key_as_name("file", part)
             raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
-        if len(data) > KEY_FILE_LIMIT:
-            raise OndeviceError(f"--key-file {name}: over {KEY_FILE_LIMIT} bytes, not a key file (a key is 32 bytes, "
-                                f"or their hex or base64 text); give the file `ondevice protect keygen -o` wrote")
+        if data is None:
+            raise OndeviceError(f"--key-file {name}: over {size_text(KEY_FILE_LIMIT)}, not a key file (a key is "
+                                f"32 bytes, or their hex or base64 text); give the file `ondevice protect keygen -o` "
+                                f"wrote")
         _warn_if_others_can_read(name)
         return parse_key(data if len(data) == 32 else data.strip(), f"key file {name}")
     if kind == "keyring":

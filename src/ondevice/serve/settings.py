@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..capped import read_capped, size_text
 from ..config import AnyList, add_config_arguments, config_from
 
 KEY_FILE_LIMIT = 1 << 20  # bytes: a file of API keys, one per line (`/dev/zero` was read to a MemoryError)
@@ -23,10 +24,9 @@ KEY_FILE_LIMIT = 1 << 20  # bytes: a file of API keys, one per line (`/dev/zero`
 
 def _key_lines(path: str) -> list[str]:
     """The keys in ``path``, one per line; a file over :data:`KEY_FILE_LIMIT` is no key file."""
-    with open(Path(path).expanduser(), "rb") as f:
-        data = f.read(KEY_FILE_LIMIT + 1)
-    if len(data) > KEY_FILE_LIMIT:
-        raise OSError(errno.EFBIG, f"over {KEY_FILE_LIMIT >> 20} MiB, not a file of keys")
+    data = read_capped(path, KEY_FILE_LIMIT)
+    if data is None:
+        raise OSError(errno.EFBIG, f"over {size_text(KEY_FILE_LIMIT)}, not a file of keys")
     return [k for k in data.decode("utf-8").splitlines() if k.strip()]
 
 

@@ -107,6 +107,20 @@ def test_merge_refuses_another_base_and_unknown_names(home, cli, tmp_path, smol_
     assert not list(tmp_path.glob("*m.gguf*"))  # nothing left behind
 
 
+def test_merge_names_its_own_verb_and_an_adapters_fix(home, cli, tmp_path):
+    """`adapt merge FILE` errors named `--adapter` (a flag merge has not) and told a damaged adapter to be
+    re-downloaded with `ondevice pull`, as for a model."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((home / "adapters" / "live.gguf").read_bytes()[:2000])
+    for verb, args in ((("adapt", "merge"), [cut]), (("adapt", "average"), [cut, cut, "-o", tmp_path / "s.gguf"])):
+        r = cli(*verb, *map(str, args))
+        assert r.returncode == 2 and f"{' '.join(verb)} {cut}: truncated" in r.stderr, r.stderr
+        assert "--adapter" not in r.stderr and "ondevice pull" not in r.stderr
+        assert "copy it again or train it again with `ondevice adapt`" in r.stderr
+    r = cli("run", "--adapter", str(cut), "hi", "-n", "2")
+    assert r.returncode == 2 and f"--adapter {cut}: truncated" in r.stderr and "ondevice pull" not in r.stderr
+
+
 def test_merge_without_out_stores_a_model_that_runs_by_name(home, cli):
     r = cli("adapt", "merge", "live", "--type", "f16", "--json")
     assert r.returncode == 0, r.stderr

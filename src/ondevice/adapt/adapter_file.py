@@ -51,23 +51,25 @@ def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np
     return path
 
 
-def read_meta(path: str | Path) -> dict:
-    """An adapter's header: ``general.*``/``adapter.*`` values and our provenance (JSON decoded)."""
+def read_meta(path: str | Path, flag: str = "--adapter") -> dict:
+    """An adapter's header: ``general.*``/``adapter.*`` values and our provenance (JSON decoded); errors name
+    ``flag`` (the flag or verb that was given the file)."""
     import gguf
 
     from ..models.gguf_check import InvalidModelFile, validate_gguf
 
     p = Path(path)
     if problem := path_problem(p):
-        raise InvalidArgument(f"--adapter {p}: {problem}; give the .gguf that `ondevice adapt` wrote")
+        raise InvalidArgument(f"{flag} {p}: {problem}; give the .gguf that `ondevice adapt` wrote")
     try:  # a file cut short or damaged is named as for a model (gguf-py's own errors are numpy's internals)
         validate_gguf(p, alone=True)
     except InvalidModelFile as e:
-        raise InvalidArgument(f"--adapter {e}") from None
+        raise InvalidArgument(f"{flag} {getattr(e, 'problem', e)}; the adapter file is damaged or cut short: "
+                              f"copy it again or train it again with `ondevice adapt`") from None
     try:
         r = gguf.GGUFReader(str(p))
     except Exception as e:  # noqa: BLE001 — not a GGUF at all, truncated, ...: one line for the user
-        raise InvalidArgument(f"--adapter {p}: not a readable GGUF file ({e}); give a LoRA adapter .gguf") from None
+        raise InvalidArgument(f"{flag} {p}: not a readable GGUF file ({e}); give a LoRA adapter .gguf") from None
     out = {}
     for k, f in r.fields.items():
         if k.startswith(("general.", "adapter.", KEY)):
@@ -109,7 +111,7 @@ def _float(gguf, x) -> np.ndarray:
 
 def lora_meta(adapter: str | Path, flag: str = "--adapter") -> dict:
     """The header of ``adapter`` (:func:`read_meta`), refused unless it is a LoRA adapter (a whole model, say)."""
-    meta = read_meta(adapter)
+    meta = read_meta(adapter, flag)
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise InvalidArgument(f"{flag} {adapter}: not a LoRA adapter (general.type={meta.get('general.type')!r},"
                               f" adapter.type={meta.get('adapter.type')!r}); give the .gguf that `ondevice adapt` "

@@ -113,7 +113,9 @@ _FIX_NOT_GGUF = ("this is not a GGUF model: pass a .gguf file (convert other for
 
 
 def _invalid(path: Path, what: str, fix: str = _FIX_CORRUPT) -> InvalidModelFile:
-    return InvalidModelFile(f"{path}: {what}; {fix}")
+    e = InvalidModelFile(f"{path}: {what}; {fix}")
+    e.problem = f"{path}: {what}"  # without the model's fix, for a file that is no model (an adapter)
+    return e
 
 
 class _NeedMore(Exception):

@@ -93,7 +93,7 @@ def test_resume_refuses_changed_settings_naming_each_and_allows_more_steps(tmp_p
     from ondevice.adapt import train
 
     cfg = interrupted_run(tmp_path, monkeypatch)
-    tail = " or start over without --resume (only --steps, --checkpoint-every and -t may change on resume)"
+    tail = " or start over without --resume (only --steps or --epochs, --checkpoint-every and -t may change on resume)"
     with pytest.raises(InvalidArgument, match=re.escape(
             "--resume: --rank 4 differs from the checkpoint's 8; resume with --rank 8" + tail)):
         train.train(train.AdaptConfig(**{**cfg, "rank": 4}, resume=True))

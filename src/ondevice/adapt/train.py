@@ -142,7 +142,7 @@ def load_checkpoint(cfg: AdaptConfig) -> dict:
             ("with", given), ("without", " ".join(flag for flag, _, old in differ if old == "(not given)"))) if flags)
         raise InvalidArgument("--resume: " + ", ".join(f"{flag} {new} differs from the checkpoint's {old}"
                                                         for flag, new, old in differ)
-                              + f"; resume {fix} or start over without --resume (only --steps, "
+                              + f"; resume {fix} or start over without --resume (only --steps or --epochs, "
                                 f"--checkpoint-every and -t may change on resume)")
     if cfg.steps is not None:  # --epochs: checked once the examples are counted (total_steps)
         check_resumed_steps(cfg.steps, None, state["step"])

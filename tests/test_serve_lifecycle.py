@@ -112,6 +112,40 @@ def test_a_stream_waiting_for_a_slot_sends_sse_pings(busy):
     assert first == ": ping"
 
 
+@pytest.mark.parametrize("route, body, ping", [
+    ("/v1/messages", {"model": "m", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+     "event: ping"),
+    ("/v1/responses", {"model": "m", "max_output_tokens": 8, "stream": True, "input": "Hi"}, ": ping"),
+    ("/completion", {"prompt": "Hi", "n_predict": 8, "stream": True}, ": ping"),
+])
+def test_every_sse_stream_pings_while_it_waits(busy, route, body, ping):
+    """The pings reached only the chat and completions streams: Anthropic's Messages stream (its own `ping`
+    event, which the anthropic SDK skips), the Responses stream and llama-server's native /completion stream
+    (which took `sse_ping_interval` without effect) were silent for the whole wait."""
+    base, _ = busy
+    with _holding(base), httpx.stream("POST", base + route, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        seen = []
+        for line in r.iter_lines():
+            seen.append(line)
+            if line == ping:
+                break
+            assert not line.startswith("data: {\"content\""), seen  # a token came first: it was not queued
+    assert seen[-1] == ping, seen
+
+
+def test_a_requests_own_sse_ping_interval_wins(busy):
+    """llama-server's per-request `sse_ping_interval`: 0 turns pings off for this stream (the schema dropped it)."""
+    base, _ = busy
+    seen = []
+    with _holding(base), httpx.stream("POST", base + CHAT, json={**_body(8, stream=True), "sse_ping_interval": 0},
+                                      timeout=httpx.Timeout(60, read=4.0)) as r:
+        with pytest.raises(httpx.ReadTimeout):  # queued 4 s, silent after its role chunk (pings would come each 1 s)
+            for line in r.iter_lines():
+                seen += [line] if line else []
+    assert len(seen) == 1 and _content(seen[0]) == "", seen
+
+
 def test_probes_answer_head_and_stay_out_of_the_access_log(busy):
     """HEAD /health and /metrics are 200 (HAProxy's httpchk, uptime monitors), and the probes' and scrapes'
     lines are left out of the access log at its default level, as llama-server leaves them out."""

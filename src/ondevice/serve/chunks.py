@@ -45,6 +45,10 @@ def lp_entry(g: Generation) -> tuple:
     return g.token, g.logprob, list(g.top_logprobs) if g.top_logprobs is not None else None
 
 
+PING = ("ping",)  # the event Runner.events yields after ``ping`` seconds without one (a stream's keep-alive)
+SSE_PING = b": ping\n\n"  # an SSE comment: clients skip it, proxies and idle timers see bytes
+
+
 def sse(obj) -> bytes:
     data = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n".encode()

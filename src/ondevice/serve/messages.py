@@ -18,7 +18,7 @@ import uuid
 from datetime import UTC, datetime
 
 from ..errors import InvalidArgument
-from .responses import chat_chunks, chat_request, over_chat
+from .responses import PING_CHUNK, chat_chunks, chat_request, over_chat
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 # converted (or dropped) here; every other field of the request passes to the chat route as it is
@@ -318,7 +318,10 @@ class Events:
     async def relay(self, chunks) -> object:
         """The events for the chat stream ``chunks`` (bytes of ``data: {...}`` lines)."""
         started = False
-        async for c in chat_chunks(chunks):
+        async for c in chat_chunks(chunks, pings=True):
+            if c is PING_CHUNK:  # the keep-alive, as Anthropic's API sends it (its SDK skips `ping` events)
+                yield _sse("ping")
+                continue
             if not started:  # after the first chunk: it names who answers (a cascade's cloud tier)
                 self.shell.model = c.get("model") or self.shell.model
                 yield self._start()

@@ -16,7 +16,7 @@ and code infill's ``n_indent`` and ``t_max_predict_ms`` (engine/stops.LineLimits
 Streams are llama-server's: one ``data:`` event per token, then the whole reply's fields with ``stop: true``, no
 ``[DONE]``. Accepted and without effect here: ``cache_prompt`` (a prompt's cached prefix is always reused),
 ``id_slot`` (any slot reuses any other's prefix), ``n_keep``/``n_discard``/``n_cache_reuse`` (a prompt that does
-not fit is refused, never shifted), ``return_progress``, ``sse_ping_interval``. Refused with the fix:
+not fit is refused, never shifted), ``return_progress``. Refused with the fix:
 ``min_keep``, multimodal prompts. /infill builds llama-server's fill-in-the-middle prompt
 (:func:`infill_prompt`) and answers as /completion.
 """
@@ -37,7 +37,7 @@ from ..engine.records import Generation
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import slots
-from .chunks import sse, timings_of
+from .chunks import PING, SSE_PING, sse, timings_of
 from .fim import NoInfill, infill_prompt
 from .http import error_payload, error_response, note
 from .responses import chat_request, validated
@@ -273,7 +273,8 @@ async def completion(runner, body: dict, request: Request):
     runner._submit(jobs)
     replies = [_Reply(st, job, i, req, body) for i, job in enumerate(jobs)]
     if req.stream:
-        return StreamingResponse(_stream(runner, jobs, replies, request, bool(body.get("timings_per_token"))),
+        return StreamingResponse(_stream(runner, jobs, replies, request, bool(body.get("timings_per_token")),
+                                         runner.ping_interval(req)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await runner._gather(jobs, request)
     if results is None:
@@ -284,12 +285,14 @@ async def completion(runner, body: dict, request: Request):
     return out[0] if len(out) == 1 else out
 
 
-async def _stream(runner, jobs, replies: list[_Reply], request: Request, per_token: bool):
+async def _stream(runner, jobs, replies: list[_Reply], request: Request, per_token: bool, ping: float | None):
     """llama-server's native stream: an event per token (its text, "" while it may start a stop string), then each
-    reply's final fields; no [DONE]."""
+    reply's final fields; no [DONE]. ``ping``: seconds of silence before an SSE ping (runner.ping_interval)."""
     gens: list[list[Generation]] = [[] for _ in jobs]
     try:
-        async for i, g in runner.indexed(jobs, request):
+        async for i, g in runner.indexed(jobs, request, ping):
+            if g is PING:
+                yield SSE_PING
             if not isinstance(g, Generation):
                 continue
             gens[i].append(g)

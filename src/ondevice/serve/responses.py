@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from ..errors import InvalidArgument
+from .chunks import SSE_PING
 
 # converted here; every other field of the request passes to the chat route as it is
 _CONVERTED = {"input", "instructions", "tools", "tool_choice", "text", "max_output_tokens", "top_logprobs", "include",
@@ -333,7 +334,10 @@ class Events:
         for b in self.start():
             yield b
         extra = {}
-        async for c in chat_chunks(chunks):
+        async for c in chat_chunks(chunks, pings=True):
+            if c is PING_CHUNK:  # the chat stream's keep-alive, passed on: an SSE comment every client skips
+                yield SSE_PING
+                continue
             if "error" in c:
                 for b in self.failed(c["error"]):
                     yield b
@@ -346,8 +350,12 @@ class Events:
             yield b
 
 
-async def chat_chunks(chunks: AsyncIterator) -> AsyncIterator[dict]:
-    """The chunks of the chat route's stream ``chunks`` (bytes of ``data: {...}`` lines) as dicts. A choice that
+PING_CHUNK: dict = {"ping": True}  # what :func:`chat_chunks` yields for the chat stream's keep-alive
+
+
+async def chat_chunks(chunks: AsyncIterator, pings: bool = False) -> AsyncIterator[dict]:
+    """The chunks of the chat route's stream ``chunks`` (bytes of ``data: {...}`` lines) as dicts; with ``pings``,
+    its keep-alive comments as :data:`PING_CHUNK` (for a relay to send its own API's). A choice that
     ends with finish reason ``error`` (a cascade's cloud stream that failed after its first text) comes as an
     error chunk: the answer is cut off, and the Messages, Responses and Ollama streams say so as their APIs say
     a failure, not as a finished answer."""
@@ -356,6 +364,10 @@ async def chat_chunks(chunks: AsyncIterator) -> AsyncIterator[dict]:
         buf += piece.decode() if isinstance(piece, bytes) else piece
         *events, buf = buf.split("\n\n")
         for e in events:
+            if e.startswith(":"):  # an SSE comment: the chat stream's keep-alive (chunks.SSE_PING)
+                if pings:
+                    yield PING_CHUNK
+                continue
             data = e.removeprefix("data: ").strip()
             if not data or data == "[DONE]":
                 continue

@@ -22,6 +22,8 @@ from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout, QueueTimeout
 from .chunks import (
+    PING,
+    SSE_PING,
     ShownTokens,
     TextOffset,
     chat_logprobs,
@@ -38,8 +40,6 @@ from .sampling import choice_samplings, request_sampling
 from .state import ServerState, message_dicts
 
 DISCONNECT_POLL_S = 0.25  # how often a request answered in one piece checks that its client is still there
-PING = ("ping",)  # the event :meth:`Runner.events` yields after ``ping`` seconds without one (a stream's keep-alive)
-SSE_PING = b": ping\n\n"  # an SSE comment: clients skip it, proxies and idle timers see bytes
 
 
 class Runner:

@@ -152,6 +152,8 @@ class _Sampling(_Body):
     draft_max: int | None = Field(None, ge=1, le=64)
     # llama-server's: these adapters at these scales, the others off (None: as the model names them, BASE+NAME)
     lora: list[LoraScale] | None = None
+    # llama-server's: seconds a stream may stay silent before an SSE ping (None: --sse-ping-interval; <= 0: off)
+    sse_ping_interval: float | None = None
     user: str | None = None
 
     @model_validator(mode="before")

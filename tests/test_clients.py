@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -233,6 +234,7 @@ def test_access_log_one_line_per_request(srv, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if " ms" in ln]
     assert len(lines) == 3, lines  # a /health probe is logged at debug only, as llama-server skips it
     u = r.usage
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1 POST ", lines[0]), lines[0]  # date, client
     assert f"POST /v1/chat/completions 200 {u.prompt_tokens}+{u.completion_tokens} tok " in lines[0]
     assert "POST /v1/completions 200 " in lines[1] and "+4 tok" in lines[1]  # streamed: counted at the end
     assert "POST /v1/completions 400 " in lines[2] and "top_p" in lines[2]  # the reason

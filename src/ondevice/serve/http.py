@@ -144,7 +144,7 @@ def access_logger() -> logging.Logger:
     log = logging.getLogger("ondevice.access")
     if not log.handlers:
         h = _Stderr()
-        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))  # a server runs for days
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -254,10 +254,11 @@ class Guard:
                 self._log(scope, status, time.perf_counter() - t0, b"".join(err_body))
 
     def _log(self, scope, status: int, seconds: float, err_body: bytes) -> None:
-        """``METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error; the probes' and
-        scrapes' successes (:data:`QUIET`) at DEBUG, as llama-server leaves them out of its log."""
+        """``CLIENT METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error; the probes' and
+        scrapes' successes (:data:`QUIET`) at DEBUG, as llama-server leaves them out of its log. CLIENT is the
+        peer's address (a proxy's, behind one), as llama-server and uvicorn log it."""
         info = scope.get(NOTE) or {}
-        parts = [scope["method"], scope["path"], str(status)]
+        parts = [(scope.get("client") or ("-",))[0], scope["method"], scope["path"], str(status)]
         if info.get("tokens"):
             p, c = info["tokens"]
             parts.append(f"{p}+{c} tok")

@@ -306,6 +306,29 @@ def test_amx_forced_on_in_the_library_is_refused_where_its_self_test_did_not_pas
     assert "--amx auto" in res.stderr
 
 
+def test_a_new_amx_self_test_is_stamped_with_its_own_date_and_load(kcache):
+    """amx='on' adds its AMX self-test to the weight type's cached entry: the refusal and `ondevice device` showed
+    the date and load of the earlier test (a dry run 20 minutes before, at another load), as if that was when
+    the AMX test crashed."""
+    from ondevice.device import device_info
+    from ondevice.engine.bufts import offered, wanted, would_use
+
+    if "AMX" not in offered() or not set(K.AMX_FLAGS) <= set(device_info()["cpu_flags"]):
+        pytest.skip("no AMX in this CPU or llama.cpp build")
+    q8 = K.variants(families=("Q8_0",))["Q8_0"]
+    if "AMX" not in would_use(q8, wanted(offered(), True, True)):
+        pytest.skip("AMX takes no Q8_0 weights in this build")
+    old = {**K._entry(q8, {"none": {"ok": True}}, measured=False, note="no extra kernel takes weights of this type"),
+           "tested_at": "2020-01-01T00:00:00+00:00", "load_avg_1m": 99.0}
+    K._store("Q8_0", old, offered())
+    code = f"import ondevice; ondevice.load({str(q8)!r}, amx='on').close()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    entry = K.cached()["families"]["Q8_0"]
+    assert K.label(wanted(offered(), True, True)) in entry["results"], entry  # the AMX test ran and was added
+    assert entry["tested_at"] > "2026" and entry["load_avg_1m"] != 99.0 and "note" not in entry, entry
+    assert "2020-01-01" not in res.stderr, res.stderr
+
+
 def test_supervised_exit_codes_and_output_pass_through(cli):
     res = cli("run", "--temp", "0", "-n", "3", "--timings", "json", "Say hi")
     assert res.returncode == 0 and res.stdout.strip()

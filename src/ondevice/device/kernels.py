@@ -356,7 +356,9 @@ def _prove_amx(model_path: str | Path, family: str | None, repack: str, names: t
     key = label(wanted(names, *config))
     if key not in entry["results"]:
         plain = [c for c in configs(names, flags) if not c[0]]  # what auto's first load tests, and the baseline
-        entry = {**entry, "results": {**entry["results"], **st.selftest(model_path, [*plain, config])}}
+        results = {**entry["results"], **st.selftest(model_path, [*plain, config])}
+        keep = {k: entry[k] for k in ("measured", "variant", "threads") if k in entry}  # not the old note
+        entry = _entry(model_path, results, **keep)  # stamped now: the date and load of this test, not the last
         _store(family, entry, names)
     res = entry["results"].get(key) or {}
     if not res.get("ok"):  # a crash, wrong logits, or a child that never finished (AMX hangs on some Xeons)

@@ -481,3 +481,20 @@ def test_run_works_from_a_read_only_home(tmp_path, cli):
         assert res.returncode == 0 and res.stdout.strip(), res.stderr
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+@pytest.mark.parametrize("verb", ["run", "chat", "eval", "bench", "serve"])
+def test_llama_cpps_no_repack_is_repack_off(verb, monkeypatch):
+    """llama-cli's and llama-server's `-nr/--no-repack`, which copied commands carry on the Xeons whose repack or
+    AMX kernels crash llama.cpp's own tools, was 'unrecognized arguments; did you mean --repack?'."""
+    from ondevice.cli import build_parser
+
+    monkeypatch.delenv("ONDEVICE_REPACK", raising=False)
+    from ondevice.serve.settings import settings_from_args
+
+    def repack(*flags: str) -> str | None:
+        args = build_parser(verb).parse_args([verb, *flags])
+        return settings_from_args(args).repack if verb == "serve" else args.repack
+
+    assert repack("--no-repack") == repack("-nr") == repack("--repack", "0") == "off"
+    assert repack() in (None, "auto")  # unset: the self-tested default

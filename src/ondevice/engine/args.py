@@ -70,6 +70,14 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repack", type=switch, choices=("auto", "on", "off"), default=None,
                    help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
                         "its self-test failed here; 1/0 as llama.cpp's tools take it)")
+    add_no_repack(g)
+
+
+def add_no_repack(p, default=None) -> None:
+    """llama-cli's and llama-server's ``-nr``/``--no-repack``: ``--repack off`` (copied commands carry it on the
+    Xeons whose AMX/repack kernels crash llama.cpp's own tools)."""
+    p.add_argument("-nr", "--no-repack", dest="repack", action="store_const", const="off", default=default,
+                   help="as --repack off (llama.cpp's spelling)")
 
 
 FLASH_ATTN = {"auto": None, "on": True, "off": False}  # -fa's words -> EngineConfig.flash_attn

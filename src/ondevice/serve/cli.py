@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..engine.llama_flags import KV_TYPES, add_llama_flags
 
     add_llama_flags(parser, "serve")
+    from ..engine.args import add_no_repack
+
+    add_no_repack(parser, default=argparse.SUPPRESS)
     parser.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None, help="llama-server's: as --kv-type")
     parser.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help="llama-server's: as --kv-type")
 

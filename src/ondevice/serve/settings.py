@@ -129,7 +129,7 @@ class ServeSettings(BaseSettings):
     repack: Literal["auto", "on", "off"] = Field(
         "auto", description="CPU_REPACK interleaved-weight kernels (auto: on unless its self-test failed here)")
 
-    @field_validator("flash_attn", mode="before")
+    @field_validator("flash_attn", "amx", "repack", mode="before")
     @classmethod
     def _on_off(cls, v: Any) -> Any:
         from ..engine.args import switch

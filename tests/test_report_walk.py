@@ -165,3 +165,23 @@ def test_a_session_id_with_slashes_writes_its_report_inside_the_reports_folder(t
     assert f"report: {written}" in r.stdout and written.is_file()
     assert sorted(p.name for p in (home / "reports").iterdir()) == [written.name]
     assert not list(tmp_path.rglob("out.html"))
+
+
+def test_a_store_of_eval_records_only_is_listed_and_exported(tmp_path, cli):
+    """`ondevice report` refused a store holding only eval records ("no bench records yet"): a perplexity run's
+    record could be read back only with sqlite. `report --eval` lists them as eval printed them, or exports them."""
+    import json
+
+    db = tmp_path / "evals.sqlite"
+    r = cli("eval", "--ppl", "--chunks", "2", "-c", "128", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    ppl = next(ln for ln in r.stdout.splitlines() if "PPL = " in ln).split("PPL = ")[1]  # "9.3306 ± 2.1267"
+    r = cli("report", "--db", str(db))
+    assert r.returncode == 2 and "no bench records yet" in r.stderr and "its 1 eval record: `ondevice report --eval`" \
+        in r.stderr, r.stderr
+    r = cli("report", "--eval", "--db", str(db))
+    assert r.returncode == 0 and f"| ppl:pydoc | 128 | PPL {ppl} |" in r.stdout, r.stdout
+    r = cli("report", "--eval", "-o", "jsonl", "--db", str(db))
+    rec = json.loads(r.stdout)
+    assert rec["kind"] == "eval" and rec["test"] == "ppl:pydoc" and f"{rec['ppl']:.4f}" == ppl.split(" ")[0]
+    assert cli("report", "--eval", "--all", "--db", str(db)).returncode == 2  # --all picks bench sessions

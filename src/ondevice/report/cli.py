@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention", action="store_true",
                    help="print the suite retention tables (score per category vs the family's F16, with "
                         "coverage) of the stored eval records and exit")
+    p.add_argument("--eval", action="store_true",
+                   help="print the stored `ondevice eval` records (perplexity, KLD, suite scores) as a table and exit "
+                        "(-o csv, json, jsonl or sql: the records)")
     p.add_argument("--fit", action="store_true",
                    help="print the latest `ondevice fit` results: validated variants, stock presets (when "
                         "benchmarks/fit_bench.py measured them) and the predicted front, and exit (-o json or jsonl: "
@@ -31,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", help="the records file (default: <ONDEVICE_HOME>/data/ondevice.sqlite)")
 
 
-MODES = ("list", "compare", "cascade", "fit", "retention")  # each prints one thing and exits
+MODES = ("list", "compare", "cascade", "fit", "retention", "eval")  # each prints one thing and exits
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -46,7 +49,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     given = [f for f, on in (("--session", args.session), ("--all", args.all), (f"-o {args.output}",
                              args.output != "html"), ("--html", args.html_path)) if on]
     extra = [f for f in given if modes and not (modes[0] == "--cascade" and f == "--html")  # cascade draws HTML
-             and not (modes[0] == "--fit" and f in ("-o json", "-o jsonl"))]  # the fit records as data
+             and not (modes[0] == "--fit" and f in ("-o json", "-o jsonl"))  # the fit records as data
+             and not (modes[0] == "--eval" and f.startswith("-o "))]  # the eval records as data
     if extra:
         one = len(extra) == 1
         raise InvalidArgument(f"{modes[0]} prints its own table on stdout and exits; {' and '.join(extra)} "
@@ -85,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
             fits = store.records("fit")
             sys.stdout.write(fit_markdown(fits) if args.output == "html" else
                              export([{**r, "kind": "fit"} for r in fits], args.output))
+            return 0
+        if args.eval:
+            from .evals import eval_markdown
+
+            evals = store.records("eval")
+            if args.output in ("html", "md"):
+                print(eval_markdown(evals) if evals else "no eval records stored yet; run `ondevice eval`", end="")
+            else:
+                sys.stdout.write(export([{**r, "kind": "eval"} for r in evals], args.output))
             return 0
         if args.retention:
             from .quality import retention, retention_markdown

@@ -29,7 +29,10 @@ def load_records(store, session: str | None = None,
     if session is None:
         sessions = store.sessions("bench")
         if not sessions:
-            raise InvalidArgument("the store has no bench records yet; run `ondevice bench` first")
+            n = len(store.records("eval"))
+            raise InvalidArgument("the store has no bench records yet; run `ondevice bench` first"
+                                  + (f" (its {n} eval record{'s' if n != 1 else ''}: `ondevice report --eval`)"
+                                     if n else ""))
         session = sessions[0][0]
     else:
         session = resolve_session(store, session)

@@ -1,0 +1,37 @@
+"""``ondevice report --eval``: the stored eval records (perplexity, KL divergence, suite scores) as a table, or
+exported (``-o csv|json|jsonl|sql``) — what ``ondevice eval`` printed, read back from the store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def _when(r: dict) -> str:
+    c = r.get("created") or r.get("_created")
+    if isinstance(c, (int, float)):  # records before 2026-12-03 hold time.time()
+        return datetime.fromtimestamp(c, UTC).strftime("%Y-%m-%d %H:%M")
+    return str(c or "")[:16].replace("T", " ")
+
+
+def _figure(r: dict) -> str:
+    """The headline figure of a record, as `ondevice eval` prints it."""
+    test = r.get("test", "")
+    if test.startswith("kld:") and r.get("kld_mean") is not None:
+        lower = r.get("kld_exact") is False or (r.get("kld_exact") is None and r.get("ref_tail_mass_mean"))
+        kld = f"KLD {'>= ' if lower else ''}{r['kld_mean']:.6f} ± {r.get('kld_err') or 0:.6f}"
+        top1 = f", same top-1 {100 * r['top1_agree']:.2f}%" if r.get("top1_agree") is not None else ""
+        return f"{kld}{top1} vs {r.get('ref_model') or '?'}"
+    if r.get("ppl") is not None:
+        return f"PPL {r['ppl']:.4f} ± {r.get('ppl_err') or 0:.4f}"
+    if r.get("score") is not None:
+        return f"score {r['score']:.3f} ({r.get('n_scored') or 0} items)"
+    return "-"
+
+
+def eval_markdown(records: list[dict]) -> str:
+    """One row per stored eval record, oldest first."""
+    rows = ["| created (UTC) | model | test | ctx | result |", "|---|---|---|---|---|"]
+    for r in records:
+        rows.append(f"| {_when(r)} | {r.get('model', '')} | {r.get('test', '')} | {r.get('n_ctx') or '-'} | "
+                    f"{_figure(r)} |")
+    return "\n".join(rows) + "\n"

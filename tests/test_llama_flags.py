@@ -27,16 +27,41 @@ def test_a_copied_llama_cli_command_runs(cli):
     plain = cli("run", *ASK)
     copied = cli("run", "-ngl", "99", "--mlock", "-co", "-no-cnv", "-dev", "none", "--log-disable", "-b", "64",
                  "-ub", "32", "-tb", "2", "-ctk", "f16", "-ctv", "f16", "--no-mmap", "--no-warmup",
-                 "-md", "smollm2", "--draft-n", "4", "--draft-min", "1", *ASK)  # a draft model: the same text
+                 "-md", "smollm2", "--draft-n", "4", "--draft-min", "1", "-fit", "on", "--no-context-shift",
+                 "--swa-full", "--log-format", "text", "-nr", *ASK)  # a draft model: the same text
     assert plain.returncode == 0 and copied.returncode == 0, copied.stderr
     assert copied.stdout == plain.stdout  # the same greedy text
     for note in ("-ngl 99 is ignored: ondevice runs on the CPU", "-co is ignored", "-no-cnv is ignored: run answers once",
-                 "-dev none is ignored"):
+                 "-dev none is ignored", "-fit on is ignored: ondevice runs on the CPU", "--no-context-shift is ignored",
+                 "--swa-full is ignored", "--log-format text is ignored"):
         assert f"ondevice run: note: {note}" in copied.stderr, copied.stderr
+
+
+def test_llama_cli_sampling_flags_reach_the_sampler(cli):
+    """llama-cli's --temperature, -l/--logit-bias and --samplers/--sampling-seq were 'unrecognized arguments'."""
+    plain, ask = cli("run", *ASK), ASK[:4]  # the prompt and -n, without --temp
+    first = cli("run", "-n", "1", "--temp", "0", "-p", "Hi")
+    assert plain.returncode == 0 == first.returncode and first.stdout.strip()
+    assert cli("run", *ask, "--temperature", "0").stdout == plain.stdout
+    # the greedy first token banned: another reply (llama.cpp's TOKEN_ID-inf)
+    from ondevice import load
+
+    with load() as m:
+        tok = m.tokenize(first.stdout.strip())[0]
+    banned = cli("run", "-n", "1", "--temp", "0", "-l", f"{tok}-inf", "-p", "Hi")
+    assert banned.returncode == 0 and banned.stdout.strip() != first.stdout.strip(), banned.stderr
+    # top-k 1 then temperature, the rest off: greedy whatever the seed and temperature
+    for flags in (["--samplers", "top-k;temperature"], ["--sampling-seq", "kt"]):
+        got = cli("run", *flags, "--top-k", "1", "--temp", "1.5", "--seed", "7", *ask)
+        assert got.returncode == 0 and got.stdout == plain.stdout, (flags, got.stderr)
 
 
 @pytest.mark.parametrize(("verb", "flags", "said"), [
     ("run", ["--keep", "10"], "--keep is llama.cpp's and does not apply here: the context here is not shifted"),
+    ("run", ["--context-shift"], "--context-shift is llama.cpp's and does not apply here: the context here is not"),
+    ("run", ["-l", "15043x1"], "-l '15043x1': give a token id, + or -, and the bias, e.g. 15043+1"),
+    ("run", ["--samplers", "temperature;top_k"], "--samplers: they apply in llama.cpp's order (penalties, dry"),
+    ("run", ["--sampling-seq", "kq"], "--sampling-seq: 'q' is not one of penalties"),
     ("run", ["--in-prefix", "User:"], "--in-prefix is llama.cpp's and does not apply here: the chat template frames"),
     ("run", ["-ctk", "q5_1"], "argument -ctk/--cache-type-k: invalid choice: 'q5_1'"),
     ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and does not apply here: chat converses; for one answer"),
@@ -79,7 +104,7 @@ def test_a_copied_llama_server_command_serves(tmp_path):
 
     flags = ["-ngl", "99", "-cb", "--metrics", "--no-webui", "-b", "256", "-ub", "128", "-tb", "1", "--no-mmap",
              "-a", "mine", "-to", "120", "-ctk", "q8_0", "-ctv", "q8_0", "--jinja", "-md", "smollm2", "--draft-n", "4",
-             "--threads-http", "2", "-c", "4096"]
+             "--threads-http", "2", "-c", "4096", "--cache-reuse", "256"]
     with serve_process(tmp_path, *flags) as (_, url, log):
         client = OpenAI(base_url=url, api_key="none")
         ids = [m.id for m in client.models.list().data]
@@ -93,6 +118,7 @@ def test_a_copied_llama_server_command_serves(tmp_path):
     text = log.read_text()
     assert "ondevice serve: note: -ngl 99 is ignored: ondevice runs on the CPU" in text
     assert "ondevice serve: note: -cb is ignored: batching is always continuous" in text
+    assert "ondevice serve: note: --cache-reuse 256 is ignored: a prompt's cached prefix is always reused" in text
     # -c 4096 with 4 slots: llama-server would split it, so the memory differs, and it is said
     assert "note: -c 4096 is each slot's context here, so the KV cache holds 4 x 4096 tokens; llama-server splits -c " \
            "over -np (4096 / 4 = 1024 each): -c 1024 gives its memory" in text

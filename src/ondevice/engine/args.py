@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..models.hf_repo import add_hf_args
 from ..protect.keys import add_key_args, apply_key_args
@@ -103,7 +104,7 @@ def apply_kernel_args(args: argparse.Namespace) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     d = Sampling()
-    p.add_argument("--temp", type=float, default=d.temp, help="temperature; 0 = greedy")
+    p.add_argument("--temp", "--temperature", type=float, default=d.temp, help="temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=d.top_p,
                    help="nucleus sampling mass, in [0, 1] (0: the likeliest token only)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
@@ -131,6 +132,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--dry-sequence-breaker", "--dry-sequence-breakers", action="append", default=None, metavar="TEXT",
                    help="DRY: a repeat does not run across this text (repeatable; replaces the defaults "
                         f"{', '.join(map(repr, d.dry_sequence_breakers))}; 'none': no breakers)")
+    g.add_argument("-l", "--logit-bias", action="append", default=[], metavar="TOKEN_ID(+/-)BIAS",
+                   help="add BIAS to the token's logit, e.g. 15043+1, 15043-1, 2-inf (never the token); repeatable")
+    g.add_argument("--samplers", default=None, metavar="NAMES",
+                   help="llama.cpp's samplers to use, ';'-separated, a subset in its order (penalties;dry;top_n_sigma;"
+                        "top_k;typ_p;top_p;min_p;xtc;temperature); those left out are off")
+    g.add_argument("--sampling-seq", "--sampler-seq", default=None, metavar="LETTERS",
+                   help="--samplers as llama.cpp's letters (edskypmxt)")
 
 
 _MORE = ((("--repeat-last-n",), int, "tokens the penalties look back over (0 = none, -1 = the context)"),
@@ -230,6 +238,8 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
         kw["dry_sequence_breakers"] = tuple(unescape(b, "--dry-sequence-breaker") for b in given)
     if args.seed is not None:
         kw["seed"] = args.seed
+    kw["logit_bias"] = tuple(_logit_bias(x) for x in args.logit_bias)
+    kw.update(_samplers(args.samplers, args.sampling_seq))
     stop = tuple(unescape(x, "--stop/-r") for x in args.stop)
     if "" in stop:  # "" is found at once: no reply at all
         from ..errors import InvalidArgument
@@ -239,6 +249,40 @@ def sampling_from(args: argparse.Namespace, **over) -> Sampling:
     kw["stop"] = stop
     kw.update(over)
     return Sampling(**kw)
+
+
+_BIAS = re.compile(r"^\s*(\d+)\s*([+-])\s*(inf|\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)\s*$", re.IGNORECASE)
+# llama.cpp's other spellings of its sampler names (common_sampler_types_from_names' alternatives)
+_SAMPLER_ALIASES = {"top-k": "top_k", "top-p": "top_p", "nucleus": "top_p", "min-p": "min_p", "typ-p": "typ_p",
+                    "typ": "typ_p", "typical": "typ_p", "typical-p": "typ_p", "typical_p": "typ_p",
+                    "top-n-sigma": "top_n_sigma", "temp": "temperature"}
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    """llama.cpp's ``-l/--logit-bias TOKEN_ID(+/-)BIAS``: ``15043+1``, ``15043-1``, ``2-inf``."""
+    from ..errors import InvalidArgument
+
+    m = _BIAS.match(text)
+    if not m:
+        raise InvalidArgument(f"--logit-bias {text!r}: give a token id, + or -, and the bias, e.g. 15043+1 or "
+                              f"15043-inf (never that token)")
+    bias = float(m.group(3))
+    return int(m.group(1)), -bias if m.group(2) == "-" else bias
+
+
+def _samplers(names: str | None, letters: str | None) -> dict:
+    """``--samplers a;b`` / ``--sampling-seq LETTERS``: the Sampling fields that turn off the samplers left out."""
+    from ..errors import InvalidArgument
+    from ..serve.sampling import sampler_subset
+
+    if names is not None and letters is not None:
+        raise InvalidArgument("--samplers and --sampling-seq both give the samplers; give one")
+    if names is None and letters is None:
+        return {}
+    value = letters if names is None else [_SAMPLER_ALIASES.get(n.strip(), n.strip()) for n in names.split(";")
+                                            if n.strip()]
+    off, infill = sampler_subset(value, "--samplers" if names is not None else "--sampling-seq")
+    return {**off, "infill": infill}
 
 
 def utf8_argument(text: str, flag: str, file_flag: str | None = None) -> str:

@@ -18,7 +18,10 @@ LOG = "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"
 OPTIONAL_VALUES = {
     ("-co", "--color"): {"on", "off", "auto", "1", "0", "true", "false", "yes", "no", "enabled", "disabled"},
     ("-fa", "--flash-attn"): {"on", "off", "auto", "1", "0", "-1", "true", "false", "enabled", "disabled"},
+    ("-fit", "--fit"): {"on", "off"},
 }
+FIT = ("ondevice runs on the CPU: no device memory to fit the settings to (`ondevice fit` fits the model to this "
+       "machine)")
 
 # flag names -> (its value: True one, False none, "?" an optional one; why it changes nothing here)
 IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
@@ -39,6 +42,12 @@ IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--no-display-prompt", "--display-prompt"): (False, "the prompt is not echoed (--verbose-prompt: as read)"),
     ("--perf", "--no-perf"): (False, "ondevice always measures its timings"),
     ("--draft-min", "--draft-n-min", "--draft-p-min"): (True, "a step drafts what its costs pay for, to --draft-max"),
+    ("--log-format",): (True, LOG),
+    ("-fit", "--fit"): ("?", FIT),
+    ("-fitt", "--fit-target", "-fitc", "--fit-ctx"): (True, FIT),
+    ("--no-context-shift",): (False, "the context is never shifted here: a reply that would pass it ends with finish "
+                                     "'length'"),
+    ("--swa-full",): (False, "the sliding-window cache keeps llama.cpp's default size (results are the same)"),
 }
 # llama-server's, for what `ondevice serve` always does
 SERVER_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
@@ -49,6 +58,7 @@ SERVER_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
     ("--props",): (False, "GET /props is always on; POST /props is not taken"),
     ("--no-warmup",): (False, "serve warms up on its own thread as it starts"),
     ("-kvu", "--kv-unified"): (False, "each slot keeps its own -c cells here"),
+    ("--cache-reuse",): (True, "a prompt's cached prefix is always reused (no chunks shifted in the cache)"),
 }
 # llama-perplexity's load settings: eval loads its models with its own (f16 KV cache, flash attention auto)
 EVAL_IGNORED: dict[tuple[str, ...], tuple[bool | str, str]] = {
@@ -75,7 +85,8 @@ REFUSED: dict[tuple[str, ...], str] = {
 }
 # llama-cli's and llama-server's text handling (run, chat, serve)
 TEXT_REFUSED: dict[tuple[str, ...], str] = {
-    ("--keep",): "the context here is not shifted: a reply that would pass it ends with finish 'length'; raise -c",
+    ("--keep", "--context-shift"): "the context here is not shifted: a reply that would pass it ends with finish "
+                                   "'length'; raise -c",
     ("--in-prefix", "--in-prefix-bos", "--in-suffix"): "the chat template frames each turn; give one with "
                                                         "--chat-template or --chat-template-file",
     ("--reasoning-format", "--reasoning-budget", "-rea", "--reasoning"): "the reply is given as the model writes "

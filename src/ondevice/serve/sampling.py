@@ -24,10 +24,10 @@ def sampler_names(value) -> list[str]:
     return names
 
 
-def sampler_subset(value) -> tuple[dict, bool]:
+def sampler_subset(value, what: str = "samplers") -> tuple[dict, bool]:
     """llama-server's ``samplers`` (names, or a string of their letters): (the Sampling fields that turn off the
     samplers it leaves out, whether it ends with llama.cpp's infill sampler). Only a subset in llama.cpp's order
-    is taken (the chain is built in that order)."""
+    is taken (the chain is built in that order). Errors name ``what`` (the field or flag given)."""
     if value is None:
         return {}, False
     names = sampler_names(value)
@@ -35,11 +35,11 @@ def sampler_subset(value) -> tuple[dict, bool]:
     names = names[:-1] if infill else names
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise InvalidArgument(f"samplers: {unknown[0]!r} is not one of {', '.join(SAMPLERS)} (infill: last only)")
+        raise InvalidArgument(f"{what}: {unknown[0]!r} is not one of {', '.join(SAMPLERS)} (infill: last only)")
     order = list(SAMPLERS)
     if [order.index(n) for n in names] != sorted(order.index(n) for n in names) or len(set(names)) != len(names):
-        raise InvalidArgument(f"samplers: this server applies them in llama.cpp's order ({', '.join(SAMPLERS)}, "
-                              f"then infill), each once; list a subset in that order")
+        raise InvalidArgument(f"{what}: they apply in llama.cpp's order ({', '.join(SAMPLERS)}, then infill), "
+                              f"each once; list a subset in that order")
     return {k: v for n, off in SAMPLERS.items() if n not in names for k, v in off.items()}, infill
 
 

@@ -240,10 +240,15 @@ def test_stdin_that_is_endless_or_not_text_is_a_one_line_error(tmp_path):
 
 
 def test_a_flag_from_another_tool_says_which_one_is_meant(cli):
-    r = cli("run", "--temperature", "0", "hi")
-    assert r.returncode == 2 and "unrecognized arguments: --temperature; did you mean --temp?" in r.stderr
+    r = cli("run", "--temprature", "0", "hi")
+    assert r.returncode == 2 and "unrecognized arguments: --temprature; did you mean --temperature?" in r.stderr
     r = cli("run", "--max-new-tokens", "3", "hi")  # transformers' name (llama-cli's --n-predict is taken as -n)
     assert r.returncode == 2 and "did you mean --max-tokens?" in r.stderr
+    # run's flags given to chat: said so (the hint was a flag chat hides and ignores, --draft-min for --draft, or
+    # an unrelated one, --prompt for --prompt-cache)
+    for flag in ("--draft", "--prompt-cache"):
+        r = cli("chat", flag, "x", input="")
+        assert r.returncode == 2 and f"{flag} is a flag of `ondevice run`, not of `ondevice chat`" in r.stderr, r.stderr
     r = cli("bench", "--json")  # llama-bench's -o json, and a format of our -o
     assert r.returncode == 2 and "unrecognized arguments: --json; did you mean -o json?" in r.stderr
     # a verb's action (cascade fit) is the parser that knows the flags: its usage, its hint (serve's name, and

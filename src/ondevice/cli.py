@@ -102,12 +102,22 @@ def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
 
     from .fields import ALIASES
 
-    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    def shown(p: argparse.ArgumentParser) -> list[str]:  # not llama.cpp's ignored or refused flags (hidden)
+        return [o for a in p._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
+
+    flags = shown(parser)
     formats = next((a for a in parser._actions if "--output" in a.option_strings and a.choices), None)
+    verb = parser.prog.split()[-1]
+    sibling = {"run": "chat", "chat": "run"}.get(verb)  # one prompt vs a conversation: flags users mix up
     for x in extra:
         name = x.split("=", 1)[0]
         if not name.startswith("--"):
             continue
+        if sibling:
+            other = build_parser(sibling)
+            verbs = next(a for a in other._actions if isinstance(a, argparse._SubParsersAction))
+            if name in shown(verbs.choices[sibling]):
+                return f"; {name} is a flag of `ondevice {sibling}`, not of `ondevice {verb}`"
         if formats is not None and name[2:] in formats.choices and name not in flags:  # --json: llama-bench's -o json
             return f"; did you mean {formats.option_strings[0]} {name[2:]}?"
         alias = "--" + ALIASES.get(name[2:].replace("-", "_"), "").replace("_", "-")

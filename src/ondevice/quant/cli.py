@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance matrix (tensor name -> per-column mean squared activation) that weights each "
                         "column's rounding error: the .npz `ondevice fit` collects, or llama-imatrix's imatrix.gguf "
                         "or legacy .dat")
-    p.add_argument("--force", action="store_true", help="replace an existing variant of the same name")
+    p.add_argument("--force", action="store_true", help="replace an existing variant of the same name, or an existing "
+                   "output file (llama-quantize overwrites it; here it is kept unless --force)")
 
 
 _NOT_TAKEN = {  # llama-quantize's flags that are not taken here, and why

@@ -224,7 +224,9 @@ def test_a_relative_speed_bound_is_met_against_the_shipped_file_benched_with_the
 
     monkeypatch.setattr(ondevice, "bench", spy)
     res = ondevice.fit(None, "tg>=0.5x", store=False, **{**TINY, "validate": 2, "repetitions": 2})
-    table, validation = calls[0], calls[-1]
+    # the validation's bench is the last interleaved one (each candidate's peak RSS is then measured alone)
+    table, validation = calls[0], [c for c in calls if c[1]][-1]
+    assert [files for files, inter in calls if not inter] == [[f] for f in validation[0][1:-1]]
     # the shipped file in the speed table's process and again in the validation's, with the candidates
     for files, interleave in (table, validation):
         assert shipped in files and len(files) >= 3 and interleave

@@ -43,6 +43,7 @@ from .measure import (
     plan_key,
     quality_section,
 )
+from .memory import mib, runtime_model
 from .plan import (
     Candidate,
     Table,
@@ -230,23 +231,28 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         meter.built, meter.reused = meter.built + probe.built, meter.reused + probe.reused
         prof.fits(smallest, lay.smallest(types))
     with phase("device"):
-        items = [Item({}, [calib_q])]
+        items = [Item({}, [calib_q], memory=bud.mem is not None)]  # peak RSS alone in a process: for mem<=
         for t in dict.fromkeys(t for ts in opts.values() for t in ts):  # the types offered (fallbacks too)
             if t == BASE or not any(g.compute and t in opts[g.name] for g in lay.groups):
                 continue
             plan = {g.name: t for g in lay.groups if t in opts[g.name]}
             # the variant of the lowest type is usually the imatrix check's plan: score it while it is built
-            items.append(Item(plan, [held_q] if plan == low and "auto" in (imatrix, transform) else []))
-        res = meter.measure([*items, shipped_item], speed=True)
-        shipped = {**res.pop()["speed"], "size": total_size(src.path)}
+            items.append(Item(plan, [held_q] if plan == low and "auto" in (imatrix, transform) else [],
+                              memory=bud.mem is not None))
+        res = meter.measure([*items, replace(shipped_item, memory=bud.mem is not None)], speed=True)
+        r = res.pop()
+        shipped = {**r["speed"], "size": total_size(src.path), "mem": (r["mem"] or {}).get("peak_rss")}
         bud = asked.resolved(shipped.get("tg"), shipped.get("pp"))
     base = res[0]
     type_speed = {next(iter(it.plan.values())): r["speed"] for it, r in zip(items[1:], res[1:])}
     say("device speed table (tok/s, every group the type fits at that type, the rest " + BASE + "):")
     say(f"  shipped {src.info.quant_summary}: tg {shipped['tg']:.1f}, pp {shipped['pp']:.1f}{noisy_mark(shipped)}")
     say(f"  {BASE:7s} tg {base['speed']['tg']:6.1f}  pp {base['speed']['pp']:7.1f}{noisy_mark(base['speed'])}")
+    type_mem = {next(iter(it.plan.values())): r["mem"] for it, r in zip(items[1:], res[1:])}
     for t, s in type_speed.items():
-        say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}{noisy_mark(s)}")
+        say(f"  {t:7s} tg {s['tg']:6.1f}  pp {s['pp']:7.1f}{noisy_mark(s)}"
+            + (f"  peak RSS {mib(type_mem[t]['peak_rss'])} MiB" if type_mem[t] else ""))
+    mem_model = None if bud.mem is None else runtime_model(lay, opts, base["mem"], type_mem, shipped, say, bud.mem)
     fits, note = prof.fits(base["speed"], lay.smallest(types))
     if fits is not None:
         say(f"profile {prof.name}: {note}")
@@ -289,8 +295,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     kmodel = choose_model(singles, measured_plans(calib_q[0].entries(), base_kld, im_sha,
                                                   {g.name for g in lay.groups}))
     say(f"KLD model: {kmodel.describe()}")
-    table = make_table(lay, base["speed"], type_speed, base_kld, group_kld, kmodel.terms, opts)
-    front = pareto_front(table, with_pp=bud.pp is not None)
+    table = make_table(lay, base["speed"], type_speed, base_kld, group_kld, kmodel.terms, opts, mem_model)
+    front = pareto_front(table, with_pp=bud.pp is not None, with_mem=bud.mem is not None)
     say(f"predicted Pareto front ({len(front)} plans; KLD on the calibration text):")
     lines_front = front_table(front)
     for ln in lines_front:
@@ -324,7 +330,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         for c in cands:
             keep = workdir / f"candidate-{len(validated) + len(items) - 1}.gguf"
             keep.unlink(missing_ok=True)
-            items.append(Item(c.plan, [calib_q, held_q], im_path, im_sha, keep))
+            items.append(Item(c.plan, [calib_q, held_q], im_path, im_sha, keep, memory=True))
         if resume and any(vmeter._speed_hit(it.key) is None for it in items[1:]):
             # a candidate is benched now, so the all-Q8_0 variant (and the shipped file) are benched with it: speeds
             # cached minutes before would put the predictions at another moment's speed
@@ -347,6 +353,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                              for k in ("tg", "pp")},
                           "kld": r["kld"][1]["kld"], "kld_calib": r["kld"][0]["kld"],
                           "kld_err": r["kld"][1]["kld_err"], "noisy": r["speed"].get("noisy"),
+                          "mem": (r["mem"] or {}).get("peak_rss"), "mem_anon": (r["mem"] or {}).get("rss_anon"),
                           "file": str(it.keep)}
         if tf.used and transform == "auto":  # kept per candidate where it lowers the held-out KLD
             from .transform import keep_where_it_helps
@@ -386,17 +393,23 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         f"tg pred: from the speed table, then at the {BASE} variant's speed now, {now['tg']:.1f} vs "
         f"{base['speed']['tg']:.1f} tok/s in the table; +- one standard deviation from the runs' spread, not the host's slower shifts):")
     w = max([len(c.summary()) for c in picks] + [len("reference") if q_ref else 0])
-    say(f"  {'plan':{w}s} {'size MB':>8} {'tg table':>8} {'tg pred':>11} {'tg meas':>11} {'KLD sum':>8} "
-        f"{'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}" + qual.header())
+    rss = any(c.predicted.get("mem") is not None for c in picks)  # a mem bound predicted them: both columns
+    say(f"  {'plan':{w}s} {'size MB':>8} " + f"{'RSS pred':>8} " * rss + f"{'RSS MiB':>8} {'tg table':>8} "
+        f"{'tg pred':>11} {'tg meas':>11} {'KLD sum':>8} {'KLD pred':>9} {'KLD calib':>9} {'KLD held':>9}"
+        + qual.header())
     for c in picks:
         p, m = c.predicted, c.measured
-        say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} {p['tg_table']:8.1f} {_pm(p['tg'], p.get('tg_sd')):>11} "
+        say(f"  {c.summary():{w}s} {m['size'] / 1e6:8.1f} " + f"{mib(p.get('mem')):>8} " * rss
+            + f"{mib(m.get('mem')):>8} {p['tg_table']:8.1f} {_pm(p['tg'], p.get('tg_sd')):>11} "
             f"{_pm(m['tg'], m.get('tg_sd')) + noisy_mark(m):>11} {p['kld_additive']:8.4f} {p['kld']:9.4f} {m['kld_calib']:9.4f} "
             f"{m['kld']:9.4f}" + qual.cell(m))
     if q_ref:
-        say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{8 * 2 + 11 * 2 + 3 + 9 * 3 + 3}}"
+        pad = 8 * 3 + 11 * 2 + 4 + 9 * 3 + 3 + 9 * rss  # the columns between size and the quality's
+        say(f"  {'reference':{w}s} {reference.path.stat().st_size / 1e6:8.1f} {'':>{pad}}"
             + qual.cell(q_ref) + f"  ({reference.name}; {qual.describe()})")
     ok = [c for c in picks if not bud.violations(c.measured)]
+    for c in (c for c in picks if c not in ok):  # said, so a miss of a bound is never silent
+        say(f"  over the budget as measured, not chosen: {c.summary()} ({', '.join(bud.violations(c.measured))})")
     if not ok:
         _cleanup(workdir)
         raise InvalidArgument(impossible(picks, bud, measured=True))
@@ -429,7 +442,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
-        f"tg {chosen.measured['tg']:.1f} tok/s{noisy_mark(chosen.measured)}" + (f" under profile {prof.name}" if prof.spec else "")
+        + (f"peak RSS {mib(chosen.measured['mem'])} MiB, " if chosen.measured.get("mem") else "")
+        + f"tg {chosen.measured['tg']:.1f} tok/s{noisy_mark(chosen.measured)}"
+        + (f" under profile {prof.name}" if prof.spec else "")
         + _knobs_note(chosen.measured.get("runtime"))
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
@@ -469,7 +484,8 @@ def _cleanup(workdir: Path) -> None:
 def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> bool:
     """The shipped file is a candidate too: against a reference made from it, its KLD is 0, so where it also meets
     the budget, no larger and as fast (within 3%: benched apart), the chosen variant is no gain over it (True)."""
-    mine = {"size": shipped["size"], "tg": shipped.get("tg"), "pp": shipped.get("pp"), "kld": 0.0}
+    mine = {"size": shipped["size"], "tg": shipped.get("tg"), "pp": shipped.get("pp"), "kld": 0.0,
+            "mem": shipped.get("mem")}
     if bud.violations(mine) or mine["size"] > chosen["size"] or (mine["tg"] or 0) < 0.97 * chosen["tg"]:
         return False
     say(f"note: the shipped file already meets the budget and is no worse: {mine['size'] / 1e6:.1f} MB (chosen "

@@ -2,8 +2,16 @@
 
 Keys and the direction each may be bounded in:
 
-- ``size`` (file bytes) ``<=``: units B, KB/MB/GB (powers of 1000, as ``ondevice models`` prints sizes) or
-  KiB/MiB/GiB and K/M/G (powers of 1024, as ``--profile mem=`` reads them);
+- ``size`` (the file's bytes, not the memory it runs in) ``<=``: units B, KB/MB/GB (powers of 1000, as
+  ``ondevice models`` prints sizes) or KiB/MiB/GiB and K/M/G (powers of 1024, as ``--profile mem=`` reads them);
+- ``mem`` (alias ``ram``) ``<=``, same units: the variant's peak resident memory (RSS) while it runs the fit's
+  bench tests (``--tests``, default pp128,tg64, at the context they need rounded up to 256 tokens: 256), in a
+  process of its own: the weights as loaded plus what the runtime allocates (KV cache, compute buffers, the
+  repacked copies llama.cpp's CPU_REPACK keeps of Q4_0/IQ4_NL weights beside their mapped pages, the
+  interpreter): e.g. ``mem<=200MiB`` (SmolLM2's shipped 98 MB file peaks at 174 MiB here, its all-Q8_0
+  variant, 145 MB, at 218 MiB). Plans are checked on a *predicted* peak (``fit.memory``: the file's size plus
+  the runtime's memory interpolated between the measured per-type variants), validated candidates on their
+  *measured* one;
 - ``tg`` (decode tok/s) and ``pp`` (prompt tok/s) ``>=``: a number, or ``1.1x`` = 1.1 times the shipped
   file's speed measured on this device;
 - ``kld`` (mean KL divergence from the family's F16 on the calibration text) ``<=``;
@@ -23,12 +31,13 @@ from dataclasses import dataclass, replace
 
 from ..errors import InvalidArgument
 
-_EXAMPLE = "e.g. --budget 'size<=110MB,tg>=100,kld<=0.02'"
+_EXAMPLE = "e.g. --budget 'size<=110MB,tg>=100,kld<=0.02' or 'mem<=300MB'"
 _ITEM = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>|=<|=>)\s*([^\s]+)\s*$", re.IGNORECASE)
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb|kib|mib|gib|k|m|g)?$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
           "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}  # 512M: powers of 1024, as --profile mem=512M reads it
-_UPPER = {"size", "kld"}  # bounded from above
+_UPPER = {"size", "mem", "kld"}  # bounded from above
+_ALIASES = {"ram": "mem"}
 _LOWER = {"tg", "pp", "score"}  # bounded from below
 
 
@@ -37,6 +46,7 @@ class Budget:
     """Bounds a variant must meet; None = unbounded. ``tg_rel``/``pp_rel``: multiples of the shipped file."""
 
     size: int | None = None
+    mem: int | None = None  # peak RSS at the bench shapes (bytes)
     tg: float | None = None
     pp: float | None = None
     kld: float | None = None
@@ -67,11 +77,14 @@ class Budget:
         return replace(self, score=max(self.score or 0.0, self.score_rel * reference_score))
 
     def violations(self, m: dict) -> list[str]:
-        """The constraints ``m`` (keys size, tg, pp, kld, score) breaks, as ``"tg 93.1 < 100"`` strings; a
-        score bound is checked only where ``m`` has a score (measured, never predicted)."""
+        """The constraints ``m`` (keys size, tg, pp, kld, score, mem) breaks, as ``"tg 93.1 < 100"`` strings; a
+        score bound is checked only where ``m`` has a score (measured, never predicted), a mem bound where ``m``
+        has a peak RSS (predicted or measured)."""
         out = []
         if self.size is not None and m["size"] > self.size:
             out.append(f"size {m['size'] / 1e6:.1f}MB > {self.size / 1e6:.1f}MB")
+        if self.mem is not None and m.get("mem") is not None and m["mem"] > self.mem:
+            out.append(f"mem {m['mem'] / 2**20:.1f}MiB > {self.mem / 2**20:.1f}MiB (peak RSS)")
         if self.fits is not None and m["size"] > self.fits:
             out.append(f"size {m['size'] / 1e6:.1f}MB > {self.fits / 1e6:.1f}MB (the device profile's memory)")
         for key in ("tg", "pp"):
@@ -86,7 +99,7 @@ class Budget:
 
     def speed_violations(self, m: dict) -> list[str]:
         """The tok/s bounds ``m`` breaks (see :meth:`violations`)."""
-        return replace(self, size=None, fits=None, kld=None, score=None).violations(m)
+        return replace(self, size=None, mem=None, fits=None, kld=None, score=None).violations(m)
 
     def describe(self) -> str:
         return self.text or "none (least KLD)"
@@ -116,19 +129,21 @@ def parse_budget(text: str | Budget | None) -> Budget:
         if not m:
             raise InvalidArgument(f"--budget item {part.strip()!r} is not KEY<=VALUE or KEY>=VALUE; {_EXAMPLE}")
         key, op, raw = m.group(1).lower(), m.group(2).replace("=<", "<=").replace("=>", ">="), m.group(3)
+        key = _ALIASES.get(key, key)
         if key not in _UPPER | _LOWER:
-            raise InvalidArgument(f"--budget key {key!r} is unknown; use size, tg, pp, kld or score; {_EXAMPLE}")
+            raise InvalidArgument(f"--budget key {key!r} is unknown; use size (file bytes), mem (peak RSS), tg, pp, "
+                                  f"kld or score; {_EXAMPLE}")
         if key in fields or f"{key}_rel" in fields:
             raise InvalidArgument(f"--budget bounds {key} twice; give each key once")
         if key in _UPPER and op.startswith(">") or key in _LOWER and op.startswith("<"):
             want = "<=" if key in _UPPER else ">="
             raise InvalidArgument(f"--budget {part.strip()!r}: {key} can only be bounded as {key}{want}VALUE "
                                   f"(a {'ceiling' if key in _UPPER else 'floor'})")
-        if key == "size":
+        if key in ("size", "mem"):
             sm = _SIZE.match(raw)
             if not sm:
-                raise InvalidArgument(f"--budget size: {raw!r} is not a size; use e.g. 110MB, 100MiB or 0.1GB")
-            fields["size"] = int(_number(key, sm.group(1)) * _UNITS[(sm.group(2) or "b").lower()])
+                raise InvalidArgument(f"--budget {key}: {raw!r} is not a size; use e.g. 110MB, 100MiB or 0.1GB")
+            fields[key] = int(_number(key, sm.group(1)) * _UNITS[(sm.group(2) or "b").lower()])
         elif key in _LOWER and raw.lower().endswith("x"):
             fields[f"{key}_rel"] = _number(key, raw[:-1])
         else:

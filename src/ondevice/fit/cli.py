@@ -12,8 +12,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="catalog name, stored variant or .gguf path "
                    "(default: the embedded model)")
     p.add_argument("--budget", "-b", default="",
-                   help="bounds, comma-separated: size<=110MB, tg>=100 (decode tok/s, or 1.1x the shipped "
-                        "file), pp>=N, kld<=0.02 (KLD from the family's F16); none: least KLD")
+                   help="bounds, comma-separated: size<=110MB (the file's bytes), mem<=300MB (alias ram: peak "
+                        "RSS running the --tests alone in a process, at the context they need, 256 for the default "
+                        "tests: weights, KV cache, compute and repack buffers; plans predicted, candidates "
+                        "measured), tg>=100 (decode tok/s, or 1.1x the shipped file), pp>=N, kld<=0.02 (KLD from "
+                        "the family's F16); none: least KLD. E.g. -b 'mem<=250MB,kld<=0.05'")
     p.add_argument("--ref", default=None, help="reference variant (default: the family's F16, made from the "
                    "shipped file when missing)")
     p.add_argument("--name", "-n", default=None, help="name of the stored variant (default: <model>-fit-<hash>)")

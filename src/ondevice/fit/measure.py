@@ -12,6 +12,9 @@ not measure anything twice:
 - quality: mean KL divergence from the reference on a text, from ``ondevice.evaluate`` (which caches the
   reference's compact logits). Cached per reference, text and chunking in ``<data dir>/fit/kld.json``; reused
   only with ``resume=True`` (or by the device-independent benchmark);
+- memory (a ``mem<=`` bound, and every validated candidate): peak RSS of a file running the bench tests in a
+  process of its own (one repetition; an interleaved bench's process holds every file, so it cannot say),
+  cached beside the speeds (``-memory`` sections);
 - task score (``--quality SUITE``): an ``ondevice eval`` suite's score of a validated file, cached like KLD
   per reference, suite, limit and seed.
 
@@ -187,6 +190,7 @@ class Item:
     keep: Path | None = None
     path: Path | None = None
     name: str | None = None
+    memory: bool = False  # also its peak RSS, alone in a process (``memory.memories``)
 
     @property
     def key(self) -> str:
@@ -449,8 +453,11 @@ class Meter:
 
     def measure(self, items: list[Item], *, speed: bool = False) -> list[dict]:
         """Measure several plans: their speeds when ``speed`` (:meth:`speeds`: in turn, nothing else runs while
-        the bench times), then their KLDs on ``jobs`` threads. The files are built only when some figure is
-        not cached. Returns per item ``{"speed": ..., "kld": [...], "file": path or None}``."""
+        the bench times), their peak RSS where ``Item.memory`` (``memory.memories``), then their KLDs on ``jobs``
+        threads. The files are built only when some figure is not cached. Returns per item ``{"speed": ...,
+        "kld": [...], "file": path or None, "mem": {...} or None}``."""
+        from .memory import mem_hit, memories
+
         paths = [it.path or it.keep or self.workdir / f"v-{hashlib.sha256(it.key.encode()).hexdigest()[:12]}.gguf"
                  for it in items]
         speeds: list[dict | None] = [None] * len(items)
@@ -469,19 +476,24 @@ class Meter:
             for i, it in enumerate(items):
                 need_s = speed and self._speed_hit(it.key) is None
                 need_q = any(self._kld_hit(c, it.key) is None for c, *_ in it.quality)
-                if need_s or need_q:
-                    self.say(f"  measuring {it.key}" + (" (speed)" if need_s else "") + (" (KLD)" if need_q else ""))
-                if need_s:
+                need_m = it.memory and mem_hit(self, it.key) is None
+                if need_s or need_q or need_m:
+                    self.say(f"  measuring {it.key}" + (" (speed)" if need_s else "") + (" (KLD)" if need_q else "")
+                             + (" (memory)" if need_m else ""))
+                if need_s or need_m:
                     self._ensure(it, paths[i])
             if speed:  # all built first, then benched in turn (see speeds)
                 speeds = self.speeds([(it.key, path) for it, path in zip(items, paths)])
+            mine = [i for i, it in enumerate(items) if it.memory]  # after the speeds: nothing overlaps a bench
+            mems = dict(zip(mine, memories(self, [(items[i].key, paths[i]) for i in mine], [speeds[i] for i in mine])))
             with ThreadPoolExecutor(max(1, self.jobs)) as ex:
                 klds = list(ex.map(quality, range(len(items))))
         finally:
             for it, dst in zip(items, paths):
                 if it.owned:
                     dst.unlink(missing_ok=True)
-        return [{"speed": s, "kld": k, "file": it.keep} for s, k, it in zip(speeds, klds, items)]
+        return [{"speed": s, "kld": k, "file": it.keep, "mem": mems.get(i)}
+                for i, (s, k, it) in enumerate(zip(speeds, klds, items))]
 
     def variant(self, plan: dict[str, str], *, speed: bool, quality: list[tuple[Cache, Path, int, int]],
                 imatrix: Path | None = None, imatrix_sha: str | None = None, keep: Path | None = None) -> dict:

@@ -39,6 +39,7 @@ class Option:
     d_pp: float  # extra seconds per prompt token
     d_kld: float  # extra KLD over the base (as the KLD model predicts it)
     d_kld_sum: float = 0.0  # the single's own extra KLD (the additive model)
+    d_mem: float = 0.0  # extra runtime bytes over the base's (peak RSS beyond the file: ``memory``)
 
 
 @dataclass
@@ -75,14 +76,17 @@ class Table:
     base_pp: float
     base_kld: float
     spread: dict[str, Spread] = field(default_factory=dict)  # "tg"/"pp": the speed table's noise
+    base_mem: int | None = None  # the all-base variant's peak RSS beyond its file (None: memory not measured)
 
     def predict(self, plan: dict[str, str]) -> dict:
-        dec, pp, kld, add = self.base_dec, self.base_pp, self.base_kld, self.base_kld
+        dec, pp, kld, add, mem = self.base_dec, self.base_pp, self.base_kld, self.base_kld, self.base_mem or 0
         for g, t in plan.items():
             o = next(o for o in self.options[g] if o.type == t)
-            dec, pp, kld, add = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld, add + o.d_kld_sum
-        return {"size": self.layout.size(plan), "tg": 1.0 / dec if dec > 0 else float("inf"),
-                "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": max(0.0, kld), "kld_additive": add}
+            dec, pp, kld, add, mem = dec + o.d_dec, pp + o.d_pp, kld + o.d_kld, add + o.d_kld_sum, mem + o.d_mem
+        size = self.layout.size(plan)
+        return {"size": size, "tg": 1.0 / dec if dec > 0 else float("inf"),
+                "pp": 1.0 / pp if pp > 0 else float("inf"), "kld": max(0.0, kld), "kld_additive": add,
+                **({"mem": size + mem} if self.base_mem is not None else {})}
 
     def predict_at(self, plan: dict[str, str], base_now: dict) -> dict:
         """tok/s of ``plan`` at the speed the base variant has *now* (``{"tg", "pp"}`` measured just before).
@@ -142,9 +146,10 @@ def speed_deltas(layout: Layout, base: float, per_type: dict[str, float],
 
 def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], base_kld: float,
                group_kld: dict[tuple[str, str], float], terms: dict[tuple[str, str], float] | None = None,
-               opts: dict[str, list[str]] | None = None) -> Table:
+               opts: dict[str, list[str]] | None = None, mem: tuple[int, dict[str, float]] | None = None) -> Table:
     """Per-group options from the measured speed table and sensitivities; ``terms``: the KLD model's extra
-    KLD per (group, type) (default: the singles' own, additive); ``opts``: each group's types."""
+    KLD per (group, type) (default: the singles' own, additive); ``opts``: each group's types; ``mem``: the
+    base's runtime bytes and each type's extra per weight (``memory.runtime_model``; None: no peak RSS)."""
     group_types = opts or layout.options()
     dec = speed_deltas(layout, 1 / base_speed["tg"], {t: 1 / s["tg"] for t, s in type_speed.items()}, group_types)
     pp = speed_deltas(layout, 1 / base_speed["pp"], {t: 1 / s["pp"] for t, s in type_speed.items()}, group_types,
@@ -158,13 +163,14 @@ def make_table(layout: Layout, base_speed: dict, type_speed: dict[str, dict], ba
             single = 0.0 if t == BASE else max(0.0, group_kld[(g.name, t)] - base_kld)
             d_kld = single if terms is None or t == BASE else terms[(g.name, t)]
             opts.append(Option(t, g.bytes(t), _weights(g, False) * dec.get(t, 0.0), _weights(g, True) * pp.get(t, 0.0),
-                               d_kld, single))
+                               d_kld, single, g.n * mem[1].get(t, 0.0) if mem else 0.0))
         options[g.name] = opts
     spread = {kind: Spread(base_speed.get(f"{kind}_rse"),
                            {t: (_type_weights(layout, group_types, t, kind == "pp"), base_speed[kind] / s[kind],
                                 s.get(f"{kind}_rse")) for t, s in type_speed.items()})
               for kind in ("tg", "pp")}
-    return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld, spread)
+    return Table(layout, options, 1 / base_speed["tg"], 1 / base_speed["pp"], base_kld, spread,
+                 mem[0] if mem else None)
 
 
 def _pareto(points: np.ndarray) -> np.ndarray:
@@ -181,15 +187,17 @@ def _pareto(points: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
-def pareto_front(table: Table, with_pp: bool = False, cap: int = 4000) -> list[Candidate]:
-    """The plans no other plan beats on size, decode time and KLD (and prompt time when ``with_pp``)."""
-    cols = 4 if with_pp else 3
+def pareto_front(table: Table, with_pp: bool = False, cap: int = 4000, with_mem: bool = False) -> list[Candidate]:
+    """The plans no other plan beats on size, decode time and KLD (and prompt time when ``with_pp``, peak RSS
+    when ``with_mem``: a repacked type can be smaller yet take more memory)."""
+    keep = [0, 1, 2] + [3] * with_pp + [4] * (with_mem and table.base_mem is not None)
+    cols = len(keep)
     vals = np.zeros((1, cols))
     plans: list[tuple[str, ...]] = [()]
     names = list(table.options)
     for g in names:
         opts = table.options[g]
-        add = np.array([[o.bytes, o.d_dec, o.d_kld, o.d_pp][:cols] for o in opts])
+        add = np.array([[[o.bytes, o.d_dec, o.d_kld, o.d_pp, o.bytes + o.d_mem][k] for k in keep] for o in opts])
         vals = (vals[:, None, :] + add[None, :, :]).reshape(-1, cols)
         plans = [p + (o.type,) for p in plans for o in opts]
         idx = _pareto(vals)
@@ -254,6 +262,8 @@ def _excess(budget: Budget, m: dict) -> float:
     for lim in (budget.size, budget.fits):
         if lim is not None:
             e += max(0.0, m["size"] / lim - 1)
+    if budget.mem is not None and m.get("mem"):
+        e += max(0.0, m["mem"] / budget.mem - 1)
     for k in ("tg", "pp", "score"):
         lim = getattr(budget, k)
         if lim is not None and m.get(k):
@@ -268,10 +278,14 @@ def impossible(front: list[Candidate], budget: Budget, measured: bool = False) -
     get = (lambda c: c.measured) if measured else (lambda c: c.predicted)
     best = {"size": min(get(c)["size"] for c in front), "kld": min(get(c)["kld"] for c in front),
             "tg": max(get(c)["tg"] for c in front), "pp": max(get(c)["pp"] for c in front),
-            "score": max((get(c).get("score", -1.0) for c in front), default=-1.0)}
+            "score": max((get(c).get("score", -1.0) for c in front), default=-1.0),
+            "mem": min((get(c)["mem"] for c in front if get(c).get("mem") is not None), default=None)}
     alone = []
     if budget.size is not None and best["size"] > budget.size:
         alone.append(f"size<={budget.size / 1e6:.3g}MB (the smallest variant is {best['size'] / 1e6:.1f}MB)")
+    if budget.mem is not None and best["mem"] is not None and best["mem"] > budget.mem:
+        alone.append(f"mem<={budget.mem / 2**20:.1f}MiB (the least {'measured' if measured else 'predicted'} peak "
+                     f"RSS is {best['mem'] / 2**20:.1f}MiB)")
     if budget.fits is not None and best["size"] > budget.fits:
         alone.append(f"the device profile's memory (files up to {budget.fits / 1e6:.1f}MB fit; the smallest "
                      f"variant is {best['size'] / 1e6:.1f}MB)")
@@ -288,15 +302,18 @@ def impossible(front: list[Candidate], budget: Budget, measured: bool = False) -
     why = ("; ".join(alone) + " cannot be met") if alone else "its bounds cannot be met together"
     word = "measured" if measured else "predicted"
     return (f"budget {budget.describe()!r}: {why}; the closest variant ({closest.summary()}) has {word} "
-            f"size {m['size'] / 1e6:.1f}MB, tg {m['tg']:.1f} tok/s, kld {m['kld']:.4f} "
+            f"size {m['size'] / 1e6:.1f}MB, tg {m['tg']:.1f} tok/s, kld {m['kld']:.4f}"
+            + (f", peak RSS {m['mem'] / 2**20:.1f}MiB" if m.get("mem") is not None else "") + " "
             f"({', '.join(budget.violations(m))}); loosen the budget")
 
 
 def front_table(front: list[Candidate], limit: int = 12) -> list[str]:
     """Printable lines of a front: size, tok/s, KLD and the plan; thinned to ``limit`` rows along size."""
     rows = front if len(front) <= limit else [front[i] for i in np.linspace(0, len(front) - 1, limit).astype(int)]
-    lines = [f"  {'size MB':>8} {'tg t/s':>7} {'pp t/s':>7} {'KLD':>8}  plan"]
+    mem = any("mem" in c.predicted for c in rows)  # peak RSS, predicted (MiB), when a mem bound asked for it
+    lines = [f"  {'size MB':>8}" + f" {'RSS MiB':>7}" * mem + f" {'tg t/s':>7} {'pp t/s':>7} {'KLD':>8}  plan"]
     for c in rows:
         m = c.predicted
-        lines.append(f"  {m['size'] / 1e6:8.1f} {m['tg']:7.1f} {m['pp']:7.1f} {m['kld']:8.4f}  {c.summary()}")
+        lines.append(f"  {m['size'] / 1e6:8.1f}" + (f" {m.get('mem', 0) / 2**20:7.0f}" if mem else "")
+                     + f" {m['tg']:7.1f} {m['pp']:7.1f} {m['kld']:8.4f}  {c.summary()}")
     return lines

@@ -129,6 +129,9 @@ def test_report_shows_the_fit(fitted, home, cli):
     assert r.returncode == 0, r.stderr
     assert "## smol-fit (fit of smollm2-135m-instruct" in r.stdout and "(chosen)" in r.stdout
     assert "predicted front" in r.stdout
+    # the validated variants' measured peak RSS, as the fit printed it (it was stored and not shown)
+    row = next(x for x in r.stdout.splitlines() if "(chosen)" in x)
+    assert row.split(" | ")[2] == f"{fitted.chosen.measured['mem'] / 2**20:.0f}", row
     r = cli("report", "--fit", "-o", "json", env={"ONDEVICE_HOME": str(home)})  # it was refused
     assert r.returncode == 0, r.stderr
     rec = [x for x in json.loads(r.stdout) if x["model"] == "smol-fit"][-1]
@@ -392,7 +395,7 @@ def test_report_shows_the_profile_and_the_quality_column(edge_fit, home, cli):
     section = r.stdout[r.stdout.index("## smol-fit-edge"):]
     assert section.splitlines()[0].endswith("device profile edge-1g)") and "| ppl (held-out) |" in section
     ref = edge_fit.quality["reference"]["ppl"]
-    assert f"| reference (F16) | - | - | - | 0.0000 | {ref:.3f} |" in section
+    assert f"| reference (F16) | - | - | - | - | 0.0000 | {ref:.3f} |" in section
     assert f"{edge_fit.chosen.measured['ppl']:.3f} |" in section
 
 
@@ -539,3 +542,21 @@ def test_a_variant_is_fitted_against_the_model_it_was_made_from(home):
     assert ref.path == f16.path and not dequantized and "was made from" in note
     assert set(store_variants()) == before  # no new reference file
     assert reference_for(src, None, print)[2] is True  # the shipped file: its reference is itself dequantized
+
+
+def test_report_says_when_the_shipped_file_was_the_fits_answer(tmp_path, cli, monkeypatch):
+    """A fit whose answer was the shipped file stored nothing, not even its record: `report --fit` then said
+    "no fit records stored yet". The record is logged (no variant is), and the report says the shipped won."""
+    from ondevice.fit.plan import Candidate
+    from ondevice.fit.register import log_fit
+    from ondevice.models import resolve
+
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path))  # the store log_fit writes
+    src = resolve("smollm2-135m-instruct")
+    chosen = Candidate({"ffn": "Q4_0"}, {"size": 105e6, "tg": 50.0},
+                       {"size": 105e6, "tg": 50.0, "pp": 300.0, "kld": 0.01, "mem": 223 << 20})
+    log_fit(src.name, "a" * 64, chosen, src, parse_budget("size<=106MB"), [chosen], [],
+            {"size": 98e6, "tg": 50.5, "pp": 290.0}, 2, {}, shipped_chosen=True)
+    r = cli("report", "--fit", env={"ONDEVICE_HOME": str(tmp_path)})
+    assert r.returncode == 0 and "chosen: the shipped smollm2-135m-instruct (no variant was better" in r.stdout
+    assert "| shipped smollm2-135m-instruct (chosen) |" in r.stdout and "| fitted: ffn=Q4_0 | 105.0 | 223 |" in r.stdout

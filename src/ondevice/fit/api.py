@@ -58,7 +58,7 @@ from .plan import (
 )
 from .profile import fit_profile
 from .quality import Quality, parse_quality
-from .register import store_fit
+from .register import log_fit, store_fit
 
 
 @dataclass
@@ -415,8 +415,12 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         raise InvalidArgument(impossible(picks, bud, measured=True))
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
     shipped_wins = dequantized and _say_if_shipped_is_better(shipped, chosen.measured, bud, say)
+    extra = {"profile": prof.to_dict() if prof.spec else None, "quality": {**qual.to_dict(), "reference": q_ref}}
     if shipped_wins and store and name is None:  # a variant no better than the file in hand is not worth a copy
-        say("nothing stored: the shipped file is the answer (name the variant with --name to store it anyway)")
+        say("no variant stored: the shipped file is the answer (name the variant with --name to store it anyway); "
+            "the fit is logged for `ondevice report --fit`")
+        log_fit(src.name, model_sha256(src), chosen, src, bud, picks, front_rows, shipped, threads, extra,
+                shipped_chosen=True)
         store = False
     if knobs:
         from .knobs import tune
@@ -436,8 +440,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         with phase("store"):
             stored = store_fit(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
-                            {"profile": prof.to_dict() if prof.spec else None,
-                             "quality": {**qual.to_dict(), "reference": q_ref}}).path
+                            extra).path
     _cleanup(workdir)
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")

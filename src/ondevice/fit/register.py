@@ -23,7 +23,6 @@ def store_fit(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bu
     from ..eval.api import model_sha256
     from ..models.catalog import register_variant, store_variants
     from ..quant.quantize import verify, weight_types
-    from ..store import Store
 
     if name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
@@ -43,12 +42,24 @@ def store_fit(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bu
         "created": created_now(), **extra,  # the profile, the quality
     }
     ref = register_variant(name, path, prov)
-    sha = model_sha256(ref)
+    log_fit(name, model_sha256(ref), chosen, src, bud, picks, front_rows, shipped, threads, extra)
+    return ref
+
+
+def log_fit(name: str, sha: str, chosen: Candidate, src, bud: Budget, picks, front_rows, shipped, threads,
+            extra: dict, shipped_chosen: bool = False) -> None:
+    """The fit's record in the SQLite store (``report --fit``): the validated candidates, the predicted front and
+    the shipped file; ``shipped_chosen``: the shipped file was the answer, so no variant was stored (``name``,
+    ``sha``: the shipped model's)."""
+    from ..store import Store
+
     rec = {"model": name, "model_sha256": sha, "family": src.name, "test": "fit", "budget": bud.describe(),
-           "plan": chosen.plan, "predicted": chosen.predicted, "measured": prov["measured"],
-           "front": front_rows, "candidates": prov["candidates"],
-           "shipped": prov["shipped"], "threads": threads, "created": created_now(), **extra}
+           "plan": chosen.plan, "predicted": chosen.predicted,
+           "measured": {k: v for k, v in chosen.measured.items() if k != "file"}, "front": front_rows,
+           "candidates": [{"plan": c.plan, "predicted": c.predicted,
+                           "measured": {k: v for k, v in c.measured.items() if k != "file"}} for c in picks],
+           "shipped": {"model": src.name, **shipped}, "shipped_chosen": shipped_chosen, "threads": threads,
+           "created": created_now(), **extra}
     with Store() as db:
         db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
                model_sha256=sha, test="fit")
-    return ref

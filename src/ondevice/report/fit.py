@@ -16,7 +16,8 @@ def _row(label: str, m: dict, quality: str | None = None) -> str:
     pp = f"{m['pp']:.1f}{mark}" if m.get("pp") is not None else "-"
     kld = f"{m['kld']:.4f}" if m.get("kld") is not None else "-"
     size = f"{m['size'] / 1e6:.1f}" if m.get("size") else "-"
-    row = f"| {label} | {size} | {tg} | {pp} | {kld} |"
+    rss = f"{m['mem'] / 2**20:.0f}" if m.get("mem") else "-"  # peak RSS at the fit's bench shapes (fit.memory)
+    row = f"| {label} | {size} | {rss} | {tg} | {pp} | {kld} |"
     if quality:  # the fit's --quality figure: held-out perplexity or the suite's score
         v = m.get(quality)
         row += f" {v:.3f} |" if v is not None else " - |"
@@ -47,8 +48,11 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
         out.append(f"## {r['model']} (fit of {r.get('family')}, budget {r.get('budget')!r}, {r.get('threads')} "
                    f"threads" + (f", device profile {prof}" if prof else "") + ")\n")
         qkey, qtitle = _quality(r)
-        out.append("| variant | size MB | tg t/s | pp t/s | KLD (held-out) |" + (f" {qtitle} |" if qkey else "")
-                   + "\n|---|---:|---:|---:|---:|" + ("---:|" if qkey else ""))
+        if r.get("shipped_chosen"):
+            out.append(f"chosen: the shipped {(r.get('shipped') or {}).get('model')} (no variant was better: none "
+                       f"stored)\n")
+        out.append("| variant | size MB | peak RSS MiB | tg t/s | pp t/s | KLD (held-out) |"
+                   + (f" {qtitle} |" if qkey else "") + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if qkey else ""))
         seen = set()
         for c in r.get("candidates", []):
             key = tuple(sorted(c["plan"].items()))
@@ -56,7 +60,7 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
                 continue
             seen.add(key)
             plan = ", ".join(f"{g}={t}" for g, t in c["plan"].items() if t != BASE) or f"all {BASE}"
-            chosen = " (chosen)" if c["plan"] == r.get("plan") else ""
+            chosen = " (chosen)" if c["plan"] == r.get("plan") and not r.get("shipped_chosen") else ""
             out.append(_row(f"fitted{chosen}: {plan}", c["measured"], qkey))
         if qkey and (ref := (r.get("quality") or {}).get("reference")):
             out.append(_row("reference (F16)", {"kld": 0.0, **ref}, qkey))
@@ -64,7 +68,8 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
             out.append(_row(f"stock {name}", m, qkey))
         sh = r.get("shipped") or {}
         if sh.get("size"):
-            out.append(_row(f"shipped {sh.get('model')}", {**sh, "kld": None}, qkey))
+            chosen = " (chosen)" if r.get("shipped_chosen") else ""
+            out.append(_row(f"shipped {sh.get('model')}{chosen}", {**sh, "kld": None}, qkey))
         front = r.get("front") or []
         if front:
             step = max(1, len(front) // 10)

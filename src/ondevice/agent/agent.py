@@ -24,7 +24,7 @@ from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .calls import MAX_CHARS, MAX_ITEMS, TEXT_RULE, Turn, call_turn, check_calls, cut_value
 from .graph import GraphRun, Node, Replan, run_graph
 from .retrieval import ToolIndex
-from .tools import Confirm, Tool, Toolbox
+from .tools import Confirm, Tool, Toolbox, result_text
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Agent:
         """The graph's fill callback: one constrained call to the node's tool (Octo-planner's action step)."""
         def fill(node: Node, outputs: dict) -> dict:
             head = [f"Request: {request}", f"Your subtask: {node.task}"]
-            deps = [json.dumps(outputs.get(d), ensure_ascii=False, default=str) for d in node.depends_on]
+            deps = [result_text(outputs.get(d)) for d in node.depends_on]
             # room for the call itself and the tool's schema beside it (call_turn adds them)
             msgs = fit_results(self.actor, deps, lambda texts: [{"role": "user", "content": "\n".join(
                 head + [f"Result of {d}: {t}" for d, t in zip(node.depends_on, texts)])}], reserve=512)
@@ -218,8 +218,7 @@ class Agent:
             return None
         calls = [{"type": "function", "id": f"call_{n.id}",
                   "function": {"name": n.tool, "arguments": n.attempts[-1]["args"]}} for n in ran]
-        outs = [json.dumps(n.output, ensure_ascii=False, default=str) if n.status == "done" else f"error: {n.error}"
-                for n in ran]
+        outs = [result_text(n.output) if n.status == "done" else f"error: {n.error}" for n in ran]
         system = "\n\n".join(x for x in (ANSWER_SYSTEM, sop_prompt(self.sops)) if x)
         msgs = fit_results(self.planner, outs, lambda texts: [
             {"role": "system", "content": system}, {"role": "user", "content": request},
@@ -237,49 +236,97 @@ class Agent:
 
     def _direct(self, request: str, tools: list[Tool], turns: list, t0: float) -> AgentRun:
         msgs = [{"role": "user", "content": request}]
-        tried: dict[str, list[dict]] = {}  # tool -> its earlier tries: a corrected call is their next attempt
-        g = None  # the last try's calls, as they ran
+        ran: dict[str, Node] = {}  # every call that ran, by id: a done one is kept, never run again
+        log: list[dict] = []
         for attempt in range(self.max_retries + 1):
             turn = call_turn(self.actor, msgs, tools, constrained=True, parallel=True, allow_text=True,
                              system=sop_prompt(self.sops), bounds=self.bounds)
             turns.append(_turn_record(f"call:{attempt + 1}", turn))
             if turn.calls is None:  # a reply in words: the answer, unless only the tools' results are wanted
                 words = turn.text.strip() if self.answer_tokens else None
-                if g is not None:  # words instead of a corrected call: the failed calls stay, and so does the failure
-                    return AgentRun(request, list(g.nodes.values()), g, turns, answer=words)
+                if ran:  # words instead of a corrected call: the calls that ran stay, and so does a failure
+                    return AgentRun(request, list(ran.values()), GraphRun(ran, log, time.perf_counter() - t0),
+                                    turns, answer=words)
                 return AgentRun(request, [], None, turns, answer=words)
             problem = check_calls(turn.calls, tools) or next(
                 (cut for c in turn.calls if (cut := cut_value(c, self.bounds)) is not None), None)
             if problem is None:
-                nodes = [Node(id=f"c{i + 1}", tool=c.name, args=c.arguments, attempts=list(tried.get(c.name, [])))
-                         for i, c in enumerate(turn.calls)]
-                g = run_graph(nodes, self.toolbox, parallel=self.parallel, max_workers=self.max_workers,
-                              confirm=self.confirm, on_event=self.on_event, t0=t0)
-                tried = {n.tool: n.attempts for n in g.nodes.values()}
-                failed = [n for n in g.nodes.values() if n.status == "failed" and n.result.kind == "failed"]
+                nodes = _next_nodes(turn.calls, ran)
+                if nodes:  # the model's own text: no ${...} references to resolve (a shell command keeps ${HOME})
+                    g = run_graph(nodes, self.toolbox, parallel=self.parallel, max_workers=self.max_workers,
+                                  confirm=self.confirm, on_event=self.on_event, t0=t0, refs=False)
+                    ran.update(g.nodes)
+                    log += g.log
+                failed = [n for n in ran.values() if n.status == "failed" and n.result.kind == "failed"]
                 if not failed or attempt == self.max_retries:
-                    return AgentRun(request, list(g.nodes.values()), g, turns)
+                    return AgentRun(request, list(ran.values()), GraphRun(ran, log, time.perf_counter() - t0), turns)
                 problem = "; ".join(n.error for n in failed)
             if attempt == self.max_retries:  # the last try was no valid call: it failed, it did not run
-                return self._invalid(request, turn, problem, tried, turns, t0)
+                return self._invalid(request, turn, problem, ran, log, turns, t0)
             msgs += [{"role": "assistant", "content": turn.text},
-                     {"role": "user", "content": f"That call failed: {problem}. Write a corrected call."}]
+                     {"role": "user", "content": _retry_note(problem, [n for n in ran.values() if _kept(n)])}]
         raise AssertionError("unreachable")  # every try returns or goes on to the next
 
     @staticmethod
-    def _invalid(request: str, turn: Turn, problem: str, tried: dict, turns: list, t0: float) -> AgentRun:
-        """The run of a last try whose calls were invalid: each a failed subtask with the reason, none run."""
+    def _invalid(request: str, turn: Turn, problem: str, ran: dict[str, Node], log: list, turns: list,
+                 t0: float) -> AgentRun:
+        """The run of a last try whose calls were invalid: each a failed subtask with the reason, none run (the
+        calls that ran before are kept)."""
         from .tools import ToolResult
 
-        nodes = []
-        for i, c in enumerate(turn.calls):
-            args = c.arguments if isinstance(c.arguments, dict) else {"_": c.arguments}
-            res = ToolResult(c.name, args, False, error=problem, kind="invalid", started=time.perf_counter())
-            nodes.append(Node(id=f"c{i + 1}", tool=c.name, args=args, status="failed", result=res, error=problem,
-                              attempts=[*tried.get(c.name, []), {"args": args, "ok": False, "error": problem,
-                                                                 "kind": "invalid", "seconds": 0.0}]))
-        g = GraphRun({n.id: n for n in nodes}, [], time.perf_counter() - t0)
-        return AgentRun(request, nodes, g, turns)
+        ran = dict(ran)
+        for n in _next_nodes(turn.calls, ran):
+            args = n.args if isinstance(n.args, dict) else {"_": n.args}
+            res = ToolResult(n.tool, args, False, error=problem, kind="invalid", started=time.perf_counter())
+            n.args, n.status, n.result, n.error = args, "failed", res, problem
+            n.attempts.append({"args": args, "ok": False, "error": problem, "kind": "invalid", "seconds": 0.0})
+            ran[n.id] = n
+        return AgentRun(request, list(ran.values()), GraphRun(ran, log, time.perf_counter() - t0), turns)
+
+
+def _call_key(tool: str, args) -> str:
+    return f"{tool} {json.dumps(args, sort_keys=True, ensure_ascii=False, default=str)}"
+
+
+def _kept(n: Node) -> bool:
+    """A call not to be made again: it succeeded, or it timed out and may still be running."""
+    return n.status == "done" or (n.result is not None and n.result.kind == "timeout")
+
+
+def _next_nodes(calls, ran: dict[str, Node]) -> list[Node]:
+    """Nodes for a turn's calls after the calls in ``ran``: a call identical to one that succeeded (or timed out)
+    is not run again (a side effect happens once); a new call is the next attempt of a failed one (of the same
+    tool first), else a new node."""
+    done = {_call_key(n.tool, n.args) for n in ran.values() if _kept(n)}
+    failed = [n for n in ran.values() if n.status == "failed" and not _kept(n)]
+    fresh = [c for c in calls if _call_key(c.name, c.arguments) not in done]
+    prev: dict[int, Node] = {}  # index in fresh -> the failed node it corrects
+    for i, c in enumerate(fresh):  # the same tool first, then in order
+        if (f := next((f for f in failed if f.tool == c.name), None)) is not None:
+            prev[i] = f
+            failed.remove(f)
+    for i in range(len(fresh)):
+        if i not in prev and failed:
+            prev[i] = failed.pop(0)
+    last = max((int(k[1:]) for k in ran if k[1:].isdigit()), default=0)
+    nodes = []
+    for i, c in enumerate(fresh):
+        f = prev.get(i)
+        if f is None:
+            last += 1
+        nodes.append(Node(id=f.id if f else f"c{last}", tool=c.name, args=c.arguments,
+                          attempts=list(f.attempts) if f is not None and f.tool == c.name else []))
+    return nodes
+
+
+def _retry_note(problem: str, kept: Sequence[Node]) -> str:
+    """What the model reads before a corrected try: what failed, and what ran already (not to be made again)."""
+    note = f"That call failed: {problem}."
+    if kept:
+        ok = "\n".join(f"- {n.tool}({json.dumps(n.attempts[-1]['args'], ensure_ascii=False, default=str)}) -> "
+                       f"{clip(n.result.message(), 500)}" for n in kept)
+        note += f"\nThese calls ran already; do not make them again:\n{ok}"
+    return f"{note}\nWrite a corrected call."
 
 
 def clip(text: str, limit: int) -> str:

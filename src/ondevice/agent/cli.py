@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--mcp-env {missing[0]}: no such environment variable here; export it first")
         env = {n: os.environ[n] for n in args.mcp_env} or None
         for cmd in args.mcp:
+            if re.match(r"(?i)^\s*[a-z][a-z0-9+.-]*://", cmd):  # what a remote server's address looks like
+                raise InvalidArgument(f"--mcp {cmd}: HTTP (and SSE) MCP servers are not supported, only a command "
+                                      "that speaks MCP on stdio; run the server on stdio, or through a stdio proxy "
+                                      f"such as --mcp 'npx mcp-remote {cmd.strip()}'")
             try:
                 parts = shlex.split(cmd)
             except ValueError as e:  # an unclosed quote: shlex's words for it, not a traceback

@@ -121,7 +121,8 @@ def run_item(model, item: dict, *, constrained: bool, tools: list[Tool] | None =
     # rest cannot change its score, so it is not generated
     text, last, cut = reply(model, model.tokenize_prompt(msgs, tools=shown), s, stop_at_answer=constrained)
     return {"answer_cut": cut, "id": item["id"], "category": item["category"],
-            "mode": "constrained" if constrained else "unconstrained", "text": text, **score_reply(text, item, constrained, tools),
+            "mode": "constrained" if constrained else "unconstrained", "text": text,
+            **score_reply(text, item, constrained, tools),
             "prompt_tokens": last.prompt_tokens if last else 0, "cached_tokens": last.cached_tokens if last else 0,
             "generated_tokens": last.generation_tokens if last else 0, "seconds": last.t if last else 0.0}
 

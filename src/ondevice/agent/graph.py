@@ -17,7 +17,7 @@ import concurrent.futures as cf
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,18 +86,21 @@ def check_graph(nodes: dict[str, Node]) -> None:
         visit(k, [])
 
 
-def resolve_refs(value: Any, outputs: dict[str, Any]) -> Any:
-    """``value`` with ``${id.path}`` references replaced by earlier outputs (typed when a whole string)."""
+def resolve_refs(value: Any, outputs: dict[str, Any], ids: Collection[str] | None = None) -> Any:
+    """``value`` with ``${id.path}`` references replaced by earlier outputs (typed when a whole string). With
+    ``ids`` (the graph's node ids), ``${NAME}`` for any other name is text and stays as it is: a shell
+    command's ``${HOME}``, a JS template literal's ``${name}``."""
     if isinstance(value, dict):
-        return {k: resolve_refs(v, outputs) for k, v in value.items()}
+        return {k: resolve_refs(v, outputs, ids) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve_refs(v, outputs) for v in value]
+        return [resolve_refs(v, outputs, ids) for v in value]
     if not isinstance(value, str) or "${" not in value:
         return value
     whole = _REF.fullmatch(value.strip())
-    if whole:
+    if whole and (ids is None or whole.group(1) in ids):
         return _lookup(whole.group(1), whole.group(2), outputs)
-    return _REF.sub(lambda m: str(_lookup(m.group(1), m.group(2), outputs)), value)
+    return _REF.sub(lambda m: str(_lookup(m.group(1), m.group(2), outputs)) if ids is None or m.group(1) in ids
+                    else m.group(0), value)
 
 
 def _lookup(node_id: str, path: str, outputs: dict[str, Any]) -> Any:
@@ -122,9 +125,12 @@ Replan = Callable[[dict[str, Node], Node], list[Node] | None]  # (graph, failed 
 def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fill | None = None,
               parallel: bool = True, max_workers: int = 4, max_retries: int = 1, confirm: Confirm | None = None,
               replan: Replan | None = None, max_replans: int = 1,
-              on_event: Callable[[dict], None] | None = None, t0: float | None = None) -> GraphRun:
+              on_event: Callable[[dict], None] | None = None, t0: float | None = None,
+              refs: bool = True) -> GraphRun:
     """Run the graph to the end; every node ends ``done``, ``failed`` or ``blocked``. Event times count from
-    ``t0`` (a perf_counter time; default now: a run that continues an earlier one keeps its clock)."""
+    ``t0`` (a perf_counter time; default now: a run that continues an earlier one keeps its clock).
+    ``refs=False``: arguments are used as they are, with no ``${id}`` references resolved (calls that are not
+    a plan's subtasks)."""
     graph = {n.id: n for n in nodes} if isinstance(nodes, list) else dict(nodes)
     check_graph(graph)
     t0 = time.perf_counter() if t0 is None else t0
@@ -162,17 +168,18 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
                      if n.status == "pending" and all(graph[d].status == "done" for d in n.depends_on)]
             for n in ready:
                 n.status = "running"
+                written = args = n.args  # what the model wrote, recorded if its references cannot be resolved
                 try:
-                    args = n.args
                     if args is None:
                         if fill is None:
                             raise InvalidArgument(f"subtask {n.id} has no arguments and no model to write them")
-                        args = n.filled = fill(n, outputs)
+                        written = args = n.filled = fill(n, outputs)
                         event("filled", n, args=args, attempt=len(n.attempts) + 1)
-                    args = resolve_refs(args, outputs)
+                    if refs:
+                        args = resolve_refs(args, outputs, graph)
                 except Exception as e:  # a model step or a reference that cannot be resolved
-                    result = ToolResult(n.tool, {}, False, error=f"{type(e).__name__}: {e}", kind="invalid",
-                                        started=time.perf_counter())
+                    result = ToolResult(n.tool, written if isinstance(written, dict) else {}, False,
+                                        error=f"{type(e).__name__}: {e}", kind="invalid", started=time.perf_counter())
                     _ended(n, result, event)
                     _finish(n, result, graph, event, max_retries, fill)
                     continue

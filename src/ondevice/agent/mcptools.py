@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import OndeviceError
-from .tools import Confirm, Tool, Toolbox
+from .tools import Confirm, Tool, Toolbox, ToolError, result_text
 
 
 def _mcp():
@@ -42,6 +42,24 @@ def tool_alias(name: str, taken: set[str]) -> str:
         n += 1
         alias = f"{base[:60]}_{n}"
     return alias
+
+
+_LAUNCHERS = re.compile(r"^(python[0-9.]*|pypy[0-9.]*|node(js)?|npx|bunx?|deno|uvx?|pipx|sh|bash|ruby|perl|php|java)$")
+
+
+def server_name(command: str, args: Sequence[str]) -> str:
+    """What a server is called in messages: its script or package, not the interpreter that runs it
+    (``python srv.py`` is ``srv.py``, ``npx -y @scope/server-x`` is ``server-x``); else the command's name."""
+    cmd = command.rsplit("/", 1)[-1]
+    if not _LAUNCHERS.match(cmd):
+        return cmd
+    for i, a in enumerate(args):
+        if a in ("-c", "-e", "--eval"):  # code on the command line: no script to name
+            break
+        if a.startswith("-") or (a == "run" and i == 0):  # an option, or `uv run` / `deno run`
+            continue
+        return a.rstrip("/").rsplit("/", 1)[-1] or cmd
+    return cmd
 
 
 class _OneLine(logging.Handler):
@@ -105,7 +123,7 @@ class MCPClient:
     def __init__(self, command: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
                  name: str | None = None, timeout: float = 60.0):
         self.command, self.args, self.env = command, list(args), env
-        self.name = name or command.rsplit("/", 1)[-1]
+        self.name = name or server_name(command, self.args)
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{self.name}", daemon=True)
@@ -166,11 +184,12 @@ class MCPClient:
             res = fut.result(self.timeout)
         except TimeoutError:
             fut.cancel()  # the request is cancelled on our side; the server is told by the SDK
-            raise TimeoutError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s") from None
+            # not the model's mistake, and not retried: the server may go on running it (a sync tool is not
+            # stopped by a cancel), so a second try could send, book or pay twice
+            raise ToolError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s (--mcp-timeout); "
+                            "it may still be running there, so it is not called again", "timeout") from None
         text = "\n".join(_part_text(c) for c in res.content)
         if res.is_error:  # the server's own words, once: "error (failed): " is added where the model reads it
-            from .tools import ToolError
-
             raise ToolError(text or f"{name} failed on the MCP server {self.name}", "failed")
         if res.structured_content is not None:
             return res.structured_content
@@ -233,8 +252,7 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
 
     async def list_tools(ctx, params) -> Any:
         return types.ListToolsResult(tools=[
-            types.Tool(name=t.name, description=t.description, input_schema=t.parameters,
-                       output_schema=t.output_schema if (t.output_schema or {}).get("type") == "object" else None,
+            types.Tool(name=t.name, description=t.description, input_schema=t.parameters, output_schema=_output(t),
                        # said for every tool: a client takes one without annotations as destructive (the spec)
                        annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=False))
             for t in toolbox])
@@ -242,8 +260,13 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
     async def call_tool(ctx, params) -> Any:
         r = await anyio.to_thread.run_sync(lambda: toolbox.call(params.name, params.arguments or {},
                                                                 confirm=confirm))
-        text = r.message() if r.ok else r.error  # is_error says it failed; the client words it for its model
-        structured = r.value if r.ok and isinstance(r.value, dict) else None
+        # a str as its text (multi-line output stays lines), anything else as JSON; is_error says it failed and
+        # the client words it for its model
+        text = result_text(r.value) if r.ok else r.error
+        structured = None
+        if r.ok:  # what the output schema listed says: an object, else {"result": value}
+            wrap = (t := toolbox.tools.get(params.name)) is not None and _wrapped(t)
+            structured = {"result": r.value} if wrap else r.value if isinstance(r.value, dict) else None
         return types.CallToolResult(content=[types.TextContent(text=text)], structured_content=structured,
                                     is_error=not r.ok)
 
@@ -253,9 +276,30 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
 
     async def main() -> None:
         async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+            # the SDK points fd 1 at stderr while it serves, but a tool's print() waits in sys.stdout's buffer and
+            # reached the wire when it was flushed at exit: the tools' stdout is stderr while serving
+            out, sys.stdout = sys.stdout, sys.stderr
+            try:
+                await server.run(read, write, server.create_initialization_options())
+            finally:
+                sys.stdout = out
 
     anyio.run(main)
+
+
+def _wrapped(t: Tool) -> bool:
+    """Whether ``t``'s result goes out as ``{"result": value}`` structured content: a declared return type that is
+    not an object, wrapped as the MCP SDK's own server (FastMCP) wraps it."""
+    return t.output_schema is not None and t.output_schema.get("type") != "object"
+
+
+def _output(t: Tool) -> dict | None:
+    """The output schema an MCP client is shown: an object type as it is, another type wrapped in ``result``."""
+    if not _wrapped(t):
+        return t.output_schema
+    inner = {k: v for k, v in t.output_schema.items() if k != "$defs"}  # "#/$defs/..." refs are from the root
+    defs = {"$defs": t.output_schema["$defs"]} if "$defs" in t.output_schema else {}
+    return {"type": "object", "properties": {"result": inner}, "required": ["result"], **defs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ class ToolError(OndeviceError):
 
     def __init__(self, message: str, kind: str = "error"):
         super().__init__(message)
-        self.kind = kind  # unknown | invalid | unconfirmed | failed
+        self.kind = kind  # unknown | invalid | unconfirmed | failed | timeout
 
 
 def _pydantic():
@@ -175,6 +175,16 @@ class Tool:
             return {k: getattr(m, k) for k in type(m).model_fields}
         return validate_json(self.name, self.parameters, args)
 
+    def args_json(self, valid: dict) -> dict:
+        """Validated arguments as JSON data, as a model writes them: a pydantic model or dataclass argument as
+        its fields (``{"city": "Oslo"}``), not its repr (what the log records and the model is shown again)."""
+        if self.args_model is not None:
+            try:
+                return self.args_model.model_construct(**valid).model_dump(mode="json", warnings=False)
+            except Exception:  # noqa: BLE001 — a value pydantic cannot dump
+                return _jsonable(valid)
+        return _jsonable(valid)
+
     def to_json(self, value: Any) -> Any:
         """A result as JSON-able data (through the return type when there is one)."""
         if self.returns is not None:
@@ -236,15 +246,21 @@ class ToolResult:
     ok: bool
     value: Any = None
     error: str | None = None
-    kind: str = "ok"  # ok | unknown | invalid | unconfirmed | failed
+    kind: str = "ok"  # ok | unknown | invalid | unconfirmed | failed | timeout (not retried: may still run)
     started: float = 0.0  # time.perf_counter() at the start of the call
     seconds: float = 0.0
 
     def message(self) -> str:
         """The result as the text a model reads next."""
         if self.ok:
-            return json.dumps(self.value, ensure_ascii=False, default=str)
+            return result_text(self.value)
         return f"error ({self.kind}): {self.error}"
+
+
+def result_text(value: Any) -> str:
+    """A tool's value as the text a model (or an MCP client) reads: a string as itself (a file's lines stay
+    lines, not one JSON string of ``\\n``s, as LangGraph's ToolNode and the MCP SDK's server send it), else JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
 def tool(fn: Callable | None = None, *, name: str | None = None, sensitive: bool = False):
@@ -333,7 +349,7 @@ class Toolbox:
             except (Exception, SystemExit) as e:  # the tool's own failure is data for the model (reflection),
                 # not a crash; a tool that calls exit() too must not take an agent or an MCP server down with it
                 raise ToolError(f"{name} failed: {type(e).__name__}: {e}", "failed") from e
-            return ToolResult(name, _jsonable(valid), True, t.to_json(value), started=t0,
+            return ToolResult(name, t.args_json(valid), True, t.to_json(value), started=t0,
                               seconds=time.perf_counter() - t0)
         except ToolError as e:
             return ToolResult(name, args if isinstance(args, dict) else {"_": args}, False, error=str(e),

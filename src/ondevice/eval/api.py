@@ -69,9 +69,11 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
         ppl: measure perplexity on ``corpus`` (``lee``, ``pydoc``) or the file ``text``.
         ctx, chunks: llama-perplexity's chunk size (None: ``ctx_size`` where given, else 512) and number of
             chunks (None: all the text holds).
-        ref: a reference variant (e.g. the F16 file): adds KLD, top-1 agreement and ΔPPL against it.
-            Implies ``ppl``. The reference's compact logits are cached in the data dir.
-        topk: reference log-probs kept per token in the cache (see :mod:`ondevice.eval.ppl`).
+        ref: a reference variant (e.g. the F16 file): adds KLD (exact: from both full distributions, as
+            llama-perplexity's), top-1 agreement and ΔPPL against it. Implies ``ppl``. The reference's logits are
+            cached in the data dir where they take at most 2 GiB.
+        topk: keep only the reference's top-K log-probs per token (a small cache; the KLD is then a lower bound,
+            ``kld_exact`` False; see :mod:`ondevice.eval.ppl`). None: the exact KLD.
         suite: a suite name (``assistant-en``, ``smartbench``, ``humaneval``) or a JSONL path.
         limit, seed: a stratified subset of the suite (and the sampling seed when ``temp > 0``).
         judge, judge_model, judge_key: an OpenAI-compatible endpoint that also grades the answers.
@@ -181,7 +183,9 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
     rref = resolve(ref)
     _ = rref.info  # validate
     rsha = model_sha256(rref)
-    cache = P.cache_path(data_dir() / "eval-cache", rsha, text_corpus, ctx, topk)
+    cache_dir = data_dir() / "eval-cache"
+    cache = (P.cache_path(cache_dir, rsha, text_corpus, ctx, topk) if topk
+             else P.full_cache_path(cache_dir, rsha, text_corpus, ctx))
     reng = None
     try:
         # The reference is only loaded when the cache cannot answer.
@@ -190,21 +194,37 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
             tokens = P.corpus_tokens(probe, text_corpus)
             n_chunks = len(P.make_chunks(tokens, ctx, chunks, None))
             per = ctx - 1 - ctx // 2
-            hit = P.load_ref(cache, n_chunks, per)
-            if hit is not None and list(hit[1]) == list(tokens):
-                ref_rows, ref_tokens, cached = hit[0], list(hit[1]), True
+            if topk:
+                hit = P.load_ref(cache, n_chunks, per)
+                hit = hit if hit is not None and list(hit[1]) == list(tokens) else None
             else:
-                say(f"computing reference logits of {rref.name} ({n_chunks} chunks of {ctx})")
+                hit = P.load_full_ref(cache, n_chunks, per, tokens, probe.n_vocab)
+            cached = hit is not None
+            if not cached:
+                say(f"loading the reference {rref.name} ({n_chunks} chunks of {ctx})")
                 reng = LlamaEngine(rref.path, ref_cfg)
-                try:
-                    ref_rows, ref_tokens, n_chunks, cached = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
-                                                                              cache)
-                except NonFiniteLogits:
-                    raise NonFiniteLogits(f"logits as the reference ({rref.name})") from None
-                reng.close()
-                reng = None
-            say(f"scoring {mref.name} against {rref.name}" + (" (cached reference)" if cached else ""))
-            res = P.kl_divergence(probe, ref_rows, ref_tokens, text_corpus, ctx, n_chunks)
+            if not topk:  # the exact KLD: the reference's full rows, chunk by chunk
+                say(f"scoring {mref.name} against {rref.name}'s full distributions"
+                    + (" (cached reference)" if cached else ""))
+                res = P.kl_divergence_exact(probe, text_corpus, ctx, chunks, ref_engine=reng, cached=hit,
+                                            cache_file=cache, ref_name=rref.name)
+                if not cached and not res["ref_cache_bytes"]:
+                    say(f"the reference's rows ({4 * res['n_scored'] * probe.n_vocab / 1e9:.1f} GB) are over the "
+                        f"cache's {P.FULL_CACHE_MAX_BYTES / 2**30:g} GiB: not cached, the reference runs every time")
+            else:
+                if cached:
+                    ref_rows, ref_tokens = hit[0], list(hit[1])
+                else:
+                    try:
+                        ref_rows, ref_tokens, n_chunks, _ = P.reference_rows(reng, text_corpus, ctx, chunks, topk,
+                                                                             cache)
+                    except NonFiniteLogits:
+                        raise NonFiniteLogits(f"logits as the reference ({rref.name})") from None
+                    reng.close()  # the compact rows are all it needs: free its memory before the model runs
+                    reng = None
+                say(f"scoring {mref.name} against {rref.name}'s top-{topk}" + (" (cached reference)" if cached
+                                                                                 else ""))
+                res = P.kl_divergence(probe, ref_rows, ref_tokens, text_corpus, ctx, n_chunks)
             threads_used = probe.n_threads
         finally:
             probe.close()
@@ -212,7 +232,8 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
         if reng is not None:
             reng.close()
     ref_fields = {"ref_model": rref.name, "ref_sha256": rsha, "ref_file_size": total_size(rref.path),
-                  "ref_cache": str(cache), "ref_cached": cached, "threads": threads_used}
+                  "ref_cache": str(cache) if cached or res.get("ref_cache_bytes", 1) else None, "ref_cached": cached,
+                  "threads": threads_used}
     ppl_keys = ("ppl", "ppl_err", "nll_mean", "n_scored", "corpus", "corpus_tokens", "n_ctx", "n_chunks", "time_s")
     return [{**base, "test": f"ppl:{text_corpus.name}", **{k: res[k] for k in ppl_keys}, "threads": threads_used},
             {**base, "test": f"kld:{text_corpus.name}", **res, **ref_fields}]

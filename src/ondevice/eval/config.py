@@ -30,7 +30,9 @@ class EvalConfig(BaseSettings):
     chunks: PositiveInt | None = Field(None, description="number of chunks (none: all the text holds)")
     ref: PathStr | None = Field(None, description="reference variant (e.g. the F16 file): adds KLD, top-1 agreement "
                                               "and ΔPPL; implies ppl")
-    topk: PositiveInt = Field(256, description="reference log-probs cached per token")
+    topk: PositiveInt | None = Field(None, description="keep only the reference's top-K log-probs per token: a small "
+                                                       "cache, but the KLD is then a lower bound (none: the exact "
+                                                       "KLD from the full distributions, as llama-perplexity's)")
     # task suites
     suite: PathStr | None = Field(None, description="assistant-en, rewrite, smartbench, humaneval, "
                                                     "function-calling, or a JSONL file")

@@ -15,28 +15,29 @@ Logits come from ``llama_decode`` with output rows requested only for the scored
 llama-perplexity does), read with ``engine.all_logits()``. llama-cpp-python's ``echo`` logprobs are not
 used: they are wrong.
 
-The reference for KLD is stored compactly (see :class:`RefRows`): per scored token, the top-k token ids of
-the reference, their log-probs, the log-sum-exp of the raw logits and the log-prob of the actual next
-token. llama.cpp instead stores *every* vocabulary entry as a uint16 log-prob clipped 16 nats below the
-maximum. From the compact form, KLD(P_ref || Q) is split into the top-k part, which is exact, and the tail
-(the tokens outside the reference's top-k), which is unknown token by token. We report
+KLD(P_ref || Q) is exact by default: computed from both models' full distributions, chunk by chunk, as
+llama-perplexity's ``--kl-divergence`` does from its base file. The reference's raw logits of a chunk come either
+from the reference model itself, run on the same chunk just before the model under test (both are loaded; nothing
+is written), or from the cache: the reference's float32 logits of every scored token, a memory-mapped ``.npy`` in
+the data dir, written when it takes at most :data:`FULL_CACHE_MAX_BYTES` (``4 * n_vocab`` bytes per scored token:
+SmolLM2 197 KB, Gemma 3 1 MB), so that repeated runs against one reference (``ondevice fit``) skip its pass.
 
-- ``kld``: the top-k part plus ``P_tail * log(P_tail / Q_tail)``: the exact KLD between the two
-  distributions coarse-grained to (top-k tokens, "everything else"). By the log-sum inequality this is a
-  *lower bound* on the true KLD, and it is exact when the reference puts no mass outside its top-k;
-- ``kld_upper``: an upper bound: the tail term maximised over every tail distribution allowed by what we
-  know (total mass ``P_tail``, each token at most the k-th largest reference probability). The objective
-  is convex, so the maximum sits at a vertex: full steps of that cap on the tokens Q finds least likely.
-  It is loose (it assumes the worst), but it is a bound;
-- ``tail_mass``: the mean ``P_tail``, to show how much the approximation has to cover.
-
-With ``k >= n_vocab`` the compact form is the whole distribution and ``kld`` is the exact KLD.
+With ``topk=K`` only a compact reference is kept (see :class:`RefRows`): per scored token, the top-K token ids
+of the reference, their log-probs, the log-sum-exp of the raw logits and the log-prob of the actual next token.
+From it KLD splits into the top-K part, which is exact, and the tail (the tokens outside the reference's top-K),
+unknown token by token. We report ``P_tail * log(P_tail / Q_tail)`` for it: the KLD between the two
+distributions coarse-grained to (top-K tokens, "everything else"). By the log-sum inequality this is a *lower
+bound* on the true KLD (16% low for SmolLM2 with K = 256, whose reference leaves 13% of its mass outside), exact
+only when the reference puts no mass outside its top-K (``K >= n_vocab``); records say so with ``kld_exact``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -46,12 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.logprobs import log_softmax, log_softmax_lse  # noqa: F401 — log_softmax re-exported
-from ..errors import InvalidArgument, OndeviceError
+from ..errors import InvalidArgument, NonFiniteLogits, OndeviceError
 from ..models.store import atomic_path
 from .corpora import Corpus
 
 CACHE_VERSION = 1
 ROW_BLOCK = 32  # rows converted to float64 at a time: bounds memory for large vocabularies (Gemma: 262k)
+FULL_CACHE_MAX_BYTES = 2 << 30  # the reference's full rows are cached up to 2 GiB; beyond, it is run every time
 
 
 # --- the math (plain numpy, float64) -------------------------------------------------------------------
@@ -134,43 +136,20 @@ def kld_full(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     return (np.exp(logp) * (logp - logq)).sum(axis=1)
 
 
-def kld_compact(ref: RefRows, logq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token (coarse-grained KLD = lower bound, upper bound, reference tail mass); see module doc."""
+def kld_compact(ref: RefRows, logq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (coarse-grained KLD: a lower bound, reference tail mass) from the compact rows; see module doc."""
     n, v = logq.shape
     p_top = np.exp(ref.logp)  # (n, k)
     q_logtop = np.take_along_axis(logq, ref.ids, axis=1)  # (n, k)
     head = (p_top * (ref.logp - q_logtop)).sum(axis=1)
+    if ref.ids.shape[1] >= v:
+        return head, np.zeros(n)
     p_tail = np.clip(1.0 - p_top.sum(axis=1), 0.0, 1.0)
     q_tail = np.clip(1.0 - np.exp(q_logtop).sum(axis=1), 0.0, 1.0)
-    k = ref.ids.shape[1]
     tiny = 1e-12  # below this the tail is rounding noise of 1 - sum(top-k)
     with np.errstate(divide="ignore", invalid="ignore"):
         tail = np.where(p_tail > tiny, p_tail * (np.log(p_tail) - np.log(np.maximum(q_tail, 1e-300))), 0.0)
-    if k >= v:
-        return head, head.copy(), np.zeros(n)
-    upper = head.copy()
-    cap = p_top[:, -1]  # no tail token can be more likely than the k-th
-    for i in np.flatnonzero(p_tail > tiny):
-        upper[i] += _tail_upper(p_tail[i], cap[i], logq[i], ref.ids[i])
-    return head + tail, upper, p_tail
-
-
-def _tail_upper(mass: float, cap: float, logq_row: np.ndarray, top_ids: np.ndarray) -> float:
-    """max of sum p_i log(p_i / q_i) over the tail, with sum p_i = mass and 0 <= p_i <= cap."""
-    mask = np.ones(logq_row.size, dtype=bool)
-    mask[top_ids] = False
-    lq = logq_row[mask]
-    m = int(np.floor(mass / cap)) if cap > 0 else lq.size
-    m = min(m, lq.size)
-    r = mass - m * cap
-    take = min(m + (r > 0), lq.size)
-    if take == 0:
-        return 0.0
-    smallest = np.sort(np.partition(lq, take - 1)[:take]) if take < lq.size else np.sort(lq)
-    total = cap * (np.log(cap) - smallest[:m]).sum() if m else 0.0
-    if r > 0 and take > m:
-        total += r * (np.log(r) - smallest[m])
-    return float(total)
+    return head + tail, p_tail
 
 
 # --- running a model over a corpus ---------------------------------------------------------------------
@@ -224,7 +203,6 @@ class ChunkScores:
     nll: np.ndarray  # (n,) float64
     argmax: np.ndarray  # (n,) int: the model's top-1 token
     kld: np.ndarray | None = None  # (n,) coarse-grained KLD vs the reference
-    kld_upper: np.ndarray | None = None
     tail_mass: np.ndarray | None = None
     ref: RefRows | None = None  # this model's compact rows when asked for (building a reference)
 
@@ -232,7 +210,7 @@ class ChunkScores:
 def score_chunk(logits: np.ndarray, targets: np.ndarray, *, ref: RefRows | None = None,
                 keep_k: int | None = None) -> ChunkScores:
     """NLL, top-1 and (against ``ref``) KLD of one chunk's ``(n, V)`` logits, in row blocks of float64."""
-    out: dict[str, list] = {k: [] for k in ("nll", "argmax", "kld", "kld_upper", "tail_mass", "ref")}
+    out: dict[str, list] = {k: [] for k in ("nll", "argmax", "kld", "tail_mass", "ref")}
     n = logits.shape[0]
     for a in range(0, n, ROW_BLOCK):
         b = min(a + ROW_BLOCK, n)
@@ -241,15 +219,14 @@ def score_chunk(logits: np.ndarray, targets: np.ndarray, *, ref: RefRows | None 
         out["nll"].append(-lp[np.arange(b - a), t])
         out["argmax"].append(lp.argmax(axis=1))
         if ref is not None:
-            kl, up, tm = kld_compact(ref.slice(a, b), lp)
+            kl, tm = kld_compact(ref.slice(a, b), lp)
             out["kld"].append(kl)
-            out["kld_upper"].append(up)
             out["tail_mass"].append(tm)
         if keep_k:
             out["ref"].append(RefRows.from_logp(lp, t, keep_k, lse[:, 0]))
     cat = lambda k: np.concatenate(out[k]) if out[k] else None
-    return ChunkScores(nll=cat("nll"), argmax=cat("argmax"), kld=cat("kld"), kld_upper=cat("kld_upper"),
-                       tail_mass=cat("tail_mass"), ref=RefRows.concat(out["ref"]) if out["ref"] else None)
+    return ChunkScores(nll=cat("nll"), argmax=cat("argmax"), kld=cat("kld"), tail_mass=cat("tail_mass"),
+                       ref=RefRows.concat(out["ref"]) if out["ref"] else None)
 
 
 def iter_scores(engine, chunks: list[list[int]], *, ref: RefRows | None = None,
@@ -297,6 +274,105 @@ def load_ref(path: Path, n_chunks: int, per_chunk: int) -> tuple[RefRows, np.nda
             return ref, z["tokens"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # a corrupt cache file is recomputed, not trusted
+
+
+# --- the full reference cache (exact KLD) ---------------------------------------------------------------
+
+
+def full_cache_path(cache_dir: Path, ref_sha256: str, corpus: Corpus, n_ctx: int) -> Path:
+    """The ``.npy`` of the reference's float32 logits; its ``.json`` sidecar says what they cover."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{ref_sha256}|{corpus.sha256}|{n_ctx}|full".encode()).hexdigest()
+    return cache_dir / f"ref-{ref_sha256[:12]}-{corpus.sha256[:12]}-c{n_ctx}-full-{key[:8]}.npy"
+
+
+def _tokens_sha256(tokens: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+def load_full_ref(path: Path, n_chunks: int, per_chunk: int, tokens: Sequence[int],
+                  n_vocab: int) -> np.ndarray | None:
+    """The cached ``(n_chunks * per_chunk, n_vocab)`` float32 logits (memory-mapped); None when absent, stale,
+    too short or made for another tokenization."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        if (meta["version"] != CACHE_VERSION or meta["tokens_sha256"] != _tokens_sha256(tokens)
+                or meta["n_chunks"] < n_chunks or meta["n_vocab"] != n_vocab):
+            return None
+        rows = np.load(path, mmap_mode="r")
+        if rows.dtype != np.float32 or rows.shape != (meta["n_chunks"] * per_chunk, n_vocab):
+            return None
+        return rows[:n_chunks * per_chunk]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged cache is recomputed, not trusted
+
+
+def _free_bytes(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
+
+
+def kl_divergence_exact(engine, corpus: Corpus, n_ctx: int, n_chunks: int | None, *, ref_engine=None,
+                        cached: np.ndarray | None = None, cache_file: Path | None = None,
+                        ref_name: str = "reference") -> dict:
+    """PPL of ``engine``'s model and its exact KLD from the reference's full distributions (module doc).
+
+    The reference's rows come from ``cached`` (as :func:`load_full_ref` returns them) or from ``ref_engine``, run
+    chunk by chunk; its rows are then written to ``cache_file`` when given and within
+    :data:`FULL_CACHE_MAX_BYTES`. Adds ``kld_exact: True`` and ``ref_cache_bytes``: the cached rows' size (0: none
+    cached, the reference ran).
+    """
+    t0 = time.perf_counter()
+    if (ref_engine is None) == (cached is None):
+        raise OndeviceError("internal: kl_divergence_exact takes a reference engine or its cached rows")
+    tokens = corpus_tokens(engine, corpus)
+    if ref_engine is not None and (ref_engine.n_vocab != engine.n_vocab
+                                   or corpus_tokens(ref_engine, corpus) != tokens):
+        raise InvalidArgument("the model and the reference tokenize the text differently; KLD needs two "
+                              "variants of the same model (same tokenizer)")
+    chunks = make_chunks(tokens, n_ctx, n_chunks, engine.bos_token if engine.add_bos else None)
+    first = n_ctx // 2
+    per = n_ctx - 1 - first
+    shape = (len(chunks) * per, engine.n_vocab)
+    size = 4 * shape[0] * shape[1]
+    if cached is not None and cached.shape != shape:
+        raise OndeviceError(f"internal: cached reference rows {cached.shape}, expected {shape}")
+    write = (ref_engine is not None and cache_file is not None and size <= FULL_CACHE_MAX_BYTES
+             and _free_bytes(cache_file.parent) > 2 * size)  # a cache never fills the disk
+    out: dict[str, list] = {k: [] for k in ("nll", "nll_ref", "kld", "same")}
+    # written with plain writes, not a memory map: a full disk is an OSError then, not a SIGBUS
+    with (atomic_path(cache_file, suffix=".npy") if write else contextlib.nullcontext()) as tmp, \
+            (open(tmp, "wb") if write else contextlib.nullcontext()) as rows:
+        if rows is not None:
+            np.lib.format.write_array_header_1_0(rows, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                        "fortran_order": False, "shape": shape})
+        for i, chunk in enumerate(chunks):
+            # (per, V) float32: the reference's from the memory map or its model, then the model's
+            p = cached[i * per:(i + 1) * per] if cached is not None else chunk_logits(ref_engine, chunk, first)
+            q = chunk_logits(engine, chunk, first)
+            targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+            for a in range(0, per, ROW_BLOCK):
+                b = min(a + ROW_BLOCK, per)
+                try:
+                    lp, _ = log_softmax_lse(np.asarray(p[a:b]))  # (rows, V) float64
+                except NonFiniteLogits:
+                    raise NonFiniteLogits(f"logits as the reference ({ref_name})") from None
+                lq, _ = log_softmax_lse(q[a:b])
+                r = np.arange(b - a)
+                out["nll"].append(-lq[r, targets[a:b]])
+                out["nll_ref"].append(-lp[r, targets[a:b]])
+                out["kld"].append(kld_full(lp, lq))
+                out["same"].append(lq.argmax(axis=1) == lp.argmax(axis=1))
+            if rows is not None:  # checked finite above
+                rows.write(np.ascontiguousarray(p, dtype=np.float32).tobytes())
+    if write:  # the sidecar last: the rows count only once they are complete
+        meta = {"version": CACHE_VERSION, "tokens_sha256": _tokens_sha256(tokens), "n_chunks": len(chunks),
+                "n_vocab": shape[1], "n_ctx": n_ctx}
+        with atomic_path(cache_file.with_suffix(".json"), suffix=".json") as side:
+            side.write_text(json.dumps(meta), encoding="utf-8")
+    nll, nll_ref, kld, same = (np.concatenate(out[k]) for k in ("nll", "nll_ref", "kld", "same"))
+    return {**ppl_stats(nll), **kld_stats(nll, nll_ref, kld, same), **_text_fields(corpus, tokens, n_ctx, len(chunks)),
+            "kld_exact": True, "ref_cache_bytes": size if write or cached is not None else 0,
+            "time_s": time.perf_counter() - t0}
 
 
 # --- the two measurements ------------------------------------------------------------------------------
@@ -347,15 +423,15 @@ def kl_divergence(engine, ref: RefRows, ref_tokens: Sequence[int], corpus: Corpu
     kld = np.concatenate([s.kld for s in scores])
     if nll.size != ref.target_logp.size:
         raise OndeviceError(f"internal: {nll.size} scored tokens but {ref.target_logp.size} reference rows")
+    k = int(ref.ids.shape[1])
     return {**ppl_stats(nll), **kld_stats(nll, -ref.target_logp, kld, top == ref.ids[:, 0],
-                                          np.concatenate([s.kld_upper for s in scores]),
                                           np.concatenate([s.tail_mass for s in scores])),
-            **_text_fields(corpus, tokens, n_ctx, len(chunks)), "topk": int(ref.ids.shape[1]),
+            **_text_fields(corpus, tokens, n_ctx, len(chunks)), "topk": k, "kld_exact": k >= engine.n_vocab,
             "time_s": time.perf_counter() - t0}
 
 
 def kld_stats(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top: np.ndarray,
-              kld_upper: np.ndarray | None = None, tail_mass: np.ndarray | None = None) -> dict:
+              tail_mass: np.ndarray | None = None) -> dict:
     """llama-perplexity's KLD summary: ΔPPL, KLD mean ± err, median, p99, max, same-top, Δp RMS."""
     lp, lp_err = mean_and_uncertainty(nll)
     lb, lb_err = mean_and_uncertainty(nll_base)
@@ -379,8 +455,6 @@ def kld_stats(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top: 
         "top1_agree": top1, "top1_err": float(np.sqrt(top1 * (1 - top1) / (n - 1))) if n > 1 else 0.0,
         "dp_rms": rms, "dp_rms_err": 0.5 / rms * mse_err if rms > 0 else 0.0,
     }
-    if kld_upper is not None:
-        out["kld_upper_mean"] = float(kld_upper.mean())
     if tail_mass is not None:
         out["ref_tail_mass_mean"] = float(tail_mass.mean())
     return out

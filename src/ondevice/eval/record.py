@@ -53,7 +53,9 @@ class EvalRecord(FlatRecord):
     ref_file_size: int | None = None
     ref_cache: str | None = None
     ref_cached: bool | None = None
-    topk: int | None = None
+    ref_cache_bytes: int | None = None  # the reference's full rows in ref_cache (0: over the cap, none kept)
+    topk: int | None = None  # only the reference's top-k log-probs were kept (None: the full distribution)
+    kld_exact: bool | None = None  # False: kld_* are lower bounds (coarse-grained over the reference's top-k)
     ppl_ref: float | None = None
     ppl_ref_err: float | None = None
     dppl: float | None = None
@@ -65,7 +67,6 @@ class EvalRecord(FlatRecord):
     kld_median: float | None = None
     kld_p99: float | None = None
     kld_max: float | None = None
-    kld_upper_mean: float | None = None
     ref_tail_mass_mean: float | None = None
     top1_agree: float | None = None
     top1_err: float | None = None

@@ -116,6 +116,74 @@ def check_size(schema, what: str) -> None:
         todo.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
 
 
+_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def check_shape(schema, where: str) -> None:
+    """Refuse, naming the JSON path under ``where`` and the fix, the schema parts a grammar cannot be made of
+    (the converter's own errors name GBNF rules and ondevice's internal names): an empty ``enum``, a
+    ``properties`` that is not an object, a ``$ref`` to a definition the schema does not have, ..."""
+    defs: set[str] = set()
+    todo = [schema]
+    while todo:  # every level's definitions: :func:`normalise` hoists them all
+        node = todo.pop()
+        if isinstance(node, dict):
+            for key in _DEFS:
+                if isinstance(node.get(key), dict):
+                    defs |= set(node[key])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    _check_node(schema, where, defs)
+
+
+def _check_node(node, path: str, defs: set[str]) -> None:
+    if isinstance(node, bool):
+        return
+    if not isinstance(node, dict):
+        raise InvalidArgument(f"{path} is {json.dumps(node)[:40]}, not a schema; write a JSON schema object there")
+    types = node.get("type")
+    for t in types if isinstance(types, list) else [types] if types is not None else []:
+        if t not in _TYPES:
+            raise InvalidArgument(f"{path}.type {json.dumps(t)[:40]} is not a JSON schema type; use one of "
+                                  f"{', '.join(sorted(_TYPES))}")
+    if "enum" in node and not (isinstance(node["enum"], list) and node["enum"]):
+        raise InvalidArgument(f"{path}.enum is {'empty' if node['enum'] == [] else 'not a list'}; list the "
+                              f"allowed values, or drop enum")
+    if "required" in node and not (isinstance(node["required"], list)
+                                   and all(isinstance(r, str) for r in node["required"])):
+        raise InvalidArgument(f"{path}.required is not a list of property names; write e.g. [\"city\"]")
+    ref = node.get("$ref")
+    if ref is not None:
+        name = ref.rsplit("/", 1)[1] if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")) \
+            else None
+        if ref != "#" and name not in defs:
+            raise InvalidArgument(
+                f"{path}.$ref {json.dumps(ref)[:60]} " + ("names no definition in the schema; add it under $defs"
+                                                           if name is not None else "is not supported; refer to "
+                                                           "#/$defs/NAME (a definition in the schema) or #"))
+    for key in _SUBSCHEMA:
+        if key in node and not (key == "items" and isinstance(node[key], list)):
+            if key == "additionalProperties" and isinstance(node[key], bool):
+                continue
+            _check_node(node[key], f"{path}.{key}", defs)
+    for key in _SUBSCHEMA_LISTS:
+        if key in node and (key != "items" or isinstance(node[key], list)):
+            subs = node[key]
+            if not isinstance(subs, list) or (key != "prefixItems" and not subs):
+                raise InvalidArgument(f"{path}.{key} is {'empty' if subs == [] else 'not a list'}; give it a "
+                                      f"list of schemas, or drop it")
+            for i, sub in enumerate(subs):
+                _check_node(sub, f"{path}.{key}[{i}]", defs)
+    for key in _SUBSCHEMA_MAPS:
+        if key in node:
+            if not isinstance(node[key], dict):
+                raise InvalidArgument(f"{path}.{key} is {json.dumps(node[key])[:40]}, not an object; write "
+                                      f"{{\"NAME\": {{schema}}, ...}} (an empty {key} is {{}})")
+            for k, sub in node[key].items():
+                _check_node(sub, f"{path}.{key}.{k}", defs)
+
+
 def _skip(body: str, i: int) -> int:
     """The index after the GBNF element at ``body[i]``: a literal, a character class, a group or a name."""
     c = body[i]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
-from .grammar import schema_grammar, schema_rules, tool_call_schema
+from .grammar import check_shape, schema_grammar, schema_rules, tool_call_schema
 
 MAX_CALLS = 4  # calls in one parallel reply: a bound, so a run of calls cannot go on until max_tokens
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # Qwen2.5's / Hermes' call tags
@@ -68,6 +68,8 @@ def call_grammar(functions: Sequence[tuple[str, dict]], *, parallel: bool, allow
     """
     if not functions:
         raise InvalidArgument("a tool-call grammar needs at least one function; offer a tool")
+    for name, params in functions:
+        check_shape(params, f"tool {name!r}: parameters")
     parts = {"ondevice-json-call": tool_call_schema(functions, parallel and not wrapped, MAX_CALLS)}
     if answer is not None:
         schema_grammar(answer)  # an error that names the response format, not the tools

@@ -54,6 +54,16 @@ def sse(obj) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def null_content(event: bytes) -> bytes:
+    """A chat chunk's SSE ``event`` with ``"content": null`` in its delta: the opening chunk of a reply that may
+    be tool calls, as OpenAI and llama-server send it (``""`` would make a client's accumulated content ``""``
+    for a reply of calls only, where the whole reply's is null)."""
+    obj = json.loads(event[len(b"data: "):])
+    for ch in obj["choices"]:
+        ch["delta"]["content"] = None
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
 MARK = "\u0000ondevice-text\u0000"
 
 

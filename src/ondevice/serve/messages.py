@@ -18,7 +18,7 @@ import uuid
 from datetime import UTC, datetime
 
 from ..errors import InvalidArgument
-from .responses import PING_CHUNK, chat_chunks, chat_request, over_chat
+from .responses import PING_CHUNK, arguments_object, chat_chunks, chat_request, over_chat
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 # converted (or dropped) here; every other field of the request passes to the chat route as it is
@@ -240,7 +240,7 @@ def _usage(u: dict | None) -> dict:
 
 def _tool_use(call_id: str, name: str, args: str | None) -> dict:
     return {"type": "tool_use", "id": "toolu_" + call_id.removeprefix("call_"), "name": name,
-            "input": json.loads(args) if args else {}}
+            "input": arguments_object(args)}
 
 
 def from_chat(shell: Shell, chat: dict) -> dict:

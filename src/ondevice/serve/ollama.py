@@ -35,7 +35,7 @@ from . import structured
 from .fim import fim_prompt
 from .http import error_response
 from .ollama_models import NEVER, created_at, entries, names, show
-from .responses import chat_chunks, over_chat, validated
+from .responses import arguments_object, chat_chunks, over_chat, validated
 from .state import UnknownModel
 from .truncate import fit_context
 
@@ -192,7 +192,7 @@ def _logprobs(ch: dict) -> list | None:
 def _call_out(c: dict, index: int) -> dict:
     fn = c["function"]
     return {"id": c.get("id"), "function": {"index": index, "name": fn["name"],
-                                            "arguments": json.loads(fn.get("arguments") or "{}")}}
+                                            "arguments": arguments_object(fn.get("arguments"))}}
 
 
 def _line(obj: dict) -> bytes:

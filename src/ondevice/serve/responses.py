@@ -350,6 +350,39 @@ class Events:
             yield b
 
 
+def arguments_object(text: str | None) -> dict:
+    """A call's arguments as the object Anthropic's ``input`` and Ollama's ``arguments`` are; a call that
+    ``max_tokens`` cut (finish "length") has only a prefix of its JSON: the longest prefix that parses once its
+    open string and brackets are closed (``{"city": "Os`` -> ``{"city": "Os"}``, as the anthropic SDK's stream
+    accumulator reads the same partial JSON), else ``{}``."""
+    text = (text or "").strip()
+    try:
+        value = json.loads(text or "{}")
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        pass
+    for cut in range(len(text), 0, -1):
+        stack, in_str, esc = [], False, False
+        for ch in text[:cut]:
+            if in_str:
+                esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+            elif ch == '"':
+                in_str = True
+            elif ch in "{[":
+                stack.append("}" if ch == "{" else "]")
+            elif ch in "}]" and stack:
+                stack.pop()
+        if esc:
+            continue  # cut inside an escape: a shorter prefix
+        closing = ('"' if in_str else "") + "".join(reversed(stack))
+        try:
+            value = json.loads(text[:cut] + closing)
+        except ValueError:
+            continue
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
 PING_CHUNK: dict = {"ping": True}  # what :func:`chat_chunks` yields for the chat stream's keep-alive
 
 

@@ -29,6 +29,7 @@ from .chunks import (
     chat_logprobs,
     completion_logprobs,
     lp_entry,
+    null_content,
     sse,
     text_sse,
     timings_of,
@@ -187,6 +188,8 @@ class Runner:
             max_t = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             sampling = request_sampling(req, st.settings.ctx if max_t is None else max_t, plan.grammar,
                                         st.default_draft)
+            if plan.tool_mode == "required" and plan.tools:  # only calls: a stop string could only cut one
+                sampling = dataclasses.replace(sampling, stop=())
             if cascade is not None:
                 sampling = cascade.sampling(sampling)
             lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -228,8 +231,9 @@ class Runner:
                               else (structured.unfence(text) if plan.fenced else text, None))
             if calls:
                 finish = "tool_calls"
-            elif plan.tool_mode == "required":  # calls only: one cut short (max_tokens, a stop) is not text
-                content, calls = None, structured.partial_calls(text, plan) or None
+            elif plan.tools:  # a reply that started a call and was cut short: the calls so far, as streamed
+                content, calls, cut = structured.cut_reply(text, plan)
+                finish = _cut_finish(finish) if cut else finish
             msg = S.AssistantMessage(content=content, tool_calls=calls)
             lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
                    if req.logprobs else None)
@@ -296,8 +300,9 @@ class Runner:
         lasts: list[Generation | None] = [None] * len(jobs)
         made, ended = 0, False
         try:
-            for i in range(len(jobs)):
-                yield chunk(i, S.ChatDelta(role="assistant", content=""))
+            for i in range(len(jobs)):  # content null while the reply may be calls (OpenAI's, llama-server's)
+                yield null_content(chunk(i, S.ChatDelta(role="assistant"))) if plan.tools else \
+                    chunk(i, S.ChatDelta(role="assistant", content=""))
             async for i, g in self.indexed(jobs, request, self.ping_interval(req)):
                 if g is PING:
                     yield SSE_PING
@@ -319,10 +324,15 @@ class Runner:
                     lasts[i] = g
                     finish = g.finish_reason
                     were_calls, text = calls[i].finish()
+                    for d in calls[i].rest():
+                        yield chunk(i, S.ChatDelta(tool_calls=[d]))
                     if were_calls:
                         finish = "tool_calls"
-                    elif text:
-                        yield chunk(i, S.ChatDelta(content=text))
+                    else:
+                        if text:
+                            yield chunk(i, S.ChatDelta(content=text))
+                        if calls[i].cut:
+                            finish = _cut_finish(finish)
                     yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
             usage = usage_of(*lasts, n=req.n)
             note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
@@ -454,6 +464,12 @@ class Runner:
         finally:
             if not ended:  # the client went away: what it was sent, for the access log
                 note(request, tokens=(sum(len(j.tokens) for j in jobs), made))
+
+
+def _cut_finish(finish: str | None) -> str | None:
+    """The finish reason of a reply whose last call was cut short: ``length`` (the call is incomplete, as after
+    max_tokens), also when a stop string cut it."""
+    return "length" if finish == "stop" else finish
 
 
 def _stream_error(e: BaseException, request: Request) -> bytes:

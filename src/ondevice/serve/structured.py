@@ -11,6 +11,7 @@ text before them is the message's content and the calls its ``tool_calls``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -36,8 +37,8 @@ from .schemas import (
     ToolCallDelta,
 )
 
-__all__ = ["FormatStream", "Plan", "ToolStream", "json_object_grammar", "parse_tool_call", "partial_calls", "plan",
-           "schema_grammar", "split_reply", "unfence"]
+__all__ = ["FormatStream", "Plan", "ToolStream", "cut_reply", "json_object_grammar", "parse_tool_call", "partial_calls",
+           "plan", "schema_grammar", "split_reply", "unfence"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Plan:
     tool_mode: str = "none"  # none | auto | required
     system_note: str | None = None  # tool descriptions for templates that do not render tools
     fenced: bool = False  # the reply may be the response_format's JSON in a ```json block (FormatStream reads it)
+    answer_format: bool = False  # tool_choice auto beside a response_format: a reply may be JSON that is no call
 
 
 def plan(req: ChatCompletionRequest, template: str | None = None, fence: bool = True) -> Plan:
@@ -70,7 +72,8 @@ def plan(req: ChatCompletionRequest, template: str | None = None, fence: bool = 
             mode, use = "required", chosen
         else:
             mode, use = (choice or "auto"), tools
-        parallel = req.parallel_tool_calls is not False
+        # a named function is the one call OpenAI forces (clients read tool_calls[0]); the grammar ends after it
+        parallel = req.parallel_tool_calls is not False and not isinstance(choice, NamedToolChoice)
         # auto: tool calls, or a plain answer whose first character cannot start a call
         # auto with a response_format: calls, or an answer in that format (required: calls only, no answer)
         answer = format_schema(fmt) if mode == "auto" else None
@@ -78,7 +81,8 @@ def plan(req: ChatCompletionRequest, template: str | None = None, fence: bool = 
                                allow_text=mode == "auto", wrapped=wraps_calls(template), answer=answer)
         note = None if template_shows_tools(template) else tools_note(
             [t.function.model_dump() for t in tools], parallel, allow_text=mode == "auto")
-        return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode, system_note=note)
+        return Plan(grammar=grammar, tools=tuple(t.function.name for t in use), tool_mode=mode, system_note=note,
+                    answer_format=answer is not None)
     schema = format_schema(fmt)
     if schema is None:
         return Plan()
@@ -106,12 +110,14 @@ _WRAPS = (CALL_OPEN, "```json", "```")  # what may open a call before its JSON
 
 def parse_tool_call(text: str, plan_: Plan) -> list[ToolCall] | None:
     """OpenAI tool_calls when ``text`` is only calls to the plan's tools (bare JSON, ``<tool_call>`` blocks or
-    fenced), else None (a plain answer, or a call cut short by max_tokens)."""
+    fenced), else None (a plain answer, or a call cut short by max_tokens). A call that repeats an earlier one
+    (same name and arguments) is dropped, as :class:`ToolStream` drops it."""
     if not plan_.tools:
         return None
     calls, _ = read_calls(text, lenient=False)
     if not calls or any(c.name not in plan_.tools for c in calls):
         return None
+    calls = [c for i, c in enumerate(calls) if c not in calls[:i]]
     raw = written_arguments(text)
     return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
         name=c.name, arguments=raw[i] if i < len(raw) and _same_json(raw[i], c.arguments)
@@ -124,14 +130,41 @@ def written_arguments(text: str) -> list[str]:
     return [c.function.arguments for c in partial_calls(text, Plan(tools=("",)))]
 
 
+def _streamed(text: str, plan_: Plan) -> tuple[str, list[ToolCall], bool]:
+    """(content, tool calls, whether a call was cut short) that a stream of the whole reply ``text`` sends."""
+    stream = ToolStream(plan_)
+    sent, deltas = stream.feed(text)
+    _, held = stream.finish()
+    calls: dict[int, list[str]] = {}
+    for d in deltas + stream.rest():
+        calls.setdefault(d.index, [d.function.name or "", ""])[1] += d.function.arguments or ""
+    return (sent or "") + held, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                                          function=FunctionCall(name=name, arguments=args))
+                                 for name, args in (calls[i] for i in sorted(calls))], stream.cut
+
+
 def partial_calls(text: str, plan_: Plan) -> list[ToolCall]:
     """The calls of a reply cut short (max_tokens, a stop string) as far as they were written: each one whose
     name is complete, with its arguments' text so far (what a stream of it sent, as OpenAI's cut calls)."""
-    calls: dict[int, list[str]] = {}
-    for d in ToolStream(Plan(tools=plan_.tools, tool_mode="required")).feed(text)[1]:
-        calls.setdefault(d.index, [d.function.name or "", ""])[1] += d.function.arguments or ""
-    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=args))
-            for name, args in (calls[i] for i in sorted(calls))]
+    return _streamed(text, Plan(tools=plan_.tools, tool_mode="required"))[1]
+
+
+def cut_reply(text: str, plan_: Plan) -> tuple[str | None, list[ToolCall] | None, bool]:
+    """``(content, tool_calls, cut)`` of a reply with tools that :func:`split_reply` does not read as calls, as
+    a stream of it sends them: once the reply started a call (under ``auto`` too: the grammar decided), the
+    calls so far, never their JSON as content (``cut``: a call was cut short); a plain answer stays ``text``."""
+    content, calls, cut = _streamed(text, plan_)
+    if not calls and content == text:
+        return text, None, False
+    return content or None, calls or None, cut
+
+
+def _json_or(raw: str):
+    """The JSON value of ``raw``, or ``raw`` itself when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def _same_json(raw: str, value) -> bool:
@@ -192,9 +225,10 @@ class ToolStream:
     """A streamed reply that may be tool calls, sent as OpenAI streams them.
 
     While the reply may be calls it is held back as text (``auto``: until its first character shows a plain
-    answer, which the grammar makes decisive); each call goes out as it is generated: a first delta with
+    answer, which the grammar makes decisive); the first call goes out as it is generated: a first delta with
     its index, id, type, name and empty arguments once the name is complete, then its arguments' JSON text
-    in pieces as the tokens arrive.
+    in pieces as the tokens arrive. A later call goes out (the same two deltas) once its arguments are
+    complete, unless it repeats an earlier call of the reply (same name and arguments): then it is dropped.
     """
 
     plan: Plan
@@ -207,7 +241,11 @@ class ToolStream:
     depth: int = 0
     in_str: bool = False
     escaped: bool = False
-    n_calls: int = 0
+    n_calls: int = 0  # call heads read
+    name: str = ""  # the current call's
+    cut: bool = False  # at the end: the reply was a call cut short (max_tokens, a stop string)
+    begin: int = 0  # where the current call's arguments start (their opening brace)
+    done: list = dataclasses.field(default_factory=list)  # (name, arguments, their text) of each call sent
 
     def __post_init__(self) -> None:
         self.holding = self.plan.tool_mode in ("required", "auto") and bool(self.plan.tools)
@@ -248,20 +286,49 @@ class ToolStream:
                 m = _CALL_HEAD.search(self.text, self.pos)
                 if not m:
                     return out
-                out.append(ToolCallDelta(index=self.n_calls, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
-                                         function=FunctionCallDelta(name=json.loads(f'"{m.group(1)}"'),
-                                                                    arguments="")))
+                self.name = json.loads(f'"{m.group(1)}"')
                 self.n_calls += 1
                 self.args = self.sent = self.pos = m.end()
+                if self.n_calls == 1:  # the first call goes out as it is generated
+                    out.append(self._head())
             end = self._scan()  # the arguments' end (one past their closing brace), or None: not yet
             upto = len(self.text) if end is None else end
-            if upto > self.sent:
-                out.append(ToolCallDelta(index=self.n_calls - 1,
-                                         function=FunctionCallDelta(arguments=self.text[self.sent:upto])))
+            if self.n_calls == 1 and upto > self.sent:
+                out.append(ToolCallDelta(index=0, function=FunctionCallDelta(arguments=self.text[self.sent:upto])))
                 self.sent = upto
             if end is None:
                 return out
+            out += self._ended(end)
             self.args, self.pos = None, end
+
+    def _head(self) -> ToolCallDelta:
+        return ToolCallDelta(index=len(self.done), id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                             function=FunctionCallDelta(name=self.name, arguments=""))
+
+    def _ended(self, end: int) -> list[ToolCallDelta]:
+        """A call's arguments are complete: the first call's are out; a later one goes out whole unless it
+        repeats an earlier call (a small model's repetition loop is not another call to run)."""
+        raw = self.text[self.begin:end]
+        value = _json_or(raw)
+        if self.n_calls > 1 and any(n == self.name and v == value for n, v, _ in self.done):
+            return []
+        out = [] if self.n_calls == 1 else self._release(raw)
+        self.done.append((self.name, value, raw))
+        return out
+
+    def _release(self, raw: str) -> list[ToolCallDelta]:
+        head = self._head()
+        return [head, ToolCallDelta(index=head.index, function=FunctionCallDelta(arguments=raw))] if raw else [head]
+
+    def rest(self) -> list[ToolCallDelta]:
+        """After :meth:`finish`: a later call cut short, held back while it might repeat an earlier one, as far
+        as it was written (nothing when it is the start of a call already sent)."""
+        if self.args is None or self.n_calls < 2 or not self.holding:
+            return []
+        raw = self.text[self.begin:] if self.depth else ""
+        if any(n == self.name and r.startswith(raw) for n, _, r in self.done):
+            return []
+        return self._release(raw)
 
     def _scan(self) -> int | None:
         """Walk the arguments' JSON from where the last walk stopped; the index past its end when complete."""
@@ -279,6 +346,8 @@ class ToolStream:
             elif ch == '"':
                 self.in_str = True
             elif ch in "{[":
+                if not self.depth:
+                    self.begin = i
                 self.depth += 1
             elif ch in "}]":
                 self.depth -= 1
@@ -299,8 +368,14 @@ class ToolStream:
         if not self.holding:
             return False, ""
         if self.n_calls:
-            return parse_tool_call(self.text, self.plan) is not None, ""
-        return False, "" if self.plan.tool_mode == "required" else self.text  # calls only: never the call's JSON
+            whole = parse_tool_call(self.text, self.plan) is not None
+            self.cut = not whole
+            return whole, ""
+        if self.plan.tool_mode != "required" and (self.plan.answer_format  # JSON that may be the format's answer
+                                                  or _head_ahead(self.text.lstrip()) is None):  # no call's start
+            return False, self.text
+        self.cut = bool(self.text)  # the start of a call (the grammar decided at its first character): not text
+        return False, ""
 
 
 _FENCE_OPEN = re.compile(r"```(?:json)?\n")

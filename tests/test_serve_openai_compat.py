@@ -187,6 +187,19 @@ def test_logprobs_of_partial_characters_keep_their_bytes_and_offsets(client):
     assert all(len(top) == 3 for top in lp.top_logprobs[1:])  # no two alternatives share a name
 
 
+def test_echoed_control_tokens_take_their_room_in_the_text_offsets(client):
+    """A prompt with the chat template's control tokens (what lm-eval's chat tasks send) is echoed with their text,
+    but the offsets counted them as empty: 'user' was at 0 in `<|im_start|>user...`, 11 of 13 tokens off."""
+    for prompt in ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Plain text here"):
+        c = client.completions.create(model="m", prompt=prompt, max_tokens=2, echo=True, logprobs=1, temperature=0)
+        text, lp = c.choices[0].text, c.choices[0].logprobs
+        assert text.startswith(prompt)
+        spans = [(t, o, text[o:o + len(t)]) for t, o in zip(lp.tokens, lp.text_offset) if not t.startswith("bytes:")]
+        assert len(spans) >= 4 and all(t == at for t, _, at in spans), spans
+        if prompt.startswith("<|im_start|>"):
+            assert spans[:2] == [("<|im_start|>", 0, "<|im_start|>"), ("user", 12, "user")], spans
+
+
 def test_llama_servers_names_without_v1_lead_to_the_same_routes(client):
     """llama-server serves /chat/completions, /responses, /models and /v1/health beside the /v1 names: an openai
     client given the server's address without /v1 works, and is counted under the route it reached."""

@@ -224,3 +224,16 @@ def test_qwen_repeating_a_forced_call_after_a_tool_result_gives_one_call(qwen):
     whole = _whole(client, **auto)
     assert whole[1] is None and [n for n, _ in whole[2]] == ["get_weather"], whole
     assert _streamed(client, **auto) == whole
+
+
+def test_a_cut_calls_arguments_are_its_json_as_far_as_it_goes():
+    """Anthropic's ``input`` and Ollama's ``arguments`` are objects: a cut call's text was json.loads'ed (a 500).
+    The prefix is read as the anthropic SDK's stream accumulator reads partial JSON."""
+    from ondevice.serve.responses import arguments_object
+
+    assert arguments_object('{"city": "Os') == {"city": "Os"}
+    assert arguments_object('{"a": 1, "b"') == {"a": 1}
+    assert arguments_object('{"a": [1, 2') == {"a": [1, 2]}
+    assert arguments_object('{"q": "say \\"hi') == {"q": 'say "hi'}
+    assert arguments_object('{"a": "x\\') == {"a": "x"}  # cut inside an escape
+    assert arguments_object("") == arguments_object(None) == arguments_object("[1]") == arguments_object("{") == {}

@@ -30,14 +30,25 @@ def timings_of(g: Generation) -> S.Timings:
 
 class TextOffset:
     """Where the text stands, in characters, as tokens' bytes come: legacy logprobs' ``text_offset``. A
-    character split over tokens (an emoji, CJK) counts once, when its last byte arrives."""
+    character split over tokens (an emoji, CJK) counts once, when its last byte arrives. ``source``: the echoed
+    prompt as the client wrote it, control tokens' text included (``<|im_start|>``): such a token then takes
+    the room its text takes there (an added BOS, not in it, none)."""
 
-    def __init__(self, chars: int = 0):
+    def __init__(self, chars: int = 0, source: str | None = None):
         self.chars = chars
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._src, self._pos = (source or "").encode(), 0
 
     def feed(self, piece: bytes) -> None:
         self.chars += len(self._utf8.decode(piece))
+        self._pos += len(piece)
+
+    def piece(self, state, tok: int) -> bytes:
+        """The bytes token ``tok`` adds to the text: its text, or a control token's where ``source`` has it."""
+        b = state.vocab_bytes[tok]
+        if not b and self._src and (s := state.special_bytes[tok]) and self._src.startswith(s, self._pos):
+            return s
+        return b
 
 
 def lp_entry(g: Generation) -> tuple:
@@ -117,12 +128,12 @@ def chat_logprobs(state, g: Generation) -> S.TokenLogprob:
 def completion_logprobs(state, entries: list, offset: TextOffset) -> S.CompletionLogprobs:
     """Legacy completions logprobs: entries are (token, logprob | None, top [(token, lp)] | None); ``offset``
     (advanced past them) says where the text stands."""
-    pieces, vb = state.pieces, state.vocab_bytes
+    pieces = state.pieces
     out = S.CompletionLogprobs()
     for tok, lp, top in entries:
         out.tokens.append(pieces[tok])
         out.token_logprobs.append(lp)
         out.top_logprobs.append(None if top is None else {pieces[t]: v for t, v in top})
         out.text_offset.append(offset.chars)
-        offset.feed(vb[tok])
+        offset.feed(offset.piece(state, tok))
     return out

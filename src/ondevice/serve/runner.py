@@ -391,7 +391,9 @@ class Runner:
                 base = 0 if req.echo else len(source)  # text offsets count from the echoed prompt, or past it
                 shown = ShownTokens.of(gen, st.engine.eos_tokens)
                 entries = (prompt_lp if req.echo else []) + [lp_entry(g) for g in shown]
-                logprobs = completion_logprobs(self.state, entries, TextOffset(base))
+                # a prompt sent as text is echoed as sent, control tokens' text and all: the offsets count it
+                logprobs = completion_logprobs(self.state, entries,
+                                               TextOffset(base, source if req.echo and isinstance(x, str) else None))
             choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]

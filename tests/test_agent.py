@@ -553,8 +553,11 @@ def test_agent_cli_prints_the_answer_alone_on_stdout(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert '-> done: {"city": "Oslo", "temp_c": 18}' in r.stderr and "-> done" not in r.stdout, (r.stdout, r.stderr)
     assert r.stdout.strip() and not r.stdout.lstrip().startswith(("{", "[", "<")), r.stdout
+    # a tool's str result is printed as it is, not JSON-quoted (as the model and --serve-mcp get it)
+    (tmp_path / "weather.py").write_text((tmp_path / "weather.py").read_text().replace(
+        '-> dict', '-> str').replace('return {"city": city, "temp_c": 18}', 'return f"{city}: 18 C"'))
     r = cli("agent", "What's the weather in Oslo?", "--tools", str(tmp_path / "weather.py"), "--no-answer")
-    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith('s1 get_weather({"city": "Oslo"}) -> done'), r
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == 's1 get_weather({"city": "Oslo"}) -> done: Oslo: 18 C', r
 
 
 def test_a_failed_call_is_shown_to_the_answer_as_an_error(smol):

@@ -200,6 +200,19 @@ def test_echoed_control_tokens_take_their_room_in_the_text_offsets(client):
             assert spans[:2] == [("<|im_start|>", 0, "<|im_start|>"), ("user", 12, "user")], spans
 
 
+def test_a_streamed_echo_is_the_prompt_as_sent_with_the_same_offsets(client):
+    """Streamed with logprobs, the echo was the prompt's tokens detokenized: a ChatML prompt's control tokens were
+    dropped from the text (the non-streamed echo keeps them), so the two replies differed."""
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    args = dict(model="m", prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    whole = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args) if c.choices]
+    text = "".join(c.text for c in chunks)
+    assert text == whole.text and text.startswith(prompt), (text, whole.text)
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset
+
+
 def test_llama_servers_names_without_v1_lead_to_the_same_routes(client):
     """llama-server serves /chat/completions, /responses, /models and /v1/health beside the /v1 names: an openai
     client given the server's address without /v1 works, and is counted under the route it reached."""

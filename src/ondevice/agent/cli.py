@@ -178,7 +178,8 @@ def _run_agent(args, box, request: str) -> int:
         # with an answer, it alone goes to stdout and the steps to stderr (as the live log does)
         steps = sys.stderr if result.answer is not None else sys.stdout
         for n in rec["nodes"]:
-            out = json.dumps(n["output"], ensure_ascii=False, default=str) if n["status"] == "done" else n["error"]
+            out = n["error"] if n["status"] != "done" else n["output"] if isinstance(n["output"], str) else \
+                json.dumps(n["output"], ensure_ascii=False, default=str)  # a str result as it is, not quoted
             if steps is sys.stderr:  # a log beside the answer: a tool's megabytes are in --json and --log
                 out = clip(out, 2000)
             print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "

@@ -419,7 +419,9 @@ class Runner:
         cid, created = S._id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
-        offset = [TextOffset(0 if req.echo else len(x)) for x in sources]  # logprobs text offsets, per choice
+        # logprobs text offsets, per choice; a text prompt is echoed as sent, control tokens' text and all
+        offset = [TextOffset(0, x if isinstance(p, str) else None) if req.echo else TextOffset(len(x))
+                  for x, p in zip(sources, prompts)]
         shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
 
         def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
@@ -441,9 +443,11 @@ class Runner:
                 if ev is PING:
                     yield SSE_PING
                     continue
-                if not isinstance(ev, Generation):  # echo logprobs of the prompt
+                if not isinstance(ev, Generation):  # echo logprobs of the prompt: its text as sent, piece by piece
+                    start = offset[i].chars
                     lp = completion_logprobs(self.state, ev[1], offset[i])
-                    yield chunk(i, st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
+                    yield chunk(i, sources[i][start:offset[i].chars] if isinstance(prompts[i], str)
+                                else st.detokenize([t for t, _, _ in ev[1]]), lp=lp)
                     continue
                 made += ev.token >= 0
                 lps = shown[i].feed(ev)

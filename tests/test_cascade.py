@@ -441,6 +441,8 @@ def test_cloud_down_slow_or_erroring_still_answers_from_the_device(cloud, home, 
             h, text, info = _ask(srv, {"always_defer": True}, stream=stream)
             assert h["x-ondevice-tier"] == "device" and info["tier"] == "device" and text
             assert info["fallback"] == kind and f"fallback={kind}" in h["x-ondevice-cascade"]
+            # the wait on the cloud is the reply's cloud latency (non-streamed it was null and left out of the header)
+            assert info["cloud_ms"] >= 1e3 * kw.get("cascade_timeout", 0) and "cloud=" in h["x-ondevice-latency-ms"]
 
 
 def test_cloud_http_errors_fall_back():
@@ -523,6 +525,7 @@ def test_library_cascade(smol, cloud):
         r = c.generate("Hi", max_tokens=8, temp=0)
         assert r.tier == "device" and r.fallback == "unreachable" and r.text == r.device_text
         assert r.error == f"cannot reach the cloud at {down}/v1" and r.info()["error"] == r.error  # the whole why
+        assert r.cloud_s is not None and r.info()["cloud_ms"] == round(r.cloud_s * 1e3, 3)  # the failed wait
         fallback = c.generate("Hi", max_tokens=8, temp=0, cascade={"always_defer": True})  # the device's whole answer
         assert fallback.tier == "device" and fallback.fallback == "unreachable" and fallback.text == r.text
 

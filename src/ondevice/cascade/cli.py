@@ -95,7 +95,7 @@ def _fit(args: argparse.Namespace) -> int:
     for line in (left_out(rows, "the fit"), small_sample(comb.meta["n_fit"], good)):
         if line:
             say(f"ondevice cascade: warning: {line}")
-    shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.4g}" for s in (0.2, 0.4, 0.6))
+    shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.6g}" for s in (0.2, 0.4, 0.6))
     given = f" --cascade-combiner {shlex.quote(str(path))}" if args.output else ""  # else found by its model
     print(f"dev answers deferred by threshold: {shares}; serve with --cascade-defer-share 0.4{given} to defer the "
           f"least confident 40% of requests like these")

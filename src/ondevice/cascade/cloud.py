@@ -46,6 +46,7 @@ class CloudError(OndeviceError):
         self.kind = kind
         self.brief = brief or message
         self.retry_after = retry_after  # seconds the cloud asked to be left alone (its Retry-After header)
+        self.latency_s: float | None = None  # how long the cloud was waited on before it failed (None: not asked)
         super().__init__(message)
 
 
@@ -220,8 +221,11 @@ class CloudClient:
         self._sync = None
         self._async = None
 
-    def _error(self, e: BaseException) -> CloudError:
+    def _error(self, e: BaseException, t0: float | None = None) -> CloudError:
+        """``e`` as a CloudError; ``t0``: when the cloud was asked (the error's ``latency_s`` counts from it)."""
         err = _classify(e, self.url, self.timeout, self.stopping, self.key_env)
+        if t0 is not None and err.kind != "cooldown":
+            err.latency_s = time.perf_counter() - t0
         if self.cooldown and err.retry_after:
             self._cool = (time.monotonic() + err.retry_after, err)
         return err
@@ -288,14 +292,16 @@ class CloudClient:
         return self.model
 
     def chat(self, messages: list[dict], **params) -> CloudAnswer:
-        t0 = time.perf_counter()
+        t0 = None
         try:
             self._check_cooldown()
-            r = self.sync_client.chat.completions.create(model=self.model_id(), messages=wire_messages(messages),
-                                                         **_params(params))
+            client = self.sync_client  # made once (importing openai takes seconds): not the cloud's latency
+            t0 = time.perf_counter()
+            r = client.chat.completions.create(model=self.model_id(), messages=wire_messages(messages),
+                                               **_params(params))
             return _answer(r, time.perf_counter() - t0, self.url)
         except Exception as e:
-            raise self._error(e) from e
+            raise self._error(e, t0) from e
 
     # -- async (server) ----------------------------------------------------------------------------------
     async def amodel_id(self) -> str:
@@ -334,7 +340,7 @@ class CloudClient:
                     model=await self.amodel_id(), messages=wire_messages(messages), **_params(params))
             return _answer(r, time.perf_counter() - t0, self.url)
         except Exception as e:
-            raise self._error(e) from e
+            raise self._error(e, t0) from e
 
     async def astream(self, messages: list[dict], seen: dict | None = None, **params
                       ) -> AsyncIterator[str | CloudAnswer]:

@@ -72,7 +72,7 @@ def headers(info: dict) -> dict[str, str]:
     elif info.get("cloud_first_token_ms") is not None:  # streaming: the headers leave before the cloud ends
         lat += f", cloud_first_token={info['cloud_first_token_ms']:.1f}"
     reason = info["reason"] + (f"; fallback={info['fallback']}" if info.get("fallback") else "")
-    return {"X-Ondevice-Tier": info["tier"], "X-Ondevice-Confidence": f"{info['confidence']:.4f}",
+    return {"X-Ondevice-Tier": info["tier"], "X-Ondevice-Confidence": f"{info['confidence']:.6f}",
             "X-Ondevice-Latency-Ms": lat, "X-Ondevice-Cascade": reason}
 
 
@@ -89,7 +89,8 @@ def finish(decision: Decision, confidence: float, calibrated: bool, feats: dict,
                              finish_reason=cloud.finish_reason, **base)
     failed = isinstance(cloud, CloudError)
     return CascadeResult(text=device_text, tier="device", finish_reason=device_finish, cloud_model=cloud_model,
-                         cloud_s=cloud_s, fallback=cloud.kind if failed else None, error=str(cloud) if failed else None,
+                         cloud_s=cloud.latency_s if failed and cloud_s is None else cloud_s,  # the wait that failed
+                         fallback=cloud.kind if failed else None, error=str(cloud) if failed else None,
                          **base)
 
 

@@ -179,7 +179,7 @@ class ServerCascade:
         """The server's start-up line's part on the cascade: where it defers, at what threshold, and whether the
         key's variable is set (a 401 on every deferral is otherwise seen only in the replies)."""
         p, env = self.policy, self.cloud.key_env
-        how = (f"defer share {p.defer_share:g}: threshold {p.threshold:.3f}" if p.defer_share is not None
+        how = (f"defer share {p.defer_share:g}: threshold {p.threshold:.6g}" if p.defer_share is not None
                else f"threshold {p.threshold:g}")
         fitted = ("uncalibrated" if isinstance(self.combiner, GeometricMean) else
                   "fitted combiner" if self.combiner.calibrated else "combiner fitted for another model")

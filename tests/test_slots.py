@@ -313,6 +313,8 @@ def test_model_prompt_cache_in_python(tmp_path):
     with ondevice.load(str(_model_path()), n_ctx=1024, n_threads=2) as m:
         with pytest.raises(slotfile.SlotFileError, match="cut.bin is cut short"):  # not "another model"
             m.load_prompt_cache(tmp_path / "cut.bin")
+        with pytest.raises(slotfile.SlotFileError, match=r"no such file; write one with model.save_prompt_cache\("):
+            m.load_prompt_cache(tmp_path / "none.bin")  # not the server's "save a slot under that name first"
         assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
         b = m.generate(DOC, max_tokens=6, temp=0)
         assert b.text == a.text and b.last.cached_tokens == n - 1

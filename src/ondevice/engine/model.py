@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import random
 import resource
 import sys
 import threading
@@ -59,6 +60,7 @@ class Model:
     idle_timeout: float = 10.0
     _turns: _Turns = dataclasses.field(default_factory=lambda: _Turns(), repr=False, compare=False)
     _embedder: Engine | None = dataclasses.field(default=None, repr=False)  # embed()'s context, made at its first call
+    _seeds: random.Random | None = dataclasses.field(default=None, repr=False)  # load(seed=N): each call's seed
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
@@ -200,16 +202,19 @@ class Model:
         return self._turn(lambda: self._stream(tokens, s))
 
     def _sampling(self, sampling: Sampling | dict | None, kw: dict) -> Sampling:
-        """The call's :class:`Sampling`, seeded by ``load(seed=N)`` when the call names no seed of its own (as
-        llama-cpp-python's ``Llama(seed=N)`` seeds its completions): the same call gives the same text run after
-        run. A Sampling object given whole names its seed only when it is not the random one."""
+        """The call's :class:`Sampling`, seeded from ``load(seed=N)`` when the call names no seed of its own, as
+        llama-cpp-python's ``Llama(seed=N)`` seeds its completions: each call draws the next seed of a sequence
+        that ``N`` starts, so calls give different samples and a model loaded again with ``N`` gives the same ones
+        in the same order. A Sampling object given whole names its seed only when it is not the random one."""
         if other := next((k for k in kw if k in OTHER_LIBRARIES), None):
             raise InvalidArgument(f"{other}={kw[other]!r}: {OTHER_LIBRARIES[other]}")
         s = Sampling.of(sampling, **kw)
         named = "seed" in kw or (isinstance(sampling, Mapping) and "seed" in sampling)
         if named or s.seed != RANDOM_SEED or self.engine.config.seed in (None, -1, RANDOM_SEED):
             return s
-        return dataclasses.replace(s, seed=self.engine.config.seed)
+        if self._seeds is None:
+            self._seeds = random.Random(self.engine.config.seed)
+        return dataclasses.replace(s, seed=self._seeds.randrange(2**32 - 1))  # not 0xFFFFFFFF: that one is random
 
     def _check_open(self) -> None:
         """A closed model is an error when it is asked for something (a stream: when asked, not when read)."""
@@ -276,6 +281,8 @@ class Model:
         Returns those tokens; a file that does not fit this model is a :class:`SlotFileError` that says why."""
         from . import slotfile
 
+        if not Path(path).exists():  # the server's words ("save a slot under that name") are not this API's
+            raise slotfile.SlotFileError(f"{path}: no such file; write one with model.save_prompt_cache({str(path)!r})")
         turn = self._turns.begin(self)
         try:
             gen = self.generator
@@ -464,7 +471,7 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     (``Sampling(draft="model")``). ``chat_template`` replaces the file's chat template: a built-in name
     (``chatml``, ``llama3``, ``gemma``, ``phi3``) or Jinja text, as llama.cpp's ``--chat-template``. Extra keyword
     arguments are :class:`EngineConfig` fields (``n_batch``, ...); ``seed`` seeds every call that gives no seed of
-    its own, as llama-cpp-python's ``Llama(seed=...)``.
+    its own, as llama-cpp-python's ``Llama(seed=...)`` (each call the next seed of the sequence it starts).
     """
     from ..models import resolve
     from ..protect.container import is_container

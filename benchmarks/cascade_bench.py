@@ -116,8 +116,10 @@ def answers(args, items, cloud: Cloud) -> list[dict]:
     device = {"sha256": cached_sha256(resolve(None).path)[:16], "max_tokens": args.max_tokens}
     if args.device_adapter:  # a LoRA on the device model (e.g. benchmarks/cascade_adapt.py's): its own answers
         device["adapter"] = cached_sha256(Path(args.device_adapter))[:16]
-    keys = {"device": device,
-            "cloud": {"sha256": cached_sha256(resolve(args.cloud_model).path)[:16], "max_tokens": args.max_tokens}}
+    # a --cloud-url's answers are that endpoint's, not --cloud-model's: cached under its address
+    cloud_key = ({"url": args.cloud_url} if args.cloud_url
+                 else {"sha256": cached_sha256(resolve(args.cloud_model).path)[:16]})
+    keys = {"device": device, "cloud": {**cloud_key, "max_tokens": args.max_tokens}}
     path = Path(args.rows)
     cache: dict[str, dict] = {}
     if path.is_file() and not args.fresh:
@@ -165,13 +167,17 @@ def answers(args, items, cloud: Cloud) -> list[dict]:
 
 def curve_part(args, cloud: Cloud) -> dict:
     from ondevice.cascade.confidence import FEATURES, TOKEN_FEATURES, GeometricMean, labels_for, roc_auc
+    from ondevice.errors import InvalidArgument
     from ondevice.eval.cascade_curve import at_share, confidences, deferral_curve, fit_combiner
 
     rows = answers(args, load_items(args.limit), cloud)
     dev = [r for r in rows if r["split"] == "dev" and r["cloud_score"] is not None]
     test = [r for r in rows if r["split"] == "test" and r["cloud_score"] is not None]
     meta = {"suite": "rewrite+assistant-en(rewrite,summary)", "split": "dev", "max_tokens": args.max_tokens}
-    comb = fit_combiner(dev, meta=meta)
+    try:
+        comb = fit_combiner(dev, meta=meta)
+    except InvalidArgument as e:  # too few dev items (a small --limit): said, not a traceback
+        sys.exit(f"cascade_bench: {e}; give a larger --limit, or none")
     if args.save_combiner:
         print(f"combiner saved to {comb.save(args.save_combiner)}", file=sys.stderr)
     # the same dev rows, other feature sets: tokens and text together, and tokens only, unweighted (the
@@ -395,8 +401,8 @@ def main() -> None:
                     help="also refit and redraw on N random dev/test splits of the same items (the spread)")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
-    ap.add_argument("--cloud-url", default=None, help="use this cloud endpoint instead of starting one (part 2 "
-                                                      "never defers, so any URL serves there)")
+    ap.add_argument("--cloud-url", default=None, help="use this cloud endpoint instead of starting one (its "
+                    "answers are cached under its address, apart from --cloud-model's; part 2 never defers)")
     args = ap.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     cloud = Cloud(args)

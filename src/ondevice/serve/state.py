@@ -108,7 +108,8 @@ class ServerState:
         self.model = Model(name=name, path=self.path, engine=eng, template=self.template)  # renders prompts
         # token text tables built once: the engine's piece buffer is not shared across threads
         self.vocab_bytes = [eng.token_bytes(t) for t in range(eng.n_vocab)]
-        self.special_bytes = [eng.token_bytes(t, special=True) for t in range(eng.n_vocab)]  # control tokens' text too
+        # control tokens' text too: only a control token's plain piece is empty (half the start-up of a 262k vocab)
+        self.special_bytes = [b or eng.token_bytes(t, special=True) for t, b in enumerate(self.vocab_bytes)]
         self.pieces = [token_name(b) for b in self.special_bytes]  # logprobs' "token"
         self.metrics = Metrics()
         self.draft_engine = None  # speculative decoding with a draft model (--draft MODEL)

@@ -220,3 +220,19 @@ def test_models_describes_a_container_with_its_key_and_says_another_key_is_not_i
     assert "invalid" not in status
     r = cli("models", str(path), "--json", "--key-env", "MY_KEY", env={"MY_KEY": key})
     assert json.loads(r.stdout)[0]["architecture"] == "llama", r.stdout
+
+
+def test_a_missing_key_is_asked_for_in_the_callers_terms(cli, enc):
+    """The library names its key_source forms; the command line names its flags."""
+    import subprocess
+    import sys
+
+    path, _ = enc
+    env = {k: v for k, v in os.environ.items() if k not in ("ONDEVICE_MODEL_KEY", "ONDEVICE_KEY_SOURCE")}
+    lib = subprocess.run([sys.executable, "-c", "import sys, ondevice; ondevice.load(sys.argv[1])", str(path)],
+                         capture_output=True, text=True, env=env, timeout=120, check=False)
+    last = lib.stderr.strip().splitlines()[-1]
+    assert 'key_source="env:NAME", "file:PATH" or "keyring:NAME"' in last and "--key-env" not in last, lib.stderr
+    r = cli("run", "-m", str(path), "-n", "1", "Hi", env={"ONDEVICE_MODEL_KEY": "", "ONDEVICE_KEY_SOURCE": ""})
+    assert r.returncode == 2 and "give the key with --key-env NAME, --key-file PATH or --key-keyring NAME" in r.stderr
+    assert "key_source" not in r.stderr, r.stderr

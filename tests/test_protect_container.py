@@ -251,8 +251,9 @@ def test_key_from_env_file_and_forms(tmp_path, monkeypatch):
 def test_key_errors_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.delenv("ONDEVICE_MODEL_KEY", raising=False)
     monkeypatch.delenv("T_NOPE", raising=False)
+    monkeypatch.setattr(keys, "COMMAND_LINE", True)  # the command line's terms (the library's: below)
     cases = [(None, "this model is encrypted; give the key with --key-env"),
-             ("env:T_NOPE", "T_NOPE is not set"),
+             ("env:T_NOPE", "^--key-env T_NOPE: the environment variable T_NOPE is not set"),
              (f"file:{tmp_path / 'missing'}", "cannot read it"),
              ("env:T_SHORT", "does not hold a 256-bit key")]
     monkeypatch.setenv("T_SHORT", "abcd")
@@ -260,6 +261,11 @@ def test_key_errors_are_one_clear_line(tmp_path, monkeypatch):
         with pytest.raises(OndeviceError, match=msg) as e:
             keys.load_key(source)
         assert "\n" not in str(e.value)
+    monkeypatch.setattr(keys, "COMMAND_LINE", False)
+    with pytest.raises(OndeviceError, match='encrypted; say where the key is with key_source="env:NAME"'):
+        keys.load_key(None)
+    with pytest.raises(OndeviceError, match='^key_source "env:T_NOPE": the environment variable T_NOPE is not set'):
+        keys.load_key("env:T_NOPE")
 
 
 def test_keyring_without_backend_says_so(monkeypatch):

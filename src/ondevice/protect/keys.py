@@ -28,6 +28,11 @@ DEFAULT_ENV = "ONDEVICE_MODEL_KEY"  # the key itself, used when no key source is
 KEYRING_SERVICE = "ondevice"
 KEY_FILE_LIMIT = 4096  # bytes: a key file holds 32 bytes or their text (a line of hex or base64, a comment)
 _FIX_FLAGS = "give the key with --key-env NAME, --key-file PATH or --key-keyring NAME (or set ONDEVICE_MODEL_KEY)"
+_FIX_PYTHON = ('say where the key is with key_source="env:NAME", "file:PATH" or "keyring:NAME" (ondevice.load(path, '
+               'key_source="env:MODEL_KEY")), or set ONDEVICE_MODEL_KEY')
+# key_source_from sets it: the command line read its key flags, so a key's errors name those flags rather than
+# key_source (a process-wide mark, as models.sources.PULL_ON_USE is the command line's)
+COMMAND_LINE = False
 
 
 def add_key_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +47,8 @@ def add_key_args(p: argparse.ArgumentParser) -> None:
 
 def key_source_from(args: argparse.Namespace) -> str | None:
     """The key source spec named by the flags of :func:`add_key_args` (None: none given)."""
+    global COMMAND_LINE
+    COMMAND_LINE = True
     for kind in ("env", "file", "keyring"):
         v = getattr(args, f"key_{kind}", None)
         if v and kind == "file" and not os.path.exists(os.path.expanduser(v)):
@@ -145,6 +152,11 @@ def store_in_keyring(name: str, key_text: str, *, force: bool = False) -> None:
     _keyring().set_password(KEYRING_SERVICE, name, key_text)
 
 
+def _given(kind: str, name: str) -> str:
+    """A key source as its user gave it: the flag on the command line, the spec in Python."""
+    return f"--key-{kind} {name}" if COMMAND_LINE else f'key_source "{kind}:{name}"'
+
+
 def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
     """The key named by a source spec (None: ``ONDEVICE_KEY_SOURCE``'s spec, else ``ONDEVICE_MODEL_KEY``);
     ``why`` a key is needed, for the message when none is given.
@@ -158,7 +170,7 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         if os.environ.get(DEFAULT_ENV):
             source = f"env:{DEFAULT_ENV}"
         else:
-            raise OndeviceError(f"{why}; {_FIX_FLAGS}")
+            raise OndeviceError(f"{why}; {_FIX_FLAGS if COMMAND_LINE else _FIX_PYTHON}")
     if not isinstance(source, str) or (":" not in source and len(source) >= 16):
         # probably the key itself, passed where its source belongs: never shown, not even in part
         what = "characters" if isinstance(source, str) else type(source).__name__
@@ -170,7 +182,7 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         val = os.environ.get(name)
         if not val:
             _refuse_key_as_name("env", name)
-            raise OndeviceError(f"--key-env {name}: the environment variable {name} is not set (or empty); "
+            raise OndeviceError(f"{_given('env', name)}: the environment variable {name} is not set (or empty); "
                                 f"export it with the model's key")
         return parse_key(val, f"environment variable {name}")
     if kind == "file":
@@ -179,9 +191,9 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         except OSError as e:
             for part in (name, os.path.basename(name)):  # a base64 key may hold "/": it is not a path then
                 _refuse_key_as_name("file", part)
-            raise OndeviceError(f"--key-file {name}: cannot read it ({e.strerror}); check the path") from None
+            raise OndeviceError(f"{_given('file', name)}: cannot read it ({e.strerror}); check the path") from None
         if data is None:
-            raise OndeviceError(f"--key-file {name}: over {size_text(KEY_FILE_LIMIT)}, not a key file (a key is "
+            raise OndeviceError(f"{_given('file', name)}: over {size_text(KEY_FILE_LIMIT)}, not a key file (a key is "
                                 f"32 bytes, or their hex or base64 text); give the file `ondevice protect keygen -o` "
                                 f"wrote")
         _warn_if_others_can_read(name)
@@ -190,7 +202,7 @@ def load_key(source: str | None, why: str = "this model is encrypted") -> bytes:
         val = _keyring().get_password(KEYRING_SERVICE, name)
         if val is None:
             _refuse_key_as_name("keyring", name)
-            raise OndeviceError(f"--key-keyring {name}: no such key in the OS keyring (service "
+            raise OndeviceError(f"{_given('keyring', name)}: no such key in the OS keyring (service "
                                 f"'{KEYRING_SERVICE}'); store one with `ondevice protect keygen --keyring {name}`")
         return parse_key(val, f"keyring entry {name}")
     raise InvalidArgument(f"key source {source!r} is not env:NAME, file:PATH or keyring:NAME")

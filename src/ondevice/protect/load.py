@@ -9,13 +9,16 @@ unauthenticated byte; on failure the memfd is wiped and closed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 
 from ..errors import OndeviceError
+from .container import read_header
 from .keys import load_key
 from .restore import Restored, restore
 
@@ -75,11 +78,53 @@ def decrypt_threads() -> int:
     return max(1, min(2, usable - 1))
 
 
-def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = MODE_PIPELINED,
-          threads: int | None = None) -> Restored:
-    """Start restoring a container; returns once its GGUF metadata is restored and authenticated.
+class Hold:
+    """One engine's hold on the restore of a container. Engines that load the same container in one process
+    (serve's chat and embeddings engines, a model and its ``embed`` context) share one restore: one decrypt and
+    one plaintext copy in memory, where a restore each would double both (and the locked-memory budget).
 
-    ``Restored.path`` is then a readable GGUF header and ``Restored.family`` its dominant weight type. The
+    It reads as its :class:`Restored` (``path``, ``family``, ``wait()``, the restore's timings), except for the
+    figures of its own load (``barrier_wait_s``, ``locked_bytes``); :meth:`close` lets go once, and the last
+    hold's close wipes and releases the plaintext.
+    """
+
+    def __init__(self, r: Restored, ident: tuple) -> None:
+        self._r, self._ident, self._held = r, ident, True
+        self.barrier_wait_s = 0.0  # this load's wait at the barrier (finish)
+        self.locked_bytes = 0
+
+    def __getattr__(self, name: str):
+        if name == "_r":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self._r, name)
+
+    def close(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        with _shared_lock:
+            self._r.holds -= 1
+            last = self._r.holds == 0
+            if last and _shared.get(self._ident) is self._r:
+                del _shared[self._ident]
+        if last:
+            self._r.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+_shared: dict[tuple, Restored] = {}  # (st_dev, st_ino, the container's header) -> its restore, while held
+_shared_lock = threading.Lock()
+
+
+def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = MODE_PIPELINED,
+          threads: int | None = None) -> Hold:
+    """Start restoring a container, or join the restore of it this process holds already (:class:`Hold`);
+    returns once its GGUF metadata is restored and authenticated.
+
+    ``Hold.path`` is then a readable GGUF header and ``Hold.family`` its dominant weight type. The
     header is not walked again by ondevice's own check (``validate_gguf``, what every plaintext load runs:
     ~0.2 s of Python for a 151k-token vocabulary): ``protect encrypt`` validated the file, and the chunks'
     tags prove these bytes are still that file. The weights follow in the background (``mode`` pipelined,
@@ -88,6 +133,20 @@ def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = M
     if mode not in (MODE_PIPELINED, MODE_STRAWMAN):
         raise OndeviceError(f"restore mode {mode!r} is not {MODE_PIPELINED} or {MODE_STRAWMAN}")
     key = load_key(key_source)
+    h = read_header(path)
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, h.raw)  # the header holds a random salt: another encryption is another file
+    with _shared_lock:
+        r = _shared.get(ident)
+        if r is not None and r.fd >= 0 and r._error is None:
+            h.file_key(key)  # this key must open the file too: a wrong one never reaches another load's plaintext
+        else:
+            r = _shared[ident] = _start(path, key, mode, threads)
+        r.holds += 1
+    return Hold(r, ident)
+
+
+def _start(path: str | os.PathLike[str], key: bytes, mode: str, threads: int | None) -> Restored:
     workers = (threads or decrypt_threads()) if mode == MODE_PIPELINED else 1
     r = restore(path, key, threads=workers, overlap=mode == MODE_PIPELINED)
     try:
@@ -103,7 +162,7 @@ def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = M
     return r
 
 
-def finish(ll, r: Restored, mparams) -> object:
+def finish(ll, r: Hold, mparams) -> object:
     """Load the restored model into llama.cpp (``mparams``: its model params); the llama_model pointer.
 
     llama.cpp's progress callback waits for the last chunk before any tensor's data is read or mapped,
@@ -153,7 +212,7 @@ def finish(ll, r: Restored, mparams) -> object:
     return model
 
 
-def kernel_path(r: Restored) -> str:
+def kernel_path(r: Hold) -> str:
     """The path to choose CPU kernels by (device/kernels.py): the memfd as other processes can open it.
 
     Choosing may self-test the model in a child process (once per weight type and machine); the child

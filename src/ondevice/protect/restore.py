@@ -49,6 +49,7 @@ class Restored:
     barrier_wait_s: float = 0.0  # time llama.cpp's loader spent waiting for the weights: what did not overlap
     worker_rss: int = 0  # the largest worker process's own peak RSS (VmHWM), beside the model's memory
     family: str = "unknown"  # the dominant weight type (device/kernels.py's unit; protect/load.py's begin sets it)
+    holds: int = 0  # the engines using it (protect/load.py's Hold: they share one restore of a container)
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -90,9 +91,10 @@ class Restored:
                     p.kill()
         for t in self._workers:
             t.join()
-        if self._src >= 0:
-            os.close(self._src)
-            self._src = -1
+        with _lock:  # the loads that share this restore (protect/load.py's Hold) may wait on it at once
+            src, self._src = self._src, -1
+        if src >= 0:
+            os.close(src)
 
     def close(self) -> None:
         """Stop restoring, overwrite the plaintext with zeros and release the memory."""
@@ -174,7 +176,7 @@ def _start_processes(r: Restored, file_key: bytes, rest: range) -> bool:
                                  close_fds=True)
             r._procs.append(p)
             request = {"src": r._src, "fd": r.fd, "key": file_key.hex(), "source": r.source,
-                       "chunks": [part.start, part.stop, part.step]}
+                       "chunks": [part.start, part.stop, part.step], "parent": os.getpid()}
             p.stdin.write(json.dumps(request).encode() + b"\n")  # a few hundred bytes: never blocks on the pipe
             p.stdin.close()
             p.stdin = None  # communicate() in _watch must not flush it again
@@ -224,7 +226,10 @@ def _child() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills us if it stops
+    _die_with_parent()
     req = json.loads(sys.stdin.readline())
+    if os.getppid() != req["parent"]:  # it died before _die_with_parent could ask: no one wants these chunks
+        os._exit(1)
     try:
         aead = require_crypto()
         h = read_header(f"/proc/self/fd/{req['src']}")
@@ -240,6 +245,22 @@ def _child() -> None:
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
     os._exit(0)  # not Restored.__del__: the memfd is the parent's to wipe
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies: a parent killed outright (SIGTERM, SIGHUP, SIGKILL:
+    no handler of its runs to kill us) must not leave an orphan decrypting the model into the memfd it holds.
+
+    Linux sends it when the parent *thread* that started us ends; that thread waits for us (the load's barrier,
+    protect/load.py's finish) or kills us (Restored.close), so in practice it is the parent process's death."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    with contextlib.suppress(OSError, AttributeError):  # no libc symbol: the parent's close still kills us
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _restore_chunks(r: Restored, gcm, chunks) -> None:

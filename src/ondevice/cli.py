@@ -249,7 +249,9 @@ def _main(argv: list[str] | None) -> int:
               f"give the path in full", file=sys.stderr)
         return 2
     finally:
-        sources.PULL_ON_USE = False
+        from .protect import keys
+
+        sources.PULL_ON_USE = keys.COMMAND_LINE = False  # the library's wording and habits again after a command
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import re
 
 def test_set_parameter_takes_every_sampler_and_ollamas_other_words(cli):
     script = ("/set parameter repeat_last_n 32\n/set parameter typical_p 0.9\n/set mirostat 2\n/set mirostat 5\n"
-              "/set num_thread 4\n/set nowordwrap\n/show parameters\n")
+              "/set num_thread 4\n/set nowordwrap\n/set think\n/set nothink\n/show parameters\n")
     r = cli("chat", "-n", "1", "-t", "2", input=script)
     err = r.stderr
     assert r.returncode == 0 and r.stdout == "", err
@@ -17,6 +17,9 @@ def test_set_parameter_takes_every_sampler_and_ollamas_other_words(cli):
     assert "/set mirostat: --mirostat / mirostat=5 must be 0 (off), 1 or 2" in err, err
     assert "num_thread is set when the model loads: start chat again with -t/--threads N" in err, err
     assert "/set nowordwrap: Ollama's display setting" in err, err
+    # `ollama run`'s /set think turns thinking on, not a display setting: as the server's think=true, no such mode
+    assert "/set think: this model has no thinking mode;" in err and "think: Ollama's display" not in err, err
+    assert "/set nothink: this model has no thinking mode, so it is off (accepted)" in err, err
     assert "repeat_last_n 32, typical_p 0.9, mirostat 2" in err, err  # /show parameters names the changed ones
 
 

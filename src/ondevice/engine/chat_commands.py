@@ -25,7 +25,11 @@ PARAMS: dict[str, tuple[str, type]] = {
 # Ollama's parameters of the model's load: the flag that sets them here
 AT_LOAD = {"num_ctx": "-c/--ctx", "num_thread": "-t/--threads", "num_batch": "-b/--batch-size"}
 # Ollama's display settings: nothing to change in this chat
-DISPLAY_ONLY = ("wordwrap", "nowordwrap", "history", "nohistory", "think", "nothink")
+DISPLAY_ONLY = ("wordwrap", "nowordwrap", "history", "nohistory")
+# Ollama's thinking mode on and off (`ollama run`'s /set think): no model here has one, as the server's 400 for
+# think=true says too; off is what there is
+THINKING = {"think": "this model has no thinking mode; its answers come without one",
+            "nothink": "this model has no thinking mode, so it is off (accepted)"}
 
 HELP = """commands:
   /set temperature 0      change a sampling parameter: temperature, top_p, top_k, min_p, repeat_penalty,
@@ -158,6 +162,8 @@ def _set(rest: str, s: Session, model) -> str:
                 f"again with -c/--ctx N")
     if key in AT_LOAD:
         return f"{key} is set when the model loads: start chat again with {AT_LOAD[key]} N"
+    if key in THINKING:
+        return f"/set {key}: {THINKING[key]}"
     if key in DISPLAY_ONLY:
         return f"/set {key}: Ollama's display setting; nothing to change here (accepted)"
     if key == "format" or key == "noformat":

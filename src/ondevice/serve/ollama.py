@@ -10,7 +10,9 @@ Replies are newline-delimited JSON objects (:class:`Reply`; streamed unless ``st
 default), the last with ``done_reason`` and durations (ns) from the route's timings. An empty prompt (or no
 messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: the model is always loaded, and
 ``keep_alive`` changes nothing. ``num_ctx`` above the slot context is served in it (as Ollama clamps to what it
-holds; the log says so once). Refused with the fix: a model not served (404, as Ollama), ``think``, images,
+holds; the log says so once); a prompt longer than it is cut to fit, as Ollama's ``truncate`` cuts it
+(truncate.py). ``format`` is the JSON alone, without the fence the /v1 routes allow (structured.plan). Refused
+with the fix: a model not served (404, as Ollama), ``think``, images,
 ``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an earlier reply's token history: nothing
 is kept between requests, so replies carry none either). Errors on /api/*
 come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503. What /api/tags, /api/ps
@@ -37,11 +39,12 @@ from .http import error_response
 from .ollama_models import NEVER, created_at, entries, names, show
 from .responses import arguments_object, chat_chunks, over_chat, validated
 from .state import UnknownModel
-from .truncate import fit_context
+from .truncate import NUM_KEEP, fit_context, fit_tokens, room
 
+_SERVE_IT = ", then serve it with `ondevice serve -m NAME`"  # where the command made a model
 _MANAGING = {  # Ollama's model management routes: what ondevice does instead
-    "/api/create": "`ondevice quantize` or `ondevice adapt merge` makes a model here",
-    "/api/copy": "`ondevice quantize MODEL --type COPY --name NEW` copies a model in the store",
+    "/api/create": "`ondevice quantize` or `ondevice adapt merge` makes a model here" + _SERVE_IT,
+    "/api/copy": "`ondevice quantize MODEL --type COPY --name NEW` copies a model in the store" + _SERVE_IT,
     "/api/delete": "`ondevice rm NAME` deletes a model from the store",
     "/api/push": "ondevice keeps models on this machine",
 }
@@ -144,6 +147,19 @@ def _common(body: dict, state) -> dict:
     if chat["stream"]:
         chat["stream_options"] = {"include_usage": True}  # the last object's counts
     return chat
+
+
+def _truncation(body: dict) -> int | None:
+    """Ollama's ``truncate`` (on unless false): None when off, else how many tokens at the prompt's start a cut
+    keeps (``options.num_keep``)."""
+    if body.get("truncate", True) is False:
+        return None
+    keep = (body.get("options") or {}).get("num_keep", NUM_KEEP)
+    keep = int(keep) if isinstance(keep, float) and keep.is_integer() else keep
+    if not isinstance(keep, int) or isinstance(keep, bool):
+        raise InvalidArgument(f"options.num_keep={keep!r} must be a whole number: the tokens at the prompt's start "
+                              f"that a prompt cut to fit the context keeps (-1: all it can)")
+    return keep
 
 
 def _call_in(c, where: str, call_id: str) -> dict:
@@ -292,11 +308,26 @@ class _Raw:
             logprobs=S.ChoiceLogprobs(content=lps) if lps else None)])
 
 
+def _as_sent(e: InvalidArgument) -> InvalidArgument:
+    """``e`` with a schema the grammar cannot express named as the client sent it."""
+    return type(e)(str(e).replace("response_format.json_schema.schema", "format"))
+
+
+async def _fit(runner, chat: dict, body: dict, route: str) -> dict:
+    """The chat request ``chat`` cut to fit the context as Ollama's ``truncate`` cuts it (unless it is false):
+    the oldest turns, then the text, go, not the request."""
+    keep = _truncation(body)
+    try:
+        return chat if keep is None else await fit_context(runner, chat, _request, keep, route)
+    except InvalidArgument as e:  # measuring the prompt plans its grammar
+        raise _as_sent(e) from None
+
+
 async def _answer(runner, req, request, reply: Reply):
     try:
         resp = await over_chat(runner, req, request, reply.whole, reply.relay)
-    except InvalidArgument as e:  # a schema the grammar cannot express is named as the client sent it
-        raise type(e)(str(e).replace("response_format.json_schema.schema", "format")) from None
+    except InvalidArgument as e:
+        raise _as_sent(e) from None
     if isinstance(resp, StreamingResponse):
         resp.headers["content-type"] = "application/x-ndjson"
     return resp
@@ -311,9 +342,7 @@ async def chat(runner, body: dict, request):
     req = {**_common(body, runner.state), "model": model, "messages": _messages(body["messages"])}
     if body.get("tools"):
         req["tools"] = body["tools"]
-    if body.get("truncate", True) is not False:  # Ollama's default: the oldest turns go, not the request
-        req = await fit_context(runner, req, _request)
-    return await _answer(runner, _request(req), request, reply)
+    return await _answer(runner, _request(await _fit(runner, req, body, "/api/chat")), request, reply)
 
 
 _GENERATE_REFUSED = {
@@ -348,15 +377,20 @@ async def generate(runner, body: dict, request):
     if raw and not body.get("raw") and system:
         prompt = f"{system}\n\n{prompt}"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    req = _request({**_common(body, st), "model": model, "messages": msgs})
+    chat = {**_common(body, st), "model": model, "messages": msgs}
     if not raw and not suffix:
-        return await _answer(runner, req, request, reply)
+        return await _answer(runner, _request(await _fit(runner, chat, body, "/api/generate")), request, reply)
+    req = _request(chat)
     if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
-        prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)
+        prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)  # its tokens
+    if (keep := _truncation(body)) is not None:  # its tokens cut as Ollama's runner cuts them; as sent if they fit
+        tokens = prompt if isinstance(prompt, list) else await run_in_threadpool(st.tokenize, prompt)
+        cut = fit_tokens(st, tokens, room(st, req.max_tokens), keep, "/api/generate")
+        prompt = prompt if cut is tokens else cut
     comp = S.OllamaCompletionRequest.model_validate({
         **req.model_dump(include=_SAMPLING, exclude_none=True), "prompt": prompt,
         "max_tokens": st.settings.ctx if req.max_tokens is None else req.max_tokens,  # the job keeps it to the room
-        "grammar": structured.plan(req, fence=False).grammar,  # raw: the text continued, as Ollama's
+        "grammar": structured.plan(req).grammar,  # raw: the text continued, as Ollama's
         "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
     return await _answer(_Raw(runner), comp, request, reply)
 
@@ -364,8 +398,7 @@ async def generate(runner, body: dict, request):
 def _refusal(path: str, instead: str):
     """The route of an Ollama model management call: a 400 that says what to do instead."""
     async def refuse(body: Annotated[dict[str, Any], Body()]):  # Ollama's calls send a JSON object
-        raise InvalidArgument(f"{path}: this server manages no models over its API; {instead}, then serve it with "
-                              f"`ondevice serve -m NAME`")
+        raise InvalidArgument(f"{path}: this server manages no models over its API; {instead}")
     return refuse
 
 
@@ -432,11 +465,15 @@ def add_routes(app, runner, embeddings) -> None:
     @app.post("/api/embed")
     async def ollama_embed(request: Request, body: Annotated[dict[str, Any], Body()]):
         t0 = time.perf_counter_ns()
-        name, out = await embed(body, request, "input")
-        if not isinstance(out, S.EmbeddingResponse):  # the client went away
-            return out
-        return {"model": name, "embeddings": [d.embedding for d in out.data], "load_duration": 0,
-                "total_duration": time.perf_counter_ns() - t0, "prompt_eval_count": out.usage.prompt_tokens}
+        if body.get("input") in (None, "", []):  # nothing to embed: Ollama answers no vectors (embed_documents([]))
+            name, vectors, n = _served(state, body)[0], [], 0
+        else:
+            name, out = await embed(body, request, "input")
+            if not isinstance(out, S.EmbeddingResponse):  # the client went away
+                return out
+            vectors, n = [d.embedding for d in out.data], out.usage.prompt_tokens
+        return {"model": name, "embeddings": vectors, "load_duration": 0,
+                "total_duration": time.perf_counter_ns() - t0, "prompt_eval_count": n}
 
     @app.post("/api/embeddings")
     async def ollama_embeddings(request: Request, body: Annotated[dict[str, Any], Body()]):

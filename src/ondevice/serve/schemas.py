@@ -114,7 +114,8 @@ class _Sampling(_Body):
     # 40, min_p 0.05); OpenAI's 1.0 / 1.0 / none / none let a small model ramble to the end of its context
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)  # 0: the likeliest token only (llama.cpp keeps at least one)
-    top_k: int | None = Field(None, ge=0)  # extension; 0 = off
+    top_k: int | None = None  # extension; 0 = off, and so is k < 0 (Ollama's -1): llama.cpp's sampler skips k <= 0
+    _top_k_off = field_validator("top_k")(lambda cls, k: k if k is None else max(k, 0))
     min_p: float | None = Field(None, ge=0, le=1)  # extension
     repeat_penalty: float = Field(1.0, gt=0)  # extension
     # extensions: llama-server's other samplers, by its names (None: off, as there; see Sampling)

@@ -33,6 +33,7 @@ from .schemas import (
     FunctionCall,
     FunctionCallDelta,
     NamedToolChoice,
+    OllamaChatRequest,
     ToolCall,
     ToolCallDelta,
 )
@@ -53,10 +54,13 @@ class Plan:
     answer_format: bool = False  # tool_choice auto beside a response_format: a reply may be JSON that is no call
 
 
-def plan(req: ChatCompletionRequest, template: str | None = None, fence: bool = True) -> Plan:
+def plan(req: ChatCompletionRequest, template: str | None = None) -> Plan:
     """The grammar and tool handling a chat request asks for, for a model with chat ``template`` (a 400
-    when the request's parts contradict). ``fence``: a ``response_format`` reply may open a ```` ```json ````
-    block, as llama-server's may (:func:`ondevice.engine.grammar.fenced`); the chat route takes it off."""
+    when the request's parts contradict). A ``response_format`` reply may open a ```` ```json ```` block, as
+    llama-server's may (:func:`ondevice.engine.grammar.fenced`); the chat route takes it off. Not on Ollama's
+    routes (:class:`OllamaChatRequest`): Ollama's ``format`` grammar is the JSON alone, and there a fence taken off
+    would still count in ``eval_count`` and ``num_predict`` and have ``logprobs`` that no part of ``response`` is."""
+    fence = not isinstance(req, OllamaChatRequest)
     fmt = req.response_format
     choice = req.tool_choice
     tools = req.tools or []

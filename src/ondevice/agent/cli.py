@@ -178,8 +178,10 @@ def _run_agent(args, box, request: str) -> int:
         # with an answer, it alone goes to stdout and the steps to stderr (as the live log does)
         steps = sys.stderr if result.answer is not None else sys.stdout
         for n in rec["nodes"]:
-            out = n["error"] if n["status"] != "done" else n["output"] if isinstance(n["output"], str) else \
-                json.dumps(n["output"], ensure_ascii=False, default=str)  # a str result as it is, not quoted
+            # a one-line str result as it is, not quoted; other results as JSON, so that a step stays one line
+            o = n["output"]
+            out = n["error"] if n["status"] != "done" else o if isinstance(o, str) and o.isprintable() else \
+                json.dumps(o, ensure_ascii=False, default=str)
             if steps is sys.stderr:  # a log beside the answer: a tool's megabytes are in --json and --log
                 out = clip(out, 2000)
             print(f"{n['id']} {n['tool']}({json.dumps(n['args'], ensure_ascii=False, default=str)}) "

@@ -27,8 +27,9 @@ def embedding_config(longest: int, pooling: str | None = "mean", **kw) -> Engine
     cells, and a sequence id per input (``n_seq_max``). ``kw``: other :class:`EngineConfig` fields. Flash
     attention off unless ``kw`` turns it on: with it (llama-server's default) a text's vector moves by up to
     1e-3 in cosine with the other inputs of its pack (its f16 accumulation), so the same text embedded alone and
-    in a batch would differ (LangChain's embed_query vs embed_documents); without it they agree to 1e-5, at 10%
-    more time (benchmarks/embed_bench.py, 50 inputs: 0.91x llama-server's inputs/s without, 1.01x with).
+    in a batch would differ (LangChain's embed_query vs embed_documents); without it they agree to 1e-5 in cosine
+    (5e-5 with last-token pooling on AVX2 builds of llama.cpp), at 10% more time (benchmarks/embed_bench.py, 50
+    inputs: 0.91x llama-server's inputs/s without, 1.01x with).
     """
     n = max(longest, PACK_TOKENS)
     kw.setdefault("flash_attn", False)

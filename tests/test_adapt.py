@@ -194,9 +194,11 @@ def test_training_lowers_loss_exports_and_llama_cpp_agrees(tmp_path, smol_path, 
     prompts = [row["input"] for row in tasks.iso_dates(3, seed=77)]
     a = check.agreement(smol_path, out, prompts, n_tokens=8)
     assert a["token_agreement"] >= 0.9, a
-    # a greedy step where llama.cpp's top two logits are within 0.1 can flip under the two backends' differences
-    # (logit_max_abs_diff ~0.6: Q4_1 kernels vs torch): the seed's batches decide whether the adapter has one
-    assert a["identical_sequences"] >= 2 or all(m < 0.1 for m in a["divergence_margins"]), a
+    # a greedy step where llama.cpp's top two logits are close can flip under the two backends' differences
+    # (Q4_1 kernels vs torch: logit_mean_abs_diff 0.23, max 2.8-3.0 on Zen 4): the seed's batches decide whether
+    # the adapter has one. Measured margins at the flips: 0.04 and 0.04 (AVX-512 build of llama.cpp), 0.22 and
+    # 0.03 (AVX2 build, the same CPU and torch)
+    assert a["identical_sequences"] >= 2 or all(m < 0.3 for m in a["divergence_margins"]), a
     # merged into the base (Q8_0 where adapted): llama.cpp gives base + adapter's tokens
     from ondevice.adapt.merge import merge
     from ondevice.models.gguf_check import validate_gguf

@@ -73,6 +73,22 @@ def test_every_validated_candidate_and_the_chosen_line_show_the_measured_peak_rs
     assert f"peak RSS {c.measured['mem'] / MiB:.0f} MiB" in chosen
 
 
+def test_a_fit_not_stored_names_no_file_and_leaves_no_work_folder(smallest, home):
+    """``store=False``: the candidates' files are deleted with the fit, so no path to one is returned."""
+    assert smallest.path is None and smallest.name is None
+    assert not any("file" in c.measured for c in smallest.candidates)
+    chosen = next(ln for ln in smallest.lines if ln.startswith("chosen:"))
+    assert "measurements reused (cached, or already made in this fit)" in chosen
+    # nothing kept there (no importance matrix); run before the other fits of this module, which make their own
+    assert not list((home / "data" / "fit").glob("work-*"))
+
+
+def test_the_shipped_file_is_benched_with_the_candidates(smallest):
+    """Its tok/s in the fit's record are of the moment the candidates were measured, not the speed table's."""
+    now = smallest.shipped["validation"]
+    assert now["tg"] > 0 and now["pp"] > 0
+
+
 def test_a_mem_bound_below_the_repacked_variant_chooses_one_that_meets_it_as_measured(smallest, home):
     import ondevice
 
@@ -100,3 +116,33 @@ def test_a_mem_bound_no_plan_meets_is_refused_after_the_device_table(smallest, h
     assert "\n" not in line and "budget mem<=57.2MiB cannot be met" in line and "loosen the budget" in line
     assert "least peak RSS a plan is predicted at" in line
     assert "sensitivity" not in r.stdout  # refused before the KLD runs
+
+
+ARGS = ("--types", "Q8_0,Q5_0,Q4_0", "--groups", "ffn_down,ffn_gate_up", "-t", "1", "--calib-ctx", "64",
+        "--calib-chunks", "2", "--eval-ctx", "64", "--eval-chunks", "2", "--imatrix", "off", "--tests", "pp32,tg8",
+        "-r", "1", "--no-store")
+
+
+def test_a_mem_bound_only_the_shipped_file_meets_names_it(smallest, home, cli):
+    """The shipped file is a candidate too: a bound over its peak RSS but under every plan's says to keep it."""
+    import re
+
+    r = cli("fit", "--budget", "mem<=60MB", *ARGS, env={"ONDEVICE_HOME": str(home)})  # measures the shipped file's
+    shipped = int(re.search(r"peak RSS at the bench shapes, .*, shipped (\d+) MiB", r.stdout).group(1))
+    assert r.returncode == 2 and "shipped file" not in r.stderr, r.stderr  # 60 MB: not even the shipped file
+    r = cli("fit", "--budget", f"mem<={shipped + 1}MiB", *ARGS, env={"ONDEVICE_HOME": str(home)})
+    assert r.returncode == 2, r.stderr  # every plan (ffn at Q5_0 the least, ~189 MiB) is over it
+    line = r.stderr.strip()
+    assert "\n" not in line and "cannot be met by a fitted variant" in line
+    assert f"the shipped file (peak RSS {shipped} MiB) meets it: keep using it, or loosen" in line
+
+
+def test_a_size_bound_only_the_shipped_file_meets_names_it(cli, tmp_path):
+    """The same for size<=, refused before the reference is made: the shipped file is 98.4 MB, and every plan with
+    only ffn_down lowered is larger."""
+    r = cli("fit", "--budget", "size<=100MB", "--groups", "ffn_down", "--types", "Q8_0,Q4_0", "--no-store")
+    assert r.returncode == 2, r.stderr
+    assert "size<=100MB cannot be met by a fitted variant" in r.stderr
+    assert "the shipped file (98.4 MB) meets it: keep using it, or loosen the size" in r.stderr
+    r = cli("fit", "--budget", "size<=50MB", "--groups", "ffn_down", "--types", "Q8_0,Q4_0", "--no-store")
+    assert r.returncode == 2 and "cannot be met" in r.stderr and "shipped file" not in r.stderr

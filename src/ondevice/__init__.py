@@ -120,6 +120,13 @@ def bench(*args, **kw):
     return _bench(*args, **kw)
 
 
+def quantize(*args, **kw):
+    """Make a quantized (or F16 reference) variant with llama.cpp (see :func:`ondevice.quant.api.quantize`)."""
+    from .quant.api import quantize as _quantize
+
+    return _quantize(*args, **kw)
+
+
 def fit(*args, **kw):
     """The best variant of a model for this device under a budget (see :func:`ondevice.fit.api.fit`)."""
     from .fit.api import fit as _fit
@@ -142,4 +149,4 @@ def evaluate(*args, **kw):
 
 
 __all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "__version__", "adapt", "bench",
-           "evaluate", "fit", "generate", "load", "pull", "stream"]
+           "evaluate", "fit", "generate", "load", "pull", "quantize", "stream"]

@@ -429,10 +429,8 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
                                 s["type_k"], s["type_v"], probe)
             if roof:
                 rec.update(roofline_pct=roof["pct"], roofline_bound=roof["bound"], roofline=roof)
-                if roof["pct"] > 100:  # faster than the machine's measured roof: the probe is what is off
-                    notes.append(f"{spec.name} at {s['threads']} threads ran at {roof['pct']:.0f}% of the roofline: "
-                                 f"the probe ({probe.measured_at}, load {probe.load_avg_1m or 0:.2f} then) "
-                                 f"understates this machine; --reprobe measures it again")
+                if roof["pct"] > 100:
+                    notes.append(roofline_note(spec.name, s["threads"], roof, probe))
         typed = BenchRecord.from_dict(rec)
         if store is not None:
             store.add("bench", typed.to_dict(), session=session, config_key=typed.config_key,
@@ -474,3 +472,16 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
             why += "; " + crash_message("bench", -rc, choice).split(": error: ", 1)[1]
         for i, j in missing:
             record(i, j, "oom" if oom else "error", why, None)
+
+
+def roofline_note(test: str, threads: int, roof: dict, probe) -> str:
+    """What a run faster than its roofline (``roof["pct"]`` > 100) means. Compute-bound, the roof is the probe's
+    float32 matmul, which llama.cpp's int8 dot products on quantized weights (VNNI, AMX) exceed: no reprobe
+    changes that. Memory-bound, the measured bandwidth is what is off."""
+    said = f"{test} at {threads} thread{'' if threads == 1 else 's'} ran at {roof['pct']:.0f}% of the roofline"
+    if roof["bound"] == "compute":
+        return (f"{said}: its compute roof is the probe's float32 matmul peak ({roof['peak_gflops']:.0f} GFLOP/s), "
+                f"and llama.cpp's kernels for quantized weights run int8 dot products (VNNI, AMX where the CPU has "
+                f"them) that go past it, so the figure is a share of the fp32 peak, not a measurement error")
+    return (f"{said}: the probe ({probe.measured_at}, load {probe.load_avg_1m or 0:.2f} then) understates this "
+            f"machine's memory bandwidth; --reprobe measures it again")

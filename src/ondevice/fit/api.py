@@ -15,6 +15,7 @@ file*, not the original weights. Every fitted variant is quantized from that F16
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 from .. import fields
 from ..errors import InvalidArgument
 from ..models.gguf_split import total_size
-from .budget import Budget, parse_budget
+from .budget import Budget, parse_budget, say_if_shipped_is_better, shipped_meets
 from .groups import BASE, CANDIDATES, layout, quant_size
 from .imatrix import choose_imatrix
 from .inputs import check_settings, reference_for, texts
@@ -163,7 +164,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                    eval_ctx=eval_ctx, calib_chunks=calib_chunks, eval_chunks=eval_chunks, threads=threads,
                    name=name, validate=validate, repetitions=repetitions)
     if name is not None and name in store_variants() and not force:
-        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
+        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW (name=) or --force "
+                              f"(force=True)")
     src = resolve(model)
     from ..quant.quantize import refuse_container
 
@@ -180,10 +182,13 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 
     def check_smallest(lay, slack: int = 0) -> None:  # sizes are exact: no need to measure
         if bud.size is not None and lay.smallest(types) - slack > bud.size:
-            raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.3g}MB cannot be met: the "
-                                  f"smallest variant with types {','.join(types)} is {lay.smallest(types) / 1e6:.1f}"
-                                  f"MB (every group at its smallest type, the tensors outside --groups at the "
-                                  f"reference's type); loosen the size, add lower --types or quantize more --groups")
+            size = total_size(src.path)
+            raise InvalidArgument(f"budget {bud.describe()!r}: size<={bud.size / 1e6:.3g}MB cannot be met by a "
+                                  f"fitted variant: the smallest with types {','.join(types)} is "
+                                  f"{lay.smallest(types) / 1e6:.1f}MB (every group at its smallest type, the tensors "
+                                  f"outside --groups at the reference's type); "
+                                  f"{shipped_meets(size, bud.size, f'{size / 1e6:.1f} MB')}loosen the size, add "
+                                  f"lower --types or quantize more --groups")
         prof.check_smallest(lay.smallest(types) - slack, types)
 
     # the same tensors in the shipped file: an unreachable size is refused before a reference is made for it
@@ -323,8 +328,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     validated: list[Candidate] = []
 
     def validate_round(cands: list[Candidate]) -> dict:
-        """Build, bench and score ``cands`` with the all-base variant (and the shipped file for a relative
-        bound); returns the base variant's speed of this moment."""
+        """Build, bench and score ``cands`` with the all-base variant and the shipped file (its tok/s of this
+        moment: a relative bound's, the report's and the shipped-is-better check's); returns the base variant's
+        speed of this moment."""
         nonlocal bud
         items = [Item({})]
         for c in cands:
@@ -335,12 +341,11 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             # a candidate is benched now, so the all-Q8_0 variant (and the shipped file) are benched with it: speeds
             # cached minutes before would put the predictions at another moment's speed
             vmeter.reprobe = True
-        with phase("validation"):  # with a bound relative to the shipped file, that file is benched with them
-            res = vmeter.measure(items + [shipped_item] * relative, speed=True)
-        now = res[0]["speed"]
+        with phase("validation"):
+            res = vmeter.measure(items + [shipped_item], speed=True)
+        now, now_shipped = res[0]["speed"], res.pop()["speed"]
+        shipped["validation"] = {k: now_shipped[k] for k in ("tg", "pp")}
         if relative:
-            now_shipped = res.pop()["speed"]
-            shipped["validation"] = {k: now_shipped[k] for k in ("tg", "pp")}
             now_bud = asked.resolved(shipped["validation"]["tg"], shipped["validation"]["pp"])
             say(f"budget {asked.describe()}: the shipped file benched with the candidates made tg "
                 f"{shipped['validation']['tg']:.1f}, pp {shipped['validation']['pp']:.1f} tok/s, so "
@@ -414,7 +419,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         _cleanup(workdir)
         raise InvalidArgument(impossible(picks, bud, measured=True))
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
-    shipped_wins = dequantized and _say_if_shipped_is_better(shipped, chosen.measured, bud, say)
+    shipped_wins = dequantized and say_if_shipped_is_better(shipped, chosen.measured, bud, say)
     extra = {"profile": prof.to_dict() if prof.spec else None, "quality": {**qual.to_dict(), "reference": q_ref}}
     if shipped_wins and store and name is None:  # a variant no better than the file in hand is not worth a copy
         say("no variant stored: the shipped file is the answer (name the variant with --name to store it anyway); "
@@ -442,6 +447,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             extra).path
     _cleanup(workdir)
+    for c in picks:  # their files are gone (the chosen one moved into the store: ``path``)
+        c.measured.pop("file", None)
     secs = time.perf_counter() - t0
     say(f"chosen: {chosen.summary()}" + (f" (transformed, alpha {tf.info['alpha']:g})" if transformed(chosen) else "")
         + f" -> {vname or '(not stored)'}: {chosen.measured['size'] / 1e6:.1f} MB, "
@@ -451,7 +458,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         + _knobs_note(chosen.measured.get("runtime"))
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
-        f"{meter.reused + vmeter.reused} reused measurements")
+        f"{meter.reused + vmeter.reused} measurements reused (cached, or already made in this fit)")
     say("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     if any(noisy_mark(m) for m in (shipped, base["speed"], *type_speed.values(), *(c.measured for c in picks))):
         say(NOISY_NOTE)
@@ -482,17 +489,5 @@ def _quality_note(qual: Quality, m: dict, ref: dict) -> str:
 def _cleanup(workdir: Path) -> None:
     for f in [*workdir.glob("candidate-*.gguf"), *workdir.glob("transform-*.gguf"), *workdir.glob("type-*.gguf")]:
         f.unlink(missing_ok=True)
-
-
-def _say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> bool:
-    """The shipped file is a candidate too: against a reference made from it, its KLD is 0, so where it also meets
-    the budget, no larger and as fast (within 3%: benched apart), the chosen variant is no gain over it (True)."""
-    mine = {"size": shipped["size"], "tg": shipped.get("tg"), "pp": shipped.get("pp"), "kld": 0.0,
-            "mem": shipped.get("mem")}
-    if bud.violations(mine) or mine["size"] > chosen["size"] or (mine["tg"] or 0) < 0.97 * chosen["tg"]:
-        return False
-    say(f"note: the shipped file already meets the budget and is no worse: {mine['size'] / 1e6:.1f} MB (chosen "
-        f"{chosen['size'] / 1e6:.1f}), tg {mine['tg']:.1f} tok/s (chosen {chosen['tg']:.1f}), KLD 0 against the "
-        f"reference made from it (chosen {chosen['kld']:.4f}); keep using it, or widen --types/--groups for a "
-        f"variant that beats it")
-    return True
+    with contextlib.suppress(OSError):  # the folder too, where nothing else (an importance matrix) is kept there
+        workdir.rmdir()

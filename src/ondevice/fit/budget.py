@@ -7,7 +7,8 @@ Keys and the direction each may be bounded in:
 - ``mem`` (alias ``ram``) ``<=``, same units: the variant's peak resident memory (RSS) while it runs the fit's
   bench tests (``--tests``, default pp128,tg64, at the context they need rounded up to 256 tokens: 256), in a
   process of its own: the weights as loaded plus what the runtime allocates (KV cache, compute buffers, the
-  repacked copies llama.cpp's CPU_REPACK keeps of Q4_0/IQ4_NL weights beside their mapped pages, the
+  repacked copies llama.cpp's CPU_REPACK keeps beside their mapped pages of the types it has kernels for (on
+  x86: Q4_0, IQ4_NL, Q4_K, Q2_K), the
   interpreter): e.g. ``mem<=200MiB`` (SmolLM2's shipped 98 MB file peaks at 174 MiB here, its all-Q8_0
   variant, 145 MB, at 218 MiB). Plans are checked on a *predicted* peak (``fit.memory``: the file's size plus
   the runtime's memory interpolated between the measured per-type variants), validated candidates on their
@@ -105,6 +106,29 @@ class Budget:
         return self.text or "none (least KLD)"
 
 
+def shipped_meets(value: float | None, bound: float | None, figure: str) -> str:
+    """"the shipped file (173 MiB) meets it: keep using it, or " where its ``value`` is within ``bound`` (the
+    start of the advice of a bound no fitted variant can meet), else ""."""
+    if value is None or bound is None or value > bound:
+        return ""
+    return f"the shipped file ({figure}) meets it: keep using it, or "
+
+
+def say_if_shipped_is_better(shipped: dict, chosen: dict, bud: Budget, say) -> bool:
+    """The shipped file is a candidate too: against a reference made from it, its KLD is 0, so where it also meets
+    the budget, no larger and as fast (within 3%; its tok/s benched with the candidates where it was), the chosen
+    variant is no gain over it (True)."""
+    now = {**shipped, **(shipped.get("validation") or {})}
+    mine = {"size": shipped["size"], "tg": now.get("tg"), "pp": now.get("pp"), "kld": 0.0, "mem": shipped.get("mem")}
+    if bud.violations(mine) or mine["size"] > chosen["size"] or (mine["tg"] or 0) < 0.97 * chosen["tg"]:
+        return False
+    say(f"note: the shipped file already meets the budget and is no worse: {mine['size'] / 1e6:.1f} MB (chosen "
+        f"{chosen['size'] / 1e6:.1f}), tg {mine['tg']:.1f} tok/s (chosen {chosen['tg']:.1f}), KLD 0 against the "
+        f"reference made from it (chosen {chosen['kld']:.4f}); keep using it, or widen --types/--groups for a "
+        f"variant that beats it")
+    return True
+
+
 def _number(key: str, raw: str) -> float:
     try:
         v = float(raw)
@@ -116,10 +140,11 @@ def _number(key: str, raw: str) -> float:
 
 
 def parse_budget(text: str | Budget | None) -> Budget:
-    """Parse ``"size<=110MB,tg>=100,kld<=0.02"`` (any subset, comma-separated) into a :class:`Budget`."""
+    """Parse ``"size<=110MB,tg>=100,kld<=0.02"`` (any subset, comma-separated) into a :class:`Budget`; ``none``
+    (or nothing): no bound, the least KLD."""
     if isinstance(text, Budget):
         return text
-    if text is None or not str(text).strip():
+    if text is None or str(text).strip().lower() in ("", "none"):
         return Budget()
     fields: dict = {}
     for part in str(text).split(","):

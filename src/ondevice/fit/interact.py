@@ -44,8 +44,9 @@ class KldModel:
 
     def describe(self) -> str:
         if not self.loo_rms:
-            return (f"{self.name} ({self.n_plans} measured multi-group plans of earlier fits; "
-                    f"{MIN_PLANS} needed to learn a correction)")
+            n = self.n_plans
+            return (f"{self.name} ({n} multi-group plan{'' if n == 1 else 's'} measured on this text so far, by "
+                    f"earlier fits or this one; {MIN_PLANS} needed to learn a correction)")
         errs = ", ".join(f"{k} {v:.5f} ({self.loo_order[k]:.0%} of pairs in order)"
                          for k, v in sorted(self.loo_rms.items(), key=lambda kv: kv[1]))
         return f"{self.name}, chosen by leave-one-out over {self.n_plans} measured plans (rms error: {errs})"

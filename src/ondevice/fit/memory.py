@@ -2,8 +2,10 @@
 
 Measured: each file runs the fit's bench tests once, alone in a bench process (under the profile), and its
 peak RSS from the start of a test (after load and warm-up) is kept: the mapped weights llama.cpp touched, the
-KV cache at the bench's context, the compute buffers, the repacked copies CPU_REPACK makes of some types
-(Q4_0, IQ4_NL: anonymous memory beside their mapped pages, which stay resident), the interpreter.
+KV cache at the bench's context, the compute buffers, the repacked copies CPU_REPACK makes of the types it has
+kernels for on this CPU (on x86: Q4_0, IQ4_NL, Q4_K, Q2_K; not Q5_0, Q5_K, Q6_K, Q8_0): anonymous memory beside
+their mapped pages, which stay resident), the interpreter. Which types they are is measured, not assumed: each
+type's variant is benched.
 
 Predicted (a plan has no file before it is built): its exact file size plus the runtime's memory, ``R(v) =
 peak_rss(v) - size(v)`` (what a variant holds beyond its file), interpolated linearly between the measured
@@ -18,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from .budget import shipped_meets
 from .groups import BASE, Layout
 from .measure import Cache, speed_of
 
@@ -82,10 +85,13 @@ def runtime_model(layout: Layout, opts: dict[str, list[str]], base: dict | None,
              for g in layout.groups}
     low = layout.size(least) + r_base + sum(g.n * per_weight.get(least[g.name], 0.0) for g in layout.groups)
     if low > bound:
-        raise InvalidArgument(f"budget mem<={bound / 2**20:.1f}MiB cannot be met: the least peak RSS a plan is "
-                              f"predicted at is {low / 2**20:.1f}MiB ({', '.join(f'{g}={t}' for g, t in least.items())}"
-                              f"; {BASE} variant {mib(base['peak_rss'])} MiB measured); loosen the budget, or add "
-                              f"lower --types that llama.cpp does not repack (Q5_0) or quantize more --groups")
+        keep = shipped_meets(shipped.get("mem"), bound, f"peak RSS {mib(shipped.get('mem'))} MiB")
+        raise InvalidArgument(f"budget mem<={bound / 2**20:.1f}MiB cannot be met by a fitted variant: the least "
+                              f"peak RSS a plan is predicted at is {low / 2**20:.1f}MiB "
+                              f"({', '.join(f'{g}={t}' for g, t in least.items())}; {BASE} variant "
+                              f"{mib(base['peak_rss'])} MiB measured); {keep}loosen the budget, or add lower "
+                              f"--types that llama.cpp does not repack (on x86: Q5_0, Q5_K, Q6_K; it repacks "
+                              f"Q4_0, IQ4_NL, Q4_K, Q2_K), or quantize more --groups")
     return r_base, per_weight
 
 

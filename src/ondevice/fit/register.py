@@ -25,7 +25,8 @@ def store_fit(name, chosen: Candidate, src, reference, ref_note, lay: Layout, bu
     from ..quant.quantize import verify, weight_types
 
     if name in store_variants() and not force:
-        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW or --force")
+        raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW (name=) or --force "
+                              f"(force=True)")
     path = Path(chosen.measured["file"])
     overrides = lay.overrides(chosen.plan)
     prov = {

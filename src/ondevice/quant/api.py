@@ -51,8 +51,8 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
     ovr = parse_overrides(overrides)
     only_copy = type_name == COPY
     if ovr and (type_name in _UNQUANTIZED_TARGETS or only_copy):
-        raise InvalidArgument(f"--override has no effect with --type {type_name}: llama.cpp applies per-tensor "
-                              f"overrides only when the target type is quantized; drop them or pick a "
+        raise InvalidArgument(f"--override (overrides=) has no effect with --type {type_name}: llama.cpp applies "
+                              f"per-tensor overrides only when the target type is quantized; drop them or pick a "
                               f"quantized --type")
     src = resolve(model)
     out = _output_path(output, src.path, force, name, type_name) if output is not None else None
@@ -65,7 +65,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
         check_variant_name(name, "--name")  # before the temp file: its name is built from it
         if name in store_variants() and not force:
             raise InvalidArgument(f"a variant named {name!r} already exists in {models_dir()}; pass --name NEW "
-                                  f"or --force to replace it")
+                                  f"(name=) or --force (force=True) to replace it")
     else:
         name = out.name
     n_threads = check_threads(threads or physical_cores(), "--threads / threads")
@@ -117,7 +117,7 @@ def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name
     out = Path(output).expanduser()
     example = re.sub(r"[.-](I?Q\d\w*|B?F16|F32)$", "", source.stem, flags=re.IGNORECASE) + f".{type_name}.gguf"
     if name is not None:
-        raise InvalidArgument("--name names a stored variant and --output a file: give one of them")
+        raise InvalidArgument("--name (name=) names a stored variant and --output (output=) a file: give one of them")
     if out.is_dir() or str(output).endswith(("/", os.sep)):  # `-o newdir/` asks for a folder (Path drops the /)
         raise InvalidArgument(f"--output {str(output)!r} is a folder{'' if out.is_dir() else ' (it ends in /)'}; "
                               f"give the file to write, e.g. "
@@ -127,5 +127,5 @@ def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name
     if out.exists() and out.resolve() == source.resolve():
         raise InvalidArgument(f"--output {str(output)!r} is the model being quantized; write to another file")
     if out.exists() and not force:
-        raise InvalidArgument(f"--output {str(output)!r} exists; pass --force to replace it")
+        raise InvalidArgument(f"--output {str(output)!r} exists; pass --force (force=True) to replace it")
     return out

@@ -79,12 +79,14 @@ def _tensor_overrides(args: argparse.Namespace) -> list[str]:
 def _read_positionals(args: argparse.Namespace) -> None:
     """llama-quantize's ``MODEL [OUTPUT] TYPE [THREADS]`` into --output, --type and --threads."""
     from ..errors import InvalidArgument
-    from .quantize import file_type
+    from .quantize import check_not_repacked_type, file_type
 
     rest = list(args.rest)
     if args.type is None:
         at = next((i for i, w in enumerate(rest) if w.lower() == "list" or file_type(w)), None)
         if at is None:
+            for w in rest:
+                check_not_repacked_type(w)
             said = f"{' '.join(rest)!r} names no llama.cpp file type" if rest else "no file type given"
             raise InvalidArgument(f"{said}: give --type Q4_K_M (or after the model, as llama-quantize takes it: "
                                   "MODEL [OUTPUT] TYPE); `--type list` shows them")
@@ -97,7 +99,10 @@ def _read_positionals(args: argparse.Namespace) -> None:
     if odd and args.output is None:
         raise InvalidArgument(f"{odd[0]!r} is not a llama.cpp file type (`--type list` shows them), nor an output "
                               f"file (a name ending .gguf, or a path): give MODEL [OUTPUT.gguf] TYPE [THREADS]")
-    if after and after[0].isdigit() and args.threads is None:
+    if after and after[0].isdigit():
+        if args.threads is not None:
+            raise InvalidArgument(f"threads given twice ({after[0]} after the type and --threads {args.threads}); "
+                                  f"give one of them")
         args.threads = int(after.pop(0))
     if len(before) == 1 and args.output is None:
         args.output = before.pop()

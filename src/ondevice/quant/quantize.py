@@ -42,6 +42,7 @@ from ..errors import InvalidArgument, OndeviceError
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 COPY = "COPY"  # llama-quantize's: every tensor copied as it is, into one file (a split model merged)
+_MOE = "MXFP4_MOE"  # a file type whose main type (MXFP4) only MoE expert tensors get
 _NAME_MAX = 128  # models.catalog's variant names: [A-Za-z0-9][A-Za-z0-9._+-]{0,127}
 _SUFFIX = re.compile(r"[-._](?:i?q\d\w*|f16|f32|bf16|tq\d_\d|mxfp4\w*)$", re.IGNORECASE)
 
@@ -88,12 +89,25 @@ def file_type(word: str | int) -> str | None:
     return w if w in (*ftypes(), COPY) else None
 
 
+# llama-quantize's repacked ARM/AVX types, gone since llama.cpp repacks Q4_0 at load (CPU_REPACK)
+_REPACKED_TYPES = ("Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8")
+
+
+def check_not_repacked_type(word: str | int) -> None:
+    """A one-line error for a repacked type an older llama-quantize guide names (``Q4_0_4_4``...)."""
+    w = str(word).strip().upper()
+    if w in _REPACKED_TYPES:
+        raise InvalidArgument(f"{w}: {', '.join(_REPACKED_TYPES)} are gone from llama.cpp; quantize to Q4_0 "
+                              f"(--type Q4_0): llama.cpp repacks it for this CPU's kernels at load (CPU_REPACK)")
+
+
 def ftype_id(type_name: str) -> int:
     """``LLAMA_FTYPE`` value of ``type_name`` (case-insensitive), or an error listing the valid names."""
     table = ftypes()
     key = type_name.strip().upper()
     if key == COPY:
         return table["F32"]  # as llama-quantize passes it, with only_copy set
+    check_not_repacked_type(key)
     if key not in table:
         raise InvalidArgument(f"--type {type_name!r} is not a llama.cpp quantization type; use one of "
                               f"{', '.join(table)} (or {COPY})")
@@ -101,8 +115,11 @@ def ftype_id(type_name: str) -> int:
 
 
 def main_type(type_name: str) -> str:
-    """The ggml type most weights get under a file type: Q4_K_M -> Q4_K, Q2_K_S -> Q2_K, Q8_0 -> Q8_0."""
+    """The ggml type most weights get under a file type: Q4_K_M -> Q4_K, Q2_K_S -> Q2_K, Q8_0 -> Q8_0; MXFP4_MOE
+    -> MXFP4 (its MoE expert tensors' type)."""
     key = type_name.upper()
+    if key == _MOE:
+        return "MXFP4"
     m = re.fullmatch(r"(Q\d_K)_(?:S|M|L)", key)
     if m:
         return m.group(1)
@@ -210,12 +227,18 @@ def verify(weights: dict[str, str], type_name: str, overrides: list[tuple[str, s
         elif set(got) != {typ}:
             problems.append(f"override {pat}={typ}: tensors got {dict(got)} (llama.cpp falls back when a "
                             f"tensor's row size does not fit the type's block size)")
+    moe = type_name.upper() == _MOE  # only the MoE expert tensors get MXFP4: the rest stay at Q8_0, by design
     if expected in ggml_types() and expected not in mix:
-        problems.append(f"no weight tensor is {expected} (got {dict(mix)}): llama.cpp fell back to other types "
-                        f"for every tensor (row sizes that do not fit {expected}'s block size)")
-    elif expected in ggml_types() and mix[expected] < len(weights) / 2 and expected.endswith("_K"):
+        problems.append(f"no weight tensor is {expected} (got {dict(mix)}): " + (
+            f"{_MOE} quantizes only MoE expert tensors (the others to Q8_0), and this model has none; pick another "
+            f"--type" if moe else f"llama.cpp fell back to other types for every tensor (row sizes that do not fit "
+            f"{expected}'s block size)"))
+    elif expected in ggml_types() and mix[expected] < len(weights) / 2 and not moe:
+        import gguf
+
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[expected]][0]
         problems.append(f"{len(weights) - mix[expected]} of {len(weights)} tensors are not {expected} (llama.cpp "
-                        f"fell back where a row does not fit its 256-value blocks, or its mix chose others): "
+                        f"fell back where a row does not fit its {block}-value blocks, or its mix chose others): "
                         f"see the matrices line")
     return {"quant_mix": dict(mix.most_common()), "main_type": expected, "overrides": override_hits,
             "warnings": problems}

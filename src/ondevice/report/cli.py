@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
             evals = store.records("eval")
             if args.output in ("html", "md"):
-                print(eval_markdown(evals) if evals else "no eval records stored yet; run `ondevice eval`", end="")
+                # the table ends its own line; the message does not
+                sys.stdout.write(eval_markdown(evals) if evals else "no eval records stored yet; run `ondevice eval`\n")
             else:
                 sys.stdout.write(export([{**r, "kind": "eval"} for r in evals], args.output))
             return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from .quality import kld_lower_bound
+
 
 def _when(r: dict) -> str:
     c = r.get("created") or r.get("_created")
@@ -17,7 +19,7 @@ def _figure(r: dict) -> str:
     """The headline figure of a record, as `ondevice eval` prints it."""
     test = r.get("test", "")
     if test.startswith("kld:") and r.get("kld_mean") is not None:
-        lower = r.get("kld_exact") is False or (r.get("kld_exact") is None and r.get("ref_tail_mass_mean"))
+        lower = kld_lower_bound(r.get("kld_exact"), r.get("ref_tail_mass_mean"))
         kld = f"KLD {'>= ' if lower else ''}{r['kld_mean']:.6f} ± {r.get('kld_err') or 0:.6f}"
         top1 = f", same top-1 {100 * r['top1_agree']:.2f}%" if r.get("top1_agree") is not None else ""
         return f"{kld}{top1} vs {r.get('ref_model') or '?'}"

@@ -45,8 +45,9 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
     out = []
     for r in records[-limit:]:
         prof = (r.get("profile") or {}).get("name")
-        out.append(f"## {r['model']} (fit of {r.get('family')}, budget {r.get('budget')!r}, {r.get('threads')} "
-                   f"threads" + (f", device profile {prof}" if prof else "") + ")\n")
+        n = r.get("threads")
+        out.append(f"## {r['model']} (fit of {r.get('family')}, budget {r.get('budget')!r}, {n} "
+                   f"thread{'' if n == 1 else 's'}" + (f", device profile {prof}" if prof else "") + ")\n")
         qkey, qtitle = _quality(r)
         if r.get("shipped_chosen"):
             out.append(f"chosen: the shipped {(r.get('shipped') or {}).get('model')} (no variant was better: none "
@@ -68,12 +69,18 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
             out.append(_row(f"stock {name}", m, qkey))
         sh = r.get("shipped") or {}
         if sh.get("size"):
-            chosen = " (chosen)" if r.get("shipped_chosen") else ""
-            out.append(_row(f"shipped {sh.get('model')}{chosen}", {**sh, "kld": None}, qkey))
+            # its tok/s benched with the candidates (``validation``); fits logged before every fit did that hold
+            # only the speed table's, of another moment than the rows above: said so
+            notes = ["chosen"] * bool(r.get("shipped_chosen")) + ["tok/s: speed table, earlier"] * (
+                not sh.get("validation"))
+            out.append(_row(f"shipped {sh.get('model')}" + (f" ({'; '.join(notes)})" if notes else ""),
+                            {**sh, **(sh.get("validation") or {}), "kld": None}, qkey))
         front = r.get("front") or []
         if front:
             step = max(1, len(front) // 10)
-            out.append(f"\npredicted front ({len(front)} plans, KLD on the calibration text), every {step}:\n")
+            every = "" if step == 1 else f", every {step}th"
+            out.append(f"\npredicted front ({len(front)} plan{'' if len(front) == 1 else 's'}, KLD on the "
+                       f"calibration text){every}:\n")
             out.append("| size MB | tg t/s | pp t/s | KLD |\n|---:|---:|---:|---:|")
             for f in front[::step]:
                 out.append(f"| {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} |")

@@ -1,9 +1,10 @@
 """Quality vs speed: join eval and bench records on the model variant (sha256) and mark the Pareto front.
 
-Eval records look like ``{model, model_sha256, test: "ppl:<corpus>" | "suite:<name>", score | ppl,
-file_size}``. Quality is ``score`` (higher is better) or ``ppl`` (lower is better). Speed is the bench
-decode speed of the same file: the mean t/s of its ``tg`` tests at depth 0 (``tg128`` when there), else
-of any ok decode test.
+Eval records look like ``{model, model_sha256, test: "ppl:<corpus>" | "kld:<corpus>" | "suite:<name>", score |
+kld_mean | ppl, file_size}``. Quality is ``score`` (higher is better), ``kld_mean`` for a ``kld:`` test (lower is
+better; such a record also carries the model's own ``ppl``, which is not its figure) or ``ppl`` (lower is
+better). Speed is the bench decode speed of the same file: the mean t/s of its ``tg`` tests at depth 0
+(``tg128`` when there), else of any ok decode test.
 
 ``retention`` puts each quantized variant's suite score (per category, with its coverage) next to the F16
 of the same family, as SmartBench reports what quantization costs on the device.
@@ -31,10 +32,18 @@ def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
     return None, None
 
 
+def kld_lower_bound(exact: bool | None, tail_mass: float | None) -> bool:
+    """Whether a ``kld:`` record's KLD is a lower bound: only the reference's top-k was kept (``kld_exact``
+    False; records before that field: the reference had mass outside its top-k)."""
+    return exact is False or (exact is None and bool(tail_mass))
+
+
 def _quality(e: EvalRecord) -> tuple[float | None, str, bool]:
     """(value, metric name, higher is better)."""
     if e.score is not None:
         return float(e.score), "score", True
+    if e.test.startswith("kld:") and e.kld_mean is not None:
+        return float(e.kld_mean), "kld", False
     if e.ppl is not None:
         return float(e.ppl), "ppl", False
     return None, "", True
@@ -59,8 +68,8 @@ def quality_vs_speed(records: Sequence[BenchRecord | EvalRecord | dict]) -> list
     their stored dicts).
 
     Returns dicts: eval_test, model, model_sha256, quality, metric, higher_is_better, tps, speed_test,
-    file_size, pareto (True on the front of its eval test). Eval records without a matching bench run
-    are left out (nothing to plot them against).
+    file_size, pareto (True on the front of its eval test), lower_bound (a KLD from the reference's top-k only).
+    Eval records without a matching bench run are left out (nothing to plot them against).
     """
     bench: dict[str, list[BenchRecord]] = {}
     evals: list[EvalRecord] = []
@@ -85,7 +94,8 @@ def quality_vs_speed(records: Sequence[BenchRecord | EvalRecord | dict]) -> list
         size = e.file_size or next((b.model_size_bytes for b in bench[sha]), None)
         points.append({"eval_test": test, "model": e.model, "model_sha256": sha, "quality": q,
                        "metric": metric, "higher_is_better": hib, "tps": tps, "speed_test": speed_test,
-                       "file_size": size, "pareto": False})
+                       "file_size": size, "pareto": False,
+                       "lower_bound": metric == "kld" and kld_lower_bound(e.kld_exact, e.ref_tail_mass_mean)})
     for test in {p["eval_test"] for p in points}:
         group = [p for p in points if p["eval_test"] == test]
         for p, on in zip(group, pareto([(p["tps"], p["quality"]) for p in group], group[0]["higher_is_better"])):

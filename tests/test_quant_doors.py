@@ -29,11 +29,12 @@ def test_a_type_that_holds_its_tensors_is_not_warned_about(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["x8.gguf", "Q4_0_4_4"], "Q4_0_4_4: Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 are gone from llama.cpp; quantize to Q4_0"),
+    (["{tmp}/x8.gguf", "Q4_0_4_4"], "Q4_0_4_4: Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 are gone from llama.cpp; quantize to Q4_0"),
     (["--type", "q4_0_8_8"], "Q4_0_8_8: Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 are gone from llama.cpp; quantize to Q4_0"),
-    (["out.gguf", "Q4_K_M", "1", "--threads", "2"], "threads given twice (1 after the type and --threads 2)"),
+    (["{tmp}/out.gguf", "Q4_K_M", "1", "--threads", "2"], "threads given twice (1 after the type and --threads 2)"),
 ])
 def test_old_repacked_types_and_threads_given_twice_are_named(cli, tmp_path, args, words):
+    args = [a.format(tmp=tmp_path) for a in args]  # outputs in tmp_path: none may be written
     r = cli("quantize", "smollm2-135m-instruct", *args, "--allow-requantize")
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.rglob("*.gguf"))

@@ -439,3 +439,24 @@ def test_device_verb_probes_and_shows_the_probe_date(cli):
     assert bad.returncode == 2 and "-t/--threads=99 must be 1 to" in bad.stderr, bad.stderr
     after = json.loads(cli("device", "--json").stdout)
     assert set(after["probes"]) == {"1"} and after["probes"]["1"] == p and after["kernels"] == kernels_before
+
+
+def test_device_probe_of_given_models_tests_and_times_their_own_weight_types(cli, smol_path, tmp_path):
+    """`device --probe -m MODEL`: the kernels of the user's own file are self-tested and timed (AMX in auto needs
+    that for the file's set of weight types), instead of the default model's four variants."""
+    env = {"ONDEVICE_KERNELS_CACHE": str(tmp_path / "kernels.json")}
+    bad = cli("device", "-m", str(smol_path), env=env)
+    assert bad.returncode == 2 and "only applies with --probe" in bad.stderr, bad.stderr
+    missing = cli("device", "--probe", "-t", "1", "-m", "no-such-model", env=env)  # refused before measuring
+    assert missing.returncode != 0 and "unknown model 'no-such-model'" in missing.stderr, missing.stderr
+    assert not (tmp_path / "kernels.json").exists()
+    assert json.loads(cli("device", "--json", env=env).stdout)["probes"] == {}
+    r = cli("device", "--probe", "-t", "1", "-m", str(smol_path), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    kern = json.loads(r.stdout)["kernels"]
+    assert list(kern["types"]) == ["Q4_1+Q8_0+F32"], kern  # this file only: no requantized variants were made
+    e = kern["types"]["Q4_1+Q8_0+F32"]
+    assert e["measured"] and e["variant"] == str(smol_path) and e["results"]["none"]["pp_tps"] > 0, e
+    assert "kernels: testing Q4_1+Q8_0+F32" in r.stderr
+    text = cli("device", env=env)
+    assert "Q4_1+Q8_0+F32" in text.stdout and "pp/tg timed" in text.stdout, text.stdout

@@ -173,7 +173,7 @@ def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache, 
         pytest.skip("this llama.cpp build has no CPU_REPACK")
     q4_0 = K.variants(families=("Q4_0",))["Q4_0"]  # repack interleaves Q4_0 on AVX2, AVX-512 and NEON
     eng = LlamaEngine(q4_0, EngineConfig(n_ctx=256, n_threads=2))  # auto, first load: the quick self-test runs
-    entry = K.cached()["families"]["Q4_0"]
+    entry = K.tested(K.types_of(q4_0))
     assert set(entry["results"]) == {K.label(wanted(names, *c)) for c in K.configs(names, []) if not c[0]}
     assert all(r["ok"] for r in entry["results"].values()), entry  # nothing here crashes or disagrees
     assert entry["results"]["CPU_REPACK"]["agreement"] > 0.99
@@ -221,11 +221,45 @@ def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache, 
     assert np.allclose(repacked[0], auto_row)  # the rows above came from the same kernels
     # Q4_1 on this CPU: a dry run shows repack would take none of its weights, so there is nothing to test
     smol = LlamaEngine(smol_path, EngineConfig(n_ctx=128, n_threads=2))
-    q41 = K.cached()["families"]["Q4_1"]
+    q41 = K.tested(K.types_of(smol_path))
     if smol.kernels_used == "none":
         assert q41["results"] == {} and "no extra kernel" in smol.kernels.reason
     smol.close()
 
+
+
+def test_a_file_whose_other_weight_types_were_never_tested_here_is_tested_before_it_runs(smol_path, kcache,
+                                                                                           tmp_path):
+    """The self-test's unit is every weight type a file holds. The shipped file (Q4_1 + Q8_0) proves nothing about
+    a variant of it that is still mostly Q4_1 but has Q4_0 attention matrices, which repack does take: keyed by
+    the main type (as before), that variant ran repacked kernels that no test here had run."""
+    from pathlib import Path
+
+    from ondevice.engine.base import EngineConfig
+    from ondevice.engine.bufts import offered, wanted, would_use
+    from ondevice.engine.llama import LlamaEngine
+    from ondevice.quant.quantize import ftype_id, run_worker
+
+    names = offered()
+    if "CPU_REPACK" not in names:
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    mixed = tmp_path / "q4_1-with-q4_0-attention.gguf"
+    run_worker(Path(smol_path), mixed, ftype_id("Q4_1"), [("attn_(q|k|v)", "Q4_0")], True, 2, 600)
+    shipped, variant = K.types_of(smol_path), K.types_of(mixed)
+    assert shipped.startswith("Q4_1+") and variant.startswith("Q4_1+") and "Q4_0" in variant.split("+")
+    assert variant != shipped  # the same main type, another unit
+    assert "CPU_REPACK" in would_use(mixed, wanted(names, False, True))  # its Q4_0 rows go to the repacked kernels
+    LlamaEngine(smol_path, EngineConfig(n_ctx=128, n_threads=2)).close()
+    assert K.tested(shipped) is not None and K.tested(variant) is None
+    eng = LlamaEngine(mixed, EngineConfig(n_ctx=128, n_threads=2))
+    try:
+        entry = K.tested(variant)
+        assert entry is not None and entry["model"] == str(mixed) and eng.kernel_test_time > 0.2, entry
+        assert entry["results"]["CPU_REPACK"]["ok"] and eng.kernels_used == "CPU_REPACK", entry
+    finally:
+        eng.close()
+    data = json.loads(kcache.read_text())  # one machine/build entry; the two units side by side
+    assert {shipped, variant} <= set(next(iter(data.values()))["types"])
 
 # ---- the supervisor: no bare native crash --------------------------------------------------------------
 
@@ -299,7 +333,8 @@ def test_amx_forced_on_in_the_library_is_refused_where_its_self_test_did_not_pas
     q8 = K.variants(families=("Q8_0",))["Q8_0"]
     if "AMX" not in would_use(q8, wanted(offered(), True, True)):
         pytest.skip("AMX takes no Q8_0 weights in this build")
-    K._store("Q8_0", K._entry(q8, {"none": {"ok": True}, K.label(wanted(offered(), True, True)): result}), offered())
+    results = {"none": {"ok": True}, K.label(wanted(offered(), True, True)): result}
+    K._store(K.types_of(q8), K._entry(q8, results), offered())
     code = f"import ondevice; ondevice.load({str(q8)!r}, amx='on').generate('Hi', max_tokens=4)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 1 and "OndeviceError: --amx on" in res.stderr and said in res.stderr, res.stderr
@@ -307,9 +342,9 @@ def test_amx_forced_on_in_the_library_is_refused_where_its_self_test_did_not_pas
 
 
 def test_a_new_amx_self_test_is_stamped_with_its_own_date_and_load(kcache):
-    """amx='on' adds its AMX self-test to the weight type's cached entry: the refusal and `ondevice device` showed
-    the date and load of the earlier test (a dry run 20 minutes before, at another load), as if that was when
-    the AMX test crashed."""
+    """amx='on' adds its AMX self-test to the cached entry of the file's weight types: the refusal and `ondevice
+    device` showed the date and load of the earlier test (a dry run 20 minutes before, at another load), as if that
+    was when the AMX test crashed."""
     from ondevice.device import device_info
     from ondevice.engine.bufts import offered, wanted, would_use
 
@@ -318,12 +353,12 @@ def test_a_new_amx_self_test_is_stamped_with_its_own_date_and_load(kcache):
     q8 = K.variants(families=("Q8_0",))["Q8_0"]
     if "AMX" not in would_use(q8, wanted(offered(), True, True)):
         pytest.skip("AMX takes no Q8_0 weights in this build")
-    old = {**K._entry(q8, {"none": {"ok": True}}, measured=False, note="no extra kernel takes weights of this type"),
+    old = {**K._entry(q8, {"none": {"ok": True}}, measured=False, note="no extra kernel takes weights of these types"),
            "tested_at": "2020-01-01T00:00:00+00:00", "load_avg_1m": 99.0}
-    K._store("Q8_0", old, offered())
+    K._store(K.types_of(q8), old, offered())
     code = f"import ondevice; ondevice.load({str(q8)!r}, amx='on').close()"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
-    entry = K.cached()["families"]["Q8_0"]
+    entry = K.tested(K.types_of(q8))
     assert K.label(wanted(offered(), True, True)) in entry["results"], entry  # the AMX test ran and was added
     assert entry["tested_at"] > "2026" and entry["load_avg_1m"] != 99.0 and "note" not in entry, entry
     assert "2020-01-01" not in res.stderr, res.stderr
@@ -465,7 +500,7 @@ def test_the_kernels_cache_env_var_never_replaces_a_file_that_is_not_a_kernels_c
     fresh = tmp_path / "kernels.json"  # a new file is made, and read back as ours
     monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(fresh))
     kernels._store("Q4_1", {"results": {"x": 1}}, ("CPU",))
-    assert kernels.cached()["families"]["Q4_1"]["results"] == {"x": 1}
+    assert kernels.cached()["types"]["Q4_1"]["results"] == {"x": 1}
 
 
 def test_run_works_from_a_read_only_home(tmp_path, cli):

@@ -69,9 +69,11 @@ def test_an_adapter_of_the_plain_model_loads_on_its_encrypted_copy(enc, smol_pat
         m.close()
 
 
-def test_load_reads_the_family_without_walking_the_header_again(enc, tmp_path, monkeypatch):
-    """encrypt validated the GGUF and the tags prove it unchanged: the load takes the weight type from
-    llama.cpp's parser, not ondevice's Python walk; a container of something else fails in one line."""
+def test_load_reads_the_weight_types_without_walking_the_header_again(enc, smol_path, tmp_path, monkeypatch):
+    """encrypt validated the GGUF and the tags prove it unchanged: the load takes the weight types from
+    llama.cpp's parser, not ondevice's Python walk (the same label as the walk gives the plain file, so the
+    kernels' self-test cache is shared); a container of something else fails in one line."""
+    from ondevice.device.kernels import types_of
     from ondevice.models import gguf_check
     from ondevice.protect import load
     from ondevice.protect.container import encrypt_file
@@ -80,10 +82,11 @@ def test_load_reads_the_family_without_walking_the_header_again(enc, tmp_path, m
     def walk(*_a, **_k):
         raise AssertionError("validate_gguf walked the restored header")
 
+    walked = types_of(smol_path)
     monkeypatch.setattr(gguf_check, "validate_gguf", walk)
     r = load.begin(enc, f"env:{KEY_ENV}")
     try:
-        assert r.family == "Q4_1"  # the default model: Q4_1 69%, Q8_0 31% of its tensor bytes
+        assert r.types == walked == "Q4_1+Q8_0+F32"  # the default model: Q4_1 69%, Q8_0 31% of its bytes; F32 norms
     finally:
         r.close()
     (tmp_path / "not.gguf").write_bytes(b"not a model " * 1000)

@@ -12,7 +12,12 @@ from datetime import UTC, datetime
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true",
                    help="measure memory bandwidth and peak compute, and self-test and time every CPU kernel "
-                        "configuration (AMX, CPU_REPACK) on Q4_0/Q4_1/Q8_0/Q4_K_M; replaces the cached results")
+                        "configuration (AMX, CPU_REPACK) on Q4_0/Q4_1/Q8_0/Q4_K_M variants of the default model "
+                        "(or the models of -m); replaces the cached results")
+    p.add_argument("-m", "--model", action="append", metavar="MODEL",
+                   help="with --probe: self-test and time the kernels on this model (catalog name, stored variant "
+                        "or .gguf; repeatable) instead of the default model's variants. Results hold for every file "
+                        "with the same set of weight types; `--amx auto` uses AMX only for a set timed faster here")
     p.add_argument("-t", "--threads", type=int, action="append",
                    help="thread count for --probe (repeatable; default: all usable CPUs)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -35,6 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads and not args.probe:
         raise InvalidArgument("--threads only applies with --probe; add --probe")
+    if args.model and not args.probe:
+        raise InvalidArgument("-m/--model only applies with --probe (`ondevice device --probe -m MODEL`)")
+    models = None
+    if args.model:
+        from ..models import resolve as resolve_model
+
+        models = {m: resolve_model(m).path for m in args.model}  # every name found before anything is measured
     if args.probe:
         from ..engine.resources import check_threads
 
@@ -42,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             check_threads(t, "-t/--threads")
         for t in args.threads or [None]:
             probe(t, refresh=True)
-        probe_kernels((args.threads or [None])[0], say=lambda line: print(line, file=sys.stderr, flush=True))
+        probe_kernels((args.threads or [None])[0], models, say=lambda line: print(line, file=sys.stderr, flush=True))
     info = device_info()
     energy = "rapl" if rapl_domains() else "estimated (no readable RAPL counters)"
     probes = cached_probes()
@@ -67,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe     {t} threads: {p['bandwidth_gbs']:.1f} GB/s, {p['peak_gflops']:.0f} GFLOP/s, measured "
               f"{p['measured_at']} ({_age(p['measured_at'])}; load {p.get('load_avg_1m') or 0:.2f} then)")
     print(f"kernels   this build offers {', '.join(kern['offered']) or 'no extra CPU kernels'}; "
-          f"a weight type not tested yet gets {kern['default']['label']} ({kern['default']['reason']})")
-    if not kern["families"]:
+          f"weight types not tested yet get {kern['default']['label']} ({kern['default']['reason']})")
+    if not kern["types"]:
         print("kernels   not self-tested yet: `ondevice device --probe` (or the first load of a model) tests them")
-    for fam, e in kern["families"].items():
+    for types, e in kern["types"].items():
         res = ", ".join(f"{k} " + (f"ok {r['pp_tps']:.0f}/{r['tg_tps']:.0f} t/s" if r.get("pp_tps") else
                                    f"ok (not timed: {r['timing_error']})" if r.get("ok") and r.get("timing_error")
                                    else "ok"
@@ -80,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                            if k != "none" and took_no_weights(r, kern["offered"]) else "")
                         for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
         res = res or e.get("note", "-")
-        print(f"kernels   {fam:7s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
+        print(f"kernels   {types:13s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
               f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
-    if any(r.get("ok") is None for e in kern["families"].values() for r in e["results"].values()):
+    if any(r.get("ok") is None for e in kern["types"].values() for r in e["results"].values()):
         print("kernels   inconclusive tests count as untested; `ondevice device --probe` on a quiet machine redoes them")
     return 0

@@ -10,10 +10,13 @@ AMX. The AMX one crashes (SIGSEGV in ``ggml_backend_amx_mul_mat``) on the first 
 * the self-test (``device/selftest.py``) loads a model and decodes a few tokens in a child process per kernel
   configuration (a crash kills only the child), checks the logits agree with the no-extra-kernels run and,
   for ``ondevice device --probe``, times a short pp/tg of each in turns. Results are cached per machine and llama.cpp
-  build and weight type in ``<data dir>/device/kernels.json`` (``ONDEVICE_KERNELS_CACHE`` overrides).
-* the first load of a weight type on an unseen machine/build runs a quick self-test of the default
+  build and set of weight types in ``<data dir>/device/kernels.json`` (``ONDEVICE_KERNELS_CACHE`` overrides).
+  The unit is every type a file holds (:func:`types_of`, e.g. ``Q4_1+Q8_0+F32``), not its main one: a kernel
+  crash can be specific to one type, and most files mix types (a Q4_K_M, Gemma 3's Q8_0 with Q5_0/Q4_K/Q6_K
+  tensors), so a file whose minority types were never through a kernel here is tested before it runs there.
+* the first load of a set of weight types on an unseen machine/build runs a quick self-test of the default
   configuration (no timing; about a second); ``ondevice device --probe`` tests every configuration for
-  Q4_0, Q4_1, Q8_0 and Q4_K_M variants of the default model and times them.
+  Q4_0, Q4_1, Q8_0 and Q4_K_M variants of the default model (or the models given with ``-m``) and times them.
 
 Flags: ``--amx``/``--repack`` ``auto|on|off`` (env ``ONDEVICE_AMX``/``ONDEVICE_REPACK``); ``on`` and ``off``
 skip the self-test. The mechanism that applies a choice is in ``engine/bufts.py``.
@@ -112,7 +115,7 @@ def _every_round(res: dict | None, default: dict | None) -> bool:
 def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str] | tuple[str, ...],
            results: dict[str, dict] | None) -> Choice:
     """The kernels to use, from the requested modes, what the build offers, the CPU's flags and the
-    self-test ``results`` for this weight type (``{label: {"ok", "pp_tps", "tg_tps", "error"}}`` or None).
+    self-test ``results`` for this set of weight types (``{label: {"ok", "pp_tps", "tg_tps", "error"}}`` or None).
 
     AMX in auto needs a passed *and* measured self-test that beats the safe default by :data:`FASTER`;
     repack in auto is on where offered unless its self-test failed. ``on`` is obeyed (an error where the
@@ -229,11 +232,18 @@ def _read(path: Path) -> dict:
 
 
 def cached() -> dict:
-    """This machine and build's entry: ``{"offered", "build", "families": {type: {"tested_at", "results", ...}}}``."""
+    """This machine and build's entry: ``{"offered", "build", "types": {types: {"tested_at", "results", ...}}}``,
+    keyed by :func:`types_of` (entries of older versions, under "families", were keyed by a file's main type only
+    and are not read: a file's other types may never have been tested)."""
     return _read(cache_path()).get(_key(), {})
 
 
-def _store(family: str, entry: dict, offered: tuple[str, ...]) -> None:
+def tested(types: str | None) -> dict | None:
+    """The cached self-test of files holding exactly these weight types here, or None."""
+    return cached().get("types", {}).get(types) if types else None
+
+
+def _store(types: str, entry: dict, offered: tuple[str, ...]) -> None:
     from ..models.store import write_json
     from .info import llama_cpp_info
 
@@ -245,7 +255,8 @@ def _store(family: str, entry: dict, offered: tuple[str, ...]) -> None:
             data = _read(path)
             mine = data.setdefault(_key(), {})
             mine.update(offered=list(offered), build=(llama_cpp_info().get("system_info") or "")[:300])
-            mine.setdefault("families", {})[family] = entry
+            mine.pop("families", None)  # an older version's main-type entries (see cached)
+            mine.setdefault("types", {})[types] = entry
             write_json(path, data)
     except OSError:  # a read-only home, a full disk: the result holds for this run; the next one tests again
         pass
@@ -265,8 +276,14 @@ class _GgufInitParams(ctypes.Structure):  # ggml's struct gguf_init_params
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
-def family_of(model_path: str | Path, trusted: bool = False) -> str | None:
-    """The weight type that dominates a GGUF file (by bytes), e.g. 'Q4_1': the self-test's unit.
+def types_label(by_type: dict[str, float]) -> str:
+    """The self-test's unit for a file: its weight types joined by '+', most bytes first (``Q4_1+Q8_0+F32``);
+    'unknown' for a file with none. F32 counts too: KleidiAI's extra buffer type on Arm takes F32 matrices."""
+    return "+".join(sorted(by_type, key=lambda t: (-by_type[t], t))) or "unknown"
+
+
+def types_of(model_path: str | Path, trusted: bool = False) -> str | None:
+    """Every weight type a GGUF file holds, as :func:`types_label` names them: the self-test's unit.
 
     ``trusted``: the file is known to be well-formed (a restored container: checked when it was encrypted,
     authenticated since), so llama.cpp's own parser reads it (ggml's ``gguf_init_from_file``, metadata only:
@@ -275,7 +292,7 @@ def family_of(model_path: str | Path, trusted: bool = False) -> str | None:
     if not trusted:
         from ..models.gguf_check import validate_gguf
 
-        return next(iter(validate_gguf(model_path).quant_mix), "unknown")
+        return types_label(validate_gguf(model_path).quant_mix)
     from ..engine.llama import _lib, llama_cpp_lib
 
     _lib()
@@ -291,28 +308,31 @@ def family_of(model_path: str | Path, trusted: bool = False) -> str | None:
     if not ctx:
         return None
     try:
-        by_type: dict[int, int] = {}
+        by_id: dict[int, int] = {}
         for i in range(n(ctx)):
             k = kind(ctx, i)
-            by_type[k] = by_type.get(k, 0) + size(ctx, i)
+            by_id[k] = by_id.get(k, 0) + size(ctx, i)
     finally:
         free(ctx)
     from gguf import GGMLQuantizationType
 
-    try:
-        return GGMLQuantizationType(max(by_type, key=by_type.get)).name
-    except ValueError:  # no tensors, or a type this gguf does not name
-        return "unknown"
+    def name(k: int) -> str:
+        try:
+            return GGMLQuantizationType(k).name
+        except ValueError:  # a type this gguf does not name: still its own unit
+            return f"type{k}"
+
+    return types_label({name(k): v for k, v in by_id.items()})
 
 
 # ---- what the engine calls -----------------------------------------------------------------------------
 
-def resolve(amx: str | None, repack: str | None, model_path: str | Path, family: str | None = None) -> Choice:
-    """The kernels for loading ``model_path`` here; on the first load of its weight type on this machine and
-    build, a dry run (metadata only) says whether the extra kernels would take any of its weights, and only
+def resolve(amx: str | None, repack: str | None, model_path: str | Path, types: str | None = None) -> Choice:
+    """The kernels for loading ``model_path`` here; on the first load of its set of weight types on this machine
+    and build, a dry run (metadata only) says whether the extra kernels would take any of its weights, and only
     then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove).
 
-    ``family`` is the file's dominant weight type when the caller knows it already (a restored container).
+    ``types`` is the file's :func:`types_of` when the caller knows it already (a restored container).
     """
     from ..engine.bufts import offered, wanted, would_use
     from .info import cpu_flags
@@ -321,27 +341,27 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path, family:
     names = offered()
     flags = cpu_flags()
     if amx == "on":
-        _prove_amx(model_path, family, repack, names, flags)
+        _prove_amx(model_path, types, repack, names, flags)
     if not names or (amx != "auto" and repack != "auto"):
         return choose(amx, repack, names, flags, None)
-    family = family or family_of(model_path)
-    entry = cached().get("families", {}).get(family)
+    types = types or types_of(model_path)
+    entry = tested(types)
     if entry is None:
         cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)
         if set(would_use(model_path, wanted(names, False, True))) & set(names):
             entry = _entry(model_path, selftest(model_path, cands), measured=False)
         else:
-            entry = _entry(model_path, {}, measured=False, note="no extra kernel takes weights of this type here")
-        _store(family, entry, names)
+            entry = _entry(model_path, {}, measured=False, note="no extra kernel takes weights of these types here")
+        _store(types, entry, names)
     choice = choose(amx, repack, names, flags, entry["results"])
     return replace(choice, reason=f"auto, {entry['note']}") if entry.get("note") else choice
 
 
-def _prove_amx(model_path: str | Path, family: str | None, repack: str, names: tuple[str, ...],
+def _prove_amx(model_path: str | Path, types: str | None, repack: str, names: tuple[str, ...],
                flags: list[str] | tuple[str, ...]) -> None:
     """``--amx on`` is obeyed where AMX works: a load with it that crashed its self-test here would kill this
     process with a bare SIGSEGV (llama.cpp issue 20824; outside the CLI's supervisor, a user's program or
-    notebook), so that configuration is self-tested first, in a child, once per weight type, and refused
+    notebook), so that configuration is self-tested first, in a child, once per set of weight types, and refused
     when it failed. A CPU or build without AMX is :func:`choose`'s error."""
     from ..engine.bufts import wanted, would_use
     from . import selftest as st
@@ -350,23 +370,23 @@ def _prove_amx(model_path: str | Path, family: str | None, repack: str, names: t
         return
     config = (True, repack != "off")
     if AMX not in would_use(model_path, wanted(names, *config)):
-        return  # AMX takes no weights of this type: nothing of its kernels runs
-    family = family or family_of(model_path)
-    entry = cached().get("families", {}).get(family) or _entry(model_path, {}, measured=False)
+        return  # AMX takes none of these weights: nothing of its kernels runs
+    types = types or types_of(model_path)
+    entry = tested(types) or _entry(model_path, {}, measured=False)
     key = label(wanted(names, *config))
     if key not in entry["results"]:
         plain = [c for c in configs(names, flags) if not c[0]]  # what auto's first load tests, and the baseline
         results = {**entry["results"], **st.selftest(model_path, [*plain, config])}
         keep = {k: entry[k] for k in ("measured", "variant", "threads") if k in entry}  # not the old note
         entry = _entry(model_path, results, **keep)  # stamped now: the date and load of this test, not the last
-        _store(family, entry, names)
+        _store(types, entry, names)
     res = entry["results"].get(key) or {}
     if not res.get("ok"):  # a crash, wrong logits, or a child that never finished (AMX hangs on some Xeons)
         raise OndeviceError(f"--amx on (ONDEVICE_AMX, amx='on'): llama.cpp's AMX kernels "
                             f"{'failed' if res.get('ok') is False else 'did not finish'} their self-test on this "
-                            f"machine for {family} weights ({res.get('error')}, {entry.get('tested_at')}), so a load "
-                            f"with them could crash or hang this process; use --amx auto (AMX only where it passed "
-                            f"and is faster) or off (`ondevice device --probe` tests the kernels again)")
+                            f"machine for weights of types {types} ({res.get('error')}, {entry.get('tested_at')}), "
+                            f"so a load with them could crash or hang this process; use --amx auto (AMX only where "
+                            f"it passed and is faster) or off (`ondevice device --probe -m MODEL` tests them again)")
 
 
 def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:
@@ -394,10 +414,11 @@ def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -
     return out
 
 
-def probe_kernels(threads: int | None = None, families: dict[str, Path] | None = None,
+def probe_kernels(threads: int | None = None, models: dict[str, Path] | None = None,
                   say: Callable[[str], None] | None = None) -> dict:
-    """The full self-test: every configuration for each weight type, measured; stored and returned (``say``: a
-    line as each weight type starts)."""
+    """The full self-test: every configuration for each of ``models`` (``{name: path}``; default: the default
+    model's :func:`variants`), measured; stored per set of weight types and returned (``say``: a line as each
+    model starts)."""
     from ..engine.bufts import offered
     from .info import cpu_flags
 
@@ -405,18 +426,19 @@ def probe_kernels(threads: int | None = None, families: dict[str, Path] | None =
     if not names:
         return cached()
     cands = configs(names, cpu_flags())
-    todo = families or variants(threads)
+    todo = models or variants(threads)
     for i, (variant, path) in enumerate(todo.items()):
         if say:
-            say(f"kernels: testing {family_of(path)} ({variant}, {i + 1}/{len(todo)}): {len(cands)} configurations, "
+            say(f"kernels: testing {types_of(path)} ({variant}, {i + 1}/{len(todo)}): {len(cands)} configurations, "
                 f"then timing those that pass")
         results = selftest(path, cands, measure=True, threads=threads)
-        _store(family_of(path), _entry(path, results, measured=True, variant=variant, threads=threads), names)
+        _store(types_of(path), _entry(path, results, measured=True, variant=variant, threads=threads), names)
     return cached()
 
 
 def kernels_summary() -> dict:
-    """What ``ondevice device`` shows: the build's extra kernels, the untested default and each tested weight type."""
+    """What ``ondevice device`` shows: the build's extra kernels, the untested default and each tested set of
+    weight types."""
     from ..engine.bufts import offered
     from .info import cpu_flags
 
@@ -424,13 +446,13 @@ def kernels_summary() -> dict:
         names = offered()
     except Exception as e:  # noqa: BLE001 — llama-cpp-python missing or broken: `ondevice device` still answers
         return {"offered": [], "error": f"{type(e).__name__}: {e}", "default": {"label": "-", "reason": "no llama.cpp"},
-                "families": {}, "cache": str(cache_path())}
+                "types": {}, "cache": str(cache_path())}
     flags = cpu_flags()
     amx, repack = requested()
     fams = {}
-    for fam, e in sorted(cached().get("families", {}).items()):
+    for fam, e in sorted(cached().get("types", {}).items()):
         c = choose(amx, repack, names, flags, e["results"])
         fams[fam] = {**e, "choice": label(c.bufts), "reason": c.reason}
     d = choose(amx, repack, names, flags, None)
     return {"offered": list(names), "requested": {"amx": amx, "repack": repack},
-            "default": {"label": label(d.bufts), "reason": d.reason}, "families": fams, "cache": str(cache_path())}
+            "default": {"label": label(d.bufts), "reason": d.reason}, "types": fams, "cache": str(cache_path())}

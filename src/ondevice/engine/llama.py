@@ -190,7 +190,7 @@ class LlamaEngine(Engine):
             self._info = validate_gguf(self.path)
         r = self._restored
         t0 = time.perf_counter()  # the first load of a weight type here self-tests its kernels: not the load's time
-        choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), family=r.family) if r is not None
+        choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), types=r.types) if r is not None
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
         self.kernel_test_time = time.perf_counter() - t0
         with bufts.offering(choice.bufts) as use_extra, native.load_log(quiet=True) as lines:

@@ -124,7 +124,7 @@ def begin(path: str | os.PathLike[str], key_source: str | None, *, mode: str = M
     """Start restoring a container, or join the restore of it this process holds already (:class:`Hold`);
     returns once its GGUF metadata is restored and authenticated.
 
-    ``Hold.path`` is then a readable GGUF header and ``Hold.family`` its dominant weight type. The
+    ``Hold.path`` is then a readable GGUF header and ``Hold.types`` its weight types (kernels' unit). The
     header is not walked again by ondevice's own check (``validate_gguf``, what every plaintext load runs:
     ~0.2 s of Python for a 151k-token vocabulary): ``protect encrypt`` validated the file, and the chunks'
     tags prove these bytes are still that file. The weights follow in the background (``mode`` pipelined,
@@ -150,10 +150,10 @@ def _start(path: str | os.PathLike[str], key: bytes, mode: str, threads: int | N
     workers = (threads or decrypt_threads()) if mode == MODE_PIPELINED else 1
     r = restore(path, key, threads=workers, overlap=mode == MODE_PIPELINED)
     try:
-        from ..device.kernels import family_of
+        from ..device.kernels import types_of
 
-        r.family = family_of(r.path, trusted=True)
-        if r.family is None:
+        r.types = types_of(r.path, trusted=True)
+        if r.types is None:
             raise OndeviceError(f"llama.cpp cannot read the GGUF header inside {r.source}: it was not written by "
                                 f"ondevice protect encrypt, which validates the model first; encrypt the model again")
     except BaseException:
@@ -215,13 +215,13 @@ def finish(ll, r: Hold, mparams) -> object:
 def kernel_path(r: Hold) -> str:
     """The path to choose CPU kernels by (device/kernels.py): the memfd as other processes can open it.
 
-    Choosing may self-test the model in a child process (once per weight type and machine); the child
+    Choosing may self-test the model in a child process (once per set of weight types and machine); the child
     must then see every weight, so in that case this waits for the whole restore first.
     """
     try:
         from ..device import kernels
 
-        if kernels.cached().get("families", {}).get(r.family) is None:
+        if kernels.tested(r.types) is None:
             r.wait()
     except ImportError:
         pass

@@ -48,7 +48,7 @@ class Restored:
     meta_s: float | None = None  # wall time until the metadata chunks were restored (llama.cpp may start then)
     barrier_wait_s: float = 0.0  # time llama.cpp's loader spent waiting for the weights: what did not overlap
     worker_rss: int = 0  # the largest worker process's own peak RSS (VmHWM), beside the model's memory
-    family: str = "unknown"  # the dominant weight type (device/kernels.py's unit; protect/load.py's begin sets it)
+    types: str = "unknown"  # its weight types, device/kernels.py's unit (types_of; protect/load.py's _start sets it)
     holds: int = 0  # the engines using it (protect/load.py's Hold: they share one restore of a container)
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None

@@ -71,6 +71,10 @@ def test_epochs_on_the_cli_set_the_steps_and_the_summary_says_so(cli, tmp_path):
     r = cli("adapt", str(path), "-o", str(tmp_path / "e.gguf"), "--num_train_epochs", "1", *small)
     assert r.returncode == 0, r.stderr
     assert "3 steps = 1.2 epochs of 10 examples, batch loss " in r.stdout, r.stdout  # ceil(10 / 4): the last is full
+    # stderr is no terminal here (a log, CI): the progress is whole lines, not one line redrawn with \r
+    bars = [ln for ln in r.stderr.splitlines() if "] step " in ln]
+    assert [ln.split("] step ")[1].split()[0] for ln in bars] == ["1/3", "2/3", "3/3"], r.stderr
+    assert "\r" not in r.stderr
     r = cli("adapt", str(path), "-o", str(tmp_path / "s.gguf"), "--steps", "2", "--json", *small)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)

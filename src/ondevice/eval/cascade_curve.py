@@ -377,12 +377,14 @@ def run_cli(args) -> int:
 
     from ..errors import InvalidArgument
     from .cli import store_arg
+    from .config import DEFAULT_MAX_TOKENS
 
     if not args.suite:
         raise InvalidArgument("--cascade needs --suite (e.g. --suite rewrite or --suite rewrite,assistant-en)")
     r = cascade_eval(args.model, args.cascade, args.suite, cloud_model=args.cloud_model, key_env=args.cloud_key_env,
                      split=args.split, tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit,
-                     seed=args.seed, max_tokens=args.max_tokens, combiner=args.combiner, threads=args.threads,
+                     seed=args.seed, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, combiner=args.combiner,
+                     threads=args.threads,
                      timeout=args.cascade_timeout, store=store_arg(args),
                      progress=lambda m: print(m, file=sys.stderr))
     if args.json:

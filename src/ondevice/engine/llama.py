@@ -189,7 +189,7 @@ class LlamaEngine(Engine):
 
             self._info = validate_gguf(self.path)
         r = self._restored
-        t0 = time.perf_counter()  # the first load of a weight type here self-tests its kernels: not the load's time
+        t0 = time.perf_counter()  # the first load of a set of weight types here self-tests the kernels: not load time
         choice = (kernels.resolve(cfg.amx, cfg.repack, kernel_path(r), types=r.types) if r is not None
                   else kernels.resolve(cfg.amx, cfg.repack, self.path))
         self.kernel_test_time = time.perf_counter() - t0

@@ -135,8 +135,15 @@ def test_a_function_call_argument_of_the_wrong_type_is_not_correct():
     assert scores("true")["tool_calls"] == 0.0
 
 
-def test_type_matches_accepts_an_integer_for_a_number_and_checks_list_items():
-    from ondevice.agent.fcsuite import type_matches
+def test_the_type_rule_is_the_tools_own_schema_check_an_integer_for_a_number_and_list_items():
+    from ondevice.agent.tools import ToolError, validate_json
+
+    def type_matches(value, schema):
+        try:
+            validate_json("t", {"type": "object", "properties": {"x": schema or {}}}, {"x": value})
+            return True
+        except ToolError:
+            return False
 
     assert type_matches(3, {"type": "number"}) and type_matches(2.5, {"type": "number"})
     assert not type_matches(True, {"type": "number"}) and not type_matches(2.5, {"type": "integer"})

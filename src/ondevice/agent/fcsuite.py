@@ -59,42 +59,11 @@ def norm(v: Any) -> Any:
     return _canon(v)
 
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
-                                             "boolean": (bool,), "array": (list,), "object": (dict,),
-                                             "null": (type(None),)}
-
-
-def type_matches(value: Any, schema: dict | None) -> bool:
-    """``value`` is of the JSON type ``schema`` declares (BFCL's AST checker: a string where an integer is
-    declared is wrong, an integer where a number is declared is right; bool is not a number; 12.0 is an integer,
-    as JSON Schema has it); list items against ``items``. A schema without a ``type`` accepts anything."""
-    declared = (schema or {}).get("type")
-    if declared is None:
-        return True
-    types = declared if isinstance(declared, list) else [declared]
-    for t in types:
-        py = _JSON_TYPES.get(t)
-        if py is None:  # a type this check does not know: not held against the call
-            return True
-        if t == "integer" and isinstance(value, float) and value.is_integer():  # JSON's 12.0 is 12 (JSON Schema)
-            return True
-        if isinstance(value, py) and not (isinstance(value, bool) and bool not in py):
-            if t == "array" and isinstance(schema.get("items"), dict):
-                return all(type_matches(v, schema["items"]) for v in value)
-            return True
-    return False
-
-
-def call_matches(call: Call, expected: dict, tool: Tool | None = None) -> bool:
-    """``call`` is the ``expected`` one: same name, every argument one of its allowed values (see module doc) and,
-    given the ``tool`` called, of the type its schema declares."""
+def call_matches(call: Call, expected: dict) -> bool:
     if call.name != expected["name"]:
         return False
     allowed = expected["arguments"]
     if any(k not in allowed for k in call.arguments):
-        return False
-    props = (tool.parameters.get("properties") or {}) if tool is not None else {}
-    if any(not type_matches(v, props.get(k)) for k, v in call.arguments.items()):
         return False
     for k, options in allowed.items():
         if k not in call.arguments:
@@ -105,17 +74,15 @@ def call_matches(call: Call, expected: dict, tool: Tool | None = None) -> bool:
     return True
 
 
-def calls_match(calls: list[Call] | None, expected: list[dict], tools: list[Tool] | None = None) -> bool:
-    """Every expected call matched by exactly one predicted call (any order); no call when none expected. With the
-    ``tools`` offered, argument types are checked against their schemas (:func:`type_matches`)."""
-    by_name = {t.name: t for t in tools or ()}
+def calls_match(calls: list[Call] | None, expected: list[dict]) -> bool:
+    """Every expected call matched by exactly one predicted call (any order); no call when none expected."""
     if not expected:
         return not calls
     if not calls or len(calls) != len(expected):
         return False
     left = list(calls)
     for e in expected:
-        hit = next((c for c in left if call_matches(c, e, by_name.get(c.name))), None)
+        hit = next((c for c in left if call_matches(c, e)), None)
         if hit is None:
             return False
         left.remove(hit)
@@ -130,7 +97,9 @@ def score_reply(text: str, item: dict, constrained: bool, offered: list[Tool] | 
     looks_like_call = starts_like_call(text) or (not constrained and calls is not None)
     parsed = calls is not None or not looks_like_call
     problem = check_calls(calls, tools) if calls else None
-    return {"correct": float(calls_match(calls, item["expected"], tools)), "parsed": float(parsed),
+    # correct needs valid too: an argument of another JSON type than its schema declares ("12" for an integer) is
+    # wrong, as in BFCL's AST checker (the tools' own check, jsonschema: 12 passes for a number, 12.0 for an integer)
+    return {"correct": float(calls_match(calls, item["expected"]) and problem is None), "parsed": float(parsed),
             "valid": float(parsed and problem is None), "calls": [c.__dict__ for c in calls] if calls else None,
             "problem": problem or (why if looks_like_call and calls is None else None)}
 

@@ -145,6 +145,7 @@ def test_user_jsonl_loads_strings_and_messages(tmp_path):
             r"line 2: .*role 'bot'",
         ),
         ('{"input": "x", "target": 3, "metric": "rouge_l"}', r"line 2: 'target' must be a string"),
+        ('{"input": "x", "target": "y", "metric": "rouge_l", "task": true}', r"line 2: 'task' must be a string, got true"),
         (
             '{"input": "x", "target": "y", "metric": "rouge_l", "extra_metrics": ["bleu"]}',
             r"line 2: 'extra_metrics'",

@@ -209,8 +209,8 @@ def _item_from_row(row: Any, source: str, lineno: int, default_task: str) -> Ite
     if row["metric"] not in METRICS:
         raise bad(f"unknown metric {row['metric']!r}; use one of {', '.join(sorted(METRICS))}")
     for k in ("id", "category", "task", "provenance"):
-        if k in row and not isinstance(row[k], (str, int)):
-            raise bad(f"{k!r} must be a string")
+        if k in row and (not isinstance(row[k], (str, int)) or isinstance(row[k], bool)):
+            raise bad(f"{k!r} must be a string, got {json.dumps(row[k])[:40]}")
     extra = row.get("extra_metrics", [])
     if not isinstance(extra, list) or any(not isinstance(m, str) or m not in METRICS for m in extra):
         raise bad(f"'extra_metrics' must be a list of metric names from: {', '.join(sorted(METRICS))}")

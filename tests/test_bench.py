@@ -225,6 +225,11 @@ def test_records_have_all_fields_and_consistent_units(sweep, smol_path):
         for k in ("ondevice", "llama_build", "cpu_model", "cpu_flags", "governor", "load_avg_before", "kernel"):
             assert k in meta, k
         assert "llama-cpp-python" in meta["llama_build"]
+        # what this process could use of the machine: a container's run is told apart from the host's
+        for k in ("usable_cpus", "cpu_quota", "memory_limit_bytes", "l3_cache_bytes", "hypervisor", "boost"):
+            assert k in meta, k
+        assert 1 <= meta["usable_cpus"] <= meta["logical_cores"]
+        assert meta["energy"]["watts_source"] in (None, "default", "env", "profile")  # None: RAPL
         assert r.settings["test"] == r.test
     assert len({r.config_key for r in recs}) == len(recs)
     # the tg at depth really ran at depth: its n_ctx holds depth + tokens
@@ -253,6 +258,9 @@ def test_roofline_figures_present(sweep):
         assert roof["bandwidth_gbs"] > 0 and roof["peak_gflops"] > 0 and roof["phases"]
         # % = time at the bound / measured mean time
         assert r.roofline_pct == pytest.approx(100 * roof["bound_time_s"] / r.avg_s)
+        # the compute roof is an fp32 sgemm; the shipped file is quantized (int8 dot products)
+        assert roof["compute_roof"] == "fp32" and roof["weight_kernels"] == "int8"
+        assert "load" in roof["probe"] and "load_avg_1m" in roof["probe"]
     decode = recs[1].roofline["phases"][0]
     assert decode["phase"] == "decode" and decode["tokens"] == 8 and decode["depth"] == 0
 

@@ -54,9 +54,13 @@ def roofline_for(meta: ModelMeta, phases: list[tuple[str, int, int]], time_s: fl
     """% of the roofline for a timed span made of ``phases`` (prefill/decode, tokens, start depth).
 
     The bound time is the sum over phases of tokens / bound tok/s; ``pct`` = bound time / measured time.
-    Each phase also gets its own roofline (binding roof, memory/compute tok/s).
+    Each phase also gets its own roofline (binding roof, memory/compute tok/s). The compute roof is the
+    probe's fp32 sgemm (``compute_roof``); with quantized weights (``weight_kernels`` "int8") llama.cpp runs
+    int8 dot products whose roof is higher, so a compute-bound ``pct`` is then a share of the fp32 roof,
+    not of the true one (``pct_basis`` says which).
     """
     from ..device import decode_cost, prefill_cost, roofline
+    from ..device.roofline import weight_kernels
 
     info = meta.info
     if roofs is None or not phases or not time_s:
@@ -86,8 +90,26 @@ def roofline_for(meta: ModelMeta, phases: list[tuple[str, int, int]], time_s: fl
         return None
     main = max(out_phases, key=lambda p: p["tokens"] / p["bound_tps"])
     total = sum(p["tokens"] for p in out_phases)
+    kernels = weight_kernels(info.tensors)
+    int8_compute = kernels == "int8" and any(p["bound"] == "compute" for p in out_phases)
     return {"pct": 100.0 * bound_time / time_s, "bound": main["bound"], "bound_time_s": bound_time,
             "bound_tps": total / bound_time, "phases": out_phases,
             "bandwidth_gbs": roofs.bandwidth_gbs, "peak_gflops": roofs.peak_gflops,
+            "compute_roof": "fp32", "weight_kernels": kernels,
+            "pct_basis": ("fp32 roof: quantized weights run int8 dot products, whose roof is higher"
+                          if int8_compute else "roofline"),
             "probe": {"threads": roofs.threads, "cached": roofs.cached, "measured_at": roofs.measured_at,
-                      "bandwidth_method": roofs.bandwidth_method, "compute_method": roofs.compute_method}}
+                      "bandwidth_method": roofs.bandwidth_method, "compute_method": roofs.compute_method,
+                      "load_avg_1m": roofs.load_avg_1m, "load": getattr(roofs, "load", None)}}
+
+
+def host_meta(info: dict) -> dict:
+    """What a bench record's ``meta`` says about the machine, from ``device_info``: the hardware, and what this
+    process may use of it (``usable_cpus`` after affinity and a container's CPU quota, the cgroup memory
+    limit), so a run in a container is told apart from one on the host."""
+    keys = ("cpu_model", "cpu_flags", "governor", "boost", "hypervisor", "kernel", "os", "arch", "physical_cores",
+            "logical_cores", "usable_cpus", "cpu_quota", "l3_cache_bytes", "memory_total_bytes",
+            "memory_limit_bytes", "memory_limit_file", "python")
+    out = {k: info.get(k) for k in keys}
+    out["load_avg_before"] = info.get("load_avg")
+    return out

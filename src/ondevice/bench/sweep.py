@@ -27,8 +27,8 @@ from datetime import datetime
 from ..stop_signals import interrupt_on_signals
 from ..store.record import created_now
 from .config import BenchConfig
-from .meta import ModelMeta, config_key, model_meta, roofline_for
-from .noise import assess, wait_idle
+from .meta import ModelMeta, config_key, host_meta, model_meta, roofline_for
+from .noise import NOISY_LOAD, assess, wait_idle
 from .record import BenchRecord
 from .workloads import WORKLOADS, TestSpec
 
@@ -227,12 +227,12 @@ def _timed_phases(spec: TestSpec, res: dict) -> list[tuple[str, int, int]]:
     return WORKLOADS[spec.kind].phases(spec)
 
 
-def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
+def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False, wait_idle_s: float = 0.0):
     if threads not in cache:
         from ..device import probe
 
         try:
-            cache[threads] = p = probe(threads, refresh=refresh)
+            cache[threads] = p = probe(threads, refresh=refresh, wait_idle_s=wait_idle_s)
         except Exception as e:  # noqa: BLE001 — no roofline is a note, not a failed sweep
             cache[threads] = None
             notes.append(f"roofline unavailable at {threads} threads: {e}")
@@ -240,6 +240,11 @@ def _probe(threads: int, cache: dict, notes: list[str], refresh: bool = False):
             if p.cached:  # a probe from another day or load can skew every % of roofline: say which one
                 notes.append(f"% of roofline at {threads} threads uses the probe measured {p.measured_at} "
                              f"({p.bandwidth_gbs:.1f} GB/s, {p.peak_gflops:.0f} GFLOP/s); --reprobe measures again")
+            elif p.loaded:  # measured now, under other work: it reads low, every % of roofline high
+                notes.append(f"the roofline probe at {threads} threads ran while other work kept {p.load:.2f} cores "
+                             f"busy, so its roofs read low and % of roofline high (it is in the records' "
+                             f"roofline.probe.load and does not replace a quiet cached probe); --wait-idle waits "
+                             f"for a quiet machine first")
     return cache[threads]
 
 
@@ -274,7 +279,7 @@ def run_sweep(config: BenchConfig, *, store=None, progress: bool = False, on_rec
     skipped = 0
     if roofline and config.reprobe:  # measure the machine again first, once per thread count
         for t in sorted({c.settings["threads"] for c in configs}):
-            _probe(t, roofs, notes, refresh=True)
+            _probe(t, roofs, notes, refresh=True, wait_idle_s=config.wait_idle)
     try:
         with interrupt_on_signals():  # a `kill` keeps the records as Ctrl-C does
             for group in _groups(configs, config.interleave):
@@ -367,11 +372,11 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
     n_ctx = wcfg["engine"]["n_ctx"]
     prof_spec = wcfg["profile"]
     capped = parse_profile(prof_spec).mem_limit_bytes is not None
-    probe = _probe(s["threads"], roofs, notes) if roofs is not None else None
     quiet = None
-    if config.wait_idle > 0:
+    if config.wait_idle > 0:  # before the probe too: one measured under other work reads low, and is cached
         bar.show(f"waiting up to {config.wait_idle:.0f} s for a quiet machine ...")
         quiet = wait_idle(config.wait_idle, show=bar.enabled)
+    probe = _probe(s["threads"], roofs, notes) if roofs is not None else None
     info = device_info()  # load average *before* this configuration runs
     by_name: dict[str, list[int]] = {}  # a name given twice (-p 64,64) is run twice, in todo's order
     for j in todo:
@@ -402,18 +407,15 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
             "settings": {**s, "test": spec.name, "params": spec.params, "warmup": config.warmup,
                          "seed": config.seed, **cfg.copy(j)},
             "meta": {"ondevice": version, "llama_build": loaded.get("llama_build") or _build_line(info),
-                     "cpu_model": info.get("cpu_model"), "cpu_flags": info.get("cpu_flags"),
-                     "governor": info.get("governor"), "load_avg_before": info.get("load_avg"),
-                     "kernel": info.get("kernel"), "os": info.get("os"), "arch": info.get("arch"),
-                     "physical_cores": info.get("physical_cores"), "logical_cores": info.get("logical_cores"),
-                     "memory_total_bytes": info.get("memory_total_bytes"), "python": info.get("python"),
-                     "limits": state["limits"], "wait_idle": quiet,
+                     **host_meta(info), "limits": state["limits"], "wait_idle": quiet,
                      "buffer_types": loaded.get("buffer_types"), "kernel_choice": loaded.get("kernel_choice"),
                      "model_desc": loaded.get("model_desc"),
                      **({"interleaved_with": names[:i] + names[i + 1:]} if len(cfgs) > 1 else {})},
         }
         if res is not None:
             rec.update(_flat(res))
+            en = res.get("energy") or {}  # what the energy figure is made of (RAPL counters, the watts' source)
+            rec["meta"]["energy"] = {k: en.get(k) for k in ("domains", "watts_source", "avg_watts")}
             rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"])  # [] when clean
             rec["noisy"] = bool(why)
             cap = (state["limits"] or {}).get("mem_limit_bytes")
@@ -480,8 +482,12 @@ def roofline_note(test: str, threads: int, roof: dict, probe) -> str:
     changes that. Memory-bound, the measured bandwidth is what is off."""
     said = f"{test} at {threads} thread{'' if threads == 1 else 's'} ran at {roof['pct']:.0f}% of the roofline"
     if roof["bound"] == "compute":
+        load = getattr(probe, "load", None)
+        busy = (f"; the probe also ran while other work kept {load:.2f} cores busy, so it reads low"
+                if load is not None and load > NOISY_LOAD else "")
         return (f"{said}: its compute roof is the probe's float32 matmul peak ({roof['peak_gflops']:.0f} GFLOP/s), "
                 f"and llama.cpp's kernels for quantized weights run int8 dot products (VNNI, AMX where the CPU has "
-                f"them) that go past it, so the figure is a share of the fp32 peak, not a measurement error")
-    return (f"{said}: the probe ({probe.measured_at}, load {probe.load_avg_1m or 0:.2f} then) understates this "
+                f"them) that go past it, so the figure is a share of the fp32 peak, not a measurement error{busy}")
+    during = f", other work {probe.load:.2f} cores during it" if getattr(probe, "load", None) is not None else ""
+    return (f"{said}: the probe ({probe.measured_at}, load {probe.load_avg_1m or 0:.2f} then{during}) understates this "
             f"machine's memory bandwidth; --reprobe measures it again")

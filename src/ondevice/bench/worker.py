@@ -135,6 +135,8 @@ def _result(wl, runs: list[_Run], peak_reset: bool, load_avg: float | None, n_mo
             "method": first.get("method"),
             "scope": first.get("scope"),
             "watts_per_core": first.get("watts_per_core"),
+            "watts_source": first.get("watts_source"),  # estimate: profile | env | default
+            "domains": first.get("domains"),  # RAPL: the counters summed
             "avg_watts": joules / wall if joules is not None and wall > 0 else None,
             "j_per_token": joules / tokens if tokens and joules is not None else None,
         },

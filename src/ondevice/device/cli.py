@@ -8,6 +8,8 @@ import json
 import sys
 from datetime import UTC, datetime
 
+PROBE_WAIT_S = 15.0  # --probe first waits (at most this long) for a quiet machine
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true",
@@ -53,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
         for t in args.threads or []:  # all of them before anything is measured (and the caches rewritten)
             check_threads(t, "-t/--threads")
         for t in args.threads or [None]:
-            probe(t, refresh=True)
+            p = probe(t, refresh=True, wait_idle_s=PROBE_WAIT_S)  # not under other work: it would read low
+            if p.loaded:
+                print(f"ondevice device: note: other work kept {p.load:.2f} cores busy during the {p.threads}-thread "
+                      f"probe, so it reads low; it does not replace a probe measured quiet", file=sys.stderr)
         probe_kernels((args.threads or [None])[0], models, say=lambda line: print(line, file=sys.stderr, flush=True))
     info = device_info()
     energy = "rapl" if rapl_domains() else "estimated (no readable RAPL counters)"
@@ -63,13 +68,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"device": info, "energy": energy, "probes": probes, "kernels": kern}, indent=2))
         return 0
     mem = info["memory_total_bytes"] / 2**30
+    quota = f" (CPU quota {info['cpu_quota']:g})" if info.get("cpu_quota") is not None else ""
     print(f"cpu       {info['cpu_model']} ({info['arch']}), {info['physical_cores']} cores / "
-          f"{info['logical_cores']} threads, {info['usable_cpus']} usable")
+          f"{info['logical_cores']} threads, {info['usable_cpus']} usable{quota}")
     print(f"features  {' '.join(info['cpu_flags']) or '-'}")
     limit = info.get("memory_limit_bytes")
-    cap = f" (this process's cgroup limit: {limit / 2**30:.2f} GiB)" if limit is not None else ""
+    high = ", memory.high: the kernel throttles above it" if info.get("memory_limit_file") == "memory.high" else ""
+    cap = f" (this process's cgroup limit: {limit / 2**30:.2f} GiB{high})" if limit is not None else ""
     print(f"memory    {mem:.1f} GiB{cap}; load average {', '.join(f'{x:.2f}' for x in info['load_avg'])}")
-    print(f"system    {info['os']} {info['kernel']}, governor {info['governor']}, Python {info['python']}")
+    vm = {True: ", virtual machine", False: "", None: ""}[info.get("hypervisor")]
+    turbo = f", boost {info['boost']}" if info.get("boost") else ""
+    print(f"system    {info['os']} {info['kernel']}, governor {info['governor']}{turbo}{vm}, Python {info['python']}")
     if info.get("llama_cpp"):
         print(f"llama.cpp llama-cpp-python {info['llama_cpp']['version']}: {info['llama_cpp']['system_info']}")
     print(f"energy    {energy}")
@@ -77,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         print("probe     none yet: `ondevice device --probe` (or the first `ondevice bench`) measures it")
     for t, p in sorted(probes.items(), key=lambda kv: int(kv[0])):
         print(f"probe     {t} threads: {p['bandwidth_gbs']:.1f} GB/s, {p['peak_gflops']:.0f} GFLOP/s, measured "
-              f"{p['measured_at']} ({_age(p['measured_at'])}; load {p.get('load_avg_1m') or 0:.2f} then)")
+              f"{p['measured_at']} ({_age(p['measured_at'])}; load {p.get('load_avg_1m') or 0:.2f} then"
+              + (f", other work {p['load']:.2f} cores during it" if p.get("load") is not None else "")
+              + "; the GFLOP/s is an fp32 matmul's)")
     print(f"kernels   this build offers {', '.join(kern['offered']) or 'no extra CPU kernels'}; "
           f"weight types not tested yet get {kern['default']['label']} ({kern['default']['reason']})")
     if not kern["types"]:
@@ -95,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"kernels   {types:13s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
               f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
     if any(r.get("ok") is None for e in kern["types"].values() for r in e["results"].values()):
-        print("kernels   inconclusive tests count as untested; `ondevice device --probe` on a quiet machine redoes them")
+        print("kernels   inconclusive tests count as untested; `ondevice device --probe` on a quiet machine "
+              "redoes them")
     return 0

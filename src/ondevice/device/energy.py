@@ -1,8 +1,12 @@
 """Energy meters: RAPL counters when the kernel exposes them, else an estimate that says it is one.
 
 ``method="rapl"`` reads ``/sys/class/powercap/intel-rapl:N/energy_uj`` (also used by AMD's RAPL driver) for
-each top-level package domain; subdomains (``intel-rapl:N:M``, core/uncore/dram) are inside the package
-figure, so they are not added. It is a *measurement* of the whole package, including other processes.
+each top-level domain named ``package-*``, plus each ``dram`` subdomain (``intel-rapl:N:M`` named ``dram``, on
+servers): DRAM is a RAPL domain of its own, *not* inside the package figure. The ``core`` (PP0) and
+``uncore`` (PP1) subdomains are inside the package, so they are not added, and neither is ``psys`` (the
+whole platform on Intel laptops since Skylake, which already contains the package). Where the kernel exposes
+no ``dram`` domain (client CPUs, AMD), the figure excludes DRAM energy. It is a *measurement* of the whole
+package, including other processes; the result's ``domains`` lists the counters summed.
 
 ``method="estimated"`` is ``CPU seconds × watts per busy core``: CPU seconds are this process's user+system
 time plus that of children it has waited for (``resource.getrusage``), so a child run by a bench must be
@@ -37,17 +41,25 @@ class _RaplDomain:
     max_range_uj: int
 
 
+def _summed(zone: str, name: str) -> bool:
+    """Whether a RAPL zone's counter is added: top-level ``package-*`` (not ``psys``, which contains the
+    packages) and ``dram`` subdomains (outside the package); core/uncore subdomains are inside the package."""
+    top = zone.count(":") == 1
+    return name.startswith("package") if top else name == "dram"
+
+
 def rapl_domains(root: Path = POWERCAP) -> list[_RaplDomain]:
-    """Readable top-level RAPL package domains (empty when there are none or they are root-only)."""
+    """Readable RAPL domains to sum (``package-*`` and ``dram``; empty when there are none or they are
+    root-only), each named ``zone/name`` (``intel-rapl:0/package-0``)."""
     out = []
     for d in sorted(root.glob("intel-rapl:*")):
-        if d.name.count(":") != 1:  # intel-rapl:0:1 is a subdomain, already inside intel-rapl:0
-            continue
         energy = d / "energy_uj"
         try:
+            name = (d / "name").read_text().strip() if (d / "name").exists() else d.name
+            if not _summed(d.name, name):
+                continue
             int(energy.read_text())
             max_range = int((d / "max_energy_range_uj").read_text())
-            name = (d / "name").read_text().strip() if (d / "name").exists() else d.name
         except (OSError, ValueError):
             continue  # unreadable (kernels since 5.10 make energy_uj root-only) or malformed
         out.append(_RaplDomain(name=f"{d.name}/{name}", energy_path=energy, max_range_uj=max_range))
@@ -59,22 +71,28 @@ def counter_delta(start: int, end: int, max_range: int) -> int:
     return end - start if end >= start else end + max_range - start
 
 
-def resolve_watts_per_core(watts_per_core: float | None = None) -> float:
-    """Watts per busy core: the argument, else ``ONDEVICE_CPU_WATTS_PER_CORE``, else the default."""
+def resolve_watts(watts_per_core: float | None = None) -> tuple[float, str]:
+    """Watts per busy core and where they came from: the argument ("profile": the device profile's
+    ``watts=``), else ``ONDEVICE_CPU_WATTS_PER_CORE`` ("env"), else ``DEFAULT_WATTS_PER_CORE`` ("default")."""
     if watts_per_core is not None:
-        value, source = watts_per_core, "argument"
+        value, source, said = watts_per_core, "profile", "the argument"
     elif os.environ.get(WATTS_ENV):
         try:
-            value, source = float(os.environ[WATTS_ENV]), WATTS_ENV
+            value, source, said = float(os.environ[WATTS_ENV]), "env", WATTS_ENV
         except ValueError:
             raise InvalidArgument(
                 f"{WATTS_ENV}={os.environ[WATTS_ENV]!r} is not a number; set it to watts per busy core, e.g. 5"
             ) from None
     else:
-        return DEFAULT_WATTS_PER_CORE
+        return DEFAULT_WATTS_PER_CORE, "default"
     if not (0 < value < 1000):
-        raise InvalidArgument(f"watts per core from {source} is {value}; it must be in (0, 1000), e.g. 5")
-    return value
+        raise InvalidArgument(f"watts per core from {said} is {value}; it must be in (0, 1000), e.g. 5")
+    return value, source
+
+
+def resolve_watts_per_core(watts_per_core: float | None = None) -> float:
+    """Watts per busy core: the argument, else ``ONDEVICE_CPU_WATTS_PER_CORE``, else the default."""
+    return resolve_watts(watts_per_core)[0]
 
 
 def _cpu_seconds() -> float:
@@ -94,13 +112,14 @@ class EnergyMeter:
     Args:
         watts_per_core: power of a busy core for the estimate (see module docstring for the fallbacks).
         method: "auto" (RAPL when readable), "rapl" (error if unreadable) or "estimated".
+        powercap: where the RAPL zones are (tests pass a fake tree).
     """
 
-    def __init__(self, watts_per_core: float | None = None, method: str = "auto"):
+    def __init__(self, watts_per_core: float | None = None, method: str = "auto", powercap: Path = POWERCAP):
         if method not in ("auto", "rapl", "estimated"):
             raise InvalidArgument(f"energy method {method!r} is unknown; use auto, rapl or estimated")
-        self.watts_per_core = resolve_watts_per_core(watts_per_core)
-        self._domains = rapl_domains() if method in ("auto", "rapl") else []
+        self.watts_per_core, self.watts_source = resolve_watts(watts_per_core)
+        self._domains = rapl_domains(powercap) if method in ("auto", "rapl") else []
         if method == "rapl" and not self._domains:
             raise OndeviceError(
                 "RAPL energy counters are not readable here (no /sys/class/powercap/intel-rapl:*/energy_uj, "
@@ -127,13 +146,15 @@ class EnergyMeter:
             result.update(
                 joules=uj / 1e6,
                 watts_per_core=None,
-                scope="cpu packages (whole machine, all processes)",
+                scope=("cpu packages and DRAM" if any(d.name.endswith("/dram") for d in self._domains)
+                       else "cpu packages, DRAM excluded") + " (whole machine, all processes)",
                 domains=[d.name for d in self._domains],
             )
         else:
             result.update(
                 joules=cpu_seconds * self.watts_per_core,
                 watts_per_core=self.watts_per_core,
+                watts_source=self.watts_source,  # profile | env | default
                 scope="this process and its reaped children (estimate: CPU seconds x watts per core)",
             )
         result["avg_watts"] = result["joules"] / seconds if seconds > 0 else None

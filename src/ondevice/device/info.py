@@ -30,10 +30,10 @@ X86_FLAGS = (
 ARM_FLAGS = ("asimd", "asimddp", "asimdhp", "fphp", "sve", "sve2", "i8mm", "bf16", "sme")
 
 
-def _cpuinfo() -> list[dict[str, str]]:
+def _cpuinfo(path: str | Path = "/proc/cpuinfo") -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per logical CPU (empty off Linux)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(path).read_text()
     except OSError:
         return []
     cpus = []
@@ -46,12 +46,71 @@ def _cpuinfo() -> list[dict[str, str]]:
     return cpus
 
 
-def cpu_model() -> str:
-    for entry in _cpuinfo():
-        for key in ("model name", "Model", "Hardware", "cpu model"):
-            if entry.get(key):
-                return entry[key]
-    return platform.processor() or platform.machine() or "unknown"
+# ARM cores by (CPU implementer, CPU part) as /proc/cpuinfo gives them, after lscpu's table (common parts only;
+# others are written as hex).
+ARM_PARTS = {
+    0x41: {0xc07: "Cortex-A7", 0xc09: "Cortex-A9", 0xc0f: "Cortex-A15", 0xd03: "Cortex-A53", 0xd04: "Cortex-A35",
+           0xd05: "Cortex-A55", 0xd07: "Cortex-A57", 0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75",
+           0xd0b: "Cortex-A76", 0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd40: "Neoverse-V1",
+           0xd41: "Cortex-A78", 0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710", 0xd48: "Cortex-X2",
+           0xd49: "Neoverse-N2", 0xd4b: "Cortex-A78C", 0xd4d: "Cortex-A715", 0xd4e: "Cortex-X3",
+           0xd4f: "Neoverse-V2", 0xd80: "Cortex-A520", 0xd81: "Cortex-A720", 0xd82: "Cortex-X4",
+           0xd84: "Neoverse-V3", 0xd85: "Cortex-X925", 0xd87: "Cortex-A725", 0xd8e: "Neoverse-N3"},
+    0x46: {0x001: "A64FX"},
+    0x51: {0x001: "Oryon", 0x800: "Kryo-2XX-Gold", 0x801: "Kryo-2XX-Silver", 0x802: "Kryo-3XX-Gold",
+           0x803: "Kryo-3XX-Silver", 0x804: "Kryo-4XX-Gold", 0x805: "Kryo-4XX-Silver"},
+    0x61: {0x022: "Apple M1 Icestorm", 0x023: "Apple M1 Firestorm", 0x032: "Apple M2 Blizzard",
+           0x033: "Apple M2 Avalanche"},
+    0xc0: {0xac3: "Ampere-1", 0xac4: "Ampere-1a"},
+}
+
+
+def _arm_cores(cpus: list[dict[str, str]]) -> str | None:
+    """The ARM core mix from ``CPU implementer``/``CPU part``, biggest cores (highest CPU numbers) first:
+    "Cortex-X3 x1 + Cortex-A715 x2 + ... + Cortex-A510 x3"; None when cpuinfo has no such lines."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(cpus):
+        try:
+            impl, part = int(e["CPU implementer"], 16), int(e["CPU part"], 16)
+        except (KeyError, ValueError):
+            continue
+        name = ARM_PARTS.get(impl, {}).get(part) or f"0x{impl:02x}:0x{part:03x}"
+        groups.setdefault(name, []).append(i)
+    if not groups:
+        return None
+    order = sorted(groups.items(), key=lambda kv: -max(kv[1]))
+    return " + ".join(f"{name} x{len(idx)}" for name, idx in order)
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's name: x86's ``model name``; on ARM the cores decoded from ``CPU implementer``/``CPU part``
+    (Android and server kernels print no name), with the board (``Model``/``Hardware``) after it where given."""
+    cpus = _cpuinfo(cpuinfo)
+    named = next((e[k] for e in cpus for k in ("model name", "Model", "Hardware", "cpu model") if e.get(k)), None)
+    arm = None if any("vendor_id" in e for e in cpus) else _arm_cores(cpus)
+    if arm:
+        board = next((e[k] for e in cpus for k in ("Model", "Hardware") if e.get(k)), None)
+        return f"{arm} ({board})" if board else arm
+    return named or platform.processor() or platform.machine() or "unknown"
+
+
+def hypervisor(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this runs in a virtual machine (x86's ``hypervisor`` flag); None where cpuinfo cannot tell."""
+    cpus = _cpuinfo(cpuinfo)
+    if not cpus or "flags" not in cpus[0]:
+        return None
+    return "hypervisor" in cpus[0]["flags"].split()
+
+
+def boost(root: str | Path = "/sys/devices/system/cpu") -> str | None:
+    """Turbo/boost: "on", "off", or None where the kernel does not say (intel_pstate's ``no_turbo``,
+    else cpufreq's ``boost``)."""
+    for rel, on in (("intel_pstate/no_turbo", "0"), ("cpufreq/boost", "1")):
+        try:
+            return "on" if (Path(root) / rel).read_text().strip() == on else "off"
+        except OSError:
+            continue
+    return None
 
 
 def cpu_flags() -> list[str]:
@@ -104,13 +163,6 @@ def total_memory_bytes() -> int | None:
         return int(psutil.virtual_memory().total)
     except ImportError:
         return None
-
-
-def _memory_limit() -> int | None:
-    from .limits import cgroup_memory
-
-    cg = cgroup_memory()
-    return cg[0] if cg else None
 
 
 def governor() -> str:
@@ -174,19 +226,27 @@ def device_info(include_llama: bool = True) -> dict:
         load = list(os.getloadavg())
     except OSError:
         load = None
+    from .cgroup import affinity_cpus, cap_by_quota, cpu_quota, memory_limit
+
+    quota, mem = cpu_quota(), memory_limit()
     info = {
         "cpu_model": cpu_model(),
         "arch": platform.machine(),
         "cpu_flags": cpu_flags(),
         "physical_cores": physical_cores(),
         "logical_cores": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": cap_by_quota(affinity_cpus(), quota),  # affinity, capped by the CPU quota
+        "affinity_cpus": affinity_cpus(),
+        "cpu_quota": quota["cpus"] if quota else None,  # a container's CPU limit (docker --cpus), None: none
         "l3_cache_bytes": l3_cache_bytes(),
         "memory_total_bytes": total_memory_bytes(),
-        "memory_limit_bytes": _memory_limit(),  # this process's cgroup limit (a container's), None: none
+        "memory_limit_bytes": mem["limit_bytes"] if mem else None,  # this process's cgroup limit, None: none
+        "memory_limit_file": mem["file"] if mem else None,  # memory.high: the kernel throttles above it
         "os": platform.system(),
         "kernel": platform.release(),
         "governor": governor(),
+        "boost": boost(),
+        "hypervisor": hypervisor(),
         "load_avg": load,
         "python": sys.version.split()[0],
         "ondevice": ondevice_version(),

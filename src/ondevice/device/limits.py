@@ -31,6 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from .cgroup import (
+    affinity_cpus,
+    cap_by_quota,
+    cgroup_memory,  # noqa: F401 (callers read it from here)
+    cpu_quota,
+    memory_limit,
+)
+from .cgroup import cgroup_dir as _cgroup_dir
 from .profile import DeviceProfile, parse_profile
 
 
@@ -45,76 +53,12 @@ class AppliedLimits:
     mem_limit_bytes: int | None = None
     mem_mechanism: str = "none"  # "cgroup2" | "cgroup1" | "rlimit_as" | "none"
     cgroup_path: str | None = None
+    # what binds: the smaller of the profile's cap and the container's own limit (an ancestor's cgroup limit)
+    effective_mem_limit_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _cgroup_dir(v1_controller: str | None = None) -> Path | None:
-    """This process's cgroup directory: in the v2 hierarchy (None) or in the v1 hierarchy of a controller."""
-    try:
-        mount = root = None
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fstype, _source, opts = (right.split(" ") + ["", ""])[:3]
-            if (fstype == "cgroup2" and v1_controller is None) or \
-                    (fstype == "cgroup" and v1_controller in opts.split(",")):
-                root, mount = left.split()[3:5]
-                break
-        if mount is None:
-            return None
-        for ln in Path("/proc/self/cgroup").read_text().splitlines():
-            hid, ctrls, rel = ln.split(":", 2)
-            if (hid == "0" and v1_controller is None) or (v1_controller in ctrls.split(",")):
-                break
-        else:
-            return None
-    except (OSError, ValueError):
-        return None
-    if root != "/" and (rel + "/").startswith(root.rstrip("/") + "/"):  # a mount of a sub-tree (namespaces)
-        rel = rel[len(root.rstrip("/")):]
-    return Path(mount) / rel.lstrip("/")
-
-
-_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
-# (the limit file, the usage file, memory.stat's key for the page cache the kernel reclaims before it kills)
-_MEMORY_FILES = {None: ("memory.max", "memory.current", "file"),
-                 "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")}
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # v2's "max": no limit
-
-
-def cgroup_memory() -> tuple[int, int] | None:
-    """``(limit, in use)`` in bytes of the tightest memory limit on this process's cgroup and its ancestors (a
-    container's ``--memory``, a systemd unit's ``MemoryMax``), or None where none is set: /proc/meminfo shows
-    the host's memory there, and a context sized to it is killed by the OOM killer instead of refused. "In
-    use" leaves out the page cache, which the kernel reclaims before it kills (a file read twice is active
-    cache: counting it refused a context that fit), as MemAvailable leaves it out of "used"."""
-    for v1, (limit_file, usage_file, cache_key) in _MEMORY_FILES.items():
-        here = _cgroup_dir(v1)
-        best: tuple[int, Path] | None = None
-        while here is not None and (here / limit_file).exists():
-            lim = _read_int(here / limit_file)
-            if lim is not None and lim < _NO_LIMIT and (best is None or lim < best[0]):
-                best = (lim, here)
-            here = here.parent if here.parent != here else None
-        if best is None:
-            continue
-        used = _read_int(best[1] / usage_file) or 0
-        try:
-            stat = dict(line.split() for line in (best[1] / "memory.stat").read_text().splitlines())
-            used -= int(stat.get(cache_key, 0))
-        except (OSError, ValueError):
-            pass
-        return best[0], max(0, used)
-    return None
 
 
 def _enter_child(here: Path, pid: int, limits: dict[str, str], what: str) -> tuple[str | None, str]:
@@ -203,7 +147,8 @@ def _vm_size() -> int | None:
 
 
 def apply_profile(
-    profile: DeviceProfile | str | None, *, mem_mechanism: str = "auto", pid: int | None = None
+    profile: DeviceProfile | str | None, *, mem_mechanism: str = "auto", pid: int | None = None,
+    cgroup_dirs: dict | None = None,
 ) -> AppliedLimits:
     """Pin CPUs and cap memory for this process per ``profile``; return what was applied.
 
@@ -213,12 +158,14 @@ def apply_profile(
             cgroup one is unavailable).
         pid: the process to move into the cgroup (default: this one). RLIMIT_AS and affinity always apply
             to the calling process.
+        cgroup_dirs: where to read the container's own limits (CPU quota, memory) from, as
+            ``cgroup.memory_limit`` takes them; default this process's cgroups.
     """
     prof = parse_profile(profile)
     if mem_mechanism not in ("auto", "cgroup2", "cgroup1", "rlimit_as"):
         raise InvalidArgument(f"mem_mechanism {mem_mechanism!r} is unknown; use auto, cgroup2, cgroup1 or rlimit_as")
     out = AppliedLimits(
-        profile=prof.name, threads=prof.resolved_threads(), mem_limit_bytes=prof.mem_limit_bytes
+        profile=prof.name, threads=prof.resolved_threads(cgroup_dirs), mem_limit_bytes=prof.mem_limit_bytes
     )
 
     if prof.cpu_affinity is not None:
@@ -235,11 +182,20 @@ def apply_profile(
             os.sched_setaffinity(0, prof.cpu_affinity)
             out.cpu_affinity = sorted(os.sched_getaffinity(0))
             out.affinity_mechanism = "sched_setaffinity"
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroup_dirs)
+    usable = cap_by_quota(affinity_cpus(), quota)
     if prof.threads is not None and prof.threads > usable:
-        out.notes.append(f"threads={prof.threads} exceeds the {usable} usable CPUs; threads will share cores")
+        why = f" (CPU quota {quota['cpus']:g})" if quota and int(quota["cpus"]) < affinity_cpus() else ""
+        out.notes.append(f"threads={prof.threads} exceeds the {usable} usable CPUs{why}; threads will share cores")
 
     limit = prof.mem_limit_bytes
+    own = memory_limit(cgroup_dirs)  # the container's own limit, read before a child cgroup of ours joins the walk
+    out.effective_mem_limit_bytes = min(x for x in (limit, own and own["limit_bytes"]) if x is not None) \
+        if limit is not None or own else None
+    if limit is not None and own and own["limit_bytes"] < limit:
+        out.notes.append(f"this process's cgroup already allows only {own['limit_bytes'] / 2**30:.2f} GiB "
+                         f"({own['file']} at {own['path']}), below the profile's {limit / 2**30:.2f} GiB: that "
+                         f"limit binds")
     if limit is not None:
         whys = []
         for mech, attempt in (("cgroup2", _try_cgroup2), ("cgroup1", _try_cgroup1)):

@@ -22,8 +22,10 @@ import fcntl
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,13 +51,22 @@ class Probe:
 
     threads: int
     bandwidth_gbs: float  # 1e9 bytes/s read
-    peak_gflops: float  # 1e9 float32 FLOP/s
+    peak_gflops: float  # 1e9 float32 FLOP/s: an fp32 sgemm, not the int8 dot products of quantized kernels
     measured_at: str  # ISO 8601, UTC
     bandwidth_method: str
     compute_method: str
     machine_key: str
     load_avg_1m: float | None = None  # machine load when measured: a busy machine measures low
+    # cores other work kept busy while the probe ran (/proc/stat less the probe's own CPU time), as a bench
+    # record's ``load``; over ``NOISY_LOAD`` the probe is "loaded": it reads low, and never replaces a quiet one
+    load: float | None = None
     cached: bool = False
+
+    @property
+    def loaded(self) -> bool:
+        from ..bench.noise import NOISY_LOAD
+
+        return self.load is not None and self.load > NOISY_LOAD
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,7 +161,24 @@ print(json.dumps(out))
 """
 
 
+def _children_cpu() -> float:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
 def _measure(threads: int, timeout: float = TIMEOUT_S) -> dict:
+    """Run the probe in a child at ``threads`` threads; its figures, plus ``load``: cores other work kept busy
+    meanwhile."""
+    from ..bench.noise import busy_seconds, other_load
+
+    b0, t0, c0 = busy_seconds(), time.monotonic(), _children_cpu()
+    out = _run_child(threads, timeout)
+    load = other_load(b0, busy_seconds(), _children_cpu() - c0, time.monotonic() - t0)
+    out["load"] = None if load is None else round(load, 2)
+    return out
+
+
+def _run_child(threads: int, timeout: float) -> dict:
     env = dict(os.environ)
     for k in _BLAS_ENV:
         env[k] = str(threads)
@@ -182,10 +210,18 @@ def _read_cache(path: Path) -> dict:
         return {}  # missing or corrupt: measure again
 
 
-def probe(threads: int | None = None, refresh: bool = False) -> Probe:
-    """Measured bandwidth and peak compute at ``threads`` threads (default: all usable CPUs), cached."""
+def probe(threads: int | None = None, refresh: bool = False, wait_idle_s: float = 0.0) -> Probe:
+    """Measured bandwidth and peak compute at ``threads`` threads (default: the usable CPUs: affinity, capped
+    by a container's CPU quota), cached.
+
+    A probe measured while other work kept the machine busy reads low and makes every % of roofline after it
+    read high, so: with ``wait_idle_s`` it first waits (at most that long) for a quiet machine, as
+    ``bench --wait-idle`` does; its own measured ``load`` is kept; a loaded probe is returned for this run but
+    never replaces a quiet cached one; and a cached loaded one is measured again once the machine is quiet."""
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from .cgroup import usable_cpus
+
+        threads = usable_cpus()
     if not isinstance(threads, int) or isinstance(threads, bool):
         raise InvalidArgument(f"probe threads={threads!r} must be a whole number >= 1")
     from ..engine.resources import check_threads
@@ -198,8 +234,13 @@ def probe(threads: int | None = None, refresh: bool = False) -> Probe:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    if entry and not refresh and not _busy_then_quiet_now(entry.get("load_avg_1m"), load):
+    if entry and not refresh and not _busy_then_quiet_now(entry.get("load_avg_1m"), load) \
+            and not _loaded_then_quiet_now(entry.get("load")):
         return Probe(**entry, cached=True)
+    if wait_idle_s > 0:
+        from ..bench.noise import wait_idle
+
+        wait_idle(wait_idle_s, show=False)
     out = _measure(threads)
     result = Probe(
         threads=threads,
@@ -210,9 +251,23 @@ def probe(threads: int | None = None, refresh: bool = False) -> Probe:
         compute_method=out["compute_method"],
         machine_key=key,
         load_avg_1m=load,
+        load=out.get("load"),
     )
-    _store(path, key, threads, result)
+    old = Probe(**entry) if entry else None
+    if not (result.loaded and old is not None and old.load is not None and not old.loaded):
+        _store(path, key, threads, result)  # a loaded probe never replaces a quiet one
     return result
+
+
+def _loaded_then_quiet_now(then: float | None) -> bool:
+    """Whether a cached probe was measured under other work (its own ``load``) and the machine is quiet now
+    (sampled for a second): measure again."""
+    from ..bench.noise import NOISY_LOAD, machine_load
+
+    if then is None or then <= NOISY_LOAD:
+        return False
+    now = machine_load(1.0)
+    return now is not None and now <= NOISY_LOAD
 
 
 def _busy_then_quiet_now(then: float | None, now: float | None) -> bool:

@@ -8,7 +8,6 @@ one machine can emulate a smaller one. Specs are a built-in name (``host``, ``ph
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 
@@ -56,13 +55,16 @@ class DeviceProfile:
                 f"watts={self.watts_per_core!r} must be in (0, 1000) W per core; e.g. watts=5"
             )
 
-    def resolved_threads(self) -> int:
-        """Threads to give the engine: explicit, else one per allowed CPU."""
+    def resolved_threads(self, cgroup_dirs: dict | None = None) -> int:
+        """Threads to give the engine: explicit, else one per allowed CPU (the profile's ``cpus``, else this
+        process's affinity), capped by the container's CPU quota (``cgroup.usable_cpus``; ``cgroup_dirs``:
+        where to read it, default this process's cgroups)."""
+        from .cgroup import affinity_cpus, cap_by_quota, cpu_quota
+
         if self.threads is not None:
             return self.threads
-        if self.cpu_affinity is not None:
-            return len(self.cpu_affinity)
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = len(self.cpu_affinity) if self.cpu_affinity is not None else affinity_cpus()
+        return cap_by_quota(n, cpu_quota(cgroup_dirs))
 
     def to_dict(self) -> dict:
         return {

@@ -85,6 +85,18 @@ def _is_matmul(name: str) -> bool:
     return name.endswith(".weight") and name != TOKEN_EMBD and not any(s in name for s in _NOT_MATMUL)
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # weights llama.cpp multiplies in floating point (fp32 FMAs)
+
+
+def weight_kernels(tensors: Iterable[Any]) -> str:
+    """The arithmetic most matmul weight elements run: "float" (F32/F16/BF16: fp32 FMAs, as the probe's fp32
+    sgemm) or "int8" (quantized: llama.cpp quantizes the activations and runs int8 dot products, VNNI/AMX/
+    i8mm, whose peak is several times the fp32 one, so a compute-bound % of the fp32 roof overstates)."""
+    ts = [t for t in as_tensors(tensors) if _is_matmul(t.name)]
+    floats = sum(t.n_elements for t in ts if t.type_name.upper() in FLOAT_TYPES)
+    return "float" if 2 * floats > sum(t.n_elements for t in ts) else "int8"
+
+
 @dataclass(frozen=True, slots=True)
 class _Weights:
     body_bytes: int  # all tensors but token_embd and the output head

@@ -20,14 +20,18 @@ def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
 
 
 def physical_cores() -> int:
-    """Physical cores available to this process (llama.cpp's default thread count)."""
+    """Physical cores available to this process (llama.cpp's default thread count): psutil's physical cores,
+    capped by the CPUs this process may use: its affinity, and a container's CPU quota (``docker --cpus=1``:
+    1; more threads than the quota spin while the kernel throttles them)."""
+    from ..device.cgroup import usable_cpus
+
     try:
         import psutil
 
         n = psutil.cpu_count(logical=False)
     except Exception:  # psutil missing or unable to tell
         n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    avail = usable_cpus()
     return max(1, min(n or avail, avail))
 
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
             fits = store.records("fit")
             sys.stdout.write(fit_markdown(fits) if args.output == "html" else
-                             export([{**r, "kind": "fit"} for r in fits], args.output))
+                             export([{**r, "kind": "fit"} for r in fits], args.output, "fit"))
             return 0
         if args.eval:
             from .evals import eval_markdown
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 # the table ends its own line; the message does not
                 sys.stdout.write(eval_markdown(evals) if evals else "no eval records stored yet; run `ondevice eval`\n")
             else:
-                sys.stdout.write(export([{**r, "kind": "eval"} for r in evals], args.output))
+                sys.stdout.write(export([{**r, "kind": "eval"} for r in evals], args.output, "eval"))
             return 0
         if args.retention:
             from .quality import retention, retention_markdown

@@ -4,7 +4,8 @@ A and B are session ids or model sha256 prefixes (a unique prefix of either is e
 matched on model variant + test + settings; two model variants on test + settings (so one file's
 speed is set against the other's on the same workload). The kernels column names the extra CPU buffer
 types each side's weights really used (CPU_REPACK, AMX, none; '?' for records made before they were
-recorded), so a speedup that comes from different kernels is never read as the same configuration's.
+recorded), so a speedup that comes from different kernels is never read as the same configuration's. When the
+two sides ran on different machines or llama.cpp builds (``meta``), a warning line naming both comes first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
 from .formats import HEAD, NOISY_MARK, md_table, noise_legend, setting
+from .machines import compare_warning
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
 
@@ -100,4 +102,6 @@ def compare(store, a: str, b: str) -> tuple[list[dict], str]:
     rows = compare_records(recs_a, recs_b, by_model)
     # a session id whole (two started in the same second differ only in its tail), a sha256 by its first 16
     label = lambda kind, full: full if kind == "session" else full[:16]
-    return rows, format_compare(rows, label(kind_a, id_a), label(kind_b, id_b))
+    table = format_compare(rows, label(kind_a, id_a), label(kind_b, id_b))
+    warning = compare_warning(recs_a, recs_b) if rows else None  # another machine or build: said before the table
+    return rows, (f"{warning}\n\n" if warning else "") + table

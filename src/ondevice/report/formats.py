@@ -11,13 +11,14 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 from ..bench.noise import NOISY_MARK
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
-from . import llama_bench
+from . import llama_bench, machines
 
 FORMATS = ("md", "csv", "json", "jsonl", "sql")
 MiB = 1 << 20
@@ -61,6 +62,25 @@ def noise_legend(n_noisy: int, n: int, load_shown: bool) -> str | None:
                    if load_shown else "")
 
 
+def fp32_compute(r: BenchRecord) -> bool:
+    """Whether ``r``'s % of roofline is compute-bound against the probe's fp32 matmul roof while its weights run
+    int8 dot products (quantized: their roof is several times higher, so the % is not a share of it). Records
+    from before ``pct_basis``: every compute-bound one (the roof was always the fp32 one)."""
+    basis = (r.roofline or {}).get("pct_basis")
+    return basis != "roofline" if basis else r.roofline_bound == "compute"
+
+
+ROOF_NOTE = ("% roofline (fp32 compute): a share of the probe's fp32 matmul peak; llama.cpp runs quantized weights "
+             "as int8 dot products, whose roof is several times higher, so it is not a share of their true roof "
+             "(and can pass 100)")
+
+
+def _roof(r: BenchRecord) -> str:
+    if r.roofline_pct is None:
+        return "-"
+    return f"{r.roofline_pct:.1f} ({'fp32 compute' if fp32_compute(r) else r.roofline_bound or '?'})"
+
+
 def _energy(r: BenchRecord) -> str:
     v = r.energy_j_per_token
     if v is None:
@@ -88,6 +108,8 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
     records = BenchRecord.coerce(records)
     cols: list[tuple[str, Callable[[BenchRecord], str], str]] = [
         ("session", lambda r: str(r.session), "l")] if len({r.session for r in records}) > 1 else []
+    if len(machines.distinct(records)) > 1:  # one store, several machines or builds: each row says whose it is
+        cols.append(("machine", lambda r: "; ".join(machines.identity(r)), "l"))
     cols += [
         ("model", lambda r: str(r.model), "l"),
         ("size", _size, "r"),
@@ -108,19 +130,31 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
          "r"),
         ("peak RSS MiB", lambda r: _num(None if r.peak_rss_bytes is None else r.peak_rss_bytes / MiB, ".1f"), "r"),
         ("J/tok", _energy, "r"),
-        ("% roofline", lambda r: "-" if r.roofline_pct is None else
-         f"{r.roofline_pct:.1f} ({r.roofline_bound or '?'})", "r"),
+        ("% roofline", _roof, "r"),
     ]
     if any(r.load is not None for r in records):
         cols.append(("load", lambda r: _num(r.load, ".2f"), "r"))
     return cols
 
 
+def md_cell(text: str) -> str:
+    """A cell as markdown keeps it in its column: ``|`` as ``\\|``, a line break as ``<br>`` (GitHub's)."""
+    return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def md_uncell(text: str) -> str:
+    """:func:`md_cell` undone."""
+    return text.replace("<br>", "\n").replace("\\|", "|")
+
+
 def md_table(head: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
     """The lines of a GitHub markdown table, padded like llama-bench's; ``right``: which columns align right.
-    Cells are padded by the columns a terminal shows (a wide CJK character takes two), so rows stay aligned."""
+    Cells are padded by the columns a terminal shows (a wide CJK character takes two), so rows stay aligned;
+    ``|`` and line breaks in a cell are escaped (:func:`md_cell`), so a row stays one line of its columns."""
     from ..models.cli import display_width
 
+    head = [md_cell(h) for h in head]
+    rows = [[md_cell(c) for c in row] for row in rows]
     widths = [max(display_width(h), *(display_width(row[i]) for row in rows)) for i, h in enumerate(head)]
 
     def line(cells: Sequence[str]) -> str:
@@ -143,6 +177,8 @@ def to_md(records: Sequence[BenchRecord | dict]) -> str:
         notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
     if any(r.workload in ("pp", "tg", "pg") for r in records):
         notes.append("pp/tg use random token ids, as llama-bench does")
+    if any(r.roofline_pct is not None and fp32_compute(r) for r in records):
+        notes.append(ROOF_NOTE)
     if noise := noise_note(records):
         notes.append(noise)
     return "\n".join(out) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
@@ -153,7 +189,7 @@ def parse_md(text: str) -> list[dict[str, str]]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
     if len(lines) < 2:
         return []
-    split = lambda ln: [c.strip() for c in ln.strip("|").split(" | ")]
+    split = lambda ln: [md_uncell(c.strip()) for c in re.split(r"(?<!\\)\|", ln.strip()[1:-1])]
     head = split(lines[0])
     return [dict(zip(head, split(ln))) for ln in lines[2:]]
 
@@ -197,16 +233,28 @@ def to_csv(records: Sequence[dict]) -> str:
 SQL_TYPES = {"int": "INTEGER", "bool": "INTEGER", "float": "REAL"}  # a field's declared type -> its column's
 
 
-def to_sql(records: Sequence[dict]) -> str:
-    """``CREATE TABLE`` + ``INSERT`` statements (sqlite3 dialect), as llama-bench's ``-o sql``.
+def _record_type(kind: str):
+    """The typed record of a ``kind`` whose fields make its SQL table's columns (None: only the keys met)."""
+    if kind == "eval":
+        from ..eval.record import EvalRecord
 
-    The table has a column for every :class:`BenchRecord` field, typed by its declaration, whatever these
-    records hold: one export appended after another to the same file (``ondevice bench -o sql | sqlite3
-    results.db``, as llama-bench's README does) finds every column it inserts into, though the first held only
-    error records (no metrics) or no chat test. Keys no field declares (another version's) follow.
+        return EvalRecord
+    return BenchRecord if kind == "bench" else None
+
+
+def to_sql(records: Sequence[dict], table: str = "bench") -> str:
+    """``CREATE TABLE`` + ``INSERT`` statements (sqlite3 dialect), as llama-bench's ``-o sql``, into ``table``
+    (each record kind has its own: ``bench``, ``eval``, ``fit``; see :func:`export`).
+
+    The table has a column for every field of the kind's record class (:class:`BenchRecord` for ``bench``),
+    typed by its declaration, whatever these records hold: one export appended after another to the same file
+    (``ondevice bench -o sql | sqlite3 results.db``, as llama-bench's README does) finds every column it inserts
+    into, though the first held only error records (no metrics) or no chat test; a bench and an eval export go
+    into one file side by side. Keys no field declares (another version's) follow.
     """
-    declared = {f.name: SQL_TYPES.get(str(f.type).replace(" | None", ""), "TEXT") for f in fields(BenchRecord)
-                if f.name != "extra"}
+    cls = _record_type(table)
+    declared = {f.name: SQL_TYPES.get(str(f.type).replace(" | None", ""), "TEXT") for f in fields(cls)
+                if f.name != "extra"} if cls else {}
     keys = [*declared, *(k for k in _keys(records) if k not in declared)]
 
     def typ(k: str) -> str:
@@ -229,16 +277,17 @@ def to_sql(records: Sequence[dict]) -> str:
         s = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         return "'" + s.replace("'", "''") + "'"
 
-    out = ["CREATE TABLE IF NOT EXISTS bench (\n" + ",\n".join(f"  \"{k}\" {typ(k)}" for k in keys) + "\n);"]
+    out = [f"CREATE TABLE IF NOT EXISTS {table} (\n" + ",\n".join(f"  \"{k}\" {typ(k)}" for k in keys) + "\n);"]
     for r in records:
-        out.append(f"INSERT INTO bench ({', '.join(chr(34) + k + chr(34) for k in keys)}) VALUES "
+        out.append(f"INSERT INTO {table} ({', '.join(chr(34) + k + chr(34) for k in keys)}) VALUES "
                    f"({', '.join(lit(r.get(k)) for k in keys)});")
     return "\n".join(out) + "\n"
 
 
-def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
+def export(records: Sequence[BenchRecord | dict], fmt: str, kind: str = "bench") -> str:
     """Records in ``fmt`` (md, csv, json, jsonl or sql); typed records are written as their stored dicts, bench
-    records with llama-bench's field names added (:mod:`.llama_bench`)."""
+    records with llama-bench's field names added (:mod:`.llama_bench`). ``kind``: that of records without one
+    (sql: the table written when there are none)."""
     if fmt == "md":
         return to_md(records)
     every = dict.fromkeys(f.name for f in fields(BenchRecord) if f.name != "extra")  # the same keys, ok or not
@@ -251,8 +300,10 @@ def export(records: Sequence[BenchRecord | dict], fmt: str) -> str:
         return json.dumps(recs, indent=2, sort_keys=True, default=str) + "\n"
     if fmt == "jsonl":
         return "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in recs)
-    if fmt == "sql":
-        return to_sql(recs)
+    if fmt == "sql":  # a table per kind: bench and eval rows have different columns
+        kinds = dict.fromkeys(str(r.get("kind") or kind) for r in recs) or {kind: None}
+        return "".join(to_sql([r for r in recs if str(r.get("kind") or kind) == k], re.sub(r"\W", "_", k))
+                       for k in kinds)
     raise InvalidArgument(f"-o {fmt!r} is not an output format; use one of {', '.join(FORMATS)}")
 
 

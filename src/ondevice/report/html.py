@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from html import escape
 
 from ..bench.record import BenchRecord
-from . import svg
+from . import machines, svg
 from .cascade import html as cascade_html
-from .formats import columns, noise_note
+from .formats import ROOF_NOTE, columns, fp32_compute, noise_note
 from .quality import quality_vs_speed, retention, retention_tables
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1600px;color:#222}
@@ -94,10 +94,10 @@ def plot_roofline(records: Sequence[BenchRecord | dict]) -> str | None:
     rows = [r for r in _ok(records) if r.roofline_pct is not None]
     if not rows:
         return None
-    cats = [f"{r.test} t={r.threads}" for r in rows]
+    cats = [f"{r.test} t={r.threads}" + (" (fp32 compute)" if fp32_compute(r) else "") for r in rows]
     models = sorted({str(r.model) for r in rows})
     groups = {m: [r.roofline_pct if str(r.model) == m else None for r in rows] for m in models}
-    return svg.bar_chart(cats, groups, "Share of the roofline bound achieved", "% of roofline")
+    return svg.bar_chart(cats, groups, "Share of the roofline bound achieved", "% of roofline (compute: of fp32 roof)")
 
 
 def plot_quality(points: list[dict]) -> list[str]:
@@ -137,12 +137,15 @@ def _table(records: Sequence[BenchRecord]) -> str:
 
 
 def summary(records: Sequence[BenchRecord | dict]) -> tuple[str, bool]:
-    """(one line per model: its headline figures and the machine; whether any record is noisy)."""
+    """(one line per model: its headline figures and the machine; whether to mark it: a record is noisy, or
+    the records come from several machines or llama.cpp builds, each line then naming its own)."""
     records = BenchRecord.coerce(records)
     ok = _ok(records)
     lines = []
-    for m in dict.fromkeys(str(r.model) for r in ok):
-        rs = [r for r in ok if str(r.model) == m]
+    mixed = len(machines.distinct(records)) > 1
+    group = (lambda r: (str(r.model), machines.identity(r))) if mixed else (lambda r: (str(r.model), None))
+    for m, ident in dict.fromkeys(group(r) for r in ok):
+        rs = [r for r in ok if group(r) == (m, ident)]
         bits = []
         for wl, what in (("tg", "decode"), ("pp", "prefill")):
             cand = [r for r in rs if r.workload == wl and not r.n_depth and r.tps_mean]
@@ -155,9 +158,13 @@ def summary(records: Sequence[BenchRecord | dict]) -> tuple[str, bool]:
         rss = [r.peak_rss_bytes for r in rs if r.peak_rss_bytes]
         if rss:
             bits.append(f"peak RSS {max(rss) / 2**20:.0f} MiB")
-        lines.append(f"<b>{escape(m)}</b>: " + escape(", ".join(bits) or "no throughput figures"))
+        on = f" on {ident[0]}, {ident[1]}" if ident else ""
+        lines.append(f"<b>{escape(m)}</b>{escape(on)}: " + escape(", ".join(bits) or "no throughput figures"))
     meta = next((r.meta for r in records if r.meta), None) or {}
     where = f" on {meta.get('cpu_model')} ({meta.get('physical_cores')} cores)" if meta.get("cpu_model") else ""
+    if mixed:
+        where = (f" on {len(machines.distinct(records))} different machines or llama.cpp builds (each line names "
+                 f"its own; figures from different ones measure the machines, not only the configurations)")
     noisy = [r for r in ok if r.noisy]
     head = f"{len(ok)} of {len(records)} runs ok{escape(where)}."
     failed = {f"{r.test}: {r.error}" for r in records if r.status == "error" and r.error}
@@ -169,21 +176,28 @@ def summary(records: Sequence[BenchRecord | dict]) -> tuple[str, bool]:
         head += (f" <b>{len(noisy)} noisy</b> (marked (!) below"
                  + (f"; other processes kept up to {max(loads):.2f} cores busy" if loads else "")
                  + "): rerun on a quiet machine or with <code>--wait-idle</code>.")
-    return head + "<br>" + "<br>".join(lines), bool(noisy)
+    return head + "<br>" + "<br>".join(lines), bool(noisy) or mixed
 
 
 def _device(records: Sequence[BenchRecord]) -> str:
-    meta = next((r.meta for r in records if r.meta), None) or {}
-    build = meta.get("llama_build")
-    items = [("CPU", meta.get("cpu_model")), ("flags", " ".join(meta.get("cpu_flags") or [])),
-             ("cores", f"{meta.get('physical_cores')} physical / {meta.get('logical_cores')} logical"),
-             ("memory", f"{(meta.get('memory_total_bytes') or 0) / 2**30:.1f} GiB"),
-             ("kernel", meta.get("kernel")), ("governor", meta.get("governor")),
+    """The machine and build the records ran on: one column per distinct one (and the records each holds)."""
+    found = machines.distinct(records)
+    metas = [m for m in found.values() if m] or [{}]
+    items = [("CPU", lambda m: m.get("cpu_model")), ("flags", lambda m: " ".join(m.get("cpu_flags") or [])),
+             ("cores", lambda m: f"{m.get('physical_cores')} physical / {m.get('logical_cores')} logical"),
+             ("memory", lambda m: f"{(m.get('memory_total_bytes') or 0) / 2**30:.1f} GiB"),
+             ("kernel", lambda m: m.get("kernel")), ("governor", lambda m: m.get("governor")),
              ("load average before the first run (1, 5, 15 min)",
-              " / ".join(f"{x:.2f}" for x in meta.get("load_avg_before") or [])), ("ondevice", meta.get("ondevice")),
-             ("llama.cpp", build if isinstance(build, str) else json.dumps(build))]
-    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td style='text-align:left'>{escape(str(v))}</td></tr>"
-                               for k, v in items) + "</table>"
+              lambda m: " / ".join(f"{x:.2f}" for x in m.get("load_avg_before") or [])),
+             ("ondevice", lambda m: m.get("ondevice")),
+             ("llama.cpp", lambda m: m.get("llama_build") if isinstance(m.get("llama_build"), str)
+              else json.dumps(m.get("llama_build")))]
+    if len(metas) > 1:
+        count = {k: sum(machines.key(r) == k for r in records) for k in found}
+        items.insert(0, ("records", lambda m: f"{count[machines.key({'meta': m})]} ({machines.build_short(m)})"))
+    cell = "<td style='text-align:left'>{}</td>"
+    return "<table>" + "".join(f"<tr><th>{escape(k)}</th>" + "".join(cell.format(escape(str(f(m)))) for m in metas)
+                               + "</tr>" for k, f in items) + "</table>"
 
 
 def build_html(records: Sequence[BenchRecord | dict], eval_records: Sequence[dict] = (),
@@ -212,6 +226,8 @@ def build_html(records: Sequence[BenchRecord | dict], eval_records: Sequence[dic
         notes.append(f"Roofline from the built-in probe: {r0['bandwidth_gbs']:.1f} GB/s "
                      f"({escape(r0['probe']['bandwidth_method'])}), {r0['peak_gflops']:.1f} GFLOP/s "
                      f"({escape(r0['probe']['compute_method'])}). % = time at the bound / measured time.")
+        if any(r.roofline_pct is not None and fp32_compute(r) for r in bench):
+            notes.append(escape(ROOF_NOTE) + ".")
     quality = ("<h2>Quality vs speed</h2><div class='plots'>" + "".join(f"<figure>{q}</figure>" for q in qplots)
                + "</div>") if qplots else (
         "<h2>Quality vs speed</h2><p class='note'>No eval records share a model sha256 with these bench runs; "

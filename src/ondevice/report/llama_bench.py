@@ -5,7 +5,9 @@
 ``scripts/compare-llama-bench.py`` is not claimed (it joins rows on ``flash_attn``, which stays ours). Each
 record keeps its own fields; the llama-bench fields it lacks are added with llama-bench's meaning and encoding:
 its figures (``avg_ts``, ``stddev_ts``, ``avg_ns``, ``stddev_ns``, ``samples_ts``, ``samples_ns``), the model
-(``model_type`` is llama.cpp's own ``llama_model_desc``, as llama-bench prints it), the build, the CPU, and its
+(``model_type`` is llama.cpp's own ``llama_model_desc``, as llama-bench prints it), the build (``build_commit``:
+``ondevice-<version>+llama-cpp-python-<version>-<hash of llama.cpp's build line>``, so rows group by build as
+llama-bench's do by commit; ``build_number`` is 0, llama-cpp-python does not report it), the CPU, and its
 GPU and placement settings at the values llama-bench writes when they are not given (everything here runs on
 the CPU). Two names stay ours: ``flash_attn`` (true/false, null for auto; llama-bench writes 1/0/-1) and
 ``repack`` (auto/on/off as asked; the kernels used are in ``kernels``).
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import statistics
 from datetime import UTC, datetime
+
+from .machines import build_commit
 
 # llama-bench's fields with one value here: its defaults for GPU, placement and loading flags (CPU only)
 FIXED = {"gpu_info": "", "backends": "CPU", "n_gpu_layers": -1, "n_cpu_moe": 0, "cpu_mask": "0x0",
@@ -36,7 +40,7 @@ def fields(r: dict) -> dict:
     meta = r.get("meta") or {}
     times = [t for t in r.get("time_s_samples") or [] if t is not None]
     out = {
-        "build_commit": f"ondevice-{meta.get('ondevice') or 'unknown'}", "build_number": 0,
+        "build_commit": build_commit(meta), "build_number": 0,
         "cpu_info": meta.get("cpu_model"), **FIXED,
         "model_filename": r.get("model_path"), "model_type": meta.get("model_desc"),
         "model_size": r.get("model_tensor_bytes"), "model_n_params": r.get("model_params"),

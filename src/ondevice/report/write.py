@@ -63,6 +63,13 @@ def write_html(records: list[BenchRecord], store=None, path: str | Path | None =
     sessions = sessions or sorted({r.session for r in BenchRecord.coerce(records)} - {None, ""})
     evals = store.records("eval") if store is not None else []
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
-    with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
-        f.write(build_html(records, evals, sessions=sessions))
+    page = build_html(records, evals, sessions=sessions)
+    try:
+        with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
+            f.write(page)
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        # a full disk fails in write or flush, whose error names no file: name the report's (the old one is kept)
+        raise OSError(e.errno, e.strerror, str(out)) from e
     return out

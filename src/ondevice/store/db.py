@@ -1,20 +1,28 @@
 """One SQLite file for bench and eval records, so that speed and quality join on the model variant.
 
 A record is a JSON object; the columns next to it are what we filter and join on. WAL mode, one
-transaction per record: a process killed mid-sweep loses at most the record in flight.
+transaction per record: a process killed mid-sweep loses at most the record in flight. The schema's version is
+the file's ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`): a writer brings an older store up to it and refuses
+a newer one before anything is measured; a reader reads a newer one with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+
+SCHEMA_VERSION = 1  # PRAGMA user_version; 0: a store written before versions were kept (same tables)
+KNOWN_COLUMNS = {"id", "kind", "session", "config_key", "model", "model_sha256", "test", "status", "created", "record"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -76,6 +84,8 @@ class Store:
         """
         self.path = Path(path).expanduser() if path else default_path(create=create)
         self.timeout = timeout
+        self._seen: tuple | None = None  # read as immutable: the file as it was then (see _connect_read_only)
+        self._copy: str | None = None  # read from a temporary copy: its folder
         if not create and not self.path.exists():
             fix = ("record one with `ondevice bench`, `ondevice eval` or `ondevice serve --cascade-keep-hard`"
                    if not path else "give the --db that `ondevice bench`, `eval` or `serve --cascade-keep-hard` "
@@ -97,6 +107,7 @@ class Store:
             with self._translated():
                 self.db = self._connect() if create else self._connect_read_only()
                 self._check_ours(create)
+                self._check_version(create)
                 if create:
                     # a writer finds a damaged table root now, not after a sweep has run (cheap: one path down the
                     # tree, not PRAGMA quick_check's every page; damage elsewhere is named when a query meets it)
@@ -105,13 +116,13 @@ class Store:
                     self.db.execute("PRAGMA journal_mode=WAL")
                     self.db.execute("PRAGMA synchronous=NORMAL")
                     self.db.executescript(SCHEMA)
+                    if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # an older store
+                        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except StoreUnusable:
-            if self.db is not None:
-                self.db.close()
+            self._close()
             raise
         except sqlite3.DatabaseError as e:  # not a database, a directory, an unreadable file, someone else's DB
-            if self.db is not None:
-                self.db.close()
+            self._close()
             if not any(w in str(e) for w in ("file is not a database", "another program", "no records table")):
                 raise StoreUnusable(f"cannot use {self.path} ({e}); check it and its folder, or give another "
                                     f"--db") from None  # not proof the file is someone else's: no advice to move it
@@ -119,8 +130,7 @@ class Store:
                    f"next bench or eval starts a new one there), or give another --db")
             raise InvalidArgument(f"{self.path} is not an ondevice store (SQLite): {e}; {fix}") from None
         except BaseException:
-            if self.db is not None:
-                self.db.close()
+            self._close()
             raise
 
     def _check_ours(self, create: bool) -> None:
@@ -139,23 +149,88 @@ class Store:
         if missing:
             raise sqlite3.DatabaseError(f"its records table is another program's (no {', '.join(missing)} column)")
 
+    def _check_version(self, create: bool) -> None:
+        """Refuse to write a store a newer ondevice made (its schema version, or a records column this version
+        would not fill), before anything is measured; a reader reads what it knows of one, with a warning."""
+        from .. import __version__
+
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        required = sorted(name for _, name, _, notnull, default, pk in self.db.execute("PRAGMA table_info(records)")
+                          if notnull and default is None and not pk and name not in KNOWN_COLUMNS)
+        if version <= SCHEMA_VERSION and not required:
+            return
+        what = (f"store schema {version}; ondevice {__version__} knows up to {SCHEMA_VERSION}" if
+                version > SCHEMA_VERSION else f"its records need a {', '.join(required)} column this version "
+                                              f"does not write")
+        if create:
+            raise InvalidArgument(f"{self.path} was written by a newer ondevice ({what}): nothing was changed or "
+                                  f"measured; upgrade ondevice (`pip install -U ondevice`) to record into it, or "
+                                  f"give another --db")
+        warnings.warn(f"{self.path} was written by a newer ondevice ({what}); showing the records as this version "
+                      f"reads them: upgrade ondevice (`pip install -U ondevice`) to see all of them", stacklevel=3)
+
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
 
+    def _signature(self) -> tuple:
+        """What changes when a writer touches the store: the file's inode, size and mtime, and its -wal's size."""
+        st = self.path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns, _size(self._wal)
+
+    @property
+    def _wal(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
     def _connect_read_only(self) -> sqlite3.Connection:
-        """A connection that cannot write the file. A WAL store in a folder this process cannot write (a
-        read-only disk, another user's store) has no -shm file to share: it is opened as immutable then (what
-        its -wal file holds and was not yet checkpointed is not seen; a store closed cleanly has none)."""
+        """A connection that cannot write the file, and leaves nothing beside it.
+
+        * No -wal (or an empty one: a store closed cleanly, every record in the file): read as ``immutable``,
+          which needs no -shm or -wal file, free space or write access to the folder. A writer may start while
+          it reads: each query checks the file did not change under it (:meth:`_fetch`), else reads again
+          through a shared connection.
+        * A -wal with records not yet in the file (a writer is running, or one was killed): ``mode=ro``, which
+          shares the writer's -shm index. Where that cannot be made (a read-only folder, a full disk), the store
+          and its -wal are read from a temporary copy; where that cannot be made either, the file alone is read
+          and a warning names the -wal whose records are not shown.
+        """
         uri = self.path.resolve().as_uri()
+        if not _size(self._wal):
+            self._seen = self._signature()
+            return sqlite3.connect(f"{uri}?immutable=1", timeout=self.timeout, isolation_level=None, uri=True)
         db = sqlite3.connect(f"{uri}?mode=ro", timeout=self.timeout, isolation_level=None, uri=True)
         try:
             db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
             return db
         except sqlite3.OperationalError as e:
             db.close()
-            if "unable to open" not in str(e) and "readonly" not in str(e):
+            if not any(w in str(e) for w in ("unable to open", "readonly", "disk I/O error")):
                 raise
+            reason = str(e)
+        copy = self._read_copy()
+        if copy is not None:
+            return copy
+        warnings.warn(f"{self._wal} holds {_size(self._wal)} bytes of recent records that cannot be read here "
+                      f"({reason}; no room for a temporary copy either); they are not shown: copy {self.path} and "
+                      f"{self._wal} together to a writable place and give the copy as --db", stacklevel=4)
         return sqlite3.connect(f"{uri}?immutable=1", timeout=self.timeout, isolation_level=None, uri=True)
+
+    def _read_copy(self) -> sqlite3.Connection | None:
+        """A connection to a temporary copy of the store and its -wal (removed on close), or None."""
+        folder = db = None
+        try:
+            folder = tempfile.mkdtemp(prefix="ondevice-store-")
+            for src in (self.path, self._wal):
+                shutil.copyfile(src, Path(folder) / src.name)
+            db = sqlite3.connect(Path(folder) / self.path.name, timeout=self.timeout, isolation_level=None)
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except (OSError, sqlite3.Error):
+            if db is not None:
+                db.close()
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            return None
+        self._copy = folder
+        return db
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -178,6 +253,10 @@ class Store:
                     w in msg for w in ("readonly", "full", "disk I/O error", "unable to open")):
                 raise StoreUnusable(f"cannot use {self.path} ({msg}): {self._room()}; its records are kept: "
                                     f"run this again once it is fixed, or give another --db") from None
+            if isinstance(e, sqlite3.IntegrityError):  # a constraint this version does not know of
+                raise StoreUnusable(f"cannot add to {self.path} ({msg}): a newer ondevice's store? its records "
+                                    f"are kept: upgrade ondevice (`pip install -U ondevice`) or give another "
+                                    f"--db") from None
             raise
 
     def _room(self) -> str:
@@ -202,7 +281,14 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self.db.close()
+        self._close()
+
+    def _close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        if self._copy:
+            shutil.rmtree(self._copy, ignore_errors=True)
+            self._copy = None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -216,9 +302,23 @@ class Store:
                     self.db.execute("ROLLBACK")
                 raise
 
-    def _query(self, q: str, args: list) -> list[tuple]:
+    def _fetch(self, q: str, args: list) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a read. Read as immutable, a writer that changed the file meanwhile makes it
+        read again through a shared connection (``mode=ro``), which sees the writer's -wal."""
         with self._translated():
-            return self.db.execute(q, args).fetchall()
+            cur = self.db.execute(q, args)
+            rows = cur.fetchall()
+            if self._seen is not None and self._signature() != self._seen:
+                self.db.close()
+                self._seen = None
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", timeout=self.timeout,
+                                          isolation_level=None, uri=True)
+                cur = self.db.execute(q, args)
+                rows = cur.fetchall()
+            return [c[0] for c in cur.description or ()], rows
+
+    def _query(self, q: str, args: list) -> list[tuple]:
+        return self._fetch(q, args)[1]
 
     def add(self, kind: str, record, *, session: str, config_key: str, model: str, model_sha256: str,
             test: str, status: str = "ok") -> int:
@@ -300,10 +400,7 @@ class Store:
             args.append(device_sha256 + "%")
         if not self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='hard_samples'", []):
             return []  # a store written before hard samples were kept, opened read-only
-        with self._translated():
-            cur = self.db.execute(q + " ORDER BY id", args)
-            cols = [c[0] for c in cur.description]
-            rows = cur.fetchall()
+        cols, rows = self._fetch(q + " ORDER BY id", args)
         out = []
         for row in rows:
             d = dict(zip(cols, row))
@@ -315,3 +412,11 @@ class Store:
     def add_many(self, kind: str, rows: Iterable[tuple[dict, dict]]) -> None:
         for record, cols in rows:
             self.add(kind, record, **cols)
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for none."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -71,11 +71,9 @@ def decrypt_threads() -> int:
     Measured on 2 cores (benchmarks/protect_bench.py --decrypt-threads, Qwen 0.5B): 2 workers took the
     loader's core and the cold start grew (1.33x plaintext against 1.13x with 1).
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    return max(1, min(2, usable - 1))
+    from ..device.cgroup import usable_cpus  # affinity, capped by a container's CPU quota
+
+    return max(1, min(2, usable_cpus() - 1))
 
 
 class Hold:

@@ -50,11 +50,28 @@ class InvalidArgument(OndeviceError):
 
 
 class NonFiniteLogits(OndeviceError):
-    """llama.cpp computed NaN or infinite logits: the output means nothing (a damaged file, an overflow)."""
+    """llama.cpp computed NaN or infinite logits: the output means nothing. The cause is a NaN or inf in what
+    computed them: the model's weights, a LoRA adapter in use, or KV state restored from a file."""
 
-    def __init__(self, where: str = "logits"):
-        super().__init__(f"the model computed NaN or infinite {where}, so its output means nothing: its weights are "
-                         f"likely damaged (a NaN or inf in the file); download or convert the model again")
+    def __init__(self, where: str = "logits", adapters: tuple[str, ...] | list[str] = (),
+                 restored: str | None = None):
+        """``adapters``: the LoRA adapters in use, ``restored``: the slot or prompt-cache file whose KV the
+        sequence holds, where the raiser knows them (named first: the likelier causes)."""
+        causes = []
+        if restored:
+            causes.append(f"the KV state restored from {restored} (a damaged file: erase the slot or start without "
+                          f"the prompt cache, and save it again)")
+        if adapters:
+            causes.append(f"the LoRA adapter{'s' if len(adapters) > 1 else ''} {', '.join(adapters)} (a NaN or "
+                          f"inf in its weights: run without it to check, then train or convert it again)")
+        weights = "the model's weights (a NaN or inf in the file: download or convert the model again)"
+        if causes:
+            why = "; likely causes: " + ", or ".join([*causes, weights])
+        else:
+            why = (": its weights are likely damaged (a NaN or inf in the file); download or convert the model again "
+                   "(or, if a LoRA adapter or a restored slot / prompt-cache file is in use, run without it: it may "
+                   "hold the NaN instead)")
+        super().__init__(f"the model computed NaN or infinite {where}, so its output means nothing{why}")
 
 
 class StreamAbandoned(OndeviceError):

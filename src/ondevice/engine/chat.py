@@ -1,10 +1,11 @@
 """Chat templates from GGUF metadata, rendered in a Jinja sandbox (as llama.cpp / transformers do).
 
-A chat template is code from a model file: the sandbox stops it reaching Python internals, and the limits
-here stop it exhausting the process. Every loop iteration, call, filter and arithmetic operation checks a
-deadline; repetition, powers, ``%`` formatting, joins and integer arguments that would build a value larger
-than the output limit are refused before the value is built; the output is counted as it is generated.
-Whatever a template does then ends as :class:`InvalidArgument` naming the template as the problem.
+A chat template is code from a model file: the sandbox (engine/chat_sandbox.py) stops it reaching Python
+internals, and its limits stop it exhausting the process: a deadline checked by every loop iteration, call,
+filter and operator; every value a step builds bounded before it is built (``*``, ``**``, ``~``, ``%``,
+``str.format``, joins, filters); the values a render builds bounded in all; the output counted as it is
+generated. Whatever a template does then ends as :class:`InvalidArgument` naming the template as the problem,
+and nothing it built is kept.
 
 Message contents are text, never control tokens: :func:`encode` swaps control-token text inside the
 messages (and tools) for placeholders before rendering, then tokenizes the template's own markers as
@@ -13,290 +14,24 @@ special tokens and everything between them, contents included, as plain text.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import secrets
-import threading
-import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
 from functools import lru_cache
 
 from ..errors import InvalidArgument
+from .chat_sandbox import CHARS_PER_CTX_TOKEN, MIN_OUTPUT_CHARS, RENDER_TIMEOUT_S, TemplateLimit, compile_template
+from .chat_sandbox import limits as _limits
+
+__all__ = ["MIN_OUTPUT_CHARS", "RENDER_TIMEOUT_S", "TemplateLimit", "encode", "render"]
 
 Message = dict  # {"role": "system"|"user"|"assistant"|"tool", "content": str, ...}
-
-RENDER_TIMEOUT_S = 5.0  # a real template renders in milliseconds
-MIN_OUTPUT_CHARS = 1 << 20  # the output limit is max(this, CHARS_PER_CTX_TOKEN * context tokens)
-CHARS_PER_CTX_TOKEN = 32  # far above any tokenizer's characters per token
-
-
-class _Budget(threading.local):
-    deadline = float("inf")
-    max_chars = MIN_OUTPUT_CHARS
-
-
-_budget = _Budget()
 
 
 # the template is the model file's, or one given with --chat-template / --chat-template-file / load(chat_template=)
 _FIX = "fix the template, give another with --chat-template, or use a model whose template renders this conversation"
-
-
-class TemplateLimit(Exception):
-    """A chat template went over its time or size limit (raised inside the render, turned into an error)."""
-
-
-def _tick() -> None:
-    if time.monotonic() > _budget.deadline:
-        raise TemplateLimit(f"it ran longer than {RENDER_TIMEOUT_S:g} s")
-
-
-def _check_size(n: int, what: str) -> None:
-    if n > _budget.max_chars:
-        raise TemplateLimit(f"{what} would hold {n} items, over the limit of {_budget.max_chars}")
-
-
-def _check_args(args: Iterable, kwargs: Mapping) -> None:
-    """Integer arguments (widths, indents, counts) above the output limit can only build a huge value."""
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, int) and abs(v) > _budget.max_chars:
-            raise TemplateLimit(f"an argument of {v} is over the limit of {_budget.max_chars}")
-
-
-_WIDTHS = re.compile(r"\d+")
-
-
-def _check_format(fmt: str, fields: bool = False) -> None:
-    """A width or precision in a format string (``%9999999s``, ``{:>9999999}``) over the limit, or ``*``;
-    with ``fields`` (``str.format``), a field nested in a spec (``{0:{1}}``: a width from an argument)."""
-    if "%" in fmt and "*" in fmt:
-        raise TemplateLimit("'*' widths in % formats are not allowed")
-    if fields:
-        import string
-
-        try:
-            specs = [spec for _, name, spec, _ in string.Formatter().parse(fmt) if name is not None]
-        except ValueError:
-            specs = []  # str.format will raise on it itself
-        if any("{" in (spec or "") for spec in specs):
-            raise TemplateLimit("a format field nested in a format spec is not allowed")
-    for m in _WIDTHS.finditer(fmt):
-        if len(m.group()) > 9 or int(m.group()) > _budget.max_chars:
-            raise TemplateLimit(f"a format width of {m.group()} is over the limit of {_budget.max_chars}")
-
-
-def _text_size(v, depth: int = 0) -> int:
-    """About how many characters ``str(v)`` has, counted without building it (stops once over the limit)."""
-    if isinstance(v, str):
-        return len(v) + 2
-    if isinstance(v, (list, tuple, dict)) and depth < 32:
-        n = 2
-        for x in (v.items() if isinstance(v, dict) else v):
-            n += _text_size(x, depth + 1) + 2
-            if n > _budget.max_chars:
-                break
-        return n
-    return _sized(v) + 8
-
-
-def _sized(v) -> int:
-    if isinstance(v, (str, bytes, list, tuple)):
-        return len(v)
-    if isinstance(v, int):
-        return v.bit_length() // 3  # about the decimal digits
-    return 0
-
-
-def _binop(op: str, left, right):
-    """Every arithmetic operator of a template, bounded before it runs."""
-    import operator
-
-    _tick()
-    if op == "*":
-        seq, n = (left, right) if isinstance(right, int) else (right, left)
-        if isinstance(n, int) and isinstance(seq, (str, list, tuple)):
-            _check_size(len(seq) * max(n, 0), "a repeated sequence")
-        elif isinstance(left, int) and isinstance(right, int):
-            _check_size(_sized(left) + _sized(right), "a product")
-    elif op == "**":
-        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-            _check_size(left.bit_length() * right // 3, "a power")
-    elif op == "+":
-        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            _check_size(len(left) + len(right), "a concatenation")
-    elif op == "%" and isinstance(left, str):
-        _check_format(left)
-        _check_args(right if isinstance(right, tuple) else (right,), {})
-    return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
-            "//": operator.floordiv, "**": operator.pow, "%": operator.mod}[op](left, right)
-
-
-def _guard_iter(iterable):
-    """Every ``{% for %}`` loop goes through here: the deadline is checked on each item."""
-    for item in iterable:
-        _tick()
-        yield item
-
-
-def _concat(*parts) -> str:
-    """The ``~`` operator, bounded (a list's text is measured before it is made)."""
-    _tick()
-    _check_size(sum(len(p) if isinstance(p, str) else _text_size(p) for p in parts), "a joined string")
-    out = "".join(map(str, parts))
-    _check_size(len(out), "a joined string")
-    return out
-
-
-def _precheck(name: str, value, rest: tuple, kwargs: Mapping):
-    """Refuse a filter or ``str`` method whose result would pass the limit (or whose C loop is quadratic) before
-    it runs; returns ``value`` (a generator is turned into a list so it can be measured and still used)."""
-    _tick()
-    _check_args(rest, kwargs)
-    if name in ("format", "format_map") and isinstance(value, str):
-        _check_format(value, fields=True)
-    elif name == "expandtabs" and isinstance(value, str):
-        size = rest[0] if rest else kwargs.get("tabsize", 8)
-        _check_size(len(value) + value.count("\t") * (size if isinstance(size, int) else 8), "an expanded string")
-    elif name in ("string", "pprint", "tojson") and not isinstance(value, str):
-        _check_size(_text_size(value), "a value's text")
-    elif name == "join":  # the filter: value|join(sep); str.join arrives as (sep, [value])
-        value = list(value) if not isinstance(value, (str, list, tuple, dict)) else value
-        sep = rest[0] if rest else kwargs.get("d", "")
-        _check_size(sum(_sized(x) if isinstance(x, str) else 8 for x in value) + len(str(sep)) * len(value),
-                    "a joined string")
-    elif name == "replace" and isinstance(value, str) and len(rest) >= 2:
-        old, new = str(rest[0]), str(rest[1])
-        n = value.count(old) if old else len(value) + 1
-        _check_size(len(value) + n * len(new), "a replaced string")
-    elif name == "indent" and isinstance(value, str):
-        width = rest[0] if rest else kwargs.get("width", 4)
-        _check_size(len(value) + (value.count("\n") + 1) * (width if isinstance(width, int) else len(str(width))),
-                    "an indented string")
-    elif name == "sum":
-        value = list(value) if not isinstance(value, (list, tuple)) else value
-        start = rest[1] if len(rest) > 1 else kwargs.get("start", 0)
-        if isinstance(start, (str, list, tuple)) or any(isinstance(x, (str, list, tuple)) for x in value[:1]):
-            raise TemplateLimit("sum over sequences is not allowed (its cost grows with the square of the size)")
-    return value
-
-
-def _guard_filter(fn: Callable, name: str) -> Callable:
-    """The filter registered as ``name`` (``string`` is markupsafe's ``soft_str``), bounded."""
-    from jinja2.utils import _PassArg
-
-    skip = 0 if _PassArg.from_obj(fn) is None else 1  # the environment or context comes first
-
-    @functools.wraps(fn)
-    def guarded(*args, **kwargs):
-        if len(args) > skip:
-            value = _precheck(name, args[skip], args[skip + 1:], kwargs)
-            args = (*args[:skip], value, *args[skip + 1:])
-        out = fn(*args, **kwargs)
-        if isinstance(out, (str, list)):
-            _check_size(len(out), "a filter's result")
-        return out
-
-    return guarded
-
-
-def _raise(msg: str):
-    from jinja2.exceptions import TemplateError
-
-    raise TemplateError(msg)
-
-
-def _tojson(value, indent=None, ensure_ascii=False, **_):
-    if indent is not None and (not isinstance(indent, int) or not 0 <= indent <= 16):
-        raise TemplateLimit(f"tojson indent {indent!r} is not an integer from 0 to 16")
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
-
-
-def _guards_extension():
-    from jinja2.ext import Extension
-
-    class Guards(Extension):
-        """Holds the guards the compiled template calls (no tags of its own)."""
-
-        iter = staticmethod(_guard_iter)
-        concat = staticmethod(_concat)
-
-    return Guards
-
-
-@lru_cache(maxsize=1)
-def _environment():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Env(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(("+", "-", "*", "/", "//", "**", "%"))
-
-        def call_binop(self, context, operator, left, right):
-            return _binop(operator, left, right)
-
-        def call(self, context, obj, /, *args, **kwargs):
-            owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
-            if isinstance(owner, str) and name == "join" and args:
-                args = (_precheck("join", args[0], (owner,), {}), *args[1:])
-            elif isinstance(owner, str):
-                _precheck(name, owner, args, kwargs)
-            else:
-                _tick()
-                _check_args(args, kwargs)
-            out = super().call(context, obj, *args, **kwargs)
-            if isinstance(out, (str, list)):
-                _check_size(len(out), "a call's result")
-            return out
-
-        def getitem(self, obj, argument):
-            _tick()
-            if isinstance(obj, str) and argument in ("format", "format_map"):
-                _check_format(obj, fields=True)
-            return super().getitem(obj, argument)
-
-        def getattr(self, obj, attribute):
-            _tick()
-            if isinstance(obj, str) and attribute in ("format", "format_map"):
-                _check_format(obj, fields=True)  # the sandbox wraps str.format: the call hook no longer sees it
-            return super().getattr(obj, attribute)
-
-    env = Env(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = _tojson
-    env.filters = {k: _guard_filter(f, k) for k, f in env.filters.items()}
-    # reached as environment.extensions[...].<name> from the compiled code: no template can rebind it
-    guards = _guards_extension()
-    env.add_extension(guards)
-    env.ondevice_guards = guards.identifier
-    return env
-
-
-@lru_cache(maxsize=16)
-def _compile(source: str):
-    """The template with every loop's iterable and every ``~`` routed through the guards above."""
-    from jinja2 import nodes
-    from jinja2.visitor import NodeTransformer
-
-    def guard(name: str, args: list, lineno: int):
-        return nodes.Call(nodes.ExtensionAttribute(env.ondevice_guards, name, lineno=lineno), args, [], None, None,
-                          lineno=lineno)
-
-    class Guards(NodeTransformer):
-        def visit_For(self, node):
-            node = self.generic_visit(node)
-            node.iter = guard("iter", [node.iter], node.lineno)
-            return node
-
-        def visit_Concat(self, node):
-            node = self.generic_visit(node)
-            return guard("concat", list(node.nodes), node.lineno)
-
-    env = _environment()
-    tree = Guards().visit(env.parse(source))
-    tree.set_environment(env)
-    return env.from_string(tree)
 
 
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
@@ -370,27 +105,30 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "", e
     if "tool_calls" not in template:
         messages = calls_as_text(messages)
     limit = max(MIN_OUTPUT_CHARS, CHARS_PER_CTX_TOKEN * n_ctx)
-    _budget.deadline, _budget.max_chars = time.monotonic() + timeout, limit
     try:
-        tpl = _compile(template)
-        parts, n = [], 0
-        for chunk in tpl.generate(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                  add_generation_prompt=add_generation_prompt, tools=tools, **extra):
-            n += len(chunk)
-            if n > limit:
-                raise TemplateLimit(f"its output passed {limit} characters ({CHARS_PER_CTX_TOKEN} per token of "
-                                    f"the {n_ctx}-token context)")
-            parts.append(chunk)
-            _tick()
+        with _limits(timeout, limit):
+            parts, n = [], 0
+            for chunk in compile_template(template).generate(
+                    messages=messages, bos_token=bos_token, eos_token=eos_token,
+                    add_generation_prompt=add_generation_prompt, tools=tools, **extra):
+                n += len(chunk)
+                if n > limit:
+                    raise TemplateLimit(f"its output passed {limit} characters ({CHARS_PER_CTX_TOKEN} per token "
+                                        f"of the {n_ctx}-token context)")
+                parts.append(chunk)
         return "".join(parts) + prefill
     except TemplateLimit as e:
-        raise InvalidArgument(f"the chat template was stopped: {e}; {_FIX}") from None
+        why, cause = f"the chat template was stopped: {e}; {_FIX}", None
+        traceback.clear_frames(e.__traceback__)
     except TemplateError as e:
-        raise InvalidArgument(f"the chat template failed: {e}; {_FIX}") from e
+        why, cause = f"the chat template failed: {e}; {_FIX}", e
+        traceback.clear_frames(e.__traceback__)
     except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, LookupError, AttributeError) as e:
-        raise InvalidArgument(f"the chat template failed ({type(e).__name__}: {str(e)[:200]}); {_FIX}") from None
-    finally:
-        _budget.deadline = float("inf")
+        why, cause = f"the chat template failed ({type(e).__name__}: {str(e)[:200]}); {_FIX}", None
+        traceback.clear_frames(e.__traceback__)
+    # raised here, not in an except block, and with the template's frames cleared: the error holds none of
+    # the values the template built (megabytes, maybe), so nothing it built outlives this call
+    raise InvalidArgument(why) from cause
 
 
 # a plain transcript's turns, one a line (validate_messages allows these roles only)

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as fields_of
 from typing import TYPE_CHECKING, Literal
 
 from .. import fields
@@ -184,12 +185,21 @@ class Sampling:
         try:
             bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
         except (TypeError, ValueError):
-            raise InvalidArgument(f"logit_bias={self.logit_bias!r} is not token ids with biases; give "
+            raise InvalidArgument(f"logit_bias={self.logit_bias!r:.200} is not token ids with biases; give "
                                   f"{{token_id: bias}} or ((token_id, bias), ...)") from None
+        except OverflowError:  # an int past float's range (10**400)
+            raise InvalidArgument("logit_bias holds a bias too large for a number; give finite biases (-100 to 100 "
+                                  "is OpenAI's range; -inf bans a token)") from None
         if any(math.isnan(b) or b == math.inf for _, b in bias):  # -inf bans a token; NaN or +inf means nothing
             raise InvalidArgument(f"logit_bias={dict(bias)!r} holds NaN or +inf; give finite biases (-inf bans a "
                                   f"token)")
         object.__setattr__(self, "logit_bias", bias)
+        for f in fields_of(self):  # NaN, inf or an int past float's range in any sampler setting: an error here,
+            value = getattr(self, f.name)  # not a reply or a GET /slots that JSON cannot carry, or an OverflowError
+            if isinstance(f.default, float) and not (math.isfinite(value) if isinstance(value, float) else
+                                                     abs(value) < 1e308):
+                raise InvalidArgument(f"--{f.name.replace('_', '-')} / {f.name}={value!r:.40} must be a finite "
+                                      f"number")
         checks = [
             ("temp", self.temp >= 0 and math.isfinite(self.temp), "must be a finite number >= 0 (0 = greedy)"),
             ("top-p", 0 <= self.top_p <= 1, "must be in [0, 1] (0: the likeliest token only)"),

@@ -110,6 +110,9 @@ def _logit_bias(state, bias) -> dict[int, float]:
             b = -100.0
         elif isinstance(b, bool) or not isinstance(b, (int, float)):
             continue
+        elif isinstance(b, int) and abs(b) >= 1e308:  # float() would raise OverflowError
+            raise InvalidArgument(f"logit_bias: the bias for {str(key)[:40]!r} is out of range; give a number from "
+                                  f"-100 to 100 (or false to ban the token)")
         if isinstance(key, str) and key.lstrip("-").isdigit():
             key = int(key)
         toks = [key] if isinstance(key, int) else state.tokenize(key, add_special=False, parse_special=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from typing import Annotated, Any
 
@@ -69,8 +70,8 @@ def _as_ollama_reads(key: str, v):
     [0, 1], and a repeat_penalty <= 0 is 1 (off): llama.cpp's penalties sampler divides a repeated token's positive
     logit by it, so 0 would make every repeated token certain. A temperature above OpenAI's 2 is taken as it is
     (schemas.OllamaChatRequest)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return v  # not a number: the schema names it
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
+        return v  # not a finite number (NaN, inf, 1e400): the schema names it, a 400 as on every route
     if key == "temperature":
         return max(v, 0)
     if key in ("top_p", "min_p"):

@@ -107,7 +107,10 @@ class LoraScale(_Req):
 
 
 class _Sampling(_Body):
-    """Fields common to chat and completions (llama-server's extensions included)."""
+    """Fields common to chat and completions (llama-server's extensions included). No number field takes NaN or
+    infinity (nor 1e400, which JSON parsers read as infinity): every route's request is one of these."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     model: str | None = None
     # left out: llama.cpp's defaults, as llama-server and `ondevice run` use (temperature 0.8, top_p 0.95, top_k
@@ -456,11 +459,11 @@ class CompletionRequest(_Sampling):
 # Ollama's /api/chat and /api/generate: their options go to llama.cpp's sampler as they are, as Ollama's do, so a
 # temperature has no upper bound there (OpenAI's 2 stays on the /v1 routes); ollama.py maps what Ollama clamps
 class OllamaChatRequest(ChatCompletionRequest):
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0)  # finite: _Sampling's allow_inf_nan=False
 
 
 class OllamaCompletionRequest(CompletionRequest):  # /api/generate's raw prompt and suffix
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0)  # finite: _Sampling's allow_inf_nan=False
 
 
 class CompletionLogprobs(_Resp):

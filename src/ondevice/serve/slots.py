@@ -7,7 +7,9 @@ begins with the restored tokens reuses them (from any slot, as every prompt's ca
 slot that is serving a request waits until it is idle, as llama-server defers it. Files are llama-server's:
 either server restores the other's, for the same model and context settings. ``GET /slots`` is on by default,
 as llama-server's (``--no-slots``: a 501); like llama-server's, it shows each slot's counts and settings, not its
-prompt.
+prompt. A restored file's KV is checked by recomputing its last token: one damaged in a way its format checks
+cannot see (NaN logits from then on) is dropped at once, with a 400 that names the file, not left for the next
+request to fail on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fastapi import Body, Request
 from fastapi.responses import JSONResponse
 
 from ..engine import slotfile
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NonFiniteLogits
 from .http import error_response
 
 WAIT_S = 0.05  # how often an action on a busy slot looks again
@@ -102,11 +104,44 @@ def add_routes(app, state) -> None:
                 return JSONResponse({}, status_code=499)
             return {"id_slot": seq, "filename": name, "n_saved": done[0], "n_written": done[1],
                     "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
-        done = await on_batcher(lambda: slotfile.restore(batcher.gen, seq, path, ads, name), request)
+        done = await on_batcher(lambda: restore_checked(batcher.gen, seq, path, ads, name), request)
         if done is None:
             return JSONResponse({}, status_code=499)
         return {"id_slot": seq, "filename": name, "n_restored": done[0], "n_read": done[1],
                 "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
+
+
+def restore_checked(gen, seq: int, path: Path, ads: tuple[str, ...], name: str) -> tuple[int, int]:
+    """:func:`slotfile.restore`, then its last token recomputed over the restored KV (one token's decode): when
+    that gives NaN or infinite logits the slot is emptied and the file is named as damaged, unless the same token
+    with nothing before it does so too (then the model or ``ads``, its adapters, is the cause)."""
+    done = slotfile.restore(gen, seq, path, ads, name)
+    slot = next(s for s in gen.slots if s.seq == seq)
+    if not slot.cached or any(isinstance(getattr(s, "pending", None), int) for s in gen.slots):
+        return done  # a request samples the last decode's logits next: a check's decode would replace them
+    last = slot.cached[-1]
+    if _finite(gen, seq, last, len(slot.cached) - 1, ads):
+        return done
+    slotfile.erase(gen, seq)
+    model_ok = _finite(gen, seq, last, 0, ads)
+    gen.eng.truncate(0, seq)
+    if not model_ok:
+        raise NonFiniteLogits(adapters=ads)
+    raise slotfile.SlotFileError(f"{name}: its saved KV makes the model compute NaN or infinite logits, so the file "
+                                 f"is damaged (the model computes that prompt fine without it); slot {seq} was "
+                                 f"emptied. Delete the file, and save the slot again after a request with that prompt")
+
+
+def _finite(gen, seq: int, token: int, pos: int, ads: tuple[str, ...]) -> bool:
+    """Whether ``token`` decoded at ``pos`` of ``seq`` (the KV after it dropped), under adapters ``ads``, gives
+    finite logits."""
+    import numpy as np
+
+    if gen.adapters is not None:
+        gen.adapters.use(ads)  # the generator sets its own set again before its next decode
+    gen.eng.truncate(pos, seq)
+    gen.eng.decode_batch([(token, pos, seq, True)])
+    return bool(np.isfinite(gen.eng.logits(0)).all())
 
 
 def _filename(body: dict) -> str:

@@ -513,7 +513,7 @@ def test_embeddings_stop_when_the_client_goes(smol_path):
         body = json.dumps({"input": [text] * 250}).encode()
         host, port = srv.base_url[len("http://"):].split(":")
         s = socket.create_connection((host, int(port)))
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 60
         while len(done) < 5 and time.monotonic() < deadline:

@@ -169,7 +169,7 @@ def test_a_client_gone_before_its_whole_answer_frees_the_slot(srv, client):
                        "ignore_eos": True}).encode()
     u = urlparse(srv.base_url)
     sock = socket.create_connection((u.hostname, u.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     assert _wait_health(srv, "slots_processing", 1)["slots_processing"] == 1
     sock.close()  # gone while its 180 tokens are being made

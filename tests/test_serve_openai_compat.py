@@ -261,13 +261,13 @@ def test_browser_pages_on_this_machine_may_call_the_api():
         ok = preflight(s.base_url, "http://localhost:3000")
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
         assert "authorization" in ok.headers["access-control-allow-headers"].lower()
-        assert preflight(s.base_url, "https://evil.example").status_code == 400  # not an allowed origin
+        assert preflight(s.base_url, "https://evil.example").status_code == 403  # not an allowed origin
         for app in ("vscode-webview://abc123", "app://obsidian.md", "tauri://localhost", "http://0.0.0.0:8080"):
             assert preflight(s.base_url, app).status_code == 200, app  # Ollama lets these in by default
         r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "http://127.0.0.1:5173", "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
         r = httpx.get(s.base_url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
-        assert "access-control-allow-origin" not in r.headers
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers  # refused, as by Ollama
         assert httpx.post(s.base_url + "/chat/completions", json={"messages": []}).status_code == 401  # an alias too
         assert httpx.get(s.base_url + "/v1/health").status_code == 200  # public, as /health and llama-server's
     from ondevice.errors import InvalidArgument

@@ -245,7 +245,13 @@ class CloudClient:
         return os.environ.get(self.key_env) or "none"  # local servers take any key; the client needs one
 
     def _client_args(self) -> dict:
-        return {"base_url": self._base, "api_key": self._key(), "timeout": self.timeout,
+        """The client's arguments. The key variable, when set, wins over a URL's ``user:pass@``: both would be the
+        Authorization header, and httpx puts the URL's Basic credentials over the client's Bearer key; so the
+        credentials are taken out of the URL then, and sent (as Basic) only when the variable is unset."""
+        base = self._base
+        if os.environ.get(self.key_env) and "@" in (parts := urlsplit(base)).netloc:
+            base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return {"base_url": base, "api_key": self._key(), "timeout": self.timeout,
                 "max_retries": self.max_retries, "default_query": self._query or None}
 
     @property

@@ -15,14 +15,16 @@ batcher thread, between steps.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidArgument, OndeviceError
-from ..models.store import atomic_write
+from ..models.store import atomic_path
 from .generator import BatchGenerator, Slot
 
 MAGIC = 0x67677371  # LLAMA_STATE_SEQ_MAGIC, 'ggsq'
@@ -85,12 +87,23 @@ def default_adapters(gen: BatchGenerator) -> tuple[str, ...]:
     return gen.adapters.active if gen.adapters is not None else ()
 
 
+def _not_followed(where: str, what: str) -> SlotFileError:
+    return SlotFileError(f"{where} is {what}; slot files are read and written only as regular files in the slot "
+                         f"folder, never through a link (the server's --slot-save-path): remove it, or give "
+                         f"another filename")
+
+
 def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = None,
-         ads: tuple[str, ...] = ()) -> tuple[int, int]:
+         ads: tuple[str, ...] = (), follow_links: bool = True) -> tuple[int, int]:
     """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes).
     ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first). ``ads``: the
     adapter set that requests naming none run under; a file records no adapters, so a slot computed under
-    another set is refused (restored, its KV would be taken for ``ads``')."""
+    another set is refused (restored, its KV would be taken for ``ads``'). ``follow_links=False`` (the
+    server's, for a client's filename): a symbolic link at ``path`` is refused here (a :class:`SlotFileError`),
+    and a folder, FIFO or device by ``atomic_path`` (an ``UnwritablePath``), never written through."""
+    path = Path(path)
+    if not follow_links and path.is_symlink():
+        raise _not_followed(path.name, "a symbolic link")
     slot = _idle(gen, seq)
     if slot.cached and slot.ads != ads:
         raise InvalidArgument(f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, "
@@ -106,7 +119,7 @@ def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = Non
         raise OndeviceError(f"llama.cpp gave slot {seq}'s state without its header; this llama-cpp-python "
                             f"is not the one ondevice pins (0.3.36)")
     state = raw[_IO.size:]
-    with atomic_write(path, "wb") as f:
+    with atomic_path(path, follow_links=follow_links) as tmp, open(tmp, "wb") as f:
         f.write(_HEAD.pack(MAGIC, VERSION, len(packed)))
         f.write(np.asarray(packed, dtype="<i4").tobytes())
         f.write(state)
@@ -114,17 +127,24 @@ def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = Non
 
 
 def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,
-         name: str | None = None) -> tuple[list[int], bytearray, int]:
+         name: str | None = None, follow_links: bool = True) -> tuple[list[int], bytearray, int]:
     """A slot file's prompt tokens, its KV as :meth:`LlamaEngine.load_state` takes it for sequence ``seq``
-    (read once, in place) and the file's size; all checked here, before anything native reads it."""
+    (read once, in place) and the file's size; all checked here, before anything native reads it.
+    ``follow_links=False``: a symbolic link at ``path`` is refused (``O_NOFOLLOW``), as is a FIFO or device."""
     where = name or str(path)
+    extra = 0 if follow_links else os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO opens at once, then is refused
     try:
-        f = open(path, "rb")  # noqa: SIM115 -- closed below
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | extra))  # noqa: SIM115 -- closed below
+        if not follow_links and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            raise _not_followed(where, "not a regular file")
     except FileNotFoundError:
         raise SlotFileError(f"{where}: no such file; save a slot under that name first") from None
     except IsADirectoryError:
         raise SlotFileError(f"{where} is a folder, not a slot file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP and not follow_links:
+            raise _not_followed(where, "a symbolic link") from None
         raise SlotFileError(f"{where}: cannot be read ({e.strerror or type(e).__name__})") from None
     with f:
         size = os.fstat(f.fileno()).st_size
@@ -158,13 +178,13 @@ def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,
 
 
 def restore(gen: BatchGenerator, seq: int, path: str | Path, ads: tuple[str, ...] = (),
-            name: str | None = None) -> tuple[int, int]:
+            name: str | None = None, follow_links: bool = True) -> tuple[int, int]:
     """Load ``path`` into slot ``seq`` (its previous cache is dropped); requests sharing the file's prompt as
     a prefix then reuse it. ``ads``: the adapter set the KV counts as computed under (the server's default);
     ``name``: the file as errors call it (default: its path). A file records no adapters: restore it under the
-    adapter set it was saved with. Returns (tokens, bytes read)."""
+    adapter set it was saved with. ``follow_links``: as :func:`read`'s. Returns (tokens, bytes read)."""
     slot = _idle(gen, seq)
-    tokens, state, size = read(path, gen.eng.n_vocab, gen.slot_ctx - 1, seq, name)
+    tokens, state, size = read(path, gen.eng.n_vocab, gen.slot_ctx - 1, seq, name, follow_links)
     slot.forget()
     try:
         gen.eng.load_state(state, seq)

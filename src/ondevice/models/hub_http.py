@@ -45,7 +45,8 @@ def _busy(e: urllib.error.HTTPError) -> DownloadInterrupted:
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, remembering HF's X-Linked-* headers and dropping credentials on a host change."""
+    """Follows redirects, remembering HF's X-Linked-* headers and dropping credentials on a change of host,
+    scheme or port (:func:`_strip_auth`)."""
 
     def __init__(self) -> None:
         self.linked: dict[str, str] = {}
@@ -57,10 +58,24 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and req.get_method() == "HEAD":  # urllib's own would follow a HEAD with a GET
             new.method = "HEAD"
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and _strip_auth(req.full_url, newurl):
             new.headers.pop("Authorization", None)
             new.unredirected_hdrs.pop("Authorization", None)
         return new
+
+
+def _strip_auth(old_url: str, new_url: str) -> bool:
+    """Whether a redirect from ``old_url`` to ``new_url`` must drop credentials, by requests' rule (what
+    huggingface_hub uses): another host, scheme or port, except http to https on the default ports. An https to
+    http redirect on the same host (a downgrade) would send the token in clear text."""
+    old, new = urllib.parse.urlsplit(old_url), urllib.parse.urlsplit(new_url)
+    if old.hostname != new.hostname:
+        return True
+    default = {"http": 80, "https": 443}
+    old_port, new_port = old.port or default.get(old.scheme), new.port or default.get(new.scheme)
+    if (old.scheme, new.scheme) == ("http", "https") and (old_port, new_port) == (80, 443):
+        return False
+    return old.scheme != new.scheme or old_port != new_port
 
 
 def _sha_from_etag(value: str | None) -> str | None:

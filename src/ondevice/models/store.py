@@ -125,7 +125,8 @@ def check_writable(dest: str | os.PathLike[str], fix: str = "choose another path
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp", fix: str = "choose another path") -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp", fix: str = "choose another path",
+                follow_links: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
 
     For writers that want a path rather than a file object (e.g. llama.cpp's quantizer). If the body
@@ -133,12 +134,24 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = ".tmp", fix: str = "
     made or written, or that is a folder, raises :class:`UnwritablePath` before the body runs. A symbolic
     link is followed (its file is replaced, the link kept); a device or FIFO (``/dev/stdout``) is written
     through, not replaced. ``fix``: what the error tells to do instead.
+
+    ``follow_links=False``, for a name a remote client chose in a folder others may write (slot files): ``dest``
+    must be absent or a regular file and its folder must exist; a link, a FIFO or a device is refused, and a link
+    put there after the check is replaced by the rename (which never follows it), not written through.
     """
-    dest = _write_target(Path(dest))
-    if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO: written through, never replaced by a file
-        yield dest
-        return
-    make_parent(dest, fix)
+    if not follow_links:
+        dest = Path(dest)
+        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            what = "a symbolic link" if dest.is_symlink() else "not a regular file"
+            raise UnwritablePath(f"cannot write {dest}: it is {what}, which is not followed or replaced; {fix}")
+        if not dest.parent.is_dir():
+            raise UnwritablePath(f"cannot write {dest}: its folder {dest.parent} does not exist; {fix}")
+    else:
+        dest = _write_target(Path(dest))
+        if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO: written through, never replaced by a file
+            yield dest
+            return
+        make_parent(dest, fix)
     try:
         tmp = temp_file(dest.parent, f".{dest.name}.", suffix)
     except OSError as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 
@@ -66,8 +68,8 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
     if isinstance(exc, OndeviceError):
         return 400, body(str(exc), "invalid_request_error", "invalid_value"), None
     if isinstance(exc, UnicodeError):  # e.g. a lone surrogate ("\ud800") in a field that reaches an encoder
-        return 400, body(f"the request holds text that is not valid Unicode ({getattr(exc, 'reason', exc)}); send UTF-8 text "
-                         f"without lone surrogates", "invalid_request_error", "invalid_value"), None
+        return 400, body(f"the request holds text that is not valid Unicode ({getattr(exc, 'reason', exc)}); "
+                         f"send UTF-8 text without lone surrogates", "invalid_request_error", "invalid_value"), None
     return 500, body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"), None
 
 
@@ -93,8 +95,9 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error") or first.get("msg")
-            return error_response(400, f"the request body is not valid JSON ({why} at character {loc[-1] if loc else 0}); "
-                                       f"send JSON with Content-Type: application/json", code="invalid_json")
+            return error_response(400, f"the request body is not valid JSON ({why} at character "
+                                       f"{loc[-1] if loc else 0}); send JSON with Content-Type: application/json",
+                                  code="invalid_json")
         # a validator's own message already names the field and the fix: without pydantic's "Value error, "
         msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: "
                         f"{str(e.get('msg')).removeprefix('Value error, ')}" for e in errs[:5])
@@ -185,6 +188,28 @@ class Aliases:
 QUIET = frozenset({"/health", "/metrics", "/v1/models", "/props"})
 
 
+def log_request(log: logging.Logger, scope, status: int, seconds: float, err_body: bytes = b"") -> None:
+    """``CLIENT METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error; the probes' and
+    scrapes' successes (:data:`QUIET`) at DEBUG, as llama-server leaves them out of its log. CLIENT is the
+    peer's address (a proxy's, behind one), as llama-server and uvicorn log it. The line's control characters
+    are escaped (:func:`one_line`): a path holding ``%0d%0a`` cannot forge a second line."""
+    info = scope.get(NOTE) or {}
+    parts = [(scope.get("client") or ("-",))[0], scope["method"], scope["path"], str(status)]
+    if info.get("tokens"):
+        p, c = info["tokens"]
+        parts.append(f"{p}+{c} tok")
+    parts.append(f"{seconds * 1e3:.0f} ms")
+    line = " ".join(map(str, parts))
+    reason = info.get("error") or ("client went away" if status == 499 else None)
+    if reason is None and err_body:
+        try:
+            reason = json.loads(err_body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = err_body[:200].decode("utf-8", errors="replace")
+    level = logging.WARNING if reason else logging.DEBUG if scope["path"] in QUIET else logging.INFO
+    log.log(level, one_line(line + (f": {reason}" if reason else "")))
+
+
 class Guard:
     """Pure ASGI middleware: API key, body size limit (413 before the body is parsed), request counts, the
     access log, and bodies read as JSON whatever their Content-Type."""
@@ -220,11 +245,12 @@ class Guard:
             # public, as on llama-server: the health check and the heartbeat at / (Ollama's CLI sends HEAD /)
             if self.api_keys and path != "/health" and not (path == "/" and scope["method"] in ("GET", "HEAD")):
                 headers = dict(scope.get("headers") or [])
-                auth = headers.get(b"authorization", b"").decode("latin-1")
-                # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do
-                token = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
+                auth = headers.get(b"authorization", b"")
+                # Bearer, as OpenAI's clients send it; x-api-key, as Anthropic's do. Bytes as sent against the
+                # keys' UTF-8 (curl sends a non-ASCII key so; decoding the header as latin-1 never matched it)
+                token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
                 # every key compared (a list, not a generator): the time does not tell which key was near
-                if not any([hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys]):  # noqa: C419
+                if not any([hmac.compare_digest(token, k.encode()) for k in self.api_keys]):  # noqa: C419
                     return await _send_error(send_counted, 401, "missing or wrong API key; send "
                                              "'Authorization: Bearer <key>' (or 'x-api-key: <key>') with the "
                                              "server's --api-key",
@@ -251,27 +277,7 @@ class Guard:
                       else info.get("status", status_seen[0]))
             self.metrics.request(route, status)
             if self.log is not None:
-                self._log(scope, status, time.perf_counter() - t0, b"".join(err_body))
-
-    def _log(self, scope, status: int, seconds: float, err_body: bytes) -> None:
-        """``CLIENT METHOD /path STATUS [P+C tok] MS ms[: reason]``, at WARNING for an error; the probes' and
-        scrapes' successes (:data:`QUIET`) at DEBUG, as llama-server leaves them out of its log. CLIENT is the
-        peer's address (a proxy's, behind one), as llama-server and uvicorn log it."""
-        info = scope.get(NOTE) or {}
-        parts = [(scope.get("client") or ("-",))[0], scope["method"], scope["path"], str(status)]
-        if info.get("tokens"):
-            p, c = info["tokens"]
-            parts.append(f"{p}+{c} tok")
-        parts.append(f"{seconds * 1e3:.0f} ms")
-        line = " ".join(parts)
-        reason = info.get("error") or ("client went away" if status == 499 else None)
-        if reason is None and err_body:
-            try:
-                reason = json.loads(err_body)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                reason = err_body[:200].decode("utf-8", errors="replace")
-        level = logging.WARNING if reason else logging.DEBUG if scope["path"] in QUIET else logging.INFO
-        self.log.log(level, line + (f": {reason}" if reason else ""))
+                log_request(self.log, scope, status, time.perf_counter() - t0, b"".join(err_body))
 
     async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
         headers = dict(scope.get("headers") or [])
@@ -361,14 +367,125 @@ LOCAL_ORIGINS = (r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?"
                  r"|(app|file|tauri|vscode-webview|vscode-file)://.*")
 
 
+def _cors_where(cors: str) -> dict:
+    """CORSMiddleware's allowed origins for a ``--cors`` setting other than ``none``."""
+    return ({"allow_origin_regex": LOCAL_ORIGINS} if cors == "local" else
+            {"allow_origins": ["*"] if cors == "*" else [o.strip() for o in cors.split(",")]})
+
+
+def origin_allowed(cors: str):
+    """``allowed(origin) -> bool``: whether a page from ``origin`` may call the server under ``--cors cors``, as
+    CORSMiddleware decides its grant (``fullmatch`` of the local pattern, or one of the listed origins)."""
+    if cors == "none":
+        return lambda origin: False
+    where = _cors_where(cors)
+    if "allow_origin_regex" in where:
+        rx = re.compile(where["allow_origin_regex"])
+        return lambda origin: rx.fullmatch(origin) is not None
+    listed = frozenset(where["allow_origins"])
+    return lambda origin: "*" in listed or origin in listed
+
+
 def install_cors(app: FastAPI, cors: str) -> None:
     """Let web pages from ``cors`` origins (settings ``cors``: local, *, none or a comma list) call the API
-    from a browser: the preflight is answered before the API key check, as browsers send it without one."""
+    from a browser: the preflight is answered before the API key check, as browsers send it without one. A page
+    from any other origin is refused before this (:class:`Gate`), not only left without a CORS grant."""
     if cors == "none":
         return
     from fastapi.middleware.cors import CORSMiddleware
 
-    where = ({"allow_origin_regex": LOCAL_ORIGINS} if cors == "local" else
-             {"allow_origins": ["*"] if cors == "*" else [o.strip() for o in cors.split(",")]})
-    app.add_middleware(CORSMiddleware, **where, allow_methods=["GET", "POST"], allow_headers=["*"],
+    app.add_middleware(CORSMiddleware, **_cors_where(cors), allow_methods=["GET", "POST"], allow_headers=["*"],
                        expose_headers=["*"], max_age=600)  # "*": the cascade's X-Ondevice-* headers too
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_name(host: bytes | str) -> str:
+    """The name in a Host header (or a ``--host``), lower case, without its port, brackets or final dot."""
+    h = (host.decode("latin-1") if isinstance(host, bytes) else host).strip().lower()
+    if h.startswith("["):  # [::1]:8080
+        h = h[1:h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":")[0]
+    return h.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address (``--host``) listens on this machine only."""
+    name = host_name(host)
+    return name == "localhost" or (_is_ip(name) and ipaddress.ip_address(name).is_loopback)
+
+
+def host_allowed(bound: str, allowed_hosts: str | None):
+    """``allowed(host_header) -> bool`` for a server bound to ``bound``, or None where Host is not checked.
+
+    Checked when ``bound`` is a loopback address (against DNS rebinding: a page whose name now resolves to
+    127.0.0.1 sends its own name as Host) or when ``--allowed-hosts`` lists names: localhost, ``*.localhost``
+    (browsers resolve them to this machine themselves), any IP address (a page cannot rebind those), the bound
+    host, and the listed names (``.example.com``: that domain and its subdomains); ``*`` turns the check off."""
+    extra = [h.strip().lower().rstrip(".") for h in (allowed_hosts or "").split(",") if h.strip()]
+    if "*" in extra or not (extra or is_loopback(bound)):
+        return None
+    names = frozenset([host_name(bound), *(h for h in extra if not h.startswith("."))])
+    domains = tuple(h for h in extra if h.startswith("."))
+
+    def allowed(header: bytes) -> bool:
+        name = host_name(header)
+        return (name in names or name == "localhost" or name.endswith(".localhost") or _is_ip(name)
+                or name.endswith(domains) or name in {d[1:] for d in domains})
+
+    return allowed
+
+
+class Gate:
+    """Pure ASGI middleware, outside everything (the model-loading app too): a 403, before any work, for a request
+    from a web page that ``--cors`` does not let in (a browser sends a form-like POST without a preflight:
+    reading every body as JSON would run it) and for one whose Host names no host this server answers to (DNS
+    rebinding; see :func:`host_allowed`), as Ollama refuses both. Clients other than browsers send no Origin."""
+
+    def __init__(self, app, *, cors: str, bound: str, allowed_hosts: str | None, log: logging.Logger | None = None):
+        self.app, self.cors, self.bound, self.log = app, cors, bound, log
+        self.origin_ok = origin_allowed(cors)
+        self.host_ok = host_allowed(bound, allowed_hosts)
+
+    def refusal(self, scope) -> tuple[str, str] | None:
+        """(code, message) of the 403 for this request, or None."""
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if origin is not None and not self.origin_ok(o := origin.decode("latin-1")):
+            return "origin_not_allowed", (f"a web page from {o} may not call this server (--cors {self.cors}); "
+                                          f"to let it in, start the server with --cors {o} (or ONDEVICE_CORS)")
+        host = headers.get(b"host")
+        if self.host_ok is not None and host is not None and not self.host_ok(host):
+            h = host.decode("latin-1")
+            return "host_not_allowed", (f"Host {h} is not a name this server answers to (it listens on "
+                                        f"{self.bound}; only localhost and IP addresses are taken, against DNS "
+                                        f"rebinding); to allow it, start the server with --allowed-hosts "
+                                        f"{host_name(h)} (or ONDEVICE_ALLOWED_HOSTS)")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (why := self.refusal(scope)) is not None:
+            t0 = time.perf_counter()
+            await _send_error(send, 403, one_line(why[1]), "permission_error", why[0])
+            self._count(scope["path"])
+            if self.log is not None:
+                log_request(self.log, {**scope, NOTE: {"error": why[1]}}, 403, time.perf_counter() - t0)
+            return None
+        return await self.app(scope, receive, send)
+
+    def _count(self, path: str) -> None:
+        """A refusal in /metrics' requests_total, as the app's own 401s and 413s are (while the model loads there
+        is no app, and nothing to count in)."""
+        from .app import ROUTES
+
+        app = getattr(self.app, "app", self.app)  # serve's Loading wrapper holds the app once it is built
+        state = getattr(getattr(app, "state", None), "ondevice", None)
+        if state is not None:
+            state.metrics.request(path if path in ROUTES else "other", 403)

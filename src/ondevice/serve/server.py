@@ -111,15 +111,87 @@ class Loading:
         return ctx
 
 
-def _uvicorn_server(app, graceful_s: float, end_requests=None):
+HEAD_LIMIT = 64 * 1024  # bytes of a request line and headers (llama-server: 8 KiB a line; Ollama: 1 MiB in all)
+
+
+def _protocol(head_timeout: float):
+    """uvicorn's httptools protocol, with a limit on a request's head (its request line and headers), which
+    httptools has none of: over :data:`HEAD_LIMIT` bytes it gets a 431, and unfinished ``head_timeout`` seconds
+    after the connection opened (or after the first byte of a kept-alive connection's next request) a 408, the
+    connection closed either way. Without it one header line that never ends grew the process without bound and
+    stalled every other request, and half-sent requests held their connections (file descriptors) for good.
+    None where httptools is missing (uvicorn then uses h11, which has its own limit on the head's size)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class Protocol(HttpToolsProtocol):
+        head_bytes = 0
+        head_timer = None  # armed while a request's head is being received
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(head_timeout, self._refuse, 408, "request headers not received "
+                                                   f"within {head_timeout:g} s")
+
+        def connection_lost(self, exc) -> None:
+            self._head_done()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.head_bytes = 0
+            if self.head_timer is None:
+                self.head_timer = self.loop.call_later(head_timeout, self._refuse, 408, "request headers not "
+                                                       f"received within {head_timeout:g} s")
+
+        def on_headers_complete(self) -> None:
+            self._head_done()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.head_timer is not None and not self.transport.is_closing():  # a head unfinished after it
+                self.head_bytes += len(data)
+                if self.head_bytes > HEAD_LIMIT:
+                    self._refuse(431, f"request headers larger than {HEAD_LIMIT // 1024} KiB")
+
+        def _head_done(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _refuse(self, status: int, message: str) -> None:
+            self._head_done()
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:  # no earlier (pipelined) reply is under way
+                body = message.encode()
+                self.transport.write(STATUS_LINE[status] + b"content-type: text/plain; charset=utf-8\r\n"
+                                     + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            self.transport.close()
+
+    return Protocol
+
+
+def _uvicorn_server(app, graceful_s: float, end_requests=None, *, settings: ServeSettings):
     """uvicorn's server, stopping promptly: the requests in flight end at once (a stream with an error event,
     any other request with a 503; ``app.state.end_requests``) rather than generate on for ``graceful_s`` (the
-    limit left for anything else) and then be cancelled with a traceback.
+    limit left for anything else) and then be cancelled with a traceback. The app is served behind
+    :class:`~.http.Gate` (web pages ``--cors`` does not let in and unknown Host names refused) and with a limit on
+    each request's headers (:func:`_protocol`).
 
     A repeated stop signal (Ctrl-C twice; a process-group kill, which the serving child of ``ondevice`` gets
     once directly and once forwarded by its supervisor) changes nothing: uvicorn would force an exit that
     skips the app's shutdown and then re-raise every signal it caught, which ends in tracebacks."""
     import uvicorn
+
+    from .http import Gate, access_logger
+
+    end_requests = end_requests or app.state.end_requests
+    app = Gate(app, cors=settings.cors, bound=settings.host, allowed_hosts=settings.allowed_hosts,
+               log=access_logger() if settings.access_log else None)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -127,10 +199,12 @@ def _uvicorn_server(app, graceful_s: float, end_requests=None):
                 super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None) -> None:
-            (end_requests or app.state.end_requests)()
+            end_requests()
             await super().shutdown(sockets)
 
-    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s))
+    protocol = _protocol(settings.header_timeout)
+    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s,
+                                 http=protocol or "auto", h11_max_incomplete_event_size=HEAD_LIMIT))
 
 
 def serve(settings: ServeSettings) -> None:
@@ -151,7 +225,7 @@ def serve(settings: ServeSettings) -> None:
             print(f"ondevice serve: warning: {warning}", file=sys.stderr, flush=True)
 
     app = Loading(lambda: build_app(settings), ready)
-    app.server = _uvicorn_server(app, graceful_s=5, end_requests=app.end_requests)
+    app.server = _uvicorn_server(app, graceful_s=5, end_requests=app.end_requests, settings=settings)
     app.server.run(sockets=[sock])
     if app.error is not None:
         raise app.error
@@ -169,7 +243,7 @@ class BackgroundServer:
             raise
         host, port = self.sock.getsockname()[:2]
         self.base_url = f"http://{host}:{port}"
-        self.server = _uvicorn_server(self.app, graceful_s=2)
+        self.server = _uvicorn_server(self.app, graceful_s=2, settings=settings)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

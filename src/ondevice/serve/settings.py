@@ -100,6 +100,17 @@ class ServeSettings(BaseSettings):
                                            "(pages from localhost, 127.0.0.1 or [::1], any port: Ollama's "
                                            "default), '*' (any page: llama-server's), 'none', or origins "
                                            "separated by commas (https://app.example.com)")
+    allowed_hosts: str | None = Field(None, description="Host header names the server answers to besides "
+                                                        "localhost and IP addresses, separated by commas "
+                                                        "(.example.com: the domain and its subdomains; '*': any). "
+                                                        "Bound to a loopback address, other names are refused "
+                                                        "(403, against DNS rebinding: Ollama's rule); give the "
+                                                        "names a reverse proxy forwards. Given, it is checked on "
+                                                        "any bind")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers "
+                                                          "(from connecting, or its first byte on a kept-alive "
+                                                          "connection) before it is disconnected with a 408; "
+                                                          "headers over 64 KiB get a 431")
     access_log: bool = Field(True, description="one line per request on stderr: method, route, status, "
                                                "tokens, ms (errors with their reason)")
     # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint
@@ -147,6 +158,17 @@ class ServeSettings(BaseSettings):
                                  f"(e.g. http://localhost:3000), or local, * or none")
         return v
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: str | None) -> str | None:
+        if v is not None:
+            bad = [h for h in v.split(",") if h.strip() != "*"
+                   and not re.fullmatch(r"\.?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?", h.strip())]
+            if bad or not v.strip():
+                raise ValueError(f"{(bad or [v])[0].strip()!r} is not a host name; give names without scheme or "
+                                 f"port (api.example.com, .example.com for its subdomains), or *")
+        return v
+
     @field_validator("slot_save_path")
     @classmethod
     def _slot_folder(cls, v: str | None) -> str | None:
@@ -170,6 +192,11 @@ class ServeSettings(BaseSettings):
             return None
         if v is not None and not v.replace(",", "").strip():  # ",": keys meant, none given; not an open server
             raise ValueError("holds no key; give KEY (or KEY1,KEY2), or leave --api-key out for an open server")
+        if v is not None:  # compared with the header's bytes as UTF-8 (http.Guard): a non-ASCII key works as curl
+            try:  # sends it; bytes that are not UTF-8 (an env var's) could never match
+                v.encode()
+            except UnicodeEncodeError:
+                raise ValueError("is not valid UTF-8 text; give the key as UTF-8") from None
         return v
 
     @field_validator("api_key_file")

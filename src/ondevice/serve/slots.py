@@ -94,7 +94,8 @@ def add_routes(app, state) -> None:
         ads = state.adapters_for(None)  # what a request naming no adapter runs under
         if action == "save":
             try:
-                done = await on_batcher(lambda: slotfile.save(batcher.gen, seq, path, ads=ads), request)
+                done = await on_batcher(lambda: slotfile.save(batcher.gen, seq, path, ads=ads, follow_links=False),
+                                        request)
             except OSError as e:  # the folder or disk (UnwritablePath, a full disk): the server's, not the client's
                 logging.getLogger("ondevice.serve").error("saving slot %d to %s failed: %s", seq, path, e)
                 return error_response(500, f"Unable to save slot {seq} as {name}: the slot folder could not be "
@@ -115,7 +116,7 @@ def restore_checked(gen, seq: int, path: Path, ads: tuple[str, ...], name: str) 
     """:func:`slotfile.restore`, then its last token recomputed over the restored KV (one token's decode): when
     that gives NaN or infinite logits the slot is emptied and the file is named as damaged, unless the same token
     with nothing before it does so too (then the model or ``ads``, its adapters, is the cause)."""
-    done = slotfile.restore(gen, seq, path, ads, name)
+    done = slotfile.restore(gen, seq, path, ads, name, follow_links=False)  # a name a client chose
     slot = next(s for s in gen.slots if s.seq == seq)
     if not slot.cached or any(isinstance(getattr(s, "pending", None), int) for s in gen.slots):
         return done  # a request samples the last decode's logits next: a check's decode would replace them

@@ -30,3 +30,4 @@ def test_http_to_https_on_the_default_ports_keeps_it():
     assert not _strip_auth("http://hub.example/m", "https://hub.example/m")
     assert _strip_auth("http://hub.example:8080/m", "https://hub.example/m")
     assert _strip_auth("https://hub.example/m", "http://hub.example/m")
+    assert _strip_auth("https://hub.example/m", "https://hub.example:99999/m")  # no port at all: dropped, no error

@@ -46,7 +46,8 @@ def _report(db: Path, *args: str) -> subprocess.CompletedProcess:
 def test_compare_warns_when_the_sides_ran_on_different_machines_or_builds(tmp_path):
     db = _store(tmp_path / "c.sqlite", [("a-1", EPYC, 100.0), ("b-1", M2, 150.0), ("c-1", EPYC, 120.0),
                                         ("d-1", {**EPYC, "llama_build": "llama-cpp-python 0.3.36; CPU : AVX = 1 |"},
-                                         110.0)])
+                                         110.0), ("e-1", {**EPYC, "memory_total_bytes": (25 << 30) - (4 << 20)},
+                                                  105.0)])
     with Store(db, create=False) as st:
         rows, table = compare(st, "a-1", "b-1")
         assert len(rows) == 2 and table.startswith("warning: A ran on AMD EPYC (2 cores")
@@ -54,6 +55,8 @@ def test_compare_warns_when_the_sides_ran_on_different_machines_or_builds(tmp_pa
         assert "Apple M2 Pro (10 cores" in first and "0.3.40" in first and "machines and llama.cpp builds" in first
         _, same = compare(st, "a-1", "c-1")  # one machine, one build: no warning
         assert not same.startswith("warning") and "warning" not in same
+        _, rebooted = compare(st, "a-1", "e-1")  # MemTotal moved by 4 MiB (another kernel): the same machine
+        assert "warning" not in rebooted
         _, build = compare(st, "a-1", "d-1")
         assert "compare llama.cpp builds," in build.splitlines()[0]
     r = _report(db, "--compare", "a-1", "b-1")

@@ -204,8 +204,8 @@ def test_slots_routes_save_and_restore_across_a_restart(tmp_path):
             err = _post(base, path.strip(), b, 400)["error"]
             assert err["code"] == 400 and err["type"] == "invalid_request_error" and why in err["message"], err
             assert str(folder) not in err["message"]  # the server's folder is not shown to clients
-        err = _post(base, "/slots/1?action=save", {"filename": "adir"}, 500)["error"]  # the server's own problem
-        assert "Unable to save slot 1 as adir" in err["message"] and str(folder) not in err["message"]
+        err = _post(base, "/slots/1?action=save", {"filename": "adir"}, 400)["error"]  # a name that is taken
+        assert "adir is not a regular file" in err["message"] and str(folder) not in err["message"]
         assert (folder / "adir").is_dir()
 
 

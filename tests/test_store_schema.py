@@ -111,6 +111,26 @@ def test_a_reader_sees_what_a_writer_adds_while_it_is_open(tmp_path):
         assert len(reader.records("bench")) == 5
 
 
+def test_a_checkpoint_between_two_reads_is_not_taken_for_damage(tmp_path):
+    """An immutable read keeps the pages it read between queries: a writer that checkpoints its -wal into the file
+    in between moved pages under it, the next query failed as "malformed", and the reader told the user to move a
+    healthy store aside."""
+    path = tmp_path / "s.sqlite"
+    with Store(path) as st:
+        for i in range(300):
+            st.add("bench", {"i": i, "pad": "y" * 300}, session="s", config_key=f"s{i}", model="m",
+                   model_sha256="h", test="t")
+    with Store(path, create=False) as reader:
+        assert reader.records("bench", session="none") == []  # reads a few pages, keeps them
+        with Store(path) as writer:
+            for i in range(2000):
+                writer.add("bench", {"i": i, "pad": "x" * 200}, session="w", config_key=f"w{i}", model="m",
+                           model_sha256="h", test="t")
+            writer.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            assert len(reader.records("bench")) == 2300
+        assert len(reader.records("bench", session="w")) == 2000
+
+
 KILLED_WRITER = """
 import os, sys
 from ondevice.store import Store

@@ -7,7 +7,8 @@ the process's cgroup and its ancestors, in the v2 hierarchy and in the v1 one of
 * CPU: v2 ``cpu.max`` (``"max 100000"``: none), v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1:
   none): what ``docker --cpus`` and a Kubernetes CPU limit write. More threads than the quota allows spin
   while the kernel throttles them (10x slower decode was measured with 2 threads under ``--cpus=1``), so
-  :func:`usable_cpus` caps every default thread count by it, as Go, the JVM and .NET do.
+  :func:`usable_cpus` caps every default thread count by it, rounded down (Go, the JVM and .NET round a
+  quota up: their threads block or yield, where llama.cpp's spin, so a fraction of a CPU is not a thread's worth).
 
 Every reader takes ``dirs``: the directory to start from per hierarchy (``None``: the v2 one; a controller
 name: that v1 one), default this process's; tests pass fake trees.

@@ -99,11 +99,11 @@ def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = Non
     ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first). ``ads``: the
     adapter set that requests naming none run under; a file records no adapters, so a slot computed under
     another set is refused (restored, its KV would be taken for ``ads``'). ``follow_links=False`` (the
-    server's, for a client's filename): a symbolic link at ``path`` is refused here (a :class:`SlotFileError`),
-    and a folder, FIFO or device by ``atomic_path`` (an ``UnwritablePath``), never written through."""
+    server's, for a client's filename): a symbolic link, folder, FIFO or device at ``path`` is refused here (a
+    :class:`SlotFileError`), never written through."""
     path = Path(path)
-    if not follow_links and path.is_symlink():
-        raise _not_followed(path.name, "a symbolic link")
+    if not follow_links and (path.is_symlink() or (path.exists() and not path.is_file())):
+        raise _not_followed(path.name, "a symbolic link" if path.is_symlink() else "not a regular file")
     slot = _idle(gen, seq)
     if slot.cached and slot.ads != ads:
         raise InvalidArgument(f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, "

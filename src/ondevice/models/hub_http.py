@@ -72,7 +72,10 @@ def _strip_auth(old_url: str, new_url: str) -> bool:
     if old.hostname != new.hostname:
         return True
     default = {"http": 80, "https": 443}
-    old_port, new_port = old.port or default.get(old.scheme), new.port or default.get(new.scheme)
+    try:
+        old_port, new_port = old.port or default.get(old.scheme), new.port or default.get(new.scheme)
+    except ValueError:  # a port out of range: not one to trust with the token
+        return True
     if (old.scheme, new.scheme) == ("http", "https") and (old_port, new_port) == (80, 443):
         return False
     return old.scheme != new.scheme or old_port != new_port

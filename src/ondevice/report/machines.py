@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 
-MACHINE_KEYS = ("cpu_model", "physical_cores", "logical_cores", "memory_total_bytes")
+MACHINE_KEYS = ("cpu_model", "physical_cores", "logical_cores")  # and the memory, in whole GiB (machine_id)
 
 
 def _meta(r) -> Mapping:
@@ -57,10 +57,17 @@ def identity(r) -> tuple[str, str]:
     return machine_label(meta), build_short(meta)
 
 
+def machine_id(meta: Mapping) -> tuple:
+    """What tells one machine from another: CPU, cores and memory in whole GiB (the kernel's MemTotal moves by a
+    few MiB across boots and kernel updates: one machine, not two)."""
+    mem = meta.get("memory_total_bytes")
+    return tuple(str(meta.get(k)) for k in MACHINE_KEYS) + (round(mem / 2**30) if isinstance(mem, int) else None,)
+
+
 def key(r) -> tuple:
     """What tells one record's machine and build from another's."""
     meta = _meta(r)
-    return tuple(str(meta.get(k)) for k in MACHINE_KEYS) + (str(meta.get("llama_build")),)
+    return machine_id(meta) + (str(meta.get("llama_build")),)
 
 
 def distinct(records: Iterable) -> dict[tuple, Mapping]:
@@ -83,7 +90,7 @@ def compare_warning(a: Sequence, b: Sequence) -> str | None:
     ma, mb = list(distinct(a).values()), list(distinct(b).values())
     if not ma or not mb:
         return None
-    machines = lambda ms: {tuple(str(m.get(k)) for k in MACHINE_KEYS) for m in ms}
+    machines = lambda ms: {machine_id(m) for m in ms}
     builds = lambda ms: {str(m.get("llama_build")) for m in ms}
     what = [w for w, ka, kb in (("machines", machines(ma), machines(mb)), ("llama.cpp builds", builds(ma), builds(mb)))
             if ka != kb or len(ka) > 1]

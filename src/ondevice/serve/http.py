@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -457,11 +458,10 @@ class Gate:
     def refusal(self, scope) -> tuple[str, str] | None:
         """(code, message) of the 403 for this request, or None."""
         headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin")
-        if origin is not None and not self.origin_ok(o := origin.decode("latin-1")):
+        origin, host = headers.get(b"origin"), headers.get(b"host")
+        if origin is not None and not self.origin_ok(o := origin.decode("latin-1")) and not self._own_page(o, host):
             return "origin_not_allowed", (f"a web page from {o} may not call this server (--cors {self.cors}); "
                                           f"to let it in, start the server with --cors {o} (or ONDEVICE_CORS)")
-        host = headers.get(b"host")
         if self.host_ok is not None and host is not None and not self.host_ok(host):
             h = host.decode("latin-1")
             return "host_not_allowed", (f"Host {h} is not a name this server answers to (it listens on "
@@ -469,6 +469,16 @@ class Gate:
                                         f"rebinding); to allow it, start the server with --allowed-hosts "
                                         f"{host_name(h)} (or ONDEVICE_ALLOWED_HOSTS)")
         return None
+
+    def _own_page(self, origin: str, host: bytes | None) -> bool:
+        """Whether a page comes from this server itself (its /docs, a UI it serves): browsers send Origin on a
+        same-origin POST too. Same origin as the Host, where Host cannot be a rebound name: an IP address,
+        localhost, or a name this server answers to (``--allowed-hosts``, or the bound host on loopback)."""
+        if host is None or urllib.parse.urlsplit(origin).netloc.lower() != host.decode("latin-1").lower():
+            return False
+        name = host_name(host)
+        return _is_ip(name) or name == "localhost" or name.endswith(".localhost") or \
+            (self.host_ok is not None and self.host_ok(host))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and (why := self.refusal(scope)) is not None:

@@ -166,6 +166,9 @@ def _protocol(head_timeout: float):
             self._head_done()
             if self.transport.is_closing():
                 return
+            if self.cycle is None and self.head_bytes == 0:  # a connection that never asked anything (a
+                self.transport.close()  # browser's preconnect, a pool's spare): closed, not sent a reply
+                return
             if self.cycle is None or self.cycle.response_complete:  # no earlier (pipelined) reply is under way
                 body = message.encode()
                 self.transport.write(STATUS_LINE[status] + b"content-type: text/plain; charset=utf-8\r\n"

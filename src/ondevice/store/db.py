@@ -303,19 +303,26 @@ class Store:
                 raise
 
     def _fetch(self, q: str, args: list) -> tuple[list[str], list[tuple]]:
-        """(column names, rows) of a read. Read as immutable, a writer that changed the file meanwhile makes it
-        read again through a shared connection (``mode=ro``), which sees the writer's -wal."""
+        """(column names, rows) of a read. Read as immutable, a writer that changed the file meanwhile (seen in
+        its signature, or as pages that no longer fit together: a checkpoint under the immutable read) makes it
+        open the store again as :meth:`_connect_read_only` does (which sees the writer's -wal) and read again."""
         with self._translated():
-            cur = self.db.execute(q, args)
-            rows = cur.fetchall()
-            if self._seen is not None and self._signature() != self._seen:
-                self.db.close()
-                self._seen = None
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", timeout=self.timeout,
-                                          isolation_level=None, uri=True)
-                cur = self.db.execute(q, args)
-                rows = cur.fetchall()
-            return [c[0] for c in cur.description or ()], rows
+            for attempt in range(3):
+                try:
+                    cur = self.db.execute(q, args)
+                    rows = cur.fetchall()
+                    if self._seen is None or self._signature() == self._seen:
+                        return [c[0] for c in cur.description or ()], rows
+                except sqlite3.DatabaseError:
+                    if self._seen is None or attempt == 2:  # not an immutable read a writer changed: the error
+                        raise
+                self._reopen()
+            return [c[0] for c in cur.description or ()], rows  # changing all along: the last read, whole
+
+    def _reopen(self) -> None:
+        self.db.close()
+        self._seen = None
+        self.db = self._connect_read_only()
 
     def _query(self, q: str, args: list) -> list[tuple]:
         return self._fetch(q, args)[1]

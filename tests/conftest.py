@@ -132,3 +132,17 @@ def serve_process(tmp_path, *flags: str, group: bool = False):
             (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def tmpfs(where, options: str):
+    """A tmpfs mounted at ``where`` (made here) with mount ``options`` (``size=1M``, ``ro``), unmounted after: a
+    small or read-only disk for real; the test is skipped where none can be mounted (not root)."""
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                      check=False).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)

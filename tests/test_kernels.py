@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import serve_process
+from conftest import serve_process, tmpfs
 
 from ondevice.device import kernels as K
 from ondevice.errors import InvalidArgument
@@ -506,16 +506,10 @@ def test_the_kernels_cache_env_var_never_replaces_a_file_that_is_not_a_kernels_c
 def test_run_works_from_a_read_only_home(tmp_path, cli):
     """A home on a read-only disk (a locked-down device image): the kernels self-test's result cannot be kept,
     so it holds for this run only; nothing else needs writing to answer."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "ro", "ro") as ro:
         res = cli("run", "--temp", "0", "-n", "4", "Hi", env={"ONDEVICE_HOME": str(ro / "home"),
                                                               "ONDEVICE_KERNELS_CACHE": ""})
         assert res.returncode == 0 and res.stdout.strip(), res.stderr
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 @pytest.mark.parametrize("verb", ["run", "chat", "eval", "bench", "serve"])

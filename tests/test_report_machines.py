@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import tmpfs
 from test_report import fake
 
 from ondevice.report import export
@@ -136,12 +136,7 @@ def test_md_cells_keep_pipes_and_line_breaks(tmp_path):
 def test_a_failed_report_write_names_the_file(tmp_path):
     """On a full disk the error came from write/flush, which names no file: the message said only "No space left
     on device". The old report is kept."""
-    disk = tmp_path / "tiny"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64K", "tmpfs", str(disk)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "tiny", "size=64K") as disk:
         db = _store(tmp_path / "w.sqlite", [("a-1", EPYC, 100.0)])
         out = disk / "r.html"
         out.write_text("old report")
@@ -150,5 +145,3 @@ def test_a_failed_report_write_names_the_file(tmp_path):
         r = _report(db, "--all", "--html", str(out))
         assert r.returncode == 2 and str(out) in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert out.read_text() == "old report" and sorted(p.name for p in disk.iterdir()) == ["filler", "r.html"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)

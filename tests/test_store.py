@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 
 import pytest
+from conftest import tmpfs
 
 from ondevice.errors import InvalidArgument, OndeviceError
 from ondevice.store import Store
@@ -98,14 +99,7 @@ def test_writers_refuse_another_programs_database_and_leave_it_as_it_was(cli, tm
 def test_a_full_disk_is_named_and_the_store_is_not_called_someone_elses(tmp_path):
     """A healthy store on a full disk was "not an ondevice store ...; move it aside": following that advice
     abandons every record. The cause is named and the file left as it is."""
-    import subprocess
-
-    disk = tmp_path / "tiny"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "tiny", "size=1M") as disk:
         path = disk / "r.sqlite"
         with Store(path) as st:
             st.add("bench", {"x": 1}, session="s", config_key="k", model="m", model_sha256="h", test="t")
@@ -124,5 +118,3 @@ def test_a_full_disk_is_named_and_the_store_is_not_called_someone_elses(tmp_path
         assert path.read_bytes() == before
         with Store(path, create=False) as st:
             assert len(st.records("bench")) == 1
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+from conftest import tmpfs
 
 from ondevice.errors import InvalidArgument, OndeviceError
 from ondevice.store import Store
@@ -146,18 +147,8 @@ def _killed_writer(path) -> None:
     assert (path.parent / (path.name + "-wal")).stat().st_size > 0
 
 
-def _read_only_tmpfs(tmp_path):
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(disk)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    return disk
-
-
 def test_records_in_a_wal_without_its_shm_on_a_read_only_disk_are_read(tmp_path, monkeypatch):
-    disk = _read_only_tmpfs(tmp_path)
-    try:
+    with tmpfs(tmp_path / "ro", "size=4M") as disk:
         path = _store(disk / "s.sqlite")
         _killed_writer(path)
         (disk / "s.sqlite-shm").unlink()  # copied without it, or cleaned up
@@ -173,8 +164,6 @@ def test_records_in_a_wal_without_its_shm_on_a_read_only_disk_are_read(tmp_path,
                 assert len(st.records("bench")) == 2
         (msg,) = [str(x.message) for x in w]
         assert f"{path}-wal" in msg and "not shown" in msg and "copy" in msg
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_records_in_the_wal_of_a_killed_writer_are_read_in_a_writable_folder(tmp_path):

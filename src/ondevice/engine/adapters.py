@@ -68,6 +68,7 @@ class Adapters:
         if name in self.loaded:
             raise InvalidArgument(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
         self.meta[name] = check(p, self.engine.path, self._plain_sha256())
+        self._check_tied_embedding(p, self.meta[name])
         with load_log() as lines:
             ptr = self._init(self.engine.model, str(p).encode())
         if not ptr:
@@ -78,6 +79,22 @@ class Adapters:
         self.scales[name] = float(scale)
         self.paths[name] = p
         return name
+
+    def _check_tied_embedding(self, path: Path, meta: dict) -> None:
+        """Refuse a LoRA on ``token_embd`` for a model whose output layer is its embedding (no ``output.weight``:
+        SmolLM2, Gemma 3, Qwen2.5 0.5B): llama.cpp finds the adapter by tensor name for the output matmul too, where
+        its shapes do not fit, and aborts the process (GGML_ASSERT ggml_can_mul_mat) at the first decode."""
+        if "token_embd.weight.lora_a" not in meta.get("tensors", {}):
+            return
+        from ..models.gguf_check import validate_gguf
+
+        restored = getattr(self.engine, "_restored", None)
+        base = validate_gguf(restored.path if restored is not None else self.engine.path)
+        if not any(t.name == "output.weight" for t in base.tensors):
+            raise InvalidArgument(f"--adapter {path}: it adapts token_embd.weight, which {self.engine.path.name} "
+                                  f"also uses as its output layer (tied embeddings), and llama.cpp cannot apply "
+                                  f"such an adapter there (it aborts); use an adapter without token_embd tensors "
+                                  f"(`ondevice adapt` trains none)")
 
     def _plain_sha256(self) -> str | None:
         """An encrypted base's plaintext sha256 (what its adapters record), from the memory it was restored
@@ -122,6 +139,11 @@ class Adapters:
         unknown = [n for n in names if n not in self.loaded]
         if unknown:
             raise InvalidArgument(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.own()) or 'none'}")
+
+    def describe(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Each of ``names`` as an error names it: its own name and the scale it is applied at ("style at scale
+        0.5", for a name scaled() made too)."""
+        return tuple(f"{self.base_of.get(n, n)} at scale {self.scales[n]:g}" for n in names)
 
     def own(self) -> list[str]:
         """The adapters loaded, by their own names, in load order (not the names scaled() made)."""

@@ -30,6 +30,7 @@ class Sampler:
     def __init__(self, engine: LlamaEngine, s: Sampling, prompt: Sequence[int] = ()):
         ll = self.ll = engine.ll
         self.ctx = engine.ctx
+        self.adapters = getattr(engine, "adapters", None)  # engine/adapters.py: named when logits are NaN
         # stateless greedy needs no chain walk: LlamaEngine.sample takes an argmax instead
         self.argmax_ok = s.temp == 0 and not s.grammar and not s.penalized and not s.logit_bias and not s.infill
         self.banned = np.array(sorted(engine.eos_tokens), dtype=np.int64) if s.ignore_eos else None
@@ -122,24 +123,30 @@ class Sampler:
         :class:`NonFiniteLogits`."""
         if self.post is not None:  # post_sampling_probs: the chain over a copy, its candidates kept
             if not np.isfinite(row.max()):
-                raise NonFiniteLogits()
+                raise self.nonfinite()
             return self.sample_post(row)
         if self.argmax_ok:
             # plain greedy: an argmax over the logits row in place (~10 us) gives the token the native
             # chain would (it copies all n_vocab candidates first, ~90 us); the chain stays the reference
             tok = int(row.argmax())  # the first NaN, if there is one
             if not np.isfinite(row[tok]):
-                raise NonFiniteLogits()
+                raise self.nonfinite()
             if self.banned is None or tok not in self.banned_set:
                 return tok
             masked = row.copy()  # an end-of-generation token won, but EOS is ignored: the best other one
             masked[self.banned] = -np.inf
             return int(masked.argmax())
         if not np.isfinite(row.max()):  # NaN or +inf: nothing to sample from (~10 us)
-            raise NonFiniteLogits()
+            raise self.nonfinite()
         if self.grammar is not None:
             return self.sample_checked(row)
         return self.sample_row(row) if i is None else self.ll.llama_sampler_sample(self.ptr, self.ctx, i)
+
+    def nonfinite(self) -> NonFiniteLogits:
+        """The error for a row of NaN or infinite logits, naming the LoRA adapters (with their scales) active on
+        the context: the generator samples a row right after the decode that computed it, under that row's set."""
+        ads = self.adapters
+        return NonFiniteLogits(adapters=ads.describe(ads.active) if ads is not None else ())
 
     def sample_checked(self, row: np.ndarray) -> int:
         """Sample from logits ``row`` under the grammar, at nearly the speed of sampling without one.

@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import OndeviceError
 from .catalog import _ALIASES, ModelListing, _looks_like_path, list_models, resolve
 from .gguf_check import validate_gguf
+from .licences import licence_display
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _row(m: ModelListing) -> dict[str, Any]:
     row: dict[str, Any] = {
         "name": m.name, "source": m.source, "status": m.status, "path": str(m.path) if m.path else None,
-        "description": m.description, "licence": m.licence, "is_instruct": m.is_instruct,
+        "description": m.description, "licence": licence_display(m.licence), "is_instruct": m.is_instruct,
         "install": m.install_hint if m.path is None else None,
     }
     if m.path is None:
@@ -63,7 +64,7 @@ def _row(m: ModelListing) -> dict[str, Any]:
         architecture=info.architecture, parameters=info.parameters, params=info.params_label,
         quant=info.quant_summary, quant_mix={k: round(v, 4) for k, v in info.quant_mix.items()},
         size_bytes=info.file_size, context_length=info.context_length,
-        chat_template=info.chat_template is not None, licence=m.licence or info.license,
+        chat_template=info.chat_template is not None, licence=licence_display(m.licence or info.license),
         n_layers=info.n_layers, n_embd=info.n_embd, n_vocab=info.n_vocab, gguf_name=info.name,
     )
     return row
@@ -168,8 +169,9 @@ def terminal_width() -> int | None:
 
 
 def licence_of(ref) -> str | None:
-    """A model's licence: the catalog's name for it, else its file's ``general.license``."""
-    return (ref.entry.licence if ref.entry else None) or ref.info.license
+    """A model's licence: the catalog's name for it, else its file's ``general.license`` (a known SPDX id in its
+    SPDX spelling, models/licences.py)."""
+    return licence_display((ref.entry.licence if ref.entry else None) or ref.info.license)
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from html import escape
 
 from ..store.record import created_time
 from . import svg
+from .formats import md_row
 
 
 def latest(records: Sequence[dict]) -> list[dict]:
@@ -48,8 +49,7 @@ def markdown(records: Sequence[dict]) -> str:
     head, cells = rows(records)
     if not cells:
         return ""
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    lines = [md_row(head), md_row(["---"] * len(head)), *(md_row(c) for c in cells)]
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from .formats import md_row
 from .quality import kld_lower_bound
 
 
@@ -32,8 +33,8 @@ def _figure(r: dict) -> str:
 
 def eval_markdown(records: list[dict]) -> str:
     """One row per stored eval record, oldest first."""
-    rows = ["| created (UTC) | model | test | ctx | result |", "|---|---|---|---|---|"]
+    rows = [md_row(["created (UTC)", "model", "test", "ctx", "result"]), md_row(["---"] * 5)]
     for r in records:
-        rows.append(f"| {_when(r)} | {r.get('model', '')} | {r.get('test', '')} | {r.get('n_ctx') or '-'} | "
-                    f"{_figure(r)} |")
+        rows.append(md_row([_when(r), r.get("model") or "", r.get("test") or "", str(r.get("n_ctx") or "-"),
+                            _figure(r)]))
     return "\n".join(rows) + "\n"

@@ -7,6 +7,8 @@ same F16 on the same held-out text (``stock``), so the two can be read side by s
 
 from __future__ import annotations
 
+from .formats import md_row
+
 
 def _row(label: str, m: dict, quality: str | None = None) -> str:
     from ..bench.noise import NOISY_MARK
@@ -17,11 +19,11 @@ def _row(label: str, m: dict, quality: str | None = None) -> str:
     kld = f"{m['kld']:.4f}" if m.get("kld") is not None else "-"
     size = f"{m['size'] / 1e6:.1f}" if m.get("size") else "-"
     rss = f"{m['mem'] / 2**20:.0f}" if m.get("mem") else "-"  # peak RSS at the fit's bench shapes (fit.memory)
-    row = f"| {label} | {size} | {rss} | {tg} | {pp} | {kld} |"
+    row = [label, size, rss, tg, pp, kld]
     if quality:  # the fit's --quality figure: held-out perplexity or the suite's score
         v = m.get(quality)
-        row += f" {v:.3f} |" if v is not None else " - |"
-    return row
+        row.append(f"{v:.3f}" if v is not None else "-")
+    return md_row(row)
 
 
 def _quality(r: dict) -> tuple[str | None, str]:
@@ -52,8 +54,9 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
         if r.get("shipped_chosen"):
             out.append(f"chosen: the shipped {(r.get('shipped') or {}).get('model')} (no variant was better: none "
                        f"stored)\n")
-        out.append("| variant | size MB | peak RSS MiB | tg t/s | pp t/s | KLD (held-out) |"
-                   + (f" {qtitle} |" if qkey else "") + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if qkey else ""))
+        extra = 1 if qkey else 0
+        out.append(md_row(["variant", "size MB", "peak RSS MiB", "tg t/s", "pp t/s", "KLD (held-out)"]
+                          + [qtitle] * extra) + "\n" + md_row(["---"] + ["---:"] * (5 + extra)))
         seen = set()
         for c in r.get("candidates", []):
             key = tuple(sorted(c["plan"].items()))
@@ -81,9 +84,9 @@ def fit_markdown(records: list[dict], limit: int = 3) -> str:
             every = "" if step == 1 else f", every {step}th"
             out.append(f"\npredicted front ({len(front)} plan{'' if len(front) == 1 else 's'}, KLD on the "
                        f"calibration text){every}:\n")
-            out.append("| size MB | tg t/s | pp t/s | KLD |\n|---:|---:|---:|---:|")
+            out.append(md_row(["size MB", "tg t/s", "pp t/s", "KLD"]) + "\n" + md_row(["---:"] * 4))
             for f in front[::step]:
-                out.append(f"| {f['size'] / 1e6:.1f} | {f['tg']:.1f} | {f['pp']:.1f} | {f['kld']:.4f} |")
+                out.append(md_row([f"{f['size'] / 1e6:.1f}", f"{f['tg']:.1f}", f"{f['pp']:.1f}", f"{f['kld']:.4f}"]))
         if any((c.get("measured") or {}).get("noisy") for c in r.get("candidates", [])) or sh.get("noisy"):
             out.append(f"\n{NOISY_NOTE}")  # as the fit said it
         out.append("")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from ..bench.record import BenchRecord
 from ..eval.record import EvalRecord
 from ..store.record import created_time
+from .formats import md_row
 
 
 def _speed(bench: list[BenchRecord]) -> tuple[float | None, str | None]:
@@ -180,6 +181,6 @@ def retention_markdown(rows: Sequence[dict]) -> str:
     out: list[str] = []
     for test, head, cells in retention_tables(rows):
         out += [f"{test}: retention vs F16 (category cells: score, then % of the family's F16)", "",
-                "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
-        out += ["| " + " | ".join(row) + " |" for row in cells] + [""]
+                md_row(head), md_row(["---" if i < 2 else "---:" for i in range(len(head))])]
+        out += [md_row(row) for row in cells] + [""]
     return "\n".join(out)

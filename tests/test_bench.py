@@ -104,7 +104,7 @@ def test_bench_config_one_declaration_for_flags_env_and_api(monkeypatch):
     monkeypatch.setenv("ONDEVICE_BENCH_REPETITIONS", "2")
     assert make_config().threads == [3] and make_config(threads=1).threads == [1]  # the keyword wins
     assert make_config().repetitions == 2
-    for bad, flag in (({"threads": 0}, "--threads"), ({"type_k": "q9"}, "--cache-type-k"),
+    for bad, flag in (({"threads": -2}, "--threads"), ({"type_k": "q9"}, "--cache-type-k"),
                       ({"wait_idle": -1}, "--wait-idle"), ({"repetitions": 0}, "--repetitions")):
         with pytest.raises(InvalidArgument, match=flag):
             make_config(**bad)

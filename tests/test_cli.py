@@ -40,10 +40,11 @@ def test_unknown_model_lists_known_names(cli):
 def test_invalid_flag_value_names_the_flag(cli):
     r = cli("run", "--top-p", "1.5", "hello")
     assert r.returncode == 2 and "--top-p" in r.stderr and "Traceback" not in r.stderr
-    r = cli("run", "--threads", "-1", "hello")
-    assert r.returncode == 2 and "--threads -1 must be >= 1 (0: the physical cores" in r.stderr
-    r = cli("run", "--threads", "0", "-n", "2", "--timings", "json", "hello")  # as in llama.cpp and load(n_threads=0)
-    assert r.returncode == 0 and json.loads(r.stderr.strip().splitlines()[-1])["generation_tokens"] == 2, r.stderr
+    r = cli("run", "--threads", "-2", "hello")
+    assert r.returncode == 2 and "--threads -2 must be >= 1 (0 or -1: the default" in r.stderr
+    for default in ("0", "-1"):  # as in llama.cpp (-1) and load(n_threads=0)
+        r = cli("run", "--threads", default, "-n", "2", "--timings", "json", "hello")
+        assert r.returncode == 0 and json.loads(r.stderr.strip().splitlines()[-1])["generation_tokens"] == 2, r.stderr
 
 
 def test_prompt_over_context_names_both_numbers(cli):

@@ -131,7 +131,7 @@ def test_parse_key_values():
 @pytest.mark.parametrize(
     "spec",
     [
-        "threads=0",
+        "threads=-2",
         "threads=two",
         "mem=lots",
         "mem=1K",
@@ -381,7 +381,7 @@ def test_probe_returns_positive_finite_and_caches(tmp_path, monkeypatch):
     again = probe(1)
     assert again.cached and again.bandwidth_gbs == p.bandwidth_gbs
     with pytest.raises(InvalidArgument):
-        probe(0)
+        probe(-2)  # 0 and -1: the default thread count, as elsewhere
 
 
 def test_the_probe_fits_a_short_budget_with_a_smaller_array_instead_of_timing_out():

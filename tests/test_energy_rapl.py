@@ -4,12 +4,13 @@ estimate, where its watts per core came from."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ondevice.device.energy import DEFAULT_WATTS_PER_CORE, WATTS_ENV, EnergyMeter, rapl_domains, resolve_watts
-from ondevice.errors import InvalidArgument
+from ondevice.errors import InvalidArgument, OndeviceError
 
 
 def zone(root: Path, zone_name: str, name: str, energy: int | str) -> Path:
@@ -76,3 +77,39 @@ def test_the_watts_per_core_say_where_they_came_from(monkeypatch):
     monkeypatch.setenv(WATTS_ENV, "lots")
     with pytest.raises(InvalidArgument, match="not a number"):
         resolve_watts()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file anyway")
+def test_root_only_counters_say_so_and_how_to_open_them(tmp_path):
+    from ondevice.device.energy import rapl_root_only, rapl_unavailable
+
+    assert rapl_unavailable(tmp_path) == "no readable RAPL counters" and rapl_root_only(tmp_path) == []
+    f = zone(tmp_path, "intel-rapl:0", "package-0", 1_000_000)
+    f.chmod(0)  # as kernels since 5.10 leave energy_uj for non-root
+    try:
+        assert rapl_domains(tmp_path) == [] and rapl_root_only(tmp_path) == [f]
+        why = rapl_unavailable(tmp_path)
+        assert "exist" in why and "root-only" in why and "run as root" in why and "undone at every boot" in why
+        assert f"sudo chmod o+r {tmp_path}/intel-rapl:*/energy_uj" in why and why.endswith("estimated until then")
+        with pytest.raises(OndeviceError, match=r"root-only .*sudo chmod o\+r .*or use method='estimated'$"):
+            EnergyMeter(method="rapl", powercap=tmp_path)
+        with EnergyMeter(powercap=tmp_path) as meter:
+            pass
+        assert meter.result["method"] == "estimated"
+    finally:
+        f.chmod(0o644)
+
+
+def test_device_energy_line_says_root_only(monkeypatch, capsys):
+    """``ondevice device``'s energy line, with the counters root-only (faked: as root every file reads)."""
+    import argparse
+
+    from ondevice.device import cli, energy
+
+    monkeypatch.setattr(energy, "rapl_domains", lambda root=None: [])
+    monkeypatch.setattr(energy, "rapl_root_only", lambda root=None: [Path("/x/intel-rapl:0/energy_uj")])
+    cli.run(argparse.Namespace(threads=None, model=None, probe=False, json=False))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("energy"))
+    assert line == ("energy    estimated (RAPL counters exist (/sys/class/powercap/intel-rapl:*/energy_uj) but are "
+                    "root-only (kernels since 5.10): run as root, or `sudo chmod o+r /sys/class/powercap/intel-rapl:*/"
+                    "energy_uj` (undone at every boot); energy is estimated until then)"), line

@@ -466,7 +466,7 @@ def test_a_profile_whose_memory_holds_the_file_but_not_the_runtime_is_refused_af
 @pytest.mark.parametrize("args, words", [
     (["--name", "a/b"], "--name 'a/b' is not allowed"),
     (["--tests", "pp0,tg8"], "test 'pp0' has no tokens to time"),
-    (["-t", "-1"], "-t -1 must be >= 0"),  # named as typed
+    (["-t", "-2"], "-t -2 must be >= 1 (0 or -1: "),  # named as typed; -1 is the default
     (["--calib-ctx", "0"], "--calib-ctx 0 must be >= 8"),
     (["--eval-chunks", "0"], "--eval-chunks 0 must be >= 1"),
 ])

@@ -60,7 +60,7 @@ def test_the_speed_cache_is_kept_per_profile():
                                   fit_profile(DeviceProfile("edge-1g", 1, None, 1 << 30)).cache_id())
 
 
-@pytest.mark.parametrize("spec", ["phone-9g", "threads=0", "mem=lots", "speed=3"])
+@pytest.mark.parametrize("spec", ["phone-9g", "threads=-2", "mem=lots", "speed=3"])
 def test_bad_profile_is_parse_profiles_one_line_error(spec):
     with pytest.raises(InvalidArgument) as e:
         fit_profile(spec)

@@ -368,7 +368,7 @@ def test_supervised_exit_codes_and_output_pass_through(cli):
     res = cli("run", "--temp", "0", "-n", "3", "--timings", "json", "Say hi")
     assert res.returncode == 0 and res.stdout.strip()
     assert json.loads(res.stderr.strip().splitlines()[-1])["generation_tokens"] == 3
-    bad = cli("run", "--threads", "-1", "Hi")
+    bad = cli("run", "--threads", "-2", "Hi")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ondevice run: error:")
 
 

@@ -48,7 +48,8 @@ class BenchConfig(BaseSettings):
                                                                      "paths (none: the embedded model)")
     tests: CommaList[str] = Field(default_factory=list, description="tests: ppN, tgN, pgP,N, any with @dD (KV "
                                                                     f"depth), chat[N] (none: {DEFAULT_TESTS})")
-    threads: IntList[PositiveInt] = Field(default_factory=list, description="threads (none: physical cores)")
+    threads: IntList[int] = Field(default_factory=list, description="threads (none, 0 or -1: physical performance "
+                                                                     "cores)")
     n_batch: IntList[PositiveInt] = Field(default_factory=lambda: [2048], description="logical batch n_batch")
     n_ubatch: IntList[PositiveInt] = Field(default_factory=lambda: [512], description="micro-batch n_ubatch")
     n_ctx: CommaList[NonNegativeInt] = Field(default_factory=lambda: [0], description="context size (0: just "
@@ -94,9 +95,8 @@ class BenchConfig(BaseSettings):
     def _threads(cls, v: list[int]) -> list[int]:
         from ..engine.resources import check_threads
 
-        for n in v:  # before the sweep starts, not as an error row per configuration
-            check_threads(n, "-t/--threads")
-        return v
+        # before the sweep starts, not as an error row per configuration; 0 and -1 (llama.cpp's): the default
+        return [check_threads(n or -1, "-t/--threads") for n in v]
 
     @field_validator("n_ctx")
     @classmethod

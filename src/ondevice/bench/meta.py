@@ -106,10 +106,11 @@ def roofline_for(meta: ModelMeta, phases: list[tuple[str, int, int]], time_s: fl
 def host_meta(info: dict) -> dict:
     """What a bench record's ``meta`` says about the machine, from ``device_info``: the hardware, and what this
     process may use of it (``usable_cpus`` after affinity and a container's CPU quota, the cgroup memory
-    limit), so a run in a container is told apart from one on the host."""
+    limit), so a run in a container is told apart from one on the host; on a hybrid CPU its performance and
+    efficiency cores (None elsewhere)."""
     keys = ("cpu_model", "cpu_flags", "governor", "boost", "hypervisor", "kernel", "os", "arch", "physical_cores",
-            "logical_cores", "usable_cpus", "cpu_quota", "l3_cache_bytes", "memory_total_bytes",
-            "memory_limit_bytes", "memory_limit_file", "python")
+            "performance_cores", "efficiency_cores", "logical_cores", "usable_cpus", "cpu_quota", "l3_cache_bytes",
+            "memory_total_bytes", "memory_limit_bytes", "memory_limit_file", "python")
     out = {k: info.get(k) for k in keys}
     out["load_avg_before"] = info.get("load_avg")
     return out

@@ -3,7 +3,11 @@
 The load average is a poor witness for a sweep: a 1-minute average still holds the sweep's own previous
 test. So the record's ``load`` is measured instead: cores kept busy by *other* work during the timed runs,
 from ``/proc/stat`` (machine-wide busy time, VM steal included) minus this process's own CPU time.
-A record is flagged ``noisy`` when that load or the coefficient of variation of its t/s is too high.
+In a container with a CPU quota the cause may instead be the quota: the seconds the kernel throttled the
+cgroup during the timed runs (``cpu.stat``, see ``device.cgroup.cpu_throttled``) are kept as the record's
+``meta.throttled_s``, and the reason then names the quota, not other processes.
+A record is flagged ``noisy`` when that load, that throttling or the coefficient of variation of its t/s is
+too high.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 NOISY_MARK = "(!)"  # after a t/s: a figure not to trust (the record's "noise" says why)
 NOISY_CV = 0.05  # t/s std / mean over the repetitions; llama-bench's runs on a quiet machine stay near 1-2%
 NOISY_LOAD = 0.25  # cores busy with other work during the timed runs
+NOISY_THROTTLED = 0.05  # seconds the CPU quota throttled the cgroup, per second of the timed runs
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -37,13 +42,26 @@ def other_load(busy_before: float | None, busy_after: float | None, own_cpu_s: f
     return max(0.0, (busy_after - busy_before - own_cpu_s) / wall_s)
 
 
-def assess(mean: float | None, std: float | None, load: float | None) -> list[str]:
-    """Why a record with t/s ``mean`` ± ``std``, measured while other work kept ``load`` cores busy, should
-    not be trusted (empty when it looks clean): high CV of t/s, or a busy machine."""
+def throttled_between(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Seconds the CPU quota throttled this process's cgroup between two ``cpu_throttled`` readings: the most
+    any one level grew (None: no cpu.stat to read)."""
+    grew = [after[k] - v for k, v in before.items() if k in after]
+    return max(0.0, *grew) if grew else None
+
+
+def assess(mean: float | None, std: float | None, load: float | None, throttled_s: float | None = None,
+           wall_s: float | None = None) -> list[str]:
+    """Why a record with t/s ``mean`` ± ``std``, measured while other work kept ``load`` cores busy and the
+    container's CPU quota throttled it ``throttled_s`` seconds of ``wall_s``, should not be trusted (empty when
+    it looks clean): high CV of t/s, the quota's throttling (named instead of other processes: inside a
+    container the CPU it lacked was the quota's), or a busy machine."""
     why = []
     if mean and std is not None and std / mean > NOISY_CV:
         why.append(f"t/s varies {100 * std / mean:.0f}% between repetitions (over {100 * NOISY_CV:.0f}%)")
-    if load is not None and load > NOISY_LOAD:
+    if throttled_s and throttled_s > NOISY_THROTTLED * (wall_s or 0):
+        why.append(f"the container's CPU quota throttled it for {throttled_s:.2f} s during the runs (its "
+                   f"processes wanted more CPU than the quota gives: fewer -t, or a larger quota)")
+    elif load is not None and load > NOISY_LOAD:
         why.append(f"other processes kept {load:.2f} cores busy during the runs (over {NOISY_LOAD})")
     return why
 

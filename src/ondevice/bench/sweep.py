@@ -416,7 +416,9 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
             rec.update(_flat(res))
             en = res.get("energy") or {}  # what the energy figure is made of (RAPL counters, the watts' source)
             rec["meta"]["energy"] = {k: en.get(k) for k in ("domains", "watts_source", "avg_watts")}
-            rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"])  # [] when clean
+            rec["meta"]["throttled_s"] = res.get("throttled_s")  # by the container's CPU quota (None: no cpu.stat)
+            rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"], res.get("throttled_s"),
+                                        res.get("measured_wall_s"))  # [] when clean
             rec["noisy"] = bool(why)
             cap = (state["limits"] or {}).get("mem_limit_bytes")
             if cap and (rec.get("peak_rss_bytes") or 0) > cap:  # the cap did not hold: say why, in the record too

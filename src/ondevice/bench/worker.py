@@ -20,9 +20,10 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from ..device.cgroup import cpu_throttled
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
 from .measure import cpu_seconds, mapped_rss_bytes, max_rss_bytes, mean_std, percentile, proc_status, reset_peak_rss
-from .noise import busy_seconds, other_load
+from .noise import busy_seconds, other_load, throttled_between
 
 _out = None  # the private copy of stdout
 
@@ -48,17 +49,20 @@ class _Run:
     busy_s: float | None  # all processes' busy CPU seconds (None: /proc/stat unreadable)
     wall_s: float
     energy: dict
+    throttled_s: float | None = None  # the CPU quota throttled the cgroup this long (None: no cpu.stat)
 
 
 def _timed(wl, watts_per_core: float | None) -> _Run:
     from ..device import EnergyMeter
 
+    throttled0 = cpu_throttled()  # a container's CPU quota (cpu.stat), read outside the timed span
     busy0, (u0, s0), t0 = busy_seconds(), cpu_seconds(), time.perf_counter()
     with EnergyMeter(watts_per_core=watts_per_core) as meter:
         sample = wl.run()
     wall, (u1, s1), busy1 = time.perf_counter() - t0, cpu_seconds(), busy_seconds()
     busy = busy1 - busy0 if busy0 is not None and busy1 is not None else None
-    return _Run(sample, proc_status(), (u1 - u0, s1 - s0), busy, wall, meter.result or {})
+    return _Run(sample, proc_status(), (u1 - u0, s1 - s0), busy, wall, meter.result or {},
+                throttled_between(throttled0, cpu_throttled()))
 
 
 def run_test(models: list, spec, cfg: dict, watts_per_core: float | None) -> list[dict]:
@@ -129,6 +133,7 @@ def _result(wl, runs: list[_Run], peak_reset: bool, load_avg: float | None, n_mo
                 "utilisation": (user + sys_) / wall if wall > 0 else None},
         "measured_wall_s": wall,
         "load": other_load(0.0, busy, user + sys_, wall),  # cores other processes kept busy meanwhile
+        "throttled_s": None if any(r.throttled_s is None for r in runs) else sum(r.throttled_s for r in runs),
         "load_avg_1m": load_avg,
         "energy": {
             "joules": joules,

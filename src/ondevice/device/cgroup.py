@@ -152,3 +152,26 @@ def cap_by_quota(n: int, quota: dict | None) -> int:
 def usable_cpus(dirs: dict[str | None, Path | None] | None = None) -> int:
     """CPUs this process can keep busy: the affinity count, capped by the cgroup CPU quota (floor, at least 1)."""
     return cap_by_quota(affinity_cpus(), cpu_quota(dirs))
+
+
+# cpu.stat's count of the time the CPU quota throttled a cgroup: v2 in microseconds, v1 in nanoseconds
+_THROTTLED = {None: ("throttled_usec", 1e6), "cpu": ("throttled_time", 1e9)}
+
+
+def cpu_throttled(dirs: dict[str | None, Path | None] | None = None) -> dict[str, float]:
+    """Seconds the CPU quota has throttled this process's cgroup and each ancestor so far, per cgroup path
+    (``cpu.stat``: v2 ``throttled_usec``, v1 ``throttled_time``; each level counts the throttling of its own
+    quota, summed over CPUs); {} where no cpu.stat says. Two readings give the throttling in between
+    (``bench.noise.throttled_between``)."""
+    out: dict[str, float] = {}
+    for v1, here in _starts(dirs, tuple(_THROTTLED)):
+        key, per_s = _THROTTLED[v1]
+        for d in ancestors(here, ("cpu.stat",)):
+            try:
+                stat = dict(line.split()[:2] for line in (d / "cpu.stat").read_text().splitlines()
+                            if len(line.split()) >= 2)
+            except (OSError, ValueError):
+                continue
+            if stat.get(key, "").isdigit():
+                out[f"{d}:{key}"] = int(stat[key]) / per_s
+    return out

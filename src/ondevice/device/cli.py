@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or .gguf; repeatable) instead of the default model's variants. Results hold for every file "
                         "with the same set of weight types; `--amx auto` uses AMX only for a set timed faster here")
     p.add_argument("-t", "--threads", type=int, action="append",
-                   help="thread count for --probe (repeatable; default: all usable CPUs)")
+                   help="thread count for --probe (repeatable; default, or 0 / -1: one per physical performance core)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
 
@@ -35,7 +35,7 @@ def _age(iso: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgument
-    from .energy import rapl_domains
+    from .energy import rapl_domains, rapl_unavailable
     from .info import device_info
     from .kernels import kernels_summary, probe_kernels, took_no_weights
     from .probe import cached_probes, probe
@@ -51,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
         models = {m: resolve_model(m).path for m in args.model}  # every name found before anything is measured
     if args.probe:
         from ..engine.resources import check_threads
+        from .cores import resolve_threads
 
-        for t in args.threads or []:  # all of them before anything is measured (and the caches rewritten)
-            check_threads(t, "-t/--threads")
+        # all of them before anything is measured (and the caches rewritten); 0 and -1: the default (None)
+        args.threads = [t and check_threads(t, "-t/--threads")
+                        for t in (resolve_threads(t, "-t/--threads") for t in args.threads or [])]
         for t in args.threads or [None]:
             p = probe(t, refresh=True, wait_idle_s=PROBE_WAIT_S)  # not under other work: it would read low
             if p.loaded:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                       f"probe, so it reads low; it does not replace a probe measured quiet", file=sys.stderr)
         probe_kernels((args.threads or [None])[0], models, say=lambda line: print(line, file=sys.stderr, flush=True))
     info = device_info()
-    energy = "rapl" if rapl_domains() else "estimated (no readable RAPL counters)"
+    energy = "rapl" if rapl_domains() else f"estimated ({rapl_unavailable()})"
     probes = cached_probes()
     kern = kernels_summary()
     if args.json:
@@ -69,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mem = info["memory_total_bytes"] / 2**30
     quota = f" (CPU quota {info['cpu_quota']:g})" if info.get("cpu_quota") is not None else ""
-    print(f"cpu       {info['cpu_model']} ({info['arch']}), {info['physical_cores']} cores / "
-          f"{info['logical_cores']} threads, {info['usable_cpus']} usable{quota}")
+    kinds = (f": {info['performance_cores']} performance + {info['efficiency_cores']} efficiency"
+             if info.get("performance_cores") is not None else "")
+    default = f"; default threads {info['default_threads']}" if kinds else ""
+    print(f"cpu       {info['cpu_model']} ({info['arch']}), {info['physical_cores']} cores{kinds} / "
+          f"{info['logical_cores']} threads, {info['usable_cpus']} usable{quota}{default}")
     print(f"features  {' '.join(info['cpu_flags']) or '-'}")
     limit = info.get("memory_limit_bytes")
     high = ", memory.high: the kernel throttles above it" if info.get("memory_limit_file") == "memory.high" else ""

@@ -66,6 +66,30 @@ def rapl_domains(root: Path = POWERCAP) -> list[_RaplDomain]:
     return out
 
 
+def rapl_root_only(root: Path = POWERCAP) -> list[Path]:
+    """The ``energy_uj`` counters that exist but this process may not read (kernels since 5.10 make them
+    root-only, against the PLATYPUS power side channel)."""
+    out = []
+    for f in sorted(root.glob("intel-rapl:*/energy_uj")):
+        try:
+            with open(f, "rb"):
+                pass
+        except PermissionError:
+            out.append(f)
+        except OSError:
+            continue
+    return out
+
+
+def rapl_unavailable(root: Path = POWERCAP, until: str = "; energy is estimated until then") -> str:
+    """Why energy is estimated where no RAPL domain is readable: the counters are root-only (how to open them,
+    then ``until``), or there are none."""
+    if rapl_root_only(root):
+        return (f"RAPL counters exist ({root}/intel-rapl:*/energy_uj) but are root-only (kernels since 5.10): "
+                f"run as root, or `sudo chmod o+r {root}/intel-rapl:*/energy_uj` (undone at every boot){until}")
+    return "no readable RAPL counters"
+
+
 def counter_delta(start: int, end: int, max_range: int) -> int:
     """Counter increase from ``start`` to ``end`` allowing one wrap at ``max_range`` (undetectable beyond)."""
     return end - start if end >= start else end + max_range - start
@@ -121,10 +145,11 @@ class EnergyMeter:
         self.watts_per_core, self.watts_source = resolve_watts(watts_per_core)
         self._domains = rapl_domains(powercap) if method in ("auto", "rapl") else []
         if method == "rapl" and not self._domains:
-            raise OndeviceError(
-                "RAPL energy counters are not readable here (no /sys/class/powercap/intel-rapl:*/energy_uj, "
-                "or it is root-only); run as root, or use method='estimated'"
-            )
+            why = rapl_unavailable(powercap, until="")
+            raise OndeviceError(f"RAPL energy counters are not readable here: {why}; or use method='estimated'"
+                                if rapl_root_only(powercap) else
+                                f"RAPL energy counters are not readable here (no readable {powercap}/intel-rapl:*/"
+                                f"energy_uj); use method='estimated'")
         self.method = "rapl" if self._domains else "estimated"
         self.result: dict | None = None
 

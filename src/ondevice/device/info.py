@@ -227,14 +227,19 @@ def device_info(include_llama: bool = True) -> dict:
     except OSError:
         load = None
     from .cgroup import affinity_cpus, cap_by_quota, cpu_quota, memory_limit
+    from .cores import core_split, default_threads
 
-    quota, mem = cpu_quota(), memory_limit()
+    quota, mem, split = cpu_quota(), memory_limit(), core_split("all")
     info = {
         "cpu_model": cpu_model(),
         "arch": platform.machine(),
         "cpu_flags": cpu_flags(),
         "physical_cores": physical_cores(),
         "logical_cores": os.cpu_count(),
+        # hybrid CPUs (Intel P+E cores, ARM big.LITTLE): the machine's physical cores by kind; None: all alike
+        "performance_cores": split["performance"] if split["hybrid"] else None,
+        "efficiency_cores": split["efficiency"] if split["hybrid"] else None,
+        "default_threads": default_threads(),  # one per performance core allowed, capped by the CPU quota
         "usable_cpus": cap_by_quota(affinity_cpus(), quota),  # affinity, capped by the CPU quota
         "affinity_cpus": affinity_cpus(),
         "cpu_quota": quota["cpus"] if quota else None,  # a container's CPU limit (docker --cpus), None: none

@@ -211,19 +211,18 @@ def _read_cache(path: Path) -> dict:
 
 
 def probe(threads: int | None = None, refresh: bool = False, wait_idle_s: float = 0.0) -> Probe:
-    """Measured bandwidth and peak compute at ``threads`` threads (default: the usable CPUs: affinity, capped
-    by a container's CPU quota), cached.
+    """Measured bandwidth and peak compute at ``threads`` threads (default, or 0 / -1: the default thread count,
+    one per physical performance core allowed, capped by a container's CPU quota), cached.
 
     A probe measured while other work kept the machine busy reads low and makes every % of roofline after it
     read high, so: with ``wait_idle_s`` it first waits (at most that long) for a quiet machine, as
     ``bench --wait-idle`` does; its own measured ``load`` is kept; a loaded probe is returned for this run but
     never replaces a quiet cached one; and a cached loaded one is measured again once the machine is quiet."""
-    if threads is None:
-        from .cgroup import usable_cpus
+    from .cores import default_threads, resolve_threads
 
-        threads = usable_cpus()
-    if not isinstance(threads, int) or isinstance(threads, bool):
-        raise InvalidArgument(f"probe threads={threads!r} must be a whole number >= 1")
+    if isinstance(threads, str):
+        raise InvalidArgument(f"probe threads={threads!r} must be a whole number >= 1 (0 or -1: the default)")
+    threads = resolve_threads(threads, "probe threads") or default_threads()
     from ..engine.resources import check_threads
 
     check_threads(threads, "-t/--threads")  # as llama.cpp will be asked: not 99 on 2 CPUs

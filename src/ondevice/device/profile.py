@@ -23,7 +23,8 @@ class DeviceProfile:
 
     Attributes:
         name: label stored with every record.
-        threads: compute threads for the engine; None means one per usable CPU.
+        threads: compute threads for the engine; None (or 0, -1) means the default, one per physical
+            performance core of the allowed CPUs (``cores.default_threads``).
         cpu_affinity: CPUs the process may run on (``os.sched_setaffinity``); None leaves it alone.
         mem_limit_bytes: memory cap for the whole process; None means no cap.
         watts_per_core: power of one busy core, for the energy estimate when RAPL is unreadable;
@@ -37,8 +38,9 @@ class DeviceProfile:
     watts_per_core: float | None = None
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise InvalidArgument(f"threads={self.threads!r} must be a whole number >= 1; e.g. threads=2")
+        from .cores import resolve_threads
+
+        object.__setattr__(self, "threads", resolve_threads(self.threads))  # 0 and -1: the default (None)
         if self.cpu_affinity is not None:
             cpus = tuple(sorted({int(c) for c in self.cpu_affinity}))  # accept any iterable, e.g. a list
             if not cpus or cpus[0] < 0:
@@ -56,15 +58,14 @@ class DeviceProfile:
             )
 
     def resolved_threads(self, cgroup_dirs: dict | None = None) -> int:
-        """Threads to give the engine: explicit, else one per allowed CPU (the profile's ``cpus``, else this
-        process's affinity), capped by the container's CPU quota (``cgroup.usable_cpus``; ``cgroup_dirs``:
-        where to read it, default this process's cgroups)."""
-        from .cgroup import affinity_cpus, cap_by_quota, cpu_quota
+        """Threads to give the engine: explicit, else one per physical performance core of the allowed CPUs
+        (the profile's ``cpus``, else this process's affinity), capped by the container's CPU quota
+        (``cores.default_threads``; ``cgroup_dirs``: where to read it, default this process's cgroups)."""
+        from .cores import default_threads
 
         if self.threads is not None:
             return self.threads
-        n = len(self.cpu_affinity) if self.cpu_affinity is not None else affinity_cpus()
-        return cap_by_quota(n, cpu_quota(cgroup_dirs))
+        return default_threads(self.cpu_affinity, cgroup_dirs)
 
     def to_dict(self) -> dict:
         return {
@@ -156,9 +157,9 @@ def parse_profile(spec: str | DeviceProfile | None) -> DeviceProfile:
         if key == "name":
             fields["name"] = value
         elif key == "threads":
-            if not value.isdigit():
-                raise InvalidArgument(f"threads={value!r} must be a whole number >= 1; e.g. threads=2")
-            fields["threads"] = int(value)
+            from .cores import resolve_threads
+
+            fields["threads"] = resolve_threads(value)
         elif key == "cpus":
             fields["cpu_affinity"] = parse_cpus(value)
         elif key == "mem":

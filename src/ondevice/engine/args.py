@@ -16,7 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="catalog name, stored variant, path to a .gguf or a download address (hf.co/OWNER/REPO:QUANT, "
                         "pulled when missing); default: smollm2-135m-instruct")
     add_hf_args(p)
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; default (or 0): physical cores")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads; default (or 0, -1): one per physical performance core")
     p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=0,
                    help="context size in tokens (0: the model's, capped at 4096)")
     p.add_argument("--adapter", "--lora", action="append", default=[], metavar="NAME|PATH[:SCALE]",
@@ -335,8 +336,11 @@ def load_from(args: argparse.Namespace, **config):
     from ..errors import InvalidArgument
     from .model import load
 
-    if args.threads is not None and args.threads < 0:
-        raise InvalidArgument(f"--threads {args.threads} must be >= 1 (0: the physical cores, the default)")
+    if args.threads is not None and args.threads < -1:
+        raise InvalidArgument(f"--threads {args.threads} must be >= 1 (0 or -1: the default, one per physical "
+                              f"performance core)")
+    if args.threads == -1:  # llama.cpp's "default", as 0 is
+        args.threads = 0
     if args.ctx < 0:
         raise InvalidArgument(f"--ctx {args.ctx} must be >= 0 (0 = the model's own)")
     apply_kernel_args(args)

@@ -12,27 +12,22 @@ from ..errors import InvalidArgument
 def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
     """``n`` threads, or an error: llama.cpp starts every one (ggml allows 512), and past a few per CPU
     they only take turns."""
+    if n == -1:  # llama.cpp's "default", as 0 and None are here
+        return physical_cores()
     most = min(512, 4 * (os.cpu_count() or 1))
     if not 1 <= n <= most:
         raise InvalidArgument(f"{flag}={n} must be 1 to {most} (at most 4 per CPU of this machine's "
-                              f"{os.cpu_count()}; 0 or none: the physical cores, {physical_cores()})")
+                              f"{os.cpu_count()}; 0, -1 or none: the physical performance cores, {physical_cores()})")
     return n
 
 
 def physical_cores() -> int:
-    """Physical cores available to this process (llama.cpp's default thread count): psutil's physical cores,
-    capped by the CPUs this process may use: its affinity, and a container's CPU quota (``docker --cpus=1``:
-    1; more threads than the quota spin while the kernel throttles them)."""
-    from ..device.cgroup import usable_cpus
+    """The default thread count (llama.cpp's ``common_cpu_get_num_math``): one per physical performance core
+    this process may run on (Intel E-cores and ARM little cores left out), capped by a container's CPU quota
+    (more threads than the quota spin while the kernel throttles them); see ``device.cores``."""
+    from ..device.cores import default_threads
 
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil missing or unable to tell
-        n = None
-    avail = usable_cpus()
-    return max(1, min(n or avail, avail))
+    return default_threads()
 
 
 def check_kv_memory(info, n_ctx: int, n_ctx_train: int, type_k: str, type_v: str, name: str,

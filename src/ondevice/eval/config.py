@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..device.cores import minus_one_is_zero
+
 # a model, file or directory given as a str or a path
 PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 
@@ -65,7 +67,8 @@ class EvalConfig(BaseSettings):
     adapter: PathStr | None = Field(None, description="a LoRA adapter from `ondevice adapt` (.gguf or stored name, "
                                                       "with :SCALE to apply it scaled, e.g. hard.gguf:0.5), applied "
                                                       "to the model (not to --ref); recorded with its sha256")
-    threads: NonNegativeInt | None = Field(None, description="threads (none or 0: physical cores)")
+    threads: Annotated[NonNegativeInt | None, BeforeValidator(minus_one_is_zero)] = Field(
+        None, description="threads (none, 0 or -1: one per physical performance core)")
     session: str | None = Field(None, description="session id to record under (none: a new one)")
     log_dir: PathStr | None = Field(None, description="where per-sample suite logs go (none: <data dir>/eval-logs)")
 

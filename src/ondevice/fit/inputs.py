@@ -29,7 +29,7 @@ def check_settings(*, imatrix: str, transform: str, speed_tests: tuple[str, ...]
         if n < least:  # KLD chunks as llama-perplexity's (eval.ppl.make_chunks)
             raise InvalidArgument(f"{flag} {n} must be >= {least}")
     if threads is not None and threads < 0:
-        raise InvalidArgument(f"--threads {threads} must be >= 0 (0: the profile's or the default)")
+        raise InvalidArgument(f"--threads {threads} must be >= 1 (0 or -1: the profile's or the default)")
     if name is not None:
         from ..models.catalog import check_variant_name
 

@@ -52,8 +52,9 @@ def plan_key(plan: dict[str, str], imatrix: str | None = None) -> str:
     return (low or "base") + (f"|imatrix={imatrix[:12]}" if imatrix else "")
 
 
-NOISY_NOTE = ("(!) noisy, do not trust: tok/s measured while other processes kept the cores busy, or its runs "
-              "spread widely; fit again on a quiet machine, or with more rounds (-r)")
+NOISY_NOTE = ("(!) noisy, do not trust: tok/s measured while other processes kept the cores busy or the "
+              "container's CPU quota throttled it, or its runs spread widely; fit again on a quiet machine (with "
+              "fewer -t under a quota), or with more rounds (-r)")
 
 
 def noisy_mark(speed: dict) -> str:

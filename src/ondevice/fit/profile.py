@@ -40,7 +40,7 @@ class FitProfile:
         """``threads`` when given, else the profile's (its threads, else one per CPU it pins), else the physical
         cores this process may use, as run and serve default to."""
         p = self.profile
-        if threads:
+        if threads and threads != -1:  # -1: the default, as 0 and None (and in llama.cpp)
             return threads
         if p.threads or p.cpu_affinity:
             return p.resolved_threads()

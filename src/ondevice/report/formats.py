@@ -46,18 +46,24 @@ def _tps(r: BenchRecord) -> str:
 
 def noise_note(records: Sequence[BenchRecord]) -> str | None:
     """The line under a table that explains the noisy mark and the load column, when either is shown."""
-    return noise_legend(sum(bool(r.noisy) for r in records), len(records), any(r.load is not None for r in records))
+    throttled = [(r.meta or {}).get("throttled_s") or 0.0 for r in records
+                 if r.noisy and any("CPU quota throttled" in w for w in r.noise)]
+    return noise_legend(sum(bool(r.noisy) for r in records), len(records), any(r.load is not None for r in records),
+                        throttled)
 
 
-def noise_legend(n_noisy: int, n: int, load_shown: bool) -> str | None:
-    """:func:`noise_note` from counts: ``n_noisy`` of ``n`` figures marked, a load column shown or not."""
+def noise_legend(n_noisy: int, n: int, load_shown: bool, throttled: Sequence[float] = ()) -> str | None:
+    """:func:`noise_note` from counts: ``n_noisy`` of ``n`` figures marked, a load column shown or not; the
+    seconds the container's CPU quota throttled each of the marked ones it did (named instead of other work)."""
     from ..bench.noise import NOISY_CV, NOISY_LOAD
 
     if not n_noisy and not load_shown:
         return None
+    quota = (f"; the container's CPU quota throttled {len(throttled)} of them, for up to {max(throttled):.2f} s "
+             f"(fewer -t, or a larger quota)" if throttled else "")
     head = (f"{NOISY_MARK} noisy, do not trust ({n_noisy} of {n}): t/s varies over "
-            f"{100 * NOISY_CV:.0f}% between repetitions, or other processes kept over {NOISY_LOAD} cores busy; "
-            f"rerun on a quiet machine or with --wait-idle. " if n_noisy else "")
+            f"{100 * NOISY_CV:.0f}% between repetitions, or other processes kept over {NOISY_LOAD} cores busy"
+            f"{quota}; rerun on a quiet machine or with --wait-idle. " if n_noisy else "")
     return head + ("load: cores other processes kept busy during the timed runs (/proc/stat, ours excluded)"
                    if load_shown else "")
 
@@ -140,6 +146,12 @@ def columns(records: Sequence[BenchRecord | dict]) -> list[tuple[str, Callable[[
 def md_cell(text: str) -> str:
     """A cell as markdown keeps it in its column: ``|`` as ``\\|``, a line break as ``<br>`` (GitHub's)."""
     return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def md_row(cells: Sequence[str]) -> str:
+    """One unpadded markdown table row (the header and the ``---`` line too), each cell through :func:`md_cell`:
+    the tables that are not :func:`md_table`'s (eval, retention, fit, cascade) escape as the bench tables do."""
+    return "| " + " | ".join(md_cell(str(c)) for c in cells) + " |"
 
 
 def md_uncell(text: str) -> str:

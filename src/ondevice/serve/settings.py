@@ -11,13 +11,14 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, NonNegativeInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..capped import read_capped, size_text
 from ..config import AnyList, add_config_arguments, config_from
+from ..device.cores import minus_one_is_zero
 
 KEY_FILE_LIMIT = 1 << 20  # bytes: a file of API keys, one per line (`/dev/zero` was read to a MemoryError)
 
@@ -41,7 +42,8 @@ class ServeSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
     parallel: int = Field(4, ge=1, le=256, description="slots: sequences decoded together in one batch")
     ctx: int = Field(2048, ge=64, description="context tokens per slot (the KV cache holds ctx * parallel)")
-    threads: int | None = Field(None, ge=0, description="CPU threads (None or 0: physical cores)")
+    threads: Annotated[NonNegativeInt | None, BeforeValidator(minus_one_is_zero)] = Field(
+        None, description="CPU threads (None, 0 or -1: one per physical performance core)")
     kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
         "f16", description="KV cache type (f32: results independent of where a sequence sits in the cache)")
     flash_attn: Literal["auto", "on", "off"] = Field(
@@ -111,6 +113,10 @@ class ServeSettings(BaseSettings):
                                                           "(from connecting, or its first byte on a kept-alive "
                                                           "connection) before it is disconnected with a 408; "
                                                           "headers over 64 KiB get a 431")
+    body_timeout: float = Field(10.0, gt=0, description="seconds a client may pause while sending a request's "
+                                                        "body (between two reads, as nginx's "
+                                                        "client_body_timeout; not the whole body) before it is "
+                                                        "disconnected with a 408")
     access_log: bool = Field(True, description="one line per request on stderr: method, route, status, "
                                                "tokens, ms (errors with their reason)")
     # device -> cloud cascade (ondevice.cascade): the device answers; unsure answers go to this endpoint

@@ -43,6 +43,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextOverflow, InvalidArgument
+from .abort import AbortGuard, DecodeAborted, rewind
 from .base import Engine
 from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
@@ -125,6 +126,7 @@ class BatchGenerator:
         self.adapters = getattr(engine, "adapters", None)  # engine/adapters.py (None: an engine without LoRA)
         self.last_batch = 0  # tokens in the last step's llama_decode(s)
         self.step_cost = StepCosts()  # what a llama_decode of n items costs here, now (drafts are weighed by it)
+        self.guard = AbortGuard(engine)  # stops a decode whose requests were cancelled (engine/abort.py)
 
     # -- slots ----------------------------------------------------------------------------------------
     @property
@@ -294,7 +296,12 @@ class BatchGenerator:
             self.adapters.use(ads)  # a no-op when they are active already
         self.last_batch += len(items)
         t0 = time.perf_counter()
-        self.eng.decode_batch(items)
+        try:
+            self.guard.decode(items, [s.req for s in decoding] + [s.req for s, *_ in chunks])
+        except DecodeAborted:  # its requests were cancelled: the others go again next step from what the KV kept
+            rewind(self.eng, decoding, chunks)
+            self.last_batch -= len(items)
+            return used
         self.step_cost.observe(len(items), time.perf_counter() - t0)
         for s in decoding:
             s.cached.append(s.next_tok)
@@ -328,6 +335,11 @@ class BatchGenerator:
         for f, row in followers:
             self._first(f, row, out)
         return used
+
+    def cancel(self, req: Request) -> None:
+        """From any thread, once ``req.cancelled`` is true: the decode in flight stops now when cancelled
+        requests hold at least half of it (engine/abort.py). The caller still removes ``req`` between steps."""
+        self.guard.cancel()
 
     def stream(self, req: Request) -> Iterator[Generation]:
         """A batch of one: insert ``req``, step until it ends, yield its records (not its echo logprobs)."""

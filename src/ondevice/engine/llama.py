@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ContextOverflow, InvalidArgument, ModelClosed, OndeviceError
 from ..protect.container import is_container
 from . import native
+from .abort import AbortFlag, DecodeAborted
 from .base import Engine, EngineConfig
 from .records import Generation, Sampling
 from .resources import check_kv_memory, check_threads, physical_cores
@@ -113,14 +114,15 @@ class LlamaEngine(Engine):
         check_kv_memory(self._info, n_ctx, self.n_ctx_train, cfg.type_k, cfg.type_v, self.path.name,
                         n_ctx if cfg.kv_unified else n_ctx // max(1, cfg.n_seq_max))
         threads = check_threads(cfg.n_threads or physical_cores())
-        if cfg.n_threads_batch:
-            check_threads(cfg.n_threads_batch, "--threads-batch / n_threads_batch")
+        batch_threads = threads  # n_threads_batch None, 0 or -1: as n_threads
+        if cfg.n_threads_batch not in (None, 0, -1):
+            batch_threads = check_threads(cfg.n_threads_batch, "--threads-batch / n_threads_batch")
         if cfg.pooling is not None and cfg.pooling not in _POOLING:
             raise InvalidArgument(f"pooling {cfg.pooling!r} is not a pooling type; use one of {', '.join(_POOLING)}")
         n_batch = min(cfg.n_batch, n_ctx * max(1, cfg.n_seq_max))
         cparams = set_fields(
             ll.llama_context_default_params(), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(cfg.n_ubatch, n_batch),
-            n_seq_max=cfg.n_seq_max, n_threads=threads, n_threads_batch=cfg.n_threads_batch or threads,
+            n_seq_max=cfg.n_seq_max, n_threads=threads, n_threads_batch=batch_threads,
             type_k=_KV_TYPES[cfg.type_k], type_v=_KV_TYPES[cfg.type_v],
             flash_attn_type=-1 if cfg.flash_attn is None else int(bool(cfg.flash_attn)),
             embeddings=cfg.embeddings, no_perf=True,
@@ -139,6 +141,7 @@ class LlamaEngine(Engine):
         self.n_batch = cparams.n_batch
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)
+        self.abort_flag = AbortFlag(ll, self.ctx)  # set: the decode running stops (engine/abort.py)
         self._batch = ll.llama_batch_init(self.n_batch, 0, max(1, cfg.n_seq_max))
         self._n_past: dict[int, int] = {}
         self._n_rows = 0  # logits rows produced by the last decode
@@ -330,6 +333,10 @@ class LlamaEngine(Engine):
         rc = self.ll.llama_decode(self.ctx, b)
         if rc == 1:
             raise ContextOverflow(max(self._n_past.values(), default=0) + n, self.n_ctx, "KV cache content")
+        if rc == 2:  # the abort flag: llama.cpp kept the micro-batches done before, each sequence a prefix
+            for seq in {it[2] for it in items}:
+                self._n_past[seq] = self.ll.llama_memory_seq_pos_max(self.mem, seq) + 1
+            raise DecodeAborted("llama_decode was aborted")
         if rc != 0:
             raise OndeviceError(f"llama_decode failed with code {rc}")
         self._n_rows = n_rows

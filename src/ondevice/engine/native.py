@@ -55,6 +55,11 @@ def load_log(quiet: bool = False) -> Iterator[list[str]]:
         _log_capture, _log_quiet = before
 
 
+# what llama.cpp logs as errors for a decode its abort callback stopped (GGML_STATUS_ABORTED is 1, llama_decode's
+# 2 is "aborted"): the server stops a prefill whose client left that way, which is no error
+_ABORTED = (b"failed with error 1\n", b"compute status: 1\n", b"failed to decode, ret = 2\n")
+
+
 def make_log_callback():
     """llama.cpp's log, shown only with ONDEVICE_VERBOSE=1 (errors always).
 
@@ -71,7 +76,8 @@ def make_log_callback():
         state["last"] = level
         if _log_capture is not None:
             _log_capture.append(text.decode("utf-8", errors="replace"))
-        if (level >= 4 and not _log_quiet) or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
+        aborted = level == 4 and any(m in text for m in _ABORTED)  # our own stop (engine/abort.py), not an error
+        if (level >= 4 and not _log_quiet and not aborted) or os.environ.get("ONDEVICE_VERBOSE", "") not in ("", "0"):
             print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
 
     return callback

@@ -60,10 +60,14 @@ class Job(Request):
     cancelled: bool = False
     t_prev: float = 0.0  # time of its previous token (inter-token latency metric)
     adapters: tuple[str, ...] | None = ()  # the base unless the request's model names some ('BASE+NAME')
+    on_cancel: Callable[[Job], None] | None = None  # the generator's: stops a decode that is now for nobody
 
     def cancel(self) -> None:
-        """Called from the event loop (disconnect, timeout): the batcher frees the slot next step."""
+        """Called from the event loop (disconnect, timeout): the batcher frees the slot next step, and a decode
+        running for this job alone (a long prompt's prefill) stops at once rather than when it ends."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class Batcher:
@@ -118,6 +122,7 @@ class Batcher:
             free = self.parallel - self.busy
             if len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(self._retry_after())
+            job.on_cancel = self.gen.cancel
             self.waiting.append(job)
             self.cv.notify()
 

@@ -114,13 +114,19 @@ class Loading:
 HEAD_LIMIT = 64 * 1024  # bytes of a request line and headers (llama-server: 8 KiB a line; Ollama: 1 MiB in all)
 
 
-def _protocol(head_timeout: float):
+def _protocol(head_timeout: float, body_timeout: float = 10.0):
     """uvicorn's httptools protocol, with a limit on a request's head (its request line and headers), which
     httptools has none of: over :data:`HEAD_LIMIT` bytes it gets a 431, and unfinished ``head_timeout`` seconds
     after the connection opened (or after the first byte of a kept-alive connection's next request) a 408, the
     connection closed either way. Without it one header line that never ends grew the process without bound and
     stalled every other request, and half-sent requests held their connections (file descriptors) for good.
-    None where httptools is missing (uvicorn then uses h11, which has its own limit on the head's size)."""
+    None where httptools is missing (uvicorn then uses h11, which has its own limit on the head's size).
+
+    A request's body has ``body_timeout`` seconds between two successive reads (nginx's client_body_timeout):
+    silent for longer before it is complete, the client gets a 408 with a JSON error (if no response started)
+    and the connection is closed, so the app's receive() sees a disconnect. The clock stops while the client
+    cannot send: uvicorn paused reading (the app has not taken what came) or the client waits for our
+    ``100 Continue``. A body sent steadily, however large, is never cut."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
@@ -129,6 +135,7 @@ def _protocol(head_timeout: float):
     class Protocol(HttpToolsProtocol):
         head_bytes = 0
         head_timer = None  # armed while a request's head is being received
+        body_timer = None  # armed while a request's body is being received, reset by each read of it
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -137,6 +144,7 @@ def _protocol(head_timeout: float):
 
         def connection_lost(self, exc) -> None:
             self._head_done()
+            self._body_done()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
@@ -149,6 +157,44 @@ def _protocol(head_timeout: float):
         def on_headers_complete(self) -> None:
             self._head_done()
             super().on_headers_complete()
+            self._body_wait()  # on_message_complete, at once for a request without a body, stops it
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            if self.body_timer is not None:
+                self._body_wait()
+
+        def on_message_complete(self) -> None:
+            self._body_done()
+            super().on_message_complete()
+
+        def _body_wait(self) -> None:
+            self._body_done()
+            self.body_timer = self.loop.call_later(body_timeout, self._body_silent)
+
+        def _body_done(self) -> None:
+            if self.body_timer is not None:
+                self.body_timer.cancel()
+                self.body_timer = None
+
+        def _body_silent(self) -> None:
+            self.body_timer = None
+            cycle = self.cycle
+            if self.transport.is_closing() or cycle is None:
+                return
+            if self.flow.read_paused or cycle.waiting_for_100_continue:  # the client is waiting for us
+                self._body_wait()
+                return
+            if not cycle.response_started:
+                body = json.dumps({"error": {
+                    "message": f"request body not received: nothing came for {body_timeout:g} s before it was "
+                               f"complete (--body-timeout); send the body without pauses", "type": "timeout_error",
+                    "param": None, "code": "body_timeout"}}).encode()
+                self.transport.write(STATUS_LINE[408] + b"content-type: application/json\r\n"
+                                     + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            cycle.disconnected = True  # now, as connection_lost will: receive() gives http.disconnect, send() drops
+            cycle.message_event.set()
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -205,7 +251,7 @@ def _uvicorn_server(app, graceful_s: float, end_requests=None, *, settings: Serv
             end_requests()
             await super().shutdown(sockets)
 
-    protocol = _protocol(settings.header_timeout)
+    protocol = _protocol(settings.header_timeout, settings.body_timeout)
     return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s,
                                  http=protocol or "auto", h11_max_incomplete_event_size=HEAD_LIMIT))
 

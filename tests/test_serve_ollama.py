@@ -194,6 +194,8 @@ def test_tags_show_ps_version(server, client, name):
     assert shown.capabilities == ["completion", "tools"]  # tools in a system note: SmolLM2's template has none
     assert shown.template == server.state.template and shown.details.family == "llama"
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == 8192
+    # the file says apache-2.0: shown in its SPDX spelling, as `ondevice models` shows it (models/licences.py)
+    assert shown.modelinfo["general.license"] == "apache-2.0" and shown.license == "Apache-2.0"
     assert client.show(name.removesuffix(":latest")).details == shown.details  # the tag may be left out
     ps = client.ps().models
     assert [x.model for x in ps] == [name] and ps[0].context_length == 1024

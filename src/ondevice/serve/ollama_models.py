@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import OndeviceError
 from ..models.gguf_split import total_size
+from ..models.licences import licence_display
 from .fim import NoInfill, fim_tokens
 
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: the model stays loaded while the server runs
@@ -97,5 +98,5 @@ async def show(state, model: str) -> dict:
     caps = ["completion"] + (["tools"] if state.template else []) + (
         ["insert"] if _inserts(state) else [])  # insert: generate takes a suffix (fill in the middle)
     return {"modelfile": modelfile, "parameters": f"num_ctx {state.settings.ctx}", "template": state.template or "",
-            "license": meta.get("general.license", ""), "details": entry["details"], "model_info": meta,
-            "capabilities": caps, "modified_at": entry["modified_at"]}
+            "license": licence_display(meta.get("general.license", "")), "details": entry["details"],
+            "model_info": meta, "capabilities": caps, "modified_at": entry["modified_at"]}

@@ -127,7 +127,7 @@ def restore_checked(gen, seq: int, path: Path, ads: tuple[str, ...], name: str) 
     model_ok = _finite(gen, seq, last, 0, ads)
     gen.eng.truncate(0, seq)
     if not model_ok:
-        raise NonFiniteLogits(adapters=ads)
+        raise NonFiniteLogits(adapters=gen.adapters.describe(ads) if gen.adapters is not None else ads)
     raise slotfile.SlotFileError(f"{name}: its saved KV makes the model compute NaN or infinite logits, so the file "
                                  f"is damaged (the model computes that prompt fine without it); slot {seq} was "
                                  f"emptied. Delete the file, and save the slot again after a request with that prompt")

@@ -1,6 +1,7 @@
 """RAPL over fake powercap trees: packages and DRAM are summed, psys (the whole platform, which contains the
 package) and core/uncore (inside the package) never are; the record keeps which counters it summed and, for the
-estimate, where its watts per core came from."""
+estimate, where its watts per core came from. Fallbacks past RAPL see no hwmon or battery (``NONE``), so a
+laptop running the tests does not measure its own battery."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import pytest
 
 from ondevice.device.energy import DEFAULT_WATTS_PER_CORE, WATTS_ENV, EnergyMeter, rapl_domains, resolve_watts
 from ondevice.errors import InvalidArgument, OndeviceError
+
+
+def NONE(tmp: Path) -> dict[str, Path]:
+    """Absent hwmon and power_supply trees: no sensor past RAPL."""
+    return {"hwmon": tmp / "no-hwmon", "power_supply": tmp / "no-power-supply"}
 
 
 def zone(root: Path, zone_name: str, name: str, energy: int | str) -> Path:
@@ -60,7 +66,7 @@ def test_two_packages_and_their_dram_are_summed(tmp_path):
 def test_unreadable_counters_fall_back_to_a_labelled_estimate(tmp_path):
     zone(tmp_path, "intel-rapl:0", "package-0", "x")  # malformed, as a root-only file reads for us: skipped
     assert rapl_domains(tmp_path) == []
-    with EnergyMeter(watts_per_core=2.0, powercap=tmp_path) as meter:
+    with EnergyMeter(watts_per_core=2.0, powercap=tmp_path, **NONE(tmp_path)) as meter:
         sum(i * i for i in range(200_000))
     r = meter.result
     assert r["method"] == "estimated" and r["watts_per_core"] == 2.0 and r["watts_source"] == "profile"
@@ -93,23 +99,31 @@ def test_root_only_counters_say_so_and_how_to_open_them(tmp_path):
         assert f"sudo chmod o+r {tmp_path}/intel-rapl:*/energy_uj" in why and why.endswith("estimated until then")
         with pytest.raises(OndeviceError, match=r"root-only .*sudo chmod o\+r .*or use method='estimated'$"):
             EnergyMeter(method="rapl", powercap=tmp_path)
-        with EnergyMeter(powercap=tmp_path) as meter:
+        with EnergyMeter(powercap=tmp_path, **NONE(tmp_path)) as meter:
             pass
         assert meter.result["method"] == "estimated"
     finally:
         f.chmod(0o644)
 
 
-def test_device_energy_line_says_root_only(monkeypatch, capsys):
-    """``ondevice device``'s energy line, with the counters root-only (faked: as root every file reads)."""
+def test_device_energy_line_says_root_only(monkeypatch, capsys, tmp_path):
+    """``ondevice device``'s energy line, with the counters root-only (faked: as root every file reads) and no
+    other sensor: the estimate, and why each better source is not used."""
     import argparse
 
-    from ondevice.device import cli, energy
+    from ondevice.device import cli, energy, sensors
 
     monkeypatch.setattr(energy, "rapl_domains", lambda root=None: [])
     monkeypatch.setattr(energy, "rapl_root_only", lambda root=None: [Path("/x/intel-rapl:0/energy_uj")])
+    monkeypatch.setattr(sensors, "HWMON", tmp_path / "hwmon")
+    monkeypatch.setattr(sensors, "POWER_SUPPLY", tmp_path / "ps")
+    monkeypatch.delenv("ONDEVICE_ENERGY_METHOD", raising=False)
+    monkeypatch.delenv(WATTS_ENV, raising=False)
     cli.run(argparse.Namespace(threads=None, model=None, probe=False, json=False))
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("energy"))
-    assert line == ("energy    estimated (RAPL counters exist (/sys/class/powercap/intel-rapl:*/energy_uj) but are "
-                    "root-only (kernels since 5.10): run as root, or `sudo chmod o+r /sys/class/powercap/intel-rapl:*/"
-                    "energy_uj` (undone at every boot); energy is estimated until then)"), line
+    assert line == ("energy    estimated: this process and its reaped children (estimate: CPU seconds x watts per "
+                    "core); 5 W per core (default); not rapl: RAPL counters exist (/sys/class/powercap/intel-rapl:*/"
+                    "energy_uj) but are root-only (kernels since 5.10): run as root, or `sudo chmod o+r "
+                    "/sys/class/powercap/intel-rapl:*/energy_uj` (undone at every boot); not hwmon-energy: no hwmon "
+                    f"energy counters ({tmp_path}/hwmon absent); not hwmon-power: no hwmon power sensors "
+                    f"({tmp_path}/hwmon absent); not battery: no battery ({tmp_path}/ps absent)"), line

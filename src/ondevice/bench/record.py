@@ -86,7 +86,7 @@ class BenchRecord(FlatRecord):
     measured_wall_s: float | None = None
     energy_j: float | None = None
     energy_j_per_token: float | None = None
-    energy_method: str | None = None  # rapl | estimated
+    energy_method: str | None = None  # rapl | hwmon-energy | hwmon-power | battery | estimated
     energy_scope: str | None = None
     energy_watts_per_core: float | None = None
     tokens_note: str | None = None

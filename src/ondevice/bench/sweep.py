@@ -414,8 +414,9 @@ def _run_config(cfgs: list[Config], todo: list[int], config: BenchConfig, store,
         }
         if res is not None:
             rec.update(_flat(res))
-            en = res.get("energy") or {}  # what the energy figure is made of (RAPL counters, the watts' source)
-            rec["meta"]["energy"] = {k: en.get(k) for k in ("domains", "watts_source", "avg_watts")}
+            en = res.get("energy") or {}  # what the energy figure is made of (counters or sensors, watts' source)
+            rec["meta"]["energy"] = {k: en.get(k) for k in ("domains", "watts_source", "avg_watts", "resolution",
+                                                              "samples", "interval_s", "max_gap_s", "note")}
             rec["meta"]["throttled_s"] = res.get("throttled_s")  # by the container's CPU quota (None: no cpu.stat)
             rec["noise"] = why = assess(rec["tps_mean"], rec["tps_std"], rec["load"], res.get("throttled_s"),
                                         res.get("measured_wall_s"))  # [] when clean

@@ -141,7 +141,14 @@ def _result(wl, runs: list[_Run], peak_reset: bool, load_avg: float | None, n_mo
             "scope": first.get("scope"),
             "watts_per_core": first.get("watts_per_core"),
             "watts_source": first.get("watts_source"),  # estimate: profile | env | default
-            "domains": first.get("domains"),  # RAPL: the counters summed
+            "domains": first.get("domains"),  # the counters, sensors or batteries read
+            "resolution": first.get("resolution"),
+            # sampled sources (hwmon-power, battery): samples over all runs, the interval and the longest gap
+            "samples": sum(e["samples"] for e in energies) if first.get("samples") is not None else None,
+            "interval_s": first.get("interval_s"),
+            "max_gap_s": max((e.get("max_gap_s") or 0.0 for e in energies), default=None)
+            if first.get("samples") is not None else None,
+            "note": next((e["note"] for e in energies if e.get("note")), None),  # why there is no figure
             "avg_watts": joules / wall if joules is not None and wall > 0 else None,
             "j_per_token": joules / tokens if tokens and joules is not None else None,
         },

@@ -34,8 +34,8 @@ def _age(iso: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InvalidArgument
-    from .energy import rapl_domains, rapl_unavailable
+    from ..errors import InvalidArgument, OndeviceError
+    from .energy import describe
     from .info import device_info
     from .kernels import kernels_summary, probe_kernels, took_no_weights
     from .probe import cached_probes, probe
@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
                       f"probe, so it reads low; it does not replace a probe measured quiet", file=sys.stderr)
         probe_kernels((args.threads or [None])[0], models, say=lambda line: print(line, file=sys.stderr, flush=True))
     info = device_info()
-    energy = "rapl" if rapl_domains() else f"estimated ({rapl_unavailable()})"
+    try:
+        energy = describe()  # the source a bench would use here, and why each better one is not
+    except OndeviceError as e:  # ONDEVICE_ENERGY_METHOD names a source that cannot measure here
+        energy = f"unusable: {e}"
     probes = cached_probes()
     kern = kernels_summary()
     if args.json:

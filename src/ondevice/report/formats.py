@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from ..bench.noise import NOISY_MARK
 from ..bench.record import BenchRecord
+from ..device.energy import scope_kind
 from ..errors import InvalidArgument
 from . import llama_bench, machines
 
@@ -91,7 +92,25 @@ def _energy(r: BenchRecord) -> str:
     v = r.energy_j_per_token
     if v is None:
         return "-"
-    return f"{v:.4f}" + (" (est.)" if r.energy_method == "estimated" else "")
+    return f"{v:.4f}" + ENERGY_MARKS[scope_kind(r.energy_method, r.energy_scope)][0]
+
+
+# per scope kind: the J/tok cell's mark, and the table's note where a row has it (None: no mark, no note)
+ENERGY_MARKS = {
+    "package": ("", None),
+    "estimated": (" (est.)", "J/tok (est.): estimated from CPU time x watts per core, not measured (no readable "
+                  "energy sensor)"),
+    "system": (" (sys.)", "J/tok (sys.): measured at the battery or board input: the whole device (screen, radios, "
+               "other processes), not the CPU package; not comparable with unmarked (CPU package) figures"),
+    "rail": (" (rail)", "J/tok (rail): measured on one CPU power rail of the board (see energy_scope), not the "
+             "whole device nor a CPU package figure"),
+}
+
+
+def energy_notes(records: Sequence[BenchRecord]) -> list[str]:
+    """The notes for the energy marks the table's rows carry."""
+    kinds = {scope_kind(r.energy_method, r.energy_scope) for r in records if r.energy_j_per_token is not None}
+    return [note for kind, (_, note) in ENERGY_MARKS.items() if kind in kinds and note]
 
 
 def _size(r: BenchRecord) -> str:
@@ -185,8 +204,7 @@ def to_md(records: Sequence[BenchRecord | dict]) -> str:
     cols = columns(records)
     out = md_table([c[0] for c in cols], [[c[1](r) for c in cols] for r in records], [c[2] == "r" for c in cols])
     notes = []
-    if any(r.energy_method == "estimated" for r in records):
-        notes.append("J/tok (est.): estimated from CPU time x watts per core, not measured (no readable RAPL)")
+    notes += energy_notes(records)
     if any(r.workload in ("pp", "tg", "pg") for r in records):
         notes.append("pp/tg use random token ids, as llama-bench does")
     if any(r.roofline_pct is not None and fp32_compute(r) for r in records):

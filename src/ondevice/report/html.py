@@ -10,7 +10,7 @@ from html import escape
 from ..bench.record import BenchRecord
 from . import machines, svg
 from .cascade import html as cascade_html
-from .formats import ROOF_NOTE, columns, fp32_compute, noise_note
+from .formats import ROOF_NOTE, columns, energy_notes, fp32_compute, noise_note
 from .quality import quality_vs_speed, retention, retention_tables
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1600px;color:#222}
@@ -208,9 +208,7 @@ def build_html(records: Sequence[BenchRecord | dict], eval_records: Sequence[dic
     points = quality_vs_speed([*bench, *({**e, "kind": "eval"} for e in eval_records)])
     qplots = plot_quality(points)
     notes = []
-    if any(r.energy_method == "estimated" for r in bench):
-        notes.append("Energy is <b>estimated</b> (CPU seconds x watts per core), not measured: RAPL counters "
-                     "are not readable here. Cells marked (est.).")
+    notes += [escape(n) for n in energy_notes(bench)]  # what (est.), (sys.) and (rail) cells mean
     if any(r.workload in ("pp", "tg", "pg") for r in bench):
         notes.append("pp/tg/pg tests use random token ids, as llama-bench does; chat uses real prompts.")
     if noise := noise_note(bench):

@@ -152,7 +152,8 @@ def test_ollamas_routes_name_who_answered(device, cloud, stream):
 
 
 NO_CLOUD = ("invalid request: cascade: this server has no cloud tier: start it with `ondevice serve --cascade "
-            "URL`, or leave `cascade` out")
+            "URL`, or leave `cascade` out (only {\"never_defer\": true} and {\"keep\": false}, which keep a request "
+            "on the device, are served)")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -183,6 +184,26 @@ def test_the_other_chat_routes_refuse_it_too_and_null_or_none_is_served(plain):
     assert r.status_code == 200, r.text
     r = httpx.post(base + "/messages", json={"model": "x", "max_tokens": 2, "messages": MSG}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("cascade", [{"never_defer": True}, {"keep": False}])
+def test_a_policy_that_only_keeps_a_request_on_the_device_is_served_without_a_cloud_tier(plain, cascade):
+    """A client marking private requests never_defer broke (HTTP 400) as soon as the cascade was turned off; what
+    asks for the cloud is still refused."""
+    base, model = plain.base_url, plain.state.model_id
+    for route, body in (("/v1/chat/completions", {"messages": MSG, "max_tokens": 2}),
+                        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 2, "stream": True}),
+                        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+                        ("/v1/messages", {"messages": MSG, "max_tokens": 2}),
+                        ("/api/chat", {"messages": MSG, "stream": False, "options": {"num_predict": 2}})):
+        r = httpx.post(base + route, json={"model": model, "cascade": cascade} | body, timeout=120)
+        assert r.status_code == 200 and '"tier"' not in r.text, (route, r.text)  # the device's, no cascade object
+        r = httpx.post(base + route, json={"model": model, "cascade": cascade | {"always_defer": False,
+                                                                                "threshold": 0.5}} | body)
+        assert r.status_code == 400 and "no cloud tier" in r.text, (route, r.text)
+    r = httpx.post(base + "/api/chat", json={"model": model, "messages": MSG, "stream": False,
+                                             "cascade": {"neverDefer": True}}, timeout=120)
+    assert r.status_code == 400 and "neverDefer" in r.text, r.text
 
 
 def _low_combiner():

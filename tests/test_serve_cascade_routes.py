@@ -53,8 +53,8 @@ def test_cascade_on_ollamas_routes_without_a_cloud_tier_is_a_400_that_says_how_t
     with BackgroundServer(ServeSettings(model=str(smol_path), port=0, ctx=512, threads=1)) as srv:
         for route, extra in (("/api/chat", {"messages": PRIVATE}), ("/api/generate", {"prompt": "Hi"})):
             r = httpx.post(srv.base_url + route, json={"model": srv.state.model_cards()[0].id, "stream": False,
-                                                       "cascade": {"never_defer": True}, **extra}, timeout=60)
-            assert r.status_code == 400 and "--cascade" in r.json()["error"], r.text
+                                                       "cascade": {"always_defer": True}, **extra}, timeout=60)
+            assert r.status_code == 400 and "--cascade" in r.json()["error"], r.text  # never_defer: served
 
 
 def _events(srv, path: str, body: dict) -> list[tuple[str, dict]]:

@@ -7,7 +7,11 @@ every message names the cloud by :func:`display_url`. No retries for the server 
 waits for retries is slower than its own device fallback (offline batch work, ``eval --cascade`` and ``cascade
 fit``, asks for :data:`OFFLINE_RETRIES`: there a rate-limited item left out biases the figures). Every failure
 becomes a :class:`CloudError` with a short ``kind`` (``timeout``, ``unreachable``, ``http_503``, ``bad_reply``,
-``cloud_error``, ``no_model``) that the reply reports. A reply with no text (HTTP 200 with a web
+``too_large``, ``redirect_loop``, ``cloud_error``, ``no_model``) that the reply reports; the cloud's own text in it
+has the key and the URL's credentials replaced by ``***`` (:mod:`.guard`). A reply larger than its request's token
+cap allows is ``too_large`` (:mod:`.guard`), read no further. The sync door (the library, ``eval --cascade``,
+``cascade fit``) runs the async one on a loop of its own, so ``timeout`` bounds the whole answer there as in the
+server, not each read. A reply with no text (HTTP 200 with a web
 page, no ``choices``, ``content: null``, only whitespace) is a ``bad_reply`` too: it is no answer to give a user
 or to learn from.
 """
@@ -19,12 +23,14 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..errors import OndeviceError
+from . import guard
 
 DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_KEY"
 # fields passed through to the cloud as they are (OpenAI names): sampling, the token cap under the name the client
@@ -42,8 +48,10 @@ class CloudError(OndeviceError):
     """``kind`` names the failure for replies and counts; ``brief`` is its cause without the cloud's URL (one
     line per item in ``eval --cascade`` / ``cascade fit``)."""
 
-    def __init__(self, kind: str, message: str, brief: str | None = None, retry_after: float | None = None):
+    def __init__(self, kind: str, message: str, brief: str | None = None, retry_after: float | None = None,
+                 sent: bool = True):
         self.kind = kind
+        self.sent = sent  # whether the chat request may have reached the cloud (a budget charges those: they cost)
         self.brief = brief or message
         self.retry_after = retry_after  # seconds the cloud asked to be left alone (its Retry-After header)
         self.latency_s: float | None = None  # how long the cloud was waited on before it failed (None: not asked)
@@ -119,65 +127,54 @@ def _json_text(arguments) -> str:
     return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
 
 
-def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False, key_env: str | None = None
-              ) -> CloudError:
+def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False, key_env: str | None = None,
+              secrets=(), basic: bool = False) -> CloudError:
+    """``e`` as a CloudError. ``secrets``: what the cloud's text must not show (:func:`guard.redact`); ``basic``:
+    the URL's ``user:pass@`` was sent (as HTTP Basic) for want of the key's variable."""
     openai = _openai()
     if isinstance(e, CloudError):
         return e
+    if (big := guard.cause(e, "ReplyTooLarge")) is not None:
+        return CloudError("too_large", f"the cloud at {url} sent too large a reply: {big}", str(big))
     if stopping and isinstance(e, (TimeoutError, asyncio.TimeoutError)):
         return CloudError("shutdown", "the server is stopping: the device answered")
     if isinstance(e, (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError)):
         return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s",
-                          f"no answer within {timeout:g} s")
+                          f"no answer within {timeout:g} s", sent=guard.cause(e, "ConnectTimeout") is None)
+    if guard.cause(e, "TooManyRedirects") is not None:
+        return CloudError("redirect_loop", f"the cloud at {url} redirected again and again (a redirect loop); check "
+                          f"the URL and the server or proxy behind it", "redirect loop")
     if isinstance(e, openai.APIConnectionError):
-        return CloudError("unreachable", f"cannot reach the cloud at {url}", "cannot connect")
+        return CloudError("unreachable", f"cannot reach the cloud at {url}", "cannot connect",
+                          sent=guard.cause(e, "ConnectError") is None)
     if isinstance(e, openai.APIStatusError):
-        if e.status_code in (401, 403) and key_env:  # the usual cause: the key's variable is unset or misnamed
+        if e.status_code in (401, 403) and basic:  # the URL's credentials were sent, not a key
+            why = (f": it refused the URL's user:pass@ credentials (sent as HTTP Basic, the environment variable "
+                   f"{key_env} being unset); fix them, or set {key_env} to the key")
+        elif e.status_code in (401, 403) and key_env:  # the usual cause: the key's variable is unset or misnamed
             why = (f": it refused the key, read from the environment variable {key_env}, "
                    + ("which is not set" if not os.environ.get(key_env) else "which holds a key it does not accept"))
         else:
-            why = f": {body!r}" if (body := _error_text(e)) else ""
-        wait = _retry_after(e.response.headers.get("retry-after"))
+            why = f": {body!r}" if (body := _error_text(e, secrets)) else ""
+        wait = guard.retry_after(e.response.headers.get("retry-after"))
         status = f"HTTP {e.status_code}" + (f" (Retry-After {wait:g} s)" if wait else "")
         return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered {status}{why}", f"{status}{why}",
                           retry_after=wait)
-    if isinstance(e, openai.APIError) and (said := _error_text(e)):  # an error event in a stream
+    if isinstance(e, openai.APIError) and (said := _error_text(e, secrets)):  # an error event in a stream
         return CloudError("cloud_error", f"the cloud at {url} sent an error: {said!r}", f"error: {said!r}")
     return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})",
                       f"unusable reply ({type(e).__name__})")
 
 
-def _retry_after(value: str | None) -> float | None:
-    """A Retry-After header's seconds (a number, or an HTTP date), None when absent, unreadable or past."""
-    if not value:
-        return None
-    try:
-        wait = float(value)
-    except ValueError:
-        import email.utils
-
-        try:
-            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return wait if wait > 0 else None
-
-
-def _clip(text: str, n: int = 80) -> str:
-    """The start of a reply's text, on one line."""
-    t = " ".join(text.split())
-    return t if len(t) <= n else t[:n - 1] + "…"
-
-
-def _error_text(e) -> str:
+def _error_text(e, secrets=()) -> str:
     """An HTTP error's own message (OpenAI's ``{"error": {"message": ...}}``), else the start of its body."""
     body = getattr(e, "body", None)
     err = body.get("error", body) if isinstance(body, dict) else None
     msg = err.get("message") if isinstance(err, dict) else err
     if isinstance(msg, str) and msg.strip():
-        return _clip(msg)
+        return guard.clip(msg, secrets=secrets)
     try:
-        return _clip(e.response.text)
+        return guard.clip(e.response.text, secrets=secrets)
     except Exception:  # noqa: BLE001 — a streamed body not read: no text to show
         return ""
 
@@ -199,8 +196,11 @@ class CloudClient:
 
     ``cooldown``: after a reply with Retry-After (a 429 or 503 saying when to come back) every call until then
     fails at once as ``cooldown``, without asking the cloud: each would only cost a round trip and keep the key
-    rate-limited (a deferral's fallback is refunded, so the budget does not throttle them). Offline work, which
-    retries and waits instead, has it off."""
+    rate-limited (a deferral never sent is refunded, so the budget does not throttle them). Offline work, which
+    retries and waits instead, has it off.
+
+    The sync door (:meth:`chat`, :meth:`model_id`) runs the async one on an event loop of the client's own, in a
+    thread: one code path, whose ``timeout`` bounds the whole answer (retries included), not each read."""
 
     def __init__(self, url: str, *, model: str | None = None, key_env: str = DEFAULT_KEY_ENV,
                  timeout: float = 10.0, max_retries: int = 0, model_flag: str = "Cascade(cloud_model=...)",
@@ -218,12 +218,28 @@ class CloudClient:
         self.stopping = False
         self.stream_usage = True  # ask a stream for its usage chunk (False once the server refused the field)
         self._waits: set = set()  # the asyncio.timeout of every wait on the cloud in progress
-        self._sync = None
+        self._loop = None  # the sync door's event loop, and its thread (:meth:`_run`)
+        self._loop_thread = None
+        self._loop_lock = threading.Lock()  # eval's cloud workers call the sync door from several threads
         self._async = None
 
+    def _secrets(self) -> list[str]:
+        """What no message may show: the key, the URL's password (and its Basic form), key-like query values."""
+        parts = urlsplit(self._base)
+        values = [os.environ.get(self.key_env), parts.password, guard.basic_auth(parts.username, parts.password)]
+        values += [v for k, v in self._query.items() if _SECRET_QUERY.search(k)]
+        return guard.secret_forms(values)
+
     def _error(self, e: BaseException, t0: float | None = None) -> CloudError:
-        """``e`` as a CloudError; ``t0``: when the cloud was asked (the error's ``latency_s`` counts from it)."""
-        err = _classify(e, self.url, self.timeout, self.stopping, self.key_env)
+        """``e`` as a CloudError; ``t0``: when the cloud was asked (the error's ``latency_s`` counts from it). Its
+        text never shows a secret (:meth:`_secrets`) and is at most ``guard.MAX_ERROR_CHARS`` long."""
+        secrets = self._secrets()
+        basic = not os.environ.get(self.key_env) and urlsplit(self._base).password is not None
+        err = _classify(e, self.url, self.timeout, self.stopping, self.key_env, secrets, basic)
+        said = guard.redact(str(err), secrets)
+        if len(said) > guard.MAX_ERROR_CHARS:
+            said = said[:guard.MAX_ERROR_CHARS - 1] + "…"
+        err.args, err.brief = (said,), guard.clip(err.brief, guard.MAX_ERROR_CHARS, secrets)
         if t0 is not None and err.kind != "cooldown":
             err.latency_s = time.perf_counter() - t0
         if self.cooldown and err.retry_after:
@@ -239,7 +255,7 @@ class CloudClient:
             self._cool = None
             return
         raise CloudError("cooldown", f"{why}; not asked again for {left:.1f} s more (the device answers meanwhile)",
-                         f"cooling down {left:.1f} s more after {why.brief}")
+                         f"cooling down {left:.1f} s more after {why.brief}", sent=False)
 
     def _key(self) -> str:
         return os.environ.get(self.key_env) or "none"  # local servers take any key; the client needs one
@@ -255,15 +271,10 @@ class CloudClient:
                 "max_retries": self.max_retries, "default_query": self._query or None}
 
     @property
-    def sync_client(self):
-        if self._sync is None:
-            self._sync = _openai().OpenAI(**self._client_args())
-        return self._sync
-
-    @property
     def async_client(self):
         if self._async is None:
-            self._async = _openai().AsyncOpenAI(**self._client_args())
+            openai = _openai()
+            self._async = openai.AsyncOpenAI(**self._client_args(), http_client=guard.capped_client(openai))
         return self._async
 
     def _listed(self, listing) -> str:
@@ -282,32 +293,37 @@ class CloudClient:
         the model skips the listing (some clouds, Azure-style deployments, have none). A cloud not reached, or
         refusing the key, fails the same whichever endpoint is asked: that error is said as it is."""
         err = self._error(e)
+        err.sent = False  # the chat request was not made
         if err.kind in _NOT_THE_LISTING:
             return err
         fix = f"; name the model with {self.model_flag} to skip the listing"
         return CloudError(err.kind, f"listing the models of the cloud at {self.url} (GET /models) failed: "
-                          f"{err.brief}{fix}", f"model listing failed: {err.brief}{fix}")
+                          f"{err.brief}{fix}", f"model listing failed: {err.brief}{fix}", sent=False)
 
-    # -- sync (library, eval) ----------------------------------------------------------------------------
+    # -- sync (library, eval): the async door, run on a loop of the client's own -----------------------------
+    def _run(self, coro):
+        with self._loop_lock:
+            _ = self.async_client  # made once (importing openai takes seconds): not the cloud's latency
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="ondevice-cloud",
+                                                     daemon=True)
+                self._loop_thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
     def model_id(self) -> str:
-        if self.model is None:
-            try:
-                self.model = self._listed(self.sync_client.models.list())
-            except Exception as e:
-                raise self._listing_error(e) from e
-        return self.model
+        return self._run(self.amodel_id())
 
     def chat(self, messages: list[dict], **params) -> CloudAnswer:
-        t0 = None
+        """The cloud's answer. Offline batch work (``max_retries`` > 0: ``eval --cascade``, ``cascade fit``) stops at
+        a refused key (HTTP 401/403) with an OndeviceError, not a CloudError that leaves one item out: every item
+        would be refused the same, each after the device's answer."""
         try:
-            self._check_cooldown()
-            client = self.sync_client  # made once (importing openai takes seconds): not the cloud's latency
-            t0 = time.perf_counter()
-            r = client.chat.completions.create(model=self.model_id(), messages=wire_messages(messages),
-                                               **_params(params))
-            return _answer(r, time.perf_counter() - t0, self.url)
-        except Exception as e:
-            raise self._error(e, t0) from e
+            return self._run(self.achat(messages, **params))
+        except CloudError as e:
+            if self.max_retries and e.kind in ("http_401", "http_403"):
+                raise OndeviceError(f"{e}; every item would be refused the same, so none more is asked") from e
+            raise
 
     # -- async (server) ----------------------------------------------------------------------------------
     async def amodel_id(self) -> str:
@@ -344,7 +360,8 @@ class CloudClient:
             async with self._wait():
                 r = await self.async_client.chat.completions.create(
                     model=await self.amodel_id(), messages=wire_messages(messages), **_params(params))
-            return _answer(r, time.perf_counter() - t0, self.url)
+            return _answer(r, time.perf_counter() - t0, self.url, self._secrets(),
+                           guard.text_chars(guard.token_cap(params)))
         except Exception as e:
             raise self._error(e, t0) from e
 
@@ -354,9 +371,11 @@ class CloudClient:
         reason and, where the cloud sends them, its token counts). Waits at most ``timeout`` for each chunk
         (the first included); a stream without text, or with only whitespace, raises ``bad_reply`` before anything
         is yielded. ``seen["model"]`` is the model the stream's chunks name (else the one asked for), set before
-        each delta is yielded: a relay names it from its first chunk on."""
+        each delta is yielded: a relay names it from its first chunk on. Text past ``guard.text_chars`` of the
+        token cap asked for raises ``too_large``."""
         t0, stream = time.perf_counter(), None
         parts, model, finish, usage = [], self.model or "", None, None
+        chars, max_chars = 0, guard.text_chars(guard.token_cap(params))
         seen = {} if seen is None else seen
         pending, sent = "", False  # leading whitespace is held back: alone it is no answer
         try:
@@ -374,6 +393,11 @@ class CloudClient:
                 choice = chunk.choices[0] if chunk.choices else None
                 finish = (choice.finish_reason if choice else None) or finish
                 if choice and choice.delta and choice.delta.content:
+                    chars += len(choice.delta.content)
+                    if chars > max_chars:
+                        raise CloudError("too_large", f"the cloud at {self.url} sent too large a reply: more than "
+                                         f"{max_chars} characters of text for {guard.token_cap(params)} tokens",
+                                         f"more than {max_chars} characters of text")
                     parts.append(choice.delta.content)
                     pending += choice.delta.content
                     if sent or pending.strip():
@@ -415,33 +439,46 @@ class CloudClient:
         return stream
 
     def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        """End the sync door's loop (its client closed on it)."""
+        if self._loop is None:
+            return
+        if self._async is not None:
+            self._run(self.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+        self._loop.close()
+        self._loop = self._loop_thread = None
 
     async def aclose(self) -> None:
         if self._async is not None:
             await self._async.close()
             self._async = None
-        self.close()
 
 
-def _answer(r, latency: float, url: str) -> CloudAnswer:
+def _answer(r, latency: float, url: str, secrets=(), max_chars: int | None = None) -> CloudAnswer:
+    """The answer of a whole reply; ``secrets``: what its error text must not show; ``max_chars``: the most text
+    it may have (more is ``too_large``)."""
     if isinstance(r, str):  # the client hands back a body that is not JSON as its text
-        raise CloudError("bad_reply", f"the cloud at {url} sent a reply that is not JSON: {_clip(r)!r}")
+        said = guard.clip(r, secrets=secrets)
+        raise CloudError("bad_reply", f"the cloud at {url} sent a reply that is not JSON: {said!r}")
     if (err := (getattr(r, "model_extra", None) or {}).get("error")) is not None:
-        raise _body_error(err, url)
+        raise _body_error(err, url, secrets)
     if not getattr(r, "choices", None) or r.choices[0].message is None:
         raise CloudError("bad_reply", f"the cloud at {url} sent a reply with no choices[0].message")
-    return _answer_of(r.choices[0].message.content or "", r.model or "", latency, r.usage, r.choices[0].finish_reason)
+    text = r.choices[0].message.content or ""
+    if max_chars is not None and len(text) > max_chars:
+        raise CloudError("too_large", f"the cloud at {url} sent too large a reply: {len(text)} characters of text, "
+                         f"over the {max_chars} its token cap allows", f"{len(text)} characters of text")
+    return _answer_of(text, r.model or "", latency, r.usage, r.choices[0].finish_reason)
 
 
-def _body_error(err, url: str) -> CloudError:
+def _body_error(err, url: str, secrets=()) -> CloudError:
     """An OpenAI-style ``{"error": {...}}`` body sent with HTTP 200 (gateways such as OpenRouter relay an upstream
     provider's failure so): the gateway's message and code, not "no choices"."""
     msg = err.get("message") if isinstance(err, dict) else err
     code = err.get("code") if isinstance(err, dict) else None
-    said = f"{_clip(str(msg))!r}" + (f" (code {code})" if code is not None else "")
+    said = f"{guard.clip(str(msg), secrets=secrets)!r}" + (f" (code {guard.redact(str(code), secrets)})"
+                                                      if code is not None else "")
     return CloudError("cloud_error", f"the cloud at {url} answered an error in an HTTP 200 body: {said}",
                       f"error in an HTTP 200 body: {said}")
 

@@ -210,7 +210,8 @@ class Cascade:
                 try:
                     cloud = self.cloud.chat(messages, **cloud_sampling(s))
                 except CloudError as e:
-                    self.budget.refund()
+                    if not e.sent:  # a request the cloud may have got (and billed) stays charged
+                        self.budget.refund()
                     cloud = e
             if not isinstance(cloud, CloudAnswer):
                 t1 = time.perf_counter()

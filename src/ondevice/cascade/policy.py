@@ -24,7 +24,8 @@ class Policy:
 
     Attributes:
         threshold: defer when the confidence is below this (0 never defers, 1 defers everything).
-        budget: at most this share of the requests of the last ``window_s`` seconds go to the cloud.
+        budget: at most this share of the requests of the last ``window_s`` seconds go to the cloud (a deferral
+            sent counts whether the cloud answers, times out or its client leaves).
         window_s: the budget's sliding window.
         timeout_s: the cloud's whole answer (streaming: its first token, then each gap) must come in this
             time; past it the device answer is returned, marked as a fallback.
@@ -122,7 +123,9 @@ class Budget:
             return ok
 
     def refund(self) -> None:
-        """The cloud did not answer (fallback): the last deferral of this window does not count."""
+        """The deferral was never sent to the cloud (a refused connection, a cooldown): the last deferral of this
+        window does not count. One the cloud may have got stays charged, answered or not: the budget caps cloud
+        calls (and their cost), not cloud answers."""
         with self._lock:
             for i in range(len(self._events) - 1, -1, -1):
                 if self._events[i][1]:

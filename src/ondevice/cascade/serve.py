@@ -19,7 +19,13 @@ the whole answer (best decision, no streaming benefit). A request whose policy d
 A reply's ``usage`` describes the completion the client received: the cloud's, when the cloud answered, as the
 cloud counted it (or, where it reports no usage, the device's count of the same prompt and the device
 tokenizer's count of the cloud's text, and ``cascade.usage_source`` says so); the device's own figures are
-``cascade.device_usage``. Streaming and non-streaming replies agree (:meth:`ServerCascade._usage`).
+``cascade.device_usage``. Streaming and non-streaming replies agree (:meth:`ServerCascade._usage`). That count runs
+in a worker thread, never on the event loop, and the text is bounded (a larger reply is a ``too_large`` fallback,
+:mod:`.guard`): a cloud that sends megabytes does not stall the device tier.
+
+The budget charges every deferral whose request may have reached the cloud (answered, timed out, cut, or whose
+client left: the cloud may bill each); only one never sent (a refused connection, a cooldown, a failed listing) is
+refunded.
 
 Requests the cascade does not apply to (tools, response_format, logprobs, n > 1) are served by the device as
 usual, with ``cascade.reason = "not_applicable"``.
@@ -155,7 +161,7 @@ class ServerCascade:
         for the cloud and the hard-sample store; the device's rendered form is for its template only."""
         return [m.model_dump(exclude_none=True) for m in req.messages]
 
-    def _usage(self, device: S.Usage, cloud: CloudAnswer | None) -> tuple[S.Usage, dict]:
+    async def _usage(self, device: S.Usage, cloud: CloudAnswer | None) -> tuple[S.Usage, dict]:
         """The reply's ``usage`` (of the answer the client got: the cloud's, when ``cloud`` wrote it) and the
         cascade fields that go with it: the device's own figures and where ``usage`` comes from."""
         extra = {"device_usage": {"prompt_tokens": device.prompt_tokens,
@@ -165,7 +171,8 @@ class ServerCascade:
         if cloud.usage_reported:
             p, c, source = cloud.prompt_tokens, cloud.completion_tokens, "cloud"
         else:  # the same messages as the device counted them; the cloud's text by the device's tokenizer
-            c = len(self.state.tokenize(cloud.text, add_special=False, parse_special=False))
+            c = len(await run_in_threadpool(self.state.tokenize, cloud.text, add_special=False,
+                                            parse_special=False))
             p, source = device.prompt_tokens, "device_tokenizer"
         return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
 
@@ -209,6 +216,11 @@ class ServerCascade:
             return
         print(f"{time.strftime('%H:%M:%S')} cascade: {msg}", file=sys.stderr, flush=True)
 
+    def _refund(self, e: CloudError) -> None:
+        """A deferral the cloud never got does not count against the budget; one it may have got (and billed) does."""
+        if not e.sent:
+            self.budget.refund()
+
     def _count(self, r: CascadeResult) -> None:
         self.counts[r.tier] += 1
         self.counts["fallback"] += r.fallback is not None
@@ -231,16 +243,16 @@ class ServerCascade:
         return self._request_policy(req).always_defer
 
     async def _ask_cloud(self, req, request) -> CloudAnswer | CloudError | None:
-        """The cloud's answer to a deferred request, or its error (the deferral refunded); None when the client of
-        ``request`` left meanwhile (the cloud's request ended too, a paid one included)."""
+        """The cloud's answer to a deferred request, or its error (the deferral refunded only when the request was
+        never sent); None when the client of ``request`` left meanwhile (the cloud's request ended too, a paid one
+        included, and charged)."""
         try:
             cloud = await _unless_gone(self.cloud.achat(self._client_messages(req), **self._cloud_params(req)),
                                        request)
         except CloudError as e:
-            self.budget.refund()
+            self._refund(e)
             cloud = e
         except ClientGone:
-            self.budget.refund()
             self.state.metrics.cancelled += 1
             return None
         self._note(cloud)
@@ -257,7 +269,7 @@ class ServerCascade:
         cloud = await self._ask_cloud(req, request) if decision.defer else None
         if decision.defer and cloud is None:
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-        return self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
+        return await self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
 
     async def finish_early(self, runner, job, req, request, messages: list[dict], completion) -> Response:
         """:meth:`finish` for a request deferred whatever the device answers: the device's first token is scored
@@ -295,9 +307,9 @@ class ServerCascade:
         resp = completion(gen)
         if cut:
             resp.choices[0].finish_reason = "error"  # the device's answer did not end
-        return self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
+        return await self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
 
-    def _reply(self, req, resp: S.ChatCompletion, gen: list[Generation], rp, conf: float, feats: dict, decision,
+    async def _reply(self, req, resp: S.ChatCompletion, gen: list[Generation], rp, conf: float, feats: dict, decision,
                cloud: CloudAnswer | CloudError | None) -> JSONResponse:
         """The reply to a request the policy decided (``decision``): the cloud's answer when ``cloud`` is one, else
         the device's ``resp`` (records ``gen``), with the ``cascade`` object and its headers."""
@@ -313,7 +325,7 @@ class ServerCascade:
             resp.choices[0].finish_reason = result.finish_reason or "stop"
             resp.choices[0].stop_reason = None  # the device's stop string did not end the cloud's answer
             resp.timings = None  # llama-server's timings are the device's decode: not the answer's (as in a relay)
-        resp.usage, extra = self._usage(resp.usage, answer)
+        resp.usage, extra = await self._usage(resp.usage, answer)
         info = result.info() | extra | {"device_model": device_model}
         resp.cascade = info
         return JSONResponse(resp.model_dump(mode="json"), headers=headers(info),
@@ -351,10 +363,9 @@ class ServerCascade:
             try:  # text: a cloud that sends none fails here; a client that leaves meanwhile ends it
                 first = await _unless_gone(anext(cloud_stream), request)
             except CloudError as e:
-                self.budget.refund()
+                self._refund(e)
                 fallback, cloud_stream = e, None
             except ClientGone:
-                self.budget.refund()
                 st.metrics.cancelled += 1
                 await events.aclose()
                 return Response(status_code=499)  # nobody reads it
@@ -399,7 +410,7 @@ class ServerCascade:
                 self._note(answer)
                 self.counts["cloud"] += 1
                 r = result_of(device_text, device_s, cloud=answer)
-                usage, extra = self._usage(usage_of(last), answer)
+                usage, extra = await self._usage(usage_of(last), answer)
                 yield cloud_chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra | named)
                 if include_usage:
                     yield cloud_chunk(S.ChatDelta(), usage=usage, choices=False)
@@ -427,7 +438,7 @@ class ServerCascade:
                         text.append(g.text)
                         if g.text:
                             yield chunk(S.ChatDelta(content=g.text))
-                usage, extra = self._usage(usage_of(g_last), None)
+                usage, extra = await self._usage(usage_of(g_last), None)
                 info = dict(info0, device_ms=round(g_last.t * 1e3, 3)) | extra
                 yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=timings_of(g_last), cascade=info)
                 if include_usage:
@@ -456,7 +467,20 @@ def not_applicable_info(device_model: str) -> dict:
 CLOUD_ONLY = ("user", "reasoning_effort", "service_tier", "metadata", "store")
 
 # a request's ``cascade`` object on a server started without ``--cascade URL`` (its policy cannot be honoured)
-NO_CLOUD = "this server has no cloud tier: start it with `ondevice serve --cascade URL`, or leave `cascade` out"
+NO_CLOUD = ("this server has no cloud tier: start it with `ondevice serve --cascade URL`, or leave `cascade` out "
+            "(only {\"never_defer\": true} and {\"keep\": false}, which keep a request on the device, are served)")
+
+
+def only_restricts(cascade) -> bool:
+    """Whether a request's ``cascade`` object only keeps it on the device (``never_defer``, ``keep: false``): a
+    server with no cloud tier honours that (a client marking private requests keeps working when the operator
+    turns the cascade off); one asking for the cloud (``always_defer``, ``threshold``, ``keep: true``) it cannot. A
+    malformed object raises InvalidArgument, as on a cascade server."""
+    value = cascade.model_dump() if hasattr(cascade, "model_dump") else cascade
+    if not isinstance(value, dict):
+        return False
+    rp = request_policy(value)
+    return (rp.never_defer or rp.keep is False) and not (rp.always_defer or rp.keep or rp.threshold is not None)
 
 
 def server_cascade(state) -> ServerCascade | None:

@@ -14,7 +14,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..cascade.serve import NO_CLOUD, server_cascade
+from ..cascade.serve import NO_CLOUD, only_restricts, server_cascade
 from ..errors import InvalidArgument
 from . import messages, native, ollama, slots
 from . import schemas as S
@@ -151,7 +151,7 @@ def create_app(state: ServerState) -> FastAPI:
     def no_cloud(cascade: Any) -> JSONResponse | None:
         """A 400 for a chat request's ``cascade`` object when there is no cloud tier: served on the device, a
         policy that asked to defer would be ignored in silence (``cascade: null`` asks for nothing)."""
-        if cascade is None or state.cascade is not None:
+        if cascade is None or state.cascade is not None or only_restricts(cascade):  # never_defer: the device's
             return None
         return error_response(400, f"invalid request: cascade: {NO_CLOUD}", param="cascade", code="invalid_value")
 

@@ -269,6 +269,7 @@ class Events:
         self.open: str | None = None  # the kind of the open block (the last one)
         self.calls: dict[int, int] = {}  # tool call index -> its block's index
         self.finish = self.stop_string = self.usage = None
+        self.cascade = None  # a cascade server's ``cascade`` object (its last chunk's): on message_delta
 
     def _open(self, block: dict) -> list[bytes]:
         out = self._close()
@@ -285,6 +286,7 @@ class Events:
         out: list[bytes] = []
         if c.get("usage"):
             self.usage = c["usage"]
+        self.cascade = c.get("cascade") or self.cascade
         for ch in c.get("choices") or []:
             d = ch.get("delta") or {}
             if d.get("content"):
@@ -308,8 +310,9 @@ class Events:
 
     def end(self) -> list[bytes]:
         reason, seq = self.shell.stop(self.finish, self.stop_string)
+        told = {"cascade": self.cascade} if self.cascade else {}  # who answered, as a whole reply says
         return self._close() + [_sse("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
-                                     usage=_usage(self.usage)),
+                                     usage=_usage(self.usage), **told),
                                 _sse("message_stop")]
 
     def _start(self) -> bytes:

@@ -31,7 +31,7 @@ from fastapi import Body, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..cascade.serve import NO_CLOUD
+from ..cascade.serve import NO_CLOUD, only_restricts
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
@@ -140,9 +140,10 @@ def _common(body: dict, state) -> dict:
     if body.get("logprobs"):
         chat.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
     cascade = body.get("cascade")  # ondevice's policy object, as on the OpenAI routes (never_defer: stays here)
-    if cascade is not None:
-        if state.cascade is None:
+    if cascade is not None and state.cascade is None:
+        if not only_restricts(cascade):  # never_defer / keep: false are served on the device
             raise InvalidArgument(f"cascade: {NO_CLOUD}")
+    elif cascade is not None:
         chat["cascade"] = cascade
     chat["stream"] = body.get("stream") is not False  # Ollama streams unless told not to
     if chat["stream"]:

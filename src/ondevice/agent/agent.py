@@ -21,10 +21,10 @@ from pathlib import Path
 from ..engine.grammar import schema_grammar
 from ..engine.records import Sampling
 from ..errors import ContextOverflow, InvalidArgument, OndeviceError
-from .calls import MAX_CHARS, MAX_ITEMS, TEXT_RULE, Turn, call_turn, check_calls, cut_value
+from .calls import MAX_CHARS, MAX_ITEMS, TEXT_RULE, Turn, call_turn, check_calls, cut_value, schema_problem
 from .graph import GraphRun, Node, Replan, run_graph
 from .retrieval import ToolIndex
-from .tools import Confirm, Tool, Toolbox, result_text
+from .tools import Confirm, Tool, Toolbox, ToolError, result_text
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,8 @@ class Agent:
                 msgs += [{"role": "assistant", "content": json.dumps({"name": node.tool, "arguments": a["args"]})},
                          {"role": "user", "content": f"That call failed: {a['error']}. Write a corrected call."}]
             tool = self.toolbox.get(node.tool)
+            if (bad := schema_problem(tool)) is not None:  # the tool's fault: the same error on every try
+                raise ToolError(f"{bad}; the tool cannot be called until its schema is fixed", "schema")
             turn = call_turn(self.actor, msgs, [tool], constrained=True, system=sop_prompt(self.sops),
                              bounds=self.bounds)
             turns.append(_turn_record(f"act:{node.id}", turn))

@@ -25,8 +25,8 @@ from ..engine.toolcalls import TEXT_RULE, Call, answer_decided, read_calls, star
 from .tools import Tool, ToolError
 
 __all__ = ["TEXT_RULE", "Call", "Turn", "answer_decided", "bounded", "call_grammar", "call_prompt", "call_request",
-           "call_turn", "check_calls", "read_calls", "schema_tool", "starts_like_call", "system_prompt", "with_system",
-           "wraps_calls"]
+           "call_turn", "check_calls", "read_calls", "schema_problem", "schema_tool", "starts_like_call",
+           "system_prompt", "with_system", "wraps_calls"]
 
 
 def schema_tool(spec: dict) -> Tool:
@@ -95,6 +95,18 @@ def call_grammar(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, wra
     characters per free string, items per array)."""
     return tc.call_grammar([(t.name, bounded(t.parameters, *bounds)) for t in tools], parallel=parallel,
                            allow_text=allow_text, wrapped=wrapped)
+
+
+def schema_problem(t: Tool) -> str | None:
+    """Why no call grammar can be built from ``t``'s parameters schema (an unknown ``type``, a ``$ref`` to
+    nothing, an empty ``enum``...), else None: a fault of the tool, not of a model's call, so no retry mends it."""
+    from ..errors import InvalidArgument
+
+    try:
+        tc.call_grammar([(t.name, bounded(t.parameters))], parallel=False, allow_text=False)
+    except InvalidArgument as e:
+        return str(e)
+    return None
 
 
 def system_prompt(tools: Sequence[Tool], *, parallel: bool, allow_text: bool, extra: str = "") -> str:

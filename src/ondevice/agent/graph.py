@@ -8,12 +8,16 @@ calling thread: model steps (``fill``) run there one at a time — one engine, o
 tool calls run in a thread pool, so independent branches whose tools wait on I/O overlap. A failed node
 marks every node that depends on it ``blocked``; a ``replan`` hook may repair the graph first. A node whose
 call failed or was invalid is refilled with the error in view up to ``max_retries`` times (MobileUse's
-reflection), each attempt logged. Every event is logged with its time.
+reflection), each attempt logged; one whose error cannot change (the tool's own schema is unusable, its MCP
+server is gone) is not. Every event is logged with its time. A run stopped by Ctrl-C (or a SIGTERM taken as
+one) does not wait for the tools still running: their threads are daemons, left behind as the process exits
+(Python cannot stop a thread), and each is logged ``stopped``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import queue
 import re
 import threading
 import time
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from .tools import Confirm, Toolbox, ToolResult
+from .tools import Confirm, Toolbox, ToolError, ToolResult
 
 _REF = re.compile(r"\$\{(\w+)((?:\.[\w-]+)*)\}")
 
@@ -138,11 +142,14 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
     replans = 0
 
     lock = threading.Lock()
+    stopped = False  # the run was stopped: a tool thread left behind logs nothing more
 
     def event(name: str, node: Node, at: float | None = None, **kw) -> None:
         """Log an event at ``at`` (a perf_counter time; default now), in seconds from the start of the run.
         Tool threads log their own ends, so the live log stays in time order while the model fills a node."""
         with lock:
+            if stopped:
+                return
             rec = {"t": round((time.perf_counter() if at is None else at) - t0, 6), "event": name,
                    "node": node.id, "tool": node.tool, **kw}
             log.append(rec)
@@ -154,7 +161,7 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
         _ended(n, result, event)
         return result
 
-    pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="ondevice-tool")
+    pool = _Workers(max(1, max_workers))
     running: dict[cf.Future, Node] = {}
     try:
         while True:
@@ -178,17 +185,20 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
                     if refs:
                         args = resolve_refs(args, outputs, graph)
                 except Exception as e:  # a model step or a reference that cannot be resolved
+                    # a ToolError says its kind (a schema no grammar takes is not retried); else the try was invalid
+                    kind, msg = (e.kind, str(e)) if isinstance(e, ToolError) else \
+                        ("invalid", f"{type(e).__name__}: {e}")
                     result = ToolResult(n.tool, written if isinstance(written, dict) else {}, False,
-                                        error=f"{type(e).__name__}: {e}", kind="invalid", started=time.perf_counter())
+                                        error=msg, kind=kind, started=time.perf_counter())
                     _ended(n, result, event)
                     _finish(n, result, graph, event, max_retries, fill)
                     continue
                 event("start", n, args=args, attempt=len(n.attempts) + 1)
                 fut = pool.submit(call, n, args)
-                if parallel:
-                    running[fut] = n
-                else:  # the sequential baseline: each call ends before the next starts
+                running[fut] = n
+                if not parallel:  # the sequential baseline: each call ends before the next starts
                     _finish(n, fut.result(), graph, event, max_retries, fill)
+                    del running[fut]
             if not running:
                 failed = [n for n in graph.values() if n.status == "failed" and not n.replanned]
                 if replan and failed and replans < max_replans:
@@ -208,9 +218,53 @@ def run_graph(nodes: list[Node] | dict[str, Node], toolbox: Toolbox, *, fill: Fi
             for fut in done:
                 n = running.pop(fut)
                 _finish(n, fut.result(), graph, event, max_retries, fill)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException as e:  # Ctrl-C, or a SIGTERM taken as one: the calls in flight are not waited for
+        if isinstance(e, KeyboardInterrupt):
+            for n in running.values():
+                mcp = getattr(toolbox.tools.get(n.tool), "source", "python").startswith("mcp:")
+                event("stopped", n, note="not waited for: closing its MCP client cancels it" if mcp else
+                      "not waited for: Python cannot stop a thread, so this call is abandoned")
+            stopped = True
+        pool.shutdown(wait=not stopped)  # another error waits for the calls in flight, as it did
+        raise
+    pool.shutdown(wait=True)
     return GraphRun(graph, log, time.perf_counter() - t0, replans)
+
+
+class _Workers:
+    """A small thread pool whose threads are daemons: a run stopped by Ctrl-C or SIGTERM exits without waiting
+    for a tool still running (``concurrent.futures`` joins its workers at exit, so a tool that sleeps a minute
+    held the process that long). Up to ``n`` threads, started as calls come."""
+
+    def __init__(self, n: int) -> None:
+        self._n, self._queue, self._threads = n, queue.SimpleQueue(), []
+        self._idle = threading.Semaphore(0)
+
+    def submit(self, fn: Callable, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._queue.put((fut, fn, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._n:
+            t = threading.Thread(target=self._work, name=f"ondevice-tool_{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return fut
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 — the caller's to see, as concurrent.futures does
+                    fut.set_exception(e)
+            self._idle.release()
+
+    def shutdown(self, wait: bool) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 def _ended(n: Node, result: ToolResult, event) -> None:

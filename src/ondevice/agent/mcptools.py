@@ -11,15 +11,20 @@ say so, and one without annotations (the MCP spec's defaults: readOnlyHint false
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
 import logging
 import re
+import signal
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import OndeviceError
+from ..errors import InvalidArgument, OndeviceError
+from .calls import schema_problem
 from .tools import Confirm, Tool, Toolbox, ToolError, result_text
 
 
@@ -60,6 +65,20 @@ def server_name(command: str, args: Sequence[str]) -> str:
             continue
         return a.rstrip("/").rsplit("/", 1)[-1] or cmd
     return cmd
+
+
+def _process_of(transport) -> Any:
+    """The server process of an entered ``stdio_client`` (the SDK keeps it in its generator; None if it moved):
+    only read, for its exit status."""
+    frame = getattr(getattr(transport, "gen", None), "ag_frame", None)
+    return frame.f_locals.get("process") if frame is not None else None
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 class _OneLine(logging.Handler):
@@ -132,6 +151,9 @@ class MCPClient:
         self._listed: list = []
         self._main: asyncio.Task | None = None  # the session's task, in the loop thread
         self._done = threading.Event()  # set when that task has ended (the server process with it)
+        self._process = None  # the server process (the SDK's), when it can be found: its exit status
+        self._calls: set = set()  # calls in flight (futures), cancelled by close() and when the server exits
+        self._ended = False  # the server exited, or its connection closed: nothing more can run there
 
     def __enter__(self) -> MCPClient:
         self.start()
@@ -154,7 +176,11 @@ class MCPClient:
             self._main = asyncio.current_task()
             try:
                 params = mcp.StdioServerParameters(command=self.command, args=self.args, env=self.env)
-                async with stdio_client(params) as (read, write), mcp.ClientSession(read, write) as session:
+                transport = stdio_client(params)
+                async with transport as (read, write), mcp.ClientSession(read, write) as session:
+                    self._process = _process_of(transport)
+                    if self._process is not None:
+                        asyncio.get_running_loop().create_task(self._watch())
                     await session.initialize()
                     self._listed = await _all_tools(session)
                     self._session = session
@@ -179,7 +205,12 @@ class MCPClient:
 
     def call(self, name: str, arguments: dict) -> Any:
         """Call a server tool; its structured content (or text) — an error raises (fed back to the model)."""
+        if self._ended or self._session is None:
+            raise ToolError(self._gone(name, ran=False), "gone")
         fut = asyncio.run_coroutine_threadsafe(self._session.call_tool(name, arguments), self._loop)
+        self._calls.add(fut)
+        if self._ended:  # it exited as this call was sent, after _watch cancelled the others
+            fut.cancel()
         try:
             res = fut.result(self.timeout)
         except TimeoutError:
@@ -188,6 +219,17 @@ class MCPClient:
             # stopped by a cancel), so a second try could send, book or pay twice
             raise ToolError(f"the MCP server {self.name} did not answer {name} in {self.timeout:g} s (--mcp-timeout); "
                             "it may still be running there, so it is not called again", "timeout") from None
+        except cf.CancelledError:  # the server exited (_watch), or close() while it ran: the agent is stopping
+            if not self._ended:
+                raise ToolError(f"{name} was cancelled: the MCP server {self.name} was stopped", "gone") from None
+            raise ToolError(self._gone(name, ran=True), "gone") from None
+        except Exception as e:
+            if getattr(e, "code", None) != _mcp().types.CONNECTION_CLOSED:  # the connection closed under it
+                raise
+            self._ended = True  # no retry can reach a server that is gone
+            raise ToolError(self._gone(name, ran=True), "gone") from None
+        finally:
+            self._calls.discard(fut)
         text = "\n".join(_part_text(c) for c in res.content)
         if res.is_error:  # the server's own words, once: "error (failed): " is added where the model reads it
             raise ToolError(text or f"{name} failed on the MCP server {self.name}", "failed")
@@ -197,6 +239,34 @@ class MCPClient:
             return json.loads(text)
         except (json.JSONDecodeError, ValueError):
             return text
+
+    async def _watch(self) -> None:
+        """In the loop: when the server process exits, the calls in flight end at once (the SDK can leave a call
+        that was being sent then waiting for --mcp-timeout) and later ones do not start."""
+        try:
+            await self._process.wait()
+        except Exception:  # noqa: BLE001 — no exit seen: the calls' own errors and timeouts still end them
+            return
+        self._ended = True
+        for fut in list(self._calls):
+            fut.cancel()
+
+    def _gone(self, name: str, *, ran: bool) -> str:
+        """What to say of a call to ``name`` on a server that exited (how, once the SDK has seen it end), or
+        closed its connection: during the call (``ran``), or before it was sent."""
+        status = None
+        for _ in range(20):  # the exit is seen a moment after the connection closed
+            status = getattr(self._process, "returncode", None)
+            if status is not None or self._process is None:
+                break
+            time.sleep(0.05)
+        how = ("closed its connection" if status is None else f"was killed by {_signame(-status)}" if status < 0
+               else f"exited (status {status})")
+        where = " (its own messages, if any, are above on stderr)"
+        if ran:
+            return (f"the MCP server {self.name} {how} during {name}{where}; it is not called again: {name} may have "
+                    f"done part of its work, so check before running the agent again")
+        return f"the MCP server {self.name} {how} before {name} was sent{where}; {name} did not run"
 
     def tools(self, *, sensitive: bool | Sequence[str] | None = None, taken: Sequence[str] = ()) -> list[Tool]:
         """The server's tools. ``sensitive``: True/False for all, a list of names, or None (annotations). ``taken``:
@@ -215,15 +285,27 @@ class MCPClient:
             schema = dict(t.input_schema or {"type": "object", "properties": {}})
             schema.setdefault("type", "object")
             alias = tool_alias(t.name, taken)  # MCP allows names OpenAI's function calling does not
+            try:
+                tool_ = Tool(name=alias, description=t.description or "", parameters=schema,
+                             fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag,
+                             output_schema=t.output_schema, source=f"mcp:{self.name}")
+                bad = schema_problem(tool_)
+            except InvalidArgument as e:  # a root that is not an object
+                bad = str(e)
+            if bad is not None:  # one bad tool of many: the others still serve; the server's author is told why
+                warnings.warn(f"the MCP server {self.name}: tool {t.name} left out: its input schema cannot be used "
+                              f"({bad.removeprefix(f'tool {alias!r}: ').removeprefix(f'tool {alias}: ')}); fix it "
+                              "in the server", stacklevel=2)
+                continue
             taken.add(alias)
-            out.append(Tool(name=alias, description=t.description or "", parameters=schema,
-                            fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag,
-                            output_schema=t.output_schema, source=f"mcp:{self.name}"))
+            out.append(tool_)
         return out
 
     def close(self) -> None:
         """End the session and the server process: its stdin is closed and the MCP SDK waits 2 s for it to
         exit, then terminates it. A server that never answered (still starting) is not waited for."""
+        for fut in list(self._calls):  # a call in flight: cancelled (the SDK tells the server), not waited for
+            self._loop.call_soon_threadsafe(fut.cancel)
         if self._main is not None and self._loop.is_running():
             stop = self._stop.set if self._session is not None else self._main.cancel
             self._loop.call_soon_threadsafe(stop)

@@ -33,7 +33,7 @@ class ToolError(OndeviceError):
 
     def __init__(self, message: str, kind: str = "error"):
         super().__init__(message)
-        self.kind = kind  # unknown | invalid | unconfirmed | failed | timeout
+        self.kind = kind  # unknown | invalid | unconfirmed | failed | timeout | schema | gone
 
 
 def _pydantic():
@@ -246,7 +246,9 @@ class ToolResult:
     ok: bool
     value: Any = None
     error: str | None = None
-    kind: str = "ok"  # ok | unknown | invalid | unconfirmed | failed | timeout (not retried: may still run)
+    # ok | unknown | invalid | unconfirmed | failed; not retried: timeout (may still run), schema (the tool's schema
+    # is unusable) and gone (its MCP server exited)
+    kind: str = "ok"
     started: float = 0.0  # time.perf_counter() at the start of the call
     seconds: float = 0.0
 

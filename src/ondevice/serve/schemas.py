@@ -256,6 +256,18 @@ class FunctionDef(_Req):
             return {"type": "object", "properties": {}}
         return v if "type" in v or any(k in v for k in ("$ref", "anyOf", "oneOf", "allOf")) else {"type": "object", **v}
 
+    @model_validator(mode="after")
+    def _object_root(self) -> FunctionDef:
+        """A root ``type`` other than ``"object"`` (an array, a string...) is refused, as OpenAI refuses it: the
+        call's ``arguments`` are a JSON object, and no object can match such a schema."""
+        t = self.parameters.get("type")
+        if t is not None and t != "object":
+            raise ValueError(f"tool {self.name!r}: parameters must be a JSON schema of type \"object\", not "
+                             f"{json.dumps(t)[:60]} (a call's arguments are a JSON object); make the value a "
+                             "property: {\"type\": \"object\", \"properties\": {\"value\": THIS_SCHEMA}, "
+                             "\"required\": [\"value\"]}")
+        return self
+
 
 class Tool(_Req):
     type: Literal["function"] = "function"

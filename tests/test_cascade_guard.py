@@ -351,34 +351,31 @@ def test_eval_stops_at_the_first_refused_key_instead_of_answering_every_item(cli
     assert "HTTP 401: it refused the key" in r.stderr and "none more is asked" in r.stderr, r.stderr
 
 
-def test_a_reply_with_no_content_length_is_read_only_up_to_its_cap(cloud):
-    """The cap holds where the reply does not say its size up front: reading stops past it (1 MiB here)."""
+def _refused(cloud, mode: str):
+    """The CloudError a chat of 8 tokens gets from the fake cloud in ``mode``."""
     from ondevice.cascade.cloud import CloudClient, CloudError
 
     c = CloudClient(cloud.url, model="fake", timeout=30)
-    cloud.mode = "bigclose"
+    cloud.mode = mode
     try:
         with pytest.raises(CloudError) as e:
             c.chat(MSG, max_tokens=8)
     finally:
         cloud.mode = "ok"
         c.close()
+    return e
+
+
+def test_a_reply_with_no_content_length_is_read_only_up_to_its_cap(cloud):
+    """The cap holds where the reply does not say its size up front: reading stops past it (1 MiB here)."""
+    e = _refused(cloud, "bigclose")
     assert e.value.kind == "too_large" and "its reply passed" in str(e.value), e.value
 
 
 def test_a_compressed_reply_cannot_expand_past_the_cap(cloud):
     """The cap counts bytes on the wire: the cloud is asked for an uncompressed reply, and one compressed anyway is
     held to a cap 100 times smaller (8 MB of text arrives as ~20 KB of gzip)."""
-    from ondevice.cascade.cloud import CloudClient, CloudError
-
-    c = CloudClient(cloud.url, model="fake", timeout=30)
-    cloud.mode = "gzip"
-    try:
-        with pytest.raises(CloudError) as e:
-            c.chat(MSG, max_tokens=8)
-    finally:
-        cloud.mode = "ok"
-        c.close()
+    e = _refused(cloud, "gzip")
     # refused on its ~20 KB on the wire, before 8 MB were decoded (the text cap would say "characters of text")
     assert e.value.kind == "too_large" and " bytes, over the 10485 bytes" in str(e.value), e.value
     assert cloud.encodings[-1] == "identity", cloud.encodings

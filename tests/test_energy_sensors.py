@@ -50,6 +50,22 @@ def battery(ps: Path, name: str, status: str, **values: int | str) -> Path:
     return d
 
 
+def step(roots, writes: dict, before_w: float, after_w: float, pause: float = 0.2, **kw) -> tuple[dict, float]:
+    """Measure ``pause`` s at ``before_w`` watts, write ``writes`` (path -> text) to step the sensor to ``after_w``,
+    measure ``pause`` s more: the meter's result and the joules the step gives (the region's own start from its
+    ``seconds``); a step between two samples is off by at most the step times the gap around it."""
+    with EnergyMeter(interval_s=0.02, **roots, **kw) as meter:
+        time.sleep(pause)
+        t_write = time.perf_counter()
+        for path, text in writes.items():
+            path.write_text(text)
+        time.sleep(pause)
+        t_exit = time.perf_counter()
+    r = meter.result
+    t_enter = t_exit - r["seconds"]
+    return r, before_w * (t_write - t_enter) + after_w * (t_exit - t_write)
+
+
 def test_labels_are_classed_by_what_they_cover():
     assert [classify(x, "ina3221") for x in ("VDD_IN", "POM_5V_IN", "VDD_CPU_GPU_CV", "POM_5V_CPU", "VDD_SOC")] == [
         "input", "input", "cpu", "cpu", "other"]
@@ -82,18 +98,9 @@ def test_hwmon_power_integrates_the_board_input_only(roots):
     """A Jetson's INA3221: VDD_IN contains the CPU/GPU and SoC rails, so it alone is integrated."""
     f = chip(roots["hwmon"], 1, "ina3221", "power", {"VDD_IN": 1_000_000, "VDD_CPU_GPU_CV": 400_000,
                                                        "VDD_SOC": 300_000})
-    with EnergyMeter(interval_s=0.02, **roots) as meter:
-        t_enter = time.perf_counter()
-        time.sleep(0.3)
-        t_write = time.perf_counter()
-        f["VDD_IN"].write_text("3000000\n")  # 1 W -> 3 W
-        f["VDD_SOC"].write_text("2000000\n")  # inside VDD_IN: must not count
-        time.sleep(0.3)
-        t_exit = time.perf_counter()
-    r = meter.result
+    # 1 W -> 3 W; VDD_SOC, inside VDD_IN, must not count
+    r, expected = step(roots, {f["VDD_IN"]: "3000000\n", f["VDD_SOC"]: "2000000\n"}, 1.0, 3.0, pause=0.3)
     assert r["method"] == "hwmon-power" and r["domains"] == ["hwmon1/ina3221/VDD_IN"]
-    expected = 1.0 * (t_write - t_enter) + 3.0 * (t_exit - t_write)
-    # a step between two samples is off by at most the step (2 W) times the gap around it
     assert r["joules"] == pytest.approx(expected, abs=2.0 * r["max_gap_s"] + 0.02)
     assert r["samples"] >= 4 and r["interval_s"] == 0.02 and r["distinct_readings"] == 2
     assert r["scope"].startswith("system (board input: VDD_IN") and scope_kind(r["method"], r["scope"]) == "system"
@@ -107,16 +114,8 @@ def test_ina3221_rails_are_current_times_voltage(roots):
     for name, value in {"name": "ina3221", "in1_label": "VDD_IN", "in1_input": 5000, "curr1_input": 800,
                         "in2_label": "VDD_CPU_GPU_CV", "in2_input": 5000, "curr2_input": 300, "in4_input": 40}.items():
         (d / name).write_text(f"{value}\n")
-    with EnergyMeter(interval_s=0.02, **roots) as meter:
-        time.sleep(0.2)
-        t_write = time.perf_counter()
-        (d / "curr1_input").write_text("1200\n")  # 4 W -> 6 W
-        time.sleep(0.2)
-        t_exit = time.perf_counter()
-    r = meter.result
+    r, expected = step(roots, {d / "curr1_input": "1200\n"}, 4.0, 6.0)  # 4 W -> 6 W
     assert r["method"] == "hwmon-power" and r["domains"] == ["hwmon2/ina3221/VDD_IN"]
-    t_enter = t_exit - r["seconds"]
-    expected = 4.0 * (t_write - t_enter) + 6.0 * (t_exit - t_write)
     assert r["joules"] == pytest.approx(expected, abs=2.0 * r["max_gap_s"] + 0.02)
 
 
@@ -174,16 +173,8 @@ def test_discharging_battery_power_now_is_the_whole_device(roots):
     bat = battery(ps, "BAT0", "Discharging", power_now=8_000_000)
     mouse = battery(ps, "hidpp_battery_0", "Discharging", power_now=1_000_000)
     (mouse / "scope").write_text("Device\n")  # a peripheral's battery: not the system's
-    with EnergyMeter(interval_s=0.02, **roots) as meter:
-        time.sleep(0.2)
-        t_write = time.perf_counter()
-        (bat / "power_now").write_text("2000000\n")  # 8 W -> 2 W
-        time.sleep(0.2)
-        t_exit = time.perf_counter()
-    r = meter.result
+    r, expected = step(roots, {bat / "power_now": "2000000\n"}, 8.0, 2.0)  # 8 W -> 2 W
     assert r["method"] == "battery" and r["domains"] == ["BAT0"]
-    t_enter = t_exit - r["seconds"]
-    expected = 8.0 * (t_write - t_enter) + 2.0 * (t_exit - t_write)
     assert r["joules"] == pytest.approx(expected, abs=6.0 * r["max_gap_s"] + 0.05)
     assert r["scope"].startswith("system (battery BAT0, discharging: the whole device")
     assert scope_kind(r["method"], r["scope"]) == "system"
@@ -192,15 +183,7 @@ def test_discharging_battery_power_now_is_the_whole_device(roots):
 def test_battery_current_times_voltage_android_sign(roots):
     """No power_now: current_now (negative while discharging on Android) x voltage_now."""
     bat = battery(roots["power_supply"], "battery", "Discharging", current_now=-1_500_000, voltage_now=4_000_000)
-    with EnergyMeter(method="battery", interval_s=0.02, **roots) as meter:
-        time.sleep(0.2)
-        t_write = time.perf_counter()
-        (bat / "current_now").write_text("-500000\n")  # 6 W -> 2 W
-        time.sleep(0.2)
-        t_exit = time.perf_counter()
-    r = meter.result
-    t_enter = t_exit - r["seconds"]
-    expected = 6.0 * (t_write - t_enter) + 2.0 * (t_exit - t_write)
+    r, expected = step(roots, {bat / "current_now": "-500000\n"}, 6.0, 2.0, method="battery")  # 6 W -> 2 W
     assert r["joules"] == pytest.approx(expected, abs=4.0 * r["max_gap_s"] + 0.05)
 
 

@@ -188,15 +188,20 @@ def test_one_ctrl_c_during_a_python_tool_exits_without_waiting_for_it(tmp_path):
             proc.wait()
 
 
-def test_mcp_tools_with_unusable_schemas_are_left_out_with_a_warning_and_the_rest_serve(tmp_path):
-    proc, paths = _agent(tmp_path, "mixed", "--json")
+def _finished(proc, paths) -> tuple[str, str]:
+    """The agent's stdout and stderr once it exits (killed after 300 s)."""
     try:
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err = paths["err"].read_text()
+    return out, paths["err"].read_text()
+
+
+def test_mcp_tools_with_unusable_schemas_are_left_out_with_a_warning_and_the_rest_serve(tmp_path):
+    proc, paths = _agent(tmp_path, "mixed", "--json")
+    out, err = _finished(proc, paths)
     assert "ondevice agent: warning: the MCP server srv.py: tool broken.v2 left out: its input schema cannot be " \
            "used (parameters.properties.x.type \"strng\" is not a JSON schema type; " in err, err
     assert "ondevice agent: warning: the MCP server srv.py: tool refy left out: its input schema cannot be used " \
@@ -210,13 +215,7 @@ def test_mcp_tools_with_unusable_schemas_are_left_out_with_a_warning_and_the_res
 
 def test_an_mcp_server_that_exits_during_a_call_is_said_so_and_not_called_again(tmp_path):
     proc, paths = _agent(tmp_path, "crash", "--json")
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    err = paths["err"].read_text()
+    out, err = _finished(proc, paths)
     nodes = json.loads(out)["nodes"]  # SmolLM2 may plan the lookup twice, and write an invalid call first
     kinds = [[a["kind"] for a in n["attempts"]] for n in nodes]
     assert proc.returncode == 1 and any("gone" in k for k in kinds), (kinds, err)

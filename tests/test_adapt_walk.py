@@ -132,15 +132,20 @@ def test_merging_into_a_directory_is_refused_before_merging(cli, tmp_path, smol_
     assert r.returncode == 0 and (out_dir / "m.gguf").stat().st_size > 90 << 20, r.stderr
 
 
-def test_a_run_that_replaces_an_adapter_says_so_before_it_trains(cli, tmp_path):
-    """-o FILE / --name NAME replace by intent, but an adapter of hours of training went without a word."""
+def test_a_run_that_replaces_an_adapter_needs_force_and_says_so_before_it_trains(cli, tmp_path):
+    """-o FILE / --name NAME onto an adapter of hours of training: refused without --force (as merge and average),
+    and said, with its date and data, when --force replaces it."""
     data = tmp_path / "double.jsonl"
     data.write_text("".join(json.dumps({"input": f"Double {i}.", "target": str(2 * i)}) + "\n" for i in range(3)))
     out = tmp_path / "d.gguf"
     tiny = ("-o", str(out), "--steps", "1", "--batch", "1", "--max-len", "16", "--layers", "29", "--heldout", "0")
     first = cli("adapt", str(data), *tiny)
     assert first.returncode == 0 and "this run replaces" not in first.stderr, first.stderr
-    again = cli("adapt", str(data), *tiny)
+    refused = cli("adapt", str(data), *tiny)
+    assert refused.returncode == 2 and "step 1/1" not in refused.stderr, refused.stderr
+    assert re.search(rf"error: adapt would replace the adapter {re.escape(str(out))} \(made [^)]*\); give another "
+                     rf"name, or --force", refused.stderr), refused.stderr
+    again = cli("adapt", str(data), *tiny, "--force")
     assert again.returncode == 0, again.stderr
     assert re.search(rf"note: this run replaces {re.escape(str(out))} \(made \d{{4}}-\d\d-\d\d \d\d:\d\d from "
                      rf"{re.escape(str(data))}\) when it ends", again.stderr), again.stderr

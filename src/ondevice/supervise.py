@@ -41,9 +41,11 @@ def crash_message(verb: str, sig: int, state: dict | None) -> str:
     # the extra kernels that really held weights (the load log), else those the load was offered
     extras = [b for b in state.get("bufts") or [] if "buffers" not in state or b in state["buffers"]]
     head = f"ondevice {verb}: error: llama.cpp crashed ({name})"
-    if sig == signal.SIGKILL:
+    if sig == signal.SIGKILL:  # the fix in the verb's own flags (adapt has no --ctx)
+        knobs = ("a smaller --rank, --max-len or --batch, --budget mem=SIZE" if verb == "adapt"
+                 else "a smaller --ctx")
         return (f"ondevice {verb}: error: killed (SIGKILL), most likely by the out-of-memory killer; try a smaller "
-                f"model, a smaller --ctx, or free some memory")
+                f"model, {knobs}, or free some memory")
     if sig == signal.SIGILL:
         return (f"{head}: this llama.cpp build uses instructions this CPU lacks (built on another machine?); rebuild "
                 f"it here: pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidArgument, path_problem
+from ..errors import InvalidArgument, OndeviceError, path_problem
 from ..models.store import cached_sha256, temp_file
 
 KEY = "ondevice.adapter."
@@ -45,10 +45,31 @@ def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: numpy's "4608 requested and 2320 written", no errno, no file name
+        Path(tmp).unlink(missing_ok=True)
+        need = sum(a.size + b.size for a, b in tensors.values()) * 4
+        raise write_failed(path, e, need, "the adapter") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_failed(path: str | Path, e: BaseException, need: int, what: str, kept: bool = True) -> OndeviceError:
+    """The one line for a failed write of ``path`` (``need`` bytes, about): the cause (a full disk told apart by
+    the free space where numpy and torch give none), the size needed and free, and that the old file is kept."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < need + (1 << 20))
+    why = "No space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+    room = f" ({what} needs {need / 1e6:.1f} MB" + (f", {free / 1e6:.1f} MB free there)" if free is not None else ")")
+    kept = " (the file there before is kept as it was)" if kept and Path(path).exists() else ""
+    return OndeviceError(f"cannot write {path}: {why}{room}{kept}")
 
 
 def read_meta(path: str | Path, flag: str = "--adapter") -> dict:

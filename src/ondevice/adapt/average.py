@@ -76,7 +76,9 @@ def average(specs: list[str], out: str | Path | None = None, name: str | None = 
         raise InvalidArgument(f"adapt average: the adapters were trained on different base models ({by}); "
                               f"combine only adapters of one base")
     store.check_out_file(out, "combined adapter", "soup.gguf")
-    store.refuse_replacing(target, "adapt average would replace the adapter", force)
+    store.check_output(target, "adapter", "adapt average", force,
+                       [("one of the adapters it averages", p) for p in paths],
+                       given=None if out is None else str(out))
     adapters = [read_lora(p) for p in paths]
     shapes: dict[str, dict[tuple[int, int], str]] = {}  # tensor -> {(out, in): the first file with that shape}
     for (pairs, _), p in zip(adapters, paths, strict=True):

@@ -84,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "N conversations of DATA (training ones too: it checks the export, not generalisation; with "
                         "merge: the merged model against base + adapter on N general prompts)")
     p.add_argument("--json", action="store_true", help="print the figures (or the list) as JSON")
-    p.add_argument("--force", action="store_true", help="merge / average: replace the model or adapter they would "
-                                                        "write where one is there already")
+    p.add_argument("--force", action="store_true", help="replace the adapter (merge: the model) that would be "
+                                                        "written where one is there already; never the base model, "
+                                                        "the data, an input or a file of another kind")
 
 
 def parse_budget(s: str) -> int:
@@ -258,24 +259,27 @@ def run(args: argparse.Namespace) -> int:
 
     out = target(args.out, args.name, "deferred" if args.source == "deferred" else Path(data).stem)
     if args.source == "file" and args.out is None and args.name is None and not args.resume:
-        refuse_replacing_other_data(out, data)
+        refuse_replacing_other_data(out, data, " --force")
     cfg = AdaptConfig(data=data, out=str(out), model=args.model, steps=args.steps, epochs=args.epochs, lr=args.lr,
                       batch=args.batch, max_len=args.max_len, rank=rank, alpha=args.alpha, modules=modules,
                       layers=layers, precision=args.precision, threads=args.threads,
                       seed=args.seed, heldout=args.heldout, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, budget_bytes=budget,
                       checkpointing=args.checkpointing, memory=args.memory)
+    from .store import made_note
+    from .train import check_target
+
+    # an adapter there already (hours of training) only with --force, as merge and average; a resume of a rerun was
+    # given it when it started. The base, the data or another file: never. All before the model loads.
+    check_target(cfg, args.force or args.resume, given=args.out)
     check_settings(cfg)  # its refusals (--memory fast with --budget among them) first, as train() makes them
     hand = [flag for flag, v in (("--rank", args.rank), ("--modules", args.modules), ("--layers", args.layers))
             if v is not None]
     if budget and hand:  # the planner picks all three: a hand choice would be dropped without a word
         raise InvalidArgument(f"--budget chooses the layers, modules and ranks itself; drop {' '.join(hand)}, or "
                               f"drop --budget to choose them by hand")
-    from .store import made_note
-
-    if out.is_file():  # --name NAME / -o FILE replace by intent, but never without a word (hours of training)
-        print(f"ondevice adapt: note: this run replaces {out}{made_note(out)} when it ends; give another --name or -o "
-              f"to keep it", file=sys.stderr)
+    if out.is_file():
+        print(f"ondevice adapt: note: this run replaces {out}{made_note(out)} when it ends", file=sys.stderr)
     with interrupt_on_signals():  # a `kill` (a timeout, a container stop) keeps a checkpoint as Ctrl-C does
         r = train(cfg)
     if args.check:

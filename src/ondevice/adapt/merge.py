@@ -80,7 +80,8 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
 
     there = Path(out) if out else store_variants().get(name)
     if there is not None:
-        store.refuse_replacing(there, "adapt merge would replace the model", force)
+        store.check_output(there, "model", "adapt merge", force, [("the base model", base), ("the adapter", apath)],
+                           given=None if out is None else str(out))
     check(apath, base)  # refused here when the adapter was trained on another base
     pairs, alpha = read_lora(apath)
     reader = gguf.GGUFReader(str(base))

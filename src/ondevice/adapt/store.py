@@ -51,10 +51,10 @@ def target(out: str | Path | None, name: str | None, default_name: str) -> Path:
     return path_for(default_name if name is None else name)  # --name "" is refused, not replaced by the default
 
 
-def refuse_replacing_other_data(path: Path, data: str | Path) -> None:
+def refuse_replacing_other_data(path: Path, data: str | Path, replace: str = "") -> None:
     """A run named after its data file (no --name, no -o) whose name is taken by a stored adapter not made from
     that data (everyone's file is train.jsonl; or a soup, which records none): refused before training, since it
-    would replace that adapter."""
+    would replace that adapter (``replace``: what else the fix needs, the CLI's `` --force``)."""
     from ..models.store import sha256_file
     from .adapter_file import KEY, read_meta
 
@@ -72,8 +72,8 @@ def refuse_replacing_other_data(path: Path, data: str | Path) -> None:
     what = (f"was made from an earlier version of {data} (it has changed since)" if same_file else
             f"was not made from {data}")
     raise InvalidArgument(f"the stored adapter {path.stem!r} ({when}{', from ' + str(src) if src else ''}) {what}; "
-                          f"give this run its own --name (e.g. --name {path.stem}-2), or --name {path.stem} to "
-                          f"replace that adapter")
+                          f"give this run its own --name (e.g. --name {path.stem}-2), or --name {path.stem}{replace} "
+                          f"to replace that adapter")
 
 
 def check_out_file(out: str | Path | None, what: str, example: str) -> None:
@@ -287,6 +287,55 @@ def made_note(path: Path) -> str:
     src = (meta.get(KEY + "settings") or {}).get("data")
     said = " ".join(x for x in (when, f"from {src}" if src else "") if x)
     return f" (made {said})" if said else ""
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (the same inode: a link, ``./x`` and ``x``, another spelling)."""
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there: not the same file
+        return False
+
+
+def _holds(path: Path, kind: str) -> bool:
+    """Whether the file at ``path`` is what the verb writes (``adapter``: a GGUF LoRA adapter; ``model``: a GGUF
+    model), so that replacing it with --force loses nothing the user did not mean to replace."""
+    if kind == "adapter":
+        from .adapter_file import lora_meta
+
+        try:
+            lora_meta(path, "-o")
+        except InvalidArgument:
+            return False
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_output(path: Path, kind: str, verb: str, force: bool, keep: list[tuple[str, str | Path | None]],
+                 given: str | None = None) -> None:
+    """The one check of the file ``adapt``, ``adapt merge`` and ``adapt average`` write (``path``; ``given``: the -o
+    text, for the wording), before any work: refused even with ``force`` when it is one of the files the run reads
+    (``keep``: [(what it is, its path)]; compared as files, so a link or ``./x`` is caught) or an existing file that
+    is not a ``kind`` (``adapter`` or ``model``: a data file, a model, anything else); an existing ``kind`` only
+    with ``force``."""
+    shown = f"-o {given}" if given is not None else str(path)
+    for role, f in keep:
+        if f is not None and _same_file(path, f):
+            raise InvalidArgument(f"{shown} is {role} ({f}), which {verb} reads; write to another path (--force does "
+                                  f"not change this)")
+    if not path.exists():
+        return
+    if not _holds(path, kind):
+        noun = "a LoRA adapter" if kind == "adapter" else "a GGUF model"
+        raise InvalidArgument(f"{shown} is there already and is not {noun}; {verb} does not replace it, even with "
+                              f"--force: give -o a new file, or move that one away first")
+    refuse_replacing(path, f"{verb} would replace the {'adapter' if kind == 'adapter' else 'model'}", force)
 
 
 def refuse_replacing(path: Path, what: str, force: bool) -> None:

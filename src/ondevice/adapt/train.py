@@ -14,16 +14,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, OndeviceError
 from ..models.store import cached_sha256, sha256_file
 from ..stop_signals import signals_held
 from . import adapter_file, data
 from .batches import Batches, epochs_of, steps_for
+from .checks import CHECKPOINTING, MEMORY, PRECISIONS, check_rank, check_settings, check_target  # noqa: F401
 
-PRECISIONS = ("fp32", "bf16")
 DEFAULT_STEPS = 40
-CHECKPOINTING = ("auto", "on", "off")
-MEMORY = ("auto", "lean", "fast")
 
 
 @dataclass
@@ -191,42 +189,6 @@ def lean_malloc() -> None:
         pass
 
 
-def check_settings(cfg: AdaptConfig) -> None:
-    """Settings that cannot train (or cannot be written), refused before the model loads."""
-    if cfg.checkpointing not in CHECKPOINTING:
-        raise InvalidArgument(f"--checkpointing {cfg.checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
-    if cfg.precision not in PRECISIONS:
-        raise InvalidArgument(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if cfg.memory not in MEMORY:
-        raise InvalidArgument(f"--memory {cfg.memory!r}: use one of {', '.join(MEMORY)}")
-    if cfg.memory == "fast" and cfg.budget_bytes is not None:
-        raise InvalidArgument("--memory fast with --budget: the budget is planned and kept with lean memory (freed "
-                              "memory goes back to the OS at once); drop --memory fast, or drop --budget")
-    if cfg.budget_bytes is None and cfg.plan is None and (not cfg.modules or cfg.layers == ()):
-        from .model import MODULES
-
-        raise InvalidArgument(f"--modules {','.join(cfg.modules)!r} --layers {_shown('layers', cfg.layers)}: no "
-                              f"tensor to train; give at least one of {','.join(MODULES)} (or 'all') and one layer")
-    if cfg.epochs is not None and cfg.steps is not None:
-        raise InvalidArgument(f"--epochs {cfg.epochs:g} and --steps {cfg.steps} both given: --epochs counts the steps "
-                              f"itself (ceil(epochs * training examples / batch)); give one of them")
-    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
-        raise InvalidArgument(f"--epochs {cfg.epochs:g}: must be a number > 0, e.g. --epochs 3")
-    if (cfg.steps is not None and cfg.steps < 1) or cfg.batch < 1 or cfg.max_len < 8 or cfg.rank < 1:
-        raise InvalidArgument("--steps, --batch and --rank must be >= 1 and --max-len >= 8")
-    for flag, v, eg in (("--lr", cfg.lr, "1e-3"), ("--alpha", cfg.alpha, "16")):
-        if not (math.isfinite(v) and v > 0):  # AdamW refuses lr <= 0 with a traceback; alpha 0 trains nothing
-            raise InvalidArgument(f"{flag} {v:g}: must be a number > 0, e.g. {flag} {eg}")
-    if not (math.isfinite(cfg.heldout) and 0 <= cfg.heldout < 1):
-        raise InvalidArgument(f"--heldout {cfg.heldout:g}: the share of examples held out must be >= 0 and < 1, "
-                              "e.g. --heldout 0.1")
-    if cfg.checkpoint_every < 0:
-        raise InvalidArgument(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 0 (0: only on Ctrl-C)")
-    from .store import check_out_file
-
-    check_out_file(cfg.out, "adapter's", Path(cfg.data).stem + ".gguf")
-
-
 def prepare(cfg: AdaptConfig):
     """Tokenize with the base's llama.cpp vocabulary and template, then free llama.cpp before torch trains."""
     import ondevice
@@ -235,7 +197,8 @@ def prepare(cfg: AdaptConfig):
     from ..models import resolve
     from .model import trainable
 
-    trainable(resolve(cfg.model).path)  # the architecture first: a base model's missing template is the lesser reason
+    info = trainable(resolve(cfg.model).path)  # the architecture first: a missing template is the lesser reason
+    check_rank(cfg, info)  # before the data is read and the model loads
     convs = data.read_jsonl(cfg.data)
     m = ondevice.load(cfg.model, n_ctx=max(64, cfg.max_len + 16), n_threads=1, warmup=False)
     try:
@@ -397,16 +360,40 @@ def train(cfg: AdaptConfig) -> dict:
         # an older ondevice's checkpoint kept only the rng (batches drawn with replacement): a fresh order from it
         batches.set_state(state["batches"] if "batches" in state else {"rng": state["rng"], "order": [], "pos": 0})
 
-    def save_ckpt() -> None:
-        tmp = cfg.ckpt_path.with_suffix(".part")
-        torch.save({"step": step, "history": history, "batches": batches.state(), "plan": cfg.plan,
-                    "plan_info": cfg.plan_info, "held_before": held_before, "base_sha256": base["sha256"],
-                    "data_sha256": data_sha, "settings": fixed, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    # what `adapt list` shows of an interrupted run, and the command that resumes it
-                    "run": {"data": str(Path(cfg.data).resolve()), "model": cfg.model, "base": base["name"],
-                            "steps": total, "steps_given": cfg.steps, "epochs": cfg.epochs, "n_train": len(train_ex)},
-                    "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k}}, tmp)
-        os.replace(tmp, cfg.ckpt_path)
+    saved = [state["step"] if state is not None else None]  # the step the checkpoint on disk holds
+
+    def save_ckpt(dest: Path = cfg.ckpt_path) -> None:
+        """The run so far to ``dest`` (temp file, then rename); a failed write (a full disk: torch says only
+        "unexpected pos ...") is one line, its temp file gone, the checkpoint there before kept."""
+        tmp = dest.with_suffix(".part")
+        try:
+            torch.save({"step": step, "history": history, "batches": batches.state(), "plan": cfg.plan,
+                        "plan_info": cfg.plan_info, "held_before": held_before, "base_sha256": base["sha256"],
+                        "data_sha256": data_sha, "settings": fixed, "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        # what `adapt list` shows of an interrupted run, and the command that resumes it
+                        "run": {"data": str(Path(cfg.data).resolve()), "model": cfg.model, "base": base["name"],
+                                "steps": total, "steps_given": cfg.steps, "epochs": cfg.epochs,
+                                "n_train": len(train_ex)},
+                        "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k}}, tmp)
+            os.replace(tmp, dest)
+        except Exception as e:  # noqa: BLE001 — torch's full disk is a RuntimeError
+            tmp.unlink(missing_ok=True)
+            need = sum(p.numel() * 12 for p in params)  # fp32 LoRA weights and AdamW's two moments
+            raise adapter_file.write_failed(dest, e, need, "the checkpoint", kept=False) from None
+        if dest == cfg.ckpt_path:
+            saved[0] = step
+
+    def checkpoint() -> None:
+        """save_ckpt during training: a failure stops the run, saying what is kept and how to go on."""
+        try:
+            save_ckpt()
+        except OndeviceError as e:
+            kept = (f"{cfg.ckpt_path} still holds step {saved[0]}" if saved[0] is not None and cfg.ckpt_path.is_file()
+                    else "no earlier checkpoint is there")
+            raise OndeviceError(f"{e}; training stopped at step {step}/{total}; {kept}: free some space (or give -o "
+                                f"on another disk) and run the same command"
+                                f"{' plus --resume' if saved[0] is not None else ''}") from None
 
     t0 = time.perf_counter()
     step0, measuring = step, ""
@@ -427,14 +414,14 @@ def train(cfg: AdaptConfig) -> dict:
             if cfg.progress:
                 _progress(step, total, history[-1], (time.perf_counter() - t0) / (step - step0))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                save_ckpt()
+                checkpoint()
         step_s = (time.perf_counter() - t0) / max(1, step - step0)
         measuring = " (measuring the held-out loss)"  # a minute on many examples: Ctrl-C there keeps the steps too
         held_after = mean_loss(model, held)
     except KeyboardInterrupt as e:
         if unfinished is not None:
             batches.set_state(unfinished)
-        save_ckpt()
+        checkpoint()
         _interrupted(cfg, e, f"interrupted at step {step}/{total}{measuring}; checkpoint saved to "
                              f"{cfg.ckpt_path}; continue with the same command plus --resume (in Python: resume=True)")
         raise
@@ -449,10 +436,39 @@ def train(cfg: AdaptConfig) -> dict:
                "wall_s": round(time.perf_counter() - t_start, 1)}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("plan", "plan_info", "progress", "resume")}
     settings["steps"] = total
-    export(model, cfg, base, data_sha, settings, figures)
+    try:
+        export(model, cfg, base, data_sha, settings, figures)
+    except (OndeviceError, KeyboardInterrupt) as e:  # the steps are done: kept as a checkpoint, the file retried
+        keep = _keep_finished(save_ckpt, cfg, step, saved[0] == step)
+        if isinstance(e, KeyboardInterrupt):
+            _interrupted(cfg, e, "interrupted while writing the adapter" + keep)
+            raise
+        raise OndeviceError(f"{e}{keep}") from None
     cfg.ckpt_path.unlink(missing_ok=True)
     return {"adapter": str(cfg.out), "plan": cfg.plan, "plan_info": cfg.plan_info, "history": history,
             "base": base, **figures}
+
+
+def _keep_finished(save_ckpt, cfg: AdaptConfig, step: int, done: bool) -> str:
+    """The finished steps, kept as a checkpoint after the adapter could not be written: beside the adapter (what
+    --resume reads), else (that disk is full too) in the temp folder to be moved there; what to do, said."""
+    import tempfile
+
+    how = "run the same command plus --resume to write the adapter (in Python: resume=True)"
+    try:
+        if not done:
+            save_ckpt()
+        return f"; the finished training ({step} steps) is kept in {cfg.ckpt_path}: free some space and {how}"
+    except OndeviceError as e:
+        alt = Path(tempfile.gettempdir()) / cfg.ckpt_path.name
+        if alt.resolve() == cfg.ckpt_path.resolve():
+            raise
+        try:
+            save_ckpt(alt)
+        except OndeviceError as e2:
+            raise OndeviceError(f"the finished training could not be kept either: {e}; {e2}") from None
+        return (f"; the finished training ({step} steps) is kept in {alt} (not beside it: {e}): once there is room, "
+                f"move it to {cfg.ckpt_path} and {how}")
 
 
 def _interrupted(cfg: AdaptConfig, e: KeyboardInterrupt, note: str) -> None:

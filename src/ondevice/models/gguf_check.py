@@ -110,6 +110,23 @@ _FIX_TRUNCATED = "the file is incomplete: re-download it (run the same `ondevice
 _FIX_CORRUPT = "the file is damaged: re-download it (`ondevice pull` again) or re-create it"
 _FIX_NOT_GGUF = ("this is not a GGUF model: pass a .gguf file (convert other formats with llama.cpp's "
                  "convert_hf_to_gguf.py)")
+# ondevice protect's container (protect/container.py MAGIC): no conversion makes it a GGUF, the key opens it
+_FIX_ENCRYPTED = ("this is an encrypted model (`ondevice protect encrypt`): run and serve open it in memory with its "
+                  "key, but this command needs the plaintext .gguf it was encrypted from")
+_FIX_ENC_TRUNCATED = ("an encrypted container (`ondevice protect encrypt`) that is empty or cut short: copy it again, "
+                      "or encrypt the model again")
+
+
+def _encrypted_magic(magic: bytes) -> bool:
+    """Whether ``magic``, a file's first 4 bytes, begin protect's container (``protect.container.MAGIC``)."""
+    from ..protect.container import MAGIC
+
+    return magic == MAGIC[:4]
+
+
+def _not_gguf(path: Path, magic: bytes) -> InvalidModelFile:
+    fix = _FIX_ENCRYPTED if _encrypted_magic(magic) else _FIX_NOT_GGUF
+    return _invalid(path, f"bad magic {magic!r} (a GGUF file starts with b'GGUF')", fix)
 
 
 def _invalid(path: Path, what: str, fix: str = _FIX_CORRUPT) -> InvalidModelFile:
@@ -246,7 +263,7 @@ def _header(path: Path, buf: bytes, size: int) -> _Header:
     cur = _Cursor(buf, size, path)
     magic = bytes(buf[0:4])
     if magic != GGUF_MAGIC:
-        raise _invalid(path, f"bad magic {magic!r} (a GGUF file starts with b'GGUF')", _FIX_NOT_GGUF)
+        raise _not_gguf(path, magic)
     cur.pos = 4
     version = cur.u32("the version")
     if version & 0xFFFF == 0 and version != 0:
@@ -454,9 +471,10 @@ def _read(p: Path, size: int, walk: Callable[[Path, bytes, int], T]) -> T:
     """``walk`` over the header of the ``size``-byte file ``p``, read in growing chunks."""
     if size < 24:
         if size >= 4 and p.read_bytes()[:4] != GGUF_MAGIC:
-            raise _invalid(p, f"bad magic {p.read_bytes()[:4]!r} (a GGUF file starts with b'GGUF')", _FIX_NOT_GGUF)
+            raise _not_gguf(p, p.read_bytes()[:4])
+        enc = p.suffix == ".enc" or _encrypted_magic(p.read_bytes()[:4])
         raise _invalid(p, f"truncated: the file has {size} bytes but a GGUF header needs at least 24",
-                       _FIX_TRUNCATED)
+                       _FIX_ENC_TRUNCATED if enc else _FIX_TRUNCATED)
     # Plain reads rather than mmap: a file that shrinks under a mapping kills the process with SIGBUS.
     # Headers are small (a 250k-token vocabulary is ~5 MB), so read 16 MiB and double while needed.
     chunk = 16 << 20

@@ -3,7 +3,9 @@
 Python's default for both is to die at once, without running a single ``finally``: a ``kill PID`` (what a
 process manager or a closed terminal sends) mid-``quantize`` or mid-``protect encrypt`` left the hidden
 ``.NAME.xxxx.tmp`` behind, up to the model's full size. Ctrl-C needs nothing: Python already raises
-``KeyboardInterrupt`` for it. Used by ``quant.api.quantize`` and ``protect.container.encrypt_file``.
+``KeyboardInterrupt`` for it. Used by ``quant.api.quantize`` and ``protect.container.encrypt_file``;
+:func:`interrupt_on_signals` by ``adapt`` (a kill keeps a checkpoint as Ctrl-C does), :class:`StopOnce` by
+``agent`` (the first of Ctrl-C, SIGTERM, SIGHUP stops it, the next ones wait while it ends its MCP servers).
 """
 
 from __future__ import annotations
@@ -144,3 +146,45 @@ class StopOnSignals:
             yield
         finally:
             self._finishing = False
+
+
+class StopOnce:
+    """SIGINT, SIGTERM and SIGHUP while an agent runs: the first stops it (raised in the main thread, Ctrl-C's
+    KeyboardInterrupt, or :class:`Terminated` with exit code 128 + signal); the ones after it are ignored while
+    the run ends its MCP servers. ``timeout`` signals its whole group and the supervisor
+    forwards what it gets, so one ``kill`` often arrives twice, and the second cut that clean-up short. Only
+    handlers still at their defaults are taken over (an application's own are left alone)."""
+
+    signal: int | None = None
+
+    def __init__(self) -> None:
+        self._old: dict[int, object] = {}
+
+    def said(self) -> str:
+        return "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else \
+            f"stopped by {signal.Signals(self.signal).name}"
+
+    def _handle(self, sig: int, frame) -> None:
+        if self.signal is not None:
+            return  # stopping already
+        if _in_finalizer(frame):  # raised there it would be printed and dropped
+            _send_again_soon(sig)
+            return
+        self.signal = sig
+        raise KeyboardInterrupt if sig == signal.SIGINT else Terminated(sig)
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                        signal.SIGHUP: signal.SIG_DFL}
+            for s, default in defaults.items():
+                if signal.getsignal(s) is default:
+                    self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if self.signal is not None and isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Terminated) \
+                and self.signal != signal.SIGINT:  # a SIGTERM seen by native code comes back as a plain Ctrl-C
+            raise Terminated(self.signal) from None

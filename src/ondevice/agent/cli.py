@@ -87,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
     request = read_stdin() if args.request in (None, "-") else args.request
     if not request.strip():
         raise InvalidArgument("no request; give one as an argument or on stdin")
+    from ..stop_signals import StopOnce
+
     with StopOnce() as stop:
         return _run_with_servers(args, box, request, stop)
 
 
-def _run_with_servers(args, box, request: str, stop: StopOnce) -> int:
+def _run_with_servers(args, box, request: str, stop) -> int:
     """Start the --mcp servers, run the agent, and end the servers however the run ends: a Ctrl-C, SIGTERM or
     SIGHUP included (a server busy in a call does not notice its stdin close, and was left running, parent 1)."""
     from ..errors import InvalidArgument
@@ -147,61 +149,6 @@ def _left_behind(box, running: dict[str, str], clients: list) -> str:
         out += (f"; {', '.join(local)} (a Python tool) was still running: Python cannot stop a thread, so the call "
                 f"was abandoned as the agent exited (what it had done so far stays done)")
     return out
-
-
-class StopOnce:
-    """SIGINT, SIGTERM and SIGHUP while an agent runs: the first stops it (raised in the main thread, Ctrl-C's
-    KeyboardInterrupt, or :class:`~ondevice.stop_signals.Terminated` with exit code 128 + signal); the ones after
-    it are ignored while the run ends its MCP servers. ``timeout`` signals its whole group and the supervisor
-    forwards what it gets, so one ``kill`` often arrives twice, and the second cut that clean-up short. Only
-    handlers still at their defaults are taken over (an application's own are left alone)."""
-
-    signal: int | None = None
-
-    def __init__(self) -> None:
-        self._old: dict[int, object] = {}
-
-    def said(self) -> str:
-        import signal
-
-        return "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else \
-            f"stopped by {signal.Signals(self.signal).name}"
-
-    def _handle(self, sig: int, frame) -> None:
-        import signal
-
-        from ..stop_signals import Terminated, _in_finalizer, _send_again_soon
-
-        if self.signal is not None:
-            return  # stopping already
-        if _in_finalizer(frame):  # raised there it would be printed and dropped
-            _send_again_soon(sig)
-            return
-        self.signal = sig
-        raise KeyboardInterrupt if sig == signal.SIGINT else Terminated(sig)
-
-    def __enter__(self) -> StopOnce:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
-                        signal.SIGHUP: signal.SIG_DFL}
-            for s, default in defaults.items():
-                if signal.getsignal(s) is default:
-                    self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, kind, exc, tb) -> None:
-        import signal
-
-        from ..stop_signals import Terminated
-
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        if self.signal is not None and isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Terminated) \
-                and self.signal != signal.SIGINT:  # a SIGTERM seen by native code comes back as a plain Ctrl-C
-            raise Terminated(self.signal) from None
 
 
 def add_all(box, tools, source: str) -> None:

@@ -60,3 +60,16 @@ def test_the_table_note_says_the_quota_throttled_them():
     assert "(1 of 2)" in note and "the container's CPU quota throttled 1 of them, for up to 0.80 s" in note
     plain = {**rec, "meta": {}, "noise": assess(10.0, 0.1, 1.2)}
     assert "CPU quota" not in noise_note(BenchRecord.coerce([plain]))
+
+
+def test_compare_says_the_quota_throttled_a_side():
+    from ondevice.report.compare import compare_records, format_compare
+
+    base = {"kind": "bench", "model": "m", "model_sha256": "aa" * 32, "test": "tg128", "threads": 2,
+            "tps_mean": 100.0, "tps_std": 1.0, "status": "ok"}
+    slow = {**base, "tps_mean": 60.0, "tps_std": 9.0, "noisy": True, "meta": {"throttled_s": 1.25},
+            "noise": assess(60.0, 9.0, 0.2, throttled_s=1.25, wall_s=4.0)}
+    text = format_compare(compare_records([base], [slow], by_model=True), "A", "B")
+    assert "(1 of 2)" in text and "the container's CPU quota throttled 1 of them, for up to 1.25 s" in text
+    busy = {**slow, "meta": {}, "noise": assess(60.0, 9.0, 1.5)}  # noisy for another reason: no quota named
+    assert "CPU quota" not in format_compare(compare_records([base], [busy], by_model=True), "A", "B")

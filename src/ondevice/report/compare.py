@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..bench.record import BenchRecord
 from ..errors import InvalidArgument
-from .formats import HEAD, NOISY_MARK, md_table, noise_legend, setting
+from .formats import HEAD, NOISY_MARK, md_table, noise_legend, quota_throttled, setting
 from .machines import compare_warning
 
 MATCH = ("test", "threads", "n_batch", "n_ubatch", "n_ctx", "type_k", "type_v", "flash_attn", "profile")
@@ -65,7 +65,8 @@ def compare_records(a: Sequence[BenchRecord | dict], b: Sequence[BenchRecord | d
                      **dict(zip(fields, key)), "tps_a": ra.tps_mean, "std_a": ra.tps_std,
                      "kernels_a": ra.kernels or "?", "kernels_b": rb.kernels or "?",
                      "tps_b": rb.tps_mean, "std_b": rb.tps_std, "speedup": rb.tps_mean / ra.tps_mean,
-                     "noisy_a": bool(ra.noisy), "noisy_b": bool(rb.noisy), "load_a": ra.load, "load_b": rb.load})
+                     "noisy_a": bool(ra.noisy), "noisy_b": bool(rb.noisy), "load_a": ra.load, "load_b": rb.load,
+                     "throttled_a": quota_throttled(ra), "throttled_b": quota_throttled(rb)})
     return rows
 
 
@@ -83,7 +84,8 @@ def format_compare(rows: Sequence[dict], label_a: str, label_b: str) -> str:
              f"{r['tps_a']:.2f} ± {r['std_a'] or 0:.2f}{mark(r, 'a')}",
              f"{r['tps_b']:.2f} ± {r['std_b'] or 0:.2f}{mark(r, 'b')}",
              f"{r['speedup']:.2f}{mark(r, 'a', 'b')}"] for r in rows]
-    note = noise_legend(sum(r.get(f"noisy_{s}", False) for r in rows for s in "ab"), 2 * len(rows), False)
+    throttled = [r[k] for r in rows for k in ("throttled_a", "throttled_b") if r.get(k) is not None]
+    note = noise_legend(sum(r.get(f"noisy_{s}", False) for r in rows for s in "ab"), 2 * len(rows), False, throttled)
     table = md_table(head, body, [i > 0 for i in range(len(head))])
     return "\n".join([*table, *([note] if note else [])]) + "\n"
 

@@ -45,10 +45,16 @@ def _tps(r: BenchRecord) -> str:
     return f"{_num(r.tps_mean, '.2f')} ± {_num(r.tps_std, '.2f')}" + (f" {NOISY_MARK}" if r.noisy else "")
 
 
+def quota_throttled(r: BenchRecord) -> float | None:
+    """Seconds the container's CPU quota throttled ``r`` when that is why it is marked noisy, else None."""
+    if r.noisy and any("CPU quota throttled" in w for w in r.noise):
+        return (r.meta or {}).get("throttled_s") or 0.0
+    return None
+
+
 def noise_note(records: Sequence[BenchRecord]) -> str | None:
     """The line under a table that explains the noisy mark and the load column, when either is shown."""
-    throttled = [(r.meta or {}).get("throttled_s") or 0.0 for r in records
-                 if r.noisy and any("CPU quota throttled" in w for w in r.noise)]
+    throttled = [t for t in map(quota_throttled, records) if t is not None]
     return noise_legend(sum(bool(r.noisy) for r in records), len(records), any(r.load is not None for r in records),
                         throttled)
 

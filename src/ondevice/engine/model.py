@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import numbers
 import random
 import resource
 import sys
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +14,13 @@ from pathlib import Path
 from typing import Self
 
 from .. import fields
-from ..errors import InvalidArgument, ModelClosed, StreamAbandoned
+from ..errors import InvalidArgument
 from . import chat, chat_templates
 from .base import Engine, EngineConfig
 from .generator import BatchGenerator, Request
 from .records import Generation, Result, Sampling
 from .stops import with_prompt_stops
+from .turns import Turns
 
 Prompt = str | Sequence[dict]
 RANDOM_SEED = Sampling().seed  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
@@ -58,7 +56,7 @@ class Model:
     _generator: BatchGenerator | None = dataclasses.field(default=None, repr=False)
     # a stream nobody reads for this long while another call waits is ended for that call (see stream)
     idle_timeout: float = 10.0
-    _turns: _Turns = dataclasses.field(default_factory=lambda: _Turns(), repr=False, compare=False)
+    _turns: Turns = dataclasses.field(default_factory=Turns, repr=False, compare=False)
     _embedder: Engine | None = dataclasses.field(default=None, repr=False)  # embed()'s context, made at its first call
     _seeds: random.Random | None = dataclasses.field(default=None, repr=False)  # load(seed=N): each call's seed
 
@@ -222,19 +220,8 @@ class Model:
             raise self._turns.closed_error(self)
 
     def _turn(self, make: Callable[[], Iterator[Generation]]) -> Iterator[Generation]:
-        """``make()``'s records, read in this model's turn (:class:`_Turns`)."""
-        turn = self._turns.begin(self)
-        try:
-            turn.inner = make()
-            while True:
-                with self._turns.step(self, turn):
-                    try:
-                        g = next(turn.inner)
-                    except StopIteration:
-                        return
-                yield g
-        finally:
-            self._turns.end(turn)
+        """``make()``'s records, read in this model's turn (:class:`~ondevice.engine.turns.Turns`)."""
+        return self._turns.read(self, make)
 
     def _stream(self, tokens: list[int], s: Sampling) -> Iterator[Generation]:
         if s.draft == "model" and self.generator.drafter is None:
@@ -252,15 +239,12 @@ class Model:
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call recomputes its whole prompt)."""
-        turn = self._turns.begin(self)
-        try:
+        with self._turns.hold(self):
             self.engine.reset()
             if self._generator is not None:
                 self._generator.reset()
             if self.draft_engine is not None:
                 self.draft_engine.reset()
-        finally:
-            self._turns.end(turn)
 
     def save_prompt_cache(self, path: str | Path, n_tokens: int | None = None) -> int:
         """Write what the model holds in its KV cache (the last prompt and reply; ``n_tokens``: only that many of
@@ -268,12 +252,9 @@ class Model:
         (llama-server's slot file); returns how many tokens it holds. See :mod:`ondevice.engine.slotfile`."""
         from . import slotfile
 
-        turn = self._turns.begin(self)
-        try:
+        with self._turns.hold(self):
             gen = self.generator
             return slotfile.save(gen, 0, path, keep=n_tokens, ads=slotfile.default_adapters(gen))[0]
-        finally:
-            self._turns.end(turn)
 
     def load_prompt_cache(self, path: str | Path) -> list[int]:
         """Load a file written by :meth:`save_prompt_cache` (or llama-server's slot save, same model and KV type)
@@ -283,13 +264,10 @@ class Model:
 
         if not Path(path).exists():  # the server's words ("save a slot under that name") are not this API's
             raise slotfile.SlotFileError(f"{path}: no such file; write one with model.save_prompt_cache({str(path)!r})")
-        turn = self._turns.begin(self)
-        try:
+        with self._turns.hold(self):
             gen = self.generator
             slotfile.restore(gen, 0, path, slotfile.default_adapters(gen))
             return list(gen.slots[0].cached)
-        finally:
-            self._turns.end(turn)
 
     def generate(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,
                  sampling: Sampling | dict | None = None, **sampling_kw) -> Result:
@@ -319,11 +297,8 @@ class Model:
                                   f"list of them")
         self._check_open()
         tokens = [self.engine.tokenize(t, add_special=True, parse_special=True) for t in texts]
-        turn = self._turns.begin(self)
-        try:
+        with self._turns.hold(self):
             vecs = embed_many(self._embeddings_context(max(map(len, tokens))), tokens)
-        finally:
-            self._turns.end(turn)
         if normalize:
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         out = vecs.astype(float).tolist()
@@ -368,99 +343,6 @@ def _check_chat_args(chat_template: bool | None, tools: list | None) -> None:
     if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools)):
         raise InvalidArgument(f"tools={tools!r} must be a list of tool schemas "
                               f"([{{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}])")
-
-
-@dataclass(eq=False)
-class _Turn:
-    """One generation's hold on its model: the iterator it reads, whether a step of it runs now, when it
-    last gave a token."""
-
-    inner: Iterator[Generation] | None = None
-    running: bool = False
-    last: float = dataclasses.field(default_factory=time.monotonic)
-    abandoned: bool = False
-
-
-class _Turns:
-    """One generation at a time on a model (its KV cache, slot and sampler are one). A call waits while
-    another generation runs or its stream is being read; one whose stream nobody has read for the model's
-    ``idle_timeout`` while a call waits is abandoned to that call (its iterator is closed: its slot freed)."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.current: _Turn | None = None
-        self.closed = False
-
-    def closed_error(self, model: Model) -> ModelClosed:
-        # a model loaded by path is named after its file, a name load() does not know: give the path back
-        again = str(model.path) if model.path.stem == model.name else model.name
-        return ModelClosed(f"{model.name} was closed; load it again with ondevice.load({again!r})")
-
-    def begin(self, model: Model) -> _Turn:
-        with self.cond:
-            while True:
-                if self.closed:
-                    raise self.closed_error(model)
-                cur = self.current
-                if cur is None:
-                    self.current = turn = _Turn()
-                    return turn
-                idle = time.monotonic() - cur.last
-                if not cur.running and idle >= model.idle_timeout:
-                    self._abandon(cur)
-                    continue
-                self.cond.wait(model.idle_timeout - idle if not cur.running else model.idle_timeout)
-
-    @contextlib.contextmanager
-    def step(self, model: Model, turn: _Turn):
-        """One advance of ``turn``'s iterator (a token), with nothing else using the model meanwhile."""
-        with self.cond:
-            if self.closed:
-                raise self.closed_error(model)
-            if turn.abandoned:
-                raise StreamAbandoned(f"this stream of {model.name} was not read for {model.idle_timeout:g} s "
-                                      f"while another call waited, and was ended for it; read a stream to its "
-                                      f"end or close it (or raise Model.idle_timeout)")
-            turn.running = True
-        try:
-            yield
-        finally:
-            with self.cond:
-                turn.running, turn.last = False, time.monotonic()
-                self.cond.notify_all()
-
-    def end(self, turn: _Turn) -> None:
-        with self.cond:
-            if self.current is turn:
-                self._close_inner(turn)
-                self.current = None
-                self.cond.notify_all()
-
-    def _abandon(self, turn: _Turn) -> None:
-        turn.abandoned = True
-        self._close_inner(turn)
-        self.current = None
-
-    @staticmethod
-    def _close_inner(turn: _Turn) -> None:
-        if turn.inner is not None:  # suspended (never running here): its cleanup frees the slot now
-            inner, turn.inner = turn.inner, None
-            inner.close()
-
-    def close(self, model: Model) -> None:
-        with self.cond:
-            while self.current is not None and self.current.running:
-                self.cond.wait()
-            if self.closed:
-                return
-            if self.current is not None:
-                self._abandon(self.current)
-            self.closed = True
-            model.engine.close()
-            for other in (model.draft_engine, model._embedder):
-                if other is not None:
-                    other.close()
-            self.cond.notify_all()
 
 
 def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = None, draft_model: str | None = None,

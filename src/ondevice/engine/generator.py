@@ -187,6 +187,27 @@ class BatchGenerator:
             dst.pending = dst.saved
         return n
 
+    def to_compute(self, req: Request) -> int:
+        """Read-only: the prompt tokens :meth:`insert` would compute for ``req`` now, less what a slot holds (its
+        KV, or another slot's to copy); 0 where none would be (its logits kept, or its very prompt computing in
+        another slot) or ``req`` would fail. Never more than insert computes: an admission may rely on it."""
+        toks = req.tokens
+        try:
+            ads = self._adapter_set(req)
+        except InvalidArgument:
+            return 0
+        if req.from_logits or not toks:
+            return 0
+        hit_ok, cap = _saves(req), (0 if req.prompt_logprobs is not None else len(toks) - 1)
+        held = 0
+        for s in self.slots:
+            if s.ads != ads:
+                continue
+            if hit_ok and (s.saved_for == toks or (s.req is not None and s.req.tokens == toks and _saves(s.req))):
+                return 0  # the same prompt: kept logits, or a copy once that slot has computed it
+            held = max(held, min(common_prefix(s.cached, toks), cap))
+        return len(toks) - held
+
     def _lend(self, src: Slot, dst: Slot) -> None:
         """Give ``dst`` a copy of ``src``'s KV, with its cached tokens and saved logits (read-only, shared)."""
         self.eng.copy_seq(src.seq, dst.seq)  # a buffer copy, far cheaper than recomputing

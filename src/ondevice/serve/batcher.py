@@ -24,6 +24,9 @@ from typing import Any
 from ..engine.generator import BatchGenerator, Request
 from ..engine.records import Generation
 
+PREFILL_HALF_LIFE = 4096  # prompt tokens after which a prefill step counts half in the measured rate
+PREFILL_SAMPLE = 64  # fewest prompt tokens a step computes to be a rate sample (below: mostly a step's overhead)
+
 # what a job's asyncio queue receives, in order:
 #   ("prompt", [(token, lp | None, top | None), ...])   echo logprobs of prompt tokens (only when asked for)
 #   Generation                                         one per token, the engine's record; the last one has
@@ -44,10 +47,16 @@ class JobTimeout(Exception):
 class QueueTimeout(Exception):
     """A job whose timeout ended while it still waited for a slot: overload, retryable (a 503 with Retry-After)."""
 
-    def __init__(self, waited: float, retry_after: int):
+    def __init__(self, waited: float, retry_after: int, prefill: tuple[int, float, float] | None = None):
         self.retry_after = retry_after
-        super().__init__(f"the request waited {waited:g} s (--timeout) for a free slot and got none: the server is "
-                         f"busy; retry after {retry_after} s")
+        if prefill is None:
+            super().__init__(f"the request waited {waited:g} s (--timeout) for a free slot and got none: the "
+                             f"server is busy; retry after {retry_after} s")
+            return
+        tokens, est, left = prefill
+        super().__init__(f"the request waited {_secs(waited)} s for a free slot; the {_secs(left)} s left of its "
+                         f"--timeout cannot compute its {tokens}-token prompt (about {_secs(est)} s here), so it was "
+                         f"not started: the server is busy; retry after {retry_after} s")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -88,6 +97,8 @@ class Batcher:
         self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self.step_s = 0.05  # running mean of one decode step's time, for Retry-After (a guess until measured)
         self.mean_gen = 0.0  # running mean of the tokens a finished job generated (0: none finished yet)
+        # prompt tokens computed and their steps' seconds, older steps fading (PREFILL_HALF_LIFE): the prefill rate
+        self.prefill_tokens = self.prefill_s = 0.0
         self.last_job: dict[int, Job] = {}  # each slot's last finished job (GET /slots shows it)
         self._stop = False
         self.warmed = threading.Event()  # set once the warmup decode is done (or failed): ready for requests
@@ -188,9 +199,15 @@ class Batcher:
                     break
                 calls, self.calls = self.calls, deque()
                 self._purge()
-                admit = []
+                admit, late = [], []
                 while self.waiting and len(admit) < gen.free:  # in arrival order, whatever their adapters
-                    admit.append(self.waiting.popleft())
+                    job = self.waiting.popleft()
+                    if (why := self._too_late(job)) is not None:
+                        late.append((job, why))
+                    else:
+                        admit.append(job)
+                if late:
+                    self._refuse(late)
             for fn, fut in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -206,15 +223,18 @@ class Batcher:
                 with self.metrics.lock:
                     self.metrics.prompt_tokens += len(job.tokens)
             self._expire()
+            prompts = self._prompts()
             t0 = time.perf_counter()
             try:
                 events = gen.step()
             except Exception as e:  # noqa: BLE001 — a failed decode fails the jobs in it, never the server
                 for job in gen.fail():
                     self._fail(job, e)
-                events = []
+                events, prompts = [], {}
             if gen.last_batch:
-                self.step_s += 0.1 * ((time.perf_counter() - t0) - self.step_s)
+                dt = time.perf_counter() - t0
+                self.step_s += 0.1 * (dt - self.step_s)
+                self._measure_prefill(prompts, dt)
             self._account(events)
             self._flush()
         for job in self.gen.fail():
@@ -224,6 +244,53 @@ class Batcher:
         for _, fut in self.calls:
             fut.cancel()
         self._flush()
+
+    # -- admission: a job that cannot compute its prompt in the time it has left is not started --------
+    def _prompts(self) -> dict:
+        """Each slot computing its own prompt (not waiting to copy another's) and its next prompt token."""
+        return {s: s.prompt_i for s in self.gen.slots
+                if s.req is not None and s.follow is None and s.prompt_i < len(s.req.tokens)}
+
+    def _measure_prefill(self, prompts: dict, dt: float) -> None:
+        """Count a step of ``dt`` seconds that computed prompt tokens (from :meth:`_prompts` before it)."""
+        n = sum(s.prompt_i - i for s, i in prompts.items())
+        if n >= PREFILL_SAMPLE:
+            fade = 0.5 ** (n / PREFILL_HALF_LIFE)
+            self.prefill_tokens = self.prefill_tokens * fade + n
+            self.prefill_s = self.prefill_s * fade + dt
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prompt tokens per second the steps that computed prompts ran at, lately (0: none measured yet)."""
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    def _too_late(self, job: Job) -> tuple[int, float, float] | None:
+        """(under ``cv``) For a job whose wait for a slot left it too little time to compute its prompt at the
+        measured prefill rate: (prompt tokens to compute, their estimated seconds, seconds left). None: admit it
+        (no rate measured yet, the part of its prompt no slot holds fits, or the wait is not to blame: a prompt
+        longer than the whole --timeout, barely queued, runs as before and its 504 says to raise --timeout)."""
+        rate = self.prefill_tps
+        if not rate:
+            return None
+        waited = time.perf_counter() - job.t_arrival
+        left = job.timeout - waited
+        if left * rate >= len(job.tokens):  # even the whole prompt fits: no prefix to look for
+            return None
+        n = self.gen.to_compute(job)
+        est = n / rate
+        if est <= left or (est > job.timeout and waited < left):
+            return None
+        return n, est, max(0.0, left)
+
+    def _refuse(self, late: list[tuple[Job, tuple[int, float, float]]]) -> None:
+        """(under ``cv``) Answer jobs :meth:`_too_late` found with a retryable queue timeout, never started."""
+        retry = self._retry_after()
+        now = time.perf_counter()
+        for job, why in late:
+            self._emit(job, ("err", QueueTimeout(now - job.t_arrival, retry, prefill=why)))
+        with self.metrics.lock:
+            self.metrics.cancelled += len(late)
+        self._flush()  # at once, not after the next step
 
     def _expire(self) -> None:
         """Free the slots of cancelled and timed-out jobs (a timeout is an error event)."""
@@ -288,6 +355,11 @@ class Batcher:
                 loop.call_soon_threadsafe(_deliver, evs)
             except RuntimeError:  # the loop is closed (server shutting down)
                 pass
+
+
+def _secs(x: float) -> str:
+    """Seconds for a message: two significant digits below 10 (0.25, 3.1), whole seconds above (153)."""
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
 
 
 def _deliver(evs: list) -> None:

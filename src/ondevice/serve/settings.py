@@ -31,6 +31,20 @@ def _key_lines(path: str) -> list[str]:
     return [k for k in data.decode("utf-8").splitlines() if k.strip()]
 
 
+def _minus_one_is_none(value: Any) -> Any:
+    """A pydantic ``BeforeValidator`` for a count whose default (None) llama.cpp spells -1 (``-tb -1``); other
+    numbers below 1 are refused here, with the way to ask for the default."""
+    try:
+        n = int(str(value).strip()) if not isinstance(value, (bool, float)) and value is not None else None
+    except ValueError:
+        return value  # not a whole number: pydantic's own error
+    if n == -1:
+        return None
+    if n is not None and n < 1:
+        raise ValueError("must be >= 1, or -1 for the default (as many as --threads)")
+    return value
+
+
 class ServeSettings(BaseSettings):
     """Everything ``ondevice serve`` can be told."""
 
@@ -51,8 +65,8 @@ class ServeSettings(BaseSettings):
                             "bench -fa off,auto` shows which decodes faster here)")
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
     ubatch: int = Field(512, ge=1, description="physical batch: tokens per compute step (llama-server's -ub)")
-    threads_batch: int | None = Field(None, ge=1, description="threads for prompts (None: --threads; llama-server's "
-                                                              "-tb)")
+    threads_batch: Annotated[int | None, BeforeValidator(_minus_one_is_none)] = Field(
+        None, ge=1, description="threads for prompts (None or -1: as many as --threads; llama-server's -tb)")
     mmap: bool = Field(True, description="map the model file (--no-mmap: read it into memory)")
     mlock: bool = Field(False, description="keep the model's weights in RAM (llama-server's --mlock)")
     prefill_chunk: int = Field(512, ge=16, description="most prompt tokens per step while other slots decode, "

@@ -28,8 +28,8 @@ class FakeCloud:
     """An OpenAI-compatible endpoint whose next replies are set by ``mode``; ``bodies`` are the requests it got.
 
     Modes: ``ok`` (the answer in :data:`CLOUD_PIECES`, usage when streaming is asked for it), ``slow`` (the same
-    after 6 s), ``gated`` (the same once ``gate`` is set), ``ok_no_usage``, ``strict`` (a 400 for a request with ``stream_options``, as servers that refuse
-    unknown fields answer, else ``ok_no_usage``),
+    after 6 s), ``gated`` (the same once ``gate`` is set), ``ok_no_usage``, ``strict`` (a 400 for a request with
+    ``stream_options``, as servers that refuse unknown fields answer, else ``ok_no_usage``),
     ``html`` (200 with a web page), ``html_500`` (HTTP 500 with a web page, as a proxy in front of a dead cloud
     answers), ``mixed`` (the rewrite suite's reference answer to a rewrite_check item, a wrong one to any other),
     ``no_choices`` (200, ``choices: []``), ``null_content`` (200,
@@ -141,11 +141,12 @@ def home(tmp_path_factory):
 
 @contextlib.contextmanager
 def cascade_device(cloud_url: str, **settings):
-    """``ondevice serve`` (2 slots, 1 thread) on the embedded model with ``--cascade cloud_url``."""
+    """``ondevice serve`` (2 slots, 1 thread) on the embedded model with ``--cascade cloud_url`` (and
+    ``--cascade-timeout 30`` unless ``settings`` say otherwise)."""
     from ondevice.serve import BackgroundServer, ServeSettings
 
     s = ServeSettings(port=0, parallel=2, ctx=1024, threads=1, embeddings=False, cascade=cloud_url,
-                      cascade_timeout=30, **settings)
+                      **{"cascade_timeout": 30, **settings})
     with BackgroundServer(s) as srv:
         yield srv
 

@@ -13,7 +13,9 @@ cap allows is ``too_large`` (:mod:`.guard`), read no further. The sync door (the
 ``cascade fit``) runs the async one on a loop of its own, so ``timeout`` bounds the whole answer there as in the
 server, not each read. A reply with no text (HTTP 200 with a web
 page, no ``choices``, ``content: null``, only whitespace) is a ``bad_reply`` too: it is no answer to give a user
-or to learn from.
+or to learn from; a stream that is no event stream says what came instead (a proxy's or captive portal's
+page: its content type and title). ``timeout`` bounds a relayed stream's whole answer too: a cloud that keeps it
+alive with empty deltas or comments is a ``timeout``.
 """
 
 from __future__ import annotations
@@ -335,10 +337,16 @@ class CloudClient:
                 raise self._listing_error(e) from e
         return self.model
 
+    def deadline(self) -> float:
+        """When an answer asked for now must have come (the event loop's clock): ``timeout`` from now."""
+        return asyncio.get_running_loop().time() + self.timeout
+
     @contextlib.asynccontextmanager
-    async def _wait(self):
-        """``asyncio.timeout(self.timeout)``, ended at once by :meth:`stop_waiting`."""
-        async with asyncio.timeout(0 if self.stopping else self.timeout) as t:
+    async def _wait(self, deadline: float | None = None):
+        """``asyncio.timeout(self.timeout)`` (until ``deadline``, one answer's, when given), ended at once by
+        :meth:`stop_waiting`."""
+        when = 0 if self.stopping else self.deadline() if deadline is None else deadline
+        async with asyncio.timeout_at(when) as t:
             self._waits.add(t)
             try:
                 yield
@@ -367,27 +375,28 @@ class CloudClient:
 
     async def astream(self, messages: list[dict], seen: dict | None = None, **params
                       ) -> AsyncIterator[str | CloudAnswer]:
-        """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (its finish
-        reason and, where the cloud sends them, its token counts). Waits at most ``timeout`` for each chunk
-        (the first included); a stream without text, or with only whitespace, raises ``bad_reply`` before anything
-        is yielded. ``seen["model"]`` is the model the stream's chunks name (else the one asked for), set before
-        each delta is yielded: a relay names it from its first chunk on. Text past ``guard.text_chars`` of the
-        token cap asked for raises ``too_large``."""
-        t0, stream = time.perf_counter(), None
-        parts, model, finish, usage = [], self.model or "", None, None
+        """The text deltas of a streamed answer (none empty), then the whole :class:`CloudAnswer` (finish reason,
+        token counts where sent). ``timeout`` bounds the whole answer, as a whole reply's: a stream kept alive with
+        empty deltas or comments is a ``timeout`` then (said as a cut answer once text was yielded). A stream with
+        no text (or only whitespace) is ``bad_reply`` before anything is yielded; one that is no event stream (a
+        proxy's page) says what came (:func:`guard.not_a_stream`). ``seen["model"]``: the model the chunks name
+        (else the one asked for), set before each delta. Text past ``guard.text_chars`` is ``too_large``."""
+        t0, stream, deadline = time.perf_counter(), None, self.deadline()
+        parts, model, finish, usage, chunks = [], self.model or "", None, None, 0
         chars, max_chars = 0, guard.text_chars(guard.token_cap(params))
         seen = {} if seen is None else seen
         pending, sent = "", False  # leading whitespace is held back: alone it is no answer
         try:
-            stream = await self._open_stream(messages, params)
+            stream = await self._open_stream(messages, params, deadline)
             model = model or self.model or ""  # the one asked for, when listing picked it (amodel_id)
             it = stream.__aiter__()
             while True:
                 try:
-                    async with self._wait():
+                    async with self._wait(deadline):
                         chunk = await it.__anext__()
                 except StopAsyncIteration:
                     break
+                chunks += 1
                 model, usage = chunk.model or model, chunk.usage or usage
                 seen["model"] = model
                 choice = chunk.choices[0] if chunk.choices else None
@@ -403,18 +412,25 @@ class CloudClient:
                     if sent or pending.strip():
                         yield pending
                         pending, sent = "", True
+            if not chunks and (what := guard.not_a_stream(stream.response, self._secrets())):  # a proxy's page
+                raise CloudError("bad_reply", f"the cloud at {self.url} answered the stream with {what}", what)
             answer = _answer_of("".join(parts), model, time.perf_counter() - t0, usage, finish)
             if finish is None:  # the stream ended with no finish_reason (nor, then, [DONE]): the answer was cut
                 raise CloudError("bad_reply", f"the cloud at {self.url} ended its stream before the answer's end "
                                  f"(no finish_reason)", "stream cut off (no finish_reason)")
             yield answer
         except Exception as e:
-            raise self._error(e) from e
+            err = self._error(e)
+            if err.kind == "timeout" and sent:  # the client has part of the answer: say where it was cut
+                err = CloudError("timeout", f"the cloud at {self.url} did not end its streamed answer within "
+                                 f"{self.timeout:g} s (the whole answer's deadline); it was cut after "
+                                 f"{chars} characters", f"answer cut at the {self.timeout:g} s deadline")
+            raise err from e
         finally:
             if stream is not None:
                 await stream.close()  # returns the connection to the pool (or drops it) at once
 
-    async def _open_stream(self, messages: list[dict], params: dict):
+    async def _open_stream(self, messages: list[dict], params: dict, deadline: float | None = None):
         """The cloud's stream, asking for its usage chunk (``stream_options``). A server that answers that with
         HTTP 400/422 (some OpenAI-compatible servers refuse fields they do not know) is asked once more without
         the field; when that works the field is never sent to it again, and its streamed answers are counted
@@ -422,7 +438,7 @@ class CloudClient:
         self._check_cooldown()
 
         async def create(**extra):
-            async with self._wait():
+            async with self._wait(deadline):
                 return await self.async_client.chat.completions.create(
                     model=await self.amodel_id(), messages=wire_messages(messages), stream=True, **extra,
                     **_params(params))

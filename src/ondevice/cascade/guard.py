@@ -10,12 +10,15 @@ counts more than that.
 
 Error text the cloud writes (an HTTP error body, an error event) may echo the key it received (some gateways do):
 :func:`redact` puts ``***`` in place of every secret the client holds before the text is clipped and shown.
+A reply that is no answer (a proxy's or captive portal's HTML page sent with HTTP 200) is said by what it is
+(:func:`what_came`: its content type, title and first bytes, kept by the capped stream) and what to check.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from urllib.parse import quote
 
@@ -28,6 +31,7 @@ CHARS_PER_TOKEN = 32  # the text an answer of N tokens may have (a token is a fe
 MIN_TEXT_CHARS = 4096
 COMPRESSED_RATIO = 100  # a compressed reply's cap is this much smaller (JSON text compresses ~5x; a "bomb" 1000x)
 MAX_ERROR_CHARS = 600  # a cloud error's whole message, as replies and logs show it
+HEAD_BYTES = 2048  # a reply's start, kept to say what came when it is no answer (a proxy's login page)
 MIN_SECRET_CHARS = 4  # shorter "secrets" (a key of "x" for a local server) would blank every such letter
 
 
@@ -68,12 +72,15 @@ def _cap_of(request) -> int:
 
 
 class _Capped:
-    """A response's byte stream that raises :class:`ReplyTooLarge` once more than ``cap`` bytes came."""
+    """A response's byte stream that raises :class:`ReplyTooLarge` once more than ``cap`` bytes came; ``head``: its
+    first :data:`HEAD_BYTES` (:func:`what_came` says what a reply that is no answer was)."""
 
     def __init__(self, stream, cap: int):
-        self._stream, self._cap, self._n = stream, cap, 0
+        self._stream, self._cap, self._n, self.head = stream, cap, 0, b""
 
     def _count(self, part: bytes) -> bytes:
+        if len(self.head) < HEAD_BYTES:
+            self.head += part[:HEAD_BYTES - len(self.head)]
         self._n += len(part)
         if self._n > self._cap:
             raise ReplyTooLarge(self._n, self._cap, whole=False)
@@ -161,6 +168,37 @@ def retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return wait if wait > 0 else None
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def what_came(text: str, content_type: str, secrets=()) -> str:
+    """What a reply that is no answer was, as its error says it: its content type, an HTML page's title, its start
+    (the ``secrets`` it echoes redacted), and what to check. A web page where the API should answer comes from a
+    proxy or a captive portal's login, or from a URL that is a website's, not the API's base."""
+    ctype = content_type.split(";")[0].strip().lower() or "no content type"
+    start = text.lstrip()[:64].lower()
+    if ctype in ("text/html", "application/xhtml+xml") or start.startswith(("<!doctype html", "<html")):
+        title = _TITLE.search(text)
+        named = f" titled {clip(title.group(1), secrets=secrets)!r}" if title and title.group(1).strip() else ""
+        return (f"a web page ({ctype}){named}, not an event stream: {clip(text, secrets=secrets)!r}; check that the "
+                f"URL is the OpenAI-compatible API's base (e.g. http://host:port/v1) and that no proxy or login page "
+                f"(a captive portal) stands between this machine and the cloud")
+    if not text.strip():
+        return f"an empty {ctype} body, not an event stream; check the URL and that the server streams chat answers"
+    return (f"a {ctype} body, not an event stream: {clip(text, secrets=secrets)!r}; check the URL and that the "
+            f"server streams chat answers (text/event-stream)")
+
+
+def not_a_stream(response, secrets=()) -> str | None:
+    """What came instead of an event stream (:func:`what_came`: a proxy's or captive portal's HTML page sent with
+    HTTP 200), or None when the reply says it is one."""
+    ctype = response.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() == "text/event-stream":
+        return None
+    head = getattr(response.stream, "head", b"")  # its first bytes, kept by :class:`_Capped`
+    return what_came(head.decode("utf-8", "replace"), ctype, secrets)
 
 
 def clip(text: str, n: int = 80, secrets=()) -> str:

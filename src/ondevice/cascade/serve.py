@@ -11,7 +11,10 @@ Streaming has to decide before the first byte goes out (the tier is in the respo
 whole); then either the device stream continues, or the cloud's stream is relayed. While the cloud's first
 token is awaited the device keeps generating, so a cloud that fails before its first token costs nothing
 but the wait: the device's answer streams on, marked as a fallback. Once cloud text has been sent, a cloud
-failure ends the stream with an error event (text from two models is not spliced). The trade-off: a larger
+failure ends the stream with an error event (text from two models is not spliced). ``--cascade-timeout`` bounds
+the cloud's whole streamed answer, as a whole one's: a stream kept alive with empty deltas or comments falls back
+to the device when nothing was relayed yet, else ends where it is, ``finish_reason: "error"`` and ``fallback:
+"timeout"`` (not "length": no token cap ended it). The trade-off: a larger
 prefix decides better (more tokens scored) but delays the first token by that many decode steps; 0 buffers
 the whole answer (best decision, no streaming benefit). A request whose policy decides without the confidence
 (``never_defer``, ``always_defer``, threshold 0) buffers one token only. ``benchmarks/cascade_bench.py`` measures both.
@@ -45,6 +48,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.records import Generation, Sampling
+from ..errors import InvalidArgument
 from ..serve import schemas as S
 from .cloud import CloudAnswer, CloudClient, CloudError
 from .confidence import GeometricMean, TokenStats, combiner_warning, find_combiner
@@ -481,6 +485,16 @@ def only_restricts(cascade) -> bool:
         return False
     rp = request_policy(value)
     return (rp.never_defer or rp.keep is False) and not (rp.always_defer or rp.keep or rp.threshold is not None)
+
+
+def device_only(cascade, why: str, fix: str) -> None:
+    """Refuse a ``cascade`` object asking for the cloud on a prompt the device alone answers (``why``: Ollama's
+    ``raw`` and ``suffix``), as /v1/completions refuses one; one that only keeps it here (:func:`only_restricts`)
+    is served."""
+    if cascade is not None and not only_restricts(cascade):
+        raise InvalidArgument(f"cascade: {why}, so the device alone answers it (the cloud tier answers chat "
+                              f"messages); {fix}, or leave cascade unset ({{\"never_defer\": true}} and "
+                              f"{{\"keep\": false}} are served)")
 
 
 def server_cascade(state) -> ServerCascade | None:

@@ -13,8 +13,10 @@ messages) is Ollama's "load the model" call, answered ``done_reason: "load"``: t
 holds; the log says so once); a prompt longer than it is cut to fit, as Ollama's ``truncate`` cuts it
 (truncate.py). ``format`` is the JSON alone, without the fence the /v1 routes allow (structured.plan). Refused
 with the fix: a model not served (404, as Ollama), ``think``, images,
-``template``, ``suffix`` on a model without FIM tokens, and ``context`` (an earlier reply's token history: nothing
-is kept between requests, so replies carry none either). Errors on /api/*
+``template``, ``suffix`` on a model without FIM tokens, ``context`` (an earlier reply's token history: nothing
+is kept between requests, so replies carry none either), and a ``cascade`` object asking for the cloud on a prompt
+the device alone answers (``raw``, ``suffix``: the cloud tier answers chat messages; on a cascade server their last
+object says ``"reason": "not_applicable"``). Errors on /api/*
 come in Ollama's ``{"error": "..."}`` (:class:`OllamaErrors`), a full queue as Ollama's 503. What /api/tags, /api/ps
 and /api/show say of the models is ollama_models.py's.
 """
@@ -28,10 +30,10 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Body, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..cascade.serve import NO_CLOUD, only_restricts
+from ..cascade.serve import NO_CLOUD, NOT_APPLICABLE_HEADERS, device_only, not_applicable_info, only_restricts
 from ..errors import InvalidArgument
 from . import schemas as S
 from . import structured
@@ -224,6 +226,7 @@ class Reply:
 
     def __init__(self, model: str, key: str, device: str | None = None):
         self.model, self.key, self.device, self.t0 = model, key, device, time.perf_counter_ns()
+        self.told: dict = {}  # the last object's ``cascade`` when the route says none (a raw prompt's, on a cascade)
 
     def _answered_by(self, chat: dict) -> None:
         if chat.get("model") and self.device and chat["model"] != self.device:
@@ -257,7 +260,7 @@ class Reply:
         calls = [_call_out(c, k) for k, c in enumerate(msg.get("tool_calls") or [])]
         return self.obj(msg.get("content") or "", calls, _logprobs(ch), True,
                         **self.final(ch.get("finish_reason"), chat.get("usage"), chat.get("timings")),
-                        **_cascade(chat))
+                        **(_cascade(chat) or self.told))
 
     async def relay(self, chunks):
         """The objects of the chat (or completions) stream ``chunks``; tool calls come whole, as Ollama sends them."""
@@ -285,7 +288,7 @@ class Reply:
                 finish = ch.get("finish_reason") or finish
         if calls:
             yield _line(self.obj("", [_call_out(c, k) for k, c in sorted(calls.items())]))
-        yield _line(self.obj("", done=True, **self.final(finish, usage, timings), **cascade))
+        yield _line(self.obj("", done=True, **self.final(finish, usage, timings), **(cascade or self.told)))
 
 
 def _cascade(chat: dict) -> dict:
@@ -330,6 +333,10 @@ async def _answer(runner, req, request, reply: Reply):
         resp = await over_chat(runner, req, request, reply.whole, reply.relay)
     except InvalidArgument as e:
         raise _as_sent(e) from None
+    if reply.told and isinstance(resp, dict):  # a cascade server's device-only prompt: its headers say so too
+        resp = JSONResponse(resp, headers=NOT_APPLICABLE_HEADERS)
+    elif reply.told and resp.status_code == 200:
+        resp.headers.update(NOT_APPLICABLE_HEADERS)
     if isinstance(resp, StreamingResponse):
         resp.headers["content-type"] = "application/x-ndjson"
     return resp
@@ -379,9 +386,17 @@ async def generate(runner, body: dict, request):
     if raw and not body.get("raw") and system:
         prompt = f"{system}\n\n{prompt}"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if raw or suffix:  # the cloud tier answers chat messages: a cascade object asking for it is refused
+        device_only(body.get("cascade"), "a fill-in-the-middle prompt (suffix) is the model's FIM tokens" if suffix
+                    else "a raw: true prompt skips the chat template" if body.get("raw") else
+                    "this model has no chat template (its prompt is continued as it is)",
+                    "send the prompt without raw (the chat template renders it, and it may be deferred, as on "
+                    "/api/chat)" if body.get("raw") and not suffix else "send the conversation to /api/chat")
     chat = {**_common(body, st), "model": model, "messages": msgs}
     if not raw and not suffix:
         return await _answer(runner, _request(await _fit(runner, chat, body, "/api/generate")), request, reply)
+    if st.cascade is not None:  # a cascade server says who answered, as for a chat request it does not apply to
+        reply.told = {"cascade": not_applicable_info(model)}
     req = _request(chat)
     if suffix:  # fill in the middle, as Ollama's code-model templates render it (system and raw do not apply)
         prompt = await run_in_threadpool(fim_prompt, st, prompt, suffix)  # its tokens

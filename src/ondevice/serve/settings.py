@@ -145,8 +145,9 @@ class ServeSettings(BaseSettings):
                                               "--cascade-threshold")
     cascade_budget: float = Field(1.0, ge=0, le=1, description="most share of requests deferred per window")
     cascade_window: float = Field(60.0, gt=0, description="seconds of the deferral budget's sliding window")
-    cascade_timeout: float = Field(10.0, gt=0, description="seconds the cloud may take (streaming: to its first "
-                                                           "token, then per token) before the device answers")
+    cascade_timeout: float = Field(10.0, gt=0, description="seconds the cloud may take for its whole answer, "
+                                                           "streamed or not, before the device answers (a relayed "
+                                                           "stream cut past it ends with finish_reason error)")
     cascade_key_env: str = Field("ONDEVICE_CLOUD_KEY", description="name of the env var holding the cloud's "
                                                                    "API key (the key is never logged)")
     cascade_prefix_tokens: int = Field(16, ge=0, description="streaming: decide after this many device tokens "

@@ -19,8 +19,11 @@ def test_load_settings_reach_the_engine_config():
     assert load_config(args) == {"n_batch": 64, "n_ubatch": 32, "n_threads_batch": 1, "type_k": "q8_0",
                                  "type_v": "q4_0", "use_mmap": False, "mlock": True, "warmup": False}
     assert load_config(build_parser("run").parse_args(["run", "Hi"])) == {}
-    with pytest.raises(InvalidArgument, match=r"^-tb 0 must be >= 1$"):
+    with pytest.raises(InvalidArgument, match=r"^-tb 0 must be >= 1, or -1 for the default \(as many as --threads\)$"):
         load_config(build_parser("run").parse_args(["run", "-tb", "0", "Hi"]))
+    with pytest.raises(InvalidArgument, match=r"^-b -1 must be >= 1$"):
+        load_config(build_parser("run").parse_args(["run", "-b", "-1", "Hi"]))
+    assert load_config(build_parser("run").parse_args(["run", "-tb", "-1", "Hi"])) == {}  # llama.cpp's default
 
 
 def test_a_copied_llama_cli_command_runs(cli):

@@ -189,7 +189,7 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ub", "--ubatch-size", type=int, default=None, metavar="N",
                    help="physical batch: tokens per compute step (default 512)")
     g.add_argument("-tb", "--threads-batch", type=int, default=None, metavar="N",
-                   help="threads for the prompt (default: --threads)")
+                   help="threads for the prompt (default, or -1: as many as --threads)")
     g.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None, help="KV cache type of K (default f16)")
     g.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help="KV cache type of V (default f16)")
     g.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
@@ -204,9 +204,12 @@ def load_config(args: argparse.Namespace) -> dict:
     out = {}
     for flag, field in (("-b", "n_batch"), ("-ub", "n_ubatch"), ("-tb", "n_threads_batch")):
         value = getattr(args, {"n_batch": "batch_size", "n_ubatch": "ubatch_size"}.get(field, "threads_batch"))
+        if value == -1 and flag == "-tb":  # llama.cpp's default: as many as --threads
+            continue
         if value is not None:
             if value < 1:
-                raise InvalidArgument(f"{flag} {value} must be >= 1")
+                raise InvalidArgument(f"{flag} {value} must be >= 1" + (", or -1 for the default (as many as "
+                                                                         "--threads)" if flag == "-tb" else ""))
             out[field] = value
     if args.cache_type_k:
         out["type_k"] = args.cache_type_k

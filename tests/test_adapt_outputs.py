@@ -98,6 +98,43 @@ def test_a_stored_name_is_replaced_only_with_force_and_resume_needs_none(cli, wo
     assert _sha(home / "dates.gguf") != _sha(ad)
 
 
+def test_the_library_makes_the_same_check_of_out_worded_for_a_python_call(work, tmp_path, monkeypatch):
+    """``ondevice.adapt(..., out=PATH)`` replaced an adapter there without a word (the CLI needs --force): now the
+    CLI's one check, before any work, its fixes said as arguments (``force=True``, ``out=``)."""
+    import ondevice
+    from ondevice.errors import InvalidArgument
+
+    base, data, ad = work
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    tiny = {"model": str(base), "steps": 1, "batch": 1, "max_len": 16, "layers": (29,), "heldout": 0, "threads": 1,
+            "progress": False}
+    before = {p: _sha(p) for p in (base, data, ad, notes)}
+    with pytest.raises(InvalidArgument) as e:
+        ondevice.adapt(str(data), out=str(ad), **tiny)
+    assert str(e.value) == f"ondevice.adapt would replace the adapter {ad}; give another name, or force=True to " \
+                           f"replace it"
+    for out, role in ((base, "the base model"), (data, "the training data")):
+        with pytest.raises(InvalidArgument) as e:
+            ondevice.adapt(str(data), out=str(out), force=True, **tiny)
+        assert str(e.value) == f"out={str(out)!r} is {role} ({out if out == base else data}), which " \
+                               f"ondevice.adapt reads; write to another path (force=True does not change this)"
+    with pytest.raises(InvalidArgument) as e:
+        ondevice.adapt(str(data), out=str(notes), force=True, **tiny)
+    assert str(e.value) == f"out={str(notes)!r} is there already and is not a LoRA adapter; ondevice.adapt does " \
+                           f"not replace it, even with force=True: give out= a new file, or move that one away first"
+    stored = tmp_path / "home" / "adapters" / "dates.gguf"  # a stored name, as --name
+    stored.parent.mkdir(parents=True)
+    shutil.copyfile(ad, stored)
+    with pytest.raises(InvalidArgument, match="^ondevice.adapt would replace the adapter .*dates.gguf; give another "
+                                              "name, or force=True to replace it$"):
+        ondevice.adapt(str(data), name="dates", **tiny)
+    assert {p: _sha(p) for p in before} == before and _sha(stored) == before[ad]
+    r = ondevice.adapt(str(data), out=str(ad), force=True, **tiny)
+    assert r["adapter"] == str(ad) and _sha(ad) != before[ad]
+
+
 def test_merge_and_average_never_write_over_their_own_inputs_even_with_force(cli, work, tmp_path):
     base, data, ad = work
     before = {p: _sha(p) for p in (base, data, ad)}
@@ -186,3 +223,32 @@ def test_a_full_disk_at_the_final_write_keeps_the_finished_training_to_resume(cl
         r = cli(*args, "--resume")
         assert r.returncode == 0 and "step 1/2" not in r.stderr, r.stderr  # written, no step trained again
         assert sorted(p.name for p in full.iterdir()) == ["a.gguf"]
+
+
+def test_a_full_disk_during_merge_is_one_line_and_leaves_nothing_half_written(cli, work, tmp_path):
+    """``adapt merge`` onto a disk without room for the merged model: one line (the disk is full, where, the room
+    needed and free), its temp file gone, a model that was there kept as it was; -o, or the model store."""
+    base, _, ad = work
+    with tmpfs(tmp_path / "full", "size=20M") as full:  # the merged SmolLM2 is about 100 MB
+        old = full / "m.gguf"
+        old.write_bytes(b"GGUF an older model")
+        said = r"\(the merged model needs ([\d.]+) MB, ([\d.]+) MB free there\)"
+        fix = ": free some space there, or give -o on another disk, and run it again"
+        r = cli("adapt", "merge", str(ad), "-m", str(base), "-o", str(old), "--force")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        m = re.fullmatch(rf"ondevice adapt: error: cannot write {re.escape(str(old))}: No space left on device {said} "
+                         rf"\(the file there before is kept as it was\){re.escape(fix)}\n", r.stderr)
+        assert m and 15 < float(m[2]) < 21, r.stderr
+        need = float(m[1])
+        assert [p.name for p in full.iterdir()] == ["m.gguf"] and old.read_bytes() == b"GGUF an older model"
+        for flags, home, where in ((("-o", str(full / "new.gguf")), tmp_path / "home", full / "new.gguf"),
+                                   ((), full / "home", full / "home" / "models" / "base-ad.gguf")):
+            r = cli("adapt", "merge", str(ad), "-m", str(base), *flags, env={"ONDEVICE_HOME": str(home)})
+            assert r.returncode == 2 and re.fullmatch(
+                rf"ondevice adapt: error: cannot write {re.escape(str(where))}: No space left on device {said}; "
+                rf"nothing was written there \(no part file is left\){re.escape(fix)}\n", r.stderr), r.stderr
+        left = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+        assert [p for p in left if "gguf" in p or "part" in p] == ["m.gguf"], left
+    r = cli("adapt", "merge", str(ad), "-m", str(base), "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert abs((tmp_path / "m.gguf").stat().st_size / 1e6 - need) < 0.2  # the room it said it needed

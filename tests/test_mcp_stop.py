@@ -168,6 +168,43 @@ def test_a_sigterm_before_any_call_ends_the_servers_too(tmp_path):
             proc.wait()
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's; elsewhere a "
+                    "killed agent still leaves a server busy in a call running")
+def test_an_agent_killed_outright_during_an_mcp_call_takes_its_server_with_it(tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) runs no ``finally``: the server, busy in a call and deaf to its
+    stdin closing, was left running with parent 1. The agent is the server's parent (the supervisor's child, the
+    process that holds the model: the one the OOM killer picks)."""
+    proc, paths = _agent(tmp_path, "slow")
+    try:
+        _wait_started(proc, paths)
+        [server] = [int(p) for p in paths["pids"].read_text().split()]
+        agent = _parent(server)
+        with open(f"/proc/{agent}/cmdline") as f:
+            assert "ondevice.cli\0agent" in f.read() and agent != proc.pid  # the agent, under its supervisor
+        with open(f"/proc/{server}/cmdline") as f:  # the server itself, under its own pid (the launcher exec'd it)
+            assert f.read().split("\0")[1] == str(tmp_path / "srv.py")
+        os.kill(agent, signal.SIGKILL)
+        rc = proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        err = paths["err"].read_text()
+        assert not _alive(server), f"the MCP server {server} outlived the agent killed outright: {err}"
+        assert rc == 137 and "ondevice agent: error: killed (SIGKILL)" in err, (rc, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in (paths["pids"].read_text().split() if paths["pids"].exists() else []):
+            if _alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def test_one_ctrl_c_during_a_python_tool_exits_without_waiting_for_it(tmp_path):
     """A Python tool's thread cannot be stopped: the agent says so and exits (130) instead of waiting the
     600 s the tool sleeps."""

@@ -15,17 +15,30 @@ def require_torch() -> None:
     except ImportError:
         from ..errors import OndeviceError
 
-        raise OndeviceError("ondevice adapt needs torch: pip install 'ondevice[adapt]' (a CPU build of torch)") from None
+        raise OndeviceError("ondevice adapt needs torch: pip install 'ondevice[adapt]' (a CPU build of torch)") \
+            from None
 
 
-def adapt(data: str, **kw) -> dict:
+def adapt(data: str, *, force: bool = False, **kw) -> dict:
     """Train a LoRA adapter on ``data`` (JSONL) and export it (to ``out``, else into the adapter store as ``name``,
-    by default the data file's name); keyword args are :class:`AdaptConfig` fields. Returns the run's figures
-    (loss, held-out loss before/after, s/step, peak RSS, the plan)."""
+    by default the data file's name); keyword args are :class:`AdaptConfig` fields. An adapter there already is
+    replaced only with ``force`` (or continued with ``resume``); the base model, the data or a file that is no
+    adapter never (the CLI's one check of ``-o``, before any work). Returns the run's figures (loss, held-out loss
+    before/after, s/step, peak RSS, the plan)."""
     require_torch()
-    from .train import AdaptConfig, train
+    from dataclasses import replace
 
-    return train(AdaptConfig(data=data, **kw))
+    from .train import AdaptConfig, check_target, train
+
+    cfg = AdaptConfig(data=data, **kw)
+    out = cfg.target()
+    if cfg.out is None and cfg.name is None and not cfg.resume:  # as the CLI: another data's adapter first
+        from .store import refuse_replacing_other_data
+
+        refuse_replacing_other_data(out, data, " with force=True")
+    check_target(replace(cfg, out=str(out)), force or cfg.resume, None if cfg.out is None else str(cfg.out),
+                 library=True)
+    return train(cfg)
 
 
 from ..callable_module import make_callable as _make_callable

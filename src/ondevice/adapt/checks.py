@@ -49,10 +49,11 @@ def check_settings(cfg) -> None:
     check_target(cfg)
 
 
-def check_target(cfg, force: bool = True, given: str | None = None) -> None:
+def check_target(cfg, force: bool = True, given: str | None = None, *, library: bool = False) -> None:
     """The adapter file ``cfg.out``, checked before any work as merge and average check theirs: never the base
     model or the training data, never an existing file that is no LoRA adapter, an existing adapter only with
-    ``force`` (the CLI's --force; the library replaces it, as it always did). ``given``: the -o text."""
+    ``force`` (the CLI's --force, ``ondevice.adapt``'s force=True; True here: train() itself checks only what
+    force does not change). ``given``: the -o text (``library``: the out= value, and words for a Python call)."""
     from ..errors import OndeviceError
     from ..models import resolve
     from .store import check_out_file, check_output
@@ -64,8 +65,8 @@ def check_target(cfg, force: bool = True, given: str | None = None) -> None:
         base = resolve(cfg.model).path
     except OndeviceError:  # said where the model loads
         base = None
-    check_output(Path(cfg.out), "adapter", "adapt", force, [("the base model", base), ("the training data", cfg.data)],
-                 given=given)
+    check_output(Path(cfg.out), "adapter", "ondevice.adapt" if library else "adapt", force,
+                 [("the base model", base), ("the training data", cfg.data)], given=given, library=library)
 
 
 def check_rank(cfg, info) -> None:

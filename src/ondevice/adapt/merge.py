@@ -3,11 +3,11 @@
 
 Each adapted tensor W (out, in) becomes ``dequant(W) + alpha/r * B @ A`` in fp32, written as Q8_0 by default
 (``f16``, what llama-export-lora writes, is twice the bytes and decoded slower here: adapt_bench measured an
-all-module merge at 21.2 tok/s in F16, 36.6 in Q8_0, base 36.8, with 20/20 identical greedy answers either
-way), and every other tensor and metadata key is copied byte for byte. Requantizing to the base's own Q4_1 is not offered: a trained delta is mostly smaller
-than half a Q4_1 step, so requantizing adds a rounding error as large as the whole change (``merge`` reports
-the ratio: 1.2x for the budgeted ISO-date adapter). numpy and gguf-py
-only (gguf-py's dequantizers are the reference llama.cpp's are tested against): no torch.
+all-module merge at 21.2 tok/s in F16, 36.6 in Q8_0, base 36.8, with 20/20 identical greedy answers either way), and
+every other tensor and metadata key is copied byte for byte. Requantizing to the base's own Q4_1 is not offered: a
+trained delta is mostly smaller than half a Q4_1 step, so requantizing adds a rounding error as large as the whole
+change (``merge`` reports the ratio: 1.2x for the budgeted ISO-date adapter). numpy and gguf-py only (gguf-py's
+dequantizers are the reference llama.cpp's are tested against): no torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, OndeviceError
 from ..models.gguf_check import validate_gguf
 from ..models.gguf_copy import writer_like
 from ..models.gguf_split import refuse_split
@@ -95,6 +95,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(tmp_dir, f".{name}.", ".part")
     lost = []
+    need = int(reader.data_offset)  # the file's size, about: the base's header, then each tensor as written below
     try:
         w = writer_like(reader, tmp)
         prov = {"adapter": apath.stem, "adapter_sha256": cached_sha256(apath), "base": base_name,
@@ -107,9 +108,12 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
                 dtype = {Q.F16: np.float16, Q.F32: np.float32}.get(target, np.uint8)
                 if dtype is np.uint8:  # a block type: gguf-py takes its (out, bytes per row) shape
                     shape = gguf.quants.quant_shape_to_byte_shape(shape, target)
-                w.add_tensor_info(t.name, shape, dtype, shape[0] * shape[1] * np.dtype(dtype).itemsize, target)
+                nbytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
+                w.add_tensor_info(t.name, shape, dtype, nbytes, target)
             else:
-                w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+                nbytes = t.data.nbytes
+                w.add_tensor_info(t.name, t.data.shape, t.data.dtype, nbytes, t.tensor_type)
+            need += nbytes + 32  # and its alignment
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -142,6 +146,11 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
 
             where = register_variant(name, tmp, {"description": f"{base_name} with adapter {apath.stem} merged "
                                                                 f"({out_type})", **prov}).path
+    except OSError as e:  # a full disk: numpy's "Not enough free space to write N bytes", no errno, no file name
+        if not Path(tmp).exists():  # the merged model was in place already (the store's record of it failed)
+            raise
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failed(dest or _store_dir() / f"{name}.gguf", e, need) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -150,6 +159,16 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
     return {"path": str(where), "name": None if dest else name, "base": str(base), "adapter": str(apath),
             "tensors_merged": len(pairs), "type": out_type, "size_bytes": Path(where).stat().st_size,
             "base_size_bytes": Path(base).stat().st_size, "requantize_loss_share": requant_loss}
+
+
+def _write_failed(path: Path, e: OSError, need: int) -> OndeviceError:
+    """adapt's one line for a failed write (the cause, the room needed and free), and what merge leaves: its temp
+    file is gone, and a file that was at ``path`` is as it was."""
+    from .adapter_file import write_failed
+
+    err = write_failed(path, e, need, "the merged model")
+    left = "" if "is kept as it was" in str(err) else "; nothing was written there (no part file is left)"
+    return OndeviceError(f"{err}{left}: free some space there, or give -o on another disk, and run it again")
 
 
 def _store_dir() -> Path:

@@ -318,29 +318,31 @@ def _holds(path: Path, kind: str) -> bool:
 
 
 def check_output(path: Path, kind: str, verb: str, force: bool, keep: list[tuple[str, str | Path | None]],
-                 given: str | None = None) -> None:
+                 given: str | None = None, *, library: bool = False) -> None:
     """The one check of the file ``adapt``, ``adapt merge`` and ``adapt average`` write (``path``; ``given``: the -o
     text, for the wording), before any work: refused even with ``force`` when it is one of the files the run reads
     (``keep``: [(what it is, its path)]; compared as files, so a link or ``./x`` is caught) or an existing file that
     is not a ``kind`` (``adapter`` or ``model``: a data file, a model, anything else); an existing ``kind`` only
-    with ``force``."""
-    shown = f"-o {given}" if given is not None else str(path)
+    with ``force``. ``library``: worded for a Python call (``out=``, ``force=True``), not the CLI's flags."""
+    out, force_word = ("out=", "force=True") if library else ("-o ", "--force")
+    shown = str(path) if given is None else f"out={given!r}" if library else f"-o {given}"
     for role, f in keep:
         if f is not None and _same_file(path, f):
-            raise InvalidArgument(f"{shown} is {role} ({f}), which {verb} reads; write to another path (--force does "
-                                  f"not change this)")
+            raise InvalidArgument(f"{shown} is {role} ({f}), which {verb} reads; write to another path ({force_word} "
+                                  f"does not change this)")
     if not path.exists():
         return
     if not _holds(path, kind):
         noun = "a LoRA adapter" if kind == "adapter" else "a GGUF model"
         raise InvalidArgument(f"{shown} is there already and is not {noun}; {verb} does not replace it, even with "
-                              f"--force: give -o a new file, or move that one away first")
-    refuse_replacing(path, f"{verb} would replace the {'adapter' if kind == 'adapter' else 'model'}", force)
+                              f"{force_word}: give {out.strip()} a new file, or move that one away first")
+    refuse_replacing(path, f"{verb} would replace the {'adapter' if kind == 'adapter' else 'model'}", force,
+                     "force=True" if library else "--force (force=True)")
 
 
-def refuse_replacing(path: Path, what: str, force: bool) -> None:
-    """``path`` (what merge or average would write) is there already: refused without ``force``, naming what it
-    holds, since a typo in --name would replace hours of training without a word."""
+def refuse_replacing(path: Path, what: str, force: bool, force_word: str = "--force (force=True)") -> None:
+    """``path`` (what merge or average would write) is there already: refused without ``force`` (``force_word``:
+    how the caller gives it), naming what it holds, since a typo in --name would replace hours of training without
+    a word."""
     if path.exists() and not force:
-        raise InvalidArgument(f"{what} {path}{made_note(path)}; give another name, or --force (force=True) to "
-                              f"replace it")
+        raise InvalidArgument(f"{what} {path}{made_note(path)}; give another name, or {force_word} to replace it")

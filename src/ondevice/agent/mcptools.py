@@ -14,13 +14,16 @@ import asyncio
 import concurrent.futures as cf
 import json
 import logging
+import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument, OndeviceError
@@ -65,6 +68,21 @@ def server_name(command: str, args: Sequence[str]) -> str:
             continue
         return a.rstrip("/").rsplit("/", 1)[-1] or cmd
     return cmd
+
+
+def dies_with_agent(command: str, args: Sequence[str], env: dict[str, str] | None) -> tuple[str, list[str]]:
+    """The command and arguments that start an MCP server so that it ends with this process even when this one is
+    killed outright (SIGKILL, the out-of-memory killer): on Linux, through ``with_parent.py`` (the parent-death
+    signal, set between fork and exec). Elsewhere, and for a command not found (the SDK says so, as before), as
+    they are: a killed agent there leaves a server busy in a call running."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return command, list(args)
+    from mcp.client.stdio import get_default_environment
+
+    if shutil.which(command, path=(get_default_environment() | (env or {})).get("PATH", os.defpath)) is None:
+        return command, list(args)
+    return sys.executable, ["-I", "-S", str(Path(__file__).with_name("with_parent.py")), str(os.getpid()), command,
+                            *args]
 
 
 def _process_of(transport) -> Any:
@@ -175,7 +193,8 @@ class MCPClient:
             self._stop = asyncio.Event()
             self._main = asyncio.current_task()
             try:
-                params = mcp.StdioServerParameters(command=self.command, args=self.args, env=self.env)
+                command, args = dies_with_agent(self.command, self.args, self.env)
+                params = mcp.StdioServerParameters(command=command, args=args, env=self.env)
                 transport = stdio_client(params)
                 async with transport as (read, write), mcp.ClientSession(read, write) as session:
                     self._process = _process_of(transport)

@@ -27,7 +27,8 @@ computed under.
 
 Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 prompt lookup after Saxena 2023): a slot's next token goes into the step together with drafted tokens (as
-many as pay off, from the measured cost of larger steps and the request's acceptance rate), each with its logits; the target's sampler then samples row after row and keeps going while
+many as pay off, from the measured cost of larger steps and the request's acceptance rate), each with its
+logits; the target's sampler then samples row after row and keeps going while
 its token equals the draft. Drafts are deterministic (an n-gram continuation or a draft model's argmax), and
 for such a one-point draft distribution "sample from the target, accept if equal" IS the standard rejection
 rule (accept with probability p(d), otherwise draw from p with d removed, renormalised), so the output is
@@ -45,10 +46,11 @@ import numpy as np
 from ..errors import ContextOverflow, InvalidArgument
 from .abort import AbortGuard, DecodeAborted, rewind
 from .base import Engine
-from .drafters import Acceptance, ModelDrafter, PromptLookup, StepCosts, common_prefix
+from .drafters import ModelDrafter, StepCosts, common_prefix
 from .logprobs import log_softmax, token_stats, top_k
 from .records import Generation, Request
-from .stops import LineLimits, split_stop
+from .slot import Slot
+from .stops import split_stop
 
 ECHO_CHUNK = 128  # prompt tokens per step when every position's logits are kept (echo logprobs)
 COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this many tokens
@@ -56,53 +58,6 @@ COPY_MIN_GAIN = 4  # copy another slot's KV only when it saves at least this man
 # an event: (request, Generation) one per token, the last with finish_reason set (token -1 when it carries none),
 # or (request, ("prompt", [(token, logprob | None, top | None), ...])) echo logprobs of prompt tokens
 Event = tuple["Request", "Generation | tuple"]
-
-
-class Slot:
-    """One sequence of the KV cache and the request it serves."""
-
-    def __init__(self, seq: int):
-        self.seq = seq
-        self.cached: list[int] = []  # tokens whose KV sequence ``seq`` holds, position by position
-        self.req: Request | None = None
-        self.last_used = 0.0
-        self.ads: tuple[str, ...] = ()  # the adapter set ``cached`` was computed under (and its request's)
-        self.saved: np.ndarray | None = None  # logits after the first ``len(saved_for)`` cached tokens (a copy)
-        self.saved_for: list[int] = []  # the prompt those logits followed
-        self.follow: Slot | None = None  # a slot computing this request's very prompt: copy it when it is in
-
-    def cut(self, n: int) -> None:
-        """Keep the first ``n`` cached tokens, and the saved logits only while their whole prompt is kept."""
-        del self.cached[n:]
-        if n < len(self.saved_for):
-            self.saved, self.saved_for = None, []
-
-    def forget(self) -> None:
-        self.cached, self.saved, self.saved_for = [], None, []
-
-    def start(self, req: Request, n_reuse: int) -> None:
-        self.req = req
-        req.slot = self.seq
-        self.n_cached = n_reuse
-        self.prompt_i = n_reuse  # next prompt token to prefill
-        self.next_tok: int | None = None  # sampled, to be decoded next step
-        self.row = -1
-        self.n_gen = 0
-        self.held = ""  # text that may be the start of a stop string
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.t_admit = time.perf_counter()
-        self.t_first = 0.0  # when the first token was sampled (prefill done)
-        self.t_last = 0.0
-        # speculative decoding
-        self.drafts: list[int] = []
-        self.acc = Acceptance()
-        self.n_drafted = self.n_accepted = self.n_steps = 0  # n_steps: target decodes that gave it a token
-        self.step_open = False  # the current decode has not given it a token yet
-        # the first token comes from logits already computed: the last decode's (-1) or a saved row
-        self.pending: int | np.ndarray | None = -1 if req.from_logits else None
-        self.lookup = PromptLookup(req.tokens) if req.sampling.draft == "lookup" else None
-        sm = req.sampling
-        self.lines = LineLimits(sm.n_indent, sm.t_max_predict_ms / 1e3) if sm.n_indent or sm.t_max_predict_ms else None
 
 
 class BatchGenerator:
@@ -290,7 +245,8 @@ class BatchGenerator:
         budget = min(budget, self.n_batch - len(items))
         used = 0
         chunks = []
-        waiting = sorted((s for s in slots if s.next_tok is None and s.follow is None and s.prompt_i < len(s.req.tokens)),
+        waiting = sorted((s for s in slots
+                          if s.next_tok is None and s.follow is None and s.prompt_i < len(s.req.tokens)),
                          key=lambda s: s.req.t_arrival)
         admit = self.prefill_batch
         if admit is not None and self.prefill_share:

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import InvalidArgument, OndeviceError
 from ..models.store import atomic_path
-from .generator import BatchGenerator, Slot
+from .generator import BatchGenerator
+from .slot import Slot
 
 MAGIC = 0x67677371  # LLAMA_STATE_SEQ_MAGIC, 'ggsq'
 VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the llama.cpp that llama-cpp-python 0.3.36 vendors

@@ -57,6 +57,8 @@ def test_a_body_that_stops_coming_gets_a_408_and_is_closed(srv):
     err = json.loads(body)["error"]
     assert err["code"] == "body_timeout" and "--body-timeout" in err["message"]
     assert TIMEOUT <= waited < TIMEOUT + 3
+    # counted (and logged) as the 408 it was, not as the 400 of a body cut short
+    assert _count(srv, "408") == 1 and _count(srv, "400") == 0
     # nothing held: the one slot is idle and serves the next request
     assert not httpx.get(srv.base_url + "/slots").json()[0]["is_processing"]
     r = httpx.post(srv.base_url + "/v1/completions", content=BODY, headers={"Content-Type": "application/json"},
@@ -78,3 +80,23 @@ def test_a_body_sent_slowly_but_steadily_is_served(srv):
         head += c.recv(65536)
     c.close()
     assert head.startswith(b"HTTP/1.1 200"), head
+
+
+def _count(srv, code: str) -> int:
+    """The /metrics count of /v1/completions requests answered ``code``."""
+    key = f'ondevice_requests_total{{route="/v1/completions",code="{code}"}} '
+    lines = httpx.get(srv.base_url + "/metrics").text.splitlines()
+    return sum(int(float(ln[len(key):])) for ln in lines if ln.startswith(key))
+
+
+def test_a_client_that_leaves_mid_body_counts_as_gone(srv):
+    """nginx's 499, as a client that leaves during its answer: not the 400 of parsing what came of the body."""
+    before = _count(srv, "499")
+    c = _connect(srv)
+    c.sendall(_head(BODY) + BODY[:10])
+    time.sleep(TIMEOUT / 4)
+    c.close()
+    deadline = time.monotonic() + 10
+    while _count(srv, "499") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _count(srv, "499") == before + 1 and _count(srv, "400") == 0

@@ -258,6 +258,8 @@ class Guard:
                                              "authentication_error", "invalid_api_key")
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body, too_big = await self._read_body(scope, receive)
+                if body is None:  # the client left before its body was whole (or --body-timeout cut it): 499/408
+                    return
                 if too_big:
                     return await _send_error(send_counted, 413, f"the request body is larger than {self.max_body} "
                                              f"bytes (--max-body-bytes); send a smaller body",
@@ -274,13 +276,14 @@ class Guard:
             # a response begun but not sent whole (a stream the client left) is nginx's 499, as an unsent one;
             # a stream that ended in an error event counts as the status it would have had unstreamed
             info = scope.get(NOTE) or {}
-            status = (status_seen[0] if failed else 499 if not (status_seen and sent_all)
-                      else info.get("status", status_seen[0]))
+            status = (status_seen[0] if failed else 408 if info.get("body_timeout")
+                      else 499 if not (status_seen and sent_all) else info.get("status", status_seen[0]))
             self.metrics.request(route, status)
             if self.log is not None:
                 log_request(self.log, scope, status, time.perf_counter() - t0, b"".join(err_body))
 
-    async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
+    async def _read_body(self, scope, receive) -> tuple[bytes | None, bool]:
+        """(the body, too big); the body is None when the client left before it was whole."""
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -289,7 +292,7 @@ class Guard:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                break
+                return None, False
             chunk = msg.get("body", b"")
             n += len(chunk)
             if n > self.max_body:

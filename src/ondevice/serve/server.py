@@ -129,6 +129,8 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
     ``100 Continue``. A body sent steadily, however large, is never cut."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+        from .http import NOTE
     except ImportError:
         return None
 
@@ -185,11 +187,13 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
             if self.flow.read_paused or cycle.waiting_for_100_continue:  # the client is waiting for us
                 self._body_wait()
                 return
+            message = (f"request body not received: nothing came for {body_timeout:g} s before it was complete "
+                       f"(--body-timeout); send the body without pauses")
+            # the access log and /metrics count it as the 408 it is (the app never sees a body cut short)
+            cycle.scope.setdefault(NOTE, {}).update(error=message, body_timeout=True)
             if not cycle.response_started:
-                body = json.dumps({"error": {
-                    "message": f"request body not received: nothing came for {body_timeout:g} s before it was "
-                               f"complete (--body-timeout); send the body without pauses", "type": "timeout_error",
-                    "param": None, "code": "body_timeout"}}).encode()
+                body = json.dumps({"error": {"message": message, "type": "timeout_error", "param": None,
+                                             "code": "body_timeout"}}).encode()
                 self.transport.write(STATUS_LINE[408] + b"content-type: application/json\r\n"
                                      + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
             cycle.disconnected = True  # now, as connection_lost will: receive() gives http.disconnect, send() drops

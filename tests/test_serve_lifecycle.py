@@ -187,6 +187,7 @@ def test_a_request_that_times_out_waiting_is_a_retryable_503_and_a_long_one_a_50
         assert _metric(base, f'ondevice_requests_total{{route="{CHAT}",code="504"}}') == 1
         assert _metric(base, f'ondevice_requests_total{{route="{CHAT}",code="503"}}') == 1
         assert _metric(base, "ondevice_prompt_tokens_total") < 3500  # the long prompt was never started
+        assert _metric(base, "ondevice_prefill_tokens_per_second") > 0  # the rate the rule read, shown
         text = log.read_text()
         assert f"POST {CHAT} 504 " in text and f"POST {CHAT} 503 " in text and f"POST {CHAT} 200 " not in text
         # the same prompt at an idle server: no wait to blame, so it is started, even where it cannot finish in

@@ -243,7 +243,8 @@ def test_cli_help_shows_defaults_and_env():
 
 def test_request_timeout_is_504_and_frees_the_slot():
     """--timeout bounds a request (queue wait included): 504 without streaming, an error event with it."""
-    settings = ServeSettings(model=str(_model_path()), port=0, parallel=1, ctx=1024, threads=2, timeout=0.5,
+    # one thread: two on a 2-core machine beside other work stall each other past the short request's 0.5 s
+    settings = ServeSettings(model=str(_model_path()), port=0, parallel=1, ctx=1024, threads=1, timeout=0.5,
                              embeddings=False)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000,
             "ignore_eos": True}

@@ -136,6 +136,8 @@ class ServerState:
         m.gauge("slots_busy", "Slots generating or prefilling.", lambda: self.batcher.busy)
         m.gauge("slots_total", "Slots (sequences decoded together).", lambda: parallel)
         m.gauge("slot_context_tokens", "Context tokens per slot.", lambda: s.ctx)
+        m.gauge("prefill_tokens_per_second", "Prompt tokens per second the server's prefill steps ran at lately, as "
+                "queue admission reads it (0: none measured yet).", lambda: self.batcher.prefill_tps)
 
     def adapters_for(self, model: str | None, lora: list | None = None) -> tuple[str, ...]:
         """The adapters a request runs under, each at its scale (``Adapters.scaled``): those its ``model`` names

@@ -32,6 +32,7 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
           progress: bool = False,
           print_notes: bool = True,
           on_record: Callable[[BenchRecord], None] | None = None,
+          amx: str | None = None, repack: str | None = None,
           **settings: Any) -> BenchResult:
     """Benchmark models on this device and return one :class:`BenchRecord` per configuration and test.
 
@@ -44,6 +45,8 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         progress: a progress bar on stderr.
         print_notes: print the sweep's notes on its figures on stderr (they are in ``result.notes`` either way).
         on_record: called with each record as it is stored (a resumed session's stored ones too), in sweep order.
+        amx, repack: the extra CPU kernels, "auto", "on" or "off" (``--amx``/``--repack``; None: ``ONDEVICE_AMX``/
+            ``ONDEVICE_REPACK``, else auto); each record's ``kernels`` names those its load really used.
         settings: any :class:`BenchConfig` field, a value or a list to sweep: ``threads``, ``n_batch``,
             ``n_ubatch``, ``n_ctx``, ``type_k``, ``type_v``, ``flash_attn``, ``profile`` (llama-bench's -t, -b,
             -ub, -c, -ctk, -ctv, -fa; ``--profile``); ``repetitions``, ``warmup``, ``seed``; ``session``,
@@ -76,7 +79,10 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     else:
         st = store
     try:
-        return run_sweep(cfg, store=st, progress=progress, print_notes=print_notes, on_record=on_record)
+        from ..engine.args import kernel_env
+
+        with kernel_env(amx, repack):  # the workers read them from their environment
+            return run_sweep(cfg, store=st, progress=progress, print_notes=print_notes, on_record=on_record)
     finally:
         if own is not None:
             own.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+from collections.abc import Iterator
 
 from ..models.hf_repo import add_hf_args
 from ..protect.keys import add_key_args, apply_key_args
@@ -90,6 +92,29 @@ def switch(value) -> str:
     else comes back lowercased for the flag's choices to refuse."""
     word = str(value).strip().lower()
     return {"1": "on", "true": "on", "0": "off", "false": "off", "-1": "auto"}.get(word, word)
+
+
+@contextlib.contextmanager
+def kernel_env(amx: str | None = None, repack: str | None = None) -> Iterator[None]:
+    """``ONDEVICE_AMX``/``ONDEVICE_REPACK`` set to ``amx``/``repack`` (those given, checked) for the loads inside,
+    as before after: the Python API's form of ``--amx``/``--repack`` for ``bench`` (its workers) and ``evaluate``
+    (every load it makes, the reference's too)."""
+    import os
+
+    from ..device.kernels import requested
+
+    given = {k: v for k, v in (("amx", amx), ("repack", repack)) if v is not None}
+    chosen = dict(zip(("amx", "repack"), requested(amx, repack)))  # a bad word: the error names the choices
+    before = {k: os.environ.get(f"ONDEVICE_{k.upper()}") for k in given}
+    os.environ.update({f"ONDEVICE_{k.upper()}": chosen[k] for k in given})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(f"ONDEVICE_{k.upper()}", None)
+            else:
+                os.environ[f"ONDEVICE_{k.upper()}"] = v
 
 
 def apply_kernel_args(args: argparse.Namespace) -> None:

@@ -61,7 +61,7 @@ def make_config(config: EvalConfig | None = None, **settings: Any) -> EvalConfig
 
 def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | None = None, *,
              store: bool | str | os.PathLike[str] = True, progress: Callable[[str], None] | bool | None = None,
-             **settings: Any) -> list[EvalRecord]:
+             amx: str | None = None, repack: str | None = None, **settings: Any) -> list[EvalRecord]:
     """Evaluate ``model``; one :class:`EvalRecord` per measurement (also written to the store).
 
     Args:
@@ -86,12 +86,21 @@ def evaluate(model: str | os.PathLike[str] | None = None, config: EvalConfig | N
             logs go (default: ``<data dir>/eval-logs``; with ``store=False`` only when ``log_dir`` is given).
         store: True (the default store), a path to another SQLite file, or False (do not record: nothing is
             written unless ``log_dir`` asks for the per-sample log).
+        amx, repack: the extra CPU kernels of every load (the reference's too), "auto", "on" or "off"
+            (``--amx``/``--repack``; None: ``ONDEVICE_AMX``/``ONDEVICE_REPACK``, else auto). Each record's
+            ``kernels`` names those the model under test really used: they change the figures a little.
     """
+    from ..engine.args import kernel_env
+
+    with kernel_env(amx, repack):
+        return _evaluate(model, make_config(config, **settings), store, progress)
+
+
+def _evaluate(model, c: EvalConfig, store, progress) -> list[EvalRecord]:
     from ..errors import InvalidArgument
     from ..models.catalog import resolve
 
     model = fields.model_ref(model)
-    c = make_config(config, **settings)
     if not (c.ppl or c.ref or c.suite or c.text):
         raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
     if c.suite and c.judge and not c.judge_model:  # said before the model is loaded
@@ -185,7 +194,8 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
             res = P.perplexity(eng, text_corpus, ctx, chunks)
         finally:
             eng.close()
-        return [{**base, "test": f"ppl:{text_corpus.name}", **res, "threads": eng.n_threads}]
+        return [{**base, "test": f"ppl:{text_corpus.name}", **res, "threads": eng.n_threads,
+                 "kernels": eng.kernels_used}]
     rref = resolve(ref)
     _ = rref.info  # validate
     rsha = model_sha256(rref)
@@ -231,7 +241,7 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
                 say(f"scoring {mref.name} against {rref.name}'s top-{topk}" + (" (cached reference)" if cached
                                                                                  else ""))
                 res = P.kl_divergence(probe, ref_rows, ref_tokens, text_corpus, ctx, n_chunks)
-            threads_used = probe.n_threads
+            threads_used, kernels = probe.n_threads, probe.kernels_used
         finally:
             probe.close()
     finally:
@@ -239,9 +249,10 @@ def _ppl_records(mref, base, corpus, text, ctx, chunks, ref, topk, threads, say)
             reng.close()
     ref_fields = {"ref_model": rref.name, "ref_sha256": rsha, "ref_file_size": total_size(rref.path),
                   "ref_cache": str(cache) if cached or res.get("ref_cache_bytes", 1) else None, "ref_cached": cached,
-                  "threads": threads_used}
+                  "threads": threads_used, "kernels": kernels}
     ppl_keys = ("ppl", "ppl_err", "nll_mean", "n_scored", "corpus", "corpus_tokens", "n_ctx", "n_chunks", "time_s")
-    return [{**base, "test": f"ppl:{text_corpus.name}", **{k: res[k] for k in ppl_keys}, "threads": threads_used},
+    return [{**base, "test": f"ppl:{text_corpus.name}", **{k: res[k] for k in ppl_keys}, "threads": threads_used,
+             "kernels": kernels},
             {**base, "test": f"kld:{text_corpus.name}", **res, **ref_fields}]
 
 
@@ -288,7 +299,7 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
                 if keep_log else None)
     model = load(str(mref.path), n_threads=threads, n_ctx=win.n_ctx,
                  adapters=_adapters(base))
-    n_threads, n_ctx = model.engine.n_threads, model.engine.n_ctx
+    n_threads, n_ctx, kernels = model.engine.n_threads, model.engine.n_ctx, model.engine.kernels_used
     try:
         say(f"suite {s.name}: {len(s.items)} items on {mref.name} ({'chat template' if model.is_chat else 'plain'}, "
             f"context window {n_ctx} tokens)")
@@ -298,5 +309,5 @@ def _suite_record(mref, base, session, suite, limit, seed, max_tokens, temp, jud
     finally:
         model.close()
     return {**base, "test": f"suite:{s.name}", **summary, "limit": limit, "seed": seed, "max_tokens": max_tokens,
-            "temp": temp, "chat_template": model.is_chat, "threads": n_threads, "n_ctx": n_ctx,
+            "temp": temp, "chat_template": model.is_chat, "threads": n_threads, "kernels": kernels, "n_ctx": n_ctx,
             "n_ctx_requested": ctx_size, "n_ctx_train": win.n_ctx_train, "kv_bytes_est": win.kv_bytes}

@@ -61,7 +61,9 @@ def print_record(r: EvalRecord, out=sys.stdout) -> None:
     test = r.test
     scale = "" if r.adapter_scale is None else f" x {r.adapter_scale:g}"
     adapter = f" + adapter {Path(r.adapter).name}{scale} (sha256 {(r.adapter_sha256 or '')[:12]})" if r.adapter else ""
-    print(f"{r.model} ({(r.file_size or 0) / 1e6:.1f} MB, sha256 {r.model_sha256[:12]}){adapter}  {test}", file=out)
+    kernels = f", kernels {r.kernels}" if r.kernels else ""  # they move the figures a little
+    print(f"{r.model} ({(r.file_size or 0) / 1e6:.1f} MB, sha256 {r.model_sha256[:12]}{kernels}){adapter}  {test}",
+          file=out)
     if r.corpus is not None:
         c = r.corpus
         print(f"  text: {c['name']} sha256 {c['sha256'][:12]} {c['chars']} chars, {r.corpus_tokens} tokens; "

@@ -37,6 +37,7 @@ class EvalRecord(FlatRecord):
     adapter_sha256: str | None = None
     adapter_scale: float | None = None  # the scale it was applied at (`--adapter FILE:SCALE`); None: 1, as trained
     threads: int | None = None
+    kernels: str | None = None  # the extra CPU buffer types the model under test used ("none": plain CPU), as bench's
     n_ctx: int | None = None  # ppl/kld: the chunk size; suites: the context window
     time_s: float | None = None
     # ppl: and kld:

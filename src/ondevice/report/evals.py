@@ -32,9 +32,10 @@ def _figure(r: dict) -> str:
 
 
 def eval_markdown(records: list[dict]) -> str:
-    """One row per stored eval record, oldest first."""
-    rows = [md_row(["created (UTC)", "model", "test", "ctx", "result"]), md_row(["---"] * 5)]
+    """One row per stored eval record, oldest first; kernels: the extra CPU buffer types the model used (they
+    move the figures a little; "?": a record from before they were kept)."""
+    rows = [md_row(["created (UTC)", "model", "test", "ctx", "kernels", "result"]), md_row(["---"] * 6)]
     for r in records:
         rows.append(md_row([_when(r), r.get("model") or "", r.get("test") or "", str(r.get("n_ctx") or "-"),
-                            _figure(r)]))
+                            r.get("kernels") or "?", _figure(r)]))
     return "\n".join(rows) + "\n"

@@ -4,7 +4,6 @@ its own routes (/completion, /props, ...) are native.py's, Ollama's ollama.py's.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -128,10 +127,12 @@ def create_app(state: ServerState) -> FastAPI:
         if req.dimensions is not None and req.dimensions > n_embd:  # before any computing
             raise InvalidArgument(f"dimensions {req.dimensions} exceeds the model's {n_embd}")
         vecs = []
-        for run in runs:
-            if vecs and await request.is_disconnected():  # the client gave up: compute nothing more for it
+        for run in runs:  # the client gave up (queued or between packs): compute nothing more for it
+            got = None if await request.is_disconnected() else await state.embed([token_lists[i] for i in run],
+                                                                                  request)
+            if got is None:
                 return JSONResponse({}, status_code=499)
-            vecs.extend(await asyncio.wrap_future(state.embed([token_lists[i] for i in run])))
+            vecs.extend(got)
         data, n_tok = [], sum(map(len, token_lists))
         for i, vec in enumerate(vecs):
             if req.dimensions is not None:

@@ -49,12 +49,11 @@ class Runner:
     def __init__(self, state: ServerState):
         self.state = state
         self.live: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs submitted and not yet forgotten
-        self.closing = False
 
     def end_requests(self) -> None:
         """The server is stopping: end every request in flight now, on the event loop (a stream gets an error
         event, any other request a 503), rather than generate on until the graceful shutdown's time is up."""
-        self.closing = True
+        self.state.closing = True
         if self.state.cascade is not None:  # deferred requests waiting on the cloud: the device answers now
             self.state.cascade.cloud.stop_waiting()
         for job in list(self.live):
@@ -253,7 +252,7 @@ class Runner:
 
     def _submit(self, jobs: list[Job]) -> None:
         """Queue every job, or none: a full queue cancels those already queued."""
-        if self.closing:
+        if self.state.closing:
             raise ShuttingDown()
         self._check_room(len(jobs))
         try:

@@ -51,10 +51,11 @@ def add_routes(app, state) -> None:
     batcher = state.batcher
 
     async def on_batcher(fn, request: Request):
-        """``fn()`` on the batcher thread once its slot is idle (a busy slot: look again every WAIT_S)."""
+        """``fn()`` on the batcher thread once its slot is idle (a busy slot: look again every WAIT_S); None: the
+        client left first."""
         while True:
             try:
-                return await asyncio.wrap_future(batcher.call(fn))
+                return await state.on_batcher(fn, request)
             except slotfile.SlotBusy:
                 if await request.is_disconnected():
                     return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..engine.args import FLASH_ATTN
 from ..engine.base import EngineConfig
@@ -18,6 +20,8 @@ from ..errors import ContextOverflow, InvalidArgument, ModelNotFound
 from .batcher import Batcher
 from .metrics import Metrics
 from .settings import ServeSettings
+
+CALL_POLL_S = 0.2  # how often a request waiting on the batcher thread looks for its client and a stopping server
 
 
 def resolve_model(name: str | None) -> tuple[str, Path]:
@@ -121,6 +125,7 @@ class ServerState:
             check_same_vocab(eng, self.draft_engine, name, dname)
         # (mode, draft_max) for requests that do not say
         self.default_draft = ("model" if self.draft_engine else None if s.draft == "none" else s.draft, s.draft_max)
+        self.closing = False  # the server is stopping (Runner.end_requests): nothing more is started
         self.batcher = Batcher(eng, parallel=parallel, slot_ctx=s.ctx, prefill_chunk=s.prefill_chunk,
                                prefill_batch=s.prefill_batch, prefill_share=s.prefill_share,
                                max_queue=s.max_queue, metrics=self.metrics, vocab_bytes=self.vocab_bytes,
@@ -244,9 +249,10 @@ class ServerState:
                 raise InvalidArgument("the input is empty; give some text")
         return packs([len(t) for t in token_lists], *self.embed_capacity)
 
-    def embed(self, token_lists: list[list[int]]) -> concurrent.futures.Future:
+    async def embed(self, token_lists: list[list[int]], request) -> Any:
         """Pooled embeddings ``(len(token_lists), n_embd)`` of checked inputs that fit one decode (a run from
-        :meth:`embedding_packs`), computed on the batcher thread (the one computing thread)."""
+        :meth:`embedding_packs`), computed on the batcher thread (the one computing thread); None: the client
+        left before they were started (see :meth:`on_batcher`)."""
 
         def run():
             try:
@@ -254,7 +260,31 @@ class ServerState:
             except ContextOverflow as e:
                 raise PromptTooLong(str(e)) from e
 
-        return self.batcher.call(run)
+        return await self.on_batcher(run, request)
+
+    async def on_batcher(self, fn: Callable[[], Any], request) -> Any:
+        """``fn()`` on the batcher thread between two steps (embeddings, slot files), for a request whose client
+        may leave or whose server may stop while it waits there: not started yet when the client leaves, it is
+        dropped (None); when the server stops, it is a ShuttingDown (a 503, not the 500 of a handler cancelled at
+        the end of the graceful shutdown). One already running finishes: one decode, one slot file."""
+        from .http import ShuttingDown
+
+        if self.closing:
+            raise ShuttingDown()
+        try:
+            fut = self.batcher.call(fn)
+        except RuntimeError:  # the batcher has stopped
+            raise ShuttingDown() from None
+        waiting = asyncio.wrap_future(fut)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), CALL_POLL_S)
+            except TimeoutError:
+                pass
+            if self.closing and fut.cancel():
+                raise ShuttingDown()
+            if await request.is_disconnected() and fut.cancel():
+                return None
 
     def tokenizer_info(self) -> dict:
         """What vLLM's /tokenizer_info gives (and lm-eval's remote tokenizer reads): special tokens, template."""

@@ -81,6 +81,14 @@ def _warnings_as_lines(verb: str) -> None:
         print(f"ondevice {verb}: warning: {message}", file=file or sys.stderr)
 
     warnings.showwarning = show
+    import logging  # and the library's notes before a pause (the kernels self-test), logged at INFO there
+
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter(f"ondevice {verb}: note: %(message)s"))
+    log = logging.getLogger("ondevice.kernels")
+    log.addHandler(notes)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

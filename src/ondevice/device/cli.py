@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from .energy import describe
     from .info import device_info
     from .kernels import kernels_summary, probe_kernels, took_no_weights
+    from .kernels_cache import MAX_TRIES, RETRY_AFTER_S
     from .probe import cached_probes, probe
 
     if args.threads and not args.probe:
@@ -111,9 +112,16 @@ def run(args: argparse.Namespace) -> int:
                            if k != "none" and took_no_weights(r, kern["offered"]) else "")
                         for k, r in sorted(e["results"].items(), key=lambda kv: (kv[0] != "none", kv[0])))
         res = res or e.get("note", "-")
-        print(f"kernels   {types:13s} {res} -> {e['choice']}; tested {e['tested_at']} ({_age(e['tested_at'])}"
-              f"{', pp/tg timed' if e.get('measured') else ', not timed'}; load {e.get('load_avg_1m') or 0:.2f} then)")
+        if e.get("malformed"):
+            print(f"kernels   {types:13s} {res}: {e['reason']}")
+            continue
+        timed = any(r.get("pp_tps") for r in e["results"].values())
+        timing = (", pp/tg timed" if timed else ", timing failed" if e.get("measured") else ", not timed")
+        why = e["reason"] if not e["reason"].startswith("auto") or "next load" in e["reason"] else ""
+        print(f"kernels   {types:13s} {res} -> {e['choice']}{f' ({why})' if why else ''}; tested {e['tested_at']} "
+              f"({_age(e['tested_at'])}{timing}; load {e.get('load_avg_1m') or 0:.2f} then)")
     if any(r.get("ok") is None for e in kern["types"].values() for r in e["results"].values()):
-        print("kernels   inconclusive tests count as untested; `ondevice device --probe` on a quiet machine "
-              "redoes them")
+        print(f"kernels   inconclusive tests count as untested; a later load tests them again (at most {MAX_TRIES} "
+              f"tries, {RETRY_AFTER_S / 60:.0f} minutes apart), and `ondevice device --probe` on a quiet machine "
+              f"redoes them")
     return 0

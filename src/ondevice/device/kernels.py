@@ -25,17 +25,29 @@ skip the self-test. The mechanism that applies a choice is in ``engine/bufts.py`
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+from .kernels_cache import (  # noqa: F401
+    MAX_TRIES,
+    KernelsNotice,
+    _entry,
+    _key,
+    _read,
+    _store,
+    build_id,
+    cache_path,
+    cached,
+    pending,
+    retest_due,
+    stored,
+    tested,
+    valid,
+)
 from .selftest import selftest
 
 MODES = ("auto", "on", "off")
@@ -159,117 +171,18 @@ def choose(amx: str, repack: str, offered: tuple[str, ...], cpu_flags: list[str]
     pick = best if s_best and (not s_def or s_best > FASTER * s_def and _every_round(
         results.get(label(wanted(offered, *best))), results.get(label(wanted(offered, *default))))) else default
     bufts = wanted(offered, *pick)
+    forced = " ".join(f"--{n} {v}" for n, v in (("amx", amx), ("repack", repack)) if v != "auto")
     if amx != "auto" and repack != "auto":
-        why = f"--amx {amx} --repack {repack}"
+        why = forced
     elif not results:
-        why = "auto, not self-tested here"
+        why = f"{forced or 'auto'}, not self-tested here"
     else:
         failed = [k for k, v in results.items() if not v.get("ok")]
-        why = ("auto, measured fastest" if pick == best and s_best and pick != default else "auto, self-tested")
+        why = ("auto, measured fastest" if pick == best and s_best and pick != default else
+               f"{forced or 'auto'}, self-tested")
         if failed:
             why += "; failed here: " + ", ".join(f"{k} ({results[k].get('error')})" for k in failed)
     return Choice(amx=pick[0], repack=pick[1], bufts=bufts, reason=why)
-
-
-# ---- cache ------------------------------------------------------------------------------------------------
-
-_ENV = "ONDEVICE_KERNELS_CACHE"
-
-
-def cache_path() -> Path:
-    if os.environ.get(_ENV):
-        given = os.environ[_ENV]
-        try:
-            p = Path(given).expanduser().resolve()  # a link: the file it names is the cache
-        except (RuntimeError, OSError) as e:
-            raise OndeviceError(f"{_ENV}={given}: {e}; give a file path for the kernels cache") from None
-        if p.exists() and not p.is_file():
-            raise OndeviceError(f"{_ENV}={given} is not a regular file; give a file path for the kernels cache "
-                                f"(it is created if missing), e.g. ~/.cache/ondevice-kernels.json")
-        return p
-    from ..models.store import home
-
-    return home() / "data" / "device" / "kernels.json"  # made when first written (_store), not when read
-
-
-def build_id() -> str:
-    """This llama.cpp build: llama-cpp-python's version, its system info line and its library files."""
-    from .info import llama_cpp_info
-
-    info = llama_cpp_info()
-    parts = [str(info.get("version")), str(info.get("system_info"))]
-    try:
-        import llama_cpp
-
-        for f in sorted((Path(llama_cpp.__file__).parent / "lib").glob("lib*")):
-            st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
-    except (ImportError, OSError):
-        pass
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _key() -> str:
-    from .info import machine_key
-
-    return f"{machine_key()}|{build_id()}"
-
-
-def _read(path: Path) -> dict:
-    """The cache; empty when missing. A file of ours that is corrupt is empty too (rewritten), but a file
-    named by ``ONDEVICE_KERNELS_CACHE`` that is not a kernels cache is the user's and is never replaced."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        data = None
-    ours = isinstance(data, dict) and all(isinstance(v, dict) and "|" in k for k, v in data.items())
-    if not ours and os.environ.get(_ENV):
-        raise OndeviceError(f"{_ENV}={os.environ[_ENV]} names a file that is not a kernels cache; it was left "
-                            f"as it is: point {_ENV} at a new file or at one ondevice wrote")
-    return data if ours else {}
-
-
-def cached() -> dict:
-    """This machine and build's entry: ``{"offered", "build", "types": {types: {"tested_at", "results", ...}}}``,
-    keyed by :func:`types_of` (entries of older versions, under "families", were keyed by a file's main type only
-    and are not read: a file's other types may never have been tested)."""
-    return _read(cache_path()).get(_key(), {})
-
-
-def tested(types: str | None) -> dict | None:
-    """The cached self-test of files holding exactly these weight types here, or None."""
-    return cached().get("types", {}).get(types) if types else None
-
-
-def _store(types: str, entry: dict, offered: tuple[str, ...]) -> None:
-    from ..models.store import write_json
-    from .info import llama_cpp_info
-
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = _read(path)
-            mine = data.setdefault(_key(), {})
-            mine.update(offered=list(offered), build=(llama_cpp_info().get("system_info") or "")[:300])
-            mine.pop("families", None)  # an older version's main-type entries (see cached)
-            mine.setdefault("types", {})[types] = entry
-            write_json(path, data)
-    except OSError:  # a read-only home, a full disk: the result holds for this run; the next one tests again
-        pass
-
-
-def _entry(model_path: str | Path, results: dict, **extra) -> dict:
-    """A cache entry: when, on what, under what load (a busy machine measures low and may time out)."""
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except OSError:
-        load = None
-    return {"tested_at": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_path),
-            "load_avg_1m": load, "results": results, **extra}
 
 
 class _GgufInitParams(ctypes.Structure):  # ggml's struct gguf_init_params
@@ -327,66 +240,122 @@ def types_of(model_path: str | Path, trusted: bool = False) -> str | None:
 
 # ---- what the engine calls -----------------------------------------------------------------------------
 
+def _notice(msg: str) -> None:
+    """One line before a self-test pause, logged at INFO on the ``ondevice.kernels`` logger: the CLI shows it as
+    ``ondevice VERB: note: ...`` on stderr (``ondevice.cli._warnings_as_lines``); a library user's program prints
+    nothing unless it shows that logger."""
+    import logging
+
+    logging.getLogger("ondevice.kernels").info(msg)
+
+
+def _quick(model_path: str | Path, types: str, names: tuple[str, ...], flags) -> dict:
+    """The first load's quick self-test of a set of weight types (no AMX: auto needs timing for it), or a fresh
+    try of its inconclusive results (:func:`~.kernels_cache.retest_due`): conclusive results already cached are
+    kept, and the entry counts its tries."""
+    from ..engine.bufts import wanted, would_use
+    from . import selftest as st
+
+    cands = [c for c in configs(names, flags) if not c[0]]
+    if not set(would_use(model_path, wanted(names, False, True))) & set(names):
+        return _entry(model_path, {}, measured=False, note="no extra kernel takes weights of these types here")
+    old = stored(types)
+    retry = pending(old) if old else []
+    limit = f"at most {st.CHILD_TIMEOUT_S:.0f} s"
+    if retry:
+        tries = int(old.get("tries") or 1) + 1
+        _notice(f"the CPU kernels self-test of weight types {types} was inconclusive here "
+                f"({old['results'][retry[0]].get('error')}, {old.get('tested_at')}): testing {', '.join(retry)} "
+                f"again before loading (try {tries} of {MAX_TRIES}; a few seconds, {limit})")
+    else:
+        tries = None
+        _notice(f"first load of weight types {types} with this machine and llama.cpp build: self-testing its CPU "
+                f"kernels ({', '.join(label(wanted(names, *c)) for c in cands)}) in a child process before loading "
+                f"(a few seconds, {limit}; the result is cached in {cache_path()})")
+    results = selftest(model_path, cands)
+    if old:  # what the last try settled stays (a probe's timings too)
+        results.update({k: v for k, v in old["results"].items() if v.get("ok") is not None})
+    keep = {k: old[k] for k in ("variant", "threads") if old and k in old}
+    return _entry(model_path, results, measured=bool(old and old.get("measured")), **keep,
+                  **({"tries": tries} if tries else {}))
+
+
 def resolve(amx: str | None, repack: str | None, model_path: str | Path, types: str | None = None) -> Choice:
     """The kernels for loading ``model_path`` here; on the first load of its set of weight types on this machine
     and build, a dry run (metadata only) says whether the extra kernels would take any of its weights, and only
-    then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove).
+    then does the quick self-test run (Q4_1 on AVX2, say, has nothing to repack: nothing to prove). An inconclusive
+    test is tried again on a later load (at most MAX_TRIES in all, RETRY_AFTER_S apart; see kernels_cache).
 
     ``types`` is the file's :func:`types_of` when the caller knows it already (a restored container).
     """
-    from ..engine.bufts import offered, wanted, would_use
+    from ..engine.bufts import offered
     from .info import cpu_flags
 
     amx, repack = requested(amx, repack)
     names = offered()
     flags = cpu_flags()
-    if amx == "on":
-        _prove_amx(model_path, types, repack, names, flags)
+    proven = _prove_amx(model_path, types, repack, names, flags) if amx == "on" else None
     if not names or (amx != "auto" and repack != "auto"):
         return choose(amx, repack, names, flags, None)
     types = types or types_of(model_path)
-    entry = tested(types)
+    entry = tested(types) or proven  # just tested by _prove_amx: holds even where the cache cannot be written
     if entry is None:
-        cands = [c for c in configs(names, flags) if not c[0]]  # the quick test: no AMX (auto needs timing)
-        if set(would_use(model_path, wanted(names, False, True))) & set(names):
-            entry = _entry(model_path, selftest(model_path, cands), measured=False)
-        else:
-            entry = _entry(model_path, {}, measured=False, note="no extra kernel takes weights of these types here")
+        entry = _quick(model_path, types, names, flags)
         _store(types, entry, names)
     choice = choose(amx, repack, names, flags, entry["results"])
     return replace(choice, reason=f"auto, {entry['note']}") if entry.get("note") else choice
 
 
+def amx_on(repack: str, names: tuple[str, ...], flags, results: dict | None) -> tuple[Choice, str]:
+    """The one rule for ``--amx on`` (the load and ``ondevice device`` both use it): the configuration
+    :func:`choose` picks from the self-test ``results``, and its state here: "ok" (passed: loaded with it),
+    "untested" (tested first, in a child), "failed" or "inconclusive" (refused)."""
+    c = choose("on", repack, names, flags, results)
+    res = (results or {}).get(label(c.bufts))
+    state = ("untested" if not isinstance(res, dict) else "ok" if res.get("ok") else
+             "failed" if res.get("ok") is False else "inconclusive")
+    return c, state
+
+
 def _prove_amx(model_path: str | Path, types: str | None, repack: str, names: tuple[str, ...],
-               flags: list[str] | tuple[str, ...]) -> None:
+               flags: list[str] | tuple[str, ...]) -> dict | None:
     """``--amx on`` is obeyed where AMX works: a load with it that crashed its self-test here would kill this
     process with a bare SIGSEGV (llama.cpp issue 20824; outside the CLI's supervisor, a user's program or
-    notebook), so that configuration is self-tested first, in a child, once per set of weight types, and refused
-    when it failed. A CPU or build without AMX is :func:`choose`'s error."""
-    from ..engine.bufts import wanted, would_use
+    notebook), so the configuration :func:`amx_on` picks is self-tested first, in a child, once per set of weight
+    types, and refused when it failed (under ``--repack auto`` a failed AMX+CPU_REPACK falls back to AMX alone,
+    tested in turn). A CPU or build without AMX is :func:`choose`'s error. Returns the entry it checked."""
+    from ..engine.bufts import would_use
     from . import selftest as st
 
     if st.IN_CHILD or AMX not in names or not set(AMX_FLAGS) <= set(flags):
-        return
-    config = (True, repack != "off")
-    if AMX not in would_use(model_path, wanted(names, *config)):
-        return  # AMX takes none of these weights: nothing of its kernels runs
+        return None
     types = types or types_of(model_path)
-    entry = tested(types) or _entry(model_path, {}, measured=False)
-    key = label(wanted(names, *config))
-    if key not in entry["results"]:
-        plain = [c for c in configs(names, flags) if not c[0]]  # what auto's first load tests, and the baseline
-        results = {**entry["results"], **st.selftest(model_path, [*plain, config])}
+    entry = stored(types) or _entry(model_path, {}, measured=False)
+    done: set[str] = set()
+    while True:
+        c, state = amx_on(repack, names, flags, entry["results"])
+        key = label(c.bufts)
+        if AMX not in would_use(model_path, c.bufts):
+            return None  # AMX takes none of these weights: nothing of its kernels runs
+        if key in done or state in ("ok", "failed") or state == "inconclusive" and not retest_due(entry, [key]):
+            break
+        done.add(key)
+        tries = int(entry.get("tries") or 1) + 1 if state == "inconclusive" else entry.get("tries")
+        _notice(f"--amx on: self-testing llama.cpp's AMX kernels ({key}) on weight types {types} in a child process "
+                f"before loading (a few seconds, at most {st.CHILD_TIMEOUT_S:.0f} s; cached in {cache_path()})")
+        plain = [p for p in configs(names, flags) if not p[0]]  # what auto's first load tests, and the baseline
+        results = {**entry["results"], **st.selftest(model_path, [*plain, (c.amx, c.repack)])}
         keep = {k: entry[k] for k in ("measured", "variant", "threads") if k in entry}  # not the old note
-        entry = _entry(model_path, results, **keep)  # stamped now: the date and load of this test, not the last
+        entry = _entry(model_path, results, **keep, **({"tries": tries} if tries else {}))  # stamped now
         _store(types, entry, names)
-    res = entry["results"].get(key) or {}
-    if not res.get("ok"):  # a crash, wrong logits, or a child that never finished (AMX hangs on some Xeons)
-        raise OndeviceError(f"--amx on (ONDEVICE_AMX, amx='on'): llama.cpp's AMX kernels "
-                            f"{'failed' if res.get('ok') is False else 'did not finish'} their self-test on this "
+    if state != "ok":  # a crash, wrong logits, or a child that never finished (AMX hangs on some Xeons)
+        res = entry["results"].get(key) or {}
+        raise OndeviceError(f"--amx on (ONDEVICE_AMX, amx='on'): llama.cpp's AMX kernels ({key}) "
+                            f"{'failed' if state == 'failed' else 'did not finish'} their self-test on this "
                             f"machine for weights of types {types} ({res.get('error')}, {entry.get('tested_at')}), "
                             f"so a load with them could crash or hang this process; use --amx auto (AMX only where "
                             f"it passed and is faster) or off (`ondevice device --probe -m MODEL` tests them again)")
+    return entry
 
 
 def variants(threads: int | None = None, families: tuple[str, ...] = FAMILIES) -> dict[str, Path]:
@@ -436,9 +405,30 @@ def probe_kernels(threads: int | None = None, models: dict[str, Path] | None = N
     return cached()
 
 
+def _shown(amx: str, repack: str, names: tuple[str, ...], flags, e: dict | None) -> tuple[str, str]:
+    """(what a load of these weight types does here with these settings, why): the rule the load follows."""
+    try:
+        if amx == "on" and AMX in names and set(AMX_FLAGS) <= set(flags):
+            c, state = amx_on(repack, names, flags, e and e["results"])
+            key = label(c.bufts)
+            if state == "failed" or state == "inconclusive" and not (e and retest_due(e, [key])):
+                return "refused", (f"--amx on: {key} {'failed' if state == 'failed' else 'did not finish'} its "
+                                   f"self-test here; use --amx auto or off")
+            if state != "ok":
+                return key, "--amx on: self-tested first by the next load with it, which is refused if it fails"
+            return key, c.reason
+        c = choose(amx, repack, names, flags, e and e["results"])
+    except InvalidArgument as err:
+        return "refused", str(err)
+    why = f"auto, {e['note']}" if e and e.get("note") and amx == repack == "auto" else c.reason
+    if e and retest_due(e, pending(e)):
+        why += f"; inconclusive: the next load tests again (try {int(e.get('tries') or 1) + 1} of {MAX_TRIES})"
+    return label(c.bufts), why
+
+
 def kernels_summary() -> dict:
     """What ``ondevice device`` shows: the build's extra kernels, the untested default and each tested set of
-    weight types."""
+    weight types, each with what a load with the requested settings does (the load's own rule)."""
     from ..engine.bufts import offered
     from .info import cpu_flags
 
@@ -451,8 +441,12 @@ def kernels_summary() -> dict:
     amx, repack = requested()
     fams = {}
     for fam, e in sorted(cached().get("types", {}).items()):
-        c = choose(amx, repack, names, flags, e["results"])
-        fams[fam] = {**e, "choice": label(c.bufts), "reason": c.reason}
-    d = choose(amx, repack, names, flags, None)
+        if not valid(e):
+            fams[fam] = {"results": {}, "tested_at": "-", "malformed": True, "choice": "untested",
+                         "note": "a malformed cache entry", "reason": "the next load of these types tests them again"}
+            continue
+        choice, why = _shown(amx, repack, names, flags, e)
+        fams[fam] = {**e, "choice": choice, "reason": why}
+    d, why = _shown(amx, repack, names, flags, None)
     return {"offered": list(names), "requested": {"amx": amx, "repack": repack},
-            "default": {"label": label(d.bufts), "reason": d.reason}, "types": fams, "cache": str(cache_path())}
+            "default": {"label": d, "reason": why}, "types": fams, "cache": str(cache_path())}

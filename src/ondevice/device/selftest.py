@@ -18,6 +18,8 @@ import sys
 import tempfile
 
 CHILD_TIMEOUT_S = 120.0
+# signals that mean the code the child ran broke; any other (SIGKILL, SIGTERM, SIGINT...) came from outside
+BROKE = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGTRAP})
 IN_CHILD = False  # inside the self-test's child: its loads are the test (kernels.resolve tests nothing there)
 ROUNDS = 3  # timing rounds, each over every configuration that passed
 
@@ -38,6 +40,10 @@ def _run_child(job: dict) -> tuple[str, int | None, str]:
             proc.kill()
             out, _ = proc.communicate()
             rc = None
+        except BaseException:  # Ctrl-C, a SIGTERM taken as an interrupt: the user's command stops, the child too
+            proc.kill()
+            proc.wait()
+            raise
         err.seek(0)
         tail = (err.read().strip().splitlines()[-1:] or [""])[0]
     return out, rc, tail
@@ -48,11 +54,16 @@ def selftest(model_path, configs_: list[tuple[bool, bool]], measure: bool = Fals
     """Load ``model_path`` and decode under each (amx, repack) configuration, in child processes; with
     ``measure``, then time the ones that passed (:func:`_timings`).
 
-    One child runs the configurations in order and reports each as a JSON line; when it dies (a signal, an
-    error), the configuration in flight is recorded as failed (``ok`` False) and a new child takes the rest.
-    A configuration also fails when its logits disagree with the first (no extra kernels) one. A child that
-    runs out of time proves nothing (a busy machine is not a broken kernel): it and the configurations
-    after it are inconclusive (``ok`` None), which the choice treats as untested.
+    One child runs the configurations in order and reports each as a JSON line; when it dies of a signal that
+    means the code broke (:data:`BROKE`: SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP) or an error, the
+    configuration in flight is recorded as failed (``ok`` False) and a new child takes the rest. A configuration
+    also fails when its logits disagree with the first (no extra kernels) one. A child that runs out of time or
+    is killed from outside (SIGKILL: the out-of-memory killer; SIGTERM, SIGINT, SIGHUP: a user, a supervisor)
+    proves nothing (a busy machine is not a broken kernel): it and the configurations after it are inconclusive
+    (``ok`` None), which the choice treats as untested and a later load tests again.
+
+    A KeyboardInterrupt (Ctrl-C, or the CLI's SIGTERM) here kills the child and propagates: the user's command
+    stops, and nothing is recorded (the next load tests again).
     """
     from ..engine.bufts import offered, wanted
     from .kernels import label
@@ -72,8 +83,14 @@ def selftest(model_path, configs_: list[tuple[bool, bool]], measure: bool = Fals
                 results[label(wanted(names, *c))] = {"ok": None, "error": f"timeout after {CHILD_TIMEOUT_S:.0f} s, "
                                                                           f"a busy machine?"}
             todo = []
+        elif todo and rc < 0 and -rc not in BROKE:  # killed from outside: says nothing about the kernels
+            why = (f"killed by {_signame(-rc)} from outside, "
+                   + ("the out-of-memory killer?" if -rc == signal.SIGKILL else "a user or a supervisor?"))
+            for c in todo:
+                results[label(wanted(names, *c))] = {"ok": None, "error": why}
+            todo = []
         elif todo:  # the child died during todo[0]
-            what = signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[-200:]}"
+            what = _signame(-rc) if rc < 0 else f"exit {rc}: {tail[-200:]}"
             results[label(wanted(names, *todo[0]))] = {"ok": False, "error": what}
             todo.pop(0)
     base = results.get("none")
@@ -105,10 +122,17 @@ def _timings(model_path, configs_: list[tuple[bool, bool]], threads: int | None)
     names = offered()
     if rc != 0:  # untimed, and why
         why = (f"timeout after {CHILD_TIMEOUT_S:.0f} s, a busy machine?" if rc is None else
-               signal.Signals(-rc).name if rc < 0 else f"exit {rc}: {tail[-200:]}")
+               _signame(-rc) if rc < 0 else f"exit {rc}: {tail[-200:]}")
         return {label(wanted(names, *c)): {"timing_error": why} for c in configs_}
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     return {label(wanted(names, t.pop("amx"), t.pop("repack"))): t for t in lines}
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -124,6 +148,12 @@ def _child(job: dict) -> int:
     import importlib
     import time
 
+    try:  # its crashes are expected (that is what it tests): no core dump in the user's folder (272 MB on a SIGSEGV)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ImportError, ValueError, OSError):  # no such limit here (Windows)
+        pass
     import numpy as np
 
     # this file runs as __main__ here: the flag kernels.resolve reads is the package module's (else every load of

@@ -16,6 +16,19 @@ def _kernels_cache(tmp_path_factory):
     os.environ.setdefault("ONDEVICE_KERNELS_CACHE", str(tmp_path_factory.mktemp("kernels") / "kernels.json"))
 
 
+@pytest.fixture()
+def kcache(tmp_path, monkeypatch):
+    """A kernels self-test cache of the test's own (empty), with the kernel knobs at their defaults."""
+    from ondevice.device import kernels_cache
+
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(path))
+    monkeypatch.delenv("ONDEVICE_AMX", raising=False)
+    monkeypatch.delenv("ONDEVICE_REPACK", raising=False)
+    monkeypatch.setattr(kernels_cache, "_warned", set())  # an unusable cache is said once per process
+    return path
+
+
 @contextlib.contextmanager
 def ondevice_home(home):
     """``ONDEVICE_HOME`` set to ``home`` (restored after), for fixtures wider than a test (monkeypatch is not)."""

@@ -151,15 +151,6 @@ def test_configs_and_requested(monkeypatch):
 
 # ---- on this machine, with the real llama.cpp ----------------------------------------------------------
 
-@pytest.fixture()
-def kcache(tmp_path, monkeypatch):
-    path = tmp_path / "kernels.json"
-    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(path))
-    monkeypatch.delenv("ONDEVICE_AMX", raising=False)
-    monkeypatch.delenv("ONDEVICE_REPACK", raising=False)
-    return path
-
-
 def test_first_load_self_tests_then_decodes_under_the_choice(smol_path, kcache, tmp_path):
     from pathlib import Path
 

@@ -31,16 +31,6 @@ def ok():
 
 
 @pytest.fixture()
-def kcache(tmp_path, monkeypatch):
-    path = tmp_path / "kernels.json"
-    monkeypatch.setenv("ONDEVICE_KERNELS_CACHE", str(path))
-    monkeypatch.delenv("ONDEVICE_AMX", raising=False)
-    monkeypatch.delenv("ONDEVICE_REPACK", raising=False)
-    monkeypatch.setattr(KC, "_warned", set())
-    return path
-
-
-@pytest.fixture()
 def machine(monkeypatch):
     """A faked CPU and build (AVX2 + CPU_REPACK unless set), extra kernels that take every weight, and a faked
     self-test: ``machine.results`` (label -> result) answers, ``machine.calls`` lists the configurations run."""

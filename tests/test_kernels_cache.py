@@ -256,6 +256,11 @@ def test_a_kernels_cache_that_cannot_be_kept_is_said_once(tmp_path, monkeypatch,
 def test_a_load_that_self_tests_says_so_in_the_cli_only(kcache, machine, monkeypatch, capsys):
     """The first load's self-test pause (5-38 s on a busy machine) is said in one line on stderr in the CLI; a
     library user's program gets no print."""
+    import logging
+
+    log = logging.getLogger("ondevice.kernels")  # as in a program that never ran a CLI verb in-process
+    for name, value in (("handlers", []), ("level", logging.NOTSET), ("propagate", True)):
+        monkeypatch.setattr(log, name, value)
     K.resolve("auto", "auto", "m.gguf", types=TYPES)
     assert machine.calls and capsys.readouterr().err == ""  # the library: nothing printed
 

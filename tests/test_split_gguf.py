@@ -130,7 +130,8 @@ def test_eval_records_the_whole_size_and_identity(cli, split):
     # the model's sha256 is of every shard's bytes in order, not of the first shard alone
     whole = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(split.parent.glob("smol-*.gguf")))).hexdigest()
     assert hashlib.sha256(split.read_bytes()).hexdigest() != whole
-    assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB, sha256 {whole[:12]})" in r.stdout + r.stderr
+    assert f"smol-00001-of-00003 ({validate_gguf(split).size_mb:.1f} MB, sha256 {whole[:12]}, kernels " \
+        in r.stdout + r.stderr
 
 
 def test_serve_answers_from_it_and_reports_its_whole_size(split, tmp_path):

@@ -83,10 +83,12 @@ def _warnings_as_lines(verb: str) -> None:
     warnings.showwarning = show
     import logging  # and the library's notes before a pause (the kernels self-test), logged at INFO there
 
-    notes = logging.StreamHandler(sys.stderr)
-    notes.setFormatter(logging.Formatter(f"ondevice {verb}: note: %(message)s"))
+    class Notes(logging.Handler):  # to sys.stderr as it is when a note comes (a caller may have replaced it)
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"ondevice {verb}: note: {record.getMessage()}", file=sys.stderr, flush=True)
+
     log = logging.getLogger("ondevice.kernels")
-    log.addHandler(notes)
+    log.handlers = [h for h in log.handlers if type(h).__name__ != "Notes"] + [Notes()]  # one: this verb's
     log.setLevel(logging.INFO)
     log.propagate = False
 

@@ -292,14 +292,14 @@ class EnergyMeter:
         self._t0 = self.clock()
         self._cpu0 = _cpu_seconds()
         if self._sampler:
-            self._sampler.start()
+            self._sampler.start(self._t0)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         sampled = self._sampler.stop() if self._sampler else {}
-        seconds = self.clock() - self._t0
+        seconds = (self._sampler.t_end if self._sampler else self.clock()) - self._t0  # the span sampled
         cpu_seconds = _cpu_seconds() - self._cpu0
         e1 = self._counters()
         src = self._src

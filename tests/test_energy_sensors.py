@@ -158,7 +158,7 @@ def test_a_cpu_rail_is_a_rail_and_unknown_rails_are_not_summed(roots):
     with EnergyMeter(**roots) as meter:
         time.sleep(0.1)
     r = meter.result
-    assert r["domains"] == ["hwmon2/ina3221/POM_5V_CPU"] and r["joules"] == pytest.approx(2.0 * r["seconds"], rel=0.01)
+    assert r["domains"] == ["hwmon2/ina3221/POM_5V_CPU"] and r["joules"] == pytest.approx(2.0 * r["seconds"], rel=1e-9)
     assert r["scope"].startswith("rail: CPU") and scope_kind(r["method"], r["scope"]) == "rail"
 
 

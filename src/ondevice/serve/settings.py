@@ -59,7 +59,8 @@ class ServeSettings(BaseSettings):
     threads: Annotated[NonNegativeInt | None, BeforeValidator(minus_one_is_zero)] = Field(
         None, description="CPU threads (None, 0 or -1: one per physical performance core)")
     kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
-        "f16", description="KV cache type (f32: results independent of where a sequence sits in the cache)")
+        "f16", description="KV cache type (f32: results that depend least on where a sequence sits in the cache; "
+                "with flash attention on, a slot restored from a file can still flip a greedy near-tie)")
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="flash attention, as llama-server's -fa (auto: llama.cpp decides, on for CPUs; `ondevice "
                             "bench -fa off,auto` shows which decodes faster here)")

@@ -278,6 +278,14 @@ def test_ctrl_c_before_the_verb_runs_exits_130_without_a_traceback(cli):
     assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
 
 
+def test_ctrl_backslash_in_the_child_is_a_quit_not_a_crash(cli):
+    """Ctrl-\\ at a terminal sends SIGQUIT to the whole group, so the child dies of it with no signal forwarded:
+    that printed "llama.cpp crashed (SIGQUIT) ... a bug in native code". A quit is a stop: 131, no line."""
+    res = cli("run", "--temp", "0", "-n", "4", "Hi", env={"ONDEVICE_TEST_CRASH": "SIGQUIT"})
+    assert res.returncode == 128 + signal.SIGQUIT and "crashed" not in res.stderr and "Traceback" not in res.stderr, \
+        res.stderr
+
+
 def test_a_crash_after_load_names_the_kernels_in_use(cli):
     from ondevice.engine.bufts import offered
 
@@ -385,6 +393,18 @@ def test_sigterm_to_the_supervisor_stops_the_server_cleanly(tmp_path):
         time.sleep(0.5)
         rc, rest = _stop(proc, log)
     assert rc in (0, 128 + signal.SIGTERM) and "crashed" not in rest
+    assert not child.is_running()
+
+
+def test_sigterm_to_the_serving_child_alone_also_exits_0(tmp_path):
+    """``kill`` of the ``python -m ondevice.cli serve`` process (what ``ps`` shows serving): the same graceful stop
+    as one sent to the supervisor, so the same 0 as llama-server (it was 143: systemd counts that a failure)."""
+    with _supervised_server(tmp_path) as (proc, _, child, log):
+        time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        rest = log.read_text()
+    assert rc == 0 and "crashed" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
     assert not child.is_running()
 
 

@@ -70,7 +70,18 @@ def test_a_full_disk_mid_download_names_the_part_and_the_rerun_resumes(server, t
     assert server.gets("/m/tiny.gguf")[-1]["range"] is not None
 
 
-def test_ctrl_c_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tmp_path):
+def _as_a_shell_starts_it() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143,
+                                                                                  "stopped by SIGTERM"),
+                                             (signal.SIGHUP, 129, "stopped by SIGHUP")],
+                         ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def test_a_stop_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tmp_path, sig, code, said):
+    """Ctrl-C, and a kill (SIGTERM, SIGHUP: a closed terminal, a process manager): the partial download stays and
+    says how to resume. A kill ended the process with no word at all (helper-146)."""
     body = make_gguf(tmp_path / "served.gguf").read_bytes()
     server.files["/m/tiny.gguf"] = body
     server.etags["/m/tiny.gguf"] = '"v1"'
@@ -79,14 +90,14 @@ def test_ctrl_c_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tm
     env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
     part = tmp_path / "home" / "models" / "tiny.gguf.part"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 — as a shell starts it
+                            preexec_fn=_as_a_shell_starts_it)  # noqa: PLW1509
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size >= 20_000) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert f"pull interrupted; 20000 bytes are kept in {part}: run the same command again to resume" in err
+    assert proc.returncode == code and "Traceback" not in err, (proc.returncode, err)
+    assert f"pull {said}; 20000 bytes are kept in {part}: run the same command again to resume" in err
     assert not part.with_name("tiny.gguf").exists()
     assert json.loads(part.with_name("tiny.gguf.part.json").read_text())["validator"] == '"v1"'
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)

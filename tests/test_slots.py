@@ -73,6 +73,26 @@ def test_restored_slot_gives_the_same_answer_without_the_prefill(saved):
         eng.close()
 
 
+def test_a_slot_computed_under_other_adapters_is_refused_saying_what_to_do(tmp_path):
+    """A file records no adapters, so a slot computed under a set other than the default is not saved. The
+    message named "adapters none" and said to save "a slot whose last request named none", which the refused
+    slot's last request already was when the default itself had changed (helper-146)."""
+    from ondevice.errors import InvalidArgument
+
+    eng = _engine(1)
+    try:
+        gen = BatchGenerator(eng)
+        _greedy(gen, eng.tokenize("Hello there."), n=2)  # computed under no adapter
+        with pytest.raises(InvalidArgument) as e:
+            slotfile.save(gen, 0, tmp_path / "s.bin", ads=("dates@0.3",))
+    finally:
+        eng.close()
+    assert str(e.value) == ("slot 0 holds a prompt computed under no adapter, not under the default (adapters "
+                            "dates@0.3); a slot file records no adapters, so send the prompt again with no adapter "
+                            "named (the default) and save the slot then")
+    assert not (tmp_path / "s.bin").exists()
+
+
 def test_a_file_that_is_not_for_this_slot_is_an_error_naming_it(saved, tmp_path):
     path, _, toks = saved
     blob = path.read_bytes()

@@ -1,11 +1,12 @@
-"""SIGTERM and SIGHUP as an exception while a model file is written, so its temp file is removed.
+"""SIGTERM, SIGHUP and SIGQUIT as an exception while a model file is written, so its temp file is removed.
 
-Python's default for both is to die at once, without running a single ``finally``: a ``kill PID`` (what a
-process manager or a closed terminal sends) mid-``quantize`` or mid-``protect encrypt`` left the hidden
+Python's default for all three is to die at once, without running a single ``finally``: a ``kill PID`` (what a
+process manager or a closed terminal sends) or Ctrl-\\ mid-``quantize`` or mid-``protect encrypt`` left the hidden
 ``.NAME.xxxx.tmp`` behind, up to the model's full size. Ctrl-C needs nothing: Python already raises
 ``KeyboardInterrupt`` for it. Used by ``quant.api.quantize`` and ``protect.container.encrypt_file``;
-:func:`interrupt_on_signals` by ``adapt`` (a kill keeps a checkpoint as Ctrl-C does), :class:`StopOnce` by
-``agent`` (the first of Ctrl-C, SIGTERM, SIGHUP stops it, the next ones wait while it ends its MCP servers).
+:func:`interrupt_on_signals` by ``adapt``, ``fit``, ``bench`` sweeps and ``pull`` (a kill keeps a checkpoint or a
+partial download as Ctrl-C does), :class:`StopOnce` by ``agent`` (the first of Ctrl-C, SIGTERM, SIGHUP, SIGQUIT
+stops it, the next ones wait while it ends its MCP servers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Self
 
 from .errors import OndeviceError
 
-_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # SIGQUIT: what Ctrl-\ at a terminal sends
 
 
 class Stopped(OndeviceError):
@@ -37,8 +38,8 @@ class Stopped(OndeviceError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP taken as an interrupt (:func:`interrupt_on_signals`): code that keeps what is complete
-    on Ctrl-C keeps it for a ``kill`` too."""
+    """SIGTERM, SIGHUP or SIGQUIT taken as an interrupt (:func:`interrupt_on_signals`): code that keeps what is
+    complete on Ctrl-C keeps it for a ``kill`` too."""
 
     def __init__(self, sig: int) -> None:
         super().__init__()
@@ -51,12 +52,20 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
-    """While active, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, where
-    they still have their default action (an application's own handler is left alone)."""
+    """While active, SIGTERM, SIGHUP and SIGQUIT raise :class:`Terminated` (a KeyboardInterrupt) in the main thread,
+    where they still have their default action (an application's own handler is left alone). Only the first one
+    raises: the ones after it are ignored while the block unwinds (``timeout`` and ``kill -- -PGID`` signal the
+    whole group and the supervisor forwards what it gets, so one ``kill`` often arrives twice, and the second cut
+    the checkpoint the first one was writing)."""
+    raised: list[int] = []
+
     def raise_terminated(sig: int, frame) -> None:
+        if raised:
+            return  # stopping already
         if _in_finalizer(frame):  # raised there it would be printed and dropped, and the work would go on
             _send_again_soon(sig)
             return
+        raised.append(sig)
         raise Terminated(sig)
 
     old = {}
@@ -73,8 +82,9 @@ def interrupt_on_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """A block that Ctrl-C, SIGTERM and SIGHUP do not cut in two: they wait (blocked in the kernel) and land as the
-    block ends. For a few steps that must happen together or not at all (an optimizer step and its count)."""
+    """A block that Ctrl-C, SIGTERM, SIGHUP and SIGQUIT do not cut in two: they wait (blocked in the kernel) and
+    land as the block ends. For a few steps that must happen together or not at all (an optimizer step and its
+    count)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -104,7 +114,8 @@ def _in_finalizer(frame) -> bool:
 
 
 class StopOnSignals:
-    """While active, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where Python runs handlers).
+    """While active, SIGTERM, SIGHUP and SIGQUIT raise :class:`Stopped` in the main thread (where Python runs
+    handlers).
 
     Only signals that still have their default action are taken over: an application's own handler is left
     alone. Inside :meth:`finishing` (the rename into place and the records that go with it) a signal only
@@ -149,7 +160,7 @@ class StopOnSignals:
 
 
 class StopOnce:
-    """SIGINT, SIGTERM and SIGHUP while an agent runs: the first stops it (raised in the main thread, Ctrl-C's
+    """SIGINT, SIGTERM, SIGHUP and SIGQUIT while an agent runs: the first stops it (raised in the main thread, Ctrl-C's
     KeyboardInterrupt, or :class:`Terminated` with exit code 128 + signal); the ones after it are ignored while
     the run ends its MCP servers. ``timeout`` signals its whole group and the supervisor
     forwards what it gets, so one ``kill`` often arrives twice, and the second cut that clean-up short. Only
@@ -175,8 +186,7 @@ class StopOnce:
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
-            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
-                        signal.SIGHUP: signal.SIG_DFL}
+            defaults = {signal.SIGINT: signal.default_int_handler, **{s: signal.SIG_DFL for s in _SIGNALS}}
             for s, default in defaults.items():
                 if signal.getsignal(s) is default:
                     self._old[s] = signal.signal(s, self._handle)

@@ -6,7 +6,8 @@ with the same stdin, stdout, stderr and process group (so the terminal, pipes an
 before). The child gets SIGTERM if the parent is killed outright. The parent only waits: it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to it alone (what a
 terminal sends, Ctrl-C included, reaches the child directly), passes the child's exit status through, and when the child dies of
 a signal prints what died, the likely cause and the flag that avoids it, then exits 128 + the signal (a
-``serve`` stopped by a SIGTERM the parent forwarded exits 0, as llama-server: systemd counts 143 as a failure).
+``serve`` stopped by a SIGTERM, to either process, exits 0, as llama-server: systemd counts 143 as a failure; a
+stop signal, SIGQUIT's Ctrl-\\ included, is never reported as a crash).
 
 The child leaves the kernels it loaded in an anonymous in-memory file the parent made and passed down
 (``ONDEVICE_CRASH_STATE`` names its descriptor; written by :func:`note_loaded`) so the message can name AMX
@@ -109,10 +110,11 @@ def run_supervised(verb: str, argv: list[str]) -> int:
             return 130
         if sig == signal.SIGPIPE:
             return 0  # the reader went away (`ondevice run | head`), as in-process
-        if verb == "serve" and sig == forwarded == signal.SIGTERM:
-            return 0  # a stop asked of the server (systemctl stop, docker stop), done gracefully: llama-server's 0
-        if sig == forwarded or sig in (signal.SIGTERM, signal.SIGHUP):
-            return 128 + sig  # it was told to stop: not a crash
+        if verb == "serve" and sig == signal.SIGTERM:
+            return 0  # a stop asked of the server (systemctl stop, docker stop, a kill of either process), done
+            # gracefully: llama-server's 0
+        if sig == forwarded or sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            return 128 + sig  # it was told to stop (SIGQUIT: Ctrl-\ at the terminal), not a crash
         try:
             state = json.loads(os.pread(fd, os.fstat(fd).st_size, 0) or b"{}")
         except (OSError, ValueError):

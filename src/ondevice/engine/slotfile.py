@@ -107,9 +107,12 @@ def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = Non
         raise _not_followed(path.name, "a symbolic link" if path.is_symlink() else "not a regular file")
     slot = _idle(gen, seq)
     if slot.cached and slot.ads != ads:
-        raise InvalidArgument(f"slot {seq} holds a prompt computed under adapters {', '.join(slot.ads) or 'none'}, "
-                              f"not the default ({', '.join(ads) or 'none'}); a slot file records no adapters, so "
-                              f"save a slot whose last request named none")
+        def under(a: tuple[str, ...]) -> str:
+            return f"adapters {', '.join(a)}" if a else "no adapter"
+
+        raise InvalidArgument(f"slot {seq} holds a prompt computed under {under(slot.ads)}, not under the default "
+                              f"({under(ads)}); a slot file records no adapters, so send the prompt again with no "
+                              f"adapter named (the default) and save the slot then")
     if keep is not None and keep < len(slot.cached):
         slot.cut(keep)
         gen.eng.truncate(keep, seq)

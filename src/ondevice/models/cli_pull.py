@@ -35,8 +35,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument("give what to pull: a URL, hf.co/OWNER/REPO:QUANT or a catalog name, or "
                               "-hf OWNER/REPO[:QUANT]")
     entry = catalog_entry(url)
-    path = pull(url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
-                progress=not args.quiet)
+    from ..stop_signals import interrupt_on_signals
+
+    with interrupt_on_signals():  # a `kill` (SIGTERM, SIGHUP, Ctrl-\) keeps the partial download as Ctrl-C does
+        path = pull(url, name=args.name, sha256=args.sha256, force=args.force, retries=args.retries,
+                    progress=not args.quiet)
     from .catalog import read_provenance
     from .gguf_check import validate_gguf
     from .gguf_split import first_of

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import urllib.error
@@ -458,9 +459,10 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
             try:
                 state = _download(http_url, part, meta, timeout, bar, given=url, login=login)
                 break
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 if progress and part.exists():
-                    print(f"\nondevice: pull interrupted; {part.stat().st_size} bytes are kept in {part}: run the "
+                    how = f"stopped by {signal.Signals(e.signal).name}" if hasattr(e, "signal") else "interrupted"
+                    print(f"\nondevice: pull {how}; {part.stat().st_size} bytes are kept in {part}: run the "
                           f"same command again to resume{_or_rm(dest)}", file=sys.stderr)
                 raise
             except DownloadInterrupted as e:

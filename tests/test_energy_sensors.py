@@ -50,20 +50,33 @@ def battery(ps: Path, name: str, status: str, **values: int | str) -> Path:
     return d
 
 
-def step(roots, writes: dict, before_w: float, after_w: float, pause: float = 0.2, **kw) -> tuple[dict, float]:
+def step(roots, writes: dict, before_w: float, after_w: float, pause: float = 0.2, **kw) -> dict:
     """Measure ``pause`` s at ``before_w`` watts, write ``writes`` (path -> text) to step the sensor to ``after_w``,
-    measure ``pause`` s more: the meter's result and the joules the step gives (the region's own start from its
-    ``seconds``); a step between two samples is off by at most the step times the gap around it."""
+    measure ``pause`` s more, and check the meter's joules against the ones the step gives over the span it
+    reports (``seconds``), wherever in the with-block's bounds that span starts and the step falls: a loaded
+    machine can take long to enter or leave the block (a CI run under two suites failed the old check, which
+    took the span to end where the block's body did); a step between two samples is off by at most the step
+    times the gap around it. Returns the meter's result."""
+    t_a = time.perf_counter()
     with EnergyMeter(interval_s=0.02, **roots, **kw) as meter:
         time.sleep(pause)
-        t_write = time.perf_counter()
+        t_w0 = time.perf_counter()
         for path, text in writes.items():
             path.write_text(text)
+        t_w1 = time.perf_counter()
         time.sleep(pause)
-        t_exit = time.perf_counter()
+    t_b = time.perf_counter()
     r = meter.result
-    t_enter = t_exit - r["seconds"]
-    return r, before_w * (t_write - t_enter) + after_w * (t_exit - t_write)
+    span = r["seconds"]
+    assert t_b - t_a >= span  # the span sampled lies inside the block
+
+    def joules(t0: float, ts: float) -> float:
+        return before_w * (ts - t0) + after_w * (t0 + span - ts)
+
+    ends = [joules(t0, ts) for t0 in (t_a, t_b - span) for ts in (t_w0, t_w1)]
+    slack = abs(after_w - before_w) * r["max_gap_s"] + 0.01
+    assert min(ends) - slack <= r["joules"] <= max(ends) + slack, (r, ends, slack)
+    return r
 
 
 def test_labels_are_classed_by_what_they_cover():
@@ -99,9 +112,8 @@ def test_hwmon_power_integrates_the_board_input_only(roots):
     f = chip(roots["hwmon"], 1, "ina3221", "power", {"VDD_IN": 1_000_000, "VDD_CPU_GPU_CV": 400_000,
                                                        "VDD_SOC": 300_000})
     # 1 W -> 3 W; VDD_SOC, inside VDD_IN, must not count
-    r, expected = step(roots, {f["VDD_IN"]: "3000000\n", f["VDD_SOC"]: "2000000\n"}, 1.0, 3.0, pause=0.3)
+    r = step(roots, {f["VDD_IN"]: "3000000\n", f["VDD_SOC"]: "2000000\n"}, 1.0, 3.0, pause=0.3)
     assert r["method"] == "hwmon-power" and r["domains"] == ["hwmon1/ina3221/VDD_IN"]
-    assert r["joules"] == pytest.approx(expected, abs=2.0 * r["max_gap_s"] + 0.02)
     assert r["samples"] >= 4 and r["interval_s"] == 0.02 and r["distinct_readings"] == 2
     assert r["scope"].startswith("system (board input: VDD_IN") and scope_kind(r["method"], r["scope"]) == "system"
 
@@ -114,9 +126,8 @@ def test_ina3221_rails_are_current_times_voltage(roots):
     for name, value in {"name": "ina3221", "in1_label": "VDD_IN", "in1_input": 5000, "curr1_input": 800,
                         "in2_label": "VDD_CPU_GPU_CV", "in2_input": 5000, "curr2_input": 300, "in4_input": 40}.items():
         (d / name).write_text(f"{value}\n")
-    r, expected = step(roots, {d / "curr1_input": "1200\n"}, 4.0, 6.0)  # 4 W -> 6 W
+    r = step(roots, {d / "curr1_input": "1200\n"}, 4.0, 6.0)  # 4 W -> 6 W
     assert r["method"] == "hwmon-power" and r["domains"] == ["hwmon2/ina3221/VDD_IN"]
-    assert r["joules"] == pytest.approx(expected, abs=2.0 * r["max_gap_s"] + 0.02)
 
 
 def test_the_sampler_integrates_trapezoids_over_its_clock():
@@ -189,9 +200,8 @@ def test_discharging_battery_power_now_is_the_whole_device(roots):
     bat = battery(ps, "BAT0", "Discharging", power_now=8_000_000)
     mouse = battery(ps, "hidpp_battery_0", "Discharging", power_now=1_000_000)
     (mouse / "scope").write_text("Device\n")  # a peripheral's battery: not the system's
-    r, expected = step(roots, {bat / "power_now": "2000000\n"}, 8.0, 2.0)  # 8 W -> 2 W
+    r = step(roots, {bat / "power_now": "2000000\n"}, 8.0, 2.0)  # 8 W -> 2 W
     assert r["method"] == "battery" and r["domains"] == ["BAT0"]
-    assert r["joules"] == pytest.approx(expected, abs=6.0 * r["max_gap_s"] + 0.05)
     assert r["scope"].startswith("system (battery BAT0, discharging: the whole device")
     assert scope_kind(r["method"], r["scope"]) == "system"
 
@@ -199,8 +209,7 @@ def test_discharging_battery_power_now_is_the_whole_device(roots):
 def test_battery_current_times_voltage_android_sign(roots):
     """No power_now: current_now (negative while discharging on Android) x voltage_now."""
     bat = battery(roots["power_supply"], "battery", "Discharging", current_now=-1_500_000, voltage_now=4_000_000)
-    r, expected = step(roots, {bat / "current_now": "-500000\n"}, 6.0, 2.0, method="battery")  # 6 W -> 2 W
-    assert r["joules"] == pytest.approx(expected, abs=4.0 * r["max_gap_s"] + 0.05)
+    step(roots, {bat / "current_now": "-500000\n"}, 6.0, 2.0, method="battery")  # 6 W -> 2 W
 
 
 def test_a_charging_battery_is_not_used_and_says_why(roots):

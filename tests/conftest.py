@@ -84,13 +84,14 @@ class Recording:
 
 
 def as_a_shell_starts_it() -> None:
-    """``preexec_fn`` for a command under test: Ctrl-C's and hang-up's default actions, as a shell with job
-    control starts a command, even where this test run inherited them ignored (``nohup``, a background job
-    of a non-interactive shell: exec keeps "ignored", and the signal a test sends would never land)."""
+    """``preexec_fn`` for a command under test: Ctrl-C's, Ctrl-\\'s and hang-up's default actions, as a shell with
+    job control starts a command, even where this test run inherited them ignored (``nohup``; a background job
+    of a non-interactive shell ignores SIGINT and SIGQUIT: exec keeps "ignored", and the signal a test sends
+    would never land)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, signal.SIG_DFL)
 
 
 @pytest.fixture()

@@ -241,7 +241,7 @@ def test_running_an_interrupted_download_says_so_and_how_to_resume(server, two_m
 
 def test_a_killed_pull_is_listed_as_downloading_then_rm_leaves_nothing(server, two_models, tmp_path, cli):
     """While a pull runs, `ondevice models` said "partial download: `ondevice pull ...` resumes it"; a pull killed
-    by SIGTERM left NAME.gguf.lock behind for good, which `rm NAME` did not remove."""
+    outright left NAME.gguf.lock behind for good, which `rm NAME` did not remove."""
     import os
     import signal
     import subprocess
@@ -263,9 +263,9 @@ def test_a_killed_pull_is_listed_as_downloading_then_rm_leaves_nothing(server, t
         listed = cli("models")
         assert "s2" in listed.stdout and "downloading now by an `ondevice pull`" in listed.stdout, listed.stdout
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGKILL)  # (a SIGTERM now unwinds and removes the lock)
         proc.wait(timeout=60)
-    assert (store / "s2.gguf.lock").exists()  # SIGTERM's default action runs no finally
+    assert (store / "s2.gguf.lock").exists()  # SIGKILL runs no finally
     r = cli("rm", "s2")
     assert r.returncode == 0 and r.stdout.startswith("removed s2 ("), r.stderr
     assert sorted(p.name for p in store.iterdir()) == []

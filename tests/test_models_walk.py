@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from conftest import as_a_shell_starts_it
 from test_pull import isolated_home, make_gguf  # noqa: F401 — its autouse fixture, shared
 
 from ondevice.errors import InvalidArgument, OndeviceError
@@ -70,11 +71,6 @@ def test_a_full_disk_mid_download_names_the_part_and_the_rerun_resumes(server, t
     assert server.gets("/m/tiny.gguf")[-1]["range"] is not None
 
 
-def _as_a_shell_starts_it() -> None:
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143,
                                                                                   "stopped by SIGTERM"),
                                              (signal.SIGHUP, 129, "stopped by SIGHUP")],
@@ -90,7 +86,7 @@ def test_a_stop_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tm
     env = dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"))
     part = tmp_path / "home" / "models" / "tiny.gguf.part"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=_as_a_shell_starts_it)  # noqa: PLW1509
+                            preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size >= 20_000) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -98,6 +94,7 @@ def test_a_stop_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tm
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "Traceback" not in err, (proc.returncode, err)
     assert f"pull {said}; 20000 bytes are kept in {part}: run the same command again to resume" in err
+    assert not part.with_name("tiny.gguf.lock").exists()  # unwound: the lock is released, as on Ctrl-C
     assert not part.with_name("tiny.gguf").exists()
     assert json.loads(part.with_name("tiny.gguf.part.json").read_text())["validator"] == '"v1"'
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)

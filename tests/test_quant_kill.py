@@ -146,9 +146,10 @@ def test_a_signal_that_lands_in_a_finalizer_still_interrupts_a_sweep():
 def _no_core_and_default_signals():  # as a shell starts a command; a crash of the old code leaves no core file
     import resource
 
+    from conftest import as_a_shell_starts_it
+
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(s, signal.SIG_DFL)
+    as_a_shell_starts_it()
 
 
 def test_a_second_kill_while_unwinding_does_not_cut_the_checkpoint():

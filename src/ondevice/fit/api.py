@@ -32,6 +32,7 @@ from .groups import BASE, CANDIDATES, layout, quant_size
 from .imatrix import choose_imatrix
 from .inputs import check_settings, reference_for, texts
 from .interact import KldModel, choose_model, measured_plans
+from .knobs import knobs_note, runtime_record, tune
 from .measure import (
     NOISY_NOTE,
     REPETITIONS,
@@ -94,7 +95,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         eval_ctx: int = 256, eval_chunks: int = 8, validate: int = 3, imatrix: str = "auto", transform: str = "off",
         speed_tests: tuple[str, ...] = ("pp128", "tg64"), repetitions: int = REPETITIONS, resume: bool = False,
         reprobe: bool = False, store: bool = True, force: bool = False, knobs: bool = False,
-        profile: str | object | None = None, quality: str | None = None, quality_limit: int | None = 10,
+        knobs_depth: int = 1024, profile: str | object | None = None, quality: str | None = None,
+        quality_limit: int | None = 10,
         progress: Callable[[str], None] | bool | None = None) -> FitResult:
     """Fit ``model`` to this device under ``budget`` (``"size<=110MB,tg>=100,kld<=0.02"``; see ``budget``).
 
@@ -123,7 +125,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             (per machine and build) unless ``reprobe``.
         store: write the chosen variant into the model store and the fit into the SQLite store.
         knobs: also time the chosen file's runtime knobs (threads, flash attention, ubatch, KV type; ``knobs``)
-            and keep the measured best in its ``measured["runtime"]``.
+            and keep the measured best in its ``measured["runtime"]``; ``knobs_depth``: the KV depth they are also
+            decoded at (flash attention's cost grows with it; 0: only the fit's tests).
         profile: a device profile (``phone-4g``, ``edge-1g``, ``threads=1,mem=2G,cpus=0`` or a
             ``DeviceProfile``): every bench runs under it, its threads are the default, its memory cap bounds
             the file (``fit.profile``).
@@ -162,7 +165,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         types = (BASE, *types)
     check_settings(imatrix=imatrix, transform=transform, speed_tests=speed_tests, calib_ctx=calib_ctx,
                    eval_ctx=eval_ctx, calib_chunks=calib_chunks, eval_chunks=eval_chunks, threads=threads,
-                   name=name, validate=validate, repetitions=repetitions)
+                   name=name, validate=validate, repetitions=repetitions, knobs_depth=knobs_depth)
     if name is not None and name in store_variants() and not force:
         raise InvalidArgument(f"a variant named {name!r} already exists; pass --name NEW (name=) or --force "
                               f"(force=True)")
@@ -428,15 +431,10 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
                 shipped_chosen=True)
         store = False
     if knobs:
-        from .knobs import tune
-
         with phase("knobs"):
             rt = tune(chosen.measured["file"], threads, tuple(speed_tests), repetitions,
-                      "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof)
-        chosen.measured["runtime"] = {"knobs": rt["chosen"], "flags": rt["flags"],
-                                      **{k: rt["measured"][k] for k in ("tg", "pp")},
-                                      "trials": [{"what": w, **k, "tg": sp["tg"], "pp": sp["pp"]}
-                                                 for w, k, sp in rt["rows"]]}
+                      "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof, depth=knobs_depth)
+        chosen.measured["runtime"] = runtime_record(rt)
     vname = stored = None
     if store:
         c_im_sha = im_sha if transformed(chosen) else plain[2]  # the importance matrix its file was made with
@@ -455,7 +453,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         + (f"peak RSS {mib(chosen.measured['mem'])} MiB, " if chosen.measured.get("mem") else "")
         + f"tg {chosen.measured['tg']:.1f} tok/s{noisy_mark(chosen.measured)}"
         + (f" under profile {prof.name}" if prof.spec else "")
-        + _knobs_note(chosen.measured.get("runtime"))
+        + knobs_note(chosen.measured.get("runtime"))
         + f", KLD {chosen.measured['kld']:.4f} (held-out)" + _quality_note(qual, chosen.measured, q_ref)
         + f", {secs:.0f} s, {meter.built + vmeter.built} builds, {meter.spliced + vmeter.spliced} spliced, "
         f"{meter.reused + vmeter.reused} measurements reused (cached, or already made in this fit)")
@@ -470,12 +468,6 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
 def _pm(value: float, sd: float | None) -> str:
     """``69.6+-2.9`` (tok/s and its standard deviation; the value alone when there is none)."""
     return f"{value:.1f}" + (f"+-{sd:.1f}" if sd is not None else "")
-
-
-def _knobs_note(runtime: dict | None) -> str:
-    if not runtime or not runtime.get("flags"):
-        return ""
-    return f" (tg {runtime['tg']:.1f} with its knobs: {runtime['flags']})"
 
 
 def _quality_note(qual: Quality, m: dict, ref: dict) -> str:

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a stored variant of the same name")
     p.add_argument("--knobs", action="store_true", help="also time the chosen variant's runtime knobs (threads, "
                    "flash attention, ubatch, KV type) with the bench and keep the fastest")
+    p.add_argument("--knobs-depth", type=int, default=1024, metavar="N",
+                   help="--knobs also decodes at this KV depth (tokens already in the cache, as in a chat with "
+                        "history), where flash attention's cost or gain shows, and judges decode on both tests "
+                        "(their mean time per token; 0: the --tests alone)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,5 +91,6 @@ def _fit(fit, args: argparse.Namespace) -> None:
         eval_ctx=args.eval_ctx, eval_chunks=args.eval_chunks, validate=args.validate, imatrix=args.imatrix,
         transform=args.transform, repetitions=args.repetitions,
         speed_tests=tuple(t for t in args.tests.split(",") if t), resume=args.resume, reprobe=args.reprobe,
-        store=not args.no_store, force=args.force, knobs=args.knobs, profile=args.profile,
+        store=not args.no_store, force=args.force, knobs=args.knobs, knobs_depth=args.knobs_depth,
+        profile=args.profile,
         quality=args.quality, quality_limit=args.quality_limit, progress=lambda m: print(m, flush=True))

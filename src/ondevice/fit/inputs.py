@@ -12,7 +12,7 @@ from .measure import fit_dir
 
 def check_settings(*, imatrix: str, transform: str, speed_tests: tuple[str, ...], calib_ctx: int, eval_ctx: int,
                    calib_chunks: int, eval_chunks: int, threads: int | None, name: str | None, validate: int,
-                   repetitions: int) -> None:
+                   repetitions: int, knobs_depth: int = 0) -> None:
     """Refuse settings that would fail later (after minutes of measuring, or after the whole fit), each with a
     one-line error naming the flag."""
     for flag, mode in (("imatrix", imatrix), ("transform", transform)):
@@ -38,6 +38,8 @@ def check_settings(*, imatrix: str, transform: str, speed_tests: tuple[str, ...]
         raise InvalidArgument(f"--validate {validate} must be >= 1")
     if repetitions < 1:
         raise InvalidArgument(f"--repetitions {repetitions} must be >= 1 (bench rounds)")
+    if knobs_depth < 0:
+        raise InvalidArgument(f"--knobs-depth {knobs_depth} must be >= 0 (tokens of KV cache; 0: none)")
 
 
 def reference_for(src, ref: str | os.PathLike[str] | None, say) -> tuple[object, str, bool]:

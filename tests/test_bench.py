@@ -284,6 +284,18 @@ def test_roofline_arithmetic_against_device_roofline(smol_path):
     assert got["pct"] == pytest.approx(100 * (t_pre + t_dec) / 2.0)
 
 
+def test_a_kv_cache_the_memory_cap_has_no_room_for_is_an_oom_record(home, smol_path):
+    """Under a profile's cgroup cap the engine's KV check refused the context ("needs 720.0 MiB for the KV cache
+    and this machine has 0.0 GiB available") and the bench recorded an error, not the device's lack of memory: a
+    fit under that profile then failed on it instead of saying the variant does not fit the device."""
+    import ondevice
+
+    recs = ondevice.bench([str(smol_path)], "pp16", profile=["mem=300M,threads=1"], n_ctx=[32768],
+                          repetitions=1, roofline=False, store=False)
+    assert [r.status for r in recs] == ["oom"], [(r.status, r.error) for r in recs]
+    assert "memory" in recs[0].error
+
+
 def test_memory_cap_below_model_size_is_an_oom_record(home, smol_path):
     import ondevice
 

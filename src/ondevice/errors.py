@@ -49,6 +49,11 @@ class InvalidArgument(OndeviceError):
     """A flag or parameter with a value outside its range."""
 
 
+class KVCacheTooLarge(InvalidArgument):
+    """The context's KV cache needs more memory than is available (refused before llama.cpp allocates it); under
+    a bench's device profile, the run does not fit that device's memory."""
+
+
 class NonFiniteLogits(OndeviceError):
     """llama.cpp computed NaN or infinite logits: the output means nothing. The cause is a NaN or inf in what
     computed them: the model's weights, a LoRA adapter in use, or KV state restored from a file."""

@@ -21,7 +21,7 @@ import traceback
 from dataclasses import dataclass
 
 from ..device.cgroup import cpu_throttled
-from ..errors import ContextOverflow, InvalidArgument, OndeviceError
+from ..errors import ContextOverflow, InvalidArgument, KVCacheTooLarge, OndeviceError
 from .measure import cpu_seconds, mapped_rss_bytes, max_rss_bytes, mean_std, percentile, proc_status, reset_peak_rss
 from .noise import busy_seconds, other_load, throttled_between
 
@@ -165,8 +165,10 @@ def _is_oom(exc: BaseException, capped: bool) -> bool:
     # under RLIMIT_AS a shared library (numpy's, llama.cpp's) can fail to map: an ImportError/OSError
     if capped and any(s in str(exc) for s in ("failed to map segment", "Cannot allocate memory")):
         return True
-    # under a memory cap llama.cpp reports a failed mmap/alloc as a failed load or context
-    return capped and isinstance(exc, OndeviceError) and not isinstance(exc, (InvalidArgument, ContextOverflow))
+    # under a memory cap llama.cpp reports a failed mmap/alloc as a failed load or context, and a KV cache the
+    # cap leaves no room for is refused before it is allocated
+    return capped and isinstance(exc, OndeviceError) and (
+        isinstance(exc, KVCacheTooLarge) or not isinstance(exc, (InvalidArgument, ContextOverflow)))
 
 
 def main(argv: list[str] | None = None) -> int:

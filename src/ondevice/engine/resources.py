@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, KVCacheTooLarge
 
 
 def check_threads(n: int, flag: str = "--threads / n_threads") -> int:
@@ -41,12 +41,17 @@ def check_kv_memory(info, n_ctx: int, n_ctx_train: int, type_k: str, type_v: str
     per_token = kv_bytes_per_token(info, type_k, type_v) if info else None
     avail = available_memory_bytes()
     if per_token and avail and per_token * n_ctx > avail:  # refused: the warning below would be moot
-        raise InvalidArgument(
-            f"--ctx / n_ctx={n_ctx} needs {per_token * n_ctx / 2**30:.1f} GiB for the KV cache and this machine "
-            f"has {avail / 2**30:.1f} GiB available; use a smaller context (the model was trained with "
-            f"{n_ctx_train}) or a smaller KV cache type (q8_0: -ctk/-ctv in run, chat and bench; serve's --kv-type)")
+        raise KVCacheTooLarge(
+            f"--ctx / n_ctx={n_ctx} needs {_size(per_token * n_ctx)} for the KV cache and this machine has "
+            f"{_size(avail)} available; use a smaller context (the model was trained with {n_ctx_train}) or a "
+            f"smaller KV cache type (q8_0: -ctk/-ctv in run, chat and bench; serve's --kv-type)")
     seq = n_ctx_seq or n_ctx
     if n_ctx_train and seq > n_ctx_train:  # llama.cpp allows it (and warns in its log)
         each = "" if seq == n_ctx else f" ({seq} per sequence)"
         warnings.warn(f"--ctx / n_ctx={n_ctx}{each} is more than the {n_ctx_train} tokens {name} was trained "
                       f"with; replies that reach past it usually degrade", stacklevel=5)
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB (a cgroup-capped process may have a few MiB: not "0.0 GiB")."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

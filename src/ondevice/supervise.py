@@ -1,13 +1,16 @@
 """Run a verb in a child process, so a native crash in llama.cpp reaches the user as one clear line.
 
 A SIGSEGV or SIGABRT inside llama.cpp cannot be caught in the process it kills. The ``ondevice`` command
-therefore runs the verbs that load llama.cpp (:data:`VERBS`) as ``python -m ondevice.cli ...`` in a child
+therefore runs the verbs that load llama.cpp (:data:`VERBS`) as ``python -P -m ondevice.cli ...`` in a child
 with the same stdin, stdout, stderr and process group (so the terminal, pipes and Ctrl-C behave as
-before). The child gets SIGTERM if the parent is killed outright. The parent only waits: it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to it alone (what a
-terminal sends, Ctrl-C included, reaches the child directly), passes the child's exit status through, and when the child dies of
-a signal prints what died, the likely cause and the flag that avoids it, then exits 128 + the signal (a
-``serve`` stopped by a SIGTERM, to either process, exits 0, as llama-server: systemd counts 143 as a failure; a
-stop signal, SIGQUIT's Ctrl-\\ included, is never reported as a crash).
+before). The child gets SIGTERM if the parent is killed outright. The parent only waits: it forwards SIGTERM,
+SIGINT, SIGHUP and SIGQUIT sent to it alone (what a terminal sends, Ctrl-C included, reaches the child directly;
+a terminal's hang-up reaches only the session's leader, so where that is this parent, as under ``ssh -t host
+ondevice ...``, it is forwarded), passes the child's exit status through, and when the child dies of a signal
+sets the terminal's settings back (a chat killed mid-reply had turned echo off), prints what died, the likely
+cause and the flag that avoids it, then exits 128 + the signal (a ``serve`` stopped by a SIGTERM, to either
+process, exits 0, as llama-server: systemd counts 143 as a failure; a stop signal, SIGQUIT's Ctrl-\\ included,
+is never reported as a crash).
 
 The child leaves the kernels it loaded in an anonymous in-memory file the parent made and passed down
 (``ONDEVICE_CRASH_STATE`` names its descriptor; written by :func:`note_loaded`) so the message can name AMX
@@ -82,8 +85,10 @@ def run_supervised(verb: str, argv: list[str]) -> int:
     if os.environ.get("ONDEVICE_VERBOSE", "") in ("", "0"):  # the crash gets our line, not ggml's gdb dump
         env.setdefault("GGML_NO_BACKTRACE", "1")
     forwarded = None
+    leader = os.getsid(0) == os.getpid()  # `ssh -t host ondevice chat`, `xterm -e`, `tmux new ondevice ...`
+    tty = _Terminal()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "ondevice.cli", *argv], env=env, pass_fds=(fd,),
+        proc = subprocess.Popen(python("-m", "ondevice.cli", *argv), env=env, pass_fds=(fd,),
                                 preexec_fn=_term_with_parent)  # noqa: PLW1509 — the parent is single-threaded here
         # wait with our signals blocked and read them synchronously: no handler runs in the parent
         mask = {*_FORWARD, signal.SIGCHLD}
@@ -96,8 +101,9 @@ def run_supervised(verb: str, argv: list[str]) -> int:
                 # signal to forward counts; SIGCHLD just wakes the loop
                 if info is None or info.si_signo not in _FORWARD:
                     continue
-                if info.si_code == _SI_KERNEL:
+                if info.si_code == _SI_KERNEL and not (info.si_signo == signal.SIGHUP and leader):
                     continue  # from the terminal (Ctrl-C, Ctrl-\, hang-up) to our whole group: the child has it
+                    # (a hang-up goes to the session's leader alone: where that is us, the child has nothing)
                 forwarded = info.si_signo
                 proc.send_signal(forwarded)
         finally:
@@ -105,6 +111,7 @@ def run_supervised(verb: str, argv: list[str]) -> int:
         rc = proc.returncode
         if rc >= 0:
             return rc
+        tty.restore()  # killed, it could not undo what it set (chat's no-echo, readline's raw keys)
         sig = -rc
         if sig == signal.SIGINT:
             return 130
@@ -123,6 +130,41 @@ def run_supervised(verb: str, argv: list[str]) -> int:
         return 128 + sig
     finally:
         os.close(fd)
+
+
+def python(*args: str) -> list[str]:
+    """The command line of a Python child of ours: this interpreter, with no folder put first on its import path
+    (``-P``): ``python -m`` puts the current folder there, and an ``enum.py`` or ``json.py`` in it would be run in
+    place of the standard library's."""
+    return [sys.executable, "-P", *args]
+
+
+class _Terminal:
+    """The settings of the terminal on stdin when the child started, put back after a child killed by a signal
+    (a shell does so for a job killed by a signal, not for one that exits 128 + N, as this parent does)."""
+
+    def __init__(self) -> None:
+        self.saved = None
+        try:
+            import termios
+        except ImportError:
+            return
+        try:
+            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():  # in the foreground: ours to set back
+                self.saved = termios.tcgetattr(0)
+        except (OSError, termios.error):
+            pass
+
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        import termios
+
+        try:
+            if os.tcgetpgrp(0) == os.getpgrp():  # still in the foreground (a background tcsetattr stops us)
+                termios.tcsetattr(0, termios.TCSANOW, self.saved)
+        except (OSError, termios.error):  # hung up: no terminal to set
+            pass
 
 
 def _state_id(fd: int) -> str:

@@ -26,6 +26,7 @@ from datetime import datetime
 
 from ..stop_signals import interrupt_on_signals
 from ..store.record import created_now
+from ..supervise import python
 from .config import BenchConfig
 from .meta import ModelMeta, config_key, host_meta, model_meta, roofline_for
 from .noise import NOISY_LOAD, assess, wait_idle
@@ -150,7 +151,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def worker_command() -> list[str]:
-    return [sys.executable, "-m", "ondevice.bench.worker"]
+    return python("-m", "ondevice.bench.worker")
 
 
 def _worker_env(settings: dict) -> dict:

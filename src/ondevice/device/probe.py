@@ -24,7 +24,6 @@ import math
 import os
 import resource
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
 from ..models.store import data_dir, write_json  # one rule for where and how ondevice writes data
+from ..supervise import python
 from .info import device_info, l3_cache_bytes, machine_key
 
 _BLAS_ENV = (
@@ -183,7 +183,7 @@ def _run_child(threads: int, timeout: float) -> dict:
     for k in _BLAS_ENV:
         env[k] = str(threads)
     llc = l3_cache_bytes() or (32 << 20)
-    cmd = [sys.executable, "-c", _WORKER, str(threads), str(_bandwidth_bytes(llc)), str(timeout * 0.6), str(llc)]
+    cmd = [*python("-c", _WORKER), str(threads), str(_bandwidth_bytes(llc)), str(timeout * 0.6), str(llc)]
     try:
         res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

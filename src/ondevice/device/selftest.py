@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..supervise import python
+
 CHILD_TIMEOUT_S = 120.0
 # signals that mean the code the child ran broke; any other (SIGKILL, SIGTERM, SIGINT...) came from outside
 BROKE = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGTRAP})
@@ -31,7 +33,7 @@ def _run_child(job: dict) -> tuple[str, int | None, str]:
 
     env = {k: v for k, v in os.environ.items() if k != STATE_ENV}  # the child's crash is not the user's
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ondevice.device.selftest", json.dumps(job)],
+        proc = subprocess.Popen(python("-m", "ondevice.device.selftest", json.dumps(job)),
                                 stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
         try:
             out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)

@@ -32,13 +32,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from ..errors import InvalidArgument, OndeviceError
+from ..supervise import python
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 COPY = "COPY"  # llama-quantize's: every tensor copied as it is, into one file (a split model merged)
@@ -264,7 +264,7 @@ def run_worker(src: Path, dst: Path, ftype: int, overrides: list[tuple[str, str]
     t0 = time.perf_counter()
     lifeline, keep_open = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, "-m", "ondevice.quant.worker", json.dumps(job)],
+        proc = subprocess.run(python("-m", "ondevice.quant.worker", json.dumps(job)),
                               stdin=lifeline, capture_output=True, text=True, timeout=timeout, check=False)
         failure = _failure(proc, src.name, dst)
         if failure:

@@ -7,6 +7,7 @@ its verb is used, so ``ondevice --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -101,8 +102,59 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(file=sys.stderr)
+        if not _mute_gone():  # a hang-up taken as an interrupt (Terminated): no newline for a terminal that is gone
+            print(file=sys.stderr)
         return getattr(e, "exit_code", 130)  # 128 + the signal for a `kill` taken as an interrupt (Terminated)
+
+
+def _gone(fd: int) -> bool:
+    """Whether ``fd`` is a terminal that hung up (its window closed, its ssh connection dropped): the kernel answers
+    every write and termios call on it with EIO from then on (a file's EIO, a failing disk, is not this)."""
+    import os
+    import stat
+    import termios
+
+    try:
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+            return False
+        termios.tcgetattr(fd)
+    except termios.error as e:
+        return e.args[0] == errno.EIO
+    except OSError:
+        return False
+    return False
+
+
+def terminal_gone() -> bool:
+    """Whether stdin, stdout or stderr is a terminal that hung up."""
+    return any(_gone(fd) for fd in (0, 1, 2))
+
+
+def _mute_gone() -> bool:
+    """Points stdin, stdout and stderr that are a hung-up terminal at /dev/null: what is still buffered for them,
+    flushed as Python exits, would fail again (a traceback, exit 120). Whether stderr was one of them."""
+    import os
+
+    gone = [fd for fd in (0, 1, 2) if _gone(fd)]
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in gone:
+        os.dup2(null, fd)
+    os.close(null)
+    return 2 in gone
+
+
+def _hung_up(verb: str) -> int:
+    """The end of a command whose terminal went away: 129 (128 + SIGHUP), as a program the hang-up ended, with no
+    traceback or advice. Nothing more is written there (:func:`_mute_gone`); a line on stderr only where that is not
+    the terminal (a log)."""
+    import signal
+
+    if not _mute_gone():
+        try:
+            print(f"ondevice {verb}: stopped: its terminal went away (hang-up)", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+    return 128 + signal.SIGHUP
 
 
 def _flag_hint(parser: argparse.ArgumentParser, extra: list[str]) -> str:
@@ -247,6 +299,8 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as e:  # a path, a permission, a full disk: the user's to fix, said in one line
+        if e.errno == errno.EIO and terminal_gone():  # not a file's fault: the terminal written to hung up
+            return _hung_up(args.verb)
         name = str(e.filename or "")
         where = f": {name[:120]}{'...' if len(name) > 120 else ''}" if name else ""
         print(f"ondevice {args.verb}: error: {e.strerror or e}{where}; check the path, its permissions and the "

@@ -81,6 +81,16 @@ def interrupt_on_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def said_as_stopped(what: str) -> Iterator[None]:
+    """A kill taken as an interrupt in the block (:class:`Terminated`, under :func:`interrupt_on_signals`) while
+    ``what`` is written is said as :class:`Stopped` says it (quantize's and protect's line; exit 128 + signal)."""
+    try:
+        yield
+    except Terminated as e:
+        raise Stopped(e.signal, what) from None
+
+
+@contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """A block that Ctrl-C, SIGTERM, SIGHUP and SIGQUIT do not cut in two: they wait (blocked in the kernel) and
     land as the block ends. For a few steps that must happen together or not at all (an optimizer step and its

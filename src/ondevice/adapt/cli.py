@@ -177,7 +177,10 @@ def merge_adapter(args: argparse.Namespace) -> int:
     if len(args.adapter) != 1:
         raise InvalidArgument("merge takes one adapter: ondevice adapt merge NAME [-o OUT.gguf] (to combine several "
                               "first: ondevice adapt average A B --name NAME)")
-    r = merge(args.adapter[0], args.out, model=args.model, out_type=args.out_type, force=args.force)
+    from ..stop_signals import said_as_stopped
+
+    with said_as_stopped(args.out or "the merged model"):  # a `kill` mid-write: said as quantize and protect say it
+        r = merge(args.adapter[0], args.out, model=args.model, out_type=args.out_type, force=args.force)
     if args.check:
         from .check import GENERIC_PROMPTS, merged_agreement
 
@@ -210,7 +213,10 @@ def average_adapters(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgument(f"--weights {args.weights!r}: give numbers separated by commas, one per adapter, "
                               f"e.g. --weights 0.5,0.5") from None
-    r = average(args.adapter, args.out, args.name, weights, force=args.force)
+    from ..stop_signals import said_as_stopped
+
+    with said_as_stopped(args.out or "the averaged adapter"):
+        r = average(args.adapter, args.out, args.name, weights, force=args.force)
     if args.json:
         print(json.dumps(r))
         return 0

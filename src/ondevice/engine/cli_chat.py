@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import os
 import re
 import sys
 import warnings
@@ -146,17 +148,20 @@ def quiet_keys(stream=None) -> Iterator[None]:
 
         fd = stream.fileno()
         old = termios.tcgetattr(fd)
-    except Exception:  # noqa: BLE001 — no termios, not a terminal, or no fileno: nothing to do
+        new = list(old)
+        new[3] &= ~termios.ECHO  # lflags
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+    except Exception:  # noqa: BLE001 — no termios, not a terminal (or one that hung up), or no fileno: nothing to do
         yield
         return
-    new = list(old)
-    new[3] &= ~termios.ECHO  # lflags
-    termios.tcsetattr(fd, termios.TCSANOW, new)
     try:
         yield
     finally:
-        termios.tcflush(fd, termios.TCIFLUSH)
-        termios.tcsetattr(fd, termios.TCSANOW, old)
+        # a terminal that hung up answers EIO: nothing to restore there, and the error that ends chat is its write's
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcflush(fd, termios.TCIFLUSH)
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and not (args.single_turn and first is not None)
     read = input if sys.stdin.isatty() else PipedInput()
     ok = True  # the last message was answered
+    prompt = [""]  # the prompt of the line being read: Ctrl-C at an empty >>> gives a hint, as in ollama
+
+    def reading(text: str) -> str:
+        prompt[0] = text
+        return read(text)
+
     if interactive:
         import readline  # noqa: F401 — input() gets line editing and history (arrows, Ctrl-A/E/R) as in ollama
 
@@ -204,13 +215,15 @@ def run(args: argparse.Namespace) -> int:
                 print(">>> " + line.replace("\n", "\n... "))
         else:
             try:
-                line = read_message(read, interactive)
+                line = read_message(reading, interactive)
             except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own, not after ">>> "
                 if interactive:
+                    _raise_if_hung_up()
                     print(file=sys.stderr)
                 break
-            except KeyboardInterrupt:
-                print(file=sys.stderr)
+            except KeyboardInterrupt:  # the line (or """ message) typed is dropped; at an empty >>>, how to quit
+                print("\nUse Ctrl + d or /bye to exit." if interactive and prompt[0] == ">>> " and not _typed() else "",
+                      file=sys.stderr)
                 continue
             if not line.strip():
                 continue
@@ -230,6 +243,25 @@ def run(args: argparse.Namespace) -> int:
             return 0 if ok else 2
     # piped (a document, a script): 2 when the last message could not be answered, as run's exit says it
     return 0 if interactive or ok else 2
+
+
+def _typed() -> str:
+    """What readline held when Ctrl-C interrupted input() (the line typed so far)."""
+    try:
+        import readline
+
+        return readline.get_line_buffer()
+    except (ImportError, AttributeError):
+        return ""
+
+
+def _raise_if_hung_up() -> None:
+    """input() reads an end of file from a terminal that hung up too: that is no Ctrl-D, but the end of the
+    session, and the command ends as a hang-up does (cli.py says EIO on a gone terminal so)."""
+    from ..cli import terminal_gone
+
+    if terminal_gone():
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
 
 def _note_unread(read) -> None:

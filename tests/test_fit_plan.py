@@ -435,3 +435,22 @@ def test_the_fit_says_each_kind_of_bench_note_once(tmp_path):
     m._notes([cap.format("pp128", 157), "roofline unavailable at 2 threads: no probe"])
     assert said == [f"  bench note (said once): {cap.format('pp128', 221)}",
                     "  bench note (said once): roofline unavailable at 2 threads: no probe"]
+
+
+def test_knobs_out_of_memory_under_a_profile_name_the_depth_that_sized_their_context(monkeypatch):
+    """The benches of the knobs load the model once for all tests, with a context sized for the decode at depth:
+    under a tight memory cap that load failed for the fit's own tests too, and the fit said the variant "does not
+    fit that device" although it had just been benched under that profile."""
+    from types import SimpleNamespace
+
+    from ondevice.errors import InvalidArgument
+    from ondevice.fit.knobs import tune
+
+    monkeypatch.setattr("ondevice.bench", lambda models, tests, **kw: [
+        {"status": "oom", "test": t, "error": "model load failed (out of memory under the cap)"}
+        for t in tests.split(",")])
+    monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
+    prof = SimpleNamespace(spec="mem=300M", profile=SimpleNamespace(threads=None, cpu_affinity=None))
+    with pytest.raises(InvalidArgument, match=r"decode at KV depth 1024 \(tg64@d1024\).*'mem=300M': give a smaller "
+                                              r"--knobs-depth \(0: none\)"):
+        tune("model.gguf", 1, ("pp128", "tg64"), 1, say=lambda s: None, profile=prof, depth=1024)

@@ -101,11 +101,12 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
                 for r in ondevice.bench([str(path)], ",".join(tests + ((deep,) if deep else ())),
                                         repetitions=repetitions, store=False, roofline=False,
                                         **{n: [v] for n, v in s.items()})]
+        if deep and any(r.get("status") == "oom" for r in recs):  # one load for all tests: sized for the deepest
+            raise InvalidArgument(f"the knobs' benches, whose context holds the decode at KV depth {depth} ({deep}), "
+                                  f"ran out of memory under the device profile {profile.spec!r}: give a smaller "
+                                  f"--knobs-depth (0: none)")
         out = speed_of([r for r in recs if r["test"] != deep])
         if deep:
-            if any(r["test"] == deep and r.get("status") == "oom" for r in recs):
-                raise InvalidArgument(f"the knobs' decode at KV depth {depth} ({deep}) ran out of memory under "
-                                      f"the device profile {profile.spec!r}: give a smaller --knobs-depth (0: none)")
             d = speed_of([r for r in recs if r["test"] == deep])
             out["deep"], out["deep_std"] = d["tg"], d["tg_std"]
             out["noisy"] = out["noisy"] or d["noisy"]

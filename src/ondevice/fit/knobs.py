@@ -102,9 +102,10 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
                                         repetitions=repetitions, store=False, roofline=False,
                                         **{n: [v] for n, v in s.items()})]
         if deep and any(r.get("status") == "oom" for r in recs):  # one load for all tests: sized for the deepest
+            where = f"under the device profile {profile.spec!r}" if profile is not None and profile.spec else \
+                "on this machine"
             raise InvalidArgument(f"the knobs' benches, whose context holds the decode at KV depth {depth} ({deep}), "
-                                  f"ran out of memory under the device profile {profile.spec!r}: give a smaller "
-                                  f"--knobs-depth (0: none)")
+                                  f"ran out of memory {where}: give a smaller --knobs-depth (0: none)")
         out = speed_of([r for r in recs if r["test"] != deep])
         if deep:
             d = speed_of([r for r in recs if r["test"] == deep])

@@ -241,3 +241,18 @@ def test_adapt_merge_stopped_by_a_signal_says_so(tmp_path, adapter, sig):
     assert (f"ondevice adapt: error: stopped by {signal.Signals(sig).name} before {out} was complete; nothing was "
             f"written (a file it would have replaced is unchanged)") in err, err
     assert not list(out.parent.iterdir()) and "Traceback" not in err
+
+
+def test_an_error_line_for_a_terminal_that_hung_up_ends_the_command_as_a_hang_up(tmp_path):
+    """An error's own line (here: no such model) written to a stderr whose terminal hung up raised EIO out of the
+    error handler: a traceback to that same gone terminal, and exit 1."""
+    master, slave = os.openpty()
+    os.close(master)  # hung up: the kernel answers writes on the slave with EIO
+    env = dict(os.environ, ONDEVICE_SUPERVISED="1", ONDEVICE_HOME=str(tmp_path / "home"))
+    try:
+        r = subprocess.run([sys.executable, "-P", "-m", "ondevice.cli", "run", "-m", str(tmp_path / "none.gguf"),
+                            "hi"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env,
+                           timeout=120)
+    finally:
+        os.close(slave)
+    assert r.returncode == 128 + signal.SIGHUP, r

@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         if not _mute_gone():  # a hang-up taken as an interrupt (Terminated): no newline for a terminal that is gone
             print(file=sys.stderr)
         return getattr(e, "exit_code", 130)  # 128 + the signal for a `kill` taken as an interrupt (Terminated)
+    except OSError as e:  # an error's own line, written to a terminal that hung up: no traceback (there, or exit 1)
+        if e.errno != errno.EIO or not terminal_gone():
+            raise
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        return _hung_up(words[0] if words else "")
 
 
 def _gone(fd: int) -> bool:

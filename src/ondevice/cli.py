@@ -117,8 +117,11 @@ def _gone(fd: int) -> bool:
     every write and termios call on it with EIO from then on (a file's EIO, a failing disk, is not this)."""
     import os
     import stat
-    import termios
 
+    try:
+        import termios
+    except ImportError:  # no terminals as POSIX has them (Windows): none hung up
+        return False
     try:
         if not stat.S_ISCHR(os.fstat(fd).st_mode):
             return False
@@ -141,10 +144,11 @@ def _mute_gone() -> bool:
     import os
 
     gone = [fd for fd in (0, 1, 2) if _gone(fd)]
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in gone:
-        os.dup2(null, fd)
-    os.close(null)
+    if gone:  # (most exits: none, and nothing to open)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in gone:
+            os.dup2(null, fd)
+        os.close(null)
     return 2 in gone
 
 

@@ -441,8 +441,11 @@ def test_cloud_down_slow_or_erroring_still_answers_from_the_device(cloud, home, 
             h, text, info = _ask(srv, {"always_defer": True}, stream=stream)
             assert h["x-ondevice-tier"] == "device" and info["tier"] == "device" and text
             assert info["fallback"] == kind and f"fallback={kind}" in h["x-ondevice-cascade"]
-            # the wait on the cloud is the reply's cloud latency (non-streamed it was null and left out of the header)
-            assert info["cloud_ms"] >= 1e3 * kw.get("cascade_timeout", 0) and "cloud=" in h["x-ondevice-latency-ms"]
+            # the wait on the cloud is the reply's cloud latency (non-streamed it was null and left out of the header).
+            # The server runs on uvloop, whose timers count whole milliseconds of a clock read at the loop's turn: a
+            # deadline can fire up to ~2 ms of real time early (CI once saw 0.94 ms for the 1 ms timeout)
+            assert info["cloud_ms"] > 0 and "cloud=" in h["x-ondevice-latency-ms"]
+            assert info["cloud_ms"] >= 1e3 * kw.get("cascade_timeout", 0) - 2.0, info
 
 
 def test_cloud_http_errors_fall_back():

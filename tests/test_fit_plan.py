@@ -129,7 +129,7 @@ def test_knobs_start_from_what_run_and_serve_use_and_the_chosen_ones_are_given_a
     r, lines = _tune_at(monkeypatch, speed)
     assert seen[0] == [None] and [False] in seen and [True] in seen  # the default is auto; on and off are tried
     assert r["chosen"] == {"threads": 1, "flash_attn": None, "n_ubatch": 128, "type_kv": "f16"}
-    assert r["flags"] == "-ub 128" and any("give them to run/serve (-ub 128)" in ln for ln in lines), lines
+    assert r["flags"] == "-ub 128" and any("as flags of run, chat and serve: -ub 128" in ln for ln in lines), lines
 
 
 def _fa_at_depth(settings, test):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import sys
 from collections.abc import Iterator
 
 from ..models.hf_repo import add_hf_args
@@ -28,9 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable: applied together)")
     p.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="adapter", metavar=("PATH", "SCALE"),
                    help="llama-cli's form of --adapter PATH:SCALE")
-    p.add_argument("-fa", "--flash-attn", type=switch, choices=("auto", "on", "off"), default="auto",
-                   help="flash attention, as llama-cli's (auto: llama.cpp decides, on for CPUs; `ondevice bench -fa "
-                        "off,auto` shows which decodes faster here, off at depth on some CPUs)")
+    p.add_argument("-fa", "--flash-attn", type=switch, choices=("auto", "on", "off"), default=None,
+                   help="flash attention, as llama-cli's (default auto: llama.cpp decides, on for CPUs; `ondevice "
+                        "bench -fa off,auto` shows which decodes faster here, off at depth on some CPUs; a variant "
+                        "from `ondevice fit --knobs` loads with the knobs its fit measured on this machine)")
     add_template_args(p)
     add_load_args(p)
     add_kernel_args(p)
@@ -372,10 +374,14 @@ def load_from(args: argparse.Namespace, **config):
     apply_key_args(args)
     if getattr(args, "adapter", None):
         config["adapters"] = tuple(args.adapter)
-    config.setdefault("flash_attn", FLASH_ATTN[getattr(args, "flash_attn", "auto")])
+    if getattr(args, "flash_attn", None) is not None:  # not given: auto, or a fitted variant's measured knob
+        config.setdefault("flash_attn", FLASH_ATTN[args.flash_attn])
     config.update(load_config(args))
     if args.chat_template is not None or args.chat_template_file is not None:
         from .chat_templates import template_from
 
         config["chat_template"] = template_from(args.chat_template, args.chat_template_file)
-    return load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)
+    model = load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)
+    if model.knobs_note:
+        print(f"{model.name}: {model.knobs_note}", file=sys.stderr, flush=True)
+    return model

@@ -59,6 +59,7 @@ class Model:
     _turns: Turns = dataclasses.field(default_factory=Turns, repr=False, compare=False)
     _embedder: Engine | None = dataclasses.field(default=None, repr=False)  # embed()'s context, made at its first call
     _seeds: random.Random | None = dataclasses.field(default=None, repr=False)  # load(seed=N): each call's seed
+    knobs_note: str = ""  # the runtime knobs of a fitted variant applied at load (fit.knobs.fitted_knobs), or why not
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
@@ -353,7 +354,9 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     (``Sampling(draft="model")``). ``chat_template`` replaces the file's chat template: a built-in name
     (``chatml``, ``llama3``, ``gemma``, ``phi3``) or Jinja text, as llama.cpp's ``--chat-template``. Extra keyword
     arguments are :class:`EngineConfig` fields (``n_batch``, ...); ``seed`` seeds every call that gives no seed of
-    its own, as llama-cpp-python's ``Llama(seed=...)`` (each call the next seed of the sequence it starts).
+    its own, as llama-cpp-python's ``Llama(seed=...)`` (each call the next seed of the sequence it starts). A
+    variant stored by ``ondevice fit --knobs`` loads with the runtime knobs that fit measured on this machine
+    (threads, flash attention, micro-batch) where no keyword sets them; ``Model.knobs_note`` says which.
     """
     from ..models import resolve
     from ..protect.container import is_container
@@ -371,7 +374,14 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     ref = resolve(name)
     if not is_container(ref.path):  # an encrypted container is authenticated chunk by chunk instead (protect/)
         _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
-    engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config))
+    knobs, knobs_note = {}, ""
+    if ref.source == "store":  # a fitted variant runs with the knobs its fit measured here, unless told otherwise
+        from ..fit.knobs import fitted_knobs
+
+        given = {**config, **({} if n_threads is None else {"n_threads": n_threads})}
+        knobs, knobs_note = fitted_knobs(ref.path, given)
+        n_threads = knobs.pop("n_threads", n_threads)
+    engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config, **knobs))
     draft = None
     if draft_model is not None:
         dref = resolve(draft_model)
@@ -380,7 +390,8 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
         draft = LlamaEngine(dref.path, EngineConfig(n_ctx=engine.n_ctx, n_threads=n_threads, **draft_config))
         check_same_vocab(engine, draft, ref.name, dref.name)
     return Model(name=ref.name, path=ref.path, engine=engine,
-                 template=chat_templates.model_template(template, engine, ref.name), draft_engine=draft)
+                 template=chat_templates.model_template(template, engine, ref.name), draft_engine=draft,
+                 knobs_note=knobs_note)
 
 
 def check_same_vocab(target: Engine, draft: Engine, target_name: str, draft_name: str) -> None:

@@ -444,6 +444,9 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             stored = store_fit(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             extra).path
+        if (chosen.measured.get("runtime") or {}).get("flags") and not prof.spec:
+            say(f"run, chat and serve load {vname} with its knobs on this machine "
+                f"({chosen.measured['runtime']['flags']}; a flag given overrides its knob)")
     _cleanup(workdir)
     for c in picks:  # their files are gone (the chosen one moved into the store: ``path``)
         c.measured.pop("file", None)

@@ -40,7 +40,8 @@ class Knobs:
                 f"ubatch {self.n_ubatch}, KV {self.type_kv}")
 
     def flags(self, default: Knobs) -> str:
-        """The run/serve flags that set the knobs that differ from ``default`` (nothing applies them for you)."""
+        """The run/serve flags that set the knobs that differ from ``default`` (a stored variant loads with them on
+        the machine that measured them: ``fitted_knobs``)."""
         out = [f"-t {self.threads}"] if self.threads != default.threads else []
         out += [f"-fa {_FA[self.flash_attn]}"] if self.flash_attn != default.flash_attn else []
         out += [f"-ub {self.n_ubatch}"] if self.n_ubatch != default.n_ubatch else []  # serve's (run has no -ub)
@@ -156,7 +157,7 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
         say("  chosen: the default (the faster knobs, benched together, were not faster)")
     elif chosen != default:
         say(row("chosen: " + chosen.describe(), measured) + "  (measured)")
-        say(f"  they are not applied when the variant loads: give them to run/serve ({chosen.flags(default)})")
+        say(f"  as flags of run, chat and serve: {chosen.flags(default)}")
     else:
         say("  chosen: the default (no knob was faster by more than the bench's spread)")
     return {"rows": [(w, asdict(k), s) for w, k, s in rows], "chosen": asdict(chosen), "measured": measured,
@@ -179,3 +180,39 @@ def knobs_note(runtime: dict | None) -> str:
         return (f" (decode {runtime['decode']:.1f} tok/s over tg and {runtime['deep_test']} with its knobs, "
                 f"{runtime['trials'][0]['decode']:.1f} without: {runtime['flags']})")
     return f" (tg {runtime['tg']:.1f} with its knobs: {runtime['flags']})"
+
+
+_FIELDS = {"threads": "n_threads", "flash_attn": "flash_attn", "n_ubatch": "n_ubatch"}  # knob: its EngineConfig field
+_FLAG = {"n_threads": "-t {}", "flash_attn": "-fa {}", "n_ubatch": "-ub {}"}
+
+
+def fitted_knobs(path: str | Path, given: dict) -> tuple[dict, str]:
+    """The runtime knobs ``ondevice fit --knobs`` chose for the stored variant at ``path``, as EngineConfig keywords
+    for a load to apply, and a line that says so ("" where the variant has none). ``given``: the EngineConfig
+    fields the caller set (a flag, an env var or a keyword): a knob never overrides them. The knobs are applied
+    only where they were measured: on this machine, with this llama.cpp build (a knob's speed is the CPU's and the
+    kernels') and on the host itself, not under a device profile; elsewhere the line says why they were not."""
+    from ..models.store import read_provenance
+
+    prov = (read_provenance(Path(path)) or {}).get("provenance") or {}
+    rt = (prov.get("measured") or {}).get("runtime") or {}
+    default = next((t for t in rt.get("trials", ()) if t.get("what") == "default"), None)
+    if not rt.get("flags") or default is None:
+        return {}, ""
+    from ..device.info import machine_key
+    from ..device.kernels import build_id
+
+    chosen = {_FIELDS[k]: v for k, v in rt["knobs"].items() if k in _FIELDS and v != default.get(k)}
+    where = ("under the device profile " + repr(prov["profile"].get("spec", prov["profile"])) if prov.get("profile")
+             else "on another machine" if prov.get("machine") != machine_key()
+             else "with another llama.cpp build" if prov.get("llama_build") != build_id() else None)
+    if where:
+        return {}, f"the runtime knobs `ondevice fit --knobs` chose ({rt['flags']}) were measured {where}: not applied"
+    if given.get("type_v", "f16") not in ("f16", "f32", "bf16"):  # a quantized V cache needs flash attention
+        given = {**given, "flash_attn": True}
+    config = {f: v for f, v in chosen.items() if f not in given}
+    if not config:
+        return {}, ""
+    flags = " ".join(_FLAG[f].format(_FA[v] if f == "flash_attn" else v) for f, v in config.items())
+    return config, (f"runtime knobs `ondevice fit --knobs` measured on this machine: {flags} (a flag given "
+                    f"overrides its knob)")

@@ -270,6 +270,8 @@ def serve(settings: ServeSettings) -> None:
         print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "
               f"{settings.ctx} ctx; key {'required' if settings.api_keys else 'off'})"
               + (f"; {state.cascade.describe()}" if state.cascade is not None else ""), file=sys.stderr, flush=True)
+        if state.knobs_note:
+            print(f"ondevice serve: {state.knobs_note}", file=sys.stderr, flush=True)
         if settings.timeout != type(settings).model_fields["timeout"].default:
             print(f"ondevice serve: note: --timeout {settings.timeout:g} is the most seconds a request may take, queue "
                   f"wait included (llama-server's -to is an idle socket timeout): longer generations are cut",

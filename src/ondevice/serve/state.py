@@ -84,11 +84,13 @@ class ServerState:
         name, self.path = resolve_model(s.model)
         self.model_id = s.alias or served_name(s.model, name)
         parallel = s.parallel
+        knobs = self.fitted_knobs()
+        threads, flash_attn = knobs.get("n_threads", s.threads), knobs.get("flash_attn", FLASH_ATTN[s.flash_attn])
         self.engine = LlamaEngine(self.path, EngineConfig(
-            n_ctx=s.ctx * parallel, n_threads=s.threads, n_threads_batch=s.threads_batch,
-            n_batch=max(s.batch, parallel), n_ubatch=min(s.ubatch, max(s.batch, parallel)), n_seq_max=parallel,
+            n_ctx=s.ctx * parallel, n_threads=threads, n_threads_batch=s.threads_batch, n_batch=max(s.batch, parallel),
+            n_ubatch=min(knobs.get("n_ubatch", s.ubatch), max(s.batch, parallel)), n_seq_max=parallel,
             type_k=s.kv_type, type_v=s.kv_type, warmup=False,  # the batcher warms it up on its own thread
-            use_mmap=s.mmap, mlock=s.mlock, amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
+            use_mmap=s.mmap, mlock=s.mlock, amx=s.amx, repack=s.repack, flash_attn=flash_attn))
         eng = self.engine
         try:
             # LoRA: --lora ones applied to requests that name none (llama-server's), --adapter ones when named
@@ -120,8 +122,8 @@ class ServerState:
         if s.draft not in (None, "lookup", "none"):
             dname, dpath = resolve_model(s.draft)
             self.draft_engine = LlamaEngine(dpath, EngineConfig(
-                n_ctx=s.ctx * parallel, n_threads=s.threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
-                warmup=False, amx=s.amx, repack=s.repack, flash_attn=FLASH_ATTN[s.flash_attn]))
+                n_ctx=s.ctx * parallel, n_threads=threads, n_batch=max(s.batch, parallel), n_seq_max=parallel,
+                warmup=False, amx=s.amx, repack=s.repack, flash_attn=flash_attn))
             check_same_vocab(eng, self.draft_engine, name, dname)
         # (mode, draft_max) for requests that do not say
         self.default_draft = ("model" if self.draft_engine else None if s.draft == "none" else s.draft, s.draft_max)
@@ -143,6 +145,16 @@ class ServerState:
         m.gauge("slot_context_tokens", "Context tokens per slot.", lambda: s.ctx)
         m.gauge("prefill_tokens_per_second", "Prompt tokens per second the server's prefill steps ran at lately, as "
                 "queue admission reads it (0: none measured yet).", lambda: self.batcher.prefill_tps)
+
+    def fitted_knobs(self) -> dict:
+        """The runtime knobs a variant's ``fit --knobs`` measured on this machine, less those the settings give
+        (a flag or env var overrides its knob); ``knobs_note`` says which were applied, or why none were."""
+        from ..fit.knobs import fitted_knobs
+
+        s, fields = self.settings, {"threads": "n_threads", "flash_attn": "flash_attn", "ubatch": "n_ubatch"}
+        given = {fields[f]: getattr(s, f) for f in fields if f in s.model_fields_set} | {"type_v": s.kv_type}
+        knobs, self.knobs_note = fitted_knobs(self.path, given)
+        return knobs
 
     def adapters_for(self, model: str | None, lora: list | None = None) -> tuple[str, ...]:
         """The adapters a request runs under, each at its scale (``Adapters.scaled``): those its ``model`` names

@@ -63,7 +63,8 @@ class ServeSettings(BaseSettings):
                 "with flash attention on, a slot restored from a file can still flip a greedy near-tie)")
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="flash attention, as llama-server's -fa (auto: llama.cpp decides, on for CPUs; `ondevice "
-                            "bench -fa off,auto` shows which decodes faster here)")
+                            "bench -fa off,auto` shows which decodes faster here; not given, a variant from `ondevice "
+                            "fit --knobs` loads with the knobs its fit measured on this machine)")
     batch: int = Field(2048, ge=32, description="most tokens in one llama_decode (decode + prefill chunk)")
     ubatch: int = Field(512, ge=1, description="physical batch: tokens per compute step (llama-server's -ub)")
     threads_batch: Annotated[int | None, BeforeValidator(_minus_one_is_none)] = Field(

@@ -98,3 +98,20 @@ def test_serve_says_the_knobs_it_loaded_with(monkeypatch, tmp_path, smol_path):
             time.sleep(0.05)
         assert "ondevice serve: runtime knobs `ondevice fit --knobs` measured on this machine: -fa off" \
             in log.read_text(), log.read_text()
+
+
+def test_damaged_knobs_in_the_sidecar_are_not_applied_and_the_load_goes_on(monkeypatch, tmp_path, smol_path):
+    import json
+
+    import ondevice
+    from ondevice.models.catalog import resolve
+
+    name = _variant(monkeypatch, tmp_path, smol_path)
+    side = resolve(name).path.with_suffix(".json")
+    rec = json.loads(side.read_text())
+    rec["provenance"]["measured"]["runtime"]["knobs"]["threads"] = "two"  # a hand edit llama.cpp would choke on
+    side.write_text(json.dumps(rec))
+    with ondevice.load(name, n_ctx=256) as m:
+        assert m.engine.config.flash_attn is None and m.engine.config.n_threads is None
+        assert m.knobs_note == (f"the runtime knobs stored with {name}.gguf are damaged (its .json file): not "
+                                f"applied; run `ondevice fit --knobs` again to measure them")

@@ -186,6 +186,10 @@ _FIELDS = {"threads": "n_threads", "flash_attn": "flash_attn", "n_ubatch": "n_ub
 _FLAG = {"n_threads": "-t {}", "flash_attn": "-fa {}", "n_ubatch": "-ub {}"}
 
 
+def _valid(knob: str, value: object) -> bool:
+    return value is None or isinstance(value, bool) if knob == "flash_attn" else type(value) is int and value >= 1
+
+
 def fitted_knobs(path: str | Path, given: dict) -> tuple[dict, str]:
     """The runtime knobs ``ondevice fit --knobs`` chose for the stored variant at ``path``, as EngineConfig keywords
     for a load to apply, and a line that says so ("" where the variant has none). ``given``: the EngineConfig
@@ -194,17 +198,25 @@ def fitted_knobs(path: str | Path, given: dict) -> tuple[dict, str]:
     kernels') and on the host itself, not under a device profile; elsewhere the line says why they were not."""
     from ..models.store import read_provenance
 
-    prov = (read_provenance(Path(path)) or {}).get("provenance") or {}
-    rt = (prov.get("measured") or {}).get("runtime") or {}
-    default = next((t for t in rt.get("trials", ()) if t.get("what") == "default"), None)
-    if not rt.get("flags") or default is None:
+    def mapping(d: object, key: str) -> dict:
+        return d.get(key) if isinstance(d, dict) and isinstance(d.get(key), dict) else {}
+
+    prov = mapping(read_provenance(Path(path)), "provenance")
+    rt = mapping(mapping(prov, "measured"), "runtime")
+    if not rt.get("flags"):
         return {}, ""
+    default = next((t for t in rt.get("trials") or () if isinstance(t, dict) and t.get("what") == "default"), None)
+    knobs = rt.get("knobs")
+    if default is None or not isinstance(knobs, dict) or not all(_valid(f, knobs.get(f)) for f in _FIELDS):
+        return {}, (f"the runtime knobs stored with {Path(path).name} are damaged (its .json file): not applied; run "
+                    f"`ondevice fit --knobs` again to measure them")
     from ..device.info import machine_key
     from ..device.kernels import build_id
 
-    chosen = {_FIELDS[k]: v for k, v in rt["knobs"].items() if k in _FIELDS and v != default.get(k)}
-    where = ("under the device profile " + repr(prov["profile"].get("spec", prov["profile"])) if prov.get("profile")
-             else "on another machine" if prov.get("machine") != machine_key()
+    chosen = {_FIELDS[k]: v for k, v in knobs.items() if k in _FIELDS and v != default.get(k)}
+    profile = prov.get("profile")
+    where = ("under the device profile " + repr(profile.get("spec") if isinstance(profile, dict) else profile)
+             if profile else "on another machine" if prov.get("machine") != machine_key()
              else "with another llama.cpp build" if prov.get("llama_build") != build_id() else None)
     if where:
         return {}, f"the runtime knobs `ondevice fit --knobs` chose ({rt['flags']}) were measured {where}: not applied"

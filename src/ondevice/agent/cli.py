@@ -164,6 +164,7 @@ def add_all(box, tools, source: str) -> None:
 
 def _run_agent(args, box, request: str, running: dict[str, str]) -> int:
     from ..engine import load
+    from ..engine.args import said_knobs
     from ..errors import ContextOverflow
     from .agent import SOP, Agent, cli_confirm, clip
     from .retrieval import Embedder, ToolIndex
@@ -172,7 +173,7 @@ def _run_agent(args, box, request: str, running: dict[str, str]) -> int:
 
     def model(name):
         if name not in models:
-            models[name] = load(name, n_ctx=args.ctx, n_threads=args.threads)
+            models[name] = said_knobs(load(name, n_ctx=args.ctx, n_threads=args.threads))
         return models[name]
 
     planner = model(args.planner_model or args.model)

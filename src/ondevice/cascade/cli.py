@@ -64,6 +64,7 @@ def small_sample(n: int, good: int) -> str | None:
 
 def _fit(args: argparse.Namespace) -> int:
     from ..engine import load
+    from ..engine.args import said_knobs
     from ..eval.api import model_sha256
     from ..eval.cascade_curve import collect, fit_combiner, left_out, load_items, offline_cloud
     from ..models.catalog import resolve
@@ -76,7 +77,7 @@ def _fit(args: argparse.Namespace) -> int:
 
         raise InvalidArgument(f"fitting the combiner needs at least {MIN_FIT} dev items, the selection has "
                               f"{len(items)}; raise --limit or give more --tasks/--suite")
-    model = load(args.model, n_threads=args.threads)
+    model = said_knobs(load(args.model, n_threads=args.threads))
     sha = model_sha256(resolve(str(model.path)))
     cloud = offline_cloud(args.cascade, args.cloud_model, args.cloud_key_env, args.cascade_timeout)
     try:

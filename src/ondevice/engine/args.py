@@ -381,7 +381,11 @@ def load_from(args: argparse.Namespace, **config):
         from .chat_templates import template_from
 
         config["chat_template"] = template_from(args.chat_template, args.chat_template_file)
-    model = load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config)
+    return said_knobs(load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config))
+
+
+def said_knobs(model):
+    """``model``, its fitted variant's knobs said on stderr where it loaded with them (or why it did not)."""
     if model.knobs_note:
         print(f"{model.name}: {model.knobs_note}", file=sys.stderr, flush=True)
     return model

@@ -275,3 +275,34 @@ def test_keyring_without_backend_says_so(monkeypatch):
     monkeypatch.setattr(keyring, "get_keyring", lambda: fail.Keyring())
     with pytest.raises(OndeviceError, match="no OS keyring backend is available"):
         keys.load_key("keyring:model")
+
+
+def test_a_kill_just_after_the_rename_ends_the_process_with_the_container_whole(box, tmp_path):
+    """A SIGTERM in the microseconds after atomic_write renamed the container into place raised Stopped: "nothing
+    was written (a file it would have replaced is unchanged)", with the new container in place. Now the rename
+    stands, the signal waits for it and then ends the process as it was told (a shell's 143)."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    plain, _, key = box
+    (tmp_path / "plain.bin").write_bytes(plain)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from ondevice.models import store
+        from ondevice.protect.container import encrypt_file
+        real = os.replace
+        def replace_then_killed(a, b):  # the signal lands right after the rename
+            real(a, b)
+            os.kill(os.getpid(), signal.SIGTERM)
+        store.os.replace = replace_then_killed
+        encrypt_file({str(tmp_path / "plain.bin")!r}, {str(tmp_path / "model.enc")!r}, {key!r}, meta_size=5000,
+                     chunk_size={CHUNK})
+        print("went on after the signal")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGTERM, (r.returncode, r.stdout, r.stderr)
+    assert "nothing was written" not in r.stderr and "went on" not in r.stdout, r.stderr
+    assert _restored_bytes(tmp_path / "model.enc", key) == plain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.enc", "plain.bin"]  # no temp file left

@@ -159,6 +159,12 @@ class StopOnSignals:
         if self._pending is not None and exc[0] is None:
             os.kill(os.getpid(), self._pending)  # the default action again: the process ends as it was told
 
+    def finish(self) -> None:
+        """From here to the ``with``'s end a signal does not interrupt (as :meth:`finishing`): for a commit that an
+        inner ``with`` makes as it exits (``atomic_write``'s rename), which a signal landing just after it would
+        otherwise say was never made."""
+        self._finishing = True
+
     @contextlib.contextmanager
     def finishing(self) -> Iterator[None]:
         """A block a signal does not interrupt: what it commits is left whole, not half-done."""

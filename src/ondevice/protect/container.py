@@ -188,13 +188,14 @@ def encrypt_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], maste
     h = Header(VERSION, ALG_AES256_GCM, HEADER_SIZE, chunk_size, plain, n, meta_size, salt, check, raw)
     gcm = aead.AESGCM(h.file_key(master))
     try:
-        with StopOnSignals(str(dst)), open(src, "rb") as f, atomic_write(dst) as out:  # a `kill` leaves no temp
+        with StopOnSignals(str(dst)) as stop, open(src, "rb") as f, atomic_write(dst) as out:  # a `kill`: no temp
             out.write(raw)
             for i in range(n):
                 data = f.read(h.chunk_len(i))
                 if len(data) != h.chunk_len(i):
                     raise InvalidModelFile(f"{src} changed while it was being encrypted; retry")
                 out.write(gcm.encrypt(h.nonce(i), data, h.aad(i)))
+            stop.finish()  # the rename as atomic_write exits: whole, and a signal then ends the process after it
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise

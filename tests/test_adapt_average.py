@@ -261,3 +261,35 @@ def test_an_adapter_of_a_base_given_by_path_merges_onto_that_file(three, tmp_pat
     r = cli("adapt", "merge", str(adapter), "-o", str(tmp_path / "merged2.gguf"))
     assert r.returncode == 2 and "was trained on my-base (sha256 " in r.stderr and "give the base with -m PATH" \
         in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("verb", ["average", "merge"])
+def test_a_kill_just_after_the_rename_says_the_file_is_in_place_not_that_nothing_was_written(three, tmp_path, verb):
+    """A SIGTERM in the microseconds after the finished file was renamed into place said "stopped by SIGTERM before
+    OUT was complete; nothing was written" with OUT whole in place. The kill is sent by a patched os.replace right
+    after the rename (sitecustomize: in the real CLI's supervised child as in its parent, which never renames OUT)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import as_a_shell_starts_it
+
+    out = tmp_path / f"out-{verb}.gguf"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, signal\n_real = os.replace\n"
+        "def _replace(a, b, **kw):\n    _real(a, b, **kw)\n"
+        f"    if str(b) == {str(out)!r}:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.replace = _replace\n")
+    args = ["average", str(three["a"][0]), str(three["b"][0])] if verb == "average" else \
+        ["merge", str(three["a"][0]), "--type", "f32"]
+    r = subprocess.run([sys.executable, "-m", "ondevice.cli", "adapt", *args, "-o", str(out)],
+                       env=dict(os.environ, ONDEVICE_HOME=str(tmp_path / "home"),
+                                PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])),
+                       capture_output=True, text=True, timeout=300, preexec_fn=as_a_shell_starts_it)  # noqa: PLW1509
+    assert r.returncode == 143, r.stderr
+    assert f"stopped by SIGTERM after {out} was complete: {out} is in place, whole" in r.stderr, r.stderr
+    assert "nothing was written" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert out.is_file() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    adapter_file.read_meta(out) if verb == "average" else __import__("ondevice").models.resolve(str(out)).info

@@ -26,8 +26,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # SIGQUIT: what Ctrl
 class Stopped(OndeviceError):
     """The process was told to stop (``signal``) before the file was complete; nothing was kept."""
 
-    def __init__(self, sig: int, what: str) -> None:
+    def __init__(self, sig: int, what: str, written: str | None = None) -> None:
         self.signal = sig
+        if written:  # the signal landed just after the rename that put the finished file in place (commit)
+            super().__init__(f"stopped by {signal.Signals(sig).name} after {what} was complete: {written} is in "
+                             f"place, whole")
+            return
         super().__init__(f"stopped by {signal.Signals(sig).name} before {what} was complete; nothing was written "
                          f"(a file it would have replaced is unchanged); run the command again to make it")
 
@@ -66,6 +70,9 @@ def interrupt_on_signals() -> Iterator[None]:
             _send_again_soon(sig)
             return
         raised.append(sig)
+        if _held:  # inside commit(): raised as it ends, the file in place and noted
+            _held[-1].append(sig)
+            return
         raise Terminated(sig)
 
     old = {}
@@ -80,14 +87,42 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+_committed: list[list[str]] = []  # per said_as_stopped block (innermost last): the files commit() put in place
+
+
 @contextlib.contextmanager
 def said_as_stopped(what: str) -> Iterator[None]:
     """A kill taken as an interrupt in the block (:class:`Terminated`, under :func:`interrupt_on_signals`) while
-    ``what`` is written is said as :class:`Stopped` says it (quantize's and protect's line; exit 128 + signal)."""
+    ``what`` is written is said as :class:`Stopped` says it (quantize's and protect's line; exit 128 + signal): as
+    a stop before it was complete, or after, where the block's :func:`commit` had put it in place."""
+    _committed.append([])
     try:
         yield
     except Terminated as e:
-        raise Stopped(e.signal, what) from None
+        raise Stopped(e.signal, what, (_committed[-1] or [None])[-1]) from None
+    finally:
+        _committed.pop()
+
+
+_held: list[list[int]] = []  # per commit() block in progress: the signals interrupt_on_signals put off until its end
+
+
+@contextlib.contextmanager
+def commit(path: str | os.PathLike[str]) -> Iterator[None]:
+    """The rename (and its record) that puts the finished ``path`` in place: a kill waits until it is done and
+    noted (:func:`interrupt_on_signals` puts it off: a process-directed signal may reach another thread, where
+    blocking it in this one would not), so one landing just after it is said as a stop after the file was written,
+    not before."""
+    _held.append([])
+    try:
+        with signals_held():
+            yield
+        if _committed:
+            _committed[-1].append(str(path))
+    finally:
+        put_off = _held.pop()
+    if put_off:
+        raise Terminated(put_off[0])
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, OndeviceError, path_problem
 from ..models.store import cached_sha256, temp_file
+from ..stop_signals import commit
 
 KEY = "ondevice.adapter."
 
@@ -44,7 +45,8 @@ def write(path: str | Path, arch: str, alpha: float, tensors: dict[str, tuple[np
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        with commit(path):
+            os.replace(tmp, path)
     except OSError as e:  # a full disk: numpy's "4608 requested and 2320 written", no errno, no file name
         Path(tmp).unlink(missing_ok=True)
         need = sum(a.size + b.size for a, b in tensors.values()) * 4

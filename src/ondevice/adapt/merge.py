@@ -138,14 +138,18 @@ def merge(adapter: str | Path, out: str | Path | None = None, model: str | None 
                     else gguf.quants.quantize(new, target))
             w.write_tensor_data(data)
         w.close()
+        from ..stop_signals import commit
+
         if dest:
-            os.replace(tmp, dest)
+            with commit(dest):
+                os.replace(tmp, dest)
             where = dest
         else:
             from ..models.catalog import register_variant
 
-            where = register_variant(name, tmp, {"description": f"{base_name} with adapter {apath.stem} merged "
-                                                                f"({out_type})", **prov}).path
+            with commit(_store_dir() / f"{name}.gguf"):
+                where = register_variant(name, tmp, {"description": f"{base_name} with adapter {apath.stem} merged "
+                                                                    f"({out_type})", **prov}).path
     except OSError as e:  # a full disk: numpy's "Not enough free space to write N bytes", no errno, no file name
         if not Path(tmp).exists():  # the merged model was in place already (the store's record of it failed)
             raise

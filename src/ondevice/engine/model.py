@@ -374,13 +374,10 @@ def load(name: str | None = None, *, n_ctx: int = 0, n_threads: int | None = Non
     ref = resolve(name)
     if not is_container(ref.path):  # an encrypted container is authenticated chunk by chunk instead (protect/)
         _ = ref.info  # validates the GGUF before llama.cpp sees it: a corrupt file is an error, not a crash
-    knobs, knobs_note = {}, ""
-    if ref.source == "store":  # a fitted variant runs with the knobs its fit measured here, unless told otherwise
-        from ..fit.knobs import fitted_knobs
+    from ..models.runtime_knobs import fitted_knobs  # a fitted variant: the knobs its fit measured here
 
-        given = {**config, **({} if n_threads is None else {"n_threads": n_threads})}
-        knobs, knobs_note = fitted_knobs(ref.path, given)
-        n_threads = knobs.pop("n_threads", n_threads)
+    knobs, knobs_note = fitted_knobs(ref.path, {**config, **({} if n_threads is None else {"n_threads": n_threads})})
+    n_threads = knobs.pop("n_threads", n_threads)
     engine = LlamaEngine(ref.path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, **config, **knobs))
     draft = None
     if draft_model is not None:

@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgument
-
-_FA = {None: "auto", True: "on", False: "off"}  # -fa's words
+from ..models.runtime_knobs import FA_WORDS as _FA  # -fa's words
 
 
 @dataclass(frozen=True)
@@ -180,51 +179,3 @@ def knobs_note(runtime: dict | None) -> str:
         return (f" (decode {runtime['decode']:.1f} tok/s over tg and {runtime['deep_test']} with its knobs, "
                 f"{runtime['trials'][0]['decode']:.1f} without: {runtime['flags']})")
     return f" (tg {runtime['tg']:.1f} with its knobs: {runtime['flags']})"
-
-
-_FIELDS = {"threads": "n_threads", "flash_attn": "flash_attn", "n_ubatch": "n_ubatch"}  # knob: its EngineConfig field
-_FLAG = {"n_threads": "-t {}", "flash_attn": "-fa {}", "n_ubatch": "-ub {}"}
-
-
-def _valid(knob: str, value: object) -> bool:
-    return value is None or isinstance(value, bool) if knob == "flash_attn" else type(value) is int and value >= 1
-
-
-def fitted_knobs(path: str | Path, given: dict) -> tuple[dict, str]:
-    """The runtime knobs ``ondevice fit --knobs`` chose for the stored variant at ``path``, as EngineConfig keywords
-    for a load to apply, and a line that says so ("" where the variant has none). ``given``: the EngineConfig
-    fields the caller set (a flag, an env var or a keyword): a knob never overrides them. The knobs are applied
-    only where they were measured: on this machine, with this llama.cpp build (a knob's speed is the CPU's and the
-    kernels') and on the host itself, not under a device profile; elsewhere the line says why they were not."""
-    from ..models.store import read_provenance
-
-    def mapping(d: object, key: str) -> dict:
-        return d.get(key) if isinstance(d, dict) and isinstance(d.get(key), dict) else {}
-
-    prov = mapping(read_provenance(Path(path)), "provenance")
-    rt = mapping(mapping(prov, "measured"), "runtime")
-    if not rt.get("flags"):
-        return {}, ""
-    default = next((t for t in rt.get("trials") or () if isinstance(t, dict) and t.get("what") == "default"), None)
-    knobs = rt.get("knobs")
-    if default is None or not isinstance(knobs, dict) or not all(_valid(f, knobs.get(f)) for f in _FIELDS):
-        return {}, (f"the runtime knobs stored with {Path(path).name} are damaged (its .json file): not applied; run "
-                    f"`ondevice fit --knobs` again to measure them")
-    from ..device.info import machine_key
-    from ..device.kernels import build_id
-
-    chosen = {_FIELDS[k]: v for k, v in knobs.items() if k in _FIELDS and v != default.get(k)}
-    profile = prov.get("profile")
-    where = ("under the device profile " + repr(profile.get("spec") if isinstance(profile, dict) else profile)
-             if profile else "on another machine" if prov.get("machine") != machine_key()
-             else "with another llama.cpp build" if prov.get("llama_build") != build_id() else None)
-    if where:
-        return {}, f"the runtime knobs `ondevice fit --knobs` chose ({rt['flags']}) were measured {where}: not applied"
-    if given.get("type_v", "f16") not in ("f16", "f32", "bf16"):  # a quantized V cache needs flash attention
-        given = {**given, "flash_attn": True}
-    config = {f: v for f, v in chosen.items() if f not in given}
-    if not config:
-        return {}, ""
-    flags = " ".join(_FLAG[f].format(_FA[v] if f == "flash_attn" else v) for f, v in config.items())
-    return config, (f"runtime knobs `ondevice fit --knobs` measured on this machine: {flags} (a flag given "
-                    f"overrides its knob)")

@@ -149,7 +149,7 @@ class ServerState:
     def fitted_knobs(self) -> dict:
         """The runtime knobs a variant's ``fit --knobs`` measured on this machine, less those the settings give
         (a flag or env var overrides its knob); ``knobs_note`` says which were applied, or why none were."""
-        from ..fit.knobs import fitted_knobs
+        from ..models.runtime_knobs import fitted_knobs
 
         s, fields = self.settings, {"threads": "n_threads", "flash_attn": "flash_attn", "ubatch": "n_ubatch"}
         given = {fields[f]: getattr(s, f) for f in fields if f in s.model_fields_set} | {"type_v": s.kv_type}

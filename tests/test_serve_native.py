@@ -296,11 +296,16 @@ def test_lora_per_request_at_any_scale_and_lora_adapters(server, oai, adapters):
     c = oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0,
                                extra_body={"lora": [{"id": 0, "scale": 0.5}]})
     assert c.choices[0].text == at_half[0]
-    # POST /lora-adapters: the scale a request naming the adapter gets; one not listed goes to 0
+    # POST /lora-adapters: the scale a request naming the adapter gets; an --adapter one not listed keeps its own
+    # (it went to 0, and a request naming it got the base model with no word: a llama-server client lists only the
+    # adapters it sets); 0 turns one off
     assert post(server, "/lora-adapters", [{"id": 0, "scale": 0.5}]) == {"success": True}
     try:
-        assert [x["scale"] for x in httpx.get(server.base_url + "/lora-adapters", headers=AUTH).json()] == [0.5, 0.0]
+        assert [x["scale"] for x in httpx.get(server.base_url + "/lora-adapters", headers=AUTH).json()] == [0.5, 1.0]
         assert _first_logprobs(server, model=f"{_base(oai)}+a")[0] == at_half[0]
+        assert _first_logprobs(server, model=f"{_base(oai)}+half")[0] == ref[0]
+        assert post(server, "/lora-adapters", [{"id": 1, "scale": 0.0}]) == {"success": True}
+        assert [x["scale"] for x in httpx.get(server.base_url + "/lora-adapters", headers=AUTH).json()] == [0.5, 0.0]
         assert _first_logprobs(server, model=f"{_base(oai)}+half")[0] == base[0]
         err = post(server, "/lora-adapters", [{"id": 5, "scale": 1}], status=400)["error"]
         assert "lora[0].id=5" in err["message"]
@@ -338,6 +343,13 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
         assert _first_logprobs(s)[0] == base
         post(s, "/lora-adapters", [{"id": 0, "scale": 1.0}])
         assert _first_logprobs(s)[0] == full
+    with BackgroundServer(ServeSettings(**common, lora=[str(a)], adapter=[f"half={adapters[1]}"])) as s:
+        post(s, "/lora-adapters", [{"id": 1, "scale": 1.0}])  # the --lora one (id 0) not listed: off
+        assert [x["scale"] for x in httpx.get(s.base_url + "/lora-adapters").json()] == [0.0, 1.0]
+        assert _first_logprobs(s)[0] == base
+        post(s, "/lora-adapters", [{"id": 0, "scale": 1.0}])  # the --adapter one not listed: kept for its requests
+        assert [x["scale"] for x in httpx.get(s.base_url + "/lora-adapters").json()] == [1.0, 1.0]
+        assert _first_logprobs(s)[0] == full and _first_logprobs(s, model="m+half")[0] == at_half
 
 
 # ------------------------------------------------------------------ /infill: fill-in-the-middle (code models)

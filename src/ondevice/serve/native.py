@@ -388,7 +388,9 @@ def add_routes(app, runner, embeddings) -> None:
         except ValidationError:
             raise InvalidArgument("each entry must be {\"id\": ADAPTER_ID, \"scale\": NUMBER from -10 to 10}") from None
         state.adapters_for(None, entries)  # ids checked before anything changes
-        new = dict.fromkeys(state.adapter_names, 0.0)  # an adapter not listed is off, as llama-server sets it
+        # a --lora adapter not listed is off, as llama-server sets it; an --adapter one (llama-server has none: a
+        # client of its API lists only what it set) keeps its scale for the requests that name it
+        new = dict.fromkeys(state.default_adapters, 0.0)
         new.update({state.adapter_names[e.id]: e.scale for e in entries})
         state.lora_scale.update(new)
         return {"success": True}

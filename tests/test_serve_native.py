@@ -352,6 +352,17 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
         assert _first_logprobs(s)[0] == full and _first_logprobs(s, model="m+half")[0] == at_half
 
 
+def test_a_missing_lora_file_is_named_by_its_own_flag(tmp_path):
+    """`serve --lora /missing.gguf` said "--adapter /missing.gguf: no such file" (the adapter loader's flag)."""
+    from ondevice.errors import InvalidArgument
+    from ondevice.serve.state import ServerState
+
+    for flag, field in (("--lora", "lora"), ("--adapter", "adapter")):
+        with pytest.raises(InvalidArgument, match=f"^{flag} {tmp_path}/missing.gguf: no such file"):
+            ServerState(ServeSettings(model=str(_model_path()), port=0, parallel=1, ctx=256, threads=1,
+                                      **{field: [str(tmp_path / "missing.gguf")]}))
+
+
 # ------------------------------------------------------------------ /infill: fill-in-the-middle (code models)
 def test_infill_on_a_model_without_fill_in_the_middle_tokens_is_llama_servers_501(server, oai):
     err = post(server, "/infill", {"input_prefix": "def f():", "input_suffix": ""}, status=501)["error"]

@@ -46,6 +46,14 @@ def served_name(given: str | None, name: str) -> str:
     return ref.written if ref is not None else name
 
 
+def _as_lora(load_spec, spec: str) -> str:
+    """``load_spec(spec)`` of a --lora adapter, its errors naming --lora (the adapter loader says --adapter)."""
+    try:
+        return load_spec(spec)
+    except InvalidArgument as e:
+        raise InvalidArgument(str(e).replace("--adapter", "--lora", 1)) from None
+
+
 class UnknownModel(Exception):
     """A model name the server does not serve (Ollama's routes: any; OpenAI's: another model ondevice knows): 404."""
 
@@ -94,7 +102,8 @@ class ServerState:
         eng = self.engine
         try:
             # LoRA: --lora ones applied to requests that name none (llama-server's), --adapter ones when named
-            self.adapter_names = [eng.adapters.load_spec(a) for a in [*s.lora, *s.adapter]]
+            self.adapter_names = [_as_lora(eng.adapters.load_spec, a) for a in s.lora]
+            self.adapter_names += [eng.adapters.load_spec(a) for a in s.adapter]
             self.default_adapters = tuple(self.adapter_names[:len(s.lora)])
             # the scale an adapter is applied at (its flag's, 0 for --lora-init-without-apply, until POST
             # /lora-adapters sets one)

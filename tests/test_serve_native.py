@@ -352,6 +352,20 @@ def test_lora_flags_apply_an_adapter_to_every_request_that_names_none_as_llama_s
         assert _first_logprobs(s)[0] == full and _first_logprobs(s, model="m+half")[0] == at_half
 
 
+def test_the_access_log_counts_the_tokens_of_a_reply_whose_response_fields_leave_them_out(server, caplog):
+    """`/completion` with `response_fields: ["content"]` was logged `200 0+0 tok`: the counts were read from the
+    reply after its fields were filtered."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ondevice.access"):
+        whole = post(server, "/completion", {"prompt": PROMPT, "n_predict": 3, "temperature": 0})
+        assert post(server, "/completion", {"prompt": PROMPT, "n_predict": 3, "temperature": 0,
+                                             "response_fields": ["content"]}) == {"content": whole["content"]}
+    counts = f"{whole['tokens_evaluated']}+{whole['tokens_predicted']} tok"
+    lines = [r.getMessage() for r in caplog.records if "/completion" in r.getMessage()]
+    assert len(lines) == 2 and all(counts in ln for ln in lines), (counts, lines)
+
+
 def test_a_missing_lora_file_is_named_by_its_own_flag(tmp_path):
     """`serve --lora /missing.gguf` said "--adapter /missing.gguf: no such file" (the adapter loader's flag)."""
     from ondevice.errors import InvalidArgument

@@ -283,8 +283,8 @@ async def completion(runner, body: dict, request: Request):
     if results is None:
         return JSONResponse({}, status_code=499)
     out = [r.final(gen, stream=False) for r, (_, gen) in zip(replies, results)]
-    note(request, tokens=(sum(o.get("tokens_evaluated", 0) for o in out),
-                          sum(o.get("tokens_predicted", 0) for o in out)))
+    lasts = [gen[-1] for _, gen in results if gen]  # counted here: response_fields may leave them out of the reply
+    note(request, tokens=(sum(g.prompt_tokens for g in lasts), sum(g.generation_tokens for g in lasts)))
     return out[0] if len(out) == 1 else out
 
 

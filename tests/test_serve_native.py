@@ -6,6 +6,7 @@ forms, samplers, response_fields, n_cmpl), its errors, and LoRA adapters chosen 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -361,8 +362,11 @@ def test_the_access_log_counts_the_tokens_of_a_reply_whose_response_fields_leave
         whole = post(server, "/completion", {"prompt": PROMPT, "n_predict": 3, "temperature": 0})
         assert post(server, "/completion", {"prompt": PROMPT, "n_predict": 3, "temperature": 0,
                                              "response_fields": ["content"]}) == {"content": whole["content"]}
-    counts = f"{whole['tokens_evaluated']}+{whole['tokens_predicted']} tok"
-    lines = [r.getMessage() for r in caplog.records if "/completion" in r.getMessage()]
+        counts = f"{whole['tokens_evaluated']}+{whole['tokens_predicted']} tok"
+        deadline = time.monotonic() + 10  # a request's line is logged as its app call ends: after the client has it
+        while len(lines := [r.getMessage() for r in caplog.records if "/completion" in r.getMessage()]) < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.02)
     assert len(lines) == 2 and all(counts in ln for ln in lines), (counts, lines)
 
 

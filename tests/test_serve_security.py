@@ -3,6 +3,7 @@ on loopback, raw sockets and httpx (serve/http.py's Gate and log, serve/server.p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -146,6 +147,35 @@ def test_an_endless_header_line_gets_a_431_and_the_server_stays_fast(srv):
     assert _health_ms(srv) < 1000
     big = "a" * 8000  # an ordinary large header (a long cookie or token) still passes
     assert httpx.get(srv.base_url + "/health", headers={"X-Token": big}).status_code == 200
+
+
+def _one_read(srv, raw: bytes) -> bytes:
+    """``raw`` sent in one write; the reply's first line."""
+    with socket.create_connection(("127.0.0.1", _port(srv)), timeout=30) as s:
+        s.sendall(raw)
+        return s.makefile("rb").readline()
+
+
+def test_request_heads_over_64_kib_that_come_in_one_read_get_a_431_too(srv):
+    """The 64 KiB limit was counted only for heads that spanned reads: one header of 70,000 bytes, or 80 headers
+    of 1,000, sent in one write got a 200, and a 66,000-byte request line a bare 400 "Invalid HTTP request"."""
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    assert _one_read(srv, head + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431")
+    many = b"".join(b"X-H%d: " % i + b"a" * 1000 + b"\r\n" for i in range(80))
+    assert _one_read(srv, head + many + b"\r\n").startswith(b"HTTP/1.1 431")
+    assert _one_read(srv, b"GET /health?" + b"a" * 66_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     ).startswith(b"HTTP/1.1 431")
+    assert _one_read(srv, head + b"X-Ok: " + b"a" * 60_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    # a body is not the head: 300 KB of JSON in the same write as its headers is read as ever
+    body = json.dumps({"content": "a " * 150_000}).encode()
+    post = (b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert _one_read(srv, post).startswith(b"HTTP/1.1 200")
+    # two requests in one write (pipelined): both answered
+    with socket.create_connection(("127.0.0.1", _port(srv)), timeout=30) as s:
+        s.sendall(head + b"\r\n" + head + b"Connection: close\r\n\r\n")
+        replies = s.makefile("rb").read()
+    assert replies.count(b"HTTP/1.1 200") == 2, replies
 
 
 def test_a_half_sent_request_is_disconnected_after_the_header_timeout(srv):

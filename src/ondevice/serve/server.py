@@ -135,7 +135,9 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
         return None
 
     class Protocol(HttpToolsProtocol):
-        head_bytes = 0
+        head_bytes = 0  # of the head being received, counted as the bytes come, before httptools parses them
+        in_head = True  # the next bytes are (more of) a request's head
+        head_tail = b""  # the last 3 bytes of the head so far: its end (CRLF CRLF) may span two reads
         head_timer = None  # armed while a request's head is being received
         body_timer = None  # armed while a request's body is being received, reset by each read of it
 
@@ -151,12 +153,12 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.head_bytes = 0
             if self.head_timer is None:
                 self.head_timer = self.loop.call_later(head_timeout, self._refuse, 408, "request headers not "
                                                        f"received within {head_timeout:g} s")
 
         def on_headers_complete(self) -> None:
+            self.in_head = False
             self._head_done()
             super().on_headers_complete()
             self._body_wait()  # on_message_complete, at once for a request without a body, stops it
@@ -168,6 +170,7 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
 
         def on_message_complete(self) -> None:
             self._body_done()
+            self.in_head, self.head_bytes, self.head_tail = True, 0, b""  # what comes next is the next request's
             super().on_message_complete()
 
         def _body_wait(self) -> None:
@@ -201,11 +204,15 @@ def _protocol(head_timeout: float, body_timeout: float = 10.0):
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.head_timer is not None and not self.transport.is_closing():  # a head unfinished after it
-                self.head_bytes += len(data)
+            if self.in_head and not self.transport.is_closing():  # counted before it is parsed: a head that came
+                seen = self.head_tail + data  # whole in one read is complete (and its request started) after it
+                end = seen.find(b"\r\n\r\n")
+                self.head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self.head_tail))
+                self.head_tail = seen[-3:]
                 if self.head_bytes > HEAD_LIMIT:
                     self._refuse(431, f"request headers larger than {HEAD_LIMIT // 1024} KiB")
+                    return
+            super().data_received(data)
 
         def _head_done(self) -> None:
             if self.head_timer is not None:

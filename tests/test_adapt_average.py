@@ -293,3 +293,18 @@ def test_a_kill_just_after_the_rename_says_the_file_is_in_place_not_that_nothing
     assert "nothing was written" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert out.is_file() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     adapter_file.read_meta(out) if verb == "average" else __import__("ondevice").models.resolve(str(out)).info
+
+
+def test_an_adapter_is_refused_on_the_model_it_was_merged_into(three, tmp_path, smol_path):
+    """`run -m BASE-ADAPTER --adapter ADAPTER` applied the change a second time, with a warning that called the merged
+    file "the same model in another quantization"."""
+    import ondevice
+    from ondevice.adapt.merge import merge
+    from ondevice.errors import InvalidArgument
+
+    out = merge(str(three["a"][0]), str(tmp_path / "merged.gguf"), model=str(smol_path), out_type="q8_0")["path"]
+    with pytest.raises(InvalidArgument, match=r"^--adapter a.gguf is already merged into merged.gguf .*count twice; "
+                                              r"run merged.gguf without --adapter, or apply the adapter to its base"):
+        ondevice.load(out, n_ctx=256, adapters=(str(three["a"][0]),))
+    with pytest.warns(UserWarning, match="same model"):  # another adapter of the same base still applies to it
+        ondevice.load(out, n_ctx=256, adapters=(str(three["b"][0]),)).close()

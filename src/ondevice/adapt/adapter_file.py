@@ -150,6 +150,8 @@ def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None)
     architecture and every tensor's shape against the base.
     """
     meta = lora_meta(adapter)
+    if base_sha256 is None:
+        _not_merged_already(adapter, base)
     want = meta.get(KEY + "base_sha256")
     if want:
         have = base_sha256 or cached_sha256(base)
@@ -168,6 +170,20 @@ def check(adapter: str | Path, base: str | Path, base_sha256: str | None = None)
                           f"most likely: the adapter is applied, as llama.cpp applies it, and may act a little "
                           f"differently than on the file it was trained on", stacklevel=2)
     return meta
+
+
+def _not_merged_already(adapter: str | Path, base: str | Path) -> None:
+    """Refuse ``adapter`` on a model ``ondevice adapt merge`` made with it (its ``ondevice.merged.*`` keys): its
+    change would count twice (it was let through as "the same model in another quantization")."""
+    from ..models.gguf_check import validate_gguf
+    from .merge import MERGED_KEY
+
+    merged = validate_gguf(base).metadata
+    if merged.get(MERGED_KEY + "adapter_sha256") == cached_sha256(adapter):
+        raise InvalidArgument(f"--adapter {Path(adapter).name} is already merged into {Path(base).name} (`ondevice "
+                              f"adapt merge`): applied again, its change would count twice; run "
+                              f"{Path(base).name} without --adapter, or apply the adapter to its base "
+                              f"({merged.get(MERGED_KEY + 'base', 'the model it was trained on')})")
 
 
 def _same_model(trained: str, trained_sha: str, base: str | Path) -> str | None:

@@ -139,6 +139,26 @@ def test_fa_is_llama_clis_flash_attention_switch(cli):
     assert r.returncode != 0 and "needs flash attention in llama.cpp" in r.stderr, r.stderr[-500:]
 
 
+def test_every_kv_cache_type_llama_cli_takes_runs_here_too(cli):
+    """`run -ctk q5_1` (and bf16, q4_1, q5_0, iq4_nl) was refused by run, chat and serve though llama-cli takes
+    them and `ondevice bench -ctk` measured them: a copied llama-cli command failed."""
+    from ondevice.cli import build_parser
+    from ondevice.engine.args import load_from
+    from ondevice.serve import ServeSettings
+
+    for kv in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"):  # llama-cli's list
+        args = build_parser("run").parse_args(["run", "-ctk", kv, "-ctv", kv, "-c", "64", "-t", "1", "Hi"])
+        m = load_from(args)
+        try:
+            assert (m.engine.config.type_k, m.engine.config.type_v) == (kv, kv)
+            assert m.generate("Hi", max_tokens=2, temp=0).text is not None
+        finally:
+            m.close()
+        assert ServeSettings(kv_type=kv).kv_type == kv
+    r = cli("run", "-ctk", "q3_k", "Hi")
+    assert r.returncode == 2 and "invalid choice: 'q3_k'" in r.stderr, r.stderr
+
+
 def test_eval_takes_llama_perplexitys_lora_spellings():
     """llama-perplexity's --lora FILE and --lora-scaled FILE SCALE reach eval's adapter (only --adapter did)."""
     from ondevice.cli import build_parser

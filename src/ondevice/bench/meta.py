@@ -11,7 +11,7 @@ from ..models.store import cached_sha256
 
 # Bytes per KV element for llama.cpp's cache types (block size 32 for the quantized ones).
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-            "q5_0": 22 / 32, "q5_1": 24 / 32}
+            "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ from ..protect.container import is_container
 from . import native
 from .abort import AbortFlag, DecodeAborted
 from .base import Engine, EngineConfig
+from .llama_flags import KV_TYPE_IDS
 from .records import Generation, Sampling
 from .resources import check_kv_memory, check_threads, physical_cores
 from .sampler import NO_TOKEN, Sampler  # noqa: F401 (NO_TOKEN: what sample() returns, named here too)
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
-_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+_KV_TYPES = KV_TYPE_IDS
 _init_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-KV_TYPES = ("f16", "f32", "q8_0", "q4_0")  # what EngineConfig.type_k/type_v take
+# what EngineConfig.type_k/type_v take: llama-cli's -ctk/-ctv types, with their ggml type ids
+KV_TYPE_IDS = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
+KV_TYPES = tuple(KV_TYPE_IDS)
 LOG = "llama.cpp's log is off unless ONDEVICE_VERBOSE=1"
 # the ignored flags whose value is optional here: the words llama.cpp takes as their value (anything else after
 # the flag is the command's own, as in llama-cli's older `--color` that took none: `run --color "Hi"`)

@@ -16,7 +16,7 @@ from ..models.gguf_check import GGUFInfo
 
 # bytes per cached value: ggml's block sizes (q8_0: 32 values in 34 bytes; q4_0: 32 in 18)
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                 "q5_0": 22 / 32, "q5_1": 24 / 32}
+                 "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
 FALLBACK_CTX = 4096  # when the GGUF does not say its trained context (the engine's own default cap)
 MEMORY_SHARE = 0.5  # the default window's KV cache may take at most this share of the available memory
 MIN_CTX = 16  # llama.cpp's smallest useful context

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..capped import read_capped, size_text
 from ..config import AnyList, add_config_arguments, config_from
 from ..device.cores import minus_one_is_zero
+from ..engine.llama_flags import KV_TYPES
 
 KEY_FILE_LIMIT = 1 << 20  # bytes: a file of API keys, one per line (`/dev/zero` was read to a MemoryError)
 
@@ -58,7 +59,7 @@ class ServeSettings(BaseSettings):
     ctx: int = Field(2048, ge=64, description="context tokens per slot (the KV cache holds ctx * parallel)")
     threads: Annotated[NonNegativeInt | None, BeforeValidator(minus_one_is_zero)] = Field(
         None, description="CPU threads (None, 0 or -1: one per physical performance core)")
-    kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(
+    kv_type: Literal[KV_TYPES] = Field(
         "f16", description="KV cache type (f32: results that depend least on where a sequence sits in the cache; "
                 "with flash attention on, a slot restored from a file can still flip a greedy near-tie)")
     flash_attn: Literal["auto", "on", "off"] = Field(

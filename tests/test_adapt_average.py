@@ -129,6 +129,7 @@ def test_average_and_merge_replace_an_adapter_or_model_only_with_force(three, tm
     made = merged.stat().st_mtime_ns
     second = cli("adapt", "merge", "soup")
     assert second.returncode == 2 and "adapt merge would replace the model " in second.stderr, second.stderr
+    assert "; write to another path (-o), or --force" in second.stderr, second.stderr  # merge has no --name
     assert merged.stat().st_mtime_ns == made
     assert cli("adapt", "merge", "soup", "--force").returncode == 0 and merged.stat().st_mtime_ns != made
 

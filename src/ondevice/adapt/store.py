@@ -337,12 +337,14 @@ def check_output(path: Path, kind: str, verb: str, force: bool, keep: list[tuple
         raise InvalidArgument(f"{shown} is there already and is not {noun}; {verb} does not replace it, even with "
                               f"{force_word}: give {out.strip()} a new file, or move that one away first")
     refuse_replacing(path, f"{verb} would replace the {'adapter' if kind == 'adapter' else 'model'}", force,
-                     "force=True" if library else "--force (force=True)")
+                     "force=True" if library else "--force (force=True)",
+                     f"write to another path ({out.strip()})" if verb == "adapt merge" else "give another name")
 
 
-def refuse_replacing(path: Path, what: str, force: bool, force_word: str = "--force (force=True)") -> None:
+def refuse_replacing(path: Path, what: str, force: bool, force_word: str = "--force (force=True)",
+                     other: str = "give another name") -> None:
     """``path`` (what merge or average would write) is there already: refused without ``force`` (``force_word``:
     how the caller gives it), naming what it holds, since a typo in --name would replace hours of training without
     a word."""
     if path.exists() and not force:
-        raise InvalidArgument(f"{what} {path}{made_note(path)}; give another name, or {force_word} to replace it")
+        raise InvalidArgument(f"{what} {path}{made_note(path)}; {other}, or {force_word} to replace it")

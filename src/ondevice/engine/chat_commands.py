@@ -44,7 +44,7 @@ HELP = """commands:
   /load MODEL             talk to another model (a new conversation; the same load flags)
   /save FILE              keep the conversation in a JSON file; /load FILE resumes it (its model too)
   /reset                  start a new conversation (also /clear)
-  /bye                    quit (also /exit, Ctrl-D)
+  /bye                    quit (also /exit, /quit, Ctrl-D)
   \"\"\"                     begin and end a multi-line message
 Ctrl-C stops the current answer."""
 

@@ -59,7 +59,7 @@ class Model:
     _turns: Turns = dataclasses.field(default_factory=Turns, repr=False, compare=False)
     _embedder: Engine | None = dataclasses.field(default=None, repr=False)  # embed()'s context, made at its first call
     _seeds: random.Random | None = dataclasses.field(default=None, repr=False)  # load(seed=N): each call's seed
-    knobs_note: str = ""  # the runtime knobs of a fitted variant applied at load (fit.knobs.fitted_knobs), or why not
+    knobs_note: str = ""  # a fitted variant's runtime knobs applied at load (models.runtime_knobs), or why not
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"

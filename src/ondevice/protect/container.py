@@ -147,7 +147,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     if len(raw) >= 10 and struct.unpack_from("<H", raw, 8)[0] > VERSION:
         v = struct.unpack_from("<H", raw, 8)[0]
         raise ProtectError(f"{p} is format version {v}, newer than this ondevice reads ({VERSION}); "
-                           f"upgrade ondevice (pip install -U 'ondevice[protect]')")
+                           f"upgrade ondevice (pip install -U 'ondevice[protect]'), or, if it was written as format "
+                           f"{VERSION} (`ondevice protect info` where it was made), the file is damaged: copy it again")
     if len(raw) < HEADER_SIZE:
         raise ProtectError(f"{p} is truncated: {size} bytes, shorter than the {HEADER_SIZE}-byte header; "
                            f"{_FIX_DAMAGED}")

@@ -279,3 +279,7 @@ def test_a_key_flag_given_in_vain_is_an_error_even_for_a_plain_model(cli, tmp_pa
     assert r.returncode == 2 and "none.key: cannot read it" in r.stderr, r.stderr
     r = cli("run", "--key-env", "ONDEVICE_TEST_NO_SUCH_VAR", "-n", "2", "Hi")
     assert r.returncode == 2 and "ONDEVICE_TEST_NO_SUCH_VAR is not set" in r.stderr, r.stderr
+    # a good key for a plain model: it runs, and says the key was not used (it was silently ignored)
+    r = cli("run", "--key-env", "MYKEY", "-n", "2", "Hi", env={"MYKEY": new_key()})
+    assert r.returncode == 0 and "smollm2-135m-instruct: note: it is not encrypted, so the key given" in r.stderr, \
+        r.stderr

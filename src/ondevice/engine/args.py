@@ -381,7 +381,14 @@ def load_from(args: argparse.Namespace, **config):
         from .chat_templates import template_from
 
         config["chat_template"] = template_from(args.chat_template, args.chat_template_file)
-    return said_knobs(load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config))
+    model = said_knobs(load(args.model, n_ctx=args.ctx, n_threads=args.threads, **config))
+    from ..protect.container import is_container
+    from ..protect.keys import key_source_from
+
+    if key_source_from(args) is not None and not is_container(model.path):  # not an error: the model runs
+        print(f"{model.name}: note: it is not encrypted, so the key given (--key-env/--key-file/--key-keyring) is not "
+              f"used", file=sys.stderr, flush=True)
+    return model
 
 
 def said_knobs(model):

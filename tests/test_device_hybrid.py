@@ -176,7 +176,8 @@ def test_check_threads_and_run_flags_take_minus_one(monkeypatch):
     with pytest.raises(InvalidArgument, match=r"--threads / n_threads=-2 must be 1 to .*0, -1 or none"):
         check_threads(-2)
     seen = {}
-    monkeypatch.setattr("ondevice.engine.model.load", lambda model, **kw: seen.update(kw))
+    monkeypatch.setattr("ondevice.engine.model.load",  # a model that loaded with no fitted knobs
+                        lambda model, **kw: seen.update(kw) or argparse.Namespace(knobs_note="", name="m"))
     for name in ("apply_kernel_args", "apply_key_args"):
         monkeypatch.setattr(engine_args, name, lambda a: None)
     monkeypatch.setattr(engine_args, "load_config", lambda a: {})

@@ -66,7 +66,7 @@ def test_llama_cli_sampling_flags_reach_the_sampler(cli):
     ("run", ["--samplers", "temperature;top_k"], "--samplers: they apply in llama.cpp's order (penalties, dry"),
     ("run", ["--sampling-seq", "kq"], "--sampling-seq: 'q' is not one of penalties"),
     ("run", ["--in-prefix", "User:"], "--in-prefix is llama.cpp's and does not apply here: the chat template frames"),
-    ("run", ["-ctk", "q5_1"], "argument -ctk/--cache-type-k: invalid choice: 'q5_1'"),
+    ("run", ["-ctk", "q3_k"], "argument -ctk/--cache-type-k: invalid choice: 'q3_k'"),
     ("chat", ["-no-cnv"], "-no-cnv is llama.cpp's and does not apply here: chat converses; for one answer"),
     ("serve", ["--reranking"], "--reranking is llama.cpp's and does not apply here: there is no /rerank route"),
     ("eval", ["--ppl", "-ot", "x"], "-ot is llama.cpp's and does not apply here: every tensor is on the CPU here"),

@@ -83,7 +83,9 @@ def test_the_cli_stores_a_soup_that_runs_by_name_and_refuses_what_cannot_be_comb
     a, b, c = (str(p) for p, _ in three.values())
     r = cli("adapt", "average", a, b, "--name", "soup")
     assert r.returncode == 0, r.stderr
-    assert "a x 0.5, b x 0.5; 3 tensors, rank 12" in r.stdout and "ondevice run --adapter soup" in r.stderr
+    # each input as given (two inputs with one stem stay apart), the rank said to be the inputs' stacked
+    assert f"{a} x 0.5, {b} x 0.5; 3 tensors, rank 12 (the inputs' ranks add up" in r.stdout
+    assert "ondevice run --adapter soup" in r.stderr
     run = cli("run", "--adapter", "soup", "-n", "3", "--temp", "0", "Hello")
     assert run.returncode == 0, run.stderr
     js = json.loads(cli("adapt", "average", a, c, "--weights", "2,-1", "-o", str(tmp_path / "x.gguf"), "--json").stdout)
@@ -116,7 +118,7 @@ def test_average_and_merge_replace_an_adapter_or_model_only_with_force(three, tm
     kept = (home / "adapters" / "soup.gguf").read_bytes()
     again = cli("adapt", "average", a, c, "--name", "soup")
     assert again.returncode == 2 and "adapt average would replace the adapter " in again.stderr, again.stderr
-    assert "soup.gguf (made " in again.stderr and "give another name, or --force" in again.stderr
+    assert "soup.gguf (made " in again.stderr and "give another name, or --force to replace it" in again.stderr
     assert (home / "adapters" / "soup.gguf").read_bytes() == kept
     out = tmp_path / "x.gguf"
     out.write_bytes(b"a file of the user's")
@@ -129,7 +131,8 @@ def test_average_and_merge_replace_an_adapter_or_model_only_with_force(three, tm
     made = merged.stat().st_mtime_ns
     second = cli("adapt", "merge", "soup")
     assert second.returncode == 2 and "adapt merge would replace the model " in second.stderr, second.stderr
-    assert "; write to another path (-o), or --force" in second.stderr, second.stderr  # merge has no --name
+    # merge has no --name
+    assert "; write to another path (-o), or --force to replace it" in second.stderr, second.stderr
     assert merged.stat().st_mtime_ns == made
     assert cli("adapt", "merge", "soup", "--force").returncode == 0 and merged.stat().st_mtime_ns != made
 

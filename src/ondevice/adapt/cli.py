@@ -220,9 +220,11 @@ def average_adapters(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    parts = ", ".join(f"{Path(a).stem} x {w:g}" for a, w in zip(r["adapters"], r["weights"], strict=True))
-    print(f"adapter {r['path']}: {parts}; {r['tensors']} tensors, rank {'/'.join(map(str, r['ranks']))}, "
-          f"{size_text(r['size_bytes'])}")
+    # each input as the user named it (a stored name and a path to another file of that stem stay apart)
+    parts = ", ".join(f"{a} x {w:g}" for a, w in zip(args.adapter, r["weights"], strict=True))
+    ranks = " or ".join(map(str, r["ranks"]))
+    print(f"adapter {r['path']}: {parts}; {r['tensors']} tensors, rank {ranks} (the inputs' ranks add up where "
+          f"they share a tensor), {size_text(r['size_bytes'])}")
     print(f"use it: ondevice run --adapter {r['name'] or r['path']} \"...\"", file=sys.stderr)
     return 0
 

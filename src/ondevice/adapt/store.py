@@ -337,7 +337,7 @@ def check_output(path: Path, kind: str, verb: str, force: bool, keep: list[tuple
         raise InvalidArgument(f"{shown} is there already and is not {noun}; {verb} does not replace it, even with "
                               f"{force_word}: give {out.strip()} a new file, or move that one away first")
     refuse_replacing(path, f"{verb} would replace the {'adapter' if kind == 'adapter' else 'model'}", force,
-                     "force=True" if library else "--force (force=True)",
+                     force_word,
                      f"write to another path ({out.strip()})" if verb == "adapt merge" else "give another name")
 
 

@@ -450,7 +450,12 @@ def test_tools_that_exit_are_async_or_return_the_wrong_type_are_results_not_cras
         """Claims a dict."""
         return None
 
-    box = Toolbox([quitter, double, liar])
+    def strict(x: int) -> int:
+        """Checks its own data with pydantic."""
+        import pydantic
+        return pydantic.TypeAdapter(int).validate_python("not a number")
+
+    box = Toolbox([quitter, double, liar, strict])
     r = box.call("quitter", {})
     assert not r.ok and r.kind == "failed" and "SystemExit: 4" in r.error
     assert box.call("double", {"x": 2}).value == 4
@@ -460,7 +465,10 @@ def test_tools_that_exit_are_async_or_return_the_wrong_type_are_results_not_cras
 
     assert asyncio.run(inside_a_loop()) == 10
     r = box.call("liar", {})
-    assert not r.ok and r.kind == "failed" and "not what its return annotation says" in r.error
+    assert not r.ok and r.kind == "failed" and "not what its return annotation says: the value: " in r.error
+    assert "(arguments)" not in r.error  # the value is wrong, not the arguments
+    r = box.call("strict", {"x": 1})  # a pydantic error inside the tool is its own failure
+    assert not r.ok and r.kind == "failed" and r.error.startswith("strict failed: ValidationError: "), r.error
 
 
 # -- retrieval -------------------------------------------------------------------------------------------

@@ -207,11 +207,12 @@ def _type_name(ann: Any) -> str:
     return repr(ann).replace("typing.", "").replace("collections.abc.", "")
 
 
-def _brief(e) -> str:
-    """A pydantic ValidationError in one line: ``field: problem; ...``."""
+def _brief(e, whole: str = "(arguments)") -> str:
+    """A pydantic ValidationError in one line: ``field: problem; ...`` (``whole``: the label of an error in the
+    value itself, with no field)."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "(arguments)"
+        loc = ".".join(str(x) for x in err.get("loc", ())) or whole
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)
 
@@ -341,16 +342,17 @@ class Toolbox:
                 value = t.fn(**valid)
                 if inspect.isawaitable(value):  # an async def tool
                     value = _await(value)
-                if t.returns is not None:  # what it returns is what its annotation (and output schema) says
-                    value = t.returns.validate_python(value)
             except ToolError:
                 raise
-            except _pydantic().ValidationError as e:
-                raise ToolError(f"{name} returned {type(value).__name__} {_short(value)}, which is not what its "
-                                f"return annotation says: {_brief(e)}", "failed") from None
             except (Exception, SystemExit) as e:  # the tool's own failure is data for the model (reflection),
                 # not a crash; a tool that calls exit() too must not take an agent or an MCP server down with it
                 raise ToolError(f"{name} failed: {type(e).__name__}: {e}", "failed") from e
+            if t.returns is not None:  # what it returns is what its annotation (and output schema) says
+                try:
+                    value = t.returns.validate_python(value)
+                except _pydantic().ValidationError as e:
+                    raise ToolError(f"{name} returned {type(value).__name__} {_short(value)}, which is not what "
+                                    f"its return annotation says: {_brief(e, 'the value')}", "failed") from None
             return ToolResult(name, t.args_json(valid), True, t.to_json(value), started=t0,
                               seconds=time.perf_counter() - t0)
         except ToolError as e:

@@ -135,6 +135,15 @@ def test_an_mcp_server_that_prints_on_stdout_is_named_without_a_traceback(cli):
     assert len(r.stderr.strip().splitlines()) == 2, r.stderr
 
 
+def test_an_mcp_server_that_exits_at_start_up_is_named_with_its_exit_status(cli):
+    pytest.importorskip("mcp")
+    cmd = shlex.join([sys.executable, "-c", "import sys; print('no config', file=sys.stderr); sys.exit(3)"])
+    r = cli("agent", "hi", "--mcp", cmd)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "no config" in r.stderr  # its own words, where the message points
+    assert "could not start the MCP server" in r.stderr and "; it exited (status 3) (its own messages" in r.stderr
+
+
 def test_the_cli_answers_after_a_huge_tool_result_and_its_log_line_is_cut(cli, tmp_path):
     """The answer on stdout; the step's line on stderr cut (the whole result stays in --log)."""
     (tmp_path / "logs.py").write_text(textwrap.dedent('''

@@ -52,6 +52,8 @@ def tool_alias(name: str, taken: set[str]) -> str:
     return alias
 
 
+WHERE = " (its own messages, if any, are above on stderr)"  # where to look when an MCP server ended
+
 _LAUNCHERS = re.compile(r"^(python[0-9.]*|pypy[0-9.]*|node(js)?|npx|bunx?|deno|uvx?|pipx|sh|bash|ruby|perl|php|java)$")
 
 
@@ -218,8 +220,10 @@ class MCPClient:
             why = failure[0] if failure else TimeoutError(f"no answer in {self.timeout:.0f} s")
             while isinstance(why, BaseExceptionGroup) and why.exceptions:  # anyio's task groups wrap the cause
                 why = why.exceptions[0]
+            how = self._how_it_ended() if failure else None  # a server that exited at start-up: its status
             self.close()
-            raise OndeviceError(f"could not start the MCP server {self.command} {' '.join(self.args)} ({why}); "
+            said = f"; it {how}{WHERE}" if how else ""
+            raise OndeviceError(f"could not start the MCP server {self.command} {' '.join(self.args)} ({why}){said}; "
                                 "check the command runs and speaks MCP on stdio") from None
 
     def call(self, name: str, arguments: dict) -> Any:
@@ -270,18 +274,23 @@ class MCPClient:
         for fut in list(self._calls):
             fut.cancel()
 
-    def _gone(self, name: str, *, ran: bool) -> str:
-        """What to say of a call to ``name`` on a server that exited (how, once the SDK has seen it end), or
-        closed its connection: during the call (``ran``), or before it was sent."""
+    def _how_it_ended(self) -> str | None:
+        """How the server's process ended (``exited (status 3)``, ``was killed by SIGKILL``); None while it runs,
+        or where there is no process to ask."""
         status = None
         for _ in range(20):  # the exit is seen a moment after the connection closed
             status = getattr(self._process, "returncode", None)
             if status is not None or self._process is None:
                 break
             time.sleep(0.05)
-        how = ("closed its connection" if status is None else f"was killed by {_signame(-status)}" if status < 0
-               else f"exited (status {status})")
-        where = " (its own messages, if any, are above on stderr)"
+        if status is None:
+            return None
+        return f"was killed by {_signame(-status)}" if status < 0 else f"exited (status {status})"
+
+    def _gone(self, name: str, *, ran: bool) -> str:
+        """What to say of a call to ``name`` on a server that exited (how, once the SDK has seen it end), or
+        closed its connection: during the call (``ran``), or before it was sent."""
+        how, where = self._how_it_ended() or "closed its connection", WHERE
         if ran:
             return (f"the MCP server {self.name} {how} during {name}{where}; it is not called again: {name} may have "
                     f"done part of its work, so check before running the agent again")

@@ -115,6 +115,20 @@ def test_bench_config_one_declaration_for_flags_env_and_api(monkeypatch):
         make_config(tests="xx1")
 
 
+def test_a_misspelt_bench_keyword_names_every_keyword_and_the_signature_shows_them():
+    import inspect
+
+    import ondevice
+
+    with pytest.raises(InvalidArgument, match=r"ondevice.bench\(\) has no argument 'progres' \(did you mean "
+                                              r"'progress'\?\); it takes amx, config, .*repack, repetitions, .*store"):
+        ondevice.bench(["x.gguf"], "tg1", progres=True)  # before any model is looked for
+    for fn in (ondevice.bench, ondevice.fit, ondevice.quantize, ondevice.evaluate, ondevice.pull):
+        assert "**kw" not in str(inspect.signature(fn)), fn  # the real keywords, not a wrapper's
+    assert {"amx", "repack", "store", "on_record"} <= set(inspect.signature(ondevice.bench).parameters)
+    assert "budget" in inspect.signature(ondevice.fit).parameters
+
+
 def test_noise_verdict_and_load_arithmetic():
     assert assess(100.0, 2.0, 0.05) == []
     why = assess(57.55, 26.29, 3.1)  # the figures of a busy run

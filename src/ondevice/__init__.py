@@ -16,23 +16,32 @@ from typing import TYPE_CHECKING
 from .errors import OndeviceError
 
 if TYPE_CHECKING:
+    from . import adapt, bench, fit
     from .engine import Generation, Model, Result, Sampling, load
+    from .eval.api import evaluate
+    from .models.hub import pull
+    from .quant.api import quantize
 
-_ENGINE_NAMES = ("Generation", "Model", "Result", "Sampling", "load")
+# name -> (module, attribute; None: the module itself), imported on first use: the `ondevice` command's supervising
+# parent imports this package only to start its child, and should not pay for numpy or llama_cpp. Each is the real
+# function (its own signature and help); bench, fit and adapt are packages that are callable (callable_module.py)
+_LAZY = {**{n: (".engine", n) for n in ("Generation", "Model", "Result", "Sampling", "load")},
+         "bench": (".bench", None), "fit": (".fit", None), "adapt": (".adapt", None),
+         "quantize": (".quant.api", "quantize"), "evaluate": (".eval.api", "evaluate"), "pull": (".models.hub", "pull")}
 
 
 def __getattr__(name: str):
-    # the engine (numpy, llama_cpp) is imported on first use: the `ondevice` command's supervising parent
-    # imports this package only to start its child, and should not pay for numpy
-    if name in _ENGINE_NAMES:
-        from . import engine
+    if name in _LAZY:
+        import importlib
 
-        return getattr(engine, name)
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(module, __name__)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'ondevice' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:  # help(ondevice) and dir() list the lazily imported names too
-    return sorted(set(globals()) | set(_ENGINE_NAMES))
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def _one_shot(model: str | None, kw: dict):
@@ -101,51 +110,6 @@ def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # a class, 
     from .cascade import Cascade as _Cascade
 
     return _Cascade(device_model, cloud_url, **kw)
-
-
-def pull(address: str, name: str | None = None, **kw):
-    """Download a model into the store and return its path: ``hf.co/OWNER/REPO:QUANT``, ``hf://OWNER/REPO/FILE.gguf``
-    or an http(s) URL (what ``ondevice pull`` takes; keyword arguments: ``sha256``, ``force``, ``retries``,
-    ``timeout``, ``progress``). The library never downloads on its own: after this, ``ondevice.load(address)`` finds
-    the model in the store with no network (see :func:`ondevice.models.pull`)."""
-    from .models.hub import pull as _pull
-
-    return _pull(address, name, **kw)
-
-
-def bench(*args, **kw):
-    """Run benchmark configurations and return their records (see :func:`ondevice.bench.api.bench`)."""
-    from .bench.api import bench as _bench
-
-    return _bench(*args, **kw)
-
-
-def quantize(*args, **kw):
-    """Make a quantized (or F16 reference) variant with llama.cpp (see :func:`ondevice.quant.api.quantize`)."""
-    from .quant.api import quantize as _quantize
-
-    return _quantize(*args, **kw)
-
-
-def fit(*args, **kw):
-    """The best variant of a model for this device under a budget (see :func:`ondevice.fit.api.fit`)."""
-    from .fit.api import fit as _fit
-
-    return _fit(*args, **kw)
-
-
-def adapt(*args, **kw):
-    """Train a LoRA adapter on the CPU and export it for llama.cpp (see :func:`ondevice.adapt.adapt`)."""
-    from .adapt import adapt as _adapt
-
-    return _adapt(*args, **kw)
-
-
-def evaluate(*args, **kw):
-    """Perplexity / KLD / task suites (see :func:`ondevice.eval.api.evaluate`)."""
-    from .eval.api import evaluate as _evaluate
-
-    return _evaluate(*args, **kw)
 
 
 __all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "__version__", "adapt", "bench",

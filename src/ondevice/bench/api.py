@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
     """
     from ..store import Store
 
+    params = [p for p in inspect.signature(bench).parameters if p != "settings"]  # a typo's hint names them too
+    if err := fields.unknown("ondevice.bench()", settings, {*params, *BenchConfig.model_fields}):
+        raise err
     if models is not None:
         models = fields.model_ref(models)
         settings["models"] = [str(fields.model_ref(m)) for m in ([models] if isinstance(models, (str, Path))

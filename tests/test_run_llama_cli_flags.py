@@ -134,7 +134,10 @@ def test_fa_is_llama_clis_flash_attention_switch(cli):
             m.close()
     assert ServeSettings(flash_attn="0").flash_attn == "off" and ServeSettings(flash_attn=-1).flash_attn == "auto"
     r = cli("run", "-fa", "sometimes", "Hi")
-    assert r.returncode == 2 and "invalid choice: 'sometimes'" in r.stderr
+    assert r.returncode == 2 and "-fa/--flash-attn: invalid value 'sometimes': give on, off or auto" in r.stderr
+    r = cli("run", "-n", "4", "-fa", "Hi")  # a bare -fa takes the prompt: said as typed, and that it needs a value
+    assert r.returncode == 2 and "invalid value 'Hi': give on, off or auto (or 1, 0, -1) after the flag; it takes " \
+        "a value" in r.stderr, r.stderr
     r = cli("serve", "-fa", "off", "--kv-type", "q8_0", "--port", "0")  # llama.cpp needs it for a quantized V cache
     assert r.returncode != 0 and "needs flash attention in llama.cpp" in r.stderr, r.stderr[-500:]
 

@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable: applied together)")
     p.add_argument("--lora-scaled", nargs=2, action=Scaled, dest="adapter", metavar=("PATH", "SCALE"),
                    help="llama-cli's form of --adapter PATH:SCALE")
-    p.add_argument("-fa", "--flash-attn", type=switch, choices=("auto", "on", "off"), default=None,
+    p.add_argument("-fa", "--flash-attn", type=on_off_auto, metavar="{auto,on,off}", default=None,
                    help="flash attention, as llama-cli's (default auto: llama.cpp decides, on for CPUs; `ondevice "
                         "bench -fa off,auto` shows which decodes faster here, off at depth on some CPUs; a variant "
                         "from `ondevice fit --knobs` loads with the knobs its fit measured on this machine)")
@@ -70,10 +70,10 @@ class Scaled(argparse.Action):
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
     """``--amx`` and ``--repack``: the extra CPU kernels (see ``ondevice device``); flag > env var > auto."""
     g = p.add_argument_group("CPU kernels (auto: what the self-test proved safe on this machine)")
-    g.add_argument("--amx", type=switch, choices=("auto", "on", "off"), default=None,
+    g.add_argument("--amx", type=on_off_auto, metavar="{auto,on,off}", default=None,
                    help="Intel AMX matmul kernels (env ONDEVICE_AMX; default auto: off unless proven safe and "
                         "faster by `ondevice device --probe`)")
-    g.add_argument("--repack", type=switch, choices=("auto", "on", "off"), default=None,
+    g.add_argument("--repack", type=on_off_auto, metavar="{auto,on,off}", default=None,
                    help="CPU_REPACK interleaved-weight kernels (env ONDEVICE_REPACK; default auto: on unless "
                         "its self-test failed here; 1/0 as llama.cpp's tools take it)")
     add_no_repack(g)
@@ -94,6 +94,16 @@ def switch(value) -> str:
     else comes back lowercased for the flag's choices to refuse."""
     word = str(value).strip().lower()
     return {"1": "on", "true": "on", "0": "off", "false": "off", "-1": "auto"}.get(word, word)
+
+
+def on_off_auto(value: str) -> str:
+    """argparse's type for -fa, --amx, --repack: :func:`switch`, and a word it does not know refused as given (a
+    bare ``-fa`` takes the prompt after it as its value)."""
+    word = switch(value)
+    if word not in ("auto", "on", "off"):
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give on, off or auto (or 1, 0, -1) after the "
+                                         f"flag; it takes a value, as llama.cpp's does")
+    return word
 
 
 @contextlib.contextmanager

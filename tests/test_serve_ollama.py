@@ -429,3 +429,24 @@ def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_as_ollama
     refused = httpx.post(server.base_url + "/api/chat", headers=AUTH, timeout=300, json={
         "model": name, "messages": msgs, "stream": False, "truncate": False, "options": {"num_predict": 4}})
     assert refused.status_code == 400 and "tokens" in refused.json()["error"]
+
+
+def test_the_servers_notes_are_dated_and_prefixed_as_its_other_lines(tmp_path, smol_path):
+    """A served num_ctx clamp (a warning) and an Ollama cut (the log notes each cut, as the README says) come out
+    of a real `ondevice serve` on stderr dated as the access lines and worded as the start-up notes."""
+    import re
+
+    from conftest import serve_process
+
+    with serve_process(tmp_path, "-m", str(smol_path), "-c", "512", "-np", "1") as (_, url, log):
+        base = url.removesuffix("/v1")
+        served = httpx.get(base + "/api/tags").json()["models"][0]["name"]
+        r = httpx.post(base + "/api/generate", timeout=120, json={
+            "model": served, "prompt": "ships and boats " * 300, "raw": True, "stream": False,
+            "options": {"num_ctx": 4096, "num_predict": 2, "temperature": 0}})
+        assert r.status_code == 200, r.text
+        lines = log.read_text().splitlines()
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ondevice serve: "
+    assert any(re.match(stamp + r"warning: options\.num_ctx=4096 is above", x) for x in lines), lines
+    assert any(re.match(stamp + r"note: /api/generate: \d+ of the prompt's \d+ tokens were cut", x)
+               for x in lines), lines

@@ -143,16 +143,38 @@ class _Stderr(logging.StreamHandler):
         super().emit(record)
 
 
-def access_logger() -> logging.Logger:
-    """The ``ondevice.access`` logger: one line per request on stderr unless the caller configured it."""
-    log = logging.getLogger("ondevice.access")
+class _Notes(logging.Formatter):
+    """``2026-12-07 15:04:05 ondevice serve: warning: ...``: the server's own notes, dated as its access lines and
+    worded as its start-up lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "note" if record.levelno == logging.INFO else record.levelname.lower()  # as the start-up notes
+        return super().format(logging.makeLogRecord({**record.__dict__, "levelname": level}))
+
+
+def _stderr_logger(name: str, formatter: logging.Formatter) -> logging.Logger:
+    """Logger ``name`` writing to stderr from INFO on, unless the caller configured it."""
+    log = logging.getLogger(name)
     if not log.handlers:
         h = _Stderr()
-        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))  # a server runs for days
+        h.setFormatter(formatter)
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
     return log
+
+
+def access_logger() -> logging.Logger:
+    """The ``ondevice.access`` logger: one line per request on stderr unless the caller configured it."""
+    # dated: a server runs for days
+    return _stderr_logger("ondevice.access", logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+
+
+def notes_logger() -> logging.Logger:
+    """The ``ondevice.serve`` logger (a clamped Ollama ``num_ctx``, a slot save that failed, a request's bug):
+    dated lines with the ``ondevice serve:`` prefix on stderr, unless the caller configured it."""
+    return _stderr_logger("ondevice.serve", _Notes("%(asctime)s ondevice serve: %(levelname)s: %(message)s",
+                                                   "%Y-%m-%d %H:%M:%S"))
 
 
 def _as_json(scope) -> None:

@@ -270,8 +270,11 @@ def _uvicorn_server(app, graceful_s: float, end_requests=None, *, settings: Serv
 def serve(settings: ServeSettings) -> None:
     """Serve until interrupted (Ctrl-C); every request is a 503 ``Loading model`` until the model is loaded."""
     _check_extra()
+    from .http import notes_logger
+
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
+    notes_logger()
 
     def ready(state) -> None:
         print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "

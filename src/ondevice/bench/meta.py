@@ -9,10 +9,6 @@ from pathlib import Path
 
 from ..models.store import cached_sha256
 
-# Bytes per KV element for llama.cpp's cache types (block size 32 for the quantized ones).
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-            "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
-
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -69,7 +65,9 @@ def roofline_for(meta: ModelMeta, phases: list[tuple[str, int, int]], time_s: fl
           "n_head_kv": info.n_head_kv or info.n_head}
     if None in hp.values():
         return None
-    kvb = (KV_BYTES.get(type_k, 2.0) + KV_BYTES.get(type_v, 2.0)) / 2
+    from ..eval.window import KV_TYPE_BYTES
+
+    kvb = (KV_TYPE_BYTES.get(type_k, 2.0) + KV_TYPE_BYTES.get(type_v, 2.0)) / 2
     out_phases, bound_time = [], 0.0
     for phase, n, depth in phases:
         if n <= 0:

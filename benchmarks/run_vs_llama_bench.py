@@ -62,11 +62,12 @@ def llama_bench(model: Path, threads: int, reps: int, depth: int) -> dict[str, l
 def ondevice_run(model: Path, threads: int, reps: int, prompt: str) -> dict[str, list[float]]:
     pp, tg = [], []
     for _ in range(reps):
+        # -fa auto: llama.cpp's default, given, so that knobs `ondevice fit --knobs` kept for this file do not apply;
         # the streamed text goes to a file: a parent reading a pipe wakes per token and, on 2 cores, takes
         # CPU from llama.cpp's threads (measured: 0.948 piped vs 0.974 to a file, paired over 8 rounds)
         with tempfile.TemporaryFile("w+") as text, tempfile.TemporaryFile("w+") as err:
-            subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-m", str(model), "-t", str(threads),
-                            "--raw", "--temp", "0", "-n", "128", "--ignore-eos", "--timings", "json", "-"],
+            subprocess.run([sys.executable, "-m", "ondevice.cli", "run", "-m", str(model), "-t", str(threads), "--raw",
+                            "--temp", "0", "-n", "128", "--ignore-eos", "--timings", "json", "-fa", "auto", "-"],
                            input=prompt, stdout=text, stderr=err, text=True, check=True)
             err.seek(0)
             rec = json.loads(err.read().strip().splitlines()[-1])

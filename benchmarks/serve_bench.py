@@ -137,6 +137,10 @@ async def load(srv: Server, n: int, tokens: int, distinct: bool = False) -> dict
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
+# llama-server's default, given: knobs `ondevice fit --knobs` kept for the model file would otherwise apply to ondevice
+NO_KNOBS = ("-fa", "auto")
+
+
 def one_of_each(model: str, threads: int, skip: str = "", ctx: int = 2048, flags: tuple[str, ...] = ()) -> list[Server]:
     """`ondevice serve` and llama-server `--jinja` (when built) on ``model``, one slot each, with the same CPU
     kernels (``peers.kernel_match``): the pair the client-compatibility scripts send the same requests to.
@@ -149,7 +153,7 @@ def one_of_each(model: str, threads: int, skip: str = "", ctx: int = 2048, flags
     common = ["-m", model, "-t", str(threads), "-np", "1", "-c", str(ctx), *flags]
     port = free_port()
     servers = [Server("ondevice", [sys.executable, "-m", "ondevice.cli", "serve", *common, "--port", str(port),
-                                   "--no-embeddings"], port, {})]
+                                   "--no-embeddings", *NO_KNOBS], port, {})]
     if "llama-server" not in skip:
         exe = tool_path("llama-server")
         if exe.exists():
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         p = free_port()
         servers.append(Server(f"ondevice {extra}".strip(), [sys.executable, "-m", "ondevice.cli", "serve", "-m", model,
                                                             "--port", str(p), "-np", str(par), "-c", "1024", "-t", t,
-                                                            "--no-embeddings", *extra.split()], p,
+                                                            "--no-embeddings", *NO_KNOBS, *extra.split()], p,
                               {"ignore_eos": True}))
     # llama-cpp-python's Llama has no switch for extra kernels: it loads all the build offers
     lcp_kernels = "+".join(offered()) or "none"

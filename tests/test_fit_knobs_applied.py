@@ -115,3 +115,38 @@ def test_damaged_knobs_in_the_sidecar_are_not_applied_and_the_load_goes_on(monke
         assert m.engine.config.flash_attn is None and m.engine.config.n_threads is None
         assert m.knobs_note == (f"the runtime knobs stored with {name}.gguf are damaged (its .json file): not "
                                 f"applied; run `ondevice fit --knobs` again to measure them")
+
+
+def test_knobs_a_fit_measured_on_the_file_in_hand_apply_to_that_file_while_it_is_unchanged(monkeypatch, tmp_path,
+                                                                                           smol_path):
+    """A fit that finds the file in hand best stores no variant; the knobs it measured on that file (the real
+    ``tune`` and ``runtime_record``, the Xeon's speeds at depth) are kept for it: its loads apply them, another file's
+    do not, and once the file changes they are not applied and the note says why."""
+    import os
+
+    import ondevice
+    from ondevice.fit.knobs import runtime_record
+    from ondevice.fit.register import keep_shipped_knobs
+    from ondevice.models.catalog import resolve
+
+    r, _ = _tune_at(monkeypatch, _fa_at_depth, ("pp128", "tg64"), 1024)
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    in_hand, other = tmp_path / "in-hand.gguf", tmp_path / "other.gguf"
+    shutil.copyfile(smol_path, in_hand)
+    shutil.copyfile(smol_path, other)
+    said: list[str] = []
+    keep_shipped_knobs(resolve(str(in_hand)), runtime_record(r), None, said.append)
+    assert said == ["run, chat and serve load in-hand with its knobs on this machine (-fa off; a flag given "
+                    "overrides its knob)"]
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == ["knobs"]  # no copy of the model
+    with ondevice.load(str(in_hand), n_ctx=256, n_threads=1) as m:
+        assert m.engine.config.flash_attn is False and "measured on this machine: -fa off" in m.knobs_note
+    with ondevice.load(str(other), n_ctx=256, n_threads=1) as m:
+        assert m.engine.config.flash_attn is None and m.knobs_note == ""
+    st = in_hand.stat()
+    os.utime(in_hand, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # replaced or touched since the fit
+    with ondevice.load(str(in_hand), n_ctx=256, n_threads=1) as m:
+        assert m.engine.config.flash_attn is None
+        assert m.knobs_note == ("the runtime knobs `ondevice fit --knobs` measured on in-hand.gguf are for the file "
+                                "as it was then, and it has changed since: not applied; run the fit again to measure "
+                                "them")

@@ -60,7 +60,7 @@ from .plan import (
 )
 from .profile import fit_profile
 from .quality import Quality, parse_quality
-from .register import log_fit, store_fit
+from .register import keep_shipped_knobs, log_fit, say_knobs, store_fit
 
 
 @dataclass
@@ -424,17 +424,22 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
     chosen = min(ok, key=lambda c: objective(bud)(c.measured))
     shipped_wins = dequantized and say_if_shipped_is_better(shipped, chosen.measured, bud, say)
     extra = {"profile": prof.to_dict() if prof.spec else None, "quality": {**qual.to_dict(), "reference": q_ref}}
-    if shipped_wins and store and name is None:  # a variant no better than the file in hand is not worth a copy
+    in_hand = shipped_wins and store and name is None  # the file the user has is the answer: no copy is stored
+    if in_hand:  # a variant no better than the file in hand is not worth a copy
         say("no variant stored: the shipped file is the answer (name the variant with --name to store it anyway); "
             "the fit is logged for `ondevice report --fit`")
         log_fit(src.name, model_sha256(src), chosen, src, bud, picks, front_rows, shipped, threads, extra,
                 shipped_chosen=True)
         store = False
-    if knobs:
+    if knobs:  # timed on the file that will be used: the stored variant's, or the one in hand
         with phase("knobs"):
-            rt = tune(chosen.measured["file"], threads, tuple(speed_tests), repetitions,
-                      "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof, depth=knobs_depth)
-        chosen.measured["runtime"] = runtime_record(rt)
+            rt = tune(src.path if in_hand else chosen.measured["file"], threads, tuple(speed_tests), repetitions,
+                      "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof, depth=knobs_depth,
+                      what=f"the file in hand, {src.name}" if in_hand else "the chosen file")
+        if in_hand:
+            keep_shipped_knobs(src, runtime_record(rt), extra["profile"], say)
+        else:
+            chosen.measured["runtime"] = runtime_record(rt)
     vname = stored = None
     if store:
         c_im_sha = im_sha if transformed(chosen) else plain[2]  # the importance matrix its file was made with
@@ -444,9 +449,7 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
             stored = store_fit(vname, chosen, src, reference, ref_note, lay, bud, picks, front_rows, shipped, im_info,
                             c_im_sha, text_desc, threads, force, {**tf.info, "chosen": transformed(chosen)},
                             extra).path
-        if (chosen.measured.get("runtime") or {}).get("flags") and not prof.spec:
-            say(f"run, chat and serve load {vname} with its knobs on this machine "
-                f"({chosen.measured['runtime']['flags']}; a flag given overrides its knob)")
+        say_knobs(vname, chosen.measured.get("runtime"), prof.spec, say)
     _cleanup(workdir)
     for c in picks:  # their files are gone (the chosen one moved into the store: ``path``)
         c.measured.pop("file", None)

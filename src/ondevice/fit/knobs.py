@@ -77,12 +77,13 @@ def deep_test(tests: tuple[str, ...], depth: int) -> str | None:
 
 
 def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: int, key: str = "tg",
-         say=print, profile=None, depth: int = 1024) -> dict:
+         say=print, profile=None, depth: int = 1024, what: str = "the chosen file") -> dict:
     """Time ``path`` at the default knobs and one knob changed at a time; bench the chosen combination.
 
     ``key``: what "faster" means (``tg`` decode or ``pp`` prompt tok/s); every trial also decodes at KV depth
     ``depth`` (0: not), and ``tg`` then decides on ``decode``, the harmonic mean of the two decode tests;
-    ``profile``: a ``fit.profile.FitProfile`` the benches run under. Returns ``{"rows": [(what, knobs, speed)],
+    ``profile``: a ``fit.profile.FitProfile`` the benches run under; ``what``: the file, as the table names it.
+    Returns ``{"rows": [(what, knobs, speed)],
     "chosen": knobs dict, "measured": speed, "flags": run/serve flags, "deep_test": the depth test or None}``; a
     speed has ``tg`` and ``pp`` tok/s and, with a depth, ``deep`` and ``decode``.
     """
@@ -134,7 +135,7 @@ def tune(path: str | Path, threads: int, tests: tuple[str, ...], repetitions: in
     decides = f"{key} decides"
     if deep and key == "tg":  # a decode knob is judged on a reply from an empty cache and one at depth together
         key, decides = "decode", f"decode over tg and {deep} decides: their mean time per token"
-    say(f"runtime knobs on the chosen file (one at a time from the default; {decides}):")
+    say(f"runtime knobs on {what} (one at a time from the default; {decides}):")
     say(f"  {'knobs':58s} {'tg t/s':>7} {'pp t/s':>7}" + (f" {deep + ' t/s':>{width}} {'decode t/s':>10}"
                                                            if deep else ""))
     say(row("default: " + default.describe(), base))

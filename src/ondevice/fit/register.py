@@ -4,6 +4,7 @@ measurements) and the fit logged in the SQLite store for ``ondevice report --fit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InvalidArgument
@@ -64,3 +65,22 @@ def log_fit(name: str, sha: str, chosen: Candidate, src, bud: Budget, picks, fro
     with Store() as db:
         db.add("fit", rec, session=f"fit-{time.strftime('%Y%m%d-%H%M%S')}", config_key=sha[:16], model=name,
                model_sha256=sha, test="fit")
+
+
+def keep_shipped_knobs(src, runtime: dict, profile: dict | None, say: Callable[[str], None]) -> None:
+    """The knobs a fit measured on the file in hand (it stores no variant: that file is the answer), kept for that
+    file's loads (``models/runtime_knobs``), with where they were measured as a variant's provenance holds it."""
+    from ..device.info import machine_key
+    from ..device.kernels import build_id
+    from ..models.runtime_knobs import keep_knobs
+
+    keep_knobs(src.path, {"made_by": "ondevice fit --knobs", "machine": machine_key(), "llama_build": build_id(),
+                          "profile": profile, "measured": {"runtime": runtime}})
+    say_knobs(src.name, runtime, profile, say)
+
+
+def say_knobs(name: str, runtime: dict | None, profile: object, say: Callable[[str], None]) -> None:
+    """Say that ``name`` loads with the knobs measured for it (not those measured under a device profile)."""
+    if (runtime or {}).get("flags") and not profile:
+        say(f"run, chat and serve load {name} with its knobs on this machine ({runtime['flags']}; a flag given "
+            f"overrides its knob)")

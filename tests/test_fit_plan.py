@@ -89,7 +89,7 @@ def test_knobs_are_timed_one_at_a_time_and_the_chosen_ones_measured_together():
     assert any(ln.startswith("  chosen") for ln in lines)
 
 
-def _tune_at(monkeypatch, speed, tests=("pp16", "tg8"), depth=0, key="tg") -> tuple[dict, list[str]]:
+def _tune_at(monkeypatch, speed, tests=("pp16", "tg8"), depth=0, key="tg", **kw) -> tuple[dict, list[str]]:
     """``tune`` (threads 1, one core) with every bench's tok/s given by ``speed(settings, test)`` (pp: 300):
     (result, lines said). The records go through the real ``speed_of``."""
     from ondevice.fit.knobs import tune
@@ -101,7 +101,7 @@ def _tune_at(monkeypatch, speed, tests=("pp16", "tg8"), depth=0, key="tg") -> tu
     monkeypatch.setattr("ondevice.bench", bench)
     monkeypatch.setattr("ondevice.engine.resources.physical_cores", lambda: 1)
     lines: list[str] = []
-    return tune("model.gguf", 1, tests, 1, key, say=lines.append, depth=depth), lines
+    return tune("model.gguf", 1, tests, 1, key, say=lines.append, depth=depth, **kw), lines
 
 
 def test_knobs_faster_alone_but_not_together_leave_the_default(monkeypatch):
@@ -138,6 +138,18 @@ def _fa_at_depth(settings, test):
     others), twice as fast at depth 1024 (96.7 vs 47.7)."""
     fa_off = settings["flash_attn"] == [False]
     return (96.7 if fa_off else 47.7) if "@d1024" in test else (158.2 if fa_off else 177.1)
+
+
+def test_knobs_that_measure_below_the_budgets_speed_bound_are_not_taken(monkeypatch):
+    """Flash attention off decodes faster over both tests, but slower from an empty cache (the Xeon's figures),
+    which is what a `tg>=` bound bounds: under a bound it would miss, the stored variant would load with knobs that
+    break its budget, so the knob is not taken and the table says why; under a bound it meets, it is taken."""
+    r, lines = _tune_at(monkeypatch, _fa_at_depth, ("pp128", "tg64"), 1024, floors={"tg": 170.0})
+    assert r["chosen"]["flash_attn"] is None and r["flags"] == ""
+    assert any(x.startswith("  flash attention off ") and x.endswith("(faster, but under the budget: tg 158.2 < "
+                                                                      "170.0)") for x in lines), lines
+    r, _ = _tune_at(monkeypatch, _fa_at_depth, ("pp128", "tg64"), 1024, floors={"tg": 150.0, "pp": 250.0})
+    assert r["flags"] == "-fa off"
 
 
 def test_flash_attention_off_is_chosen_where_it_decodes_faster_at_depth(monkeypatch):

@@ -435,7 +435,8 @@ def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None
         with phase("knobs"):
             rt = tune(src.path if in_hand else chosen.measured["file"], threads, tuple(speed_tests), repetitions,
                       "pp" if bud.pp is not None and bud.tg is None else "tg", say, profile=prof, depth=knobs_depth,
-                      what=f"the file in hand, {src.name}" if in_hand else "the chosen file")
+                      what=f"the file in hand, {src.name}" if in_hand else "the chosen file",
+                      floors={m: v for m in ("tg", "pp") if (v := getattr(bud, m)) is not None})
         if in_hand:
             keep_shipped_knobs(src, runtime_record(rt), extra["profile"], say)
         else:

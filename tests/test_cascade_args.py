@@ -61,3 +61,6 @@ def test_serve_refuses_cascade_flags_without_cascade(cli):
         "--cascade URL (the cloud to defer to); add --cascade URL or drop them; see `ondevice serve --help`")
     r = cli("serve", "--port", "0", "--no-embeddings", env={"ONDEVICE_CASCADE_TIMEOUT": "5"}, timeout=60)
     assert r.returncode == 2 and "ONDEVICE_CASCADE_TIMEOUT only applies with --cascade URL" in r.stderr, r.stderr
+    # a flag given at its default value is given too (it was taken silently: only other values were compared)
+    r = cli("serve", "--port", "0", "--no-embeddings", "--cascade-threshold", "0.5", timeout=60)
+    assert r.returncode == 2 and "--cascade-threshold only applies with --cascade URL" in r.stderr, r.stderr

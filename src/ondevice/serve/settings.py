@@ -249,11 +249,11 @@ class ServeSettings(BaseSettings):
         if self.max_prompt_tokens >= self.ctx:
             raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} must be below ctx {self.ctx} "
                              f"(room is needed for the reply); lower it or raise --ctx")
-        if self.cascade is None:  # the cascade's own settings would be ignored without it
+        if self.cascade is None:  # the cascade's own settings would be ignored without it (given, even as a default)
             fields = type(self).model_fields
             env = self.model_config["env_prefix"]
             given = [f"{env}{n.upper()}" if f"{env}{n.upper()}" in os.environ else "--" + n.replace("_", "-")
-                     for n in fields if n.startswith("cascade_") and getattr(self, n) != fields[n].default]
+                     for n in fields if n.startswith("cascade_") and n in self.model_fields_set]
             if given:
                 one = len(given) == 1
                 raise ValueError(f"{', '.join(given)} only {'applies' if one else 'apply'} with --cascade URL (the "

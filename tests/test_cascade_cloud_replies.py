@@ -338,17 +338,24 @@ def test_a_cloud_stream_cut_off_before_its_end_is_an_error_not_a_whole_answer(de
 
 def test_completions_refuse_a_cascade_object_and_name_the_chat_routes(device, cloud):
     """/v1/completions answered on the device with no cascade object and no X-Ondevice-* headers, as if the request's
-    "cascade" were honoured; the cloud tier answers chat messages, so the route refuses it and says where it works."""
+    "cascade" were honoured; the cloud tier answers chat messages, so the route refuses one asking for the cloud and
+    says where it works. One that only keeps the request here (never_defer) is served, as on raw /api/generate."""
     c = openai.OpenAI(base_url=device.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
     n0 = len(cloud.bodies)
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="x", prompt="Rewrite politely: send me the report now", max_tokens=4,
                                  stream=stream, extra_body={"cascade": {"always_defer": True}})
-        assert ("the device -> cloud cascade applies to chat requests only (/v1/chat/completions, /v1/responses, "
-                "/v1/messages); send the prompt as a user message there, or leave cascade unset") in str(e.value)
+        assert ("invalid request: cascade: a completion continues its prompt as it is, so the device alone answers "
+                "it (the cloud tier answers chat messages); send it as a user message to a chat route "
+                "(/v1/chat/completions, /v1/responses, /v1/messages, /api/chat), where it may be deferred, or leave "
+                "cascade unset") in str(e.value)
     r = httpx.post(device.base_url + "/completion", json={"prompt": "Hi", "n_predict": 2, "cascade": {}}, timeout=60)
-    assert r.status_code == 400 and "cascade: the device -> cloud cascade applies to chat requests only" in r.text
+    assert r.status_code == 400 and "cascade: a completion continues its prompt as it is" in r.text
+    private = {"cascade": {"never_defer": True}}
+    assert c.completions.create(model="x", prompt="Hi", max_tokens=2, extra_body=private).choices[0].text is not None
+    r = httpx.post(device.base_url + "/completion", json={"prompt": "Hi", "n_predict": 2, **private}, timeout=60)
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
     assert len(cloud.bodies) == n0  # nothing reached the cloud
     assert c.completions.create(model="x", prompt="Hi", max_tokens=2).choices[0].text is not None  # without: served
 

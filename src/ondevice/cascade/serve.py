@@ -487,10 +487,15 @@ def only_restricts(cascade) -> bool:
     return (rp.never_defer or rp.keep is False) and not (rp.always_defer or rp.keep or rp.threshold is not None)
 
 
+# where a prompt the device alone answers goes to be deferred: the cascade's routes
+TO_CHAT = ("send it as a user message to a chat route (/v1/chat/completions, /v1/responses, /v1/messages, "
+           "/api/chat), where it may be deferred")
+
+
 def device_only(cascade, why: str, fix: str) -> None:
     """Refuse a ``cascade`` object asking for the cloud on a prompt the device alone answers (``why``: Ollama's
-    ``raw`` and ``suffix``), as /v1/completions refuses one; one that only keeps it here (:func:`only_restricts`)
-    is served."""
+    ``raw`` and ``suffix``; a completion's prompt); one that only keeps it here (:func:`only_restricts`) is
+    served."""
     if cascade is not None and not only_restricts(cascade):
         raise InvalidArgument(f"cascade: {why}, so the device alone answers it (the cloud tier answers chat "
                               f"messages); {fix}, or leave cascade unset ({{\"never_defer\": true}} and "

@@ -52,9 +52,7 @@ _SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"
          "dry_penalty_last_n", "dry_sequence_breakers", "seed", "stop", "ignore_eos", "grammar", "lora", "model",
          "n_indent", "t_max_predict_ms", "samplers")
 _NAMES = {"max_tokens": "n_predict", "logprobs": "n_probs", "n": "n_cmpl"}  # ours -> llama-server's, in errors
-_REFUSED = {"min_keep": "the samplers keep their own minimum (1)",
-            "cascade": "the device -> cloud cascade applies to chat requests only (/v1/chat/completions, "
-                       "/v1/responses, /v1/messages)"}
+_REFUSED = {"min_keep": "the samplers keep their own minimum (1)"}
 
 
 def _int(body: dict, key: str, default: int, low: int) -> int:
@@ -125,6 +123,9 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
     for key, why in _REFUSED.items():
         if body.get(key) not in (None, False, 0):
             raise InvalidArgument(f"{key}: {why}; leave {key} unset")
+    from ..cascade.serve import TO_CHAT, device_only
+
+    device_only(body.get("cascade"), "a completion continues its prompt as it is", TO_CHAT)
     n_predict = body.get("n_predict", body.get("max_tokens", body.get("max_completion_tokens", -1)))
     if not isinstance(n_predict, int) or isinstance(n_predict, bool) or n_predict < -1:
         raise InvalidArgument(f"n_predict={n_predict!r} must be an integer: the most tokens to generate, or -1 for no "

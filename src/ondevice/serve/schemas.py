@@ -449,7 +449,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    cascade: Any = None  # refused (below): the cloud tier answers chat messages, not a raw prompt
+    cascade: Any = None  # one asking for the cloud is refused (below): the cloud tier answers chat messages
     best_of: int | None = Field(None, ge=1)  # more than one: refused (below), not ignored as llama-server does
 
     @field_validator("best_of")
@@ -463,9 +463,14 @@ class CompletionRequest(_Sampling):
     @field_validator("cascade")
     @classmethod
     def _chat_only(cls, v: Any) -> Any:
-        raise ValueError("the device -> cloud cascade applies to chat requests only (/v1/chat/completions, "
-                         "/v1/responses, /v1/messages); send the prompt as a user message there, or leave cascade "
-                         "unset")
+        from ..cascade.serve import TO_CHAT, device_only
+        from ..errors import InvalidArgument
+
+        try:  # never_defer / keep: false are served: a client marking its private requests keeps working
+            device_only(v, "a completion continues its prompt as it is", TO_CHAT)
+        except InvalidArgument as e:
+            raise ValueError(str(e).removeprefix("cascade: ")) from None  # the field is named once
+        return v
 
 
 # Ollama's /api/chat and /api/generate: their options go to llama.cpp's sampler as they are, as Ollama's do, so a

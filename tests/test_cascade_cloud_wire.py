@@ -376,4 +376,23 @@ def test_cascade_fit_takes_serves_flag_names_and_warns_about_a_small_dev_set(cli
     assert r.returncode == 0, r.stderr
     assert {b["model"] for b in cloud.bodies} == {"gpt-4o-mini"}
     assert "ondevice cascade: warning: 8 dev answers (" in r.stderr, r.stderr
-    assert "give rough thresholds: fewer than 10 of either kind; raise --limit" in r.stderr
+    assert "give rough thresholds: fewer than 10 of either kind; raise --limit (8 now) or add a suite (e.g. " \
+        "--suite rewrite,assistant-en" in r.stderr  # more items: the fixes that give them
+
+
+def test_the_small_dev_set_warning_names_a_fix_that_adds_items():
+    """With no --limit given, "raise --limit" was advised though every dev item was used, and --tasks can only
+    narrow: the fix named now is the one that gives more items."""
+    import argparse
+
+    from ondevice.cascade.cli import small_sample
+
+    def said(**kw):
+        return small_sample(21, 18, argparse.Namespace(**{"limit": None, "tasks": None, "suite": "rewrite", **kw}))
+
+    assert said().endswith("fewer than 10 of either kind; add a suite (e.g. --suite rewrite,assistant-en: its "
+                           "rewrite and summary items)")
+    assert said(tasks="rewrite_formal").endswith("; keep more --tasks or add a suite (e.g. --suite "
+                                                 "rewrite,assistant-en: its rewrite and summary items)")
+    assert said(suite="rewrite,assistant-en").endswith("; add a suite to --suite")
+    assert small_sample(40, 20, argparse.Namespace(limit=None, tasks=None, suite="rewrite")) is None

@@ -51,15 +51,21 @@ def run(args: argparse.Namespace) -> int:
     return _fit(args)
 
 
-def small_sample(n: int, good: int) -> str | None:
+def small_sample(n: int, good: int, args: argparse.Namespace) -> str | None:
     """The warning for a dev set with few answers of either label: its thresholds (quantiles of a handful of
-    confidences) and AUC are rough, and the share it defers while serving may differ much from the one asked."""
+    confidences) and AUC are rough, and the share it defers while serving may differ much from the one asked. The
+    fix named is one that adds items: a higher --limit where one was given, more --tasks where they were narrowed,
+    else another suite."""
     from .confidence import FEW_PER_LABEL
 
     if min(good, n - good) >= FEW_PER_LABEL:
         return None
+    more = [f"raise --limit ({args.limit} now)"] if args.limit else []
+    more += ["keep more --tasks"] if args.tasks else []
+    more += [f"add a suite (e.g. --suite {args.suite},assistant-en: its rewrite and summary items)"
+             if "assistant-en" not in args.suite.split(",") else "add a suite to --suite"]
     return (f"{n} dev answers ({good} where the device did as well as the cloud, {n - good} where it did worse) "
-            f"give rough thresholds: fewer than {FEW_PER_LABEL} of either kind; raise --limit or add --suite/--tasks")
+            f"give rough thresholds: fewer than {FEW_PER_LABEL} of either kind; {' or '.join(more)}")
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -93,7 +99,7 @@ def _fit(args: argparse.Namespace) -> int:
     good = sum(r["device_score"] >= r["cloud_score"] for r in rows if r["cloud_score"] is not None)
     print(f"combiner fitted on {comb.meta['n_fit']} dev answers ({good} where the device did as well as the cloud); "
           f"dev ROC AUC {comb.meta['dev_auc']:.3f} (in-sample)\n{path}")
-    for line in (left_out(rows, "the fit"), small_sample(comb.meta["n_fit"], good)):
+    for line in (left_out(rows, "the fit"), small_sample(comb.meta["n_fit"], good, args)):
         if line:
             say(f"ondevice cascade: warning: {line}")
     shares = ", ".join(f"{s:.0%} below {comb.threshold_for(s):.6g}" for s in (0.2, 0.4, 0.6))

@@ -332,7 +332,8 @@ def add_cascade_arguments(p) -> None:
                    help="OpenAI-compatible cloud endpoint: draw quality vs share deferred for --suite")
     add_cloud_arguments(g)
     g.add_argument("--split", default="all", choices=("all", "dev", "test"),
-                   help="items by a fixed hash of their id: dev (about 40%%, what `ondevice cascade fit` fits on) or test")
+                   help="items by a fixed hash of their id: dev (about 40%%, what `ondevice cascade fit` fits on) "
+                        "or test")
     g.add_argument("--tasks", default=None, help="comma-separated task names to keep (e.g. rewrite_tone,"
                                                  "notification_summary)")
     g.add_argument("--combiner", default=None, metavar="FILE", help="confidence combiner file (default: the one "

@@ -64,3 +64,22 @@ def test_serve_refuses_cascade_flags_without_cascade(cli):
     # a flag given at its default value is given too (it was taken silently: only other values were compared)
     r = cli("serve", "--port", "0", "--no-embeddings", "--cascade-threshold", "0.5", timeout=60)
     assert r.returncode == 2 and "--cascade-threshold only applies with --cascade URL" in r.stderr, r.stderr
+
+
+def test_a_report_with_no_store_names_every_verb_that_records_one(cli):
+    """`report --fit` on an empty home said to record with bench, eval or serve: not with fit, whose table it is."""
+    r = cli("report", "--fit", timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("; record one with `ondevice bench`, `eval` (`--cascade` too), "
+                                                      "`fit` or `serve --cascade-keep-hard`"), r.stderr
+
+
+def test_an_unknown_task_is_named_with_the_suites_tasks():
+    """`--tasks nosuch` said to run `ondevice eval --suite NAME` to see the task names, which runs the whole suite."""
+    from ondevice.errors import InvalidArgument
+    from ondevice.eval.cascade_curve import load_items
+
+    with pytest.raises(InvalidArgument, match=r"^--tasks nosuch: no such task in the suite; its tasks are "
+                                              r"rewrite_formal, rewrite_friendly, .*rewrite_shorter$"):
+        load_items("rewrite", tasks=["rewrite_formal", "nosuch"])
+    assert {it.task for it in load_items("rewrite", "dev", tasks=["rewrite_formal"])} == {"rewrite_formal"}

@@ -206,10 +206,14 @@ def select(items: list[Item], split: str = "all", tasks: Sequence[str] | None = 
 
     if split not in ("all", "dev", "test"):
         raise InvalidArgument(f"--split {split!r} must be all, dev or test")
+    known = sorted({it.task for it in items})
+    if unknown := [t for t in tasks or () if t not in known]:
+        raise InvalidArgument(f"--tasks {','.join(unknown)}: no such task in the suite; its tasks are "
+                              f"{', '.join(known)}")
     out = [it for it in items if (split == "all" or split_of(it.id) == split) and (not tasks or it.task in tasks)]
     if not out:
-        raise InvalidArgument(f"no items left after --split {split} and --tasks {','.join(tasks or [])}; "
-                              f"check the task names (`ondevice eval --suite NAME` lists them per task)")
+        raise InvalidArgument(f"no items left after --split {split} and --tasks {','.join(tasks or [])}; keep more "
+                              f"tasks, or --split all")
     return out
 
 

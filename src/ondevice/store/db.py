@@ -87,9 +87,9 @@ class Store:
         self._seen: tuple | None = None  # read as immutable: the file as it was then (see _connect_read_only)
         self._copy: str | None = None  # read from a temporary copy: its folder
         if not create and not self.path.exists():
-            fix = ("record one with `ondevice bench`, `ondevice eval` or `ondevice serve --cascade-keep-hard`"
-                   if not path else "give the --db that `ondevice bench`, `eval` or `serve --cascade-keep-hard` "
-                                    "wrote, or leave --db out for the default store")
+            verbs = "`ondevice bench`, `eval` (`--cascade` too), `fit` or `serve --cascade-keep-hard`"  # its writers
+            fix = (f"record one with {verbs}" if not path
+                   else f"give the --db that {verbs} wrote, or leave --db out for the default store")
             raise InvalidArgument(f"no ondevice store at {self.path}; {fix}")
         if not create and self.path.is_file() and self.path.stat().st_size == 0:  # SQLite's empty database
             where = f" --db {self.path}" if path else ""

@@ -272,6 +272,24 @@ def test_a_load_that_self_tests_says_so_in_the_cli_only(kcache, machine, monkeyp
     assert "self-testing" in err[0] and "120 s" in err[0]
 
 
+def test_two_loads_of_new_weight_types_at_once_self_test_them_once(cli, kcache):
+    """A fit's two parallel workers each self-tested the same new set of weight types, and its note came twice: the
+    second load now waits for the first one's test and reads its result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ondevice.engine.bufts import offered
+
+    if "CPU_REPACK" not in offered():
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    q4_0 = K.variants(families=("Q4_0",))["Q4_0"]  # repack takes its weights: the first load self-tests
+    args = ("run", "-m", str(q4_0), "-n", "2", "--temp", "0", "Hi")
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: cli(*args, env={"ONDEVICE_KERNELS_CACHE": str(kcache)}), range(2)))
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    notes = [r for r in runs if "note: first load of weight types" in r.stderr]
+    assert len(notes) == 1, [r.stderr for r in runs]
+
+
 def test_the_cli_says_when_a_load_self_tests(cli, kcache):
     from ondevice.engine.bufts import offered
 

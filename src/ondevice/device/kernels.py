@@ -46,6 +46,7 @@ from .kernels_cache import (  # noqa: F401
     retest_due,
     stored,
     tested,
+    testing_lock,
     valid,
 )
 from .selftest import selftest
@@ -300,8 +301,11 @@ def resolve(amx: str | None, repack: str | None, model_path: str | Path, types: 
     types = types or types_of(model_path)
     entry = tested(types) or proven  # just tested by _prove_amx: holds even where the cache cannot be written
     if entry is None:
-        entry = _quick(model_path, types, names, flags)
-        _store(types, entry, names)
+        with testing_lock():  # a load of the same new types in another process meanwhile: its result is read
+            entry = tested(types)
+            if entry is None:
+                entry = _quick(model_path, types, names, flags)
+                _store(types, entry, names)
     choice = choose(amx, repack, names, flags, entry["results"])
     return replace(choice, reason=f"auto, {entry['note']}") if entry.get("note") else choice
 

@@ -11,11 +11,13 @@ not pay it on every load.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -147,6 +149,23 @@ def tested(types: str | None) -> dict | None:
     it is malformed, and when its inconclusive results are due to be tested again (:func:`retest_due`)."""
     e = stored(types)
     return None if e is None or retest_due(e, pending(e)) else e
+
+
+@contextlib.contextmanager
+def testing_lock() -> Iterator[None]:
+    """Held while a new set of weight types is self-tested: two processes that load files of that set at once (a
+    fit's parallel workers) test it once, the second reading the first's result. Without a writable cache folder
+    there is nothing to share: no lock."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".testing.lock"), "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _store(types: str, entry: dict, offered: tuple[str, ...]) -> None:

@@ -139,6 +139,8 @@ def test_knobs_a_fit_measured_on_the_file_in_hand_apply_to_that_file_while_it_is
     assert said == ["run, chat and serve load in-hand with its knobs on this machine (-fa off; a flag given "
                     "overrides its knob)"]
     assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == ["knobs"]  # no copy of the model
+    keep_shipped_knobs(resolve(str(other)), runtime_record(r), {"spec": "threads=1"}, said.append)
+    assert len(list((tmp_path / "home" / "models" / "knobs").iterdir())) == 1 and len(said) == 1  # a profile's: not
     with ondevice.load(str(in_hand), n_ctx=256, n_threads=1) as m:
         assert m.engine.config.flash_attn is False and "measured on this machine: -fa off" in m.knobs_note
     with ondevice.load(str(other), n_ctx=256, n_threads=1) as m:

@@ -69,7 +69,10 @@ def log_fit(name: str, sha: str, chosen: Candidate, src, bud: Budget, picks, fro
 
 def keep_shipped_knobs(src, runtime: dict, profile: dict | None, say: Callable[[str], None]) -> None:
     """The knobs a fit measured on the file in hand (it stores no variant: that file is the answer), kept for that
-    file's loads (``models/runtime_knobs``), with where they were measured as a variant's provenance holds it."""
+    file's loads (``models/runtime_knobs``), with where they were measured as a variant's provenance holds it. Knobs
+    measured under a device profile are not kept: they are that device's, and every load here would say so."""
+    if profile:
+        return
     from ..device.info import machine_key
     from ..device.kernels import build_id
     from ..models.runtime_knobs import keep_knobs

@@ -487,11 +487,6 @@ def only_restricts(cascade) -> bool:
     return (rp.never_defer or rp.keep is False) and not (rp.always_defer or rp.keep or rp.threshold is not None)
 
 
-# where a prompt the device alone answers goes to be deferred: the cascade's routes
-TO_CHAT = ("send it as a user message to a chat route (/v1/chat/completions, /v1/responses, /v1/messages, "
-           "/api/chat), where it may be deferred")
-
-
 def device_only(cascade, why: str, fix: str) -> None:
     """Refuse a ``cascade`` object asking for the cloud on a prompt the device alone answers (``why``: Ollama's
     ``raw`` and ``suffix``; a completion's prompt); one that only keeps it here (:func:`only_restricts`) is
@@ -500,6 +495,13 @@ def device_only(cascade, why: str, fix: str) -> None:
         raise InvalidArgument(f"cascade: {why}, so the device alone answers it (the cloud tier answers chat "
                               f"messages); {fix}, or leave cascade unset ({{\"never_defer\": true}} and "
                               f"{{\"keep\": false}} are served)")
+
+
+def completion_cascade(cascade) -> None:
+    """A completion's ``cascade`` object (/v1/completions, /completion): :func:`device_only`, naming the chat routes
+    where the prompt may be deferred."""
+    device_only(cascade, "a completion continues its prompt as it is", "send it as a user message to a chat route "
+                "(/v1/chat/completions, /v1/responses, /v1/messages, /api/chat), where it may be deferred")
 
 
 def server_cascade(state) -> ServerCascade | None:

@@ -123,9 +123,9 @@ def completion_request(state, body: dict) -> tuple[S.CompletionRequest, list[lis
     for key, why in _REFUSED.items():
         if body.get(key) not in (None, False, 0):
             raise InvalidArgument(f"{key}: {why}; leave {key} unset")
-    from ..cascade.serve import TO_CHAT, device_only
+    from ..cascade.serve import completion_cascade
 
-    device_only(body.get("cascade"), "a completion continues its prompt as it is", TO_CHAT)
+    completion_cascade(body.get("cascade"))
     n_predict = body.get("n_predict", body.get("max_tokens", body.get("max_completion_tokens", -1)))
     if not isinstance(n_predict, int) or isinstance(n_predict, bool) or n_predict < -1:
         raise InvalidArgument(f"n_predict={n_predict!r} must be an integer: the most tokens to generate, or -1 for no "

@@ -463,11 +463,11 @@ class CompletionRequest(_Sampling):
     @field_validator("cascade")
     @classmethod
     def _chat_only(cls, v: Any) -> Any:
-        from ..cascade.serve import TO_CHAT, device_only
+        from ..cascade.serve import completion_cascade
         from ..errors import InvalidArgument
 
         try:  # never_defer / keep: false are served: a client marking its private requests keeps working
-            device_only(v, "a completion continues its prompt as it is", TO_CHAT)
+            completion_cascade(v)
         except InvalidArgument as e:
             raise ValueError(str(e).removeprefix("cascade: ")) from None  # the field is named once
         return v

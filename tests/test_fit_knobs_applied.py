@@ -152,3 +152,26 @@ def test_knobs_a_fit_measured_on_the_file_in_hand_apply_to_that_file_while_it_is
         assert m.knobs_note == ("the runtime knobs `ondevice fit --knobs` measured on in-hand.gguf are for the file "
                                 "as it was then, and it has changed since: not applied; run the fit again to measure "
                                 "them")
+
+
+def test_rm_forgets_the_knobs_kept_for_a_stored_file(monkeypatch, tmp_path, smol_path, cli):
+    """Knobs kept for a stored file the fit found best (a pulled model) go with it on ``ondevice rm``: a file pulled
+    again under that name is another file, and its loads must not say its knobs were measured and have changed."""
+    import ondevice
+    from ondevice.fit.knobs import runtime_record
+    from ondevice.fit.register import keep_shipped_knobs
+    from ondevice.models.catalog import resolve
+
+    r, _ = _tune_at(monkeypatch, _fa_at_depth, ("pp128", "tg64"), 1024)
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    store = tmp_path / "home" / "models"
+    store.mkdir(parents=True)
+    shutil.copyfile(smol_path, store / "mine.gguf")
+    keep_shipped_knobs(resolve("mine"), runtime_record(r), None, lambda line: None)
+    assert len(list((store / "knobs").iterdir())) == 1
+    out = cli("rm", "mine")
+    assert out.returncode == 0 and "removed mine" in out.stdout, out.stderr
+    assert list((store / "knobs").iterdir()) == []
+    shutil.copyfile(smol_path, store / "mine.gguf")  # pulled again: a new file, no fit has measured it
+    with ondevice.load("mine", n_ctx=256, n_threads=1) as m:
+        assert m.engine.config.flash_attn is None and m.knobs_note == ""

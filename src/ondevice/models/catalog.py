@@ -259,9 +259,12 @@ def remove_variant(name: str) -> int:
         size += p.stat().st_size
         p.unlink()
     if path != part:
+        from .runtime_knobs import forget_knobs
+
         for p in (path, *shards):
             with contextlib.suppress(FileNotFoundError):
                 _sidecar(p).unlink()
+        forget_knobs(path)
     if part is not None:
         with contextlib.suppress(FileNotFoundError):
             part.with_name(part.name + ".json").unlink()

@@ -40,6 +40,12 @@ def keep_knobs(path: str | Path, provenance: dict) -> Path:
     return out
 
 
+def forget_knobs(path: Path) -> None:
+    """Drop the knobs kept for the file at ``path`` (``ondevice rm`` removes it: a later file of that name is another
+    file, measured by its own fit)."""
+    _kept_for(path).unlink(missing_ok=True)
+
+
 def _record(path: Path) -> tuple[dict | None, str]:
     """The record that holds ``path``'s knobs (a stored variant's sidecar, or the one kept for a file in hand), and
     "" or why a kept one no longer counts."""

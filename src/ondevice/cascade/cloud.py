@@ -147,8 +147,9 @@ def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False
         return CloudError("redirect_loop", f"the cloud at {url} redirected again and again (a redirect loop); check "
                           f"the URL and the server or proxy behind it", "redirect loop")
     if isinstance(e, openai.APIConnectionError):
-        return CloudError("unreachable", f"cannot reach the cloud at {url}", "cannot connect",
-                          sent=guard.cause(e, "ConnectError") is None)
+        connect = guard.cause(e, "ConnectError")
+        return CloudError("unreachable", f"cannot reach the cloud at {url}{_why_unreachable(connect or e)}",
+                          "cannot connect", sent=connect is None)
     if isinstance(e, openai.APIStatusError):
         if e.status_code in (401, 403) and basic:  # the URL's credentials were sent, not a key
             why = (f": it refused the URL's user:pass@ credentials (sent as HTTP Basic, the environment variable "
@@ -166,6 +167,16 @@ def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False
         return CloudError("cloud_error", f"the cloud at {url} sent an error: {said!r}", f"error: {said!r}")
     return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})",
                       f"unusable reply ({type(e).__name__})")
+
+
+def _why_unreachable(e: BaseException) -> str:
+    """Why a connection failed, and the fix, for the error's text (``e``: httpx's ConnectError, else the client's)."""
+    if guard.cause(e, "gaierror") is not None:
+        return ": its host name does not resolve; fix the host in the URL"
+    if guard.cause(e, "ConnectionRefusedError") is not None or "connection attempts failed" in str(e):
+        return ": nothing accepts connections there; start its server, or fix the host or port in the URL"
+    said = guard.clip(str(e)) if type(e).__name__ == "ConnectError" and str(e) else "the connection failed"
+    return f" ({said}); check the URL and that its server is running"
 
 
 def _error_text(e, secrets=()) -> str:

@@ -528,7 +528,7 @@ def test_library_cascade(smol, cloud):
         r = c.generate("Hi", max_tokens=8, temp=0)
         assert r.tier == "device" and r.fallback == "unreachable" and r.text == r.device_text
         assert r.error == (f"cannot reach the cloud at {down}/v1: nothing accepts connections there; start its "
-                           "server, or fix the host or port in the URL") and r.info()["error"] == r.error  # the whole why
+                           "server, or fix the host or port in the URL") and r.info()["error"] == r.error
         assert r.cloud_s is not None and r.info()["cloud_ms"] == round(r.cloud_s * 1e3, 3)  # the failed wait
         fallback = c.generate("Hi", max_tokens=8, temp=0, cascade={"always_defer": True})  # the device's whole answer
         assert fallback.tier == "device" and fallback.fallback == "unreachable" and fallback.text == r.text

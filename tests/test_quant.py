@@ -120,8 +120,7 @@ def test_type_numbers_are_llama_quantizes(home, cli):
 
 def test_llama_quantizes_order_writes_the_file_given_not_a_variant(home, cli, tmp_path):
     """``ondevice quantize IN OUT TYPE [THREADS]``, as llama-quantize; the store is untouched."""
-    out = tmp_path / "out" / "smol-q8.gguf"
-    out.parent.mkdir()
+    out = tmp_path / "out" / "smol-q8.gguf"  # its folder is made, as `cascade export -o` and every writer make it
     r = cli("quantize", "smollm2", str(out), "q8_0", "2", "--allow-requantize")
     assert r.returncode == 0, r.stderr
     assert f"{out} (" in r.stdout and "matrices: Q8_0" in r.stdout, r.stdout
@@ -130,7 +129,7 @@ def test_llama_quantizes_order_writes_the_file_given_not_a_variant(home, cli, tm
     before = out.stat().st_mtime_ns
     for args, said in (
         ((str(out), "Q8_0", "--allow-requantize"), "exists; pass --force"),
-        (("-o", str(tmp_path / "no" / "x.gguf"), "-t", "Q8_0"), "does not exist; create it first"),
+        (("-o", str(out / "x.gguf"), "-t", "Q8_0"), f"{out} is a file, not a folder; give another -o"),
         (("-o", str(out.parent), "-t", "Q8_0"), "is a folder; give the file to write, e.g. "
                                                  f"{out.parent}/SmolLM2-135M-Instruct.Q8_0.gguf"),
         (("-o", str(tmp_path / "newdir") + "/", "-t", "Q8_0"), "is a folder (it ends in /)"),  # wrote a FILE 'newdir'

@@ -44,7 +44,7 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
     from ..engine.resources import check_threads, physical_cores
     from ..eval.api import model_sha256
     from ..models.catalog import ModelRef, check_variant_name, register_variant, resolve, store_variants
-    from ..models.store import models_dir, temp_file
+    from ..models.store import make_parent, models_dir, temp_file
 
     type_name = file_type(type) or str(type).strip().upper()  # 7 or "7" (llama-quantize's numbers), Q4_K (its alias)
     ftype = ftype_id(type_name)
@@ -74,6 +74,8 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
 
         check_covers(read(imatrix), src_types, imatrix)
     with StopOnSignals(str(out) if out else f"the variant {name}") as stop:  # a `kill` leaves no temp file either
+        if out is not None:
+            make_parent(out, "give another --output")
         tmp = temp_file(out.parent if out else models_dir(), f".{name}.", ".gguf.tmp")
         try:
             seconds = run_worker(src.path, tmp, ftype, ovr, allow_requantize, n_threads, timeout, imatrix, only_copy)
@@ -111,8 +113,11 @@ def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | 
 
 
 def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name: str | None, type_name: str) -> Path:
-    """Where ``--output`` writes: a file in a folder that exists, not the source, not a file there unless forced."""
+    """Where ``--output`` writes: a file that can be written (its missing folders are made), not the source, not a
+    file there unless forced."""
     import re
+
+    from ..models.store import check_writable
 
     out = Path(output).expanduser()
     example = re.sub(r"[.-](I?Q\d\w*|B?F16|F32)$", "", source.stem, flags=re.IGNORECASE) + f".{type_name}.gguf"
@@ -122,8 +127,7 @@ def _output_path(output: str | os.PathLike[str], source: Path, force: bool, name
         raise InvalidArgument(f"--output {str(output)!r} is a folder{'' if out.is_dir() else ' (it ends in /)'}; "
                               f"give the file to write, e.g. "
                               f"{out / example}")
-    if not out.parent.is_dir():
-        raise InvalidArgument(f"--output {str(output)!r}: the folder {out.parent} does not exist; create it first")
+    check_writable(out, "give another --output")  # a missing folder is made, as every other writer here does
     if out.exists() and out.resolve() == source.resolve():
         raise InvalidArgument(f"--output {str(output)!r} is the model being quantized; write to another file")
     if out.exists() and not force:

@@ -5,6 +5,7 @@ and for ``ondevice serve --cascade``."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -70,6 +71,7 @@ def test_a_server_whose_cloud_fails_says_so_once_in_its_log(tmp_path, keyed_clou
     assert start.endswith(f"; cascade -> {keyed_cloud.url}/v1 (threshold 0.5, uncalibrated; key from {VAR}: not set; "
                          f"model: the one it lists)"), start
     assert len(said) == 1, said
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ondevice serve: warning: cascade: ", said[0]), said  # as its notes
     assert said[0].endswith(f"cascade: the cloud at {keyed_cloud.url}/v1 answered HTTP 401: it refused the key, "
                             f"read from the environment variable {VAR}, which is not set; deferred requests get the "
                             f"device's answer (fallback \"http_401\")"), said

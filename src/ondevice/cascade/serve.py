@@ -39,8 +39,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import os
-import sys
 import time
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -209,16 +209,15 @@ class ServerCascade:
         otherwise seen only in each reply, and a refused key or a wrong URL would fall back on every deferral
         with the server's log showing nothing but 200s. ``cut``: a relayed stream failed after its first token,
         so the client got a cut-off cloud answer, not the device's."""
+        log = logging.getLogger("ondevice.serve")  # the server's notes: dated, `ondevice serve: warning: cascade: ...`
         if isinstance(cloud, CloudError) and cloud.kind != "shutdown" and (cloud.kind, cut) not in self.failing:
             self.failing.add((cloud.kind, cut))
-            msg = (f"{cloud}; the client got a cut-off cloud answer (finish_reason \"error\")" if cut else
-                   f"{cloud}; deferred requests get the device's answer (fallback \"{cloud.kind}\")")
+            then = ("the client got a cut-off cloud answer (finish_reason \"error\")" if cut
+                    else f"deferred requests get the device's answer (fallback \"{cloud.kind}\")")
+            log.warning("cascade: %s; %s", cloud, then)
         elif isinstance(cloud, CloudAnswer) and self.failing:
             self.failing.clear()
-            msg = f"the cloud at {self.cloud.url} answers again"
-        else:
-            return
-        print(f"{time.strftime('%H:%M:%S')} cascade: {msg}", file=sys.stderr, flush=True)
+            log.info("cascade: the cloud at %s answers again", self.cloud.url)
 
     def _refund(self, e: CloudError) -> None:
         """A deferral the cloud never got does not count against the budget; one it may have got (and billed) does."""

@@ -247,8 +247,9 @@ def _uvicorn_server(app, graceful_s: float, end_requests=None, *, settings: Serv
     skips the app's shutdown and then re-raise every signal it caught, which ends in tracebacks."""
     import uvicorn
 
-    from .http import Gate, access_logger
+    from .http import Gate, access_logger, notes_logger
 
+    notes_logger()  # the server's own notes (a cut prompt, a failing cloud tier), dated on stderr as its access lines
     end_requests = end_requests or app.state.end_requests
     app = Gate(app, cors=settings.cors, bound=settings.host, allowed_hosts=settings.allowed_hosts,
                log=access_logger() if settings.access_log else None)
@@ -270,11 +271,8 @@ def _uvicorn_server(app, graceful_s: float, end_requests=None, *, settings: Serv
 def serve(settings: ServeSettings) -> None:
     """Serve until interrupted (Ctrl-C); every request is a 503 ``Loading model`` until the model is loaded."""
     _check_extra()
-    from .http import notes_logger
-
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    notes_logger()
 
     def ready(state) -> None:
         print(f"ondevice serve: {state.model_id} on http://{host}:{port}/v1 ({settings.parallel} slots x "

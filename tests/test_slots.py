@@ -5,14 +5,17 @@ with the real SmolLM2; broken and foreign files are clear errors (checked in a c
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_clients import _model_path
@@ -364,3 +367,52 @@ def test_prompt_cache_under_an_adapter_is_reused_under_it(tmp_path):
         assert len(m.load_prompt_cache(tmp_path / "p.bin")) == n
         b = m.generate(DOC, max_tokens=6, temp=0)
         assert b.text == again.text and b.last.cached_tokens == n - 1
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from ondevice.engine.slotfile import _hold
+from ondevice.models.store import atomic_path
+with atomic_path(Path(sys.argv[1]), follow_links=False) as tmp, open(tmp, "wb") as f:
+    _hold(f)  # as slotfile.save holds the file it writes
+    f.write(b"half a slot")
+    f.flush()
+    print(tmp.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def _writing(path: Path) -> tuple[subprocess.Popen, str]:
+    """A process in the middle of writing slot file ``path`` (its temp file, locked as a save holds it)."""
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    return p, p.stdout.readline().strip()
+
+
+def test_temp_files_of_saves_killed_mid_write_are_removed_at_start_others_kept(tmp_path):
+    """A SIGKILL during a slot save left `.NAME.XXXXXXXX.tmp` in the folder for good. At start the server removes
+    those no process holds any longer; a save in progress (another server sharing the folder), a temp file just
+    made and other files stay."""
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    killed, stale = _writing(folder / "a.bin")
+    killed.kill()
+    killed.wait()
+    live, busy = _writing(folder / "b.bin")
+    try:
+        fresh = folder / ".c.bin.Qq1w2e3r.tmp"  # not held, but just made: a save that has not locked it yet
+        fresh.write_bytes(b"")
+        (folder / "x.bin").write_bytes(b"a slot file")
+        (folder / ".notes.tmp").write_bytes(b"someone else's")
+        for name in (stale, busy, ".notes.tmp"):
+            os.utime(folder / name, (time.time() - 3600, time.time() - 3600))
+        with serve_process(tmp_path, "--slot-save-path", str(folder)) as (_, url, log):
+            deadline = time.monotonic() + 60
+            while "removed" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            said = log.read_text()
+        assert f"ondevice serve: note: removed 1 temp file that slot saves killed mid-write left in {folder}" in said
+        assert sorted(p.name for p in folder.iterdir()) == sorted([busy, fresh.name, "x.bin", ".notes.tmp"])
+    finally:
+        live.kill()
+        live.wait()

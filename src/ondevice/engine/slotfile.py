@@ -124,10 +124,46 @@ def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = Non
                             f"is not the one ondevice pins (0.3.36)")
     state = raw[_IO.size:]
     with atomic_path(path, follow_links=follow_links) as tmp, open(tmp, "wb") as f:
+        _hold(f)  # while this process writes it: a temp file no one holds is a killed save's (sweep_stale)
         f.write(_HEAD.pack(MAGIC, VERSION, len(packed)))
         f.write(np.asarray(packed, dtype="<i4").tobytes())
         f.write(state)
     return len(tokens), _HEAD.size + 4 * len(packed) + len(state)
+
+
+def _hold(f) -> bool:
+    """Lock the open file ``f`` (released when it is closed, or when the process dies: a SIGKILL too); False where
+    the lock is held elsewhere or there are no such locks (not POSIX)."""
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> list[str]:
+    """Remove the temp files (``.NAME.XXXXXXXX.tmp``) that saves killed mid-write (SIGKILL, a power cut) left in
+    ``folder``: those no process holds (:func:`_hold`) and untouched for ``min_age_s`` (a save just begun has not
+    taken its lock yet). Another server sharing the folder keeps its saves in progress. Returns the names removed."""
+    import re
+    import time
+
+    gone = []
+    for p in Path(folder).glob(".*.tmp"):
+        if not re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", p.name):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime >= min_age_s and _hold(f):
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+    return gone
 
 
 def read(path: str | Path, n_vocab: int, max_tokens: int, seq: int = 0,

@@ -49,6 +49,10 @@ def valid_filename(name: str) -> bool:
 
 def add_routes(app, state) -> None:
     batcher = state.batcher
+    folder = state.settings.slot_save_path
+    if folder and (gone := slotfile.sweep_stale(Path(folder).expanduser())):
+        logging.getLogger("ondevice.serve").info("removed %d temp file%s that slot saves killed mid-write left in %s",
+                                                 len(gone), "s" * (len(gone) > 1), folder)
 
     async def on_batcher(fn, request: Request):
         """``fn()`` on the batcher thread once its slot is idle (a busy slot: look again every WAIT_S); None: the

@@ -330,15 +330,8 @@ def test_library_errors_never_show_url_credentials(smol):
                        f": nothing accepts connections there; start its server, or fix the host or port in the URL")
 
 
-def test_a_cloud_not_reached_is_said_with_why_and_the_fix(smol):
-    """Nothing listening, and a host name that does not resolve: each says which, and what to change."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = _generate(smol, f"http://127.0.0.1:{port}/v1", cloud_model="m")
-    assert r.fallback == "unreachable" and r.error == (
-        f"cannot reach the cloud at http://127.0.0.1:{port}/v1: nothing accepts connections there; start its server, "
-        "or fix the host or port in the URL")
+def test_a_cloud_host_that_does_not_resolve_is_said_with_the_fix(smol):
+    """(Nothing listening at the address: the test above.)"""
     r = _generate(smol, "http://cloud.invalid/v1", cloud_model="m")  # .invalid never resolves (RFC 2606)
     assert r.fallback == "unreachable" and r.error == ("cannot reach the cloud at http://cloud.invalid/v1: its host "
                                                        "name does not resolve; fix the host in the URL")

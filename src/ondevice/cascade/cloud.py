@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..errors import OndeviceError
 from . import guard
+from .cloud_errors import CloudError, body_error, classify, openai_module
 
 DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_KEY"
 # fields passed through to the cloud as they are (OpenAI names): sampling, the token cap under the name the client
@@ -46,20 +47,6 @@ LISTED_SHOWN = 5  # models named when the cloud lists several and none was chose
 _SECRET_QUERY = re.compile(r"key|token|secret|sig|pass|auth|cred", re.IGNORECASE)
 
 
-class CloudError(OndeviceError):
-    """``kind`` names the failure for replies and counts; ``brief`` is its cause without the cloud's URL (one
-    line per item in ``eval --cascade`` / ``cascade fit``)."""
-
-    def __init__(self, kind: str, message: str, brief: str | None = None, retry_after: float | None = None,
-                 sent: bool = True):
-        self.kind = kind
-        self.sent = sent  # whether the chat request may have reached the cloud (a budget charges those: they cost)
-        self.brief = brief or message
-        self.retry_after = retry_after  # seconds the cloud asked to be left alone (its Retry-After header)
-        self.latency_s: float | None = None  # how long the cloud was waited on before it failed (None: not asked)
-        super().__init__(message)
-
-
 @dataclass(frozen=True)
 class CloudAnswer:
     text: str
@@ -69,15 +56,6 @@ class CloudAnswer:
     completion_tokens: int
     finish_reason: str | None
     usage_reported: bool = True
-
-
-def _openai():
-    try:
-        import openai
-    except ImportError as e:
-        raise OndeviceError("the cascade's cloud client needs the openai package; install it with "
-                            "pip install 'ondevice[cascade]'") from e
-    return openai
 
 
 def base_url(url: str) -> str:
@@ -127,69 +105,6 @@ def _json_text(arguments) -> str:
     if isinstance(arguments, str):
         return arguments
     return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
-
-
-def _classify(e: BaseException, url: str, timeout: float, stopping: bool = False, key_env: str | None = None,
-              secrets=(), basic: bool = False) -> CloudError:
-    """``e`` as a CloudError. ``secrets``: what the cloud's text must not show (:func:`guard.redact`); ``basic``:
-    the URL's ``user:pass@`` was sent (as HTTP Basic) for want of the key's variable."""
-    openai = _openai()
-    if isinstance(e, CloudError):
-        return e
-    if (big := guard.cause(e, "ReplyTooLarge")) is not None:
-        return CloudError("too_large", f"the cloud at {url} sent too large a reply: {big}", str(big))
-    if stopping and isinstance(e, (TimeoutError, asyncio.TimeoutError)):
-        return CloudError("shutdown", "the server is stopping: the device answered")
-    if isinstance(e, (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError)):
-        return CloudError("timeout", f"the cloud at {url} did not answer within {timeout:g} s",
-                          f"no answer within {timeout:g} s", sent=guard.cause(e, "ConnectTimeout") is None)
-    if guard.cause(e, "TooManyRedirects") is not None:
-        return CloudError("redirect_loop", f"the cloud at {url} redirected again and again (a redirect loop); check "
-                          f"the URL and the server or proxy behind it", "redirect loop")
-    if isinstance(e, openai.APIConnectionError):
-        connect = guard.cause(e, "ConnectError")
-        return CloudError("unreachable", f"cannot reach the cloud at {url}{_why_unreachable(connect or e)}",
-                          "cannot connect", sent=connect is None)
-    if isinstance(e, openai.APIStatusError):
-        if e.status_code in (401, 403) and basic:  # the URL's credentials were sent, not a key
-            why = (f": it refused the URL's user:pass@ credentials (sent as HTTP Basic, the environment variable "
-                   f"{key_env} being unset); fix them, or set {key_env} to the key")
-        elif e.status_code in (401, 403) and key_env:  # the usual cause: the key's variable is unset or misnamed
-            why = (f": it refused the key, read from the environment variable {key_env}, "
-                   + ("which is not set" if not os.environ.get(key_env) else "which holds a key it does not accept"))
-        else:
-            why = f": {body!r}" if (body := _error_text(e, secrets)) else ""
-        wait = guard.retry_after(e.response.headers.get("retry-after"))
-        status = f"HTTP {e.status_code}" + (f" (Retry-After {wait:g} s)" if wait else "")
-        return CloudError(f"http_{e.status_code}", f"the cloud at {url} answered {status}{why}", f"{status}{why}",
-                          retry_after=wait)
-    if isinstance(e, openai.APIError) and (said := _error_text(e, secrets)):  # an error event in a stream
-        return CloudError("cloud_error", f"the cloud at {url} sent an error: {said!r}", f"error: {said!r}")
-    return CloudError("bad_reply", f"the cloud at {url} sent an unusable reply ({type(e).__name__})",
-                      f"unusable reply ({type(e).__name__})")
-
-
-def _why_unreachable(e: BaseException) -> str:
-    """Why a connection failed, and the fix, for the error's text (``e``: httpx's ConnectError, else the client's)."""
-    if guard.cause(e, "gaierror") is not None:
-        return ": its host name does not resolve; fix the host in the URL"
-    if guard.cause(e, "ConnectionRefusedError") is not None or "connection attempts failed" in str(e):
-        return ": nothing accepts connections there; start its server, or fix the host or port in the URL"
-    said = guard.clip(str(e)) if type(e).__name__ == "ConnectError" and str(e) else "the connection failed"
-    return f" ({said}); check the URL and that its server is running"
-
-
-def _error_text(e, secrets=()) -> str:
-    """An HTTP error's own message (OpenAI's ``{"error": {"message": ...}}``), else the start of its body."""
-    body = getattr(e, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else None
-    msg = err.get("message") if isinstance(err, dict) else err
-    if isinstance(msg, str) and msg.strip():
-        return guard.clip(msg, secrets=secrets)
-    try:
-        return guard.clip(e.response.text, secrets=secrets)
-    except Exception:  # noqa: BLE001 — a streamed body not read: no text to show
-        return ""
 
 
 # failures of a model listing that are not the listing's: the cloud is not reached, refuses the key, or lists several
@@ -248,7 +163,7 @@ class CloudClient:
         text never shows a secret (:meth:`_secrets`) and is at most ``guard.MAX_ERROR_CHARS`` long."""
         secrets = self._secrets()
         basic = not os.environ.get(self.key_env) and urlsplit(self._base).password is not None
-        err = _classify(e, self.url, self.timeout, self.stopping, self.key_env, secrets, basic)
+        err = classify(e, self.url, self.timeout, self.stopping, self.key_env, secrets, basic)
         said = guard.redact(str(err), secrets)
         if len(said) > guard.MAX_ERROR_CHARS:
             said = said[:guard.MAX_ERROR_CHARS - 1] + "…"
@@ -286,7 +201,7 @@ class CloudClient:
     @property
     def async_client(self):
         if self._async is None:
-            openai = _openai()
+            openai = openai_module()
             self._async = openai.AsyncOpenAI(**self._client_args(), http_client=guard.capped_client(openai))
         return self._async
 
@@ -458,7 +373,7 @@ class CloudClient:
             return await create()
         try:
             return await create(stream_options={"include_usage": True})
-        except _openai().APIStatusError as e:
+        except openai_module().APIStatusError as e:
             if e.status_code not in (400, 422):
                 raise
         stream = await create()
@@ -489,7 +404,7 @@ def _answer(r, latency: float, url: str, secrets=(), max_chars: int | None = Non
         said = guard.clip(r, secrets=secrets)
         raise CloudError("bad_reply", f"the cloud at {url} sent a reply that is not JSON: {said!r}")
     if (err := (getattr(r, "model_extra", None) or {}).get("error")) is not None:
-        raise _body_error(err, url, secrets)
+        raise body_error(err, url, secrets)
     if not getattr(r, "choices", None) or r.choices[0].message is None:
         raise CloudError("bad_reply", f"the cloud at {url} sent a reply with no choices[0].message")
     text = r.choices[0].message.content or ""
@@ -497,17 +412,6 @@ def _answer(r, latency: float, url: str, secrets=(), max_chars: int | None = Non
         raise CloudError("too_large", f"the cloud at {url} sent too large a reply: {len(text)} characters of text, "
                          f"over the {max_chars} its token cap allows", f"{len(text)} characters of text")
     return _answer_of(text, r.model or "", latency, r.usage, r.choices[0].finish_reason)
-
-
-def _body_error(err, url: str, secrets=()) -> CloudError:
-    """An OpenAI-style ``{"error": {...}}`` body sent with HTTP 200 (gateways such as OpenRouter relay an upstream
-    provider's failure so): the gateway's message and code, not "no choices"."""
-    msg = err.get("message") if isinstance(err, dict) else err
-    code = err.get("code") if isinstance(err, dict) else None
-    said = f"{guard.clip(str(msg), secrets=secrets)!r}" + (f" (code {guard.redact(str(code), secrets)})"
-                                                      if code is not None else "")
-    return CloudError("cloud_error", f"the cloud at {url} answered an error in an HTTP 200 body: {said}",
-                      f"error in an HTTP 200 body: {said}")
 
 
 def _answer_of(text: str, model: str, latency: float, usage, finish_reason: str | None) -> CloudAnswer:

@@ -36,7 +36,7 @@ MIN_SECRET_CHARS = 4  # shorter "secrets" (a key of "x" for a local server) woul
 
 
 class ReplyTooLarge(Exception):
-    """The cloud's reply passed its cap (see the module doc); ``cloud._classify`` makes it a ``too_large``
+    """The cloud's reply passed its cap (see the module doc); ``cloud_errors.classify`` makes it a ``too_large``
     CloudError."""
 
     def __init__(self, size: int, cap: int, whole: bool):

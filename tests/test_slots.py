@@ -25,6 +25,7 @@ from ondevice.engine.base import EngineConfig
 from ondevice.engine.generator import BatchGenerator, Request
 from ondevice.engine.llama import LlamaEngine
 from ondevice.engine.records import Generation, Sampling
+from ondevice.errors import InvalidArgument
 from ondevice.serve import BackgroundServer, ServeSettings, slots
 
 DOC = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
@@ -329,6 +330,10 @@ def test_model_prompt_cache_in_python(tmp_path):
 
     with ondevice.load(str(_model_path()), n_ctx=1024, n_threads=2) as m:
         a = m.generate(DOC, max_tokens=6, temp=0)
+        for bad in (-1, 2.5, True):  # -1 cut the tokens and the KV apart: the next answer and the file were wrong
+            with pytest.raises(InvalidArgument, match=rf"n_tokens must be a whole number of tokens >= 0 .*{bad!r}"):
+                m.save_prompt_cache(tmp_path / "bad.bin", n_tokens=bad)
+        assert not (tmp_path / "bad.bin").exists() and m.generate(DOC, max_tokens=6, temp=0).text == a.text
         n = m.save_prompt_cache(tmp_path / "p.bin", n_tokens=a.last.prompt_tokens)
         assert n == a.last.prompt_tokens
     blob = (tmp_path / "p.bin").read_bytes()

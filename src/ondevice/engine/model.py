@@ -255,7 +255,7 @@ class Model:
 
         with self._turns.hold(self):
             gen = self.generator
-            return slotfile.save(gen, 0, path, keep=n_tokens, ads=slotfile.default_adapters(gen))[0]
+            return slotfile.save(gen, 0, path, keep=n_tokens, ads=slotfile.default_adapters(gen), what="n_tokens")[0]
 
     def load_prompt_cache(self, path: str | Path) -> list[int]:
         """Load a file written by :meth:`save_prompt_cache` (or llama-server's slot save, same model and KV type)

@@ -16,6 +16,7 @@ batcher thread, between steps.
 from __future__ import annotations
 
 import errno
+import numbers
 import os
 import stat
 import struct
@@ -95,13 +96,18 @@ def _not_followed(where: str, what: str) -> SlotFileError:
 
 
 def save(gen: BatchGenerator, seq: int, path: str | Path, keep: int | None = None,
-         ads: tuple[str, ...] = (), follow_links: bool = True) -> tuple[int, int]:
+         ads: tuple[str, ...] = (), follow_links: bool = True, what: str = "keep") -> tuple[int, int]:
     """Write slot ``seq``'s cached tokens and their KV to ``path`` (atomically); returns (tokens, bytes).
     ``keep``: only the first ``keep`` of them (the rest of the slot's cache is dropped first). ``ads``: the
     adapter set that requests naming none run under; a file records no adapters, so a slot computed under
     another set is refused (restored, its KV would be taken for ``ads``'). ``follow_links=False`` (the
     server's, for a client's filename): a symbolic link, folder, FIFO or device at ``path`` is refused here (a
-    :class:`SlotFileError`), never written through."""
+    :class:`SlotFileError`), never written through. ``what``: ``keep``'s name in the caller's words."""
+    if keep is not None:  # a negative one cut the tokens (a slice) and the KV (a position) apart
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 0:
+            raise InvalidArgument(f"{what} must be a whole number of tokens >= 0 (or None: all of them), got "
+                                  f"{keep!r}")
+        keep = int(keep)
     path = Path(path)
     if not follow_links and (path.is_symlink() or (path.exists() and not path.is_file())):
         raise _not_followed(path.name, "a symbolic link" if path.is_symlink() else "not a regular file")

@@ -71,6 +71,17 @@ def test_token_ids_given_as_a_prompt_point_at_stream_tokens(smol, prompt):
         smol.generate(prompt, max_tokens=2)
 
 
+def test_a_message_without_content_is_refused_naming_its_odd_key(smol):
+    """A misspelt ``contents`` was read as an empty message and answered; llama-server and OpenAI refuse it."""
+    with pytest.raises(InvalidArgument, match=r"messages\[1\] \(user\) has no 'content'.*it has 'contents'"):
+        smol.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "contents": "Hi"}], max_tokens=2)
+    with pytest.raises(InvalidArgument, match=r"messages\[0\] \(user\) has no 'content'.*\(\"\" for an empty one\)"):
+        smol.generate([{"role": "user"}], max_tokens=2)
+    calls = [{"type": "function", "id": "c1", "function": {"name": "f", "arguments": {}}}]
+    assert smol.generate([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": calls},
+                          {"role": "user", "content": "Go on"}], max_tokens=2).text  # tool calls alone: fine
+
+
 @pytest.mark.parametrize("prompt", [[], ()])
 def test_an_empty_prompt_is_an_error_not_an_index_error(smol, prompt):
     with pytest.raises(InvalidArgument, match="messages is empty"):

@@ -124,6 +124,11 @@ def test_malformed_json_and_wrong_types_are_400(srv, client):
     assert r.status_code == 400
     r = _post(srv, "/v1/chat/completions", json=[1, 2, 3])
     assert r.status_code == 400
+    r = _post(srv, "/v1/chat/completions", json={"messages": [{"role": "user", "contents": "x"}]})  # misspelt: was ""
+    assert r.status_code == 400 and _error(r)["param"] == "messages.0", r.text  # as llama-server refuses it
+    assert "the user message has no 'content'" in _error(r)["message"] and "'contents'" in _error(r)["message"]
+    r = _post(srv, "/v1/chat/completions", json={"messages": [{"role": "user", "content": None}], "max_tokens": 1})
+    assert r.status_code == 200, r.text  # null content: an empty message, as llama-server takes it
     r = _post(srv, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "temperature": -1})
     assert r.status_code == 400 and _error(r)["param"] == "temperature"
     r = _post(srv, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],

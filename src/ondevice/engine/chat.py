@@ -43,9 +43,25 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
             raise InvalidArgument(f"messages[{i}] must be a dict with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
             raise InvalidArgument(f"messages[{i}].role {m['role']!r} is not one of system, user, assistant, tool")
+        check_has_content(m["role"], m.keys(), i)
         # OpenAI's "developer" messages are system messages to a chat template (as llama-server reads them)
         out.append(dict(m, role="system" if m["role"] == "developer" else m["role"], content=message_text(m, i)))
     return out
+
+
+_MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "refusal")
+
+
+def check_has_content(role: str, keys, i: int | None) -> None:
+    """A message other than the assistant's (whose turn may be tool calls alone) must have a ``content``, as
+    llama-server and OpenAI require; a misspelt key (``contents``, ``text``) was read as an empty message."""
+    if role == "assistant" or "content" in keys:
+        return
+    odd = [k for k in keys if k not in _MESSAGE_KEYS]
+    where = f"the {role} message" if i is None else f"messages[{i}] ({role})"
+    raise InvalidArgument(f"{where} has no 'content': all non-assistant messages must contain "
+                          f"'content'" + (f" (it has {', '.join(map(repr, odd))}: give its text as 'content')"
+                                          if odd else " (\"\" for an empty one)"))
 
 
 def message_text(m: Message, i: int) -> str:

@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
+from ..engine.chat import check_has_content
+from ..errors import InvalidArgument
+
 # levels of JSON nesting a request field (or a tool call's arguments) may have: schemas and tool arguments are
 # walked recursively (grammar conversion, chat templates), and Python's recursion ends near 1,000 frames
 MAX_DEPTH = 64
@@ -224,6 +227,18 @@ class ChatMessage(_Req):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _has_content(cls, data: Any) -> Any:
+        """No ``content`` key (a misspelt ``contents``) is refused, as llama-server does; ``content: null`` is an
+        empty message, as there."""
+        if isinstance(data, dict) and data.get("role") != "assistant" and "content" not in data:
+            try:
+                check_has_content(str(data.get("role")), data.keys(), None)
+            except InvalidArgument as e:  # as pydantic's: the reply names where (messages.1)
+                raise ValueError(str(e)) from None
+        return data
 
     @field_validator("tool_calls")
     @classmethod

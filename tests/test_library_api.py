@@ -140,6 +140,33 @@ def test_close_ends_an_open_stream_quietly(smol_path):
     assert "Exception ignored" not in r.stderr, r.stderr
 
 
+def test_close_from_another_thread_ends_a_running_generation_at_its_next_token(smol_path):
+    """close() waited for the whole generation (400 tokens, ~10 s here), though its docstring says a generation
+    in another thread ends its step first: the generating thread won the lock back at every token."""
+    m = ondevice.load(str(smol_path), n_ctx=2048, n_threads=2, warmup=False)
+    said: list = []
+    steps: list[str] = []  # llama_decode calls: the prompt's, then one a token
+    for name in ("decode", "decode_batch"):
+        real = getattr(m.engine, name)
+        setattr(m.engine, name, lambda *a, _real=real, _name=name: (steps.append(_name), _real(*a))[1])
+
+    def generate() -> None:
+        try:
+            said.append(m.generate("Tell me a long story.", max_tokens=1500, temp=0, ignore_eos=True))
+        except ModelClosed as e:
+            said.append(e)
+
+    t = threading.Thread(target=generate)
+    t.start()
+    deadline = time.monotonic() + 120
+    while len(steps) < 4 and time.monotonic() < deadline:  # a few tokens in: far from 1500
+        time.sleep(0.01)
+    m.close()
+    t.join(120)
+    assert m.closed and len(said) == 1 and isinstance(said[0], ModelClosed), said
+    assert 4 <= len(steps) < 1000, len(steps)  # it stopped a token after close(), far from its 1500
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"temp": "0"}, "temp='0' must be a number"),
     ({"max_tokens": 2.5}, "max_tokens=2.5 must be an integer"),

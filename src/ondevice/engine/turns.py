@@ -43,6 +43,7 @@ class Turns:
         self.cond = threading.Condition()
         self.current: Turn | None = None
         self.closed = False
+        self.closing = False  # close() waits for a running step: no other step or call starts meanwhile
 
     def closed_error(self, model: Model) -> ModelClosed:
         # a model loaded by path is named after its file, a name load() does not know: give the path back
@@ -52,7 +53,7 @@ class Turns:
     def begin(self, model: Model) -> Turn:
         with self.cond:
             while True:
-                if self.closed:
+                if self.closed or self.closing:
                     raise self.closed_error(model)
                 cur = self.current
                 if cur is None:
@@ -92,7 +93,7 @@ class Turns:
     def step(self, model: Model, turn: Turn):
         """One advance of ``turn``'s iterator (a token), with nothing else using the model meanwhile."""
         with self.cond:
-            if self.closed:
+            if self.closed or self.closing:  # a generation in another thread ends at its next token
                 raise self.closed_error(model)
             if turn.abandoned:
                 raise StreamAbandoned(f"this stream of {model.name} was not read for {model.idle_timeout:g} s "
@@ -126,6 +127,7 @@ class Turns:
 
     def close(self, model: Model) -> None:
         with self.cond:
+            self.closing = True
             while self.current is not None and self.current.running:
                 self.cond.wait()
             if self.closed:

@@ -42,18 +42,21 @@ def test_o_with_a_format_name_is_refused_not_a_stray_file(cli, tmp_path, smol_pa
     assert list(cwd.iterdir()) == []
 
 
-def test_o_into_a_missing_folder_is_refused_before_the_eval_runs(cli, tmp_path, smol_path):
+def test_o_that_cannot_take_the_records_is_refused_before_the_eval_runs(cli, tmp_path, smol_path):
+    notes = tmp_path / "notes.txt"  # a text file: the records were appended to it
+    notes.write_text("keep me\n")
     r = cli("eval", "-m", str(smol_path), "--suite", str(_suite(tmp_path)), "--max-tokens", "2", "--threads", "1",
-            "-o", str(tmp_path / "no" / "such" / "out.jsonl"))
-    assert r.returncode == 2 and "does not exist; create it or give another path" in r.stderr, r.stderr
-    assert _tests(tmp_path / "home" / "data" / "ondevice.sqlite") == []  # refused first: nothing measured, stored
+            "-o", str(notes))
+    assert r.returncode == 2 and f"-o {notes} holds text that is not JSON lines (its last line: 'keep me')" \
+        in r.stderr, r.stderr
+    assert notes.read_text() == "keep me\n" and _tests(tmp_path / "home" / "data" / "ondevice.sqlite") == []
     # a folder nobody may write in, root included (os.access said yes to root, so the eval ran and its -o failed)
     r = cli("eval", "-m", str(smol_path), "--suite", str(_suite(tmp_path)), "--max-tokens", "2", "--threads", "1",
             "-o", "/proc/ondevice-eval.jsonl")
     assert r.returncode == 2 and "cannot write /proc/ondevice-eval.jsonl: the folder /proc is not writable" in r.stderr
     assert _tests(tmp_path / "home" / "data" / "ondevice.sqlite") == [], r.stderr
     db = tmp_path / "e.sqlite"
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "no" / "such" / "out.jsonl"  # its folders are made, as every writer here makes them
     r = cli("eval", "-m", str(smol_path), "--suite", str(_suite(tmp_path)), "--max-tokens", "2", "--threads", "1",
             "--db", str(db), "-o", str(out))
     assert r.returncode == 0, r.stderr

@@ -215,10 +215,30 @@ def check_output(path: str, inputs: list[tuple[str, str | None]] = ()) -> None:
                               f"e.g. -o results.jsonl")
     if p.is_dir():
         raise InvalidArgument(f"-o {path} is a folder; name a file in it, e.g. -o {p / 'results.jsonl'}")
-    folder = p.parent
-    if not folder.is_dir():
-        raise InvalidArgument(f"-o {path}: the folder {folder} does not exist; create it or give another path")
     check_writable(p, "give another -o")  # tries the folder: os.access passes root in /proc or a read-only mount
+    if p.is_file() and (last := _last_line(p)) is not None:
+        try:
+            json.loads(last)
+        except ValueError:
+            raise InvalidArgument(f"-o {path} holds text that is not JSON lines (its last line: {last[:60]!r}); the "
+                                  f"records are appended to the file: give a new file or one of earlier records, "
+                                  f"e.g. -o results.jsonl") from None
+
+
+def _last_line(p) -> str | None:
+    """The last non-empty line of the file at ``p`` (read from its end), or None when it has none."""
+    with open(p, "rb") as f:
+        end, tail = f.seek(0, 2), b""
+        while end > 0:  # back a block at a time until the tail holds a whole non-empty line
+            start = max(0, end - 65536)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+            lines = tail.splitlines()
+            if len([x for x in lines if x.strip()]) > 1 or (end == 0 and lines):
+                break
+    lines = [x for x in tail.splitlines() if x.strip()]
+    return lines[-1].decode("utf-8", "replace") if lines else None
 
 
 def _check_judge(url: str) -> None:
@@ -233,8 +253,13 @@ def _check_judge(url: str) -> None:
 
 def append_records(path: str, records: list[dict]) -> None:
     """Append ``records`` to ``path`` as JSON lines, in one write."""
+    from pathlib import Path
+
+    from ..models.store import make_parent
+
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
+    make_parent(Path(path).expanduser(), "give another -o")  # a missing folder is made, as every writer here does
+    with open(Path(path).expanduser(), "a", encoding="utf-8") as f:
         f.write(text)
 
 

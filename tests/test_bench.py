@@ -127,6 +127,12 @@ def test_a_misspelt_bench_keyword_names_every_keyword_and_the_signature_shows_th
         assert "**kw" not in str(inspect.signature(fn)), fn  # the real keywords, not a wrapper's
     assert {"amx", "repack", "store", "on_record"} <= set(inspect.signature(ondevice.bench).parameters)
     assert "budget" in inspect.signature(ondevice.fit).parameters
+    import ondevice.adapt  # noqa: F401 — imported, the packages take the place of the functions on `ondevice`
+    import ondevice.fit  # noqa: F401
+
+    for name, says in (("bench", "Benchmark models on this device"), ("fit", "Fit ``model``"), ("adapt", "Train a LoRA adapter")):
+        doc = inspect.getdoc(getattr(ondevice, name))  # help() and Jupyter's `?` showed the package's docstring
+        assert doc.startswith(f"{name}(") and says in doc.split("(the package")[0], (name, doc[:300])
 
 
 def test_noise_verdict_and_load_arithmetic():

@@ -5,6 +5,7 @@ callable, and ``ondevice.adapt(...)`` keeps working after the first import."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 
@@ -20,5 +21,11 @@ def make_callable(package: str, target: str) -> None:
         @property
         def __wrapped__(self):  # the function: inspect.signature(ondevice.bench) gives its keywords
             return getattr(importlib.import_module(mod_name), func)
+
+        @property
+        def __doc__(self):  # help(ondevice.fit), inspect.getdoc, Jupyter's `?`: the function's, then the package's
+            f = self.__wrapped__
+            return (f"{func}{inspect.signature(f)}\n\n{inspect.getdoc(f) or ''}\n\n"
+                    f"(the package {package}:)\n{self.__dict__.get('__doc__') or ''}")
 
     sys.modules[package].__class__ = _CallableModule

@@ -130,7 +130,8 @@ def test_a_misspelt_bench_keyword_names_every_keyword_and_the_signature_shows_th
     import ondevice.adapt  # noqa: F401 — imported, the packages take the place of the functions on `ondevice`
     import ondevice.fit  # noqa: F401
 
-    for name, says in (("bench", "Benchmark models on this device"), ("fit", "Fit ``model``"), ("adapt", "Train a LoRA adapter")):
+    for name, says in (("bench", "Benchmark models on this device"), ("fit", "Fit ``model``"),
+                       ("adapt", "Train a LoRA adapter")):
         doc = inspect.getdoc(getattr(ondevice, name))  # help() and Jupyter's `?` showed the package's docstring
         assert doc.startswith(f"{name}(") and says in doc.split("(the package")[0], (name, doc[:300])
 
@@ -317,9 +318,9 @@ def test_a_kv_cache_the_memory_cap_has_no_room_for_is_an_oom_record(home, smol_p
 
 
 def test_memory_cap_below_model_size_is_an_oom_record(home, smol_path):
-    import ondevice
-
     from test_device import _cgroup_mechanism
+
+    import ondevice
 
     # RLIMIT_AS counts the whole mmapped model, so a cap under its size fails the load; a cgroup caps RAM,
     # where the model's file pages can be dropped and re-read, so it takes a cap under the process's own

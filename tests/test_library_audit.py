@@ -136,3 +136,13 @@ def test_generate_shows_its_arguments_and_passes_them_on(smol):
     raw = smol.generate("Hi", chat_template=False, sampling={"temp": 0, "max_tokens": 4})
     assert raw.text == "".join(g.text for g in smol.stream("Hi", chat_template=False, temp=0, max_tokens=4))
     assert raw.text != smol.generate("Hi", temp=0, max_tokens=4).text  # the template was not used
+
+
+def test_ondevice_cascade_is_the_class():
+    """It was a function returning one: isinstance(c, ondevice.Cascade) raised TypeError, its keywords were **kw."""
+    import inspect
+
+    import ondevice
+    from ondevice.cascade import Cascade
+
+    assert ondevice.Cascade is Cascade and "policy" in inspect.signature(ondevice.Cascade).parameters

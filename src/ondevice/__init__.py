@@ -17,6 +17,7 @@ from .errors import OndeviceError
 
 if TYPE_CHECKING:
     from . import adapt, bench, fit
+    from .cascade import Cascade
     from .engine import Generation, Model, Result, Sampling, load
     from .eval.api import evaluate
     from .models.hub import pull
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 # function (its own signature and help); bench, fit and adapt are packages that are callable (callable_module.py)
 _LAZY = {**{n: (".engine", n) for n in ("Generation", "Model", "Result", "Sampling", "load")},
          "bench": (".bench", None), "fit": (".fit", None), "adapt": (".adapt", None),
-         "quantize": (".quant.api", "quantize"), "evaluate": (".eval.api", "evaluate"), "pull": (".models.hub", "pull")}
+         "quantize": (".quant.api", "quantize"), "evaluate": (".eval.api", "evaluate"), "pull": (".models.hub", "pull"),
+         "Cascade": (".cascade", "Cascade")}  # the class itself: isinstance() and its signature work
 
 
 def __getattr__(name: str):
@@ -103,13 +105,6 @@ class _OneShotStream(Iterator):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit llama.cpp may be gone first
             self.close()
-
-
-def Cascade(device_model=None, cloud_url: str | None = None, **kw):  # a class, imported lazily
-    """A device -> cloud cascade (see :class:`ondevice.cascade.Cascade`)."""
-    from .cascade import Cascade as _Cascade
-
-    return _Cascade(device_model, cloud_url, **kw)
 
 
 __all__ = ["Cascade", "Generation", "Model", "OndeviceError", "Result", "Sampling", "__version__", "adapt", "bench",

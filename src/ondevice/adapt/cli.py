@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", "--num-train-epochs", "--num_train_epochs", dest="epochs", type=float, default=None,
                    metavar="E", help="passes over the training examples, each seen once per pass in a shuffled order "
                                      "(TRL's --num_train_epochs): ceil(E * examples / batch) steps; not with --steps")
-    p.add_argument("--lr", "--learning-rate", type=float, default=d.lr)  # the second: peft's and TRL's name
+    p.add_argument("--lr", "--learning-rate", type=float, default=d.lr,  # the second: peft's and TRL's name
+                   help=f"AdamW's peak learning rate: a short linear warm-up, then cosine decay to 0 "
+                        f"(default {d.lr:g})")
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per example at most")
     p.add_argument("--rank", "--lora-r", type=int, default=None, help=f"LoRA rank (without --budget; default {d.rank})")
@@ -71,8 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", choices=("auto", "lean", "fast"), default=d.memory,
                    help="lean: freed memory goes back to the OS at once (lower peak RSS, slower steps: 2x fp32, "
                         "3x bf16 measured); fast: glibc malloc as it comes; auto: lean with --budget, else fast")
-    p.add_argument("-t", "--threads", type=int, default=d.threads)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("-t", "--threads", type=int, default=d.threads, help=f"torch's threads (default {d.threads})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seeds the LoRA init, the shuffle and the held-out split (default {d.seed})")
     p.add_argument("--heldout", type=float, default=d.heldout, help="share of examples held out for the loss check")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true",

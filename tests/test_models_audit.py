@@ -163,6 +163,10 @@ def test_a_hugging_face_page_address_downloads_the_file(server, two_models, monk
     assert parse_source("hf.co/o/r/d/f.gguf")[0] == "https://huggingface.co/o/r/resolve/main/d/f.gguf"
     with pytest.raises(InvalidArgument, match=r"a web address is written https://example.com/m/f.gguf$"):
         parse_source("example.com/m/f.gguf")  # was: "a Hugging Face file is written hf://example.com/m/f.gguf"
+    with pytest.raises(InvalidArgument, match=r"file: URLs are not downloaded; a .gguf on this machine is used "
+                                              r"where it is, by its path \(there is no file /no/f.gguf\): "
+                                              r"ondevice run -m /no/f"):
+        parse_source("file:///no/f.gguf")  # was: "no such local file; a Hugging Face file is written hf://file:///..."
 
 
 def test_a_repository_address_given_to_run_names_the_pull_that_fetches_it():

@@ -181,6 +181,13 @@ def _not_a_source(word: str) -> str:
     """Why ``word`` cannot be pulled, and what would work: a close catalog name, hf://, or the local file."""
     fix = ("use hf.co/OWNER/REPO:QUANT (a Hugging Face GGUF repository, as Ollama pulls one), hf://owner/repo/"
            "file.gguf, an http(s):// URL or a catalog name (`ondevice models` lists them)")
+    if word.lower().startswith("file:"):  # a URL of a file here: no download, the file is used where it is
+        from urllib.parse import unquote, urlsplit
+
+        local = unquote(urlsplit(word).path)
+        there = "" if Path(local).is_file() else f" (there is no file {local})"
+        return (f"cannot download {word!r}: file: URLs are not downloaded; a .gguf on this machine is used where it "
+                f"is, by its path{there}: ondevice run -m {local} ...")
     path = Path(word).expanduser()
     if path.is_file():
         return (f"{word} is a local file: there is nothing to download; use it as it is (ondevice run -m {word} "

@@ -52,6 +52,12 @@ def test_a_chat_template_or_tools_of_the_wrong_type_is_named(smol, kw, match):
         smol.generate([{"role": "user", "content": "Hi"}], max_tokens=2, **kw)
 
 
+def test_detokenize_given_text_says_it_takes_ids(smol):
+    with pytest.raises(InvalidArgument, match=r"detokenize takes token ids \(a list of ints\), not text: 'hello'; "
+                                              r"model.tokenize\(text\) gives the ids"):
+        smol.detokenize("hello")  # was: "token id 'h' is not in the vocabulary"
+
+
 def test_tokenize_takes_utf8_bytes_as_llama_cpp_python_does(smol):
     text = "Grüße, 🌍!"
     assert smol.tokenize(text.encode()) == smol.tokenize(text) == smol.tokenize(bytearray(text.encode()))

@@ -160,6 +160,9 @@ class Model:
         """The text of token ids; special tokens such as ``<|im_end|>`` give no text unless ``special`` (as
         llama-cpp-python's ``detokenize(tokens, special=True)``)."""
         self._check_open()  # the engine answers ids it has cached even when closed: one error for all of them
+        if isinstance(tokens, (str, bytes)):  # iterated, its characters were named "token id 'h'"
+            raise InvalidArgument(f"detokenize takes token ids (a list of ints), not text: {tokens[:40]!r}; "
+                                  f"model.tokenize(text) gives the ids of a text")
         return self.engine.detokenize(tokens, special=special)
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, tools: list | None = None,

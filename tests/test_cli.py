@@ -120,6 +120,9 @@ def test_run_takes_options_between_the_model_and_the_prompt(cli):
     r = cli("run", "smollm2-135m-instruct", "-n", "4", "--bogus", "Hi")
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr, r.stderr
     assert "usage: ondevice run" in r.stderr  # the verb's usage, not the top level's
+    # a short usage line above the error: every flag in it came to 38 lines before the one that says what is wrong
+    assert r.stderr.splitlines()[0] == "usage: ondevice run [options] [[MODEL] PROMPT ...]", r.stderr
+    assert len(r.stderr.splitlines()) == 2, r.stderr
 
 
 def test_typos_get_did_you_mean(cli):

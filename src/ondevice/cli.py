@@ -47,7 +47,16 @@ EXAMPLES = """examples:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only when it says something: not None/False, and not already in the help text."""
+    """Shows a default only when it says something: not None/False, and not already in the help text. The usage
+    line is ``ondevice VERB [options] POSITIONALS``: every flag in it came to 30-40 lines above a one-line error."""
+
+    def add_usage(self, usage, actions, groups, prefix=None) -> None:
+        if usage is None and any(a.option_strings for a in actions):
+            f = argparse.HelpFormatter(self._prog)
+            f.add_usage(None, [a for a in actions if not a.option_strings], [], prefix="")
+            positionals = f.format_help().strip()[len(self._prog):].strip()
+            usage = "%(prog)s [options]" + (f" {positionals}" if positionals else "")
+        super().add_usage(usage, actions, groups, prefix)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_ = action.help or ""

@@ -154,6 +154,21 @@ def test_sigterm_after_llama_cpp_finished_leaves_no_temp_file(tmp_path):
     pytest.fail("quantizing finished before the test could signal it, three times")
 
 
+def test_ctrl_c_while_quantizing_says_so_in_one_line(tmp_path):
+    """Ctrl-C while llama.cpp quantizes: exit 130 with a line that names the verb (it was an empty line), nothing
+    in the store."""
+    home = tmp_path / "home"
+    p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
+    deadline = time.monotonic() + 120
+    while not _workers(str(home)):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "ondevice quantize: interrupted (Ctrl-C)", err
+    assert "Traceback" not in err and _store(home) == []
+
+
 def test_a_signal_during_finishing_waits_for_the_commit(tmp_path):
     """What makes the second outcome above whole: a SIGTERM inside ``finishing()`` waits for the block to end,
     then ends the process as sent (a real signal into a real process)."""

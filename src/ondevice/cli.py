@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if not _mute_gone():  # a hang-up taken as an interrupt (Terminated): no newline for a terminal that is gone
-            print(file=sys.stderr)
+        if not _mute_gone() and not getattr(e, "said", False):  # a verb that said what it left: no second line
+            import signal
+
+            verb = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+            how = f"stopped by {signal.Signals(e.signal).name}" if hasattr(e, "signal") else "interrupted (Ctrl-C)"
+            print(f"\nondevice{f' {verb}' if verb in VERBS else ''}: {how}", file=sys.stderr)
         return getattr(e, "exit_code", 130)  # 128 + the signal for a `kill` taken as an interrupt (Terminated)
     except OSError as e:  # an error's own line, written to a terminal that hung up: no traceback (there, or exit 1)
         if e.errno != errno.EIO or not terminal_gone():

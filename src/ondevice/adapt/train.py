@@ -476,6 +476,7 @@ def _interrupted(cfg: AdaptConfig, e: KeyboardInterrupt, note: str) -> None:
     nothing it was not asked to)."""
     if cfg.progress:
         print(f"{chr(10) if sys.stderr.isatty() else ''}{note}", file=sys.stderr)  # under the bar's line
+        e.said = True  # the CLI's main() adds no line of its own
     else:
         e.add_note(note)
 

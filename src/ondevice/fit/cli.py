@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
               f"continue from them", file=sys.stderr)
         if isinstance(e, Terminated):
             return e.exit_code
+        e.said = True  # main() adds no line of its own
         raise
     return 0
 

@@ -464,6 +464,7 @@ def _fetch(url: str, name: str | None, sha256: str | None, picked: dict[str, str
                     how = f"stopped by {signal.Signals(e.signal).name}" if hasattr(e, "signal") else "interrupted"
                     print(f"\nondevice: pull {how}; {part.stat().st_size} bytes are kept in {part}: run the "
                           f"same command again to resume{_or_rm(dest)}", file=sys.stderr)
+                    e.said = True  # the CLI's main() adds no line of its own
                 raise
             except DownloadInterrupted as e:
                 if attempt == retries:

@@ -495,7 +495,7 @@ def test_ctrl_c_says_the_measurements_are_kept_for_resume(home):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and "interrupted; the measurements so far are kept" in err and "--resume" in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "ondevice fit: interrupted (Ctrl-C)" not in err, err  # said once, not twice
 
 
 def test_a_fit_stopped_by_sigterm_mid_build_leaves_no_half_written_file(tmp_path):

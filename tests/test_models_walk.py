@@ -94,6 +94,7 @@ def test_a_stop_mid_pull_keeps_the_part_says_so_and_the_rerun_resumes(server, tm
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "Traceback" not in err, (proc.returncode, err)
     assert f"pull {said}; 20000 bytes are kept in {part}: run the same command again to resume" in err
+    assert "ondevice pull: interrupted (Ctrl-C)" not in err and "ondevice pull: stopped" not in err, err  # once
     assert not part.with_name("tiny.gguf.lock").exists()  # unwound: the lock is released, as on Ctrl-C
     assert not part.with_name("tiny.gguf").exists()
     assert json.loads(part.with_name("tiny.gguf.part.json").read_text())["validator"] == '"v1"'

@@ -156,17 +156,22 @@ def test_sigterm_after_llama_cpp_finished_leaves_no_temp_file(tmp_path):
 
 def test_ctrl_c_while_quantizing_says_so_in_one_line(tmp_path):
     """Ctrl-C while llama.cpp quantizes: exit 130 with a line that names the verb (it was an empty line), nothing
-    in the store."""
-    home = tmp_path / "home"
-    p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
-    deadline = time.monotonic() + 120
-    while not _workers(str(home)):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.005)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and err.strip().splitlines()[-1] == "ondevice quantize: interrupted (Ctrl-C)", err
-    assert "Traceback" not in err and _store(home) == []
+    in the store. (A signal that lands once the work is done finishes the variant: tried again then.)"""
+    for attempt in range(3):
+        home = tmp_path / f"home{attempt}"
+        p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
+        deadline = time.monotonic() + 120
+        while not _workers(str(home)):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.005)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        if p.returncode == 0 or _store(home):  # the worker was done: the variant is whole (its test: above)
+            continue
+        assert p.returncode == 130 and err.strip().splitlines()[-1] == "ondevice quantize: interrupted (Ctrl-C)", err
+        assert "Traceback" not in err
+        return
+    pytest.fail("quantizing finished before the test could interrupt it, three times")
 
 
 def test_a_signal_during_finishing_waits_for_the_commit(tmp_path):

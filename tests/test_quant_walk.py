@@ -122,6 +122,17 @@ def _workers(marker: str) -> list[int]:
     return out
 
 
+def _quantizing(home: Path) -> tuple[subprocess.Popen, float]:
+    """`ondevice quantize` of the default model to Q8_0 on one thread, once llama.cpp's worker runs; and a
+    deadline for the test's waits."""
+    p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
+    deadline = time.monotonic() + 120
+    while not _workers(str(home)):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.005)
+    return p, deadline
+
+
 def test_sigterm_after_llama_cpp_finished_leaves_no_temp_file(tmp_path):
     """llama.cpp's worker is done; ondevice reads the file back, hashes it and renames it into the store (about
     a second here, a minute for a large model). A `kill` then used to leave the whole hidden temp file in the
@@ -129,11 +140,7 @@ def test_sigterm_after_llama_cpp_finished_leaves_no_temp_file(tmp_path):
     during the rename, the variant is finished whole with its record and the process then ends as told."""
     for attempt in range(3):
         home = tmp_path / f"home{attempt}"
-        p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
-        deadline = time.monotonic() + 120
-        while not _workers(str(home)):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.005)
+        p, deadline = _quantizing(home)
         while _workers(str(home)) and time.monotonic() < deadline:
             time.sleep(0.002)
         if p.poll() is not None:
@@ -159,11 +166,7 @@ def test_ctrl_c_while_quantizing_says_so_in_one_line(tmp_path):
     in the store. (A signal that lands once the work is done finishes the variant: tried again then.)"""
     for attempt in range(3):
         home = tmp_path / f"home{attempt}"
-        p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
-        deadline = time.monotonic() + 120
-        while not _workers(str(home)):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.005)
+        p, _ = _quantizing(home)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
         if p.returncode == 0 or _store(home):  # the worker was done: the variant is whole (its test: above)

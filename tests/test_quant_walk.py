@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import as_a_shell_starts_it
 
 from ondevice.errors import InvalidArgument
 from ondevice.quant.quantize import default_name, weight_types
@@ -122,10 +123,11 @@ def _workers(marker: str) -> list[int]:
     return out
 
 
-def _quantizing(home: Path) -> tuple[subprocess.Popen, float]:
-    """`ondevice quantize` of the default model to Q8_0 on one thread, once llama.cpp's worker runs; and a
+def _quantizing(home: Path, type_: str = "Q8_0") -> tuple[subprocess.Popen, float]:
+    """`ondevice quantize` of the default model to ``type_`` on one thread, once llama.cpp's worker runs; and a
     deadline for the test's waits."""
-    p = _cli(home, "quantize", "smollm2", "--type", "Q8_0", "--allow-requantize", "--threads", "1")
+    p = _cli(home, "quantize", "smollm2", "--type", type_, "--allow-requantize", "--threads", "1",
+             preexec_fn=as_a_shell_starts_it)  # Ctrl-C lands even where this run inherited it ignored (nohup, &)
     deadline = time.monotonic() + 120
     while not _workers(str(home)):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
@@ -166,7 +168,7 @@ def test_ctrl_c_while_quantizing_says_so_in_one_line(tmp_path):
     in the store. (A signal that lands once the work is done finishes the variant: tried again then.)"""
     for attempt in range(3):
         home = tmp_path / f"home{attempt}"
-        p, _ = _quantizing(home)
+        p, _ = _quantizing(home, "Q4_K_M")  # k-quants: a worker of ~1.4 s here (Q8_0's ~0.5 s ended first in CI)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
         if p.returncode == 0 or _store(home):  # the worker was done: the variant is whole (its test: above)

@@ -67,7 +67,7 @@ def test_eval_config_one_declaration_for_flags_env_and_api(monkeypatch, tmp_path
     import subprocess
     import sys
 
-    from ondevice.errors import InvalidArgument
+    from ondevice.errors import InvalidArgument, ModelNotFound
     from ondevice.eval.api import evaluate, make_config
 
     monkeypatch.setenv("ONDEVICE_EVAL_MAX_TOKENS", "7")
@@ -79,8 +79,10 @@ def test_eval_config_one_declaration_for_flags_env_and_api(monkeypatch, tmp_path
         make_config(ppl=True, topk=0)
     with pytest.raises(InvalidArgument, match="EvalConfig has no argument 'ctx_sise' \\(did you mean 'ctx_size'\\?\\)"):
         evaluate(None, suite="x", ctx_sise=1)
-    with pytest.raises(InvalidArgument, match="nothing to evaluate"):
+    with pytest.raises(InvalidArgument, match=r"nothing to evaluate; ask for perplexity \(--ppl; ppl=True\)"):
         evaluate(None)
+    with pytest.raises(ModelNotFound, match="unknown model 'nope'"):  # the model is said first
+        evaluate("nope")
     src = str(Path(__file__).resolve().parents[1] / "src")
     r = subprocess.run([sys.executable, "-m", "ondevice.cli", "eval", "--ppl", "--max-tokens", "0"], check=False,
                        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=src))

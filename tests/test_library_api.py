@@ -4,6 +4,7 @@ that free what they load, and wrong arguments that are errors naming the field, 
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import time
 
@@ -30,7 +31,17 @@ def test_a_closed_model_is_an_error_not_a_crash(smol_path):
                  lambda: m.engine.tokenize("hi"), lambda: m.engine.decode(1)):
         with pytest.raises(ModelClosed, match="closed"):
             call()
+    again = f"was closed; load it again with ondevice.load('{smol_path}')"  # every door says it the same way
+    for call in (lambda: m.render("hi"), lambda: m.tokenize_prompt("hi"), lambda: m.generator, m.__enter__):
+        with pytest.raises(ModelClosed, match=re.escape(again)):
+            call()
     assert m.closed
+
+
+def test_a_model_is_made_by_load_and_says_so_when_constructed_directly(tmp_path):
+    with pytest.raises(InvalidArgument, match=r"Model\(engine=None\) is not a loaded engine; a Model is made by "
+                                              r"ondevice.load\(name or path\)"):
+        ondevice.Model(name="x", path=tmp_path / "x.gguf", engine=None, template=None)
 
 
 def test_with_block_frees_the_model_and_dropping_it_frees_it_without_gc(smol_path):
@@ -202,6 +213,35 @@ def test_sampling_takes_the_shapes_other_libraries_use(smol):
 def test_wrong_load_arguments_name_the_field(kw, match):
     with pytest.raises(InvalidArgument, match=match):
         ondevice.load(**kw)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: ondevice.Sampling(temperature=0.2), r"^Sampling has no argument 'temperature' \(did you mean 'temp'\?\)"),
+    (lambda: ondevice.quantize("smollm2", "Q8_0", outptu="x.gguf"),
+     r"^ondevice.quantize\(\) has no argument 'outptu' \(did you mean 'output'\?\); it takes allow_requantize, "),
+    (lambda: ondevice.fit("smollm2", validat=1), r"^ondevice.fit\(\) has no argument 'validat' \(did you mean "
+                                                 r"'validate'\?\)"),
+    (lambda: ondevice.adapt("x.jsonl", epochz=1), r"^ondevice.adapt\(\) has no argument 'epochz' \(did you mean "
+                                                  r"'epochs'\?\); it takes .*\bforce\b"),
+    (lambda: ondevice.Cascade(None, "http://127.0.0.1:9/v1", polcy=None), r"^Cascade has no argument 'polcy' "
+                                                                          r"\(did you mean 'policy'\?\)"),
+])
+def test_a_misspelt_keyword_names_the_one_meant_in_every_public_call(call, match):
+    """Each checks its keywords before any work (no model is loaded, no file read): the error is an
+    InvalidArgument, and a TypeError as Python's own for an unexpected keyword."""
+    with pytest.raises(InvalidArgument, match=match) as e:
+        call()
+    assert isinstance(e.value, TypeError)
+
+
+def test_the_checked_calls_keep_their_signatures_and_positional_use():
+    import inspect
+
+    assert "output" in inspect.signature(ondevice.quantize).parameters
+    assert "policy" in inspect.signature(ondevice.Cascade).parameters
+    assert ondevice.Sampling(0.3).temp == 0.3 and ondevice.Sampling(temp=0.1, top_k=5).top_k == 5
+    with pytest.raises(InvalidArgument, match=r"models=123 is not a name or a path; give a catalog name"):
+        ondevice.bench(123, store=False)
 
 
 def test_library_functions_stay_callable_after_their_package_is_imported(tmp_path):

@@ -49,6 +49,11 @@ class InvalidArgument(OndeviceError):
     """A flag or parameter with a value outside its range."""
 
 
+class UnknownArgument(InvalidArgument, TypeError):
+    """A keyword argument the function does not take, with the closest name it does; a ``TypeError`` too, as
+    Python's own ``got an unexpected keyword argument`` is."""
+
+
 class KVCacheTooLarge(InvalidArgument):
     """The context's KV cache needs more memory than is available (refused before llama.cpp allocates it); under
     a bench's device profile, the run does not fit that device's memory."""

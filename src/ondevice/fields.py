@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import numbers
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from functools import cache
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, UnknownArgument
 
 # names users bring from llama-cpp-python, the OpenAI SDK and mlx-lm, and ours
 ALIASES = {"temperature": "temp", "max_new_tokens": "max_tokens", "n_predict": "max_tokens",
@@ -20,7 +22,7 @@ ALIASES = {"temperature": "temp", "max_new_tokens": "max_tokens", "n_predict": "
            "ctx_size": "n_ctx", "threads": "n_threads", "model_path": "name", "model": "name", "path": "name"}
 
 
-def unknown(what: str, given: Iterable[str], known: Iterable[str]) -> InvalidArgument | None:
+def unknown(what: str, given: Iterable[str], known: Iterable[str]) -> UnknownArgument | None:
     """The error for keyword arguments ``given`` that are not in ``known`` (None when all are), with the
     closest known name or the one a user of another library means."""
     known = sorted(known)
@@ -31,7 +33,29 @@ def unknown(what: str, given: Iterable[str], known: Iterable[str]) -> InvalidArg
     for k in bad:
         guess = ALIASES.get(k) if ALIASES.get(k) in known else next(iter(difflib.get_close_matches(k, known, 1)), None)
         hints.append(f"{k!r}" + (f" (did you mean {guess!r}?)" if guess else ""))
-    return InvalidArgument(f"{what} has no argument {', '.join(hints)}; it takes {', '.join(known)}")
+    return UnknownArgument(f"{what} has no argument {', '.join(hints)}; it takes {', '.join(known)}")
+
+
+def keywords(what: str):
+    """A decorator for a public function or class (its ``__init__``; put it above ``@dataclass``): a keyword
+    argument it does not take is an :class:`UnknownArgument` naming the closest one it does (``outptu``:
+    ``output``), not Python's bare ``got an unexpected keyword argument``."""
+    def wrap(target):
+        f = target.__init__ if isinstance(target, type) else target
+        params = inspect.signature(f).parameters.values()
+        known = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) - {"self"}
+
+        @functools.wraps(f)
+        def checked(*args, **kw):
+            if not kw.keys() <= known and (err := unknown(what, kw, known)):
+                raise err
+            return f(*args, **kw)
+
+        if isinstance(target, type):
+            target.__init__ = checked
+            return target
+        return checked
+    return wrap
 
 
 @cache

@@ -28,8 +28,11 @@ def adapt(data: str, *, force: bool = False, **kw) -> dict:
     require_torch()
     from dataclasses import replace
 
+    from .. import fields
     from .train import AdaptConfig, check_target, train
 
+    if err := fields.unknown("ondevice.adapt()", kw, {*AdaptConfig.__dataclass_fields__, "force"}):
+        raise err
     cfg = AdaptConfig(data=data, **kw)
     out = cfg.target()
     if cfg.out is None and cfg.name is None and not cfg.resume:  # as the CLI: another data's adapter first

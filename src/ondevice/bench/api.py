@@ -65,6 +65,9 @@ def bench(models: str | Path | Iterable[str | Path | None] | None = None,
         raise err
     if models is not None:
         models = fields.model_ref(models)
+        if not isinstance(models, (str, Path, Iterable)):
+            raise InvalidArgument(f"ondevice.bench(): models={models!r} is not a name or a path; give a catalog name, "
+                                  f"a stored variant's name, a .gguf path, or a list of them")
         settings["models"] = [str(fields.model_ref(m)) for m in ([models] if isinstance(models, (str, Path))
                                                                   else models) if m is not None]
     if tests is not None:

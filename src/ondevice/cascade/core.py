@@ -122,6 +122,7 @@ def request_policy(value: RequestPolicy | dict | None) -> RequestPolicy:
     return fields.build(RequestPolicy, value, "cascade")
 
 
+@fields.keywords("Cascade")
 class Cascade:
     """The library door: ``Cascade(device_model, cloud_url).generate("Rewrite politely: ...")``.
 

@@ -46,7 +46,8 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class Model:
-    """A loaded model. ``stream``/``generate`` accept a string or a list of chat messages."""
+    """A loaded model, made by :func:`ondevice.load` (not constructed directly). ``stream``/``generate`` accept a
+    string or a list of chat messages; ``close()`` (or a ``with`` block) frees it."""
 
     name: str
     path: Path
@@ -61,10 +62,16 @@ class Model:
     _seeds: random.Random | None = dataclasses.field(default=None, repr=False)  # load(seed=N): each call's seed
     knobs_note: str = ""  # a fitted variant's runtime knobs applied at load (models.runtime_knobs), or why not
 
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.engine, "decode_batch", None)):  # not isinstance(Engine): no property is run
+            raise InvalidArgument(f"Model(engine={self.engine!r}) is not a loaded engine; a Model is made by "
+                                  f"ondevice.load(name or path), not constructed directly")
+
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, path='{self.path}', chat={self.is_chat}, n_ctx={self.engine.n_ctx})"
 
     def __enter__(self) -> Self:
+        self._check_open()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,6 +91,7 @@ class Model:
         added to the system message instead. The one chat rendering of the library and the server (for
         display: :meth:`tokenize_prompt` is what generation uses).
         """
+        self._check_open()
         messages, tools = self._conversation(prompt, chat_template, tools, system_note)
         if messages is None:
             return prompt, True
@@ -97,6 +105,7 @@ class Model:
         messages only the template's own markers are special: ``<|im_start|>`` typed in a message is text,
         so no user can inject a role. Messages on a base model give a :class:`~ondevice.engine.chat.PromptTokens`
         whose stops (the transcript's next turn) every generation from it adds to its own."""
+        self._check_open()
         eng = self.engine
         messages, tools = self._conversation(prompt, chat_template, tools, system_note)
         if messages is None:
@@ -236,6 +245,7 @@ class Model:
     @property
     def generator(self) -> BatchGenerator:
         """The one-slot generator over sequence 0 (kept: its slot remembers the cached tokens)."""
+        self._check_open()
         if self._generator is None:
             self._generator = BatchGenerator(self.engine, seqs=[0], slot_ctx=self.engine.n_ctx,
                                              draft_engine=self.draft_engine)

@@ -98,6 +98,7 @@ MORE_SAMPLERS = ("repeat_last_n", "typical_p", "top_n_sigma", "xtc_probability",
 UNTIL_END = 1 << 30  # max_tokens -1: more tokens than any context holds, so the text's or the context's end ends it
 
 
+@fields.keywords("Sampling")
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """Sampling settings; ``temp == 0`` is greedy. Validated on construction."""

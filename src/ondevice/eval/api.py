@@ -101,14 +101,15 @@ def _evaluate(model, c: EvalConfig, store, progress) -> list[EvalRecord]:
     from ..models.catalog import resolve
 
     model = fields.model_ref(model)
+    mref = resolve(model)  # an unknown model is said first (nothing is loaded yet)
     if not (c.ppl or c.ref or c.suite or c.text):
-        raise InvalidArgument("nothing to evaluate; pass --ppl, --ref MODEL and/or --suite NAME")
+        raise InvalidArgument("nothing to evaluate; ask for perplexity (--ppl; ppl=True), a reference model (--ref "
+                              "MODEL; ref=...) and/or a suite (--suite NAME; suite=...)")
     if c.suite and c.judge and not c.judge_model:  # said before the model is loaded
         from .runner import NEEDS_JUDGE_MODEL
 
         raise InvalidArgument(NEEDS_JUDGE_MODEL)
     say = fields.progress_sink(progress)
-    mref = resolve(model)
     _ = mref.info  # validate before llama.cpp sees the file
     sha = model_sha256(mref)
     session = c.session or f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -87,6 +87,7 @@ class FitResult:
     quality: dict = field(default_factory=dict)  # --quality: what was measured, and the reference's figure
 
 
+@fields.keywords("ondevice.fit()")
 def fit(model: str | os.PathLike[str] | None = None, budget: str | Budget | None = None, *,
         ref: str | os.PathLike[str] | None = None, name: str | None = None,
         types: tuple[str, ...] | list[str] = CANDIDATES, bands: int = 1,

@@ -6,6 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from .. import fields
 from ..errors import InvalidArgument, OndeviceError
 from ..stop_signals import StopOnSignals
 from ..store.record import created_now
@@ -25,6 +26,7 @@ from .quantize import (
 _UNQUANTIZED_TARGETS = {"F32", "F16", "BF16"}
 
 
+@fields.keywords("ondevice.quantize()")
 def quantize(model: str | os.PathLike[str] | None, type: str | int, name: str | None = None,
              overrides: list[str] | dict[str, str] | None = None, *, allow_requantize: bool = False,
              threads: int | None = None, force: bool = False, timeout: float | None = None,

@@ -275,7 +275,7 @@ def test_the_live_log_comes_in_time_order_while_the_model_fills_another_node():
 MCP_TOOLS = '''
 from ondevice.agent import tool
 
-@tool
+@tool(read_only=True)
 def word_count(text: str) -> dict:
     """Count the words in a text."""
     return {"words": len(text.split())}
@@ -318,6 +318,7 @@ def test_mcp_round_trip_through_a_real_stdio_server(tmp_path):
         assert set(tools) == {"word_count", "shutdown"}
         assert tools["word_count"].parameters["required"] == ["text"] and tools["word_count"].source.startswith("mcp:")
         assert tools["shutdown"].sensitive and not tools["word_count"].sensitive  # from the server's annotations
+        assert tools["word_count"].read_only and not tools["shutdown"].read_only  # readOnlyHint, both ways
         box = Toolbox(tools.values())
         r = box.call("word_count", {"text": "one two three"})
         assert r.ok and r.value == {"words": 3}

@@ -90,3 +90,5 @@ def test_the_help_names_the_builtin_tools(cli):
     text = " ".join(r.stdout.split())  # argparse wraps the lines
     names = [t.name for t in builtin_toolbox()]
     assert r.returncode == 0 and f"also offer ondevice's own tools ({', '.join(names)})" in text, r.stdout
+    # the two that only read say so to MCP clients (--serve-mcp --builtin), which may then run them unasked
+    assert {t.name for t in builtin_toolbox() if t.read_only} == {"list_models", "device_info"}

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .tools import Tool, Toolbox
+from .tools import Tool, Toolbox, tool
 
 
 def list_models() -> list[dict]:
@@ -56,7 +56,8 @@ def generate(prompt: str, model: str | None = None, max_tokens: int = 128) -> di
 
 
 def builtin_toolbox() -> Toolbox:
-    return Toolbox([list_models, device_info, generate])
+    # the two that only read are said so (an MCP client may run them without asking); generate loads a model
+    return Toolbox([tool(list_models, read_only=True), tool(device_info, read_only=True), generate])
 
 
 def _user_line(e: BaseException) -> str:

@@ -303,8 +303,8 @@ class MCPClient:
         out, taken = [], set(taken)
         for t in self._listed:
             ann = t.annotations
+            read_only = bool(ann and ann.read_only_hint)
             if sensitive is None:  # the MCP spec's defaults: readOnlyHint false, destructiveHint true
-                read_only = bool(ann and ann.read_only_hint)
                 flag = not read_only and (ann is None or ann.destructive_hint is None or bool(ann.destructive_hint))
             elif isinstance(sensitive, bool):
                 flag = sensitive
@@ -315,7 +315,7 @@ class MCPClient:
             alias = tool_alias(t.name, taken)  # MCP allows names OpenAI's function calling does not
             try:
                 tool_ = Tool(name=alias, description=t.description or "", parameters=schema,
-                             fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag,
+                             fn=lambda _n=t.name, **kw: self.call(_n, kw), sensitive=flag, read_only=read_only,
                              output_schema=t.output_schema, source=f"mcp:{self.name}")
                 bad = schema_problem(tool_)
             except InvalidArgument as e:  # a root that is not an object
@@ -364,7 +364,7 @@ def serve_stdio(toolbox: Toolbox, *, name: str = "ondevice", confirm: Confirm | 
         return types.ListToolsResult(tools=[
             types.Tool(name=t.name, description=t.description, input_schema=t.parameters, output_schema=_output(t),
                        # said for every tool: a client takes one without annotations as destructive (the spec)
-                       annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=False))
+                       annotations=types.ToolAnnotations(destructive_hint=t.sensitive, read_only_hint=t.read_only))
             for t in toolbox])
 
     async def call_tool(ctx, params) -> Any:

@@ -96,6 +96,7 @@ class Tool:
     sensitive: bool = False
     output_schema: dict | None = None  # the JSON schema of what it returns (typed outputs feed later steps)
     source: str = "python"  # python | mcp:<server>
+    read_only: bool = False  # changes nothing outside (MCP's readOnlyHint: a client may run it without asking)
     args_model: Any = field(default=None, repr=False)  # pydantic model of the parameters (Python tools)
     returns: Any = field(default=None, repr=False)  # pydantic TypeAdapter of the return type
 
@@ -107,9 +108,10 @@ class Tool:
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], *, name: str | None = None, description: str | None = None,
-                      sensitive: bool = False) -> Tool:
+                      sensitive: bool = False, read_only: bool = False) -> Tool:
         """A tool from a typed function: parameters from its signature and hints, descriptions from its
-        docstring, output schema from its return annotation."""
+        docstring, output schema from its return annotation. ``read_only``: it changes nothing outside itself
+        (said to MCP clients as ``readOnlyHint``)."""
         pd = _pydantic()
         if not callable(fn):
             raise InvalidArgument(f"{fn!r} is not callable; register a function")
@@ -156,7 +158,7 @@ class Tool:
             except Exception:  # a return type without a JSON schema: results are still JSON-encoded
                 out_schema = None
         return cls(name=name, description=description or summary, parameters=params, fn=fn, sensitive=sensitive,
-                   output_schema=out_schema, args_model=model, returns=returns)
+                   read_only=read_only, output_schema=out_schema, args_model=model, returns=returns)
 
     def spec(self) -> dict:
         """The OpenAI function object (``name``, ``description``, ``parameters``)."""
@@ -266,11 +268,12 @@ def result_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
-def tool(fn: Callable | None = None, *, name: str | None = None, sensitive: bool = False):
-    """Decorator: ``@tool`` or ``@tool(sensitive=True)`` turns a typed function into a :class:`Tool`."""
+def tool(fn: Callable | None = None, *, name: str | None = None, sensitive: bool = False, read_only: bool = False):
+    """Decorator: ``@tool``, ``@tool(sensitive=True)`` or ``@tool(read_only=True)`` turns a typed function into a
+    :class:`Tool`."""
     if fn is None:
-        return lambda f: Tool.from_function(f, name=name, sensitive=sensitive)
-    return Tool.from_function(fn, name=name, sensitive=sensitive)
+        return lambda f: Tool.from_function(f, name=name, sensitive=sensitive, read_only=read_only)
+    return Tool.from_function(fn, name=name, sensitive=sensitive, read_only=read_only)
 
 
 class Toolbox:
@@ -293,10 +296,12 @@ class Toolbox:
         self.tools[tool_.name] = tool_
         return tool_
 
-    def tool(self, fn: Callable | None = None, *, name: str | None = None, sensitive: bool = False):
-        """Decorator registering a function: ``@box.tool`` or ``@box.tool(sensitive=True)``."""
+    def tool(self, fn: Callable | None = None, *, name: str | None = None, sensitive: bool = False,
+             read_only: bool = False):
+        """Decorator registering a function: ``@box.tool``, ``@box.tool(sensitive=True)`` or
+        ``@box.tool(read_only=True)``."""
         def register(f: Callable) -> Callable:
-            self.add(Tool.from_function(f, name=name, sensitive=sensitive))
+            self.add(Tool.from_function(f, name=name, sensitive=sensitive, read_only=read_only))
             return f
         return register(fn) if fn is not None else register
 

@@ -53,7 +53,8 @@ def test_report_eval_and_retention_with_nothing_stored_each_end_their_line(cli, 
         pass
     r = cli("report", "--db", str(tmp_path / "home" / "empty.sqlite"), "--eval")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "no eval records stored yet; run `ondevice eval`\n"
+    # an empty store is a state: exit 0, the sentence on stderr (stdout: the records, none)
+    assert (r.stdout, r.stderr) == ("", "ondevice report: no eval records stored yet; run `ondevice eval`\n")
 
 
 def test_a_run_past_a_compute_roof_says_what_the_roof_is_and_not_to_reprobe():

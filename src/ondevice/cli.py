@@ -43,7 +43,7 @@ EXAMPLES = """examples:
   ondevice eval --ppl                              perplexity of the default model
   ondevice serve --port 8080                       OpenAI-compatible server on 127.0.0.1
 
-`ondevice VERB --help` shows a verb's flags."""
+`ondevice VERB --help` (or `ondevice help VERB`) shows a verb's flags."""
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -275,10 +275,20 @@ OTHER_TOOLS = {"list": "models", "ls": "models", "show": "models", "ps": "models
 def _main(argv: list[str] | None) -> int:
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb == "help" and argv[0] == "help":  # `ollama help run`: the verb's --help (its action's: protect encrypt)
+        words = argv[1:]
+        while words[:1] == ["help"]:
+            words = words[1:]
+        if not words or words[0].startswith("-"):
+            build_parser().print_help()
+            return 0
+        argv = [*words, "--help"]
+        verb = words[0]
     if verb is not None and verb not in VERBS:
         import difflib
 
-        close = [OTHER_TOOLS[verb]] if verb in OTHER_TOOLS else difflib.get_close_matches(verb, VERBS, n=1, cutoff=0.6)
+        close = [OTHER_TOOLS[verb]] if verb in OTHER_TOOLS else difflib.get_close_matches(verb, [*VERBS, "help"], n=1,
+                                                                                          cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
         print(f"ondevice: error: unknown verb '{verb}'; {hint}verbs: {', '.join(VERBS)} "
               f"(`ondevice --help` shows examples)", file=sys.stderr)

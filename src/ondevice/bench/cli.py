@@ -122,22 +122,27 @@ def tests_from_args(args: argparse.Namespace) -> list[str] | None:
 
 def check_outputs(args: argparse.Namespace, config: BenchConfig) -> None:
     """Refuse, before anything is measured, output flags that contradict each other or a --html path that
-    cannot be written (else the sweep runs to its end and the report is lost)."""
+    cannot be written or holds a file that is no ondevice report (else the sweep runs to its end and the report is
+    lost, or the user's file with it)."""
     no_store, no_report = "--no-store keeps no records", "--no-report writes no report"
     for asked, off, why in ((config.resume and args.no_store, no_store, "--resume continues a stored session"),
                             (args.db and args.no_store, no_store, "--db names the store to write"),
                             (args.html_path and args.no_report, no_report, "--html names the report file")):
         if asked:
             raise InvalidArgument(f"{why} and {off}; drop one of them")
-    if args.html_path:
-        from ..models.store import check_writable
+    if args.no_report:
+        return
+    from ..report.write import check_report_path, default_report_path
 
-        check_writable(args.html_path, "give another --html")
+    if args.html_path:  # a file there that is no ondevice report is kept: refused now, not after the sweep
+        check_report_path(args.html_path, "--html", "bench")
+    elif config.session:  # the default path is known before the sweep when the session is
+        check_report_path(default_report_path([config.session]), None, "bench")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..report.formats import export
-    from ..report.write import write_html
+    from ..report.write import write_report
     from ..store import Store
     from .api import bench
 
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         msg_out = sys.stdout if args.output == "md" else sys.stderr
         if records and not args.no_report:
-            path = write_html(records, st, args.html_path, [records.session])
+            path = write_report(records, st, args.html_path, [records.session], "bench")
             print(f"\nreport: {path}", file=msg_out)
         if st is not None:
             print(f"session: {records.session}", file=msg_out)
@@ -176,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     for r in errors:
         print(f"ondevice bench: {r.model} {r.test}: {r.error}", file=sys.stderr)
     if records.interrupted:
-        how = "interrupted" if records.exit_code == 130 else f"stopped by {signal.Signals(records.exit_code - 128).name}"
+        how = ("interrupted" if records.exit_code == 130 else
+               f"stopped by {signal.Signals(records.exit_code - 128).name}")
         kept = "the records above were kept" if len(records) else "no test had finished"
         print(f"ondevice bench: {how}; {kept}" + (f" (continue with --resume --session {records.session})"
                                                   if st is not None else ""), file=sys.stderr)

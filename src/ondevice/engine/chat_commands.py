@@ -221,9 +221,34 @@ def _save(path: str, s: Session, model) -> str:
              "messages": [m for m in s.history if m["role"] != "system"]}
     from ..models.store import atomic_write
 
+    earlier = _saved_before(path)
+    if earlier is False:
+        return (f"/save {path}: that file is there already and is not a conversation /save wrote; /save does not "
+                f"replace it: give another file name, or move that one away first")
     try:  # a temp file, then renamed: an earlier save of the same name is never left half-written
         with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump(state, f, ensure_ascii=False, indent=1)
     except OSError as e:
         return f"/save: {e}" if e.strerror is None else f"/save {path}: {e.strerror}; give a path you can write"
+    if earlier:
+        return f"(conversation saved to {path}, replacing the one saved there before; /load {path} resumes it)"
     return f"(conversation saved to {path}; /load {path} resumes it)"
+
+
+SAVED_KEYS = {"model", "system", "parameters", "messages"}  # what /save writes and /load FILE reads
+
+
+def _saved_before(path: str) -> bool | None:
+    """What ``path`` holds: None nothing (or no regular file: a folder, /dev/stdout, which the write names or writes
+    through), True a conversation /save wrote (replaced), False anything else (kept: /save refuses it)."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and set(state) == SAVED_KEYS and isinstance(state["messages"], list)

@@ -116,12 +116,17 @@ EVAL_REFUSED: dict[tuple[str, ...], str] = {
 
 def settle_optional(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``argv`` with each ignored optional-value flag whose next word is not one of its values given as
-    ``FLAG=`` (no value), so that argparse does not take the prompt or a positional as the flag's value."""
+    ``FLAG=`` (no value), so that argparse does not take the prompt or a positional as the flag's value. A verb
+    that takes no positional (eval) keeps the word as the value, so that a bad one (``-fa maybe``) is said as one,
+    not as a stray word."""
     out = list(argv)
+    positional = any(not a.option_strings for a in parser._actions)
     for i, word in enumerate(out[:-1]):
         names = next((n for n in OPTIONAL_VALUES if word in n), None)
         action = parser._option_string_actions.get(word) if names else None  # argparse's own map
-        if isinstance(action, _Ignored) and out[i + 1].lower() not in OPTIONAL_VALUES[names]:
+        after = out[i + 1]
+        if isinstance(action, _Ignored) and after.lower() not in OPTIONAL_VALUES[names] and \
+                (positional or after.startswith("-")):
             out[i] = f"{word}="
     return out
 
@@ -132,6 +137,17 @@ class _Ignored(argparse.Action):
         super().__init__(*a, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        names = next((n for n in OPTIONAL_VALUES if option_string in n), None)
+        if names and isinstance(values, str) and values and values.lower() not in OPTIONAL_VALUES[names]:
+            flag = "/".join(self.option_strings)  # ignored, but a bad value is still said as one, as run says it
+            if "-fa" in names:
+                from .args import on_off_auto
+
+                try:
+                    on_off_auto(values)
+                except argparse.ArgumentTypeError as e:
+                    parser.error(f"argument {flag}: {e}")
+            parser.error(f"argument {flag}: invalid value {values!r}: give {', '.join(sorted(OPTIONAL_VALUES[names]))}")
         shown = f"{option_string} {values}" if isinstance(values, str) and values else option_string
         print(f"{parser.prog}: note: {shown} is ignored: {self.why}", file=sys.stderr)
 

@@ -84,19 +84,24 @@ def run_report(store, args) -> int:
 
     from ..errors import InvalidArgument
     from ..models.store import atomic_write, home
+    from .write import check_report_path
 
     recs = latest(store.records("eval"))
-    if not recs:
+    if not recs:  # (the CLI says so first, as every report view says an empty store)
         raise InvalidArgument("no cascade records stored yet; run `ondevice eval --cascade URL --suite rewrite`")
-    sys.stdout.write(markdown(recs))
-    out = home() / "reports" / "cascade.html" if not args.html_path else args.html_path
     from pathlib import Path
 
-    out = Path(out)
-    from .html import CSS
+    out = Path(home() / "reports" / "cascade.html" if not args.html_path else args.html_path)
+    # a file there that is no ondevice page is kept (refused before the table); an earlier cascade page is replaced
+    earlier = check_report_path(out, "--html" if args.html_path else None, "report")
+    sys.stdout.write(markdown(recs))
+    from .html import CSS, GENERATOR
 
     with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
-        f.write(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ondevice cascade</title>"
-                f"<style>{CSS}</style></head><body><h1>ondevice cascade report</h1>{html(recs)}</body></html>\n")
+        f.write(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{GENERATOR}<title>ondevice cascade"
+                f"</title><style>{CSS}</style></head><body><h1>ondevice cascade report</h1>{html(recs)}"
+                f"</body></html>\n")
+    if earlier:
+        print(f"ondevice report: note: {out} held an earlier ondevice report; the new one replaced it", file=sys.stderr)
     print(f"\nreport: {out}")
     return 0

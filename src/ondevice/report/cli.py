@@ -60,62 +60,81 @@ def _check_flags(args: argparse.Namespace) -> None:
                               "nothing to write: drop one of them")
 
 
+def _none(what: str) -> int:
+    """An empty store is a state, not an error: every view says what it lacks on stderr, one line, and exits 0
+    (stdout keeps only the view's records: none, or an export's empty form)."""
+    print(f"ondevice report: {what}", file=sys.stderr)
+    return 0
+
+
+NO_EVALS = "no eval records stored yet; run `ondevice eval`"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..store import Store
     from .compare import compare
     from .formats import export
-    from .write import load_records, write_html
+    from .write import check_report_path, load_records, write_report
 
     _check_flags(args)
-    if args.html_path:
-        from ..models.store import check_writable
-
-        check_writable(args.html_path, "give another --html")  # before the table is printed, not after it
+    if args.html_path:  # before the table is printed, not after it; a file there that is no report is kept
+        check_report_path(args.html_path, "--html", "report")
     with Store(args.db, create=False) as store:  # report only reads: never make an empty store
         if args.list:
             sessions = store.sessions("bench")
             if not sessions:
-                print("no bench sessions stored yet; run `ondevice bench`")
+                return _none("no bench sessions stored yet; run `ondevice bench`")
             for s, created, n in sessions:
                 print(f"{s}  {datetime.fromtimestamp(created):%Y-%m-%d %H:%M:%S}  {n} records")
             return 0
         if args.cascade:
-            from .cascade import run_report
+            from .cascade import latest, run_report
 
+            if not latest(store.records("eval")):
+                return _none("no cascade records stored yet; run `ondevice eval --cascade URL --suite rewrite`")
             return run_report(store, args)
         if args.fit:
             from .fit import fit_markdown
 
             fits = store.records("fit")
-            sys.stdout.write(fit_markdown(fits) if args.output == "html" else
-                             export([{**r, "kind": "fit"} for r in fits], args.output, "fit"))
-            return 0
+            if args.output != "html":  # an export: its empty form when there are none
+                sys.stdout.write(export([{**r, "kind": "fit"} for r in fits], args.output, "fit"))
+            elif fits:
+                sys.stdout.write(fit_markdown(fits))
+            return 0 if fits else _none(fit_markdown([]).rstrip("\n"))
         if args.eval:
             from .evals import eval_markdown
 
             evals = store.records("eval")
-            if args.output in ("html", "md"):
-                # the table ends its own line; the message does not
-                sys.stdout.write(eval_markdown(evals) if evals else "no eval records stored yet; run `ondevice eval`\n")
-            else:
+            if args.output not in ("html", "md"):
                 sys.stdout.write(export([{**r, "kind": "eval"} for r in evals], args.output, "eval"))
-            return 0
+            elif evals:
+                sys.stdout.write(eval_markdown(evals))
+            return 0 if evals else _none(NO_EVALS)
         if args.retention:
             from .quality import retention, retention_markdown
 
             rows = retention(store.records("eval"))
-            print(retention_markdown(rows) if rows else "no suite eval records with a lineage stored yet; run "
-                  "`ondevice eval --suite NAME` on a model and its variants (e.g. benchmarks/smartbench_retention.py)")
+            if not rows:
+                return _none("no suite eval records with a lineage stored yet; run `ondevice eval --suite NAME` on "
+                             "a model and its variants (e.g. benchmarks/smartbench_retention.py)")
+            print(retention_markdown(rows))
             return 0
         if args.compare:
             _, table = compare(store, *args.compare)
             sys.stdout.write(table)
             return 0
+        if args.session is None and not store.sessions("bench"):  # (a --session that matches none: an error)
+            n = len(store.records("eval"))
+            if args.output not in ("html", "md"):  # an export's empty form (md's table: none, as --eval's)
+                sys.stdout.write(export([], args.output))
+            return _none("no bench records stored yet; run `ondevice bench` first"
+                         + (f" (its {n} eval record{'s' if n != 1 else ''}: `ondevice report --eval`)" if n else ""))
         records, sessions = load_records(store, args.session, args.all)
         if args.output != "html":
             sys.stdout.write(export(records, args.output))
             return 0
         sys.stdout.write(export(records, "md"))
-        path = write_html(records, store, args.html_path, sessions)
+        path = write_report(records, store, args.html_path, sessions, "report")
         print(f"\nreport: {path}")
     return 0

@@ -7,12 +7,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 
+from .. import __version__
 from ..bench.record import BenchRecord
 from . import machines, svg
 from .cascade import html as cascade_html
 from .formats import ROOF_NOTE, columns, energy_notes, fp32_compute, noise_note
 from .quality import quality_vs_speed, retention, retention_tables
 
+# what marks a page as ondevice's own: an existing file that has it (or the head of the pages written before it was
+# added: write.is_report) is replaced by a new report; any other file at the path is refused (write.check_report_path)
+GENERATOR_MARK = '<meta name="generator" content="ondevice'
+GENERATOR = f'{GENERATOR_MARK} {__version__}">'
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1600px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
@@ -235,7 +240,7 @@ def build_html(records: Sequence[BenchRecord | dict], eval_records: Sequence[dic
     when = datetime.now(UTC).isoformat(timespec="seconds")
     headline, noisy = summary(bench) if bench else ("No bench records.", False)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{CSS}</style></head>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{escape(title)}</title><style>{CSS}</style></head>
 <body><h1>{escape(title)}</h1>
 <p class="summary{' warn' if noisy else ''}">{headline}</p>
 <p class="note">Generated {when} from {len(bench)} bench records; sessions: {escape(', '.join(sessions) or '-')}</p>

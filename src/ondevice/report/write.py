@@ -53,16 +53,55 @@ def default_report_path(sessions: list[str]) -> Path:
     return home() / "reports" / f"bench-{name}.html"
 
 
+def is_report(path: str | Path) -> bool:
+    """Whether ``path`` is a file holding an HTML page ondevice wrote: the generator mark in its head, or the head
+    that the bench and cascade reports began with before the mark was added."""
+    import re
+
+    from .html import GENERATOR_MARK
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return GENERATOR_MARK.encode() in head or re.match(
+        rb"<!DOCTYPE html>\s*<html lang=['\"]en['\"]><head><meta charset=['\"]utf-8['\"]><title>ondevice "
+        rb"(bench report|cascade)</title>", head) is not None
+
+
+def check_report_path(path: str | Path, flag: str | None = "--html", verb: str = "report") -> bool:
+    """Refuse, before any work, a report path that cannot be written or that holds a file other than an HTML report
+    ondevice wrote (nothing the user had is replaced); True when it holds such a report, which the write replaces.
+    ``flag``: how the caller names the path (``--html``; None: the default path, which --html changes; ``path=``:
+    a Python call), ``verb``: who writes it."""
+    from ..models.store import check_writable
+
+    library = flag == "path="
+    fix = "give another path=" if library else "give another --html"
+    target = check_writable(path, fix)
+    if not target.is_file():
+        return False
+    if is_report(target):
+        return True
+    shown = f"path={str(path)!r}" if library else f"--html {path}" if flag else str(path)
+    raise InvalidArgument(f"{shown} is there already and is not an HTML report ondevice wrote; {verb} does not "
+                          f"replace it: {fix}, or move that one away first")
+
+
 def write_html(records: list[BenchRecord], store=None, path: str | Path | None = None,
-               sessions: list[str] | None = None) -> Path:
+               sessions: list[str] | None = None, *, flag: str | None = "path=", verb: str = "write_html") -> Path:
     """Write the HTML report of ``records`` plus the store's eval records: quality vs speed for the files
-    benched here, and the suite retention tables (which need no bench run)."""
+    benched here, and the suite retention tables (which need no bench run). An existing file at the path is
+    replaced only when it is an HTML report ondevice wrote (:func:`check_report_path`; ``flag``, ``verb``: its
+    wording); anything else there is refused, and kept."""
     from ..models.store import atomic_write
     from .html import build_html
 
     sessions = sessions or sorted({r.session for r in BenchRecord.coerce(records)} - {None, ""})
     evals = store.records("eval") if store is not None else []
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
+    check_report_path(out, flag if path else None, verb)
     page = build_html(records, evals, sessions=sessions)
     try:
         with atomic_write(out, "w", encoding="utf-8") as f:  # makes the folder, or names why it cannot
@@ -73,3 +112,17 @@ def write_html(records: list[BenchRecord], store=None, path: str | Path | None =
         # a full disk fails in write or flush, whose error names no file: name the report's (the old one is kept)
         raise OSError(e.errno, e.strerror, str(out)) from e
     return out
+
+
+def write_report(records: list[BenchRecord], store, path: str | Path | None, sessions: list[str], verb: str) -> Path:
+    """The CLIs' write of the HTML report (``--html PATH``, else the default path), with a note on stderr when it
+    replaced an earlier report there."""
+    import sys
+
+    out = Path(path) if path else default_report_path(sessions or ["unsaved"])
+    earlier = out.is_file() and is_report(out)
+    written = write_html(records, store, out, sessions, flag="--html" if path else None, verb=verb)
+    if earlier:
+        print(f"ondevice {verb}: note: {written} held an earlier ondevice report; the new one replaced it",
+              file=sys.stderr)
+    return written

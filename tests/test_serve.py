@@ -513,12 +513,12 @@ def test_metrics(srv, client):
 def test_presserialised_token_event_equals_the_model_serialisation():
     import json as _json
 
-    from ondevice.serve import schemas as S
+    from ondevice.serve import replies as R
     from ondevice.serve.chunks import sse, text_sse
 
     def make(t):
-        return S.ChatCompletionChunk(id="c1", created=1, model="m",
-                                     choices=[S.ChatChunkChoice(delta=S.ChatDelta(content=t))])
+        return R.ChatCompletionChunk(id="c1", created=1, model="m",
+                                     choices=[R.ChatChunkChoice(delta=R.ChatDelta(content=t))])
 
     fast = text_sse(make)
     for text in ["", "plain", 'quote " and \\ backslash', "new\nline\ttab", "é中文🙂", "\x00\x1f"]:

@@ -49,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.records import Generation, Sampling
 from ..errors import InvalidArgument
-from ..serve import schemas as S
+from ..serve import replies as R
 from .cloud import CloudAnswer, CloudClient, CloudError
 from .confidence import GeometricMean, TokenStats, combiner_warning, find_combiner
 from .core import CascadeResult, finish, headers, keep_sample, request_policy, should_keep
@@ -165,7 +165,7 @@ class ServerCascade:
         for the cloud and the hard-sample store; the device's rendered form is for its template only."""
         return [m.model_dump(exclude_none=True) for m in req.messages]
 
-    async def _usage(self, device: S.Usage, cloud: CloudAnswer | None) -> tuple[S.Usage, dict]:
+    async def _usage(self, device: R.Usage, cloud: CloudAnswer | None) -> tuple[R.Usage, dict]:
         """The reply's ``usage`` (of the answer the client got: the cloud's, when ``cloud`` wrote it) and the
         cascade fields that go with it: the device's own figures and where ``usage`` comes from."""
         extra = {"device_usage": {"prompt_tokens": device.prompt_tokens,
@@ -178,7 +178,7 @@ class ServerCascade:
             c = len(await run_in_threadpool(self.state.tokenize, cloud.text, add_special=False,
                                             parse_special=False))
             p, source = device.prompt_tokens, "device_tokenizer"
-        return S.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
+        return R.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c), extra | {"usage_source": source}
 
     def _cloud_name(self, named: str | None, req) -> str:
         """The top-level ``model`` of a reply the cloud wrote (routers with a fallback name the model that
@@ -261,7 +261,7 @@ class ServerCascade:
         self._note(cloud)
         return cloud
 
-    async def finish(self, req, resp: S.ChatCompletion, gen: list[Generation], messages: list[dict],
+    async def finish(self, req, resp: R.ChatCompletion, gen: list[Generation], messages: list[dict],
                      request=None) -> Response:
         """The device's reply ``resp`` (records ``gen``), possibly replaced by the cloud's answer. A client of
         ``request`` that leaves while the cloud answers ends the cloud's request too (a paid one included)."""
@@ -312,7 +312,7 @@ class ServerCascade:
             resp.choices[0].finish_reason = "error"  # the device's answer did not end
         return await self._reply(req, resp, gen, rp, conf, feats, decision, cloud)
 
-    async def _reply(self, req, resp: S.ChatCompletion, gen: list[Generation], rp, conf: float, feats: dict, decision,
+    async def _reply(self, req, resp: R.ChatCompletion, gen: list[Generation], rp, conf: float, feats: dict, decision,
                cloud: CloudAnswer | CloudError | None) -> JSONResponse:
         """The reply to a request the policy decided (``decision``): the cloud's answer when ``cloud`` is one, else
         the device's ``resp`` (records ``gen``), with the ``cascade`` object and its headers."""
@@ -340,7 +340,7 @@ class ServerCascade:
         from ..serve.chunks import sse, timings_of, usage_of
 
         st = self.state
-        cid, created = S._id("chatcmpl"), int(time.time())
+        cid, created = R.reply_id("chatcmpl"), int(time.time())
         t0 = time.perf_counter()
         events = runner.events(job, request, poll_disconnect=True)
         stats, buffered, last, prefix = TokenStats(messages), [], None, self._prefix(req)
@@ -374,10 +374,10 @@ class ServerCascade:
                 return Response(status_code=499)  # nobody reads it
             self._note(fallback)
 
-        def chunk(delta: S.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None,
+        def chunk(delta: R.ChatDelta, finish=None, usage=None, choices=True, timings=None, cascade=None,
                   model=device_model) -> bytes:
-            ch = [S.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
-            return sse(S.ChatCompletionChunk(id=cid, created=created, model=model, choices=ch, usage=usage,
+            ch = [R.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []
+            return sse(R.ChatCompletionChunk(id=cid, created=created, model=model, choices=ch, usage=usage,
                                               timings=timings, cascade=cascade))
 
         def result_of(device_text: str, device_s: float, cloud=None, cloud_s=None) -> CascadeResult:
@@ -394,17 +394,17 @@ class ServerCascade:
 
             async def relay():
                 try:
-                    yield cloud_chunk(S.ChatDelta(role="assistant", content=""))
-                    yield cloud_chunk(S.ChatDelta(content=first))
+                    yield cloud_chunk(R.ChatDelta(role="assistant", content=""))
+                    yield cloud_chunk(R.ChatDelta(content=first))
                     async for item in cloud_stream:  # text deltas, then the whole answer
                         if isinstance(item, CloudAnswer):
                             answer = item
                         else:
-                            yield cloud_chunk(S.ChatDelta(content=item))
+                            yield cloud_chunk(R.ChatDelta(content=item))
                 except CloudError as e:
                     self.counts["cut"] += 1
                     self._note(e, cut=True)
-                    yield cloud_chunk(S.ChatDelta(), finish="error",
+                    yield cloud_chunk(R.ChatDelta(), finish="error",
                                       cascade=dict(head, fallback=e.kind, error=str(e)))
                     yield b"data: [DONE]\n\n"
                     return
@@ -414,9 +414,9 @@ class ServerCascade:
                 self.counts["cloud"] += 1
                 r = result_of(device_text, device_s, cloud=answer)
                 usage, extra = await self._usage(usage_of(last), answer)
-                yield cloud_chunk(S.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra | named)
+                yield cloud_chunk(R.ChatDelta(), finish=r.finish_reason or "stop", cascade=r.info() | extra | named)
                 if include_usage:
-                    yield cloud_chunk(S.ChatDelta(), usage=usage, choices=False)
+                    yield cloud_chunk(R.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
                 if should_keep(self.policy, rp, r):
                     await run_in_threadpool(keep_sample, None, "serve", st.model_id, self.sha256,
@@ -432,20 +432,20 @@ class ServerCascade:
         async def device():
             text, g_last = list(buffered), last
             try:
-                yield chunk(S.ChatDelta(role="assistant", content=""))
+                yield chunk(R.ChatDelta(role="assistant", content=""))
                 if "".join(buffered):
-                    yield chunk(S.ChatDelta(content="".join(buffered)))
+                    yield chunk(R.ChatDelta(content="".join(buffered)))
                 if not last.finish_reason:
                     async for g in events:
                         g_last = g
                         text.append(g.text)
                         if g.text:
-                            yield chunk(S.ChatDelta(content=g.text))
+                            yield chunk(R.ChatDelta(content=g.text))
                 usage, extra = await self._usage(usage_of(g_last), None)
                 info = dict(info0, device_ms=round(g_last.t * 1e3, 3)) | extra
-                yield chunk(S.ChatDelta(), finish=g_last.finish_reason, timings=timings_of(g_last), cascade=info)
+                yield chunk(R.ChatDelta(), finish=g_last.finish_reason, timings=timings_of(g_last), cascade=info)
                 if include_usage:
-                    yield chunk(S.ChatDelta(), usage=usage, choices=False)
+                    yield chunk(R.ChatDelta(), usage=usage, choices=False)
                 yield b"data: [DONE]\n\n"
             except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
                 from ..serve.http import error_payload

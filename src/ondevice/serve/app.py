@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from ..cascade.serve import NO_CLOUD, only_restricts, server_cascade
 from ..errors import InvalidArgument
 from . import messages, native, ollama, slots
+from . import replies as R
 from . import schemas as S
 from .http import (
     Aliases,
@@ -80,7 +81,7 @@ def create_app(state: ServerState) -> FastAPI:
     # the same routes serve the Anthropic SDK (every call of it sends anthropic-version): its fields are added
     @app.get("/v1/models")
     async def models(request: Request):
-        listing = S.ModelList(data=state.model_cards())
+        listing = R.ModelList(data=state.model_cards())
         if "anthropic-version" in request.headers:
             return messages.model_page(listing.model_dump(mode="json"))
         return listing
@@ -140,10 +141,10 @@ def create_app(state: ServerState) -> FastAPI:
             vec = vec / max(float(np.linalg.norm(vec)), 1e-12)  # unit length, as OpenAI returns
             emb = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
                    else vec.astype(float).tolist())
-            data.append(S.Embedding(index=i, embedding=emb))
+            data.append(R.Embedding(index=i, embedding=emb))
         note(request, tokens=(n_tok, 0))
-        return S.EmbeddingResponse(data=data, model=state.model_id,
-                                   usage=S.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))
+        return R.EmbeddingResponse(data=data, model=state.model_id,
+                                   usage=R.EmbeddingUsage(prompt_tokens=n_tok, total_tokens=n_tok))
 
     ollama.add_routes(app, runner, embeddings)  # Ollama's /api/chat, /api/generate, /api/tags, ... (ollama.py)
     native.add_routes(app, runner, embeddings)  # llama-server's /completion, /props, /lora-adapters, ... (native.py)

@@ -7,22 +7,22 @@ import json
 from collections.abc import Callable
 
 from ..engine.records import Generation
-from . import schemas as S
+from . import replies as R
 
 
-def usage_of(*last: Generation, n: int = 1) -> S.Usage:
+def usage_of(*last: Generation, n: int = 1) -> R.Usage:
     """Usage over the last records of one or more generations; with ``n`` choices per prompt (records in
     prompt-major order) each prompt counts once, as OpenAI counts it."""
     prompt = sum(g.prompt_tokens for g in last[::n])
     completion = sum(g.generation_tokens for g in last)
     cached = sum(g.cached_tokens for g in last[::n])
-    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+    return R.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=R.PromptTokensDetails(cached_tokens=cached))
 
 
-def timings_of(g: Generation) -> S.Timings:
+def timings_of(g: Generation) -> R.Timings:
     decode_s = g.t - g.ttft
-    return S.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
+    return R.Timings(prompt_n=g.prompt_tokens - g.cached_tokens, prompt_ms=g.prompt_time * 1e3,
                      prompt_per_second=g.prompt_tps, predicted_n=g.generation_tokens, predicted_ms=decode_s * 1e3,
                      predicted_per_second=g.generation_tps, cache_n=g.cached_tokens, ttft_ms=g.ttft * 1e3,
                      draft_n=g.draft_tokens or None, draft_n_accepted=g.draft_accepted if g.draft_tokens else None)
@@ -117,19 +117,19 @@ class ShownTokens:
         return [r for g in gen for r in shown.feed(g)]
 
 
-def chat_logprobs(state, g: Generation) -> S.TokenLogprob:
+def chat_logprobs(state, g: Generation) -> R.TokenLogprob:
     """OpenAI's chat logprobs of one token: ``bytes`` are the token's own (joined they rebuild the text)."""
     pieces, raw = state.pieces, state.special_bytes
-    return S.TokenLogprob(token=pieces[g.token], logprob=g.logprob, bytes=list(raw[g.token]),
-                          top_logprobs=[S.TopLogprob(token=pieces[t], logprob=v, bytes=list(raw[t]))
+    return R.TokenLogprob(token=pieces[g.token], logprob=g.logprob, bytes=list(raw[g.token]),
+                          top_logprobs=[R.TopLogprob(token=pieces[t], logprob=v, bytes=list(raw[t]))
                                         for t, v in g.top_logprobs or ()])
 
 
-def completion_logprobs(state, entries: list, offset: TextOffset) -> S.CompletionLogprobs:
+def completion_logprobs(state, entries: list, offset: TextOffset) -> R.CompletionLogprobs:
     """Legacy completions logprobs: entries are (token, logprob | None, top [(token, lp)] | None); ``offset``
     (advanced past them) says where the text stands."""
     pieces = state.pieces
-    out = S.CompletionLogprobs()
+    out = R.CompletionLogprobs()
     for tok, lp, top in entries:
         out.tokens.append(pieces[tok])
         out.token_logprobs.append(lp)

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine.grammar import schema_grammar
 from ..engine.records import Generation
 from ..errors import InvalidArgument
+from . import replies as R
 from . import schemas as S
 from . import slots
 from .chunks import PING, SSE_PING, sse, timings_of
@@ -348,7 +349,7 @@ def add_routes(app, runner, embeddings) -> None:
         @app.post(path)
         async def native_embedding(request: Request, body: Annotated[dict[str, Any], Body()]):
             out = await embeddings(_embedding_request(body), request)
-            if not isinstance(out, S.EmbeddingResponse):
+            if not isinstance(out, R.EmbeddingResponse):
                 return out
             return [{"index": d.index, "embedding": [d.embedding]} for d in out.data]
 

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cascade.serve import NO_CLOUD, NOT_APPLICABLE_HEADERS, device_only, not_applicable_info, only_restricts
 from ..errors import InvalidArgument
+from . import replies as R
 from . import schemas as S
 from . import structured
 from .fim import fim_prompt
@@ -304,13 +305,13 @@ class _Raw:
 
     async def chat(self, req, request):
         r = await self.runner.completions(req, request)
-        if not isinstance(r, S.Completion):
+        if not isinstance(r, R.Completion):
             return r
         c = r.choices[0]
         lps = _logprobs({"logprobs": c.logprobs.model_dump()}) if c.logprobs else None
-        return S.ChatCompletion(model=r.model, usage=r.usage, timings=r.timings, choices=[S.ChatChoice(
-            message=S.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-            logprobs=S.ChoiceLogprobs(content=lps) if lps else None)])
+        return R.ChatCompletion(model=r.model, usage=r.usage, timings=r.timings, choices=[R.ChatChoice(
+            message=R.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+            logprobs=R.ChoiceLogprobs(content=lps) if lps else None)])
 
 
 def _as_sent(e: InvalidArgument) -> InvalidArgument:
@@ -486,7 +487,7 @@ def add_routes(app, runner, embeddings) -> None:
             name, vectors, n = _served(state, body)[0], [], 0
         else:
             name, out = await embed(body, request, "input")
-            if not isinstance(out, S.EmbeddingResponse):  # the client went away
+            if not isinstance(out, R.EmbeddingResponse):  # the client went away
                 return out
             vectors, n = [d.embedding for d in out.data], out.usage.prompt_tokens
         return {"model": name, "embeddings": vectors, "load_duration": 0,
@@ -498,7 +499,7 @@ def add_routes(app, runner, embeddings) -> None:
             _served(state, body)
             return {"embedding": []}
         out = (await embed(body, request, "prompt"))[1]
-        return {"embedding": out.data[0].embedding} if isinstance(out, S.EmbeddingResponse) else out
+        return {"embedding": out.data[0].embedding} if isinstance(out, R.EmbeddingResponse) else out
 
 
 # http.ErrorShape's settings for /api/*: Ollama's {"error": "..."}, and a full queue (429) as its 503 "server busy"

@@ -438,10 +438,10 @@ async def over_chat(runner, req, request, reply, relay):
     answer, ``relay(the chat stream's chunks)`` for a stream (headers and background tasks kept)."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from . import schemas as S
+    from . import replies as R
 
     result = await runner.chat(req, request)
-    if isinstance(result, S.ChatCompletion):
+    if isinstance(result, R.ChatCompletion):
         return reply(result.model_dump(mode="json", exclude_none=True))
     headers = {k: v for k, v in result.headers.items() if k not in ("content-length", "content-type")}
     if isinstance(result, StreamingResponse):

@@ -18,6 +18,7 @@ from ..cascade.serve import NOT_APPLICABLE_HEADERS, not_applicable_info
 from ..engine.records import Generation, Sampling
 from ..engine.stops import with_prompt_stops
 from ..errors import InvalidArgument
+from . import replies as R
 from . import schemas as S
 from . import structured
 from .batcher import Job, JobTimeout, QueueTimeout
@@ -219,7 +220,7 @@ class Runner:
         return resp
 
     def _completion(self, req: S.ChatCompletionRequest, plan: structured.Plan, results: list, request: Request
-                    ) -> S.ChatCompletion:
+                    ) -> R.ChatCompletion:
         """The chat completion of the jobs' ``results`` (each choice's (echo logprobs, records))."""
         st = self.state
         choices = []
@@ -233,15 +234,15 @@ class Runner:
             elif plan.tools:  # a reply that started a call and was cut short: the calls so far, as streamed
                 content, calls, cut = structured.cut_reply(text, plan)
                 finish = _cut_finish(finish) if cut else finish
-            msg = S.AssistantMessage(content=content, tool_calls=calls)
+            msg = R.AssistantMessage(content=content, tool_calls=calls)
             lps = ([chat_logprobs(self.state, g) for g in ShownTokens.of(gen, st.engine.eos_tokens)]
                    if req.logprobs else None)
-            choices.append(S.ChatChoice(index=i, message=msg, finish_reason=finish, stop_reason=gen[-1].stop,
-                                        logprobs=S.ChoiceLogprobs(content=lps) if req.logprobs else None))
+            choices.append(R.ChatChoice(index=i, message=msg, finish_reason=finish, stop_reason=gen[-1].stop,
+                                        logprobs=R.ChoiceLogprobs(content=lps) if req.logprobs else None))
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
-        return S.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
+        return R.ChatCompletion(model=st.answered_by(req.model), choices=choices, usage=usage,
                                 timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
 
     def _check_room(self, n_jobs: int) -> None:
@@ -280,19 +281,19 @@ class Runner:
         ``not_applicable``: a cascade server's request the cascade does not apply to: each choice's last chunk
         says the device answered, as the whole reply's ``cascade`` object does."""
         st = self.state
-        cid, created = S._id("chatcmpl"), int(time.time())
+        cid, created = R.reply_id("chatcmpl"), int(time.time())
         told = not_applicable_info(st.answered_by(req.model)) if not_applicable else None
 
-        def chunk(i: int, delta: S.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None,
+        def chunk(i: int, delta: R.ChatDelta, finish=None, logprobs=None, usage=None, choices=True, timings=None,
                   stop=None):
-            ch = ([S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
+            ch = ([R.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, stop_reason=stop)]
                   if choices else [])
-            return sse(S.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch,
+            return sse(R.ChatCompletionChunk(id=cid, created=created, model=st.answered_by(req.model), choices=ch,
                                              usage=usage, timings=timings, cascade=told if finish else None))
 
-        text_chunk = [text_sse(lambda t, i=i: S.ChatCompletionChunk(
+        text_chunk = [text_sse(lambda t, i=i: R.ChatCompletionChunk(
             id=cid, created=created, model=st.answered_by(req.model),
-            choices=[S.ChatChunkChoice(index=i, delta=S.ChatDelta(content=t))])) for i in range(len(jobs))]
+            choices=[R.ChatChunkChoice(index=i, delta=R.ChatDelta(content=t))])) for i in range(len(jobs))]
         calls = [structured.ToolStream(plan) for _ in jobs]  # a reply that may be tool calls is held until read
         fences = [structured.FormatStream() if plan.fenced else None for _ in jobs]  # a response_format's ```json
         shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
@@ -300,8 +301,8 @@ class Runner:
         made, ended = 0, False
         try:
             for i in range(len(jobs)):  # content null while the reply may be calls (OpenAI's, llama-server's)
-                yield null_content(chunk(i, S.ChatDelta(role="assistant"))) if plan.tools else \
-                    chunk(i, S.ChatDelta(role="assistant", content=""))
+                yield null_content(chunk(i, R.ChatDelta(role="assistant"))) if plan.tools else \
+                    chunk(i, R.ChatDelta(role="assistant", content=""))
             async for i, g in self.indexed(jobs, request, self.ping_interval(req)):
                 if g is PING:
                     yield SSE_PING
@@ -311,12 +312,12 @@ class Runner:
                 if fences[i] is not None:
                     text = fences[i].feed(text)
                 for d in deltas:
-                    yield chunk(i, S.ChatDelta(tool_calls=[d]))
+                    yield chunk(i, R.ChatDelta(tool_calls=[d]))
                 lps = shown[i].feed(g)
                 if text is not None:
                     if lps:
-                        yield chunk(i, S.ChatDelta(content=text),
-                                    logprobs=S.ChoiceLogprobs(content=[chat_logprobs(st, r) for r in lps]))
+                        yield chunk(i, R.ChatDelta(content=text),
+                                    logprobs=R.ChoiceLogprobs(content=[chat_logprobs(st, r) for r in lps]))
                     elif text:
                         yield text_chunk[i](text)
                 if g.finish_reason:
@@ -324,20 +325,20 @@ class Runner:
                     finish = g.finish_reason
                     were_calls, text = calls[i].finish()
                     for d in calls[i].rest():
-                        yield chunk(i, S.ChatDelta(tool_calls=[d]))
+                        yield chunk(i, R.ChatDelta(tool_calls=[d]))
                     if were_calls:
                         finish = "tool_calls"
                     else:
                         if text:
-                            yield chunk(i, S.ChatDelta(content=text))
+                            yield chunk(i, R.ChatDelta(content=text))
                         if calls[i].cut:
                             finish = _cut_finish(finish)
-                    yield chunk(i, S.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
+                    yield chunk(i, R.ChatDelta(), finish=finish, timings=timings_of(g), stop=g.stop)
             usage = usage_of(*lasts, n=req.n)
             note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
             ended = True
             if include_usage:
-                yield chunk(0, S.ChatDelta(), usage=usage, choices=False)
+                yield chunk(0, R.ChatDelta(), usage=usage, choices=False)
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 — headers are sent: the error travels as an SSE event
             ended = True
@@ -393,12 +394,12 @@ class Runner:
                 # a prompt sent as text is echoed as sent, control tokens' text and all: the offsets count it
                 logprobs = completion_logprobs(self.state, entries,
                                                TextOffset(base, source if req.echo and isinstance(x, str) else None))
-            choices.append(S.CompletionChoice(index=i, text=text, logprobs=logprobs,
+            choices.append(R.CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=gen[-1].finish_reason))
         lasts = [gen[-1] for _, gen in results]
         usage = usage_of(*lasts, n=req.n)
         note(request, tokens=(usage.prompt_tokens, usage.completion_tokens))
-        return S.Completion(model=st.answered_by(req.model), choices=choices, usage=usage,
+        return R.Completion(model=st.answered_by(req.model), choices=choices, usage=usage,
                             timings=timings_of(lasts[0]) if len(lasts) == 1 else None)
 
     async def _collect(self, job: Job, request: Request) -> tuple[list, list[Generation]] | None:
@@ -415,7 +416,7 @@ class Runner:
         """SSE chunks of every choice (``index``: prompt-major, as OpenAI numbers them; ``prompts``: each job's),
         then the usage of all when asked for."""
         st = self.state
-        cid, created = S._id("cmpl"), int(time.time())
+        cid, created = R.reply_id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sources = [x if isinstance(x, str) else st.detokenize(job.tokens) for job, x in zip(jobs, prompts)]
         # logprobs text offsets, per choice; a text prompt is echoed as sent, control tokens' text and all
@@ -424,12 +425,12 @@ class Runner:
         shown = [ShownTokens(st.engine.eos_tokens) for _ in jobs]
 
         def chunk(i: int, text: str, lp=None, finish=None, usage=None, choices=True, timings=None):
-            ch = [S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
-            return sse(S.Completion(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
+            ch = [R.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)] if choices else []
+            return sse(R.Completion(id=cid, created=created, model=st.answered_by(req.model), choices=ch, usage=usage,
                                      timings=timings))
 
-        text_chunk = [text_sse(lambda t, i=i: S.Completion(id=cid, created=created, model=st.answered_by(req.model),
-                                                            choices=[S.CompletionChoice(index=i, text=t)]))
+        text_chunk = [text_sse(lambda t, i=i: R.Completion(id=cid, created=created, model=st.answered_by(req.model),
+                                                            choices=[R.CompletionChoice(index=i, text=t)]))
                       for i in range(len(jobs))]
         lasts: list[Generation | None] = [None] * len(jobs)
         made, ended = 0, False

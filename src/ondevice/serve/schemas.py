@@ -1,4 +1,5 @@
-"""OpenAI wire types (the subset this server speaks) plus llama-server's /tokenize and /detokenize shapes.
+"""OpenAI wire types of requests (the subset this server speaks) plus llama-server's /tokenize and
+/detokenize shapes; the replies are in :mod:`.replies`.
 
 Requests ignore unknown fields (clients send many); values outside their range are a 400 naming the field.
 Bounds that OpenAI's API does not state keep one request from costing the server more than its body is worth
@@ -8,14 +9,13 @@ Bounds that OpenAI's API does not state keep one request from costing the server
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..engine.chat import check_has_content
 from ..errors import InvalidArgument
+from .replies import ToolCall
 
 # levels of JSON nesting a request field (or a tool call's arguments) may have: schemas and tool arguments are
 # walked recursively (grammar conversion, chat templates), and Python's recursion ends near 1,000 frames
@@ -68,33 +68,6 @@ class _Body(_Req):
         if isinstance(v, (dict, list)) and (depth := json_depth(v)) > MAX_DEPTH:
             raise _too_deep(info.field_name, depth)
         return v
-
-
-class _Resp(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-
-class _Choice(_Resp):
-    """A choice says ``finish_reason: null`` until it finishes (every streamed chunk but the last), as OpenAI's and
-    llama-server's do, though responses are written without their other unset fields."""
-
-    @model_serializer(mode="wrap")
-    def _keep_finish(self, handler):
-        out = handler(self)
-        out.setdefault("finish_reason", None)
-        return out
-
-
-# -- errors -------------------------------------------------------------------------------------------
-class ErrorBody(_Resp):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(_Resp):
-    error: ErrorBody
 
 
 # -- shared request parts -------------------------------------------------------------------------------
@@ -204,15 +177,6 @@ class _Sampling(_Body):
 
 
 # -- chat ---------------------------------------------------------------------------------------------
-class FunctionCall(_Resp):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-class ToolCall(_Resp):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class ContentPart(_Req):
@@ -350,113 +314,6 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
-class TopLogprob(_Resp):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(_Resp):
-    content: list[TokenLogprob] | None = None
-
-
-class AssistantMessage(_Resp):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(_Resp):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | None = None  # vLLM's extension: the stop string that ended the reply (Anthropic's stop_sequence)
-
-
-class PromptTokensDetails(_Resp):
-    cached_tokens: int = 0
-
-
-class Usage(_Resp):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class Timings(_Resp):
-    """llama-server's ``timings`` object (an extension to the OpenAI wire format), from the last record."""
-
-    prompt_n: int  # prompt tokens computed (cache_n more were reused)
-    prompt_ms: float
-    prompt_per_second: float
-    predicted_n: int
-    predicted_ms: float
-    predicted_per_second: float
-    cache_n: int
-    ttft_ms: float  # from the request's arrival, queueing included
-    draft_n: int | None = None  # speculative decoding: tokens drafted (llama-server's names)
-    draft_n_accepted: int | None = None  # ... and accepted
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-class ChatCompletion(_Resp):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-    timings: Timings | None = None
-    cascade: dict[str, Any] | None = None  # with --cascade: tier, confidence, per-tier latency, reason
-
-
-class FunctionCallDelta(_Resp):
-    name: str | None = None  # in a call's first delta only, as OpenAI streams it
-    arguments: str | None = None  # "" first, then the JSON text in pieces
-
-
-class ToolCallDelta(_Resp):
-    index: int = 0
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCallDelta | None = None
-
-
-class ChatDelta(_Resp):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChatChunkChoice(_Choice):
-    index: int = 0
-    delta: ChatDelta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | None = None  # as ChatChoice's, on the chunk that finishes
-
-
-class ChatCompletionChunk(_Resp):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    timings: Timings | None = None
-    cascade: dict[str, Any] | None = None  # on the last chunk, with --cascade
-
-
 # -- completions -----------------------------------------------------------------------------------------
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
@@ -498,31 +355,6 @@ class OllamaCompletionRequest(CompletionRequest):  # /api/generate's raw prompt 
     temperature: float | None = Field(None, ge=0)  # finite: _Sampling's allow_inf_nan=False
 
 
-class CompletionLogprobs(_Resp):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Choice):
-    index: int = 0
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class Completion(_Resp):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-    timings: Timings | None = None  # only for a single prompt
-
-
 # -- embeddings, models, tokenize ------------------------------------------------------------------------
 class EmbeddingRequest(_Body):
     model: str | None = None
@@ -530,37 +362,6 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-
-
-class Embedding(_Resp):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingUsage(_Resp):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(_Resp):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-    usage: EmbeddingUsage
-
-
-class ModelCard(_Resp):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "ondevice"
-    meta: dict[str, Any] | None = None
-
-
-class ModelList(_Resp):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 class TokenizeRequest(_Body):

@@ -319,7 +319,7 @@ class ServerState:
 
     def model_cards(self) -> list:
         """/v1/models: the model, then the model with each adapter (``BASE+NAME``)."""
-        from .schemas import ModelCard
+        from .replies import ModelCard
 
         eng = self.engine
         meta = {"path": str(self.path), "n_vocab": eng.n_vocab, "n_ctx_train": eng.n_ctx_train,

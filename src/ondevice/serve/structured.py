@@ -28,15 +28,8 @@ from ..engine.toolcalls import (
     wraps_calls,
 )
 from ..errors import InvalidArgument
-from .schemas import (
-    ChatCompletionRequest,
-    FunctionCall,
-    FunctionCallDelta,
-    NamedToolChoice,
-    OllamaChatRequest,
-    ToolCall,
-    ToolCallDelta,
-)
+from .replies import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
+from .schemas import ChatCompletionRequest, NamedToolChoice, OllamaChatRequest
 
 __all__ = ["FormatStream", "Plan", "ToolStream", "cut_reply", "json_object_grammar", "parse_tool_call", "partial_calls",
            "plan", "schema_grammar", "split_reply", "unfence"]

@@ -271,6 +271,13 @@ def test_request_timeout_is_504_and_frees_the_slot():
             assert resp.status_code == 200  # headers went out before the time ran out
             events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
         assert "timeout" in events[-1] and "[DONE]" not in events
+        # Anthropic's Messages route: its 504 type, whole or as the stream's error event
+        msgs = {"model": "x", "max_tokens": 1000, "messages": body["messages"], "ignore_eos": True}
+        r = httpx.post(s.base_url + "/v1/messages", json=msgs, timeout=60)
+        assert r.status_code == 504 and r.json()["type"] == "error" and r.json()["error"]["type"] == "timeout_error"
+        with httpx.stream("POST", s.base_url + "/v1/messages", json={**msgs, "stream": True}, timeout=60) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+        assert lines[-2] == "event: error" and '"type":"timeout_error"' in lines[-1].replace(" ", ""), lines[-2:]
         assert _wait_health(s, "slots_processing", 0)["slots_processing"] == 0
         short = httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
                            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})

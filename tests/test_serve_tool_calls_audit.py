@@ -181,6 +181,32 @@ def test_repeated_calls_in_one_reply_are_one_call_streamed_or_not():
     assert ["".join(d.function.arguments for d in deltas if d.index == i) for i in (0, 1)] == [paris, rome]
 
 
+def test_a_call_cut_before_its_arguments_is_the_call_so_far_by_its_name():
+    """max_tokens that end a call after its name, before "arguments" (``{"name": "get_weather", "``), give that
+    call with empty arguments, read whole or streamed, not an empty reply (llama-server: the text as content); a
+    name cut short is no call. Under /v1/messages its input is then ``{}``."""
+    from ondevice.serve.responses import arguments_object
+
+    for choice in ("required", "auto"):
+        req = S.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice=choice)
+        plan = structured.plan(req)
+        listed = [('[{"name": "get_weather"', [("get_weather", "")])] if choice == "required" else []  # auto: no list
+        for text, want in (('{"name": "get_weather", "', [("get_weather", "")]), *listed,
+                           ('<tool_call>\n{"name": "get_weather",', [("get_weather", "")]),
+                           ('{"name": "get_wea', [])):
+            content, calls, was_cut = structured.cut_reply(text, plan)
+            assert content is None and was_cut, (choice, text)
+            assert [(c.function.name, c.function.arguments) for c in calls or []] == want, (choice, text)
+            stream, deltas = structured.ToolStream(plan), []
+            for ch in text:
+                assert stream.feed(ch)[0] is None  # held: never content
+                deltas += stream.feed("")[1]
+            assert stream.finish() == (False, "") and stream.cut
+            deltas += stream.rest()
+            assert [(d.function.name, d.function.arguments) for d in deltas if d.id] == want, (choice, text)
+    assert arguments_object("") == {}
+
+
 def test_a_named_tool_choice_is_one_call():
     """OpenAI's named tool_choice forces the call (clients read ``tool_calls[0]``): the grammar ends after it."""
     from ondevice.engine import EngineConfig

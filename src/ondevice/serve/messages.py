@@ -30,7 +30,7 @@ _SERVER_SIDE = {"container": "containers", "mcp_servers": "MCP servers"}
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                503: "overloaded_error", 529: "overloaded_error"}
+                503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 def _id(prefix: str) -> str:
@@ -330,7 +330,7 @@ class Events:
                 yield self._start()
                 started = True
             if "error" in c:
-                status = {"server_error": 500, "rate_limit_error": 429, "timeout_error": 500}.get(
+                status = {"server_error": 500, "rate_limit_error": 429, "timeout_error": 504}.get(
                     c["error"].get("type"), 400)
                 yield _sse("error", error=error_body(status, c["error"].get("message", ""))["error"])
                 return

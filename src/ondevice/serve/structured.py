@@ -102,6 +102,8 @@ def format_schema(fmt) -> dict | None:
 
 # the start of one call as the grammar writes it: its name, then its arguments (the schema's key order)
 _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# a call's start up to its whole name (cut before its arguments)
+_NAME_HEAD = re.compile(r'(?:<tool_call>\s*|```(?:json)?\s*)?\[?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _WRAPS = (CALL_OPEN, "```json", "```")  # what may open a call before its JSON
 
 
@@ -319,7 +321,11 @@ class ToolStream:
 
     def rest(self) -> list[ToolCallDelta]:
         """After :meth:`finish`: a later call cut short, held back while it might repeat an earlier one, as far
-        as it was written (nothing when it is the start of a call already sent)."""
+        as it was written (nothing when it is the start of a call already sent); a first call cut before its
+        arguments began, by its name once that is whole, with empty arguments (the call so far)."""
+        if not self.n_calls and self.cut and (m := _NAME_HEAD.match(self.text.lstrip())):
+            self.name = json.loads(f'"{m.group(1)}"')
+            return [self._head()]
         if self.args is None or self.n_calls < 2 or not self.holding:
             return []
         raw = self.text[self.begin:] if self.depth else ""

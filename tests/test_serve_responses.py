@@ -124,8 +124,10 @@ def test_logprobs_of_the_output_text(client):
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type must be"),
 ])
 def test_what_only_openai_keeps_or_runs_is_a_400_naming_the_fix(client, bad, words):
-    with pytest.raises(openai.BadRequestError, match=words):
+    with pytest.raises(openai.BadRequestError, match=words) as e:
         client.responses.create(model="m", **{"input": "hi", **bad})
+    if "previous_response_id" in bad:  # OpenAI's param names the field
+        assert e.value.body["param"] == "previous_response_id", e.value.body
     assert client.responses.create(model="m", input="hi", max_output_tokens=2).output_text  # still serving
 
 

@@ -46,7 +46,12 @@ class ContextOverflow(OndeviceError):
 
 
 class InvalidArgument(OndeviceError):
-    """A flag or parameter with a value outside its range."""
+    """A flag or parameter with a value outside its range. ``param``: the request field it is about, where one
+    is (the server's error body names it, as OpenAI's ``param``)."""
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
 
 
 class UnknownArgument(InvalidArgument, TypeError):

@@ -67,7 +67,7 @@ def error_payload(exc: BaseException, path: str = "") -> tuple[int, dict, dict |
     if isinstance(exc, NonFiniteLogits):  # the model is broken, not the request
         return 500, body(str(exc), "server_error", "model_error"), None
     if isinstance(exc, OndeviceError):
-        return 400, body(str(exc), "invalid_request_error", "invalid_value"), None
+        return 400, body(str(exc), "invalid_request_error", "invalid_value", getattr(exc, "param", None)), None
     if isinstance(exc, UnicodeError):  # e.g. a lone surrogate ("\ud800") in a field that reaches an encoder
         return 400, body(f"the request holds text that is not valid Unicode ({getattr(exc, 'reason', exc)}); "
                          f"send UTF-8 text without lone surrogates", "invalid_request_error", "invalid_value"), None

@@ -145,12 +145,14 @@ def to_chat(body: dict) -> dict:
     through). Raises :class:`InvalidArgument` naming what cannot be served and what to send instead."""
     if body.get("previous_response_id") or body.get("conversation"):
         raise InvalidArgument("ondevice keeps no responses or conversations (previous_response_id, conversation); "
-                              "send the whole conversation in input")
+                              "send the whole conversation in input",
+                              param="previous_response_id" if body.get("previous_response_id") else "conversation")
     if body.get("background"):
         raise InvalidArgument("background responses are not supported; leave background unset and wait for the "
-                              "reply, or stream it")
+                              "reply, or stream it", param="background")
     if body.get("prompt"):
-        raise InvalidArgument("stored prompts (prompt) live on OpenAI's servers; send the text in instructions/input")
+        raise InvalidArgument("stored prompts (prompt) live on OpenAI's servers; send the text in instructions/input",
+                              param="prompt")
     chat = {k: v for k, v in body.items() if k not in _CONVERTED}
     chat["messages"] = _messages(body)
     tools, choice = _tools(body)

@@ -170,6 +170,10 @@ def test_a_wrong_x_api_key_is_an_authentication_error(server, client):
     # the OpenAI routes keep OpenAI's error shape
     r = httpx.post(server.base_url + "/v1/chat/completions", headers={"x-api-key": "nope"}, json={})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error" and "type" not in r.json()
+    # a route of Anthropic's this server lacks (Message Batches): a 404 in its shape, as its SDK reads it
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client.messages.batches.list()
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "not_found_error", e.value.body
     assert client.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}]).content
 
 

@@ -357,4 +357,5 @@ async def count_tokens(runner, body: dict) -> dict:
 
 
 # http.ErrorShape's settings for these routes: every error in Anthropic's shape, with its status
-ERRORS = {"applies": PATHS.__contains__, "body": error_body}
+# its routes, and any other under /v1/messages/ (batches, ...: a 404 in Anthropic's shape, as its SDK reads it)
+ERRORS = {"applies": lambda path: path in PATHS or path.startswith("/v1/messages/"), "body": error_body}

@@ -84,7 +84,7 @@ def run_report(store, args) -> int:
 
     from ..errors import InvalidArgument
     from ..models.store import atomic_write, home
-    from .write import check_report_path
+    from .write import check_report_path, say_replaced
 
     recs = latest(store.records("eval"))
     if not recs:  # (the CLI says so first, as every report view says an empty store)
@@ -102,6 +102,6 @@ def run_report(store, args) -> int:
                 f"</title><style>{CSS}</style></head><body><h1>ondevice cascade report</h1>{html(recs)}"
                 f"</body></html>\n")
     if earlier:
-        print(f"ondevice report: note: {out} held an earlier ondevice report; the new one replaced it", file=sys.stderr)
+        say_replaced(out, "report")
     print(f"\nreport: {out}")
     return 0

@@ -117,12 +117,16 @@ def write_html(records: list[BenchRecord], store=None, path: str | Path | None =
 def write_report(records: list[BenchRecord], store, path: str | Path | None, sessions: list[str], verb: str) -> Path:
     """The CLIs' write of the HTML report (``--html PATH``, else the default path), with a note on stderr when it
     replaced an earlier report there."""
-    import sys
-
     out = Path(path) if path else default_report_path(sessions or ["unsaved"])
     earlier = out.is_file() and is_report(out)
     written = write_html(records, store, out, sessions, flag="--html" if path else None, verb=verb)
     if earlier:
-        print(f"ondevice {verb}: note: {written} held an earlier ondevice report; the new one replaced it",
-              file=sys.stderr)
+        say_replaced(written, verb)
     return written
+
+
+def say_replaced(path: str | Path, verb: str) -> None:
+    """The one line a CLI writes when its report replaced an earlier ondevice report at ``path``."""
+    import sys
+
+    print(f"ondevice {verb}: note: {path} held an earlier ondevice report; the new one replaced it", file=sys.stderr)
